@@ -1,0 +1,18 @@
+"""Segment-aware ops: each public op beside its pure-JAX reference."""
+
+from jax_packmamba.ops.causal_conv1d import causal_conv1d
+from jax_packmamba.ops.segments import (
+    positions_from_segment_ids,
+    segment_ids_from_positions,
+    segment_starts,
+)
+from jax_packmamba.ops.selective_scan import selective_scan, selective_scan_reference
+
+__all__ = [
+    "causal_conv1d",
+    "positions_from_segment_ids",
+    "segment_ids_from_positions",
+    "segment_starts",
+    "selective_scan",
+    "selective_scan_reference",
+]

@@ -1,0 +1,249 @@
+"""Selective scan (Mamba1) with state resets at segment boundaries: public op and reference.
+
+Axis letters: b batch, t time, d channels (d_inner), n state (d_state), s segment slot.
+
+Semantics are mamba_ssm's `selective_scan_fn`, plus resets:
+
+    delta  = softplus(delta + delta_bias)            if delta_softplus (bias optional)
+    h_t    = exp(delta_t A) h_{t-1} + delta_t B_t u_t   h: (d, n), state in float32
+    y_t    = C_t . h_t + D u_t
+    y_t   *= silu(z_t)                                if z is given
+
+and h_{t-1} is taken as zero at t = 0 and wherever segment_ids[b, t] != segment_ids[b, t - 1],
+so no information passes between segments.
+
+`selective_scan_reference` is the spec the Pallas kernel is tested against, and the execution
+path on CPU/TPU. It walks time in chunks (a `lax.scan` over chunks carrying the (b, d, n)
+state, an associative scan inside a chunk) and rematerialises each chunk in the backward pass,
+so neither direction holds a (b, t, d, n) tensor for the whole sequence.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_packmamba.ops.segments import check_segment_ids, segment_starts
+
+Impl = Literal["auto", "reference", "pallas", "pallas_interpret"]
+IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
+
+DEFAULT_CHUNK = 64
+
+
+def selective_scan(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    *,
+    delta_softplus: bool = False,
+    segment_ids=None,
+    return_final_states: bool = False,
+    num_segments: int | None = None,
+    impl: Impl = "auto",
+):
+    """Selective scan with resets at segment boundaries.
+
+    Args:
+      u, delta: (batch, length, d_inner), float32 or bfloat16.
+      A: (d_inner, d_state), real float (A = -exp(A_log) in Mamba).
+      B, C: (batch, length, d_state).
+      D, delta_bias: optional (d_inner,).
+      z: optional (batch, length, d_inner) gate; the output is multiplied by silu(z).
+      delta_softplus: apply softplus to delta (after adding delta_bias).
+      segment_ids: optional (batch, length) integers; the state restarts where they change.
+      return_final_states: also return, for every segment slot s in [0, num_segments), the
+        float32 state after the last token of the last run of id s in each row (zeros where
+        the id does not occur): shape (batch, num_segments, d_inner, d_state). This is what a
+        packed prefill hands to recurrent decoding.
+      num_segments: number of slots for `return_final_states`; segment ids must lie in
+        [0, num_segments). Defaults to 1 without segment_ids (slot 0 is the whole row).
+      impl: "reference" (pure JAX), "pallas" (Triton kernel, GPU), "pallas_interpret" (the same
+        kernel through the Pallas interpreter, any backend) or "auto" (pallas on GPU, else
+        reference).
+
+    Returns:
+      y with u's shape and dtype, or (y, final_states) when return_final_states.
+    """
+    num_segments = check_selective_scan_args(
+        u, delta, A, B, C, D, z, delta_bias, segment_ids, return_final_states, num_segments
+    )
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = "pallas" if jax.default_backend() == "gpu" else "reference"
+    kwargs = dict(
+        delta_softplus=delta_softplus,
+        segment_ids=segment_ids,
+        return_final_states=return_final_states,
+        num_segments=num_segments,
+    )
+    if impl == "reference":
+        return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, **kwargs)
+    from pallas_kernels.selective_scan import selective_scan_pallas
+
+    return selective_scan_pallas(
+        u, delta, A, B, C, D, z, delta_bias, interpret=impl == "pallas_interpret", **kwargs
+    )
+
+
+def check_selective_scan_args(
+    u, delta, A, B, C, D, z, delta_bias, segment_ids, return_final_states, num_segments
+) -> int | None:
+    """Validates shapes and dtypes before anything runs; returns the resolved num_segments."""
+    shapes = dict(u=np.shape(u), delta=np.shape(delta), A=np.shape(A), B=np.shape(B), C=np.shape(C))
+    if len(shapes["u"]) != 3:
+        raise ValueError(f"u must be (batch, length, d_inner), got shape {shapes['u']}")
+    batch, length, d_inner = shapes["u"]
+    if length == 0:
+        raise ValueError(f"length must be at least 1, got u with shape {shapes['u']}")
+    if len(shapes["A"]) != 2 or shapes["A"][0] != d_inner:
+        raise ValueError(f"A must be (d_inner, d_state) with d_inner={d_inner}, got shape {shapes['A']}")
+    d_state = shapes["A"][1]
+    expected = dict(
+        delta=(batch, length, d_inner),
+        B=(batch, length, d_state),
+        C=(batch, length, d_state),
+        z=(batch, length, d_inner),
+        D=(d_inner,),
+        delta_bias=(d_inner,),
+    )
+    given = dict(delta=delta, B=B, C=C, z=z, D=D, delta_bias=delta_bias)
+    for name, x in given.items():
+        if x is not None and np.shape(x) != expected[name]:
+            raise ValueError(
+                f"{name} must have shape {expected[name]} to match u {shapes['u']} and A "
+                f"{shapes['A']}, got {np.shape(x)}"
+            )
+    for name, x in dict(u=u, A=A, **given).items():
+        if x is None:
+            continue
+        dtype = jnp.result_type(x)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"{name} must be a real floating array, got dtype {dtype}")
+    check_segment_ids(segment_ids, batch, length)
+    if return_final_states:
+        if num_segments is None:
+            if segment_ids is not None:
+                raise ValueError(
+                    "return_final_states with segment_ids needs num_segments (ids must lie in "
+                    "[0, num_segments))"
+                )
+            num_segments = 1
+        if not isinstance(num_segments, (int, np.integer)) or num_segments < 1:
+            raise ValueError(f"num_segments must be a positive int, got {num_segments!r}")
+    return num_segments
+
+
+def discretize_delta(delta, delta_bias, delta_softplus):
+    """float32 delta after the optional bias and softplus."""
+    delta = delta.astype(jnp.float32)
+    if delta_bias is not None:
+        delta = delta + delta_bias.astype(jnp.float32)
+    if delta_softplus:
+        delta = jax.nn.softplus(delta)
+    return delta
+
+
+def _combine(left, right):
+    # Composition of affine maps h -> a h + b: apply `left` first, then `right`.
+    a_l, b_l = left
+    a_r, b_r = right
+    return a_l * a_r, a_r * b_l + b_r
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("delta_softplus", "return_final_states", "num_segments", "chunk"),
+)
+def selective_scan_reference(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    *,
+    delta_softplus: bool = False,
+    segment_ids=None,
+    return_final_states: bool = False,
+    num_segments: int | None = None,
+    chunk: int = DEFAULT_CHUNK,
+):
+    """Pure-JAX selective scan; same arguments as `selective_scan` (see there)."""
+    batch, length, d_inner = u.shape
+    f32 = jnp.float32
+    delta = discretize_delta(delta, delta_bias, delta_softplus)
+    if segment_ids is None:
+        segment_ids = jnp.zeros((batch, length), jnp.int32)
+        num_segments = num_segments or 1
+    starts = segment_starts(segment_ids)
+    # A segment's final state is read at its last token: where the next token starts a segment.
+    ends = jnp.concatenate([starts[:, 1:], jnp.ones_like(starts[:, :1])], axis=1)
+
+    chunk = min(chunk, length)
+    n_chunks = -(-length // chunk)
+    pad = n_chunks * chunk - length
+
+    def time_chunks(x, fill=0):
+        # (b, t, ...) -> (n_chunks, b, chunk, ...); padded steps have delta = 0 and u = 0, so
+        # they leave the state unchanged, and they are never segment ends.
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        x = x.reshape(batch, n_chunks, chunk, *x.shape[2:])
+        return jnp.moveaxis(x, 1, 0)
+
+    xs = dict(
+        delta=time_chunks(delta),
+        du=time_chunks(delta * u.astype(f32)),
+        B=time_chunks(B.astype(f32)),
+        C=time_chunks(C.astype(f32)),
+        starts=time_chunks(starts),
+        ends=time_chunks(ends, fill=False),
+        seg=time_chunks(segment_ids.astype(jnp.int32)),
+    )
+    A = A.astype(f32)
+
+    @jax.checkpoint
+    def chunk_step(carry, x):
+        h, final = carry
+        decay = jnp.exp(x["delta"][..., None] * A)  # (b, c, d, n)
+        decay = jnp.where(x["starts"][..., None, None], 0.0, decay)
+        drive = x["du"][..., None] * x["B"][:, :, None, :]  # (b, c, d, n)
+        decay_cum, drive_cum = jax.lax.associative_scan(_combine, (decay, drive), axis=1)
+        hs = decay_cum * h[:, None] + drive_cum
+        y = jnp.einsum("bcdn,bcn->bcd", hs, x["C"])
+        if final is not None:
+            # For each slot, the last end-of-segment step of that id in this chunk (if any).
+            steps = jnp.arange(x["seg"].shape[1])
+            hit = x["ends"][..., None] & (x["seg"][..., None] == jnp.arange(final.shape[1]))
+            last = jnp.max(jnp.where(hit, steps[None, :, None], -1), axis=1)  # (b, s)
+            picked = jnp.take_along_axis(hs, jnp.maximum(last, 0)[:, :, None, None], axis=1)
+            final = jnp.where((last >= 0)[:, :, None, None], picked, final)
+        return (hs[:, -1], final), y
+
+    h0 = jnp.zeros((batch, d_inner, A.shape[1]), f32)
+    final0 = jnp.zeros((batch, num_segments, d_inner, A.shape[1]), f32) if return_final_states else None
+    (_, final), y = jax.lax.scan(chunk_step, (h0, final0), xs)
+    y = jnp.moveaxis(y, 0, 1).reshape(batch, n_chunks * chunk, d_inner)[:, :length]
+    y = finish_output(y, u, D, z)
+    return (y, final) if return_final_states else y
+
+
+def finish_output(y, u, D, z):
+    """Adds the D skip and applies the silu(z) gate in float32; returns u's dtype."""
+    if D is not None:
+        y = y + u.astype(jnp.float32) * D.astype(jnp.float32)
+    if z is not None:
+        y = y * jax.nn.silu(z.astype(jnp.float32))
+    return y.astype(u.dtype)

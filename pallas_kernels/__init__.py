@@ -1,0 +1,1 @@
+"""Pallas kernels of jax-packmamba (GPU through the Triton backend; interpret mode on CPU)."""

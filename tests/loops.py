@@ -1,0 +1,62 @@
+"""Plain per-timestep loops: the definitions the reference ops and kernels are checked against.
+
+Written for clarity, not speed; run them under `jax.enable_x64(True)` on float64 inputs.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def selective_scan_loop(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
+                        delta_softplus=False, segment_ids=None):
+    """One step at a time; returns (y, states) with states (b, t, d, n) after each step."""
+    if delta_bias is not None:
+        delta = delta + delta_bias
+    if delta_softplus:
+        delta = jnp.log1p(jnp.exp(delta))
+    batch, length, d_inner = u.shape
+    if segment_ids is None:
+        segment_ids = jnp.zeros((batch, length), jnp.int32)
+    previous_ids = jnp.concatenate([segment_ids[:, :1] - 1, segment_ids[:, :-1]], axis=1)
+    new_segment = segment_ids != previous_ids
+
+    def step(h, xs):
+        u_t, delta_t, B_t, C_t, new_t = xs
+        h = jnp.where(new_t[:, None, None], 0.0, h)
+        h = jnp.exp(delta_t[:, :, None] * A) * h + (delta_t * u_t)[:, :, None] * B_t[:, None, :]
+        return h, (jnp.einsum("bdn,bn->bd", h, C_t), h)
+
+    h0 = jnp.zeros((batch, d_inner, A.shape[1]), u.dtype)
+    time_major = [jnp.swapaxes(x, 0, 1) for x in (u, delta, B, C, new_segment)]
+    _, (y, states) = jax.lax.scan(step, h0, time_major)
+    y, states = jnp.swapaxes(y, 0, 1), jnp.swapaxes(states, 0, 1)
+    if D is not None:
+        y = y + u * D
+    if z is not None:
+        y = y * z * jax.nn.sigmoid(z)
+    return y, states
+
+
+def causal_conv1d_loop(x, weight, bias=None, *, segment_ids=None, activation=None):
+    """out[t] = bias + sum_k w[:, k] x[t - (width - 1) + k], taps before t's segment read 0."""
+    batch, length, channels = x.shape
+    width = weight.shape[1]
+    if segment_ids is None:
+        segment_ids = jnp.zeros((batch, length), jnp.int32)
+    outputs = []
+    for t in range(length):
+        acc = jnp.zeros((batch, channels), x.dtype) if bias is None else jnp.broadcast_to(bias, (batch, channels))
+        # Walk back from t while still inside t's segment.
+        inside = jnp.ones((batch,), bool)
+        for lag in range(width):
+            s = t - lag
+            if s < 0:
+                break
+            if lag > 0:
+                inside = inside & (segment_ids[:, s] == segment_ids[:, s + 1])
+            acc = acc + jnp.where(inside[:, None], x[:, s] * weight[:, width - 1 - lag], 0.0)
+        outputs.append(acc)
+    out = jnp.stack(outputs, axis=1)
+    if activation == "silu":
+        out = out * jax.nn.sigmoid(out)
+    return out

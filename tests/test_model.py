@@ -1,0 +1,123 @@
+"""MambaLM: initialisation as mamba_ssm, and packing isolation through the whole model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jax_packmamba as jp
+
+CONFIG = jp.MambaConfig.preset("tiny", n_layer=2, d_model=32, vocab_size=61)
+
+
+def params_of(model):
+    return nnx.state(model, nnx.Param)
+
+
+def test_config_presets_and_param_count():
+    c = jp.MambaConfig.preset("130m")
+    assert (c.n_layer, c.d_model, c.d_inner, c.dt_rank_resolved, c.d_state) == (24, 768, 1536, 48, 16)
+    assert c.padded_vocab_size == 50280
+    assert jp.MambaConfig.preset("2.8b").dt_rank_resolved == 160
+    model = jp.MambaLM(CONFIG, rngs=nnx.Rngs(0))
+    assert sum(x.size for x in jax.tree.leaves(params_of(model))) == CONFIG.num_params()
+    assert CONFIG.padded_vocab_size == 64
+    with pytest.raises(ValueError, match="unknown preset"):
+        jp.MambaConfig.preset("7b")
+    with pytest.raises(ValueError, match="dtype"):
+        jp.MambaConfig(dtype="int8")
+    with pytest.raises(ValueError, match="d_model"):
+        jp.MambaConfig(d_model=0)
+
+
+def test_initialisation_follows_mamba_ssm():
+    config = jp.MambaConfig.preset("tiny", d_model=64, n_layer=4)
+    mixer = jp.MambaLM(config, rngs=nnx.Rngs(1)).layers[0].mixer
+    n = config.d_state
+    np.testing.assert_allclose(jnp.exp(mixer.A_log[...]), np.broadcast_to(np.arange(1, n + 1), (config.d_inner, n)), rtol=1e-6)
+    np.testing.assert_array_equal(mixer.D[...], np.ones(config.d_inner))
+    dt = jax.nn.softplus(mixer.dt_proj.bias[...])
+    assert dt.min() >= config.dt_min * 0.999 and dt.max() <= config.dt_max * 1.001
+    assert abs(mixer.dt_proj.kernel[...]).max() <= config.dt_rank_resolved ** -0.5
+    bound = 1 / np.sqrt(config.d_inner) / np.sqrt(config.n_layer)
+    assert abs(mixer.out_proj.kernel[...]).max() <= bound
+
+
+def test_compute_dtype_bfloat16_keeps_params_float32():
+    config = jp.MambaConfig.preset("tiny", dtype="bfloat16")
+    model = jp.MambaLM(config, rngs=nnx.Rngs(0))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params_of(model)))
+    logits = model(jnp.zeros((1, 5), jnp.int32))
+    assert logits.dtype == jnp.bfloat16 and logits.shape == (1, 5, config.padded_vocab_size)
+
+
+LENGTHS = [1, 9, 70, 1, 33]  # total 114; the 70 spans a scan-chunk edge
+
+
+def packed_row(rng):
+    seqs = [rng.integers(0, CONFIG.vocab_size, n) for n in LENGTHS]
+    ids = np.concatenate(seqs)[None]
+    seg = np.concatenate([np.full(n, i + 1) for i, n in enumerate(LENGTHS)])[None]
+    return seqs, jnp.asarray(ids, jnp.int32), jnp.asarray(seg, jnp.int32)
+
+
+def logits_and_grads(model, ids, seg, cotangent):
+    graphdef, params = nnx.split(model)
+
+    def f(p):
+        return nnx.merge(graphdef, p)(ids, seg)
+
+    logits, vjp = jax.vjp(f, params)
+    return logits, vjp(cotangent)[0]
+
+
+def test_packed_batch_gives_each_sequence_its_alone_logits_and_grads():
+    model = jp.MambaLM(CONFIG, rngs=nnx.Rngs(2))
+    rng = np.random.default_rng(0)
+    seqs, ids, seg = packed_row(rng)
+    cot = jax.random.normal(jax.random.key(3), (1, ids.shape[1], CONFIG.padded_vocab_size))
+    logits, _ = logits_and_grads(model, ids, seg, cot)
+    start = 0
+    for seq in seqs:
+        n = len(seq)
+        alone = model(jnp.asarray(seq[None], jnp.int32))
+        np.testing.assert_allclose(logits[:, start:start + n], alone, rtol=1e-5, atol=1e-5)
+        start += n
+    # The sum of per-sequence parameter gradients is the packed gradient.
+    _, packed_grads = logits_and_grads(model, ids, seg, cot)
+    summed, start = None, 0
+    for seq in seqs:
+        n = len(seq)
+        _, g = logits_and_grads(model, jnp.asarray(seq[None], jnp.int32), None, cot[:, start:start + n])
+        summed = g if summed is None else jax.tree.map(jnp.add, summed, g)
+        start += n
+    for (path, a), b in zip(jax.tree.leaves_with_path(packed_grads), jax.tree.leaves(summed)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_perturbing_one_sequence_leaves_others_bit_identical():
+    model = jp.MambaLM(CONFIG, rngs=nnx.Rngs(4))
+    seqs, ids, seg = packed_row(np.random.default_rng(1))
+    victim = slice(sum(LENGTHS[:2]), sum(LENGTHS[:3]))
+    cot = jax.random.normal(jax.random.key(5), (1, ids.shape[1], CONFIG.padded_vocab_size))
+    cot = cot.at[:, victim].set(0.0)  # parameter gradients then come from the other sequences only
+    noisy_ids = ids.at[:, victim].set((ids[:, victim] + 7) % CONFIG.vocab_size)
+    logits0, grads0 = logits_and_grads(model, ids, seg, cot)
+    logits1, grads1 = logits_and_grads(model, noisy_ids, seg, cot)
+    assert not np.array_equal(logits0[:, victim], logits1[:, victim])
+    keep = np.ones(ids.shape[1], bool)
+    keep[victim] = False
+    np.testing.assert_array_equal(logits0[:, keep], logits1[:, keep])
+    for a, b in zip(jax.tree.leaves(grads0), jax.tree.leaves(grads1)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bad_model_input():
+    model = jp.MambaLM(CONFIG, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="input_ids must be"):
+        model(jnp.zeros((4,), jnp.int32))
+    with pytest.raises(ValueError, match="integers"):
+        model(jnp.zeros((1, 4), jnp.float32))
+    with pytest.raises(ValueError, match="segment_ids must have the shape"):
+        model(jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 5), jnp.int32))

@@ -1,0 +1,248 @@
+"""The pure-JAX reference ops against per-timestep float64 loops, and their packing isolation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_packmamba as jp
+from tests.loops import causal_conv1d_loop, selective_scan_loop
+
+
+def scan_inputs(key, batch, length, d_inner, d_state, *, with_D=True, with_z=True, with_bias=True,
+                dtype=jnp.float32):
+    k = jax.random.split(key, 8)
+    args = dict(
+        u=jax.random.normal(k[0], (batch, length, d_inner), dtype),
+        delta=0.5 * jax.random.normal(k[1], (batch, length, d_inner), dtype),
+        A=-jnp.exp(jax.random.normal(k[2], (d_inner, d_state))),
+        B=jax.random.normal(k[3], (batch, length, d_state), dtype),
+        C=jax.random.normal(k[4], (batch, length, d_state), dtype),
+        D=jax.random.normal(k[5], (d_inner,)) if with_D else None,
+        z=jax.random.normal(k[6], (batch, length, d_inner), dtype) if with_z else None,
+        delta_bias=0.3 * jax.random.normal(k[7], (d_inner,)) if with_bias else None,
+    )
+    return args
+
+
+def random_segment_ids(rng, batch, length, max_segments):
+    """Rows of consecutive runs 1, 2, ... with random lengths (some of length 1)."""
+    rows = []
+    for _ in range(batch):
+        cuts = np.sort(rng.choice(np.arange(1, length), size=min(max_segments - 1, length - 1), replace=False))
+        rows.append(np.searchsorted(cuts, np.arange(length), side="right") + 1)
+    return jnp.asarray(np.stack(rows), jnp.int32)
+
+
+def rel_err(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
+
+
+def to64(tree):
+    return jax.tree.map(lambda x: None if x is None else np.asarray(x, np.float64), tree)
+
+
+def loop_y(args, **kw):
+    with jax.enable_x64(True):
+        a = {k: None if v is None else jnp.asarray(v, jnp.float64) for k, v in args.items()}
+        return np.asarray(selective_scan_loop(**a, **kw)[0])
+
+
+@pytest.mark.parametrize(
+    "batch,length,d_inner,d_state,with_D,with_z,with_bias,softplus,segmented",
+    [
+        (1, 1, 3, 2, True, True, True, True, True),
+        (2, 17, 5, 4, False, False, False, False, False),
+        (2, 17, 5, 4, True, False, True, True, True),
+        (1, 130, 4, 3, False, True, False, True, True),  # crosses two chunk edges, odd length
+        (3, 64, 2, 5, True, True, True, False, True),  # exactly one chunk
+    ],
+)
+def test_scan_matches_float64_loop(batch, length, d_inner, d_state, with_D, with_z, with_bias,
+                                   softplus, segmented):
+    key = jax.random.key(length * 7 + d_inner)
+    args = scan_inputs(key, batch, length, d_inner, d_state, with_D=with_D, with_z=with_z, with_bias=with_bias)
+    seg = random_segment_ids(np.random.default_rng(length), batch, length, 6) if segmented else None
+    y = jp.selective_scan(**args, delta_softplus=softplus, segment_ids=seg, impl="reference")
+    ref = loop_y(args, delta_softplus=softplus, segment_ids=seg)
+    err = rel_err(y, ref)
+    print(f"scan rel err {err:.2e}")
+    assert err < 2e-6 * np.sqrt(length)
+
+    # Gradients with a random cotangent, against autodiff of the float64 loop.
+    names = [k for k, v in args.items() if v is not None]
+    cot = jax.random.normal(jax.random.key(1), y.shape)
+
+    def grads(fn, arrays, cotangent):
+        _, vjp = jax.vjp(lambda *xs: fn(dict(zip(names, xs))), *arrays)
+        return vjp(cotangent)
+
+    got = grads(lambda a: jp.selective_scan(**{**args, **a}, delta_softplus=softplus, segment_ids=seg,
+                                            impl="reference"), [args[k] for k in names], cot)
+    with jax.enable_x64(True):
+        want = grads(lambda a: selective_scan_loop(**{**to64(args), **a}, delta_softplus=softplus,
+                                                   segment_ids=seg)[0],
+                     [jnp.asarray(args[k], jnp.float64) for k in names], jnp.asarray(cot, jnp.float64))
+        want = [np.asarray(w) for w in want]
+    for name, g, w in zip(names, got, want):
+        err = rel_err(g, w)
+        print(f"d{name} rel err {err:.2e}")
+        # Gradients sum over time (and batch for A, D, delta_bias): looser, scaled by length.
+        assert err < 1e-5 * np.sqrt(length * batch), name
+
+
+def test_scan_bf16_inputs_accumulate_in_f32():
+    args = scan_inputs(jax.random.key(3), 2, 200, 8, 4, dtype=jnp.bfloat16)
+    y = jp.selective_scan(**args, delta_softplus=True, impl="reference")
+    assert y.dtype == jnp.bfloat16
+    ref = loop_y(args, delta_softplus=True)
+    assert rel_err(y, ref) < 1e-2
+
+
+def test_final_states_are_each_segments_last_state():
+    batch, length, d_inner, d_state = 2, 90, 3, 4
+    args = scan_inputs(jax.random.key(5), batch, length, d_inner, d_state)
+    seg = random_segment_ids(np.random.default_rng(0), batch, length, 5)
+    seg = seg.at[1, 60:].set(0)  # trailing padding run uses slot 0
+    _, final = jp.selective_scan(**args, delta_softplus=True, segment_ids=seg, return_final_states=True,
+                                 num_segments=7, impl="reference")
+    with jax.enable_x64(True):
+        _, states = selective_scan_loop(**to64(args), delta_softplus=True, segment_ids=seg)
+        states = np.asarray(states)
+    seg = np.asarray(seg)
+    for b in range(batch):
+        for s in range(7):
+            where = np.nonzero(seg[b] == s)[0]
+            want = states[b, where[-1]] if where.size else np.zeros((d_inner, d_state))
+            np.testing.assert_allclose(final[b, s], want, rtol=1e-5, atol=1e-5)
+    # Without segments: slot 0 is the whole row's last state.
+    _, final = jp.selective_scan(**args, return_final_states=True, impl="reference")
+    with jax.enable_x64(True):
+        _, states = selective_scan_loop(**to64(args))
+    np.testing.assert_allclose(final[:, 0], np.asarray(states)[:, -1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("length,width,segmented,bias,activation",
+                         [(1, 4, True, True, "silu"), (23, 4, True, False, None),
+                          (23, 3, False, True, "silu"), (9, 4, True, True, None)])
+def test_conv_matches_float64_loop(length, width, segmented, bias, activation):
+    k = jax.random.split(jax.random.key(length + width), 3)
+    x = jax.random.normal(k[0], (2, length, 6))
+    w = jax.random.normal(k[1], (6, width))
+    b = jax.random.normal(k[2], (6,)) if bias else None
+    seg = random_segment_ids(np.random.default_rng(1), 2, length, 5) if segmented else None
+    out = jp.causal_conv1d(x, w, b, segment_ids=seg, activation=activation)
+    with jax.enable_x64(True):
+        ref = causal_conv1d_loop(*to64((x, w)), None if b is None else np.asarray(b, np.float64),
+                                 segment_ids=seg, activation=activation)
+        cot = np.asarray(jax.random.normal(k[0], out.shape), np.float64)
+        _, vjp = jax.vjp(lambda x_, w_: causal_conv1d_loop(x_, w_, b, segment_ids=seg, activation=activation),
+                         *to64((x, w)))
+        want = vjp(cot)
+    assert rel_err(out, ref) < 1e-6
+    _, vjp = jax.vjp(lambda x_, w_: jp.causal_conv1d(x_, w_, b, segment_ids=seg, activation=activation), x, w)
+    for g, want_g in zip(vjp(jnp.asarray(cot, jnp.float32)), want):
+        assert rel_err(g, want_g) < 1e-5
+
+
+def test_positions_and_segment_ids_round_trip():
+    seg = jnp.array([[1, 1, 1, 2, 3, 3, 0, 0], [5, 5, 5, 5, 5, 5, 5, 5], [1, 2, 1, 2, 1, 2, 1, 2]])
+    pos = jp.positions_from_segment_ids(seg)
+    np.testing.assert_array_equal(pos, [[0, 1, 2, 0, 0, 1, 0, 1], list(range(8)), [0] * 8])
+    np.testing.assert_array_equal(jp.segment_ids_from_positions(pos),
+                                  [[1, 1, 1, 2, 3, 3, 4, 4], [1] * 8, list(range(1, 9))])
+    np.testing.assert_array_equal(jp.segment_starts(seg)[0], [1, 0, 0, 1, 1, 0, 1, 0])
+
+
+# Packing isolation: each sequence of a packed row computes exactly what it computes alone.
+
+LENGTHS = [1, 5, 64, 1, 37, 20]  # a 64 ends exactly on a chunk edge; lengths of 1
+
+
+def packed_layout(lengths):
+    seg = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    return jnp.asarray(seg[None], jnp.int32), starts
+
+
+@pytest.mark.parametrize("op", ["scan", "conv"])
+def test_packed_equals_alone_and_perturbation_is_isolated(op):
+    total = sum(LENGTHS)
+    seg, starts = packed_layout(LENGTHS)
+    if op == "scan":
+        full = scan_inputs(jax.random.key(11), 1, total, 4, 3)
+        per_token = ["u", "delta", "B", "C", "z"]
+
+        def run(a, s):
+            return jp.selective_scan(**a, delta_softplus=True, segment_ids=s, impl="reference")
+    else:
+        k = jax.random.split(jax.random.key(12), 3)
+        full = dict(x=jax.random.normal(k[0], (1, total, 4)), weight=jax.random.normal(k[1], (4, 4)),
+                    bias=jax.random.normal(k[2], (4,)))
+        per_token = ["x"]
+
+        def run(a, s):
+            return jp.causal_conv1d(a["x"], a["weight"], a["bias"], segment_ids=s, activation="silu")
+
+    cot = jax.random.normal(jax.random.key(13), (1, total, 4))
+
+    def out_and_grads(a, s, c):
+        y, vjp = jax.vjp(lambda a_: run(a_, s), a)
+        return y, vjp(c)[0]
+
+    y, g = out_and_grads(full, seg, cot)
+    for i, (start, n) in enumerate(zip(starts, LENGTHS)):
+        sl = slice(start, start + n)
+        alone = {k: (v[:, sl] if k in per_token else v) for k, v in full.items()}
+        y1, g1 = out_and_grads(alone, None, cot[:, sl])
+        np.testing.assert_allclose(y[:, sl], y1, rtol=2e-6, atol=2e-6)
+        for k in per_token:
+            np.testing.assert_allclose(g[k][:, sl], g1[k], rtol=2e-5, atol=2e-5)
+
+    # Perturb sequence 2 (length 64, ends on a chunk edge); zero its cotangent so that shared
+    # parameters' gradients come from the other sequences only: everything else bit-identical.
+    victim = slice(starts[2], starts[2] + LENGTHS[2])
+    noisy = {k: (v.at[:, victim].add(jax.random.normal(jax.random.key(14), v[:, victim].shape))
+                 if k in per_token else v) for k, v in full.items()}
+    masked_cot = cot.at[:, victim].set(0.0)
+    y0, g0 = out_and_grads(full, seg, masked_cot)
+    y2, g2 = out_and_grads(noisy, seg, masked_cot)
+    assert not np.array_equal(y0[:, victim], y2[:, victim])
+    keep = np.ones(total, bool)
+    keep[victim] = False
+    np.testing.assert_array_equal(y0[:, keep], y2[:, keep])
+    for k in full:
+        if k in per_token:
+            np.testing.assert_array_equal(g0[k][:, keep], g2[k][:, keep])
+        else:
+            np.testing.assert_array_equal(g0[k], g2[k])
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda a: jp.selective_scan(a["u"][0], a["delta"], a["A"], a["B"], a["C"]), "u must be"),
+        (lambda a: jp.selective_scan(a["u"], a["delta"][:, :3], a["A"], a["B"], a["C"]), "delta must have shape"),
+        (lambda a: jp.selective_scan(a["u"], a["delta"], a["A"][:2], a["B"], a["C"]), "A must be"),
+        (lambda a: jp.selective_scan(a["u"], a["delta"], a["A"], a["B"][..., :1], a["C"]), "B must have shape"),
+        (lambda a: jp.selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"], D=a["A"]), "D must have shape"),
+        (lambda a: jp.selective_scan(a["u"].astype(jnp.int32), a["delta"], a["A"], a["B"], a["C"]), "u must be a real floating"),
+        (lambda a: jp.selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"],
+                                     segment_ids=jnp.zeros((2, 5), jnp.int32)), "segment_ids must have shape"),
+        (lambda a: jp.selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"],
+                                     segment_ids=jnp.zeros((2, 9), jnp.float32)), "segment_ids must be an integer"),
+        (lambda a: jp.selective_scan(a["u"][:, :0], a["delta"][:, :0], a["A"], a["B"][:, :0], a["C"][:, :0]), "length must be at least 1"),
+        (lambda a: jp.selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"], impl="cuda"), "impl must be one of"),
+        (lambda a: jp.selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"], return_final_states=True,
+                                     segment_ids=jnp.zeros((2, 9), jnp.int32)), "needs num_segments"),
+        (lambda a: jp.causal_conv1d(a["u"], a["A"][:2]), "weight must be"),
+        (lambda a: jp.causal_conv1d(a["u"][0], a["A"]), "x must be"),
+        (lambda a: jp.causal_conv1d(a["u"], a["A"], activation="relu"), "activation must be"),
+        (lambda a: jp.causal_conv1d(a["u"][:, :0], a["A"]), "length must be at least 1"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_argument(call, match):
+    args = scan_inputs(jax.random.key(0), 2, 9, 4, 3)
+    with pytest.raises(ValueError, match=match):
+        call(args)
