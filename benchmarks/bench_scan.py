@@ -232,6 +232,7 @@ def main():
           r["ratio_fwd_bwd_vs_mamba"] = r["fwd_bwd_ms"] / (f + b)
         print("TIME", json.dumps(r), flush=True)
         result["timings"].append(r)
+        _write(result, args.out, dev)
       if not args.no_ref and not args.quick and seg_mode == "noseg":
         try:
           r = time_case(shape, seg_mode, "reference", None, jax.random.fold_in(key, 100))
@@ -241,15 +242,7 @@ def main():
         print("TIME", json.dumps(r), flush=True)
         result["timings"].append(r)
 
-  text = json.dumps(result, indent=1, default=str)
-  for path in (os.path.join(args.out, f"scan_{_kind(dev)}.json"),
-               os.path.join(os.path.dirname(__file__), "results", f"scan_{_kind(dev)}.json")):
-    try:
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      with open(path, "w") as f:
-        f.write(text)
-    except OSError as e:
-      print("could not write", path, e)
+  _write(result, args.out, dev)
 
   print(f"\n{dev.device_kind}, jax {jax.__version__}, {result['date']}")
   print(f"{'shape (b,l,d,n)':>22} {'seg':>6} {'impl':>22} {'fwd ms':>8} {'f+b ms':>8} "
@@ -263,6 +256,19 @@ def main():
           f"{r.get('ratio_fwd_bwd_vs_mamba', float('nan')):9.2f} {str(r['compile_s']):>10}")
   for c in result["checks"]:
     print("check", "ok " if c["ok"] else "BAD", c["shape"], c["dtype"], c["seg"])
+
+
+def _write(result, out_dir, dev):
+  # Rewritten after every timing, so a run cut off at its time limit still leaves its numbers.
+  text = json.dumps(result, indent=1, default=str)
+  for path in (os.path.join(out_dir, f"scan_{_kind(dev)}.json"),
+               os.path.join(os.path.dirname(__file__), "results", f"scan_{_kind(dev)}.json")):
+    try:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(path, "w") as f:
+        f.write(text)
+    except OSError as e:
+      print("could not write", path, e)
 
 
 def _kind(dev):

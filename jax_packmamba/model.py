@@ -9,13 +9,15 @@ stream, norms and the scan state stay float32. Initialisation follows mamba_ssm.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jax_packmamba.config import MambaConfig
-from jax_packmamba.ops import causal_conv1d, selective_scan
+from jax_packmamba.ops import causal_conv1d, positions_from_segment_ids, selective_scan
+from jax_packmamba.ops.selective_scan import discretize_delta, finish_output
 
 
 def torch_linear_init(scale: float = 1.0):
@@ -85,20 +87,108 @@ class MambaMixer(nnx.Module):
                                    kernel_init=torch_linear_init(out_scale), **linear)
 
     def __call__(self, hidden, segment_ids=None):
+        return self._forward(hidden, segment_ids)[0]
+
+    def prefill(self, hidden, segment_ids=None, *, num_segments: int = 1):
+        """The forward pass that also returns each segment's recurrent state.
+
+        hidden (b, t, d); segment_ids (b, t) with ids in [0, num_segments), or None (one
+        segment, slot 0). Returns (out (b, t, d), MixerState(conv (b, s, d_conv - 1, e),
+        ssm (b, s, e, n))): for every slot s, the state after the last token of id s in each
+        row (zeros where the id does not occur), ready for `step`. The conv state holds the
+        segment's last d_conv - 1 conv inputs, oldest first, with zeros before its start.
+        """
+        if segment_ids is None:
+            segment_ids = jnp.zeros(hidden.shape[:2], jnp.int32)
+        out, x, ssm = self._forward(hidden, segment_ids, num_segments=num_segments)
+        conv = segment_conv_windows(x, segment_ids, num_segments, self.config.d_conv - 1)
+        return out, MixerState(conv=conv, ssm=ssm)
+
+    def step(self, hidden, state: "MixerState"):
+        """One recurrent step: hidden (b, d), state MixerState(conv (b, d_conv - 1, e),
+        ssm (b, e, n)) -> (out (b, d), next state). Computes what `__call__` computes for the
+        next token of each sequence whose past the state summarises."""
+        x, z = self._in_proj(hidden)  # (b, e) each
+        window = jnp.concatenate([state.conv.astype(x.dtype), x[:, None]], axis=1)  # (b, w, e)
+        weight, bias = self._conv_params()
+        conv = window.astype(jnp.float32) * weight.T.astype(jnp.float32)
+        conv = jnp.sum(conv, axis=1) + (0.0 if bias is None else bias.astype(jnp.float32))
+        x_conv = jax.nn.silu(conv).astype(x.dtype)
+        dt, B, C = self._dt_B_C(x_conv)
+        ssm, y = selective_state_update(state.ssm, x_conv, dt, self._A(), B, C, self.D[...], z,
+                                        self.dt_proj.bias[...])
+        return self.out_proj(y), MixerState(conv=window[:, 1:], ssm=ssm)
+
+    # The pieces __call__, prefill and step share.
+
+    def _forward(self, hidden, segment_ids, num_segments=None):
+        """-> (out, conv input x (b, t, e), final SSM states or None)."""
         config = self.config
-        dtype = config.compute_dtype
-        r, n = config.dt_rank_resolved, config.d_state
-        x, z = jnp.split(self.in_proj(hidden), 2, axis=-1)  # (b, t, e) each
-        conv_bias = None if self.conv_bias is None else self.conv_bias[...].astype(dtype)
-        x = causal_conv1d(x, self.conv_weight[...].astype(dtype), conv_bias,
-                          segment_ids=segment_ids, activation="silu")
-        dt, B, C = jnp.split(self.x_proj(x), [r, r + n], axis=-1)
+        x, z = self._in_proj(hidden)  # (b, t, e) each
+        weight, bias = self._conv_params()
+        x_conv = causal_conv1d(x, weight, bias, segment_ids=segment_ids, activation="silu")
+        dt, B, C = self._dt_B_C(x_conv)
         # dt_proj's bias goes into the scan as delta_bias, in float32, as in mamba_ssm.
-        dt = dt @ self.dt_proj.kernel[...].astype(dtype)
-        A = -jnp.exp(self.A_log[...])
-        y = selective_scan(x, dt, A, B, C, self.D[...], z, self.dt_proj.bias[...],
-                           delta_softplus=True, segment_ids=segment_ids, impl=config.scan_impl)
-        return self.out_proj(y)
+        result = selective_scan(x_conv, dt, self._A(), B, C, self.D[...], z, self.dt_proj.bias[...],
+                                delta_softplus=True, segment_ids=segment_ids,
+                                return_final_states=num_segments is not None,
+                                num_segments=num_segments, impl=config.scan_impl)
+        y, final = result if num_segments is not None else (result, None)
+        return self.out_proj(y), x, final
+
+    def _in_proj(self, hidden):
+        return jnp.split(self.in_proj(hidden), 2, axis=-1)
+
+    def _conv_params(self):
+        dtype = self.config.compute_dtype
+        bias = None if self.conv_bias is None else self.conv_bias[...].astype(dtype)
+        return self.conv_weight[...].astype(dtype), bias
+
+    def _dt_B_C(self, x):
+        """x_proj and dt_proj (without its bias, which the scan adds in float32)."""
+        r, n = self.config.dt_rank_resolved, self.config.d_state
+        dt, B, C = jnp.split(self.x_proj(x), [r, r + n], axis=-1)
+        return dt @ self.dt_proj.kernel[...].astype(self.config.compute_dtype), B, C
+
+    def _A(self):
+        return -jnp.exp(self.A_log[...])
+
+
+class MixerState(NamedTuple):
+    """Recurrent state of one mixer: conv (..., d_conv - 1, e) in the compute dtype, the last
+    conv inputs oldest first; ssm (..., e, n) float32."""
+
+    conv: jax.Array
+    ssm: jax.Array
+
+
+def segment_conv_windows(x, segment_ids, num_segments: int, width: int):
+    """(b, s, width, e): for each slot s, x at the last `width` steps of the last token of id
+    s in each row (oldest first), zero where a step lies before that segment's start or the id
+    does not occur. This is the conv state a segment hands to recurrent decoding."""
+    batch, length, channels = x.shape
+    t = jnp.arange(length)
+    is_slot = segment_ids[..., None] == jnp.arange(num_segments)  # (b, t, s)
+    last = jnp.max(jnp.where(is_slot, t[:, None], -1), axis=1)  # (b, s)
+    position = jnp.take_along_axis(positions_from_segment_ids(segment_ids), jnp.maximum(last, 0), axis=1)
+    lag = jnp.arange(width - 1, -1, -1)  # oldest first
+    index = last[..., None] - lag  # (b, s, w)
+    valid = (last >= 0)[..., None] & (lag <= position[..., None])
+    flat = jnp.clip(index, 0, length - 1).reshape(batch, num_segments * width)
+    window = jnp.take_along_axis(x, flat[..., None], axis=1).reshape(batch, num_segments, width, channels)
+    return jnp.where(valid[..., None], window, jnp.zeros((), x.dtype))
+
+
+def selective_state_update(h, u, delta, A, B, C, D, z, delta_bias):
+    """One step of `selective_scan` (delta_softplus on) from state h (b, e, n) float32.
+
+    u, delta, z (b, e); B, C (b, n); D, delta_bias (e,). Returns (next h, y (b, e) in u's dtype).
+    """
+    delta = discretize_delta(delta, delta_bias, True)
+    f32 = jnp.float32
+    h = jnp.exp(delta[..., None] * A.astype(f32)) * h + (delta * u.astype(f32))[..., None] * B.astype(f32)[:, None, :]
+    y = jnp.einsum("ben,bn->be", h, C.astype(f32))
+    return h, finish_output(y, u, D, z)
 
 
 class MambaBlock(nnx.Module):
@@ -110,6 +200,16 @@ class MambaBlock(nnx.Module):
 
     def __call__(self, residual, segment_ids=None):
         return residual + self.mixer(self.norm(residual), segment_ids).astype(jnp.float32)
+
+    def prefill(self, residual, segment_ids=None, *, num_segments: int = 1):
+        """__call__ plus the mixer's per-segment state (see MambaMixer.prefill)."""
+        out, state = self.mixer.prefill(self.norm(residual), segment_ids, num_segments=num_segments)
+        return residual + out.astype(jnp.float32), state
+
+    def step(self, residual, state: MixerState):
+        """One recurrent step: residual (b, d) float32 (see MambaMixer.step)."""
+        out, state = self.mixer.step(self.norm(residual), state)
+        return residual + out.astype(jnp.float32), state
 
 
 class MambaLM(nnx.Module):
@@ -127,7 +227,7 @@ class MambaLM(nnx.Module):
             embedding_init=jax.nn.initializers.normal(config.initializer_range), rngs=rngs)
         self.layers = nnx.List([MambaBlock(config, rngs=rngs) for _ in range(config.n_layer)])
         self.norm_f = RMSNorm(config.d_model, eps=config.rms_norm_eps, dtype=config.compute_dtype)
-        self.lm_head = None
+        self.lm_head = nnx.data(None)  # data either way, so an untied head can be assigned
         if not config.tie_embeddings:
             self.lm_head = nnx.Linear(config.d_model, config.padded_vocab_size, use_bias=False,
                                       dtype=config.compute_dtype, param_dtype=jnp.float32,
@@ -142,11 +242,29 @@ class MambaLM(nnx.Module):
                 residual = nnx.remat(lambda block, r, s: block(r, s))(layer, residual, segment_ids)
             else:
                 residual = layer(residual, segment_ids)
+        return self.head(residual)
+
+    def head(self, residual):
+        """Final norm and vocabulary projection: residual (..., d) -> logits (..., v)."""
         hidden = self.norm_f(residual)
         if self.lm_head is not None:
             return self.lm_head(hidden)
         table = self.embedding.embedding[...].astype(self.config.compute_dtype)
         return hidden @ table.T
+
+    @classmethod
+    def from_pretrained(cls, path, **config_overrides) -> "MambaLM":
+        """Loads a local checkpoint directory in the Hugging Face MambaForCausalLM or the
+        original state-spaces/mamba layout (see jax_packmamba.pretrained.load_pretrained)."""
+        from jax_packmamba.pretrained import load_pretrained
+
+        return load_pretrained(path, **config_overrides)
+
+    def save_pretrained(self, path) -> None:
+        """Writes the Hugging Face layout (config.json, model.safetensors) into directory path."""
+        from jax_packmamba.pretrained import save_pretrained
+
+        save_pretrained(self, path)
 
 
 def check_model_inputs(input_ids, segment_ids, config: MambaConfig):

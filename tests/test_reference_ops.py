@@ -50,21 +50,22 @@ def loop_y(args, **kw):
 
 
 @pytest.mark.parametrize(
-    "batch,length,d_inner,d_state,with_D,with_z,with_bias,softplus,segmented",
+    "batch,length,d_inner,d_state,with_D,with_z,with_bias,softplus,segmented,method",
     [
-        (1, 1, 3, 2, True, True, True, True, True),
-        (2, 17, 5, 4, False, False, False, False, False),
-        (2, 17, 5, 4, True, False, True, True, True),
-        (1, 130, 4, 3, False, True, False, True, True),  # crosses two chunk edges, odd length
-        (3, 64, 2, 5, True, True, True, False, True),  # exactly one chunk
+        (1, 1, 3, 2, True, True, True, True, True, "sequential"),
+        (2, 17, 5, 4, False, False, False, False, False, "associative"),
+        (2, 17, 5, 4, True, False, True, True, True, "sequential"),
+        (1, 130, 4, 3, False, True, False, True, True, "associative"),  # two chunk edges, odd length
+        (1, 130, 4, 3, True, True, True, True, True, "sequential"),
+        (3, 64, 2, 5, True, True, True, False, True, "associative"),  # exactly one chunk
     ],
 )
 def test_scan_matches_float64_loop(batch, length, d_inner, d_state, with_D, with_z, with_bias,
-                                   softplus, segmented):
+                                   softplus, segmented, method):
     key = jax.random.key(length * 7 + d_inner)
     args = scan_inputs(key, batch, length, d_inner, d_state, with_D=with_D, with_z=with_z, with_bias=with_bias)
     seg = random_segment_ids(np.random.default_rng(length), batch, length, 6) if segmented else None
-    y = jp.selective_scan(**args, delta_softplus=softplus, segment_ids=seg, impl="reference")
+    y = jp.selective_scan_reference(**args, delta_softplus=softplus, segment_ids=seg, method=method)
     ref = loop_y(args, delta_softplus=softplus, segment_ids=seg)
     err = rel_err(y, ref)
     print(f"scan rel err {err:.2e}")
@@ -78,8 +79,9 @@ def test_scan_matches_float64_loop(batch, length, d_inner, d_state, with_D, with
         _, vjp = jax.vjp(lambda *xs: fn(dict(zip(names, xs))), *arrays)
         return vjp(cotangent)
 
-    got = grads(lambda a: jp.selective_scan(**{**args, **a}, delta_softplus=softplus, segment_ids=seg,
-                                            impl="reference"), [args[k] for k in names], cot)
+    got = grads(lambda a: jp.selective_scan_reference(**{**args, **a}, delta_softplus=softplus,
+                                                      segment_ids=seg, method=method),
+                [args[k] for k in names], cot)
     with jax.enable_x64(True):
         want = grads(lambda a: selective_scan_loop(**{**to64(args), **a}, delta_softplus=softplus,
                                                    segment_ids=seg)[0],
@@ -166,16 +168,17 @@ def packed_layout(lengths):
     return jnp.asarray(seg[None], jnp.int32), starts
 
 
-@pytest.mark.parametrize("op", ["scan", "conv"])
+@pytest.mark.parametrize("op", ["scan_sequential", "scan_associative", "conv"])
 def test_packed_equals_alone_and_perturbation_is_isolated(op):
     total = sum(LENGTHS)
     seg, starts = packed_layout(LENGTHS)
-    if op == "scan":
+    if op.startswith("scan"):
         full = scan_inputs(jax.random.key(11), 1, total, 4, 3)
         per_token = ["u", "delta", "B", "C", "z"]
 
         def run(a, s):
-            return jp.selective_scan(**a, delta_softplus=True, segment_ids=s, impl="reference")
+            return jp.selective_scan_reference(**a, delta_softplus=True, segment_ids=s,
+                                               method=op.removeprefix("scan_"))
     else:
         k = jax.random.split(jax.random.key(12), 3)
         full = dict(x=jax.random.normal(k[0], (1, total, 4)), weight=jax.random.normal(k[1], (4, 4)),

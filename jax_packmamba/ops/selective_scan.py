@@ -163,7 +163,7 @@ def _combine(left, right):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("delta_softplus", "return_final_states", "num_segments", "chunk"),
+    static_argnames=("delta_softplus", "return_final_states", "num_segments", "chunk", "method"),
 )
 def selective_scan_reference(
     u,
@@ -180,10 +180,19 @@ def selective_scan_reference(
     return_final_states: bool = False,
     num_segments: int | None = None,
     chunk: int = DEFAULT_CHUNK,
+    method: Literal["auto", "sequential", "associative"] = "auto",
 ):
-    """Pure-JAX selective scan; same arguments as `selective_scan` (see there)."""
+    """Pure-JAX selective scan; same arguments as `selective_scan` (see there).
+
+    method: how a chunk is scanned. "sequential" steps through it (least work: fastest on
+    CPU); "associative" runs `lax.associative_scan` over it (log depth: fastest on
+    accelerators, where each sequential step costs a kernel launch); "auto" picks by backend.
+    """
     batch, length, d_inner = u.shape
+    d_state = A.shape[1]
     f32 = jnp.float32
+    if method == "auto":
+        method = "sequential" if jax.default_backend() == "cpu" else "associative"
     delta = discretize_delta(delta, delta_bias, delta_softplus)
     if segment_ids is None:
         segment_ids = jnp.zeros((batch, length), jnp.int32)
@@ -214,15 +223,34 @@ def selective_scan_reference(
     )
     A = A.astype(f32)
 
+    def scan_chunk(h, x):
+        """(b, d, n) state entering the chunk -> (state leaving it, y (b, c, d), states).
+
+        states (b, c, d, n) after every step; the sequential path keeps them only when the
+        final states are asked for.
+        """
+        if method == "sequential":
+            def step(h, x_t):
+                delta_t, du_t, B_t, C_t, start_t = x_t
+                decay = jnp.where(start_t[:, None, None], 0.0, jnp.exp(delta_t[..., None] * A))
+                h = decay * h + du_t[..., None] * B_t[:, None, :]
+                y_t = jnp.einsum("bdn,bn->bd", h, C_t)
+                return h, (y_t, h if return_final_states else None)
+
+            per_step = [jnp.swapaxes(x[k], 0, 1) for k in ("delta", "du", "B", "C", "starts")]
+            h, (y, hs) = jax.lax.scan(step, h, per_step)
+            return h, jnp.swapaxes(y, 0, 1), None if hs is None else jnp.swapaxes(hs, 0, 1)
+        decay = jnp.exp(x["delta"][..., None] * A)  # (b, c, d, n)
+        decay = jnp.where(x["starts"][..., None, None], 0.0, decay)
+        drive = x["du"][..., None] * x["B"][:, :, None, :]
+        decay_cum, drive_cum = jax.lax.associative_scan(_combine, (decay, drive), axis=1)
+        hs = decay_cum * h[:, None] + drive_cum
+        return hs[:, -1], jnp.einsum("bcdn,bcn->bcd", hs, x["C"]), hs
+
     @jax.checkpoint
     def chunk_step(carry, x):
         h, final = carry
-        decay = jnp.exp(x["delta"][..., None] * A)  # (b, c, d, n)
-        decay = jnp.where(x["starts"][..., None, None], 0.0, decay)
-        drive = x["du"][..., None] * x["B"][:, :, None, :]  # (b, c, d, n)
-        decay_cum, drive_cum = jax.lax.associative_scan(_combine, (decay, drive), axis=1)
-        hs = decay_cum * h[:, None] + drive_cum
-        y = jnp.einsum("bcdn,bcn->bcd", hs, x["C"])
+        h, y, hs = scan_chunk(h, x)
         if final is not None:
             # For each slot, the last end-of-segment step of that id in this chunk (if any).
             steps = jnp.arange(x["seg"].shape[1])
@@ -230,10 +258,10 @@ def selective_scan_reference(
             last = jnp.max(jnp.where(hit, steps[None, :, None], -1), axis=1)  # (b, s)
             picked = jnp.take_along_axis(hs, jnp.maximum(last, 0)[:, :, None, None], axis=1)
             final = jnp.where((last >= 0)[:, :, None, None], picked, final)
-        return (hs[:, -1], final), y
+        return (h, final), y
 
-    h0 = jnp.zeros((batch, d_inner, A.shape[1]), f32)
-    final0 = jnp.zeros((batch, num_segments, d_inner, A.shape[1]), f32) if return_final_states else None
+    h0 = jnp.zeros((batch, d_inner, d_state), f32)
+    final0 = jnp.zeros((batch, num_segments, d_inner, d_state), f32) if return_final_states else None
     (_, final), y = jax.lax.scan(chunk_step, (h0, final0), xs)
     y = jnp.moveaxis(y, 0, 1).reshape(batch, n_chunks * chunk, d_inner)[:, :length]
     y = finish_output(y, u, D, z)

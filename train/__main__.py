@@ -1,0 +1,23 @@
+"""`python -m train [--config FILE] [--part.field=value ...]`; see train/config.py."""
+
+import sys
+
+from train.config import ConfigError, parse_args
+from train.data import DataError
+from train.trainer import NonFiniteLoss, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(parse_args(sys.argv[1:] if argv is None else argv))
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,404 @@
+"""Documents, tokenizers, the held-out split and the three batching modes (host-side numpy).
+
+Pipeline:
+  source -> documents (1-D int arrays, each ending with the end-of-document id)
+         -> held-out split by document (seeded)
+         -> pieces: documents cut into consecutive pieces of at most seq_len tokens
+         -> a stream of pieces, each epoch a seeded permutation; its position is one integer
+            (pieces consumed), which is all a checkpoint needs to resume the data exactly
+         -> micro-batches in one of the modes, all consuming the same stream in the same order:
+              packed  as many next pieces as fit in (batch_size, seq_len) rows (PackMamba)
+              padded  the next batch_size pieces, one per row, padded to seq_len
+              single  the next piece alone, padded to a multiple of single_bucket
+
+Byte-level tokenizer: UTF-8 bytes are ids 0..255; the end-of-document id is 256, so the
+vocabulary is 257 (the model pads it to a multiple of 8). A document's last real token is its
+end-of-document id, so the model learns where documents end; no loss crosses a boundary because
+every batch carries segment_ids and a loss_mask (see jax_packmamba.packing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Iterator
+
+import numpy as np
+
+from jax_packmamba.packing import pack_sequences, pad_sequences
+
+from train.config import DataConfig
+
+BYTE_VOCAB = 257
+BYTE_EOD = 256
+EOD_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]")
+
+
+class DataError(ValueError):
+    """Missing, empty or unreadable training data; the message names the file or option."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizers.
+
+
+class ByteTokenizer:
+    name = "bytes"
+    vocab_size = BYTE_VOCAB
+
+    def __init__(self, eod_id: int | None = None):
+        self.eod_id = BYTE_EOD if eod_id is None else eod_id
+        if 0 <= self.eod_id < 256:
+            raise DataError(f"--data.eod_id={self.eod_id} collides with a byte id (0..255); use 256")
+        self.vocab_size = max(BYTE_VOCAB, self.eod_id + 1)
+
+    def encode_batch(self, texts: list[bytes]) -> list[np.ndarray]:
+        return [np.frombuffer(t, dtype=np.uint8).astype(np.int32) for t in texts]
+
+
+class HFTokenizer:
+    """A local tokenizer.json through the `tokenizers` library (no download)."""
+
+    def __init__(self, path: str, eod_id: int | None = None):
+        try:
+            import tokenizers
+        except ImportError:  # pragma: no cover - depends on the environment
+            raise DataError("--data.tokenizer=<tokenizer.json> needs the `tokenizers` package "
+                            "(pip install tokenizers)") from None
+        if not pathlib.Path(path).is_file():
+            raise DataError(f"--data.tokenizer={path}: no such file (expected 'bytes' or a tokenizer.json)")
+        try:
+            self.tok = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:  # the library raises a bare Exception on bad JSON
+            raise DataError(f"--data.tokenizer={path}: cannot load: {e}") from None
+        self.name = path
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        if eod_id is None:
+            for name in EOD_NAMES:
+                eod_id = self.tok.token_to_id(name)
+                if eod_id is not None:
+                    break
+        if eod_id is None:
+            raise DataError(f"--data.tokenizer={path} has none of the end-of-document tokens "
+                            f"{EOD_NAMES}; set --data.eod_id")
+        self.eod_id = int(eod_id)
+        self.vocab_size = max(self.vocab_size, self.eod_id + 1)
+
+    def encode_batch(self, texts: list[bytes]) -> list[np.ndarray]:
+        strings = [t.decode("utf-8", errors="replace") for t in texts]
+        encs = self.tok.encode_batch(strings, add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int32) for e in encs]
+
+
+def make_tokenizer(config: DataConfig):
+    if config.tokenizer == "bytes":
+        return ByteTokenizer(config.eod_id)
+    return HFTokenizer(config.tokenizer, config.eod_id)
+
+
+# ------------------------------------------------------------------------------------------------
+# Documents.
+
+
+@dataclasses.dataclass
+class Corpus:
+    """Token documents (each ends with eod_id) and what produced them."""
+
+    documents: list[np.ndarray]
+    vocab_size: int
+    eod_id: int
+    description: str
+
+    @property
+    def num_tokens(self) -> int:
+        return int(sum(len(d) for d in self.documents))
+
+
+def _source_files(source: str) -> list[pathlib.Path]:
+    files = []
+    for item in (s.strip() for s in source.split(",")):
+        if not item:
+            continue
+        path = pathlib.Path(item).expanduser()
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise DataError(f"--data.source: directory {path} has no files")
+            files.extend(found)
+        else:
+            raise DataError(f"--data.source: {path} does not exist (use 'stdlib' for the embedded "
+                            f"corpus, or paths of text/.jsonl/.npy/.bin files or directories)")
+    if not files:
+        raise DataError(f"--data.source={source!r} names no files")
+    return files
+
+
+def _file_format(path: pathlib.Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    if path.suffix in (".npy", ".bin"):
+        return "tokens"
+    if path.suffix == ".jsonl":
+        return "jsonl"
+    return "text"
+
+
+def _read_jsonl(path: pathlib.Path) -> list[bytes]:
+    texts = []
+    with path.open("rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataError(f"{path}:{lineno}: expected an object with a string \"text\" field")
+            texts.append(record["text"].encode("utf-8"))
+    return texts
+
+
+def _read_tokens(path: pathlib.Path, bin_dtype: str, eod_id: int) -> list[np.ndarray]:
+    """A token stream split after every eod_id (the eod stays with its document)."""
+    try:
+        if path.suffix == ".npy":
+            stream = np.load(path, allow_pickle=False)
+        else:
+            stream = np.fromfile(path, dtype=np.dtype(bin_dtype))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read tokens: {e}") from None
+    if stream.ndim != 1 or not np.issubdtype(stream.dtype, np.integer):
+        raise DataError(f"{path}: expected a 1-D integer token array, got {stream.dtype} {stream.shape}")
+    if stream.size and (stream.min() < 0 or stream.max() > np.iinfo(np.int32).max):
+        raise DataError(f"{path}: token ids must lie in [0, 2**31), got [{stream.min()}, {stream.max()}]")
+    stream = stream.astype(np.int32)
+    ends = np.flatnonzero(stream == eod_id) + 1
+    docs = [d for d in np.split(stream, ends) if d.size and not (d.size == 1 and d[0] == eod_id)]
+    return docs
+
+
+def load_corpus(config: DataConfig) -> Corpus:
+    """Reads and tokenizes the documents named by config.source (DataError when none)."""
+    tokenizer = make_tokenizer(config)
+    eod = np.array([tokenizer.eod_id], np.int32)
+    docs: list[np.ndarray] = []
+    if config.source.strip() == "stdlib":
+        from jax_packmamba.corpus import stdlib_documents
+
+        raw = stdlib_documents(config.max_documents)
+        if isinstance(tokenizer, ByteTokenizer):
+            tokenized = [r.astype(np.int32) for r in raw]
+        else:
+            tokenized = tokenizer.encode_batch([r.tobytes() for r in raw])
+        docs = [np.concatenate([t, eod]) for t in tokenized]
+        description = "stdlib (Python standard library sources)"
+    else:
+        files = _source_files(config.source)
+        for path in files:
+            fmt = _file_format(path, config.format)
+            if fmt == "tokens":
+                docs.extend(_read_tokens(path, config.bin_dtype, tokenizer.eod_id))
+            else:
+                try:
+                    texts = _read_jsonl(path) if fmt == "jsonl" else [path.read_bytes()]
+                except OSError as e:
+                    raise DataError(f"{path}: cannot read: {e}") from None
+                texts = [t for t in texts if t]
+                docs.extend(np.concatenate([t, eod]) for t in tokenizer.encode_batch(texts) if t.size)
+            if config.max_documents is not None and len(docs) >= config.max_documents:
+                docs = docs[: config.max_documents]
+                break
+        description = f"{config.source} ({len(files)} file{'s' if len(files) != 1 else ''})"
+    if not docs:
+        raise DataError(f"--data.source={config.source!r}: no non-empty documents found")
+    max_id = max(int(d.max()) for d in docs)
+    vocab = max(tokenizer.vocab_size, max_id + 1)
+    return Corpus(docs, vocab, tokenizer.eod_id, description)
+
+
+def split_documents(docs: list[np.ndarray], eval_fraction: float, seed: int):
+    """(train, eval) documents: a seeded choice of ceil(fraction * n) held-out documents."""
+    if eval_fraction <= 0:
+        return list(docs), []
+    n_eval = int(np.ceil(eval_fraction * len(docs)))
+    if n_eval >= len(docs):
+        raise DataError(f"only {len(docs)} document(s): too few to hold {n_eval} out for eval; add "
+                        f"documents or set --data.eval_fraction=0")
+    perm = np.random.default_rng([seed, 0xE7A1]).permutation(len(docs))
+    held = np.zeros(len(docs), bool)
+    held[perm[:n_eval]] = True
+    return [d for d, h in zip(docs, held) if not h], [d for d, h in zip(docs, held) if h]
+
+
+def cut_pieces(docs: list[np.ndarray], seq_len: int) -> list[np.ndarray]:
+    """Every document cut into consecutive pieces of at most seq_len tokens (views, in order)."""
+    return [d[i:i + seq_len] for d in docs for i in range(0, len(d), seq_len)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Batching.
+
+BATCH_KEYS = ("tokens", "segment_ids", "targets", "loss_mask")
+
+
+def ffd_rows(lengths: list[int], length: int) -> int:
+    """Rows first-fit-decreasing needs for these piece lengths (each <= length)."""
+    free: list[int] = []
+    for n in sorted(lengths, reverse=True):
+        for i, f in enumerate(free):
+            if f >= n:
+                free[i] = f - n
+                break
+        else:
+            free.append(length - n)
+    return len(free)
+
+
+def greedy_rows(lengths: list[int], length: int) -> int:
+    rows, fill = 1, 0
+    for n in lengths:
+        if fill + n > length:
+            rows, fill = rows + 1, 0
+        fill += n
+    return rows
+
+
+class Batcher:
+    """Deterministic, resumable micro-batches from a list of pieces.
+
+    The stream is epoch after epoch of `np.random.default_rng([seed, epoch]).permutation`; the
+    position `consumed` counts pieces taken so far. next() returns a dict of numpy arrays of
+    shape (grad_accum, rows, length) for BATCH_KEYS plus host statistics.
+    """
+
+    def __init__(self, pieces: list[np.ndarray], *, mode: str, seq_len: int, batch_size: int,
+                 grad_accum: int = 1, seed: int = 0, pack_policy: str = "first_fit_decreasing",
+                 single_bucket: int = 64, shuffle: bool = True, wrap: bool = True,
+                 consumed: int = 0):
+        if not pieces:
+            raise DataError("no training pieces (every document went to the eval split?)")
+        self.pieces = pieces
+        self.lengths = np.array([len(p) for p in pieces], np.int64)
+        if self.lengths.max() > seq_len:
+            raise ValueError(f"a piece has {self.lengths.max()} tokens > {seq_len=}")
+        self.mode, self.seq_len, self.batch_size = mode, seq_len, batch_size
+        self.grad_accum, self.seed, self.pack_policy = grad_accum, seed, pack_policy
+        self.single_bucket, self.shuffle, self.wrap = single_bucket, shuffle, wrap
+        self.consumed = consumed
+        self._orders: dict[int, np.ndarray] = {}
+
+    # -- the stream
+    def _index(self, g: int) -> int:
+        n = len(self.pieces)
+        epoch, i = divmod(g, n)
+        if not self.shuffle:
+            return i
+        if epoch not in self._orders:
+            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(n)}
+        return int(self._orders[epoch][i])
+
+    @property
+    def epoch(self) -> float:
+        return self.consumed / len(self.pieces)
+
+    def state(self) -> dict:
+        return {"consumed": int(self.consumed)}
+
+    def restore(self, state: dict) -> None:
+        self.consumed = int(state["consumed"])
+
+    # -- one micro-batch
+    def _take_packed(self) -> list[np.ndarray]:
+        rows_needed = ffd_rows if self.pack_policy == "first_fit_decreasing" else greedy_rows
+        capacity = self.batch_size * self.seq_len
+        taken: list[int] = []
+        total = 0
+        while True:
+            if taken and not self.wrap and self.consumed + len(taken) >= len(self.pieces):
+                break
+            idx = self._index(self.consumed + len(taken))
+            n = int(self.lengths[idx])
+            if taken and (total + n > capacity
+                          or rows_needed([int(self.lengths[i]) for i in taken] + [n],
+                                         self.seq_len) > self.batch_size):
+                break
+            taken.append(idx)
+            total += n
+        self.consumed += len(taken)
+        return [self.pieces[i] for i in taken]
+
+    def _micro(self):
+        if self.mode == "packed":
+            seqs = self._take_packed()
+            b = pack_sequences(seqs, self.seq_len, policy=self.pack_policy,
+                               num_rows=self.batch_size)
+        elif self.mode == "padded":
+            seqs = [self.pieces[self._index(self.consumed + i)] for i in range(self.batch_size)]
+            self.consumed += self.batch_size
+            b = pad_sequences(seqs, self.seq_len)
+        else:
+            seqs = [self.pieces[self._index(self.consumed)]]
+            self.consumed += 1
+            bucket = self.single_bucket
+            length = min(self.seq_len, max(2, -(-len(seqs[0]) // bucket) * bucket))
+            b = pad_sequences(seqs, max(length, 2))
+        return {k: np.asarray(getattr(b, k)) for k in BATCH_KEYS}, len(seqs)
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        micros, num_seq = [], 0
+        for _ in range(self.grad_accum):
+            m, n = self._micro()
+            micros.append(m)
+            num_seq += n
+        length = max(m["tokens"].shape[1] for m in micros)
+        batch = {}
+        for k in BATCH_KEYS:
+            parts = [np.pad(m[k], ((0, 0), (0, length - m[k].shape[1]))) for m in micros]
+            batch[k] = np.stack(parts)
+        real = int((batch["segment_ids"] > 0).sum())
+        batch_stats = dict(real_tokens=real, target_tokens=int(batch["loss_mask"].sum()),
+                           slots=int(batch["tokens"].size), sequences=num_seq)
+        return {"arrays": batch, "stats": batch_stats}
+
+
+def estimate_efficiency(pieces: list[np.ndarray], config: DataConfig, steps: int = 50) -> dict:
+    """Share of slots holding real tokens in each mode over the first `steps` micro-batches."""
+    out = {}
+    for mode in ("packed", "padded", "single"):
+        b = Batcher(pieces, mode=mode, seq_len=config.seq_len, batch_size=config.batch_size,
+                    seed=config.seed, pack_policy=config.pack_policy,
+                    single_bucket=config.single_bucket)
+        real = slots = 0
+        n = steps if mode != "single" else steps * config.batch_size
+        for _ in range(n):
+            if mode == "packed":
+                seqs = b._take_packed()
+                real += sum(len(s) for s in seqs)
+                slots += config.batch_size * config.seq_len
+            else:
+                s = b._micro()[0]["segment_ids"]
+                real += int((s > 0).sum())
+                slots += s.size
+        out[mode] = real / slots
+    return out
+
+
+def eval_batches(pieces: list[np.ndarray], config: DataConfig) -> list[dict]:
+    """Fixed packed eval batches over the held-out pieces (in order, no wrap-around)."""
+    if not pieces:
+        return []
+    b = Batcher(pieces, mode="packed", seq_len=config.seq_len, batch_size=config.batch_size,
+                pack_policy=config.pack_policy, shuffle=False, wrap=False)
+    out = []
+    while b.consumed < len(pieces) and len(out) < config.eval_batches:
+        batch = next(b)
+        out.append(batch)
+    return out

@@ -1,0 +1,172 @@
+"""The pure training step, its optimizer and state, and the jitted, sharded wrappers.
+
+Axis letters: a micro-batches (gradient accumulation), b rows, t time, v vocabulary.
+
+    train_step(state, batch) -> (state, metrics)
+
+batch holds (a, b, t) arrays tokens, segment_ids, targets, loss_mask. The loss is the mean
+cross-entropy over every real target of all a micro-batches (loss_mask: no target across a
+document boundary, none on padding), so accumulating a micro-batches gives exactly the gradient
+of one batch holding all of them. Parameters are float32; the model computes in its config's
+dtype (bfloat16 on GPU); logits are upcast to float32 for the loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jax_packmamba import MambaConfig, MambaLM
+
+from train.config import OptimConfig
+
+NO_DECAY_NAMES = ("bias", "conv_bias", "A_log", "D")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any  # nnx.State of float32 parameters
+    opt_state: Any
+    rng: jax.Array  # uint32 key data, split every step (the model itself is deterministic)
+
+
+def _names(path) -> list[str]:
+    out = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            out.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            out.append(str(k.idx))
+    return out
+
+
+def decay_mask(params):
+    """True where AdamW applies weight decay: matrices, not norms, biases, A_log or D."""
+
+    def decide(path, leaf):
+        names = _names(path)
+        if any("norm" in n for n in names) or (names and names[-1] in NO_DECAY_NAMES):
+            return False
+        return leaf.ndim >= 2
+
+    return jax.tree_util.tree_map_with_path(decide, params)
+
+
+def learning_rate_schedule(config: OptimConfig, total_steps: int):
+    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=config.lr * config.min_lr_ratio)
+
+
+def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    schedule = learning_rate_schedule(config, total_steps)
+    parts = [optax.clip_by_global_norm(config.clip_norm)] if config.clip_norm > 0 else []
+    parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                             weight_decay=config.weight_decay, mask=decay_mask))
+    return optax.chain(*parts)
+
+
+def model_graphdef(model_config: MambaConfig):
+    """(graphdef, abstract params) of the model without allocating it."""
+    abstract = nnx.eval_shape(lambda: MambaLM(model_config, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(abstract)
+    return graphdef, params
+
+
+def init_state(model_config: MambaConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    model = MambaLM(model_config, rngs=nnx.Rngs(seed))
+    _, params = nnx.split(model)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)))
+
+
+def token_losses(graphdef, params, tokens, segment_ids, targets, loss_mask):
+    """(sum of masked cross-entropy, number of targets) for one (b, t) micro-batch."""
+    model = nnx.merge(graphdef, params)
+    logits = model(tokens, segment_ids).astype(jnp.float32)  # (b, t, v)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    ce = jnp.where(loss_mask, logz - target_logit, 0.0)
+    return ce.sum(), loss_mask.sum(dtype=jnp.int32)
+
+
+def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule=None
+               ) -> tuple[TrainState, dict]:
+    """One optimizer step over the (a, b, t) batch; pure. schedule(step) is reported as lr."""
+
+    def micro(carry, mb):
+        grad_sum, ce_sum, count = carry
+        (ce, n), grads = jax.value_and_grad(
+            lambda p: token_losses(graphdef, p, mb["tokens"], mb["segment_ids"], mb["targets"],
+                                   mb["loss_mask"]),
+            has_aux=True)(state.params)
+        grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+        return (grad_sum, ce_sum + ce, count + n), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+    (grad_sum, ce_sum, count), _ = jax.lax.scan(micro, init, batch)
+    denom = jnp.maximum(count, 1).astype(jnp.float32)
+    grads = jax.tree.map(lambda g: g / denom, grad_sum)
+    loss = ce_sum / denom
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+    metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), targets=count,
+                   real_tokens=(batch["segment_ids"] > 0).sum(dtype=jnp.int32))
+    if schedule is not None:
+        metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+
+
+def eval_step(params, batch: dict, *, graphdef) -> dict:
+    """Summed cross-entropy and target count over an (a, b, t) batch (no update)."""
+
+    def micro(carry, mb):
+        ce, n = token_losses(graphdef, params, mb["tokens"], mb["segment_ids"], mb["targets"],
+                             mb["loss_mask"])
+        return (carry[0] + ce, carry[1] + n), None
+
+    (ce, n), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)), batch)
+    return dict(ce_sum=ce, targets=n)
+
+
+@dataclasses.dataclass
+class Compiled:
+    """The jitted init/train/eval functions bound to a model, optimizer and mesh."""
+
+    graphdef: Any
+    abstract_state: TrainState
+    state_shardings: TrainState
+    init: Any
+    train_step: Any
+    eval_step: Any
+
+
+def build(model_config: MambaConfig, optim: OptimConfig, total_steps: int, mesh) -> Compiled:
+    from train import sharding
+
+    tx = make_optimizer(optim, total_steps)
+    schedule = learning_rate_schedule(optim, total_steps)
+    graphdef, _ = model_graphdef(model_config)
+    abstract = jax.eval_shape(lambda: init_state(model_config, tx, 0))
+    shardings = sharding.state_shardings(mesh, abstract)
+    batch_sh = sharding.batch_sharding(mesh)
+    rep = sharding.replicated(mesh)
+    init = jax.jit(functools.partial(init_state, model_config, tx), static_argnums=0,
+                   out_shardings=shardings)
+    step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule),
+                   in_shardings=(shardings, batch_sh), out_shardings=(shardings, rep),
+                   donate_argnums=0)
+    evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef),
+                       in_shardings=(shardings.params, batch_sh), out_shardings=rep)
+    return Compiled(graphdef, abstract, shardings, init, step, evaluate)
