@@ -1,4 +1,4 @@
-# Everything a newcomer needs: `make demo` (or `make train` once it exists) and `make test`.
+# Everything a newcomer needs: `make train` and `make test` (also `make demo`).
 # Both build .venv on first use from python3.12 and the pinned constraints.txt.
 
 SHELL := /bin/bash
@@ -10,7 +10,7 @@ PYTHON312 ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python
     /usr/local/bin/python3.12 /usr/bin/python3.12; do \
     $$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
 
-.PHONY: demo test clean
+.PHONY: train demo test clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@if [ -z "$(PYTHON312)" ]; then echo "error: python3.12 not found (set PYTHON312=/path/to/python3.12)" >&2; exit 1; fi
@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
+
+train: $(VENV)/.installed
+	$(PY) -m train
 
 demo: $(VENV)/.installed
 	$(PY) -m jax_packmamba.demo

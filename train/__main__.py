@@ -2,14 +2,18 @@
 
 import sys
 
-from train.config import ConfigError, parse_args
+from train.config import ConfigError, help_text, parse_args
 from train.data import DataError
 from train.trainer import NonFiniteLoss, run
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        return 0
     try:
-        run(parse_args(sys.argv[1:] if argv is None else argv))
+        run(parse_args(argv))
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -244,6 +244,8 @@ def cut_pieces(docs: list[np.ndarray], seq_len: int) -> list[np.ndarray]:
 # Batching.
 
 BATCH_KEYS = ("tokens", "segment_ids", "targets", "loss_mask")
+LOOKAHEAD = 2.0  # packed mode looks at pieces worth this many batches to fill the rows
+MAX_WAIT = 4  # ... and places a piece that has waited this many batches before any other
 
 
 def ffd_rows(lengths: list[int], length: int) -> int:
@@ -272,7 +274,8 @@ class Batcher:
     """Deterministic, resumable micro-batches from a list of pieces.
 
     The stream is epoch after epoch of `np.random.default_rng([seed, epoch]).permutation`; the
-    position `consumed` counts pieces taken so far. next() returns a dict of numpy arrays of
+    position is `consumed` (pieces pulled from the stream so far) plus `carry` (the stream
+    positions of pulled pieces that packed mode has not placed yet); state()/restore() save it. next() returns a dict of numpy arrays of
     shape (grad_accum, rows, length) for BATCH_KEYS plus host statistics.
     """
 
@@ -290,6 +293,8 @@ class Batcher:
         self.grad_accum, self.seed, self.pack_policy = grad_accum, seed, pack_policy
         self.single_bucket, self.shuffle, self.wrap = single_bucket, shuffle, wrap
         self.consumed = consumed
+        self.carry: list[list[int]] = []  # [stream position, batches waited] of pulled pieces
+        # that packed mode has not placed yet
         self._orders: dict[int, np.ndarray] = {}
 
     # -- the stream
@@ -299,7 +304,9 @@ class Batcher:
         if not self.shuffle:
             return i
         if epoch not in self._orders:
-            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(n)}
+            if len(self._orders) > 2:
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(n)
         return int(self._orders[epoch][i])
 
     @property
@@ -307,14 +314,20 @@ class Batcher:
         return self.consumed / len(self.pieces)
 
     def state(self) -> dict:
-        return {"consumed": int(self.consumed)}
+        return {"consumed": int(self.consumed), "carry": [[int(g), int(w)] for g, w in self.carry]}
 
     def restore(self, state: dict) -> None:
         self.consumed = int(state["consumed"])
+        self.carry = [[int(g), int(w)] for g, w in state.get("carry", [])]
 
     # -- one micro-batch
     def _take_packed(self) -> list[np.ndarray]:
-        rows_needed = ffd_rows if self.pack_policy == "first_fit_decreasing" else greedy_rows
+        if self.pack_policy == "greedy":
+            return self._take_greedy()
+        return self._take_first_fit_decreasing()
+
+    def _take_greedy(self) -> list[np.ndarray]:
+        """PackMamba's in-order greedy: the longest prefix of the stream that fits."""
         capacity = self.batch_size * self.seq_len
         taken: list[int] = []
         total = 0
@@ -324,13 +337,40 @@ class Batcher:
             idx = self._index(self.consumed + len(taken))
             n = int(self.lengths[idx])
             if taken and (total + n > capacity
-                          or rows_needed([int(self.lengths[i]) for i in taken] + [n],
+                          or greedy_rows([int(self.lengths[i]) for i in taken] + [n],
                                          self.seq_len) > self.batch_size):
                 break
             taken.append(idx)
             total += n
         self.consumed += len(taken)
         return [self.pieces[i] for i in taken]
+
+    def _take_first_fit_decreasing(self) -> list[np.ndarray]:
+        """Fill the rows from a look-ahead window; pieces that do not fit wait for a later batch.
+
+        Candidates are the waiting pieces and then new stream pieces, pulled until they hold
+        LOOKAHEAD x the batch's slots. They are tried longest first, except that pieces which
+        have waited MAX_WAIT batches go first (so none waits forever); a piece is taken when
+        first-fit-decreasing (what pack_sequences then does) still needs <= batch_size rows.
+        """
+        capacity = self.batch_size * self.seq_len
+        cand = [tuple(c) for c in self.carry]  # (stream position, batches waited)
+        total = sum(int(self.lengths[self._index(g)]) for g, _ in cand)
+        while total < LOOKAHEAD * capacity and (self.wrap or self.consumed < len(self.pieces)):
+            cand.append((self.consumed, 0))
+            total += int(self.lengths[self._index(self.consumed)])
+            self.consumed += 1
+        cand.sort(key=lambda c: (c[1] < MAX_WAIT, -int(self.lengths[self._index(c[0])]), c[0]))
+        taken, left, lengths = [], [], []
+        for g, waited in cand:
+            n = int(self.lengths[self._index(g)])
+            if sum(lengths) + n <= capacity and ffd_rows(lengths + [n], self.seq_len) <= self.batch_size:
+                taken.append(g)
+                lengths.append(n)
+            else:
+                left.append([g, waited + 1])
+        self.carry = sorted(left)
+        return [self.pieces[self._index(g)] for g in sorted(taken)]
 
     def _micro(self):
         if self.mode == "packed":
@@ -398,7 +438,7 @@ def eval_batches(pieces: list[np.ndarray], config: DataConfig) -> list[dict]:
     b = Batcher(pieces, mode="packed", seq_len=config.seq_len, batch_size=config.batch_size,
                 pack_policy=config.pack_policy, shuffle=False, wrap=False)
     out = []
-    while b.consumed < len(pieces) and len(out) < config.eval_batches:
+    while (b.consumed < len(pieces) or b.carry) and len(out) < config.eval_batches:
         batch = next(b)
         out.append(batch)
     return out

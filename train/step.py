@@ -121,7 +121,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule=None
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
-    metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), targets=count,
+    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), targets=count,
                    real_tokens=(batch["segment_ids"] > 0).sum(dtype=jnp.int32))
     if schedule is not None:
         metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)

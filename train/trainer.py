@@ -145,7 +145,7 @@ def run(config: TrainConfig, *, log=print) -> dict:
             f"--run.steps to train on, or start over with --run.resume=false --run.overwrite=true.")
         previous = out / "summary.json"
         return json.loads(previous.read_text()) if previous.exists() else {"steps": start}
-    log(f"out     {out}  (checkpoints every {r.checkpoint_every or 'never'} steps + at the end, "
+    log(f"out     {out}  (checkpoints " + (f"every {r.checkpoint_every} steps + " if r.checkpoint_every else "") + f"at the end, "
         f"keep {r.keep_checkpoints}; metrics.jsonl; loss.png)")
 
     batch_sh = sharding.batch_sharding(p.mesh)

@@ -1,0 +1,396 @@
+"""Training program: config, data, the loss, the step, and tiny end-to-end runs.
+
+The multi-process tests (8 host devices, SIGKILL + resume) run `python -m train` in
+subprocesses with a tiny model, so they exercise the real command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jax_packmamba import MambaConfig, MambaLM
+from train import data as data_lib
+from train import step as step_lib
+from train.__main__ import main
+from train.config import ConfigError, DataConfig, OptimConfig, TrainConfig, parse_args
+from train.data import DataError
+from train.metrics import peak_flops, read_metrics
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# A model and data small enough that a run compiles and trains in seconds on one CPU core.
+TINY = ["--model.preset=tiny", "--model.n_layer=1", "--model.d_model=32", "--model.d_state=4",
+        "--data.max_documents=24", "--data.seq_len=64", "--data.batch_size=8",
+        "--data.eval_batches=1", "--optim.warmup_steps=2", "--run.progress=false",
+        "--run.plot=false", "--run.log_every=1"]
+
+
+def subprocess_env(devices=1, cache=None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if cache is not None:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return env
+
+
+def run_cli(args, *, devices=1, cache=None):
+    return subprocess.Popen([sys.executable, "-m", "train", *args], cwd=REPO,
+                            env=subprocess_env(devices, cache), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc, timeout=300):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    return out
+
+
+def losses(out_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(pathlib.Path(out_dir) / "metrics.jsonl")
+            if "loss" in r}
+
+
+# ------------------------------------------------------------------------------------------------
+# Config.
+
+
+def test_cli_nested_overrides_and_config_file(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('[model]\npreset = "130m"\nn_layer = 4\n[optim]\nlr = 1e-4\n'
+                    '[data]\nmode = "padded"\n')
+    c = parse_args(["--config", str(toml), "--optim.lr=3e-4", "--data.seq_len", "128",
+                    "--model.d_state=8", "--run.resume=false", "--data.eod_id=none"])
+    assert c.model.preset == "130m" and c.model.overrides == {"n_layer": 4, "d_state": 8}
+    assert c.optim.lr == 3e-4 and c.data.mode == "padded" and c.data.seq_len == 128
+    assert c.run.resume is False and c.data.eod_id is None
+    mc = c.model.mamba_config(vocab_size=257, backend="cpu")
+    assert (mc.n_layer, mc.d_model, mc.d_state, mc.vocab_size, mc.dtype) == (4, 768, 8, 257, "float32")
+    assert c.model.mamba_config(vocab_size=257, backend="gpu").dtype == "bfloat16"
+    js = tmp_path / "run.json"
+    js.write_text(json.dumps({"run": {"steps": 7}, "model": {"overrides": {"d_model": 96}}}))
+    c = parse_args(["--config", str(js)])
+    assert c.run.steps == 7 and c.model.overrides == {"d_model": 96}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--optim.lr=-1"], "optim.lr"),
+    (["--optim.lr=fast"], "optim.lr: expected float"),
+    (["--run.steps=0"], "run.steps must be >= 1"),
+    (["--run.steps=2.5"], "run.steps: expected int"),
+    (["--data.mode=bucketed"], "data.mode='bucketed' is not one of"),
+    (["--model.preset=7b"], "model.preset='7b'"),
+    (["--model.d_modle=3"], "unknown option --model.d_modle"),
+    (["--model.d_model=0"], "d_model must be a positive int"),
+    (["--optimizer.lr=1"], "unknown config part 'optimizer'"),
+    (["--data.eval_fraction=1"], "eval_fraction"),
+    (["--mesh.data=0"], "mesh.data"),
+    (["positional"], "unexpected argument"),
+    (["--config", "/nonexistent.toml"], "no such file"),
+])
+def test_bad_config_values_fail_clearly(args, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        parse_args(args)
+
+
+def test_vocab_override_must_cover_tokenizer():
+    c = parse_args(["--model.vocab_size=100"])
+    with pytest.raises(ConfigError, match="smaller than the tokenizer"):
+        c.model.mamba_config(vocab_size=257, backend="cpu")
+
+
+@pytest.mark.parametrize("make_source, message", [
+    (lambda d: str(d / "missing.txt"), "does not exist"),
+    (lambda d: (d / "empty").mkdir() or str(d / "empty"), "has no files"),
+    (lambda d: (d / "e.txt").write_text("") and None or str(d / "e.txt"), "no non-empty documents"),
+    (lambda d: (d / "bad.jsonl").write_text('{"txt": 1}\n') and None or str(d / "bad.jsonl"),
+     'bad.jsonl:1: expected an object with a string "text"'),
+])
+def test_bad_data_fails_before_compiling(tmp_path, monkeypatch, capsys, make_source, message):
+    def no_compile(*a, **k):
+        raise AssertionError("the model was built before the data was checked")
+
+    monkeypatch.setattr(step_lib, "build", no_compile)
+    source = make_source(tmp_path)
+    code = main([f"--data.source={source}", f"--run.out_dir={tmp_path / 'run'}"])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# Data.
+
+
+def test_sources_and_tokenizers(tmp_path):
+    (tmp_path / "a.txt").write_text("héllo")
+    (tmp_path / "b.jsonl").write_text('{"text": "ab"}\n\n{"text": "c", "id": 3}\n')
+    np.save(tmp_path / "t.npy", np.array([5, 6, 256, 7, 256, 256, 8], np.int32))
+    np.array([9, 256, 10], np.uint16).tofile(tmp_path / "u.bin")
+    corpus = data_lib.load_corpus(DataConfig(source=str(tmp_path)))
+    docs = [d.tolist() for d in corpus.documents]
+    assert docs == [list("héllo".encode()) + [256], [97, 98, 256], [99, 256],
+                    [5, 6, 256], [7, 256], [8], [9, 256], [10]]
+    assert corpus.vocab_size == 257 and corpus.eod_id == 256
+    one = data_lib.load_corpus(DataConfig(source=str(tmp_path / "b.jsonl"), max_documents=1))
+    assert len(one.documents) == 1
+
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"[UNK]": 0, "</s>": 1, "hello": 2, "world": 3}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "w" ).mkdir()
+    (tmp_path / "w" / "x.txt").write_text("hello world zzz")
+    c = data_lib.load_corpus(DataConfig(source=str(tmp_path / "w"),
+                                        tokenizer=str(tmp_path / "tokenizer.json")))
+    assert [d.tolist() for d in c.documents] == [[2, 3, 0, 1]] and c.eod_id == 1
+
+
+def test_modes_consume_the_same_pieces_deterministically_and_resume():
+    rng = np.random.default_rng(0)
+    docs = [np.append(rng.integers(0, 256, n), 256) for n in rng.integers(1, 150, 60)]
+    pieces = data_lib.cut_pieces(docs, 64)
+    assert max(map(len, pieces)) <= 64 and sum(map(len, pieces)) == sum(map(len, docs))
+
+    def stream(mode, steps, **kw):
+        b = data_lib.Batcher(pieces, mode=mode, seq_len=64, batch_size=4, seed=3, **kw)
+        seen = []
+        for _ in range(steps):
+            arr = next(b)["arrays"]
+            for toks, seg in zip(arr["tokens"].reshape(-1, arr["tokens"].shape[-1]),
+                                 arr["segment_ids"].reshape(-1, arr["tokens"].shape[-1])):
+                for s in range(1, seg.max() + 1):
+                    seen.append(tuple(toks[seg == s]))
+        return b, seen
+
+    packed, seen_packed = stream("packed", 10)
+    n = packed.consumed
+    assert 40 < n < len(pieces) and packed.carry
+    _, seen_padded = stream("padded", -(-n // 4))
+    _, seen_single = stream("single", n)
+    order = np.random.default_rng([3, 0]).permutation(len(pieces))
+    expected = [tuple(pieces[i]) for i in order[:n]]
+    # Packed mode places pieces out of order and carries some to the next batch: every piece
+    # pulled from the stream is either placed exactly once or still carried.
+    carried = [tuple(pieces[order[g]]) for g, _ in packed.carry]
+    assert sorted(seen_packed + carried) == sorted(expected)
+    assert seen_padded[:n] == expected and seen_single == expected
+    # ... and fills its rows better than padding does (the same pieces).
+    greedy, _ = stream("packed", 10, pack_policy="greedy")
+    eff = {m: data_lib.estimate_efficiency(pieces, DataConfig(seq_len=64, batch_size=4, seed=3,
+                                                              pack_policy=m), steps=10)
+           for m in ("first_fit_decreasing", "greedy")}
+    print(eff)
+    assert eff["first_fit_decreasing"]["packed"] > 0.97 > eff["first_fit_decreasing"]["padded"]
+    assert eff["greedy"]["packed"] > eff["greedy"]["padded"]
+
+    # Resuming from a saved position continues the same stream (across an epoch boundary too).
+    a = data_lib.Batcher(pieces, mode="packed", seq_len=64, batch_size=4, seed=3, grad_accum=2)
+    for _ in range(30):
+        next(a)
+    b = data_lib.Batcher(pieces, mode="packed", seq_len=64, batch_size=4, seed=3, grad_accum=2)
+    b.restore(json.loads(json.dumps(a.state())))
+    for _ in range(5):
+        x, y = next(a)["arrays"], next(b)["arrays"]
+        assert all(np.array_equal(x[k], y[k]) for k in data_lib.BATCH_KEYS)
+    assert a.epoch > 1
+
+
+def test_loss_mask_no_target_across_boundaries_or_on_padding():
+    pieces = [np.arange(1, 6), np.arange(10, 13), np.arange(20, 22), np.array([30])]
+    b = data_lib.Batcher(pieces, mode="packed", seq_len=8, batch_size=2, shuffle=False, wrap=False)
+    arr = {k: v[0] for k, v in next(b)["arrays"].items()}
+    seg, mask, tok, tgt = arr["segment_ids"], arr["loss_mask"], arr["tokens"], arr["targets"]
+    assert b.consumed == 4
+    assert not mask[seg == 0].any()  # padding
+    rows, cols = np.nonzero(mask)
+    # Every target is the next token of the same segment.
+    assert (seg[rows, cols + 1] == seg[rows, cols]).all() and (tgt[rows, cols] == tok[rows, cols + 1]).all()
+    # Each piece's last token has no target: 11 targets for 11 tokens in 4 pieces.
+    assert mask.sum() == (5 - 1) + (3 - 1) + (2 - 1) + 0
+
+
+def test_packed_loss_equals_each_sequence_alone():
+    config = MambaConfig.preset("tiny", n_layer=2, d_model=32, d_state=4, vocab_size=257)
+    graphdef, params = nnx.split(nnx.jit(lambda: MambaLM(config, rngs=nnx.Rngs(0)))())
+    rng = np.random.default_rng(1)
+    pieces = [rng.integers(0, 257, n) for n in (9, 5, 14, 3, 7)]
+    b = data_lib.Batcher(pieces, mode="packed", seq_len=16, batch_size=3, shuffle=False, wrap=False)
+    arr = next(b)["arrays"]
+    assert b.consumed == 5
+    ce, n = jax.jit(step_lib.token_losses, static_argnums=0)(
+        graphdef, params, *(arr[k][0] for k in data_lib.BATCH_KEYS))
+    # Each piece alone in its own row, at column 0, without segment_ids (causal: the padding
+    # after it cannot change its logits).
+    alone = np.zeros((len(pieces), 16), np.int32)
+    for i, p in enumerate(pieces):
+        alone[i, :len(p)] = p
+    logits = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x))(params, alone)
+    logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32)))
+    expected = -sum(logp[i, np.arange(len(p) - 1), p[1:]].sum() for i, p in enumerate(pieces))
+    print("packed", float(ce), "alone", expected)
+    assert int(n) == sum(len(p) - 1 for p in pieces)
+    np.testing.assert_allclose(float(ce), expected, rtol=2e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimizer and step.
+
+
+def test_weight_decay_mask():
+    config = MambaConfig.preset("tiny", n_layer=1, d_model=16, d_state=2, proj_bias=True)
+    _, params = step_lib.model_graphdef(config)
+    mask = step_lib.decay_mask(params)
+    got = {"/".join(step_lib._names(p)): m for p, m in jax.tree_util.tree_leaves_with_path(mask)}
+    decayed = sorted(k for k, m in got.items() if m)
+    assert decayed == ["embedding/embedding", "layers/0/mixer/conv_weight",
+                       "layers/0/mixer/dt_proj/kernel", "layers/0/mixer/in_proj/kernel",
+                       "layers/0/mixer/out_proj/kernel", "layers/0/mixer/x_proj/kernel"]
+    for name in ("layers/0/mixer/A_log", "layers/0/mixer/D", "layers/0/norm/weight",
+                 "norm_f/weight", "layers/0/mixer/dt_proj/bias", "layers/0/mixer/in_proj/bias",
+                 "layers/0/mixer/conv_bias"):
+        assert got[name] is False, name
+
+
+def test_grad_accumulation_equals_one_big_batch_and_schedule():
+    config = MambaConfig.preset("tiny", n_layer=1, d_model=16, d_state=2, vocab_size=257)
+    optim = OptimConfig(lr=1e-2, warmup_steps=2, min_lr_ratio=0.1)
+    tx = step_lib.make_optimizer(optim, total_steps=10)
+    graphdef, _ = step_lib.model_graphdef(config)
+    rng = np.random.default_rng(2)
+    pieces = [rng.integers(0, 257, n) for n in rng.integers(2, 30, 40)]
+    b = data_lib.Batcher(pieces, mode="packed", seq_len=32, batch_size=2, grad_accum=2, seed=0)
+    batch = next(b)["arrays"]
+    big = {k: v.reshape(1, 4, 32) for k, v in batch.items()}  # the two micro-batches as one
+    step = jax.jit(lambda s, x: step_lib.train_step(s, x, graphdef=graphdef, tx=tx))
+    state = jax.jit(lambda: step_lib.init_state(config, tx, 0))()
+    s1, m1 = step(state, batch)
+    s2, m2 = step(state, big)
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+    assert int(m1["targets"]) == int(batch["loss_mask"].sum())
+    for x, y in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    sched = step_lib.learning_rate_schedule(optim, 10)
+    np.testing.assert_allclose([sched(0), sched(2), sched(10)], [0.0, 1e-2, 1e-3], rtol=1e-6)
+
+
+def test_peak_flops_table():
+    assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("cpu") is None
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end.
+
+
+def test_smoke_run_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    args = TINY + ["--run.steps=8", "--run.checkpoint_every=3", "--run.keep_checkpoints=2",
+                   "--run.eval_every=4", "--run.plot=true", "--optim.lr=1e-2",
+                   f"--run.out_dir={out}"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["loss_last"] < summary["loss_first"] - 0.2
+    assert summary["eval_loss"] is not None and summary["tokens_per_s"] > 0
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [6, 8]
+    assert sorted(losses(out)) == list(range(1, 9)) and (out / "loss.png").stat().st_size > 1000
+    # Running it again finds the finished checkpoint and does nothing.
+    assert main(args) == 0
+    assert sorted(losses(out)) == list(range(1, 9))
+    # Starting over without saying so is refused.
+    assert main(args + ["--run.resume=false"]) == 2
+
+
+def test_nonfinite_loss_stops_with_last_good_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(TINY + ["--run.steps=30", "--run.checkpoint_every=1", "--optim.lr=1e12",
+                        "--optim.warmup_steps=0", "--optim.clip_norm=0", f"--run.out_dir={out}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "non-finite" in err, err
+    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert all(np.isfinite(v) for v in losses(out).values())  # reported, not logged
+    assert steps and steps[-1] < 30 and f"Last good checkpoint: {out / 'checkpoints'}/{steps[-1]}" in err
+    from train.checkpoint import Checkpointer
+
+    ck = Checkpointer(out / "checkpoints", keep=3)
+    config = parse_args(TINY)
+    mc = config.model.mamba_config(vocab_size=257, backend="cpu")
+    tx = step_lib.make_optimizer(config.optim, 30)
+    abstract = jax.eval_shape(lambda: step_lib.init_state(mc, tx, 0))
+    state, meta = ck.restore(steps[-1], abstract, jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract))
+    ck.close()
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+    assert meta["step"] == steps[-1] == int(state.step)
+
+
+# The same tiny run four ways: plain (the reference), on 8 host devices, killed and resumed.
+RESUMABLE = TINY + ["--run.steps=9", "--run.checkpoint_every=2", "--run.eval_every=0",
+                    "--optim.lr=1e-2"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """The uninterrupted single-device run; its compiled programs go to a persistent compilation
+    cache that the later subprocess runs of the same programs reuse (seconds instead of tens)."""
+    root = tmp_path_factory.mktemp("train_runs")
+    cache = root / "jax_cache"
+    out = finish(run_cli(RESUMABLE + [f"--run.out_dir={root / 'ref'}"], cache=cache))
+    assert "1 x cpu" in out
+    return root / "ref", cache
+
+
+def test_sharded_8_devices_matches_single_device(tmp_path, reference_run):
+    ref, cache = reference_run
+    out = finish(run_cli(RESUMABLE + ["--mesh.data=4", "--mesh.fsdp=2", f"--run.out_dir={tmp_path}"],
+                         devices=8, cache=cache))
+    assert "8 x cpu" in out and "mesh data=4 fsdp=2" in out
+    a, b = losses(tmp_path), losses(ref)
+    print("8 devices", a, "\n1 device ", b)
+    assert sorted(a) == sorted(b) == list(range(1, 10))
+    np.testing.assert_allclose([a[k] for k in b], [b[k] for k in b], rtol=2e-5)
+
+
+def test_killed_run_resumes_with_the_same_losses(tmp_path, reference_run):
+    ref, cache = reference_run
+    victim = run_cli(RESUMABLE + [f"--run.out_dir={tmp_path}"], cache=cache)
+    lines = []
+    for line in victim.stdout:  # blocks until the trainer prints; no sleeping
+        lines.append(line)
+        if line.startswith("checkpoint step 4"):
+            victim.send_signal(signal.SIGKILL)
+            break
+    victim.wait(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, "".join(lines)
+    assert max(losses(tmp_path)) < 9
+    resumed = finish(run_cli(RESUMABLE + [f"--run.out_dir={tmp_path}"], cache=cache))
+    assert "resume  from" in resumed, resumed
+    restored = int(resumed.split("(step ")[1].split(",")[0])
+    assert 2 <= restored <= 4  # the save of step 4 may not have finished before the kill
+    a, b = losses(tmp_path), losses(ref)
+    assert sorted(a) == sorted(b) == list(range(1, 10))
+    np.testing.assert_allclose([a[k] for k in b], [b[k] for k in b], rtol=1e-6)
+
+
+def test_gpu_benchmark_script_on_cpu(tmp_path, reference_run):
+    env = subprocess_env(cache=reference_run[1])
+    res = subprocess.run([sys.executable, "benchmarks/train_gpu.py", "--out", str(tmp_path),
+                          "--tiny", "--steps=3", "--", "--model.n_layer=1", "--data.seq_len=64"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    summary = json.loads((tmp_path / "train_cpu_1dev_tiny.json").read_text())
+    for key in ("loss_first", "loss_last", "tokens_per_s", "tokens_per_s_per_device", "mfu",
+                "device_kind", "jax_version", "date", "command"):
+        assert key in summary
+    assert summary["steps"] == 3 and summary["num_devices"] == 1
