@@ -1,5 +1,7 @@
 """jax-packmamba: Mamba on packed variable-length data in JAX."""
 
+from jax_packmamba.config import MambaConfig
+from jax_packmamba.model import MambaBlock, MambaLM, MambaMixer, RMSNorm
 from jax_packmamba.ops import (
     causal_conv1d,
     positions_from_segment_ids,
@@ -8,9 +10,36 @@ from jax_packmamba.ops import (
     selective_scan,
     selective_scan_reference,
 )
+from jax_packmamba.packing import (
+    PackedBatch,
+    SplitSequenceWarning,
+    pack_sequences,
+    pad_sequences,
+    unpack,
+)
+
+# The function shadows its module as a package attribute; `python -m jax_packmamba.generate`
+# still runs the module's command line.
+from jax_packmamba.generate import generate  # noqa: E402  (after the model it imports)
 
 __version__ = "0.1.0"
 
-from jax_packmamba.config import MambaConfig
-from jax_packmamba.model import MambaBlock, MambaLM, MambaMixer, RMSNorm
-from jax_packmamba.packing import PackedBatch, SplitSequenceWarning, pack_sequences, pad_sequences, unpack
+__all__ = [
+    "MambaBlock",
+    "MambaConfig",
+    "MambaLM",
+    "MambaMixer",
+    "PackedBatch",
+    "RMSNorm",
+    "SplitSequenceWarning",
+    "causal_conv1d",
+    "generate",
+    "pack_sequences",
+    "pad_sequences",
+    "positions_from_segment_ids",
+    "segment_ids_from_positions",
+    "segment_starts",
+    "selective_scan",
+    "selective_scan_reference",
+    "unpack",
+]

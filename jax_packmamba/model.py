@@ -110,10 +110,7 @@ class MambaMixer(nnx.Module):
         next token of each sequence whose past the state summarises."""
         x, z = self._in_proj(hidden)  # (b, e) each
         window = jnp.concatenate([state.conv.astype(x.dtype), x[:, None]], axis=1)  # (b, w, e)
-        weight, bias = self._conv_params()
-        conv = window.astype(jnp.float32) * weight.T.astype(jnp.float32)
-        conv = jnp.sum(conv, axis=1) + (0.0 if bias is None else bias.astype(jnp.float32))
-        x_conv = jax.nn.silu(conv).astype(x.dtype)
+        x_conv = causal_conv1d_step(window, *self._conv_params())
         dt, B, C = self._dt_B_C(x_conv)
         ssm, y = selective_state_update(state.ssm, x_conv, dt, self._A(), B, C, self.D[...], z,
                                         self.dt_proj.bias[...])
@@ -177,6 +174,16 @@ def segment_conv_windows(x, segment_ids, num_segments: int, width: int):
     flat = jnp.clip(index, 0, length - 1).reshape(batch, num_segments * width)
     window = jnp.take_along_axis(x, flat[..., None], axis=1).reshape(batch, num_segments, width, channels)
     return jnp.where(valid[..., None], window, jnp.zeros((), x.dtype))
+
+
+def causal_conv1d_step(window, weight, bias=None):
+    """The last output of `causal_conv1d(..., activation="silu")` over a window (b, w, e) of
+    its inputs, oldest first; weight (e, w). Accumulates in float32, returns window's dtype."""
+    f32 = jnp.float32
+    out = jnp.sum(window.astype(f32) * weight.T.astype(f32), axis=1)
+    if bias is not None:
+        out = out + bias.astype(f32)
+    return jax.nn.silu(out).astype(window.dtype)
 
 
 def selective_state_update(h, u, delta, A, B, C, D, z, delta_bias):
@@ -246,11 +253,7 @@ class MambaLM(nnx.Module):
 
     def head(self, residual):
         """Final norm and vocabulary projection: residual (..., d) -> logits (..., v)."""
-        hidden = self.norm_f(residual)
-        if self.lm_head is not None:
-            return self.lm_head(hidden)
-        table = self.embedding.embedding[...].astype(self.config.compute_dtype)
-        return hidden @ table.T
+        return vocab_logits(residual, self.norm_f, self.embedding, self.lm_head, self.config.compute_dtype)
 
     @classmethod
     def from_pretrained(cls, path, **config_overrides) -> "MambaLM":
@@ -265,6 +268,14 @@ class MambaLM(nnx.Module):
         from jax_packmamba.pretrained import save_pretrained
 
         save_pretrained(self, path)
+
+
+def vocab_logits(residual, norm_f: RMSNorm, embedding: nnx.Embed, lm_head, dtype):
+    """norm_f, then lm_head, or the embedding table when tied (lm_head None)."""
+    hidden = norm_f(residual)
+    if lm_head is not None:
+        return lm_head(hidden)
+    return hidden @ embedding.embedding[...].astype(dtype).T
 
 
 def check_model_inputs(input_ids, segment_ids, config: MambaConfig):

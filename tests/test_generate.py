@@ -1,0 +1,186 @@
+"""Generation: packed prefill states, recurrent steps against the full forward, sampling."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jax_packmamba as jp
+# Imported by name: jax_packmamba.generate may also be re-exported as the function.
+from jax_packmamba.generate import (
+    DecodeState, _decode, generate, main, prefill, prepare, sample_next_token, step,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "parity"
+# Lengths around d_conv - 1 = 3 (a shorter prompt's conv window holds zeros) and past a scan
+# chunk (64); 70 also makes the packed row 128 long with 5 prompts in 2 rows.
+PROMPT_LENGTHS = (1, 2, 3, 9, 70, 40, 17)
+
+
+@pytest.fixture(scope="module")
+def model():
+    # The "tied" parity checkpoint: perturbed random weights, so logits are far from uniform.
+    return jp.MambaLM.from_pretrained(FIXTURES / "tied")
+
+
+@pytest.fixture(scope="module")
+def prepared(model):
+    return prepare(model)
+
+
+def prompts_of(lengths, vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, n).astype(np.int32) for n in lengths]
+
+
+def last_logits(model, seq, length=128):
+    """Full-forward logits at the last token of seq, computed on a fixed-length buffer (the
+    model is causal, so what follows seq does not matter) to compile once."""
+    ids = np.zeros((1, length), np.int32)
+    ids[0, : len(seq)] = seq
+    return model(jnp.asarray(ids))[0, len(seq) - 1]
+
+
+def test_packed_prefill_states_equal_separate_prefills_and_stepping(model, prepared):
+    prompts = prompts_of(PROMPT_LENGTHS, model.config.vocab_size)
+    logits, state = prefill(prepared, prompts)
+    config = model.config
+    assert state.conv.shape == (config.n_layer, len(prompts), config.d_conv - 1, config.d_inner)
+    assert state.ssm.shape == (config.n_layer, len(prompts), config.d_inner, config.d_state)
+    for i, p in enumerate(prompts):
+        alone_logits, alone = prefill(prepared, [p])
+        np.testing.assert_allclose(logits[i], alone_logits[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(state.conv[:, i], alone.conv[:, 0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(state.ssm[:, i], alone.ssm[:, 0], rtol=1e-5, atol=1e-5)
+        # The same state built one token at a time from zeros by the recurrent step, and the
+        # same last logits as the full forward pass.
+        stepped = DecodeState(jnp.zeros_like(alone.conv), jnp.zeros_like(alone.ssm))
+        for token in p:
+            step_logits, stepped = step(prepared, jnp.asarray([token]), stepped)
+        np.testing.assert_allclose(state.conv[:, i], stepped.conv[:, 0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(state.ssm[:, i], stepped.ssm[:, 0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(logits[i], step_logits[0], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(logits[i], last_logits(model, p), rtol=1e-5, atol=1e-5)
+    # Where a prompt is shorter than the conv window, the window starts with zeros.
+    assert np.all(np.asarray(state.conv[:, 0, :2]) == 0) and np.any(np.asarray(state.conv[:, 0, 2]) != 0)
+    assert np.all(np.asarray(state.conv[:, 1, :1]) == 0) and np.all(np.any(np.asarray(state.conv[:, 1, 1:]) != 0, axis=-1))
+
+
+def test_packed_prefill_through_the_pallas_kernel_matches_reference(prepared, model):
+    pytest.importorskip("pallas_kernels.selective_scan")
+    kernel = prepare(jp.MambaLM.from_pretrained(FIXTURES / "tied", scan_impl="pallas_interpret"))
+    prompts = prompts_of((1, 2, 9, 70, 17), model.config.vocab_size, seed=5)
+    expected, got = prefill(prepared, prompts), prefill(kernel, prompts)
+    for name, a, b in zip(("logits", "conv", "ssm"), jax.tree.leaves(expected), jax.tree.leaves(got)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_bfloat16_prepared_model_matches_the_model_forward():
+    model = jp.MambaLM.from_pretrained(FIXTURES / "tied", dtype="bfloat16")
+    prepared = prepare(model)
+    assert prepared.params["layers"]["mixer"]["in_proj"]["kernel"][...].dtype == jnp.bfloat16
+    assert prepared.params["layers"]["mixer"]["A_log"][...].dtype == jnp.float32
+    assert prepared.params["head_embedding"]["embedding"][...].dtype == jnp.bfloat16
+    prompts = prompts_of((5, 12), model.config.vocab_size, seed=6)
+    logits, state = prefill(prepared, prompts)
+    for i, p in enumerate(prompts):
+        expected = model(jnp.asarray(p[None]))[0, -1].astype(jnp.float32)
+        np.testing.assert_allclose(logits[i], expected, rtol=0, atol=0.04)  # reached: 0.016
+    # One step in bfloat16 against the forward over the prompt plus that token.
+    step_logits, _ = step(prepared, jnp.asarray([3, 4]), state)
+    for i, p in enumerate(prompts):
+        expected = model(jnp.asarray(np.append(p, 3 + i)[None]))[0, -1].astype(jnp.float32)
+        np.testing.assert_allclose(step_logits[i], expected, rtol=0, atol=0.04)  # reached: 0.013
+
+
+def test_greedy_decoding_equals_argmax_of_full_forward(model, prepared):
+    prompts = prompts_of((1, 5, 30, 3), model.config.vocab_size, seed=1)
+    new = 12
+    outputs = generate(prepared, prompts, new, temperature=0)
+    for p, out in zip(prompts, outputs):
+        assert out.shape == (new,)
+        seq = list(p)
+        for _ in range(new):
+            seq.append(int(jnp.argmax(last_logits(model, seq, 64)[: model.config.vocab_size])))
+        np.testing.assert_array_equal(out, seq[len(p):])
+    assert len({tuple(o) for o in outputs}) == len(outputs)  # the prompts matter
+
+
+def test_eos_stops_each_sequence_and_decoding_compiles_once(prepared, model):
+    prompts = prompts_of((4, 11, 6), model.config.vocab_size, seed=2)
+    free = generate(prepared, prompts, 10, temperature=0)
+    eos = int(free[1][3])  # sequence 1 stops after its 4th token
+    stopped = generate(prepared, prompts, 10, temperature=0, eos_id=eos)
+    for f, s in zip(free, stopped):
+        hits = np.flatnonzero(f == eos)
+        expected = f[: hits[0] + 1] if hits.size else f
+        np.testing.assert_array_equal(s, expected)
+    assert len(stopped[1]) <= 4
+    compiled = _decode._cache_size()
+    generate(prepared, prompts_of((4, 11, 6), model.config.vocab_size, seed=3), 10,
+                 temperature=0, eos_id=eos)
+    assert _decode._cache_size() == compiled  # new prompts, same shapes: no recompilation
+
+
+def test_sampling_respects_top_k_and_top_p():
+    logits = jnp.log(jnp.asarray([[0.05, 0.4, 0.02, 0.3, 0.2, 0.03]] * 4000))
+    keys = jax.random.key(0)
+
+    def draws(**kw):
+        return np.asarray(sample_next_token(logits, keys, **kw))
+
+    top3 = draws(top_k=3)
+    assert set(top3) == {1, 3, 4}
+    # The smallest set of most likely tokens whose mass reaches top_p (0.4, 0.3, 0.2, ...).
+    assert set(draws(top_p=0.39)) == {1}
+    assert set(draws(top_p=0.41)) == {1, 3}
+    assert set(draws(top_p=0.6)) == {1, 3}
+    assert set(draws(top_p=0.75)) == {1, 3, 4}
+    assert set(draws(top_k=2, top_p=0.99)) == {1, 3}
+    assert set(draws(top_p=1e-6)) == {1}
+    assert set(draws(temperature=0)) == {1}
+    assert set(draws(vocab_size=3, top_k=2)) == {0, 1}  # ids >= vocab_size never drawn
+    # Unfiltered draws follow the distribution (4000 draws: 5 sigma is ~0.04).
+    freq = np.bincount(draws(), minlength=6) / len(top3)
+    np.testing.assert_allclose(freq, [0.05, 0.4, 0.02, 0.3, 0.2, 0.03], atol=0.04)
+    # Renormalised within the top 3: 0.4 / 0.9 for token 1.
+    assert abs(np.mean(top3 == 1) - 0.4 / 0.9) < 0.04
+
+
+def test_sampled_generation_is_seeded_and_top_k_1_is_greedy(prepared, model):
+    prompts = prompts_of((3, 8), model.config.vocab_size, seed=4)
+    a = generate(prepared, prompts, 6, temperature=1.0, seed=1)
+    b = generate(prepared, prompts, 6, temperature=1.0, seed=1)
+    c = generate(prepared, prompts, 6, temperature=1.0, seed=2)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    greedy = generate(prepared, prompts, 6, temperature=0)
+    top1 = generate(prepared, prompts, 6, temperature=0.7, top_k=1, seed=5)
+    assert all(np.array_equal(x, y) for x, y in zip(greedy, top1))
+
+
+def test_bad_generation_arguments(prepared):
+    with pytest.raises(ValueError, match="prompts\\[1\\] must be a non-empty"):
+        generate(prepared, [[1, 2], []], 3)
+    with pytest.raises(ValueError, match="outside \\[0, 64\\)"):
+        generate(prepared, [[1, 64]], 3)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(prepared, [[1]], 3, temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(prepared, [[1]], 3, top_p=1.5)
+    with pytest.raises(ValueError, match="top_k"):
+        generate(prepared, [[1]], 3, top_k=0)
+    assert [len(x) for x in generate(prepared, [[1], [2, 3]], 0)] == [0, 0]
+
+
+def test_command_line_with_byte_tokenizer(tmp_path, capsys):
+    config = jp.MambaConfig.preset("tiny", d_model=32)  # vocab 256: bytes
+    jp.MambaLM(config, rngs=nnx.Rngs(0)).save_pretrained(tmp_path)
+    assert main(["--checkpoint", str(tmp_path), "--prompt", "Hello", "--prompt", "Mamba!",
+                     "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    out = capsys.readouterr()
+    assert "--- 'Hello'" in out.out and "--- 'Mamba!'" in out.out
+    assert "10 tokens in" in out.err and "tokens/s" in out.err
