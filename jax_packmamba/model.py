@@ -16,8 +16,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_packmamba.config import MambaConfig
-from jax_packmamba.ops import causal_conv1d, positions_from_segment_ids, selective_scan
-from jax_packmamba.ops.selective_scan import discretize_delta, finish_output
+from jax_packmamba.ops import (
+    causal_conv1d,
+    causal_conv1d_step,
+    segment_conv_windows,
+    selective_scan,
+    selective_state_update,
+)
 
 
 def torch_linear_init(scale: float = 1.0):
@@ -157,45 +162,6 @@ class MixerState(NamedTuple):
 
     conv: jax.Array
     ssm: jax.Array
-
-
-def segment_conv_windows(x, segment_ids, num_segments: int, width: int):
-    """(b, s, width, e): for each slot s, x at the last `width` steps of the last token of id
-    s in each row (oldest first), zero where a step lies before that segment's start or the id
-    does not occur. This is the conv state a segment hands to recurrent decoding."""
-    batch, length, channels = x.shape
-    t = jnp.arange(length)
-    is_slot = segment_ids[..., None] == jnp.arange(num_segments)  # (b, t, s)
-    last = jnp.max(jnp.where(is_slot, t[:, None], -1), axis=1)  # (b, s)
-    position = jnp.take_along_axis(positions_from_segment_ids(segment_ids), jnp.maximum(last, 0), axis=1)
-    lag = jnp.arange(width - 1, -1, -1)  # oldest first
-    index = last[..., None] - lag  # (b, s, w)
-    valid = (last >= 0)[..., None] & (lag <= position[..., None])
-    flat = jnp.clip(index, 0, length - 1).reshape(batch, num_segments * width)
-    window = jnp.take_along_axis(x, flat[..., None], axis=1).reshape(batch, num_segments, width, channels)
-    return jnp.where(valid[..., None], window, jnp.zeros((), x.dtype))
-
-
-def causal_conv1d_step(window, weight, bias=None):
-    """The last output of `causal_conv1d(..., activation="silu")` over a window (b, w, e) of
-    its inputs, oldest first; weight (e, w). Accumulates in float32, returns window's dtype."""
-    f32 = jnp.float32
-    out = jnp.sum(window.astype(f32) * weight.T.astype(f32), axis=1)
-    if bias is not None:
-        out = out + bias.astype(f32)
-    return jax.nn.silu(out).astype(window.dtype)
-
-
-def selective_state_update(h, u, delta, A, B, C, D, z, delta_bias):
-    """One step of `selective_scan` (delta_softplus on) from state h (b, e, n) float32.
-
-    u, delta, z (b, e); B, C (b, n); D, delta_bias (e,). Returns (next h, y (b, e) in u's dtype).
-    """
-    delta = discretize_delta(delta, delta_bias, True)
-    f32 = jnp.float32
-    h = jnp.exp(delta[..., None] * A.astype(f32)) * h + (delta * u.astype(f32))[..., None] * B.astype(f32)[:, None, :]
-    y = jnp.einsum("ben,bn->be", h, C.astype(f32))
-    return h, finish_output(y, u, D, z)
 
 
 class MambaBlock(nnx.Module):

@@ -1,18 +1,25 @@
 """Segment-aware ops: each public op beside its pure-JAX reference."""
 
-from jax_packmamba.ops.causal_conv1d import causal_conv1d
+from jax_packmamba.ops.causal_conv1d import causal_conv1d, causal_conv1d_step, segment_conv_windows
 from jax_packmamba.ops.segments import (
     positions_from_segment_ids,
     segment_ids_from_positions,
     segment_starts,
 )
-from jax_packmamba.ops.selective_scan import selective_scan, selective_scan_reference
+from jax_packmamba.ops.selective_scan import (
+    selective_scan,
+    selective_scan_reference,
+    selective_state_update,
+)
 
 __all__ = [
     "causal_conv1d",
+    "causal_conv1d_step",
+    "segment_conv_windows",
     "positions_from_segment_ids",
     "segment_ids_from_positions",
     "segment_starts",
     "selective_scan",
     "selective_scan_reference",
+    "selective_state_update",
 ]

@@ -70,3 +70,30 @@ def _causal_conv1d(x, weight, bias, segment_ids, activation):
     if activation == "silu":
         out = jax.nn.silu(out)
     return out.astype(x.dtype)
+
+
+def causal_conv1d_step(window, weight, bias=None):
+    """The last output of `causal_conv1d(..., activation="silu")` over a window (b, w, e) of
+    its inputs, oldest first; weight (e, w). Accumulates in float32, returns window's dtype."""
+    f32 = jnp.float32
+    out = jnp.sum(window.astype(f32) * weight.T.astype(f32), axis=1)
+    if bias is not None:
+        out = out + bias.astype(f32)
+    return jax.nn.silu(out).astype(window.dtype)
+
+
+def segment_conv_windows(x, segment_ids, num_segments: int, width: int):
+    """(b, s, width, e): for each slot s, x at the last `width` steps of the last token of id
+    s in each row (oldest first), zero where a step lies before that segment's start or the id
+    does not occur. This is the conv state a segment hands to recurrent decoding."""
+    batch, length, channels = x.shape
+    t = jnp.arange(length)
+    is_slot = segment_ids[..., None] == jnp.arange(num_segments)  # (b, t, s)
+    last = jnp.max(jnp.where(is_slot, t[:, None], -1), axis=1)  # (b, s)
+    position = jnp.take_along_axis(positions_from_segment_ids(segment_ids), jnp.maximum(last, 0), axis=1)
+    lag = jnp.arange(width - 1, -1, -1)  # oldest first
+    index = last[..., None] - lag  # (b, s, w)
+    valid = (last >= 0)[..., None] & (lag <= position[..., None])
+    flat = jnp.clip(index, 0, length - 1).reshape(batch, num_segments * width)
+    window = jnp.take_along_axis(x, flat[..., None], axis=1).reshape(batch, num_segments, width, channels)
+    return jnp.where(valid[..., None], window, jnp.zeros((), x.dtype))

@@ -275,3 +275,16 @@ def finish_output(y, u, D, z):
     if z is not None:
         y = y * jax.nn.silu(z.astype(jnp.float32))
     return y.astype(u.dtype)
+
+
+def selective_state_update(h, u, delta, A, B, C, D, z, delta_bias):
+    """One step of `selective_scan` (delta_softplus on) from state h (b, e, n) float32: the
+    recurrent decoding form of the same op. e is d_inner.
+
+    u, delta, z (b, e); B, C (b, n); D, delta_bias (e,). Returns (next h, y (b, e) in u's dtype).
+    """
+    delta = discretize_delta(delta, delta_bias, True)
+    f32 = jnp.float32
+    h = jnp.exp(delta[..., None] * A.astype(f32)) * h + (delta * u.astype(f32))[..., None] * B.astype(f32)[:, None, :]
+    y = jnp.einsum("ben,bn->be", h, C.astype(f32))
+    return h, finish_output(y, u, D, z)
