@@ -1,0 +1,433 @@
+"""Where the time of one training step goes (default: 1.4b, packed, 8 x 2048), by timed variants.
+
+    PYTHONPATH=. python3 benchmarks/breakdown.py                         # 1.4b packed, ~6-8 min
+    PYTHONPATH=. python3 benchmarks/breakdown.py --variants step,grad,fwd,opt,matmul
+    PYTHONPATH=. python3 benchmarks/breakdown.py --variants grad_noscan,fwd_noscan,grad_noconv,grad_nonorm
+    PYTHONPATH=. python3 benchmarks/breakdown.py --trace /tmp/trace      # also a profiler trace
+    PYTHONPATH=. python3 benchmarks/breakdown.py --tiny --out /tmp/b.json   # CPU check
+
+Method. The model is bench_train.py's (released vocabulary, bf16 compute, float32 params, AdamW,
+train/step.py) on one packed batch of the "instruct" workload (step time does not depend on the
+documents: the kernels' work is fixed by the shape). Each variant below is compiled ahead of time
+and timed as the median of --steps calls after --warmup (perf_counter around the call and
+block_until_ready):
+  step         the full train step (train/step.py: forward, backward, clip, AdamW)
+  grad         loss and gradients only (value_and_grad of train.step.token_losses)
+  fwd          the loss only (forward pass)
+  opt          the optimizer alone: clip_by_global_norm + AdamW update + apply, on given grads
+  grad_noscan  grad with the selective scan replaced by a stand-in of near-zero cost
+  fwd_noscan   fwd with the same stand-in
+  grad_noconv  grad with the causal conv replaced by a stand-in (one tap, elementwise)
+  grad_nonorm  grad with RMSNorm replaced by a stand-in (scale only, no reduction)
+  matmul       the projections alone at the step's shapes, forward + backward (dX and dW):
+               in_proj, x_proj, dt_proj, out_proj of one layer x n_layer, plus the tied lm_head
+The stand-ins keep every input in the graph (so upstream gradients are still computed) but do
+only a few fused elementwise operations: y = (u * D + delta' * (sum B + sum C)) * silu(z) for the
+scan, x * w_last + bias (then silu) for the conv, x * weight for the norm. They are patched into
+jax_packmamba.model (its selective_scan, causal_conv1d and RMSNorm.__call__) only while the
+variant is traced; nothing else changes.
+
+Parts of the full step (ms and share of `step`):
+  scan forward   = fwd - fwd_noscan
+  scan backward  = (grad - grad_noscan) - scan forward
+  conv (f+b)     = grad - grad_noconv
+  norms (f+b)    = grad - grad_nonorm
+  matmuls (f+b)  = matmul
+  optimizer      = step - grad          (opt alone is reported beside it)
+  other          = step - all of the above: embedding, loss (logsumexp over the vocabulary),
+                   elementwise glue, residual adds, casts, gradient accumulation buffers
+Removing an op also changes how XLA fuses its neighbours, so the parts are estimates that need
+not add up exactly; `other` absorbs the difference (and can come out negative). --trace DIR also
+writes a jax.profiler trace of a few full steps (perfetto_trace.json.gz, for ui.perfetto.dev)
+and sums its device kernel time by kernel name into: scan (the Pallas kernels, named
+selective_scan_*), gemm (cuBLAS/cuBLASLt/CUTLASS names), other fusions; best effort, since kernel
+names depend on the XLA version.
+
+Time budget: --time-budget seconds (default 540); a variant whose compile (predicted from the
+last one) does not fit is skipped and recorded so; run the rest with --variants in another call.
+Results merge into --out (default benchmarks/results/breakdown_<kind>.json, key preset/mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import functools
+import gzip
+import json
+import os
+import pathlib
+import re
+import statistics
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # before jax starts: room for 1.4b+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+for p in (str(REPO), str(REPO / "benchmarks")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import bench_train  # noqa: E402
+
+VARIANTS = ("step", "grad", "fwd", "opt", "matmul", "grad_noscan", "fwd_noscan", "grad_noconv",
+            "grad_nonorm")
+
+
+# ------------------------------------------------------------------------------------------------
+# Stand-ins.
+
+
+def fake_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_softplus=False,
+              segment_ids=None, return_final_states=False, num_segments=None, impl="auto"):
+    if return_final_states:
+        raise NotImplementedError("the stand-in scan has no final states")
+    f32 = jnp.float32
+    d = delta.astype(f32)
+    if delta_bias is not None:
+        d = d + delta_bias
+    if delta_softplus:
+        d = jax.nn.softplus(d)
+    bc = B.astype(f32).sum(-1, keepdims=True) + C.astype(f32).sum(-1, keepdims=True)
+    y = u.astype(f32) * (1.0 if D is None else D) + d * bc
+    if z is not None:
+        y = y * jax.nn.silu(z.astype(f32))
+    return y.astype(u.dtype)
+
+
+def fake_conv(x, weight, bias=None, *, segment_ids=None, activation=None):
+    y = x * weight[:, -1]
+    if bias is not None:
+        y = y + bias
+    return jax.nn.silu(y) if activation == "silu" else y
+
+
+def fake_norm(self, x):
+    return (x.astype(jnp.float32) * self.weight[...]).astype(self.dtype)
+
+
+@contextlib.contextmanager
+def patched(*, scan=False, conv=False, norm=False):
+    import jax_packmamba.model as M
+
+    saved = (M.selective_scan, M.causal_conv1d, M.RMSNorm.__call__)
+    try:
+        if scan:
+            M.selective_scan = fake_scan
+        if conv:
+            M.causal_conv1d = fake_conv
+        if norm:
+            M.RMSNorm.__call__ = fake_norm
+        yield
+    finally:
+        M.selective_scan, M.causal_conv1d, M.RMSNorm.__call__ = saved
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def timed(fn, args, *, warmup, steps, feed=None):
+    """(median seconds, times, last args) of fn(*args), blocking; feed(args, out) -> next args
+    (for a donated state)."""
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        jax.block_until_ready(out)
+        dt = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(dt)
+        if feed is not None:
+            args = feed(args, out)
+    return statistics.median(times), times, args
+
+
+def trace_summary(trace_dir: pathlib.Path, steps: int) -> dict:
+    files = sorted(trace_dir.rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return dict(error="no perfetto_trace.json.gz written")
+    data = json.load(gzip.open(files[-1]))
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    names = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device_pids = {pid for pid, n in names.items() if n.startswith("/device:")}
+    kernels: dict[str, float] = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in device_pids and "dur" in e:
+            kernels[e["name"]] = kernels.get(e["name"], 0.0) + float(e["dur"])
+    if not kernels:
+        return dict(file=str(files[-1]), processes=sorted(names.values()),
+                    error="no device kernel events (CPU backend, or an unexpected trace layout)")
+    cats = {"scan": 0.0, "gemm": 0.0, "other": 0.0}
+    for name, us in kernels.items():
+        low = name.lower()
+        if "selective_scan" in low:
+            cats["scan"] += us
+        elif re.search(r"gemm|cublas|cutlass|xmma|nvjet|matmul|dot", low):
+            cats["gemm"] += us
+        else:
+            cats["other"] += us
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:30]
+    return dict(file=str(files[-1]), steps=steps,
+                device_ms_per_step={k: v / 1e3 / steps for k, v in cats.items()},
+                device_busy_ms_per_step=sum(kernels.values()) / 1e3 / steps,
+                top_kernels_ms_per_step=[[n, us / 1e3 / steps] for n, us in top])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default=None, help="default 1.4b (tiny: tiny)")
+    ap.add_argument("--rows", type=int, default=None, help="default 8 (tiny 2)")
+    ap.add_argument("--seq-len", type=int, default=None, help="default 2048 (tiny 128)")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=None, help="timed calls per variant (default 10; tiny 3)")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--scan-impl", default="auto")
+    ap.add_argument("--remat", action="store_true")
+    ap.add_argument("--model", default="", help="MambaConfig overrides, e.g. n_layer=1 (checks)")
+    ap.add_argument("--time-budget", type=float, default=540.0)
+    ap.add_argument("--trace", default=None, help="directory for a jax.profiler trace of full steps")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--tiny", action="store_true")
+    args = ap.parse_args(argv)
+    t_start = time.time()
+    deadline = t_start + args.time_budget - 10.0
+    tiny = args.tiny
+    preset = args.preset or ("tiny" if tiny else "1.4b")
+    rows = args.rows or (2 if tiny else 8)
+    seq_len = args.seq_len or (128 if tiny else 2048)
+    steps = args.steps or (3 if tiny else 10)
+    variants = [v for v in args.variants.split(",") if v]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        ap.error(f"unknown variants {bad}; choose from {list(VARIANTS)}")
+
+    from train import sharding
+    from train import step as step_lib
+    from train.config import MeshConfig, ModelConfig, OptimConfig
+    from train.data import cut_pieces
+    from train.metrics import peak_flops
+
+    dev = jax.devices()[0]
+    backend = jax.default_backend()
+    kind = bench_train.kind_slug(dev.device_kind, backend)
+    out = pathlib.Path(args.out) if args.out else (
+        REPO / "benchmarks" / "results" / f"breakdown_{kind}{'_tiny' if tiny else ''}.json")
+    overrides = {} if preset == "tiny" else {"vocab_size": bench_train.RELEASED_VOCAB}
+    overrides.update(bench_train.parse_overrides(args.model))
+    mc = ModelConfig(preset=preset, dtype=args.dtype, scan_impl=args.scan_impl, remat=args.remat,
+                     overrides=overrides).mamba_config(vocab_size=257, backend=backend)
+    print(f"breakdown: {preset} packed {rows} x {seq_len} on {dev.device_kind} ({backend}), jax "
+          f"{jax.__version__}; variants {variants}; -> {out}", flush=True)
+
+    w = bench_train.make_workload("instruct", tokens=2 * rows * seq_len, seed=0)
+    batch_np = bench_train.batches_for("packed", cut_pieces(w["docs"], seq_len), seq_len=seq_len,
+                                       rows=rows, single_bucket=64, seed=0)[0]
+    real_tokens = batch_np["real"]
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1), devices=[dev])
+    optim = OptimConfig(lr=1e-4, warmup_steps=10)
+    compiled = step_lib.build(mc, optim, 1000, mesh)
+    batch = sharding.put_batch(batch_np["arrays"], sharding.batch_sharding(mesh))
+    micro = {k: v[0] for k, v in batch.items()}
+    state = compiled.init(0)
+    tx = step_lib.make_optimizer(optim, 1000)
+    graphdef = compiled.graphdef
+
+    def loss_fn(params, mb):
+        ce, n = step_lib.token_losses(graphdef, params, mb["tokens"], mb["segment_ids"],
+                                      mb["targets"], mb["loss_mask"])
+        return ce / jnp.maximum(n, 1)
+
+    def opt_only(st, grads):
+        updates, opt_state = tx.update(grads, st.opt_state, st.params)
+        return step_lib.TrainState(step=st.step + 1, params=optax.apply_updates(st.params, updates),
+                                   opt_state=opt_state, rng=st.rng)
+
+    result = dict(preset=preset, mode="packed", rows=rows, seq_len=seq_len, real_tokens=real_tokens,
+                  n_layer=mc.n_layer, d_model=mc.d_model, d_inner=mc.d_inner,
+                  vocab_size=mc.vocab_size, compute_dtype=mc.dtype, scan_impl=mc.scan_impl,
+                  remat=mc.remat, model_overrides=bench_train.parse_overrides(args.model),
+                  flops_per_token=mc.flops_per_token(), device=dev.device_kind, kind=kind,
+                  backend=backend, jax_version=jax.__version__,
+                  peak_flops_per_device=peak_flops(dev.device_kind) if backend != "cpu" else None,
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  command="PYTHONPATH=. python3 benchmarks/breakdown.py " + " ".join(
+                      sys.argv[1:] if argv is None else argv),
+                  git_commit=bench_train._git_commit(), variants={})
+    key = f"{preset}/packed/{rows}x{seq_len}"
+    existing = json.loads(out.read_text()) if out.exists() else {}
+    if key in existing:  # keep variants measured by an earlier call
+        result["variants"] = {**existing[key].get("variants", {}), **result["variants"]}
+
+    def save():
+        result["parts"] = parts(result["variants"])
+        existing[key] = result
+        bench_train.write(out, existing)
+
+    last_compile = 5.0 if tiny else 60.0
+    grads = None
+    for name in variants:
+        if time.time() + last_compile + 10.0 > deadline:
+            result["variants"][name] = dict(status="skipped", reason="time budget")
+            print(f"  {name:12s} skipped (time budget)", flush=True)
+            save()
+            continue
+        t0 = time.perf_counter()
+        feed = None
+        with patched(scan="noscan" in name, conv="noconv" in name, norm="nonorm" in name):
+            if name == "step":
+                lowered = compiled.train_step.lower(state, batch)
+                call_args = (state, batch)
+                feed = lambda a, o: (o[0], a[1])  # noqa: E731 - the state is donated
+            elif name.startswith("grad"):
+                # A fresh function object each time: jit caches traces by function, and the
+                # stand-ins only act when tracing.
+                lowered = jax.jit(jax.value_and_grad(lambda p, mb: loss_fn(p, mb))).lower(
+                    state.params, micro)
+                call_args = (state.params, micro)
+            elif name.startswith("fwd"):
+                lowered = jax.jit(lambda p, mb: loss_fn(p, mb)).lower(state.params, micro)
+                call_args = (state.params, micro)
+            elif name == "opt":
+                if grads is None:
+                    grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), state.params)
+                lowered = jax.jit(opt_only, donate_argnums=0).lower(state, grads)
+                call_args = (state, grads)
+                feed = lambda a, o: (o, a[1])  # noqa: E731
+            elif name == "matmul":
+                fn, call_args = matmul_bench(mc, rows * seq_len)
+                lowered = jax.jit(fn).lower(*call_args)
+        t1 = time.perf_counter()
+        # The stand-ins must have replaced the ops: the scan's name (the Pallas kernels' names,
+        # or the reference's jit) appears in the lowered module exactly when it should.
+        has_scan = "selective_scan" in lowered.as_text()
+        if has_scan == ("noscan" in name) and name not in ("opt", "matmul"):
+            print(f"  WARNING {name}: selective_scan {'still' if has_scan else 'not'} in the "
+                  f"lowered module", flush=True)
+        exe = lowered.compile()
+        t2 = time.perf_counter()
+        last_compile = t2 - t0
+        med, times, last_args = timed(exe, call_args, warmup=args.warmup, steps=steps, feed=feed)
+        if name in ("step", "opt"):
+            state = last_args[0]  # the one passed in was donated
+        result["variants"][name] = dict(status="ok", ms=1e3 * med, times_ms=[1e3 * t for t in times],
+                                        trace_s=t1 - t0, compile_s=t2 - t1,
+                                        scan_in_module=has_scan)
+        print(f"  {name:12s} {1e3 * med:9.2f} ms   (compile {t2 - t1:.1f}s)", flush=True)
+        del exe, lowered
+        save()
+
+    if args.trace and time.time() + 30 < deadline:
+        trace_dir = pathlib.Path(args.trace)
+        exe = compiled.train_step.lower(state, batch).compile()
+        for _ in range(2):
+            state, _m = exe(state, batch)
+        jax.block_until_ready(state)
+        n_trace = 3
+        with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+            for _ in range(n_trace):
+                state, _m = exe(state, batch)
+            jax.block_until_ready(state)
+        result["trace"] = trace_summary(trace_dir, n_trace)
+        print(f"  trace: {json.dumps(result['trace'])[:1500]}", flush=True)
+        save()
+
+    save()
+    print_parts(result)
+    print(f"breakdown: wrote {out} ({time.time() - t_start:.0f}s)", flush=True)
+    return 0
+
+
+def matmul_bench(mc, tokens: int):
+    """(fn, args): fn runs the projections of n_layer layers at `tokens` rows, forward and
+    backward (dX and dW), and the tied lm_head; bf16 operands, float32 weights cast as
+    nnx.Linear does. Each layer's input is the previous layer's input gradient (no common
+    subexpressions, nothing dead); weights are scaled so these chains keep their magnitude."""
+    d, e, r, n, v = mc.d_model, mc.d_inner, mc.dt_rank_resolved, mc.d_state, mc.padded_vocab_size
+    dt = mc.compute_dtype
+    ks = jax.random.split(jax.random.key(0), 16)
+    shapes = dict(in_proj=(d, 2 * e), x_proj=(e, r + 2 * n), dt_proj=(r, e), out_proj=(e, d))
+    xs = {k: jax.random.normal(ks[i], (tokens, s[0]), jnp.float32).astype(dt)
+          for i, (k, s) in enumerate(shapes.items())}
+    ws = {k: (s[0] * s[1]) ** -0.25 * jax.random.normal(ks[4 + i], s, jnp.float32)
+          for i, (k, s) in enumerate(shapes.items())}
+    xs["lm_head"] = jax.random.normal(ks[8], (tokens, d), jnp.float32).astype(dt)
+    ws["lm_head"] = (v * d) ** -0.25 * jax.random.normal(ks[9], (v, d), jnp.float32)
+
+    def layer(w, x):
+        return {k: x[k] @ w[k].astype(dt) for k in shapes}
+
+    def head(w, x):
+        return x @ w.astype(dt).T
+
+    def fn(w, x):
+        wl = {k: w[k] for k in shapes}
+        h = {k: x[k] for k in shapes}
+        dws = []
+        for _ in range(mc.n_layer):
+            y, vjp = jax.vjp(layer, wl, h)
+            dw, h = vjp(y)
+            dws.append(dw)
+        y, vjp = jax.vjp(head, w["lm_head"], x["lm_head"])
+        return dws, h, vjp(y)
+
+    return fn, (ws, xs)
+
+
+def parts(v: dict) -> dict:
+    def ms(name):
+        r = v.get(name)
+        return r["ms"] if r and r.get("status") == "ok" else None
+
+    step, grad, fwd = ms("step"), ms("grad"), ms("fwd")
+    out = {}
+    if fwd is not None and ms("fwd_noscan") is not None:
+        out["scan_forward"] = fwd - ms("fwd_noscan")
+        if grad is not None and ms("grad_noscan") is not None:
+            out["scan_backward"] = (grad - ms("grad_noscan")) - out["scan_forward"]
+    if grad is not None and ms("grad_noconv") is not None:
+        out["conv"] = grad - ms("grad_noconv")
+    if grad is not None and ms("grad_nonorm") is not None:
+        out["norms"] = grad - ms("grad_nonorm")
+    if ms("matmul") is not None:
+        out["matmuls"] = ms("matmul")
+    if step is not None and grad is not None:
+        out["optimizer"] = step - grad
+    if ms("opt") is not None:
+        out["optimizer_alone"] = ms("opt")
+    complete = all(k in out for k in ("scan_forward", "scan_backward", "conv", "norms", "matmuls",
+                                      "optimizer"))
+    if step is not None and complete:
+        out["other"] = step - sum(out[k] for k in ("scan_forward", "scan_backward", "conv", "norms",
+                                                   "matmuls", "optimizer"))
+    if step is not None:
+        out["step"] = step
+    return out
+
+
+def print_parts(result):
+    p = result.get("parts", {})
+    step = p.get("step")
+    tok = result["real_tokens"]
+    print(f"\n{result['preset']} packed {result['rows']} x {result['seq_len']} ({tok} real tokens) on "
+          f"{result['device']}:")
+    if step:
+        print(f"  step {step:.2f} ms = {tok / step * 1e3:,.0f} real tokens/s")
+    print("| part | ms | share of step |\n|---|---|---|")
+    for k in ("scan_forward", "scan_backward", "matmuls", "conv", "norms", "optimizer", "other",
+              "optimizer_alone"):
+        if k in p:
+            share = f"{100 * p[k] / step:.1f}%" if step else "—"
+            print(f"| {k} | {p[k]:.2f} | {share} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""bench_train.py --tiny end to end on CPU: the records count real tokens, merge, and plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+
+from jax_packmamba.corpus import stdlib_documents
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import plot_train  # noqa: E402
+
+
+def test_bench_train_tiny_counts_real_tokens_merges_and_plots(tmp_path):
+    out = tmp_path / "train_cpu_tiny.json"
+    # A record from an earlier invocation: a merge must keep it.
+    earlier = {"preset": "130m", "mode": "single", "dist": "corpus", "status": "skipped"}
+    out.write_text(json.dumps(dict(schema=1, runs={"130m/single/corpus": earlier}, workloads={},
+                                   invocations=[{"command": "earlier"}])))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    steps, group, rows, seq_len = 4, 2, 2, 128
+    cmd = [sys.executable, "benchmarks/bench_train.py", "--tiny", "--modes", "packed",
+           "--dists", "corpus,instruct", "--model", "n_layer=1,d_model=32,d_state=4",
+           "--seq-len", str(seq_len), "--rows", str(rows), "--workload-tokens", "6000",
+           "--steps", str(steps), "--group", str(group), "--warmup", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    print(proc.stdout[-3000:], proc.stderr[-3000:])
+    assert proc.returncode == 0
+
+    data = json.loads(out.read_text())
+    assert data["runs"]["130m/single/corpus"] == earlier
+    assert [i["command"] for i in data["invocations"]][0] == "earlier"
+    assert len(data["invocations"]) == 2 and "--modes packed" in data["invocations"][1]["command"]
+    assert data["backend"] == "cpu" and data["jax_version"] and data["device"]
+
+    docs = stdlib_documents()
+    wl = data["workloads"]
+    # Independent counts: the stdlib files the corpus workload names, plus one EOD each.
+    corpus_tokens = sum(len(docs[i]) + 1 for i in wl["corpus"]["doc_indices"])
+    assert wl["corpus"]["num_tokens"] == corpus_tokens >= 6000
+    lengths = np.array(wl["instruct"]["doc_lengths"])
+    assert lengths.min() >= 16 and lengths.max() <= 8192 and lengths.sum() >= 6000
+    assert wl["instruct"]["num_tokens"] == lengths.sum()
+    for dist, expected in (("corpus", corpus_tokens), ("instruct", int(lengths.sum()))):
+        h = wl[dist]["histogram"]
+        assert sum(h["counts"]) == wl[dist]["num_documents"] and sum(h["tokens"]) == expected
+
+        r = data["runs"][f"tiny/packed/{dist}"]
+        print(dist, {k: r[k] for k in ("real_tokens", "slots", "steps", "tokens_per_s")})
+        assert r["status"] == "ok" and r["finite_loss"]
+        # Real tokens (counted from the batches' segment_ids in the child) are the documents'.
+        assert r["real_tokens"] == expected
+        assert r["slots"] == r["steps"] * rows * seq_len
+        assert r["steps"] >= -(-expected // (rows * seq_len))  # no more tokens than slots
+        assert abs(r["real_fraction"] - expected / r["slots"]) < 1e-12
+        assert r["timed_steps"] == steps and len(r["step_times_s"]) == steps // group
+        assert r["step_time_s_median"] == float(np.median(r["step_times_s"])) > 0
+        assert abs(r["est_total_s"] - r["steps"] * r["step_time_s_median"]) < 1e-9
+        assert abs(r["tokens_per_s"] - expected / r["est_total_s"]) < 1e-6 * r["tokens_per_s"]
+        assert r["mfu"] is None  # no peak FLOP/s for CPU
+        assert r["step_shape"] == [1, rows, seq_len] and r["n_layer"] == 1 and r["d_model"] == 32
+
+    png_dir = tmp_path / "png"
+    assert plot_train.main([str(out), "--out-dir", str(png_dir)]) == 0
+    for name in ("tokens_per_s", "speedup", "lengths"):
+        png = png_dir / f"{out.stem}_{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    table = plot_train.table(data)
+    assert "| tiny | instruct |" in table and "| 130m | corpus | — | — | skipped |" in table
