@@ -21,8 +21,8 @@ F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Plan:
-  cfg: ScanConfig
-  st: kernel.Static
+    cfg: ScanConfig
+    st: kernel.Static
 
 
 def selective_scan_pallas(
@@ -34,151 +34,173 @@ def selective_scan_pallas(
     num_segments: int | None = None,
     config: ScanConfig | None = None,
 ):
-  """Same contract as jax_packmamba.ops.selective_scan.selective_scan (arguments already
-  validated there); `config` overrides the block-size heuristic."""
-  batch, length, d_inner = u.shape
-  d_state = A.shape[1]
-  assert delta.shape == u.shape and A.shape == (d_inner, d_state), (u.shape, delta.shape, A.shape)
-  assert B.shape == C.shape == (batch, length, d_state), (B.shape, C.shape)
-  assert z is None or z.shape == u.shape, z.shape
-  assert D is None or D.shape == (d_inner,), D.shape
-  assert delta_bias is None or delta_bias.shape == (d_inner,), delta_bias.shape
-  assert segment_ids is None or segment_ids.shape == (batch, length), segment_ids.shape
-  if return_final_states:
-    num_segments = 1 if num_segments is None else num_segments
-    assert segment_ids is not None or num_segments == 1, num_segments
+    """Same contract as jax_packmamba.ops.selective_scan.selective_scan (arguments already
+    validated there); `config` overrides the block-size heuristic."""
+    batch, length, d_inner = u.shape
+    d_state = A.shape[1]
+    assert delta.shape == u.shape and A.shape == (d_inner, d_state), (u.shape, delta.shape, A.shape)
+    assert B.shape == C.shape == (batch, length, d_state), (B.shape, C.shape)
+    assert z is None or z.shape == u.shape, z.shape
+    assert D is None or D.shape == (d_inner,), D.shape
+    assert delta_bias is None or delta_bias.shape == (d_inner,), delta_bias.shape
+    assert segment_ids is None or segment_ids.shape == (batch, length), segment_ids.shape
+    if return_final_states:
+        num_segments = 1 if num_segments is None else num_segments
+        assert segment_ids is not None or num_segments == 1, num_segments
 
-  cfg = config or pick_config(batch, length, d_inner, d_state)
-  st = kernel.Static(
-      length=length, d_inner=d_inner, d_state=d_state, block_d=cfg.block_d, chunk=cfg.chunk,
-      unroll=cfg.unroll, delta_softplus=bool(delta_softplus), has_bias=delta_bias is not None,
-      has_rst=segment_ids is not None, has_D=D is not None, has_z=z is not None,
-      has_final=bool(return_final_states), fast=not interpret,
-  )
-  rst = fin_slot = None
-  if segment_ids is not None:
-    rst = jnp.where(segment_starts(segment_ids), -jnp.inf, 0.0).astype(F32)
-  if return_final_states:
-    fin_slot = _final_slots(segment_ids, batch, length, num_segments)
-  plan = _Plan(cfg, st)
-  out = _scan(plan, interpret, num_segments or 1, u, delta, A, B, C, D, z, delta_bias, rst,
-              fin_slot)
-  if not return_final_states:
-    return out
-  y, final = out
-  return y, jnp.swapaxes(final, 2, 3)  # (b, s, n, d) -> (b, s, d, n)
+    plan, rst, fin_slot = prepare(
+        u, A, z, D, delta_bias, interpret=interpret, delta_softplus=delta_softplus,
+        segment_ids=segment_ids, return_final_states=return_final_states,
+        num_segments=num_segments, config=config)
+    out = _scan_jit(plan, interpret, num_segments or 1, u, delta, A, B, C, D, z, delta_bias, rst,
+                    fin_slot)
+    if not return_final_states:
+        return out
+    y, final = out
+    return y, jnp.swapaxes(final, 2, 3)  # (b, s, n, d) -> (b, s, d, n)
+
+
+def prepare(u, A, z, D, delta_bias, *, interpret, delta_softplus, segment_ids,
+            return_final_states, num_segments, config):
+    """Static plan, reset exponents (b, t) and final-state slots (b, t) for the kernels."""
+    batch, length, d_inner = u.shape
+    d_state = A.shape[1]
+    cfg = config or pick_config(batch, length, d_inner, d_state)
+    st = kernel.Static(
+        length=length, d_inner=d_inner, d_state=d_state, block_d=cfg.block_d, chunk=cfg.chunk,
+        unroll=cfg.unroll, delta_softplus=bool(delta_softplus), has_bias=delta_bias is not None,
+        has_rst=segment_ids is not None, has_D=D is not None, has_z=z is not None,
+        has_final=bool(return_final_states), prefetch=cfg.prefetch, fast=not interpret,
+    )
+    rst = fin_slot = None
+    if segment_ids is not None:
+        rst = jnp.where(segment_starts(segment_ids), -jnp.inf, 0.0).astype(F32)
+    if return_final_states:
+        fin_slot = _final_slots(segment_ids, batch, length, num_segments)
+    return _Plan(cfg, st), rst, fin_slot
 
 
 def _final_slots(segment_ids, batch, length, num_segments):
-  """(b, t) int32: slot s at the last token of the last run of id s in the row, else -1."""
-  t = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-  if segment_ids is None:
-    return jnp.where(t == length - 1, 0, -1).astype(jnp.int32)
-  seg = segment_ids.astype(jnp.int32)
-  starts = segment_starts(seg)
-  ends = jnp.concatenate([starts[:, 1:], jnp.ones_like(starts[:, :1])], axis=1)
-  rows = jnp.broadcast_to(jnp.arange(batch)[:, None], (batch, length))
-  last = jnp.full((batch, num_segments), -1, jnp.int32)
-  last = last.at[rows, seg].max(jnp.where(ends, t, -1), mode="drop")
-  is_last = ends & (jnp.take_along_axis(last, jnp.clip(seg, 0, num_segments - 1), 1) == t)
-  return jnp.where(is_last, seg, -1).astype(jnp.int32)
+    """(b, t) int32: slot s at the last token of the last run of id s in the row, else -1."""
+    t = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    if segment_ids is None:
+        return jnp.where(t == length - 1, 0, -1).astype(jnp.int32)
+    seg = segment_ids.astype(jnp.int32)
+    starts = segment_starts(seg)
+    ends = jnp.concatenate([starts[:, 1:], jnp.ones_like(starts[:, :1])], axis=1)
+    rows = jnp.broadcast_to(jnp.arange(batch)[:, None], (batch, length))
+    last = jnp.full((batch, num_segments), -1, jnp.int32)
+    last = last.at[rows, seg].max(jnp.where(ends, t, -1), mode="drop")
+    is_last = ends & (jnp.take_along_axis(last, jnp.clip(seg, 0, num_segments - 1), 1) == t)
+    return jnp.where(is_last, seg, -1).astype(jnp.int32)
 
 
 def _combine(left, right):
-  a_l, b_l = left
-  a_r, b_r = right
-  return a_l * a_r, a_r * b_l + b_r
+    a_l, b_l = left
+    a_r, b_r = right
+    return a_l * a_r, a_r * b_l + b_r
 
 
 def _chunk_initial_states(h_loc, decay):
-  """State entering each chunk: h_in[0] = 0, h_in[c + 1] = decay[c] h_in[c] + h_loc[c]."""
-  _, h_end = jax.lax.associative_scan(_combine, (decay, h_loc), axis=1)
-  return jnp.concatenate([jnp.zeros_like(h_end[:, :1]), h_end[:, :-1]], axis=1)
+    """State entering each chunk: h_in[0] = 0, h_in[c + 1] = decay[c] h_in[c] + h_loc[c]."""
+    _, h_end = jax.lax.associative_scan(_combine, (decay, h_loc), axis=1)
+    return jnp.concatenate([jnp.zeros_like(h_end[:, :1]), h_end[:, :-1]], axis=1)
 
 
 def _chunk_final_dstates(dh_loc, decay):
-  """Gradient reaching each chunk's last state from later chunks:
-  g[last] = 0, g[c] = dh_loc[c + 1] + decay[c + 1] g[c + 1]."""
-  if dh_loc.shape[1] == 1:
-    return jnp.zeros_like(dh_loc)
-  _, g = jax.lax.associative_scan(_combine, (decay[:, 1:], dh_loc[:, 1:]), axis=1, reverse=True)
-  return jnp.concatenate([g, jnp.zeros_like(g[:, :1])], axis=1)
+    """Gradient reaching each chunk's last state from later chunks:
+    g[last] = 0, g[c] = dh_loc[c + 1] + decay[c + 1] g[c + 1]."""
+    if dh_loc.shape[1] == 1:
+        return jnp.zeros_like(dh_loc)
+    _, g = jax.lax.associative_scan(_combine, (decay[:, 1:], dh_loc[:, 1:]), axis=1, reverse=True)
+    return jnp.concatenate([g, jnp.zeros_like(g[:, :1])], axis=1)
 
 
 def _inputs(**kw):
-  return {k: v for k, v in kw.items() if v is not None}
+    return {k: v for k, v in kw.items() if v is not None}
 
 
 def _a2(A):
-  return (A.astype(F32) * kernel.LOG2E).T  # (n, d): exp(dt A) = exp2(dt a2)
+    return (A.astype(F32) * kernel.LOG2E).T  # (n, d): exp(dt A) = exp2(dt a2)
 
 
 def _bias(delta_bias):
-  return None if delta_bias is None else delta_bias.astype(F32)
+    return None if delta_bias is None else delta_bias.astype(F32)
 
 
 def _fwd_impl(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias, rst, fin_slot):
-  st, cfg = plan.st, plan.cfg
-  batch = u.shape[0]
-  nc = -(-st.length // st.chunk)
-  a2, bias = _a2(A), _bias(delta_bias)
-  dskip = None if D is None else D.astype(F32)
-  launch = dict(st=st, batch=batch, num_warps=cfg.num_warps, interpret=interpret)
-  if nc > 1:
-    h_loc, decay = kernel.chunk_states(
-        _inputs(u=u, delta=delta, a2=a2, bias=bias, B=B, rst=rst), **launch)
-    h_in = _chunk_initial_states(h_loc, decay)
-  else:
-    decay = h_in = jnp.zeros((batch, 1, st.d_state, st.d_inner), F32)
-  final_init = None
-  if st.has_final:
-    final_init = jnp.zeros((batch, num_segments, st.d_state, st.d_inner), F32)
-  outs = kernel.chunk_outputs(
-      _inputs(u=u, delta=delta, a2=a2, bias=bias, D=dskip, B=B, C=C, z=z, rst=rst, h_in=h_in,
-              fin_slot=fin_slot, final_init=final_init),
-      y_dtype=u.dtype, **launch)
-  out = tuple(outs) if st.has_final else outs[0]
-  return out, (h_in, decay)
+    st, cfg = plan.st, plan.cfg
+    batch = u.shape[0]
+    nc = -(-st.length // st.chunk)
+    a2, bias = _a2(A), _bias(delta_bias)
+    dskip = None if D is None else D.astype(F32)
+    launch = dict(st=st, batch=batch, num_warps=cfg.num_warps, interpret=interpret)
+    if nc > 1:
+        h_loc, decay = kernel.chunk_states(
+            _inputs(u=u, delta=delta, a2=a2, bias=bias, B=B, rst=rst), **launch)
+        h_in = _chunk_initial_states(h_loc, decay)
+    else:
+        decay = h_in = jnp.zeros((batch, 1, st.d_state, st.d_inner), F32)
+    final_init = None
+    if st.has_final:
+        final_init = jnp.zeros((batch, num_segments, st.d_state, st.d_inner), F32)
+    outs = kernel.chunk_outputs(
+        _inputs(u=u, delta=delta, a2=a2, bias=bias, D=dskip, B=B, C=C, z=z, rst=rst, h_in=h_in,
+                fin_slot=fin_slot, final_init=final_init),
+        y_dtype=u.dtype, **launch)
+    out = tuple(outs) if st.has_final else outs[0]
+    return out, (h_in, decay)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _scan(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias, rst, fin_slot):
-  return _fwd_impl(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias, rst,
-                   fin_slot)[0]
+    return _fwd_impl(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias, rst,
+                     fin_slot)[0]
 
 
 def _scan_fwd(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias, rst, fin_slot):
-  out, (h_in, decay) = _fwd_impl(plan, interpret, num_segments, u, delta, A, B, C, D, z,
-                                 delta_bias, rst, fin_slot)
-  return out, (u, delta, A, B, C, D, z, delta_bias, rst, fin_slot, h_in, decay)
+    out, (h_in, decay) = _fwd_impl(plan, interpret, num_segments, u, delta, A, B, C, D, z,
+                                   delta_bias, rst, fin_slot)
+    return out, (u, delta, A, B, C, D, z, delta_bias, rst, fin_slot, h_in, decay)
 
 
 def _scan_bwd(plan, interpret, num_segments, res, cts):
-  del num_segments
-  st, cfg = plan.st, plan.cfg
-  u, delta, A, B, C, D, z, delta_bias, rst, fin_slot, h_in, decay = res
-  dy, dfinal = cts if st.has_final else (cts, None)
-  batch = u.shape[0]
-  a2, bias = _a2(A), _bias(delta_bias)
-  dskip = None if D is None else D.astype(F32)
-  launch = dict(st=st, batch=batch, num_warps=cfg.num_warps, interpret=interpret)
-  dh_loc = kernel_bwd.chunk_dstates(
-      _inputs(delta=delta, a2=a2, bias=bias, C=C, z=z, dy=dy, rst=rst, fin_slot=fin_slot,
-              dfinal=dfinal), **launch)
-  dh_out = _chunk_final_dstates(dh_loc, decay)
-  g = kernel_bwd.chunk_grads(
-      _inputs(u=u, delta=delta, a2=a2, bias=bias, D=dskip, B=B, C=C, z=z, dy=dy, rst=rst,
-              h_in=h_in, dh_out=dh_out, fin_slot=fin_slot, dfinal=dfinal),
-      dtypes=dict(u=u.dtype, delta=delta.dtype, z=None if z is None else z.dtype),
-      ckpt=cfg.ckpt, window=cfg.window, **launch)
-  dA = jnp.swapaxes(g["dA"].sum((0, 1)), 0, 1).astype(A.dtype)
-  dD = None if D is None else g["dD"].sum((0, 1)).astype(D.dtype)
-  dbias = None if delta_bias is None else g["dbias"].sum((0, 1)).astype(delta_bias.dtype)
-  return (
-      g["du"], g["ddelta"], dA,
-      g["dB"].sum(1).astype(B.dtype), g["dC"].sum(1).astype(C.dtype),
-      dD, g.get("dz"), dbias, None, None,
-  )
+    del num_segments
+    cfg = plan.cfg
+    st = dataclasses.replace(plan.st, block_d=cfg.bwd_block_d)
+    u, delta, A, B, C, D, z, delta_bias, rst, fin_slot, h_in, decay = res
+    dy, dfinal = cts if st.has_final else (cts, None)
+    batch = u.shape[0]
+    a2, bias = _a2(A), _bias(delta_bias)
+    dskip = None if D is None else D.astype(F32)
+    launch = dict(st=st, batch=batch, num_warps=cfg.num_warps, interpret=interpret)
+    dh_loc = kernel_bwd.chunk_dstates(
+        _inputs(delta=delta, a2=a2, bias=bias, C=C, z=z, dy=dy, rst=rst, fin_slot=fin_slot,
+                dfinal=dfinal), **launch)
+    dh_out = _chunk_final_dstates(dh_loc, decay)
+    g = kernel_bwd.chunk_grads(
+        _inputs(u=u, delta=delta, a2=a2, bias=bias, D=dskip, B=B, C=C, z=z, dy=dy, rst=rst,
+                h_in=h_in, dh_out=dh_out, fin_slot=fin_slot, dfinal=dfinal),
+        dtypes=dict(u=u.dtype, delta=delta.dtype, z=None if z is None else z.dtype),
+        ckpt=cfg.ckpt, window=cfg.window, reduce=_reduce_mode(cfg, st), **launch)
+    dA = jnp.swapaxes(g["dA"].sum((0, 1)), 0, 1).astype(A.dtype)
+    dD = None if D is None else g["dD"].sum((0, 1)).astype(D.dtype)
+    dbias = None if delta_bias is None else g["dbias"].sum((0, 1)).astype(delta_bias.dtype)
+    dBC = g["dBC"].sum(1)
+    return (
+        g["du"], g["ddelta"], dA,
+        dBC[..., st.d_state:].astype(B.dtype), dBC[..., :st.d_state].astype(C.dtype),
+        dD, g.get("dz"), dbias, None, None,
+    )
+
+
+def _reduce_mode(cfg: ScanConfig, st: kernel.Static) -> str:
+    if cfg.reduce == "shfl" and st.block_d == 32 and cfg.num_warps == 1 and st.d_state <= 16:
+        return "shfl"
+    return "tree"
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
+# Eager callers (tests, the interpreter) would otherwise re-trace and re-compile every kernel on
+# every call; under an outer jit this is inlined.
+_scan_jit = jax.jit(_scan, static_argnums=(0, 1, 2))

@@ -1,0 +1,273 @@
+"""Every selective-scan implementation against a float64 run of the reference.
+
+One test class, parametrized over implementations: "reference" (pure JAX), "pallas_interpret"
+(the Triton kernels through the Pallas interpreter, on CPU) and "pallas" (the same kernels on a
+GPU; skipped without one). Plus tests that lower the jitted Pallas path for CUDA on this CPU
+machine and look for the named kernels, so a primitive Triton cannot lower, or a silent
+fallback to the reference, fails here rather than on the first GPU.
+
+Interpreter runs compile every kernel once per shape and config (~10 s each on a CI core), so
+the shapes are few and small, and tests that need chunk edges pin a small ScanConfig.
+"""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_packmamba.ops.selective_scan import selective_scan, selective_scan_reference
+from pallas_kernels.selective_scan import ScanConfig, selective_scan_pallas
+
+HAS_GPU = jax.default_backend() == "gpu"
+IMPLS = [
+    "reference",
+    "pallas_interpret",
+    pytest.param("pallas", marks=[pytest.mark.gpu,
+                                  pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")]),
+]
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+# Small chunks, so that a short row crosses several chunk and checkpoint edges.
+EDGE_CONFIG = ScanConfig(block_d=32, bwd_block_d=32, chunk=16, ckpt=8, window=4, unroll=4)
+
+
+def make_args(key, batch, length, d_inner, d_state, dtype, *, optional=True):
+    k = jax.random.split(key, 8)
+    f32 = jnp.float32
+    args = dict(
+        u=jax.random.normal(k[0], (batch, length, d_inner), f32).astype(dtype),
+        delta=(0.5 * jax.random.normal(k[1], (batch, length, d_inner), f32)).astype(dtype),
+        A=-jnp.exp(0.5 * jax.random.normal(k[2], (d_inner, d_state), f32)),
+        B=jax.random.normal(k[3], (batch, length, d_state), f32).astype(dtype),
+        C=jax.random.normal(k[4], (batch, length, d_state), f32).astype(dtype),
+        D=jax.random.normal(k[5], (d_inner,), f32) if optional else None,
+        z=(jax.random.normal(k[6], (batch, length, d_inner), f32).astype(dtype) if optional
+           else None),
+        delta_bias=0.3 * jax.random.normal(k[7], (d_inner,), f32) if optional else None,
+    )
+    return args
+
+
+def segments_from_lengths(lengths_per_row):
+    """(b, t) ids 0, 1, 2, ... numbering consecutive runs of the given lengths."""
+    rows = [np.repeat(np.arange(len(ls)), ls) for ls in lengths_per_row]
+    return jnp.asarray(np.stack(rows), jnp.int32)
+
+
+def run(impl, args, *, config=None, **kw):
+    if impl != "reference" and config is not None:
+        return selective_scan_pallas(*args.values(), interpret=impl == "pallas_interpret",
+                                     config=config, **kw)
+    return selective_scan(*args.values(), impl=impl, **kw)
+
+
+def rel_err(x, ref):
+    x = np.asarray(x, np.float64)
+    ref = np.asarray(ref, np.float64)
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def tolerance(dtype, length):
+    # f32 lands near 1e-7; bf16 outputs and gradients are rounded to bf16 (~2e-3 relative).
+    # Both grow slowly with the number of accumulated steps.
+    base = 2e-5 if dtype == jnp.float32 else 1.5e-2
+    return base * max(1.0, np.sqrt(length / 1000))
+
+
+_FLOAT64_CACHE = {}
+
+
+def check_against_float64(impl, args, *, case, config=None, cotangent_key=1, **kw):
+    """Outputs and every input's gradient (random cotangent through jax.vjp) against the
+    reference run in float64 on the same (already rounded) inputs. `case` names the inputs,
+    so the float64 run is shared by all implementations."""
+    present = {k: v for k, v in args.items() if v is not None}
+    absent = {k: None for k, v in args.items() if v is None}
+
+    def f(*xs):
+        return run(impl, {**dict(zip(present, xs)), **absent}, config=config, **kw)
+
+    out, vjp = jax.vjp(f, *present.values())
+    key = jax.random.PRNGKey(cotangent_key)
+    cts = jax.tree.map(
+        lambda o: jax.random.normal(key, o.shape, jnp.float32).astype(o.dtype), out)
+    grads = vjp(cts)
+    if case not in _FLOAT64_CACHE:
+        with jax.enable_x64(True):
+            xs64 = [np.asarray(x, np.float64) for x in present.values()]
+
+            def f64(*xs):
+                full = {**dict(zip(present, xs)), **absent}
+                return selective_scan_reference(*[full[n] for n in NAMES], **kw)
+
+            out64, vjp64 = jax.vjp(f64, *xs64)
+            grads64 = vjp64(jax.tree.map(lambda c, o: np.asarray(c, o.dtype), cts, out64))
+            _FLOAT64_CACHE[case] = jax.tree.map(np.asarray, (out64, grads64))
+    out64, grads64 = _FLOAT64_CACHE[case]
+    length = args["u"].shape[1]
+    errs = {}
+    for i, (o, o64) in enumerate(zip(jax.tree.leaves(out), jax.tree.leaves(out64))):
+        errs[f"out{i}"] = rel_err(o, o64)
+    for name, g, g64 in zip(present, grads, grads64):
+        assert g.shape == present[name].shape and g.dtype == present[name].dtype, name
+        errs["d" + name] = rel_err(g, g64)
+    print(impl, {k: f"{v:.2e}" for k, v in errs.items()})
+    tol = tolerance(args["u"].dtype, length)
+    for name, e in errs.items():
+        assert np.isfinite(e) and e < tol, (name, e, tol, errs)
+    return out, grads
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request):
+    return request.param
+
+
+# The tests that pin EDGE_CONFIG share one shape and static flags, so the interpreter compiles
+# their kernels once.
+EDGE_SHAPE = (2, 50, 40, 4)
+EDGE_SEGMENTS = 6
+
+
+def edge_kw(seg):
+    return dict(delta_softplus=True, segment_ids=seg, return_final_states=True,
+                num_segments=EDGE_SEGMENTS)
+
+
+class TestSelectiveScanImpls:
+    @pytest.mark.parametrize(
+        "length, dtype, seg_lengths",
+        [
+            (1, jnp.float32, None),
+            (17, jnp.bfloat16, [[1, 1, 5, 1, 9], [3, 14]]),  # segments of length 1
+            (1000, jnp.float32, [[1, 400, 1, 98, 500], [999, 1]]),  # ragged last chunk
+        ],
+    )
+    def test_matches_float64(self, impl, length, dtype, seg_lengths):
+        args = make_args(jax.random.PRNGKey(length), 2, length, 40, 4, dtype)
+        kw = dict(delta_softplus=True)
+        if seg_lengths is not None:
+            kw.update(segment_ids=segments_from_lengths(seg_lengths), return_final_states=True,
+                      num_segments=max(map(len, seg_lengths)))
+        check_against_float64(impl, args, case=f"float64-{length}", **kw)
+
+    def test_optional_inputs_absent(self, impl):
+        # No D, z or delta_bias, no softplus, d_inner spanning three channel blocks.
+        args = make_args(jax.random.PRNGKey(5), 1, 45, 80, 4, jnp.float32, optional=False)
+        args["delta"] = jnp.abs(args["delta"])
+        check_against_float64(impl, args, case="optional", config=EDGE_CONFIG)
+
+    def test_boundaries_on_chunk_edges(self, impl):
+        # EDGE_CONFIG has 16-step chunks and 8-step checkpoints: boundaries at 16 and 32 land
+        # on chunk starts, 24 and 40 on checkpoints, and [32, 33) is one token long.
+        seg = segments_from_lengths([[16, 8, 8, 1, 7, 10], [16, 16, 16, 2]])
+        args = make_args(jax.random.PRNGKey(7), *EDGE_SHAPE, jnp.float32)
+        check_against_float64(impl, args, case="edges", config=EDGE_CONFIG, **edge_kw(seg))
+
+    def test_final_states_last_run_of_each_id(self, impl):
+        # Row 0: id 2 occurs twice (its second run counts), id 3 never (zeros), id 0 is one
+        # token. Row 1: a single id (5) for the whole row.
+        row0 = [2] * 3 + [1] * 2 + [0] + [2] * 2 + [4] * 41 + [1]
+        seg = jnp.asarray([row0, [5] * 50], jnp.int32)
+        args = make_args(jax.random.PRNGKey(9), *EDGE_SHAPE, jnp.float32)
+        out, _ = check_against_float64(impl, args, case="final", config=EDGE_CONFIG,
+                                       **edge_kw(seg))
+        final = np.asarray(out[1])
+        assert final.shape == (2, EDGE_SEGMENTS, 40, 4) and final.dtype == np.float32
+        assert np.all(final[0, 3] == 0) and np.all(final[0, 5] == 0) and np.all(final[1, :5] == 0)
+
+    def test_segments_are_bitwise_isolated(self, impl):
+        """Perturbing one segment's inputs changes no bit of any other segment's outputs,
+        per-token gradients or final states."""
+        seg = segments_from_lengths([[16, 1, 23, 10], [5, 35, 1, 9]])
+        args = make_args(jax.random.PRNGKey(11), *EDGE_SHAPE, jnp.float32)
+        config = EDGE_CONFIG if impl != "reference" else None
+        ct_y = jax.random.normal(jax.random.PRNGKey(12), args["u"].shape)
+        ct_f = jax.random.normal(jax.random.PRNGKey(13), (2, EDGE_SEGMENTS, 40, 4))
+
+        def outputs_and_grads(a):
+            out, vjp = jax.vjp(lambda *xs: run(impl, dict(zip(NAMES, xs)), config=config,
+                                               **edge_kw(seg)), *a.values())
+            return out, dict(zip(NAMES, vjp((ct_y, ct_f))))
+
+        out0, g0 = outputs_and_grads(args)
+        victim = np.asarray(seg) == 2  # id 2: 23 tokens in row 0, one token in row 1
+        noise = jax.random.normal(jax.random.PRNGKey(14), args["u"].shape)
+        perturbed = dict(args)
+        for name in ("u", "delta", "z"):
+            perturbed[name] = jnp.where(victim[..., None], args[name] + noise, args[name])
+        for name in ("B", "C"):
+            perturbed[name] = jnp.where(victim[..., None], args[name] * 1.5 + 0.1, args[name])
+        out1, g1 = outputs_and_grads(perturbed)
+        keep = ~victim
+        assert not np.array_equal(np.asarray(out0[0])[victim], np.asarray(out1[0])[victim])
+        np.testing.assert_array_equal(np.asarray(out0[0])[keep], np.asarray(out1[0])[keep])
+        for name in ("u", "delta", "z", "B", "C"):
+            np.testing.assert_array_equal(np.asarray(g0[name])[keep], np.asarray(g1[name])[keep],
+                                          err_msg=name)
+        others = [s for s in range(EDGE_SEGMENTS) if s != 2]
+        np.testing.assert_array_equal(np.asarray(out0[1])[:, others],
+                                      np.asarray(out1[1])[:, others])
+
+
+# Lowering for CUDA on a machine without a GPU: Pallas asks for the target GPU's kind, which an
+# abstract mesh device supplies; XLA is never asked to compile, so nothing needs a GPU.
+def _lower_for_cuda(fn, *args):
+    from jax._src import mesh as mesh_lib
+
+    device = mesh_lib.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    mesh = mesh_lib.AbstractMesh((1,), ("x",), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+KERNELS = (
+    "selective_scan_fwd_chunk_states",
+    "selective_scan_fwd_chunk_outputs",
+    "selective_scan_bwd_chunk_dstates",
+    "selective_scan_bwd_chunk_grads",
+)
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_pallas_lowers_for_cuda_with_named_kernels(segments):
+    b, length, d, n = 2, 300, 80, 16
+    bf, f32 = jnp.bfloat16, jnp.float32
+    sds = jax.ShapeDtypeStruct
+    args = [sds((b, length, d), bf), sds((b, length, d), bf), sds((d, n), f32),
+            sds((b, length, n), bf), sds((b, length, n), bf), sds((d,), f32),
+            sds((b, length, d), bf), sds((d,), f32), sds((b, length), jnp.int32)]
+
+    def loss(*xs):
+        *xs, seg = xs
+        kw = dict(segment_ids=seg, num_segments=4) if segments else {}
+        y, final = selective_scan(*xs, delta_softplus=True, return_final_states=True,
+                                  impl="pallas", **kw)
+        return y.astype(f32).sum() + final.sum()
+
+    text = _lower_for_cuda(jax.grad(loss, argnums=tuple(range(8))), *args)
+    names = re.findall(r'name = "(selective_scan_[a-z_]+)"', text)
+    assert sorted(names) == sorted(KERNELS), names
+    assert text.count(TRITON_CALL) == len(KERNELS)
+    # The reference's chunked scan would show up as an XLA while loop over chunks.
+    assert "stablehlo.while" not in text
+
+
+def test_cuda_lowering_rejects_what_triton_cannot_lower():
+    """The lowering test above is only worth having if an unsupported primitive fails it."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    def kernel(x_ref, o_ref):
+        o_ref[...] = jax.lax.cummax(x_ref[...], axis=0)  # no Triton lowering rule
+
+    def fn(x):
+        return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+                              compiler_params=plgpu.CompilerParams(num_warps=1),
+                              name="uses_cummax")(x)
+
+    with pytest.raises(Exception, match="cummax|Unimplemented|not implemented|NotImplemented"):
+        _lower_for_cuda(fn, jax.ShapeDtypeStruct((32,), jnp.float32))
