@@ -144,11 +144,17 @@ def check_selective_scan_args(
     return num_segments
 
 
+def accumulation_dtype(x):
+    """float32 for bf16/f16/f32 inputs; float64 for float64 inputs (the test-only oracle)."""
+    return jnp.promote_types(jnp.result_type(x), jnp.float32)
+
+
 def discretize_delta(delta, delta_bias, delta_softplus):
-    """float32 delta after the optional bias and softplus."""
-    delta = delta.astype(jnp.float32)
+    """delta in the accumulation dtype after the optional bias and softplus."""
+    acc = accumulation_dtype(delta)
+    delta = delta.astype(acc)
     if delta_bias is not None:
-        delta = delta + delta_bias.astype(jnp.float32)
+        delta = delta + delta_bias.astype(acc)
     if delta_softplus:
         delta = jax.nn.softplus(delta)
     return delta
@@ -190,7 +196,7 @@ def selective_scan_reference(
     """
     batch, length, d_inner = u.shape
     d_state = A.shape[1]
-    f32 = jnp.float32
+    f32 = accumulation_dtype(u)  # float32 unless the caller runs a float64 oracle
     if method == "auto":
         method = "sequential" if jax.default_backend() == "cpu" else "associative"
     delta = discretize_delta(delta, delta_bias, delta_softplus)
@@ -269,11 +275,12 @@ def selective_scan_reference(
 
 
 def finish_output(y, u, D, z):
-    """Adds the D skip and applies the silu(z) gate in float32; returns u's dtype."""
+    """Adds the D skip and applies the silu(z) gate in float32 (or wider); returns u's dtype."""
+    acc = accumulation_dtype(y)
     if D is not None:
-        y = y + u.astype(jnp.float32) * D.astype(jnp.float32)
+        y = y + u.astype(acc) * D.astype(acc)
     if z is not None:
-        y = y * jax.nn.silu(z.astype(jnp.float32))
+        y = y * jax.nn.silu(z.astype(acc))
     return y.astype(u.dtype)
 
 
@@ -284,7 +291,7 @@ def selective_state_update(h, u, delta, A, B, C, D, z, delta_bias):
     u, delta, z (b, e); B, C (b, n); D, delta_bias (e,). Returns (next h, y (b, e) in u's dtype).
     """
     delta = discretize_delta(delta, delta_bias, True)
-    f32 = jnp.float32
+    f32 = accumulation_dtype(u)
     h = jnp.exp(delta[..., None] * A.astype(f32)) * h + (delta * u.astype(f32))[..., None] * B.astype(f32)[:, None, :]
     y = jnp.einsum("ben,bn->be", h, C.astype(f32))
     return h, finish_output(y, u, D, z)
