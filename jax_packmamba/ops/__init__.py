@@ -3,6 +3,7 @@
 from jax_packmamba.ops.causal_conv1d import causal_conv1d, causal_conv1d_step, segment_conv_windows
 from jax_packmamba.ops.segments import (
     positions_from_segment_ids,
+    segment_ends,
     segment_ids_from_positions,
     segment_starts,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "causal_conv1d",
     "causal_conv1d_step",
     "segment_conv_windows",
+    "segment_ends",
     "positions_from_segment_ids",
     "segment_ids_from_positions",
     "segment_starts",

@@ -22,6 +22,12 @@ def segment_starts(segment_ids: jax.Array) -> jax.Array:
     return jnp.concatenate([first, changed], axis=1)
 
 
+def segment_ends(segment_ids: jax.Array) -> jax.Array:
+    """(b, t) bool: True at the last token of each segment (where the next one starts)."""
+    starts = segment_starts(segment_ids)
+    return jnp.concatenate([starts[:, 1:], jnp.ones_like(starts[:, :1])], axis=1)
+
+
 def positions_from_segment_ids(segment_ids: jax.Array) -> jax.Array:
     """(b, t) int32 position of each token within its segment (0 where a segment begins)."""
     length = segment_ids.shape[1]

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_packmamba.ops.segments import check_segment_ids, segment_starts
+from jax_packmamba.ops.segments import check_segment_ids, segment_ends, segment_starts
 
 Impl = Literal["auto", "reference", "pallas", "pallas_interpret"]
 IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
@@ -160,8 +160,9 @@ def discretize_delta(delta, delta_bias, delta_softplus):
     return delta
 
 
-def _combine(left, right):
-    # Composition of affine maps h -> a h + b: apply `left` first, then `right`.
+def combine_affine(left, right):
+    """Composition of affine maps h -> a h + b, `left` applied first: the associative
+    operator of the linear recurrence, for `lax.associative_scan`."""
     a_l, b_l = left
     a_r, b_r = right
     return a_l * a_r, a_r * b_l + b_r
@@ -204,8 +205,7 @@ def selective_scan_reference(
         segment_ids = jnp.zeros((batch, length), jnp.int32)
         num_segments = num_segments or 1
     starts = segment_starts(segment_ids)
-    # A segment's final state is read at its last token: where the next token starts a segment.
-    ends = jnp.concatenate([starts[:, 1:], jnp.ones_like(starts[:, :1])], axis=1)
+    ends = segment_ends(segment_ids)  # where each segment's final state is read
 
     chunk = min(chunk, length)
     n_chunks = -(-length // chunk)
@@ -249,7 +249,7 @@ def selective_scan_reference(
         decay = jnp.exp(x["delta"][..., None] * A)  # (b, c, d, n)
         decay = jnp.where(x["starts"][..., None, None], 0.0, decay)
         drive = x["du"][..., None] * x["B"][:, :, None, :]
-        decay_cum, drive_cum = jax.lax.associative_scan(_combine, (decay, drive), axis=1)
+        decay_cum, drive_cum = jax.lax.associative_scan(combine_affine, (decay, drive), axis=1)
         hs = decay_cum * h[:, None] + drive_cum
         return hs[:, -1], jnp.einsum("bcdn,bcn->bcd", hs, x["C"]), hs
 

@@ -12,7 +12,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jax_packmamba.ops.segments import segment_starts
+from jax_packmamba.ops.segments import segment_ends, segment_starts
+from jax_packmamba.ops.selective_scan import combine_affine
 from pallas_kernels.selective_scan import kernel, kernel_bwd
 from pallas_kernels.selective_scan.config import ScanConfig, pick_config
 
@@ -86,8 +87,7 @@ def _final_slots(segment_ids, batch, length, num_segments):
     if segment_ids is None:
         return jnp.where(t == length - 1, 0, -1).astype(jnp.int32)
     seg = segment_ids.astype(jnp.int32)
-    starts = segment_starts(seg)
-    ends = jnp.concatenate([starts[:, 1:], jnp.ones_like(starts[:, :1])], axis=1)
+    ends = segment_ends(seg)
     rows = jnp.broadcast_to(jnp.arange(batch)[:, None], (batch, length))
     last = jnp.full((batch, num_segments), -1, jnp.int32)
     last = last.at[rows, seg].max(jnp.where(ends, t, -1), mode="drop")
@@ -95,15 +95,9 @@ def _final_slots(segment_ids, batch, length, num_segments):
     return jnp.where(is_last, seg, -1).astype(jnp.int32)
 
 
-def _combine(left, right):
-    a_l, b_l = left
-    a_r, b_r = right
-    return a_l * a_r, a_r * b_l + b_r
-
-
 def _chunk_initial_states(h_loc, decay):
     """State entering each chunk: h_in[0] = 0, h_in[c + 1] = decay[c] h_in[c] + h_loc[c]."""
-    _, h_end = jax.lax.associative_scan(_combine, (decay, h_loc), axis=1)
+    _, h_end = jax.lax.associative_scan(combine_affine, (decay, h_loc), axis=1)
     return jnp.concatenate([jnp.zeros_like(h_end[:, :1]), h_end[:, :-1]], axis=1)
 
 
@@ -112,7 +106,8 @@ def _chunk_final_dstates(dh_loc, decay):
     g[last] = 0, g[c] = dh_loc[c + 1] + decay[c + 1] g[c + 1]."""
     if dh_loc.shape[1] == 1:
         return jnp.zeros_like(dh_loc)
-    _, g = jax.lax.associative_scan(_combine, (decay[:, 1:], dh_loc[:, 1:]), axis=1, reverse=True)
+    _, g = jax.lax.associative_scan(combine_affine, (decay[:, 1:], dh_loc[:, 1:]), axis=1,
+                                reverse=True)
     return jnp.concatenate([g, jnp.zeros_like(g[:, :1])], axis=1)
 
 
