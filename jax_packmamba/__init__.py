@@ -10,11 +10,13 @@ from jax_packmamba.ops import (
     selective_scan,
     selective_scan_reference,
 )
+from jax_packmamba.loss import masked_cross_entropy
 from jax_packmamba.packing import (
     PackedBatch,
     SplitSequenceWarning,
     pack_sequences,
     pad_sequences,
+    rows_needed,
     unpack,
 )
 
@@ -34,9 +36,11 @@ __all__ = [
     "SplitSequenceWarning",
     "causal_conv1d",
     "generate",
+    "masked_cross_entropy",
     "pack_sequences",
     "pad_sequences",
     "positions_from_segment_ids",
+    "rows_needed",
     "segment_ids_from_positions",
     "segment_starts",
     "selective_scan",

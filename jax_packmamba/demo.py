@@ -19,16 +19,16 @@ from flax import nnx
 
 from jax_packmamba.config import MambaConfig
 from jax_packmamba.corpus import stdlib_documents
+from jax_packmamba.loss import masked_cross_entropy
 from jax_packmamba.model import MambaLM
 from jax_packmamba.packing import SplitSequenceWarning, pack_sequences, pad_sequences
 
 
 def loss_fn(model, batch):
     """Mean next-token cross-entropy over real targets only."""
-    logits = model(batch["tokens"], batch["segment_ids"]).astype(jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    mask = batch["loss_mask"]
-    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1)
+    logits = model(batch["tokens"], batch["segment_ids"])
+    ce, count = masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    return ce / jnp.maximum(count, 1)
 
 
 def main(argv=None):

@@ -137,9 +137,8 @@ def pack_sequences(
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-    place = _place_first_fit_decreasing if policy == "first_fit_decreasing" else _place_greedy
     return _pack(
-        sequences, length, place, pad_id=pad_id, num_rows=num_rows, caller="pack_sequences"
+        sequences, length, _PLACERS[policy], pad_id=pad_id, num_rows=num_rows, caller="pack_sequences"
     )
 
 
@@ -157,6 +156,23 @@ def pad_sequences(sequences, length=None, pad_id=0) -> PackedBatch:
     return _pack(
         seqs, length, _place_one_per_row, pad_id=pad_id, num_rows=None, caller="pad_sequences"
     )
+
+
+def rows_needed(piece_lengths, length, *, policy="first_fit_decreasing") -> int:
+    """How many rows of `length` a policy needs for pieces of these lengths (each <= length).
+
+    What pack_sequences would produce, without building the arrays: a streaming batcher uses
+    it to decide which pieces still fit in a fixed number of rows.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    piece_lengths = np.asarray(piece_lengths, dtype=np.int64)
+    if piece_lengths.size == 0:
+        return 0
+    if piece_lengths.max() > length:
+        raise ValueError(f"a piece of {piece_lengths.max()} tokens does not fit in {length=}")
+    rows, _ = _PLACERS[policy](piece_lengths, length)
+    return int(rows.max()) + 1
 
 
 def unpack(batch: PackedBatch, values) -> list[np.ndarray]:
@@ -372,3 +388,6 @@ def _place_first_fit_decreasing(piece_len, length):
 def _place_one_per_row(piece_len, length):
     """The padded mode: piece i alone in row i."""
     return np.arange(len(piece_len)), np.zeros(len(piece_len), dtype=np.int64)
+
+
+_PLACERS = {"first_fit_decreasing": _place_first_fit_decreasing, "greedy": _place_greedy}

@@ -22,6 +22,7 @@ from jax_packmamba.packing import (
     SplitSequenceWarning,
     pack_sequences,
     pad_sequences,
+    rows_needed,
     unpack,
 )
 
@@ -333,3 +334,16 @@ def test_pad_sequences_bad_input_raises():
         pad_sequences([[1], []])
     with pytest.raises(ValueError, match=r"length must be >= 2"):
         pad_sequences([[1, 2]], length=1)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_rows_needed_is_what_pack_sequences_uses(policy):
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        length = int(rng.integers(8, 64))
+        seqs = [np.arange(n) for n in rng.integers(1, length + 1, size=int(rng.integers(1, 40)))]
+        batch = pack_sequences(seqs, length, policy=policy)
+        assert rows_needed([len(s) for s in seqs], length, policy=policy) == batch.num_rows
+    assert rows_needed([], 8, policy=policy) == 0
+    with pytest.raises(ValueError, match="does not fit"):
+        rows_needed([9], 8, policy=policy)

@@ -26,7 +26,7 @@ from typing import Iterator
 
 import numpy as np
 
-from jax_packmamba.packing import pack_sequences, pad_sequences
+from jax_packmamba.packing import pack_sequences, pad_sequences, rows_needed
 
 from train.config import DataConfig
 
@@ -248,28 +248,6 @@ LOOKAHEAD = 2.0  # packed mode looks at pieces worth this many batches to fill t
 MAX_WAIT = 4  # ... and places a piece that has waited this many batches before any other
 
 
-def ffd_rows(lengths: list[int], length: int) -> int:
-    """Rows first-fit-decreasing needs for these piece lengths (each <= length)."""
-    free: list[int] = []
-    for n in sorted(lengths, reverse=True):
-        for i, f in enumerate(free):
-            if f >= n:
-                free[i] = f - n
-                break
-        else:
-            free.append(length - n)
-    return len(free)
-
-
-def greedy_rows(lengths: list[int], length: int) -> int:
-    rows, fill = 1, 0
-    for n in lengths:
-        if fill + n > length:
-            rows, fill = rows + 1, 0
-        fill += n
-    return rows
-
-
 class Batcher:
     """Deterministic, resumable micro-batches from a list of pieces.
 
@@ -337,8 +315,8 @@ class Batcher:
             idx = self._index(self.consumed + len(taken))
             n = int(self.lengths[idx])
             if taken and (total + n > capacity
-                          or greedy_rows([int(self.lengths[i]) for i in taken] + [n],
-                                         self.seq_len) > self.batch_size):
+                          or rows_needed([int(self.lengths[i]) for i in taken] + [n],
+                                         self.seq_len, policy="greedy") > self.batch_size):
                 break
             taken.append(idx)
             total += n
@@ -364,7 +342,7 @@ class Batcher:
         taken, left, lengths = [], [], []
         for g, waited in cand:
             n = int(self.lengths[self._index(g)])
-            if sum(lengths) + n <= capacity and ffd_rows(lengths + [n], self.seq_len) <= self.batch_size:
+            if sum(lengths) + n <= capacity and rows_needed(lengths + [n], self.seq_len) <= self.batch_size:
                 taken.append(g)
                 lengths.append(n)
             else:
@@ -386,7 +364,7 @@ class Batcher:
             self.consumed += 1
             bucket = self.single_bucket
             length = min(self.seq_len, max(2, -(-len(seqs[0]) // bucket) * bucket))
-            b = pad_sequences(seqs, max(length, 2))
+            b = pad_sequences(seqs, length)
         return {k: np.asarray(getattr(b, k)) for k in BATCH_KEYS}, len(seqs)
 
     def __iter__(self) -> Iterator[dict]:

@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 
 from jax_packmamba import MambaConfig, MambaLM
+from jax_packmamba.loss import masked_cross_entropy
 
 from train.config import OptimConfig
 
@@ -91,12 +92,8 @@ def init_state(model_config: MambaConfig, tx: optax.GradientTransformation, seed
 
 def token_losses(graphdef, params, tokens, segment_ids, targets, loss_mask):
     """(sum of masked cross-entropy, number of targets) for one (b, t) micro-batch."""
-    model = nnx.merge(graphdef, params)
-    logits = model(tokens, segment_ids).astype(jnp.float32)  # (b, t, v)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    ce = jnp.where(loss_mask, logz - target_logit, 0.0)
-    return ce.sum(), loss_mask.sum(dtype=jnp.int32)
+    logits = nnx.merge(graphdef, params)(tokens, segment_ids)  # (b, t, v)
+    return masked_cross_entropy(logits, targets, loss_mask)
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule=None
