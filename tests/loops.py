@@ -5,6 +5,13 @@ Written for clarity, not speed; run them under `jax.enable_x64(True)` on float64
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+def rel_err(x, ref) -> float:
+    """||x - ref|| / ||ref|| in float64: the error measure every tolerance here is set for."""
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
 def selective_scan_loop(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jax_packmamba as jp
-from tests.loops import causal_conv1d_loop, selective_scan_loop
+from tests.loops import causal_conv1d_loop, rel_err, selective_scan_loop
 
 
 def scan_inputs(key, batch, length, d_inner, d_state, *, with_D=True, with_z=True, with_bias=True,
@@ -32,11 +32,6 @@ def random_segment_ids(rng, batch, length, max_segments):
         cuts = np.sort(rng.choice(np.arange(1, length), size=min(max_segments - 1, length - 1), replace=False))
         rows.append(np.searchsorted(cuts, np.arange(length), side="right") + 1)
     return jnp.asarray(np.stack(rows), jnp.int32)
-
-
-def rel_err(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
 
 
 def to64(tree):

@@ -20,6 +20,7 @@ import pytest
 
 from jax_packmamba.ops.selective_scan import selective_scan, selective_scan_reference
 from pallas_kernels.selective_scan import ScanConfig, selective_scan_pallas
+from tests.loops import rel_err
 
 HAS_GPU = jax.default_backend() == "gpu"
 IMPLS = [
@@ -61,12 +62,6 @@ def run(impl, args, *, config=None, **kw):
         return selective_scan_pallas(*args.values(), interpret=impl == "pallas_interpret",
                                      config=config, **kw)
     return selective_scan(*args.values(), impl=impl, **kw)
-
-
-def rel_err(x, ref):
-    x = np.asarray(x, np.float64)
-    ref = np.asarray(ref, np.float64)
-    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
 def tolerance(dtype, length):
