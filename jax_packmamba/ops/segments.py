@@ -52,5 +52,6 @@ def check_segment_ids(segment_ids, batch: int, length: int, *, name: str = "segm
     shape = tuple(np.shape(segment_ids))
     if shape != (batch, length):
         raise ValueError(f"{name} must have shape (batch, length) = {(batch, length)}, got {shape}")
-    if not jnp.issubdtype(jnp.asarray(segment_ids).dtype, jnp.integer):
-        raise ValueError(f"{name} must be an integer array, got dtype {jnp.asarray(segment_ids).dtype}")
+    dtype = jnp.result_type(segment_ids)  # reads the dtype without copying to the device
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"{name} must be an integer array, got dtype {dtype}")
