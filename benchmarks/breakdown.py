@@ -148,7 +148,75 @@ def timed(fn, args, *, warmup, steps, feed=None):
     return statistics.median(times), times, args
 
 
-def trace_summary(trace_dir: pathlib.Path, steps: int) -> dict:
+_HLO_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{([^}]*)\}")
+_META = re.compile(r'(op_name|stack_frame_id)=(?:"([^"]*)"|(\d+))')
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_TABLE_ROW = re.compile(r'^(\d+) (?:"(.*)"|\{(.*)\})$')
+_FIELD = re.compile(r"(\w+)=(\d+)")
+
+
+def hlo_sources(hlo_text: str) -> dict[str, str]:
+    """Optimized HLO text -> {instruction name with '.' as '_': "file:line function dir op"}.
+
+    A kernel in the trace is named after its HLO instruction (fusion, custom call); the
+    instruction's metadata names the JAX op and a stack frame (the module's FileNames /
+    FunctionNames / FileLocations / StackFrames tables), whose innermost entry is the user
+    source line the op came from. dir is "bwd" where the op name is a transpose."""
+    tables: dict[str, dict[int, object]] = {}
+    table = None
+    computation = None
+    inside: dict[str, list[str]] = {}  # computation -> sources of its instructions
+    calls: dict[str, str] = {}  # instruction -> computation it calls (fusions)
+    own: dict[str, str] = {}
+    for line in hlo_text.splitlines():
+        stripped = line.strip()
+        if stripped in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            table = tables.setdefault(stripped, {})
+            continue
+        row = _TABLE_ROW.match(stripped) if table is not None else None
+        if row:
+            table[int(row.group(1))] = row.group(2) if row.group(2) is not None else dict(
+                (k, int(v)) for k, v in _FIELD.findall(row.group(3)))
+            continue
+        if stripped:
+            table = None
+        head = _COMPUTATION.match(line)
+        if head:
+            computation = head.group(1)
+            continue
+        m = _HLO_INSTR.match(line)
+        if not m:
+            continue
+        name = m.group(1).replace(".", "_")
+        called = _CALLS.search(line)
+        if called:
+            calls[name] = called.group(1)
+        meta = {k: (a or b) for k, a, b in _META.findall(m.group(2))}
+        if "op_name" not in meta or "stack_frame_id" not in meta:
+            continue
+        frame = tables.get("StackFrames", {}).get(int(meta["stack_frame_id"]))
+        if not isinstance(frame, dict):
+            continue
+        loc = tables.get("FileLocations", {}).get(frame.get("file_location_id"), {})
+        file = tables.get("FileNames", {}).get(loc.get("file_name_id"), "?")
+        func = tables.get("FunctionNames", {}).get(loc.get("function_name_id"), "?")
+        op = meta["op_name"].split(";")[0]
+        direction = "bwd" if "transpose(" in op else "fwd"
+        src = f"{pathlib.Path(file).name}:{loc.get('line', '?')} {func} {direction}"
+        own[name] = src
+        if computation is not None:
+            inside.setdefault(computation, []).append(src)
+    sources = dict(own)
+    for name, comp in calls.items():
+        found = list(dict.fromkeys(inside.get(comp.replace(".", "_"), inside.get(comp, []))))
+        if found:
+            # The last instructions of a fusion are nearest its root (what it computes).
+            sources[name] = " | ".join(found[-2:][::-1])
+    return sources
+
+
+def trace_summary(trace_dir: pathlib.Path, steps: int, sources: dict[str, str] | None = None) -> dict:
     files = sorted(trace_dir.rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
     if not files:
         return dict(error="no perfetto_trace.json.gz written")
@@ -158,9 +226,16 @@ def trace_summary(trace_dir: pathlib.Path, steps: int) -> dict:
              if e.get("ph") == "M" and e.get("name") == "process_name"}
     device_pids = {pid for pid, n in names.items() if n.startswith("/device:")}
     kernels: dict[str, float] = {}
+    by_source: dict[str, float] = {}
+    arg_sample: dict[str, dict] = {}
     for e in events:
         if e.get("ph") == "X" and e.get("pid") in device_pids and "dur" in e:
             kernels[e["name"]] = kernels.get(e["name"], 0.0) + float(e["dur"])
+            args = e.get("args") or {}
+            arg_sample.setdefault(e["name"], {k: str(v)[:200] for k, v in args.items()})
+            op = str(args.get("hlo_op") or e["name"]).replace(".", "_")
+            src = (sources or {}).get(op) or (sources or {}).get(e["name"]) or f"? {e['name']}"
+            by_source[src] = by_source.get(src, 0.0) + float(e["dur"])
     if not kernels:
         return dict(file=str(files[-1]), processes=sorted(names.values()),
                     error="no device kernel events (CPU backend, or an unexpected trace layout)")
@@ -177,7 +252,10 @@ def trace_summary(trace_dir: pathlib.Path, steps: int) -> dict:
     return dict(file=str(files[-1]), steps=steps,
                 device_ms_per_step={k: v / 1e3 / steps for k, v in cats.items()},
                 device_busy_ms_per_step=sum(kernels.values()) / 1e3 / steps,
-                top_kernels_ms_per_step=[[n, us / 1e3 / steps] for n, us in top])
+                top_kernels_ms_per_step=[[n, us / 1e3 / steps] for n, us in top],
+                top_kernel_args={n: arg_sample.get(n, {}) for n, _ in top[:8]},
+                by_source_ms_per_step=[[s, us / 1e3 / steps] for s, us in
+                                       sorted(by_source.items(), key=lambda kv: -kv[1])[:60]])
 
 
 def main(argv=None) -> int:
@@ -336,8 +414,12 @@ def main(argv=None) -> int:
             for _ in range(n_trace):
                 state, _m = exe(state, batch)
             jax.block_until_ready(state)
-        result["trace"] = trace_summary(trace_dir, n_trace)
+        hlo_text = exe.as_text()
+        (trace_dir / "step_hlo.txt").write_text(hlo_text)
+        result["trace"] = trace_summary(trace_dir, n_trace, hlo_sources(hlo_text))
         print(f"  trace: {json.dumps(result['trace'])[:1500]}", flush=True)
+        for src, ms in result["trace"].get("by_source_ms_per_step", [])[:40]:
+            print(f"  {ms:8.2f} ms  {src}", flush=True)
         save()
 
     save()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import jax_packmamba as jp
+import jax_packmamba.ops as jp_ops
 from tests.loops import causal_conv1d_loop, rel_err, selective_scan_loop
 
 
@@ -120,27 +121,56 @@ def test_final_states_are_each_segments_last_state():
     np.testing.assert_allclose(final[:, 0], np.asarray(states)[:, -1], rtol=1e-5, atol=1e-5)
 
 
+CONVS = {"custom_vjp": jp_ops.causal_conv1d, "reference": jp_ops.causal_conv1d_reference}
+
+
+@pytest.mark.parametrize("conv", sorted(CONVS))
 @pytest.mark.parametrize("length,width,segmented,bias,activation",
                          [(1, 4, True, True, "silu"), (23, 4, True, False, None),
                           (23, 3, False, True, "silu"), (9, 4, True, True, None)])
-def test_conv_matches_float64_loop(length, width, segmented, bias, activation):
+def test_conv_matches_float64_loop(length, width, segmented, bias, activation, conv):
+    conv = CONVS[conv]
     k = jax.random.split(jax.random.key(length + width), 3)
     x = jax.random.normal(k[0], (2, length, 6))
     w = jax.random.normal(k[1], (6, width))
     b = jax.random.normal(k[2], (6,)) if bias else None
     seg = random_segment_ids(np.random.default_rng(1), 2, length, 5) if segmented else None
-    out = jp.causal_conv1d(x, w, b, segment_ids=seg, activation=activation)
+    out = conv(x, w, b, segment_ids=seg, activation=activation)
     with jax.enable_x64(True):
         ref = causal_conv1d_loop(*to64((x, w)), None if b is None else np.asarray(b, np.float64),
                                  segment_ids=seg, activation=activation)
-        cot = np.asarray(jax.random.normal(k[0], out.shape), np.float64)
-        _, vjp = jax.vjp(lambda x_, w_: causal_conv1d_loop(x_, w_, b, segment_ids=seg, activation=activation),
-                         *to64((x, w)))
-        want = vjp(cot)
+        cot = np.asarray(jax.random.normal(jax.random.key(length + 1), out.shape), np.float64)
     assert rel_err(out, ref) < 1e-6
-    _, vjp = jax.vjp(lambda x_, w_: jp.causal_conv1d(x_, w_, b, segment_ids=seg, activation=activation), x, w)
-    for g, want_g in zip(vjp(jnp.asarray(cot, jnp.float32)), want):
-        assert rel_err(g, want_g) < 1e-5
+    _, vjp = jax.vjp(lambda x_, w_, b_: conv(x_, w_, b_, segment_ids=seg, activation=activation), x, w, b)
+    got = vjp(jnp.asarray(cot, jnp.float32))
+    with jax.enable_x64(True):
+        _, vjp64 = jax.vjp(lambda x_, w_, b_: causal_conv1d_loop(x_, w_, b_, segment_ids=seg, activation=activation),
+                           *to64((x, w)), None if b is None else np.asarray(b, np.float64))
+        want = vjp64(cot)
+    for g, want_g in zip(got, want):
+        if want_g is None:
+            assert g is None
+        else:
+            assert rel_err(g, want_g) < 1e-5
+
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_conv_bf16_custom_vjp_matches_reference(activation):
+    """In bfloat16 the hand-written backward and autodiff of the reference agree to bf16
+    rounding (both accumulate in float32)."""
+    k = jax.random.split(jax.random.key(5), 4)
+    x = jax.random.normal(k[0], (2, 300, 64), jnp.bfloat16)
+    w = jax.random.normal(k[1], (64, 4), jnp.bfloat16)
+    b = jax.random.normal(k[2], (64,), jnp.bfloat16)
+    seg = random_segment_ids(np.random.default_rng(2), 2, 300, 9)
+    cot = jax.random.normal(k[3], x.shape, jnp.bfloat16)
+    outs = []
+    for conv in CONVS.values():
+        y, vjp = jax.vjp(lambda x_, w_, b_: conv(x_, w_, b_, segment_ids=seg, activation=activation), x, w, b)
+        outs.append((y, *vjp(cot)))
+    for got, want in zip(*outs):
+        assert got.dtype == want.dtype == jnp.bfloat16
+        assert rel_err(got.astype(jnp.float32), want.astype(jnp.float32)) < 1e-2
 
 
 def test_positions_and_segment_ids_round_trip():

@@ -1,6 +1,11 @@
 """Segment-aware ops: each public op beside its pure-JAX reference."""
 
-from jax_packmamba.ops.causal_conv1d import causal_conv1d, causal_conv1d_step, segment_conv_windows
+from jax_packmamba.ops.causal_conv1d import (
+    causal_conv1d,
+    causal_conv1d_reference,
+    causal_conv1d_step,
+    segment_conv_windows,
+)
 from jax_packmamba.ops.segments import (
     positions_from_segment_ids,
     segment_ends,
@@ -15,6 +20,7 @@ from jax_packmamba.ops.selective_scan import (
 
 __all__ = [
     "causal_conv1d",
+    "causal_conv1d_reference",
     "causal_conv1d_step",
     "segment_conv_windows",
     "segment_ends",

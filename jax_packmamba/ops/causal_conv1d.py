@@ -11,6 +11,8 @@ sequence run alone would see.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,10 +25,18 @@ ACTIVATIONS = (None, "silu")
 def causal_conv1d(x, weight, bias=None, *, segment_ids=None, activation=None):
     """Segment-aware depthwise causal conv; x (batch, length, channels), weight (channels, width).
 
-    Accumulates in float32 and returns x's dtype. activation: None or "silu".
+    Accumulates in float32 and returns x's dtype. activation: None or "silu". Same values as
+    `causal_conv1d_reference`; its gradient is written out (custom_vjp) so that the backward
+    saves only x and recomputes the pre-activation, instead of keeping float32 intermediates.
     """
     check_causal_conv1d_args(x, weight, bias, segment_ids, activation)
-    return _causal_conv1d(x, weight, bias, segment_ids, activation)
+    return _causal_conv1d_jit(x, weight, bias, _positions(x, segment_ids), activation)
+
+
+def causal_conv1d_reference(x, weight, bias=None, *, segment_ids=None, activation=None):
+    """The pure-JAX spec of `causal_conv1d` (same contract), differentiated by autodiff."""
+    check_causal_conv1d_args(x, weight, bias, segment_ids, activation)
+    return _reference_jit(x, weight, bias, _positions(x, segment_ids), activation)
 
 
 def check_causal_conv1d_args(x, weight, bias, segment_ids, activation):
@@ -50,26 +60,79 @@ def check_causal_conv1d_args(x, weight, bias, segment_ids, activation):
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
-@jax.jit(static_argnames=("activation",))
-def _causal_conv1d(x, weight, bias, segment_ids, activation):
-    batch, length, _ = x.shape
-    width = weight.shape[1]
+def _positions(x, segment_ids):
+    batch, length, _ = np.shape(x)
     if segment_ids is None:
-        position = jnp.broadcast_to(jnp.arange(length), (batch, length))
-    else:
-        position = positions_from_segment_ids(segment_ids)
+        return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    return positions_from_segment_ids(segment_ids)
+
+
+def _taps(x, position, width):
+    """[(k, x shifted by lag = width - 1 - k, float32, zero before each segment's start)]."""
+    length = x.shape[1]
     xf = x.astype(jnp.float32)
-    w = weight.astype(jnp.float32)
-    out = jnp.zeros_like(xf) if bias is None else jnp.broadcast_to(bias.astype(jnp.float32), xf.shape)
+    taps = []
     for k in range(width):
         lag = width - 1 - k
         shifted = jnp.pad(xf, [(0, 0), (lag, 0), (0, 0)])[:, :length]
         # x[t - lag] belongs to t's segment iff t is at least `lag` steps into it.
-        shifted = jnp.where((position >= lag)[..., None], shifted, 0.0)
-        out = out + shifted * w[:, k]
+        taps.append((k, jnp.where((position >= lag)[..., None], shifted, 0.0)))
+    return taps
+
+
+def _pre_activation(x, weight, bias, position):
+    w = weight.astype(jnp.float32)
+    out = jnp.zeros(x.shape, jnp.float32) if bias is None else jnp.broadcast_to(
+        bias.astype(jnp.float32), x.shape)
+    for k, tap in _taps(x, position, weight.shape[1]):
+        out = out + tap * w[:, k]
+    return out
+
+
+def _reference(x, weight, bias, position, activation):
+    out = _pre_activation(x, weight, bias, position)
     if activation == "silu":
         out = jax.nn.silu(out)
     return out.astype(x.dtype)
+
+
+_reference_jit = jax.jit(_reference, static_argnames=("activation",))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _causal_conv1d(x, weight, bias, position, activation):
+    return _reference(x, weight, bias, position, activation)
+
+
+def _causal_conv1d_fwd(x, weight, bias, position, activation):
+    return _reference(x, weight, bias, position, activation), (x, weight, bias, position)
+
+
+def _causal_conv1d_bwd(activation, res, g):
+    x, weight, bias, position = res
+    width, length = weight.shape[1], x.shape[1]
+    g_pre = g.astype(jnp.float32)
+    if activation == "silu":
+        pre = _pre_activation(x, weight, bias, position)
+        sig = jax.nn.sigmoid(pre)
+        g_pre = g_pre * sig * (1.0 + pre * (1.0 - sig))
+    w = weight.astype(jnp.float32)
+    dx = jnp.zeros(x.shape, jnp.float32)
+    dw = []
+    for k, tap in _taps(x, position, width):
+        lag = width - 1 - k
+        dw.append(jnp.sum(tap * g_pre, axis=(0, 1)))
+        # Output t read x[t - lag] (when t is at least lag into its segment): send its gradient
+        # back lag steps.
+        sent = jnp.where((position >= lag)[..., None], g_pre, 0.0)
+        dx = dx + jnp.pad(sent, [(0, 0), (0, lag), (0, 0)])[:, lag:lag + length] * w[:, k]
+    dweight = jnp.stack(dw, axis=1).astype(weight.dtype)
+    dbias = None if bias is None else jnp.sum(g_pre, axis=(0, 1)).astype(bias.dtype)
+    return dx.astype(x.dtype), dweight, dbias, None
+
+
+_causal_conv1d.defvjp(_causal_conv1d_fwd, _causal_conv1d_bwd)
+_causal_conv1d_jit = jax.jit(_causal_conv1d, static_argnums=(4,))
 
 
 def causal_conv1d_step(window, weight, bias=None):
