@@ -500,6 +500,9 @@ def child(spec: dict) -> None:
 
 
 def _git_commit():
+    # A device machine gets a copy of the working tree without its history: the caller names it.
+    if os.environ.get("PACKMAMBA_GIT_COMMIT"):
+        return os.environ["PACKMAMBA_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               cwd=REPO, timeout=10).stdout.strip() or None
