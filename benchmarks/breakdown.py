@@ -41,7 +41,10 @@ not add up exactly; `other` absorbs the difference (and can come out negative). 
 writes a jax.profiler trace of a few full steps (perfetto_trace.json.gz, for ui.perfetto.dev)
 and sums its device kernel time by kernel name into: scan (the Pallas kernels, named
 selective_scan_*), gemm (cuBLAS/cuBLASLt/CUTLASS names), other fusions; best effort, since kernel
-names depend on the XLA version.
+names depend on the XLA version. It also attributes each kernel to the JAX source line(s) its
+HLO instruction came from (the optimized module's op metadata and stack frames; "bwd" for
+transposes), so XLA fusions read as "causal_conv1d.py:33 causal_conv1d bwd" instead of
+"input_multiply_reduce_fusion". Library kernels (cuBLAS, Pallas) keep their own names.
 
 Time budget: --time-budget seconds (default 540); a variant whose compile (predicted from the
 last one) does not fit is skipped and recorded so; run the rest with --variants in another call.

@@ -75,3 +75,25 @@ def test_bench_train_tiny_counts_real_tokens_merges_and_plots(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     table = plot_train.table(data)
     assert "| tiny | instruct |" in table and "| 130m | corpus | — | — | skipped |" in table
+
+
+def test_breakdown_attributes_hlo_instructions_to_source_lines():
+    """The trace attribution names the user source line (and fwd/bwd) of a fused kernel."""
+    import breakdown
+    import jax
+    import jax.numpy as jnp
+
+    def f(x):
+        y = jnp.sin(x) * 3.0  # the line the fusions must point at
+        return jnp.sum(y * y)
+
+    body = {f"test_bench_train.py:{f.__code__.co_firstlineno + i} " for i in (1, 2)}
+    text = jax.jit(jax.grad(f)).lower(jnp.ones(64)).compile().as_text()
+    sources = breakdown.hlo_sources(text)
+    entry = text[text.index("ENTRY"):]
+    fused = [name for name in sources if name in entry.replace(".", "_") and "fusion" in name]
+    assert fused, sources
+    for name in fused:
+        for part in sources[name].split(" | "):
+            assert any(part.startswith(b) for b in body) and "<locals>.f " in part, sources[name]
+    assert any(" bwd" in sources[name] for name in fused), sources
