@@ -5,6 +5,9 @@
     PYTHONPATH=. python3 benchmarks/breakdown.py --variants grad_noscan,fwd_noscan,grad_noconv,grad_nonorm
     PYTHONPATH=. python3 benchmarks/breakdown.py --trace /tmp/trace      # also a profiler trace
     PYTHONPATH=. python3 benchmarks/breakdown.py --tiny --out /tmp/b.json   # CPU check
+    # A/B of one choice on the full step (~1.5 min each; results keyed by the choice):
+    PYTHONPATH=. python3 benchmarks/breakdown.py --variants step --scan-config window=2,unroll=2
+    PYTHONPATH=. python3 benchmarks/breakdown.py --variants step --model conv_impl=pallas
 
 Method. The model is bench_train.py's (released vocabulary, bf16 compute, float32 params, AdamW,
 train/step.py) on one packed batch of the "instruct" workload (step time does not depend on the
@@ -55,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import functools
 import gzip
@@ -104,7 +108,8 @@ def fake_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_softp
     return y.astype(u.dtype)
 
 
-def fake_conv(x, weight, bias=None, *, segment_ids=None, activation=None):
+def fake_conv(x, weight, bias=None, *, segment_ids=None, activation=None, impl=None):
+    del impl
     y = x * weight[:, -1]
     if bias is not None:
         y = y + bias
@@ -130,6 +135,17 @@ def patched(*, scan=False, conv=False, norm=False):
         yield
     finally:
         M.selective_scan, M.causal_conv1d, M.RMSNorm.__call__ = saved
+
+
+def override_scan_config(overrides: dict) -> None:
+    """Every Pallas scan traced from now on uses its picked ScanConfig with `overrides` replaced
+    (for the whole process: the variants and the trace all see the same tiling)."""
+    from pallas_kernels.selective_scan import vjp as scan_vjp
+    from pallas_kernels.selective_scan.config import ScanConfig
+
+    dataclasses.replace(ScanConfig(), **overrides)  # unknown fields fail here, before compiling
+    pick = scan_vjp.pick_config
+    scan_vjp.pick_config = lambda *shape: dataclasses.replace(pick(*shape), **overrides)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,6 +290,9 @@ def main(argv=None) -> int:
     ap.add_argument("--scan-impl", default="auto")
     ap.add_argument("--remat", action="store_true")
     ap.add_argument("--model", default="", help="MambaConfig overrides, e.g. n_layer=1 (checks)")
+    ap.add_argument("--scan-config", default="",
+                    help="ScanConfig overrides for every Pallas scan, e.g. window=2,unroll=2 (A/B of "
+                         "kernel tilings; results are keyed by them)")
     ap.add_argument("--time-budget", type=float, default=540.0)
     ap.add_argument("--trace", default=None, help="directory for a jax.profiler trace of full steps")
     ap.add_argument("--out", default=None)
@@ -291,6 +310,9 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"unknown variants {bad}; choose from {list(VARIANTS)}")
 
+    scan_overrides = bench_train.parse_overrides(args.scan_config)
+    if scan_overrides:
+        override_scan_config(scan_overrides)
     from train import sharding
     from train import step as step_lib
     from train.config import MeshConfig, ModelConfig, OptimConfig
@@ -342,8 +364,10 @@ def main(argv=None) -> int:
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   command="PYTHONPATH=. python3 benchmarks/breakdown.py " + " ".join(
                       sys.argv[1:] if argv is None else argv),
-                  git_commit=bench_train._git_commit(), variants={})
-    key = f"{preset}/packed/{rows}x{seq_len}"
+                  git_commit=bench_train._git_commit(), scan_config_overrides=scan_overrides,
+                  variants={})
+    key = (f"{preset}/packed/{rows}x{seq_len}" + (f"/scan:{args.scan_config}" if scan_overrides else "")
+           + (f"/model:{args.model}" if args.model else ""))
     existing = json.loads(out.read_text()) if out.exists() else {}
     if key in existing:  # keep variants measured by an earlier call
         result["variants"] = {**existing[key].get("variants", {}), **result["variants"]}

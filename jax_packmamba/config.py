@@ -45,6 +45,7 @@ class MambaConfig:
     initializer_range: float = 0.02
     dtype: str = "float32"  # compute dtype; parameters and the residual stream stay float32
     scan_impl: str = "auto"  # see jax_packmamba.selective_scan
+    conv_impl: str = "auto"  # see jax_packmamba.causal_conv1d
     remat: bool = False  # recompute each block's activations in the backward pass
 
     def __post_init__(self):

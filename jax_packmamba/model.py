@@ -128,7 +128,8 @@ class MambaMixer(nnx.Module):
         config = self.config
         x, z = self._in_proj(hidden)  # (b, t, e) each
         weight, bias = self._conv_params()
-        x_conv = causal_conv1d(x, weight, bias, segment_ids=segment_ids, activation="silu")
+        x_conv = causal_conv1d(x, weight, bias, segment_ids=segment_ids, activation="silu",
+                               impl=config.conv_impl)
         dt, B, C = self._dt_B_C(x_conv)
         # dt_proj's bias goes into the scan as delta_bias, in float32, as in mamba_ssm.
         result = selective_scan(x_conv, dt, self._A(), B, C, self.D[...], z, self.dt_proj.bias[...],

@@ -39,6 +39,7 @@ MODES = ("packed", "padded", "single")
 PACK_POLICIES = ("first_fit_decreasing", "greedy")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCAN_IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
+CONV_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 DATA_FORMATS = ("auto", "text", "jsonl", "tokens")
 BIN_DTYPES = ("uint8", "uint16", "int32", "uint32", "int64")
 
@@ -54,6 +55,7 @@ class ModelConfig:
     preset: str = "tiny"
     dtype: str = "auto"
     scan_impl: str = "auto"
+    conv_impl: str = "auto"
     remat: bool = False
     overrides: dict = dataclasses.field(default_factory=dict)
 
@@ -70,7 +72,7 @@ class ModelConfig:
         try:
             return MambaConfig.preset(
                 self.preset, **overrides, vocab_size=vocab or vocab_size, dtype=dtype,
-                scan_impl=self.scan_impl, remat=self.remat)
+                scan_impl=self.scan_impl, conv_impl=self.conv_impl, remat=self.remat)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model: {e}") from None
 
@@ -186,6 +188,7 @@ class TrainConfig:
         _choice("model.preset", m.preset, sorted(PRESETS))
         _choice("model.dtype", m.dtype, MODEL_DTYPES)
         _choice("model.scan_impl", m.scan_impl, SCAN_IMPLS)
+        _choice("model.conv_impl", m.conv_impl, CONV_IMPLS)
         mamba_fields = {f.name for f in dataclasses.fields(MambaConfig)}
         for key in m.overrides:
             if key not in mamba_fields:

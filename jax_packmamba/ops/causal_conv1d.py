@@ -20,17 +20,30 @@ import numpy as np
 from jax_packmamba.ops.segments import check_segment_ids, positions_from_segment_ids
 
 ACTIVATIONS = (None, "silu")
+# "auto" is "xla" until the Pallas kernels are timed in a training step on the GPU.
+CONV_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
 
-def causal_conv1d(x, weight, bias=None, *, segment_ids=None, activation=None):
+def causal_conv1d(x, weight, bias=None, *, segment_ids=None, activation=None, impl="auto"):
     """Segment-aware depthwise causal conv; x (batch, length, channels), weight (channels, width).
 
     Accumulates in float32 and returns x's dtype. activation: None or "silu". Same values as
-    `causal_conv1d_reference`; its gradient is written out (custom_vjp) so that the backward
-    saves only x and recomputes the pre-activation, instead of keeping float32 intermediates.
+    `causal_conv1d_reference`. impl:
+      "xla" (what "auto" picks): XLA ops with the gradient written out (custom_vjp), so the
+          backward saves only x and recomputes the pre-activation;
+      "pallas": Triton kernels (pallas_kernels/causal_conv1d; GPU), forward and backward;
+      "pallas_interpret": the same kernels through the Pallas interpreter (any backend; tests).
     """
     check_causal_conv1d_args(x, weight, bias, segment_ids, activation)
-    return _causal_conv1d_jit(x, weight, bias, _positions(x, segment_ids), activation)
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"impl must be one of {CONV_IMPLS}, got {impl!r}")
+    positions = _positions(x, segment_ids)
+    if impl.startswith("pallas"):
+        from pallas_kernels.causal_conv1d import causal_conv1d_pallas
+
+        return causal_conv1d_pallas(x, weight, bias, positions, activation=activation,
+                                    interpret=impl == "pallas_interpret")
+    return _causal_conv1d_jit(x, weight, bias, positions, activation)
 
 
 def causal_conv1d_reference(x, weight, bias=None, *, segment_ids=None, activation=None):

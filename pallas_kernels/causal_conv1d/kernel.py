@@ -1,0 +1,186 @@
+"""Pallas (Triton) kernels of the segment-aware depthwise causal conv, forward and backward.
+
+Axis letters: b batch, t time, e channels, w filter width (taps k = 0..w-1, lag = w-1-k).
+
+One program = `block_e` channels x `chunk` time steps of one row, walking time one step at a
+time with coalesced (block_e,) row loads; the last w-1 inputs stay in registers as a sliding
+window, so every input row is read once (plus w-1 rows of halo per chunk). A tap reaches
+x[t - lag] only if t is at least lag steps into its segment (positions[t] >= lag), which is
+what a sequence run alone sees.
+
+Backward, walking forwards: at step t the kernel recomputes the pre-activation from the window,
+g_pre[t] = g[t] * silu'(pre[t]), and sends w_k * g_pre[t] to dx[t - lag] (if positions[t] >=
+lag) into a window of w-1 pending dx rows; the oldest is complete once t moves on and is
+stored. A chunk's last w-1 dx rows also receive the next chunk's first w-1 steps, so each
+program walks w-1 extra steps that only feed those rows. dweight and dbias are sums over
+(b, t): one partial row per program, added up by XLA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Static:
+    length: int
+    channels: int
+    width: int
+    block_e: int
+    chunk: int
+    silu: bool
+    has_bias: bool
+
+
+def _cols(st: Static):
+    e0 = pl.program_id(2) * st.block_e
+    cols = e0 + jax.lax.broadcasted_iota(jnp.int32, (st.block_e,), 0)
+    return e0, cols < st.channels
+
+
+def _row(ref, b, t, e0, cmask, st: Static):
+    """(block_e,) float32 row ref[b, t, e0:e0 + block_e], zero outside [0, length)."""
+    valid = (t >= 0) & (t < st.length)
+    tc = jnp.clip(t, 0, st.length - 1)
+    return plgpu.load(ref.at[b, tc, pl.ds(e0, st.block_e)], mask=cmask & valid, other=0).astype(F32)
+
+
+def _position(pos_ref, b, t, st: Static):
+    """positions[b, t] (0 outside [0, length): such steps see only their own tap, of a zero row)."""
+    valid = (t >= 0) & (t < st.length)
+    return jnp.where(valid, pos_ref[b, jnp.clip(t, 0, st.length - 1)], 0)
+
+
+def _params(w_ref, bias_ref, e0, cmask, st: Static):
+    # jnp.int32: the interpreter's masked-load discharge rejects plain Python ints as indices.
+    taps = [plgpu.load(w_ref.at[jnp.int32(k), pl.ds(e0, st.block_e)], mask=cmask, other=0).astype(F32)
+            for k in range(st.width)]
+    bias = (plgpu.load(bias_ref.at[pl.ds(e0, st.block_e)], mask=cmask, other=0).astype(F32)
+            if st.has_bias else jnp.zeros((st.block_e,), F32))
+    return taps, bias
+
+
+def _pre(window, x_t, position, taps, bias, st: Static):
+    """Pre-activation at t from the window (x[t-w+1] .. x[t-1], oldest first) and x[t]."""
+    rows = (*window, x_t)
+    acc = bias
+    for k in range(st.width):
+        lag = st.width - 1 - k
+        acc = acc + jnp.where(position >= lag, rows[k], 0.0) * taps[k]
+    return acc
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + jnp.exp(-x))
+
+
+def _initial_window(x_ref, b, t0, e0, cmask, st: Static):
+    return tuple(_row(x_ref, b, t0 - (st.width - 1) + i, e0, cmask, st) for i in range(st.width - 1))
+
+
+def _fwd_kernel(x_ref, w_ref, bias_ref, pos_ref, out_ref, *, st: Static):
+    b, t0 = pl.program_id(0), pl.program_id(1) * st.chunk
+    e0, cmask = _cols(st)
+    taps, bias = _params(w_ref, bias_ref, e0, cmask, st)
+
+    def step(i, window):
+        t = t0 + i
+        x_t = _row(x_ref, b, t, e0, cmask, st)
+        out = _pre(window, x_t, _position(pos_ref, b, t, st), taps, bias, st)
+        if st.silu:
+            out = out * _sigmoid(out)
+        plgpu.store(out_ref.at[b, jnp.minimum(t, st.length - 1), pl.ds(e0, st.block_e)],
+                    out.astype(out_ref.dtype), mask=cmask & (t < st.length))
+        return (*window[1:], x_t)
+
+    jax.lax.fori_loop(0, st.chunk, step, _initial_window(x_ref, b, t0, e0, cmask, st))
+
+
+def _bwd_kernel(x_ref, w_ref, bias_ref, pos_ref, g_ref, dx_ref, dw_ref, dbias_ref, *, st: Static):
+    b, c = pl.program_id(0), pl.program_id(1)
+    t0 = c * st.chunk
+    e0, cmask = _cols(st)
+    taps, bias = _params(w_ref, bias_ref, e0, cmask, st)
+    zero = jnp.zeros((st.block_e,), F32)
+
+    def step(i, carry):
+        window, pending, dw, dbias = carry
+        t = t0 + i
+        x_t = _row(x_ref, b, t, e0, cmask, st)
+        position = _position(pos_ref, b, t, st)
+        g_pre = _row(g_ref, b, t, e0, cmask, st)
+        if st.silu:
+            pre = _pre(window, x_t, position, taps, bias, st)
+            sig = _sigmoid(pre)
+            g_pre = g_pre * sig * (1.0 + pre * (1.0 - sig))
+        # Steps past the chunk only complete its last dx rows; their weight gradients belong to
+        # the next program.
+        own = (i < st.chunk).astype(F32)
+        rows = (*window, x_t)
+        dw = tuple(dw[k] + own * jnp.where(position >= st.width - 1 - k, rows[k], 0.0) * g_pre
+                   for k in range(st.width))
+        dbias = dbias + own * g_pre
+        # pending holds dx[t-w+1] .. dx[t-1] (oldest first); dx[t] starts with the lag-0 tap.
+        sent = [jnp.where(position >= st.width - 1 - k, g_pre, 0.0) * taps[k] for k in range(st.width)]
+        done = pending[0] + sent[0]
+        rest = tuple(pending[j] + sent[j] for j in range(1, st.width - 1))
+        new_row = sent[st.width - 1]
+        t_done = t - (st.width - 1)
+        # dx[t - w + 1] has all its terms now; rows before the chunk belong to the previous program.
+        keep = (t_done >= t0) & (t_done < jnp.minimum(t0 + st.chunk, st.length))
+        plgpu.store(dx_ref.at[b, jnp.clip(t_done, 0, st.length - 1), pl.ds(e0, st.block_e)],
+                    done.astype(dx_ref.dtype), mask=cmask & keep)
+        return (*window[1:], x_t), (*rest, new_row), dw, dbias
+
+    pending = tuple(zero for _ in range(st.width - 1))
+    carry = (_initial_window(x_ref, b, t0, e0, cmask, st), pending,
+             tuple(zero for _ in range(st.width)), zero)
+    _, _, dw, dbias = jax.lax.fori_loop(0, st.chunk + st.width - 1, step, carry)
+    for k in range(st.width):
+        plgpu.store(dw_ref.at[b, c, jnp.int32(k), pl.ds(e0, st.block_e)], dw[k], mask=cmask)
+    plgpu.store(dbias_ref.at[b, c, pl.ds(e0, st.block_e)], dbias, mask=cmask)
+
+
+def _grid(batch, st: Static):
+    return (batch, -(-st.length // st.chunk), -(-st.channels // st.block_e))
+
+
+def _params_compiler(num_warps):
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+
+
+def conv_fwd(x, w_t, bias, positions, *, st: Static, num_warps: int, interpret: bool):
+    """out (b, t, e) in x's dtype; w_t (w, e) float32, bias (e,) float32, positions (b, t) int32."""
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, st=st),
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        grid=_grid(x.shape[0], st),
+        compiler_params=_params_compiler(num_warps),
+        interpret=interpret,
+        name="causal_conv1d_fwd",
+    )(x, w_t, bias, positions)
+
+
+def conv_bwd(x, w_t, bias, positions, g, *, st: Static, num_warps: int, interpret: bool):
+    """(dx (b, t, e) in x's dtype, dweight partials (b, chunks, w, e) and dbias partials
+    (b, chunks, e), float32)."""
+    batch = x.shape[0]
+    nc = -(-st.length // st.chunk)
+    return pl.pallas_call(
+        functools.partial(_bwd_kernel, st=st),
+        out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
+                   jax.ShapeDtypeStruct((batch, nc, st.width, st.channels), F32),
+                   jax.ShapeDtypeStruct((batch, nc, st.channels), F32)),
+        grid=_grid(batch, st),
+        compiler_params=_params_compiler(num_warps),
+        interpret=interpret,
+        name="causal_conv1d_bwd",
+    )(x, w_t, bias, positions, g)

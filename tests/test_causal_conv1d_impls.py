@@ -1,0 +1,151 @@
+"""Every causal-conv implementation against float64 per-step loops, and packing isolation.
+
+Parametrized over "xla" (XLA ops with the written-out backward), "pallas_interpret" (the Triton
+kernels through the Pallas interpreter, on CPU) and "pallas" (the same kernels on a GPU;
+skipped without one). The Pallas runs pin a 16-step chunk, so short rows cross chunk edges;
+channel counts are not multiples of the 128-channel block. Plus a test that lowers the kernels
+for CUDA on this CPU machine.
+"""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_packmamba.ops import causal_conv1d, positions_from_segment_ids
+from pallas_kernels.causal_conv1d import causal_conv1d_pallas
+from tests.loops import causal_conv1d_loop, rel_err
+
+HAS_GPU = jax.default_backend() == "gpu"
+IMPLS = [
+    "xla",
+    "pallas_interpret",
+    pytest.param("pallas", marks=[pytest.mark.gpu,
+                                  pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")]),
+]
+EDGE_CHUNK = 16
+
+
+def conv(impl, x, w, b, seg, activation):
+    if impl == "xla":
+        return causal_conv1d(x, w, b, segment_ids=seg, activation=activation, impl="xla")
+    positions = (positions_from_segment_ids(seg) if seg is not None else
+                 jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2]))
+    return causal_conv1d_pallas(x, w, b, positions, activation=activation,
+                                interpret=impl == "pallas_interpret", chunk=EDGE_CHUNK)
+
+
+def segments(lengths_per_row):
+    rows = [np.repeat(np.arange(1, len(ls) + 1), ls) for ls in lengths_per_row]
+    return jnp.asarray(np.stack(rows), jnp.int32)
+
+
+# Row lengths 50: segments of 1, ends on the chunk edge 16 and 32, crossing 48.
+EDGE_SEGMENTS = [[1, 15, 16, 1, 17], [3, 13, 1, 1, 30, 2]]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("case", ["edges_silu_bias", "edges_no_bias", "one_step", "no_segments"])
+def test_conv_matches_float64_loop(impl, dtype, tol, case):
+    key = jax.random.key(hash(case) % 1000)
+    k = jax.random.split(key, 4)
+    length, channels = {"one_step": (1, 6), "no_segments": (37, 6)}.get(case, (50, 200))
+    batch = 2
+    x = jax.random.normal(k[0], (batch, length, channels), jnp.float32).astype(dtype)
+    w = (0.5 * jax.random.normal(k[1], (channels, 4), jnp.float32)).astype(dtype)
+    b = None if case == "edges_no_bias" else jax.random.normal(k[2], (channels,), jnp.float32).astype(dtype)
+    seg = segments(EDGE_SEGMENTS) if case.startswith("edges") else (
+        jnp.ones((batch, length), jnp.int32) if case == "one_step" else None)
+    activation = None if case == "edges_no_bias" else "silu"
+    cot = jax.random.normal(k[3], x.shape, jnp.float32).astype(dtype)
+
+    y, vjp = jax.vjp(lambda *a: conv(impl, *a, seg, activation), x, w, b)
+    grads = vjp(cot)
+    to64 = lambda a: None if a is None else np.asarray(a, np.float64)  # noqa: E731
+    with jax.enable_x64(True):
+        y64, vjp64 = jax.vjp(lambda *a: causal_conv1d_loop(*a, segment_ids=seg, activation=activation),
+                             to64(x), to64(w), to64(b))
+        want = vjp64(to64(cot))
+    assert y.dtype == dtype
+    # Scaled by the dtype; the gradients of w and b sum over batch x length terms.
+    assert rel_err(y.astype(jnp.float32), y64) < tol
+    for g, g64 in zip(grads, want):
+        if g64 is None:
+            assert g is None
+            continue
+        assert g.dtype == dtype
+        assert rel_err(g.astype(jnp.float32), g64) < 4 * tol
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_packed_conv_equals_alone_and_perturbation_is_isolated(impl):
+    lengths = [1, 15, 16, 1, 17, 30]  # edges at 16 and 32 inside, a segment of 1 on each side
+    seg = segments([lengths])
+    total = sum(lengths)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    k = jax.random.split(jax.random.key(3), 4)
+    x = jax.random.normal(k[0], (1, total, 130))
+    w = jax.random.normal(k[1], (130, 4))
+    b = jax.random.normal(k[2], (130,))
+    cot = jax.random.normal(k[3], x.shape)
+
+    def out_and_dx(x_, s, c):
+        y, vjp = jax.vjp(lambda a: conv(impl, a, w, b, s, "silu"), x_)
+        return y, vjp(c)[0]
+
+    y, dx = out_and_dx(x, seg, cot)
+    for start, n in zip(starts, lengths):
+        sl = slice(start, start + n)
+        y1, dx1 = out_and_dx(x[:, sl], None, cot[:, sl])
+        np.testing.assert_allclose(y[:, sl], y1, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(dx[:, sl], dx1, rtol=1e-6, atol=1e-6)
+
+    # Perturb the third sequence (it ends on a chunk edge) with its cotangent zeroed: every other
+    # position's output, dx, and the weight gradients are bit-identical.
+    victim = slice(starts[2], starts[2] + lengths[2])
+    noisy = x.at[:, victim].add(1.0)
+    masked = cot.at[:, victim].set(0.0)
+
+    def everything(x_):
+        y_, vjp = jax.vjp(lambda a, w_, b_: conv(impl, a, w_, b_, seg, "silu"), x_, w, b)
+        return (y_, *vjp(masked))
+
+    base, moved = everything(x), everything(noisy)
+    keep = np.ones(total, bool)
+    keep[victim] = False
+    assert not np.array_equal(base[0][:, victim], moved[0][:, victim])
+    np.testing.assert_array_equal(base[0][:, keep], moved[0][:, keep])
+    np.testing.assert_array_equal(base[1][:, keep], moved[1][:, keep])
+    np.testing.assert_array_equal(base[2], moved[2])
+    np.testing.assert_array_equal(base[3], moved[3])
+
+
+def test_conv_rejects_unknown_impl():
+    x = jnp.zeros((1, 4, 2))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        causal_conv1d(x, jnp.zeros((2, 4)), impl="cuda")
+
+
+def test_pallas_conv_lowers_for_cuda_with_named_kernels():
+    from jax._src import mesh as mesh_lib
+
+    device = mesh_lib.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    mesh = mesh_lib.AbstractMesh((1,), ("x",), abstract_device=device)
+    sds = jax.ShapeDtypeStruct
+    bf = jnp.bfloat16
+
+    def loss(x, w, b, seg):
+        y = causal_conv1d(x, w, b, segment_ids=seg, activation="silu", impl="pallas")
+        return y.astype(jnp.float32).sum()
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2))
+    args = (sds((2, 300, 200), bf), sds((200, 4), bf), sds((200,), bf), sds((2, 300), jnp.int32))
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    names = re.findall(r'name = "(causal_conv1d_[a-z]+)"', text)
+    assert sorted(names) == ["causal_conv1d_bwd", "causal_conv1d_fwd"], names
+    assert text.count("__gpu$xla.gpu.triton") == 2
