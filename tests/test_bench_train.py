@@ -97,3 +97,17 @@ def test_breakdown_attributes_hlo_instructions_to_source_lines():
         for part in sources[name].split(" | "):
             assert any(part.startswith(b) for b in body) and "<locals>.f " in part, sources[name]
     assert any(" bwd" in sources[name] for name in fused), sources
+
+
+def test_register_probe_dumps_each_scan_kernel_as_triton_ir(tmp_path):
+    """The dump half of register_probe.py (the compile half needs the pip triton package)."""
+    import register_probe
+
+    meta = register_probe.dump(tmp_path, {"window": 2}, shape=(2, 64, 64, 16))
+    assert meta["config"]["window"] == 2
+    assert sorted(meta["kernels"]) == sorted(
+        ["selective_scan_fwd_chunk_states", "selective_scan_fwd_chunk_outputs",
+         "selective_scan_bwd_chunk_dstates", "selective_scan_bwd_chunk_grads"])
+    for name, launch in meta["kernels"].items():
+        assert launch["num_warps"] >= 1 and len(launch["grid"]) == 3
+        assert f"tt.func public @{name}" in (tmp_path / f"{name}.ttir").read_text()
