@@ -176,7 +176,7 @@ _FIELD = re.compile(r"(\w+)=(\d+)")
 
 
 def hlo_sources(hlo_text: str) -> dict[str, str]:
-    """Optimized HLO text -> {instruction name with '.' as '_': "file:line function dir op"}.
+    """Optimized HLO text -> {instruction name with "." as "_": "file:line function dir"}.
 
     A kernel in the trace is named after its HLO instruction (fusion, custom call); the
     instruction's metadata names the JAX op and a stack frame (the module's FileNames /

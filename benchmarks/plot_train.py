@@ -152,7 +152,7 @@ def plot(data, out_dir: pathlib.Path, stem: str) -> list[pathlib.Path]:
                 if p in presets:
                     j = presets.index(p)
                     ax.hlines(s, j - 0.4, j + 0.4, colors="k", linestyles="--", lw=1)
-                    # Left of the line, below it: clear of the bars' own labels above them.
+                    # Left of the line: clear of the labels above the bars.
                     ax.annotate(f"paper {s}x", (j - 0.42, s), fontsize=7, ha="right", va="center")
             ax.axhline(TARGET_SPEEDUP_SINGLE, color="tab:red", lw=0.8, ls=":",
                        label=f"target {TARGET_SPEEDUP_SINGLE:g}x (instruct)")

@@ -49,14 +49,16 @@ EDGE_SEGMENTS = [[1, 15, 16, 1, 17], [3, 13, 1, 1, 30, 2]]
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
-@pytest.mark.parametrize("case", ["edges_silu_bias", "edges_no_bias", "one_step", "no_segments"])
+@pytest.mark.parametrize("case", ["edges_silu_bias", "edges_no_bias", "edges_width2", "edges_width1",
+                                  "one_step", "no_segments"])
 def test_conv_matches_float64_loop(impl, dtype, tol, case):
     key = jax.random.key(hash(case) % 1000)
     k = jax.random.split(key, 4)
     length, channels = {"one_step": (1, 6), "no_segments": (37, 6)}.get(case, (50, 200))
     batch = 2
     x = jax.random.normal(k[0], (batch, length, channels), jnp.float32).astype(dtype)
-    w = (0.5 * jax.random.normal(k[1], (channels, 4), jnp.float32)).astype(dtype)
+    width = {"edges_width2": 2, "edges_width1": 1}.get(case, 4)
+    w = (0.5 * jax.random.normal(k[1], (channels, width), jnp.float32)).astype(dtype)
     b = None if case == "edges_no_bias" else jax.random.normal(k[2], (channels,), jnp.float32).astype(dtype)
     seg = segments(EDGE_SEGMENTS) if case.startswith("edges") else (
         jnp.ones((batch, length), jnp.int32) if case == "one_step" else None)

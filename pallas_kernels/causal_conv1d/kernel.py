@@ -99,7 +99,7 @@ def _fwd_kernel(x_ref, w_ref, bias_ref, pos_ref, out_ref, *, st: Static):
             out = out * _sigmoid(out)
         plgpu.store(out_ref.at[b, jnp.minimum(t, st.length - 1), pl.ds(e0, st.block_e)],
                     out.astype(out_ref.dtype), mask=cmask & (t < st.length))
-        return (*window[1:], x_t)
+        return (*window, x_t)[1:]
 
     jax.lax.fori_loop(0, st.chunk, step, _initial_window(x_ref, b, t0, e0, cmask, st))
 
@@ -128,17 +128,17 @@ def _bwd_kernel(x_ref, w_ref, bias_ref, pos_ref, g_ref, dx_ref, dw_ref, dbias_re
         dw = tuple(dw[k] + own * jnp.where(position >= st.width - 1 - k, rows[k], 0.0) * g_pre
                    for k in range(st.width))
         dbias = dbias + own * g_pre
-        # pending holds dx[t-w+1] .. dx[t-1] (oldest first); dx[t] starts with the lag-0 tap.
-        sent = [jnp.where(position >= st.width - 1 - k, g_pre, 0.0) * taps[k] for k in range(st.width)]
-        done = pending[0] + sent[0]
-        rest = tuple(pending[j] + sent[j] for j in range(1, st.width - 1))
-        new_row = sent[st.width - 1]
+        # pending holds dx[t-w+1] .. dx[t-1] (oldest first); tap k of step t lands on dx[t-lag].
+        rows_dx = (*pending, zero)
+        rows_dx = tuple(rows_dx[k] + jnp.where(position >= st.width - 1 - k, g_pre, 0.0) * taps[k]
+                        for k in range(st.width))
+        done = rows_dx[0]
         t_done = t - (st.width - 1)
         # dx[t - w + 1] has all its terms now; rows before the chunk belong to the previous program.
         keep = (t_done >= t0) & (t_done < jnp.minimum(t0 + st.chunk, st.length))
         plgpu.store(dx_ref.at[b, jnp.clip(t_done, 0, st.length - 1), pl.ds(e0, st.block_e)],
                     done.astype(dx_ref.dtype), mask=cmask & keep)
-        return (*window[1:], x_t), (*rest, new_row), dw, dbias
+        return (*window, x_t)[1:], rows_dx[1:], dw, dbias
 
     pending = tuple(zero for _ in range(st.width - 1))
     carry = (_initial_window(x_ref, b, t0, e0, cmask, st), pending,
@@ -153,7 +153,7 @@ def _grid(batch, st: Static):
     return (batch, -(-st.length // st.chunk), -(-st.channels // st.block_e))
 
 
-def _params_compiler(num_warps):
+def _compiler_params(num_warps):
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
@@ -163,7 +163,7 @@ def conv_fwd(x, w_t, bias, positions, *, st: Static, num_warps: int, interpret: 
         functools.partial(_fwd_kernel, st=st),
         out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
         grid=_grid(x.shape[0], st),
-        compiler_params=_params_compiler(num_warps),
+        compiler_params=_compiler_params(num_warps),
         interpret=interpret,
         name="causal_conv1d_fwd",
     )(x, w_t, bias, positions)
@@ -180,7 +180,7 @@ def conv_bwd(x, w_t, bias, positions, g, *, st: Static, num_warps: int, interpre
                    jax.ShapeDtypeStruct((batch, nc, st.width, st.channels), F32),
                    jax.ShapeDtypeStruct((batch, nc, st.channels), F32)),
         grid=_grid(batch, st),
-        compiler_params=_params_compiler(num_warps),
+        compiler_params=_compiler_params(num_warps),
         interpret=interpret,
         name="causal_conv1d_bwd",
     )(x, w_t, bias, positions, g)
