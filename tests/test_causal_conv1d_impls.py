@@ -17,14 +17,13 @@ import pytest
 
 from jax_packmamba.ops import causal_conv1d, positions_from_segment_ids
 from pallas_kernels.causal_conv1d import causal_conv1d_pallas
+from tests.gpu import on_gpu
 from tests.loops import causal_conv1d_loop, rel_err
 
-HAS_GPU = jax.default_backend() == "gpu"
 IMPLS = [
     "xla",
     "pallas_interpret",
-    pytest.param("pallas", marks=[pytest.mark.gpu,
-                                  pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")]),
+    on_gpu("pallas"),
 ]
 EDGE_CHUNK = 16
 

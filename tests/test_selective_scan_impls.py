@@ -20,14 +20,13 @@ import pytest
 
 from jax_packmamba.ops.selective_scan import selective_scan, selective_scan_reference
 from pallas_kernels.selective_scan import ScanConfig, selective_scan_pallas
+from tests.gpu import on_gpu
 from tests.loops import rel_err
 
-HAS_GPU = jax.default_backend() == "gpu"
 IMPLS = [
     "reference",
     "pallas_interpret",
-    pytest.param("pallas", marks=[pytest.mark.gpu,
-                                  pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")]),
+    on_gpu("pallas"),
 ]
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 # Small chunks, so that a short row crosses several chunk and checkpoint edges.
