@@ -7,8 +7,8 @@ channel counts are not multiples of the 128-channel block. Plus a test that lowe
 for CUDA on this CPU machine.
 """
 
-import functools
 import re
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +51,7 @@ EDGE_SEGMENTS = [[1, 15, 16, 1, 17], [3, 13, 1, 1, 30, 2]]
 @pytest.mark.parametrize("case", ["edges_silu_bias", "edges_no_bias", "edges_width2", "edges_width1",
                                   "one_step", "no_segments"])
 def test_conv_matches_float64_loop(impl, dtype, tol, case):
-    key = jax.random.key(hash(case) % 1000)
+    key = jax.random.key(zlib.crc32(case.encode()))  # fixed per case (str hash is salted per process)
     k = jax.random.split(key, 4)
     length, channels = {"one_step": (1, 6), "no_segments": (37, 6)}.get(case, (50, 200))
     batch = 2
