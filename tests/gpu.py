@@ -1,4 +1,5 @@
-"""Parameters for tests that need a CUDA GPU: marked `gpu` and skipped cleanly without one."""
+"""GPU test helpers: parameters marked `gpu` that skip cleanly without one, and lowering for
+CUDA on a machine without a GPU."""
 
 import jax
 import pytest
@@ -9,3 +10,14 @@ HAS_GPU = jax.default_backend() == "gpu"
 def on_gpu(value):
     return pytest.param(value, marks=[pytest.mark.gpu,
                                       pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")])
+
+
+def lower_for_cuda(fn, *args) -> str:
+    """StableHLO text of jit(fn) lowered for CUDA. Pallas asks for the target GPU's kind, which an
+    abstract mesh device supplies; XLA is never asked to compile, so nothing needs a GPU."""
+    from jax._src import mesh as mesh_lib
+
+    device = mesh_lib.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    mesh = mesh_lib.AbstractMesh((1,), ("x",), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()

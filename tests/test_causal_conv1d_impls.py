@@ -17,7 +17,7 @@ import pytest
 
 from jax_packmamba.ops import causal_conv1d, positions_from_segment_ids
 from pallas_kernels.causal_conv1d import causal_conv1d_pallas
-from tests.gpu import on_gpu
+from tests.gpu import lower_for_cuda, on_gpu
 from tests.loops import causal_conv1d_loop, rel_err
 
 IMPLS = [
@@ -132,10 +132,6 @@ def test_conv_rejects_unknown_impl():
 
 
 def test_pallas_conv_lowers_for_cuda_with_named_kernels():
-    from jax._src import mesh as mesh_lib
-
-    device = mesh_lib.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
-    mesh = mesh_lib.AbstractMesh((1,), ("x",), abstract_device=device)
     sds = jax.ShapeDtypeStruct
     bf = jnp.bfloat16
 
@@ -143,10 +139,8 @@ def test_pallas_conv_lowers_for_cuda_with_named_kernels():
         y = causal_conv1d(x, w, b, segment_ids=seg, activation="silu", impl="pallas")
         return y.astype(jnp.float32).sum()
 
-    grad = jax.value_and_grad(loss, argnums=(0, 1, 2))
     args = (sds((2, 300, 200), bf), sds((200, 4), bf), sds((200,), bf), sds((2, 300), jnp.int32))
-    with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2)), *args)
     names = re.findall(r'name = "(causal_conv1d_[a-z]+)"', text)
     assert sorted(names) == ["causal_conv1d_bwd", "causal_conv1d_fwd"], names
     assert text.count("__gpu$xla.gpu.triton") == 2

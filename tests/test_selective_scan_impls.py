@@ -20,7 +20,7 @@ import pytest
 
 from jax_packmamba.ops.selective_scan import selective_scan, selective_scan_reference
 from pallas_kernels.selective_scan import ScanConfig, selective_scan_pallas
-from tests.gpu import on_gpu
+from tests.gpu import lower_for_cuda, on_gpu
 from tests.loops import rel_err
 
 IMPLS = [
@@ -206,17 +206,6 @@ class TestSelectiveScanImpls:
                                       np.asarray(out1[1])[:, others])
 
 
-# Lowering for CUDA on a machine without a GPU: Pallas asks for the target GPU's kind, which an
-# abstract mesh device supplies; XLA is never asked to compile, so nothing needs a GPU.
-def _lower_for_cuda(fn, *args):
-    from jax._src import mesh as mesh_lib
-
-    device = mesh_lib.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
-    mesh = mesh_lib.AbstractMesh((1,), ("x",), abstract_device=device)
-    with jax.sharding.use_abstract_mesh(mesh):
-        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-
-
 TRITON_CALL = "__gpu$xla.gpu.triton"
 KERNELS = (
     "selective_scan_fwd_chunk_states",
@@ -242,7 +231,7 @@ def test_pallas_lowers_for_cuda_with_named_kernels(segments):
                                   impl="pallas", **kw)
         return y.astype(f32).sum() + final.sum()
 
-    text = _lower_for_cuda(jax.grad(loss, argnums=tuple(range(8))), *args)
+    text = lower_for_cuda(jax.grad(loss, argnums=tuple(range(8))), *args)
     names = re.findall(r'name = "(selective_scan_[a-z_]+)"', text)
     assert sorted(names) == sorted(KERNELS), names
     assert text.count(TRITON_CALL) == len(KERNELS)
@@ -264,4 +253,4 @@ def test_cuda_lowering_rejects_what_triton_cannot_lower():
                               name="uses_cummax")(x)
 
     with pytest.raises(Exception, match="cummax|Unimplemented|not implemented|NotImplemented"):
-        _lower_for_cuda(fn, jax.ShapeDtypeStruct((32,), jnp.float32))
+        lower_for_cuda(fn, jax.ShapeDtypeStruct((32,), jnp.float32))

@@ -29,6 +29,8 @@ import typing
 from typing import Any
 
 from jax_packmamba.config import PRESETS, MambaConfig
+from jax_packmamba.ops.causal_conv1d import CONV_IMPLS
+from jax_packmamba.ops.selective_scan import IMPLS as SCAN_IMPLS
 
 
 class ConfigError(ValueError):
@@ -38,8 +40,6 @@ class ConfigError(ValueError):
 MODES = ("packed", "padded", "single")
 PACK_POLICIES = ("first_fit_decreasing", "greedy")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
-SCAN_IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
-CONV_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 DATA_FORMATS = ("auto", "text", "jsonl", "tokens")
 BIN_DTYPES = ("uint8", "uint16", "int32", "uint32", "int64")
 
