@@ -199,11 +199,14 @@ def profile(shape, cfg, key):
         return KB.chunk_dstates(V._inputs(delta=delta, a2=a2, bias=bias, C=C, z=z, dy=dy, rst=rst),
                                 st=stb, **launch)
 
+    reduce = V._reduce_mode(cfg, stb)
+
     def grads(u, delta, a2, bias, D, B, C, z, dy, rst, h_in, dh_out):
         g = KB.chunk_grads(V._inputs(u=u, delta=delta, a2=a2, bias=bias, D=D, B=B, C=C, z=z, dy=dy,
                                      rst=rst, h_in=h_in, dh_out=dh_out),
                            st=stb, dtypes=dict(u=u.dtype, delta=delta.dtype, z=z.dtype),
-                           ckpt=cfg.ckpt, window=cfg.window, reduce=V._reduce_mode(cfg, stb),
+                           ckpt=cfg.ckpt, window=cfg.window, reduce=reduce,
+                           parts=V._state_split(cfg, stb, reduce), maxnreg=cfg.grads_maxnreg,
                            **launch)
         return g["du"], g["ddelta"], g["dz"], g["dBC"].sum(1), g["dA"].sum((0, 1))
 
@@ -234,7 +237,8 @@ def main():
     p.add_argument("--new-checks", action="store_true", help="check only the non-default configs")
     p.add_argument("--cpu-smoke", action="store_true")
     p.add_argument("--profile", default="", help="configs to profile piece by piece, as --variants")
-    p.add_argument("--shapes", default="", help="indices into ANCHORS to time, e.g. 0,1")
+    p.add_argument("--shapes", default="",
+                   help="indices into ANCHORS to time, or b:l:d:n shapes, e.g. 0,8:2048:4096:16")
     args = p.parse_args()
     global INTERPRET, ANCHORS
     if args.cpu_smoke:
@@ -259,10 +263,12 @@ def main():
             ((2, 300, 96, 8), jnp.float32, "random", ScanConfig(chunk=32, ckpt=16, window=4)),
         ]
         new = [
-            ((2, 1000, 80, 16), jnp.float32, "random", ScanConfig(chunk=64, reduce="shfl")),
-            ((1, 777, 64, 16), jnp.float32, "ones", ScanConfig(chunk=64, reduce="shfl")),
+            ((2, 1000, 80, 16), jnp.float32, "random", ScanConfig(chunk=64, state_split=2)),
+            ((2, 1000, 80, 16), jnp.bfloat16, "random",
+             ScanConfig(chunk=64, state_split=2, grads_maxnreg=128)),
+            ((1, 777, 64, 16), jnp.float32, "ones", ScanConfig(chunk=64, state_split=4)),
             ((2, 1000, 96, 16), jnp.float32, "random",
-             ScanConfig(chunk=64, block_d=64, bwd_block_d=64, window=2, ckpt=8)),
+             ScanConfig(chunk=64, state_split=2, window=8, ckpt=16)),
         ]
         cases = new if args.new_checks else cases
         for i, (shape, dtype, seg_mode, cfg) in enumerate(cases):
@@ -279,9 +285,10 @@ def main():
 
     shapes = list(ANCHORS)[:1] if args.quick else list(ANCHORS)
     if args.shapes:
-        shapes = [list(ANCHORS)[int(i)] for i in args.shapes.split(",")]
+        shapes = [list(ANCHORS)[int(i)] if ":" not in i else tuple(map(int, i.split(":")))
+                  for i in args.shapes.split(",")]
     for v in filter(None, args.profile.split(",")):
-        cfg = _parse_cfg(v)
+        cfg = _resolve(_parse_cfg(v), shapes[0])
         try:
             r = profile(shapes[0], cfg, jax.random.fold_in(key, 200))
         except Exception as e:
@@ -293,7 +300,8 @@ def main():
     variants += [_parse_cfg(v) for v in filter(None, args.variants.split(","))]
     for shape in shapes:
         for seg_mode in args.segs.split(","):
-            for cfg in variants:
+            for variant in variants:
+                cfg = _resolve(variant, shape)
                 name = "pallas" if cfg is None else "pallas[" + _cfg_str(cfg) + "]"
                 used = cfg or pick_config(*shape)
                 try:
@@ -302,7 +310,7 @@ def main():
                     traceback.print_exc()
                     r = dict(error=repr(e)[:300])
                 r.update(shape=shape, seg=seg_mode, impl=name, config=dataclasses.asdict(used))
-                if "fwd_bwd_ms" in r:
+                if "fwd_bwd_ms" in r and shape in ANCHORS:
                     f, b = ANCHORS[shape]
                     r["ratio_fwd_vs_mamba"] = r["fwd_ms"] / f
                     r["ratio_fwd_bwd_vs_mamba"] = r["fwd_bwd_ms"] / (f + b)
@@ -336,7 +344,11 @@ def main():
 
 
 def _parse_cfg(v):
-    """chunk:block_d:bwd_block_d:window:ckpt:reduce[:unroll] (0 = heuristic's chunk)."""
+    """chunk:block_d:bwd_block_d:window:ckpt:reduce[:unroll[:prefetch]], or field=value pairs
+    joined by ":" (e.g. state_split=2:window=8), which override the heuristic's config of each
+    timed shape and come back as a dict."""
+    if "=" in v:
+        return {k: _field(k, x) for k, x in (kv.split("=") for kv in v.split(":"))}
     f = v.split(":")
     kw = dict(chunk=int(f[0]), block_d=int(f[1]), bwd_block_d=int(f[2]), window=int(f[3]),
               ckpt=int(f[4]), reduce=f[5])
@@ -347,9 +359,24 @@ def _parse_cfg(v):
     return ScanConfig(**kw)
 
 
+def _field(name, text):
+    default = getattr(ScanConfig(), name)
+    if default is None:  # optional ints (grads_maxnreg)
+        return None if text == "none" else int(text)
+    return bool(int(text)) if isinstance(default, bool) else type(default)(text)
+
+
+def _resolve(cfg, shape):
+    """A variant for one shape: overrides (dict) apply to the heuristic's config there."""
+    if isinstance(cfg, dict):
+        return dataclasses.replace(pick_config(*shape), **cfg)
+    return cfg
+
+
 def _cfg_str(c):
     return (f"{c.chunk}:{c.block_d}:{c.bwd_block_d}:{c.window}:{c.ckpt}:{c.reduce}:{c.unroll}:"
-            f"{int(c.prefetch)}")
+            f"{int(c.prefetch)}" + (f":split{c.state_split}" if c.state_split > 1 else "")
+            + (f":maxnreg{c.grads_maxnreg}" if c.grads_maxnreg else ""))
 
 
 def _write(result, out_dir, dev):

@@ -7,7 +7,7 @@
     PYTHONPATH=. python3 benchmarks/breakdown.py --tiny --out /tmp/b.json   # CPU check
     # A/B of one choice on the full step (~1.5 min each; results keyed by the choice):
     PYTHONPATH=. python3 benchmarks/breakdown.py --variants step --scan-config window=2,unroll=2
-    PYTHONPATH=. python3 benchmarks/breakdown.py --variants step --model conv_impl=pallas
+    PYTHONPATH=. python3 benchmarks/breakdown.py --variants step --conv-impl pallas
 
 Method. The model is bench_train.py's (released vocabulary, bf16 compute, float32 params, AdamW,
 train/step.py) on one packed batch of the "instruct" workload (step time does not depend on the
@@ -288,6 +288,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed calls per variant (default 10; tiny 3)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--scan-impl", default="auto")
+    ap.add_argument("--conv-impl", default="auto")
     ap.add_argument("--remat", action="store_true")
     ap.add_argument("--model", default="", help="MambaConfig overrides, e.g. n_layer=1 (checks)")
     ap.add_argument("--scan-config", default="",
@@ -326,8 +327,8 @@ def main(argv=None) -> int:
         REPO / "benchmarks" / "results" / f"breakdown_{kind}{'_tiny' if tiny else ''}.json")
     overrides = {} if preset == "tiny" else {"vocab_size": bench_train.RELEASED_VOCAB}
     overrides.update(bench_train.parse_overrides(args.model))
-    mc = ModelConfig(preset=preset, dtype=args.dtype, scan_impl=args.scan_impl, remat=args.remat,
-                     overrides=overrides).mamba_config(vocab_size=257, backend=backend)
+    mc = ModelConfig(preset=preset, dtype=args.dtype, scan_impl=args.scan_impl,
+                     conv_impl=args.conv_impl, remat=args.remat, overrides=overrides).mamba_config(vocab_size=257, backend=backend)
     print(f"breakdown: {preset} packed {rows} x {seq_len} on {dev.device_kind} ({backend}), jax "
           f"{jax.__version__}; variants {variants}; -> {out}", flush=True)
 
@@ -357,7 +358,7 @@ def main(argv=None) -> int:
     result = dict(preset=preset, mode="packed", rows=rows, seq_len=seq_len, real_tokens=real_tokens,
                   n_layer=mc.n_layer, d_model=mc.d_model, d_inner=mc.d_inner,
                   vocab_size=mc.vocab_size, compute_dtype=mc.dtype, scan_impl=mc.scan_impl,
-                  remat=mc.remat, model_overrides=bench_train.parse_overrides(args.model),
+                  conv_impl=mc.conv_impl, remat=mc.remat, model_overrides=bench_train.parse_overrides(args.model),
                   flops_per_token=mc.flops_per_token(), device=dev.device_kind, kind=kind,
                   backend=backend, jax_version=jax.__version__,
                   peak_flops_per_device=peak_flops(dev.device_kind) if backend != "cpu" else None,
@@ -367,7 +368,8 @@ def main(argv=None) -> int:
                   git_commit=bench_train._git_commit(), scan_config_overrides=scan_overrides,
                   variants={})
     key = (f"{preset}/packed/{rows}x{seq_len}" + (f"/scan:{args.scan_config}" if scan_overrides else "")
-           + (f"/model:{args.model}" if args.model else ""))
+           + (f"/model:{args.model}" if args.model else "")
+           + (f"/conv:{args.conv_impl}" if args.conv_impl != "auto" else ""))
     existing = json.loads(out.read_text()) if out.exists() else {}
     if key in existing:  # keep variants measured by an earlier call
         result["variants"] = {**existing[key].get("variants", {}), **result["variants"]}

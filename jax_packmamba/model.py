@@ -140,7 +140,21 @@ class MambaMixer(nnx.Module):
         return self.out_proj(y), x, final
 
     def _in_proj(self, hidden):
-        return jnp.split(self.in_proj(hidden), 2, axis=-1)
+        """(x, z): in_proj(hidden) split in two, computed as two products with the kernel's
+        halves. Splitting one (..., 2e) product copies both halves out of it and its gradient
+        concatenates them back, activation-sized work; slicing and concatenating the kernel is
+        weight-sized."""
+        proj, e = self.in_proj, self.config.d_inner
+        bias = None if proj.bias is None else proj.bias[...]
+        hidden, kernel, bias = proj.promote_dtype((hidden, proj.kernel[...], bias), dtype=proj.dtype)
+        contract = (((hidden.ndim - 1,), (0,)), ((), ()))
+
+        def half(i):
+            cols = slice(i * e, (i + 1) * e)
+            y = proj.dot_general(hidden, kernel[:, cols], contract, precision=proj.precision)
+            return y if bias is None else y + bias[cols]
+
+        return half(0), half(1)
 
     def _conv_params(self):
         dtype = self.config.compute_dtype

@@ -10,6 +10,7 @@ Interpreter runs compile every kernel once per shape and config (~10 s each on a
 the shapes are few and small, and tests that need chunk edges pin a small ScanConfig.
 """
 
+import dataclasses
 import functools
 import re
 
@@ -172,12 +173,16 @@ class TestSelectiveScanImpls:
         assert final.shape == (2, EDGE_SEGMENTS, 40, 4) and final.dtype == np.float32
         assert np.all(final[0, 3] == 0) and np.all(final[0, 5] == 0) and np.all(final[1, :5] == 0)
 
-    def test_segments_are_bitwise_isolated(self, impl):
+    @pytest.mark.parametrize("state_split", [1, 2])
+    def test_segments_are_bitwise_isolated(self, impl, state_split):
         """Perturbing one segment's inputs changes no bit of any other segment's outputs,
         per-token gradients or final states."""
+        if impl == "reference" and state_split > 1:
+            pytest.skip("state_split is a Pallas kernel layout")
         seg = segments_from_lengths([[16, 1, 23, 10], [5, 35, 1, 9]])
         args = make_args(jax.random.PRNGKey(11), *EDGE_SHAPE, jnp.float32)
-        config = EDGE_CONFIG if impl != "reference" else None
+        config = (dataclasses.replace(EDGE_CONFIG, state_split=state_split)
+                  if impl != "reference" else None)
         ct_y = jax.random.normal(jax.random.PRNGKey(12), args["u"].shape)
         ct_f = jax.random.normal(jax.random.PRNGKey(13), (2, EDGE_SEGMENTS, 40, 4))
 
@@ -204,6 +209,18 @@ class TestSelectiveScanImpls:
         others = [s for s in range(EDGE_SEGMENTS) if s != 2]
         np.testing.assert_array_equal(np.asarray(out0[1])[:, others],
                                       np.asarray(out1[1])[:, others])
+
+
+@pytest.mark.parametrize("state_split", [2, 4])
+@pytest.mark.parametrize("impl", ["pallas_interpret", on_gpu("pallas")])
+def test_state_split_matches_float64(impl, state_split):
+    """The gradient kernel with each channel's states split over 2 or 4 lanes
+    (ScanConfig.state_split): chunk and checkpoint edges, one-token segments, final states, and
+    40 channels, which leave the last 16-channel block partly empty."""
+    seg = segments_from_lengths([[16, 8, 8, 1, 7, 10], [16, 16, 16, 2]])
+    args = make_args(jax.random.PRNGKey(7), *EDGE_SHAPE, jnp.float32)
+    config = dataclasses.replace(EDGE_CONFIG, state_split=state_split)
+    check_against_float64(impl, args, case="edges", config=config, **edge_kw(seg))
 
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -237,6 +254,32 @@ def test_pallas_lowers_for_cuda_with_named_kernels(segments):
     assert text.count(TRITON_CALL) == len(KERNELS)
     # The reference's chunked scan would show up as an XLA while loop over chunks.
     assert "stablehlo.while" not in text
+
+
+@pytest.mark.parametrize("state_split", [2, 4])
+def test_state_split_lowers_for_cuda(state_split):
+    b, length, d, n = 2, 300, 80, 16
+    bf, f32 = jnp.bfloat16, jnp.float32
+    sds = jax.ShapeDtypeStruct
+    args = [sds((b, length, d), bf), sds((b, length, d), bf), sds((d, n), f32),
+            sds((b, length, n), bf), sds((b, length, n), bf), sds((d,), f32),
+            sds((b, length, d), bf), sds((d,), f32), sds((b, length), jnp.int32)]
+    config = dataclasses.replace(EDGE_CONFIG, chunk=64, state_split=state_split,
+                                 grads_maxnreg=168)
+
+    def loss(*xs):
+        *xs, seg = xs
+        y, final = selective_scan_pallas(*xs, delta_softplus=True, return_final_states=True,
+                                         segment_ids=seg, num_segments=4, config=config)
+        return y.astype(f32).sum() + final.sum()
+
+    text = lower_for_cuda(jax.grad(loss, argnums=tuple(range(8))), *args)
+    assert text.count(TRITON_CALL) == len(KERNELS)
+    # The register cap reaches the gradient kernel's module, and only it.
+    assert 'name = "selective_scan_bwd_chunk_grads_maxnreg168"' in text
+    assert text.count("ttg.maxnreg") == 1
+    assert "shfl.sync.bfly.b32 $0, $1, 16, 31, -1" in text if state_split == 2 else (
+        "shfl.sync.bfly.b32 $0, $1, 8, 31, -1" in text)
 
 
 def test_cuda_lowering_rejects_what_triton_cannot_lower():

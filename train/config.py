@@ -64,6 +64,9 @@ class ModelConfig:
         if dtype == "auto":
             dtype = "float32" if backend == "cpu" else "bfloat16"
         overrides = dict(self.overrides)
+        own = sorted(set(overrides) & {"dtype", "scan_impl", "conv_impl", "remat"})
+        if own:
+            raise ConfigError(f"model: set {own} as --model.<name>, not as overrides")
         vocab = overrides.pop("vocab_size", None)
         if vocab is not None and vocab < vocab_size:
             raise ConfigError(

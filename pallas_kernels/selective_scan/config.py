@@ -37,6 +37,12 @@ class ScanConfig:
         of a step: 31 shuffles instead of 5 per value; needs bwd_block_d = 32, one warp and
         d_state <= 16, else "tree" is used).
     prefetch: time loops load the next iteration's rows while computing this one.
+    state_split: backward gradient kernel only: lanes over which each channel's d_state states
+        are split (kernel_bwd.Lanes), so each thread carries 1/state_split of the per-state
+        registers and more warps fit on an SM. Needs bwd_block_d = 32, one warp, reduce "shfl"
+        and d_state a multiple of it and at most 16; otherwise 1 is used.
+    grads_maxnreg: register cap of the backward gradient kernel (pallas_kernels/register_cap.py),
+        None for ptxas's choice (255 at the defaults: 8 resident warps an SM).
     """
 
     block_d: int = 64
@@ -48,11 +54,13 @@ class ScanConfig:
     bwd_block_d: int = 32
     reduce: str = "shfl"
     prefetch: bool = True
+    state_split: int = 1
+    grads_maxnreg: int | None = None
 
     def __post_init__(self):
         if self.reduce not in ("tree", "shfl"):
             raise ValueError(f"reduce must be 'tree' or 'shfl', got {self.reduce!r}")
-        for name in ("block_d", "chunk", "ckpt", "window", "unroll", "bwd_block_d"):
+        for name in ("block_d", "chunk", "ckpt", "window", "unroll", "bwd_block_d", "state_split"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"{name}={v} must be a power of two")

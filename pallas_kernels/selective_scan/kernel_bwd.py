@@ -23,6 +23,7 @@ sums of a step go through one transposing shuffle butterfly in PTX (`transpose_s
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -31,19 +32,23 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.register_cap import capped_name
 from pallas_kernels.selective_scan.kernel import (
     F32,
     LN2,
+    Coords,
     Static,
     _call,
     advance,
     coords,
-    exp2,
+    decay,
+    dot_states,
     load_cols,
     load_params,
     load_scalars,
     load_step,
     fetch_rows,
+    fma,
     pipelined_fori,
     sigmoid,
     store_cols,
@@ -61,15 +66,73 @@ def _out_grad(rows, st: Static):
     return dy * (z * sig), dy, z, sig
 
 
-def _inject_final(dh, r, x, st: Static, cc):
+def _inject_final(dh, r, x, st: Static, cc, states=None):
     # Cotangent of a returned final state enters the state gradient at that slot's last step.
+    states = range(st.d_state) if states is None else states
     slot = jnp.where(x.valid, r["fin_slot"][cc.b, x.tc], -1)
     hit = slot >= 0
     slot = jnp.maximum(slot, 0)
     return tuple(
-        dh[n] + load_cols(r["dfinal"], (cc.b, slot, n), st, cc, cc.cmask & hit)
-        for n in range(st.d_state)
+        dh[k] + load_cols(r["dfinal"], (cc.b, slot, n), st, cc, cc.cmask & hit)
+        for k, n in enumerate(states)
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Lanes:
+    """Which states of which channel each lane of a one-warp gradient program holds.
+
+    parts = 1: lane i holds channel d0 + i with all d_state states (the forward's layout).
+    parts = P > 1: a program has group = 32 / P channels, and lane i holds channel
+    d0 + i % group with states part * ns ... part * ns + ns - 1 (part = i // group,
+    ns = d_state / P): each thread carries 1/P of the states, h, dh and dA accumulators, so
+    the kernel fits in fewer registers and more warps are resident. Sums over n then need
+    log2(P) shuffles (`part_sum`).
+    """
+
+    parts: int
+    group: int
+    part: jax.Array | int
+    states: tuple  # the state index n of each of a lane's ns states: ints, or (32,) vectors
+
+
+def split_lanes(st: Static, parts: int) -> tuple[Coords, Lanes]:
+    if parts == 1:
+        return coords(st), Lanes(1, st.block_d, 0, tuple(range(st.d_state)))
+    group = st.block_d // parts
+    ns = st.d_state // parts
+    d_block = pl.program_id(1)
+    lane = jax.lax.broadcasted_iota(jnp.int32, (st.block_d,), 0)
+    part = jax.lax.shift_right_logical(lane, group.bit_length() - 1)
+    cols = d_block * group + (lane & (group - 1))
+    cc = Coords(pl.program_id(0), d_block, pl.program_id(2), d_block * group,
+                cols < st.d_inner, cols)
+    return cc, Lanes(parts, group, part, tuple(part * ns + k for k in range(ns)))
+
+
+def _shfl_xor(x, offset: int, *, fast: bool):
+    if fast:
+        [y] = plgpu.elementwise_inline_asm(
+            f"shfl.sync.bfly.b32 $0, $1, {offset}, 31, -1;", args=[x], constraints="=r,r",
+            pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, F32)])
+        return y
+    return x[jnp.arange(x.shape[0]) ^ offset]
+
+
+def part_sum(x, lanes: Lanes, *, fast: bool):
+    """Sum over the parts of each channel (x at lane i + lanes i +- group, ...), on every lane."""
+    offset = lanes.group
+    while offset < x.shape[0]:
+        x = x + _shfl_xor(x, offset, fast=fast)
+        offset *= 2
+    return x
+
+
+def _load_state_scalars(ref, cc, tc, st: Static, lanes: Lanes):
+    """B_t or C_t at each lane's states: uniform scalars with one part, else (32,) gathers."""
+    if lanes.parts == 1:
+        return load_scalars(ref, cc, tc, st)
+    return [plgpu.load(ref.at[cc.b, tc, n]).astype(F32) for n in lanes.states]
 
 
 def _chunk_dstate_kernel(*refs, names, st: Static):
@@ -89,11 +152,11 @@ def _chunk_dstate_kernel(*refs, names, st: Static):
             x = load_step(r, t_last - (j * st.unroll + k), st, cc, bias, rows=rows[k])
             g = _out_grad(rows[k], st)[0]
             cs = load_scalars(r["C"], cc, x.tc, st)
-            dh = tuple(dh[n] + cs[n] * g for n in range(st.d_state))
+            dh = tuple(fma(cs[n], g, dh[n], fast=st.fast) for n in range(st.d_state))
             if st.has_final:
                 dh = _inject_final(dh, r, x, st, cc)
             dh = tuple(
-                exp2(x.dt * a2[n] + x.rst, fast=st.fast) * dh[n] for n in range(st.d_state)
+                decay(x, a2[n], st) * dh[n] for n in range(st.d_state)
             )
         return dh
 
@@ -103,11 +166,12 @@ def _chunk_dstate_kernel(*refs, names, st: Static):
 
 
 def _transpose_sum_ptx(n: int) -> str:
-    """PTX: 32 per-lane inputs v_0..v_31 -> one output whose value at lane j is sum over the warp
-    of v_j. Recursive halving: at each level a lane keeps the half of its values whose index
-    bit matches its own lane bit, sends the other half to its partner and adds what it gets.
-    31 shuffles in all, against 5 per value for 32 separate shuffle trees."""
-    assert n == 32
+    """PTX: n per-lane inputs v_0..v_{n-1} -> one output whose value at lane j is the sum of
+    v_{j % n} over the n lanes of j's group (lanes n * (j // n) ...). Recursive halving: at each
+    level a lane keeps the half of its values whose index bit matches its own lane bit, sends
+    the other half to its partner and adds what it gets. n - 1 shuffles in all, against
+    log2(n) per value for n separate shuffle trees."""
+    assert n & (n - 1) == 0 and 2 <= n <= 32, n
     lines = ["{", ".reg .pred p;", ".reg .b32 lane, bit;", ".reg .f32 s, k, r;",
              f".reg .f32 a<{n}>;", "mov.u32 lane, %laneid;"]
     lines += [f"mov.b32 a{i}, ${i + 1};" for i in range(n)]
@@ -128,24 +192,37 @@ def _transpose_sum_ptx(n: int) -> str:
 
 
 def transpose_sum(values, *, fast: bool):
-    """32 (32,) vectors of a one-warp program -> (32,) vector s with s[j] = sum(values[j])."""
+    """n (32,) vectors of a one-warp program, n dividing 32 -> (32,) vector s with
+    s[j] = sum of values[j % n] over the lanes of j's group of n (the whole warp for n = 32)."""
+    group = len(values)
     if fast:
         [out] = plgpu.elementwise_inline_asm(
-            _transpose_sum_ptx(len(values)), args=list(values),
-            constraints="=r," + ",".join(["r"] * len(values)), pack=1,
+            _transpose_sum_ptx(group), args=list(values),
+            constraints="=r," + ",".join(["r"] * group), pack=1,
             result_shape_dtypes=[jax.ShapeDtypeStruct(values[0].shape, F32)])
         return out
-    return jnp.stack([jnp.sum(v) for v in values])
+    lanes = values[0].shape[0]
+    sums = jnp.stack(values).reshape(group, lanes // group, group).sum(-1)  # (value, group)
+    return sums.T.reshape(lanes)
 
 
-def _chunk_grad_kernel(*refs, names, st: Static, ckpt: int, window: int, reduce: str):
+def _chunk_grad_kernel(*refs, names, st: Static, ckpt: int, window: int, reduce: str,
+                       parts: int):
     r = dict(zip(names, refs))
-    cc = coords(st)
-    a2, bias, dskip = load_params(r, st, cc)
+    cc, lanes = split_lanes(st, parts)
+    states = lanes.states
+    _, bias, dskip = load_params(r, st, cc)
+    a2 = [load_cols(r["a2"], (n,), st, cc) for n in states]
     t0 = cc.c * st.chunk
     n_ckpt = st.chunk // ckpt
     n_win = ckpt // window
     unroll = math.gcd(st.unroll, window)
+    # With several parts, every part of a channel holds the same per-channel values (the sums
+    # over n are exchanged both ways, and a + b == b + a bitwise), so all of them store: two
+    # lanes writing one value to one address is well defined on the GPU and in the interpreter.
+
+    def state_scalars(ref, tc):
+        return _load_state_scalars(ref, cc, tc, st, lanes)
 
     def fwd_steps(h, t_start, n_steps):
         def fetch(j):
@@ -155,63 +232,73 @@ def _chunk_grad_kernel(*refs, names, st: Static, ckpt: int, window: int, reduce:
         def body(j, rows, h):
             for k in range(unroll):
                 x = load_step(r, t_start + j * unroll + k, st, cc, bias, rows=rows[k])
-                h = advance(h, x, load_scalars(r["B"], cc, x.tc, st), a2, st)
+                h = advance(h, x, state_scalars(r["B"], x.tc), a2, st)
             return h
 
         return pipelined_fori(n_steps // unroll, fetch, body, h, prefetch=st.prefetch)
 
     # Pass 1: checkpoints of h at the start of every ckpt block.
-    h_in = tuple(load_cols(r["h_in"], (cc.b, cc.c, n), st, cc) for n in range(st.d_state))
+    h_in = tuple(load_cols(r["h_in"], (cc.b, cc.c, n), st, cc) for n in states)
 
     def save(k, h):
-        for n in range(st.d_state):
-            store_cols(r["ckpt"], (cc.b, cc.c, k, n), h[n], st, cc)
+        for n, h_n in zip(states, h):
+            store_cols(r["ckpt"], (cc.b, cc.c, k, n), h_n, st, cc)
         return fwd_steps(h, t0 + k * ckpt, ckpt)
 
     jax.lax.fori_loop(0, n_ckpt, save, h_in)
+
+    if reduce == "shfl":
+        # Where each lane's channel sum of the dBC row goes: its group's value j is dC at
+        # n = part * ns + j for j < ns, dB at n = part * ns + j - ns for ns <= j < 2 ns.
+        ns = len(states)
+        lane = jax.lax.broadcasted_iota(jnp.int32, (st.block_d,), 0)
+        j = lane & (lanes.group - 1)
+        first = lanes.part * ns
+        dbc_col = (pl.ds(0, st.block_d) if parts == 1
+                   else jnp.where(j < ns, first + j, st.d_state + first + j - ns))
+        dbc_used = j < 2 * ns
 
     def reverse_step(t, h_prev, h_t, out_rows, carry):
         dh, dA_acc, dD_acc, dbias_acc = carry
         x = load_step(r, t, st, cc, bias)
         g, dy, z, sig = _out_grad(out_rows, st)
-        bs = load_scalars(r["B"], cc, x.tc, st)
-        cs = load_scalars(r["C"], cc, x.tc, st)
-        dh = tuple(dh[n] + cs[n] * g for n in range(st.d_state))
+        bs = state_scalars(r["B"], x.tc)
+        cs = state_scalars(r["C"], x.tc)
+        dh = tuple(fma(c_n, g, dh_n, fast=st.fast) for dh_n, c_n in zip(dh, cs))
         if st.has_final:
-            dh = _inject_final(dh, r, x, st, cc)
+            dh = _inject_final(dh, r, x, st, cc, states)
         du_ = x.dt * x.u
         s_db = jnp.zeros_like(g)  # sum_n dh_n B_n
         s_aq = jnp.zeros_like(g)  # sum_n A_n/ln2 * dh_n * dA_n h_{t-1, n}
-        decay = []
+        decays = []
         new_acc = []
-        for n in range(st.d_state):
-            dA = exp2(x.dt * a2[n] + x.rst, fast=st.fast)
-            decay.append(dA)
-            q = dh[n] * (dA * h_prev[n])
-            new_acc.append(dA_acc[n] + x.dt * q)
-            s_aq = s_aq + a2[n] * q
-            s_db = s_db + dh[n] * bs[n]
+        for k in range(len(states)):
+            dA = decay(x, a2[k], st)
+            decays.append(dA)
+            q = dh[k] * (dA * h_prev[k])
+            new_acc.append(fma(x.dt, q, dA_acc[k], fast=st.fast))
+            s_aq = fma(a2[k], q, s_aq, fast=st.fast)
+            s_db = fma(dh[k], bs[k], s_db, fast=st.fast)
+        s_db = part_sum(s_db, lanes, fast=st.fast)
+        s_aq = part_sum(s_aq, lanes, fast=st.fast)
         # Channel sums of this step: dC_t[n] at n, dB_t[n] at d_state + n of the dBC row.
-        prods = [g * h_t[n] for n in range(st.d_state)] + [dh[n] * du_ for n in range(st.d_state)]
+        prods = [g * h_n for h_n in h_t] + [dh_n * du_ for dh_n in dh]
         if reduce == "shfl":
-            prods += [jnp.zeros_like(g)] * (32 - len(prods))
+            prods += [jnp.zeros_like(g)] * (lanes.group - len(prods))
             sums = transpose_sum(prods, fast=st.fast)
-            lane = jax.lax.broadcasted_iota(jnp.int32, (32,), 0)
-            plgpu.store(r["dBC"].at[cc.b, cc.d_block, x.tc, pl.ds(0, 32)], sums,
-                        mask=(lane < 2 * st.d_state) & x.valid)
+            plgpu.store(r["dBC"].at[cc.b, cc.d_block, x.tc, dbc_col], sums,
+                        mask=dbc_used & x.valid)
         else:
             for i, v in enumerate(prods):
                 plgpu.store(r["dBC"].at[cc.b, cc.d_block, x.tc, jnp.int32(i)], jnp.sum(v),
                             mask=x.valid)
-        ddt = LN2 * s_aq + x.u * s_db
+        ddt = fma(x.u, s_db, LN2 * s_aq, fast=st.fast)
         du = x.dt * s_db
         if st.has_D:
-            du = du + dskip * g
-            dD_acc = dD_acc + g * x.u
+            du = fma(dskip, g, du, fast=st.fast)
+            dD_acc = fma(g, x.u, dD_acc, fast=st.fast)
         if st.has_z:
-            y = h_t[0] * cs[0]
-            for n in range(1, st.d_state):
-                y = y + h_t[n] * cs[n]
+            y = part_sum(dot_states(h_t, cs, st), lanes, fast=st.fast)
             if st.has_D:
                 y = y + dskip * x.u
             dz = dy * y * sig * (1.0 + z * (1.0 - sig))
@@ -223,12 +310,12 @@ def _chunk_grad_kernel(*refs, names, st: Static, ckpt: int, window: int, reduce:
             dbias_acc = dbias_acc + ddt
         store_cols(r["du"], (cc.b, x.tc), du, st, cc, x.mask)
         store_cols(r["ddelta"], (cc.b, x.tc), ddt, st, cc, x.mask)
-        dh = tuple(decay[n] * dh[n] for n in range(st.d_state))
+        dh = tuple(d * dh_n for d, dh_n in zip(decays, dh))
         return dh, tuple(new_acc), dD_acc, dbias_acc
 
     def block(kk, carry):
         k = n_ckpt - 1 - kk
-        h_k = tuple(load_cols(r["ckpt"], (cc.b, cc.c, k, n), st, cc) for n in range(st.d_state))
+        h_k = tuple(load_cols(r["ckpt"], (cc.b, cc.c, k, n), st, cc) for n in states)
         t_k = t0 + k * ckpt
 
         def win(ww, carry):
@@ -240,7 +327,7 @@ def _chunk_grad_kernel(*refs, names, st: Static, ckpt: int, window: int, reduce:
             hs = [fwd_steps(h_k, t_k, w * window)]
             for i in range(window):
                 x = load_step(r, t_w + i, st, cc, bias)
-                hs.append(advance(hs[-1], x, load_scalars(r["B"], cc, x.tc, st), a2, st))
+                hs.append(advance(hs[-1], x, state_scalars(r["B"], x.tc), a2, st))
             for i in reversed(range(window)):
                 carry = reverse_step(t_w + i, hs[i], hs[i + 1], out_rows[i], carry)
             return carry
@@ -248,11 +335,11 @@ def _chunk_grad_kernel(*refs, names, st: Static, ckpt: int, window: int, reduce:
         return jax.lax.fori_loop(0, n_win, win, carry)
 
     vec0 = jnp.zeros((st.block_d,), F32)
-    dh_out = tuple(load_cols(r["dh_out"], (cc.b, cc.c, n), st, cc) for n in range(st.d_state))
-    init = (dh_out, zeros_state(st), vec0, vec0)
+    dh_out = tuple(load_cols(r["dh_out"], (cc.b, cc.c, n), st, cc) for n in states)
+    init = (dh_out, zeros_state(st, len(states)), vec0, vec0)
     _, dA_acc, dD_acc, dbias_acc = jax.lax.fori_loop(0, n_ckpt, block, init)
-    for n in range(st.d_state):
-        store_cols(r["dA"], (cc.b, cc.c, n), dA_acc[n], st, cc)
+    for n, acc in zip(states, dA_acc):
+        store_cols(r["dA"], (cc.b, cc.c, n), acc, st, cc)
     if st.has_D:
         store_cols(r["dD"], (cc.b, cc.c), dD_acc, st, cc)
     if st.has_bias:
@@ -277,11 +364,12 @@ def chunk_dstates(inputs: dict, *, st: Static, batch: int, num_warps: int, inter
 
 
 def chunk_grads(inputs: dict, *, st: Static, batch: int, dtypes: dict, ckpt: int, window: int,
-                reduce: str, num_warps: int, interpret: bool):
+                reduce: str, parts: int, maxnreg: int | None, num_warps: int, interpret: bool):
     """Gradients: du, ddelta (, dz) rows; dC, dB partials (b, d_blocks, t, 2n); dA partials
-    (b, c, n, d); dD, dbias partials (b, c, d); and the transient checkpoint buffer."""
+    (b, c, n, d); dD, dbias partials (b, c, d); and the transient checkpoint buffer.
+    `parts` > 1 (see Lanes) needs block_d 32 on one warp and reduce "shfl"."""
     nc = -(-st.length // st.chunk)
-    nd = -(-st.d_inner // st.block_d)
+    nd = -(-st.d_inner // (st.block_d // parts))
     rows = (batch, st.length, st.d_inner)
     out = dict(
         du=jax.ShapeDtypeStruct(rows, dtypes["u"]),
@@ -297,13 +385,14 @@ def chunk_grads(inputs: dict, *, st: Static, batch: int, dtypes: dict, ckpt: int
     if st.has_bias:
         out["dbias"] = jax.ShapeDtypeStruct((batch, nc, st.d_inner), F32)
     results = _call(
-        functools.partial(_chunk_grad_kernel, ckpt=ckpt, window=window, reduce=reduce),
+        functools.partial(_chunk_grad_kernel, ckpt=ckpt, window=window, reduce=reduce,
+                          parts=parts),
         inputs,
         out,
         st=st,
         grid=(batch, nd, nc),
         num_warps=num_warps,
         interpret=interpret,
-        name="selective_scan_bwd_chunk_grads",
+        name=capped_name("selective_scan_bwd_chunk_grads", maxnreg),
     )
     return dict(zip(out, results))

@@ -173,11 +173,13 @@ def _scan_bwd(plan, interpret, num_segments, res, cts):
         _inputs(delta=delta, a2=a2, bias=bias, C=C, z=z, dy=dy, rst=rst, fin_slot=fin_slot,
                 dfinal=dfinal), **launch)
     dh_out = _chunk_final_dstates(dh_loc, decay)
+    reduce = _reduce_mode(cfg, st)
     g = kernel_bwd.chunk_grads(
         _inputs(u=u, delta=delta, a2=a2, bias=bias, D=dskip, B=B, C=C, z=z, dy=dy, rst=rst,
                 h_in=h_in, dh_out=dh_out, fin_slot=fin_slot, dfinal=dfinal),
         dtypes=dict(u=u.dtype, delta=delta.dtype, z=None if z is None else z.dtype),
-        ckpt=cfg.ckpt, window=cfg.window, reduce=_reduce_mode(cfg, st), **launch)
+        ckpt=cfg.ckpt, window=cfg.window, reduce=reduce, parts=_state_split(cfg, st, reduce),
+        maxnreg=cfg.grads_maxnreg, **launch)
     dA = jnp.swapaxes(g["dA"].sum((0, 1)), 0, 1).astype(A.dtype)
     dD = None if D is None else g["dD"].sum((0, 1)).astype(D.dtype)
     dbias = None if delta_bias is None else g["dbias"].sum((0, 1)).astype(delta_bias.dtype)
@@ -193,6 +195,13 @@ def _reduce_mode(cfg: ScanConfig, st: kernel.Static) -> str:
     if cfg.reduce == "shfl" and st.block_d == 32 and cfg.num_warps == 1 and st.d_state <= 16:
         return "shfl"
     return "tree"
+
+
+def _state_split(cfg: ScanConfig, st: kernel.Static, reduce: str) -> int:
+    parts = cfg.state_split
+    if parts > 1 and reduce == "shfl" and st.d_state % parts == 0 and st.d_state <= 16:
+        return parts
+    return 1
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
