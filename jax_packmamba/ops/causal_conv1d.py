@@ -20,8 +20,12 @@ import numpy as np
 from jax_packmamba.ops.segments import check_segment_ids, positions_from_segment_ids
 
 ACTIVATIONS = (None, "silu")
-# "auto" is "pallas" on a GPU: the 1.4b training step on an H200 took 528.2 ms with it against
-# 538.1 ms with "xla" (benchmarks/results/breakdown_nvidia-h200.json), and "xla" elsewhere.
+# "auto" is "pallas" on a GPU when a launch has at least this many programs, else "xla". The
+# kernels walk time serially inside a program, so they need many programs: on an H200 the 1.4b
+# packed step (8 x 2048 tokens, 2048 programs) took 528.2 ms with them against 538.1 ms with
+# XLA, but 1.4b training on one short sequence a step (at most 256 programs) fell from 9,259 to
+# 7,908 tokens/s (benchmarks/results/). 4 programs per SM of an H200's 132.
+PALLAS_MIN_PROGRAMS = 4 * 132
 CONV_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
 
@@ -31,16 +35,16 @@ def causal_conv1d(x, weight, bias=None, *, segment_ids=None, activation=None, im
     Accumulates in float32 and returns x's dtype. activation: None or "silu". Same values as
     `causal_conv1d_reference`. impl:
       "xla": XLA ops with the gradient written out (custom_vjp), so the backward saves only
-          x and recomputes the pre-activation ("auto" without a GPU);
+          x and recomputes the pre-activation ("auto" without a GPU, or for small inputs);
       "pallas": Triton kernels (pallas_kernels/causal_conv1d; GPU), forward and backward
-          ("auto" on a GPU);
+          ("auto" on a GPU when the launch has PALLAS_MIN_PROGRAMS programs or more);
       "pallas_interpret": the same kernels through the Pallas interpreter (any backend; tests).
     """
     check_causal_conv1d_args(x, weight, bias, segment_ids, activation)
     if impl not in CONV_IMPLS:
         raise ValueError(f"impl must be one of {CONV_IMPLS}, got {impl!r}")
     if impl == "auto":
-        impl = "pallas" if jax.default_backend() == "gpu" else "xla"
+        impl = _auto_impl(x)
     positions = _positions(x, segment_ids)
     if impl.startswith("pallas"):
         from pallas_kernels.causal_conv1d import causal_conv1d_pallas
@@ -48,6 +52,14 @@ def causal_conv1d(x, weight, bias=None, *, segment_ids=None, activation=None, im
         return causal_conv1d_pallas(x, weight, bias, positions, activation=activation,
                                     interpret=impl == "pallas_interpret")
     return _causal_conv1d_jit(x, weight, bias, positions, activation)
+
+
+def _auto_impl(x) -> str:
+    if jax.default_backend() != "gpu":
+        return "xla"
+    from pallas_kernels.causal_conv1d import num_programs
+
+    return "pallas" if num_programs(*np.shape(x)) >= PALLAS_MIN_PROGRAMS else "xla"
 
 
 def causal_conv1d_reference(x, weight, bias=None, *, segment_ids=None, activation=None):

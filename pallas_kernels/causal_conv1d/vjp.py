@@ -29,6 +29,11 @@ def causal_conv1d_pallas(x, weight, bias, positions, *, activation, interpret: b
     return _conv_jit(st, interpret, x, weight, bias, positions.astype(jnp.int32))
 
 
+def num_programs(batch: int, length: int, channels: int, chunk: int = CHUNK) -> int:
+    """Programs one kernel launch runs for x (batch, length, channels)."""
+    return batch * -(-length // chunk) * -(-channels // BLOCK_E)
+
+
 def _kernel_params(weight, bias):
     w_t = weight.astype(F32).T  # (w, e): each tap is a coalesced row
     return w_t, jnp.zeros(w_t.shape[1:], F32) if bias is None else bias.astype(F32)
