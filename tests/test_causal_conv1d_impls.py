@@ -144,3 +144,18 @@ def test_pallas_conv_lowers_for_cuda_with_named_kernels():
     names = re.findall(r'name = "(causal_conv1d_[a-z]+)"', text)
     assert sorted(names) == ["causal_conv1d_bwd", "causal_conv1d_fwd"], names
     assert text.count("__gpu$xla.gpu.triton") == 2
+
+
+@pytest.mark.parametrize("shape, on_gpu_impl", [
+    ((8, 2048, 4096), "pallas"),  # the 1.4b packed step: 2048 programs
+    ((1, 2048, 4096), "xla"),  # one sequence a step: 256 programs
+    ((1, 256, 768), "xla"),
+])
+def test_auto_picks_pallas_only_for_launches_that_fill_the_gpu(monkeypatch, shape, on_gpu_impl):
+    import sys
+
+    conv_module = sys.modules["jax_packmamba.ops.causal_conv1d"]
+    x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    assert conv_module._auto_impl(x) == ("xla" if jax.default_backend() != "gpu" else on_gpu_impl)
+    monkeypatch.setattr(conv_module.jax, "default_backend", lambda: "gpu")
+    assert conv_module._auto_impl(x) == on_gpu_impl

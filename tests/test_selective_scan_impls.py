@@ -297,3 +297,13 @@ def test_cuda_lowering_rejects_what_triton_cannot_lower():
 
     with pytest.raises(Exception, match="cummax|Unimplemented|not implemented|NotImplemented"):
         lower_for_cuda(fn, jax.ShapeDtypeStruct((32,), jnp.float32))
+
+
+def test_register_cap_names_are_checked():
+    from pallas_kernels.register_cap import capped_name
+
+    assert capped_name("k", None) == "k"
+    assert capped_name("k", 168) == "k_maxnreg168"
+    for bad in (100, 16, 256):
+        with pytest.raises(ValueError, match="multiple of 8"):
+            capped_name("k", bad)
