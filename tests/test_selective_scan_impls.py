@@ -232,14 +232,17 @@ KERNELS = (
 )
 
 
-@pytest.mark.parametrize("segments", [False, True])
-def test_pallas_lowers_for_cuda_with_named_kernels(segments):
-    b, length, d, n = 2, 300, 80, 16
-    bf, f32 = jnp.bfloat16, jnp.float32
-    sds = jax.ShapeDtypeStruct
-    args = [sds((b, length, d), bf), sds((b, length, d), bf), sds((d, n), f32),
+def lowering_args(b=2, length=300, d=80, n=16):
+    """Abstract scan arguments (u, delta, A, B, C, D, z, delta_bias, segment_ids), bf16 rows."""
+    bf, f32, sds = jnp.bfloat16, jnp.float32, jax.ShapeDtypeStruct
+    return [sds((b, length, d), bf), sds((b, length, d), bf), sds((d, n), f32),
             sds((b, length, n), bf), sds((b, length, n), bf), sds((d,), f32),
             sds((b, length, d), bf), sds((d,), f32), sds((b, length), jnp.int32)]
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_pallas_lowers_for_cuda_with_named_kernels(segments):
+    args, f32 = lowering_args(), jnp.float32
 
     def loss(*xs):
         *xs, seg = xs
@@ -258,12 +261,7 @@ def test_pallas_lowers_for_cuda_with_named_kernels(segments):
 
 @pytest.mark.parametrize("state_split", [2, 4])
 def test_state_split_lowers_for_cuda(state_split):
-    b, length, d, n = 2, 300, 80, 16
-    bf, f32 = jnp.bfloat16, jnp.float32
-    sds = jax.ShapeDtypeStruct
-    args = [sds((b, length, d), bf), sds((b, length, d), bf), sds((d, n), f32),
-            sds((b, length, n), bf), sds((b, length, n), bf), sds((d,), f32),
-            sds((b, length, d), bf), sds((d,), f32), sds((b, length), jnp.int32)]
+    args, f32 = lowering_args(), jnp.float32
     config = dataclasses.replace(EDGE_CONFIG, chunk=64, state_split=state_split,
                                  grads_maxnreg=168)
 

@@ -40,7 +40,8 @@ class ScanConfig:
     state_split: backward gradient kernel only: lanes over which each channel's d_state states
         are split (kernel_bwd.Lanes), so each thread carries 1/state_split of the per-state
         registers and more warps fit on an SM. Needs bwd_block_d = 32, one warp, reduce "shfl"
-        and d_state a multiple of it and at most 16; otherwise 1 is used.
+        and d_state a multiple of it and at most 16; otherwise 1 is used. 2 and 4 measured
+        slower than 1 at the 1.4b step's shape, with or without a register cap (NOTES.md run 5).
     grads_maxnreg: register cap of the backward gradient kernel (pallas_kernels/register_cap.py),
         None for ptxas's choice (255 at the defaults: 8 resident warps an SM).
     """
