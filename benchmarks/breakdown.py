@@ -328,7 +328,8 @@ def main(argv=None) -> int:
     overrides = {} if preset == "tiny" else {"vocab_size": bench_train.RELEASED_VOCAB}
     overrides.update(bench_train.parse_overrides(args.model))
     mc = ModelConfig(preset=preset, dtype=args.dtype, scan_impl=args.scan_impl,
-                     conv_impl=args.conv_impl, remat=args.remat, overrides=overrides).mamba_config(vocab_size=257, backend=backend)
+                     conv_impl=args.conv_impl, remat=args.remat,
+                     overrides=overrides).mamba_config(vocab_size=257, backend=backend)
     print(f"breakdown: {preset} packed {rows} x {seq_len} on {dev.device_kind} ({backend}), jax "
           f"{jax.__version__}; variants {variants}; -> {out}", flush=True)
 
@@ -358,7 +359,8 @@ def main(argv=None) -> int:
     result = dict(preset=preset, mode="packed", rows=rows, seq_len=seq_len, real_tokens=real_tokens,
                   n_layer=mc.n_layer, d_model=mc.d_model, d_inner=mc.d_inner,
                   vocab_size=mc.vocab_size, compute_dtype=mc.dtype, scan_impl=mc.scan_impl,
-                  conv_impl=mc.conv_impl, remat=mc.remat, model_overrides=bench_train.parse_overrides(args.model),
+                  conv_impl=mc.conv_impl, remat=mc.remat,
+                  model_overrides=bench_train.parse_overrides(args.model),
                   flops_per_token=mc.flops_per_token(), device=dev.device_kind, kind=kind,
                   backend=backend, jax_version=jax.__version__,
                   peak_flops_per_device=peak_flops(dev.device_kind) if backend != "cpu" else None,

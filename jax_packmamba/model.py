@@ -146,7 +146,8 @@ class MambaMixer(nnx.Module):
         weight-sized."""
         proj, e = self.in_proj, self.config.d_inner
         bias = None if proj.bias is None else proj.bias[...]
-        hidden, kernel, bias = proj.promote_dtype((hidden, proj.kernel[...], bias), dtype=proj.dtype)
+        hidden, kernel, bias = proj.promote_dtype((hidden, proj.kernel[...], bias),
+                                                  dtype=proj.dtype)
         contract = (((hidden.ndim - 1,), (0,)), ((), ()))
 
         def half(i):
