@@ -105,6 +105,14 @@ def test_bad_config_values_fail_clearly(args, message):
         parse_args(args)
 
 
+def test_model_fields_cannot_hide_in_overrides():
+    from train.config import ModelConfig
+
+    config = ModelConfig(preset="tiny", overrides={"conv_impl": "pallas", "d_model": 64})
+    with pytest.raises(ConfigError, match=r"set \['conv_impl'\] as --model.<name>"):
+        config.mamba_config(vocab_size=257, backend="cpu")
+
+
 def test_vocab_override_must_cover_tokenizer():
     c = parse_args(["--model.vocab_size=100"])
     with pytest.raises(ConfigError, match="smaller than the tokenizer"):
