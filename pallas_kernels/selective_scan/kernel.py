@@ -54,11 +54,19 @@ class Static:
     fast: bool  # GPU: ex2.approx through inline PTX; the interpreter cannot run PTX.
 
 
-def _ptx1(op, x):
+def ptx(asm: str, *args):
+    """One float32 result per element from inline PTX: $0 the result, $1... the arguments
+    (broadcast to one shape)."""
+    shape = jnp.broadcast_shapes(*(jnp.shape(a) for a in args))
+    args = [jnp.broadcast_to(jnp.asarray(a, F32), shape) for a in args]
     [y] = plgpu.elementwise_inline_asm(
-        f"{op} $0, $1;", args=[x], constraints="=r,r", pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, F32)])
+        asm, args=args, constraints=",".join(["=r"] + ["r"] * len(args)), pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(shape, F32)])
     return y
+
+
+def _ptx1(op, x):
+    return ptx(f"{op} $0, $1;", x)
 
 
 def exp2(x, *, fast: bool):
@@ -74,12 +82,7 @@ def fma(a, b, c, *, fast: bool):
     contraction (Nsight Compute counted 0 FFMA in these kernels: every a * b + c was an FMUL and
     an FADD), so the fused form has to be asked for."""
     if fast:
-        shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b), jnp.shape(c))
-        args = [jnp.broadcast_to(jnp.asarray(v, F32), shape) for v in (a, b, c)]
-        [y] = plgpu.elementwise_inline_asm(
-            "fma.rn.f32 $0, $1, $2, $3;", args=args, constraints="=r,r,r,r", pack=1,
-            result_shape_dtypes=[jax.ShapeDtypeStruct(shape, F32)])
-        return y
+        return ptx("fma.rn.f32 $0, $1, $2, $3;", a, b, c)
     return a * b + c
 
 
@@ -140,9 +143,10 @@ def _col_index(lead, st: Static, cc: Coords):
     return (*_lead(lead), cols)
 
 
-def load_params(r, st: Static, cc: Coords):
-    """Per-program constants: A * log2(e) per n, delta_bias, D."""
-    a2 = [load_cols(r["a2"], (n,), st, cc) for n in range(st.d_state)]
+def load_params(r, st: Static, cc: Coords, states=None):
+    """Per-program constants: A * log2(e) per n (of `states`, default all), delta_bias, D."""
+    states = range(st.d_state) if states is None else states
+    a2 = [load_cols(r["a2"], (n,), st, cc) for n in states]
     bias = load_cols(r["bias"], (), st, cc) if st.has_bias else None
     # Not every pass takes D.
     dskip = load_cols(r["D"], (), st, cc) if "D" in r else None

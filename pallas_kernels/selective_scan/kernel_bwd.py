@@ -50,6 +50,7 @@ from pallas_kernels.selective_scan.kernel import (
     fetch_rows,
     fma,
     pipelined_fori,
+    ptx,
     sigmoid,
     store_cols,
     zeros_state,
@@ -112,10 +113,7 @@ def split_lanes(st: Static, parts: int) -> tuple[Coords, Lanes]:
 
 def _shfl_xor(x, offset: int, *, fast: bool):
     if fast:
-        [y] = plgpu.elementwise_inline_asm(
-            f"shfl.sync.bfly.b32 $0, $1, {offset}, 31, -1;", args=[x], constraints="=r,r",
-            pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, F32)])
-        return y
+        return ptx(f"shfl.sync.bfly.b32 $0, $1, {offset}, 31, -1;", x)
     return x[jnp.arange(x.shape[0]) ^ offset]
 
 
@@ -196,11 +194,7 @@ def transpose_sum(values, *, fast: bool):
     s[j] = sum of values[j % n] over the lanes of j's group of n (the whole warp for n = 32)."""
     group = len(values)
     if fast:
-        [out] = plgpu.elementwise_inline_asm(
-            _transpose_sum_ptx(group), args=list(values),
-            constraints="=r," + ",".join(["r"] * group), pack=1,
-            result_shape_dtypes=[jax.ShapeDtypeStruct(values[0].shape, F32)])
-        return out
+        return ptx(_transpose_sum_ptx(group), *values)
     lanes = values[0].shape[0]
     sums = jnp.stack(values).reshape(group, lanes // group, group).sum(-1)  # (value, group)
     return sums.T.reshape(lanes)
@@ -211,15 +205,11 @@ def _chunk_grad_kernel(*refs, names, st: Static, ckpt: int, window: int, reduce:
     r = dict(zip(names, refs))
     cc, lanes = split_lanes(st, parts)
     states = lanes.states
-    _, bias, dskip = load_params(r, st, cc)
-    a2 = [load_cols(r["a2"], (n,), st, cc) for n in states]
+    a2, bias, dskip = load_params(r, st, cc, states)
     t0 = cc.c * st.chunk
     n_ckpt = st.chunk // ckpt
     n_win = ckpt // window
     unroll = math.gcd(st.unroll, window)
-    # With several parts, every part of a channel holds the same per-channel values (the sums
-    # over n are exchanged both ways, and a + b == b + a bitwise), so all of them store: two
-    # lanes writing one value to one address is well defined on the GPU and in the interpreter.
 
     def state_scalars(ref, tc):
         return _load_state_scalars(ref, cc, tc, st, lanes)
@@ -308,6 +298,10 @@ def _chunk_grad_kernel(*refs, names, st: Static, ckpt: int, window: int, reduce:
         ddt = jnp.where(x.mask, ddt, 0.0)
         if st.has_bias:
             dbias_acc = dbias_acc + ddt
+        # With several parts, every part of a channel holds the same per-channel values (the
+        # sums over n are exchanged both ways, and a + b == b + a bitwise), so all of them
+        # store: lanes writing one value to one address is well defined on the GPU and in the
+        # interpreter.
         store_cols(r["du"], (cc.b, x.tc), du, st, cc, x.mask)
         store_cols(r["ddelta"], (cc.b, x.tc), ddt, st, cc, x.mask)
         dh = tuple(d * dh_n for d, dh_n in zip(decays, dh))
