@@ -33,13 +33,16 @@ class ScanConfig:
     unroll: time steps per fori_loop iteration (loads of several steps in flight at once).
     bwd_block_d: block_d of the backward kernels (they hold more state per channel).
     reduce: backward sums over channels of dB_t, dC_t: "tree" (one jnp.sum per value: a warp
-        shuffle tree each) or "shfl" (one transposing butterfly in PTX for all 2 * d_state values
+        shuffle tree each), "shfl" (one transposing butterfly in PTX for all 2 * d_state values
         of a step: 31 shuffles instead of 5 per value; needs bwd_block_d = 32, one warp and
-        d_state <= 16, else "tree" is used).
+        d_state <= 16, else "tree" is used) or "xor" ("shfl"'s butterfly without its selects,
+        by keeping each lane's states in an order that depends on the lane: kernel_bwd.Lanes;
+        needs also d_state a power of two and state_split 1, else "shfl" or "tree" is used).
     prefetch: time loops load the next iteration's rows while computing this one.
     state_split: backward gradient kernel only: lanes over which each channel's d_state states
         are split (kernel_bwd.Lanes), so each thread carries 1/state_split of the per-state
         registers and more warps fit on an SM. Needs bwd_block_d = 32, one warp, reduce "shfl"
+        (or "xor", which then means "shfl")
         and d_state a multiple of it and at most 16; otherwise 1 is used. 2 and 4 measured
         slower than 1 at the 1.4b step's shape, with or without a register cap (NOTES.md run 5).
     grads_maxnreg: register cap of the backward gradient kernel (pallas_kernels/register_cap.py),
@@ -53,14 +56,14 @@ class ScanConfig:
     window: int = 4
     unroll: int = 4
     bwd_block_d: int = 32
-    reduce: str = "shfl"
+    reduce: str = "xor"
     prefetch: bool = True
     state_split: int = 1
     grads_maxnreg: int | None = None
 
     def __post_init__(self):
-        if self.reduce not in ("tree", "shfl"):
-            raise ValueError(f"reduce must be 'tree' or 'shfl', got {self.reduce!r}")
+        if self.reduce not in ("tree", "shfl", "xor"):
+            raise ValueError(f"reduce must be 'tree', 'shfl' or 'xor', got {self.reduce!r}")
         for name in ("block_d", "chunk", "ckpt", "window", "unroll", "bwd_block_d", "state_split"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):

@@ -139,7 +139,13 @@ def store_cols(ref, lead, value, st: Static, cc: Coords, mask=None):
 
 
 def _col_index(lead, st: Static, cc: Coords):
-    cols = pl.ds(cc.d0, st.block_d) if cc.cols is None else cc.cols
+    cols = cc.cols
+    if cols is None and any(jnp.ndim(i) for i in lead):
+        # A per-lane index in front (the backward's xor state order) makes this a gather, so
+        # the channel index has to be per-lane too.
+        cols = cc.d0 + jax.lax.broadcasted_iota(jnp.int32, (st.block_d,), 0)
+    if cols is None:
+        cols = pl.ds(cc.d0, st.block_d)
     return (*_lead(lead), cols)
 
 

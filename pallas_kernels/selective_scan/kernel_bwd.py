@@ -17,8 +17,10 @@ walks those steps backwards. About 1 + (ckpt/window - 1)/2 + 2 exp2 per (t, d, n
 
 dB_t and dC_t are sums over channels: each program reduces its block_d channels and writes
 one partial row per channel block; XLA adds the rows up. With one 32-lane warp the 2 * d_state
-sums of a step go through one transposing shuffle butterfly in PTX (`transpose_sum`): separate
-`jnp.sum`s cost a 5-level shuffle tree each and were a fifth of the backward.
+sums of a step go through a transposing shuffle butterfly: separate `jnp.sum`s cost a 5-level
+shuffle tree each and were a fifth of the backward. In the default "xor" state order (`Lanes`)
+the butterfly needs no selects (`xor_transpose_sums`): half the instructions of the PTX one
+(`transpose_sum`, used by the state-split layouts).
 """
 
 from __future__ import annotations
@@ -89,15 +91,25 @@ class Lanes:
     ns = d_state / P): each thread carries 1/P of the states, h, dh and dA accumulators, so
     the kernel fits in fewer registers and more warps are resident. Sums over n then need
     log2(P) shuffles (`part_sum`).
+    xor (parts = 1, d_state a power of two <= 16): lane i's k-th state is
+    n = k ^ (i % d_state) instead of k. The channel sums' butterfly then pairs equal states
+    without selects (`xor_transpose_sums`), and B_t or C_t arrive as one per-lane load
+    (lane i reads n = i % d_state) and d_state - 1 xor shuffles (`_load_state_scalars`).
     """
 
     parts: int
     group: int
     part: jax.Array | int
     states: tuple  # the state index n of each of a lane's ns states: ints, or (32,) vectors
+    xor: bool = False
 
 
-def split_lanes(st: Static, parts: int) -> tuple[Coords, Lanes]:
+def split_lanes(st: Static, parts: int, xor: bool = False) -> tuple[Coords, Lanes]:
+    if parts == 1 and xor:
+        lane = jax.lax.broadcasted_iota(jnp.int32, (st.block_d,), 0)
+        first = lane & (st.d_state - 1)
+        return coords(st), Lanes(1, st.block_d, 0,
+                                 tuple(first ^ k for k in range(st.d_state)), xor=True)
     if parts == 1:
         return coords(st), Lanes(1, st.block_d, 0, tuple(range(st.d_state)))
     group = st.block_d // parts
@@ -128,6 +140,11 @@ def part_sum(x, lanes: Lanes, *, fast: bool):
 
 def _load_state_scalars(ref, cc, tc, st: Static, lanes: Lanes):
     """B_t or C_t at each lane's states: uniform scalars with one part, else (32,) gathers."""
+    if lanes.xor:
+        # Lane i ^ k reads n = (i ^ k) % d_state, the state lane i keeps k-th: one load
+        # (a bf16 load and its conversion per value cost twice the shuffle).
+        row = plgpu.load(ref.at[cc.b, tc, lanes.states[0]]).astype(F32)
+        return [row] + [_shfl_xor(row, k, fast=st.fast) for k in range(1, len(lanes.states))]
     if lanes.parts == 1:
         return load_scalars(ref, cc, tc, st)
     return [plgpu.load(ref.at[cc.b, tc, n]).astype(F32) for n in lanes.states]
@@ -189,6 +206,33 @@ def _transpose_sum_ptx(n: int) -> str:
     return "\n".join(lines)
 
 
+def xor_transpose_sums(dc, db, *, fast: bool):
+    """Channel sums of a one-warp program in the xor state order (Lanes.xor): dc[k], db[k]
+    (32,) hold lane i's terms of dC_t, dB_t at state k ^ (i % ns), ns = len(dc). Returns a
+    (32,) s with s[i] = dC_t[i % ns] summed over all 32 lanes for i < 16, dB_t[i % ns] for
+    i >= 16.
+
+    At the level of half h, lane i's slot k < h holds state k ^ (i % ns), and its partner
+    lane i ^ h holds the same state in slot k + h, since (k + h) ^ ((i ^ h) % ns) =
+    k ^ (i % ns): a pair costs one shuffle and one add. The plain butterfly (`transpose_sum`)
+    also selects what to keep and what to send on every pair: 4 instructions against 2."""
+    ns = len(dc)
+    h = ns // 2
+    while h >= 1:
+        dc = [dc[k] + _shfl_xor(dc[k + h], h, fast=fast) for k in range(h)]
+        db = [db[k] + _shfl_xor(db[k + h], h, fast=fast) for k in range(h)]
+        h //= 2
+    dc, db = dc[0], db[0]
+    offset = ns
+    while offset < 16:  # the other groups of ns lanes in each half warp
+        dc = dc + _shfl_xor(dc, offset, fast=fast)
+        db = db + _shfl_xor(db, offset, fast=fast)
+        offset *= 2
+    upper = jax.lax.broadcasted_iota(jnp.int32, dc.shape, 0) >= 16
+    keep = jnp.where(upper, db, dc)
+    return keep + _shfl_xor(jnp.where(upper, dc, db), 16, fast=fast)
+
+
 def transpose_sum(values, *, fast: bool):
     """n (32,) vectors of a one-warp program, n dividing 32 -> (32,) vector s with
     s[j] = sum of values[j % n] over the lanes of j's group of n (the whole warp for n = 32)."""
@@ -203,7 +247,7 @@ def transpose_sum(values, *, fast: bool):
 def _chunk_grad_kernel(*refs, names, st: Static, ckpt: int, window: int, reduce: str,
                        parts: int):
     r = dict(zip(names, refs))
-    cc, lanes = split_lanes(st, parts)
+    cc, lanes = split_lanes(st, parts, xor=reduce == "xor")
     states = lanes.states
     a2, bias, dskip = load_params(r, st, cc, states)
     t0 = cc.c * st.chunk
@@ -227,21 +271,30 @@ def _chunk_grad_kernel(*refs, names, st: Static, ckpt: int, window: int, reduce:
 
         return pipelined_fori(n_steps // unroll, fetch, body, h, prefetch=st.prefetch)
 
-    # Pass 1: checkpoints of h at the start of every ckpt block.
+    # Pass 1: checkpoints of h at the start of every ckpt block. The buffer is private to this
+    # kernel: in the xor order slot k goes to row k (a coalesced row, not a gather); the parts
+    # of a split channel share its column, so there each state keeps its own row.
     h_in = tuple(load_cols(r["h_in"], (cc.b, cc.c, n), st, cc) for n in states)
+    ckpt_rows = tuple(range(len(states))) if lanes.xor else states
 
     def save(k, h):
-        for n, h_n in zip(states, h):
-            store_cols(r["ckpt"], (cc.b, cc.c, k, n), h_n, st, cc)
+        for row, h_n in zip(ckpt_rows, h):
+            store_cols(r["ckpt"], (cc.b, cc.c, k, row), h_n, st, cc)
         return fwd_steps(h, t0 + k * ckpt, ckpt)
 
     jax.lax.fori_loop(0, n_ckpt, save, h_in)
 
+    lane = jax.lax.broadcasted_iota(jnp.int32, (st.block_d,), 0)
+    if reduce == "xor":
+        # xor_transpose_sums leaves dC_t[i % n] on lanes i < 16, dB_t[i % n] on the others.
+        # With n < 16 several lanes hold one sum, bitwise equal (their adds differ only in
+        # operand order), and all of them store it: a masked-off lane would not be harmless in
+        # the interpreter, whose masked scatter writes the old value back.
+        dbc_col = (lane & (st.d_state - 1)) + jnp.where(lane >= 16, st.d_state, 0)
     if reduce == "shfl":
         # Where each lane's channel sum of the dBC row goes: its group's value j is dC at
         # n = part * ns + j for j < ns, dB at n = part * ns + j - ns for ns <= j < 2 ns.
         ns = len(states)
-        lane = jax.lax.broadcasted_iota(jnp.int32, (st.block_d,), 0)
         j = lane & (lanes.group - 1)
         first = lanes.part * ns
         dbc_col = (pl.ds(0, st.block_d) if parts == 1
@@ -273,7 +326,10 @@ def _chunk_grad_kernel(*refs, names, st: Static, ckpt: int, window: int, reduce:
         s_aq = part_sum(s_aq, lanes, fast=st.fast)
         # Channel sums of this step: dC_t[n] at n, dB_t[n] at d_state + n of the dBC row.
         prods = [g * h_n for h_n in h_t] + [dh_n * du_ for dh_n in dh]
-        if reduce == "shfl":
+        if reduce == "xor":
+            sums = xor_transpose_sums(prods[:len(states)], prods[len(states):], fast=st.fast)
+            plgpu.store(r["dBC"].at[cc.b, cc.d_block, x.tc, dbc_col], sums, mask=x.valid)
+        elif reduce == "shfl":
             prods += [jnp.zeros_like(g)] * (lanes.group - len(prods))
             sums = transpose_sum(prods, fast=st.fast)
             plgpu.store(r["dBC"].at[cc.b, cc.d_block, x.tc, dbc_col], sums,
@@ -309,7 +365,7 @@ def _chunk_grad_kernel(*refs, names, st: Static, ckpt: int, window: int, reduce:
 
     def block(kk, carry):
         k = n_ckpt - 1 - kk
-        h_k = tuple(load_cols(r["ckpt"], (cc.b, cc.c, k, n), st, cc) for n in states)
+        h_k = tuple(load_cols(r["ckpt"], (cc.b, cc.c, k, row), st, cc) for row in ckpt_rows)
         t_k = t0 + k * ckpt
 
         def win(ww, carry):
@@ -361,7 +417,8 @@ def chunk_grads(inputs: dict, *, st: Static, batch: int, dtypes: dict, ckpt: int
                 reduce: str, parts: int, maxnreg: int | None, num_warps: int, interpret: bool):
     """Gradients: du, ddelta (, dz) rows; dC, dB partials (b, d_blocks, t, 2n); dA partials
     (b, c, n, d); dD, dbias partials (b, c, d); and the transient checkpoint buffer.
-    `parts` > 1 (see Lanes) needs block_d 32 on one warp and reduce "shfl"."""
+    `parts` > 1 (see Lanes) needs block_d 32 on one warp and reduce "shfl"; reduce "xor" needs
+    parts 1, block_d 32 on one warp and d_state a power of two <= 16."""
     nc = -(-st.length // st.chunk)
     nd = -(-st.d_inner // (st.block_d // parts))
     rows = (batch, st.length, st.d_inner)

@@ -183,7 +183,11 @@ def _scan_bwd(plan, interpret, num_segments, res, cts):
     dA = jnp.swapaxes(g["dA"].sum((0, 1)), 0, 1).astype(A.dtype)
     dD = None if D is None else g["dD"].sum((0, 1)).astype(D.dtype)
     dbias = None if delta_bias is None else g["dbias"].sum((0, 1)).astype(delta_bias.dtype)
-    dBC = g["dBC"].sum(1)
+    # Left to itself XLA fuses this sum into the model's concatenation of d(dt), dB and dC, as a
+    # loop over the output that reads the partials uncoalesced: 0.39 ms at the 1.4b layer's
+    # (8, 128, 2048, 32) against 0.08 ms as a reduction of its own
+    # (benchmarks/bench_dbc_sum.py, results/dbc_sum_nvidia-h200.json).
+    dBC = jax.lax.optimization_barrier(g["dBC"].sum(1))
     return (
         g["du"], g["ddelta"], dA,
         dBC[..., st.d_state:].astype(B.dtype), dBC[..., :st.d_state].astype(C.dtype),
@@ -192,7 +196,11 @@ def _scan_bwd(plan, interpret, num_segments, res, cts):
 
 
 def _reduce_mode(cfg: ScanConfig, st: kernel.Static) -> str:
-    if cfg.reduce == "shfl" and st.block_d == 32 and cfg.num_warps == 1 and st.d_state <= 16:
+    fits_warp = st.block_d == 32 and cfg.num_warps == 1 and st.d_state <= 16
+    pow2 = not st.d_state & (st.d_state - 1)
+    if cfg.reduce == "xor" and fits_warp and pow2 and cfg.state_split == 1:
+        return "xor"
+    if cfg.reduce in ("shfl", "xor") and fits_warp:
         return "shfl"
     return "tree"
 
