@@ -269,6 +269,7 @@ def main():
             ((1, 777, 64, 16), jnp.float32, "ones", ScanConfig(chunk=64, state_split=4)),
             ((2, 1000, 96, 16), jnp.float32, "random",
              ScanConfig(chunk=64, state_split=2, window=8, ckpt=16)),
+            ((2, 1000, 80, 16), jnp.float32, "random", ScanConfig(chunk=64, reduce="shfl")),
         ]
         cases = new if args.new_checks else cases
         for i, (shape, dtype, seg_mode, cfg) in enumerate(cases):

@@ -80,6 +80,19 @@ def presets_in(data):
     return [p for p in PRESET_ORDER if p in found] + sorted(found - set(PRESET_ORDER))
 
 
+def tick_labels(data, presets):
+    """Preset names, with the commit under those measured at another commit than most runs, so
+    a plot that mixes code versions says so."""
+    commits = [str(r.get("git_commit", "?"))[:7] for r in data["runs"].values()]
+    usual = max(set(commits), key=commits.count) if commits else None
+    labels = []
+    for p in presets:
+        own = sorted({str(r.get("git_commit", "?"))[:7] for r in data["runs"].values()
+                      if r["preset"] == p} - {usual})
+        labels.append(p + "".join(f"\n({c})" for c in own))
+    return labels
+
+
 def ok(data, preset, mode, dist):
     r = data["runs"].get(f"{preset}/{mode}/{dist}")
     return r if r and r.get("status") == "ok" else None
@@ -120,7 +133,7 @@ def plot(data, out_dir: pathlib.Path, stem: str) -> list[pathlib.Path]:
             if p in presets:
                 j = presets.index(p)
                 ax.hlines(anchor[2], j - 1.5 * w, j + 1.5 * w, colors="k", linestyles="--", lw=1)
-        ax.set_xticks(x, presets)
+        ax.set_xticks(x, tick_labels(data, presets))
         ax.set_xlim(-0.6, len(presets) - 0.4)
         if np.isfinite(seen).any():
             ax.set_yscale("log")
@@ -157,7 +170,7 @@ def plot(data, out_dir: pathlib.Path, stem: str) -> list[pathlib.Path]:
             ax.axhline(TARGET_SPEEDUP_SINGLE, color="tab:red", lw=0.8, ls=":",
                        label=f"target {TARGET_SPEEDUP_SINGLE:g}x (instruct)")
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_xticks(x, presets)
+        ax.set_xticks(x, tick_labels(data, presets))
         ax.set_ylabel(f"packed / {over} tokens/s")
         ax.set_title(f"packed over {over}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)

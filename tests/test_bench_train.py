@@ -77,6 +77,14 @@ def test_bench_train_tiny_counts_real_tokens_merges_and_plots(tmp_path):
     assert "| tiny | instruct |" in table and "| 130m | corpus | — | — | skipped |" in table
 
 
+def test_plot_labels_presets_measured_at_another_commit():
+    runs = {f"{p}/{m}/instruct": dict(preset=p, git_commit=c + "0" * 33)
+            for p, c in (("130m", "aaaaaaa"), ("370m", "bbbbbbb"), ("1.4b", "aaaaaaa"))
+            for m in ("packed", "single")}
+    labels = plot_train.tick_labels(dict(runs=runs), ["130m", "370m", "1.4b"])
+    assert labels == ["130m", "370m\n(bbbbbbb)", "1.4b"]
+
+
 def test_breakdown_attributes_hlo_instructions_to_source_lines():
     """The trace attribution names the user source line (and fwd/bwd) of a fused kernel."""
     import breakdown

@@ -223,6 +223,54 @@ def test_state_split_matches_float64(impl, state_split):
     check_against_float64(impl, args, case="edges", config=config, **edge_kw(seg))
 
 
+@pytest.mark.parametrize("reduce", ["xor", "shfl"])
+@pytest.mark.parametrize("impl", ["pallas_interpret", on_gpu("pallas")])
+def test_reduce_modes_match_float64(impl, reduce):
+    """Both butterflies for the dB/dC channel sums at d_state 16, the models' size, where every
+    lane of the warp ends with a sum of its own (at d_state 4 above several lanes share one),
+    with chunk and checkpoint edges, one-token segments and a partly empty channel block."""
+    seg = segments_from_lengths([[16, 8, 8, 1, 7, 10], [16, 16, 16, 2]])
+    args = make_args(jax.random.PRNGKey(8), 2, 50, 40, 16, jnp.float32)
+    config = dataclasses.replace(EDGE_CONFIG, reduce=reduce)
+    check_against_float64(impl, args, case="edges16", config=config, **edge_kw(seg))
+
+
+@pytest.mark.parametrize("ns", [1, 4, 16])
+def test_xor_transpose_sums_against_numpy(ns):
+    """xor_transpose_sums on its own (the interpreter's shuffles): lane i's k-th term belongs to
+    state k ^ (i % ns); lane i gets dC at state i % ns summed over all 32 lanes if i < 16, else
+    dB."""
+    from pallas_kernels.selective_scan.kernel_bwd import xor_transpose_sums
+
+    rng = np.random.default_rng(ns)
+    terms_c, terms_b = rng.normal(size=(2, 32, ns)).astype(np.float32)
+    lane = np.arange(32)
+    dc = [jnp.asarray(terms_c[lane, (lane % ns) ^ k]) for k in range(ns)]
+    db = [jnp.asarray(terms_b[lane, (lane % ns) ^ k]) for k in range(ns)]
+    got = np.asarray(xor_transpose_sums(dc, db, fast=False))
+    want = np.where(lane < 16, terms_c.sum(0, dtype=np.float64)[lane % ns],
+                    terms_b.sum(0, dtype=np.float64)[lane % ns])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_reduce_mode_fallbacks():
+    from pallas_kernels.selective_scan.kernel import Static
+    from pallas_kernels.selective_scan.vjp import _reduce_mode
+
+    def mode(d_state=16, block_d=32, **cfg):
+        st = Static(length=64, d_inner=64, d_state=d_state, block_d=block_d, chunk=16, unroll=4,
+                    delta_softplus=True, has_bias=True, has_rst=True, has_D=True, has_z=True,
+                    has_final=False, prefetch=True, fast=False)
+        return _reduce_mode(ScanConfig(**cfg), st)
+
+    assert mode() == "xor"
+    assert mode(d_state=12) == "shfl"  # xor needs a power of two
+    assert mode(state_split=2) == "shfl"  # the split layouts have their own butterfly
+    assert mode(d_state=32) == "tree"  # 2 * d_state sums do not fit one warp's lanes
+    assert mode(block_d=64) == "tree"
+    assert mode(reduce="shfl") == "shfl"
+
+
 TRITON_CALL = "__gpu$xla.gpu.triton"
 KERNELS = (
     "selective_scan_fwd_chunk_states",
@@ -257,6 +305,9 @@ def test_pallas_lowers_for_cuda_with_named_kernels(segments):
     assert text.count(TRITON_CALL) == len(KERNELS)
     # The reference's chunked scan would show up as an XLA while loop over chunks.
     assert "stablehlo.while" not in text
+    # The default dB/dC butterfly is the xor one: shuffles, and not the PTX block with selects.
+    assert "shfl.sync.bfly.b32 $0, $1, 8, 31, -1" in text
+    assert "selp.f32 s" not in text
 
 
 @pytest.mark.parametrize("state_split", [2, 4])
@@ -276,6 +327,7 @@ def test_state_split_lowers_for_cuda(state_split):
     # The register cap reaches the gradient kernel's module, and only it.
     assert 'name = "selective_scan_bwd_chunk_grads_maxnreg168"' in text
     assert text.count("ttg.maxnreg") == 1
+    assert "selp.f32 s" in text  # the split layouts keep the PTX butterfly
     assert "shfl.sync.bfly.b32 $0, $1, 16, 31, -1" in text if state_split == 2 else (
         "shfl.sync.bfly.b32 $0, $1, 8, 31, -1" in text)
 

@@ -37,7 +37,8 @@ class ScanConfig:
         of a step: 31 shuffles instead of 5 per value; needs bwd_block_d = 32, one warp and
         d_state <= 16, else "tree" is used) or "xor" ("shfl"'s butterfly without its selects,
         by keeping each lane's states in an order that depends on the lane: kernel_bwd.Lanes;
-        needs also d_state a power of two and state_split 1, else "shfl" or "tree" is used).
+        needs also d_state a power of two and state_split 1, else "shfl" or "tree" is used;
+        forward+backward 11% faster than "shfl" at the 1.4b step's shape, NOTES.md run 8).
     prefetch: time loops load the next iteration's rows while computing this one.
     state_split: backward gradient kernel only: lanes over which each channel's d_state states
         are split (kernel_bwd.Lanes), so each thread carries 1/state_split of the per-state
