@@ -139,10 +139,11 @@ def part_sum(x, lanes: Lanes, *, fast: bool):
 
 
 def _load_state_scalars(ref, cc, tc, st: Static, lanes: Lanes):
-    """B_t or C_t at each lane's states: uniform scalars with one part, else (32,) gathers."""
+    """B_t or C_t at each lane's states: uniform scalars with one part, one per-lane load and
+    shuffles in the xor order, else (32,) gathers."""
     if lanes.xor:
-        # Lane i ^ k reads n = (i ^ k) % d_state, the state lane i keeps k-th: one load
-        # (a bf16 load and its conversion per value cost twice the shuffle).
+        # Lane i ^ k loaded n = (i ^ k) % d_state, the state lane i keeps k-th. One load and
+        # d_state - 1 shuffles, where uniform loads take a load and a bf16 conversion a value.
         row = plgpu.load(ref.at[cc.b, tc, lanes.states[0]]).astype(F32)
         return [row] + [_shfl_xor(row, k, fast=st.fast) for k in range(1, len(lanes.states))]
     if lanes.parts == 1:
