@@ -61,7 +61,8 @@ def _position(pos_ref, b, t, st: Static):
 
 def _params(w_ref, bias_ref, e0, cmask, st: Static):
     # jnp.int32: the interpreter's masked-load discharge rejects plain Python ints as indices.
-    taps = [plgpu.load(w_ref.at[jnp.int32(k), pl.ds(e0, st.block_e)], mask=cmask, other=0).astype(F32)
+    taps = [plgpu.load(w_ref.at[jnp.int32(k), pl.ds(e0, st.block_e)], mask=cmask,
+                       other=0).astype(F32)
             for k in range(st.width)]
     bias = (plgpu.load(bias_ref.at[pl.ds(e0, st.block_e)], mask=cmask, other=0).astype(F32)
             if st.has_bias else jnp.zeros((st.block_e,), F32))
@@ -83,7 +84,8 @@ def _sigmoid(x):
 
 
 def _initial_window(x_ref, b, t0, e0, cmask, st: Static):
-    return tuple(_row(x_ref, b, t0 - (st.width - 1) + i, e0, cmask, st) for i in range(st.width - 1))
+    return tuple(_row(x_ref, b, t0 - (st.width - 1) + i, e0, cmask, st)
+                 for i in range(st.width - 1))
 
 
 def _fwd_kernel(x_ref, w_ref, bias_ref, pos_ref, out_ref, *, st: Static):

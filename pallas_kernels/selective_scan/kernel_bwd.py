@@ -292,7 +292,7 @@ def _chunk_grad_kernel(*refs, names, st: Static, ckpt: int, window: int, reduce:
         # operand order), and all of them store it: a masked-off lane would not be harmless in
         # the interpreter, whose masked scatter writes the old value back.
         dbc_col = (lane & (st.d_state - 1)) + jnp.where(lane >= 16, st.d_state, 0)
-    if reduce == "shfl":
+    elif reduce == "shfl":
         # Where each lane's channel sum of the dBC row goes: its group's value j is dC at
         # n = part * ns + j for j < ns, dB at n = part * ns + j - ns for ns <= j < 2 ns.
         ns = len(states)
