@@ -34,7 +34,7 @@ NO_DECAY_NAMES = ("bias", "conv_bias", "A_log", "D")
 @dataclasses.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken
-    params: Any  # nnx.State of float32 parameters
+    params: Any  # float32 parameters as a plain nested dict (nnx.to_pure_dict), see init_state
     opt_state: Any
     rng: jax.Array  # uint32 key data, split every step (the model itself is deterministic)
 
@@ -77,15 +77,18 @@ def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTrans
 
 
 def model_graphdef(model_config: MambaConfig):
-    """(graphdef, abstract params) of the model without allocating it."""
+    """(graphdef, abstract params as a plain dict) of the model without allocating it."""
     abstract = nnx.eval_shape(lambda: MambaLM(model_config, rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(abstract)
-    return graphdef, params
+    return graphdef, nnx.to_pure_dict(params)
 
 
 def init_state(model_config: MambaConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
     model = MambaLM(model_config, rngs=nnx.Rngs(seed))
-    _, params = nnx.split(model)
+    # Plain arrays, not nnx Variables: every call of the jitted step flattens the state and
+    # rebuilds the returned one in Python, and per Variable that costs enough (1,450 of them at
+    # 48 layers) to exceed a short step's GPU time (benchmarks/results/dispatch_*.json).
+    params = nnx.to_pure_dict(nnx.split(model)[1])
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)))
 
