@@ -119,3 +119,55 @@ def test_register_probe_dumps_each_scan_kernel_as_triton_ir(tmp_path):
     for name, launch in meta["kernels"].items():
         assert launch["num_warps"] >= 1 and len(launch["grid"]) == 3
         assert f"tt.func public @{name}" in (tmp_path / f"{name}.ttir").read_text()
+
+
+def test_ncu_summarize_shares_stalls_and_opcodes(tmp_path):
+    import ncu_scan
+
+    header = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed",
+              "stall_long_sb", "stall_wait", "stall_long_sb (Not Issued)"]
+    rows = [["0x0", "      LDG.E.U16 R1, desc[UR4][R2.64]", "10", "100", "0", "10", "0"],
+            ["0x10", "      SHF.L.U32 R3, R1, 0x10, RZ", "30", "100", "30", "0", "30"],
+            ["0x20", "@P0   FFMA R4, R3, R3, R4", "0", "200", "0", "0", "0"]]
+    path = tmp_path / "sass.csv"
+    path.write_text('"Kernel Name","k",\n' + "\n".join(
+        ",".join(f'"{v}"' for v in r) for r in [header] + rows) + "\n")
+    result = ncu_scan.summarize(path)
+    assert result["stalls"] == {"long_sb": 0.75, "wait": 0.25}
+    assert result["opcodes"] == {"FFMA": (0.5, 0.0), "LDG": (0.25, 0.25), "SHF": (0.25, 0.75)}
+
+
+def test_bench_dispatch_layouts_run_the_same_step():
+    """The A/B's premise: the Variables layout is the old one (every parameter and moment a
+    Variable) and the step computes bitwise the same from either."""
+    import functools
+
+    import bench_dispatch
+    import jax
+    from flax import nnx
+
+    from jax_packmamba import MambaLM
+    from train import step as step_lib
+    from train.config import ModelConfig, OptimConfig
+
+    mc = ModelConfig(preset="tiny").mamba_config(vocab_size=257, backend="cpu")
+    tx = step_lib.make_optimizer(OptimConfig(lr=1e-3, warmup_steps=0), 10)
+    graphdef, _ = step_lib.model_graphdef(mc)
+    graph_params = nnx.split(nnx.eval_shape(lambda: MambaLM(mc, rngs=nnx.Rngs(0))))[1]
+    plain = jax.jit(lambda: step_lib.init_state(mc, tx, 0))()
+    variables = bench_dispatch.as_variables(plain, graph_params)
+
+    def is_var(x):
+        return isinstance(x, nnx.Variable)
+
+    n_params = len(jax.tree.leaves(plain.params))
+    assert not any(map(is_var, jax.tree.leaves(plain, is_leaf=is_var)))
+    assert sum(map(is_var, jax.tree.leaves(variables, is_leaf=is_var))) == 3 * n_params
+    ids = np.random.default_rng(0).integers(1, 257, (1, 2, 32), dtype=np.int32)
+    batch = dict(tokens=ids, segment_ids=np.ones_like(ids), targets=np.roll(ids, -1, -1),
+                 loss_mask=np.ones(ids.shape, bool))
+    step = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx))
+    (s1, m1), (s2, m2) = step(plain, batch), step(variables, batch)
+    assert float(m1["loss"]) == float(m2["loss"])
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
