@@ -32,9 +32,10 @@ for p in (str(REPO), str(REPO / "benchmarks")):
         sys.path.insert(0, p)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
+
+from jax_packmamba import MambaLM  # noqa: E402
 
 import bench_train  # noqa: E402
 
@@ -88,8 +89,7 @@ def run_case(preset: str, tokens: int, tiny: bool) -> dict:
     compiled = step_lib.build(mc, optim, 1000, mesh)
     tx = step_lib.make_optimizer(optim, 1000)
     schedule = step_lib.learning_rate_schedule(optim, 1000)
-    graph_params = nnx.split(nnx.eval_shape(
-        lambda: __import__("jax_packmamba").MambaLM(mc, rngs=nnx.Rngs(0))))[1]
+    graph_params = nnx.split(nnx.eval_shape(lambda: MambaLM(mc, rngs=nnx.Rngs(0))))[1]
     rng = np.random.default_rng(0)
     ids = rng.integers(1, 257, (1, 1, tokens), dtype=np.int32)
     arrays = dict(tokens=ids, segment_ids=np.ones_like(ids), targets=np.roll(ids, -1, -1),

@@ -235,6 +235,17 @@ def test_reduce_modes_match_float64(impl, reduce):
     check_against_float64(impl, args, case="edges16", config=config, **edge_kw(seg))
 
 
+@pytest.mark.parametrize("impl", ["pallas_interpret", on_gpu("pallas")])
+def test_window_rows_matches_float64(impl):
+    """ScanConfig.window_rows (a window's delta and u rows loaded once, before the re-advance,
+    and reused by its reverse steps) on the inputs above. Not bitwise equal to the default in
+    the interpreter: XLA fuses the reused values differently (dA differs by ~6e-5 relative)."""
+    seg = segments_from_lengths([[16, 8, 8, 1, 7, 10], [16, 16, 16, 2]])
+    args = make_args(jax.random.PRNGKey(8), 2, 50, 40, 16, jnp.float32)
+    config = dataclasses.replace(EDGE_CONFIG, window_rows=True)
+    check_against_float64(impl, args, case="edges16", config=config, **edge_kw(seg))
+
+
 @pytest.mark.parametrize("ns", [1, 4, 16])
 def test_xor_transpose_sums_against_numpy(ns):
     """xor_transpose_sums on its own (the interpreter's shuffles): lane i's k-th term belongs to
@@ -330,6 +341,19 @@ def test_state_split_lowers_for_cuda(state_split):
     assert "selp.f32 s" in text  # the split layouts keep the PTX butterfly
     assert "shfl.sync.bfly.b32 $0, $1, 16, 31, -1" in text if state_split == 2 else (
         "shfl.sync.bfly.b32 $0, $1, 8, 31, -1" in text)
+
+
+def test_window_rows_lowers_for_cuda():
+    args, f32 = lowering_args(), jnp.float32
+    config = dataclasses.replace(EDGE_CONFIG, chunk=64, window_rows=True)
+
+    def loss(*xs):
+        *xs, seg = xs
+        y = selective_scan_pallas(*xs, delta_softplus=True, segment_ids=seg, config=config)
+        return y.astype(f32).sum()
+
+    text = lower_for_cuda(jax.grad(loss, argnums=tuple(range(8))), *args)
+    assert text.count(TRITON_CALL) == len(KERNELS)
 
 
 def test_cuda_lowering_rejects_what_triton_cannot_lower():

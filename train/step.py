@@ -87,8 +87,8 @@ def init_state(model_config: MambaConfig, tx: optax.GradientTransformation, seed
     model = MambaLM(model_config, rngs=nnx.Rngs(seed))
     # Plain arrays, not nnx Variables: every call of the jitted step flattens the state and
     # rebuilds the returned one, in Python for Variables. With the 1,450 leaves of a 48-layer
-    # model (parameters and both Adam moments) a call that does nothing took 20.4 ms of host time
-    # as Variables and 11.0 as plain arrays (benchmarks/results/dispatch_nvidia-h200.json).
+    # model (parameters and both Adam moments) a jitted call that only returns the state took
+    # 8-9 ms longer with Variables (benchmarks/results/dispatch_nvidia-h200.json).
     params = nnx.to_pure_dict(nnx.split(model)[1])
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)))

@@ -48,6 +48,10 @@ class ScanConfig:
         slower than 1 at the 1.4b step's shape, with or without a register cap (NOTES.md run 5).
     grads_maxnreg: register cap of the backward gradient kernel (pallas_kernels/register_cap.py),
         None for ptxas's choice (255 at the defaults: 8 resident warps an SM).
+    window_rows: backward gradient kernel only: load each window's delta and u rows with its dy
+        and z rows, before the re-advance, and let the reverse steps reuse what the window's
+        advance computed from them, instead of loading them again (NOTES.md run 9: the kernel
+        waits on those loads). Off by default until timed on a GPU.
     """
 
     block_d: int = 64
@@ -61,6 +65,7 @@ class ScanConfig:
     prefetch: bool = True
     state_split: int = 1
     grads_maxnreg: int | None = None
+    window_rows: bool = False
 
     def __post_init__(self):
         if self.reduce not in ("tree", "shfl", "xor"):

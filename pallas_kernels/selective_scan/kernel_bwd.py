@@ -246,7 +246,7 @@ def transpose_sum(values, *, fast: bool):
 
 
 def _chunk_grad_kernel(*refs, names, st: Static, ckpt: int, window: int, reduce: str,
-                       parts: int):
+                       parts: int, window_rows: bool):
     r = dict(zip(names, refs))
     cc, lanes = split_lanes(st, parts, xor=reduce == "xor")
     states = lanes.states
@@ -302,9 +302,8 @@ def _chunk_grad_kernel(*refs, names, st: Static, ckpt: int, window: int, reduce:
                    else jnp.where(j < ns, first + j, st.d_state + first + j - ns))
         dbc_used = j < 2 * ns
 
-    def reverse_step(t, h_prev, h_t, out_rows, carry):
+    def reverse_step(x, h_prev, h_t, out_rows, carry):
         dh, dA_acc, dD_acc, dbias_acc = carry
-        x = load_step(r, t, st, cc, bias)
         g, dy, z, sig = _out_grad(out_rows, st)
         bs = state_scalars(r["B"], x.tc)
         cs = state_scalars(r["C"], x.tc)
@@ -373,14 +372,19 @@ def _chunk_grad_kernel(*refs, names, st: Static, ckpt: int, window: int, reduce:
             w = n_win - 1 - ww
             t_w = t_k + w * window
             # Issued before the re-advance so that it hides their latency.
-            out_rows = [fetch_rows(r, t_w + i, st, cc, ("dy", "z") if st.has_z else ("dy",))
-                        for i in range(window)]
+            out_names = ("dy", "z") if st.has_z else ("dy",)
+            if window_rows:
+                out_names += ("delta", "u")
+            out_rows = [fetch_rows(r, t_w + i, st, cc, out_names) for i in range(window)]
             hs = [fwd_steps(h_k, t_k, w * window)]
+            xs = []
             for i in range(window):
-                x = load_step(r, t_w + i, st, cc, bias)
+                x = load_step(r, t_w + i, st, cc, bias, rows=out_rows[i] if window_rows else None)
+                xs.append(x)
                 hs.append(advance(hs[-1], x, state_scalars(r["B"], x.tc), a2, st))
             for i in reversed(range(window)):
-                carry = reverse_step(t_w + i, hs[i], hs[i + 1], out_rows[i], carry)
+                x = xs[i] if window_rows else load_step(r, t_w + i, st, cc, bias)
+                carry = reverse_step(x, hs[i], hs[i + 1], out_rows[i], carry)
             return carry
 
         return jax.lax.fori_loop(0, n_win, win, carry)
@@ -415,7 +419,8 @@ def chunk_dstates(inputs: dict, *, st: Static, batch: int, num_warps: int, inter
 
 
 def chunk_grads(inputs: dict, *, st: Static, batch: int, dtypes: dict, ckpt: int, window: int,
-                reduce: str, parts: int, maxnreg: int | None, num_warps: int, interpret: bool):
+                reduce: str, parts: int, maxnreg: int | None, num_warps: int, interpret: bool,
+                window_rows: bool = False):
     """Gradients: du, ddelta (, dz) rows; dC, dB partials (b, d_blocks, t, 2n); dA partials
     (b, c, n, d); dD, dbias partials (b, c, d); and the transient checkpoint buffer.
     `parts` > 1 (see Lanes) needs block_d 32 on one warp and reduce "shfl"; reduce "xor" needs
@@ -438,7 +443,7 @@ def chunk_grads(inputs: dict, *, st: Static, batch: int, dtypes: dict, ckpt: int
         out["dbias"] = jax.ShapeDtypeStruct((batch, nc, st.d_inner), F32)
     results = _call(
         functools.partial(_chunk_grad_kernel, ckpt=ckpt, window=window, reduce=reduce,
-                          parts=parts),
+                          parts=parts, window_rows=window_rows),
         inputs,
         out,
         st=st,

@@ -179,7 +179,7 @@ def _scan_bwd(plan, interpret, num_segments, res, cts):
                 h_in=h_in, dh_out=dh_out, fin_slot=fin_slot, dfinal=dfinal),
         dtypes=dict(u=u.dtype, delta=delta.dtype, z=None if z is None else z.dtype),
         ckpt=cfg.ckpt, window=cfg.window, reduce=reduce, parts=_state_split(cfg, st, reduce),
-        maxnreg=cfg.grads_maxnreg, **launch)
+        maxnreg=cfg.grads_maxnreg, window_rows=cfg.window_rows, **launch)
     dA = jnp.swapaxes(g["dA"].sum((0, 1)), 0, 1).astype(A.dtype)
     dD = None if D is None else g["dD"].sum((0, 1)).astype(D.dtype)
     dbias = None if delta_bias is None else g["dbias"].sum((0, 1)).astype(delta_bias.dtype)
