@@ -372,19 +372,19 @@ def _chunk_grad_kernel(*refs, names, st: Static, ckpt: int, window: int, reduce:
             w = n_win - 1 - ww
             t_w = t_k + w * window
             # Issued before the re-advance so that it hides their latency.
-            out_names = ("dy", "z") if st.has_z else ("dy",)
+            row_names = ("dy", "z") if st.has_z else ("dy",)
             if window_rows:
-                out_names += ("delta", "u")
-            out_rows = [fetch_rows(r, t_w + i, st, cc, out_names) for i in range(window)]
+                row_names += ("delta", "u")
+            rows = [fetch_rows(r, t_w + i, st, cc, row_names) for i in range(window)]
             hs = [fwd_steps(h_k, t_k, w * window)]
             xs = []
             for i in range(window):
-                x = load_step(r, t_w + i, st, cc, bias, rows=out_rows[i] if window_rows else None)
+                x = load_step(r, t_w + i, st, cc, bias, rows=rows[i] if window_rows else None)
                 xs.append(x)
                 hs.append(advance(hs[-1], x, state_scalars(r["B"], x.tc), a2, st))
             for i in reversed(range(window)):
                 x = xs[i] if window_rows else load_step(r, t_w + i, st, cc, bias)
-                carry = reverse_step(x, hs[i], hs[i + 1], out_rows[i], carry)
+                carry = reverse_step(x, hs[i], hs[i + 1], rows[i], carry)
             return carry
 
         return jax.lax.fori_loop(0, n_win, win, carry)
@@ -419,8 +419,8 @@ def chunk_dstates(inputs: dict, *, st: Static, batch: int, num_warps: int, inter
 
 
 def chunk_grads(inputs: dict, *, st: Static, batch: int, dtypes: dict, ckpt: int, window: int,
-                reduce: str, parts: int, maxnreg: int | None, num_warps: int, interpret: bool,
-                window_rows: bool = False):
+                reduce: str, parts: int, maxnreg: int | None, window_rows: bool, num_warps: int,
+                interpret: bool):
     """Gradients: du, ddelta (, dz) rows; dC, dB partials (b, d_blocks, t, 2n); dA partials
     (b, c, n, d); dD, dbias partials (b, c, d); and the transient checkpoint buffer.
     `parts` > 1 (see Lanes) needs block_d 32 on one warp and reduce "shfl"; reduce "xor" needs
