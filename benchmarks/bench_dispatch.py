@@ -40,22 +40,22 @@ from jax_packmamba import MambaLM  # noqa: E402
 import bench_train  # noqa: E402
 
 
-def as_variables(state, graph_params):
+def as_variables(state, model_config):
     """The state with params and both Adam moments as nnx.State of Variables (arrays shared)."""
     from train import step as step_lib
 
+    abstract = nnx.split(nnx.eval_shape(lambda: MambaLM(model_config, rngs=nnx.Rngs(0))))[1]
+
+    def is_params(node):
+        return isinstance(node, dict) and set(node) == set(state.params)
+
     def to_state(pure):
-        s = jax.tree.map(lambda v: v, graph_params)  # a fresh State to fill
+        s = jax.tree.map(lambda v: v, abstract)  # a fresh State to fill
         nnx.replace_by_pure_dict(s, pure)
         return s
 
-    def convert(node):
-        if isinstance(node, dict) and set(node) == set(state.params):
-            return to_state(node)
-        return node
-
-    opt_state = jax.tree.map(convert, state.opt_state,
-                             is_leaf=lambda n: isinstance(n, dict) and set(n) == set(state.params))
+    opt_state = jax.tree.map(lambda n: to_state(n) if is_params(n) else n, state.opt_state,
+                             is_leaf=is_params)
     return step_lib.TrainState(step=state.step, params=to_state(state.params),
                                opt_state=opt_state, rng=state.rng)
 
@@ -89,7 +89,6 @@ def run_case(preset: str, tokens: int, tiny: bool) -> dict:
     compiled = step_lib.build(mc, optim, 1000, mesh)
     tx = step_lib.make_optimizer(optim, 1000)
     schedule = step_lib.learning_rate_schedule(optim, 1000)
-    graph_params = nnx.split(nnx.eval_shape(lambda: MambaLM(mc, rngs=nnx.Rngs(0))))[1]
     rng = np.random.default_rng(0)
     ids = rng.integers(1, 257, (1, 1, tokens), dtype=np.int32)
     arrays = dict(tokens=ids, segment_ids=np.ones_like(ids), targets=np.roll(ids, -1, -1),
@@ -101,7 +100,7 @@ def run_case(preset: str, tokens: int, tiny: bool) -> dict:
     for layout in ("variables", "plain"):
         state = compiled.init(0)
         if layout == "variables":
-            state = as_variables(state, graph_params)
+            state = as_variables(state, mc)
         leaves = len(jax.tree.leaves(state))
         # build()'s step without its shardings, which name the plain layout's tree; one device.
         step = jax.jit(functools.partial(step_lib.train_step, graphdef=compiled.graphdef, tx=tx,
