@@ -11,6 +11,7 @@ from jax_packmamba.ops import (
     selective_scan_reference,
 )
 from jax_packmamba.loss import masked_cross_entropy
+from jax_packmamba.pretrained import from_pretrained, save_pretrained
 from jax_packmamba.packing import (
     PackedBatch,
     SplitSequenceWarning,
@@ -35,12 +36,14 @@ __all__ = [
     "RMSNorm",
     "SplitSequenceWarning",
     "causal_conv1d",
+    "from_pretrained",
     "generate",
     "masked_cross_entropy",
     "pack_sequences",
     "pad_sequences",
     "positions_from_segment_ids",
     "rows_needed",
+    "save_pretrained",
     "segment_ids_from_positions",
     "segment_starts",
     "selective_scan",

@@ -37,6 +37,7 @@ from flax import nnx
 from jax_packmamba.config import MambaConfig
 from jax_packmamba.model import MambaLM, MixerState, vocab_logits
 from jax_packmamba.packing import COLUMN, PIECE_LENGTH, ROW, pack_sequences
+from jax_packmamba.pretrained import from_pretrained
 
 # Parameters that the model casts to the compute dtype before use (nnx.Linear and the conv);
 # dt_proj.bias is not among them: it enters the scan in float32.
@@ -372,7 +373,7 @@ def main(argv=None) -> int:
                         help="generate once before timing, so tokens/s excludes compilation")
     args = parser.parse_args(argv)
 
-    model = MambaLM.from_pretrained(args.checkpoint, dtype=args.dtype, scan_impl=args.scan_impl)
+    model = from_pretrained(args.checkpoint, dtype=args.dtype, scan_impl=args.scan_impl)
     tokenizer = JsonTokenizer(args.tokenizer) if args.tokenizer else ByteTokenizer()
     if tokenizer.vocab_size > model.config.padded_vocab_size:
         parser.error(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "

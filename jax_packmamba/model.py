@@ -237,20 +237,6 @@ class MambaLM(nnx.Module):
         """Final norm and vocabulary projection: residual (..., d) -> logits (..., v)."""
         return vocab_logits(residual, self.norm_f, self.embedding, self.lm_head, self.config.compute_dtype)
 
-    @classmethod
-    def from_pretrained(cls, path, **config_overrides) -> "MambaLM":
-        """Loads a local checkpoint directory in the Hugging Face MambaForCausalLM or the
-        original state-spaces/mamba layout (see jax_packmamba.pretrained.load_pretrained)."""
-        from jax_packmamba.pretrained import load_pretrained
-
-        return load_pretrained(path, **config_overrides)
-
-    def save_pretrained(self, path) -> None:
-        """Writes the Hugging Face layout (config.json, model.safetensors) into directory path."""
-        from jax_packmamba.pretrained import save_pretrained
-
-        save_pretrained(self, path)
-
 
 def vocab_logits(residual, norm_f: RMSNorm, embedding: nnx.Embed, lm_head, dtype):
     """norm_f, then lm_head, or the embedding table when tied (lm_head None)."""

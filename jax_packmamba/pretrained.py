@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from jax_packmamba.config import MambaConfig
+from jax_packmamba.model import MambaLM
 
 LAYOUTS = ("hf", "state-spaces")
 CONFIG_FILE = "config.json"
@@ -57,7 +58,7 @@ _MIXER_TENSORS = ("in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "out_p
 # Public API.
 
 
-def load_pretrained(path, **config_overrides):
+def from_pretrained(path, **config_overrides) -> MambaLM:
     """MambaLM from a local checkpoint directory in either layout.
 
     config_overrides: runtime fields of MambaConfig ("dtype", "scan_impl", "remat"); the
@@ -160,8 +161,6 @@ def model_from_tensors(config: MambaConfig, tensors: dict, *, layout: str = "hf"
     This is the whole loader once the files are read; it raises ValueError naming every
     missing, unexpected or mis-shaped tensor.
     """
-    from jax_packmamba.model import MambaLM
-
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     names = _name_map(config, layout)

@@ -23,7 +23,7 @@ PROMPT_LENGTHS = (1, 2, 3, 9, 70, 40, 17)
 @pytest.fixture(scope="module")
 def model():
     # The "tied" parity checkpoint: perturbed random weights, so logits are far from uniform.
-    return jp.MambaLM.from_pretrained(FIXTURES / "tied")
+    return jp.from_pretrained(FIXTURES / "tied")
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_packed_prefill_states_equal_separate_prefills_and_stepping(model, prepa
 
 def test_packed_prefill_through_the_pallas_kernel_matches_reference(prepared, model):
     pytest.importorskip("pallas_kernels.selective_scan")
-    kernel = prepare(jp.MambaLM.from_pretrained(FIXTURES / "tied", scan_impl="pallas_interpret"))
+    kernel = prepare(jp.from_pretrained(FIXTURES / "tied", scan_impl="pallas_interpret"))
     prompts = prompts_of((1, 2, 9, 70, 17), model.config.vocab_size, seed=5)
     expected, got = prefill(prepared, prompts), prefill(kernel, prompts)
     for name, a, b in zip(("logits", "conv", "ssm"), jax.tree.leaves(expected), jax.tree.leaves(got)):
@@ -79,7 +79,7 @@ def test_packed_prefill_through_the_pallas_kernel_matches_reference(prepared, mo
 
 
 def test_bfloat16_prepared_model_matches_the_model_forward():
-    model = jp.MambaLM.from_pretrained(FIXTURES / "tied", dtype="bfloat16")
+    model = jp.from_pretrained(FIXTURES / "tied", dtype="bfloat16")
     prepared = prepare(model)
     assert prepared.params["layers"]["mixer"]["in_proj"]["kernel"][...].dtype == jnp.bfloat16
     assert prepared.params["layers"]["mixer"]["A_log"][...].dtype == jnp.float32
@@ -178,7 +178,7 @@ def test_bad_generation_arguments(prepared):
 
 def test_command_line_with_byte_tokenizer(tmp_path, capsys):
     config = jp.MambaConfig.preset("tiny", d_model=32)  # vocab 256: bytes
-    jp.MambaLM(config, rngs=nnx.Rngs(0)).save_pretrained(tmp_path)
+    jp.save_pretrained(jp.MambaLM(config, rngs=nnx.Rngs(0)), tmp_path)
     assert main(["--checkpoint", str(tmp_path), "--prompt", "Hello", "--prompt", "Mamba!",
                      "--max-new-tokens", "5", "--temperature", "0"]) == 0
     out = capsys.readouterr()

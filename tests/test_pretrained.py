@@ -40,7 +40,7 @@ def assert_close_to_reference(logits, expected, what):
 
 @pytest.mark.parametrize("name", ["tied", "untied"])
 def test_hf_checkpoint_matches_transformers_logits(name):
-    model = jp.MambaLM.from_pretrained(FIXTURES / name)
+    model = jp.from_pretrained(FIXTURES / name)
     assert model.config.tie_embeddings == (name == "tied")
     for i, (ids, expected) in enumerate(reference(name)):
         logits = model(jnp.asarray(ids[None], jnp.int32))[0]
@@ -49,7 +49,7 @@ def test_hf_checkpoint_matches_transformers_logits(name):
 
 @pytest.mark.parametrize("name", ["tied", "untied"])
 def test_packed_batch_matches_each_sequence_alone_in_transformers(name):
-    model = jp.MambaLM.from_pretrained(FIXTURES / name)
+    model = jp.from_pretrained(FIXTURES / name)
     pairs = reference(name)
     batch = jp.pack_sequences([ids for ids, _ in pairs], length=128)
     assert batch.num_rows == 1 and batch.efficiency < 1  # all in one row, padding at the end
@@ -65,7 +65,7 @@ def test_state_spaces_layout_matches_transformers_logits(tmp_path):
     directory.mkdir()
     for f in ("config.json", "model.safetensors"):
         shutil.copy(FIXTURES / "state_spaces" / f, directory)
-    model = jp.MambaLM.from_pretrained(directory)
+    model = jp.from_pretrained(directory)
     assert model.config.d_state == 8 and model.config.pad_vocab_size_multiple == 8
     for i, (ids, expected) in enumerate(reference("tied")):
         logits = model(jnp.asarray(ids[None], jnp.int32))[0]
@@ -82,7 +82,7 @@ def bin_only_copy(tmp_path):
 
 def test_state_spaces_pytorch_bin_with_torch(tmp_path):
     pytest.importorskip("torch")
-    model = jp.MambaLM.from_pretrained(bin_only_copy(tmp_path))
+    model = jp.from_pretrained(bin_only_copy(tmp_path))
     ids, expected = reference("tied")[2]
     assert_close_to_reference(model(jnp.asarray(ids[None], jnp.int32))[0], expected, "from .bin")
 
@@ -90,14 +90,14 @@ def test_state_spaces_pytorch_bin_with_torch(tmp_path):
 def test_pytorch_bin_without_torch_says_so(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
     with pytest.raises(ImportError, match="needs torch"):
-        jp.MambaLM.from_pretrained(bin_only_copy(tmp_path))
+        jp.from_pretrained(bin_only_copy(tmp_path))
 
 
 def test_save_pretrained_round_trip(tmp_path):
     config = jp.MambaConfig.preset("tiny", d_model=24, vocab_size=61, tie_embeddings=False,
                                    proj_bias=True, d_conv=3, dt_rank=5)
     model = jp.MambaLM(config, rngs=nnx.Rngs(0))
-    model.save_pretrained(tmp_path / "out")
+    jp.save_pretrained(model, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
     hf = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (hf["model_type"], hf["vocab_size"], hf["hidden_size"], hf["tie_word_embeddings"]) == (
@@ -105,14 +105,14 @@ def test_save_pretrained_round_trip(tmp_path):
     names = load_file(tmp_path / "out" / "model.safetensors")
     assert set(names) == set(pretrained.tensor_names(config))
     assert names["backbone.layers.0.mixer.conv1d.weight"].shape == (48, 1, 3)
-    loaded = jp.MambaLM.from_pretrained(tmp_path / "out")
+    loaded = jp.from_pretrained(tmp_path / "out")
     assert loaded.config == config
     for (path, a), b in zip(jax.tree.leaves_with_path(nnx.state(model, nnx.Param)),
                             jax.tree.leaves(nnx.state(loaded, nnx.Param))):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
     ids = jnp.asarray([[1, 5, 60, 7, 2]], jnp.int32)
     np.testing.assert_array_equal(model(ids), loaded(ids))
-    bf16 = jp.MambaLM.from_pretrained(tmp_path / "out", dtype="bfloat16")
+    bf16 = jp.from_pretrained(tmp_path / "out", dtype="bfloat16")
     assert bf16.config.dtype == "bfloat16" and bf16(ids).dtype == jnp.bfloat16
 
 
@@ -128,7 +128,7 @@ def test_sharded_and_bfloat16_safetensors(tmp_path):
                   metadata={"format": "pt"})
     index = {"weight_map": {n: s for s, ns in shards.items() for n in ns}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    model = jp.MambaLM.from_pretrained(tmp_path)
+    model = jp.from_pretrained(tmp_path)
     emb = model.embedding.embedding[...]
     assert emb.dtype == jnp.float32
     expected = tensors["backbone.embeddings.weight"].astype(jnp.bfloat16).astype(np.float32)
@@ -138,7 +138,7 @@ def test_sharded_and_bfloat16_safetensors(tmp_path):
 
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(ValueError, match="model-00002-of-00002.safetensors, which is missing"):
-        jp.MambaLM.from_pretrained(tmp_path)
+        jp.from_pretrained(tmp_path)
 
 
 def hf_copy(tmp_path, name="tied"):
@@ -163,33 +163,33 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
     d = hf_copy(tmp_path)
     edit_tensors(d, lambda t: t.pop("backbone.layers.1.mixer.A_log"))
     with pytest.raises(ValueError, match=r"missing tensors \[backbone\.layers\.1\.mixer\.A_log\]"):
-        jp.MambaLM.from_pretrained(d)
+        jp.from_pretrained(d)
     d = hf_copy(tmp_path / "b")
     edit_tensors(d, lambda t: t.update({"backbone.layers.0.mixer.extra": np.zeros(3, np.float32)}))
     with pytest.raises(ValueError, match=r"unexpected tensors \[backbone\.layers\.0\.mixer\.extra\]"):
-        jp.MambaLM.from_pretrained(d)
+        jp.from_pretrained(d)
     # A config with fewer layers than the file.
     d = hf_copy(tmp_path / "c")
     edit_config(d, num_hidden_layers=1)
     with pytest.raises(ValueError, match=r"unexpected tensors \[backbone\.layers\.1\.mixer\.A_log"):
-        jp.MambaLM.from_pretrained(d)
+        jp.from_pretrained(d)
 
 
 def test_shape_and_config_mismatches_are_named(tmp_path):
     d = hf_copy(tmp_path)
     edit_config(d, state_size=16)
     with pytest.raises(ValueError, match=r"backbone\.layers\.0\.mixer\.A_log: expected torch shape \(64, 16\), got \(64, 8\)"):
-        jp.MambaLM.from_pretrained(d)
+        jp.from_pretrained(d)
     edit_config(d, state_size=8, hidden_act="gelu")
     with pytest.raises(ValueError, match="hidden_act='gelu' is not supported"):
-        jp.MambaLM.from_pretrained(d)
+        jp.from_pretrained(d)
     edit_config(d, hidden_act="silu", intermediate_size=100)
     with pytest.raises(ValueError, match="intermediate_size=100 must equal expand"):
-        jp.MambaLM.from_pretrained(d)
+        jp.from_pretrained(d)
     edit_config(d, intermediate_size=64)
     with pytest.raises(ValueError, match=r"only override .*\['d_model'\]"):
-        jp.MambaLM.from_pretrained(d, d_model=64)
-    jp.MambaLM.from_pretrained(d)  # the edits were undone: loads again
+        jp.from_pretrained(d, d_model=64)
+    jp.from_pretrained(d)  # the edits were undone: loads again
 
 
 def test_bad_state_spaces_configs_and_tied_head(tmp_path):
@@ -198,27 +198,27 @@ def test_bad_state_spaces_configs_and_tied_head(tmp_path):
     (d / "pytorch_model.bin").unlink()
     edit_config(d, ssm_cfg={"layer": "Mamba2"})
     with pytest.raises(ValueError, match="ssm_cfg.layer='Mamba2' is not supported"):
-        jp.MambaLM.from_pretrained(d)
+        jp.from_pretrained(d)
     edit_config(d, ssm_cfg={"d_state": 8, "ngroups": 2})
     with pytest.raises(ValueError, match=r"unsupported ssm_cfg keys \['ngroups'\]"):
-        jp.MambaLM.from_pretrained(d)
+        jp.from_pretrained(d)
     edit_config(d, ssm_cfg={"d_state": 8}, d_intermediate=128)
     with pytest.raises(ValueError, match="d_intermediate=128"):
-        jp.MambaLM.from_pretrained(d)
+        jp.from_pretrained(d)
     edit_config(d, d_intermediate=0)
     edit_tensors(d, lambda t: t.update({"lm_head.weight": t["lm_head.weight"] + 1}))
     with pytest.raises(ValueError, match="lm_head.weight differs from backbone.embedding.weight"):
-        jp.MambaLM.from_pretrained(d)
+        jp.from_pretrained(d)
 
 
 def test_bad_directories(tmp_path):
     with pytest.raises(ValueError, match="is not a directory"):
-        jp.MambaLM.from_pretrained(tmp_path / "nope")
+        jp.from_pretrained(tmp_path / "nope")
     with pytest.raises(ValueError, match="has no config.json"):
-        jp.MambaLM.from_pretrained(tmp_path)
+        jp.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"n_embd": 3}))
     with pytest.raises(ValueError, match="neither a Hugging Face Mamba config"):
-        jp.MambaLM.from_pretrained(tmp_path)
+        jp.from_pretrained(tmp_path)
     shutil.copy(FIXTURES / "tied" / "config.json", tmp_path)
     with pytest.raises(ValueError, match="holds no weights: expected one of model.safetensors"):
-        jp.MambaLM.from_pretrained(tmp_path)
+        jp.from_pretrained(tmp_path)

@@ -14,18 +14,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.common import segment_ends, segment_starts
 
-def segment_starts(segment_ids: jax.Array) -> jax.Array:
-    """(b, t) bool: True where a segment begins (t = 0 or the id changes)."""
-    first = jnp.ones_like(segment_ids[:, :1], dtype=bool)
-    changed = segment_ids[:, 1:] != segment_ids[:, :-1]
-    return jnp.concatenate([first, changed], axis=1)
-
-
-def segment_ends(segment_ids: jax.Array) -> jax.Array:
-    """(b, t) bool: True at the last token of each segment (where the next one starts)."""
-    starts = segment_starts(segment_ids)
-    return jnp.concatenate([starts[:, 1:], jnp.ones_like(starts[:, :1])], axis=1)
+__all__ = [
+    "check_segment_ids",
+    "positions_from_segment_ids",
+    "segment_ends",
+    "segment_ids_from_positions",
+    "segment_starts",
+]
 
 
 def positions_from_segment_ids(segment_ids: jax.Array) -> jax.Array:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_packmamba.ops.segments import check_segment_ids, segment_ends, segment_starts
+from pallas_kernels.common import combine_affine
 
 Impl = Literal["auto", "reference", "pallas", "pallas_interpret"]
 IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
@@ -158,14 +159,6 @@ def discretize_delta(delta, delta_bias, delta_softplus):
     if delta_softplus:
         delta = jax.nn.softplus(delta)
     return delta
-
-
-def combine_affine(left, right):
-    """Composition of affine maps h -> a h + b, `left` applied first: the associative
-    operator of the linear recurrence, for `lax.associative_scan`."""
-    a_l, b_l = left
-    a_r, b_r = right
-    return a_l * a_r, a_r * b_l + b_r
 
 
 @functools.partial(

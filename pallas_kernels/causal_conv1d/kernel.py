@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.triton_math import sigmoid
+
 F32 = jnp.float32
 
 
@@ -79,10 +81,6 @@ def _pre(window, x_t, position, taps, bias, st: Static):
     return acc
 
 
-def _sigmoid(x):
-    return 1.0 / (1.0 + jnp.exp(-x))
-
-
 def _initial_window(x_ref, b, t0, e0, cmask, st: Static):
     return tuple(_row(x_ref, b, t0 - (st.width - 1) + i, e0, cmask, st)
                  for i in range(st.width - 1))
@@ -98,7 +96,7 @@ def _fwd_kernel(x_ref, w_ref, bias_ref, pos_ref, out_ref, *, st: Static):
         x_t = _row(x_ref, b, t, e0, cmask, st)
         out = _pre(window, x_t, _position(pos_ref, b, t, st), taps, bias, st)
         if st.silu:
-            out = out * _sigmoid(out)
+            out = out * sigmoid(out)
         plgpu.store(out_ref.at[b, jnp.minimum(t, st.length - 1), pl.ds(e0, st.block_e)],
                     out.astype(out_ref.dtype), mask=cmask & (t < st.length))
         return (*window, x_t)[1:]
@@ -121,7 +119,7 @@ def _bwd_kernel(x_ref, w_ref, bias_ref, pos_ref, g_ref, dx_ref, dw_ref, dbias_re
         g_pre = _row(g_ref, b, t, e0, cmask, st)
         if st.silu:
             pre = _pre(window, x_t, position, taps, bias, st)
-            sig = _sigmoid(pre)
+            sig = sigmoid(pre)
             g_pre = g_pre * sig * (1.0 + pre * (1.0 - sig))
         # Steps past the chunk only complete its last dx rows; their weight gradients belong to
         # the next program.

@@ -37,7 +37,6 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.register_cap import capped_name
 from pallas_kernels.selective_scan.kernel import (
     F32,
-    LN2,
     Coords,
     Static,
     _call,
@@ -50,13 +49,11 @@ from pallas_kernels.selective_scan.kernel import (
     load_scalars,
     load_step,
     fetch_rows,
-    fma,
     pipelined_fori,
-    ptx,
-    sigmoid,
     store_cols,
     zeros_state,
 )
+from pallas_kernels.triton_math import LN2, fma, ptx, sigmoid
 
 
 def _out_grad(rows, st: Static):

@@ -12,10 +12,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jax_packmamba.ops.segments import segment_ends, segment_starts
-from jax_packmamba.ops.selective_scan import combine_affine
+from pallas_kernels.common import combine_affine, segment_ends, segment_starts
 from pallas_kernels.selective_scan import kernel, kernel_bwd
 from pallas_kernels.selective_scan.config import ScanConfig, pick_config
+from pallas_kernels.triton_math import LOG2E
 
 F32 = jnp.float32
 
@@ -116,7 +116,7 @@ def _inputs(**kw):
 
 
 def _a2(A):
-    return (A.astype(F32) * kernel.LOG2E).T  # (n, d): exp(dt A) = exp2(dt a2)
+    return (A.astype(F32) * LOG2E).T  # (n, d): exp(dt A) = exp2(dt a2)
 
 
 def _bias(delta_bias):

@@ -1,0 +1,33 @@
+"""jnp pieces that both the kernels' wrappers and the library's reference ops need.
+
+They live on the kernels' side so that dependencies point one way (train -> jax_packmamba ->
+pallas_kernels); `jax_packmamba.ops` re-exports them.
+
+Axis letters: b batch (rows), t time.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def segment_starts(segment_ids: jax.Array) -> jax.Array:
+    """(b, t) bool: True where a segment begins (t = 0 or the id changes)."""
+    first = jnp.ones_like(segment_ids[:, :1], dtype=bool)
+    changed = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return jnp.concatenate([first, changed], axis=1)
+
+
+def segment_ends(segment_ids: jax.Array) -> jax.Array:
+    """(b, t) bool: True at the last token of each segment (where the next one starts)."""
+    starts = segment_starts(segment_ids)
+    return jnp.concatenate([starts[:, 1:], jnp.ones_like(starts[:, :1])], axis=1)
+
+
+def combine_affine(left, right):
+    """Composition of affine maps h -> a h + b, `left` applied first: the associative
+    operator of the linear recurrence, for `lax.associative_scan`."""
+    a_l, b_l = left
+    a_r, b_r = right
+    return a_l * a_r, a_r * b_l + b_r
