@@ -11,8 +11,8 @@ Pipeline:
               padded  the next batch_size pieces, one per row, padded to seq_len
               single  the next piece alone, padded to a multiple of single_bucket
 
-Byte-level tokenizer: UTF-8 bytes are ids 0..255; the end-of-document id is 256, so the
-vocabulary is 257 (the model pads it to a multiple of 8). A document's last real token is its
+Tokenizers are jax_packmamba.tokenizer's (bytes: UTF-8 bytes are ids 0..255, end of document
+256, vocabulary 257; or a local tokenizer.json). A document's last real token is its
 end-of-document id, so the model learns where documents end; no loss crosses a boundary because
 every batch carries segment_ids and a loss_mask (see jax_packmamba.packing).
 """
@@ -27,74 +27,27 @@ from typing import Iterator
 import numpy as np
 
 from jax_packmamba.packing import pack_sequences, pad_sequences, rows_needed
+from jax_packmamba.tokenizer import EOD_NAMES, ByteTokenizer, load_tokenizer
 
 from train.config import DataConfig
-
-BYTE_VOCAB = 257
-BYTE_EOD = 256
-EOD_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]")
 
 
 class DataError(ValueError):
     """Missing, empty or unreadable training data; the message names the file or option."""
 
 
-# ------------------------------------------------------------------------------------------------
-# Tokenizers.
-
-
-class ByteTokenizer:
-    name = "bytes"
-    vocab_size = BYTE_VOCAB
-
-    def __init__(self, eod_id: int | None = None):
-        self.eod_id = BYTE_EOD if eod_id is None else eod_id
-        if 0 <= self.eod_id < 256:
-            raise DataError(f"--data.eod_id={self.eod_id} collides with a byte id (0..255); use 256")
-        self.vocab_size = max(BYTE_VOCAB, self.eod_id + 1)
-
-    def encode_batch(self, texts: list[bytes]) -> list[np.ndarray]:
-        return [np.frombuffer(t, dtype=np.uint8).astype(np.int32) for t in texts]
-
-
-class HFTokenizer:
-    """A local tokenizer.json through the `tokenizers` library (no download)."""
-
-    def __init__(self, path: str, eod_id: int | None = None):
-        try:
-            import tokenizers
-        except ImportError:  # pragma: no cover - depends on the environment
-            raise DataError("--data.tokenizer=<tokenizer.json> needs the `tokenizers` package "
-                            "(pip install tokenizers)") from None
-        if not pathlib.Path(path).is_file():
-            raise DataError(f"--data.tokenizer={path}: no such file (expected 'bytes' or a tokenizer.json)")
-        try:
-            self.tok = tokenizers.Tokenizer.from_file(path)
-        except Exception as e:  # the library raises a bare Exception on bad JSON
-            raise DataError(f"--data.tokenizer={path}: cannot load: {e}") from None
-        self.name = path
-        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-        if eod_id is None:
-            for name in EOD_NAMES:
-                eod_id = self.tok.token_to_id(name)
-                if eod_id is not None:
-                    break
-        if eod_id is None:
-            raise DataError(f"--data.tokenizer={path} has none of the end-of-document tokens "
-                            f"{EOD_NAMES}; set --data.eod_id")
-        self.eod_id = int(eod_id)
-        self.vocab_size = max(self.vocab_size, self.eod_id + 1)
-
-    def encode_batch(self, texts: list[bytes]) -> list[np.ndarray]:
-        strings = [t.decode("utf-8", errors="replace") for t in texts]
-        encs = self.tok.encode_batch(strings, add_special_tokens=False)
-        return [np.asarray(e.ids, dtype=np.int32) for e in encs]
-
-
 def make_tokenizer(config: DataConfig):
-    if config.tokenizer == "bytes":
-        return ByteTokenizer(config.eod_id)
-    return HFTokenizer(config.tokenizer, config.eod_id)
+    """The tokenizer of --data.tokenizer / --data.eod_id (DataError when it cannot be made)."""
+    flags = f"--data.tokenizer={config.tokenizer}" + (
+        "" if config.eod_id is None else f" --data.eod_id={config.eod_id}")
+    try:
+        tokenizer = load_tokenizer(config.tokenizer, config.eod_id)
+    except (ImportError, ValueError) as e:
+        raise DataError(f"{flags}: {e}") from None
+    if tokenizer.eod_id is None:
+        raise DataError(f"{flags} has none of the end-of-document tokens {EOD_NAMES}; set "
+                        f"--data.eod_id")
+    return tokenizer
 
 
 # ------------------------------------------------------------------------------------------------
