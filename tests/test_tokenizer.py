@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import jax_packmamba as jp
+from jax_packmamba.generation import generate
 from jax_packmamba.pretrained import save_pretrained
 from jax_packmamba.tokenizer import (
     BYTE_EOD, BYTE_VOCAB, ByteTokenizer, HFTokenizer, load_tokenizer, tokenizer_for_model_dir,
@@ -83,3 +84,28 @@ def test_model_directory_records_its_tokenizer(tmp_path):
         save_pretrained(small, tmp_path / "small", tokenizer=ByteTokenizer())
     assert not (tmp_path / "small").exists()
 
+
+def test_generate_command_line_uses_the_recorded_tokenizer_and_eos(tmp_path, capsys):
+    from jax_packmamba.generate import main
+
+    config = jp.MambaConfig.preset("tiny", d_model=32, vocab_size=64, pad_vocab_size_multiple=1)
+    model = jp.MambaLM(config, rngs=nnx.Rngs(0))
+    words = [f"w{i}" for i in range(64)]
+    prompt = "w5 w9 w3"
+    # Sampled (a random model's greedy output repeats one token), seeded like the CLI below.
+    free = generate(model, [[5, 9, 3]], 8, temperature=1.0, seed=1)[0]
+    assert len(set(free.tolist())) == 8 and not {5, 9, 3} & set(free.tolist())
+    eos = int(free[2])
+    first = 2
+    words[eos] = "</s>"
+    save_pretrained(model, tmp_path, tokenizer=load_tokenizer(word_tokenizer(tmp_path / "t.json", words)))
+    args = ["--checkpoint", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "8",
+            "--temperature", "1", "--seed", "1"]
+    assert main(args) == 0
+    out = capsys.readouterr()
+    expected = " ".join([prompt, *(words[i] for i in free[:first + 1])])
+    assert out.out.splitlines() == [f"--- {prompt!r}", expected]
+    assert out.err.startswith(f"{first + 1} tokens in")
+    # --eos-id overrides the recorded one (an id never generated: all 8 tokens).
+    assert main(args + ["--eos-id", str(next(i for i in range(64) if i not in free))]) == 0
+    assert capsys.readouterr().err.startswith("8 tokens in")
