@@ -26,7 +26,8 @@ from typing import Iterator
 
 import numpy as np
 
-from jax_packmamba.packing import pack_sequences, pad_sequences, rows_needed
+from jax_packmamba import packing
+from jax_packmamba.packing import pack_sequences, pad_sequences
 from jax_packmamba.tokenizer import EOD_NAMES, ByteTokenizer, load_tokenizer
 
 from train.config import DataConfig
@@ -197,8 +198,6 @@ def cut_pieces(docs: list[np.ndarray], seq_len: int) -> list[np.ndarray]:
 # Batching.
 
 BATCH_KEYS = ("tokens", "segment_ids", "targets", "loss_mask")
-LOOKAHEAD = 2.0  # packed mode looks at pieces worth this many batches to fill the rows
-MAX_WAIT = 4  # ... and places a piece that has waited this many batches before any other
 
 
 class Batcher:
@@ -257,51 +256,40 @@ class Batcher:
             return self._take_greedy()
         return self._take_first_fit_decreasing()
 
+    def _stream_lengths(self) -> Iterator[int]:
+        """Lengths of the stream's pieces from the current position (the first one even when a
+        stream without wrap-around is used up, as packed mode always takes one piece)."""
+        g = self.consumed
+        while True:
+            yield int(self.lengths[self._index(g)])
+            g += 1
+            if not self.wrap and g >= len(self.pieces):
+                return
+
     def _take_greedy(self) -> list[np.ndarray]:
         """PackMamba's in-order greedy: the longest prefix of the stream that fits."""
-        capacity = self.batch_size * self.seq_len
-        taken: list[int] = []
-        total = 0
-        while True:
-            if taken and not self.wrap and self.consumed + len(taken) >= len(self.pieces):
-                break
-            idx = self._index(self.consumed + len(taken))
-            n = int(self.lengths[idx])
-            if taken and (total + n > capacity
-                          or rows_needed([int(self.lengths[i]) for i in taken] + [n],
-                                         self.seq_len, policy="greedy") > self.batch_size):
-                break
-            taken.append(idx)
-            total += n
-        self.consumed += len(taken)
-        return [self.pieces[i] for i in taken]
+        count = packing.greedy_prefix(self._stream_lengths(), self.seq_len, self.batch_size)
+        taken = [self.pieces[self._index(self.consumed + i)] for i in range(count)]
+        self.consumed += count
+        return taken
 
     def _take_first_fit_decreasing(self) -> list[np.ndarray]:
-        """Fill the rows from a look-ahead window; pieces that do not fit wait for a later batch.
-
-        Candidates are the waiting pieces and then new stream pieces, pulled until they hold
-        LOOKAHEAD x the batch's slots. They are tried longest first, except that pieces which
-        have waited MAX_WAIT batches go first (so none waits forever); a piece is taken when
-        first-fit-decreasing (what pack_sequences then does) still needs <= batch_size rows.
-        """
-        capacity = self.batch_size * self.seq_len
-        cand = [tuple(c) for c in self.carry]  # (stream position, batches waited)
-        total = sum(int(self.lengths[self._index(g)]) for g, _ in cand)
-        while total < LOOKAHEAD * capacity and (self.wrap or self.consumed < len(self.pieces)):
-            cand.append((self.consumed, 0))
+        """The waiting pieces and then new stream pieces, pulled until they hold
+        packing.lookahead_tokens, are the candidates; packing.choose_first_fit_decreasing picks
+        the batch, and the others wait (their stream positions, in order, are the carry)."""
+        window = packing.lookahead_tokens(self.seq_len, self.batch_size)
+        candidates = [tuple(c) for c in self.carry]  # (stream position, batches waited)
+        total = sum(int(self.lengths[self._index(g)]) for g, _ in candidates)
+        while total < window and (self.wrap or self.consumed < len(self.pieces)):
+            candidates.append((self.consumed, 0))
             total += int(self.lengths[self._index(self.consumed)])
             self.consumed += 1
-        cand.sort(key=lambda c: (c[1] < MAX_WAIT, -int(self.lengths[self._index(c[0])]), c[0]))
-        taken, left, lengths = [], [], []
-        for g, waited in cand:
-            n = int(self.lengths[self._index(g)])
-            if sum(lengths) + n <= capacity and rows_needed(lengths + [n], self.seq_len) <= self.batch_size:
-                taken.append(g)
-                lengths.append(n)
-            else:
-                left.append([g, waited + 1])
-        self.carry = sorted(left)
-        return [self.pieces[self._index(g)] for g in sorted(taken)]
+        taken = packing.choose_first_fit_decreasing(
+            [self.lengths[self._index(g)] for g, _ in candidates], [w for _, w in candidates],
+            self.seq_len, self.batch_size)
+        # Candidates are in stream order (the carry is, and new pieces come after it).
+        self.carry = [[g, w + 1] for (g, w), t in zip(candidates, taken) if not t]
+        return [self.pieces[self._index(g)] for (g, _), t in zip(candidates, taken) if t]
 
     def _micro(self):
         if self.mode == "packed":
