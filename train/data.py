@@ -205,8 +205,9 @@ class Batcher:
 
     The stream is epoch after epoch of `np.random.default_rng([seed, epoch]).permutation`; the
     position is `consumed` (pieces pulled from the stream so far) plus `carry` (the stream
-    positions of pulled pieces that packed mode has not placed yet); state()/restore() save it. next() returns a dict of numpy arrays of
-    shape (grad_accum, rows, length) for BATCH_KEYS plus host statistics.
+    positions of pulled pieces that packed mode has not placed yet); state()/restore() save it.
+    next() returns a dict of numpy arrays of shape (grad_accum, rows, length) for BATCH_KEYS
+    plus host statistics. Which pieces packed mode takes is jax_packmamba.packing's decision.
     """
 
     def __init__(self, pieces: list[np.ndarray], *, mode: str, seq_len: int, batch_size: int,
