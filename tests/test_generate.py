@@ -1,5 +1,8 @@
 """Generation: packed prefill states, recurrent steps against the full forward, sampling."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -9,9 +12,9 @@ import pytest
 from flax import nnx
 
 import jax_packmamba as jp
-# Imported by name: jax_packmamba.generate may also be re-exported as the function.
-from jax_packmamba.generate import (
-    DecodeState, _decode, generate, main, prefill, prepare, sample_next_token, step,
+from jax_packmamba.generate import main
+from jax_packmamba.generation import (
+    DecodeState, _decode, generate, prefill, prepare, sample_next_token, step,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parity"
@@ -184,3 +187,14 @@ def test_command_line_with_byte_tokenizer(tmp_path, capsys):
     out = capsys.readouterr()
     assert "--- 'Hello'" in out.out and "--- 'Mamba!'" in out.out
     assert "10 tokens in" in out.err and "tokens/s" in out.err
+
+
+def test_command_line_module_runs_without_runpy_warning():
+    # The package no longer imports its command-line module, so `python -m` finds it unloaded
+    # (runpy warns, and here fails, when the module was already imported).
+    res = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", "jax_packmamba.generate", "--help"],
+        cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert res.returncode == 0, res.stderr
+    assert "usage: python -m jax_packmamba.generate" in res.stdout and not res.stderr
