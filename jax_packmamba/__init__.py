@@ -1,7 +1,8 @@
 """jax-packmamba: Mamba on packed variable-length data in JAX."""
 
-from jax_packmamba.config import MambaConfig
+from jax_packmamba.config import Mamba2Config, MambaConfig
 from jax_packmamba.model import MambaBlock, MambaLM, MambaMixer, RMSNorm
+from jax_packmamba.mamba2 import Mamba2Block, Mamba2LM, Mamba2Mixer, RMSNormGated
 from jax_packmamba.ops import (
     causal_conv1d,
     positions_from_segment_ids,
@@ -30,12 +31,17 @@ from jax_packmamba.generate import generate  # noqa: E402  (after the model it i
 __version__ = "0.1.0"
 
 __all__ = [
+    "Mamba2Block",
+    "Mamba2Config",
+    "Mamba2LM",
+    "Mamba2Mixer",
     "MambaBlock",
     "MambaConfig",
     "MambaLM",
     "MambaMixer",
     "PackedBatch",
     "RMSNorm",
+    "RMSNormGated",
     "SplitSequenceWarning",
     "causal_conv1d",
     "generate",
