@@ -9,6 +9,9 @@ from jax_packmamba.ops import (
     segment_starts,
     selective_scan,
     selective_scan_reference,
+    ssd_scan,
+    ssd_scan_reference,
+    ssd_state_update,
 )
 from jax_packmamba.loss import masked_cross_entropy
 from jax_packmamba.pretrained import from_pretrained, save_pretrained
@@ -48,5 +51,8 @@ __all__ = [
     "segment_starts",
     "selective_scan",
     "selective_scan_reference",
+    "ssd_scan",
+    "ssd_scan_reference",
+    "ssd_state_update",
     "unpack",
 ]
