@@ -9,6 +9,7 @@ else (dt', the cumulative decays, C B^T, the chunk states) is recomputed by the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -71,7 +72,9 @@ def _entry(plan: Plan, interpret: bool, num_segments: int, x, dt, A, B, C, D, z,
     st = plan.st
     seg_lo = seg_hi = None
     if segment_ids is not None:
-        seg_lo, seg_hi = segment_bounds(segment_ids, st.chunk, st.padded)
+        seg_lo, seg_hi = _step("segment_bounds (xla)",
+                               functools.partial(segment_bounds, chunk=st.chunk,
+                                                 padded=st.padded), segment_ids)
     glue = y_add = s_add = None
     if initial_states is not None or plan.return_states:
         glue = states.Glue.build(dt, A, dt_bias, st.dt_softplus, segment_ids, seg_lo,
@@ -140,6 +143,28 @@ def segment_bounds(segment_ids, chunk: int, padded: int):
     return seg_lo.astype(jnp.int32), seg_hi.astype(jnp.int32)
 
 
+# A callback (name, fn, *args) -> fn(*args) that `profiling` installs; None: call directly.
+_PROFILER = None
+
+
+@contextlib.contextmanager
+def profiling(callback):
+    """Within it, every named piece of the forward and backward (each kernel and each XLA piece
+    between them) goes through callback(name, fn, *args), which must return fn(*args): the
+    benchmark's per-kernel profile times each piece alone this way, running the pipeline eagerly
+    (`_ssd_fwd`, `_ssd_bwd`)."""
+    global _PROFILER
+    previous, _PROFILER = _PROFILER, callback
+    try:
+        yield
+    finally:
+        _PROFILER = previous
+
+
+def _step(name, fn, *args):
+    return fn(*args) if _PROFILER is None else _PROFILER(name, fn, *args)
+
+
 def _inputs(**kw):
     return {k: v for k, v in kw.items() if v is not None}
 
@@ -159,7 +184,7 @@ def _cumsum(plan, interpret, dt, A, dt_bias, seg_lo):
                                st=plan.st, num_warps=4, interpret=interpret)
 
 
-def chunk_decay(cs, seg_lo, st: kernel.Static):
+def chunk_decay(cs, seg_lo, *, st: kernel.Static):
     """(b, h, c): 2^(cs at the chunk end) if the chunk's last run entered it, else 0 (a reset
     inside the chunk cuts the incoming state)."""
     cs_end = cs.reshape(st.batch, st.heads, st.n_chunks, st.chunk)[..., -1]
@@ -202,20 +227,26 @@ def _fwd_impl(plan: Plan, interpret, x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_
     del seg_hi
     st = plan.st
     launch = _launch(plan, interpret)
-    cs, dtp = _cumsum(plan, interpret, dt, A, dt_bias, seg_lo)
-    cb = kernel.chunk_cb(dict(C=C, B=B), st=st, **launch)
-    S = kernel.chunk_states(_inputs(x=x, B=B, cs=cs, dtp=dtp, seg_lo=seg_lo), mode="fwd",
-                            st=st, **launch)
     size = st.headdim * st.d_state
+    cs, dtp = _step("fwd.chunk_cumsum", functools.partial(_cumsum, plan, interpret), dt, A,
+                    dt_bias, seg_lo)
+    cb = _step("fwd.chunk_cb", functools.partial(kernel.chunk_cb, st=st, **launch),
+               dict(C=C, B=B))
+    S = _step("fwd.chunk_states",
+              functools.partial(kernel.chunk_states, mode="fwd", st=st, **launch),
+              _inputs(x=x, B=B, cs=cs, dtp=dtp, seg_lo=seg_lo))
     S = S.reshape(st.batch, st.n_chunks, st.heads, size)
     if s_add is not None:
         s_add = s_add.astype(F32).reshape(S.shape)
-    h_in = _pass_states(plan, interpret, S, chunk_decay(cs, seg_lo, st), s_add)
+    decay = _step("fwd.chunk_decay (xla)", functools.partial(chunk_decay, st=st), cs, seg_lo)
+    h_in = _step("fwd.state_passing", functools.partial(_pass_states, plan, interpret), S,
+                 decay, s_add)
     h_in = h_in.reshape(st.batch, st.n_chunks, st.heads, st.headdim, st.d_state)
-    y, y_pre = kernel.chunk_scan(
+    y, y_pre = _step(
+        "fwd.chunk_scan",
+        functools.partial(kernel.chunk_scan, st=st, y_dtype=x.dtype, **launch),
         _inputs(x=x, z=z, C=C, cb=cb, cs=cs, dtp=dtp, h_in=h_in, D=_f32(D), y_add=_f32(y_add),
-                seg_lo=seg_lo),
-        st=st, y_dtype=x.dtype, **launch)
+                seg_lo=seg_lo))
     out = (y, h_in.reshape(st.batch, st.n_chunks, st.heads, size)) if plan.return_states else y
     return out, (h_in, y_pre)
 
@@ -232,12 +263,13 @@ def _ssd_fwd(plan, interpret, x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_hi, y_a
     return out, (x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_hi, h_in, y_pre)
 
 
-def _gate_bwd(dy, z, y_pre, dtype):
+def _gate_bwd(dy, z, y_pre, *, dtype):
     """dy' = dy silu(z) and dz = dy y_pre silu'(z), in float32 then rounded."""
+    z_dtype = z.dtype
     dy, z, y_pre = dy.astype(F32), z.astype(F32), y_pre.astype(F32)
     sig = jax.nn.sigmoid(z)
     dz = dy * y_pre * sig * (1.0 + z * (1.0 - sig))
-    return (dy * z * sig).astype(dtype), dz.astype(z.dtype)
+    return (dy * z * sig).astype(dtype), dz.astype(z_dtype)
 
 
 def _ssd_bwd(plan, interpret, res, cts):
@@ -246,47 +278,58 @@ def _ssd_bwd(plan, interpret, res, cts):
     launch = _launch(plan, interpret)
     dy, dh_ct = cts if plan.return_states else (cts, None)
     size = st.headdim * st.d_state
-    mm = x.dtype
     if z is not None:
-        dyp, dz = _gate_bwd(dy, z, y_pre, mm)
-        dz = dz.astype(z.dtype)
+        dyp, dz = _step("bwd.gate (xla)", functools.partial(_gate_bwd, dtype=x.dtype), dy, z,
+                        y_pre)
     else:
-        dyp, dz = dy.astype(mm), None
-    cs, dtp = _cumsum(plan, interpret, dt, A, dt_bias, seg_lo)
-    cb = kernel.chunk_cb(dict(C=C, B=B), st=st, **launch)
+        dyp, dz = dy.astype(x.dtype), None
+    cs, dtp = _step("bwd.chunk_cumsum", functools.partial(_cumsum, plan, interpret), dt, A,
+                    dt_bias, seg_lo)
+    cb = _step("bwd.chunk_cb", functools.partial(kernel.chunk_cb, st=st, **launch),
+               dict(C=C, B=B))
     # The gradient reaching each chunk's incoming state, then across chunks.
-    dh = kernel.chunk_states(_inputs(dy=dyp, C=C, cs=cs, seg_lo=seg_lo, seg_hi=seg_hi),
-                             mode="bwd", st=st, **launch)
+    dh = _step("bwd.chunk_dstates",
+               functools.partial(kernel.chunk_states, mode="bwd", st=st, **launch),
+               _inputs(dy=dyp, C=C, cs=cs, seg_lo=seg_lo, seg_hi=seg_hi))
     dh = dh.reshape(st.batch, st.n_chunks, st.heads, size)
     if dh_ct is not None:
         dh = dh + dh_ct.astype(F32)
-    decay = chunk_decay(cs, seg_lo, st)
-    h_flat = h_in.reshape(dh.shape)
-    dS, ddecay = _pass_states_bwd(plan, interpret, dh, h_flat, decay)
+    decay = _step("bwd.chunk_decay (xla)", functools.partial(chunk_decay, st=st), cs, seg_lo)
+    dS, ddecay = _step("bwd.state_passing", functools.partial(_pass_states_bwd, plan, interpret),
+                       dh, h_in.reshape(dh.shape), decay)
     dS = dS.reshape(h_in.shape)
     seg = _inputs(seg_lo=seg_lo, seg_hi=seg_hi)
-    dx, ddt_x, dcs_state, dD_part = kernel_bwd.bwd_dx(
-        _inputs(x=x, dy=dyp, B=B, cb=cb, cs=cs, dtp=dtp, dS=dS, D=_f32(D), **seg),
-        st=st, x_dtype=x.dtype, **launch)
+    dx, ddt_x, dcs_state, dD_part = _step(
+        "bwd.dx", functools.partial(kernel_bwd.bwd_dx, st=st, x_dtype=x.dtype, **launch),
+        _inputs(x=x, dy=dyp, B=B, cb=cb, cs=cs, dtp=dtp, dS=dS, D=_f32(D), **seg))
     splits = cfg.dcb_head_splits
-    dcb, rowsum, colsum = kernel_bwd.bwd_dcb(
-        _inputs(x=x, dy=dyp, cb=cb, cs=cs, dtp=dtp, **seg), st=st, splits=splits, **launch)
+    dcb, rowsum, colsum = _step(
+        "bwd.dcb", functools.partial(kernel_bwd.bwd_dcb, st=st, splits=splits, **launch),
+        _inputs(x=x, dy=dyp, cb=cb, cs=cs, dtp=dtp, **seg))
     if splits > 1:
-        dcb = dcb.reshape(st.batch, st.n_chunks, st.groups, splits, st.chunk, st.chunk).sum(3)
+        dcb = _step("bwd.dcb_split_sum (xla)", functools.partial(_sum_splits, st=st), dcb)
     dsplits = cfg.dbc_head_splits
-    dC, a_inter = kernel_bwd.bwd_dbc(
-        _inputs(dy=dyp, B=B, C=C, dcb=dcb, cs=cs, h_in=h_in, **seg), mode="dC", st=st,
-        splits=dsplits, out_dtype=C.dtype, **launch)
-    dB = kernel_bwd.bwd_dbc(
-        _inputs(x=x, C=C, dcb=dcb, cs=cs, dtp=dtp, dS=dS, **seg), mode="dB", st=st,
-        splits=dsplits, out_dtype=B.dtype, **launch)
+    dC, a_inter = _step(
+        "bwd.dc", functools.partial(kernel_bwd.bwd_dbc, mode="dC", st=st, splits=dsplits,
+                                    out_dtype=C.dtype, **launch),
+        _inputs(dy=dyp, B=B, C=C, dcb=dcb, cs=cs, h_in=h_in, **seg))
+    dB = _step(
+        "bwd.db", functools.partial(kernel_bwd.bwd_dbc, mode="dB", st=st, splits=dsplits,
+                                    out_dtype=B.dtype, **launch),
+        _inputs(x=x, C=C, dcb=dcb, cs=cs, dtp=dtp, dS=dS, **seg))
     if dsplits > 1:
-        dC = dC.sum(1).astype(C.dtype)
-        dB = dB.sum(1).astype(B.dtype)
-    dcs = _assemble_dcs(st, rowsum, colsum, a_inter, dcs_state, decay, ddecay)
-    ddt, dA_part, dbias_part = kernel_bwd.cumsum_bwd(
-        _inputs(dt=dt, A=A.astype(F32), bias=_f32(dt_bias), dcs=dcs, ddt_x=ddt_x, **seg),
-        st=st, dt_dtype=dt.dtype, num_warps=4, interpret=interpret)
+        # Left to itself XLA may fuse these sums into a consumer's concatenation (the Mamba1
+        # scan measured that 5x slower than a reduction of its own).
+        dC, dB = _step("bwd.dbc_split_sum (xla)",
+                       lambda dC, dB: jax.lax.optimization_barrier(
+                           (dC.sum(1).astype(C.dtype), dB.sum(1).astype(B.dtype))), dC, dB)
+    dcs = _step("bwd.assemble_dcs (xla)", functools.partial(_assemble_dcs, st), rowsum, colsum,
+                a_inter, dcs_state, decay, ddecay)
+    ddt, dA_part, dbias_part = _step(
+        "bwd.chunk_cumsum_bwd",
+        functools.partial(kernel_bwd.cumsum_bwd, st=st, dt_dtype=dt.dtype, num_warps=4,
+                          interpret=interpret),
+        _inputs(dt=dt, A=A.astype(F32), bias=_f32(dt_bias), dcs=dcs, ddt_x=ddt_x, **seg))
     dA = dA_part.sum((0, 1)).astype(A.dtype)
     dbias = None if dt_bias is None else dbias_part.sum((0, 1)).astype(dt_bias.dtype)
     dD = None
@@ -297,6 +340,10 @@ def _ssd_bwd(plan, interpret, res, cts):
     d_y_add = dyp.astype(F32) if st.has_y_add else None
     d_s_add = dS if st.has_s_add else None
     return dx, ddt, dA, dB, dC, dD, dz, dbias, None, None, d_y_add, d_s_add
+
+
+def _sum_splits(dcb, st):
+    return dcb.reshape(st.batch, st.n_chunks, st.groups, -1, st.chunk, st.chunk).sum(3)
 
 
 def _assemble_dcs(st, rowsum, colsum, a_inter, dcs_state, decay, ddecay):
