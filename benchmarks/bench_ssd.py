@@ -1,8 +1,8 @@
 """SSD scan (Mamba2) on GPU: check the Pallas kernels against the reference, then time them.
 
     PYTHONPATH=. python3 benchmarks/bench_ssd.py [--out DIR] [--shapes 0,1,2] [--segs seg64,none]
-        [--variants NAME:field=value,field=value;NAME:...] [--profile] [--no-check] [--no-time]
-        [--ref] [--smoke]
+        [--variants NAME:field=value,field=value;NAME:...] [--profile] [--checks 0,1,2]
+        [--no-check] [--no-time] [--ref] [--smoke]
 
 1. Correctness (skip with --no-check): outputs and every gradient (random cotangents; initial and
    final states included) of the Pallas path against the XLA reference run in float64, on odd
@@ -163,6 +163,9 @@ def tree_bytes(tree) -> int:
 # 1. Correctness.
 
 
+_REFERENCE = {}
+
+
 def check(name, shape, dtype, seg_mode, with_init, run: Run):
     batch, length, heads, headdim, groups, d_state = shape
     args = make_inputs(17, batch, length, heads, headdim, groups, d_state, jnp.dtype(dtype))
@@ -197,13 +200,21 @@ def check(name, shape, dtype, seg_mode, with_init, run: Run):
                        jnp.float32))
     out, grads = compile_fn(with_grads(ours), run, arrays, cts)(arrays, cts)
     with jax.enable_x64(True):
-        def ref(*a):
-            xs, h0 = split(a)
-            return ssd_scan_reference(*xs, initial_states=h0, **kw)
+        def ref(arrays, seg, cts):
+            def f(*a):
+                xs, h0 = split(a)
+                return ssd_scan_reference(*xs, initial_states=h0, **dict(kw, segment_ids=seg))
+
+            out, vjp = jax.vjp(f, *arrays)
+            return out, vjp(cts)
 
         a64 = [jnp.asarray(a, jnp.float64) for a in arrays]
         c64 = tuple(jnp.asarray(c, jnp.float64) for c in cts)
-        out_r, grads_r = compile_fn(with_grads(ref), run, a64, c64)(a64, c64)
+        # The float32 and bfloat16 checks of one shape share the float64 reference's compile.
+        key = (shape, seg_mode, with_init)
+        if key not in _REFERENCE:
+            _REFERENCE[key] = compile_fn(ref, run, a64, seg, c64)
+        out_r, grads_r = _REFERENCE[key](a64, seg, c64)
     names = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias"] + (["initial_states"] if with_init
                                                                else [])
     errs = {"y": rel(out[0], out_r[0]), "final_states": rel(out[1], out_r[1])}
@@ -385,6 +396,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=None,
                    help="extra configs: 'name:field=value,...;name:...' over pick_config's")
     p.add_argument("--profile", action="store_true", help="time every piece alone")
+    p.add_argument("--checks", default=None, help="indices into CHECKS (default all)")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--no-time", action="store_true")
     p.add_argument("--ref", action="store_true", help="also time the XLA reference")
@@ -400,7 +412,8 @@ def main(argv=None) -> int:
         run = Run(interpret=backend != "gpu", chunk=CHUNK, groups=7, per_group=5, warmup=1)
         shapes = ([SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes
                   else list(SHAPES))
-        checks = CHECKS
+        checks = ([CHECKS[int(i)] for i in args.checks.split(",")] if args.checks
+                  else list(CHECKS))
     segs = [s for s in (args.segs or ("seg64" if args.smoke else "seg64,none")).split(",") if s]
     slug = device_slug(device.device_kind, backend)
     path = args.out / f"ssd_{slug}{'_smoke' if args.smoke else ''}.json"
