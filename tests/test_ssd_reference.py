@@ -304,8 +304,9 @@ def good_args():
         (lambda a: {}, {"segment_ids": jnp.zeros((2, 5), jnp.int32)}, "segment_ids must have shape"),
         (lambda a: {}, {"segment_ids": jnp.zeros((2, 9), jnp.float32)}, "segment_ids must be an integer"),
         (lambda a: {}, {"impl": "cuda"}, "impl must be one of"),
-        (lambda a: {}, {"impl": "pallas"}, "kernel is not there yet"),
-        (lambda a: {}, {"impl": "pallas_interpret"}, "kernel is not there yet"),
+        # The Pallas kernels take headdim and d_state powers of two >= 16 only.
+        (lambda a: {}, {"impl": "pallas"}, "headdim=3 \\(x's axis 3\\)"),
+        (lambda a: {}, {"impl": "pallas_interpret"}, "powers of two >= 16"),
         (lambda a: {}, {"chunk_size": 0}, "chunk_size must be a positive int"),
         (lambda a: {}, {"chunk_size": 8.0}, "chunk_size must be a positive int"),
         (lambda a: {}, {"return_final_states": True, "segment_ids": jnp.zeros((2, 9), jnp.int32)},

@@ -114,8 +114,10 @@ def ssd_scan(
       num_segments: number of slots; segment ids must lie in [0, num_segments) (checked here
         when the ids are concrete). Defaults to initial_states.shape[1] when given, else to 1
         without segment_ids (slot 0 is the whole row).
-      impl: "reference" (pure JAX, any backend) or "auto" (the reference for now); "pallas"
-        and "pallas_interpret" are reserved for the SSD kernels.
+      impl: "reference" (pure JAX, any backend), "pallas" (the Triton kernels of
+        pallas_kernels/ssd, GPU; headdim and d_state powers of two >= 16), "pallas_interpret"
+        (the same kernels through the Pallas interpreter, any backend) or "auto" (pallas on a
+        GPU when the shapes allow, else the reference).
 
     Returns:
       y with x's shape and dtype, or (y, final_states) when return_final_states.
@@ -127,15 +129,24 @@ def ssd_scan(
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        impl = "reference"
+        impl = "pallas" if jax.default_backend() == "gpu" and _pallas_takes(x, B) else "reference"
+    kwargs = dict(dt_softplus=dt_softplus, segment_ids=segment_ids, chunk_size=chunk_size,
+                  initial_states=initial_states, return_final_states=return_final_states,
+                  num_segments=num_segments)
     if impl != "reference":
-        raise ValueError(f"impl={impl!r}: the SSD Pallas kernel is not there yet; use "
-                         "impl='reference' or 'auto'")
-    return ssd_scan_reference(
-        x, dt, A, B, C, D, z, dt_bias, dt_softplus=dt_softplus, segment_ids=segment_ids,
-        chunk_size=chunk_size, initial_states=initial_states,
-        return_final_states=return_final_states, num_segments=num_segments,
-    )
+        from pallas_kernels.ssd import ssd_scan_pallas
+
+        return ssd_scan_pallas(x, dt, A, B, C, D, z, dt_bias,
+                               interpret=impl == "pallas_interpret", **kwargs)
+    return ssd_scan_reference(x, dt, A, B, C, D, z, dt_bias, **kwargs)
+
+
+def _pallas_takes(x, B) -> bool:
+    """Whether the Pallas kernels take these shapes (headdim and d_state powers of two >= 16);
+    "auto" falls back to the reference for the others."""
+    from pallas_kernels.ssd import supported
+
+    return supported(np.shape(x)[3], np.shape(B)[3])
 
 
 def check_ssd_scan_args(
