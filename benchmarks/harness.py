@@ -315,6 +315,33 @@ def install(src: str | os.PathLike, companions: Sequence[str | os.PathLike] = ()
     return installed
 
 
+@dataclasses.dataclass(frozen=True)
+class NewResult:
+    """Where a run writes: its device, header, result file and the companions' paths."""
+
+    info: DeviceInfo
+    header: dict
+    path: pathlib.Path
+    companions: list[pathlib.Path]
+
+
+def new_result(benchmark: str, *, script: str | os.PathLike, argv: Sequence[str],
+               out_dir: str | os.PathLike, smoke: bool = False, variant: str | None = None,
+               companions: Sequence[str] = (), device=None) -> NewResult:
+    """The start of a run that replaces its result file: the device, the header, the path
+    (result_path; --smoke adds the variant "smoke"), the companions' paths (the file's stem +
+    each suffix, e.g. ".png", "_loss.png"), and what was there retired (printed)."""
+    info = device_info(device)
+    head = header(info, script=script, argv=argv)
+    variant = "_".join(v for v in (variant, "smoke" if smoke else None) if v) or None
+    path = result_path(benchmark, info.slug, variant, out_dir=out_dir)
+    stem, _ = split_ext(path.name)
+    others = [path.with_name(stem + suffix) for suffix in companions]
+    for moved in retire(path, commit=head["git_commit"], companions=others):
+        print(f"{benchmark}: moved the previous result to {moved}", file=sys.stderr)
+    return NewResult(info=info, header=head, path=path, companions=others)
+
+
 def write_json(path: str | os.PathLike, data) -> pathlib.Path:
     """Writes data as indented JSON through a temporary file, so a run killed while writing
     leaves the previous version whole (scripts rewrite their result after every measurement)."""

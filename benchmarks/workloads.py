@@ -1,4 +1,5 @@
-"""What the benchmarks run on: token workloads, batches, the model and train step, scan inputs.
+"""What the benchmarks run on: token workloads, batches, the model and train step, scan inputs
+and the scan-config arguments of the scripts that take them.
 
 Public and shared: bench_train.py, breakdown.py and the probes build their model, optimizer and
 batches here, so they measure the same thing.
@@ -270,6 +271,44 @@ def scan_inputs(key, batch, length, d_inner, d_state, dtype, num_segments=None):
 # A smoke run's kernel config (on top of the heuristic's): nothing unrolled, no windows or
 # prefetch, so the Pallas interpreter's programs compile in seconds on CPU.
 SMOKE_SCAN_OVERRIDES = dict(unroll=1, window=1, ckpt=4, prefetch=False, reduce="tree")
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    """"8:2048:4096:16" -> (batch, length, d_inner, d_state)."""
+    try:
+        shape = tuple(int(x) for x in text.split(":"))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1:
+        raise ValueError(f"expected b:l:d:n (four positive ints), got {text!r}")
+    return shape
+
+
+def add_scan_arguments(parser, *, full_shape=None, smoke_shape=None) -> None:
+    """ScanConfig overrides as field=value arguments, and --shape b:l:d:n if shapes are given
+    (resolve them with scan_arguments)."""
+    parser.add_argument("overrides", nargs="*", metavar="field=value", help="ScanConfig overrides")
+    if full_shape is not None:
+        text = ":".join(map(str, full_shape)), ":".join(map(str, smoke_shape))
+        parser.add_argument("--shape", default=None,
+                            help=f"b:l:d:n (default {text[0]}; smoke {text[1]})")
+        parser.set_defaults(scan_shapes=(full_shape, smoke_shape))
+
+
+def scan_arguments(parser, args) -> tuple[tuple | None, dict]:
+    """(shape, overrides) from add_scan_arguments' arguments; bad ones end in parser.error."""
+    try:
+        overrides = scan_config_overrides(args.overrides)
+    except ValueError as e:
+        parser.error(str(e))
+    shapes = getattr(args, "scan_shapes", None)
+    if shapes is None:
+        return None, overrides
+    try:
+        shape = parse_shape(args.shape) if args.shape else shapes[1 if args.smoke else 0]
+    except ValueError as e:
+        parser.error(f"--shape: {e}")
+    return shape, overrides
 
 
 def scan_config_field(name: str, text: str):

@@ -1,43 +1,35 @@
 """Host cost of the train state's layout: the same jitted step with the parameters and Adam
 moments as nnx Variables (the layout before train/step.py stored plain dicts) and as plain dicts.
 
-    PYTHONPATH=. python3 benchmarks/bench_dispatch.py --cases 130m:256,790m:256,790m:2048
-    PYTHONPATH=. python3 benchmarks/bench_dispatch.py --tiny            # CPU check
+    PYTHONPATH=. python3 benchmarks/probes/bench_dispatch.py --cases 130m:256,790m:256,790m:2048
+    PYTHONPATH=. python3 benchmarks/probes/bench_dispatch.py --smoke --out DIR   # CPU check
 
 For each case (preset:tokens, one row, as bench_train.py's single mode) and each layout:
   call_ms  a jitted function that returns the donated state unchanged but for its step counter,
            called and blocked on 30 times (median): the per-call host work for the state's
            leaves (flatten the arguments, rebuild the returned state), plus one launch;
-  step_ms  the train step (train/step.py, bench_train.py's model and optimizer) timed exactly as
-           bench_train.py times it: groups of 2 back-to-back calls, blocking at the group's end,
-           median over 6 groups after 2 warm-up calls.
+  step_ms  the train step (train/step.py, bench_train.py's model and optimizer from
+           benchmarks/workloads.py) timed exactly as bench_train.py times it (harness.time_calls):
+           groups of 2 back-to-back calls, blocking at the group's end, median over 6 groups
+           after 2 warm-up calls.
 Both layouts run the same traced program (nnx.merge accepts either), so what differs is only the
-host side. Results merge into --out (default benchmarks/results/dispatch_<kind>.json).
+host side. Writes --out/dispatch_<slug>.json (default benchmarks/results/; --smoke: the case
+tiny:64 with one layer of width 32, dispatch_<slug>_smoke.json) after every case; a result there
+from another commit moves to history/ first.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import functools
-import json
-import pathlib
-import statistics
 import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-for p in (str(REPO), str(REPO / "benchmarks")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+import jax
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from jax_packmamba import MambaLM  # noqa: E402
-
-import bench_train  # noqa: E402
+from benchmarks import harness, workloads
+from jax_packmamba import MambaLM
 
 
 def as_variables(state, model_config):
@@ -60,40 +52,22 @@ def as_variables(state, model_config):
                                opt_state=opt_state, rng=state.rng)
 
 
-def time_calls(fn, state, batch, *, warm: int, groups: int, group: int):
-    for _ in range(warm):
-        state, m = fn(state, batch)
-        jax.block_until_ready((state, m))
-    times = []
-    for _ in range(groups):
-        t0 = time.perf_counter()
-        for _ in range(group):
-            state, m = fn(state, batch)
-        jax.block_until_ready((state, m))
-        times.append((time.perf_counter() - t0) / group)
-    return state, statistics.median(times) * 1e3
+SMOKE_MODEL = dict(n_layer=1, d_model=32, d_state=4)
 
 
-def run_case(preset: str, tokens: int, tiny: bool) -> dict:
-    from train import sharding
+def run_case(preset: str, tokens: int, overrides: dict | None = None) -> dict:
     from train import step as step_lib
-    from train.config import MeshConfig, ModelConfig, OptimConfig
 
-    backend = jax.default_backend()
-    overrides = {} if tiny else {"vocab_size": bench_train.RELEASED_VOCAB}
-    mc = ModelConfig(preset=preset, overrides=overrides).mamba_config(vocab_size=257,
-                                                                       backend=backend)
     dev = jax.devices()[0]
-    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1), devices=[dev])
-    optim = OptimConfig(lr=1e-4, warmup_steps=10)
-    compiled = step_lib.build(mc, optim, 1000, mesh)
-    tx = step_lib.make_optimizer(optim, 1000)
-    schedule = step_lib.learning_rate_schedule(optim, 1000)
+    mc = workloads.model_config(preset, backend=jax.default_backend(), overrides=overrides)
+    setup = workloads.train_setup(mc, dev)
+    compiled = setup.compiled
+    tx = step_lib.make_optimizer(setup.optim, setup.schedule_steps)
+    schedule = step_lib.learning_rate_schedule(setup.optim, setup.schedule_steps)
     rng = np.random.default_rng(0)
     ids = rng.integers(1, 257, (1, 1, tokens), dtype=np.int32)
-    arrays = dict(tokens=ids, segment_ids=np.ones_like(ids), targets=np.roll(ids, -1, -1),
-                  loss_mask=np.ones(ids.shape, bool))
-    batch = sharding.put_batch(arrays, sharding.batch_sharding(mesh))
+    batch = setup.put_batch(dict(tokens=ids, segment_ids=np.ones_like(ids),
+                                 targets=np.roll(ids, -1, -1), loss_mask=np.ones(ids.shape, bool)))
     bump = jax.jit(lambda s: s.__class__(step=s.step + 1, params=s.params,
                                          opt_state=s.opt_state, rng=s.rng), donate_argnums=0)
     out = dict(preset=preset, tokens=tokens, layouts={})
@@ -109,50 +83,46 @@ def run_case(preset: str, tokens: int, tiny: bool) -> dict:
         state, _ = step(state, batch)
         jax.block_until_ready(state)
         compile_s = time.perf_counter() - t0
-        state, step_ms = time_calls(step, state, batch, warm=2, groups=6, group=2)
-        times = []
-        for _ in range(30):
-            t0 = time.perf_counter()
-            state = bump(state)
-            jax.block_until_ready(state)
-            times.append(time.perf_counter() - t0)
-        out["layouts"][layout] = dict(leaves=leaves, call_ms=statistics.median(times) * 1e3,
-                                      step_ms=step_ms, first_call_s=compile_s)
+        steps = harness.time_calls(step, [(batch,)], state=state, warmup=2, groups=6, per_group=2)
+        calls = harness.time_calls(lambda s: (bump(s), None), [()], state=steps.state, warmup=0,
+                                   groups=30, per_group=1)
+        state = calls.state
+        out["layouts"][layout] = dict(leaves=leaves, call_ms=calls.median_s * 1e3,
+                                      step_ms=steps.median_s * 1e3, first_call_s=compile_s)
         print(f"{preset} {tokens} tokens, {layout:9s}: {leaves} leaves, call "
-              f"{out['layouts'][layout]['call_ms']:.2f} ms, step {step_ms:.2f} ms", flush=True)
+              f"{out['layouts'][layout]['call_ms']:.2f} ms, step {steps.median_s * 1e3:.2f} ms",
+              flush=True)
         del state
     return out
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser()
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = harness.argument_parser(__doc__)
     ap.add_argument("--cases", default="130m:256,790m:256,790m:2048",
                     help="preset:tokens,... (one row each)")
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    cases = ["tiny:64"] if args.tiny else args.cases.split(",")
-    dev = jax.devices()[0]
-    kind = bench_train.kind_slug(dev.device_kind, jax.default_backend())
-    out = pathlib.Path(args.out) if args.out else (
-        REPO / "benchmarks" / "results" / f"dispatch_{kind}{'_tiny' if args.tiny else ''}.json")
-    result = dict(device=dev.device_kind, kind=kind, jax_version=jax.__version__,
-                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  command="PYTHONPATH=. python3 benchmarks/bench_dispatch.py " + " ".join(
-                      sys.argv[1:] if argv is None else argv),
-                  git_commit=bench_train._git_commit(), cases=[])
-    for case in cases:
-        preset, tokens = case.split(":")
-        result["cases"].append(run_case(preset, int(tokens), args.tiny))
-        bench_train.write(out, result)
+    cases = []
+    for case in ["tiny:64"] if args.smoke else args.cases.split(","):
+        preset, _, tokens = case.partition(":")
+        if not tokens.isdigit():
+            ap.error(f"--cases: expected preset:tokens, got {case!r}")
+        cases.append((preset, int(tokens)))
+    new = harness.new_result("dispatch", script=__file__, argv=argv, out_dir=args.out,
+                             smoke=args.smoke)
+    result = dict(**new.header, cases=[])
+    for preset, tokens in cases:
+        result["cases"].append(run_case(preset, tokens, SMOKE_MODEL if args.smoke else None))
+        harness.write_json(new.path, result)
     print("\n| case | leaves | call ms (Variables / plain) | step ms (Variables / plain) |\n"
           "|---|---|---|---|")
     for c in result["cases"]:
         v, p = c["layouts"]["variables"], c["layouts"]["plain"]
         print(f"| {c['preset']} x {c['tokens']} | {p['leaves']} | {v['call_ms']:.2f} / "
               f"{p['call_ms']:.2f} | {v['step_ms']:.2f} / {p['step_ms']:.2f} |")
-    print(f"wrote {out}")
+    print(f"wrote {new.path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,20 +1,25 @@
 """Registers and spills of the Pallas scan kernels for sm_90a, without a GPU.
 
-    PYTHONPATH=. python3 benchmarks/register_probe.py dump /tmp/probe/default
-    PYTHONPATH=. python3 benchmarks/register_probe.py dump /tmp/probe/w2 window=2
-    /tmp/tvenv/bin/python benchmarks/register_probe.py compile /tmp/probe/w2 [kernel ...]
-    benchmarks/register_probe.py report /tmp/probe/w2          # any python: runs ptxas -v
+    PYTHONPATH=. python3 benchmarks/probes/register_probe.py dump --out DIR [field=value ...]
+    PYTHONPATH=. python3 benchmarks/probes/register_probe.py compile --out DIR [kernel ...]
+    PYTHONPATH=. python3 benchmarks/probes/register_probe.py report --out DIR [--ptxas PATH]
+    PYTHONPATH=. python3 benchmarks/probes/register_probe.py dump --smoke --out DIR   # seconds
+
+--out DIR is the probe's folder: dump writes the kernels' Triton IR and meta.json there, compile
+their PTX, report reads it and writes report.json (both JSONs with the harness header).
 
 dump: lowers forward + backward of the scan (default shape: the 1.4b training step, b 8,
-    L 2048, d_inner 4096, d_state 16, bf16, segments, softplus) for CUDA on an abstract H200 (as
-    tests/test_selective_scan_impls.py does), catching each kernel's Triton module as text
-    (<kernel>.ttir) and its launch parameters (meta.json). ScanConfig overrides as field=value.
-    Needs only jax; about 40 s.
+    L 2048, d_inner 4096, d_state 16, bf16, segments, softplus; --smoke: b 2, L 64, d_inner 64)
+    for CUDA on an abstract H200 (as tests/test_selective_scan_impls.py does), catching each
+    kernel's Triton module as text (<kernel>.ttir) and its launch parameters (meta.json).
+    ScanConfig overrides as field=value. Needs only jax; about 40 s (--smoke: seconds).
 compile: Triton IR -> ttgir, llir, ptx, cubin with the pip `triton` package (3.5.0 parsed
-    jaxlib 0.11.2's IR as text; install it in a separate venv, e.g. python3.12 -m venv
-    /tmp/tvenv && /tmp/tvenv/bin/pip install triton==3.5.0). The gradient kernel takes ~8 min
-    of CPU (Triton's coalescing pass on its unrolled IR).
-report: `ptxas -arch=sm_90a -v` on each .ptx: registers, stack frame, spill stores/loads.
+    jaxlib 0.11.2's IR as text). Run this verb with the python of a separate virtual
+    environment that has `triton==3.5.0` installed (it would clash with jaxlib's own Triton);
+    it needs only triton and numpy (no jax). The gradient kernel takes ~8 min of CPU
+    (Triton's coalescing pass on its unrolled IR).
+report: `ptxas -arch=sm_90a -v` on each .ptx: registers, stack frame, spill stores/loads (no
+    jax needed; --ptxas names the ptxas binary if it is not on PATH).
 
 Checked against a profiler trace on the H200 (2026-11-21): chunk_grads 255 registers (trace
 255) and fwd_chunk_states 128 (128) match; chunk_dstates (76 vs 96) and fwd_chunk_outputs (128
@@ -23,6 +28,7 @@ vs 138) come out 10-20 low, since XLA compiles the same IR with its own Triton f
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import pathlib
@@ -30,8 +36,17 @@ import re
 import subprocess
 import sys
 
+from benchmarks import harness, workloads  # neither imports jax: compile runs without it
 
-def dump(out: pathlib.Path, overrides: dict, shape=(8, 2048, 4096, 16)) -> dict:
+FULL_SHAPE = (8, 2048, 4096, 16)
+SMOKE_SHAPE = (2, 64, 64, 16)
+
+
+def dump(out: pathlib.Path, overrides: dict, shape=FULL_SHAPE, *, config=None,
+         header: dict | None = None) -> dict:
+    """Writes <kernel>.ttir and meta.json (config, shape, each kernel's launch; header first)
+    into `out` and returns the meta. config: the ScanConfig to apply `overrides` to (default:
+    the heuristic's pick for `shape`)."""
     import jax
     import jax.numpy as jnp
     from jax._src import mesh as mesh_lib
@@ -50,7 +65,8 @@ def dump(out: pathlib.Path, overrides: dict, shape=(8, 2048, 4096, 16)) -> dict:
         return result
 
     b, length, d, n = shape
-    cfg = dataclasses.replace(pick_config(b, length, d, n), **overrides)
+    cfg = dataclasses.replace(config if config is not None else pick_config(b, length, d, n),
+                              **overrides)
     bf, f32, sds = jnp.bfloat16, jnp.float32, jax.ShapeDtypeStruct
     args = [sds((b, length, d), bf), sds((b, length, d), bf), sds((d, n), f32),
             sds((b, length, n), bf), sds((b, length, n), bf), sds((d,), f32),
@@ -80,7 +96,7 @@ def dump(out: pathlib.Path, overrides: dict, shape=(8, 2048, 4096, 16)) -> dict:
         name = re.search(r"tt\.func (?:public )?@(\w+)", asm).group(1)
         (out / f"{name}.ttir").write_text(asm)
         meta["kernels"][name] = launches.get(name, {})
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    (out / "meta.json").write_text(json.dumps({**(header or {}), **meta}, indent=1))
     return meta
 
 
@@ -99,37 +115,59 @@ def compile_ir(out: pathlib.Path, only: list[str]) -> None:
         print(f"compiled {name}", flush=True)
 
 
+def parse_ptxas(log: str) -> dict:
+    """registers, and stack / spill_stores / spill_loads bytes, from `ptxas -v` output."""
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
+                      log)
+    return dict(registers=int(regs.group(1)) if regs else None,
+                **(dict(zip(("stack", "spill_stores", "spill_loads"), map(int, spill.groups())))
+                   if spill else {}))
+
+
 def report(out: pathlib.Path, ptxas: str = "ptxas") -> dict:
     rows = {}
     for ptx in sorted(out.glob("*.ptx")):
         log = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", "/dev/null"],
                              capture_output=True, text=True).stderr
-        regs = re.search(r"Used (\d+) registers", log)
-        spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
-        rows[ptx.stem] = dict(registers=int(regs.group(1)) if regs else None,
-                              **(dict(zip(("stack", "spill_stores", "spill_loads"), map(int, spill.groups())))
-                                 if spill else {}))
+        rows[ptx.stem] = parse_ptxas(log)
         print(f"{ptx.stem:40s} {rows[ptx.stem]}")
     return rows
 
 
+def parse_args(argv):
+    common = harness.common_args(out_default=None, out_required=True,
+                                 out_help="the probe's folder (IR, PTX, meta.json, report.json)")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = ap.add_subparsers(dest="verb", required=True)
+    d = verbs.add_parser("dump", parents=[common], help="lower the scan, keep each kernel's IR")
+    workloads.add_scan_arguments(d, full_shape=FULL_SHAPE, smoke_shape=SMOKE_SHAPE)
+    c = verbs.add_parser("compile", parents=[common], help="IR -> PTX with the triton package")
+    c.add_argument("kernels", nargs="*", help="only these kernels (default all)")
+    r = verbs.add_parser("report", parents=[common], help="ptxas -v on each .ptx")
+    r.add_argument("--ptxas", default="ptxas", help="the ptxas binary (default: from PATH)")
+    args = ap.parse_args(argv)
+    if args.verb == "dump":
+        args.shape, args.overrides = workloads.scan_arguments(d, args)
+    return args
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) < 2 or argv[0] not in ("dump", "compile", "report"):
-        print(__doc__)
-        return 2
-    verb, out, rest = argv[0], pathlib.Path(argv[1]), argv[2:]
-    if verb == "dump":
-        overrides = {}
-        for item in rest:
-            key, _, value = item.partition("=")
-            overrides[key] = int(value) if value.lstrip("-").isdigit() else {
-                "true": True, "false": False}.get(value, value)
-        print(json.dumps(dump(out, overrides), indent=1))
-    elif verb == "compile":
-        compile_ir(out, rest)
+    args = parse_args(argv)
+    if args.verb == "compile":  # the triton venv: no jax, so no harness header
+        compile_ir(args.out, args.kernels)
+        return 0
+    # The kernels are lowered for an abstract H200 whatever this machine is: the header names
+    # this machine (none for report, which only runs ptxas), "target" the device of the IR.
+    info = harness.device_info() if args.verb == "dump" else None
+    head = dict(harness.header(info, script=__file__, argv=argv), target="NVIDIA H200 (sm_90a)")
+    if args.verb == "dump":
+        print(json.dumps(dump(args.out, args.overrides, args.shape, header=head), indent=1))
     else:
-        report(out)
+        harness.write_json(args.out / "report.json", dict(head, kernels=report(args.out,
+                                                                               args.ptxas)))
     return 0
 
 
