@@ -152,11 +152,14 @@ def test_bf16_inputs_accumulate_in_f32():
 
         (y_ref, final_ref), want = vjp_all(loop, [jnp.asarray(args[k], jnp.float64) for k in names],
                                            tuple(jnp.asarray(c, jnp.float64) for c in cot))
-    assert rel_err(y, y_ref) < 1e-2
-    assert rel_err(final, final_ref) < 1e-5 * np.sqrt(length)  # float32 inside, from the same inputs
-    for name, g, w in zip(names, got, want):
+    errors = {"y": rel_err(y, y_ref), "final_states": rel_err(final, final_ref)}
+    errors.update({f"d{name}": rel_err(g, w) for name, g, w in zip(names, got, want)})
+    print(" ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    assert errors["y"] < 1e-2, errors
+    assert errors["final_states"] < 1e-5 * np.sqrt(length), errors  # float32 inside, same inputs
+    for name in names:
         # bf16 rounding of each gradient (and of the cotangent the loop sees exactly).
-        assert rel_err(g, w) < 2e-2, name
+        assert errors[f"d{name}"] < 2e-2, (name, errors)
 
 
 # Packing: each sequence of a packed row computes exactly what it computes alone. Boundaries at
