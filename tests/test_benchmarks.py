@@ -225,8 +225,7 @@ def test_run_anchor_collects_the_json_its_script_writes(tmp_path):
     script = tmp_path / "scan.py"
     script.write_text(
         "import json, sys, fake_torch\n"
-        "out = sys.argv[sys.argv.index('--out') + 1]\n"
-        "json.dump(dict(torch=fake_torch.VERSION, args=sys.argv[3:]), open(out, 'w'))\n")
+        "json.dump(dict(torch=fake_torch.VERSION, args=sys.argv[2:]), open(sys.argv[1], 'w'))\n")
     r = harness.run_anchor(script, pythonpath=str(lib), args=["--shapes", "1:2:3:4"])
     assert r["status"] == "ok" and r["returncode"] == 0
     assert r["result"] == dict(torch="9.9", args=["--shapes", "1:2:3:4"])
