@@ -25,7 +25,7 @@ HEADER = ("device", "device_name", "kind", "backend", "jax_version", "date", "gi
           "command")
 SCRIPTS = ("bench_scan", "bench_train", "bench_generate", "breakdown", "plot_train", "train_gpu",
            "probes/register_probe", "probes/sass_probe", "probes/ncu_scan", "probes/bench_dbc_sum",
-           "probes/bench_dispatch", "probes/mamba2_step")
+           "probes/bench_dispatch", "probes/mamba2_step", "anchor_mamba2")
 
 
 def run_script(script: str, *args, timeout=300) -> subprocess.CompletedProcess:
