@@ -46,9 +46,7 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jax_packmamba import MambaBlock, MambaConfig, MambaLM  # noqa: E402
-import jax_packmamba.generate  # noqa: E402,F401  (gen below: the module, even if re-exported)
-
-gen = sys.modules["jax_packmamba.generate"]
+from jax_packmamba import generation as gen  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -20,10 +20,7 @@ from jax_packmamba.packing import (
     rows_needed,
     unpack,
 )
-
-# The function shadows its module as a package attribute; `python -m jax_packmamba.generate`
-# still runs the module's command line.
-from jax_packmamba.generate import generate  # noqa: E402  (after the model it imports)
+from jax_packmamba.generation import generate
 
 __version__ = "0.1.0"
 

@@ -1,77 +1,23 @@
-"""Text generation with a recurrent cache: one packed prefill, then one jitted decode loop.
+"""Command line: `python -m jax_packmamba.generate --checkpoint DIR --prompt "..."`.
 
-Axis letters: l layer, p prompt, r packed row, t time, d d_model, e d_inner, n d_state,
-w d_conv - 1, v vocabulary.
-
-    prefill  all prompts, whatever their lengths, are packed into rows (`pack_sequences`) and
-             run through the model ONCE; every layer's scan returns each segment's final SSM
-             state and the conv state is gathered from each prompt's last w conv inputs (zeros
-             where the prompt is shorter), so each prompt leaves with the state it would have
-             had run alone: DecodeState(conv (l, p, w, e), ssm (l, p, e, n)).
-    decode   a `lax.while_loop` of recurrent steps (sample, then one token through every
-             layer): the state has a fixed size, so a token costs the same whatever was
-             generated before, and the loop compiles once for a given batch and length.
-
-The layers' parameters are stacked (`prepare`) so both passes `lax.scan` over layers: the
-compile time does not grow with the depth. Weights that the model only uses cast to the compute
-dtype (projections, conv) are stored cast, which changes no result and halves what each decode
-step reads in bfloat16.
-
-Command line: `python -m jax_packmamba.generate --checkpoint DIR --prompt "..."`.
+Samples continuations of prompts from a model directory (Hugging Face or state-spaces layout);
+the engine is jax_packmamba.generation. The tokenizer and the end-of-sequence id default to
+those the directory records (jax_packmamba.tokenizer.tokenizer_for_model_dir), else UTF-8
+bytes with no end-of-sequence id; --tokenizer and --eos-id override them.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
 import sys
 import time
-from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from jax_packmamba.generation import (  # noqa: F401  (re-exported until the CLI split lands)
-    DecodeState, PreparedModel, decode, generate, inference_state, prefill, prepare,
-    sample_next_token, step,
-)
+from jax_packmamba.generation import decode, generate, prefill, prepare
 from jax_packmamba.pretrained import from_pretrained
-
-# ---------------------------------------------------------------------------------------------
-# Command line.
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as token ids 0..255."""
-
-    vocab_size = 256
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
-
-
-class JsonTokenizer:
-    """A Hugging Face tokenizer.json through the `tokenizers` package."""
-
-    def __init__(self, path):
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise ImportError(f"reading {path} needs the tokenizers package: pip install tokenizers") from None
-        self._tokenizer = Tokenizer.from_file(str(path))
-        self.vocab_size = self._tokenizer.get_vocab_size()
-
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text).ids
-
-    def decode(self, ids) -> str:
-        return self._tokenizer.decode([int(i) for i in ids])
+from jax_packmamba.tokenizer import ByteTokenizer, load_tokenizer, tokenizer_for_model_dir
 
 
 def main(argv=None) -> int:
@@ -81,13 +27,17 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory")
     parser.add_argument("--prompt", action="append", required=True,
                         help="prompt text; repeat for a batch (prefilled together in one packed pass)")
-    parser.add_argument("--tokenizer", help="tokenizer.json (default: UTF-8 bytes as ids 0..255)")
+    parser.add_argument("--tokenizer",
+                        help="'bytes' or a tokenizer.json (default: the one the checkpoint "
+                             "directory records, else UTF-8 bytes)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eos-id", type=int)
+    parser.add_argument("--eos-id", type=int,
+                        help="stop a sequence after this id (default: the checkpoint's "
+                             "eos_token_id, if it records one)")
     parser.add_argument("--dtype", default="float32", help="compute dtype (float32, bfloat16, float16)")
     parser.add_argument("--scan-impl", default="auto", help="selective scan implementation")
     parser.add_argument("--warmup", action="store_true",
@@ -95,13 +45,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     model = from_pretrained(args.checkpoint, dtype=args.dtype, scan_impl=args.scan_impl)
-    tokenizer = JsonTokenizer(args.tokenizer) if args.tokenizer else ByteTokenizer()
-    if tokenizer.vocab_size > model.config.padded_vocab_size:
-        parser.error(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
-                     f"{model.config.padded_vocab_size}")
+    recorded = tokenizer_for_model_dir(args.checkpoint)
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    else:
+        tokenizer = recorded or ByteTokenizer()
+    eos_id = args.eos_id if args.eos_id is not None else (
+        recorded.eod_id if recorded is not None else None)
     prompts = [tokenizer.encode(p) for p in args.prompt]
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    seed=args.seed, eos_id=args.eos_id)
+                    seed=args.seed, eos_id=eos_id)
     prepared = prepare(model)
     del model
     if args.warmup:

@@ -175,6 +175,65 @@ def rows_needed(piece_lengths, length, *, policy="first_fit_decreasing") -> int:
     return int(rows.max()) + 1
 
 
+# ---------------------------------------------------------------------------------------------
+# Streaming selection: which pieces of a stream go into the next batch of num_rows rows.
+# A training batcher owns the stream and its position; these functions make every decision.
+
+LOOKAHEAD = 2.0  # first-fit-decreasing chooses among pieces worth this many batches ...
+MAX_WAIT = 4  # ... and places a piece that has waited this many batches before any other
+
+
+def greedy_prefix(piece_lengths, length: int, num_rows: int) -> int:
+    """How many pieces from the start of a stream PackMamba's in-order greedy puts in num_rows
+    rows of `length`: the longest prefix that fits (at least the first piece).
+
+    piece_lengths: an iterable of piece lengths (each <= length) in stream order; it is read
+    one piece past the last one taken, so it may be a lazy, endless stream.
+    """
+    rows, fill, taken = 1, 0, 0
+    for n in piece_lengths:
+        if taken and fill + n > length:  # next fit: the piece opens a new row
+            rows, fill = rows + 1, 0
+        if rows > num_rows:
+            break
+        fill += n
+        taken += 1
+    return taken
+
+
+def lookahead_tokens(length: int, num_rows: int) -> float:
+    """Tokens of candidates (waiting pieces, then new ones) that `choose_first_fit_decreasing`
+    wants to choose from for one batch: LOOKAHEAD batches' worth of slots."""
+    return LOOKAHEAD * length * num_rows
+
+
+def choose_first_fit_decreasing(piece_lengths, waited, length: int, num_rows: int, *,
+                                max_wait: int = MAX_WAIT) -> np.ndarray:
+    """Which candidate pieces fill the next batch of num_rows rows of `length` (bool mask).
+
+    Candidates (lengths <= length, with the number of batches each has waited) are tried
+    longest first, except that those which have waited max_wait batches go first, so none waits
+    forever; equal keys keep the given order. A piece is taken when first-fit-decreasing (what
+    pack_sequences then does) still needs <= num_rows rows for it and the pieces taken before;
+    the others wait for a later batch.
+    """
+    piece_lengths = [int(n) for n in piece_lengths]
+    waited = [int(w) for w in waited]
+    if len(waited) != len(piece_lengths):
+        raise ValueError(f"waited has {len(waited)} entries for {len(piece_lengths)} pieces")
+    order = sorted(range(len(piece_lengths)),
+                   key=lambda i: (waited[i] < max_wait, -piece_lengths[i], i))
+    capacity = length * num_rows
+    taken = np.zeros(len(piece_lengths), dtype=bool)
+    chosen: list[int] = []
+    for i in order:
+        n = piece_lengths[i]
+        if sum(chosen) + n <= capacity and rows_needed(chosen + [n], length) <= num_rows:
+            taken[i] = True
+            chosen.append(n)
+    return taken
+
+
 def unpack(batch: PackedBatch, values) -> list[np.ndarray]:
     """Gathers per-token values back into the input sequences.
 

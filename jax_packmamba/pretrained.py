@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax_packmamba import tokenizer as tokenizer_lib
 from jax_packmamba.config import MambaConfig
 from jax_packmamba.model import MambaLM
 
@@ -46,7 +47,7 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 
 # Our config fields that the HF config cannot express; kept under this key in config.json
 # (transformers keeps unknown keys as attributes, so the file stays loadable there).
-EXTRA_KEY = "jax_packmamba"
+EXTRA_KEY = tokenizer_lib.EXTRA_KEY
 
 # Config fields that do not change the function a checkpoint computes (safe to override).
 RUNTIME_FIELDS = ("dtype", "scan_impl", "remat")
@@ -77,18 +78,41 @@ def from_pretrained(path, **config_overrides) -> MambaLM:
     return model_from_tensors(config, read_tensors(path), layout=layout, source=str(path))
 
 
-def save_pretrained(model, path) -> None:
-    """Writes `model` in the Hugging Face layout: path/config.json and path/model.safetensors."""
+def save_pretrained(model, path, *, tokenizer=None) -> None:
+    """Writes `model` in the Hugging Face layout: path/config.json and path/model.safetensors.
+
+    tokenizer (a jax_packmamba.tokenizer ByteTokenizer or HFTokenizer): recorded beside the
+    model, so that `tokenizer_for_model_dir(path)` and the generate command line find it:
+    config.json's "eos_token_id" is its end-of-document id, and its tokenizer.json is copied
+    into path (or, for bytes, config.json says {"tokenizer": "bytes"} under EXTRA_KEY).
+    """
     from safetensors.numpy import save_file
 
     path = Path(path)
+    config = hf_config_from_config(model.config)
+    if tokenizer is not None:
+        config.update(_tokenizer_entries(tokenizer, model.config, config[EXTRA_KEY]))
     path.mkdir(parents=True, exist_ok=True)
     tensors = tensors_from_model(model)
+    if tokenizer is not None:
+        tokenizer_lib.save_tokenizer_files(tokenizer, path)
     with open(path / CONFIG_FILE, "w") as f:
-        json.dump(hf_config_from_config(model.config), f, indent=2, sort_keys=True)
+        json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
     # transformers only accepts safetensors whose metadata names the framework.
     save_file(tensors, str(path / SAFETENSORS_FILE), metadata={"format": "pt"})
+
+
+def _tokenizer_entries(tokenizer, config: MambaConfig, extra: dict) -> dict:
+    """config.json entries recording `tokenizer` (see jax_packmamba.tokenizer); ValueError
+    when it produces ids the model has no embedding row for."""
+    if tokenizer.vocab_size > config.padded_vocab_size:
+        raise ValueError(
+            f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids (end of document "
+            f"{tokenizer.eod_id}) but the model only {config.padded_vocab_size} embedding rows")
+    entries = tokenizer_lib.tokenizer_model_config(tokenizer)
+    entries[EXTRA_KEY] = {**extra, **entries.get(EXTRA_KEY, {})}
+    return entries
 
 
 def detect_layout(config_dict: dict, path="<config>") -> str:

@@ -1,5 +1,8 @@
 """Generation: packed prefill states, recurrent steps against the full forward, sampling."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -202,6 +205,17 @@ def test_command_line_with_byte_tokenizer(tmp_path, capsys):
     out = capsys.readouterr()
     assert "--- 'Hello'" in out.out and "--- 'Mamba!'" in out.out
     assert "10 tokens in" in out.err and "tokens/s" in out.err
+
+
+def test_command_line_module_runs_without_runpy_warning():
+    # The package no longer imports its command-line module, so `python -m` finds it unloaded
+    # (runpy warns, and here fails, when the module was already imported).
+    res = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", "jax_packmamba.generate", "--help"],
+        cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert res.returncode == 0, res.stderr
+    assert "usage: python -m jax_packmamba.generate" in res.stdout and not res.stderr
 
 
 def test_pallas_decode_step_generates_what_the_xla_step_does(prepared, model):

@@ -17,9 +17,13 @@ import pytest
 
 from jax_packmamba.ops.segments import positions_from_segment_ids, segment_ids_from_positions
 from jax_packmamba.packing import (
+    MAX_WAIT,
     POLICIES,
     PackedBatch,
     SplitSequenceWarning,
+    choose_first_fit_decreasing,
+    greedy_prefix,
+    lookahead_tokens,
     pack_sequences,
     pad_sequences,
     rows_needed,
@@ -347,3 +351,58 @@ def test_rows_needed_is_what_pack_sequences_uses(policy):
     assert rows_needed([], 8, policy=policy) == 0
     with pytest.raises(ValueError, match="does not fit"):
         rows_needed([9], 8, policy=policy)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming selection (what a training batcher puts in its next batch).
+
+
+def test_greedy_prefix_is_the_longest_prefix_that_fits():
+    # Rows of 10, 2 rows: [6, 3] fill row 0 (9), 5 opens row 1, 4 fits (9), 2 would open row 2.
+    assert greedy_prefix([6, 3, 5, 4, 2, 1], 10, 2) == 4
+    assert greedy_prefix([10, 10, 10], 10, 2) == 2
+    assert greedy_prefix([7], 10, 1) == 1
+    # In order: a short piece after the one that does not fit is not taken.
+    assert greedy_prefix([6, 6, 1], 10, 1) == 1
+    for seed in SEEDS:
+        lengths = np.random.default_rng(seed).integers(1, 33, 200).tolist()
+        count = greedy_prefix(lengths, 32, 4)
+        assert rows_needed(lengths[:count], 32, policy="greedy") <= 4
+        assert rows_needed(lengths[:count + 1], 32, policy="greedy") == 5
+
+
+def test_greedy_prefix_reads_one_piece_past_the_prefix():
+    read = []
+
+    def stream():  # endless, as a training stream with wrap-around
+        while True:
+            read.append(4)
+            yield 4
+
+    assert greedy_prefix(stream(), 8, 2) == 4 and len(read) == 5
+
+
+def test_choose_first_fit_decreasing_longest_first_and_waiting_pieces_first():
+    # Rows of 10, one row: longest first takes 7 then 3 (the 5 and 4 wait).
+    taken = choose_first_fit_decreasing([5, 7, 4, 3], [0, 0, 0, 0], 10, 1)
+    assert taken.tolist() == [False, True, False, True]
+    # The 4 has waited MAX_WAIT batches: it goes first, then the longest that still fit.
+    taken = choose_first_fit_decreasing([5, 7, 4, 3], [0, 0, MAX_WAIT, 0], 10, 1)
+    assert taken.tolist() == [True, False, True, False]
+    # Equal keys keep the given order.
+    assert choose_first_fit_decreasing([5, 5, 5], [1, 1, 1], 10, 1).tolist() == [True, True, False]
+    with pytest.raises(ValueError, match="waited has 1 entries for 2 pieces"):
+        choose_first_fit_decreasing([1, 2], [0], 10, 1)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_choose_first_fit_decreasing_fills_rows_that_pack_sequences_accepts(seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 65, 40)
+    waited = rng.integers(0, MAX_WAIT + 2, 40)
+    taken = choose_first_fit_decreasing(lengths, waited, 64, 4)
+    chosen = [np.ones(n, np.int32) for n in lengths[taken]]
+    pack_sequences(chosen, 64, num_rows=4)  # raises if they needed more rows
+    # With 5x the batch's slots to choose from the rows end up nearly full (reached: >= 249).
+    assert lengths[taken].sum() >= 0.95 * 4 * 64
+    assert lookahead_tokens(64, 4) == 2 * 64 * 4

@@ -6,6 +6,7 @@ subprocesses with a tiny model, so they exercise the real command line.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -214,6 +215,46 @@ def test_modes_consume_the_same_pieces_deterministically_and_resume():
         x, y = next(a)["arrays"], next(b)["arrays"]
         assert all(np.array_equal(x[k], y[k]) for k in data_lib.BATCH_KEYS)
     assert a.epoch > 1
+
+
+@pytest.mark.parametrize("mode, steps, options, digest", [
+    ("packed", 60, {}, "d02525d2b12f6632"),
+    ("packed", 60, {"pack_policy": "greedy"}, "1dd94ec56e5c5844"),
+    ("packed", 25, {"grad_accum": 3}, "0c76a616ddbd252b"),
+    ("padded", 20, {}, "4d2e85ef21cf3d6a"),
+    ("single", 40, {}, "4bc450977d14d796"),
+    ("packed", 30, {"shuffle": False, "wrap": False}, "e0efea3bf16f379a"),
+])
+def test_batches_are_those_of_the_batcher_before_packing_moved(mode, steps, options, digest):
+    """Digests of the batches (and the final stream position) that train/data.py's Batcher
+    made at commit 86d9189, before its packing decisions moved to jax_packmamba.packing."""
+    rng = np.random.default_rng(7)
+    docs = [np.append(rng.integers(0, 256, n), 256) for n in rng.integers(1, 300, 150)]
+    pieces = data_lib.cut_pieces(docs, 96)
+    b = data_lib.Batcher(pieces, mode=mode, seq_len=96, batch_size=5, seed=11, **options)
+    h = hashlib.sha256()
+    for _ in range(steps):
+        batch = next(b)
+        for k in data_lib.BATCH_KEYS:
+            h.update(np.ascontiguousarray(batch["arrays"][k]).tobytes())
+        h.update(repr(sorted(batch["stats"].items())).encode())
+    h.update(repr(b.state()).encode())
+    assert h.hexdigest()[:16] == digest
+
+
+@pytest.mark.parametrize("policy, count, digest", [
+    ("first_fit_decreasing", 20, "c7b64be65f7bb0fd"), ("greedy", 23, "d46a6217eb6ab79d")])
+def test_eval_batches_are_those_before_packing_moved(policy, count, digest):
+    rng = np.random.default_rng(7)
+    docs = [np.append(rng.integers(0, 256, n), 256) for n in rng.integers(1, 300, 150)]
+    pieces = data_lib.cut_pieces(docs, 96)[:120]
+    config = DataConfig(seq_len=96, batch_size=5, seed=11, pack_policy=policy, eval_batches=50)
+    batches = data_lib.eval_batches(pieces, config)
+    h = hashlib.sha256()
+    for batch in batches:
+        for k in data_lib.BATCH_KEYS:
+            h.update(np.ascontiguousarray(batch["arrays"][k]).tobytes())
+    assert (len(batches), h.hexdigest()[:16]) == (count, digest)
 
 
 def test_loss_mask_no_target_across_boundaries_or_on_padding():

@@ -11,8 +11,8 @@ Pipeline:
               padded  the next batch_size pieces, one per row, padded to seq_len
               single  the next piece alone, padded to a multiple of single_bucket
 
-Byte-level tokenizer: UTF-8 bytes are ids 0..255; the end-of-document id is 256, so the
-vocabulary is 257 (the model pads it to a multiple of 8). A document's last real token is its
+Tokenizers are jax_packmamba.tokenizer's (bytes: UTF-8 bytes are ids 0..255, end of document
+256, vocabulary 257; or a local tokenizer.json). A document's last real token is its
 end-of-document id, so the model learns where documents end; no loss crosses a boundary because
 every batch carries segment_ids and a loss_mask (see jax_packmamba.packing).
 """
@@ -26,75 +26,29 @@ from typing import Iterator
 
 import numpy as np
 
-from jax_packmamba.packing import pack_sequences, pad_sequences, rows_needed
+from jax_packmamba import packing
+from jax_packmamba.packing import pack_sequences, pad_sequences
+from jax_packmamba.tokenizer import EOD_NAMES, ByteTokenizer, load_tokenizer
 
 from train.config import DataConfig
-
-BYTE_VOCAB = 257
-BYTE_EOD = 256
-EOD_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]")
 
 
 class DataError(ValueError):
     """Missing, empty or unreadable training data; the message names the file or option."""
 
 
-# ------------------------------------------------------------------------------------------------
-# Tokenizers.
-
-
-class ByteTokenizer:
-    name = "bytes"
-    vocab_size = BYTE_VOCAB
-
-    def __init__(self, eod_id: int | None = None):
-        self.eod_id = BYTE_EOD if eod_id is None else eod_id
-        if 0 <= self.eod_id < 256:
-            raise DataError(f"--data.eod_id={self.eod_id} collides with a byte id (0..255); use 256")
-        self.vocab_size = max(BYTE_VOCAB, self.eod_id + 1)
-
-    def encode_batch(self, texts: list[bytes]) -> list[np.ndarray]:
-        return [np.frombuffer(t, dtype=np.uint8).astype(np.int32) for t in texts]
-
-
-class HFTokenizer:
-    """A local tokenizer.json through the `tokenizers` library (no download)."""
-
-    def __init__(self, path: str, eod_id: int | None = None):
-        try:
-            import tokenizers
-        except ImportError:  # pragma: no cover - depends on the environment
-            raise DataError("--data.tokenizer=<tokenizer.json> needs the `tokenizers` package "
-                            "(pip install tokenizers)") from None
-        if not pathlib.Path(path).is_file():
-            raise DataError(f"--data.tokenizer={path}: no such file (expected 'bytes' or a tokenizer.json)")
-        try:
-            self.tok = tokenizers.Tokenizer.from_file(path)
-        except Exception as e:  # the library raises a bare Exception on bad JSON
-            raise DataError(f"--data.tokenizer={path}: cannot load: {e}") from None
-        self.name = path
-        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-        if eod_id is None:
-            for name in EOD_NAMES:
-                eod_id = self.tok.token_to_id(name)
-                if eod_id is not None:
-                    break
-        if eod_id is None:
-            raise DataError(f"--data.tokenizer={path} has none of the end-of-document tokens "
-                            f"{EOD_NAMES}; set --data.eod_id")
-        self.eod_id = int(eod_id)
-        self.vocab_size = max(self.vocab_size, self.eod_id + 1)
-
-    def encode_batch(self, texts: list[bytes]) -> list[np.ndarray]:
-        strings = [t.decode("utf-8", errors="replace") for t in texts]
-        encs = self.tok.encode_batch(strings, add_special_tokens=False)
-        return [np.asarray(e.ids, dtype=np.int32) for e in encs]
-
-
 def make_tokenizer(config: DataConfig):
-    if config.tokenizer == "bytes":
-        return ByteTokenizer(config.eod_id)
-    return HFTokenizer(config.tokenizer, config.eod_id)
+    """The tokenizer of --data.tokenizer / --data.eod_id (DataError when it cannot be made)."""
+    flags = f"--data.tokenizer={config.tokenizer}" + (
+        "" if config.eod_id is None else f" --data.eod_id={config.eod_id}")
+    try:
+        tokenizer = load_tokenizer(config.tokenizer, config.eod_id)
+    except (ImportError, ValueError) as e:
+        raise DataError(f"{flags}: {e}") from None
+    if tokenizer.eod_id is None:
+        raise DataError(f"{flags} has none of the end-of-document tokens {EOD_NAMES}; set "
+                        f"--data.eod_id")
+    return tokenizer
 
 
 # ------------------------------------------------------------------------------------------------
@@ -244,8 +198,6 @@ def cut_pieces(docs: list[np.ndarray], seq_len: int) -> list[np.ndarray]:
 # Batching.
 
 BATCH_KEYS = ("tokens", "segment_ids", "targets", "loss_mask")
-LOOKAHEAD = 2.0  # packed mode looks at pieces worth this many batches to fill the rows
-MAX_WAIT = 4  # ... and places a piece that has waited this many batches before any other
 
 
 class Batcher:
@@ -253,8 +205,9 @@ class Batcher:
 
     The stream is epoch after epoch of `np.random.default_rng([seed, epoch]).permutation`; the
     position is `consumed` (pieces pulled from the stream so far) plus `carry` (the stream
-    positions of pulled pieces that packed mode has not placed yet); state()/restore() save it. next() returns a dict of numpy arrays of
-    shape (grad_accum, rows, length) for BATCH_KEYS plus host statistics.
+    positions of pulled pieces that packed mode has not placed yet); state()/restore() save it.
+    next() returns a dict of numpy arrays of shape (grad_accum, rows, length) for BATCH_KEYS
+    plus host statistics. Which pieces packed mode takes is jax_packmamba.packing's decision.
     """
 
     def __init__(self, pieces: list[np.ndarray], *, mode: str, seq_len: int, batch_size: int,
@@ -304,51 +257,40 @@ class Batcher:
             return self._take_greedy()
         return self._take_first_fit_decreasing()
 
+    def _stream_lengths(self) -> Iterator[int]:
+        """Lengths of the stream's pieces from the current position (the first one even when a
+        stream without wrap-around is used up, as packed mode always takes one piece)."""
+        g = self.consumed
+        while True:
+            yield int(self.lengths[self._index(g)])
+            g += 1
+            if not self.wrap and g >= len(self.pieces):
+                return
+
     def _take_greedy(self) -> list[np.ndarray]:
         """PackMamba's in-order greedy: the longest prefix of the stream that fits."""
-        capacity = self.batch_size * self.seq_len
-        taken: list[int] = []
-        total = 0
-        while True:
-            if taken and not self.wrap and self.consumed + len(taken) >= len(self.pieces):
-                break
-            idx = self._index(self.consumed + len(taken))
-            n = int(self.lengths[idx])
-            if taken and (total + n > capacity
-                          or rows_needed([int(self.lengths[i]) for i in taken] + [n],
-                                         self.seq_len, policy="greedy") > self.batch_size):
-                break
-            taken.append(idx)
-            total += n
-        self.consumed += len(taken)
-        return [self.pieces[i] for i in taken]
+        count = packing.greedy_prefix(self._stream_lengths(), self.seq_len, self.batch_size)
+        taken = [self.pieces[self._index(self.consumed + i)] for i in range(count)]
+        self.consumed += count
+        return taken
 
     def _take_first_fit_decreasing(self) -> list[np.ndarray]:
-        """Fill the rows from a look-ahead window; pieces that do not fit wait for a later batch.
-
-        Candidates are the waiting pieces and then new stream pieces, pulled until they hold
-        LOOKAHEAD x the batch's slots. They are tried longest first, except that pieces which
-        have waited MAX_WAIT batches go first (so none waits forever); a piece is taken when
-        first-fit-decreasing (what pack_sequences then does) still needs <= batch_size rows.
-        """
-        capacity = self.batch_size * self.seq_len
-        cand = [tuple(c) for c in self.carry]  # (stream position, batches waited)
-        total = sum(int(self.lengths[self._index(g)]) for g, _ in cand)
-        while total < LOOKAHEAD * capacity and (self.wrap or self.consumed < len(self.pieces)):
-            cand.append((self.consumed, 0))
+        """The waiting pieces and then new stream pieces, pulled until they hold
+        packing.lookahead_tokens, are the candidates; packing.choose_first_fit_decreasing picks
+        the batch, and the others wait (their stream positions, in order, are the carry)."""
+        window = packing.lookahead_tokens(self.seq_len, self.batch_size)
+        candidates = [tuple(c) for c in self.carry]  # (stream position, batches waited)
+        total = sum(int(self.lengths[self._index(g)]) for g, _ in candidates)
+        while total < window and (self.wrap or self.consumed < len(self.pieces)):
+            candidates.append((self.consumed, 0))
             total += int(self.lengths[self._index(self.consumed)])
             self.consumed += 1
-        cand.sort(key=lambda c: (c[1] < MAX_WAIT, -int(self.lengths[self._index(c[0])]), c[0]))
-        taken, left, lengths = [], [], []
-        for g, waited in cand:
-            n = int(self.lengths[self._index(g)])
-            if sum(lengths) + n <= capacity and rows_needed(lengths + [n], self.seq_len) <= self.batch_size:
-                taken.append(g)
-                lengths.append(n)
-            else:
-                left.append([g, waited + 1])
-        self.carry = sorted(left)
-        return [self.pieces[self._index(g)] for g in sorted(taken)]
+        taken = packing.choose_first_fit_decreasing(
+            [self.lengths[self._index(g)] for g, _ in candidates], [w for _, w in candidates],
+            self.seq_len, self.batch_size)
+        # Candidates are in stream order (the carry is, and new pieces come after it).
+        self.carry = [[g, w + 1] for (g, w), t in zip(candidates, taken) if not t]
+        return [self.pieces[self._index(g)] for (g, _), t in zip(candidates, taken) if t]
 
     def _micro(self):
         if self.mode == "packed":

@@ -2,6 +2,10 @@
 
 Order matters for users: the config and the data are checked (and the data loaded) before the
 model is built or anything compiles, so bad input fails in seconds with a clear message.
+
+`run` reads top to bottom in three parts: the run directory and resume (open_run_directory,
+restore_or_init), the loop (train_loop: pure step calls, eval and checkpoint cadence) and the
+reporting (Report: metrics.jsonl, progress lines, the summary).
 """
 
 from __future__ import annotations
@@ -101,11 +105,59 @@ def describe(p: Prepared, efficiency: dict) -> list[str]:
 def run(config: TrainConfig, *, log=print) -> dict:
     """Trains per `config`; returns the summary dict (also written to out_dir/summary.json)."""
     p = prepare(config)
-    c, d, r = config, config.data, config.run
-    is_main = jax.process_index() == 0
+    r = config.run
+    out = open_run_directory(config)
+    for line in describe(p, data_lib.estimate_efficiency(p.train_pieces, config.data)):
+        log(line)
+    out.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+    compiled = step_lib.build(p.model_config, config.optim, r.steps, p.mesh)
+    ckpt = Checkpointer(out / "checkpoints", r.keep_checkpoints)
+    batcher = make_batcher(p)
+    state, resumed_from = restore_or_init(ckpt, out / "checkpoints", compiled, batcher, r, log)
+    start = int(jax.device_get(state.step))
+    if start >= r.steps:
+        ckpt.close()
+        return already_complete(out, start, r, log)
+    cadence = f"every {r.checkpoint_every} steps + " if r.checkpoint_every else ""
+    log(f"out     {out}  (checkpoints {cadence}at the end, keep {r.keep_checkpoints}; "
+        f"metrics.jsonl; loss.png)")
+
+    eval_set = [sharding.put_batch(b["arrays"], sharding.batch_sharding(p.mesh))
+                for b in data_lib.eval_batches(p.eval_pieces, config.data)]
+    report = Report(p, out, start, resumed_from)
+    try:
+        state, end_step, last_eval = train_loop(p, compiled, state, batcher, ckpt, eval_set, report)
+    finally:
+        report.close()
+        ckpt.close()  # waits for in-flight saves: they hold finite states
+    wall = report.elapsed()
+    if not (r.eval_every and end_step % r.eval_every == 0):
+        last_eval = evaluate(compiled, state.params, eval_set)
+    summary = report.summary(end_step, last_eval, wall)
+    if is_main_process():
+        write_summary(summary, out, p, log)
+    log(summary_line(summary))
+    return summary
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# The run directory and resume.
+
+
+def open_run_directory(config: TrainConfig) -> pathlib.Path:
+    """The run's out_dir, cleared first with --run.overwrite; ConfigError when it holds
+    checkpoints that this run would neither resume nor clear."""
+    r = config.run
     out = pathlib.Path(r.out_dir)
     ckpt_dir = out / "checkpoints"
-    if r.overwrite and is_main:
+    if r.overwrite and is_main_process():
         for name in ("checkpoints", "metrics.jsonl", "summary.json", "loss.png", "config.json"):
             target = out / name
             if target.is_dir():
@@ -117,177 +169,214 @@ def run(config: TrainConfig, *, log=print) -> dict:
         raise ConfigError(f"{ckpt_dir} already holds checkpoints; resume with --run.resume=true, "
                           f"start over with --run.resume=false --run.overwrite=true, or choose "
                           f"another --run.out_dir")
-    efficiency = data_lib.estimate_efficiency(p.train_pieces, d)
-    for line in describe(p, efficiency):
-        log(line)
-    out.mkdir(parents=True, exist_ok=True)
-    if is_main:
-        (out / "config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
+    return out
 
-    compiled = step_lib.build(p.model_config, c.optim, r.steps, p.mesh)
-    ckpt = Checkpointer(ckpt_dir, r.keep_checkpoints)
-    batcher = data_lib.Batcher(
+
+def make_batcher(p: Prepared) -> data_lib.Batcher:
+    d = p.config.data
+    return data_lib.Batcher(
         p.train_pieces, mode=d.mode, seq_len=d.seq_len, batch_size=d.batch_size,
-        grad_accum=c.optim.grad_accum, seed=d.seed, pack_policy=d.pack_policy,
+        grad_accum=p.config.optim.grad_accum, seed=d.seed, pack_policy=d.pack_policy,
         single_bucket=d.single_bucket)
+
+
+def restore_or_init(ckpt: Checkpointer, ckpt_dir: pathlib.Path, compiled,
+                    batcher: data_lib.Batcher, r, log):
+    """(state, step restored or None): the latest checkpoint's state with the batcher moved to
+    its data position when resuming, else a fresh state from --run.seed."""
     latest = ckpt.latest_step() if r.resume else None
-    if latest is not None:
-        state, meta = ckpt.restore(latest, compiled.abstract_state, compiled.state_shardings)
-        batcher.restore(meta["data"])
-        log(f"resume  from {ckpt_dir}/{latest} (step {latest}, data position "
-            f"{batcher.consumed} pieces = epoch {batcher.epoch:.3f})")
-    else:
-        state = compiled.init(r.seed)
-    start = int(jax.device_get(state.step))
-    if start >= r.steps:
-        ckpt.close()
-        log(f"already complete: {ckpt_dir} is at step {start} >= --run.steps={r.steps}. Raise "
-            f"--run.steps to train on, or start over with --run.resume=false --run.overwrite=true.")
-        previous = out / "summary.json"
-        return json.loads(previous.read_text()) if previous.exists() else {"steps": start}
-    log(f"out     {out}  (checkpoints " + (f"every {r.checkpoint_every} steps + " if r.checkpoint_every else "") + f"at the end, "
-        f"keep {r.keep_checkpoints}; metrics.jsonl; loss.png)")
+    if latest is None:
+        return compiled.init(r.seed), None
+    state, meta = ckpt.restore(latest, compiled.abstract_state, compiled.state_shardings)
+    batcher.restore(meta["data"])
+    log(f"resume  from {ckpt_dir}/{latest} (step {latest}, data position "
+        f"{batcher.consumed} pieces = epoch {batcher.epoch:.3f})")
+    return state, latest
 
+
+def already_complete(out: pathlib.Path, start: int, r, log) -> dict:
+    log(f"already complete: {out / 'checkpoints'} is at step {start} >= --run.steps={r.steps}. "
+        f"Raise --run.steps to train on, or start over with --run.resume=false "
+        f"--run.overwrite=true.")
+    previous = out / "summary.json"
+    return json.loads(previous.read_text()) if previous.exists() else {"steps": start}
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def train_loop(p: Prepared, compiled, state, batcher, ckpt, eval_set, report: "Report"):
+    """Steps from the state's step to --run.steps (or the time limit), with eval and checkpoints
+    at their cadence; returns (state, last step, last eval loss or None).
+
+    A step's metrics are read after the next step is dispatched, so the host waits for a
+    device result only where it needs one (eval, checkpoint, the end).
+    """
+    r = p.config.run
     batch_sh = sharding.batch_sharding(p.mesh)
-    eval_set = [sharding.put_batch(b["arrays"], batch_sh) for b in data_lib.eval_batches(p.eval_pieces, d)]
-
-    def evaluate(params) -> float | None:
-        if not eval_set:
-            return None
-        ce = n = 0.0
-        for b in eval_set:
-            res = jax.device_get(compiled.eval_step(params, b))
-            ce += float(res["ce_sum"])
-            n += int(res["targets"])
-        return ce / max(n, 1)
-
-    writer = metrics_lib.MetricsWriter(out / "metrics.jsonl", start if latest is not None else None,
-                                       enabled=is_main)
-    devices = p.mesh.devices.size
-    kind = p.mesh.devices.flatten()[0].device_kind
-    peak = metrics_lib.peak_flops(kind) if jax.default_backend() != "cpu" else None
-    flops = p.model_config.flops_per_token()
-    meter = metrics_lib.Throughput(skip=1)
-    totals = dict(real=0, slots=0, first_step_s=None)
-    progress = metrics_lib.Progress(r.steps, start, r.progress and is_main)
-    t_start = time.perf_counter()
-    first_loss = last_loss = None
+    start = int(jax.device_get(state.step))
+    pending = None
     last_eval = None
-    last_saved = latest
-    recent_losses: list[float] = []
+    for s in range(start + 1, r.steps + 1):
+        batch = next(batcher)
+        state, metrics = compiled.train_step(state, sharding.put_batch(batch["arrays"], batch_sh))
+        if pending is not None:
+            report.step(*pending)
+        pending = (s, metrics, batch["stats"])
+        out_of_time = bool(r.time_limit_s) and report.elapsed() > r.time_limit_s
+        do_eval = bool(r.eval_every) and s % r.eval_every == 0
+        do_ckpt = ((bool(r.checkpoint_every) and s % r.checkpoint_every == 0) or s == r.steps
+                   or out_of_time)
+        if do_eval or do_ckpt:
+            report.step(*pending)
+            pending = None
+        if do_eval:
+            last_eval = evaluate(compiled, state.params, eval_set)
+            report.eval(s, last_eval)
+        if do_ckpt:
+            ckpt.save(s, state, {"data": batcher.state(), "step": s})
+            report.checkpoint(s)
+        if out_of_time and s < r.steps:
+            report.time_limit(s)
+            return state, s, last_eval
+    if pending is not None:
+        report.step(*pending)
+    return state, r.steps, last_eval
 
-    def handle(item):
-        nonlocal first_loss, last_loss
-        s, m, stats = item
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
+
+def evaluate(compiled, params, eval_set) -> float | None:
+    """Mean cross-entropy over the held-out batches (None without held-out data)."""
+    if not eval_set:
+        return None
+    ce = n = 0.0
+    for b in eval_set:
+        res = jax.device_get(compiled.eval_step(params, b))
+        ce += float(res["ce_sum"])
+        n += int(res["targets"])
+    return ce / max(n, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reporting.
+
+
+class Report:
+    """What a run reports while it trains: metrics.jsonl records, the progress bar and its
+    lines, and the totals its summary is made of."""
+
+    def __init__(self, p: Prepared, out: pathlib.Path, start: int, resumed_from: int | None):
+        self.p, self.out, self.run_config, self.start = p, out, p.config.run, start
+        self.writer = metrics_lib.MetricsWriter(out / "metrics.jsonl", resumed_from,
+                                                enabled=is_main_process())
+        self.devices = p.mesh.devices.size
+        self.kind = p.mesh.devices.flatten()[0].device_kind
+        self.peak = metrics_lib.peak_flops(self.kind) if jax.default_backend() != "cpu" else None
+        self.flops = p.model_config.flops_per_token()
+        self.meter = metrics_lib.Throughput(skip=1)
+        self.real_tokens = self.slots = 0
+        self.first_step_s = None
+        self.first_loss = self.last_loss = None
+        self.recent_losses: list[float] = []
+        self.last_saved = resumed_from
+        self.checkpoint_dir = out / "checkpoints"
+        self.progress = metrics_lib.Progress(self.run_config.steps, start,
+                                             self.run_config.progress and is_main_process())
+        self.t_start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def step(self, s: int, metrics, stats: dict) -> None:
+        """Records step s (metrics: the step's device results); NonFiniteLoss if they are not
+        finite."""
+        r = self.run_config
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+            last_good = (f"{self.checkpoint_dir}/{self.last_saved}" if self.last_saved is not None
+                         else "none")
             raise NonFiniteLoss(
                 f"non-finite {'loss' if not math.isfinite(m['loss']) else 'gradient'} at step {s} "
                 f"(loss {m['loss']}, grad norm {m['grad_norm']}); stopped without saving this state. "
-                f"Last good checkpoint: "
-                f"{f'{ckpt_dir}/{last_saved}' if last_saved is not None else 'none'}. "
-                f"Try a lower --optim.lr (now {c.optim.lr}) or longer --optim.warmup_steps.")
-        if totals["first_step_s"] is None:
-            totals["first_step_s"] = now - t_start
-        meter.update(stats["real_tokens"], now)
-        totals["real"] += stats["real_tokens"]
-        totals["slots"] += stats["slots"]
-        first_loss = m["loss"] if first_loss is None else first_loss
-        last_loss = m["loss"]
-        recent_losses[:] = (recent_losses + [m["loss"]])[-20:]
-        tps = meter.recent
-        util = metrics_lib.mfu(flops, tps, peak, devices)
-        record = dict(step=s, loss=m["loss"], grad_norm=m["grad_norm"], lr=m.get("lr"),
-                      targets=int(m["targets"]), real_tokens=stats["real_tokens"],
-                      slots=stats["slots"], sequences=stats["sequences"],
-                      tokens_per_s=tps, mfu=util, time_s=now - t_start)
-        writer.write(record)
+                f"Last good checkpoint: {last_good}. "
+                f"Try a lower --optim.lr (now {self.p.config.optim.lr}) or longer --optim.warmup_steps.")
+        if self.first_step_s is None:
+            self.first_step_s = now - self.t_start
+        self.meter.update(stats["real_tokens"], now)
+        self.real_tokens += stats["real_tokens"]
+        self.slots += stats["slots"]
+        self.first_loss = m["loss"] if self.first_loss is None else self.first_loss
+        self.last_loss = m["loss"]
+        self.recent_losses = (self.recent_losses + [m["loss"]])[-20:]
+        tps = self.meter.recent
+        util = metrics_lib.mfu(self.flops, tps, self.peak, self.devices)
+        self.writer.write(dict(
+            step=s, loss=m["loss"], grad_norm=m["grad_norm"], lr=m.get("lr"),
+            targets=int(m["targets"]), real_tokens=stats["real_tokens"], slots=stats["slots"],
+            sequences=stats["sequences"], tokens_per_s=tps, mfu=util, time_s=now - self.t_start))
         eff = stats["real_tokens"] / stats["slots"]
-        progress.update(1, f"loss {m['loss']:.3f} | {metrics_lib.fmt_rate(tps)} tok/s | "
-                           f"MFU {metrics_lib.fmt_pct(util)} | pack {100 * eff:.0f}%")
-        if r.log_every and (s % r.log_every == 0 or s == start + 1):
-            progress.log(f"step {s:>6}/{r.steps}  loss {m['loss']:.4f}  grad_norm "
-                         f"{m['grad_norm']:.3f}  lr {m.get('lr', float('nan')):.2e}  "
-                         f"{metrics_lib.fmt_rate(tps)} tok/s  MFU {metrics_lib.fmt_pct(util)}  "
-                         f"packing {100 * eff:.1f}%")
+        self.progress.update(1, f"loss {m['loss']:.3f} | {metrics_lib.fmt_rate(tps)} tok/s | "
+                                f"MFU {metrics_lib.fmt_pct(util)} | pack {100 * eff:.0f}%")
+        if r.log_every and (s % r.log_every == 0 or s == self.start + 1):
+            self.progress.log(f"step {s:>6}/{r.steps}  loss {m['loss']:.4f}  grad_norm "
+                              f"{m['grad_norm']:.3f}  lr {m.get('lr', float('nan')):.2e}  "
+                              f"{metrics_lib.fmt_rate(tps)} tok/s  MFU {metrics_lib.fmt_pct(util)}  "
+                              f"packing {100 * eff:.1f}%")
 
-    pending = None
-    end_step = r.steps
-    stopped: NonFiniteLoss | None = None
-    try:
-        for s in range(start + 1, r.steps + 1):
-            batch = next(batcher)
-            arrays = sharding.put_batch(batch["arrays"], batch_sh)
-            state, m = compiled.train_step(state, arrays)
-            if pending is not None:
-                handle(pending)
-            pending = (s, m, batch["stats"])
-            out_of_time = bool(r.time_limit_s) and time.perf_counter() - t_start > r.time_limit_s
-            do_eval = bool(r.eval_every) and s % r.eval_every == 0
-            do_ckpt = ((bool(r.checkpoint_every) and s % r.checkpoint_every == 0) or s == r.steps
-                       or out_of_time)
-            if do_eval or do_ckpt:
-                handle(pending)
-                pending = None
-            if do_eval:
-                last_eval = evaluate(state.params)
-                writer.write(dict(step=s, eval_loss=last_eval))
-                progress.log(f"step {s:>6}/{r.steps}  eval loss {last_eval:.4f} (held out)"
-                             if last_eval is not None else f"step {s}: no held-out data")
-            if do_ckpt:
-                ckpt.save(s, state, {"data": batcher.state(), "step": s})
-                last_saved = s
-                progress.log(f"checkpoint step {s} -> {ckpt_dir}/{s}")
-            if out_of_time and s < r.steps:
-                progress.log(f"time limit: stopping after step {s} (--run.time_limit_s="
-                             f"{r.time_limit_s:g}); run again to resume")
-                end_step = s
-                break
-        if pending is not None:
-            handle(pending)
-    except NonFiniteLoss as e:
-        stopped = e
-    finally:
-        progress.close()
-        ckpt.close()  # waits for in-flight saves: they hold finite states
-        writer.close()
-    if stopped is not None:
-        raise stopped
+    def eval(self, s: int, loss: float | None) -> None:
+        self.writer.write(dict(step=s, eval_loss=loss))
+        self.progress.log(f"step {s:>6}/{self.run_config.steps}  eval loss {loss:.4f} (held out)"
+                          if loss is not None else f"step {s}: no held-out data")
 
-    wall = time.perf_counter() - t_start
-    if not (r.eval_every and end_step % r.eval_every == 0):
-        last_eval = evaluate(state.params)
-    records = metrics_lib.read_metrics(out / "metrics.jsonl") if is_main else []
-    train_records = [x for x in records if "loss" in x]
-    tps = meter.overall
-    summary = dict(
-        steps=end_step, planned_steps=r.steps, start_step=start,
-        loss_first=train_records[0]["loss"] if train_records else first_loss,
-        loss_last=last_loss,
-        loss_last20_mean=float(np.mean(recent_losses)) if recent_losses else None,
-        eval_loss=last_eval,
-        tokens_per_s=tps, tokens_per_s_per_device=tps / devices if tps else None,
-        mfu=metrics_lib.mfu(flops, tps, peak, devices),
-        packing_efficiency=totals["real"] / totals["slots"] if totals["slots"] else None,
-        real_tokens=totals["real"], wall_s=wall, first_step_s=totals["first_step_s"],
-        mode=d.mode, seq_len=d.seq_len, batch_rows=1 if d.mode == "single" else d.batch_size,
-        grad_accum=c.optim.grad_accum, preset=c.model.preset, num_params=p.model_config.num_params(),
-        flops_per_token=flops, compute_dtype=p.model_config.dtype, scan_impl=p.model_config.scan_impl,
-        device_kind=kind, num_devices=devices, backend=jax.default_backend(),
-        peak_flops_per_device=peak, jax_version=jax.__version__,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command=" ".join(sys.argv), out_dir=str(out),
-    )
-    if is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if r.plot:
-            why = metrics_lib.plot_loss(records, out / "loss.png",
-                                        f"{c.model.preset} {d.mode} seq {d.seq_len} — {p.corpus.description}")
-            if why:
-                log(f"no loss.png: {why}")
-    log(summary_line(summary))
-    return summary
+    def checkpoint(self, s: int) -> None:
+        self.last_saved = s
+        self.progress.log(f"checkpoint step {s} -> {self.checkpoint_dir}/{s}")
+
+    def time_limit(self, s: int) -> None:
+        self.progress.log(f"time limit: stopping after step {s} (--run.time_limit_s="
+                          f"{self.run_config.time_limit_s:g}); run again to resume")
+
+    def close(self) -> None:
+        self.progress.close()
+        self.writer.close()
+
+    def summary(self, end_step: int, eval_loss: float | None, wall: float) -> dict:
+        p, c, d = self.p, self.p.config, self.p.config.data
+        records = (metrics_lib.read_metrics(self.writer.path) if is_main_process() else [])
+        train_records = [x for x in records if "loss" in x]
+        tps = self.meter.overall
+        return dict(
+            steps=end_step, planned_steps=c.run.steps, start_step=self.start,
+            loss_first=train_records[0]["loss"] if train_records else self.first_loss,
+            loss_last=self.last_loss,
+            loss_last20_mean=float(np.mean(self.recent_losses)) if self.recent_losses else None,
+            eval_loss=eval_loss,
+            tokens_per_s=tps, tokens_per_s_per_device=tps / self.devices if tps else None,
+            mfu=metrics_lib.mfu(self.flops, tps, self.peak, self.devices),
+            packing_efficiency=self.real_tokens / self.slots if self.slots else None,
+            real_tokens=self.real_tokens, wall_s=wall, first_step_s=self.first_step_s,
+            mode=d.mode, seq_len=d.seq_len, batch_rows=1 if d.mode == "single" else d.batch_size,
+            grad_accum=c.optim.grad_accum, preset=c.model.preset,
+            num_params=p.model_config.num_params(), flops_per_token=self.flops,
+            compute_dtype=p.model_config.dtype, scan_impl=p.model_config.scan_impl,
+            device_kind=self.kind, num_devices=self.devices, backend=jax.default_backend(),
+            peak_flops_per_device=self.peak, jax_version=jax.__version__,
+            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            command=" ".join(sys.argv), out_dir=str(self.out),
+        )
+
+
+def write_summary(summary: dict, out: pathlib.Path, p: Prepared, log) -> None:
+    """summary.json and, with --run.plot, loss.png from metrics.jsonl."""
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if p.config.run.plot:
+        records = metrics_lib.read_metrics(out / "metrics.jsonl")
+        why = metrics_lib.plot_loss(records, out / "loss.png", f"{p.config.model.preset} "
+                                    f"{p.config.data.mode} seq {p.config.data.seq_len} — "
+                                    f"{p.corpus.description}")
+        if why:
+            log(f"no loss.png: {why}")
 
 
 def summary_line(s: dict) -> str:

@@ -24,7 +24,7 @@ ACTIVATIONS = (None, "silu")
 # kernels walk time serially inside a program, so they need many programs: on an H200 the 1.4b
 # packed step (8 x 2048 tokens, 2048 programs) took 528.2 ms with them against 538.1 ms with
 # XLA, but a 1.4b step on one 256-token sequence (32 programs) 49.3 ms against 42.7 ms
-# (benchmarks/results/, README). 4 programs per SM of an H200's 132.
+# (pallas_kernels/causal_conv1d/DESIGN.md). 4 programs per SM of an H200's 132.
 PALLAS_MIN_PROGRAMS = 4 * 132
 CONV_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 

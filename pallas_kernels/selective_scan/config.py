@@ -38,21 +38,21 @@ class ScanConfig:
         d_state <= 16, else "tree" is used) or "xor" ("shfl"'s butterfly without its selects,
         by keeping each lane's states in an order that depends on the lane: kernel_bwd.Lanes;
         needs also d_state a power of two and state_split 1, else "shfl" or "tree" is used;
-        forward+backward 11% faster than "shfl" at the 1.4b step's shape, NOTES.md run 8).
+        forward+backward 11% faster than "shfl" at the 1.4b step's shape, docs/log.md, run 8).
     prefetch: time loops load the next iteration's rows while computing this one.
     state_split: backward gradient kernel only: lanes over which each channel's d_state states
         are split (kernel_bwd.Lanes), so each thread carries 1/state_split of the per-state
         registers and more warps fit on an SM. Needs bwd_block_d = 32, one warp, reduce "shfl"
         (or "xor", which then means "shfl")
         and d_state a multiple of it and at most 16; otherwise 1 is used. 2 and 4 measured
-        slower than 1 at the 1.4b step's shape, with or without a register cap (NOTES.md run 5).
+        slower than 1 at the 1.4b step's shape, with or without a register cap (docs/log.md, run 5).
     grads_maxnreg: register cap of the backward gradient kernel (pallas_kernels/register_cap.py),
         None for ptxas's choice (255 at the defaults: 8 resident warps an SM).
     window_rows: backward gradient kernel only: load each window's delta and u rows with its dy
         and z rows, before the re-advance, and let the reverse steps reuse what the window's
-        advance computed from them, instead of loading them again (NOTES.md run 9: the kernel
+        advance computed from them, instead of loading them again (docs/log.md, run 9: the kernel
         waits on those loads). Off by default until timed on a GPU: ptxas gives it 348 B of
-        spills against the default's 144 (NOTES.md, "What is left" item 0).
+        spills against the default's 144 (DESIGN.md, "What is left" item 1).
     """
 
     block_d: int = 64

@@ -5,7 +5,7 @@ Axis letters: b batch, t time, d channels (d_inner), n state (d_state), c time c
 Layout inside a program: whole channels per thread (block_d / 32 of them on one warp). The
 state of the program is d_state separate (block_d,) vectors, one per n, rather than one
 (block_d, d_state) tile: Triton spreads a 2-D tile's n axis over lanes, which turned the
-per-step sum over n into shuffles (the probes in ANCHORS.md); separate vectors keep h[d, :] in
+per-step sum over n into shuffles (DESIGN.md); separate vectors keep h[d, :] in
 one thread's registers, so y = sum_n C_n h_n is d_state FMAs and B_t, C_t are uniform scalar
 loads. Everything (b, t)-indexed is walked one
 time step at a time with coalesced (block_d,) row loads.
