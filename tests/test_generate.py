@@ -284,3 +284,18 @@ def test_streaming_yields_growing_prefixes_of_the_unstreamed_result(prepared, mo
         np.testing.assert_array_equal(tokens, whole[:, : tokens.shape[1]])
     assert seen == [1, 4, 7, 10, 11]
     np.testing.assert_array_equal(counts, count)
+
+
+def test_command_line_streams_one_prompt_with_the_sampling_flags(tmp_path, capsys):
+    config = jp.MambaConfig.preset("tiny", d_model=32)
+    jp.save_pretrained(jp.MambaLM(config, rngs=nnx.Rngs(0)), tmp_path)
+    common = ["--checkpoint", str(tmp_path), "--prompt", "Hi", "--max-new-tokens", "7",
+              "--temperature", "0.8", "--top-p", "0.9", "--min-p", "0.01",
+              "--repetition-penalty", "1.3", "--seed", "5", "--decode-impl", "xla"]
+    assert main(common + ["--stream-block", "2"]) == 0
+    streamed = capsys.readouterr()
+    assert main(common + ["--stream-block", "0"]) == 0
+    whole = capsys.readouterr()
+    assert streamed.out.startswith("--- 'Hi'\nHi")
+    assert streamed.out == whole.out  # the same text, streamed in blocks or not
+    assert "7 tokens in" in streamed.err and "time to first token" in streamed.err
