@@ -7,69 +7,75 @@ recurrent steps), their total, and the device's peak memory. Weights are random 
 depend on them); compute in --dtype (bfloat16) with the residual stream, norms and scan state in
 float32, as in training.
 
-    python benchmarks/bench_generate.py benchmarks/results/generate_h200      # GPU, 2.8b
-    python benchmarks/bench_generate.py /tmp/out --preset tiny --max-batch 4 \
-        --prompt-len 32 --new-tokens 16                                       # CPU smoke test
+    PYTHONPATH=. python3 benchmarks/bench_generate.py                    # GPU, 2.8b
+    PYTHONPATH=. python3 benchmarks/bench_generate.py --smoke --out DIR  # CPU check, seconds
 
-Writes OUT/generate.json (device, jax version, date, shapes, per batch size the medians and
-every repeat) and OUT/generate.png.
+Writes --out/generate_<slug>.json (default benchmarks/results/; --smoke: generate_<slug>_smoke.*:
+the harness header, shapes, per batch size the medians and every repeat) and the plot beside it
+(.png); a result there from another commit moves to history/ first.
 
 Method: random weights are made on the device layer by layer directly in the inference layout
 (layers stacked, projection weights in --dtype; see `jax_packmamba.generate.prepare`), so the
 float32 training copy never exists whole in device memory (the JSON records the peak after
-initialisation too). Batch sizes run in increasing order in one process; `peak_bytes_in_use` is a high-water mark over the process, and since every buffer grows
-with the batch, the peak read after a batch size's runs is that batch size's peak (the JSON also
-records bytes in use before each batch size). Each batch size is compiled and run once
-(reported as first_call_s), then timed --repeats times with block_until_ready; medians are
-reported. A batch size is skipped when the time left in --time-budget cannot cover it
-(estimated from the previous one), so the run ends in bounded time.
+initialisation too). Batch sizes run in increasing order in one process; `peak_bytes_in_use` is
+a high-water mark over the process, and since every buffer grows with the batch, the peak read
+after a batch size's runs is that batch size's peak (the JSON also records bytes in use before
+each batch size). Each batch size is compiled and run once (reported as first_call_s), then the
+prefill and the decode (on the prefill's output) are each timed --repeats times with
+harness.time_calls (groups of one call, blocking after each: a generation is one call, not a
+stream of them); medians are reported. A batch size is skipped when the time left in
+--time-budget cannot cover it (estimated from the previous one), so the run ends in bounded
+time. --smoke: the tiny preset, batches 1 and 2, prompt 32, 16 new tokens, one repeat.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
 import functools
-import json
+import importlib
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import harness
+from jax_packmamba import MambaBlock, MambaConfig, MambaLM
 
-from jax_packmamba import MambaBlock, MambaConfig, MambaLM  # noqa: E402
-from jax_packmamba import generation as gen  # noqa: E402
+# The module (the package re-exports its generate function under the same name).
+gen = importlib.import_module("jax_packmamba.generate")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", type=Path, help="output directory")
-    p.add_argument("--preset", default="2.8b")
+    p = harness.argument_parser(__doc__)
+    p.add_argument("--preset", default=None, help="default 2.8b (smoke: tiny)")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype")
     p.add_argument("--scan-impl", default="auto",
                    help="selective scan for the prefill (auto: the Pallas kernel on GPU)")
-    p.add_argument("--prompt-len", type=int, default=1024)
-    p.add_argument("--new-tokens", type=int, default=1024)
-    p.add_argument("--max-batch", type=int, default=128, help="batch sizes 1, 2, 4, ... up to this")
+    p.add_argument("--prompt-len", type=int, default=None, help="default 1024 (smoke 32)")
+    p.add_argument("--new-tokens", type=int, default=None, help="default 1024 (smoke 16)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="batch sizes 1, 2, 4, ... up to this (default 128; smoke 2)")
     p.add_argument("--batches", help="comma-separated batch sizes instead (e.g. 64,128)")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per batch size (after one untimed)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed runs per batch size, after one untimed (default 2; smoke 1)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--time-budget", type=float, default=440.0,
                    help="seconds; batch sizes that would not fit are skipped")
-    return p.parse_args(argv)
-
-
-def device_memory(device):
-    stats = device.memory_stats() or {}
-    return stats.get("peak_bytes_in_use"), stats.get("bytes_in_use")
+    args = p.parse_args(argv)
+    smoke = args.smoke
+    for name, full, small in (("preset", "2.8b", "tiny"), ("prompt_len", 1024, 32),
+                              ("new_tokens", 1024, 16), ("max_batch", 128, 2),
+                              ("repeats", 2, 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, small if smoke else full)
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
+    return args
 
 
 def build_model(config, device):
@@ -103,29 +109,35 @@ def build_model(config, device):
 
 
 def time_batch(prepared, prompts, args):
-    """(first call seconds, list of (prefill, decode) seconds)."""
+    """(first call seconds, prefill Timing, decode Timing)."""
     sampling = dict(temperature=args.temperature, seed=0)
 
-    def run():
-        start = time.perf_counter()
-        logits, state = gen.prefill(prepared, prompts)
-        jax.block_until_ready((logits, state))
-        mid = time.perf_counter()
-        tokens, count = gen.decode(prepared, logits, state, args.new_tokens, **sampling)
-        jax.block_until_ready((tokens, count))
-        end = time.perf_counter()
-        assert int(np.min(count)) == args.new_tokens, np.asarray(count)
-        return mid - start, end - mid
+    def prefill(prompts):
+        return gen.prefill(prepared, prompts)
 
-    first = sum(run())
-    return first, [run() for _ in range(args.repeats)]
+    def decode(logits, state):
+        return gen.decode(prepared, logits, state, args.new_tokens, **sampling)
+
+    start = time.perf_counter()
+    logits, state = prefill(prompts)
+    jax.block_until_ready(decode(logits, state))
+    first = time.perf_counter() - start
+    timing = dict(warmup=0, groups=args.repeats, per_group=1)
+    prefill_t = harness.time_calls(prefill, [(prompts,)], **timing)
+    decode_t = harness.time_calls(decode, [(logits, state)], keep_outputs=True, **timing)
+    for _, count in decode_t.outputs:
+        assert int(np.min(count)) == args.new_tokens, np.asarray(count)
+    return first, prefill_t, decode_t
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
     wall = time.perf_counter()
     device = jax.devices()[0]
+    new = harness.new_result("generate", script=__file__, argv=argv, out_dir=args.out,
+                             smoke=args.smoke, companions=[".png"], device=device)
+    out, (png,) = new.path, new.companions
     scan_impl = args.scan_impl
     if scan_impl == "auto" and device.platform == "gpu":
         try:
@@ -139,7 +151,7 @@ def main(argv=None):
     prepared = build_model(config, device)
     jax.block_until_ready(prepared)
     init_s = time.perf_counter() - start
-    init_peak, weights_bytes = device_memory(device)
+    init_peak, weights_bytes = harness.device_memory(device)
     print(f"{args.preset} on {device.device_kind}: init {init_s:.1f} s, weights in use "
           f"{(weights_bytes or 0) / 2**30:.2f} GiB", file=sys.stderr)
 
@@ -157,13 +169,13 @@ def main(argv=None):
             if elapsed + estimate > args.time_budget:
                 skipped.append(batch)
                 continue
-        _, in_use_before = device_memory(device)
+        _, in_use_before = harness.device_memory(device)
         prompts = [rng.integers(0, config.vocab_size, args.prompt_len).astype(np.int32) for _ in range(batch)]
-        first, runs = time_batch(prepared, prompts, args)
-        peak, _ = device_memory(device)
-        prefill = [r[0] for r in runs]
-        decode = [r[1] for r in runs]
-        total = [a + b for a, b in runs]
+        first, prefill_t, decode_t = time_batch(prepared, prompts, args)
+        peak, _ = harness.device_memory(device)
+        prefill = prefill_t.group_s
+        decode = decode_t.group_s
+        total = [a + b for a, b in zip(prefill, decode)]
         row = dict(
             batch=batch,
             prefill_s_median=statistics.median(prefill),
@@ -190,10 +202,10 @@ def main(argv=None):
               f"{first:.1f} s", file=sys.stderr)
 
     report = dict(
+        **new.header,
         benchmark="generate: packed prefill + recurrent decode",
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        device=str(device), device_kind=device.device_kind, platform=device.platform,
-        jax_version=jax.__version__, jaxlib_version=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+        device_kind=device.device_kind, platform=device.platform,
+        jaxlib_version=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
         python=platform.python_version(),
         preset=args.preset, config=dataclasses.asdict(config),
         num_params=config.num_params(),
@@ -208,10 +220,10 @@ def main(argv=None):
         results=results, skipped_batches=skipped,
         wall_s=time.perf_counter() - wall,
     )
-    (args.out / "generate.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, args.out / "generate.png")
-    print(f"wrote {args.out / 'generate.json'} and generate.png in {report['wall_s']:.0f} s", file=sys.stderr)
-    return report
+    harness.write_json(out, report)
+    plot(report, png)
+    print(f"wrote {out} and {png.name} in {report['wall_s']:.0f} s", file=sys.stderr)
+    return 0
 
 
 def plot(report, path):
@@ -258,4 +270,4 @@ def plot(report, path):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,28 +2,30 @@
 
     PYTHONPATH=. python3 benchmarks/bench_scan.py [--out DIR] [--shapes 0,1] [--segs seg64]
         [--variants chunk:block_d:bwd_block_d:window:ckpt:reduce[:unroll[:prefetch]],...]
-        [--profile CONFIGS] [--no-check] [--no-ref] [--cpu-smoke]
+        [--profile CONFIGS] [--no-check] [--no-ref] [--anchor DIR] [--smoke]
 
 1. Correctness: forward and gradients (random cotangent) of the Pallas kernels against the
    float64 reference on odd shapes (ragged length, d_inner not a multiple of the block,
    segments of length 1, final states), bf16 and f32. Prints BAD, but timing still runs.
-2. Timing: forward and forward+backward on the four ANCHORS.md shapes (bf16 u/delta/z/B/C, f32
+2. Timing: forward and forward+backward on the four anchor shapes (bf16 u/delta/z/B/C, f32
    A/D/delta_bias, softplus, z and D on), without segments and with 64 random-length segments
-   a row; plus the XLA reference. Median of 7 groups of 5 back-to-back calls after warm-up,
-   inputs rotated between two sets (each larger than the 50-60 MB L2).
+   a row; plus the XLA reference. harness.time_calls: median of 7 groups of 5 back-to-back calls
+   after warm-up, the inputs rotated between sets (harness.rotation_count: at least two, and
+   together at least twice the L2, so no call finds its inputs in the L2).
 3. --profile: each kernel and XLA piece of forward+backward timed alone.
-4. Prints a table last, writes scan_<kind>.json to --out and to benchmarks/results/ after
-   every timing (a run cut off at its time limit keeps what it measured).
+4. Prints a table last; writes --out/scan_<slug>.json (default benchmarks/results/) after every
+   timing, so a run cut off at its time limit keeps what it measured.
+5. --anchor DIR: runs DIR/scan.py (the mamba_ssm side; harness.run_anchor: DIR/scan.py --out
+   FILE --shapes b:l:d:n,..., with --anchor-pythonpath as its PYTHONPATH) in the same call, its
+   JSON under "anchor".
+On CPU the kernels run through the Pallas interpreter; --smoke: one tiny shape without segments
+(the check has some), a kernel config with nothing unrolled, one check, one call per timing.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
 import json
-import os
-import statistics
 import sys
 import time
 import traceback
@@ -32,43 +34,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_packmamba.ops.selective_scan import selective_scan, selective_scan_reference
+from benchmarks import harness, workloads
+from jax_packmamba.ops.selective_scan import selective_scan_reference
 from pallas_kernels.selective_scan import ScanConfig, pick_config, selective_scan_pallas
 
-# mamba_ssm 2.3.2 on one H200 (ANCHORS.md): (batch, length, d_inner, d_state) -> (fwd, bwd) ms.
+# mamba_ssm 2.3.2's anchor runs on one H200: (batch, length, d_inner, d_state) -> (fwd, bwd) ms.
 ANCHORS = {
     (1, 8192, 4096, 16): (0.736, 2.745),
     (8, 2048, 2048, 16): (0.595, 2.329),
     (1, 2048, 4096, 16): (0.161, 0.697),
     (4, 2048, 1536, 16): (0.236, 0.934),
 }
+SMOKE_SHAPE = (1, 32, 32, 4)
+SMOKE_OVERRIDES = workloads.SMOKE_SCAN_OVERRIDES
 NUM_SEGMENTS = 64
-INTERPRET = False  # --cpu-smoke: run this script's code paths on CPU through the interpreter
 
 
-def make_inputs(key, batch, length, d_inner, d_state, dtype, num_segments=None):
-    ks = jax.random.split(key, 9)
-    f32 = jnp.float32
-    args = dict(
-        u=jax.random.normal(ks[0], (batch, length, d_inner), f32).astype(dtype),
-        delta=(0.5 * jax.random.normal(ks[1], (batch, length, d_inner), f32) - 2.0).astype(dtype),
-        A=-jnp.exp(0.5 * jax.random.normal(ks[2], (d_inner, d_state), f32)),
-        B=jax.random.normal(ks[3], (batch, length, d_state), f32).astype(dtype),
-        C=jax.random.normal(ks[4], (batch, length, d_state), f32).astype(dtype),
-        D=jax.random.normal(ks[5], (d_inner,), f32),
-        z=jax.random.normal(ks[6], (batch, length, d_inner), f32).astype(dtype),
-        delta_bias=0.3 * jax.random.normal(ks[7], (d_inner,), f32),
-    )
-    seg = None
-    if num_segments:
-        # num_segments runs of random lengths (at least 1) per row, ids 0..num_segments-1.
-        rng = np.random.default_rng(int(jax.random.randint(ks[8], (), 0, 2**30)))
-        seg = np.zeros((batch, length), np.int32)
-        for b in range(batch):
-            cuts = np.sort(rng.choice(np.arange(1, length), num_segments - 1, replace=False))
-            seg[b] = np.searchsorted(cuts, np.arange(length), side="right")
-        seg = jnp.asarray(seg)
-    return args, seg
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """How this invocation runs: interpret (Pallas interpreter, CPU) and the timing loop."""
+
+    interpret: bool = False
+    groups: int = 7
+    per_group: int = 5
+    backend: str = "gpu"
 
 
 def rel(a, b):
@@ -77,10 +66,10 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def check(shape, dtype, seg_mode, key, config=None):
+def check(shape, dtype, seg_mode, key, config=None, *, run: Run):
     batch, length, d_inner, d_state = shape
     nseg = {"none": None, "random": 5, "ones": length}[seg_mode]
-    args, seg = make_inputs(key, batch, length, d_inner, d_state, dtype, nseg)
+    args, seg = workloads.scan_inputs(key, batch, length, d_inner, d_state, dtype, nseg)
     if seg_mode == "ones":
         seg = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     kw = dict(delta_softplus=True, segment_ids=seg, return_final_states=True,
@@ -88,7 +77,7 @@ def check(shape, dtype, seg_mode, key, config=None):
     names = list(args)
 
     def pallas(*a):
-        return selective_scan_pallas(*a, config=config, interpret=INTERPRET, **kw)
+        return selective_scan_pallas(*a, config=config, interpret=run.interpret, **kw)
 
     out, vjp = jax.vjp(jax.jit(pallas), *args.values())
     cts = jax.tree.map(
@@ -111,78 +100,73 @@ def check(shape, dtype, seg_mode, key, config=None):
     return ok, errs
 
 
-def bench(fn, arg_sets, *, groups=7, per_group=5):
-    if INTERPRET:
-        groups = per_group = 1
-    """Median ms per call over `groups` groups of `per_group` back-to-back calls."""
-    out = fn(*arg_sets[0])
-    jax.block_until_ready(out)
-    for a in arg_sets:  # warm both sets
-        jax.block_until_ready(fn(*a))
-    times = []
-    for _ in range(groups):
-        t = time.perf_counter()
-        for i in range(per_group):
-            out = fn(*arg_sets[i % len(arg_sets)])
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t) / per_group * 1e3)
-    return statistics.median(times), min(times), max(times)
+def bench(fn, arg_sets, run: Run, *, warmup=1):
+    """(median, min, max) ms per call (harness.time_calls, rotating over arg_sets)."""
+    t = harness.time_calls(fn, arg_sets, warmup=warmup, groups=run.groups,
+                           per_group=run.per_group)
+    return 1e3 * t.median_s, 1e3 * t.min_s, 1e3 * t.max_s
 
 
-def scan_fn(impl, kw, config=None):
+def scan_fn(impl, kw, config=None, *, interpret=False):
     def f(*a):
         if impl == "pallas":
-            return selective_scan_pallas(*a, config=config, interpret=INTERPRET, **kw)
+            return selective_scan_pallas(*a, config=config, interpret=interpret, **kw)
         return selective_scan_reference(*a, **kw)
     return f
 
 
-def time_case(shape, seg_mode, impl, config=None, key=None):
+def time_case(shape, seg_mode, impl, config=None, key=None, *, run: Run):
     batch, length, d_inner, d_state = shape
-    sets = []
-    cts = []
-    for i in range(2):
-        args, seg = make_inputs(jax.random.fold_in(key, i), *shape, jnp.bfloat16,
-                                NUM_SEGMENTS if seg_mode == "seg64" else None)
-        sets.append((tuple(args.values()), seg))
-        cts.append(jax.random.normal(jax.random.fold_in(key, 10 + i), (batch, length, d_inner),
-                                     jnp.float32).astype(jnp.bfloat16))
+    nseg = NUM_SEGMENTS if seg_mode == "seg64" else None
+
+    def input_set(i):
+        args, seg = workloads.scan_inputs(jax.random.fold_in(key, i), *shape, jnp.bfloat16, nseg)
+        ct = jax.random.normal(jax.random.fold_in(key, 10 + i), (batch, length, d_inner),
+                               jnp.float32).astype(jnp.bfloat16)
+        return tuple(args.values()), seg, ct
+
+    first = input_set(0)
+    n_sets = harness.rotation_count(harness.tree_bytes(first), backend=run.backend)
+    sets = [first] + [input_set(i) for i in range(1, n_sets)]
     kw = dict(delta_softplus=True)
 
     def fwd(args, seg):
-        return scan_fn(impl, dict(kw, segment_ids=seg), config)(*args)
+        return scan_fn(impl, dict(kw, segment_ids=seg), config, interpret=run.interpret)(*args)
 
     def fwd_bwd(args, seg, ct):
-        y, vjp = jax.vjp(lambda *a: scan_fn(impl, dict(kw, segment_ids=seg), config)(*a), *args)
+        y, vjp = jax.vjp(lambda *a: scan_fn(impl, dict(kw, segment_ids=seg), config,
+                                            interpret=run.interpret)(*a), *args)
         return vjp(ct)
 
     f1 = jax.jit(fwd)
     f2 = jax.jit(fwd_bwd)
     t0 = time.perf_counter()
-    jax.block_until_ready(f1(*sets[0]))
+    jax.block_until_ready(f1(*sets[0][:2]))
     c1 = time.perf_counter() - t0
-    fwd_ms = bench(f1, sets)
+    # Warm-up: each set once (the compile call above ran the first).
+    fwd_ms = bench(f1, [s[:2] for s in sets], run, warmup=len(sets))
     t0 = time.perf_counter()
-    jax.block_until_ready(f2(*sets[0], cts[0]))
+    jax.block_until_ready(f2(*sets[0]))
     c2 = time.perf_counter() - t0
-    fb_ms = bench(f2, [(a, s, c) for (a, s), c in zip(sets, cts)])
+    fb_ms = bench(f2, sets, run, warmup=len(sets))
     return dict(fwd_ms=fwd_ms[0], fwd_range=fwd_ms[1:], fwd_bwd_ms=fb_ms[0],
-                fwd_bwd_range=fb_ms[1:], compile_s=[round(c1, 2), round(c2, 2)])
+                fwd_bwd_range=fb_ms[1:], compile_s=[round(c1, 2), round(c2, 2)],
+                input_sets=len(sets))
 
 
-def profile(shape, cfg, key):
-    """Median ms of each piece of forward+backward (64 segments a row), run one at a time."""
-    import dataclasses as dc
+def profile(shape, cfg, key, *, run: Run):
+    """Median ms of each piece of forward+backward (64 segments a row), run one at a time on
+    one input set (not rotated)."""
     from pallas_kernels.selective_scan import kernel as K, kernel_bwd as KB, vjp as V
 
-    args, seg = make_inputs(key, *shape, jnp.bfloat16, NUM_SEGMENTS)
+    args, seg = workloads.scan_inputs(key, *shape, jnp.bfloat16, NUM_SEGMENTS)
     u, delta, A, B, C, D, z, bias = args.values()
-    plan, rst, _ = V.prepare(u, A, z, D, bias, interpret=INTERPRET, delta_softplus=True,
+    plan, rst, _ = V.prepare(u, A, z, D, bias, interpret=run.interpret, delta_softplus=True,
                              segment_ids=seg, return_final_states=False, num_segments=None,
                              config=cfg)
     st, cfg = plan.st, plan.cfg
-    stb = dc.replace(st, block_d=cfg.bwd_block_d)
-    launch = dict(batch=shape[0], num_warps=cfg.num_warps, interpret=INTERPRET)
+    stb = dataclasses.replace(st, block_d=cfg.bwd_block_d)
+    launch = dict(batch=shape[0], num_warps=cfg.num_warps, interpret=run.interpret)
     a2 = V._a2(A)
     dy = jax.random.normal(key, u.shape, jnp.float32).astype(u.dtype)
     res = {}
@@ -213,7 +197,7 @@ def profile(shape, cfg, key):
     def timed(name, fn, *a):
         f = jax.jit(fn)
         out = f(*a)
-        res[name] = bench(f, [a])[0]
+        res[name] = bench(f, [a], run)[0]
         return out
 
     h_loc, decay = timed("fwd_chunk_states", states, u, delta, a2, bias, B, rst)
@@ -225,37 +209,44 @@ def profile(shape, cfg, key):
     return res
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", default=os.environ.get("OUT", "."))
+def parse_args(argv):
+    p = harness.argument_parser(__doc__)
     p.add_argument("--quick", action="store_true", help="one shape, no reference timing")
-    p.add_argument("--variants", default="", help="extra configs: chunk:block_d:num_warps,...")
+    p.add_argument("--variants", default="",
+                   help="extra configs: chunk:block_d:bwd_block_d:window:ckpt:reduce[:unroll"
+                        "[:prefetch]] or field=value:field=value, comma-separated")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--no-ref", action="store_true")
     p.add_argument("--no-default", action="store_true", help="time only --variants")
-    p.add_argument("--segs", default="noseg,seg64")
+    p.add_argument("--segs", default=None, help="default noseg,seg64 (smoke: noseg)")
     p.add_argument("--new-checks", action="store_true", help="check only the non-default configs")
-    p.add_argument("--cpu-smoke", action="store_true")
     p.add_argument("--profile", default="", help="configs to profile piece by piece, as --variants")
     p.add_argument("--shapes", default="",
                    help="indices into ANCHORS to time, or b:l:d:n shapes, e.g. 0,8:2048:4096:16")
-    args = p.parse_args()
-    global INTERPRET, ANCHORS
-    if args.cpu_smoke:
-        INTERPRET = True
-        ANCHORS = {(1, 100, 40, 4): (1.0, 1.0)}
-    dev = jax.devices()[0]
-    print(f"device={dev.device_kind} platform={dev.platform} jax={jax.__version__}", flush=True)
-    result = dict(
-        device=dev.device_kind, jax=jax.__version__,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command="PYTHONPATH=. python3 benchmarks/bench_scan.py " + " ".join(sys.argv[1:]),
-        anchors_ms={str(k): v for k, v in ANCHORS.items()}, checks=[], timings=[],
-    )
+    harness.add_anchor_args(p)
+    args = p.parse_args(argv)
+    if args.anchor is not None and not (args.anchor / "scan.py").is_file():
+        p.error(f"--anchor {args.anchor}: no scan.py there")
+    return args
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    new = harness.new_result("scan", script=__file__, argv=argv, out_dir=args.out,
+                             smoke=args.smoke)
+    info, out = new.info, new.path
+    run = Run(interpret=info.backend == "cpu", groups=1 if args.smoke else 7,
+              per_group=1 if args.smoke else 5, backend=info.backend)
+    anchors = {SMOKE_SHAPE: (1.0, 1.0)} if args.smoke else ANCHORS
+    print(f"device={info.kind} backend={info.backend} jax={jax.__version__}", flush=True)
+    result = dict(**new.header, anchors_ms={str(k): v for k, v in anchors.items()}, checks=[],
+                  timings=[])
     key = jax.random.PRNGKey(0)
 
     if not args.no_check:
-        cases = [((1, 50, 40, 4), jnp.float32, "random", None)] if args.cpu_smoke else [
+        smoke_cfg = dataclasses.replace(pick_config(1, 24, 32, 4), **SMOKE_OVERRIDES)
+        cases = [((1, 24, 32, 4), jnp.float32, "random", smoke_cfg)] if args.smoke else [
             ((2, 1000, 80, 16), jnp.float32, "random", None),
             ((2, 1000, 80, 16), jnp.bfloat16, "random", None),
             ((1, 777, 64, 16), jnp.float32, "ones", None),
@@ -274,7 +265,7 @@ def main():
         cases = new if args.new_checks else cases
         for i, (shape, dtype, seg_mode, cfg) in enumerate(cases):
             try:
-                ok, errs = check(shape, dtype, seg_mode, jax.random.fold_in(key, i), cfg)
+                ok, errs = check(shape, dtype, seg_mode, jax.random.fold_in(key, i), cfg, run=run)
             except Exception as e:  # keep going: the timing part is still worth its device time
                 traceback.print_exc()
                 ok, errs = False, {"error": repr(e)[:300]}
@@ -284,52 +275,60 @@ def main():
             result["checks"].append(dict(shape=shape, dtype=jnp.dtype(dtype).name, seg=seg_mode,
                                          ok=ok, errs=errs))
 
-    shapes = list(ANCHORS)[:1] if args.quick else list(ANCHORS)
+    shapes = list(anchors)[:1] if args.quick else list(anchors)
     if args.shapes:
-        shapes = [list(ANCHORS)[int(i)] if ":" not in i else tuple(map(int, i.split(":")))
+        shapes = [list(anchors)[int(i)] if ":" not in i else workloads.parse_shape(i)
                   for i in args.shapes.split(",")]
     for v in filter(None, args.profile.split(",")):
         cfg = _resolve(_parse_cfg(v), shapes[0])
         try:
-            r = profile(shapes[0], cfg, jax.random.fold_in(key, 200))
+            r = profile(shapes[0], cfg, jax.random.fold_in(key, 200), run=run)
         except Exception as e:
             traceback.print_exc()
             r = dict(error=repr(e)[:300])
         print("PROFILE", shapes[0], v, json.dumps(r), flush=True)
         result.setdefault("profiles", []).append(dict(shape=shapes[0], config=v, ms=r))
-    variants = [] if args.no_default else [None]
+    segs = (args.segs or ("noseg" if args.smoke else "noseg,seg64")).split(",")
+    variants = [] if args.no_default else [SMOKE_OVERRIDES if args.smoke else None]
     variants += [_parse_cfg(v) for v in filter(None, args.variants.split(","))]
     for shape in shapes:
-        for seg_mode in args.segs.split(","):
+        for seg_mode in segs:
             for variant in variants:
                 cfg = _resolve(variant, shape)
                 name = "pallas" if cfg is None else "pallas[" + _cfg_str(cfg) + "]"
                 used = cfg or pick_config(*shape)
                 try:
-                    r = time_case(shape, seg_mode, "pallas", cfg, jax.random.fold_in(key, 100))
+                    r = time_case(shape, seg_mode, "pallas", cfg, jax.random.fold_in(key, 100),
+                                  run=run)
                 except Exception as e:
                     traceback.print_exc()
                     r = dict(error=repr(e)[:300])
                 r.update(shape=shape, seg=seg_mode, impl=name, config=dataclasses.asdict(used))
-                if "fwd_bwd_ms" in r and shape in ANCHORS:
-                    f, b = ANCHORS[shape]
+                if "fwd_bwd_ms" in r and shape in anchors:
+                    f, b = anchors[shape]
                     r["ratio_fwd_vs_mamba"] = r["fwd_ms"] / f
                     r["ratio_fwd_bwd_vs_mamba"] = r["fwd_bwd_ms"] / (f + b)
                 print("TIME", json.dumps(r), flush=True)
                 result["timings"].append(r)
-                _write(result, args.out, dev)
+                harness.write_json(out, result)
             if not args.no_ref and not args.quick and seg_mode == "noseg":
                 try:
-                    r = time_case(shape, seg_mode, "reference", None, jax.random.fold_in(key, 100))
+                    r = time_case(shape, seg_mode, "reference", None, jax.random.fold_in(key, 100),
+                                  run=run)
                 except Exception as e:
                     r = dict(error=repr(e)[:300])
                 r.update(shape=shape, seg=seg_mode, impl="xla_reference")
                 print("TIME", json.dumps(r), flush=True)
                 result["timings"].append(r)
 
-    _write(result, args.out, dev)
+    if args.anchor is not None:
+        result["anchor"] = harness.run_anchor(
+            args.anchor / "scan.py", pythonpath=args.anchor_pythonpath,
+            args=["--shapes", ",".join(":".join(map(str, s)) for s in shapes)])
+        print(f"anchor: {result['anchor']['status']}", flush=True)
+    harness.write_json(out, result)
 
-    print(f"\n{dev.device_kind}, jax {jax.__version__}, {result['date']}")
+    print(f"\n{info.kind}, jax {jax.__version__}, {result['date']}")
     print(f"{'shape (b,l,d,n)':>22} {'seg':>6} {'impl':>22} {'fwd ms':>8} {'f+b ms':>8} "
           f"{'fwd/mamba':>9} {'f+b/mamba':>9} {'compile s':>10}")
     for r in result["timings"]:
@@ -342,6 +341,8 @@ def main():
               f"{r.get('ratio_fwd_bwd_vs_mamba', float('nan')):9.2f} {str(r['compile_s']):>10}")
     for c in result["checks"]:
         print("check", "ok " if c["ok"] else "BAD", c["shape"], c["dtype"], c["seg"])
+    print(f"wrote {out}")
+    return 0
 
 
 def _parse_cfg(v):
@@ -349,7 +350,7 @@ def _parse_cfg(v):
     joined by ":" (e.g. state_split=2:window=8), which override the heuristic's config of each
     timed shape and come back as a dict."""
     if "=" in v:
-        return {k: _field(k, x) for k, x in (kv.split("=") for kv in v.split(":"))}
+        return workloads.scan_config_overrides(v.split(":"))
     f = v.split(":")
     kw = dict(chunk=int(f[0]), block_d=int(f[1]), bwd_block_d=int(f[2]), window=int(f[3]),
               ckpt=int(f[4]), reduce=f[5])
@@ -358,13 +359,6 @@ def _parse_cfg(v):
     if len(f) > 7:
         kw["prefetch"] = bool(int(f[7]))
     return ScanConfig(**kw)
-
-
-def _field(name, text):
-    default = getattr(ScanConfig(), name)
-    if default is None:  # optional ints (grads_maxnreg)
-        return None if text == "none" else int(text)
-    return bool(int(text)) if isinstance(default, bool) else type(default)(text)
 
 
 def _resolve(cfg, shape):
@@ -380,22 +374,5 @@ def _cfg_str(c):
             + (f":maxnreg{c.grads_maxnreg}" if c.grads_maxnreg else ""))
 
 
-def _write(result, out_dir, dev):
-    # Rewritten after every timing, so a run cut off at its time limit still leaves its numbers.
-    text = json.dumps(result, indent=1, default=str)
-    for path in (os.path.join(out_dir, f"scan_{_kind(dev)}.json"),
-                 os.path.join(os.path.dirname(__file__), "results", f"scan_{_kind(dev)}.json")):
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w") as f:
-                f.write(text)
-        except OSError as e:
-            print("could not write", path, e)
-
-
-def _kind(dev):
-    return "nvidia-h200" if "H200" in dev.device_kind else dev.device_kind.lower().replace(" ", "-")
-
-
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

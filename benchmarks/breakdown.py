@@ -3,17 +3,18 @@
     PYTHONPATH=. python3 benchmarks/breakdown.py                         # 1.4b packed, ~6-8 min
     PYTHONPATH=. python3 benchmarks/breakdown.py --variants step,grad,fwd,opt,matmul
     PYTHONPATH=. python3 benchmarks/breakdown.py --variants grad_noscan,fwd_noscan,grad_noconv,grad_nonorm
-    PYTHONPATH=. python3 benchmarks/breakdown.py --trace /tmp/trace      # also a profiler trace
-    PYTHONPATH=. python3 benchmarks/breakdown.py --tiny --out /tmp/b.json   # CPU check
+    PYTHONPATH=. python3 benchmarks/breakdown.py --trace DIR              # also a profiler trace
+    PYTHONPATH=. python3 benchmarks/breakdown.py --smoke --out DIR        # CPU check, seconds
     # A/B of one choice on the full step (~1.5 min each; results keyed by the choice):
     PYTHONPATH=. python3 benchmarks/breakdown.py --variants step --scan-config window=2,unroll=2
     PYTHONPATH=. python3 benchmarks/breakdown.py --variants step --conv-impl pallas
 
-Method. The model is bench_train.py's (released vocabulary, bf16 compute, float32 params, AdamW,
-train/step.py) on one packed batch of the "instruct" workload (step time does not depend on the
-documents: the kernels' work is fixed by the shape). Each variant below is compiled ahead of time
-and timed as the median of --steps calls after --warmup (perf_counter around the call and
-block_until_ready):
+Method. The model is bench_train.py's (benchmarks/workloads.py: released vocabulary, bf16
+compute, float32 params, AdamW, train/step.py) on one packed batch of the "instruct" workload
+(step time does not depend on the documents: the kernels' work is fixed by the shape). Each
+variant below is compiled ahead of time and timed as the median of --steps calls after --warmup
+(harness.time_calls with groups of one call: blocking after every call, since the variants are
+compared with each other, not with the trainer's overlapped dispatch):
   step         the full train step (train/step.py: forward, backward, clip, AdamW)
   grad         loss and gradients only (value_and_grad of train.step.token_losses)
   fwd          the loss only (forward pass)
@@ -51,37 +52,30 @@ transposes), so XLA fusions read as "causal_conv1d.py:33 causal_conv1d bwd" inst
 
 Time budget: --time-budget seconds (default 540); a variant whose compile (predicted from the
 last one) does not fit is skipped and recorded so; run the rest with --variants in another call.
-Results merge into --out (default benchmarks/results/breakdown_<kind>.json, key preset/mode).
+Results merge into --out/breakdown_<slug>.json (default benchmarks/results/; --smoke:
+breakdown_<slug>_smoke.json), keyed preset/mode/shape (plus the choices of an A/B); each record
+carries the harness header of the call that made it.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import datetime
-import functools
 import gzip
 import json
 import os
 import pathlib
 import re
-import statistics
 import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # before jax starts: room for 1.4b+
-REPO = pathlib.Path(__file__).resolve().parents[1]
-for p in (str(REPO), str(REPO / "benchmarks")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-import bench_train  # noqa: E402
+from benchmarks import harness, workloads  # noqa: E402
 
 VARIANTS = ("step", "grad", "fwd", "opt", "matmul", "grad_noscan", "fwd_noscan", "grad_noconv",
             "grad_nonorm")
@@ -149,22 +143,6 @@ def override_scan_config(overrides: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-
-
-def timed(fn, args, *, warmup, steps, feed=None):
-    """(median seconds, times, last args) of fn(*args), blocking; feed(args, out) -> next args
-    (for a donated state)."""
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        out = fn(*args)
-        jax.block_until_ready(out)
-        dt = time.perf_counter() - t0
-        if i >= warmup:
-            times.append(dt)
-        if feed is not None:
-            args = feed(args, out)
-    return statistics.median(times), times, args
 
 
 _HLO_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{([^}]*)\}")
@@ -277,73 +255,80 @@ def trace_summary(trace_dir: pathlib.Path, steps: int, sources: dict[str, str] |
                                        sorted(by_source.items(), key=lambda kv: -kv[1])[:60]])
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default=None, help="default 1.4b (tiny: tiny)")
-    ap.add_argument("--rows", type=int, default=None, help="default 8 (tiny 2)")
-    ap.add_argument("--seq-len", type=int, default=None, help="default 2048 (tiny 128)")
+SMOKE_MODEL = "n_layer=1,d_model=32,d_state=4"
+
+
+def parse_args(argv):
+    ap = harness.argument_parser(__doc__)
+    ap.add_argument("--preset", default=None, help="default 1.4b (smoke: tiny)")
+    ap.add_argument("--rows", type=int, default=None, help="default 8 (smoke 2)")
+    ap.add_argument("--seq-len", type=int, default=None, help="default 2048 (smoke 64)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=None, help="timed calls per variant (default 10; tiny 3)")
+    ap.add_argument("--warmup", type=int, default=None, help="default 2 (smoke 1)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed calls per variant (default 10; smoke 2)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--scan-impl", default="auto")
     ap.add_argument("--conv-impl", default="auto")
     ap.add_argument("--remat", action="store_true")
-    ap.add_argument("--model", default="", help="MambaConfig overrides, e.g. n_layer=1 (checks)")
+    ap.add_argument("--model", default=None,
+                    help=f"MambaConfig overrides, e.g. n_layer=1 (checks; smoke: {SMOKE_MODEL})")
     ap.add_argument("--scan-config", default="",
                     help="ScanConfig overrides for every Pallas scan, e.g. window=2,unroll=2 (A/B of "
                          "kernel tilings; results are keyed by them)")
     ap.add_argument("--time-budget", type=float, default=540.0)
-    ap.add_argument("--trace", default=None, help="directory for a jax.profiler trace of full steps")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--trace", type=pathlib.Path, default=None,
+                    help="directory for a jax.profiler trace of full steps")
     args = ap.parse_args(argv)
+    bad = [v for v in args.variants.split(",") if v and v not in VARIANTS]
+    if bad:
+        ap.error(f"unknown --variants {bad}; choose from {list(VARIANTS)}")
+    try:
+        scan_overrides = workloads.scan_config_overrides(filter(None, args.scan_config.split(",")))
+    except ValueError as e:
+        ap.error(f"--scan-config: {e}")
+    return args, scan_overrides
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args, scan_overrides = parse_args(argv)
     t_start = time.time()
     deadline = t_start + args.time_budget - 10.0
-    tiny = args.tiny
-    preset = args.preset or ("tiny" if tiny else "1.4b")
-    rows = args.rows or (2 if tiny else 8)
-    seq_len = args.seq_len or (128 if tiny else 2048)
-    steps = args.steps or (3 if tiny else 10)
+    smoke = args.smoke
+    preset = args.preset or ("tiny" if smoke else "1.4b")
+    rows = args.rows or (2 if smoke else 8)
+    seq_len = args.seq_len or (64 if smoke else 2048)
+    steps = args.steps or (2 if smoke else 10)
+    warmup = args.warmup if args.warmup is not None else (1 if smoke else 2)
+    model_text = args.model if args.model is not None else (SMOKE_MODEL if smoke else "")
     variants = [v for v in args.variants.split(",") if v]
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad:
-        ap.error(f"unknown variants {bad}; choose from {list(VARIANTS)}")
 
-    scan_overrides = bench_train.parse_overrides(args.scan_config)
     if scan_overrides:
         override_scan_config(scan_overrides)
-    from train import sharding
     from train import step as step_lib
-    from train.config import MeshConfig, ModelConfig, OptimConfig
-    from train.data import cut_pieces
     from train.metrics import peak_flops
 
     dev = jax.devices()[0]
-    backend = jax.default_backend()
-    kind = bench_train.kind_slug(dev.device_kind, backend)
-    out = pathlib.Path(args.out) if args.out else (
-        REPO / "benchmarks" / "results" / f"breakdown_{kind}{'_tiny' if tiny else ''}.json")
-    overrides = {} if preset == "tiny" else {"vocab_size": bench_train.RELEASED_VOCAB}
-    overrides.update(bench_train.parse_overrides(args.model))
-    mc = ModelConfig(preset=preset, dtype=args.dtype, scan_impl=args.scan_impl,
-                     conv_impl=args.conv_impl, remat=args.remat,
-                     overrides=overrides).mamba_config(vocab_size=257, backend=backend)
-    print(f"breakdown: {preset} packed {rows} x {seq_len} on {dev.device_kind} ({backend}), jax "
+    info = harness.device_info(dev)
+    backend = info.backend
+    out = harness.result_path("breakdown", info.slug, "smoke" if smoke else None,
+                              out_dir=args.out)
+    model_overrides = workloads.parse_overrides(model_text)
+    mc = workloads.model_config(preset, backend=backend, dtype=args.dtype,
+                                scan_impl=args.scan_impl, conv_impl=args.conv_impl,
+                                remat=args.remat, overrides=model_overrides)
+    print(f"breakdown: {preset} packed {rows} x {seq_len} on {info.kind} ({backend}), jax "
           f"{jax.__version__}; variants {variants}; -> {out}", flush=True)
 
-    w = bench_train.make_workload("instruct", tokens=2 * rows * seq_len, seed=0)
-    batch_np = bench_train.batches_for("packed", cut_pieces(w["docs"], seq_len), seq_len=seq_len,
-                                       rows=rows, single_bucket=64, seed=0)[0]
+    batch_np = workloads.packed_batch(rows=rows, seq_len=seq_len)
     real_tokens = batch_np["real"]
-    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1), devices=[dev])
-    optim = OptimConfig(lr=1e-4, warmup_steps=10)
-    compiled = step_lib.build(mc, optim, 1000, mesh)
-    batch = sharding.put_batch(batch_np["arrays"], sharding.batch_sharding(mesh))
+    setup = workloads.train_setup(mc, dev)
+    compiled = setup.compiled
+    batch = setup.put_batch(batch_np["arrays"])
     micro = {k: v[0] for k, v in batch.items()}
     state = compiled.init(0)
-    tx = step_lib.make_optimizer(optim, 1000)
+    tx = step_lib.make_optimizer(setup.optim, setup.schedule_steps)
     graphdef = compiled.graphdef
 
     def loss_fn(params, mb):
@@ -359,18 +344,13 @@ def main(argv=None) -> int:
     result = dict(preset=preset, mode="packed", rows=rows, seq_len=seq_len, real_tokens=real_tokens,
                   n_layer=mc.n_layer, d_model=mc.d_model, d_inner=mc.d_inner,
                   vocab_size=mc.vocab_size, compute_dtype=mc.dtype, scan_impl=mc.scan_impl,
-                  conv_impl=mc.conv_impl, remat=mc.remat,
-                  model_overrides=bench_train.parse_overrides(args.model),
-                  flops_per_token=mc.flops_per_token(), device=dev.device_kind, kind=kind,
-                  backend=backend, jax_version=jax.__version__,
+                  conv_impl=mc.conv_impl, remat=mc.remat, model_overrides=model_overrides,
+                  flops_per_token=mc.flops_per_token(),
+                  **harness.header(info, script=__file__, argv=argv),
                   peak_flops_per_device=peak_flops(dev.device_kind) if backend != "cpu" else None,
-                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  command="PYTHONPATH=. python3 benchmarks/breakdown.py " + " ".join(
-                      sys.argv[1:] if argv is None else argv),
-                  git_commit=bench_train._git_commit(), scan_config_overrides=scan_overrides,
-                  variants={})
+                  scan_config_overrides=scan_overrides, variants={})
     key = (f"{preset}/packed/{rows}x{seq_len}" + (f"/scan:{args.scan_config}" if scan_overrides else "")
-           + (f"/model:{args.model}" if args.model else "")
+           + (f"/model:{model_text}" if model_text else "")
            + (f"/conv:{args.conv_impl}" if args.conv_impl != "auto" else ""))
     existing = json.loads(out.read_text()) if out.exists() else {}
     if key in existing:  # keep variants measured by an earlier call
@@ -379,9 +359,9 @@ def main(argv=None) -> int:
     def save():
         result["parts"] = parts(result["variants"])
         existing[key] = result
-        bench_train.write(out, existing)
+        harness.write_json(out, existing)
 
-    last_compile = 5.0 if tiny else 60.0
+    last_compile = 5.0 if smoke else 60.0
     grads = None
     for name in variants:
         if time.time() + last_compile + 10.0 > deadline:
@@ -390,12 +370,11 @@ def main(argv=None) -> int:
             save()
             continue
         t0 = time.perf_counter()
-        feed = None
+        carried = None  # the donated state the step and opt variants thread from call to call
         with patched(scan="noscan" in name, conv="noconv" in name, norm="nonorm" in name):
             if name == "step":
                 lowered = compiled.train_step.lower(state, batch)
-                call_args = (state, batch)
-                feed = lambda a, o: (o[0], a[1])  # noqa: E731 - the state is donated
+                carried, call_args = state, (batch,)
             elif name.startswith("grad"):
                 # A fresh function object each time: jit caches traces by function, and the
                 # stand-ins only act when tracing.
@@ -409,8 +388,7 @@ def main(argv=None) -> int:
                 if grads is None:
                     grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), state.params)
                 lowered = jax.jit(opt_only, donate_argnums=0).lower(state, grads)
-                call_args = (state, grads)
-                feed = lambda a, o: (o, a[1])  # noqa: E731
+                carried, call_args = state, (grads,)
             elif name == "matmul":
                 fn, call_args = matmul_bench(mc, rows * seq_len)
                 lowered = jax.jit(fn).lower(*call_args)
@@ -424,18 +402,26 @@ def main(argv=None) -> int:
         exe = lowered.compile()
         t2 = time.perf_counter()
         last_compile = t2 - t0
-        med, times, last_args = timed(exe, call_args, warmup=args.warmup, steps=steps, feed=feed)
-        if name in ("step", "opt"):
-            state = last_args[0]  # the one passed in was donated
-        result["variants"][name] = dict(status="ok", ms=1e3 * med, times_ms=[1e3 * t for t in times],
+        if name == "opt":  # returns the state alone
+            def call(st, g, exe=exe):
+                return exe(st, g), None
+        else:
+            call = exe
+        timing = harness.time_calls(call, [call_args], state=carried, warmup=warmup,
+                                    groups=steps, per_group=1)
+        if carried is not None:
+            state = timing.state  # the one passed in was donated
+        result["variants"][name] = dict(status="ok", ms=1e3 * timing.median_s,
+                                        times_ms=[1e3 * t for t in timing.group_s],
                                         trace_s=t1 - t0, compile_s=t2 - t1,
                                         scan_in_module=has_scan)
-        print(f"  {name:12s} {1e3 * med:9.2f} ms   (compile {t2 - t1:.1f}s)", flush=True)
+        print(f"  {name:12s} {1e3 * timing.median_s:9.2f} ms   (compile {t2 - t1:.1f}s)",
+              flush=True)
         del exe, lowered
         save()
 
     if args.trace and time.time() + 30 < deadline:
-        trace_dir = pathlib.Path(args.trace)
+        trace_dir = args.trace
         exe = compiled.train_step.lower(state, batch).compile()
         for _ in range(2):
             state, _m = exe(state, batch)

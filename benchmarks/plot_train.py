@@ -1,9 +1,11 @@
 """Plots and the README table from bench_train.py's results JSON.
 
     PYTHONPATH=. python3 benchmarks/plot_train.py                       # benchmarks/results/train_nvidia-h200.json
-    PYTHONPATH=. python3 benchmarks/plot_train.py RESULTS.json --out-dir DIR
+    PYTHONPATH=. python3 benchmarks/plot_train.py RESULTS.json --out DIR
+    PYTHONPATH=. python3 benchmarks/plot_train.py RESULTS.json --smoke --out DIR   # low resolution
 
-Writes next to the JSON (or into --out-dir), named after its stem (train_<kind>):
+Measures nothing: it reads bench_train.py's JSON (any version in benchmarks/results/) and writes
+next to it (or into --out), named after its stem (train_<slug>):
   <stem>_tokens_per_s.png  real tokens/s per mode and model size, one panel per distribution
   <stem>_speedup.png       packed over single and packed over padded, per model size, with the
                            PackMamba paper's 3.06x (1.4B) / 2.62x (2.8B) and the 4x target
@@ -11,7 +13,7 @@ Writes next to the JSON (or into --out-dir), named after its stem (train_<kind>)
 and prints a markdown table for the README: per preset and distribution, tokens/s of each mode,
 the speed-ups, MFU and peak memory of packed, and the padding check (padded's measured tokens/s
 over what packed's step time and padded's real-token fraction predict). Then the comparison with
-mamba_ssm on the same H200 (../shared/ANCHORS.md): its full 8 x 2048 batch, and what its users
+mamba_ssm on the same H200 (its 2.3.2 anchor runs): its full 8 x 2048 batch, and what its users
 would get on the same workload running one sequence per step or padding, estimated from its
 measured step times (one-sequence steps interpolated in length; padded rows of 2048 at its full
 batch's tokens/s times the padded real-token fraction). The targets of issue 6 are stated last as
@@ -20,20 +22,21 @@ met / missed / not measured.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
 
 import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from benchmarks import harness
+
+DEFAULT_RESULTS = harness.result_path("train", "nvidia-h200")
 PRESET_ORDER = ("tiny", "130m", "370m", "790m", "1.4b", "2.8b")
 MODES = ("packed", "padded", "single")
 DISTS = ("corpus", "instruct")
 COLORS = {"packed": "tab:green", "padded": "tab:orange", "single": "tab:blue"}
 
-# mamba_ssm PyTorch on one H200 (../shared/ANCHORS.md): real tokens/s and ms/step.
+# mamba_ssm 2.3.2 (PyTorch) anchor runs on one H200: real tokens/s and ms/step.
 ANCHOR_FULL = {"130m": (8, 2048, 171_249, 95.7), "1.4b": (8, 2048, 31_591, 518.6)}
 ANCHOR_SINGLE_MS = {  # one sequence per step: length -> ms/step
     "130m": {256: 37.7, 2048: 38.3},
@@ -103,7 +106,7 @@ def speedup(data, preset, dist, over):
     return a["tokens_per_s"] / b["tokens_per_s"] if a and b else None
 
 
-def plot(data, out_dir: pathlib.Path, stem: str) -> list[pathlib.Path]:
+def plot(data, out_dir: pathlib.Path, stem: str, *, dpi: int = 120) -> list[pathlib.Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,7 +150,7 @@ def plot(data, out_dir: pathlib.Path, stem: str) -> list[pathlib.Path]:
     fig.suptitle(f"Training throughput, real tokens only — {title}", fontsize=10)
     fig.tight_layout()
     paths.append(out_dir / f"{stem}_tokens_per_s.png")
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(paths[-1], dpi=dpi)
     plt.close(fig)
 
     # 2. speed-ups.
@@ -178,7 +181,7 @@ def plot(data, out_dir: pathlib.Path, stem: str) -> list[pathlib.Path]:
     fig.suptitle(f"Speed-up of packing — {title}", fontsize=10)
     fig.tight_layout()
     paths.append(out_dir / f"{stem}_speedup.png")
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(paths[-1], dpi=dpi)
     plt.close(fig)
 
     # 3. histograms.
@@ -206,7 +209,7 @@ def plot(data, out_dir: pathlib.Path, stem: str) -> list[pathlib.Path]:
                  fontsize=10)
     fig.tight_layout()
     paths.append(out_dir / f"{stem}_lengths.png")
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(paths[-1], dpi=dpi)
     plt.close(fig)
     return paths
 
@@ -265,7 +268,7 @@ def table(data) -> str:
             lines.append(f"| {d} | " + " | ".join(fmt(fr.get(m) and 100 * fr[m], '.1f') + ("%" if m in fr else "")
                                                   for m in MODES) + " |")
 
-    lines += ["", "Against mamba_ssm (PyTorch, same H200, ../shared/ANCHORS.md) and the PackMamba "
+    lines += ["", "Against mamba_ssm (PyTorch 2.3.2 anchor runs, same H200) and the PackMamba "
                   "paper (A100):", "",
               "| model | documents | ours packed | mamba_ssm 8×2048 full batch | ours / mamba_ssm | "
               "mamba_ssm one seq/step on these docs (est.) | ours packed / that | mamba_ssm padded "
@@ -318,16 +321,18 @@ def table(data) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("results", nargs="?", default=str(REPO / "benchmarks" / "results" /
-                                                      "train_nvidia-h200.json"))
-    ap.add_argument("--out-dir", default=None, help="where the PNGs go (default: beside the JSON)")
+    ap = harness.argument_parser(__doc__, out_default=None,
+                                 out_help="where the PNGs go (default: beside the JSON)")
+    ap.add_argument("results", nargs="?", type=pathlib.Path, default=DEFAULT_RESULTS,
+                    help="bench_train.py's JSON (default benchmarks/results/train_nvidia-h200.json)")
     args = ap.parse_args(argv)
-    path = pathlib.Path(args.results)
+    path = args.results
+    if not path.is_file():
+        ap.error(f"results {path}: no such file")
     data = load(path)
-    out_dir = pathlib.Path(args.out_dir) if args.out_dir else path.parent
+    out_dir = args.out if args.out is not None else path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    for p in plot(data, out_dir, path.stem):
+    for p in plot(data, out_dir, path.stem, dpi=40 if args.smoke else 120):
         print(f"wrote {p}")
     print()
     print(table(data))

@@ -1,8 +1,8 @@
 """Train the 130m preset on the embedded default data and record what it did, on 1 or more GPUs.
 
-    PYTHONPATH=. python3 benchmarks/train_gpu.py --out DIR            # every visible GPU
-    PYTHONPATH=. python3 benchmarks/train_gpu.py --out DIR --tiny     # seconds on CPU: a check
-    PYTHONPATH=. python3 benchmarks/train_gpu.py --out DIR -- --model.scan_impl=reference
+    PYTHONPATH=. python3 benchmarks/train_gpu.py                      # every visible GPU
+    PYTHONPATH=. python3 benchmarks/train_gpu.py --smoke --out DIR    # seconds on CPU: a check
+    PYTHONPATH=. python3 benchmarks/train_gpu.py -- --model.scan_impl=reference
 
 The run: preset 130m with the released vocabulary size (50277, so the FLOPs match the mamba_ssm
 anchors; byte ids use the first 257), bf16 compute with float32 params, packed mode, rows of 2048
@@ -10,49 +10,54 @@ tokens, 8 rows per GPU (data parallel over all visible GPUs: the global batch gr
 count, so tokens/s per GPU compares directly with one GPU), up to 300 steps, stopped early at
 --time-limit seconds of training loop (compile included) so the whole script stays under five
 minutes on one H200. Arguments after `--` are passed to the trainer (python -m train flags) and
-override these.
+override these. --smoke: the tiny preset, 60 documents, rows of 256, 12 steps.
 
-Writes to --out: train_<kind>_<n>dev.json (the trainer's summary: loss first/last, eval loss,
-tokens/s total and per device, MFU, packing efficiency, device, jax version, date, command),
-the same run's metrics.jsonl and loss.png. Checkpoints go to a scratch directory, not --out.
+Times differently from the other benchmarks: this is the trainer itself (train.trainer.run),
+whose own clock gives tokens/s over the training loop, not harness.time_calls over a few steps.
+
+Writes to --out (default benchmarks/results/) train_gpu_<slug>_<n>dev.json (the trainer's
+summary: loss first/last, eval loss, tokens/s total and per device, MFU, packing efficiency,
+with the harness header: device, jax version, date, git commit, command), the same run's
+metrics (_metrics.jsonl) and loss plot (_loss.png); --smoke adds the variant _smoke. A result
+there from another commit moves to history/ first. Checkpoints go to a scratch directory.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import pathlib
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 
 import jax
 
+from benchmarks import harness
 from train.config import parse_args
 from train.trainer import run
 
+COMPANIONS = ("metrics.jsonl", "loss.png")  # the trainer's files kept beside the summary
 
-def main() -> int:
-    argv = sys.argv[1:]
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = list(argv)  # with the trainer flags after "--"
     extra = []
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="directory for the summary JSON, metrics, plot")
-    ap.add_argument("--tiny", action="store_true", help="tiny model, few steps: a CPU check")
-    ap.add_argument("--steps", type=int, default=None)
+    ap = harness.argument_parser(__doc__)
+    ap.add_argument("--steps", type=int, default=None, help="default 300 (smoke 12)")
     ap.add_argument("--time-limit", type=float, default=None,
-                    help="seconds of training loop before stopping early (default 170; tiny: none)")
-    ap.add_argument("--rows-per-device", type=int, default=None)
+                    help="seconds of training loop before stopping early (default 170; smoke: none)")
+    ap.add_argument("--rows-per-device", type=int, default=None, help="default 8 (smoke 2)")
     args = ap.parse_args(argv)
 
     n = jax.device_count()
-    kind = jax.devices()[0].device_kind
+    new = harness.new_result("train_gpu", script=__file__, argv=command, out_dir=args.out,
+                             smoke=args.smoke, variant=f"{n}dev",
+                             companions=[f"_{name}" for name in COMPANIONS])
     scratch = pathlib.Path(tempfile.mkdtemp(prefix="packmamba_train_gpu_"))
-    if args.tiny:
+    if args.smoke:
         rows = args.rows_per_device or 2
         flags = ["--model.preset=tiny", "--data.max_documents=60", "--data.seq_len=256",
                  f"--run.steps={args.steps or 12}", "--optim.warmup_steps=2"]
@@ -68,26 +73,16 @@ def main() -> int:
               "--run.resume=false", f"--run.out_dir={scratch}"]
     flags += extra
     config = parse_args(flags)
-    print(f"train_gpu: {n} x {kind}; flags: {' '.join(flags)}", flush=True)
+    print(f"train_gpu: {n} x {new.info.kind}; flags: {' '.join(flags)}", flush=True)
     summary = run(config)
 
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-")
-    stem = f"train_{slug}_{n}dev" + ("_tiny" if args.tiny else "")
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    summary.update(command="PYTHONPATH=. python3 benchmarks/train_gpu.py " + " ".join(sys.argv[1:]),
-                   trainer_flags=flags, git_commit=commit, rows_per_device=rows)
-    (out / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    for name in ("metrics.jsonl", "loss.png"):
+    summary.update(new.header, trainer_flags=flags, rows_per_device=rows)
+    harness.write_json(new.path, summary)
+    for name, dst in zip(COMPANIONS, new.companions):
         if (scratch / name).exists():
-            shutil.copy(scratch / name, out / f"{stem}_{name}")
+            shutil.copy(scratch / name, dst)
     shutil.rmtree(scratch, ignore_errors=True)  # checkpoints: GBs for 130m
-    print(f"train_gpu: wrote {out / (stem + '.json')}", flush=True)
+    print(f"train_gpu: wrote {new.path}", flush=True)
     return 0
 
 

@@ -185,7 +185,7 @@ def _scan_bwd(plan, interpret, num_segments, res, cts):
     dbias = None if delta_bias is None else g["dbias"].sum((0, 1)).astype(delta_bias.dtype)
     # Left to itself XLA fuses this sum into the model's concatenation of d(dt), dB and dC: that
     # fusion took 0.39 ms at the 1.4b layer's (8, 128, 2048, 32), against 0.08 ms for the sum
-    # as a reduction of its own (benchmarks/bench_dbc_sum.py, results/dbc_sum_nvidia-h200.json).
+    # as a reduction of its own (benchmarks/probes/bench_dbc_sum.py, results/dbc_sum_nvidia-h200.json).
     dBC = jax.lax.optimization_barrier(g["dBC"].sum(1))
     return (
         g["du"], g["ddelta"], dA,

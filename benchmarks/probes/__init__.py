@@ -1,0 +1,1 @@
+"""Probes and one-off experiments: `PYTHONPATH=. python3 benchmarks/probes/<name>.py`."""

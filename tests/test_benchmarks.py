@@ -1,0 +1,591 @@
+"""benchmarks/: the shared harness, and every script's --help and CPU smoke path.
+
+Each smoke runs the script as a user would (a subprocess, PYTHONPATH=repository) and checks the
+JSON it wrote: the harness header and the fields its consumers read.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks import harness, plot_train, workloads
+from jax_packmamba.corpus import stdlib_documents
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+HEADER = ("device", "device_name", "kind", "backend", "jax_version", "date", "git_commit",
+          "command")
+SCRIPTS = ("bench_scan", "bench_train", "bench_generate", "breakdown", "plot_train", "train_gpu",
+           "probes/register_probe", "probes/sass_probe", "probes/ncu_scan", "probes/bench_dbc_sum",
+           "probes/bench_dispatch")
+
+
+def run_script(script: str, *args, timeout=300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}.py", *map(str, args)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    print(proc.stdout[-3000:], proc.stderr[-3000:])
+    return proc
+
+
+def check_header(data: dict, script: str, *, device=True):
+    missing = [k for k in HEADER if k not in data]
+    assert not missing, missing
+    assert data["command"].startswith(f"PYTHONPATH=. python3 benchmarks/{script}.py")
+    assert data["jax_version"] and data["date"] and data["git_commit"]
+    if device:
+        assert data["backend"] == "cpu" and data["kind"] == "cpu" and data["device"] == "cpu"
+
+
+# ------------------------------------------------------------------------------------------------
+# Harness.
+
+
+def fake_clock(group_seconds):
+    """A clock that advances by the next of group_seconds between a group's start and end."""
+    ticks = iter(np.cumsum([0.0] + [x for s in group_seconds for x in (s, 0.0)]))
+    return lambda: float(next(ticks))
+
+
+def test_time_calls_rotates_inputs_blocks_per_group_and_takes_the_median():
+    calls, blocked = [], []
+    timing = harness.time_calls(lambda x: calls.append(x) or x * 10, [(1,), (2,), (3,)],
+                                warmup=2, groups=3, per_group=4, keep_outputs=True,
+                                clock=fake_clock([0.5, 0.25, 2.0]), block=blocked.append)
+    assert calls == [1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2]  # 2 warm-up + 3 x 4
+    # Each warm-up call alone, then each group's 4 outputs at once.
+    assert [len(b[1]) if isinstance(b[1], list) else 1 for b in blocked] == [1, 1, 4, 4, 4]
+    assert timing.group_s == [0.125, 0.0625, 0.5]  # group seconds / calls per group
+    assert (timing.median_s, timing.min_s, timing.max_s) == (0.125, 0.0625, 0.5)
+    assert timing.outputs == [10 * c for c in calls[2:]]
+
+
+def test_time_calls_threads_a_state_through_the_calls():
+    def step(state, x):
+        return state + x, f"out{state}"
+
+    timing = harness.time_calls(step, [(1,), (100,)], state=0, warmup=1, groups=2, per_group=2,
+                                keep_outputs=True, clock=fake_clock([1.0, 1.0]),
+                                block=lambda x: x)
+    assert timing.state == 1 + 100 + 1 + 100 + 1  # 5 calls, inputs alternating
+    assert timing.outputs == ["out1", "out101", "out102", "out202"]
+
+
+def test_time_calls_blocks_on_real_arrays_and_rejects_bad_counts():
+    import jax.numpy as jnp
+
+    timing = harness.time_calls(lambda x: x + 1, [(jnp.ones(3),)], warmup=1, groups=2,
+                                per_group=2)
+    assert len(timing.group_s) == 2 and timing.min_s <= timing.median_s <= timing.max_s
+    for bad in (dict(groups=0), dict(per_group=0), dict(warmup=-1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            harness.time_calls(lambda: None, [()], **bad)
+    with pytest.raises(ValueError, match="inputs"):
+        harness.time_calls(lambda: None, [])
+
+
+def test_rotation_count_makes_the_rotated_data_exceed_the_l2():
+    mib = 2**20
+    assert harness.rotation_count(10 * mib, backend="cpu") == 1
+    assert harness.rotation_count(268 * mib, backend="gpu") == 2  # never one set on a GPU
+    assert harness.rotation_count(50 * mib, backend="gpu", l2_bytes=60 * mib) == 3
+    assert harness.rotation_count(1 * mib, backend="gpu", l2_bytes=60 * mib) == 120
+    for b in (10 * mib, 50 * mib, 7 * mib):
+        n = harness.rotation_count(b, backend="gpu")
+        assert n * b >= 2 * harness.L2_BYTES > (n - 1) * b or n == 2
+    with pytest.raises(ValueError, match="bytes_per_set"):
+        harness.rotation_count(0, backend="gpu")
+
+
+def test_tree_bytes_sums_the_arrays():
+    assert harness.tree_bytes((np.zeros((4, 8), np.float32), {"a": np.zeros(3, np.int8)})) == 131
+
+
+def test_device_slug_and_info():
+    assert harness.device_slug("NVIDIA H200", "gpu") == "nvidia-h200"
+    assert harness.device_slug("NVIDIA H100 80GB HBM3", "gpu") == "nvidia-h100"
+    assert harness.device_slug("Some GPU (rev 2)", "gpu") == "some-gpu-rev-2"
+    assert harness.device_slug("whatever", "cpu") == "cpu"
+    info = harness.device_info()
+    assert (info.backend, info.slug) == ("cpu", "cpu") and info.name
+
+
+def test_git_commit_and_header(monkeypatch):
+    monkeypatch.setenv("PACKMAMBA_GIT_COMMIT", "c0ffee1234")
+    assert harness.git_commit() == "c0ffee1234"
+    head = harness.header(harness.device_info(), script=REPO / "benchmarks" / "bench_scan.py",
+                          argv=["--shapes", "0,1", "--out", "a b"])
+    check_header(head, "bench_scan")
+    assert head["git_commit"] == "c0ffee1234"
+    assert head["command"] == "PYTHONPATH=. python3 benchmarks/bench_scan.py --shapes 0,1 --out 'a b'"
+    monkeypatch.delenv("PACKMAMBA_GIT_COMMIT")
+    commit = harness.git_commit()  # the worktree's HEAD
+    assert commit and len(commit) == 40
+    assert harness.header(None, script="x.py", argv=[])["device"] is None
+
+
+def test_result_and_history_names():
+    out = pathlib.Path("/r")
+    assert harness.result_path("scan", "nvidia-h200", out_dir=out) == out / "scan_nvidia-h200.json"
+    assert harness.result_path("train_gpu", "cpu", "1dev_smoke", out_dir=out) == \
+        out / "train_gpu_cpu_1dev_smoke.json"
+    assert harness.result_path("ncu_scan", "nvidia-h200", "sass", ext=".csv.gz", out_dir=out) == \
+        out / "ncu_scan_nvidia-h200_sass.csv.gz"
+    assert harness.history_path(out / "ncu_scan_nvidia-h200_sass.csv.gz", "abc1234") == \
+        out / "history" / "ncu_scan_nvidia-h200_sass_abc1234.csv.gz"
+    assert harness.history_path(out / "train_nvidia-h200_1.4b.json", "abc1234") == \
+        out / "history" / "train_nvidia-h200_1.4b_abc1234.json"
+    assert harness.split_ext("a_1.4b.png") == ("a_1.4b", ".png")
+    with pytest.raises(ValueError, match="slug"):
+        harness.result_path("scan", "")
+
+
+def test_retire_moves_a_result_of_another_commit_to_history(tmp_path):
+    path = harness.write_json(tmp_path / "gen_cpu.json", dict(git_commit="a" * 40, v=1))
+    png = tmp_path / "gen_cpu.png"
+    png.write_bytes(b"png")
+    assert not list(tmp_path.glob("*.tmp"))
+    assert harness.retire(path, commit="a" * 40, companions=[png]) == []  # same commit: stays
+    moved = harness.retire(path, commit="b" * 40, companions=[png, tmp_path / "absent.txt"])
+    assert moved == [tmp_path / "history" / "gen_cpu_aaaaaaa.json",
+                     tmp_path / "history" / "gen_cpu_aaaaaaa.png"]
+    assert not path.exists() and not png.exists()
+    assert json.loads(moved[0].read_text())["v"] == 1 and moved[1].read_bytes() == b"png"
+    harness.write_json(path, dict(git_commit="a" * 40, v=2))  # the same commit again: no overwrite
+    assert harness.retire(path, commit="b" * 40) == [tmp_path / "history" / "gen_cpu_aaaaaaa-2.json"]
+    path.write_text("{}")  # no commit recorded
+    assert harness.retire(path, commit="b" * 40) == [tmp_path / "history" / "gen_cpu_previous.json"]
+    assert harness.retire(tmp_path / "none.json", commit="b" * 40) == []
+
+
+def test_new_result_names_the_file_and_retires_what_it_replaces(tmp_path, monkeypatch):
+    monkeypatch.setenv("PACKMAMBA_GIT_COMMIT", "b" * 40)
+    harness.write_json(tmp_path / "gen_cpu_2dev_smoke.json", dict(git_commit="a" * 40))
+    (tmp_path / "gen_cpu_2dev_smoke_loss.png").write_bytes(b"png")
+    new = harness.new_result("gen", script="benchmarks/x.py", argv=["--smoke"], out_dir=tmp_path,
+                             smoke=True, variant="2dev", companions=["_loss.png", ".txt"])
+    assert new.path == tmp_path / "gen_cpu_2dev_smoke.json"
+    assert new.companions == [tmp_path / "gen_cpu_2dev_smoke_loss.png",
+                              tmp_path / "gen_cpu_2dev_smoke.txt"]
+    assert new.header["git_commit"] == "b" * 40 and new.info.slug == "cpu"
+    assert sorted(p.name for p in (tmp_path / "history").iterdir()) == [
+        "gen_cpu_2dev_smoke_aaaaaaa.json", "gen_cpu_2dev_smoke_loss_aaaaaaa.png"]
+    assert harness.new_result("gen", script="x.py", argv=[], out_dir=tmp_path).path == \
+        tmp_path / "gen_cpu.json"
+
+
+def test_parse_shape():
+    assert workloads.parse_shape("8:2048:4096:16") == (8, 2048, 4096, 16)
+    for bad in ("1:2", "1:2:3:x", "0:1:1:1"):
+        with pytest.raises(ValueError, match="b:l:d:n"):
+            workloads.parse_shape(bad)
+
+
+def test_install_copies_a_result_in_and_retires_the_old_one(tmp_path):
+    results, made = tmp_path / "results", tmp_path / "device"
+    harness.write_json(results / "scan_x.json", dict(git_commit="1" * 40))
+    (results / "scan_x.png").parent.mkdir(exist_ok=True)
+    (results / "scan_x.png").write_bytes(b"old")
+    harness.write_json(made / "scan_x.json", dict(git_commit="2" * 40))
+    (made / "scan_x.png").write_bytes(b"new")
+    assert harness.main(["install", str(made / "scan_x.json"), str(made / "scan_x.png"),
+                         "--results", str(results)]) == 0
+    assert json.loads((results / "scan_x.json").read_text())["git_commit"] == "2" * 40
+    assert (results / "scan_x.png").read_bytes() == b"new"
+    assert (results / "history" / "scan_x_1111111.png").read_bytes() == b"old"
+    assert (results / "history" / "scan_x_1111111.json").exists()
+    with pytest.raises(SystemExit) as e:
+        harness.main(["install", str(made / "missing.json"), "--results", str(results)])
+    assert e.value.code == 2
+
+
+def test_common_args_parse_out_and_smoke(tmp_path):
+    ap = harness.argument_parser("doc")
+    args = ap.parse_args([])
+    assert args.out == harness.RESULTS and not args.smoke
+    args = ap.parse_args(["--out", str(tmp_path), "--smoke"])
+    assert args.out == tmp_path and args.smoke
+    harness.add_anchor_args(ap)
+    assert ap.parse_args(["--anchor", "x"]).anchor == pathlib.Path("x")
+
+
+def test_run_anchor_collects_the_json_its_script_writes(tmp_path):
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "fake_torch.py").write_text("VERSION = '9.9'\n")
+    script = tmp_path / "scan.py"
+    script.write_text(
+        "import json, sys, fake_torch\n"
+        "out = sys.argv[sys.argv.index('--out') + 1]\n"
+        "json.dump(dict(torch=fake_torch.VERSION, args=sys.argv[3:]), open(out, 'w'))\n")
+    r = harness.run_anchor(script, pythonpath=str(lib), args=["--shapes", "1:2:3:4"])
+    assert r["status"] == "ok" and r["returncode"] == 0
+    assert r["result"] == dict(torch="9.9", args=["--shapes", "1:2:3:4"])
+    r = harness.run_anchor(script, pythonpath="")  # fake_torch is not importable
+    assert r["status"] == "error" and "fake_torch" in r["output_tail"]
+    with pytest.raises(FileNotFoundError, match="anchor script"):
+        harness.run_anchor(tmp_path / "absent.py", pythonpath="")
+
+
+def test_scan_config_overrides_are_typed_by_the_field():
+    assert workloads.scan_config_overrides(["window=2", "prefetch=0", "reduce=tree",
+                                            "grads_maxnreg=none", "window_rows=true"]) == dict(
+        window=2, prefetch=False, reduce="tree", grads_maxnreg=None, window_rows=True)
+    with pytest.raises(ValueError, match="no field 'windw'"):
+        workloads.scan_config_overrides(["windw=2"])
+    with pytest.raises(ValueError, match="field=value"):
+        workloads.scan_config_overrides(["window"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Every script: --help, and its smoke path.
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help(script):
+    proc = run_script(script, "--help", timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage:")
+    # The docstring is the help: its first line is there.
+    doc = ast.get_docstring(ast.parse((REPO / "benchmarks" / f"{script}.py").read_text()))
+    assert doc.splitlines()[0][:60] in " ".join(proc.stdout.split())
+
+
+def smoke_bench_scan(out, data):
+    assert [c["ok"] for c in data["checks"]] == [True]
+    impls = {r["impl"].split("[")[0]: r for r in data["timings"]}
+    assert sorted(impls) == ["pallas", "xla_reference"]
+    for r in impls.values():
+        assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["input_sets"] == 1
+    assert impls["pallas"]["ratio_fwd_bwd_vs_mamba"] > 0 and data["anchors_ms"]
+
+
+def smoke_breakdown(out, data):
+    (key, record), = data.items()
+    assert key == "tiny/packed/2x64/model:n_layer=1,d_model=32,d_state=4"
+    check_header(record, "breakdown")
+    for name in ("step", "opt", "matmul", "fwd", "fwd_noscan"):
+        v = record["variants"][name]
+        assert v["status"] == "ok" and v["ms"] > 0 and len(v["times_ms"]) == 2
+    assert record["variants"]["fwd"]["scan_in_module"]
+    assert not record["variants"]["fwd_noscan"]["scan_in_module"]
+    assert record["parts"]["scan_forward"] == pytest.approx(
+        record["variants"]["fwd"]["ms"] - record["variants"]["fwd_noscan"]["ms"])
+    assert record["real_tokens"] > 0 and record["parts"]["step"] > 0
+
+
+def smoke_bench_generate(out, data):
+    assert [r["batch"] for r in data["results"]] == [1, 2]
+    for r in data["results"]:
+        assert len(r["prefill_s"]) == len(r["decode_s"]) == 1
+        assert r["total_s_median"] == pytest.approx(r["prefill_s_median"] + r["decode_s_median"])
+        assert r["decode_tokens_per_s"] > 0
+    assert data["preset"] == "tiny" and data["new_tokens"] == 16 and data["device_kind"]
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def smoke_train_gpu(out, data):
+    # (was tests/test_train.py's test_gpu_benchmark_script_on_cpu)
+    for key in ("loss_first", "loss_last", "tokens_per_s", "tokens_per_s_per_device", "mfu",
+                "device_kind", "jax_version", "date", "command"):
+        assert key in data
+    assert data["steps"] == 3 and data["num_devices"] == 1
+    assert "--model.n_layer=1" in data["command"]
+    for name in ("metrics.jsonl", "loss.png"):
+        assert (out.parent / f"{out.stem}_{name}").stat().st_size > 0
+
+
+def smoke_dbc_sum(out, data):
+    assert [r["variant"] for r in data["rows"]] == ["fused", "barrier", "matvec", "two_level"]
+    for r in data["rows"]:
+        assert r["ms"] > 0 and r["max_abs_err_vs_float64"] < 0.1
+    assert data["input_sets"] == 1 and data["shape"]["d_blocks"] == 16
+
+
+def smoke_dispatch(out, data):
+    (case,) = data["cases"]
+    assert (case["preset"], case["tokens"]) == ("tiny", 64)
+    for layout in ("variables", "plain"):
+        r = case["layouts"][layout]
+        assert r["leaves"] > 0 and r["call_ms"] > 0 and r["step_ms"] > 0
+
+
+KERNELS = sorted(["selective_scan_fwd_chunk_states", "selective_scan_fwd_chunk_outputs",
+                  "selective_scan_bwd_chunk_dstates", "selective_scan_bwd_chunk_grads"])
+
+
+def smoke_register_probe(out, data):
+    assert sorted(data["kernels"]) == KERNELS and data["config"]["window"] == 2
+    assert data["shape"] == [2, 64, 64, 16] and data["target"].startswith("NVIDIA H200")
+    for name in KERNELS:
+        assert f"tt.func public @{name}" in (out.parent / f"{name}.ttir").read_text()
+
+
+def smoke_sass_probe(out, data):
+    assert sorted(data["kernels"]) == KERNELS
+    assert {k["status"] for k in data["kernels"].values()} == {"captured"}
+    assert data["config"]["chunk"] == 32 and all(
+        (out.parent / k["ttir"]).exists() for k in data["kernels"].values())
+
+
+def smoke_ncu_scan(out, data):
+    assert data["shape"] == [1, 32, 32, 4] and data["config"]["unroll"] == 1
+
+
+def ncu_csv(path: pathlib.Path) -> pathlib.Path:
+    header = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed",
+              "stall_long_sb", "stall_wait", "stall_long_sb (Not Issued)"]
+    rows = [["0x0", "      LDG.E.U16 R1, desc[UR4][R2.64]", "10", "100", "0", "10", "0"],
+            ["0x10", "      SHF.L.U32 R3, R1, 0x10, RZ", "30", "100", "30", "0", "30"],
+            ["0x20", "@P0   FFMA R4, R3, R3, R4", "0", "200", "0", "0", "0"]]
+    path.write_text('"Kernel Name","k",\n' + "\n".join(
+        ",".join(f'"{v}"' for v in r) for r in [header] + rows) + "\n")
+    return path
+
+
+def smoke_ncu_summarize(out, data):
+    assert data["source"] == "sass.csv"
+    assert data["stalls"] == {"long_sb": 0.75, "wait": 0.25}
+    assert data["opcodes"] == {"FFMA": [0.5, 0.0], "LDG": [0.25, 0.25], "SHF": [0.25, 0.75]}
+
+
+# case: (script, its arguments given the output folder, the JSON it writes there, the check,
+# what header it has: True of this machine, False without a device, None in each record)
+SMOKES = {
+    "bench_scan": ("bench_scan", lambda d: ["--smoke", "--out", d], "scan_cpu_smoke.json",
+                   smoke_bench_scan, True),
+    "breakdown": ("breakdown", lambda d: ["--smoke", "--variants", "step,opt,matmul,fwd,fwd_noscan",
+                                          "--out", d],
+                  "breakdown_cpu_smoke.json", smoke_breakdown, None),
+    "bench_generate": ("bench_generate", lambda d: ["--smoke", "--out", d],
+                       "generate_cpu_smoke.json", smoke_bench_generate, True),
+    "train_gpu": ("train_gpu", lambda d: ["--smoke", "--steps=3", "--out", d, "--",
+                                          "--model.n_layer=1", "--data.seq_len=64"],
+                  "train_gpu_cpu_1dev_smoke.json", smoke_train_gpu, True),
+    "bench_dbc_sum": ("probes/bench_dbc_sum", lambda d: ["--smoke", "--out", d],
+                      "dbc_sum_cpu_smoke.json", smoke_dbc_sum, True),
+    "bench_dispatch": ("probes/bench_dispatch", lambda d: ["--smoke", "--out", d],
+                       "dispatch_cpu_smoke.json", smoke_dispatch, True),
+    "register_probe": ("probes/register_probe", lambda d: ["dump", "--smoke", "--out", d,
+                                                           "window=2"],
+                       "meta.json", smoke_register_probe, True),
+    "sass_probe": ("probes/sass_probe", lambda d: ["--smoke", "--out", d, "chunk=32"],
+                   "sass_probe.json", smoke_sass_probe, True),
+    "ncu_scan_run": ("probes/ncu_scan", lambda d: ["run", "--smoke", "--out", d],
+                     "ncu_scan_cpu_smoke.json", smoke_ncu_scan, True),
+    "ncu_scan_summarize": ("probes/ncu_scan",
+                           lambda d: ["summarize", ncu_csv(d / "sass.csv"), "--out", d],
+                           "sass_summary.json", smoke_ncu_summarize, False),
+}
+
+
+@pytest.mark.parametrize("case", SMOKES)
+def test_smoke(case, tmp_path):
+    script, args, name, check, device_header = SMOKES[case]
+    proc = run_script(script, *args(tmp_path))
+    assert proc.returncode == 0
+    out = tmp_path / name
+    data = json.loads(out.read_text())
+    if device_header is not None:
+        check_header(data, script, device=device_header)
+    check(out, data)
+
+
+def test_plot_train_smoke_reads_the_committed_result(tmp_path):
+    """plot_train measures nothing: its smoke draws the committed train result (an older JSON
+    than this code's) at low resolution."""
+    committed = harness.RESULTS / "train_nvidia-h200.json"
+    proc = run_script("plot_train", committed, "--smoke", "--out", tmp_path, timeout=120)
+    assert proc.returncode == 0
+    for name in ("tokens_per_s", "speedup", "lengths"):
+        assert (tmp_path / f"train_nvidia-h200_{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| 1.4b | instruct |" in proc.stdout and "Targets (issue 6)" in proc.stdout
+
+
+def test_bad_arguments_exit_2_with_one_line():
+    proc = run_script("probes/ncu_scan", "run", "--shape", "1:2", timeout=120)
+    assert proc.returncode == 2 and "--shape" in proc.stderr.strip().splitlines()[-1]
+
+
+# ------------------------------------------------------------------------------------------------
+# bench_train (its smoke) and plot_train on what it wrote.
+
+
+def test_bench_train_smoke_counts_real_tokens_merges_and_plots(tmp_path):
+    out = tmp_path / "train_cpu_smoke.json"
+    # A record from an earlier invocation: a merge must keep it.
+    earlier = {"preset": "130m", "mode": "single", "dist": "corpus", "status": "skipped"}
+    out.write_text(json.dumps(dict(schema=1, runs={"130m/single/corpus": earlier}, workloads={},
+                                   invocations=[{"command": "earlier"}])))
+    steps, group, rows, seq_len = 4, 2, 2, 128
+    proc = run_script("bench_train", "--smoke", "--modes", "packed",
+                      "--dists", "corpus,instruct", "--model", "n_layer=1,d_model=32,d_state=4",
+                      "--seq-len", seq_len, "--rows", rows, "--workload-tokens", 6000,
+                      "--steps", steps, "--group", group, "--warmup", 1, "--out", tmp_path,
+                      timeout=120)
+    assert proc.returncode == 0
+
+    data = json.loads(out.read_text())
+    check_header(data, "bench_train")
+    assert data["runs"]["130m/single/corpus"] == earlier
+    assert [i["command"] for i in data["invocations"]][0] == "earlier"
+    assert len(data["invocations"]) == 2 and "--modes packed" in data["invocations"][1]["command"]
+    assert data["backend"] == "cpu" and data["jax_version"] and data["device"]
+
+    docs = stdlib_documents()
+    wl = data["workloads"]
+    # Independent counts: the stdlib files the corpus workload names, plus one EOD each.
+    corpus_tokens = sum(len(docs[i]) + 1 for i in wl["corpus"]["doc_indices"])
+    assert wl["corpus"]["num_tokens"] == corpus_tokens >= 6000
+    lengths = np.array(wl["instruct"]["doc_lengths"])
+    assert lengths.min() >= 16 and lengths.max() <= 8192 and lengths.sum() >= 6000
+    assert wl["instruct"]["num_tokens"] == lengths.sum()
+    for dist, expected in (("corpus", corpus_tokens), ("instruct", int(lengths.sum()))):
+        h = wl[dist]["histogram"]
+        assert sum(h["counts"]) == wl[dist]["num_documents"] and sum(h["tokens"]) == expected
+
+        r = data["runs"][f"tiny/packed/{dist}"]
+        print(dist, {k: r[k] for k in ("real_tokens", "slots", "steps", "tokens_per_s")})
+        assert r["status"] == "ok" and r["finite_loss"]
+        # Real tokens (counted from the batches' segment_ids in the child) are the documents'.
+        assert r["real_tokens"] == expected
+        assert r["slots"] == r["steps"] * rows * seq_len
+        assert r["steps"] >= -(-expected // (rows * seq_len))  # no more tokens than slots
+        assert abs(r["real_fraction"] - expected / r["slots"]) < 1e-12
+        assert r["timed_steps"] == steps and len(r["step_times_s"]) == steps // group
+        assert r["step_time_s_median"] == float(np.median(r["step_times_s"])) > 0
+        assert abs(r["est_total_s"] - r["steps"] * r["step_time_s_median"]) < 1e-9
+        assert abs(r["tokens_per_s"] - expected / r["est_total_s"]) < 1e-6 * r["tokens_per_s"]
+        assert r["mfu"] is None  # no peak FLOP/s for CPU
+        assert r["step_shape"] == [1, rows, seq_len] and r["n_layer"] == 1 and r["d_model"] == 32
+
+    png_dir = tmp_path / "png"
+    assert plot_train.main([str(out), "--out", str(png_dir)]) == 0
+    for name in ("tokens_per_s", "speedup", "lengths"):
+        png = png_dir / f"{out.stem}_{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    table = plot_train.table(data)
+    assert "| tiny | instruct |" in table and "| 130m | corpus | — | — | skipped |" in table
+
+
+def test_plot_labels_presets_measured_at_another_commit():
+    runs = {f"{p}/{m}/instruct": dict(preset=p, git_commit=c + "0" * 33)
+            for p, c in (("130m", "aaaaaaa"), ("370m", "bbbbbbb"), ("1.4b", "aaaaaaa"))
+            for m in ("packed", "single")}
+    labels = plot_train.tick_labels(dict(runs=runs), ["130m", "370m", "1.4b"])
+    assert labels == ["130m", "370m\n(bbbbbbb)", "1.4b"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Pieces of breakdown and the probes.
+
+
+def test_breakdown_attributes_hlo_instructions_to_source_lines():
+    """The trace attribution names the user source line (and fwd/bwd) of a fused kernel."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import breakdown
+
+    def f(x):
+        y = jnp.sin(x) * 3.0  # the line the fusions must point at
+        return jnp.sum(y * y)
+
+    here = pathlib.Path(__file__).name
+    body = {f"{here}:{f.__code__.co_firstlineno + i} " for i in (1, 2)}
+    text = jax.jit(jax.grad(f)).lower(jnp.ones(64)).compile().as_text()
+    sources = breakdown.hlo_sources(text)
+    entry = text[text.index("ENTRY"):]
+    fused = [name for name in sources if name in entry.replace(".", "_") and "fusion" in name]
+    assert fused, sources
+    for name in fused:
+        for part in sources[name].split(" | "):
+            assert any(part.startswith(b) for b in body) and "<locals>.f " in part, sources[name]
+    assert any(" bwd" in sources[name] for name in fused), sources
+
+
+def test_register_probe_dumps_each_scan_kernel_as_triton_ir(tmp_path):
+    """The dump half of register_probe.py (the compile half needs the pip triton package)."""
+    from benchmarks.probes import register_probe
+
+    meta = register_probe.dump(tmp_path, {"window": 2}, shape=(2, 64, 64, 16))
+    assert meta["config"]["window"] == 2
+    assert sorted(meta["kernels"]) == KERNELS
+    for name, launch in meta["kernels"].items():
+        assert launch["num_warps"] >= 1 and len(launch["grid"]) == 3
+        assert f"tt.func public @{name}" in (tmp_path / f"{name}.ttir").read_text()
+
+
+def test_register_probe_imports_no_jax():
+    """Its compile verb runs in a virtual environment with triton, where jax is not."""
+    code = "import sys, benchmarks.probes.register_probe; print('jax' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60)
+    assert proc.stdout.strip() == "False", proc.stderr
+
+
+def test_register_probe_reads_ptxas_output():
+    from benchmarks.probes import register_probe
+
+    log = ("ptxas info    : Function properties for selective_scan_bwd_chunk_grads\n"
+           "    144 bytes stack frame, 144 bytes spill stores, 148 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers\n")
+    assert register_probe.parse_ptxas(log) == dict(registers=255, stack=144, spill_stores=144,
+                                                   spill_loads=148)
+    assert register_probe.parse_ptxas("") == dict(registers=None)
+
+
+def test_sass_opcode_counts():
+    from benchmarks.probes import sass_probe
+
+    sass = ("        /*0a20*/  @P0 FFMA R1, R2, R3, R1 ;\n        /*0a30*/  FFMA.FTZ R4, R5, R6, R4 ;\n"
+            "        /*0a40*/  @!UP1 LDG.E.U16 R1, desc[UR4][R2.64] ;\n")
+    assert sass_probe.opcode_counts(sass) == {"FFMA": 2, "LDG": 1}
+
+
+def test_ncu_summarize_shares_stalls_and_opcodes(tmp_path):
+    from benchmarks.probes import ncu_scan
+
+    result = ncu_scan.summarize(ncu_csv(tmp_path / "sass.csv"))
+    assert result["stalls"] == {"long_sb": 0.75, "wait": 0.25}
+    assert result["opcodes"] == {"FFMA": (0.5, 0.0), "LDG": (0.25, 0.25), "SHF": (0.25, 0.75)}
+
+
+def test_bench_dispatch_layouts_run_the_same_step():
+    """The A/B's premise: the Variables layout is the old one (every parameter and moment a
+    Variable) and the step computes bitwise the same from either."""
+    import jax
+    from flax import nnx
+
+    from benchmarks.probes import bench_dispatch
+    from train import step as step_lib
+    from train.config import ModelConfig, OptimConfig
+
+    mc = ModelConfig(preset="tiny").mamba_config(vocab_size=257, backend="cpu")
+    tx = step_lib.make_optimizer(OptimConfig(lr=1e-3, warmup_steps=0), 10)
+    graphdef, _ = step_lib.model_graphdef(mc)
+    plain = jax.jit(lambda: step_lib.init_state(mc, tx, 0))()
+    variables = bench_dispatch.as_variables(plain, mc)
+
+    def is_var(x):
+        return isinstance(x, nnx.Variable)
+
+    n_params = len(jax.tree.leaves(plain.params))
+    assert not any(map(is_var, jax.tree.leaves(plain, is_leaf=is_var)))
+    assert sum(map(is_var, jax.tree.leaves(variables, is_leaf=is_var))) == 3 * n_params
+    ids = np.random.default_rng(0).integers(1, 257, (1, 2, 32), dtype=np.int32)
+    batch = dict(tokens=ids, segment_ids=np.ones_like(ids), targets=np.roll(ids, -1, -1),
+                 loss_mask=np.ones(ids.shape, bool))
+    step = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx))
+    (s1, m1), (s2, m2) = step(plain, batch), step(variables, batch)
+    assert float(m1["loss"]) == float(m2["loss"])
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
