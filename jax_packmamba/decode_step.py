@@ -28,16 +28,20 @@ DECODE_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
 
 def resolve_decode_impl(impl: str, config: MambaConfig) -> str:
-    """"auto" is "pallas" on a GPU (where the kernels take the shape), else "xla"."""
+    """"auto" is "pallas" on a GPU (where the kernels take the shape), else "xla". Call it
+    before tracing: it imports the kernels' package."""
     if impl not in DECODE_IMPLS:
         raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {impl!r}")
-    if impl != "auto":
-        return impl
-    if jax.default_backend() != "gpu":
-        return "xla"
-    from pallas_kernels.decode import supported
+    if impl == "auto":
+        impl = "xla"
+        if jax.default_backend() == "gpu":
+            from pallas_kernels.decode import supported
 
-    return "pallas" if supported(config.d_state) else "xla"
+            impl = "pallas" if supported(config.d_state) else "xla"
+    if impl != "xla":
+        # Before anything is traced (pallas_kernels/decode/__init__.py says why).
+        import pallas_kernels.decode  # noqa: F401
+    return impl
 
 
 def mixer_core_xla(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight,

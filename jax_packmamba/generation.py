@@ -157,10 +157,22 @@ class Prefilled:
     num_prompts: int
 
 
-def prefill_batch(model, prompts) -> Prefilled:
-    """Runs all prompts through the model in one packed pass (see the module docstring)."""
-    model = prepare(model)
-    prompts = _check_prompts(prompts, model.config)
+class PrefillInputs(NamedTuple):
+    """The host side of a prefill: prompts packed into rows, bucketed (numpy arrays)."""
+
+    tokens: np.ndarray  # (r, t) packed tokens, r and t powers of two
+    segment_ids: np.ndarray  # (r, t): 1, 2, ... per prompt in a row, 0 for padding
+    rows: np.ndarray  # (P,) each prompt's row (padding rows repeat the last prompt's)
+    slots: np.ndarray  # (P,) its segment id there
+    last: np.ndarray  # (P,) the column of its last token
+    prompt_of: np.ndarray  # (r, t) the prompt each token belongs to (P for padding)
+    num_segments: int  # segment slots per row, a power of two
+    num_prompts: int
+
+
+def prefill_inputs(prompts, config: MambaConfig) -> PrefillInputs:
+    """Packs prompts for `prefill_batch` (the part that runs on the host)."""
+    prompts = _check_prompts(prompts, config)
     num = len(prompts)
     size = batch_bucket(num)
     longest = max(len(p) for p in prompts)
@@ -174,27 +186,34 @@ def prefill_batch(model, prompts) -> Prefilled:
     # Packed rows and segment slots bucketed to powers of two; padding rows hold segment 0.
     num_rows = batch_bucket(batch.tokens.shape[0])
     tokens = _pad_to(batch.tokens, num_rows)
-    segment_ids = _pad_to(batch.segment_ids, num_rows)
-    num_segments = batch_bucket(int(batch.segment_ids.max()) + 1)
     prompt_of = np.full(tokens.shape, size, np.int32)  # `size`: no prompt (dropped)
     for i, (r, c, n) in enumerate(zip(rows, columns, lengths)):
         prompt_of[r, c:c + n] = i
-    index = lambda a: jnp.asarray(_pad_to(a.astype(np.int32), size, repeat_last=True))  # noqa: E731
-    rows, slots, last = index(rows), index(slots), index(last)
-    segment_ids = jnp.asarray(segment_ids)
+    index = lambda a: _pad_to(a.astype(np.int32), size, repeat_last=True)  # noqa: E731
+    return PrefillInputs(tokens=tokens, segment_ids=_pad_to(batch.segment_ids, num_rows),
+                         rows=index(rows), slots=index(slots), last=index(last),
+                         prompt_of=prompt_of,
+                         num_segments=batch_bucket(int(batch.segment_ids.max()) + 1),
+                         num_prompts=num)
 
-    block_graph = model.graphs[0]
-    residual = _embed(_table(model), jnp.asarray(tokens))
+
+def prefill_batch(model, prompts) -> Prefilled:
+    """Runs all prompts through the model in one packed pass (see the module docstring)."""
+    model = prepare(model)
+    inputs = prefill_inputs(prompts, model.config)
+    rows, slots, last = map(jnp.asarray, (inputs.rows, inputs.slots, inputs.last))
+    segment_ids = jnp.asarray(inputs.segment_ids)
+    residual = _embed(_table(model), jnp.asarray(inputs.tokens))
     conv, ssm = [], []
     for params in model.params["layers"]:
-        residual, c, s = _prefill_layer(block_graph, params, residual, segment_ids, rows, slots,
-                                        num_segments=num_segments)
+        residual, c, s = _prefill_layer(model.graphs[0], params, residual, segment_ids, rows,
+                                        slots, num_segments=inputs.num_segments)
         conv.append(c)
         ssm.append(s)
     logits = _prefill_head(_head_params(model), model.graphs, model.config, residual, rows, last)
-    seen = _seen(jnp.asarray(tokens), jnp.asarray(prompt_of), size=size,
-                 vocab=model.config.padded_vocab_size)
-    return Prefilled(logits, DecodeState(tuple(conv), tuple(ssm)), seen, num)
+    seen = _seen(jnp.asarray(inputs.tokens), jnp.asarray(inputs.prompt_of),
+                 size=len(inputs.rows), vocab=model.config.padded_vocab_size)
+    return Prefilled(logits, DecodeState(tuple(conv), tuple(ssm)), seen, inputs.num_prompts)
 
 
 def prefill(model, prompts) -> tuple[jax.Array, DecodeState]:
@@ -489,33 +508,47 @@ def generate(model, prompts, max_new_tokens: int, *, decode_impl: str = "auto",
 
 @dataclasses.dataclass
 class CompileStats:
-    """What jax compiled inside a `compile_stats()` block: backend compiles and seconds spent
-    tracing, lowering and compiling."""
+    """What jax compiled inside a `compile_stats()` block: XLA compilations (executables loaded
+    from a persistent compilation cache are counted apart, as cache_hits) and the seconds spent
+    tracing, lowering and compiling (or loading)."""
 
     compiles: int = 0
+    cache_hits: int = 0
     seconds: float = 0.0
+    backend: list = dataclasses.field(default_factory=list)  # (function name, seconds)
 
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
+_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 
 @contextlib.contextmanager
 def compile_stats():
     """Counts the XLA compilations (and their seconds) of the code inside the block."""
     stats = CompileStats()
+    # A backend-compile event also marks an executable loaded from the persistent cache.
 
-    def listen(event, duration, **kwargs):
+    def durations(event, duration, **kwargs):
         if event in _COMPILE_EVENTS:
             stats.seconds += duration
-            stats.compiles += event == _COMPILE_EVENTS[-1]
+        if event == _COMPILE_EVENTS[-1]:
+            stats.backend.append((kwargs.get("fun_name"), duration))
+            stats.compiles = len(stats.backend) - stats.cache_hits
 
-    jax.monitoring.register_event_duration_secs_listener(listen)
+    def events(event, **kwargs):
+        if event == _CACHE_HIT_EVENT:
+            stats.cache_hits += 1
+            stats.compiles = len(stats.backend) - stats.cache_hits
+
+    jax.monitoring.register_event_duration_secs_listener(durations)
+    jax.monitoring.register_event_listener(events)
     try:
         yield stats
     finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
+        jax.monitoring.unregister_event_duration_listener(durations)
+        jax.monitoring.unregister_event_listener(events)
 
 
 def _check_prompts(prompts, config: MambaConfig) -> list[np.ndarray]:

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import jax
+# jax registers a config that enters its trace context (pallas_fuser_disable_nested_fuse) when
+# the Pallas fuser is first imported, which the interpreter does lazily at its first call. Left
+# to happen mid-run, that changes the trace context, and every jitted function traced before it
+# misses its cache once (the decode loop compiled twice). Importing it with the kernels, before
+# anything is traced, keeps the context fixed.
+import jax.experimental.pallas.fuser  # noqa: F401
 import jax.numpy as jnp
 import numpy as np
 
