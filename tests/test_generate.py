@@ -1,6 +1,7 @@
 """Generation: packed prefill states, recurrent steps against the full forward, sampling."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -299,3 +300,34 @@ def test_command_line_streams_one_prompt_with_the_sampling_flags(tmp_path, capsy
     assert streamed.out.startswith("--- 'Hi'\nHi")
     assert streamed.out == whole.out  # the same text, streamed in blocks or not
     assert "7 tokens in" in streamed.err and "time to first token" in streamed.err
+
+
+def test_decode_loop_lowers_for_cuda_with_two_kernels_a_layer():
+    # The whole jitted loop, as a GPU runs it: every layer's step calls the two decode kernels
+    # (pallas_kernels/decode), and no layer-stacked weight is sliced inside the loop.
+    from jax_packmamba import generation as gen
+    from jax_packmamba.sampling import SamplingConfig
+    from tests.gpu import lower_for_cuda
+
+    config = jp.MambaConfig.preset("tiny", n_layer=3, dtype="bfloat16", d_state=16)
+    prepared = prepare(jp.MambaLM(config, rngs=nnx.Rngs(0)))
+    sampling = SamplingConfig(temperature=0.7, top_p=0.9, repetition_penalty=1.2)
+    sds = jax.ShapeDtypeStruct
+    size, vocab = 4, config.padded_vocab_size
+    state = DecodeState(conv=(sds((size, config.d_conv - 1, config.d_inner), jnp.bfloat16),) * 3,
+                        ssm=(sds((size, config.d_inner, config.d_state), jnp.float32),) * 3)
+    run = jax.eval_shape(
+        lambda *a: gen._start(*a, mode=sampling.mode, vocab_size=config.vocab_size, columns=16),
+        sds((size, vocab), jnp.float32), state, sds((size, vocab), jnp.bool_), jax.random.key(0),
+        sampling.params(), jnp.int32(3))
+    gen.resolve_decode_impl("pallas", config)
+    text = lower_for_cuda(
+        lambda m, r, p: gen._decode_loop(m, r, jnp.int32(16), p, mode=sampling.mode,
+                                         impl="pallas", vocab_size=config.vocab_size),
+        prepared, run, sampling.params(), auto_axes=True)
+    names = re.findall(r'name = "(decode_[a-z_]+)"', text)
+    assert sorted(names) == ["decode_conv_x_proj"] * 3 + ["decode_ssm_update"] * 3, names
+    # The loop's only dynamic slices are sampling's k-th largest logit per row (4 x 1).
+    loop = text.split("stablehlo.while", 1)[1]
+    slices = re.findall(r"stablehlo.dynamic_slice[^\n]*-> tensor<([^>]*)>", loop)
+    assert slices and set(slices) == {"4x1xf32"}, slices
