@@ -398,10 +398,14 @@ def run_ours(args, setting, budget, precompile_first):
                                *worker_args]))
         else:
             env = dict(os.environ, PYTHONUNBUFFERED="1")
-            proc = subprocess.run([sys.executable, __file__, *argv, *worker_args], env=env,
-                                  timeout=budget + 120)
-            if proc.returncode != 0:
-                print(f"[ours {setting}] exit {proc.returncode}", file=sys.stderr)
+            try:
+                proc = subprocess.run([sys.executable, __file__, *argv, *worker_args], env=env,
+                                      timeout=budget + 120)
+                if proc.returncode != 0:
+                    print(f"[ours {setting}] exit {proc.returncode}", file=sys.stderr)
+            except subprocess.TimeoutExpired:
+                print(f"[ours {setting}] timed out; keeping the batch sizes it finished",
+                      file=sys.stderr)
         return json.loads(path.read_text()) if path.exists() else dict(rows=[], error="no output")
 
 

@@ -116,7 +116,7 @@ def warp(logits, params: SamplingParams, *, sort: bool):
     x = logits.astype(jnp.float32) / params.temperature
     if sort:
         v = x.shape[-1]
-        ascending = jnp.sort(x, axis=-1)
+        ascending = _sort_floats(x)
         k = jnp.clip(params.top_k, 1, v)
         kth = jax.lax.dynamic_slice_in_dim(ascending, v - k, 1, axis=-1)  # (b, 1)
         ascending = jnp.where(ascending >= kth, ascending, -jnp.inf)
@@ -128,6 +128,20 @@ def warp(logits, params: SamplingParams, *, sort: bool):
     # p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p) (log 0 = -inf keeps all).
     floor = jnp.max(x, axis=-1, keepdims=True) + jnp.log(params.min_p)
     return jnp.where(x >= floor, x, -jnp.inf)
+
+
+def _sort_floats(x):
+    """jnp.sort(x, axis=-1) for float32 without NaNs, as a sort of order-preserving int32 keys.
+
+    jnp.sort compares floats with a total-order comparator (NaNs, -0.0) that XLA's GPU sort
+    rewriter does not take for a CUB radix sort; a plain integer compare it does. A float's
+    bits, read as int32, order the non-negative floats; flipping all but the sign bit of the
+    negative ones reverses their order, as it must (the map is its own inverse).
+    """
+    flip = lambda k: jnp.where(k < 0, k ^ jnp.int32(0x7FFFFFFF), k)  # noqa: E731
+    keys = flip(jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32))
+    return jax.lax.bitcast_convert_type(flip(jax.lax.sort(keys, dimension=x.ndim - 1)),
+                                        jnp.float32)
 
 
 def sample(logits, seen, key, params: SamplingParams, mode: SamplingMode, *, vocab_size=None):

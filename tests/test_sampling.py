@@ -147,3 +147,11 @@ def test_eos_ids_and_bad_values():
                       (dict(eos_ids=tuple(range(9))), "eos_ids"), (dict(seed=1.5), "seed")]:
         with pytest.raises(ValueError, match=match):
             SamplingConfig(**kw)
+
+
+def test_the_integer_key_sort_sorts_floats():
+    from jax_packmamba.sampling import _sort_floats
+
+    x = np.concatenate([logits_of(3, 200, seed=5), np.array([[-np.inf, -0.0, 0.0, np.inf] * 50] * 3,
+                                                            np.float32)], axis=1)
+    np.testing.assert_array_equal(np.asarray(_sort_floats(jnp.asarray(x))), np.sort(x, axis=-1))
