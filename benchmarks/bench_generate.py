@@ -25,11 +25,14 @@ Method. Our side runs in one subprocess per setting (a fresh process, so the dev
 peak_bytes_in_use, a high-water mark, belongs to that setting; batch sizes run in increasing
 order, and every buffer grows with the batch, so the peak read after a batch size is its
 own). Random weights are made on the device layer by layer in the inference layout (see
-`build_model`). Each batch size runs once untimed (its compile counted apart: first_call_s,
-compile_s), then --repeats timed runs; medians are reported. Compiles go to a persistent
-cache, and the first setting compiles every batch size in parallel threads before timing
-(XLA compiles release the GIL), so a call spends about one compile's time, not eight. Then
-gen_torch.py runs the same batches (its warm-up call captures the CUDA graphs). --time-budget
+`build_model`). First a compile phase, in a process of its own, compiles every function of
+every batch size in parallel threads (XLA compiles release the GIL: a call spends about one
+compile's time, not eight) into a persistent cache, and records each one's compile seconds
+(`compile` in the JSON); the measured processes load the executables from that cache, so no
+compile and no XLA autotuning (whose scratch buffers would count in the peak) happens in them.
+Each batch size runs once untimed (first_call_s; compile_s is its tracing and cache loading),
+then --repeats timed runs; medians are reported. Then gen_torch.py runs the same batches (its
+warm-up call captures the CUDA graphs). --time-budget
 bounds the whole call: each phase gets what the later ones leave, and a batch size that does
 not fit is skipped (recorded as skipped).
 
@@ -187,51 +190,64 @@ def prompts_for(batch, length, vocab, seed=0):
     return [rng.integers(0, vocab, length).astype(np.int32) for _ in range(batch)]
 
 
-def precompile(prepared, batches, args, sampling, impls):
-    """Compiles the prefill layer, the first sample and the decode loop of every batch size in
-    parallel threads,
-    lowering from shapes only (no device memory, so the peak stays the runs' own); the timed
-    first calls then load the executables from the persistent cache. Returns seconds, or an
-    error string (the runs then compile as usual)."""
+def precompile(prepared, batches, args, sampling, impls) -> dict:
+    """Compiles every function a generation runs, for every batch size and decode impl, in
+    parallel threads (XLA compiles release the GIL), lowering from shapes (no device memory for
+    inputs). Executables go to the persistent cache (and stay in this process's), so later
+    calls load them instead of compiling. Returns {wall_s, jobs: [[name, batch, seconds]]} or
+    {error} (the runs then compile as usual)."""
     jax, gen = jax_modules()
     import jax.numpy as jnp
 
     config = prepared.config
     sds = jax.ShapeDtypeStruct
     start = time.perf_counter()
+    i32 = lambda shape: sds(shape, jnp.int32)  # noqa: E731
 
     def lowerings(batch, impl):
         inputs = gen.prefill_inputs(prompts_for(batch, args.prompt_len, config.vocab_size), config)
         size, (rows, length) = len(inputs.rows), inputs.tokens.shape
-        i32 = lambda shape: sds(shape, jnp.int32)  # noqa: E731
-        residual = sds((rows, length, config.d_model), jnp.float32)
-        yield gen._prefill_layer.lower(prepared.graphs[0], prepared.params["layers"][0], residual,
-                                       i32((rows, length)), i32((size,)), i32((size,)),
-                                       num_segments=inputs.num_segments)
-        layer_state = jax.eval_shape(
-            lambda p, r, s, c: gen._prefill_layer(prepared.graphs[0], p, r, s, c, c,
-                                                  num_segments=inputs.num_segments),
-            prepared.params["layers"][0], residual, i32((rows, length)), i32((size,)))
-        state = gen.DecodeState(conv=(layer_state[1],) * config.n_layer,
-                                ssm=(layer_state[2],) * config.n_layer)
         vocab = config.padded_vocab_size
+        residual = sds((rows, length, config.d_model), jnp.float32)
+        layer = (prepared.graphs[0], prepared.params["layers"][0], residual, i32((rows, length)),
+                 i32((size,)), i32((size,)))
+        yield "prefill_layer", gen._prefill_layer.lower(*layer, num_segments=inputs.num_segments)
+        yield "embed", gen._embed.lower(gen._table(prepared), i32((rows, length)))
+        yield "prefill_head", gen._prefill_head.lower(
+            gen._head_params(prepared), prepared.graphs, config, residual, i32((size,)),
+            i32((size,)))
+        yield "seen", gen._seen.lower(i32((rows, length)), i32((rows, length)), size=size,
+                                      vocab=vocab)
+        _, conv, ssm = jax.eval_shape(
+            lambda *a: gen._prefill_layer(*a, num_segments=inputs.num_segments), *layer)
+        state = gen.DecodeState(conv=(conv,) * config.n_layer, ssm=(ssm,) * config.n_layer)
         start_args = (sds((size, vocab), jnp.float32), state, sds((size, vocab), jnp.bool_),
                       jax.random.key(0), sampling.params(), jnp.int32(batch))
         start_kw = dict(mode=sampling.mode, vocab_size=config.vocab_size,
                         columns=gen.new_token_bucket(args.new_tokens))
-        yield gen._start.lower(*start_args, **start_kw)
+        yield "start", gen._start.lower(*start_args, **start_kw)
         run = jax.eval_shape(lambda *a: gen._start(*a, **start_kw), *start_args)
-        yield gen._decode_loop.lower(prepared, run, jnp.int32(args.new_tokens), sampling.params(),
-                                     mode=sampling.mode, impl=impl, vocab_size=config.vocab_size)
+        yield f"decode_loop[{impl}]", gen._decode_loop.lower(
+            prepared, run, jnp.int32(args.new_tokens), sampling.params(), mode=sampling.mode,
+            impl=impl, vocab_size=config.vocab_size)
+
+    def compile_one(job):
+        name, batch, low = job
+        t0 = time.perf_counter()
+        low.compile()
+        return [name, batch, time.perf_counter() - t0]
 
     try:
-        lowered = [low for impl in impls for batch in batches for low in lowerings(batch, impl)]
-        workers = min(len(lowered), max(1, (os.cpu_count() or 2) - 1))
+        jobs = [(name, batch, low) for impl in impls for batch in batches
+                for name, low in lowerings(batch, impl)]
+        # Longest first: the decode loops.
+        jobs.sort(key=lambda j: not j[0].startswith("decode_loop"))
+        workers = min(len(jobs), max(1, (os.cpu_count() or 2) - 1))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            list(pool.map(lambda low: low.compile(), lowered))
+            done = list(pool.map(compile_one, jobs))
     except Exception as e:  # noqa: BLE001 - the runs compile as usual
-        return f"{type(e).__name__}: {e}"[:2000]
-    return time.perf_counter() - start
+        return dict(error=f"{type(e).__name__}: {e}"[:2000], wall_s=time.perf_counter() - start)
+    return dict(wall_s=time.perf_counter() - start, threads=workers, jobs=done)
 
 
 def run_once(prepared, prompts, sampling, impl, new_tokens):
@@ -248,8 +264,18 @@ def run_once(prepared, prompts, sampling, impl, new_tokens):
     return mid - start, end - mid
 
 
+def summary(precompiled) -> str:
+    if "error" in precompiled:
+        return f"FAILED ({precompiled['error']})"
+    loops = [j for j in precompiled["jobs"] if j[0].startswith("decode_loop")]
+    return (f"{len(precompiled['jobs'])} functions in {precompiled['wall_s']:.1f} s on "
+            f"{precompiled['threads']} threads; decode loops "
+            + ", ".join(f"batch {b} {t:.1f} s" for _, b, t in loops))
+
+
 def worker(args):
-    """One setting of our side: writes --worker-json after every batch size."""
+    """One setting of our side (or, for --worker compile, the compile phase): writes
+    --worker-json after every batch size."""
     jax, gen = jax_modules()
     from jax_packmamba.sampling import SamplingConfig
 
@@ -261,7 +287,9 @@ def worker(args):
     info = harness.device_info(device)
     config = model_config(args, device)
     impl = gen.resolve_decode_impl(args.decode_impl, config)
-    sampling = SamplingConfig(**SETTINGS[args.worker], seed=0)
+    # The compile phase compiles what the settings run: they share one sampling mode.
+    sampling = SamplingConfig(**SETTINGS[args.setting_list[0] if args.worker == "compile"
+                                         else args.worker], seed=0)
     prepared = build_model(config, device)
     jax.block_until_ready(prepared)
     init_s = time.perf_counter() - t0
@@ -271,7 +299,11 @@ def worker(args):
     precompiled = None
     if args.worker_precompile:
         precompiled = precompile(prepared, args.batch_list, args, sampling, [impl])
-        print(f"[ours {args.worker}] precompile: {precompiled}", file=sys.stderr)
+        print(f"[ours {args.worker}] compiled: {summary(precompiled)}", file=sys.stderr)
+    if args.worker == "compile":
+        harness.write_json(args.worker_json, dict(device=dataclasses.asdict(info),
+                                                  precompile=precompiled))
+        return 0
     record = dict(setting=args.worker, sampling=SETTINGS[args.worker], decode_impl=impl,
                   device=dataclasses.asdict(info), config=dataclasses.asdict(config),
                   num_params=config.num_params(), init_s=init_s, weights_bytes_in_use=weights_bytes,
@@ -384,7 +416,8 @@ def run_anchor(args, setting, batches, budget):
 
 
 def run_ours(args, setting, budget, precompile_first):
-    """Our side of one setting: a subprocess (smoke: in this process)."""
+    """Our side of one setting (setting "compile": the compile phase): a subprocess (smoke:
+    in this process)."""
     with tempfile.TemporaryDirectory(prefix="ours_") as tmp:
         path = pathlib.Path(tmp) / "ours.json"
         argv = [*sys.argv[1:]] if not args.smoke else []
@@ -466,22 +499,27 @@ def orchestrate(args, argv):
     if own_cache:
         args.compile_cache = tempfile.mkdtemp(prefix="jax_packmamba_cache_")
     with_anchor = args.anchor is not None
-    phases = [(s, side) for s in args.setting_list for side in ("ours", "anchor")
-              if side == "ours" or with_anchor]
+    # First every compile, in a process of its own: the measured processes then load the
+    # executables from the persistent cache, so neither compiling nor XLA's autotuning (whose
+    # scratch buffers count in peak_bytes_in_use) happens in them.
+    compile_first = not args.no_precompile and not args.smoke
+    phases = ([("compile", "ours")] if compile_first else []) + [
+        (s, side) for s in args.setting_list for side in ("ours", "anchor")
+        if side == "ours" or with_anchor]
     # Shares of the time left that each phase may use, the later phases' reserved.
-    weight = {"ours": 1.0, "anchor": 0.7}
-    settings = {}
+    weight = {"ours": 1.0, "anchor": 0.7, "compile": 1.0}
+    settings, compiled = {}, None
     for k, (setting, side) in enumerate(phases):
         left = deadline - time.perf_counter()
-        rest = sum(weight[s] for _, s in phases[k:])
-        budget = left * weight[side] / rest
-        # The first of our phases also compiles: give it more of the time.
-        if side == "ours" and k == 0 and len(phases) > 1:
-            budget = left * 1.6 / (rest + 0.6)
+        rest = sum(weight["compile" if s == "compile" else d] for s, d in phases[k:])
+        budget = left * weight["compile" if setting == "compile" else side] / rest
+        if setting == "compile":
+            compiled = run_ours(args, setting, budget, precompile_first=True).get("precompile")
+            print(f"[compile] {summary(compiled) if compiled else 'no result'}", file=sys.stderr)
+            continue
         entry = settings.setdefault(setting, dict(sampling=SETTINGS[setting]))
         if side == "ours":
-            entry["ours"] = run_ours(args, setting, budget, precompile_first=(
-                k == 0 and not args.no_precompile and not args.smoke))
+            entry["ours"] = run_ours(args, setting, budget, precompile_first=False)
         else:
             batches = anchor_batches(args.batch_list, budget, args)
             entry["mamba_ssm"] = run_anchor(args, setting, batches, budget)
@@ -504,11 +542,14 @@ def orchestrate(args, argv):
         **head, benchmark="generate: ours (jax_packmamba) against mamba_ssm generate(cg=True)",
         preset=args.preset, dtype=args.dtype, prompt_len=args.prompt_len,
         new_tokens=args.new_tokens, repeats=args.repeats, decode_impl=args.decode_impl,
-        batches=args.batch_list, settings=settings, targets=targets(settings),
+        batches=args.batch_list, compile=compiled, settings=settings,
+        targets=targets(settings),
         target_total_ratio=TARGET_RATIO, target_batch1_step_ms=TARGET_STEP_MS,
         notes=("total: prompts on the host to generated tokens on the host; ours: prefill (one "
                "packed pass) + decode (one jitted while_loop), median of `repeats` timed runs "
-               "after an untimed first call (first_call_s, its compile compile_s); mamba_ssm: "
+               "after an untimed first call (first_call_s; compile_s its tracing and loading "
+               "from the persistent cache that the compile phase filled: `compile` has each "
+               "function's compile seconds, compiled in parallel threads); mamba_ssm: "
                "gen_torch.py's generate(cg=True), one timed call after a warm-up; peak: each "
                "side's allocator high-water mark (jax peak_bytes_in_use in a fresh process per "
                "setting; torch max_memory_allocated after a reset per batch)"),
@@ -750,7 +791,7 @@ def profile(args, argv):
     shapes = argparse_namespace(args, prompt_len=min(args.prompt_len, PROFILE_PROMPT),
                                 new_tokens=1 + PROFILE_WARM + args.profile_steps + args.trace_steps)
     precompiled = precompile(prepared, batches, shapes, sampling, impls)
-    print(f"precompile: {precompiled}", file=sys.stderr)
+    print(f"compiled: {summary(precompiled)}", file=sys.stderr)
     results, text = [], []
     with tempfile.TemporaryDirectory(prefix="profile_") as tmp:
         for batch in batches:
