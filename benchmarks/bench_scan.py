@@ -15,9 +15,9 @@
 3. --profile: each kernel and XLA piece of forward+backward timed alone.
 4. Prints a table last; writes --out/scan_<slug>.json (default benchmarks/results/) after every
    timing, so a run cut off at its time limit keeps what it measured.
-5. --anchor DIR: runs DIR/scan.py (the mamba_ssm side; harness.run_anchor: DIR/scan.py --out
-   FILE --shapes b:l:d:n,..., with --anchor-pythonpath as its PYTHONPATH) in the same call, its
-   JSON under "anchor".
+5. --anchor DIR: runs DIR/scan_torch.py (the mamba_ssm side, its own fixed shapes;
+   harness.run_anchor: DIR/scan_torch.py FILE, with --anchor-pythonpath as its PYTHONPATH) in the
+   same call, its JSON under "anchor".
 On CPU the kernels run through the Pallas interpreter; --smoke: one tiny shape without segments
 (the check has some), a kernel config with nothing unrolled, one check, one call per timing.
 """
@@ -38,6 +38,7 @@ from benchmarks import harness, workloads
 from jax_packmamba.ops.selective_scan import selective_scan_reference
 from pallas_kernels.selective_scan import ScanConfig, pick_config, selective_scan_pallas
 
+ANCHOR_SCRIPT = "scan_torch.py"
 # mamba_ssm 2.3.2's anchor runs on one H200: (batch, length, d_inner, d_state) -> (fwd, bwd) ms.
 ANCHORS = {
     (1, 8192, 4096, 16): (0.736, 2.745),
@@ -225,8 +226,8 @@ def parse_args(argv):
                    help="indices into ANCHORS to time, or b:l:d:n shapes, e.g. 0,8:2048:4096:16")
     harness.add_anchor_args(p)
     args = p.parse_args(argv)
-    if args.anchor is not None and not (args.anchor / "scan.py").is_file():
-        p.error(f"--anchor {args.anchor}: no scan.py there")
+    if args.anchor is not None and not (args.anchor / ANCHOR_SCRIPT).is_file():
+        p.error(f"--anchor {args.anchor}: no {ANCHOR_SCRIPT} there")
     return args
 
 
@@ -323,8 +324,7 @@ def main(argv=None) -> int:
 
     if args.anchor is not None:
         result["anchor"] = harness.run_anchor(
-            args.anchor / "scan.py", pythonpath=args.anchor_pythonpath,
-            args=["--shapes", ",".join(":".join(map(str, s)) for s in shapes)])
+            args.anchor / ANCHOR_SCRIPT, pythonpath=args.anchor_pythonpath)
         print(f"anchor: {result['anchor']['status']}", flush=True)
     harness.write_json(out, result)
 

@@ -71,9 +71,9 @@ what is already ok with the same settings). Each invocation merges its records (
 preset/mode/dist) into the result file, whose top level has the harness header of the latest
 invocation (device, jax version, date, git commit, command; every record and invocation keeps
 its own); --fresh starts a new file instead, the old one (and its plots) moving to history/.
-plot_train.py makes the plots and the README table from it. --anchor DIR also runs DIR/train.py
-(the mamba_ssm side; harness.run_anchor: DIR/train.py --out FILE --presets P,... --seq-len L,
-with --anchor-pythonpath as its PYTHONPATH) in the same call, its JSON under "anchor".
+plot_train.py makes the plots and the README table from it. --anchor DIR also runs DIR/train_torch.py
+(the mamba_ssm side, its full 8-row batches; harness.run_anchor: DIR/train_torch.py FILE
+P:8:L,..., with --anchor-pythonpath as its PYTHONPATH) in the same call, its JSON under "anchor".
 
 Defaults: rows of 2048 tokens; rows per step 8 (the mamba_ssm anchors' 8 x 2048) except 2.8b: 4
 (--rows 2.8b=8 to try more); released vocabulary 50277 (byte ids use the first 257) so FLOPs
@@ -107,6 +107,9 @@ GROUP_OF = {"packed": "rows", "padded": "rows", "single": "single"}
 DEFAULT_ROWS = {"130m": 8, "370m": 8, "790m": 8, "1.4b": 8, "2.8b": 4, "tiny": 2}
 SMOKE_MODEL = "n_layer=1,d_model=32,d_state=4"
 SCHEMA = 1
+# The mamba_ssm side (the --anchor folder): its script and the rows of its full batch.
+ANCHOR_SCRIPT = "train_torch.py"
+ANCHOR_ROWS = 8
 
 
 # ------------------------------------------------------------------------------------------------
@@ -483,8 +486,8 @@ def parse_args(argv):
     bad = [p for p in presets if p not in PRESETS + ("tiny",)]
     if bad:
         ap.error(f"unknown --presets {bad}; choose from {list(PRESETS + ('tiny',))}")
-    if args.anchor is not None and not (args.anchor / "train.py").is_file():
-        ap.error(f"--anchor {args.anchor}: no train.py there")
+    if args.anchor is not None and not (args.anchor / ANCHOR_SCRIPT).is_file():
+        ap.error(f"--anchor {args.anchor}: no {ANCHOR_SCRIPT} there")
     return args, presets
 
 
@@ -626,8 +629,8 @@ def main(argv=None) -> int:
     if args.anchor is not None:
         left = deadline - time.time()
         results["anchor"] = harness.run_anchor(
-            args.anchor / "train.py", pythonpath=args.anchor_pythonpath,
-            args=["--presets", ",".join(presets), "--seq-len", str(seq_len)],
+            args.anchor / ANCHOR_SCRIPT, pythonpath=args.anchor_pythonpath,
+            args=[",".join(f"{p}:{ANCHOR_ROWS}:{seq_len}" for p in presets)],
             timeout=max(left, 1.0))
         print(f"bench_train: anchor {results['anchor']['status']}", flush=True)
 

@@ -389,8 +389,8 @@ def add_anchor_args(parser: argparse.ArgumentParser) -> None:
 
 def run_anchor(script: str | os.PathLike, *, pythonpath: str, args: Sequence[str] = (),
                timeout: float = 600.0, python: str = sys.executable) -> dict:
-    """Runs a PyTorch anchor script, `python SCRIPT --out FILE ARGS...` with PYTHONPATH set to
-    `pythonpath` only, and returns {"status": "ok", "result": the JSON it wrote to FILE, ...};
+    """Runs a PyTorch anchor script as the anchor scripts take their arguments, `python SCRIPT
+    FILE ARGS...` (FILE: the JSON it writes), with PYTHONPATH set to `pythonpath` only, and returns {"status": "ok", "result": the JSON it wrote to FILE, ...};
     status "error" (with the return code and the end of its output) or "timeout" otherwise."""
     import tempfile
 
@@ -402,7 +402,7 @@ def run_anchor(script: str | os.PathLike, *, pythonpath: str, args: Sequence[str
         env["PYTHONPATH"] = pythonpath
     with tempfile.TemporaryDirectory(prefix="anchor_") as tmp:
         out = pathlib.Path(tmp) / "anchor.json"
-        cmd = [python, str(script), "--out", str(out), *args]
+        cmd = [python, str(script), str(out), *args]
         record = dict(script=script.name, args=list(args), pythonpath=pythonpath)
         t0 = time.perf_counter()
         try:

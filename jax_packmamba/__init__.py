@@ -1,7 +1,8 @@
 """jax-packmamba: Mamba on packed variable-length data in JAX."""
 
-from jax_packmamba.config import MambaConfig
+from jax_packmamba.config import Mamba2Config, MambaConfig
 from jax_packmamba.model import MambaBlock, MambaLM, MambaMixer, RMSNorm
+from jax_packmamba.mamba2 import Mamba2Block, Mamba2LM, Mamba2Mixer, RMSNormGated
 from jax_packmamba.ops import (
     causal_conv1d,
     positions_from_segment_ids,
@@ -9,6 +10,9 @@ from jax_packmamba.ops import (
     segment_starts,
     selective_scan,
     selective_scan_reference,
+    ssd_scan,
+    ssd_scan_reference,
+    ssd_state_update,
 )
 from jax_packmamba.loss import masked_cross_entropy
 from jax_packmamba.pretrained import from_pretrained, save_pretrained
@@ -25,12 +29,17 @@ from jax_packmamba.generation import generate
 __version__ = "0.1.0"
 
 __all__ = [
+    "Mamba2Block",
+    "Mamba2Config",
+    "Mamba2LM",
+    "Mamba2Mixer",
     "MambaBlock",
     "MambaConfig",
     "MambaLM",
     "MambaMixer",
     "PackedBatch",
     "RMSNorm",
+    "RMSNormGated",
     "SplitSequenceWarning",
     "causal_conv1d",
     "from_pretrained",
@@ -45,5 +54,8 @@ __all__ = [
     "segment_starts",
     "selective_scan",
     "selective_scan_reference",
+    "ssd_scan",
+    "ssd_scan_reference",
+    "ssd_state_update",
     "unpack",
 ]

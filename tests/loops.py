@@ -67,3 +67,43 @@ def causal_conv1d_loop(x, weight, bias=None, *, segment_ids=None, activation=Non
     if activation == "silu":
         out = out * jax.nn.sigmoid(out)
     return out
+
+
+def ssd_scan_loop(x, dt, A, B, C, D=None, z=None, dt_bias=None, *, dt_softplus=False,
+                  segment_ids=None, initial_states=None):
+    """Mamba2's recurrence one step at a time; returns (y, states) with states (b, t, h, p, n)
+    after each step. Head h reads group h // (heads // groups) of B and C; a run of id s (a
+    new run wherever the id changes, and at t = 0) starts from initial_states[b, s] (zeros
+    without them)."""
+    if dt_bias is not None:
+        dt = dt + dt_bias
+    if dt_softplus:
+        dt = jnp.log1p(jnp.exp(dt))
+    batch, length, heads, headdim = x.shape
+    per_group = heads // B.shape[2]
+    B, C = jnp.repeat(B, per_group, axis=2), jnp.repeat(C, per_group, axis=2)  # (b, t, h, n)
+    if segment_ids is None:
+        segment_ids = jnp.zeros((batch, length), jnp.int32)
+    previous_ids = jnp.concatenate([segment_ids[:, :1] - 1, segment_ids[:, :-1]], axis=1)
+    new_segment = segment_ids != previous_ids
+    state_shape = (batch, heads, headdim, B.shape[-1])
+
+    def step(h, xs):
+        x_t, dt_t, B_t, C_t, new_t, id_t = xs
+        if initial_states is None:
+            start = jnp.zeros(state_shape, x.dtype)
+        else:
+            start = initial_states[jnp.arange(batch), id_t]
+        h = jnp.where(new_t[:, None, None, None], start, h)
+        h = (jnp.exp(dt_t * A)[:, :, None, None] * h
+             + (dt_t[:, :, None] * x_t)[..., None] * B_t[:, :, None, :])
+        return h, (jnp.einsum("bhpn,bhn->bhp", h, C_t), h)
+
+    time_major = [jnp.swapaxes(a, 0, 1) for a in (x, dt, B, C, new_segment, segment_ids)]
+    _, (y, states) = jax.lax.scan(step, jnp.zeros(state_shape, x.dtype), time_major)
+    y, states = jnp.swapaxes(y, 0, 1), jnp.swapaxes(states, 0, 1)
+    if D is not None:
+        y = y + x * (D[:, None] if D.ndim == 1 else D)
+    if z is not None:
+        y = y * z * jax.nn.sigmoid(z)
+    return y, states

@@ -25,7 +25,7 @@ HEADER = ("device", "device_name", "kind", "backend", "jax_version", "date", "gi
           "command")
 SCRIPTS = ("bench_scan", "bench_train", "bench_generate", "breakdown", "plot_train", "train_gpu",
            "probes/register_probe", "probes/sass_probe", "probes/ncu_scan", "probes/bench_dbc_sum",
-           "probes/bench_dispatch")
+           "probes/bench_dispatch", "probes/mamba2_step", "anchor_mamba2")
 
 
 def run_script(script: str, *args, timeout=300) -> subprocess.CompletedProcess:
@@ -225,8 +225,7 @@ def test_run_anchor_collects_the_json_its_script_writes(tmp_path):
     script = tmp_path / "scan.py"
     script.write_text(
         "import json, sys, fake_torch\n"
-        "out = sys.argv[sys.argv.index('--out') + 1]\n"
-        "json.dump(dict(torch=fake_torch.VERSION, args=sys.argv[3:]), open(out, 'w'))\n")
+        "json.dump(dict(torch=fake_torch.VERSION, args=sys.argv[2:]), open(sys.argv[1], 'w'))\n")
     r = harness.run_anchor(script, pythonpath=str(lib), args=["--shapes", "1:2:3:4"])
     assert r["status"] == "ok" and r["returncode"] == 0
     assert r["result"] == dict(torch="9.9", args=["--shapes", "1:2:3:4"])
@@ -375,6 +374,12 @@ def smoke_ncu_summarize(out, data):
     assert data["opcodes"] == {"FFMA": [0.5, 0.0], "LDG": [0.25, 0.25], "SHF": [0.25, 0.75]}
 
 
+def smoke_mamba2_step(out, data):
+    (r,) = data["runs"]
+    assert (r["preset"], r["impl"], r["rows"], r["seq_len"]) == ("tiny", "reference", 2, 64)
+    assert r["step_ms"] > 0 and r["compile_s"] > 0 and 0 < r["real_tokens"] <= 2 * 64
+
+
 # case: (script, its arguments given the output folder, the JSON it writes there, the check,
 # what header it has: True of this machine, False without a device, None in each record)
 SMOKES = {
@@ -405,6 +410,8 @@ SMOKES = {
                    "sass_probe.json", smoke_sass_probe, True),
     "ncu_scan_run": ("probes/ncu_scan", lambda d: ["run", "--smoke", "--out", d],
                      "ncu_scan_cpu_smoke.json", smoke_ncu_scan, True),
+    "mamba2_step": ("probes/mamba2_step", lambda d: ["--smoke", "--out", d],
+                    "mamba2_step_cpu_smoke.json", smoke_mamba2_step, True),
     "ncu_scan_summarize": ("probes/ncu_scan",
                            lambda d: ["summarize", ncu_csv(d / "sass.csv"), "--out", d],
                            "sass_summary.json", smoke_ncu_summarize, False),

@@ -69,7 +69,7 @@ def test_model_directory_records_its_tokenizer(tmp_path):
     tok = tokenizer_for_model_dir(tmp_path / "bytes")
     assert isinstance(tok, ByteTokenizer) and tok.eod_id == 256
     np.testing.assert_array_equal(  # still loads as the same model
-        nnx.state(jp.MambaLM.from_pretrained(tmp_path / "bytes"))["norm_f"]["weight"][...],
+        nnx.state(jp.from_pretrained(tmp_path / "bytes"))["norm_f"]["weight"][...],
         nnx.state(model)["norm_f"]["weight"][...])
 
     words = word_tokenizer(tmp_path / "words.json", ["[UNK]", "a", "<|endoftext|>"])

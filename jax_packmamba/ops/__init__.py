@@ -17,6 +17,7 @@ from jax_packmamba.ops.selective_scan import (
     selective_scan_reference,
     selective_state_update,
 )
+from jax_packmamba.ops.ssd_scan import ssd_scan, ssd_scan_reference, ssd_state_update
 
 __all__ = [
     "causal_conv1d",
@@ -30,4 +31,7 @@ __all__ = [
     "selective_scan",
     "selective_scan_reference",
     "selective_state_update",
+    "ssd_scan",
+    "ssd_scan_reference",
+    "ssd_state_update",
 ]

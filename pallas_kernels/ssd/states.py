@@ -1,0 +1,150 @@
+"""Initial and final per-slot states around the kernels: plain, differentiable XLA.
+
+The kernels see initial states only as two additive inputs, and give back the states entering
+each chunk, h_in; everything per slot happens here, so the training path (no initial states, no
+final states) never runs this file. A run of slot s that begins inside chunk c starts from
+init[s]: its tokens there read 2^(cs_l) C_l . init[s] (`initial_state_outputs`, added before the
+gate), and if the run reaches the chunk end, the chunk hands on 2^(cs_end) init[s] besides its
+own state (`initial_state_chunk_ends`, added before state passing). A slot's final state is read
+at its last token: the run's tokens in that chunk decayed to it, plus its base (the chunk's h_in
+when the run entered the chunk, else init[s]) decayed to it.
+
+Per-slot sums over tokens are one-hot contractions, (b, t, slots, g, n) float32 temporaries and
+work proportional to the number of slots: fine for prefill and tests; the training step never
+pays for them. The cumulative decay is recomputed here (a segmented associative scan) so that
+its gradient flows through these terms too.
+
+Axis letters as in kernel.py; s here is the segment slot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.common import segment_starts
+
+F32 = jnp.float32
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class Glue:
+    dtp: jax.Array  # (b, T_pad, h) dt' (0 in the padding)
+    cs: jax.Array  # (b, T_pad, h) natural-log cumulative decay, restarting at chunk and run starts
+    lo: jax.Array  # (b, T_pad) seg_lo (kernel.py): -1 where the run entered the chunk
+    slot: jax.Array  # (b, T_pad) segment slot of each position (the padding continues the last)
+    run: jax.Array  # (b, T_pad) run index: strictly increasing over a row's runs
+    length: int
+    chunk: int
+    num_segments: int
+
+    @classmethod
+    def build(cls, dt, A, dt_bias, dt_softplus, segment_ids, seg_lo, num_segments, chunk,
+              padded):
+        batch, length, heads = dt.shape
+        dtp = dt.astype(F32)
+        if dt_bias is not None:
+            dtp = dtp + dt_bias.astype(F32)
+        if dt_softplus:
+            dtp = jax.nn.softplus(dtp)
+        dtp = jnp.pad(dtp, ((0, 0), (0, padded - length), (0, 0)))
+        t = jnp.arange(padded, dtype=jnp.int32)
+        if segment_ids is None:
+            ids = jnp.zeros((batch, padded), jnp.int32)
+            lo = jnp.broadcast_to(jnp.where(t < chunk, 0, -1), (batch, padded))
+        else:
+            ids = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, padded - length)),
+                          mode="edge")
+            lo = seg_lo
+        run = jnp.cumsum(segment_starts(ids).astype(jnp.int32), axis=1) - 1
+        restart = (lo == t % chunk) | (t % chunk == 0)  # a chunk start or a run start
+        a = dtp * A.astype(F32)
+        flags = jnp.broadcast_to(restart[..., None], a.shape)
+
+        def combine(left, right):
+            (a_l, f_l), (a_r, f_r) = left, right
+            return jnp.where(f_r, a_r, a_l + a_r), f_l | f_r
+
+        cs, _ = jax.lax.associative_scan(combine, (a, flags), axis=1)
+        return cls(dtp, cs, lo, ids, run, length, chunk, num_segments)
+
+    def onehot(self, where):
+        """(b, T_pad, s) float32: position t holds slot s and `where` (b, T_pad) holds."""
+        hit = self.slot[..., None] == jnp.arange(self.num_segments)
+        return (hit & where[..., None]).astype(F32)
+
+
+def _pad_rows(a, padded):
+    return jnp.pad(a.astype(F32), ((0, 0), (0, padded - a.shape[1])) + ((0, 0),) * (a.ndim - 2))
+
+
+def initial_state_outputs(glue: Glue, C, init):
+    """(b, t, h, p) float32: 2^(cs_l) C_l . init[slot_l] where l's run began in l's chunk."""
+    batch, padded = glue.lo.shape
+    groups, d_state = C.shape[2:]
+    _, slots, heads, headdim, _ = init.shape
+    c_slot = glue.onehot(glue.lo >= 0)[..., None, None] * _pad_rows(C, padded)[:, :, None]
+    init_g = init.astype(F32).reshape(batch, slots, groups, heads // groups, headdim, d_state)
+    y = jnp.einsum("btsgn,bsgkpn->btgkp", c_slot, init_g, precision=HIGHEST)
+    y = y.reshape(batch, padded, heads, headdim) * jnp.exp(glue.cs)[..., None]
+    return y[:, :glue.length]
+
+
+def _chunk_ends(a, chunk):
+    return a[:, chunk - 1::chunk]
+
+
+def initial_state_chunk_ends(glue: Glue, init):
+    """(b, c, h, p, n) float32: 2^(cs_end) init[s] for chunks whose last run (slot s) began
+    inside them, else 0."""
+    lo_end, slot_end = _chunk_ends(glue.lo, glue.chunk), _chunk_ends(glue.slot, glue.chunk)
+    hit = (slot_end[..., None] == jnp.arange(glue.num_segments)) & (lo_end >= 0)[..., None]
+    s_add = jnp.einsum("bcs,bshpn->bchpn", hit.astype(F32), init.astype(F32), precision=HIGHEST)
+    return s_add * jnp.exp(_chunk_ends(glue.cs, glue.chunk))[..., None, None]
+
+
+def final_states(glue: Glue, x, B, h_in, init):
+    """(b, s, h, p, n) float32: the state after the last token of the last run of each slot
+    (zeros for a slot that does not occur)."""
+    batch, padded = glue.lo.shape
+    heads, headdim = x.shape[2:]
+    groups, d_state = B.shape[2:]
+    t = jnp.arange(padded)
+    is_slot = glue.onehot(jnp.broadcast_to(t < glue.length, glue.lo.shape)) > 0  # (b, T_pad, s)
+    last = jnp.max(jnp.where(is_slot, t[None, :, None], -1), axis=1)  # (b, s)
+    present = last >= 0
+    last = jnp.maximum(last, 0)
+
+    def at_last(a):  # (b, T_pad, ...) -> (b, s, ...) at each slot's last token
+        index = last.reshape(*last.shape, *([1] * (a.ndim - 2)))
+        return jnp.take_along_axis(a, index, axis=1)
+
+    cs_last = at_last(glue.cs)  # (b, s, h)
+    # A token adds to its slot's final state if it is in the slot's last run and in the chunk
+    # of the slot's last token (earlier chunks of the run arrive through h_in).
+    slot_c = jnp.clip(glue.slot, 0, glue.num_segments - 1)
+
+    def per_token(a):  # (b, s, ...) -> (b, T_pad, ...) of each token's slot
+        index = slot_c.reshape(*slot_c.shape, *([1] * (a.ndim - 2)))
+        return jnp.take_along_axis(a, index, axis=1)
+
+    final_run = per_token(at_last(glue.run))
+    final_chunk = per_token(last // glue.chunk)
+    counts = ((glue.run == final_run) & (t[None, :] // glue.chunk == final_chunk)
+              & (t < glue.length)[None, :] & per_token(present))
+    decay = jnp.exp(jnp.where(counts[..., None], per_token(cs_last) - glue.cs, -jnp.inf))
+    xw = _pad_rows(x, padded) * (decay * glue.dtp)[..., None]  # (b, T_pad, h, p)
+    b_slot = glue.onehot(counts)[..., None, None] * _pad_rows(B, padded)[:, :, None]
+    local = jnp.einsum("btgkp,btsgn->bsgkpn",
+                       xw.reshape(batch, padded, groups, heads // groups, headdim), b_slot,
+                       precision=HIGHEST).reshape(batch, glue.num_segments, heads, headdim,
+                                                  d_state)
+    entered = at_last(glue.lo) < 0  # (b, s): the last run entered the last token's chunk
+    h_last = jnp.take_along_axis(h_in, (last // glue.chunk)[:, :, None, None, None], axis=1)
+    base = jnp.where(entered[..., None, None, None], h_last,
+                     0.0 if init is None else init.astype(F32))
+    final = local + jnp.exp(cs_last)[..., None, None] * base
+    return jnp.where(present[..., None, None, None], final, 0.0)

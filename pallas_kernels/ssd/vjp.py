@@ -1,0 +1,360 @@
+"""custom_vjp wiring of the Pallas SSD scan: argument preparation, the XLA glue between kernel
+passes (chunk decays, the log-decay gradient's assembly, sums of per-program partials) and the
+entry point with initial and final states (states.py).
+
+Saved between forward and backward: the inputs, the state entering each chunk h_in
+(b, c, h, p, n) float32 and, with z, the pre-gate output (b, t, h, p) in x's dtype. Everything
+else (dt', the cumulative decays, C B^T, the chunk states) is recomputed by the backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.common import combine_affine, segment_ends, segment_starts
+from pallas_kernels.ssd import kernel, kernel_bwd, states
+from pallas_kernels.ssd.config import SSDConfig, effective_chunk, fit_blocks, pick_config
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Plan:
+    st: kernel.Static
+    cfg: SSDConfig
+    return_states: bool  # the core also returns h_in (for final states)
+
+
+def supported(headdim: int, d_state: int) -> bool:
+    """Shapes the kernels take: their tiles are powers of two of at least 16 (Triton's dot)."""
+    return all(v >= 16 and not v & (v - 1) for v in (headdim, d_state))
+
+
+def ssd_scan_pallas(
+    x, dt, A, B, C, D=None, z=None, dt_bias=None, *,
+    dt_softplus: bool = False,
+    segment_ids=None,
+    chunk_size: int = 256,
+    initial_states=None,
+    return_final_states: bool = False,
+    num_segments: int | None = None,
+    interpret: bool = False,
+    config: SSDConfig | None = None,
+):
+    """Same contract as jax_packmamba.ops.ssd_scan.ssd_scan (arguments validated there);
+    `config` overrides the tiling heuristic (its chunk and blocks are still fitted to the
+    sequence)."""
+    batch, length, heads, headdim = x.shape
+    groups, d_state = B.shape[2:]
+    assert dt.shape == (batch, length, heads) and A.shape == (heads,), (dt.shape, A.shape)
+    assert B.shape == C.shape == (batch, length, groups, d_state), (B.shape, C.shape)
+    if not supported(headdim, d_state):
+        raise ValueError(f"the Pallas SSD kernels need headdim and d_state powers of two >= 16, "
+                         f"got headdim={headdim} (x's axis 3), d_state={d_state} (B's axis 3)")
+    if num_segments is None:
+        num_segments = 1 if initial_states is None else initial_states.shape[1]
+    plan = make_plan(x, dt, B, D, z, dt_bias, dt_softplus=dt_softplus,
+                     has_seg=segment_ids is not None, chunk_size=chunk_size,
+                     has_init=initial_states is not None,
+                     return_states=bool(return_final_states), interpret=interpret,
+                     config=config)
+    return _entry_jit(plan, interpret, num_segments, x, dt, A, B, C, D, z, dt_bias, segment_ids,
+                      initial_states)
+
+
+def _entry(plan: Plan, interpret: bool, num_segments: int, x, dt, A, B, C, D, z, dt_bias,
+           segment_ids, initial_states):
+    st = plan.st
+    seg_lo = seg_hi = None
+    if segment_ids is not None:
+        seg_lo, seg_hi = _step("segment_bounds (xla)",
+                               functools.partial(segment_bounds, chunk=st.chunk,
+                                                 padded=st.padded), segment_ids)
+    glue = y_add = s_add = None
+    if initial_states is not None or plan.return_states:
+        glue = states.Glue.build(dt, A, dt_bias, st.dt_softplus, segment_ids, seg_lo,
+                                 num_segments, st.chunk, st.padded)
+    if initial_states is not None:
+        y_add = states.initial_state_outputs(glue, C, initial_states)
+        s_add = states.initial_state_chunk_ends(glue, initial_states)
+    out = _ssd(plan, interpret, x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_hi, y_add, s_add)
+    if not plan.return_states:
+        return out
+    y, h_in = out
+    h_in = h_in.reshape(st.batch, st.n_chunks, st.heads, st.headdim, st.d_state)
+    return y, states.final_states(glue, x, B, h_in, initial_states)
+
+
+# Eager callers (tests, the interpreter) would otherwise re-trace every kernel on every call;
+# under an outer jit this is inlined.
+_entry_jit = jax.jit(_entry, static_argnums=(0, 1, 2))
+
+
+def make_plan(x, dt, B, D, z, dt_bias, *, dt_softplus, has_seg, chunk_size, has_init,
+              return_states, interpret, config) -> Plan:
+    batch, length, heads, headdim = x.shape
+    groups, d_state = B.shape[2:]
+    if config is None:
+        cfg = pick_config(batch, length, heads, groups, chunk_size)
+    else:
+        cfg = fit_blocks(config, effective_chunk(config, chunk_size, length))
+    per_group = heads // groups
+    # Head splits must divide the heads of a group.
+    cfg = dataclasses.replace(
+        cfg, dcb_head_splits=_divisor(cfg.dcb_head_splits, per_group),
+        dbc_head_splits=_divisor(cfg.dbc_head_splits, per_group),
+        block_state=min(cfg.block_state, headdim * d_state))
+    st = kernel.Static(
+        batch=batch, length=length, heads=heads, headdim=headdim, d_state=d_state,
+        groups=groups, chunk=cfg.chunk, block_l=cfg.block_l, block_s=cfg.block_s,
+        block_k=cfg.block_k, block_state=cfg.block_state, block_heads=cfg.block_heads,
+        dt_softplus=bool(dt_softplus), has_bias=dt_bias is not None, has_seg=has_seg,
+        has_D=D is not None, d_per_p=D is not None and D.ndim == 2, has_z=z is not None,
+        has_y_add=has_init, has_s_add=has_init, mm_dtype=jnp.dtype(x.dtype).name,
+        cb_dtype=cfg.cb_dtype, fast=not interpret)
+    return Plan(st, cfg, return_states)
+
+
+def _divisor(split: int, n: int) -> int:
+    split = max(1, min(split, n))
+    while n % split:
+        split -= 1
+    return split
+
+
+def segment_bounds(segment_ids, chunk: int, padded: int):
+    """(seg_lo, seg_hi), each (b, T_pad) int32: for every position, the first and last position
+    inside its chunk of its run's stretch there; seg_lo = -1 when the run began in an earlier
+    chunk. Padding continues the last run (its dt' is 0: the last chunk ends in the state of
+    the last token)."""
+    batch, length = segment_ids.shape
+    ids = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, padded - length)), mode="edge")
+    t = jnp.broadcast_to(jnp.arange(padded, dtype=jnp.int32), ids.shape)
+    chunk0 = (t // chunk) * chunk
+    run_start = jax.lax.cummax(jnp.where(segment_starts(ids), t, 0), axis=1)
+    run_end = jax.lax.cummin(jnp.where(segment_ends(ids), t, padded - 1), axis=1, reverse=True)
+    seg_lo = jnp.where(run_start < chunk0, -1, run_start - chunk0)
+    seg_hi = jnp.minimum(run_end, chunk0 + chunk - 1) - chunk0
+    return seg_lo.astype(jnp.int32), seg_hi.astype(jnp.int32)
+
+
+# A callback (name, fn, *args) -> fn(*args) that `profiling` installs; None: call directly.
+_PROFILER = None
+
+
+@contextlib.contextmanager
+def profiling(callback):
+    """Within it, every named piece of the forward and backward (each kernel and each XLA piece
+    between them) goes through callback(name, fn, *args), which must return fn(*args): the
+    benchmark's per-kernel profile times each piece alone this way, running the pipeline eagerly
+    (`_ssd_fwd`, `_ssd_bwd`)."""
+    global _PROFILER
+    previous, _PROFILER = _PROFILER, callback
+    try:
+        yield
+    finally:
+        _PROFILER = previous
+
+
+def _step(name, fn, *args):
+    return fn(*args) if _PROFILER is None else _PROFILER(name, fn, *args)
+
+
+def _inputs(**kw):
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def _f32(a):
+    return None if a is None else a.astype(F32)
+
+
+def _launch(plan: Plan, interpret: bool):
+    return dict(num_warps=plan.cfg.num_warps, num_stages=plan.cfg.num_stages,
+                interpret=interpret)
+
+
+def _cumsum(plan, interpret, dt, A, dt_bias, seg_lo):
+    return kernel.chunk_cumsum(_inputs(dt=dt, A=A.astype(F32), bias=_f32(dt_bias),
+                                       seg_lo=seg_lo),
+                               st=plan.st, num_warps=4, interpret=interpret)
+
+
+def chunk_decay(cs, seg_lo, *, st: kernel.Static):
+    """(b, h, c): 2^(cs at the chunk end) if the chunk's last run entered it, else 0 (a reset
+    inside the chunk cuts the incoming state)."""
+    cs_end = cs.reshape(st.batch, st.heads, st.n_chunks, st.chunk)[..., -1]
+    if seg_lo is None:
+        entered = jnp.arange(st.n_chunks) > 0
+        entered = jnp.broadcast_to(entered, (st.batch, st.n_chunks))
+    else:
+        entered = seg_lo.reshape(st.batch, st.n_chunks, st.chunk)[..., -1] < 0
+    return jnp.where(entered[:, None, :], jnp.exp2(cs_end), 0.0)
+
+
+def _pass_states(plan, interpret, S, decay, s_add):
+    """h_in (b, c, h, p * n) from the chunk-end states S (b, c, h, p * n)."""
+    st = plan.st
+    if plan.cfg.state_passing == "pallas":
+        return kernel.state_passing(_inputs(S=S, decay=decay, s_add=s_add), reverse=False,
+                                    st=st, interpret=interpret)
+    drive = S if s_add is None else S + s_add
+    a = jnp.swapaxes(decay, 1, 2)[..., None]  # (b, c, h, 1)
+    _, h_end = jax.lax.associative_scan(combine_affine, (a, drive), axis=1)
+    return jnp.concatenate([jnp.zeros_like(h_end[:, :1]), h_end[:, :-1]], axis=1)
+
+
+def _pass_states_bwd(plan, interpret, dh, h_in, decay):
+    """(dS, ddecay): dS[c] = G[c + 1] with G[c] = dh[c] + decay[c] G[c + 1] (G[n_chunks] = 0),
+    ddecay (b, h, c) = <G[c + 1], h_in[c]>."""
+    st = plan.st
+    if plan.cfg.state_passing == "pallas":
+        dS, ddecay = kernel.state_passing(_inputs(dh=dh, h_in=h_in, decay=decay), reverse=True,
+                                          st=st, interpret=interpret)
+        return dS, ddecay.sum(-1)
+    a = jnp.swapaxes(decay, 1, 2)[..., None]
+    _, G = jax.lax.associative_scan(combine_affine, (a, dh), axis=1, reverse=True)
+    dS = jnp.concatenate([G[:, 1:], jnp.zeros_like(G[:, :1])], axis=1)
+    return dS, jnp.swapaxes(jnp.sum(dS * h_in, axis=-1), 1, 2)
+
+
+def _fwd_impl(plan: Plan, interpret, x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_hi, y_add,
+              s_add):
+    del seg_hi
+    st = plan.st
+    launch = _launch(plan, interpret)
+    size = st.headdim * st.d_state
+    cs, dtp = _step("fwd.chunk_cumsum", functools.partial(_cumsum, plan, interpret), dt, A,
+                    dt_bias, seg_lo)
+    cb = _step("fwd.chunk_cb", functools.partial(kernel.chunk_cb, st=st, **launch),
+               dict(C=C, B=B))
+    S = _step("fwd.chunk_states",
+              functools.partial(kernel.chunk_states, mode="fwd", st=st, **launch),
+              _inputs(x=x, B=B, cs=cs, dtp=dtp, seg_lo=seg_lo))
+    S = S.reshape(st.batch, st.n_chunks, st.heads, size)
+    if s_add is not None:
+        s_add = s_add.astype(F32).reshape(S.shape)
+    decay = _step("fwd.chunk_decay (xla)", functools.partial(chunk_decay, st=st), cs, seg_lo)
+    h_in = _step("fwd.state_passing", functools.partial(_pass_states, plan, interpret), S,
+                 decay, s_add)
+    h_in = h_in.reshape(st.batch, st.n_chunks, st.heads, st.headdim, st.d_state)
+    y, y_pre = _step(
+        "fwd.chunk_scan",
+        functools.partial(kernel.chunk_scan, st=st, y_dtype=x.dtype, **launch),
+        _inputs(x=x, z=z, C=C, cb=cb, cs=cs, dtp=dtp, h_in=h_in, D=_f32(D), y_add=_f32(y_add),
+                seg_lo=seg_lo))
+    out = (y, h_in.reshape(st.batch, st.n_chunks, st.heads, size)) if plan.return_states else y
+    return out, (h_in, y_pre)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _ssd(plan, interpret, x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_hi, y_add, s_add):
+    return _fwd_impl(plan, interpret, x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_hi, y_add,
+                     s_add)[0]
+
+
+def _ssd_fwd(plan, interpret, x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_hi, y_add, s_add):
+    out, (h_in, y_pre) = _fwd_impl(plan, interpret, x, dt, A, B, C, D, z, dt_bias, seg_lo,
+                                   seg_hi, y_add, s_add)
+    return out, (x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_hi, h_in, y_pre)
+
+
+def _gate_bwd(dy, z, y_pre, *, dtype):
+    """dy' = dy silu(z) and dz = dy y_pre silu'(z), in float32 then rounded."""
+    z_dtype = z.dtype
+    dy, z, y_pre = dy.astype(F32), z.astype(F32), y_pre.astype(F32)
+    sig = jax.nn.sigmoid(z)
+    dz = dy * y_pre * sig * (1.0 + z * (1.0 - sig))
+    return (dy * z * sig).astype(dtype), dz.astype(z_dtype)
+
+
+def _ssd_bwd(plan, interpret, res, cts):
+    x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_hi, h_in, y_pre = res
+    st, cfg = plan.st, plan.cfg
+    launch = _launch(plan, interpret)
+    dy, dh_ct = cts if plan.return_states else (cts, None)
+    size = st.headdim * st.d_state
+    if z is not None:
+        dyp, dz = _step("bwd.gate (xla)", functools.partial(_gate_bwd, dtype=x.dtype), dy, z,
+                        y_pre)
+    else:
+        dyp, dz = dy.astype(x.dtype), None
+    cs, dtp = _step("bwd.chunk_cumsum", functools.partial(_cumsum, plan, interpret), dt, A,
+                    dt_bias, seg_lo)
+    cb = _step("bwd.chunk_cb", functools.partial(kernel.chunk_cb, st=st, **launch),
+               dict(C=C, B=B))
+    # The gradient reaching each chunk's incoming state, then across chunks.
+    dh = _step("bwd.chunk_dstates",
+               functools.partial(kernel.chunk_states, mode="bwd", st=st, **launch),
+               _inputs(dy=dyp, C=C, cs=cs, seg_lo=seg_lo, seg_hi=seg_hi))
+    dh = dh.reshape(st.batch, st.n_chunks, st.heads, size)
+    if dh_ct is not None:
+        dh = dh + dh_ct.astype(F32)
+    decay = _step("bwd.chunk_decay (xla)", functools.partial(chunk_decay, st=st), cs, seg_lo)
+    dS, ddecay = _step("bwd.state_passing", functools.partial(_pass_states_bwd, plan, interpret),
+                       dh, h_in.reshape(dh.shape), decay)
+    dS = dS.reshape(h_in.shape)
+    seg = _inputs(seg_lo=seg_lo, seg_hi=seg_hi)
+    dx, ddt_x, dcs_state, dD_part = _step(
+        "bwd.dx", functools.partial(kernel_bwd.bwd_dx, st=st, x_dtype=x.dtype, **launch),
+        _inputs(x=x, dy=dyp, B=B, cb=cb, cs=cs, dtp=dtp, dS=dS, D=_f32(D), **seg))
+    splits = cfg.dcb_head_splits
+    dcb, rowsum, colsum = _step(
+        "bwd.dcb", functools.partial(kernel_bwd.bwd_dcb, st=st, splits=splits, **launch),
+        _inputs(x=x, dy=dyp, cb=cb, cs=cs, dtp=dtp, **seg))
+    if splits > 1:
+        dcb = _step("bwd.dcb_split_sum (xla)", functools.partial(_sum_splits, st=st), dcb)
+    dsplits = cfg.dbc_head_splits
+    dC, a_inter = _step(
+        "bwd.dc", functools.partial(kernel_bwd.bwd_dbc, mode="dC", st=st, splits=dsplits,
+                                    out_dtype=C.dtype, **launch),
+        _inputs(dy=dyp, B=B, C=C, dcb=dcb, cs=cs, h_in=h_in, **seg))
+    dB = _step(
+        "bwd.db", functools.partial(kernel_bwd.bwd_dbc, mode="dB", st=st, splits=dsplits,
+                                    out_dtype=B.dtype, **launch),
+        _inputs(x=x, C=C, dcb=dcb, cs=cs, dtp=dtp, dS=dS, **seg))
+    if dsplits > 1:
+        # Left to itself XLA may fuse these sums into a consumer's concatenation (the Mamba1
+        # scan measured that 5x slower than a reduction of its own).
+        dC, dB = _step("bwd.dbc_split_sum (xla)",
+                       lambda dC, dB: jax.lax.optimization_barrier(
+                           (dC.sum(1).astype(C.dtype), dB.sum(1).astype(B.dtype))), dC, dB)
+    dcs = _step("bwd.assemble_dcs (xla)", functools.partial(_assemble_dcs, st), rowsum, colsum,
+                a_inter, dcs_state, decay, ddecay)
+    ddt, dA_part, dbias_part = _step(
+        "bwd.chunk_cumsum_bwd",
+        functools.partial(kernel_bwd.cumsum_bwd, st=st, dt_dtype=dt.dtype, num_warps=4,
+                          interpret=interpret),
+        _inputs(dt=dt, A=A.astype(F32), bias=_f32(dt_bias), dcs=dcs, ddt_x=ddt_x, **seg))
+    dA = dA_part.sum((0, 1)).astype(A.dtype)
+    dbias = None if dt_bias is None else dbias_part.sum((0, 1)).astype(dt_bias.dtype)
+    dD = None
+    if D is not None:
+        dD = dD_part.sum((0, 1))
+        dD = (dD if D.ndim == 2 else dD.sum(-1)).astype(D.dtype)
+    # The gradients of the kernels' additive inputs (states.py makes them from initial states).
+    d_y_add = dyp.astype(F32) if st.has_y_add else None
+    d_s_add = dS if st.has_s_add else None
+    return dx, ddt, dA, dB, dC, dD, dz, dbias, None, None, d_y_add, d_s_add
+
+
+def _sum_splits(dcb, st):
+    return dcb.reshape(st.batch, st.n_chunks, st.groups, -1, st.chunk, st.chunk).sum(3)
+
+
+def _assemble_dcs(st, rowsum, colsum, a_inter, dcs_state, decay, ddecay):
+    """d cs (b, h, T_pad) in natural-log units: the intra-chunk terms (row minus column sums of
+    T), the inter term, the chunk-state terms (each token's -dt' x . (dS B) share, and their sum
+    plus decay * ddecay at the chunk's last position)."""
+    dcs = rowsum.sum(2) - colsum.sum(2) + a_inter - dcs_state
+    shape = (st.batch, st.heads, st.n_chunks, st.chunk)
+    end = dcs_state.reshape(shape).sum(-1) + decay * ddecay
+    dcs = dcs.reshape(shape).at[..., -1].add(end)
+    return dcs.reshape(st.batch, st.heads, st.padded)
+
+
+_ssd.defvjp(_ssd_fwd, _ssd_bwd)
