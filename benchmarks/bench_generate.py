@@ -43,7 +43,8 @@ sampling's sort/scan, copies, other fusions), plus a check that the Pallas layer
 the XLA one on the device.
 
 --preset mamba2-2.7b is the hook for Mamba2 (gen_torch.py drives mamba_ssm's Mamba2 already):
-it fails with a clear message until a Mamba2 language model exists in jax_packmamba.
+it fails with a clear message until jax_packmamba.generation decodes Mamba2LM (whose blocks
+have prefill and step already).
 """
 
 from __future__ import annotations
@@ -117,8 +118,8 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"--settings: unknown {unknown}; choose from {sorted(SETTINGS)}")
     if args.preset in MAMBA2_PRESETS:
-        p.error(f"--preset {args.preset}: jax_packmamba has no Mamba2 language model yet "
-                "(the anchor side is ready: gen_torch.py --preset mamba2-2.7b)")
+        p.error(f"--preset {args.preset}: jax_packmamba.generation does not drive Mamba2LM "
+                "yet (the anchor side is ready: gen_torch.py --preset mamba2-2.7b)")
     return args
 
 
