@@ -1,31 +1,46 @@
 """Text generation with a recurrent cache: one packed prefill, then one jitted decode loop.
 
-Axis letters: l layer, p prompt, r packed row, t time, d d_model, e d_inner, n d_state,
-w d_conv - 1, v vocabulary.
+Axis letters: l layer, p prompt, P prompts padded to the batch bucket, r packed row, t time,
+d d_model, e d_inner, n d_state, w d_conv - 1, v vocabulary, T new-token bucket.
 
     prefill  all prompts, whatever their lengths, are packed into rows (`pack_sequences`) and
-             run through the model ONCE; every layer's scan returns each segment's final SSM
-             state and the conv state is gathered from each prompt's last w conv inputs (zeros
-             where the prompt is shorter), so each prompt leaves with the state it would have
-             had run alone: DecodeState(conv (l, p, w, e), ssm (l, p, e, n)).
-    decode   a `lax.while_loop` of recurrent steps (sample, then one token through every
-             layer): the state has a fixed size, so a token costs the same whatever was
-             generated before, and the loop compiles once for a given batch and length.
+             run through the model in ONE packed pass, one jitted layer function called once
+             per layer (so its compile does not grow with the depth); every layer's scan
+             returns each segment's final SSM state and the conv state is gathered from each
+             prompt's last w conv inputs (zeros where the prompt is shorter), so each prompt
+             leaves with the state it would have had run alone.
+    decode   a `lax.while_loop` of steps (one token through every layer, then sampling,
+             jax_packmamba.sampling): the state has a fixed size, so a token costs the same
+             whatever was generated before. The layers are unrolled inside the step, with
+             each layer's weights and states in buffers of their own: XLA then reads every
+             weight where it lies (a layer-stacked weight sliced in a loop is copied every
+             step), updates every state in place, and runs the step as straight-line code
+             (CUDA graphs on a GPU). The middle of each mixer is the unfused XLA ops or the
+             Pallas kernels of pallas_kernels/decode (`decode_impl`; decode_step.py).
 
-The layers' parameters are stacked (`prepare`) so both passes `lax.scan` over layers: the
-compile time does not grow with the depth. Weights that the model only uses cast to the compute
-dtype (projections, conv) are stored cast, which changes no result and halves what each decode
-step reads in bfloat16.
+Compiles: one per (model, batch bucket, new-token bucket, sampling mode): the batch is padded
+to a power of two, max_new_tokens to a power of two (at least 16) with the real count traced,
+sampling values are traced (sampling.py), and the prefill's packed rows and segment count are
+bucketed to powers of two. `compile_stats` measures what a call compiled.
 
-The command line is jax_packmamba/generate.py: `python -m jax_packmamba.generate --checkpoint DIR
---prompt "..."`.
+Weights that the model only uses in the compute dtype (projections, conv) are stored cast: each
+decode step reads them at that size. By default the embedding table is stored once, in the
+compute dtype, for both the input lookup and the tied head, as mamba_ssm's bfloat16 model
+does: in bfloat16 that rounds the residual stream's input (the model keeps it float32) and
+saves the float32 table's memory; `prepare(model, embedding_in_compute_dtype=False)` keeps
+the float32 table for the lookup (and a compute-dtype copy for a tied head). In float32 the
+two are the same.
+
+The command line is jax_packmamba/generate.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from typing import NamedTuple
+import time
+from typing import Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +48,10 @@ import numpy as np
 from flax import nnx
 
 from jax_packmamba.config import MambaConfig
-from jax_packmamba.model import MambaLM, MixerState, vocab_logits
+from jax_packmamba.decode_step import block_step, resolve_decode_impl
+from jax_packmamba.model import MambaLM
 from jax_packmamba.packing import COLUMN, PIECE_LENGTH, ROW, pack_sequences
+from jax_packmamba.sampling import SamplingConfig, SamplingMode, SamplingParams, is_eos, sample
 
 # Parameters that the model casts to the compute dtype before use (nnx.Linear and the conv);
 # dt_proj.bias is not among them: it enters the scan in float32.
@@ -42,26 +59,28 @@ _CAST_PARAMS = {("in_proj", "kernel"), ("in_proj", "bias"), ("x_proj", "kernel")
                 ("dt_proj", "kernel"), ("out_proj", "kernel"), ("out_proj", "bias"),
                 ("conv_weight",), ("conv_bias",), ("lm_head", "kernel")}
 
+MIN_NEW_TOKEN_BUCKET = 16
+
 
 class DecodeState(NamedTuple):
-    """Recurrent cache of every layer: conv (l, p, d_conv - 1, e) in the compute dtype (the
-    last conv inputs, oldest first), ssm (l, p, e, n) float32."""
+    """Recurrent cache, one buffer per layer: conv[l] (p, d_conv - 1, e) in the compute dtype
+    (the last conv inputs, oldest first), ssm[l] (p, e, n) float32."""
 
-    conv: jax.Array
-    ssm: jax.Array
+    conv: tuple
+    ssm: tuple
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["params"],
                    meta_fields=["config", "graphs"])
 @dataclasses.dataclass(frozen=True)
 class PreparedModel:
-    """A MambaLM split for inference: the layers' parameters stacked along a leading axis.
+    """A MambaLM split for inference.
 
-    params: {"embedding", "layers", "norm_f", "lm_head", "head_embedding"} nnx states (None
-    where absent); graphs: (block, embedding, norm_f, lm_head) graph definitions (static).
-    head_embedding is the tied output table already in the compute dtype (None when the head
-    is untied or the compute dtype is float32): each decode step then reads it at its size
-    instead of casting the float32 table again. Build with `prepare(model)`; a pytree, so it passes through jit.
+    params: {"embedding", "layers", "norm_f", "lm_head", "head_embedding"}: nnx states,
+    "layers" a tuple of one state per block (None where absent); graphs: (block, embedding,
+    norm_f, lm_head) graph definitions (static). head_embedding is a compute-dtype copy of a
+    tied table kept in float32 (None otherwise: the head reads "embedding"). Build with
+    `prepare(model)`; a pytree, so it passes through jit.
     """
 
     config: MambaConfig
@@ -69,26 +88,29 @@ class PreparedModel:
     params: dict
 
 
-def prepare(model: MambaLM) -> PreparedModel:
-    """Stacks the layers of `model` and stores compute-dtype copies of the weights that are
-    only used in the compute dtype. The result does not share memory with the model."""
+def prepare(model: MambaLM, *, embedding_in_compute_dtype: bool = True) -> PreparedModel:
+    """Splits `model` for inference, one state per layer, with compute-dtype copies of the
+    weights only used in the compute dtype (and of the embedding table unless
+    embedding_in_compute_dtype is False; see the module docstring). The result does not share
+    memory with the model."""
     if isinstance(model, PreparedModel):
         return model
     if not isinstance(model, MambaLM):
         raise ValueError(f"model must be a MambaLM or PreparedModel, got {type(model).__name__}")
     dtype = model.config.compute_dtype
     block_graph, _ = nnx.split(model.layers[0])
-    layers = [inference_state(layer, "layers", dtype) for layer in model.layers]
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
-    params = dict(layers=stacked)
+    params = dict(layers=tuple(inference_state(layer, "layers", dtype) for layer in model.layers))
     graphs = [block_graph]
     for name in ("embedding", "norm_f", "lm_head"):
         module = getattr(model, name)
         graphs.append(None if module is None else nnx.split(module)[0])
         params[name] = None if module is None else inference_state(module, name, dtype)
-    tied_cast = model.lm_head is None and dtype != jnp.float32
-    params["head_embedding"] = (
-        jax.tree.map(lambda x: x.astype(dtype), params["embedding"]) if tied_cast else None)
+    cast = lambda state: jax.tree.map(lambda x: x.astype(dtype), state)  # noqa: E731
+    params["head_embedding"] = None
+    if embedding_in_compute_dtype:
+        params["embedding"] = cast(params["embedding"])
+    elif model.lm_head is None and dtype != jnp.float32:
+        params["head_embedding"] = cast(params["embedding"])
     return PreparedModel(config=model.config, graphs=tuple(graphs), params=params)
 
 
@@ -105,8 +127,93 @@ def inference_state(module, name: str, dtype):
     return jax.tree_util.tree_map_with_path(cast, nnx.split(module)[1])
 
 
+def batch_bucket(num: int) -> int:
+    """Rows the decode loop runs for `num` prompts: the next power of two."""
+    return 1 << max(0, (num - 1).bit_length())
+
+
+def new_token_bucket(max_new_tokens: int) -> int:
+    """Columns of the decode loop's token buffer: a power of two, at least 16."""
+    return max(MIN_NEW_TOKEN_BUCKET, 1 << max(0, (max_new_tokens - 1).bit_length()))
+
+
 # ---------------------------------------------------------------------------------------------
-# Prefill and step.
+# Prefill.
+
+
+@dataclasses.dataclass
+class Prefilled:
+    """What the prefill hands to decoding, padded to the batch bucket P (rows past num_prompts
+    repeat the last prompt and are never reported). Decoding consumes it: its buffers are
+    donated to the decode loop.
+
+    logits (P, v) float32 at each prompt's last token; state for P rows; seen (P, v) bool, the
+    prompts' tokens (for the repetition penalty).
+    """
+
+    logits: jax.Array
+    state: DecodeState
+    seen: jax.Array
+    num_prompts: int
+
+
+class PrefillInputs(NamedTuple):
+    """The host side of a prefill: prompts packed into rows, bucketed (numpy arrays)."""
+
+    tokens: np.ndarray  # (r, t) packed tokens, r and t powers of two
+    segment_ids: np.ndarray  # (r, t): 1, 2, ... per prompt in a row, 0 for padding
+    rows: np.ndarray  # (P,) each prompt's row (padding rows repeat the last prompt's)
+    slots: np.ndarray  # (P,) its segment id there
+    last: np.ndarray  # (P,) the column of its last token
+    prompt_of: np.ndarray  # (r, t) the prompt each token belongs to (P for padding)
+    num_segments: int  # segment slots per row, a power of two
+    num_prompts: int
+
+
+def prefill_inputs(prompts, config: MambaConfig) -> PrefillInputs:
+    """Packs prompts for `prefill_batch` (the part that runs on the host)."""
+    prompts = _check_prompts(prompts, config)
+    num = len(prompts)
+    size = batch_bucket(num)
+    longest = max(len(p) for p in prompts)
+    row_length = max(2, 1 << (longest - 1).bit_length())  # one compile per power of two
+    batch = pack_sequences(prompts, row_length)
+    placements = batch.placements  # one piece per prompt, in prompt order
+    rows, columns, lengths = (placements[:, ROW], placements[:, COLUMN],
+                              placements[:, PIECE_LENGTH])
+    slots = batch.segment_ids[rows, columns]
+    last = columns + lengths - 1
+    # Packed rows and segment slots bucketed to powers of two; padding rows hold segment 0.
+    num_rows = batch_bucket(batch.tokens.shape[0])
+    tokens = _pad_to(batch.tokens, num_rows)
+    prompt_of = np.full(tokens.shape, size, np.int32)  # `size`: no prompt (dropped)
+    for i, (r, c, n) in enumerate(zip(rows, columns, lengths)):
+        prompt_of[r, c:c + n] = i
+    index = lambda a: _pad_to(a.astype(np.int32), size, repeat_last=True)  # noqa: E731
+    return PrefillInputs(tokens=tokens, segment_ids=_pad_to(batch.segment_ids, num_rows),
+                         rows=index(rows), slots=index(slots), last=index(last),
+                         prompt_of=prompt_of,
+                         num_segments=batch_bucket(int(batch.segment_ids.max()) + 1),
+                         num_prompts=num)
+
+
+def prefill_batch(model, prompts) -> Prefilled:
+    """Runs all prompts through the model in one packed pass (see the module docstring)."""
+    model = prepare(model)
+    inputs = prefill_inputs(prompts, model.config)
+    rows, slots, last = map(jnp.asarray, (inputs.rows, inputs.slots, inputs.last))
+    segment_ids = jnp.asarray(inputs.segment_ids)
+    residual = _embed(_table(model), jnp.asarray(inputs.tokens))
+    conv, ssm = [], []
+    for params in model.params["layers"]:
+        residual, c, s = _prefill_layer(model.graphs[0], params, residual, segment_ids, rows,
+                                        slots, num_segments=inputs.num_segments)
+        conv.append(c)
+        ssm.append(s)
+    logits = _prefill_head(_head_params(model), model.graphs, model.config, residual, rows, last)
+    seen = _seen(jnp.asarray(inputs.tokens), jnp.asarray(inputs.prompt_of),
+                 size=len(inputs.rows), vocab=model.config.padded_vocab_size)
+    return Prefilled(logits, DecodeState(tuple(conv), tuple(ssm)), seen, inputs.num_prompts)
 
 
 def prefill(model, prompts) -> tuple[jax.Array, DecodeState]:
@@ -119,170 +226,329 @@ def prefill(model, prompts) -> tuple[jax.Array, DecodeState]:
     Returns:
       (logits (p, v) float32 at each prompt's last token, DecodeState for p prompts).
     """
-    model = prepare(model)
-    prompts = _check_prompts(prompts, model.config)
-    longest = max(len(p) for p in prompts)
-    row_length = max(2, 1 << (longest - 1).bit_length())  # one compile per power of two
-    batch = pack_sequences(prompts, row_length)
-    placements = batch.placements  # one piece per prompt, in prompt order
-    rows = placements[:, ROW]
-    slots = batch.segment_ids[rows, placements[:, COLUMN]]
-    last = placements[:, COLUMN] + placements[:, PIECE_LENGTH] - 1
-    return _prefill(model, jnp.asarray(batch.tokens), jnp.asarray(batch.segment_ids),
-                    jnp.asarray(rows), jnp.asarray(slots), jnp.asarray(last),
-                    num_segments=int(batch.segment_ids.max()) + 1)
+    out = prefill_batch(model, prompts)
+    num = out.num_prompts
+    return out.logits[:num], jax.tree.map(lambda x: x[:num], out.state)
 
 
-@functools.partial(jax.jit, static_argnames=("num_segments",))
-def _prefill(model: PreparedModel, tokens, segment_ids, rows, slots, last, *, num_segments):
-    block_graph, embed_graph, _, _ = model.graphs
-    residual = nnx.merge(embed_graph, model.params["embedding"])(tokens)
-
-    def layer(residual, params):
-        block = nnx.merge(block_graph, params)
-        residual, state = block.prefill(residual, segment_ids, num_segments=num_segments)
-        return residual, MixerState(state.conv[rows, slots], state.ssm[rows, slots])
-
-    residual, states = jax.lax.scan(layer, residual, model.params["layers"])
-    logits = _head(model, residual[rows, last])
-    return logits, DecodeState(conv=states.conv, ssm=states.ssm)
+@functools.partial(jax.jit, static_argnames=("graph", "num_segments"), donate_argnames=("residual",))
+def _prefill_layer(graph, params, residual, segment_ids, rows, slots, *, num_segments):
+    block = nnx.merge(graph, params)
+    residual, state = block.prefill(residual, segment_ids, num_segments=num_segments)
+    return residual, state.conv[rows, slots], state.ssm[rows, slots]
 
 
 @jax.jit
-def step(model: PreparedModel, tokens, state: DecodeState) -> tuple[jax.Array, DecodeState]:
-    """One token per sequence through every layer: tokens (p,) int -> (logits (p, v) float32,
-    next DecodeState). `model` must be prepared (`prepare`)."""
-    block_graph, embed_graph, _, _ = model.graphs
-    residual = nnx.merge(embed_graph, model.params["embedding"])(tokens)
-
-    def layer(residual, xs):
-        params, conv, ssm = xs
-        residual, state = nnx.merge(block_graph, params).step(residual, MixerState(conv, ssm))
-        return residual, state
-
-    residual, states = jax.lax.scan(layer, residual, (model.params["layers"], state.conv, state.ssm))
-    return _head(model, residual), DecodeState(conv=states.conv, ssm=states.ssm)
+def _embed(table, tokens):
+    return table[tokens].astype(jnp.float32)
 
 
-def _head(model: PreparedModel, residual):
-    _, embed_graph, norm_graph, head_graph = model.graphs
-    params = model.params
-    lm_head = None if head_graph is None else nnx.merge(head_graph, params["lm_head"])
-    table = params["embedding"] if params["head_embedding"] is None else params["head_embedding"]
-    logits = vocab_logits(residual, nnx.merge(norm_graph, params["norm_f"]),
-                          nnx.merge(embed_graph, table), lm_head, model.config.compute_dtype)
-    return logits.astype(jnp.float32)
+@functools.partial(jax.jit, static_argnames=("graphs", "config"))
+def _prefill_head(head_params, graphs, config, residual, rows, last):
+    return _head(head_params, graphs, config, residual[rows, last])
+
+
+@functools.partial(jax.jit, static_argnames=("size", "vocab"))
+def _seen(tokens, prompt_of, *, size, vocab):
+    seen = jnp.zeros((size, vocab), bool)
+    return seen.at[prompt_of.ravel(), tokens.ravel()].set(True, mode="drop")
+
+
+def _pad_to(a, rows, *, repeat_last=False):
+    if a.shape[0] == rows:
+        return a
+    fill = np.repeat(a[-1:], rows - a.shape[0], axis=0) if repeat_last else np.zeros(
+        (rows - a.shape[0], *a.shape[1:]), a.dtype)
+    return np.concatenate([a, fill])
 
 
 # ---------------------------------------------------------------------------------------------
-# Sampling and the decode loop.
+# One step through every layer.
 
 
-def sample_next_token(logits, key, *, temperature=1.0, top_k=None, top_p=None, vocab_size=None):
-    """Samples one token per row of logits (p, v); temperature 0 is greedy (argmax).
-
-    Only ids below vocab_size (default: all) can be drawn. top_k keeps the k largest logits;
-    top_p keeps the smallest set of most likely tokens whose probability reaches top_p (after
-    temperature and top_k). top_k and the presence of top_p must be static under jit.
-    """
-    logits = logits.astype(jnp.float32)
-    v = logits.shape[-1]
-    if vocab_size is not None and vocab_size < v:
-        logits = jnp.where(jnp.arange(v) < vocab_size, logits, -jnp.inf)
-    if isinstance(temperature, (int, float)) and temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, min(top_k, v))[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p is not None:
-        ordered = jnp.sort(logits, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(ordered, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
-        keep = before < top_p  # always keeps the most likely token
-        threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+def _table(model: PreparedModel):
+    return model.params["embedding"]["embedding"][...]
 
 
-def decode(model, logits, state: DecodeState, max_new_tokens: int, *, temperature=1.0,
-           top_k=None, top_p=None, seed=0, eos_id=None):
-    """Samples up to max_new_tokens per sequence from prefill's (logits, state).
+def _head_params(model: PreparedModel):
+    head = model.params["head_embedding"]
+    return dict(norm_f=model.params["norm_f"], lm_head=model.params["lm_head"],
+                embedding=model.params["embedding"] if head is None else head)
 
-    Returns (tokens (p, max_new_tokens) int32, num_generated (p,) int32) as jax arrays: row i
-    holds its num_generated[i] tokens (ending with eos_id if it stopped there), then eos_id (or
-    0) as filler. One jitted while_loop; it ends when every sequence has stopped.
+
+def _head(head_params, graphs, config: MambaConfig, residual):
+    """Final norm and vocabulary projection: residual (..., d) -> logits (..., v) float32."""
+    hidden = nnx.merge(graphs[2], head_params["norm_f"])(residual)
+    if head_params["lm_head"] is not None:
+        logits = nnx.merge(graphs[3], head_params["lm_head"])(hidden)
+    else:
+        table = head_params["embedding"]["embedding"][...]
+        logits = hidden @ table.astype(config.compute_dtype).T
+    return logits.astype(jnp.float32)
+
+
+def _step(model: PreparedModel, tokens, state: DecodeState, impl: str):
+    residual = _table(model)[tokens].astype(jnp.float32)
+    conv, ssm = [], []
+    for params, c, s in zip(model.params["layers"], state.conv, state.ssm):
+        residual, c, s = block_step(params, residual, c, s, config=model.config, impl=impl)
+        conv.append(c)
+        ssm.append(s)
+    return (_head(_head_params(model), model.graphs, model.config, residual),
+            DecodeState(tuple(conv), tuple(ssm)))
+
+
+def step(model: PreparedModel, tokens, state: DecodeState, *, decode_impl: str = "auto"):
+    """One token per sequence through every layer: tokens (p,) int -> (logits (p, v) float32,
+    next DecodeState). `model` must be prepared (`prepare`)."""
+    return _step_jit(model, tokens, state, impl=resolve_decode_impl(decode_impl, model.config))
+
+
+_step_jit = jax.jit(_step, static_argnames=("impl",))
+
+
+# ---------------------------------------------------------------------------------------------
+# The decode loop.
+
+
+class _Run(NamedTuple):
+    """The decode loop's carry."""
+
+    i: jax.Array  # () tokens generated so far (the next column of `out`)
+    token: jax.Array  # (P,) the last token of each row
+    state: DecodeState
+    out: jax.Array  # (P, T) generated tokens, the filler after a row stops
+    done: jax.Array  # (P,) stopped (an EOS id, or a padding row)
+    count: jax.Array  # (P,) tokens generated, EOS included
+    seen: jax.Array  # (P, v) tokens the repetition penalty applies to
+    key: jax.Array
+
+
+def _filler(params: SamplingParams):
+    return jnp.maximum(params.eos_ids[0], 0)
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "vocab_size", "columns"),
+                   donate_argnames=("state", "seen"))
+def _start(logits, state, seen, key, params, num_prompts, *, mode, vocab_size, columns):
+    size = logits.shape[0]
+    rows = jnp.arange(size)
+    first = sample(logits, seen, jax.random.fold_in(key, 0), params, mode, vocab_size=vocab_size)
+    padding = rows >= num_prompts
+    fill = _filler(params)
+    first = jnp.where(padding, fill, first)
+    out = jnp.full((size, columns), fill, jnp.int32).at[:, 0].set(first)
+    return _Run(i=jnp.int32(1), token=first, state=state, out=out,
+                done=padding | is_eos(first, params), count=(~padding).astype(jnp.int32),
+                seen=seen.at[rows, first].set(True), key=key)
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "impl", "vocab_size"), donate_argnames=("run",))
+def _decode_loop(model, run: _Run, limit, params, *, mode, impl, vocab_size):
+    """Steps until `limit` tokens are generated or every row has stopped."""
+    fill = _filler(params)
+    rows = jnp.arange(run.token.shape[0])
+
+    def cond(run):
+        return (run.i < limit) & ~jnp.all(run.done)
+
+    def body(run):
+        logits, state = _step(model, run.token, run.state, impl)
+        token = sample(logits, run.seen, jax.random.fold_in(run.key, run.i), params, mode,
+                       vocab_size=vocab_size)
+        token = jnp.where(run.done, fill, token)
+        return _Run(i=run.i + 1, token=token, state=state,
+                    out=jax.lax.dynamic_update_slice(run.out, token[:, None], (0, run.i)),
+                    done=run.done | is_eos(token, params),
+                    count=run.count + (~run.done).astype(jnp.int32),
+                    seen=run.seen.at[rows, token].set(True), key=run.key)
+
+    return jax.lax.while_loop(cond, body, run)
+
+
+def _begin(model: PreparedModel, prefilled: Prefilled, max_new_tokens: int,
+           sampling: SamplingConfig) -> _Run:
+    run = _start(prefilled.logits, prefilled.state, prefilled.seen, jax.random.key(sampling.seed),
+                 sampling.params(), jnp.int32(prefilled.num_prompts), mode=sampling.mode,
+                 vocab_size=model.config.vocab_size, columns=new_token_bucket(max_new_tokens))
+    prefilled.state = prefilled.seen = None  # donated
+    return run
+
+
+def decode_batch(model, prefilled: Prefilled, max_new_tokens: int,
+                 sampling: SamplingConfig | None = None, *, decode_impl: str = "auto"):
+    """Samples up to max_new_tokens per prompt from a prefill (which it consumes).
+
+    Returns numpy (tokens (p, max_new_tokens) int32, num_generated (p,) int32): row i holds its
+    num_generated[i] tokens (ending with an EOS id if it stopped at one), then the first EOS id
+    (or 0) as filler.
     """
     model = prepare(model)
-    _check_sampling(max_new_tokens, temperature, top_k, top_p, eos_id)
-    greedy = temperature == 0
-    return _decode(model, logits, state, jax.random.key(seed),
-                   jnp.float32(1.0 if greedy else temperature), jnp.float32(top_p or 1.0),
-                   jnp.int32(-1 if eos_id is None else eos_id),
-                   max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
-                   use_top_p=top_p is not None)
+    sampling = sampling or SamplingConfig()
+    _check_max_new_tokens(max_new_tokens)
+    num = prefilled.num_prompts
+    if max_new_tokens == 0:
+        return np.zeros((num, 0), np.int32), np.zeros((num,), np.int32)
+    impl = resolve_decode_impl(decode_impl, model.config)
+    run = _begin(model, prefilled, max_new_tokens, sampling)
+    run = _decode_loop(model, run, jnp.int32(max_new_tokens), sampling.params(),
+                       mode=sampling.mode, impl=impl, vocab_size=model.config.vocab_size)
+    out, count = np.asarray(run.out), np.asarray(run.count)
+    return out[:num, :max_new_tokens], count[:num]
 
 
-@functools.partial(jax.jit, static_argnames=("max_new_tokens", "greedy", "top_k", "use_top_p"))
-def _decode(model, logits, state, key, temperature, top_p, eos_id, *, max_new_tokens, greedy,
-            top_k, use_top_p):
+def stream(model, prefilled: Prefilled, max_new_tokens: int,
+           sampling: SamplingConfig | None = None, *, block: int = 8,
+           decode_impl: str = "auto") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """decode_batch in jitted blocks of `block` steps (the same compiled loop, run to a later
+    limit each time): yields numpy (tokens (p, generated so far), num_generated (p,)) after
+    the first token and after each block, until every prompt is done."""
+    model = prepare(model)
+    sampling = sampling or SamplingConfig()
+    _check_max_new_tokens(max_new_tokens)
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be an int >= 1, got {block!r}")
+    num = prefilled.num_prompts
+    if max_new_tokens == 0:
+        return
+    impl = resolve_decode_impl(decode_impl, model.config)
+    params = sampling.params()
+    run = _begin(model, prefilled, max_new_tokens, sampling)
+    while True:
+        i, done = int(run.i), bool(np.all(np.asarray(run.done)))
+        yield np.asarray(run.out)[:num, :i], np.asarray(run.count)[:num]
+        if i >= max_new_tokens or done:
+            return
+        run = _decode_loop(model, run, jnp.int32(min(i + block, max_new_tokens)), params,
+                           mode=sampling.mode, impl=impl, vocab_size=model.config.vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# The functions callers had before the batch/stream API (same arguments, same results).
+
+
+def sample_next_token(logits, key, *, temperature=1.0, top_k=None, top_p=None, min_p=None,
+                      vocab_size=None):
+    """Samples one token per row of logits (p, v); temperature 0 is greedy (argmax).
+
+    Only ids below vocab_size (default: all) can be drawn; see jax_packmamba.sampling.
+    """
+    config = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    return sample(logits, None, key, config.params(), config.mode, vocab_size=vocab_size)
+
+
+def sampling_config(*, temperature=1.0, top_k=None, top_p=None, min_p=None,
+                    repetition_penalty=1.0, seed=0, eos_id=None, eos_ids=()) -> SamplingConfig:
+    """A SamplingConfig from keyword arguments (eos_id and eos_ids together)."""
+    eos = tuple(eos_ids) + (() if eos_id is None else (eos_id,))
+    if eos_id is not None and (not isinstance(eos_id, (int, np.integer)) or eos_id < 0):
+        raise ValueError(f"eos_id must be None or an int >= 0, got {eos_id!r}")
+    return SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                          repetition_penalty=repetition_penalty, eos_ids=eos, seed=seed)
+
+
+def decode(model, logits, state: DecodeState, max_new_tokens: int, *, prompts=None,
+           decode_impl: str = "auto", **sampling):
+    """Samples up to max_new_tokens per sequence from prefill's (logits, state).
+
+    sampling: the keyword arguments of `sampling_config`. prompts (optional): the prompts'
+    tokens, which the repetition penalty counts as seen (as Hugging Face does); without them
+    only generated tokens count. Returns (tokens (p, max_new_tokens) int32, num_generated (p,)
+    int32) as jax arrays, as decode_batch.
+    """
+    model = prepare(model)
+    config = sampling_config(**sampling)
+    _check_max_new_tokens(max_new_tokens)
     num = logits.shape[0]
-    fill = jnp.maximum(eos_id, 0)
-    sample = functools.partial(
-        sample_next_token, temperature=0 if greedy else temperature, top_k=top_k,
-        top_p=top_p if use_top_p else None, vocab_size=model.config.vocab_size)
-
-    first = sample(logits, jax.random.fold_in(key, 0))
-    out = jnp.full((num, max_new_tokens), fill, jnp.int32).at[:, 0].set(first)
-    done = first == eos_id
-    count = jnp.ones((num,), jnp.int32)
-
-    def cond(carry):
-        i, _, _, _, done, _ = carry
-        return (i < max_new_tokens) & ~jnp.all(done)
-
-    def body(carry):
-        i, previous, state, out, done, count = carry
-        logits, state = step(model, previous, state)
-        token = jnp.where(done, fill, sample(logits, jax.random.fold_in(key, i)))
-        out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
-        count = count + (~done).astype(jnp.int32)
-        return i + 1, token, state, out, done | (token == eos_id), count
-
-    carry = (jnp.int32(1), first, state, out, done, count)
-    _, _, _, out, _, count = jax.lax.while_loop(cond, body, carry)
-    return out, count
+    size = batch_bucket(num)
+    vocab = model.config.padded_vocab_size
+    seen = np.zeros((size, vocab), bool)
+    for i, p in enumerate(prompts or ()):
+        seen[i, np.asarray(p, np.int64)] = True
+    pad = lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], size - num, axis=0)]) if size > num else x  # noqa: E731
+    prefilled = Prefilled(pad(logits), jax.tree.map(pad, state), jnp.asarray(seen), num)
+    tokens, count = decode_batch(model, prefilled, max_new_tokens, config,
+                                 decode_impl=decode_impl)
+    return jnp.asarray(tokens), jnp.asarray(count)
 
 
-def generate(model, prompts, max_new_tokens: int, *, temperature=1.0, top_k=None, top_p=None,
-             seed=0, eos_id=None) -> list[np.ndarray]:
+def generate(model, prompts, max_new_tokens: int, *, decode_impl: str = "auto",
+             **sampling) -> list[np.ndarray]:
     """Continues each prompt by up to max_new_tokens tokens.
 
     Args:
       model: MambaLM (or PreparedModel).
       prompts: list of 1-D integer token sequences (any lengths, at least one token each).
       max_new_tokens: tokens to generate per prompt (>= 0).
-      temperature: softmax temperature; 0 is greedy decoding.
-      top_k, top_p: optional top-k and nucleus filtering.
-      seed: PRNG seed of the sampling.
-      eos_id: a sequence stops after generating this id (included in its output).
+      decode_impl: "auto", "xla", "pallas" or "pallas_interpret" (jax_packmamba.decode_step).
+      sampling: temperature (0: greedy), top_k, top_p, min_p, repetition_penalty, seed, and
+        eos_id / eos_ids (a sequence stops after generating one, which its output includes);
+        see jax_packmamba.sampling.
 
     Returns:
       One int32 numpy array of generated tokens per prompt, in prompt order.
 
-    A MambaLM is stacked for inference (`prepare`) on every call; for repeated calls pass
+    A MambaLM is prepared for inference (`prepare`) on every call; for repeated calls pass
     `prepare(model)` instead.
     """
     model = prepare(model)
-    _check_sampling(max_new_tokens, temperature, top_k, top_p, eos_id)
+    config = sampling_config(**sampling)
+    _check_max_new_tokens(max_new_tokens)
     prompts = _check_prompts(prompts, model.config)
     if max_new_tokens == 0:
         return [np.zeros((0,), np.int32) for _ in prompts]
-    logits, state = prefill(model, prompts)
-    tokens, count = decode(model, logits, state, max_new_tokens, temperature=temperature,
-                           top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id)
-    tokens, count = np.asarray(tokens), np.asarray(count)
+    tokens, count = decode_batch(model, prefill_batch(model, prompts), max_new_tokens, config,
+                                 decode_impl=decode_impl)
     return [tokens[i, :count[i]] for i in range(len(prompts))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Compilation accounting and argument checks.
+
+
+@dataclasses.dataclass
+class CompileStats:
+    """What jax compiled inside a `compile_stats()` block: XLA compilations (executables loaded
+    from a persistent compilation cache are counted apart, as cache_hits) and the seconds spent
+    tracing, lowering and compiling (or loading)."""
+
+    compiles: int = 0
+    cache_hits: int = 0
+    seconds: float = 0.0
+    backend: list = dataclasses.field(default_factory=list)  # (function name, seconds)
+
+
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+
+
+@contextlib.contextmanager
+def compile_stats():
+    """Counts the XLA compilations (and their seconds) of the code inside the block."""
+    stats = CompileStats()
+    # A backend-compile event also marks an executable loaded from the persistent cache.
+
+    def durations(event, duration, **kwargs):
+        if event in _COMPILE_EVENTS:
+            stats.seconds += duration
+        if event == _COMPILE_EVENTS[-1]:
+            stats.backend.append((kwargs.get("fun_name"), duration))
+            stats.compiles = len(stats.backend) - stats.cache_hits
+
+    def events(event, **kwargs):
+        if event == _CACHE_HIT_EVENT:
+            stats.cache_hits += 1
+            stats.compiles = len(stats.backend) - stats.cache_hits
+
+    jax.monitoring.register_event_duration_secs_listener(durations)
+    jax.monitoring.register_event_listener(events)
+    try:
+        yield stats
+    finally:
+        jax.monitoring.unregister_event_duration_listener(durations)
+        jax.monitoring.unregister_event_listener(events)
 
 
 def _check_prompts(prompts, config: MambaConfig) -> list[np.ndarray]:
@@ -303,14 +569,16 @@ def _check_prompts(prompts, config: MambaConfig) -> list[np.ndarray]:
     return out
 
 
-def _check_sampling(max_new_tokens, temperature, top_k, top_p, eos_id):
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+def _check_max_new_tokens(max_new_tokens):
+    if (not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool)
+            or max_new_tokens < 0):
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
-        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
-    if eos_id is not None and (not isinstance(eos_id, (int, np.integer)) or eos_id < 0):
-        raise ValueError(f"eos_id must be None or an int >= 0, got {eos_id!r}")
+
+
+def timed(fn, *args, **kwargs):
+    """(result, seconds, CompileStats) of fn(*args, **kwargs), blocking on the result."""
+    with compile_stats() as stats:
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn(*args, **kwargs))
+        seconds = time.perf_counter() - start
+    return out, seconds, stats

@@ -12,12 +12,15 @@ def on_gpu(value):
                                       pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")])
 
 
-def lower_for_cuda(fn, *args) -> str:
+def lower_for_cuda(fn, *args, auto_axes: bool = False) -> str:
     """StableHLO text of jit(fn) lowered for CUDA. Pallas asks for the target GPU's kind, which an
-    abstract mesh device supplies; XLA is never asked to compile, so nothing needs a GPU."""
+    abstract mesh device supplies; XLA is never asked to compile, so nothing needs a GPU.
+    auto_axes: the mesh axis is Auto rather than Explicit (no shardings in the types, as on a
+    real single device), for code that vmaps or scatters over a batch."""
     from jax._src import mesh as mesh_lib
 
     device = mesh_lib.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
-    mesh = mesh_lib.AbstractMesh((1,), ("x",), abstract_device=device)
+    kw = dict(axis_types=(jax.sharding.AxisType.Auto,)) if auto_axes else {}
+    mesh = mesh_lib.AbstractMesh((1,), ("x",), abstract_device=device, **kw)
     with jax.sharding.use_abstract_mesh(mesh):
         return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()

@@ -282,13 +282,31 @@ def smoke_breakdown(out, data):
 
 
 def smoke_bench_generate(out, data):
-    assert [r["batch"] for r in data["results"]] == [1, 2]
-    for r in data["results"]:
-        assert len(r["prefill_s"]) == len(r["decode_s"]) == 1
-        assert r["total_s_median"] == pytest.approx(r["prefill_s_median"] + r["decode_s_median"])
-        assert r["decode_tokens_per_s"] > 0
-    assert data["preset"] == "tiny" and data["new_tokens"] == 16 and data["device_kind"]
+    assert list(data["settings"]) == ["blog", "fast"]
+    assert data["settings"]["blog"]["sampling"] == dict(temperature=0.7, top_p=0.9,
+                                                        repetition_penalty=1.2)
+    assert "repetition_penalty" not in data["settings"]["fast"]["sampling"]
+    for setting in data["settings"].values():
+        rows = setting["ours"]["rows"]
+        assert [r["batch"] for r in rows] == [1, 2]
+        for r in rows:
+            assert r["total_s"] == pytest.approx(r["prefill_s"] + r["decode_s"])
+            assert r["decode_ms_per_step"] > 0 and r["first_call_s"] > 0 and r["compile_s"] >= 0
+        assert [c["batch"] for c in setting["comparison"]] == [1, 2]
+        assert "mamba_ssm" not in setting  # no --anchor given
+    assert data["preset"] == "tiny" and data["new_tokens"] == 8 and data["device"]
+    assert set(data["targets"]) == {"blog", "fast"}
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def smoke_bench_generate_profile(out, data):
+    results = {(r["batch"], r["impl"]): r for r in data["results"]}
+    assert set(results) == {(1, "xla"), (1, "pallas_interpret")}
+    assert all(r["decode_ms_per_step"] > 0 for r in results.values())
+    # The kernels through the interpreter match the XLA step on this device.
+    assert max(results[(1, "pallas_interpret")]["layer_check_vs_xla"].values()) < 1e-3
+    assert "error" in results[(1, "xla")]["kernels"]  # no GPU on CPU
+    assert "batch 1, decode_impl xla" in out.with_suffix(".txt").read_text()
 
 
 def smoke_train_gpu(out, data):
@@ -372,6 +390,12 @@ SMOKES = {
                   "breakdown_cpu_smoke.json", smoke_breakdown, None),
     "bench_generate": ("bench_generate", lambda d: ["--smoke", "--out", d],
                        "generate_cpu_smoke.json", smoke_bench_generate, True),
+    "bench_generate_profile": ("bench_generate",
+                               lambda d: ["--smoke", "--profile", "--profile-batches", "1",
+                                          "--profile-steps", "2", "--trace-steps", "1",
+                                          "--out", d],
+                               "generate_cpu_profile_smoke.json", smoke_bench_generate_profile,
+                               True),
     "train_gpu": ("train_gpu", lambda d: ["--smoke", "--steps=3", "--out", d, "--",
                                           "--model.n_layer=1", "--data.seq_len=64"],
                   "train_gpu_cpu_1dev_smoke.json", smoke_train_gpu, True),
@@ -596,3 +620,57 @@ def test_bench_dispatch_layouts_run_the_same_step():
     assert float(m1["loss"]) == float(m2["loss"])
     for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+FAKE_GEN_TORCH = """
+import json, os, sys
+out, batches, *flags = sys.argv[1:]
+rows = [dict(batch=int(b), total_s=0.001 * int(b), peak_gib=1e-3) for b in batches.split(",")]
+json.dump(dict(torch="fake", device="fake", rows=rows, flags=flags,
+               pythonpath=os.environ.get("PYTHONPATH")), open(out, "w"))
+"""
+
+
+def test_bench_generate_runs_the_anchor_with_the_same_sampling(tmp_path):
+    anchor = tmp_path / "anchor"
+    anchor.mkdir()
+    (anchor / "gen_torch.py").write_text(FAKE_GEN_TORCH)
+    proc = run_script("bench_generate", "--smoke", "--out", tmp_path, "--anchor", anchor,
+                      "--anchor-pythonpath", tmp_path / "site")
+    assert proc.returncode == 0
+    data = json.loads((tmp_path / "generate_cpu_smoke.json").read_text())
+    for name, penalty in (("blog", "1.2"), ("fast", "1.0")):
+        theirs = data["settings"][name]["mamba_ssm"]
+        assert theirs["status"] == "ok" and [r["batch"] for r in theirs["rows"]] == [1, 2]
+        assert f"--temperature 0.7 --top-p 0.9 --repetition-penalty {penalty}" in theirs["command"]
+        assert "--preset tiny --prompt-len 16 --new-tokens 8" in theirs["command"]
+        for row in data["settings"][name]["comparison"]:
+            assert row["total_ratio"] == pytest.approx(row["ours_total_s"] / (0.001 * row["batch"]))
+    assert data["targets"]["blog"]["total_ratio_met"] is False  # the fake is far faster
+
+
+def test_bench_generate_kernel_table_and_categories(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import bench_generate
+
+    f = jax.jit(lambda x: jnp.sin(x) @ x)
+    x = jnp.ones((64, 64))
+    f(x).block_until_ready()
+    with jax.profiler.trace(str(tmp_path)):
+        for _ in range(3):
+            f(x).block_until_ready()
+    # The host's events stand in for a GPU's kernels (the arithmetic is the same).
+    t = bench_generate.kernel_table(tmp_path, 3, plane_prefix="/host:CPU")
+    assert 0 < t["busy_ms_per_step"] <= t["wall_ms_per_step"] + 1e-9
+    assert t["kernels_per_step"] > 0 and t["top"]
+    assert sum(c["per_step"] for c in t["categories"].values()) == pytest.approx(
+        t["kernels_per_step"])
+    assert "error" in bench_generate.kernel_table(tmp_path, 3)  # no GPU planes here
+    assert bench_generate.category("decode_ssm_update") == "decode kernels"
+    assert bench_generate.category("loop_dynamic_slice_fusion_3") == "copy"
+    assert bench_generate.category("nvjet_tst_64x8_64x16_2x1_v_bz_TNT") == "gemm"
+    assert bench_generate.category("void cub::DeviceRadixSortOnesweepKernel<>") == \
+        "sort/scan/top-k (sampling)"
+    assert bench_generate.category("loop_add_fusion") == "other fusions"

@@ -1,6 +1,7 @@
 """Generation: packed prefill states, recurrent steps against the full forward, sampling."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,10 @@ from flax import nnx
 import jax_packmamba as jp
 from jax_packmamba.generate import main
 from jax_packmamba.generation import (
-    DecodeState, _decode, generate, prefill, prepare, sample_next_token, step,
+    DecodeState, compile_stats, decode_batch, generate, prefill, prefill_batch, prepare,
+    sample_next_token, step, stream,
 )
+from jax_packmamba.sampling import SamplingConfig
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parity"
 # Lengths around d_conv - 1 = 3 (a shorter prompt's conv window holds zeros) and past a scan
@@ -47,22 +50,29 @@ def last_logits(model, seq, length=128):
     return model(jnp.asarray(ids))[0, len(seq) - 1]
 
 
+def stacked(prefilled):
+    """(logits, DecodeState) with the per-layer states stacked (l, p, ...)."""
+    logits, state = prefilled
+    return logits, DecodeState(jnp.stack(state.conv), jnp.stack(state.ssm))
+
+
 def test_packed_prefill_states_equal_separate_prefills_and_stepping(model, prepared):
     prompts = prompts_of(PROMPT_LENGTHS, model.config.vocab_size)
-    logits, state = prefill(prepared, prompts)
+    logits, state = stacked(prefill(prepared, prompts))
     config = model.config
     assert state.conv.shape == (config.n_layer, len(prompts), config.d_conv - 1, config.d_inner)
     assert state.ssm.shape == (config.n_layer, len(prompts), config.d_inner, config.d_state)
     for i, p in enumerate(prompts):
-        alone_logits, alone = prefill(prepared, [p])
+        alone_logits, alone = stacked(prefill(prepared, [p]))
         np.testing.assert_allclose(logits[i], alone_logits[0], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(state.conv[:, i], alone.conv[:, 0], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(state.ssm[:, i], alone.ssm[:, 0], rtol=1e-5, atol=1e-5)
         # The same state built one token at a time from zeros by the recurrent step, and the
         # same last logits as the full forward pass.
-        stepped = DecodeState(jnp.zeros_like(alone.conv), jnp.zeros_like(alone.ssm))
+        stepped = DecodeState(tuple(jnp.zeros_like(alone.conv)), tuple(jnp.zeros_like(alone.ssm)))
         for token in p:
             step_logits, stepped = step(prepared, jnp.asarray([token]), stepped)
+        _, stepped = stacked((None, stepped))
         np.testing.assert_allclose(state.conv[:, i], stepped.conv[:, 0], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(state.ssm[:, i], stepped.ssm[:, 0], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(logits[i], step_logits[0], rtol=1e-4, atol=1e-4)
@@ -83,9 +93,11 @@ def test_packed_prefill_through_the_pallas_kernel_matches_reference(prepared, mo
 
 def test_bfloat16_prepared_model_matches_the_model_forward():
     model = jp.from_pretrained(FIXTURES / "tied", dtype="bfloat16")
-    prepared = prepare(model)
-    assert prepared.params["layers"]["mixer"]["in_proj"]["kernel"][...].dtype == jnp.bfloat16
-    assert prepared.params["layers"]["mixer"]["A_log"][...].dtype == jnp.float32
+    # The float32 lookup table, as the model has it (the default table is checked below).
+    prepared = prepare(model, embedding_in_compute_dtype=False)
+    assert prepared.params["layers"][0]["mixer"]["in_proj"]["kernel"][...].dtype == jnp.bfloat16
+    assert prepared.params["layers"][0]["mixer"]["A_log"][...].dtype == jnp.float32
+    assert prepared.params["embedding"]["embedding"][...].dtype == jnp.float32
     assert prepared.params["head_embedding"]["embedding"][...].dtype == jnp.bfloat16
     prompts = prompts_of((5, 12), model.config.vocab_size, seed=6)
     logits, state = prefill(prepared, prompts)
@@ -97,6 +109,13 @@ def test_bfloat16_prepared_model_matches_the_model_forward():
     for i, p in enumerate(prompts):
         expected = model(jnp.asarray(np.append(p, 3 + i)[None]))[0, -1].astype(jnp.float32)
         np.testing.assert_allclose(step_logits[i], expected, rtol=0, atol=0.04)  # reached: 0.013
+    # The default stores the table once, in bfloat16 (as mamba_ssm does): the residual stream
+    # starts from rounded embeddings, which moves these logits (|logit| <= 5.3) by up to 0.09.
+    lean = prepare(model)
+    assert lean.params["embedding"]["embedding"][...].dtype == jnp.bfloat16
+    assert lean.params["head_embedding"] is None
+    lean_logits, _ = prefill(lean, prompts)
+    np.testing.assert_allclose(lean_logits, logits, rtol=0, atol=0.15)  # reached: 0.09
 
 
 def test_greedy_decoding_equals_argmax_of_full_forward(model, prepared):
@@ -122,10 +141,10 @@ def test_eos_stops_each_sequence_and_decoding_compiles_once(prepared, model):
         expected = f[: hits[0] + 1] if hits.size else f
         np.testing.assert_array_equal(s, expected)
     assert len(stopped[1]) <= 4
-    compiled = _decode._cache_size()
-    generate(prepared, prompts_of((4, 11, 6), model.config.vocab_size, seed=3), 10,
+    with compile_stats() as stats:
+        generate(prepared, prompts_of((4, 11, 6), model.config.vocab_size, seed=3), 10,
                  temperature=0, eos_id=eos)
-    assert _decode._cache_size() == compiled  # new prompts, same shapes: no recompilation
+    assert stats.compiles == 0  # new prompts, same shapes: no recompilation
 
 
 def test_sampling_respects_top_k_and_top_p():
@@ -198,3 +217,117 @@ def test_command_line_module_runs_without_runpy_warning():
         env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert res.returncode == 0, res.stderr
     assert "usage: python -m jax_packmamba.generate" in res.stdout and not res.stderr
+
+
+def test_pallas_decode_step_generates_what_the_xla_step_does(prepared, model):
+    # The decode kernels through the interpreter, inside the jitted loop, greedy and sampled.
+    prompts = prompts_of((3, 9, 1), model.config.vocab_size, seed=7)
+    for sampling in (dict(temperature=0), dict(temperature=0.8, top_p=0.9, seed=3)):
+        xla = generate(prepared, prompts, 6, decode_impl="xla", **sampling)
+        kernels = generate(prepared, prompts, 6, decode_impl="pallas_interpret", **sampling)
+        for a, b in zip(xla, kernels):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_repetition_penalty_follows_hugging_face_in_the_loop(model, prepared):
+    # Greedy with a penalty: each token is the argmax of the full forward's logits with every
+    # token seen so far (prompt and generated) divided (positive) or multiplied (negative).
+    prompts = prompts_of((4, 7), model.config.vocab_size, seed=8)
+    new, penalty = 8, 1.8
+    outputs = generate(prepared, prompts, new, temperature=0, repetition_penalty=penalty)
+    plain = generate(prepared, prompts, new, temperature=0)
+    for p, out in zip(prompts, outputs):
+        seq = list(p)
+        for _ in range(new):
+            logits = np.asarray(last_logits(model, seq, 64)[: model.config.vocab_size], np.float64)
+            seen = np.unique(seq)
+            logits[seen] = np.where(logits[seen] < 0, logits[seen] * penalty, logits[seen] / penalty)
+            seq.append(int(np.argmax(logits)))
+        np.testing.assert_array_equal(out, seq[len(p):])
+    assert any(not np.array_equal(a, b) for a, b in zip(outputs, plain))  # the penalty acted
+
+
+def test_several_eos_ids_stop_each_sequence_at_the_first_of_them(prepared, model):
+    prompts = prompts_of((4, 11, 6), model.config.vocab_size, seed=2)
+    free = generate(prepared, prompts, 10, temperature=0)
+    eos = (int(free[0][5]), int(free[2][2]))
+    stopped = generate(prepared, prompts, 10, temperature=0, eos_ids=eos)
+    for f, s in zip(free, stopped):
+        hits = np.flatnonzero(np.isin(f, eos))
+        np.testing.assert_array_equal(s, f[: hits[0] + 1] if hits.size else f)
+    assert len(stopped[2]) <= 3
+
+
+def test_repeat_calls_in_the_same_buckets_compile_nothing(prepared, model):
+    vocab = model.config.vocab_size
+    # 3 and 4 prompts share the batch bucket 4; lengths up to 32 share one packed row length;
+    # 10 and 13 new tokens share the bucket 16; every sampling value is traced.
+    first = dict(temperature=0.7, top_p=0.9, repetition_penalty=1.2, seed=0)
+    second = dict(temperature=1.3, top_p=0.5, top_k=5, min_p=0.05, repetition_penalty=1.0,
+                  eos_ids=(3, 4), seed=11)
+    generate(prepared, prompts_of((5, 20, 9), vocab, seed=9), 10, **first)
+    with compile_stats() as stats:
+        out = generate(prepared, prompts_of((17, 2, 30, 8), vocab, seed=10), 13, **second)
+    assert stats.compiles == 0, stats
+    assert [len(o) <= 13 for o in out] == [True] * 4
+    with compile_stats() as stats:  # a new new-token bucket (64) compiles the loop again
+        generate(prepared, prompts_of((5, 20, 9), vocab, seed=9), 40, **first)
+    assert stats.compiles >= 1 and stats.seconds > 0, stats
+
+
+def test_streaming_yields_growing_prefixes_of_the_unstreamed_result(prepared, model):
+    prompts = prompts_of((5, 12), model.config.vocab_size, seed=12)
+    sampling = SamplingConfig(temperature=0.9, top_k=20, seed=4)
+    whole, count = decode_batch(prepared, prefill_batch(prepared, prompts), 11, sampling)
+    seen = []
+    for tokens, counts in stream(prepared, prefill_batch(prepared, prompts), 11, sampling, block=3):
+        seen.append(tokens.shape[1])
+        np.testing.assert_array_equal(tokens, whole[:, : tokens.shape[1]])
+    assert seen == [1, 4, 7, 10, 11]
+    np.testing.assert_array_equal(counts, count)
+
+
+def test_command_line_streams_one_prompt_with_the_sampling_flags(tmp_path, capsys):
+    config = jp.MambaConfig.preset("tiny", d_model=32)
+    jp.save_pretrained(jp.MambaLM(config, rngs=nnx.Rngs(0)), tmp_path)
+    common = ["--checkpoint", str(tmp_path), "--prompt", "Hi", "--max-new-tokens", "7",
+              "--temperature", "0.8", "--top-p", "0.9", "--min-p", "0.01",
+              "--repetition-penalty", "1.3", "--seed", "5", "--decode-impl", "xla"]
+    assert main(common + ["--stream-block", "2"]) == 0
+    streamed = capsys.readouterr()
+    assert main(common + ["--stream-block", "0"]) == 0
+    whole = capsys.readouterr()
+    assert streamed.out.startswith("--- 'Hi'\nHi")
+    assert streamed.out == whole.out  # the same text, streamed in blocks or not
+    assert "7 tokens in" in streamed.err and "time to first token" in streamed.err
+
+
+def test_decode_loop_lowers_for_cuda_with_two_kernels_a_layer():
+    # The whole jitted loop, as a GPU runs it: every layer's step calls the two decode kernels
+    # (pallas_kernels/decode), and no layer-stacked weight is sliced inside the loop.
+    from jax_packmamba import generation as gen
+    from jax_packmamba.sampling import SamplingConfig
+    from tests.gpu import lower_for_cuda
+
+    config = jp.MambaConfig.preset("tiny", n_layer=3, dtype="bfloat16", d_state=16)
+    prepared = prepare(jp.MambaLM(config, rngs=nnx.Rngs(0)))
+    sampling = SamplingConfig(temperature=0.7, top_p=0.9, repetition_penalty=1.2)
+    sds = jax.ShapeDtypeStruct
+    size, vocab = 4, config.padded_vocab_size
+    state = DecodeState(conv=(sds((size, config.d_conv - 1, config.d_inner), jnp.bfloat16),) * 3,
+                        ssm=(sds((size, config.d_inner, config.d_state), jnp.float32),) * 3)
+    run = jax.eval_shape(
+        lambda *a: gen._start(*a, mode=sampling.mode, vocab_size=config.vocab_size, columns=16),
+        sds((size, vocab), jnp.float32), state, sds((size, vocab), jnp.bool_), jax.random.key(0),
+        sampling.params(), jnp.int32(3))
+    gen.resolve_decode_impl("pallas", config)
+    text = lower_for_cuda(
+        lambda m, r, p: gen._decode_loop(m, r, jnp.int32(16), p, mode=sampling.mode,
+                                         impl="pallas", vocab_size=config.vocab_size),
+        prepared, run, sampling.params(), auto_axes=True)
+    names = re.findall(r'name = "(decode_[a-z_]+)"', text)
+    assert sorted(names) == ["decode_conv_x_proj"] * 3 + ["decode_ssm_update"] * 3, names
+    # The loop's only dynamic slices are sampling's k-th largest logit per row (4 x 1).
+    loop = text.split("stablehlo.while", 1)[1]
+    slices = re.findall(r"stablehlo.dynamic_slice[^\n]*-> tensor<([^>]*)>", loop)
+    assert slices and set(slices) == {"4x1xf32"}, slices

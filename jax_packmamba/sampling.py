@@ -1,0 +1,169 @@
+"""Next-token sampling as Hugging Face `generate` and mamba_ssm define it, jit-friendly.
+
+Axis letters: b batch, v vocabulary.
+
+Order, as in Hugging Face's logits processors and warpers:
+
+    repetition penalty   a token already seen (prompt or generated) has its logit divided by
+                         the penalty if positive, multiplied by it if negative
+    greedy               temperature 0: argmax of the penalised logits (no warper applies)
+    temperature          logits / temperature
+    top-k                keep the k largest (ties with the k-th kept)
+    top-p                keep the smallest set of most likely tokens whose mass reaches top_p,
+                         computed as HF and mamba_ssm do: sort ascending, cumulative softmax,
+                         drop where it is <= 1 - top_p (the most likely token always stays)
+    min-p                keep tokens whose probability is at least min_p times the largest
+    draw                 one categorical draw per row, from its own key (so a row's tokens do
+                         not depend on how many rows the batch was padded to)
+
+Every value is a traced scalar (`SamplingParams`), so changing temperature, top_k, top_p,
+min_p, the penalty, the EOS ids or the seed never recompiles. Two things are static
+(`SamplingMode`): greedy or not, and whether the sort that top-k and top-p need runs at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# EOS ids a call may give (padded with -1 to this many: a fixed shape, one compile).
+MAX_EOS_IDS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """What a user chooses. temperature 0 is greedy; None turns a filter off."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    eos_ids: tuple[int, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self):
+        number = (int, float, np.integer, np.floating)
+        if not isinstance(self.temperature, number) or not self.temperature >= 0:
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, (int, np.integer))
+                                       or isinstance(self.top_k, bool) or self.top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {self.top_k!r}")
+        if self.top_p is not None and (not isinstance(self.top_p, number) or not 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be None or in (0, 1], got {self.top_p!r}")
+        if self.min_p is not None and (not isinstance(self.min_p, number) or not 0 <= self.min_p <= 1):
+            raise ValueError(f"min_p must be None or in [0, 1], got {self.min_p!r}")
+        if not isinstance(self.repetition_penalty, number) or not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be a number > 0, got {self.repetition_penalty!r}")
+        eos = tuple(self.eos_ids)
+        if len(eos) > MAX_EOS_IDS or any(
+                not isinstance(i, (int, np.integer)) or isinstance(i, bool) or i < 0 for i in eos):
+            raise ValueError(f"eos_ids must be at most {MAX_EOS_IDS} ints >= 0, got {self.eos_ids!r}")
+        object.__setattr__(self, "eos_ids", tuple(int(i) for i in eos))
+        if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+
+    @property
+    def mode(self) -> "SamplingMode":
+        return SamplingMode(greedy=self.temperature == 0,
+                            sort=self.top_k is not None or self.top_p is not None)
+
+    def params(self) -> "SamplingParams":
+        """The traced values (host scalars turned into device arrays)."""
+        eos = list(self.eos_ids) + [-1] * (MAX_EOS_IDS - len(self.eos_ids))
+        return SamplingParams(
+            temperature=jnp.float32(self.temperature if self.temperature > 0 else 1.0),
+            top_k=jnp.int32(self.top_k if self.top_k is not None else 2**31 - 1),
+            top_p=jnp.float32(self.top_p if self.top_p is not None else 1.0),
+            min_p=jnp.float32(self.min_p or 0.0),
+            repetition_penalty=jnp.float32(self.repetition_penalty),
+            eos_ids=jnp.asarray(eos, jnp.int32),
+        )
+
+
+class SamplingMode(NamedTuple):
+    """The static part: greedy, and whether top-k / top-p (which need a sort) are on."""
+
+    greedy: bool
+    sort: bool
+
+
+class SamplingParams(NamedTuple):
+    """The traced part; neutral values turn a stage off (top_k huge, top_p 1, min_p 0,
+    penalty 1, eos_ids all -1)."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    repetition_penalty: jax.Array
+    eos_ids: jax.Array
+
+
+def penalize(logits, seen, penalty):
+    """Hugging Face's repetition penalty: logits (b, v), seen (b, v) bool."""
+    penalized = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(seen, penalized, logits)
+
+
+def warp(logits, params: SamplingParams, *, sort: bool):
+    """Temperature, then top-k, top-p (if `sort`) and min-p: the logits (b, v) float32 to draw
+    from, -inf where a filter removed the token."""
+    x = logits.astype(jnp.float32) / params.temperature
+    if sort:
+        v = x.shape[-1]
+        ascending = _sort_floats(x)
+        k = jnp.clip(params.top_k, 1, v)
+        kth = jax.lax.dynamic_slice_in_dim(ascending, v - k, 1, axis=-1)  # (b, 1)
+        ascending = jnp.where(ascending >= kth, ascending, -jnp.inf)
+        cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+        drop = (cumulative <= 1 - params.top_p) & (params.top_p < 1)
+        drop = drop.at[..., -1].set(False)  # the most likely token stays
+        threshold = jnp.min(jnp.where(drop, jnp.inf, ascending), axis=-1, keepdims=True)
+        x = jnp.where(x >= jnp.maximum(kth, threshold), x, -jnp.inf)
+    # p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p) (log 0 = -inf keeps all).
+    floor = jnp.max(x, axis=-1, keepdims=True) + jnp.log(params.min_p)
+    return jnp.where(x >= floor, x, -jnp.inf)
+
+
+def _sort_floats(x):
+    """jnp.sort(x, axis=-1) for float32 without NaNs, as a sort of order-preserving int32 keys.
+
+    jnp.sort compares floats with a total-order comparator (NaNs, -0.0) that XLA's GPU sort
+    rewriter does not take for a CUB radix sort; a plain integer compare it does. A float's
+    bits, read as int32, order the non-negative floats; flipping all but the sign bit of the
+    negative ones reverses their order, as it must (the map is its own inverse).
+    """
+    flip = lambda k: jnp.where(k < 0, k ^ jnp.int32(0x7FFFFFFF), k)  # noqa: E731
+    keys = flip(jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32))
+    return jax.lax.bitcast_convert_type(flip(jax.lax.sort(keys, dimension=x.ndim - 1)),
+                                        jnp.float32)
+
+
+def sample(logits, seen, key, params: SamplingParams, mode: SamplingMode, *, vocab_size=None):
+    """One token per row of logits (b, v) -> (b,) int32.
+
+    seen: (b, v) bool of tokens the repetition penalty applies to (None: none). key: one PRNG
+    key for the step; row i draws with fold_in(key, i). Ids >= vocab_size are never drawn.
+    """
+    logits = logits.astype(jnp.float32)
+    v = logits.shape[-1]
+    if vocab_size is not None and vocab_size < v:
+        logits = jnp.where(jnp.arange(v) < vocab_size, logits, -jnp.inf)
+    if seen is not None:
+        logits = penalize(logits, seen, params.repetition_penalty)
+    if mode.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    x = warp(logits, params, sort=mode.sort)
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(x.shape[0]))
+    return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+
+
+def is_eos(tokens, params: SamplingParams):
+    """(b,) bool: the token is one of the EOS ids."""
+    eos = params.eos_ids[None, :]
+    return jnp.any((tokens[:, None] == eos) & (eos >= 0), axis=-1)

@@ -1,0 +1,99 @@
+"""Pallas (Triton) kernels of one Mamba1 decode step (kernel.py); `mixer_core_pallas` runs them."""
+
+from __future__ import annotations
+
+import jax
+# jax registers a config that enters its trace context (pallas_fuser_disable_nested_fuse) when
+# the Pallas fuser is first imported, which the interpreter does lazily at its first call. Left
+# to happen mid-run, that changes the trace context, and every jitted function traced before it
+# misses its cache once (the decode loop compiled twice). Importing it with the kernels, before
+# anything is traced, keeps the context fixed.
+import jax.experimental.pallas.fuser  # noqa: F401
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.decode import kernel
+from pallas_kernels.decode.config import DecodeConfig, pick_config
+
+__all__ = ["DecodeConfig", "check_mixer_core_args", "mixer_core_pallas", "pick_config",
+           "supported"]
+
+F32 = jnp.float32
+
+
+def supported(d_state: int) -> bool:
+    """Whether the kernels take this shape (they load each row's d_state states as one
+    power-of-two block)."""
+    return d_state >= 1 and d_state & (d_state - 1) == 0
+
+
+def mixer_core_pallas(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight,
+                      dt_proj_weight, dt_bias, A_log, D, *, config: DecodeConfig | None = None,
+                      interpret: bool = False):
+    """The per-token part of a Mamba1 mixer between in_proj and out_proj, in two kernels.
+
+    Args (c is the compute dtype, that of xz):
+      xz: (b, 2e) in_proj output, x then z.
+      conv_state: (b, w - 1, e) c, the last conv inputs, oldest first.
+      ssm_state: (b, e, n) float32.
+      conv_weight: (e, w); conv_bias: (e,) or None (used in c, as the unfused step does).
+      x_proj_weight: (e, r + 2n); dt_proj_weight: (r, e), both c.
+      dt_bias: (e,) float32; A_log: (e, n) float32 (A = -exp(A_log)); D: (e,) float32 or None.
+      config: block sizes (default `pick_config`).
+      interpret: run through the Pallas interpreter (any backend; no PTX math).
+
+    Returns:
+      (y (b, e) c, conv_state', ssm_state'), the same values as the unfused step
+      (jax_packmamba's MambaMixer.step between its in_proj and out_proj). Both states are
+      written in place where the caller lets XLA donate them (a while loop's carry does).
+    """
+    b, e, n, r, w = check_mixer_core_args(xz, conv_state, ssm_state, conv_weight, conv_bias,
+                                          x_proj_weight, dt_proj_weight, dt_bias, A_log, D)
+    cfg = config or pick_config(b, e, n)
+    st = kernel.Static(
+        batch=b, d_inner=e, d_state=n, dt_rank=r, width=w, block_rows=cfg.block_rows,
+        block_conv=cfg.block_conv, conv_blocks_per_program=cfg.conv_blocks_per_program,
+        block_state=cfg.block_state, has_conv_bias=conv_bias is not None, has_D=D is not None,
+        dtype=jnp.dtype(xz.dtype).name, fast=not interpret)
+    c = xz.dtype
+    conv_state, xc, parts = kernel.conv_x_proj(
+        xz, conv_state.astype(c), conv_weight.astype(c),
+        None if conv_bias is None else conv_bias.astype(c), x_proj_weight.astype(c), st=st,
+        num_warps=cfg.num_warps_conv, interpret=interpret)
+    # One small XLA reduction over the channel groups' partials (p, b, R).
+    dbc = parts[0] if parts.shape[0] == 1 else jnp.sum(parts, axis=0)
+    ssm_state, y = kernel.ssm_update(
+        dbc, dt_proj_weight.astype(c), dt_bias.astype(F32), A_log.astype(F32),
+        None if D is None else D.astype(F32), xc, xz, ssm_state.astype(F32), st=st,
+        num_warps=cfg.num_warps_state, interpret=interpret)
+    return y, conv_state, ssm_state
+
+
+def check_mixer_core_args(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight,
+                          dt_proj_weight, dt_bias, A_log, D):
+    """Validates shapes; returns (b, e, n, r, w)."""
+    shape = lambda a: tuple(np.shape(a))  # noqa: E731
+    if len(shape(xz)) != 2 or shape(xz)[1] % 2:
+        raise ValueError(f"xz must be (batch, 2 * d_inner), got shape {shape(xz)}")
+    b, e = shape(xz)[0], shape(xz)[1] // 2
+    if len(shape(conv_weight)) != 2 or shape(conv_weight)[0] != e:
+        raise ValueError(f"conv_weight must be (d_inner={e}, d_conv), got {shape(conv_weight)}")
+    w = shape(conv_weight)[1]
+    if len(shape(A_log)) != 2 or shape(A_log)[0] != e:
+        raise ValueError(f"A_log must be (d_inner={e}, d_state), got {shape(A_log)}")
+    n = shape(A_log)[1]
+    if not supported(n):
+        raise ValueError(f"d_state={n} must be a power of two for the decode kernels")
+    if len(shape(dt_proj_weight)) != 2 or shape(dt_proj_weight)[1] != e:
+        raise ValueError(f"dt_proj_weight must be (dt_rank, d_inner={e}), got {shape(dt_proj_weight)}")
+    r = shape(dt_proj_weight)[0]
+    if w < 2:
+        raise ValueError(f"d_conv={w} must be at least 2 (the state holds d_conv - 1 inputs)")
+    expected = dict(conv_state=(b, w - 1, e), ssm_state=(b, e, n), conv_bias=(e,),
+                    x_proj_weight=(e, r + 2 * n), dt_bias=(e,), D=(e,))
+    given = dict(conv_state=conv_state, ssm_state=ssm_state, conv_bias=conv_bias,
+                 x_proj_weight=x_proj_weight, dt_bias=dt_bias, D=D)
+    for name, a in given.items():
+        if a is not None and shape(a) != expected[name]:
+            raise ValueError(f"{name} must have shape {expected[name]}, got {shape(a)}")
+    return b, e, n, r, w

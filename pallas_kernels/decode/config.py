@@ -1,0 +1,61 @@
+"""Block sizes of the decode-step kernels and the heuristic that picks them.
+
+Work split (kernel.py): the conv/x_proj kernel gives each program `block_rows` batch rows and
+`conv_blocks_per_program` blocks of `block_conv` channels, and writes one x_proj partial per
+program column; the state-update kernel gives each program `block_rows` rows and `block_state`
+channels with all d_state states of each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# 132 SMs on an H200.
+_SMS = 132
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DecodeConfig:
+    """Static tiling of the decode-step kernels. Hashable, so it can be a static argument.
+
+    block_rows: batch rows per program. The x_proj and dt_proj products are `jnp.dot`s, which
+        Triton needs at least 16 rows for; rows past the batch are masked (never loaded, never
+        stored), so a batch of 1 costs no extra memory traffic, only idle lanes.
+    block_conv: channels per block of the conv/x_proj kernel (power of two, >= 16).
+    conv_blocks_per_program: blocks each conv/x_proj program walks; its x_proj partial covers
+        all of them. 1 at small batch (most programs, one load phase each); more at large batch,
+        so fewer partials are written and summed.
+    block_state: channels per program of the state-update kernel (power of two, >= 16; its
+        (block_rows, block_state, d_state) float32 state tile lives in registers).
+    num_warps_conv, num_warps_state: warps per program of each kernel.
+    """
+
+    block_rows: int = 16
+    block_conv: int = 64
+    conv_blocks_per_program: int = 1
+    block_state: int = 32
+    num_warps_conv: int = 4
+    num_warps_state: int = 4
+
+    def __post_init__(self):
+        for name in ("block_rows", "block_conv", "block_state"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name}={v} must be a power of two >= 16")
+        for name in ("conv_blocks_per_program", "num_warps_conv", "num_warps_state"):
+            v = getattr(self, name)
+            if v < 1:
+                raise ValueError(f"{name}={v} must be >= 1")
+
+
+def pick_config(batch: int, d_inner: int, d_state: int) -> DecodeConfig:
+    """Most programs at small batch; at large batch fewer x_proj partials, and 8 warps where
+    the state tile would crowd 4 warps' registers."""
+    base = DecodeConfig()
+    row_blocks = -(-batch // base.block_rows)
+    conv_blocks = -(-d_inner // base.block_conv)
+    # About two programs an SM for the conv kernel, never fewer than one block each.
+    per_program = max(1, min(conv_blocks, (conv_blocks * row_blocks) // (2 * _SMS)))
+    tile = base.block_rows * base.block_state * d_state
+    return dataclasses.replace(base, conv_blocks_per_program=per_program,
+                               num_warps_state=4 if tile <= 8192 else 8)

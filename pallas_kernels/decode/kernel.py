@@ -1,0 +1,226 @@
+"""Pallas (Triton) kernels of one Mamba1 decode step: everything between in_proj and out_proj.
+
+Axis letters: b batch, e channels (d_inner), n state (d_state), w conv taps (d_conv), r dt_rank,
+R = r + 2n (x_proj's width), p x_proj partials.
+
+Two kernels, because x_proj sums over all channels and dt_proj needs that sum in every channel:
+
+    decode_conv_x_proj  per (row block, channel group): the conv step (window = the conv
+                        state's w - 1 inputs and this token's x), its silu output xc, the
+                        conv state shifted by one (in place), and xc @ x_proj over the group's
+                        channels: one float32 partial (rows, R) per channel group.
+    decode_ssm_update   per (row block, channel block), after the partials are summed: dt_proj
+                        of the summed dt part, softplus(dt + bias), the state update
+                        h = exp(dt A) h + dt x B (in place: the float32 state is read once and
+                        written once), y = C.h + D x, y * silu(z).
+
+Rounding follows the unfused step (jax_packmamba MambaMixer.step) in the compute dtype c: xc,
+x_proj's output and dt_proj's output are rounded to c where the unfused step stores them in c;
+everything else is float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.triton_math import LOG2E, exp2, sigmoid, softplus
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Static:
+    """What the kernel bodies are specialised on (all static)."""
+
+    batch: int
+    d_inner: int
+    d_state: int
+    dt_rank: int
+    width: int  # d_conv: taps of the conv, the state holds width - 1 inputs
+    block_rows: int
+    block_conv: int
+    conv_blocks_per_program: int
+    block_state: int
+    has_conv_bias: bool
+    has_D: bool
+    dtype: str  # compute dtype c
+    fast: bool  # GPU: PTX approximations (triton_math); the interpreter cannot run PTX.
+
+    @property
+    def x_width(self) -> int:
+        return self.dt_rank + 2 * self.d_state
+
+    @property
+    def x_width_pad(self) -> int:
+        return _pow2(self.x_width)
+
+    @property
+    def rank_pad(self) -> int:
+        return _pow2(self.dt_rank)
+
+    @property
+    def conv_programs(self) -> int:
+        blocks = -(-self.d_inner // self.block_conv)
+        return -(-blocks // self.conv_blocks_per_program)
+
+    @property
+    def row_blocks(self) -> int:
+        return -(-self.batch // self.block_rows)
+
+    @property
+    def precision(self):
+        # float32 operands: IEEE products (Triton's default would be TF32), so that float32
+        # runs match the unfused step; bfloat16 operands have one precision.
+        return jax.lax.Precision.HIGHEST if self.dtype == "float32" else None
+
+
+def _pow2(x: int) -> int:
+    """Next power of two, at least 16 (Triton's dot needs 16 in every dimension)."""
+    return max(16, 1 << (x - 1).bit_length())
+
+
+def _iota(n):
+    return jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
+
+
+def _rows(st: Static):
+    """(first row, (block_rows,) mask of rows inside the batch) of this program."""
+    b0 = pl.program_id(1) * st.block_rows
+    return b0, (b0 + _iota(st.block_rows)) < st.batch
+
+
+def _silu(x, st: Static):
+    return x * sigmoid(x, fast=st.fast)
+
+
+def _conv_x_proj_kernel(xz_ref, conv_ref, w_ref, bias_ref, xw_ref,
+                        conv_out_ref, xc_ref, parts_ref, *, st: Static):
+    b0, rmask = _rows(st)
+    group = pl.program_id(0)
+    c = jnp.dtype(st.dtype)
+    xcols = _iota(st.x_width_pad)
+    xmask = xcols < st.x_width
+
+    def block(j, acc):
+        e0 = (group * st.conv_blocks_per_program + j) * st.block_conv
+        cmask = (e0 + _iota(st.block_conv)) < st.d_inner  # all False past the last block
+        m = rmask[:, None] & cmask[None, :]
+        rows, cols = pl.ds(b0, st.block_rows), pl.ds(e0, st.block_conv)
+        x = plgpu.load(xz_ref.at[rows, cols], mask=m, other=0)
+        window = [plgpu.load(conv_ref.at[rows, jnp.int32(k), cols], mask=m, other=0)
+                  for k in range(st.width - 1)]
+        taps = [plgpu.load(w_ref.at[cols, jnp.int32(k)], mask=cmask, other=0).astype(F32)
+                for k in range(st.width)]
+        pre = jnp.zeros((st.block_rows, st.block_conv), F32)
+        if st.has_conv_bias:
+            pre = pre + plgpu.load(bias_ref.at[cols], mask=cmask, other=0).astype(F32)[None, :]
+        for k, inp in enumerate((*window, x)):
+            pre = pre + inp.astype(F32) * taps[k][None, :]
+        xc = _silu(pre, st).astype(c)
+        plgpu.store(xc_ref.at[rows, cols], xc, mask=m)
+        # Each element is loaded and stored by the same thread (same tile, same layout), so
+        # shifting the window in place never overwrites an input before it is read.
+        for k, inp in enumerate((*window, x)[1:]):
+            plgpu.store(conv_out_ref.at[rows, jnp.int32(k), cols], inp.astype(conv_out_ref.dtype),
+                        mask=m)
+        xw = plgpu.load(xw_ref.at[cols, pl.ds(0, st.x_width_pad)],
+                        mask=cmask[:, None] & xmask[None, :], other=0)
+        return acc + jnp.dot(xc, xw.astype(c), preferred_element_type=F32,
+                             precision=st.precision)
+
+    acc = jnp.zeros((st.block_rows, st.x_width_pad), F32)
+    acc = jax.lax.fori_loop(0, st.conv_blocks_per_program, block, acc)
+    plgpu.store(parts_ref.at[group, pl.ds(b0, st.block_rows), pl.ds(0, st.x_width_pad)], acc,
+                mask=rmask[:, None] & xmask[None, :])
+
+
+def _ssm_update_kernel(dbc_ref, dtw_ref, dtb_ref, alog_ref, d_ref, xc_ref, xz_ref, h_ref,
+                       h_out_ref, y_ref, *, st: Static):
+    b0, rmask = _rows(st)
+    e0 = pl.program_id(0) * st.block_state
+    c = jnp.dtype(st.dtype)
+    n, r = st.d_state, st.dt_rank
+    cmask = (e0 + _iota(st.block_state)) < st.d_inner
+    m = rmask[:, None] & cmask[None, :]
+    rows, cols = pl.ds(b0, st.block_rows), pl.ds(e0, st.block_state)
+
+    # x_proj's output, summed over channels, rounded to c as the unfused step stores it.
+    rank_mask = _iota(st.rank_pad) < r
+    dt_low = plgpu.load(dbc_ref.at[rows, pl.ds(0, st.rank_pad)],
+                        mask=rmask[:, None] & rank_mask[None, :], other=0).astype(c)
+    B = plgpu.load(dbc_ref.at[rows, pl.ds(r, n)], mask=rmask[:, None], other=0)
+    C = plgpu.load(dbc_ref.at[rows, pl.ds(r + n, n)], mask=rmask[:, None], other=0)
+    B, C = B.astype(c).astype(F32), C.astype(c).astype(F32)
+    dtw = plgpu.load(dtw_ref.at[pl.ds(0, st.rank_pad), cols],
+                     mask=rank_mask[:, None] & cmask[None, :], other=0).astype(c)
+    dt = jnp.dot(dt_low, dtw, preferred_element_type=F32, precision=st.precision)
+    dt = dt.astype(c).astype(F32)
+    bias = plgpu.load(dtb_ref.at[cols], mask=cmask, other=0).astype(F32)
+    delta = softplus(dt + bias[None, :], fast=st.fast)  # (rows, e)
+
+    a_log = plgpu.load(alog_ref.at[cols, pl.ds(0, n)], mask=cmask[:, None], other=0).astype(F32)
+    a2 = -exp2(a_log * LOG2E, fast=st.fast) * LOG2E  # A log2(e), A = -exp(A_log)
+    u = plgpu.load(xc_ref.at[rows, cols], mask=m, other=0).astype(F32)
+    z = plgpu.load(xz_ref.at[rows, pl.ds(st.d_inner + e0, st.block_state)], mask=m,
+                   other=0).astype(F32)
+
+    m3 = jnp.broadcast_to(m[:, :, None], (st.block_rows, st.block_state, n))
+    h_index = (rows, cols, pl.ds(0, n))
+    h = plgpu.load(h_ref.at[h_index], mask=m3, other=0)
+    decay = exp2(delta[:, :, None] * a2[None, :, :], fast=st.fast)
+    h = decay * h + (delta * u)[:, :, None] * B[:, None, :]
+    plgpu.store(h_out_ref.at[h_index], h, mask=m3)
+
+    y = jnp.sum(h * C[:, None, :], axis=2)
+    if st.has_D:
+        y = y + plgpu.load(d_ref.at[cols], mask=cmask, other=0).astype(F32)[None, :] * u
+    y = y * _silu(z, st)
+    plgpu.store(y_ref.at[rows, cols], y.astype(y_ref.dtype), mask=m)
+
+
+def _compiler_params(num_warps):
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+
+
+def conv_x_proj(xz, conv_state, conv_weight, conv_bias, x_proj_weight, *, st: Static,
+                num_warps: int, interpret: bool):
+    """(conv_state', xc (b, e) c, parts (p, b, R) float32); conv_state is updated in place."""
+    b, e = st.batch, st.d_inner
+    outputs = (jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype),
+               jax.ShapeDtypeStruct((b, e), jnp.dtype(st.dtype)),
+               jax.ShapeDtypeStruct((st.conv_programs, b, st.x_width), F32))
+    # A bias-free conv still passes an operand (never read) so the signature is fixed.
+    bias = conv_bias if conv_bias is not None else jnp.zeros((1,), conv_weight.dtype)
+    return pl.pallas_call(
+        functools.partial(_conv_x_proj_kernel, st=st),
+        out_shape=outputs,
+        grid=(st.conv_programs, st.row_blocks),
+        input_output_aliases={1: 0},
+        compiler_params=_compiler_params(num_warps),
+        interpret=interpret,
+        name="decode_conv_x_proj",
+    )(xz, conv_state, conv_weight, bias, x_proj_weight)
+
+
+def ssm_update(dbc, dt_proj_weight, dt_bias, A_log, D, xc, xz, ssm_state, *, st: Static,
+               num_warps: int, interpret: bool):
+    """(ssm_state', y (b, e) c); ssm_state is updated in place. dbc (b, R) float32 is x_proj's
+    output summed over channels."""
+    b, e = st.batch, st.d_inner
+    d = D if D is not None else jnp.zeros((1,), F32)
+    return pl.pallas_call(
+        functools.partial(_ssm_update_kernel, st=st),
+        out_shape=(jax.ShapeDtypeStruct(ssm_state.shape, F32),
+                   jax.ShapeDtypeStruct((b, e), jnp.dtype(st.dtype))),
+        grid=(-(-e // st.block_state), st.row_blocks),
+        input_output_aliases={7: 0},
+        compiler_params=_compiler_params(num_warps),
+        interpret=interpret,
+        name="decode_ssm_update",
+    )(dbc, dt_proj_weight, dt_bias, A_log, d, xc, xz, ssm_state)

@@ -1,0 +1,157 @@
+"""Sampling controls against direct numpy computations of Hugging Face's definitions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_packmamba.sampling import SamplingConfig, SamplingMode, is_eos, penalize, sample, warp
+
+
+def logits_of(rows, vocab, seed=0, scale=3.0):
+    return np.random.default_rng(seed).normal(0, scale, (rows, vocab)).astype(np.float32)
+
+
+def hf_repetition_penalty(logits, seen_ids, penalty):
+    """transformers' RepetitionPenaltyLogitsProcessor: gather, rescale, scatter."""
+    out = logits.copy()
+    for row, ids in enumerate(seen_ids):
+        ids = np.asarray(sorted(set(ids)), np.int64)
+        score = out[row, ids]
+        out[row, ids] = np.where(score < 0, score * penalty, score / penalty)
+    return out
+
+
+def softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def hf_keep(logits, temperature=1.0, top_k=None, top_p=None, min_p=None):
+    """Which tokens survive transformers' warpers (temperature, top-k, top-p, min-p), computed
+    row by row in float64 as its code states them."""
+    x = logits.astype(np.float64) / temperature
+    keep = np.ones(x.shape, bool)
+    for row in range(x.shape[0]):
+        s = x[row].copy()
+        if top_k is not None:
+            kth = np.sort(s)[::-1][min(top_k, s.size) - 1]
+            s[s < kth] = -np.inf
+        if top_p is not None:
+            order = np.argsort(s, kind="stable")  # ascending
+            cumulative = np.cumsum(softmax(s[order]))
+            remove = cumulative <= 1 - top_p
+            remove[-1] = False
+            s[order[remove]] = -np.inf
+        if min_p is not None:
+            p = softmax(s)
+            s[p < min_p * p.max()] = -np.inf
+        keep[row] = np.isfinite(s)
+    return keep
+
+
+def test_repetition_penalty_matches_hugging_face():
+    logits = logits_of(3, 50)
+    seen_ids = [[0, 3, 3, 7, 49], [], list(range(0, 50, 2))]
+    seen = np.zeros(logits.shape, bool)
+    for row, ids in enumerate(seen_ids):
+        seen[row, ids] = True
+    for penalty in (1.2, 0.8, 1.0):
+        got = np.asarray(penalize(jnp.asarray(logits), jnp.asarray(seen), jnp.float32(penalty)))
+        np.testing.assert_allclose(got, hf_repetition_penalty(logits, seen_ids, penalty), rtol=1e-6)
+    # Both signs occur among the penalised logits, so both branches were checked.
+    assert (logits[seen] > 0).any() and (logits[seen] < 0).any()
+
+
+@pytest.mark.parametrize("kw", [
+    dict(top_p=0.9), dict(top_p=0.5, temperature=0.7), dict(top_p=0.05), dict(top_p=1.0),
+    dict(top_k=7), dict(top_k=40, top_p=0.8), dict(min_p=0.1), dict(min_p=0.02, temperature=1.5),
+    dict(top_p=0.9, min_p=0.05, temperature=0.7), dict(top_k=1),
+])
+def test_filters_keep_what_hugging_face_keeps(kw):
+    logits = logits_of(6, 300, seed=1)
+    config = SamplingConfig(**kw)
+    x = jax.jit(warp, static_argnames="sort")(jnp.asarray(logits), config.params(), sort=config.mode.sort)
+    got = np.isfinite(np.asarray(x))
+    want = hf_keep(logits, **kw)
+    assert want.sum(-1).min() >= 1 and (want.sum(-1) < 300).any() or kw == dict(top_p=1.0)
+    np.testing.assert_array_equal(got, want)
+    # The kept logits are the tempered logits, untouched.
+    t = kw.get("temperature", 1.0)
+    np.testing.assert_allclose(np.asarray(x)[got], (logits / np.float32(t))[got], rtol=1e-6)
+
+
+def test_draws_follow_the_filtered_distribution():
+    logits = jnp.log(jnp.asarray([[0.05, 0.4, 0.02, 0.3, 0.2, 0.03]] * 4000))
+    key = jax.random.key(0)
+
+    def draws(**kw):
+        config = SamplingConfig(**kw)
+        return np.asarray(sample(logits, None, key, config.params(), config.mode))
+
+    # 4000 draws: 5 sigma is ~0.04. top_p 0.75 keeps 0.4, 0.3, 0.2 (0.9 of the mass).
+    freq = np.bincount(draws(top_p=0.75), minlength=6) / 4000
+    np.testing.assert_allclose(freq, [0, 0.4 / 0.9, 0, 0.3 / 0.9, 0.2 / 0.9, 0], atol=0.04)
+    # min_p 0.1 drops tokens under 0.04 (0.4 x 0.1): 0.02 and 0.03 go.
+    freq = np.bincount(draws(min_p=0.1), minlength=6) / 4000
+    np.testing.assert_allclose(freq, np.array([0.05, 0.4, 0, 0.3, 0.2, 0]) / 0.95, atol=0.04)
+    freq = np.bincount(draws(), minlength=6) / 4000
+    np.testing.assert_allclose(freq, [0.05, 0.4, 0.02, 0.3, 0.2, 0.03], atol=0.04)
+    assert set(draws(temperature=0)) == {1}
+    # Rows draw from their own keys: identical rows do not all draw the same token.
+    assert len(set(draws(top_p=0.75)[:100])) > 1
+
+
+def test_greedy_is_argmax_of_the_penalised_logits():
+    logits = logits_of(4, 64, seed=2)
+    seen = np.zeros(logits.shape, bool)
+    top = logits.argmax(-1)
+    seen[np.arange(4), top] = True  # the penalty can unseat the best token
+    config = SamplingConfig(temperature=0, repetition_penalty=3.0)
+    got = np.asarray(sample(jnp.asarray(logits), jnp.asarray(seen), jax.random.key(0),
+                            config.params(), config.mode))
+    want = hf_repetition_penalty(logits, [[t] for t in top], 3.0).argmax(-1)
+    np.testing.assert_array_equal(got, want)
+    assert (got != top).any()
+    plain = SamplingConfig(temperature=0)
+    np.testing.assert_array_equal(
+        np.asarray(sample(jnp.asarray(logits), None, jax.random.key(0), plain.params(), plain.mode)), top)
+
+
+def test_sampling_values_are_traced_so_changing_them_does_not_retrace():
+    traces = []
+
+    @jax.jit
+    def step(logits, seen, key, params):
+        traces.append(1)
+        return sample(logits, seen, key, params, SamplingMode(greedy=False, sort=True))
+
+    logits = jnp.asarray(logits_of(2, 100, seed=3))
+    seen = jnp.zeros((2, 100), bool)
+    for kw in (dict(top_p=0.9, temperature=0.7, repetition_penalty=1.2),
+               dict(top_k=5, top_p=0.5, temperature=1.3, min_p=0.1, eos_ids=(3, 4), seed=9),
+               dict(top_p=1.0)):
+        config = SamplingConfig(**kw)
+        step(logits, seen, jax.random.key(config.seed), config.params())
+    assert len(traces) == 1
+
+
+def test_eos_ids_and_bad_values():
+    params = SamplingConfig(eos_ids=(5, 9)).params()
+    np.testing.assert_array_equal(np.asarray(is_eos(jnp.asarray([5, 6, 9, -1]), params)),
+                                  [True, False, True, False])
+    assert not np.asarray(is_eos(jnp.asarray([0, -1]), SamplingConfig().params())).any()
+    for kw, match in [(dict(temperature=-1), "temperature"), (dict(top_k=0), "top_k"),
+                      (dict(top_p=0), "top_p"), (dict(min_p=1.5), "min_p"),
+                      (dict(repetition_penalty=0), "repetition_penalty"),
+                      (dict(eos_ids=tuple(range(9))), "eos_ids"), (dict(seed=1.5), "seed")]:
+        with pytest.raises(ValueError, match=match):
+            SamplingConfig(**kw)
+
+
+def test_the_integer_key_sort_sorts_floats():
+    from jax_packmamba.sampling import _sort_floats
+
+    x = np.concatenate([logits_of(3, 200, seed=5), np.array([[-np.inf, -0.0, 0.0, np.inf] * 50] * 3,
+                                                            np.float32)], axis=1)
+    np.testing.assert_array_equal(np.asarray(_sort_floats(jnp.asarray(x))), np.sort(x, axis=-1))
