@@ -1,0 +1,74 @@
+"""Compile time of one training step (default: 1.4b packed 8 x 2048), first and from jax's
+persistent compilation cache, each in a fresh process.
+
+    PYTHONPATH=. python3 benchmarks/probes/compile_time.py --preset 1.4b --cache-dir DIR
+    PYTHONPATH=. python3 benchmarks/probes/compile_time.py --smoke
+
+Runs itself twice in subprocesses with the same cache folder (the first fills it, the second
+loads from it); each child lowers and compiles train/step.py's step and reports lower_s and
+compile_s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from benchmarks import harness, workloads
+
+
+def child(preset: str, rows: int, seq_len: int, smoke: bool) -> dict:
+    import jax
+
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    config = workloads.model_config("tiny" if smoke else preset, backend=jax.default_backend())
+    setup = workloads.train_setup(config, jax.devices()[0])
+    batch = setup.put_batch(workloads.packed_batch(rows=rows, seq_len=seq_len)["arrays"])
+    state = jax.eval_shape(lambda: setup.compiled.init(0))
+    t0 = time.perf_counter()
+    lowered = setup.compiled.train_step.lower(state, batch)
+    t1 = time.perf_counter()
+    lowered.compile()
+    t2 = time.perf_counter()
+    return dict(lower_s=t1 - t0, compile_s=t2 - t1)
+
+
+def main(argv=None) -> int:
+    ap = harness.argument_parser(__doc__)
+    ap.add_argument("--preset", default="1.4b")
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--cache-dir", default=None, help="compilation cache (default: a temp dir)")
+    ap.add_argument("--child", action="store_true", help="internal: one measurement")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.rows, args.seq_len = 2, 64
+    if args.child:
+        print(json.dumps(child(args.preset, args.rows, args.seq_len, args.smoke)))
+        return 0
+    new = harness.new_result("compile_time", script=__file__, argv=sys.argv[1:],
+                             out_dir=args.out, smoke=args.smoke)
+    cache = args.cache_dir or tempfile.mkdtemp(prefix="xla_cache_")
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache)
+    cmd = [sys.executable, __file__, "--child", "--preset", args.preset, "--rows",
+           str(args.rows), "--seq-len", str(args.seq_len)] + (["--smoke"] if args.smoke else [])
+    runs = []
+    for name in ("first", "cached"):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode:
+            runs.append(dict(run=name, error=proc.stderr[-2000:]))
+            break
+        runs.append(dict(run=name, **json.loads(proc.stdout.strip().splitlines()[-1])))
+        print(runs[-1], flush=True)
+    harness.write_json(new.path, dict(**new.header, preset=args.preset, rows=args.rows,
+                                      seq_len=args.seq_len, runs=runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
