@@ -63,7 +63,10 @@ def test_kernels_match_the_unfused_step(impl, dtype, tol, case):
     extra = dict(extra)
     config = extra.pop("config", None)
     args = core_args(batch, e, n, r, w, dtype, **extra)
-    want = jax.jit(mixer_core_xla)(*args)
+    # The unfused step at IEEE float32, as the kernels' float32 dots are: XLA's GPU default is
+    # TF32 (~3e-4 off here), which would measure the comparison side rather than the kernels.
+    with jax.default_matmul_precision("highest"):
+        want = jax.jit(mixer_core_xla)(*args)
     got = run(impl, args, config)
     for name, a, b in zip(("y", "conv_state", "ssm_state"), got, want):
         assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, b.shape, a.dtype, b.dtype)
@@ -85,9 +88,13 @@ def test_block_step_matches_mamba_block_step(impl):
     residual = jax.random.normal(k[0], (3, config.d_model))
     conv = jax.random.normal(k[1], (3, config.d_conv - 1, config.d_inner))
     ssm = jax.random.normal(k[2], (3, config.d_inner, config.d_state))
-    want = jax.jit(lambda r, c, s: block.step(r, jp.model.MixerState(c, s)))(residual, conv, ssm)
-    got = jax.jit(lambda p, r, c, s: block_step(p, r, c, s, config=config, impl=impl))(
-        params, residual, conv, ssm)
+    # Both sides' XLA matmuls (projections; the whole step in block.step) at IEEE float32, as the
+    # kernels' float32 dots are: XLA's GPU default is TF32.
+    with jax.default_matmul_precision("highest"):
+        want = jax.jit(lambda r, c, s: block.step(r, jp.model.MixerState(c, s)))(residual, conv,
+                                                                                 ssm)
+        got = jax.jit(lambda p, r, c, s: block_step(p, r, c, s, config=config, impl=impl))(
+            params, residual, conv, ssm)
     np.testing.assert_allclose(got[0], want[0], rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(got[1], want[1].conv, rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(got[2], want[1].ssm, rtol=2e-5, atol=2e-5)

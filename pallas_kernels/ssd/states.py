@@ -108,7 +108,13 @@ def initial_state_chunk_ends(glue: Glue, init):
 
 def final_states(glue: Glue, x, B, h_in, init):
     """(b, s, h, p, n) float32: the state after the last token of the last run of each slot
-    (zeros for a slot that does not occur)."""
+    (zeros for a slot that does not occur).
+
+    Float values move between tokens, slots and chunks only through one-hot contractions, never
+    gathers: a gather's gradient is a scatter-add, which XLA lowers to atomic adds on a GPU,
+    summing the tokens of a slot in a different order on every run (and the other segments' bits
+    with it). A dot's gradient is a dot, summed in a fixed order, and a one-hot operand adds
+    exact zeros for the other slots' tokens. Integer gathers below have no gradient."""
     batch, padded = glue.lo.shape
     heads, headdim = x.shape[2:]
     groups, d_state = B.shape[2:]
@@ -118,32 +124,41 @@ def final_states(glue: Glue, x, B, h_in, init):
     present = last >= 0
     last = jnp.maximum(last, 0)
 
-    def at_last(a):  # (b, T_pad, ...) -> (b, s, ...) at each slot's last token
-        index = last.reshape(*last.shape, *([1] * (a.ndim - 2)))
-        return jnp.take_along_axis(a, index, axis=1)
+    def at_last(a):  # integer (b, T_pad) -> (b, s) at each slot's last token
+        return jnp.take_along_axis(a, last, axis=1)
 
-    cs_last = at_last(glue.cs)  # (b, s, h)
+    # (b, T_pad, s): 1 at each present slot's last token. cs there, (b, s, h): b T_pad s h
+    # multiply-adds, one nonzero term per output.
+    last_hot = ((t[None, :, None] == last[:, None, :]) & present[:, None, :]).astype(F32)
+    cs_last = jnp.einsum("bts,bth->bsh", last_hot, glue.cs, precision=HIGHEST)
     # A token adds to its slot's final state if it is in the slot's last run and in the chunk
     # of the slot's last token (earlier chunks of the run arrive through h_in).
     slot_c = jnp.clip(glue.slot, 0, glue.num_segments - 1)
 
-    def per_token(a):  # (b, s, ...) -> (b, T_pad, ...) of each token's slot
-        index = slot_c.reshape(*slot_c.shape, *([1] * (a.ndim - 2)))
-        return jnp.take_along_axis(a, index, axis=1)
+    def per_token(a):  # integer (b, s) -> (b, T_pad) of each token's slot
+        return jnp.take_along_axis(a, slot_c, axis=1)
 
     final_run = per_token(at_last(glue.run))
     final_chunk = per_token(last // glue.chunk)
     counts = ((glue.run == final_run) & (t[None, :] // glue.chunk == final_chunk)
               & (t < glue.length)[None, :] & per_token(present))
-    decay = jnp.exp(jnp.where(counts[..., None], per_token(cs_last) - glue.cs, -jnp.inf))
+    counts_hot = glue.onehot(counts)  # (b, T_pad, s)
+    # Each counting token's slot's cs_last, (b, T_pad, h): b T_pad s h multiply-adds.
+    cs_last_tok = jnp.einsum("bts,bsh->bth", counts_hot, cs_last, precision=HIGHEST)
+    decay = jnp.exp(jnp.where(counts[..., None], cs_last_tok - glue.cs, -jnp.inf))
     xw = _pad_rows(x, padded) * (decay * glue.dtp)[..., None]  # (b, T_pad, h, p)
-    b_slot = glue.onehot(counts)[..., None, None] * _pad_rows(B, padded)[:, :, None]
+    b_slot = counts_hot[..., None, None] * _pad_rows(B, padded)[:, :, None]
     local = jnp.einsum("btgkp,btsgn->bsgkpn",
                        xw.reshape(batch, padded, groups, heads // groups, headdim), b_slot,
                        precision=HIGHEST).reshape(batch, glue.num_segments, heads, headdim,
                                                   d_state)
     entered = at_last(glue.lo) < 0  # (b, s): the last run entered the last token's chunk
-    h_last = jnp.take_along_axis(h_in, (last // glue.chunk)[:, :, None, None, None], axis=1)
+    # h_in of the last token's chunk for slots whose last run entered it, (b, s, h, p, n):
+    # b s c h p n multiply-adds, one nonzero term per output (one run covers a chunk's start).
+    n_chunks = h_in.shape[1]
+    chunk_hot = ((jnp.arange(n_chunks)[None, None, :] == (last // glue.chunk)[..., None])
+                 & (entered & present)[..., None]).astype(F32)  # (b, s, c)
+    h_last = jnp.einsum("bsc,bchpn->bshpn", chunk_hot, h_in, precision=HIGHEST)
     base = jnp.where(entered[..., None, None, None], h_last,
                      0.0 if init is None else init.astype(F32))
     final = local + jnp.exp(cs_last)[..., None, None] * base

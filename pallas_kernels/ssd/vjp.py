@@ -353,7 +353,10 @@ def _assemble_dcs(st, rowsum, colsum, a_inter, dcs_state, decay, ddecay):
     dcs = rowsum.sum(2) - colsum.sum(2) + a_inter - dcs_state
     shape = (st.batch, st.heads, st.n_chunks, st.chunk)
     end = dcs_state.reshape(shape).sum(-1) + decay * ddecay
-    dcs = dcs.reshape(shape).at[..., -1].add(end)
+    dcs = dcs.reshape(shape)
+    # A concatenation, not .at[..., -1].add: that is a scatter-add, and XLA's GPU scatter adds
+    # with atomics (tests/test_ssd_impls.py fails on any scatter-add in this path).
+    dcs = jnp.concatenate([dcs[..., :-1], dcs[..., -1:] + end[..., None]], axis=-1)
     return dcs.reshape(st.batch, st.heads, st.padded)
 
 
