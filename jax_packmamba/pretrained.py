@@ -1,42 +1,64 @@
-"""Loading and saving Mamba checkpoints: Hugging Face `MambaForCausalLM` and state-spaces/mamba.
+"""Loading and saving Mamba and Mamba2 checkpoints: Hugging Face and state-spaces/mamba layouts.
 
-Two layouts of a local checkpoint directory are read:
+Two layouts of a local checkpoint directory are read, each for both model families:
 
-  "hf"            Hugging Face MambaForCausalLM: config.json (model_type "mamba": hidden_size,
-                  num_hidden_layers, state_size, ...) and model.safetensors, sharded safetensors
-                  with model.safetensors.index.json, or pytorch_model.bin; tensors
-                  backbone.embeddings.weight, backbone.layers.N.{norm,mixer.*}, backbone.norm_f,
-                  lm_head.weight (absent or equal to the embeddings when tied).
-  "state-spaces"  the original mamba_ssm MambaLMHeadModel: config.json with d_model, n_layer,
-                  vocab_size, ssm_cfg, pad_vocab_size_multiple; pytorch_model.bin (safetensors
-                  with the same names is read too); tensors backbone.embedding.weight, otherwise
-                  as above.
+  "hf"            Hugging Face MambaForCausalLM (config.json model_type "mamba": hidden_size,
+                  num_hidden_layers, state_size, ...) or Mamba2ForCausalLM (model_type
+                  "mamba2": also num_heads, head_dim, n_groups, chunk_size); model.safetensors,
+                  sharded safetensors with model.safetensors.index.json, or pytorch_model.bin;
+                  tensors backbone.embeddings.weight, backbone.layers.N.{norm,mixer.*},
+                  backbone.norm_f, lm_head.weight (absent or equal to the embeddings when tied).
+  "state-spaces"  the original mamba_ssm MambaLMHeadModel (mamba-* and mamba2-* checkpoints):
+                  config.json with d_model, n_layer, vocab_size, ssm_cfg (its "layer" "Mamba1",
+                  the default, or "Mamba2"), pad_vocab_size_multiple; pytorch_model.bin
+                  (safetensors with the same names is read too); tensors
+                  backbone.embedding.weight, otherwise as above.
 
-The mixer tensors (torch shapes, e d_inner, d d_model, n d_state, r dt_rank, w d_conv) are
-in_proj.weight (2e, d), conv1d.weight (e, 1, w), conv1d.bias (e,), x_proj.weight (r + 2n, e),
-dt_proj.weight (e, r), dt_proj.bias (e,), A_log (e, n), D (e,), out_proj.weight (d, e) and, with
-use_bias, in_proj.bias / out_proj.bias. Flax kernels are the transposed torch weights.
+Mixer tensors in torch shapes (e d_inner, d d_model, n d_state, r dt_rank, w d_conv, h heads,
+g groups, x = e + 2 g n conv channels):
+  Mamba1  in_proj.weight (2e, d), conv1d.weight (e, 1, w), conv1d.bias (e,), x_proj.weight
+          (r + 2n, e), dt_proj.weight (e, r), dt_proj.bias (e,), A_log (e, n), D (e,),
+          out_proj.weight (d, e)
+  Mamba2  in_proj.weight (e + x + h, d) with rows [z, xBC, dt], conv1d.weight (x, 1, w),
+          conv1d.bias (x,), dt_bias (h,), A_log (h,), D (h,) (or (e,) with mamba_ssm's
+          D_has_hdim), norm.weight (e,) (the gated RMSNorm), out_proj.weight (d, e)
+and, with bias / use_bias, in_proj.bias and out_proj.bias. Flax kernels are the transposed
+torch weights.
+
+Config fields are checked before any tensor is read: a value of the wrong JSON type is one
+ValueError naming the field, the value and the type expected. Fields that fix tensor shapes are
+required in the Hugging Face layout, where transformers always writes them (transformers'
+defaults are never guessed; only tie_word_embeddings, which transformers may leave out, takes
+its default). In the state-spaces layout mamba_ssm's constructor defaults are part of the
+format (released mamba2-* configs give ssm_cfg {"layer": "Mamba2"} alone), so they apply; when
+the tensors then disagree, the error lists the defaults that were used.
 
 safetensors is read through the `safetensors` package; .bin files need torch (optional).
-`save_pretrained` writes the Hugging Face layout, which `MambaForCausalLM.from_pretrained`
-loads. Every mismatch (unknown or missing tensors, shapes, unsupported config values) raises a
-ValueError that names it.
+`save_pretrained` writes the Hugging Face layout, which `MambaForCausalLM.from_pretrained` or
+`Mamba2ForCausalLM.from_pretrained` loads. Every mismatch (unknown or missing tensors, shapes,
+unsupported config values, unreadable files) raises a ValueError that names it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jax_packmamba import tokenizer as tokenizer_lib
-from jax_packmamba.config import MambaConfig
+from jax_packmamba.config import Mamba2Config, MambaConfig
+from jax_packmamba.mamba2 import Mamba2LM
 from jax_packmamba.model import MambaLM
+from jax_packmamba.ops.causal_conv1d import CONV_IMPLS
+from jax_packmamba.ops.selective_scan import IMPLS as SCAN_IMPLS
+from jax_packmamba.ops.ssd_scan import IMPLS as SSD_IMPLS
 
 LAYOUTS = ("hf", "state-spaces")
 CONFIG_FILE = "config.json"
@@ -49,37 +71,54 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 # (transformers keeps unknown keys as attributes, so the file stays loadable there).
 EXTRA_KEY = tokenizer_lib.EXTRA_KEY
 
-# Config fields that do not change the function a checkpoint computes (safe to override).
-RUNTIME_FIELDS = ("dtype", "scan_impl", "remat")
+# Config fields that do not change the function a checkpoint computes (safe to override);
+# the same names in MambaConfig and Mamba2Config (scan_impl is the SSD scan's for Mamba2).
+RUNTIME_FIELDS = ("dtype", "scan_impl", "conv_impl", "remat")
 
-_MIXER_TENSORS = ("in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "out_proj")
+AnyConfig = MambaConfig | Mamba2Config
 
 
 # ---------------------------------------------------------------------------------------------
 # Public API.
 
 
-def from_pretrained(path, **config_overrides) -> MambaLM:
-    """MambaLM from a local checkpoint directory in either layout.
+def from_pretrained(path, **config_overrides) -> MambaLM | Mamba2LM:
+    """MambaLM or Mamba2LM from a local checkpoint directory in either layout.
 
-    config_overrides: runtime fields of MambaConfig ("dtype", "scan_impl", "remat"); the
+    config_overrides: runtime fields ("dtype", "scan_impl", "conv_impl", "remat"); the
     architecture comes from config.json. Parameters are float32 whatever the file's dtype.
     """
     path = Path(path)
     config_dict = read_config_json(path)
     layout = detect_layout(config_dict, path)
-    config = config_from_dict(config_dict, layout)
-    bad = sorted(set(config_overrides) - set(RUNTIME_FIELDS))
+    config, defaults_used = _parse_config(config_dict, layout, str(path / CONFIG_FILE))
+    config = _with_overrides(config, config_overrides, path / CONFIG_FILE)
+    return model_from_tensors(config, read_tensors(path), layout=layout, source=str(path),
+                              defaults_used=defaults_used)
+
+
+def _with_overrides(config: AnyConfig, overrides: dict, config_file) -> AnyConfig:
+    bad = sorted(set(overrides) - set(RUNTIME_FIELDS))
     if bad:
         raise ValueError(
             f"from_pretrained can only override {RUNTIME_FIELDS}, not {bad}: the architecture "
-            f"comes from {path / CONFIG_FILE}")
-    config = dataclasses.replace(config, **config_overrides)
-    return model_from_tensors(config, read_tensors(path), layout=layout, source=str(path))
+            f"comes from {config_file}")
+    # The ops check their impl only when first called; say it here, before any tensor is read.
+    scan_impls = SSD_IMPLS if isinstance(config, Mamba2Config) else SCAN_IMPLS
+    for name, allowed in (("scan_impl", scan_impls), ("conv_impl", CONV_IMPLS),
+                          ("remat", (False, True))):
+        value = overrides.get(name, allowed[0])
+        if type(value) is not type(allowed[0]) or value not in allowed:  # 1 == True, so the type too
+            raise ValueError(f"from_pretrained: {name} must be one of {allowed}, got {value!r}")
+    try:
+        return dataclasses.replace(config, **overrides)
+    except ValueError as e:
+        raise ValueError(f"from_pretrained: {e}") from None
 
 
 def save_pretrained(model, path, *, tokenizer=None) -> None:
-    """Writes `model` in the Hugging Face layout: path/config.json and path/model.safetensors.
+    """Writes `model` (MambaLM or Mamba2LM) in the Hugging Face layout: path/config.json and
+    path/model.safetensors.
 
     tokenizer (a jax_packmamba.tokenizer ByteTokenizer or HFTokenizer): recorded beside the
     model, so that `tokenizer_for_model_dir(path)` and the generate command line find it:
@@ -103,7 +142,7 @@ def save_pretrained(model, path, *, tokenizer=None) -> None:
     save_file(tensors, str(path / SAFETENSORS_FILE), metadata={"format": "pt"})
 
 
-def _tokenizer_entries(tokenizer, config: MambaConfig, extra: dict) -> dict:
+def _tokenizer_entries(tokenizer, config: AnyConfig, extra: dict) -> dict:
     """config.json entries recording `tokenizer` (see jax_packmamba.tokenizer); ValueError
     when it produces ids the model has no embedding row for."""
     if tokenizer.vocab_size > config.padded_vocab_size:
@@ -117,28 +156,27 @@ def _tokenizer_entries(tokenizer, config: MambaConfig, extra: dict) -> dict:
 
 def detect_layout(config_dict: dict, path="<config>") -> str:
     """'hf' or 'state-spaces' from the keys of config.json."""
-    if "hidden_size" in config_dict or config_dict.get("model_type") == "mamba":
+    if "hidden_size" in config_dict or config_dict.get("model_type") in ("mamba", "mamba2"):
         return "hf"
     if "d_model" in config_dict:
         return "state-spaces"
     raise ValueError(
-        f"{Path(path) / CONFIG_FILE} is neither a Hugging Face Mamba config (model_type 'mamba', "
-        f"hidden_size, ...) nor a state-spaces/mamba config (d_model, n_layer, ssm_cfg, ...); "
-        f"its keys are {sorted(config_dict)}")
+        f"{Path(path) / CONFIG_FILE} is neither a Hugging Face Mamba or Mamba2 config "
+        f"(model_type 'mamba' or 'mamba2', hidden_size, ...) nor a state-spaces/mamba config "
+        f"(d_model, n_layer, ssm_cfg, ...); its keys are {sorted(config_dict)}")
 
 
-def config_from_dict(config_dict: dict, layout: str) -> MambaConfig:
-    """MambaConfig from the contents of a config.json in `layout`."""
-    if layout == "hf":
-        return _config_from_hf(config_dict)
-    if layout == "state-spaces":
-        return _config_from_state_spaces(config_dict)
-    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+def config_from_dict(config_dict: dict, layout: str, where: str = CONFIG_FILE) -> AnyConfig:
+    """MambaConfig or Mamba2Config from the contents of a config.json in `layout`; `where`
+    names the file in error messages."""
+    return _parse_config(config_dict, layout, where)[0]
 
 
-def hf_config_from_config(config: MambaConfig) -> dict:
-    """The Hugging Face MambaConfig dict for `config` (vocab_size is the padded size: the
-    number of embedding rows), plus our own fields under EXTRA_KEY."""
+def hf_config_from_config(config: AnyConfig) -> dict:
+    """The Hugging Face MambaConfig or Mamba2Config dict for `config` (vocab_size is the padded
+    size: the number of embedding rows), plus our own fields under EXTRA_KEY."""
+    if isinstance(config, Mamba2Config):
+        return _hf_mamba2_config(config)
     return {
         "architectures": ["MambaForCausalLM"],
         "model_type": "mamba",
@@ -174,21 +212,66 @@ def hf_config_from_config(config: MambaConfig) -> dict:
     }
 
 
-def tensor_names(config: MambaConfig, layout: str = "hf") -> list[str]:
+def _hf_mamba2_config(config: Mamba2Config) -> dict:
+    if config.D_has_hdim:
+        raise ValueError(
+            "save_pretrained: Mamba2Config.D_has_hdim=True (D per channel) has no Hugging Face "
+            "Mamba2 equivalent (its D is one per head)")
+    return {
+        "architectures": ["Mamba2ForCausalLM"],
+        "model_type": "mamba2",
+        "vocab_size": config.padded_vocab_size,
+        "hidden_size": config.d_model,
+        "num_hidden_layers": config.n_layer,
+        "state_size": config.d_state,
+        "num_heads": config.nheads,
+        "head_dim": config.headdim,
+        "n_groups": config.ngroups,
+        "conv_kernel": config.d_conv,
+        "expand": config.expand,
+        "chunk_size": config.chunk_size,
+        "time_step_min": config.dt_min,
+        "time_step_max": config.dt_max,
+        "time_step_floor": config.dt_init_floor,
+        "use_bias": config.proj_bias,
+        "use_conv_bias": config.conv_bias,
+        "layer_norm_epsilon": config.rms_norm_eps,
+        "hidden_act": "silu",
+        "residual_in_fp32": True,
+        # As for Mamba1: transformers rescales out_proj after loading when this is true.
+        "rescale_prenorm_residual": False,
+        "initializer_range": config.initializer_range,
+        "tie_word_embeddings": config.tie_embeddings,
+        "torch_dtype": "float32",
+        EXTRA_KEY: {
+            "vocab_size": config.vocab_size,
+            "pad_vocab_size_multiple": config.pad_vocab_size_multiple,
+            "rescale_prenorm_residual": config.rescale_prenorm_residual,
+            "A_init_range": list(config.A_init_range),
+        },
+    }
+
+
+def tensor_names(config: AnyConfig, layout: str = "hf") -> list[str]:
     """The checkpoint tensor names a model with `config` has, in `layout`."""
     return list(_name_map(config, layout))
 
 
-def model_from_tensors(config: MambaConfig, tensors: dict, *, layout: str = "hf", source="tensors"):
-    """MambaLM with `config` whose parameters are the torch-named `tensors` (name -> array).
+def model_from_tensors(config: AnyConfig, tensors: dict, *, layout: str = "hf", source="tensors",
+                       defaults_used: dict | None = None):
+    """MambaLM (MambaConfig) or Mamba2LM (Mamba2Config) whose parameters are the torch-named
+    `tensors` (name -> array).
 
     This is the whole loader once the files are read; it raises ValueError naming every
-    missing, unexpected or mis-shaped tensor.
+    missing, unexpected or mis-shaped tensor. defaults_used (config.json key -> (value, whose
+    default it is)): the shape-fixing fields config.json did not set, listed in those errors.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    model_cls = Mamba2LM if isinstance(config, Mamba2Config) else MambaLM
     names = _name_map(config, layout)
     tensors = dict(tensors)
+    note = _defaults_note(defaults_used)
     # A tied checkpoint may still carry lm_head.weight (torch.save of a tied model does); it
     # must then be the embedding table.
     if config.tie_embeddings and "lm_head.weight" in tensors:
@@ -197,17 +280,18 @@ def model_from_tensors(config: MambaConfig, tensors: dict, *, layout: str = "hf"
         if embed_name in tensors and not np.array_equal(head, _to_numpy(tensors[embed_name])):
             raise ValueError(
                 f"{source}: config ties the embeddings (tie_word_embeddings / tie_embeddings) but "
-                f"lm_head.weight differs from {embed_name}; set tie_word_embeddings to false")
+                f"lm_head.weight differs from {embed_name}; set tie_word_embeddings to false{note}")
     missing = sorted(set(names) - set(tensors))
     unexpected = sorted(set(tensors) - set(names))
     if missing or unexpected:
         raise ValueError(
-            f"{source} does not match the {layout} layout of this config ({config.n_layer} layers, "
-            f"d_model={config.d_model}, tie_embeddings={config.tie_embeddings}, "
-            f"proj_bias={config.proj_bias}, conv_bias={config.conv_bias}): "
-            f"missing tensors {_short(missing)}; unexpected tensors {_short(unexpected)}")
+            f"{source} does not match the {layout} layout of this {type(config).__name__} "
+            f"({config.n_layer} layers, d_model={config.d_model}, "
+            f"tie_embeddings={config.tie_embeddings}, proj_bias={config.proj_bias}, "
+            f"conv_bias={config.conv_bias}): missing tensors {_short(missing)}; unexpected "
+            f"tensors {_short(unexpected)}{note}")
 
-    abstract = nnx.eval_shape(lambda: MambaLM(config, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
     mismatched = []
@@ -222,7 +306,7 @@ def model_from_tensors(config: MambaConfig, tensors: dict, *, layout: str = "hf"
         flat[param_path] = flat[param_path].replace(jnp.asarray(array))
     if mismatched:
         raise ValueError(f"{source}: tensor shapes do not match the config ({_config_summary(config)}): "
-                         + "; ".join(mismatched))
+                         + "; ".join(mismatched) + note)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -242,14 +326,7 @@ def read_config_json(path) -> dict:
     file = path / CONFIG_FILE
     if not file.exists():
         raise ValueError(f"{path} has no {CONFIG_FILE}; a checkpoint directory needs one")
-    try:
-        with open(file) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{file} must hold a JSON object, got {type(config).__name__}")
-    return config
+    return _read_json_object(file)
 
 
 def read_tensors(path) -> dict[str, np.ndarray]:
@@ -273,109 +350,396 @@ def read_tensors(path) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Typed reads of config.json fields.
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _json_float(v):
+    """A number, or transformers' encoding of a non-finite one ({"__float__": "Infinity"});
+    None when `v` is neither."""
+    if _is_number(v):
+        return float(v)
+    spelled = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+    if isinstance(v, dict) and set(v) == {"__float__"} and v["__float__"] in spelled:
+        return spelled[v["__float__"]]
+    return None
+
+
+# What a _Kind's convert returns for a JSON value not of that kind (None is a value: null).
+_BAD = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kind:
+    """What a field must hold: `name` completes "must be ...", `convert` returns the value to
+    use, or _BAD when the JSON value is not of this kind."""
+
+    name: str
+    convert: Callable[[Any], Any]
+
+
+def _kind(name, accepts, convert=lambda v: v) -> _Kind:
+    return _Kind(name, lambda v: convert(v) if accepts(v) else _BAD)
+
+
+def _pair(v):
+    if not isinstance(v, list) or len(v) != 2:
+        return _BAD
+    pair = tuple(_json_float(x) for x in v)
+    return _BAD if None in pair else pair
+
+
+_POSITIVE_INT = _kind("a positive integer", lambda v: _is_int(v) and v >= 1)
+_NONNEGATIVE_INT = _kind("a non-negative integer", lambda v: _is_int(v) and v >= 0)
+_POSITIVE_NUMBER = _kind("a positive number", lambda v: _is_number(v) and v > 0, float)
+_NUMBER = _kind("a number", _is_number, float)
+_BOOL = _kind("true or false", lambda v: isinstance(v, bool))
+_STRING = _kind("a string", lambda v: isinstance(v, str))
+_OBJECT = _kind("a JSON object", lambda v: isinstance(v, dict))
+_LIST = _kind("a list", lambda v: isinstance(v, list))
+_RANK = _kind('a positive integer or "auto"', lambda v: v == "auto" or (_is_int(v) and v >= 1))
+_PAIR = _Kind("a list of two numbers", _pair)
+_OPTIONAL_POSITIVE_INT = _kind("null or a positive integer", lambda v: v is None or (_is_int(v) and v >= 1))
+
+_JSON_TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number",
+                    list: "a list", dict: "an object", type(None): "null"}
+
+
+def _json_text(value) -> str:
+    """`value` as config.json would spell it (tuples as lists), shortened."""
+    try:
+        text = json.dumps(list(value) if isinstance(value, tuple) else value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _describe(value) -> str:
+    return f"{_json_text(value)} ({_JSON_TYPE_NAMES.get(type(value), type(value).__name__)})"
+
+
+class _Fields:
+    """Typed reads from one JSON object of config.json (or an object inside it, `prefix`):
+    each bad value is one ValueError naming the file, the field, the value and the type
+    expected. Records the defaults used for fields that fix tensor shapes."""
+
+    REQUIRED = object()
+
+    def __init__(self, d: dict, where: str, prefix: str = "", defaults_used: dict | None = None,
+                 default_source: str = "default"):
+        self.d, self.where, self.prefix = d, where, prefix
+        self.defaults_used = {} if defaults_used is None else defaults_used
+        self.default_source = default_source
+
+    def require(self, keys, why: str) -> None:
+        missing = [self.prefix + k for k in keys if k not in self.d]
+        if missing:
+            raise ValueError(f"{self.where}: required field{'s' if len(missing) > 1 else ''} "
+                             f"{', '.join(missing)} missing ({why})")
+
+    def get(self, key: str, kind: _Kind, default=REQUIRED, *, shape: bool = False):
+        """The field's value as `kind`; `default` when absent (recorded when `shape`: the field
+        fixes a tensor shape or which tensors exist)."""
+        if key not in self.d:
+            if default is self.REQUIRED:
+                raise ValueError(f"{self.where}: required field {self.prefix}{key} missing")
+            if shape:
+                self.defaults_used[self.prefix + key] = (default, self.default_source)
+            return default
+        value = self.d[key]
+        converted = kind.convert(value)
+        if converted is _BAD:
+            raise ValueError(f"{self.where}: {self.prefix}{key} must be {kind.name}, got {_describe(value)}")
+        return converted
+
+    def sub(self, key: str) -> "_Fields":
+        """The JSON object under `key` (empty when absent) with the same bookkeeping."""
+        return _Fields(self.get(key, _OBJECT, {}), self.where, f"{self.prefix}{key}.",
+                       self.defaults_used, self.default_source)
+
+    def keys(self) -> set[str]:
+        return set(self.d)
+
+
+def _defaults_note(defaults_used: dict | None) -> str:
+    if not defaults_used:
+        return ""
+    listed = ", ".join(f"{key}={json.dumps(value)} ({source})"
+                       for key, (value, source) in sorted(defaults_used.items()))
+    return f"; {CONFIG_FILE} does not set these shape fields, so defaults were used: {listed}"
+
+
+# ---------------------------------------------------------------------------------------------
 # Configs.
 
 
-def _config_from_hf(d: dict) -> MambaConfig:
-    where = "Hugging Face config.json"
-    _require(d, ("hidden_size", "num_hidden_layers", "vocab_size"), where)
-    if d.get("model_type", "mamba") != "mamba":
-        raise ValueError(f"{where}: model_type must be 'mamba' (Mamba1), got {d['model_type']!r}")
-    act = d.get("hidden_act", "silu")
+def _parse_config(config_dict: dict, layout: str, where: str) -> tuple[AnyConfig, dict]:
+    """(config, defaults used for shape fields: key -> (value, source))."""
+    if layout == "hf":
+        fields = _Fields(config_dict, where, default_source="transformers' default")
+        family = _hf_family(fields)
+        config = _config_from_hf_mamba2(fields) if family == "mamba2" else _config_from_hf_mamba(fields)
+    elif layout == "state-spaces":
+        fields = _Fields(config_dict, where, default_source="mamba_ssm's default")
+        config = _config_from_state_spaces(fields)
+    else:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return config, fields.defaults_used
+
+
+# Keys only a Hugging Face Mamba2 config has (for configs without model_type / architectures).
+_HF_MAMBA2_ONLY_KEYS = ("num_heads", "head_dim", "n_groups", "chunk_size")
+
+
+def _hf_family(f: _Fields) -> str:
+    model_type = f.get("model_type", _STRING, None)
+    if model_type is not None:
+        if model_type not in ("mamba", "mamba2"):
+            raise ValueError(f"{f.where}: model_type must be 'mamba' (MambaForCausalLM) or 'mamba2' "
+                             f"(Mamba2ForCausalLM), got {model_type!r}")
+        return model_type
+    architectures = f.get("architectures", _LIST, [])
+    if "Mamba2ForCausalLM" in architectures:
+        return "mamba2"
+    if "MambaForCausalLM" in architectures:
+        return "mamba"
+    return "mamba2" if any(k in f.keys() for k in _HF_MAMBA2_ONLY_KEYS) else "mamba"
+
+
+def _check_activation(f: _Fields) -> None:
+    act = f.get("hidden_act", _STRING, "silu")
     if act != "silu":
-        raise ValueError(f"{where}: hidden_act={act!r} is not supported; Mamba uses 'silu'")
-    hidden, expand = d["hidden_size"], d.get("expand", 2)
-    intermediate = d.get("intermediate_size", expand * hidden)
-    if intermediate != expand * hidden:
+        raise ValueError(f"{f.where}: hidden_act={act!r} is not supported; Mamba uses 'silu'")
+
+
+def _hf_vocab(f: _Fields, extra: _Fields) -> tuple[int, int, int]:
+    """(embedding rows, vocab_size, pad_vocab_size_multiple): config.json's vocab_size is the
+    number of embedding rows; EXTRA_KEY may give the unpadded size and the multiple."""
+    rows = f.get("vocab_size", _POSITIVE_INT)
+    return (rows, extra.get("vocab_size", _POSITIVE_INT, rows),
+            extra.get("pad_vocab_size_multiple", _POSITIVE_INT, 1))
+
+
+def _check_hf_vocab(config: AnyConfig, rows: int, where: str) -> None:
+    if config.padded_vocab_size != rows:
         raise ValueError(
-            f"{where}: intermediate_size={intermediate} must equal expand * hidden_size = "
-            f"{expand} * {hidden}")
-    rank = d.get("time_step_rank", "auto")
-    extra = d.get(EXTRA_KEY, {})
-    vocab = d["vocab_size"]
-    fields = dict(
-        d_model=hidden,
-        n_layer=d["num_hidden_layers"],
-        vocab_size=extra.get("vocab_size", vocab),
-        pad_vocab_size_multiple=extra.get("pad_vocab_size_multiple", 1),
-        d_state=d.get("state_size", 16),
-        d_conv=d.get("conv_kernel", 4),
-        expand=expand,
-        dt_rank=None if rank == "auto" else rank,
-        dt_min=d.get("time_step_min", 0.001),
-        dt_max=d.get("time_step_max", 0.1),
-        dt_init_floor=d.get("time_step_floor", 1e-4),
-        dt_scale=d.get("time_step_scale", 1.0),
-        conv_bias=d.get("use_conv_bias", True),
-        proj_bias=d.get("use_bias", False),
-        rms_norm_eps=d.get("layer_norm_epsilon", 1e-5),
-        tie_embeddings=d.get("tie_word_embeddings", True),
-        rescale_prenorm_residual=extra.get("rescale_prenorm_residual",
-                                           d.get("rescale_prenorm_residual", False)),
-        initializer_range=d.get("initializer_range", 0.1),
-    )
-    config = _make_config(fields, where)
-    if config.padded_vocab_size != vocab:
-        raise ValueError(
-            f"{where}: vocab_size={vocab} (embedding rows) but {EXTRA_KEY} says vocab_size="
+            f"{where}: vocab_size={rows} (embedding rows) but {EXTRA_KEY} says vocab_size="
             f"{config.vocab_size} padded to a multiple of {config.pad_vocab_size_multiple} = "
             f"{config.padded_vocab_size}")
+
+
+_HF_MAMBA_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "state_size",
+                      "conv_kernel", "expand", "time_step_rank", "use_bias", "use_conv_bias")
+_HF_WHY = "it fixes tensor shapes; transformers writes it, and its default is not guessed"
+
+
+def _config_from_hf_mamba(f: _Fields) -> MambaConfig:
+    f.require(_HF_MAMBA_REQUIRED, _HF_WHY)
+    _check_activation(f)
+    hidden, expand = f.get("hidden_size", _POSITIVE_INT), f.get("expand", _POSITIVE_INT)
+    intermediate = f.get("intermediate_size", _POSITIVE_INT, expand * hidden)
+    if intermediate != expand * hidden:
+        raise ValueError(
+            f"{f.where}: intermediate_size={intermediate} must equal expand * hidden_size = "
+            f"{expand} * {hidden}")
+    rank = f.get("time_step_rank", _RANK)
+    extra = f.sub(EXTRA_KEY)
+    rows, vocab, multiple = _hf_vocab(f, extra)
+    fields = dict(
+        d_model=hidden,
+        n_layer=f.get("num_hidden_layers", _POSITIVE_INT),
+        vocab_size=vocab,
+        pad_vocab_size_multiple=multiple,
+        d_state=f.get("state_size", _POSITIVE_INT),
+        d_conv=f.get("conv_kernel", _POSITIVE_INT),
+        expand=expand,
+        dt_rank=None if rank == "auto" else rank,
+        dt_min=f.get("time_step_min", _POSITIVE_NUMBER, 0.001),
+        dt_max=f.get("time_step_max", _POSITIVE_NUMBER, 0.1),
+        dt_init_floor=f.get("time_step_floor", _POSITIVE_NUMBER, 1e-4),
+        dt_scale=f.get("time_step_scale", _NUMBER, 1.0),
+        conv_bias=f.get("use_conv_bias", _BOOL),
+        proj_bias=f.get("use_bias", _BOOL),
+        rms_norm_eps=f.get("layer_norm_epsilon", _POSITIVE_NUMBER, 1e-5),
+        tie_embeddings=f.get("tie_word_embeddings", _BOOL, True, shape=True),
+        rescale_prenorm_residual=extra.get("rescale_prenorm_residual", _BOOL,
+                                           f.get("rescale_prenorm_residual", _BOOL, False)),
+        initializer_range=f.get("initializer_range", _NUMBER, 0.1),
+    )
+    config = _make_config(MambaConfig, fields, f.where)
+    _check_hf_vocab(config, rows, f.where)
     return config
 
 
-_SSM_CFG_FIELDS = dict(d_state="d_state", d_conv="d_conv", expand="expand", dt_rank="dt_rank",
-                       dt_min="dt_min", dt_max="dt_max", dt_init_floor="dt_init_floor",
-                       dt_scale="dt_scale", conv_bias="conv_bias", bias="proj_bias")
-# ssm_cfg keys that only matter at initialisation or for kernel choice.
-_SSM_CFG_IGNORED = ("dt_init", "use_fast_path", "layer_idx", "device", "dtype")
+_HF_MAMBA2_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "state_size",
+                       "num_heads", "head_dim", "n_groups", "conv_kernel", "expand", "use_bias",
+                       "use_conv_bias")
+# dt's clamp (time_step_limit, mamba_ssm's dt_limit) when there is none; the only one we support.
+_NO_LIMIT = (0.0, math.inf)
 
 
-def _config_from_state_spaces(d: dict) -> MambaConfig:
-    where = "state-spaces config.json"
-    _require(d, ("d_model", "n_layer", "vocab_size"), where)
-    if not d.get("rms_norm", True):
-        raise ValueError(f"{where}: rms_norm=false (LayerNorm) is not supported; only RMSNorm")
-    if d.get("d_intermediate", 0):
-        raise ValueError(f"{where}: d_intermediate={d['d_intermediate']} (MLP blocks) is not supported")
-    if d.get("attn_layer_idx"):
-        raise ValueError(f"{where}: attn_layer_idx={d['attn_layer_idx']} (attention layers) is not supported")
-    ssm_cfg = dict(d.get("ssm_cfg") or {})
-    layer = ssm_cfg.pop("layer", "Mamba1")
-    if layer != "Mamba1":
-        raise ValueError(f"{where}: ssm_cfg.layer={layer!r} is not supported; only Mamba1")
-    unknown = sorted(set(ssm_cfg) - set(_SSM_CFG_FIELDS) - set(_SSM_CFG_IGNORED))
-    if unknown:
-        raise ValueError(f"{where}: unsupported ssm_cfg keys {unknown}")
+def _config_from_hf_mamba2(f: _Fields) -> Mamba2Config:
+    """Keys not read here change nothing computed: initialisation, caching, and flags
+    transformers' modelling code ignores (norm_before_gate, rms_norm: it always gates, then
+    normalises, as mamba_ssm's default)."""
+    f.require(_HF_MAMBA2_REQUIRED, _HF_WHY)
+    _check_activation(f)
+    hidden, expand = f.get("hidden_size", _POSITIVE_INT), f.get("expand", _POSITIVE_INT)
+    heads, headdim = f.get("num_heads", _POSITIVE_INT), f.get("head_dim", _POSITIVE_INT)
+    if heads * headdim != expand * hidden:
+        raise ValueError(
+            f"{f.where}: num_heads * head_dim = {heads} * {headdim} must equal expand * "
+            f"hidden_size = {expand} * {hidden}")
+    limit = f.get("time_step_limit", _PAIR, _NO_LIMIT)
+    if limit != _NO_LIMIT:
+        raise ValueError(f"{f.where}: time_step_limit={list(limit)} (a clamp on dt) is not "
+                         f"supported; only [0.0, Infinity], no clamp")
+    f.get("time_step_rank", _RANK, "auto")  # unused by Mamba2, but must be well-formed
+    extra = f.sub(EXTRA_KEY)
+    rows, vocab, multiple = _hf_vocab(f, extra)
     fields = dict(
-        d_model=d["d_model"],
-        n_layer=d["n_layer"],
-        vocab_size=d["vocab_size"],
-        pad_vocab_size_multiple=d.get("pad_vocab_size_multiple", 8),
-        tie_embeddings=d.get("tie_embeddings", True),
-        rms_norm_eps=d.get("norm_epsilon", 1e-5),
+        d_model=hidden,
+        n_layer=f.get("num_hidden_layers", _POSITIVE_INT),
+        vocab_size=vocab,
+        pad_vocab_size_multiple=multiple,
+        d_state=f.get("state_size", _POSITIVE_INT),
+        d_conv=f.get("conv_kernel", _POSITIVE_INT),
+        expand=expand,
+        headdim=headdim,
+        ngroups=f.get("n_groups", _POSITIVE_INT),
+        chunk_size=f.get("chunk_size", _POSITIVE_INT, 256),
+        A_init_range=extra.get("A_init_range", _PAIR, (1.0, 16.0)),
+        dt_min=f.get("time_step_min", _POSITIVE_NUMBER, 0.001),
+        dt_max=f.get("time_step_max", _POSITIVE_NUMBER, 0.1),
+        dt_init_floor=f.get("time_step_floor", _POSITIVE_NUMBER, 1e-4),
+        conv_bias=f.get("use_conv_bias", _BOOL),
+        proj_bias=f.get("use_bias", _BOOL),
+        rms_norm_eps=f.get("layer_norm_epsilon", _POSITIVE_NUMBER, 1e-5),
+        # transformers' Mamba2Config default, unlike Mamba1's.
+        tie_embeddings=f.get("tie_word_embeddings", _BOOL, False, shape=True),
+        rescale_prenorm_residual=extra.get("rescale_prenorm_residual", _BOOL,
+                                           f.get("rescale_prenorm_residual", _BOOL, False)),
+        initializer_range=f.get("initializer_range", _NUMBER, 0.1),
     )
-    for key, field in _SSM_CFG_FIELDS.items():
-        if key in ssm_cfg:
-            fields[field] = ssm_cfg[key]
-    if fields.get("dt_rank") == "auto":
-        fields["dt_rank"] = None
-    return _make_config(fields, where)
+    f.get("residual_in_fp32", _BOOL, True)  # ours is always float32; equal in float32 runs
+    config = _make_config(Mamba2Config, fields, f.where)
+    _check_hf_vocab(config, rows, f.where)
+    return config
 
 
-def _make_config(fields, where) -> MambaConfig:
+# ssm_cfg key -> (config field, kind, mamba_ssm's constructor default, fixes a shape).
+_MAMBA1_SSM_CFG = {
+    "d_state": ("d_state", _POSITIVE_INT, 16, True),
+    "d_conv": ("d_conv", _POSITIVE_INT, 4, True),
+    "expand": ("expand", _POSITIVE_INT, 2, True),
+    "dt_rank": ("dt_rank", _RANK, "auto", True),
+    "dt_min": ("dt_min", _POSITIVE_NUMBER, 0.001, False),
+    "dt_max": ("dt_max", _POSITIVE_NUMBER, 0.1, False),
+    "dt_init_floor": ("dt_init_floor", _POSITIVE_NUMBER, 1e-4, False),
+    "dt_scale": ("dt_scale", _NUMBER, 1.0, False),
+    "conv_bias": ("conv_bias", _BOOL, True, True),
+    "bias": ("proj_bias", _BOOL, False, True),
+}
+_MAMBA2_SSM_CFG = {
+    "d_state": ("d_state", _POSITIVE_INT, 128, True),
+    "d_conv": ("d_conv", _POSITIVE_INT, 4, True),
+    "expand": ("expand", _POSITIVE_INT, 2, True),
+    "headdim": ("headdim", _POSITIVE_INT, 64, True),
+    "ngroups": ("ngroups", _POSITIVE_INT, 1, True),
+    "chunk_size": ("chunk_size", _POSITIVE_INT, 256, False),
+    "A_init_range": ("A_init_range", _PAIR, (1.0, 16.0), False),
+    "D_has_hdim": ("D_has_hdim", _BOOL, False, True),
+    "dt_min": ("dt_min", _POSITIVE_NUMBER, 0.001, False),
+    "dt_max": ("dt_max", _POSITIVE_NUMBER, 0.1, False),
+    "dt_init_floor": ("dt_init_floor", _POSITIVE_NUMBER, 1e-4, False),
+    "conv_bias": ("conv_bias", _BOOL, True, True),
+    "bias": ("proj_bias", _BOOL, False, True),
+}
+# Mamba2 ssm_cfg keys whose only supported value is mamba_ssm's default: (kind, that value, why).
+_MAMBA2_SSM_CFG_FIXED = {
+    "rmsnorm": (_BOOL, True, "only the gated RMSNorm"),
+    "norm_before_gate": (_BOOL, False, "the norm comes after the gate"),
+    "dt_limit": (_PAIR, _NO_LIMIT, "no clamp on dt"),
+    "d_ssm": (_OPTIONAL_POSITIVE_INT, None, "the SSM spans all of d_inner, no gated MLP beside it"),
+}
+# ssm_cfg keys that only matter at initialisation or for kernel choice.
+_SSM_CFG_IGNORED = ("dt_init", "use_fast_path", "layer_idx", "device", "dtype", "conv_init",
+                    "use_mem_eff_path", "process_group", "sequence_parallel")
+
+
+def _config_from_state_spaces(f: _Fields) -> AnyConfig:
+    f.require(("d_model", "n_layer", "vocab_size"), "the state-spaces layout has no default for it")
+    if not f.get("rms_norm", _BOOL, True):
+        raise ValueError(f"{f.where}: rms_norm=false (LayerNorm) is not supported; only RMSNorm")
+    d_intermediate = f.get("d_intermediate", _NONNEGATIVE_INT, 0)
+    if d_intermediate:
+        raise ValueError(f"{f.where}: d_intermediate={d_intermediate} (MLP blocks) is not supported")
+    attn = f.get("attn_layer_idx", _LIST, [])
+    if attn:
+        raise ValueError(f"{f.where}: attn_layer_idx={attn} (attention layers) is not supported")
+    for flag in ("residual_in_fp32", "fused_add_norm"):  # kernel choices; ours is float32
+        f.get(flag, _BOOL, True)
+    ssm = f.sub("ssm_cfg")
+    layer = ssm.get("layer", _STRING, "Mamba1")
+    if layer not in ("Mamba1", "Mamba2"):
+        raise ValueError(f"{f.where}: ssm_cfg.layer={layer!r} is not supported; only 'Mamba1' "
+                         f"and 'Mamba2'")
+    known = _MAMBA2_SSM_CFG | _MAMBA2_SSM_CFG_FIXED if layer == "Mamba2" else _MAMBA1_SSM_CFG
+    unknown = sorted(ssm.keys() - set(known) - set(_SSM_CFG_IGNORED) - {"layer"})
+    if unknown:
+        raise ValueError(f"{f.where}: unsupported ssm_cfg keys {unknown} for layer {layer!r}")
+    fields = dict(
+        d_model=f.get("d_model", _POSITIVE_INT),
+        n_layer=f.get("n_layer", _POSITIVE_INT),
+        vocab_size=f.get("vocab_size", _POSITIVE_INT),
+        pad_vocab_size_multiple=f.get("pad_vocab_size_multiple", _POSITIVE_INT, 8, shape=True),
+        tie_embeddings=f.get("tie_embeddings", _BOOL, True, shape=True),
+    )
+    table = _MAMBA2_SSM_CFG if layer == "Mamba2" else _MAMBA1_SSM_CFG
+    for key, (field, kind, default, shape) in table.items():
+        fields[field] = ssm.get(key, kind, default, shape=shape)
+    if layer == "Mamba1":
+        if fields["dt_rank"] == "auto":
+            fields["dt_rank"] = None
+        fields["rms_norm_eps"] = f.get("norm_epsilon", _POSITIVE_NUMBER, 1e-5)
+        return _make_config(MambaConfig, fields, f.where)
+    for key, (kind, only, why) in _MAMBA2_SSM_CFG_FIXED.items():
+        value = ssm.get(key, kind, only)
+        if key == "d_ssm" and value == fields["expand"] * fields["d_model"]:
+            continue
+        if value != only:
+            raise ValueError(f"{f.where}: ssm_cfg.{key}={_json_text(value)} is not supported; only "
+                             f"{_json_text(only)} ({why})")
+    # mamba_ssm's mamba2 models use 1e-5 in the block norms and (fixed) in the gated norm;
+    # ours is one eps for both.
+    eps = f.get("norm_epsilon", _POSITIVE_NUMBER, 1e-5)
+    if eps != 1e-5:
+        raise ValueError(f"{f.where}: norm_epsilon={eps} is not supported for Mamba2: mamba_ssm's "
+                         f"gated norm always uses 1e-5")
+    fields["rms_norm_eps"] = eps
+    return _make_config(Mamba2Config, fields, f.where)
+
+
+def _make_config(cls, fields, where) -> AnyConfig:
     try:
-        return MambaConfig(**fields)
+        return cls(**fields)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: {e}") from None
 
 
-def _require(d, keys, where):
-    missing = [k for k in keys if k not in d]
-    if missing:
-        raise ValueError(f"{where} lacks {missing}")
-
-
-def _config_summary(config: MambaConfig) -> str:
+def _config_summary(config: AnyConfig) -> str:
+    if isinstance(config, Mamba2Config):
+        return (f"d_model={config.d_model}, n_layer={config.n_layer}, d_inner={config.d_inner}, "
+                f"heads={config.nheads}, headdim={config.headdim}, ngroups={config.ngroups}, "
+                f"d_state={config.d_state}, d_conv={config.d_conv}, "
+                f"vocab rows={config.padded_vocab_size}")
     return (f"d_model={config.d_model}, n_layer={config.n_layer}, d_inner={config.d_inner}, "
             f"d_state={config.d_state}, d_conv={config.d_conv}, dt_rank={config.dt_rank_resolved}, "
             f"vocab rows={config.padded_vocab_size}")
@@ -415,7 +779,24 @@ def _embedding_name(layout):
     return "backbone.embeddings.weight" if layout == "hf" else "backbone.embedding.weight"
 
 
-def _name_map(config: MambaConfig, layout: str) -> dict:
+# Mixer tensors besides the projections and the conv: torch name -> attribute path.
+_MAMBA1_MIXER_EXTRA = {
+    "x_proj.weight": (("x_proj", "kernel"), _transpose),
+    "dt_proj.weight": (("dt_proj", "kernel"), _transpose),
+    "dt_proj.bias": (("dt_proj", "bias"), _identity),
+    "A_log": (("A_log",), _identity),
+    "D": (("D",), _identity),
+}
+_MAMBA2_MIXER_EXTRA = {
+    "dt_bias": (("dt_bias",), _identity),
+    "A_log": (("A_log",), _identity),
+    "D": (("D",), _identity),
+    "norm.weight": (("norm", "weight"), _identity),
+}
+
+
+def _name_map(config: AnyConfig, layout: str) -> dict:
+    mixer_extra = _MAMBA2_MIXER_EXTRA if isinstance(config, Mamba2Config) else _MAMBA1_MIXER_EXTRA
     names = {_embedding_name(layout): (("embedding", "embedding"), _identity)}
     for i in range(config.n_layer):
         prefix = f"backbone.layers.{i}."
@@ -423,11 +804,8 @@ def _name_map(config: MambaConfig, layout: str) -> dict:
         names[prefix + "norm.weight"] = (("layers", i, "norm", "weight"), _identity)
         names[prefix + "mixer.in_proj.weight"] = (mixer + ("in_proj", "kernel"), _transpose)
         names[prefix + "mixer.conv1d.weight"] = (mixer + ("conv_weight",), _squeeze_conv)
-        names[prefix + "mixer.x_proj.weight"] = (mixer + ("x_proj", "kernel"), _transpose)
-        names[prefix + "mixer.dt_proj.weight"] = (mixer + ("dt_proj", "kernel"), _transpose)
-        names[prefix + "mixer.dt_proj.bias"] = (mixer + ("dt_proj", "bias"), _identity)
-        names[prefix + "mixer.A_log"] = (mixer + ("A_log",), _identity)
-        names[prefix + "mixer.D"] = (mixer + ("D",), _identity)
+        for name, (attribute, to_flax) in mixer_extra.items():
+            names[prefix + "mixer." + name] = (mixer + attribute, to_flax)
         names[prefix + "mixer.out_proj.weight"] = (mixer + ("out_proj", "kernel"), _transpose)
         if config.conv_bias:
             names[prefix + "mixer.conv1d.bias"] = (mixer + ("conv_bias",), _identity)
@@ -451,6 +829,19 @@ def _short(names, limit=12):
 # Files.
 
 
+def _read_json_object(file: Path) -> dict:
+    try:
+        with open(file) as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} cannot be read: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
 def _read_safetensors(file) -> dict[str, np.ndarray]:
     try:
         from safetensors import safe_open
@@ -458,10 +849,16 @@ def _read_safetensors(file) -> dict[str, np.ndarray]:
         raise ImportError(
             f"reading {file} needs the safetensors package: pip install safetensors") from None
     out = {}
-    # framework "flax" returns jax arrays and so handles bfloat16, which numpy cannot name.
-    with safe_open(str(file), framework="flax") as f:
-        for name in f.keys():
-            out[name] = np.asarray(f.get_tensor(name).astype(jnp.float32))
+    # A truncated or damaged file fails in safe_open (header) or get_tensor (data) with the
+    # package's own error, which does not name the file.
+    try:
+        # framework "flax" returns jax arrays and so handles bfloat16, which numpy cannot name.
+        with safe_open(str(file), framework="flax") as f:
+            for name in f.keys():
+                out[name] = np.asarray(f.get_tensor(name).astype(jnp.float32))
+    except Exception as e:  # noqa: BLE001 - SafetensorError and OSError alike
+        raise ValueError(f"{file} cannot be read as safetensors, it may be truncated or damaged: "
+                         f"{type(e).__name__}: {e}") from None
     return out
 
 
@@ -472,18 +869,21 @@ def _read_bin(file) -> dict[str, np.ndarray]:
         raise ImportError(
             f"{file} is a PyTorch pickle, which needs torch to read: pip install torch (the CPU "
             f"wheel is enough), or convert the checkpoint to safetensors") from None
-    state = torch.load(str(file), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, pickle errors
+        raise ValueError(f"{file} cannot be read as a PyTorch checkpoint, it may be truncated or "
+                         f"damaged: {type(e).__name__}: {e}") from None
     if not isinstance(state, dict):
         raise ValueError(f"{file} does not hold a state dict (got {type(state).__name__})")
     return {name: t.detach().float().numpy() for name, t in state.items()}
 
 
 def _read_sharded(path: Path, index_file: str, read) -> dict[str, np.ndarray]:
-    with open(path / index_file) as f:
-        index = json.load(f)
+    index = _read_json_object(path / index_file)
     weight_map = index.get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise ValueError(f"{path / index_file} has no weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+        raise ValueError(f"{path / index_file} has no weight_map of tensor names to shard files")
     out = {}
     for shard in sorted(set(weight_map.values())):
         if not (path / shard).exists():

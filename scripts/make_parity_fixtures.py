@@ -1,23 +1,31 @@
-"""Writes the parity fixtures under tests/fixtures/parity/ from transformers' MambaForCausalLM.
+"""Writes the parity fixtures under tests/fixtures/parity/ from transformers' MambaForCausalLM
+and Mamba2ForCausalLM.
 
 CI has no torch, so the reference lives in small committed files: random-weight checkpoints in
 the Hugging Face layout, the same weights in the original state-spaces layout, and the
 reference logits of a few sequences of different lengths, each run alone through the PyTorch
-model in float32 (its sequential "slow" path on CPU).
+model in float32 (on CPU: Mamba1's sequential "slow" path, Mamba2's torch_forward, the chunked
+SSD written in torch).
 
     tests/fixtures/parity/<name>/config.json, model.safetensors      Hugging Face layout
     tests/fixtures/parity/<name>/reference.npz                       ids_<i>, logits_<i>
     tests/fixtures/parity/state_spaces/config.json                   original layout (ssm_cfg),
         pytorch_model.bin, and model.safetensors with the same names  same weights as "tied"
+    tests/fixtures/parity/mamba2_state_spaces/config.json            mamba2-* layout (ssm_cfg
+        layer "Mamba2", vocabulary padded to 16), model.safetensors  same weights as "mamba2_tied"
+
+Mamba1 is <name> "tied" and "untied", Mamba2 "mamba2_tied" and "mamba2_untied"; VERSIONS.json
+records the torch and transformers versions each family was made with.
 
 To regenerate (torch must not go into the project venv; use a separate one):
 
     /root/.pyenv/versions/3.11.7/bin/python3.11 -m venv /tmp/venv311
     /tmp/venv311/bin/pip install torch==2.13.0 transformers safetensors numpy
-    /tmp/venv311/bin/python scripts/make_parity_fixtures.py
+    /tmp/venv311/bin/python scripts/make_parity_fixtures.py [--family mamba|mamba2]
 
 Optionally `--check-saved DIR`: loads a checkpoint written by our `save_pretrained` with
-transformers and compares its logits with DIR/reference.npz (that file written by the caller).
+transformers (MambaForCausalLM or Mamba2ForCausalLM, from its config.json) and compares its
+logits with DIR/reference.npz (that file written by the caller).
 """
 
 from __future__ import annotations
@@ -31,10 +39,10 @@ import numpy as np
 import torch
 import transformers
 from safetensors.torch import save_file
-from transformers import MambaConfig, MambaForCausalLM
+from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "parity"
-LENGTHS = (1, 6, 23, 70)  # 70 spans a 64-step scan chunk edge
+LENGTHS = (1, 6, 23, 70)  # 70 spans a 64-step scan chunk edge; Mamba2's chunks are shorter still
 
 CONFIGS = {
     # Tied embeddings, d_conv 4, dt_rank "auto" (= 2), vocab a multiple of 8.
@@ -46,6 +54,24 @@ CONFIGS = {
                    expand=2, time_step_rank=5, use_bias=True, use_conv_bias=True,
                    layer_norm_epsilon=1e-6, tie_word_embeddings=False),
 }
+
+
+MAMBA2_CONFIGS = {
+    # Four heads in two groups, tied embeddings, d_conv 4; chunks of 16 so that every sequence
+    # but the shortest crosses chunk edges in both the reference and our scan.
+    "mamba2_tied": dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=8,
+                        num_heads=4, head_dim=16, n_groups=2, expand=2, conv_kernel=4,
+                        chunk_size=16, use_bias=False, use_conv_bias=True,
+                        layer_norm_epsilon=1e-5, tie_word_embeddings=True),
+    # Six heads in two groups, untied head, projection biases, d_conv 3, d_state 4, odd vocab.
+    "mamba2_untied": dict(vocab_size=50, hidden_size=24, num_hidden_layers=3, state_size=4,
+                          num_heads=6, head_dim=8, n_groups=2, expand=2, conv_kernel=3,
+                          chunk_size=8, use_bias=True, use_conv_bias=True,
+                          layer_norm_epsilon=1e-6, tie_word_embeddings=False),
+}
+# The state-spaces copy of "mamba2_tied" declares the unpadded vocabulary the released
+# mamba2-* configs declare (50277, padded to 50288 rows): here 53, padded to 64 rows.
+MAMBA2_STATE_SPACES_VOCAB = 53
 
 
 def randomize(model: MambaForCausalLM, seed: int):
@@ -61,6 +87,24 @@ def randomize(model: MambaForCausalLM, seed: int):
                 p.copy_(1.0 + 0.3 * noise)
             elif name.endswith("dt_proj.bias"):
                 p.add_(0.5 * noise)
+            else:
+                p.copy_(0.3 * noise)
+
+
+def randomize_mamba2(model: Mamba2ForCausalLM, seed: int):
+    """Perturbs every parameter away from its structured init (A_log = log(1..heads), D = 1,
+    norms = 1, dt_bias from the dt range), keeping the decays moderate (A about -0.4, dt' about
+    softplus(dt - 2)) so that state carried across chunk edges still shows in the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith("A_log"):
+                p.copy_(-1.0 + 0.5 * noise)
+            elif name.endswith("dt_bias"):
+                p.copy_(-2.0 + 0.5 * noise)
+            elif name.endswith(".D") or "norm" in name:
+                p.copy_(1.0 + 0.3 * noise)
             else:
                 p.copy_(0.3 * noise)
 
@@ -93,29 +137,75 @@ def write_state_spaces(model: MambaForCausalLM, hf: dict, out: Path):
     save_file({k: v for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
-def make():
-    if OUT.exists():
-        shutil.rmtree(OUT)
-    for seed, (name, fields) in enumerate(CONFIGS.items()):
-        torch.manual_seed(seed)
-        config = MambaConfig(**fields)
-        model = MambaForCausalLM(config).float().eval()
-        randomize(model, seed)
-        model.save_pretrained(OUT / name, safe_serialization=True)
-        ref = reference_logits(model, fields["vocab_size"], seed)
-        np.savez(OUT / name / "reference.npz", **ref)
-        if name == "tied":
-            write_state_spaces(model, fields, OUT / "state_spaces")
-        print(name, {k: v.shape for k, v in ref.items() if k.startswith("logits")})
-    (OUT / "VERSIONS.json").write_text(json.dumps(
-        dict(torch=torch.__version__, transformers=transformers.__version__, lengths=LENGTHS), indent=2) + "\n")
+def write_mamba2_state_spaces(model: Mamba2ForCausalLM, hf: dict, out: Path):
+    """The same weights under mamba_ssm's MambaLMHeadModel names and a mamba2-* config (ssm_cfg
+    gives what differs from mamba_ssm's Mamba2 defaults; d_conv 4 and expand 2 are defaults)."""
+    state = {k.replace("backbone.embeddings.", "backbone.embedding."): v.detach().clone().contiguous()
+             for k, v in model.state_dict().items()}
+    state["lm_head.weight"] = state["backbone.embedding.weight"].clone()
+    multiple = 16
+    assert -(-MAMBA2_STATE_SPACES_VOCAB // multiple) * multiple == hf["vocab_size"]
+    ssm_cfg = dict(layer="Mamba2", d_state=hf["state_size"], headdim=hf["head_dim"],
+                   ngroups=hf["n_groups"], chunk_size=hf["chunk_size"])
+    assert hf["conv_kernel"] == 4 and hf["expand"] == 2 and not hf["use_bias"]
+    config = dict(d_model=hf["hidden_size"], d_intermediate=0, n_layer=hf["num_hidden_layers"],
+                  vocab_size=MAMBA2_STATE_SPACES_VOCAB, ssm_cfg=ssm_cfg, attn_layer_idx=[],
+                  attn_cfg={}, rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
+                  pad_vocab_size_multiple=multiple, tie_embeddings=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+# family -> (configs, transformers classes, randomize, state-spaces copy: (of which, writer, dir))
+FAMILIES = {
+    "mamba": (CONFIGS, MambaConfig, MambaForCausalLM, randomize,
+              ("tied", write_state_spaces, "state_spaces")),
+    "mamba2": (MAMBA2_CONFIGS, Mamba2Config, Mamba2ForCausalLM, randomize_mamba2,
+               ("mamba2_tied", write_mamba2_state_spaces, "mamba2_state_spaces")),
+}
+
+
+def make(families):
+    OUT.mkdir(parents=True, exist_ok=True)
+    versions_file = OUT / "VERSIONS.json"
+    versions = json.loads(versions_file.read_text()) if versions_file.exists() else {}
+    if "torch" in versions:  # the single-family record from before Mamba2 fixtures existed
+        versions = {"mamba": versions}
+    for family in families:
+        configs, config_cls, model_cls, perturb, (copied, write_copy, copy_dir) = FAMILIES[family]
+        for name in (*configs, copy_dir):  # only this family's directories are replaced
+            if (OUT / name).exists():
+                shutil.rmtree(OUT / name)
+        for seed, (name, fields) in enumerate(configs.items()):
+            torch.manual_seed(seed)
+            model = model_cls(config_cls(**fields)).float().eval()
+            perturb(model, seed)
+            model.save_pretrained(OUT / name, safe_serialization=True)
+            # Mamba2's ids stay below the state-spaces copy's declared vocabulary.
+            vocab = fields["vocab_size"]
+            if name == copied and family == "mamba2":
+                vocab = MAMBA2_STATE_SPACES_VOCAB
+            ref = reference_logits(model, vocab, seed)
+            np.savez(OUT / name / "reference.npz", **ref)
+            if name == copied:
+                write_copy(model, fields, OUT / copy_dir)
+            print(name, {k: v.shape for k, v in ref.items() if k.startswith("logits")})
+        versions[family] = dict(torch=torch.__version__, transformers=transformers.__version__,
+                                lengths=LENGTHS)
+    versions_file.write_text(json.dumps(versions, indent=2, sort_keys=True) + "\n")
+    for path in sorted(OUT.rglob("*")):
+        if path.is_file() and path.stat().st_size > 300_000:
+            raise SystemExit(f"{path} is {path.stat().st_size} bytes; fixtures must stay small")
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     print(f"wrote {OUT} ({total / 1e6:.2f} MB)")
 
 
 def check_saved(path: Path):
     """transformers loads what our save_pretrained wrote and computes the same logits."""
-    model = MambaForCausalLM.from_pretrained(path).float().eval()
+    architectures = json.loads((path / "config.json").read_text()).get("architectures", [])
+    model_cls = Mamba2ForCausalLM if architectures == ["Mamba2ForCausalLM"] else MambaForCausalLM
+    model = model_cls.from_pretrained(path).float().eval()
     ref = np.load(path / "reference.npz")
     worst = 0.0
     for key in ref.files:
@@ -132,8 +222,10 @@ def check_saved(path: Path):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check-saved", type=Path, help="checkpoint written by save_pretrained")
+    parser.add_argument("--family", choices=sorted(FAMILIES), action="append",
+                        help="regenerate only this family's fixtures (repeatable; default all)")
     args = parser.parse_args()
     if args.check_saved:
         check_saved(args.check_saved)
     else:
-        make()
+        make(args.family or sorted(FAMILIES))
