@@ -64,8 +64,10 @@ class SamplingConfig:
                 not isinstance(i, (int, np.integer)) or isinstance(i, bool) or i < 0 for i in eos):
             raise ValueError(f"eos_ids must be at most {MAX_EOS_IDS} ints >= 0, got {self.eos_ids!r}")
         object.__setattr__(self, "eos_ids", tuple(int(i) for i in eos))
-        if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        # jax.random.key keeps 32 bits of the seed (without x64): a wider one would alias.
+        if (not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool)
+                or not 0 <= self.seed < 2**32):
+            raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
 
     @property
     def mode(self) -> "SamplingMode":

@@ -1,5 +1,7 @@
-"""Generation: packed prefill states, recurrent steps against the full forward, sampling."""
+"""Generation: packed prefill states, recurrent steps against the full forward, sampling;
+the command line."""
 
+import argparse
 import os
 import re
 import subprocess
@@ -202,7 +204,7 @@ def test_command_line_with_byte_tokenizer(tmp_path, capsys):
     config = jp.MambaConfig.preset("tiny", d_model=32)  # vocab 256: bytes
     jp.save_pretrained(jp.MambaLM(config, rngs=nnx.Rngs(0)), tmp_path)
     assert main(["--checkpoint", str(tmp_path), "--prompt", "Hello", "--prompt", "Mamba!",
-                     "--max-new-tokens", "5", "--temperature", "0"]) == 0
+                 "--max-new-tokens", "5", "--temperature", "0", "--no-compilation-cache"]) == 0
     out = capsys.readouterr()
     assert "--- 'Hello'" in out.out and "--- 'Mamba!'" in out.out
     assert "10 tokens in" in out.err and "tokens/s" in out.err
@@ -217,6 +219,161 @@ def test_command_line_module_runs_without_runpy_warning():
         env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert res.returncode == 0, res.stderr
     assert "usage: python -m jax_packmamba.generate" in res.stdout and not res.stderr
+
+
+# The command line's errors: one line on stderr, exit code 2, no traceback, before the model
+# loads where the flags alone show the problem.
+
+REPO = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def byte_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("byte_model")
+    jp.save_pretrained(jp.MambaLM(jp.MambaConfig.preset("tiny", d_model=32), rngs=nnx.Rngs(0)), path)
+    return path
+
+
+def _bad_inputs(model_dir, tmp):
+    """(flags after --checkpoint and --prompt, pattern the one stderr line must match)."""
+    not_json = tmp / "tokenizer.json"
+    not_json.write_text("not json")
+    (tmp / "empty").mkdir(exist_ok=True)
+    m = ["--checkpoint", str(model_dir), "--prompt", "a"]
+    return [
+        ([], "the following arguments are required: --checkpoint, --prompt"),
+        (["--checkpoint", str(tmp / "missing"), "--prompt", "a"], "--checkpoint .*missing: no such directory"),
+        (["--checkpoint", str(not_json), "--prompt", "a"], "--checkpoint .*: not a directory"),
+        (["--checkpoint", str(tmp / "empty"), "--prompt", "a"], "empty.*config\\.json"),  # from_pretrained's
+        (m + ["--dtype", "float8"], "argument --dtype: invalid choice: 'float8' \\(choose from 'float32', "
+                                    "'bfloat16', 'float16'\\)"),
+        (m + ["--top-p", "2"], "argument --top-p: must be in \\(0, 1\\], got '2'"),
+        (m + ["--top-p", "0"], "argument --top-p: must be in \\(0, 1\\], got '0'"),
+        (m + ["--top-p", "nan"], "argument --top-p: must be in"),
+        (m + ["--top-k", "0"], "argument --top-k: must be an int >= 1, got '0'"),
+        (m + ["--top-k", "2.5"], "argument --top-k: must be an int >= 1"),
+        (m + ["--min-p", "-0.1"], "argument --min-p: must be in \\[0, 1\\], got '-0.1'"),
+        (m + ["--min-p", "1.5"], "argument --min-p: must be in \\[0, 1\\]"),
+        (m + ["--temperature", "-1"], "argument --temperature: must be a finite number >= 0, got '-1'"),
+        (m + ["--temperature", "inf"], "argument --temperature: must be a finite number >= 0"),
+        (m + ["--repetition-penalty", "0"], "argument --repetition-penalty: must be a finite number > 0"),
+        (m + ["--repetition-penalty", "-1.2"], "argument --repetition-penalty: must be a finite number > 0"),
+        (m + ["--seed", "-1"], "argument --seed: must be an int in \\[0, 2\\*\\*32\\), got '-1'"),
+        (m + ["--seed", str(2**32)], "argument --seed: must be an int in"),
+        (m + ["--seed", "x"], "argument --seed: must be an int in"),
+        (m + ["--max-new-tokens", "-1"], "argument --max-new-tokens: must be an int >= 0, got '-1'"),
+        (m + ["--stream-block", "-1"], "argument --stream-block: must be an int >= 0, got '-1'"),
+        (m + ["--eos-id", "-3"], "argument --eos-id: must be an int >= 0"),
+        (m + [a for i in range(9) for a in ("--eos-id", str(i))], "--eos-id given 9 times; at most 8"),
+        (["--checkpoint", str(model_dir), "--prompt", "a", "--prompt", ""],
+         "--prompt #2 is empty: a prompt needs at least one token"),
+        (m + ["--tokenizer", str(tmp / "missing.json")],
+         "--tokenizer .*missing.json: no such file \\(expected 'bytes' or the path of a tokenizer.json\\)"),
+        (m + ["--tokenizer", str(not_json)], "tokenizer path .*tokenizer.json: cannot load"),  # the library's
+        (m + ["--decode-impl", "fast"], "argument --decode-impl: invalid choice"),
+        (m + ["--scan-impl", "fast"], "argument --scan-impl: invalid choice"),
+        (m + ["--compilation-cache", str(not_json / "sub")], "compilation cache folder .* cannot be created"),
+        (m + ["--compilation-cache", str(tmp), "--no-compilation-cache"],
+         "argument --no-compilation-cache: not allowed with argument --compilation-cache"),
+    ] + ([] if jax.default_backend() == "gpu" else [
+        (m + ["--decode-impl", "pallas"], "--decode-impl pallas needs a GPU, but jax runs on 'cpu'"),
+        (m + ["--scan-impl", "pallas"], "--scan-impl pallas needs a GPU, but jax runs on 'cpu'"),
+    ])
+
+
+def test_command_line_bad_input_is_one_line_and_exit_code_2(byte_model_dir, tmp_path, capsys, monkeypatch):
+    # Nothing that the flags alone refuse gets as far as loading the model.
+    loads = []
+    import jax_packmamba.generate as cli
+    real = cli.from_pretrained
+    monkeypatch.setattr(cli, "from_pretrained", lambda *a, **k: loads.append(a) or real(*a, **k))
+    for flags, pattern in _bad_inputs(byte_model_dir, tmp_path):
+        loads.clear()
+        assert main(flags) == 2, flags
+        out = capsys.readouterr()
+        assert out.out == "" and "Traceback" not in out.err, (flags, out)
+        assert out.err.endswith("\n") and out.err.count("\n") == 1, (flags, out.err)
+        assert re.fullmatch(f"python -m jax_packmamba.generate: error: .*{pattern}.*\n", out.err), (flags, out.err)
+        assert loads == [] or str(tmp_path / "empty") in flags, flags
+
+
+@pytest.mark.parametrize("case", ["missing checkpoint", "not a model directory"])
+def test_command_line_errors_print_no_traceback_in_a_real_process(case, tmp_path, byte_model_dir):
+    flags = {"missing checkpoint": ["--checkpoint", str(tmp_path / "nope"), "--prompt", "a"],
+             "not a model directory": ["--checkpoint", str(tmp_path), "--prompt", "a"]}[case]
+    res = subprocess.run([sys.executable, "-m", "jax_packmamba.generate", *flags], cwd=REPO,
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert res.returncode == 2 and res.stdout == "", res
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("python -m jax_packmamba.generate: error: "), res.stderr
+
+
+def test_command_line_prompt_outside_the_model_vocabulary(tmp_path, capsys):
+    config = jp.MambaConfig.preset("tiny", d_model=16, vocab_size=64, pad_vocab_size_multiple=1)
+    jp.save_pretrained(jp.MambaLM(config, rngs=nnx.Rngs(0)), tmp_path)
+    assert main(["--checkpoint", str(tmp_path), "--prompt", "a", "--prompt", "0z",
+                 "--no-compilation-cache"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == (
+        "python -m jax_packmamba.generate: error: --prompt #1 encodes to token ids up to 97 with "
+        "the tokenizer bytes, but the model has 64 (--tokenizer picks the model's own)\n")
+
+
+def test_command_line_max_new_tokens_0_prints_the_prompts(byte_model_dir, capsys):
+    for stream_block in ("8", "0"):  # one prompt streamed, and printed at the end
+        assert main(["--checkpoint", str(byte_model_dir), "--prompt", "Hi", "--max-new-tokens", "0",
+                     "--stream-block", stream_block, "--no-compilation-cache"]) == 0
+        out = capsys.readouterr()
+        assert out.out == "--- 'Hi'\nHi\n", out.out
+        assert out.err.startswith("0 tokens in"), out.err
+    assert main(["--checkpoint", str(byte_model_dir), "--prompt", "ab", "--prompt", "c",
+                 "--max-new-tokens", "0", "--no-compilation-cache"]) == 0
+    assert capsys.readouterr().out == "--- 'ab'\nab\n--- 'c'\nc\n"
+
+
+def test_command_line_help_describes_every_option():
+    from jax_packmamba.generate import build_parser
+
+    parser = build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        flag = action.option_strings[0]
+        assert action.help and len(action.help) > 30, flag
+        assert "required" in action.help if action.required else "(default: " in action.help, flag
+    text = parser.format_help()
+    for allowed in ("in (0, 1]", "in [0, 1]", "an int >= 1", "a number > 0", "a number >= 0",
+                    "[0, 2**32)", "{float32,bfloat16,float16}", "'bytes'", "at most 8"):
+        assert allowed in " ".join(text.split()), allowed
+
+
+_CACHE_PROBE = """
+import sys
+import jax
+from jax_packmamba.generate import main
+code = main(sys.argv[1:])
+print("cache dir:", jax.config.jax_compilation_cache_dir)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("flag", ["--compilation-cache", "default", "--no-compilation-cache"])
+def test_command_line_compilation_cache_flags(flag, tmp_path, byte_model_dir):
+    # In a fresh process: the cache is global jax state that other tests must not inherit.
+    chosen, from_env = tmp_path / "chosen", tmp_path / "from_env"
+    flags = {"--compilation-cache": ["--compilation-cache", str(chosen)], "default": [],
+             "--no-compilation-cache": ["--no-compilation-cache"]}[flag]
+    res = subprocess.run(
+        [sys.executable, "-c", _CACHE_PROBE, "--checkpoint", str(byte_model_dir), "--prompt", "a",
+         "--max-new-tokens", "0", *flags], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_PACKMAMBA_CACHE_DIR=str(from_env)))
+    assert res.returncode == 0, res.stderr
+    folder = {"--compilation-cache": chosen, "default": from_env, "--no-compilation-cache": None}[flag]
+    assert res.stdout.splitlines()[-1] == f"cache dir: {folder}"
+    if folder is None:
+        assert "compilation cache" not in res.stderr and not chosen.exists() and not from_env.exists()
+    else:
+        assert f"compilation cache: {folder} (--no-compilation-cache turns it off)" in res.stderr
+        assert any(folder.iterdir())  # the compiled programs were written there
 
 
 def test_pallas_decode_step_generates_what_the_xla_step_does(prepared, model):
@@ -292,7 +449,8 @@ def test_command_line_streams_one_prompt_with_the_sampling_flags(tmp_path, capsy
     jp.save_pretrained(jp.MambaLM(config, rngs=nnx.Rngs(0)), tmp_path)
     common = ["--checkpoint", str(tmp_path), "--prompt", "Hi", "--max-new-tokens", "7",
               "--temperature", "0.8", "--top-p", "0.9", "--min-p", "0.01",
-              "--repetition-penalty", "1.3", "--seed", "5", "--decode-impl", "xla"]
+              "--repetition-penalty", "1.3", "--seed", "5", "--decode-impl", "xla",
+              "--no-compilation-cache"]
     assert main(common + ["--stream-block", "2"]) == 0
     streamed = capsys.readouterr()
     assert main(common + ["--stream-block", "0"]) == 0

@@ -268,9 +268,50 @@ def test_packed_equals_alone_and_perturbation_is_isolated(op):
         (lambda a: jp.causal_conv1d(a["u"][0], a["A"]), "x must be"),
         (lambda a: jp.causal_conv1d(a["u"], a["A"], activation="relu"), "activation must be"),
         (lambda a: jp.causal_conv1d(a["u"][:, :0], a["A"]), "length must be at least 1"),
+        # Ids {0, 1} with one slot: segment 1's final state would be dropped.
+        (lambda a: jp.selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"], return_final_states=True,
+                                     segment_ids=jnp.asarray([[0] * 4 + [1] * 5] * 2), num_segments=1),
+         r"segment_ids must lie in \[0, num_segments=1\) \(the slots of return_final_states\), got ids up "
+         r"to 1: pass num_segments=2 or more"),
+        (lambda a: jp.selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"], return_final_states=True,
+                                     segment_ids=np.full((2, 9), -1), num_segments=3),
+         "segment_ids must lie in .* got a negative id -1"),
+        (lambda a: jp.positions_from_segment_ids(jnp.asarray([[1.0, 1.0, 2.0]])),
+         "segment_ids must be an integer array, got dtype float32"),
+        (lambda a: jp.positions_from_segment_ids(jnp.asarray([1, 1, 2])), r"segment_ids must be a \(batch, length\)"),
+        (lambda a: jp.segment_ids_from_positions(jnp.asarray([[0.0, 1.0, 0.5]])),
+         "positions must be an integer array, got dtype float32"),
     ],
 )
 def test_bad_input_raises_value_error_naming_argument(call, match):
     args = scan_inputs(jax.random.key(0), 2, 9, 4, 3)
     with pytest.raises(ValueError, match=match):
         call(args)
+
+
+def test_final_state_slots_of_traced_ids_are_not_checked_but_enough_slots_are_taken():
+    # Under jit the ids are traced: no check can run (the docstring states the contract), and
+    # with enough slots segment 1's state is the last state of its run.
+    args = scan_inputs(jax.random.key(1), 1, 9, 4, 3)
+    seg = jnp.asarray([[0] * 4 + [1] * 5])
+    run = jax.jit(lambda seg, n: jp.selective_scan(**args, segment_ids=seg, return_final_states=True,
+                                                    num_segments=n, impl="reference")[1],
+                  static_argnums=1)
+    assert run(seg, 1).shape == (1, 1, 4, 3)
+    with jax.enable_x64(True):
+        _, states = selective_scan_loop(**to64(args), segment_ids=seg)
+    np.testing.assert_allclose(run(seg, 2)[0, 1], np.asarray(states)[0, -1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the message off a GPU")
+@pytest.mark.parametrize("op", ["selective_scan", "causal_conv1d"])
+def test_pallas_impl_off_a_gpu_names_impl(op):
+    a = scan_inputs(jax.random.key(0), 2, 9, 4, 3)
+    fallback = "reference" if op == "selective_scan" else "xla"
+    call = {"selective_scan": lambda impl: jp.selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"], impl=impl),
+            "causal_conv1d": lambda impl: jp.causal_conv1d(a["u"], a["A"], impl=impl)}[op]
+    with pytest.raises(ValueError, match=f'impl="pallas" runs Triton kernels, which need a GPU, but this runs on '
+                                         f"'cpu'; use impl=\"pallas_interpret\" .*\"{fallback}\" or \"auto\""):
+        call("pallas")
+    with pytest.raises(ValueError, match='impl="pallas"'):  # the same under jit
+        jax.jit(lambda: call("pallas"))()

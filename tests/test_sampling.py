@@ -144,7 +144,9 @@ def test_eos_ids_and_bad_values():
     for kw, match in [(dict(temperature=-1), "temperature"), (dict(top_k=0), "top_k"),
                       (dict(top_p=0), "top_p"), (dict(min_p=1.5), "min_p"),
                       (dict(repetition_penalty=0), "repetition_penalty"),
-                      (dict(eos_ids=tuple(range(9))), "eos_ids"), (dict(seed=1.5), "seed")]:
+                      (dict(eos_ids=tuple(range(9))), "eos_ids"), (dict(seed=1.5), "seed"),
+                      (dict(seed=-1), r"seed must be an int in \[0, 2\*\*32\)"),
+                      (dict(seed=2**32), "seed must be an int in")]:
         with pytest.raises(ValueError, match=match):
             SamplingConfig(**kw)
 

@@ -317,6 +317,10 @@ def good_args():
         (lambda a: {}, {"num_segments": 0}, "num_segments must be a positive int"),
         (lambda a: {}, {"segment_ids": jnp.full((2, 9), 3, jnp.int32), "num_segments": 3,
                         "return_final_states": True}, r"segment_ids must lie in \[0, num_segments=3\)"),
+        # Ids {0, 1} with one slot: segment 1's final state would be dropped.
+        (lambda a: {}, {"segment_ids": jnp.asarray([[0] * 4 + [1] * 5] * 2), "num_segments": 1,
+                        "return_final_states": True},
+         r"num_segments=1\) \(the slots of return_final_states\), got ids up to 1: pass num_segments=2 or more"),
         (lambda a: {}, {"segment_ids": jnp.full((2, 9), -1, jnp.int32), "num_segments": 3},
          "segment_ids must lie in"),
         (lambda a: {}, {"initial_states": jnp.zeros((2, 2, 4, 3, 4))}, "initial_states must be"),
@@ -332,6 +336,14 @@ def test_bad_input_raises_value_error_naming_argument(change, kw, match):
     args = good_args()
     with pytest.raises(ValueError, match=match):
         jp.ssd_scan(**{**args, **change(args)}, **kw)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the message off a GPU")
+def test_pallas_impl_off_a_gpu_names_impl():
+    args = ssd_inputs(0, 1, 9, 2, 16, 1, 16)  # shapes the kernels take
+    with pytest.raises(ValueError, match='impl="pallas" runs Triton kernels, which need a GPU, but this '
+                                         "runs on 'cpu'; use impl=\"pallas_interpret\" .*\"reference\""):
+        jp.ssd_scan(**args, impl="pallas")
 
 
 @pytest.mark.parametrize(

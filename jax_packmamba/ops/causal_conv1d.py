@@ -17,7 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_packmamba.ops.segments import check_segment_ids, positions_from_segment_ids
+from jax_packmamba.ops.segments import (
+    check_pallas_platform,
+    check_segment_ids,
+    positions_from_segment_ids,
+)
 
 ACTIVATIONS = (None, "silu")
 # "auto" is "pallas" on a GPU when a launch has at least this many programs, else "xla". The
@@ -36,7 +40,8 @@ def causal_conv1d(x, weight, bias=None, *, segment_ids=None, activation=None, im
     `causal_conv1d_reference`. impl:
       "xla": XLA ops with the gradient written out (custom_vjp), so the backward saves only
           x and recomputes the pre-activation ("auto" without a GPU, or for small inputs);
-      "pallas": Triton kernels (pallas_kernels/causal_conv1d; GPU), forward and backward
+      "pallas": Triton kernels (pallas_kernels/causal_conv1d; GPU only, ValueError
+          elsewhere), forward and backward
           ("auto" on a GPU when the launch has PALLAS_MIN_PROGRAMS programs or more);
       "pallas_interpret": the same kernels through the Pallas interpreter (any backend; tests).
     """
@@ -45,6 +50,7 @@ def causal_conv1d(x, weight, bias=None, *, segment_ids=None, activation=None, im
         raise ValueError(f"impl must be one of {CONV_IMPLS}, got {impl!r}")
     if impl == "auto":
         impl = _auto_impl(x)
+    check_pallas_platform(impl, fallback="xla")
     positions = _positions(x, segment_ids)
     if impl.startswith("pallas"):
         from pallas_kernels.causal_conv1d import causal_conv1d_pallas

@@ -17,7 +17,9 @@ import numpy as np
 from pallas_kernels.common import segment_ends, segment_starts
 
 __all__ = [
+    "check_pallas_platform",
     "check_segment_ids",
+    "check_segment_slots",
     "positions_from_segment_ids",
     "segment_ends",
     "segment_ids_from_positions",
@@ -26,7 +28,11 @@ __all__ = [
 
 
 def positions_from_segment_ids(segment_ids: jax.Array) -> jax.Array:
-    """(b, t) int32 position of each token within its segment (0 where a segment begins)."""
+    """(b, t) int32 position of each token within its segment (0 where a segment begins).
+
+    segment_ids: (b, t) integers (a float id has no exact "changes here"; it is refused).
+    """
+    _check_integer_rows(segment_ids, "segment_ids")
     length = segment_ids.shape[1]
     t = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), segment_ids.shape)
     start_of_current = jax.lax.cummax(jnp.where(segment_starts(segment_ids), t, 0), axis=1)
@@ -36,8 +42,10 @@ def positions_from_segment_ids(segment_ids: jax.Array) -> jax.Array:
 def segment_ids_from_positions(positions: jax.Array) -> jax.Array:
     """(b, t) int32 segment ids 1, 2, ... numbering the runs that start where position == 0.
 
-    A row whose first position is not 0 still starts a segment at t = 0 (id 1).
+    A row whose first position is not 0 still starts a segment at t = 0 (id 1). positions:
+    (b, t) integers (float positions are refused, as float ids are).
     """
+    _check_integer_rows(positions, "positions")
     starts = (jnp.asarray(positions) == 0).at[:, 0].set(True)
     return jnp.cumsum(starts.astype(jnp.int32), axis=1)
 
@@ -50,5 +58,56 @@ def check_segment_ids(segment_ids, batch: int, length: int, *, name: str = "segm
     if shape != (batch, length):
         raise ValueError(f"{name} must have shape (batch, length) = {(batch, length)}, got {shape}")
     dtype = jnp.result_type(segment_ids)  # reads the dtype without copying to the device
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"{name} must be an integer array, got dtype {dtype}")
+
+
+def check_segment_slots(segment_ids, num_segments: int, *, used_by: str | None = None):
+    """Raises ValueError unless concrete segment_ids lie in [0, num_segments), naming the
+    num_segments they need: the state of an id outside the slots would be silently dropped.
+
+    Traced ids (under jit) cannot be read here; the ops' docstrings state the contract.
+    used_by: the argument whose slots these are (for the message), e.g. "return_final_states".
+    """
+    if segment_ids is None or isinstance(segment_ids, jax.core.Tracer):
+        return
+    ids = np.asarray(segment_ids)
+    low, high = int(ids.min()), int(ids.max())
+    what = f"segment_ids must lie in [0, num_segments={num_segments})"
+    if used_by:
+        what += f" (the slots of {used_by})"
+    if low < 0:
+        raise ValueError(f"{what}, got a negative id {low}")
+    if high >= num_segments:
+        raise ValueError(f"{what}, got ids up to {high}: pass num_segments={high + 1} or more")
+
+
+GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+
+
+def check_pallas_platform(impl: str, *, fallback: str):
+    """Raises ValueError for impl="pallas" when the code is not being built for a GPU.
+
+    The target is the current abstract mesh's device when one is set (how a CPU machine lowers
+    for CUDA: tests/gpu.py), else the default backend, as Pallas itself decides. Without this,
+    Pallas fails deep in lowering with a message that does not name `impl`. `fallback` names
+    the op's non-kernel implementation ("reference" or "xla").
+    """
+    if impl != "pallas":
+        return
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    platform = device.platform if device is not None else jax.default_backend()
+    if platform not in GPU_PLATFORMS:
+        raise ValueError(
+            f'impl="pallas" runs Triton kernels, which need a GPU, but this runs on '
+            f'{platform!r}; use impl="pallas_interpret" (the same kernels through the Pallas '
+            f'interpreter, any backend), "{fallback}" or "auto"')
+
+
+def _check_integer_rows(a, name: str):
+    shape = tuple(np.shape(a))
+    if len(shape) != 2:
+        raise ValueError(f"{name} must be a (batch, length) array, got shape {shape}")
+    dtype = jnp.result_type(a)
     if not jnp.issubdtype(dtype, jnp.integer):
         raise ValueError(f"{name} must be an integer array, got dtype {dtype}")

@@ -27,7 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_packmamba.ops.segments import check_segment_ids, segment_ends, segment_starts
+from jax_packmamba.ops.segments import (
+    check_pallas_platform,
+    check_segment_ids,
+    check_segment_slots,
+    segment_ends,
+    segment_starts,
+)
 from pallas_kernels.common import combine_affine
 
 Impl = Literal["auto", "reference", "pallas", "pallas_interpret"]
@@ -68,9 +74,11 @@ def selective_scan(
         packed prefill hands to recurrent decoding.
       num_segments: number of slots for `return_final_states`; segment ids must lie in
         [0, num_segments). Defaults to 1 without segment_ids (slot 0 is the whole row).
-      impl: "reference" (pure JAX), "pallas" (Triton kernel, GPU), "pallas_interpret" (the same
-        kernel through the Pallas interpreter, any backend) or "auto" (pallas on GPU, else
-        reference).
+        Concrete ids are checked here (ValueError naming the num_segments they need); traced
+        ids (under jit) cannot be, and the state of an id outside the slots is not returned.
+      impl: "reference" (pure JAX), "pallas" (Triton kernel; GPU only, ValueError elsewhere),
+        "pallas_interpret" (the same kernel through the Pallas interpreter, any backend) or
+        "auto" (pallas on GPU, else reference).
 
     Returns:
       y with u's shape and dtype, or (y, final_states) when return_final_states.
@@ -82,6 +90,7 @@ def selective_scan(
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
         impl = "pallas" if jax.default_backend() == "gpu" else "reference"
+    check_pallas_platform(impl, fallback="reference")
     kwargs = dict(
         delta_softplus=delta_softplus,
         segment_ids=segment_ids,
@@ -140,8 +149,10 @@ def check_selective_scan_args(
                     "[0, num_segments))"
                 )
             num_segments = 1
-        if not isinstance(num_segments, (int, np.integer)) or num_segments < 1:
+        if (not isinstance(num_segments, (int, np.integer)) or isinstance(num_segments, bool)
+                or num_segments < 1):
             raise ValueError(f"num_segments must be a positive int, got {num_segments!r}")
+        check_segment_slots(segment_ids, num_segments, used_by="return_final_states")
     return num_segments
 
 

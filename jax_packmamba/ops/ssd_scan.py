@@ -65,7 +65,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_packmamba.ops.segments import check_segment_ids, segment_starts
+from jax_packmamba.ops.segments import (
+    check_pallas_platform,
+    check_segment_ids,
+    check_segment_slots,
+    segment_starts,
+)
 from jax_packmamba.ops.selective_scan import accumulation_dtype, combine_affine, discretize_delta
 
 Impl = Literal["auto", "reference", "pallas", "pallas_interpret"]
@@ -111,13 +116,15 @@ def ssd_scan(
       return_final_states: also return, for every slot s in [0, num_segments), the float32
         state after the last token of the last run of id s in each row (zeros where the id
         does not occur): (batch, num_segments, heads, headdim, d_state).
-      num_segments: number of slots; segment ids must lie in [0, num_segments) (checked here
-        when the ids are concrete). Defaults to initial_states.shape[1] when given, else to 1
+      num_segments: number of slots; segment ids must lie in [0, num_segments). Concrete
+        ids are checked here (ValueError naming the num_segments they need); traced ids (under
+        jit) cannot be, and a run of an id outside the slots starts from zeros and its final
+        state is not returned. Defaults to initial_states.shape[1] when given, else to 1
         without segment_ids (slot 0 is the whole row).
       impl: "reference" (pure JAX, any backend), "pallas" (the Triton kernels of
-        pallas_kernels/ssd, GPU; headdim and d_state powers of two >= 16), "pallas_interpret"
-        (the same kernels through the Pallas interpreter, any backend) or "auto" (pallas on a
-        GPU when the shapes allow, else the reference).
+        pallas_kernels/ssd; GPU only, ValueError elsewhere; headdim and d_state powers of two
+        >= 16), "pallas_interpret" (the same kernels through the Pallas interpreter, any
+        backend) or "auto" (pallas on a GPU when the shapes allow, else the reference).
 
     Returns:
       y with x's shape and dtype, or (y, final_states) when return_final_states.
@@ -130,6 +137,8 @@ def ssd_scan(
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
         impl = "pallas" if jax.default_backend() == "gpu" and _pallas_takes(x, B) else "reference"
+    if impl == "pallas" and _pallas_takes(x, B):  # shapes the kernels refuse get that message
+        check_pallas_platform(impl, fallback="reference")
     kwargs = dict(dt_softplus=dt_softplus, segment_ids=segment_ids, chunk_size=chunk_size,
                   initial_states=initial_states, return_final_states=return_final_states,
                   num_segments=num_segments)
@@ -202,12 +211,9 @@ def check_ssd_scan_args(
         if (not isinstance(num_segments, (int, np.integer)) or isinstance(num_segments, bool)
                 or num_segments < 1):
             raise ValueError(f"num_segments must be a positive int, got {num_segments!r}")
-        if segment_ids is not None and not isinstance(segment_ids, jax.core.Tracer):
-            ids = np.asarray(segment_ids)
-            low, high = int(ids.min()), int(ids.max())
-            if low < 0 or high >= num_segments:
-                raise ValueError(f"segment_ids must lie in [0, num_segments={num_segments}), got "
-                                 f"values in [{low}, {high}]")
+        check_segment_slots(segment_ids, num_segments, used_by=(
+            "return_final_states" if return_final_states
+            else "initial_states" if initial_states is not None else None))
     return num_segments
 
 
