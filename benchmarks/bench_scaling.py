@@ -22,7 +22,11 @@ parallelism), on the first n local devices:
   compile_s, lower_s    the step's first compile (no persistent cache unless --cache-dir)
   collectives           bytes per step of each collective in the compiled program, by op and
                         dtype (train.sharding.collective_bytes): what the gradient reduction
-                        moves, in which dtype
+                        moves, in which dtype. In the data layout anything beyond the
+                        gradients' all-reduce (an all-gather of activations, say) is XLA
+                        replicating an op it cannot partition, such as a Pallas kernel's
+                        custom call (the explicit grad_reduce modes run the model per device
+                        inside a shard_map, where nothing needs partitioning)
 Settings compared (each a list; every combination is run for n > 1):
   --layouts      data: mesh data=n x fsdp=1 (parameters and optimizer state replicated, the
                  gradients all-reduced); fsdp: data=1 x fsdp=n (parameters, gradients and
@@ -424,15 +428,16 @@ def plot(results: dict, path: pathlib.Path, *, dpi: int = 110) -> pathlib.Path |
     fig, axes = plt.subplots(2, len(presets), figsize=(4.8 * len(presets), 7), squeeze=False)
     for col, preset in enumerate(presets):
         mine = [r for r in ok if r["preset"] == preset]
-        base = {r["overlap"]: r for r in mine if r["n"] == 1}
+        single = {(r["grad_reduce"], r["overlap"]): r for r in mine if r["n"] == 1}
         lines = sorted({(r["layout"], r["grad_reduce"], r["overlap"]) for r in mine if r["n"] > 1})
         ax_e, ax_t = axes[0][col], axes[1][col]
         for layout, reduce, overlap in lines:
             pts = sorted([(r["n"], r) for r in mine if (r["layout"], r["grad_reduce"],
                                                         r["overlap"]) == (layout, reduce, overlap)],
                          key=lambda t: t[0])
-            if overlap in base:
-                pts = [(1, base[overlap])] + pts
+            first = single.get((reduce, overlap)) or single.get(("auto", overlap))
+            if first is not None:  # the line starts from its own mode on one device
+                pts = [(1, first)] + pts
             label = f"{layout}, {reduce}, overlap {overlap}"
             xs = [n for n, _ in pts]
             ax_e.plot(xs, [100 * (r.get("efficiency") or (1.0 if n == 1 else float("nan")))
