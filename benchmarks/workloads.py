@@ -16,7 +16,8 @@ Batching modes (`batches_for`, the trainer's own train.data.Batcher): packed, pa
 
 The model (`model_config`): a train.config preset with the released vocabulary (50277, so the
 FLOPs match mamba_ssm's; byte ids use the first 257) except for "tiny"; the step
-(`train_setup`): train/step.py's build on one device, AdamW at OPTIM over SCHEDULE_STEPS.
+(`train_setup`): train/step.py's build on one device, AdamW at OPTIM over SCHEDULE_STEPS
+(`mesh_train_setup`: the same on a mesh of several).
 """
 
 from __future__ import annotations
@@ -225,12 +226,20 @@ class TrainSetup:
 def train_setup(config, device) -> TrainSetup:
     """The train step for MambaConfig `config` on `device` alone."""
     from train import sharding
-    from train import step as step_lib
     from train.config import MeshConfig
 
-    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1), devices=[device])
+    return mesh_train_setup(config, sharding.make_mesh(MeshConfig(data=1, fsdp=1),
+                                                       devices=[device]))
+
+
+def mesh_train_setup(config, mesh, *, grad_reduce: str = "auto") -> TrainSetup:
+    """The train step for MambaConfig `config` on a train.sharding mesh (batch rows over data x
+    fsdp, parameters and optimizer state on fsdp); grad_reduce as train.step.build takes it."""
+    from train import step as step_lib
+
     optim = optim_config()
-    return TrainSetup(mesh=mesh, compiled=step_lib.build(config, optim, SCHEDULE_STEPS, mesh),
+    return TrainSetup(mesh=mesh, compiled=step_lib.build(config, optim, SCHEDULE_STEPS, mesh,
+                                                         grad_reduce=grad_reduce),
                       optim=optim, schedule_steps=SCHEDULE_STEPS)
 
 

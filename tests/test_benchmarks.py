@@ -25,7 +25,8 @@ HEADER = ("device", "device_name", "kind", "backend", "jax_version", "date", "gi
           "command")
 SCRIPTS = ("bench_scan", "bench_train", "bench_generate", "breakdown", "plot_train", "train_gpu",
            "probes/register_probe", "probes/sass_probe", "probes/ncu_scan", "probes/bench_dbc_sum",
-           "probes/bench_dispatch", "probes/mamba2_step", "anchor_mamba2")
+           "probes/bench_dispatch", "probes/mamba2_step", "anchor_mamba2", "bench_scaling",
+           "probes/psum_bandwidth")
 
 
 def run_script(script: str, *args, timeout=300) -> subprocess.CompletedProcess:
@@ -380,6 +381,37 @@ def smoke_mamba2_step(out, data):
     assert r["step_ms"] > 0 and r["compile_s"] > 0 and 0 < r["real_tokens"] <= 2 * 64
 
 
+def smoke_psum_bandwidth(out, data):
+    assert data["devices"] == 4  # the smoke's host devices
+    rows = {(r["op"], r["dtype"], r["bytes"]) for r in data["rows"]}
+    assert len(rows) == 3 * 2 * 3  # ops x dtypes x sizes
+    for r in data["rows"]:
+        assert r["median_ms"] > 0 and r["busbw_GBps"] == pytest.approx(
+            r["algbw_GBps"] * (1.5 if r["op"] == "all_reduce" else 0.75))
+    est = data["gradient_estimates"]["130m"]
+    assert est["float32"]["bytes"] == 2 * est["bfloat16"]["bytes"] == 4 * est["num_params"]
+    assert est["float32"]["how"] == "extrapolated" and est["float32"]["all_reduce_ms"] > 0
+
+
+def smoke_bench_scaling(out, data):
+    recs = data["records"]
+    assert data["host_devices"] == 4
+    assert sorted(recs) == ["tiny/fsdp/auto/overlap-on/2", "tiny/single/auto/overlap-on/1"]
+    for r in recs.values():
+        assert r["status"] == "ok" and r["finite_loss"], r
+        assert r["tokens_per_s"] > 0 and r["step_time_s_median"] > 0 and r["compile_s"] > 0
+        assert r["real_tokens_per_step"] == pytest.approx(r["n"] * 2 * 64 * r["real_fraction"])
+        assert r["baseline"]["same_invocation"]
+        assert r["efficiency"] == pytest.approx(
+            r["tokens_per_s"] / (r["n"] * r["baseline"]["tokens_per_s"]))
+        assert "--xla_gpu_enable_latency_hiding_scheduler=true" in r["xla_flags"].split()
+    two = recs["tiny/fsdp/auto/overlap-on/2"]
+    assert two["mesh"] == {"data": 1, "fsdp": 2} and two["collectives"]
+    assert two["profile"]["steps"] == 2 and (out.parent / two["profile"]["trace_file"]).exists()
+    assert "profile" not in recs["tiny/single/auto/overlap-on/1"]
+    assert out.with_name(out.stem + "_scaling.png").read_bytes()[:4] == b"\x89PNG"
+
+
 # case: (script, its arguments given the output folder, the JSON it writes there, the check,
 # what header it has: True of this machine, False without a device, None in each record)
 SMOKES = {
@@ -412,13 +444,22 @@ SMOKES = {
                      "ncu_scan_cpu_smoke.json", smoke_ncu_scan, True),
     "mamba2_step": ("probes/mamba2_step", lambda d: ["--smoke", "--out", d],
                     "mamba2_step_cpu_smoke.json", smoke_mamba2_step, True),
+    "psum_bandwidth": ("probes/psum_bandwidth", lambda d: ["--smoke", "--out", d],
+                       "psum_bandwidth_cpu_4dev_smoke.json", smoke_psum_bandwidth, True),
+    "bench_scaling": ("bench_scaling", lambda d: ["--smoke", "--counts", "1,2", "--layouts", "fsdp",
+                                                  "--overlap", "on", "--profile", "--out", d],
+                      "scaling_cpu_4dev_smoke.json", smoke_bench_scaling, True),
     "ncu_scan_summarize": ("probes/ncu_scan",
                            lambda d: ["summarize", ncu_csv(d / "sass.csv"), "--out", d],
                            "sass_summary.json", smoke_ncu_summarize, False),
 }
 
 
-@pytest.mark.parametrize("case", SMOKES)
+SLOW_SMOKES = ("bench_scaling",)  # about 25 s: three processes start jax, two compile a step
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_SMOKES
+                                  else c for c in SMOKES])
 def test_smoke(case, tmp_path):
     script, args, name, check, device_header = SMOKES[case]
     proc = run_script(script, *args(tmp_path))
@@ -439,6 +480,90 @@ def test_plot_train_smoke_reads_the_committed_result(tmp_path):
     for name in ("tokens_per_s", "speedup", "lengths"):
         assert (tmp_path / f"train_nvidia-h200_{name}.png").read_bytes()[:4] == b"\x89PNG"
     assert "| 1.4b | instruct |" in proc.stdout and "Targets (issue 6)" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# bench_scaling and psum_bandwidth: the parts the smokes cannot check on CPU.
+
+
+def test_scaling_trace_summary_splits_compute_collectives_and_their_overlap():
+    """A synthetic two-step device trace: compute 0-60 and 70-100 us, NCCL 50-80 us (10 us under
+    each compute kernel, 10 us exposed), a derived "XLA Ops" row and host events ignored."""
+    from benchmarks import bench_scaling
+
+    meta = [dict(ph="M", name="process_name", pid=1, args=dict(name="/device:GPU:0")),
+            dict(ph="M", name="thread_name", pid=1, tid=7, args=dict(name="Stream #7(Compute)")),
+            dict(ph="M", name="thread_name", pid=1, tid=8, args=dict(name="Stream #8(Nccl)")),
+            dict(ph="M", name="thread_name", pid=1, tid=9, args=dict(name="XLA Ops")),
+            dict(ph="M", name="process_name", pid=2, args=dict(name="/host:CPU"))]
+    kernels = [dict(ph="X", pid=1, tid=7, ts=0, dur=60, name="fusion_1"),
+               dict(ph="X", pid=1, tid=7, ts=70, dur=30, name="gemm_2"),
+               dict(ph="X", pid=1, tid=8, ts=50, dur=30, name="ncclDevKernel_AllReduce_Sum_f32"),
+               dict(ph="X", pid=1, tid=9, ts=0, dur=100, name="all-reduce-start.1"),
+               dict(ph="X", pid=2, tid=1, ts=0, dur=500, name="PjitFunction(train_step)")]
+    summary = bench_scaling.summarize_trace(dict(traceEvents=meta + kernels), steps=2)
+    (name, dev), = summary["devices"].items()
+    assert name == "/device:GPU:0" and dev["kernels"] == 3
+    assert dev["span_ms"] == pytest.approx(0.05) and dev["compute_ms"] == pytest.approx(0.045)
+    assert dev["collective_ms"] == pytest.approx(0.015)
+    assert dev["overlapped_ms"] == pytest.approx(0.01)
+    assert dev["exposed_collective_ms"] == pytest.approx(0.005)
+    assert [k["name"] for k in dev["top_kernels"]][0] == "fusion_1"
+    assert dev["top_kernels"][2]["collective"] and not dev["top_kernels"][0]["collective"]
+    assert bench_scaling.summarize_trace(dict(traceEvents=meta[-1:]), steps=1)["note"]
+
+
+def test_scaling_plan_baselines_and_overlap_flags():
+    from benchmarks import bench_scaling
+    from train import sharding
+
+    keys = [c["key"] for c in bench_scaling.plan(["130m"], [1, 2], ["data", "fsdp"],
+                                                 ["auto", "bfloat16"], ["off"])]
+    assert keys == ["130m/single/auto/overlap-off/1", "130m/single/bfloat16/overlap-off/1",
+                    "130m/data/auto/overlap-off/2",
+                    "130m/data/bfloat16/overlap-off/2", "130m/fsdp/auto/overlap-off/2",
+                    "130m/fsdp/bfloat16/overlap-off/2"]
+    settings = dict(rows=8)
+    base = dict(status="ok", preset="130m", n=1, overlap="off", tokens_per_s=100.0,
+                settings=settings, invocation="a")
+    records = {keys[0]: base,
+               keys[1]: dict(base, tokens_per_s=95.0),
+               keys[2]: dict(base, n=2, tokens_per_s=180.0),
+               keys[3]: dict(base, n=2, tokens_per_s=190.0, settings=dict(rows=4)),
+               keys[4]: dict(base, n=2, status="oom")}
+    bench_scaling.add_efficiency(records)
+    assert records[keys[1]]["efficiency"] == pytest.approx(0.95)  # against single/auto
+    assert records[keys[2]]["efficiency"] == pytest.approx(0.9)
+    assert records[keys[2]]["baseline"]["same_invocation"]
+    assert "efficiency" not in records[keys[3]]  # other settings: no baseline
+    assert "efficiency" not in records[keys[4]]
+    for overlap in (False, True):
+        env = bench_scaling.child_env(overlap=overlap, extra_flags="--xla_gpu_foo=1", smoke=False)
+        flags = env["XLA_FLAGS"].split()
+        assert "--xla_gpu_foo=1" in flags and env["NCCL_NVLS_ENABLE"] == "0"
+        assert all((f in flags) == overlap for f in sharding.OVERLAP_XLA_FLAGS)
+
+
+def test_psum_bandwidth_bus_factors_and_interpolation():
+    from benchmarks.probes import psum_bandwidth as pb
+
+    assert pb.bus_factor("all_reduce", 2) == 1.0 and pb.bus_factor("all_reduce", 4) == 1.5
+    assert pb.bus_factor("reduce_scatter", 4) == pb.bus_factor("all_gather", 4) == 0.75
+    assert pb.bus_factor("all_reduce", 1) == 0.0
+    rows = [dict(bytes=10**6, median_ms=1.0), dict(bytes=10**8, median_ms=100.0)]
+    assert pb.interpolate_ms(rows, 10**7) == (pytest.approx(10.0), "interpolated")
+    assert pb.interpolate_ms(rows, 5 * 10**8) == (pytest.approx(500.0), "extrapolated")
+    assert pb.interpolate_ms(rows, 10**5)[0] is None
+
+
+@pytest.mark.parametrize("script,args,flag", [
+    ("bench_scaling", ["--grad-reduce", "fp8"], "--grad-reduce"),
+    ("bench_scaling", ["--counts", "0,2"], "--counts"),
+    ("probes/psum_bandwidth", ["--sizes-mb", "1,x"], "--sizes-mb"),
+])
+def test_scaling_scripts_reject_bad_arguments(script, args, flag):
+    proc = run_script(script, *args, timeout=120)
+    assert proc.returncode == 2 and flag in proc.stderr.strip().splitlines()[-1]
 
 
 def test_bad_arguments_exit_2_with_one_line():

@@ -151,6 +151,10 @@ class MeshConfig:
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    # gradient reduction across devices: "auto" (XLA SPMD, float32) | "float32" | "bfloat16"
+    grad_reduce: str = "auto"
+    # true: XLA's GPU latency-hiding scheduler flags (sharding.OVERLAP_XLA_FLAGS); unused on CPU
+    overlap_collectives: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,9 +4,24 @@ Parameters and optimizer state are sharded on the fsdp axis (each array along it
 dimension divisible by the fsdp size; arrays with none stay replicated); batch rows are sharded
 on data x fsdp together, so every device computes on its own rows (FSDP is data parallelism
 whose parameters are gathered when needed). XLA's SPMD partitioner inserts the collectives.
+The optimizer state (both Adam moments) takes each parameter's sharding, so it is sharded on
+fsdp too (ZeRO-style); with fsdp = 1 everything is replicated and gradients are all-reduced.
+
+Gradient communication (MeshConfig.grad_reduce, GRAD_REDUCE): "auto" leaves the reduction to
+the SPMD partitioner (float32; the single-device result up to summation order); "float32" /
+"bfloat16" reduce explicitly in that dtype (train.step.explicit_grad_sums: reduce-scatter over
+fsdp onto each parameter's shard, all-reduce over data).
+
+Overlap (MeshConfig.overlap_collectives, OVERLAP_XLA_FLAGS): XLA's GPU latency-hiding
+scheduler, which moves the (already asynchronous) collectives' start early and their end late
+so that they run during the backward pass. The flags must be in XLA_FLAGS before jax starts
+its backend (apply_mesh_options); they are GPU flags, parsed and unused on CPU.
 """
 
 from __future__ import annotations
+
+import os
+import re
 
 import jax
 import numpy as np
@@ -15,6 +30,54 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from train.config import ConfigError, MeshConfig
 
 BATCH_AXES = ("data", "fsdp")
+# MeshConfig.grad_reduce -> the dtype the gradients are reduced in (None: XLA's SPMD choice).
+GRAD_REDUCE = {"auto": None, "float32": "float32", "bfloat16": "bfloat16"}
+# MeshConfig.overlap_collectives: XLA's latency-hiding scheduler (schedules async collectives
+# to overlap compute; async collectives themselves are XLA's GPU default, turned off only by
+# --xla_gpu_disable_async_collectives) and a high-priority stream for them.
+OVERLAP_XLA_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true",
+                     "--xla_gpu_enable_highest_priority_async_stream=true")
+
+
+def grad_reduce_dtype(grad_reduce: str):
+    """The dtype name MeshConfig.grad_reduce reduces gradients in (None for "auto")."""
+    if grad_reduce not in GRAD_REDUCE:
+        raise ConfigError(f"--mesh.grad_reduce={grad_reduce!r} is not one of {list(GRAD_REDUCE)}")
+    return GRAD_REDUCE[grad_reduce]
+
+
+def _backends_started() -> bool:
+    from jax._src import xla_bridge
+
+    return xla_bridge.backends_are_initialized()
+
+
+def add_xla_flags(flags, environ: dict | None = None) -> list[str]:
+    """Appends to XLA_FLAGS each flag whose name is not there yet (a value already set wins);
+    returns those added. environ None: this process's os.environ, and then a ConfigError when a
+    flag must be added but jax's backend has already started (XLA reads XLA_FLAGS once, so it
+    would be silently ignored); a dict: the environment of a process still to start."""
+    this_process = environ is None
+    environ = os.environ if this_process else environ
+    current = environ.get("XLA_FLAGS", "")
+    present = {f.split("=", 1)[0] for f in current.split()}
+    missing = [f for f in flags if f.split("=", 1)[0] not in present]
+    if missing and this_process and _backends_started():
+        raise ConfigError(f"the XLA flags {missing} must be set before jax starts its backend; "
+                          f"set XLA_FLAGS=\"{' '.join(missing)}\" in the environment")
+    if missing:
+        environ["XLA_FLAGS"] = " ".join([current, *missing]).strip()
+    return missing
+
+
+def apply_mesh_options(config: MeshConfig) -> list[str]:
+    """Checks grad_reduce and overlap_collectives, and sets the overlap flags (before jax's
+    backend starts: call it before anything touches a device). Returns the flags added."""
+    grad_reduce_dtype(config.grad_reduce)
+    if not isinstance(config.overlap_collectives, bool):
+        raise ConfigError(f"--mesh.overlap_collectives must be true or false, got "
+                          f"{config.overlap_collectives!r}")
+    return add_xla_flags(OVERLAP_XLA_FLAGS) if config.overlap_collectives else []
 
 
 def maybe_initialize_distributed(config: MeshConfig) -> None:
@@ -90,3 +153,27 @@ def put_batch(arrays: dict[str, np.ndarray], sharding: NamedSharding) -> dict[st
     """Global host arrays -> sharded jax arrays (every process holds the same global batch)."""
     return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
             for k, v in arrays.items()}
+
+
+# Collectives in compiled HLO text: "%name = TYPE op(...)"; TYPE an array type or a tuple of them.
+_COLLECTIVE = re.compile(r"=\s*(\(.*?\)|\w+\[[\d,]*\]\S*)\s+(all-reduce|reduce-scatter|all-gather|"
+                         r"all-to-all|collective-permute)(-start)?\(")
+_ARRAY = re.compile(r"\b(pred|[su]\d+|bf16|f\d+)\[([\d,]*)\]")
+_ITEM_BYTES = {"pred": 1, "bf16": 2}
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    """Bytes each kind of collective produces per call, by "op dtype" (e.g. "all-reduce f32"),
+    from a compiled module's text (jitted.lower(...).compile().as_text()). Async pairs count
+    once (their -start); an all-gather-start's tuple counts its last array, the gathered one."""
+    out: dict[str, int] = {}
+    for m in _COLLECTIVE.finditer(hlo_text):
+        arrays = _ARRAY.findall(m.group(1))
+        if m.group(2) == "all-gather" and m.group(3):
+            arrays = arrays[-1:]
+        for dtype, dims in arrays:
+            size = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+            item = _ITEM_BYTES.get(dtype) or int(re.sub(r"\D", "", dtype)) // 8
+            key = f"{m.group(2)} {dtype}"
+            out[key] = out.get(key, 0) + size * item
+    return out

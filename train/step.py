@@ -100,22 +100,92 @@ def token_losses(graphdef, params, tokens, segment_ids, targets, loss_mask):
     return masked_cross_entropy(logits, targets, loss_mask)
 
 
-def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule=None
-               ) -> tuple[TrainState, dict]:
-    """One optimizer step over the (a, b, t) batch; pure. schedule(step) is reported as lr."""
+def sum_grads(graphdef, params, batch: dict):
+    """(gradient of the summed cross-entropy, that sum, the number of targets) over the (a, b, t)
+    batch: its a micro-batches accumulated in float32."""
 
     def micro(carry, mb):
         grad_sum, ce_sum, count = carry
         (ce, n), grads = jax.value_and_grad(
             lambda p: token_losses(graphdef, p, mb["tokens"], mb["segment_ids"], mb["targets"],
                                    mb["loss_mask"]),
-            has_aux=True)(state.params)
+            has_aux=True)(params)
         grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
         return (grad_sum, ce_sum + ce, count + n), None
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
     init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
     (grad_sum, ce_sum, count), _ = jax.lax.scan(micro, init, batch)
+    return grad_sum, ce_sum, count
+
+
+def explicit_grad_sums(graphdef, mesh, abstract_params, reduce_dtype):
+    """sum_grads whose cross-device reduction is explicit, in reduce_dtype (a shard_map).
+
+    Each device gathers the full parameters (all_gather over fsdp), computes the gradient of its
+    own rows' summed cross-entropy (accumulated over micro-batches in float32), casts it to
+    reduce_dtype and reduces it: psum_scatter over fsdp onto the parameter's shard (parameters
+    the fsdp axis does not shard: psum), then psum over data; then back to float32. The loss sum
+    and target count are psum'd exactly (float32, int32). Under the SPMD default XLA reduces in
+    the gradients' dtype, float32; with reduce_dtype bfloat16 the gradient collectives move half
+    the bytes, at the cost of summing the devices' gradients in bfloat16.
+
+    check_vma=False: the gradient of each device's loss with respect to its gathered parameters
+    is then its own, unreduced (with vma checking, jax would insert a float32 psum for the
+    replicated parameters itself), and kernels that know nothing of vma types run unchanged.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    from train import sharding
+
+    fsdp_size = mesh.shape["fsdp"]
+    specs = jax.tree.map(lambda x: sharding.param_spec(tuple(x.shape), fsdp_size),
+                         abstract_params)
+    batch_spec = P(None, sharding.BATCH_AXES, None)
+
+    def fsdp_dim(spec):
+        return next((i for i, name in enumerate(spec) if name == "fsdp"), None)
+
+    def gather(x, spec):
+        dim = fsdp_dim(spec)
+        return x if dim is None else jax.lax.all_gather(x, "fsdp", axis=dim, tiled=True)
+
+    def reduce(g, spec):
+        g = g.astype(reduce_dtype)
+        dim = fsdp_dim(spec)
+        if dim is None:
+            g = jax.lax.psum(g, sharding.BATCH_AXES)
+        else:
+            g = jax.lax.psum(jax.lax.psum_scatter(g, "fsdp", scatter_dimension=dim, tiled=True),
+                             "data")
+        return g.astype(jnp.float32)
+
+    def local(params, batch):
+        full = jax.tree.map(gather, params, specs)
+        grad_sum, ce_sum, count = sum_grads(graphdef, full, batch)
+        grads = jax.tree.map(reduce, grad_sum, specs)
+        return (grads, jax.lax.psum(ce_sum, sharding.BATCH_AXES),
+                jax.lax.psum(count, sharding.BATCH_AXES))
+
+    def grad_sums(params, batch):
+        batch_specs = {k: batch_spec for k in batch}
+        return jax.shard_map(local, mesh=mesh, in_specs=(specs, batch_specs),
+                             out_specs=(specs, P(), P()), check_vma=False)(params, batch)
+
+    return grad_sums
+
+
+def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule=None, grad_sums=None
+               ) -> tuple[TrainState, dict]:
+    """One optimizer step over the (a, b, t) batch; pure. schedule(step) is reported as lr.
+
+    grad_sums(params, batch) -> (grad_sum, ce_sum, count) as sum_grads (the default, whose
+    cross-device reduction XLA's SPMD partitioner places); explicit_grad_sums gives one that
+    reduces across devices itself, in a chosen dtype.
+    """
+    if grad_sums is None:
+        grad_sums = functools.partial(sum_grads, graphdef)
+    grad_sum, ce_sum, count = grad_sums(state.params, batch)
     denom = jnp.maximum(count, 1).astype(jnp.float32)
     grads = jax.tree.map(lambda g: g / denom, grad_sum)
     loss = ce_sum / denom
@@ -153,9 +223,13 @@ class Compiled:
     eval_step: Any
 
 
-def build(model_config: MambaConfig, optim: OptimConfig, total_steps: int, mesh) -> Compiled:
+def build(model_config: MambaConfig, optim: OptimConfig, total_steps: int, mesh,
+          grad_reduce: str = "auto") -> Compiled:
+    """grad_reduce: "auto" (XLA's SPMD partitioner reduces the gradients, in float32), or
+    "float32" / "bfloat16": explicit_grad_sums in that dtype (see train.sharding.GRAD_REDUCE)."""
     from train import sharding
 
+    reduce_dtype = sharding.grad_reduce_dtype(grad_reduce)
     tx = make_optimizer(optim, total_steps)
     schedule = learning_rate_schedule(optim, total_steps)
     graphdef, _ = model_graphdef(model_config)
@@ -163,9 +237,12 @@ def build(model_config: MambaConfig, optim: OptimConfig, total_steps: int, mesh)
     shardings = sharding.state_shardings(mesh, abstract)
     batch_sh = sharding.batch_sharding(mesh)
     rep = sharding.replicated(mesh)
+    grad_sums = None if reduce_dtype is None else explicit_grad_sums(
+        graphdef, mesh, abstract.params, reduce_dtype)
     init = jax.jit(functools.partial(init_state, model_config, tx), static_argnums=0,
                    out_shardings=shardings)
-    step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule),
+    step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
+                                     grad_sums=grad_sums),
                    in_shardings=(shardings, batch_sh), out_shardings=(shardings, rep),
                    donate_argnums=0)
     evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef),

@@ -62,6 +62,7 @@ class Prepared:
 def prepare(config: TrainConfig) -> Prepared:
     """Validates the config, loads the data and lays out the mesh; raises ConfigError/DataError."""
     config.validate()
+    sharding.apply_mesh_options(config.mesh)  # before anything starts jax's backend
     sharding.maybe_initialize_distributed(config.mesh)
     d = config.data
     corpus = data_lib.load_corpus(d)
@@ -113,7 +114,8 @@ def run(config: TrainConfig, *, log=print) -> dict:
     if is_main_process():
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
-    compiled = step_lib.build(p.model_config, config.optim, r.steps, p.mesh)
+    compiled = step_lib.build(p.model_config, config.optim, r.steps, p.mesh,
+                              grad_reduce=config.mesh.grad_reduce)
     ckpt = Checkpointer(out / "checkpoints", r.keep_checkpoints)
     batcher = make_batcher(p)
     state, resumed_from = restore_or_init(ckpt, out / "checkpoints", compiled, batcher, r, log)
