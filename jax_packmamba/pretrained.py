@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_packmamba import tokenizer as tokenizer_lib
+from jax_packmamba import run_layout, tokenizer as tokenizer_lib
 from jax_packmamba.config import Mamba2Config, MambaConfig
 from jax_packmamba.mamba2 import Mamba2LM
 from jax_packmamba.model import MambaLM
@@ -88,7 +88,7 @@ def from_pretrained(path, **config_overrides) -> MambaLM | Mamba2LM:
     config_overrides: runtime fields ("dtype", "scan_impl", "conv_impl", "remat"); the
     architecture comes from config.json. Parameters are float32 whatever the file's dtype.
     """
-    path = Path(path)
+    path = run_layout.resolve_model_dir(path)  # also a training run or one of its checkpoints
     config_dict = read_config_json(path)
     layout = detect_layout(config_dict, path)
     config, defaults_used = _parse_config(config_dict, layout, str(path / CONFIG_FILE))

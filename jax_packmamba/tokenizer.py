@@ -23,6 +23,8 @@ import shutil
 
 import numpy as np
 
+from jax_packmamba import run_layout
+
 BYTES = "bytes"
 BYTE_VOCAB = 257
 BYTE_EOD = 256
@@ -151,9 +153,10 @@ def save_tokenizer_files(tokenizer, path) -> None:
 def tokenizer_for_model_dir(path):
     """The tokenizer a model directory records (see the module docstring), None if none.
 
-    The end-of-document id is config.json's "eos_token_id" when present.
+    The end-of-document id is config.json's "eos_token_id" when present. `path` may also be a
+    training run or one of its checkpoints (jax_packmamba.run_layout.resolve_model_dir).
     """
-    path = pathlib.Path(path)
+    path = run_layout.resolve_model_dir(path)
     config_file = path / CONFIG_FILE
     try:
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}

@@ -31,10 +31,12 @@ from train.metrics import peak_flops, read_metrics
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # A model and data small enough that a run compiles and trains in seconds on one CPU core.
+# Without the trainer's compilation cache: tests leave jax's cache settings alone (the subprocess
+# runs share one through JAX_COMPILATION_CACHE_DIR, see subprocess_env).
 TINY = ["--model.preset=tiny", "--model.n_layer=1", "--model.d_model=32", "--model.d_state=4",
         "--data.max_documents=24", "--data.seq_len=64", "--data.batch_size=8",
         "--data.eval_batches=1", "--optim.warmup_steps=2", "--run.progress=false",
-        "--run.plot=false", "--run.log_every=1"]
+        "--run.plot=false", "--run.log_every=1", "--run.compilation_cache=false"]
 
 
 def subprocess_env(devices=1, cache=None):

@@ -2,6 +2,7 @@
 
 import sys
 
+from train.checkpoint import CheckpointError
 from train.config import ConfigError, help_text, parse_args
 from train.data import DataError
 from train.trainer import NonFiniteLoss, run
@@ -14,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         run(parse_args(argv))
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:

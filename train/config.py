@@ -12,6 +12,11 @@ Command line (one mechanism, nested names):
     python -m train --model.preset=130m --model.n_layer=12 --optim.lr=3e-4 --data.mode=padded
     python -m train --config run.toml --run.steps=500      # file first, then CLI overrides
 
+Each field's `option(help=...)` is its one description (`help_text`, `python -m train --help`)
+and says what resuming with another value does: FIXED fields (the model's shape, the optimizer)
+are refused, DATA fields (what the data stream is and how it is batched) are refused unless
+--data.allow_change=true, FREE ones are taken (`resume_conflicts`, `check_resume`).
+
 A config file (.json or .toml) has one table per part: {"model": {"preset": "130m"}, ...}.
 `--model.X` for X not a ModelConfig field is an override of MambaConfig field X (typed from
 MambaConfig). Every value is checked by `TrainConfig.validate()` before any data is read or
@@ -44,20 +49,59 @@ DATA_FORMATS = ("auto", "text", "jsonl", "tokens")
 BIN_DTYPES = ("uint8", "uint16", "int32", "uint32", "int64")
 
 
+# What happens to a field when a run resumes with another value (see `resume_conflicts`):
+FIXED = "fixed"  # refused: the checkpoints hold a state that only fits the old value
+DATA = "data"  # refused unless --data.allow_change=true: the data stream would change
+FREE = "free"  # taken: how the run computes, reports or how long it goes on
+RESUME_RULES = {
+    FIXED: "fixed on resume",
+    DATA: "fixed on resume unless --data.allow_change=true",
+    FREE: "may change on resume",
+}
+
+
+def option(default=dataclasses.MISSING, *, help: str, choices=None, resume: str = FREE,
+           default_factory=dataclasses.MISSING):
+    """A config field with its --help text (the one description of the option), its allowed
+    values and what resuming with another value does (FIXED, DATA or FREE)."""
+    return dataclasses.field(default=default, default_factory=default_factory,
+                             metadata={"help": help, "choices": choices, "resume": resume})
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A MambaConfig preset by name plus overrides of any of its fields.
+    """The model: a MambaConfig preset by name plus overrides of any of its fields.
 
-    dtype "auto" computes in bfloat16 on GPU/TPU and float32 on CPU (parameters stay float32).
-    vocab_size (an override) defaults to the tokenizer's vocabulary; it may be larger.
+    On resume the model's shape (preset and overrides, compared as the MambaConfig they give)
+    is fixed; the runtime fields dtype, scan_impl, conv_impl and remat may change.
     """
 
-    preset: str = "tiny"
-    dtype: str = "auto"
-    scan_impl: str = "auto"
-    conv_impl: str = "auto"
-    remat: bool = False
-    overrides: dict = dataclasses.field(default_factory=dict)
+    preset: str = option(
+        "tiny", choices=tuple(sorted(PRESETS)), resume=FIXED,
+        help="the model's shape by name: 130m ... 2.8b are the released state-spaces/mamba "
+             "models (n_layer x d_model: 130m 24x768, 370m 48x1024, 790m 48x1536, 1.4b "
+             "48x2048, 2.8b 64x2560), tiny is 2x64 with d_state 8 for a CPU; "
+             "--model.<MambaConfig field>=VALUE overrides any value of it")
+    dtype: str = option(
+        "auto", choices=MODEL_DTYPES,
+        help="compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU (parameters and "
+             "optimizer state stay float32)")
+    scan_impl: str = option(
+        "auto", choices=SCAN_IMPLS,
+        help="selective scan: auto is the Pallas kernel on a GPU and the reference (lax "
+             "associative scan) elsewhere; pallas_interpret runs the kernel on CPU (slow, tests)")
+    conv_impl: str = option(
+        "auto", choices=CONV_IMPLS,
+        help="causal conv1d: auto is the Pallas kernel on a GPU and XLA elsewhere; "
+             "pallas_interpret runs the kernel on CPU (slow, tests)")
+    remat: bool = option(
+        False, help="recompute each block's activations in the backward pass (less memory, "
+                    "about a third more compute)")
+    overrides: dict = option(
+        default_factory=dict, resume=FIXED,
+        help="MambaConfig values that replace the preset's, given as --model.<field>=VALUE "
+             "(listed below) or a [model] table in --config; vocab_size defaults to the "
+             "tokenizer's vocabulary and may only be larger")
 
     def mamba_config(self, *, vocab_size: int, backend: str) -> MambaConfig:
         dtype = self.dtype
@@ -80,105 +124,177 @@ class ModelConfig:
             raise ConfigError(f"model: {e}") from None
 
 
+# MambaConfig fields that change how the model computes, not its parameters or its function.
+MODEL_RUNTIME_FIELDS = ("dtype", "scan_impl", "conv_impl", "remat")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where documents come from and how they are batched.
+    """The data: where documents come from, how they are tokenized, cut and batched.
 
-    source: "stdlib" (the embedded default: the Python standard library's .py files, no
-      download) or comma-separated paths of files/directories: text files (one document each),
-      .jsonl (one document per line, its "text" field), .npy/.bin pre-tokenized token streams
-      (documents separated by eod_id). Directories are walked recursively (hidden files skipped).
-    tokenizer: "bytes" (UTF-8 bytes are ids 0..255, end-of-document 256, vocabulary 257) or the
-      path of a local tokenizer.json (HuggingFace `tokenizers`).
-    eod_id: end-of-document id appended to every text document and splitting token files;
-      None: 256 for bytes, the tokenizer's end-of-text token for tokenizer.json.
-    mode: "packed" (many documents per row, state reset at boundaries), "padded" (one document
-      piece per row, padded to seq_len) or "single" (one piece per step, padded to a multiple of
-      single_bucket to bound recompiles). All three consume the same pieces in the same order.
-    seq_len: row length; documents longer than it are cut into pieces of seq_len tokens.
-    batch_size: rows per micro-batch (packed/padded); single mode uses 1.
-    eval_fraction: share of documents held out for the eval loss (at least one when > 0).
+    All three modes consume the same pieces (documents cut to seq_len) in the same seeded
+    order, so a checkpoint's data position is one count of pieces.
     """
 
-    source: str = "stdlib"
-    format: str = "auto"
-    tokenizer: str = "bytes"
-    eod_id: int | None = None
-    bin_dtype: str = "uint16"
-    max_documents: int | None = None
-    mode: str = "packed"
-    pack_policy: str = "first_fit_decreasing"
-    seq_len: int = 512
-    batch_size: int = 8
-    single_bucket: int = 64
-    eval_fraction: float = 0.01
-    eval_batches: int = 4
-    seed: int = 0
+    source: str = option(
+        "stdlib", resume=DATA,
+        help="'stdlib' (the embedded corpus: the Python standard library's .py files, no "
+             "download) or comma-separated paths of files and directories (walked recursively, "
+             "hidden files skipped): a text file is one document; a .jsonl file has one "
+             "document per line, its \"text\" field; .npy/.bin files are token ids, documents "
+             "separated by eod_id")
+    format: str = option(
+        "auto", choices=DATA_FORMATS, resume=DATA,
+        help="how to read every source file; auto: by suffix (.jsonl jsonl, .npy/.bin tokens, "
+             "anything else text)")
+    tokenizer: str = option(
+        "bytes", resume=DATA,
+        help="'bytes' (UTF-8 bytes are ids 0..255, end of document 256, vocabulary 257) or "
+             "the path of a local tokenizer.json (Hugging Face `tokenizers`, no download)")
+    eod_id: int | None = option(
+        None, resume=DATA,
+        help="end-of-document id, appended to every text document and splitting token files; "
+             "none: 256 for bytes, the tokenizer's end-of-text token (<|endoftext|>, </s>, "
+             "...) for a tokenizer.json")
+    bin_dtype: str = option(
+        "uint16", choices=BIN_DTYPES, resume=DATA,
+        help="integer type of the token ids in .bin files (.npy files record their own)")
+    max_documents: int | None = option(
+        None, resume=DATA,
+        help="read at most this many documents (in file order); none: all")
+    mode: str = option(
+        "packed", choices=MODES, resume=DATA,
+        help="packed: many documents per row, the state reset at each boundary (PackMamba); "
+             "padded: one document piece per row, padded to seq_len; single: one piece per "
+             "step, padded to a multiple of single_bucket")
+    pack_policy: str = option(
+        "first_fit_decreasing", choices=PACK_POLICIES, resume=DATA,
+        help="packed mode: first_fit_decreasing fills rows from a look-ahead window of "
+             "pieces (fuller rows); greedy takes the longest prefix of the stream that fits")
+    seq_len: int = option(
+        512, resume=DATA,
+        help="tokens per row (>= 2); longer documents are cut into pieces of seq_len tokens")
+    batch_size: int = option(
+        8, resume=DATA, help="rows per micro-batch in packed and padded mode (single uses 1)")
+    single_bucket: int = option(
+        64, resume=DATA,
+        help="single mode pads each piece to a multiple of this, bounding how many shapes "
+             "compile")
+    eval_fraction: float = option(
+        0.01, resume=DATA,
+        help="share of documents held out for the eval loss, in [0, 1) (at least one "
+             "document when > 0)")
+    eval_batches: int = option(
+        4, help="batches of held-out pieces in each eval")
+    seed: int = option(
+        0, resume=DATA, help="seed of the held-out split and of each epoch's piece order")
+    allow_change: bool = option(
+        False,
+        help="resume although the data fields above differ from the checkpoint's (say so "
+             "when you mean to continue a run on other data or batching): the run goes on "
+             "from the checkpoint's data position, a count of pieces, in the new stream (the "
+             "pieces packed mode held back for its next batch are skipped if the mode changes)")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warm-up then cosine decay to lr * min_lr_ratio at the last step.
+    """The optimizer: AdamW, linear warm-up then cosine decay to lr * min_lr_ratio at the last
+    step (--run.steps).
 
-    No weight decay on norms, biases, A_log and D. grad_accum micro-batches make one step; the
-    loss is the mean over all their real targets.
+    No weight decay on norms, biases, A_log and D. Every field is fixed on resume: the
+    checkpoint's optimizer state belongs to them.
     """
 
-    lr: float = 3e-3
-    warmup_steps: int = 30
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    clip_norm: float = 1.0
-    grad_accum: int = 1
+    lr: float = option(3e-3, resume=FIXED, help="peak learning rate (> 0)")
+    warmup_steps: int = option(30, resume=FIXED,
+                               help="steps of linear warm-up from 0 to lr (>= 0)")
+    min_lr_ratio: float = option(0.1, resume=FIXED,
+                                 help="final learning rate as a fraction of lr, in [0, 1]")
+    weight_decay: float = option(0.1, resume=FIXED,
+                                 help="AdamW decoupled weight decay of the matrices (>= 0)")
+    b1: float = option(0.9, resume=FIXED, help="AdamW first-moment decay, in [0, 1)")
+    b2: float = option(0.95, resume=FIXED, help="AdamW second-moment decay, in [0, 1)")
+    eps: float = option(1e-8, resume=FIXED, help="AdamW epsilon (> 0)")
+    clip_norm: float = option(1.0, resume=FIXED,
+                              help="clip the gradient to this global norm (0: no clipping)")
+    grad_accum: int = option(
+        1, resume=FIXED,
+        help="micro-batches per optimizer step; the loss is the mean over all their real "
+             "targets, so it equals one batch grad_accum times larger")
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh: data x fsdp over all devices; -1 fills with the remaining devices.
+    """The device mesh: data x fsdp over all devices (may change on resume).
 
     Parameters and optimizer state are sharded on fsdp; the batch rows on data x fsdp (FSDP is
-    data parallelism with sharded parameters). distributed=True calls
-    jax.distributed.initialize() first (multi-host; coordinator/num_processes/process_id are
-    passed when set, else auto-detected from the cluster environment).
+    data parallelism with sharded parameters).
     """
 
-    data: int = -1
-    fsdp: int = 1
-    distributed: bool = False
-    coordinator_address: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
-    # gradient reduction across devices: "auto" (XLA SPMD, float32) | "float32" | "bfloat16"
-    grad_reduce: str = "auto"
-    # true: XLA's GPU latency-hiding scheduler flags (sharding.OVERLAP_XLA_FLAGS); unused on CPU
-    overlap_collectives: bool = False
+    data: int = option(-1, help="devices on the data axis; -1: the devices fsdp leaves")
+    fsdp: int = option(1, help="devices on the fsdp axis (parameters sharded); -1: the "
+                               "devices data leaves")
+    distributed: bool = option(
+        False, help="call jax.distributed.initialize() first (multi-host); the three fields "
+                    "below are passed when set, else detected from the cluster environment")
+    coordinator_address: str | None = option(None, help="host:port of process 0 (multi-host)")
+    num_processes: int | None = option(None, help="number of processes (multi-host)")
+    process_id: int | None = option(None, help="this process's index (multi-host)")
+    grad_reduce: str = option(
+        "auto", choices=("auto", "float32", "bfloat16"),  # the keys of sharding.GRAD_REDUCE
+        help="gradient reduction across devices: auto leaves it to XLA's SPMD partitioner "
+             "(float32); float32 or bfloat16 reduce explicitly (psum_scatter over fsdp, psum "
+             "over data) in that dtype")
+    overlap_collectives: bool = option(
+        False, help="set XLA's GPU latency-hiding scheduler flags (sharding.OVERLAP_XLA_FLAGS) "
+                    "so collectives overlap compute; unused on CPU")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Length, seeds, outputs and cadence (0 disables eval / periodic checkpoints / log lines).
+    """The run: length, seeds, outputs, cadence and compilation (all may change on resume).
 
-    resume: continue from the latest checkpoint in out_dir if there is one. overwrite: delete
-    out_dir's previous checkpoints and metrics first. progress: show a tqdm progress bar.
-    time_limit_s: stop (with a checkpoint) at the first step that ends after this many seconds
-    of training loop (first compile included); 0: no limit. The schedule keeps run.steps.
+    The run directory (--run.out_dir) holds config.json, metrics.jsonl, summary.json,
+    loss.png, checkpoints/<step>/ (orbax) and models/<step>/ (see jax_packmamba.run_layout).
     """
 
-    steps: int = 300
-    seed: int = 0
-    out_dir: str = "runs/train"
-    log_every: int = 25
-    eval_every: int = 100
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3
-    resume: bool = True
-    overwrite: bool = False
-    time_limit_s: float = 0.0
-    progress: bool = True
-    plot: bool = True
+    steps: int = option(
+        300, help="optimizer steps in total, counting those of earlier runs resumed; the "
+                  "learning-rate schedule ends at this step (raise it to train a finished run "
+                  "on)")
+    seed: int = option(0, help="seed of the initial parameters (a resumed run restores them)")
+    out_dir: str = option("runs/train", help="the run directory")
+    log_every: int = option(25, help="steps between progress lines (0: none)")
+    eval_every: int = option(100, help="steps between held-out evaluations (0: at the end only)")
+    checkpoint_every: int = option(
+        100, help="steps between checkpoints (0: only at the end and at the time limit)")
+    keep_checkpoints: int = option(
+        3, help="newest checkpoints kept (older ones are deleted as new ones are written), and "
+                "as many model exports")
+    resume: bool = option(
+        True, help="continue from the newest readable checkpoint in out_dir, if there is one "
+                   "(unreadable newer ones are reported and moved to out_dir/unreadable/)")
+    overwrite: bool = option(
+        False, help="delete out_dir's checkpoints, model exports and metrics first (needs "
+                    "--run.resume=false)")
+    time_limit_s: float = option(
+        0.0, help="stop with a checkpoint after the first step that ends this many seconds "
+                  "into the training loop (first compile included); 0: no limit")
+    progress: bool = option(True, help="show a tqdm progress bar")
+    plot: bool = option(True, help="write loss.png at the end")
+    export_models: bool = option(
+        True, help="with every checkpoint, also write out_dir/models/<step>/: a Hugging "
+                   "Face-layout model directory (config.json with the tokenizer's eos_token_id, "
+                   "model.safetensors, tokenizer.json unless bytes) that jax_packmamba."
+                   "from_pretrained and `python -m jax_packmamba.generate --checkpoint` read; "
+                   "they also accept out_dir itself (the newest export) or "
+                   "out_dir/checkpoints/<step>")
+    compilation_cache: bool = option(
+        True, help="keep compiled programs in a persistent XLA cache, so a rerun with the same "
+                   "shapes starts without compiling (false: leave jax's cache settings alone)")
+    compilation_cache_dir: str = option(
+        "", help="the cache folder; empty: $JAX_PACKMAMBA_CACHE_DIR, else "
+                 "~/.cache/jax_packmamba/xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,6 +381,71 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def model_record(model_config) -> dict:
+    """The resolved model config as JSON-ready data (saved with every checkpoint)."""
+    return _jsonable({"class": type(model_config).__name__, **dataclasses.asdict(model_config)})
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))
+
+
+def resume_conflicts(old: dict, new: "TrainConfig", *, old_model: dict | None,
+                     new_model: dict) -> tuple[list[str], list[str]]:
+    """The differences that stop a resume: (fixed, data), each a list of "part.field old ->
+    new".
+
+    old: the checkpoint's TrainConfig.to_dict(); old_model / new_model: model_record of the
+    model each gives. The model's shape is compared as the resolved model config (so the same
+    shape spelled by another preset or overrides is no change), except MODEL_RUNTIME_FIELDS;
+    other parts (and the model's, without old_model) field by field by each field's rule
+    (FIXED, DATA; FREE is not compared). Fields that one side lacks (a config from another
+    version) are not compared.
+    """
+    fixed, data = [], []
+    if old_model is not None:
+        for name in sorted(set(old_model) | set(new_model)):
+            if name in MODEL_RUNTIME_FIELDS:
+                continue
+            a, b = old_model.get(name, "<absent>"), new_model.get(name, "<absent>")
+            if a != b:
+                fixed.append(f"model.{name} {a!r} -> {b!r}")
+    current = _jsonable(new.to_dict())
+    for part, cls in _PART_CLASSES.items():
+        if part == "model" and old_model is not None:
+            continue  # compared above, as the model each config gives
+        for f in dataclasses.fields(cls):
+            rule = f.metadata.get("resume", FREE)
+            if rule == FREE or f.name not in old.get(part, {}):
+                continue
+            a, b = old[part][f.name], current[part][f.name]
+            if a != b:
+                (fixed if rule == FIXED else data).append(f"{part}.{f.name} {a!r} -> {b!r}")
+    return fixed, data
+
+
+def check_resume(old: dict, new: "TrainConfig", *, old_model: dict | None, new_model: dict,
+                 checkpoint: str) -> None:
+    """ConfigError (one line naming every changed field, old -> new) when `new` cannot resume
+    the checkpoint written with `old` (see resume_conflicts)."""
+    fixed, data = resume_conflicts(old, new, old_model=old_model, new_model=new_model)
+    if new.data.allow_change:
+        data = []
+    if not fixed and not data:
+        return
+    parts = []
+    if fixed:
+        parts.append(f"{', '.join(fixed)} (fixed for a run: its checkpoints hold that model "
+                     f"and optimizer state)")
+    if data:
+        parts.append(f"{', '.join(data)} (set --data.allow_change=true to continue this run "
+                     f"on the new data stream)")
+    raise ConfigError(
+        f"cannot resume {checkpoint} with this config: {'; '.join(parts)}. Use the old values, "
+        f"another --run.out_dir, or --run.resume=false --run.overwrite=true to delete the "
+        f"checkpoints")
 
 
 def _choice(name, value, choices):
@@ -427,14 +608,58 @@ def build(values: dict[str, dict[str, Any]], base: TrainConfig | None = None) ->
     return TrainConfig(**parts)
 
 
-def help_text() -> str:
-    lines = ["usage: python -m train [--config FILE.json|.toml] [--part.field=value ...]", ""]
+def help_text(width: int = 100) -> str:
+    """--help: every option with its meaning, allowed values, default and resume rule, from the
+    fields' `option(help=...)` (the one place they are described)."""
+    import textwrap
+
+    def para(text, indent=""):
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent,
+                             subsequent_indent=indent, break_on_hyphens=False)
+
+    lines = [
+        "usage: python -m train [--config FILE.json|.toml] [--part.field=value ...]", "",
+        para("Trains a Mamba language model on documents packed into rows. Flags are "
+             "--part.field=value or --part.field value, applied after the --config file (one "
+             "table per part, e.g. [model] preset = \"130m\"). Booleans are true/false; "
+             "optional values take none. Run again with the same --run.out_dir to resume."),
+        "",
+        para("On resume each field follows its rule, given in brackets: "
+             + "; ".join(f"[{v}]" for v in RESUME_RULES.values())
+             + ". A refused change names each field with its old and new value."),
+    ]
     for part, cls in _PART_CLASSES.items():
-        lines.append(f"{part}:  ({(cls.__doc__ or '').strip().splitlines()[0]})")
+        lines += ["", para(f"{part}: " + (cls.__doc__ or "").strip().split("\n\n")[0])]
         default = cls()
         for f in dataclasses.fields(cls):
+            meta = f.metadata
+            rule = RESUME_RULES[meta.get("resume", FREE)]
             if f.name == "overrides":
-                lines.append(f"  --model.<MambaConfig field>=...   e.g. --model.n_layer=4 --model.d_model=256")
+                lines.append(f"  --model.<MambaConfig field>=VALUE")
+                lines.append(para(f"{meta['help']} [{rule}]", "      "))
+                hints = typing.get_type_hints(MambaConfig)
+                fields = [f"{g.name} ({_type_name(hints[g.name])})"
+                          for g in dataclasses.fields(MambaConfig)
+                          if g.name not in MODEL_RUNTIME_FIELDS]
+                lines.append(para("MambaConfig fields: " + ", ".join(fields), "      "))
                 continue
-            lines.append(f"  --{part}.{f.name}={getattr(default, f.name)!r}")
+            value = getattr(default, f.name)
+            shown = "none" if value is None else (str(value).lower() if isinstance(value, bool)
+                                                 else value)
+            head = f"  --{part}.{f.name}={shown}"
+            if meta.get("choices"):
+                head += f"   {{{' | '.join(meta['choices'])}}}"
+            else:
+                head += f"   ({_type_name(f.type)})"
+            lines.append(head)
+            lines.append(para(f"{meta['help']} [{rule}]", "      "))
     return "\n".join(lines)
+
+
+def _type_name(tp) -> str:
+    if isinstance(tp, str):  # postponed annotations of this module's dataclasses
+        return tp.replace("None", "none")
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if args:
+        return " | ".join(a.__name__ for a in args) + " | none"
+    return getattr(tp, "__name__", str(tp))

@@ -4,8 +4,10 @@ Order matters for users: the config and the data are checked (and the data loade
 model is built or anything compiles, so bad input fails in seconds with a clear message.
 
 `run` reads top to bottom in three parts: the run directory and resume (open_run_directory,
-restore_or_init), the loop (train_loop: pure step calls, eval and checkpoint cadence) and the
-reporting (Report: metrics.jsonl, progress lines, the summary).
+find_resume_point, start_state), the loop (train_loop: pure step calls, eval, checkpoint and
+model export cadence) and the reporting (Report: metrics.jsonl, progress lines, the summary).
+Nothing in the run directory is written before the config is checked against the checkpoint
+it resumes.
 """
 
 from __future__ import annotations
@@ -21,12 +23,20 @@ import time
 
 import jax
 import numpy as np
+from flax import nnx
+
+from jax_packmamba import compilation_cache
+from jax_packmamba.run_layout import CHECKPOINTS_DIR, MODELS_DIR, exported_steps
 
 from train import data as data_lib
 from train import metrics as metrics_lib
 from train import sharding, step as step_lib
-from train.checkpoint import Checkpointer
-from train.config import ConfigError, TrainConfig
+from train.checkpoint import (Checkpointer, CheckpointError, broken_json_files, error_reason,
+                              export_model, prune_exports)
+from train.config import ConfigError, TrainConfig, check_resume, model_record
+
+# Where unreadable checkpoints (and their model exports) are moved, inside the run directory.
+UNREADABLE_DIR = "unreadable"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -57,6 +67,7 @@ class Prepared:
     num_eval_docs: int
     model_config: object
     mesh: object
+    tokenizer: object  # recorded in every model export
 
 
 def prepare(config: TrainConfig) -> Prepared:
@@ -73,7 +84,8 @@ def prepare(config: TrainConfig) -> Prepared:
                                              backend=jax.default_backend())
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_rows(1 if d.mode == "single" else d.batch_size, mesh, d.mode)
-    return Prepared(config, corpus, train_pieces, eval_pieces, len(eval_docs), model_config, mesh)
+    return Prepared(config, corpus, train_pieces, eval_pieces, len(eval_docs), model_config, mesh,
+                    data_lib.make_tokenizer(d))
 
 
 def describe(p: Prepared, efficiency: dict) -> list[str]:
@@ -105,33 +117,49 @@ def describe(p: Prepared, efficiency: dict) -> list[str]:
 
 def run(config: TrainConfig, *, log=print) -> dict:
     """Trains per `config`; returns the summary dict (also written to out_dir/summary.json)."""
+    config.validate()
+    cache_dir = enable_compilation_cache(config.run)  # before anything compiles
     p = prepare(config)
     r = config.run
     out = open_run_directory(config)
     for line in describe(p, data_lib.estimate_efficiency(p.train_pieces, config.data)):
         log(line)
-    out.mkdir(parents=True, exist_ok=True)
-    if is_main_process():
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    log(f"cache   XLA compilation cache {cache_dir}" if cache_dir else
+        "cache   no persistent compilation cache (--run.compilation_cache=false)")
 
     compiled = step_lib.build(p.model_config, config.optim, r.steps, p.mesh,
                               grad_reduce=config.mesh.grad_reduce)
-    ckpt = Checkpointer(out / "checkpoints", r.keep_checkpoints)
+    ckpt = Checkpointer(out / CHECKPOINTS_DIR, r.keep_checkpoints)
+    try:
+        found = find_resume_point(ckpt, compiled, p, log) if r.resume else None
+    except BaseException:
+        ckpt.close()
+        raise
+    # Only now, with the config checked against the checkpoint it resumes, is anything written.
+    exporter = Exporter(p, compiled, out)
+    state, resumed_from = start_state(found, ckpt, compiled, exporter, out, p, log)
+    if is_main_process():
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     batcher = make_batcher(p)
-    state, resumed_from = restore_or_init(ckpt, out / "checkpoints", compiled, batcher, r, log)
+    if found is not None:
+        batcher.restore(found.meta["data"])
+        log(f"resume  from {ckpt.directory}/{found.step} (step {found.step}, data position "
+            f"{batcher.consumed} pieces = epoch {batcher.epoch:.3f})")
     start = int(jax.device_get(state.step))
     if start >= r.steps:
         ckpt.close()
         return already_complete(out, start, r, log)
     cadence = f"every {r.checkpoint_every} steps + " if r.checkpoint_every else ""
-    log(f"out     {out}  (checkpoints {cadence}at the end, keep {r.keep_checkpoints}; "
+    exports = f"; {MODELS_DIR}/<step> model exports" if r.export_models else ""
+    log(f"out     {out}  (checkpoints {cadence}at the end, keep {r.keep_checkpoints}{exports}; "
         f"metrics.jsonl; loss.png)")
 
     eval_set = [sharding.put_batch(b["arrays"], sharding.batch_sharding(p.mesh))
                 for b in data_lib.eval_batches(p.eval_pieces, config.data)]
-    report = Report(p, out, start, resumed_from)
+    report = Report(p, out, start, resumed_from, cache_dir)
     try:
-        state, end_step, last_eval = train_loop(p, compiled, state, batcher, ckpt, eval_set, report)
+        state, end_step, last_eval = train_loop(p, compiled, state, batcher, ckpt, exporter,
+                                                eval_set, report)
     finally:
         report.close()
         ckpt.close()  # waits for in-flight saves: they hold finite states
@@ -145,6 +173,17 @@ def run(config: TrainConfig, *, log=print) -> dict:
     return summary
 
 
+def enable_compilation_cache(r) -> pathlib.Path | None:
+    """Turns on the persistent compilation cache per --run.compilation_cache(_dir); its folder,
+    or None when off (jax's own cache settings are then left as they are)."""
+    if not r.compilation_cache:
+        return None
+    try:
+        return compilation_cache.enable(r.compilation_cache_dir or None)
+    except ValueError as e:
+        raise ConfigError(f"--run.compilation_cache_dir: {e}") from None
+
+
 def is_main_process() -> bool:
     return jax.process_index() == 0
 
@@ -155,12 +194,14 @@ def is_main_process() -> bool:
 
 def open_run_directory(config: TrainConfig) -> pathlib.Path:
     """The run's out_dir, cleared first with --run.overwrite; ConfigError when it holds
-    checkpoints that this run would neither resume nor clear."""
+    checkpoints that this run would neither resume nor clear, or model exports without the
+    checkpoints they came from (a new run would replace them)."""
     r = config.run
     out = pathlib.Path(r.out_dir)
-    ckpt_dir = out / "checkpoints"
+    ckpt_dir = out / CHECKPOINTS_DIR
     if r.overwrite and is_main_process():
-        for name in ("checkpoints", "metrics.jsonl", "summary.json", "loss.png", "config.json"):
+        for name in (CHECKPOINTS_DIR, MODELS_DIR, "metrics.jsonl", "summary.json", "loss.png",
+                     "config.json"):
             target = out / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -171,6 +212,10 @@ def open_run_directory(config: TrainConfig) -> pathlib.Path:
         raise ConfigError(f"{ckpt_dir} already holds checkpoints; resume with --run.resume=true, "
                           f"start over with --run.resume=false --run.overwrite=true, or choose "
                           f"another --run.out_dir")
+    if not has_ckpt and exported_steps(out):
+        raise ConfigError(f"{out / MODELS_DIR} holds model exports but {ckpt_dir} no checkpoint "
+                          f"to resume them from; start over with --run.resume=false "
+                          f"--run.overwrite=true (deletes them), or choose another --run.out_dir")
     return out
 
 
@@ -182,18 +227,101 @@ def make_batcher(p: Prepared) -> data_lib.Batcher:
         single_bucket=d.single_bucket)
 
 
-def restore_or_init(ckpt: Checkpointer, ckpt_dir: pathlib.Path, compiled,
-                    batcher: data_lib.Batcher, r, log):
-    """(state, step restored or None): the latest checkpoint's state with the batcher moved to
-    its data position when resuming, else a fresh state from --run.seed."""
-    latest = ckpt.latest_step() if r.resume else None
-    if latest is None:
-        return compiled.init(r.seed), None
-    state, meta = ckpt.restore(latest, compiled.abstract_state, compiled.state_shardings)
-    batcher.restore(meta["data"])
-    log(f"resume  from {ckpt_dir}/{latest} (step {latest}, data position "
-        f"{batcher.consumed} pieces = epoch {batcher.epoch:.3f})")
-    return state, latest
+@dataclasses.dataclass
+class ResumePoint:
+    """The newest readable checkpoint, and the newer ones that could not be read."""
+
+    step: int
+    state: object
+    meta: dict
+    unreadable: list[int]
+
+
+def find_resume_point(ckpt: Checkpointer, compiled, p: Prepared, log) -> ResumePoint | None:
+    """The newest checkpoint that can be read and that this config may resume; None without
+    checkpoints. Writes nothing.
+
+    Each unreadable checkpoint is reported in one line and skipped for the next older one.
+    ConfigError when the checkpoint's recorded config differs in a field that must match
+    (train.config.check_resume); CheckpointError when no checkpoint can be read.
+    """
+    steps = sorted(ckpt.all_steps(), reverse=True)
+    new_model = model_record(p.model_config)
+    failed: list[tuple[int, str]] = []
+    for step in steps:
+        where = ckpt.directory / str(step)
+        try:
+            meta = ckpt.read_meta(step)
+        except Exception as e:  # orbax raises bare Exceptions; any failure means unreadable
+            reason = f"meta: {error_reason(e)}"
+        else:
+            old, old_model, hint = recorded_config(meta, ckpt.directory.parent, where, log)
+            if old is not None:
+                check_resume(old, p.config, old_model=old_model, new_model=new_model,
+                             checkpoint=str(where))
+            try:
+                state, meta = ckpt.restore(step, compiled.abstract_state, compiled.state_shardings)
+                return ResumePoint(step, state, meta, [s for s, _ in failed])
+            except Exception as e:
+                reason = f"state: {error_reason(e)}{hint}"
+        broken = broken_json_files(where)
+        if broken and "JSONDecodeError" in reason:
+            reason += f" ({', '.join(broken)} {'is' if len(broken) == 1 else 'are'} not valid JSON)"
+        log(f"warning: checkpoint step {step} ({where}) is unreadable, skipped: {reason}")
+        failed.append((step, reason))
+    if not failed:
+        return None
+    raise CheckpointError(
+        f"none of the {len(failed)} checkpoints in {ckpt.directory} can be read (steps "
+        f"{', '.join(str(s) for s, _ in failed)}; newest: {failed[0][1]}); they are left as they "
+        f"are. Train from scratch with another --run.out_dir, or with --run.resume=false "
+        f"--run.overwrite=true (deletes them)")
+
+
+def recorded_config(meta, run_dir: pathlib.Path, where: pathlib.Path, log):
+    """(config dict or None, model record or None, hint for a failed restore) of a checkpoint.
+
+    Checkpoints written before they held their config fall back to run_dir/config.json (the
+    config of the run that last started there), compared field by field."""
+    if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
+        return meta["config"], meta.get("model_config"), ""
+    file = run_dir / "config.json"
+    try:
+        old = json.loads(file.read_text())
+    except (OSError, ValueError):
+        old = None
+    hint = " (this checkpoint records no config: was it written with another model?)"
+    if isinstance(old, dict):
+        log(f"resume  {where} records no config (written before checkpoints held one); "
+            f"comparing with {file}")
+        return old, None, hint
+    log(f"resume  {where} records no config and {file} is missing: configs not compared")
+    return None, None, hint
+
+
+def start_state(found: ResumePoint | None, ckpt: Checkpointer, compiled, exporter: "Exporter",
+                out: pathlib.Path, p: Prepared, log):
+    """(state, step resumed from or None). Unreadable checkpoints newer than the one resumed
+    are moved to out/unreadable/ (with their model exports), so that the run can write those
+    steps again; the resumed step gets its model export if it has none."""
+    out.mkdir(parents=True, exist_ok=True)
+    if found is None:
+        return compiled.init(p.config.run.seed), None
+    if is_main_process():
+        for step in found.unreadable:
+            moved = ckpt.set_aside(step, out / UNREADABLE_DIR / CHECKPOINTS_DIR)
+            export = out / MODELS_DIR / str(step)
+            if export.is_dir():
+                shutil.move(export, out / UNREADABLE_DIR / MODELS_DIR / moved.name)
+            log(f"moved   unreadable checkpoint step {step} to {moved}")
+    if found.unreadable and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("unreadable checkpoints moved")
+        ckpt.manager.reload()
+    if not (out / MODELS_DIR / str(found.step)).is_dir():
+        exporter.export(found.step, found.state.params)
+    return found.state, found.step
 
 
 def already_complete(out: pathlib.Path, start: int, r, log) -> dict:
@@ -208,7 +336,31 @@ def already_complete(out: pathlib.Path, start: int, r, log) -> dict:
 # The loop.
 
 
-def train_loop(p: Prepared, compiled, state, batcher, ckpt, eval_set, report: "Report"):
+class Exporter:
+    """Writes RUN/models/<step>/ (jax_packmamba.save_pretrained with the run's tokenizer) for
+    each checkpoint with --run.export_models, keeping as many as --run.keep_checkpoints."""
+
+    def __init__(self, p: Prepared, compiled, out: pathlib.Path):
+        self.enabled = p.config.run.export_models
+        self.keep = p.config.run.keep_checkpoints
+        self.graphdef, self.tokenizer = compiled.graphdef, p.tokenizer
+        self.models_dir = out / MODELS_DIR
+
+    def export(self, step: int, params) -> None:
+        if not self.enabled:
+            return
+        if jax.process_count() > 1:  # every process holds only its shards
+            from jax.experimental import multihost_utils
+
+            params = multihost_utils.process_allgather(params, tiled=True)
+        params = jax.device_get(params)
+        if is_main_process():
+            export_model(nnx.merge(self.graphdef, params), self.tokenizer, self.models_dir, step)
+            prune_exports(self.models_dir, self.keep)
+
+
+def train_loop(p: Prepared, compiled, state, batcher, ckpt, exporter: Exporter, eval_set,
+               report: "Report"):
     """Steps from the state's step to --run.steps (or the time limit), with eval and checkpoints
     at their cadence; returns (state, last step, last eval loss or None).
 
@@ -222,7 +374,14 @@ def train_loop(p: Prepared, compiled, state, batcher, ckpt, eval_set, report: "R
     last_eval = None
     for s in range(start + 1, r.steps + 1):
         batch = next(batcher)
-        state, metrics = compiled.train_step(state, sharding.put_batch(batch["arrays"], batch_sh))
+        arrays = sharding.put_batch(batch["arrays"], batch_sh)
+        if s == start + 1:
+            with CacheEvents() as events:
+                t0 = time.perf_counter()
+                state, metrics = compiled.train_step(state, arrays)
+                report.compiled(time.perf_counter() - t0, events)
+        else:
+            state, metrics = compiled.train_step(state, arrays)
         if pending is not None:
             report.step(*pending)
         pending = (s, metrics, batch["stats"])
@@ -237,7 +396,10 @@ def train_loop(p: Prepared, compiled, state, batcher, ckpt, eval_set, report: "R
             last_eval = evaluate(compiled, state.params, eval_set)
             report.eval(s, last_eval)
         if do_ckpt:
-            ckpt.save(s, state, {"data": batcher.state(), "step": s})
+            ckpt.save(s, state, {"data": batcher.state(), "step": s,
+                                 "config": p.config.to_dict(),
+                                 "model_config": model_record(p.model_config)})
+            exporter.export(s, state.params)
             report.checkpoint(s)
         if out_of_time and s < r.steps:
             report.time_limit(s)
@@ -245,6 +407,26 @@ def train_loop(p: Prepared, compiled, state, batcher, ckpt, eval_set, report: "R
     if pending is not None:
         report.step(*pending)
     return state, r.steps, last_eval
+
+
+class CacheEvents:
+    """Counts the persistent compilation cache's hits and misses while it is entered."""
+
+    HIT, MISS = "/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"
+
+    def __init__(self):
+        self.hits = self.misses = 0
+
+    def _listen(self, event: str, **kwargs) -> None:
+        self.hits += event == self.HIT
+        self.misses += event == self.MISS
+
+    def __enter__(self) -> "CacheEvents":
+        jax.monitoring.register_event_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        jax.monitoring.unregister_event_listener(self._listen)
 
 
 def evaluate(compiled, params, eval_set) -> float | None:
@@ -267,8 +449,12 @@ class Report:
     """What a run reports while it trains: metrics.jsonl records, the progress bar and its
     lines, and the totals its summary is made of."""
 
-    def __init__(self, p: Prepared, out: pathlib.Path, start: int, resumed_from: int | None):
+    def __init__(self, p: Prepared, out: pathlib.Path, start: int, resumed_from: int | None,
+                 cache_dir: pathlib.Path | None):
         self.p, self.out, self.run_config, self.start = p, out, p.config.run, start
+        self.cache_dir = cache_dir
+        self.compile_s = None
+        self.compile_cache = None
         self.writer = metrics_lib.MetricsWriter(out / "metrics.jsonl", resumed_from,
                                                 enabled=is_main_process())
         self.devices = p.mesh.devices.size
@@ -326,6 +512,15 @@ class Report:
                               f"{metrics_lib.fmt_rate(tps)} tok/s  MFU {metrics_lib.fmt_pct(util)}  "
                               f"packing {100 * eff:.1f}%")
 
+    def compiled(self, seconds: float, events: CacheEvents) -> None:
+        """The first step's call took `seconds` (tracing, then compiling or loading from the
+        cache; the step itself runs asynchronously after)."""
+        self.compile_s = seconds
+        self.compile_cache = ("miss" if events.misses else "hit" if events.hits
+                              else "not used")
+        self.progress.log(f"compile first step {seconds:.1f} s (persistent cache: "
+                          f"{self.compile_cache})")
+
     def eval(self, s: int, loss: float | None) -> None:
         self.writer.write(dict(step=s, eval_loss=loss))
         self.progress.log(f"step {s:>6}/{self.run_config.steps}  eval loss {loss:.4f} (held out)"
@@ -358,6 +553,8 @@ class Report:
             mfu=metrics_lib.mfu(self.flops, tps, self.peak, self.devices),
             packing_efficiency=self.real_tokens / self.slots if self.slots else None,
             real_tokens=self.real_tokens, wall_s=wall, first_step_s=self.first_step_s,
+            compile_s=self.compile_s, compile_cache=self.compile_cache,
+            compilation_cache_dir=None if self.cache_dir is None else str(self.cache_dir),
             mode=d.mode, seq_len=d.seq_len, batch_rows=1 if d.mode == "single" else d.batch_size,
             grad_accum=c.optim.grad_accum, preset=c.model.preset,
             num_params=p.model_config.num_params(), flops_per_token=self.flops,
@@ -388,7 +585,8 @@ def summary_line(s: dict) -> str:
     per_dev = (f" ({metrics_lib.fmt_rate(s['tokens_per_s_per_device'])}/device)"
                if s["num_devices"] > 1 else "")
     return (f"done: {s['steps']} steps ({s['steps'] - s['start_step']} this run) in "
-            f"{_duration(s['wall_s'])} | loss {f(s['loss_first'])} -> {f(s['loss_last'])} "
+            f"{_duration(s['wall_s'])} (compile {f(s.get('compile_s'), '.1f')} s) | loss "
+            f"{f(s['loss_first'])} -> {f(s['loss_last'])} "
             f"(eval {f(s['eval_loss'])}) | {metrics_lib.fmt_rate(s['tokens_per_s'])} tok/s"
             f"{per_dev} | MFU {metrics_lib.fmt_pct(s['mfu'])} | packing "
             f"{metrics_lib.fmt_pct(s['packing_efficiency'])} | {s['num_devices']}x "
