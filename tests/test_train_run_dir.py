@@ -264,7 +264,7 @@ def test_generate_command_line_on_a_run_stops_at_its_eos(trained, monkeypatch, c
 
     monkeypatch.setattr(generate_cli, "sampling_config", spy)
     code = generate_cli.main(["--checkpoint", str(trained), "--prompt", "def ",
-                              "--max-new-tokens", "4"])
+                              "--max-new-tokens", "4", "--no-compilation-cache"])
     assert code == 0, capsys.readouterr().err
     assert seen["eos_ids"] == (256,)
     assert capsys.readouterr().out.startswith("--- 'def '")
