@@ -53,7 +53,7 @@ def worker(out: pathlib.Path) -> None:
            "--run.plot=false", "--run.log_every=1", "--run.steps=2", "--run.eval_every=0",
            "--run.checkpoint_every=0", "--run.resume=false", f"--run.out_dir={out.parent / 'run'}",
            "--mesh.data=2", "--mesh.fsdp=4", "--mesh.grad_reduce=bfloat16",
-           "--mesh.overlap_collectives=true"]
+           "--mesh.overlap_collectives=true", "--run.compilation_cache=false"]
     summary = trainer.run(parse_args(cli), log=lambda line: None)
     step_lib.build = real_build
     result = dict(trainer=dict(built_with=built_with, loss_last=summary["loss_last"],
