@@ -29,6 +29,7 @@ import os
 import pathlib
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -331,6 +332,17 @@ class _StreamPrinter:
         sys.stdout.write("\n")
         sys.stdout.flush()
 
+
+class _CallableModule(types.ModuleType):
+    """Importing this module sets `jax_packmamba.generate` to it, shadowing the library's
+    `generate` function of the same name (which users call as `jp.generate`); calling the module
+    calls that function, so `jp.generate(...)` works whether or not the CLI was imported."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     raise SystemExit(main())

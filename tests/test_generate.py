@@ -489,3 +489,16 @@ def test_decode_loop_lowers_for_cuda_with_two_kernels_a_layer():
     loop = text.split("stablehlo.while", 1)[1]
     slices = re.findall(r"stablehlo.dynamic_slice[^\n]*-> tensor<([^>]*)>", loop)
     assert slices and set(slices) == {"4x1xf32"}, slices
+
+
+def test_importing_the_cli_keeps_jp_generate_callable():
+    import jax_packmamba as jp
+    import jax_packmamba.generate  # noqa: F401  (sets jp.generate to the CLI module)
+    from jax_packmamba.generation import generate as library_generate
+
+    config = jp.MambaConfig.preset("tiny")
+    model = jp.MambaLM(config, rngs=nnx.Rngs(0))
+    prompts = [np.array([1, 2, 3], np.int32)]
+    got = jp.generate(model, prompts, 3, temperature=0.0)
+    want = library_generate(model, prompts, 3, temperature=0.0)
+    assert [list(g) for g in got] == [list(w) for w in want]
