@@ -6,7 +6,9 @@ persistent compilation cache, each in a fresh process.
 
 Runs itself twice in subprocesses with the same cache folder (the first fills it, the second
 loads from it); each child lowers and compiles train/step.py's step and reports lower_s and
-compile_s.
+compile_s. `--layers 4,12` adds first compiles of the same preset cut to those layer counts,
+each with an empty cache: compile time against depth says how much of it is the per-layer
+copies of the unrolled layer loop.
 """
 
 from __future__ import annotations
@@ -16,17 +18,20 @@ import os
 import subprocess
 import sys
 import tempfile
+import dataclasses
 import time
 
 from benchmarks import harness, workloads
 
 
-def child(preset: str, rows: int, seq_len: int, smoke: bool) -> dict:
+def child(preset: str, rows: int, seq_len: int, smoke: bool, n_layer: int | None) -> dict:
     import jax
 
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     config = workloads.model_config("tiny" if smoke else preset, backend=jax.default_backend())
+    if n_layer:
+        config = dataclasses.replace(config, n_layer=n_layer)
     setup = workloads.train_setup(config, jax.devices()[0])
     batch = setup.put_batch(workloads.packed_batch(rows=rows, seq_len=seq_len)["arrays"])
     state = jax.eval_shape(lambda: setup.compiled.init(0))
@@ -35,7 +40,7 @@ def child(preset: str, rows: int, seq_len: int, smoke: bool) -> dict:
     t1 = time.perf_counter()
     lowered.compile()
     t2 = time.perf_counter()
-    return dict(lower_s=t1 - t0, compile_s=t2 - t1)
+    return dict(n_layer=config.n_layer, lower_s=t1 - t0, compile_s=t2 - t1)
 
 
 def main(argv=None) -> int:
@@ -44,12 +49,15 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--cache-dir", default=None, help="compilation cache (default: a temp dir)")
+    ap.add_argument("--layers", default="",
+                    help="comma-separated layer counts to also compile once each (fresh cache)")
+    ap.add_argument("--n-layer", type=int, default=None, help="internal: the child's depth")
     ap.add_argument("--child", action="store_true", help="internal: one measurement")
     args = ap.parse_args(argv)
     if args.smoke:
         args.rows, args.seq_len = 2, 64
     if args.child:
-        print(json.dumps(child(args.preset, args.rows, args.seq_len, args.smoke)))
+        print(json.dumps(child(args.preset, args.rows, args.seq_len, args.smoke, args.n_layer)))
         return 0
     new = harness.new_result("compile_time", script=__file__, argv=sys.argv[1:],
                              out_dir=args.out, smoke=args.smoke)
@@ -57,9 +65,14 @@ def main(argv=None) -> int:
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache)
     cmd = [sys.executable, __file__, "--child", "--preset", args.preset, "--rows",
            str(args.rows), "--seq-len", str(args.seq_len)] + (["--smoke"] if args.smoke else [])
+    depths = [int(n) for n in args.layers.split(",") if n]
+    plan = [("first", cmd, env), ("cached", cmd, env)] + [
+        (f"first_{n}_layers", cmd + ["--n-layer", str(n)],
+         dict(os.environ, JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="xla_cache_")))
+        for n in depths]
     runs = []
-    for name in ("first", "cached"):
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    for name, run_cmd, run_env in plan:
+        proc = subprocess.run(run_cmd, env=run_env, capture_output=True, text=True)
         if proc.returncode:
             runs.append(dict(run=name, error=proc.stderr[-2000:]))
             break
