@@ -28,7 +28,8 @@ import types
 import typing
 from typing import Any
 
-from jax_packmamba.config import PRESETS, MambaConfig
+from jax_packmamba.config import (MODEL_PRESETS, Mamba2Config, MambaConfig, config_class,
+                                  preset_config)
 from jax_packmamba.ops.causal_conv1d import CONV_IMPLS
 from jax_packmamba.ops.selective_scan import IMPLS as SCAN_IMPLS
 
@@ -47,6 +48,9 @@ BIN_DTYPES = ("uint8", "uint16", "int32", "uint32", "int64")
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A MambaConfig preset by name plus overrides of any of its fields.
+
+    preset "mamba2-130m" ... "mamba2-2.7b" or "mamba2-tiny" is a Mamba2 model (Mamba2Config,
+    whose fields the overrides then are); the others are Mamba1.
 
     dtype "auto" computes in bfloat16 on GPU/TPU and float32 on CPU (parameters stay float32).
     vocab_size (an override) defaults to the tokenizer's vocabulary; it may be larger.
@@ -73,7 +77,7 @@ class ModelConfig:
                 f"--model.vocab_size={vocab} is smaller than the tokenizer's vocabulary "
                 f"({vocab_size} ids); leave it unset or make it >= {vocab_size}")
         try:
-            return MambaConfig.preset(
+            return preset_config(
                 self.preset, **overrides, vocab_size=vocab or vocab_size, dtype=dtype,
                 scan_impl=self.scan_impl, conv_impl=self.conv_impl, remat=self.remat)
         except (TypeError, ValueError) as e:
@@ -188,17 +192,19 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Raises ConfigError for the first bad value; returns self."""
         m, d, o, me, r = self.model, self.data, self.optim, self.mesh, self.run
-        _choice("model.preset", m.preset, sorted(PRESETS))
+        _choice("model.preset", m.preset, MODEL_PRESETS)
         _choice("model.dtype", m.dtype, MODEL_DTYPES)
         _choice("model.scan_impl", m.scan_impl, SCAN_IMPLS)
         _choice("model.conv_impl", m.conv_impl, CONV_IMPLS)
-        mamba_fields = {f.name for f in dataclasses.fields(MambaConfig)}
+        mamba_fields = {f.name for f in dataclasses.fields(config_class(m.preset))}
         for key in m.overrides:
             if key not in mamba_fields:
-                raise ConfigError(f"--model.{key}: not a model field; choose from "
+                raise ConfigError(f"--model.{key}: not a field of the "
+                                  f"{config_class(m.preset).__name__} of preset {m.preset!r}; "
+                                  f"choose from "
                                   f"{sorted(mamba_fields | {f.name for f in dataclasses.fields(ModelConfig)} - {'overrides'})}")
         try:  # MambaConfig checks its own values (vocab is resolved from the data later).
-            MambaConfig.preset(m.preset, **{k: v for k, v in m.overrides.items() if k != "vocab_size"})
+            preset_config(m.preset, **{k: v for k, v in m.overrides.items() if k != "vocab_size"})
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model: {e}") from None
         if "vocab_size" in m.overrides:
@@ -285,7 +291,7 @@ def _positive(name, value, minimum=1):
 PARTS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 _PART_CLASSES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
                  "mesh": MeshConfig, "run": RunConfig}
-_MAMBA_TYPES = typing.get_type_hints(MambaConfig)
+_MAMBA_TYPES = {**typing.get_type_hints(Mamba2Config), **typing.get_type_hints(MambaConfig)}
 
 
 def _field_type(part: str, name: str):
