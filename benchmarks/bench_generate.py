@@ -42,9 +42,9 @@ pallas), times 32 decode steps, traces 5 with jax.profiler and prints the per-ke
 sampling's sort/scan, copies, other fusions), plus a check that the Pallas layer step matches
 the XLA one on the device.
 
---preset mamba2-2.7b is the hook for Mamba2 (gen_torch.py drives mamba_ssm's Mamba2 already):
-it fails with a clear message until jax_packmamba.generation decodes Mamba2LM (whose blocks
-have prefill and step already).
+--preset mamba2-2.7b (mamba2-tiny for a smoke) runs Mamba2LM the same way (its decode step is
+XLA's; gen_torch.py drives mamba_ssm's Mamba2 for --anchor); --profile, which compares the
+Pallas decode kernels with XLA, is Mamba1's.
 """
 
 from __future__ import annotations
@@ -73,14 +73,16 @@ SETTINGS = {
 ANCHOR_ESTIMATE_S = {1: 3.6, 2: 3.6, 4: 3.7, 8: 3.9, 16: 4.2, 32: 4.8, 64: 6.2, 128: 8.5}
 TARGET_RATIO = 0.8
 TARGET_STEP_MS = 2.5
-MAMBA2_PRESETS = ("mamba2-2.7b",)
+MAMBA2_PRESETS = ("mamba2-2.7b", "mamba2-tiny")
 DEFAULT_BATCHES = "1,2,4,8,16,32,64,128"
 
 
 def parse_args(argv=None):
     p = harness.argument_parser(__doc__)
     harness.add_anchor_args(p)
-    p.add_argument("--preset", default=None, help="2.8b (default; smoke: tiny) or mamba2-2.7b")
+    p.add_argument("--preset", default=None,
+                   help="2.8b (default; smoke: tiny), another Mamba1 preset, or mamba2-2.7b "
+                        "(smoke: mamba2-tiny)")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype")
     p.add_argument("--scan-impl", default="auto", help="selective scan of the prefill")
     p.add_argument("--decode-impl", default="auto",
@@ -117,9 +119,11 @@ def parse_args(argv=None):
     unknown = [s for s in args.setting_list if s not in SETTINGS]
     if unknown:
         p.error(f"--settings: unknown {unknown}; choose from {sorted(SETTINGS)}")
-    if args.preset in MAMBA2_PRESETS:
-        p.error(f"--preset {args.preset}: jax_packmamba.generation does not drive Mamba2LM "
-                "yet (the anchor side is ready: gen_torch.py --preset mamba2-2.7b)")
+    if args.preset.startswith("mamba2-") and args.preset not in MAMBA2_PRESETS:
+        p.error(f"--preset {args.preset}: the Mamba2 presets here are {list(MAMBA2_PRESETS)}")
+    if args.preset in MAMBA2_PRESETS and args.profile:
+        p.error(f"--profile compares the Pallas decode kernels with XLA, which Mamba2 has not "
+                f"(--preset {args.preset})")
     return args
 
 
@@ -148,34 +152,40 @@ def build_model(config, device):
     import jax
     from flax import nnx
 
-    from jax_packmamba import MambaBlock, MambaLM
+    from jax_packmamba import Mamba2Block, Mamba2Config, Mamba2LM, MambaBlock, MambaLM
     from jax_packmamba import generation as gen
 
+    mamba2 = isinstance(config, Mamba2Config)
+    LM, Block = (Mamba2LM, Mamba2Block) if mamba2 else (MambaLM, MambaBlock)
     dtype = config.compute_dtype
     with jax.default_device(device):
         # Embedding, final norm and head: from a one-layer model, whose layer is dropped.
-        shell = jax.jit(lambda: gen.prepare(MambaLM(dataclasses.replace(config, n_layer=1),
-                                                    rngs=nnx.Rngs(0))))()
+        shell = jax.jit(lambda: gen.prepare(LM(dataclasses.replace(config, n_layer=1),
+                                               rngs=nnx.Rngs(0))))()
         init_layer = jax.jit(lambda key: gen.inference_state(
-            MambaBlock(config, rngs=nnx.Rngs(key)), "layers", dtype))
+            Block(config, rngs=nnx.Rngs(key)), "layers", dtype))
         key = jax.random.key(1)
         layers = tuple(init_layer(jax.random.fold_in(key, i)) for i in range(config.n_layer))
-    block_graph = nnx.split(nnx.eval_shape(lambda: MambaBlock(config, rngs=nnx.Rngs(0))))[0]
+    block_graph = nnx.split(nnx.eval_shape(lambda: Block(config, rngs=nnx.Rngs(0))))[0]
     params = {**shell.params, "layers": layers}
     return gen.PreparedModel(config=config, graphs=(block_graph, *shell.graphs[1:]), params=params)
 
 
 def model_config(args, device):
-    from jax_packmamba import MambaConfig
+    import importlib
+
+    from jax_packmamba.config import preset_config
 
     scan_impl = args.scan_impl
     if scan_impl == "auto" and device.platform == "gpu":
+        kernels = ("pallas_kernels.ssd" if args.preset in MAMBA2_PRESETS
+                   else "pallas_kernels.selective_scan")
         try:
-            import pallas_kernels.selective_scan  # noqa: F401
+            importlib.import_module(kernels)
         except ImportError as e:
             print(f"Pallas scan unavailable ({e}); prefill uses the reference scan", file=sys.stderr)
             scan_impl = "reference"
-    return MambaConfig.preset(args.preset, dtype=args.dtype, scan_impl=scan_impl)
+    return preset_config(args.preset, dtype=args.dtype, scan_impl=scan_impl)
 
 
 def use_compile_cache(path):
@@ -427,8 +437,10 @@ def run_ours(args, setting, budget, precompile_first):
         if precompile_first:
             worker_args.append("--worker-precompile")
         if args.smoke:
-            worker(parse_args(["--smoke", "--batches", args.batches, "--repeats",
-                               str(args.repeats), "--decode-impl", args.decode_impl,
+            worker(parse_args(["--smoke", "--preset", args.preset, "--dtype", args.dtype,
+                               "--scan-impl", args.scan_impl, "--prompt-len", str(args.prompt_len),
+                               "--new-tokens", str(args.new_tokens), "--batches", args.batches,
+                               "--repeats", str(args.repeats), "--decode-impl", args.decode_impl,
                                *worker_args]))
         else:
             env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -610,7 +622,9 @@ def plot(report, path):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle(f"mamba-{report['preset']} ({report['dtype']}, random weights) on "
+    preset = report["preset"]
+    name = preset if preset.startswith("mamba2-") else f"mamba-{preset}"
+    fig.suptitle(f"{name} ({report['dtype']}, random weights) on "
                  f"{report['device']}: jax_packmamba (decode {report['decode_impl']}) vs "
                  f"mamba_ssm generate(cg=True)")
     fig.tight_layout()

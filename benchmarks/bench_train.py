@@ -4,12 +4,18 @@
     PYTHONPATH=. python3 benchmarks/bench_train.py --presets 1.4b --modes packed,padded
     PYTHONPATH=. python3 benchmarks/bench_train.py --presets 130m,370m --resume
     PYTHONPATH=. python3 benchmarks/bench_train.py --smoke --out DIR     # CPU check, seconds
+    PYTHONPATH=. python3 benchmarks/bench_train.py --presets mamba2-1.3b --modes packed
 
 Results merge into --out/train_<slug>.json (default benchmarks/results/train_nvidia-h200.json on
 an H200; --smoke: train_<slug>_smoke.json). On a machine whose output folder is what comes back
 from a time-limited call, copy the current result into that folder first and pass it as --out:
 the run merges into the copy after every record, so a call cut at its time limit still returns
 what it measured; `python -m benchmarks.harness install` puts the file back.
+
+Presets: the Mamba1 ones (130m ... 2.8b, the default set; tiny) and the Mamba2 ones (mamba2-130m
+... mamba2-2.7b; mamba2-tiny), train.config's names; Mamba2 trains through the same step. --anchor
+(mamba_ssm's Mamba1 train_torch.py) takes Mamba1 presets only: mamba_ssm's Mamba2 step is
+benchmarks/anchor_mamba2.py's.
 
 What is measured, per model preset x batching mode x length distribution: steady-state training
 throughput in REAL tokens/s (padding never counts), median step time, peak device memory and MFU
@@ -75,13 +81,13 @@ plot_train.py makes the plots and the README table from it. --anchor DIR also ru
 (the mamba_ssm side, its full 8-row batches; harness.run_anchor: DIR/train_torch.py FILE
 P:8:L,..., with --anchor-pythonpath as its PYTHONPATH) in the same call, its JSON under "anchor".
 
-Defaults: rows of 2048 tokens; rows per step 8 (the mamba_ssm anchors' 8 x 2048) except 2.8b: 4
-(--rows 2.8b=8 to try more); released vocabulary 50277 (byte ids use the first 257) so FLOPs
-match mamba_ssm's; bf16 compute, float32 params, AdamW (train/step.py), scan impl auto (Pallas
-on GPU); 1M-token workloads; 2 warm-up + 12 timed steps in groups of 2; single mode: buckets of
-256, 4 of them measured, 1 warm-up + 8 timed steps each. --smoke: the "tiny" preset with one
-layer of width 32, rows of 128, 2 rows, 6k-token workloads, buckets of 64 (all measured), 2 timed
-steps one by one, 1 warm-up.
+Defaults: rows of 2048 tokens; rows per step 8 (the mamba_ssm anchors' 8 x 2048) except 2.8b and
+mamba2-2.7b: 4 (--rows 2.8b=8 to try more); released vocabulary 50277 (byte ids use the first
+257) so FLOPs match mamba_ssm's; bf16 compute, float32 params, AdamW (train/step.py), scan impl
+auto (Pallas on GPU); 1M-token workloads; 2 warm-up + 12 timed steps in groups of 2; single
+mode: buckets of 256, 4 of them measured, 1 warm-up + 8 timed steps each. --smoke: the "tiny"
+preset (or --presets mamba2-tiny) with one layer of width 32, rows of 128, 2 rows, 6k-token
+workloads, buckets of 64 (all measured), 2 timed steps one by one, 1 warm-up.
 """
 
 from __future__ import annotations
@@ -103,8 +109,11 @@ from benchmarks import harness, workloads
 from benchmarks.workloads import DISTS, MODES
 
 PRESETS = ("130m", "370m", "790m", "1.4b", "2.8b")
+MAMBA2_PRESETS = ("mamba2-130m", "mamba2-370m", "mamba2-780m", "mamba2-1.3b", "mamba2-2.7b")
+KNOWN_PRESETS = PRESETS + ("tiny",) + MAMBA2_PRESETS + ("mamba2-tiny",)
 GROUP_OF = {"packed": "rows", "padded": "rows", "single": "single"}
-DEFAULT_ROWS = {"130m": 8, "370m": 8, "790m": 8, "1.4b": 8, "2.8b": 4, "tiny": 2}
+DEFAULT_ROWS = {"130m": 8, "370m": 8, "790m": 8, "1.4b": 8, "2.8b": 4, "tiny": 2,
+                **{p: 8 for p in MAMBA2_PRESETS}, "mamba2-2.7b": 4, "mamba2-tiny": 2}
 SMOKE_MODEL = "n_layer=1,d_model=32,d_state=4"
 SCHEMA = 1
 # The mamba_ssm side (the --anchor folder): its script and the rows of its full batch.
@@ -461,7 +470,8 @@ def parse_args(argv):
     ap.add_argument("--scan-impl", default="auto")
     ap.add_argument("--remat", action="store_true", help="recompute block activations (less memory)")
     ap.add_argument("--model", default=None,
-                    help="MambaConfig overrides for every preset, e.g. n_layer=1,d_model=32 "
+                    help="MambaConfig (or Mamba2Config) overrides for every preset, e.g. "
+                         "n_layer=1,d_model=32 "
                          f"(checks; not for results; smoke: {SMOKE_MODEL})")
     ap.add_argument("--time-budget", type=float, default=540.0,
                     help="seconds for this whole invocation (default 540)")
@@ -483,11 +493,15 @@ def parse_args(argv):
         if bad:
             ap.error(f"unknown --{name} {bad}; choose from {list(allowed)}")
     presets = (args.presets or ("tiny" if args.smoke else ",".join(PRESETS))).split(",")
-    bad = [p for p in presets if p not in PRESETS + ("tiny",)]
+    bad = [p for p in presets if p not in KNOWN_PRESETS]
     if bad:
-        ap.error(f"unknown --presets {bad}; choose from {list(PRESETS + ('tiny',))}")
+        ap.error(f"unknown --presets {bad}; choose from {list(KNOWN_PRESETS)}")
     if args.anchor is not None and not (args.anchor / ANCHOR_SCRIPT).is_file():
         ap.error(f"--anchor {args.anchor}: no {ANCHOR_SCRIPT} there")
+    mamba2 = [p for p in presets if p.startswith("mamba2-")]
+    if args.anchor is not None and mamba2:
+        ap.error(f"--anchor runs mamba_ssm's Mamba1 ({ANCHOR_SCRIPT}); --presets {mamba2} are "
+                 f"Mamba2: time mamba_ssm's Mamba2 with benchmarks/anchor_mamba2.py")
     return args, presets
 
 

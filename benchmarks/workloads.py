@@ -15,8 +15,8 @@ Workloads (host only, deterministic from the seed; `make_workload`):
 Batching modes (`batches_for`, the trainer's own train.data.Batcher): packed, padded, single.
 
 The model (`model_config`): a train.config preset with the released vocabulary (50277, so the
-FLOPs match mamba_ssm's; byte ids use the first 257) except for "tiny"; the step
-(`train_setup`): train/step.py's build on one device, AdamW at OPTIM over SCHEDULE_STEPS
+FLOPs match mamba_ssm's; byte ids use the first 257) except for "tiny" and "mamba2-tiny"; the
+step (`train_setup`): train/step.py's build on one device, AdamW at OPTIM over SCHEDULE_STEPS
 (`mesh_train_setup`: the same on a mesh of several).
 """
 
@@ -189,11 +189,11 @@ def parse_overrides(text: str) -> dict:
 
 def model_config(preset: str, *, backend: str, dtype: str = "auto", scan_impl: str = "auto",
                  conv_impl: str = "auto", remat: bool = False, overrides: dict | None = None):
-    """The benchmarks' MambaConfig: the preset with the released vocabulary (but "tiny"), then
-    `overrides` (MambaConfig fields)."""
+    """The benchmarks' MambaConfig (Mamba2Config for a "mamba2-" preset): the preset with the
+    released vocabulary (but "tiny" and "mamba2-tiny"), then `overrides` (its fields)."""
     from train.config import ModelConfig
 
-    fields = {} if preset == "tiny" else {"vocab_size": RELEASED_VOCAB}
+    fields = {} if preset in ("tiny", "mamba2-tiny") else {"vocab_size": RELEASED_VOCAB}
     fields.update(overrides or {})
     return ModelConfig(preset=preset, dtype=dtype, scan_impl=scan_impl, conv_impl=conv_impl,
                        remat=remat, overrides=fields).mamba_config(vocab_size=BYTE_VOCAB,

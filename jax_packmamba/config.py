@@ -250,3 +250,20 @@ class Mamba2Config:
         lm_head = 2 * d * self.padded_vocab_size
         forward = self.n_layer * per_layer + lm_head
         return 3.0 * forward if training else float(forward)
+
+
+# Both families' presets under one name space, as the training program and the benchmarks
+# take them: the Mamba1 names as they are, the Mamba2 ones prefixed ("mamba2-130m", ...).
+MODEL_PRESETS = tuple(sorted(PRESETS)) + tuple(f"mamba2-{name}" for name in MAMBA2_PRESETS)
+
+
+def config_class(preset: str) -> type:
+    """The config class of a preset name in MODEL_PRESETS: Mamba2Config for "mamba2-..."."""
+    return Mamba2Config if preset.startswith("mamba2-") else MambaConfig
+
+
+def preset_config(preset: str, **overrides) -> MambaConfig | Mamba2Config:
+    """The config of a preset of either family (a name in MODEL_PRESETS), with overrides."""
+    if preset not in MODEL_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {list(MODEL_PRESETS)}")
+    return config_class(preset).preset(preset, **overrides)

@@ -18,6 +18,12 @@ d d_model, e d_inner, n d_state, w d_conv - 1, v vocabulary, T new-token bucket.
              (CUDA graphs on a GPU). The middle of each mixer is the unfused XLA ops or the
              Pallas kernels of pallas_kernels/decode (`decode_impl`; decode_step.py).
 
+Mamba2 (Mamba2LM) runs the same engine: its blocks have the same prefill (the SSD scan's
+per-segment final states, ops/ssd_scan.py, and the conv window over xBC, the conv's inputs) and
+its step is decode_step.mamba2_block_step (XLA ops only); which block step a layer takes is
+picked from the model's config type (`_layer_step`), so the Mamba1 path is what it was. Its
+state per layer: conv (p, d_conv - 1, conv_dim) and ssm (p, heads, headdim, d_state).
+
 Compiles: one per (model, batch bucket, new-token bucket, sampling mode): the batch is padded
 to a power of two, max_new_tokens to a power of two (at least 16) with the real count traced,
 sampling values are traced (sampling.py), and the prefill's packed rows and segment count are
@@ -47,14 +53,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_packmamba.config import MambaConfig
-from jax_packmamba.decode_step import block_step, resolve_decode_impl
+from jax_packmamba.config import Mamba2Config, MambaConfig
+from jax_packmamba.decode_step import block_step, mamba2_block_step, resolve_decode_impl
+from jax_packmamba.mamba2 import Mamba2LM
 from jax_packmamba.model import MambaLM
 from jax_packmamba.packing import COLUMN, PIECE_LENGTH, ROW, pack_sequences
 from jax_packmamba.sampling import SamplingConfig, SamplingMode, SamplingParams, is_eos, sample
 
 # Parameters that the model casts to the compute dtype before use (nnx.Linear and the conv);
-# dt_proj.bias is not among them: it enters the scan in float32.
+# dt_proj.bias (Mamba2: dt_bias) is not among them: it enters the scan in float32. Mamba2's
+# mixer has no x_proj or dt_proj; its gated norm, A_log and D stay float32 as Mamba1's do.
 _CAST_PARAMS = {("in_proj", "kernel"), ("in_proj", "bias"), ("x_proj", "kernel"),
                 ("dt_proj", "kernel"), ("out_proj", "kernel"), ("out_proj", "bias"),
                 ("conv_weight",), ("conv_bias",), ("lm_head", "kernel")}
@@ -64,7 +72,8 @@ MIN_NEW_TOKEN_BUCKET = 16
 
 class DecodeState(NamedTuple):
     """Recurrent cache, one buffer per layer: conv[l] (p, d_conv - 1, e) in the compute dtype
-    (the last conv inputs, oldest first), ssm[l] (p, e, n) float32."""
+    (the last conv inputs, oldest first), ssm[l] (p, e, n) float32. Mamba2: conv[l]
+    (p, d_conv - 1, conv_dim) (xBC) and ssm[l] (p, heads, headdim, d_state)."""
 
     conv: tuple
     ssm: tuple
@@ -74,7 +83,7 @@ class DecodeState(NamedTuple):
                    meta_fields=["config", "graphs"])
 @dataclasses.dataclass(frozen=True)
 class PreparedModel:
-    """A MambaLM split for inference.
+    """A MambaLM or Mamba2LM split for inference.
 
     params: {"embedding", "layers", "norm_f", "lm_head", "head_embedding"}: nnx states,
     "layers" a tuple of one state per block (None where absent); graphs: (block, embedding,
@@ -83,20 +92,21 @@ class PreparedModel:
     `prepare(model)`; a pytree, so it passes through jit.
     """
 
-    config: MambaConfig
+    config: MambaConfig | Mamba2Config
     graphs: tuple
     params: dict
 
 
-def prepare(model: MambaLM, *, embedding_in_compute_dtype: bool = True) -> PreparedModel:
+def prepare(model: MambaLM | Mamba2LM, *, embedding_in_compute_dtype: bool = True) -> PreparedModel:
     """Splits `model` for inference, one state per layer, with compute-dtype copies of the
     weights only used in the compute dtype (and of the embedding table unless
     embedding_in_compute_dtype is False; see the module docstring). The result does not share
     memory with the model."""
     if isinstance(model, PreparedModel):
         return model
-    if not isinstance(model, MambaLM):
-        raise ValueError(f"model must be a MambaLM or PreparedModel, got {type(model).__name__}")
+    if not isinstance(model, (MambaLM, Mamba2LM)):
+        raise ValueError(f"model must be a MambaLM, Mamba2LM or PreparedModel, got "
+                         f"{type(model).__name__}")
     dtype = model.config.compute_dtype
     block_graph, _ = nnx.split(model.layers[0])
     params = dict(layers=tuple(inference_state(layer, "layers", dtype) for layer in model.layers))
@@ -220,7 +230,7 @@ def prefill(model, prompts) -> tuple[jax.Array, DecodeState]:
     """Runs all prompts through the model in one packed pass.
 
     Args:
-      model: MambaLM or PreparedModel.
+      model: MambaLM, Mamba2LM or PreparedModel.
       prompts: list of 1-D integer token sequences, each at least one token long.
 
     Returns:
@@ -287,11 +297,20 @@ def _head(head_params, graphs, config: MambaConfig, residual):
     return logits.astype(jnp.float32)
 
 
+def _layer_step(config, impl: str):
+    """The model family's one-block decode step (decode_step.py): (params, residual, conv,
+    ssm) -> (residual', conv', ssm')."""
+    if isinstance(config, Mamba2Config):
+        return functools.partial(mamba2_block_step, config=config)
+    return functools.partial(block_step, config=config, impl=impl)
+
+
 def _step(model: PreparedModel, tokens, state: DecodeState, impl: str):
     residual = _table(model)[tokens].astype(jnp.float32)
+    layer_step = _layer_step(model.config, impl)
     conv, ssm = [], []
     for params, c, s in zip(model.params["layers"], state.conv, state.ssm):
-        residual, c, s = block_step(params, residual, c, s, config=model.config, impl=impl)
+        residual, c, s = layer_step(params, residual, c, s)
         conv.append(c)
         ssm.append(s)
     return (_head(_head_params(model), model.graphs, model.config, residual),
@@ -477,10 +496,11 @@ def generate(model, prompts, max_new_tokens: int, *, decode_impl: str = "auto",
     """Continues each prompt by up to max_new_tokens tokens.
 
     Args:
-      model: MambaLM (or PreparedModel).
+      model: MambaLM or Mamba2LM (or PreparedModel).
       prompts: list of 1-D integer token sequences (any lengths, at least one token each).
       max_new_tokens: tokens to generate per prompt (>= 0).
-      decode_impl: "auto", "xla", "pallas" or "pallas_interpret" (jax_packmamba.decode_step).
+      decode_impl: "auto", "xla", "pallas" or "pallas_interpret" (jax_packmamba.decode_step;
+        Mamba2 models: "auto" or "xla").
       sampling: temperature (0: greedy), top_k, top_p, min_p, repetition_penalty, seed, and
         eos_id / eos_ids (a sequence stops after generating one, which its output includes);
         see jax_packmamba.sampling.
@@ -495,6 +515,7 @@ def generate(model, prompts, max_new_tokens: int, *, decode_impl: str = "auto",
     config = sampling_config(**sampling)
     _check_max_new_tokens(max_new_tokens)
     prompts = _check_prompts(prompts, model.config)
+    resolve_decode_impl(decode_impl, model.config)  # a bad decode_impl fails before the prefill
     if max_new_tokens == 0:
         return [np.zeros((0,), np.int32) for _ in prompts]
     tokens, count = decode_batch(model, prefill_batch(model, prompts), max_new_tokens, config,

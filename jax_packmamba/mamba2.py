@@ -51,10 +51,17 @@ class RMSNormGated(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x, z):
-        x = x.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
-        groups = x.reshape(*x.shape[:-1], -1, self.group_size)
-        groups = groups * jax.lax.rsqrt(jnp.mean(jnp.square(groups), axis=-1, keepdims=True) + self.eps)
-        return (groups.reshape(x.shape) * self.weight[...]).astype(self.dtype)
+        return gated_rms_norm(x, z, self.weight[...], group_size=self.group_size, eps=self.eps,
+                              dtype=self.dtype)
+
+
+def gated_rms_norm(x, z, weight, *, group_size: int, eps: float, dtype):
+    """RMSNormGated's computation from its weight (e,): x, z (..., e) -> (..., e) `dtype`
+    (shared with the decode step, jax_packmamba/decode_step.py)."""
+    x = x.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
+    groups = x.reshape(*x.shape[:-1], -1, group_size)
+    groups = groups * jax.lax.rsqrt(jnp.mean(jnp.square(groups), axis=-1, keepdims=True) + eps)
+    return (groups.reshape(x.shape) * weight).astype(dtype)
 
 
 def A_log_init(config: Mamba2Config):

@@ -300,6 +300,14 @@ def smoke_bench_generate(out, data):
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
+def smoke_bench_generate_mamba2(out, data):
+    assert data["preset"] == "mamba2-tiny" and list(data["settings"]) == ["fast"]
+    ours = data["settings"]["fast"]["ours"]
+    assert ours["decode_impl"] == "xla" and ours["config"]["headdim"] == 16  # a Mamba2Config
+    (row,) = ours["rows"]
+    assert row["batch"] == 1 and row["decode_ms_per_step"] > 0
+
+
 def smoke_bench_generate_profile(out, data):
     results = {(r["batch"], r["impl"]): r for r in data["results"]}
     assert set(results) == {(1, "xla"), (1, "pallas_interpret")}
@@ -422,6 +430,10 @@ SMOKES = {
                   "breakdown_cpu_smoke.json", smoke_breakdown, None),
     "bench_generate": ("bench_generate", lambda d: ["--smoke", "--out", d],
                        "generate_cpu_smoke.json", smoke_bench_generate, True),
+    "bench_generate_mamba2": ("bench_generate",
+                              lambda d: ["--smoke", "--preset", "mamba2-tiny", "--settings",
+                                         "fast", "--batches", "1", "--out", d],
+                              "generate_cpu_smoke.json", smoke_bench_generate_mamba2, True),
     "bench_generate_profile": ("bench_generate",
                                lambda d: ["--smoke", "--profile", "--profile-batches", "1",
                                           "--profile-steps", "2", "--trace-steps", "1",
@@ -630,6 +642,35 @@ def test_bench_train_smoke_counts_real_tokens_merges_and_plots(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     table = plot_train.table(data)
     assert "| tiny | instruct |" in table and "| 130m | corpus | — | — | skipped |" in table
+
+
+def test_bench_train_smoke_trains_a_mamba2_preset(tmp_path):
+    from jax_packmamba import Mamba2Config
+
+    rows, seq_len = 2, 128
+    proc = run_script("bench_train", "--smoke", "--presets", "mamba2-tiny", "--modes", "packed",
+                      "--dists", "instruct", "--workload-tokens", 3000, "--steps", 2, "--group", 1,
+                      "--out", tmp_path, timeout=180)
+    assert proc.returncode == 0
+    runs = json.loads((tmp_path / "train_cpu_smoke.json").read_text())["runs"]
+    r = runs["mamba2-tiny/packed/instruct"]
+    assert r["status"] == "ok" and r["finite_loss"] and r["tokens_per_s"] > 0
+    assert r["step_shape"] == [1, rows, seq_len] and (r["n_layer"], r["d_model"]) == (1, 32)
+    # The smoke model (--model n_layer=1,d_model=32,d_state=4) is a Mamba2 one: its size says so.
+    assert r["num_params"] == Mamba2Config.preset("tiny", n_layer=1, d_model=32, d_state=4,
+                                                  vocab_size=257).num_params()
+
+
+def test_bench_train_refuses_the_mamba1_anchor_for_mamba2_presets(tmp_path, capsys):
+    from benchmarks import bench_train
+
+    (tmp_path / bench_train.ANCHOR_SCRIPT).write_text("")
+    with pytest.raises(SystemExit) as e:
+        bench_train.parse_args(["--presets", "130m,mamba2-1.3b", "--anchor", str(tmp_path)])
+    assert e.value.code == 2
+    assert "--presets ['mamba2-1.3b'] are Mamba2" in capsys.readouterr().err
+    _, presets = bench_train.parse_args(["--presets", ",".join(bench_train.MAMBA2_PRESETS)])
+    assert presets == ["mamba2-130m", "mamba2-370m", "mamba2-780m", "mamba2-1.3b", "mamba2-2.7b"]
 
 
 def test_plot_labels_presets_measured_at_another_commit():

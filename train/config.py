@@ -33,7 +33,8 @@ import types
 import typing
 from typing import Any
 
-from jax_packmamba.config import PRESETS, MambaConfig
+from jax_packmamba.config import (MODEL_PRESETS, Mamba2Config, MambaConfig, config_class,
+                                  preset_config)
 from jax_packmamba.ops.causal_conv1d import CONV_IMPLS
 from jax_packmamba.ops.selective_scan import IMPLS as SCAN_IMPLS
 
@@ -72,15 +73,19 @@ def option(default=dataclasses.MISSING, *, help: str, choices=None, resume: str 
 class ModelConfig:
     """The model: a MambaConfig preset by name plus overrides of any of its fields.
 
-    On resume the model's shape (preset and overrides, compared as the MambaConfig they give)
-    is fixed; the runtime fields dtype, scan_impl, conv_impl and remat may change.
+    Presets "mamba2-130m" ... "mamba2-2.7b" and "mamba2-tiny" are Mamba2 models (Mamba2Config,
+    whose fields the overrides then are); the others are Mamba1. On resume the model's shape
+    (preset and overrides, compared as the config they give) is fixed; the runtime fields
+    dtype, scan_impl, conv_impl and remat may change.
     """
 
     preset: str = option(
-        "tiny", choices=tuple(sorted(PRESETS)), resume=FIXED,
+        "tiny", choices=tuple(MODEL_PRESETS), resume=FIXED,
         help="the model's shape by name: 130m ... 2.8b are the released state-spaces/mamba "
              "models (n_layer x d_model: 130m 24x768, 370m 48x1024, 790m 48x1536, 1.4b "
-             "48x2048, 2.8b 64x2560), tiny is 2x64 with d_state 8 for a CPU; "
+             "48x2048, 2.8b 64x2560), tiny is 2x64 with d_state 8 for a CPU; mamba2-130m ... "
+             "mamba2-2.7b are state-spaces/mamba2's shapes (Mamba2: d_state 128, headdim 64) "
+             "and mamba2-tiny its CPU one; "
              "--model.<MambaConfig field>=VALUE overrides any value of it")
     dtype: str = option(
         "auto", choices=MODEL_DTYPES,
@@ -103,7 +108,7 @@ class ModelConfig:
              "(listed below) or a [model] table in --config; vocab_size defaults to the "
              "tokenizer's vocabulary and may only be larger")
 
-    def mamba_config(self, *, vocab_size: int, backend: str) -> MambaConfig:
+    def mamba_config(self, *, vocab_size: int, backend: str) -> MambaConfig | Mamba2Config:
         dtype = self.dtype
         if dtype == "auto":
             dtype = "float32" if backend == "cpu" else "bfloat16"
@@ -117,7 +122,7 @@ class ModelConfig:
                 f"--model.vocab_size={vocab} is smaller than the tokenizer's vocabulary "
                 f"({vocab_size} ids); leave it unset or make it >= {vocab_size}")
         try:
-            return MambaConfig.preset(
+            return preset_config(
                 self.preset, **overrides, vocab_size=vocab or vocab_size, dtype=dtype,
                 scan_impl=self.scan_impl, conv_impl=self.conv_impl, remat=self.remat)
         except (TypeError, ValueError) as e:
@@ -308,17 +313,19 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Raises ConfigError for the first bad value; returns self."""
         m, d, o, me, r = self.model, self.data, self.optim, self.mesh, self.run
-        _choice("model.preset", m.preset, sorted(PRESETS))
+        _choice("model.preset", m.preset, MODEL_PRESETS)
         _choice("model.dtype", m.dtype, MODEL_DTYPES)
         _choice("model.scan_impl", m.scan_impl, SCAN_IMPLS)
         _choice("model.conv_impl", m.conv_impl, CONV_IMPLS)
-        mamba_fields = {f.name for f in dataclasses.fields(MambaConfig)}
+        mamba_fields = {f.name for f in dataclasses.fields(config_class(m.preset))}
         for key in m.overrides:
             if key not in mamba_fields:
-                raise ConfigError(f"--model.{key}: not a model field; choose from "
+                raise ConfigError(f"--model.{key}: not a field of the "
+                                  f"{config_class(m.preset).__name__} of preset {m.preset!r}; "
+                                  f"choose from "
                                   f"{sorted(mamba_fields | {f.name for f in dataclasses.fields(ModelConfig)} - {'overrides'})}")
         try:  # MambaConfig checks its own values (vocab is resolved from the data later).
-            MambaConfig.preset(m.preset, **{k: v for k, v in m.overrides.items() if k != "vocab_size"})
+            preset_config(m.preset, **{k: v for k, v in m.overrides.items() if k != "vocab_size"})
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model: {e}") from None
         if "vocab_size" in m.overrides:
@@ -470,7 +477,7 @@ def _positive(name, value, minimum=1):
 PARTS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 _PART_CLASSES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
                  "mesh": MeshConfig, "run": RunConfig}
-_MAMBA_TYPES = typing.get_type_hints(MambaConfig)
+_MAMBA_TYPES = {**typing.get_type_hints(Mamba2Config), **typing.get_type_hints(MambaConfig)}
 
 
 def _field_type(part: str, name: str):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jax_packmamba import MambaConfig, MambaLM
+from jax_packmamba import Mamba2Config, Mamba2LM, MambaConfig, MambaLM
 from jax_packmamba.loss import masked_cross_entropy
 
 from train.config import OptimConfig
@@ -50,7 +50,8 @@ def _names(path) -> list[str]:
 
 
 def decay_mask(params):
-    """True where AdamW applies weight decay: matrices, not norms, biases, A_log or D."""
+    """True where AdamW applies weight decay: matrices, not norms, biases, A_log or D (nor
+    Mamba2's dt_bias and gated norm: vectors, and "norm" is in the gated norm's path)."""
 
     def decide(path, leaf):
         names = _names(path)
@@ -76,15 +77,21 @@ def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTrans
     return optax.chain(*parts)
 
 
-def model_graphdef(model_config: MambaConfig):
+def model_class(model_config: MambaConfig | Mamba2Config) -> type:
+    """The language model a config builds: MambaLM, or Mamba2LM for a Mamba2Config."""
+    return Mamba2LM if isinstance(model_config, Mamba2Config) else MambaLM
+
+
+def model_graphdef(model_config: MambaConfig | Mamba2Config):
     """(graphdef, abstract params as a plain dict) of the model without allocating it."""
-    abstract = nnx.eval_shape(lambda: MambaLM(model_config, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: model_class(model_config)(model_config, rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(abstract)
     return graphdef, nnx.to_pure_dict(params)
 
 
-def init_state(model_config: MambaConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
-    model = MambaLM(model_config, rngs=nnx.Rngs(seed))
+def init_state(model_config: MambaConfig | Mamba2Config, tx: optax.GradientTransformation,
+               seed: int) -> TrainState:
+    model = model_class(model_config)(model_config, rngs=nnx.Rngs(seed))
     # Plain arrays, not nnx Variables: every call of the jitted step flattens the state and
     # rebuilds the returned one, in Python for Variables. With the 1,450 leaves of a 48-layer
     # model (parameters and both Adam moments) a jitted call that only returns the state took
@@ -223,8 +230,8 @@ class Compiled:
     eval_step: Any
 
 
-def build(model_config: MambaConfig, optim: OptimConfig, total_steps: int, mesh,
-          grad_reduce: str = "auto") -> Compiled:
+def build(model_config: MambaConfig | Mamba2Config, optim: OptimConfig, total_steps: int,
+          mesh, grad_reduce: str = "auto") -> Compiled:
     """grad_reduce: "auto" (XLA's SPMD partitioner reduces the gradients, in float32), or
     "float32" / "bfloat16": explicit_grad_sums in that dtype (see train.sharding.GRAD_REDUCE)."""
     from train import sharding
