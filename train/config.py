@@ -644,11 +644,14 @@ def help_text(width: int = 100) -> str:
             if f.name == "overrides":
                 lines.append(f"  --model.<MambaConfig field>=VALUE")
                 lines.append(para(f"{meta['help']} [{rule}]", "      "))
-                hints = typing.get_type_hints(MambaConfig)
-                fields = [f"{g.name} ({_type_name(hints[g.name])})"
-                          for g in dataclasses.fields(MambaConfig)
-                          if g.name not in MODEL_RUNTIME_FIELDS]
-                lines.append(para("MambaConfig fields: " + ", ".join(fields), "      "))
+                for family in (MambaConfig, Mamba2Config):
+                    hints = typing.get_type_hints(family)
+                    fields = [f"{g.name} ({_type_name(hints[g.name])})"
+                              for g in dataclasses.fields(family)
+                              if g.name not in MODEL_RUNTIME_FIELDS]
+                    lines.append(para(f"{family.__name__} fields "
+                                      f"({'mamba2-* presets' if family is Mamba2Config else 'Mamba1 presets'}): "
+                                      + ", ".join(fields), "      "))
                 continue
             value = getattr(default, f.name)
             shown = "none" if value is None else (str(value).lower() if isinstance(value, bool)
