@@ -73,7 +73,6 @@ import math
 import os
 import pathlib
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -348,23 +347,12 @@ def probe(env: dict) -> tuple[harness.DeviceInfo, int]:
 
 def run_child(spec: dict, env: dict, tmpdir: pathlib.Path, timeout: float) -> dict:
     spec_path = tmpdir / f"spec_{len(list(tmpdir.iterdir()))}.json"
-    spec["result_path"] = str(spec_path.with_suffix(".result.json"))
-    spec_path.write_text(json.dumps(spec))
-    proc = subprocess.Popen([sys.executable, __file__, "--_child", str(spec_path)],
-                            cwd=harness.REPO, env=env, start_new_session=True)
-    killed = False
-    try:
-        proc.wait(timeout=max(timeout, 1.0))
-    except subprocess.TimeoutExpired:
-        killed = True
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    res = pathlib.Path(spec["result_path"])
-    rec = json.loads(res.read_text()) if res.exists() else {}
+    rec, killed, returncode = harness.run_script_child(__file__, spec, spec_path, env, timeout)
+    rec = rec or {}
     if rec.get("status") in (None, "running"):
         rec.update(status="timeout" if killed else "error",
                    reason="killed at the time budget" if killed else
-                   f"child exited with {proc.returncode} before finishing")
+                   f"child exited with {returncode} before finishing")
     return rec
 
 

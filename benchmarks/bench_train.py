@@ -96,7 +96,6 @@ import json
 import math
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 import tempfile
@@ -393,21 +392,11 @@ def probe_device() -> harness.DeviceInfo:
 
 def run_child(spec: dict, tmpdir: pathlib.Path, timeout: float) -> dict:
     spec_path = tmpdir / f"spec_{spec['preset']}_{spec['group']}_{spec['rows']}.json"
-    spec["result_path"] = str(spec_path.with_suffix(".result.json"))
-    spec_path.write_text(json.dumps(spec))
-    proc = subprocess.Popen([sys.executable, __file__, "--_child", str(spec_path)],
-                            cwd=harness.REPO, env=_child_env(), start_new_session=True)
-    killed = False
-    try:
-        proc.wait(timeout=max(timeout, 1.0))
-    except subprocess.TimeoutExpired:
-        killed = True
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    res_path = pathlib.Path(spec["result_path"])
-    result = json.loads(res_path.read_text()) if res_path.exists() else dict(records={}, info={})
+    result, killed, returncode = harness.run_script_child(__file__, spec, spec_path,
+                                                          _child_env(), timeout)
+    result = result or dict(records={}, info={})
     result["killed"] = killed
-    result["returncode"] = proc.returncode
+    result["returncode"] = returncode
     return result
 
 

@@ -34,6 +34,7 @@ import os
 import pathlib
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -313,6 +314,28 @@ def install(src: str | os.PathLike, companions: Sequence[str | os.PathLike] = ()
         shutil.copyfile(f, results_dir / f.name)
         installed.append(results_dir / f.name)
     return installed
+
+
+def run_script_child(script: str | os.PathLike, spec: dict, spec_path: pathlib.Path,
+                     env: dict, timeout: float) -> tuple[dict | None, bool, int]:
+    """Runs `script --_child SPEC` in its own process group (so a hung child and its workers die
+    together at the time budget) and returns (the JSON it wrote to spec["result_path"] or None,
+    whether it was killed, its return code). A child per measurement keeps peak memory, XLA
+    flags and an out-of-memory crash apart from the other measurements."""
+    spec["result_path"] = str(spec_path.with_suffix(".result.json"))
+    spec_path.write_text(json.dumps(spec))
+    proc = subprocess.Popen([sys.executable, str(script), "--_child", str(spec_path)],
+                            cwd=REPO, env=env, start_new_session=True)
+    killed = False
+    try:
+        proc.wait(timeout=max(timeout, 1.0))
+    except subprocess.TimeoutExpired:
+        killed = True
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    result_path = pathlib.Path(spec["result_path"])
+    result = json.loads(result_path.read_text()) if result_path.exists() else None
+    return result, killed, proc.returncode
 
 
 @dataclasses.dataclass(frozen=True)

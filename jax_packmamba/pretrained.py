@@ -188,11 +188,18 @@ def hf_config_from_config(config: AnyConfig) -> dict:
         "expand": config.expand,
         "intermediate_size": config.d_inner,
         "time_step_rank": "auto" if config.dt_rank is None else config.dt_rank,
+        "time_step_scale": config.dt_scale,
+        "time_step_init_scheme": "random",
+        **_hf_shared_entries(config),
+    }
+
+
+def _hf_shared_entries(config: MambaConfig | Mamba2Config) -> dict:
+    """The config.json entries that both families' Hugging Face configs hold alike."""
+    return {
         "time_step_min": config.dt_min,
         "time_step_max": config.dt_max,
         "time_step_floor": config.dt_init_floor,
-        "time_step_scale": config.dt_scale,
-        "time_step_init_scheme": "random",
         "use_bias": config.proj_bias,
         "use_conv_bias": config.conv_bias,
         "layer_norm_epsilon": config.rms_norm_eps,
@@ -217,7 +224,7 @@ def _hf_mamba2_config(config: Mamba2Config) -> dict:
         raise ValueError(
             "save_pretrained: Mamba2Config.D_has_hdim=True (D per channel) has no Hugging Face "
             "Mamba2 equivalent (its D is one per head)")
-    return {
+    config_dict = {
         "architectures": ["Mamba2ForCausalLM"],
         "model_type": "mamba2",
         "vocab_size": config.padded_vocab_size,
@@ -230,26 +237,10 @@ def _hf_mamba2_config(config: Mamba2Config) -> dict:
         "conv_kernel": config.d_conv,
         "expand": config.expand,
         "chunk_size": config.chunk_size,
-        "time_step_min": config.dt_min,
-        "time_step_max": config.dt_max,
-        "time_step_floor": config.dt_init_floor,
-        "use_bias": config.proj_bias,
-        "use_conv_bias": config.conv_bias,
-        "layer_norm_epsilon": config.rms_norm_eps,
-        "hidden_act": "silu",
-        "residual_in_fp32": True,
-        # As for Mamba1: transformers rescales out_proj after loading when this is true.
-        "rescale_prenorm_residual": False,
-        "initializer_range": config.initializer_range,
-        "tie_word_embeddings": config.tie_embeddings,
-        "torch_dtype": "float32",
-        EXTRA_KEY: {
-            "vocab_size": config.vocab_size,
-            "pad_vocab_size_multiple": config.pad_vocab_size_multiple,
-            "rescale_prenorm_residual": config.rescale_prenorm_residual,
-            "A_init_range": list(config.A_init_range),
-        },
+        **_hf_shared_entries(config),
     }
+    config_dict[EXTRA_KEY]["A_init_range"] = list(config.A_init_range)
+    return config_dict
 
 
 def tensor_names(config: AnyConfig, layout: str = "hf") -> list[str]:
@@ -561,21 +552,29 @@ def _config_from_hf_mamba(f: _Fields) -> MambaConfig:
         d_conv=f.get("conv_kernel", _POSITIVE_INT),
         expand=expand,
         dt_rank=None if rank == "auto" else rank,
-        dt_min=f.get("time_step_min", _POSITIVE_NUMBER, 0.001),
-        dt_max=f.get("time_step_max", _POSITIVE_NUMBER, 0.1),
-        dt_init_floor=f.get("time_step_floor", _POSITIVE_NUMBER, 1e-4),
         dt_scale=f.get("time_step_scale", _NUMBER, 1.0),
-        conv_bias=f.get("use_conv_bias", _BOOL),
-        proj_bias=f.get("use_bias", _BOOL),
-        rms_norm_eps=f.get("layer_norm_epsilon", _POSITIVE_NUMBER, 1e-5),
-        tie_embeddings=f.get("tie_word_embeddings", _BOOL, True, shape=True),
-        rescale_prenorm_residual=extra.get("rescale_prenorm_residual", _BOOL,
-                                           f.get("rescale_prenorm_residual", _BOOL, False)),
-        initializer_range=f.get("initializer_range", _NUMBER, 0.1),
+        **_hf_shared_fields(f, extra, tie_default=True),
     )
     config = _make_config(MambaConfig, fields, f.where)
     _check_hf_vocab(config, rows, f.where)
     return config
+
+
+def _hf_shared_fields(f: "_Fields", extra: "_Fields", *, tie_default: bool) -> dict:
+    """The config fields both families read alike from a Hugging Face config.json (defaults:
+    transformers')."""
+    return dict(
+        dt_min=f.get("time_step_min", _POSITIVE_NUMBER, 0.001),
+        dt_max=f.get("time_step_max", _POSITIVE_NUMBER, 0.1),
+        dt_init_floor=f.get("time_step_floor", _POSITIVE_NUMBER, 1e-4),
+        conv_bias=f.get("use_conv_bias", _BOOL),
+        proj_bias=f.get("use_bias", _BOOL),
+        rms_norm_eps=f.get("layer_norm_epsilon", _POSITIVE_NUMBER, 1e-5),
+        tie_embeddings=f.get("tie_word_embeddings", _BOOL, tie_default, shape=True),
+        rescale_prenorm_residual=extra.get("rescale_prenorm_residual", _BOOL,
+                                           f.get("rescale_prenorm_residual", _BOOL, False)),
+        initializer_range=f.get("initializer_range", _NUMBER, 0.1),
+    )
 
 
 _HF_MAMBA2_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "state_size",
@@ -616,17 +615,8 @@ def _config_from_hf_mamba2(f: _Fields) -> Mamba2Config:
         ngroups=f.get("n_groups", _POSITIVE_INT),
         chunk_size=f.get("chunk_size", _POSITIVE_INT, 256),
         A_init_range=extra.get("A_init_range", _PAIR, (1.0, 16.0)),
-        dt_min=f.get("time_step_min", _POSITIVE_NUMBER, 0.001),
-        dt_max=f.get("time_step_max", _POSITIVE_NUMBER, 0.1),
-        dt_init_floor=f.get("time_step_floor", _POSITIVE_NUMBER, 1e-4),
-        conv_bias=f.get("use_conv_bias", _BOOL),
-        proj_bias=f.get("use_bias", _BOOL),
-        rms_norm_eps=f.get("layer_norm_epsilon", _POSITIVE_NUMBER, 1e-5),
-        # transformers' Mamba2Config default, unlike Mamba1's.
-        tie_embeddings=f.get("tie_word_embeddings", _BOOL, False, shape=True),
-        rescale_prenorm_residual=extra.get("rescale_prenorm_residual", _BOOL,
-                                           f.get("rescale_prenorm_residual", _BOOL, False)),
-        initializer_range=f.get("initializer_range", _NUMBER, 0.1),
+        # transformers' Mamba2Config defaults tie_word_embeddings to False, unlike Mamba1's.
+        **_hf_shared_fields(f, extra, tie_default=False),
     )
     f.get("residual_in_fp32", _BOOL, True)  # ours is always float32; equal in float32 runs
     config = _make_config(Mamba2Config, fields, f.where)
