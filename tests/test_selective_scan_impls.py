@@ -228,9 +228,10 @@ def test_state_split_matches_float64(impl, state_split):
 def test_reduce_modes_match_float64(impl, reduce):
     """Both butterflies for the dB/dC channel sums at d_state 16, the models' size, where every
     lane of the warp ends with a sum of its own (at d_state 4 above several lanes share one),
-    with chunk and checkpoint edges, one-token segments and a partly empty channel block."""
+    with chunk and checkpoint edges, one-token segments and a partly empty channel block (24
+    channels: 16 + 8)."""
     seg = segments_from_lengths([[16, 8, 8, 1, 7, 10], [16, 16, 16, 2]])
-    args = make_args(jax.random.PRNGKey(8), 2, 50, 40, 16, jnp.float32)
+    args = make_args(jax.random.PRNGKey(8), 2, 50, 24, 16, jnp.float32)
     config = dataclasses.replace(EDGE_CONFIG, reduce=reduce)
     check_against_float64(impl, args, case="edges16", config=config, **edge_kw(seg))
 
@@ -241,7 +242,7 @@ def test_window_rows_matches_float64(impl):
     and reused by its reverse steps) on the inputs above. Not bitwise equal to the default in
     the interpreter: XLA fuses the reused values differently (dA differs by ~6e-5 relative)."""
     seg = segments_from_lengths([[16, 8, 8, 1, 7, 10], [16, 16, 16, 2]])
-    args = make_args(jax.random.PRNGKey(8), 2, 50, 40, 16, jnp.float32)
+    args = make_args(jax.random.PRNGKey(8), 2, 50, 24, 16, jnp.float32)
     config = dataclasses.replace(EDGE_CONFIG, window_rows=True)
     check_against_float64(impl, args, case="edges16", config=config, **edge_kw(seg))
 
