@@ -8,6 +8,8 @@ minute to seconds. The folder is `$JAX_PACKMAMBA_CACHE_DIR` when set, else
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import pathlib
 
@@ -39,3 +41,50 @@ def enable(directory: str | os.PathLike | None = None) -> pathlib.Path:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     return path
+
+
+@dataclasses.dataclass
+class CompileStats:
+    """What jax compiled inside a `compile_stats()` block: XLA compilations (executables loaded
+    from a persistent compilation cache are counted apart, as cache_hits) and the seconds spent
+    tracing, lowering and compiling (or loading)."""
+
+    compiles: int = 0
+    cache_hits: int = 0
+    seconds: float = 0.0
+    backend: list = dataclasses.field(default_factory=list)  # (function name, seconds)
+
+
+# jax.monitoring's events for tracing, lowering and compiling (a backend compile also marks an
+# executable loaded from the persistent cache) and for a cache hit.
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+
+
+@contextlib.contextmanager
+def compile_stats():
+    """Counts the XLA compilations (and their seconds) of the code inside the block."""
+    stats = CompileStats()
+    # A backend-compile event also marks an executable loaded from the persistent cache.
+
+    def durations(event, duration, **kwargs):
+        if event in _COMPILE_EVENTS:
+            stats.seconds += duration
+        if event == _COMPILE_EVENTS[-1]:
+            stats.backend.append((kwargs.get("fun_name"), duration))
+            stats.compiles = len(stats.backend) - stats.cache_hits
+
+    def events(event, **kwargs):
+        if event == _CACHE_HIT_EVENT:
+            stats.cache_hits += 1
+            stats.compiles = len(stats.backend) - stats.cache_hits
+
+    jax.monitoring.register_event_duration_secs_listener(durations)
+    jax.monitoring.register_event_listener(events)
+    try:
+        yield stats
+    finally:
+        jax.monitoring.unregister_event_duration_listener(durations)
+        jax.monitoring.unregister_event_listener(events)

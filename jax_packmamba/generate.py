@@ -103,9 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                "on stderr with exit code 2.")
     parser.add_argument(
         "--checkpoint", required=True, metavar="DIR",
-        help="model directory: config.json and the weights (model.safetensors or "
-             "pytorch_model.bin, possibly sharded), Hugging Face or state-spaces layout; "
-             "required")
+        help="a model directory (config.json and the weights: model.safetensors or "
+             "pytorch_model.bin, possibly sharded; Hugging Face or state-spaces layout, Mamba "
+             "or Mamba2), a training run directory (its newest models/<step>) or a run's "
+             "checkpoints/<step>; required")
     parser.add_argument(
         "--prompt", action="append", required=True, metavar="TEXT",
         help="prompt text, at least one token once encoded; repeat for a batch (prefilled "

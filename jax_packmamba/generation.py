@@ -42,7 +42,6 @@ The command line is jax_packmamba/generate.py.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import time
@@ -53,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax_packmamba.compilation_cache import CompileStats, compile_stats  # noqa: F401 (re-exported)
 from jax_packmamba.config import Mamba2Config, MambaConfig
 from jax_packmamba.decode_step import block_step, mamba2_block_step, resolve_decode_impl
 from jax_packmamba.mamba2 import Mamba2LM
@@ -525,51 +525,6 @@ def generate(model, prompts, max_new_tokens: int, *, decode_impl: str = "auto",
 
 # ---------------------------------------------------------------------------------------------
 # Compilation accounting and argument checks.
-
-
-@dataclasses.dataclass
-class CompileStats:
-    """What jax compiled inside a `compile_stats()` block: XLA compilations (executables loaded
-    from a persistent compilation cache are counted apart, as cache_hits) and the seconds spent
-    tracing, lowering and compiling (or loading)."""
-
-    compiles: int = 0
-    cache_hits: int = 0
-    seconds: float = 0.0
-    backend: list = dataclasses.field(default_factory=list)  # (function name, seconds)
-
-
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
-_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
-
-
-@contextlib.contextmanager
-def compile_stats():
-    """Counts the XLA compilations (and their seconds) of the code inside the block."""
-    stats = CompileStats()
-    # A backend-compile event also marks an executable loaded from the persistent cache.
-
-    def durations(event, duration, **kwargs):
-        if event in _COMPILE_EVENTS:
-            stats.seconds += duration
-        if event == _COMPILE_EVENTS[-1]:
-            stats.backend.append((kwargs.get("fun_name"), duration))
-            stats.compiles = len(stats.backend) - stats.cache_hits
-
-    def events(event, **kwargs):
-        if event == _CACHE_HIT_EVENT:
-            stats.cache_hits += 1
-            stats.compiles = len(stats.backend) - stats.cache_hits
-
-    jax.monitoring.register_event_duration_secs_listener(durations)
-    jax.monitoring.register_event_listener(events)
-    try:
-        yield stats
-    finally:
-        jax.monitoring.unregister_event_duration_listener(durations)
-        jax.monitoring.unregister_event_listener(events)
 
 
 def _check_prompts(prompts, config: MambaConfig) -> list[np.ndarray]:

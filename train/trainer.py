@@ -376,10 +376,10 @@ def train_loop(p: Prepared, compiled, state, batcher, ckpt, exporter: Exporter, 
         batch = next(batcher)
         arrays = sharding.put_batch(batch["arrays"], batch_sh)
         if s == start + 1:
-            with CacheEvents() as events:
+            with compilation_cache.compile_stats() as stats:
                 t0 = time.perf_counter()
                 state, metrics = compiled.train_step(state, arrays)
-                report.compiled(time.perf_counter() - t0, events)
+                report.compiled(time.perf_counter() - t0, stats)
         else:
             state, metrics = compiled.train_step(state, arrays)
         if pending is not None:
@@ -407,26 +407,6 @@ def train_loop(p: Prepared, compiled, state, batcher, ckpt, exporter: Exporter, 
     if pending is not None:
         report.step(*pending)
     return state, r.steps, last_eval
-
-
-class CacheEvents:
-    """Counts the persistent compilation cache's hits and misses while it is entered."""
-
-    HIT, MISS = "/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"
-
-    def __init__(self):
-        self.hits = self.misses = 0
-
-    def _listen(self, event: str, **kwargs) -> None:
-        self.hits += event == self.HIT
-        self.misses += event == self.MISS
-
-    def __enter__(self) -> "CacheEvents":
-        jax.monitoring.register_event_listener(self._listen)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        jax.monitoring.unregister_event_listener(self._listen)
 
 
 def evaluate(compiled, params, eval_set) -> float | None:
@@ -512,12 +492,12 @@ class Report:
                               f"{metrics_lib.fmt_rate(tps)} tok/s  MFU {metrics_lib.fmt_pct(util)}  "
                               f"packing {100 * eff:.1f}%")
 
-    def compiled(self, seconds: float, events: CacheEvents) -> None:
+    def compiled(self, seconds: float, stats: compilation_cache.CompileStats) -> None:
         """The first step's call took `seconds` (tracing, then compiling or loading from the
         cache; the step itself runs asynchronously after)."""
         self.compile_s = seconds
-        self.compile_cache = ("miss" if events.misses else "hit" if events.hits
-                              else "not used")
+        self.compile_cache = ("not used" if self.cache_dir is None else "miss" if stats.compiles
+                              else "hit" if stats.cache_hits else "not used")
         self.progress.log(f"compile first step {seconds:.1f} s (persistent cache: "
                           f"{self.compile_cache})")
 
