@@ -29,6 +29,7 @@ from flax import nnx
 from jax_packmamba.config import Mamba2Config, MambaConfig
 from jax_packmamba.mamba2 import gated_rms_norm
 from jax_packmamba.ops import causal_conv1d_step, selective_state_update, ssd_state_update
+from jax_packmamba.ops.segments import check_pallas_platform
 
 DECODE_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
@@ -49,6 +50,7 @@ def resolve_decode_impl(impl: str, config: MambaConfig | Mamba2Config) -> str:
             from pallas_kernels.decode import supported
 
             impl = "pallas" if supported(config.d_state) else "xla"
+    check_pallas_platform(impl, fallback="xla", name="decode_impl")
     if impl != "xla":
         # Before anything is traced (pallas_kernels/decode/__init__.py says why).
         import pallas_kernels.decode  # noqa: F401

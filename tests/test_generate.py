@@ -478,7 +478,7 @@ def test_decode_loop_lowers_for_cuda_with_two_kernels_a_layer():
         lambda *a: gen._start(*a, mode=sampling.mode, vocab_size=config.vocab_size, columns=16),
         sds((size, vocab), jnp.float32), state, sds((size, vocab), jnp.bool_), jax.random.key(0),
         sampling.params(), jnp.int32(3))
-    gen.resolve_decode_impl("pallas", config)
+    import pallas_kernels.decode  # noqa: F401  (before tracing: its __init__ says why)
     text = lower_for_cuda(
         lambda m, r, p: gen._decode_loop(m, r, jnp.int32(16), p, mode=sampling.mode,
                                          impl="pallas", vocab_size=config.vocab_size),
@@ -502,3 +502,11 @@ def test_importing_the_cli_keeps_jp_generate_callable():
     got = jp.generate(model, prompts, 3, temperature=0.0)
     want = library_generate(model, prompts, 3, temperature=0.0)
     assert [list(g) for g in got] == [list(w) for w in want]
+
+
+def test_pallas_decode_off_a_gpu_names_decode_impl():
+    if jax.default_backend() == "gpu":
+        pytest.skip("checks the message off a GPU")
+    model = jp.MambaLM(jp.MambaConfig.preset("tiny"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match='decode_impl="pallas".*decode_impl="pallas_interpret"'):
+        generate(model, [[1, 2]], 2, decode_impl="pallas")
