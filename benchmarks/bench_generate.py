@@ -800,9 +800,10 @@ def profile(args, argv):
     prepared = build_model(config, device)
     sampling = SamplingConfig(**SETTINGS["blog"], seed=0)
     batches = [int(b) for b in args.profile_batches.split(",")]
-    impls = [gen.resolve_decode_impl(i, config) for i in args.profile_impls.split(",")]
-    if device.platform != "gpu":
+    impls = args.profile_impls.split(",")
+    if device.platform != "gpu":  # the smoke path: the same kernels through the interpreter
         impls = ["pallas_interpret" if i == "pallas" else i for i in impls]
+    impls = [gen.resolve_decode_impl(i, config) for i in impls]
     shapes = argparse_namespace(args, prompt_len=min(args.prompt_len, PROFILE_PROMPT),
                                 new_tokens=1 + PROFILE_WARM + args.profile_steps + args.trace_steps)
     precompiled = precompile(prepared, batches, shapes, sampling, impls)
