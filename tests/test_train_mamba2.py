@@ -18,6 +18,8 @@ from train.__main__ import main
 from train.config import ConfigError, MeshConfig, OptimConfig, TrainConfig, parse_args
 from train.metrics import read_metrics
 
+from tests.test_train import stdlib_texts
+
 # As test_train.TINY, on mamba2-tiny: 1 layer, d_model 32 (4 heads of 16), d_state 4.
 TINY2 = ["--model.preset=mamba2-tiny", "--model.n_layer=1", "--model.d_model=32",
          "--model.d_state=4", "--data.max_documents=24", "--data.seq_len=64",
@@ -85,8 +87,13 @@ def test_mamba2_tiny_step_learns_a_repeated_batch():
 
 
 def test_mamba2_run_end_to_end_checkpoints_and_resumes(tmp_path):
+    """TINY2's documents from a Hugging Face datasets save_to_disk directory."""
+    import datasets
+
+    datasets.Dataset.from_dict({"text": stdlib_texts(24)}).save_to_disk(tmp_path / "docs")
     out = tmp_path / "run"
-    args = TINY2 + ["--run.checkpoint_every=2", f"--run.out_dir={out}"]
+    args = TINY2 + ["--run.checkpoint_every=2", f"--run.out_dir={out}",
+                    f"--data.source={tmp_path / 'docs'}"]
     assert main(args + ["--run.steps=3"]) == 0
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [2, 3]
     assert main(args + ["--run.steps=5"]) == 0  # resumes from step 3

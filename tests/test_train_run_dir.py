@@ -13,6 +13,7 @@ import importlib
 import json
 import pathlib
 import shutil
+import sys
 
 import jax
 import numpy as np
@@ -32,7 +33,7 @@ from train.config import (DataConfig, MeshConfig, ModelConfig, OptimConfig, RunC
 from train.metrics import read_metrics
 from train.sharding import GRAD_REDUCE
 
-from tests.test_train import TINY, losses
+from tests.test_train import TINY, losses, tensorboard_events, tensorboard_scalars
 
 # Importing the command line's module makes jp.generate that module (a package attribute named
 # like its submodule), so the function is taken from jax_packmamba.generation.
@@ -134,6 +135,58 @@ def test_checkpoint_without_recorded_config_is_compared_with_config_json(run_cop
     assert main(BASE + [f"--run.out_dir={run_copy}", "--model.n_layer=2"]) == 2
     err = capsys.readouterr().err
     assert "model.overrides {'n_layer': 1, 'd_model': 32, 'd_state': 4} -> {'n_layer': 2" in err, err
+
+
+def test_tensorboard_events_hold_the_metrics_and_the_config(trained):
+    scalars = tensorboard_scalars(trained / "tensorboard")
+    records = [r for r in read_metrics(trained / "metrics.jsonl") if "loss" in r]
+    for tag, key in (("train/loss", "loss"), ("train/grad_norm", "grad_norm"),
+                     ("train/learning_rate", "lr"), ("perf/step_time_s", "step_time_s")):
+        assert scalars[tag] == pytest.approx({r["step"]: r[key] for r in records}, rel=1e-6), tag
+    assert scalars["train/packing_efficiency"] == pytest.approx(
+        {r["step"]: r["real_tokens"] / r["slots"] for r in records}, rel=1e-6)
+    assert sorted(scalars["perf/tokens_per_s"]) == [2, 3, 4, 5, 6]  # not before a step's time
+    texts = [v.tensor.string_val[0].decode() for e in tensorboard_events(trained / "tensorboard")
+             for v in e.summary.value if v.tag.startswith("config")]
+    assert len(texts) == 1 and json.loads(texts[0]) == json.loads(
+        (trained / "config.json").read_text())
+
+
+def test_wandb_logs_through_the_same_writer(tmp_path, monkeypatch):
+    """A stand-in wandb module (no network, no package): the run gets the config once, the
+    scalars without the missing ones, and the same id when the run directory resumes."""
+    calls = []
+
+    class FakeRun:
+        def log(self, values, step):
+            calls.append(("log", step, values))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = type(sys)("wandb")
+    fake.init = lambda **kwargs: calls.append(("init", kwargs)) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    config = parse_args(BASE + [f"--run.out_dir={tmp_path}", "--run.tensorboard=false",
+                                "--run.wandb_project=p", "--run.wandb_mode=offline"])
+    trainer.check_loggers(config.run)
+    [writer] = trainer.open_loggers(config, tmp_path, None)
+    writer.scalars(3, {"train/loss": 2.5, "perf/mfu": None})
+    writer.close()
+    _, init = calls[0]
+    assert (init["project"], init["mode"], init["config"]) == ("p", "offline", config.to_dict())
+    assert calls[1:] == [("log", 3, {"train/loss": 2.5}), ("finish",)]
+    trainer.open_loggers(config, tmp_path, 3)
+    assert calls[3][1]["id"] == init["id"] and init["resume"] == "allow"
+
+
+def test_missing_logger_package_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    monkeypatch.setattr(trainer, "prepare", lambda *a: pytest.fail("data read before the check"))
+    assert main(BASE + [f"--run.out_dir={tmp_path}", "--run.wandb_project=p"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --run.wandb_project needs the wandb package, which is not installed: pip install "
+        "-c constraints.txt -e '.[wandb]'\n")
 
 
 def test_exports_without_checkpoints_are_not_replaced(run_copy, capsys):
@@ -308,7 +361,7 @@ def test_help_describes_every_option(capsys):
     assert grad_reduce.metadata["choices"] == tuple(GRAD_REDUCE)  # the help's copy of the list
     for f in dataclasses.fields(jp.MambaConfig) + dataclasses.fields(jp.Mamba2Config):
         assert f" {f.name} (" in flat or f"--model.{f.name}=" in flat, f.name
-    for phrase in ("comma-separated paths", 'its "text" field', "a text file is one document",
+    for phrase in ("comma-separated paths", "(its text_field)", "save_to_disk", "a text file is one document",
                    "{packed | padded | single}", "'bytes' (UTF-8 bytes are ids 0..255",
                    "tokenizer.json", "{1.4b | 130m | 2.8b | 370m | 790m | tiny | mamba2-130m | mamba2-370m | mamba2-780m | "
                    "mamba2-1.3b | mamba2-2.7b | mamba2-tiny}",

@@ -26,6 +26,7 @@ anything compiles; problems raise ConfigError naming the flag.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import pathlib
 import tomllib
@@ -46,7 +47,8 @@ class ConfigError(ValueError):
 MODES = ("packed", "padded", "single")
 PACK_POLICIES = ("first_fit_decreasing", "greedy")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
-DATA_FORMATS = ("auto", "text", "jsonl", "tokens")
+DATA_FORMATS = ("auto", "text", "jsonl", "tokens", "parquet", "arrow")
+WANDB_MODES = ("online", "offline")
 BIN_DTYPES = ("uint8", "uint16", "int32", "uint32", "int64")
 
 
@@ -146,12 +148,20 @@ class DataConfig:
         help="'stdlib' (the embedded corpus: the Python standard library's .py files, no "
              "download) or comma-separated paths of files and directories (walked recursively, "
              "hidden files skipped): a text file is one document; a .jsonl file has one "
-             "document per line, its \"text\" field; .npy/.bin files are token ids, documents "
-             "separated by eod_id")
+             "document per line (its text_field); a .parquet or .arrow file, or a directory "
+             "written by Hugging Face datasets' save_to_disk, one document per row (its "
+             "text_field column; read in record batches; needs the data extra); .npy/.bin "
+             "files are token ids, documents separated by eod_id")
     format: str = option(
         "auto", choices=DATA_FORMATS, resume=DATA,
-        help="how to read every source file; auto: by suffix (.jsonl jsonl, .npy/.bin tokens, "
-             "anything else text)")
+        help="how to read every source file; auto: by suffix (.jsonl jsonl, .parquet parquet, "
+             ".arrow arrow, .npy/.bin tokens, anything else text); save_to_disk directories "
+             "are recognised whatever this is")
+    text_field: str = option(
+        "text", resume=DATA,
+        help="the field of a .jsonl record, or the column of a Parquet / Arrow / datasets "
+             "table, that holds each document's text (a bad row is named by file and row, "
+             "rows counted from 0 as datasets and pandas index them)")
     tokenizer: str = option(
         "bytes", resume=DATA,
         help="'bytes' (UTF-8 bytes are ids 0..255, end of document 256, vocabulary 257) or "
@@ -285,7 +295,19 @@ class RunConfig:
     time_limit_s: float = option(
         0.0, help="stop with a checkpoint after the first step that ends this many seconds "
                   "into the training loop (first compile included); 0: no limit")
-    progress: bool = option(True, help="show a tqdm progress bar")
+    progress: bool = option(
+        True, help="show a tqdm progress bar when stderr is a terminal (else the log lines "
+                   "alone, every --run.log_every steps)")
+    tensorboard: bool = option(
+        True, help="write TensorBoard event files to out_dir/tensorboard/ (`tensorboard "
+                   "--logdir OUT_DIR`): loss, eval loss, learning rate, grad norm, tokens/s, "
+                   "MFU, packing efficiency, step time, and the config as text")
+    wandb_project: str = option(
+        "", help="also log the metrics and the config to this Weights & Biases project (needs "
+                 "the wandb extra: pip install -e '.[wandb]'); empty: no W&B")
+    wandb_mode: str = option(
+        "online", choices=WANDB_MODES,
+        help="W&B mode: online, or offline (no network; `wandb sync` uploads the run later)")
     plot: bool = option(True, help="write loss.png at the end")
     export_models: bool = option(
         True, help="with every checkpoint, also write out_dir/models/<step>/: a Hugging "
@@ -337,6 +359,8 @@ class TrainConfig:
         _choice("data.mode", d.mode, MODES)
         _choice("data.pack_policy", d.pack_policy, PACK_POLICIES)
         _choice("data.bin_dtype", d.bin_dtype, BIN_DTYPES)
+        if not d.text_field:
+            raise ConfigError("--data.text_field is empty")
         _positive("data.seq_len", d.seq_len, minimum=2)
         _positive("data.batch_size", d.batch_size)
         _positive("data.single_bucket", d.single_bucket)
@@ -379,6 +403,7 @@ class TrainConfig:
         _positive("run.keep_checkpoints", r.keep_checkpoints)
         if not (0 <= r.time_limit_s < float("inf")):
             raise ConfigError(f"--run.time_limit_s must be >= 0 (0: none), got {r.time_limit_s}")
+        _choice("run.wandb_mode", r.wandb_mode, WANDB_MODES)
         if not r.out_dir.strip():
             raise ConfigError("--run.out_dir is empty")
         if r.resume and r.overwrite:
@@ -488,7 +513,21 @@ def _field_type(part: str, name: str):
     if part == "model" and name in _MAMBA_TYPES:
         return _MAMBA_TYPES[name]
     known = sorted(set(hints) - {"overrides"} | (set(_MAMBA_TYPES) if part == "model" else set()))
-    raise ConfigError(f"unknown option --{part}.{name}; {part} options: {known}")
+    raise ConfigError(f"unknown option --{part}.{name}{_did_you_mean(f'{part}.{name}')}; {part} "
+                      f"options: {known}")
+
+
+def _all_flags() -> list[str]:
+    """Every flag name without its dashes: config, part.field, model.<MambaConfig field>."""
+    flags = ["config"]
+    for part, cls in _PART_CLASSES.items():
+        flags += [f"{part}.{f.name}" for f in dataclasses.fields(cls) if f.name != "overrides"]
+    return flags + [f"model.{name}" for name in sorted(_MAMBA_TYPES)]
+
+
+def _did_you_mean(key: str) -> str:
+    close = difflib.get_close_matches(key, _all_flags(), n=1, cutoff=0.6)
+    return f" (did you mean --{close[0]}?)" if close else ""
 
 
 def _convert(flag: str, text_or_value: Any, tp):
@@ -536,7 +575,8 @@ def _convert(flag: str, text_or_value: Any, tp):
 
 def _apply(values: dict[str, dict[str, Any]], part: str, name: str, raw: Any) -> None:
     if part not in _PART_CLASSES:
-        raise ConfigError(f"unknown config part {part!r} in --{part}.{name}; parts: {list(_PART_CLASSES)}")
+        raise ConfigError(f"unknown config part {part!r} in --{part}.{name}"
+                          f"{_did_you_mean(f'{part}.{name}')}; parts: {list(_PART_CLASSES)}")
     tp = _field_type(part, name)
     values.setdefault(part, {})[name] = _convert(f"{part}.{name}", raw, tp)
 
@@ -595,7 +635,8 @@ def parse_args(argv: list[str] | None = None, base: TrainConfig | None = None) -
             continue
         part, dot, name = key.partition(".")
         if not dot or not name:
-            raise ConfigError(f"--{key}: flags look like --part.field=value (parts: {list(_PART_CLASSES)})")
+            raise ConfigError(f"--{key}: flags look like --part.field=value{_did_you_mean(key)} "
+                              f"(parts: {list(_PART_CLASSES)})")
         _apply(values, part, name, val)
     return build(values, base).validate()
 

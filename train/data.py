@@ -20,6 +20,7 @@ every batch carries segment_ids and a loss_mask (see jax_packmamba.packing).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import pathlib
 from typing import Iterator
@@ -69,40 +70,60 @@ class Corpus:
         return int(sum(len(d) for d in self.documents))
 
 
+def _is_saved_dataset(path: pathlib.Path) -> bool:
+    """A directory written by Hugging Face datasets' save_to_disk (a Dataset or DatasetDict)."""
+    return ((path / "state.json").is_file() and (path / "dataset_info.json").is_file()) or (
+        path / "dataset_dict.json").is_file()
+
+
+def _walk(root: pathlib.Path) -> list[pathlib.Path]:
+    """Files under root (hidden ones skipped), with each save_to_disk directory as one entry."""
+    found = []
+    for path in sorted(root.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_dir():
+            found.extend([path] if _is_saved_dataset(path) else _walk(path))
+        elif path.is_file():
+            found.append(path)
+    return found
+
+
 def _source_files(source: str) -> list[pathlib.Path]:
     files = []
     for item in (s.strip() for s in source.split(",")):
         if not item:
             continue
         path = pathlib.Path(item).expanduser()
-        if path.is_file():
+        if path.is_file() or (path.is_dir() and _is_saved_dataset(path)):
             files.append(path)
         elif path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file()
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            found = _walk(path)
             if not found:
                 raise DataError(f"--data.source: directory {path} has no files")
             files.extend(found)
         else:
             raise DataError(f"--data.source: {path} does not exist (use 'stdlib' for the embedded "
-                            f"corpus, or paths of text/.jsonl/.npy/.bin files or directories)")
+                            f"corpus, or paths of text/.jsonl/.parquet/.arrow/.npy/.bin files, "
+                            f"save_to_disk datasets or directories)")
     if not files:
         raise DataError(f"--data.source={source!r} names no files")
     return files
 
 
+SUFFIX_FORMATS = {".npy": "tokens", ".bin": "tokens", ".jsonl": "jsonl", ".parquet": "parquet",
+                  ".arrow": "arrow"}
+
+
 def _file_format(path: pathlib.Path, fmt: str) -> str:
+    if path.is_dir():
+        return "saved_dataset"
     if fmt != "auto":
         return fmt
-    if path.suffix in (".npy", ".bin"):
-        return "tokens"
-    if path.suffix == ".jsonl":
-        return "jsonl"
-    return "text"
+    return SUFFIX_FORMATS.get(path.suffix, "text")
 
 
-def _read_jsonl(path: pathlib.Path) -> list[bytes]:
-    texts = []
+def _read_jsonl(path: pathlib.Path, field: str) -> Iterator[bytes]:
     with path.open("rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -111,10 +132,92 @@ def _read_jsonl(path: pathlib.Path) -> list[bytes]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f"{path}:{lineno}: expected an object with a string \"text\" field")
-            texts.append(record["text"].encode("utf-8"))
-    return texts
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise DataError(f"{path}:{lineno}: expected an object with a string \"{field}\" "
+                                f"field (--data.text_field)")
+            yield record[field].encode("utf-8")
+
+
+def _need(module: str, path: pathlib.Path, what: str):
+    """Imports an optional reader (pyarrow, datasets): DataError naming the extra if missing."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DataError(f"{path}: reading {what} needs {module.split('.')[0]}: pip install -e "
+                        f"'.[data]'") from None
+
+
+# Rows read from a Parquet / Arrow / datasets table at a time (the file is never read whole).
+TABLE_BATCH_ROWS = 1024
+
+
+def _table_batches(path: pathlib.Path, fmt: str):
+    """(column names, iterator of pyarrow record batches or tables) of a table source."""
+    pa = _need("pyarrow", path, f"{fmt} files")
+    try:
+        if fmt == "parquet":
+            pq = _need("pyarrow.parquet", path, "Parquet files")
+            reader = pq.ParquetFile(path)
+            return reader.schema_arrow, reader.iter_batches(batch_size=TABLE_BATCH_ROWS)
+        if fmt == "arrow":  # the IPC file format, or the stream format that datasets writes
+            source = pa.memory_map(str(path))
+            try:
+                reader = pa.ipc.open_file(source)
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            except pa.ArrowInvalid:
+                reader = pa.ipc.open_stream(pa.memory_map(str(path)))
+                batches = iter(reader)
+            return reader.schema, batches
+        datasets = _need("datasets", path, "save_to_disk datasets")
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            raise DataError(f"{path} holds the splits {list(ds)}: name one split's directory "
+                            f"(e.g. {path / next(iter(ds))})")
+        return ds.data.schema, ds.with_format("arrow").iter(batch_size=TABLE_BATCH_ROWS)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{path}: cannot read as {fmt}: {' '.join(str(e).split())}") from None
+
+
+def _read_table(path: pathlib.Path, fmt: str, field: str) -> Iterator[bytes]:
+    """The UTF-8 texts of column `field`, batch by batch; DataError naming the file and the
+    row for a missing column or a null."""
+    import pyarrow as pa
+
+    schema, batches = _table_batches(path, fmt)
+    if field not in schema.names:
+        raise DataError(f"{path}: no column {field!r} (columns: {schema.names}); set "
+                        f"--data.text_field")
+    kind = schema.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or pa.types.is_string_view(kind)):
+        raise DataError(f"{path}: column {field!r} holds {kind}, not text (--data.text_field)")
+    row = 0
+    for batch in batches:
+        column = batch.column(field)
+        if column.null_count:
+            first = column.is_null().to_pylist().index(True)
+            raise DataError(f"{path}: row {row + first}: {field!r} is null, expected a string")
+        for text in column.to_pylist():
+            yield text.encode("utf-8")
+        row += len(column)
+
+
+def _add_texts(docs: list, texts, tokenizer, eod: np.ndarray, limit: int | None) -> None:
+    """Tokenizes texts (an iterable of bytes) into docs, chunk by chunk, stopping at limit
+    documents without reading further."""
+    chunk = []
+    for text in itertools.chain(texts, [None]):  # None: the end, tokenize what is left
+        if text:
+            chunk.append(text)
+        if chunk and (text is None or len(chunk) == TABLE_BATCH_ROWS):
+            docs.extend(np.concatenate([t, eod]) for t in tokenizer.encode_batch(chunk) if t.size)
+            chunk = []
+            if limit is not None and len(docs) >= limit:
+                return
 
 
 def _read_tokens(path: pathlib.Path, bin_dtype: str, eod_id: int) -> list[np.ndarray]:
@@ -153,19 +256,24 @@ def load_corpus(config: DataConfig) -> Corpus:
         description = "stdlib (Python standard library sources)"
     else:
         files = _source_files(config.source)
+        limit = config.max_documents
         for path in files:
             fmt = _file_format(path, config.format)
             if fmt == "tokens":
                 docs.extend(_read_tokens(path, config.bin_dtype, tokenizer.eod_id))
             else:
                 try:
-                    texts = _read_jsonl(path) if fmt == "jsonl" else [path.read_bytes()]
+                    if fmt == "jsonl":
+                        texts = _read_jsonl(path, config.text_field)
+                    elif fmt in ("parquet", "arrow", "saved_dataset"):
+                        texts = _read_table(path, fmt, config.text_field)
+                    else:
+                        texts = [path.read_bytes()]
+                    _add_texts(docs, texts, tokenizer, eod, limit)
                 except OSError as e:
                     raise DataError(f"{path}: cannot read: {e}") from None
-                texts = [t for t in texts if t]
-                docs.extend(np.concatenate([t, eod]) for t in tokenizer.encode_batch(texts) if t.size)
-            if config.max_documents is not None and len(docs) >= config.max_documents:
-                docs = docs[: config.max_documents]
+            if limit is not None and len(docs) >= limit:
+                docs = docs[:limit]
                 break
         description = f"{config.source} ({len(files)} file{'s' if len(files) != 1 else ''})"
     if not docs:

@@ -1,4 +1,5 @@
-"""What a user watches: throughput and MFU, metrics.jsonl, the progress bar, the loss curve.
+"""What a user watches: throughput and MFU, metrics.jsonl, TensorBoard and W&B, the progress
+bar, the loss curve.
 
 tokens/s counts real tokens only (padding excluded), so packed, padded and single modes compare
 on useful work. MFU = model FLOPs per token (MambaConfig.flops_per_token: matmuls, conv and the
@@ -110,6 +111,52 @@ class MetricsWriter:
             self.file.close()
 
 
+class TensorBoardWriter:
+    """Scalars and the run's config (as text) in TensorBoard event files, through tensorboardX
+    (no TensorFlow). A resumed run sets purge_step, so TensorBoard drops what an interrupted
+    run logged after the step it resumed from, as MetricsWriter drops those lines."""
+
+    def __init__(self, directory: pathlib.Path, resume_step: int | None):
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(str(directory), flush_secs=30,
+                                    purge_step=None if resume_step is None else resume_step + 1)
+
+    def config(self, config: dict, step: int) -> None:
+        # Indented four spaces: TensorBoard renders text as Markdown, and this keeps it verbatim.
+        text = json.dumps(config, indent=2).replace("\n", "\n    ")
+        self.writer.add_text("config", "    " + text, step)
+
+    def scalars(self, step: int, values: dict) -> None:
+        for tag, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbWriter:
+    """The same scalars and the config in a Weights & Biases run (the optional wandb extra).
+    run_id keeps one W&B run across resumes of one run directory."""
+
+    def __init__(self, project: str, mode: str, directory: pathlib.Path, config: dict,
+                 run_id: str):
+        import wandb
+
+        self.run = wandb.init(project=project, mode=mode, dir=str(directory), config=config,
+                              id=run_id, resume="allow")
+
+    def config(self, config: dict, step: int) -> None:
+        pass  # given to wandb.init
+
+    def scalars(self, step: int, values: dict) -> None:
+        self.run.log({k: v for k, v in values.items() if v is not None}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 def read_metrics(path: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
 
@@ -143,11 +190,12 @@ def plot_loss(records: list[dict], path: pathlib.Path, title: str) -> str | None
 
 
 class Progress:
-    """tqdm bar on stderr when enabled (and installed), else nothing; log() prints a line."""
+    """tqdm bar on stderr when enabled, installed and stderr is a terminal (redraws would fill a
+    log file), else nothing; log() prints a line."""
 
     def __init__(self, total: int, initial: int, enabled: bool):
         self.bar = None
-        if enabled:
+        if enabled and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
 

@@ -17,6 +17,7 @@ import datetime
 import json
 import math
 import pathlib
+import secrets
 import shutil
 import sys
 import time
@@ -37,6 +38,9 @@ from train.config import ConfigError, TrainConfig, check_resume, model_record
 
 # Where unreadable checkpoints (and their model exports) are moved, inside the run directory.
 UNREADABLE_DIR = "unreadable"
+# TensorBoard event files, and the W&B run id that a resumed run logs to, in the run directory.
+TENSORBOARD_DIR = "tensorboard"
+WANDB_ID_FILE = "wandb_run_id"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -118,6 +122,7 @@ def describe(p: Prepared, efficiency: dict) -> list[str]:
 def run(config: TrainConfig, *, log=print) -> dict:
     """Trains per `config`; returns the summary dict (also written to out_dir/summary.json)."""
     config.validate()
+    check_loggers(config.run)
     cache_dir = enable_compilation_cache(config.run)  # before anything compiles
     p = prepare(config)
     r = config.run
@@ -184,6 +189,24 @@ def enable_compilation_cache(r) -> pathlib.Path | None:
         raise ConfigError(f"--run.compilation_cache_dir: {e}") from None
 
 
+def check_loggers(r) -> None:
+    """ConfigError, before any work, when the package a chosen logger needs is missing."""
+    import importlib
+
+    for wanted, module, remedy in (
+            (r.tensorboard, "tensorboardX", "pip install -c constraints.txt -e . (or "
+                                            "--run.tensorboard=false)"),
+            (bool(r.wandb_project), "wandb", "pip install -c constraints.txt -e '.[wandb]'")):
+        if not wanted:
+            continue
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            flag = "--run.tensorboard" if module == "tensorboardX" else "--run.wandb_project"
+            raise ConfigError(f"{flag} needs the {module} package, which is not installed: "
+                              f"{remedy}") from None
+
+
 def is_main_process() -> bool:
     return jax.process_index() == 0
 
@@ -201,7 +224,7 @@ def open_run_directory(config: TrainConfig) -> pathlib.Path:
     ckpt_dir = out / CHECKPOINTS_DIR
     if r.overwrite and is_main_process():
         for name in (CHECKPOINTS_DIR, MODELS_DIR, "metrics.jsonl", "summary.json", "loss.png",
-                     "config.json"):
+                     "config.json", TENSORBOARD_DIR, WANDB_ID_FILE):
             target = out / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -425,9 +448,29 @@ def evaluate(compiled, params, eval_set) -> float | None:
 # Reporting.
 
 
+def open_loggers(config: TrainConfig, out: pathlib.Path, resumed_from: int | None) -> list:
+    """The writers of --run.tensorboard and --run.wandb_project (main process only), each
+    given the config once."""
+    r = config.run
+    if not is_main_process():
+        return []
+    loggers = []
+    if r.tensorboard:
+        loggers.append(metrics_lib.TensorBoardWriter(out / TENSORBOARD_DIR, resumed_from))
+    if r.wandb_project:
+        id_file = out / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(8)
+        id_file.write_text(run_id + "\n")
+        loggers.append(metrics_lib.WandbWriter(r.wandb_project, r.wandb_mode, out,
+                                               config.to_dict(), run_id))
+    for logger in loggers:
+        logger.config(config.to_dict(), 0 if resumed_from is None else resumed_from)
+    return loggers
+
+
 class Report:
-    """What a run reports while it trains: metrics.jsonl records, the progress bar and its
-    lines, and the totals its summary is made of."""
+    """What a run reports while it trains: metrics.jsonl records (and the same scalars to
+    TensorBoard / W&B), the progress bar and its lines, and the totals its summary is made of."""
 
     def __init__(self, p: Prepared, out: pathlib.Path, start: int, resumed_from: int | None,
                  cache_dir: pathlib.Path | None):
@@ -437,6 +480,7 @@ class Report:
         self.compile_cache = None
         self.writer = metrics_lib.MetricsWriter(out / "metrics.jsonl", resumed_from,
                                                 enabled=is_main_process())
+        self.loggers = open_loggers(p.config, out, resumed_from)
         self.devices = p.mesh.devices.size
         self.kind = p.mesh.devices.flatten()[0].device_kind
         self.peak = metrics_lib.peak_flops(self.kind) if jax.default_backend() != "cpu" else None
@@ -444,6 +488,7 @@ class Report:
         self.meter = metrics_lib.Throughput(skip=1)
         self.real_tokens = self.slots = 0
         self.first_step_s = None
+        self.last_step_t = None
         self.first_loss = self.last_loss = None
         self.recent_losses: list[float] = []
         self.last_saved = resumed_from
@@ -471,6 +516,8 @@ class Report:
                 f"Try a lower --optim.lr (now {self.p.config.optim.lr}) or longer --optim.warmup_steps.")
         if self.first_step_s is None:
             self.first_step_s = now - self.t_start
+        step_time = now - (self.t_start if self.last_step_t is None else self.last_step_t)
+        self.last_step_t = now
         self.meter.update(stats["real_tokens"], now)
         self.real_tokens += stats["real_tokens"]
         self.slots += stats["slots"]
@@ -482,8 +529,14 @@ class Report:
         self.writer.write(dict(
             step=s, loss=m["loss"], grad_norm=m["grad_norm"], lr=m.get("lr"),
             targets=int(m["targets"]), real_tokens=stats["real_tokens"], slots=stats["slots"],
-            sequences=stats["sequences"], tokens_per_s=tps, mfu=util, time_s=now - self.t_start))
+            sequences=stats["sequences"], tokens_per_s=tps, mfu=util, time_s=now - self.t_start,
+            step_time_s=step_time))
         eff = stats["real_tokens"] / stats["slots"]
+        for logger in self.loggers:
+            logger.scalars(s, {"train/loss": m["loss"], "train/grad_norm": m["grad_norm"],
+                               "train/learning_rate": m.get("lr"),
+                               "train/packing_efficiency": eff, "perf/tokens_per_s": tps,
+                               "perf/mfu": util, "perf/step_time_s": step_time})
         self.progress.update(1, f"loss {m['loss']:.3f} | {metrics_lib.fmt_rate(tps)} tok/s | "
                                 f"MFU {metrics_lib.fmt_pct(util)} | pack {100 * eff:.0f}%")
         if r.log_every and (s % r.log_every == 0 or s == self.start + 1):
@@ -503,6 +556,8 @@ class Report:
 
     def eval(self, s: int, loss: float | None) -> None:
         self.writer.write(dict(step=s, eval_loss=loss))
+        for logger in self.loggers:
+            logger.scalars(s, {"eval/loss": loss})
         self.progress.log(f"step {s:>6}/{self.run_config.steps}  eval loss {loss:.4f} (held out)"
                           if loss is not None else f"step {s}: no held-out data")
 
@@ -517,6 +572,8 @@ class Report:
     def close(self) -> None:
         self.progress.close()
         self.writer.close()
+        for logger in self.loggers:
+            logger.close()
 
     def summary(self, end_step: int, eval_loss: float | None, wall: float) -> dict:
         p, c, d = self.p, self.p.config, self.p.config.data
