@@ -9,9 +9,11 @@ Sampling: --temperature (0: greedy), --top-k, --top-p, --min-p, --repetition-pen
 as Hugging Face defines them (jax_packmamba.sampling). A single prompt's continuation is
 printed as it is generated, every --stream-block decode steps (jitted blocks of the same
 compiled loop); several prompts are printed when all are done. The last line (stderr) gives
-tokens/s and the time to the first token.
+tokens/s and the time to the first token; the first (stderr) names the model directory loaded
+and, for a training run's export, its step.
 
-Every bad input is one line on stderr and exit code 2, no traceback: the flags are checked
+Every bad input is one line on stderr ("error: ...", as the training command line prints it)
+and exit code 2, no traceback: the flags are checked
 before anything is loaded, and a ValueError or OSError the library raises later (a directory
 that holds no model, token ids the model does not have) is printed the same way.
 
@@ -40,6 +42,7 @@ from jax_packmamba.decode_step import DECODE_IMPLS
 from jax_packmamba.generation import generate, prefill_batch, prepare, sampling_config, stream
 from jax_packmamba.ops.selective_scan import IMPLS as SCAN_IMPLS
 from jax_packmamba.pretrained import from_pretrained
+from jax_packmamba.run_layout import MODELS_DIR, resolve_model_dir
 from jax_packmamba.sampling import MAX_EOS_IDS
 from jax_packmamba.tokenizer import (
     BYTES, ByteTokenizer, load_tokenizer, tokenizer_for_model_dir,
@@ -191,7 +194,7 @@ def main(argv=None) -> int:
         return _run(argv)
     except _UsageError as err:
         message = " ".join(str(err).split())  # one line, whatever the message held
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return 2
 
 
@@ -262,13 +265,23 @@ def _generate(args) -> int:
     # raised on the way stays the only line on stderr.
     cache = None if args.no_compilation_cache else compilation_cache.enable(args.compilation_cache)
 
-    model = from_pretrained(args.checkpoint, dtype=args.dtype, scan_impl=args.scan_impl)
+    model_dir = resolve_model_dir(args.checkpoint)
+    model = from_pretrained(model_dir, dtype=args.dtype, scan_impl=args.scan_impl)
     vocab = model.config.vocab_size
     for i, ids in enumerate(prompts, start=1):
         if int(ids.max()) >= vocab:
             raise ValueError(f"--prompt #{i} encodes to token ids up to {int(ids.max())} with the "
                              f"tokenizer {tokenizer.name}, but the model has {vocab} (--tokenizer "
                              f"picks the model's own)")
+    for eos in eos_ids:
+        if eos >= vocab:
+            source = "--eos-id" if args.eos_id else "the model directory's eos_token_id"
+            raise ValueError(f"{source} {eos} is outside the model's vocabulary: token ids are in "
+                             f"[0, {vocab})")
+    # A run's export is RUN/models/<step>: say which step, since a run directory means its newest.
+    step = (f" (training step {model_dir.name})"
+            if model_dir.parent.name == MODELS_DIR and model_dir.name.isdigit() else "")
+    print(f"model: {model_dir}{step}", file=sys.stderr)
     prepared = prepare(model)
     del model
     if args.warmup:

@@ -293,7 +293,7 @@ def test_command_line_bad_input_is_one_line_and_exit_code_2(byte_model_dir, tmp_
         out = capsys.readouterr()
         assert out.out == "" and "Traceback" not in out.err, (flags, out)
         assert out.err.endswith("\n") and out.err.count("\n") == 1, (flags, out.err)
-        assert re.fullmatch(f"python -m jax_packmamba.generate: error: .*{pattern}.*\n", out.err), (flags, out.err)
+        assert re.fullmatch(f"error: .*{pattern}.*\n", out.err), (flags, out.err)
         assert loads == [] or str(tmp_path / "empty") in flags, flags
 
 
@@ -304,7 +304,7 @@ def test_command_line_errors_print_no_traceback_in_a_real_process(case, tmp_path
     res = subprocess.run([sys.executable, "-m", "jax_packmamba.generate", *flags], cwd=REPO,
                          capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert res.returncode == 2 and res.stdout == "", res
-    assert res.stderr.count("\n") == 1 and res.stderr.startswith("python -m jax_packmamba.generate: error: "), res.stderr
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: "), res.stderr
 
 
 def test_command_line_prompt_outside_the_model_vocabulary(tmp_path, capsys):
@@ -314,8 +314,12 @@ def test_command_line_prompt_outside_the_model_vocabulary(tmp_path, capsys):
                  "--no-compilation-cache"]) == 2
     out = capsys.readouterr()
     assert out.out == "" and out.err == (
-        "python -m jax_packmamba.generate: error: --prompt #1 encodes to token ids up to 97 with "
+        "error: --prompt #1 encodes to token ids up to 97 with "
         "the tokenizer bytes, but the model has 64 (--tokenizer picks the model's own)\n")
+    assert main(["--checkpoint", str(tmp_path), "--prompt", "0", "--eos-id", "3", "--eos-id", "64",
+                 "--no-compilation-cache"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --eos-id 64 is outside the model's vocabulary: token ids are in [0, 64)\n")
 
 
 def test_command_line_max_new_tokens_0_prints_the_prompts(byte_model_dir, capsys):
@@ -324,7 +328,7 @@ def test_command_line_max_new_tokens_0_prints_the_prompts(byte_model_dir, capsys
                      "--stream-block", stream_block, "--no-compilation-cache"]) == 0
         out = capsys.readouterr()
         assert out.out == "--- 'Hi'\nHi\n", out.out
-        assert out.err.startswith("0 tokens in"), out.err
+        assert out.err.splitlines()[-1].startswith("0 tokens in"), out.err
     assert main(["--checkpoint", str(byte_model_dir), "--prompt", "ab", "--prompt", "c",
                  "--max-new-tokens", "0", "--no-compilation-cache"]) == 0
     assert capsys.readouterr().out == "--- 'ab'\nab\n--- 'c'\nc\n"

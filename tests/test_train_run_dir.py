@@ -320,7 +320,9 @@ def test_generate_command_line_on_a_run_stops_at_its_eos(trained, monkeypatch, c
                               "--max-new-tokens", "4", "--no-compilation-cache"])
     assert code == 0, capsys.readouterr().err
     assert seen["eos_ids"] == (256,)
-    assert capsys.readouterr().out.startswith("--- 'def '")
+    out = capsys.readouterr()
+    assert out.out.startswith("--- 'def '")
+    assert out.err.splitlines()[0] == f"model: {trained}/models/6 (training step 6)", out.err
 
 
 def test_resolve_model_dir_names_what_it_looked_for(tmp_path):
