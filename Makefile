@@ -1,5 +1,6 @@
 # Everything a newcomer needs: `make train` and `make test` (also `make demo`).
 # Both build .venv on first use from python3.12 and the pinned constraints.txt.
+# Flags for the trainer go through ARGS: make train ARGS="--run.steps=400".
 
 SHELL := /bin/bash
 VENV := .venv
@@ -20,7 +21,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 train: $(VENV)/.installed
-	$(PY) -m train
+	$(PY) -m train $(ARGS)
 
 demo: $(VENV)/.installed
 	$(PY) -m jax_packmamba.demo
