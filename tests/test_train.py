@@ -28,7 +28,7 @@ from train import step as step_lib
 from train.__main__ import main
 from train.config import ConfigError, DataConfig, OptimConfig, TrainConfig, parse_args
 from train.data import DataError
-from train.metrics import peak_flops, read_metrics
+from train.metrics import Progress, peak_flops, read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -409,6 +409,15 @@ def test_grad_accumulation_equals_one_big_batch_and_schedule():
     np.testing.assert_allclose([sched(0), sched(2), sched(10)], [0.0, 1e-2, 1e-3], rtol=1e-6)
 
 
+def test_no_progress_bar_redraws_into_a_file(capsys):
+    """Under pytest stderr is captured, not a terminal: progress is the log lines alone."""
+    progress = Progress(total=10, initial=0, enabled=True)
+    progress.update(1, "loss 1.0")
+    progress.log("step 1")
+    progress.close()
+    assert progress.bar is None and capsys.readouterr() == ("step 1\n", "")
+
+
 def test_peak_flops_table():
     assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("cpu") is None
@@ -445,7 +454,8 @@ def test_smoke_run_end_to_end(tmp_path):
 def test_nonfinite_loss_stops_with_last_good_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(TINY + ["--run.steps=30", "--run.checkpoint_every=1", "--optim.lr=1e12",
-                        "--optim.warmup_steps=0", "--optim.clip_norm=0", f"--run.out_dir={out}"])
+                        "--optim.warmup_steps=0", "--optim.clip_norm=0", f"--run.out_dir={out}",
+                        "--run.export_models=false"])
     err = capsys.readouterr().err
     assert code == 1 and "non-finite" in err, err
     steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
