@@ -241,6 +241,10 @@ def test_run_trains_on_past_a_damaged_checkpoint(run_copy, trained, capsys):
     assert checkpoint_steps(run_copy) == [4, 6]  # step 6 written again
     a, b = losses(run_copy), losses(trained)
     np.testing.assert_allclose([a[5], a[6]], [b[5], b[6]], rtol=1e-6)
+    # TensorBoard is told to drop what the first run logged from step 5 on.
+    purges = [e.step for e in tensorboard_events(run_copy / "tensorboard")
+              if e.HasField("session_log")]
+    assert purges == [5]
 
 
 def test_no_readable_checkpoint_is_one_clear_error(run_copy, capsys):

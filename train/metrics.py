@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -119,7 +120,8 @@ class TensorBoardWriter:
     def __init__(self, directory: pathlib.Path, resume_step: int | None):
         from tensorboardX import SummaryWriter
 
-        self.writer = SummaryWriter(str(directory), flush_secs=30,
+        # The file name holds the second it was opened: the pid keeps a quick resume's apart.
+        self.writer = SummaryWriter(str(directory), flush_secs=30, filename_suffix=f".{os.getpid()}",
                                     purge_step=None if resume_step is None else resume_step + 1)
 
     def config(self, config: dict, step: int) -> None:
