@@ -210,17 +210,6 @@ def test_command_line_with_byte_tokenizer(tmp_path, capsys):
     assert "10 tokens in" in out.err and "tokens/s" in out.err
 
 
-def test_command_line_module_runs_without_runpy_warning():
-    # The package no longer imports its command-line module, so `python -m` finds it unloaded
-    # (runpy warns, and here fails, when the module was already imported).
-    res = subprocess.run(
-        [sys.executable, "-W", "error::RuntimeWarning", "-m", "jax_packmamba.generate", "--help"],
-        cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"))
-    assert res.returncode == 0, res.stderr
-    assert "usage: python -m jax_packmamba.generate" in res.stdout and not res.stderr
-
-
 # The command line's errors: one line on stderr, exit code 2, no traceback, before the model
 # loads where the flags alone show the problem.
 
@@ -301,7 +290,10 @@ def test_command_line_bad_input_is_one_line_and_exit_code_2(byte_model_dir, tmp_
 def test_command_line_errors_print_no_traceback_in_a_real_process(case, tmp_path, byte_model_dir):
     flags = {"missing checkpoint": ["--checkpoint", str(tmp_path / "nope"), "--prompt", "a"],
              "not a model directory": ["--checkpoint", str(tmp_path), "--prompt", "a"]}[case]
-    res = subprocess.run([sys.executable, "-m", "jax_packmamba.generate", *flags], cwd=REPO,
+    # -W error: the package does not import its command-line module, so `python -m` finds it
+    # unloaded (runpy warns, and here fails, when the module was already imported).
+    res = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m",
+                          "jax_packmamba.generate", *flags], cwd=REPO,
                          capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert res.returncode == 2 and res.stdout == "", res
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: "), res.stderr
