@@ -176,9 +176,9 @@ def _table_batches(path: pathlib.Path, fmt: str):
             raise DataError(f"{path} holds the splits {list(ds)}: name one split's directory "
                             f"(e.g. {path / next(iter(ds))})")
         return ds.data.schema, ds.with_format("arrow").iter(batch_size=TABLE_BATCH_ROWS)
+    except DataError:
+        raise
     except (OSError, ValueError, pa.ArrowException) as e:
-        if isinstance(e, DataError):
-            raise
         raise DataError(f"{path}: cannot read as {fmt}: {' '.join(str(e).split())}") from None
 
 
@@ -196,7 +196,14 @@ def _read_table(path: pathlib.Path, fmt: str, field: str) -> Iterator[bytes]:
             or pa.types.is_string_view(kind)):
         raise DataError(f"{path}: column {field!r} holds {kind}, not text (--data.text_field)")
     row = 0
-    for batch in batches:
+    while True:
+        try:
+            batch = next(batches, None)
+        except (OSError, pa.ArrowException) as e:  # a damaged part of the file
+            raise DataError(f"{path}: cannot read as {fmt} after row {row}: "
+                            f"{' '.join(str(e).split())}") from None
+        if batch is None:
+            return
         column = batch.column(field)
         if column.null_count:
             first = column.is_null().to_pylist().index(True)
