@@ -156,8 +156,10 @@ def run(config: TrainConfig, *, log=print) -> dict:
         return already_complete(out, start, r, log)
     cadence = f"every {r.checkpoint_every} steps + " if r.checkpoint_every else ""
     exports = f"; {MODELS_DIR}/<step> model exports" if r.export_models else ""
+    loggers = (f"; {TENSORBOARD_DIR}/ (tensorboard --logdir {out})" if r.tensorboard else "") + (
+        f"; W&B project {r.wandb_project} ({r.wandb_mode})" if r.wandb_project else "")
     log(f"out     {out}  (checkpoints {cadence}at the end, keep {r.keep_checkpoints}{exports}; "
-        f"metrics.jsonl; loss.png)")
+        f"metrics.jsonl{loggers}; loss.png)")
 
     eval_set = [sharding.put_batch(b["arrays"], sharding.batch_sharding(p.mesh))
                 for b in data_lib.eval_batches(p.eval_pieces, config.data)]
