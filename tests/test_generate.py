@@ -352,24 +352,30 @@ sys.exit(code)
 """
 
 
-@pytest.mark.parametrize("flag", ["--compilation-cache", "default", "--no-compilation-cache"])
+@pytest.mark.parametrize("flag", ["--compilation-cache", "default"])
 def test_command_line_compilation_cache_flags(flag, tmp_path, byte_model_dir):
     # In a fresh process: the cache is global jax state that other tests must not inherit.
     chosen, from_env = tmp_path / "chosen", tmp_path / "from_env"
-    flags = {"--compilation-cache": ["--compilation-cache", str(chosen)], "default": [],
-             "--no-compilation-cache": ["--no-compilation-cache"]}[flag]
+    flags = {"--compilation-cache": ["--compilation-cache", str(chosen)], "default": []}[flag]
     res = subprocess.run(
         [sys.executable, "-c", _CACHE_PROBE, "--checkpoint", str(byte_model_dir), "--prompt", "a",
          "--max-new-tokens", "0", *flags], cwd=REPO, capture_output=True, text=True, timeout=300,
         env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_PACKMAMBA_CACHE_DIR=str(from_env)))
     assert res.returncode == 0, res.stderr
-    folder = {"--compilation-cache": chosen, "default": from_env, "--no-compilation-cache": None}[flag]
+    folder = {"--compilation-cache": chosen, "default": from_env}[flag]
     assert res.stdout.splitlines()[-1] == f"cache dir: {folder}"
-    if folder is None:
-        assert "compilation cache" not in res.stderr and not chosen.exists() and not from_env.exists()
-    else:
-        assert f"compilation cache: {folder} (--no-compilation-cache turns it off)" in res.stderr
-        assert any(folder.iterdir())  # the compiled programs were written there
+    assert f"compilation cache: {folder} (--no-compilation-cache turns it off)" in res.stderr
+    assert any(folder.iterdir())  # the compiled programs were written there
+
+
+def test_command_line_without_the_compilation_cache(tmp_path, byte_model_dir, capsys, monkeypatch):
+    # In this process: --no-compilation-cache leaves jax's cache settings as they are.
+    monkeypatch.setenv("JAX_PACKMAMBA_CACHE_DIR", str(tmp_path / "from_env"))
+    before = jax.config.jax_compilation_cache_dir
+    assert main(["--checkpoint", str(byte_model_dir), "--prompt", "a", "--max-new-tokens", "0",
+                 "--no-compilation-cache"]) == 0
+    assert jax.config.jax_compilation_cache_dir == before
+    assert "compilation cache" not in capsys.readouterr().err and not any(tmp_path.iterdir())
 
 
 def test_pallas_decode_step_generates_what_the_xla_step_does(prepared, model):
