@@ -189,7 +189,7 @@ def stdlib_texts(n: int) -> list[str]:
     return [d.tobytes().decode("utf-8") for d in stdlib_documents(n)]
 
 
-def test_table_sources(tmp_path):
+def test_table_sources(tmp_path, monkeypatch):
     """Parquet (several row groups), Arrow IPC and save_to_disk directories, in a directory
     walk and by name: one document per row of --data.text_field, in order."""
     import datasets
@@ -214,6 +214,10 @@ def test_table_sources(tmp_path):
         data_lib.load_corpus(DataConfig(source=str(tmp_path / "dict")))
     with pytest.raises(DataError, match=r"a.parquet: column 'n' holds int64, not text"):
         data_lib.load_corpus(DataConfig(source=str(tmp_path / "d" / "a.parquet"), text_field="n"))
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed: the extra is named
+    with pytest.raises(DataError, match=r"saved: reading save_to_disk datasets needs datasets: "
+                                        r"pip install -e '.\[data\]'"):
+        data_lib.load_corpus(DataConfig(source=str(tmp_path / "d" / "saved")))
 
 
 def test_sources_and_tokenizers(tmp_path):
