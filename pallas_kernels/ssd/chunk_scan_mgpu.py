@@ -72,12 +72,12 @@ def _cols(v, shape):
     return lax.broadcast_in_dim(v, shape, (1,))
 
 
-def _kernel(*refs, names, st: Static, cb_dtype):
+def _kernel(*refs, names, st: Static, h_in_path: str):
     n_in = len(names["in"])
     r = dict(zip(names["in"], refs[:n_in]))
     o = dict(zip(names["out"], refs[n_in:n_in + len(names["out"])]))
     scratch = refs[n_in + len(names["out"]):]
-    (c_s, hin32_s, hin_s, cb_s, x_s, w_s, cs_s, dt_s, csl_s, lo_s, dp_s, yadd_s, z_s, ypre_s, y_s,
+    (c_s, hin_s, hin32_s, cb_s, x_s, w_s, cs_s, dt_s, csl_s, lo_s, dp_s, yadd_s, z_s, ypre_s, y_s,
      bar_rows, bar_inter, bar_blk) = scratch
     mm = jnp.dtype(st.mm_dtype)
     L, p = st.chunk, st.headdim
@@ -111,7 +111,8 @@ def _kernel(*refs, names, st: Static, cb_dtype):
     @pl.when(entered)
     def _():
         plgpu.copy_gmem_to_smem(r["C"].at[b, rows, g], c_s, bar_inter)
-        plgpu.copy_gmem_to_smem(r["h_in"].at[b, c, h], hin32_s, bar_inter)
+        if h_in_path == "tma":
+            plgpu.copy_gmem_to_smem(r["h_in"].at[b, c, h], hin32_s, bar_inter)
 
     j0 = lax.div(jnp.maximum(lo_first, 0), jnp.int32(BLOCK))
 
@@ -133,10 +134,16 @@ def _kernel(*refs, names, st: Static, cb_dtype):
                                  plgpu.Layout.WGMMA.reduce(1))
 
     def inter():
-        plgpu.barrier_wait(bar_inter)
         # h_in rounded to the matmul dtype (as the Triton kernel's dot operand), then C h_in^T.
-        hin_s[...] = hin32_s[...].astype(mm)
+        if h_in_path == "tma":
+            plgpu.barrier_wait(bar_inter)
+            hin = hin32_s[...]
+        else:
+            hin = plgpu.load(r["h_in"].at[b, c, h], layout=plgpu.Layout.WGMMA, optimized=False)
+        hin_s[...] = hin.astype(mm)
         plgpu.commit_smem()
+        if h_in_path != "tma":
+            plgpu.barrier_wait(bar_inter)
 
         def mm_inter(acc_ref):
             plgpu.wgmma(acc_ref, c_s, hin_s.transpose((1, 0)))
@@ -212,10 +219,19 @@ def _pad_rows(a, padded):
     return jnp.pad(a, ((0, 0), (0, padded - a.shape[1])) + ((0, 0),) * (a.ndim - 2))
 
 
-def chunk_scan(inputs: dict, *, st: Static, y_dtype, interpret: bool = False):
+H_IN_PATHS = ("registers", "tma")
+
+
+def chunk_scan(inputs: dict, *, st: Static, y_dtype, interpret: bool = False,
+               h_in_path: str = "registers"):
     """Same contract as kernel.chunk_scan: y (b, t, h, p) and, with z, y_pre (or None).
-    interpret: run in the Mosaic GPU interpreter (CPU)."""
+    interpret: run in the Mosaic GPU interpreter (CPU).
+    h_in_path: how the float32 state entering the chunk reaches the bf16 SMEM operand:
+    "registers" (GMEM -> registers, 32 KiB less SMEM a program) or "tma" (TMA into a float32
+    SMEM buffer, then registers)."""
     check_supported(st)
+    if h_in_path not in H_IN_PATHS:
+        raise ValueError(f"h_in_path must be one of {H_IN_PATHS}, got {h_in_path!r}")
     if jnp.dtype(y_dtype) != jnp.dtype(st.mm_dtype):
         raise ValueError(f"y_dtype={jnp.dtype(y_dtype)} must be x's dtype {st.mm_dtype}")
     T = st.padded
@@ -226,7 +242,6 @@ def chunk_scan(inputs: dict, *, st: Static, y_dtype, interpret: bool = False):
     ins["h_in"] = ins["h_in"].astype(F32)
     ins["cs"], ins["dtp"] = ins["cs"].astype(F32), ins["dtp"].astype(F32)
     mm = jnp.dtype(st.mm_dtype)
-    cb_dtype = ins["cb"].dtype
     rows = jax.ShapeDtypeStruct((st.batch, T, st.heads, st.headdim), mm)
     out_names = ("y", "y_pre") if st.has_z else ("y",)
     out_type = tuple(rows for _ in out_names)
@@ -234,27 +249,27 @@ def chunk_scan(inputs: dict, *, st: Static, y_dtype, interpret: bool = False):
     vec = lambda dtype: plgpu.SMEM((BLOCK,), dtype)  # noqa: E731
     scratch = (
         _smem((BLOCK, n), mm),  # C rows
-        _smem((p, n), F32),  # h_in as stored
         _smem((p, n), mm),  # h_in rounded
-        _smem((2, BLOCK, BLOCK), cb_dtype),
+        _smem((p, n), F32) if h_in_path == "tma" else None,
+        _smem((2, BLOCK, BLOCK), ins["cb"].dtype),
         _smem((2, BLOCK, p), mm),  # x of the s block
         _smem((BLOCK, BLOCK), mm),  # W
         plgpu.SMEM((2, BLOCK), F32),  # cs_s
         plgpu.SMEM((2, BLOCK), F32),  # dt'_s
         vec(F32),  # cs_l
-        vec(jnp.int32),  # seg_lo_l
-        plgpu.SMEM((p,), F32),  # per-channel D
-        _smem((BLOCK, p), F32),  # y_add
-        _smem((BLOCK, p), mm),  # z
-        _smem((BLOCK, p), mm),  # y_pre
+        vec(jnp.int32) if st.has_seg else None,  # seg_lo_l
+        plgpu.SMEM((p,), F32) if st.d_per_p else None,  # per-channel D
+        _smem((BLOCK, p), F32) if st.has_y_add else None,
+        _smem((BLOCK, p), mm) if st.has_z else None,  # z
+        _smem((BLOCK, p), mm) if st.has_z else None,  # y_pre
         _smem((BLOCK, p), mm),  # y
         plgpu.Barrier(num_arrivals=1 + st.has_seg + st.d_per_p + st.has_y_add + st.has_z),
-        plgpu.Barrier(num_arrivals=2),
+        plgpu.Barrier(num_arrivals=1 + (h_in_path == "tma")),
         plgpu.Barrier(num_arrivals=4, num_barriers=2),
     )
     names = {"in": tuple(ins), "out": out_names}
     call = plgpu.kernel(
-        lambda *refs: _kernel(*refs, names=names, st=st, cb_dtype=cb_dtype),
+        lambda *refs: _kernel(*refs, names=names, st=st, h_in_path=h_in_path),
         out_type=out_type, scratch_types=scratch,
         grid=(st.chunk // BLOCK, st.heads, st.batch * st.n_chunks),
         grid_names=("row", "head", "bc"), kernel_name="ssd_chunk_scan_mgpu")
