@@ -2,6 +2,7 @@
 (chunk_scan_mgpu.chunk_scan), in one process, on the step-speed shapes (issue 25).
 
     PYTHONPATH=. python3 benchmarks/bench_ssd_chunk_scan.py [--out DIR] [--smoke]
+        [--shapes 0,1,2,3] [--once]
 
 Per shape (batch, length, heads, headdim, d_state), one group, bf16, chunk 256, D and z on,
 64 random-length segments a row: the kernels' inputs (dt', cumulative decays, C B^T, h_in) are
@@ -10,7 +11,10 @@ apart), checked against the other (max |diff| / max |y|), then timed by harness.
 (warm-up, block_until_ready, median of 7 groups of 5 calls, rotating between input sets that
 together exceed twice the L2). io_gb_s: the bytes of the kernel's inputs and outputs over its
 median time, what it would move reading and writing each array once. Writes
-ssd_chunk_scan_mosaic_<device>.json. On CPU (--smoke) both run in their interpreters.
+ssd_chunk_scan_mosaic_<device>.json. On CPU (--smoke) both run in their interpreters. --once:
+one set, two calls of each kernel and no file, for a profiler:
+    ncu -k regex:ssd_chunk_scan --launch-count 4 --section LaunchStats --section Occupancy
+        --section SpeedOfLight python3 benchmarks/bench_ssd_chunk_scan.py --shapes 0 --once
 """
 
 from __future__ import annotations
@@ -61,21 +65,27 @@ def scan_inputs(seed, shape, chunk, interpret):
 
 
 def main(argv=None) -> int:
-    args = harness.argument_parser(__doc__).parse_args(argv)
+    parser = harness.argument_parser(__doc__)
+    parser.add_argument("--shapes", default=",".join(map(str, range(len(SHAPES)))),
+                        help="indices into SHAPES")
+    parser.add_argument("--once", action="store_true", help="one call each (for a profiler)")
+    args = parser.parse_args(argv)
     res = harness.new_result("ssd_chunk_scan_mosaic", script=__file__, argv=sys.argv[1:],
                              out_dir=args.out, smoke=args.smoke)
     interpret = res.info.backend == "cpu"
-    shapes, chunk = ([SMOKE_SHAPE], SMOKE_CHUNK) if args.smoke else (SHAPES, CHUNK)
+    shapes, chunk = ([SMOKE_SHAPE], SMOKE_CHUNK) if args.smoke else (
+        [SHAPES[int(i)] for i in args.shapes.split(",")], CHUNK)
+    quick = interpret or args.once
     data = dict(res.header, chunk=chunk, segments_per_row=NUM_SEGMENTS, dtype="bfloat16",
                 results=[])
     for shape in shapes:
         plan, first = scan_inputs(0, shape, chunk, interpret)
-        n_sets = harness.rotation_count(harness.tree_bytes(first), backend=res.info.backend)
+        n_sets = 1 if args.once else harness.rotation_count(harness.tree_bytes(first),
+                                                            backend=res.info.backend)
         sets = [(first,)] + [(scan_inputs(s, shape, chunk, interpret)[1],)
                              for s in range(1, n_sets)]
-        mosaic = functools.partial(chunk_scan_mgpu.chunk_scan, interpret=interpret)
         fns = dict(triton=functools.partial(kernel.chunk_scan, **ssd_vjp._launch(plan, interpret)),
-                   mosaic=mosaic, mosaic_tma_h_in=functools.partial(mosaic, h_in_path="tma"))
+                   mosaic=functools.partial(chunk_scan_mgpu.chunk_scan, interpret=interpret))
         row = dict(shape=dict(zip(("batch", "length", "heads", "headdim", "d_state"), shape)))
         outs = {}
         for name, fn in fns.items():
@@ -90,9 +100,8 @@ def main(argv=None) -> int:
             compile_s = time.perf_counter() - t0
             out = call(first)
             outs[name] = np.asarray(out[0], np.float32)
-            timing = harness.time_calls(call, sets, warmup=1 if interpret else 3,
-                                        groups=1 if interpret else 7,
-                                        per_group=1 if interpret else 5)
+            timing = harness.time_calls(call, sets, warmup=0 if quick else 3,
+                                        groups=1 if quick else 7, per_group=1 if quick else 5)
             io = harness.tree_bytes(first) + harness.tree_bytes(out)
             row[name] = dict(median_ms=timing.median_s * 1e3, min_ms=timing.min_s * 1e3,
                              max_ms=timing.max_s * 1e3, compile_s=compile_s,
@@ -102,7 +111,8 @@ def main(argv=None) -> int:
             row[name]["max_abs_diff_over_max_abs"] = float(
                 np.abs(outs[name] - outs["triton"]).max() / np.abs(outs["triton"]).max())
         data["results"].append(row)
-        harness.write_json(res.path, data)
+        if not args.once:
+            harness.write_json(res.path, data)
         print(shape, {k: {m: round(x, 4) for m, x in v.items() if m != "error"}
                       for k, v in row.items() if k != "shape"}, flush=True)
     print(f"wrote {res.path}")

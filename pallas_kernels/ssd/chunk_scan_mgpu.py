@@ -72,13 +72,12 @@ def _cols(v, shape):
     return lax.broadcast_in_dim(v, shape, (1,))
 
 
-def _kernel(*refs, names, st: Static, h_in_path: str):
+def _kernel(*refs, names, st: Static):
     n_in = len(names["in"])
     r = dict(zip(names["in"], refs[:n_in]))
     o = dict(zip(names["out"], refs[n_in:n_in + len(names["out"])]))
     scratch = refs[n_in + len(names["out"]):]
-    (c_s, hin_s, hin32_s, cb_s, x_s, w_s, cs_s, dt_s, csl_s, lo_s, dp_s, yadd_s, z_s, ypre_s, y_s,
-     bar_rows, bar_inter, bar_blk) = scratch
+    ((c_s, hin_s), w_s), cb_s, x_s, vec_s, lo_s, dp_s, bar_rows, bar_inter, bar_blk = scratch
     mm = jnp.dtype(st.mm_dtype)
     L, p = st.chunk, st.headdim
     i = lax.axis_index("row")
@@ -92,8 +91,9 @@ def _kernel(*refs, names, st: Static, h_in_path: str):
     t0 = c0 + l0
     rows = pl.ds(t0, BLOCK)
     tile = (BLOCK, BLOCK)
+    # vec_s rows: 0 cs_l; 1 + 2 slot cs_s, 2 + 2 slot dt'_s.
+    csl_s = vec_s.at[0]
 
-    # The row data: cs_l, seg_lo_l, and what the epilogue reads; all independent of the loop.
     plgpu.copy_gmem_to_smem(r["cs"].at[b, h, rows], csl_s, bar_rows)
     if st.has_seg:
         plgpu.copy_gmem_to_smem(r["seg_lo"].at[b, rows], lo_s, bar_rows)
@@ -102,17 +102,11 @@ def _kernel(*refs, names, st: Static, h_in_path: str):
         lo_first = -jnp.minimum(c, 1)  # 0 in a row's first chunk, entered (-1) after it
     if st.d_per_p:
         plgpu.copy_gmem_to_smem(r["D"].at[h], dp_s, bar_rows)
-    if st.has_y_add:
-        plgpu.copy_gmem_to_smem(r["y_add"].at[b, rows, h], yadd_s, bar_rows)
-    if st.has_z:
-        plgpu.copy_gmem_to_smem(r["z"].at[b, rows, h], z_s, bar_rows)
     entered = lo_first < 0
 
     @pl.when(entered)
     def _():
         plgpu.copy_gmem_to_smem(r["C"].at[b, rows, g], c_s, bar_inter)
-        if h_in_path == "tma":
-            plgpu.copy_gmem_to_smem(r["h_in"].at[b, c, h], hin32_s, bar_inter)
 
     j0 = lax.div(jnp.maximum(lo_first, 0), jnp.int32(BLOCK))
 
@@ -121,10 +115,28 @@ def _kernel(*refs, names, st: Static, h_in_path: str):
         plgpu.copy_gmem_to_smem(r["cb"].at[b, c, g, pl.ds(l0, BLOCK), pl.ds(j * BLOCK, BLOCK)],
                                 cb_s.at[slot], bar_blk.at[slot])
         plgpu.copy_gmem_to_smem(r["x"].at[b, s, h], x_s.at[slot], bar_blk.at[slot])
-        plgpu.copy_gmem_to_smem(r["cs"].at[b, h, s], cs_s.at[slot], bar_blk.at[slot])
-        plgpu.copy_gmem_to_smem(r["dtp"].at[b, h, s], dt_s.at[slot], bar_blk.at[slot])
+        plgpu.copy_gmem_to_smem(r["cs"].at[b, h, s], vec_s.at[1 + 2 * slot], bar_blk.at[slot])
+        plgpu.copy_gmem_to_smem(r["dtp"].at[b, h, s], vec_s.at[2 + 2 * slot], bar_blk.at[slot])
 
     issue(j0, 0)
+
+    def rows_to_registers(ref):
+        # Epilogue operands go GMEM -> registers, issued now so that their latency hides
+        # behind the matmuls: an SMEM buffer each would cost residency (see below).
+        return plgpu.load(ref.at[b, rows, h], layout=plgpu.Layout.WGMMA, optimized=False)
+
+    z = rows_to_registers(r["z"]) if st.has_z else None
+    y_add = rows_to_registers(r["y_add"]) if st.has_y_add else None
+
+    @pl.when(entered)
+    def _():
+        # h_in rounded to the matmul dtype (as the Triton kernel's dot operand) while the copies
+        # above fly. It goes GMEM -> registers -> SMEM: a float32 SMEM copy by TMA would be 32
+        # KiB more a program, measured 1.5x slower for the lost residency.
+        hin = plgpu.load(r["h_in"].at[b, c, h], layout=plgpu.Layout.WGMMA, optimized=False)
+        hin_s[...] = hin.astype(mm)
+        plgpu.commit_smem()
+
     plgpu.barrier_wait(bar_rows)
     cs_l = plgpu.load(csl_s, layout=plgpu.Layout.WGMMA.reduce(1))
     if st.has_seg:
@@ -134,20 +146,11 @@ def _kernel(*refs, names, st: Static, h_in_path: str):
                                  plgpu.Layout.WGMMA.reduce(1))
 
     def inter():
-        # h_in rounded to the matmul dtype (as the Triton kernel's dot operand), then C h_in^T.
-        if h_in_path == "tma":
-            plgpu.barrier_wait(bar_inter)
-            hin = hin32_s[...]
-        else:
-            hin = plgpu.load(r["h_in"].at[b, c, h], layout=plgpu.Layout.WGMMA, optimized=False)
-        hin_s[...] = hin.astype(mm)
-        plgpu.commit_smem()
-        if h_in_path != "tma":
-            plgpu.barrier_wait(bar_inter)
+        plgpu.barrier_wait(bar_inter)
 
         def mm_inter(acc_ref):
             plgpu.wgmma(acc_ref, c_s, hin_s.transpose((1, 0)))
-            return acc_ref[...]
+            return acc_ref[...]  # waits for the wgmma: W may reuse this SMEM after it
 
         ch = pl.run_scoped(mm_inter, plgpu.ACC((BLOCK, p), F32))
         scale = jnp.exp2(jnp.where(lo_l < 0, cs_l, -jnp.inf))
@@ -156,21 +159,22 @@ def _kernel(*refs, names, st: Static, h_in_path: str):
     zero = plgpu.layout_cast(jnp.zeros((BLOCK, p), F32), plgpu.Layout.WGMMA)
     y_inter = lax.cond(entered, inter, lambda: zero)
 
-    pos_l = l0 + plgpu.broadcasted_iota(jnp.int32, tile, 0, layout=plgpu.Layout.WGMMA)
-    pos_s0 = plgpu.broadcasted_iota(jnp.int32, tile, 1, layout=plgpu.Layout.WGMMA)
-    lo_b = _rows(jnp.maximum(lo_l, 0), tile)
-    cs_lb = _rows(cs_l, tile)
+    lo_l = jnp.maximum(lo_l, 0)
 
     def intra(acc_ref):
         def step(j, carry):
             slot = lax.rem(j - j0, jnp.int32(2))
             plgpu.barrier_wait(bar_blk.at[slot])
             cb = cb_s.at[slot][...].astype(F32)
-            cs_sv = plgpu.load(cs_s.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-            dt_sv = plgpu.load(dt_s.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-            pos_s = j * BLOCK + pos_s0
-            mask = (pos_s <= pos_l) & (pos_s >= lo_b)
-            decay = jnp.exp2(jnp.where(mask, cs_lb - _cols(cs_sv, tile), -jnp.inf))
+            cs_sv = plgpu.load(vec_s.at[1 + 2 * slot], layout=plgpu.Layout.WGMMA.reduce(0))
+            dt_sv = plgpu.load(vec_s.at[2 + 2 * slot], layout=plgpu.Layout.WGMMA.reduce(0))
+            # Broadcasts made here, not hoisted out of the loop: held across it they would cost
+            # 128 registers a thread, more than three resident programs an SM leave.
+            pos_l = l0 + plgpu.broadcasted_iota(jnp.int32, tile, 0, layout=plgpu.Layout.WGMMA)
+            pos_s = j * BLOCK + plgpu.broadcasted_iota(jnp.int32, tile, 1,
+                                                       layout=plgpu.Layout.WGMMA)
+            mask = (pos_s <= pos_l) & (pos_s >= _rows(lo_l, tile))
+            decay = jnp.exp2(jnp.where(mask, _rows(cs_l, tile) - _cols(cs_sv, tile), -jnp.inf))
             w = jnp.where(mask, cb * decay * _cols(dt_sv, tile), 0.0).astype(mm)
             # The previous block's wgmma read W's buffer and the other slot: it must be done
             # before they are overwritten (this block's W was built meanwhile).
@@ -191,26 +195,29 @@ def _kernel(*refs, names, st: Static, h_in_path: str):
         return acc_ref[...]
 
     y = pl.run_scoped(intra, plgpu.ACC((BLOCK, p), F32)) + y_inter
+    # The diagonal block (j = i) is the last one the loop loaded: its x tile is x_l. Both x
+    # slots are free now and hold the outputs on their way out.
+    last = lax.rem(i - j0, jnp.int32(2))
+    y_s, ypre_s = x_s.at[last], x_s.at[1 - last]
     if st.has_D:
-        # The diagonal block (j = i) is the last one the loop loaded: its x tile is x_l.
-        x_l = x_s.at[lax.rem(i - j0, jnp.int32(2))][...].astype(F32)
+        x_l = y_s[...].astype(F32)
         if st.d_per_p:
             d = plgpu.load(dp_s, layout=plgpu.Layout.WGMMA.reduce(0))
             y = y + _cols(d, y.shape) * x_l
         else:
             y = y + r["D"][h] * x_l
     if st.has_y_add:
-        y = y + yadd_s[...]
+        y = y + y_add
     if st.has_z:
-        ypre_s[...] = y.astype(ypre_s.dtype)
-        z = z_s[...].astype(F32)
+        ypre_s[...] = y.astype(mm)
+        z = z.astype(F32)
         y = y * (z * (1.0 / (1.0 + jnp.exp(-z))))
-    y_s[...] = y.astype(y_s.dtype)
+    y_s[...] = y.astype(mm)
     plgpu.commit_smem()
     if st.has_z:
         plgpu.copy_smem_to_gmem(ypre_s, o["y_pre"].at[b, rows, h])
     plgpu.copy_smem_to_gmem(y_s, o["y"].at[b, rows, h])
-    plgpu.wait_smem_to_gmem(0)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the program may end before the writes
 
 
 def _pad_rows(a, padded):
@@ -219,19 +226,10 @@ def _pad_rows(a, padded):
     return jnp.pad(a, ((0, 0), (0, padded - a.shape[1])) + ((0, 0),) * (a.ndim - 2))
 
 
-H_IN_PATHS = ("registers", "tma")
-
-
-def chunk_scan(inputs: dict, *, st: Static, y_dtype, interpret: bool = False,
-               h_in_path: str = "registers"):
+def chunk_scan(inputs: dict, *, st: Static, y_dtype, interpret: bool = False):
     """Same contract as kernel.chunk_scan: y (b, t, h, p) and, with z, y_pre (or None).
-    interpret: run in the Mosaic GPU interpreter (CPU).
-    h_in_path: how the float32 state entering the chunk reaches the bf16 SMEM operand:
-    "registers" (GMEM -> registers, 32 KiB less SMEM a program) or "tma" (TMA into a float32
-    SMEM buffer, then registers)."""
+    interpret: run in the Mosaic GPU interpreter (CPU)."""
     check_supported(st)
-    if h_in_path not in H_IN_PATHS:
-        raise ValueError(f"h_in_path must be one of {H_IN_PATHS}, got {h_in_path!r}")
     if jnp.dtype(y_dtype) != jnp.dtype(st.mm_dtype):
         raise ValueError(f"y_dtype={jnp.dtype(y_dtype)} must be x's dtype {st.mm_dtype}")
     T = st.padded
@@ -239,37 +237,31 @@ def chunk_scan(inputs: dict, *, st: Static, y_dtype, interpret: bool = False,
     for k in ("x", "z", "C", "y_add"):
         if k in ins:
             ins[k] = _pad_rows(ins[k], T)
-    ins["h_in"] = ins["h_in"].astype(F32)
-    ins["cs"], ins["dtp"] = ins["cs"].astype(F32), ins["dtp"].astype(F32)
+    for k in ("h_in", "cs", "dtp", "y_add"):
+        if k in ins:
+            ins[k] = ins[k].astype(F32)
     mm = jnp.dtype(st.mm_dtype)
     rows = jax.ShapeDtypeStruct((st.batch, T, st.heads, st.headdim), mm)
     out_names = ("y", "y_pre") if st.has_z else ("y",)
     out_type = tuple(rows for _ in out_names)
     p, n = st.headdim, st.d_state
-    vec = lambda dtype: plgpu.SMEM((BLOCK,), dtype)  # noqa: E731
+    # SMEM a program (each buffer rounded up to 1 KiB): 32 KiB of C and h_in (W reuses it after
+    # the inter-chunk matmul), 2 x 8 KiB of C B^T and of x, 3 KiB of vectors: 67 KiB, three
+    # programs an SM. Measured: one fewer resident program costs more than any copy it saves.
     scratch = (
-        _smem((BLOCK, n), mm),  # C rows
-        _smem((p, n), mm),  # h_in rounded
-        _smem((p, n), F32) if h_in_path == "tma" else None,
+        plgpu.RefUnion((_smem((BLOCK, n), mm), _smem((p, n), mm)), _smem((BLOCK, BLOCK), mm)),
         _smem((2, BLOCK, BLOCK), ins["cb"].dtype),
-        _smem((2, BLOCK, p), mm),  # x of the s block
-        _smem((BLOCK, BLOCK), mm),  # W
-        plgpu.SMEM((2, BLOCK), F32),  # cs_s
-        plgpu.SMEM((2, BLOCK), F32),  # dt'_s
-        vec(F32),  # cs_l
-        vec(jnp.int32) if st.has_seg else None,  # seg_lo_l
+        _smem((2, BLOCK, p), mm),  # x of the s block, then y and y_pre
+        plgpu.SMEM((5, BLOCK), F32),  # cs_l, then cs_s and dt'_s of the two slots
+        plgpu.SMEM((BLOCK,), jnp.int32) if st.has_seg else None,  # seg_lo_l
         plgpu.SMEM((p,), F32) if st.d_per_p else None,  # per-channel D
-        _smem((BLOCK, p), F32) if st.has_y_add else None,
-        _smem((BLOCK, p), mm) if st.has_z else None,  # z
-        _smem((BLOCK, p), mm) if st.has_z else None,  # y_pre
-        _smem((BLOCK, p), mm),  # y
-        plgpu.Barrier(num_arrivals=1 + st.has_seg + st.d_per_p + st.has_y_add + st.has_z),
-        plgpu.Barrier(num_arrivals=1 + (h_in_path == "tma")),
+        plgpu.Barrier(num_arrivals=1 + st.has_seg + st.d_per_p),
+        plgpu.Barrier(num_arrivals=1),
         plgpu.Barrier(num_arrivals=4, num_barriers=2),
     )
     names = {"in": tuple(ins), "out": out_names}
     call = plgpu.kernel(
-        lambda *refs: _kernel(*refs, names=names, st=st, h_in_path=h_in_path),
+        lambda *refs: _kernel(*refs, names=names, st=st),
         out_type=out_type, scratch_types=scratch,
         grid=(st.chunk // BLOCK, st.heads, st.batch * st.n_chunks),
         grid_names=("row", "head", "bc"), kernel_name="ssd_chunk_scan_mgpu")
