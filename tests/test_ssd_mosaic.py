@@ -178,12 +178,14 @@ def kernel_inputs(seed, *, seg: bool, d_per_p: bool, batch=1, length=200, heads=
                                      y_add=y_add, seg_lo=seg_lo)
 
 
-@pytest.mark.parametrize("seg, d_per_p", [(True, True), (False, False)])
-def test_kernel_matches_triton_kernel(seg, d_per_p):
-    """Kernel against kernel, y and the pre-gate y_pre, both in their interpreters: with
-    segment ids and a per-channel D, and without segment ids (every chunk after the first
-    entered) and a per-head D; 200 tokens in chunks of 128, a y_add input."""
-    st, plan, ins = kernel_inputs(30, seg=seg, d_per_p=d_per_p)
+@pytest.mark.parametrize("seg, d_per_p, length, chunk", [(True, True, 200, 128),
+                                                         (False, False, 300, 256)])
+def test_kernel_matches_triton_kernel(seg, d_per_p, length, chunk):
+    """Kernel against kernel, y and the pre-gate y_pre, both in their interpreters, with a
+    y_add input: segment ids and a per-channel D, 200 tokens in chunks of 128; no segment ids
+    (the second chunk entered) and a per-head D, 300 tokens in chunks of 256, where the last
+    row block walks four s blocks (both copy slots twice)."""
+    st, plan, ins = kernel_inputs(30, seg=seg, d_per_p=d_per_p, length=length, chunk=chunk)
     y_t, yp_t = ssd_kernel.chunk_scan(ins, st=st, y_dtype=jnp.bfloat16,
                                       **ssd_vjp._launch(plan, True))
     y_m, yp_m = chunk_scan_mgpu.chunk_scan(ins, st=st, y_dtype=jnp.bfloat16, interpret=True)

@@ -8,10 +8,13 @@ Per (row block of 64 outputs, head, batch row x chunk) program, one warpgroup:
   y    = acc + D x_l (+ y_add_l);  y_pre = y;  y *= silu(z_l)
 
 X_j (64 tokens x headdim) and the C B^T tile come in by TMA into 128-byte-swizzled SMEM; W_j is
-built in registers (the WGMMA layout) and is the wgmma's A operand, X_j its B operand. The s
-blocks before the run of the block's first row hold no unmasked pair and are skipped (as the
-Triton kernel does), the next block's copies are issued before the current block's wgmma (two
-slots), and the diagonal block's x tile is reused for D x_l.
+built in registers (the WGMMA layout) and stored to SMEM as the wgmma's A operand, X_j its B
+operand. The s blocks run from the diagonal one down to the block holding the start of the run
+of the block's first row (earlier blocks hold no unmasked pair; the Triton kernel skips them
+too); the diagonal block's copies start first, as it is always needed, and each block's copies
+are issued while the previous block is multiplied (two slots); the diagonal block's x tile also
+gives D x_l. The design is for residency: 67 KiB of SMEM a program (three an SM), the epilogue's
+z and y_add loaded straight into registers, the outputs staged in the x slots.
 
 What differs from the Triton kernel, and why:
 - No masked loads: the glue pads x, z, C and y_add to whole chunks (a no-op when the length is a
@@ -94,6 +97,17 @@ def _kernel(*refs, names, st: Static):
     # vec_s rows: 0 cs_l; 1 + 2 slot cs_s, 2 + 2 slot dt'_s.
     csl_s = vec_s.at[0]
 
+    def issue(j, slot):
+        s = pl.ds(c0 + j * BLOCK, BLOCK)
+        plgpu.copy_gmem_to_smem(r["cb"].at[b, c, g, pl.ds(l0, BLOCK), pl.ds(j * BLOCK, BLOCK)],
+                                cb_s.at[slot], bar_blk.at[slot])
+        plgpu.copy_gmem_to_smem(r["x"].at[b, s, h], x_s.at[slot], bar_blk.at[slot])
+        plgpu.copy_gmem_to_smem(r["cs"].at[b, h, s], vec_s.at[1 + 2 * slot], bar_blk.at[slot])
+        plgpu.copy_gmem_to_smem(r["dtp"].at[b, h, s], vec_s.at[2 + 2 * slot], bar_blk.at[slot])
+
+    # The s blocks run from the diagonal one (always needed: its copies start before anything
+    # else is known) down to the first block of the run of the block's first row.
+    issue(i, 0)
     plgpu.copy_gmem_to_smem(r["cs"].at[b, h, rows], csl_s, bar_rows)
     if st.has_seg:
         plgpu.copy_gmem_to_smem(r["seg_lo"].at[b, rows], lo_s, bar_rows)
@@ -108,17 +122,7 @@ def _kernel(*refs, names, st: Static):
     def _():
         plgpu.copy_gmem_to_smem(r["C"].at[b, rows, g], c_s, bar_inter)
 
-    j0 = lax.div(jnp.maximum(lo_first, 0), jnp.int32(BLOCK))
-
-    def issue(j, slot):
-        s = pl.ds(c0 + j * BLOCK, BLOCK)
-        plgpu.copy_gmem_to_smem(r["cb"].at[b, c, g, pl.ds(l0, BLOCK), pl.ds(j * BLOCK, BLOCK)],
-                                cb_s.at[slot], bar_blk.at[slot])
-        plgpu.copy_gmem_to_smem(r["x"].at[b, s, h], x_s.at[slot], bar_blk.at[slot])
-        plgpu.copy_gmem_to_smem(r["cs"].at[b, h, s], vec_s.at[1 + 2 * slot], bar_blk.at[slot])
-        plgpu.copy_gmem_to_smem(r["dtp"].at[b, h, s], vec_s.at[2 + 2 * slot], bar_blk.at[slot])
-
-    issue(j0, 0)
+    n_steps = i + 1 - lax.div(jnp.maximum(lo_first, 0), jnp.int32(BLOCK))
 
     def rows_to_registers(ref):
         # Epilogue operands go GMEM -> registers, issued now so that their latency hides
@@ -158,54 +162,54 @@ def _kernel(*refs, names, st: Static):
 
     zero = plgpu.layout_cast(jnp.zeros((BLOCK, p), F32), plgpu.Layout.WGMMA)
     y_inter = lax.cond(entered, inter, lambda: zero)
-
     lo_l = jnp.maximum(lo_l, 0)
 
+    def step(k, acc_ref, y_base=None):
+        """s block j = i - k from slot k % 2; with y_base (the diagonal block, k = 0), also
+        returns y_base + D x_l from its x tile, before the slot is reused."""
+        j = i - k
+        slot = lax.rem(k, 2)
+        plgpu.barrier_wait(bar_blk.at[slot])
+        cb = cb_s.at[slot][...].astype(F32)
+        cs_sv = plgpu.load(vec_s.at[1 + 2 * slot], layout=plgpu.Layout.WGMMA.reduce(0))
+        dt_sv = plgpu.load(vec_s.at[2 + 2 * slot], layout=plgpu.Layout.WGMMA.reduce(0))
+        # Broadcasts made here, not hoisted out of the loop: held across it they would cost
+        # 128 registers a thread, more than three resident programs an SM leave.
+        pos_l = l0 + plgpu.broadcasted_iota(jnp.int32, tile, 0, layout=plgpu.Layout.WGMMA)
+        pos_s = j * BLOCK + plgpu.broadcasted_iota(jnp.int32, tile, 1, layout=plgpu.Layout.WGMMA)
+        mask = (pos_s <= pos_l) & (pos_s >= _rows(lo_l, tile))
+        decay = jnp.exp2(jnp.where(mask, _rows(cs_l, tile) - _cols(cs_sv, tile), -jnp.inf))
+        w = jnp.where(mask, cb * decay * _cols(dt_sv, tile), 0.0).astype(mm)
+        if y_base is not None and st.has_D:
+            x_l = x_s.at[slot][...].astype(F32)
+            if st.d_per_p:
+                d = plgpu.load(dp_s, layout=plgpu.Layout.WGMMA.reduce(0))
+                y_base = y_base + _cols(d, y_base.shape) * x_l
+            else:
+                y_base = y_base + r["D"][h] * x_l
+        # The previous block's wgmma read W's buffer and the other slot: it must be done before
+        # they are overwritten (this block's W was built meanwhile).
+        plgpu.wgmma_wait(0)
+
+        @pl.when(k + 1 < n_steps)
+        def _():
+            issue(j - 1, 1 - slot)
+
+        # W goes through SMEM: the interpreter's wgmma takes SMEM operands only, and so the
+        # kernel the CPU tests run is the one the GPU runs.
+        w_s[...] = w
+        plgpu.commit_smem()
+        plgpu.wgmma(acc_ref, w_s, x_s.at[slot])
+        return y_base
+
     def intra(acc_ref):
-        def step(j, carry):
-            slot = lax.rem(j - j0, jnp.int32(2))
-            plgpu.barrier_wait(bar_blk.at[slot])
-            cb = cb_s.at[slot][...].astype(F32)
-            cs_sv = plgpu.load(vec_s.at[1 + 2 * slot], layout=plgpu.Layout.WGMMA.reduce(0))
-            dt_sv = plgpu.load(vec_s.at[2 + 2 * slot], layout=plgpu.Layout.WGMMA.reduce(0))
-            # Broadcasts made here, not hoisted out of the loop: held across it they would cost
-            # 128 registers a thread, more than three resident programs an SM leave.
-            pos_l = l0 + plgpu.broadcasted_iota(jnp.int32, tile, 0, layout=plgpu.Layout.WGMMA)
-            pos_s = j * BLOCK + plgpu.broadcasted_iota(jnp.int32, tile, 1,
-                                                       layout=plgpu.Layout.WGMMA)
-            mask = (pos_s <= pos_l) & (pos_s >= _rows(lo_l, tile))
-            decay = jnp.exp2(jnp.where(mask, _rows(cs_l, tile) - _cols(cs_sv, tile), -jnp.inf))
-            w = jnp.where(mask, cb * decay * _cols(dt_sv, tile), 0.0).astype(mm)
-            # The previous block's wgmma read W's buffer and the other slot: it must be done
-            # before they are overwritten (this block's W was built meanwhile).
-            plgpu.wgmma_wait(0)
+        y_base = step(jnp.int32(0), acc_ref, y_inter)
+        lax.fori_loop(1, n_steps, lambda k, carry: (step(k, acc_ref), carry)[1], 0)
+        return acc_ref[...] + y_base
 
-            @pl.when(j < i)
-            def _():
-                issue(j + 1, 1 - slot)
-
-            # W goes through SMEM: the interpreter's wgmma takes SMEM operands only, and so the
-            # kernel the CPU tests run is the one the GPU runs.
-            w_s[...] = w
-            plgpu.commit_smem()
-            plgpu.wgmma(acc_ref, w_s, x_s.at[slot])
-            return carry
-
-        lax.fori_loop(j0, i + 1, step, 0)
-        return acc_ref[...]
-
-    y = pl.run_scoped(intra, plgpu.ACC((BLOCK, p), F32)) + y_inter
-    # The diagonal block (j = i) is the last one the loop loaded: its x tile is x_l. Both x
-    # slots are free now and hold the outputs on their way out.
-    last = lax.rem(i - j0, jnp.int32(2))
-    y_s, ypre_s = x_s.at[last], x_s.at[1 - last]
-    if st.has_D:
-        x_l = y_s[...].astype(F32)
-        if st.d_per_p:
-            d = plgpu.load(dp_s, layout=plgpu.Layout.WGMMA.reduce(0))
-            y = y + _cols(d, y.shape) * x_l
-        else:
-            y = y + r["D"][h] * x_l
+    y = pl.run_scoped(intra, plgpu.ACC((BLOCK, p), F32))
+    # Both x slots are free now and hold the outputs on their way out.
+    y_s, ypre_s = x_s.at[0], x_s.at[1]
     if st.has_y_add:
         y = y + y_add
     if st.has_z:
