@@ -197,7 +197,7 @@ def abstract_inputs(st):
 def test_lowers_for_cuda(seg):
     """The kernel at the benchmark's tile sizes (chunk 256, headdim 64, d_state 128, a ragged
     length) lowered for CUDA on this CPU machine: layouts, TMA and wgmma shapes Mosaic GPU
-    takes, one Mosaic GPU custom call."""
+    takes, one Mosaic GPU custom call, the kernel's name."""
     st = ssd_kernel.Static(
         batch=2, length=300, heads=4, headdim=64, d_state=128, groups=1, chunk=256, block_l=64,
         block_s=64, block_k=64, block_state=1024, block_heads=16, dt_softplus=True,
@@ -209,6 +209,7 @@ def test_lowers_for_cuda(seg):
 
     text = jax.export.export(jax.jit(f), platforms=["cuda"])(abstract_inputs(st)).mlir_module()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+    assert "ssd_chunk_scan_mgpu" in text
 
 
 def test_training_path_lowers_with_mosaic_chunk_scan():
