@@ -131,6 +131,24 @@ class TestMosaicChunkScan:
         np.testing.assert_array_equal(np.asarray(f0)[:, others], np.asarray(f1)[:, others])
 
 
+def test_one_token_rows():
+    """Rows of one token (their chunk raised from 16 to 64, 63 rows of padding): y = dt' x (C.B)
+    + D x, gated, and the final state dt' x B^T, against the float64 loop."""
+    case = dataclasses.replace(CASE, length=1, num_segments=2)
+    args = make_args(case, 31)
+    seg = jnp.zeros((case.batch, 1), jnp.int32)
+    y, final = ssd_scan_pallas(**{k: v for k, v in args.items() if v is not None},
+                               dt_softplus=True, segment_ids=seg, return_final_states=True,
+                               num_segments=2, interpret=True, config=MOSAIC)
+    with jax.enable_x64(True):
+        a = {k: jnp.asarray(v, jnp.float64) for k, v in args.items() if v is not None}
+        init = a.pop("initial_states")
+        y64, states = ssd_scan_loop(**a, dt_softplus=True, segment_ids=seg, initial_states=init)
+        final64 = last_states(states, seg, 2)
+    assert y.shape == args["x"].shape
+    assert rel_err(y, y64) < TOL and rel_err(final, final64) < TOL
+
+
 def kernel_inputs(seed, *, seg: bool, d_per_p: bool, batch=1, length=200, heads=2, chunk=128):
     """(Static, inputs) of the chunk-scan kernels, made by the Triton kernels before them."""
     rng = np.random.default_rng(seed)

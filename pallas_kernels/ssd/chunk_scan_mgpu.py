@@ -13,8 +13,9 @@ operand. The s blocks run from the diagonal one down to the block holding the st
 of the block's first row (earlier blocks hold no unmasked pair; the Triton kernel skips them
 too); the diagonal block's copies start first, as it is always needed, and each block's copies
 are issued while the previous block is multiplied (two slots); the diagonal block's x tile also
-gives D x_l. The design is for residency: 67 KiB of SMEM a program (three an SM), the epilogue's
-z and y_add loaded straight into registers, the outputs staged in the x slots.
+gives D x_l. The design is for residency: 67 KiB of SMEM a program (three an SM as far as SMEM
+goes; registers may allow fewer, see DESIGN.md), the epilogue's z and y_add loaded straight into
+registers, the outputs staged in the x slots.
 
 What differs from the Triton kernel, and why:
 - No masked loads: the glue pads x, z, C and y_add to whole chunks (a no-op when the length is a
@@ -23,7 +24,8 @@ What differs from the Triton kernel, and why:
   kernel's `.astype(mm)` does before its dot.
 - wgmma takes 16-bit operands here (float32 would run as TF32), so only bfloat16 and float16
   inputs are taken; headdim and d_state must be multiples of 64 (one 128-byte swizzle row of
-  bf16) and the chunk a multiple of 64 (wgmma's M).
+  bf16) and the chunk a multiple of 64 (wgmma's M; vjp.make_plan raises a short sequence's
+  chunk to 64).
 
 Exactness: every decay is exp2 of a masked exponent, so masked pairs are exact zeros, and a
 skipped block or a not-entered row adds nothing; a token's output reads only its own run's

@@ -103,6 +103,9 @@ def make_plan(x, dt, B, D, z, dt_bias, *, dt_softplus, has_seg, chunk_size, has_
         cfg = pick_config(batch, length, heads, groups, chunk_size)
     else:
         cfg = fit_blocks(config, effective_chunk(config, chunk_size, length))
+    if cfg.chunk_scan_backend == "mosaic" and cfg.chunk < chunk_scan_mgpu.BLOCK:
+        # A short sequence's chunk shrinks to it; wgmma needs 64 rows (the rest is padding).
+        cfg = fit_blocks(cfg, chunk_scan_mgpu.BLOCK)
     per_group = heads // groups
     # Head splits must divide the heads of a group.
     cfg = dataclasses.replace(
