@@ -26,7 +26,7 @@ HEADER = ("device", "device_name", "kind", "backend", "jax_version", "date", "gi
 SCRIPTS = ("bench_scan", "bench_train", "bench_generate", "breakdown", "plot_train", "train_gpu",
            "probes/register_probe", "probes/sass_probe", "probes/ncu_scan", "probes/bench_dbc_sum",
            "probes/bench_dispatch", "probes/mamba2_step", "anchor_mamba2", "bench_scaling",
-           "probes/psum_bandwidth")
+           "probes/psum_bandwidth", "bench_ssd_chunk_scan")
 
 
 def run_script(script: str, *args, timeout=300) -> subprocess.CompletedProcess:
@@ -336,6 +336,15 @@ def smoke_dbc_sum(out, data):
     assert data["input_sets"] == 1 and data["shape"]["d_blocks"] == 16
 
 
+def smoke_ssd_chunk_scan(out, data):
+    (row,) = data["results"]
+    assert row["shape"]["length"] == 200 and data["chunk"] == 128
+    assert row["triton"]["median_ms"] > 0 and row["triton"]["compile_s"] > 0
+    mosaic = row["mosaic"]
+    assert mosaic["median_ms"] > 0 and mosaic["over_triton"] > 0
+    assert mosaic["max_abs_diff_over_max_abs"] < 1e-2
+
+
 def smoke_dispatch(out, data):
     (case,) = data["cases"]
     assert (case["preset"], case["tokens"]) == ("tiny", 64)
@@ -445,6 +454,8 @@ SMOKES = {
                   "train_gpu_cpu_1dev_smoke.json", smoke_train_gpu, True),
     "bench_dbc_sum": ("probes/bench_dbc_sum", lambda d: ["--smoke", "--out", d],
                       "dbc_sum_cpu_smoke.json", smoke_dbc_sum, True),
+    "bench_ssd_chunk_scan": ("bench_ssd_chunk_scan", lambda d: ["--smoke", "--out", d],
+                             "ssd_chunk_scan_mosaic_cpu_smoke.json", smoke_ssd_chunk_scan, True),
     "bench_dispatch": ("probes/bench_dispatch", lambda d: ["--smoke", "--out", d],
                        "dispatch_cpu_smoke.json", smoke_dispatch, True),
     "register_probe": ("probes/register_probe", lambda d: ["dump", "--smoke", "--out", d,

@@ -16,6 +16,7 @@ _TARGET_PROGRAMS = 4 * 132
 
 CB_DTYPES = ("input", "float32")
 STATE_PASSINGS = ("pallas", "xla")
+CHUNK_SCAN_BACKENDS = ("triton", "mosaic")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -40,6 +41,9 @@ class SSDConfig:
         anyway), "float32" keeps it exact.
     state_passing: "pallas" (one sequential kernel over chunks, forward and reverse) or "xla"
         (lax.associative_scan over chunks).
+    chunk_scan_backend: the forward chunk-scan kernel: "triton" (kernel.py) or "mosaic"
+        (chunk_scan_mgpu.py: Pallas on Mosaic GPU, wgmma and TMA; bfloat16/float16 inputs,
+        headdim, d_state and chunk multiples of 64; its row blocks are 64, whatever block_l).
     """
 
     chunk: int | None = None
@@ -54,6 +58,7 @@ class SSDConfig:
     num_stages: int = 2
     cb_dtype: str = "input"
     state_passing: str = "pallas"
+    chunk_scan_backend: str = "triton"
 
     def __post_init__(self):
         for name in ("block_l", "block_s", "block_k", "block_state", "block_heads"):
@@ -72,6 +77,9 @@ class SSDConfig:
         if self.state_passing not in STATE_PASSINGS:
             raise ValueError(f"state_passing must be one of {STATE_PASSINGS}, got "
                              f"{self.state_passing!r}")
+        if self.chunk_scan_backend not in CHUNK_SCAN_BACKENDS:
+            raise ValueError(f"chunk_scan_backend must be one of {CHUNK_SCAN_BACKENDS}, got "
+                             f"{self.chunk_scan_backend!r}")
 
 
 def next_pow2(x: int) -> int:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import combine_affine, segment_ends, segment_starts
-from pallas_kernels.ssd import kernel, kernel_bwd, states
+from pallas_kernels.ssd import chunk_scan_mgpu, kernel, kernel_bwd, states
 from pallas_kernels.ssd.config import SSDConfig, effective_chunk, fit_blocks, pick_config
 
 F32 = jnp.float32
@@ -103,6 +103,9 @@ def make_plan(x, dt, B, D, z, dt_bias, *, dt_softplus, has_seg, chunk_size, has_
         cfg = pick_config(batch, length, heads, groups, chunk_size)
     else:
         cfg = fit_blocks(config, effective_chunk(config, chunk_size, length))
+    if cfg.chunk_scan_backend == "mosaic" and cfg.chunk < chunk_scan_mgpu.BLOCK:
+        # A short sequence's chunk shrinks to it; wgmma needs 64 rows (the rest is padding).
+        cfg = fit_blocks(cfg, chunk_scan_mgpu.BLOCK)
     per_group = heads // groups
     # Head splits must divide the heads of a group.
     cfg = dataclasses.replace(
@@ -117,6 +120,8 @@ def make_plan(x, dt, B, D, z, dt_bias, *, dt_softplus, has_seg, chunk_size, has_
         has_D=D is not None, d_per_p=D is not None and D.ndim == 2, has_z=z is not None,
         has_y_add=has_init, has_s_add=has_init, mm_dtype=jnp.dtype(x.dtype).name,
         cb_dtype=cfg.cb_dtype, fast=not interpret)
+    if cfg.chunk_scan_backend == "mosaic":
+        chunk_scan_mgpu.check_supported(st)
     return Plan(st, cfg, return_states)
 
 
@@ -242,9 +247,12 @@ def _fwd_impl(plan: Plan, interpret, x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_
     h_in = _step("fwd.state_passing", functools.partial(_pass_states, plan, interpret), S,
                  decay, s_add)
     h_in = h_in.reshape(st.batch, st.n_chunks, st.heads, st.headdim, st.d_state)
+    if plan.cfg.chunk_scan_backend == "mosaic":
+        scan = functools.partial(chunk_scan_mgpu.chunk_scan, interpret=interpret)
+    else:
+        scan = functools.partial(kernel.chunk_scan, **launch)
     y, y_pre = _step(
-        "fwd.chunk_scan",
-        functools.partial(kernel.chunk_scan, st=st, y_dtype=x.dtype, **launch),
+        "fwd.chunk_scan", functools.partial(scan, st=st, y_dtype=x.dtype),
         _inputs(x=x, z=z, C=C, cb=cb, cs=cs, dtp=dtp, h_in=h_in, D=_f32(D), y_add=_f32(y_add),
                 seg_lo=seg_lo))
     out = (y, h_in.reshape(st.batch, st.n_chunks, st.heads, size)) if plan.return_states else y
