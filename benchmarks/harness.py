@@ -9,6 +9,10 @@ device runs, as in training); a call's time is its group's time / calls per grou
 figure reported is the median over groups. Calls rotate between input sets (call i takes set
 i mod n; `rotation_count` picks n so that the rotated data is not served from the L2 cache).
 
+Per kernel (`trace`, `device_events`, `kernel_times`): a jax.profiler trace of some calls, its
+GPU kernels grouped by name. Every Pallas kernel has a `name=`, so this splits a program's time
+by kernel from outside; the ops carry no instrumentation.
+
 Result files: `<out>/<benchmark>_<slug>[_<variant>].<ext>` (`result_path`), `<out>` being
 benchmarks/results/ unless --out says otherwise; the slug names the device ("nvidia-h200",
 "cpu"). A --smoke run (tiny shapes, seconds on CPU: a check of the script) adds the variant
