@@ -67,51 +67,37 @@ def bench(fn, arg_sets, run: Run, *, warmup=1):
     return 1e3 * t.median_s, 1e3 * t.min_s, 1e3 * t.max_s
 
 
-def scan_fn(impl, kw, config=None, *, interpret=False):
-    def f(*a):
-        if impl == "pallas":
-            return selective_scan_pallas(*a, config=config, interpret=interpret, **kw)
-        return selective_scan_reference(*a, **kw)
-    return f
-
-
 def time_case(shape, seg_mode, impl, config=None, key=None, *, run: Run):
-    batch, length, d_inner, d_state = shape
     nseg = NUM_SEGMENTS if seg_mode == "seg64" else None
 
     def input_set(i):
         args, seg = workloads.scan_inputs(jax.random.fold_in(key, i), *shape, jnp.bfloat16, nseg)
-        ct = jax.random.normal(jax.random.fold_in(key, 10 + i), (batch, length, d_inner),
-                               jnp.float32).astype(jnp.bfloat16)
+        ct = jax.random.normal(jax.random.fold_in(key, 10 + i), shape[:3]).astype(jnp.bfloat16)
         return tuple(args.values()), seg, ct
 
     first = input_set(0)
     n_sets = harness.rotation_count(harness.tree_bytes(first), backend=run.backend)
     sets = [first] + [input_set(i) for i in range(1, n_sets)]
-    kw = dict(delta_softplus=True)
 
     def fwd(args, seg):
-        return scan_fn(impl, dict(kw, segment_ids=seg), config, interpret=run.interpret)(*args)
+        kw = dict(delta_softplus=True, segment_ids=seg)
+        if impl == "pallas":
+            return selective_scan_pallas(*args, config=config, interpret=run.interpret, **kw)
+        return selective_scan_reference(*args, **kw)
 
     def fwd_bwd(args, seg, ct):
-        y, vjp = jax.vjp(lambda *a: scan_fn(impl, dict(kw, segment_ids=seg), config,
-                                            interpret=run.interpret)(*a), *args)
-        return vjp(ct)
+        return jax.vjp(lambda *a: fwd(a, seg), *args)[1](ct)
 
-    f1 = jax.jit(fwd)
-    f2 = jax.jit(fwd_bwd)
-    t0 = time.perf_counter()
-    jax.block_until_ready(f1(*sets[0][:2]))
-    c1 = time.perf_counter() - t0
-    # Warm-up: each set once (the compile call above ran the first).
-    fwd_ms = bench(f1, [s[:2] for s in sets], run, warmup=len(sets))
-    t0 = time.perf_counter()
-    jax.block_until_ready(f2(*sets[0]))
-    c2 = time.perf_counter() - t0
-    fb_ms = bench(f2, sets, run, warmup=len(sets))
-    return dict(fwd_ms=fwd_ms[0], fwd_range=fwd_ms[1:], fwd_bwd_ms=fb_ms[0],
-                fwd_bwd_range=fb_ms[1:], compile_s=[round(c1, 2), round(c2, 2)],
-                input_sets=len(sets))
+    rec = dict(input_sets=len(sets), compile_s=[])
+    for label, fn, fn_sets in (("fwd", fwd, [s[:2] for s in sets]), ("fwd_bwd", fwd_bwd, sets)):
+        fn = jax.jit(fn)
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*fn_sets[0]))
+        rec["compile_s"].append(round(time.perf_counter() - t0, 2))
+        # Warm-up: each set once (the compile call above ran the first).
+        ms = bench(fn, fn_sets, run, warmup=len(sets))
+        rec[f"{label}_ms"], rec[f"{label}_range"] = ms[0], ms[1:]
+    return rec
 
 
 def profile(shape, cfg, key, *, run: Run):
