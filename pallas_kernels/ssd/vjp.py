@@ -58,8 +58,7 @@ def ssd_scan_pallas(
                          f"got headdim={headdim} (x's axis 3), d_state={d_state} (B's axis 3)")
     if num_segments is None:
         num_segments = 1 if initial_states is None else initial_states.shape[1]
-    plan = make_plan(x, dt, B, D, z, dt_bias, dt_softplus=dt_softplus,
-                     chunk_size=chunk_size,
+    plan = make_plan(x, dt, B, D, z, dt_bias, dt_softplus=dt_softplus, chunk_size=chunk_size,
                      has_init=initial_states is not None,
                      return_states=bool(return_final_states), interpret=interpret,
                      config=config)
