@@ -26,7 +26,9 @@ train: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m jax_packmamba.demo
 
+# Lint and format check (rules in pyproject.toml's [tool.ruff]) before the tests.
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -n 2 -q tests
 
 clean:

@@ -645,8 +645,6 @@ CATEGORIES = (
     ("copy", ("copy", "dynamic_slice", "dynamic-slice", "memcpy", "memset", "transpose",
               "concatenate")),
 )
-_NOT_KERNEL_LINES = ("XLA Modules", "XLA Ops", "Steps", "Framework", "TensorFlow", "Launch",
-                     "Source", "Memory", "Async XLA Ops", "XLA TraceMe")
 
 
 def category(name: str) -> str:
@@ -658,37 +656,15 @@ def category(name: str) -> str:
 
 
 def kernel_table(trace_dir, steps: int, *, plane_prefix: str = "/device:GPU") -> dict:
-    """Per-kernel figures of a jax.profiler trace over `steps` decode steps: the events on
-    the lines of planes named plane_prefix... (a GPU's streams), less the lines that repeat
-    them (XLA Ops, XLA Modules, ...)."""
-    import jax
-
-    paths = sorted(pathlib.Path(trace_dir).rglob("*.xplane.pb"))
-    if not paths:
-        return dict(error=f"no .xplane.pb under {trace_dir}")
-    data = jax.profiler.ProfileData.from_file(str(paths[-1]))
-    events, lines_seen = [], {}
-    for plane in data.planes:
-        if not plane.name.startswith(plane_prefix):
-            continue
-        for line in plane.lines:
-            evs = list(line.events)
-            lines_seen[f"{plane.name} | {line.name}"] = len(evs)
-            if any(line.name.startswith(x) for x in _NOT_KERNEL_LINES):
-                continue
-            for ev in evs:
-                events.append((ev.name, ev.start_ns, ev.duration_ns, line.name))
+    """Per-kernel figures of a jax.profiler trace over `steps` decode steps (the kernels of
+    harness.device_events)."""
+    events, lines_seen = harness.device_events(trace_dir, plane_prefix=plane_prefix)
     if not events:
         return dict(error=f"no events on {plane_prefix}* planes in the trace", lines=lines_seen)
-    events.sort(key=lambda e: e[1])
     start, end = events[0][1], max(e[1] + e[2] for e in events)
-    busy, cursor = 0.0, start
-    for _, s, d, _ in events:  # union of the kernels' intervals
-        if s + d > cursor:
-            busy += s + d - max(s, cursor)
-            cursor = s + d
+    busy = harness.busy_ns(events)
     per_name = {}
-    for name, _, dur, _ in events:
+    for name, _, dur in events:
         total, count = per_name.get(name, (0.0, 0))
         per_name[name] = (total + dur, count + 1)
     kernels = sorted(((n, t, c) for n, (t, c) in per_name.items()), key=lambda x: -x[1])
@@ -711,8 +687,9 @@ def kernel_table(trace_dir, steps: int, *, plane_prefix: str = "/device:GPU") ->
 def format_table(title, t) -> str:
     if "error" in t:
         return f"{title}: {t['error']} (trace lines: {t.get('lines')})"
+    busy = t["busy_ms_per_step"] / t["wall_ms_per_step"]
     out = [f"{title}: {t['wall_ms_per_step']:.3f} ms wall / step in the trace, GPU busy "
-           f"{t['busy_ms_per_step']:.3f} ms ({100 * t['busy_ms_per_step'] / t['wall_ms_per_step']:.0f}%), "
+           f"{t['busy_ms_per_step']:.3f} ms ({100 * busy:.0f}%), "
            f"{t['kernels_per_step']:.0f} kernels / step",
            "  by category:  " + "; ".join(f"{k} {v['us_per_step']:.0f} us ({v['per_step']:.0f})"
                                           for k, v in t["categories"].items()),

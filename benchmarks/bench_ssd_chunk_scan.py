@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness
-from benchmarks.bench_ssd import CHUNK, NUM_SEGMENTS, make_inputs, random_segments
+from benchmarks.bench_ssd import CHUNK, NUM_SEGMENTS, input_set
 from pallas_kernels.ssd import chunk_scan_mgpu, kernel
 from pallas_kernels.ssd import vjp as ssd_vjp
 
@@ -40,9 +40,8 @@ SMOKE_SHAPE, SMOKE_CHUNK = (1, 200, 2, 64, 64), 128
 def scan_inputs(seed, shape, chunk, interpret):
     """(plan, the chunk scan's inputs) for one random input set."""
     b, t, h, p, n = shape
-    x, dt, A, B, C, D, z, bias = make_inputs(seed, b, t, h, p, 1, n, jnp.bfloat16)
-    seg = random_segments(np.random.default_rng(seed), b, t, NUM_SEGMENTS)
-    plan = ssd_vjp.make_plan(x, dt, B, D, z, bias, dt_softplus=True, has_seg=True,
+    x, dt, A, B, C, D, z, bias, seg, _ = input_set(seed, shape, "seg64")
+    plan = ssd_vjp.make_plan(x, dt, B, D, z, bias, dt_softplus=True,
                              chunk_size=chunk, has_init=False, return_states=False,
                              interpret=interpret, config=None)
     st = plan.st

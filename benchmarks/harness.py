@@ -9,6 +9,10 @@ device runs, as in training); a call's time is its group's time / calls per grou
 figure reported is the median over groups. Calls rotate between input sets (call i takes set
 i mod n; `rotation_count` picks n so that the rotated data is not served from the L2 cache).
 
+Per kernel (`trace`, `device_events`, `kernel_times`): a jax.profiler trace of some calls, its
+GPU kernels grouped by name. Every Pallas kernel has a `name=`, so this splits a program's time
+by kernel from outside; the ops carry no instrumentation.
+
 Result files: `<out>/<benchmark>_<slug>[_<variant>].<ext>` (`result_path`), `<out>` being
 benchmarks/results/ unless --out says otherwise; the slug names the device ("nvidia-h200",
 "cpu"). A --smoke run (tiny shapes, seconds on CPU: a check of the script) adds the variant
@@ -32,6 +36,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shlex
 import shutil
 import signal
@@ -163,9 +168,10 @@ def time_calls(fn: Callable, inputs: Sequence[tuple], *, warmup: int = 1, groups
                block: Callable[[Any], Any] | None = None) -> Timing:
     """Times fn(*inputs[i % len(inputs)]) for call i = 0, 1, ...
 
-    state None: the calls are stateless. With a `state` (say a donated train state), each call is `state, out = fn(state, *inputs[i])`
-    and the next call gets the state returned; Timing.state is the last one (the one passed in
-    may be donated: use Timing.state from then on).
+    state None: the calls are stateless. With a `state` (say a donated train state), each call
+    is `state, out = fn(state, *inputs[i])` and the next call gets the state returned;
+    Timing.state is the last one (the one passed in may be donated: use Timing.state from then
+    on).
 
     warmup calls first, each blocked on; then `groups` groups of `per_group` calls, blocking on
     what the group returned (the state and outputs) at its end.
@@ -222,6 +228,75 @@ def rotation_count(bytes_per_set: int, *, backend: str, l2_bytes: int = L2_BYTES
     if bytes_per_set <= 0:
         raise ValueError(f"bytes_per_set must be positive, got {bytes_per_set}")
     return max(2, math.ceil(factor * l2_bytes / bytes_per_set))
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-kernel time from a profiler trace: the kernels carry their pallas_call name=, so a trace
+# splits a program's time by kernel from outside, without instrumenting the ops.
+
+# Lines of a device plane that repeat its kernels (XLA Ops, XLA Modules, ...) or are not kernels.
+_NOT_KERNEL_LINES = ("XLA Modules", "XLA Ops", "Steps", "Framework", "TensorFlow", "Launch",
+                     "Source", "Memory", "Async XLA Ops", "XLA TraceMe")
+
+
+def trace(fn: Callable, inputs: Sequence[tuple], calls: int, trace_dir: str | os.PathLike):
+    """Runs fn(*inputs[i % len(inputs)]) `calls` times under jax.profiler.trace(trace_dir)
+    (compile and warm up first), blocking once at the end."""
+    import jax
+
+    jax.block_until_ready(fn(*inputs[0]))
+    with jax.profiler.trace(str(trace_dir)):
+        jax.block_until_ready([fn(*inputs[i % len(inputs)]) for i in range(calls)])
+
+
+def device_events(trace_dir, *, plane_prefix: str = "/device:GPU"):
+    """([(name, start_ns, duration_ns)] sorted by start, {plane | line: event count}) of the
+    kernels on the planes named plane_prefix... (a GPU's streams) of the newest trace under
+    trace_dir; empty events where there are none (a CPU run)."""
+    import jax
+
+    paths = sorted(pathlib.Path(trace_dir).rglob("*.xplane.pb"))
+    if not paths:
+        return [], {}
+    data = jax.profiler.ProfileData.from_file(str(paths[-1]))
+    events, lines_seen = [], {}
+    for plane in data.planes:
+        if not plane.name.startswith(plane_prefix):
+            continue
+        for line in plane.lines:
+            evs = list(line.events)
+            lines_seen[f"{plane.name} | {line.name}"] = len(evs)
+            if not any(line.name.startswith(x) for x in _NOT_KERNEL_LINES):
+                events += [(ev.name, ev.start_ns, ev.duration_ns) for ev in evs]
+    return sorted(events, key=lambda e: e[1]), lines_seen
+
+
+def busy_ns(events) -> float:
+    """Length of the union of the events' (name, start, duration) intervals."""
+    events = sorted(events, key=lambda e: e[1])
+    busy, cursor = 0.0, events[0][1] if events else 0
+    for _, start, dur in events:
+        if start + dur > cursor:
+            busy += start + dur - max(start, cursor)
+            cursor = start + dur
+    return busy
+
+
+def kernel_times(events, calls: int, prefixes: Sequence[str]) -> dict:
+    """{group: {us_per_call, launches_per_call}}, largest first, and the totals. A kernel named
+    by one of `prefixes` (Pallas name=s, or their common start such as "ssd_") is its own group,
+    without the numeric suffix XLA may add; anything else is "xla"."""
+    groups: dict[str, list] = {}
+    for name, _, dur in events:
+        own = any(name.startswith(p) for p in prefixes)
+        g = groups.setdefault(re.sub(r"([._]\d+)+$", "", name) if own else "xla", [0.0, 0])
+        g[0] += dur
+        g[1] += 1
+    per = {k: dict(us_per_call=t / 1e3 / calls, launches_per_call=n / calls)
+           for k, (t, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])}
+    return dict(calls=calls, kernels=per,
+                kernel_us_per_call=sum(v["us_per_call"] for v in per.values()),
+                busy_us_per_call=busy_ns(events) / 1e3 / calls)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -413,7 +488,8 @@ def add_anchor_args(parser: argparse.ArgumentParser) -> None:
 def run_anchor(script: str | os.PathLike, *, pythonpath: str, args: Sequence[str] = (),
                timeout: float = 600.0, python: str = sys.executable) -> dict:
     """Runs a PyTorch anchor script as the anchor scripts take their arguments, `python SCRIPT
-    FILE ARGS...` (FILE: the JSON it writes), with PYTHONPATH set to `pythonpath` only, and returns {"status": "ok", "result": the JSON it wrote to FILE, ...};
+    FILE ARGS...` (FILE: the JSON it writes), with PYTHONPATH set to `pythonpath` only, and
+    returns {"status": "ok", "result": the JSON it wrote to FILE, ...};
     status "error" (with the return code and the end of its output) or "timeout" otherwise."""
     import tempfile
 

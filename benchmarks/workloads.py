@@ -320,14 +320,15 @@ def scan_arguments(parser, args) -> tuple[tuple | None, dict]:
     return shape, overrides
 
 
-def scan_config_field(name: str, text: str):
-    """A ScanConfig field's value from text, typed by the field's default: ints, bools as
-    0/1/true/false, optional ints (grads_maxnreg) also "none", strings as they are."""
-    from pallas_kernels.selective_scan.config import ScanConfig
-
-    if name not in {f.name for f in dataclasses.fields(ScanConfig)}:
-        raise ValueError(f"ScanConfig has no field {name!r}")
-    default = getattr(ScanConfig(), name)
+def scan_config_field(name: str, text: str, cls=None):
+    """A field's value of a kernel config (`cls`, default ScanConfig) from text, typed by the
+    field's default: ints, bools as 0/1/true/false, optional ints (grads_maxnreg) also "none",
+    strings as they are."""
+    if cls is None:
+        from pallas_kernels.selective_scan.config import ScanConfig as cls
+    if name not in {f.name for f in dataclasses.fields(cls)}:
+        raise ValueError(f"{cls.__name__} has no field {name!r}")
+    default = getattr(cls(), name)
     if default is None:
         return None if text.lower() == "none" else int(text)
     if isinstance(default, bool):
@@ -337,12 +338,12 @@ def scan_config_field(name: str, text: str):
     return type(default)(text)
 
 
-def scan_config_overrides(items: Iterable[str]) -> dict:
+def scan_config_overrides(items: Iterable[str], cls=None) -> dict:
     """["window=2", "unroll=2"] -> {"window": 2, "unroll": 2} (see scan_config_field)."""
     out = {}
     for item in items:
         name, sep, text = item.partition("=")
         if not sep:
             raise ValueError(f"expected field=value, got {item!r}")
-        out[name] = scan_config_field(name, text)
+        out[name] = scan_config_field(name, text, cls)
     return out

@@ -271,8 +271,7 @@ def test_reduce_mode_fallbacks():
 
     def mode(d_state=16, block_d=32, **cfg):
         st = Static(length=64, d_inner=64, d_state=d_state, block_d=block_d, chunk=16, unroll=4,
-                    delta_softplus=True, has_bias=True, has_rst=True, has_D=True, has_z=True,
-                    has_final=False, prefetch=True, fast=False)
+                    delta_softplus=True, prefetch=True, fast=False)
         return _reduce_mode(ScanConfig(**cfg), st)
 
     assert mode() == "xor"

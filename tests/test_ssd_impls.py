@@ -15,6 +15,7 @@ optimisation off (the interpreter's code runs for milliseconds either way).
 """
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -331,6 +332,50 @@ class TestSSDImpls:
                                       np.asarray(g1["initial_states"])[:, others])
 
 
+def _gpu_param(*values, id):
+    return pytest.param(*values, marks=on_gpu(None).marks, id=id)
+
+
+# The tiling pick_config chooses (no pinned config) at a ragged length, two groups, random runs
+# with ids reused along a row, initial and final states. On a GPU also at the sizes where the
+# heuristic's head splits and a 256-token chunk are in play (1000 tokens, 8 heads of 64).
+@pytest.mark.parametrize("impl,shape,dtype,chunk,num_segments", [
+    pytest.param("pallas_interpret", (2, 70, 4, 16, 2, 16), "float32", 32, 6, id="interpret"),
+    _gpu_param("pallas", (2, 1000, 8, 64, 2, 128), "float32", 256, 6, id="gpu-f32"),
+    _gpu_param("pallas", (2, 1000, 8, 64, 2, 128), "bfloat16", 256, 6, id="gpu-bf16"),
+    _gpu_param("pallas", (1, 777, 8, 64, 1, 128), "bfloat16", 256, 0, id="gpu-bf16-noseg"),
+])
+def test_default_config_matches_float64_reference(impl, shape, dtype, chunk, num_segments):
+    case = Case(*shape, dtype, config=None, num_segments=num_segments,
+                init=bool(num_segments))
+    args, cts = make_args(case, 17), cotangents(case, 19)
+    seg = random_segments(case, 5) if num_segments else None
+    names = present(args)
+    kw = dict(_kwargs(case, seg), chunk_size=chunk)
+
+    def run(fn, arrays, cts):
+        out, vjp = jax.vjp(lambda *xs: fn(**dict(zip(names, xs)), **kw), *arrays)
+        return out, vjp(cts)
+
+    ours = functools.partial(run, functools.partial(ssd_scan_pallas,
+                                                    interpret=impl == "pallas_interpret"))
+    arrays = [args[k] for k in names]
+    out, grads = compiled(("default", impl, shape, dtype), ours, arrays, cts)(arrays, cts)
+    with jax.enable_x64(True):
+        a64 = [jnp.asarray(a, jnp.float64) for a in arrays]
+        c64 = jax.tree.map(lambda c: jnp.asarray(c, jnp.float64), cts)
+        ref = functools.partial(run, ssd_scan_reference)
+        out64, grads64 = compiled(("default64", shape), ref, a64, c64)(a64, c64)
+    errs = {f"out{i}": rel_err(o, o64)
+            for i, (o, o64) in enumerate(zip(jax.tree.leaves(out), jax.tree.leaves(out64)))}
+    errs.update({"d" + k: rel_err(g, g64) for k, g, g64 in zip(names, grads, grads64)})
+    print(impl, shape, dtype, {k: f"{v:.1e}" for k, v in errs.items()})
+    # bf16 inputs are rounded before both runs; what is left is the rounding of the matmul
+    # operands, outputs and gradients to bf16, over up to 256-token chunks.
+    tol = 1e-4 if dtype == "float32" else 3e-2
+    assert all(np.isfinite(v) and v < tol for v in errs.values()), (tol, errs)
+
+
 def scatter_adds_and_atomics(jaxpr) -> list[str]:
     """Names of the scatter-add and atomic primitives anywhere in a jaxpr (kernel bodies and
     other nested jaxprs included)."""
@@ -344,17 +389,29 @@ def scatter_adds_and_atomics(jaxpr) -> list[str]:
     return found
 
 
+@pytest.mark.parametrize("impl", ["pallas_interpret", "reference"])
 @pytest.mark.parametrize("case_name", ["f32", "bf16"])
-def test_no_scatter_add_in_forward_and_backward(case_name):
+def test_no_scatter_add_in_forward_and_backward(case_name, impl):
     """Bitwise isolation on a GPU needs sums in a fixed order. XLA lowers a scatter-add (the
     gradient of a gather or of .at[].add) to atomic adds on a GPU, whose order changes from run
     to run, so the isolation test can fail there while passing through the interpreter on CPU.
     This checks the structure instead: the whole forward + backward (initial and final states,
-    segment ids, head splits) holds no scatter-add and no atomic."""
+    segment ids, head splits) holds no scatter-add and no atomic, in the kernels' path and in
+    the reference's (which "auto" runs on a GPU for shapes the kernels do not take)."""
     case = CASES[case_name]
     args = make_args(case, 0)
     names = present(args)
-    run = forward_and_backward("pallas_interpret", case_name, names)
+    if impl == "reference":
+        def run(arrays, seg, cts):
+            def f(*xs):
+                # The case's chunk, so that the final states are picked among several chunks.
+                return ssd_scan_reference(**dict(zip(names, xs)), **_kwargs(case, seg),
+                                          chunk_size=case.config.chunk)
+
+            out, vjp = jax.vjp(f, *arrays)
+            return out, vjp(cts)
+    else:
+        run = forward_and_backward(impl, case_name, names)
     jaxpr = jax.make_jaxpr(run)([args[k] for k in names], random_segments(case, 0),
                                 cotangents(case, 1))
     assert scatter_adds_and_atomics(jaxpr.jaxpr) == []

@@ -168,21 +168,21 @@ def kernel_inputs(seed, *, seg: bool, d_per_p: bool, batch=1, length=200, heads=
         cuts = np.sort(rng.choice(np.arange(1, length), size=length // 16, replace=False))
         ids = jnp.asarray(np.searchsorted(cuts, np.arange(length), side="right")[None]
                           .repeat(batch, 0), jnp.int32)
-    plan = ssd_vjp.make_plan(x, dt, B, D, z, bias, dt_softplus=True, has_seg=seg,
+    plan = ssd_vjp.make_plan(x, dt, B, D, z, bias, dt_softplus=True,
                              chunk_size=chunk, has_init=False, return_states=False,
                              interpret=True, config=SSDConfig(chunk=chunk))
-    st = dataclasses.replace(plan.st, has_y_add=True)
+    st = plan.st
     seg_lo = None if ids is None else ssd_vjp.segment_bounds(ids, st.chunk, st.padded)[0]
     cs, dtp = ssd_vjp._cumsum(plan, True, dt, A, bias, seg_lo)
     launch = ssd_vjp._launch(plan, True)
     cb = ssd_kernel.chunk_cb(dict(C=C, B=B), st=st, **launch)
-    S = ssd_kernel.chunk_states(ssd_vjp._inputs(x=x, B=B, cs=cs, dtp=dtp, seg_lo=seg_lo),
+    S = ssd_kernel.chunk_states(dict(x=x, B=B, cs=cs, dtp=dtp, seg_lo=seg_lo),
                                 mode="fwd", st=st, **launch)
     decay = ssd_vjp.chunk_decay(cs, seg_lo, st=st)
     h_in = ssd_vjp._pass_states(plan, True, S.reshape(batch, st.n_chunks, heads, p * n), decay,
                                 None).reshape(batch, st.n_chunks, heads, p, n)
     y_add = rnd((batch, length, heads, p), 0.5, jnp.float32)
-    return st, plan, ssd_vjp._inputs(x=x, z=z, C=C, cb=cb, cs=cs, dtp=dtp, h_in=h_in, D=D,
+    return st, plan, dict(x=x, z=z, C=C, cb=cb, cs=cs, dtp=dtp, h_in=h_in, D=D,
                                      y_add=y_add, seg_lo=seg_lo)
 
 
@@ -199,14 +199,14 @@ def test_kernel_matches_triton_kernel():
     assert rel_err(y_m, y_t) < 5e-3 and rel_err(yp_m, yp_t) < 5e-3
 
 
-def abstract_inputs(st):
+def abstract_inputs(st, seg):
     sds, bf, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32
     b, t, h, p, n, nc, T = (st.batch, st.length, st.heads, st.headdim, st.d_state, st.n_chunks,
                             st.padded)
     ins = dict(x=sds((b, t, h, p), bf), z=sds((b, t, h, p), bf), C=sds((b, t, 1, n), bf),
                cb=sds((b, nc, 1, st.chunk, st.chunk), bf), cs=sds((b, h, T), f32),
                dtp=sds((b, h, T), f32), h_in=sds((b, nc, h, p, n), f32), D=sds((h,), f32))
-    if st.has_seg:
+    if seg:
         ins["seg_lo"] = sds((b, T), jnp.int32)
     return ins
 
@@ -219,13 +219,12 @@ def test_lowers_for_cuda(seg):
     st = ssd_kernel.Static(
         batch=2, length=300, heads=4, headdim=64, d_state=128, groups=1, chunk=256, block_l=64,
         block_s=64, block_k=64, block_state=1024, block_heads=16, dt_softplus=True,
-        has_bias=True, has_seg=seg, has_D=True, d_per_p=False, has_z=True, has_y_add=False,
-        has_s_add=False, mm_dtype="bfloat16", cb_dtype="input", fast=True)
+        d_per_p=False, mm_dtype="bfloat16", cb_dtype="input", fast=True)
 
     def f(ins):
         return chunk_scan_mgpu.chunk_scan(ins, st=st, y_dtype=jnp.bfloat16)
 
-    text = jax.export.export(jax.jit(f), platforms=["cuda"])(abstract_inputs(st)).mlir_module()
+    text = jax.export.export(jax.jit(f), platforms=["cuda"])(abstract_inputs(st, seg)).mlir_module()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
     assert "ssd_chunk_scan_mgpu" in text
 

@@ -28,8 +28,9 @@ ACTIVATIONS = (None, "silu")
 # kernels walk time serially inside a program, so they need many programs: on an H200 the 1.4b
 # packed step (8 x 2048 tokens, 2048 programs) took 528.2 ms with them against 538.1 ms with
 # XLA, but a 1.4b step on one 256-token sequence (32 programs) 49.3 ms against 42.7 ms
-# (pallas_kernels/causal_conv1d/DESIGN.md). 4 programs per SM of an H200's 132.
-PALLAS_MIN_PROGRAMS = 4 * 132
+# (pallas_kernels/causal_conv1d/DESIGN.md). The threshold: this many programs per SM (528 on an
+# H200's 132).
+PALLAS_MIN_PROGRAMS_PER_SM = 4
 CONV_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
 
@@ -42,7 +43,8 @@ def causal_conv1d(x, weight, bias=None, *, segment_ids=None, activation=None, im
           x and recomputes the pre-activation ("auto" without a GPU, or for small inputs);
       "pallas": Triton kernels (pallas_kernels/causal_conv1d; GPU only, ValueError
           elsewhere), forward and backward
-          ("auto" on a GPU when the launch has PALLAS_MIN_PROGRAMS programs or more);
+          ("auto" on a GPU when the launch has PALLAS_MIN_PROGRAMS_PER_SM programs an SM or
+          more);
       "pallas_interpret": the same kernels through the Pallas interpreter (any backend; tests).
     """
     check_causal_conv1d_args(x, weight, bias, segment_ids, activation)
@@ -64,8 +66,10 @@ def _auto_impl(x) -> str:
     if jax.default_backend() != "gpu":
         return "xla"
     from pallas_kernels.causal_conv1d import num_programs
+    from pallas_kernels.launch import core_count
 
-    return "pallas" if num_programs(*np.shape(x)) >= PALLAS_MIN_PROGRAMS else "xla"
+    enough = PALLAS_MIN_PROGRAMS_PER_SM * core_count()
+    return "pallas" if num_programs(*np.shape(x)) >= enough else "xla"
 
 
 def causal_conv1d_reference(x, weight, bias=None, *, segment_ids=None, activation=None):

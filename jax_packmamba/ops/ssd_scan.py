@@ -377,16 +377,33 @@ def _chunk_outputs(xs, h_in, init, D):
     return y if D is None else y + D.astype(y.dtype) * x
 
 
+def _select(a, onehot):
+    """sum_c onehot[b, s, c] a[b, c, ...] -> (b, s, ...): the entry each slot picks, exactly.
+    Floats go through a contraction, not a gather: a gather's gradient is a scatter-add, which
+    XLA runs with atomic adds on a GPU (sums in a new order on every run, so other segments'
+    gradients would change with this one's). A one-hot dot's gradient is a dot, and its other
+    terms are exact zeros. Integers (no gradient) are gathered."""
+    index = jnp.argmax(onehot, axis=-1)
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+        index = index.reshape(*index.shape, *([1] * (a.ndim - 2)))
+        return jnp.take_along_axis(a, index, axis=1)
+    return jnp.einsum("bsc,bc...->bs...", onehot.astype(a.dtype), a,
+                      precision=jax.lax.Precision.HIGHEST, preferred_element_type=a.dtype)
+
+
 @jax.checkpoint
 def _final_states_from(xs_slot, h_in_slot, init, present):
-    """The state after each slot's last token, from its chunk's inputs gathered per slot
+    """The state after each slot's last token, from its chunk's inputs selected per slot
     (b, s, L, ...) and xs_slot["pos"] (b, s), the token's position in that chunk."""
     groups = xs_slot["B"].shape[3]
     cum, run, pos = xs_slot["cum"], xs_slot["run"], xs_slot["pos"]
     L = cum.shape[2]
+    at_pos = pos[..., None] == jnp.arange(L)  # (b, s, L): each slot's last token
 
     def at_last(a):  # (b, s, L, ...) -> (b, s, ...) at each slot's last token
-        return jnp.take_along_axis(a, pos.reshape(*pos.shape, *([1] * (a.ndim - 2))), axis=2)[:, :, 0]
+        b, s = a.shape[:2]
+        flat = a.reshape(b * s, *a.shape[2:])
+        return _select(flat, at_pos.reshape(b * s, 1, L)).reshape(b, s, *a.shape[3:])
 
     cum_last, run_last = at_last(cum), at_last(run)  # (b, s, h), (b, s)
     mask = (jnp.arange(L) <= pos[..., None]) & (run == run_last[..., None])  # (b, s, L)
@@ -412,15 +429,10 @@ def _final_states(xs, h_in, init, segment_ids, num_segments):
     present = last >= 0
     last = jnp.maximum(last, 0)
     chunk, pos = last // L, last % L
-
-    def gather(a):  # (b, c, ...) -> (b, s, ...) at each slot's chunk
-        index = chunk.reshape(*chunk.shape, *([1] * (a.ndim - 2)))
-        return jnp.take_along_axis(a, index, axis=1)
-
-    keys = ("dt", "x", "B", "cum", "run")
-    xs_slot = {k: gather(xs[k]) for k in keys}
+    at_chunk = chunk[..., None] == jnp.arange(xs["cum"].shape[1])  # (b, s, c)
+    xs_slot = {k: _select(xs[k], at_chunk) for k in ("dt", "x", "B", "cum", "run")}
     xs_slot["pos"] = pos
-    return _final_states_from(xs_slot, gather(h_in), init, present)
+    return _final_states_from(xs_slot, _select(h_in, at_chunk), init, present)
 
 
 def _finish_output(y, x, D, z):

@@ -19,13 +19,13 @@ program walks w-1 extra steps that only feed those rows. dweight and dbias are s
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import launch
+from pallas_kernels.launch import iota, load, store
 from pallas_kernels.triton_math import sigmoid
 
 F32 = jnp.float32
@@ -39,20 +39,18 @@ class Static:
     block_e: int
     chunk: int
     silu: bool
-    has_bias: bool
 
 
 def _cols(st: Static):
     e0 = pl.program_id(2) * st.block_e
-    cols = e0 + jax.lax.broadcasted_iota(jnp.int32, (st.block_e,), 0)
-    return e0, cols < st.channels
+    return e0, e0 + iota(st.block_e) < st.channels
 
 
 def _row(ref, b, t, e0, cmask, st: Static):
     """(block_e,) float32 row ref[b, t, e0:e0 + block_e], zero outside [0, length)."""
     valid = (t >= 0) & (t < st.length)
     tc = jnp.clip(t, 0, st.length - 1)
-    return plgpu.load(ref.at[b, tc, pl.ds(e0, st.block_e)], mask=cmask & valid, other=0).astype(F32)
+    return load(ref, (b, tc, pl.ds(e0, st.block_e)), mask=cmask & valid).astype(F32)
 
 
 def _position(pos_ref, b, t, st: Static):
@@ -61,13 +59,11 @@ def _position(pos_ref, b, t, st: Static):
     return jnp.where(valid, pos_ref[b, jnp.clip(t, 0, st.length - 1)], 0)
 
 
-def _params(w_ref, bias_ref, e0, cmask, st: Static):
-    # jnp.int32: the interpreter's masked-load discharge rejects plain Python ints as indices.
-    taps = [plgpu.load(w_ref.at[jnp.int32(k), pl.ds(e0, st.block_e)], mask=cmask,
-                       other=0).astype(F32)
+def _params(r, e0, cmask, st: Static):
+    taps = [load(r["w"], (k, pl.ds(e0, st.block_e)), mask=cmask).astype(F32)
             for k in range(st.width)]
-    bias = (plgpu.load(bias_ref.at[pl.ds(e0, st.block_e)], mask=cmask, other=0).astype(F32)
-            if st.has_bias else jnp.zeros((st.block_e,), F32))
+    bias = (load(r["bias"], (pl.ds(e0, st.block_e),), mask=cmask).astype(F32)
+            if "bias" in r else jnp.zeros((st.block_e,), F32))
     return taps, bias
 
 
@@ -86,37 +82,37 @@ def _initial_window(x_ref, b, t0, e0, cmask, st: Static):
                  for i in range(st.width - 1))
 
 
-def _fwd_kernel(x_ref, w_ref, bias_ref, pos_ref, out_ref, *, st: Static):
+def _fwd_kernel(r, *, st: Static):
     b, t0 = pl.program_id(0), pl.program_id(1) * st.chunk
     e0, cmask = _cols(st)
-    taps, bias = _params(w_ref, bias_ref, e0, cmask, st)
+    taps, bias = _params(r, e0, cmask, st)
 
     def step(i, window):
         t = t0 + i
-        x_t = _row(x_ref, b, t, e0, cmask, st)
-        out = _pre(window, x_t, _position(pos_ref, b, t, st), taps, bias, st)
+        x_t = _row(r["x"], b, t, e0, cmask, st)
+        out = _pre(window, x_t, _position(r["positions"], b, t, st), taps, bias, st)
         if st.silu:
             out = out * sigmoid(out)
-        plgpu.store(out_ref.at[b, jnp.minimum(t, st.length - 1), pl.ds(e0, st.block_e)],
-                    out.astype(out_ref.dtype), mask=cmask & (t < st.length))
+        store(r["out"], (b, jnp.minimum(t, st.length - 1), pl.ds(e0, st.block_e)), out,
+              mask=cmask & (t < st.length))
         return (*window, x_t)[1:]
 
-    jax.lax.fori_loop(0, st.chunk, step, _initial_window(x_ref, b, t0, e0, cmask, st))
+    jax.lax.fori_loop(0, st.chunk, step, _initial_window(r["x"], b, t0, e0, cmask, st))
 
 
-def _bwd_kernel(x_ref, w_ref, bias_ref, pos_ref, g_ref, dx_ref, dw_ref, dbias_ref, *, st: Static):
+def _bwd_kernel(r, *, st: Static):
     b, c = pl.program_id(0), pl.program_id(1)
     t0 = c * st.chunk
     e0, cmask = _cols(st)
-    taps, bias = _params(w_ref, bias_ref, e0, cmask, st)
+    taps, bias = _params(r, e0, cmask, st)
     zero = jnp.zeros((st.block_e,), F32)
 
     def step(i, carry):
         window, pending, dw, dbias = carry
         t = t0 + i
-        x_t = _row(x_ref, b, t, e0, cmask, st)
-        position = _position(pos_ref, b, t, st)
-        g_pre = _row(g_ref, b, t, e0, cmask, st)
+        x_t = _row(r["x"], b, t, e0, cmask, st)
+        position = _position(r["positions"], b, t, st)
+        g_pre = _row(r["g"], b, t, e0, cmask, st)
         if st.silu:
             pre = _pre(window, x_t, position, taps, bias, st)
             sig = sigmoid(pre)
@@ -136,37 +132,30 @@ def _bwd_kernel(x_ref, w_ref, bias_ref, pos_ref, g_ref, dx_ref, dw_ref, dbias_re
         t_done = t - (st.width - 1)
         # dx[t - w + 1] has all its terms now; rows before the chunk belong to the previous program.
         keep = (t_done >= t0) & (t_done < jnp.minimum(t0 + st.chunk, st.length))
-        plgpu.store(dx_ref.at[b, jnp.clip(t_done, 0, st.length - 1), pl.ds(e0, st.block_e)],
-                    done.astype(dx_ref.dtype), mask=cmask & keep)
+        store(r["dx"], (b, jnp.clip(t_done, 0, st.length - 1), pl.ds(e0, st.block_e)), done,
+              mask=cmask & keep)
         return (*window, x_t)[1:], rows_dx[1:], dw, dbias
 
     pending = tuple(zero for _ in range(st.width - 1))
-    carry = (_initial_window(x_ref, b, t0, e0, cmask, st), pending,
+    carry = (_initial_window(r["x"], b, t0, e0, cmask, st), pending,
              tuple(zero for _ in range(st.width)), zero)
     _, _, dw, dbias = jax.lax.fori_loop(0, st.chunk + st.width - 1, step, carry)
     for k in range(st.width):
-        plgpu.store(dw_ref.at[b, c, jnp.int32(k), pl.ds(e0, st.block_e)], dw[k], mask=cmask)
-    plgpu.store(dbias_ref.at[b, c, pl.ds(e0, st.block_e)], dbias, mask=cmask)
+        store(r["dw"], (b, c, k, pl.ds(e0, st.block_e)), dw[k], mask=cmask)
+    store(r["dbias"], (b, c, pl.ds(e0, st.block_e)), dbias, mask=cmask)
 
 
 def _grid(batch, st: Static):
     return (batch, -(-st.length // st.chunk), -(-st.channels // st.block_e))
 
 
-def _compiler_params(num_warps):
-    return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
-
-
 def conv_fwd(x, w_t, bias, positions, *, st: Static, num_warps: int, interpret: bool):
-    """out (b, t, e) in x's dtype; w_t (w, e) float32, bias (e,) float32, positions (b, t) int32."""
-    return pl.pallas_call(
-        functools.partial(_fwd_kernel, st=st),
-        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-        grid=_grid(x.shape[0], st),
-        compiler_params=_compiler_params(num_warps),
-        interpret=interpret,
-        name="causal_conv1d_fwd",
-    )(x, w_t, bias, positions)
+    """out (b, t, e) in x's dtype; w_t (w, e) float32, bias (e,) float32 or None, positions
+    (b, t) int32."""
+    return launch.call(_fwd_kernel, dict(x=x, w=w_t, bias=bias, positions=positions),
+                       dict(out=jax.ShapeDtypeStruct(x.shape, x.dtype)),
+                       grid=_grid(x.shape[0], st), name="causal_conv1d_fwd",
+                       num_warps=num_warps, interpret=interpret, st=st)[0]
 
 
 def conv_bwd(x, w_t, bias, positions, g, *, st: Static, num_warps: int, interpret: bool):
@@ -174,13 +163,10 @@ def conv_bwd(x, w_t, bias, positions, g, *, st: Static, num_warps: int, interpre
     (b, chunks, e), float32)."""
     batch = x.shape[0]
     nc = -(-st.length // st.chunk)
-    return pl.pallas_call(
-        functools.partial(_bwd_kernel, st=st),
-        out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
-                   jax.ShapeDtypeStruct((batch, nc, st.width, st.channels), F32),
-                   jax.ShapeDtypeStruct((batch, nc, st.channels), F32)),
-        grid=_grid(batch, st),
-        compiler_params=_compiler_params(num_warps),
-        interpret=interpret,
-        name="causal_conv1d_bwd",
-    )(x, w_t, bias, positions, g)
+    return launch.call(
+        _bwd_kernel, dict(x=x, w=w_t, bias=bias, positions=positions, g=g),
+        dict(dx=jax.ShapeDtypeStruct(x.shape, x.dtype),
+             dw=jax.ShapeDtypeStruct((batch, nc, st.width, st.channels), F32),
+             dbias=jax.ShapeDtypeStruct((batch, nc, st.channels), F32)),
+        grid=_grid(batch, st), name="causal_conv1d_bwd", num_warps=num_warps,
+        interpret=interpret, st=st)

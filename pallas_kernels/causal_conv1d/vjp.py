@@ -25,7 +25,7 @@ def causal_conv1d_pallas(x, weight, bias, positions, *, activation, interpret: b
         raise ValueError(f"chunk must be a power of two, got {chunk}")
     st = kernel.Static(length=length, channels=channels, width=weight.shape[1], block_e=BLOCK_E,
                        chunk=min(chunk, 1 << max(0, (length - 1).bit_length())),
-                       silu=activation == "silu", has_bias=bias is not None)
+                       silu=activation == "silu")
     return _conv_jit(st, interpret, x, weight, bias, positions.astype(jnp.int32))
 
 
@@ -36,7 +36,7 @@ def num_programs(batch: int, length: int, channels: int, chunk: int = CHUNK) -> 
 
 def _kernel_params(weight, bias):
     w_t = weight.astype(F32).T  # (w, e): each tap is a coalesced row
-    return w_t, jnp.zeros(w_t.shape[1:], F32) if bias is None else bias.astype(F32)
+    return w_t, None if bias is None else bias.astype(F32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

@@ -53,8 +53,7 @@ def mixer_core_pallas(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_
     st = kernel.Static(
         batch=b, d_inner=e, d_state=n, dt_rank=r, width=w, block_rows=cfg.block_rows,
         block_conv=cfg.block_conv, conv_blocks_per_program=cfg.conv_blocks_per_program,
-        block_state=cfg.block_state, has_conv_bias=conv_bias is not None, has_D=D is not None,
-        dtype=jnp.dtype(xz.dtype).name, fast=not interpret)
+        block_state=cfg.block_state, dtype=jnp.dtype(xz.dtype).name, fast=not interpret)
     c = xz.dtype
     conv_state, xc, parts = kernel.conv_x_proj(
         xz, conv_state.astype(c), conv_weight.astype(c),

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-# 132 SMs on an H200.
-_SMS = 132
+from pallas_kernels.launch import core_count
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -55,7 +54,7 @@ def pick_config(batch: int, d_inner: int, d_state: int) -> DecodeConfig:
     row_blocks = -(-batch // base.block_rows)
     conv_blocks = -(-d_inner // base.block_conv)
     # About two programs an SM for the conv kernel, never fewer than one block each.
-    per_program = max(1, min(conv_blocks, (conv_blocks * row_blocks) // (2 * _SMS)))
+    per_program = max(1, min(conv_blocks, (conv_blocks * row_blocks) // (2 * core_count())))
     tile = base.block_rows * base.block_state * d_state
     return dataclasses.replace(base, conv_blocks_per_program=per_program,
                                num_warps_state=4 if tile <= 8192 else 8)

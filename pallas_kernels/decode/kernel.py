@@ -22,13 +22,13 @@ everything else is float32.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import launch
 from pallas_kernels.triton_math import LOG2E, exp2, sigmoid, softplus
 
 F32 = jnp.float32
@@ -47,8 +47,6 @@ class Static:
     block_conv: int
     conv_blocks_per_program: int
     block_state: int
-    has_conv_bias: bool
-    has_D: bool
     dtype: str  # compute dtype c
     fast: bool  # GPU: PTX approximations (triton_math); the interpreter cannot run PTX.
 
@@ -99,8 +97,9 @@ def _silu(x, st: Static):
     return x * sigmoid(x, fast=st.fast)
 
 
-def _conv_x_proj_kernel(xz_ref, conv_ref, w_ref, bias_ref, xw_ref,
-                        conv_out_ref, xc_ref, parts_ref, *, st: Static):
+def _conv_x_proj_kernel(r, *, st: Static):
+    xz_ref, conv_ref, w_ref, xw_ref = r["xz"], r["conv_state"], r["conv_weight"], r["x_proj"]
+    conv_out_ref, xc_ref, parts_ref = r["conv_out"], r["xc"], r["parts"]
     b0, rmask = _rows(st)
     group = pl.program_id(0)
     c = jnp.dtype(st.dtype)
@@ -118,8 +117,8 @@ def _conv_x_proj_kernel(xz_ref, conv_ref, w_ref, bias_ref, xw_ref,
         taps = [plgpu.load(w_ref.at[cols, jnp.int32(k)], mask=cmask, other=0).astype(F32)
                 for k in range(st.width)]
         pre = jnp.zeros((st.block_rows, st.block_conv), F32)
-        if st.has_conv_bias:
-            pre = pre + plgpu.load(bias_ref.at[cols], mask=cmask, other=0).astype(F32)[None, :]
+        if "conv_bias" in r:
+            pre = pre + plgpu.load(r["conv_bias"].at[cols], mask=cmask, other=0).astype(F32)[None, :]
         for k, inp in enumerate((*window, x)):
             pre = pre + inp.astype(F32) * taps[k][None, :]
         xc = _silu(pre, st).astype(c)
@@ -140,8 +139,10 @@ def _conv_x_proj_kernel(xz_ref, conv_ref, w_ref, bias_ref, xw_ref,
                 mask=rmask[:, None] & xmask[None, :])
 
 
-def _ssm_update_kernel(dbc_ref, dtw_ref, dtb_ref, alog_ref, d_ref, xc_ref, xz_ref, h_ref,
-                       h_out_ref, y_ref, *, st: Static):
+def _ssm_update_kernel(refs, *, st: Static):
+    dbc_ref, dtw_ref, dtb_ref = refs["dbc"], refs["dt_proj"], refs["dt_bias"]
+    alog_ref, xc_ref, xz_ref = refs["A_log"], refs["xc"], refs["xz"]
+    h_ref, h_out_ref, y_ref = refs["h"], refs["h_out"], refs["y"]
     b0, rmask = _rows(st)
     e0 = pl.program_id(0) * st.block_state
     c = jnp.dtype(st.dtype)
@@ -178,34 +179,25 @@ def _ssm_update_kernel(dbc_ref, dtw_ref, dtb_ref, alog_ref, d_ref, xc_ref, xz_re
     plgpu.store(h_out_ref.at[h_index], h, mask=m3)
 
     y = jnp.sum(h * C[:, None, :], axis=2)
-    if st.has_D:
-        y = y + plgpu.load(d_ref.at[cols], mask=cmask, other=0).astype(F32)[None, :] * u
+    if "D" in refs:
+        y = y + plgpu.load(refs["D"].at[cols], mask=cmask, other=0).astype(F32)[None, :] * u
     y = y * _silu(z, st)
     plgpu.store(y_ref.at[rows, cols], y.astype(y_ref.dtype), mask=m)
-
-
-def _compiler_params(num_warps):
-    return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
 def conv_x_proj(xz, conv_state, conv_weight, conv_bias, x_proj_weight, *, st: Static,
                 num_warps: int, interpret: bool):
     """(conv_state', xc (b, e) c, parts (p, b, R) float32); conv_state is updated in place."""
     b, e = st.batch, st.d_inner
-    outputs = (jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype),
-               jax.ShapeDtypeStruct((b, e), jnp.dtype(st.dtype)),
-               jax.ShapeDtypeStruct((st.conv_programs, b, st.x_width), F32))
-    # A bias-free conv still passes an operand (never read) so the signature is fixed.
-    bias = conv_bias if conv_bias is not None else jnp.zeros((1,), conv_weight.dtype)
-    return pl.pallas_call(
-        functools.partial(_conv_x_proj_kernel, st=st),
-        out_shape=outputs,
-        grid=(st.conv_programs, st.row_blocks),
-        input_output_aliases={1: 0},
-        compiler_params=_compiler_params(num_warps),
-        interpret=interpret,
-        name="decode_conv_x_proj",
-    )(xz, conv_state, conv_weight, bias, x_proj_weight)
+    outputs = dict(conv_out=jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype),
+                   xc=jax.ShapeDtypeStruct((b, e), jnp.dtype(st.dtype)),
+                   parts=jax.ShapeDtypeStruct((st.conv_programs, b, st.x_width), F32))
+    return launch.call(
+        _conv_x_proj_kernel,
+        dict(xz=xz, conv_state=conv_state, conv_weight=conv_weight, conv_bias=conv_bias,
+             x_proj=x_proj_weight),
+        outputs, grid=(st.conv_programs, st.row_blocks), name="decode_conv_x_proj",
+        num_warps=num_warps, interpret=interpret, aliases=dict(conv_out="conv_state"), st=st)
 
 
 def ssm_update(dbc, dt_proj_weight, dt_bias, A_log, D, xc, xz, ssm_state, *, st: Static,
@@ -213,14 +205,11 @@ def ssm_update(dbc, dt_proj_weight, dt_bias, A_log, D, xc, xz, ssm_state, *, st:
     """(ssm_state', y (b, e) c); ssm_state is updated in place. dbc (b, R) float32 is x_proj's
     output summed over channels."""
     b, e = st.batch, st.d_inner
-    d = D if D is not None else jnp.zeros((1,), F32)
-    return pl.pallas_call(
-        functools.partial(_ssm_update_kernel, st=st),
-        out_shape=(jax.ShapeDtypeStruct(ssm_state.shape, F32),
-                   jax.ShapeDtypeStruct((b, e), jnp.dtype(st.dtype))),
-        grid=(-(-e // st.block_state), st.row_blocks),
-        input_output_aliases={7: 0},
-        compiler_params=_compiler_params(num_warps),
-        interpret=interpret,
-        name="decode_ssm_update",
-    )(dbc, dt_proj_weight, dt_bias, A_log, d, xc, xz, ssm_state)
+    return launch.call(
+        _ssm_update_kernel,
+        dict(dbc=dbc, dt_proj=dt_proj_weight, dt_bias=dt_bias, A_log=A_log, D=D, xc=xc, xz=xz,
+             h=ssm_state),
+        dict(h_out=jax.ShapeDtypeStruct(ssm_state.shape, F32),
+             y=jax.ShapeDtypeStruct((b, e), jnp.dtype(st.dtype))),
+        grid=(-(-e // st.block_state), st.row_blocks), name="decode_ssm_update",
+        num_warps=num_warps, interpret=interpret, aliases=dict(h_out="h"), st=st)

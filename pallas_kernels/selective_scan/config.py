@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 
-# Programs wanted: 132 SMs x ~16 resident one-warp programs (registers allow about that many),
+from pallas_kernels.launch import core_count
+
+# Programs wanted per SM: ~16 resident one-warp programs (registers allow about that many),
 # times two waves so the last wave's tail is short. Only the time split is free once block_d is
 # fixed, and fewer chunks mean less combine work and smaller saved boundary states.
-_TARGET_PROGRAMS = 2 * 132 * 16
+_PROGRAMS_PER_SM = 2 * 16
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -87,7 +89,7 @@ def _next_pow2(x: int) -> int:
 
 
 def pick_config(batch: int, length: int, d_inner: int, d_state: int) -> ScanConfig:
-    """Largest time chunk that still gives ~_TARGET_PROGRAMS programs (fewer chunks: less
+    """Largest time chunk that still gives ~_PROGRAMS_PER_SM programs an SM (fewer chunks: less
     combine work and smaller saved boundary states)."""
     del d_state
     base = ScanConfig()
@@ -96,7 +98,7 @@ def pick_config(batch: int, length: int, d_inner: int, d_state: int) -> ScanConf
     # The backward's gradient kernel is the longest and has the narrower blocks: size for it.
     rows = batch * -(-d_inner // bwd_block_d)
     chunk = 1024
-    while chunk > base.ckpt and rows * -(-length // chunk) < _TARGET_PROGRAMS:
+    while chunk > base.ckpt and rows * -(-length // chunk) < _PROGRAMS_PER_SM * core_count():
         chunk //= 2
     # A chunk far longer than the sequence only walks padding.
     chunk = max(base.ckpt, min(chunk, _next_pow2(length)))

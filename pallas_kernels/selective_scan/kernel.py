@@ -21,13 +21,12 @@ and no separate mask multiplies the state.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import launch
 from pallas_kernels.triton_math import exp2, fma, sigmoid, softplus
 
 F32 = jnp.float32
@@ -44,11 +43,6 @@ class Static:
     chunk: int
     unroll: int
     delta_softplus: bool
-    has_bias: bool
-    has_rst: bool
-    has_D: bool
-    has_z: bool
-    has_final: bool
     prefetch: bool
     fast: bool  # GPU: ex2.approx through inline PTX; the interpreter cannot run PTX.
 
@@ -72,20 +66,15 @@ def coords(st: Static) -> Coords:
     return Coords(b, d_block, c, d0, cols < st.d_inner)
 
 
-def _lead(lead):
-    # The interpreter's masked-load discharge rejects plain Python ints as indices.
-    return tuple(jnp.int32(i) if isinstance(i, int) else i for i in lead)
-
-
 def load_cols(ref, lead, st: Static, cc: Coords, mask=None):
     """(block_d,) float32 slice ref[*lead, d0:d0 + block_d], zero outside d_inner."""
     mask = cc.cmask if mask is None else mask
-    return plgpu.load(ref.at[_col_index(lead, st, cc)], mask=mask, other=0).astype(F32)
+    return launch.load(ref, _col_index(lead, st, cc), mask=mask).astype(F32)
 
 
 def store_cols(ref, lead, value, st: Static, cc: Coords, mask=None):
     mask = cc.cmask if mask is None else mask
-    plgpu.store(ref.at[_col_index(lead, st, cc)], value.astype(ref.dtype), mask=mask)
+    launch.store(ref, _col_index(lead, st, cc), value, mask=mask)
 
 
 def _col_index(lead, st: Static, cc: Coords):
@@ -96,14 +85,14 @@ def _col_index(lead, st: Static, cc: Coords):
         cols = cc.d0 + jax.lax.broadcasted_iota(jnp.int32, (st.block_d,), 0)
     if cols is None:
         cols = pl.ds(cc.d0, st.block_d)
-    return (*_lead(lead), cols)
+    return (*lead, cols)
 
 
 def load_params(r, st: Static, cc: Coords, states=None):
     """Per-program constants: A * log2(e) per n (of `states`, default all), delta_bias, D."""
     states = range(st.d_state) if states is None else states
     a2 = [load_cols(r["a2"], (n,), st, cc) for n in states]
-    bias = load_cols(r["bias"], (), st, cc) if st.has_bias else None
+    bias = load_cols(r["bias"], (), st, cc) if "bias" in r else None
     # Not every pass takes D.
     dskip = load_cols(r["D"], (), st, cc) if "D" in r else None
     return a2, bias, dskip
@@ -139,12 +128,12 @@ def load_step(r, t, st: Static, cc: Coords, bias, *, with_u: bool = True, rows=N
     if rows is None:
         rows = fetch_rows(r, t, st, cc, ("delta", "u") if with_u else ("delta",))
     dt_raw = rows["delta"]
-    if st.has_bias:
+    if "bias" in r:
         dt_raw = dt_raw + bias
     dt = softplus(dt_raw, fast=st.fast) if st.delta_softplus else dt_raw
     dt = jnp.where(mask, dt, 0.0)
     u = rows.get("u")
-    if st.has_rst:
+    if "rst" in r:
         rst = jnp.where(valid, r["rst"][cc.b, tc], 0.0)
     else:
         rst = jnp.zeros((), F32)
@@ -199,8 +188,7 @@ def zeros_state(st: Static, count: int | None = None):
     return tuple(jnp.zeros((st.block_d,), F32) for _ in range(count or st.d_state))
 
 
-def _chunk_state_kernel(*refs, names, st: Static):
-    r = dict(zip(names, refs))
+def _chunk_state_kernel(r, *, st: Static):
     cc = coords(st)
     a2, bias, _ = load_params(r, st, cc)
     t0 = cc.c * st.chunk
@@ -228,14 +216,13 @@ def _chunk_state_kernel(*refs, names, st: Static):
         store_cols(r["decay"], (cc.b, cc.c, n), decay, st, cc)
 
 
-def _chunk_output_kernel(*refs, names, st: Static):
-    r = dict(zip(names, refs))
+def _chunk_output_kernel(r, *, st: Static):
     cc = coords(st)
     a2, bias, dskip = load_params(r, st, cc)
     t0 = cc.c * st.chunk
     h0 = tuple(load_cols(r["h_in"], (cc.b, cc.c, n), st, cc) for n in range(st.d_state))
 
-    names = ("delta", "u", "z") if st.has_z else ("delta", "u")
+    names = ("delta", "u", "z") if "z" in r else ("delta", "u")
 
     def fetch(j):
         return [fetch_rows(r, t0 + j * st.unroll + k, st, cc, names) for k in range(st.unroll)]
@@ -246,13 +233,13 @@ def _chunk_output_kernel(*refs, names, st: Static):
             h = advance(h, x, load_scalars(r["B"], cc, x.tc, st), a2, st)
             cs = load_scalars(r["C"], cc, x.tc, st)
             y = dot_states(h, cs, st)
-            if st.has_D:
+            if "D" in r:
                 y = y + dskip * x.u
-            if st.has_z:
+            if "z" in r:
                 z = rows[k]["z"]
                 y = y * (z * sigmoid(z, fast=st.fast))
             store_cols(r["y"], (cc.b, x.tc), y, st, cc, x.mask)
-            if st.has_final:
+            if "fin_slot" in r:
                 slot = jnp.where(x.valid, r["fin_slot"][cc.b, x.tc], -1)
 
                 @pl.when(slot >= 0)
@@ -265,31 +252,12 @@ def _chunk_output_kernel(*refs, names, st: Static):
     pipelined_fori(st.chunk // st.unroll, fetch, body, h0, prefetch=st.prefetch)
 
 
-def _call(kernel, inputs: dict, outputs: dict, *, st: Static, grid, num_warps, interpret, name,
-          aliases=None):
-    names = tuple(inputs) + tuple(outputs)
-    in_names = tuple(inputs)
-    io_alias = {}
-    for out_i, out_name in enumerate(outputs):
-        if aliases and out_name in aliases:
-            io_alias[in_names.index(aliases[out_name])] = out_i
-    return pl.pallas_call(
-        functools.partial(kernel, names=names, st=st),
-        out_shape=tuple(outputs.values()),
-        grid=grid,
-        input_output_aliases=io_alias,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret,
-        name=name,
-    )(*inputs.values())
-
-
 def chunk_states(inputs: dict, *, st: Static, batch: int, num_warps: int, interpret: bool):
     """(h_loc, decay), each (b, c, n, d) float32: every chunk scanned from a zero state, and the
     product of its decays (0 if a segment starts inside it)."""
     nc = -(-st.length // st.chunk)
     shape = jax.ShapeDtypeStruct((batch, nc, st.d_state, st.d_inner), F32)
-    return _call(
+    return launch.call(
         _chunk_state_kernel,
         inputs,
         dict(h_loc=shape, decay=shape),
@@ -303,15 +271,15 @@ def chunk_states(inputs: dict, *, st: Static, batch: int, num_warps: int, interp
 
 def chunk_outputs(inputs: dict, *, st: Static, batch: int, y_dtype, num_warps: int,
                   interpret: bool):
-    """y (b, t, d), and with st.has_final the final states (b, s, n, d) written in place into
+    """y (b, t, d), and with inputs["fin_slot"] the final states (b, s, n, d) written in place into
     inputs["final_init"] (zeros) at each slot's last end step."""
     nc = -(-st.length // st.chunk)
     outputs = dict(y=jax.ShapeDtypeStruct((batch, st.length, st.d_inner), y_dtype))
     aliases = None
-    if st.has_final:
+    if inputs.get("fin_slot") is not None:
         outputs["final"] = jax.ShapeDtypeStruct(inputs["final_init"].shape, F32)
         aliases = dict(final="final_init")
-    return _call(
+    return launch.call(
         _chunk_output_kernel,
         inputs,
         outputs,

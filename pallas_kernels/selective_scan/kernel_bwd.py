@@ -34,12 +34,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import launch
 from pallas_kernels.register_cap import capped_name
 from pallas_kernels.selective_scan.kernel import (
     F32,
     Coords,
     Static,
-    _call,
     advance,
     coords,
     decay,
@@ -59,7 +59,7 @@ from pallas_kernels.triton_math import LN2, fma, ptx, sigmoid
 def _out_grad(rows, st: Static):
     """g = dL/d(scan output) = dy * silu(z), plus what dz needs."""
     dy = rows["dy"]
-    if not st.has_z:
+    if "z" not in rows:
         return dy, dy, None, None
     z = rows["z"]
     sig = sigmoid(z, fast=st.fast)
@@ -148,13 +148,12 @@ def _load_state_scalars(ref, cc, tc, st: Static, lanes: Lanes):
     return [plgpu.load(ref.at[cc.b, tc, n]).astype(F32) for n in lanes.states]
 
 
-def _chunk_dstate_kernel(*refs, names, st: Static):
-    r = dict(zip(names, refs))
+def _chunk_dstate_kernel(r, *, st: Static):
     cc = coords(st)
     a2, bias, _ = load_params(r, st, cc)
     t_last = cc.c * st.chunk + st.chunk - 1
 
-    names = ("delta", "dy", "z") if st.has_z else ("delta", "dy")
+    names = ("delta", "dy", "z") if "z" in r else ("delta", "dy")
 
     def fetch(j):
         return [fetch_rows(r, t_last - (j * st.unroll + k), st, cc, names)
@@ -166,7 +165,7 @@ def _chunk_dstate_kernel(*refs, names, st: Static):
             g = _out_grad(rows[k], st)[0]
             cs = load_scalars(r["C"], cc, x.tc, st)
             dh = tuple(fma(cs[n], g, dh[n], fast=st.fast) for n in range(st.d_state))
-            if st.has_final:
+            if "fin_slot" in r:
                 dh = _inject_final(dh, r, x, st, cc)
             dh = tuple(
                 decay(x, a2[n], st) * dh[n] for n in range(st.d_state)
@@ -242,9 +241,8 @@ def transpose_sum(values, *, fast: bool):
     return sums.T.reshape(lanes)
 
 
-def _chunk_grad_kernel(*refs, names, st: Static, ckpt: int, window: int, reduce: str,
+def _chunk_grad_kernel(r, *, st: Static, ckpt: int, window: int, reduce: str,
                        parts: int, window_rows: bool):
-    r = dict(zip(names, refs))
     cc, lanes = split_lanes(st, parts, xor=reduce == "xor")
     states = lanes.states
     a2, bias, dskip = load_params(r, st, cc, states)
@@ -305,7 +303,7 @@ def _chunk_grad_kernel(*refs, names, st: Static, ckpt: int, window: int, reduce:
         bs = state_scalars(r["B"], x.tc)
         cs = state_scalars(r["C"], x.tc)
         dh = tuple(fma(c_n, g, dh_n, fast=st.fast) for dh_n, c_n in zip(dh, cs))
-        if st.has_final:
+        if "fin_slot" in r:
             dh = _inject_final(dh, r, x, st, cc, states)
         du_ = x.dt * x.u
         s_db = jnp.zeros_like(g)  # sum_n dh_n B_n
@@ -337,19 +335,19 @@ def _chunk_grad_kernel(*refs, names, st: Static, ckpt: int, window: int, reduce:
                             mask=x.valid)
         ddt = fma(x.u, s_db, LN2 * s_aq, fast=st.fast)
         du = x.dt * s_db
-        if st.has_D:
+        if "D" in r:
             du = fma(dskip, g, du, fast=st.fast)
             dD_acc = fma(g, x.u, dD_acc, fast=st.fast)
-        if st.has_z:
+        if "z" in r:
             y = part_sum(dot_states(h_t, cs, st), lanes, fast=st.fast)
-            if st.has_D:
+            if "D" in r:
                 y = y + dskip * x.u
             dz = dy * y * sig * (1.0 + z * (1.0 - sig))
             store_cols(r["dz"], (cc.b, x.tc), dz, st, cc, x.mask)
         if st.delta_softplus:
             ddt = ddt * sigmoid(x.dt_raw, fast=st.fast)
         ddt = jnp.where(x.mask, ddt, 0.0)
-        if st.has_bias:
+        if "bias" in r:
             dbias_acc = dbias_acc + ddt
         # With several parts, every part of a channel holds the same per-channel values (the
         # sums over n are exchanged both ways, and a + b == b + a bitwise), so all of them
@@ -369,7 +367,7 @@ def _chunk_grad_kernel(*refs, names, st: Static, ckpt: int, window: int, reduce:
             w = n_win - 1 - ww
             t_w = t_k + w * window
             # Issued before the re-advance so that it hides their latency.
-            row_names = ("dy", "z") if st.has_z else ("dy",)
+            row_names = ("dy", "z") if "z" in r else ("dy",)
             if window_rows:
                 row_names += ("delta", "u")
             rows = [fetch_rows(r, t_w + i, st, cc, row_names) for i in range(window)]
@@ -392,9 +390,9 @@ def _chunk_grad_kernel(*refs, names, st: Static, ckpt: int, window: int, reduce:
     _, dA_acc, dD_acc, dbias_acc = jax.lax.fori_loop(0, n_ckpt, block, init)
     for n, acc in zip(states, dA_acc):
         store_cols(r["dA"], (cc.b, cc.c, n), acc, st, cc)
-    if st.has_D:
+    if "D" in r:
         store_cols(r["dD"], (cc.b, cc.c), dD_acc, st, cc)
-    if st.has_bias:
+    if "bias" in r:
         store_cols(r["dbias"], (cc.b, cc.c), dbias_acc, st, cc)
 
 
@@ -403,7 +401,7 @@ def chunk_dstates(inputs: dict, *, st: Static, batch: int, num_warps: int, inter
     chunk c's own outputs."""
     nc = -(-st.length // st.chunk)
     shape = jax.ShapeDtypeStruct((batch, nc, st.d_state, st.d_inner), F32)
-    return _call(
+    return launch.call(
         _chunk_dstate_kernel,
         inputs,
         dict(dh_loc=shape),
@@ -432,13 +430,13 @@ def chunk_grads(inputs: dict, *, st: Static, batch: int, dtypes: dict, ckpt: int
         dA=jax.ShapeDtypeStruct((batch, nc, st.d_state, st.d_inner), F32),
         ckpt=jax.ShapeDtypeStruct((batch, nc, st.chunk // ckpt, st.d_state, st.d_inner), F32),
     )
-    if st.has_z:
+    if inputs.get("z") is not None:
         out["dz"] = jax.ShapeDtypeStruct(rows, dtypes["z"])
-    if st.has_D:
+    if inputs.get("D") is not None:
         out["dD"] = jax.ShapeDtypeStruct((batch, nc, st.d_inner), F32)
-    if st.has_bias:
+    if inputs.get("bias") is not None:
         out["dbias"] = jax.ShapeDtypeStruct((batch, nc, st.d_inner), F32)
-    results = _call(
+    results = launch.call(
         functools.partial(_chunk_grad_kernel, ckpt=ckpt, window=window, reduce=reduce,
                           parts=parts, window_rows=window_rows),
         inputs,

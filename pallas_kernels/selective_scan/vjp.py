@@ -69,9 +69,8 @@ def prepare(u, A, z, D, delta_bias, *, interpret, delta_softplus, segment_ids,
     cfg = config or pick_config(batch, length, d_inner, d_state)
     st = kernel.Static(
         length=length, d_inner=d_inner, d_state=d_state, block_d=cfg.block_d, chunk=cfg.chunk,
-        unroll=cfg.unroll, delta_softplus=bool(delta_softplus), has_bias=delta_bias is not None,
-        has_rst=segment_ids is not None, has_D=D is not None, has_z=z is not None,
-        has_final=bool(return_final_states), prefetch=cfg.prefetch, fast=not interpret,
+        unroll=cfg.unroll, delta_softplus=bool(delta_softplus), prefetch=cfg.prefetch,
+        fast=not interpret,
     )
     rst = fin_slot = None
     if segment_ids is not None:
@@ -111,10 +110,6 @@ def _chunk_final_dstates(dh_loc, decay):
     return jnp.concatenate([g, jnp.zeros_like(g[:, :1])], axis=1)
 
 
-def _inputs(**kw):
-    return {k: v for k, v in kw.items() if v is not None}
-
-
 def _a2(A):
     return (A.astype(F32) * LOG2E).T  # (n, d): exp(dt A) = exp2(dt a2)
 
@@ -132,18 +127,18 @@ def _fwd_impl(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias
     launch = dict(st=st, batch=batch, num_warps=cfg.num_warps, interpret=interpret)
     if nc > 1:
         h_loc, decay = kernel.chunk_states(
-            _inputs(u=u, delta=delta, a2=a2, bias=bias, B=B, rst=rst), **launch)
+            dict(u=u, delta=delta, a2=a2, bias=bias, B=B, rst=rst), **launch)
         h_in = _chunk_initial_states(h_loc, decay)
     else:
         decay = h_in = jnp.zeros((batch, 1, st.d_state, st.d_inner), F32)
     final_init = None
-    if st.has_final:
+    if fin_slot is not None:
         final_init = jnp.zeros((batch, num_segments, st.d_state, st.d_inner), F32)
     outs = kernel.chunk_outputs(
-        _inputs(u=u, delta=delta, a2=a2, bias=bias, D=dskip, B=B, C=C, z=z, rst=rst, h_in=h_in,
+        dict(u=u, delta=delta, a2=a2, bias=bias, D=dskip, B=B, C=C, z=z, rst=rst, h_in=h_in,
                 fin_slot=fin_slot, final_init=final_init),
         y_dtype=u.dtype, **launch)
-    out = tuple(outs) if st.has_final else outs[0]
+    out = tuple(outs) if fin_slot is not None else outs[0]
     return out, (h_in, decay)
 
 
@@ -164,18 +159,18 @@ def _scan_bwd(plan, interpret, num_segments, res, cts):
     cfg = plan.cfg
     st = dataclasses.replace(plan.st, block_d=cfg.bwd_block_d)
     u, delta, A, B, C, D, z, delta_bias, rst, fin_slot, h_in, decay = res
-    dy, dfinal = cts if st.has_final else (cts, None)
+    dy, dfinal = cts if fin_slot is not None else (cts, None)
     batch = u.shape[0]
     a2, bias = _a2(A), _bias(delta_bias)
     dskip = None if D is None else D.astype(F32)
     launch = dict(st=st, batch=batch, num_warps=cfg.num_warps, interpret=interpret)
     dh_loc = kernel_bwd.chunk_dstates(
-        _inputs(delta=delta, a2=a2, bias=bias, C=C, z=z, dy=dy, rst=rst, fin_slot=fin_slot,
+        dict(delta=delta, a2=a2, bias=bias, C=C, z=z, dy=dy, rst=rst, fin_slot=fin_slot,
                 dfinal=dfinal), **launch)
     dh_out = _chunk_final_dstates(dh_loc, decay)
     reduce = _reduce_mode(cfg, st)
     g = kernel_bwd.chunk_grads(
-        _inputs(u=u, delta=delta, a2=a2, bias=bias, D=dskip, B=B, C=C, z=z, dy=dy, rst=rst,
+        dict(u=u, delta=delta, a2=a2, bias=bias, D=dskip, B=B, C=C, z=z, dy=dy, rst=rst,
                 h_in=h_in, dh_out=dh_out, fin_slot=fin_slot, dfinal=dfinal),
         dtypes=dict(u=u.dtype, delta=delta.dtype, z=None if z is None else z.dtype),
         ckpt=cfg.ckpt, window=cfg.window, reduce=reduce, parts=_state_split(cfg, st, reduce),
@@ -185,7 +180,7 @@ def _scan_bwd(plan, interpret, num_segments, res, cts):
     dbias = None if delta_bias is None else g["dbias"].sum((0, 1)).astype(delta_bias.dtype)
     # Left to itself XLA fuses this sum into the model's concatenation of d(dt), dB and dC: that
     # fusion took 0.39 ms at the 1.4b layer's (8, 128, 2048, 32), against 0.08 ms for the sum
-    # as a reduction of its own (benchmarks/probes/bench_dbc_sum.py, results/dbc_sum_nvidia-h200.json).
+    # as a reduction of its own (docs/log.md, results/dbc_sum_nvidia-h200.json).
     dBC = jax.lax.optimization_barrier(g["dBC"].sum(1))
     return (
         g["du"], g["ddelta"], dA,

@@ -80,6 +80,7 @@ def _cols(v, shape):
 def _kernel(*refs, names, st: Static):
     n_in = len(names["in"])
     r = dict(zip(names["in"], refs[:n_in]))
+    has_seg, has_z, has_y_add, has_D = ("seg_lo" in r, "z" in r, "y_add" in r, "D" in r)
     o = dict(zip(names["out"], refs[n_in:n_in + len(names["out"])]))
     scratch = refs[n_in + len(names["out"]):]
     ((c_s, hin_s), w_s), cb_s, x_s, vec_s, lo_s, dp_s, bar_rows, bar_inter, bar_blk = scratch
@@ -111,7 +112,7 @@ def _kernel(*refs, names, st: Static):
     # else is known) down to the first block of the run of the block's first row.
     issue(i, 0)
     plgpu.copy_gmem_to_smem(r["cs"].at[b, h, rows], csl_s, bar_rows)
-    if st.has_seg:
+    if has_seg:
         plgpu.copy_gmem_to_smem(r["seg_lo"].at[b, rows], lo_s, bar_rows)
         lo_first = r["seg_lo"][b, t0]  # runs only grow along a chunk: the block's earliest
     else:
@@ -131,8 +132,8 @@ def _kernel(*refs, names, st: Static):
         # behind the matmuls: an SMEM buffer each would cost residency (see below).
         return plgpu.load(ref.at[b, rows, h], layout=plgpu.Layout.WGMMA, optimized=False)
 
-    z = rows_to_registers(r["z"]) if st.has_z else None
-    y_add = rows_to_registers(r["y_add"]) if st.has_y_add else None
+    z = rows_to_registers(r["z"]) if has_z else None
+    y_add = rows_to_registers(r["y_add"]) if has_y_add else None
 
     @pl.when(entered)
     def _():
@@ -145,7 +146,7 @@ def _kernel(*refs, names, st: Static):
 
     plgpu.barrier_wait(bar_rows)
     cs_l = plgpu.load(csl_s, layout=plgpu.Layout.WGMMA.reduce(1))
-    if st.has_seg:
+    if has_seg:
         lo_l = plgpu.load(lo_s, layout=plgpu.Layout.WGMMA.reduce(1))
     else:
         lo_l = plgpu.layout_cast(jnp.full((BLOCK,), lo_first, jnp.int32),
@@ -182,7 +183,7 @@ def _kernel(*refs, names, st: Static):
         mask = (pos_s <= pos_l) & (pos_s >= _rows(lo_l, tile))
         decay = jnp.exp2(jnp.where(mask, _rows(cs_l, tile) - _cols(cs_sv, tile), -jnp.inf))
         w = jnp.where(mask, cb * decay * _cols(dt_sv, tile), 0.0).astype(mm)
-        if y_base is not None and st.has_D:
+        if y_base is not None and has_D:
             x_l = x_s.at[slot][...].astype(F32)
             if st.d_per_p:
                 d = plgpu.load(dp_s, layout=plgpu.Layout.WGMMA.reduce(0))
@@ -212,15 +213,15 @@ def _kernel(*refs, names, st: Static):
     y = pl.run_scoped(intra, plgpu.ACC((BLOCK, p), F32))
     # Both x slots are free now and hold the outputs on their way out.
     y_s, ypre_s = x_s.at[0], x_s.at[1]
-    if st.has_y_add:
+    if has_y_add:
         y = y + y_add
-    if st.has_z:
+    if has_z:
         ypre_s[...] = y.astype(mm)
         z = z.astype(F32)
         y = y * (z * (1.0 / (1.0 + jnp.exp(-z))))
     y_s[...] = y.astype(mm)
     plgpu.commit_smem()
-    if st.has_z:
+    if has_z:
         plgpu.copy_smem_to_gmem(ypre_s, o["y_pre"].at[b, rows, h])
     plgpu.copy_smem_to_gmem(y_s, o["y"].at[b, rows, h])
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the program may end before the writes
@@ -248,7 +249,7 @@ def chunk_scan(inputs: dict, *, st: Static, y_dtype, interpret: bool = False):
             ins[k] = ins[k].astype(F32)
     mm = jnp.dtype(st.mm_dtype)
     rows = jax.ShapeDtypeStruct((st.batch, T, st.heads, st.headdim), mm)
-    out_names = ("y", "y_pre") if st.has_z else ("y",)
+    out_names = ("y", "y_pre") if "z" in ins else ("y",)
     out_type = tuple(rows for _ in out_names)
     p, n = st.headdim, st.d_state
     # SMEM a program (each buffer rounded up to 1 KiB): 32 KiB of C and h_in (W reuses it after
@@ -259,9 +260,9 @@ def chunk_scan(inputs: dict, *, st: Static, y_dtype, interpret: bool = False):
         _smem((2, BLOCK, BLOCK), ins["cb"].dtype),
         _smem((2, BLOCK, p), mm),  # x of the s block, then y and y_pre
         plgpu.SMEM((5, BLOCK), F32),  # cs_l, then cs_s and dt'_s of the two slots
-        plgpu.SMEM((BLOCK,), jnp.int32) if st.has_seg else None,  # seg_lo_l
+        plgpu.SMEM((BLOCK,), jnp.int32) if "seg_lo" in ins else None,  # seg_lo_l
         plgpu.SMEM((p,), F32) if st.d_per_p else None,  # per-channel D
-        plgpu.Barrier(num_arrivals=1 + st.has_seg + st.d_per_p),
+        plgpu.Barrier(num_arrivals=1 + ("seg_lo" in ins) + st.d_per_p),
         plgpu.Barrier(num_arrivals=1),
         plgpu.Barrier(num_arrivals=4, num_barriers=2),
     )
@@ -279,4 +280,4 @@ def chunk_scan(inputs: dict, *, st: Static, y_dtype, interpret: bool = False):
     else:
         outs = call(*ins.values())
     outs = tuple(o[:, :st.length] if T != st.length else o for o in outs)
-    return (outs[0], outs[1]) if st.has_z else (outs[0], None)
+    return (outs[0], outs[1]) if "z" in ins else (outs[0], None)

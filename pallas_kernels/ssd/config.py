@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 
-# Programs wanted per kernel: 132 SMs x ~4 resident 4-warp programs, so that the tail of the
-# last wave is short. Only the head splits are free once the tiles are fixed.
-_TARGET_PROGRAMS = 4 * 132
+from pallas_kernels.launch import core_count
+
+# Programs wanted per kernel and SM: ~4 resident 4-warp programs, so that the tail of the last
+# wave is short. Only the head splits are free once the tiles are fixed.
+_PROGRAMS_PER_SM = 4
 
 CB_DTYPES = ("input", "float32")
 STATE_PASSINGS = ("pallas", "xla")
@@ -101,9 +103,11 @@ def fit_blocks(cfg: SSDConfig, chunk: int) -> SSDConfig:
 
 
 def _splits(programs_per_split: int, heads_per_group: int) -> int:
-    """Fewest head splits (a divisor of heads_per_group) that give _TARGET_PROGRAMS programs."""
+    """Fewest head splits (a divisor of heads_per_group) that give _PROGRAMS_PER_SM programs
+    an SM."""
+    target = _PROGRAMS_PER_SM * core_count()
     split = 1
-    while split < heads_per_group and programs_per_split * split < _TARGET_PROGRAMS:
+    while split < heads_per_group and programs_per_split * split < target:
         split *= 2
     while heads_per_group % split:
         split //= 2

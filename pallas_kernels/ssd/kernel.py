@@ -25,13 +25,13 @@ exact zeros whatever the other segments hold, and no exponent of a masked pair c
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import launch
+from pallas_kernels.launch import iota, load, store
 from pallas_kernels.triton_math import LOG2E, exp2, sigmoid, softplus
 
 F32 = jnp.float32
@@ -55,13 +55,7 @@ class Static:
     block_state: int
     block_heads: int
     dt_softplus: bool
-    has_bias: bool
-    has_seg: bool
-    has_D: bool
     d_per_p: bool  # D is (h, p), not (h,)
-    has_z: bool
-    has_y_add: bool  # an extra (b, t, h, p) float32 term added before the gate (initial states)
-    has_s_add: bool  # an extra (b, c, h, p, n) term added to each chunk's end state
     mm_dtype: str  # operand dtype of the matmuls (x's dtype); float32 runs them at IEEE
     cb_dtype: str
     fast: bool  # GPU: inline-PTX exp2/softplus/sigmoid; the interpreter cannot run PTX.
@@ -79,23 +73,6 @@ class Static:
         return self.heads // self.groups
 
 
-def _i32(v):
-    # The interpreter's load/store discharge rejects plain Python ints as indices.
-    return jnp.int32(v) if isinstance(v, int) else v
-
-
-def load(ref, idx, mask=None, other=0):
-    idx = tuple(_i32(i) for i in idx)
-    if mask is None:
-        return plgpu.load(ref.at[idx])
-    return plgpu.load(ref.at[idx], mask=mask, other=other)
-
-
-def store(ref, idx, value, mask=None):
-    idx = tuple(_i32(i) for i in idx)
-    plgpu.store(ref.at[idx], value.astype(ref.dtype), mask=mask)
-
-
 def div(a, b: int):
     """a // b for traced a >= 0: truncating division, without the sign fix-up of jnp's floor
     division (which Pallas Triton mis-lowers for some scalar operands)."""
@@ -104,10 +81,6 @@ def div(a, b: int):
 
 def rem(a, b: int):
     return jax.lax.rem(jnp.asarray(a, jnp.int32), jnp.int32(b))
-
-
-def iota(n: int):
-    return jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
 
 
 ALL = slice(None)
@@ -168,20 +141,20 @@ def load_vec(ref, ch: Chunk, h, pos0, n: int):
 def seg_lo_rows(r, ch: Chunk, pos0, n: int, st: Static):
     """(n,) seg_lo of chunk positions pos0...; without segment ids, 0 in the first chunk (the
     sequence starts there) and -1 (entered) elsewhere."""
-    if st.has_seg:
+    if "seg_lo" in r:
         return load(r["seg_lo"], (ch.b, pl.ds(ch.c0 + pos0, n)))
     return jnp.full((n,), _lo_without_segments(ch), jnp.int32)
 
 
 def seg_hi_rows(r, ch: Chunk, pos0, n: int, st: Static):
-    if st.has_seg:
+    if "seg_lo" in r:
         return load(r["seg_hi"], (ch.b, pl.ds(ch.c0 + pos0, n)))
     return jnp.full((n,), st.chunk - 1, jnp.int32)
 
 
 def seg_lo_at(r, ch: Chunk, pos, st: Static):
     """Scalar seg_lo at one chunk position."""
-    if st.has_seg:
+    if "seg_lo" in r:
         return r["seg_lo"][ch.b, ch.c0 + pos]
     return _lo_without_segments(ch)
 
@@ -193,7 +166,7 @@ def _lo_without_segments(ch: Chunk):
 
 
 def seg_hi_at(r, ch: Chunk, pos, st: Static):
-    if st.has_seg:
+    if "seg_lo" in r:
         return r["seg_hi"][ch.b, ch.c0 + pos]
     return jnp.int32(st.chunk - 1)
 
@@ -201,24 +174,6 @@ def seg_hi_at(r, ch: Chunk, pos, st: Static):
 def causal_run_mask(pos_l, pos_s, lo_l):
     """(len(pos_l), len(pos_s)): s <= l and s in l's run."""
     return (pos_s[None, :] <= pos_l[:, None]) & (pos_s[None, :] >= jnp.maximum(lo_l, 0)[:, None])
-
-
-def _call(kernel, inputs: dict, outputs: dict, *, grid, name, num_warps, num_stages, interpret,
-          aliases=None, **static):
-    names = tuple(inputs) + tuple(outputs)
-    io_alias = {}
-    for out_i, out_name in enumerate(outputs):
-        if aliases and out_name in aliases:
-            io_alias[tuple(inputs).index(aliases[out_name])] = out_i
-    return pl.pallas_call(
-        functools.partial(kernel, names=names, **static),
-        out_shape=tuple(outputs.values()),
-        grid=grid,
-        input_output_aliases=io_alias,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name=name,
-    )(*inputs.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,17 +187,16 @@ def load_dt(r, ch: Chunk, h0, pos0, n: int, st: Static):
     valid = row_mask(ch, pos0 + iota(n), st)[:, None] & (heads < st.heads)[None, :]
     raw = load(r["dt"], (ch.b, pl.ds(ch.c0 + pos0, n), pl.ds(h0, st.block_heads)),
                mask=valid).astype(F32)
-    if st.has_bias:
+    if "bias" in r:
         raw = raw + load(r["bias"], (pl.ds(h0, st.block_heads),), mask=heads < st.heads)[None, :]
     dtp = softplus(raw, fast=st.fast) if st.dt_softplus else raw
     return jnp.where(valid, dtp, 0.0), raw, valid
 
 
-def _cumsum_kernel(*refs, names, st: Static):
+def _cumsum_kernel(r, *, st: Static):
     """cs = M a per (b, chunk, head block), a = dt' A log2(e), M[l, s] = [s in l's run, s <= l]:
     a segmented cumulative sum written as a dot, since Triton has no segmented scan; each output
     is a fixed-order sum of its own run's terms only."""
-    r = dict(zip(names, refs))
     c, hb, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     ch = Chunk(b, c, c * st.chunk)
     h0 = hb * st.block_heads
@@ -275,7 +229,7 @@ def _cumsum_kernel(*refs, names, st: Static):
 def chunk_cumsum(inputs: dict, *, st: Static, num_warps: int, interpret: bool):
     """(cs, dtp), each (b, h, T_pad) float32."""
     shape = jax.ShapeDtypeStruct((st.batch, st.heads, st.padded), F32)
-    return _call(_cumsum_kernel, inputs, dict(cs=shape, dtp=shape),
+    return launch.call(_cumsum_kernel, inputs, dict(cs=shape, dtp=shape),
                  grid=(st.n_chunks, -(-st.heads // st.block_heads), st.batch),
                  name="ssd_chunk_cumsum", num_warps=num_warps, num_stages=1,
                  interpret=interpret, st=st)
@@ -285,8 +239,7 @@ def chunk_cumsum(inputs: dict, *, st: Static, num_warps: int, interpret: bool):
 # C B^T per chunk and group.
 
 
-def _bmm_kernel(*refs, names, st: Static):
-    r = dict(zip(names, refs))
+def _bmm_kernel(r, *, st: Static):
     ij, bc, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     ch = chunk_at(bc, st)
     bt = st.block_s
@@ -307,7 +260,7 @@ def chunk_cb(inputs: dict, *, st: Static, num_warps: int, num_stages: int, inter
     nb = st.chunk // st.block_s
     dtype = jnp.dtype(st.mm_dtype) if st.cb_dtype == "input" else F32
     out = jax.ShapeDtypeStruct((st.batch, st.n_chunks, st.groups, st.chunk, st.chunk), dtype)
-    return _call(_bmm_kernel, inputs, dict(cb=out),
+    return launch.call(_bmm_kernel, inputs, dict(cb=out),
                  grid=(nb * nb, st.batch * st.n_chunks, st.groups), name="ssd_chunk_cb",
                  num_warps=num_warps, num_stages=num_stages, interpret=interpret, st=st)[0]
 
@@ -316,12 +269,11 @@ def chunk_cb(inputs: dict, *, st: Static, num_warps: int, num_stages: int, inter
 # Chunk states: sum over a chunk's tokens of w_t q_t^T v_t, (p, n) per (b, chunk, head).
 
 
-def _chunk_state_kernel(*refs, names, st: Static, mode: str):
+def _chunk_state_kernel(r, *, st: Static, mode: str):
     """mode "fwd": S = sum_s dt'_s 2^(cs_end - cs_s) x_s^T B_s over the chunk's last run (the
     state the chunk hands on, from a zero start).
     mode "bwd": dH = sum_l 2^(cs_l) dy'_l^T C_l over the rows that read the incoming state (the
     gradient reaching h_in from the chunk's own outputs)."""
-    r = dict(zip(names, refs))
     c, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     ch = Chunk(b, c, c * st.chunk)
     g = div(h, st.per_group)
@@ -351,7 +303,7 @@ def _chunk_state_kernel(*refs, names, st: Static, mode: str):
         return acc + dot(q.astype(mm), v, trans_a=True)
 
     acc = jax.lax.fori_loop(j0, j1, body, jnp.zeros((st.headdim, st.d_state), F32))
-    store(r["out"], (b, c, h, ALL, ALL), acc)
+    r["out"][...] = acc
 
 
 def chunk_states(inputs: dict, *, mode: str, st: Static, num_warps: int, num_stages: int,
@@ -359,20 +311,23 @@ def chunk_states(inputs: dict, *, mode: str, st: Static, num_warps: int, num_sta
     """(b, c, h, p, n) float32 (see _chunk_state_kernel for the two modes)."""
     out = jax.ShapeDtypeStruct((st.batch, st.n_chunks, st.heads, st.headdim, st.d_state), F32)
     name = "ssd_chunk_states" if mode == "fwd" else "ssd_bwd_chunk_dstates"
-    return _call(_chunk_state_kernel, inputs, dict(out=out),
-                 grid=(st.n_chunks, st.heads, st.batch), name=name, num_warps=num_warps,
-                 num_stages=num_stages, interpret=interpret, st=st, mode=mode)[0]
+    # Each program writes one whole (p, n) state: a fixed tile.
+    tile = pl.BlockSpec((None, None, None, st.headdim, st.d_state),
+                        lambda c, h, b: (b, c, h, 0, 0))
+    return launch.call(_chunk_state_kernel, inputs, dict(out=out),
+                       grid=(st.n_chunks, st.heads, st.batch), name=name, num_warps=num_warps,
+                       num_stages=num_stages, interpret=interpret, out_specs=dict(out=tile),
+                       st=st, mode=mode)[0]
 
 
 # ---------------------------------------------------------------------------------------------
 # State passing across chunks (sequential over chunks, parallel over b x h x state elements).
 
 
-def _state_passing_kernel(*refs, names, st: Static, reverse: bool):
+def _state_passing_kernel(r, *, st: Static, reverse: bool):
     """Forward: h_in[0] = 0, h_in[c + 1] = decay[c] h_in[c] + S[c] (+ S_add[c]).
     Reverse: G = 0; for c from the last: dS[c] = G, ddecay[c] = <G, h_in[c]> (this block's
     share), G = dH[c] + decay[c] G, the gradient reaching h_in[c]."""
-    r = dict(zip(names, refs))
     blk, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     cols = pl.ds(blk * st.block_state, st.block_state)
     nc = st.n_chunks
@@ -386,7 +341,7 @@ def _state_passing_kernel(*refs, names, st: Static, reverse: bool):
         rows = [load(r[src], (b, c, h, cols))]
         if reverse:
             rows.append(load(r["h_in"], (b, c, h, cols)))
-        elif st.has_s_add:
+        elif "s_add" in r:
             rows.append(load(r["s_add"], (b, c, h, cols)))
         return rows
 
@@ -403,7 +358,7 @@ def _state_passing_kernel(*refs, names, st: Static, reverse: bool):
         else:
             store(r["h_in"], (b, c, h, cols), state)
         new = decay * state + rows[0]
-        if not reverse and st.has_s_add:
+        if not reverse and "s_add" in r:
             new = new + rows[1]
         return new, nxt
 
@@ -420,7 +375,7 @@ def state_passing(inputs: dict, *, reverse: bool, st: Static, interpret: bool):
                     ddecay=jax.ShapeDtypeStruct((st.batch, st.heads, st.n_chunks, nblk), F32))
     else:
         outs = dict(h_in=states)
-    res = _call(_state_passing_kernel, inputs, outs, grid=(nblk, st.heads, st.batch),
+    res = launch.call(_state_passing_kernel, inputs, outs, grid=(nblk, st.heads, st.batch),
                 name="ssd_bwd_state_passing" if reverse else "ssd_state_passing",
                 num_warps=4, num_stages=1, interpret=interpret, st=st, reverse=reverse)
     return tuple(res) if reverse else res[0]
@@ -437,10 +392,9 @@ def load_D(r, h, st: Static):
     return r["D"][h]
 
 
-def _chunk_scan_kernel(*refs, names, st: Static):
+def _chunk_scan_kernel(r, *, st: Static):
     """y_l = 2^(cs_l) [l entered] C_l h_in^T + sum_{s in l's run, s <= l} CB[l,s] 2^(cs_l - cs_s)
     dt'_s x_s + D x_l (+ y_add_l), then * silu(z_l); also the pre-gate value with z."""
-    r = dict(zip(names, refs))
     i, h, bc = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     ch = chunk_at(bc, st)
     g = div(h, st.per_group)
@@ -472,11 +426,11 @@ def _chunk_scan_kernel(*refs, names, st: Static):
 
     acc = jax.lax.fori_loop(div(jnp.maximum(lo_first, 0), bs), div(l0 + bl, bs), intra, acc)
     y = acc
-    if st.has_D:
+    if "D" in r:
         y = y + load_D(r, h, st) * load_rows(r["x"], ch, l0, bl, (h,), st, F32)
-    if st.has_y_add:
+    if "y_add" in r:
         y = y + load_rows(r["y_add"], ch, l0, bl, (h,), st, F32)
-    if st.has_z:
+    if "z" in r:
         store_rows(r["y_pre"], ch, l0, y, (h,), st)
         z = load_rows(r["z"], ch, l0, bl, (h,), st, F32)
         y = y * (z * sigmoid(z, fast=st.fast))
@@ -487,9 +441,10 @@ def chunk_scan(inputs: dict, *, st: Static, y_dtype, num_warps: int, num_stages:
                interpret: bool):
     """y (b, t, h, p) and, with z, the pre-gate y_pre (same layout and dtype)."""
     rows = jax.ShapeDtypeStruct((st.batch, st.length, st.heads, st.headdim), y_dtype)
-    outs = dict(y=rows, y_pre=rows) if st.has_z else dict(y=rows)
-    res = _call(_chunk_scan_kernel, inputs, outs,
+    gated = inputs.get("z") is not None
+    outs = dict(y=rows, y_pre=rows) if gated else dict(y=rows)
+    res = launch.call(_chunk_scan_kernel, inputs, outs,
                 grid=(st.chunk // st.block_l, st.heads, st.batch * st.n_chunks),
                 name="ssd_chunk_scan", num_warps=num_warps, num_stages=num_stages,
                 interpret=interpret, st=st)
-    return tuple(res) if st.has_z else (res[0], None)
+    return tuple(res) if gated else (res[0], None)

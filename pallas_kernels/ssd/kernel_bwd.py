@@ -5,7 +5,8 @@ Same arrays and conventions as kernel.py, plus dy' = dy * silu(z) (b, t, h, p) a
 passing). With W_h[l, s] = [s in l's run, s <= l] 2^(cs_l - cs_s) dt'_s (per head) the
 intra-chunk output is y_l = sum_s CB[l, s] W_h[l, s] x_s, so
 
-  dx_s   = dt'_s (sum_{l >= s} CB[l, s] 2^(cs_l - cs_s) dy'_l + 2^(cs_end - cs_s) [s last run] dS B_s)
+  dx_s   = dt'_s (sum_{l >= s} CB[l, s] 2^(cs_l - cs_s) dy'_l
+                 + 2^(cs_end - cs_s) [s last run] dS B_s)
   dCB    = sum_{h in group} W_h[l, s] (dy'_l . x_s)                        (one per group)
   dC_l   = sum_s dCB[l, s] B_s + sum_h 2^(cs_l) [l entered] dy'_l h_in       (p -> n)
   dB_s   = sum_l dCB[l, s] C_l + sum_h dt'_s 2^(cs_end - cs_s) [s last run] x_s dS
@@ -23,18 +24,17 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels import launch
+from pallas_kernels.launch import iota, load, store
 from pallas_kernels.ssd.kernel import (
     ALL,
     F32,
     Chunk,
     Static,
-    _call,
     causal_run_mask,
     chunk_at,
     div,
     dot,
-    iota,
-    load,
     load_D,
     load_dt,
     load_rows,
@@ -45,7 +45,6 @@ from pallas_kernels.ssd.kernel import (
     seg_hi_rows,
     seg_lo_at,
     seg_lo_rows,
-    store,
     store_rows,
 )
 from pallas_kernels.triton_math import sigmoid
@@ -60,8 +59,7 @@ def anticausal_run_mask(pos_s, pos_l, hi_s):
 # dx (and what the dt' and log-decay gradients need from the x path).
 
 
-def _dx_kernel(*refs, names, st: Static):
-    r = dict(zip(names, refs))
+def _dx_kernel(r, *, st: Static):
     j, h, bc = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     ch = chunk_at(bc, st)
     g = div(h, st.per_group)
@@ -93,7 +91,7 @@ def _dx_kernel(*refs, names, st: Static):
     x = load_rows(r["x"], ch, s0, bs, (h,), st, F32)
     total = acc + acc_state
     dx = dt_s[:, None] * total
-    if st.has_D:
+    if "D" in r:
         dy = load_rows(r["dy"], ch, s0, bs, (h,), st, F32)
         dx = dx + load_D(r, h, st) * dy
         store(r["dD"], (bc, j, h, ALL), jnp.sum(dy * x, axis=0))
@@ -112,9 +110,9 @@ def bwd_dx(inputs: dict, *, st: Static, x_dtype, num_warps: int, num_stages: int
     vec = jax.ShapeDtypeStruct((st.batch, st.heads, st.padded), F32)
     outs = dict(dx=jax.ShapeDtypeStruct((st.batch, st.length, st.heads, st.headdim), x_dtype),
                 ddt_x=vec, dcs_state=vec)
-    if st.has_D:
+    if inputs.get("D") is not None:
         outs["dD"] = jax.ShapeDtypeStruct((st.batch * st.n_chunks, nb, st.heads, st.headdim), F32)
-    res = _call(_dx_kernel, inputs, outs, grid=(nb, st.heads, st.batch * st.n_chunks),
+    res = launch.call(_dx_kernel, inputs, outs, grid=(nb, st.heads, st.batch * st.n_chunks),
                 name="ssd_bwd_dx", num_warps=num_warps, num_stages=num_stages,
                 interpret=interpret, st=st)
     res = dict(zip(outs, res))
@@ -125,8 +123,7 @@ def bwd_dx(inputs: dict, *, st: Static, x_dtype, num_warps: int, num_stages: int
 # dCB, summed over the heads of a group, with the row and column sums of T per head.
 
 
-def _dcb_kernel(*refs, names, st: Static, splits: int):
-    r = dict(zip(names, refs))
+def _dcb_kernel(r, *, st: Static, splits: int):
     ij, bc, gs = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     ch = chunk_at(bc, st)
     g, split = div(gs, splits), rem(gs, splits)
@@ -191,7 +188,7 @@ def bwd_dcb(inputs: dict, *, st: Static, splits: int, num_warps: int, num_stages
         rowsum=jax.ShapeDtypeStruct((st.batch, st.heads, nbs, st.padded), F32),
         colsum=jax.ShapeDtypeStruct((st.batch, st.heads, nbl, st.padded), F32),
     )
-    return _call(_dcb_kernel, inputs, outs,
+    return launch.call(_dcb_kernel, inputs, outs,
                  grid=(nbl * nbs, st.batch * st.n_chunks, st.groups * splits),
                  name="ssd_bwd_dcb", num_warps=num_warps, num_stages=num_stages,
                  interpret=interpret, st=st, splits=splits)
@@ -201,11 +198,10 @@ def bwd_dcb(inputs: dict, *, st: Static, splits: int, num_warps: int, num_stages
 # dB and dC: the dCB product once per group, the state terms per head.
 
 
-def _dbc_kernel(*refs, names, st: Static, splits: int, mode: str):
+def _dbc_kernel(r, *, st: Static, splits: int, mode: str):
     """mode "dC": rows l, dC_l = sum_s dCB[l, s] B_s + sum_h 2^(cs_l)[l entered] dy'_l h_in, and
     per head the inter term of d cs_l, a_inter = 2^(cs_l)[entered] C_l . (dy'_l h_in).
     mode "dB": rows s, dB_s = sum_l dCB[l, s] C_l + sum_h dt'_s 2^(cs_end - cs_s)[last] x_s dS."""
-    r = dict(zip(names, refs))
     i, bc, gs = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     ch = chunk_at(bc, st)
     g, split = div(gs, splits), rem(gs, splits)
@@ -300,7 +296,7 @@ def bwd_dbc(inputs: dict, *, mode: str, st: Static, splits: int, out_dtype, num_
     outs = {mode: grad}
     if mode == "dC":
         outs["a_inter"] = jax.ShapeDtypeStruct((st.batch, st.heads, st.padded), F32)
-    res = _call(_dbc_kernel, inputs, outs,
+    res = launch.call(_dbc_kernel, inputs, outs,
                 grid=(st.chunk // st.block_l, st.batch * st.n_chunks, st.groups * splits),
                 name="ssd_bwd_dc" if mode == "dC" else "ssd_bwd_db", num_warps=num_warps,
                 num_stages=num_stages, interpret=interpret, st=st, splits=splits, mode=mode)
@@ -311,10 +307,9 @@ def bwd_dbc(inputs: dict, *, mode: str, st: Static, splits: int, out_dtype, num_
 # The log-decay gradient: reverse segmented cumulative sum, then dt, A and dt_bias.
 
 
-def _cumsum_bwd_kernel(*refs, names, st: Static):
+def _cumsum_bwd_kernel(r, *, st: Static):
     """d a_s = sum_{l >= s in s's run} d cs_l (M^T d cs, the transpose of the forward's dot);
     d dt'_s = ddt_x_s + d a_s A; dt = softplus'(dt + bias) d dt'; dA, d bias per chunk."""
-    r = dict(zip(names, refs))
     c, hb, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     ch = Chunk(b, c, c * st.chunk)
     h0 = hb * st.block_heads
@@ -350,7 +345,7 @@ def _cumsum_bwd_kernel(*refs, names, st: Static):
     zeros = jnp.zeros((st.block_heads,), F32)
     d_a_sum, d_bias_sum = jax.lax.fori_loop(0, st.chunk // bq, block, (zeros, zeros))
     store(r["dA"], (b, c, pl.ds(h0, st.block_heads)), d_a_sum, mask=head_ok)
-    if st.has_bias:
+    if "bias" in r:
         store(r["dbias"], (b, c, pl.ds(h0, st.block_heads)), d_bias_sum, mask=head_ok)
 
 
@@ -358,9 +353,9 @@ def cumsum_bwd(inputs: dict, *, st: Static, dt_dtype, num_warps: int, interpret:
     """ddt (b, t, h) in dt_dtype; dA and d dt_bias partials (b, c, h) float32 (sum over b, c)."""
     part = jax.ShapeDtypeStruct((st.batch, st.n_chunks, st.heads), F32)
     outs = dict(ddt=jax.ShapeDtypeStruct((st.batch, st.length, st.heads), dt_dtype), dA=part)
-    if st.has_bias:
+    if inputs.get("bias") is not None:
         outs["dbias"] = part
-    res = _call(_cumsum_bwd_kernel, inputs, outs,
+    res = launch.call(_cumsum_bwd_kernel, inputs, outs,
                 grid=(st.n_chunks, -(-st.heads // st.block_heads), st.batch),
                 name="ssd_bwd_chunk_cumsum", num_warps=num_warps, num_stages=1,
                 interpret=interpret, st=st)

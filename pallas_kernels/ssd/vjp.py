@@ -9,7 +9,6 @@ else (dt', the cumulative decays, C B^T, the chunk states) is recomputed by the 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 
@@ -28,6 +27,7 @@ class Plan:
     st: kernel.Static
     cfg: SSDConfig
     return_states: bool  # the core also returns h_in (for final states)
+    has_init: bool  # initial states: the kernels add y_add and s_add
 
 
 def supported(headdim: int, d_state: int) -> bool:
@@ -58,8 +58,7 @@ def ssd_scan_pallas(
                          f"got headdim={headdim} (x's axis 3), d_state={d_state} (B's axis 3)")
     if num_segments is None:
         num_segments = 1 if initial_states is None else initial_states.shape[1]
-    plan = make_plan(x, dt, B, D, z, dt_bias, dt_softplus=dt_softplus,
-                     has_seg=segment_ids is not None, chunk_size=chunk_size,
+    plan = make_plan(x, dt, B, D, z, dt_bias, dt_softplus=dt_softplus, chunk_size=chunk_size,
                      has_init=initial_states is not None,
                      return_states=bool(return_final_states), interpret=interpret,
                      config=config)
@@ -72,9 +71,7 @@ def _entry(plan: Plan, interpret: bool, num_segments: int, x, dt, A, B, C, D, z,
     st = plan.st
     seg_lo = seg_hi = None
     if segment_ids is not None:
-        seg_lo, seg_hi = _step("segment_bounds (xla)",
-                               functools.partial(segment_bounds, chunk=st.chunk,
-                                                 padded=st.padded), segment_ids)
+        seg_lo, seg_hi = segment_bounds(segment_ids, st.chunk, st.padded)
     glue = y_add = s_add = None
     if initial_states is not None or plan.return_states:
         glue = states.Glue.build(dt, A, dt_bias, st.dt_softplus, segment_ids, seg_lo,
@@ -95,7 +92,7 @@ def _entry(plan: Plan, interpret: bool, num_segments: int, x, dt, A, B, C, D, z,
 _entry_jit = jax.jit(_entry, static_argnums=(0, 1, 2))
 
 
-def make_plan(x, dt, B, D, z, dt_bias, *, dt_softplus, has_seg, chunk_size, has_init,
+def make_plan(x, dt, B, D, z, dt_bias, *, dt_softplus, chunk_size, has_init,
               return_states, interpret, config) -> Plan:
     batch, length, heads, headdim = x.shape
     groups, d_state = B.shape[2:]
@@ -116,13 +113,11 @@ def make_plan(x, dt, B, D, z, dt_bias, *, dt_softplus, has_seg, chunk_size, has_
         batch=batch, length=length, heads=heads, headdim=headdim, d_state=d_state,
         groups=groups, chunk=cfg.chunk, block_l=cfg.block_l, block_s=cfg.block_s,
         block_k=cfg.block_k, block_state=cfg.block_state, block_heads=cfg.block_heads,
-        dt_softplus=bool(dt_softplus), has_bias=dt_bias is not None, has_seg=has_seg,
-        has_D=D is not None, d_per_p=D is not None and D.ndim == 2, has_z=z is not None,
-        has_y_add=has_init, has_s_add=has_init, mm_dtype=jnp.dtype(x.dtype).name,
-        cb_dtype=cfg.cb_dtype, fast=not interpret)
+        dt_softplus=bool(dt_softplus), d_per_p=D is not None and D.ndim == 2,
+        mm_dtype=jnp.dtype(x.dtype).name, cb_dtype=cfg.cb_dtype, fast=not interpret)
     if cfg.chunk_scan_backend == "mosaic":
         chunk_scan_mgpu.check_supported(st)
-    return Plan(st, cfg, return_states)
+    return Plan(st, cfg, return_states, has_init)
 
 
 def _divisor(split: int, n: int) -> int:
@@ -148,32 +143,6 @@ def segment_bounds(segment_ids, chunk: int, padded: int):
     return seg_lo.astype(jnp.int32), seg_hi.astype(jnp.int32)
 
 
-# A callback (name, fn, *args) -> fn(*args) that `profiling` installs; None: call directly.
-_PROFILER = None
-
-
-@contextlib.contextmanager
-def profiling(callback):
-    """Within it, every named piece of the forward and backward (each kernel and each XLA piece
-    between them) goes through callback(name, fn, *args), which must return fn(*args): the
-    benchmark's per-kernel profile times each piece alone this way, running the pipeline eagerly
-    (`_ssd_fwd`, `_ssd_bwd`)."""
-    global _PROFILER
-    previous, _PROFILER = _PROFILER, callback
-    try:
-        yield
-    finally:
-        _PROFILER = previous
-
-
-def _step(name, fn, *args):
-    return fn(*args) if _PROFILER is None else _PROFILER(name, fn, *args)
-
-
-def _inputs(**kw):
-    return {k: v for k, v in kw.items() if v is not None}
-
-
 def _f32(a):
     return None if a is None else a.astype(F32)
 
@@ -184,8 +153,7 @@ def _launch(plan: Plan, interpret: bool):
 
 
 def _cumsum(plan, interpret, dt, A, dt_bias, seg_lo):
-    return kernel.chunk_cumsum(_inputs(dt=dt, A=A.astype(F32), bias=_f32(dt_bias),
-                                       seg_lo=seg_lo),
+    return kernel.chunk_cumsum(dict(dt=dt, A=A.astype(F32), bias=_f32(dt_bias), seg_lo=seg_lo),
                                st=plan.st, num_warps=4, interpret=interpret)
 
 
@@ -205,7 +173,7 @@ def _pass_states(plan, interpret, S, decay, s_add):
     """h_in (b, c, h, p * n) from the chunk-end states S (b, c, h, p * n)."""
     st = plan.st
     if plan.cfg.state_passing == "pallas":
-        return kernel.state_passing(_inputs(S=S, decay=decay, s_add=s_add), reverse=False,
+        return kernel.state_passing(dict(S=S, decay=decay, s_add=s_add), reverse=False,
                                     st=st, interpret=interpret)
     drive = S if s_add is None else S + s_add
     a = jnp.swapaxes(decay, 1, 2)[..., None]  # (b, c, h, 1)
@@ -218,7 +186,7 @@ def _pass_states_bwd(plan, interpret, dh, h_in, decay):
     ddecay (b, h, c) = <G[c + 1], h_in[c]>."""
     st = plan.st
     if plan.cfg.state_passing == "pallas":
-        dS, ddecay = kernel.state_passing(_inputs(dh=dh, h_in=h_in, decay=decay), reverse=True,
+        dS, ddecay = kernel.state_passing(dict(dh=dh, h_in=h_in, decay=decay), reverse=True,
                                           st=st, interpret=interpret)
         return dS, ddecay.sum(-1)
     a = jnp.swapaxes(decay, 1, 2)[..., None]
@@ -233,28 +201,22 @@ def _fwd_impl(plan: Plan, interpret, x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_
     st = plan.st
     launch = _launch(plan, interpret)
     size = st.headdim * st.d_state
-    cs, dtp = _step("fwd.chunk_cumsum", functools.partial(_cumsum, plan, interpret), dt, A,
-                    dt_bias, seg_lo)
-    cb = _step("fwd.chunk_cb", functools.partial(kernel.chunk_cb, st=st, **launch),
-               dict(C=C, B=B))
-    S = _step("fwd.chunk_states",
-              functools.partial(kernel.chunk_states, mode="fwd", st=st, **launch),
-              _inputs(x=x, B=B, cs=cs, dtp=dtp, seg_lo=seg_lo))
+    cs, dtp = _cumsum(plan, interpret, dt, A, dt_bias, seg_lo)
+    cb = kernel.chunk_cb(dict(C=C, B=B), st=st, **launch)
+    S = kernel.chunk_states(dict(x=x, B=B, cs=cs, dtp=dtp, seg_lo=seg_lo), mode="fwd", st=st,
+                            **launch)
     S = S.reshape(st.batch, st.n_chunks, st.heads, size)
     if s_add is not None:
         s_add = s_add.astype(F32).reshape(S.shape)
-    decay = _step("fwd.chunk_decay (xla)", functools.partial(chunk_decay, st=st), cs, seg_lo)
-    h_in = _step("fwd.state_passing", functools.partial(_pass_states, plan, interpret), S,
-                 decay, s_add)
+    decay = chunk_decay(cs, seg_lo, st=st)
+    h_in = _pass_states(plan, interpret, S, decay, s_add)
     h_in = h_in.reshape(st.batch, st.n_chunks, st.heads, st.headdim, st.d_state)
+    inputs = dict(x=x, z=z, C=C, cb=cb, cs=cs, dtp=dtp, h_in=h_in, D=_f32(D), y_add=_f32(y_add),
+                  seg_lo=seg_lo)
     if plan.cfg.chunk_scan_backend == "mosaic":
-        scan = functools.partial(chunk_scan_mgpu.chunk_scan, interpret=interpret)
+        y, y_pre = chunk_scan_mgpu.chunk_scan(inputs, st=st, y_dtype=x.dtype, interpret=interpret)
     else:
-        scan = functools.partial(kernel.chunk_scan, **launch)
-    y, y_pre = _step(
-        "fwd.chunk_scan", functools.partial(scan, st=st, y_dtype=x.dtype),
-        _inputs(x=x, z=z, C=C, cb=cb, cs=cs, dtp=dtp, h_in=h_in, D=_f32(D), y_add=_f32(y_add),
-                seg_lo=seg_lo))
+        y, y_pre = kernel.chunk_scan(inputs, st=st, y_dtype=x.dtype, **launch)
     out = (y, h_in.reshape(st.batch, st.n_chunks, st.heads, size)) if plan.return_states else y
     return out, (h_in, y_pre)
 
@@ -287,57 +249,44 @@ def _ssd_bwd(plan, interpret, res, cts):
     dy, dh_ct = cts if plan.return_states else (cts, None)
     size = st.headdim * st.d_state
     if z is not None:
-        dyp, dz = _step("bwd.gate (xla)", functools.partial(_gate_bwd, dtype=x.dtype), dy, z,
-                        y_pre)
+        dyp, dz = _gate_bwd(dy, z, y_pre, dtype=x.dtype)
     else:
         dyp, dz = dy.astype(x.dtype), None
-    cs, dtp = _step("bwd.chunk_cumsum", functools.partial(_cumsum, plan, interpret), dt, A,
-                    dt_bias, seg_lo)
-    cb = _step("bwd.chunk_cb", functools.partial(kernel.chunk_cb, st=st, **launch),
-               dict(C=C, B=B))
+    cs, dtp = _cumsum(plan, interpret, dt, A, dt_bias, seg_lo)
+    cb = kernel.chunk_cb(dict(C=C, B=B), st=st, **launch)
     # The gradient reaching each chunk's incoming state, then across chunks.
-    dh = _step("bwd.chunk_dstates",
-               functools.partial(kernel.chunk_states, mode="bwd", st=st, **launch),
-               _inputs(dy=dyp, C=C, cs=cs, seg_lo=seg_lo, seg_hi=seg_hi))
+    dh = kernel.chunk_states(dict(dy=dyp, C=C, cs=cs, seg_lo=seg_lo, seg_hi=seg_hi), mode="bwd",
+                             st=st, **launch)
     dh = dh.reshape(st.batch, st.n_chunks, st.heads, size)
     if dh_ct is not None:
         dh = dh + dh_ct.astype(F32)
-    decay = _step("bwd.chunk_decay (xla)", functools.partial(chunk_decay, st=st), cs, seg_lo)
-    dS, ddecay = _step("bwd.state_passing", functools.partial(_pass_states_bwd, plan, interpret),
-                       dh, h_in.reshape(dh.shape), decay)
+    decay = chunk_decay(cs, seg_lo, st=st)
+    dS, ddecay = _pass_states_bwd(plan, interpret, dh, h_in.reshape(dh.shape), decay)
     dS = dS.reshape(h_in.shape)
-    seg = _inputs(seg_lo=seg_lo, seg_hi=seg_hi)
-    dx, ddt_x, dcs_state, dD_part = _step(
-        "bwd.dx", functools.partial(kernel_bwd.bwd_dx, st=st, x_dtype=x.dtype, **launch),
-        _inputs(x=x, dy=dyp, B=B, cb=cb, cs=cs, dtp=dtp, dS=dS, D=_f32(D), **seg))
+    seg = dict(seg_lo=seg_lo, seg_hi=seg_hi)
+    dx, ddt_x, dcs_state, dD_part = kernel_bwd.bwd_dx(
+        dict(x=x, dy=dyp, B=B, cb=cb, cs=cs, dtp=dtp, dS=dS, D=_f32(D), **seg), st=st,
+        x_dtype=x.dtype, **launch)
     splits = cfg.dcb_head_splits
-    dcb, rowsum, colsum = _step(
-        "bwd.dcb", functools.partial(kernel_bwd.bwd_dcb, st=st, splits=splits, **launch),
-        _inputs(x=x, dy=dyp, cb=cb, cs=cs, dtp=dtp, **seg))
+    dcb, rowsum, colsum = kernel_bwd.bwd_dcb(dict(x=x, dy=dyp, cb=cb, cs=cs, dtp=dtp, **seg),
+                                             st=st, splits=splits, **launch)
     if splits > 1:
-        dcb = _step("bwd.dcb_split_sum (xla)", functools.partial(_sum_splits, st=st), dcb)
+        dcb = _sum_splits(dcb, st)
     dsplits = cfg.dbc_head_splits
-    dC, a_inter = _step(
-        "bwd.dc", functools.partial(kernel_bwd.bwd_dbc, mode="dC", st=st, splits=dsplits,
-                                    out_dtype=C.dtype, **launch),
-        _inputs(dy=dyp, B=B, C=C, dcb=dcb, cs=cs, h_in=h_in, **seg))
-    dB = _step(
-        "bwd.db", functools.partial(kernel_bwd.bwd_dbc, mode="dB", st=st, splits=dsplits,
-                                    out_dtype=B.dtype, **launch),
-        _inputs(x=x, C=C, dcb=dcb, cs=cs, dtp=dtp, dS=dS, **seg))
+    dC, a_inter = kernel_bwd.bwd_dbc(
+        dict(dy=dyp, B=B, C=C, dcb=dcb, cs=cs, h_in=h_in, **seg), mode="dC", st=st,
+        splits=dsplits, out_dtype=C.dtype, **launch)
+    dB = kernel_bwd.bwd_dbc(dict(x=x, C=C, dcb=dcb, cs=cs, dtp=dtp, dS=dS, **seg), mode="dB",
+                            st=st, splits=dsplits, out_dtype=B.dtype, **launch)
     if dsplits > 1:
         # Left to itself XLA may fuse these sums into a consumer's concatenation (the Mamba1
         # scan measured that 5x slower than a reduction of its own).
-        dC, dB = _step("bwd.dbc_split_sum (xla)",
-                       lambda dC, dB: jax.lax.optimization_barrier(
-                           (dC.sum(1).astype(C.dtype), dB.sum(1).astype(B.dtype))), dC, dB)
-    dcs = _step("bwd.assemble_dcs (xla)", functools.partial(_assemble_dcs, st), rowsum, colsum,
-                a_inter, dcs_state, decay, ddecay)
-    ddt, dA_part, dbias_part = _step(
-        "bwd.chunk_cumsum_bwd",
-        functools.partial(kernel_bwd.cumsum_bwd, st=st, dt_dtype=dt.dtype, num_warps=4,
-                          interpret=interpret),
-        _inputs(dt=dt, A=A.astype(F32), bias=_f32(dt_bias), dcs=dcs, ddt_x=ddt_x, **seg))
+        dC, dB = jax.lax.optimization_barrier((dC.sum(1).astype(C.dtype),
+                                               dB.sum(1).astype(B.dtype)))
+    dcs = _assemble_dcs(st, rowsum, colsum, a_inter, dcs_state, decay, ddecay)
+    ddt, dA_part, dbias_part = kernel_bwd.cumsum_bwd(
+        dict(dt=dt, A=A.astype(F32), bias=_f32(dt_bias), dcs=dcs, ddt_x=ddt_x, **seg), st=st,
+        dt_dtype=dt.dtype, num_warps=4, interpret=interpret)
     dA = dA_part.sum((0, 1)).astype(A.dtype)
     dbias = None if dt_bias is None else dbias_part.sum((0, 1)).astype(dt_bias.dtype)
     dD = None
@@ -345,8 +294,8 @@ def _ssd_bwd(plan, interpret, res, cts):
         dD = dD_part.sum((0, 1))
         dD = (dD if D.ndim == 2 else dD.sum(-1)).astype(D.dtype)
     # The gradients of the kernels' additive inputs (states.py makes them from initial states).
-    d_y_add = dyp.astype(F32) if st.has_y_add else None
-    d_s_add = dS if st.has_s_add else None
+    d_y_add = dyp.astype(F32) if plan.has_init else None
+    d_s_add = dS if plan.has_init else None
     return dx, ddt, dA, dB, dC, dD, dz, dbias, None, None, d_y_add, d_s_add
 
 
