@@ -1,0 +1,282 @@
+"""Segment-aware attention against a float64 per-query loop, packing isolation, and RoPE.
+
+Parametrized over "reference" (XLA, any backend) and the cuDNN paths "cudnn" (segment mask) and
+"cudnn_packed" (one cuDNN sequence per segment), which need a GPU and are skipped without one;
+on CPU their twin is a test that lowers them for CUDA (forward and backward) and finds the
+cuDNN custom calls, so a silent fallback to the reference cannot pass. Rows of 40 tokens hold
+segments of 1 token, segments ending on the 16- and 32-column edges, a repeated id after
+another (a new segment) and trailing padding (id 0).
+"""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+import jax_packmamba as jp
+from jax_packmamba.ops.attention import packed_layout
+from tests.gpu import on_gpu
+from tests.loops import attention_loop, rel_err, rope_formula
+
+# The module, not the function `attention` that jax_packmamba.ops exports under the same name.
+attention_module = importlib.import_module("jax_packmamba.ops.attention")
+IMPLS = ["reference", on_gpu("cudnn"), on_gpu("cudnn_packed")]
+MAX_SEGMENTS = 8
+HEADS, KV_HEADS, HEAD_DIM = 4, 2, 16
+# (lengths, ids) per row; 40 columns each.
+ROWS = [([1, 15, 16, 1, 7], [1, 2, 3, 4, 5]),
+        ([3, 13, 1, 1, 18, 4], [1, 2, 1, 3, 4, 0])]
+# Relative error bounds (tests/loops.rel_err). float32: rounding of a 40-term softmax. bfloat16
+# inputs are rounded before the float64 loop sees them, so what is left is the kernels'
+# bfloat16 probabilities and outputs (8 mantissa bits, about 4e-3 each); gradients pass
+# through two more bfloat16 products, hence looser.
+TOLERANCE = {jnp.float32: (1e-5, 1e-4), jnp.bfloat16: (2e-2, 5e-2)}
+
+
+def segment_rows(rows=ROWS):
+    return jnp.asarray(np.stack([np.repeat(ids, lengths) for lengths, ids in rows]), jnp.int32)
+
+
+def inputs(dtype, batch=2, length=40, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(keys[0], (batch, length, HEADS, HEAD_DIM), jnp.float32)
+    k = jax.random.normal(keys[1], (batch, length, KV_HEADS, HEAD_DIM), jnp.float32)
+    v = jax.random.normal(keys[2], (batch, length, KV_HEADS, HEAD_DIM), jnp.float32)
+    g = jax.random.normal(keys[3], (batch, length, HEADS, HEAD_DIM), jnp.float32)
+    return tuple(a.astype(dtype) for a in (q, k, v, g))
+
+
+def dtypes_for(impl):
+    return [jnp.float32, jnp.bfloat16] if impl == "reference" else [jnp.bfloat16]
+
+
+def attend_with_grads(impl, causal=True):
+    """jit((q, k, v, g, ids) -> (out, dq, dk, dv)) through jax.vjp with cotangent g."""
+    def run(q, k, v, g, ids):
+        fn = lambda q, k, v: jp.attention(q, k, v, segment_ids=ids, causal=causal, impl=impl,
+                                          max_segments=MAX_SEGMENTS)
+        out, vjp = jax.vjp(fn, q, k, v)
+        return (out, *vjp(g))
+    return jax.jit(run)
+
+
+CASES = [(impl, dtype) for impl in ["reference", "cudnn", "cudnn_packed"] for dtype in dtypes_for(impl)]
+CASE_PARAMS = [pytest.param(impl, dtype, marks=IMPLS[i].marks if i else ())
+               for impl, dtype in CASES for i in [["reference", "cudnn", "cudnn_packed"].index(impl)]]
+
+
+@pytest.mark.parametrize("impl,dtype", CASE_PARAMS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_matches_float64_loop(impl, dtype, causal):
+    q, k, v, g = inputs(dtype)
+    ids = segment_rows()
+    got = attend_with_grads(impl, causal)(q, k, v, g, ids)
+    want = attention_loop(q, k, v, g, segment_ids=ids, causal=causal)
+    out_tol, grad_tol = TOLERANCE[dtype]
+    errors = {name: rel_err(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), got, want)}
+    print(impl, dtype.__name__, causal, errors)
+    assert errors["out"] < out_tol
+    assert max(errors["dq"], errors["dk"], errors["dv"]) < grad_tol
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_one_segment_rows_match_loop(impl):
+    """segment_ids=None (each row one segment) and a row of a single token."""
+    dtype = dtypes_for(impl)[-1]
+    for length in (1, 24):
+        q, k, v, g = inputs(dtype, length=length, seed=length)
+        fn = lambda q, k, v: jp.attention(q, k, v, impl=impl, max_segments=1)
+        out, vjp = jax.vjp(fn, q, k, v)
+        want = attention_loop(q, k, v, g, segment_ids=np.zeros(q.shape[:2], np.int32))
+        tol = TOLERANCE[dtype]
+        assert rel_err(out, want[0]) < tol[0]
+        for got_grad, want_grad in zip(vjp(g), want[1:]):
+            assert rel_err(got_grad, want_grad) < tol[1]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("row,cols", [(0, slice(16, 32)), (1, slice(16, 17)), (1, slice(36, 40))])
+def test_segments_are_bit_isolated(impl, row, cols):
+    """Changing one segment's q, k, v and cotangent leaves every other token's output and
+    dq, dk, dv bit-identical."""
+    dtype = dtypes_for(impl)[-1]
+    q, k, v, g = inputs(dtype)
+    ids = segment_rows()
+    fn = attend_with_grads(impl)
+    before = fn(q, k, v, g, ids)
+    noise = inputs(dtype, seed=7)
+    changed = [a.at[row, cols].set(n[row, cols] * 3) for a, n in zip((q, k, v, g), noise)]
+    after = fn(*changed, ids)
+    outside = np.ones(ids.shape, bool)
+    outside[row, cols] = False
+    for name, a, b in zip(("out", "dq", "dk", "dv"), before, after):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_array_equal(a[outside], b[outside], err_msg=name)
+        if name in ("out", "dv"):  # the change did arrive (dq, dk of a 1-token segment are 0)
+            assert not np.array_equal(a[~outside], b[~outside]), name
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_packed_matches_alone(impl):
+    """Each segment's outputs and gradients in a packed row equal the segment run alone."""
+    dtype = dtypes_for(impl)[-1]
+    q, k, v, g = inputs(dtype)
+    ids = segment_rows()
+    packed = attend_with_grads(impl)(q, k, v, g, ids)
+    tol = TOLERANCE[dtype]
+    # (row, start, length): the first token alone, a segment on the 16..32 block edges, the
+    # 18-token one after two single tokens, and the padding run (one compile per length).
+    for r, start, n in [(0, 0, 1), (0, 16, 16), (1, 18, 18), (1, 36, 4)]:
+        piece = [a[r:r + 1, start:start + n] for a in (q, k, v, g)]
+        alone = attend_with_grads(impl)(*piece, jnp.ones((1, n), jnp.int32))
+        for i, (a, b) in enumerate(zip(packed, alone)):
+            err = rel_err(a[r:r + 1, start:start + n], b)
+            assert err < tol[min(i, 1)], (r, start, n, i, err)
+
+
+def test_packed_layout_describes_runs():
+    # Row 0: runs of 2, 3, 1 (the last one padding); row 1 one run; row 2 four runs, one more
+    # than the 3 slots: its last run is left out.
+    ids = jnp.asarray([[1, 1, 2, 2, 2, 0], [5, 5, 5, 5, 5, 5], [1, 2, 1, 1, 3, 4]], jnp.int32)
+    runs = attention_module._run_index(ids, *ids.shape)
+    seqlen, offsets = packed_layout(runs, 3)
+    np.testing.assert_array_equal(seqlen, [[2, 3, 1], [6, -1, -1], [1, 1, 2]])
+    np.testing.assert_array_equal(offsets, [[0, 2, 5, -1], [0, -1, -1, -1], [0, 1, 2, -1]])
+
+
+def test_too_few_max_segments_is_refused(monkeypatch):
+    monkeypatch.setattr(attention_module, "_target_platform", lambda: "gpu")
+    q, k, v, _ = inputs(jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"max_segments=4 is less than the 6 segments of row 1"):
+        jp.attention(q, k, v, segment_ids=segment_rows(), impl="cudnn_packed", max_segments=4)
+
+
+def test_auto_is_the_reference_off_a_gpu():
+    if jax.default_backend() == "gpu":
+        pytest.skip("checks the CPU choice")
+    q, k, v, _ = inputs(jnp.bfloat16)
+    ids = segment_rows()
+    np.testing.assert_array_equal(jp.attention(q, k, v, segment_ids=ids),
+                                  jp.attention_reference(q, k, v, segment_ids=ids))
+
+
+CUDNN_CALLS = ("__cudnn$fmhaScaleBiasSoftmax", "__cudnn$fmhaScaleBiasSoftmaxBackward",
+               "__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward")
+
+
+@pytest.mark.parametrize("impl,length,calls", [
+    ("cudnn", 40, ("__cudnn$fmhaScaleBiasSoftmax(", "__cudnn$fmhaScaleBiasSoftmaxBackward(")),
+    ("cudnn", 39, ("__cudnn$fmhaScaleBiasSoftmax(", "__cudnn$fmhaScaleBiasSoftmaxBackward(")),
+    ("cudnn_packed", 40, ("__cudnn$fmhaSoftmax(", "__cudnn$fmhaSoftmaxBackward(")),
+])
+def test_cudnn_paths_lower_for_cuda(monkeypatch, impl, length, calls):
+    """Forward and backward lower to cuDNN's fused attention custom calls for CUDA on this
+    machine. jax asks the installed cuDNN and GPU for their versions while tracing; on a
+    machine without them we answer as an H100/H200 with cuDNN 9.10 would."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+
+    monkeypatch.setattr(cudnn_fa, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(cudnn_fa, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(cudnn_fa, "is_cuda_compute_capability_equal", lambda capability: False)
+    monkeypatch.setattr(attention_module, "_target_platform", lambda: "cuda")
+    q, k, v, g = inputs(jnp.bfloat16, length=length)
+    ids = segment_rows([([1, 15, 16, 1, length - 33], [1, 2, 3, 4, 5])] * 2)
+
+    def loss(q, k, v):
+        out = jp.attention(q, k, v, segment_ids=ids, impl=impl, max_segments=MAX_SEGMENTS)
+        return jnp.sum(out.astype(jnp.float32) * g)
+
+    exported = export.export(
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call(c) for c in CUDNN_CALLS])(q, k, v)
+    text = exported.mlir_module()
+    for call in calls:
+        assert text.count(call) == 1, call
+
+
+@pytest.mark.parametrize("impl", ["cudnn", "cudnn_packed"])
+def test_cudnn_off_a_gpu_names_impl(impl):
+    if jax.default_backend() == "gpu":
+        pytest.skip("checks the refusal off a GPU")
+    q, k, v, _ = inputs(jnp.bfloat16)
+    with pytest.raises(ValueError, match=f'impl="{impl}" runs cuDNN kernels, which need a GPU'):
+        jp.attention(q, k, v, segment_ids=segment_rows(), impl=impl, max_segments=8)
+
+
+def _bad(**changes):
+    q, k, v, _ = inputs(jnp.float32, length=8)
+    args = dict(q=q, k=k, v=v, segment_ids=jnp.ones((2, 8), jnp.int32), causal=True, scale=None,
+                impl="reference")
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("args,message", [
+    (_bad(q=jnp.zeros((2, 8, 4))), r"q must be \(batch, length, heads, head_dim\), got shape \(2, 8, 4\)"),
+    (_bad(q=jnp.zeros((2, 8, 3, 16))), r"q's heads \(3\) must be a multiple of k's kv_heads \(2\)"),
+    (_bad(k=jnp.zeros((2, 8, 2, 8)), v=jnp.zeros((2, 8, 2, 8))), r"k must be \(batch, length, kv_heads, head_dim\)"),
+    (_bad(v=jnp.zeros((2, 8, 1, 16))), r"k and v must have the same shape"),
+    (_bad(k=jnp.zeros((2, 7, 2, 16)), v=jnp.zeros((2, 7, 2, 16))), r"to match q \(2, 8, 4, 16\)"),
+    (_bad(v=jnp.zeros((2, 8, 2, 16), jnp.bfloat16)), r"q, k and v must share a dtype"),
+    (_bad(q=jnp.zeros((2, 8, 4, 16), jnp.int32)), r"q must be a real floating array, got dtype int32"),
+    (_bad(segment_ids=jnp.ones((2, 7), jnp.int32)), r"segment_ids must have shape \(batch, length\) = \(2, 8\)"),
+    (_bad(segment_ids=jnp.ones((2, 8))), r"segment_ids must be an integer array"),
+    (_bad(causal="yes"), r"causal must be a bool, got 'yes'"),
+    (_bad(scale=float("nan")), r"scale must be a finite Python number or None"),
+    (_bad(impl="flash"), r"impl must be one of \('auto', 'reference', 'cudnn', 'cudnn_packed'\), got 'flash'"),
+    (_bad(max_segments=0), r"max_segments must be a positive int or None, got 0"),
+])
+def test_bad_input_names_the_argument(args, message):
+    with pytest.raises(ValueError, match=message):
+        jp.attention(**args)
+
+
+@pytest.mark.parametrize("impl", ["cudnn", "cudnn_packed"])
+@pytest.mark.parametrize("change,message", [
+    (dict(dtype=jnp.float32), r"takes bfloat16 or float16 q, k, v .* got float32"),
+    (dict(head_dim=12), r"needs head_dim a multiple of 8 and at most 256, got 12"),
+    (dict(max_segments=None), r'impl="cudnn_packed" needs max_segments'),
+])
+def test_cudnn_limits_name_impl(monkeypatch, impl, change, message):
+    if impl == "cudnn" and "max_segments" in change:
+        pytest.skip("cudnn needs no max_segments")
+    monkeypatch.setattr(attention_module, "_target_platform", lambda: "gpu")
+    d = change.get("head_dim", 16)
+    q, k = jnp.zeros((1, 4, 2, d), change.get("dtype", jnp.bfloat16)), jnp.zeros((1, 4, 1, d), change.get("dtype", jnp.bfloat16))
+    with pytest.raises(ValueError, match=message):
+        jp.attention(q, k, k, impl=impl, max_segments=change.get("max_segments", 4))
+
+
+@pytest.mark.parametrize("rotary_dim", [None, 8])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_rope_matches_formula_per_segment(rotary_dim, dtype, tol):
+    ids = segment_rows()
+    positions = jp.positions_from_segment_ids(ids)
+    x = jax.random.normal(jax.random.key(3), (2, 40, 3, 16), jnp.float32).astype(dtype)
+    got = jp.apply_rope(x, positions, theta=10_000.0, rotary_dim=rotary_dim)
+    want = rope_formula(x, positions, theta=10_000.0, rotary_dim=rotary_dim or 16)
+    assert got.dtype == dtype
+    assert rel_err(got, want) < tol
+    if rotary_dim:  # the channels past rotary_dim pass through untouched
+        np.testing.assert_array_equal(got[..., rotary_dim:], x[..., rotary_dim:])
+    # A segment starts at angle 0: its first token comes out unchanged.
+    starts = np.asarray(positions) == 0
+    np.testing.assert_array_equal(np.asarray(got)[starts], np.asarray(x)[starts])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(rotary_dim=7), r"rotary_dim must be an even int in \(0, head_dim=16\], got 7"),
+    (dict(rotary_dim=18), r"rotary_dim must be an even int in \(0, head_dim=16\], got 18"),
+    (dict(theta=0.0), r"theta must be a positive number, got 0.0"),
+    (dict(positions=jnp.zeros((2, 5), jnp.int32)), r"positions must have shape \(batch, length\) = \(2, 4\)"),
+    (dict(positions=jnp.zeros((2, 4))), r"positions must be an integer array"),
+    (dict(x=jnp.zeros((2, 4, 16))), r"x must be \(batch, length, heads, head_dim\)"),
+])
+def test_rope_bad_input(kwargs, message):
+    args = dict(x=jnp.zeros((2, 4, 1, 16)), positions=jnp.zeros((2, 4), jnp.int32), theta=1e4)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        jp.apply_rope(**args)
