@@ -9,6 +9,7 @@ another (a new segment) and trailing padding (id 0).
 """
 
 import importlib
+import json
 
 import jax
 import jax.numpy as jnp
@@ -280,3 +281,13 @@ def test_rope_bad_input(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         jp.apply_rope(**args)
+
+
+def test_benchmark_smoke_writes_checked_timings(tmp_path):
+    from benchmarks import bench_attention
+
+    assert bench_attention.main(["--smoke", "--out", str(tmp_path)]) == 0
+    [path] = tmp_path.glob("attention_*_smoke.json")
+    data = json.loads(path.read_text())
+    assert data["errors"] == []
+    assert data["timings"][0]["impl"] == "reference" and data["timings"][0]["fwdbwd_ms"] > 0
