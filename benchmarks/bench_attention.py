@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import harness
 import jax_packmamba as jp
+from benchmarks import harness
 
 SHAPE = dict(batch=8, length=2048, segments=64, heads=32, kv_heads=8, head_dim=128)
 SMOKE = dict(batch=2, length=64, segments=4, heads=4, kv_heads=2, head_dim=16)
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         fn = fwd_bwd(attend)
         try:
             got = jax.block_until_ready(fn(*inputs[0]))
-        except Exception as e:  # one path failing must not hide the others' figures
+        except Exception as e:  # noqa: BLE001 - one path failing must not hide the others
             result["errors"].append(dict(impl=name, error=f"{type(e).__name__}: {e}"[:2000]))
             print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}")
             continue
