@@ -88,13 +88,19 @@ def test_one_segment_rows_match_loop(impl):
     """segment_ids=None (each row one segment) and a row of a single token."""
     dtype = dtypes_for(impl)[-1]
     for length in (1, 24):
-        q, k, v, g = inputs(dtype, length=length, seed=length)
-        fn = lambda q, k, v: jp.attention(q, k, v, impl=impl, max_segments=1)
-        out, vjp = jax.vjp(fn, q, k, v)
+        q, k, v, g = inputs(dtype, batch=1, length=length, seed=length)
+
+        @jax.jit
+        def run(q, k, v, g):
+            fn = lambda q, k, v: jp.attention(q, k, v, impl=impl, max_segments=1)
+            out, vjp = jax.vjp(fn, q, k, v)
+            return (out, *vjp(g))
+
+        got = run(q, k, v, g)
         want = attention_loop(q, k, v, g, segment_ids=np.zeros(q.shape[:2], np.int32))
         tol = TOLERANCE[dtype]
-        assert rel_err(out, want[0]) < tol[0]
-        for got_grad, want_grad in zip(vjp(g), want[1:]):
+        assert rel_err(got[0], want[0]) < tol[0]
+        for got_grad, want_grad in zip(got[1:], want[1:]):
             assert rel_err(got_grad, want_grad) < tol[1]
 
 
@@ -235,18 +241,17 @@ def test_bad_input_names_the_argument(args, message):
         jp.attention(**args)
 
 
-@pytest.mark.parametrize("impl", ["cudnn", "cudnn_packed"])
-@pytest.mark.parametrize("change,message", [
-    (dict(dtype=jnp.float32), r"takes bfloat16 or float16 q, k, v .* got float32"),
-    (dict(head_dim=12), r"needs head_dim a multiple of 8 and at most 256, got 12"),
-    (dict(max_segments=None), r'impl="cudnn_packed" needs max_segments'),
+@pytest.mark.parametrize("impl,change,message", [
+    *[(impl, dict(dtype=jnp.float32), r"takes bfloat16 or float16 q, k, v .* got float32")
+      for impl in ("cudnn", "cudnn_packed")],
+    *[(impl, dict(head_dim=12), r"needs head_dim a multiple of 8 and at most 256, got 12")
+      for impl in ("cudnn", "cudnn_packed")],
+    ("cudnn_packed", dict(max_segments=None), r'impl="cudnn_packed" needs max_segments'),
 ])
 def test_cudnn_limits_name_impl(monkeypatch, impl, change, message):
-    if impl == "cudnn" and "max_segments" in change:
-        pytest.skip("cudnn needs no max_segments")
     monkeypatch.setattr(attention_module, "_target_platform", lambda: "gpu")
-    d = change.get("head_dim", 16)
-    q, k = jnp.zeros((1, 4, 2, d), change.get("dtype", jnp.bfloat16)), jnp.zeros((1, 4, 1, d), change.get("dtype", jnp.bfloat16))
+    dtype, head_dim = change.get("dtype", jnp.bfloat16), change.get("head_dim", 16)
+    q, k = jnp.zeros((1, 4, 2, head_dim), dtype), jnp.zeros((1, 4, 1, head_dim), dtype)
     with pytest.raises(ValueError, match=message):
         jp.attention(q, k, k, impl=impl, max_segments=change.get("max_segments", 4))
 
