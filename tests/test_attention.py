@@ -170,6 +170,19 @@ def test_auto_is_the_reference_off_a_gpu():
                                   jp.attention_reference(q, k, v, segment_ids=ids))
 
 
+@pytest.mark.parametrize("platform,dtype,head_dim,max_segments,want", [
+    ("cuda", jnp.bfloat16, 128, 64, "cudnn_packed"),
+    ("cuda", jnp.float16, 64, None, "cudnn"),
+    ("cuda", jnp.float32, 128, 64, "reference"),  # cuDNN's flash attention is bf16/fp16 only
+    ("cuda", jnp.bfloat16, 12, 64, "reference"),  # head dim not a multiple of 8
+    ("cpu", jnp.bfloat16, 128, 64, "reference"),
+])
+def test_auto_choice(monkeypatch, platform, dtype, head_dim, max_segments, want):
+    monkeypatch.setattr(attention_module, "_target_platform", lambda: platform)
+    q = jax.ShapeDtypeStruct((1, 8, 2, head_dim), dtype)
+    assert attention_module._auto_impl(q, max_segments) == want
+
+
 CUDNN_CALLS = ("__cudnn$fmhaScaleBiasSoftmax", "__cudnn$fmhaScaleBiasSoftmaxBackward",
                "__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward")
 
