@@ -2,8 +2,9 @@
 
 Parametrized over "reference" (XLA, any backend) and the cuDNN paths "cudnn" (segment mask) and
 "cudnn_packed" (one cuDNN sequence per segment), which need a GPU and are skipped without one;
-on CPU their twin is a test that lowers them for CUDA (forward and backward) and finds the
-cuDNN custom calls, so a silent fallback to the reference cannot pass. Rows of 40 tokens hold
+on CPU their twins are a test that lowers them for CUDA (forward and backward) and finds the
+cuDNN custom calls, so a silent fallback to the reference cannot pass, and the "cudnn" route's
+own call run through jax's XLA attention against the loop. Rows of 40 tokens hold
 segments of 1 token, segments ending on the 16- and 32-column edges, a repeated id after
 another (a new segment) and trailing padding (id 0).
 """
@@ -81,6 +82,29 @@ def test_attention_matches_float64_loop(impl, dtype, causal):
     print(impl, dtype.__name__, causal, errors)
     assert errors["out"] < out_tol
     assert max(errors["dq"], errors["dk"], errors["dv"]) < grad_tol
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("length", [40, 39])
+def test_cudnn_mask_route_through_xla_matches_loop(causal, length):
+    """The CPU twin of impl="cudnn": the same jax.nn.dot_product_attention call (mask,
+    is_causal, odd rows padded) with implementation="xla", against the float64 loop."""
+    q, k, v, g = inputs(jnp.float32, length=length)
+    ids = segment_rows([([1, 15, 16, 1, length - 33], [1, 2, 1, 3, 0])] * 2)
+    runs = attention_module._run_index(ids, *ids.shape)
+
+    @jax.jit
+    def run(q, k, v, g):
+        fn = lambda q, k, v: attention_module._cudnn_masked(
+            q, k, v, runs, causal=causal, scale=HEAD_DIM ** -0.5, implementation="xla")
+        out, vjp = jax.vjp(fn, q, k, v)
+        return (out, *vjp(g))
+
+    got = run(q, k, v, g)
+    want = attention_loop(q, k, v, g, segment_ids=ids, causal=causal)
+    out_tol, grad_tol = TOLERANCE[jnp.float32]
+    assert rel_err(got[0], want[0]) < out_tol
+    assert max(rel_err(a, b) for a, b in zip(got[1:], want[1:])) < grad_tol
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -200,9 +200,11 @@ def _reference(q, k, v, runs, *, causal, scale):
 _reference_jit = jax.jit(_reference, static_argnames=("causal", "scale"))
 
 
-def _cudnn_masked(q, k, v, runs, *, causal, scale):
+def _cudnn_masked(q, k, v, runs, *, causal, scale, implementation="cudnn"):
     # cuDNN's backward with a mask (taken as a bias) needs even lengths: an odd row gets one
     # more token of a segment of its own, which nobody attends to, and it is cut off again.
+    # implementation="xla" runs the same call through jax's XLA attention: the CPU twin of
+    # this route (tests), checking the mask, the causal flag and the padding.
     length = q.shape[1]
     if length % 2:
         pad = [(0, 0), (0, 1), (0, 0), (0, 0)]
@@ -210,11 +212,11 @@ def _cudnn_masked(q, k, v, runs, *, causal, scale):
         runs = jnp.pad(runs, [(0, 0), (0, 1)], constant_values=-1)
     mask = (runs[:, :, None] == runs[:, None, :])[:, None]  # causal comes from is_causal
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal,
-                                       implementation="cudnn")
+                                       implementation=implementation)
     return out[:, :length]
 
 
-_cudnn_masked_jit = jax.jit(_cudnn_masked, static_argnames=("causal", "scale"))
+_cudnn_masked_jit = jax.jit(_cudnn_masked, static_argnames=("causal", "scale", "implementation"))
 
 
 def packed_layout(runs, max_segments: int):
