@@ -176,6 +176,16 @@ def test_packed_layout_describes_runs():
     seqlen, offsets = packed_layout(runs, 3)
     np.testing.assert_array_equal(seqlen, [[2, 3, 1], [6, -1, -1], [1, 1, 2]])
     np.testing.assert_array_equal(offsets, [[0, 2, 5, -1], [0, -1, -1, -1], [0, 1, 2, -1]])
+    # Random rows: the runs the layout describes cover each row exactly, in order.
+    ids = np.random.default_rng(0).integers(0, 3, (4, 50))
+    runs = attention_module._run_index(jnp.asarray(ids, jnp.int32), *ids.shape)
+    seqlen, offsets = (np.asarray(a) for a in packed_layout(runs, 50))
+    for row in range(4):
+        n = int(runs[row, -1]) + 1
+        rebuilt = np.repeat(np.arange(n), seqlen[row, :n])
+        np.testing.assert_array_equal(rebuilt, runs[row])
+        np.testing.assert_array_equal(offsets[row, :n], np.r_[0, np.cumsum(seqlen[row, :n - 1])])
+        assert (seqlen[row, n:] == -1).all() and (offsets[row, n:] == -1).all()
 
 
 def test_too_few_max_segments_is_refused(monkeypatch):
