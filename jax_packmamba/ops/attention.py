@@ -66,6 +66,8 @@ def attention(q, k, v, *, segment_ids=None, causal=True, scale=None, max_segment
         impl = _auto_impl(q, max_segments)
     if impl != "reference":
         _check_cudnn(impl, q, max_segments)
+    if impl == "cudnn_packed":
+        _check_run_count(segment_ids, max_segments)
     batch, length = np.shape(q)[:2]
     runs = _run_index(segment_ids, batch, length)
     scale = float(1.0 / np.sqrt(np.shape(q)[-1]) if scale is None else scale)
@@ -73,7 +75,6 @@ def attention(q, k, v, *, segment_ids=None, causal=True, scale=None, max_segment
         return _reference_jit(q, k, v, runs, causal=causal, scale=scale)
     if impl == "cudnn":
         return _cudnn_masked_jit(q, k, v, runs, causal=causal, scale=scale)
-    _check_run_count(segment_ids, max_segments)
     return _cudnn_packed_jit(q, k, v, runs, causal=causal, scale=scale,
                              max_segments=int(max_segments))
 
