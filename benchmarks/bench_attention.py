@@ -55,8 +55,9 @@ def fwd_bwd(attend):
 def main(argv=None) -> int:
     args = harness.argument_parser(__doc__).parse_args(argv)
     shape = SMOKE if args.smoke else SHAPE
-    run = harness.new_result("attention", script=__file__, argv=sys.argv[1:] if argv is None else argv,
-                             out_dir=args.out, smoke=args.smoke)
+    argv = sys.argv[1:] if argv is None else argv
+    run = harness.new_result("attention", script=__file__, argv=argv, out_dir=args.out,
+                             smoke=args.smoke)
     ids = packed_ids(shape["batch"], shape["length"], shape["segments"])
     keys = jax.random.split(jax.random.key(0), 4)
     b, t, h, kv, d = (shape[n] for n in ("batch", "length", "heads", "kv_heads", "head_dim"))
@@ -86,7 +87,8 @@ def main(argv=None) -> int:
         timing = harness.time_calls(fn, inputs, groups=3 if args.smoke else 7)
         row = dict(impl=name, fwdbwd_ms=timing.median_s * 1e3, min_ms=timing.min_s * 1e3,
                    max_ms=timing.max_s * 1e3, rel_err_vs_reference=rel)
-        row["speedup"] = result["timings"][0]["fwdbwd_ms"] / row["fwdbwd_ms"] if result["timings"] else 1.0
+        baseline = result["timings"][0]["fwdbwd_ms"] if result["timings"] else row["fwdbwd_ms"]
+        row["speedup"] = baseline / row["fwdbwd_ms"]
         result["timings"].append(row)
         print(f"{name:>15}: {row['fwdbwd_ms']:9.3f} ms  x{row['speedup']:.2f}  rel err {rel}")
         harness.write_json(run.path, result)

@@ -219,7 +219,8 @@ FAMILIES = {
     "mamba2": (MAMBA2_CONFIGS, Mamba2Config, Mamba2ForCausalLM, randomize_mamba2,
                ("mamba2_tied", write_mamba2_state_spaces, "mamba2_state_spaces")),
     "bamba": (BAMBA_CONFIGS, BambaConfig, BambaForCausalLM, randomize_mamba2, None),
-    "nemotron_h": (NEMOTRON_H_CONFIGS, NemotronHConfig, NemotronHForCausalLM, randomize_mamba2, None),
+    "nemotron_h": (NEMOTRON_H_CONFIGS, NemotronHConfig, NemotronHForCausalLM, randomize_mamba2,
+                   None),
 }
 ARCHITECTURES = {"MambaForCausalLM": MambaForCausalLM, "Mamba2ForCausalLM": Mamba2ForCausalLM,
                  "BambaForCausalLM": BambaForCausalLM, "NemotronHForCausalLM": NemotronHForCausalLM}

@@ -19,7 +19,6 @@ import pytest
 from jax import export
 
 import jax_packmamba as jp
-from jax_packmamba.ops.attention import packed_layout
 from tests.gpu import on_gpu
 from tests.loops import attention_loop, rel_err, rope_formula
 
@@ -65,9 +64,9 @@ def attend_with_grads(impl, causal=True):
     return jax.jit(run)
 
 
-CASES = [(impl, dtype) for impl in ["reference", "cudnn", "cudnn_packed"] for dtype in dtypes_for(impl)]
+IMPL_NAMES = ["reference", "cudnn", "cudnn_packed"]
 CASE_PARAMS = [pytest.param(impl, dtype, marks=IMPLS[i].marks if i else ())
-               for impl, dtype in CASES for i in [["reference", "cudnn", "cudnn_packed"].index(impl)]]
+               for i, impl in enumerate(IMPL_NAMES) for dtype in dtypes_for(impl)]
 
 
 @pytest.mark.parametrize("impl,dtype", CASE_PARAMS)
@@ -180,13 +179,13 @@ def test_packed_layout_describes_runs():
     # than the 3 slots: its last run is left out.
     ids = jnp.asarray([[1, 1, 2, 2, 2, 0], [5, 5, 5, 5, 5, 5], [1, 2, 1, 1, 3, 4]], jnp.int32)
     runs = attention_module._run_index(ids, *ids.shape)
-    seqlen, offsets = packed_layout(runs, 3)
+    seqlen, offsets = attention_module.packed_layout(runs, 3)
     np.testing.assert_array_equal(seqlen, [[2, 3, 1], [6, -1, -1], [1, 1, 2]])
     np.testing.assert_array_equal(offsets, [[0, 2, 5, -1], [0, -1, -1, -1], [0, 1, 2, -1]])
     # Random rows: the runs the layout describes cover each row exactly, in order.
     ids = np.random.default_rng(0).integers(0, 3, (4, 50))
     runs = attention_module._run_index(jnp.asarray(ids, jnp.int32), *ids.shape)
-    seqlen, offsets = (np.asarray(a) for a in packed_layout(runs, 50))
+    seqlen, offsets = (np.asarray(a) for a in attention_module.packed_layout(runs, 50))
     for row in range(4):
         n = int(runs[row, -1]) + 1
         rebuilt = np.repeat(np.arange(n), seqlen[row, :n])

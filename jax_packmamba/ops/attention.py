@@ -95,7 +95,8 @@ def check_attention_args(q, k, v, segment_ids, causal, scale):
             raise ValueError(f"{name} must be (batch, length, heads, head_dim), got shape "
                              f"{np.shape(a)}")
         if not jnp.issubdtype(jnp.result_type(a), jnp.floating):
-            raise ValueError(f"{name} must be a real floating array, got dtype {jnp.result_type(a)}")
+            raise ValueError(f"{name} must be a real floating array, got dtype "
+                             f"{jnp.result_type(a)}")
     batch, length, heads, head_dim = np.shape(q)
     if length == 0:
         raise ValueError(f"length must be at least 1, got q with shape {np.shape(q)}")
