@@ -9,6 +9,8 @@ SSD written in torch).
 
     tests/fixtures/parity/<name>/config.json, model.safetensors      Hugging Face layout
     tests/fixtures/parity/<name>/reference.npz                       ids_<i>, logits_<i>
+    tests/fixtures/parity/bamba*/rope.npz                            q, k before and after
+        transformers' Bamba rotary embedding, at per-segment positions
     tests/fixtures/parity/state_spaces/config.json                   original layout (ssm_cfg),
         pytorch_model.bin, and model.safetensors with the same names  same weights as "tied"
     tests/fixtures/parity/mamba2_state_spaces/config.json            mamba2-* layout (ssm_cfg
@@ -211,6 +213,27 @@ def write_mamba2_state_spaces(model: Mamba2ForCausalLM, hf: dict, out: Path):
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
+def write_bamba_rope(model: BambaForCausalLM, out: Path, seed: int):
+    """rope.npz: q and k before and after transformers' Bamba rotary embedding (its rotary_emb
+    module and apply_rotary_pos_emb), at per-segment positions of a packed row (restarting at
+    0, as our packer gives them), with the rotary_dim and theta it used."""
+    from transformers.models.bamba.modeling_bamba import apply_rotary_pos_emb
+
+    config = model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = config.hidden_size // heads
+    positions = np.concatenate([np.arange(n) for n in (5, 1, 17, 9)])[None].astype(np.int64)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, heads, positions.shape[1], head_dim, generator=g)
+    k = torch.randn(1, kv_heads, positions.shape[1], head_dim, generator=g)
+    cos, sin = model.model.rotary_emb(q, torch.from_numpy(positions))
+    q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin)
+    to_bthd = lambda a: a.transpose(1, 2).numpy()  # noqa: E731 - ours is (b, t, heads, d)
+    np.savez(out / "rope.npz", q=to_bthd(q), k=to_bthd(k), q_rot=to_bthd(q_rot),
+             k_rot=to_bthd(k_rot), positions=positions.astype(np.int32),
+             rotary_dim=cos.shape[-1], theta=config.rope_parameters["rope_theta"])
+
+
 # family -> (configs, transformers classes, randomize, state-spaces copy: (of which, writer, dir)
 # or None)
 FAMILIES = {
@@ -254,6 +277,8 @@ def make(families):
                 vocab = MAMBA2_STATE_SPACES_VOCAB
             ref = reference_logits(model, vocab, seed)
             np.savez(OUT / name / "reference.npz", **ref)
+            if family == "bamba":
+                write_bamba_rope(model, OUT / name, seed)
             if name == copied:
                 write_copy(model, fields, OUT / copy_dir)
             print(name, {k: v.shape for k, v in ref.items() if k.startswith("logits")})

@@ -11,6 +11,7 @@ another (a new segment) and trailing padding (id 0).
 
 import importlib
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -349,3 +350,17 @@ def test_benchmark_smoke_writes_checked_timings(tmp_path):
     data = json.loads(path.read_text())
     assert data["errors"] == []
     assert data["timings"][0]["impl"] == "reference" and data["timings"][0]["fwdbwd_ms"] > 0
+
+
+@pytest.mark.parametrize("fixture", ["bamba", "bamba_tied"])
+def test_rope_matches_transformers_bamba(fixture):
+    """q and k through transformers' own Bamba rotary embedding (partial_rotary_factor 0.5) at
+    per-segment positions (tests/fixtures/parity/<fixture>/rope.npz, made by
+    scripts/make_parity_fixtures.py)."""
+    ref = np.load(Path(__file__).parent / "fixtures" / "parity" / fixture / "rope.npz")
+    positions = jnp.asarray(ref["positions"])
+    for name in ("q", "k"):
+        got = jp.apply_rope(jnp.asarray(ref[name]), positions, theta=float(ref["theta"]),
+                            rotary_dim=int(ref["rotary_dim"]))
+        np.testing.assert_allclose(got, ref[f"{name}_rot"], rtol=1e-6, atol=1e-6, err_msg=name)
+    assert int(ref["rotary_dim"]) == ref["q"].shape[-1] // 2  # Bamba rotates half the head
