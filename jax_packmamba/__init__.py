@@ -4,6 +4,9 @@ from jax_packmamba.config import Mamba2Config, MambaConfig
 from jax_packmamba.model import MambaBlock, MambaLM, MambaMixer, RMSNorm
 from jax_packmamba.mamba2 import Mamba2Block, Mamba2LM, Mamba2Mixer, RMSNormGated
 from jax_packmamba.ops import (
+    apply_rope,
+    attention,
+    attention_reference,
     causal_conv1d,
     positions_from_segment_ids,
     segment_ids_from_positions,
@@ -41,6 +44,9 @@ __all__ = [
     "RMSNorm",
     "RMSNormGated",
     "SplitSequenceWarning",
+    "apply_rope",
+    "attention",
+    "attention_reference",
     "causal_conv1d",
     "from_pretrained",
     "generate",
