@@ -366,8 +366,9 @@ def test_smoke_run_end_to_end(tmp_path):
 
 def test_nonfinite_loss_stops_with_last_good_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(TINY + ["--run.steps=30", "--run.checkpoint_every=1", "--optim.lr=1e12",
-                        "--optim.warmup_steps=0", "--optim.clip_norm=0", f"--run.out_dir={out}"])
+    run = ["--run.steps=30", "--run.checkpoint_every=1", "--optim.lr=1e12",
+           "--optim.warmup_steps=0", "--optim.clip_norm=0"]
+    code = main(TINY + run + [f"--run.out_dir={out}"])
     err = capsys.readouterr().err
     assert code == 1 and "non-finite" in err, err
     steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
@@ -376,7 +377,7 @@ def test_nonfinite_loss_stops_with_last_good_checkpoint(tmp_path, capsys):
     from train.checkpoint import Checkpointer
 
     ck = Checkpointer(out / "checkpoints", keep=3)
-    config = parse_args(TINY)
+    config = parse_args(TINY + run)  # the optimizer the run used (no clipping)
     mc = config.model.mamba_config(vocab_size=257, backend="cpu")
     tx = step_lib.make_optimizer(config.optim, 30)
     abstract = jax.eval_shape(lambda: step_lib.init_state(mc, tx, 0))
