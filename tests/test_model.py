@@ -1,5 +1,7 @@
 """MambaLM: initialisation as mamba_ssm, and packing isolation through the whole model."""
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +35,7 @@ def test_config_presets_and_param_count():
 
 def test_initialisation_follows_mamba_ssm():
     config = jp.MambaConfig.preset("tiny", d_model=64, n_layer=4)
-    mixer = jp.MambaLM(config, rngs=nnx.Rngs(1)).layers[0].mixer
+    mixer = jp.MambaLM(config, rngs=nnx.Rngs(1)).layer(0).mixer
     n = config.d_state
     np.testing.assert_allclose(jnp.exp(mixer.A_log[...]), np.broadcast_to(np.arange(1, n + 1), (config.d_inner, n)), rtol=1e-6)
     np.testing.assert_array_equal(mixer.D[...], np.ones(config.d_inner))
@@ -121,3 +123,29 @@ def test_bad_model_input():
         model(jnp.zeros((1, 4), jnp.float32))
     with pytest.raises(ValueError, match="segment_ids must have the shape"):
         model(jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 5), jnp.int32))
+
+
+def test_training_step_compile_time_does_not_grow_with_depth():
+    """The layers run under one scan: a program holds one block whatever the depth, so the
+    training step (value_and_grad of the loss, each layer rematerialised) compiles at 24 layers
+    in less than 1.5x its time at 6 (with the unrolled layer loop it grew about linearly: 5.1 s
+    at 6 layers, 16.8 s at 24). Mamba2 for the cheaper compile (the LM is the same for both)."""
+
+    def compile_seconds(n_layer):
+        config = jp.Mamba2Config.preset("tiny", n_layer=n_layer, d_model=16, d_state=4, headdim=8,
+                                        chunk_size=8, vocab_size=16, remat="full")
+        graphdef, params = nnx.split(jp.Mamba2LM(config, rngs=nnx.Rngs(0)))
+        ids = jnp.zeros((1, 8), jnp.int32)
+
+        def loss(params):
+            logits = nnx.merge(graphdef, params)(ids, ids)
+            return jp.masked_cross_entropy(logits, ids, ids > 0)[0]
+
+        start = time.perf_counter()
+        jax.jit(jax.value_and_grad(loss)).lower(params).compile()
+        return time.perf_counter() - start
+
+    compile_seconds(2)  # warm-up: the first compile in a process pays one-off costs
+    shallow, deep = compile_seconds(6), compile_seconds(24)
+    print(f"compile: 6 layers {shallow:.2f} s, 24 layers {deep:.2f} s")
+    assert deep < 1.5 * shallow, (shallow, deep)

@@ -306,12 +306,13 @@ def test_weight_decay_mask():
     mask = step_lib.decay_mask(params)
     got = {"/".join(step_lib._names(p)): m for p, m in jax.tree_util.tree_leaves_with_path(mask)}
     decayed = sorted(k for k, m in got.items() if m)
-    assert decayed == ["embedding/embedding", "layers/0/mixer/conv_weight",
-                       "layers/0/mixer/dt_proj/kernel", "layers/0/mixer/in_proj/kernel",
-                       "layers/0/mixer/out_proj/kernel", "layers/0/mixer/x_proj/kernel"]
-    for name in ("layers/0/mixer/A_log", "layers/0/mixer/D", "layers/0/norm/weight",
-                 "norm_f/weight", "layers/0/mixer/dt_proj/bias", "layers/0/mixer/in_proj/bias",
-                 "layers/0/mixer/conv_bias"):
+    # "layers": the blocks stacked on a leading layer axis (each mixer matrix is 3-D there).
+    assert decayed == ["embedding/embedding", "layers/mixer/conv_weight",
+                       "layers/mixer/dt_proj/kernel", "layers/mixer/in_proj/kernel",
+                       "layers/mixer/out_proj/kernel", "layers/mixer/x_proj/kernel"]
+    for name in ("layers/mixer/A_log", "layers/mixer/D", "layers/norm/weight",
+                 "norm_f/weight", "layers/mixer/dt_proj/bias", "layers/mixer/in_proj/bias",
+                 "layers/mixer/conv_bias"):
         assert got[name] is False, name
 
 
