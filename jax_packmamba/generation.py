@@ -296,14 +296,24 @@ def _head(head_params, graphs, config: MambaConfig, residual):
     return logits.astype(jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnames=("graph", "impl"))
+def _layer_step(graph, params, residual, conv, ssm, *, impl: str):
+    """One token through one block. Jitted, so that the decode step, which calls it once per
+    layer with arguments of the same shapes, traces and lowers the block once (a call to one
+    function, which XLA inlines before optimising): a fresh process pays the tracing and
+    lowering before it can look the program up in the persistent cache."""
+    residual, cache = nnx.merge(graph, params)(residual, cache=MixerState(conv, ssm),
+                                               decode_impl=impl)
+    return residual, cache.conv, cache.ssm
+
+
 def _step(model: PreparedModel, tokens, state: DecodeState, impl: str):
     residual = _table(model)[tokens].astype(jnp.float32)
     conv, ssm = [], []
     for params, c, s in zip(model.params["layers"], state.conv, state.ssm):
-        block = nnx.merge(model.graphs[0], params)
-        residual, cache = block(residual, cache=MixerState(c, s), decode_impl=impl)
-        conv.append(cache.conv)
-        ssm.append(cache.ssm)
+        residual, c, s = _layer_step(model.graphs[0], params, residual, c, s, impl=impl)
+        conv.append(c)
+        ssm.append(s)
     return (_head(_head_params(model), model.graphs, model.config, residual),
             DecodeState(tuple(conv), tuple(ssm)))
 

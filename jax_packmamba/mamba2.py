@@ -20,14 +20,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_packmamba.config import Mamba2Config
-from jax_packmamba.model import (
+from jax_packmamba.layers import (
     MixerState,
     conv_window,
     dt_bias_init,
     segment_caches,
     torch_linear_init,
 )
-from jax_packmamba.ops import causal_conv1d, causal_conv1d_step, ssd_scan, ssd_state_update
+from jax_packmamba.ops import (
+    causal_conv1d,
+    causal_conv1d_step,
+    ssd_scan,
+    ssd_state_update,
+)
+from jax_packmamba.ops.ssd_scan import IMPLS as SSD_IMPLS
 
 
 class RMSNormGated(nnx.Module):
@@ -89,6 +95,7 @@ class Mamba2Mixer(nnx.Module):
         self.out_proj = nnx.Linear(e, d, use_bias=config.proj_bias,
                                    kernel_init=torch_linear_init(out_scale), **linear)
 
+    scan_impls = SSD_IMPLS  # config.scan_impl's values
     pallas_decode = False  # decode_impl is "xla" only
 
     def __call__(self, hidden, segment_ids=None, cache: MixerState | None = None, *,

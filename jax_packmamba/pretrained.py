@@ -54,10 +54,8 @@ from flax import nnx
 
 from jax_packmamba import run_layout, tokenizer as tokenizer_lib
 from jax_packmamba.config import REMAT, Mamba2Config, MambaConfig
-from jax_packmamba.model import LM
+from jax_packmamba.model import LM, mixer_class
 from jax_packmamba.ops.causal_conv1d import CONV_IMPLS
-from jax_packmamba.ops.selective_scan import IMPLS as SCAN_IMPLS
-from jax_packmamba.ops.ssd_scan import IMPLS as SSD_IMPLS
 
 LAYOUTS = ("hf", "state-spaces")
 CONFIG_FILE = "config.json"
@@ -103,7 +101,7 @@ def _with_overrides(config: AnyConfig, overrides: dict, config_file) -> AnyConfi
             f"from_pretrained can only override {RUNTIME_FIELDS}, not {bad}: the architecture "
             f"comes from {config_file}")
     # The ops check their impl only when first called; say it here, before any tensor is read.
-    scan_impls = SSD_IMPLS if isinstance(config, Mamba2Config) else SCAN_IMPLS
+    scan_impls = mixer_class(config).scan_impls
     for name, allowed in (("scan_impl", scan_impls), ("conv_impl", CONV_IMPLS),
                           ("remat", REMAT + (False, True))):
         value = overrides.get(name, allowed[0])

@@ -184,6 +184,28 @@ def test_save_pretrained_round_trip_mamba2(tmp_path):
         jp.from_pretrained(tmp_path / "out", headdim=16)
 
 
+@pytest.mark.parametrize("config", [jp.MambaConfig.preset("tiny", n_layer=3, d_model=16, d_state=4),
+                                    jp.Mamba2Config.preset("tiny", n_layer=3, d_model=16, d_state=4,
+                                                           headdim=8)])
+@pytest.mark.parametrize("layout", pretrained.LAYOUTS)
+def test_per_layer_tensors_are_the_stacked_parameters_layer_by_layer(config, layout):
+    """The model holds its blocks stacked on a layer axis; checkpoints hold them one by one:
+    layer i's tensors are block i's parameters, and reading them back restacks them."""
+    model = jp.MambaLM(config, rngs=nnx.Rngs(3))
+    tensors = pretrained.tensors_from_model(model, layout)
+    for i in range(config.n_layer):
+        block = model.layer(i)
+        prefix = f"backbone.layers.{i}."
+        np.testing.assert_array_equal(tensors[prefix + "mixer.A_log"], block.mixer.A_log[...])
+        np.testing.assert_array_equal(tensors[prefix + "norm.weight"], block.norm.weight[...])
+        np.testing.assert_array_equal(tensors[prefix + "mixer.out_proj.weight"],
+                                      np.asarray(block.mixer.out_proj.kernel[...]).T)
+    loaded = pretrained.model_from_tensors(config, tensors, layout=layout)
+    for (path, a), b in zip(jax.tree.leaves_with_path(nnx.state(model, nnx.Param)),
+                            jax.tree.leaves(nnx.state(loaded, nnx.Param))):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
 def test_save_pretrained_refuses_what_transformers_cannot_load(tmp_path):
     model = nnx.eval_shape(lambda: jp.Mamba2LM(jp.Mamba2Config.preset("tiny", D_has_hdim=True), rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="D_has_hdim=True .* has no Hugging Face Mamba2 equivalent"):
