@@ -88,3 +88,34 @@ def test_checkpoint_of_another_model_is_a_one_line_error_naming_the_parameter(le
     with pytest.raises(CheckpointError, match=r"params/layers/0?/?mixer/\w+ has shape \(.*\), this model.s is \(") as err:
         ckpt.restore(3, abstract, shardings)
     assert "\n" not in str(err.value)
+
+
+def test_training_resumes_a_legacy_checkpoint(tmp_path, capsys):
+    """The training program resumes the Mamba1 fixture's run (its command, README.md) from step
+    2 and trains a third step from the restored state."""
+    from train.__main__ import main
+
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "tiny" / "checkpoints", run / "checkpoints")
+    args = ["--model.preset=tiny", "--model.n_layer=2", "--model.d_model=16", "--model.d_state=4",
+            "--data.max_documents=24", "--data.seq_len=32", "--data.batch_size=4",
+            "--data.eval_batches=1", "--optim.warmup_steps=1", "--run.steps=3",
+            "--run.checkpoint_every=1", "--run.keep_checkpoints=1", "--run.export_models=false",
+            "--run.progress=false", "--run.plot=false", "--run.log_every=1",
+            "--run.compilation_cache=false", "--run.resume=true", f"--run.out_dir={run}"]
+    code = main(args)
+    log = "".join(capsys.readouterr())
+    assert code == 0, log
+    assert "resume  from" in log and "(step 2" in log, log
+    ckpt = Checkpointer(run / "checkpoints", keep=1)
+    abstract, shardings = abstract_state(ckpt.read_meta(3))
+    state, _ = ckpt.restore(3, abstract, shardings)
+    ckpt.close()
+    assert int(state.step) == 3
+    recorded = np.load(FIXTURES / "tiny" / "state.npz")
+    named = by_name(state)
+    # One AdamW step on from the fixture: moved, but from there (not from a fresh init).
+    for name in ("params/layers/1/mixer/in_proj/kernel", "opt_state/1/0/nu/layers/0/mixer/A_log"):
+        before, after = recorded[name], recorded_value(named, name)
+        assert not np.array_equal(before, after), name
+        np.testing.assert_allclose(after, before, atol=0.05, err_msg=name)
