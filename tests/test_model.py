@@ -153,3 +153,25 @@ def test_training_step_compile_time_does_not_grow_with_depth():
     shallow, deep = min(times[6]), min(times[24])
     print(f"compile: 6 layers {shallow:.2f} s, 24 layers {deep:.2f} s")
     assert deep < 1.5 * shallow, (shallow, deep)
+
+
+def test_remat_policies_give_the_gradients_of_no_remat():
+    """Each named policy recomputes inside the layer scan what it does not save; the old
+    remat flag's values name the policies."""
+    assert jp.MambaConfig(remat=True).remat == "full" and jp.MambaConfig(remat=False).remat == "none"
+    with pytest.raises(ValueError, match="remat must be one of"):
+        jp.Mamba2Config(remat="some")
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 16, (1, 12)), jnp.int32)
+    seg = jnp.asarray([[1] * 5 + [2] * 7], jnp.int32)
+    grads = {}
+    for policy in ("none", "full", "save_matmul_outputs"):
+        config = jp.Mamba2Config.preset("tiny", n_layer=3, d_model=16, d_state=4, headdim=8,
+                                        chunk_size=8, vocab_size=16, remat=policy)
+        graphdef, params = nnx.split(jp.Mamba2LM(config, rngs=nnx.Rngs(0)))
+        grads[policy] = jax.jit(jax.grad(lambda p: jp.masked_cross_entropy(
+            nnx.merge(graphdef, p)(ids, seg), ids, seg > 0)[0]))(params)
+    for policy in ("full", "save_matmul_outputs"):
+        for (path, a), b in zip(jax.tree.leaves_with_path(grads["none"]),
+                                jax.tree.leaves(grads[policy])):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{policy} {jax.tree_util.keystr(path)}")
