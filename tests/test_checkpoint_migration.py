@@ -3,6 +3,7 @@ tests/fixtures/legacy_checkpoints) are read into the right names."""
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 import shutil
@@ -13,7 +14,7 @@ import pytest
 
 from jax_packmamba.config import Mamba2Config, MambaConfig
 from train import step as step_lib
-from train.checkpoint import Checkpointer, CheckpointError, leaf_names
+from train.checkpoint import Checkpointer, CheckpointError, leaf_names, legacy_tree
 from train.config import OptimConfig
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "legacy_checkpoints"
@@ -72,6 +73,19 @@ def test_legacy_checkpoint_restores_every_leaf_to_its_name(legacy, tmp_path):
     again, _ = ckpt.restore(3, abstract, shardings)
     for name, value in by_name(again).items():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(named[name]), err_msg=name)
+
+
+@pytest.mark.parametrize("name,config", [
+    ("tiny", MambaConfig.preset("tiny", n_layer=12, d_model=8, d_state=2)),
+    ("mamba2-tiny", Mamba2Config.preset("tiny", n_layer=12, d_model=16, d_state=4, headdim=8))])
+def test_legacy_leaf_order_is_the_order_e5a3f65_wrote_at_12_layers(name, config):
+    """Layer 10 after layer 9, not after 1: the leaf order legacy_tree derives from a config
+    is the one the old trainer wrote (leaf_order.py, run at e5a3f65)."""
+    recorded = json.loads((FIXTURES / "leaf_order_12_layers.json").read_text())[name]
+    tx = step_lib.make_optimizer(OptimConfig(), 2)
+    tree = legacy_tree(jax.eval_shape(lambda: step_lib.init_state(config, tx, 0)))
+    got = [[n, list(x.shape)] for n, x in zip(leaf_names(tree), jax.tree.leaves(tree))]
+    assert got == recorded
 
 
 def test_checkpoint_of_another_model_is_a_one_line_error_naming_the_parameter(legacy):
