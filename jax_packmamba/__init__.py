@@ -1,8 +1,17 @@
 """jax-packmamba: Mamba on packed variable-length data in JAX."""
 
 from jax_packmamba.config import Mamba2Config, MambaConfig
-from jax_packmamba.model import MambaBlock, MambaLM, MambaMixer, RMSNorm
-from jax_packmamba.mamba2 import Mamba2Block, Mamba2LM, Mamba2Mixer, RMSNormGated
+from jax_packmamba.model import (
+    LM,
+    Block,
+    Mamba2Block,
+    Mamba2LM,
+    MambaBlock,
+    MambaLM,
+    MambaMixer,
+    RMSNorm,
+)
+from jax_packmamba.mamba2 import Mamba2Mixer, RMSNormGated
 from jax_packmamba.ops import (
     apply_rope,
     attention,
@@ -32,6 +41,8 @@ from jax_packmamba.generation import generate
 __version__ = "0.1.0"
 
 __all__ = [
+    "Block",
+    "LM",
     "Mamba2Block",
     "Mamba2Config",
     "Mamba2LM",
