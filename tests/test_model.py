@@ -163,14 +163,17 @@ def test_scanned_and_unrolled_layers_compute_the_same():
     with one concatenate each, not a full-size pad per layer (x[i]'s transpose)."""
     with pytest.raises(ValueError, match="scan_layers must be a bool"):
         jp.MambaConfig(scan_layers="yes")
-    config = jp.MambaConfig.preset("tiny", n_layer=3, d_model=16, d_state=4, vocab_size=16)
-    graphdef, params = nnx.split(jp.MambaLM(config, rngs=nnx.Rngs(0)))
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, 16, (2, 10)), jnp.int32)
-    seg = jnp.asarray([[0] * 4 + [1] * 6, [0] * 10], jnp.int32)
+    config = jp.MambaConfig.preset("tiny", n_layer=2, d_model=16, d_state=4, vocab_size=16)
+    model = jp.MambaLM(config, rngs=nnx.Rngs(0))
+    graphs = {}
+    for scan in (False, True):
+        model.config = dataclasses.replace(config, scan_layers=scan)
+        graphs[scan], params = nnx.split(model)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 16, (3, 8)), jnp.int32)
+    seg = jnp.asarray([[0] * 3 + [1] * 5, [0] * 8, [0] * 6 + [1] * 2], jnp.int32)
     out = {}
     for scan in (False, True):
-        graph = nnx.split(jp.MambaLM(dataclasses.replace(config, scan_layers=scan),
-                                     rngs=nnx.Rngs(0)))[0]
+        graph = graphs[scan]
 
         def loss(p, graph=graph):
             return jp.masked_cross_entropy(nnx.merge(graph, p)(ids, seg), ids, seg >= 0)[0]
@@ -188,12 +191,12 @@ def test_scanned_and_unrolled_layers_compute_the_same():
     for (path, a), b in zip(jax.tree.leaves_with_path(out[False]), jax.tree.leaves(out[True])):
         assert a.shape == b.shape, jax.tree_util.keystr(path)
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
-    assert out[False]["prefill"][1].ssm.shape[:3] == (3, 2, 2)  # (l, b, S, ...) either way
-    # The stacked parameters are the only (3, ...) arrays (batch 2, length 10, widths >= 4).
-    n_stacked = sum(x.shape[0] == 3 for x in jax.tree.leaves(params))
+    assert out[False]["prefill"][1].ssm.shape[:3] == (2, 3, 2)  # (l, b, S, ...) either way
+    # The stacked parameters are the only (2, ...) float arrays (batch 3, length 8, widths >= 4).
+    n_stacked = sum(x.shape[0] == 2 for x in jax.tree.leaves(params))
     lines = jaxpr.splitlines()
-    assert not [line for line in lines if "f32[3," in line and " = pad[" in line]
-    assert sum("f32[3," in line and "concatenate[dimension=0]" in line for line in lines) >= n_stacked
+    assert not [line for line in lines if "f32[2," in line and " = pad[" in line]
+    assert sum("f32[2," in line and "concatenate[dimension=0]" in line for line in lines) >= n_stacked
 
 
 def test_remat_policies_give_the_gradients_of_no_remat():
