@@ -200,8 +200,9 @@ def test_scanned_and_unrolled_layers_compute_the_same():
 
 
 def test_remat_policies_give_the_gradients_of_no_remat():
-    """Each named policy recomputes inside the layer scan what it does not save; the old
-    remat flag's values name the policies."""
+    """Each named policy recomputes per layer what it does not save; the old remat flag's
+    values name the policies. (Unrolled, XLA fuses each variant's program differently: a few
+    embedding gradients differ by float32 rounding, 9e-6 at most.)"""
     assert jp.MambaConfig(remat=True).remat == "full" and jp.MambaConfig(remat=False).remat == "none"
     with pytest.raises(ValueError, match="remat must be one of"):
         jp.Mamba2Config(remat="some")
@@ -217,5 +218,5 @@ def test_remat_policies_give_the_gradients_of_no_remat():
     for policy in ("full", "save_matmul_outputs"):
         for (path, a), b in zip(jax.tree.leaves_with_path(grads["none"]),
                                 jax.tree.leaves(grads[policy])):
-            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6,
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=2e-5,
                                        err_msg=f"{policy} {jax.tree_util.keystr(path)}")
