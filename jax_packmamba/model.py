@@ -298,8 +298,8 @@ def run_layers(layers: Block, residual, segment_ids=None, cache=None, *, scan: b
         layer_params, layer_cache = xs
         return nnx.merge(graph, layer_params)(residual, segment_ids, layer_cache, **options)
 
-    if remat != "none":
-        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    if remat != "none":  # CSE could undo the remat only outside a scan (jax.checkpoint's note)
+        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
     if scan:
         return jax.lax.scan(layer, residual, (params, cache))
 
