@@ -196,11 +196,13 @@ def child(spec: dict) -> None:
     try:
         model_config = workloads.model_config(
             preset, backend=backend, dtype=spec["dtype"], scan_impl=spec["scan_impl"],
-            remat=spec["remat"], overrides=spec["model_overrides"])
+            remat=spec["remat"], scan_layers=spec["scan_layers"],
+            overrides=spec["model_overrides"])
         flops = model_config.flops_per_token()
         base.update(num_params=model_config.num_params(), flops_per_token=flops,
                     compute_dtype=model_config.dtype, scan_impl=model_config.scan_impl,
-                    remat=model_config.remat, model_overrides=spec["model_overrides"],
+                    remat=model_config.remat, scan_layers=model_config.scan_layers,
+                    model_overrides=spec["model_overrides"],
                     n_layer=model_config.n_layer,
                     d_model=model_config.d_model, vocab_size=model_config.vocab_size)
         corpus = workloads.stdlib_corpus()
@@ -460,6 +462,9 @@ def parse_args(argv):
     ap.add_argument("--remat", nargs="?", const="full", default="none",
                     choices=("none", "full", "save_matmul_outputs"),
                     help="remat policy per layer (bare --remat: full)")
+    ap.add_argument("--scan-layers", action="store_true",
+                    help="run the layers under one lax.scan (MambaConfig.scan_layers; default: "
+                         "unrolled)")
     ap.add_argument("--model", default=None,
                     help="MambaConfig (or Mamba2Config) overrides for every preset, e.g. "
                          "n_layer=1,d_model=32 "
@@ -521,6 +526,7 @@ def main(argv=None) -> int:
                     single_warmup=1, single_steps=default(args.single_steps, 8, 2),
                     steps_per_group=default(args.group, 2, 1),
                     dtype=args.dtype, scan_impl=args.scan_impl, remat=args.remat,
+                    scan_layers=args.scan_layers,
                     model_overrides=workloads.parse_overrides(
                         default(args.model, "", SMOKE_MODEL)))
     commit = harness.git_commit()

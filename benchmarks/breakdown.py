@@ -273,6 +273,9 @@ def parse_args(argv):
     ap.add_argument("--remat", nargs="?", const="full", default="none",
                     choices=("none", "full", "save_matmul_outputs"),
                     help="remat policy per layer (bare --remat: full)")
+    ap.add_argument("--scan-layers", action="store_true",
+                    help="run the layers under one lax.scan (MambaConfig.scan_layers; default: "
+                         "unrolled)")
     ap.add_argument("--model", default=None,
                     help=f"MambaConfig overrides, e.g. n_layer=1 (checks; smoke: {SMOKE_MODEL})")
     ap.add_argument("--scan-config", default="",
@@ -319,7 +322,8 @@ def main(argv=None) -> int:
     model_overrides = workloads.parse_overrides(model_text)
     mc = workloads.model_config(preset, backend=backend, dtype=args.dtype,
                                 scan_impl=args.scan_impl, conv_impl=args.conv_impl,
-                                remat=args.remat, overrides=model_overrides)
+                                remat=args.remat, scan_layers=args.scan_layers,
+                                overrides=model_overrides)
     print(f"breakdown: {preset} packed {rows} x {seq_len} on {info.kind} ({backend}), jax "
           f"{jax.__version__}; variants {variants}; -> {out}", flush=True)
 
@@ -346,14 +350,16 @@ def main(argv=None) -> int:
     result = dict(preset=preset, mode="packed", rows=rows, seq_len=seq_len, real_tokens=real_tokens,
                   n_layer=mc.n_layer, d_model=mc.d_model, d_inner=mc.d_inner,
                   vocab_size=mc.vocab_size, compute_dtype=mc.dtype, scan_impl=mc.scan_impl,
-                  conv_impl=mc.conv_impl, remat=mc.remat, model_overrides=model_overrides,
+                  conv_impl=mc.conv_impl, remat=mc.remat, scan_layers=mc.scan_layers,
+                  model_overrides=model_overrides,
                   flops_per_token=mc.flops_per_token(),
                   **harness.header(info, script=__file__, argv=argv),
                   peak_flops_per_device=peak_flops(dev.device_kind) if backend != "cpu" else None,
                   scan_config_overrides=scan_overrides, variants={})
     key = (f"{preset}/packed/{rows}x{seq_len}" + (f"/scan:{args.scan_config}" if scan_overrides else "")
            + (f"/model:{model_text}" if model_text else "")
-           + (f"/conv:{args.conv_impl}" if args.conv_impl != "auto" else ""))
+           + (f"/conv:{args.conv_impl}" if args.conv_impl != "auto" else "")
+           + ("/scan_layers" if args.scan_layers else ""))
     existing = json.loads(out.read_text()) if out.exists() else {}
     if key in existing:  # keep variants measured by an earlier call
         result["variants"] = {**existing[key].get("variants", {}), **result["variants"]}

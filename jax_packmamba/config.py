@@ -33,6 +33,9 @@ def _check_remat(config) -> None:
     elif value not in REMAT:
         raise ValueError(f"{type(config).__name__}.remat must be one of {REMAT} (or a bool: "
                          f"True is 'full'), got {value!r}")
+    if not isinstance(config.scan_layers, bool):
+        raise ValueError(f"{type(config).__name__}.scan_layers must be a bool, got "
+                         f"{config.scan_layers!r}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -61,6 +64,7 @@ class MambaConfig:
     scan_impl: str = "auto"  # see jax_packmamba.selective_scan
     conv_impl: str = "auto"  # see jax_packmamba.causal_conv1d
     remat: str = "none"  # REMAT: what each layer recomputes in the backward pass
+    scan_layers: bool = False  # run the layers under one lax.scan (model.run_layers)
 
     def __post_init__(self):
         for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand",
@@ -177,6 +181,7 @@ class Mamba2Config:
     scan_impl: str = "auto"  # see jax_packmamba.ssd_scan
     conv_impl: str = "auto"  # see jax_packmamba.causal_conv1d
     remat: str = "none"  # REMAT: what each layer recomputes in the backward pass
+    scan_layers: bool = False  # run the layers under one lax.scan (model.run_layers)
 
     def __post_init__(self):
         for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "headdim",

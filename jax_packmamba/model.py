@@ -8,9 +8,11 @@ slot, v vocabulary.
 Each mixer has one call, `mixer(hidden, segment_ids=None, cache=None) -> (out, cache)`:
 training (no cache; returns None), packed prefill (`num_segments=S`: returns each segment's
 final cache) and decode (`cache` given: one token per row, hidden (b, d), cache in and out).
-The LM holds its blocks stacked on a leading layer axis and runs them under one `lax.scan`, so
-a program holds one copy of the block whatever the depth; the remat policy (config.remat)
-applies per layer inside the scan.
+The LM holds its blocks stacked on a leading layer axis (the checkpoint layout either way) and
+runs them in an unrolled loop, or, with config.scan_layers, under one `lax.scan`, so a program
+holds one copy of the block whatever the depth (faster compiles, but a slower training step
+that needs more memory on a GPU: docs/performance.md); the remat policy (config.remat) applies
+per layer in both.
 
 Parameters are float32; activations run in `config.dtype` (bfloat16 on GPU) while the residual
 stream, norms and the scan state stay float32. Initialisation follows mamba_ssm.
@@ -263,9 +265,10 @@ class LM(nnx.Module):
         if cache is None:
             check_model_inputs(input_ids, segment_ids, self.config)
         residual = self.embedding(input_ids)
-        residual, cache = scan_layers(self.layers, residual, segment_ids, cache,
-                                      remat=self.config.remat if cache is None else "none",
-                                      num_segments=num_segments, decode_impl=decode_impl)
+        residual, cache = run_layers(self.layers, residual, segment_ids, cache,
+                                     scan=self.config.scan_layers,
+                                     remat=self.config.remat if cache is None else "none",
+                                     num_segments=num_segments, decode_impl=decode_impl)
         logits = self.head(residual)
         return logits if cache is None else (logits, cache)
 
@@ -279,20 +282,42 @@ class LM(nnx.Module):
         return nnx.merge(graph, jax.tree.map(lambda x: x[i], state))
 
 
-def scan_layers(layers: Block, residual, segment_ids=None, cache=None, *, remat: str = "none",
-                **options):
-    """Runs the stacked blocks `layers` over the residual stream, one `lax.scan` step per layer
-    (cache: leading layer axis, in and out; None in training). remat: a REMAT_POLICIES name,
-    applied to each layer inside the scan, or "none"."""
+def run_layers(layers: Block, residual, segment_ids=None, cache=None, *, scan: bool,
+               remat: str = "none", **options):
+    """Runs the stacked blocks `layers` over the residual stream (cache: leading layer axis, in
+    and out; None in training). remat: a REMAT_POLICIES name, applied to each layer, or "none".
+
+    scan=True: one `lax.scan` step per layer (one copy of the block in the program: compile
+    time does not grow with depth). scan=False: an unrolled loop, each layer's parameters split
+    from the stack with `jnp.split` (whose transpose is one concatenate per parameter, not a
+    full-size pad per layer as `x[i]`'s), and the layers' caches stacked back.
+    """
     graph, params = nnx.split(layers)
 
     def layer(residual, xs):
         layer_params, layer_cache = xs
         return nnx.merge(graph, layer_params)(residual, segment_ids, layer_cache, **options)
 
-    if remat != "none":
-        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    return jax.lax.scan(layer, residual, (params, cache))
+    if remat != "none":  # CSE could undo the remat only outside a scan (jax.checkpoint's note)
+        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
+    if scan:
+        return jax.lax.scan(layer, residual, (params, cache))
+
+    n_layer = jax.tree.leaves(params)[0].shape[0]
+
+    def unstack(tree):
+        if tree is None:
+            return [None] * n_layer
+        splits = jax.tree.map(lambda x: [jnp.squeeze(y, 0) for y in jnp.split(x, n_layer)], tree)
+        return [jax.tree.map(lambda _, s: s[i], tree, splits) for i in range(n_layer)]
+
+    caches = []
+    for layer_params, layer_cache in zip(unstack(params), unstack(cache)):
+        residual, layer_cache = layer(residual, (layer_params, layer_cache))
+        caches.append(layer_cache)
+    if caches[0] is None:
+        return residual, None
+    return residual, jax.tree.map(lambda *xs: jnp.stack(xs), *caches)
 
 
 # The names each family's classes had before one Block and one LM served both.

@@ -70,7 +70,7 @@ EXTRA_KEY = tokenizer_lib.EXTRA_KEY
 
 # Config fields that do not change the function a checkpoint computes (safe to override);
 # the same names in MambaConfig and Mamba2Config (scan_impl is the SSD scan's for Mamba2).
-RUNTIME_FIELDS = ("dtype", "scan_impl", "conv_impl", "remat")
+RUNTIME_FIELDS = ("dtype", "scan_impl", "conv_impl", "remat", "scan_layers")
 
 AnyConfig = MambaConfig | Mamba2Config
 
@@ -82,7 +82,8 @@ AnyConfig = MambaConfig | Mamba2Config
 def from_pretrained(path, **config_overrides) -> LM:
     """MambaLM or Mamba2LM from a local checkpoint directory in either layout.
 
-    config_overrides: runtime fields ("dtype", "scan_impl", "conv_impl", "remat"); the
+    config_overrides: runtime fields ("dtype", "scan_impl", "conv_impl", "remat",
+    "scan_layers"); the
     architecture comes from config.json. Parameters are float32 whatever the file's dtype.
     """
     path = run_layout.resolve_model_dir(path)  # also a training run or one of its checkpoints
@@ -103,7 +104,7 @@ def _with_overrides(config: AnyConfig, overrides: dict, config_file) -> AnyConfi
     # The ops check their impl only when first called; say it here, before any tensor is read.
     scan_impls = mixer_class(config).scan_impls
     for name, allowed in (("scan_impl", scan_impls), ("conv_impl", CONV_IMPLS),
-                          ("remat", REMAT + (False, True))):
+                          ("remat", REMAT + (False, True)), ("scan_layers", (False, True))):
         value = overrides.get(name, allowed[0])
         if not any(type(value) is type(a) and value == a for a in allowed):  # 1 == True: types too
             raise ValueError(f"from_pretrained: {name} must be one of {allowed}, got {value!r}")

@@ -147,8 +147,10 @@ def test_packed_batch_gives_each_sequence_its_alone_logits_and_grads():
     alone, summed = logits_and_grads(model, jnp.asarray(alone_ids), None, jnp.asarray(alone_cot))
     for i, (seq, start) in enumerate(zip(seqs, starts)):
         np.testing.assert_allclose(logits[0, start:start + len(seq)], alone[i, :len(seq)], rtol=1e-5, atol=1e-5)
+    # atol 5e-5: gradients of size ~50 summed in another order (1.5e-5 seen on the embedding
+    # with the layers unrolled).
     for (path, a), b in zip(jax.tree.leaves_with_path(packed_grads), jax.tree.leaves(summed)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5, err_msg=jax.tree_util.keystr(path))
 
 
 def test_perturbing_one_sequence_leaves_others_bit_identical():

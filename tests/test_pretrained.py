@@ -172,9 +172,12 @@ def test_save_pretrained_round_trip_mamba2(tmp_path):
     ids = jnp.asarray([[1, 5, 60, 7, 2, 9, 9, 3, 4, 8, 1]], jnp.int32)
     np.testing.assert_array_equal(model(ids), loaded(ids))
     runtime = jp.from_pretrained(tmp_path / "out", dtype="bfloat16", scan_impl="reference",
-                                 conv_impl="xla", remat=True)
+                                 conv_impl="xla", remat=True, scan_layers=True)
     assert (runtime.config.dtype, runtime.config.scan_impl, runtime.config.conv_impl,
-            runtime.config.remat) == ("bfloat16", "reference", "xla", "full")  # True: "full"
+            runtime.config.remat, runtime.config.scan_layers) == (
+        "bfloat16", "reference", "xla", "full", True)  # True: "full"
+    with pytest.raises(ValueError, match=r"scan_layers must be one of \(False, True\), got 1"):
+        jp.from_pretrained(tmp_path / "out", scan_layers=1)
     assert runtime(ids).dtype == jnp.bfloat16
     with pytest.raises(ValueError, match=r"scan_impl must be one of .*'reference'.*, got 'ssd'"):
         jp.from_pretrained(tmp_path / "out", scan_impl="ssd")

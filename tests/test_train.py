@@ -26,7 +26,7 @@ from jax_packmamba import MambaConfig, MambaLM
 from train import data as data_lib
 from train import step as step_lib
 from train.__main__ import main
-from train.config import ConfigError, DataConfig, OptimConfig, TrainConfig, parse_args
+from train.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig, parse_args
 from train.data import DataError
 from train.metrics import Progress, peak_flops, read_metrics
 
@@ -140,6 +140,24 @@ def test_model_fields_cannot_hide_in_overrides():
     config = ModelConfig(preset="tiny", overrides={"conv_impl": "pallas", "d_model": 64})
     with pytest.raises(ConfigError, match=r"set \['conv_impl'\] as --model.<name>"):
         config.mamba_config(vocab_size=257, backend="cpu")
+
+
+def test_scan_layers_is_a_runtime_option_free_on_resume():
+    from train.config import help_text, model_record, resume_conflicts
+
+    c = parse_args(["--model.scan_layers=true"])
+    assert c.model.scan_layers is True and c.model.overrides == {}
+    assert c.model.mamba_config(vocab_size=257, backend="cpu").scan_layers is True
+    assert parse_args([]).model.mamba_config(vocab_size=257, backend="cpu").scan_layers is False
+    assert "--model.scan_layers" in help_text()
+    old = parse_args([])
+    fixed, data = resume_conflicts(
+        old.to_dict(), c, old_model=model_record(old.model.mamba_config(vocab_size=257, backend="cpu")),
+        new_model=model_record(c.model.mamba_config(vocab_size=257, backend="cpu")))
+    assert (fixed, data) == ([], [])
+    with pytest.raises(ConfigError, match=r"set \['scan_layers'\] as --model.<name>"):
+        ModelConfig(preset="tiny", overrides={"scan_layers": True}).mamba_config(
+            vocab_size=257, backend="cpu")
 
 
 def test_vocab_override_must_cover_tokenizer():

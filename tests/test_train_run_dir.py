@@ -121,6 +121,7 @@ def test_changed_data_needs_allow_change(run_copy, capsys):
 
 def test_fields_free_on_resume_are_taken(run_copy, capsys):
     free = ["--run.log_every=2", "--run.keep_checkpoints=5", "--model.remat=true",
+            "--model.scan_layers=true",
             "--model.dtype=float32", "--data.eval_batches=2", "--run.seed=9", "--mesh.data=1"]
     assert main(BASE + [f"--run.out_dir={run_copy}"] + free) == 0
     assert "resume  from" in capsys.readouterr().out

@@ -2,13 +2,16 @@
 persistent compilation cache, each in a fresh process.
 
     PYTHONPATH=. python3 benchmarks/probes/compile_time.py --preset 1.4b --cache-dir DIR
+    PYTHONPATH=. python3 benchmarks/probes/compile_time.py --preset 1.4b --scan-layers
     PYTHONPATH=. python3 benchmarks/probes/compile_time.py --smoke
 
 Runs itself twice in subprocesses with the same cache folder (the first fills it, the second
 loads from it); each child lowers and compiles train/step.py's step and reports lower_s and
 compile_s. `--layers 4,12` adds first compiles of the same preset cut to those layer counts,
-each with an empty cache: compile time against depth (flat since the layers run under one
-scan, jax_packmamba/model.py; it grew about linearly with the unrolled loop before).
+each with an empty cache: compile time against depth. The layers run as configured
+(MambaConfig.scan_layers): unrolled by default, where compile time grows about linearly with
+depth; `--scan-layers` runs them under one lax.scan, where it is about flat (1.4b on one H100:
+2.4 s lower + 38.7 s compile scanned, 7.0 + 64.8 s unrolled; docs/performance.md).
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ import time
 from benchmarks import harness, workloads
 
 
-def child(preset: str, rows: int, seq_len: int, smoke: bool, n_layer: int | None) -> dict:
+def child(preset: str, rows: int, seq_len: int, smoke: bool, n_layer: int | None,
+          scan_layers: bool = False) -> dict:
     import jax
 
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    config = workloads.model_config("tiny" if smoke else preset, backend=jax.default_backend())
+    config = workloads.model_config("tiny" if smoke else preset, backend=jax.default_backend(),
+                                    scan_layers=scan_layers)
     if n_layer:
         config = dataclasses.replace(config, n_layer=n_layer)
     setup = workloads.train_setup(config, jax.devices()[0])
@@ -40,7 +45,8 @@ def child(preset: str, rows: int, seq_len: int, smoke: bool, n_layer: int | None
     t1 = time.perf_counter()
     lowered.compile()
     t2 = time.perf_counter()
-    return dict(n_layer=config.n_layer, lower_s=t1 - t0, compile_s=t2 - t1)
+    return dict(n_layer=config.n_layer, scan_layers=config.scan_layers, lower_s=t1 - t0,
+                compile_s=t2 - t1)
 
 
 def main(argv=None) -> int:
@@ -51,20 +57,25 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-dir", default=None, help="compilation cache (default: a temp dir)")
     ap.add_argument("--layers", default="",
                     help="comma-separated layer counts to also compile once each (fresh cache)")
+    ap.add_argument("--scan-layers", action="store_true",
+                    help="run the layers under one lax.scan (MambaConfig.scan_layers); default: "
+                         "unrolled")
     ap.add_argument("--n-layer", type=int, default=None, help="internal: the child's depth")
     ap.add_argument("--child", action="store_true", help="internal: one measurement")
     args = ap.parse_args(argv)
     if args.smoke:
         args.rows, args.seq_len = 2, 64
     if args.child:
-        print(json.dumps(child(args.preset, args.rows, args.seq_len, args.smoke, args.n_layer)))
+        print(json.dumps(child(args.preset, args.rows, args.seq_len, args.smoke, args.n_layer,
+                               args.scan_layers)))
         return 0
     new = harness.new_result("compile_time", script=__file__, argv=sys.argv[1:],
                              out_dir=args.out, smoke=args.smoke)
     cache = args.cache_dir or tempfile.mkdtemp(prefix="xla_cache_")
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache)
     cmd = [sys.executable, __file__, "--child", "--preset", args.preset, "--rows",
-           str(args.rows), "--seq-len", str(args.seq_len)] + (["--smoke"] if args.smoke else [])
+           str(args.rows), "--seq-len", str(args.seq_len)] + (["--smoke"] if args.smoke else []) \
+        + (["--scan-layers"] if args.scan_layers else [])
     depths = [int(n) for n in args.layers.split(",") if n]
     plan = [("first", cmd, env), ("cached", cmd, env)] + [
         (f"first_{n}_layers", cmd + ["--n-layer", str(n)],
@@ -78,7 +89,8 @@ def main(argv=None) -> int:
             break
         runs.append(dict(run=name, **json.loads(proc.stdout.strip().splitlines()[-1])))
         print(runs[-1], flush=True)
-    harness.write_json(new.path, dict(**new.header, preset=args.preset, rows=args.rows,
+    harness.write_json(new.path, dict(**new.header, preset=args.preset, scan_layers=args.scan_layers,
+                                      rows=args.rows,
                                       seq_len=args.seq_len, runs=runs))
     return 0
 
