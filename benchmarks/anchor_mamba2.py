@@ -100,7 +100,7 @@ def train(torch, preset, rows, length):
              tokens_per_s=rows * length / ms * 1e3, first_step_s=first_s,
              params=sum(p.numel() for p in model.parameters()),
              peak_gib=torch.cuda.max_memory_allocated() / 2**30)
-    del model, opt
+    model = opt = None  # frees them before the next preset's model
     torch.cuda.empty_cache()
     return r
 
@@ -108,22 +108,22 @@ def train(torch, preset, rows, length):
 def ssd(torch, shape, mode):
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
-    b, l, h, p, n = shape
+    b, t, h, p, n = shape
     bf = torch.bfloat16
-    x = torch.randn(b, l, h, p, device="cuda", dtype=bf, requires_grad=True)
-    dt = (torch.rand(b, l, h, device="cuda") * 0.1).to(bf).requires_grad_(True)
+    x = torch.randn(b, t, h, p, device="cuda", dtype=bf, requires_grad=True)
+    dt = (torch.rand(b, t, h, device="cuda") * 0.1).to(bf).requires_grad_(True)
     A = (-torch.rand(h, device="cuda") * 4).requires_grad_(True)
-    B = torch.randn(b, l, 1, n, device="cuda", dtype=bf, requires_grad=True)
-    C = torch.randn(b, l, 1, n, device="cuda", dtype=bf, requires_grad=True)
+    B = torch.randn(b, t, 1, n, device="cuda", dtype=bf, requires_grad=True)
+    C = torch.randn(b, t, 1, n, device="cuda", dtype=bf, requires_grad=True)
     D = torch.randn(h, device="cuda", requires_grad=True)
-    z = torch.randn(b, l, h, p, device="cuda", dtype=bf, requires_grad=True)
+    z = torch.randn(b, t, h, p, device="cuda", dtype=bf, requires_grad=True)
     dt_bias = torch.randn(h, device="cuda", requires_grad=True)
-    dy = torch.randn(b, l, h, p, device="cuda", dtype=bf)
+    dy = torch.randn(b, t, h, p, device="cuda", dtype=bf)
     seq_idx = None
     if mode == "seg64":
-        cuts = torch.sort(torch.randperm(l - 1, device="cuda")[:63] + 1).values
-        seq_idx = torch.searchsorted(cuts, torch.arange(l, device="cuda"), right=True)
-        seq_idx = seq_idx.to(torch.int32)[None].expand(b, l).contiguous()
+        cuts = torch.sort(torch.randperm(t - 1, device="cuda")[:63] + 1).values
+        seq_idx = torch.searchsorted(cuts, torch.arange(t, device="cuda"), right=True)
+        seq_idx = seq_idx.to(torch.int32)[None].expand(b, t).contiguous()
     kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=True, seq_idx=seq_idx)
 
     def fwd():

@@ -387,7 +387,7 @@ def add_efficiency(records: dict) -> None:
     """efficiency = tokens_per_s / (n x the 1-device tokens_per_s) for every ok record with a
     1-device record of the same preset, overlap and settings; prefers one of the same
     invocation. The record's "baseline" names the one used."""
-    for key, rec in records.items():
+    for _key, rec in records.items():
         rec.pop("efficiency", None)
         rec.pop("baseline", None)
         if rec.get("status") != "ok":

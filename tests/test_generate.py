@@ -439,7 +439,7 @@ def test_streaming_yields_growing_prefixes_of_the_unstreamed_result(prepared, mo
     sampling = SamplingConfig(temperature=0.9, top_k=20, seed=4)
     whole, count = decode_batch(prepared, prefill_batch(prepared, prompts), 11, sampling)
     seen = []
-    for tokens, counts in stream(prepared, prefill_batch(prepared, prompts), 11, sampling, block=3):
+    for tokens, counts in stream(prepared, prefill_batch(prepared, prompts), 11, sampling, block=3):  # noqa: B007 (the last one is checked below)
         seen.append(tokens.shape[1])
         np.testing.assert_array_equal(tokens, whole[:, : tokens.shape[1]])
     assert seen == [1, 4, 7, 10, 11]

@@ -174,7 +174,7 @@ def test_streaming_yields_growing_prefixes_of_the_unstreamed_result(prepared):
     sampling = SamplingConfig(temperature=0.9, top_k=30, seed=2)
     tokens, count = decode_batch(prepared, prefill_batch(prepared, prompts), 11, sampling)
     seen = [0]
-    for part, part_count in stream(prepared, prefill_batch(prepared, prompts), 11, sampling,
+    for part, part_count in stream(prepared, prefill_batch(prepared, prompts), 11, sampling,  # noqa: B007
                                    block=4):
         assert part.shape[1] > seen[-1]
         seen.append(part.shape[1])

@@ -220,7 +220,7 @@ def test_packed_equals_alone_and_perturbation_is_isolated(op):
         return y, vjp(c)[0]
 
     y, g = out_and_grads(full, seg, cot)
-    for i, (start, n) in enumerate(zip(starts, LENGTHS)):
+    for _i, (start, n) in enumerate(zip(starts, LENGTHS)):
         sl = slice(start, start + n)
         alone = {k: (v[:, sl] if k in per_token else v) for k, v in full.items()}
         y1, g1 = out_and_grads(alone, None, cot[:, sl])

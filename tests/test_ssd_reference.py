@@ -179,8 +179,6 @@ def packed_case():
 
 
 def out_and_grads(args, init, seg, cot):
-    names = sorted(args)
-
     def f(a, h0):
         return jp.ssd_scan(**a, dt_softplus=True, segment_ids=seg, chunk_size=CHUNK, initial_states=h0,
                            return_final_states=True)

@@ -661,7 +661,7 @@ def parse_args(argv: list[str] | None = None, base: TrainConfig | None = None) -
 def build(values: dict[str, dict[str, Any]], base: TrainConfig | None = None) -> TrainConfig:
     base = base or TrainConfig()
     parts = {}
-    for part, cls in _PART_CLASSES.items():
+    for part, _cls in _PART_CLASSES.items():
         current = getattr(base, part)
         given = dict(values.get(part, {}))
         if part == "model":
