@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_packmamba.config import Mamba2Config, MambaConfig
+from jax_packmamba.config import HybridConfig, Mamba2Config, MambaConfig, hybrid_runs
+from jax_packmamba.hybrid import MLP, AttentionMixer, BlockConfig
 from jax_packmamba.layers import (  # MixerState, RMSNorm: public here too
     MixerState,
     RMSNorm,
@@ -179,9 +180,22 @@ def mixer_core_xla(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_wei
     return y, window[:, 1:], ssm
 
 
-def mixer_class(config: MambaConfig | Mamba2Config) -> type:
-    """The mixer a config builds: MambaMixer, or Mamba2Mixer for a Mamba2Config."""
+def mixer_class(config: MambaConfig | Mamba2Config | HybridConfig) -> type:
+    """The mixer a config builds: MambaMixer, or Mamba2Mixer for a Mamba2Config (and for a
+    HybridConfig, whose recurrent mixers are Mamba2's)."""
+    if isinstance(config, HybridConfig):
+        return Mamba2Mixer
     return {MambaConfig: MambaMixer, Mamba2Config: Mamba2Mixer}[type(config)]
+
+
+def make_mixer(config, rngs: nnx.Rngs):
+    """The block's mixer: the family's for a Mamba config; for a hybrid BlockConfig, the
+    Mamba2 mixer, attention or the MLP by its kind."""
+    if not isinstance(config, BlockConfig):
+        return mixer_class(config)(config, rngs=rngs)
+    if config.kind == "M":
+        return Mamba2Mixer(config.hybrid.mamba2_config(), rngs=rngs)
+    return {"*": AttentionMixer, "-": MLP}[config.kind](config.hybrid, rngs=rngs)
 
 
 def resolve_decode_impl(impl: str, config: MambaConfig | Mamba2Config) -> str:
@@ -214,13 +228,30 @@ class Block(nnx.Module):
     `block(residual, segment_ids=None, cache=None, **options) -> (residual, cache)`, the
     mixer's call (MambaMixer.__call__) around the residual stream."""
 
-    def __init__(self, config: MambaConfig | Mamba2Config, *, rngs: nnx.Rngs):
+    def __init__(self, config: MambaConfig | Mamba2Config | BlockConfig, *, rngs: nnx.Rngs):
         self.norm = RMSNorm(config.d_model, eps=config.rms_norm_eps, dtype=config.compute_dtype)
-        self.mixer = mixer_class(config)(config, rngs=rngs)
+        self.mixer = make_mixer(config, rngs)
 
     def __call__(self, residual, segment_ids=None, cache: MixerState | None = None, **options):
         out, cache = self.mixer(self.norm(residual), segment_ids, cache, **options)
         return residual + out.astype(jnp.float32), cache
+
+
+class HybridLayer(nnx.Module):
+    """One layer of a hybrid: its blocks (HybridConfig.layers' letters) in order, with Block's
+    call; the cache is a tuple with one entry per block (None for an MLP, and None as a whole
+    in training)."""
+
+    def __init__(self, kinds: str, config: HybridConfig, *, rngs: nnx.Rngs):
+        self.blocks = nnx.List([Block(BlockConfig(kind, config), rngs=rngs) for kind in kinds])
+
+    def __call__(self, residual, segment_ids=None, cache=None, **options):
+        caches = []
+        for i, block in enumerate(self.blocks):
+            residual, c = block(residual, segment_ids, None if cache is None else cache[i],
+                                **options)
+            caches.append(c)
+        return residual, (None if all(c is None for c in caches) else tuple(caches))
 
 
 class LM(nnx.Module):
@@ -244,12 +275,14 @@ class LM(nnx.Module):
             config.padded_vocab_size, config.d_model, dtype=jnp.float32, param_dtype=jnp.float32,
             embedding_init=jax.nn.initializers.normal(config.initializer_range), rngs=rngs)
 
-        @nnx.split_rngs(splits=config.n_layer)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def stacked_blocks(rngs):
-            return Block(config, rngs=rngs)
-
-        self.layers = stacked_blocks(rngs)
+        if isinstance(config, HybridConfig):
+            # One stack per run of identical consecutive layers (hybrid_runs), each scanned:
+            # the program holds one copy per run, however deep the run.
+            self.layers = nnx.List([_stacked(lambda r, k=kinds: HybridLayer(k, config, rngs=r),
+                                             count, rngs)
+                                    for kinds, count in hybrid_runs(config.layers)])
+        else:
+            self.layers = _stacked(lambda r: Block(config, rngs=r), config.n_layer, rngs)
         self.norm_f = RMSNorm(config.d_model, eps=config.rms_norm_eps, dtype=config.compute_dtype)
         self.lm_head = nnx.data(None)  # data either way, so an untied head can be assigned
         if not config.tie_embeddings:
@@ -263,9 +296,19 @@ class LM(nnx.Module):
         if cache is None:
             check_model_inputs(input_ids, segment_ids, self.config)
         residual = self.embedding(input_ids)
-        residual, cache = scan_layers(self.layers, residual, segment_ids, cache,
-                                      remat=self.config.remat if cache is None else "none",
-                                      num_segments=num_segments, decode_impl=decode_impl)
+        options = dict(remat=self.config.remat if cache is None else "none",
+                       num_segments=num_segments, decode_impl=decode_impl)
+        if isinstance(self.config, HybridConfig):
+            # cache: a list with one entry per run (leading layer axis within the run).
+            training = cache is None and num_segments is None
+            caches = []
+            for i, run in enumerate(self.layers):
+                residual, c = scan_layers(run, residual, segment_ids,
+                                          None if cache is None else cache[i], **options)
+                caches.append(c)
+            cache = None if training else caches
+        else:
+            residual, cache = scan_layers(self.layers, residual, segment_ids, cache, **options)
         logits = self.head(residual)
         return logits if cache is None else (logits, cache)
 
@@ -277,6 +320,17 @@ class LM(nnx.Module):
         """Block i on its own (a copy of its slice of the stacked parameters)."""
         graph, state = nnx.split(self.layers)
         return nnx.merge(graph, jax.tree.map(lambda x: x[i], state))
+
+
+def _stacked(make, count: int, rngs: nnx.Rngs):
+    """`count` modules from `make(rngs)`, parameters stacked on a leading axis."""
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def stacked(rngs):
+        return make(rngs)
+
+    return stacked(rngs)
 
 
 def scan_layers(layers: Block, residual, segment_ids=None, cache=None, *, remat: str = "none",

@@ -52,8 +52,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_packmamba import run_layout, tokenizer as tokenizer_lib
-from jax_packmamba.config import REMAT, Mamba2Config, MambaConfig
+from jax_packmamba import pretrained_hybrid, run_layout
+from jax_packmamba import tokenizer as tokenizer_lib
+from jax_packmamba.config import REMAT, HybridConfig, Mamba2Config, MambaConfig
 from jax_packmamba.model import LM, mixer_class
 from jax_packmamba.ops.causal_conv1d import CONV_IMPLS
 
@@ -87,6 +88,8 @@ def from_pretrained(path, **config_overrides) -> LM:
     """
     path = run_layout.resolve_model_dir(path)  # also a training run or one of its checkpoints
     config_dict = read_config_json(path)
+    if pretrained_hybrid.family_of(config_dict) is not None:  # Bamba, Nemotron-H
+        return pretrained_hybrid.from_pretrained(path, config_dict, config_overrides)
     layout = detect_layout(config_dict, path)
     config, defaults_used = _parse_config(config_dict, layout, str(path / CONFIG_FILE))
     config = _with_overrides(config, config_overrides, path / CONFIG_FILE)
@@ -125,6 +128,11 @@ def save_pretrained(model, path, *, tokenizer=None) -> None:
     from safetensors.numpy import save_file
 
     path = Path(path)
+    if isinstance(model.config, HybridConfig):
+        if tokenizer is not None:
+            raise ValueError("save_pretrained: a tokenizer beside a hybrid model is not "
+                             "supported yet")
+        return pretrained_hybrid.save_pretrained(model, path)
     config = hf_config_from_config(model.config)
     if tokenizer is not None:
         config.update(_tokenizer_entries(tokenizer, model.config, config[EXTRA_KEY]))
