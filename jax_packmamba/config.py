@@ -298,11 +298,12 @@ HYBRID_PRESETS = {
     # CPU tests: two Mamba2 layers and one attention layer, each with a gated MLP (Bamba-like).
     "tiny": dict(layers=("M-", "*-", "M-"), d_model=64, vocab_size=256, d_state=16, headdim=16,
                  chunk_size=32, num_heads=4, num_kv_heads=2, rotary_dim=8, d_ff=128),
-    # ~1B, Bamba-9B's proportions at 2048 wide: 24 layers, attention at one in six (4 of 24).
+    # ~1.1B (untied, the Mamba presets' 50277 vocabulary): 24 layers of Mamba2 or GQA attention
+    # (one in six, Bamba-9B's share), each with a gated MLP, 2048 wide.
     "1b": dict(layers=("M-",) * 5 + ("*-",) + ("M-",) * 5 + ("*-",) + ("M-",) * 5 + ("*-",)
                + ("M-",) * 5 + ("*-",),
-               d_model=2048, vocab_size=128256, d_state=128, headdim=64, ngroups=1,
-               num_heads=16, num_kv_heads=4, rotary_dim=64, d_ff=4096),
+               d_model=2048, vocab_size=50277, d_state=128, headdim=64, ngroups=1,
+               num_heads=16, num_kv_heads=4, rotary_dim=64, d_ff=2560),
 }
 
 
