@@ -351,6 +351,7 @@ def scan_layers(layers: Block, residual, segment_ids=None, cache=None, *, remat:
 
 # The names each family's classes had before one Block and one LM served both.
 MambaLM = Mamba2LM = LM
+HybridLM = LM  # with a HybridConfig
 MambaBlock = Mamba2Block = Block
 
 
