@@ -128,16 +128,15 @@ def save_pretrained(model, path, *, tokenizer=None) -> None:
     from safetensors.numpy import save_file
 
     path = Path(path)
-    if isinstance(model.config, HybridConfig):
-        if tokenizer is not None:
-            raise ValueError("save_pretrained: a tokenizer beside a hybrid model is not "
-                             "supported yet")
-        return pretrained_hybrid.save_pretrained(model, path)
-    config = hf_config_from_config(model.config)
+    if isinstance(model.config, HybridConfig):  # Bamba or Nemotron-H
+        config = pretrained_hybrid.hf_config(model.config)
+        tensors = pretrained_hybrid.hf_tensors_from_model(model)
+    else:
+        config = hf_config_from_config(model.config)
+        tensors = tensors_from_model(model)
     if tokenizer is not None:
         config.update(_tokenizer_entries(tokenizer, model.config, config[EXTRA_KEY]))
     path.mkdir(parents=True, exist_ok=True)
-    tensors = tensors_from_model(model)
     if tokenizer is not None:
         tokenizer_lib.save_tokenizer_files(tokenizer, path)
     with open(path / CONFIG_FILE, "w") as f:

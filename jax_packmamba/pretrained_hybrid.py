@@ -11,7 +11,6 @@ either way. Torch tensors are (out, in); our kernels the transpose. Conv weights
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
@@ -419,16 +418,3 @@ def from_pretrained(path: Path, config_dict: dict, overrides: dict):
         raise ValueError(f"from_pretrained: {e}") from None
     return model_from_hf_tensors(config, family, p.read_tensors(path), source=str(path))
 
-
-def save_pretrained(model, path: Path) -> None:
-    from safetensors.numpy import save_file
-
-    from jax_packmamba import pretrained as p
-
-    config = hf_config(model.config)
-    tensors = hf_tensors_from_model(model)
-    path.mkdir(parents=True, exist_ok=True)
-    with open(path / p.CONFIG_FILE, "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
-    save_file(tensors, str(path / p.SAFETENSORS_FILE), metadata={"format": "pt"})
