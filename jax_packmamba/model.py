@@ -266,7 +266,9 @@ class LM(nnx.Module):
     (logits (b, v), cache)` one decode step (cache with leading axes (l, b)).
 
     `layers` is one Block whose parameters are stacked on a leading layer axis (`layer(i)`
-    gives block i alone).
+    gives block i alone). With a HybridConfig, `layers` is a list of such stacks of HybridLayer,
+    one per run of identical layers (config.hybrid_runs), run in order, and a cache is a list
+    with one entry per run.
     """
 
     def __init__(self, config: MambaConfig | Mamba2Config, *, rngs: nnx.Rngs):
@@ -318,6 +320,9 @@ class LM(nnx.Module):
 
     def layer(self, i: int) -> Block:
         """Block i on its own (a copy of its slice of the stacked parameters)."""
+        if isinstance(self.config, HybridConfig):
+            raise ValueError("LM.layer(i) takes a Mamba model; a hybrid's layers are runs: "
+                             "model.layers[run] is a stack of HybridLayer")
         graph, state = nnx.split(self.layers)
         return nnx.merge(graph, jax.tree.map(lambda x: x[i], state))
 

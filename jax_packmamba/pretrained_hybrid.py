@@ -10,7 +10,6 @@ either way. Torch tensors are (out, in); our kernels the transpose. Conv weights
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import jax
@@ -408,13 +407,6 @@ def from_pretrained(path: Path, config_dict: dict, overrides: dict):
 
     where = str(path / p.CONFIG_FILE)
     config, family = config_from_hf(config_dict, where)
-    bad = sorted(set(overrides) - set(p.RUNTIME_FIELDS))
-    if bad:
-        raise ValueError(f"from_pretrained can only override {p.RUNTIME_FIELDS}, not {bad}: the "
-                         f"architecture comes from {where}")
-    try:
-        config = dataclasses.replace(config, **overrides)
-    except ValueError as e:
-        raise ValueError(f"from_pretrained: {e}") from None
+    config = p._with_overrides(config, overrides, where)
     return model_from_hf_tensors(config, family, p.read_tensors(path), source=str(path))
 

@@ -2,6 +2,7 @@
 packed prefill and decode with KV caches, Bamba and Nemotron-H checkpoints (parity with
 transformers, alone and packed; save and reload), bad configs."""
 
+import dataclasses
 import functools
 import json
 import shutil
@@ -300,3 +301,33 @@ def test_generate_prefills_packed_and_greedy_equals_the_teacher_forced_argmax():
             seq.append(int(np.argmax(logits[:CONFIG.vocab_size])))
         np.testing.assert_array_equal(out, seq[len(p):])
     assert len({tuple(o) for o in outputs}) == len(outputs)  # the prompts matter
+
+
+def test_the_program_does_not_grow_with_the_depth_of_a_run():
+    """Runs of identical layers are scanned: 2 or 8 layers per run trace the same program size
+    (one copy of each run's layer), forward and backward."""
+
+    def size(layers):
+        config = dataclasses.replace(CONFIG, layers=layers)
+        model = nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(0)))
+        graphdef, params = nnx.split(model)
+        ids = jnp.zeros((1, 16), jnp.int32)
+
+        def loss(p):
+            return nnx.merge(graphdef, p)(ids, ids).sum()
+
+        return len(str(jax.make_jaxpr(jax.grad(loss))(params)).splitlines())
+
+    shallow = size(("M-",) * 2 + ("*-",) * 2)
+    deep = size(("M-",) * 8 + ("*-",) * 8)
+    assert shallow == deep
+    assert size(("M-", "*-") * 2) > shallow  # four runs of one layer: four copies
+
+
+def test_runtime_overrides_and_their_errors():
+    model = jp.from_pretrained(FIXTURES / "nemotron_h_small", dtype="bfloat16", remat="full")
+    assert (model.config.dtype, model.config.remat) == ("bfloat16", "full")
+    with pytest.raises(ValueError, match=r"can only override .* not \['d_model'\]"):
+        jp.from_pretrained(FIXTURES / "nemotron_h_small", d_model=8)
+    with pytest.raises(ValueError, match=r"scan_impl must be one of"):
+        jp.from_pretrained(FIXTURES / "nemotron_h_small", scan_impl="nope")
