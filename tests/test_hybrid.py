@@ -248,7 +248,9 @@ def test_hybrid_presets_and_a_tiny_hybrid_trains():
     from train import data as data_lib
     from train import sharding
     from train import step as step_lib
-    from train.config import ConfigError, MeshConfig, OptimConfig, parse_args
+    from train.config import ConfigError, MeshConfig, OptimConfig, help_text, parse_args
+
+    assert "layers (comma-separated str)" in help_text()  # --help lists the hybrid's fields
 
     big = parse_args(["--model.preset=hybrid-1b"]).model.mamba_config(vocab_size=257,
                                                                        backend="gpu")

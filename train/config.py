@@ -729,6 +729,10 @@ def help_text(width: int = 100) -> str:
 def _type_name(tp) -> str:
     if isinstance(tp, str):  # postponed annotations of this module's dataclasses
         return tp.replace("None", "none")
+    if typing.get_origin(tp) is tuple:  # tuple[float, float]; HybridConfig.layers
+        args = typing.get_args(tp)
+        return ("comma-separated " + args[0].__name__ if args[-1] is Ellipsis
+                else f"{len(args)} x {args[0].__name__}")
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if args:
         return " | ".join(a.__name__ for a in args) + " | none"
