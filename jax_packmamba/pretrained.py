@@ -1,4 +1,5 @@
 """Loading and saving Mamba and Mamba2 checkpoints: Hugging Face and state-spaces/mamba layouts.
+(Hybrids, HF Bamba and Nemotron-H, are pretrained_hybrid.py's; the functions here dispatch.)
 
 Two layouts of a local checkpoint directory are read, each for both model families:
 
