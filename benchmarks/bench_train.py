@@ -5,6 +5,7 @@
     PYTHONPATH=. python3 benchmarks/bench_train.py --presets 130m,370m --resume
     PYTHONPATH=. python3 benchmarks/bench_train.py --smoke --out DIR     # CPU check, seconds
     PYTHONPATH=. python3 benchmarks/bench_train.py --presets mamba2-1.3b --modes packed
+    PYTHONPATH=. python3 benchmarks/bench_train.py --presets hybrid-1b --modes packed --rows 8
 
 Results merge into --out/train_<slug>.json (default benchmarks/results/train_nvidia-h200.json on
 an H200; --smoke: train_<slug>_smoke.json). On a machine whose output folder is what comes back
@@ -109,10 +110,14 @@ from benchmarks.workloads import DISTS, MODES
 
 PRESETS = ("130m", "370m", "790m", "1.4b", "2.8b")
 MAMBA2_PRESETS = ("mamba2-130m", "mamba2-370m", "mamba2-780m", "mamba2-1.3b", "mamba2-2.7b")
-KNOWN_PRESETS = PRESETS + ("tiny",) + MAMBA2_PRESETS + ("mamba2-tiny",)
+# The packed hybrid (HybridConfig: Mamba2 + attention + MLP, Bamba-like) trains through the same
+# step: --presets hybrid-1b --modes packed --rows 8 times it at 8 x 2048.
+KNOWN_PRESETS = (PRESETS + ("tiny",) + MAMBA2_PRESETS + ("mamba2-tiny", "hybrid-1b",
+                                                         "hybrid-tiny"))
 GROUP_OF = {"packed": "rows", "padded": "rows", "single": "single"}
 DEFAULT_ROWS = {"130m": 8, "370m": 8, "790m": 8, "1.4b": 8, "2.8b": 4, "tiny": 2,
-                **{p: 8 for p in MAMBA2_PRESETS}, "mamba2-2.7b": 4, "mamba2-tiny": 2}
+                **{p: 8 for p in MAMBA2_PRESETS}, "mamba2-2.7b": 4, "mamba2-tiny": 2,
+                "hybrid-1b": 8, "hybrid-tiny": 2}
 SMOKE_MODEL = "n_layer=1,d_model=32,d_state=4"
 SCHEMA = 1
 # The mamba_ssm side (the --anchor folder): its script and the rows of its full batch.

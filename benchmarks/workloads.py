@@ -194,7 +194,7 @@ def model_config(preset: str, *, backend: str, dtype: str = "auto", scan_impl: s
     released vocabulary (but "tiny" and "mamba2-tiny"), then `overrides` (its fields)."""
     from train.config import ModelConfig
 
-    fields = {} if preset in ("tiny", "mamba2-tiny") else {"vocab_size": RELEASED_VOCAB}
+    fields = {} if preset in ("tiny", "mamba2-tiny", "hybrid-tiny") else {"vocab_size": RELEASED_VOCAB}
     fields.update(overrides or {})
     return ModelConfig(preset=preset, dtype=dtype, scan_impl=scan_impl, conv_impl=conv_impl,
                        remat=str(remat).lower(), scan_layers=scan_layers, overrides=fields).mamba_config(vocab_size=BYTE_VOCAB,

@@ -1,9 +1,10 @@
 """jax-packmamba: Mamba on packed variable-length data in JAX."""
 
-from jax_packmamba.config import Mamba2Config, MambaConfig
+from jax_packmamba.config import HybridConfig, Mamba2Config, MambaConfig
 from jax_packmamba.model import (
     LM,
     Block,
+    HybridLM,
     Mamba2Block,
     Mamba2LM,
     MambaBlock,
@@ -44,6 +45,8 @@ __all__ = [
     "Block",
     "LM",
     "Mamba2Block",
+    "HybridConfig",
+    "HybridLM",
     "Mamba2Config",
     "Mamba2LM",
     "Mamba2Mixer",

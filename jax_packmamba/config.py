@@ -275,11 +275,15 @@ class Mamba2Config:
 
 # Both families' presets under one name space, as the training program and the benchmarks
 # take them: the Mamba1 names as they are, the Mamba2 ones prefixed ("mamba2-130m", ...).
-MODEL_PRESETS = tuple(sorted(PRESETS)) + tuple(f"mamba2-{name}" for name in MAMBA2_PRESETS)
+MODEL_PRESETS = (tuple(sorted(PRESETS)) + tuple(f"mamba2-{name}" for name in MAMBA2_PRESETS)
+                 + ("hybrid-tiny", "hybrid-1b"))
 
 
 def config_class(preset: str) -> type:
-    """The config class of a preset name in MODEL_PRESETS: Mamba2Config for "mamba2-..."."""
+    """The config class of a preset name in MODEL_PRESETS: Mamba2Config for "mamba2-...",
+    HybridConfig for "hybrid-..."."""
+    if preset.startswith("hybrid-"):
+        return HybridConfig
     return Mamba2Config if preset.startswith("mamba2-") else MambaConfig
 
 
@@ -288,3 +292,190 @@ def preset_config(preset: str, **overrides) -> MambaConfig | Mamba2Config:
     if preset not in MODEL_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {list(MODEL_PRESETS)}")
     return config_class(preset).preset(preset, **overrides)
+
+
+# Block kinds of a hybrid layer (HybridConfig.layers): a Mamba2 mixer, causal self-attention, an
+# MLP. Letters as Nemotron-H's hybrid_override_pattern spells them ("-" is its MLP).
+HYBRID_KINDS = {"M": "mamba2", "*": "attention", "-": "mlp"}
+MLP_ACTIVATIONS = ("silu_gated", "relu2")  # Bamba's gated silu; Nemotron-H's relu(x)^2, no gate
+
+HYBRID_PRESETS = {
+    # CPU tests: two Mamba2 layers and one attention layer, each with a gated MLP (Bamba-like).
+    "tiny": dict(layers=("M-", "*-", "M-"), d_model=64, vocab_size=256, d_state=16, headdim=16,
+                 chunk_size=32, num_heads=4, num_kv_heads=2, rotary_dim=8, d_ff=128),
+    # ~1.1B (untied, the Mamba presets' 50277 vocabulary): 24 layers of Mamba2 or GQA attention
+    # (one in six, Bamba-9B's share), each with a gated MLP, 2048 wide.
+    "1b": dict(layers=("M-",) * 5 + ("*-",) + ("M-",) * 5 + ("*-",) + ("M-",) * 5 + ("*-",)
+               + ("M-",) * 5 + ("*-",),
+               d_model=2048, vocab_size=50277, d_state=128, headdim=64, ngroups=1,
+               num_heads=16, num_kv_heads=4, rotary_dim=64, d_ff=2560),
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HybridConfig:
+    """A hybrid language model (Bamba, Nemotron-H): pre-norm residual blocks of three kinds.
+
+    `layers` is the pattern: one string of HYBRID_KINDS letters per layer, each letter one
+    block `r <- r + block(norm(r))` run in order ("M-" is a Bamba Mamba2 layer: mixer, then
+    MLP; Nemotron-H layers are one letter, or pairs "M-" / "*-" where its pattern allows).
+    Runs of identical consecutive layers are stacked and run under one lax.scan, so a program
+    holds one copy of each run's layer, not one per layer. Mamba2 fields are Mamba2Config's.
+    """
+
+    layers: tuple[str, ...] = ("M-", "*-", "M-")
+    d_model: int = 768
+    vocab_size: int = 50277
+    # Mamba2 mixers
+    d_state: int = 128
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 64
+    ngroups: int = 1
+    chunk_size: int = 256
+    A_init_range: tuple[float, float] = (1.0, 16.0)
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    conv_bias: bool = True
+    proj_bias: bool = False
+    # attention (GQA); head_dim None: d_model // num_heads; rotary_dim 0: no position encoding
+    num_heads: int = 12
+    num_kv_heads: int = 4
+    head_dim: int | None = None
+    rotary_dim: int = 0
+    rope_theta: float = 10000.0
+    attention_bias: bool = False
+    attention_max_segments: int | None = None  # bound for jp.attention's "cudnn_packed" path
+    attention_impl: str = "auto"  # jp.attention's impl
+    # MLPs
+    d_ff: int = 3072
+    mlp_activation: str = "silu_gated"
+    mlp_bias: bool = False
+    rms_norm_eps: float = 1e-5
+    pad_vocab_size_multiple: int = 16
+    tie_embeddings: bool = False
+    rescale_prenorm_residual: bool = True
+    initializer_range: float = 0.02
+    dtype: str = "float32"
+    scan_impl: str = "auto"
+    conv_impl: str = "auto"
+    remat: str = "none"
+    scan_layers: bool = False  # run each run of layers under one lax.scan (model.run_layers)
+
+    def __post_init__(self):
+        layers = self.layers
+        if isinstance(layers, list):
+            object.__setattr__(self, "layers", layers := tuple(layers))
+        if not isinstance(layers, tuple) or not layers or not all(
+                isinstance(s, str) and s and set(s) <= set(HYBRID_KINDS) for s in layers):
+            raise ValueError(f"HybridConfig.layers must be a non-empty tuple of non-empty strings "
+                             f"of {sorted(HYBRID_KINDS)} ({HYBRID_KINDS}), got {layers!r}")
+        for name in ("d_model", "vocab_size", "d_state", "d_conv", "expand", "headdim", "ngroups",
+                     "chunk_size", "num_heads", "num_kv_heads", "d_ff", "pad_vocab_size_multiple"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"HybridConfig.{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"HybridConfig: num_heads={self.num_heads} must be a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(f"HybridConfig: d_model={self.d_model} must be a multiple of "
+                             f"num_heads={self.num_heads} when head_dim is None")
+        hd = self.attention_head_dim
+        if not isinstance(hd, int) or hd < 1:
+            raise ValueError(f"HybridConfig.head_dim must be None or a positive int, got {hd!r}")
+        if not isinstance(self.rotary_dim, int) or not 0 <= self.rotary_dim <= hd \
+                or self.rotary_dim % 2:
+            raise ValueError(f"HybridConfig.rotary_dim must be an even int in [0, head_dim={hd}], "
+                             f"got {self.rotary_dim!r}")
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ValueError(f"HybridConfig.mlp_activation must be one of {MLP_ACTIVATIONS}, got "
+                             f"{self.mlp_activation!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"HybridConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _check_remat(self)
+        self.mamba2_config()  # Mamba2Config checks the mixer's own fields
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "HybridConfig":
+        """"tiny" (CPU tests) or "1b" (also as "hybrid-tiny", "hybrid-1b"), with overrides."""
+        key = name.removeprefix("hybrid-")
+        if key not in HYBRID_PRESETS:
+            raise ValueError(f"unknown hybrid preset {name!r}; choose from {sorted(HYBRID_PRESETS)}")
+        return cls(**{**HYBRID_PRESETS[key], **overrides})
+
+    @property
+    def blocks(self) -> str:
+        """Every block's kind in order, the layers' strings joined."""
+        return "".join(self.layers)
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.layers)
+
+    @property
+    def attention_head_dim(self) -> int:
+        return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_size_multiple
+        return -(-self.vocab_size // m) * m
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    def mamba2_config(self) -> Mamba2Config:
+        """The Mamba2Config of the Mamba2 mixers (n_layer: the blocks, for the init scale)."""
+        names = ("d_model", "vocab_size", "d_state", "d_conv", "expand", "headdim", "ngroups",
+                 "chunk_size", "A_init_range", "dt_min", "dt_max", "dt_init_floor", "conv_bias",
+                 "proj_bias", "rms_norm_eps", "rescale_prenorm_residual", "initializer_range",
+                 "dtype", "scan_impl", "conv_impl")
+        try:
+            return Mamba2Config(n_layer=len(self.blocks), **{n: getattr(self, n) for n in names})
+        except ValueError as e:
+            raise ValueError(f"HybridConfig: {e}") from None
+
+    def num_params(self) -> int:
+        """Parameter count (tied embeddings counted once)."""
+        m = self.mamba2_config()
+        mamba = (m.num_params() - m.padded_vocab_size * m.d_model - m.d_model) // m.n_layer
+        d, hd = self.d_model, self.attention_head_dim
+        qkv = (self.num_heads + 2 * self.num_kv_heads) * hd
+        attention = d * qkv + self.num_heads * hd * d + d
+        if self.attention_bias:
+            attention += qkv + d
+        up = 2 if self.mlp_activation == "silu_gated" else 1
+        mlp = up * d * self.d_ff + self.d_ff * d + d
+        if self.mlp_bias:
+            mlp += up * self.d_ff + d
+        per = {"M": mamba, "*": attention, "-": mlp}
+        embed = self.padded_vocab_size * d * (1 if self.tie_embeddings else 2)
+        return sum(per[k] for k in self.blocks) + d + embed
+
+    def flops_per_token(self, *, training: bool = True, context: int = 2048) -> float:
+        """Model FLOPs per token (forward x3 if training); attention's scores counted at an
+        average causal context of `context` / 2 tokens."""
+        m = self.mamba2_config()
+        mamba = (m.flops_per_token(training=False) - 2 * m.d_model * m.padded_vocab_size) \
+            / m.n_layer
+        d, hd = self.d_model, self.attention_head_dim
+        attention = (2 * d * (self.num_heads + 2 * self.num_kv_heads) * hd
+                     + 2 * self.num_heads * hd * d + 4 * self.num_heads * hd * context / 2)
+        mlp = 2 * (3 if self.mlp_activation == "silu_gated" else 2) * d * self.d_ff
+        per = {"M": mamba, "*": attention, "-": mlp}
+        forward = sum(per[k] for k in self.blocks) + 2 * d * self.padded_vocab_size
+        return 3.0 * forward if training else float(forward)
+
+
+def hybrid_runs(layers: tuple[str, ...]) -> list[tuple[str, int]]:
+    """(layer kinds, count) of each run of identical consecutive layers."""
+    runs: list[tuple[str, int]] = []
+    for kinds in layers:
+        if runs and runs[-1][0] == kinds:
+            runs[-1] = (kinds, runs[-1][1] + 1)
+        else:
+            runs.append((kinds, 1))
+    return runs

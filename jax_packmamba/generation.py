@@ -21,7 +21,11 @@ d d_model, e d_inner, n d_state, w d_conv - 1, v vocabulary, T new-token bucket.
              pallas_kernels/decode (`decode_impl`).
 
 Both families run the same engine; a Mamba2 layer's state: conv (p, d_conv - 1, conv_dim)
-(xBC, the conv's inputs) and ssm (p, heads, headdim, d_state).
+(xBC, the conv's inputs) and ssm (p, heads, headdim, d_state). A hybrid (HybridConfig) runs it
+layer by layer too, its state a HybridDecodeState: per layer, each block's cache (Mamba2's as
+above, attention's KVCache (p, T, kv heads, head dim), none for an MLP). The prefill returns
+each prompt's keys and values at their positions (T = the packed row's length); the decode
+loop pads T by its new-token bucket, so a token costs a read of T keys.
 
 Compiles: one per (model, batch bucket, new-token bucket, sampling mode): the batch is padded
 to a power of two, max_new_tokens to a power of two (at least 16) with the real count traced,
@@ -52,7 +56,8 @@ import numpy as np
 from flax import nnx
 
 from jax_packmamba.compilation_cache import CompileStats, compile_stats  # noqa: F401 (re-exported)
-from jax_packmamba.config import Mamba2Config, MambaConfig
+from jax_packmamba.config import HybridConfig, Mamba2Config, MambaConfig, hybrid_runs
+from jax_packmamba.hybrid import KVCache, pad_kv_cache
 from jax_packmamba.model import LM, MixerState, resolve_decode_impl
 from jax_packmamba.packing import COLUMN, PIECE_LENGTH, ROW, pack_sequences
 from jax_packmamba.sampling import SamplingConfig, SamplingMode, SamplingParams, is_eos, sample
@@ -62,7 +67,9 @@ from jax_packmamba.sampling import SamplingConfig, SamplingMode, SamplingParams,
 # mixer has no x_proj or dt_proj; its gated norm, A_log and D stay float32 as Mamba1's do.
 _CAST_PARAMS = {("in_proj", "kernel"), ("in_proj", "bias"), ("x_proj", "kernel"),
                 ("dt_proj", "kernel"), ("out_proj", "kernel"), ("out_proj", "bias"),
-                ("conv_weight",), ("conv_bias",), ("lm_head", "kernel")}
+                ("conv_weight",), ("conv_bias",), ("lm_head", "kernel"),
+                *((name, leaf) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                            "up_proj", "down_proj") for leaf in ("kernel", "bias"))}
 
 MIN_NEW_TOKEN_BUCKET = 16
 
@@ -74,6 +81,13 @@ class DecodeState(NamedTuple):
 
     conv: tuple
     ssm: tuple
+
+
+class HybridDecodeState(NamedTuple):
+    """A hybrid model's cache: one entry per layer, the layer's tuple of block caches
+    (MixerState for a Mamba2 block, KVCache (p, T, k, c) for attention, None for an MLP)."""
+
+    layers: tuple
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["params"],
@@ -105,11 +119,22 @@ def prepare(model: LM, *, embedding_in_compute_dtype: bool = True) -> PreparedMo
         raise ValueError(f"model must be a MambaLM, Mamba2LM or PreparedModel, got "
                          f"{type(model).__name__}")
     dtype = model.config.compute_dtype
-    block_graph, stacked = nnx.split(model.layers)
-    layers = inference_state(stacked, "layers", dtype)
-    params = dict(layers=tuple(jax.tree.map(lambda x: x[i], layers)
-                               for i in range(model.config.n_layer)))
-    graphs = [block_graph]
+    if isinstance(model.config, HybridConfig):
+        # graphs[0]: one graph per layer (a run's layers share theirs).
+        layer_graphs, layer_params = [], []
+        for run, (_, count) in zip(model.layers, hybrid_runs(model.config.layers)):
+            graph, stacked = nnx.split(run)
+            stacked = inference_state(stacked, "layers", dtype)
+            layer_graphs += [graph] * count
+            layer_params += [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(count)]
+        params = dict(layers=tuple(layer_params))
+        graphs = [tuple(layer_graphs)]
+    else:
+        block_graph, stacked = nnx.split(model.layers)
+        layers = inference_state(stacked, "layers", dtype)
+        params = dict(layers=tuple(jax.tree.map(lambda x: x[i], layers)
+                                   for i in range(model.config.n_layer)))
+        graphs = [block_graph]
     for name in ("embedding", "norm_f", "lm_head"):
         module = getattr(model, name)
         graphs.append(None if module is None else nnx.split(module)[0])
@@ -214,16 +239,24 @@ def prefill_batch(model, prompts) -> Prefilled:
     rows, slots, last = map(jnp.asarray, (inputs.rows, inputs.slots, inputs.last))
     segment_ids = jnp.asarray(inputs.segment_ids)
     residual = _embed(_table(model), jnp.asarray(inputs.tokens))
+    if isinstance(model.config, HybridConfig):
+        caches = []
+        for graph, params in zip(model.graphs[0], model.params["layers"]):
+            residual, cache = _prefill_hybrid_layer(graph, params, residual, segment_ids, rows,
+                                                    slots, num_segments=inputs.num_segments)
+            caches.append(cache)
+        state = HybridDecodeState(tuple(caches))
     conv, ssm = [], []
-    for params in model.params["layers"]:
+    for params in () if isinstance(model.config, HybridConfig) else model.params["layers"]:
         residual, c, s = _prefill_layer(model.graphs[0], params, residual, segment_ids, rows,
                                         slots, num_segments=inputs.num_segments)
         conv.append(c)
         ssm.append(s)
+        state = DecodeState(tuple(conv), tuple(ssm))
     logits = _prefill_head(_head_params(model), model.graphs, model.config, residual, rows, last)
     seen = _seen(jnp.asarray(inputs.tokens), jnp.asarray(inputs.prompt_of),
                  size=len(inputs.rows), vocab=model.config.padded_vocab_size)
-    return Prefilled(logits, DecodeState(tuple(conv), tuple(ssm)), seen, inputs.num_prompts)
+    return Prefilled(logits, state, seen, inputs.num_prompts)
 
 
 def prefill(model, prompts) -> tuple[jax.Array, DecodeState]:
@@ -245,6 +278,13 @@ def prefill(model, prompts) -> tuple[jax.Array, DecodeState]:
 def _prefill_layer(graph, params, residual, segment_ids, rows, slots, *, num_segments):
     residual, cache = nnx.merge(graph, params)(residual, segment_ids, num_segments=num_segments)
     return residual, cache.conv[rows, slots], cache.ssm[rows, slots]
+
+
+@functools.partial(jax.jit, static_argnames=("graph", "num_segments"),
+                   donate_argnames=("residual",))
+def _prefill_hybrid_layer(graph, params, residual, segment_ids, rows, slots, *, num_segments):
+    residual, cache = nnx.merge(graph, params)(residual, segment_ids, num_segments=num_segments)
+    return residual, jax.tree.map(lambda x: x[rows, slots], cache)
 
 
 @jax.jit
@@ -307,8 +347,21 @@ def _layer_step(graph, params, residual, conv, ssm, *, impl: str):
     return residual, cache.conv, cache.ssm
 
 
+@functools.partial(jax.jit, static_argnames=("graph", "impl"))
+def _hybrid_layer_step(graph, params, residual, cache, *, impl: str):
+    """_layer_step for a hybrid layer: its blocks' caches in a tuple."""
+    return nnx.merge(graph, params)(residual, cache=cache, decode_impl=impl)
+
+
 def _step(model: PreparedModel, tokens, state: DecodeState, impl: str):
     residual = _table(model)[tokens].astype(jnp.float32)
+    if isinstance(model.config, HybridConfig):
+        caches = []
+        for graph, params, cache in zip(model.graphs[0], model.params["layers"], state.layers):
+            residual, cache = _hybrid_layer_step(graph, params, residual, cache, impl=impl)
+            caches.append(cache)
+        return (_head(_head_params(model), model.graphs, model.config, residual),
+                HybridDecodeState(tuple(caches)))
     conv, ssm = [], []
     for params, c, s in zip(model.params["layers"], state.conv, state.ssm):
         residual, c, s = _layer_step(model.graphs[0], params, residual, c, s, impl=impl)
@@ -388,6 +441,12 @@ def _decode_loop(model, run: _Run, limit, params, *, mode, impl, vocab_size):
 
 def _begin(model: PreparedModel, prefilled: Prefilled, max_new_tokens: int,
            sampling: SamplingConfig) -> _Run:
+    if isinstance(prefilled.state, HybridDecodeState):
+        # Room in every KV cache for the loop's tokens (its bucket: the loop may run that far).
+        prefilled.state = jax.tree.map(
+            lambda c: pad_kv_cache(c, new_token_bucket(max_new_tokens))
+            if isinstance(c, KVCache) else c,
+            prefilled.state, is_leaf=lambda c: isinstance(c, KVCache))
     run = _start(prefilled.logits, prefilled.state, prefilled.seen, jax.random.key(sampling.seed),
                  sampling.params(), jnp.int32(prefilled.num_prompts), mode=sampling.mode,
                  vocab_size=model.config.vocab_size, columns=new_token_bucket(max_new_tokens))

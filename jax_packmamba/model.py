@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_packmamba.config import Mamba2Config, MambaConfig
+from jax_packmamba.config import HybridConfig, Mamba2Config, MambaConfig, hybrid_runs
+from jax_packmamba.hybrid import MLP, AttentionMixer, BlockConfig
 from jax_packmamba.layers import (  # MixerState, RMSNorm: public here too
     MixerState,
     RMSNorm,
@@ -181,9 +182,22 @@ def mixer_core_xla(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_wei
     return y, window[:, 1:], ssm
 
 
-def mixer_class(config: MambaConfig | Mamba2Config) -> type:
-    """The mixer a config builds: MambaMixer, or Mamba2Mixer for a Mamba2Config."""
+def mixer_class(config: MambaConfig | Mamba2Config | HybridConfig) -> type:
+    """The mixer a config builds: MambaMixer, or Mamba2Mixer for a Mamba2Config (and for a
+    HybridConfig, whose recurrent mixers are Mamba2's)."""
+    if isinstance(config, HybridConfig):
+        return Mamba2Mixer
     return {MambaConfig: MambaMixer, Mamba2Config: Mamba2Mixer}[type(config)]
+
+
+def make_mixer(config, rngs: nnx.Rngs):
+    """The block's mixer: the family's for a Mamba config; for a hybrid BlockConfig, the
+    Mamba2 mixer, attention or the MLP by its kind."""
+    if not isinstance(config, BlockConfig):
+        return mixer_class(config)(config, rngs=rngs)
+    if config.kind == "M":
+        return Mamba2Mixer(config.hybrid.mamba2_config(), rngs=rngs)
+    return {"*": AttentionMixer, "-": MLP}[config.kind](config.hybrid, rngs=rngs)
 
 
 def resolve_decode_impl(impl: str, config: MambaConfig | Mamba2Config) -> str:
@@ -216,13 +230,30 @@ class Block(nnx.Module):
     `block(residual, segment_ids=None, cache=None, **options) -> (residual, cache)`, the
     mixer's call (MambaMixer.__call__) around the residual stream."""
 
-    def __init__(self, config: MambaConfig | Mamba2Config, *, rngs: nnx.Rngs):
+    def __init__(self, config: MambaConfig | Mamba2Config | BlockConfig, *, rngs: nnx.Rngs):
         self.norm = RMSNorm(config.d_model, eps=config.rms_norm_eps, dtype=config.compute_dtype)
-        self.mixer = mixer_class(config)(config, rngs=rngs)
+        self.mixer = make_mixer(config, rngs)
 
     def __call__(self, residual, segment_ids=None, cache: MixerState | None = None, **options):
         out, cache = self.mixer(self.norm(residual), segment_ids, cache, **options)
         return residual + out.astype(jnp.float32), cache
+
+
+class HybridLayer(nnx.Module):
+    """One layer of a hybrid: its blocks (HybridConfig.layers' letters) in order, with Block's
+    call; the cache is a tuple with one entry per block (None for an MLP, and None as a whole
+    in training)."""
+
+    def __init__(self, kinds: str, config: HybridConfig, *, rngs: nnx.Rngs):
+        self.blocks = nnx.List([Block(BlockConfig(kind, config), rngs=rngs) for kind in kinds])
+
+    def __call__(self, residual, segment_ids=None, cache=None, **options):
+        caches = []
+        for i, block in enumerate(self.blocks):
+            residual, c = block(residual, segment_ids, None if cache is None else cache[i],
+                                **options)
+            caches.append(c)
+        return residual, (None if all(c is None for c in caches) else tuple(caches))
 
 
 class LM(nnx.Module):
@@ -237,7 +268,9 @@ class LM(nnx.Module):
     (logits (b, v), cache)` one decode step (cache with leading axes (l, b)).
 
     `layers` is one Block whose parameters are stacked on a leading layer axis (`layer(i)`
-    gives block i alone).
+    gives block i alone). With a HybridConfig, `layers` is a list of such stacks of HybridLayer,
+    one per run of identical layers (config.hybrid_runs), run in order, and a cache is a list
+    with one entry per run.
     """
 
     def __init__(self, config: MambaConfig | Mamba2Config, *, rngs: nnx.Rngs):
@@ -246,12 +279,14 @@ class LM(nnx.Module):
             config.padded_vocab_size, config.d_model, dtype=jnp.float32, param_dtype=jnp.float32,
             embedding_init=jax.nn.initializers.normal(config.initializer_range), rngs=rngs)
 
-        @nnx.split_rngs(splits=config.n_layer)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def stacked_blocks(rngs):
-            return Block(config, rngs=rngs)
-
-        self.layers = stacked_blocks(rngs)
+        if isinstance(config, HybridConfig):
+            # One stack per run of identical consecutive layers (hybrid_runs), each scanned:
+            # the program holds one copy per run, however deep the run.
+            self.layers = nnx.List([_stacked(lambda r, k=kinds: HybridLayer(k, config, rngs=r),
+                                             count, rngs)
+                                    for kinds, count in hybrid_runs(config.layers)])
+        else:
+            self.layers = _stacked(lambda r: Block(config, rngs=r), config.n_layer, rngs)
         self.norm_f = RMSNorm(config.d_model, eps=config.rms_norm_eps, dtype=config.compute_dtype)
         self.lm_head = nnx.data(None)  # data either way, so an untied head can be assigned
         if not config.tie_embeddings:
@@ -265,10 +300,20 @@ class LM(nnx.Module):
         if cache is None:
             check_model_inputs(input_ids, segment_ids, self.config)
         residual = self.embedding(input_ids)
-        residual, cache = run_layers(self.layers, residual, segment_ids, cache,
-                                     scan=self.config.scan_layers,
-                                     remat=self.config.remat if cache is None else "none",
-                                     num_segments=num_segments, decode_impl=decode_impl)
+        options = dict(scan=self.config.scan_layers,
+                       remat=self.config.remat if cache is None else "none",
+                       num_segments=num_segments, decode_impl=decode_impl)
+        if isinstance(self.config, HybridConfig):
+            # cache: a list with one entry per run (leading layer axis within the run).
+            training = cache is None and num_segments is None
+            caches = []
+            for i, run in enumerate(self.layers):
+                residual, c = run_layers(run, residual, segment_ids,
+                                         None if cache is None else cache[i], **options)
+                caches.append(c)
+            cache = None if training else caches
+        else:
+            residual, cache = run_layers(self.layers, residual, segment_ids, cache, **options)
         logits = self.head(residual)
         return logits if cache is None else (logits, cache)
 
@@ -278,8 +323,22 @@ class LM(nnx.Module):
 
     def layer(self, i: int) -> Block:
         """Block i on its own (a copy of its slice of the stacked parameters)."""
+        if isinstance(self.config, HybridConfig):
+            raise ValueError("LM.layer(i) takes a Mamba model; a hybrid's layers are runs: "
+                             "model.layers[run] is a stack of HybridLayer")
         graph, state = nnx.split(self.layers)
         return nnx.merge(graph, jax.tree.map(lambda x: x[i], state))
+
+
+def _stacked(make, count: int, rngs: nnx.Rngs):
+    """`count` modules from `make(rngs)`, parameters stacked on a leading axis."""
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def stacked(rngs):
+        return make(rngs)
+
+    return stacked(rngs)
 
 
 def run_layers(layers: Block, residual, segment_ids=None, cache=None, *, scan: bool,
@@ -322,6 +381,7 @@ def run_layers(layers: Block, residual, segment_ids=None, cache=None, *, scan: b
 
 # The names each family's classes had before one Block and one LM served both.
 MambaLM = Mamba2LM = LM
+HybridLM = LM  # with a HybridConfig
 MambaBlock = Mamba2Block = Block
 
 

@@ -40,7 +40,7 @@ import types
 import typing
 from typing import Any
 
-from jax_packmamba.config import (MODEL_PRESETS, REMAT, Mamba2Config, MambaConfig,
+from jax_packmamba.config import (MODEL_PRESETS, REMAT, HybridConfig, Mamba2Config, MambaConfig,
                                   config_class, preset_config)
 from jax_packmamba.ops.causal_conv1d import CONV_IMPLS
 from jax_packmamba.ops.selective_scan import IMPLS as SCAN_IMPLS
@@ -517,7 +517,8 @@ def _positive(name, value, minimum=1):
 PARTS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 _PART_CLASSES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
                  "mesh": MeshConfig, "run": RunConfig}
-_MAMBA_TYPES = {**typing.get_type_hints(Mamba2Config), **typing.get_type_hints(MambaConfig)}
+_MAMBA_TYPES = {**typing.get_type_hints(HybridConfig), **typing.get_type_hints(Mamba2Config),
+                **typing.get_type_hints(MambaConfig)}
 
 
 def _field_type(part: str, name: str):
@@ -555,6 +556,11 @@ def _convert(flag: str, text_or_value: Any, tp):
             return None
         return _convert(flag, text_or_value, args[0])
     v = text_or_value
+    if origin is tuple and typing.get_args(tp) == (str, Ellipsis):  # HybridConfig.layers
+        items = v.split(",") if isinstance(v, str) else v
+        if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) for x in items):
+            raise ConfigError(f"--{flag}: expected comma-separated strings, got {v!r}")
+        return tuple(x.strip() for x in items)
     try:
         if tp is bool:
             if isinstance(v, bool):
@@ -702,13 +708,15 @@ def help_text(width: int = 100) -> str:
             if f.name == "overrides":
                 lines.append(f"  --model.<MambaConfig field>=VALUE")
                 lines.append(para(f"{meta['help']} [{rule}]", "      "))
-                for family in (MambaConfig, Mamba2Config):
+                presets = {MambaConfig: "Mamba1 presets", Mamba2Config: "mamba2-* presets",
+                           HybridConfig: "hybrid-* presets; layers: comma-separated strings "
+                                         "of M (Mamba2), * (attention), - (MLP)"}
+                for family, which in presets.items():
                     hints = typing.get_type_hints(family)
                     fields = [f"{g.name} ({_type_name(hints[g.name])})"
                               for g in dataclasses.fields(family)
                               if g.name not in MODEL_RUNTIME_FIELDS]
-                    lines.append(para(f"{family.__name__} fields "
-                                      f"({'mamba2-* presets' if family is Mamba2Config else 'Mamba1 presets'}): "
+                    lines.append(para(f"{family.__name__} fields ({which}): "
                                       + ", ".join(fields), "      "))
                 continue
             value = getattr(default, f.name)
@@ -727,6 +735,10 @@ def help_text(width: int = 100) -> str:
 def _type_name(tp) -> str:
     if isinstance(tp, str):  # postponed annotations of this module's dataclasses
         return tp.replace("None", "none")
+    if typing.get_origin(tp) is tuple:  # tuple[float, float]; HybridConfig.layers
+        args = typing.get_args(tp)
+        return ("comma-separated " + args[0].__name__ if args[-1] is Ellipsis
+                else f"{len(args)} x {args[0].__name__}")
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if args:
         return " | ".join(a.__name__ for a in args) + " | none"
