@@ -31,12 +31,17 @@ def selective_scan_pallas(
     interpret: bool = False,
     delta_softplus: bool = False,
     segment_ids=None,
+    first_run_states=None,
     return_final_states: bool = False,
     num_segments: int | None = None,
     config: ScanConfig | None = None,
 ):
-    """Same contract as jax_packmamba.ops.selective_scan.selective_scan (arguments already
-    validated there); `config` overrides the block-size heuristic."""
+    """Same contract as jax_packmamba.ops.selective_scan.selective_scan_reference (arguments
+    already validated there); `config` overrides the block-size heuristic.
+
+    first_run_states (b, d, n): the state each row's run at t = 0 starts from. It enters as
+    chunk 0's incoming state (the reset at t = 0 is dropped), so the chunk-state pass carries
+    it on like any inter-chunk state, and its gradient is the one reaching chunk 0's start."""
     batch, length, d_inner = u.shape
     d_state = A.shape[1]
     assert delta.shape == u.shape and A.shape == (d_inner, d_state), (u.shape, delta.shape, A.shape)
@@ -53,8 +58,14 @@ def selective_scan_pallas(
         u, A, z, D, delta_bias, interpret=interpret, delta_softplus=delta_softplus,
         segment_ids=segment_ids, return_final_states=return_final_states,
         num_segments=num_segments, config=config)
+    first = None
+    if first_run_states is not None:
+        assert first_run_states.shape == (batch, d_inner, d_state), first_run_states.shape
+        first = jnp.swapaxes(first_run_states.astype(F32), 1, 2)  # (b, n, d)
+        if rst is not None:
+            rst = rst.at[:, 0].set(0.0)
     out = _scan_jit(plan, interpret, num_segments or 1, u, delta, A, B, C, D, z, delta_bias, rst,
-                    fin_slot)
+                    fin_slot, first)
     if not return_final_states:
         return out
     y, final = out
@@ -94,10 +105,14 @@ def _final_slots(segment_ids, batch, length, num_segments):
     return jnp.where(is_last, seg, -1).astype(jnp.int32)
 
 
-def _chunk_initial_states(h_loc, decay):
-    """State entering each chunk: h_in[0] = 0, h_in[c + 1] = decay[c] h_in[c] + h_loc[c]."""
+def _chunk_initial_states(h_loc, decay, first=None):
+    """State entering each chunk: h_in[0] = first (0 without it),
+    h_in[c + 1] = decay[c] h_in[c] + h_loc[c]."""
+    h0 = jnp.zeros_like(h_loc[:, :1]) if first is None else first[:, None]
+    if first is not None:
+        h_loc = h_loc.at[:, 0].add(decay[:, 0] * first)  # fold h_in[0] into the first map
     _, h_end = jax.lax.associative_scan(combine_affine, (decay, h_loc), axis=1)
-    return jnp.concatenate([jnp.zeros_like(h_end[:, :1]), h_end[:, :-1]], axis=1)
+    return jnp.concatenate([h0, h_end[:, :-1]], axis=1)
 
 
 def _chunk_final_dstates(dh_loc, decay):
@@ -118,7 +133,8 @@ def _bias(delta_bias):
     return None if delta_bias is None else delta_bias.astype(F32)
 
 
-def _fwd_impl(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias, rst, fin_slot):
+def _fwd_impl(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias, rst, fin_slot,
+              first):
     st, cfg = plan.st, plan.cfg
     batch = u.shape[0]
     nc = -(-st.length // st.chunk)
@@ -128,9 +144,11 @@ def _fwd_impl(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias
     if nc > 1:
         h_loc, decay = kernel.chunk_states(
             dict(u=u, delta=delta, a2=a2, bias=bias, B=B, rst=rst), **launch)
-        h_in = _chunk_initial_states(h_loc, decay)
+        h_in = _chunk_initial_states(h_loc, decay, first)
     else:
         decay = h_in = jnp.zeros((batch, 1, st.d_state, st.d_inner), F32)
+        if first is not None:
+            h_in = first[:, None]
     final_init = None
     if fin_slot is not None:
         final_init = jnp.zeros((batch, num_segments, st.d_state, st.d_inner), F32)
@@ -143,22 +161,24 @@ def _fwd_impl(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _scan(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias, rst, fin_slot):
+def _scan(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias, rst, fin_slot,
+          first):
     return _fwd_impl(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias, rst,
-                     fin_slot)[0]
+                     fin_slot, first)[0]
 
 
-def _scan_fwd(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias, rst, fin_slot):
+def _scan_fwd(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias, rst, fin_slot,
+              first):
     out, (h_in, decay) = _fwd_impl(plan, interpret, num_segments, u, delta, A, B, C, D, z,
-                                   delta_bias, rst, fin_slot)
-    return out, (u, delta, A, B, C, D, z, delta_bias, rst, fin_slot, h_in, decay)
+                                   delta_bias, rst, fin_slot, first)
+    return out, (u, delta, A, B, C, D, z, delta_bias, rst, fin_slot, h_in, decay, first)
 
 
 def _scan_bwd(plan, interpret, num_segments, res, cts):
     del num_segments
     cfg = plan.cfg
     st = dataclasses.replace(plan.st, block_d=cfg.bwd_block_d)
-    u, delta, A, B, C, D, z, delta_bias, rst, fin_slot, h_in, decay = res
+    u, delta, A, B, C, D, z, delta_bias, rst, fin_slot, h_in, decay, first = res
     dy, dfinal = cts if fin_slot is not None else (cts, None)
     batch = u.shape[0]
     a2, bias = _a2(A), _bias(delta_bias)
@@ -168,6 +188,11 @@ def _scan_bwd(plan, interpret, num_segments, res, cts):
         dict(delta=delta, a2=a2, bias=bias, C=C, z=z, dy=dy, rst=rst, fin_slot=fin_slot,
                 dfinal=dfinal), **launch)
     dh_out = _chunk_final_dstates(dh_loc, decay)
+    # The gradient reaching chunk 0's incoming state: its own outputs', plus what arrives at
+    # its end from later chunks carried back through its decay.
+    dfirst = None
+    if first is not None:
+        dfirst = dh_loc[:, 0] + decay[:, 0] * dh_out[:, 0]
     reduce = _reduce_mode(cfg, st)
     g = kernel_bwd.chunk_grads(
         dict(u=u, delta=delta, a2=a2, bias=bias, D=dskip, B=B, C=C, z=z, dy=dy, rst=rst,
@@ -185,7 +210,7 @@ def _scan_bwd(plan, interpret, num_segments, res, cts):
     return (
         g["du"], g["ddelta"], dA,
         dBC[..., st.d_state:].astype(B.dtype), dBC[..., :st.d_state].astype(C.dtype),
-        dD, g.get("dz"), dbias, None, None,
+        dD, g.get("dz"), dbias, None, None, dfirst,
     )
 
 
