@@ -106,8 +106,8 @@ def test_selective_scan_initial_states_against_float64_loop(impl):
 ROW = 24
 # Document lengths, packed in order into 4 rows of 24: a document over three rows (its middle
 # row a single run), pieces of length 1 at a row's end and the next row's start, a document
-# exactly one row long that does not continue anything.
-DOCS = {"chain": [7, 60, 5, 24], "ones": [23, 2, 22, 49]}
+# exactly one row long that does not continue anything; one document over all four rows.
+DOCS = {"chain": [7, 60, 5, 24], "ones": [23, 2, 22, 49], "long": [3, 90, 3]}
 
 
 def pack(lengths, row=ROW):
@@ -192,7 +192,8 @@ CASES = [("mamba1", "reference"), ("mamba1", "pallas_interpret"), ("mamba2", "re
 @pytest.mark.parametrize("docs", list(DOCS))
 @pytest.mark.parametrize("family,impl", CASES)
 def test_document_over_rows_equals_document_alone(family, impl, docs):
-    if impl == "pallas_interpret" and docs != "chain":
+    if impl == "pallas_interpret" and docs != "chain" and family != "mamba1":
+        # Mamba1's kernel path carries links in its own chunk-state pass: both layouts there.
         pytest.skip("one interpreter case per family is enough (each compiles its kernels)")
     lengths = DOCS[docs]
     if family == "conv":

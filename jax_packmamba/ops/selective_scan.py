@@ -120,6 +120,16 @@ def selective_scan(
                             initial_states)
     if continues is None:
         return run(None, return_final_states, num_segments)
+    if impl != "reference" and (initial_states is None or segment_ids is None):
+        # The kernel's chunk-state pass carries the state over linked rows itself: no second
+        # scan (mid-row initial states would also change a last run's end: generic path then).
+        first = None if initial_states is None else initial_states[:, 0]
+        from pallas_kernels.selective_scan import selective_scan_pallas
+
+        return selective_scan_pallas(
+            *args, interpret=impl == "pallas_interpret", delta_softplus=delta_softplus,
+            segment_ids=segment_ids, first_run_states=first, continues=continues,
+            return_final_states=return_final_states, num_segments=num_segments)
     return _continued(run, args, delta_softplus, segment_ids, initial_states, continues,
                       return_final_states, num_segments)
 
