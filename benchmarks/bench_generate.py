@@ -152,18 +152,16 @@ def build_model(config, device):
     import jax
     from flax import nnx
 
-    from jax_packmamba import Mamba2Block, Mamba2Config, Mamba2LM, MambaBlock, MambaLM
+    from jax_packmamba import LM, Block
     from jax_packmamba import generation as gen
 
-    mamba2 = isinstance(config, Mamba2Config)
-    LM, Block = (Mamba2LM, Mamba2Block) if mamba2 else (MambaLM, MambaBlock)
     dtype = config.compute_dtype
     with jax.default_device(device):
         # Embedding, final norm and head: from a one-layer model, whose layer is dropped.
         shell = jax.jit(lambda: gen.prepare(LM(dataclasses.replace(config, n_layer=1),
                                                rngs=nnx.Rngs(0))))()
         init_layer = jax.jit(lambda key: gen.inference_state(
-            Block(config, rngs=nnx.Rngs(key)), "layers", dtype))
+            nnx.split(Block(config, rngs=nnx.Rngs(key)))[1], "layers", dtype))
         key = jax.random.key(1)
         layers = tuple(init_layer(jax.random.fold_in(key, i)) for i in range(config.n_layer))
     block_graph = nnx.split(nnx.eval_shape(lambda: Block(config, rngs=nnx.Rngs(0))))[0]
@@ -716,7 +714,9 @@ def layer_check(prepared, batch, impl):
     jax, gen = jax_modules()
     import jax.numpy as jnp
 
-    from jax_packmamba.decode_step import block_step
+    from flax import nnx
+
+    from jax_packmamba.model import MixerState
 
     config = prepared.config
     k = jax.random.split(jax.random.key(7), 3)
@@ -725,7 +725,11 @@ def layer_check(prepared, batch, impl):
         config.compute_dtype)
     ssm = jax.random.normal(k[2], (batch, config.d_inner, config.d_state))
     params = prepared.params["layers"][0]
-    outs = {i: jax.jit(lambda p, r, c, s, i=i: block_step(p, r, c, s, config=config, impl=i))(
+    def block_step(p, r, c, s, impl):
+        r, cache = nnx.merge(prepared.graphs[0], p)(r, cache=MixerState(c, s), decode_impl=impl)
+        return r, cache.conv, cache.ssm
+
+    outs = {i: jax.jit(lambda p, r, c, s, i=i: block_step(p, r, c, s, i))(
         params, residual, conv, ssm) for i in ("xla", impl)}
     rel = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))  # noqa: E731
                              / jnp.maximum(jnp.max(jnp.abs(b.astype(jnp.float32))), 1e-6))

@@ -503,7 +503,9 @@ def parse_args(argv):
                     help="back-to-back steps a group (default 2; smoke 1)")
     ap.add_argument("--dtype", default="auto", help="compute dtype (auto: bf16 on GPU)")
     ap.add_argument("--scan-impl", default="auto")
-    ap.add_argument("--remat", action="store_true", help="recompute block activations (less memory)")
+    ap.add_argument("--remat", nargs="?", const="full", default="none",
+                    choices=("none", "full", "save_matmul_outputs"),
+                    help="remat policy per layer (bare --remat: full)")
     ap.add_argument("--model", default=None,
                     help=f"MambaConfig overrides for every preset (smoke: {SMOKE_MODEL})")
     ap.add_argument("--profile", action="store_true",

@@ -457,7 +457,9 @@ def parse_args(argv):
                          "groups (default 2; smoke 1; 1 = block after every step)")
     ap.add_argument("--dtype", default="auto", help="compute dtype (auto: bf16 on GPU)")
     ap.add_argument("--scan-impl", default="auto")
-    ap.add_argument("--remat", action="store_true", help="recompute block activations (less memory)")
+    ap.add_argument("--remat", nargs="?", const="full", default="none",
+                    choices=("none", "full", "save_matmul_outputs"),
+                    help="remat policy per layer (bare --remat: full)")
     ap.add_argument("--model", default=None,
                     help="MambaConfig (or Mamba2Config) overrides for every preset, e.g. "
                          "n_layer=1,d_model=32 "

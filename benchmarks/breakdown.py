@@ -270,7 +270,9 @@ def parse_args(argv):
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--scan-impl", default="auto")
     ap.add_argument("--conv-impl", default="auto")
-    ap.add_argument("--remat", action="store_true")
+    ap.add_argument("--remat", nargs="?", const="full", default="none",
+                    choices=("none", "full", "save_matmul_outputs"),
+                    help="remat policy per layer (bare --remat: full)")
     ap.add_argument("--model", default=None,
                     help=f"MambaConfig overrides, e.g. n_layer=1 (checks; smoke: {SMOKE_MODEL})")
     ap.add_argument("--scan-config", default="",

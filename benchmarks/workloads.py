@@ -188,7 +188,7 @@ def parse_overrides(text: str) -> dict:
 
 
 def model_config(preset: str, *, backend: str, dtype: str = "auto", scan_impl: str = "auto",
-                 conv_impl: str = "auto", remat: bool = False, overrides: dict | None = None):
+                 conv_impl: str = "auto", remat: str | bool = "none", overrides: dict | None = None):
     """The benchmarks' MambaConfig (Mamba2Config for a "mamba2-" preset): the preset with the
     released vocabulary (but "tiny" and "mamba2-tiny"), then `overrides` (its fields)."""
     from train.config import ModelConfig
@@ -196,7 +196,7 @@ def model_config(preset: str, *, backend: str, dtype: str = "auto", scan_impl: s
     fields = {} if preset in ("tiny", "mamba2-tiny") else {"vocab_size": RELEASED_VOCAB}
     fields.update(overrides or {})
     return ModelConfig(preset=preset, dtype=dtype, scan_impl=scan_impl, conv_impl=conv_impl,
-                       remat=remat, overrides=fields).mamba_config(vocab_size=BYTE_VOCAB,
+                       remat=str(remat).lower(), overrides=fields).mamba_config(vocab_size=BYTE_VOCAB,
                                                                    backend=backend)
 
 

@@ -1,9 +1,21 @@
 """jax-packmamba: Mamba on packed variable-length data in JAX."""
 
 from jax_packmamba.config import Mamba2Config, MambaConfig
-from jax_packmamba.model import MambaBlock, MambaLM, MambaMixer, RMSNorm
-from jax_packmamba.mamba2 import Mamba2Block, Mamba2LM, Mamba2Mixer, RMSNormGated
+from jax_packmamba.model import (
+    LM,
+    Block,
+    Mamba2Block,
+    Mamba2LM,
+    MambaBlock,
+    MambaLM,
+    MambaMixer,
+    RMSNorm,
+)
+from jax_packmamba.mamba2 import Mamba2Mixer, RMSNormGated
 from jax_packmamba.ops import (
+    apply_rope,
+    attention,
+    attention_reference,
     causal_conv1d,
     positions_from_segment_ids,
     segment_ids_from_positions,
@@ -30,6 +42,8 @@ from jax_packmamba.generation import generate
 __version__ = "0.1.0"
 
 __all__ = [
+    "Block",
+    "LM",
     "Mamba2Block",
     "Mamba2Config",
     "Mamba2LM",
@@ -42,6 +56,9 @@ __all__ = [
     "RMSNorm",
     "RMSNormGated",
     "SplitSequenceWarning",
+    "apply_rope",
+    "attention",
+    "attention_reference",
     "causal_conv1d",
     "from_pretrained",
     "generate",

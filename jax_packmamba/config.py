@@ -20,6 +20,20 @@ PRESETS = {
 
 DTYPES = ("float32", "bfloat16", "float16")
 
+# What each layer saves for the backward pass (model.REMAT_POLICIES): everything ("none"),
+# nothing ("full": the block is recomputed), or only its matmuls' outputs. The remat flag's
+# old values still work: False is "none", True is "full".
+REMAT = ("none", "full", "save_matmul_outputs")
+
+
+def _check_remat(config) -> None:
+    value = config.remat
+    if isinstance(value, bool):
+        object.__setattr__(config, "remat", "full" if value else "none")
+    elif value not in REMAT:
+        raise ValueError(f"{type(config).__name__}.remat must be one of {REMAT} (or a bool: "
+                         f"True is 'full'), got {value!r}")
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class MambaConfig:
@@ -46,7 +60,7 @@ class MambaConfig:
     dtype: str = "float32"  # compute dtype; parameters and the residual stream stay float32
     scan_impl: str = "auto"  # see jax_packmamba.selective_scan
     conv_impl: str = "auto"  # see jax_packmamba.causal_conv1d
-    remat: bool = False  # recompute each block's activations in the backward pass
+    remat: str = "none"  # REMAT: what each layer recomputes in the backward pass
 
     def __post_init__(self):
         for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand",
@@ -60,6 +74,7 @@ class MambaConfig:
             raise ValueError(f"need 0 < dt_min <= dt_max, got {self.dt_min=} {self.dt_max=}")
         if self.dtype not in DTYPES:
             raise ValueError(f"MambaConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _check_remat(self)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "MambaConfig":
@@ -161,7 +176,7 @@ class Mamba2Config:
     dtype: str = "float32"  # compute dtype; parameters and the residual stream stay float32
     scan_impl: str = "auto"  # see jax_packmamba.ssd_scan
     conv_impl: str = "auto"  # see jax_packmamba.causal_conv1d
-    remat: bool = False  # recompute each block's activations in the backward pass
+    remat: str = "none"  # REMAT: what each layer recomputes in the backward pass
 
     def __post_init__(self):
         for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "headdim",
@@ -182,6 +197,7 @@ class Mamba2Config:
             raise ValueError(f"need 0 < dt_min <= dt_max, got {self.dt_min=} {self.dt_max=}")
         if self.dtype not in DTYPES:
             raise ValueError(f"Mamba2Config.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _check_remat(self)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "Mamba2Config":

@@ -38,7 +38,7 @@ import numpy as np
 
 from jax_packmamba import compilation_cache
 from jax_packmamba.config import DTYPES
-from jax_packmamba.decode_step import DECODE_IMPLS
+from jax_packmamba.model import DECODE_IMPLS
 from jax_packmamba.generation import generate, prefill_batch, prepare, sampling_config, stream
 from jax_packmamba.ops.selective_scan import IMPLS as SCAN_IMPLS
 from jax_packmamba.pretrained import from_pretrained

@@ -15,14 +15,13 @@ d d_model, e d_inner, n d_state, w d_conv - 1, v vocabulary, T new-token bucket.
              each layer's weights and states in buffers of their own: XLA then reads every
              weight where it lies (a layer-stacked weight sliced in a loop is copied every
              step), updates every state in place, and runs the step as straight-line code
-             (CUDA graphs on a GPU). The middle of each mixer is the unfused XLA ops or the
-             Pallas kernels of pallas_kernels/decode (`decode_impl`; decode_step.py).
+             (CUDA graphs on a GPU): `prepare` un-stacks the model's layer-stacked weights
+             once. Each layer is the model's Block called with a cache (model.py), whose
+             Mamba1 mixer runs the unfused XLA ops or the Pallas kernels of
+             pallas_kernels/decode (`decode_impl`).
 
-Mamba2 (Mamba2LM) runs the same engine: its blocks have the same prefill (the SSD scan's
-per-segment final states, ops/ssd_scan.py, and the conv window over xBC, the conv's inputs) and
-its step is decode_step.mamba2_block_step (XLA ops only); which block step a layer takes is
-picked from the model's config type (`_layer_step`), so the Mamba1 path is what it was. Its
-state per layer: conv (p, d_conv - 1, conv_dim) and ssm (p, heads, headdim, d_state).
+Both families run the same engine; a Mamba2 layer's state: conv (p, d_conv - 1, conv_dim)
+(xBC, the conv's inputs) and ssm (p, heads, headdim, d_state).
 
 Compiles: one per (model, batch bucket, new-token bucket, sampling mode): the batch is padded
 to a power of two, max_new_tokens to a power of two (at least 16) with the real count traced,
@@ -54,9 +53,7 @@ from flax import nnx
 
 from jax_packmamba.compilation_cache import CompileStats, compile_stats  # noqa: F401 (re-exported)
 from jax_packmamba.config import Mamba2Config, MambaConfig
-from jax_packmamba.decode_step import block_step, mamba2_block_step, resolve_decode_impl
-from jax_packmamba.mamba2 import Mamba2LM
-from jax_packmamba.model import MambaLM
+from jax_packmamba.model import LM, MixerState, resolve_decode_impl
 from jax_packmamba.packing import COLUMN, PIECE_LENGTH, ROW, pack_sequences
 from jax_packmamba.sampling import SamplingConfig, SamplingMode, SamplingParams, is_eos, sample
 
@@ -83,7 +80,7 @@ class DecodeState(NamedTuple):
                    meta_fields=["config", "graphs"])
 @dataclasses.dataclass(frozen=True)
 class PreparedModel:
-    """A MambaLM or Mamba2LM split for inference.
+    """A model (LM, either family) split for inference.
 
     params: {"embedding", "layers", "norm_f", "lm_head", "head_embedding"}: nnx states,
     "layers" a tuple of one state per block (None where absent); graphs: (block, embedding,
@@ -97,24 +94,27 @@ class PreparedModel:
     params: dict
 
 
-def prepare(model: MambaLM | Mamba2LM, *, embedding_in_compute_dtype: bool = True) -> PreparedModel:
-    """Splits `model` for inference, one state per layer, with compute-dtype copies of the
+def prepare(model: LM, *, embedding_in_compute_dtype: bool = True) -> PreparedModel:
+    """Splits `model` for inference, one state per layer (un-stacked), with compute-dtype copies of the
     weights only used in the compute dtype (and of the embedding table unless
     embedding_in_compute_dtype is False; see the module docstring). The result does not share
     memory with the model."""
     if isinstance(model, PreparedModel):
         return model
-    if not isinstance(model, (MambaLM, Mamba2LM)):
+    if not isinstance(model, LM):
         raise ValueError(f"model must be a MambaLM, Mamba2LM or PreparedModel, got "
                          f"{type(model).__name__}")
     dtype = model.config.compute_dtype
-    block_graph, _ = nnx.split(model.layers[0])
-    params = dict(layers=tuple(inference_state(layer, "layers", dtype) for layer in model.layers))
+    block_graph, stacked = nnx.split(model.layers)
+    layers = inference_state(stacked, "layers", dtype)
+    params = dict(layers=tuple(jax.tree.map(lambda x: x[i], layers)
+                               for i in range(model.config.n_layer)))
     graphs = [block_graph]
     for name in ("embedding", "norm_f", "lm_head"):
         module = getattr(model, name)
         graphs.append(None if module is None else nnx.split(module)[0])
-        params[name] = None if module is None else inference_state(module, name, dtype)
+        params[name] = None if module is None else inference_state(nnx.split(module)[1], name,
+                                                                   dtype)
     cast = lambda state: jax.tree.map(lambda x: x.astype(dtype), state)  # noqa: E731
     params["head_embedding"] = None
     if embedding_in_compute_dtype:
@@ -124,9 +124,9 @@ def prepare(model: MambaLM | Mamba2LM, *, embedding_in_compute_dtype: bool = Tru
     return PreparedModel(config=model.config, graphs=tuple(graphs), params=params)
 
 
-def inference_state(module, name: str, dtype):
-    """A copy of `module`'s state (module = model.<name>, or a block for name "layers") with
-    the weights used only in the compute dtype cast to it."""
+def inference_state(state, name: str, dtype):
+    """A copy of the nnx state of model.<name> with the weights used only in the compute dtype
+    cast to it."""
 
     def cast(path, x):
         names = (name, *(k.key for k in path if isinstance(k, jax.tree_util.DictKey)))
@@ -134,7 +134,7 @@ def inference_state(module, name: str, dtype):
             return x.astype(dtype)
         return jnp.array(x)  # a copy, so that the caller may free the model
 
-    return jax.tree_util.tree_map_with_path(cast, nnx.split(module)[1])
+    return jax.tree_util.tree_map_with_path(cast, state)
 
 
 def batch_bucket(num: int) -> int:
@@ -243,9 +243,8 @@ def prefill(model, prompts) -> tuple[jax.Array, DecodeState]:
 
 @functools.partial(jax.jit, static_argnames=("graph", "num_segments"), donate_argnames=("residual",))
 def _prefill_layer(graph, params, residual, segment_ids, rows, slots, *, num_segments):
-    block = nnx.merge(graph, params)
-    residual, state = block.prefill(residual, segment_ids, num_segments=num_segments)
-    return residual, state.conv[rows, slots], state.ssm[rows, slots]
+    residual, cache = nnx.merge(graph, params)(residual, segment_ids, num_segments=num_segments)
+    return residual, cache.conv[rows, slots], cache.ssm[rows, slots]
 
 
 @jax.jit
@@ -297,20 +296,22 @@ def _head(head_params, graphs, config: MambaConfig, residual):
     return logits.astype(jnp.float32)
 
 
-def _layer_step(config, impl: str):
-    """The model family's one-block decode step (decode_step.py): (params, residual, conv,
-    ssm) -> (residual', conv', ssm')."""
-    if isinstance(config, Mamba2Config):
-        return functools.partial(mamba2_block_step, config=config)
-    return functools.partial(block_step, config=config, impl=impl)
+@functools.partial(jax.jit, static_argnames=("graph", "impl"))
+def _layer_step(graph, params, residual, conv, ssm, *, impl: str):
+    """One token through one block. Jitted, so that the decode step, which calls it once per
+    layer with arguments of the same shapes, traces and lowers the block once (a call to one
+    function, which XLA inlines before optimising): a fresh process pays the tracing and
+    lowering before it can look the program up in the persistent cache."""
+    residual, cache = nnx.merge(graph, params)(residual, cache=MixerState(conv, ssm),
+                                               decode_impl=impl)
+    return residual, cache.conv, cache.ssm
 
 
 def _step(model: PreparedModel, tokens, state: DecodeState, impl: str):
     residual = _table(model)[tokens].astype(jnp.float32)
-    layer_step = _layer_step(model.config, impl)
     conv, ssm = [], []
     for params, c, s in zip(model.params["layers"], state.conv, state.ssm):
-        residual, c, s = layer_step(params, residual, c, s)
+        residual, c, s = _layer_step(model.graphs[0], params, residual, c, s, impl=impl)
         conv.append(c)
         ssm.append(s)
     return (_head(_head_params(model), model.graphs, model.config, residual),
@@ -499,7 +500,7 @@ def generate(model, prompts, max_new_tokens: int, *, decode_impl: str = "auto",
       model: MambaLM or Mamba2LM (or PreparedModel).
       prompts: list of 1-D integer token sequences (any lengths, at least one token each).
       max_new_tokens: tokens to generate per prompt (>= 0).
-      decode_impl: "auto", "xla", "pallas" or "pallas_interpret" (jax_packmamba.decode_step;
+      decode_impl: "auto", "xla", "pallas" or "pallas_interpret" (model.resolve_decode_impl;
         Mamba2 models: "auto" or "xla").
       sampling: temperature (0: greedy), top_k, top_p, min_p, repetition_penalty, seed, and
         eos_id / eos_ids (a sequence stops after generating one, which its output includes);

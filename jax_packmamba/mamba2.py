@@ -1,4 +1,4 @@
-"""Flax NNX Mamba2 language model whose every operator respects segment boundaries.
+"""The Mamba2 mixer (model.py's Block and LM run it when the config is a Mamba2Config).
 
 Axis letters: b batch, t time, d d_model, e d_inner, h heads, p headdim, g groups, n d_state,
 x conv channels (conv_dim = e + 2 g n), w d_conv, s segment slot, v vocabulary.
@@ -20,21 +20,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_packmamba.config import Mamba2Config
-from jax_packmamba.model import (
+from jax_packmamba.layers import (
     MixerState,
-    RMSNorm,
-    check_model_inputs,
+    conv_window,
     dt_bias_init,
+    segment_caches,
     torch_linear_init,
-    vocab_logits,
 )
 from jax_packmamba.ops import (
     causal_conv1d,
     causal_conv1d_step,
-    segment_conv_windows,
     ssd_scan,
     ssd_state_update,
 )
+from jax_packmamba.ops.ssd_scan import IMPLS as SSD_IMPLS
 
 
 class RMSNormGated(nnx.Module):
@@ -51,17 +50,12 @@ class RMSNormGated(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x, z):
-        return gated_rms_norm(x, z, self.weight[...], group_size=self.group_size, eps=self.eps,
-                              dtype=self.dtype)
-
-
-def gated_rms_norm(x, z, weight, *, group_size: int, eps: float, dtype):
-    """RMSNormGated's computation from its weight (e,): x, z (..., e) -> (..., e) `dtype`
-    (shared with the decode step, jax_packmamba/decode_step.py)."""
-    x = x.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
-    groups = x.reshape(*x.shape[:-1], -1, group_size)
-    groups = groups * jax.lax.rsqrt(jnp.mean(jnp.square(groups), axis=-1, keepdims=True) + eps)
-    return (groups.reshape(x.shape) * weight).astype(dtype)
+        """x, z (..., e) -> (..., e) `dtype`."""
+        x = x.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
+        groups = x.reshape(*x.shape[:-1], -1, self.group_size)
+        groups = groups * jax.lax.rsqrt(jnp.mean(jnp.square(groups), axis=-1, keepdims=True)
+                                        + self.eps)
+        return (groups.reshape(x.shape) * self.weight[...]).astype(self.dtype)
 
 
 def A_log_init(config: Mamba2Config):
@@ -101,55 +95,41 @@ class Mamba2Mixer(nnx.Module):
         self.out_proj = nnx.Linear(e, d, use_bias=config.proj_bias,
                                    kernel_init=torch_linear_init(out_scale), **linear)
 
-    def __call__(self, hidden, segment_ids=None):
-        return self._forward(hidden, segment_ids)[0]
+    scan_impls = SSD_IMPLS  # config.scan_impl's values
+    pallas_decode = False  # decode_impl is "xla" only
 
-    def prefill(self, hidden, segment_ids=None, *, num_segments: int = 1):
-        """The forward pass that also returns each segment's recurrent state.
-
-        hidden (b, t, d); segment_ids (b, t) with ids in [0, num_segments), or None (one
-        segment, slot 0). Returns (out (b, t, d), MixerState(conv (b, s, w - 1, x), ssm
-        (b, s, h, p, n) float32)): for every slot s, the state after the last token of id s in
-        each row (zeros where the id does not occur), ready for `step`. The conv state holds
-        the segment's last w - 1 conv inputs (xBC before the conv), oldest first, with zeros
-        before its start.
-        """
-        if segment_ids is None:
+    def __call__(self, hidden, segment_ids=None, cache: MixerState | None = None, *,
+                 num_segments: int | None = None, decode_impl: str = "xla"):
+        """MambaMixer.__call__'s contract: hidden (b, t, d) -> (out, None), or with
+        num_segments each segment's cache (conv (b, s, w - 1, x) over xBC, the conv's inputs;
+        ssm (b, s, h, p, n) float32), or with a cache one token (b, d) -> (out, next cache)."""
+        config = self.config
+        if cache is not None:
+            # in_proj as ONE product, split after (MambaMixer._decode says why).
+            e, x = config.d_inner, config.conv_dim
+            zxbcdt = self.in_proj(hidden)
+            z, xBC, dt = zxbcdt[:, :e], zxbcdt[:, e:e + x], zxbcdt[:, e + x:]
+            window = conv_window(cache, xBC)  # (b, w, x)
+            x, B, C = self._split_xBC(causal_conv1d_step(window, *self._conv_params()))
+            ssm, y = ssd_state_update(cache.ssm, x, dt, self._A(), B, C, self._D(), None,
+                                      self.dt_bias[...], dt_softplus=True)
+            y = self.norm(y.reshape(-1, e), z)
+            return self.out_proj(y), MixerState(conv=window[:, 1:], ssm=ssm)
+        if num_segments is not None and segment_ids is None:
             segment_ids = jnp.zeros(hidden.shape[:2], jnp.int32)
-        out, xBC, ssm = self._forward(hidden, segment_ids, num_segments=num_segments)
-        conv = segment_conv_windows(xBC, segment_ids, num_segments, self.config.d_conv - 1)
-        return out, MixerState(conv=conv, ssm=ssm)
-
-    def step(self, hidden, state: MixerState):
-        """One recurrent step: hidden (b, d), state MixerState(conv (b, w - 1, x), ssm
-        (b, h, p, n)) -> (out (b, d), next state). Computes what `__call__` computes for the
-        next token of each sequence whose past the state summarises."""
-        config = self.config
-        z, xBC, dt = self._in_proj(hidden)  # (b, e), (b, x), (b, h)
-        window = jnp.concatenate([state.conv.astype(xBC.dtype), xBC[:, None]], axis=1)  # (b, w, x)
-        x, B, C = self._split_xBC(causal_conv1d_step(window, *self._conv_params()))
-        ssm, y = ssd_state_update(state.ssm, x, dt, self._A(), B, C, self._D(), None, self.dt_bias[...],
-                                  dt_softplus=True)
-        y = self.norm(y.reshape(-1, config.d_inner), z)
-        return self.out_proj(y), MixerState(conv=window[:, 1:], ssm=ssm)
-
-    # The pieces __call__, prefill and step share.
-
-    def _forward(self, hidden, segment_ids, num_segments=None):
-        """-> (out, conv input xBC (b, t, x), final SSM states or None)."""
-        config = self.config
         z, xBC, dt = self._in_proj(hidden)
-        weight, bias = self._conv_params()
-        x, B, C = self._split_xBC(causal_conv1d(xBC, weight, bias, segment_ids=segment_ids,
+        x, B, C = self._split_xBC(causal_conv1d(xBC, *self._conv_params(), segment_ids=segment_ids,
                                                 activation="silu", impl=config.conv_impl))
         # dt_bias goes into the scan in float32 (added before the softplus), as in mamba_ssm.
         result = ssd_scan(x, dt, self._A(), B, C, self._D(), None, self.dt_bias[...], dt_softplus=True,
                           segment_ids=segment_ids, chunk_size=config.chunk_size,
                           return_final_states=num_segments is not None, num_segments=num_segments,
                           impl=config.scan_impl)
-        y, final = result if num_segments is not None else (result, None)
-        y = self.norm(y.reshape(*y.shape[:2], config.d_inner), z)
-        return self.out_proj(y), xBC, final
+        y, ssm = result if num_segments is not None else (result, None)
+        out = self.out_proj(self.norm(y.reshape(*y.shape[:2], config.d_inner), z))
+        if num_segments is None:
+            return out, None
+        return out, segment_caches(xBC, segment_ids, num_segments, ssm, config.d_conv)
 
     def _in_proj(self, hidden):
         """(z, xBC, dt): in_proj(hidden) as three products with the kernel's column blocks.
@@ -190,61 +170,3 @@ class Mamba2Mixer(nnx.Module):
         """(h,) or (h, p) when D_has_hdim."""
         D = self.D[...]
         return D.reshape(self.config.nheads, self.config.headdim) if self.config.D_has_hdim else D
-
-
-class Mamba2Block(nnx.Module):
-    """Pre-norm residual block: r <- r + mixer(norm(r)), r in float32."""
-
-    def __init__(self, config: Mamba2Config, *, rngs: nnx.Rngs):
-        self.norm = RMSNorm(config.d_model, eps=config.rms_norm_eps, dtype=config.compute_dtype)
-        self.mixer = Mamba2Mixer(config, rngs=rngs)
-
-    def __call__(self, residual, segment_ids=None):
-        return residual + self.mixer(self.norm(residual), segment_ids).astype(jnp.float32)
-
-    def prefill(self, residual, segment_ids=None, *, num_segments: int = 1):
-        """__call__ plus the mixer's per-segment state (see Mamba2Mixer.prefill)."""
-        out, state = self.mixer.prefill(self.norm(residual), segment_ids, num_segments=num_segments)
-        return residual + out.astype(jnp.float32), state
-
-    def step(self, residual, state: MixerState):
-        """One recurrent step: residual (b, d) float32 (see Mamba2Mixer.step)."""
-        out, state = self.mixer.step(self.norm(residual), state)
-        return residual + out.astype(jnp.float32), state
-
-
-class Mamba2LM(nnx.Module):
-    """Mamba2 language model: `model(input_ids, segment_ids=None) -> logits`.
-
-    input_ids (b, t) int; segment_ids (b, t) int or None: the state of every layer restarts
-    where segment_ids change, so each packed sequence is computed as if it were alone.
-    Logits are (b, t, config.padded_vocab_size) in the compute dtype.
-    """
-
-    def __init__(self, config: Mamba2Config, *, rngs: nnx.Rngs):
-        self.config = config
-        self.embedding = nnx.Embed(
-            config.padded_vocab_size, config.d_model, dtype=jnp.float32, param_dtype=jnp.float32,
-            embedding_init=jax.nn.initializers.normal(config.initializer_range), rngs=rngs)
-        self.layers = nnx.List([Mamba2Block(config, rngs=rngs) for _ in range(config.n_layer)])
-        self.norm_f = RMSNorm(config.d_model, eps=config.rms_norm_eps, dtype=config.compute_dtype)
-        self.lm_head = nnx.data(None)  # data either way, so an untied head can be assigned
-        if not config.tie_embeddings:
-            self.lm_head = nnx.Linear(config.d_model, config.padded_vocab_size, use_bias=False,
-                                      dtype=config.compute_dtype, param_dtype=jnp.float32,
-                                      kernel_init=jax.nn.initializers.normal(config.initializer_range),
-                                      rngs=rngs)
-
-    def __call__(self, input_ids, segment_ids=None):
-        check_model_inputs(input_ids, segment_ids, self.config)
-        residual = self.embedding(input_ids)
-        for layer in self.layers:
-            if self.config.remat:
-                residual = nnx.remat(lambda block, r, s: block(r, s))(layer, residual, segment_ids)
-            else:
-                residual = layer(residual, segment_ids)
-        return self.head(residual)
-
-    def head(self, residual):
-        """Final norm and vocabulary projection: residual (..., d) -> logits (..., v)."""
-        return vocab_logits(residual, self.norm_f, self.embedding, self.lm_head, self.config.compute_dtype)

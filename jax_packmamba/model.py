@@ -1,6 +1,16 @@
-"""Flax NNX Mamba1 language model whose every operator respects segment boundaries.
+"""Flax NNX Mamba language models (Mamba1 and Mamba2) whose every operator respects segment
+boundaries: one Block and one LM for both families, the config picking the mixer (MambaMixer
+here, Mamba2Mixer in mamba2.py).
 
-Axis letters: b batch, t time, d d_model, e d_inner, n d_state, r dt_rank, v vocabulary.
+Axis letters: l layer, b batch, t time, d d_model, e d_inner, n d_state, r dt_rank, s segment
+slot, v vocabulary.
+
+Each mixer has one call, `mixer(hidden, segment_ids=None, cache=None) -> (out, cache)`:
+training (no cache; returns None), packed prefill (`num_segments=S`: returns each segment's
+final cache) and decode (`cache` given: one token per row, hidden (b, d), cache in and out).
+The LM holds its blocks stacked on a leading layer axis and runs them under one `lax.scan`, so
+a program holds one copy of the block whatever the depth; the remat policy (config.remat)
+applies per layer inside the scan.
 
 Parameters are float32; activations run in `config.dtype` (bfloat16 on GPU) while the residual
 stream, norms and the scan state stay float32. Initialisation follows mamba_ssm.
@@ -9,59 +19,44 @@ stream, norms and the scan state stay float32. Initialisation follows mamba_ssm.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_packmamba.config import MambaConfig
+from jax_packmamba.config import Mamba2Config, MambaConfig
+from jax_packmamba.layers import (  # MixerState, RMSNorm: public here too
+    MixerState,
+    RMSNorm,
+    conv_window,
+    dt_bias_init,
+    segment_caches,
+    torch_linear_init,
+)
+from jax_packmamba.mamba2 import Mamba2Mixer
 from jax_packmamba.ops import (
     causal_conv1d,
     causal_conv1d_step,
-    segment_conv_windows,
     selective_scan,
     selective_state_update,
 )
+from jax_packmamba.ops.segments import check_pallas_platform
+from jax_packmamba.ops.selective_scan import IMPLS as SCAN_IMPLS
 
+DECODE_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
-def torch_linear_init(scale: float = 1.0):
-    """PyTorch's nn.Linear default (kaiming_uniform, a=sqrt(5)): U(+-1/sqrt(fan_in)) * scale."""
-
-    def init(key, shape, dtype=jnp.float32):
-        fan_in = shape[0]  # flax kernels are (in, out)
-        bound = scale / math.sqrt(fan_in)
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-def dt_bias_init(config: MambaConfig):
-    """Inverse softplus of dt ~ logUniform(dt_min, dt_max), so softplus(bias) starts there."""
-
-    def init(key, shape, dtype=jnp.float32):
-        log_lo, log_hi = math.log(config.dt_min), math.log(config.dt_max)
-        dt = jnp.exp(jax.random.uniform(key, shape, dtype, log_lo, log_hi))
-        dt = jnp.maximum(dt, config.dt_init_floor)
-        return dt + jnp.log(-jnp.expm1(-dt))
-
-    return init
-
-
-class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, *, eps: float, dtype):
-        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
-        self.eps = eps
-        self.dtype = dtype
-
-    def __call__(self, x):
-        x = x.astype(jnp.float32)
-        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-        return (x * self.weight[...]).astype(self.dtype)
+# config.remat -> the jax.checkpoint policy of each layer (absent: no remat).
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "save_matmul_outputs": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 class MambaMixer(nnx.Module):
     """in_proj -> segment-aware causal conv -> x_proj/dt_proj -> selective scan -> out_proj."""
+
+    scan_impls = SCAN_IMPLS  # config.scan_impl's values
+    pallas_decode = True  # decode_impl "pallas": pallas_kernels/decode
 
     def __init__(self, config: MambaConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -91,41 +86,18 @@ class MambaMixer(nnx.Module):
         self.out_proj = nnx.Linear(e, d, use_bias=config.proj_bias,
                                    kernel_init=torch_linear_init(out_scale), **linear)
 
-    def __call__(self, hidden, segment_ids=None):
-        return self._forward(hidden, segment_ids)[0]
-
-    def prefill(self, hidden, segment_ids=None, *, num_segments: int = 1):
-        """The forward pass that also returns each segment's recurrent state.
-
-        hidden (b, t, d); segment_ids (b, t) with ids in [0, num_segments), or None (one
-        segment, slot 0). Returns (out (b, t, d), MixerState(conv (b, s, d_conv - 1, e),
-        ssm (b, s, e, n))): for every slot s, the state after the last token of id s in each
-        row (zeros where the id does not occur), ready for `step`. The conv state holds the
-        segment's last d_conv - 1 conv inputs, oldest first, with zeros before its start.
-        """
-        if segment_ids is None:
-            segment_ids = jnp.zeros(hidden.shape[:2], jnp.int32)
-        out, x, ssm = self._forward(hidden, segment_ids, num_segments=num_segments)
-        conv = segment_conv_windows(x, segment_ids, num_segments, self.config.d_conv - 1)
-        return out, MixerState(conv=conv, ssm=ssm)
-
-    def step(self, hidden, state: "MixerState"):
-        """One recurrent step: hidden (b, d), state MixerState(conv (b, d_conv - 1, e),
-        ssm (b, e, n)) -> (out (b, d), next state). Computes what `__call__` computes for the
-        next token of each sequence whose past the state summarises."""
-        x, z = self._in_proj(hidden)  # (b, e) each
-        window = jnp.concatenate([state.conv.astype(x.dtype), x[:, None]], axis=1)  # (b, w, e)
-        x_conv = causal_conv1d_step(window, *self._conv_params())
-        dt, B, C = self._dt_B_C(x_conv)
-        ssm, y = selective_state_update(state.ssm, x_conv, dt, self._A(), B, C, self.D[...], z,
-                                        self.dt_proj.bias[...])
-        return self.out_proj(y), MixerState(conv=window[:, 1:], ssm=ssm)
-
-    # The pieces __call__, prefill and step share.
-
-    def _forward(self, hidden, segment_ids, num_segments=None):
-        """-> (out, conv input x (b, t, e), final SSM states or None)."""
+    def __call__(self, hidden, segment_ids=None, cache: MixerState | None = None, *,
+                 num_segments: int | None = None, decode_impl: str = "xla"):
+        """hidden (b, t, d) -> (out (b, t, d), None); with num_segments, the cache of each
+        segment (b, s, ...) instead of None (segment_ids None: one segment, slot 0); with a
+        cache (conv (b, w - 1, e), ssm (b, e, n)), one token: hidden (b, d) -> (out (b, d),
+        next cache), what the sequence call gives the next token of each row's sequence.
+        decode_impl: "xla", "pallas" or "pallas_interpret" (resolve_decode_impl)."""
+        if cache is not None:
+            return self._decode(hidden, cache, decode_impl)
         config = self.config
+        if num_segments is not None and segment_ids is None:
+            segment_ids = jnp.zeros(hidden.shape[:2], jnp.int32)
         x, z = self._in_proj(hidden)  # (b, t, e) each
         weight, bias = self._conv_params()
         x_conv = causal_conv1d(x, weight, bias, segment_ids=segment_ids, activation="silu",
@@ -136,8 +108,25 @@ class MambaMixer(nnx.Module):
                                 delta_softplus=True, segment_ids=segment_ids,
                                 return_final_states=num_segments is not None,
                                 num_segments=num_segments, impl=config.scan_impl)
-        y, final = result if num_segments is not None else (result, None)
-        return self.out_proj(y), x, final
+        if num_segments is None:
+            return self.out_proj(result), None
+        y, ssm = result
+        return self.out_proj(y), segment_caches(x, segment_ids, num_segments, ssm, config.d_conv)
+
+    def _decode(self, hidden, cache: MixerState, impl: str):
+        # in_proj as ONE product, split after: slicing a weight in front of a product (as
+        # _in_proj does for training, where activations are large) copies it every step.
+        xz = self.in_proj(hidden)  # (b, 2e)
+        args = (xz, cache.conv, cache.ssm, self.conv_weight[...],
+                None if self.conv_bias is None else self.conv_bias[...], self.x_proj.kernel[...],
+                self.dt_proj.kernel[...], self.dt_proj.bias[...], self.A_log[...], self.D[...])
+        if impl == "xla":
+            y, conv, ssm = mixer_core_xla(*args)
+        else:
+            from pallas_kernels.decode import mixer_core_pallas
+
+            y, conv, ssm = mixer_core_pallas(*args, interpret=impl == "pallas_interpret")
+        return self.out_proj(y), MixerState(conv=conv, ssm=ssm)
 
     def _in_proj(self, hidden):
         """(x, z): in_proj(hidden) split in two, computed as two products with the kernel's
@@ -172,49 +161,95 @@ class MambaMixer(nnx.Module):
         return -jnp.exp(self.A_log[...])
 
 
-class MixerState(NamedTuple):
-    """Recurrent state of one mixer: conv (..., d_conv - 1, e) in the compute dtype, the last
-    conv inputs oldest first; ssm (..., e, n) float32."""
+def mixer_core_xla(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight,
+                   dt_proj_weight, dt_bias, A_log, D):
+    """The middle of MambaMixer's decode step in XLA ops (same arguments and results as
+    pallas_kernels.decode.mixer_core_pallas): (y (b, e), conv_state', ssm_state')."""
+    c = xz.dtype
+    e = xz.shape[-1] // 2
+    n = A_log.shape[-1]
+    r = dt_proj_weight.shape[0]
+    x, z = xz[:, :e], xz[:, e:]
+    window = conv_window(MixerState(conv_state, ssm_state), x)  # (b, w, e)
+    x_conv = causal_conv1d_step(window, conv_weight.astype(c),
+                                None if conv_bias is None else conv_bias.astype(c))
+    dt, B, C = jnp.split(x_conv @ x_proj_weight.astype(c), [r, r + n], axis=-1)
+    dt = dt @ dt_proj_weight.astype(c)
+    ssm, y = selective_state_update(ssm_state, x_conv, dt, -jnp.exp(A_log), B, C, D, z, dt_bias)
+    return y, window[:, 1:], ssm
 
-    conv: jax.Array
-    ssm: jax.Array
+
+def mixer_class(config: MambaConfig | Mamba2Config) -> type:
+    """The mixer a config builds: MambaMixer, or Mamba2Mixer for a Mamba2Config."""
+    return {MambaConfig: MambaMixer, Mamba2Config: Mamba2Mixer}[type(config)]
 
 
-class MambaBlock(nnx.Module):
-    """Pre-norm residual block: r <- r + mixer(norm(r)), r in float32."""
+def resolve_decode_impl(impl: str, config: MambaConfig | Mamba2Config) -> str:
+    """"auto" is "pallas" on a GPU where the kernels take the shape, else "xla"; a mixer without
+    Pallas decode kernels (Mamba2) has only "xla". Call it before tracing: it imports the
+    kernels' package."""
+    if impl not in DECODE_IMPLS:
+        raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {impl!r}")
+    if not mixer_class(config).pallas_decode:
+        if impl not in ("auto", "xla"):
+            raise ValueError(f"decode_impl={impl!r}: there is no Pallas decode kernel for Mamba2 "
+                             f"models; use 'auto' or 'xla'")
+        return "xla"
+    if impl == "auto":
+        impl = "xla"
+        if jax.default_backend() == "gpu":
+            from pallas_kernels.decode import supported
 
-    def __init__(self, config: MambaConfig, *, rngs: nnx.Rngs):
+            impl = "pallas" if supported(config.d_state) else "xla"
+    check_pallas_platform(impl, fallback="xla", name="decode_impl")
+    if impl != "xla":
+        # Before anything is traced (pallas_kernels/decode/__init__.py says why).
+        import pallas_kernels.decode  # noqa: F401
+    return impl
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block of either family: r <- r + mixer(norm(r)), r in float32.
+
+    `block(residual, segment_ids=None, cache=None, **options) -> (residual, cache)`, the
+    mixer's call (MambaMixer.__call__) around the residual stream."""
+
+    def __init__(self, config: MambaConfig | Mamba2Config, *, rngs: nnx.Rngs):
         self.norm = RMSNorm(config.d_model, eps=config.rms_norm_eps, dtype=config.compute_dtype)
-        self.mixer = MambaMixer(config, rngs=rngs)
+        self.mixer = mixer_class(config)(config, rngs=rngs)
 
-    def __call__(self, residual, segment_ids=None):
-        return residual + self.mixer(self.norm(residual), segment_ids).astype(jnp.float32)
-
-    def prefill(self, residual, segment_ids=None, *, num_segments: int = 1):
-        """__call__ plus the mixer's per-segment state (see MambaMixer.prefill)."""
-        out, state = self.mixer.prefill(self.norm(residual), segment_ids, num_segments=num_segments)
-        return residual + out.astype(jnp.float32), state
-
-    def step(self, residual, state: MixerState):
-        """One recurrent step: residual (b, d) float32 (see MambaMixer.step)."""
-        out, state = self.mixer.step(self.norm(residual), state)
-        return residual + out.astype(jnp.float32), state
+    def __call__(self, residual, segment_ids=None, cache: MixerState | None = None, **options):
+        out, cache = self.mixer(self.norm(residual), segment_ids, cache, **options)
+        return residual + out.astype(jnp.float32), cache
 
 
-class MambaLM(nnx.Module):
-    """Mamba language model: `model(input_ids, segment_ids=None) -> logits`.
+class LM(nnx.Module):
+    """Mamba language model of either family: `model(input_ids, segment_ids=None) -> logits`.
 
     input_ids (b, t) int; segment_ids (b, t) int or None: the state of every layer restarts
     where segment_ids change, so each packed sequence is computed as if it were alone.
     Logits are (b, t, config.padded_vocab_size) in the compute dtype.
+
+    `model(input_ids, segment_ids, num_segments=S) -> (logits, cache)` is the packed prefill
+    (cache: MixerState with leading axes (l, b, S)); `model(tokens (b,), cache=cache) ->
+    (logits (b, v), cache)` one decode step (cache with leading axes (l, b)).
+
+    `layers` is one Block whose parameters are stacked on a leading layer axis (`layer(i)`
+    gives block i alone).
     """
 
-    def __init__(self, config: MambaConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: MambaConfig | Mamba2Config, *, rngs: nnx.Rngs):
         self.config = config
         self.embedding = nnx.Embed(
             config.padded_vocab_size, config.d_model, dtype=jnp.float32, param_dtype=jnp.float32,
             embedding_init=jax.nn.initializers.normal(config.initializer_range), rngs=rngs)
-        self.layers = nnx.List([MambaBlock(config, rngs=rngs) for _ in range(config.n_layer)])
+
+        @nnx.split_rngs(splits=config.n_layer)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def stacked_blocks(rngs):
+            return Block(config, rngs=rngs)
+
+        self.layers = stacked_blocks(rngs)
         self.norm_f = RMSNorm(config.d_model, eps=config.rms_norm_eps, dtype=config.compute_dtype)
         self.lm_head = nnx.data(None)  # data either way, so an untied head can be assigned
         if not config.tie_embeddings:
@@ -223,19 +258,46 @@ class MambaLM(nnx.Module):
                                       kernel_init=jax.nn.initializers.normal(config.initializer_range),
                                       rngs=rngs)
 
-    def __call__(self, input_ids, segment_ids=None):
-        check_model_inputs(input_ids, segment_ids, self.config)
+    def __call__(self, input_ids, segment_ids=None, cache: MixerState | None = None, *,
+                 num_segments: int | None = None, decode_impl: str = "xla"):
+        if cache is None:
+            check_model_inputs(input_ids, segment_ids, self.config)
         residual = self.embedding(input_ids)
-        for layer in self.layers:
-            if self.config.remat:
-                residual = nnx.remat(lambda block, r, s: block(r, s))(layer, residual, segment_ids)
-            else:
-                residual = layer(residual, segment_ids)
-        return self.head(residual)
+        residual, cache = scan_layers(self.layers, residual, segment_ids, cache,
+                                      remat=self.config.remat if cache is None else "none",
+                                      num_segments=num_segments, decode_impl=decode_impl)
+        logits = self.head(residual)
+        return logits if cache is None else (logits, cache)
 
     def head(self, residual):
         """Final norm and vocabulary projection: residual (..., d) -> logits (..., v)."""
         return vocab_logits(residual, self.norm_f, self.embedding, self.lm_head, self.config.compute_dtype)
+
+    def layer(self, i: int) -> Block:
+        """Block i on its own (a copy of its slice of the stacked parameters)."""
+        graph, state = nnx.split(self.layers)
+        return nnx.merge(graph, jax.tree.map(lambda x: x[i], state))
+
+
+def scan_layers(layers: Block, residual, segment_ids=None, cache=None, *, remat: str = "none",
+                **options):
+    """Runs the stacked blocks `layers` over the residual stream, one `lax.scan` step per layer
+    (cache: leading layer axis, in and out; None in training). remat: a REMAT_POLICIES name,
+    applied to each layer inside the scan, or "none"."""
+    graph, params = nnx.split(layers)
+
+    def layer(residual, xs):
+        layer_params, layer_cache = xs
+        return nnx.merge(graph, layer_params)(residual, segment_ids, layer_cache, **options)
+
+    if remat != "none":
+        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    return jax.lax.scan(layer, residual, (params, cache))
+
+
+# The names each family's classes had before one Block and one LM served both.
+MambaLM = Mamba2LM = LM
+MambaBlock = Mamba2Block = Block
 
 
 def vocab_logits(residual, norm_f: RMSNorm, embedding: nnx.Embed, lm_head, dtype):

@@ -53,12 +53,9 @@ import numpy as np
 from flax import nnx
 
 from jax_packmamba import run_layout, tokenizer as tokenizer_lib
-from jax_packmamba.config import Mamba2Config, MambaConfig
-from jax_packmamba.mamba2 import Mamba2LM
-from jax_packmamba.model import MambaLM
+from jax_packmamba.config import REMAT, Mamba2Config, MambaConfig
+from jax_packmamba.model import LM, mixer_class
 from jax_packmamba.ops.causal_conv1d import CONV_IMPLS
-from jax_packmamba.ops.selective_scan import IMPLS as SCAN_IMPLS
-from jax_packmamba.ops.ssd_scan import IMPLS as SSD_IMPLS
 
 LAYOUTS = ("hf", "state-spaces")
 CONFIG_FILE = "config.json"
@@ -82,7 +79,7 @@ AnyConfig = MambaConfig | Mamba2Config
 # Public API.
 
 
-def from_pretrained(path, **config_overrides) -> MambaLM | Mamba2LM:
+def from_pretrained(path, **config_overrides) -> LM:
     """MambaLM or Mamba2LM from a local checkpoint directory in either layout.
 
     config_overrides: runtime fields ("dtype", "scan_impl", "conv_impl", "remat"); the
@@ -104,11 +101,11 @@ def _with_overrides(config: AnyConfig, overrides: dict, config_file) -> AnyConfi
             f"from_pretrained can only override {RUNTIME_FIELDS}, not {bad}: the architecture "
             f"comes from {config_file}")
     # The ops check their impl only when first called; say it here, before any tensor is read.
-    scan_impls = SSD_IMPLS if isinstance(config, Mamba2Config) else SCAN_IMPLS
+    scan_impls = mixer_class(config).scan_impls
     for name, allowed in (("scan_impl", scan_impls), ("conv_impl", CONV_IMPLS),
-                          ("remat", (False, True))):
+                          ("remat", REMAT + (False, True))):
         value = overrides.get(name, allowed[0])
-        if type(value) is not type(allowed[0]) or value not in allowed:  # 1 == True, so the type too
+        if not any(type(value) is type(a) and value == a for a in allowed):  # 1 == True: types too
             raise ValueError(f"from_pretrained: {name} must be one of {allowed}, got {value!r}")
     try:
         return dataclasses.replace(config, **overrides)
@@ -259,7 +256,6 @@ def model_from_tensors(config: AnyConfig, tensors: dict, *, layout: str = "hf", 
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    model_cls = Mamba2LM if isinstance(config, Mamba2Config) else MambaLM
     names = _name_map(config, layout)
     tensors = dict(tensors)
     note = _defaults_note(defaults_used)
@@ -282,31 +278,41 @@ def model_from_tensors(config: AnyConfig, tensors: dict, *, layout: str = "hf", 
             f"conv_bias={config.conv_bias}): missing tensors {_short(missing)}; unexpected "
             f"tensors {_short(unexpected)}{note}")
 
-    abstract = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
     mismatched = []
-    for name, (param_path, to_flax) in names.items():
+    layers: dict = {}  # stacked parameter path -> its per-layer arrays
+    for name, (param_path, layer, to_flax) in names.items():
         array = to_flax(_to_numpy(tensors[name]).astype(np.float32))
-        expected = flat[param_path].shape
+        expected = flat[param_path].shape[0 if layer is None else 1:]
         if array.shape != expected:
             mismatched.append(
                 f"{name}: expected torch shape {_torch_shape(to_flax, expected)}, got "
                 f"{tuple(np.shape(tensors[name]))}")
-            continue
-        flat[param_path] = flat[param_path].replace(jnp.asarray(array))
+        elif layer is None:
+            flat[param_path] = flat[param_path].replace(jnp.asarray(array))
+        else:
+            layers.setdefault(param_path, {})[layer] = array
     if mismatched:
         raise ValueError(f"{source}: tensor shapes do not match the config ({_config_summary(config)}): "
                          + "; ".join(mismatched) + note)
+    # The checkpoint's layers one by one -> the model's parameters stacked on the layer axis.
+    for param_path, arrays in layers.items():
+        stacked = np.stack([arrays[i] for i in range(config.n_layer)])
+        flat[param_path] = flat[param_path].replace(jnp.asarray(stacked))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def tensors_from_model(model, layout: str = "hf") -> dict[str, np.ndarray]:
-    """The model's parameters as torch-named float32 numpy arrays in `layout`."""
+    """The model's parameters as torch-named float32 numpy arrays in `layout` (layers one by
+    one, as checkpoints hold them)."""
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     out = {}
-    for name, (param_path, to_flax) in _name_map(model.config, layout).items():
-        out[name] = np.ascontiguousarray(_inverse(to_flax)(np.asarray(flat[param_path][...], np.float32)))
+    for name, (param_path, layer, to_flax) in _name_map(model.config, layout).items():
+        array = np.asarray(flat[param_path][...], np.float32)
+        array = array if layer is None else array[layer]
+        out[name] = np.ascontiguousarray(_inverse(to_flax)(array))
     return out
 
 
@@ -786,25 +792,29 @@ _MAMBA2_MIXER_EXTRA = {
 
 
 def _name_map(config: AnyConfig, layout: str) -> dict:
+    """torch name -> (path in the nnx state, layer index into the stacked layers or None,
+    torch-array -> flax-array transform)."""
     mixer_extra = _MAMBA2_MIXER_EXTRA if isinstance(config, Mamba2Config) else _MAMBA1_MIXER_EXTRA
-    names = {_embedding_name(layout): (("embedding", "embedding"), _identity)}
+    names = {_embedding_name(layout): (("embedding", "embedding"), None, _identity)}
+    mixer = ("layers", "mixer")
     for i in range(config.n_layer):
+        layer = {}
         prefix = f"backbone.layers.{i}."
-        mixer = ("layers", i, "mixer")
-        names[prefix + "norm.weight"] = (("layers", i, "norm", "weight"), _identity)
-        names[prefix + "mixer.in_proj.weight"] = (mixer + ("in_proj", "kernel"), _transpose)
-        names[prefix + "mixer.conv1d.weight"] = (mixer + ("conv_weight",), _squeeze_conv)
+        layer["norm.weight"] = (("layers", "norm", "weight"), _identity)
+        layer["mixer.in_proj.weight"] = (mixer + ("in_proj", "kernel"), _transpose)
+        layer["mixer.conv1d.weight"] = (mixer + ("conv_weight",), _squeeze_conv)
         for name, (attribute, to_flax) in mixer_extra.items():
-            names[prefix + "mixer." + name] = (mixer + attribute, to_flax)
-        names[prefix + "mixer.out_proj.weight"] = (mixer + ("out_proj", "kernel"), _transpose)
+            layer["mixer." + name] = (mixer + attribute, to_flax)
+        layer["mixer.out_proj.weight"] = (mixer + ("out_proj", "kernel"), _transpose)
         if config.conv_bias:
-            names[prefix + "mixer.conv1d.bias"] = (mixer + ("conv_bias",), _identity)
+            layer["mixer.conv1d.bias"] = (mixer + ("conv_bias",), _identity)
         if config.proj_bias:
-            names[prefix + "mixer.in_proj.bias"] = (mixer + ("in_proj", "bias"), _identity)
-            names[prefix + "mixer.out_proj.bias"] = (mixer + ("out_proj", "bias"), _identity)
-    names["backbone.norm_f.weight"] = (("norm_f", "weight"), _identity)
+            layer["mixer.in_proj.bias"] = (mixer + ("in_proj", "bias"), _identity)
+            layer["mixer.out_proj.bias"] = (mixer + ("out_proj", "bias"), _identity)
+        names.update({prefix + name: (path, i, to_flax) for name, (path, to_flax) in layer.items()})
+    names["backbone.norm_f.weight"] = (("norm_f", "weight"), None, _identity)
     if not config.tie_embeddings:
-        names["lm_head.weight"] = (("lm_head", "kernel"), _transpose)
+        names["lm_head.weight"] = (("lm_head", "kernel"), None, _transpose)
     return names
 
 

@@ -112,3 +112,47 @@ def ssd_scan_loop(x, dt, A, B, C, D=None, z=None, dt_bias=None, *, dt_softplus=F
     if z is not None:
         y = y * z * jax.nn.sigmoid(z)
     return y, states
+
+
+def attention_loop(q, k, v, g, *, segment_ids, causal=True, scale=None):
+    """Attention and its gradients one query at a time in float64 numpy: returns (out, dq, dk,
+    dv) for cotangent g (out's shape). Query t of head h sees the keys s of head h // (h / k)
+    in t's run of equal segment_ids (s <= t when causal); a new run begins wherever the id
+    changes, so a repeated id after another is a new segment."""
+    q, k, v, g = (np.asarray(a, np.float64) for a in (q, k, v, g))
+    ids = np.asarray(segment_ids)
+    batch, length, heads, head_dim = q.shape
+    per_kv = heads // k.shape[2]
+    scale = 1.0 / np.sqrt(head_dim) if scale is None else scale
+    out, dq, dk, dv = (np.zeros_like(a) for a in (q, q, k, v))
+    for b in range(batch):
+        run = np.cumsum(np.r_[True, ids[b, 1:] != ids[b, :-1]])
+        for t in range(length):
+            keys = [s for s in range(length) if run[s] == run[t] and (s <= t or not causal)]
+            for h in range(heads):
+                j = h // per_kv
+                logits = np.array([scale * q[b, t, h] @ k[b, s, j] for s in keys])
+                p = np.exp(logits - logits.max())
+                p /= p.sum()
+                out[b, t, h] = sum(p_s * v[b, s, j] for p_s, s in zip(p, keys))
+                dp = np.array([g[b, t, h] @ v[b, s, j] for s in keys])
+                ds = p * (dp - p @ dp)
+                for p_s, ds_s, s in zip(p, ds, keys):
+                    dv[b, s, j] += p_s * g[b, t, h]
+                    dq[b, t, h] += scale * ds_s * k[b, s, j]
+                    dk[b, s, j] += scale * ds_s * q[b, t, h]
+    return out, dq, dk, dv
+
+
+def rope_formula(x, positions, *, theta, rotary_dim):
+    """Rotary embedding in float64 numpy, pair (i, i + r/2) of the first r channels turned by
+    position * theta ** (-2 i / r), as HF Llama's rotate_half writes it."""
+    x = np.asarray(x, np.float64)
+    out = x.copy()
+    half = rotary_dim // 2
+    for i in range(half):
+        angle = np.asarray(positions, np.float64) * theta ** (-2.0 * i / rotary_dim)
+        c, s = np.cos(angle)[..., None], np.sin(angle)[..., None]
+        out[..., i] = x[..., i] * c - x[..., i + half] * s
+        out[..., i + half] = x[..., i + half] * c + x[..., i] * s
+    return out

@@ -1,5 +1,5 @@
 """The decode-step kernels (pallas_kernels/decode) against the unfused step, and one block's
-decode step (jax_packmamba.decode_step) against MambaBlock.step.
+decode step with each decode_impl against its XLA decode step.
 
 Parametrized over "pallas_interpret" (the Triton kernels through the Pallas interpreter, on CPU)
 and "pallas" (the same kernels on a GPU; skipped without one). Shapes are ragged against the
@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 import jax_packmamba as jp
-from jax_packmamba.decode_step import block_step, mixer_core_xla
+from jax_packmamba.model import MixerState, mixer_core_xla
 from pallas_kernels.decode import DecodeConfig, mixer_core_pallas
 from tests.gpu import lower_for_cuda, on_gpu
 
@@ -79,25 +79,22 @@ def test_kernels_match_the_unfused_step(impl, dtype, tol, case):
     np.testing.assert_array_equal(np.asarray(got[1][:, -1]), np.asarray(args[0][:, :e]))
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas_interpret", on_gpu("pallas")])
-def test_block_step_matches_mamba_block_step(impl):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_block_decode_step_matches_its_xla_decode_step(impl):
     config = jp.MambaConfig(d_model=48, n_layer=1, vocab_size=64, d_state=16, dt_rank=12)
     block = jp.MambaBlock(config, rngs=nnx.Rngs(3))
-    _, params = nnx.split(block)
     k = jax.random.split(jax.random.key(4), 3)
     residual = jax.random.normal(k[0], (3, config.d_model))
     conv = jax.random.normal(k[1], (3, config.d_conv - 1, config.d_inner))
     ssm = jax.random.normal(k[2], (3, config.d_inner, config.d_state))
-    # Both sides' XLA matmuls (projections; the whole step in block.step) at IEEE float32, as the
+    # Both sides' XLA matmuls (projections; the whole step with "xla") at IEEE float32, as the
     # kernels' float32 dots are: XLA's GPU default is TF32.
     with jax.default_matmul_precision("highest"):
-        want = jax.jit(lambda r, c, s: block.step(r, jp.model.MixerState(c, s)))(residual, conv,
-                                                                                 ssm)
-        got = jax.jit(lambda p, r, c, s: block_step(p, r, c, s, config=config, impl=impl))(
-            params, residual, conv, ssm)
+        want, got = (nnx.jit(lambda b, r, c, s, i=i: b(r, cache=MixerState(c, s), decode_impl=i))(
+            block, residual, conv, ssm) for i in ("xla", impl))
     np.testing.assert_allclose(got[0], want[0], rtol=2e-5, atol=2e-5)
-    np.testing.assert_allclose(got[1], want[1].conv, rtol=2e-5, atol=2e-5)
-    np.testing.assert_allclose(got[2], want[1].ssm, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(got[1].conv, want[1].conv, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(got[1].ssm, want[1].ssm, rtol=2e-5, atol=2e-5)
 
 
 def test_kernels_lower_for_cuda_with_named_kernels_and_in_place_states():

@@ -485,8 +485,14 @@ def test_decode_loop_lowers_for_cuda_with_two_kernels_a_layer():
         lambda m, r, p: gen._decode_loop(m, r, jnp.int32(16), p, mode=sampling.mode,
                                          impl="pallas", vocab_size=config.vocab_size),
         prepared, run, sampling.params(), auto_axes=True)
-    names = re.findall(r'name = "(decode_[a-z_]+)"', text)
-    assert sorted(names) == ["decode_conv_x_proj"] * 3 + ["decode_ssm_update"] * 3, names
+    # A layer's step is one function (generation._layer_step, lowered once) holding the two
+    # kernels; the loop calls it once per layer, each with that layer's own weights and states.
+    layer_step = text.split("func.func private @_layer_step(", 1)[1].split("func.func", 1)[0]
+    names = re.findall(r'name = "(decode_[a-z_]+)"', layer_step)
+    assert sorted(names) == ["decode_conv_x_proj", "decode_ssm_update"], names
+    assert len(re.findall(r'name = "decode_', text)) == 2
+    calls = re.findall(r"call @_layer_step\(([^)]*)\)", text.split("stablehlo.while", 1)[1])
+    assert len(calls) == 3 and len(set(calls)) == 3, calls
     # The loop's only dynamic slices are sampling's k-th largest logit per row (4 x 1).
     loop = text.split("stablehlo.while", 1)[1]
     slices = re.findall(r"stablehlo.dynamic_slice[^\n]*-> tensor<([^>]*)>", loop)

@@ -72,7 +72,7 @@ def test_bad_config():
 
 def test_initialisation_follows_mamba_ssm():
     config = jp.Mamba2Config.preset("tiny", d_model=64, n_layer=4, headdim=4)  # 32 heads
-    mixer = jp.Mamba2LM(config, rngs=nnx.Rngs(1)).layers[0].mixer
+    mixer = jp.Mamba2LM(config, rngs=nnx.Rngs(1)).layer(0).mixer
     h = config.nheads
     A = np.exp(np.asarray(mixer.A_log[...]))
     assert A.shape == (h,) and A.min() >= 1.0 and A.max() <= 16.0 and A.std() > 1.0  # U[1, 16]
@@ -170,22 +170,16 @@ def test_perturbing_one_sequence_leaves_others_bit_identical():
 
 @functools.partial(nnx.jit, static_argnums=3)
 def prefill_lm(model, ids, seg, num_segments):
-    """Every block's prefill: -> (logits (b, t, v), [MixerState (b, s, ...)] per layer)."""
-    residual, states = model.embedding(ids), []
-    for layer in model.layers:
-        residual, state = layer.prefill(residual, seg, num_segments=num_segments)
-        states.append(state)
-    return model.head(residual), states
+    """The packed prefill: -> (logits (b, t, v), [MixerState (b, s, ...)] per layer)."""
+    logits, cache = model(ids, seg, num_segments=num_segments)
+    return logits, [jax.tree.map(lambda x: x[i], cache) for i in range(model.config.n_layer)]
 
 
 @nnx.jit
 def step_lm(model, tokens, states):
-    """One token per row through every block's step: tokens (b,) -> (logits (b, v), states)."""
-    residual, next_states = model.embedding(tokens), []
-    for layer, state in zip(model.layers, states):
-        residual, state = layer.step(residual, state)
-        next_states.append(state)
-    return model.head(residual), next_states
+    """One decode step: tokens (b,) -> (logits (b, v), states)."""
+    logits, cache = model(tokens, cache=jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+    return logits, [jax.tree.map(lambda x: x[i], cache) for i in range(model.config.n_layer)]
 
 
 def test_prefill_and_step_equal_the_full_forward():

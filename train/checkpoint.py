@@ -6,9 +6,13 @@ RNG) as item "state" and JSON metadata as item "meta": {"step", "data": the data
 train.config.model_record), which a resume compares with its own config before it writes
 anything. Checkpoints are written every N steps and at the end, keeping the last K.
 
-The state is stored as a flat dict of its leaves ("000000", "000001", ... in tree order), so
-restoring needs only the abstract state of the same config, with its shardings: each array is
-read straight into its sharded layout. Orbax writes into a temporary directory
+The state is stored as a tree of its names ("params/embedding/embedding",
+"opt_state/1/0/mu/layers/mixer/A_log", ...), so restoring needs only the abstract state of the
+same config, with its shardings: each array is read by its name straight into its sharded
+layout, and a name or shape that differs is an error naming the parameter, never a silent swap.
+Checkpoints written before (at e5a3f65 and earlier) hold the leaves in tree order ("000000",
+"000001", ...); they are read in the order of the tree that wrote them (`legacy_tree`: layers
+one by one) and restacked (`migrate_legacy`). Orbax writes into a temporary directory
 (<step>.orbax-checkpoint-tmp-<time>) and renames it when complete, so a run killed mid-save
 leaves the previous checkpoint as the latest and the temporary directory is no step.
 
@@ -19,6 +23,7 @@ written by jax_packmamba.save_pretrained into a temporary folder, then renamed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -26,6 +31,7 @@ import pathlib
 import shutil
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from jax_packmamba.pretrained import save_pretrained
@@ -38,8 +44,96 @@ class CheckpointError(RuntimeError):
     """No checkpoint of a run can be read; the message says which and how to go on."""
 
 
-def _flat(state) -> dict:
-    return {f"{i:06d}": leaf for i, leaf in enumerate(jax.tree.leaves(state))}
+def leaf_names(tree) -> list[str]:
+    """Each leaf's path as "a/b/c", in tree order (dict keys, sequence indices, attributes)."""
+    return ["/".join(_key_name(k) for k in path)
+            for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _nested(names, leaves) -> dict:
+    """{"a/b": x} -> {"a": {"b": x}}: the tree orbax writes, one folder level per name."""
+    out: dict = {}
+    for name, leaf in zip(names, leaves):
+        *parents, last = name.split("/")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = leaf
+    return out
+
+
+def _flat_metadata(tree, prefix=()) -> dict:
+    """orbax's metadata tree -> {"a/b": (shape, dtype)}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat_metadata(value, prefix + (key,)))
+        else:
+            out["/".join(prefix + (key,))] = (tuple(value.shape), value.dtype)
+    return out
+
+
+def _is_legacy(saved: dict) -> bool:
+    return bool(saved) and all(len(k) == 6 and k.isdigit() for k in saved)
+
+
+def legacy_tree(tree):
+    """The tree the trainer wrote leaf by leaf at e5a3f65: every "layers" entry of the state,
+    stacked on a leading layer axis now, as a dict of one subtree per layer {0: ..., 1: ...}
+    (leaves without the layer axis; shardings of per-layer slices)."""
+    def unstack(layers):
+        if not _stacked(layers):
+            return layers
+        num = jax.tree.leaves(layers)[0].shape[0]
+        return {i: jax.tree.map(lambda x: _layer_slice(x, i), layers) for i in range(num)}
+
+    return _map_layers(tree, unstack)
+
+
+def migrate_legacy(per_layer):
+    """legacy_tree's inverse: per-layer subtrees stacked on a leading layer axis."""
+    def stack(layers):
+        if _stacked(layers):
+            return layers
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *[layers[i] for i in sorted(layers)])
+
+    return _map_layers(per_layer, stack)
+
+
+def _map_layers(tree, fn):
+    """`tree` with fn applied to the value of every dict entry named "layers"."""
+    if isinstance(tree, dict):
+        return {k: fn(v) if k == "layers" else _map_layers(v, fn) for k, v in tree.items()}
+    if hasattr(tree, "_fields"):  # optax's NamedTuple states
+        return type(tree)(*(_map_layers(v, fn) for v in tree))
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map_layers(v, fn) for v in tree)
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        return dataclasses.replace(tree, **{f.name: _map_layers(getattr(tree, f.name), fn)
+                                            for f in dataclasses.fields(tree)})
+    return tree
+
+
+def _stacked(layers) -> bool:
+    """Whether a "layers" entry is stacked (named subtrees), not one subtree per layer index."""
+    return not (isinstance(layers, dict) and layers and all(isinstance(k, int) for k in layers))
+
+
+def _layer_slice(x, i):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        sharding = x.sharding
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            sharding = jax.sharding.NamedSharding(sharding.mesh,
+                                                  jax.sharding.PartitionSpec(*sharding.spec[1:]))
+        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sharding)
+    return x[i]
 
 
 def error_reason(err: BaseException) -> str:
@@ -88,6 +182,8 @@ class Checkpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
             item_names=("state", "meta"),
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()},
         )
 
     def latest_step(self) -> int | None:
@@ -98,8 +194,9 @@ class Checkpointer:
 
     def save(self, step: int, state, meta: dict) -> None:
         """Starts an asynchronous save (device->host copy happens before this returns)."""
+        named = _nested(leaf_names(state), jax.tree.leaves(state))
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_flat(state)), meta=ocp.args.JsonSave(meta)), force=True)
+            state=ocp.args.StandardSave(named), meta=ocp.args.JsonSave(meta)), force=True)
 
     def read_meta(self, step: int) -> dict:
         """The metadata of `step` alone (no arrays are read)."""
@@ -108,15 +205,50 @@ class Checkpointer:
         return out["meta"]
 
     def restore(self, step: int, abstract_state, shardings):
-        """(state, meta) of `step`, arrays placed with `shardings` (a tree like the state)."""
+        """(state, meta) of `step`, arrays placed with `shardings` (a tree like the state).
+
+        Raises CheckpointError naming the first parameter whose name or shape differs."""
         leaves, treedef = jax.tree.flatten(abstract_state)
-        target = {f"{i:06d}": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-                  for i, (x, s) in enumerate(zip(leaves, jax.tree.leaves(shardings)))}
+        target = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+                  for x, s in zip(leaves, jax.tree.leaves(shardings))]
+        with _quiet_asyncio():
+            saved = _flat_metadata(self.manager.item_metadata(step)["state"].tree)
+        legacy = _is_legacy(saved)
+        if legacy:  # leaf order: the per-layer tree of e5a3f65, read by position
+            target = legacy_tree(jax.tree.unflatten(treedef, target))
+            names = leaf_names(target)
+            target = jax.tree.leaves(target)
+            keys = [f"{i:06d}" for i in range(len(target))]
+            if len(saved) != len(target):
+                raise CheckpointError(
+                    f"checkpoint step {step} holds {len(saved)} arrays in leaf order, this model's "
+                    f"state has {len(target)}: it was written for another model")
+        else:
+            names = keys = leaf_names(abstract_state)
+        for key, name, x in zip(keys, names, target):
+            if key not in saved:
+                raise CheckpointError(f"checkpoint step {step} has no {name}: it was written for "
+                                      f"another model")
+            if saved[key][0] != tuple(x.shape):
+                raise CheckpointError(f"checkpoint step {step}: {name} has shape {saved[key][0]}, "
+                                      f"this model's is {tuple(x.shape)}")
+        if not legacy and set(saved) != set(names):
+            extra = sorted(set(saved) - set(names))
+            raise CheckpointError(f"checkpoint step {step} holds {extra[0]}, which this model "
+                                  f"lacks ({len(extra)} such): it was written for another model")
         with _quiet_asyncio():
             out = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-        flat = out["state"]
-        state = jax.tree.unflatten(treedef, [flat[k] for k in sorted(flat)])
+                state=ocp.args.StandardRestore(_nested(keys, target)),
+                meta=ocp.args.JsonRestore()))
+        restored = _flat_of(out["state"])
+        arrays = [restored[k] for k in keys]
+        if legacy:
+            per_layer = jax.tree.unflatten(jax.tree.structure(legacy_tree(abstract_state)), arrays)
+            if jax.tree.structure(per_layer) != treedef:  # stacked layers since
+                per_layer = jax.tree.map(jax.device_put, migrate_legacy(per_layer), shardings)
+            state = per_layer
+        else:
+            state = jax.tree.unflatten(treedef, arrays)
         return state, out["meta"]
 
     def set_aside(self, step: int, destination: pathlib.Path) -> pathlib.Path:
@@ -134,6 +266,16 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _flat_of(tree, prefix=()) -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat_of(value, prefix + (key,)))
+        else:
+            out["/".join(prefix + (key,))] = value
+    return out
 
 
 def _free_name(folder: pathlib.Path, name: str) -> pathlib.Path:

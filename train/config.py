@@ -40,8 +40,8 @@ import types
 import typing
 from typing import Any
 
-from jax_packmamba.config import (MODEL_PRESETS, Mamba2Config, MambaConfig, config_class,
-                                  preset_config)
+from jax_packmamba.config import (MODEL_PRESETS, REMAT, Mamba2Config, MambaConfig,
+                                  config_class, preset_config)
 from jax_packmamba.ops.causal_conv1d import CONV_IMPLS
 from jax_packmamba.ops.selective_scan import IMPLS as SCAN_IMPLS
 
@@ -107,9 +107,11 @@ class ModelConfig:
         "auto", choices=CONV_IMPLS,
         help="causal conv1d: auto is the Pallas kernel on a GPU and XLA elsewhere; "
              "pallas_interpret runs the kernel on CPU (slow, tests)")
-    remat: bool = option(
-        False, help="recompute each block's activations in the backward pass (less memory, "
-                    "about a third more compute)")
+    remat: str = option(
+        "none", choices=REMAT + ("false", "true"),
+        help="what each layer recomputes in the backward pass: none; full (the whole block: "
+             "least memory, about a third more compute); save_matmul_outputs (all but the "
+             "matmuls); the old false / true are none / full")
     overrides: dict = option(
         default_factory=dict, resume=FIXED,
         help="MambaConfig values that replace the preset's, given as --model.<field>=VALUE "
@@ -132,7 +134,8 @@ class ModelConfig:
         try:
             return preset_config(
                 self.preset, **overrides, vocab_size=vocab or vocab_size, dtype=dtype,
-                scan_impl=self.scan_impl, conv_impl=self.conv_impl, remat=self.remat)
+                scan_impl=self.scan_impl, conv_impl=self.conv_impl,
+                remat={"false": "none", "true": "full"}.get(self.remat, self.remat))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model: {e}") from None
 
@@ -571,6 +574,8 @@ def _convert(flag: str, text_or_value: Any, tp):
                 raise ValueError
             return float(v)
         if tp is str:
+            if isinstance(v, bool):  # a flag that was a bool (--model.remat) in a config file
+                return str(v).lower()
             if not isinstance(v, str):
                 raise ValueError
             return v

@@ -124,10 +124,23 @@ def param_spec(shape: tuple[int, ...], fsdp: int) -> P:
     return P(*spec)
 
 
+def param_specs(tree, fsdp: int):
+    """param_spec of every leaf; under "layers" (blocks stacked on a leading layer axis, which
+    the model scans) of each layer's slice, the layer axis unsharded."""
+
+    def spec(path, x):
+        shape = tuple(x.shape)
+        if any(getattr(k, "key", None) == "layers" for k in path):
+            return P(None, *param_spec(shape[1:], fsdp))
+        return param_spec(shape, fsdp)
+
+    return jax.tree_util.tree_map_with_path(spec, tree)
+
+
 def state_shardings(mesh: Mesh, abstract_state):
-    fsdp = mesh.shape["fsdp"]
-    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(tuple(x.shape), fsdp)),
-                        abstract_state)
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec),
+                        param_specs(abstract_state, mesh.shape["fsdp"]),
+                        is_leaf=lambda x: isinstance(x, P))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

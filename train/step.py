@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jax_packmamba import Mamba2Config, Mamba2LM, MambaConfig, MambaLM
+from jax_packmamba import LM, Mamba2Config, MambaConfig
 from jax_packmamba.loss import masked_cross_entropy
 
 from train.config import OptimConfig
@@ -51,13 +51,14 @@ def _names(path) -> list[str]:
 
 def decay_mask(params):
     """True where AdamW applies weight decay: matrices, not norms, biases, A_log or D (nor
-    Mamba2's dt_bias and gated norm: vectors, and "norm" is in the gated norm's path)."""
+    Mamba2's dt_bias and gated norm: vectors, and "norm" is in the gated norm's path). Under
+    "layers" the leading axis is the layer axis, not a matrix dimension."""
 
     def decide(path, leaf):
         names = _names(path)
         if any("norm" in n for n in names) or (names and names[-1] in NO_DECAY_NAMES):
             return False
-        return leaf.ndim >= 2
+        return leaf.ndim - ("layers" in names) >= 2
 
     return jax.tree_util.tree_map_with_path(decide, params)
 
@@ -77,21 +78,16 @@ def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTrans
     return optax.chain(*parts)
 
 
-def model_class(model_config: MambaConfig | Mamba2Config) -> type:
-    """The language model a config builds: MambaLM, or Mamba2LM for a Mamba2Config."""
-    return Mamba2LM if isinstance(model_config, Mamba2Config) else MambaLM
-
-
 def model_graphdef(model_config: MambaConfig | Mamba2Config):
     """(graphdef, abstract params as a plain dict) of the model without allocating it."""
-    abstract = nnx.eval_shape(lambda: model_class(model_config)(model_config, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: LM(model_config, rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(abstract)
     return graphdef, nnx.to_pure_dict(params)
 
 
 def init_state(model_config: MambaConfig | Mamba2Config, tx: optax.GradientTransformation,
                seed: int) -> TrainState:
-    model = model_class(model_config)(model_config, rngs=nnx.Rngs(seed))
+    model = LM(model_config, rngs=nnx.Rngs(seed))
     # Plain arrays, not nnx Variables: every call of the jitted step flattens the state and
     # rebuilds the returned one, in Python for Variables. With the 1,450 leaves of a 48-layer
     # model (parameters and both Adam moments) a jitted call that only returns the state took
@@ -146,8 +142,7 @@ def explicit_grad_sums(graphdef, mesh, abstract_params, reduce_dtype):
     from train import sharding
 
     fsdp_size = mesh.shape["fsdp"]
-    specs = jax.tree.map(lambda x: sharding.param_spec(tuple(x.shape), fsdp_size),
-                         abstract_params)
+    specs = sharding.param_specs(abstract_params, fsdp_size)
     batch_spec = P(None, sharding.BATCH_AXES, None)
 
     def fsdp_dim(spec):

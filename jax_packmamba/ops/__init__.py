@@ -1,5 +1,6 @@
 """Segment-aware ops: each public op beside its pure-JAX reference."""
 
+from jax_packmamba.ops.attention import apply_rope, attention, attention_reference
 from jax_packmamba.ops.causal_conv1d import (
     causal_conv1d,
     causal_conv1d_reference,
@@ -20,6 +21,9 @@ from jax_packmamba.ops.selective_scan import (
 from jax_packmamba.ops.ssd_scan import ssd_scan, ssd_scan_reference, ssd_state_update
 
 __all__ = [
+    "apply_rope",
+    "attention",
+    "attention_reference",
     "causal_conv1d",
     "causal_conv1d_reference",
     "causal_conv1d_step",

@@ -44,8 +44,9 @@ def mixer_core_pallas(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_
 
     Returns:
       (y (b, e) c, conv_state', ssm_state'), the same values as the unfused step
-      (jax_packmamba's MambaMixer.step between its in_proj and out_proj). Both states are
-      written in place where the caller lets XLA donate them (a while loop's carry does).
+      (jax_packmamba.model.mixer_core_xla, MambaMixer's decode step between its in_proj and
+      out_proj). Both states are written in place where the caller lets XLA donate them (a
+      while loop's carry does).
     """
     b, e, n, r, w = check_mixer_core_args(xz, conv_state, ssm_state, conv_weight, conv_bias,
                                           x_proj_weight, dt_proj_weight, dt_bias, A_log, D)

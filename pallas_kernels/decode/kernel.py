@@ -14,8 +14,8 @@ Two kernels, because x_proj sums over all channels and dt_proj needs that sum in
                         h = exp(dt A) h + dt x B (in place: the float32 state is read once and
                         written once), y = C.h + D x, y * silu(z).
 
-Rounding follows the unfused step (jax_packmamba MambaMixer.step) in the compute dtype c: xc,
-x_proj's output and dt_proj's output are rounded to c where the unfused step stores them in c;
+Rounding follows the unfused step (jax_packmamba.model.mixer_core_xla) in the compute dtype c:
+xc, x_proj's output and dt_proj's output are rounded to c where the unfused step stores them in c;
 everything else is float32.
 """
 

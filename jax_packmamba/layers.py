@@ -1,0 +1,71 @@
+"""The pieces both mixers share: initialisers, RMSNorm and the recurrent cache.
+
+Axis letters: b batch, t time, s segment slot, w d_conv, x conv channels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jax_packmamba.config import MambaConfig
+from jax_packmamba.ops import segment_conv_windows
+
+
+def torch_linear_init(scale: float = 1.0):
+    """PyTorch's nn.Linear default (kaiming_uniform, a=sqrt(5)): U(+-1/sqrt(fan_in)) * scale."""
+
+    def init(key, shape, dtype=jnp.float32):
+        fan_in = shape[0]  # flax kernels are (in, out)
+        bound = scale / math.sqrt(fan_in)
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def dt_bias_init(config: MambaConfig):
+    """Inverse softplus of dt ~ logUniform(dt_min, dt_max), so softplus(bias) starts there."""
+
+    def init(key, shape, dtype=jnp.float32):
+        log_lo, log_hi = math.log(config.dt_min), math.log(config.dt_max)
+        dt = jnp.exp(jax.random.uniform(key, shape, dtype, log_lo, log_hi))
+        dt = jnp.maximum(dt, config.dt_init_floor)
+        return dt + jnp.log(-jnp.expm1(-dt))
+
+    return init
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x):
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        return (x * self.weight[...]).astype(self.dtype)
+
+
+class MixerState(NamedTuple):
+    """Recurrent cache of one mixer: conv (..., d_conv - 1, channels) in the compute dtype, the
+    last conv inputs oldest first; ssm (..., e, n) (Mamba2: (..., h, p, n)) float32."""
+
+    conv: jax.Array
+    ssm: jax.Array
+
+
+def segment_caches(conv_inputs, segment_ids, num_segments: int, final_ssm, width: int):
+    """A prefill's cache: for every slot s, the state after the last token of id s in each row
+    (zeros where the id does not occur), conv (b, s, w - 1, x) and ssm (b, s, ...)."""
+    conv = segment_conv_windows(conv_inputs, segment_ids, num_segments, width - 1)
+    return MixerState(conv=conv, ssm=final_ssm)
+
+
+def conv_window(cache: MixerState, x):
+    """The decode step's conv window (b, w, x): the cached inputs, then this token's x (b, x)."""
+    return jnp.concatenate([cache.conv.astype(x.dtype), x[:, None]], axis=1)
