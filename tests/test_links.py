@@ -295,3 +295,52 @@ def test_link_batcher_streams_every_token_once_and_resumes_exactly(long_docs):
         got = next(resumed)["arrays"]
         for k in w:
             np.testing.assert_array_equal(got[k], w[k])
+
+
+# ---------------------------------------------------------------- the models
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_model_document_over_rows_gets_its_logits_and_gradients_alone(family):
+    """Both families, reference ops, float32: a packed stream with links gets every document's
+    logits as it alone, and the parameters' gradient of a loss over all documents is the sum
+    of their gradients alone."""
+    import jax_packmamba as jp
+    from flax import nnx
+
+    if family == "mamba1":
+        config = jp.MambaConfig.preset("tiny", n_layer=2, d_model=16, vocab_size=61,
+                                       scan_impl="reference", conv_impl="xla")
+    else:
+        config = jp.Mamba2Config.preset("tiny", n_layer=2, d_model=16, d_state=16, headdim=8,
+                                        vocab_size=61, chunk_size=8, scan_impl="reference",
+                                        conv_impl="xla")
+    model = jp.LM(config, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 61, size=n).astype(np.int32) for n in DOCS["chain"]]
+    batch = pack_stream(docs, ROW)
+    tokens, seg = jnp.asarray(batch.tokens), jnp.asarray(batch.segment_ids)
+    continues = jnp.asarray(batch.continues)
+    ct = normal(5, (*tokens.shape, config.padded_vocab_size))
+    graph, params = nnx.split(model)
+
+    def packed_loss(p):
+        return jnp.vdot(nnx.merge(graph, p)(tokens, seg, continues=continues), ct)
+
+    logits = model(tokens, seg, continues=continues)
+    grads = jax.grad(packed_loss)(params)
+    _, _, pieces = pack(DOCS["chain"])
+    total = None
+    errs = []
+    for doc, where in zip(docs, pieces):
+        alone = model(jnp.asarray(doc)[None])
+        errs.append(rel_err(gather_doc(logits, where), alone))
+        doc_ct = gather_doc(ct, where)
+        g = jax.grad(lambda p: jnp.vdot(nnx.merge(graph, p)(jnp.asarray(doc)[None]), doc_ct))(
+            params)
+        total = g if total is None else jax.tree.map(jnp.add, total, g)
+    grad_errs = [rel_err(a, b) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(total))]
+    print(family, f"logits {max(errs):.1e} grads {max(grad_errs):.1e}")
+    assert max(errs) < 1e-5 and max(grad_errs) < 1e-5, (errs, grad_errs)
+    cut = model(tokens, seg)  # without the links the continued rows differ
+    assert not np.array_equal(cut[1], logits[1])
