@@ -447,11 +447,13 @@ class Batcher:
                 shape = (self.batch_size, self.seq_len)
                 arrays = {k: np.zeros(shape, bool if k == "loss_mask" else np.int32)
                           for k in BATCH_KEYS}
-                arrays["continues"] = np.zeros(self.batch_size, bool)
+                arrays["continues"] = np.zeros((self.batch_size, 1), bool)
                 return arrays, 0, dict(linked=0, longest_chain=0)
             b = pack_stream(seqs, self.seq_len, num_rows=self.batch_size)
             arrays = {k: np.asarray(getattr(b, k)) for k in BATCH_KEYS}
-            arrays["continues"] = np.asarray(b.continues).copy()
+            # (rows, 1): shaped like the (rows, length) arrays' leading axes, so the batch
+            # shards as they do. Row 0's flag (a rest of a document) is read as False by the ops.
+            arrays["continues"] = np.asarray(b.continues).copy()[:, None]
             arrays["continues"][0] = rest
             links = dict(linked=b.num_linked_sequences, longest_chain=b.longest_chain)
             return arrays, len(seqs), links
@@ -497,16 +499,20 @@ class Batcher:
 
 
 def estimate_efficiency(pieces: list[np.ndarray], config: DataConfig, steps: int = 50) -> dict:
-    """Share of slots holding real tokens in each mode over the first `steps` micro-batches."""
+    """Share of slots holding real tokens in each mode over the first `steps` micro-batches
+    (packed mode as config.long_docs packs; pieces are whole documents for "link")."""
     out = {}
+    link = config.long_docs != "cut"
     for mode in ("packed", "padded", "single"):
-        b = Batcher(pieces, mode=mode, seq_len=config.seq_len, batch_size=config.batch_size,
+        b = Batcher(pieces if mode == "packed" or not link else cut_pieces(pieces, config.seq_len),
+                    mode=mode, seq_len=config.seq_len, batch_size=config.batch_size,
                     seed=config.seed, pack_policy=config.pack_policy,
-                    single_bucket=config.single_bucket)
+                    single_bucket=config.single_bucket,
+                    long_docs=config.long_docs if mode == "packed" else "cut")
         real = slots = 0
         n = steps if mode != "single" else steps * config.batch_size
         for _ in range(n):
-            if mode == "packed":
+            if mode == "packed" and not link:
                 seqs = b._take_packed()
                 real += sum(len(s) for s in seqs)
                 slots += config.batch_size * config.seq_len
@@ -519,11 +525,13 @@ def estimate_efficiency(pieces: list[np.ndarray], config: DataConfig, steps: int
 
 
 def eval_batches(pieces: list[np.ndarray], config: DataConfig) -> list[dict]:
-    """Fixed packed eval batches over the held-out pieces (in order, no wrap-around)."""
+    """Fixed packed eval batches over the held-out pieces (in order, no wrap-around), linked as
+    the training batches are (config.long_docs)."""
     if not pieces:
         return []
     b = Batcher(pieces, mode="packed", seq_len=config.seq_len, batch_size=config.batch_size,
-                pack_policy=config.pack_policy, shuffle=False, wrap=False)
+                pack_policy=config.pack_policy, shuffle=False, wrap=False,
+                long_docs=config.long_docs)
     out = []
     while (b.consumed < len(pieces) or b.carry) and len(out) < config.eval_batches:
         batch = next(b)

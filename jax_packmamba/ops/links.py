@@ -6,8 +6,8 @@ A link is `continues` (b,) bool: row b's first run (the one at t = 0) continues 
 last run. It is the simplest form packing can always produce: a packer that fills rows in
 order puts the rest of a document that overflows row b - 1 at the start of row b, so a chain
 of pieces is a run of consecutive rows, and no index has to name which row is continued.
-continues[0] is False (no row precedes row 0; a state carried from an earlier batch enters as
-row 0's initial state instead).
+continues[0] must be False (no row precedes row 0; a state carried from an earlier batch enters
+as row 0's initial state instead): refused when concrete, read as False under jit.
 
 The state at the end of a row's last run is affine in the state its first run starts from:
 when the row is a single run, end = decay * start + end0 (decay: the run's total decay, end0:
@@ -64,6 +64,7 @@ def chain_row_states(end, decay, single_run, continues, given):
     single_run (b,), continues (b,) bool; given (b, ...): the start of rows that do not continue.
     """
     decay = jnp.broadcast_to(decay, end.shape)
+    continues = continues.at[0].set(False)  # nothing precedes row 0
 
     def row(prev_end, xs):
         end_r, decay_r, single_r, cont_r, given_r = xs
@@ -94,7 +95,7 @@ def previous_row_tail(x, segment_ids, continues, width: int):
     prev_last = jnp.roll(seg[:, -1:], 1, axis=0)
     # A tail position belongs to row b - 1's last run iff it and every later one have its id.
     in_last = jnp.flip(jnp.cumprod(jnp.flip(tail_seg == prev_last, 1), axis=1), 1).astype(bool)
-    link = continues[:, None] & in_last
+    link = continues[:, None] & in_last & (jnp.arange(batch) > 0)[:, None]  # row 0: no link
     # Positions that are not linked get an id unlike the first run's, so it restarts after them.
     tail_ids = jnp.where(link, seg[:, :1], seg[:, :1] - 1)
     x_ext = jnp.concatenate([jnp.where(link[..., None], tail, jnp.zeros((), x.dtype)), x], axis=1)

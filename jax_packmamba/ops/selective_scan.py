@@ -286,7 +286,8 @@ def check_selective_scan_args(
             raise ValueError(f"initial_states must be a real floating array, got dtype "
                              f"{jnp.result_type(initial_states)}")
         if num_segments is not None and num_segments != shape[1]:
-            raise ValueError(f"num_segments={num_segments!r} must equal initial_states.shape[1]={shape[1]}")
+            raise ValueError(f"num_segments={num_segments!r} must equal "
+                             f"initial_states.shape[1]={shape[1]}")
         num_segments = shape[1]
         check_segment_slots(segment_ids, num_segments, used_by="initial_states")
     if return_final_states:
