@@ -110,7 +110,7 @@ from benchmarks.workloads import DISTS, MODES
 PRESETS = ("130m", "370m", "790m", "1.4b", "2.8b")
 MAMBA2_PRESETS = ("mamba2-130m", "mamba2-370m", "mamba2-780m", "mamba2-1.3b", "mamba2-2.7b")
 KNOWN_PRESETS = PRESETS + ("tiny",) + MAMBA2_PRESETS + ("mamba2-tiny",)
-GROUP_OF = {"packed": "rows", "padded": "rows", "single": "single"}
+GROUP_OF = {"packed": "rows", "padded": "rows", "single": "single", "link": "rows"}
 DEFAULT_ROWS = {"130m": 8, "370m": 8, "790m": 8, "1.4b": 8, "2.8b": 4, "tiny": 2,
                 **{p: 8 for p in MAMBA2_PRESETS}, "mamba2-2.7b": 4, "mamba2-tiny": 2}
 SMOKE_MODEL = "n_layer=1,d_model=32,d_state=4"
@@ -211,7 +211,8 @@ def child(spec: dict) -> None:
             pieces = cut_pieces(w["docs"], seq_len)
             work[dist] = dict(tokens=w["info"]["num_tokens"], pieces=pieces,
                               batches={m: workloads.batches_for(
-                                  m, pieces, seq_len=seq_len, rows=rows,
+                                  m, w["docs"] if m == "link" else pieces,
+                                  seq_len=seq_len, rows=rows,
                                   single_bucket=spec["single_bucket"], seed=spec["seed"])
                                   for m in modes})
         print(f"[{preset} {group}] workloads batched in {time.perf_counter() - t_proc:.1f}s",
@@ -227,7 +228,8 @@ def child(spec: dict) -> None:
         last_compile = [spec["compile_guess_s"]]
 
         def executable(shape_batch):
-            shape = tuple(shape_batch["tokens"].shape)
+            # link batches also hold "continues": another program for the same shape.
+            shape = (*shape_batch["tokens"].shape, *sorted(shape_batch))
             if shape not in execs:
                 t0 = time.perf_counter()
                 lowered = compiled.train_step.lower(state, shape_batch)
@@ -268,7 +270,10 @@ def child(spec: dict) -> None:
                              steps=len(batches), pieces=len(work[dist]["pieces"]),
                              real_fraction=real / slots, padding_fraction=1 - real / slots,
                              init_s=init_s)
-                if mode == "packed" and real != work[dist]["tokens"]:
+                if mode == "link":
+                    stats.update(linked_documents=sum(b["linked"] for b in batches),
+                                 longest_chain=max(b["longest_chain"] for b in batches))
+                if mode in ("packed", "link") and real != work[dist]["tokens"]:
                     raise AssertionError(f"packed batches hold {real} real tokens, the workload "
                                          f"{work[dist]['tokens']}")
                 if mode == "padded":
