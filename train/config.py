@@ -204,7 +204,7 @@ class DataConfig:
         help="documents longer than a row, packed mode: cut: into pieces of seq_len tokens, "
              "each starting from a zero state; link: documents laid end to end, a row's first "
              "piece linked to the previous row's last, every layer's state carried over the "
-             "link, so no document is cut inside a micro-batch (docs/long_documents.md)"),
+             "link, so no document is cut inside a micro-batch (docs/long_documents.md)")
 
     batch_size: int = option(
         8, resume=DATA, help="rows per micro-batch in packed and padded mode (single uses 1)")
