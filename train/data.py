@@ -375,8 +375,11 @@ class Batcher:
         return self.consumed / len(self.pieces)
 
     def state(self) -> dict:
-        return {"consumed": int(self.consumed), "carry": [[int(g), int(w)] for g, w in self.carry],
-                "offset": int(self.offset)}
+        state = {"consumed": int(self.consumed),
+                 "carry": [[int(g), int(w)] for g, w in self.carry]}
+        if self.long_docs != "cut":  # cut mode's position stays what it always was
+            state["offset"] = int(self.offset)
+        return state
 
     def restore(self, state: dict) -> None:
         self.consumed = int(state["consumed"])
