@@ -130,7 +130,7 @@ def selective_scan(
             *args, interpret=impl == "pallas_interpret", delta_softplus=delta_softplus,
             segment_ids=segment_ids, first_run_states=first, continues=continues,
             return_final_states=return_final_states, num_segments=num_segments)
-    return _continued(run, args, delta_softplus, segment_ids, initial_states, continues,
+    return _continued(impl, run, args, delta_softplus, segment_ids, initial_states, continues,
                       return_final_states, num_segments)
 
 
@@ -213,7 +213,7 @@ def run_cumsum(a, starts):
     return jax.lax.associative_scan(combine, (flags, a), axis=1)[1]
 
 
-def _continued(run, args, delta_softplus, segment_ids, initial_states, continues,
+def _continued(impl, run, args, delta_softplus, segment_ids, initial_states, continues,
                return_final_states, num_segments):
     """Rows linked by `continues`: one scan from the given starts gives each row's last-run end
     state and (with its total decay) the affine map from the first run's start to it; a pass
@@ -223,8 +223,7 @@ def _continued(run, args, delta_softplus, segment_ids, initial_states, continues
     seg = _ids(segment_ids, u)
     rows = jnp.arange(batch)
     if initial_states is None:  # the last run's end state, whatever range the ids have
-        _, final = _run_impl(run.args[0], *args, delta_softplus, compact_ids(seg, "last"), None,
-                             True, 3)
+        _, final = _run_impl(impl, *args, delta_softplus, compact_ids(seg, "last"), None, True, 3)
         end = final[:, 0]
     else:
         _, final = run(None, True, num_segments)
