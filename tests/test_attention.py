@@ -212,7 +212,7 @@ def test_auto_is_the_reference_off_a_gpu():
 
 
 @pytest.mark.parametrize("platform,dtype,head_dim,max_segments,want", [
-    ("cuda", jnp.bfloat16, 128, 64, "cudnn_packed"),
+    ("cuda", jnp.bfloat16, 128, 64, "cudnn"),  # measured faster than cudnn_packed
     ("cuda", jnp.float16, 64, None, "cudnn"),
     ("cuda", jnp.float32, 128, 64, "reference"),  # cuDNN's flash attention is bf16/fp16 only
     ("cuda", jnp.bfloat16, 12, 64, "reference"),  # head dim not a multiple of 8
