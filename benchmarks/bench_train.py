@@ -114,7 +114,7 @@ MAMBA2_PRESETS = ("mamba2-130m", "mamba2-370m", "mamba2-780m", "mamba2-1.3b", "m
 # step: --presets hybrid-1b --modes packed --rows 8 times it at 8 x 2048.
 KNOWN_PRESETS = (PRESETS + ("tiny",) + MAMBA2_PRESETS + ("mamba2-tiny", "hybrid-1b",
                                                          "hybrid-tiny"))
-GROUP_OF = {"packed": "rows", "padded": "rows", "single": "single"}
+GROUP_OF = {"packed": "rows", "padded": "rows", "single": "single", "link": "rows"}
 DEFAULT_ROWS = {"130m": 8, "370m": 8, "790m": 8, "1.4b": 8, "2.8b": 4, "tiny": 2,
                 **{p: 8 for p in MAMBA2_PRESETS}, "mamba2-2.7b": 4, "mamba2-tiny": 2,
                 "hybrid-1b": 8, "hybrid-tiny": 2}
@@ -218,7 +218,8 @@ def child(spec: dict) -> None:
             pieces = cut_pieces(w["docs"], seq_len)
             work[dist] = dict(tokens=w["info"]["num_tokens"], pieces=pieces,
                               batches={m: workloads.batches_for(
-                                  m, pieces, seq_len=seq_len, rows=rows,
+                                  m, w["docs"] if m == "link" else pieces,
+                                  seq_len=seq_len, rows=rows,
                                   single_bucket=spec["single_bucket"], seed=spec["seed"])
                                   for m in modes})
         print(f"[{preset} {group}] workloads batched in {time.perf_counter() - t_proc:.1f}s",
@@ -234,7 +235,8 @@ def child(spec: dict) -> None:
         last_compile = [spec["compile_guess_s"]]
 
         def executable(shape_batch):
-            shape = tuple(shape_batch["tokens"].shape)
+            # link batches also hold "continues": another program for the same shape.
+            shape = (*shape_batch["tokens"].shape, *sorted(shape_batch))
             if shape not in execs:
                 t0 = time.perf_counter()
                 lowered = compiled.train_step.lower(state, shape_batch)
@@ -275,7 +277,10 @@ def child(spec: dict) -> None:
                              steps=len(batches), pieces=len(work[dist]["pieces"]),
                              real_fraction=real / slots, padding_fraction=1 - real / slots,
                              init_s=init_s)
-                if mode == "packed" and real != work[dist]["tokens"]:
+                if mode == "link":
+                    stats.update(linked_documents=sum(b["linked"] for b in batches),
+                                 longest_chain=max(b["longest_chain"] for b in batches))
+                if mode in ("packed", "link") and real != work[dist]["tokens"]:
                     raise AssertionError(f"packed batches hold {real} real tokens, the workload "
                                          f"{work[dist]['tokens']}")
                 if mode == "padded":

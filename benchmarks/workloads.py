@@ -28,7 +28,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-MODES = ("packed", "padded", "single")
+MODES = ("packed", "padded", "single", "link")
 DISTS = ("corpus", "instruct")
 RELEASED_VOCAB = 50277
 BYTE_VOCAB = 257
@@ -127,6 +127,17 @@ def batches_for(mode: str, pieces: list, *, seq_len: int, rows: int, single_buck
     from train.data import Batcher
 
     n = len(pieces)
+    if mode == "link":  # pieces are whole documents: streamed end to end, rows linked
+        b = Batcher(pieces, mode="packed", seq_len=seq_len, batch_size=rows, seed=seed,
+                    wrap=False, long_docs="link")
+        out = []
+        while b.consumed < n:
+            x = next(b)
+            out.append(dict(arrays=x["arrays"], real=x["stats"]["real_tokens"],
+                            slots=x["stats"]["slots"], sequences=x["stats"]["sequences"],
+                            linked=x["stats"]["linked_documents"],
+                            longest_chain=x["stats"]["longest_chain"]))
+        return out
     if mode == "packed":
         b = Batcher(pieces, mode="packed", seq_len=seq_len, batch_size=rows, seed=seed, wrap=False)
         out = []

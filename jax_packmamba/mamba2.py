@@ -99,7 +99,7 @@ class Mamba2Mixer(nnx.Module):
     pallas_decode = False  # decode_impl is "xla" only
 
     def __call__(self, hidden, segment_ids=None, cache: MixerState | None = None, *,
-                 num_segments: int | None = None, decode_impl: str = "xla"):
+                 num_segments: int | None = None, decode_impl: str = "xla", continues=None):
         """MambaMixer.__call__'s contract: hidden (b, t, d) -> (out, None), or with
         num_segments each segment's cache (conv (b, s, w - 1, x) over xBC, the conv's inputs;
         ssm (b, s, h, p, n) float32), or with a cache one token (b, d) -> (out, next cache)."""
@@ -119,12 +119,13 @@ class Mamba2Mixer(nnx.Module):
             segment_ids = jnp.zeros(hidden.shape[:2], jnp.int32)
         z, xBC, dt = self._in_proj(hidden)
         x, B, C = self._split_xBC(causal_conv1d(xBC, *self._conv_params(), segment_ids=segment_ids,
-                                                activation="silu", impl=config.conv_impl))
+                                                activation="silu", impl=config.conv_impl,
+                                                continues=continues))
         # dt_bias goes into the scan in float32 (added before the softplus), as in mamba_ssm.
         result = ssd_scan(x, dt, self._A(), B, C, self._D(), None, self.dt_bias[...], dt_softplus=True,
                           segment_ids=segment_ids, chunk_size=config.chunk_size,
-                          return_final_states=num_segments is not None, num_segments=num_segments,
-                          impl=config.scan_impl)
+                          continues=continues, return_final_states=num_segments is not None,
+                          num_segments=num_segments, impl=config.scan_impl)
         y, ssm = result if num_segments is not None else (result, None)
         out = self.out_proj(self.norm(y.reshape(*y.shape[:2], config.d_inner), z))
         if num_segments is None:

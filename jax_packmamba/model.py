@@ -24,6 +24,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jax_packmamba.config import HybridConfig, Mamba2Config, MambaConfig, hybrid_runs
@@ -43,6 +44,7 @@ from jax_packmamba.ops import (
     selective_scan,
     selective_state_update,
 )
+from jax_packmamba.ops.links import check_continues
 from jax_packmamba.ops.segments import check_pallas_platform
 from jax_packmamba.ops.selective_scan import IMPLS as SCAN_IMPLS
 
@@ -90,7 +92,7 @@ class MambaMixer(nnx.Module):
                                    kernel_init=torch_linear_init(out_scale), **linear)
 
     def __call__(self, hidden, segment_ids=None, cache: MixerState | None = None, *,
-                 num_segments: int | None = None, decode_impl: str = "xla"):
+                 num_segments: int | None = None, decode_impl: str = "xla", continues=None):
         """hidden (b, t, d) -> (out (b, t, d), None); with num_segments, the cache of each
         segment (b, s, ...) instead of None (segment_ids None: one segment, slot 0); with a
         cache (conv (b, w - 1, e), ssm (b, e, n)), one token: hidden (b, d) -> (out (b, d),
@@ -104,11 +106,11 @@ class MambaMixer(nnx.Module):
         x, z = self._in_proj(hidden)  # (b, t, e) each
         weight, bias = self._conv_params()
         x_conv = causal_conv1d(x, weight, bias, segment_ids=segment_ids, activation="silu",
-                               impl=config.conv_impl)
+                               impl=config.conv_impl, continues=continues)
         dt, B, C = self._dt_B_C(x_conv)
         # dt_proj's bias goes into the scan as delta_bias, in float32, as in mamba_ssm.
         result = selective_scan(x_conv, dt, self._A(), B, C, self.D[...], z, self.dt_proj.bias[...],
-                                delta_softplus=True, segment_ids=segment_ids,
+                                delta_softplus=True, segment_ids=segment_ids, continues=continues,
                                 return_final_states=num_segments is not None,
                                 num_segments=num_segments, impl=config.scan_impl)
         if num_segments is None:
@@ -267,6 +269,10 @@ class LM(nnx.Module):
     (cache: MixerState with leading axes (l, b, S)); `model(tokens (b,), cache=cache) ->
     (logits (b, v), cache)` one decode step (cache with leading axes (l, b)).
 
+    `continues` (b,) bool (packing.pack_stream's links): row r's first sequence continues row
+    r - 1's last one, and every layer carries its conv and SSM state over the link, so a
+    document split over rows gets the logits it gets unsplit (jax_packmamba/ops/links.py).
+
     `layers` is one Block whose parameters are stacked on a leading layer axis (`layer(i)`
     gives block i alone). With a HybridConfig, `layers` is a list of such stacks of HybridLayer,
     one per run of identical layers (config.hybrid_runs), run in order, and a cache is a list
@@ -296,14 +302,22 @@ class LM(nnx.Module):
                                       rngs=rngs)
 
     def __call__(self, input_ids, segment_ids=None, cache: MixerState | None = None, *,
-                 num_segments: int | None = None, decode_impl: str = "xla"):
+                 num_segments: int | None = None, decode_impl: str = "xla", continues=None):
         if cache is None:
             check_model_inputs(input_ids, segment_ids, self.config)
+            check_continues(continues, np.shape(input_ids)[0])
+        elif continues is not None:
+            raise ValueError("continues links rows of a sequence call; a decode step takes none")
         residual = self.embedding(input_ids)
+        links = {} if continues is None else dict(continues=continues)
         options = dict(scan=self.config.scan_layers,
                        remat=self.config.remat if cache is None else "none",
-                       num_segments=num_segments, decode_impl=decode_impl)
+                       num_segments=num_segments, decode_impl=decode_impl, **links)
         if isinstance(self.config, HybridConfig):
+            if continues is not None:
+                raise ValueError("continues (rows linked across) is not supported for hybrid "
+                                 "models yet: attention would need each row's keys of the row "
+                                 "before")
             # cache: a list with one entry per run (leading layer axis within the run).
             training = cache is None and num_segments is None
             caches = []

@@ -61,6 +61,9 @@ class PackedBatch:
         so tokens[row, column:column + piece_length]
            == sequences[sequence_index][start_in_sequence:start_in_sequence + piece_length].
         The module-level constants SEQUENCE_INDEX, ..., PIECE_LENGTH name the columns.
+      continues: (r,) bool or None: row r's first piece continues row r - 1's last piece (the
+        same sequence, the next tokens): the links of `pack_stream`, which the ops' `continues`
+        argument takes (jax_packmamba/ops/links.py). None from the cutting packers.
     """
 
     tokens: np.ndarray
@@ -69,6 +72,7 @@ class PackedBatch:
     targets: np.ndarray
     loss_mask: np.ndarray
     placements: np.ndarray
+    continues: np.ndarray | None = None
 
     @property
     def num_rows(self) -> int:
@@ -102,6 +106,16 @@ class PackedBatch:
             weights=self.placements[:, PIECE_LENGTH],
             minlength=self.num_sequences,
         ).astype(np.int64)
+
+    @property
+    def num_linked_sequences(self) -> int:
+        """Number of sequences whose pieces are linked across rows (pack_stream)."""
+        return 0 if self.continues is None else self.num_split_sequences
+
+    @property
+    def longest_chain(self) -> int:
+        """Most rows one sequence spans (1 when none is split)."""
+        return int(np.bincount(self.placements[:, SEQUENCE_INDEX]).max())
 
     @property
     def num_tokens(self) -> int:
@@ -140,6 +154,48 @@ def pack_sequences(
     return _pack(
         sequences, length, _PLACERS[policy], pad_id=pad_id, num_rows=num_rows, caller="pack_sequences"
     )
+
+
+def pack_stream(sequences, length, *, pad_id=0, num_rows=None) -> PackedBatch:
+    """Packs sequences end to end, in input order, into rows of `length` tokens, with links.
+
+    A sequence that reaches a row's end goes on at the start of the next row, and
+    `continues[r]` records that row r's first piece continues row r - 1's last one, so a model
+    given the links computes every sequence exactly as if it were one row (nothing is cut).
+    Every row but the last is full; padding is only at the end. This is the `link` mode of the
+    trainer (--data.long_docs). Same arguments as pack_sequences (no policy: the order is the
+    input's, which is what keeps the pieces of a sequence in consecutive rows).
+    """
+    seqs = _check_sequences(sequences)
+    length = _check_int("length", length, minimum=2)
+    pad_id = _check_int("pad_id", pad_id, minimum=_INT32.min, maximum=_INT32.max)
+    seq_lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+    seq_end = np.cumsum(seq_lengths)  # in the stream of all tokens
+    seq_begin = seq_end - seq_lengths
+    first_row, last_row = seq_begin // length, (seq_end - 1) // length
+    pieces_per_seq = last_row - first_row + 1
+    piece_seq = np.repeat(np.arange(len(seqs)), pieces_per_seq)
+    piece_row = first_row[piece_seq] + np.arange(len(piece_seq)) - np.repeat(
+        np.cumsum(pieces_per_seq) - pieces_per_seq, pieces_per_seq)
+    begin = np.maximum(seq_begin[piece_seq], piece_row * length)
+    end = np.minimum(seq_end[piece_seq], (piece_row + 1) * length)
+    needed_rows = int(last_row[-1]) + 1
+    if num_rows is None:
+        num_rows = needed_rows
+    else:
+        num_rows = _check_int("num_rows", num_rows, minimum=1)
+        if num_rows < needed_rows:
+            raise ValueError(f"num_rows={num_rows} is too small: these {len(seqs)} sequences "
+                             f"({int(seq_lengths.sum())} tokens) need {needed_rows} rows of "
+                             f"length={length}")
+    arrays = _arrays(seqs, length, num_rows, pad_id, seq_lengths, piece_seq,
+                     begin - seq_begin[piece_seq], piece_row, begin - piece_row * length,
+                     end - begin)
+    continues = np.zeros(num_rows, bool)
+    later = (begin - seq_begin[piece_seq] > 0) & (begin == piece_row * length)
+    continues[piece_row[later]] = True
+    continues.flags.writeable = False
+    return PackedBatch(**arrays, continues=continues)
 
 
 def pad_sequences(sequences, length=None, pad_id=0) -> PackedBatch:
@@ -298,6 +354,13 @@ def _pack(sequences, length, place: Callable, *, pad_id, num_rows, caller: str) 
             f"of length={length}"
         )
 
+    return PackedBatch(**_arrays(seqs, length, num_rows, pad_id, seq_lengths, piece_seq,
+                                 piece_start, piece_row, piece_col, piece_len))
+
+
+def _arrays(seqs, length, num_rows, pad_id, seq_lengths, piece_seq, piece_start, piece_row,
+            piece_col, piece_len) -> dict:
+    """The PackedBatch arrays (read-only) of pieces placed at (piece_row, piece_col)."""
     placements = np.stack([piece_seq, piece_start, piece_row, piece_col, piece_len], axis=1)
     placements = placements.astype(np.int32)
 
@@ -347,7 +410,7 @@ def _pack(sequences, length, place: Callable, *, pad_id, num_rows, caller: str) 
     )
     for a in arrays.values():
         a.flags.writeable = False  # The dataclass is frozen; make its contents so too.
-    return PackedBatch(**arrays)
+    return arrays
 
 
 def _token_slots(placements):

@@ -15,8 +15,10 @@ def rel_err(x, ref) -> float:
 
 
 def selective_scan_loop(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
-                        delta_softplus=False, segment_ids=None):
-    """One step at a time; returns (y, states) with states (b, t, d, n) after each step."""
+                        delta_softplus=False, segment_ids=None, initial_states=None):
+    """One step at a time; returns (y, states) with states (b, t, d, n) after each step. A run
+    of id s (a new run wherever the id changes, and at t = 0) starts from
+    initial_states[b, s] (zeros without them)."""
     if delta_bias is not None:
         delta = delta + delta_bias
     if delta_softplus:
@@ -28,13 +30,16 @@ def selective_scan_loop(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     new_segment = segment_ids != previous_ids
 
     def step(h, xs):
-        u_t, delta_t, B_t, C_t, new_t = xs
-        h = jnp.where(new_t[:, None, None], 0.0, h)
+        u_t, delta_t, B_t, C_t, new_t, id_t = xs
+        start = 0.0
+        if initial_states is not None:
+            start = jnp.asarray(initial_states)[jnp.arange(batch), id_t]
+        h = jnp.where(new_t[:, None, None], start, h)
         h = jnp.exp(delta_t[:, :, None] * A) * h + (delta_t * u_t)[:, :, None] * B_t[:, None, :]
         return h, (jnp.einsum("bdn,bn->bd", h, C_t), h)
 
     h0 = jnp.zeros((batch, d_inner, A.shape[1]), u.dtype)
-    time_major = [jnp.swapaxes(x, 0, 1) for x in (u, delta, B, C, new_segment)]
+    time_major = [jnp.swapaxes(x, 0, 1) for x in (u, delta, B, C, new_segment, segment_ids)]
     _, (y, states) = jax.lax.scan(step, h0, time_major)
     y, states = jnp.swapaxes(y, 0, 1), jnp.swapaxes(states, 0, 1)
     if D is not None:

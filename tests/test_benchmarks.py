@@ -25,7 +25,7 @@ HEADER = ("device", "device_name", "kind", "backend", "jax_version", "date", "gi
           "command")
 SCRIPTS = ("bench_scan", "bench_ssd", "bench_kernels", "bench_train", "bench_generate", "breakdown",
            "plot_train", "train_gpu", "anchor_mamba2", "bench_scaling", "probes/psum_bandwidth",
-           "probes/compile_time", "bench_ssd_chunk_scan")
+           "probes/compile_time", "bench_ssd_chunk_scan", "bench_links", "bench_long_docs")
 
 
 def run_script(script: str, *args, timeout=300) -> subprocess.CompletedProcess:
@@ -401,6 +401,23 @@ def smoke_bench_scaling(out, data):
     assert out.with_name(out.stem + "_scaling.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def smoke_bench_links(out, data):
+    assert [r["shape"] for r in data["timings"]] == ["mamba1", "mamba2"]
+    for r in data["timings"]:
+        assert r["cut_ms"] > 0 and r["link_ms"] > 0 and r["rows_continuing"] >= 1
+        assert r["longest_chain"] >= 2
+
+
+def smoke_bench_long_docs(out, data):
+    assert data["eval_documents"] >= 1 and len(data["results"]) == 4
+    for name, row in data["results"].items():
+        assert np.isfinite(row["mean"]) and row["by_position"], name
+    first = [next(iter(r["by_position"].values())) for r in data["results"].values()]
+    # Within the first row both readings are the same computation.
+    assert first[0] == first[1] and first[2] == first[3]
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
 # case: (script, its arguments given the output folder, the JSON it writes there, the check,
 # what header it has: True of this machine, False without a device, None in each record)
 SMOKES = {
@@ -426,6 +443,10 @@ SMOKES = {
     "train_gpu": ("train_gpu", lambda d: ["--smoke", "--steps=3", "--out", d, "--",
                                           "--model.n_layer=1", "--data.seq_len=64"],
                   "train_gpu_cpu_1dev_smoke.json", smoke_train_gpu, True),
+    "bench_links": ("bench_links", lambda d: ["--smoke", "--out", d], "links_cpu_smoke.json",
+                    smoke_bench_links, True),
+    "bench_long_docs": ("bench_long_docs", lambda d: ["--smoke", "--out", d],
+                        "long_docs_cpu_smoke.json", smoke_bench_long_docs, True),
     "bench_ssd_chunk_scan": ("bench_ssd_chunk_scan", lambda d: ["--smoke", "--out", d],
                              "ssd_chunk_scan_mosaic_cpu_smoke.json", smoke_ssd_chunk_scan, True),
     "psum_bandwidth": ("probes/psum_bandwidth", lambda d: ["--smoke", "--out", d],
@@ -436,7 +457,9 @@ SMOKES = {
 }
 
 
-SLOW_SMOKES = ("bench_scaling",)  # about 25 s: three processes start jax, two compile a step
+# bench_scaling: about 25 s (three processes start jax, two compile a step); bench_long_docs:
+# about 60 s (two short training runs).
+SLOW_SMOKES = ("bench_scaling", "bench_long_docs")
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_SMOKES

@@ -406,3 +406,38 @@ def test_choose_first_fit_decreasing_fills_rows_that_pack_sequences_accepts(seed
     # With 5x the batch's slots to choose from the rows end up nearly full (reached: >= 249).
     assert lengths[taken].sum() >= 0.95 * 4 * 64
     assert lookahead_tokens(64, 4) == 2 * 64 * 4
+
+
+# ---------------------------------------------------------------- pack_stream (link mode)
+
+
+def test_pack_stream_lays_sequences_end_to_end_with_links():
+    from jax_packmamba.packing import pack_stream
+
+    rng = np.random.default_rng(7)
+    # Sequences of 1 token, exactly a row, many rows, and everything between.
+    lengths = [1, 16, 45, 3, 1, 33, 16, 2] + list(rng.integers(1, 40, size=12))
+    seqs = [rng.integers(0, 1000, size=n).astype(np.int32) for n in lengths]
+    b = pack_stream(seqs, 16, num_rows=30)
+    for got, want in zip(unpack(b, b.tokens), seqs):
+        np.testing.assert_array_equal(got, want)
+    total = sum(lengths)
+    full_rows = total // 16
+    assert (b.segment_ids[:full_rows] > 0).all() and (b.segment_ids[full_rows + 1:] == 0).all()
+    assert b.num_tokens == total and b.loss_mask.sum() == total - len(seqs)
+    # continues[r] exactly where row r's first token is not its sequence's first token.
+    starts_sequence = np.zeros_like(b.tokens, bool)
+    for _, start, r, col, _ in b.placements:
+        starts_sequence[r, col] = start == 0
+    used = b.segment_ids[:, 0] > 0
+    np.testing.assert_array_equal(b.continues, used & ~starts_sequence[:, 0])
+    assert not b.continues[0]
+    # A linked row's last token is trained to predict the next row's first token.
+    for r in np.flatnonzero(b.continues):
+        assert b.loss_mask[r - 1, -1] and b.targets[r - 1, -1] == b.tokens[r, 0]
+    end = np.cumsum(lengths)
+    rows_spanned = (end - 1) // 16 - (end - np.array(lengths)) // 16 + 1
+    assert b.longest_chain == rows_spanned.max() > 2
+    assert b.num_linked_sequences == b.num_split_sequences > 0
+    with pytest.raises(ValueError, match="num_rows=2 is too small"):
+        pack_stream(seqs, 16, num_rows=2)

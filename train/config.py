@@ -52,6 +52,7 @@ class ConfigError(ValueError):
 
 MODES = ("packed", "padded", "single")
 PACK_POLICIES = ("first_fit_decreasing", "greedy")
+LONG_DOCS = ("cut", "link")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DATA_FORMATS = ("auto", "text", "jsonl", "tokens", "parquet", "arrow")
 WANDB_MODES = ("online", "offline")
@@ -204,6 +205,13 @@ class DataConfig:
     seq_len: int = option(
         512, resume=DATA,
         help="tokens per row (>= 2); longer documents are cut into pieces of seq_len tokens")
+    long_docs: str = option(
+        "cut", choices=LONG_DOCS, resume=DATA,
+        help="documents longer than a row, packed mode: cut: into pieces of seq_len tokens, "
+             "each starting from a zero state; link: documents laid end to end, a row's first "
+             "piece linked to the previous row's last, every layer's state carried over the "
+             "link, so no document is cut inside a micro-batch (docs/long_documents.md)")
+
     batch_size: int = option(
         8, resume=DATA, help="rows per micro-batch in packed and padded mode (single uses 1)")
     single_bucket: int = option(
@@ -373,6 +381,10 @@ class TrainConfig:
         _choice("data.format", d.format, DATA_FORMATS)
         _choice("data.mode", d.mode, MODES)
         _choice("data.pack_policy", d.pack_policy, PACK_POLICIES)
+        _choice("data.long_docs", d.long_docs, LONG_DOCS)
+        if d.long_docs != "cut" and d.mode != "packed":
+            raise ConfigError(f"--data.long_docs={d.long_docs} needs --data.mode=packed, got "
+                              f"{d.mode}")
         _choice("data.bin_dtype", d.bin_dtype, BIN_DTYPES)
         if not d.text_field:
             raise ConfigError("--data.text_field is empty")

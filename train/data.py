@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 
 from jax_packmamba import packing
-from jax_packmamba.packing import pack_sequences, pad_sequences
+from jax_packmamba.packing import pack_sequences, pack_stream, pad_sequences
 from jax_packmamba.tokenizer import EOD_NAMES, ByteTokenizer, load_tokenizer
 
 from train.config import DataConfig
@@ -313,6 +313,7 @@ def cut_pieces(docs: list[np.ndarray], seq_len: int) -> list[np.ndarray]:
 # Batching.
 
 BATCH_KEYS = ("tokens", "segment_ids", "targets", "loss_mask")
+LONG_DOCS = ("cut", "link", "link_across_steps")
 
 
 class Batcher:
@@ -323,18 +324,32 @@ class Batcher:
     positions of pulled pieces that packed mode has not placed yet); state()/restore() save it.
     next() returns a dict of numpy arrays of shape (grad_accum, rows, length) for BATCH_KEYS
     plus host statistics. Which pieces packed mode takes is jax_packmamba.packing's decision.
+
+    long_docs="link" or "link_across_steps" (packed mode only): `pieces` are whole documents,
+    laid end to end in stream order by packing.pack_stream, and the batch also has "continues"
+    (grad_accum, rows) bool: row r continues row r - 1's last document. Row 0's flag says the
+    micro-batch starts with the rest of a document the previous micro-batch (or step) did not
+    finish: in "link" that rest starts from a zero state (the only cut left, at batch edges);
+    in "link_across_steps" from the state carried over. `offset` (tokens of the current
+    document already used) joins the resumable position.
     """
 
     def __init__(self, pieces: list[np.ndarray], *, mode: str, seq_len: int, batch_size: int,
                  grad_accum: int = 1, seed: int = 0, pack_policy: str = "first_fit_decreasing",
                  single_bucket: int = 64, shuffle: bool = True, wrap: bool = True,
-                 consumed: int = 0):
+                 consumed: int = 0, long_docs: str = "cut"):
         if not pieces:
             raise DataError("no training pieces (every document went to the eval split?)")
+        if long_docs not in LONG_DOCS:
+            raise ValueError(f"long_docs must be one of {LONG_DOCS}, got {long_docs!r}")
+        if long_docs != "cut" and mode != "packed":
+            raise ValueError(f"long_docs={long_docs!r} needs mode='packed', got {mode!r}")
         self.pieces = pieces
         self.lengths = np.array([len(p) for p in pieces], np.int64)
-        if self.lengths.max() > seq_len:
+        if long_docs == "cut" and self.lengths.max() > seq_len:
             raise ValueError(f"a piece has {self.lengths.max()} tokens > {seq_len=}")
+        self.long_docs = long_docs
+        self.offset = 0  # link modes: tokens of the stream's current document already used
         self.mode, self.seq_len, self.batch_size = mode, seq_len, batch_size
         self.grad_accum, self.seed, self.pack_policy = grad_accum, seed, pack_policy
         self.single_bucket, self.shuffle, self.wrap = single_bucket, shuffle, wrap
@@ -360,11 +375,16 @@ class Batcher:
         return self.consumed / len(self.pieces)
 
     def state(self) -> dict:
-        return {"consumed": int(self.consumed), "carry": [[int(g), int(w)] for g, w in self.carry]}
+        state = {"consumed": int(self.consumed),
+                 "carry": [[int(g), int(w)] for g, w in self.carry]}
+        if self.long_docs != "cut":  # cut mode's position stays what it always was
+            state["offset"] = int(self.offset)
+        return state
 
     def restore(self, state: dict) -> None:
         self.consumed = int(state["consumed"])
         self.carry = [[int(g), int(w)] for g, w in state.get("carry", [])]
+        self.offset = int(state.get("offset", 0))
 
     # -- one micro-batch
     def _take_packed(self) -> list[np.ndarray]:
@@ -407,7 +427,39 @@ class Batcher:
         self.carry = [[g, w + 1] for (g, w), t in zip(candidates, taken) if not t]
         return [self.pieces[self._index(g)] for (g, _), t in zip(candidates, taken) if t]
 
+    def _take_stream(self) -> tuple[list[np.ndarray], bool]:
+        """Link modes: the stream's documents from the current position until the batch is
+        full (the last one possibly only begun); and whether the first is a rest."""
+        room = self.batch_size * self.seq_len
+        rest = self.offset > 0
+        taken = []
+        while room and (self.wrap or self.consumed < len(self.pieces)):
+            doc = self.pieces[self._index(self.consumed)][self.offset:]
+            taken.append(doc[:room])
+            if len(doc) > room:
+                self.offset += room
+                break
+            room -= len(doc)
+            self.consumed, self.offset = self.consumed + 1, 0
+        return taken, rest
+
     def _micro(self):
+        if self.long_docs != "cut":
+            seqs, rest = self._take_stream()
+            if not seqs:  # a stream without wrap-around is used up: an all-padding micro-batch
+                shape = (self.batch_size, self.seq_len)
+                arrays = {k: np.zeros(shape, bool if k == "loss_mask" else np.int32)
+                          for k in BATCH_KEYS}
+                arrays["continues"] = np.zeros((self.batch_size, 1), bool)
+                return arrays, 0, dict(linked=0, longest_chain=0)
+            b = pack_stream(seqs, self.seq_len, num_rows=self.batch_size)
+            arrays = {k: np.asarray(getattr(b, k)) for k in BATCH_KEYS}
+            # (rows, 1): shaped like the (rows, length) arrays' leading axes, so the batch
+            # shards as they do. Row 0's flag (a rest of a document) is read as False by the ops.
+            arrays["continues"] = np.asarray(b.continues).copy()[:, None]
+            arrays["continues"][0] = rest
+            links = dict(linked=b.num_linked_sequences, longest_chain=b.longest_chain)
+            return arrays, len(seqs), links
         if self.mode == "packed":
             seqs = self._take_packed()
             b = pack_sequences(seqs, self.seq_len, policy=self.pack_policy,
@@ -422,17 +474,18 @@ class Batcher:
             bucket = self.single_bucket
             length = min(self.seq_len, max(2, -(-len(seqs[0]) // bucket) * bucket))
             b = pad_sequences(seqs, length)
-        return {k: np.asarray(getattr(b, k)) for k in BATCH_KEYS}, len(seqs)
+        return {k: np.asarray(getattr(b, k)) for k in BATCH_KEYS}, len(seqs), None
 
     def __iter__(self) -> Iterator[dict]:
         return self
 
     def __next__(self) -> dict:
-        micros, num_seq = [], 0
+        micros, num_seq, links = [], 0, []
         for _ in range(self.grad_accum):
-            m, n = self._micro()
+            m, n, link = self._micro()
             micros.append(m)
             num_seq += n
+            links.append(link)
         length = max(m["tokens"].shape[1] for m in micros)
         batch = {}
         for k in BATCH_KEYS:
@@ -441,20 +494,28 @@ class Batcher:
         real = int((batch["segment_ids"] > 0).sum())
         batch_stats = dict(real_tokens=real, target_tokens=int(batch["loss_mask"].sum()),
                            slots=int(batch["tokens"].size), sequences=num_seq)
+        if self.long_docs != "cut":
+            batch["continues"] = np.stack([m["continues"] for m in micros])
+            batch_stats.update(linked_documents=sum(x["linked"] for x in links),
+                               longest_chain=max(x["longest_chain"] for x in links))
         return {"arrays": batch, "stats": batch_stats}
 
 
 def estimate_efficiency(pieces: list[np.ndarray], config: DataConfig, steps: int = 50) -> dict:
-    """Share of slots holding real tokens in each mode over the first `steps` micro-batches."""
+    """Share of slots holding real tokens in each mode over the first `steps` micro-batches
+    (packed mode as config.long_docs packs; pieces are whole documents for "link")."""
     out = {}
+    link = config.long_docs != "cut"
     for mode in ("packed", "padded", "single"):
-        b = Batcher(pieces, mode=mode, seq_len=config.seq_len, batch_size=config.batch_size,
+        b = Batcher(pieces if mode == "packed" or not link else cut_pieces(pieces, config.seq_len),
+                    mode=mode, seq_len=config.seq_len, batch_size=config.batch_size,
                     seed=config.seed, pack_policy=config.pack_policy,
-                    single_bucket=config.single_bucket)
+                    single_bucket=config.single_bucket,
+                    long_docs=config.long_docs if mode == "packed" else "cut")
         real = slots = 0
         n = steps if mode != "single" else steps * config.batch_size
         for _ in range(n):
-            if mode == "packed":
+            if mode == "packed" and not link:
                 seqs = b._take_packed()
                 real += sum(len(s) for s in seqs)
                 slots += config.batch_size * config.seq_len
@@ -467,11 +528,13 @@ def estimate_efficiency(pieces: list[np.ndarray], config: DataConfig, steps: int
 
 
 def eval_batches(pieces: list[np.ndarray], config: DataConfig) -> list[dict]:
-    """Fixed packed eval batches over the held-out pieces (in order, no wrap-around)."""
+    """Fixed packed eval batches over the held-out pieces (in order, no wrap-around), linked as
+    the training batches are (config.long_docs)."""
     if not pieces:
         return []
     b = Batcher(pieces, mode="packed", seq_len=config.seq_len, batch_size=config.batch_size,
-                pack_policy=config.pack_policy, shuffle=False, wrap=False)
+                pack_policy=config.pack_policy, shuffle=False, wrap=False,
+                long_docs=config.long_docs)
     out = []
     while (b.consumed < len(pieces) or b.carry) and len(out) < config.eval_batches:
         batch = next(b)

@@ -97,9 +97,11 @@ def init_state(model_config: MambaConfig | Mamba2Config, tx: optax.GradientTrans
                       rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)))
 
 
-def token_losses(graphdef, params, tokens, segment_ids, targets, loss_mask):
-    """(sum of masked cross-entropy, number of targets) for one (b, t) micro-batch."""
-    logits = nnx.merge(graphdef, params)(tokens, segment_ids)  # (b, t, v)
+def token_losses(graphdef, params, tokens, segment_ids, targets, loss_mask, continues=None):
+    """(sum of masked cross-entropy, number of targets) for one (b, t) micro-batch; continues
+    (b, 1) bool: the rows' links (--data.long_docs=link), row 0's ignored."""
+    links = {} if continues is None else dict(continues=continues[:, 0].at[0].set(False))
+    logits = nnx.merge(graphdef, params)(tokens, segment_ids, **links)  # (b, t, v)
     return masked_cross_entropy(logits, targets, loss_mask)
 
 
@@ -111,7 +113,7 @@ def sum_grads(graphdef, params, batch: dict):
         grad_sum, ce_sum, count = carry
         (ce, n), grads = jax.value_and_grad(
             lambda p: token_losses(graphdef, p, mb["tokens"], mb["segment_ids"], mb["targets"],
-                                   mb["loss_mask"]),
+                                   mb["loss_mask"], mb.get("continues")),
             has_aux=True)(params)
         grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
         return (grad_sum, ce_sum + ce, count + n), None
@@ -206,7 +208,7 @@ def eval_step(params, batch: dict, *, graphdef) -> dict:
 
     def micro(carry, mb):
         ce, n = token_losses(graphdef, params, mb["tokens"], mb["segment_ids"], mb["targets"],
-                             mb["loss_mask"])
+                             mb["loss_mask"], mb.get("continues"))
         return (carry[0] + ce, carry[1] + n), None
 
     (ce, n), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)), batch)

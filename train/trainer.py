@@ -82,8 +82,10 @@ def prepare(config: TrainConfig) -> Prepared:
     d = config.data
     corpus = data_lib.load_corpus(d)
     train_docs, eval_docs = data_lib.split_documents(corpus.documents, d.eval_fraction, d.seed)
-    train_pieces = data_lib.cut_pieces(train_docs, d.seq_len)
-    eval_pieces = data_lib.cut_pieces(eval_docs, d.seq_len)
+    # link: whole documents, laid end to end by the Batcher (packing.pack_stream).
+    pieces = (lambda docs: docs) if d.long_docs == "link" else (
+        lambda docs: data_lib.cut_pieces(docs, d.seq_len))
+    train_pieces, eval_pieces = pieces(train_docs), pieces(eval_docs)
     model_config = config.model.mamba_config(vocab_size=corpus.vocab_size,
                                              backend=jax.default_backend())
     mesh = sharding.make_mesh(config.mesh)
@@ -249,7 +251,7 @@ def make_batcher(p: Prepared) -> data_lib.Batcher:
     return data_lib.Batcher(
         p.train_pieces, mode=d.mode, seq_len=d.seq_len, batch_size=d.batch_size,
         grad_accum=p.config.optim.grad_accum, seed=d.seed, pack_policy=d.pack_policy,
-        single_bucket=d.single_bucket)
+        single_bucket=d.single_bucket, long_docs=d.long_docs)
 
 
 @dataclasses.dataclass
@@ -532,7 +534,9 @@ class Report:
             step=s, loss=m["loss"], grad_norm=m["grad_norm"], lr=m.get("lr"),
             targets=int(m["targets"]), real_tokens=stats["real_tokens"], slots=stats["slots"],
             sequences=stats["sequences"], tokens_per_s=tps, mfu=util, time_s=now - self.t_start,
-            step_time_s=step_time))
+            step_time_s=step_time,
+            # --data.long_docs=link: documents linked across rows, most rows one spans.
+            **{k: stats[k] for k in ("linked_documents", "longest_chain") if k in stats}))
         eff = stats["real_tokens"] / stats["slots"]
         for logger in self.loggers:
             logger.scalars(s, {"train/loss": m["loss"], "train/grad_norm": m["grad_norm"],

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_packmamba.ops.links import check_continues, previous_row_tail
 from jax_packmamba.ops.segments import (
     check_pallas_platform,
     check_segment_ids,
@@ -34,8 +35,13 @@ PALLAS_MIN_PROGRAMS_PER_SM = 4
 CONV_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
 
-def causal_conv1d(x, weight, bias=None, *, segment_ids=None, activation=None, impl="auto"):
+def causal_conv1d(x, weight, bias=None, *, segment_ids=None, activation=None, impl="auto",
+                  continues=None):
     """Segment-aware depthwise causal conv; x (batch, length, channels), weight (channels, width).
+
+    continues: optional (batch,) bool: row b's first run continues row b - 1's last run (see
+    jax_packmamba/ops/links.py); its first width - 1 outputs read that run's last inputs, as
+    the document run as one sequence would. Needs length >= width - 1.
 
     Accumulates in float32 and returns x's dtype. activation: None or "silu". Same values as
     `causal_conv1d_reference`. impl:
@@ -48,8 +54,18 @@ def causal_conv1d(x, weight, bias=None, *, segment_ids=None, activation=None, im
       "pallas_interpret": the same kernels through the Pallas interpreter (any backend; tests).
     """
     check_causal_conv1d_args(x, weight, bias, segment_ids, activation)
+    check_continues(continues, np.shape(x)[0])
     if impl not in CONV_IMPLS:
         raise ValueError(f"impl must be one of {CONV_IMPLS}, got {impl!r}")
+    if continues is not None:
+        # Each row preceded by the previous row's last inputs, linked by their ids where the
+        # row continues; the extra outputs are dropped.
+        width = np.shape(weight)[1]
+        ids = jnp.zeros(np.shape(x)[:2], jnp.int32) if segment_ids is None else segment_ids
+        x_ext, ids_ext = previous_row_tail(x, ids, continues, width)
+        out = causal_conv1d(x_ext, weight, bias, segment_ids=ids_ext, activation=activation,
+                            impl=impl)
+        return out[:, width - 1:]
     if impl == "auto":
         impl = _auto_impl(x)
     check_pallas_platform(impl, fallback="xla")

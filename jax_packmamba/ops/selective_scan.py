@@ -27,6 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_packmamba.ops.links import (
+    chain_row_states,
+    check_continues,
+    compact_ids,
+    single_run_rows,
+)
 from jax_packmamba.ops.segments import (
     check_pallas_platform,
     check_segment_ids,
@@ -54,6 +60,8 @@ def selective_scan(
     *,
     delta_softplus: bool = False,
     segment_ids=None,
+    initial_states=None,
+    continues=None,
     return_final_states: bool = False,
     num_segments: int | None = None,
     impl: Impl = "auto",
@@ -68,6 +76,17 @@ def selective_scan(
       z: optional (batch, length, d_inner) gate; the output is multiplied by silu(z).
       delta_softplus: apply softplus to delta (after adding delta_bias).
       segment_ids: optional (batch, length) integers; the state restarts where they change.
+      initial_states: optional (batch, num_segments, d_inner, d_state): every run of id s in
+        row b begins from initial_states[b, s] (zeros without it). The run at t = 0 takes its
+        state the way a time chunk takes its predecessor's (free on every impl); runs that begin
+        later in a row add their initial state's decayed contribution as one XLA term that
+        holds a (batch, length, d_inner, d_state) float32 array.
+      continues: optional (batch,) bool: row b's first run continues row b - 1's last run (a
+        document longer than a row, its pieces at the end of row b - 1 and the start of row b;
+        chains over several rows are consecutive rows). That run starts from the state row
+        b - 1's last run ends in (its initial_states slot is not read), so outputs and
+        gradients are those of the document run as one sequence. continues[0] must be False.
+        Costs a second scan (jax_packmamba/ops/links.py).
       return_final_states: also return, for every segment slot s in [0, num_segments), the
         float32 state after the last token of the last run of id s in each row (zeros where
         the id does not occur): shape (batch, num_segments, d_inner, d_state). This is what a
@@ -84,19 +103,42 @@ def selective_scan(
       y with u's shape and dtype, or (y, final_states) when return_final_states.
     """
     num_segments = check_selective_scan_args(
-        u, delta, A, B, C, D, z, delta_bias, segment_ids, return_final_states, num_segments
+        u, delta, A, B, C, D, z, delta_bias, segment_ids, return_final_states, num_segments,
+        initial_states,
     )
+    check_continues(continues, np.shape(u)[0])
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
         impl = "pallas" if jax.default_backend() == "gpu" else "reference"
     check_pallas_platform(impl, fallback="reference")
-    kwargs = dict(
-        delta_softplus=delta_softplus,
-        segment_ids=segment_ids,
-        return_final_states=return_final_states,
-        num_segments=num_segments,
-    )
+    if initial_states is None and continues is None:  # the default path, untouched
+        return _run_impl(impl, u, delta, A, B, C, D, z, delta_bias, delta_softplus, segment_ids,
+                         None, return_final_states, num_segments)
+    args = (u, delta, A, B, C, D, z, delta_bias)
+    run = functools.partial(_scan_from_starts, impl, args, delta_softplus, segment_ids,
+                            initial_states)
+    if continues is None:
+        return run(None, return_final_states, num_segments)
+    if impl != "reference" and (initial_states is None or segment_ids is None):
+        # The kernel's chunk-state pass carries the state over linked rows itself: no second
+        # scan (mid-row initial states would also change a last run's end: generic path then).
+        first = None if initial_states is None else initial_states[:, 0]
+        from pallas_kernels.selective_scan import selective_scan_pallas
+
+        return selective_scan_pallas(
+            *args, interpret=impl == "pallas_interpret", delta_softplus=delta_softplus,
+            segment_ids=segment_ids, first_run_states=first, continues=continues,
+            return_final_states=return_final_states, num_segments=num_segments)
+    return _continued(impl, run, args, delta_softplus, segment_ids, initial_states, continues,
+                      return_final_states, num_segments)
+
+
+def _run_impl(impl, u, delta, A, B, C, D, z, delta_bias, delta_softplus, segment_ids,
+              first_run_states, return_final_states, num_segments):
+    kwargs = dict(delta_softplus=delta_softplus, segment_ids=segment_ids,
+                  first_run_states=first_run_states, return_final_states=return_final_states,
+                  num_segments=num_segments)
     if impl == "reference":
         return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, **kwargs)
     from pallas_kernels.selective_scan import selective_scan_pallas
@@ -106,8 +148,100 @@ def selective_scan(
     )
 
 
+def _scan_from_starts(impl, args, delta_softplus, segment_ids, initial_states, first,
+                      return_final_states, num_segments):
+    """The scan with per-slot initial states; `first` (b, d, n), when given, replaces the
+    state the run at t = 0 starts from."""
+    u, delta, A, B, C, D, z, delta_bias = args
+    batch = u.shape[0]
+    seg = _ids(segment_ids, u)
+    if first is None and initial_states is not None:
+        first = initial_states[jnp.arange(batch), seg[:, 0]]
+    out = _run_impl(impl, *args, delta_softplus, segment_ids, first, return_final_states,
+                    num_segments)
+    if initial_states is None or segment_ids is None:  # no run begins after t = 0
+        return out
+    y, final = out if return_final_states else (out, None)
+    y_mid, final_mid = _later_runs_from_initial_states(
+        discretize_delta(delta, delta_bias, delta_softplus), A, C, initial_states, seg)
+    acc = accumulation_dtype(u)
+    if z is not None:
+        y_mid = y_mid * jax.nn.silu(z.astype(acc))
+    y = (y.astype(acc) + y_mid).astype(u.dtype)
+    return (y, final + final_mid) if return_final_states else y
+
+
+def _ids(segment_ids, u):
+    if segment_ids is None:
+        return jnp.zeros(u.shape[:2], jnp.int32)
+    return segment_ids.astype(jnp.int32)
+
+
+@jax.checkpoint
+def _later_runs_from_initial_states(delta, A, C, init, seg):
+    """What the initial states of runs that begin after t = 0 add, by linearity: such a run's
+    state is its zero-start state plus exp(A * (its delta summed up to t)) * init[slot]. Returns
+    (y term (b, t, d) before D and the gate, final-state term (b, s, d, n))."""
+    acc = delta.dtype
+    cum = run_cumsum(delta, segment_starts(seg))  # (b, t, d)
+    later = (jnp.cumsum(segment_starts(seg).astype(jnp.int32), axis=1) > 1)  # (b, t)
+    A = A.astype(acc)
+    init = init.astype(acc)
+    per_token = jnp.take_along_axis(init, seg[:, :, None, None], axis=1)  # (b, t, d, n)
+    decayed = jnp.exp(cum[..., None] * A) * per_token
+    y = jnp.where(later[..., None], jnp.einsum("btdn,btn->btd", decayed, C.astype(acc)), 0.0)
+    # Each slot's final state is read at its last token, when that token's run began later.
+    t = jnp.arange(seg.shape[1])
+    is_slot = seg[..., None] == jnp.arange(init.shape[1])  # (b, t, s)
+    last = jnp.max(jnp.where(is_slot, t[:, None], -1), axis=1)  # (b, s)
+    at_last = jnp.take_along_axis(decayed, jnp.maximum(last, 0)[:, :, None, None], axis=1)
+    read = (last >= 0) & jnp.take_along_axis(later, jnp.maximum(last, 0), axis=1)
+    return y, jnp.where(read[..., None, None], at_last, 0.0)
+
+
+def run_cumsum(a, starts):
+    """(b, t, ...): the inclusive sum of a over each token's run, restarting at every run start
+    (starts (b, t)). A segmented associative scan: a run's sums depend on its own tokens only,
+    to the bit (a difference of row-wide cumsums would not)."""
+    flags = jnp.broadcast_to(starts.reshape(*starts.shape, *(1,) * (a.ndim - 2)), a.shape)
+
+    def combine(x, y):
+        fx, vx = x
+        fy, vy = y
+        return fx | fy, jnp.where(fy, vy, vx + vy)
+
+    return jax.lax.associative_scan(combine, (flags, a), axis=1)[1]
+
+
+def _continued(impl, run, args, delta_softplus, segment_ids, initial_states, continues,
+               return_final_states, num_segments):
+    """Rows linked by `continues`: one scan from the given starts gives each row's last-run end
+    state and (with its total decay) the affine map from the first run's start to it; a pass
+    over the rows chains them; a second scan runs from the chained starts."""
+    u, delta, A, B, C, D, z, delta_bias = args
+    batch, d_state = u.shape[0], A.shape[1]
+    seg = _ids(segment_ids, u)
+    rows = jnp.arange(batch)
+    if initial_states is None:  # the last run's end state, whatever range the ids have
+        _, final = _run_impl(impl, *args, delta_softplus, compact_ids(seg, "last"), None, True, 3)
+        end = final[:, 0]
+    else:
+        _, final = run(None, True, num_segments)
+        end = final[rows, seg[:, -1]]  # (b, d, n)
+    starts = segment_starts(seg)
+    last_sum = run_cumsum(discretize_delta(delta, delta_bias, delta_softplus), starts)[:, -1]
+    decay = jnp.exp(last_sum[..., None] * A.astype(last_sum.dtype))  # (b, d, n)
+    if initial_states is None:
+        given = jnp.zeros((batch, u.shape[2], d_state), end.dtype)
+    else:
+        given = initial_states[rows, seg[:, 0]].astype(end.dtype)
+    first = chain_row_states(end, decay, single_run_rows(seg), continues, given)
+    return run(first, return_final_states, num_segments)
+
+
 def check_selective_scan_args(
-    u, delta, A, B, C, D, z, delta_bias, segment_ids, return_final_states, num_segments
+    u, delta, A, B, C, D, z, delta_bias, segment_ids, return_final_states, num_segments,
+    initial_states=None,
 ) -> int | None:
     """Validates shapes and dtypes before anything runs; returns the resolved num_segments."""
     shapes = dict(u=np.shape(u), delta=np.shape(delta), A=np.shape(A), B=np.shape(B), C=np.shape(C))
@@ -141,6 +275,20 @@ def check_selective_scan_args(
         if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(f"{name} must be a real floating array, got dtype {dtype}")
     check_segment_ids(segment_ids, batch, length)
+    if initial_states is not None:
+        shape = tuple(np.shape(initial_states))
+        if len(shape) != 4 or shape[0] != batch or shape[2:] != (d_inner, d_state):
+            raise ValueError(
+                f"initial_states must be (batch, num_segments, d_inner, d_state) = "
+                f"{(batch, 'num_segments', d_inner, d_state)}, got shape {shape}")
+        if not jnp.issubdtype(jnp.result_type(initial_states), jnp.floating):
+            raise ValueError(f"initial_states must be a real floating array, got dtype "
+                             f"{jnp.result_type(initial_states)}")
+        if num_segments is not None and num_segments != shape[1]:
+            raise ValueError(f"num_segments={num_segments!r} must equal "
+                             f"initial_states.shape[1]={shape[1]}")
+        num_segments = shape[1]
+        check_segment_slots(segment_ids, num_segments, used_by="initial_states")
     if return_final_states:
         if num_segments is None:
             if segment_ids is not None:
@@ -188,12 +336,15 @@ def selective_scan_reference(
     *,
     delta_softplus: bool = False,
     segment_ids=None,
+    first_run_states=None,
     return_final_states: bool = False,
     num_segments: int | None = None,
     chunk: int = DEFAULT_CHUNK,
     method: Literal["auto", "sequential", "associative"] = "auto",
 ):
-    """Pure-JAX selective scan; same arguments as `selective_scan` (see there).
+    """Pure-JAX selective scan; same arguments as `selective_scan` (see there), except that
+    initial states come as first_run_states (b, d, n): the state the run at t = 0 of each row
+    starts from (zeros without it), carried in like a chunk's incoming state.
 
     method: how a chunk is scanned. "sequential" steps through it (least work: fastest on
     CPU); "associative" runs `lax.associative_scan` over it (log depth: fastest on
@@ -209,6 +360,8 @@ def selective_scan_reference(
         segment_ids = jnp.zeros((batch, length), jnp.int32)
         num_segments = num_segments or 1
     starts = segment_starts(segment_ids)
+    if first_run_states is not None:
+        starts = starts.at[:, 0].set(False)  # t = 0 continues from first_run_states
     ends = segment_ends(segment_ids)  # where each segment's final state is read
 
     chunk = min(chunk, length)
@@ -271,6 +424,8 @@ def selective_scan_reference(
         return (h, final), y
 
     h0 = jnp.zeros((batch, d_inner, d_state), f32)
+    if first_run_states is not None:
+        h0 = first_run_states.astype(f32)
     final0 = jnp.zeros((batch, num_segments, d_inner, d_state), f32) if return_final_states else None
     (_, final), y = jax.lax.scan(chunk_step, (h0, final0), xs)
     y = jnp.moveaxis(y, 0, 1).reshape(batch, n_chunks * chunk, d_inner)[:, :length]

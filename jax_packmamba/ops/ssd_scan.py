@@ -65,13 +65,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_packmamba.ops.links import (
+    chain_row_states,
+    check_continues,
+    compact_ids,
+    single_run_rows,
+)
 from jax_packmamba.ops.segments import (
     check_pallas_platform,
     check_segment_ids,
     check_segment_slots,
     segment_starts,
 )
-from jax_packmamba.ops.selective_scan import accumulation_dtype, combine_affine, discretize_delta
+from jax_packmamba.ops.selective_scan import (
+    accumulation_dtype,
+    combine_affine,
+    discretize_delta,
+    run_cumsum,
+)
 
 Impl = Literal["auto", "reference", "pallas", "pallas_interpret"]
 IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
@@ -93,6 +104,7 @@ def ssd_scan(
     segment_ids=None,
     chunk_size: int = DEFAULT_CHUNK,
     initial_states=None,
+    continues=None,
     return_final_states: bool = False,
     num_segments: int | None = None,
     impl: Impl = "auto",
@@ -113,6 +125,11 @@ def ssd_scan(
         is padded internally).
       initial_states: optional (batch, num_segments, heads, headdim, d_state): every run of id
         s in row b begins from initial_states[b, s] (zeros without it).
+      continues: optional (batch,) bool: row b's first run continues row b - 1's last run (a
+        document longer than a row; chains are consecutive rows). That run starts from the
+        state row b - 1's last run ends in (its initial_states slot is not read), so outputs
+        and gradients are those of the document as one sequence. continues[0] must be False.
+        Costs a second scan (jax_packmamba/ops/links.py).
       return_final_states: also return, for every slot s in [0, num_segments), the float32
         state after the last token of the last run of id s in each row (zeros where the id
         does not occur): (batch, num_segments, heads, headdim, d_state).
@@ -133,21 +150,77 @@ def ssd_scan(
         x, dt, A, B, C, D, z, dt_bias, segment_ids, chunk_size, initial_states,
         return_final_states, num_segments,
     )
+    check_continues(continues, np.shape(x)[0])
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
         impl = "pallas" if jax.default_backend() == "gpu" and _pallas_takes(x, B) else "reference"
     if impl == "pallas" and _pallas_takes(x, B):  # shapes the kernels refuse get that message
         check_pallas_platform(impl, fallback="reference")
+    args = (x, dt, A, B, C, D, z, dt_bias)
+    run = functools.partial(_run_impl, impl, args, dt_softplus, chunk_size)
+    if continues is None:
+        return run(segment_ids, initial_states, return_final_states, num_segments)
+    return _continued(run, args, dt_softplus, segment_ids, initial_states, continues,
+                      return_final_states, num_segments)
+
+
+def _run_impl(impl, args, dt_softplus, chunk_size, segment_ids, initial_states,
+              return_final_states, num_segments):
     kwargs = dict(dt_softplus=dt_softplus, segment_ids=segment_ids, chunk_size=chunk_size,
                   initial_states=initial_states, return_final_states=return_final_states,
                   num_segments=num_segments)
     if impl != "reference":
         from pallas_kernels.ssd import ssd_scan_pallas
 
-        return ssd_scan_pallas(x, dt, A, B, C, D, z, dt_bias,
-                               interpret=impl == "pallas_interpret", **kwargs)
-    return ssd_scan_reference(x, dt, A, B, C, D, z, dt_bias, **kwargs)
+        return ssd_scan_pallas(*args, interpret=impl == "pallas_interpret", **kwargs)
+    return ssd_scan_reference(*args, **kwargs)
+
+
+def _continued(run, args, dt_softplus, segment_ids, initial_states, continues,
+               return_final_states, num_segments):
+    """Rows linked by `continues` (jax_packmamba/ops/links.py): a scan from the given starts
+    reads each row's last-run end state, a pass over the rows chains them, and a second scan
+    runs with each row's first run moved to an extra slot holding its chained start."""
+    x, dt, A = args[:3]
+    batch, length, heads, headdim = x.shape
+    d_state = args[3].shape[3]
+    seg = (jnp.zeros((batch, length), jnp.int32) if segment_ids is None
+           else segment_ids.astype(jnp.int32))
+    rows = jnp.arange(batch)
+    if initial_states is None:  # the last run's end state, whatever range the ids have
+        _, final = run(compact_ids(seg, "last"), None, True, 3)
+        end = final[:, 0]
+    else:
+        _, final = run(seg, initial_states, True, num_segments)
+        end = final[rows, seg[:, -1]]  # (b, h, p, n)
+    starts = segment_starts(seg)
+    dt = discretize_delta(dt, args[7], dt_softplus)  # (b, t, h), dt_bias is args[7]
+    last_sum = run_cumsum(dt, starts)[:, -1]  # (b, h)
+    decay = jnp.exp(last_sum * A.astype(last_sum.dtype))[..., None, None]
+    if initial_states is None:
+        first = chain_row_states(end, decay, single_run_rows(seg), continues, jnp.zeros_like(end))
+        if not return_final_states:  # the first run in slot 0 of three, the others from zeros
+            init = jnp.zeros((batch, 3, heads, headdim, d_state), first.dtype).at[:, 0].set(first)
+            return run(compact_ids(seg, "first"), init, False, 3)
+    slots = num_segments or 1
+    state_shape = (batch, slots, heads, headdim, d_state)
+    init = jnp.zeros(state_shape, end.dtype) if initial_states is None else initial_states
+    if initial_states is not None:
+        first = chain_row_states(end, decay, single_run_rows(seg), continues,
+                                 init[rows, seg[:, 0]].astype(end.dtype))
+    # Slot `slots` is the first run's own; other runs keep their ids and slots.
+    first_run = jnp.cumsum(starts.astype(jnp.int32), axis=1) == 1
+    out = run(jnp.where(first_run, slots, seg),
+              jnp.concatenate([init.astype(first.dtype), first[:, None]], axis=1),
+              return_final_states, slots + 1)
+    if not return_final_states:
+        return out
+    y, final = out
+    # The first run's id holds its state unless a later run of that id ends the row's use of it.
+    later_same = jnp.any(~first_run & (seg == seg[:, :1]), axis=1)
+    own = (jnp.arange(slots) == seg[:, :1]) & ~later_same[:, None]  # (b, s)
+    return y, jnp.where(own[..., None, None, None], final[:, slots:], final[:, :slots])
 
 
 def _pallas_takes(x, B) -> bool:

@@ -31,12 +31,23 @@ def selective_scan_pallas(
     interpret: bool = False,
     delta_softplus: bool = False,
     segment_ids=None,
+    first_run_states=None,
+    continues=None,
     return_final_states: bool = False,
     num_segments: int | None = None,
     config: ScanConfig | None = None,
 ):
-    """Same contract as jax_packmamba.ops.selective_scan.selective_scan (arguments already
-    validated there); `config` overrides the block-size heuristic."""
+    """Same contract as jax_packmamba.ops.selective_scan.selective_scan_reference (arguments
+    already validated there); `config` overrides the block-size heuristic.
+
+    first_run_states (b, d, n): the state each row's run at t = 0 starts from. It enters as
+    chunk 0's incoming state (the reset at t = 0 is dropped), so the chunk-state pass carries
+    it on like any inter-chunk state, and its gradient is the one reaching chunk 0's start.
+
+    continues (b,) bool: row b's first run continues row b - 1's last run (ops/links.py). The
+    chunk-state pass then runs over the rows' chunks as one sequence, with the link from row
+    b - 1's last chunk to row b's first cut where continues[b] is False: the carry costs no
+    extra scan. first_run_states is read for rows that do not continue."""
     batch, length, d_inner = u.shape
     d_state = A.shape[1]
     assert delta.shape == u.shape and A.shape == (d_inner, d_state), (u.shape, delta.shape, A.shape)
@@ -53,8 +64,16 @@ def selective_scan_pallas(
         u, A, z, D, delta_bias, interpret=interpret, delta_softplus=delta_softplus,
         segment_ids=segment_ids, return_final_states=return_final_states,
         num_segments=num_segments, config=config)
+    first = None
+    if continues is not None and first_run_states is None:
+        first_run_states = jnp.zeros((batch, d_inner, d_state), F32)
+    if first_run_states is not None:
+        assert first_run_states.shape == (batch, d_inner, d_state), first_run_states.shape
+        first = jnp.swapaxes(first_run_states.astype(F32), 1, 2)  # (b, n, d)
+        if rst is not None:
+            rst = rst.at[:, 0].set(0.0)
     out = _scan_jit(plan, interpret, num_segments or 1, u, delta, A, B, C, D, z, delta_bias, rst,
-                    fin_slot)
+                    fin_slot, first, continues)
     if not return_final_states:
         return out
     y, final = out
@@ -94,10 +113,55 @@ def _final_slots(segment_ids, batch, length, num_segments):
     return jnp.where(is_last, seg, -1).astype(jnp.int32)
 
 
-def _chunk_initial_states(h_loc, decay):
-    """State entering each chunk: h_in[0] = 0, h_in[c + 1] = decay[c] h_in[c] + h_loc[c]."""
+def _chunk_initial_states(h_loc, decay, first=None):
+    """State entering each chunk: h_in[0] = first (0 without it),
+    h_in[c + 1] = decay[c] h_in[c] + h_loc[c]."""
+    h0 = jnp.zeros_like(h_loc[:, :1]) if first is None else first[:, None]
+    if first is not None:
+        h_loc = h_loc.at[:, 0].add(decay[:, 0] * first)  # fold h_in[0] into the first map
     _, h_end = jax.lax.associative_scan(combine_affine, (decay, h_loc), axis=1)
-    return jnp.concatenate([jnp.zeros_like(h_end[:, :1]), h_end[:, :-1]], axis=1)
+    return jnp.concatenate([h0, h_end[:, :-1]], axis=1)
+
+
+def _linked(continues, nc):
+    """(b * nc,) bool: chunk i's end state passes on to chunk i + 1 of the flattened rows."""
+    batch = continues.shape[0]
+    nxt = jnp.concatenate([continues[1:], jnp.zeros((1,), bool)])
+    inside = jnp.arange(nc) < nc - 1
+    return jnp.where(inside[None, :], True, nxt[:, None]).reshape(batch * nc)
+
+
+def _linked_initial_states(h_loc, decay, first, continues):
+    """_chunk_initial_states over the rows' chunks as one sequence (b, c, n, d): row b's chunk
+    0 starts from row b - 1's end where continues[b], else from first[b]. Where, not products,
+    cut the unlinked edges, so a row's numbers never depend on an unlinked neighbour's."""
+    batch, nc = h_loc.shape[:2]
+    flat = lambda a: a.reshape(1, batch * nc, *a.shape[2:])  # noqa: E731
+    link = _linked(continues, nc)[None, :, None, None]
+    # What chunk i + 1 starts from when the edge is cut: the next row's first state.
+    first_next = jnp.concatenate([first[1:], jnp.zeros_like(first[:1])])
+    cut_to = jnp.zeros_like(h_loc).at[:, -1].set(first_next)
+    a = jnp.where(link, flat(decay), 0.0)
+    b = jnp.where(link, flat(h_loc), flat(cut_to))
+    b = b.at[:, 0].add(a[:, 0] * first[0])  # fold row 0's start into the first map
+    _, h_end = jax.lax.associative_scan(combine_affine, (a, b), axis=1)
+    h_in = jnp.concatenate([first[None, :1], h_end[:, :-1]], axis=1)
+    return h_in.reshape(h_loc.shape)
+
+
+def _linked_final_dstates(dh_loc, decay, continues):
+    """_chunk_final_dstates over the flattened rows: g[i] = dh_loc[i + 1] + decay[i + 1]
+    g[i + 1] across linked edges, 0 across cut ones and at the end."""
+    batch, nc = dh_loc.shape[:2]
+    n = batch * nc
+    link = _linked(continues, nc)[:-1, None, None]
+    dflat, lflat = decay.reshape(n, *decay.shape[2:]), dh_loc.reshape(n, *dh_loc.shape[2:])
+    if n == 1:
+        return jnp.zeros_like(dh_loc)
+    a = jnp.where(link, dflat[1:], 0.0)[None]
+    b = jnp.where(link, lflat[1:], 0.0)[None]
+    _, g = jax.lax.associative_scan(combine_affine, (a, b), axis=1, reverse=True)
+    return jnp.concatenate([g[0], jnp.zeros_like(g[0, :1])]).reshape(dh_loc.shape)
 
 
 def _chunk_final_dstates(dh_loc, decay):
@@ -118,19 +182,26 @@ def _bias(delta_bias):
     return None if delta_bias is None else delta_bias.astype(F32)
 
 
-def _fwd_impl(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias, rst, fin_slot):
+def _fwd_impl(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias, rst, fin_slot,
+              first, continues):
     st, cfg = plan.st, plan.cfg
     batch = u.shape[0]
     nc = -(-st.length // st.chunk)
     a2, bias = _a2(A), _bias(delta_bias)
     dskip = None if D is None else D.astype(F32)
     launch = dict(st=st, batch=batch, num_warps=cfg.num_warps, interpret=interpret)
-    if nc > 1:
+    if continues is not None:
         h_loc, decay = kernel.chunk_states(
             dict(u=u, delta=delta, a2=a2, bias=bias, B=B, rst=rst), **launch)
-        h_in = _chunk_initial_states(h_loc, decay)
+        h_in = _linked_initial_states(h_loc, decay, first, continues)
+    elif nc > 1:
+        h_loc, decay = kernel.chunk_states(
+            dict(u=u, delta=delta, a2=a2, bias=bias, B=B, rst=rst), **launch)
+        h_in = _chunk_initial_states(h_loc, decay, first)
     else:
         decay = h_in = jnp.zeros((batch, 1, st.d_state, st.d_inner), F32)
+        if first is not None:
+            h_in = first[:, None]
     final_init = None
     if fin_slot is not None:
         final_init = jnp.zeros((batch, num_segments, st.d_state, st.d_inner), F32)
@@ -143,22 +214,25 @@ def _fwd_impl(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _scan(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias, rst, fin_slot):
+def _scan(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias, rst, fin_slot,
+          first, continues):
     return _fwd_impl(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias, rst,
-                     fin_slot)[0]
+                     fin_slot, first, continues)[0]
 
 
-def _scan_fwd(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias, rst, fin_slot):
+def _scan_fwd(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias, rst, fin_slot,
+              first, continues):
     out, (h_in, decay) = _fwd_impl(plan, interpret, num_segments, u, delta, A, B, C, D, z,
-                                   delta_bias, rst, fin_slot)
-    return out, (u, delta, A, B, C, D, z, delta_bias, rst, fin_slot, h_in, decay)
+                                   delta_bias, rst, fin_slot, first, continues)
+    return out, (u, delta, A, B, C, D, z, delta_bias, rst, fin_slot, h_in, decay, first,
+                 continues)
 
 
 def _scan_bwd(plan, interpret, num_segments, res, cts):
     del num_segments
     cfg = plan.cfg
     st = dataclasses.replace(plan.st, block_d=cfg.bwd_block_d)
-    u, delta, A, B, C, D, z, delta_bias, rst, fin_slot, h_in, decay = res
+    u, delta, A, B, C, D, z, delta_bias, rst, fin_slot, h_in, decay, first, continues = res
     dy, dfinal = cts if fin_slot is not None else (cts, None)
     batch = u.shape[0]
     a2, bias = _a2(A), _bias(delta_bias)
@@ -167,7 +241,17 @@ def _scan_bwd(plan, interpret, num_segments, res, cts):
     dh_loc = kernel_bwd.chunk_dstates(
         dict(delta=delta, a2=a2, bias=bias, C=C, z=z, dy=dy, rst=rst, fin_slot=fin_slot,
                 dfinal=dfinal), **launch)
-    dh_out = _chunk_final_dstates(dh_loc, decay)
+    if continues is None:
+        dh_out = _chunk_final_dstates(dh_loc, decay)
+    else:
+        dh_out = _linked_final_dstates(dh_loc, decay, continues)
+    # The gradient reaching chunk 0's incoming state: its own outputs', plus what arrives at
+    # its end from later chunks carried back through its decay.
+    dfirst = None
+    if first is not None:
+        dfirst = dh_loc[:, 0] + decay[:, 0] * dh_out[:, 0]
+        if continues is not None:  # a continuing row's chunk 0 does not read first
+            dfirst = jnp.where(continues[:, None, None], 0.0, dfirst)
     reduce = _reduce_mode(cfg, st)
     g = kernel_bwd.chunk_grads(
         dict(u=u, delta=delta, a2=a2, bias=bias, D=dskip, B=B, C=C, z=z, dy=dy, rst=rst,
@@ -185,7 +269,7 @@ def _scan_bwd(plan, interpret, num_segments, res, cts):
     return (
         g["du"], g["ddelta"], dA,
         dBC[..., st.d_state:].astype(B.dtype), dBC[..., :st.d_state].astype(C.dtype),
-        dD, g.get("dz"), dbias, None, None,
+        dD, g.get("dz"), dbias, None, None, dfirst, None,
     )
 
 

@@ -1,0 +1,111 @@
+"""What linking rows (--data.long_docs=link) costs a mixer layer: conv + scan, fwd+bwd.
+
+    PYTHONPATH=. python3 benchmarks/bench_links.py [--out DIR] [--smoke]
+
+One layer's segmented ops at the 1.4b (Mamba1: d_inner 4096, d_state 16) and mamba2-1.3b
+(64 heads x 64, d_state 128, one group) training shapes, 8 x 2048, bf16, on a batch of stdlib
+documents packed end to end by packing.pack_stream: the same segment ids timed with the links
+(`continues`) and without (continues=None: every row starts from zero, as `cut` rows do).
+The difference is the link's whole cost (a layer's other ops are untouched by it); times the
+layer count, it bounds the step-time cost. harness.time_calls: median of 7 groups of 5 calls. Writes
+--out/links_<slug>.json. --smoke: tiny shapes through the reference on CPU.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import harness, workloads
+from jax_packmamba.ops import causal_conv1d
+from jax_packmamba.ops.selective_scan import selective_scan
+from jax_packmamba.ops.ssd_scan import ssd_scan
+from jax_packmamba.packing import pack_stream
+
+# name -> (rows, length, d_inner, heads or None (Mamba1), d_state, layers)
+SHAPES = {"1.4b": (8, 2048, 4096, None, 16, 48), "mamba2-1.3b": (8, 2048, 4096, 64, 128, 48)}
+SMOKE = {"mamba1": (2, 64, 32, None, 4, 2), "mamba2": (2, 64, 32, 2, 16, 2)}
+
+
+def batch_layout(rows, length, seed=0):
+    docs = workloads.make_workload("corpus", tokens=rows * length, seed=seed)["docs"]
+    b = pack_stream(docs, length, num_rows=rows + 1)  # the stream's overflow fills a spare row
+    seg, continues = b.segment_ids[:rows], b.continues[:rows].copy()
+    continues[0] = False
+    return jnp.asarray(seg), jnp.asarray(continues), dict(
+        linked_documents=b.num_linked_sequences, longest_chain=b.longest_chain,
+        rows_continuing=int(continues.sum()))
+
+
+def layer(shape, impl):
+    rows, length, d_inner, heads, d_state, _ = shape
+    key = iter(jax.random.split(jax.random.PRNGKey(0), 12))
+    bf16 = jnp.bfloat16
+
+    def normal(shape_, scale=1.0, dtype=bf16):
+        return (scale * jax.random.normal(next(key), shape_)).astype(dtype)
+
+    if heads is None:
+        conv_ch = d_inner
+        params = dict(A=-jnp.exp(normal((d_inner, d_state), 0.5, jnp.float32)),
+                      D=normal((d_inner,), dtype=jnp.float32),
+                      bias=normal((d_inner,), 0.3, jnp.float32))
+        data = dict(B=normal((rows, length, d_state)), C=normal((rows, length, d_state)),
+                    dt=normal((rows, length, d_inner), 0.5))
+    else:
+        conv_ch = d_inner + 2 * d_state
+        params = dict(A=-jnp.exp(normal((heads,), 0.5, jnp.float32)),
+                      D=normal((heads,), dtype=jnp.float32),
+                      bias=normal((heads,), 0.3, jnp.float32))
+        data = dict(B=normal((rows, length, 1, d_state)), C=normal((rows, length, 1, d_state)),
+                    dt=normal((rows, length, heads), 0.5))
+    params["w"] = normal((conv_ch, 4), 0.5, jnp.float32)
+    data.update(x=normal((rows, length, conv_ch)), z=normal((rows, length, d_inner)))
+    conv_impl = "xla" if impl == "reference" else "auto"
+
+    def loss(params, data, seg, continues):
+        xc = causal_conv1d(data["x"], params["w"], segment_ids=seg, activation="silu",
+                           continues=continues, impl=conv_impl)[..., :d_inner]
+        if heads is None:
+            y = selective_scan(xc, data["dt"], params["A"], data["B"], data["C"], params["D"],
+                               data["z"], params["bias"], delta_softplus=True, segment_ids=seg,
+                               continues=continues, impl=impl)
+        else:
+            split = lambda a: a.reshape(rows, length, heads, -1)  # noqa: E731
+            y = ssd_scan(split(xc), data["dt"], params["A"], data["B"], data["C"], params["D"],
+                         split(data["z"]), params["bias"], dt_softplus=True, segment_ids=seg,
+                         continues=continues, impl=impl)
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), params, data
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = harness.argument_parser(__doc__).parse_args(argv)
+    new = harness.new_result("links", script=__file__, argv=argv, out_dir=args.out,
+                             smoke=args.smoke)
+    impl = "reference" if args.smoke else "auto"
+    data = dict(**new.header, impl=impl, timings=[])
+    for name, shape in (SMOKE if args.smoke else SHAPES).items():
+        fn, params, inputs = layer(shape, impl)
+        seg, continues, stats = batch_layout(*shape[:2])
+        row = dict(shape=name, **stats)
+        for mode, links in (("cut", None), ("link", continues)):
+            t = harness.time_calls(fn, [(params, inputs, seg, links)],
+                                   groups=1 if args.smoke else 7,
+                                   per_group=1 if args.smoke else 5)
+            row[f"{mode}_ms"] = 1e3 * t.median_s
+        row["link_over_cut_ms"] = row["link_ms"] - row["cut_ms"]
+        row["per_step_ms_all_layers"] = row["link_over_cut_ms"] * shape[5]
+        print(name, {k: f"{v:.3f}" if isinstance(v, float) else v for k, v in row.items()},
+              flush=True)
+        data["timings"].append(row)
+        harness.write_json(new.path, data)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Rows linked across a packed batch: a document longer than a row, carried over exactly.
+
+Axis letters: b batch (rows), t time.
+
+A link is `continues` (b,) bool: row b's first run (the one at t = 0) continues row b - 1's
+last run. It is the simplest form packing can always produce: a packer that fills rows in
+order puts the rest of a document that overflows row b - 1 at the start of row b, so a chain
+of pieces is a run of consecutive rows, and no index has to name which row is continued.
+continues[0] must be False (no row precedes row 0; a state carried from an earlier batch enters
+as row 0's initial state instead): refused when concrete, read as False under jit.
+
+The state at the end of a row's last run is affine in the state its first run starts from:
+when the row is a single run, end = decay * start + end0 (decay: the run's total decay, end0:
+its end from the given start); otherwise the last run began inside the row and end = end0. So
+each scan runs once from the given starts to read end0, `chain_row_states` walks the rows
+(b steps on (b, ...) states: nothing next to the scans), and the scan runs again from the
+chained starts. Everything is differentiable, so gradients flow back along the chain.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.common import segment_starts
+
+
+def check_continues(continues, batch: int):
+    """Raises ValueError unless `continues` is None or a (batch,) bool array, False at row 0
+    (checked when concrete)."""
+    if continues is None:
+        return
+    shape = tuple(np.shape(continues))
+    if shape != (batch,):
+        raise ValueError(f"continues must have shape (batch,) = ({batch},), got {shape}")
+    dtype = jnp.result_type(continues)
+    if dtype != jnp.bool_:
+        raise ValueError(f"continues must be a bool array, got dtype {dtype}")
+    if not isinstance(continues, jax.core.Tracer) and bool(np.asarray(continues)[0]):
+        raise ValueError("continues[0] must be False: no row precedes row 0 (pass a carried "
+                         "state as row 0's initial state)")
+
+
+def single_run_rows(segment_ids):
+    """(b,) bool: the row is one run (no run begins after t = 0)."""
+    return ~jnp.any(segment_starts(segment_ids)[:, 1:], axis=1)
+
+
+def compact_ids(segment_ids, special: str):
+    """(b, t) ids with the same run boundaries in three slots: the row's `special` run ("first"
+    or "last") gets slot 0, the others 1 and 2 alternately (so neighbours still differ). Lets a
+    scan read one run's final state, or give one run a start, whatever the ids' range."""
+    run = jnp.cumsum(segment_starts(segment_ids).astype(jnp.int32), axis=1)  # 1, 2, ...
+    target = 1 if special == "first" else run[:, -1:]
+    return jnp.where(run == target, 0, 1 + run % 2)
+
+
+def chain_row_states(end, decay, single_run, continues, given):
+    """(b, ...) state each row's first run starts from, following the links.
+
+    end: each row's last-run end state when its first run starts from `given` (b, ...);
+    decay: that run's total decay (broadcastable to end), read only for single-run rows;
+    single_run (b,), continues (b,) bool; given (b, ...): the start of rows that do not continue.
+    """
+    decay = jnp.broadcast_to(decay, end.shape)
+    continues = continues.at[0].set(False)  # nothing precedes row 0
+
+    def row(prev_end, xs):
+        end_r, decay_r, single_r, cont_r, given_r = xs
+        start = jnp.where(cont_r, prev_end, given_r)
+        # A single-run row's end moves with its start; `where`, not a product, so a row that
+        # neither continues nor is continued stays bit-identical whatever its neighbours hold.
+        moved = end_r + decay_r * (start - given_r)
+        return jnp.where(single_r, moved, end_r), start
+
+    _, starts = jax.lax.scan(row, jnp.zeros_like(end[0]),
+                             (end, decay, single_run, continues, given))
+    return starts
+
+
+def previous_row_tail(x, segment_ids, continues, width: int):
+    """For the causal conv: (x_ext (b, width - 1 + t, c), ids_ext (b, width - 1 + t)): each row
+    preceded by the last width - 1 inputs of the row before it, with ids that make the taps of
+    a continuing first run read them (exactly those in the previous row's last run) and every
+    other tap read zeros. Needs t >= width - 1: a continued run shorter than the conv window
+    would reach two rows back."""
+    k = width - 1
+    batch, length, _ = x.shape
+    if length < k:
+        raise ValueError(f"continues needs rows of at least width - 1 = {k} steps, got {length}")
+    seg = segment_ids.astype(jnp.int32)
+    tail = jnp.roll(x[:, length - k:], 1, axis=0)  # row b - 1's tail in row b
+    tail_seg = jnp.roll(seg[:, length - k:], 1, axis=0)
+    prev_last = jnp.roll(seg[:, -1:], 1, axis=0)
+    # A tail position belongs to row b - 1's last run iff it and every later one have its id.
+    in_last = jnp.flip(jnp.cumprod(jnp.flip(tail_seg == prev_last, 1), axis=1), 1).astype(bool)
+    link = continues[:, None] & in_last & (jnp.arange(batch) > 0)[:, None]  # row 0: no link
+    # Positions that are not linked get an id unlike the first run's, so it restarts after them.
+    tail_ids = jnp.where(link, seg[:, :1], seg[:, :1] - 1)
+    x_ext = jnp.concatenate([jnp.where(link[..., None], tail, jnp.zeros((), x.dtype)), x], axis=1)
+    return x_ext, jnp.concatenate([tail_ids, seg], axis=1)
