@@ -31,19 +31,26 @@ import time
 # (batch, length, heads, headdim, d_state): benchmarks/bench_ssd.py's SHAPES.
 SHAPES = [(8, 2048, 64, 64, 128), (1, 16384, 64, 64, 128), (4, 2048, 80, 64, 128)]
 # Mamba2 presets: (d_model, n_layer).
-PRESETS = {"130m": (768, 24), "370m": (1024, 48), "780m": (1536, 48), "1.3b": (2048, 48),
-           "2.7b": (2560, 64)}
+PRESETS = {
+    "130m": (768, 24),
+    "370m": (1024, 48),
+    "780m": (1536, 48),
+    "1.3b": (2048, 48),
+    "2.7b": (2560, 64),
+}
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", type=pathlib.Path, required=True, help="folder for the JSON")
     ap.add_argument("--train", default="", help="PRESET:ROWS:LEN,... (e.g. 1.3b:8:2048)")
     ap.add_argument("--ssd", default="", help="SSD segment modes to time: seg64, none")
     ap.add_argument("--shapes", default="0,1,2", help="indices into SHAPES")
-    ap.add_argument("--budget-s", type=float, default=540.0,
-                    help="start no part after this many seconds")
+    ap.add_argument(
+        "--budget-s", type=float, default=540.0, help="start no part after this many seconds"
+    )
     args = ap.parse_args(argv)
     for item in filter(None, args.train.split(",")):
         preset, _, rest = item.partition(":")
@@ -75,10 +82,17 @@ def train(torch, preset, rows, length):
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
     d, n = PRESETS[preset]
-    cfg = MambaConfig(d_model=d, n_layer=n, vocab_size=50277,
-                      ssm_cfg={"layer": "Mamba2", "d_state": 128, "headdim": 64, "chunk_size": 256},
-                      rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
-                      pad_vocab_size_multiple=8, tie_embeddings=True)
+    cfg = MambaConfig(
+        d_model=d,
+        n_layer=n,
+        vocab_size=50277,
+        ssm_cfg={"layer": "Mamba2", "d_state": 128, "headdim": 64, "chunk_size": 256},
+        rms_norm=True,
+        residual_in_fp32=True,
+        fused_add_norm=True,
+        pad_vocab_size_multiple=8,
+        tie_embeddings=True,
+    )
     model = MambaLMHeadModel(cfg, device="cuda", dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, 50277, (rows, length + 1), device="cuda")
@@ -86,7 +100,9 @@ def train(torch, preset, rows, length):
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model(ids[:, :-1]).logits
-        F.cross_entropy(logits.float().view(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
+        F.cross_entropy(
+            logits.float().view(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+        ).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -96,10 +112,17 @@ def train(torch, preset, rows, length):
     torch.cuda.synchronize()
     first_s = time.perf_counter() - t0
     ms, groups = timed(torch, step, groups=5, per=2)
-    r = dict(model=f"mamba2-{preset}", rows=rows, len=length, ms=ms, groups_ms=groups,
-             tokens_per_s=rows * length / ms * 1e3, first_step_s=first_s,
-             params=sum(p.numel() for p in model.parameters()),
-             peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+    r = dict(
+        model=f"mamba2-{preset}",
+        rows=rows,
+        len=length,
+        ms=ms,
+        groups_ms=groups,
+        tokens_per_s=rows * length / ms * 1e3,
+        first_step_s=first_s,
+        params=sum(p.numel() for p in model.parameters()),
+        peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+    )
     model = opt = None  # frees them before the next preset's model
     torch.cuda.empty_cache()
     return r
@@ -151,9 +174,15 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name().lower().replace(" ", "-")
     path = args.out / f"anchor_mamba2_{name}.json"
     args.out.mkdir(parents=True, exist_ok=True)
-    res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-               command=" ".join(sys.argv), date=time.strftime("%Y-%m-%dT%H:%M:%S"),
-               train=[], ssd=[], skipped=[])
+    res = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        command=" ".join(sys.argv),
+        date=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        train=[],
+        ssd=[],
+        skipped=[],
+    )
     parts = [("train", item) for item in filter(None, args.train.split(","))]
     shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
     # "none" first: the training's autotuning (no seq_idx) serves it.
@@ -167,12 +196,18 @@ def main(argv=None) -> int:
             if kind == "train":
                 preset, rows, length = what.split(":")
                 r = train(torch, preset, int(rows), int(length))
-                print(f"mamba_ssm train {r['model']} {rows}x{length}: {r['ms']:.1f} ms, "
-                      f"{r['tokens_per_s']:,.0f} tok/s, peak {r['peak_gib']:.1f} GiB", flush=True)
+                print(
+                    f"mamba_ssm train {r['model']} {rows}x{length}: {r['ms']:.1f} ms, "
+                    f"{r['tokens_per_s']:,.0f} tok/s, peak {r['peak_gib']:.1f} GiB",
+                    flush=True,
+                )
             else:
                 r = ssd(torch, *what)
-                print(f"mamba_ssm ssd {r['shape']} {r['seg']}: fwd {r['fwd_ms']:.3f} ms, fwd+bwd "
-                      f"{r['fwd_bwd_ms']:.3f} ms (first call {r['first_call_s']:.0f} s)", flush=True)
+                print(
+                    f"mamba_ssm ssd {r['shape']} {r['seg']}: fwd {r['fwd_ms']:.3f} ms, fwd+bwd "
+                    f"{r['fwd_bwd_ms']:.3f} ms (first call {r['first_call_s']:.0f} s)",
+                    flush=True,
+                )
         except Exception as e:  # one failing part must not lose the others
             r = dict(part=kind, what=str(what), error=f"{type(e).__name__}: {e}"[:1000])
             print(r, flush=True)

@@ -49,6 +49,7 @@ def fwd_bwd(attend):
     def step(q, k, v, g, ids):
         out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, ids), q, k, v)
         return (out, *vjp(g))
+
     return jax.jit(step)
 
 
@@ -56,16 +57,24 @@ def main(argv=None) -> int:
     args = harness.argument_parser(__doc__).parse_args(argv)
     shape = SMOKE if args.smoke else SHAPE
     argv = sys.argv[1:] if argv is None else argv
-    run = harness.new_result("attention", script=__file__, argv=argv, out_dir=args.out,
-                             smoke=args.smoke)
+    run = harness.new_result(
+        "attention", script=__file__, argv=argv, out_dir=args.out, smoke=args.smoke
+    )
     ids = packed_ids(shape["batch"], shape["length"], shape["segments"])
     keys = jax.random.split(jax.random.key(0), 4)
     b, t, h, kv, d = (shape[n] for n in ("batch", "length", "heads", "kv_heads", "head_dim"))
-    q, k, v, g = (jax.random.normal(key, s, jnp.bfloat16) for key, s in zip(
-        keys, [(b, t, h, d), (b, t, kv, d), (b, t, kv, d), (b, t, h, d)]))
-    impls = {name: (lambda q, k, v, ids, name=name: jp.attention(
-        q, k, v, segment_ids=ids, impl=name, max_segments=shape["segments"]))
-        for name in ("reference", "cudnn", "cudnn_packed")}
+    q, k, v, g = (
+        jax.random.normal(key, s, jnp.bfloat16)
+        for key, s in zip(keys, [(b, t, h, d), (b, t, kv, d), (b, t, kv, d), (b, t, h, d)])
+    )
+    impls = {
+        name: (
+            lambda q, k, v, ids, name=name: jp.attention(
+                q, k, v, segment_ids=ids, impl=name, max_segments=shape["segments"]
+            )
+        )
+        for name in ("reference", "cudnn", "cudnn_packed")
+    }
     impls["jax_pallas_mha"] = pallas_mha
     if run.info.backend != "gpu":
         impls = {"reference": impls["reference"]}
@@ -81,12 +90,21 @@ def main(argv=None) -> int:
             print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}")
             continue
         want = got if want is None else want
-        rel = {n: float(jnp.linalg.norm((a - w).astype(jnp.float32))
-                        / jnp.linalg.norm(w.astype(jnp.float32)))
-               for n, a, w in zip(("out", "dq", "dk", "dv"), got, want)}
+        rel = {
+            n: float(
+                jnp.linalg.norm((a - w).astype(jnp.float32))
+                / jnp.linalg.norm(w.astype(jnp.float32))
+            )
+            for n, a, w in zip(("out", "dq", "dk", "dv"), got, want)
+        }
         timing = harness.time_calls(fn, inputs, groups=3 if args.smoke else 7)
-        row = dict(impl=name, fwdbwd_ms=timing.median_s * 1e3, min_ms=timing.min_s * 1e3,
-                   max_ms=timing.max_s * 1e3, rel_err_vs_reference=rel)
+        row = dict(
+            impl=name,
+            fwdbwd_ms=timing.median_s * 1e3,
+            min_ms=timing.min_s * 1e3,
+            max_ms=timing.max_s * 1e3,
+            rel_err_vs_reference=rel,
+        )
         baseline = result["timings"][0]["fwdbwd_ms"] if result["timings"] else row["fwdbwd_ms"]
         row["speedup"] = baseline / row["fwdbwd_ms"]
         result["timings"].append(row)

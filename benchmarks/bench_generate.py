@@ -80,23 +80,35 @@ DEFAULT_BATCHES = "1,2,4,8,16,32,64,128"
 def parse_args(argv=None):
     p = harness.argument_parser(__doc__)
     harness.add_anchor_args(p)
-    p.add_argument("--preset", default=None,
-                   help="2.8b (default; smoke: tiny), another Mamba1 preset, or mamba2-2.7b "
-                        "(smoke: mamba2-tiny)")
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="2.8b (default; smoke: tiny), another Mamba1 preset, or mamba2-2.7b "
+        "(smoke: mamba2-tiny)",
+    )
     p.add_argument("--dtype", default="bfloat16", help="compute dtype")
     p.add_argument("--scan-impl", default="auto", help="selective scan of the prefill")
-    p.add_argument("--decode-impl", default="auto",
-                   help="decode step: auto (the Pallas kernels on a GPU), pallas or xla")
+    p.add_argument(
+        "--decode-impl",
+        default="auto",
+        help="decode step: auto (the Pallas kernels on a GPU), pallas or xla",
+    )
     p.add_argument("--prompt-len", type=int, default=None, help="default 1024 (smoke 16)")
     p.add_argument("--new-tokens", type=int, default=None, help="default 1024 (smoke 8)")
     p.add_argument("--batches", default=None, help=f"default {DEFAULT_BATCHES} (smoke 1,2)")
     p.add_argument("--settings", default="blog,fast", help="sampling settings, in this order")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per batch after the first")
     p.add_argument("--time-budget", type=float, default=540.0, help="seconds for the whole call")
-    p.add_argument("--no-precompile", action="store_true",
-                   help="compile each batch size at its first call instead of all in parallel")
-    p.add_argument("--compile-cache", default=None,
-                   help="persistent compilation cache folder (default: a fresh temporary one)")
+    p.add_argument(
+        "--no-precompile",
+        action="store_true",
+        help="compile each batch size at its first call instead of all in parallel",
+    )
+    p.add_argument(
+        "--compile-cache",
+        default=None,
+        help="persistent compilation cache folder (default: a fresh temporary one)",
+    )
     p.add_argument("--profile", action="store_true", help="profile decode steps instead")
     p.add_argument("--profile-batches", default="1,128")
     p.add_argument("--profile-impls", default="xla,pallas")
@@ -108,8 +120,12 @@ def parse_args(argv=None):
     p.add_argument("--worker-budget", type=float, default=None, help=argparse_hidden())
     p.add_argument("--worker-precompile", action="store_true", help=argparse_hidden())
     args = p.parse_args(argv)
-    for name, full, small in (("preset", "2.8b", "tiny"), ("prompt_len", 1024, 16),
-                              ("new_tokens", 1024, 8), ("batches", DEFAULT_BATCHES, "1,2")):
+    for name, full, small in (
+        ("preset", "2.8b", "tiny"),
+        ("prompt_len", 1024, 16),
+        ("new_tokens", 1024, 8),
+        ("batches", DEFAULT_BATCHES, "1,2"),
+    ):
         if getattr(args, name) is None:
             setattr(args, name, small if args.smoke else full)
     if args.repeats < 0:
@@ -122,8 +138,10 @@ def parse_args(argv=None):
     if args.preset.startswith("mamba2-") and args.preset not in MAMBA2_PRESETS:
         p.error(f"--preset {args.preset}: the Mamba2 presets here are {list(MAMBA2_PRESETS)}")
     if args.preset in MAMBA2_PRESETS and args.profile:
-        p.error(f"--profile compares the Pallas decode kernels with XLA, which Mamba2 has not "
-                f"(--preset {args.preset})")
+        p.error(
+            f"--profile compares the Pallas decode kernels with XLA, which Mamba2 has not "
+            f"(--preset {args.preset})"
+        )
     return args
 
 
@@ -158,10 +176,14 @@ def build_model(config, device):
     dtype = config.compute_dtype
     with jax.default_device(device):
         # Embedding, final norm and head: from a one-layer model, whose layer is dropped.
-        shell = jax.jit(lambda: gen.prepare(LM(dataclasses.replace(config, n_layer=1),
-                                               rngs=nnx.Rngs(0))))()
-        init_layer = jax.jit(lambda key: gen.inference_state(
-            nnx.split(Block(config, rngs=nnx.Rngs(key)))[1], "layers", dtype))
+        shell = jax.jit(
+            lambda: gen.prepare(LM(dataclasses.replace(config, n_layer=1), rngs=nnx.Rngs(0)))
+        )()
+        init_layer = jax.jit(
+            lambda key: gen.inference_state(
+                nnx.split(Block(config, rngs=nnx.Rngs(key)))[1], "layers", dtype
+            )
+        )
         key = jax.random.key(1)
         layers = tuple(init_layer(jax.random.fold_in(key, i)) for i in range(config.n_layer))
     block_graph = nnx.split(nnx.eval_shape(lambda: Block(config, rngs=nnx.Rngs(0))))[0]
@@ -176,12 +198,17 @@ def model_config(args, device):
 
     scan_impl = args.scan_impl
     if scan_impl == "auto" and device.platform == "gpu":
-        kernels = ("pallas_kernels.ssd" if args.preset in MAMBA2_PRESETS
-                   else "pallas_kernels.selective_scan")
+        kernels = (
+            "pallas_kernels.ssd"
+            if args.preset in MAMBA2_PRESETS
+            else "pallas_kernels.selective_scan"
+        )
         try:
             importlib.import_module(kernels)
         except ImportError as e:
-            print(f"Pallas scan unavailable ({e}); prefill uses the reference scan", file=sys.stderr)
+            print(
+                f"Pallas scan unavailable ({e}); prefill uses the reference scan", file=sys.stderr
+            )
             scan_impl = "reference"
     return preset_config(args.preset, dtype=args.dtype, scan_impl=scan_impl)
 
@@ -218,27 +245,62 @@ def precompile(prepared, batches, args, sampling, impls) -> dict:
         size, (rows, length) = len(inputs.rows), inputs.tokens.shape
         vocab = config.padded_vocab_size
         residual = sds((rows, length, config.d_model), jnp.float32)
-        layer = (prepared.graphs[0], prepared.params["layers"][0], residual, i32((rows, length)),
-                 i32((size,)), i32((size,)))
+        layer = (
+            prepared.graphs[0],
+            prepared.params["layers"][0],
+            residual,
+            i32((rows, length)),
+            i32((size,)),
+            i32((size,)),
+        )
         yield "prefill_layer", gen._prefill_layer.lower(*layer, num_segments=inputs.num_segments)
         yield "embed", gen._embed.lower(gen._table(prepared), i32((rows, length)))
-        yield "prefill_head", gen._prefill_head.lower(
-            gen._head_params(prepared), prepared.graphs, config, residual, i32((size,)),
-            i32((size,)))
-        yield "seen", gen._seen.lower(i32((rows, length)), i32((rows, length)), size=size,
-                                      vocab=vocab)
+        yield (
+            "prefill_head",
+            gen._prefill_head.lower(
+                gen._head_params(prepared),
+                prepared.graphs,
+                config,
+                residual,
+                i32((size,)),
+                i32((size,)),
+            ),
+        )
+        yield (
+            "seen",
+            gen._seen.lower(i32((rows, length)), i32((rows, length)), size=size, vocab=vocab),
+        )
         _, conv, ssm = jax.eval_shape(
-            lambda *a: gen._prefill_layer(*a, num_segments=inputs.num_segments), *layer)
+            lambda *a: gen._prefill_layer(*a, num_segments=inputs.num_segments), *layer
+        )
         state = gen.DecodeState(conv=(conv,) * config.n_layer, ssm=(ssm,) * config.n_layer)
-        start_args = (sds((size, vocab), jnp.float32), state, sds((size, vocab), jnp.bool_),
-                      jax.random.key(0), sampling.params(), jnp.int32(batch))
-        start_kw = dict(mode=sampling.mode, vocab_size=config.vocab_size,
-                        columns=gen.new_token_bucket(args.new_tokens))
+        start_args = (
+            sds((size, vocab), jnp.float32),
+            state,
+            sds((size, vocab), jnp.bool_),
+            jax.random.key(0),
+            sampling.params(),
+            jnp.int32(batch),
+        )
+        start_kw = dict(
+            mode=sampling.mode,
+            vocab_size=config.vocab_size,
+            columns=gen.new_token_bucket(args.new_tokens),
+        )
         yield "start", gen._start.lower(*start_args, **start_kw)
         run = jax.eval_shape(lambda *a: gen._start(*a, **start_kw), *start_args)
-        yield f"decode_loop[{impl}]", gen._decode_loop.lower(
-            prepared, run, jnp.int32(args.new_tokens), sampling.params(), mode=sampling.mode,
-            impl=impl, vocab_size=config.vocab_size)
+        yield (
+            f"decode_loop[{impl}]",
+            gen._decode_loop.lower(
+                prepared,
+                run,
+                jnp.int32(args.new_tokens),
+                sampling.params(),
+                mode=sampling.mode,
+                impl=impl,
+                vocab_size=config.vocab_size,
+            ),
+        )
 
     def compile_one(job):
         name, batch, low = job
@@ -247,8 +309,12 @@ def precompile(prepared, batches, args, sampling, impls) -> dict:
         return [name, batch, time.perf_counter() - t0]
 
     try:
-        jobs = [(name, batch, low) for impl in impls for batch in batches
-                for name, low in lowerings(batch, impl)]
+        jobs = [
+            (name, batch, low)
+            for impl in impls
+            for batch in batches
+            for name, low in lowerings(batch, impl)
+        ]
         # Longest first: the decode loops.
         jobs.sort(key=lambda j: not j[0].startswith("decode_loop"))
         workers = min(len(jobs), max(1, (os.cpu_count() or 2) - 1))
@@ -277,9 +343,11 @@ def summary(precompiled) -> str:
     if "error" in precompiled:
         return f"FAILED ({precompiled['error']})"
     loops = [j for j in precompiled["jobs"] if j[0].startswith("decode_loop")]
-    return (f"{len(precompiled['jobs'])} functions in {precompiled['wall_s']:.1f} s on "
-            f"{precompiled['threads']} threads; decode loops "
-            + ", ".join(f"batch {b} {t:.1f} s" for _, b, t in loops))
+    return (
+        f"{len(precompiled['jobs'])} functions in {precompiled['wall_s']:.1f} s on "
+        f"{precompiled['threads']} threads; decode loops "
+        + ", ".join(f"batch {b} {t:.1f} s" for _, b, t in loops)
+    )
 
 
 def worker(args):
@@ -297,31 +365,46 @@ def worker(args):
     config = model_config(args, device)
     impl = gen.resolve_decode_impl(args.decode_impl, config)
     # The compile phase compiles what the settings run: they share one sampling mode.
-    sampling = SamplingConfig(**SETTINGS[args.setting_list[0] if args.worker == "compile"
-                                         else args.worker], seed=0)
+    sampling = SamplingConfig(
+        **SETTINGS[args.setting_list[0] if args.worker == "compile" else args.worker], seed=0
+    )
     prepared = build_model(config, device)
     jax.block_until_ready(prepared)
     init_s = time.perf_counter() - t0
     init_peak, weights_bytes = harness.device_memory(device)
-    print(f"[ours {args.worker}] {args.preset} on {device.device_kind}: init {init_s:.1f} s, "
-          f"weights {(weights_bytes or 0) / 2**30:.2f} GiB, decode_impl {impl}", file=sys.stderr)
+    print(
+        f"[ours {args.worker}] {args.preset} on {device.device_kind}: init {init_s:.1f} s, "
+        f"weights {(weights_bytes or 0) / 2**30:.2f} GiB, decode_impl {impl}",
+        file=sys.stderr,
+    )
     precompiled = None
     if args.worker_precompile:
         precompiled = precompile(prepared, args.batch_list, args, sampling, [impl])
         print(f"[ours {args.worker}] compiled: {summary(precompiled)}", file=sys.stderr)
     if args.worker == "compile":
-        harness.write_json(args.worker_json, dict(device=dataclasses.asdict(info),
-                                                  precompile=precompiled))
+        harness.write_json(
+            args.worker_json, dict(device=dataclasses.asdict(info), precompile=precompiled)
+        )
         return 0
-    record = dict(setting=args.worker, sampling=SETTINGS[args.worker], decode_impl=impl,
-                  device=dataclasses.asdict(info), config=dataclasses.asdict(config),
-                  num_params=config.num_params(), init_s=init_s, weights_bytes_in_use=weights_bytes,
-                  peak_bytes_after_init=init_peak, precompile=precompiled, rows=[], skipped=[])
+    record = dict(
+        setting=args.worker,
+        sampling=SETTINGS[args.worker],
+        decode_impl=impl,
+        device=dataclasses.asdict(info),
+        config=dataclasses.asdict(config),
+        num_params=config.num_params(),
+        init_s=init_s,
+        weights_bytes_in_use=weights_bytes,
+        peak_bytes_after_init=init_peak,
+        precompile=precompiled,
+        rows=[],
+        skipped=[],
+    )
     previous = None
     for batch in args.batch_list:
         if previous is not None:
             # A batch costs at most ~1.5x the previous one's runs, plus its compile.
-            estimate = (previous["compile_s"] + 1.5 * (1 + args.repeats) * previous["total_s"])
+            estimate = previous["compile_s"] + 1.5 * (1 + args.repeats) * previous["total_s"]
             if time.perf_counter() + estimate > deadline:
                 record["skipped"].append(batch)
                 continue
@@ -331,30 +414,42 @@ def worker(args):
             start = time.perf_counter()
             run_once(prepared, prompts, sampling, impl, args.new_tokens)
             first = time.perf_counter() - start
-        runs = [run_once(prepared, prompts, sampling, impl, args.new_tokens)
-                for _ in range(args.repeats)] or [(float("nan"), float("nan"))]
+        runs = [
+            run_once(prepared, prompts, sampling, impl, args.new_tokens)
+            for _ in range(args.repeats)
+        ] or [(float("nan"), float("nan"))]
         peak, _ = harness.device_memory(device)
         prefill = statistics.median(r[0] for r in runs)
         decode = statistics.median(r[1] for r in runs)
-        row = dict(batch=batch, total_s=prefill + decode, prefill_s=prefill, decode_s=decode,
-                   decode_ms_per_step=1e3 * decode / max(args.new_tokens - 1, 1),
-                   new_tok_s=batch * args.new_tokens / (prefill + decode),
-                   peak_gib=None if peak is None else peak / 2**30,
-                   bytes_in_use_before=in_use_before, first_call_s=first,
-                   compile_s=compiled.seconds, compiles=compiled.compiles,
-                   cache_hits=compiled.cache_hits,
-                   compiled=[(n, round(t, 2)) for n, t in compiled.backend if t > 0.05],
-                   runs=[list(r) for r in runs])
+        row = dict(
+            batch=batch,
+            total_s=prefill + decode,
+            prefill_s=prefill,
+            decode_s=decode,
+            decode_ms_per_step=1e3 * decode / max(args.new_tokens - 1, 1),
+            new_tok_s=batch * args.new_tokens / (prefill + decode),
+            peak_gib=None if peak is None else peak / 2**30,
+            bytes_in_use_before=in_use_before,
+            first_call_s=first,
+            compile_s=compiled.seconds,
+            compiles=compiled.compiles,
+            cache_hits=compiled.cache_hits,
+            compiled=[(n, round(t, 2)) for n, t in compiled.backend if t > 0.05],
+            runs=[list(r) for r in runs],
+        )
         if not args.repeats:  # smoke: the first call is all there is
             row.update(total_s=first, prefill_s=None, decode_s=None, decode_ms_per_step=None)
         record["rows"].append(row)
         previous = dict(row, total_s=row["total_s"] if args.repeats else first)
-        print(f"[ours {args.worker}] batch {batch:4d}: total {row['total_s']:.3f} s (prefill "
-              f"{prefill:.3f}, decode {decode:.3f} s = {row['decode_ms_per_step'] or 0:.2f} "
-              f"ms/step), peak {row['peak_gib'] or 0:.2f} GiB, first call {first:.1f} s "
-              f"(compile {compiled.seconds:.1f} s: {compiled.compiles} compiles, "
-              f"{compiled.cache_hits} from the cache)",
-              file=sys.stderr, flush=True)
+        print(
+            f"[ours {args.worker}] batch {batch:4d}: total {row['total_s']:.3f} s (prefill "
+            f"{prefill:.3f}, decode {decode:.3f} s = {row['decode_ms_per_step'] or 0:.2f} "
+            f"ms/step), peak {row['peak_gib'] or 0:.2f} GiB, first call {first:.1f} s "
+            f"(compile {compiled.seconds:.1f} s: {compiled.compiles} compiles, "
+            f"{compiled.cache_hits} from the cache)",
+            file=sys.stderr,
+            flush=True,
+        )
         harness.write_json(args.worker_json, record)
     record["wall_s"] = time.perf_counter() - t0
     harness.write_json(args.worker_json, record)
@@ -391,33 +486,57 @@ def run_anchor(args, setting, batches, budget):
     script = args.anchor / "gen_torch.py"
     if not script.is_file():
         return dict(status="error", error=f"{script} is not a file", rows=[])
-    flags = ["--temperature", str(SETTINGS[setting]["temperature"]),
-             "--top-p", str(SETTINGS[setting]["top_p"]),
-             "--repetition-penalty", str(SETTINGS[setting].get("repetition_penalty", 1.0))]
+    flags = [
+        "--temperature",
+        str(SETTINGS[setting]["temperature"]),
+        "--top-p",
+        str(SETTINGS[setting]["top_p"]),
+        "--repetition-penalty",
+        str(SETTINGS[setting].get("repetition_penalty", 1.0)),
+    ]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = anchor_site(args)
     with tempfile.TemporaryDirectory(prefix="anchor_") as tmp:
         out = pathlib.Path(tmp) / "anchor.json"
-        cmd = [sys.executable, str(script), str(out), ",".join(map(str, batches)), "--preset",
-               args.preset, "--prompt-len", str(args.prompt_len), "--new-tokens",
-               str(args.new_tokens), *flags]
+        cmd = [
+            sys.executable,
+            str(script),
+            str(out),
+            ",".join(map(str, batches)),
+            "--preset",
+            args.preset,
+            "--prompt-len",
+            str(args.prompt_len),
+            "--new-tokens",
+            str(args.new_tokens),
+            *flags,
+        ]
         t0 = time.perf_counter()
         status = "ok"
         try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                                  timeout=max(30.0, budget + 30))
+            proc = subprocess.run(
+                cmd, env=env, capture_output=True, text=True, timeout=max(30.0, budget + 30)
+            )
             tail = (proc.stdout + proc.stderr)[-3000:]
             if proc.returncode != 0:
                 status = f"error (exit {proc.returncode})"
         except subprocess.TimeoutExpired as e:
             status, tail = "timeout", str(e.stdout or "")[-3000:]
-        print(f"[mamba_ssm {setting}] {status} in {time.perf_counter() - t0:.0f} s\n{tail[-1500:]}",
-              file=sys.stderr, flush=True)
+        print(
+            f"[mamba_ssm {setting}] {status} in {time.perf_counter() - t0:.0f} s\n{tail[-1500:]}",
+            file=sys.stderr,
+            flush=True,
+        )
         result = json.loads(out.read_text()) if out.exists() else {}
-    return dict(status=status, command=" ".join(cmd), wall_s=time.perf_counter() - t0,
-                output_tail=tail if status != "ok" else None,
-                torch=result.get("torch"), device=result.get("device"),
-                rows=result.get("rows", []))
+    return dict(
+        status=status,
+        command=" ".join(cmd),
+        wall_s=time.perf_counter() - t0,
+        output_tail=tail if status != "ok" else None,
+        torch=result.get("torch"),
+        device=result.get("device"),
+        rows=result.get("rows", []),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -430,26 +549,56 @@ def run_ours(args, setting, budget, precompile_first):
     with tempfile.TemporaryDirectory(prefix="ours_") as tmp:
         path = pathlib.Path(tmp) / "ours.json"
         argv = [*sys.argv[1:]] if not args.smoke else []
-        worker_args = ["--worker", setting, "--worker-json", str(path), "--worker-budget",
-                       str(budget), "--compile-cache", str(args.compile_cache)]
+        worker_args = [
+            "--worker",
+            setting,
+            "--worker-json",
+            str(path),
+            "--worker-budget",
+            str(budget),
+            "--compile-cache",
+            str(args.compile_cache),
+        ]
         if precompile_first:
             worker_args.append("--worker-precompile")
         if args.smoke:
-            worker(parse_args(["--smoke", "--preset", args.preset, "--dtype", args.dtype,
-                               "--scan-impl", args.scan_impl, "--prompt-len", str(args.prompt_len),
-                               "--new-tokens", str(args.new_tokens), "--batches", args.batches,
-                               "--repeats", str(args.repeats), "--decode-impl", args.decode_impl,
-                               *worker_args]))
+            worker(
+                parse_args(
+                    [
+                        "--smoke",
+                        "--preset",
+                        args.preset,
+                        "--dtype",
+                        args.dtype,
+                        "--scan-impl",
+                        args.scan_impl,
+                        "--prompt-len",
+                        str(args.prompt_len),
+                        "--new-tokens",
+                        str(args.new_tokens),
+                        "--batches",
+                        args.batches,
+                        "--repeats",
+                        str(args.repeats),
+                        "--decode-impl",
+                        args.decode_impl,
+                        *worker_args,
+                    ]
+                )
+            )
         else:
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             try:
-                proc = subprocess.run([sys.executable, __file__, *argv, *worker_args], env=env,
-                                      timeout=budget + 120)
+                proc = subprocess.run(
+                    [sys.executable, __file__, *argv, *worker_args], env=env, timeout=budget + 120
+                )
                 if proc.returncode != 0:
                     print(f"[ours {setting}] exit {proc.returncode}", file=sys.stderr)
             except subprocess.TimeoutExpired:
-                print(f"[ours {setting}] timed out; keeping the batch sizes it finished",
-                      file=sys.stderr)
+                print(
+                    f"[ours {setting}] timed out; keeping the batch sizes it finished",
+                    file=sys.stderr,
+                )
         return json.loads(path.read_text()) if path.exists() else dict(rows=[], error="no output")
 
 
@@ -458,14 +607,23 @@ def compare(ours, anchor):
     out = []
     for r in ours.get("rows", []):
         t = theirs.get(r["batch"])
-        row = dict(batch=r["batch"], ours_total_s=r["total_s"],
-                   ours_decode_ms_per_step=r["decode_ms_per_step"], ours_peak_gib=r["peak_gib"],
-                   ours_first_call_s=r["first_call_s"], ours_compile_s=r["compile_s"])
+        row = dict(
+            batch=r["batch"],
+            ours_total_s=r["total_s"],
+            ours_decode_ms_per_step=r["decode_ms_per_step"],
+            ours_peak_gib=r["peak_gib"],
+            ours_first_call_s=r["first_call_s"],
+            ours_compile_s=r["compile_s"],
+        )
         if t:
-            row.update(mamba_ssm_total_s=t["total_s"], mamba_ssm_peak_gib=t.get("peak_gib"),
-                       total_ratio=r["total_s"] / t["total_s"],
-                       peak_ratio=(r["peak_gib"] / t["peak_gib"]
-                                   if r["peak_gib"] and t.get("peak_gib") else None))
+            row.update(
+                mamba_ssm_total_s=t["total_s"],
+                mamba_ssm_peak_gib=t.get("peak_gib"),
+                total_ratio=r["total_s"] / t["total_s"],
+                peak_ratio=(
+                    r["peak_gib"] / t["peak_gib"] if r["peak_gib"] and t.get("peak_gib") else None
+                ),
+            )
         out.append(row)
     return out
 
@@ -477,29 +635,35 @@ def targets(settings):
         checks[name] = dict(
             total_ratio_max=max((r["total_ratio"] for r in rows), default=None),
             total_ratio_met=bool(rows) and all(r["total_ratio"] <= TARGET_RATIO for r in rows),
-            peak_met=bool(rows) and all(r["peak_ratio"] is not None and r["peak_ratio"] <= 1
-                                        for r in rows),
-            batch1_step_ms=next((r["ours_decode_ms_per_step"] for r in s["comparison"]
-                                 if r["batch"] == 1), None))
+            peak_met=bool(rows)
+            and all(r["peak_ratio"] is not None and r["peak_ratio"] <= 1 for r in rows),
+            batch1_step_ms=next(
+                (r["ours_decode_ms_per_step"] for r in s["comparison"] if r["batch"] == 1), None
+            ),
+        )
         step = checks[name]["batch1_step_ms"]
         checks[name]["batch1_step_met"] = step is not None and step <= TARGET_STEP_MS
     return checks
 
 
 def table(name, setting) -> str:
-    lines = [f"{name}: {setting['sampling']}",
-             "| batch | ours s | mamba_ssm s | ours / mamba_ssm | ours decode ms/step | "
-             "peak GiB ours / mamba_ssm | ours first call s (compile) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{name}: {setting['sampling']}",
+        "| batch | ours s | mamba_ssm s | ours / mamba_ssm | ours decode ms/step | "
+        "peak GiB ours / mamba_ssm | ours first call s (compile) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in setting["comparison"]:
         ratio = f"{r['total_ratio']:.2f}x" if "total_ratio" in r else "-"
         theirs = f"{r['mamba_ssm_total_s']:.2f}" if "mamba_ssm_total_s" in r else "-"
         peak_theirs = f"{r['mamba_ssm_peak_gib']:.1f}" if r.get("mamba_ssm_peak_gib") else "-"
         step = r["ours_decode_ms_per_step"]
-        lines.append(f"| {r['batch']} | {r['ours_total_s']:.2f} | {theirs} | {ratio} | "
-                     f"{'-' if step is None else f'{step:.2f}'} | "
-                     f"{(r['ours_peak_gib'] or 0):.1f} / {peak_theirs} | "
-                     f"{r['ours_first_call_s']:.1f} ({r['ours_compile_s']:.1f}) |")
+        lines.append(
+            f"| {r['batch']} | {r['ours_total_s']:.2f} | {theirs} | {ratio} | "
+            f"{'-' if step is None else f'{step:.2f}'} | "
+            f"{(r['ours_peak_gib'] or 0):.1f} / {peak_theirs} | "
+            f"{r['ours_first_call_s']:.1f} ({r['ours_compile_s']:.1f}) |"
+        )
     return "\n".join(lines)
 
 
@@ -515,8 +679,11 @@ def orchestrate(args, argv):
     # scratch buffers count in peak_bytes_in_use) happens in them.
     compile_first = not args.no_precompile and not args.smoke
     phases = ([("compile", "ours")] if compile_first else []) + [
-        (s, side) for s in args.setting_list for side in ("ours", "anchor")
-        if side == "ours" or with_anchor]
+        (s, side)
+        for s in args.setting_list
+        for side in ("ours", "anchor")
+        if side == "ours" or with_anchor
+    ]
     # Shares of the time left that each phase may use, the later phases' reserved.
     weight = {"ours": 1.0, "anchor": 0.7, "compile": 1.0}
     settings, compiled = {}, None
@@ -550,27 +717,41 @@ def orchestrate(args, argv):
     for moved in harness.retire(path, commit=head["git_commit"], companions=[png]):
         print(f"generate: moved the previous result to {moved}", file=sys.stderr)
     report = dict(
-        **head, benchmark="generate: ours (jax_packmamba) against mamba_ssm generate(cg=True)",
-        preset=args.preset, dtype=args.dtype, prompt_len=args.prompt_len,
-        new_tokens=args.new_tokens, repeats=args.repeats, decode_impl=args.decode_impl,
-        batches=args.batch_list, compile=compiled, settings=settings,
+        **head,
+        benchmark="generate: ours (jax_packmamba) against mamba_ssm generate(cg=True)",
+        preset=args.preset,
+        dtype=args.dtype,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        decode_impl=args.decode_impl,
+        batches=args.batch_list,
+        compile=compiled,
+        settings=settings,
         targets=targets(settings),
-        target_total_ratio=TARGET_RATIO, target_batch1_step_ms=TARGET_STEP_MS,
-        notes=("total: prompts on the host to generated tokens on the host; ours: prefill (one "
-               "packed pass) + decode (one jitted while_loop), median of `repeats` timed runs "
-               "after an untimed first call (first_call_s; compile_s its tracing and loading "
-               "from the persistent cache that the compile phase filled: `compile` has each "
-               "function's compile seconds, compiled in parallel threads); mamba_ssm: "
-               "gen_torch.py's generate(cg=True), one timed call after a warm-up; peak: each "
-               "side's allocator high-water mark (jax peak_bytes_in_use in a fresh process per "
-               "setting; torch max_memory_allocated after a reset per batch)"),
-        wall_s=time.perf_counter() - t0)
+        target_total_ratio=TARGET_RATIO,
+        target_batch1_step_ms=TARGET_STEP_MS,
+        notes=(
+            "total: prompts on the host to generated tokens on the host; ours: prefill (one "
+            "packed pass) + decode (one jitted while_loop), median of `repeats` timed runs "
+            "after an untimed first call (first_call_s; compile_s its tracing and loading "
+            "from the persistent cache that the compile phase filled: `compile` has each "
+            "function's compile seconds, compiled in parallel threads); mamba_ssm: "
+            "gen_torch.py's generate(cg=True), one timed call after a warm-up; peak: each "
+            "side's allocator high-water mark (jax peak_bytes_in_use in a fresh process per "
+            "setting; torch max_memory_allocated after a reset per batch)"
+        ),
+        wall_s=time.perf_counter() - t0,
+    )
     harness.write_json(path, report)
     plot(report, png)
     for name, entry in settings.items():
         print("\n" + table(name, entry), file=sys.stderr)
-    print(f"\ntargets: {json.dumps(report['targets'])}\nwrote {path} and {png.name} in "
-          f"{report['wall_s']:.0f} s", file=sys.stderr)
+    print(
+        f"\ntargets: {json.dumps(report['targets'])}\nwrote {path} and {png.name} in "
+        f"{report['wall_s']:.0f} s",
+        file=sys.stderr,
+    )
     if own_cache:
         import shutil
 
@@ -592,26 +773,53 @@ def plot(report, path):
             continue
         ls = styles.get(name, ":")
         b = [r["batch"] for r in rows]
-        axes[0].plot(b, [r["ours_total_s"] for r in rows], "o" + ls, color="C0", label=f"ours, {name}")
+        axes[0].plot(
+            b, [r["ours_total_s"] for r in rows], "o" + ls, color="C0", label=f"ours, {name}"
+        )
         both = [r for r in rows if "total_ratio" in r]
         if both:
             bb = [r["batch"] for r in both]
-            axes[0].plot(bb, [r["mamba_ssm_total_s"] for r in both], "s" + ls, color="C1",
-                         label=f"mamba_ssm, {name}")
+            axes[0].plot(
+                bb,
+                [r["mamba_ssm_total_s"] for r in both],
+                "s" + ls,
+                color="C1",
+                label=f"mamba_ssm, {name}",
+            )
             axes[1].plot(bb, [r["total_ratio"] for r in both], "o" + ls, label=name)
             peaks = [r for r in both if r.get("mamba_ssm_peak_gib")]
-            axes[3].plot([r["batch"] for r in peaks], [r["mamba_ssm_peak_gib"] for r in peaks],
-                         "s" + ls, color="C1", label=f"mamba_ssm, {name}")
+            axes[3].plot(
+                [r["batch"] for r in peaks],
+                [r["mamba_ssm_peak_gib"] for r in peaks],
+                "s" + ls,
+                color="C1",
+                label=f"mamba_ssm, {name}",
+            )
         steps = [r for r in rows if r["ours_decode_ms_per_step"] is not None]
-        axes[2].plot([r["batch"] for r in steps], [r["ours_decode_ms_per_step"] for r in steps],
-                     "o" + ls, label=f"ours, {name}")
+        axes[2].plot(
+            [r["batch"] for r in steps],
+            [r["ours_decode_ms_per_step"] for r in steps],
+            "o" + ls,
+            label=f"ours, {name}",
+        )
         peaks = [r for r in rows if r["ours_peak_gib"] is not None]
-        axes[3].plot([r["batch"] for r in peaks], [r["ours_peak_gib"] for r in peaks], "o" + ls,
-                     color="C0", label=f"ours, {name}")
+        axes[3].plot(
+            [r["batch"] for r in peaks],
+            [r["ours_peak_gib"] for r in peaks],
+            "o" + ls,
+            color="C0",
+            label=f"ours, {name}",
+        )
     axes[1].axhline(TARGET_RATIO, color="k", lw=0.8, ls=":", label=f"target {TARGET_RATIO}")
-    axes[2].axhline(TARGET_STEP_MS, color="k", lw=0.8, ls=":", label=f"batch-1 target {TARGET_STEP_MS} ms")
-    titles = [f"total time (prompt {report['prompt_len']}, {report['new_tokens']} new)",
-              "ours / mamba_ssm (total time)", "our decode ms per step", "peak device memory"]
+    axes[2].axhline(
+        TARGET_STEP_MS, color="k", lw=0.8, ls=":", label=f"batch-1 target {TARGET_STEP_MS} ms"
+    )
+    titles = [
+        f"total time (prompt {report['prompt_len']}, {report['new_tokens']} new)",
+        "ours / mamba_ssm (total time)",
+        "our decode ms per step",
+        "peak device memory",
+    ]
     for ax, title, ylabel in zip(axes, titles, ("s", "ratio", "ms", "GiB")):
         ax.set_title(title)
         ax.set_ylabel(ylabel)
@@ -622,9 +830,11 @@ def plot(report, path):
             ax.legend(fontsize=8)
     preset = report["preset"]
     name = preset if preset.startswith("mamba2-") else f"mamba-{preset}"
-    fig.suptitle(f"{name} ({report['dtype']}, random weights) on "
-                 f"{report['device']}: jax_packmamba (decode {report['decode_impl']}) vs "
-                 f"mamba_ssm generate(cg=True)")
+    fig.suptitle(
+        f"{name} ({report['dtype']}, random weights) on "
+        f"{report['device']}: jax_packmamba (decode {report['decode_impl']}) vs "
+        f"mamba_ssm generate(cg=True)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -636,12 +846,27 @@ def plot(report, path):
 
 CATEGORIES = (
     ("decode kernels", ("decode_conv_x_proj", "decode_ssm_update")),
-    ("gemm", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas", "matmul", "triton_dot",
-              "__dot", "dot_")),
+    (
+        "gemm",
+        (
+            "gemm",
+            "gemv",
+            "nvjet",
+            "cutlass",
+            "xmma",
+            "cublas",
+            "matmul",
+            "triton_dot",
+            "__dot",
+            "dot_",
+        ),
+    ),
     ("sort/scan/top-k (sampling)", ("sort", "cub", "radix", "scan", "topk", "top_k")),
     ("rng", ("threefry", "rng", "philox")),
-    ("copy", ("copy", "dynamic_slice", "dynamic-slice", "memcpy", "memset", "transpose",
-              "concatenate")),
+    (
+        "copy",
+        ("copy", "dynamic_slice", "dynamic-slice", "memcpy", "memset", "transpose", "concatenate"),
+    ),
 )
 
 
@@ -673,28 +898,48 @@ def kernel_table(trace_dir, steps: int, *, plane_prefix: str = "/device:GPU") ->
         by_cat[cat] = (t + total, c + count)
     us = 1e-3 / steps  # ns in the trace -> us per step
     return dict(
-        steps=steps, kernels_per_step=len(events) / steps,
-        wall_ms_per_step=(end - start) * us / 1e3, busy_ms_per_step=busy * us / 1e3,
-        categories={k: dict(us_per_step=t * us, per_step=c / steps)
-                    for k, (t, c) in sorted(by_cat.items(), key=lambda x: -x[1][0])},
-        top=[dict(name=n, category=category(n), us_per_step=t * us, per_step=c / steps,
-                  mean_us=t / c / 1e3) for n, t, c in kernels[:30]],
-        lines=lines_seen)
+        steps=steps,
+        kernels_per_step=len(events) / steps,
+        wall_ms_per_step=(end - start) * us / 1e3,
+        busy_ms_per_step=busy * us / 1e3,
+        categories={
+            k: dict(us_per_step=t * us, per_step=c / steps)
+            for k, (t, c) in sorted(by_cat.items(), key=lambda x: -x[1][0])
+        },
+        top=[
+            dict(
+                name=n,
+                category=category(n),
+                us_per_step=t * us,
+                per_step=c / steps,
+                mean_us=t / c / 1e3,
+            )
+            for n, t, c in kernels[:30]
+        ],
+        lines=lines_seen,
+    )
 
 
 def format_table(title, t) -> str:
     if "error" in t:
         return f"{title}: {t['error']} (trace lines: {t.get('lines')})"
     busy = t["busy_ms_per_step"] / t["wall_ms_per_step"]
-    out = [f"{title}: {t['wall_ms_per_step']:.3f} ms wall / step in the trace, GPU busy "
-           f"{t['busy_ms_per_step']:.3f} ms ({100 * busy:.0f}%), "
-           f"{t['kernels_per_step']:.0f} kernels / step",
-           "  by category:  " + "; ".join(f"{k} {v['us_per_step']:.0f} us ({v['per_step']:.0f})"
-                                          for k, v in t["categories"].items()),
-           f"  {'us/step':>8} {'n/step':>6} {'mean us':>8}  kernel"]
+    out = [
+        f"{title}: {t['wall_ms_per_step']:.3f} ms wall / step in the trace, GPU busy "
+        f"{t['busy_ms_per_step']:.3f} ms ({100 * busy:.0f}%), "
+        f"{t['kernels_per_step']:.0f} kernels / step",
+        "  by category:  "
+        + "; ".join(
+            f"{k} {v['us_per_step']:.0f} us ({v['per_step']:.0f})"
+            for k, v in t["categories"].items()
+        ),
+        f"  {'us/step':>8} {'n/step':>6} {'mean us':>8}  kernel",
+    ]
     for k in t["top"][:25]:
-        out.append(f"  {k['us_per_step']:8.1f} {k['per_step']:6.1f} {k['mean_us']:8.2f}  "
-                   f"{k['name'][:90]}  [{k['category']}]")
+        out.append(
+            f"  {k['us_per_step']:8.1f} {k['per_step']:6.1f} {k['mean_us']:8.2f}  "
+            f"{k['name'][:90]}  [{k['category']}]"
+        )
     return "\n".join(out)
 
 
@@ -713,7 +958,6 @@ def layer_check(prepared, batch, impl):
     states (the kernels' correctness on this device)."""
     jax, gen = jax_modules()
     import jax.numpy as jnp
-
     from flax import nnx
 
     from jax_packmamba.model import MixerState
@@ -722,19 +966,26 @@ def layer_check(prepared, batch, impl):
     k = jax.random.split(jax.random.key(7), 3)
     residual = jax.random.normal(k[0], (batch, config.d_model))
     conv = jax.random.normal(k[1], (batch, config.d_conv - 1, config.d_inner)).astype(
-        config.compute_dtype)
+        config.compute_dtype
+    )
     ssm = jax.random.normal(k[2], (batch, config.d_inner, config.d_state))
     params = prepared.params["layers"][0]
+
     def block_step(p, r, c, s, impl):
         r, cache = nnx.merge(prepared.graphs[0], p)(r, cache=MixerState(c, s), decode_impl=impl)
         return r, cache.conv, cache.ssm
 
-    outs = {i: jax.jit(lambda p, r, c, s, i=i: block_step(p, r, c, s, i))(
-        params, residual, conv, ssm) for i in ("xla", impl)}
-    rel = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))  # noqa: E731
-                             / jnp.maximum(jnp.max(jnp.abs(b.astype(jnp.float32))), 1e-6))
-    return {name: rel(a, b) for name, a, b in zip(("residual", "conv", "ssm"), outs[impl],
-                                                   outs["xla"])}
+    outs = {
+        i: jax.jit(lambda p, r, c, s, i=i: block_step(p, r, c, s, i))(params, residual, conv, ssm)
+        for i in ("xla", impl)
+    }
+    rel = lambda a, b: float(
+        jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))  # noqa: E731
+        / jnp.maximum(jnp.max(jnp.abs(b.astype(jnp.float32))), 1e-6)
+    )
+    return {
+        name: rel(a, b) for name, a, b in zip(("residual", "conv", "ssm"), outs[impl], outs["xla"])
+    }
 
 
 def profile_one(prepared, batch, impl, sampling, args, tmp):
@@ -747,8 +998,14 @@ def profile_one(prepared, batch, impl, sampling, args, tmp):
     prompts = prompts_for(batch, min(args.prompt_len, PROFILE_PROMPT), config.vocab_size)
     params = sampling.params()
     loop = lambda run, limit: gen._decode_loop(  # noqa: E731
-        prepared, run, jnp.int32(limit), params, mode=sampling.mode, impl=impl,
-        vocab_size=config.vocab_size)
+        prepared,
+        run,
+        jnp.int32(limit),
+        params,
+        mode=sampling.mode,
+        impl=impl,
+        vocab_size=config.vocab_size,
+    )
     with gen.compile_stats() as compiled:
         start = time.perf_counter()
         run = gen._begin(prepared, gen.prefill_batch(prepared, prompts), total, sampling)
@@ -764,8 +1021,14 @@ def profile_one(prepared, batch, impl, sampling, args, tmp):
     with jax.profiler.trace(str(trace_dir)):
         run = jax.block_until_ready(loop(run, total))
     del run
-    return dict(batch=batch, impl=impl, decode_ms_per_step=step_ms, first_call_s=first,
-                compile_s=compiled.seconds, kernels=kernel_table(trace_dir, traced))
+    return dict(
+        batch=batch,
+        impl=impl,
+        decode_ms_per_step=step_ms,
+        first_call_s=first,
+        compile_s=compiled.seconds,
+        kernels=kernel_table(trace_dir, traced),
+    )
 
 
 def profile(args, argv):
@@ -774,9 +1037,16 @@ def profile(args, argv):
 
     t0 = time.perf_counter()
     device = jax.devices()[0]
-    new = harness.new_result("generate", script=__file__, argv=argv, out_dir=args.out,
-                             smoke=args.smoke, variant="profile", companions=[".txt"],
-                             device=device)
+    new = harness.new_result(
+        "generate",
+        script=__file__,
+        argv=argv,
+        out_dir=args.out,
+        smoke=args.smoke,
+        variant="profile",
+        companions=[".txt"],
+        device=device,
+    )
     config = model_config(args, device)
     prepared = build_model(config, device)
     sampling = SamplingConfig(**SETTINGS["blog"], seed=0)
@@ -785,8 +1055,11 @@ def profile(args, argv):
     if device.platform != "gpu":  # the smoke path: the same kernels through the interpreter
         impls = ["pallas_interpret" if i == "pallas" else i for i in impls]
     impls = [gen.resolve_decode_impl(i, config) for i in impls]
-    shapes = argparse_namespace(args, prompt_len=min(args.prompt_len, PROFILE_PROMPT),
-                                new_tokens=1 + PROFILE_WARM + args.profile_steps + args.trace_steps)
+    shapes = argparse_namespace(
+        args,
+        prompt_len=min(args.prompt_len, PROFILE_PROMPT),
+        new_tokens=1 + PROFILE_WARM + args.profile_steps + args.trace_steps,
+    )
     precompiled = precompile(prepared, batches, shapes, sampling, impls)
     print(f"compiled: {summary(precompiled)}", file=sys.stderr)
     results, text = [], []
@@ -804,22 +1077,36 @@ def profile(args, argv):
                 if "error" in r:
                     block = f"{title}: FAILED {r['error']}"
                 else:
-                    block = (f"{title}: {r['decode_ms_per_step']:.3f} ms/step timed over "
-                             f"{args.profile_steps} steps (first call {r['first_call_s']:.1f} s, "
-                             f"compile {r['compile_s']:.1f} s)"
-                             + (f"; layer check vs xla (max rel diff) {r['layer_check_vs_xla']}"
-                                if "layer_check_vs_xla" in r else "")
-                             + "\n" + format_table("  trace", r["kernels"]))
+                    block = (
+                        f"{title}: {r['decode_ms_per_step']:.3f} ms/step timed over "
+                        f"{args.profile_steps} steps (first call {r['first_call_s']:.1f} s, "
+                        f"compile {r['compile_s']:.1f} s)"
+                        + (
+                            f"; layer check vs xla (max rel diff) {r['layer_check_vs_xla']}"
+                            if "layer_check_vs_xla" in r
+                            else ""
+                        )
+                        + "\n"
+                        + format_table("  trace", r["kernels"])
+                    )
                 print(block + "\n", file=sys.stderr, flush=True)
                 text.append(block)
-                report = dict(**new.header, benchmark="generate --profile: decode steps",
-                              preset=args.preset, dtype=args.dtype, sampling=SETTINGS["blog"],
-                              precompile=precompiled, results=results,
-                              wall_s=time.perf_counter() - t0)
+                report = dict(
+                    **new.header,
+                    benchmark="generate --profile: decode steps",
+                    preset=args.preset,
+                    dtype=args.dtype,
+                    sampling=SETTINGS["blog"],
+                    precompile=precompiled,
+                    results=results,
+                    wall_s=time.perf_counter() - t0,
+                )
                 harness.write_json(new.path, report)
                 new.companions[0].write_text("\n\n".join(text) + "\n")
-    print(f"wrote {new.path} and {new.companions[0].name} in {time.perf_counter() - t0:.0f} s",
-          file=sys.stderr)
+    print(
+        f"wrote {new.path} and {new.companions[0].name} in {time.perf_counter() - t0:.0f} s",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -34,9 +34,15 @@ def batch_layout(rows, length, seed=0):
     b = pack_stream(docs, length, num_rows=rows + 1)  # the stream's overflow fills a spare row
     seg, continues = b.segment_ids[:rows], b.continues[:rows].copy()
     continues[0] = False
-    return jnp.asarray(seg), jnp.asarray(continues), dict(
-        linked_documents=b.num_linked_sequences, longest_chain=b.longest_chain,
-        rows_continuing=int(continues.sum()))
+    return (
+        jnp.asarray(seg),
+        jnp.asarray(continues),
+        dict(
+            linked_documents=b.num_linked_sequences,
+            longest_chain=b.longest_chain,
+            rows_continuing=int(continues.sum()),
+        ),
+    )
 
 
 def layer(shape, impl):
@@ -49,34 +55,72 @@ def layer(shape, impl):
 
     if heads is None:
         conv_ch = d_inner
-        params = dict(A=-jnp.exp(normal((d_inner, d_state), 0.5, jnp.float32)),
-                      D=normal((d_inner,), dtype=jnp.float32),
-                      bias=normal((d_inner,), 0.3, jnp.float32))
-        data = dict(B=normal((rows, length, d_state)), C=normal((rows, length, d_state)),
-                    dt=normal((rows, length, d_inner), 0.5))
+        params = dict(
+            A=-jnp.exp(normal((d_inner, d_state), 0.5, jnp.float32)),
+            D=normal((d_inner,), dtype=jnp.float32),
+            bias=normal((d_inner,), 0.3, jnp.float32),
+        )
+        data = dict(
+            B=normal((rows, length, d_state)),
+            C=normal((rows, length, d_state)),
+            dt=normal((rows, length, d_inner), 0.5),
+        )
     else:
         conv_ch = d_inner + 2 * d_state
-        params = dict(A=-jnp.exp(normal((heads,), 0.5, jnp.float32)),
-                      D=normal((heads,), dtype=jnp.float32),
-                      bias=normal((heads,), 0.3, jnp.float32))
-        data = dict(B=normal((rows, length, 1, d_state)), C=normal((rows, length, 1, d_state)),
-                    dt=normal((rows, length, heads), 0.5))
+        params = dict(
+            A=-jnp.exp(normal((heads,), 0.5, jnp.float32)),
+            D=normal((heads,), dtype=jnp.float32),
+            bias=normal((heads,), 0.3, jnp.float32),
+        )
+        data = dict(
+            B=normal((rows, length, 1, d_state)),
+            C=normal((rows, length, 1, d_state)),
+            dt=normal((rows, length, heads), 0.5),
+        )
     params["w"] = normal((conv_ch, 4), 0.5, jnp.float32)
     data.update(x=normal((rows, length, conv_ch)), z=normal((rows, length, d_inner)))
     conv_impl = "xla" if impl == "reference" else "auto"
 
     def loss(params, data, seg, continues):
-        xc = causal_conv1d(data["x"], params["w"], segment_ids=seg, activation="silu",
-                           continues=continues, impl=conv_impl)[..., :d_inner]
+        xc = causal_conv1d(
+            data["x"],
+            params["w"],
+            segment_ids=seg,
+            activation="silu",
+            continues=continues,
+            impl=conv_impl,
+        )[..., :d_inner]
         if heads is None:
-            y = selective_scan(xc, data["dt"], params["A"], data["B"], data["C"], params["D"],
-                               data["z"], params["bias"], delta_softplus=True, segment_ids=seg,
-                               continues=continues, impl=impl)
+            y = selective_scan(
+                xc,
+                data["dt"],
+                params["A"],
+                data["B"],
+                data["C"],
+                params["D"],
+                data["z"],
+                params["bias"],
+                delta_softplus=True,
+                segment_ids=seg,
+                continues=continues,
+                impl=impl,
+            )
         else:
             split = lambda a: a.reshape(rows, length, heads, -1)  # noqa: E731
-            y = ssd_scan(split(xc), data["dt"], params["A"], data["B"], data["C"], params["D"],
-                         split(data["z"]), params["bias"], dt_softplus=True, segment_ids=seg,
-                         continues=continues, impl=impl)
+            y = ssd_scan(
+                split(xc),
+                data["dt"],
+                params["A"],
+                data["B"],
+                data["C"],
+                params["D"],
+                split(data["z"]),
+                params["bias"],
+                dt_softplus=True,
+                segment_ids=seg,
+                continues=continues,
+                impl=impl,
+            )
         return jnp.sum(y.astype(jnp.float32) ** 2)
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), params, data
@@ -85,8 +129,9 @@ def layer(shape, impl):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = harness.argument_parser(__doc__).parse_args(argv)
-    new = harness.new_result("links", script=__file__, argv=argv, out_dir=args.out,
-                             smoke=args.smoke)
+    new = harness.new_result(
+        "links", script=__file__, argv=argv, out_dir=args.out, smoke=args.smoke
+    )
     impl = "reference" if args.smoke else "auto"
     data = dict(**new.header, impl=impl, timings=[])
     for name, shape in (SMOKE if args.smoke else SHAPES).items():
@@ -94,14 +139,18 @@ def main(argv=None) -> int:
         seg, continues, stats = batch_layout(*shape[:2])
         row = dict(shape=name, **stats)
         for mode, links in (("cut", None), ("link", continues)):
-            t = harness.time_calls(fn, [(params, inputs, seg, links)],
-                                   groups=1 if args.smoke else 7,
-                                   per_group=1 if args.smoke else 5)
+            t = harness.time_calls(
+                fn,
+                [(params, inputs, seg, links)],
+                groups=1 if args.smoke else 7,
+                per_group=1 if args.smoke else 5,
+            )
             row[f"{mode}_ms"] = 1e3 * t.median_s
         row["link_over_cut_ms"] = row["link_ms"] - row["cut_ms"]
         row["per_step_ms_all_layers"] = row["link_over_cut_ms"] * shape[5]
-        print(name, {k: f"{v:.3f}" if isinstance(v, float) else v for k, v in row.items()},
-              flush=True)
+        print(
+            name, {k: f"{v:.3f}" if isinstance(v, float) else v for k, v in row.items()}, flush=True
+        )
         data["timings"].append(row)
         harness.write_json(new.path, data)
     return 0

@@ -39,8 +39,12 @@ def position_losses(model, docs, seq_len, link: bool):
         logp = jax.nn.log_softmax(logits)
         return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
-    ce = token_losses(jnp.asarray(batch.tokens), jnp.asarray(batch.segment_ids),
-                      jnp.asarray(batch.targets), **links)
+    ce = token_losses(
+        jnp.asarray(batch.tokens),
+        jnp.asarray(batch.segment_ids),
+        jnp.asarray(batch.targets),
+        **links,
+    )
     return [x[:-1] for x in unpack(batch, np.asarray(ce))]  # a document's last token: no target
 
 
@@ -51,8 +55,11 @@ def bucketed(losses, seq_len):
     edges = [0, seq_len]
     while edges[-1] <= pos.max():
         edges.append(2 * edges[-1])
-    return {f"[{lo}, {hi})": float(val[(pos >= lo) & (pos < hi)].mean())
-            for lo, hi in zip(edges[:-1], edges[1:]) if ((pos >= lo) & (pos < hi)).any()}
+    return {
+        f"[{lo}, {hi})": float(val[(pos >= lo) & (pos < hi)].mean())
+        for lo, hi in zip(edges[:-1], edges[1:])
+        if ((pos >= lo) & (pos < hi)).any()
+    }
 
 
 def main(argv=None) -> int:
@@ -64,8 +71,14 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--max-eval-docs", type=int, default=64)
     args = p.parse_args(argv)
-    new = harness.new_result("long_docs", script=__file__, argv=argv, out_dir=args.out,
-                             smoke=args.smoke, companions=[".png"])
+    new = harness.new_result(
+        "long_docs",
+        script=__file__,
+        argv=argv,
+        out_dir=args.out,
+        smoke=args.smoke,
+        companions=[".png"],
+    )
     preset = args.preset or ("tiny" if args.smoke else "130m")
     steps = args.steps or (3 if args.smoke else 400)
     seq_len = args.seq_len or (64 if args.smoke else 2048)
@@ -74,19 +87,28 @@ def main(argv=None) -> int:
     from train.__main__ import main as train_main
     from train.config import parse_args
 
-    common = [f"--model.preset={preset}", f"--data.seq_len={seq_len}",
-              f"--data.batch_size={args.rows}", f"--run.steps={steps}", "--run.eval_every=0",
-              "--run.checkpoint_every=0", "--run.progress=false", "--run.plot=false"]
+    common = [
+        f"--model.preset={preset}",
+        f"--data.seq_len={seq_len}",
+        f"--data.batch_size={args.rows}",
+        f"--run.steps={steps}",
+        "--run.eval_every=0",
+        "--run.checkpoint_every=0",
+        "--run.progress=false",
+        "--run.plot=false",
+    ]
     if args.smoke:
         common += ["--model.n_layer=1", "--model.d_model=32", "--data.max_documents=40"]
-    data = dict(**new.header, preset=preset, steps=steps, seq_len=seq_len, rows=args.rows,
-                results={})
+    data = dict(
+        **new.header, preset=preset, steps=steps, seq_len=seq_len, rows=args.rows, results={}
+    )
     with tempfile.TemporaryDirectory() as tmp:
         config = parse_args(common + [f"--run.out_dir={tmp}/x"])
         corpus = data_lib.load_corpus(config.data)
-        _, held = data_lib.split_documents(corpus.documents, config.data.eval_fraction,
-                                           config.data.seed)
-        long_docs = [d for d in held if len(d) > seq_len][:args.max_eval_docs]
+        _, held = data_lib.split_documents(
+            corpus.documents, config.data.eval_fraction, config.data.seed
+        )
+        long_docs = [d for d in held if len(d) > seq_len][: args.max_eval_docs]
         data.update(eval_documents=len(long_docs), eval_tokens=int(sum(map(len, long_docs))))
         print(f"held-out documents longer than {seq_len}: {len(long_docs)}", flush=True)
         for trained in ("cut", "link"):
@@ -96,8 +118,9 @@ def main(argv=None) -> int:
             model = from_pretrained(out, dtype="float32")
             for read in ("whole", "cut"):
                 losses = position_losses(model, long_docs, seq_len, link=read == "whole")
-                row = dict(mean=float(np.concatenate(losses).mean()),
-                           by_position=bucketed(losses, seq_len))
+                row = dict(
+                    mean=float(np.concatenate(losses).mean()), by_position=bucketed(losses, seq_len)
+                )
                 data["results"][f"trained {trained}, read {read}"] = row
                 print(trained, read, row, flush=True)
                 harness.write_json(new.path, data)
@@ -114,13 +137,20 @@ def plot(data, path):
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, row in data["results"].items():
         labels = list(row["by_position"])
-        ax.plot(range(len(labels)), list(row["by_position"].values()), marker="o",
-                linestyle="-" if "read whole" in name else "--", label=name)
+        ax.plot(
+            range(len(labels)),
+            list(row["by_position"].values()),
+            marker="o",
+            linestyle="-" if "read whole" in name else "--",
+            label=name,
+        )
     ax.set_xticks(range(len(labels)), labels, rotation=20)
     ax.set_xlabel("position in the document (tokens)")
     ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title(f"{data['preset']}, {data['steps']} steps of {data['rows']} x "
-                 f"{data['seq_len']}: documents longer than a row")
+    ax.set_title(
+        f"{data['preset']}, {data['steps']} steps of {data['rows']} x "
+        f"{data['seq_len']}: documents longer than a row"
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=60 if "smoke" in str(path) else 120)

@@ -91,9 +91,19 @@ OVERLAP = ("off", "on")
 TARGETS = {"1.4b": 0.90, "130m": 0.85}
 SMOKE_DEVICES = 4
 SCHEMA = 1
-COLLECTIVE_WORDS = ("nccl", "all-reduce", "allreduce", "reduce-scatter", "reducescatter",
-                    "all-gather", "allgather", "collective-permute", "sendrecv", "all-to-all",
-                    "alltoall")
+COLLECTIVE_WORDS = (
+    "nccl",
+    "all-reduce",
+    "allreduce",
+    "reduce-scatter",
+    "reducescatter",
+    "all-gather",
+    "allgather",
+    "collective-permute",
+    "sendrecv",
+    "all-to-all",
+    "alltoall",
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -152,11 +162,14 @@ def summarize_trace(trace, steps: int, top: int = 12) -> dict:
         if e.get("ph") != "X" or "dur" not in e:
             continue
         device = proc.get(e.get("pid"), "")
-        if not device.startswith("/device:") or "stream" not in thread.get(
-                (e["pid"], e.get("tid")), "").lower():
+        if (
+            not device.startswith("/device:")
+            or "stream" not in thread.get((e["pid"], e.get("tid")), "").lower()
+        ):
             continue
-        kernels.setdefault(device, []).append((float(e["ts"]), float(e["ts"]) + float(e["dur"]),
-                                               e.get("name", "")))
+        kernels.setdefault(device, []).append(
+            (float(e["ts"]), float(e["ts"]) + float(e["dur"]), e.get("name", ""))
+        )
     steps = max(1, steps)
     devices = {}
     for device, ks in sorted(kernels.items()):
@@ -168,18 +181,31 @@ def summarize_trace(trace, steps: int, top: int = 12) -> dict:
             by_name[n] = by_name.get(n, 0.0) + (e - s)
         per_step = lambda us: us / 1e3 / steps  # noqa: E731 - us over the trace -> ms a step
         devices[device] = dict(
-            kernels=len(ks), span_ms=per_step(max(e for _, e, _ in ks) - min(s for s, _, _ in ks)),
-            compute_ms=per_step(_length(comp)), collective_ms=per_step(_length(coll)),
-            overlapped_ms=per_step(both), exposed_collective_ms=per_step(_length(coll) - both),
-            top_kernels=[dict(name=n[:200], ms=per_step(t), collective=is_collective(n))
-                         for n, t in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]])
-    return dict(steps=steps, devices=devices,
-                note=None if devices else "no device stream threads in the trace (CPU: the host "
-                                          "runs the program; nothing to attribute)")
+            kernels=len(ks),
+            span_ms=per_step(max(e for _, e, _ in ks) - min(s for s, _, _ in ks)),
+            compute_ms=per_step(_length(comp)),
+            collective_ms=per_step(_length(coll)),
+            overlapped_ms=per_step(both),
+            exposed_collective_ms=per_step(_length(coll) - both),
+            top_kernels=[
+                dict(name=n[:200], ms=per_step(t), collective=is_collective(n))
+                for n, t in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+            ],
+        )
+    return dict(
+        steps=steps,
+        devices=devices,
+        note=None
+        if devices
+        else "no device stream threads in the trace (CPU: the host "
+        "runs the program; nothing to attribute)",
+    )
 
 
 def find_trace(log_dir: pathlib.Path) -> pathlib.Path | None:
-    found = sorted(log_dir.rglob("*.trace.json.gz")) or sorted(log_dir.rglob("perfetto_trace.json.gz"))
+    found = sorted(log_dir.rglob("*.trace.json.gz")) or sorted(
+        log_dir.rglob("perfetto_trace.json.gz")
+    )
     return found[-1] if found else None
 
 
@@ -204,8 +230,14 @@ def scaling_batches(*, rows: int, seq_len: int, count: int, dist: str, seed: int
     tokens = int(1.1 * (count + 1) * rows * seq_len)
     for _ in range(4):
         w = workloads.make_workload(dist, tokens=tokens, seed=seed)
-        batches = workloads.batches_for("packed", cut_pieces(w["docs"], seq_len), seq_len=seq_len,
-                                        rows=rows, single_bucket=64, seed=seed)
+        batches = workloads.batches_for(
+            "packed",
+            cut_pieces(w["docs"], seq_len),
+            seq_len=seq_len,
+            rows=rows,
+            single_bucket=64,
+            seed=seed,
+        )
         full = batches[:-1]  # the last one holds what was left
         if len(full) >= count:
             return full[:count]
@@ -222,11 +254,20 @@ def child(spec: dict) -> None:
     t_proc = time.perf_counter()
     path = pathlib.Path(spec["result_path"])
     n, layout, preset = spec["n"], spec["layout"], spec["preset"]
-    rec = dict(status="running", preset=preset, n=n, layout=layout,
-               grad_reduce=spec["grad_reduce"], overlap=spec["overlap"],
-               rows_per_device=spec["rows"], seq_len=spec["seq_len"],
-               xla_flags=os.environ.get("XLA_FLAGS", ""), date=harness.now(),
-               git_commit=spec["git_commit"], command=spec["command"])
+    rec = dict(
+        status="running",
+        preset=preset,
+        n=n,
+        layout=layout,
+        grad_reduce=spec["grad_reduce"],
+        overlap=spec["overlap"],
+        rows_per_device=spec["rows"],
+        seq_len=spec["seq_len"],
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+        date=harness.now(),
+        git_commit=spec["git_commit"],
+        command=spec["command"],
+    )
 
     def save():
         harness.write_json(path, rec)
@@ -236,15 +277,31 @@ def child(spec: dict) -> None:
     try:
         data, fsdp = mesh_shape(layout, n)
         mesh = sharding.make_mesh(MeshConfig(data=data, fsdp=fsdp), devices=devices)
-        config = workloads.model_config(preset, backend=jax.default_backend(), dtype=spec["dtype"],
-                                        scan_impl=spec["scan_impl"], remat=spec["remat"],
-                                        overrides=spec["model_overrides"])
-        rec.update(mesh=dict(data=data, fsdp=fsdp), num_params=config.num_params(),
-                   compute_dtype=config.dtype, scan_impl=config.scan_impl, remat=config.remat,
-                   model_overrides=spec["model_overrides"], device_kind=devices[0].device_kind)
+        config = workloads.model_config(
+            preset,
+            backend=jax.default_backend(),
+            dtype=spec["dtype"],
+            scan_impl=spec["scan_impl"],
+            remat=spec["remat"],
+            overrides=spec["model_overrides"],
+        )
+        rec.update(
+            mesh=dict(data=data, fsdp=fsdp),
+            num_params=config.num_params(),
+            compute_dtype=config.dtype,
+            scan_impl=config.scan_impl,
+            remat=config.remat,
+            model_overrides=spec["model_overrides"],
+            device_kind=devices[0].device_kind,
+        )
         count = spec["warmup"] + spec["groups"] * spec["group"]
-        batches = scaling_batches(rows=spec["rows"] * n, seq_len=spec["seq_len"], count=count,
-                                  dist=spec["dist"], seed=spec["seed"])
+        batches = scaling_batches(
+            rows=spec["rows"] * n,
+            seq_len=spec["seq_len"],
+            count=count,
+            dist=spec["dist"],
+            seed=spec["seed"],
+        )
         setup = workloads.mesh_train_setup(config, mesh, grad_reduce=spec["grad_reduce"])
         state = setup.compiled.init(spec["seed"])
         dev_batches = [(setup.put_batch(b["arrays"]),) for b in batches]
@@ -254,13 +311,23 @@ def child(spec: dict) -> None:
         t1 = time.perf_counter()
         exe = lowered.compile()
         t2 = time.perf_counter()
-        rec.update(lower_s=t1 - t0, compile_s=t2 - t1, memory_analysis=_memory_analysis(exe),
-                   collectives=sharding.collective_bytes(exe.as_text()))
+        rec.update(
+            lower_s=t1 - t0,
+            compile_s=t2 - t1,
+            memory_analysis=_memory_analysis(exe),
+            collectives=sharding.collective_bytes(exe.as_text()),
+        )
         save()
         print(f"[{spec['key']}] compiled: trace {t1 - t0:.1f}s, compile {t2 - t1:.1f}s", flush=True)
-        timing = harness.time_calls(exe, dev_batches, state=state, warmup=spec["warmup"],
-                                    groups=spec["groups"], per_group=spec["group"],
-                                    keep_outputs=True)
+        timing = harness.time_calls(
+            exe,
+            dev_batches,
+            state=state,
+            warmup=spec["warmup"],
+            groups=spec["groups"],
+            per_group=spec["group"],
+            keep_outputs=True,
+        )
         state = timing.state
         losses = [float(m["loss"]) for m in timing.outputs]
         timed = [batches[i % len(batches)] for i in range(spec["warmup"], count)]
@@ -268,20 +335,29 @@ def child(spec: dict) -> None:
         slots = spec["rows"] * n * spec["seq_len"]
         med = timing.median_s
         peaks = [harness.device_memory(d)[0] for d in devices]
-        rec.update(status="ok", step_time_s_median=med, step_times_s=timing.group_s,
-                   steps_per_group=spec["group"], timed_steps=spec["groups"] * spec["group"],
-                   warmup_steps=spec["warmup"], real_tokens_per_step=real,
-                   real_fraction=real / slots, tokens_per_s=real / med,
-                   tokens_per_s_per_device=real / med / n,
-                   peak_bytes_per_device=peaks,
-                   peak_bytes=max(peaks) if all(p is not None for p in peaks) else None,
-                   loss_timed=[losses[0], losses[-1]],
-                   finite_loss=all(math.isfinite(x) for x in losses))
+        rec.update(
+            status="ok",
+            step_time_s_median=med,
+            step_times_s=timing.group_s,
+            steps_per_group=spec["group"],
+            timed_steps=spec["groups"] * spec["group"],
+            warmup_steps=spec["warmup"],
+            real_tokens_per_step=real,
+            real_fraction=real / slots,
+            tokens_per_s=real / med,
+            tokens_per_s_per_device=real / med / n,
+            peak_bytes_per_device=peaks,
+            peak_bytes=max(peaks) if all(p is not None for p in peaks) else None,
+            loss_timed=[losses[0], losses[-1]],
+            finite_loss=all(math.isfinite(x) for x in losses),
+        )
         save()
-        print(f"[{spec['key']}] {1e3 * med:.2f} ms/step, {real / med:,.0f} tok/s "
-              f"({real / med / n:,.0f} a device), peak "
-              f"{'n/a' if rec['peak_bytes'] is None else f'{rec['peak_bytes'] / 2**30:.2f} GiB'}",
-              flush=True)
+        print(
+            f"[{spec['key']}] {1e3 * med:.2f} ms/step, {real / med:,.0f} tok/s "
+            f"({real / med / n:,.0f} a device), peak "
+            f"{'n/a' if rec['peak_bytes'] is None else f'{rec["peak_bytes"] / 2**30:.2f} GiB'}",
+            flush=True,
+        )
         if spec["profile"]:
             log_dir = pathlib.Path(tempfile.mkdtemp(prefix="scaling_profile_"))
             with jax.profiler.trace(str(log_dir), create_perfetto_trace=True):
@@ -333,12 +409,20 @@ def child_env(*, overlap: bool, extra_flags: str, smoke: bool) -> dict:
 
 def probe(env: dict) -> tuple[harness.DeviceInfo, int]:
     """The device and the local device count, from a short child."""
-    code = ("import dataclasses, json, jax; from benchmarks import harness; "
-            "print(json.dumps(dict(info=dataclasses.asdict(harness.device_info()), "
-            "count=jax.local_device_count())))")
+    code = (
+        "import dataclasses, json, jax; from benchmarks import harness; "
+        "print(json.dumps(dict(info=dataclasses.asdict(harness.device_info()), "
+        "count=jax.local_device_count())))"
+    )
     env = dict(env, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=harness.REPO, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=harness.REPO,
+        timeout=300,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"device probe failed:\n{out.stderr[-3000:]}")
     got = json.loads(out.stdout.strip().splitlines()[-1])
@@ -350,9 +434,12 @@ def run_child(spec: dict, env: dict, tmpdir: pathlib.Path, timeout: float) -> di
     rec, killed, returncode = harness.run_script_child(__file__, spec, spec_path, env, timeout)
     rec = rec or {}
     if rec.get("status") in (None, "running"):
-        rec.update(status="timeout" if killed else "error",
-                   reason="killed at the time budget" if killed else
-                   f"child exited with {returncode} before finishing")
+        rec.update(
+            status="timeout" if killed else "error",
+            reason="killed at the time budget"
+            if killed
+            else f"child exited with {returncode} before finishing",
+        )
     return rec
 
 
@@ -373,9 +460,16 @@ def plan(presets, counts, layouts, reduces, overlaps) -> list[dict]:
             else:
                 combos = itertools.product(layouts, reduces)
             for layout, reduce in combos:
-                out.append(dict(preset=preset, n=n, layout=layout, grad_reduce=reduce,
-                                overlap=overlap,
-                                key=record_key(preset, layout, reduce, overlap, n)))
+                out.append(
+                    dict(
+                        preset=preset,
+                        n=n,
+                        layout=layout,
+                        grad_reduce=reduce,
+                        overlap=overlap,
+                        key=record_key(preset, layout, reduce, overlap, n),
+                    )
+                )
     return out
 
 
@@ -397,9 +491,13 @@ def add_efficiency(records: dict) -> None:
         if not base or base.get("status") != "ok" or base.get("settings") != rec.get("settings"):
             continue
         rec["efficiency"] = rec["tokens_per_s"] / (rec["n"] * base["tokens_per_s"])
-        rec["baseline"] = dict(key=base_key, tokens_per_s=base["tokens_per_s"],
-                               same_invocation=base.get("invocation") == rec.get("invocation"),
-                               date=base.get("date"), git_commit=base.get("git_commit"))
+        rec["baseline"] = dict(
+            key=base_key,
+            tokens_per_s=base["tokens_per_s"],
+            same_invocation=base.get("invocation") == rec.get("invocation"),
+            date=base.get("date"),
+            git_commit=base.get("git_commit"),
+        )
 
 
 def plot(results: dict, path: pathlib.Path, *, dpi: int = 110) -> pathlib.Path | None:
@@ -420,20 +518,34 @@ def plot(results: dict, path: pathlib.Path, *, dpi: int = 110) -> pathlib.Path |
         lines = sorted({(r["layout"], r["grad_reduce"], r["overlap"]) for r in mine if r["n"] > 1})
         ax_e, ax_t = axes[0][col], axes[1][col]
         for layout, reduce, overlap in lines:
-            pts = sorted([(r["n"], r) for r in mine if (r["layout"], r["grad_reduce"],
-                                                        r["overlap"]) == (layout, reduce, overlap)],
-                         key=lambda t: t[0])
+            pts = sorted(
+                [
+                    (r["n"], r)
+                    for r in mine
+                    if (r["layout"], r["grad_reduce"], r["overlap"]) == (layout, reduce, overlap)
+                ],
+                key=lambda t: t[0],
+            )
             first = single.get((reduce, overlap)) or single.get(("auto", overlap))
             if first is not None:  # the line starts from its own mode on one device
                 pts = [(1, first)] + pts
             label = f"{layout}, {reduce}, overlap {overlap}"
             xs = [n for n, _ in pts]
-            ax_e.plot(xs, [100 * (r.get("efficiency") or (1.0 if n == 1 else float("nan")))
-                           for n, r in pts], marker="o", label=label)
+            ax_e.plot(
+                xs,
+                [100 * (r.get("efficiency") or (1.0 if n == 1 else float("nan"))) for n, r in pts],
+                marker="o",
+                label=label,
+            )
             ax_t.plot(xs, [1e3 * r["step_time_s_median"] for _, r in pts], marker="o", label=label)
         if preset in TARGETS:
-            ax_e.axhline(100 * TARGETS[preset], color="gray", ls="--", lw=1,
-                         label=f"target {100 * TARGETS[preset]:.0f}%")
+            ax_e.axhline(
+                100 * TARGETS[preset],
+                color="gray",
+                ls="--",
+                lw=1,
+                label=f"target {100 * TARGETS[preset]:.0f}%",
+            )
         rows, seq = (mine[0]["rows_per_device"], mine[0]["seq_len"])
         ax_e.set_title(f"{preset}: {rows} x {seq} rows a device")
         ax_e.set_ylabel("per-device efficiency (%)")
@@ -453,21 +565,27 @@ def plot(results: dict, path: pathlib.Path, *, dpi: int = 110) -> pathlib.Path |
 
 
 def print_summary(results: dict, keys: list[str]) -> None:
-    print("\n| preset | layout | grad_reduce | overlap | n | status | ms/step | tok/s | tok/s/dev "
-          "| efficiency | peak GiB/dev | compile s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| preset | layout | grad_reduce | overlap | n | status | ms/step | tok/s | tok/s/dev "
+        "| efficiency | peak GiB/dev | compile s |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
     for key in keys:
         r = results["records"].get(key)
         if r is None:
             continue
         if r.get("status") != "ok":
-            print(f"| {r['preset']} | {r['layout']} | {r['grad_reduce']} | {r['overlap']} | {r['n']} "
-                  f"| {r.get('status')} | | | | | | |")
+            print(
+                f"| {r['preset']} | {r['layout']} | {r['grad_reduce']} | {r['overlap']} | {r['n']} "
+                f"| {r.get('status')} | | | | | | |"
+            )
             continue
         eff = "n/a" if r.get("efficiency") is None else f"{100 * r['efficiency']:.1f}%"
         peak = "n/a" if r.get("peak_bytes") is None else f"{r['peak_bytes'] / 2**30:.1f}"
-        print(f"| {r['preset']} | {r['layout']} | {r['grad_reduce']} | {r['overlap']} | {r['n']} | ok "
-              f"| {1e3 * r['step_time_s_median']:.1f} | {r['tokens_per_s']:,.0f} "
-              f"| {r['tokens_per_s_per_device']:,.0f} | {eff} | {peak} | {r['compile_s']:.1f} |")
+        print(
+            f"| {r['preset']} | {r['layout']} | {r['grad_reduce']} | {r['overlap']} | {r['n']} | ok "
+            f"| {1e3 * r['step_time_s_median']:.1f} | {r['tokens_per_s']:,.0f} "
+            f"| {r['tokens_per_s_per_device']:,.0f} | {eff} | {peak} | {r['compile_s']:.1f} |"
+        )
 
 
 def parse_list(ap, name: str, text: str, allowed) -> list[str]:
@@ -480,53 +598,97 @@ def parse_list(ap, name: str, text: str, allowed) -> list[str]:
 
 def parse_args(argv):
     ap = harness.argument_parser(__doc__)
-    ap.add_argument("--presets", default=None,
-                    help=f"comma list (default {','.join(DEFAULT_PRESETS)}; smoke: tiny)")
-    ap.add_argument("--counts", default=None,
-                    help="device counts, comma list (default 1, 2, 4, ... up to the local "
-                         "device count, and the count itself)")
-    ap.add_argument("--layouts", default="data", help=f"comma list of {list(LAYOUTS)} (default data)")
-    ap.add_argument("--grad-reduce", default="auto",
-                    help=f"comma list of {list(GRAD_REDUCE)} (default auto)")
+    ap.add_argument(
+        "--presets",
+        default=None,
+        help=f"comma list (default {','.join(DEFAULT_PRESETS)}; smoke: tiny)",
+    )
+    ap.add_argument(
+        "--counts",
+        default=None,
+        help="device counts, comma list (default 1, 2, 4, ... up to the local "
+        "device count, and the count itself)",
+    )
+    ap.add_argument(
+        "--layouts", default="data", help=f"comma list of {list(LAYOUTS)} (default data)"
+    )
+    ap.add_argument(
+        "--grad-reduce", default="auto", help=f"comma list of {list(GRAD_REDUCE)} (default auto)"
+    )
     ap.add_argument("--overlap", default="off", help=f"comma list of {list(OVERLAP)} (default off)")
-    ap.add_argument("--xla-flags", default="",
-                    help="more XLA flags for every child (added to XLA_FLAGS; a flag already "
-                         "there keeps its value)")
+    ap.add_argument(
+        "--xla-flags",
+        default="",
+        help="more XLA flags for every child (added to XLA_FLAGS; a flag already "
+        "there keeps its value)",
+    )
     ap.add_argument("--rows", type=int, default=None, help="rows a device (default 8; smoke 2)")
     ap.add_argument("--seq-len", type=int, default=None, help="row length (default 2048; smoke 64)")
-    ap.add_argument("--dist", default="corpus", choices=workloads.DISTS,
-                    help="workload the packed rows come from (default corpus)")
+    ap.add_argument(
+        "--dist",
+        default="corpus",
+        choices=workloads.DISTS,
+        help="workload the packed rows come from (default corpus)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps (default 2; smoke 1)")
     ap.add_argument("--groups", type=int, default=None, help="timed groups (default 5; smoke 2)")
-    ap.add_argument("--group", type=int, default=None,
-                    help="back-to-back steps a group (default 2; smoke 1)")
+    ap.add_argument(
+        "--group", type=int, default=None, help="back-to-back steps a group (default 2; smoke 1)"
+    )
     ap.add_argument("--dtype", default="auto", help="compute dtype (auto: bf16 on GPU)")
     ap.add_argument("--scan-impl", default="auto")
-    ap.add_argument("--remat", nargs="?", const="full", default="none",
-                    choices=("none", "full", "save_matmul_outputs"),
-                    help="remat policy per layer (bare --remat: full)")
-    ap.add_argument("--model", default=None,
-                    help=f"MambaConfig overrides for every preset (smoke: {SMOKE_MODEL})")
-    ap.add_argument("--profile", action="store_true",
-                    help="trace --profile-steps steps of the configurations with n in "
-                         "--profile-counts (jax.profiler) and summarize the device time")
+    ap.add_argument(
+        "--remat",
+        nargs="?",
+        const="full",
+        default="none",
+        choices=("none", "full", "save_matmul_outputs"),
+        help="remat policy per layer (bare --remat: full)",
+    )
+    ap.add_argument(
+        "--model",
+        default=None,
+        help=f"MambaConfig overrides for every preset (smoke: {SMOKE_MODEL})",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="trace --profile-steps steps of the configurations with n in "
+        "--profile-counts (jax.profiler) and summarize the device time",
+    )
     ap.add_argument("--profile-counts", default="2")
     ap.add_argument("--profile-steps", type=int, default=2)
-    ap.add_argument("--cache-dir", default=None,
-                    help="persistent compilation cache for the children (default none: "
-                         "compile_s is a first compile)")
-    ap.add_argument("--time-budget", type=float, default=540.0,
-                    help="seconds for this whole invocation (default 540)")
-    ap.add_argument("--resume", action="store_true",
-                    help="skip configurations already ok in the result file with these settings")
-    ap.add_argument("--fresh", action="store_true",
-                    help="start a new result file (the old one moves to history/ if it was "
-                         "made at another commit)")
+    ap.add_argument(
+        "--cache-dir",
+        default=None,
+        help="persistent compilation cache for the children (default none: "
+        "compile_s is a first compile)",
+    )
+    ap.add_argument(
+        "--time-budget",
+        type=float,
+        default=540.0,
+        help="seconds for this whole invocation (default 540)",
+    )
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip configurations already ok in the result file with these settings",
+    )
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start a new result file (the old one moves to history/ if it was "
+        "made at another commit)",
+    )
     args = ap.parse_args(argv)
-    presets = parse_list(ap, "presets", args.presets or ("tiny" if args.smoke else
-                                                         ",".join(DEFAULT_PRESETS)),
-                         PRESETS + ("tiny",))
+    presets = parse_list(
+        ap,
+        "presets",
+        args.presets or ("tiny" if args.smoke else ",".join(DEFAULT_PRESETS)),
+        PRESETS + ("tiny",),
+    )
     layouts = parse_list(ap, "layouts", args.layouts, LAYOUTS)
     reduces = parse_list(ap, "grad-reduce", args.grad_reduce, GRAD_REDUCE)
     overlaps = parse_list(ap, "overlap", args.overlap, OVERLAP)
@@ -540,8 +702,9 @@ def parse_args(argv):
         except ValueError:
             value = []
         if not value or value[0] < 1:
-            ap.error(f"--{name.replace('_', '-')}: expected a comma list of positive ints, "
-                     f"got {text!r}")
+            ap.error(
+                f"--{name.replace('_', '-')}: expected a comma list of positive ints, got {text!r}"
+            )
         setattr(args, name, value)
     counts = args.counts
     for name in ("rows", "seq_len", "groups", "group", "profile_steps"):
@@ -568,25 +731,38 @@ def main(argv=None) -> int:
 
     base_env = child_env(overlap=False, extra_flags=args.xla_flags, smoke=smoke)
     if args.cache_dir:
-        base_env.update(JAX_COMPILATION_CACHE_DIR=args.cache_dir,
-                        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+        base_env.update(
+            JAX_COMPILATION_CACHE_DIR=args.cache_dir,
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+        )
     info, host_devices = probe(base_env)
     if counts is None:
-        counts = sorted({2**k for k in range(host_devices.bit_length()) if 2**k <= host_devices}
-                        | {host_devices})
+        counts = sorted(
+            {2**k for k in range(host_devices.bit_length()) if 2**k <= host_devices}
+            | {host_devices}
+        )
     elif counts[-1] > host_devices:
         ap.error(f"--counts {','.join(map(str, counts))}: this host has {host_devices} devices")
-    settings = dict(rows=default(args.rows, 8, 2), seq_len=default(args.seq_len, 2048, 64),
-                    dist=args.dist, seed=args.seed, warmup=default(args.warmup, 2, 1),
-                    groups=default(args.groups, 5, 2), group=default(args.group, 2, 1),
-                    dtype=args.dtype, scan_impl=args.scan_impl, remat=args.remat,
-                    model_overrides=workloads.parse_overrides(default(args.model, "", SMOKE_MODEL)),
-                    xla_flags=args.xla_flags)
+    settings = dict(
+        rows=default(args.rows, 8, 2),
+        seq_len=default(args.seq_len, 2048, 64),
+        dist=args.dist,
+        seed=args.seed,
+        warmup=default(args.warmup, 2, 1),
+        groups=default(args.groups, 5, 2),
+        group=default(args.group, 2, 1),
+        dtype=args.dtype,
+        scan_impl=args.scan_impl,
+        remat=args.remat,
+        model_overrides=workloads.parse_overrides(default(args.model, "", SMOKE_MODEL)),
+        xla_flags=args.xla_flags,
+    )
     commit = harness.git_commit()
     head = harness.header(info, script=__file__, argv=argv, commit=commit)
-    out = harness.result_path("scaling", info.slug,
-                              f"{host_devices}dev" + ("_smoke" if smoke else ""), out_dir=args.out)
+    out = harness.result_path(
+        "scaling", info.slug, f"{host_devices}dev" + ("_smoke" if smoke else ""), out_dir=args.out
+    )
     png = out.with_name(out.stem + "_scaling.png")
     if args.fresh:
         for moved in harness.retire(out, commit=commit, companions=[png]):
@@ -601,9 +777,12 @@ def main(argv=None) -> int:
     results.update(head, host_devices=host_devices)
     invocation = head["date"]
     configs = plan(presets, counts, layouts, reduces, overlaps)
-    print(f"bench_scaling: {host_devices} x {info.kind}; {len(configs)} configurations "
-          f"(presets {presets}, counts {counts}, layouts {layouts}, grad_reduce {reduces}, "
-          f"overlap {overlaps}); budget {args.time_budget:.0f}s; -> {out}", flush=True)
+    print(
+        f"bench_scaling: {host_devices} x {info.kind}; {len(configs)} configurations "
+        f"(presets {presets}, counts {counts}, layouts {layouts}, grad_reduce {reduces}, "
+        f"overlap {overlaps}); budget {args.time_budget:.0f}s; -> {out}",
+        flush=True,
+    )
 
     tmpdir = pathlib.Path(tempfile.mkdtemp(prefix="bench_scaling_"))
     for cfg in configs:
@@ -614,24 +793,41 @@ def main(argv=None) -> int:
             continue
         left = deadline - time.time()
         if left < 20.0:
-            results["records"][key] = dict(cfg, status="skipped", reason="time budget (not "
-                                           "started)", settings=settings, invocation=invocation)
+            results["records"][key] = dict(
+                cfg,
+                status="skipped",
+                reason="time budget (not started)",
+                settings=settings,
+                invocation=invocation,
+            )
             print(f"[{key}] skipped: {left:.0f}s left", flush=True)
             continue
         slug = key.replace("/", "_").replace(".", "p")
-        spec = dict(settings, **cfg, rows=settings["rows"], command=head["command"],
-                    git_commit=commit,
-                    profile=args.profile and cfg["n"] in args.profile_counts,
-                    profile_steps=args.profile_steps,
-                    profile_copy=str(out.with_name(f"{out.stem}_profile_{slug}.json.gz")))
+        spec = dict(
+            settings,
+            **cfg,
+            rows=settings["rows"],
+            command=head["command"],
+            git_commit=commit,
+            profile=args.profile and cfg["n"] in args.profile_counts,
+            profile_steps=args.profile_steps,
+            profile_copy=str(out.with_name(f"{out.stem}_profile_{slug}.json.gz")),
+        )
         env = child_env(overlap=cfg["overlap"] == "on", extra_flags=args.xla_flags, smoke=smoke)
         if args.cache_dir:
             env.update({k: base_env[k] for k in base_env if k.startswith("JAX_")})
         print(f"[{key}] start ({left:.0f}s left)", flush=True)
         rec = run_child(spec, env, tmpdir, left)
-        rec.update(key=key, preset=cfg["preset"], n=cfg["n"], layout=cfg["layout"],
-                   grad_reduce=cfg["grad_reduce"], overlap=cfg["overlap"], settings=settings,
-                   invocation=invocation)
+        rec.update(
+            key=key,
+            preset=cfg["preset"],
+            n=cfg["n"],
+            layout=cfg["layout"],
+            grad_reduce=cfg["grad_reduce"],
+            overlap=cfg["overlap"],
+            settings=settings,
+            invocation=invocation,
+        )
         rec.setdefault("rows_per_device", settings["rows"])
         rec.setdefault("seq_len", settings["seq_len"])
         results["records"][key] = rec
@@ -639,14 +835,28 @@ def main(argv=None) -> int:
         harness.write_json(out, results)
     shutil.rmtree(tmpdir, ignore_errors=True)
     add_efficiency(results["records"])
-    results["invocations"] = (results.get("invocations", []) + [dict(
-        date=head["date"], command=head["command"], git_commit=commit,
-        wall_s=time.time() - t_start, settings=settings, configurations=[c["key"] for c in configs])])[-50:]
+    results["invocations"] = (
+        results.get("invocations", [])
+        + [
+            dict(
+                date=head["date"],
+                command=head["command"],
+                git_commit=commit,
+                wall_s=time.time() - t_start,
+                settings=settings,
+                configurations=[c["key"] for c in configs],
+            )
+        ]
+    )[-50:]
     harness.write_json(out, results)
     drawn = plot(results, png, dpi=60 if smoke else 110)
     print_summary(results, [c["key"] for c in configs])
-    print(f"bench_scaling: wrote {out}" + (f" and {drawn}" if drawn else "") +
-          f" ({time.time() - t_start:.0f}s)", flush=True)
+    print(
+        f"bench_scaling: wrote {out}"
+        + (f" and {drawn}" if drawn else "")
+        + f" ({time.time() - t_start:.0f}s)",
+        flush=True,
+    )
     return 0
 
 

@@ -62,8 +62,7 @@ class Run:
 
 def bench(fn, arg_sets, run: Run, *, warmup=1):
     """(median, min, max) ms per call (harness.time_calls, rotating over arg_sets)."""
-    t = harness.time_calls(fn, arg_sets, warmup=warmup, groups=run.groups,
-                           per_group=run.per_group)
+    t = harness.time_calls(fn, arg_sets, warmup=warmup, groups=run.groups, per_group=run.per_group)
     return 1e3 * t.median_s, 1e3 * t.min_s, 1e3 * t.max_s
 
 
@@ -105,8 +104,14 @@ def profile(shape, cfg, key, *, run: Run):
     of 5 calls (harness.kernel_times)."""
     args, seg = workloads.scan_inputs(key, *shape, jnp.bfloat16, NUM_SEGMENTS)
     dy = jax.random.normal(key, shape[:3], jnp.float32).astype(jnp.bfloat16)
-    f = jax.jit(lambda a, s, ct: jax.vjp(lambda *x: selective_scan_pallas(
-        *x, config=cfg, interpret=run.interpret, delta_softplus=True, segment_ids=s), *a)[1](ct))
+    f = jax.jit(
+        lambda a, s, ct: jax.vjp(
+            lambda *x: selective_scan_pallas(
+                *x, config=cfg, interpret=run.interpret, delta_softplus=True, segment_ids=s
+            ),
+            *a,
+        )[1](ct)
+    )
     with tempfile.TemporaryDirectory(prefix="scan_trace_") as tmp:
         harness.trace(f, [(tuple(args.values()), seg, dy)], 5, tmp)
         events, lines = harness.device_events(tmp)
@@ -117,14 +122,20 @@ def profile(shape, cfg, key, *, run: Run):
 
 def parse_args(argv):
     p = harness.argument_parser(__doc__)
-    p.add_argument("--variants", default="",
-                   help="extra configs, comma-separated: ScanConfig overrides of the heuristic's "
-                        "config as field=value joined by ':' (e.g. state_split=2:window=8)")
+    p.add_argument(
+        "--variants",
+        default="",
+        help="extra configs, comma-separated: ScanConfig overrides of the heuristic's "
+        "config as field=value joined by ':' (e.g. state_split=2:window=8)",
+    )
     p.add_argument("--no-ref", action="store_true")
     p.add_argument("--segs", default=None, help="default noseg,seg64 (smoke: noseg)")
     p.add_argument("--profile", default="", help="configs to split by kernel, as --variants")
-    p.add_argument("--shapes", default="",
-                   help="indices into ANCHORS to time, or b:l:d:n shapes, e.g. 0,8:2048:4096:16")
+    p.add_argument(
+        "--shapes",
+        default="",
+        help="indices into ANCHORS to time, or b:l:d:n shapes, e.g. 0,8:2048:4096:16",
+    )
     harness.add_anchor_args(p)
     args = p.parse_args(argv)
     if args.anchor is not None and not (args.anchor / ANCHOR_SCRIPT).is_file():
@@ -135,11 +146,14 @@ def parse_args(argv):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    new = harness.new_result("scan", script=__file__, argv=argv, out_dir=args.out,
-                             smoke=args.smoke)
+    new = harness.new_result("scan", script=__file__, argv=argv, out_dir=args.out, smoke=args.smoke)
     info, out = new.info, new.path
-    run = Run(interpret=info.backend == "cpu", groups=1 if args.smoke else 7,
-              per_group=1 if args.smoke else 5, backend=info.backend)
+    run = Run(
+        interpret=info.backend == "cpu",
+        groups=1 if args.smoke else 7,
+        per_group=1 if args.smoke else 5,
+        backend=info.backend,
+    )
     anchors = {SMOKE_SHAPE: (1.0, 1.0)} if args.smoke else ANCHORS
     print(f"device={info.kind} backend={info.backend} jax={jax.__version__}", flush=True)
     result = dict(**new.header, anchors_ms={str(k): v for k, v in anchors.items()}, timings=[])
@@ -147,8 +161,10 @@ def main(argv=None) -> int:
 
     shapes = list(anchors)
     if args.shapes:
-        shapes = [list(anchors)[int(i)] if ":" not in i else workloads.parse_shape(i)
-                  for i in args.shapes.split(",")]
+        shapes = [
+            list(anchors)[int(i)] if ":" not in i else workloads.parse_shape(i)
+            for i in args.shapes.split(",")
+        ]
     for v in filter(None, args.profile.split(",")):
         cfg = _resolve(_parse_cfg(v), shapes[0])
         try:
@@ -168,8 +184,9 @@ def main(argv=None) -> int:
                 name = f"pallas[{text}]" if text else "pallas"
                 used = cfg or pick_config(*shape)
                 try:
-                    r = time_case(shape, seg_mode, "pallas", cfg, jax.random.fold_in(key, 100),
-                                  run=run)
+                    r = time_case(
+                        shape, seg_mode, "pallas", cfg, jax.random.fold_in(key, 100), run=run
+                    )
                 except Exception as e:
                     traceback.print_exc()
                     r = dict(error=repr(e)[:300])
@@ -183,8 +200,9 @@ def main(argv=None) -> int:
                 harness.write_json(out, result)
             if not args.no_ref and seg_mode == "noseg":
                 try:
-                    r = time_case(shape, seg_mode, "reference", None, jax.random.fold_in(key, 100),
-                                  run=run)
+                    r = time_case(
+                        shape, seg_mode, "reference", None, jax.random.fold_in(key, 100), run=run
+                    )
                 except Exception as e:
                     r = dict(error=repr(e)[:300])
                 r.update(shape=shape, seg=seg_mode, impl="xla_reference")
@@ -193,21 +211,28 @@ def main(argv=None) -> int:
 
     if args.anchor is not None:
         result["anchor"] = harness.run_anchor(
-            args.anchor / ANCHOR_SCRIPT, pythonpath=args.anchor_pythonpath)
+            args.anchor / ANCHOR_SCRIPT, pythonpath=args.anchor_pythonpath
+        )
         print(f"anchor: {result['anchor']['status']}", flush=True)
     harness.write_json(out, result)
 
     print(f"\n{info.kind}, jax {jax.__version__}, {result['date']}")
-    print(f"{'shape (b,l,d,n)':>22} {'seg':>6} {'impl':>22} {'fwd ms':>8} {'f+b ms':>8} "
-          f"{'fwd/mamba':>9} {'f+b/mamba':>9} {'compile s':>10}")
+    print(
+        f"{'shape (b,l,d,n)':>22} {'seg':>6} {'impl':>22} {'fwd ms':>8} {'f+b ms':>8} "
+        f"{'fwd/mamba':>9} {'f+b/mamba':>9} {'compile s':>10}"
+    )
     for r in result["timings"]:
         if "fwd_ms" not in r:
-            print(f"{str(r['shape']):>22} {r['seg']:>6} {r['impl']:>22} "
-                  f"ERROR {r.get('error', '')[:60]}")
+            print(
+                f"{str(r['shape']):>22} {r['seg']:>6} {r['impl']:>22} "
+                f"ERROR {r.get('error', '')[:60]}"
+            )
             continue
-        print(f"{str(r['shape']):>22} {r['seg']:>6} {r['impl']:>22} {r['fwd_ms']:8.3f} "
-              f"{r['fwd_bwd_ms']:8.3f} {r.get('ratio_fwd_vs_mamba', float('nan')):9.2f} "
-              f"{r.get('ratio_fwd_bwd_vs_mamba', float('nan')):9.2f} {str(r['compile_s']):>10}")
+        print(
+            f"{str(r['shape']):>22} {r['seg']:>6} {r['impl']:>22} {r['fwd_ms']:8.3f} "
+            f"{r['fwd_bwd_ms']:8.3f} {r.get('ratio_fwd_vs_mamba', float('nan')):9.2f} "
+            f"{r.get('ratio_fwd_bwd_vs_mamba', float('nan')):9.2f} {str(r['compile_s']):>10}"
+        )
     print(f"wrote {out}")
     return 0
 

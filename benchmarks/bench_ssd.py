@@ -68,10 +68,18 @@ def input_set(i, shape, seg_mode):
     bc = (batch, length, 1, d_state)
     dt_floor = rng.uniform(0.001, 0.1, heads)
     seg = random_segments(rng, batch, length, NUM_SEGMENTS) if seg_mode == "seg64" else None
-    return (normal(rows), normal((batch, length, heads), 0.5),
-            jnp.asarray(-rng.uniform(1.0, 16.0, heads), f32), normal(bc), normal(bc),
-            normal((heads,), 1.0, f32), normal(rows), jnp.asarray(np.log(np.expm1(dt_floor)), f32),
-            seg, normal(rows))
+    return (
+        normal(rows),
+        normal((batch, length, heads), 0.5),
+        jnp.asarray(-rng.uniform(1.0, 16.0, heads), f32),
+        normal(bc),
+        normal(bc),
+        normal((heads,), 1.0, f32),
+        normal(rows),
+        jnp.asarray(np.log(np.expm1(dt_floor)), f32),
+        seg,
+        normal(rows),
+    )
 
 
 def op_fns(impl, config, *, chunk, interpret):
@@ -79,8 +87,9 @@ def op_fns(impl, config, *, chunk, interpret):
         kw = dict(dt_softplus=True, segment_ids=seg, chunk_size=chunk)
         if impl == "reference":
             return ssd_scan_reference(x, dt, A, B, C, D, z, dt_bias, **kw)
-        return ssd_scan_pallas(x, dt, A, B, C, D, z, dt_bias, interpret=interpret,
-                               config=config, **kw)
+        return ssd_scan_pallas(
+            x, dt, A, B, C, D, z, dt_bias, interpret=interpret, config=config, **kw
+        )
 
     def fwd(*a):
         return f(*a[:9])
@@ -105,10 +114,12 @@ def time_case(fns, sets, *, interpret, smoke):
         t0 = time.perf_counter()
         compiled = compile_fn(fn, interpret, *sets[0])
         rec[f"compile_s_{label}"] = time.perf_counter() - t0
-        t = harness.time_calls(compiled, sets, groups=1 if smoke else 7,
-                               per_group=1 if smoke else 5)
-        rec[f"{label}_ms"] = dict(median_ms=1e3 * t.median_s, min_ms=1e3 * t.min_s,
-                                  max_ms=1e3 * t.max_s)
+        t = harness.time_calls(
+            compiled, sets, groups=1 if smoke else 7, per_group=1 if smoke else 5
+        )
+        rec[f"{label}_ms"] = dict(
+            median_ms=1e3 * t.median_s, min_ms=1e3 * t.min_s, max_ms=1e3 * t.max_s
+        )
     return rec
 
 
@@ -125,29 +136,42 @@ def profile_case(fwdbwd, sets, *, interpret):
 
 
 def parse_variants(text: str | None) -> list[tuple[str, dict]]:
-    """"name:field=value,field=value;name:..." -> [(name, {field: value})]."""
+    """ "name:field=value,field=value;name:..." -> [(name, {field: value})]."""
     try:
-        return [(name.strip(), workloads.scan_config_overrides(filter(None, body.split(",")),
-                                                               SSDConfig))
-                for name, _, body in (v.partition(":") for v in filter(None, text.split(";")))]
+        return [
+            (
+                name.strip(),
+                workloads.scan_config_overrides(filter(None, body.split(",")), SSDConfig),
+            )
+            for name, _, body in (v.partition(":") for v in filter(None, text.split(";")))
+        ]
     except ValueError as e:
         raise SystemExit(f"--variants: {e}") from None
 
 
 def table(data) -> str:
-    lines = [f"{'shape':24s} {'segs':6s} {'impl/variant':22s} {'fwd ms':>8s} {'f+b ms':>8s} "
-             f"{'f+b/mamba':>9s} {'compile s':>9s}"]
+    lines = [
+        f"{'shape':24s} {'segs':6s} {'impl/variant':22s} {'fwd ms':>8s} {'f+b ms':>8s} "
+        f"{'f+b/mamba':>9s} {'compile s':>9s}"
+    ]
     for r in data["timings"]:
         target = TARGETS_MS.get(tuple(r["shape"]))
         fb = r["fwdbwd_ms"]["median_ms"]
         ratio = f"{fb / target:.2f}x" if target and r["segments"] == "seg64" else ""
-        lines.append(f"{str(tuple(r['shape'])):24s} {r['segments']:6s} "
-                     f"{r['impl'] + '/' + r['variant']:22s} {r['fwd_ms']['median_ms']:8.3f} "
-                     f"{fb:8.3f} {ratio:>9s} {r['compile_s_fwd'] + r['compile_s_fwdbwd']:9.1f}")
+        lines.append(
+            f"{str(tuple(r['shape'])):24s} {r['segments']:6s} "
+            f"{r['impl'] + '/' + r['variant']:22s} {r['fwd_ms']['median_ms']:8.3f} "
+            f"{fb:8.3f} {ratio:>9s} {r['compile_s_fwd'] + r['compile_s_fwdbwd']:9.1f}"
+        )
     for p in data["profiles"]:
-        lines.append(f"profile {tuple(p['shape'])} {p['segments']}: "
-                     + (p["error"] if "error" in p else
-                        f"{p['kernel_us_per_call']:.1f} us of kernels per fwd+bwd"))
+        lines.append(
+            f"profile {tuple(p['shape'])} {p['segments']}: "
+            + (
+                p["error"]
+                if "error" in p
+                else f"{p['kernel_us_per_call']:.1f} us of kernels per fwd+bwd"
+            )
+        )
         for k, v in p.get("kernels", {}).items():
             lines.append(f"    {k:32s} {v['us_per_call']:9.1f} us  x{v['launches_per_call']:g}")
     return "\n".join(lines)
@@ -157,25 +181,42 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = harness.argument_parser(__doc__)
     p.add_argument("--shapes", default=None, help="indices into SHAPES, e.g. 0,2 (default all)")
-    p.add_argument("--segs", default=None,
-                   help="segment modes: seg64, none (default both; --smoke: seg64)")
-    p.add_argument("--variants", default="",
-                   help="extra configs: 'name:field=value,...;name:...' over pick_config's")
-    p.add_argument("--profile", action="store_true",
-                   help="split the default config's fwd+bwd by kernel (profiler trace)")
+    p.add_argument(
+        "--segs", default=None, help="segment modes: seg64, none (default both; --smoke: seg64)"
+    )
+    p.add_argument(
+        "--variants",
+        default="",
+        help="extra configs: 'name:field=value,...;name:...' over pick_config's",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="split the default config's fwd+bwd by kernel (profiler trace)",
+    )
     p.add_argument("--ref", action="store_true", help="also time the XLA reference")
     args = p.parse_args(argv)
-    new = harness.new_result("ssd", script=__file__, argv=argv, out_dir=args.out,
-                             smoke=args.smoke)
+    new = harness.new_result("ssd", script=__file__, argv=argv, out_dir=args.out, smoke=args.smoke)
     interpret = new.info.backend != "gpu"
     chunk = SMOKE_CHUNK if args.smoke else CHUNK
-    shapes = ([SMOKE_SHAPE] if args.smoke else
-              [SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else SHAPES)
+    shapes = (
+        [SMOKE_SHAPE]
+        if args.smoke
+        else [SHAPES[int(i)] for i in args.shapes.split(",")]
+        if args.shapes
+        else SHAPES
+    )
     segs = [s for s in (args.segs or ("seg64" if args.smoke else "seg64,none")).split(",") if s]
     variants = parse_variants(args.variants)
-    data = dict(**new.header, chunk=chunk, num_segments=NUM_SEGMENTS,
-                targets_fwdbwd_ms={str(k): v for k, v in TARGETS_MS.items()},
-                timings=[], profiles=[], errors=[])
+    data = dict(
+        **new.header,
+        chunk=chunk,
+        num_segments=NUM_SEGMENTS,
+        targets_fwdbwd_ms={str(k): v for k, v in TARGETS_MS.items()},
+        timings=[],
+        profiles=[],
+        errors=[],
+    )
 
     def guarded(what, fn):
         try:
@@ -197,24 +238,39 @@ def main(argv=None) -> int:
             cases += [("reference", "xla", None)] if args.ref else []
             for impl, name, cfg in cases:
                 fns = op_fns(impl, cfg, chunk=chunk, interpret=interpret)
-                r = guarded(f"time {shape} {seg_mode} {impl}/{name}",
-                            lambda fns=fns, sets=sets: time_case(fns, sets, interpret=interpret,
-                                                                 smoke=args.smoke))
+                r = guarded(
+                    f"time {shape} {seg_mode} {impl}/{name}",
+                    lambda fns=fns, sets=sets: time_case(
+                        fns, sets, interpret=interpret, smoke=args.smoke
+                    ),
+                )
                 if r is not None:
-                    data["timings"].append(dict(
-                        shape=shape, segments=seg_mode, impl=impl, variant=name,
-                        config=None if cfg is None else dataclasses.asdict(cfg), **r))
-                    print(f"{shape} {seg_mode} {impl}/{name}: fwd {r['fwd_ms']['median_ms']:.3f}"
-                          f" ms, fwd+bwd {r['fwdbwd_ms']['median_ms']:.3f} ms", flush=True)
+                    data["timings"].append(
+                        dict(
+                            shape=shape,
+                            segments=seg_mode,
+                            impl=impl,
+                            variant=name,
+                            config=None if cfg is None else dataclasses.asdict(cfg),
+                            **r,
+                        )
+                    )
+                    print(
+                        f"{shape} {seg_mode} {impl}/{name}: fwd {r['fwd_ms']['median_ms']:.3f}"
+                        f" ms, fwd+bwd {r['fwdbwd_ms']['median_ms']:.3f} ms",
+                        flush=True,
+                    )
                 harness.write_json(new.path, data)
             if args.profile:
                 fwdbwd = op_fns("pallas", base, chunk=chunk, interpret=interpret)[1]
-                r = guarded(f"profile {shape} {seg_mode}",
-                            lambda f=fwdbwd, sets=sets: profile_case(f, sets,
-                                                                     interpret=interpret))
+                r = guarded(
+                    f"profile {shape} {seg_mode}",
+                    lambda f=fwdbwd, sets=sets: profile_case(f, sets, interpret=interpret),
+                )
                 if r is not None:
-                    data["profiles"].append(dict(shape=shape, segments=seg_mode,
-                                                 config=dataclasses.asdict(base), **r))
+                    data["profiles"].append(
+                        dict(shape=shape, segments=seg_mode, config=dataclasses.asdict(base), **r)
+                    )
                 harness.write_json(new.path, data)
             sets = None  # free this shape's inputs before the next shape's are made
     harness.write_json(new.path, data)

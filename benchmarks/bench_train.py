@@ -112,12 +112,21 @@ PRESETS = ("130m", "370m", "790m", "1.4b", "2.8b")
 MAMBA2_PRESETS = ("mamba2-130m", "mamba2-370m", "mamba2-780m", "mamba2-1.3b", "mamba2-2.7b")
 # The packed hybrid (HybridConfig: Mamba2 + attention + MLP, Bamba-like) trains through the same
 # step: --presets hybrid-1b --modes packed --rows 8 times it at 8 x 2048.
-KNOWN_PRESETS = (PRESETS + ("tiny",) + MAMBA2_PRESETS + ("mamba2-tiny", "hybrid-1b",
-                                                         "hybrid-tiny"))
+KNOWN_PRESETS = PRESETS + ("tiny",) + MAMBA2_PRESETS + ("mamba2-tiny", "hybrid-1b", "hybrid-tiny")
 GROUP_OF = {"packed": "rows", "padded": "rows", "single": "single", "link": "rows"}
-DEFAULT_ROWS = {"130m": 8, "370m": 8, "790m": 8, "1.4b": 8, "2.8b": 4, "tiny": 2,
-                **{p: 8 for p in MAMBA2_PRESETS}, "mamba2-2.7b": 4, "mamba2-tiny": 2,
-                "hybrid-1b": 8, "hybrid-tiny": 2}
+DEFAULT_ROWS = {
+    "130m": 8,
+    "370m": 8,
+    "790m": 8,
+    "1.4b": 8,
+    "2.8b": 4,
+    "tiny": 2,
+    **{p: 8 for p in MAMBA2_PRESETS},
+    "mamba2-2.7b": 4,
+    "mamba2-tiny": 2,
+    "hybrid-1b": 8,
+    "hybrid-tiny": 2,
+}
 SMOKE_MODEL = "n_layer=1,d_model=32,d_state=4"
 SCHEMA = 1
 # The mamba_ssm side (the --anchor folder): its script and the rows of its full batch.
@@ -131,8 +140,16 @@ ANCHOR_ROWS = 8
 
 def is_oom(e: BaseException) -> bool:
     s = f"{type(e).__name__}: {e}"
-    return any(k in s for k in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory",
-                                "OutOfMemory", "Resource exhausted"))
+    return any(
+        k in s
+        for k in (
+            "RESOURCE_EXHAUSTED",
+            "Out of memory",
+            "out of memory",
+            "OutOfMemory",
+            "Resource exhausted",
+        )
+    )
 
 
 def _memory_analysis(exe):
@@ -142,8 +159,13 @@ def _memory_analysis(exe):
         return None
     if m is None:
         return None
-    keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-            "temp_size_in_bytes", "generated_code_size_in_bytes")
+    keys = (
+        "argument_size_in_bytes",
+        "output_size_in_bytes",
+        "alias_size_in_bytes",
+        "temp_size_in_bytes",
+        "generated_code_size_in_bytes",
+    )
     return {k: int(getattr(m, k)) for k in keys if hasattr(m, k)}
 
 
@@ -152,8 +174,11 @@ def pick_measured(steps_per_bucket: dict[int, int], k: int) -> list[int]:
     matters least): the shortest, the longest, then those with the most steps (k <= 0: all).
     The others are interpolated linearly in length between measured ones."""
     buckets = sorted(steps_per_bucket)
-    order = buckets[:1] + buckets[-1:] * (len(buckets) > 1) + sorted(
-        buckets[1:-1], key=lambda b: (-steps_per_bucket[b], b))
+    order = (
+        buckets[:1]
+        + buckets[-1:] * (len(buckets) > 1)
+        + sorted(buckets[1:-1], key=lambda b: (-steps_per_bucket[b], b))
+    )
     return order if k <= 0 else order[:k]
 
 
@@ -178,14 +203,24 @@ def child(spec: dict) -> None:
     dev = jax.devices()[0]
     backend = jax.default_backend()
     peak = peak_flops(dev.device_kind) if backend != "cpu" else None
-    result["info"] = dict(device_kind=dev.device_kind, backend=backend, jax_version=jax.__version__,
-                          peak_flops_per_device=peak)
+    result["info"] = dict(
+        device_kind=dev.device_kind,
+        backend=backend,
+        jax_version=jax.__version__,
+        peak_flops_per_device=peak,
+    )
     preset, group, rows, seq_len = spec["preset"], spec["group"], spec["rows"], spec["seq_len"]
     modes = [m for m in spec["modes"] if GROUP_OF[m] == group]
-    base = dict(preset=preset, seq_len=seq_len, rows=1 if group == "single" else rows,
-                single_bucket=spec["single_bucket"] if group == "single" else None,
-                attempt_rows=rows, date=harness.now(), command=spec["command"],
-                git_commit=spec["git_commit"])
+    base = dict(
+        preset=preset,
+        seq_len=seq_len,
+        rows=1 if group == "single" else rows,
+        single_bucket=spec["single_bucket"] if group == "single" else None,
+        attempt_rows=rows,
+        date=harness.now(),
+        command=spec["command"],
+        git_commit=spec["git_commit"],
+    )
 
     def put(mode, dist, **rec):
         result["records"][f"{preset}/{mode}/{dist}"] = {**base, "mode": mode, "dist": dist, **rec}
@@ -200,30 +235,53 @@ def child(spec: dict) -> None:
 
     try:
         model_config = workloads.model_config(
-            preset, backend=backend, dtype=spec["dtype"], scan_impl=spec["scan_impl"],
-            remat=spec["remat"], scan_layers=spec["scan_layers"],
-            overrides=spec["model_overrides"])
+            preset,
+            backend=backend,
+            dtype=spec["dtype"],
+            scan_impl=spec["scan_impl"],
+            remat=spec["remat"],
+            scan_layers=spec["scan_layers"],
+            overrides=spec["model_overrides"],
+        )
         flops = model_config.flops_per_token()
-        base.update(num_params=model_config.num_params(), flops_per_token=flops,
-                    compute_dtype=model_config.dtype, scan_impl=model_config.scan_impl,
-                    remat=model_config.remat, scan_layers=model_config.scan_layers,
-                    model_overrides=spec["model_overrides"],
-                    n_layer=model_config.n_layer,
-                    d_model=model_config.d_model, vocab_size=model_config.vocab_size)
+        base.update(
+            num_params=model_config.num_params(),
+            flops_per_token=flops,
+            compute_dtype=model_config.dtype,
+            scan_impl=model_config.scan_impl,
+            remat=model_config.remat,
+            scan_layers=model_config.scan_layers,
+            model_overrides=spec["model_overrides"],
+            n_layer=model_config.n_layer,
+            d_model=model_config.d_model,
+            vocab_size=model_config.vocab_size,
+        )
         corpus = workloads.stdlib_corpus()
         work = {}
         for dist in spec["dists"]:
-            w = workloads.make_workload(dist, tokens=spec["workload_tokens"], seed=spec["seed"],
-                                        corpus=corpus)
+            w = workloads.make_workload(
+                dist, tokens=spec["workload_tokens"], seed=spec["seed"], corpus=corpus
+            )
             pieces = cut_pieces(w["docs"], seq_len)
-            work[dist] = dict(tokens=w["info"]["num_tokens"], pieces=pieces,
-                              batches={m: workloads.batches_for(
-                                  m, w["docs"] if m == "link" else pieces,
-                                  seq_len=seq_len, rows=rows,
-                                  single_bucket=spec["single_bucket"], seed=spec["seed"])
-                                  for m in modes})
-        print(f"[{preset} {group}] workloads batched in {time.perf_counter() - t_proc:.1f}s",
-              flush=True)
+            work[dist] = dict(
+                tokens=w["info"]["num_tokens"],
+                pieces=pieces,
+                batches={
+                    m: workloads.batches_for(
+                        m,
+                        w["docs"] if m == "link" else pieces,
+                        seq_len=seq_len,
+                        rows=rows,
+                        single_bucket=spec["single_bucket"],
+                        seed=spec["seed"],
+                    )
+                    for m in modes
+                },
+            )
+        print(
+            f"[{preset} {group}] workloads batched in {time.perf_counter() - t_proc:.1f}s",
+            flush=True,
+        )
 
         setup = workloads.train_setup(model_config, dev)
         compiled = setup.compiled
@@ -243,11 +301,18 @@ def child(spec: dict) -> None:
                 t1 = time.perf_counter()
                 exe = lowered.compile()
                 t2 = time.perf_counter()
-                execs[shape] = dict(exe=exe, lower_s=t1 - t0, compile_s=t2 - t1,
-                                    memory_analysis=_memory_analysis(exe))
+                execs[shape] = dict(
+                    exe=exe,
+                    lower_s=t1 - t0,
+                    compile_s=t2 - t1,
+                    memory_analysis=_memory_analysis(exe),
+                )
                 last_compile[0] = t2 - t0
-                print(f"[{preset} {group}] compiled {shape}: trace {t1 - t0:.1f}s, compile "
-                      f"{t2 - t1:.1f}s", flush=True)
+                print(
+                    f"[{preset} {group}] compiled {shape}: trace {t1 - t0:.1f}s, compile "
+                    f"{t2 - t1:.1f}s",
+                    flush=True,
+                )
             return execs[shape]
 
         def time_steps(exe, batches, n_warm, n_timed, group):
@@ -256,10 +321,19 @@ def child(spec: dict) -> None:
             the steps rotate over the workload's first batches (on the device beforehand)."""
             nonlocal state
             n_groups = max(1, -(-n_timed // group))
-            dev_batches = [(setup.put_batch(b["arrays"]),)
-                           for b in batches[:max(1, min(len(batches), n_warm + n_groups * group))]]
-            timing = harness.time_calls(exe, dev_batches, state=state, warmup=n_warm,
-                                        groups=n_groups, per_group=group, keep_outputs=True)
+            dev_batches = [
+                (setup.put_batch(b["arrays"]),)
+                for b in batches[: max(1, min(len(batches), n_warm + n_groups * group))]
+            ]
+            timing = harness.time_calls(
+                exe,
+                dev_batches,
+                state=state,
+                warmup=n_warm,
+                groups=n_groups,
+                per_group=group,
+                keep_outputs=True,
+            )
             state = timing.state
             return timing, [float(m["loss"]) for m in timing.outputs]
 
@@ -273,16 +347,26 @@ def child(spec: dict) -> None:
                 batches = work[dist]["batches"][mode]
                 real = sum(b["real"] for b in batches)
                 slots = sum(b["slots"] for b in batches)
-                stats = dict(workload_tokens=work[dist]["tokens"], real_tokens=real, slots=slots,
-                             steps=len(batches), pieces=len(work[dist]["pieces"]),
-                             real_fraction=real / slots, padding_fraction=1 - real / slots,
-                             init_s=init_s)
+                stats = dict(
+                    workload_tokens=work[dist]["tokens"],
+                    real_tokens=real,
+                    slots=slots,
+                    steps=len(batches),
+                    pieces=len(work[dist]["pieces"]),
+                    real_fraction=real / slots,
+                    padding_fraction=1 - real / slots,
+                    init_s=init_s,
+                )
                 if mode == "link":
-                    stats.update(linked_documents=sum(b["linked"] for b in batches),
-                                 longest_chain=max(b["longest_chain"] for b in batches))
+                    stats.update(
+                        linked_documents=sum(b["linked"] for b in batches),
+                        longest_chain=max(b["longest_chain"] for b in batches),
+                    )
                 if mode in ("packed", "link") and real != work[dist]["tokens"]:
-                    raise AssertionError(f"packed batches hold {real} real tokens, the workload "
-                                         f"{work[dist]['tokens']}")
+                    raise AssertionError(
+                        f"packed batches hold {real} real tokens, the workload "
+                        f"{work[dist]['tokens']}"
+                    )
                 if mode == "padded":
                     longest = sum(rows * b["longest"] for b in batches)
                     stats["real_fraction_pad_to_longest"] = real / longest
@@ -291,17 +375,25 @@ def child(spec: dict) -> None:
                         put(mode, dist, status="skipped", reason="time budget", **stats)
                         continue
                     e = executable(batches[0]["arrays"])
-                    timing, losses = time_steps(e["exe"], batches, spec["warmup"], spec["steps"],
-                                                spec["steps_per_group"])
+                    timing, losses = time_steps(
+                        e["exe"], batches, spec["warmup"], spec["steps"], spec["steps_per_group"]
+                    )
                     med, times = timing.median_s, timing.group_s
                     total = len(batches) * med
                     step_shape = list(batches[0]["arrays"]["tokens"].shape)
-                    rec = dict(status="ok", step_shape=step_shape, step_time_s_median=med,
-                               step_times_s=times, steps_per_group=spec["steps_per_group"],
-                               timed_steps=len(times) * spec["steps_per_group"],
-                               warmup_steps=spec["warmup"],
-                               est_total_s=total, compile_s=e["compile_s"], lower_s=e["lower_s"],
-                               memory_analysis=e["memory_analysis"])
+                    rec = dict(
+                        status="ok",
+                        step_shape=step_shape,
+                        step_time_s_median=med,
+                        step_times_s=times,
+                        steps_per_group=spec["steps_per_group"],
+                        timed_steps=len(times) * spec["steps_per_group"],
+                        warmup_steps=spec["warmup"],
+                        est_total_s=total,
+                        compile_s=e["compile_s"],
+                        lower_s=e["lower_s"],
+                        memory_analysis=e["memory_analysis"],
+                    )
                 else:
                     by_bucket: dict[int, list] = {}
                     for b in batches:
@@ -315,19 +407,28 @@ def child(spec: dict) -> None:
                                 counts[L] = counts.get(L, 0) + 1
                         want_all = pick_measured(counts, spec["single_measure"])
                     want = [L for L in want_all if L in by_bucket] or [
-                        max(by_bucket, key=lambda L: len(by_bucket[L]))]
+                        max(by_bucket, key=lambda L: len(by_bucket[L]))
+                    ]
                     meas = {}
                     for L in want:
                         if (1, 1, L) not in execs and not fits(last_compile[0] + 5.0):
                             continue
                         e = executable(by_bucket[L][0]["arrays"])
-                        timing, losses = time_steps(e["exe"], by_bucket[L],
-                                                    spec["single_warmup"], spec["single_steps"],
-                                                    spec["steps_per_group"])
-                        meas[L] = dict(step_time_s_median=timing.median_s,
-                                       step_times_s=timing.group_s, compile_s=e["compile_s"],
-                                       lower_s=e["lower_s"], memory_analysis=e["memory_analysis"],
-                                       loss_last=losses[-1])
+                        timing, losses = time_steps(
+                            e["exe"],
+                            by_bucket[L],
+                            spec["single_warmup"],
+                            spec["single_steps"],
+                            spec["steps_per_group"],
+                        )
+                        meas[L] = dict(
+                            step_time_s_median=timing.median_s,
+                            step_times_s=timing.group_s,
+                            compile_s=e["compile_s"],
+                            lower_s=e["lower_s"],
+                            memory_analysis=e["memory_analysis"],
+                            loss_last=losses[-1],
+                        )
                     if not meas:
                         put(mode, dist, status="skipped", reason="time budget", **stats)
                         continue
@@ -335,38 +436,59 @@ def child(spec: dict) -> None:
                     ys = [meas[x]["step_time_s_median"] for x in xs]
                     per_bucket = {}
                     for L in buckets:
-                        t = meas[L]["step_time_s_median"] if L in meas else float(np.interp(L, xs, ys))
-                        per_bucket[str(L)] = dict(steps=len(by_bucket[L]), step_time_s_median=t,
-                                                  measured=L in meas,
-                                                  real_tokens=sum(b["real"] for b in by_bucket[L]))
+                        t = (
+                            meas[L]["step_time_s_median"]
+                            if L in meas
+                            else float(np.interp(L, xs, ys))
+                        )
+                        per_bucket[str(L)] = dict(
+                            steps=len(by_bucket[L]),
+                            step_time_s_median=t,
+                            measured=L in meas,
+                            real_tokens=sum(b["real"] for b in by_bucket[L]),
+                        )
                     total = sum(v["steps"] * v["step_time_s_median"] for v in per_bucket.values())
                     interp_steps = sum(v["steps"] for v in per_bucket.values() if not v["measured"])
                     times = [t for m in meas.values() for t in m["step_times_s"]]
                     losses = [m["loss_last"] for m in meas.values()]
-                    rec = dict(status="ok", buckets=per_bucket, measured=meas,
-                               interpolated_step_share=interp_steps / len(batches),
-                               step_time_s_median=total / len(batches),
-                               step_time_note="single: step-weighted mean of the buckets' medians",
-                               steps_per_group=spec["steps_per_group"],
-                               timed_steps=len(times) * spec["steps_per_group"],
-                               warmup_steps=spec["single_warmup"],
-                               est_total_s=total,
-                               compile_s=sum(m["compile_s"] for m in meas.values()))
+                    rec = dict(
+                        status="ok",
+                        buckets=per_bucket,
+                        measured=meas,
+                        interpolated_step_share=interp_steps / len(batches),
+                        step_time_s_median=total / len(batches),
+                        step_time_note="single: step-weighted mean of the buckets' medians",
+                        steps_per_group=spec["steps_per_group"],
+                        timed_steps=len(times) * spec["steps_per_group"],
+                        warmup_steps=spec["single_warmup"],
+                        est_total_s=total,
+                        compile_s=sum(m["compile_s"] for m in meas.values()),
+                    )
                 tps = real / total
-                rec.update(tokens_per_s=tps, mfu=mfu(flops, tps, peak, 1),
-                           peak_bytes=peak_bytes(), loss_timed=[losses[0], losses[-1]],
-                           finite_loss=all(math.isfinite(x) for x in losses), **stats)
+                rec.update(
+                    tokens_per_s=tps,
+                    mfu=mfu(flops, tps, peak, 1),
+                    peak_bytes=peak_bytes(),
+                    loss_timed=[losses[0], losses[-1]],
+                    finite_loss=all(math.isfinite(x) for x in losses),
+                    **stats,
+                )
                 put(mode, dist, **rec)
                 interp = rec.get("interpolated_step_share")
                 if interp:
-                    print(f"[{preset} {mode} {dist}] {100 * interp:.0f}% of the steps are in "
-                          f"buckets interpolated, not measured", flush=True)
-                print(f"[{preset} {mode} {dist}] {len(batches)} steps x "
-                      f"{1e3 * rec['step_time_s_median']:.2f} ms = {total:.2f}s for {real} real "
-                      f"tokens ({100 * real / slots:.1f}% of slots): {tps:,.0f} tok/s, MFU "
-                      f"{'n/a' if rec['mfu'] is None else f'{100 * rec['mfu']:.1f}%'}, peak "
-                      f"{'n/a' if rec['peak_bytes'] is None else f'{rec['peak_bytes'] / 2**30:.2f} GiB'}",
-                      flush=True)
+                    print(
+                        f"[{preset} {mode} {dist}] {100 * interp:.0f}% of the steps are in "
+                        f"buckets interpolated, not measured",
+                        flush=True,
+                    )
+                print(
+                    f"[{preset} {mode} {dist}] {len(batches)} steps x "
+                    f"{1e3 * rec['step_time_s_median']:.2f} ms = {total:.2f}s for {real} real "
+                    f"tokens ({100 * real / slots:.1f}% of slots): {tps:,.0f} tok/s, MFU "
+                    f"{'n/a' if rec['mfu'] is None else f'{100 * rec["mfu"]:.1f}%'}, peak "
+                    f"{'n/a' if rec['peak_bytes'] is None else f'{rec["peak_bytes"] / 2**30:.2f} GiB'}",
+                    flush=True,
+                )
     except Exception as e:  # noqa: BLE001 - recorded, the parent decides
         status = "oom" if is_oom(e) else "error"
         msg = f"{type(e).__name__}: {e}"
@@ -391,12 +513,20 @@ def _child_env():
 
 def probe_device() -> harness.DeviceInfo:
     """The device from a short child (the parent never holds the accelerator)."""
-    code = ("import dataclasses, json; from benchmarks import harness; "
-            "print(json.dumps(dataclasses.asdict(harness.device_info())))")
+    code = (
+        "import dataclasses, json; from benchmarks import harness; "
+        "print(json.dumps(dataclasses.asdict(harness.device_info())))"
+    )
     env = _child_env()
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=harness.REPO, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=harness.REPO,
+        timeout=300,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"device probe failed:\n{out.stderr[-3000:]}")
     return harness.DeviceInfo(**json.loads(out.stdout.strip().splitlines()[-1]))
@@ -404,8 +534,9 @@ def probe_device() -> harness.DeviceInfo:
 
 def run_child(spec: dict, tmpdir: pathlib.Path, timeout: float) -> dict:
     spec_path = tmpdir / f"spec_{spec['preset']}_{spec['group']}_{spec['rows']}.json"
-    result, killed, returncode = harness.run_script_child(__file__, spec, spec_path,
-                                                          _child_env(), timeout)
+    result, killed, returncode = harness.run_script_child(
+        __file__, spec, spec_path, _child_env(), timeout
+    )
     result = result or dict(records={}, info={})
     result["killed"] = killed
     result["returncode"] = returncode
@@ -436,61 +567,117 @@ def load_results(path: pathlib.Path) -> dict:
 
 def plot_paths(path: pathlib.Path) -> list[pathlib.Path]:
     """plot_train.py's plots of the result file `path` (they move to history/ with it)."""
-    return [path.with_name(f"{path.stem}_{name}.png")
-            for name in ("tokens_per_s", "speedup", "lengths")]
+    return [
+        path.with_name(f"{path.stem}_{name}.png") for name in ("tokens_per_s", "speedup", "lengths")
+    ]
 
 
 def parse_args(argv):
     ap = harness.argument_parser(__doc__)
-    ap.add_argument("--presets", default=None, help=f"comma list (default {','.join(PRESETS)}; "
-                                                    f"--smoke: tiny)")
+    ap.add_argument(
+        "--presets", default=None, help=f"comma list (default {','.join(PRESETS)}; --smoke: tiny)"
+    )
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--dists", default=",".join(DISTS))
-    ap.add_argument("--seq-len", type=int, default=None, help="row length (default 2048; smoke 128)")
-    ap.add_argument("--rows", default=None,
-                    help="rows per packed/padded step: N for all, or preset=N,... (default "
-                         + ", ".join(f"{k}={v}" for k, v in DEFAULT_ROWS.items()) + ")")
-    ap.add_argument("--single-bucket", type=int, default=None,
-                    help="single mode pads to a multiple of this (default 256; smoke 64)")
-    ap.add_argument("--single-measure", type=int, default=None,
-                    help="single-mode buckets to measure, the rest interpolated (default 4; "
-                         "smoke 0 = all)")
-    ap.add_argument("--workload-tokens", type=int, default=None,
-                    help="tokens per distribution's workload (default 1048576; smoke 6000)")
+    ap.add_argument(
+        "--seq-len", type=int, default=None, help="row length (default 2048; smoke 128)"
+    )
+    ap.add_argument(
+        "--rows",
+        default=None,
+        help="rows per packed/padded step: N for all, or preset=N,... (default "
+        + ", ".join(f"{k}={v}" for k, v in DEFAULT_ROWS.items())
+        + ")",
+    )
+    ap.add_argument(
+        "--single-bucket",
+        type=int,
+        default=None,
+        help="single mode pads to a multiple of this (default 256; smoke 64)",
+    )
+    ap.add_argument(
+        "--single-measure",
+        type=int,
+        default=None,
+        help="single-mode buckets to measure, the rest interpolated (default 4; smoke 0 = all)",
+    )
+    ap.add_argument(
+        "--workload-tokens",
+        type=int,
+        default=None,
+        help="tokens per distribution's workload (default 1048576; smoke 6000)",
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--warmup", type=int, default=None,
-                    help="untimed steps after compile (default 2; smoke 1)")
-    ap.add_argument("--steps", type=int, default=None,
-                    help="timed steps, rounded up to a multiple of --group (default 12; smoke 2)")
-    ap.add_argument("--single-steps", type=int, default=None,
-                    help="timed steps per single-mode bucket (default 8; smoke 2)")
-    ap.add_argument("--group", type=int, default=None,
-                    help="timed steps run back to back between blocks; the median is over "
-                         "groups (default 2; smoke 1; 1 = block after every step)")
+    ap.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps after compile (default 2; smoke 1)"
+    )
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps, rounded up to a multiple of --group (default 12; smoke 2)",
+    )
+    ap.add_argument(
+        "--single-steps",
+        type=int,
+        default=None,
+        help="timed steps per single-mode bucket (default 8; smoke 2)",
+    )
+    ap.add_argument(
+        "--group",
+        type=int,
+        default=None,
+        help="timed steps run back to back between blocks; the median is over "
+        "groups (default 2; smoke 1; 1 = block after every step)",
+    )
     ap.add_argument("--dtype", default="auto", help="compute dtype (auto: bf16 on GPU)")
     ap.add_argument("--scan-impl", default="auto")
-    ap.add_argument("--remat", nargs="?", const="full", default="none",
-                    choices=("none", "full", "save_matmul_outputs"),
-                    help="remat policy per layer (bare --remat: full)")
-    ap.add_argument("--scan-layers", action="store_true",
-                    help="run the layers under one lax.scan (MambaConfig.scan_layers; default: "
-                         "unrolled)")
-    ap.add_argument("--model", default=None,
-                    help="MambaConfig (or Mamba2Config) overrides for every preset, e.g. "
-                         "n_layer=1,d_model=32 "
-                         f"(checks; not for results; smoke: {SMOKE_MODEL})")
-    ap.add_argument("--time-budget", type=float, default=540.0,
-                    help="seconds for this whole invocation (default 540)")
-    ap.add_argument("--compile-guess", type=float, default=None,
-                    help="seconds a first compile is assumed to take (default 60; smoke 5)")
+    ap.add_argument(
+        "--remat",
+        nargs="?",
+        const="full",
+        default="none",
+        choices=("none", "full", "save_matmul_outputs"),
+        help="remat policy per layer (bare --remat: full)",
+    )
+    ap.add_argument(
+        "--scan-layers",
+        action="store_true",
+        help="run the layers under one lax.scan (MambaConfig.scan_layers; default: unrolled)",
+    )
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="MambaConfig (or Mamba2Config) overrides for every preset, e.g. "
+        "n_layer=1,d_model=32 "
+        f"(checks; not for results; smoke: {SMOKE_MODEL})",
+    )
+    ap.add_argument(
+        "--time-budget",
+        type=float,
+        default=540.0,
+        help="seconds for this whole invocation (default 540)",
+    )
+    ap.add_argument(
+        "--compile-guess",
+        type=float,
+        default=None,
+        help="seconds a first compile is assumed to take (default 60; smoke 5)",
+    )
     ap.add_argument("--no-oom-retry", action="store_true")
-    ap.add_argument("--resume", action="store_true",
-                    help="skip (preset, group)s whose records in the result file are already ok "
-                         "with these settings: repeat one command over several device calls "
-                         "until done")
-    ap.add_argument("--fresh", action="store_true",
-                    help="start a new result file instead of merging into the one there (which "
-                         "moves to history/ with its plots if it was made at another commit)")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip (preset, group)s whose records in the result file are already ok "
+        "with these settings: repeat one command over several device calls "
+        "until done",
+    )
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start a new result file instead of merging into the one there (which "
+        "moves to history/ with its plots if it was made at another commit)",
+    )
     harness.add_anchor_args(ap)
     args = ap.parse_args(argv)
     for name in ("modes", "dists"):
@@ -506,8 +693,10 @@ def parse_args(argv):
         ap.error(f"--anchor {args.anchor}: no {ANCHOR_SCRIPT} there")
     mamba2 = [p for p in presets if p.startswith("mamba2-")]
     if args.anchor is not None and mamba2:
-        ap.error(f"--anchor runs mamba_ssm's Mamba1 ({ANCHOR_SCRIPT}); --presets {mamba2} are "
-                 f"Mamba2: time mamba_ssm's Mamba2 with benchmarks/anchor_mamba2.py")
+        ap.error(
+            f"--anchor runs mamba_ssm's Mamba1 ({ANCHOR_SCRIPT}); --presets {mamba2} are "
+            f"Mamba2: time mamba_ssm's Mamba2 with benchmarks/anchor_mamba2.py"
+        )
     return args, presets
 
 
@@ -528,26 +717,35 @@ def main(argv=None) -> int:
     dists = [d for d in args.dists.split(",") if d]
     rows_of = parse_rows(args.rows)
     seq_len = default(args.seq_len, 2048, 128)
-    settings = dict(seq_len=seq_len, single_bucket=default(args.single_bucket, 256, 64),
-                    single_measure=default(args.single_measure, 4, 0),
-                    workload_tokens=default(args.workload_tokens, 1 << 20, 6000),
-                    seed=args.seed, warmup=default(args.warmup, 2, 1),
-                    steps=default(args.steps, 12, 2),
-                    single_warmup=1, single_steps=default(args.single_steps, 8, 2),
-                    steps_per_group=default(args.group, 2, 1),
-                    dtype=args.dtype, scan_impl=args.scan_impl, remat=args.remat,
-                    scan_layers=args.scan_layers,
-                    model_overrides=workloads.parse_overrides(
-                        default(args.model, "", SMOKE_MODEL)))
+    settings = dict(
+        seq_len=seq_len,
+        single_bucket=default(args.single_bucket, 256, 64),
+        single_measure=default(args.single_measure, 4, 0),
+        workload_tokens=default(args.workload_tokens, 1 << 20, 6000),
+        seed=args.seed,
+        warmup=default(args.warmup, 2, 1),
+        steps=default(args.steps, 12, 2),
+        single_warmup=1,
+        single_steps=default(args.single_steps, 8, 2),
+        steps_per_group=default(args.group, 2, 1),
+        dtype=args.dtype,
+        scan_impl=args.scan_impl,
+        remat=args.remat,
+        scan_layers=args.scan_layers,
+        model_overrides=workloads.parse_overrides(default(args.model, "", SMOKE_MODEL)),
+    )
     commit = harness.git_commit()
 
     info = probe_device()
     head = harness.header(info, script=__file__, argv=argv, commit=commit)
     command = head["command"]
     out = harness.result_path("train", info.slug, "smoke" if smoke else None, out_dir=args.out)
-    print(f"bench_train: {info.kind} ({info.backend}), jax {head['jax_version']}; "
-          f"presets {presets}, modes {modes}, dists {dists}; budget {args.time_budget:.0f}s; "
-          f"-> {out}", flush=True)
+    print(
+        f"bench_train: {info.kind} ({info.backend}), jax {head['jax_version']}; "
+        f"presets {presets}, modes {modes}, dists {dists}; budget {args.time_budget:.0f}s; "
+        f"-> {out}",
+        flush=True,
+    )
 
     # Workload descriptions (histograms) from the parent: cheap, host only.
     from train.data import cut_pieces
@@ -555,16 +753,19 @@ def main(argv=None) -> int:
     corpus = workloads.stdlib_corpus()
     described = {}
     for dist in dists:
-        w = workloads.make_workload(dist, tokens=settings["workload_tokens"], seed=args.seed,
-                                    corpus=corpus)
+        w = workloads.make_workload(
+            dist, tokens=settings["workload_tokens"], seed=args.seed, corpus=corpus
+        )
         w["info"]["num_pieces"] = len(cut_pieces(w["docs"], seq_len))
         w["info"]["seq_len"] = seq_len
         described[dist] = w["info"]
         s = w["info"]["stats"]
-        print(f"workload {dist}: {w['info']['num_documents']} documents, {w['info']['num_tokens']} "
-              f"tokens, {w['info']['num_pieces']} pieces of <= {seq_len}; length median "
-              f"{s['median']:.0f}, p90 {s['p90']:.0f}, p99 {s['p99']:.0f}, max {s['max']}",
-              flush=True)
+        print(
+            f"workload {dist}: {w['info']['num_documents']} documents, {w['info']['num_tokens']} "
+            f"tokens, {w['info']['num_pieces']} pieces of <= {seq_len}; length median "
+            f"{s['median']:.0f}, p90 {s['p90']:.0f}, p99 {s['p99']:.0f}, max {s['max']}",
+            flush=True,
+        )
 
     if args.fresh:
         for moved in harness.retire(out, commit=commit, companions=plot_paths(out)):
@@ -574,31 +775,44 @@ def main(argv=None) -> int:
     for dist, winfo in described.items():
         old = results["workloads"].get(dist)
         if old and (old.get("num_tokens"), old.get("seq_len"), old.get("seed")) != (
-                winfo["num_tokens"], winfo["seq_len"], winfo["seed"]):
-            print(f"bench_train: note: workload {dist} differs from the one in {out} (records "
-                  f"made with the old one keep its parameters in their own fields)", flush=True)
+            winfo["num_tokens"],
+            winfo["seq_len"],
+            winfo["seed"],
+        ):
+            print(
+                f"bench_train: note: workload {dist} differs from the one in {out} (records "
+                f"made with the old one keep its parameters in their own fields)",
+                flush=True,
+            )
         results["workloads"][dist] = winfo
 
     def merge(records: dict):
         for key, rec in records.items():
-            rec["workload"] = dict(num_tokens=described[rec["dist"]]["num_tokens"],
-                                   seed=args.seed, seq_len=seq_len)
+            rec["workload"] = dict(
+                num_tokens=described[rec["dist"]]["num_tokens"], seed=args.seed, seq_len=seq_len
+            )
             results["runs"][key] = rec
         harness.write_json(out, results)
 
-    plan = [(p, g) for p in presets for g in ("rows", "single")
-            if any(GROUP_OF[m] == g for m in modes)]
+    plan = [
+        (p, g) for p in presets for g in ("rows", "single") if any(GROUP_OF[m] == g for m in modes)
+    ]
     tmpdir = pathlib.Path(tempfile.mkdtemp(prefix="bench_train_"))
+
     def done(preset, group, rows):
         """--resume: every (mode, dist) of this group is already ok with these settings."""
         for m in (m for m in modes if GROUP_OF[m] == group):
             for d in dists:
                 r = results["runs"].get(f"{preset}/{m}/{d}")
                 tried = [a["rows"] for a in (r or {}).get("attempts", [])]
-                if not r or r.get("status") != "ok" or r.get("seq_len") != seq_len or \
-                        r.get("workload", {}).get("num_tokens") != described[d]["num_tokens"] or \
-                        (group == "rows" and rows not in tried) or \
-                        (group == "single" and r.get("single_bucket") != settings["single_bucket"]):
+                if (
+                    not r
+                    or r.get("status") != "ok"
+                    or r.get("seq_len") != seq_len
+                    or r.get("workload", {}).get("num_tokens") != described[d]["num_tokens"]
+                    or (group == "rows" and rows not in tried)
+                    or (group == "single" and r.get("single_bucket") != settings["single_bucket"])
+                ):
                     return False
         return True
 
@@ -610,14 +824,34 @@ def main(argv=None) -> int:
         attempts = []
         while True:
             left = deadline - time.time()
-            spec = dict(settings, preset=preset, group=group, rows=rows, modes=modes, dists=dists,
-                        deadline=deadline, command=command, git_commit=commit,
-                        compile_guess_s=default(args.compile_guess, 60.0, 5.0))
+            spec = dict(
+                settings,
+                preset=preset,
+                group=group,
+                rows=rows,
+                modes=modes,
+                dists=dists,
+                deadline=deadline,
+                command=command,
+                git_commit=commit,
+                compile_guess_s=default(args.compile_guess, 60.0, 5.0),
+            )
             if left < 20.0:
-                recs = {f"{preset}/{m}/{d}": dict(preset=preset, mode=m, dist=d, status="skipped",
-                                                  reason="time budget (not started)", rows=rows,
-                                                  seq_len=seq_len, command=command)
-                        for m in modes if GROUP_OF[m] == group for d in dists}
+                recs = {
+                    f"{preset}/{m}/{d}": dict(
+                        preset=preset,
+                        mode=m,
+                        dist=d,
+                        status="skipped",
+                        reason="time budget (not started)",
+                        rows=rows,
+                        seq_len=seq_len,
+                        command=command,
+                    )
+                    for m in modes
+                    if GROUP_OF[m] == group
+                    for d in dists
+                }
                 merge(recs)
                 print(f"[{preset} {group}] skipped: {left:.0f}s left", flush=True)
                 break
@@ -630,12 +864,20 @@ def main(argv=None) -> int:
                 for d in dists:
                     key = f"{preset}/{m}/{d}"
                     if key not in recs:
-                        recs[key] = dict(preset=preset, mode=m, dist=d, rows=rows, seq_len=seq_len,
-                                         command=command,
-                                         status="timeout" if res["killed"] else "error",
-                                         reason=("killed at the time budget" if res["killed"] else
-                                                 f"child exited with {res['returncode']} before "
-                                                 f"recording this"))
+                        recs[key] = dict(
+                            preset=preset,
+                            mode=m,
+                            dist=d,
+                            rows=rows,
+                            seq_len=seq_len,
+                            command=command,
+                            status="timeout" if res["killed"] else "error",
+                            reason=(
+                                "killed at the time budget"
+                                if res["killed"]
+                                else f"child exited with {res['returncode']} before recording this"
+                            ),
+                        )
             oom = any(r["status"] == "oom" for r in recs.values())
             attempts.append(dict(rows=rows, status="oom" if oom else "done"))
             for r in recs.values():
@@ -650,14 +892,28 @@ def main(argv=None) -> int:
     if args.anchor is not None:
         left = deadline - time.time()
         results["anchor"] = harness.run_anchor(
-            args.anchor / ANCHOR_SCRIPT, pythonpath=args.anchor_pythonpath,
+            args.anchor / ANCHOR_SCRIPT,
+            pythonpath=args.anchor_pythonpath,
             args=[",".join(f"{p}:{ANCHOR_ROWS}:{seq_len}" for p in presets)],
-            timeout=max(left, 1.0))
+            timeout=max(left, 1.0),
+        )
         print(f"bench_train: anchor {results['anchor']['status']}", flush=True)
 
-    results["invocations"] = (results.get("invocations", []) + [dict(
-        date=head["date"], command=command, git_commit=commit, wall_s=time.time() - t_start,
-        settings=settings, presets=presets, modes=modes, dists=dists)])[-50:]
+    results["invocations"] = (
+        results.get("invocations", [])
+        + [
+            dict(
+                date=head["date"],
+                command=command,
+                git_commit=commit,
+                wall_s=time.time() - t_start,
+                settings=settings,
+                presets=presets,
+                modes=modes,
+                dists=dists,
+            )
+        ]
+    )[-50:]
     harness.write_json(out, results)
     print_summary(results, presets, modes, dists)
     print(f"bench_train: wrote {out} ({time.time() - t_start:.0f}s)", flush=True)
@@ -665,8 +921,10 @@ def main(argv=None) -> int:
 
 
 def print_summary(results, presets, modes, dists):
-    print("\n| preset | dist | mode | status | rows x len | real tok/s | ms/step | real % | MFU | "
-          "peak GiB |\n|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| preset | dist | mode | status | rows x len | real tok/s | ms/step | real % | MFU | "
+        "peak GiB |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
     for p in presets:
         for d in dists:
             for m in modes:
@@ -674,14 +932,18 @@ def print_summary(results, presets, modes, dists):
                 if r is None:
                     continue
                 if r["status"] != "ok":
-                    print(f"| {p} | {d} | {m} | {r['status']} | {r.get('rows')} x {r.get('seq_len')} "
-                          f"| | | | | |")
+                    print(
+                        f"| {p} | {d} | {m} | {r['status']} | {r.get('rows')} x {r.get('seq_len')} "
+                        f"| | | | | |"
+                    )
                     continue
                 mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
                 pk = "n/a" if r.get("peak_bytes") is None else f"{r['peak_bytes'] / 2**30:.1f}"
-                print(f"| {p} | {d} | {m} | ok | {r['rows']} x {r['seq_len']} | "
-                      f"{r['tokens_per_s']:,.0f} | {1e3 * r['step_time_s_median']:.2f} | "
-                      f"{100 * r['real_fraction']:.1f} | {mfu} | {pk} |")
+                print(
+                    f"| {p} | {d} | {m} | ok | {r['rows']} x {r['seq_len']} | "
+                    f"{r['tokens_per_s']:,.0f} | {1e3 * r['step_time_s_median']:.2f} | "
+                    f"{100 * r['real_fraction']:.1f} | {mfu} | {pk} |"
+                )
 
 
 if __name__ == "__main__":

@@ -77,16 +77,39 @@ import optax  # noqa: E402
 
 from benchmarks import harness, workloads  # noqa: E402
 
-VARIANTS = ("step", "grad", "fwd", "opt", "matmul", "grad_noscan", "fwd_noscan", "grad_noconv",
-            "grad_nonorm")
+VARIANTS = (
+    "step",
+    "grad",
+    "fwd",
+    "opt",
+    "matmul",
+    "grad_noscan",
+    "fwd_noscan",
+    "grad_noconv",
+    "grad_nonorm",
+)
 
 
 # ------------------------------------------------------------------------------------------------
 # Stand-ins.
 
 
-def fake_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_softplus=False,
-              segment_ids=None, return_final_states=False, num_segments=None, impl="auto"):
+def fake_scan(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    *,
+    delta_softplus=False,
+    segment_ids=None,
+    return_final_states=False,
+    num_segments=None,
+    impl="auto",
+):
     if return_final_states:
         raise NotImplementedError("the stand-in scan has no final states")
     f32 = jnp.float32
@@ -173,8 +196,11 @@ def hlo_sources(hlo_text: str) -> dict[str, str]:
             continue
         row = _TABLE_ROW.match(stripped) if table is not None else None
         if row:
-            table[int(row.group(1))] = row.group(2) if row.group(2) is not None else dict(
-                (k, int(v)) for k, v in _FIELD.findall(row.group(3)))
+            table[int(row.group(1))] = (
+                row.group(2)
+                if row.group(2) is not None
+                else dict((k, int(v)) for k, v in _FIELD.findall(row.group(3)))
+            )
             continue
         if stripped:
             table = None
@@ -213,14 +239,19 @@ def hlo_sources(hlo_text: str) -> dict[str, str]:
     return sources
 
 
-def trace_summary(trace_dir: pathlib.Path, steps: int, sources: dict[str, str] | None = None) -> dict:
+def trace_summary(
+    trace_dir: pathlib.Path, steps: int, sources: dict[str, str] | None = None
+) -> dict:
     files = sorted(trace_dir.rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
     if not files:
         return dict(error="no perfetto_trace.json.gz written")
     data = json.load(gzip.open(files[-1]))
     events = data["traceEvents"] if isinstance(data, dict) else data
-    names = {e["pid"]: e["args"]["name"] for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    names = {
+        e["pid"]: e["args"]["name"]
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
     device_pids = {pid for pid, n in names.items() if n.startswith("/device:")}
     kernels: dict[str, float] = {}
     by_source: dict[str, float] = {}
@@ -234,8 +265,11 @@ def trace_summary(trace_dir: pathlib.Path, steps: int, sources: dict[str, str] |
             src = (sources or {}).get(op) or (sources or {}).get(e["name"]) or f"? {e['name']}"
             by_source[src] = by_source.get(src, 0.0) + float(e["dur"])
     if not kernels:
-        return dict(file=str(files[-1]), processes=sorted(names.values()),
-                    error="no device kernel events (CPU backend, or an unexpected trace layout)")
+        return dict(
+            file=str(files[-1]),
+            processes=sorted(names.values()),
+            error="no device kernel events (CPU backend, or an unexpected trace layout)",
+        )
     cats = {"scan": 0.0, "gemm": 0.0, "other": 0.0}
     for name, us in kernels.items():
         low = name.lower()
@@ -246,13 +280,17 @@ def trace_summary(trace_dir: pathlib.Path, steps: int, sources: dict[str, str] |
         else:
             cats["other"] += us
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:30]
-    return dict(file=str(files[-1]), steps=steps,
-                device_ms_per_step={k: v / 1e3 / steps for k, v in cats.items()},
-                device_busy_ms_per_step=sum(kernels.values()) / 1e3 / steps,
-                top_kernels_ms_per_step=[[n, us / 1e3 / steps] for n, us in top],
-                top_kernel_args={n: arg_sample.get(n, {}) for n, _ in top[:8]},
-                by_source_ms_per_step=[[s, us / 1e3 / steps] for s, us in
-                                       sorted(by_source.items(), key=lambda kv: -kv[1])[:60]])
+    return dict(
+        file=str(files[-1]),
+        steps=steps,
+        device_ms_per_step={k: v / 1e3 / steps for k, v in cats.items()},
+        device_busy_ms_per_step=sum(kernels.values()) / 1e3 / steps,
+        top_kernels_ms_per_step=[[n, us / 1e3 / steps] for n, us in top],
+        top_kernel_args={n: arg_sample.get(n, {}) for n, _ in top[:8]},
+        by_source_ms_per_step=[
+            [s, us / 1e3 / steps] for s, us in sorted(by_source.items(), key=lambda kv: -kv[1])[:60]
+        ],
+    )
 
 
 SMOKE_MODEL = "n_layer=1,d_model=32,d_state=4"
@@ -265,25 +303,43 @@ def parse_args(argv):
     ap.add_argument("--seq-len", type=int, default=None, help="default 2048 (smoke 64)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--warmup", type=int, default=None, help="default 2 (smoke 1)")
-    ap.add_argument("--steps", type=int, default=None,
-                    help="timed calls per variant (default 10; smoke 2)")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="timed calls per variant (default 10; smoke 2)"
+    )
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--scan-impl", default="auto")
     ap.add_argument("--conv-impl", default="auto")
-    ap.add_argument("--remat", nargs="?", const="full", default="none",
-                    choices=("none", "full", "save_matmul_outputs"),
-                    help="remat policy per layer (bare --remat: full)")
-    ap.add_argument("--scan-layers", action="store_true",
-                    help="run the layers under one lax.scan (MambaConfig.scan_layers; default: "
-                         "unrolled)")
-    ap.add_argument("--model", default=None,
-                    help=f"MambaConfig overrides, e.g. n_layer=1 (checks; smoke: {SMOKE_MODEL})")
-    ap.add_argument("--scan-config", default="",
-                    help="ScanConfig overrides for every Pallas scan, e.g. window=2,unroll=2 (A/B of "
-                         "kernel tilings; results are keyed by them)")
+    ap.add_argument(
+        "--remat",
+        nargs="?",
+        const="full",
+        default="none",
+        choices=("none", "full", "save_matmul_outputs"),
+        help="remat policy per layer (bare --remat: full)",
+    )
+    ap.add_argument(
+        "--scan-layers",
+        action="store_true",
+        help="run the layers under one lax.scan (MambaConfig.scan_layers; default: unrolled)",
+    )
+    ap.add_argument(
+        "--model",
+        default=None,
+        help=f"MambaConfig overrides, e.g. n_layer=1 (checks; smoke: {SMOKE_MODEL})",
+    )
+    ap.add_argument(
+        "--scan-config",
+        default="",
+        help="ScanConfig overrides for every Pallas scan, e.g. window=2,unroll=2 (A/B of "
+        "kernel tilings; results are keyed by them)",
+    )
     ap.add_argument("--time-budget", type=float, default=540.0)
-    ap.add_argument("--trace", type=pathlib.Path, default=None,
-                    help="directory for a jax.profiler trace of full steps")
+    ap.add_argument(
+        "--trace",
+        type=pathlib.Path,
+        default=None,
+        help="directory for a jax.profiler trace of full steps",
+    )
     args = ap.parse_args(argv)
     bad = [v for v in args.variants.split(",") if v and v not in VARIANTS]
     if bad:
@@ -317,15 +373,23 @@ def main(argv=None) -> int:
     dev = jax.devices()[0]
     info = harness.device_info(dev)
     backend = info.backend
-    out = harness.result_path("breakdown", info.slug, "smoke" if smoke else None,
-                              out_dir=args.out)
+    out = harness.result_path("breakdown", info.slug, "smoke" if smoke else None, out_dir=args.out)
     model_overrides = workloads.parse_overrides(model_text)
-    mc = workloads.model_config(preset, backend=backend, dtype=args.dtype,
-                                scan_impl=args.scan_impl, conv_impl=args.conv_impl,
-                                remat=args.remat, scan_layers=args.scan_layers,
-                                overrides=model_overrides)
-    print(f"breakdown: {preset} packed {rows} x {seq_len} on {info.kind} ({backend}), jax "
-          f"{jax.__version__}; variants {variants}; -> {out}", flush=True)
+    mc = workloads.model_config(
+        preset,
+        backend=backend,
+        dtype=args.dtype,
+        scan_impl=args.scan_impl,
+        conv_impl=args.conv_impl,
+        remat=args.remat,
+        scan_layers=args.scan_layers,
+        overrides=model_overrides,
+    )
+    print(
+        f"breakdown: {preset} packed {rows} x {seq_len} on {info.kind} ({backend}), jax "
+        f"{jax.__version__}; variants {variants}; -> {out}",
+        flush=True,
+    )
 
     batch_np = workloads.packed_batch(rows=rows, seq_len=seq_len)
     real_tokens = batch_np["real"]
@@ -338,28 +402,49 @@ def main(argv=None) -> int:
     graphdef = compiled.graphdef
 
     def loss_fn(params, mb):
-        ce, n = step_lib.token_losses(graphdef, params, mb["tokens"], mb["segment_ids"],
-                                      mb["targets"], mb["loss_mask"])
+        ce, n = step_lib.token_losses(
+            graphdef, params, mb["tokens"], mb["segment_ids"], mb["targets"], mb["loss_mask"]
+        )
         return ce / jnp.maximum(n, 1)
 
     def opt_only(st, grads):
         updates, opt_state = tx.update(grads, st.opt_state, st.params)
-        return step_lib.TrainState(step=st.step + 1, params=optax.apply_updates(st.params, updates),
-                                   opt_state=opt_state, rng=st.rng)
+        return step_lib.TrainState(
+            step=st.step + 1,
+            params=optax.apply_updates(st.params, updates),
+            opt_state=opt_state,
+            rng=st.rng,
+        )
 
-    result = dict(preset=preset, mode="packed", rows=rows, seq_len=seq_len, real_tokens=real_tokens,
-                  n_layer=mc.n_layer, d_model=mc.d_model, d_inner=mc.d_inner,
-                  vocab_size=mc.vocab_size, compute_dtype=mc.dtype, scan_impl=mc.scan_impl,
-                  conv_impl=mc.conv_impl, remat=mc.remat, scan_layers=mc.scan_layers,
-                  model_overrides=model_overrides,
-                  flops_per_token=mc.flops_per_token(),
-                  **harness.header(info, script=__file__, argv=argv),
-                  peak_flops_per_device=peak_flops(dev.device_kind) if backend != "cpu" else None,
-                  scan_config_overrides=scan_overrides, variants={})
-    key = (f"{preset}/packed/{rows}x{seq_len}" + (f"/scan:{args.scan_config}" if scan_overrides else "")
-           + (f"/model:{model_text}" if model_text else "")
-           + (f"/conv:{args.conv_impl}" if args.conv_impl != "auto" else "")
-           + ("/scan_layers" if args.scan_layers else ""))
+    result = dict(
+        preset=preset,
+        mode="packed",
+        rows=rows,
+        seq_len=seq_len,
+        real_tokens=real_tokens,
+        n_layer=mc.n_layer,
+        d_model=mc.d_model,
+        d_inner=mc.d_inner,
+        vocab_size=mc.vocab_size,
+        compute_dtype=mc.dtype,
+        scan_impl=mc.scan_impl,
+        conv_impl=mc.conv_impl,
+        remat=mc.remat,
+        scan_layers=mc.scan_layers,
+        model_overrides=model_overrides,
+        flops_per_token=mc.flops_per_token(),
+        **harness.header(info, script=__file__, argv=argv),
+        peak_flops_per_device=peak_flops(dev.device_kind) if backend != "cpu" else None,
+        scan_config_overrides=scan_overrides,
+        variants={},
+    )
+    key = (
+        f"{preset}/packed/{rows}x{seq_len}"
+        + (f"/scan:{args.scan_config}" if scan_overrides else "")
+        + (f"/model:{model_text}" if model_text else "")
+        + (f"/conv:{args.conv_impl}" if args.conv_impl != "auto" else "")
+        + ("/scan_layers" if args.scan_layers else "")
+    )
     existing = json.loads(out.read_text()) if out.exists() else {}
     if key in existing:  # keep variants measured by an earlier call
         result["variants"] = {**existing[key].get("variants", {}), **result["variants"]}
@@ -387,7 +472,8 @@ def main(argv=None) -> int:
                 # A fresh function object each time: jit caches traces by function, and the
                 # stand-ins only act when tracing.
                 lowered = jax.jit(jax.value_and_grad(lambda p, mb: loss_fn(p, mb))).lower(
-                    state.params, micro)
+                    state.params, micro
+                )
                 call_args = (state.params, micro)
             elif name.startswith("fwd"):
                 lowered = jax.jit(lambda p, mb: loss_fn(p, mb)).lower(state.params, micro)
@@ -405,26 +491,36 @@ def main(argv=None) -> int:
         # or the reference's jit) appears in the lowered module exactly when it should.
         has_scan = "selective_scan" in lowered.as_text()
         if has_scan == ("noscan" in name) and name not in ("opt", "matmul"):
-            print(f"  WARNING {name}: selective_scan {'still' if has_scan else 'not'} in the "
-                  f"lowered module", flush=True)
+            print(
+                f"  WARNING {name}: selective_scan {'still' if has_scan else 'not'} in the "
+                f"lowered module",
+                flush=True,
+            )
         exe = lowered.compile()
         t2 = time.perf_counter()
         last_compile = t2 - t0
         if name == "opt":  # returns the state alone
+
             def call(st, g, exe=exe):
                 return exe(st, g), None
         else:
             call = exe
-        timing = harness.time_calls(call, [call_args], state=carried, warmup=warmup,
-                                    groups=steps, per_group=1)
+        timing = harness.time_calls(
+            call, [call_args], state=carried, warmup=warmup, groups=steps, per_group=1
+        )
         if carried is not None:
             state = timing.state  # the one passed in was donated
-        result["variants"][name] = dict(status="ok", ms=1e3 * timing.median_s,
-                                        times_ms=[1e3 * t for t in timing.group_s],
-                                        trace_s=t1 - t0, compile_s=t2 - t1,
-                                        scan_in_module=has_scan)
-        print(f"  {name:12s} {1e3 * timing.median_s:9.2f} ms   (compile {t2 - t1:.1f}s)",
-              flush=True)
+        result["variants"][name] = dict(
+            status="ok",
+            ms=1e3 * timing.median_s,
+            times_ms=[1e3 * t for t in timing.group_s],
+            trace_s=t1 - t0,
+            compile_s=t2 - t1,
+            scan_in_module=has_scan,
+        )
+        print(
+            f"  {name:12s} {1e3 * timing.median_s:9.2f} ms   (compile {t2 - t1:.1f}s)", flush=True
+        )
         del exe, lowered
         save()
 
@@ -462,10 +558,14 @@ def matmul_bench(mc, tokens: int):
     dt = mc.compute_dtype
     ks = jax.random.split(jax.random.key(0), 16)
     shapes = dict(in_proj=(d, 2 * e), x_proj=(e, r + 2 * n), dt_proj=(r, e), out_proj=(e, d))
-    xs = {k: jax.random.normal(ks[i], (tokens, s[0]), jnp.float32).astype(dt)
-          for i, (k, s) in enumerate(shapes.items())}
-    ws = {k: (s[0] * s[1]) ** -0.25 * jax.random.normal(ks[4 + i], s, jnp.float32)
-          for i, (k, s) in enumerate(shapes.items())}
+    xs = {
+        k: jax.random.normal(ks[i], (tokens, s[0]), jnp.float32).astype(dt)
+        for i, (k, s) in enumerate(shapes.items())
+    }
+    ws = {
+        k: (s[0] * s[1]) ** -0.25 * jax.random.normal(ks[4 + i], s, jnp.float32)
+        for i, (k, s) in enumerate(shapes.items())
+    }
     xs["lm_head"] = jax.random.normal(ks[8], (tokens, d), jnp.float32).astype(dt)
     ws["lm_head"] = (v * d) ** -0.25 * jax.random.normal(ks[9], (v, d), jnp.float32)
 
@@ -510,11 +610,14 @@ def parts(v: dict) -> dict:
         out["optimizer"] = step - grad
     if ms("opt") is not None:
         out["optimizer_alone"] = ms("opt")
-    complete = all(k in out for k in ("scan_forward", "scan_backward", "conv", "norms", "matmuls",
-                                      "optimizer"))
+    complete = all(
+        k in out for k in ("scan_forward", "scan_backward", "conv", "norms", "matmuls", "optimizer")
+    )
     if step is not None and complete:
-        out["other"] = step - sum(out[k] for k in ("scan_forward", "scan_backward", "conv", "norms",
-                                                   "matmuls", "optimizer"))
+        out["other"] = step - sum(
+            out[k]
+            for k in ("scan_forward", "scan_backward", "conv", "norms", "matmuls", "optimizer")
+        )
     if step is not None:
         out["step"] = step
     return out
@@ -524,13 +627,23 @@ def print_parts(result):
     p = result.get("parts", {})
     step = p.get("step")
     tok = result["real_tokens"]
-    print(f"\n{result['preset']} packed {result['rows']} x {result['seq_len']} ({tok} real tokens) on "
-          f"{result['device']}:")
+    print(
+        f"\n{result['preset']} packed {result['rows']} x {result['seq_len']} ({tok} real tokens) on "
+        f"{result['device']}:"
+    )
     if step:
         print(f"  step {step:.2f} ms = {tok / step * 1e3:,.0f} real tokens/s")
     print("| part | ms | share of step |\n|---|---|---|")
-    for k in ("scan_forward", "scan_backward", "matmuls", "conv", "norms", "optimizer", "other",
-              "optimizer_alone"):
+    for k in (
+        "scan_forward",
+        "scan_backward",
+        "matmuls",
+        "conv",
+        "norms",
+        "optimizer",
+        "other",
+        "optimizer_alone",
+    ):
         if k in p:
             share = f"{100 * p[k] / step:.1f}%" if step else "—"
             print(f"| {k} | {p[k]:.2f} | {share} |")

@@ -89,8 +89,12 @@ def device_info(device=None) -> DeviceInfo:
 
     device = device if device is not None else jax.devices()[0]
     backend = jax.default_backend()
-    return DeviceInfo(kind=device.device_kind, name=str(device), backend=backend,
-                      slug=device_slug(device.device_kind, backend))
+    return DeviceInfo(
+        kind=device.device_kind,
+        name=str(device),
+        backend=backend,
+        slug=device_slug(device.device_kind, backend),
+    )
 
 
 def git_commit() -> str | None:
@@ -99,8 +103,9 @@ def git_commit() -> str | None:
     if os.environ.get("PACKMAMBA_GIT_COMMIT"):
         return os.environ["PACKMAMBA_GIT_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=REPO, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return (out.stdout.strip() or None) if out.returncode == 0 else None
@@ -114,7 +119,7 @@ def command_line(script: str | os.PathLike, argv: Sequence[str]) -> str:
 
 
 def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def jax_version() -> str | None:
@@ -125,15 +130,25 @@ def jax_version() -> str | None:
         return None
 
 
-def header(info: DeviceInfo | None, *, script: str | os.PathLike, argv: Sequence[str],
-           commit: str | None = None) -> dict:
+def header(
+    info: DeviceInfo | None,
+    *,
+    script: str | os.PathLike,
+    argv: Sequence[str],
+    commit: str | None = None,
+) -> dict:
     """The fields every JSON result starts with (commit: git_commit() unless given; info None:
     a step that runs on no device, whose device fields are None)."""
-    return dict(device=info and info.kind, device_name=info and info.name,
-                kind=info and info.slug, backend=info and info.backend,
-                jax_version=jax_version(), date=now(),
-                git_commit=commit if commit is not None else git_commit(),
-                command=command_line(script, argv))
+    return dict(
+        device=info and info.kind,
+        device_name=info and info.name,
+        kind=info and info.slug,
+        backend=info and info.backend,
+        jax_version=jax_version(),
+        date=now(),
+        git_commit=commit if commit is not None else git_commit(),
+        command=command_line(script, argv),
+    )
 
 
 def device_memory(device) -> tuple[int | None, int | None]:
@@ -162,10 +177,18 @@ class Timing:
     state: Any = None
 
 
-def time_calls(fn: Callable, inputs: Sequence[tuple], *, warmup: int = 1, groups: int = 7,
-               per_group: int = 5, state: Any = None, keep_outputs: bool = False,
-               clock: Callable[[], float] = time.perf_counter,
-               block: Callable[[Any], Any] | None = None) -> Timing:
+def time_calls(
+    fn: Callable,
+    inputs: Sequence[tuple],
+    *,
+    warmup: int = 1,
+    groups: int = 7,
+    per_group: int = 5,
+    state: Any = None,
+    keep_outputs: bool = False,
+    clock: Callable[[], float] = time.perf_counter,
+    block: Callable[[Any], Any] | None = None,
+) -> Timing:
     """Times fn(*inputs[i % len(inputs)]) for call i = 0, 1, ...
 
     state None: the calls are stateless. With a `state` (say a donated train state), each call
@@ -179,8 +202,9 @@ def time_calls(fn: Callable, inputs: Sequence[tuple], *, warmup: int = 1, groups
     if not inputs:
         raise ValueError("inputs must hold at least one argument tuple")
     if warmup < 0 or groups < 1 or per_group < 1:
-        raise ValueError(f"need warmup >= 0, groups >= 1, per_group >= 1; got {warmup=}, "
-                         f"{groups=}, {per_group=}")
+        raise ValueError(
+            f"need warmup >= 0, groups >= 1, per_group >= 1; got {warmup=}, {groups=}, {per_group=}"
+        )
     if block is None:
         import jax
 
@@ -207,8 +231,14 @@ def time_calls(fn: Callable, inputs: Sequence[tuple], *, warmup: int = 1, groups
         per_call.append((clock() - t0) / per_group)
         if keep_outputs:
             kept += outs
-    return Timing(median_s=statistics.median(per_call), min_s=min(per_call), max_s=max(per_call),
-                  group_s=per_call, outputs=kept if keep_outputs else None, state=state)
+    return Timing(
+        median_s=statistics.median(per_call),
+        min_s=min(per_call),
+        max_s=max(per_call),
+        group_s=per_call,
+        outputs=kept if keep_outputs else None,
+        state=state,
+    )
 
 
 def tree_bytes(tree) -> int:
@@ -218,8 +248,9 @@ def tree_bytes(tree) -> int:
     return sum(int(x.nbytes) for x in jax.tree.leaves(tree) if hasattr(x, "nbytes"))
 
 
-def rotation_count(bytes_per_set: int, *, backend: str, l2_bytes: int = L2_BYTES,
-                   factor: float = 2.0) -> int:
+def rotation_count(
+    bytes_per_set: int, *, backend: str, l2_bytes: int = L2_BYTES, factor: float = 2.0
+) -> int:
     """How many input sets to rotate between: 1 on CPU; on a GPU at least 2 (no set follows
     itself) and enough that together they hold factor x l2_bytes, so a set has left the L2 by
     the time it comes round again."""
@@ -235,8 +266,18 @@ def rotation_count(bytes_per_set: int, *, backend: str, l2_bytes: int = L2_BYTES
 # splits a program's time by kernel from outside, without instrumenting the ops.
 
 # Lines of a device plane that repeat its kernels (XLA Ops, XLA Modules, ...) or are not kernels.
-_NOT_KERNEL_LINES = ("XLA Modules", "XLA Ops", "Steps", "Framework", "TensorFlow", "Launch",
-                     "Source", "Memory", "Async XLA Ops", "XLA TraceMe")
+_NOT_KERNEL_LINES = (
+    "XLA Modules",
+    "XLA Ops",
+    "Steps",
+    "Framework",
+    "TensorFlow",
+    "Launch",
+    "Source",
+    "Memory",
+    "Async XLA Ops",
+    "XLA TraceMe",
+)
 
 
 def trace(fn: Callable, inputs: Sequence[tuple], calls: int, trace_dir: str | os.PathLike):
@@ -292,11 +333,16 @@ def kernel_times(events, calls: int, prefixes: Sequence[str]) -> dict:
         g = groups.setdefault(re.sub(r"([._]\d+)+$", "", name) if own else "xla", [0.0, 0])
         g[0] += dur
         g[1] += 1
-    per = {k: dict(us_per_call=t / 1e3 / calls, launches_per_call=n / calls)
-           for k, (t, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])}
-    return dict(calls=calls, kernels=per,
-                kernel_us_per_call=sum(v["us_per_call"] for v in per.values()),
-                busy_us_per_call=busy_ns(events) / 1e3 / calls)
+    per = {
+        k: dict(us_per_call=t / 1e3 / calls, launches_per_call=n / calls)
+        for k, (t, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])
+    }
+    return dict(
+        calls=calls,
+        kernels=per,
+        kernel_us_per_call=sum(v["us_per_call"] for v in per.values()),
+        busy_us_per_call=busy_ns(events) / 1e3 / calls,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -313,8 +359,14 @@ def split_ext(name: str) -> tuple[str, str]:
     return path.stem, path.suffix
 
 
-def result_path(benchmark: str, slug: str, variant: str | None = None, *, ext: str = ".json",
-                out_dir: str | os.PathLike = RESULTS) -> pathlib.Path:
+def result_path(
+    benchmark: str,
+    slug: str,
+    variant: str | None = None,
+    *,
+    ext: str = ".json",
+    out_dir: str | os.PathLike = RESULTS,
+) -> pathlib.Path:
     """<out_dir>/<benchmark>_<slug>[_<variant>]<ext>."""
     if not benchmark or not slug:
         raise ValueError(f"benchmark and slug must be non-empty, got {benchmark=}, {slug=}")
@@ -339,8 +391,9 @@ def recorded_commit(path: str | os.PathLike) -> str | None:
     return str(commit) if commit else None
 
 
-def retire(path: str | os.PathLike, *, commit: str | None,
-           companions: Sequence[str | os.PathLike] = ()) -> list[pathlib.Path]:
+def retire(
+    path: str | os.PathLike, *, commit: str | None, companions: Sequence[str | os.PathLike] = ()
+) -> list[pathlib.Path]:
     """Before a run at `commit` replaces the JSON result `path`: if the one there was made at
     another commit (or names none), it and its companions (plots, logs) move to history/ with
     its short commit ("previous" if it names none) appended. Returns where they went; nothing
@@ -368,8 +421,12 @@ def retire(path: str | os.PathLike, *, commit: str | None,
     return moved
 
 
-def install(src: str | os.PathLike, companions: Sequence[str | os.PathLike] = (), *,
-            results_dir: str | os.PathLike = RESULTS) -> list[pathlib.Path]:
+def install(
+    src: str | os.PathLike,
+    companions: Sequence[str | os.PathLike] = (),
+    *,
+    results_dir: str | os.PathLike = RESULTS,
+) -> list[pathlib.Path]:
     """Copies a JSON result made elsewhere (and its companions) into results_dir under the same
     names, retiring what it replaces (see `retire`). Returns the installed paths."""
     src = pathlib.Path(src)
@@ -381,8 +438,9 @@ def install(src: str | os.PathLike, companions: Sequence[str | os.PathLike] = ()
         if not c.is_file():
             raise FileNotFoundError(f"companion {c} is not a file")
     target = results_dir / src.name
-    retire(target, commit=recorded_commit(src),
-           companions=[results_dir / c.name for c in companions])
+    retire(
+        target, commit=recorded_commit(src), companions=[results_dir / c.name for c in companions]
+    )
     results_dir.mkdir(parents=True, exist_ok=True)
     installed = []
     for f in [src, *companions]:
@@ -391,16 +449,21 @@ def install(src: str | os.PathLike, companions: Sequence[str | os.PathLike] = ()
     return installed
 
 
-def run_script_child(script: str | os.PathLike, spec: dict, spec_path: pathlib.Path,
-                     env: dict, timeout: float) -> tuple[dict | None, bool, int]:
+def run_script_child(
+    script: str | os.PathLike, spec: dict, spec_path: pathlib.Path, env: dict, timeout: float
+) -> tuple[dict | None, bool, int]:
     """Runs `script --_child SPEC` in its own process group (so a hung child and its workers die
     together at the time budget) and returns (the JSON it wrote to spec["result_path"] or None,
     whether it was killed, its return code). A child per measurement keeps peak memory, XLA
     flags and an out-of-memory crash apart from the other measurements."""
     spec["result_path"] = str(spec_path.with_suffix(".result.json"))
     spec_path.write_text(json.dumps(spec))
-    proc = subprocess.Popen([sys.executable, str(script), "--_child", str(spec_path)],
-                            cwd=REPO, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "--_child", str(spec_path)],
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+    )
     killed = False
     try:
         proc.wait(timeout=max(timeout, 1.0))
@@ -423,9 +486,17 @@ class NewResult:
     companions: list[pathlib.Path]
 
 
-def new_result(benchmark: str, *, script: str | os.PathLike, argv: Sequence[str],
-               out_dir: str | os.PathLike, smoke: bool = False, variant: str | None = None,
-               companions: Sequence[str] = (), device=None) -> NewResult:
+def new_result(
+    benchmark: str,
+    *,
+    script: str | os.PathLike,
+    argv: Sequence[str],
+    out_dir: str | os.PathLike,
+    smoke: bool = False,
+    variant: str | None = None,
+    companions: Sequence[str] = (),
+    device=None,
+) -> NewResult:
     """The start of a run that replaces its result file: the device, the header, the path
     (result_path; --smoke adds the variant "smoke"), the companions' paths (the file's stem +
     each suffix, e.g. ".png", "_loss.png"), and what was there retired (printed)."""
@@ -455,38 +526,63 @@ def write_json(path: str | os.PathLike, data) -> pathlib.Path:
 # Command line.
 
 
-def common_args(*, out_help: str | None = None, out_default=RESULTS,
-                out_required: bool = False) -> argparse.ArgumentParser:
+def common_args(
+    *, out_help: str | None = None, out_default=RESULTS, out_required: bool = False
+) -> argparse.ArgumentParser:
     """The options every benchmark takes (an argparse parent): --out and --smoke."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--out", type=pathlib.Path, default=out_default, required=out_required,
-                   help=out_help or "folder for the result files (default benchmarks/results/); "
-                                    "a file there made at another commit moves to its history/")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny shapes, seconds on CPU: checks the script, measures nothing "
-                        "(result files get the variant _smoke)")
+    p.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=out_default,
+        required=out_required,
+        help=out_help
+        or "folder for the result files (default benchmarks/results/); "
+        "a file there made at another commit moves to its history/",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny shapes, seconds on CPU: checks the script, measures nothing "
+        "(result files get the variant _smoke)",
+    )
     return p
 
 
 def argument_parser(doc: str, **common) -> argparse.ArgumentParser:
     """A parser whose --help prints the script's docstring, with common_args(**common)."""
-    return argparse.ArgumentParser(description=doc,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   parents=[common_args(**common)])
+    return argparse.ArgumentParser(
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common_args(**common)],
+    )
 
 
 def add_anchor_args(parser: argparse.ArgumentParser) -> None:
     """--anchor DIR and --anchor-pythonpath PATH: see run_anchor."""
-    parser.add_argument("--anchor", type=pathlib.Path, default=None,
-                        help="folder of the PyTorch anchor scripts (mamba_ssm side, not in the "
-                             "repository); its <benchmark>.py runs in the same call and its JSON "
-                             "goes into the result under 'anchor'")
-    parser.add_argument("--anchor-pythonpath", default="",
-                        help="PYTHONPATH for the anchor script (where torch and mamba_ssm are)")
+    parser.add_argument(
+        "--anchor",
+        type=pathlib.Path,
+        default=None,
+        help="folder of the PyTorch anchor scripts (mamba_ssm side, not in the "
+        "repository); its <benchmark>.py runs in the same call and its JSON "
+        "goes into the result under 'anchor'",
+    )
+    parser.add_argument(
+        "--anchor-pythonpath",
+        default="",
+        help="PYTHONPATH for the anchor script (where torch and mamba_ssm are)",
+    )
 
 
-def run_anchor(script: str | os.PathLike, *, pythonpath: str, args: Sequence[str] = (),
-               timeout: float = 600.0, python: str = sys.executable) -> dict:
+def run_anchor(
+    script: str | os.PathLike,
+    *,
+    pythonpath: str,
+    args: Sequence[str] = (),
+    timeout: float = 600.0,
+    python: str = sys.executable,
+) -> dict:
     """Runs a PyTorch anchor script as the anchor scripts take their arguments, `python SCRIPT
     FILE ARGS...` (FILE: the JSON it writes), with PYTHONPATH set to `pythonpath` only, and
     returns {"status": "ok", "result": the JSON it wrote to FILE, ...};
@@ -515,15 +611,24 @@ def run_anchor(script: str | os.PathLike, *, pythonpath: str, args: Sequence[str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.harness", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.harness",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = ap.add_subparsers(dest="verb", required=True)
-    inst = sub.add_parser("install", help="copy a result into benchmarks/results/, retiring the "
-                                          "one it replaces to history/")
+    inst = sub.add_parser(
+        "install",
+        help="copy a result into benchmarks/results/, retiring the one it replaces to history/",
+    )
     inst.add_argument("src", type=pathlib.Path, help="the JSON result")
     inst.add_argument("companions", nargs="*", type=pathlib.Path, help="its plots, logs")
-    inst.add_argument("--results", type=pathlib.Path, default=RESULTS,
-                      help="results folder (default benchmarks/results/)")
+    inst.add_argument(
+        "--results",
+        type=pathlib.Path,
+        default=RESULTS,
+        help="results folder (default benchmarks/results/)",
+    )
     args = ap.parse_args(argv)
     try:
         for path in install(args.src, args.companions, results_dir=args.results):

@@ -65,8 +65,12 @@ def anchor_estimates(preset, workload, padded_fraction):
         if workload["seq_len"] <= max(xs):
             t = np.interp(pieces, xs, [pts[x] / 1e3 for x in xs]).sum()
             single = pieces.sum() / t
-    if preset in ANCHOR_FULL and padded_fraction is not None and workload and \
-            workload["seq_len"] == ANCHOR_FULL[preset][1]:
+    if (
+        preset in ANCHOR_FULL
+        and padded_fraction is not None
+        and workload
+        and workload["seq_len"] == ANCHOR_FULL[preset][1]
+    ):
         pad = ANCHOR_FULL[preset][2] * padded_fraction
     return single, pad
 
@@ -90,8 +94,10 @@ def tick_labels(data, presets):
     usual = max(set(commits), key=commits.count) if commits else None
     labels = []
     for p in presets:
-        own = sorted({str(r.get("git_commit", "?"))[:7] for r in data["runs"].values()
-                      if r["preset"] == p} - {usual})
+        own = sorted(
+            {str(r.get("git_commit", "?"))[:7] for r in data["runs"].values() if r["preset"] == p}
+            - {usual}
+        )
         labels.append(p + "".join(f"\n({c})" for c in own))
     return labels
 
@@ -118,8 +124,9 @@ def plot(data, out_dir: pathlib.Path, stem: str, *, dpi: int = 120) -> list[path
     paths = []
 
     # 1. tokens/s per mode and model size.
-    fig, axes = plt.subplots(1, max(1, len(dists)), figsize=(6.5 * max(1, len(dists)), 4.5),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(1, len(dists)), figsize=(6.5 * max(1, len(dists)), 4.5), squeeze=False
+    )
     x = np.arange(len(presets))
     w = 0.27
     for ax, dist in zip(axes[0], dists):
@@ -141,8 +148,9 @@ def plot(data, out_dir: pathlib.Path, stem: str, *, dpi: int = 120) -> list[path
         if np.isfinite(seen).any():
             ax.set_yscale("log")
         for xpos, status in notes:  # configurations that did not run: oom, skipped, timeout
-            ax.annotate(status, (xpos, ax.get_ylim()[0]), rotation=90, ha="center", va="bottom",
-                        fontsize=7)
+            ax.annotate(
+                status, (xpos, ax.get_ylim()[0]), rotation=90, ha="center", va="bottom", fontsize=7
+            )
         ax.set_ylabel("real tokens/s (log)")
         ax.set_title(f"{dist} documents", fontsize=10)
         ax.grid(axis="y", alpha=0.3, which="both")
@@ -161,8 +169,13 @@ def plot(data, out_dir: pathlib.Path, stem: str, *, dpi: int = 120) -> list[path
             bars = ax.bar(x + (i - 0.5) * 0.38, [v or 0 for v in vals], 0.38, label=dist)
             for b, v in zip(bars, vals):
                 if v:
-                    ax.annotate(f"{v:.2f}x", (b.get_x() + b.get_width() / 2, v), ha="center",
-                                va="bottom", fontsize=7)
+                    ax.annotate(
+                        f"{v:.2f}x",
+                        (b.get_x() + b.get_width() / 2, v),
+                        ha="center",
+                        va="bottom",
+                        fontsize=7,
+                    )
         if over == "single":
             for p, s in PAPER.items():
                 if p in presets:
@@ -170,8 +183,13 @@ def plot(data, out_dir: pathlib.Path, stem: str, *, dpi: int = 120) -> list[path
                     ax.hlines(s, j - 0.4, j + 0.4, colors="k", linestyles="--", lw=1)
                     # Left of the line: clear of the labels above the bars.
                     ax.annotate(f"paper {s}x", (j - 0.42, s), fontsize=7, ha="right", va="center")
-            ax.axhline(TARGET_SPEEDUP_SINGLE, color="tab:red", lw=0.8, ls=":",
-                       label=f"target {TARGET_SPEEDUP_SINGLE:g}x (instruct)")
+            ax.axhline(
+                TARGET_SPEEDUP_SINGLE,
+                color="tab:red",
+                lw=0.8,
+                ls=":",
+                label=f"target {TARGET_SPEEDUP_SINGLE:g}x (instruct)",
+            )
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xticks(x, tick_labels(data, presets))
         ax.set_ylabel(f"packed / {over} tokens/s")
@@ -192,8 +210,15 @@ def plot(data, out_dir: pathlib.Path, stem: str, *, dpi: int = 120) -> list[path
         edges = np.array(h["edges"], float)
         counts = np.array(h["counts"], float)
         share = np.array(h["tokens"], float) / max(1, sum(h["tokens"]))
-        ax.bar(edges[:-1], counts, np.diff(edges), align="edge", alpha=0.6, edgecolor="k",
-               label="documents")
+        ax.bar(
+            edges[:-1],
+            counts,
+            np.diff(edges),
+            align="edge",
+            alpha=0.6,
+            edgecolor="k",
+            label="documents",
+        )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("document length (tokens, EOD included)")
         ax.set_ylabel("documents")
@@ -203,10 +228,14 @@ def plot(data, out_dir: pathlib.Path, stem: str, *, dpi: int = 120) -> list[path
         ax2.set_ylim(0, max(share.max() * 1.15, 0.05))
         ax.axvline(info.get("seq_len", 2048), color="k", ls="--", lw=0.8)
         s = info["stats"]
-        ax.set_title(f"{dist}: {info['num_documents']} docs, {info['num_tokens']:,} tokens; median "
-                     f"{s['median']:.0f}, p99 {s['p99']:.0f}, max {s['max']}", fontsize=8)
-    fig.suptitle("Workload document lengths (dashed: row length; longer documents are cut)",
-                 fontsize=10)
+        ax.set_title(
+            f"{dist}: {info['num_documents']} docs, {info['num_tokens']:,} tokens; median "
+            f"{s['median']:.0f}, p99 {s['p99']:.0f}, max {s['max']}",
+            fontsize=8,
+        )
+    fig.suptitle(
+        "Workload document lengths (dashed: row length; longer documents are cut)", fontsize=10
+    )
     fig.tight_layout()
     paths.append(out_dir / f"{stem}_lengths.png")
     fig.savefig(paths[-1], dpi=dpi)
@@ -221,12 +250,15 @@ def fmt(x, spec=",.0f", none="—"):
 def table(data) -> str:
     presets = presets_in(data)
     wl = data.get("workloads", {})
-    lines = [f"Training throughput on {data.get('device', '?')} (jax {data.get('jax_version', '?')}), "
-             f"real tokens/s (padding excluded), rows of "
-             f"{next(iter(wl.values()))['seq_len'] if wl else '?'} tokens; bench_train.py.", "",
-             "| model | documents | packed | padded | single | packed/single | packed/padded | "
-             "packed MFU | packed peak GiB | padded: measured/predicted |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Training throughput on {data.get('device', '?')} (jax {data.get('jax_version', '?')}), "
+        f"real tokens/s (padding excluded), rows of "
+        f"{next(iter(wl.values()))['seq_len'] if wl else '?'} tokens; bench_train.py.",
+        "",
+        "| model | documents | packed | padded | single | packed/single | packed/padded | "
+        "packed MFU | packed peak GiB | padded: measured/predicted |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for p in presets:
         for d in DISTS:
             recs = {m: data["runs"].get(f"{p}/{m}/{d}") for m in MODES}
@@ -253,9 +285,15 @@ def table(data) -> str:
                 f"{fmt(s1, '.2f')}{'x' if s1 else ''} | {fmt(s2, '.2f')}{'x' if s2 else ''} | "
                 f"{fmt(pk and pk['mfu'] and 100 * pk['mfu'], '.1f')}{'%' if pk and pk['mfu'] else ''} | "
                 f"{fmt(pk and pk.get('peak_bytes') and pk['peak_bytes'] / 2**30, '.1f')} | "
-                f"{fmt(check, '.2f')} |")
-    lines += ["", "Real-token fraction of the slots (what padding wastes):", "",
-              "| documents | packed | padded | single |", "|---|---|---|---|"]
+                f"{fmt(check, '.2f')} |"
+            )
+    lines += [
+        "",
+        "Real-token fraction of the slots (what padding wastes):",
+        "",
+        "| documents | packed | padded | single |",
+        "|---|---|---|---|",
+    ]
     for d in DISTS:
         fr = {}
         for m in MODES:
@@ -265,14 +303,23 @@ def table(data) -> str:
                     fr[m] = r["real_fraction"]
                     break
         if fr:
-            lines.append(f"| {d} | " + " | ".join(fmt(fr.get(m) and 100 * fr[m], '.1f') + ("%" if m in fr else "")
-                                                  for m in MODES) + " |")
+            lines.append(
+                f"| {d} | "
+                + " | ".join(
+                    fmt(fr.get(m) and 100 * fr[m], ".1f") + ("%" if m in fr else "") for m in MODES
+                )
+                + " |"
+            )
 
-    lines += ["", "Against mamba_ssm (PyTorch 2.3.2 anchor runs, same H200) and the PackMamba "
-                  "paper (A100):", "",
-              "| model | documents | ours packed | mamba_ssm 8×2048 full batch | ours / mamba_ssm | "
-              "mamba_ssm one seq/step on these docs (est.) | ours packed / that | mamba_ssm padded "
-              "(est.) | paper packed/single |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Against mamba_ssm (PyTorch 2.3.2 anchor runs, same H200) and the PackMamba paper (A100):",
+        "",
+        "| model | documents | ours packed | mamba_ssm 8×2048 full batch | ours / mamba_ssm | "
+        "mamba_ssm one seq/step on these docs (est.) | ours packed / that | mamba_ssm padded "
+        "(est.) | paper packed/single |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for p in presets:
         for d in DISTS:
             pk = ok(data, p, "packed", d)
@@ -287,23 +334,30 @@ def table(data) -> str:
                 f"{fmt(full and pk['tokens_per_s'] / full[2], '.2f')}{'x' if full else ''} | "
                 f"{fmt(est_single)} | "
                 f"{fmt(est_single and pk['tokens_per_s'] / est_single, '.2f')}{'x' if est_single else ''} | "
-                f"{fmt(est_pad)} | {fmt(PAPER.get(p), '.2f')}{'x' if p in PAPER else ''} |")
+                f"{fmt(est_pad)} | {fmt(PAPER.get(p), '.2f')}{'x' if p in PAPER else ''} |"
+            )
 
     lines += ["", "Targets (issue 6):", ""]
     pk = ok(data, "1.4b", "packed", "instruct") or ok(data, "1.4b", "packed", "corpus")
     if pk:
         v = pk["tokens_per_s"]
-        lines.append(f"- 1.4b packed >= {TARGET_TOKENS_1P4B:,} real tokens/s: "
-                     f"{'met' if v >= TARGET_TOKENS_1P4B else 'missed'} ({v:,.0f}; "
-                     f"{v / ANCHOR_FULL['1.4b'][2]:.2f}x mamba_ssm's {ANCHOR_FULL['1.4b'][2]:,})")
+        lines.append(
+            f"- 1.4b packed >= {TARGET_TOKENS_1P4B:,} real tokens/s: "
+            f"{'met' if v >= TARGET_TOKENS_1P4B else 'missed'} ({v:,.0f}; "
+            f"{v / ANCHOR_FULL['1.4b'][2]:.2f}x mamba_ssm's {ANCHOR_FULL['1.4b'][2]:,})"
+        )
     else:
         lines.append("- 1.4b packed >= 41,000 real tokens/s: not measured")
     sps = {p: speedup(data, p, "instruct", "single") for p in presets}
     sps = {p: v for p, v in sps.items() if v}
     if sps:
-        lines.append(f"- packed >= {TARGET_SPEEDUP_SINGLE:g}x single on the long-tailed mix: "
-                     + ", ".join(f"{p} {'met' if v >= TARGET_SPEEDUP_SINGLE else 'missed'} ({v:.2f}x)"
-                                 for p, v in sps.items()))
+        lines.append(
+            f"- packed >= {TARGET_SPEEDUP_SINGLE:g}x single on the long-tailed mix: "
+            + ", ".join(
+                f"{p} {'met' if v >= TARGET_SPEEDUP_SINGLE else 'missed'} ({v:.2f}x)"
+                for p, v in sps.items()
+            )
+        )
     else:
         lines.append("- packed >= 4x single on the long-tailed mix: not measured")
     checks = []
@@ -313,18 +367,27 @@ def table(data) -> str:
             if a and b:
                 ratio = a["tokens_per_s"] / b["tokens_per_s"]
                 expected = a["real_fraction"] / b["real_fraction"]
-                checks.append(f"{p} {d} gap {ratio:.2f}x vs {expected:.2f}x from the real-token "
-                              f"fractions")
-    lines.append("- padded vs packed gap accounted for by the padding fraction: "
-                 + ("; ".join(checks) if checks else "not measured"))
+                checks.append(
+                    f"{p} {d} gap {ratio:.2f}x vs {expected:.2f}x from the real-token fractions"
+                )
+    lines.append(
+        "- padded vs packed gap accounted for by the padding fraction: "
+        + ("; ".join(checks) if checks else "not measured")
+    )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    ap = harness.argument_parser(__doc__, out_default=None,
-                                 out_help="where the PNGs go (default: beside the JSON)")
-    ap.add_argument("results", nargs="?", type=pathlib.Path, default=DEFAULT_RESULTS,
-                    help="bench_train.py's JSON (default benchmarks/results/train_nvidia-h200.json)")
+    ap = harness.argument_parser(
+        __doc__, out_default=None, out_help="where the PNGs go (default: beside the JSON)"
+    )
+    ap.add_argument(
+        "results",
+        nargs="?",
+        type=pathlib.Path,
+        default=DEFAULT_RESULTS,
+        help="bench_train.py's JSON (default benchmarks/results/train_nvidia-h200.json)",
+    )
     args = ap.parse_args(argv)
     path = args.results
     if not path.is_file():

@@ -44,33 +44,63 @@ def main(argv=None) -> int:
     extra = []
     if "--" in argv:
         i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+        argv, extra = argv[:i], argv[i + 1 :]
     ap = harness.argument_parser(__doc__)
     ap.add_argument("--steps", type=int, default=None, help="default 300 (smoke 12)")
-    ap.add_argument("--time-limit", type=float, default=None,
-                    help="seconds of training loop before stopping early (default 170; smoke: none)")
+    ap.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help="seconds of training loop before stopping early (default 170; smoke: none)",
+    )
     ap.add_argument("--rows-per-device", type=int, default=None, help="default 8 (smoke 2)")
     args = ap.parse_args(argv)
 
     n = jax.device_count()
-    new = harness.new_result("train_gpu", script=__file__, argv=command, out_dir=args.out,
-                             smoke=args.smoke, variant=f"{n}dev",
-                             companions=[f"_{name}" for name in COMPANIONS])
+    new = harness.new_result(
+        "train_gpu",
+        script=__file__,
+        argv=command,
+        out_dir=args.out,
+        smoke=args.smoke,
+        variant=f"{n}dev",
+        companions=[f"_{name}" for name in COMPANIONS],
+    )
     scratch = pathlib.Path(tempfile.mkdtemp(prefix="packmamba_train_gpu_"))
     if args.smoke:
         rows = args.rows_per_device or 2
-        flags = ["--model.preset=tiny", "--data.max_documents=60", "--data.seq_len=256",
-                 f"--run.steps={args.steps or 12}", "--optim.warmup_steps=2"]
+        flags = [
+            "--model.preset=tiny",
+            "--data.max_documents=60",
+            "--data.seq_len=256",
+            f"--run.steps={args.steps or 12}",
+            "--optim.warmup_steps=2",
+        ]
         limit = args.time_limit or 0
     else:
         rows = args.rows_per_device or 8
-        flags = ["--model.preset=130m", "--model.vocab_size=50277", "--data.seq_len=2048",
-                 f"--run.steps={args.steps or 300}", "--optim.lr=1e-3", "--optim.warmup_steps=30"]
+        flags = [
+            "--model.preset=130m",
+            "--model.vocab_size=50277",
+            "--data.seq_len=2048",
+            f"--run.steps={args.steps or 300}",
+            "--optim.lr=1e-3",
+            "--optim.warmup_steps=30",
+        ]
         limit = 170.0 if args.time_limit is None else args.time_limit
-    flags += [f"--data.batch_size={rows * n}", "--data.mode=packed", "--data.eval_batches=2",
-              "--run.eval_every=0", "--run.checkpoint_every=0", "--run.keep_checkpoints=1",
-              "--run.log_every=25", "--run.progress=false", f"--run.time_limit_s={limit}",
-              "--run.resume=false", f"--run.out_dir={scratch}"]
+    flags += [
+        f"--data.batch_size={rows * n}",
+        "--data.mode=packed",
+        "--data.eval_batches=2",
+        "--run.eval_every=0",
+        "--run.checkpoint_every=0",
+        "--run.keep_checkpoints=1",
+        "--run.log_every=25",
+        "--run.progress=false",
+        f"--run.time_limit_s={limit}",
+        "--run.resume=false",
+        f"--run.out_dir={scratch}",
+    ]
     flags += extra
     config = parse_args(flags)
     print(f"train_gpu: {n} x {new.info.kind}; flags: {' '.join(flags)}", flush=True)

@@ -34,7 +34,7 @@ RELEASED_VOCAB = 50277
 BYTE_VOCAB = 257
 # The long-tailed "instruct" mix: lognormal document lengths (tokens, EOD included).
 INSTRUCT = dict(median=300, sigma=1.0, min_len=16, max_len=8192)
-HIST_EDGES = [2 ** k for k in range(3, 21)]  # 8 .. 1M tokens, log2 bins
+HIST_EDGES = [2**k for k in range(3, 21)]  # 8 .. 1M tokens, log2 bins
 SCHEDULE_STEPS = 1000
 
 
@@ -63,18 +63,30 @@ def make_workload(dist: str, *, tokens: int, seed: int, corpus=None) -> dict:
             total += len(corpus.documents[i])
         docs = [corpus.documents[i] for i in picked]
         every = np.array([len(d) for d in corpus.documents], np.int64)
-        info = dict(description=f"{corpus.description}: whole documents (EOD appended) in a seeded "
-                                f"random order until {tokens} tokens",
-                    source="stdlib", doc_indices=picked,
-                    population=dict(num_documents=len(every), num_tokens=int(every.sum()),
-                                    stats=length_stats(every), histogram=histogram(every)))
+        info = dict(
+            description=f"{corpus.description}: whole documents (EOD appended) in a seeded "
+            f"random order until {tokens} tokens",
+            source="stdlib",
+            doc_indices=picked,
+            population=dict(
+                num_documents=len(every),
+                num_tokens=int(every.sum()),
+                stats=length_stats(every),
+                histogram=histogram(every),
+            ),
+        )
     elif dist == "instruct":
         p = INSTRUCT
         rng = np.random.default_rng([seed, 0x1A57])
         lengths, total = [], 0
         while total < tokens:
-            n = int(np.clip(np.rint(rng.lognormal(math.log(p["median"]), p["sigma"])),
-                            p["min_len"], p["max_len"]))
+            n = int(
+                np.clip(
+                    np.rint(rng.lognormal(math.log(p["median"]), p["sigma"])),
+                    p["min_len"],
+                    p["max_len"],
+                )
+            )
             lengths.append(n)
             total += n
         stream = np.concatenate([d[:-1] for d in corpus.documents])  # stdlib bytes, no EOD
@@ -83,26 +95,46 @@ def make_workload(dist: str, *, tokens: int, seed: int, corpus=None) -> dict:
         for n in lengths:
             if pos + n - 1 > len(stream):
                 pos = 0
-            docs.append(np.concatenate([stream[pos:pos + n - 1],
-                                        np.array([corpus.eod_id], np.int32)]).astype(np.int32))
+            docs.append(
+                np.concatenate(
+                    [stream[pos : pos + n - 1], np.array([corpus.eod_id], np.int32)]
+                ).astype(np.int32)
+            )
             pos += n - 1
-        info = dict(description=f"long-tailed instruction-like mix: lognormal lengths median "
-                                f"{p['median']} sigma {p['sigma']} clipped to [{p['min_len']}, "
-                                f"{p['max_len']}] tokens, content cut from the stdlib byte stream",
-                    source="synthetic", params=dict(p))
+        info = dict(
+            description=f"long-tailed instruction-like mix: lognormal lengths median "
+            f"{p['median']} sigma {p['sigma']} clipped to [{p['min_len']}, "
+            f"{p['max_len']}] tokens, content cut from the stdlib byte stream",
+            source="synthetic",
+            params=dict(p),
+        )
     else:
         raise ValueError(f"unknown distribution {dist!r}; choose from {DISTS}")
     lengths = np.array([len(d) for d in docs], np.int64)
-    info.update(dist=dist, seed=seed, workload_tokens=tokens, num_documents=len(docs),
-                num_tokens=int(lengths.sum()), doc_lengths=lengths.tolist(),
-                stats=length_stats(lengths), histogram=histogram(lengths))
+    info.update(
+        dist=dist,
+        seed=seed,
+        workload_tokens=tokens,
+        num_documents=len(docs),
+        num_tokens=int(lengths.sum()),
+        doc_lengths=lengths.tolist(),
+        stats=length_stats(lengths),
+        histogram=histogram(lengths),
+    )
     return dict(docs=docs, info=info)
 
 
 def length_stats(lengths: np.ndarray) -> dict:
     q = np.percentile(lengths, [10, 50, 90, 99])
-    return dict(min=int(lengths.min()), p10=float(q[0]), median=float(q[1]), mean=float(lengths.mean()),
-                p90=float(q[2]), p99=float(q[3]), max=int(lengths.max()))
+    return dict(
+        min=int(lengths.min()),
+        p10=float(q[0]),
+        median=float(q[1]),
+        mean=float(lengths.mean()),
+        p90=float(q[2]),
+        p99=float(q[3]),
+        max=int(lengths.max()),
+    )
 
 
 def histogram(lengths: np.ndarray) -> dict:
@@ -115,36 +147,60 @@ def histogram(lengths: np.ndarray) -> dict:
     counts = np.bincount(idx, minlength=len(edges) - 1)
     toks = np.bincount(idx, weights=lengths, minlength=len(edges) - 1)
     below = int((lengths < edges[0]).sum())
-    return dict(edges=edges, counts=counts.tolist(), tokens=[int(t) for t in toks],
-                note=f"bin i holds lengths in [edges[i], edges[i+1]); {below} below edges[0] "
-                     f"are counted in bin 0")
+    return dict(
+        edges=edges,
+        counts=counts.tolist(),
+        tokens=[int(t) for t in toks],
+        note=f"bin i holds lengths in [edges[i], edges[i+1]); {below} below edges[0] "
+        f"are counted in bin 0",
+    )
 
 
-def batches_for(mode: str, pieces: list, *, seq_len: int, rows: int, single_bucket: int,
-                seed: int) -> list[dict]:
+def batches_for(
+    mode: str, pieces: list, *, seq_len: int, rows: int, single_bucket: int, seed: int
+) -> list[dict]:
     """The whole workload as the trainer's Batcher makes it: [{"arrays", "real", "slots",
     "sequences"}] (padded batches also give "longest", the longest piece's length)."""
     from train.data import Batcher
 
     n = len(pieces)
     if mode == "link":  # pieces are whole documents: streamed end to end, rows linked
-        b = Batcher(pieces, mode="packed", seq_len=seq_len, batch_size=rows, seed=seed,
-                    wrap=False, long_docs="link")
+        b = Batcher(
+            pieces,
+            mode="packed",
+            seq_len=seq_len,
+            batch_size=rows,
+            seed=seed,
+            wrap=False,
+            long_docs="link",
+        )
         out = []
         while b.consumed < n:
             x = next(b)
-            out.append(dict(arrays=x["arrays"], real=x["stats"]["real_tokens"],
-                            slots=x["stats"]["slots"], sequences=x["stats"]["sequences"],
-                            linked=x["stats"]["linked_documents"],
-                            longest_chain=x["stats"]["longest_chain"]))
+            out.append(
+                dict(
+                    arrays=x["arrays"],
+                    real=x["stats"]["real_tokens"],
+                    slots=x["stats"]["slots"],
+                    sequences=x["stats"]["sequences"],
+                    linked=x["stats"]["linked_documents"],
+                    longest_chain=x["stats"]["longest_chain"],
+                )
+            )
         return out
     if mode == "packed":
         b = Batcher(pieces, mode="packed", seq_len=seq_len, batch_size=rows, seed=seed, wrap=False)
         out = []
         while b.consumed < n or b.carry:
             x = next(b)
-            out.append(dict(arrays=x["arrays"], real=x["stats"]["real_tokens"],
-                            slots=x["stats"]["slots"], sequences=x["stats"]["sequences"]))
+            out.append(
+                dict(
+                    arrays=x["arrays"],
+                    real=x["stats"]["real_tokens"],
+                    slots=x["stats"]["slots"],
+                    sequences=x["stats"]["sequences"],
+                )
+            )
         return out
     if mode == "padded":
         b = Batcher(pieces, mode="padded", seq_len=seq_len, batch_size=rows, seed=seed)
@@ -154,17 +210,36 @@ def batches_for(mode: str, pieces: list, *, seq_len: int, rows: int, single_buck
             fresh = min(rows, n - s * rows)  # the last batch wraps round: count new pieces only
             seg = x["arrays"]["segment_ids"][0, :fresh]
             longest = int((seg > 0).sum(axis=1).max())
-            out.append(dict(arrays=x["arrays"], real=int((seg > 0).sum()), slots=x["stats"]["slots"],
-                            sequences=fresh, longest=longest))
+            out.append(
+                dict(
+                    arrays=x["arrays"],
+                    real=int((seg > 0).sum()),
+                    slots=x["stats"]["slots"],
+                    sequences=fresh,
+                    longest=longest,
+                )
+            )
         return out
     if mode == "single":
-        b = Batcher(pieces, mode="single", seq_len=seq_len, batch_size=1, seed=seed,
-                    single_bucket=single_bucket)
+        b = Batcher(
+            pieces,
+            mode="single",
+            seq_len=seq_len,
+            batch_size=1,
+            seed=seed,
+            single_bucket=single_bucket,
+        )
         out = []
         for _ in range(n):
             x = next(b)
-            out.append(dict(arrays=x["arrays"], real=x["stats"]["real_tokens"],
-                            slots=x["stats"]["slots"], sequences=1))
+            out.append(
+                dict(
+                    arrays=x["arrays"],
+                    real=x["stats"]["real_tokens"],
+                    slots=x["stats"]["slots"],
+                    sequences=1,
+                )
+            )
         return out
     raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
 
@@ -174,8 +249,14 @@ def packed_batch(*, rows: int, seq_len: int, seed: int = 0) -> dict:
     from train.data import cut_pieces
 
     w = make_workload("instruct", tokens=2 * rows * seq_len, seed=seed)
-    return batches_for("packed", cut_pieces(w["docs"], seq_len), seq_len=seq_len, rows=rows,
-                       single_bucket=64, seed=seed)[0]
+    return batches_for(
+        "packed",
+        cut_pieces(w["docs"], seq_len),
+        seq_len=seq_len,
+        rows=rows,
+        single_bucket=64,
+        seed=seed,
+    )[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,7 +264,7 @@ def packed_batch(*, rows: int, seq_len: int, seed: int = 0) -> dict:
 
 
 def parse_overrides(text: str) -> dict:
-    """"n_layer=1,d_model=32,remat=true" -> {"n_layer": 1, "d_model": 32, "remat": True}: ints,
+    """ "n_layer=1,d_model=32,remat=true" -> {"n_layer": 1, "d_model": 32, "remat": True}: ints,
     then floats, then true/false, else the text."""
     out = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
@@ -198,18 +279,34 @@ def parse_overrides(text: str) -> dict:
     return out
 
 
-def model_config(preset: str, *, backend: str, dtype: str = "auto", scan_impl: str = "auto",
-                 conv_impl: str = "auto", remat: str | bool = "none", scan_layers: bool = False,
-                 overrides: dict | None = None):
+def model_config(
+    preset: str,
+    *,
+    backend: str,
+    dtype: str = "auto",
+    scan_impl: str = "auto",
+    conv_impl: str = "auto",
+    remat: str | bool = "none",
+    scan_layers: bool = False,
+    overrides: dict | None = None,
+):
     """The benchmarks' MambaConfig (Mamba2Config for a "mamba2-" preset): the preset with the
     released vocabulary (but "tiny" and "mamba2-tiny"), then `overrides` (its fields)."""
     from train.config import ModelConfig
 
-    fields = {} if preset in ("tiny", "mamba2-tiny", "hybrid-tiny") else {"vocab_size": RELEASED_VOCAB}
+    fields = (
+        {} if preset in ("tiny", "mamba2-tiny", "hybrid-tiny") else {"vocab_size": RELEASED_VOCAB}
+    )
     fields.update(overrides or {})
-    return ModelConfig(preset=preset, dtype=dtype, scan_impl=scan_impl, conv_impl=conv_impl,
-                       remat=str(remat).lower(), scan_layers=scan_layers, overrides=fields).mamba_config(vocab_size=BYTE_VOCAB,
-                                                                   backend=backend)
+    return ModelConfig(
+        preset=preset,
+        dtype=dtype,
+        scan_impl=scan_impl,
+        conv_impl=conv_impl,
+        remat=str(remat).lower(),
+        scan_layers=scan_layers,
+        overrides=fields,
+    ).mamba_config(vocab_size=BYTE_VOCAB, backend=backend)
 
 
 def optim_config():
@@ -240,8 +337,9 @@ def train_setup(config, device) -> TrainSetup:
     from train import sharding
     from train.config import MeshConfig
 
-    return mesh_train_setup(config, sharding.make_mesh(MeshConfig(data=1, fsdp=1),
-                                                       devices=[device]))
+    return mesh_train_setup(
+        config, sharding.make_mesh(MeshConfig(data=1, fsdp=1), devices=[device])
+    )
 
 
 def mesh_train_setup(config, mesh, *, grad_reduce: str = "auto") -> TrainSetup:
@@ -250,9 +348,12 @@ def mesh_train_setup(config, mesh, *, grad_reduce: str = "auto") -> TrainSetup:
     from train import step as step_lib
 
     optim = optim_config()
-    return TrainSetup(mesh=mesh, compiled=step_lib.build(config, optim, SCHEDULE_STEPS, mesh,
-                                                         grad_reduce=grad_reduce),
-                      optim=optim, schedule_steps=SCHEDULE_STEPS)
+    return TrainSetup(
+        mesh=mesh,
+        compiled=step_lib.build(config, optim, SCHEDULE_STEPS, mesh, grad_reduce=grad_reduce),
+        optim=optim,
+        schedule_steps=SCHEDULE_STEPS,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -295,7 +396,7 @@ SMOKE_SCAN_OVERRIDES = dict(unroll=1, window=1, ckpt=4, prefetch=False, reduce="
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
-    """"8:2048:4096:16" -> (batch, length, d_inner, d_state)."""
+    """ "8:2048:4096:16" -> (batch, length, d_inner, d_state)."""
     try:
         shape = tuple(int(x) for x in text.split(":"))
     except ValueError:
@@ -311,8 +412,9 @@ def add_scan_arguments(parser, *, full_shape=None, smoke_shape=None) -> None:
     parser.add_argument("overrides", nargs="*", metavar="field=value", help="ScanConfig overrides")
     if full_shape is not None:
         text = ":".join(map(str, full_shape)), ":".join(map(str, smoke_shape))
-        parser.add_argument("--shape", default=None,
-                            help=f"b:l:d:n (default {text[0]}; smoke {text[1]})")
+        parser.add_argument(
+            "--shape", default=None, help=f"b:l:d:n (default {text[0]}; smoke {text[1]})"
+        )
         parser.set_defaults(scan_shapes=(full_shape, smoke_shape))
 
 

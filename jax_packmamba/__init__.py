@@ -1,6 +1,9 @@
 """jax-packmamba: Mamba on packed variable-length data in JAX."""
 
 from jax_packmamba.config import HybridConfig, Mamba2Config, MambaConfig
+from jax_packmamba.generation import generate
+from jax_packmamba.loss import masked_cross_entropy
+from jax_packmamba.mamba2 import Mamba2Mixer, RMSNormGated
 from jax_packmamba.model import (
     LM,
     Block,
@@ -12,7 +15,6 @@ from jax_packmamba.model import (
     MambaMixer,
     RMSNorm,
 )
-from jax_packmamba.mamba2 import Mamba2Mixer, RMSNormGated
 from jax_packmamba.ops import (
     apply_rope,
     attention,
@@ -27,8 +29,6 @@ from jax_packmamba.ops import (
     ssd_scan_reference,
     ssd_state_update,
 )
-from jax_packmamba.loss import masked_cross_entropy
-from jax_packmamba.pretrained import from_pretrained, save_pretrained
 from jax_packmamba.packing import (
     PackedBatch,
     SplitSequenceWarning,
@@ -38,7 +38,7 @@ from jax_packmamba.packing import (
     rows_needed,
     unpack,
 )
-from jax_packmamba.generation import generate
+from jax_packmamba.pretrained import from_pretrained, save_pretrained
 
 __version__ = "0.1.0"
 

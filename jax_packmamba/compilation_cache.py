@@ -35,8 +35,9 @@ def enable(directory: str | os.PathLike | None = None) -> pathlib.Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ValueError(f"compilation cache folder {str(path)!r} cannot be created: "
-                         f"{err.strerror}") from None
+        raise ValueError(
+            f"compilation cache folder {str(path)!r} cannot be created: {err.strerror}"
+        ) from None
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
@@ -57,9 +58,11 @@ class CompileStats:
 
 # jax.monitoring's events for tracing, lowering and compiling (a backend compile also marks an
 # executable loaded from the persistent cache) and for a cache hit.
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
+_COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
 _CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 

@@ -31,11 +31,14 @@ def _check_remat(config) -> None:
     if isinstance(value, bool):
         object.__setattr__(config, "remat", "full" if value else "none")
     elif value not in REMAT:
-        raise ValueError(f"{type(config).__name__}.remat must be one of {REMAT} (or a bool: "
-                         f"True is 'full'), got {value!r}")
+        raise ValueError(
+            f"{type(config).__name__}.remat must be one of {REMAT} (or a bool: "
+            f"True is 'full'), got {value!r}"
+        )
     if not isinstance(config.scan_layers, bool):
-        raise ValueError(f"{type(config).__name__}.scan_layers must be a bool, got "
-                         f"{config.scan_layers!r}")
+        raise ValueError(
+            f"{type(config).__name__}.scan_layers must be a bool, got {config.scan_layers!r}"
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -67,13 +70,22 @@ class MambaConfig:
     scan_layers: bool = False  # run the layers under one lax.scan (model.run_layers)
 
     def __post_init__(self):
-        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand",
-                     "pad_vocab_size_multiple"):
+        for name in (
+            "d_model",
+            "n_layer",
+            "vocab_size",
+            "d_state",
+            "d_conv",
+            "expand",
+            "pad_vocab_size_multiple",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"MambaConfig.{name} must be a positive int, got {value!r}")
         if self.dt_rank is not None and (not isinstance(self.dt_rank, int) or self.dt_rank < 1):
-            raise ValueError(f"MambaConfig.dt_rank must be None or a positive int, got {self.dt_rank!r}")
+            raise ValueError(
+                f"MambaConfig.dt_rank must be None or a positive int, got {self.dt_rank!r}"
+            )
         if not 0 < self.dt_min <= self.dt_max:
             raise ValueError(f"need 0 < dt_min <= dt_max, got {self.dt_min=} {self.dt_max=}")
         if self.dtype not in DTYPES:
@@ -81,7 +93,7 @@ class MambaConfig:
         _check_remat(self)
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "MambaConfig":
+    def preset(cls, name: str, **overrides) -> MambaConfig:
         """A released model's shape by name ("130m" ... "2.8b", or "tiny"), with overrides."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
@@ -109,12 +121,17 @@ class MambaConfig:
         d, e, n, r = self.d_model, self.d_inner, self.d_state, self.dt_rank_resolved
         bias = 1 if self.proj_bias else 0
         mixer = (
-            d * 2 * e + bias * 2 * e  # in_proj
-            + e * self.d_conv + (e if self.conv_bias else 0)  # conv
+            d * 2 * e
+            + bias * 2 * e  # in_proj
+            + e * self.d_conv
+            + (e if self.conv_bias else 0)  # conv
             + e * (r + 2 * n)  # x_proj
-            + r * e + e  # dt_proj
-            + e * n + e  # A_log, D
-            + e * d + bias * d  # out_proj
+            + r * e
+            + e  # dt_proj
+            + e * n
+            + e  # A_log, D
+            + e * d
+            + bias * d  # out_proj
         )
         embed = self.padded_vocab_size * d * (1 if self.tie_embeddings else 2)
         return self.n_layer * (mixer + d) + d + embed
@@ -184,20 +201,36 @@ class Mamba2Config:
     scan_layers: bool = False  # run the layers under one lax.scan (model.run_layers)
 
     def __post_init__(self):
-        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "headdim",
-                     "ngroups", "chunk_size", "pad_vocab_size_multiple"):
+        for name in (
+            "d_model",
+            "n_layer",
+            "vocab_size",
+            "d_state",
+            "d_conv",
+            "expand",
+            "headdim",
+            "ngroups",
+            "chunk_size",
+            "pad_vocab_size_multiple",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Mamba2Config.{name} must be a positive int, got {value!r}")
         if self.d_inner % self.headdim:
-            raise ValueError(f"Mamba2Config: d_inner = expand * d_model = {self.d_inner} must be a "
-                             f"multiple of headdim={self.headdim}")
+            raise ValueError(
+                f"Mamba2Config: d_inner = expand * d_model = {self.d_inner} must be a "
+                f"multiple of headdim={self.headdim}"
+            )
         if self.nheads % self.ngroups:
-            raise ValueError(f"Mamba2Config: nheads = d_inner / headdim = {self.nheads} must be a "
-                             f"multiple of ngroups={self.ngroups}")
+            raise ValueError(
+                f"Mamba2Config: nheads = d_inner / headdim = {self.nheads} must be a "
+                f"multiple of ngroups={self.ngroups}"
+            )
         low, high = self.A_init_range
         if not 0 < low <= high:
-            raise ValueError(f"Mamba2Config.A_init_range must satisfy 0 < low <= high, got {self.A_init_range!r}")
+            raise ValueError(
+                f"Mamba2Config.A_init_range must satisfy 0 < low <= high, got {self.A_init_range!r}"
+            )
         if not 0 < self.dt_min <= self.dt_max:
             raise ValueError(f"need 0 < dt_min <= dt_max, got {self.dt_min=} {self.dt_max=}")
         if self.dtype not in DTYPES:
@@ -205,12 +238,14 @@ class Mamba2Config:
         _check_remat(self)
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "Mamba2Config":
+    def preset(cls, name: str, **overrides) -> Mamba2Config:
         """A released model's shape by name ("130m" ... "2.7b", also as "mamba2-130m" ..., or
         "tiny"), with overrides."""
         key = name.removeprefix("mamba2-")
         if key not in MAMBA2_PRESETS:
-            raise ValueError(f"unknown Mamba2 preset {name!r}; choose from {sorted(MAMBA2_PRESETS)}")
+            raise ValueError(
+                f"unknown Mamba2 preset {name!r}; choose from {sorted(MAMBA2_PRESETS)}"
+            )
         return cls(**{**MAMBA2_PRESETS[key], **overrides})
 
     @property
@@ -245,12 +280,15 @@ class Mamba2Config:
         d, e, h = self.d_model, self.d_inner, self.nheads
         bias = 1 if self.proj_bias else 0
         mixer = (
-            d * self.d_in_proj + bias * self.d_in_proj  # in_proj
-            + self.conv_dim * self.d_conv + (self.conv_dim if self.conv_bias else 0)  # conv
+            d * self.d_in_proj
+            + bias * self.d_in_proj  # in_proj
+            + self.conv_dim * self.d_conv
+            + (self.conv_dim if self.conv_bias else 0)  # conv
             + 2 * h  # dt_bias, A_log
             + (e if self.D_has_hdim else h)  # D
             + e  # gated norm
-            + e * d + bias * d  # out_proj
+            + e * d
+            + bias * d  # out_proj
         )
         embed = self.padded_vocab_size * d * (1 if self.tie_embeddings else 2)
         return self.n_layer * (mixer + d) + d + embed
@@ -262,8 +300,14 @@ class Mamba2Config:
         C B^T, 2 L n per group; the (L, L) matrix times x, 2 L p per head; the chunk state and
         the read of the incoming state, 2 p n each per head.
         """
-        d, e, h, n, p, L = (self.d_model, self.d_inner, self.nheads, self.d_state, self.headdim,
-                            self.chunk_size)
+        d, e, h, n, p, L = (
+            self.d_model,
+            self.d_inner,
+            self.nheads,
+            self.d_state,
+            self.headdim,
+            self.chunk_size,
+        )
         matmul = 2 * (d * self.d_in_proj + e * d)
         conv = 2 * self.conv_dim * self.d_conv
         ssd = self.ngroups * 2 * L * n + h * (2 * L * p + 4 * p * n)
@@ -275,8 +319,11 @@ class Mamba2Config:
 
 # Both families' presets under one name space, as the training program and the benchmarks
 # take them: the Mamba1 names as they are, the Mamba2 ones prefixed ("mamba2-130m", ...).
-MODEL_PRESETS = (tuple(sorted(PRESETS)) + tuple(f"mamba2-{name}" for name in MAMBA2_PRESETS)
-                 + ("hybrid-tiny", "hybrid-1b"))
+MODEL_PRESETS = (
+    tuple(sorted(PRESETS))
+    + tuple(f"mamba2-{name}" for name in MAMBA2_PRESETS)
+    + ("hybrid-tiny", "hybrid-1b")
+)
 
 
 def config_class(preset: str) -> type:
@@ -301,14 +348,39 @@ MLP_ACTIVATIONS = ("silu_gated", "relu2")  # Bamba's gated silu; Nemotron-H's re
 
 HYBRID_PRESETS = {
     # CPU tests: two Mamba2 layers and one attention layer, each with a gated MLP (Bamba-like).
-    "tiny": dict(layers=("M-", "*-", "M-"), d_model=64, vocab_size=256, d_state=16, headdim=16,
-                 chunk_size=32, num_heads=4, num_kv_heads=2, rotary_dim=8, d_ff=128),
+    "tiny": dict(
+        layers=("M-", "*-", "M-"),
+        d_model=64,
+        vocab_size=256,
+        d_state=16,
+        headdim=16,
+        chunk_size=32,
+        num_heads=4,
+        num_kv_heads=2,
+        rotary_dim=8,
+        d_ff=128,
+    ),
     # ~1.1B (untied, the Mamba presets' 50277 vocabulary): 24 layers of Mamba2 or GQA attention
     # (one in six, Bamba-9B's share), each with a gated MLP, 2048 wide.
-    "1b": dict(layers=("M-",) * 5 + ("*-",) + ("M-",) * 5 + ("*-",) + ("M-",) * 5 + ("*-",)
-               + ("M-",) * 5 + ("*-",),
-               d_model=2048, vocab_size=50277, d_state=128, headdim=64, ngroups=1,
-               num_heads=16, num_kv_heads=4, rotary_dim=64, d_ff=2560),
+    "1b": dict(
+        layers=("M-",) * 5
+        + ("*-",)
+        + ("M-",) * 5
+        + ("*-",)
+        + ("M-",) * 5
+        + ("*-",)
+        + ("M-",) * 5
+        + ("*-",),
+        d_model=2048,
+        vocab_size=50277,
+        d_state=128,
+        headdim=64,
+        ngroups=1,
+        num_heads=16,
+        num_kv_heads=4,
+        rotary_dim=64,
+        d_ff=2560,
+    ),
 }
 
 
@@ -367,42 +439,72 @@ class HybridConfig:
         layers = self.layers
         if isinstance(layers, list):
             object.__setattr__(self, "layers", layers := tuple(layers))
-        if not isinstance(layers, tuple) or not layers or not all(
-                isinstance(s, str) and s and set(s) <= set(HYBRID_KINDS) for s in layers):
-            raise ValueError(f"HybridConfig.layers must be a non-empty tuple of non-empty strings "
-                             f"of {sorted(HYBRID_KINDS)} ({HYBRID_KINDS}), got {layers!r}")
-        for name in ("d_model", "vocab_size", "d_state", "d_conv", "expand", "headdim", "ngroups",
-                     "chunk_size", "num_heads", "num_kv_heads", "d_ff", "pad_vocab_size_multiple"):
+        if (
+            not isinstance(layers, tuple)
+            or not layers
+            or not all(isinstance(s, str) and s and set(s) <= set(HYBRID_KINDS) for s in layers)
+        ):
+            raise ValueError(
+                f"HybridConfig.layers must be a non-empty tuple of non-empty strings "
+                f"of {sorted(HYBRID_KINDS)} ({HYBRID_KINDS}), got {layers!r}"
+            )
+        for name in (
+            "d_model",
+            "vocab_size",
+            "d_state",
+            "d_conv",
+            "expand",
+            "headdim",
+            "ngroups",
+            "chunk_size",
+            "num_heads",
+            "num_kv_heads",
+            "d_ff",
+            "pad_vocab_size_multiple",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"HybridConfig.{name} must be a positive int, got {value!r}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"HybridConfig: num_heads={self.num_heads} must be a multiple of "
-                             f"num_kv_heads={self.num_kv_heads}")
+            raise ValueError(
+                f"HybridConfig: num_heads={self.num_heads} must be a multiple of "
+                f"num_kv_heads={self.num_kv_heads}"
+            )
         if self.head_dim is None and self.d_model % self.num_heads:
-            raise ValueError(f"HybridConfig: d_model={self.d_model} must be a multiple of "
-                             f"num_heads={self.num_heads} when head_dim is None")
+            raise ValueError(
+                f"HybridConfig: d_model={self.d_model} must be a multiple of "
+                f"num_heads={self.num_heads} when head_dim is None"
+            )
         hd = self.attention_head_dim
         if not isinstance(hd, int) or hd < 1:
             raise ValueError(f"HybridConfig.head_dim must be None or a positive int, got {hd!r}")
-        if not isinstance(self.rotary_dim, int) or not 0 <= self.rotary_dim <= hd \
-                or self.rotary_dim % 2:
-            raise ValueError(f"HybridConfig.rotary_dim must be an even int in [0, head_dim={hd}], "
-                             f"got {self.rotary_dim!r}")
+        if (
+            not isinstance(self.rotary_dim, int)
+            or not 0 <= self.rotary_dim <= hd
+            or self.rotary_dim % 2
+        ):
+            raise ValueError(
+                f"HybridConfig.rotary_dim must be an even int in [0, head_dim={hd}], "
+                f"got {self.rotary_dim!r}"
+            )
         if self.mlp_activation not in MLP_ACTIVATIONS:
-            raise ValueError(f"HybridConfig.mlp_activation must be one of {MLP_ACTIVATIONS}, got "
-                             f"{self.mlp_activation!r}")
+            raise ValueError(
+                f"HybridConfig.mlp_activation must be one of {MLP_ACTIVATIONS}, got "
+                f"{self.mlp_activation!r}"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"HybridConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
         _check_remat(self)
         self.mamba2_config()  # Mamba2Config checks the mixer's own fields
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "HybridConfig":
-        """"tiny" (CPU tests) or "1b" (also as "hybrid-tiny", "hybrid-1b"), with overrides."""
+    def preset(cls, name: str, **overrides) -> HybridConfig:
+        """ "tiny" (CPU tests) or "1b" (also as "hybrid-tiny", "hybrid-1b"), with overrides."""
         key = name.removeprefix("hybrid-")
         if key not in HYBRID_PRESETS:
-            raise ValueError(f"unknown hybrid preset {name!r}; choose from {sorted(HYBRID_PRESETS)}")
+            raise ValueError(
+                f"unknown hybrid preset {name!r}; choose from {sorted(HYBRID_PRESETS)}"
+            )
         return cls(**{**HYBRID_PRESETS[key], **overrides})
 
     @property
@@ -429,10 +531,28 @@ class HybridConfig:
 
     def mamba2_config(self) -> Mamba2Config:
         """The Mamba2Config of the Mamba2 mixers (n_layer: the blocks, for the init scale)."""
-        names = ("d_model", "vocab_size", "d_state", "d_conv", "expand", "headdim", "ngroups",
-                 "chunk_size", "A_init_range", "dt_min", "dt_max", "dt_init_floor", "conv_bias",
-                 "proj_bias", "rms_norm_eps", "rescale_prenorm_residual", "initializer_range",
-                 "dtype", "scan_impl", "conv_impl")
+        names = (
+            "d_model",
+            "vocab_size",
+            "d_state",
+            "d_conv",
+            "expand",
+            "headdim",
+            "ngroups",
+            "chunk_size",
+            "A_init_range",
+            "dt_min",
+            "dt_max",
+            "dt_init_floor",
+            "conv_bias",
+            "proj_bias",
+            "rms_norm_eps",
+            "rescale_prenorm_residual",
+            "initializer_range",
+            "dtype",
+            "scan_impl",
+            "conv_impl",
+        )
         try:
             return Mamba2Config(n_layer=len(self.blocks), **{n: getattr(self, n) for n in names})
         except ValueError as e:
@@ -459,11 +579,15 @@ class HybridConfig:
         """Model FLOPs per token (forward x3 if training); attention's scores counted at an
         average causal context of `context` / 2 tokens."""
         m = self.mamba2_config()
-        mamba = (m.flops_per_token(training=False) - 2 * m.d_model * m.padded_vocab_size) \
-            / m.n_layer
+        mamba = (
+            m.flops_per_token(training=False) - 2 * m.d_model * m.padded_vocab_size
+        ) / m.n_layer
         d, hd = self.d_model, self.attention_head_dim
-        attention = (2 * d * (self.num_heads + 2 * self.num_kv_heads) * hd
-                     + 2 * self.num_heads * hd * d + 4 * self.num_heads * hd * context / 2)
+        attention = (
+            2 * d * (self.num_heads + 2 * self.num_kv_heads) * hd
+            + 2 * self.num_heads * hd * d
+            + 4 * self.num_heads * hd * context / 2
+        )
         mlp = 2 * (3 if self.mlp_activation == "silu_gated" else 2) * d * self.d_ff
         per = {"M": mamba, "*": attention, "-": mlp}
         forward = sum(per[k] for k in self.blocks) + 2 * d * self.padded_vocab_size

@@ -38,14 +38,17 @@ import numpy as np
 
 from jax_packmamba import compilation_cache
 from jax_packmamba.config import DTYPES
-from jax_packmamba.model import DECODE_IMPLS
 from jax_packmamba.generation import generate, prefill_batch, prepare, sampling_config, stream
+from jax_packmamba.model import DECODE_IMPLS
 from jax_packmamba.ops.selective_scan import IMPLS as SCAN_IMPLS
 from jax_packmamba.pretrained import from_pretrained
 from jax_packmamba.run_layout import MODELS_DIR, resolve_model_dir
 from jax_packmamba.sampling import MAX_EOS_IDS
 from jax_packmamba.tokenizer import (
-    BYTES, ByteTokenizer, load_tokenizer, tokenizer_for_model_dir,
+    BYTES,
+    ByteTokenizer,
+    load_tokenizer,
+    tokenizer_for_model_dir,
 )
 
 PROG = "python -m jax_packmamba.generate"
@@ -69,6 +72,7 @@ def _int_at_least(low: int):
         if value < low:
             raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {text!r}")
         return value
+
     return parse
 
 
@@ -84,6 +88,7 @@ def _seed(text: str) -> int:
 
 def _float_in(low: float, high: float, *, low_open: bool = False, rule: str):
     """A finite float in [low, high] ((low, high] if low_open); `rule` is how help says it."""
+
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -93,6 +98,7 @@ def _float_in(low: float, high: float, *, low_open: bool = False, rule: str):
         if not ok:
             raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
         return value
+
     return parse
 
 
@@ -101,90 +107,145 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Sample continuations of prompts from a Mamba model directory.",
         epilog="One prompt is printed as it is generated (see --stream-block); several are "
-               "printed when all are done. The last line, on stderr, gives tokens/s, the time "
-               "to the first token and the prefill and decode times. Every error is one line "
-               "on stderr with exit code 2.")
+        "printed when all are done. The last line, on stderr, gives tokens/s, the time "
+        "to the first token and the prefill and decode times. Every error is one line "
+        "on stderr with exit code 2.",
+    )
     parser.add_argument(
-        "--checkpoint", required=True, metavar="DIR",
+        "--checkpoint",
+        required=True,
+        metavar="DIR",
         help="a model directory (config.json and the weights: model.safetensors or "
-             "pytorch_model.bin, possibly sharded; Hugging Face or state-spaces layout, Mamba "
-             "or Mamba2), a training run directory (its newest models/<step>) or a run's "
-             "checkpoints/<step>; required")
+        "pytorch_model.bin, possibly sharded; Hugging Face or state-spaces layout, Mamba "
+        "or Mamba2), a training run directory (its newest models/<step>) or a run's "
+        "checkpoints/<step>; required",
+    )
     parser.add_argument(
-        "--prompt", action="append", required=True, metavar="TEXT",
+        "--prompt",
+        action="append",
+        required=True,
+        metavar="TEXT",
         help="prompt text, at least one token once encoded; repeat for a batch (prefilled "
-             "together in one packed pass); required")
+        "together in one packed pass); required",
+    )
     parser.add_argument(
-        "--tokenizer", metavar="SPEC",
+        "--tokenizer",
+        metavar="SPEC",
         help="'bytes' (UTF-8 bytes are ids 0-255) or the path of a tokenizer.json (default: "
-             "the one the model directory records, else bytes)")
+        "the one the model directory records, else bytes)",
+    )
     parser.add_argument(
-        "--max-new-tokens", type=_int_at_least(0), default=64, metavar="N",
+        "--max-new-tokens",
+        type=_int_at_least(0),
+        default=64,
+        metavar="N",
         help="tokens to generate per prompt, an int >= 0; a sequence stops earlier at an "
-             "end-of-sequence id (default: 64)")
+        "end-of-sequence id (default: 64)",
+    )
     parser.add_argument(
-        "--temperature", type=_float_in(0, math.inf, rule="a finite number >= 0"),
-        default=1.0, metavar="T",
+        "--temperature",
+        type=_float_in(0, math.inf, rule="a finite number >= 0"),
+        default=1.0,
+        metavar="T",
         help="divide the logits by T before sampling, a number >= 0; 0 is greedy (the most "
-             "likely token; top-k, top-p and min-p then do nothing) (default: 1.0)")
+        "likely token; top-k, top-p and min-p then do nothing) (default: 1.0)",
+    )
     parser.add_argument(
-        "--top-k", type=_int_at_least(1), metavar="K",
-        help="sample only among the K most likely tokens, an int >= 1 (default: off)")
+        "--top-k",
+        type=_int_at_least(1),
+        metavar="K",
+        help="sample only among the K most likely tokens, an int >= 1 (default: off)",
+    )
     parser.add_argument(
-        "--top-p", type=_float_in(0, 1, low_open=True, rule="in (0, 1]"), metavar="P",
+        "--top-p",
+        type=_float_in(0, 1, low_open=True, rule="in (0, 1]"),
+        metavar="P",
         help="sample only among the smallest set of most likely tokens whose probabilities "
-             "add up to P, in (0, 1]; 1 keeps all (default: off)")
+        "add up to P, in (0, 1]; 1 keeps all (default: off)",
+    )
     parser.add_argument(
-        "--min-p", type=_float_in(0, 1, rule="in [0, 1]"), metavar="P",
+        "--min-p",
+        type=_float_in(0, 1, rule="in [0, 1]"),
+        metavar="P",
         help="sample only among tokens at least P times as likely as the most likely one, in "
-             "[0, 1]; 0 keeps all (default: off)")
+        "[0, 1]; 0 keeps all (default: off)",
+    )
     parser.add_argument(
-        "--repetition-penalty", type=_float_in(0, math.inf, low_open=True,
-                                               rule="a finite number > 0"),
-        default=1.0, metavar="R",
+        "--repetition-penalty",
+        type=_float_in(0, math.inf, low_open=True, rule="a finite number > 0"),
+        default=1.0,
+        metavar="R",
         help="for every token already seen (prompt or generated), divide its logit by R if "
-             "positive, multiply if negative, a number > 0; 1 is off, > 1 discourages "
-             "repeats (default: 1.0)")
+        "positive, multiply if negative, a number > 0; 1 is off, > 1 discourages "
+        "repeats (default: 1.0)",
+    )
     parser.add_argument(
-        "--seed", type=_seed, default=0, metavar="S",
+        "--seed",
+        type=_seed,
+        default=0,
+        metavar="S",
         help="random seed of the sampling, an int in [0, 2**32); the same seed and flags give "
-             "the same text (default: 0)")
+        "the same text (default: 0)",
+    )
     parser.add_argument(
-        "--eos-id", type=_int_at_least(0), action="append", metavar="ID",
+        "--eos-id",
+        type=_int_at_least(0),
+        action="append",
+        metavar="ID",
         help=f"stop a sequence after it generates this token id (printed with it), an int >= "
-             f"0; repeat for several, at most {MAX_EOS_IDS} (default: the model directory's "
-             f"eos_token_id, if it records one, else none)")
+        f"0; repeat for several, at most {MAX_EOS_IDS} (default: the model directory's "
+        f"eos_token_id, if it records one, else none)",
+    )
     parser.add_argument(
-        "--decode-impl", default="auto", choices=DECODE_IMPLS,
+        "--decode-impl",
+        default="auto",
+        choices=DECODE_IMPLS,
         help="the decode step: 'pallas' (the fused Pallas kernels, GPU only), 'xla' (XLA "
-             "ops), 'pallas_interpret' (the kernels through the interpreter, slow; tests) or "
-             "'auto' (pallas on a GPU when the kernels take the model's shape, else xla) "
-             "(default: auto)")
+        "ops), 'pallas_interpret' (the kernels through the interpreter, slow; tests) or "
+        "'auto' (pallas on a GPU when the kernels take the model's shape, else xla) "
+        "(default: auto)",
+    )
     parser.add_argument(
-        "--stream-block", type=_int_at_least(0), default=8, metavar="N",
+        "--stream-block",
+        type=_int_at_least(0),
+        default=8,
+        metavar="N",
         help="with one prompt, print its continuation every N decode steps, an int >= 0; 0 "
-             "prints it at the end (default: 8)")
+        "prints it at the end (default: 8)",
+    )
     parser.add_argument(
-        "--dtype", default="float32", choices=DTYPES,
-        help="compute dtype of the model (parameters stay float32) (default: float32)")
+        "--dtype",
+        default="float32",
+        choices=DTYPES,
+        help="compute dtype of the model (parameters stay float32) (default: float32)",
+    )
     parser.add_argument(
-        "--scan-impl", default="auto", choices=SCAN_IMPLS,
+        "--scan-impl",
+        default="auto",
+        choices=SCAN_IMPLS,
         help="the prefill's scan: 'pallas' (Triton kernel, GPU only), 'reference' (pure "
-             "JAX), 'pallas_interpret' (the kernel through the interpreter, slow; tests) or "
-             "'auto' (pallas on a GPU, else reference) (default: auto)")
+        "JAX), 'pallas_interpret' (the kernel through the interpreter, slow; tests) or "
+        "'auto' (pallas on a GPU, else reference) (default: auto)",
+    )
     parser.add_argument(
-        "--warmup", action="store_true",
-        help="generate once before timing, so tokens/s excludes compilation (default: off)")
+        "--warmup",
+        action="store_true",
+        help="generate once before timing, so tokens/s excludes compilation (default: off)",
+    )
     cache = parser.add_mutually_exclusive_group()
     cache.add_argument(
-        "--compilation-cache", metavar="DIR",
+        "--compilation-cache",
+        metavar="DIR",
         help=f"folder of the persistent XLA compilation cache, created if missing; a rerun "
-             f"loads the compiled programs from it instead of compiling again (default: "
-             f"{compilation_cache.default_directory()}; ${compilation_cache.ENV_VAR} changes "
-             f"it)")
+        f"loads the compiled programs from it instead of compiling again (default: "
+        f"{compilation_cache.default_directory()}; ${compilation_cache.ENV_VAR} changes "
+        f"it)",
+    )
     cache.add_argument(
-        "--no-compilation-cache", action="store_true",
-        help="do not use the persistent compilation cache (default: use it)")
+        "--no-compilation-cache",
+        action="store_true",
+        help="do not use the persistent compilation cache (default: use it)",
+    )
     return parser
 
 
@@ -226,19 +287,25 @@ def _check_args(args) -> None:
     if args.tokenizer is not None and args.tokenizer != BYTES:
         path = pathlib.Path(args.tokenizer)
         if not path.is_file():
-            raise _UsageError(f"--tokenizer {args.tokenizer}: no such file (expected {BYTES!r} "
-                              f"or the path of a tokenizer.json)")
+            raise _UsageError(
+                f"--tokenizer {args.tokenizer}: no such file (expected {BYTES!r} "
+                f"or the path of a tokenizer.json)"
+            )
         if not os.access(path, os.R_OK):
             raise _UsageError(f"--tokenizer {args.tokenizer}: cannot be read (permission denied)")
     if args.eos_id and len(args.eos_id) > MAX_EOS_IDS:
         raise _UsageError(f"--eos-id given {len(args.eos_id)} times; at most {MAX_EOS_IDS}")
-    pallas = [flag for flag, value in (("--decode-impl", args.decode_impl),
-                                       ("--scan-impl", args.scan_impl)) if value == "pallas"]
+    pallas = [
+        flag
+        for flag, value in (("--decode-impl", args.decode_impl), ("--scan-impl", args.scan_impl))
+        if value == "pallas"
+    ]
     if pallas:
         if jax.default_backend() != "gpu":
             raise _UsageError(
                 f"{pallas[0]} pallas needs a GPU, but jax runs on {jax.default_backend()!r}; use "
-                f"auto, or pallas_interpret (the same kernels through the interpreter, slow)")
+                f"auto, or pallas_interpret (the same kernels through the interpreter, slow)"
+            )
 
 
 def _generate(args) -> int:
@@ -251,15 +318,24 @@ def _generate(args) -> int:
     else:
         tokenizer = recorded or ByteTokenizer()
     eos_ids = args.eos_id or (
-        [recorded.eod_id] if recorded is not None and recorded.eod_id is not None else [])
+        [recorded.eod_id] if recorded is not None and recorded.eod_id is not None else []
+    )
     prompts = [tokenizer.encode(p) for p in args.prompt]
     for i, (text, ids) in enumerate(zip(args.prompt, prompts), start=1):
         if len(ids) == 0:
-            raise ValueError(f"--prompt #{i} ({text!r}) encodes to no tokens with the tokenizer "
-                             f"{tokenizer.name}; a prompt needs at least one")
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                    seed=args.seed, eos_ids=tuple(eos_ids))
+            raise ValueError(
+                f"--prompt #{i} ({text!r}) encodes to no tokens with the tokenizer "
+                f"{tokenizer.name}; a prompt needs at least one"
+            )
+    sampling = dict(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        eos_ids=tuple(eos_ids),
+    )
     config = sampling_config(**sampling)  # the library's own checks, before the model loads
     # On before the model loads; its folder is printed with the summary, so that an error
     # raised on the way stays the only line on stderr.
@@ -270,17 +346,23 @@ def _generate(args) -> int:
     vocab = model.config.vocab_size
     for i, ids in enumerate(prompts, start=1):
         if int(ids.max()) >= vocab:
-            raise ValueError(f"--prompt #{i} encodes to token ids up to {int(ids.max())} with the "
-                             f"tokenizer {tokenizer.name}, but the model has {vocab} (--tokenizer "
-                             f"picks the model's own)")
+            raise ValueError(
+                f"--prompt #{i} encodes to token ids up to {int(ids.max())} with the "
+                f"tokenizer {tokenizer.name}, but the model has {vocab} (--tokenizer "
+                f"picks the model's own)"
+            )
     for eos in eos_ids:
         if eos >= vocab:
             source = "--eos-id" if args.eos_id else "the model directory's eos_token_id"
-            raise ValueError(f"{source} {eos} is outside the model's vocabulary: token ids are in "
-                             f"[0, {vocab})")
+            raise ValueError(
+                f"{source} {eos} is outside the model's vocabulary: token ids are in [0, {vocab})"
+            )
     # A run's export is RUN/models/<step>: say which step, since a run directory means its newest.
-    step = (f" (training step {model_dir.name})"
-            if model_dir.parent.name == MODELS_DIR and model_dir.name.isdigit() else "")
+    step = (
+        f" (training step {model_dir.name})"
+        if model_dir.parent.name == MODELS_DIR and model_dir.name.isdigit()
+        else ""
+    )
     print(f"model: {model_dir}{step}", file=sys.stderr)
     prepared = prepare(model)
     del model
@@ -296,14 +378,15 @@ def _generate(args) -> int:
     tokens = np.zeros((len(prompts), 0), np.int32)
     count = np.zeros((len(prompts),), np.int32)
     block = args.stream_block if args.stream_block > 0 else max(1, args.max_new_tokens)
-    for tokens, count in stream(prepared, prefilled, args.max_new_tokens, config, block=block,
-                                decode_impl=args.decode_impl):
+    for tokens, count in stream(
+        prepared, prefilled, args.max_new_tokens, config, block=block, decode_impl=args.decode_impl
+    ):
         first_token = first_token or time.perf_counter()
         if printer:
-            printer.show(tokens[0, :count[0]])
+            printer.show(tokens[0, : count[0]])
     end = time.perf_counter()
     if printer:
-        printer.finish(tokens[0, :count[0]])
+        printer.finish(tokens[0, : count[0]])
     else:
         for text, ids, row, n in zip(args.prompt, prompts, tokens, count):
             print(f"--- {text!r}")
@@ -314,9 +397,12 @@ def _generate(args) -> int:
     rate = f"{total / (end - start):.1f}" if end > start else "-"
     if cache is not None:
         print(f"compilation cache: {cache} (--no-compilation-cache turns it off)", file=sys.stderr)
-    print(f"{total} tokens in {end - start:.3f} s: {rate} tokens/s{ttft}; "
-          f"prefill {sum(map(len, prompts))} tokens in {prefill_end - start:.3f} s, decode "
-          f"{end - prefill_end:.3f} s{note}", file=sys.stderr)
+    print(
+        f"{total} tokens in {end - start:.3f} s: {rate} tokens/s{ttft}; "
+        f"prefill {sum(map(len, prompts))} tokens in {prefill_end - start:.3f} s, decode "
+        f"{end - prefill_end:.3f} s{note}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -337,7 +423,7 @@ class _StreamPrinter:
         if not final:
             text = text.rstrip("\ufffd")
         if text.startswith(self._printed) and len(text) > len(self._printed):
-            sys.stdout.write(text[len(self._printed):])
+            sys.stdout.write(text[len(self._printed) :])
             sys.stdout.flush()
             self._printed = text
 

@@ -48,7 +48,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,16 +61,27 @@ from jax_packmamba.config import HybridConfig, Mamba2Config, MambaConfig, hybrid
 from jax_packmamba.hybrid import KVCache, pad_kv_cache
 from jax_packmamba.model import LM, MixerState, resolve_decode_impl
 from jax_packmamba.packing import COLUMN, PIECE_LENGTH, ROW, pack_sequences
-from jax_packmamba.sampling import SamplingConfig, SamplingMode, SamplingParams, is_eos, sample
+from jax_packmamba.sampling import SamplingConfig, SamplingParams, is_eos, sample
 
 # Parameters that the model casts to the compute dtype before use (nnx.Linear and the conv);
 # dt_proj.bias (Mamba2: dt_bias) is not among them: it enters the scan in float32. Mamba2's
 # mixer has no x_proj or dt_proj; its gated norm, A_log and D stay float32 as Mamba1's do.
-_CAST_PARAMS = {("in_proj", "kernel"), ("in_proj", "bias"), ("x_proj", "kernel"),
-                ("dt_proj", "kernel"), ("out_proj", "kernel"), ("out_proj", "bias"),
-                ("conv_weight",), ("conv_bias",), ("lm_head", "kernel"),
-                *((name, leaf) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                            "up_proj", "down_proj") for leaf in ("kernel", "bias"))}
+_CAST_PARAMS = {
+    ("in_proj", "kernel"),
+    ("in_proj", "bias"),
+    ("x_proj", "kernel"),
+    ("dt_proj", "kernel"),
+    ("out_proj", "kernel"),
+    ("out_proj", "bias"),
+    ("conv_weight",),
+    ("conv_bias",),
+    ("lm_head", "kernel"),
+    *(
+        (name, leaf)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        for leaf in ("kernel", "bias")
+    ),
+}
 
 MIN_NEW_TOKEN_BUCKET = 16
 
@@ -90,8 +102,9 @@ class HybridDecodeState(NamedTuple):
     layers: tuple
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["params"],
-                   meta_fields=["config", "graphs"])
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["params"], meta_fields=["config", "graphs"]
+)
 @dataclasses.dataclass(frozen=True)
 class PreparedModel:
     """A model (LM, either family) split for inference.
@@ -116,8 +129,9 @@ def prepare(model: LM, *, embedding_in_compute_dtype: bool = True) -> PreparedMo
     if isinstance(model, PreparedModel):
         return model
     if not isinstance(model, LM):
-        raise ValueError(f"model must be a MambaLM, Mamba2LM or PreparedModel, got "
-                         f"{type(model).__name__}")
+        raise ValueError(
+            f"model must be a MambaLM, Mamba2LM or PreparedModel, got {type(model).__name__}"
+        )
     dtype = model.config.compute_dtype
     if isinstance(model.config, HybridConfig):
         # graphs[0]: one graph per layer (a run's layers share theirs).
@@ -132,14 +146,16 @@ def prepare(model: LM, *, embedding_in_compute_dtype: bool = True) -> PreparedMo
     else:
         block_graph, stacked = nnx.split(model.layers)
         layers = inference_state(stacked, "layers", dtype)
-        params = dict(layers=tuple(jax.tree.map(lambda x: x[i], layers)
-                                   for i in range(model.config.n_layer)))
+        params = dict(
+            layers=tuple(jax.tree.map(lambda x: x[i], layers) for i in range(model.config.n_layer))
+        )
         graphs = [block_graph]
     for name in ("embedding", "norm_f", "lm_head"):
         module = getattr(model, name)
         graphs.append(None if module is None else nnx.split(module)[0])
-        params[name] = None if module is None else inference_state(nnx.split(module)[1], name,
-                                                                   dtype)
+        params[name] = (
+            None if module is None else inference_state(nnx.split(module)[1], name, dtype)
+        )
     cast = lambda state: jax.tree.map(lambda x: x.astype(dtype), state)  # noqa: E731
     params["head_embedding"] = None
     if embedding_in_compute_dtype:
@@ -155,7 +171,7 @@ def inference_state(state, name: str, dtype):
 
     def cast(path, x):
         names = (name, *(k.key for k in path if isinstance(k, jax.tree_util.DictKey)))
-        if any(names[-len(suffix):] == suffix for suffix in _CAST_PARAMS):
+        if any(names[-len(suffix) :] == suffix for suffix in _CAST_PARAMS):
             return x.astype(dtype)
         return jnp.array(x)  # a copy, so that the caller may free the model
 
@@ -214,8 +230,11 @@ def prefill_inputs(prompts, config: MambaConfig) -> PrefillInputs:
     row_length = max(2, 1 << (longest - 1).bit_length())  # one compile per power of two
     batch = pack_sequences(prompts, row_length)
     placements = batch.placements  # one piece per prompt, in prompt order
-    rows, columns, lengths = (placements[:, ROW], placements[:, COLUMN],
-                              placements[:, PIECE_LENGTH])
+    rows, columns, lengths = (
+        placements[:, ROW],
+        placements[:, COLUMN],
+        placements[:, PIECE_LENGTH],
+    )
     slots = batch.segment_ids[rows, columns]
     last = columns + lengths - 1
     # Packed rows and segment slots bucketed to powers of two; padding rows hold segment 0.
@@ -223,13 +242,18 @@ def prefill_inputs(prompts, config: MambaConfig) -> PrefillInputs:
     tokens = _pad_to(batch.tokens, num_rows)
     prompt_of = np.full(tokens.shape, size, np.int32)  # `size`: no prompt (dropped)
     for i, (r, c, n) in enumerate(zip(rows, columns, lengths)):
-        prompt_of[r, c:c + n] = i
+        prompt_of[r, c : c + n] = i
     index = lambda a: _pad_to(a.astype(np.int32), size, repeat_last=True)  # noqa: E731
-    return PrefillInputs(tokens=tokens, segment_ids=_pad_to(batch.segment_ids, num_rows),
-                         rows=index(rows), slots=index(slots), last=index(last),
-                         prompt_of=prompt_of,
-                         num_segments=batch_bucket(int(batch.segment_ids.max()) + 1),
-                         num_prompts=num)
+    return PrefillInputs(
+        tokens=tokens,
+        segment_ids=_pad_to(batch.segment_ids, num_rows),
+        rows=index(rows),
+        slots=index(slots),
+        last=index(last),
+        prompt_of=prompt_of,
+        num_segments=batch_bucket(int(batch.segment_ids.max()) + 1),
+        num_prompts=num,
+    )
 
 
 def prefill_batch(model, prompts) -> Prefilled:
@@ -242,20 +266,32 @@ def prefill_batch(model, prompts) -> Prefilled:
     if isinstance(model.config, HybridConfig):
         caches = []
         for graph, params in zip(model.graphs[0], model.params["layers"]):
-            residual, cache = _prefill_hybrid_layer(graph, params, residual, segment_ids, rows,
-                                                    slots, num_segments=inputs.num_segments)
+            residual, cache = _prefill_hybrid_layer(
+                graph, params, residual, segment_ids, rows, slots, num_segments=inputs.num_segments
+            )
             caches.append(cache)
         state = HybridDecodeState(tuple(caches))
     conv, ssm = [], []
     for params in () if isinstance(model.config, HybridConfig) else model.params["layers"]:
-        residual, c, s = _prefill_layer(model.graphs[0], params, residual, segment_ids, rows,
-                                        slots, num_segments=inputs.num_segments)
+        residual, c, s = _prefill_layer(
+            model.graphs[0],
+            params,
+            residual,
+            segment_ids,
+            rows,
+            slots,
+            num_segments=inputs.num_segments,
+        )
         conv.append(c)
         ssm.append(s)
         state = DecodeState(tuple(conv), tuple(ssm))
     logits = _prefill_head(_head_params(model), model.graphs, model.config, residual, rows, last)
-    seen = _seen(jnp.asarray(inputs.tokens), jnp.asarray(inputs.prompt_of),
-                 size=len(inputs.rows), vocab=model.config.padded_vocab_size)
+    seen = _seen(
+        jnp.asarray(inputs.tokens),
+        jnp.asarray(inputs.prompt_of),
+        size=len(inputs.rows),
+        vocab=model.config.padded_vocab_size,
+    )
     return Prefilled(logits, state, seen, inputs.num_prompts)
 
 
@@ -274,14 +310,17 @@ def prefill(model, prompts) -> tuple[jax.Array, DecodeState]:
     return out.logits[:num], jax.tree.map(lambda x: x[:num], out.state)
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "num_segments"), donate_argnames=("residual",))
+@functools.partial(
+    jax.jit, static_argnames=("graph", "num_segments"), donate_argnames=("residual",)
+)
 def _prefill_layer(graph, params, residual, segment_ids, rows, slots, *, num_segments):
     residual, cache = nnx.merge(graph, params)(residual, segment_ids, num_segments=num_segments)
     return residual, cache.conv[rows, slots], cache.ssm[rows, slots]
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "num_segments"),
-                   donate_argnames=("residual",))
+@functools.partial(
+    jax.jit, static_argnames=("graph", "num_segments"), donate_argnames=("residual",)
+)
 def _prefill_hybrid_layer(graph, params, residual, segment_ids, rows, slots, *, num_segments):
     residual, cache = nnx.merge(graph, params)(residual, segment_ids, num_segments=num_segments)
     return residual, jax.tree.map(lambda x: x[rows, slots], cache)
@@ -306,8 +345,11 @@ def _seen(tokens, prompt_of, *, size, vocab):
 def _pad_to(a, rows, *, repeat_last=False):
     if a.shape[0] == rows:
         return a
-    fill = np.repeat(a[-1:], rows - a.shape[0], axis=0) if repeat_last else np.zeros(
-        (rows - a.shape[0], *a.shape[1:]), a.dtype)
+    fill = (
+        np.repeat(a[-1:], rows - a.shape[0], axis=0)
+        if repeat_last
+        else np.zeros((rows - a.shape[0], *a.shape[1:]), a.dtype)
+    )
     return np.concatenate([a, fill])
 
 
@@ -321,8 +363,11 @@ def _table(model: PreparedModel):
 
 def _head_params(model: PreparedModel):
     head = model.params["head_embedding"]
-    return dict(norm_f=model.params["norm_f"], lm_head=model.params["lm_head"],
-                embedding=model.params["embedding"] if head is None else head)
+    return dict(
+        norm_f=model.params["norm_f"],
+        lm_head=model.params["lm_head"],
+        embedding=model.params["embedding"] if head is None else head,
+    )
 
 
 def _head(head_params, graphs, config: MambaConfig, residual):
@@ -342,8 +387,9 @@ def _layer_step(graph, params, residual, conv, ssm, *, impl: str):
     layer with arguments of the same shapes, traces and lowers the block once (a call to one
     function, which XLA inlines before optimising): a fresh process pays the tracing and
     lowering before it can look the program up in the persistent cache."""
-    residual, cache = nnx.merge(graph, params)(residual, cache=MixerState(conv, ssm),
-                                               decode_impl=impl)
+    residual, cache = nnx.merge(graph, params)(
+        residual, cache=MixerState(conv, ssm), decode_impl=impl
+    )
     return residual, cache.conv, cache.ssm
 
 
@@ -360,15 +406,19 @@ def _step(model: PreparedModel, tokens, state: DecodeState, impl: str):
         for graph, params, cache in zip(model.graphs[0], model.params["layers"], state.layers):
             residual, cache = _hybrid_layer_step(graph, params, residual, cache, impl=impl)
             caches.append(cache)
-        return (_head(_head_params(model), model.graphs, model.config, residual),
-                HybridDecodeState(tuple(caches)))
+        return (
+            _head(_head_params(model), model.graphs, model.config, residual),
+            HybridDecodeState(tuple(caches)),
+        )
     conv, ssm = [], []
     for params, c, s in zip(model.params["layers"], state.conv, state.ssm):
         residual, c, s = _layer_step(model.graphs[0], params, residual, c, s, impl=impl)
         conv.append(c)
         ssm.append(s)
-    return (_head(_head_params(model), model.graphs, model.config, residual),
-            DecodeState(tuple(conv), tuple(ssm)))
+    return (
+        _head(_head_params(model), model.graphs, model.config, residual),
+        DecodeState(tuple(conv), tuple(ssm)),
+    )
 
 
 def step(model: PreparedModel, tokens, state: DecodeState, *, decode_impl: str = "auto"):
@@ -401,8 +451,9 @@ def _filler(params: SamplingParams):
     return jnp.maximum(params.eos_ids[0], 0)
 
 
-@functools.partial(jax.jit, static_argnames=("mode", "vocab_size", "columns"),
-                   donate_argnames=("state", "seen"))
+@functools.partial(
+    jax.jit, static_argnames=("mode", "vocab_size", "columns"), donate_argnames=("state", "seen")
+)
 def _start(logits, state, seen, key, params, num_prompts, *, mode, vocab_size, columns):
     size = logits.shape[0]
     rows = jnp.arange(size)
@@ -411,12 +462,21 @@ def _start(logits, state, seen, key, params, num_prompts, *, mode, vocab_size, c
     fill = _filler(params)
     first = jnp.where(padding, fill, first)
     out = jnp.full((size, columns), fill, jnp.int32).at[:, 0].set(first)
-    return _Run(i=jnp.int32(1), token=first, state=state, out=out,
-                done=padding | is_eos(first, params), count=(~padding).astype(jnp.int32),
-                seen=seen.at[rows, first].set(True), key=key)
+    return _Run(
+        i=jnp.int32(1),
+        token=first,
+        state=state,
+        out=out,
+        done=padding | is_eos(first, params),
+        count=(~padding).astype(jnp.int32),
+        seen=seen.at[rows, first].set(True),
+        key=key,
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("mode", "impl", "vocab_size"), donate_argnames=("run",))
+@functools.partial(
+    jax.jit, static_argnames=("mode", "impl", "vocab_size"), donate_argnames=("run",)
+)
 def _decode_loop(model, run: _Run, limit, params, *, mode, impl, vocab_size):
     """Steps until `limit` tokens are generated or every row has stopped."""
     fill = _filler(params)
@@ -427,35 +487,64 @@ def _decode_loop(model, run: _Run, limit, params, *, mode, impl, vocab_size):
 
     def body(run):
         logits, state = _step(model, run.token, run.state, impl)
-        token = sample(logits, run.seen, jax.random.fold_in(run.key, run.i), params, mode,
-                       vocab_size=vocab_size)
+        token = sample(
+            logits,
+            run.seen,
+            jax.random.fold_in(run.key, run.i),
+            params,
+            mode,
+            vocab_size=vocab_size,
+        )
         token = jnp.where(run.done, fill, token)
-        return _Run(i=run.i + 1, token=token, state=state,
-                    out=jax.lax.dynamic_update_slice(run.out, token[:, None], (0, run.i)),
-                    done=run.done | is_eos(token, params),
-                    count=run.count + (~run.done).astype(jnp.int32),
-                    seen=run.seen.at[rows, token].set(True), key=run.key)
+        return _Run(
+            i=run.i + 1,
+            token=token,
+            state=state,
+            out=jax.lax.dynamic_update_slice(run.out, token[:, None], (0, run.i)),
+            done=run.done | is_eos(token, params),
+            count=run.count + (~run.done).astype(jnp.int32),
+            seen=run.seen.at[rows, token].set(True),
+            key=run.key,
+        )
 
     return jax.lax.while_loop(cond, body, run)
 
 
-def _begin(model: PreparedModel, prefilled: Prefilled, max_new_tokens: int,
-           sampling: SamplingConfig) -> _Run:
+def _begin(
+    model: PreparedModel, prefilled: Prefilled, max_new_tokens: int, sampling: SamplingConfig
+) -> _Run:
     if isinstance(prefilled.state, HybridDecodeState):
         # Room in every KV cache for the loop's tokens (its bucket: the loop may run that far).
         prefilled.state = jax.tree.map(
-            lambda c: pad_kv_cache(c, new_token_bucket(max_new_tokens))
-            if isinstance(c, KVCache) else c,
-            prefilled.state, is_leaf=lambda c: isinstance(c, KVCache))
-    run = _start(prefilled.logits, prefilled.state, prefilled.seen, jax.random.key(sampling.seed),
-                 sampling.params(), jnp.int32(prefilled.num_prompts), mode=sampling.mode,
-                 vocab_size=model.config.vocab_size, columns=new_token_bucket(max_new_tokens))
+            lambda c: (
+                pad_kv_cache(c, new_token_bucket(max_new_tokens)) if isinstance(c, KVCache) else c
+            ),
+            prefilled.state,
+            is_leaf=lambda c: isinstance(c, KVCache),
+        )
+    run = _start(
+        prefilled.logits,
+        prefilled.state,
+        prefilled.seen,
+        jax.random.key(sampling.seed),
+        sampling.params(),
+        jnp.int32(prefilled.num_prompts),
+        mode=sampling.mode,
+        vocab_size=model.config.vocab_size,
+        columns=new_token_bucket(max_new_tokens),
+    )
     prefilled.state = prefilled.seen = None  # donated
     return run
 
 
-def decode_batch(model, prefilled: Prefilled, max_new_tokens: int,
-                 sampling: SamplingConfig | None = None, *, decode_impl: str = "auto"):
+def decode_batch(
+    model,
+    prefilled: Prefilled,
+    max_new_tokens: int,
+    sampling: SamplingConfig | None = None,
+    *,
+    decode_impl: str = "auto",
+):
     """Samples up to max_new_tokens per prompt from a prefill (which it consumes).
 
     Returns numpy (tokens (p, max_new_tokens) int32, num_generated (p,) int32): row i holds its
@@ -470,15 +559,28 @@ def decode_batch(model, prefilled: Prefilled, max_new_tokens: int,
         return np.zeros((num, 0), np.int32), np.zeros((num,), np.int32)
     impl = resolve_decode_impl(decode_impl, model.config)
     run = _begin(model, prefilled, max_new_tokens, sampling)
-    run = _decode_loop(model, run, jnp.int32(max_new_tokens), sampling.params(),
-                       mode=sampling.mode, impl=impl, vocab_size=model.config.vocab_size)
+    run = _decode_loop(
+        model,
+        run,
+        jnp.int32(max_new_tokens),
+        sampling.params(),
+        mode=sampling.mode,
+        impl=impl,
+        vocab_size=model.config.vocab_size,
+    )
     out, count = np.asarray(run.out), np.asarray(run.count)
     return out[:num, :max_new_tokens], count[:num]
 
 
-def stream(model, prefilled: Prefilled, max_new_tokens: int,
-           sampling: SamplingConfig | None = None, *, block: int = 8,
-           decode_impl: str = "auto") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def stream(
+    model,
+    prefilled: Prefilled,
+    max_new_tokens: int,
+    sampling: SamplingConfig | None = None,
+    *,
+    block: int = 8,
+    decode_impl: str = "auto",
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """decode_batch in jitted blocks of `block` steps (the same compiled loop, run to a later
     limit each time): yields numpy (tokens (p, generated so far), num_generated (p,)) after
     the first token and after each block, until every prompt is done."""
@@ -498,16 +600,24 @@ def stream(model, prefilled: Prefilled, max_new_tokens: int,
         yield np.asarray(run.out)[:num, :i], np.asarray(run.count)[:num]
         if i >= max_new_tokens or done:
             return
-        run = _decode_loop(model, run, jnp.int32(min(i + block, max_new_tokens)), params,
-                           mode=sampling.mode, impl=impl, vocab_size=model.config.vocab_size)
+        run = _decode_loop(
+            model,
+            run,
+            jnp.int32(min(i + block, max_new_tokens)),
+            params,
+            mode=sampling.mode,
+            impl=impl,
+            vocab_size=model.config.vocab_size,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # The functions callers had before the batch/stream API (same arguments, same results).
 
 
-def sample_next_token(logits, key, *, temperature=1.0, top_k=None, top_p=None, min_p=None,
-                      vocab_size=None):
+def sample_next_token(
+    logits, key, *, temperature=1.0, top_k=None, top_p=None, min_p=None, vocab_size=None
+):
     """Samples one token per row of logits (p, v); temperature 0 is greedy (argmax).
 
     Only ids below vocab_size (default: all) can be drawn; see jax_packmamba.sampling.
@@ -516,18 +626,42 @@ def sample_next_token(logits, key, *, temperature=1.0, top_k=None, top_p=None, m
     return sample(logits, None, key, config.params(), config.mode, vocab_size=vocab_size)
 
 
-def sampling_config(*, temperature=1.0, top_k=None, top_p=None, min_p=None,
-                    repetition_penalty=1.0, seed=0, eos_id=None, eos_ids=()) -> SamplingConfig:
+def sampling_config(
+    *,
+    temperature=1.0,
+    top_k=None,
+    top_p=None,
+    min_p=None,
+    repetition_penalty=1.0,
+    seed=0,
+    eos_id=None,
+    eos_ids=(),
+) -> SamplingConfig:
     """A SamplingConfig from keyword arguments (eos_id and eos_ids together)."""
     eos = tuple(eos_ids) + (() if eos_id is None else (eos_id,))
     if eos_id is not None and (not isinstance(eos_id, (int, np.integer)) or eos_id < 0):
         raise ValueError(f"eos_id must be None or an int >= 0, got {eos_id!r}")
-    return SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                          repetition_penalty=repetition_penalty, eos_ids=eos, seed=seed)
+    return SamplingConfig(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        eos_ids=eos,
+        seed=seed,
+    )
 
 
-def decode(model, logits, state: DecodeState, max_new_tokens: int, *, prompts=None,
-           decode_impl: str = "auto", **sampling):
+def decode(
+    model,
+    logits,
+    state: DecodeState,
+    max_new_tokens: int,
+    *,
+    prompts=None,
+    decode_impl: str = "auto",
+    **sampling,
+):
     """Samples up to max_new_tokens per sequence from prefill's (logits, state).
 
     sampling: the keyword arguments of `sampling_config`. prompts (optional): the prompts'
@@ -544,15 +678,17 @@ def decode(model, logits, state: DecodeState, max_new_tokens: int, *, prompts=No
     seen = np.zeros((size, vocab), bool)
     for i, p in enumerate(prompts or ()):
         seen[i, np.asarray(p, np.int64)] = True
-    pad = lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], size - num, axis=0)]) if size > num else x  # noqa: E731
+    pad = lambda x: (
+        jnp.concatenate([x, jnp.repeat(x[-1:], size - num, axis=0)]) if size > num else x
+    )  # noqa: E731
     prefilled = Prefilled(pad(logits), jax.tree.map(pad, state), jnp.asarray(seen), num)
-    tokens, count = decode_batch(model, prefilled, max_new_tokens, config,
-                                 decode_impl=decode_impl)
+    tokens, count = decode_batch(model, prefilled, max_new_tokens, config, decode_impl=decode_impl)
     return jnp.asarray(tokens), jnp.asarray(count)
 
 
-def generate(model, prompts, max_new_tokens: int, *, decode_impl: str = "auto",
-             **sampling) -> list[np.ndarray]:
+def generate(
+    model, prompts, max_new_tokens: int, *, decode_impl: str = "auto", **sampling
+) -> list[np.ndarray]:
     """Continues each prompt by up to max_new_tokens tokens.
 
     Args:
@@ -578,9 +714,10 @@ def generate(model, prompts, max_new_tokens: int, *, decode_impl: str = "auto",
     resolve_decode_impl(decode_impl, model.config)  # a bad decode_impl fails before the prefill
     if max_new_tokens == 0:
         return [np.zeros((0,), np.int32) for _ in prompts]
-    tokens, count = decode_batch(model, prefill_batch(model, prompts), max_new_tokens, config,
-                                 decode_impl=decode_impl)
-    return [tokens[i, :count[i]] for i in range(len(prompts))]
+    tokens, count = decode_batch(
+        model, prefill_batch(model, prompts), max_new_tokens, config, decode_impl=decode_impl
+    )
+    return [tokens[i, : count[i]] for i in range(len(prompts))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -589,16 +726,22 @@ def generate(model, prompts, max_new_tokens: int, *, decode_impl: str = "auto",
 
 def _check_prompts(prompts, config: MambaConfig) -> list[np.ndarray]:
     if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
-        raise ValueError(f"prompts must be a list of 1-D token sequences, got {type(prompts).__name__}")
+        raise ValueError(
+            f"prompts must be a list of 1-D token sequences, got {type(prompts).__name__}"
+        )
     out = []
     for i, p in enumerate(prompts):
         a = np.asarray(p)
         if a.ndim != 1 or a.size == 0 or not np.issubdtype(a.dtype, np.integer):
-            raise ValueError(f"prompts[{i}] must be a non-empty 1-D integer sequence, got "
-                             f"shape {a.shape} dtype {a.dtype}")
+            raise ValueError(
+                f"prompts[{i}] must be a non-empty 1-D integer sequence, got "
+                f"shape {a.shape} dtype {a.dtype}"
+            )
         if a.min() < 0 or a.max() >= config.padded_vocab_size:
-            raise ValueError(f"prompts[{i}] has token ids outside [0, {config.padded_vocab_size}): "
-                             f"min {a.min()}, max {a.max()}")
+            raise ValueError(
+                f"prompts[{i}] has token ids outside [0, {config.padded_vocab_size}): "
+                f"min {a.min()}, max {a.max()}"
+            )
         out.append(a.astype(np.int32))
     if not out:
         raise ValueError("prompts is empty")
@@ -606,8 +749,11 @@ def _check_prompts(prompts, config: MambaConfig) -> list[np.ndarray]:
 
 
 def _check_max_new_tokens(max_new_tokens):
-    if (not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool)
-            or max_new_tokens < 0):
+    if (
+        not isinstance(max_new_tokens, (int, np.integer))
+        or isinstance(max_new_tokens, bool)
+        or max_new_tokens < 0
+    ):
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
 
 

@@ -65,8 +65,15 @@ def pad_kv_cache(cache: KVCache, extra: int) -> KVCache:
 
 
 def _linear(d_in, d_out, bias, config: HybridConfig, rngs, scale=1.0):
-    return nnx.Linear(d_in, d_out, use_bias=bias, kernel_init=torch_linear_init(scale),
-                      dtype=config.compute_dtype, param_dtype=jnp.float32, rngs=rngs)
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=bias,
+        kernel_init=torch_linear_init(scale),
+        dtype=config.compute_dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
 
 
 def _out_scale(config: HybridConfig) -> float:
@@ -80,8 +87,12 @@ class AttentionMixer(nnx.Module):
 
     def __init__(self, config: HybridConfig, *, rngs: nnx.Rngs):
         self.config = config
-        d, h, k, c = (config.d_model, config.num_heads, config.num_kv_heads,
-                      config.attention_head_dim)
+        d, h, k, c = (
+            config.d_model,
+            config.num_heads,
+            config.num_kv_heads,
+            config.attention_head_dim,
+        )
         bias = config.attention_bias
         self.q_proj = _linear(d, h * c, bias, config, rngs)
         self.k_proj = _linear(d, k * c, bias, config, rngs)
@@ -100,8 +111,15 @@ class AttentionMixer(nnx.Module):
             q, k = apply_rope(q, positions, **rope), apply_rope(k, positions, **rope)
         return q, k, v
 
-    def __call__(self, hidden, segment_ids=None, cache: KVCache | None = None, *,
-                 num_segments: int | None = None, decode_impl: str = "xla"):
+    def __call__(
+        self,
+        hidden,
+        segment_ids=None,
+        cache: KVCache | None = None,
+        *,
+        num_segments: int | None = None,
+        decode_impl: str = "xla",
+    ):
         """hidden (b, t, d) -> (out, None); with num_segments, also each segment's KVCache
         (b, s, t, k, c) (its last run's tokens when an id occurs in several runs, as the
         Mamba caches); with a cache (b, T, k, c), one token (b, d) -> (out (b, d), cache with
@@ -113,8 +131,15 @@ class AttentionMixer(nnx.Module):
         ids = jnp.zeros((batch, length), jnp.int32) if segment_ids is None else segment_ids
         positions = positions_from_segment_ids(ids)
         q, k, v = self._qkv(hidden, positions)
-        y = attention(q, k, v, segment_ids=segment_ids, causal=True,
-                      max_segments=config.attention_max_segments, impl=config.attention_impl)
+        y = attention(
+            q,
+            k,
+            v,
+            segment_ids=segment_ids,
+            causal=True,
+            max_segments=config.attention_max_segments,
+            impl=config.attention_impl,
+        )
         out = self.o_proj(y.reshape(batch, length, -1))
         if num_segments is None:
             return out, None
@@ -149,10 +174,12 @@ def _segment_kv(k, v, segment_ids, positions, num_segments: int) -> KVCache:
     batch, length = segment_ids.shape
     runs = jnp.cumsum(segment_starts(segment_ids).astype(jnp.int32), axis=1)  # 1, 2, ...
     rows = jnp.broadcast_to(jnp.arange(batch)[:, None], (batch, length))
-    last_run = jnp.zeros((batch, num_segments), jnp.int32).at[rows, segment_ids].max(
-        runs, mode="drop")
+    last_run = (
+        jnp.zeros((batch, num_segments), jnp.int32).at[rows, segment_ids].max(runs, mode="drop")
+    )
     in_last = runs == jnp.take_along_axis(
-        last_run, jnp.clip(segment_ids, 0, num_segments - 1), axis=1)
+        last_run, jnp.clip(segment_ids, 0, num_segments - 1), axis=1
+    )
     slot = jnp.where(in_last, segment_ids, num_segments)  # out of range: dropped
     shape = (batch, num_segments, length) + k.shape[2:]
     k_cache = jnp.zeros(shape, k.dtype).at[rows, slot, positions].set(k, mode="drop")
@@ -167,13 +194,15 @@ class MLP(nnx.Module):
     def __init__(self, config: HybridConfig, *, rngs: nnx.Rngs):
         self.config = config
         d, f, bias = config.d_model, config.d_ff, config.mlp_bias
-        self.gate_proj = (_linear(d, f, bias, config, rngs)
-                          if config.mlp_activation == "silu_gated" else None)
+        self.gate_proj = (
+            _linear(d, f, bias, config, rngs) if config.mlp_activation == "silu_gated" else None
+        )
         self.up_proj = _linear(d, f, bias, config, rngs)
         self.down_proj = _linear(f, d, bias, config, rngs, _out_scale(config))
 
-    def __call__(self, hidden, segment_ids=None, cache=None, *, num_segments=None,
-                 decode_impl: str = "xla"):
+    def __call__(
+        self, hidden, segment_ids=None, cache=None, *, num_segments=None, decode_impl: str = "xla"
+    ):
         up = self.up_proj(hidden)
         if self.gate_proj is None:
             act = jnp.square(jax.nn.relu(up))

@@ -43,7 +43,9 @@ class RMSNormGated(nnx.Module):
 
     def __init__(self, dim: int, *, group_size: int, eps: float, dtype):
         if dim % group_size:
-            raise ValueError(f"RMSNormGated: dim={dim} must be a multiple of group_size={group_size}")
+            raise ValueError(
+                f"RMSNormGated: dim={dim} must be a multiple of group_size={group_size}"
+            )
         self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
         self.group_size = group_size
         self.eps = eps
@@ -53,8 +55,9 @@ class RMSNormGated(nnx.Module):
         """x, z (..., e) -> (..., e) `dtype`."""
         x = x.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
         groups = x.reshape(*x.shape[:-1], -1, self.group_size)
-        groups = groups * jax.lax.rsqrt(jnp.mean(jnp.square(groups), axis=-1, keepdims=True)
-                                        + self.eps)
+        groups = groups * jax.lax.rsqrt(
+            jnp.mean(jnp.square(groups), axis=-1, keepdims=True) + self.eps
+        )
         return (groups.reshape(x.shape) * self.weight[...]).astype(self.dtype)
 
 
@@ -76,30 +79,58 @@ class Mamba2Mixer(nnx.Module):
         d, e, h = config.d_model, config.d_inner, config.nheads
         dtype = config.compute_dtype
         linear = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-        self.in_proj = nnx.Linear(d, config.d_in_proj, use_bias=config.proj_bias,
-                                  kernel_init=torch_linear_init(), **linear)
+        self.in_proj = nnx.Linear(
+            d,
+            config.d_in_proj,
+            use_bias=config.proj_bias,
+            kernel_init=torch_linear_init(),
+            **linear,
+        )
         # Depthwise conv as torch's Conv1d(groups=channels) default: U(+-1/sqrt(width)) for weight and bias.
         conv_bound = 1.0 / math.sqrt(config.d_conv)
-        self.conv_weight = nnx.Param(jax.random.uniform(
-            rngs.params(), (config.conv_dim, config.d_conv), jnp.float32, -conv_bound, conv_bound))
+        self.conv_weight = nnx.Param(
+            jax.random.uniform(
+                rngs.params(),
+                (config.conv_dim, config.d_conv),
+                jnp.float32,
+                -conv_bound,
+                conv_bound,
+            )
+        )
         self.conv_bias = (
-            nnx.Param(jax.random.uniform(rngs.params(), (config.conv_dim,), jnp.float32, -conv_bound, conv_bound))
-            if config.conv_bias else None
+            nnx.Param(
+                jax.random.uniform(
+                    rngs.params(), (config.conv_dim,), jnp.float32, -conv_bound, conv_bound
+                )
+            )
+            if config.conv_bias
+            else None
         )
         self.dt_bias = nnx.Param(dt_bias_init(config)(rngs.params(), (h,)))
         self.A_log = nnx.Param(A_log_init(config)(rngs.params(), (h,)))
         self.D = nnx.Param(jnp.ones((e,) if config.D_has_hdim else (h,), jnp.float32))
-        self.norm = RMSNormGated(e, group_size=e // config.ngroups, eps=config.rms_norm_eps, dtype=dtype)
+        self.norm = RMSNormGated(
+            e, group_size=e // config.ngroups, eps=config.rms_norm_eps, dtype=dtype
+        )
         # GPT-2-style rescaling of the last projection into the residual stream (one per layer).
         out_scale = 1.0 / math.sqrt(config.n_layer) if config.rescale_prenorm_residual else 1.0
-        self.out_proj = nnx.Linear(e, d, use_bias=config.proj_bias,
-                                   kernel_init=torch_linear_init(out_scale), **linear)
+        self.out_proj = nnx.Linear(
+            e, d, use_bias=config.proj_bias, kernel_init=torch_linear_init(out_scale), **linear
+        )
 
     scan_impls = SSD_IMPLS  # config.scan_impl's values
     pallas_decode = False  # decode_impl is "xla" only
 
-    def __call__(self, hidden, segment_ids=None, cache: MixerState | None = None, *,
-                 num_segments: int | None = None, decode_impl: str = "xla", continues=None):
+    def __call__(
+        self,
+        hidden,
+        segment_ids=None,
+        cache: MixerState | None = None,
+        *,
+        num_segments: int | None = None,
+        decode_impl: str = "xla",
+        continues=None,
+    ):
         """MambaMixer.__call__'s contract: hidden (b, t, d) -> (out, None), or with
         num_segments each segment's cache (conv (b, s, w - 1, x) over xBC, the conv's inputs;
         ssm (b, s, h, p, n) float32), or with a cache one token (b, d) -> (out, next cache)."""
@@ -108,24 +139,54 @@ class Mamba2Mixer(nnx.Module):
             # in_proj as ONE product, split after (MambaMixer._decode says why).
             e, x = config.d_inner, config.conv_dim
             zxbcdt = self.in_proj(hidden)
-            z, xBC, dt = zxbcdt[:, :e], zxbcdt[:, e:e + x], zxbcdt[:, e + x:]
+            z, xBC, dt = zxbcdt[:, :e], zxbcdt[:, e : e + x], zxbcdt[:, e + x :]
             window = conv_window(cache, xBC)  # (b, w, x)
             x, B, C = self._split_xBC(causal_conv1d_step(window, *self._conv_params()))
-            ssm, y = ssd_state_update(cache.ssm, x, dt, self._A(), B, C, self._D(), None,
-                                      self.dt_bias[...], dt_softplus=True)
+            ssm, y = ssd_state_update(
+                cache.ssm,
+                x,
+                dt,
+                self._A(),
+                B,
+                C,
+                self._D(),
+                None,
+                self.dt_bias[...],
+                dt_softplus=True,
+            )
             y = self.norm(y.reshape(-1, e), z)
             return self.out_proj(y), MixerState(conv=window[:, 1:], ssm=ssm)
         if num_segments is not None and segment_ids is None:
             segment_ids = jnp.zeros(hidden.shape[:2], jnp.int32)
         z, xBC, dt = self._in_proj(hidden)
-        x, B, C = self._split_xBC(causal_conv1d(xBC, *self._conv_params(), segment_ids=segment_ids,
-                                                activation="silu", impl=config.conv_impl,
-                                                continues=continues))
+        x, B, C = self._split_xBC(
+            causal_conv1d(
+                xBC,
+                *self._conv_params(),
+                segment_ids=segment_ids,
+                activation="silu",
+                impl=config.conv_impl,
+                continues=continues,
+            )
+        )
         # dt_bias goes into the scan in float32 (added before the softplus), as in mamba_ssm.
-        result = ssd_scan(x, dt, self._A(), B, C, self._D(), None, self.dt_bias[...], dt_softplus=True,
-                          segment_ids=segment_ids, chunk_size=config.chunk_size,
-                          continues=continues, return_final_states=num_segments is not None,
-                          num_segments=num_segments, impl=config.scan_impl)
+        result = ssd_scan(
+            x,
+            dt,
+            self._A(),
+            B,
+            C,
+            self._D(),
+            None,
+            self.dt_bias[...],
+            dt_softplus=True,
+            segment_ids=segment_ids,
+            chunk_size=config.chunk_size,
+            continues=continues,
+            return_final_states=num_segments is not None,
+            num_segments=num_segments,
+            impl=config.scan_impl,
+        )
         y, ssm = result if num_segments is not None else (result, None)
         out = self.out_proj(self.norm(y.reshape(*y.shape[:2], config.d_inner), z))
         if num_segments is None:
@@ -138,7 +199,9 @@ class Mamba2Mixer(nnx.Module):
         concatenates them back, activation-sized work; slicing the kernel is weight-sized."""
         proj, config = self.in_proj, self.config
         bias = None if proj.bias is None else proj.bias[...]
-        hidden, kernel, bias = proj.promote_dtype((hidden, proj.kernel[...], bias), dtype=proj.dtype)
+        hidden, kernel, bias = proj.promote_dtype(
+            (hidden, proj.kernel[...], bias), dtype=proj.dtype
+        )
         contract = (((hidden.ndim - 1,), (0,)), ((), ()))
         edges = [0, config.d_inner, config.d_inner + config.conv_dim, config.d_in_proj]
 
@@ -155,9 +218,11 @@ class Mamba2Mixer(nnx.Module):
         lead = xBC.shape[:-1]
         gn = config.ngroups * config.d_state
         x, B, C = jnp.split(xBC, [config.d_inner, config.d_inner + gn], axis=-1)
-        return (x.reshape(*lead, config.nheads, config.headdim),
-                B.reshape(*lead, config.ngroups, config.d_state),
-                C.reshape(*lead, config.ngroups, config.d_state))
+        return (
+            x.reshape(*lead, config.nheads, config.headdim),
+            B.reshape(*lead, config.ngroups, config.d_state),
+            C.reshape(*lead, config.ngroups, config.d_state),
+        )
 
     def _conv_params(self):
         dtype = self.config.compute_dtype

@@ -68,31 +68,55 @@ class MambaMixer(nnx.Module):
         d, e, n, r = config.d_model, config.d_inner, config.d_state, config.dt_rank_resolved
         dtype = config.compute_dtype
         linear = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-        self.in_proj = nnx.Linear(d, 2 * e, use_bias=config.proj_bias,
-                                  kernel_init=torch_linear_init(), **linear)
+        self.in_proj = nnx.Linear(
+            d, 2 * e, use_bias=config.proj_bias, kernel_init=torch_linear_init(), **linear
+        )
         # Depthwise conv as mamba's Conv1d(groups=e): U(+-1/sqrt(width)) for weight and bias.
         conv_bound = 1.0 / math.sqrt(config.d_conv)
         self.conv_weight = nnx.Param(
-            jax.random.uniform(rngs.params(), (e, config.d_conv), jnp.float32, -conv_bound, conv_bound))
+            jax.random.uniform(
+                rngs.params(), (e, config.d_conv), jnp.float32, -conv_bound, conv_bound
+            )
+        )
         self.conv_bias = (
             nnx.Param(jax.random.uniform(rngs.params(), (e,), jnp.float32, -conv_bound, conv_bound))
-            if config.conv_bias else None
+            if config.conv_bias
+            else None
         )
-        self.x_proj = nnx.Linear(e, r + 2 * n, use_bias=False, kernel_init=torch_linear_init(), **linear)
-        dt_std = r ** -0.5 * config.dt_scale
+        self.x_proj = nnx.Linear(
+            e, r + 2 * n, use_bias=False, kernel_init=torch_linear_init(), **linear
+        )
+        dt_std = r**-0.5 * config.dt_scale
         self.dt_proj = nnx.Linear(
-            r, e, use_bias=True,
-            kernel_init=lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -dt_std, dt_std),
-            bias_init=dt_bias_init(config), **linear)
-        self.A_log = nnx.Param(jnp.log(jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.float32), (e, n))))
+            r,
+            e,
+            use_bias=True,
+            kernel_init=lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+                key, shape, dtype, -dt_std, dt_std
+            ),
+            bias_init=dt_bias_init(config),
+            **linear,
+        )
+        self.A_log = nnx.Param(
+            jnp.log(jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.float32), (e, n)))
+        )
         self.D = nnx.Param(jnp.ones((e,), jnp.float32))
         # GPT-2-style rescaling of the last projection into the residual stream (one per layer).
         out_scale = 1.0 / math.sqrt(config.n_layer) if config.rescale_prenorm_residual else 1.0
-        self.out_proj = nnx.Linear(e, d, use_bias=config.proj_bias,
-                                   kernel_init=torch_linear_init(out_scale), **linear)
+        self.out_proj = nnx.Linear(
+            e, d, use_bias=config.proj_bias, kernel_init=torch_linear_init(out_scale), **linear
+        )
 
-    def __call__(self, hidden, segment_ids=None, cache: MixerState | None = None, *,
-                 num_segments: int | None = None, decode_impl: str = "xla", continues=None):
+    def __call__(
+        self,
+        hidden,
+        segment_ids=None,
+        cache: MixerState | None = None,
+        *,
+        num_segments: int | None = None,
+        decode_impl: str = "xla",
+        continues=None,
+    ):
         """hidden (b, t, d) -> (out (b, t, d), None); with num_segments, the cache of each
         segment (b, s, ...) instead of None (segment_ids None: one segment, slot 0); with a
         cache (conv (b, w - 1, e), ssm (b, e, n)), one token: hidden (b, d) -> (out (b, d),
@@ -105,14 +129,33 @@ class MambaMixer(nnx.Module):
             segment_ids = jnp.zeros(hidden.shape[:2], jnp.int32)
         x, z = self._in_proj(hidden)  # (b, t, e) each
         weight, bias = self._conv_params()
-        x_conv = causal_conv1d(x, weight, bias, segment_ids=segment_ids, activation="silu",
-                               impl=config.conv_impl, continues=continues)
+        x_conv = causal_conv1d(
+            x,
+            weight,
+            bias,
+            segment_ids=segment_ids,
+            activation="silu",
+            impl=config.conv_impl,
+            continues=continues,
+        )
         dt, B, C = self._dt_B_C(x_conv)
         # dt_proj's bias goes into the scan as delta_bias, in float32, as in mamba_ssm.
-        result = selective_scan(x_conv, dt, self._A(), B, C, self.D[...], z, self.dt_proj.bias[...],
-                                delta_softplus=True, segment_ids=segment_ids, continues=continues,
-                                return_final_states=num_segments is not None,
-                                num_segments=num_segments, impl=config.scan_impl)
+        result = selective_scan(
+            x_conv,
+            dt,
+            self._A(),
+            B,
+            C,
+            self.D[...],
+            z,
+            self.dt_proj.bias[...],
+            delta_softplus=True,
+            segment_ids=segment_ids,
+            continues=continues,
+            return_final_states=num_segments is not None,
+            num_segments=num_segments,
+            impl=config.scan_impl,
+        )
         if num_segments is None:
             return self.out_proj(result), None
         y, ssm = result
@@ -122,9 +165,18 @@ class MambaMixer(nnx.Module):
         # in_proj as ONE product, split after: slicing a weight in front of a product (as
         # _in_proj does for training, where activations are large) copies it every step.
         xz = self.in_proj(hidden)  # (b, 2e)
-        args = (xz, cache.conv, cache.ssm, self.conv_weight[...],
-                None if self.conv_bias is None else self.conv_bias[...], self.x_proj.kernel[...],
-                self.dt_proj.kernel[...], self.dt_proj.bias[...], self.A_log[...], self.D[...])
+        args = (
+            xz,
+            cache.conv,
+            cache.ssm,
+            self.conv_weight[...],
+            None if self.conv_bias is None else self.conv_bias[...],
+            self.x_proj.kernel[...],
+            self.dt_proj.kernel[...],
+            self.dt_proj.bias[...],
+            self.A_log[...],
+            self.D[...],
+        )
         if impl == "xla":
             y, conv, ssm = mixer_core_xla(*args)
         else:
@@ -140,8 +192,9 @@ class MambaMixer(nnx.Module):
         weight-sized."""
         proj, e = self.in_proj, self.config.d_inner
         bias = None if proj.bias is None else proj.bias[...]
-        hidden, kernel, bias = proj.promote_dtype((hidden, proj.kernel[...], bias),
-                                                  dtype=proj.dtype)
+        hidden, kernel, bias = proj.promote_dtype(
+            (hidden, proj.kernel[...], bias), dtype=proj.dtype
+        )
         contract = (((hidden.ndim - 1,), (0,)), ((), ()))
 
         def half(i):
@@ -166,8 +219,18 @@ class MambaMixer(nnx.Module):
         return -jnp.exp(self.A_log[...])
 
 
-def mixer_core_xla(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight,
-                   dt_proj_weight, dt_bias, A_log, D):
+def mixer_core_xla(
+    xz,
+    conv_state,
+    ssm_state,
+    conv_weight,
+    conv_bias,
+    x_proj_weight,
+    dt_proj_weight,
+    dt_bias,
+    A_log,
+    D,
+):
     """The middle of MambaMixer's decode step in XLA ops (same arguments and results as
     pallas_kernels.decode.mixer_core_pallas): (y (b, e), conv_state', ssm_state')."""
     c = xz.dtype
@@ -176,8 +239,9 @@ def mixer_core_xla(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_wei
     r = dt_proj_weight.shape[0]
     x, z = xz[:, :e], xz[:, e:]
     window = conv_window(MixerState(conv_state, ssm_state), x)  # (b, w, e)
-    x_conv = causal_conv1d_step(window, conv_weight.astype(c),
-                                None if conv_bias is None else conv_bias.astype(c))
+    x_conv = causal_conv1d_step(
+        window, conv_weight.astype(c), None if conv_bias is None else conv_bias.astype(c)
+    )
     dt, B, C = jnp.split(x_conv @ x_proj_weight.astype(c), [r, r + n], axis=-1)
     dt = dt @ dt_proj_weight.astype(c)
     ssm, y = selective_state_update(ssm_state, x_conv, dt, -jnp.exp(A_log), B, C, D, z, dt_bias)
@@ -203,15 +267,17 @@ def make_mixer(config, rngs: nnx.Rngs):
 
 
 def resolve_decode_impl(impl: str, config: MambaConfig | Mamba2Config) -> str:
-    """"auto" is "pallas" on a GPU where the kernels take the shape, else "xla"; a mixer without
+    """ "auto" is "pallas" on a GPU where the kernels take the shape, else "xla"; a mixer without
     Pallas decode kernels (Mamba2) has only "xla". Call it before tracing: it imports the
     kernels' package."""
     if impl not in DECODE_IMPLS:
         raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {impl!r}")
     if not mixer_class(config).pallas_decode:
         if impl not in ("auto", "xla"):
-            raise ValueError(f"decode_impl={impl!r}: there is no Pallas decode kernel for Mamba2 "
-                             f"models; use 'auto' or 'xla'")
+            raise ValueError(
+                f"decode_impl={impl!r}: there is no Pallas decode kernel for Mamba2 "
+                f"models; use 'auto' or 'xla'"
+            )
         return "xla"
     if impl == "auto":
         impl = "xla"
@@ -252,8 +318,9 @@ class HybridLayer(nnx.Module):
     def __call__(self, residual, segment_ids=None, cache=None, **options):
         caches = []
         for i, block in enumerate(self.blocks):
-            residual, c = block(residual, segment_ids, None if cache is None else cache[i],
-                                **options)
+            residual, c = block(
+                residual, segment_ids, None if cache is None else cache[i], **options
+            )
             caches.append(c)
         return residual, (None if all(c is None for c in caches) else tuple(caches))
 
@@ -282,27 +349,48 @@ class LM(nnx.Module):
     def __init__(self, config: MambaConfig | Mamba2Config, *, rngs: nnx.Rngs):
         self.config = config
         self.embedding = nnx.Embed(
-            config.padded_vocab_size, config.d_model, dtype=jnp.float32, param_dtype=jnp.float32,
-            embedding_init=jax.nn.initializers.normal(config.initializer_range), rngs=rngs)
+            config.padded_vocab_size,
+            config.d_model,
+            dtype=jnp.float32,
+            param_dtype=jnp.float32,
+            embedding_init=jax.nn.initializers.normal(config.initializer_range),
+            rngs=rngs,
+        )
 
         if isinstance(config, HybridConfig):
             # One stack per run of identical consecutive layers (hybrid_runs), each scanned:
             # the program holds one copy per run, however deep the run.
-            self.layers = nnx.List([_stacked(lambda r, k=kinds: HybridLayer(k, config, rngs=r),
-                                             count, rngs)
-                                    for kinds, count in hybrid_runs(config.layers)])
+            self.layers = nnx.List(
+                [
+                    _stacked(lambda r, k=kinds: HybridLayer(k, config, rngs=r), count, rngs)
+                    for kinds, count in hybrid_runs(config.layers)
+                ]
+            )
         else:
             self.layers = _stacked(lambda r: Block(config, rngs=r), config.n_layer, rngs)
         self.norm_f = RMSNorm(config.d_model, eps=config.rms_norm_eps, dtype=config.compute_dtype)
         self.lm_head = nnx.data(None)  # data either way, so an untied head can be assigned
         if not config.tie_embeddings:
-            self.lm_head = nnx.Linear(config.d_model, config.padded_vocab_size, use_bias=False,
-                                      dtype=config.compute_dtype, param_dtype=jnp.float32,
-                                      kernel_init=jax.nn.initializers.normal(config.initializer_range),
-                                      rngs=rngs)
+            self.lm_head = nnx.Linear(
+                config.d_model,
+                config.padded_vocab_size,
+                use_bias=False,
+                dtype=config.compute_dtype,
+                param_dtype=jnp.float32,
+                kernel_init=jax.nn.initializers.normal(config.initializer_range),
+                rngs=rngs,
+            )
 
-    def __call__(self, input_ids, segment_ids=None, cache: MixerState | None = None, *,
-                 num_segments: int | None = None, decode_impl: str = "xla", continues=None):
+    def __call__(
+        self,
+        input_ids,
+        segment_ids=None,
+        cache: MixerState | None = None,
+        *,
+        num_segments: int | None = None,
+        decode_impl: str = "xla",
+        continues=None,
+    ):
         if cache is None:
             check_model_inputs(input_ids, segment_ids, self.config)
             check_continues(continues, np.shape(input_ids)[0])
@@ -310,20 +398,27 @@ class LM(nnx.Module):
             raise ValueError("continues links rows of a sequence call; a decode step takes none")
         residual = self.embedding(input_ids)
         links = {} if continues is None else dict(continues=continues)
-        options = dict(scan=self.config.scan_layers,
-                       remat=self.config.remat if cache is None else "none",
-                       num_segments=num_segments, decode_impl=decode_impl, **links)
+        options = dict(
+            scan=self.config.scan_layers,
+            remat=self.config.remat if cache is None else "none",
+            num_segments=num_segments,
+            decode_impl=decode_impl,
+            **links,
+        )
         if isinstance(self.config, HybridConfig):
             if continues is not None:
-                raise ValueError("continues (rows linked across) is not supported for hybrid "
-                                 "models yet: attention would need each row's keys of the row "
-                                 "before")
+                raise ValueError(
+                    "continues (rows linked across) is not supported for hybrid "
+                    "models yet: attention would need each row's keys of the row "
+                    "before"
+                )
             # cache: a list with one entry per run (leading layer axis within the run).
             training = cache is None and num_segments is None
             caches = []
             for i, run in enumerate(self.layers):
-                residual, c = run_layers(run, residual, segment_ids,
-                                         None if cache is None else cache[i], **options)
+                residual, c = run_layers(
+                    run, residual, segment_ids, None if cache is None else cache[i], **options
+                )
                 caches.append(c)
             cache = None if training else caches
         else:
@@ -333,13 +428,17 @@ class LM(nnx.Module):
 
     def head(self, residual):
         """Final norm and vocabulary projection: residual (..., d) -> logits (..., v)."""
-        return vocab_logits(residual, self.norm_f, self.embedding, self.lm_head, self.config.compute_dtype)
+        return vocab_logits(
+            residual, self.norm_f, self.embedding, self.lm_head, self.config.compute_dtype
+        )
 
     def layer(self, i: int) -> Block:
         """Block i on its own (a copy of its slice of the stacked parameters)."""
         if isinstance(self.config, HybridConfig):
-            raise ValueError("LM.layer(i) takes a Mamba model; a hybrid's layers are runs: "
-                             "model.layers[run] is a stack of HybridLayer")
+            raise ValueError(
+                "LM.layer(i) takes a Mamba model; a hybrid's layers are runs: "
+                "model.layers[run] is a stack of HybridLayer"
+            )
         graph, state = nnx.split(self.layers)
         return nnx.merge(graph, jax.tree.map(lambda x: x[i], state))
 
@@ -355,8 +454,16 @@ def _stacked(make, count: int, rngs: nnx.Rngs):
     return stacked(rngs)
 
 
-def run_layers(layers: Block, residual, segment_ids=None, cache=None, *, scan: bool,
-               remat: str = "none", **options):
+def run_layers(
+    layers: Block,
+    residual,
+    segment_ids=None,
+    cache=None,
+    *,
+    scan: bool,
+    remat: str = "none",
+    **options,
+):
     """Runs the stacked blocks `layers` over the residual stream (cache: leading layer axis, in
     and out; None in training). remat: a REMAT_POLICIES name, applied to each layer, or "none".
 
@@ -417,4 +524,5 @@ def check_model_inputs(input_ids, segment_ids, config: MambaConfig):
         raise ValueError(f"input_ids must be integers, got dtype {input_ids.dtype}")
     if segment_ids is not None and tuple(segment_ids.shape) != shape:
         raise ValueError(
-            f"segment_ids must have the shape of input_ids {shape}, got {tuple(segment_ids.shape)}")
+            f"segment_ids must have the shape of input_ids {shape}, got {tuple(segment_ids.shape)}"
+        )

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -152,7 +152,12 @@ def pack_sequences(
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     return _pack(
-        sequences, length, _PLACERS[policy], pad_id=pad_id, num_rows=num_rows, caller="pack_sequences"
+        sequences,
+        length,
+        _PLACERS[policy],
+        pad_id=pad_id,
+        num_rows=num_rows,
+        caller="pack_sequences",
     )
 
 
@@ -175,8 +180,11 @@ def pack_stream(sequences, length, *, pad_id=0, num_rows=None) -> PackedBatch:
     first_row, last_row = seq_begin // length, (seq_end - 1) // length
     pieces_per_seq = last_row - first_row + 1
     piece_seq = np.repeat(np.arange(len(seqs)), pieces_per_seq)
-    piece_row = first_row[piece_seq] + np.arange(len(piece_seq)) - np.repeat(
-        np.cumsum(pieces_per_seq) - pieces_per_seq, pieces_per_seq)
+    piece_row = (
+        first_row[piece_seq]
+        + np.arange(len(piece_seq))
+        - np.repeat(np.cumsum(pieces_per_seq) - pieces_per_seq, pieces_per_seq)
+    )
     begin = np.maximum(seq_begin[piece_seq], piece_row * length)
     end = np.minimum(seq_end[piece_seq], (piece_row + 1) * length)
     needed_rows = int(last_row[-1]) + 1
@@ -185,12 +193,23 @@ def pack_stream(sequences, length, *, pad_id=0, num_rows=None) -> PackedBatch:
     else:
         num_rows = _check_int("num_rows", num_rows, minimum=1)
         if num_rows < needed_rows:
-            raise ValueError(f"num_rows={num_rows} is too small: these {len(seqs)} sequences "
-                             f"({int(seq_lengths.sum())} tokens) need {needed_rows} rows of "
-                             f"length={length}")
-    arrays = _arrays(seqs, length, num_rows, pad_id, seq_lengths, piece_seq,
-                     begin - seq_begin[piece_seq], piece_row, begin - piece_row * length,
-                     end - begin)
+            raise ValueError(
+                f"num_rows={num_rows} is too small: these {len(seqs)} sequences "
+                f"({int(seq_lengths.sum())} tokens) need {needed_rows} rows of "
+                f"length={length}"
+            )
+    arrays = _arrays(
+        seqs,
+        length,
+        num_rows,
+        pad_id,
+        seq_lengths,
+        piece_seq,
+        begin - seq_begin[piece_seq],
+        piece_row,
+        begin - piece_row * length,
+        end - begin,
+    )
     continues = np.zeros(num_rows, bool)
     later = (begin - seq_begin[piece_seq] > 0) & (begin == piece_row * length)
     continues[piece_row[later]] = True
@@ -263,8 +282,9 @@ def lookahead_tokens(length: int, num_rows: int) -> float:
     return LOOKAHEAD * length * num_rows
 
 
-def choose_first_fit_decreasing(piece_lengths, waited, length: int, num_rows: int, *,
-                                max_wait: int = MAX_WAIT) -> np.ndarray:
+def choose_first_fit_decreasing(
+    piece_lengths, waited, length: int, num_rows: int, *, max_wait: int = MAX_WAIT
+) -> np.ndarray:
     """Which candidate pieces fill the next batch of num_rows rows of `length` (bool mask).
 
     Candidates (lengths <= length, with the number of batches each has waited) are tried
@@ -277,8 +297,9 @@ def choose_first_fit_decreasing(piece_lengths, waited, length: int, num_rows: in
     waited = [int(w) for w in waited]
     if len(waited) != len(piece_lengths):
         raise ValueError(f"waited has {len(waited)} entries for {len(piece_lengths)} pieces")
-    order = sorted(range(len(piece_lengths)),
-                   key=lambda i: (waited[i] < max_wait, -piece_lengths[i], i))
+    order = sorted(
+        range(len(piece_lengths)), key=lambda i: (waited[i] < max_wait, -piece_lengths[i], i)
+    )
     capacity = length * num_rows
     taken = np.zeros(len(piece_lengths), dtype=bool)
     chosen: list[int] = []
@@ -354,12 +375,34 @@ def _pack(sequences, length, place: Callable, *, pad_id, num_rows, caller: str) 
             f"of length={length}"
         )
 
-    return PackedBatch(**_arrays(seqs, length, num_rows, pad_id, seq_lengths, piece_seq,
-                                 piece_start, piece_row, piece_col, piece_len))
+    return PackedBatch(
+        **_arrays(
+            seqs,
+            length,
+            num_rows,
+            pad_id,
+            seq_lengths,
+            piece_seq,
+            piece_start,
+            piece_row,
+            piece_col,
+            piece_len,
+        )
+    )
 
 
-def _arrays(seqs, length, num_rows, pad_id, seq_lengths, piece_seq, piece_start, piece_row,
-            piece_col, piece_len) -> dict:
+def _arrays(
+    seqs,
+    length,
+    num_rows,
+    pad_id,
+    seq_lengths,
+    piece_seq,
+    piece_start,
+    piece_row,
+    piece_col,
+    piece_len,
+) -> dict:
     """The PackedBatch arrays (read-only) of pieces placed at (piece_row, piece_col)."""
     placements = np.stack([piece_seq, piece_start, piece_row, piece_col, piece_len], axis=1)
     placements = placements.astype(np.int32)

@@ -46,8 +46,9 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -96,8 +97,9 @@ def from_pretrained(path, **config_overrides) -> LM:
     layout = detect_layout(config_dict, path)
     config, defaults_used = _parse_config(config_dict, layout, str(path / CONFIG_FILE))
     config = _with_overrides(config, config_overrides, path / CONFIG_FILE)
-    return model_from_tensors(config, read_tensors(path), layout=layout, source=str(path),
-                              defaults_used=defaults_used)
+    return model_from_tensors(
+        config, read_tensors(path), layout=layout, source=str(path), defaults_used=defaults_used
+    )
 
 
 def _with_overrides(config: AnyConfig, overrides: dict, config_file) -> AnyConfig:
@@ -105,11 +107,16 @@ def _with_overrides(config: AnyConfig, overrides: dict, config_file) -> AnyConfi
     if bad:
         raise ValueError(
             f"from_pretrained can only override {RUNTIME_FIELDS}, not {bad}: the architecture "
-            f"comes from {config_file}")
+            f"comes from {config_file}"
+        )
     # The ops check their impl only when first called; say it here, before any tensor is read.
     scan_impls = mixer_class(config).scan_impls
-    for name, allowed in (("scan_impl", scan_impls), ("conv_impl", CONV_IMPLS),
-                          ("remat", REMAT + (False, True)), ("scan_layers", (False, True))):
+    for name, allowed in (
+        ("scan_impl", scan_impls),
+        ("conv_impl", CONV_IMPLS),
+        ("remat", REMAT + (False, True)),
+        ("scan_layers", (False, True)),
+    ):
         value = overrides.get(name, allowed[0])
         if not any(type(value) is type(a) and value == a for a in allowed):  # 1 == True: types too
             raise ValueError(f"from_pretrained: {name} must be one of {allowed}, got {value!r}")
@@ -155,7 +162,8 @@ def _tokenizer_entries(tokenizer, config: AnyConfig, extra: dict) -> dict:
     if tokenizer.vocab_size > config.padded_vocab_size:
         raise ValueError(
             f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids (end of document "
-            f"{tokenizer.eod_id}) but the model only {config.padded_vocab_size} embedding rows")
+            f"{tokenizer.eod_id}) but the model only {config.padded_vocab_size} embedding rows"
+        )
     entries = tokenizer_lib.tokenizer_model_config(tokenizer)
     entries[EXTRA_KEY] = {**extra, **entries.get(EXTRA_KEY, {})}
     return entries
@@ -170,7 +178,8 @@ def detect_layout(config_dict: dict, path="<config>") -> str:
     raise ValueError(
         f"{Path(path) / CONFIG_FILE} is neither a Hugging Face Mamba or Mamba2 config "
         f"(model_type 'mamba' or 'mamba2', hidden_size, ...) nor a state-spaces/mamba config "
-        f"(d_model, n_layer, ssm_cfg, ...); its keys are {sorted(config_dict)}")
+        f"(d_model, n_layer, ssm_cfg, ...); its keys are {sorted(config_dict)}"
+    )
 
 
 def config_from_dict(config_dict: dict, layout: str, where: str = CONFIG_FILE) -> AnyConfig:
@@ -230,7 +239,8 @@ def _hf_mamba2_config(config: Mamba2Config) -> dict:
     if config.D_has_hdim:
         raise ValueError(
             "save_pretrained: Mamba2Config.D_has_hdim=True (D per channel) has no Hugging Face "
-            "Mamba2 equivalent (its D is one per head)")
+            "Mamba2 equivalent (its D is one per head)"
+        )
     config_dict = {
         "architectures": ["Mamba2ForCausalLM"],
         "model_type": "mamba2",
@@ -255,8 +265,14 @@ def tensor_names(config: AnyConfig, layout: str = "hf") -> list[str]:
     return list(_name_map(config, layout))
 
 
-def model_from_tensors(config: AnyConfig, tensors: dict, *, layout: str = "hf", source="tensors",
-                       defaults_used: dict | None = None):
+def model_from_tensors(
+    config: AnyConfig,
+    tensors: dict,
+    *,
+    layout: str = "hf",
+    source="tensors",
+    defaults_used: dict | None = None,
+):
     """MambaLM (MambaConfig) or Mamba2LM (Mamba2Config) whose parameters are the torch-named
     `tensors` (name -> array).
 
@@ -277,7 +293,8 @@ def model_from_tensors(config: AnyConfig, tensors: dict, *, layout: str = "hf", 
         if embed_name in tensors and not np.array_equal(head, _to_numpy(tensors[embed_name])):
             raise ValueError(
                 f"{source}: config ties the embeddings (tie_word_embeddings / tie_embeddings) but "
-                f"lm_head.weight differs from {embed_name}; set tie_word_embeddings to false{note}")
+                f"lm_head.weight differs from {embed_name}; set tie_word_embeddings to false{note}"
+            )
     missing = sorted(set(names) - set(tensors))
     unexpected = sorted(set(tensors) - set(names))
     if missing or unexpected:
@@ -286,7 +303,8 @@ def model_from_tensors(config: AnyConfig, tensors: dict, *, layout: str = "hf", 
             f"({config.n_layer} layers, d_model={config.d_model}, "
             f"tie_embeddings={config.tie_embeddings}, proj_bias={config.proj_bias}, "
             f"conv_bias={config.conv_bias}): missing tensors {_short(missing)}; unexpected "
-            f"tensors {_short(unexpected)}{note}")
+            f"tensors {_short(unexpected)}{note}"
+        )
 
     abstract = nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
@@ -295,18 +313,22 @@ def model_from_tensors(config: AnyConfig, tensors: dict, *, layout: str = "hf", 
     layers: dict = {}  # stacked parameter path -> its per-layer arrays
     for name, (param_path, layer, to_flax) in names.items():
         array = to_flax(_to_numpy(tensors[name]).astype(np.float32))
-        expected = flat[param_path].shape[0 if layer is None else 1:]
+        expected = flat[param_path].shape[0 if layer is None else 1 :]
         if array.shape != expected:
             mismatched.append(
                 f"{name}: expected torch shape {_torch_shape(to_flax, expected)}, got "
-                f"{tuple(np.shape(tensors[name]))}")
+                f"{tuple(np.shape(tensors[name]))}"
+            )
         elif layer is None:
             flat[param_path] = flat[param_path].replace(jnp.asarray(array))
         else:
             layers.setdefault(param_path, {})[layer] = array
     if mismatched:
-        raise ValueError(f"{source}: tensor shapes do not match the config ({_config_summary(config)}): "
-                         + "; ".join(mismatched) + note)
+        raise ValueError(
+            f"{source}: tensor shapes do not match the config ({_config_summary(config)}): "
+            + "; ".join(mismatched)
+            + note
+        )
     # The checkpoint's layers one by one -> the model's parameters stacked on the layer axis.
     for param_path, arrays in layers.items():
         stacked = np.stack([arrays[i] for i in range(config.n_layer)])
@@ -353,7 +375,8 @@ def read_tensors(path) -> dict[str, np.ndarray]:
         return _read_sharded(path, BIN_INDEX, _read_bin)
     raise ValueError(
         f"{path} holds no weights: expected one of {SAFETENSORS_FILE}, {SAFETENSORS_INDEX}, "
-        f"{BIN_FILE}, {BIN_INDEX}; found {sorted(os.listdir(path))}")
+        f"{BIN_FILE}, {BIN_INDEX}; found {sorted(os.listdir(path))}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,10 +436,19 @@ _OBJECT = _kind("a JSON object", lambda v: isinstance(v, dict))
 _LIST = _kind("a list", lambda v: isinstance(v, list))
 _RANK = _kind('a positive integer or "auto"', lambda v: v == "auto" or (_is_int(v) and v >= 1))
 _PAIR = _Kind("a list of two numbers", _pair)
-_OPTIONAL_POSITIVE_INT = _kind("null or a positive integer", lambda v: v is None or (_is_int(v) and v >= 1))
+_OPTIONAL_POSITIVE_INT = _kind(
+    "null or a positive integer", lambda v: v is None or (_is_int(v) and v >= 1)
+)
 
-_JSON_TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number",
-                    list: "a list", dict: "an object", type(None): "null"}
+_JSON_TYPE_NAMES = {
+    str: "a string",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    list: "a list",
+    dict: "an object",
+    type(None): "null",
+}
 
 
 def _json_text(value) -> str:
@@ -439,8 +471,14 @@ class _Fields:
 
     REQUIRED = object()
 
-    def __init__(self, d: dict, where: str, prefix: str = "", defaults_used: dict | None = None,
-                 default_source: str = "default"):
+    def __init__(
+        self,
+        d: dict,
+        where: str,
+        prefix: str = "",
+        defaults_used: dict | None = None,
+        default_source: str = "default",
+    ):
         self.d, self.where, self.prefix = d, where, prefix
         self.defaults_used = {} if defaults_used is None else defaults_used
         self.default_source = default_source
@@ -448,8 +486,10 @@ class _Fields:
     def require(self, keys, why: str) -> None:
         missing = [self.prefix + k for k in keys if k not in self.d]
         if missing:
-            raise ValueError(f"{self.where}: required field{'s' if len(missing) > 1 else ''} "
-                             f"{', '.join(missing)} missing ({why})")
+            raise ValueError(
+                f"{self.where}: required field{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(missing)} missing ({why})"
+            )
 
     def get(self, key: str, kind: _Kind, default=REQUIRED, *, shape: bool = False):
         """The field's value as `kind`; `default` when absent (recorded when `shape`: the field
@@ -463,13 +503,20 @@ class _Fields:
         value = self.d[key]
         converted = kind.convert(value)
         if converted is _BAD:
-            raise ValueError(f"{self.where}: {self.prefix}{key} must be {kind.name}, got {_describe(value)}")
+            raise ValueError(
+                f"{self.where}: {self.prefix}{key} must be {kind.name}, got {_describe(value)}"
+            )
         return converted
 
-    def sub(self, key: str) -> "_Fields":
+    def sub(self, key: str) -> _Fields:
         """The JSON object under `key` (empty when absent) with the same bookkeeping."""
-        return _Fields(self.get(key, _OBJECT, {}), self.where, f"{self.prefix}{key}.",
-                       self.defaults_used, self.default_source)
+        return _Fields(
+            self.get(key, _OBJECT, {}),
+            self.where,
+            f"{self.prefix}{key}.",
+            self.defaults_used,
+            self.default_source,
+        )
 
     def keys(self) -> set[str]:
         return set(self.d)
@@ -478,8 +525,10 @@ class _Fields:
 def _defaults_note(defaults_used: dict | None) -> str:
     if not defaults_used:
         return ""
-    listed = ", ".join(f"{key}={json.dumps(value)} ({source})"
-                       for key, (value, source) in sorted(defaults_used.items()))
+    listed = ", ".join(
+        f"{key}={json.dumps(value)} ({source})"
+        for key, (value, source) in sorted(defaults_used.items())
+    )
     return f"; {CONFIG_FILE} does not set these shape fields, so defaults were used: {listed}"
 
 
@@ -492,7 +541,9 @@ def _parse_config(config_dict: dict, layout: str, where: str) -> tuple[AnyConfig
     if layout == "hf":
         fields = _Fields(config_dict, where, default_source="transformers' default")
         family = _hf_family(fields)
-        config = _config_from_hf_mamba2(fields) if family == "mamba2" else _config_from_hf_mamba(fields)
+        config = (
+            _config_from_hf_mamba2(fields) if family == "mamba2" else _config_from_hf_mamba(fields)
+        )
     elif layout == "state-spaces":
         fields = _Fields(config_dict, where, default_source="mamba_ssm's default")
         config = _config_from_state_spaces(fields)
@@ -509,8 +560,10 @@ def _hf_family(f: _Fields) -> str:
     model_type = f.get("model_type", _STRING, None)
     if model_type is not None:
         if model_type not in ("mamba", "mamba2"):
-            raise ValueError(f"{f.where}: model_type must be 'mamba' (MambaForCausalLM) or 'mamba2' "
-                             f"(Mamba2ForCausalLM), got {model_type!r}")
+            raise ValueError(
+                f"{f.where}: model_type must be 'mamba' (MambaForCausalLM) or 'mamba2' "
+                f"(Mamba2ForCausalLM), got {model_type!r}"
+            )
         return model_type
     architectures = f.get("architectures", _LIST, [])
     if "Mamba2ForCausalLM" in architectures:
@@ -530,8 +583,11 @@ def _hf_vocab(f: _Fields, extra: _Fields) -> tuple[int, int, int]:
     """(embedding rows, vocab_size, pad_vocab_size_multiple): config.json's vocab_size is the
     number of embedding rows; EXTRA_KEY may give the unpadded size and the multiple."""
     rows = f.get("vocab_size", _POSITIVE_INT)
-    return (rows, extra.get("vocab_size", _POSITIVE_INT, rows),
-            extra.get("pad_vocab_size_multiple", _POSITIVE_INT, 1))
+    return (
+        rows,
+        extra.get("vocab_size", _POSITIVE_INT, rows),
+        extra.get("pad_vocab_size_multiple", _POSITIVE_INT, 1),
+    )
 
 
 def _check_hf_vocab(config: AnyConfig, rows: int, where: str) -> None:
@@ -539,11 +595,21 @@ def _check_hf_vocab(config: AnyConfig, rows: int, where: str) -> None:
         raise ValueError(
             f"{where}: vocab_size={rows} (embedding rows) but {EXTRA_KEY} says vocab_size="
             f"{config.vocab_size} padded to a multiple of {config.pad_vocab_size_multiple} = "
-            f"{config.padded_vocab_size}")
+            f"{config.padded_vocab_size}"
+        )
 
 
-_HF_MAMBA_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "state_size",
-                      "conv_kernel", "expand", "time_step_rank", "use_bias", "use_conv_bias")
+_HF_MAMBA_REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "state_size",
+    "conv_kernel",
+    "expand",
+    "time_step_rank",
+    "use_bias",
+    "use_conv_bias",
+)
 _HF_WHY = "it fixes tensor shapes; transformers writes it, and its default is not guessed"
 
 
@@ -555,7 +621,8 @@ def _config_from_hf_mamba(f: _Fields) -> MambaConfig:
     if intermediate != expand * hidden:
         raise ValueError(
             f"{f.where}: intermediate_size={intermediate} must equal expand * hidden_size = "
-            f"{expand} * {hidden}")
+            f"{expand} * {hidden}"
+        )
     rank = f.get("time_step_rank", _RANK)
     extra = f.sub(EXTRA_KEY)
     rows, vocab, multiple = _hf_vocab(f, extra)
@@ -576,7 +643,7 @@ def _config_from_hf_mamba(f: _Fields) -> MambaConfig:
     return config
 
 
-def _hf_shared_fields(f: "_Fields", extra: "_Fields", *, tie_default: bool) -> dict:
+def _hf_shared_fields(f: _Fields, extra: _Fields, *, tie_default: bool) -> dict:
     """The config fields both families read alike from a Hugging Face config.json (defaults:
     transformers')."""
     return dict(
@@ -587,15 +654,26 @@ def _hf_shared_fields(f: "_Fields", extra: "_Fields", *, tie_default: bool) -> d
         proj_bias=f.get("use_bias", _BOOL),
         rms_norm_eps=f.get("layer_norm_epsilon", _POSITIVE_NUMBER, 1e-5),
         tie_embeddings=f.get("tie_word_embeddings", _BOOL, tie_default, shape=True),
-        rescale_prenorm_residual=extra.get("rescale_prenorm_residual", _BOOL,
-                                           f.get("rescale_prenorm_residual", _BOOL, False)),
+        rescale_prenorm_residual=extra.get(
+            "rescale_prenorm_residual", _BOOL, f.get("rescale_prenorm_residual", _BOOL, False)
+        ),
         initializer_range=f.get("initializer_range", _NUMBER, 0.1),
     )
 
 
-_HF_MAMBA2_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "state_size",
-                       "num_heads", "head_dim", "n_groups", "conv_kernel", "expand", "use_bias",
-                       "use_conv_bias")
+_HF_MAMBA2_REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "state_size",
+    "num_heads",
+    "head_dim",
+    "n_groups",
+    "conv_kernel",
+    "expand",
+    "use_bias",
+    "use_conv_bias",
+)
 # dt's clamp (time_step_limit, mamba_ssm's dt_limit) when there is none; the only one we support.
 _NO_LIMIT = (0.0, math.inf)
 
@@ -611,11 +689,14 @@ def _config_from_hf_mamba2(f: _Fields) -> Mamba2Config:
     if heads * headdim != expand * hidden:
         raise ValueError(
             f"{f.where}: num_heads * head_dim = {heads} * {headdim} must equal expand * "
-            f"hidden_size = {expand} * {hidden}")
+            f"hidden_size = {expand} * {hidden}"
+        )
     limit = f.get("time_step_limit", _PAIR, _NO_LIMIT)
     if limit != _NO_LIMIT:
-        raise ValueError(f"{f.where}: time_step_limit={list(limit)} (a clamp on dt) is not "
-                         f"supported; only [0.0, Infinity], no clamp")
+        raise ValueError(
+            f"{f.where}: time_step_limit={list(limit)} (a clamp on dt) is not "
+            f"supported; only [0.0, Infinity], no clamp"
+        )
     f.get("time_step_rank", _RANK, "auto")  # unused by Mamba2, but must be well-formed
     extra = f.sub(EXTRA_KEY)
     rows, vocab, multiple = _hf_vocab(f, extra)
@@ -676,8 +757,17 @@ _MAMBA2_SSM_CFG_FIXED = {
     "d_ssm": (_OPTIONAL_POSITIVE_INT, None, "the SSM spans all of d_inner, no gated MLP beside it"),
 }
 # ssm_cfg keys that only matter at initialisation or for kernel choice.
-_SSM_CFG_IGNORED = ("dt_init", "use_fast_path", "layer_idx", "device", "dtype", "conv_init",
-                    "use_mem_eff_path", "process_group", "sequence_parallel")
+_SSM_CFG_IGNORED = (
+    "dt_init",
+    "use_fast_path",
+    "layer_idx",
+    "device",
+    "dtype",
+    "conv_init",
+    "use_mem_eff_path",
+    "process_group",
+    "sequence_parallel",
+)
 
 
 def _config_from_state_spaces(f: _Fields) -> AnyConfig:
@@ -686,7 +776,9 @@ def _config_from_state_spaces(f: _Fields) -> AnyConfig:
         raise ValueError(f"{f.where}: rms_norm=false (LayerNorm) is not supported; only RMSNorm")
     d_intermediate = f.get("d_intermediate", _NONNEGATIVE_INT, 0)
     if d_intermediate:
-        raise ValueError(f"{f.where}: d_intermediate={d_intermediate} (MLP blocks) is not supported")
+        raise ValueError(
+            f"{f.where}: d_intermediate={d_intermediate} (MLP blocks) is not supported"
+        )
     attn = f.get("attn_layer_idx", _LIST, [])
     if attn:
         raise ValueError(f"{f.where}: attn_layer_idx={attn} (attention layers) is not supported")
@@ -695,8 +787,9 @@ def _config_from_state_spaces(f: _Fields) -> AnyConfig:
     ssm = f.sub("ssm_cfg")
     layer = ssm.get("layer", _STRING, "Mamba1")
     if layer not in ("Mamba1", "Mamba2"):
-        raise ValueError(f"{f.where}: ssm_cfg.layer={layer!r} is not supported; only 'Mamba1' "
-                         f"and 'Mamba2'")
+        raise ValueError(
+            f"{f.where}: ssm_cfg.layer={layer!r} is not supported; only 'Mamba1' and 'Mamba2'"
+        )
     known = _MAMBA2_SSM_CFG | _MAMBA2_SSM_CFG_FIXED if layer == "Mamba2" else _MAMBA1_SSM_CFG
     unknown = sorted(ssm.keys() - set(known) - set(_SSM_CFG_IGNORED) - {"layer"})
     if unknown:
@@ -721,14 +814,18 @@ def _config_from_state_spaces(f: _Fields) -> AnyConfig:
         if key == "d_ssm" and value == fields["expand"] * fields["d_model"]:
             continue
         if value != only:
-            raise ValueError(f"{f.where}: ssm_cfg.{key}={_json_text(value)} is not supported; only "
-                             f"{_json_text(only)} ({why})")
+            raise ValueError(
+                f"{f.where}: ssm_cfg.{key}={_json_text(value)} is not supported; only "
+                f"{_json_text(only)} ({why})"
+            )
     # mamba_ssm's mamba2 models use 1e-5 in the block norms and (fixed) in the gated norm;
     # ours is one eps for both.
     eps = f.get("norm_epsilon", _POSITIVE_NUMBER, 1e-5)
     if eps != 1e-5:
-        raise ValueError(f"{f.where}: norm_epsilon={eps} is not supported for Mamba2: mamba_ssm's "
-                         f"gated norm always uses 1e-5")
+        raise ValueError(
+            f"{f.where}: norm_epsilon={eps} is not supported for Mamba2: mamba_ssm's "
+            f"gated norm always uses 1e-5"
+        )
     fields["rms_norm_eps"] = eps
     return _make_config(Mamba2Config, fields, f.where)
 
@@ -742,13 +839,17 @@ def _make_config(cls, fields, where) -> AnyConfig:
 
 def _config_summary(config: AnyConfig) -> str:
     if isinstance(config, Mamba2Config):
-        return (f"d_model={config.d_model}, n_layer={config.n_layer}, d_inner={config.d_inner}, "
-                f"heads={config.nheads}, headdim={config.headdim}, ngroups={config.ngroups}, "
-                f"d_state={config.d_state}, d_conv={config.d_conv}, "
-                f"vocab rows={config.padded_vocab_size}")
-    return (f"d_model={config.d_model}, n_layer={config.n_layer}, d_inner={config.d_inner}, "
-            f"d_state={config.d_state}, d_conv={config.d_conv}, dt_rank={config.dt_rank_resolved}, "
-            f"vocab rows={config.padded_vocab_size}")
+        return (
+            f"d_model={config.d_model}, n_layer={config.n_layer}, d_inner={config.d_inner}, "
+            f"heads={config.nheads}, headdim={config.headdim}, ngroups={config.ngroups}, "
+            f"d_state={config.d_state}, d_conv={config.d_conv}, "
+            f"vocab rows={config.padded_vocab_size}"
+        )
+    return (
+        f"d_model={config.d_model}, n_layer={config.n_layer}, d_inner={config.d_inner}, "
+        f"d_state={config.d_state}, d_conv={config.d_conv}, dt_rank={config.dt_rank_resolved}, "
+        f"vocab rows={config.padded_vocab_size}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -857,7 +958,8 @@ def _read_safetensors(file) -> dict[str, np.ndarray]:
         from safetensors import safe_open
     except ImportError:
         raise ImportError(
-            f"reading {file} needs the safetensors package: pip install safetensors") from None
+            f"reading {file} needs the safetensors package: pip install safetensors"
+        ) from None
     out = {}
     # A truncated or damaged file fails in safe_open (header) or get_tensor (data) with the
     # package's own error, which does not name the file.
@@ -867,8 +969,10 @@ def _read_safetensors(file) -> dict[str, np.ndarray]:
             for name in f.keys():
                 out[name] = np.asarray(f.get_tensor(name).astype(jnp.float32))
     except Exception as e:  # noqa: BLE001 - SafetensorError and OSError alike
-        raise ValueError(f"{file} cannot be read as safetensors, it may be truncated or damaged: "
-                         f"{type(e).__name__}: {e}") from None
+        raise ValueError(
+            f"{file} cannot be read as safetensors, it may be truncated or damaged: "
+            f"{type(e).__name__}: {e}"
+        ) from None
     return out
 
 
@@ -878,12 +982,15 @@ def _read_bin(file) -> dict[str, np.ndarray]:
     except ImportError:
         raise ImportError(
             f"{file} is a PyTorch pickle, which needs torch to read: pip install torch (the CPU "
-            f"wheel is enough), or convert the checkpoint to safetensors") from None
+            f"wheel is enough), or convert the checkpoint to safetensors"
+        ) from None
     try:
         state = torch.load(str(file), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, pickle errors
-        raise ValueError(f"{file} cannot be read as a PyTorch checkpoint, it may be truncated or "
-                         f"damaged: {type(e).__name__}: {e}") from None
+        raise ValueError(
+            f"{file} cannot be read as a PyTorch checkpoint, it may be truncated or "
+            f"damaged: {type(e).__name__}: {e}"
+        ) from None
     if not isinstance(state, dict):
         raise ValueError(f"{file} does not hold a state dict (got {type(state).__name__})")
     return {name: t.detach().float().numpy() for name, t in state.items()}
@@ -903,7 +1010,8 @@ def _read_sharded(path: Path, index_file: str, read) -> dict[str, np.ndarray]:
         if set(tensors) != listed:
             raise ValueError(
                 f"shard {shard} holds {_short(sorted(set(tensors) - listed))} not listed in "
-                f"{index_file} and lacks {_short(sorted(listed - set(tensors)))}")
+                f"{index_file} and lacks {_short(sorted(listed - set(tensors)))}"
+            )
         out.update(tensors)
     return out
 
@@ -911,9 +1019,10 @@ def _read_sharded(path: Path, index_file: str, read) -> dict[str, np.ndarray]:
 def _to_numpy(a) -> np.ndarray:
     return np.asarray(a)
 
+
 # ------------------------------------------------------------------------------------------------
 # Hybrids. Hugging Face BambaForCausalLM and NemotronHForCausalLM checkpoints <-> our hybrid LM.
-# 
+#
 # docs/attention.md lists both layouts. Bamba layer i is two blocks, a mixer (`mamba` or
 # `self_attn`, norm `input_layernorm`) and the gated MLP (`feed_forward`, norm `pre_ff_layernorm`):
 # our layer "M-" or "*-". Nemotron-H layer j is one block (`norm`, `mixer`); we pair a Mamba2 or
@@ -923,13 +1032,18 @@ def _to_numpy(a) -> np.ndarray:
 
 FAMILIES = ("bamba", "nemotron_h")
 # layers_block_type values (transformers 5) -> our block letters.
-_BLOCK_TYPES = {"linear_attention": "M", "mamba": "M", "full_attention": "*", "attention": "*",
-                "mlp": "-"}
+_BLOCK_TYPES = {
+    "linear_attention": "M",
+    "mamba": "M",
+    "full_attention": "*",
+    "attention": "*",
+    "mlp": "-",
+}
 _NEMOTRON_LETTERS = {"M": "M", "*": "*", "-": "-"}
 
 
 def family_of(config_dict: dict) -> str | None:
-    """"bamba" or "nemotron_h" when config.json is one of these hybrids, else None."""
+    """ "bamba" or "nemotron_h" when config.json is one of these hybrids, else None."""
     model_type = config_dict.get("model_type")
     if model_type in FAMILIES:
         return model_type
@@ -945,21 +1059,35 @@ def config_from_hf(config_dict: dict, where: str) -> tuple[HybridConfig, str]:
 
     family = family_of(config_dict)
     f = _Fields(config_dict, where, default_source="transformers' default")
-    f.require(("hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads",
-               "intermediate_size"), _HF_WHY)
+    f.require(
+        (
+            "hidden_size",
+            "vocab_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+        ),
+        _HF_WHY,
+    )
     hidden = f.get("hidden_size", _POSITIVE_INT)
     limit = f.get("time_step_limit", _PAIR, _NO_LIMIT)
     if limit != _NO_LIMIT:
-        raise ValueError(f"{where}: time_step_limit={list(limit)} (a clamp on dt) is not "
-                         f"supported; only [0.0, Infinity], no clamp")
+        raise ValueError(
+            f"{where}: time_step_limit={list(limit)} (a clamp on dt) is not "
+            f"supported; only [0.0, Infinity], no clamp"
+        )
     extra = f.sub(EXTRA_KEY)
     rows, vocab, multiple = _hf_vocab(f, extra)
-    common = dict(d_model=hidden, vocab_size=vocab, pad_vocab_size_multiple=multiple,
-                  num_heads=f.get("num_attention_heads", _POSITIVE_INT),
-                  num_kv_heads=f.get("num_key_value_heads", _POSITIVE_INT),
-                  d_ff=f.get("intermediate_size", _POSITIVE_INT),
-                  mlp_bias=f.get("mlp_bias", _BOOL, False, shape=True),
-                  A_init_range=extra.get("A_init_range", _PAIR, (1.0, 16.0)))
+    common = dict(
+        d_model=hidden,
+        vocab_size=vocab,
+        pad_vocab_size_multiple=multiple,
+        num_heads=f.get("num_attention_heads", _POSITIVE_INT),
+        num_kv_heads=f.get("num_key_value_heads", _POSITIVE_INT),
+        d_ff=f.get("intermediate_size", _POSITIVE_INT),
+        mlp_bias=f.get("mlp_bias", _BOOL, False, shape=True),
+        A_init_range=extra.get("A_init_range", _PAIR, (1.0, 16.0)),
+    )
     if family == "bamba":
         fields = _bamba_fields(f, hidden)
     else:
@@ -975,9 +1103,11 @@ def _inner(f, heads_key, head_dim_key, hidden, inner):
     head_dim = f.get(head_dim_key, _RANK, "auto", shape=True)
     head_dim = inner // heads if head_dim == "auto" else head_dim
     if heads * head_dim != inner or inner % hidden:
-        raise ValueError(f"{f.where}: {heads_key} * {head_dim_key} = {heads} * {head_dim} must "
-                         f"equal the Mamba2 inner width {inner}, a multiple of hidden_size "
-                         f"{hidden}")
+        raise ValueError(
+            f"{f.where}: {heads_key} * {head_dim_key} = {heads} * {head_dim} must "
+            f"equal the Mamba2 inner width {inner}, a multiple of hidden_size "
+            f"{hidden}"
+        )
     return head_dim
 
 
@@ -990,8 +1120,10 @@ def _bamba_fields(f, hidden: int) -> dict:
     else:
         attn = f.get("attn_layer_indices", _LIST, [])
         if not all(_is_int(i) and 0 <= i < n for i in attn):
-            raise ValueError(f"{f.where}: attn_layer_indices must list layer indices in "
-                             f"[0, num_hidden_layers={n}), got {_json_text(attn)}")
+            raise ValueError(
+                f"{f.where}: attn_layer_indices must list layer indices in "
+                f"[0, num_hidden_layers={n}), got {_json_text(attn)}"
+            )
         types = "".join("*" if i in attn else "M" for i in range(n))
     if "-" in types:
         raise ValueError(f"{f.where}: a Bamba layer is a Mamba2 or attention mixer, not 'mlp'")
@@ -1002,8 +1134,9 @@ def _bamba_fields(f, hidden: int) -> dict:
     rope = f.sub("rope_parameters")
     rope_type = rope.get("rope_type", _STRING, "default")
     if rope_type != "default":
-        raise ValueError(f"{f.where}: rope_parameters.rope_type={rope_type!r} is not supported; "
-                         f"only 'default'")
+        raise ValueError(
+            f"{f.where}: rope_parameters.rope_type={rope_type!r} is not supported; only 'default'"
+        )
     heads = f.get("num_attention_heads", _POSITIVE_INT)
     head_dim = hidden // heads
     factor = rope.get("partial_rotary_factor", _POSITIVE_NUMBER, 0.5)
@@ -1032,11 +1165,14 @@ def _block_types(f, n: int | None) -> str:
     types = f.get("layers_block_type", _LIST)
     bad = [t for t in types if t not in _BLOCK_TYPES]
     if bad or not types:
-        raise ValueError(f"{f.where}: layers_block_type holds {_json_text(bad or types)}; "
-                         f"supported: {sorted(_BLOCK_TYPES)} (no 'moe')")
+        raise ValueError(
+            f"{f.where}: layers_block_type holds {_json_text(bad or types)}; "
+            f"supported: {sorted(_BLOCK_TYPES)} (no 'moe')"
+        )
     if n is not None and len(types) != n:
-        raise ValueError(f"{f.where}: layers_block_type has {len(types)} entries but "
-                         f"num_hidden_layers={n}")
+        raise ValueError(
+            f"{f.where}: layers_block_type has {len(types)} entries but num_hidden_layers={n}"
+        )
     return "".join(_BLOCK_TYPES[t] for t in types)
 
 
@@ -1049,16 +1185,22 @@ def _nemotron_fields(f, hidden: int) -> dict:
     elif "hybrid_override_pattern" in f.keys():
         pattern = f.get("hybrid_override_pattern", _STRING)
         if not pattern or set(pattern) - set(_NEMOTRON_LETTERS):
-            raise ValueError(f"{f.where}: hybrid_override_pattern={pattern!r} may only hold "
-                             f"'M' (Mamba2), '*' (attention) and '-' (MLP); 'E' (MoE) is not "
-                             f"supported")
+            raise ValueError(
+                f"{f.where}: hybrid_override_pattern={pattern!r} may only hold "
+                f"'M' (Mamba2), '*' (attention) and '-' (MLP); 'E' (MoE) is not "
+                f"supported"
+            )
         if n is not None and len(pattern) != n:
-            raise ValueError(f"{f.where}: hybrid_override_pattern has {len(pattern)} layers but "
-                             f"num_hidden_layers={n}")
+            raise ValueError(
+                f"{f.where}: hybrid_override_pattern has {len(pattern)} layers but "
+                f"num_hidden_layers={n}"
+            )
         blocks = pattern
     else:
-        raise ValueError(f"{f.where}: required field layers_block_type (or the older "
-                         f"hybrid_override_pattern) missing")
+        raise ValueError(
+            f"{f.where}: required field layers_block_type (or the older "
+            f"hybrid_override_pattern) missing"
+        )
     for key, want in (("mlp_hidden_act", "relu2"), ("mamba_hidden_act", "silu")):
         act = f.get(key, _STRING, want)
         if act != want:
@@ -1067,8 +1209,10 @@ def _nemotron_fields(f, hidden: int) -> dict:
     mhd = f.get("mamba_head_dim", _POSITIVE_INT)
     inner = heads * mhd
     if inner % hidden:
-        raise ValueError(f"{f.where}: mamba_num_heads * mamba_head_dim = {inner} must be a "
-                         f"multiple of hidden_size={hidden}")
+        raise ValueError(
+            f"{f.where}: mamba_num_heads * mamba_head_dim = {inner} must be a "
+            f"multiple of hidden_size={hidden}"
+        )
     return dict(
         layers=pair_layers(blocks),
         d_state=f.get("ssm_state_size", _POSITIVE_INT),
@@ -1079,9 +1223,12 @@ def _nemotron_fields(f, hidden: int) -> dict:
         chunk_size=f.get("chunk_size", _POSITIVE_INT, 128),
         conv_bias=f.get("use_conv_bias", _BOOL, True, shape=True),
         proj_bias=f.get("use_bias", _BOOL, False, shape=True),
-        head_dim=f.get("head_dim", _POSITIVE_INT, hidden // f.get("num_attention_heads",
-                                                                     _POSITIVE_INT),
-                       shape=True),
+        head_dim=f.get(
+            "head_dim",
+            _POSITIVE_INT,
+            hidden // f.get("num_attention_heads", _POSITIVE_INT),
+            shape=True,
+        ),
         rotary_dim=0,  # Nemotron-H attention has no position encoding
         attention_bias=False,  # its attention module ignores attention_bias
         mlp_activation="relu2",
@@ -1095,8 +1242,8 @@ def pair_layers(blocks: str) -> tuple[str, ...]:
     is one layer, so that "M-M-M-..." is one run of identical layers."""
     layers, i = [], 0
     while i < len(blocks):
-        if blocks[i] != "-" and blocks[i + 1:i + 2] == "-":
-            layers.append(blocks[i:i + 2])
+        if blocks[i] != "-" and blocks[i + 1 : i + 2] == "-":
+            layers.append(blocks[i : i + 2])
             i += 2
         else:
             layers.append(blocks[i])
@@ -1109,14 +1256,18 @@ def family_for(config: HybridConfig) -> str:
     Nemotron-H for relu² MLPs without RoPE."""
     if config.mlp_activation == "silu_gated":
         if any(len(k) != 2 or k[1] != "-" or k[0] == "-" for k in config.layers):
-            raise ValueError(f"save_pretrained: a gated-silu hybrid saves as Bamba, whose every "
-                             f"layer is a mixer then an MLP ('M-' or '*-'); got layers "
-                             f"{config.layers}")
+            raise ValueError(
+                f"save_pretrained: a gated-silu hybrid saves as Bamba, whose every "
+                f"layer is a mixer then an MLP ('M-' or '*-'); got layers "
+                f"{config.layers}"
+            )
         return "bamba"
     if config.rotary_dim or config.attention_bias:
-        raise ValueError("save_pretrained: a relu2 hybrid saves as Nemotron-H, whose attention "
-                         "has no RoPE and no biases; got rotary_dim="
-                         f"{config.rotary_dim}, attention_bias={config.attention_bias}")
+        raise ValueError(
+            "save_pretrained: a relu2 hybrid saves as Nemotron-H, whose attention "
+            "has no RoPE and no biases; got rotary_dim="
+            f"{config.rotary_dim}, attention_bias={config.attention_bias}"
+        )
     return "nemotron_h"
 
 
@@ -1126,47 +1277,79 @@ def hybrid_hf_config(config: HybridConfig) -> dict:
     family = family_for(config)
     m2 = config.mamba2_config()
     shared = dict(
-        hidden_size=config.d_model, vocab_size=config.padded_vocab_size,
-        num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
-        intermediate_size=config.d_ff, mlp_bias=config.mlp_bias,
-        attention_bias=config.attention_bias, tie_word_embeddings=config.tie_embeddings,
-        time_step_limit=[0.0, {"__float__": "Infinity"}], dtype="float32",
-        time_step_min=config.dt_min, time_step_max=config.dt_max,
+        hidden_size=config.d_model,
+        vocab_size=config.padded_vocab_size,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        intermediate_size=config.d_ff,
+        mlp_bias=config.mlp_bias,
+        attention_bias=config.attention_bias,
+        tie_word_embeddings=config.tie_embeddings,
+        time_step_limit=[0.0, {"__float__": "Infinity"}],
+        dtype="float32",
+        time_step_min=config.dt_min,
+        time_step_max=config.dt_max,
         time_step_floor=config.dt_init_floor,
     )
-    shared[EXTRA_KEY] = dict(vocab_size=config.vocab_size,
-                               pad_vocab_size_multiple=config.pad_vocab_size_multiple,
-                               A_init_range=list(config.A_init_range))
+    shared[EXTRA_KEY] = dict(
+        vocab_size=config.vocab_size,
+        pad_vocab_size_multiple=config.pad_vocab_size_multiple,
+        A_init_range=list(config.A_init_range),
+    )
     if family == "bamba":
         types = [k[0] for k in config.layers]
         head_dim = config.attention_head_dim
         if head_dim != config.d_model // config.num_heads:
-            raise ValueError(f"save_pretrained: Bamba's head dim is hidden_size / heads = "
-                             f"{config.d_model // config.num_heads}, got head_dim={head_dim}")
+            raise ValueError(
+                f"save_pretrained: Bamba's head dim is hidden_size / heads = "
+                f"{config.d_model // config.num_heads}, got head_dim={head_dim}"
+            )
         return dict(
-            shared, architectures=["BambaForCausalLM"], model_type="bamba",
+            shared,
+            architectures=["BambaForCausalLM"],
+            model_type="bamba",
             num_hidden_layers=len(types),
             attn_layer_indices=[i for i, k in enumerate(types) if k == "*"],
-            mamba_n_heads=m2.nheads, mamba_d_head=config.headdim, mamba_d_state=config.d_state,
-            mamba_n_groups=config.ngroups, mamba_d_conv=config.d_conv,
-            mamba_expand=config.expand, mamba_chunk_size=config.chunk_size,
-            mamba_conv_bias=config.conv_bias, mamba_proj_bias=config.proj_bias,
-            hidden_act="silu", rms_norm_eps=config.rms_norm_eps,
-            rope_parameters=dict(rope_type="default", rope_theta=config.rope_theta,
-                                 partial_rotary_factor=config.rotary_dim / head_dim),
+            mamba_n_heads=m2.nheads,
+            mamba_d_head=config.headdim,
+            mamba_d_state=config.d_state,
+            mamba_n_groups=config.ngroups,
+            mamba_d_conv=config.d_conv,
+            mamba_expand=config.expand,
+            mamba_chunk_size=config.chunk_size,
+            mamba_conv_bias=config.conv_bias,
+            mamba_proj_bias=config.proj_bias,
+            hidden_act="silu",
+            rms_norm_eps=config.rms_norm_eps,
+            rope_parameters=dict(
+                rope_type="default",
+                rope_theta=config.rope_theta,
+                partial_rotary_factor=config.rotary_dim / head_dim,
+            ),
         )
     if config.tie_embeddings:
-        raise ValueError("save_pretrained: Nemotron-H has no tied embeddings (its lm_head is "
-                         "always its own); got tie_embeddings=True")
+        raise ValueError(
+            "save_pretrained: Nemotron-H has no tied embeddings (its lm_head is "
+            "always its own); got tie_embeddings=True"
+        )
     names = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
     return dict(
-        shared, architectures=["NemotronHForCausalLM"], model_type="nemotron_h",
+        shared,
+        architectures=["NemotronHForCausalLM"],
+        model_type="nemotron_h",
         num_hidden_layers=len(config.blocks),
         layers_block_type=[names[k] for k in config.blocks],
-        mamba_num_heads=m2.nheads, mamba_head_dim=config.headdim,
-        ssm_state_size=config.d_state, n_groups=config.ngroups, conv_kernel=config.d_conv,
-        chunk_size=config.chunk_size, use_conv_bias=config.conv_bias, use_bias=config.proj_bias,
-        head_dim=config.attention_head_dim, mlp_hidden_act="relu2", mamba_hidden_act="silu",
+        mamba_num_heads=m2.nheads,
+        mamba_head_dim=config.headdim,
+        ssm_state_size=config.d_state,
+        n_groups=config.ngroups,
+        conv_kernel=config.d_conv,
+        chunk_size=config.chunk_size,
+        use_conv_bias=config.conv_bias,
+        use_bias=config.proj_bias,
+        head_dim=config.attention_head_dim,
+        mlp_hidden_act="relu2",
+        mamba_hidden_act="silu",
         layer_norm_epsilon=config.rms_norm_eps,
     )
 
@@ -1261,7 +1444,8 @@ def model_from_hf_tensors(config: HybridConfig, family: str, tensors: dict, *, s
             node = node[k]
         leaf = node[keys[-1]]
         stacks.setdefault((r, j, keys), (node, keys[-1], []))[2].append(
-            take(name, leaf.shape[1:], t, conv=keys[-1] == "conv_weight"))
+            take(name, leaf.shape[1:], t, conv=keys[-1] == "conv_weight")
+        )
     for node, key, arrays in stacks.values():
         node[key] = np.stack(arrays)
     unexpected = sorted(set(tensors) - expected)
@@ -1269,8 +1453,10 @@ def model_from_hf_tensors(config: HybridConfig, family: str, tensors: dict, *, s
         unexpected.remove("lm_head.weight")  # a tied head may be stored; it is the embedding
     problems += [f"unexpected {n}" for n in unexpected]
     if problems:
-        raise ValueError(f"{source}: the tensors do not fit a {family} model with layers "
-                         f"{config.layers}: {_short(problems)}")
+        raise ValueError(
+            f"{source}: the tensors do not fit a {family} model with layers "
+            f"{config.layers}: {_short(problems)}"
+        )
     nnx.update(model, jax.tree.map(jnp.asarray, state))
     return model
 
@@ -1280,8 +1466,10 @@ def hf_tensors_from_model(model) -> dict[str, np.ndarray]:
     family = family_for(model.config)
     state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     embed, norm_f = _head_names(family)
-    out = {embed: np.asarray(state["embedding"]["embedding"], np.float32),
-           norm_f: np.asarray(state["norm_f"]["weight"], np.float32)}
+    out = {
+        embed: np.asarray(state["embedding"]["embedding"], np.float32),
+        norm_f: np.asarray(state["norm_f"]["weight"], np.float32),
+    }
     if not model.config.tie_embeddings:
         out["lm_head.weight"] = np.ascontiguousarray(np.asarray(state["lm_head"]["kernel"]).T)
     for r, i, j, keys, name, t in _layer_entries(model, family):
@@ -1303,4 +1491,3 @@ def hybrid_from_pretrained(path: Path, config_dict: dict, overrides: dict):
     config, family = config_from_hf(config_dict, where)
     config = _with_overrides(config, overrides, where)
     return model_from_hf_tensors(config, family, read_tensors(path), source=str(path))
-

@@ -50,31 +50,47 @@ class SamplingConfig:
         number = (int, float, np.integer, np.floating)
         if not isinstance(self.temperature, number) or not self.temperature >= 0:
             raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, (int, np.integer))
-                                       or isinstance(self.top_k, bool) or self.top_k < 1):
+        if self.top_k is not None and (
+            not isinstance(self.top_k, (int, np.integer))
+            or isinstance(self.top_k, bool)
+            or self.top_k < 1
+        ):
             raise ValueError(f"top_k must be None or an int >= 1, got {self.top_k!r}")
-        if self.top_p is not None and (not isinstance(self.top_p, number) or not 0 < self.top_p <= 1):
+        if self.top_p is not None and (
+            not isinstance(self.top_p, number) or not 0 < self.top_p <= 1
+        ):
             raise ValueError(f"top_p must be None or in (0, 1], got {self.top_p!r}")
-        if self.min_p is not None and (not isinstance(self.min_p, number) or not 0 <= self.min_p <= 1):
+        if self.min_p is not None and (
+            not isinstance(self.min_p, number) or not 0 <= self.min_p <= 1
+        ):
             raise ValueError(f"min_p must be None or in [0, 1], got {self.min_p!r}")
         if not isinstance(self.repetition_penalty, number) or not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be a number > 0, got {self.repetition_penalty!r}")
+            raise ValueError(
+                f"repetition_penalty must be a number > 0, got {self.repetition_penalty!r}"
+            )
         eos = tuple(self.eos_ids)
         if len(eos) > MAX_EOS_IDS or any(
-                not isinstance(i, (int, np.integer)) or isinstance(i, bool) or i < 0 for i in eos):
-            raise ValueError(f"eos_ids must be at most {MAX_EOS_IDS} ints >= 0, got {self.eos_ids!r}")
+            not isinstance(i, (int, np.integer)) or isinstance(i, bool) or i < 0 for i in eos
+        ):
+            raise ValueError(
+                f"eos_ids must be at most {MAX_EOS_IDS} ints >= 0, got {self.eos_ids!r}"
+            )
         object.__setattr__(self, "eos_ids", tuple(int(i) for i in eos))
         # jax.random.key keeps 32 bits of the seed (without x64): a wider one would alias.
-        if (not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool)
-                or not 0 <= self.seed < 2**32):
+        if (
+            not isinstance(self.seed, (int, np.integer))
+            or isinstance(self.seed, bool)
+            or not 0 <= self.seed < 2**32
+        ):
             raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
 
     @property
-    def mode(self) -> "SamplingMode":
-        return SamplingMode(greedy=self.temperature == 0,
-                            sort=self.top_k is not None or self.top_p is not None)
+    def mode(self) -> SamplingMode:
+        return SamplingMode(
+            greedy=self.temperature == 0, sort=self.top_k is not None or self.top_p is not None
+        )
 
-    def params(self) -> "SamplingParams":
+    def params(self) -> SamplingParams:
         """The traced values (host scalars turned into device arrays)."""
         eos = list(self.eos_ids) + [-1] * (MAX_EOS_IDS - len(self.eos_ids))
         return SamplingParams(
@@ -142,8 +158,7 @@ def _sort_floats(x):
     """
     flip = lambda k: jnp.where(k < 0, k ^ jnp.int32(0x7FFFFFFF), k)  # noqa: E731
     keys = flip(jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32))
-    return jax.lax.bitcast_convert_type(flip(jax.lax.sort(keys, dimension=x.ndim - 1)),
-                                        jnp.float32)
+    return jax.lax.bitcast_convert_type(flip(jax.lax.sort(keys, dimension=x.ndim - 1)), jnp.float32)
 
 
 def sample(logits, seen, key, params: SamplingParams, mode: SamplingMode, *, vocab_size=None):

@@ -80,11 +80,14 @@ class HFTokenizer:
         try:
             import tokenizers
         except ImportError:  # pragma: no cover - depends on the environment
-            raise ImportError(f"reading the tokenizer {path} needs the `tokenizers` package "
-                              f"(pip install tokenizers)") from None
+            raise ImportError(
+                f"reading the tokenizer {path} needs the `tokenizers` package "
+                f"(pip install tokenizers)"
+            ) from None
         if not path.is_file():
-            raise ValueError(f"tokenizer path {path}: no such file (expected {BYTES!r} or a "
-                             f"{TOKENIZER_FILE})")
+            raise ValueError(
+                f"tokenizer path {path}: no such file (expected {BYTES!r} or a {TOKENIZER_FILE})"
+            )
         try:
             self._tokenizer = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # the library raises a bare Exception on a bad file
@@ -111,8 +114,9 @@ class HFTokenizer:
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts) -> list[np.ndarray]:
-        strings = [t.decode("utf-8", errors="replace") if isinstance(t, bytes) else t
-                   for t in texts]
+        strings = [
+            t.decode("utf-8", errors="replace") if isinstance(t, bytes) else t for t in texts
+        ]
         encodings = self._tokenizer.encode_batch(strings, add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
 
@@ -136,8 +140,9 @@ def tokenizer_model_config(tokenizer) -> dict:
     if isinstance(tokenizer, ByteTokenizer):
         entries[EXTRA_KEY] = {"tokenizer": BYTES}
     elif not isinstance(tokenizer, HFTokenizer):
-        raise ValueError(f"tokenizer must be a ByteTokenizer or HFTokenizer, got "
-                         f"{type(tokenizer).__name__}")
+        raise ValueError(
+            f"tokenizer must be a ByteTokenizer or HFTokenizer, got {type(tokenizer).__name__}"
+        )
     return entries
 
 

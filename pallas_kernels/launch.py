@@ -28,12 +28,21 @@ def core_count() -> int:
     return int(cores) if cores else DEFAULT_CORES
 
 
-def call(body: Callable, inputs: Mapping[str, jax.Array | None],
-         outputs: Mapping[str, jax.ShapeDtypeStruct], *, grid: tuple[int, ...], name: str,
-         num_warps: int, num_stages: int = 1, interpret: bool,
-         aliases: Mapping[str, str] | None = None,
-         in_specs: Mapping[str, pl.BlockSpec] | None = None,
-         out_specs: Mapping[str, pl.BlockSpec] | None = None, **static) -> tuple:
+def call(
+    body: Callable,
+    inputs: Mapping[str, jax.Array | None],
+    outputs: Mapping[str, jax.ShapeDtypeStruct],
+    *,
+    grid: tuple[int, ...],
+    name: str,
+    num_warps: int,
+    num_stages: int = 1,
+    interpret: bool,
+    aliases: Mapping[str, str] | None = None,
+    in_specs: Mapping[str, pl.BlockSpec] | None = None,
+    out_specs: Mapping[str, pl.BlockSpec] | None = None,
+    **static,
+) -> tuple:
     """pallas_call(body) on the present (not None) inputs; returns the outputs as a tuple, in
     the order of `outputs`.
 
@@ -54,16 +63,18 @@ def call(body: Callable, inputs: Mapping[str, jax.Array | None],
         specs["in_specs"] = tuple(in_specs.get(k, pl.no_block_spec) for k in present)
     if out_specs:
         specs["out_specs"] = tuple(out_specs.get(k, pl.no_block_spec) for k in outputs)
-    return tuple(pl.pallas_call(
-        kernel,
-        out_shape=tuple(outputs.values()),
-        grid=grid,
-        **specs,
-        input_output_aliases=io_alias,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name=name,
-    )(*present.values()))
+    return tuple(
+        pl.pallas_call(
+            kernel,
+            out_shape=tuple(outputs.values()),
+            grid=grid,
+            **specs,
+            input_output_aliases=io_alias,
+            compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+            interpret=interpret,
+            name=name,
+        )(*present.values())
+    )
 
 
 def i32(v):

@@ -46,7 +46,8 @@ def _install() -> None:
             module = result.module.operation
             with module.context:
                 module.attributes["ttg.maxnreg"] = ir.IntegerAttr.get(
-                    ir.IntegerType.get_signless(32), int(match.group(1)))
+                    ir.IntegerType.get_signless(32), int(match.group(1))
+                )
         return result
 
     lowering.lower_jaxpr_to_triton_module = lower_with_cap

@@ -24,8 +24,12 @@ def ptx(asm: str, *args):
     shape = jnp.broadcast_shapes(*(jnp.shape(a) for a in args))
     args = [jnp.broadcast_to(jnp.asarray(a, F32), shape) for a in args]
     [y] = plgpu.elementwise_inline_asm(
-        asm, args=args, constraints=",".join(["=r"] + ["r"] * len(args)), pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(shape, F32)])
+        asm,
+        args=args,
+        constraints=",".join(["=r"] + ["r"] * len(args)),
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(shape, F32)],
+    )
     return y
 
 

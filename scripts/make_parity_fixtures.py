@@ -59,71 +59,175 @@ LENGTHS = (1, 6, 23, 70)  # 70 spans a 64-step scan chunk edge; Mamba2's chunks 
 
 CONFIGS = {
     # Tied embeddings, d_conv 4, dt_rank "auto" (= 2), vocab a multiple of 8.
-    "tied": dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=8, conv_kernel=4,
-                 expand=2, time_step_rank="auto", use_bias=False, use_conv_bias=True,
-                 layer_norm_epsilon=1e-5, tie_word_embeddings=True),
+    "tied": dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        state_size=8,
+        conv_kernel=4,
+        expand=2,
+        time_step_rank="auto",
+        use_bias=False,
+        use_conv_bias=True,
+        layer_norm_epsilon=1e-5,
+        tie_word_embeddings=True,
+    ),
     # Untied head, projection biases, d_conv 3, d_state 4, explicit dt_rank, odd vocab.
-    "untied": dict(vocab_size=50, hidden_size=24, num_hidden_layers=3, state_size=4, conv_kernel=3,
-                   expand=2, time_step_rank=5, use_bias=True, use_conv_bias=True,
-                   layer_norm_epsilon=1e-6, tie_word_embeddings=False),
+    "untied": dict(
+        vocab_size=50,
+        hidden_size=24,
+        num_hidden_layers=3,
+        state_size=4,
+        conv_kernel=3,
+        expand=2,
+        time_step_rank=5,
+        use_bias=True,
+        use_conv_bias=True,
+        layer_norm_epsilon=1e-6,
+        tie_word_embeddings=False,
+    ),
 }
 
 
 MAMBA2_CONFIGS = {
     # Four heads in two groups, tied embeddings, d_conv 4; chunks of 16 so that every sequence
     # but the shortest crosses chunk edges in both the reference and our scan.
-    "mamba2_tied": dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=8,
-                        num_heads=4, head_dim=16, n_groups=2, expand=2, conv_kernel=4,
-                        chunk_size=16, use_bias=False, use_conv_bias=True,
-                        layer_norm_epsilon=1e-5, tie_word_embeddings=True),
+    "mamba2_tied": dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        state_size=8,
+        num_heads=4,
+        head_dim=16,
+        n_groups=2,
+        expand=2,
+        conv_kernel=4,
+        chunk_size=16,
+        use_bias=False,
+        use_conv_bias=True,
+        layer_norm_epsilon=1e-5,
+        tie_word_embeddings=True,
+    ),
     # Six heads in two groups, untied head, projection biases, d_conv 3, d_state 4, odd vocab.
-    "mamba2_untied": dict(vocab_size=50, hidden_size=24, num_hidden_layers=3, state_size=4,
-                          num_heads=6, head_dim=8, n_groups=2, expand=2, conv_kernel=3,
-                          chunk_size=8, use_bias=True, use_conv_bias=True,
-                          layer_norm_epsilon=1e-6, tie_word_embeddings=False),
+    "mamba2_untied": dict(
+        vocab_size=50,
+        hidden_size=24,
+        num_hidden_layers=3,
+        state_size=4,
+        num_heads=6,
+        head_dim=8,
+        n_groups=2,
+        expand=2,
+        conv_kernel=3,
+        chunk_size=8,
+        use_bias=True,
+        use_conv_bias=True,
+        layer_norm_epsilon=1e-6,
+        tie_word_embeddings=False,
+    ),
 }
 # Hybrids: Mamba2 mixers with GQA attention (4 query heads on 2 key/value heads, head dim 8) and
 # MLPs. Bamba: every layer is a mixer (Mamba2 or attention) then a gated SiLU MLP, attention with
 # half-split RoPE on half the head dim (partial_rotary_factor 0.5, fixed by BambaConfig).
 BAMBA_CONFIGS = {
     # Attention at layers 1 and 3 of 4; untied head; Mamba2 4 heads of 16 in 2 groups.
-    "bamba": dict(vocab_size=64, hidden_size=32, num_hidden_layers=4, attn_layer_indices=[1, 3],
-                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
-                  mamba_n_heads=4, mamba_d_head="auto", mamba_n_groups=2, mamba_d_state=8,
-                  mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16, mamba_conv_bias=True,
-                  mamba_proj_bias=False, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                  rope_parameters=dict(rope_type="default", rope_theta=10_000.0),
-                  attn_implementation="eager"),
+    "bamba": dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=4,
+        attn_layer_indices=[1, 3],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        mamba_n_heads=4,
+        mamba_d_head="auto",
+        mamba_n_groups=2,
+        mamba_d_state=8,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        mamba_chunk_size=16,
+        mamba_conv_bias=True,
+        mamba_proj_bias=False,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="default", rope_theta=10_000.0),
+        attn_implementation="eager",
+    ),
     # Tied, attention first, d_conv 3, theta 500, eps 1e-6, odd vocab, projection biases.
-    "bamba_tied": dict(vocab_size=50, hidden_size=24, num_hidden_layers=3, attn_layer_indices=[0],
-                       num_attention_heads=6, num_key_value_heads=2, intermediate_size=40,
-                       mamba_n_heads=6, mamba_d_head="auto", mamba_n_groups=2, mamba_d_state=4,
-                       mamba_d_conv=3, mamba_expand=2, mamba_chunk_size=8, mamba_conv_bias=True,
-                       mamba_proj_bias=True, rms_norm_eps=1e-6, tie_word_embeddings=True,
-                       attention_bias=True, mlp_bias=True,
-                       rope_parameters=dict(rope_type="default", rope_theta=500.0),
-                       attn_implementation="eager"),
+    "bamba_tied": dict(
+        vocab_size=50,
+        hidden_size=24,
+        num_hidden_layers=3,
+        attn_layer_indices=[0],
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        intermediate_size=40,
+        mamba_n_heads=6,
+        mamba_d_head="auto",
+        mamba_n_groups=2,
+        mamba_d_state=4,
+        mamba_d_conv=3,
+        mamba_expand=2,
+        mamba_chunk_size=8,
+        mamba_conv_bias=True,
+        mamba_proj_bias=True,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        mlp_bias=True,
+        rope_parameters=dict(rope_type="default", rope_theta=500.0),
+        attn_implementation="eager",
+    ),
 }
 # Nemotron-H: each layer is ONE of Mamba2 mixer ("M"), attention without any position encoding
 # ("*") or a squared-ReLU MLP without a gate ("-"), each with its own pre-norm and residual.
 NEMOTRON_H_CONFIGS = {
-    "nemotron_h": dict(vocab_size=64, hidden_size=32, hybrid_override_pattern="M*M-M-",
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                       intermediate_size=48, mlp_hidden_act="relu2", ssm_state_size=8,
-                       mamba_num_heads=4, mamba_head_dim=16, n_groups=2, conv_kernel=4,
-                       chunk_size=16, use_conv_bias=True, use_bias=False,
-                       layer_norm_epsilon=1e-5, tie_word_embeddings=False,
-                       attn_implementation="eager"),
+    "nemotron_h": dict(
+        vocab_size=64,
+        hidden_size=32,
+        hybrid_override_pattern="M*M-M-",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=48,
+        mlp_hidden_act="relu2",
+        ssm_state_size=8,
+        mamba_num_heads=4,
+        mamba_head_dim=16,
+        n_groups=2,
+        conv_kernel=4,
+        chunk_size=16,
+        use_conv_bias=True,
+        use_bias=False,
+        layer_norm_epsilon=1e-5,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    ),
     # Attention first, MQA (one key/value head), head_dim 12 (not hidden / heads), d_conv 3,
     # projection biases. Untied: NemotronHForCausalLM (transformers 5.25) declares no tied
     # weights, so tie_word_embeddings=True would still give lm_head its own weights.
-    "nemotron_h_small": dict(vocab_size=50, hidden_size=24, hybrid_override_pattern="*M-M",
-                            num_attention_heads=4, num_key_value_heads=1, head_dim=12,
-                            intermediate_size=40, mlp_hidden_act="relu2", ssm_state_size=4,
-                            mamba_num_heads=6, mamba_head_dim=8, n_groups=2, conv_kernel=3,
-                            chunk_size=8, use_conv_bias=True, use_bias=True, mlp_bias=True,
-                            layer_norm_epsilon=1e-6, tie_word_embeddings=False,
-                            attn_implementation="eager"),
+    "nemotron_h_small": dict(
+        vocab_size=50,
+        hidden_size=24,
+        hybrid_override_pattern="*M-M",
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=12,
+        intermediate_size=40,
+        mlp_hidden_act="relu2",
+        ssm_state_size=4,
+        mamba_num_heads=6,
+        mamba_head_dim=8,
+        n_groups=2,
+        conv_kernel=3,
+        chunk_size=8,
+        use_conv_bias=True,
+        use_bias=True,
+        mlp_bias=True,
+        layer_norm_epsilon=1e-6,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    ),
 }
 # The state-spaces copy of "mamba2_tied" declares the unpadded vocabulary the released
 # mamba2-* configs declare (50277, padded to 50288 rows): here 53, padded to 64 rows.
@@ -179,35 +283,66 @@ def reference_logits(model, vocab, seed):
 
 def write_state_spaces(model: MambaForCausalLM, hf: dict, out: Path):
     """The same weights under mamba_ssm's MambaLMHeadModel names and config."""
-    state = {k.replace("backbone.embeddings.", "backbone.embedding."): v.detach().clone().contiguous()
-             for k, v in model.state_dict().items()}
+    state = {
+        k.replace("backbone.embeddings.", "backbone.embedding."): v.detach().clone().contiguous()
+        for k, v in model.state_dict().items()
+    }
     # torch.save of a tied MambaLMHeadModel stores lm_head.weight as well.
     state["lm_head.weight"] = state["backbone.embedding.weight"].clone()
-    config = dict(d_model=hf["hidden_size"], d_intermediate=0, n_layer=hf["num_hidden_layers"],
-                  vocab_size=hf["vocab_size"], ssm_cfg=dict(d_state=hf["state_size"]),
-                  attn_layer_idx=[], attn_cfg={}, rms_norm=True, residual_in_fp32=True,
-                  fused_add_norm=True, pad_vocab_size_multiple=8, tie_embeddings=True)
+    config = dict(
+        d_model=hf["hidden_size"],
+        d_intermediate=0,
+        n_layer=hf["num_hidden_layers"],
+        vocab_size=hf["vocab_size"],
+        ssm_cfg=dict(d_state=hf["state_size"]),
+        attn_layer_idx=[],
+        attn_cfg={},
+        rms_norm=True,
+        residual_in_fp32=True,
+        fused_add_norm=True,
+        pad_vocab_size_multiple=8,
+        tie_embeddings=True,
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     torch.save(state, out / "pytorch_model.bin")
-    save_file({k: v for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"}
+    )
 
 
 def write_mamba2_state_spaces(model: Mamba2ForCausalLM, hf: dict, out: Path):
     """The same weights under mamba_ssm's MambaLMHeadModel names and a mamba2-* config (ssm_cfg
     gives what differs from mamba_ssm's Mamba2 defaults; d_conv 4 and expand 2 are defaults)."""
-    state = {k.replace("backbone.embeddings.", "backbone.embedding."): v.detach().clone().contiguous()
-             for k, v in model.state_dict().items()}
+    state = {
+        k.replace("backbone.embeddings.", "backbone.embedding."): v.detach().clone().contiguous()
+        for k, v in model.state_dict().items()
+    }
     state["lm_head.weight"] = state["backbone.embedding.weight"].clone()
     multiple = 16
     assert -(-MAMBA2_STATE_SPACES_VOCAB // multiple) * multiple == hf["vocab_size"]
-    ssm_cfg = dict(layer="Mamba2", d_state=hf["state_size"], headdim=hf["head_dim"],
-                   ngroups=hf["n_groups"], chunk_size=hf["chunk_size"])
+    ssm_cfg = dict(
+        layer="Mamba2",
+        d_state=hf["state_size"],
+        headdim=hf["head_dim"],
+        ngroups=hf["n_groups"],
+        chunk_size=hf["chunk_size"],
+    )
     assert hf["conv_kernel"] == 4 and hf["expand"] == 2 and not hf["use_bias"]
-    config = dict(d_model=hf["hidden_size"], d_intermediate=0, n_layer=hf["num_hidden_layers"],
-                  vocab_size=MAMBA2_STATE_SPACES_VOCAB, ssm_cfg=ssm_cfg, attn_layer_idx=[],
-                  attn_cfg={}, rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
-                  pad_vocab_size_multiple=multiple, tie_embeddings=True)
+    config = dict(
+        d_model=hf["hidden_size"],
+        d_intermediate=0,
+        n_layer=hf["num_hidden_layers"],
+        vocab_size=MAMBA2_STATE_SPACES_VOCAB,
+        ssm_cfg=ssm_cfg,
+        attn_layer_idx=[],
+        attn_cfg={},
+        rms_norm=True,
+        residual_in_fp32=True,
+        fused_add_norm=True,
+        pad_vocab_size_multiple=multiple,
+        tie_embeddings=True,
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -229,24 +364,50 @@ def write_bamba_rope(model: BambaForCausalLM, out: Path, seed: int):
     cos, sin = model.model.rotary_emb(q, torch.from_numpy(positions))
     q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin)
     to_bthd = lambda a: a.transpose(1, 2).numpy()  # noqa: E731 - ours is (b, t, heads, d)
-    np.savez(out / "rope.npz", q=to_bthd(q), k=to_bthd(k), q_rot=to_bthd(q_rot),
-             k_rot=to_bthd(k_rot), positions=positions.astype(np.int32),
-             rotary_dim=cos.shape[-1], theta=config.rope_parameters["rope_theta"])
+    np.savez(
+        out / "rope.npz",
+        q=to_bthd(q),
+        k=to_bthd(k),
+        q_rot=to_bthd(q_rot),
+        k_rot=to_bthd(k_rot),
+        positions=positions.astype(np.int32),
+        rotary_dim=cos.shape[-1],
+        theta=config.rope_parameters["rope_theta"],
+    )
 
 
 # family -> (configs, transformers classes, randomize, state-spaces copy: (of which, writer, dir)
 # or None)
 FAMILIES = {
-    "mamba": (CONFIGS, MambaConfig, MambaForCausalLM, randomize,
-              ("tied", write_state_spaces, "state_spaces")),
-    "mamba2": (MAMBA2_CONFIGS, Mamba2Config, Mamba2ForCausalLM, randomize_mamba2,
-               ("mamba2_tied", write_mamba2_state_spaces, "mamba2_state_spaces")),
+    "mamba": (
+        CONFIGS,
+        MambaConfig,
+        MambaForCausalLM,
+        randomize,
+        ("tied", write_state_spaces, "state_spaces"),
+    ),
+    "mamba2": (
+        MAMBA2_CONFIGS,
+        Mamba2Config,
+        Mamba2ForCausalLM,
+        randomize_mamba2,
+        ("mamba2_tied", write_mamba2_state_spaces, "mamba2_state_spaces"),
+    ),
     "bamba": (BAMBA_CONFIGS, BambaConfig, BambaForCausalLM, randomize_mamba2, None),
-    "nemotron_h": (NEMOTRON_H_CONFIGS, NemotronHConfig, NemotronHForCausalLM, randomize_mamba2,
-                   None),
+    "nemotron_h": (
+        NEMOTRON_H_CONFIGS,
+        NemotronHConfig,
+        NemotronHForCausalLM,
+        randomize_mamba2,
+        None,
+    ),
 }
-ARCHITECTURES = {"MambaForCausalLM": MambaForCausalLM, "Mamba2ForCausalLM": Mamba2ForCausalLM,
-                 "BambaForCausalLM": BambaForCausalLM, "NemotronHForCausalLM": NemotronHForCausalLM}
+ARCHITECTURES = {
+    "MambaForCausalLM": MambaForCausalLM,
+    "Mamba2ForCausalLM": Mamba2ForCausalLM,
+    "BambaForCausalLM": BambaForCausalLM,
+    "NemotronHForCausalLM": NemotronHForCausalLM,
+}
 
 
 def make(families):
@@ -282,8 +443,9 @@ def make(families):
             if name == copied:
                 write_copy(model, fields, OUT / copy_dir)
             print(name, {k: v.shape for k, v in ref.items() if k.startswith("logits")})
-        versions[family] = dict(torch=torch.__version__, transformers=transformers.__version__,
-                                lengths=LENGTHS)
+        versions[family] = dict(
+            torch=torch.__version__, transformers=transformers.__version__, lengths=LENGTHS
+        )
     versions_file.write_text(json.dumps(versions, indent=2, sort_keys=True) + "\n")
     for path in sorted(OUT.rglob("*")):
         if path.is_file() and path.stat().st_size > 300_000:
@@ -311,10 +473,16 @@ def check_saved(path: Path):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--check-saved", type=Path, help="checkpoint written by save_pretrained")
-    parser.add_argument("--family", choices=sorted(FAMILIES), action="append",
-                        help="regenerate only this family's fixtures (repeatable; default all)")
+    parser.add_argument(
+        "--family",
+        choices=sorted(FAMILIES),
+        action="append",
+        help="regenerate only this family's fixtures (repeatable; default all)",
+    )
     args = parser.parse_args()
     if args.check_saved:
         check_saved(args.check_saved)

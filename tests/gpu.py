@@ -8,8 +8,9 @@ HAS_GPU = jax.default_backend() == "gpu"
 
 
 def on_gpu(value):
-    return pytest.param(value, marks=[pytest.mark.gpu,
-                                      pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")])
+    return pytest.param(
+        value, marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")]
+    )
 
 
 def lower_for_cuda(fn, *args, auto_axes: bool = False) -> str:

@@ -14,8 +14,20 @@ def rel_err(x, ref) -> float:
     return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def selective_scan_loop(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
-                        delta_softplus=False, segment_ids=None, initial_states=None):
+def selective_scan_loop(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    *,
+    delta_softplus=False,
+    segment_ids=None,
+    initial_states=None,
+):
     """One step at a time; returns (y, states) with states (b, t, d, n) after each step. A run
     of id s (a new run wherever the id changes, and at t = 0) starts from
     initial_states[b, s] (zeros without them)."""
@@ -57,7 +69,11 @@ def causal_conv1d_loop(x, weight, bias=None, *, segment_ids=None, activation=Non
         segment_ids = jnp.zeros((batch, length), jnp.int32)
     outputs = []
     for t in range(length):
-        acc = jnp.zeros((batch, channels), x.dtype) if bias is None else jnp.broadcast_to(bias, (batch, channels))
+        acc = (
+            jnp.zeros((batch, channels), x.dtype)
+            if bias is None
+            else jnp.broadcast_to(bias, (batch, channels))
+        )
         # Walk back from t while still inside t's segment.
         inside = jnp.ones((batch,), bool)
         for lag in range(width):
@@ -74,8 +90,20 @@ def causal_conv1d_loop(x, weight, bias=None, *, segment_ids=None, activation=Non
     return out
 
 
-def ssd_scan_loop(x, dt, A, B, C, D=None, z=None, dt_bias=None, *, dt_softplus=False,
-                  segment_ids=None, initial_states=None):
+def ssd_scan_loop(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    dt_bias=None,
+    *,
+    dt_softplus=False,
+    segment_ids=None,
+    initial_states=None,
+):
     """Mamba2's recurrence one step at a time; returns (y, states) with states (b, t, h, p, n)
     after each step. Head h reads group h // (heads // groups) of B and C; a run of id s (a
     new run wherever the id changes, and at t = 0) starts from initial_states[b, s] (zeros
@@ -100,8 +128,10 @@ def ssd_scan_loop(x, dt, A, B, C, D=None, z=None, dt_bias=None, *, dt_softplus=F
         else:
             start = initial_states[jnp.arange(batch), id_t]
         h = jnp.where(new_t[:, None, None, None], start, h)
-        h = (jnp.exp(dt_t * A)[:, :, None, None] * h
-             + (dt_t[:, :, None] * x_t)[..., None] * B_t[:, :, None, :])
+        h = (
+            jnp.exp(dt_t * A)[:, :, None, None] * h
+            + (dt_t[:, :, None] * x_t)[..., None] * B_t[:, :, None, :]
+        )
         return h, (jnp.einsum("bhpn,bhn->bhp", h, C_t), h)
 
     time_major = [jnp.swapaxes(a, 0, 1) for a in (x, dt, B, C, new_segment, segment_ids)]

@@ -29,8 +29,7 @@ IMPLS = ["reference", on_gpu("cudnn"), on_gpu("cudnn_packed")]
 MAX_SEGMENTS = 8
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 16
 # (lengths, ids) per row; 40 columns each.
-ROWS = [([1, 15, 16, 1, 7], [1, 2, 3, 4, 5]),
-        ([3, 13, 1, 1, 18, 4], [1, 2, 1, 3, 4, 0])]
+ROWS = [([1, 15, 16, 1, 7], [1, 2, 3, 4, 5]), ([3, 13, 1, 1, 18, 4], [1, 2, 1, 3, 4, 0])]
 # Relative error bounds (tests/loops.rel_err). float32: rounding of a 40-term softmax. bfloat16
 # inputs are rounded before the float64 loop sees them, so what is left is the kernels'
 # bfloat16 probabilities and outputs (8 mantissa bits, about 4e-3 each); gradients pass
@@ -57,17 +56,23 @@ def dtypes_for(impl):
 
 def attend_with_grads(impl, causal=True):
     """jit((q, k, v, g, ids) -> (out, dq, dk, dv)) through jax.vjp with cotangent g."""
+
     def run(q, k, v, g, ids):
-        fn = lambda q, k, v: jp.attention(q, k, v, segment_ids=ids, causal=causal, impl=impl,
-                                          max_segments=MAX_SEGMENTS)
+        fn = lambda q, k, v: jp.attention(
+            q, k, v, segment_ids=ids, causal=causal, impl=impl, max_segments=MAX_SEGMENTS
+        )
         out, vjp = jax.vjp(fn, q, k, v)
         return (out, *vjp(g))
+
     return jax.jit(run)
 
 
 IMPL_NAMES = ["reference", "cudnn", "cudnn_packed"]
-CASE_PARAMS = [pytest.param(impl, dtype, marks=IMPLS[i].marks if i else ())
-               for i, impl in enumerate(IMPL_NAMES) for dtype in dtypes_for(impl)]
+CASE_PARAMS = [
+    pytest.param(impl, dtype, marks=IMPLS[i].marks if i else ())
+    for i, impl in enumerate(IMPL_NAMES)
+    for dtype in dtypes_for(impl)
+]
 
 
 @pytest.mark.parametrize("impl,dtype", CASE_PARAMS)
@@ -96,7 +101,8 @@ def test_cudnn_mask_route_through_xla_matches_loop(causal, length):
     @jax.jit
     def run(q, k, v, g):
         fn = lambda q, k, v: attention_module._cudnn_masked(
-            q, k, v, runs, causal=causal, scale=HEAD_DIM ** -0.5, implementation="xla")
+            q, k, v, runs, causal=causal, scale=HEAD_DIM**-0.5, implementation="xla"
+        )
         out, vjp = jax.vjp(fn, q, k, v)
         return (out, *vjp(g))
 
@@ -144,7 +150,8 @@ def test_segments_are_bit_isolated(impl, row, cols):
     for name, a, b in zip(("out", "dq", "dk", "dv"), before, fn(q, k, v, g, ids)):
         assert np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32)), (
             f"{impl}: {name} differs between two identical runs (not deterministic; on a GPU "
-            "try XLA_FLAGS=--xla_gpu_deterministic_ops=true)")
+            "try XLA_FLAGS=--xla_gpu_deterministic_ops=true)"
+        )
     noise = inputs(dtype, seed=7)
     changed = [a.at[row, cols].set(n[row, cols] * 3) for a, n in zip((q, k, v, g), noise)]
     after = fn(*changed, ids)
@@ -168,10 +175,10 @@ def test_packed_matches_alone(impl):
     # (row, start, length): the first token alone, a segment on the 16..32 block edges, the
     # 18-token one after two single tokens, and the padding run (one compile per length).
     for r, start, n in [(0, 0, 1), (0, 16, 16), (1, 18, 18), (1, 36, 4)]:
-        piece = [a[r:r + 1, start:start + n] for a in (q, k, v, g)]
+        piece = [a[r : r + 1, start : start + n] for a in (q, k, v, g)]
         alone = attend_with_grads(impl)(*piece, jnp.ones((1, n), jnp.int32))
         for i, (a, b) in enumerate(zip(packed, alone)):
-            err = rel_err(a[r:r + 1, start:start + n], b)
+            err = rel_err(a[r : r + 1, start : start + n], b)
             assert err < tol[min(i, 1)], (r, start, n, i, err)
 
 
@@ -191,7 +198,7 @@ def test_packed_layout_describes_runs():
         n = int(runs[row, -1]) + 1
         rebuilt = np.repeat(np.arange(n), seqlen[row, :n])
         np.testing.assert_array_equal(rebuilt, runs[row])
-        np.testing.assert_array_equal(offsets[row, :n], np.r_[0, np.cumsum(seqlen[row, :n - 1])])
+        np.testing.assert_array_equal(offsets[row, :n], np.r_[0, np.cumsum(seqlen[row, : n - 1])])
         assert (seqlen[row, n:] == -1).all() and (offsets[row, n:] == -1).all()
 
 
@@ -207,32 +214,43 @@ def test_auto_is_the_reference_off_a_gpu():
         pytest.skip("checks the CPU choice")
     q, k, v, _ = inputs(jnp.bfloat16)
     ids = segment_rows()
-    np.testing.assert_array_equal(jp.attention(q, k, v, segment_ids=ids),
-                                  jp.attention_reference(q, k, v, segment_ids=ids))
+    np.testing.assert_array_equal(
+        jp.attention(q, k, v, segment_ids=ids), jp.attention_reference(q, k, v, segment_ids=ids)
+    )
 
 
-@pytest.mark.parametrize("platform,dtype,head_dim,max_segments,want", [
-    ("cuda", jnp.bfloat16, 128, 64, "cudnn"),  # measured faster than cudnn_packed
-    ("cuda", jnp.float16, 64, None, "cudnn"),
-    ("cuda", jnp.float32, 128, 64, "reference"),  # cuDNN's flash attention is bf16/fp16 only
-    ("cuda", jnp.bfloat16, 12, 64, "reference"),  # head dim not a multiple of 8
-    ("cpu", jnp.bfloat16, 128, 64, "reference"),
-])
+@pytest.mark.parametrize(
+    "platform,dtype,head_dim,max_segments,want",
+    [
+        ("cuda", jnp.bfloat16, 128, 64, "cudnn"),  # measured faster than cudnn_packed
+        ("cuda", jnp.float16, 64, None, "cudnn"),
+        ("cuda", jnp.float32, 128, 64, "reference"),  # cuDNN's flash attention is bf16/fp16 only
+        ("cuda", jnp.bfloat16, 12, 64, "reference"),  # head dim not a multiple of 8
+        ("cpu", jnp.bfloat16, 128, 64, "reference"),
+    ],
+)
 def test_auto_choice(monkeypatch, platform, dtype, head_dim, max_segments, want):
     monkeypatch.setattr(attention_module, "_target_platform", lambda: platform)
     q = jax.ShapeDtypeStruct((1, 8, 2, head_dim), dtype)
     assert attention_module._auto_impl(q, max_segments) == want
 
 
-CUDNN_CALLS = ("__cudnn$fmhaScaleBiasSoftmax", "__cudnn$fmhaScaleBiasSoftmaxBackward",
-               "__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward")
+CUDNN_CALLS = (
+    "__cudnn$fmhaScaleBiasSoftmax",
+    "__cudnn$fmhaScaleBiasSoftmaxBackward",
+    "__cudnn$fmhaSoftmax",
+    "__cudnn$fmhaSoftmaxBackward",
+)
 
 
-@pytest.mark.parametrize("impl,length,calls", [
-    ("cudnn", 40, ("__cudnn$fmhaScaleBiasSoftmax(", "__cudnn$fmhaScaleBiasSoftmaxBackward(")),
-    ("cudnn", 39, ("__cudnn$fmhaScaleBiasSoftmax(", "__cudnn$fmhaScaleBiasSoftmaxBackward(")),
-    ("cudnn_packed", 40, ("__cudnn$fmhaSoftmax(", "__cudnn$fmhaSoftmaxBackward(")),
-])
+@pytest.mark.parametrize(
+    "impl,length,calls",
+    [
+        ("cudnn", 40, ("__cudnn$fmhaScaleBiasSoftmax(", "__cudnn$fmhaScaleBiasSoftmaxBackward(")),
+        ("cudnn", 39, ("__cudnn$fmhaScaleBiasSoftmax(", "__cudnn$fmhaScaleBiasSoftmaxBackward(")),
+        ("cudnn_packed", 40, ("__cudnn$fmhaSoftmax(", "__cudnn$fmhaSoftmaxBackward(")),
+    ],
+)
 def test_cudnn_paths_lower_for_cuda(monkeypatch, impl, length, calls):
     """Forward and backward lower to cuDNN's fused attention custom calls for CUDA on this
     machine. jax asks the installed cuDNN and GPU for their versions while tracing; on a
@@ -251,8 +269,10 @@ def test_cudnn_paths_lower_for_cuda(monkeypatch, impl, length, calls):
         return jnp.sum(out.astype(jnp.float32) * g)
 
     exported = export.export(
-        jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"],
-        disabled_checks=[export.DisabledSafetyCheck.custom_call(c) for c in CUDNN_CALLS])(q, k, v)
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))),
+        platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call(c) for c in CUDNN_CALLS],
+    )(q, k, v)
     text = exported.mlir_module()
     for call in calls:
         assert text.count(call) == 1, call
@@ -269,39 +289,77 @@ def test_cudnn_off_a_gpu_names_impl(impl):
 
 def _bad(**changes):
     q, k, v, _ = inputs(jnp.float32, length=8)
-    args = dict(q=q, k=k, v=v, segment_ids=jnp.ones((2, 8), jnp.int32), causal=True, scale=None,
-                impl="reference")
+    args = dict(
+        q=q,
+        k=k,
+        v=v,
+        segment_ids=jnp.ones((2, 8), jnp.int32),
+        causal=True,
+        scale=None,
+        impl="reference",
+    )
     args.update(changes)
     return args
 
 
-@pytest.mark.parametrize("args,message", [
-    (_bad(q=jnp.zeros((2, 8, 4))), r"q must be \(batch, length, heads, head_dim\), got shape \(2, 8, 4\)"),
-    (_bad(q=jnp.zeros((2, 8, 3, 16))), r"q's heads \(3\) must be a multiple of k's kv_heads \(2\)"),
-    (_bad(k=jnp.zeros((2, 8, 2, 8)), v=jnp.zeros((2, 8, 2, 8))), r"k must be \(batch, length, kv_heads, head_dim\)"),
-    (_bad(v=jnp.zeros((2, 8, 1, 16))), r"k and v must have the same shape"),
-    (_bad(k=jnp.zeros((2, 7, 2, 16)), v=jnp.zeros((2, 7, 2, 16))), r"to match q \(2, 8, 4, 16\)"),
-    (_bad(v=jnp.zeros((2, 8, 2, 16), jnp.bfloat16)), r"q, k and v must share a dtype"),
-    (_bad(q=jnp.zeros((2, 8, 4, 16), jnp.int32)), r"q must be a real floating array, got dtype int32"),
-    (_bad(segment_ids=jnp.ones((2, 7), jnp.int32)), r"segment_ids must have shape \(batch, length\) = \(2, 8\)"),
-    (_bad(segment_ids=jnp.ones((2, 8))), r"segment_ids must be an integer array"),
-    (_bad(causal="yes"), r"causal must be a bool, got 'yes'"),
-    (_bad(scale=float("nan")), r"scale must be a finite Python number or None"),
-    (_bad(impl="flash"), r"impl must be one of \('auto', 'reference', 'cudnn', 'cudnn_packed'\), got 'flash'"),
-    (_bad(max_segments=0), r"max_segments must be a positive int or None, got 0"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            _bad(q=jnp.zeros((2, 8, 4))),
+            r"q must be \(batch, length, heads, head_dim\), got shape \(2, 8, 4\)",
+        ),
+        (
+            _bad(q=jnp.zeros((2, 8, 3, 16))),
+            r"q's heads \(3\) must be a multiple of k's kv_heads \(2\)",
+        ),
+        (
+            _bad(k=jnp.zeros((2, 8, 2, 8)), v=jnp.zeros((2, 8, 2, 8))),
+            r"k must be \(batch, length, kv_heads, head_dim\)",
+        ),
+        (_bad(v=jnp.zeros((2, 8, 1, 16))), r"k and v must have the same shape"),
+        (
+            _bad(k=jnp.zeros((2, 7, 2, 16)), v=jnp.zeros((2, 7, 2, 16))),
+            r"to match q \(2, 8, 4, 16\)",
+        ),
+        (_bad(v=jnp.zeros((2, 8, 2, 16), jnp.bfloat16)), r"q, k and v must share a dtype"),
+        (
+            _bad(q=jnp.zeros((2, 8, 4, 16), jnp.int32)),
+            r"q must be a real floating array, got dtype int32",
+        ),
+        (
+            _bad(segment_ids=jnp.ones((2, 7), jnp.int32)),
+            r"segment_ids must have shape \(batch, length\) = \(2, 8\)",
+        ),
+        (_bad(segment_ids=jnp.ones((2, 8))), r"segment_ids must be an integer array"),
+        (_bad(causal="yes"), r"causal must be a bool, got 'yes'"),
+        (_bad(scale=float("nan")), r"scale must be a finite Python number or None"),
+        (
+            _bad(impl="flash"),
+            r"impl must be one of \('auto', 'reference', 'cudnn', 'cudnn_packed'\), got 'flash'",
+        ),
+        (_bad(max_segments=0), r"max_segments must be a positive int or None, got 0"),
+    ],
+)
 def test_bad_input_names_the_argument(args, message):
     with pytest.raises(ValueError, match=message):
         jp.attention(**args)
 
 
-@pytest.mark.parametrize("impl,change,message", [
-    *[(impl, dict(dtype=jnp.float32), r"takes bfloat16 or float16 q, k, v .* got float32")
-      for impl in ("cudnn", "cudnn_packed")],
-    *[(impl, dict(head_dim=12), r"needs head_dim a multiple of 8 and at most 256, got 12")
-      for impl in ("cudnn", "cudnn_packed")],
-    ("cudnn_packed", dict(max_segments=None), r'impl="cudnn_packed" needs max_segments'),
-])
+@pytest.mark.parametrize(
+    "impl,change,message",
+    [
+        *[
+            (impl, dict(dtype=jnp.float32), r"takes bfloat16 or float16 q, k, v .* got float32")
+            for impl in ("cudnn", "cudnn_packed")
+        ],
+        *[
+            (impl, dict(head_dim=12), r"needs head_dim a multiple of 8 and at most 256, got 12")
+            for impl in ("cudnn", "cudnn_packed")
+        ],
+        ("cudnn_packed", dict(max_segments=None), r'impl="cudnn_packed" needs max_segments'),
+    ],
+)
 def test_cudnn_limits_name_impl(monkeypatch, impl, change, message):
     monkeypatch.setattr(attention_module, "_target_platform", lambda: "gpu")
     dtype, head_dim = change.get("dtype", jnp.bfloat16), change.get("head_dim", 16)
@@ -327,14 +385,20 @@ def test_rope_matches_formula_per_segment(rotary_dim, dtype, tol):
     np.testing.assert_array_equal(np.asarray(got)[starts], np.asarray(x)[starts])
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(rotary_dim=7), r"rotary_dim must be an even int in \(0, head_dim=16\], got 7"),
-    (dict(rotary_dim=18), r"rotary_dim must be an even int in \(0, head_dim=16\], got 18"),
-    (dict(theta=0.0), r"theta must be a positive number, got 0.0"),
-    (dict(positions=jnp.zeros((2, 5), jnp.int32)), r"positions must have shape \(batch, length\) = \(2, 4\)"),
-    (dict(positions=jnp.zeros((2, 4))), r"positions must be an integer array"),
-    (dict(x=jnp.zeros((2, 4, 16))), r"x must be \(batch, length, heads, head_dim\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(rotary_dim=7), r"rotary_dim must be an even int in \(0, head_dim=16\], got 7"),
+        (dict(rotary_dim=18), r"rotary_dim must be an even int in \(0, head_dim=16\], got 18"),
+        (dict(theta=0.0), r"theta must be a positive number, got 0.0"),
+        (
+            dict(positions=jnp.zeros((2, 5), jnp.int32)),
+            r"positions must have shape \(batch, length\) = \(2, 4\)",
+        ),
+        (dict(positions=jnp.zeros((2, 4))), r"positions must be an integer array"),
+        (dict(x=jnp.zeros((2, 4, 16))), r"x must be \(batch, length, heads, head_dim\)"),
+    ],
+)
 def test_rope_bad_input(kwargs, message):
     args = dict(x=jnp.zeros((2, 4, 1, 16)), positions=jnp.zeros((2, 4), jnp.int32), theta=1e4)
     args.update(kwargs)
@@ -360,7 +424,11 @@ def test_rope_matches_transformers_bamba(fixture):
     ref = np.load(Path(__file__).parent / "fixtures" / "parity" / fixture / "rope.npz")
     positions = jnp.asarray(ref["positions"])
     for name in ("q", "k"):
-        got = jp.apply_rope(jnp.asarray(ref[name]), positions, theta=float(ref["theta"]),
-                            rotary_dim=int(ref["rotary_dim"]))
+        got = jp.apply_rope(
+            jnp.asarray(ref[name]),
+            positions,
+            theta=float(ref["theta"]),
+            rotary_dim=int(ref["rotary_dim"]),
+        )
         np.testing.assert_allclose(got, ref[f"{name}_rot"], rtol=1e-6, atol=1e-6, err_msg=name)
     assert int(ref["rotary_dim"]) == ref["q"].shape[-1] // 2  # Bamba rotates half the head

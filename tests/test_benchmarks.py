@@ -21,18 +21,50 @@ from benchmarks import harness, plot_train, workloads
 from jax_packmamba.corpus import stdlib_documents
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-HEADER = ("device", "device_name", "kind", "backend", "jax_version", "date", "git_commit",
-          "command")
-SCRIPTS = ("bench_scan", "bench_ssd", "bench_kernels", "bench_train", "bench_generate", "breakdown",
-           "plot_train", "train_gpu", "anchor_mamba2", "bench_scaling", "probes/psum_bandwidth",
-           "probes/compile_time", "bench_ssd_chunk_scan", "bench_links", "bench_long_docs")
+HEADER = (
+    "device",
+    "device_name",
+    "kind",
+    "backend",
+    "jax_version",
+    "date",
+    "git_commit",
+    "command",
+)
+SCRIPTS = (
+    "bench_scan",
+    "bench_ssd",
+    "bench_kernels",
+    "bench_train",
+    "bench_generate",
+    "breakdown",
+    "plot_train",
+    "train_gpu",
+    "anchor_mamba2",
+    "bench_scaling",
+    "probes/psum_bandwidth",
+    "probes/compile_time",
+    "bench_ssd_chunk_scan",
+    "bench_links",
+    "bench_long_docs",
+)
 
 
 def run_script(script: str, *args, timeout=300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, f"benchmarks/{script}.py", *map(str, args)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    proc = subprocess.run(
+        [sys.executable, f"benchmarks/{script}.py", *map(str, args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     print(proc.stdout[-3000:], proc.stderr[-3000:])
     return proc
 
@@ -58,9 +90,16 @@ def fake_clock(group_seconds):
 
 def test_time_calls_rotates_inputs_blocks_per_group_and_takes_the_median():
     calls, blocked = [], []
-    timing = harness.time_calls(lambda x: calls.append(x) or x * 10, [(1,), (2,), (3,)],
-                                warmup=2, groups=3, per_group=4, keep_outputs=True,
-                                clock=fake_clock([0.5, 0.25, 2.0]), block=blocked.append)
+    timing = harness.time_calls(
+        lambda x: calls.append(x) or x * 10,
+        [(1,), (2,), (3,)],
+        warmup=2,
+        groups=3,
+        per_group=4,
+        keep_outputs=True,
+        clock=fake_clock([0.5, 0.25, 2.0]),
+        block=blocked.append,
+    )
     assert calls == [1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2]  # 2 warm-up + 3 x 4
     # Each warm-up call alone, then each group's 4 outputs at once.
     assert [len(b[1]) if isinstance(b[1], list) else 1 for b in blocked] == [1, 1, 4, 4, 4]
@@ -73,9 +112,17 @@ def test_time_calls_threads_a_state_through_the_calls():
     def step(state, x):
         return state + x, f"out{state}"
 
-    timing = harness.time_calls(step, [(1,), (100,)], state=0, warmup=1, groups=2, per_group=2,
-                                keep_outputs=True, clock=fake_clock([1.0, 1.0]),
-                                block=lambda x: x)
+    timing = harness.time_calls(
+        step,
+        [(1,), (100,)],
+        state=0,
+        warmup=1,
+        groups=2,
+        per_group=2,
+        keep_outputs=True,
+        clock=fake_clock([1.0, 1.0]),
+        block=lambda x: x,
+    )
     assert timing.state == 1 + 100 + 1 + 100 + 1  # 5 calls, inputs alternating
     assert timing.outputs == ["out1", "out101", "out102", "out202"]
 
@@ -83,8 +130,7 @@ def test_time_calls_threads_a_state_through_the_calls():
 def test_time_calls_blocks_on_real_arrays_and_rejects_bad_counts():
     import jax.numpy as jnp
 
-    timing = harness.time_calls(lambda x: x + 1, [(jnp.ones(3),)], warmup=1, groups=2,
-                                per_group=2)
+    timing = harness.time_calls(lambda x: x + 1, [(jnp.ones(3),)], warmup=1, groups=2, per_group=2)
     assert len(timing.group_s) == 2 and timing.min_s <= timing.median_s <= timing.max_s
     for bad in (dict(groups=0), dict(per_group=0), dict(warmup=-1)):
         with pytest.raises(ValueError, match=next(iter(bad))):
@@ -122,11 +168,16 @@ def test_device_slug_and_info():
 def test_git_commit_and_header(monkeypatch):
     monkeypatch.setenv("PACKMAMBA_GIT_COMMIT", "c0ffee1234")
     assert harness.git_commit() == "c0ffee1234"
-    head = harness.header(harness.device_info(), script=REPO / "benchmarks" / "bench_scan.py",
-                          argv=["--shapes", "0,1", "--out", "a b"])
+    head = harness.header(
+        harness.device_info(),
+        script=REPO / "benchmarks" / "bench_scan.py",
+        argv=["--shapes", "0,1", "--out", "a b"],
+    )
     check_header(head, "bench_scan")
     assert head["git_commit"] == "c0ffee1234"
-    assert head["command"] == "PYTHONPATH=. python3 benchmarks/bench_scan.py --shapes 0,1 --out 'a b'"
+    assert (
+        head["command"] == "PYTHONPATH=. python3 benchmarks/bench_scan.py --shapes 0,1 --out 'a b'"
+    )
     monkeypatch.delenv("PACKMAMBA_GIT_COMMIT")
     commit = harness.git_commit()  # the worktree's HEAD
     assert commit and len(commit) == 40
@@ -136,14 +187,22 @@ def test_git_commit_and_header(monkeypatch):
 def test_result_and_history_names():
     out = pathlib.Path("/r")
     assert harness.result_path("scan", "nvidia-h200", out_dir=out) == out / "scan_nvidia-h200.json"
-    assert harness.result_path("train_gpu", "cpu", "1dev_smoke", out_dir=out) == \
-        out / "train_gpu_cpu_1dev_smoke.json"
-    assert harness.result_path("ncu_scan", "nvidia-h200", "sass", ext=".csv.gz", out_dir=out) == \
-        out / "ncu_scan_nvidia-h200_sass.csv.gz"
-    assert harness.history_path(out / "ncu_scan_nvidia-h200_sass.csv.gz", "abc1234") == \
-        out / "history" / "ncu_scan_nvidia-h200_sass_abc1234.csv.gz"
-    assert harness.history_path(out / "train_nvidia-h200_1.4b.json", "abc1234") == \
-        out / "history" / "train_nvidia-h200_1.4b_abc1234.json"
+    assert (
+        harness.result_path("train_gpu", "cpu", "1dev_smoke", out_dir=out)
+        == out / "train_gpu_cpu_1dev_smoke.json"
+    )
+    assert (
+        harness.result_path("ncu_scan", "nvidia-h200", "sass", ext=".csv.gz", out_dir=out)
+        == out / "ncu_scan_nvidia-h200_sass.csv.gz"
+    )
+    assert (
+        harness.history_path(out / "ncu_scan_nvidia-h200_sass.csv.gz", "abc1234")
+        == out / "history" / "ncu_scan_nvidia-h200_sass_abc1234.csv.gz"
+    )
+    assert (
+        harness.history_path(out / "train_nvidia-h200_1.4b.json", "abc1234")
+        == out / "history" / "train_nvidia-h200_1.4b_abc1234.json"
+    )
     assert harness.split_ext("a_1.4b.png") == ("a_1.4b", ".png")
     with pytest.raises(ValueError, match="slug"):
         harness.result_path("scan", "")
@@ -156,12 +215,16 @@ def test_retire_moves_a_result_of_another_commit_to_history(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
     assert harness.retire(path, commit="a" * 40, companions=[png]) == []  # same commit: stays
     moved = harness.retire(path, commit="b" * 40, companions=[png, tmp_path / "absent.txt"])
-    assert moved == [tmp_path / "history" / "gen_cpu_aaaaaaa.json",
-                     tmp_path / "history" / "gen_cpu_aaaaaaa.png"]
+    assert moved == [
+        tmp_path / "history" / "gen_cpu_aaaaaaa.json",
+        tmp_path / "history" / "gen_cpu_aaaaaaa.png",
+    ]
     assert not path.exists() and not png.exists()
     assert json.loads(moved[0].read_text())["v"] == 1 and moved[1].read_bytes() == b"png"
     harness.write_json(path, dict(git_commit="a" * 40, v=2))  # the same commit again: no overwrite
-    assert harness.retire(path, commit="b" * 40) == [tmp_path / "history" / "gen_cpu_aaaaaaa-2.json"]
+    assert harness.retire(path, commit="b" * 40) == [
+        tmp_path / "history" / "gen_cpu_aaaaaaa-2.json"
+    ]
     path.write_text("{}")  # no commit recorded
     assert harness.retire(path, commit="b" * 40) == [tmp_path / "history" / "gen_cpu_previous.json"]
     assert harness.retire(tmp_path / "none.json", commit="b" * 40) == []
@@ -171,16 +234,29 @@ def test_new_result_names_the_file_and_retires_what_it_replaces(tmp_path, monkey
     monkeypatch.setenv("PACKMAMBA_GIT_COMMIT", "b" * 40)
     harness.write_json(tmp_path / "gen_cpu_2dev_smoke.json", dict(git_commit="a" * 40))
     (tmp_path / "gen_cpu_2dev_smoke_loss.png").write_bytes(b"png")
-    new = harness.new_result("gen", script="benchmarks/x.py", argv=["--smoke"], out_dir=tmp_path,
-                             smoke=True, variant="2dev", companions=["_loss.png", ".txt"])
+    new = harness.new_result(
+        "gen",
+        script="benchmarks/x.py",
+        argv=["--smoke"],
+        out_dir=tmp_path,
+        smoke=True,
+        variant="2dev",
+        companions=["_loss.png", ".txt"],
+    )
     assert new.path == tmp_path / "gen_cpu_2dev_smoke.json"
-    assert new.companions == [tmp_path / "gen_cpu_2dev_smoke_loss.png",
-                              tmp_path / "gen_cpu_2dev_smoke.txt"]
+    assert new.companions == [
+        tmp_path / "gen_cpu_2dev_smoke_loss.png",
+        tmp_path / "gen_cpu_2dev_smoke.txt",
+    ]
     assert new.header["git_commit"] == "b" * 40 and new.info.slug == "cpu"
     assert sorted(p.name for p in (tmp_path / "history").iterdir()) == [
-        "gen_cpu_2dev_smoke_aaaaaaa.json", "gen_cpu_2dev_smoke_loss_aaaaaaa.png"]
-    assert harness.new_result("gen", script="x.py", argv=[], out_dir=tmp_path).path == \
-        tmp_path / "gen_cpu.json"
+        "gen_cpu_2dev_smoke_aaaaaaa.json",
+        "gen_cpu_2dev_smoke_loss_aaaaaaa.png",
+    ]
+    assert (
+        harness.new_result("gen", script="x.py", argv=[], out_dir=tmp_path).path
+        == tmp_path / "gen_cpu.json"
+    )
 
 
 def test_parse_shape():
@@ -197,8 +273,18 @@ def test_install_copies_a_result_in_and_retires_the_old_one(tmp_path):
     (results / "scan_x.png").write_bytes(b"old")
     harness.write_json(made / "scan_x.json", dict(git_commit="2" * 40))
     (made / "scan_x.png").write_bytes(b"new")
-    assert harness.main(["install", str(made / "scan_x.json"), str(made / "scan_x.png"),
-                         "--results", str(results)]) == 0
+    assert (
+        harness.main(
+            [
+                "install",
+                str(made / "scan_x.json"),
+                str(made / "scan_x.png"),
+                "--results",
+                str(results),
+            ]
+        )
+        == 0
+    )
     assert json.loads((results / "scan_x.json").read_text())["git_commit"] == "2" * 40
     assert (results / "scan_x.png").read_bytes() == b"new"
     assert (results / "history" / "scan_x_1111111.png").read_bytes() == b"old"
@@ -225,7 +311,8 @@ def test_run_anchor_collects_the_json_its_script_writes(tmp_path):
     script = tmp_path / "scan.py"
     script.write_text(
         "import json, sys, fake_torch\n"
-        "json.dump(dict(torch=fake_torch.VERSION, args=sys.argv[2:]), open(sys.argv[1], 'w'))\n")
+        "json.dump(dict(torch=fake_torch.VERSION, args=sys.argv[2:]), open(sys.argv[1], 'w'))\n"
+    )
     r = harness.run_anchor(script, pythonpath=str(lib), args=["--shapes", "1:2:3:4"])
     assert r["status"] == "ok" and r["returncode"] == 0
     assert r["result"] == dict(torch="9.9", args=["--shapes", "1:2:3:4"])
@@ -236,9 +323,9 @@ def test_run_anchor_collects_the_json_its_script_writes(tmp_path):
 
 
 def test_scan_config_overrides_are_typed_by_the_field():
-    assert workloads.scan_config_overrides(["window=2", "prefetch=0", "reduce=tree",
-                                            "grads_maxnreg=none", "window_rows=true"]) == dict(
-        window=2, prefetch=False, reduce="tree", grads_maxnreg=None, window_rows=True)
+    assert workloads.scan_config_overrides(
+        ["window=2", "prefetch=0", "reduce=tree", "grads_maxnreg=none", "window_rows=true"]
+    ) == dict(window=2, prefetch=False, reduce="tree", grads_maxnreg=None, window_rows=True)
     with pytest.raises(ValueError, match="no field 'windw'"):
         workloads.scan_config_overrides(["windw=2"])
     with pytest.raises(ValueError, match="field=value"):
@@ -268,11 +355,19 @@ print(json.dumps(texts))
 
 @functools.cache
 def help_texts() -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", HELP_RUNNER,
-                           *(f"benchmarks/{s}.py" for s in SCRIPTS)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", HELP_RUNNER, *(f"benchmarks/{s}.py" for s in SCRIPTS)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.splitlines()[-1])
 
@@ -295,7 +390,7 @@ def smoke_bench_scan(out, data):
 
 
 def smoke_breakdown(out, data):
-    (key, record), = data.items()
+    ((key, record),) = data.items()
     assert key == "tiny/packed/2x64/model:n_layer=1,d_model=32,d_state=4"
     check_header(record, "breakdown")
     for name in ("step", "opt", "matmul", "fwd", "fwd_noscan"):
@@ -304,14 +399,16 @@ def smoke_breakdown(out, data):
     assert record["variants"]["fwd"]["scan_in_module"]
     assert not record["variants"]["fwd_noscan"]["scan_in_module"]
     assert record["parts"]["scan_forward"] == pytest.approx(
-        record["variants"]["fwd"]["ms"] - record["variants"]["fwd_noscan"]["ms"])
+        record["variants"]["fwd"]["ms"] - record["variants"]["fwd_noscan"]["ms"]
+    )
     assert record["real_tokens"] > 0 and record["parts"]["step"] > 0
 
 
 def smoke_bench_generate(out, data):
     assert list(data["settings"]) == ["blog", "fast"]
-    assert data["settings"]["blog"]["sampling"] == dict(temperature=0.7, top_p=0.9,
-                                                        repetition_penalty=1.2)
+    assert data["settings"]["blog"]["sampling"] == dict(
+        temperature=0.7, top_p=0.9, repetition_penalty=1.2
+    )
     assert "repetition_penalty" not in data["settings"]["fast"]["sampling"]
     for setting in data["settings"].values():
         rows = setting["ours"]["rows"]
@@ -347,13 +444,24 @@ def smoke_bench_generate_profile(out, data):
 def smoke_bench_kernels(out, data):
     [conv] = data["conv"]
     assert conv["shape"] == [1, 64, 96] and conv["fwdbwd_ms"]["median_ms"] > 0
-    assert [d["batch"] for d in data["decode"]] == [2] and data["decode"][0]["step_ms"]["median_ms"] > 0
+    assert [d["batch"] for d in data["decode"]] == [2] and data["decode"][0]["step_ms"][
+        "median_ms"
+    ] > 0
 
 
 def smoke_train_gpu(out, data):
     # (was tests/test_train.py's test_gpu_benchmark_script_on_cpu)
-    for key in ("loss_first", "loss_last", "tokens_per_s", "tokens_per_s_per_device", "mfu",
-                "device_kind", "jax_version", "date", "command"):
+    for key in (
+        "loss_first",
+        "loss_last",
+        "tokens_per_s",
+        "tokens_per_s_per_device",
+        "mfu",
+        "device_kind",
+        "jax_version",
+        "date",
+        "command",
+    ):
         assert key in data
     assert data["steps"] == 3 and data["num_devices"] == 1
     assert "--model.n_layer=1" in data["command"]
@@ -376,7 +484,8 @@ def smoke_psum_bandwidth(out, data):
     assert len(rows) == 3 * 2 * 3  # ops x dtypes x sizes
     for r in data["rows"]:
         assert r["median_ms"] > 0 and r["busbw_GBps"] == pytest.approx(
-            r["algbw_GBps"] * (1.5 if r["op"] == "all_reduce" else 0.75))
+            r["algbw_GBps"] * (1.5 if r["op"] == "all_reduce" else 0.75)
+        )
     est = data["gradient_estimates"]["130m"]
     assert est["float32"]["bytes"] == 2 * est["bfloat16"]["bytes"] == 4 * est["num_params"]
     assert est["float32"]["how"] == "extrapolated" and est["float32"]["all_reduce_ms"] > 0
@@ -392,7 +501,8 @@ def smoke_bench_scaling(out, data):
         assert r["real_tokens_per_step"] == pytest.approx(r["n"] * 2 * 64 * r["real_fraction"])
         assert r["baseline"]["same_invocation"]
         assert r["efficiency"] == pytest.approx(
-            r["tokens_per_s"] / (r["n"] * r["baseline"]["tokens_per_s"]))
+            r["tokens_per_s"] / (r["n"] * r["baseline"]["tokens_per_s"])
+        )
         assert "--xla_gpu_enable_latency_hiding_scheduler=true" in r["xla_flags"].split()
     two = recs["tiny/fsdp/auto/overlap-on/2"]
     assert two["mesh"] == {"data": 1, "fsdp": 2} and two["collectives"]
@@ -421,39 +531,130 @@ def smoke_bench_long_docs(out, data):
 # case: (script, its arguments given the output folder, the JSON it writes there, the check,
 # what header it has: True of this machine, False without a device, None in each record)
 SMOKES = {
-    "bench_scan": ("bench_scan", lambda d: ["--smoke", "--out", d], "scan_cpu_smoke.json",
-                   smoke_bench_scan, True),
-    "bench_kernels": ("bench_kernels", lambda d: ["--smoke", "--out", d], "kernels_cpu_smoke.json",
-                      smoke_bench_kernels, True),
-    "breakdown": ("breakdown", lambda d: ["--smoke", "--variants", "step,opt,matmul,fwd,fwd_noscan",
-                                          "--out", d],
-                  "breakdown_cpu_smoke.json", smoke_breakdown, None),
-    "bench_generate": ("bench_generate", lambda d: ["--smoke", "--out", d],
-                       "generate_cpu_smoke.json", smoke_bench_generate, True),
-    "bench_generate_mamba2": ("bench_generate",
-                              lambda d: ["--smoke", "--preset", "mamba2-tiny", "--settings",
-                                         "fast", "--batches", "1", "--out", d],
-                              "generate_cpu_smoke.json", smoke_bench_generate_mamba2, True),
-    "bench_generate_profile": ("bench_generate",
-                               lambda d: ["--smoke", "--profile", "--profile-batches", "1",
-                                          "--profile-steps", "2", "--trace-steps", "1",
-                                          "--out", d],
-                               "generate_cpu_profile_smoke.json", smoke_bench_generate_profile,
-                               True),
-    "train_gpu": ("train_gpu", lambda d: ["--smoke", "--steps=3", "--out", d, "--",
-                                          "--model.n_layer=1", "--data.seq_len=64"],
-                  "train_gpu_cpu_1dev_smoke.json", smoke_train_gpu, True),
-    "bench_links": ("bench_links", lambda d: ["--smoke", "--out", d], "links_cpu_smoke.json",
-                    smoke_bench_links, True),
-    "bench_long_docs": ("bench_long_docs", lambda d: ["--smoke", "--out", d],
-                        "long_docs_cpu_smoke.json", smoke_bench_long_docs, True),
-    "bench_ssd_chunk_scan": ("bench_ssd_chunk_scan", lambda d: ["--smoke", "--out", d],
-                             "ssd_chunk_scan_mosaic_cpu_smoke.json", smoke_ssd_chunk_scan, True),
-    "psum_bandwidth": ("probes/psum_bandwidth", lambda d: ["--smoke", "--out", d],
-                       "psum_bandwidth_cpu_4dev_smoke.json", smoke_psum_bandwidth, True),
-    "bench_scaling": ("bench_scaling", lambda d: ["--smoke", "--counts", "1,2", "--layouts", "fsdp",
-                                                  "--overlap", "on", "--profile", "--out", d],
-                      "scaling_cpu_4dev_smoke.json", smoke_bench_scaling, True),
+    "bench_scan": (
+        "bench_scan",
+        lambda d: ["--smoke", "--out", d],
+        "scan_cpu_smoke.json",
+        smoke_bench_scan,
+        True,
+    ),
+    "bench_kernels": (
+        "bench_kernels",
+        lambda d: ["--smoke", "--out", d],
+        "kernels_cpu_smoke.json",
+        smoke_bench_kernels,
+        True,
+    ),
+    "breakdown": (
+        "breakdown",
+        lambda d: ["--smoke", "--variants", "step,opt,matmul,fwd,fwd_noscan", "--out", d],
+        "breakdown_cpu_smoke.json",
+        smoke_breakdown,
+        None,
+    ),
+    "bench_generate": (
+        "bench_generate",
+        lambda d: ["--smoke", "--out", d],
+        "generate_cpu_smoke.json",
+        smoke_bench_generate,
+        True,
+    ),
+    "bench_generate_mamba2": (
+        "bench_generate",
+        lambda d: [
+            "--smoke",
+            "--preset",
+            "mamba2-tiny",
+            "--settings",
+            "fast",
+            "--batches",
+            "1",
+            "--out",
+            d,
+        ],
+        "generate_cpu_smoke.json",
+        smoke_bench_generate_mamba2,
+        True,
+    ),
+    "bench_generate_profile": (
+        "bench_generate",
+        lambda d: [
+            "--smoke",
+            "--profile",
+            "--profile-batches",
+            "1",
+            "--profile-steps",
+            "2",
+            "--trace-steps",
+            "1",
+            "--out",
+            d,
+        ],
+        "generate_cpu_profile_smoke.json",
+        smoke_bench_generate_profile,
+        True,
+    ),
+    "train_gpu": (
+        "train_gpu",
+        lambda d: [
+            "--smoke",
+            "--steps=3",
+            "--out",
+            d,
+            "--",
+            "--model.n_layer=1",
+            "--data.seq_len=64",
+        ],
+        "train_gpu_cpu_1dev_smoke.json",
+        smoke_train_gpu,
+        True,
+    ),
+    "bench_links": (
+        "bench_links",
+        lambda d: ["--smoke", "--out", d],
+        "links_cpu_smoke.json",
+        smoke_bench_links,
+        True,
+    ),
+    "bench_long_docs": (
+        "bench_long_docs",
+        lambda d: ["--smoke", "--out", d],
+        "long_docs_cpu_smoke.json",
+        smoke_bench_long_docs,
+        True,
+    ),
+    "bench_ssd_chunk_scan": (
+        "bench_ssd_chunk_scan",
+        lambda d: ["--smoke", "--out", d],
+        "ssd_chunk_scan_mosaic_cpu_smoke.json",
+        smoke_ssd_chunk_scan,
+        True,
+    ),
+    "psum_bandwidth": (
+        "probes/psum_bandwidth",
+        lambda d: ["--smoke", "--out", d],
+        "psum_bandwidth_cpu_4dev_smoke.json",
+        smoke_psum_bandwidth,
+        True,
+    ),
+    "bench_scaling": (
+        "bench_scaling",
+        lambda d: [
+            "--smoke",
+            "--counts",
+            "1,2",
+            "--layouts",
+            "fsdp",
+            "--overlap",
+            "on",
+            "--profile",
+            "--out",
+            d,
+        ],
+        "scaling_cpu_4dev_smoke.json",
+        smoke_bench_scaling,
+        True,
+    ),
 }
 
 
@@ -462,8 +663,9 @@ SMOKES = {
 SLOW_SMOKES = ("bench_scaling", "bench_long_docs")
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_SMOKES
-                                  else c for c in SMOKES])
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_SMOKES else c for c in SMOKES]
+)
 def test_smoke(case, tmp_path):
     script, args, name, check, device_header = SMOKES[case]
     proc = run_script(script, *args(tmp_path))
@@ -495,18 +697,22 @@ def test_scaling_trace_summary_splits_compute_collectives_and_their_overlap():
     each compute kernel, 10 us exposed), a derived "XLA Ops" row and host events ignored."""
     from benchmarks import bench_scaling
 
-    meta = [dict(ph="M", name="process_name", pid=1, args=dict(name="/device:GPU:0")),
-            dict(ph="M", name="thread_name", pid=1, tid=7, args=dict(name="Stream #7(Compute)")),
-            dict(ph="M", name="thread_name", pid=1, tid=8, args=dict(name="Stream #8(Nccl)")),
-            dict(ph="M", name="thread_name", pid=1, tid=9, args=dict(name="XLA Ops")),
-            dict(ph="M", name="process_name", pid=2, args=dict(name="/host:CPU"))]
-    kernels = [dict(ph="X", pid=1, tid=7, ts=0, dur=60, name="fusion_1"),
-               dict(ph="X", pid=1, tid=7, ts=70, dur=30, name="gemm_2"),
-               dict(ph="X", pid=1, tid=8, ts=50, dur=30, name="ncclDevKernel_AllReduce_Sum_f32"),
-               dict(ph="X", pid=1, tid=9, ts=0, dur=100, name="all-reduce-start.1"),
-               dict(ph="X", pid=2, tid=1, ts=0, dur=500, name="PjitFunction(train_step)")]
+    meta = [
+        dict(ph="M", name="process_name", pid=1, args=dict(name="/device:GPU:0")),
+        dict(ph="M", name="thread_name", pid=1, tid=7, args=dict(name="Stream #7(Compute)")),
+        dict(ph="M", name="thread_name", pid=1, tid=8, args=dict(name="Stream #8(Nccl)")),
+        dict(ph="M", name="thread_name", pid=1, tid=9, args=dict(name="XLA Ops")),
+        dict(ph="M", name="process_name", pid=2, args=dict(name="/host:CPU")),
+    ]
+    kernels = [
+        dict(ph="X", pid=1, tid=7, ts=0, dur=60, name="fusion_1"),
+        dict(ph="X", pid=1, tid=7, ts=70, dur=30, name="gemm_2"),
+        dict(ph="X", pid=1, tid=8, ts=50, dur=30, name="ncclDevKernel_AllReduce_Sum_f32"),
+        dict(ph="X", pid=1, tid=9, ts=0, dur=100, name="all-reduce-start.1"),
+        dict(ph="X", pid=2, tid=1, ts=0, dur=500, name="PjitFunction(train_step)"),
+    ]
     summary = bench_scaling.summarize_trace(dict(traceEvents=meta + kernels), steps=2)
-    (name, dev), = summary["devices"].items()
+    ((name, dev),) = summary["devices"].items()
     assert name == "/device:GPU:0" and dev["kernels"] == 3
     assert dev["span_ms"] == pytest.approx(0.05) and dev["compute_ms"] == pytest.approx(0.045)
     assert dev["collective_ms"] == pytest.approx(0.015)
@@ -521,20 +727,37 @@ def test_scaling_plan_baselines_and_overlap_flags():
     from benchmarks import bench_scaling
     from train import sharding
 
-    keys = [c["key"] for c in bench_scaling.plan(["130m"], [1, 2], ["data", "fsdp"],
-                                                 ["auto", "bfloat16"], ["off"])]
-    assert keys == ["130m/single/auto/overlap-off/1", "130m/single/bfloat16/overlap-off/1",
-                    "130m/data/auto/overlap-off/2",
-                    "130m/data/bfloat16/overlap-off/2", "130m/fsdp/auto/overlap-off/2",
-                    "130m/fsdp/bfloat16/overlap-off/2"]
+    keys = [
+        c["key"]
+        for c in bench_scaling.plan(
+            ["130m"], [1, 2], ["data", "fsdp"], ["auto", "bfloat16"], ["off"]
+        )
+    ]
+    assert keys == [
+        "130m/single/auto/overlap-off/1",
+        "130m/single/bfloat16/overlap-off/1",
+        "130m/data/auto/overlap-off/2",
+        "130m/data/bfloat16/overlap-off/2",
+        "130m/fsdp/auto/overlap-off/2",
+        "130m/fsdp/bfloat16/overlap-off/2",
+    ]
     settings = dict(rows=8)
-    base = dict(status="ok", preset="130m", n=1, overlap="off", tokens_per_s=100.0,
-                settings=settings, invocation="a")
-    records = {keys[0]: base,
-               keys[1]: dict(base, tokens_per_s=95.0),
-               keys[2]: dict(base, n=2, tokens_per_s=180.0),
-               keys[3]: dict(base, n=2, tokens_per_s=190.0, settings=dict(rows=4)),
-               keys[4]: dict(base, n=2, status="oom")}
+    base = dict(
+        status="ok",
+        preset="130m",
+        n=1,
+        overlap="off",
+        tokens_per_s=100.0,
+        settings=settings,
+        invocation="a",
+    )
+    records = {
+        keys[0]: base,
+        keys[1]: dict(base, tokens_per_s=95.0),
+        keys[2]: dict(base, n=2, tokens_per_s=180.0),
+        keys[3]: dict(base, n=2, tokens_per_s=190.0, settings=dict(rows=4)),
+        keys[4]: dict(base, n=2, status="oom"),
+    }
     bench_scaling.add_efficiency(records)
     assert records[keys[1]]["efficiency"] == pytest.approx(0.95)  # against single/auto
     assert records[keys[2]]["efficiency"] == pytest.approx(0.9)
@@ -560,11 +783,14 @@ def test_psum_bandwidth_bus_factors_and_interpolation():
     assert pb.interpolate_ms(rows, 10**5)[0] is None
 
 
-@pytest.mark.parametrize("script,args,flag", [
-    ("bench_scaling", ["--grad-reduce", "fp8"], "--grad-reduce"),
-    ("bench_scaling", ["--counts", "0,2"], "--counts"),
-    ("probes/psum_bandwidth", ["--sizes-mb", "1,x"], "--sizes-mb"),
-])
+@pytest.mark.parametrize(
+    "script,args,flag",
+    [
+        ("bench_scaling", ["--grad-reduce", "fp8"], "--grad-reduce"),
+        ("bench_scaling", ["--counts", "0,2"], "--counts"),
+        ("probes/psum_bandwidth", ["--sizes-mb", "1,x"], "--sizes-mb"),
+    ],
+)
 def test_scaling_scripts_reject_bad_arguments(script, args, flag):
     proc = run_script(script, *args, timeout=120)
     assert proc.returncode == 2 and flag in proc.stderr.strip().splitlines()[-1]
@@ -578,14 +804,42 @@ def test_bench_train_smoke_counts_real_tokens_merges_and_plots(tmp_path):
     out = tmp_path / "train_cpu_smoke.json"
     # A record from an earlier invocation: a merge must keep it.
     earlier = {"preset": "130m", "mode": "single", "dist": "corpus", "status": "skipped"}
-    out.write_text(json.dumps(dict(schema=1, runs={"130m/single/corpus": earlier}, workloads={},
-                                   invocations=[{"command": "earlier"}])))
+    out.write_text(
+        json.dumps(
+            dict(
+                schema=1,
+                runs={"130m/single/corpus": earlier},
+                workloads={},
+                invocations=[{"command": "earlier"}],
+            )
+        )
+    )
     steps, group, rows, seq_len = 4, 2, 2, 128
-    proc = run_script("bench_train", "--smoke", "--modes", "packed",
-                      "--dists", "corpus,instruct", "--model", "n_layer=1,d_model=32,d_state=4",
-                      "--seq-len", seq_len, "--rows", rows, "--workload-tokens", 6000,
-                      "--steps", steps, "--group", group, "--warmup", 1, "--out", tmp_path,
-                      timeout=120)
+    proc = run_script(
+        "bench_train",
+        "--smoke",
+        "--modes",
+        "packed",
+        "--dists",
+        "corpus,instruct",
+        "--model",
+        "n_layer=1,d_model=32,d_state=4",
+        "--seq-len",
+        seq_len,
+        "--rows",
+        rows,
+        "--workload-tokens",
+        6000,
+        "--steps",
+        steps,
+        "--group",
+        group,
+        "--warmup",
+        1,
+        "--out",
+        tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 0
 
     data = json.loads(out.read_text())
@@ -635,17 +889,37 @@ def test_bench_train_smoke_trains_a_mamba2_preset(tmp_path):
     from jax_packmamba import Mamba2Config
 
     rows, seq_len = 2, 128
-    proc = run_script("bench_train", "--smoke", "--presets", "mamba2-tiny", "--modes", "packed",
-                      "--dists", "instruct", "--workload-tokens", 3000, "--steps", 2, "--group", 1,
-                      "--out", tmp_path, timeout=180)
+    proc = run_script(
+        "bench_train",
+        "--smoke",
+        "--presets",
+        "mamba2-tiny",
+        "--modes",
+        "packed",
+        "--dists",
+        "instruct",
+        "--workload-tokens",
+        3000,
+        "--steps",
+        2,
+        "--group",
+        1,
+        "--out",
+        tmp_path,
+        timeout=180,
+    )
     assert proc.returncode == 0
     runs = json.loads((tmp_path / "train_cpu_smoke.json").read_text())["runs"]
     r = runs["mamba2-tiny/packed/instruct"]
     assert r["status"] == "ok" and r["finite_loss"] and r["tokens_per_s"] > 0
     assert r["step_shape"] == [1, rows, seq_len] and (r["n_layer"], r["d_model"]) == (1, 32)
     # The smoke model (--model n_layer=1,d_model=32,d_state=4) is a Mamba2 one: its size says so.
-    assert r["num_params"] == Mamba2Config.preset("tiny", n_layer=1, d_model=32, d_state=4,
-                                                  vocab_size=257).num_params()
+    assert (
+        r["num_params"]
+        == Mamba2Config.preset(
+            "tiny", n_layer=1, d_model=32, d_state=4, vocab_size=257
+        ).num_params()
+    )
 
 
 def test_bench_train_refuses_the_mamba1_anchor_for_mamba2_presets(tmp_path, capsys):
@@ -661,9 +935,11 @@ def test_bench_train_refuses_the_mamba1_anchor_for_mamba2_presets(tmp_path, caps
 
 
 def test_plot_labels_presets_measured_at_another_commit():
-    runs = {f"{p}/{m}/instruct": dict(preset=p, git_commit=c + "0" * 33)
-            for p, c in (("130m", "aaaaaaa"), ("370m", "bbbbbbb"), ("1.4b", "aaaaaaa"))
-            for m in ("packed", "single")}
+    runs = {
+        f"{p}/{m}/instruct": dict(preset=p, git_commit=c + "0" * 33)
+        for p, c in (("130m", "aaaaaaa"), ("370m", "bbbbbbb"), ("1.4b", "aaaaaaa"))
+        for m in ("packed", "single")
+    }
     labels = plot_train.tick_labels(dict(runs=runs), ["130m", "370m", "1.4b"])
     assert labels == ["130m", "370m\n(bbbbbbb)", "1.4b"]
 
@@ -687,7 +963,7 @@ def test_breakdown_attributes_hlo_instructions_to_source_lines():
     body = {f"{here}:{f.__code__.co_firstlineno + i} " for i in (1, 2)}
     text = jax.jit(jax.grad(f)).lower(jnp.ones(64)).compile().as_text()
     sources = breakdown.hlo_sources(text)
-    entry = text[text.index("ENTRY"):]
+    entry = text[text.index("ENTRY") :]
     fused = [name for name in sources if name in entry.replace(".", "_") and "fusion" in name]
     assert fused, sources
     for name in fused:
@@ -709,8 +985,16 @@ def test_bench_generate_runs_the_anchor_with_the_same_sampling(tmp_path):
     anchor = tmp_path / "anchor"
     anchor.mkdir()
     (anchor / "gen_torch.py").write_text(FAKE_GEN_TORCH)
-    proc = run_script("bench_generate", "--smoke", "--out", tmp_path, "--anchor", anchor,
-                      "--anchor-pythonpath", tmp_path / "site")
+    proc = run_script(
+        "bench_generate",
+        "--smoke",
+        "--out",
+        tmp_path,
+        "--anchor",
+        anchor,
+        "--anchor-pythonpath",
+        tmp_path / "site",
+    )
     assert proc.returncode == 0
     data = json.loads((tmp_path / "generate_cpu_smoke.json").read_text())
     for name, penalty in (("blog", "1.2"), ("fast", "1.0")):
@@ -740,11 +1024,14 @@ def test_bench_generate_kernel_table_and_categories(tmp_path):
     assert 0 < t["busy_ms_per_step"] <= t["wall_ms_per_step"] + 1e-9
     assert t["kernels_per_step"] > 0 and t["top"]
     assert sum(c["per_step"] for c in t["categories"].values()) == pytest.approx(
-        t["kernels_per_step"])
+        t["kernels_per_step"]
+    )
     assert "error" in bench_generate.kernel_table(tmp_path, 3)  # no GPU planes here
     assert bench_generate.category("decode_ssm_update") == "decode kernels"
     assert bench_generate.category("loop_dynamic_slice_fusion_3") == "copy"
     assert bench_generate.category("nvjet_tst_64x8_64x16_2x1_v_bz_TNT") == "gemm"
-    assert bench_generate.category("void cub::DeviceRadixSortOnesweepKernel<>") == \
-        "sort/scan/top-k (sampling)"
+    assert (
+        bench_generate.category("void cub::DeviceRadixSortOnesweepKernel<>")
+        == "sort/scan/top-k (sampling)"
+    )
     assert bench_generate.category("loop_add_fusion") == "other fusions"

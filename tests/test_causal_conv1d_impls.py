@@ -31,10 +31,20 @@ EDGE_CHUNK = 16
 def conv(impl, x, w, b, seg, activation):
     if impl == "xla":
         return causal_conv1d(x, w, b, segment_ids=seg, activation=activation, impl="xla")
-    positions = (positions_from_segment_ids(seg) if seg is not None else
-                 jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2]))
-    return causal_conv1d_pallas(x, w, b, positions, activation=activation,
-                                interpret=impl == "pallas_interpret", chunk=EDGE_CHUNK)
+    positions = (
+        positions_from_segment_ids(seg)
+        if seg is not None
+        else jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+    )
+    return causal_conv1d_pallas(
+        x,
+        w,
+        b,
+        positions,
+        activation=activation,
+        interpret=impl == "pallas_interpret",
+        chunk=EDGE_CHUNK,
+    )
 
 
 def segments(lengths_per_row):
@@ -48,19 +58,30 @@ EDGE_SEGMENTS = [[1, 15, 16, 1, 17], [3, 13, 1, 1, 30, 2]]
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
-@pytest.mark.parametrize("case", ["edges_silu_bias", "edges_no_bias", "edges_width2", "edges_width1",
-                                  "one_step", "no_segments"])
+@pytest.mark.parametrize(
+    "case",
+    ["edges_silu_bias", "edges_no_bias", "edges_width2", "edges_width1", "one_step", "no_segments"],
+)
 def test_conv_matches_float64_loop(impl, dtype, tol, case):
-    key = jax.random.key(zlib.crc32(case.encode()))  # fixed per case (str hash is salted per process)
+    key = jax.random.key(
+        zlib.crc32(case.encode())
+    )  # fixed per case (str hash is salted per process)
     k = jax.random.split(key, 4)
     length, channels = {"one_step": (1, 6), "no_segments": (37, 6)}.get(case, (50, 200))
     batch = 2
     x = jax.random.normal(k[0], (batch, length, channels), jnp.float32).astype(dtype)
     width = {"edges_width2": 2, "edges_width1": 1}.get(case, 4)
     w = (0.5 * jax.random.normal(k[1], (channels, width), jnp.float32)).astype(dtype)
-    b = None if case == "edges_no_bias" else jax.random.normal(k[2], (channels,), jnp.float32).astype(dtype)
-    seg = segments(EDGE_SEGMENTS) if case.startswith("edges") else (
-        jnp.ones((batch, length), jnp.int32) if case == "one_step" else None)
+    b = (
+        None
+        if case == "edges_no_bias"
+        else jax.random.normal(k[2], (channels,), jnp.float32).astype(dtype)
+    )
+    seg = (
+        segments(EDGE_SEGMENTS)
+        if case.startswith("edges")
+        else (jnp.ones((batch, length), jnp.int32) if case == "one_step" else None)
+    )
     activation = None if case == "edges_no_bias" else "silu"
     cot = jax.random.normal(k[3], x.shape, jnp.float32).astype(dtype)
 
@@ -68,8 +89,12 @@ def test_conv_matches_float64_loop(impl, dtype, tol, case):
     grads = vjp(cot)
     to64 = lambda a: None if a is None else np.asarray(a, np.float64)  # noqa: E731
     with jax.enable_x64(True):
-        y64, vjp64 = jax.vjp(lambda *a: causal_conv1d_loop(*a, segment_ids=seg, activation=activation),
-                             to64(x), to64(w), to64(b))
+        y64, vjp64 = jax.vjp(
+            lambda *a: causal_conv1d_loop(*a, segment_ids=seg, activation=activation),
+            to64(x),
+            to64(w),
+            to64(b),
+        )
         want = vjp64(to64(cot))
     assert y.dtype == dtype
     # Scaled by the dtype; the gradients of w and b sum over batch x length terms.
@@ -146,11 +171,14 @@ def test_pallas_conv_lowers_for_cuda_with_named_kernels():
     assert text.count("__gpu$xla.gpu.triton") == 2
 
 
-@pytest.mark.parametrize("shape, on_gpu_impl", [
-    ((8, 2048, 4096), "pallas"),  # the 1.4b packed step: 2048 programs
-    ((1, 2048, 4096), "xla"),  # one sequence a step: 256 programs
-    ((1, 256, 768), "xla"),
-])
+@pytest.mark.parametrize(
+    "shape, on_gpu_impl",
+    [
+        ((8, 2048, 4096), "pallas"),  # the 1.4b packed step: 2048 programs
+        ((1, 2048, 4096), "xla"),  # one sequence a step: 256 programs
+        ((1, 256, 768), "xla"),
+    ],
+)
 def test_auto_picks_pallas_only_for_launches_that_fill_the_gpu(monkeypatch, shape, on_gpu_impl):
     import sys
 

@@ -44,7 +44,7 @@ def recorded_value(named: dict, legacy_name: str):
         return np.asarray(named[legacy_name])
     match = LAYER.search(legacy_name)
     assert match, legacy_name
-    stacked = legacy_name[:match.start()] + "/layers/" + legacy_name[match.end():]
+    stacked = legacy_name[: match.start()] + "/layers/" + legacy_name[match.end() :]
     return np.asarray(named[stacked])[int(match.group(1))]
 
 
@@ -75,9 +75,13 @@ def test_legacy_checkpoint_restores_every_leaf_to_its_name(legacy, tmp_path):
         np.testing.assert_array_equal(np.asarray(value), np.asarray(named[name]), err_msg=name)
 
 
-@pytest.mark.parametrize("name,config", [
-    ("tiny", MambaConfig.preset("tiny", n_layer=12, d_model=8, d_state=2)),
-    ("mamba2-tiny", Mamba2Config.preset("tiny", n_layer=12, d_model=16, d_state=4, headdim=8))])
+@pytest.mark.parametrize(
+    "name,config",
+    [
+        ("tiny", MambaConfig.preset("tiny", n_layer=12, d_model=8, d_state=2)),
+        ("mamba2-tiny", Mamba2Config.preset("tiny", n_layer=12, d_model=16, d_state=4, headdim=8)),
+    ],
+)
 def test_legacy_leaf_order_is_the_order_e5a3f65_wrote_at_12_layers(name, config):
     """Layer 10 after layer 9, not after 1: the leaf order legacy_tree derives from a config
     is the one the old trainer wrote (leaf_order.py, run at e5a3f65)."""
@@ -92,14 +96,18 @@ def test_checkpoint_of_another_model_is_a_one_line_error_naming_the_parameter(le
     ckpt, _ = legacy
     meta = ckpt.read_meta(2)
     abstract, shardings = abstract_state(meta, d_state=8)
-    with pytest.raises(CheckpointError, match=r"params/layers/0?/?mixer/\w+ has shape \(.*\), this model.s is \(") as err:
+    with pytest.raises(
+        CheckpointError, match=r"params/layers/0?/?mixer/\w+ has shape \(.*\), this model.s is \("
+    ) as err:
         ckpt.restore(2, abstract, shardings)
     assert "\n" not in str(err.value)
     # By name too: a named checkpoint restored into a model whose state differs.
     state, meta = ckpt.restore(2, *abstract_state(meta))
     ckpt.save(3, state, meta)
     ckpt.wait()
-    with pytest.raises(CheckpointError, match=r"params/layers/0?/?mixer/\w+ has shape \(.*\), this model.s is \(") as err:
+    with pytest.raises(
+        CheckpointError, match=r"params/layers/0?/?mixer/\w+ has shape \(.*\), this model.s is \("
+    ) as err:
         ckpt.restore(3, abstract, shardings)
     assert "\n" not in str(err.value)
 
@@ -111,12 +119,27 @@ def test_training_resumes_a_legacy_checkpoint(tmp_path, capsys):
 
     run = tmp_path / "run"
     shutil.copytree(FIXTURES / "tiny" / "checkpoints", run / "checkpoints")
-    args = ["--model.preset=tiny", "--model.n_layer=2", "--model.d_model=16", "--model.d_state=4",
-            "--data.max_documents=24", "--data.seq_len=32", "--data.batch_size=4",
-            "--data.eval_batches=1", "--optim.warmup_steps=1", "--run.steps=3",
-            "--run.checkpoint_every=1", "--run.keep_checkpoints=1", "--run.export_models=false",
-            "--run.progress=false", "--run.plot=false", "--run.log_every=1",
-            "--run.compilation_cache=false", "--run.resume=true", f"--run.out_dir={run}"]
+    args = [
+        "--model.preset=tiny",
+        "--model.n_layer=2",
+        "--model.d_model=16",
+        "--model.d_state=4",
+        "--data.max_documents=24",
+        "--data.seq_len=32",
+        "--data.batch_size=4",
+        "--data.eval_batches=1",
+        "--optim.warmup_steps=1",
+        "--run.steps=3",
+        "--run.checkpoint_every=1",
+        "--run.keep_checkpoints=1",
+        "--run.export_models=false",
+        "--run.progress=false",
+        "--run.plot=false",
+        "--run.log_every=1",
+        "--run.compilation_cache=false",
+        "--run.resume=true",
+        f"--run.out_dir={run}",
+    ]
     code = main(args)
     log = "".join(capsys.readouterr())
     assert code == 0, log

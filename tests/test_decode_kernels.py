@@ -32,17 +32,21 @@ def core_args(batch, d_inner, d_state, dt_rank, d_conv, dtype, *, conv_bias=True
     ssm_state = jax.random.normal(k[2], (batch, d_inner, d_state), jnp.float32)
     conv_weight = normal(k[3], (d_inner, d_conv), 0.5)
     bias = normal(k[4], (d_inner,), 0.5) if conv_bias else None
-    x_proj = normal(k[5], (d_inner, dt_rank + 2 * d_state), d_inner ** -0.5)
-    dt_proj = normal(k[6], (dt_rank, d_inner), dt_rank ** -0.5)
+    x_proj = normal(k[5], (d_inner, dt_rank + 2 * d_state), d_inner**-0.5)
+    dt_proj = normal(k[6], (dt_rank, d_inner), dt_rank**-0.5)
     dt_bias = jax.random.uniform(k[7], (d_inner,), jnp.float32, -4.0, -1.0)
-    A_log = jnp.log(jnp.broadcast_to(jnp.arange(1, d_state + 1, dtype=jnp.float32), (d_inner, d_state)))
+    A_log = jnp.log(
+        jnp.broadcast_to(jnp.arange(1, d_state + 1, dtype=jnp.float32), (d_inner, d_state))
+    )
     A_log = A_log + 0.1 * jax.random.normal(k[8], A_log.shape)
     d = jax.random.normal(k[9], (d_inner,), jnp.float32) if D else None
     return xz, conv_state, ssm_state, conv_weight, bias, x_proj, dt_proj, dt_bias, A_log, d
 
 
 def run(impl, args, config=None):
-    fn = jax.jit(lambda *a: mixer_core_pallas(*a, config=config, interpret=impl == "pallas_interpret"))
+    fn = jax.jit(
+        lambda *a: mixer_core_pallas(*a, config=config, interpret=impl == "pallas_interpret")
+    )
     return fn(*args)
 
 
@@ -90,8 +94,12 @@ def test_block_decode_step_matches_its_xla_decode_step(impl):
     # Both sides' XLA matmuls (projections; the whole step with "xla") at IEEE float32, as the
     # kernels' float32 dots are: XLA's GPU default is TF32.
     with jax.default_matmul_precision("highest"):
-        want, got = (nnx.jit(lambda b, r, c, s, i=i: b(r, cache=MixerState(c, s), decode_impl=i))(
-            block, residual, conv, ssm) for i in ("xla", impl))
+        want, got = (
+            nnx.jit(lambda b, r, c, s, i=i: b(r, cache=MixerState(c, s), decode_impl=i))(
+                block, residual, conv, ssm
+            )
+            for i in ("xla", impl)
+        )
     np.testing.assert_allclose(got[0], want[0], rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(got[1].conv, want[1].conv, rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(got[1].ssm, want[1].ssm, rtol=2e-5, atol=2e-5)
@@ -101,9 +109,18 @@ def test_kernels_lower_for_cuda_with_named_kernels_and_in_place_states():
     sds = jax.ShapeDtypeStruct
     bf, f32 = jnp.bfloat16, jnp.float32
     b, e, n, r, w = 2, 5120, 16, 160, 4
-    args = (sds((b, 2 * e), bf), sds((b, w - 1, e), bf), sds((b, e, n), f32), sds((e, w), bf),
-            sds((e,), bf), sds((e, r + 2 * n), bf), sds((r, e), bf), sds((e,), f32),
-            sds((e, n), f32), sds((e,), f32))
+    args = (
+        sds((b, 2 * e), bf),
+        sds((b, w - 1, e), bf),
+        sds((b, e, n), f32),
+        sds((e, w), bf),
+        sds((e,), bf),
+        sds((e, r + 2 * n), bf),
+        sds((r, e), bf),
+        sds((e,), f32),
+        sds((e, n), f32),
+        sds((e,), f32),
+    )
     text = lower_for_cuda(lambda *a: mixer_core_pallas(*a), *args)
     names = re.findall(r'name = "(decode_[a-z_]+)"', text)
     assert sorted(names) == ["decode_conv_x_proj", "decode_ssm_update"], names

@@ -17,8 +17,16 @@ from flax import nnx
 import jax_packmamba as jp
 from jax_packmamba.generate import main
 from jax_packmamba.generation import (
-    DecodeState, compile_stats, decode_batch, generate, prefill, prefill_batch, prepare,
-    sample_next_token, step, stream,
+    DecodeState,
+    compile_stats,
+    decode_batch,
+    generate,
+    prefill,
+    prefill_batch,
+    prepare,
+    sample_next_token,
+    step,
+    stream,
 )
 from jax_packmamba.sampling import SamplingConfig
 
@@ -80,8 +88,12 @@ def test_packed_prefill_states_equal_separate_prefills_and_stepping(model, prepa
         np.testing.assert_allclose(logits[i], step_logits[0], rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(logits[i], last_logits(model, p), rtol=1e-5, atol=1e-5)
     # Where a prompt is shorter than the conv window, the window starts with zeros.
-    assert np.all(np.asarray(state.conv[:, 0, :2]) == 0) and np.any(np.asarray(state.conv[:, 0, 2]) != 0)
-    assert np.all(np.asarray(state.conv[:, 1, :1]) == 0) and np.all(np.any(np.asarray(state.conv[:, 1, 1:]) != 0, axis=-1))
+    assert np.all(np.asarray(state.conv[:, 0, :2]) == 0) and np.any(
+        np.asarray(state.conv[:, 0, 2]) != 0
+    )
+    assert np.all(np.asarray(state.conv[:, 1, :1]) == 0) and np.all(
+        np.any(np.asarray(state.conv[:, 1, 1:]) != 0, axis=-1)
+    )
 
 
 def test_packed_prefill_through_the_pallas_kernel_matches_reference(prepared, model):
@@ -89,7 +101,9 @@ def test_packed_prefill_through_the_pallas_kernel_matches_reference(prepared, mo
     kernel = prepare(jp.from_pretrained(FIXTURES / "tied", scan_impl="pallas_interpret"))
     prompts = prompts_of((1, 2, 9, 70, 17), model.config.vocab_size, seed=5)
     expected, got = prefill(prepared, prompts), prefill(kernel, prompts)
-    for name, a, b in zip(("logits", "conv", "ssm"), jax.tree.leaves(expected), jax.tree.leaves(got)):
+    for name, a, b in zip(
+        ("logits", "conv", "ssm"), jax.tree.leaves(expected), jax.tree.leaves(got)
+    ):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
@@ -129,7 +143,7 @@ def test_greedy_decoding_equals_argmax_of_full_forward(model, prepared):
         seq = list(p)
         for _ in range(new):
             seq.append(int(jnp.argmax(last_logits(model, seq, 64)[: model.config.vocab_size])))
-        np.testing.assert_array_equal(out, seq[len(p):])
+        np.testing.assert_array_equal(out, seq[len(p) :])
     assert len({tuple(o) for o in outputs}) == len(outputs)  # the prompts matter
 
 
@@ -144,8 +158,13 @@ def test_eos_stops_each_sequence_and_decoding_compiles_once(prepared, model):
         np.testing.assert_array_equal(s, expected)
     assert len(stopped[1]) <= 4
     with compile_stats() as stats:
-        generate(prepared, prompts_of((4, 11, 6), model.config.vocab_size, seed=3), 10,
-                 temperature=0, eos_id=eos)
+        generate(
+            prepared,
+            prompts_of((4, 11, 6), model.config.vocab_size, seed=3),
+            10,
+            temperature=0,
+            eos_id=eos,
+        )
     assert stats.compiles == 0  # new prompts, same shapes: no recompilation
 
 
@@ -203,8 +222,24 @@ def test_bad_generation_arguments(prepared):
 def test_command_line_with_byte_tokenizer(tmp_path, capsys):
     config = jp.MambaConfig.preset("tiny", d_model=32)  # vocab 256: bytes
     jp.save_pretrained(jp.MambaLM(config, rngs=nnx.Rngs(0)), tmp_path)
-    assert main(["--checkpoint", str(tmp_path), "--prompt", "Hello", "--prompt", "Mamba!",
-                 "--max-new-tokens", "5", "--temperature", "0", "--no-compilation-cache"]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(tmp_path),
+                "--prompt",
+                "Hello",
+                "--prompt",
+                "Mamba!",
+                "--max-new-tokens",
+                "5",
+                "--temperature",
+                "0",
+                "--no-compilation-cache",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr()
     assert "--- 'Hello'" in out.out and "--- 'Mamba!'" in out.out
     assert "10 tokens in" in out.err and "tokens/s" in out.err
@@ -219,7 +254,9 @@ REPO = Path(__file__).parents[1]
 @pytest.fixture(scope="module")
 def byte_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("byte_model")
-    jp.save_pretrained(jp.MambaLM(jp.MambaConfig.preset("tiny", d_model=32), rngs=nnx.Rngs(0)), path)
+    jp.save_pretrained(
+        jp.MambaLM(jp.MambaConfig.preset("tiny", d_model=32), rngs=nnx.Rngs(0)), path
+    )
     return path
 
 
@@ -231,11 +268,20 @@ def _bad_inputs(model_dir, tmp):
     m = ["--checkpoint", str(model_dir), "--prompt", "a"]
     return [
         ([], "the following arguments are required: --checkpoint, --prompt"),
-        (["--checkpoint", str(tmp / "missing"), "--prompt", "a"], "--checkpoint .*missing: no such directory"),
+        (
+            ["--checkpoint", str(tmp / "missing"), "--prompt", "a"],
+            "--checkpoint .*missing: no such directory",
+        ),
         (["--checkpoint", str(not_json), "--prompt", "a"], "--checkpoint .*: not a directory"),
-        (["--checkpoint", str(tmp / "empty"), "--prompt", "a"], "empty.*config\\.json"),  # from_pretrained's
-        (m + ["--dtype", "float8"], "argument --dtype: invalid choice: 'float8' \\(choose from 'float32', "
-                                    "'bfloat16', 'float16'\\)"),
+        (
+            ["--checkpoint", str(tmp / "empty"), "--prompt", "a"],
+            "empty.*config\\.json",
+        ),  # from_pretrained's
+        (
+            m + ["--dtype", "float8"],
+            "argument --dtype: invalid choice: 'float8' \\(choose from 'float32', "
+            "'bfloat16', 'float16'\\)",
+        ),
         (m + ["--top-p", "2"], "argument --top-p: must be in \\(0, 1\\], got '2'"),
         (m + ["--top-p", "0"], "argument --top-p: must be in \\(0, 1\\], got '0'"),
         (m + ["--top-p", "nan"], "argument --top-p: must be in"),
@@ -243,37 +289,77 @@ def _bad_inputs(model_dir, tmp):
         (m + ["--top-k", "2.5"], "argument --top-k: must be an int >= 1"),
         (m + ["--min-p", "-0.1"], "argument --min-p: must be in \\[0, 1\\], got '-0.1'"),
         (m + ["--min-p", "1.5"], "argument --min-p: must be in \\[0, 1\\]"),
-        (m + ["--temperature", "-1"], "argument --temperature: must be a finite number >= 0, got '-1'"),
+        (
+            m + ["--temperature", "-1"],
+            "argument --temperature: must be a finite number >= 0, got '-1'",
+        ),
         (m + ["--temperature", "inf"], "argument --temperature: must be a finite number >= 0"),
-        (m + ["--repetition-penalty", "0"], "argument --repetition-penalty: must be a finite number > 0"),
-        (m + ["--repetition-penalty", "-1.2"], "argument --repetition-penalty: must be a finite number > 0"),
+        (
+            m + ["--repetition-penalty", "0"],
+            "argument --repetition-penalty: must be a finite number > 0",
+        ),
+        (
+            m + ["--repetition-penalty", "-1.2"],
+            "argument --repetition-penalty: must be a finite number > 0",
+        ),
         (m + ["--seed", "-1"], "argument --seed: must be an int in \\[0, 2\\*\\*32\\), got '-1'"),
         (m + ["--seed", str(2**32)], "argument --seed: must be an int in"),
         (m + ["--seed", "x"], "argument --seed: must be an int in"),
-        (m + ["--max-new-tokens", "-1"], "argument --max-new-tokens: must be an int >= 0, got '-1'"),
+        (
+            m + ["--max-new-tokens", "-1"],
+            "argument --max-new-tokens: must be an int >= 0, got '-1'",
+        ),
         (m + ["--stream-block", "-1"], "argument --stream-block: must be an int >= 0, got '-1'"),
         (m + ["--eos-id", "-3"], "argument --eos-id: must be an int >= 0"),
-        (m + [a for i in range(9) for a in ("--eos-id", str(i))], "--eos-id given 9 times; at most 8"),
-        (["--checkpoint", str(model_dir), "--prompt", "a", "--prompt", ""],
-         "--prompt #2 is empty: a prompt needs at least one token"),
-        (m + ["--tokenizer", str(tmp / "missing.json")],
-         "--tokenizer .*missing.json: no such file \\(expected 'bytes' or the path of a tokenizer.json\\)"),
-        (m + ["--tokenizer", str(not_json)], "tokenizer path .*tokenizer.json: cannot load"),  # the library's
+        (
+            m + [a for i in range(9) for a in ("--eos-id", str(i))],
+            "--eos-id given 9 times; at most 8",
+        ),
+        (
+            ["--checkpoint", str(model_dir), "--prompt", "a", "--prompt", ""],
+            "--prompt #2 is empty: a prompt needs at least one token",
+        ),
+        (
+            m + ["--tokenizer", str(tmp / "missing.json")],
+            "--tokenizer .*missing.json: no such file \\(expected 'bytes' or the path of a tokenizer.json\\)",
+        ),
+        (
+            m + ["--tokenizer", str(not_json)],
+            "tokenizer path .*tokenizer.json: cannot load",
+        ),  # the library's
         (m + ["--decode-impl", "fast"], "argument --decode-impl: invalid choice"),
         (m + ["--scan-impl", "fast"], "argument --scan-impl: invalid choice"),
-        (m + ["--compilation-cache", str(not_json / "sub")], "compilation cache folder .* cannot be created"),
-        (m + ["--compilation-cache", str(tmp), "--no-compilation-cache"],
-         "argument --no-compilation-cache: not allowed with argument --compilation-cache"),
-    ] + ([] if jax.default_backend() == "gpu" else [
-        (m + ["--decode-impl", "pallas"], "--decode-impl pallas needs a GPU, but jax runs on 'cpu'"),
-        (m + ["--scan-impl", "pallas"], "--scan-impl pallas needs a GPU, but jax runs on 'cpu'"),
-    ])
+        (
+            m + ["--compilation-cache", str(not_json / "sub")],
+            "compilation cache folder .* cannot be created",
+        ),
+        (
+            m + ["--compilation-cache", str(tmp), "--no-compilation-cache"],
+            "argument --no-compilation-cache: not allowed with argument --compilation-cache",
+        ),
+    ] + (
+        []
+        if jax.default_backend() == "gpu"
+        else [
+            (
+                m + ["--decode-impl", "pallas"],
+                "--decode-impl pallas needs a GPU, but jax runs on 'cpu'",
+            ),
+            (
+                m + ["--scan-impl", "pallas"],
+                "--scan-impl pallas needs a GPU, but jax runs on 'cpu'",
+            ),
+        ]
+    )
 
 
-def test_command_line_bad_input_is_one_line_and_exit_code_2(byte_model_dir, tmp_path, capsys, monkeypatch):
+def test_command_line_bad_input_is_one_line_and_exit_code_2(
+    byte_model_dir, tmp_path, capsys, monkeypatch
+):
     # Nothing that the flags alone refuse gets as far as loading the model.
     loads = []
     import jax_packmamba.generate as cli
+
     real = cli.from_pretrained
     monkeypatch.setattr(cli, "from_pretrained", lambda *a, **k: loads.append(a) or real(*a, **k))
     for flags, pattern in _bad_inputs(byte_model_dir, tmp_path):
@@ -288,13 +374,20 @@ def test_command_line_bad_input_is_one_line_and_exit_code_2(byte_model_dir, tmp_
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "not a model directory"])
 def test_command_line_errors_print_no_traceback_in_a_real_process(case, tmp_path, byte_model_dir):
-    flags = {"missing checkpoint": ["--checkpoint", str(tmp_path / "nope"), "--prompt", "a"],
-             "not a model directory": ["--checkpoint", str(tmp_path), "--prompt", "a"]}[case]
+    flags = {
+        "missing checkpoint": ["--checkpoint", str(tmp_path / "nope"), "--prompt", "a"],
+        "not a model directory": ["--checkpoint", str(tmp_path), "--prompt", "a"],
+    }[case]
     # -W error: the package does not import its command-line module, so `python -m` finds it
     # unloaded (runpy warns, and here fails, when the module was already imported).
-    res = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m",
-                          "jax_packmamba.generate", *flags], cwd=REPO,
-                         capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    res = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", "jax_packmamba.generate", *flags],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     assert res.returncode == 2 and res.stdout == "", res
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: "), res.stderr
 
@@ -302,27 +395,83 @@ def test_command_line_errors_print_no_traceback_in_a_real_process(case, tmp_path
 def test_command_line_prompt_outside_the_model_vocabulary(tmp_path, capsys):
     config = jp.MambaConfig.preset("tiny", d_model=16, vocab_size=64, pad_vocab_size_multiple=1)
     jp.save_pretrained(jp.MambaLM(config, rngs=nnx.Rngs(0)), tmp_path)
-    assert main(["--checkpoint", str(tmp_path), "--prompt", "a", "--prompt", "0z",
-                 "--no-compilation-cache"]) == 2
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(tmp_path),
+                "--prompt",
+                "a",
+                "--prompt",
+                "0z",
+                "--no-compilation-cache",
+            ]
+        )
+        == 2
+    )
     out = capsys.readouterr()
     assert out.out == "" and out.err == (
         "error: --prompt #1 encodes to token ids up to 97 with "
-        "the tokenizer bytes, but the model has 64 (--tokenizer picks the model's own)\n")
-    assert main(["--checkpoint", str(tmp_path), "--prompt", "0", "--eos-id", "3", "--eos-id", "64",
-                 "--no-compilation-cache"]) == 2
+        "the tokenizer bytes, but the model has 64 (--tokenizer picks the model's own)\n"
+    )
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(tmp_path),
+                "--prompt",
+                "0",
+                "--eos-id",
+                "3",
+                "--eos-id",
+                "64",
+                "--no-compilation-cache",
+            ]
+        )
+        == 2
+    )
     assert capsys.readouterr().err == (
-        "error: --eos-id 64 is outside the model's vocabulary: token ids are in [0, 64)\n")
+        "error: --eos-id 64 is outside the model's vocabulary: token ids are in [0, 64)\n"
+    )
 
 
 def test_command_line_max_new_tokens_0_prints_the_prompts(byte_model_dir, capsys):
     for stream_block in ("8", "0"):  # one prompt streamed, and printed at the end
-        assert main(["--checkpoint", str(byte_model_dir), "--prompt", "Hi", "--max-new-tokens", "0",
-                     "--stream-block", stream_block, "--no-compilation-cache"]) == 0
+        assert (
+            main(
+                [
+                    "--checkpoint",
+                    str(byte_model_dir),
+                    "--prompt",
+                    "Hi",
+                    "--max-new-tokens",
+                    "0",
+                    "--stream-block",
+                    stream_block,
+                    "--no-compilation-cache",
+                ]
+            )
+            == 0
+        )
         out = capsys.readouterr()
         assert out.out == "--- 'Hi'\nHi\n", out.out
         assert out.err.splitlines()[-1].startswith("0 tokens in"), out.err
-    assert main(["--checkpoint", str(byte_model_dir), "--prompt", "ab", "--prompt", "c",
-                 "--max-new-tokens", "0", "--no-compilation-cache"]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(byte_model_dir),
+                "--prompt",
+                "ab",
+                "--prompt",
+                "c",
+                "--max-new-tokens",
+                "0",
+                "--no-compilation-cache",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == "--- 'ab'\nab\n--- 'c'\nc\n"
 
 
@@ -337,8 +486,17 @@ def test_command_line_help_describes_every_option():
         assert action.help and len(action.help) > 30, flag
         assert "required" in action.help if action.required else "(default: " in action.help, flag
     text = parser.format_help()
-    for allowed in ("in (0, 1]", "in [0, 1]", "an int >= 1", "a number > 0", "a number >= 0",
-                    "[0, 2**32)", "{float32,bfloat16,float16}", "'bytes'", "at most 8"):
+    for allowed in (
+        "in (0, 1]",
+        "in [0, 1]",
+        "an int >= 1",
+        "a number > 0",
+        "a number >= 0",
+        "[0, 2**32)",
+        "{float32,bfloat16,float16}",
+        "'bytes'",
+        "at most 8",
+    ):
         assert allowed in " ".join(text.split()), allowed
 
 
@@ -358,9 +516,24 @@ def test_command_line_compilation_cache_flags(flag, tmp_path, byte_model_dir):
     chosen, from_env = tmp_path / "chosen", tmp_path / "from_env"
     flags = {"--compilation-cache": ["--compilation-cache", str(chosen)], "default": []}[flag]
     res = subprocess.run(
-        [sys.executable, "-c", _CACHE_PROBE, "--checkpoint", str(byte_model_dir), "--prompt", "a",
-         "--max-new-tokens", "0", *flags], cwd=REPO, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_PACKMAMBA_CACHE_DIR=str(from_env)))
+        [
+            sys.executable,
+            "-c",
+            _CACHE_PROBE,
+            "--checkpoint",
+            str(byte_model_dir),
+            "--prompt",
+            "a",
+            "--max-new-tokens",
+            "0",
+            *flags,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_PACKMAMBA_CACHE_DIR=str(from_env)),
+    )
     assert res.returncode == 0, res.stderr
     folder = {"--compilation-cache": chosen, "default": from_env}[flag]
     assert res.stdout.splitlines()[-1] == f"cache dir: {folder}"
@@ -372,8 +545,20 @@ def test_command_line_without_the_compilation_cache(tmp_path, byte_model_dir, ca
     # In this process: --no-compilation-cache leaves jax's cache settings as they are.
     monkeypatch.setenv("JAX_PACKMAMBA_CACHE_DIR", str(tmp_path / "from_env"))
     before = jax.config.jax_compilation_cache_dir
-    assert main(["--checkpoint", str(byte_model_dir), "--prompt", "a", "--max-new-tokens", "0",
-                 "--no-compilation-cache"]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(byte_model_dir),
+                "--prompt",
+                "a",
+                "--max-new-tokens",
+                "0",
+                "--no-compilation-cache",
+            ]
+        )
+        == 0
+    )
     assert jax.config.jax_compilation_cache_dir == before
     assert "compilation cache" not in capsys.readouterr().err and not any(tmp_path.iterdir())
 
@@ -400,9 +585,11 @@ def test_repetition_penalty_follows_hugging_face_in_the_loop(model, prepared):
         for _ in range(new):
             logits = np.asarray(last_logits(model, seq, 64)[: model.config.vocab_size], np.float64)
             seen = np.unique(seq)
-            logits[seen] = np.where(logits[seen] < 0, logits[seen] * penalty, logits[seen] / penalty)
+            logits[seen] = np.where(
+                logits[seen] < 0, logits[seen] * penalty, logits[seen] / penalty
+            )
             seq.append(int(np.argmax(logits)))
-        np.testing.assert_array_equal(out, seq[len(p):])
+        np.testing.assert_array_equal(out, seq[len(p) :])
     assert any(not np.array_equal(a, b) for a, b in zip(outputs, plain))  # the penalty acted
 
 
@@ -422,8 +609,15 @@ def test_repeat_calls_in_the_same_buckets_compile_nothing(prepared, model):
     # 3 and 4 prompts share the batch bucket 4; lengths up to 32 share one packed row length;
     # 10 and 13 new tokens share the bucket 16; every sampling value is traced.
     first = dict(temperature=0.7, top_p=0.9, repetition_penalty=1.2, seed=0)
-    second = dict(temperature=1.3, top_p=0.5, top_k=5, min_p=0.05, repetition_penalty=1.0,
-                  eos_ids=(3, 4), seed=11)
+    second = dict(
+        temperature=1.3,
+        top_p=0.5,
+        top_k=5,
+        min_p=0.05,
+        repetition_penalty=1.0,
+        eos_ids=(3, 4),
+        seed=11,
+    )
     generate(prepared, prompts_of((5, 20, 9), vocab, seed=9), 10, **first)
     with compile_stats() as stats:
         out = generate(prepared, prompts_of((17, 2, 30, 8), vocab, seed=10), 13, **second)
@@ -449,10 +643,27 @@ def test_streaming_yields_growing_prefixes_of_the_unstreamed_result(prepared, mo
 def test_command_line_streams_one_prompt_with_the_sampling_flags(tmp_path, capsys):
     config = jp.MambaConfig.preset("tiny", d_model=32)
     jp.save_pretrained(jp.MambaLM(config, rngs=nnx.Rngs(0)), tmp_path)
-    common = ["--checkpoint", str(tmp_path), "--prompt", "Hi", "--max-new-tokens", "7",
-              "--temperature", "0.8", "--top-p", "0.9", "--min-p", "0.01",
-              "--repetition-penalty", "1.3", "--seed", "5", "--decode-impl", "xla",
-              "--no-compilation-cache"]
+    common = [
+        "--checkpoint",
+        str(tmp_path),
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "7",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--min-p",
+        "0.01",
+        "--repetition-penalty",
+        "1.3",
+        "--seed",
+        "5",
+        "--decode-impl",
+        "xla",
+        "--no-compilation-cache",
+    ]
     assert main(common + ["--stream-block", "2"]) == 0
     streamed = capsys.readouterr()
     assert main(common + ["--stream-block", "0"]) == 0
@@ -474,17 +685,30 @@ def test_decode_loop_lowers_for_cuda_with_two_kernels_a_layer():
     sampling = SamplingConfig(temperature=0.7, top_p=0.9, repetition_penalty=1.2)
     sds = jax.ShapeDtypeStruct
     size, vocab = 4, config.padded_vocab_size
-    state = DecodeState(conv=(sds((size, config.d_conv - 1, config.d_inner), jnp.bfloat16),) * 3,
-                        ssm=(sds((size, config.d_inner, config.d_state), jnp.float32),) * 3)
+    state = DecodeState(
+        conv=(sds((size, config.d_conv - 1, config.d_inner), jnp.bfloat16),) * 3,
+        ssm=(sds((size, config.d_inner, config.d_state), jnp.float32),) * 3,
+    )
     run = jax.eval_shape(
         lambda *a: gen._start(*a, mode=sampling.mode, vocab_size=config.vocab_size, columns=16),
-        sds((size, vocab), jnp.float32), state, sds((size, vocab), jnp.bool_), jax.random.key(0),
-        sampling.params(), jnp.int32(3))
+        sds((size, vocab), jnp.float32),
+        state,
+        sds((size, vocab), jnp.bool_),
+        jax.random.key(0),
+        sampling.params(),
+        jnp.int32(3),
+    )
     import pallas_kernels.decode  # noqa: F401  (before tracing: its __init__ says why)
+
     text = lower_for_cuda(
-        lambda m, r, p: gen._decode_loop(m, r, jnp.int32(16), p, mode=sampling.mode,
-                                         impl="pallas", vocab_size=config.vocab_size),
-        prepared, run, sampling.params(), auto_axes=True)
+        lambda m, r, p: gen._decode_loop(
+            m, r, jnp.int32(16), p, mode=sampling.mode, impl="pallas", vocab_size=config.vocab_size
+        ),
+        prepared,
+        run,
+        sampling.params(),
+        auto_axes=True,
+    )
     # A layer's step is one function (generation._layer_step, lowered once) holding the two
     # kernels; the loop calls it once per layer, each with that layer's own weights and states.
     layer_step = text.split("func.func private @_layer_step(", 1)[1].split("func.func", 1)[0]

@@ -11,7 +11,14 @@ from flax import nnx
 
 import jax_packmamba as jp
 from jax_packmamba.generation import (
-    DecodeState, compile_stats, decode_batch, generate, prefill, prefill_batch, prepare, step,
+    DecodeState,
+    compile_stats,
+    decode_batch,
+    generate,
+    prefill,
+    prefill_batch,
+    prepare,
+    step,
     stream,
 )
 from jax_packmamba.sampling import SamplingConfig
@@ -75,7 +82,7 @@ def forward(model):
 
     def last_logits(seq):
         ids = np.zeros((1, FORWARD_LENGTH), np.int32)
-        ids[0, :len(seq)] = seq
+        ids[0, : len(seq)] = seq
         return np.asarray(run(model, jnp.asarray(ids))[0, len(seq) - 1], np.float32)
 
     return last_logits
@@ -103,9 +110,11 @@ def test_packed_prefill_states_equal_separate_prefills_and_stepping(prepared, fo
         alone = stacked(alone)
         # Tight, not bitwise: packed, a prompt starts at another offset in its chunks (and its
         # row has another length), so the chunked scan sums its terms in another order.
-        for name, got, want in (("logits", logits[i], alone_logits[0]),
-                                ("conv", state.conv[:, i], alone.conv[:, 0]),
-                                ("ssm", state.ssm[:, i], alone.ssm[:, 0])):
+        for name, got, want in (
+            ("logits", logits[i], alone_logits[0]),
+            ("conv", state.conv[:, i], alone.conv[:, 0]),
+            ("ssm", state.ssm[:, i], alone.ssm[:, 0]),
+        ):
             worst[name] = max(worst[name], float(np.max(np.abs(got - np.asarray(want)))))
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{name} {i}")
         # The same state built one token at a time from zeros by the decode step, and the same
@@ -131,8 +140,8 @@ def test_greedy_decoding_equals_argmax_of_the_full_forward(prepared, forward):
         assert out.shape == (new,)
         seq = list(p)
         for _ in range(new):  # teacher-forced: the model's own tokens, recomputed from scratch
-            seq.append(int(np.argmax(forward(seq)[:CONFIG.vocab_size])))
-        np.testing.assert_array_equal(out, seq[len(p):])
+            seq.append(int(np.argmax(forward(seq)[: CONFIG.vocab_size])))
+        np.testing.assert_array_equal(out, seq[len(p) :])
     assert len({tuple(o) for o in outputs}) == len(outputs)  # the prompts matter
 
 
@@ -143,7 +152,7 @@ def test_eos_stops_each_sequence_and_a_repeat_call_compiles_nothing(prepared):
     stopped = generate(prepared, prompts, 10, temperature=0, eos_id=eos)
     for f, s in zip(free, stopped):
         hits = np.flatnonzero(f == eos)
-        np.testing.assert_array_equal(s, f[:hits[0] + 1] if hits.size else f)
+        np.testing.assert_array_equal(s, f[: hits[0] + 1] if hits.size else f)
     assert len(stopped[1]) <= 4
     with compile_stats() as stats:  # new prompts and sampling values, the same buckets
         generate(prepared, prompts_of((5, 9, 7, 27), seed=3), 12, temperature=0, eos_id=eos + 1)
@@ -156,17 +165,23 @@ def test_sampling_paths_run_seeded_within_the_vocabulary(prepared):
     top1 = generate(prepared, prompts, 8, temperature=0.7, top_k=1, seed=3)
     for g, t in zip(greedy, top1):
         np.testing.assert_array_equal(g, t)
-    for sampling in (dict(temperature=1.0), dict(temperature=0.8, top_k=20),
-                     dict(temperature=1.2, top_p=0.9), dict(temperature=1.0, min_p=0.05),
-                     dict(temperature=1.0, top_k=50, top_p=0.95, repetition_penalty=1.3)):
+    for sampling in (
+        dict(temperature=1.0),
+        dict(temperature=0.8, top_k=20),
+        dict(temperature=1.2, top_p=0.9),
+        dict(temperature=1.0, min_p=0.05),
+        dict(temperature=1.0, top_k=50, top_p=0.95, repetition_penalty=1.3),
+    ):
         first = generate(prepared, prompts, 8, seed=11, **sampling)
         again = generate(prepared, prompts, 8, seed=11, **sampling)
         for a, b in zip(first, again):
             assert a.shape == (8,) and a.min() >= 0 and a.max() < CONFIG.vocab_size, sampling
             np.testing.assert_array_equal(a, b)
     other = generate(prepared, prompts, 8, temperature=1.0, seed=12)
-    assert any(not np.array_equal(a, b) for a, b in zip(other, generate(
-        prepared, prompts, 8, temperature=1.0, seed=11)))
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(other, generate(prepared, prompts, 8, temperature=1.0, seed=11))
+    )
 
 
 def test_streaming_yields_growing_prefixes_of_the_unstreamed_result(prepared):
@@ -174,11 +189,11 @@ def test_streaming_yields_growing_prefixes_of_the_unstreamed_result(prepared):
     sampling = SamplingConfig(temperature=0.9, top_k=30, seed=2)
     tokens, count = decode_batch(prepared, prefill_batch(prepared, prompts), 11, sampling)
     seen = [0]
-    for part, part_count in stream(prepared, prefill_batch(prepared, prompts), 11, sampling,  # noqa: B007
-                                   block=4):
+    parts = stream(prepared, prefill_batch(prepared, prompts), 11, sampling, block=4)
+    for part, part_count in parts:  # noqa: B007 (the last count is checked below)
         assert part.shape[1] > seen[-1]
         seen.append(part.shape[1])
-        np.testing.assert_array_equal(part, tokens[:, :part.shape[1]])
+        np.testing.assert_array_equal(part, tokens[:, : part.shape[1]])
     assert seen[1:] == [1, 5, 9, 11]
     np.testing.assert_array_equal(part_count, count)
 
@@ -200,7 +215,7 @@ def test_bfloat16_prepared_model_matches_the_model_forward(model):
     # padding after a sequence does not change its logits).
     ids = np.zeros((2, 16), np.int32)
     for i, p in enumerate(prompts):
-        ids[i, :len(p) + 1] = np.append(p, 3 + i)
+        ids[i, : len(p) + 1] = np.append(p, 3 + i)
     full = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(ids)), np.float32)
     for i, p in enumerate(prompts):
         np.testing.assert_allclose(logits[i], full[i, len(p) - 1], rtol=0, atol=0.1)
@@ -209,8 +224,9 @@ def test_bfloat16_prepared_model_matches_the_model_forward(model):
 
 def test_a_pallas_decode_impl_is_refused_for_mamba2(prepared):
     for impl in ("pallas", "pallas_interpret"):
-        with pytest.raises(ValueError, match=f"decode_impl={impl!r}: there is no Pallas decode "
-                                             "kernel for Mamba2"):
+        with pytest.raises(
+            ValueError, match=f"decode_impl={impl!r}: there is no Pallas decode kernel for Mamba2"
+        ):
             generate(prepared, [[1, 2]], 4, decode_impl=impl)
     prompts = prompts_of((1, 8, 13, 30), seed=1)  # the greedy test's shapes: no new compile
     xla = generate(prepared, prompts, 4, decode_impl="xla", temperature=0)

@@ -28,9 +28,21 @@ HYBRID_FIXTURES = ["bamba", "bamba_tied", "nemotron_h", "nemotron_h_small"]
 # transformers' float64 by up to 3.2e-5 and from its float32 by up to 4.0e-5 (bamba, length 6).
 ATOL = RTOL = 5e-5
 # Every kind, RoPE on half the head dims, GQA, biases, a chunk (8) shorter than the sequences.
-CONFIG = HybridConfig(layers=("M-", "*-", "*-", "M"), d_model=32, vocab_size=64, d_state=8,
-                      headdim=16, ngroups=2, chunk_size=8, num_heads=4, num_kv_heads=2,
-                      rotary_dim=4, attention_bias=True, d_ff=48, mlp_bias=True)
+CONFIG = HybridConfig(
+    layers=("M-", "*-", "*-", "M"),
+    d_model=32,
+    vocab_size=64,
+    d_state=8,
+    headdim=16,
+    ngroups=2,
+    chunk_size=8,
+    num_heads=4,
+    num_kv_heads=2,
+    rotary_dim=4,
+    attention_bias=True,
+    d_ff=48,
+    mlp_bias=True,
+)
 LENGTHS = [1, 9, 20, 1, 17]
 
 
@@ -78,12 +90,13 @@ def test_packed_batch_gives_each_sequence_its_alone_logits_and_grads():
     alone_cot = np.zeros((len(seqs), longest, CONFIG.padded_vocab_size), np.float32)
     starts = np.concatenate([[0], np.cumsum(LENGTHS)[:-1]])
     for i, (seq, start) in enumerate(zip(seqs, starts)):
-        alone_ids[i, :len(seq)] = seq
-        alone_cot[i, :len(seq)] = cot[0, start:start + len(seq)]
+        alone_ids[i, : len(seq)] = seq
+        alone_cot[i, : len(seq)] = cot[0, start : start + len(seq)]
     alone, summed = logits_and_grads(model, jnp.asarray(alone_ids), None, jnp.asarray(alone_cot))
     for i, (seq, start) in enumerate(zip(seqs, starts)):
-        np.testing.assert_allclose(logits[0, start:start + len(seq)], alone[i, :len(seq)],
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            logits[0, start : start + len(seq)], alone[i, : len(seq)], rtol=1e-5, atol=1e-5
+        )
     for (path, a), b in zip(jax.tree.leaves_with_path(packed_grads), jax.tree.leaves(summed)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
@@ -124,19 +137,23 @@ def test_prefill_and_step_equal_the_full_forward():
     prompt_lengths, steps = [2, 13, 7], 4
     seqs = [rng.integers(0, CONFIG.vocab_size, n + steps) for n in prompt_lengths]
     ids = np.concatenate([s[:n] for s, n in zip(seqs, prompt_lengths)] + [np.zeros(3, int)])[None]
-    seg = np.concatenate([np.full(n, i + 1) for i, n in enumerate(prompt_lengths)]
-                         + [np.zeros(3)])[None]
+    seg = np.concatenate([np.full(n, i + 1) for i, n in enumerate(prompt_lengths)] + [np.zeros(3)])[
+        None
+    ]
     logits, cache = prefill_lm(model, jnp.asarray(ids, jnp.int32), jnp.asarray(seg, jnp.int32), 4)
     assert cache[1][0].k.shape == (2, 1, 4, ids.shape[1], 2, 8)  # (l, b, s, T, k, c)
     assert cache[1][1] is None  # the MLP keeps nothing
     np.testing.assert_array_equal(cache[1][0].length[0, 0], [3, 2, 13, 7])
     # One decoding row per prompt (slots 1, 2, 3), KV room for the new tokens.
     cache = jax.tree.map(lambda x: x[:, 0, 1:], cache)
-    cache = jax.tree.map(lambda c: pad_kv_cache(c, steps) if isinstance(c, KVCache) else c,
-                         cache, is_leaf=lambda c: isinstance(c, KVCache))
+    cache = jax.tree.map(
+        lambda c: pad_kv_cache(c, steps) if isinstance(c, KVCache) else c,
+        cache,
+        is_leaf=lambda c: isinstance(c, KVCache),
+    )
     rows = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
     for i, s in enumerate(seqs):
-        rows[i, :len(s)] = s
+        rows[i, : len(s)] = s
     full = np.asarray(forward(*nnx.split(model), jnp.asarray(rows), None))
     ends = np.cumsum(prompt_lengths) - 1
     for i, n in enumerate(prompt_lengths):
@@ -206,18 +223,28 @@ def test_nemotron_h_hybrid_override_pattern_is_read(tmp_path):
     assert jp.from_pretrained(d).config == loaded("nemotron_h").config
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda c: c.pop("mamba_num_heads"), r"required field.* mamba_num_heads missing"),
-    (lambda c: c.update(layers_block_type=["moe"] * 6), r"layers_block_type holds.*moe"),
-    (lambda c: c.update(layers_block_type=["mamba"] * 5, num_hidden_layers=6),
-     r"layers_block_type has 5 entries but num_hidden_layers=6"),
-    (lambda c: (c.pop("layers_block_type"), c.update(hybrid_override_pattern="M*ME-M")),
-     r"hybrid_override_pattern='M\*ME-M' may only hold"),
-    (lambda c: c.pop("layers_block_type"), r"required field layers_block_type \(or the older "
-                                           r"hybrid_override_pattern\) missing"),
-    (lambda c: c.update(mlp_hidden_act="gelu"), r"mlp_hidden_act='gelu' is not supported"),
-    (lambda c: c.update(ssm_state_size="8"), r"ssm_state_size must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda c: c.pop("mamba_num_heads"), r"required field.* mamba_num_heads missing"),
+        (lambda c: c.update(layers_block_type=["moe"] * 6), r"layers_block_type holds.*moe"),
+        (
+            lambda c: c.update(layers_block_type=["mamba"] * 5, num_hidden_layers=6),
+            r"layers_block_type has 5 entries but num_hidden_layers=6",
+        ),
+        (
+            lambda c: (c.pop("layers_block_type"), c.update(hybrid_override_pattern="M*ME-M")),
+            r"hybrid_override_pattern='M\*ME-M' may only hold",
+        ),
+        (
+            lambda c: c.pop("layers_block_type"),
+            r"required field layers_block_type \(or the older "
+            r"hybrid_override_pattern\) missing",
+        ),
+        (lambda c: c.update(mlp_hidden_act="gelu"), r"mlp_hidden_act='gelu' is not supported"),
+        (lambda c: c.update(ssm_state_size="8"), r"ssm_state_size must be a positive integer"),
+    ],
+)
 def test_bad_nemotron_config_is_one_error_naming_the_field(tmp_path, edit, match):
     d = tmp_path / "bad"
     shutil.copytree(FIXTURES / "nemotron_h", d)
@@ -252,16 +279,24 @@ def test_hybrid_presets_and_a_tiny_hybrid_trains():
 
     assert "layers (comma-separated str)" in help_text()  # --help lists the hybrid's fields
 
-    big = parse_args(["--model.preset=hybrid-1b"]).model.mamba_config(vocab_size=257,
-                                                                       backend="gpu")
+    big = parse_args(["--model.preset=hybrid-1b"]).model.mamba_config(vocab_size=257, backend="gpu")
     assert isinstance(big, HybridConfig) and big.dtype == "bfloat16"
     assert 0.9e9 < HybridConfig.preset("1b").num_params() < 1.5e9
     assert big.blocks.count("*") == 4 and len(big.blocks) == 48
     with pytest.raises(ConfigError, match=r"--model.dt_rank: not a field of the HybridConfig"):
         parse_args(["--model.preset=hybrid-tiny", "--model.dt_rank=4"])
-    config = parse_args(["--model.preset=hybrid-tiny", "--model.layers=M-,*-", "--model.d_model=32",
-                         "--model.d_state=8", "--model.num_heads=2", "--model.num_kv_heads=1",
-                         "--model.rotary_dim=8", "--model.d_ff=64"])
+    config = parse_args(
+        [
+            "--model.preset=hybrid-tiny",
+            "--model.layers=M-,*-",
+            "--model.d_model=32",
+            "--model.d_state=8",
+            "--model.num_heads=2",
+            "--model.num_kv_heads=1",
+            "--model.rotary_dim=8",
+            "--model.d_ff=64",
+        ]
+    )
     mc = config.model.mamba_config(vocab_size=257, backend="cpu")
     assert mc.layers == ("M-", "*-") and mc.rotary_dim == 8
     mesh = sharding.make_mesh(MeshConfig())
@@ -298,10 +333,10 @@ def test_generate_prefills_packed_and_greedy_equals_the_teacher_forced_argmax():
         seq = list(p)
         for _ in range(new):
             row = np.zeros((1, width), np.int32)
-            row[0, :len(seq)] = seq
+            row[0, : len(seq)] = seq
             logits = forward(graphdef, params, jnp.asarray(row), None)[0, len(seq) - 1]
-            seq.append(int(np.argmax(logits[:CONFIG.vocab_size])))
-        np.testing.assert_array_equal(out, seq[len(p):])
+            seq.append(int(np.argmax(logits[: CONFIG.vocab_size])))
+        np.testing.assert_array_equal(out, seq[len(p) :])
     assert len({tuple(o) for o in outputs}) == len(outputs)  # the prompts matter
 
 

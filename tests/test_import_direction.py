@@ -64,16 +64,24 @@ def test_the_graph_sees_imports_inside_functions():
 
 
 def test_no_module_imports_a_higher_layer():
-    upward = sorted(f"{src} imports {dst}" for src, dsts in graph().items() for dst in dsts
-                    if layer(dst) > layer(src))
-    assert not upward, "dependencies must point train -> jax_packmamba -> pallas_kernels:\n" + \
-        "\n".join(upward)
+    upward = sorted(
+        f"{src} imports {dst}"
+        for src, dsts in graph().items()
+        for dst in dsts
+        if layer(dst) > layer(src)
+    )
+    assert not upward, (
+        "dependencies must point train -> jax_packmamba -> pallas_kernels:\n" + "\n".join(upward)
+    )
 
 
 @pytest.mark.parametrize("top", LAYERS)
 def test_no_import_cycles(top):
-    g = {m: {d for d in ds if d.split(".")[0] == top} for m, ds in graph().items()
-         if m.split(".")[0] == top}
+    g = {
+        m: {d for d in ds if d.split(".")[0] == top}
+        for m, ds in graph().items()
+        if m.split(".")[0] == top
+    }
     state: dict[str, int] = {}  # 1: on the current path, 2: done
     path: list[str] = []
 
@@ -82,7 +90,7 @@ def test_no_import_cycles(top):
         path.append(m)
         for d in sorted(g[m]):
             if state.get(d) == 1:
-                cycle = path[path.index(d):] + [d]
+                cycle = path[path.index(d) :] + [d]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if d not in state:
                 visit(d)

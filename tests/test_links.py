@@ -51,8 +51,9 @@ def mamba1_args(batch, length, d_inner=32, d_state=4, seed=0):
 
 
 def ids_from_lengths(lengths_per_row):
-    return jnp.asarray(np.stack([np.repeat(np.arange(len(ls)), ls) for ls in lengths_per_row]),
-                       jnp.int32)
+    return jnp.asarray(
+        np.stack([np.repeat(np.arange(len(ls)), ls) for ls in lengths_per_row]), jnp.int32
+    )
 
 
 def vjp_with_random_cotangents(f, primals, seed=11):
@@ -71,27 +72,50 @@ INIT_LENGTHS = [[1, 15, 16], [16, 1, 23]]
 @pytest.mark.parametrize("impl", IMPLS)
 def test_selective_scan_initial_states_against_float64_loop(impl):
     length = 40
-    seg = ids_from_lengths([ls + [length - sum(ls)] if sum(ls) < length else ls
-                            for ls in INIT_LENGTHS])
+    seg = ids_from_lengths(
+        [ls + [length - sum(ls)] if sum(ls) < length else ls for ls in INIT_LENGTHS]
+    )
     args = mamba1_args(2, length)
     init = normal(20, (2, 4, 32, 4), 0.5)
     names = list(args) + ["initial_states"]
     primals = list(args.values()) + [init]
-    last = [[int(np.nonzero(np.asarray(seg[b]) == s)[0].max()) if np.any(np.asarray(seg[b]) == s)
-             else -1 for s in range(4)] for b in range(2)]
+    last = [
+        [
+            int(np.nonzero(np.asarray(seg[b]) == s)[0].max())
+            if np.any(np.asarray(seg[b]) == s)
+            else -1
+            for s in range(4)
+        ]
+        for b in range(2)
+    ]
 
     def f(*xs):
         kw = dict(zip(names, xs))
-        return selective_scan(*[kw[n] for n in SCAN_NAMES], delta_softplus=True,
-                              segment_ids=seg, initial_states=kw["initial_states"],
-                              return_final_states=True, impl=impl)
+        return selective_scan(
+            *[kw[n] for n in SCAN_NAMES],
+            delta_softplus=True,
+            segment_ids=seg,
+            initial_states=kw["initial_states"],
+            return_final_states=True,
+            impl=impl,
+        )
 
     def f64(*xs):
         kw = dict(zip(names, xs))
-        y, states = selective_scan_loop(*[kw[n] for n in SCAN_NAMES], delta_softplus=True,
-                                        segment_ids=seg, initial_states=kw["initial_states"])
-        final = jnp.stack([jnp.stack([states[b, t] if t >= 0 else jnp.zeros_like(states[b, 0])
-                                      for t in last[b]]) for b in range(2)])
+        y, states = selective_scan_loop(
+            *[kw[n] for n in SCAN_NAMES],
+            delta_softplus=True,
+            segment_ids=seg,
+            initial_states=kw["initial_states"],
+        )
+        final = jnp.stack(
+            [
+                jnp.stack(
+                    [states[b, t] if t >= 0 else jnp.zeros_like(states[b, 0]) for t in last[b]]
+                )
+                for b in range(2)
+            ]
+        )
         return y, final
 
     out, grads, cts = vjp_with_random_cotangents(f, primals)
@@ -134,15 +158,35 @@ def gather_doc(a, pieces):
 
 def scan_fn(family, impl):
     if family == "mamba1":
+
         def f(kw, seg, continues):
-            return selective_scan(*[kw[n] for n in SCAN_NAMES], delta_softplus=True,
-                                  segment_ids=seg, continues=continues, impl=impl)
+            return selective_scan(
+                *[kw[n] for n in SCAN_NAMES],
+                delta_softplus=True,
+                segment_ids=seg,
+                continues=continues,
+                impl=impl,
+            )
+
         return f
 
     def f(kw, seg, continues):
-        return ssd_scan(kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], kw["D"], kw["z"],
-                        kw["dt_bias"], dt_softplus=True, segment_ids=seg, continues=continues,
-                        chunk_size=16, impl=impl)
+        return ssd_scan(
+            kw["x"],
+            kw["dt"],
+            kw["A"],
+            kw["B"],
+            kw["C"],
+            kw["D"],
+            kw["z"],
+            kw["dt_bias"],
+            dt_softplus=True,
+            segment_ids=seg,
+            continues=continues,
+            chunk_size=16,
+            impl=impl,
+        )
+
     return f
 
 
@@ -151,23 +195,38 @@ def family_args(family, batch, length, seed=0):
         return mamba1_args(batch, length, seed=seed), ("A", "D", "delta_bias")
     h, p, g, n = 2, 16, 1, 16
     return dict(
-        x=normal(seed, (batch, length, h, p)), dt=normal(seed + 1, (batch, length, h), 0.5),
-        A=-jnp.exp(normal(seed + 2, (h,), 0.5)), B=normal(seed + 3, (batch, length, g, n)),
-        C=normal(seed + 4, (batch, length, g, n)), D=normal(seed + 5, (h,)),
-        z=normal(seed + 6, (batch, length, h, p)), dt_bias=normal(seed + 7, (h,), 0.3),
+        x=normal(seed, (batch, length, h, p)),
+        dt=normal(seed + 1, (batch, length, h), 0.5),
+        A=-jnp.exp(normal(seed + 2, (h,), 0.5)),
+        B=normal(seed + 3, (batch, length, g, n)),
+        C=normal(seed + 4, (batch, length, g, n)),
+        D=normal(seed + 5, (h,)),
+        z=normal(seed + 6, (batch, length, h, p)),
+        dt_bias=normal(seed + 7, (h,), 0.3),
     ), ("A", "D", "dt_bias")
 
 
 def conv_fn(impl):
     def f(kw, seg, continues):
-        return causal_conv1d(kw["x"], kw["weight"], kw["bias"], segment_ids=seg,
-                             activation="silu", continues=continues, impl=impl)
+        return causal_conv1d(
+            kw["x"],
+            kw["weight"],
+            kw["bias"],
+            segment_ids=seg,
+            activation="silu",
+            continues=continues,
+            impl=impl,
+        )
+
     return f
 
 
 def conv_args(batch, length, seed=0):
-    return dict(x=normal(seed, (batch, length, 8)), weight=normal(seed + 1, (8, 4)),
-                bias=normal(seed + 2, (8,))), ("weight", "bias")
+    return dict(
+        x=normal(seed, (batch, length, 8)),
+        weight=normal(seed + 1, (8, 4)),
+        bias=normal(seed + 2, (8,)),
+    ), ("weight", "bias")
 
 
 def linked_and_alone(f, args, shared, lengths, f_alone=None):
@@ -194,8 +253,14 @@ def linked_and_alone(f, args, shared, lengths, f_alone=None):
     return y, grads, alone, pieces
 
 
-CASES = [("mamba1", "reference"), ("mamba1", "pallas_interpret"), ("mamba2", "reference"),
-         ("mamba2", "pallas_interpret"), ("conv", "xla"), ("conv", "pallas_interpret")]
+CASES = [
+    ("mamba1", "reference"),
+    ("mamba1", "pallas_interpret"),
+    ("mamba2", "reference"),
+    ("mamba2", "pallas_interpret"),
+    ("conv", "xla"),
+    ("conv", "pallas_interpret"),
+]
 
 
 @pytest.mark.parametrize("docs", list(DOCS))
@@ -227,8 +292,15 @@ def test_document_over_rows_equals_document_alone(family, impl, docs):
     assert all(v < 1e-5 for v in worst.values()), worst
 
 
-@pytest.mark.parametrize("family,impl", [("mamba1", "reference"), ("mamba2", "reference"),
-                                         ("conv", "xla"), ("mamba1", "pallas_interpret")])
+@pytest.mark.parametrize(
+    "family,impl",
+    [
+        ("mamba1", "reference"),
+        ("mamba2", "reference"),
+        ("conv", "xla"),
+        ("mamba1", "pallas_interpret"),
+    ],
+)
 def test_linked_documents_are_isolated_bit_for_bit(family, impl):
     """Perturbing the document that spans three rows leaves every other document's outputs and
     gradients bit-identical; cutting the link changes the continued rows (so links do work)."""
@@ -283,8 +355,15 @@ def test_link_batcher_streams_every_token_once_and_resumes_exactly(long_docs):
 
     rng = np.random.default_rng(3)
     docs = [rng.integers(0, 255, size=n).astype(np.int32) for n in [5, 70, 1, 33, 200, 9, 16]]
-    kw = dict(mode="packed", seq_len=16, batch_size=3, grad_accum=2, seed=1, shuffle=False,
-              long_docs=long_docs)
+    kw = dict(
+        mode="packed",
+        seq_len=16,
+        batch_size=3,
+        grad_accum=2,
+        seed=1,
+        shuffle=False,
+        long_docs=long_docs,
+    )
     batcher = Batcher(docs, wrap=False, **kw)
     stream, rests = [], []
     while batcher.consumed < len(docs):
@@ -323,12 +402,21 @@ def test_model_document_over_rows_gets_its_logits_and_gradients_alone(family):
     import jax_packmamba as jp
 
     if family == "mamba1":
-        config = jp.MambaConfig.preset("tiny", n_layer=2, d_model=16, vocab_size=61,
-                                       scan_impl="reference", conv_impl="xla")
+        config = jp.MambaConfig.preset(
+            "tiny", n_layer=2, d_model=16, vocab_size=61, scan_impl="reference", conv_impl="xla"
+        )
     else:
-        config = jp.Mamba2Config.preset("tiny", n_layer=2, d_model=16, d_state=16, headdim=8,
-                                        vocab_size=61, chunk_size=8, scan_impl="reference",
-                                        conv_impl="xla")
+        config = jp.Mamba2Config.preset(
+            "tiny",
+            n_layer=2,
+            d_model=16,
+            d_state=16,
+            headdim=8,
+            vocab_size=61,
+            chunk_size=8,
+            scan_impl="reference",
+            conv_impl="xla",
+        )
     model = jp.LM(config, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     docs = [rng.integers(0, 61, size=n).astype(np.int32) for n in DOCS["chain"]]
@@ -351,7 +439,8 @@ def test_model_document_over_rows_gets_its_logits_and_gradients_alone(family):
         errs.append(rel_err(gather_doc(logits, where), model(ids)))
         doc_ct = gather_doc(ct, where)
         g = jax.grad(lambda p, ids=ids, doc_ct=doc_ct: jnp.vdot(nnx.merge(graph, p)(ids), doc_ct))(
-            params)
+            params
+        )
         total = g if total is None else jax.tree.map(jnp.add, total, g)
     grad_errs = [rel_err(a, b) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(total))]
     print(family, f"logits {max(errs):.1e} grads {max(grad_errs):.1e}")
@@ -366,11 +455,22 @@ def test_trainer_links_long_documents_end_to_end(tmp_path, capsys):
     from train.__main__ import main
     from train.metrics import read_metrics
 
-    tiny = ["--model.preset=tiny", "--model.n_layer=1", "--model.d_model=32",
-            "--model.d_state=4", "--data.max_documents=12", "--data.seq_len=64",
-            "--data.batch_size=4", "--data.eval_batches=1", "--optim.warmup_steps=2",
-            "--run.progress=false", "--data.long_docs=link", "--run.eval_every=3",
-            "--run.checkpoint_every=2", "--optim.lr=1e-2"]
+    tiny = [
+        "--model.preset=tiny",
+        "--model.n_layer=1",
+        "--model.d_model=32",
+        "--model.d_state=4",
+        "--data.max_documents=12",
+        "--data.seq_len=64",
+        "--data.batch_size=4",
+        "--data.eval_batches=1",
+        "--optim.warmup_steps=2",
+        "--run.progress=false",
+        "--data.long_docs=link",
+        "--run.eval_every=3",
+        "--run.checkpoint_every=2",
+        "--optim.lr=1e-2",
+    ]
     out = tmp_path / "run"
     assert main(tiny + ["--run.steps=4", f"--run.out_dir={out}"]) == 0
     records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]

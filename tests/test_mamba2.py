@@ -15,8 +15,9 @@ from jax_packmamba.model import MixerState
 
 # Two groups and D per channel, so that the group plumbing and both D shapes are exercised;
 # chunk 16, so that the rows below cross several chunk edges.
-CONFIG = jp.Mamba2Config.preset("tiny", n_layer=2, d_model=32, vocab_size=61, d_state=8, headdim=8,
-                                ngroups=2, chunk_size=16)
+CONFIG = jp.Mamba2Config.preset(
+    "tiny", n_layer=2, d_model=32, vocab_size=61, d_state=8, headdim=8, ngroups=2, chunk_size=16
+)
 
 
 def params_of(model):
@@ -26,7 +27,14 @@ def params_of(model):
 def test_presets_and_param_counts():
     c = jp.Mamba2Config.preset("mamba2-130m")
     assert (c.n_layer, c.d_model, c.d_inner, c.nheads, c.d_state, c.ngroups, c.chunk_size) == (
-        24, 768, 1536, 24, 128, 1, 256)
+        24,
+        768,
+        1536,
+        24,
+        128,
+        1,
+        256,
+    )
     assert c == jp.Mamba2Config.preset("130m")
     assert c.padded_vocab_size == 50288  # the released checkpoints pad to a multiple of 16
     assert (c.conv_dim, c.d_in_proj) == (1792, 3352)
@@ -40,11 +48,16 @@ def test_presets_and_param_counts():
     one_layer = dataclasses.replace(c, n_layer=1)
     abstract = nnx.eval_shape(lambda: jp.Mamba2LM(one_layer, rngs=nnx.Rngs(0)))
     assert sum(x.size for x in jax.tree.leaves(params_of(abstract))) == one_layer.num_params()
-    sizes = {name: (jp.Mamba2Config.preset(name).n_layer, jp.Mamba2Config.preset(name).d_model)
-             for name in ("370m", "780m", "1.3b", "2.7b")}
+    sizes = {
+        name: (jp.Mamba2Config.preset(name).n_layer, jp.Mamba2Config.preset(name).d_model)
+        for name in ("370m", "780m", "1.3b", "2.7b")
+    }
     assert sizes == {"370m": (48, 1024), "780m": (48, 1536), "1.3b": (48, 2048), "2.7b": (64, 2560)}
     # The released models' names: 368M, 780M, 1.34B, 2.70B.
-    millions = [round(jp.Mamba2Config.preset(n).num_params() / 1e6) for n in ("370m", "780m", "1.3b", "2.7b")]
+    millions = [
+        round(jp.Mamba2Config.preset(n).num_params() / 1e6)
+        for n in ("370m", "780m", "1.3b", "2.7b")
+    ]
     assert millions == [368, 780, 1344, 2703]
     model = jp.Mamba2LM(CONFIG, rngs=nnx.Rngs(0))
     assert sum(x.size for x in jax.tree.leaves(params_of(model))) == CONFIG.num_params()
@@ -78,7 +91,9 @@ def test_initialisation_follows_mamba_ssm():
     assert A.shape == (h,) and A.min() >= 1.0 and A.max() <= 16.0 and A.std() > 1.0  # U[1, 16]
     np.testing.assert_array_equal(mixer.D[...], np.ones(h))
     dt = jax.nn.softplus(mixer.dt_bias[...])
-    assert dt.shape == (h,) and dt.min() >= config.dt_min * 0.999 and dt.max() <= config.dt_max * 1.001
+    assert (
+        dt.shape == (h,) and dt.min() >= config.dt_min * 0.999 and dt.max() <= config.dt_max * 1.001
+    )
     np.testing.assert_array_equal(mixer.norm.weight[...], np.ones(config.d_inner))
     assert mixer.conv_weight[...].shape == (config.conv_dim, config.d_conv)
     assert abs(mixer.conv_weight[...]).max() <= 1 / np.sqrt(config.d_conv)
@@ -93,7 +108,7 @@ def test_gated_norm_is_per_group_after_the_gate():
     x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 8)), jnp.float32)
     z = jnp.asarray(np.random.default_rng(1).standard_normal((3, 8)), jnp.float32)
     gated = np.asarray(x * jax.nn.silu(z), np.float64).reshape(3, 2, 4)
-    want = gated / np.sqrt(np.mean(gated ** 2, axis=-1, keepdims=True) + 1e-5)
+    want = gated / np.sqrt(np.mean(gated**2, axis=-1, keepdims=True) + 1e-5)
     np.testing.assert_allclose(norm(x, z), want.reshape(3, 8), rtol=1e-5)
 
 
@@ -142,11 +157,13 @@ def test_packed_batch_gives_each_sequence_its_alone_logits_and_grads():
     alone_cot = np.zeros((len(seqs), longest, CONFIG.padded_vocab_size), np.float32)
     starts = np.concatenate([[0], np.cumsum(LENGTHS)[:-1]])
     for i, (seq, start) in enumerate(zip(seqs, starts)):
-        alone_ids[i, :len(seq)] = seq
-        alone_cot[i, :len(seq)] = cot[0, start:start + len(seq)]
+        alone_ids[i, : len(seq)] = seq
+        alone_cot[i, : len(seq)] = cot[0, start : start + len(seq)]
     alone, summed = logits_and_grads(model, jnp.asarray(alone_ids), None, jnp.asarray(alone_cot))
     for i, (seq, start) in enumerate(zip(seqs, starts)):
-        np.testing.assert_allclose(logits[0, start:start + len(seq)], alone[i, :len(seq)], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            logits[0, start : start + len(seq)], alone[i, : len(seq)], rtol=1e-5, atol=1e-5
+        )
     # atol 5e-5: gradients of size ~50 summed in another order (1.5e-5 seen on the embedding
     # with the layers unrolled).
     for (path, a), b in zip(jax.tree.leaves_with_path(packed_grads), jax.tree.leaves(summed)):
@@ -192,8 +209,12 @@ def test_prefill_and_step_equal_the_full_forward():
     rng = np.random.default_rng(7)
     prompt_lengths, steps = [2, 20, 7], 4
     seqs = [rng.integers(0, CONFIG.vocab_size, n + steps) for n in prompt_lengths]
-    ids = np.concatenate([s[:n] for s, n in zip(seqs, prompt_lengths)] + [np.zeros(3, np.int64)])[None]
-    seg = np.concatenate([np.full(n, i + 1) for i, n in enumerate(prompt_lengths)] + [np.zeros(3)])[None]
+    ids = np.concatenate([s[:n] for s, n in zip(seqs, prompt_lengths)] + [np.zeros(3, np.int64)])[
+        None
+    ]
+    seg = np.concatenate([np.full(n, i + 1) for i, n in enumerate(prompt_lengths)] + [np.zeros(3)])[
+        None
+    ]
     logits, states = prefill_lm(model, jnp.asarray(ids, jnp.int32), jnp.asarray(seg, jnp.int32), 4)
     ends = np.cumsum(prompt_lengths) - 1
     assert states[0].conv.shape == (1, 4, CONFIG.d_conv - 1, CONFIG.conv_dim)
@@ -204,7 +225,7 @@ def test_prefill_and_step_equal_the_full_forward():
     # sequence change none of its logits).
     rows = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
     for i, s in enumerate(seqs):
-        rows[i, :len(s)] = s
+        rows[i, : len(s)] = s
     full = np.asarray(forward(*nnx.split(model), jnp.asarray(rows), None))
     for i, n in enumerate(prompt_lengths):
         np.testing.assert_allclose(logits[0, ends[i]], full[i][n - 1], rtol=1e-5, atol=1e-5)
@@ -224,4 +245,6 @@ def test_bad_model_input():
     with pytest.raises(ValueError, match="segment_ids must have the shape"):
         model(jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 5), jnp.int32))
     with pytest.raises(ValueError, match="impl must be one of"):
-        jp.Mamba2LM(jp.Mamba2Config.preset("tiny", scan_impl="cuda"), rngs=nnx.Rngs(0))(jnp.zeros((1, 4), jnp.int32))
+        jp.Mamba2LM(jp.Mamba2Config.preset("tiny", scan_impl="cuda"), rngs=nnx.Rngs(0))(
+            jnp.zeros((1, 4), jnp.int32)
+        )

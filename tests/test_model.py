@@ -20,7 +20,13 @@ def params_of(model):
 
 def test_config_presets_and_param_count():
     c = jp.MambaConfig.preset("130m")
-    assert (c.n_layer, c.d_model, c.d_inner, c.dt_rank_resolved, c.d_state) == (24, 768, 1536, 48, 16)
+    assert (c.n_layer, c.d_model, c.d_inner, c.dt_rank_resolved, c.d_state) == (
+        24,
+        768,
+        1536,
+        48,
+        16,
+    )
     assert c.padded_vocab_size == 50280
     assert jp.MambaConfig.preset("2.8b").dt_rank_resolved == 160
     model = jp.MambaLM(CONFIG, rngs=nnx.Rngs(0))
@@ -38,11 +44,15 @@ def test_initialisation_follows_mamba_ssm():
     config = jp.MambaConfig.preset("tiny", d_model=64, n_layer=4)
     mixer = jp.MambaLM(config, rngs=nnx.Rngs(1)).layer(0).mixer
     n = config.d_state
-    np.testing.assert_allclose(jnp.exp(mixer.A_log[...]), np.broadcast_to(np.arange(1, n + 1), (config.d_inner, n)), rtol=1e-6)
+    np.testing.assert_allclose(
+        jnp.exp(mixer.A_log[...]),
+        np.broadcast_to(np.arange(1, n + 1), (config.d_inner, n)),
+        rtol=1e-6,
+    )
     np.testing.assert_array_equal(mixer.D[...], np.ones(config.d_inner))
     dt = jax.nn.softplus(mixer.dt_proj.bias[...])
     assert dt.min() >= config.dt_min * 0.999 and dt.max() <= config.dt_max * 1.001
-    assert abs(mixer.dt_proj.kernel[...]).max() <= config.dt_rank_resolved ** -0.5
+    assert abs(mixer.dt_proj.kernel[...]).max() <= config.dt_rank_resolved**-0.5
     bound = 1 / np.sqrt(config.d_inner) / np.sqrt(config.n_layer)
     assert abs(mixer.out_proj.kernel[...]).max() <= bound
 
@@ -85,14 +95,16 @@ def test_packed_batch_gives_each_sequence_its_alone_logits_and_grads():
     for seq in seqs:
         n = len(seq)
         alone = model(jnp.asarray(seq[None], jnp.int32))
-        np.testing.assert_allclose(logits[:, start:start + n], alone, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(logits[:, start : start + n], alone, rtol=1e-5, atol=1e-5)
         start += n
     # The sum of per-sequence parameter gradients is the packed gradient.
     _, packed_grads = logits_and_grads(model, ids, seg, cot)
     summed, start = None, 0
     for seq in seqs:
         n = len(seq)
-        _, g = logits_and_grads(model, jnp.asarray(seq[None], jnp.int32), None, cot[:, start:start + n])
+        _, g = logits_and_grads(
+            model, jnp.asarray(seq[None], jnp.int32), None, cot[:, start : start + n]
+        )
         summed = g if summed is None else jax.tree.map(jnp.add, summed, g)
         start += n
     for (path, a), b in zip(jax.tree.leaves_with_path(packed_grads), jax.tree.leaves(summed)):
@@ -133,9 +145,17 @@ def test_training_step_compile_time_does_not_grow_with_depth():
     at 6 layers, 16.8 s at 24). Mamba2 for the cheaper compile (the LM is the same for both)."""
 
     def compile_seconds(n_layer):
-        config = jp.Mamba2Config.preset("tiny", n_layer=n_layer, d_model=16, d_state=4, headdim=8,
-                                        chunk_size=8, vocab_size=16, remat="full",
-                                        scan_layers=True)
+        config = jp.Mamba2Config.preset(
+            "tiny",
+            n_layer=n_layer,
+            d_model=16,
+            d_state=4,
+            headdim=8,
+            chunk_size=8,
+            vocab_size=16,
+            remat="full",
+            scan_layers=True,
+        )
         graphdef, params = nnx.split(jp.Mamba2LM(config, rngs=nnx.Rngs(0)))
         ids = jnp.zeros((1, 8), jnp.int32)
 
@@ -182,8 +202,9 @@ def test_scanned_and_unrolled_layers_compute_the_same():
             model = nnx.merge(graph, p)
             logits, cache = model(ids, seg, num_segments=2)
             step = model(ids[:, -1], cache=jax.tree.map(lambda x: x[:, :, 0], cache))
-            return dict(logits=model(ids, seg), grads=jax.grad(loss)(p), prefill=(logits, cache),
-                        step=step)
+            return dict(
+                logits=model(ids, seg), grads=jax.grad(loss)(p), prefill=(logits, cache), step=step
+            )
 
         out[scan] = jax.jit(outputs)(params)
         if not scan:
@@ -196,27 +217,44 @@ def test_scanned_and_unrolled_layers_compute_the_same():
     n_stacked = sum(x.shape[0] == 2 for x in jax.tree.leaves(params))
     lines = jaxpr.splitlines()
     assert not [line for line in lines if "f32[2," in line and " = pad[" in line]
-    assert sum("f32[2," in line and "concatenate[dimension=0]" in line for line in lines) >= n_stacked
+    assert (
+        sum("f32[2," in line and "concatenate[dimension=0]" in line for line in lines) >= n_stacked
+    )
 
 
 def test_remat_policies_give_the_gradients_of_no_remat():
     """Each named policy recomputes per layer what it does not save; the old remat flag's
     values name the policies. (Unrolled, XLA fuses each variant's program differently: a few
     embedding gradients differ by float32 rounding, 9e-6 at most.)"""
-    assert jp.MambaConfig(remat=True).remat == "full" and jp.MambaConfig(remat=False).remat == "none"
+    assert (
+        jp.MambaConfig(remat=True).remat == "full" and jp.MambaConfig(remat=False).remat == "none"
+    )
     with pytest.raises(ValueError, match="remat must be one of"):
         jp.Mamba2Config(remat="some")
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 16, (1, 12)), jnp.int32)
     seg = jnp.asarray([[1] * 5 + [2] * 7], jnp.int32)
     grads = {}
     for policy in ("none", "full", "save_matmul_outputs"):
-        config = jp.Mamba2Config.preset("tiny", n_layer=3, d_model=16, d_state=4, headdim=8,
-                                        chunk_size=8, vocab_size=16, remat=policy)
+        config = jp.Mamba2Config.preset(
+            "tiny",
+            n_layer=3,
+            d_model=16,
+            d_state=4,
+            headdim=8,
+            chunk_size=8,
+            vocab_size=16,
+            remat=policy,
+        )
         graphdef, params = nnx.split(jp.Mamba2LM(config, rngs=nnx.Rngs(0)))
-        grads[policy] = jax.jit(jax.grad(lambda p: jp.masked_cross_entropy(
-            nnx.merge(graphdef, p)(ids, seg), ids, seg > 0)[0]))(params)
+        grads[policy] = jax.jit(
+            jax.grad(
+                lambda p: jp.masked_cross_entropy(nnx.merge(graphdef, p)(ids, seg), ids, seg > 0)[0]
+            )
+        )(params)
     for policy in ("full", "save_matmul_outputs"):
-        for (path, a), b in zip(jax.tree.leaves_with_path(grads["none"]),
-                                jax.tree.leaves(grads[policy])):
-            np.testing.assert_allclose(b, a, rtol=1e-5, atol=2e-5,
-                                       err_msg=f"{policy} {jax.tree_util.keystr(path)}")
+        for (path, a), b in zip(
+            jax.tree.leaves_with_path(grads["none"]), jax.tree.leaves(grads[policy])
+        ):
+            np.testing.assert_allclose(
+                b, a, rtol=1e-5, atol=2e-5, err_msg=f"{policy} {jax.tree_util.keystr(path)}"
+            )

@@ -368,7 +368,7 @@ def test_greedy_prefix_is_the_longest_prefix_that_fits():
         lengths = np.random.default_rng(seed).integers(1, 33, 200).tolist()
         count = greedy_prefix(lengths, 32, 4)
         assert rows_needed(lengths[:count], 32, policy="greedy") <= 4
-        assert rows_needed(lengths[:count + 1], 32, policy="greedy") == 5
+        assert rows_needed(lengths[: count + 1], 32, policy="greedy") == 5
 
 
 def test_greedy_prefix_reads_one_piece_past_the_prefix():
@@ -423,7 +423,7 @@ def test_pack_stream_lays_sequences_end_to_end_with_links():
         np.testing.assert_array_equal(got, want)
     total = sum(lengths)
     full_rows = total // 16
-    assert (b.segment_ids[:full_rows] > 0).all() and (b.segment_ids[full_rows + 1:] == 0).all()
+    assert (b.segment_ids[:full_rows] > 0).all() and (b.segment_ids[full_rows + 1 :] == 0).all()
     assert b.num_tokens == total and b.loss_mask.sum() == total - len(seqs)
     # continues[r] exactly where row r's first token is not its sequence's first token.
     starts_sequence = np.zeros_like(b.tokens, bool)

@@ -37,8 +37,10 @@ def reference(name):
 
 def assert_close_to_reference(logits, expected, what):
     diff = np.abs(np.asarray(logits) - expected)
-    print(f"{what}: max abs diff {diff.max():.3g}, max diff / max |logit| "
-          f"{diff.max() / np.abs(expected).max():.3g}")
+    print(
+        f"{what}: max abs diff {diff.max():.3g}, max diff / max |logit| "
+        f"{diff.max() / np.abs(expected).max():.3g}"
+    )
     np.testing.assert_allclose(logits, expected, atol=ATOL, rtol=RTOL, err_msg=what)
 
 
@@ -86,8 +88,18 @@ def test_state_spaces_mamba2_layout_matches_transformers_logits(tmp_path):
     model = jp.from_pretrained(FIXTURES / "mamba2_state_spaces")
     assert isinstance(model, jp.Mamba2LM)
     config = model.config
-    assert (config.vocab_size, config.pad_vocab_size_multiple, config.padded_vocab_size) == (53, 16, 64)
-    assert (config.nheads, config.headdim, config.ngroups, config.d_state, config.chunk_size) == (4, 16, 2, 8, 16)
+    assert (config.vocab_size, config.pad_vocab_size_multiple, config.padded_vocab_size) == (
+        53,
+        16,
+        64,
+    )
+    assert (config.nheads, config.headdim, config.ngroups, config.d_state, config.chunk_size) == (
+        4,
+        16,
+        2,
+        8,
+        16,
+    )
     for i, (ids, expected) in enumerate(reference("mamba2_tied")):
         logits = model(jnp.asarray(ids[None], jnp.int32))[0]
         assert_close_to_reference(logits, expected, f"mamba2 state-spaces sequence {i}")
@@ -98,12 +110,18 @@ def test_state_spaces_mamba2_D_per_channel(tmp_path):
     # head's channels computes the same function.
     d = tmp_path / "ss2"
     shutil.copytree(FIXTURES / "mamba2_state_spaces", d)
-    edit_config(d, ssm_cfg={**json.loads((d / "config.json").read_text())["ssm_cfg"], "D_has_hdim": True})
-    edit_tensors(d, lambda t: t.update({n: np.repeat(v, 16) for n, v in t.items() if n.endswith("mixer.D")}))
+    edit_config(
+        d, ssm_cfg={**json.loads((d / "config.json").read_text())["ssm_cfg"], "D_has_hdim": True}
+    )
+    edit_tensors(
+        d, lambda t: t.update({n: np.repeat(v, 16) for n, v in t.items() if n.endswith("mixer.D")})
+    )
     model = jp.from_pretrained(d)
     assert model.config.D_has_hdim and model.layer(0).mixer.D[...].shape == (64,)
     ids, expected = reference("mamba2_tied")[3]
-    assert_close_to_reference(model(jnp.asarray(ids[None], jnp.int32))[0], expected, "D per channel")
+    assert_close_to_reference(
+        model(jnp.asarray(ids[None], jnp.int32))[0], expected, "D per channel"
+    )
 
 
 def bin_only_copy(tmp_path):
@@ -128,21 +146,31 @@ def test_pytorch_bin_without_torch_says_so(tmp_path, monkeypatch):
 
 
 def test_save_pretrained_round_trip(tmp_path):
-    config = jp.MambaConfig.preset("tiny", d_model=24, vocab_size=61, tie_embeddings=False,
-                                   proj_bias=True, d_conv=3, dt_rank=5)
+    config = jp.MambaConfig.preset(
+        "tiny", d_model=24, vocab_size=61, tie_embeddings=False, proj_bias=True, d_conv=3, dt_rank=5
+    )
     model = jp.MambaLM(config, rngs=nnx.Rngs(0))
     jp.save_pretrained(model, tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
     hf = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (hf["model_type"], hf["vocab_size"], hf["hidden_size"], hf["tie_word_embeddings"]) == (
-        "mamba", 64, 24, False)
+        "mamba",
+        64,
+        24,
+        False,
+    )
     names = load_file(tmp_path / "out" / "model.safetensors")
     assert set(names) == set(pretrained.tensor_names(config))
     assert names["backbone.layers.0.mixer.conv1d.weight"].shape == (48, 1, 3)
     loaded = jp.from_pretrained(tmp_path / "out")
     assert loaded.config == config
-    for (path, a), b in zip(jax.tree.leaves_with_path(nnx.state(model, nnx.Param)),
-                            jax.tree.leaves(nnx.state(loaded, nnx.Param))):
+    for (path, a), b in zip(
+        jax.tree.leaves_with_path(nnx.state(model, nnx.Param)),
+        jax.tree.leaves(nnx.state(loaded, nnx.Param)),
+    ):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
     ids = jnp.asarray([[1, 5, 60, 7, 2]], jnp.int32)
     np.testing.assert_array_equal(model(ids), loaded(ids))
@@ -151,45 +179,81 @@ def test_save_pretrained_round_trip(tmp_path):
 
 
 def test_save_pretrained_round_trip_mamba2(tmp_path):
-    config = jp.Mamba2Config.preset("tiny", d_model=32, headdim=8, ngroups=2, d_state=4, d_conv=3,
-                                    vocab_size=61, tie_embeddings=False, proj_bias=True, chunk_size=8,
-                                    A_init_range=(2.0, 8.0))
+    config = jp.Mamba2Config.preset(
+        "tiny",
+        d_model=32,
+        headdim=8,
+        ngroups=2,
+        d_state=4,
+        d_conv=3,
+        vocab_size=61,
+        tie_embeddings=False,
+        proj_bias=True,
+        chunk_size=8,
+        A_init_range=(2.0, 8.0),
+    )
     model = jp.Mamba2LM(config, rngs=nnx.Rngs(0))
     jp.save_pretrained(model, tmp_path / "out")
     hf = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert (hf["architectures"], hf["model_type"], hf["vocab_size"], hf["num_heads"], hf["head_dim"],
-            hf["n_groups"], hf["chunk_size"], hf["tie_word_embeddings"]) == (
-        ["Mamba2ForCausalLM"], "mamba2", 64, 8, 8, 2, 8, False)  # 61 padded to a multiple of 16
+    assert (
+        hf["architectures"],
+        hf["model_type"],
+        hf["vocab_size"],
+        hf["num_heads"],
+        hf["head_dim"],
+        hf["n_groups"],
+        hf["chunk_size"],
+        hf["tie_word_embeddings"],
+    ) == (["Mamba2ForCausalLM"], "mamba2", 64, 8, 8, 2, 8, False)  # 61 padded to a multiple of 16
     names = load_file(tmp_path / "out" / "model.safetensors")
     assert set(names) == set(pretrained.tensor_names(config))
     assert names["backbone.layers.0.mixer.conv1d.weight"].shape == (64 + 2 * 2 * 4, 1, 3)
     assert names["backbone.layers.1.mixer.in_proj.weight"].shape == (64 + 80 + 8, 32)
     loaded = jp.from_pretrained(tmp_path / "out")
     assert isinstance(loaded, jp.Mamba2LM) and loaded.config == config
-    for (path, a), b in zip(jax.tree.leaves_with_path(nnx.state(model, nnx.Param)),
-                            jax.tree.leaves(nnx.state(loaded, nnx.Param))):
+    for (path, a), b in zip(
+        jax.tree.leaves_with_path(nnx.state(model, nnx.Param)),
+        jax.tree.leaves(nnx.state(loaded, nnx.Param)),
+    ):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
     ids = jnp.asarray([[1, 5, 60, 7, 2, 9, 9, 3, 4, 8, 1]], jnp.int32)
     np.testing.assert_array_equal(model(ids), loaded(ids))
-    runtime = jp.from_pretrained(tmp_path / "out", dtype="bfloat16", scan_impl="reference",
-                                 conv_impl="xla", remat=True, scan_layers=True)
-    assert (runtime.config.dtype, runtime.config.scan_impl, runtime.config.conv_impl,
-            runtime.config.remat, runtime.config.scan_layers) == (
-        "bfloat16", "reference", "xla", "full", True)  # True: "full"
+    runtime = jp.from_pretrained(
+        tmp_path / "out",
+        dtype="bfloat16",
+        scan_impl="reference",
+        conv_impl="xla",
+        remat=True,
+        scan_layers=True,
+    )
+    assert (
+        runtime.config.dtype,
+        runtime.config.scan_impl,
+        runtime.config.conv_impl,
+        runtime.config.remat,
+        runtime.config.scan_layers,
+    ) == ("bfloat16", "reference", "xla", "full", True)  # True: "full"
     with pytest.raises(ValueError, match=r"scan_layers must be one of \(False, True\), got 1"):
         jp.from_pretrained(tmp_path / "out", scan_layers=1)
     assert runtime(ids).dtype == jnp.bfloat16
     with pytest.raises(ValueError, match=r"scan_impl must be one of .*'reference'.*, got 'ssd'"):
         jp.from_pretrained(tmp_path / "out", scan_impl="ssd")
-    with pytest.raises(ValueError, match=r"remat must be one of \('none', 'full', 'save_matmul_outputs', False, True\), got 'yes'"):
+    with pytest.raises(
+        ValueError,
+        match=r"remat must be one of \('none', 'full', 'save_matmul_outputs', False, True\), got 'yes'",
+    ):
         jp.from_pretrained(tmp_path / "out", remat="yes")
     with pytest.raises(ValueError, match=r"only override .*\['headdim'\]"):
         jp.from_pretrained(tmp_path / "out", headdim=16)
 
 
-@pytest.mark.parametrize("config", [jp.MambaConfig.preset("tiny", n_layer=3, d_model=16, d_state=4),
-                                    jp.Mamba2Config.preset("tiny", n_layer=3, d_model=16, d_state=4,
-                                                           headdim=8)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        jp.MambaConfig.preset("tiny", n_layer=3, d_model=16, d_state=4),
+        jp.Mamba2Config.preset("tiny", n_layer=3, d_model=16, d_state=4, headdim=8),
+    ],
+)
 @pytest.mark.parametrize("layout", pretrained.LAYOUTS)
 def test_per_layer_tensors_are_the_stacked_parameters_layer_by_layer(config, layout):
     """The model holds its blocks stacked on a layer axis; checkpoints hold them one by one:
@@ -201,17 +265,25 @@ def test_per_layer_tensors_are_the_stacked_parameters_layer_by_layer(config, lay
         prefix = f"backbone.layers.{i}."
         np.testing.assert_array_equal(tensors[prefix + "mixer.A_log"], block.mixer.A_log[...])
         np.testing.assert_array_equal(tensors[prefix + "norm.weight"], block.norm.weight[...])
-        np.testing.assert_array_equal(tensors[prefix + "mixer.out_proj.weight"],
-                                      np.asarray(block.mixer.out_proj.kernel[...]).T)
+        np.testing.assert_array_equal(
+            tensors[prefix + "mixer.out_proj.weight"],
+            np.asarray(block.mixer.out_proj.kernel[...]).T,
+        )
     loaded = pretrained.model_from_tensors(config, tensors, layout=layout)
-    for (path, a), b in zip(jax.tree.leaves_with_path(nnx.state(model, nnx.Param)),
-                            jax.tree.leaves(nnx.state(loaded, nnx.Param))):
+    for (path, a), b in zip(
+        jax.tree.leaves_with_path(nnx.state(model, nnx.Param)),
+        jax.tree.leaves(nnx.state(loaded, nnx.Param)),
+    ):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
 
 def test_save_pretrained_refuses_what_transformers_cannot_load(tmp_path):
-    model = nnx.eval_shape(lambda: jp.Mamba2LM(jp.Mamba2Config.preset("tiny", D_has_hdim=True), rngs=nnx.Rngs(0)))
-    with pytest.raises(ValueError, match="D_has_hdim=True .* has no Hugging Face Mamba2 equivalent"):
+    model = nnx.eval_shape(
+        lambda: jp.Mamba2LM(jp.Mamba2Config.preset("tiny", D_has_hdim=True), rngs=nnx.Rngs(0))
+    )
+    with pytest.raises(
+        ValueError, match="D_has_hdim=True .* has no Hugging Face Mamba2 equivalent"
+    ):
         jp.save_pretrained(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -219,13 +291,18 @@ def test_save_pretrained_refuses_what_transformers_cannot_load(tmp_path):
 def test_sharded_and_bfloat16_safetensors(tmp_path):
     tensors = load_file(FIXTURES / "tied" / "model.safetensors")
     names = sorted(tensors)
-    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[: len(names) // 2],
+        "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+    }
     shutil.copy(FIXTURES / "tied" / "config.json", tmp_path)
     for shard, shard_names in shards.items():
         # bfloat16 on disk, as many released checkpoints are; we load float32.
-        save_file({n: tensors[n].astype(jnp.bfloat16) for n in shard_names}, tmp_path / shard,
-                  metadata={"format": "pt"})
+        save_file(
+            {n: tensors[n].astype(jnp.bfloat16) for n in shard_names},
+            tmp_path / shard,
+            metadata={"format": "pt"},
+        )
     index = {"weight_map": {n: s for s, ns in shards.items() for n in ns}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     model = jp.from_pretrained(tmp_path)
@@ -234,7 +311,9 @@ def test_sharded_and_bfloat16_safetensors(tmp_path):
     expected = tensors["backbone.embeddings.weight"].astype(jnp.bfloat16).astype(np.float32)
     np.testing.assert_array_equal(emb, expected)
     ids, ref_logits = reference("tied")[3]
-    np.testing.assert_allclose(model(jnp.asarray(ids[None]))[0], ref_logits, atol=0.3)  # bf16 weights
+    np.testing.assert_allclose(
+        model(jnp.asarray(ids[None]))[0], ref_logits, atol=0.3
+    )  # bf16 weights
 
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(ValueError, match="model-00002-of-00002.safetensors, which is missing"):
@@ -266,7 +345,9 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
         jp.from_pretrained(d)
     d = hf_copy(tmp_path / "b")
     edit_tensors(d, lambda t: t.update({"backbone.layers.0.mixer.extra": np.zeros(3, np.float32)}))
-    with pytest.raises(ValueError, match=r"unexpected tensors \[backbone\.layers\.0\.mixer\.extra\]"):
+    with pytest.raises(
+        ValueError, match=r"unexpected tensors \[backbone\.layers\.0\.mixer\.extra\]"
+    ):
         jp.from_pretrained(d)
     # A config with fewer layers than the file.
     d = hf_copy(tmp_path / "c")
@@ -278,7 +359,10 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
 def test_shape_and_config_mismatches_are_named(tmp_path):
     d = hf_copy(tmp_path)
     edit_config(d, state_size=16)
-    with pytest.raises(ValueError, match=r"backbone\.layers\.0\.mixer\.A_log: expected torch shape \(64, 16\), got \(64, 8\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"backbone\.layers\.0\.mixer\.A_log: expected torch shape \(64, 16\), got \(64, 8\)",
+    ):
         jp.from_pretrained(d)
     edit_config(d, state_size=8, hidden_act="gelu")
     with pytest.raises(ValueError, match="hidden_act='gelu' is not supported"):
@@ -297,7 +381,9 @@ def test_bad_state_spaces_configs_and_tied_head(tmp_path):
     shutil.copytree(FIXTURES / "state_spaces", d)
     (d / "pytorch_model.bin").unlink()
     edit_config(d, ssm_cfg={"layer": "Mamba3"})
-    with pytest.raises(ValueError, match="ssm_cfg.layer='Mamba3' is not supported; only 'Mamba1' and 'Mamba2'"):
+    with pytest.raises(
+        ValueError, match="ssm_cfg.layer='Mamba3' is not supported; only 'Mamba1' and 'Mamba2'"
+    ):
         jp.from_pretrained(d)
     edit_config(d, ssm_cfg={"d_state": 8, "ngroups": 2})
     with pytest.raises(ValueError, match=r"unsupported ssm_cfg keys \['ngroups'\]"):
@@ -353,22 +439,38 @@ def test_wrong_json_type_in_state_spaces_config(tmp_path):
     shutil.copytree(FIXTURES / "mamba2_state_spaces", d)
     ssm_cfg = json.loads((d / "config.json").read_text())["ssm_cfg"]
     edit_config(d, d_model="32")
-    with pytest.raises(ValueError, match=r'config\.json: d_model must be a positive integer, got "32" \(a string\)$'):
+    with pytest.raises(
+        ValueError,
+        match=r'config\.json: d_model must be a positive integer, got "32" \(a string\)$',
+    ):
         jp.from_pretrained(d)
     edit_config(d, d_model=32, ssm_cfg={**ssm_cfg, "ngroups": "2"})
-    with pytest.raises(ValueError, match=r'ssm_cfg\.ngroups must be a positive integer, got "2" \(a string\)$'):
+    with pytest.raises(
+        ValueError, match=r'ssm_cfg\.ngroups must be a positive integer, got "2" \(a string\)$'
+    ):
         jp.from_pretrained(d)
     edit_config(d, ssm_cfg={**ssm_cfg, "A_init_range": [1, "16"]})
-    with pytest.raises(ValueError, match=r'ssm_cfg\.A_init_range must be a list of two numbers, got \[1, "16"\]'):
+    with pytest.raises(
+        ValueError, match=r'ssm_cfg\.A_init_range must be a list of two numbers, got \[1, "16"\]'
+    ):
         jp.from_pretrained(d)
     edit_config(d, ssm_cfg="Mamba2")
-    with pytest.raises(ValueError, match=r'ssm_cfg must be a JSON object, got "Mamba2" \(a string\)'):
+    with pytest.raises(
+        ValueError, match=r'ssm_cfg must be a JSON object, got "Mamba2" \(a string\)'
+    ):
         jp.from_pretrained(d)
 
 
-@pytest.mark.parametrize("name, field", [("tied", "state_size"), ("tied", "conv_kernel"),
-                                         ("mamba2_tied", "state_size"), ("mamba2_tied", "n_groups"),
-                                         ("mamba2_tied", "head_dim")])
+@pytest.mark.parametrize(
+    "name, field",
+    [
+        ("tied", "state_size"),
+        ("tied", "conv_kernel"),
+        ("mamba2_tied", "state_size"),
+        ("mamba2_tied", "n_groups"),
+        ("mamba2_tied", "head_dim"),
+    ],
+)
 def test_missing_shape_field_is_named_not_defaulted(tmp_path, name, field):
     # transformers would use its default (state_size 16 for Mamba1, n_groups 8 for Mamba2),
     # which the weights contradict; we never guess a field that fixes tensor shapes.
@@ -376,7 +478,9 @@ def test_missing_shape_field_is_named_not_defaulted(tmp_path, name, field):
     config = json.loads((d / "config.json").read_text())
     del config[field]
     (d / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=rf"config\.json: required field {field} missing \(it fixes tensor shapes"):
+    with pytest.raises(
+        ValueError, match=rf"config\.json: required field {field} missing \(it fixes tensor shapes"
+    ):
         jp.from_pretrained(d)
 
 
@@ -388,18 +492,26 @@ def test_state_spaces_defaults_that_disagree_with_the_weights_are_named(tmp_path
     ssm_cfg = json.loads((d / "config.json").read_text())["ssm_cfg"]
     del ssm_cfg["d_state"]
     edit_config(d, ssm_cfg=ssm_cfg)
-    with pytest.raises(ValueError, match=r"in_proj\.weight: expected torch shape \(644, 32\), got \(164, 32\).*"
-                       r"does not set these shape fields, so defaults were used: .*ssm_cfg\.d_state=128 \(mamba_ssm's default\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"in_proj\.weight: expected torch shape \(644, 32\), got \(164, 32\).*"
+        r"does not set these shape fields, so defaults were used: .*ssm_cfg\.d_state=128 \(mamba_ssm's default\)",
+    ):
         jp.from_pretrained(d)
 
 
-def test_mamba2_hf_config_without_tie_word_embeddings_uses_transformers_default_and_says_so(tmp_path):
+def test_mamba2_hf_config_without_tie_word_embeddings_uses_transformers_default_and_says_so(
+    tmp_path,
+):
     d = hf_copy(tmp_path, "mamba2_tied")  # tied, so no lm_head.weight in the file
     config = json.loads((d / "config.json").read_text())
     del config["tie_word_embeddings"]
     (d / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"missing tensors \[lm_head\.weight\].*tie_word_embeddings=false "
-                       r"\(transformers' default\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing tensors \[lm_head\.weight\].*tie_word_embeddings=false "
+        r"\(transformers' default\)",
+    ):
         jp.from_pretrained(d)
 
 
@@ -412,7 +524,9 @@ def test_truncated_safetensors_names_the_file(tmp_path, name, keep):
     file.write_bytes(data[: max(1, int(len(data) * keep))])
     with pytest.raises(ValueError) as e:
         jp.from_pretrained(d)
-    assert str(e.value).startswith(f"{file} cannot be read as safetensors, it may be truncated or damaged: "), e.value
+    assert str(e.value).startswith(
+        f"{file} cannot be read as safetensors, it may be truncated or damaged: "
+    ), e.value
 
 
 def test_truncated_shard_index_names_the_file(tmp_path):
@@ -426,13 +540,20 @@ def test_truncated_shard_index_names_the_file(tmp_path):
 def test_bad_mamba2_configs(tmp_path):
     d = hf_copy(tmp_path, "mamba2_tied")
     edit_config(d, num_heads=8)
-    with pytest.raises(ValueError, match=r"num_heads \* head_dim = 8 \* 16 must equal expand \* hidden_size = 2 \* 32"):
+    with pytest.raises(
+        ValueError,
+        match=r"num_heads \* head_dim = 8 \* 16 must equal expand \* hidden_size = 2 \* 32",
+    ):
         jp.from_pretrained(d)
     edit_config(d, num_heads=4, time_step_limit=[0.0, 0.5])
-    with pytest.raises(ValueError, match=r"time_step_limit=\[0.0, 0.5\] \(a clamp on dt\) is not supported"):
+    with pytest.raises(
+        ValueError, match=r"time_step_limit=\[0.0, 0.5\] \(a clamp on dt\) is not supported"
+    ):
         jp.from_pretrained(d)
     edit_config(d, time_step_limit=[0.0, {"__float__": "Infinity"}], model_type="mamba3")
-    with pytest.raises(ValueError, match="model_type must be 'mamba' .* or 'mamba2' .*, got 'mamba3'"):
+    with pytest.raises(
+        ValueError, match="model_type must be 'mamba' .* or 'mamba2' .*, got 'mamba3'"
+    ):
         jp.from_pretrained(d)
     edit_config(d, model_type="mamba2", hidden_act="gelu")
     with pytest.raises(ValueError, match="hidden_act='gelu' is not supported"):
@@ -443,10 +564,12 @@ def test_bad_mamba2_configs(tmp_path):
     s = tmp_path / "ss"
     shutil.copytree(FIXTURES / "mamba2_state_spaces", s)
     ssm_cfg = json.loads((s / "config.json").read_text())["ssm_cfg"]
-    for key, value, message in [("norm_before_gate", True, "ssm_cfg.norm_before_gate=true is not supported"),
-                                ("d_ssm", 32, "ssm_cfg.d_ssm=32 is not supported"),
-                                ("dt_limit", [0.0, 1.0], r"ssm_cfg.dt_limit=\[0.0, 1.0\] is not supported"),
-                                ("x_proj", 1, r"unsupported ssm_cfg keys \['x_proj'\] for layer 'Mamba2'")]:
+    for key, value, message in [
+        ("norm_before_gate", True, "ssm_cfg.norm_before_gate=true is not supported"),
+        ("d_ssm", 32, "ssm_cfg.d_ssm=32 is not supported"),
+        ("dt_limit", [0.0, 1.0], r"ssm_cfg.dt_limit=\[0.0, 1.0\] is not supported"),
+        ("x_proj", 1, r"unsupported ssm_cfg keys \['x_proj'\] for layer 'Mamba2'"),
+    ]:
         edit_config(s, ssm_cfg={**ssm_cfg, key: value})
         with pytest.raises(ValueError, match=message):
             jp.from_pretrained(s)

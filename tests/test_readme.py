@@ -19,12 +19,17 @@ def test_python_blocks_run_as_written(tmp_path, monkeypatch):
 
 
 def test_api_table_names_what_exists():
-    modules = [importlib.import_module(m) for m in
-               ("jax_packmamba", "jax_packmamba.tokenizer", "jax_packmamba.generation")]
+    modules = [
+        importlib.import_module(m)
+        for m in ("jax_packmamba", "jax_packmamba.tokenizer", "jax_packmamba.generation")
+    ]
     rows = [line.split(" | ") for line in README.splitlines() if line.startswith("| `")]
     # What the API column names, and every call written anywhere in the table.
-    names = {n for api, *rest in rows for n in re.findall(r"`(\w+)[`(]", api)
-             + re.findall(r"`(\w+)\(", " ".join(rest))} - {"jax_packmamba"}
+    names = {
+        n
+        for api, *rest in rows
+        for n in re.findall(r"`(\w+)[`(]", api) + re.findall(r"`(\w+)\(", " ".join(rest))
+    } - {"jax_packmamba"}
     assert len(names) > 20, names
     missing = sorted(n for n in names if not any(hasattr(m, n) for m in modules))
     assert not missing, missing

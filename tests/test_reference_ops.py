@@ -10,8 +10,18 @@ import jax_packmamba.ops as jp_ops
 from tests.loops import causal_conv1d_loop, rel_err, selective_scan_loop
 
 
-def scan_inputs(key, batch, length, d_inner, d_state, *, with_D=True, with_z=True, with_bias=True,
-                dtype=jnp.float32):
+def scan_inputs(
+    key,
+    batch,
+    length,
+    d_inner,
+    d_state,
+    *,
+    with_D=True,
+    with_z=True,
+    with_bias=True,
+    dtype=jnp.float32,
+):
     k = jax.random.split(key, 8)
     args = dict(
         u=jax.random.normal(k[0], (batch, length, d_inner), dtype),
@@ -30,7 +40,9 @@ def random_segment_ids(rng, batch, length, max_segments):
     """Rows of consecutive runs 1, 2, ... with random lengths (some of length 1)."""
     rows = []
     for _ in range(batch):
-        cuts = np.sort(rng.choice(np.arange(1, length), size=min(max_segments - 1, length - 1), replace=False))
+        cuts = np.sort(
+            rng.choice(np.arange(1, length), size=min(max_segments - 1, length - 1), replace=False)
+        )
         rows.append(np.searchsorted(cuts, np.arange(length), side="right") + 1)
     return jnp.asarray(np.stack(rows), jnp.int32)
 
@@ -51,15 +63,29 @@ def loop_y(args, **kw):
         (1, 1, 3, 2, True, True, True, True, True, "sequential"),
         (2, 17, 5, 4, False, False, False, False, False, "associative"),
         (2, 17, 5, 4, True, False, True, True, True, "sequential"),
-        (1, 130, 4, 3, False, True, False, True, True, "associative"),  # two chunk edges, odd length
+        (
+            1,
+            130,
+            4,
+            3,
+            False,
+            True,
+            False,
+            True,
+            True,
+            "associative",
+        ),  # two chunk edges, odd length
         (1, 130, 4, 3, True, True, True, True, True, "sequential"),
         (3, 64, 2, 5, True, True, True, False, True, "associative"),  # exactly one chunk
     ],
 )
-def test_scan_matches_float64_loop(batch, length, d_inner, d_state, with_D, with_z, with_bias,
-                                   softplus, segmented, method):
+def test_scan_matches_float64_loop(
+    batch, length, d_inner, d_state, with_D, with_z, with_bias, softplus, segmented, method
+):
     key = jax.random.key(length * 7 + d_inner)
-    args = scan_inputs(key, batch, length, d_inner, d_state, with_D=with_D, with_z=with_z, with_bias=with_bias)
+    args = scan_inputs(
+        key, batch, length, d_inner, d_state, with_D=with_D, with_z=with_z, with_bias=with_bias
+    )
     seg = random_segment_ids(np.random.default_rng(length), batch, length, 6) if segmented else None
     y = jp.selective_scan_reference(**args, delta_softplus=softplus, segment_ids=seg, method=method)
     ref = loop_y(args, delta_softplus=softplus, segment_ids=seg)
@@ -75,13 +101,21 @@ def test_scan_matches_float64_loop(batch, length, d_inner, d_state, with_D, with
         _, vjp = jax.vjp(lambda *xs: fn(dict(zip(names, xs))), *arrays)
         return vjp(cotangent)
 
-    got = grads(lambda a: jp.selective_scan_reference(**{**args, **a}, delta_softplus=softplus,
-                                                      segment_ids=seg, method=method),
-                [args[k] for k in names], cot)
+    got = grads(
+        lambda a: jp.selective_scan_reference(
+            **{**args, **a}, delta_softplus=softplus, segment_ids=seg, method=method
+        ),
+        [args[k] for k in names],
+        cot,
+    )
     with jax.enable_x64(True):
-        want = grads(lambda a: selective_scan_loop(**{**to64(args), **a}, delta_softplus=softplus,
-                                                   segment_ids=seg)[0],
-                     [jnp.asarray(args[k], jnp.float64) for k in names], jnp.asarray(cot, jnp.float64))
+        want = grads(
+            lambda a: selective_scan_loop(
+                **{**to64(args), **a}, delta_softplus=softplus, segment_ids=seg
+            )[0],
+            [jnp.asarray(args[k], jnp.float64) for k in names],
+            jnp.asarray(cot, jnp.float64),
+        )
         want = [np.asarray(w) for w in want]
     for name, g, w in zip(names, got, want):
         err = rel_err(g, w)
@@ -103,8 +137,14 @@ def test_final_states_are_each_segments_last_state():
     args = scan_inputs(jax.random.key(5), batch, length, d_inner, d_state)
     seg = random_segment_ids(np.random.default_rng(0), batch, length, 5)
     seg = seg.at[1, 60:].set(0)  # trailing padding run uses slot 0
-    _, final = jp.selective_scan(**args, delta_softplus=True, segment_ids=seg, return_final_states=True,
-                                 num_segments=7, impl="reference")
+    _, final = jp.selective_scan(
+        **args,
+        delta_softplus=True,
+        segment_ids=seg,
+        return_final_states=True,
+        num_segments=7,
+        impl="reference",
+    )
     with jax.enable_x64(True):
         _, states = selective_scan_loop(**to64(args), delta_softplus=True, segment_ids=seg)
         states = np.asarray(states)
@@ -125,9 +165,15 @@ CONVS = {"custom_vjp": jp_ops.causal_conv1d, "reference": jp_ops.causal_conv1d_r
 
 
 @pytest.mark.parametrize("conv", sorted(CONVS))
-@pytest.mark.parametrize("length,width,segmented,bias,activation",
-                         [(1, 4, True, True, "silu"), (23, 4, True, False, None),
-                          (23, 3, False, True, "silu"), (9, 4, True, True, None)])
+@pytest.mark.parametrize(
+    "length,width,segmented,bias,activation",
+    [
+        (1, 4, True, True, "silu"),
+        (23, 4, True, False, None),
+        (23, 3, False, True, "silu"),
+        (9, 4, True, True, None),
+    ],
+)
 def test_conv_matches_float64_loop(length, width, segmented, bias, activation, conv):
     conv = CONVS[conv]
     k = jax.random.split(jax.random.key(length + width), 3)
@@ -137,15 +183,26 @@ def test_conv_matches_float64_loop(length, width, segmented, bias, activation, c
     seg = random_segment_ids(np.random.default_rng(1), 2, length, 5) if segmented else None
     out = conv(x, w, b, segment_ids=seg, activation=activation)
     with jax.enable_x64(True):
-        ref = causal_conv1d_loop(*to64((x, w)), None if b is None else np.asarray(b, np.float64),
-                                 segment_ids=seg, activation=activation)
+        ref = causal_conv1d_loop(
+            *to64((x, w)),
+            None if b is None else np.asarray(b, np.float64),
+            segment_ids=seg,
+            activation=activation,
+        )
         cot = np.asarray(jax.random.normal(jax.random.key(length + 1), out.shape), np.float64)
     assert rel_err(out, ref) < 1e-6
-    _, vjp = jax.vjp(lambda x_, w_, b_: conv(x_, w_, b_, segment_ids=seg, activation=activation), x, w, b)
+    _, vjp = jax.vjp(
+        lambda x_, w_, b_: conv(x_, w_, b_, segment_ids=seg, activation=activation), x, w, b
+    )
     got = vjp(jnp.asarray(cot, jnp.float32))
     with jax.enable_x64(True):
-        _, vjp64 = jax.vjp(lambda x_, w_, b_: causal_conv1d_loop(x_, w_, b_, segment_ids=seg, activation=activation),
-                           *to64((x, w)), None if b is None else np.asarray(b, np.float64))
+        _, vjp64 = jax.vjp(
+            lambda x_, w_, b_: causal_conv1d_loop(
+                x_, w_, b_, segment_ids=seg, activation=activation
+            ),
+            *to64((x, w)),
+            None if b is None else np.asarray(b, np.float64),
+        )
         want = vjp64(cot)
     for g, want_g in zip(got, want):
         if want_g is None:
@@ -166,7 +223,9 @@ def test_conv_bf16_custom_vjp_matches_reference(activation):
     cot = jax.random.normal(k[3], x.shape, jnp.bfloat16)
     outs = []
     for conv in CONVS.values():
-        y, vjp = jax.vjp(lambda x_, w_, b_: conv(x_, w_, b_, segment_ids=seg, activation=activation), x, w, b)
+        y, vjp = jax.vjp(
+            lambda x_, w_, b_: conv(x_, w_, b_, segment_ids=seg, activation=activation), x, w, b
+        )
         outs.append((y, *vjp(cot)))
     for got, want in zip(*outs):
         assert got.dtype == want.dtype == jnp.bfloat16
@@ -177,8 +236,9 @@ def test_positions_and_segment_ids_round_trip():
     seg = jnp.array([[1, 1, 1, 2, 3, 3, 0, 0], [5, 5, 5, 5, 5, 5, 5, 5], [1, 2, 1, 2, 1, 2, 1, 2]])
     pos = jp.positions_from_segment_ids(seg)
     np.testing.assert_array_equal(pos, [[0, 1, 2, 0, 0, 1, 0, 1], list(range(8)), [0] * 8])
-    np.testing.assert_array_equal(jp.segment_ids_from_positions(pos),
-                                  [[1, 1, 1, 2, 3, 3, 4, 4], [1] * 8, list(range(1, 9))])
+    np.testing.assert_array_equal(
+        jp.segment_ids_from_positions(pos), [[1, 1, 1, 2, 3, 3, 4, 4], [1] * 8, list(range(1, 9))]
+    )
     np.testing.assert_array_equal(jp.segment_starts(seg)[0], [1, 0, 0, 1, 1, 0, 1, 0])
 
 
@@ -202,16 +262,22 @@ def test_packed_equals_alone_and_perturbation_is_isolated(op):
         per_token = ["u", "delta", "B", "C", "z"]
 
         def run(a, s):
-            return jp.selective_scan_reference(**a, delta_softplus=True, segment_ids=s,
-                                               method=op.removeprefix("scan_"))
+            return jp.selective_scan_reference(
+                **a, delta_softplus=True, segment_ids=s, method=op.removeprefix("scan_")
+            )
     else:
         k = jax.random.split(jax.random.key(12), 3)
-        full = dict(x=jax.random.normal(k[0], (1, total, 4)), weight=jax.random.normal(k[1], (4, 4)),
-                    bias=jax.random.normal(k[2], (4,)))
+        full = dict(
+            x=jax.random.normal(k[0], (1, total, 4)),
+            weight=jax.random.normal(k[1], (4, 4)),
+            bias=jax.random.normal(k[2], (4,)),
+        )
         per_token = ["x"]
 
         def run(a, s):
-            return jp.causal_conv1d(a["x"], a["weight"], a["bias"], segment_ids=s, activation="silu")
+            return jp.causal_conv1d(
+                a["x"], a["weight"], a["bias"], segment_ids=s, activation="silu"
+            )
 
     cot = jax.random.normal(jax.random.key(13), (1, total, 4))
 
@@ -231,8 +297,14 @@ def test_packed_equals_alone_and_perturbation_is_isolated(op):
     # Perturb sequence 2 (length 64, ends on a chunk edge); zero its cotangent so that shared
     # parameters' gradients come from the other sequences only: everything else bit-identical.
     victim = slice(starts[2], starts[2] + LENGTHS[2])
-    noisy = {k: (v.at[:, victim].add(jax.random.normal(jax.random.key(14), v[:, victim].shape))
-                 if k in per_token else v) for k, v in full.items()}
+    noisy = {
+        k: (
+            v.at[:, victim].add(jax.random.normal(jax.random.key(14), v[:, victim].shape))
+            if k in per_token
+            else v
+        )
+        for k, v in full.items()
+    }
     masked_cot = cot.at[:, victim].set(0.0)
     y0, g0 = out_and_grads(full, seg, masked_cot)
     y2, g2 = out_and_grads(noisy, seg, masked_cot)
@@ -251,36 +323,108 @@ def test_packed_equals_alone_and_perturbation_is_isolated(op):
     "call,match",
     [
         (lambda a: jp.selective_scan(a["u"][0], a["delta"], a["A"], a["B"], a["C"]), "u must be"),
-        (lambda a: jp.selective_scan(a["u"], a["delta"][:, :3], a["A"], a["B"], a["C"]), "delta must have shape"),
+        (
+            lambda a: jp.selective_scan(a["u"], a["delta"][:, :3], a["A"], a["B"], a["C"]),
+            "delta must have shape",
+        ),
         (lambda a: jp.selective_scan(a["u"], a["delta"], a["A"][:2], a["B"], a["C"]), "A must be"),
-        (lambda a: jp.selective_scan(a["u"], a["delta"], a["A"], a["B"][..., :1], a["C"]), "B must have shape"),
-        (lambda a: jp.selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"], D=a["A"]), "D must have shape"),
-        (lambda a: jp.selective_scan(a["u"].astype(jnp.int32), a["delta"], a["A"], a["B"], a["C"]), "u must be a real floating"),
-        (lambda a: jp.selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"],
-                                     segment_ids=jnp.zeros((2, 5), jnp.int32)), "segment_ids must have shape"),
-        (lambda a: jp.selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"],
-                                     segment_ids=jnp.zeros((2, 9), jnp.float32)), "segment_ids must be an integer"),
-        (lambda a: jp.selective_scan(a["u"][:, :0], a["delta"][:, :0], a["A"], a["B"][:, :0], a["C"][:, :0]), "length must be at least 1"),
-        (lambda a: jp.selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"], impl="cuda"), "impl must be one of"),
-        (lambda a: jp.selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"], return_final_states=True,
-                                     segment_ids=jnp.zeros((2, 9), jnp.int32)), "needs num_segments"),
+        (
+            lambda a: jp.selective_scan(a["u"], a["delta"], a["A"], a["B"][..., :1], a["C"]),
+            "B must have shape",
+        ),
+        (
+            lambda a: jp.selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"], D=a["A"]),
+            "D must have shape",
+        ),
+        (
+            lambda a: jp.selective_scan(
+                a["u"].astype(jnp.int32), a["delta"], a["A"], a["B"], a["C"]
+            ),
+            "u must be a real floating",
+        ),
+        (
+            lambda a: jp.selective_scan(
+                a["u"], a["delta"], a["A"], a["B"], a["C"], segment_ids=jnp.zeros((2, 5), jnp.int32)
+            ),
+            "segment_ids must have shape",
+        ),
+        (
+            lambda a: jp.selective_scan(
+                a["u"],
+                a["delta"],
+                a["A"],
+                a["B"],
+                a["C"],
+                segment_ids=jnp.zeros((2, 9), jnp.float32),
+            ),
+            "segment_ids must be an integer",
+        ),
+        (
+            lambda a: jp.selective_scan(
+                a["u"][:, :0], a["delta"][:, :0], a["A"], a["B"][:, :0], a["C"][:, :0]
+            ),
+            "length must be at least 1",
+        ),
+        (
+            lambda a: jp.selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"], impl="cuda"),
+            "impl must be one of",
+        ),
+        (
+            lambda a: jp.selective_scan(
+                a["u"],
+                a["delta"],
+                a["A"],
+                a["B"],
+                a["C"],
+                return_final_states=True,
+                segment_ids=jnp.zeros((2, 9), jnp.int32),
+            ),
+            "needs num_segments",
+        ),
         (lambda a: jp.causal_conv1d(a["u"], a["A"][:2]), "weight must be"),
         (lambda a: jp.causal_conv1d(a["u"][0], a["A"]), "x must be"),
         (lambda a: jp.causal_conv1d(a["u"], a["A"], activation="relu"), "activation must be"),
         (lambda a: jp.causal_conv1d(a["u"][:, :0], a["A"]), "length must be at least 1"),
         # Ids {0, 1} with one slot: segment 1's final state would be dropped.
-        (lambda a: jp.selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"], return_final_states=True,
-                                     segment_ids=jnp.asarray([[0] * 4 + [1] * 5] * 2), num_segments=1),
-         r"segment_ids must lie in \[0, num_segments=1\) \(the slots of return_final_states\), got ids up "
-         r"to 1: pass num_segments=2 or more"),
-        (lambda a: jp.selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"], return_final_states=True,
-                                     segment_ids=np.full((2, 9), -1), num_segments=3),
-         "segment_ids must lie in .* got a negative id -1"),
-        (lambda a: jp.positions_from_segment_ids(jnp.asarray([[1.0, 1.0, 2.0]])),
-         "segment_ids must be an integer array, got dtype float32"),
-        (lambda a: jp.positions_from_segment_ids(jnp.asarray([1, 1, 2])), r"segment_ids must be a \(batch, length\)"),
-        (lambda a: jp.segment_ids_from_positions(jnp.asarray([[0.0, 1.0, 0.5]])),
-         "positions must be an integer array, got dtype float32"),
+        (
+            lambda a: jp.selective_scan(
+                a["u"],
+                a["delta"],
+                a["A"],
+                a["B"],
+                a["C"],
+                return_final_states=True,
+                segment_ids=jnp.asarray([[0] * 4 + [1] * 5] * 2),
+                num_segments=1,
+            ),
+            r"segment_ids must lie in \[0, num_segments=1\) \(the slots of return_final_states\), got ids up "
+            r"to 1: pass num_segments=2 or more",
+        ),
+        (
+            lambda a: jp.selective_scan(
+                a["u"],
+                a["delta"],
+                a["A"],
+                a["B"],
+                a["C"],
+                return_final_states=True,
+                segment_ids=np.full((2, 9), -1),
+                num_segments=3,
+            ),
+            "segment_ids must lie in .* got a negative id -1",
+        ),
+        (
+            lambda a: jp.positions_from_segment_ids(jnp.asarray([[1.0, 1.0, 2.0]])),
+            "segment_ids must be an integer array, got dtype float32",
+        ),
+        (
+            lambda a: jp.positions_from_segment_ids(jnp.asarray([1, 1, 2])),
+            r"segment_ids must be a \(batch, length\)",
+        ),
+        (
+            lambda a: jp.segment_ids_from_positions(jnp.asarray([[0.0, 1.0, 0.5]])),
+            "positions must be an integer array, got dtype float32",
+        ),
     ],
 )
 def test_bad_input_raises_value_error_naming_argument(call, match):
@@ -294,9 +438,12 @@ def test_final_state_slots_of_traced_ids_are_not_checked_but_enough_slots_are_ta
     # with enough slots segment 1's state is the last state of its run.
     args = scan_inputs(jax.random.key(1), 1, 9, 4, 3)
     seg = jnp.asarray([[0] * 4 + [1] * 5])
-    run = jax.jit(lambda seg, n: jp.selective_scan(**args, segment_ids=seg, return_final_states=True,
-                                                    num_segments=n, impl="reference")[1],
-                  static_argnums=1)
+    run = jax.jit(
+        lambda seg, n: jp.selective_scan(
+            **args, segment_ids=seg, return_final_states=True, num_segments=n, impl="reference"
+        )[1],
+        static_argnums=1,
+    )
     assert run(seg, 1).shape == (1, 1, 4, 3)
     with jax.enable_x64(True):
         _, states = selective_scan_loop(**to64(args), segment_ids=seg)
@@ -308,10 +455,17 @@ def test_final_state_slots_of_traced_ids_are_not_checked_but_enough_slots_are_ta
 def test_pallas_impl_off_a_gpu_names_impl(op):
     a = scan_inputs(jax.random.key(0), 2, 9, 4, 3)
     fallback = "reference" if op == "selective_scan" else "xla"
-    call = {"selective_scan": lambda impl: jp.selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"], impl=impl),
-            "causal_conv1d": lambda impl: jp.causal_conv1d(a["u"], a["A"], impl=impl)}[op]
-    with pytest.raises(ValueError, match=f'impl="pallas" runs Triton kernels, which need a GPU, but this runs on '
-                                         f"'cpu'; use impl=\"pallas_interpret\" .*\"{fallback}\" or \"auto\""):
+    call = {
+        "selective_scan": lambda impl: jp.selective_scan(
+            a["u"], a["delta"], a["A"], a["B"], a["C"], impl=impl
+        ),
+        "causal_conv1d": lambda impl: jp.causal_conv1d(a["u"], a["A"], impl=impl),
+    }[op]
+    with pytest.raises(
+        ValueError,
+        match=f'impl="pallas" runs Triton kernels, which need a GPU, but this runs on '
+        f'\'cpu\'; use impl="pallas_interpret" .*"{fallback}" or "auto"',
+    ):
         call("pallas")
     with pytest.raises(ValueError, match='impl="pallas"'):  # the same under jit
         jax.jit(lambda: call("pallas"))()

@@ -63,15 +63,27 @@ def test_repetition_penalty_matches_hugging_face():
     assert (logits[seen] > 0).any() and (logits[seen] < 0).any()
 
 
-@pytest.mark.parametrize("kw", [
-    dict(top_p=0.9), dict(top_p=0.5, temperature=0.7), dict(top_p=0.05), dict(top_p=1.0),
-    dict(top_k=7), dict(top_k=40, top_p=0.8), dict(min_p=0.1), dict(min_p=0.02, temperature=1.5),
-    dict(top_p=0.9, min_p=0.05, temperature=0.7), dict(top_k=1),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(top_p=0.9),
+        dict(top_p=0.5, temperature=0.7),
+        dict(top_p=0.05),
+        dict(top_p=1.0),
+        dict(top_k=7),
+        dict(top_k=40, top_p=0.8),
+        dict(min_p=0.1),
+        dict(min_p=0.02, temperature=1.5),
+        dict(top_p=0.9, min_p=0.05, temperature=0.7),
+        dict(top_k=1),
+    ],
+)
 def test_filters_keep_what_hugging_face_keeps(kw):
     logits = logits_of(6, 300, seed=1)
     config = SamplingConfig(**kw)
-    x = jax.jit(warp, static_argnames="sort")(jnp.asarray(logits), config.params(), sort=config.mode.sort)
+    x = jax.jit(warp, static_argnames="sort")(
+        jnp.asarray(logits), config.params(), sort=config.mode.sort
+    )
     got = np.isfinite(np.asarray(x))
     want = hf_keep(logits, **kw)
     assert want.sum(-1).min() >= 1 and (want.sum(-1) < 300).any() or kw == dict(top_p=1.0)
@@ -108,14 +120,21 @@ def test_greedy_is_argmax_of_the_penalised_logits():
     top = logits.argmax(-1)
     seen[np.arange(4), top] = True  # the penalty can unseat the best token
     config = SamplingConfig(temperature=0, repetition_penalty=3.0)
-    got = np.asarray(sample(jnp.asarray(logits), jnp.asarray(seen), jax.random.key(0),
-                            config.params(), config.mode))
+    got = np.asarray(
+        sample(
+            jnp.asarray(logits), jnp.asarray(seen), jax.random.key(0), config.params(), config.mode
+        )
+    )
     want = hf_repetition_penalty(logits, [[t] for t in top], 3.0).argmax(-1)
     np.testing.assert_array_equal(got, want)
     assert (got != top).any()
     plain = SamplingConfig(temperature=0)
     np.testing.assert_array_equal(
-        np.asarray(sample(jnp.asarray(logits), None, jax.random.key(0), plain.params(), plain.mode)), top)
+        np.asarray(
+            sample(jnp.asarray(logits), None, jax.random.key(0), plain.params(), plain.mode)
+        ),
+        top,
+    )
 
 
 def test_sampling_values_are_traced_so_changing_them_does_not_retrace():
@@ -128,9 +147,11 @@ def test_sampling_values_are_traced_so_changing_them_does_not_retrace():
 
     logits = jnp.asarray(logits_of(2, 100, seed=3))
     seen = jnp.zeros((2, 100), bool)
-    for kw in (dict(top_p=0.9, temperature=0.7, repetition_penalty=1.2),
-               dict(top_k=5, top_p=0.5, temperature=1.3, min_p=0.1, eos_ids=(3, 4), seed=9),
-               dict(top_p=1.0)):
+    for kw in (
+        dict(top_p=0.9, temperature=0.7, repetition_penalty=1.2),
+        dict(top_k=5, top_p=0.5, temperature=1.3, min_p=0.1, eos_ids=(3, 4), seed=9),
+        dict(top_p=1.0),
+    ):
         config = SamplingConfig(**kw)
         step(logits, seen, jax.random.key(config.seed), config.params())
     assert len(traces) == 1
@@ -138,15 +159,21 @@ def test_sampling_values_are_traced_so_changing_them_does_not_retrace():
 
 def test_eos_ids_and_bad_values():
     params = SamplingConfig(eos_ids=(5, 9)).params()
-    np.testing.assert_array_equal(np.asarray(is_eos(jnp.asarray([5, 6, 9, -1]), params)),
-                                  [True, False, True, False])
+    np.testing.assert_array_equal(
+        np.asarray(is_eos(jnp.asarray([5, 6, 9, -1]), params)), [True, False, True, False]
+    )
     assert not np.asarray(is_eos(jnp.asarray([0, -1]), SamplingConfig().params())).any()
-    for kw, match in [(dict(temperature=-1), "temperature"), (dict(top_k=0), "top_k"),
-                      (dict(top_p=0), "top_p"), (dict(min_p=1.5), "min_p"),
-                      (dict(repetition_penalty=0), "repetition_penalty"),
-                      (dict(eos_ids=tuple(range(9))), "eos_ids"), (dict(seed=1.5), "seed"),
-                      (dict(seed=-1), r"seed must be an int in \[0, 2\*\*32\)"),
-                      (dict(seed=2**32), "seed must be an int in")]:
+    for kw, match in [
+        (dict(temperature=-1), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_p=0), "top_p"),
+        (dict(min_p=1.5), "min_p"),
+        (dict(repetition_penalty=0), "repetition_penalty"),
+        (dict(eos_ids=tuple(range(9))), "eos_ids"),
+        (dict(seed=1.5), "seed"),
+        (dict(seed=-1), r"seed must be an int in \[0, 2\*\*32\)"),
+        (dict(seed=2**32), "seed must be an int in"),
+    ]:
         with pytest.raises(ValueError, match=match):
             SamplingConfig(**kw)
 
@@ -154,6 +181,8 @@ def test_eos_ids_and_bad_values():
 def test_the_integer_key_sort_sorts_floats():
     from jax_packmamba.sampling import _sort_floats
 
-    x = np.concatenate([logits_of(3, 200, seed=5), np.array([[-np.inf, -0.0, 0.0, np.inf] * 50] * 3,
-                                                            np.float32)], axis=1)
+    x = np.concatenate(
+        [logits_of(3, 200, seed=5), np.array([[-np.inf, -0.0, 0.0, np.inf] * 50] * 3, np.float32)],
+        axis=1,
+    )
     np.testing.assert_array_equal(np.asarray(_sort_floats(jnp.asarray(x))), np.sort(x, axis=-1))

@@ -47,17 +47,39 @@ def worker(out: pathlib.Path) -> None:
         return real_build(*args, **kwargs)
 
     step_lib.build = recording_build
-    cli = ["--model.preset=tiny", "--model.n_layer=1", "--model.d_model=30", "--model.d_state=4",
-           "--data.max_documents=24", "--data.seq_len=64", "--data.batch_size=8",
-           "--data.eval_batches=1", "--optim.warmup_steps=1", "--run.progress=false",
-           "--run.plot=false", "--run.log_every=1", "--run.steps=2", "--run.eval_every=0",
-           "--run.checkpoint_every=0", "--run.resume=false", f"--run.out_dir={out.parent / 'run'}",
-           "--mesh.data=2", "--mesh.fsdp=4", "--mesh.grad_reduce=bfloat16",
-           "--mesh.overlap_collectives=true", "--run.compilation_cache=false"]
+    cli = [
+        "--model.preset=tiny",
+        "--model.n_layer=1",
+        "--model.d_model=30",
+        "--model.d_state=4",
+        "--data.max_documents=24",
+        "--data.seq_len=64",
+        "--data.batch_size=8",
+        "--data.eval_batches=1",
+        "--optim.warmup_steps=1",
+        "--run.progress=false",
+        "--run.plot=false",
+        "--run.log_every=1",
+        "--run.steps=2",
+        "--run.eval_every=0",
+        "--run.checkpoint_every=0",
+        "--run.resume=false",
+        f"--run.out_dir={out.parent / 'run'}",
+        "--mesh.data=2",
+        "--mesh.fsdp=4",
+        "--mesh.grad_reduce=bfloat16",
+        "--mesh.overlap_collectives=true",
+        "--run.compilation_cache=false",
+    ]
     summary = trainer.run(parse_args(cli), log=lambda line: None)
     step_lib.build = real_build
-    result = dict(trainer=dict(built_with=built_with, loss_last=summary["loss_last"],
-                               xla_flags=os.environ.get("XLA_FLAGS", "")))
+    result = dict(
+        trainer=dict(
+            built_with=built_with,
+            loss_last=summary["loss_last"],
+            xla_flags=os.environ.get("XLA_FLAGS", ""),
+        )
+    )
 
     # 2. The step in each mode on the same batch, from the same initial state.
     import jax
@@ -69,23 +91,34 @@ def worker(out: pathlib.Path) -> None:
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=4))
     batch = workloads.packed_batch(rows=8, seq_len=64)["arrays"]
     for mode in MODES:
-        c = step_lib.build(config, OptimConfig(lr=1e-2, warmup_steps=1), 100, mesh,
-                           grad_reduce=mode)
+        c = step_lib.build(
+            config, OptimConfig(lr=1e-2, warmup_steps=1), 100, mesh, grad_reduce=mode
+        )
         state = c.init(0)
         b = sharding.put_batch(batch, sharding.batch_sharding(mesh))
         lowered = c.train_step.lower(state, b)
-        rec = dict(collectives_before_spmd=sharding.collective_bytes(
-                       lowered.compiler_ir(dialect="hlo").as_hlo_text()),
-                   collectives_compiled=sharding.collective_bytes(lowered.compile().as_text()),
-                   param_bytes=sum(x.nbytes for x in jax.tree.leaves(state.params)),
-                   losses=[], grad_norms=[])
+        rec = dict(
+            collectives_before_spmd=sharding.collective_bytes(
+                lowered.compiler_ir(dialect="hlo").as_hlo_text()
+            ),
+            collectives_compiled=sharding.collective_bytes(lowered.compile().as_text()),
+            param_bytes=sum(x.nbytes for x in jax.tree.leaves(state.params)),
+            losses=[],
+            grad_norms=[],
+        )
         if mode == "auto":
             shard = {}
-            for name, tree in (("params", state.params), ("mu", state.opt_state[1][0].mu),
-                               ("nu", state.opt_state[1][0].nu)):
+            for name, tree in (
+                ("params", state.params),
+                ("mu", state.opt_state[1][0].mu),
+                ("nu", state.opt_state[1][0].nu),
+            ):
                 emb = tree["embedding"]["embedding"]
-                shard[name] = dict(spec=str(emb.sharding.spec), global_shape=list(emb.shape),
-                                   shard_shape=list(emb.addressable_shards[0].data.shape))
+                shard[name] = dict(
+                    spec=str(emb.sharding.spec),
+                    global_shape=list(emb.shape),
+                    shard_shape=list(emb.addressable_shards[0].data.shape),
+                )
             rec["embedding_sharding"] = shard
         for _ in range(STEPS):
             state, metrics = c.train_step(state, b)
@@ -99,11 +132,21 @@ def worker(out: pathlib.Path) -> None:
 def runs(tmp_path_factory):
     """The worker's JSON (one subprocess, about 25 s: the tests that read it are marked slow)."""
     out = tmp_path_factory.mktemp("scaling") / "runs.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, __file__, str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONUNBUFFERED="1",
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    proc = subprocess.run(
+        [sys.executable, __file__, str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -128,8 +171,9 @@ def test_explicit_float32_reduction_matches_spmd(runs):
 def test_bfloat16_reduction_keeps_the_loss_curve(runs):
     f32, bf16 = runs["float32"], runs["bfloat16"]
     print("float32 ", f32["losses"], "\nbfloat16", bf16["losses"])
-    np.testing.assert_allclose(bf16["grad_norms"][0], f32["grad_norms"][0],
-                               rtol=GRAD_NORM_RTOL_BF16)
+    np.testing.assert_allclose(
+        bf16["grad_norms"][0], f32["grad_norms"][0], rtol=GRAD_NORM_RTOL_BF16
+    )
     np.testing.assert_allclose(bf16["losses"], f32["losses"], atol=LOSS_ATOL_BF16)
     assert bf16["losses"][-1] < bf16["losses"][0] - 0.5  # it trains
 
@@ -139,7 +183,10 @@ def test_bfloat16_mode_reduces_gradients_in_bfloat16(runs):
     """The gradient collectives jax emits carry bf16; float32 ones only the scalar loss sum.
     (On CPU, XLA's float normalization then widens bf16 reductions to f32 in the compiled
     module; NCCL reduces bf16 natively, and bench_scaling records the GPU's compiled bytes.)"""
-    bf16, f32 = runs["bfloat16"]["collectives_before_spmd"], runs["float32"]["collectives_before_spmd"]
+    bf16, f32 = (
+        runs["bfloat16"]["collectives_before_spmd"],
+        runs["float32"]["collectives_before_spmd"],
+    )
     print("bfloat16", bf16, "\nfloat32 ", f32)
     grads_bf16 = bf16.get("reduce-scatter bf16", 0) + bf16.get("all-reduce bf16", 0)
     grads_f32 = f32.get("reduce-scatter f32", 0) + f32.get("all-reduce f32", 0)
@@ -153,8 +200,11 @@ def test_spmd_default_all_reduces_float32_gradients(runs):
     """The baseline the explicit modes replace: XLA's partitioner reduces the gradients in f32,
     at least the parameters' bytes per step (the embedding's gradient once for each use)."""
     auto = runs["auto"]
-    reduced = sum(v for k, v in auto["collectives_compiled"].items()
-                  if k.split()[0] in ("all-reduce", "reduce-scatter") and k.endswith("f32"))
+    reduced = sum(
+        v
+        for k, v in auto["collectives_compiled"].items()
+        if k.split()[0] in ("all-reduce", "reduce-scatter") and k.endswith("f32")
+    )
     assert reduced >= auto["param_bytes"] // 4  # fsdp=4 reduce-scatters onto quarters
 
 
@@ -180,9 +230,12 @@ def test_mesh_options_are_checked_before_anything_runs(monkeypatch):
         sharding.add_xla_flags(sharding.OVERLAP_XLA_FLAGS)
     child = {"XLA_FLAGS": "--xla_gpu_enable_latency_hiding_scheduler=false"}
     assert sharding.add_xla_flags(sharding.OVERLAP_XLA_FLAGS, child) == [  # a child's: fine
-        "--xla_gpu_enable_highest_priority_async_stream=true"]
-    assert child["XLA_FLAGS"].split() == ["--xla_gpu_enable_latency_hiding_scheduler=false",
-                                          "--xla_gpu_enable_highest_priority_async_stream=true"]
+        "--xla_gpu_enable_highest_priority_async_stream=true"
+    ]
+    assert child["XLA_FLAGS"].split() == [
+        "--xla_gpu_enable_latency_hiding_scheduler=false",
+        "--xla_gpu_enable_highest_priority_async_stream=true",
+    ]
     monkeypatch.setattr(sharding, "_backends_started", lambda: False)
     assert len(sharding.add_xla_flags(sharding.OVERLAP_XLA_FLAGS)) == 1
     assert os.environ["XLA_FLAGS"] == child["XLA_FLAGS"]
@@ -199,9 +252,12 @@ def test_collective_bytes_reads_sync_async_and_tuple_collectives():
   %g = f32[10]{0} all-reduce-done(%f)
   %h = f32[10]{0} add(%g, %g)
 """
-    assert sharding.collective_bytes(hlo) == {"all-reduce f32": 128 + 8 + 40,
-                                              "all-reduce bf16": 32, "reduce-scatter bf16": 8,
-                                              "all-gather f32": 48}
+    assert sharding.collective_bytes(hlo) == {
+        "all-reduce f32": 128 + 8 + 40,
+        "all-reduce bf16": 32,
+        "reduce-scatter bf16": 8,
+        "all-gather f32": 48,
+    }
 
 
 if __name__ == "__main__":

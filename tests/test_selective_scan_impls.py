@@ -11,7 +11,6 @@ the shapes are few and small, and tests that need chunk edges pin a small ScanCo
 """
 
 import dataclasses
-import functools
 import re
 
 import jax
@@ -44,8 +43,11 @@ def make_args(key, batch, length, d_inner, d_state, dtype, *, optional=True):
         B=jax.random.normal(k[3], (batch, length, d_state), f32).astype(dtype),
         C=jax.random.normal(k[4], (batch, length, d_state), f32).astype(dtype),
         D=jax.random.normal(k[5], (d_inner,), f32) if optional else None,
-        z=(jax.random.normal(k[6], (batch, length, d_inner), f32).astype(dtype) if optional
-           else None),
+        z=(
+            jax.random.normal(k[6], (batch, length, d_inner), f32).astype(dtype)
+            if optional
+            else None
+        ),
         delta_bias=0.3 * jax.random.normal(k[7], (d_inner,), f32) if optional else None,
     )
     return args
@@ -59,8 +61,9 @@ def segments_from_lengths(lengths_per_row):
 
 def run(impl, args, *, config=None, **kw):
     if impl != "reference" and config is not None:
-        return selective_scan_pallas(*args.values(), interpret=impl == "pallas_interpret",
-                                     config=config, **kw)
+        return selective_scan_pallas(
+            *args.values(), interpret=impl == "pallas_interpret", config=config, **kw
+        )
     return selective_scan(*args.values(), impl=impl, **kw)
 
 
@@ -86,8 +89,7 @@ def check_against_float64(impl, args, *, case, config=None, cotangent_key=1, **k
 
     out, vjp = jax.vjp(f, *present.values())
     key = jax.random.PRNGKey(cotangent_key)
-    cts = jax.tree.map(
-        lambda o: jax.random.normal(key, o.shape, jnp.float32).astype(o.dtype), out)
+    cts = jax.tree.map(lambda o: jax.random.normal(key, o.shape, jnp.float32).astype(o.dtype), out)
     grads = vjp(cts)
     if case not in _FLOAT64_CACHE:
         with jax.enable_x64(True):
@@ -127,8 +129,9 @@ EDGE_SEGMENTS = 6
 
 
 def edge_kw(seg):
-    return dict(delta_softplus=True, segment_ids=seg, return_final_states=True,
-                num_segments=EDGE_SEGMENTS)
+    return dict(
+        delta_softplus=True, segment_ids=seg, return_final_states=True, num_segments=EDGE_SEGMENTS
+    )
 
 
 class TestSelectiveScanImpls:
@@ -144,8 +147,11 @@ class TestSelectiveScanImpls:
         args = make_args(jax.random.PRNGKey(length), 2, length, 40, 4, dtype)
         kw = dict(delta_softplus=True)
         if seg_lengths is not None:
-            kw.update(segment_ids=segments_from_lengths(seg_lengths), return_final_states=True,
-                      num_segments=max(map(len, seg_lengths)))
+            kw.update(
+                segment_ids=segments_from_lengths(seg_lengths),
+                return_final_states=True,
+                num_segments=max(map(len, seg_lengths)),
+            )
         check_against_float64(impl, args, case=f"float64-{length}", **kw)
 
     def test_optional_inputs_absent(self, impl):
@@ -167,8 +173,7 @@ class TestSelectiveScanImpls:
         row0 = [2] * 3 + [1] * 2 + [0] + [2] * 2 + [4] * 41 + [1]
         seg = jnp.asarray([row0, [5] * 50], jnp.int32)
         args = make_args(jax.random.PRNGKey(9), *EDGE_SHAPE, jnp.float32)
-        out, _ = check_against_float64(impl, args, case="final", config=EDGE_CONFIG,
-                                       **edge_kw(seg))
+        out, _ = check_against_float64(impl, args, case="final", config=EDGE_CONFIG, **edge_kw(seg))
         final = np.asarray(out[1])
         assert final.shape == (2, EDGE_SEGMENTS, 40, 4) and final.dtype == np.float32
         assert np.all(final[0, 3] == 0) and np.all(final[0, 5] == 0) and np.all(final[1, :5] == 0)
@@ -181,14 +186,19 @@ class TestSelectiveScanImpls:
             pytest.skip("state_split is a Pallas kernel layout")
         seg = segments_from_lengths([[16, 1, 23, 10], [5, 35, 1, 9]])
         args = make_args(jax.random.PRNGKey(11), *EDGE_SHAPE, jnp.float32)
-        config = (dataclasses.replace(EDGE_CONFIG, state_split=state_split)
-                  if impl != "reference" else None)
+        config = (
+            dataclasses.replace(EDGE_CONFIG, state_split=state_split)
+            if impl != "reference"
+            else None
+        )
         ct_y = jax.random.normal(jax.random.PRNGKey(12), args["u"].shape)
         ct_f = jax.random.normal(jax.random.PRNGKey(13), (2, EDGE_SEGMENTS, 40, 4))
 
         def outputs_and_grads(a):
-            out, vjp = jax.vjp(lambda *xs: run(impl, dict(zip(NAMES, xs)), config=config,
-                                               **edge_kw(seg)), *a.values())
+            out, vjp = jax.vjp(
+                lambda *xs: run(impl, dict(zip(NAMES, xs)), config=config, **edge_kw(seg)),
+                *a.values(),
+            )
             return out, dict(zip(NAMES, vjp((ct_y, ct_f))))
 
         out0, g0 = outputs_and_grads(args)
@@ -204,11 +214,13 @@ class TestSelectiveScanImpls:
         assert not np.array_equal(np.asarray(out0[0])[victim], np.asarray(out1[0])[victim])
         np.testing.assert_array_equal(np.asarray(out0[0])[keep], np.asarray(out1[0])[keep])
         for name in ("u", "delta", "z", "B", "C"):
-            np.testing.assert_array_equal(np.asarray(g0[name])[keep], np.asarray(g1[name])[keep],
-                                          err_msg=name)
+            np.testing.assert_array_equal(
+                np.asarray(g0[name])[keep], np.asarray(g1[name])[keep], err_msg=name
+            )
         others = [s for s in range(EDGE_SEGMENTS) if s != 2]
-        np.testing.assert_array_equal(np.asarray(out0[1])[:, others],
-                                      np.asarray(out1[1])[:, others])
+        np.testing.assert_array_equal(
+            np.asarray(out0[1])[:, others], np.asarray(out1[1])[:, others]
+        )
 
 
 @pytest.mark.parametrize("state_split", [2, 4])
@@ -260,8 +272,11 @@ def test_xor_transpose_sums_against_numpy(ns):
     dc = [jnp.asarray(terms_c[lane, (lane % ns) ^ k]) for k in range(ns)]
     db = [jnp.asarray(terms_b[lane, (lane % ns) ^ k]) for k in range(ns)]
     got = np.asarray(xor_transpose_sums(dc, db, fast=False))
-    want = np.where(lane < 16, terms_c.sum(0, dtype=np.float64)[lane % ns],
-                    terms_b.sum(0, dtype=np.float64)[lane % ns])
+    want = np.where(
+        lane < 16,
+        terms_c.sum(0, dtype=np.float64)[lane % ns],
+        terms_b.sum(0, dtype=np.float64)[lane % ns],
+    )
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -270,8 +285,17 @@ def test_reduce_mode_fallbacks():
     from pallas_kernels.selective_scan.vjp import _reduce_mode
 
     def mode(d_state=16, block_d=32, **cfg):
-        st = Static(length=64, d_inner=64, d_state=d_state, block_d=block_d, chunk=16, unroll=4,
-                    delta_softplus=True, prefetch=True, fast=False)
+        st = Static(
+            length=64,
+            d_inner=64,
+            d_state=d_state,
+            block_d=block_d,
+            chunk=16,
+            unroll=4,
+            delta_softplus=True,
+            prefetch=True,
+            fast=False,
+        )
         return _reduce_mode(ScanConfig(**cfg), st)
 
     assert mode() == "xor"
@@ -294,9 +318,17 @@ KERNELS = (
 def lowering_args(b=2, length=300, d=80, n=16):
     """Abstract scan arguments (u, delta, A, B, C, D, z, delta_bias, segment_ids), bf16 rows."""
     bf, f32, sds = jnp.bfloat16, jnp.float32, jax.ShapeDtypeStruct
-    return [sds((b, length, d), bf), sds((b, length, d), bf), sds((d, n), f32),
-            sds((b, length, n), bf), sds((b, length, n), bf), sds((d,), f32),
-            sds((b, length, d), bf), sds((d,), f32), sds((b, length), jnp.int32)]
+    return [
+        sds((b, length, d), bf),
+        sds((b, length, d), bf),
+        sds((d, n), f32),
+        sds((b, length, n), bf),
+        sds((b, length, n), bf),
+        sds((d,), f32),
+        sds((b, length, d), bf),
+        sds((d,), f32),
+        sds((b, length), jnp.int32),
+    ]
 
 
 @pytest.mark.parametrize("segments", [False, True])
@@ -306,8 +338,9 @@ def test_pallas_lowers_for_cuda_with_named_kernels(segments):
     def loss(*xs):
         *xs, seg = xs
         kw = dict(segment_ids=seg, num_segments=4) if segments else {}
-        y, final = selective_scan(*xs, delta_softplus=True, return_final_states=True,
-                                  impl="pallas", **kw)
+        y, final = selective_scan(
+            *xs, delta_softplus=True, return_final_states=True, impl="pallas", **kw
+        )
         return y.astype(f32).sum() + final.sum()
 
     text = lower_for_cuda(jax.grad(loss, argnums=tuple(range(8))), *args)
@@ -324,13 +357,18 @@ def test_pallas_lowers_for_cuda_with_named_kernels(segments):
 @pytest.mark.parametrize("state_split", [2, 4])
 def test_state_split_lowers_for_cuda(state_split):
     args, f32 = lowering_args(), jnp.float32
-    config = dataclasses.replace(EDGE_CONFIG, chunk=64, state_split=state_split,
-                                 grads_maxnreg=168)
+    config = dataclasses.replace(EDGE_CONFIG, chunk=64, state_split=state_split, grads_maxnreg=168)
 
     def loss(*xs):
         *xs, seg = xs
-        y, final = selective_scan_pallas(*xs, delta_softplus=True, return_final_states=True,
-                                         segment_ids=seg, num_segments=4, config=config)
+        y, final = selective_scan_pallas(
+            *xs,
+            delta_softplus=True,
+            return_final_states=True,
+            segment_ids=seg,
+            num_segments=4,
+            config=config,
+        )
         return y.astype(f32).sum() + final.sum()
 
     text = lower_for_cuda(jax.grad(loss, argnums=tuple(range(8))), *args)
@@ -339,8 +377,11 @@ def test_state_split_lowers_for_cuda(state_split):
     assert 'name = "selective_scan_bwd_chunk_grads_maxnreg168"' in text
     assert text.count("ttg.maxnreg") == 1
     assert "selp.f32 s" in text  # the split layouts keep the PTX butterfly
-    assert "shfl.sync.bfly.b32 $0, $1, 16, 31, -1" in text if state_split == 2 else (
-        "shfl.sync.bfly.b32 $0, $1, 8, 31, -1" in text)
+    assert (
+        "shfl.sync.bfly.b32 $0, $1, 16, 31, -1" in text
+        if state_split == 2
+        else ("shfl.sync.bfly.b32 $0, $1, 8, 31, -1" in text)
+    )
 
 
 def test_window_rows_lowers_for_cuda():
@@ -365,9 +406,12 @@ def test_cuda_lowering_rejects_what_triton_cannot_lower():
         o_ref[...] = jax.lax.cummax(x_ref[...], axis=0)  # no Triton lowering rule
 
     def fn(x):
-        return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-                              compiler_params=plgpu.CompilerParams(num_warps=1),
-                              name="uses_cummax")(x)
+        return pl.pallas_call(
+            kernel,
+            out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+            compiler_params=plgpu.CompilerParams(num_warps=1),
+            name="uses_cummax",
+        )(x)
 
     with pytest.raises(Exception, match="cummax|Unimplemented|not implemented|NotImplemented"):
         lower_for_cuda(fn, jax.ShapeDtypeStruct((32,), jnp.float32))

@@ -58,19 +58,53 @@ CASES = {
     # Everything on, float32: 3 chunks of 32 (the last ragged), two 16-row blocks a chunk, two
     # groups of two heads with the group-summing kernels split over them, 6 slots with
     # initial and final states.
-    "f32": Case(2, 75, 4, 16, 2, 16, "float32", num_segments=6,
-                config=SSDConfig(chunk=32, block_l=16, block_s=16, block_k=16,
-                                 dcb_head_splits=2, dbc_head_splits=2)),
+    "f32": Case(
+        2,
+        75,
+        4,
+        16,
+        2,
+        16,
+        "float32",
+        num_segments=6,
+        config=SSDConfig(
+            chunk=32, block_l=16, block_s=16, block_k=16, dcb_head_splits=2, dbc_head_splits=2
+        ),
+    ),
     # bfloat16, a per-channel D, no initial states: 32-row blocks over 16-row tiles, the XLA
     # state passing and a float32 C B^T.
-    "bf16": Case(2, 75, 4, 16, 2, 16, "bfloat16", num_segments=6, D_shape="heads_headdim",
-                 init=False,
-                 config=SSDConfig(chunk=32, block_l=32, block_s=16, block_k=32,
-                                  state_passing="xla", cb_dtype="float32")),
+    "bf16": Case(
+        2,
+        75,
+        4,
+        16,
+        2,
+        16,
+        "bfloat16",
+        num_segments=6,
+        D_shape="heads_headdim",
+        init=False,
+        config=SSDConfig(
+            chunk=32, block_l=32, block_s=16, block_k=32, state_passing="xla", cb_dtype="float32"
+        ),
+    ),
     # The bare op: no segment ids, D, z, bias, softplus or states; one group; chunk 16.
-    "bare": Case(1, 40, 2, 16, 1, 32, "float32", num_segments=0, D_shape=None, with_z=False,
-                 with_bias=False, softplus=False, init=False,
-                 config=SSDConfig(chunk=16, block_l=16, block_s=16, block_k=16)),
+    "bare": Case(
+        1,
+        40,
+        2,
+        16,
+        1,
+        32,
+        "float32",
+        num_segments=0,
+        D_shape=None,
+        with_z=False,
+        with_bias=False,
+        softplus=False,
+        init=False,
+        config=SSDConfig(chunk=16, block_l=16, block_s=16, block_k=16),
+    ),
 }
 
 
@@ -81,8 +115,14 @@ def normal(seed, shape, dtype=jnp.float32, scale=1.0):
 
 
 def make_args(case: Case, seed: int) -> dict:
-    b, t, h, p, g, n = (case.batch, case.length, case.heads, case.headdim, case.groups,
-                        case.d_state)
+    b, t, h, p, g, n = (
+        case.batch,
+        case.length,
+        case.heads,
+        case.headdim,
+        case.groups,
+        case.d_state,
+    )
     dtype = jnp.dtype(case.dtype)
     s = [seed * 10 + i for i in range(9)]
     dt = normal(s[1], (b, t, h), dtype, 0.5)
@@ -96,23 +136,26 @@ def make_args(case: Case, seed: int) -> dict:
         D=None if D_dims is None else normal(s[5], D_dims),
         z=normal(s[6], (b, t, h, p), dtype) if case.with_z else None,
         dt_bias=normal(s[7], (h,), scale=0.3) if case.with_bias else None,
-        initial_states=(normal(s[8], (b, case.num_segments, h, p, n), scale=0.5) if case.init
-                        else None),
+        initial_states=(
+            normal(s[8], (b, case.num_segments, h, p, n), scale=0.5) if case.init else None
+        ),
     )
 
 
 def ids_from_lengths(lengths_per_row):
     """(b, t) ids 0, 1, 2, ... numbering consecutive runs of the given lengths."""
-    return jnp.asarray(np.stack([np.repeat(np.arange(len(ls)), ls) for ls in lengths_per_row]),
-                       jnp.int32)
+    return jnp.asarray(
+        np.stack([np.repeat(np.arange(len(ls)), ls) for ls in lengths_per_row]), jnp.int32
+    )
 
 
 def cotangents(case: Case, seed: int):
     y = normal(seed, (case.batch, case.length, case.heads, case.headdim), jnp.dtype(case.dtype))
     if not case.num_segments:
         return y
-    return y, normal(seed + 1, (case.batch, case.num_segments, case.heads, case.headdim,
-                                case.d_state))
+    return y, normal(
+        seed + 1, (case.batch, case.num_segments, case.heads, case.headdim, case.d_state)
+    )
 
 
 def _kwargs(case: Case, seg):
@@ -134,8 +177,7 @@ def compiled(key, fn, *args):
     programs here (the interpreter's, the float64 loop's) run for milliseconds either way, and
     that halves their compile time."""
     if key not in _COMPILED:
-        opts = (dict(xla_backend_optimization_level=0) if jax.default_backend() == "cpu"
-                else None)
+        opts = dict(xla_backend_optimization_level=0) if jax.default_backend() == "cpu" else None
         _COMPILED[key] = jax.jit(fn).lower(*args).compile(compiler_options=opts)
     return _COMPILED[key]
 
@@ -146,8 +188,12 @@ def forward_and_backward(impl: str, case_name: str, names):
 
     def run(arrays, seg, cts):
         def f(*xs):
-            return ssd_scan_pallas(**dict(zip(names, xs)), **_kwargs(case, seg),
-                                   interpret=impl == "pallas_interpret", config=case.config)
+            return ssd_scan_pallas(
+                **dict(zip(names, xs)),
+                **_kwargs(case, seg),
+                interpret=impl == "pallas_interpret",
+                config=case.config,
+            )
 
         out, vjp = jax.vjp(f, *arrays)
         return out, vjp(cts)
@@ -178,12 +224,14 @@ def loop_outputs_and_grads(case_name: str, args: dict, seg, cts):
     case = CASES[case_name]
     names = present(args)
     with jax.enable_x64(True):
+
         def run(arrays, seg, cts):
             def f(*xs):
                 a = dict(zip(names, xs))
                 init = a.pop("initial_states", None)
-                y, states = ssd_scan_loop(**a, dt_softplus=case.softplus, segment_ids=seg,
-                                          initial_states=init)
+                y, states = ssd_scan_loop(
+                    **a, dt_softplus=case.softplus, segment_ids=seg, initial_states=init
+                )
                 if not case.num_segments:
                     return y
                 return y, last_states(states, seg, case.num_segments)
@@ -193,8 +241,7 @@ def loop_outputs_and_grads(case_name: str, args: dict, seg, cts):
 
         arrays = [jnp.asarray(args[k], jnp.float64) for k in names]
         cts = jax.tree.map(lambda c: jnp.asarray(c, jnp.float64), cts)
-        out, grads = compiled(("loop", case_name), run, arrays, seg,
-                              cts)(arrays, seg, cts)
+        out, grads = compiled(("loop", case_name), run, arrays, seg, cts)(arrays, seg, cts)
         return jax.tree.map(np.asarray, out), dict(zip(names, map(np.asarray, grads)))
 
 
@@ -229,10 +276,10 @@ def random_segments(case: Case, seed: int):
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(case.batch):
-        cuts = np.sort(rng.choice(np.arange(1, case.length), size=case.length // 4,
-                                  replace=False))
-        rows.append(np.searchsorted(cuts, np.arange(case.length), side="right")
-                    % (case.num_segments - 1))
+        cuts = np.sort(rng.choice(np.arange(1, case.length), size=case.length // 4, replace=False))
+        rows.append(
+            np.searchsorted(cuts, np.arange(case.length), side="right") % (case.num_segments - 1)
+        )
     return jnp.asarray(np.stack(rows), jnp.int32)
 
 
@@ -283,16 +330,19 @@ class TestSSDImpls:
         names = present(args)
 
         def ref(arrays, seg, cts):
-            out, vjp = jax.vjp(lambda *xs: ssd_scan_reference(
-                **dict(zip(names, xs)), **_kwargs(case, seg), chunk_size=64), *arrays)
+            out, vjp = jax.vjp(
+                lambda *xs: ssd_scan_reference(
+                    **dict(zip(names, xs)), **_kwargs(case, seg), chunk_size=64
+                ),
+                *arrays,
+            )
             return out, vjp(cts)
 
         arrays = [args[k] for k in names]
         # The reference at IEEE float32: XLA's default on a GPU is TF32 (~1e-3 relative), which
         # would measure the reference's rounding rather than the kernels'.
         with jax.default_matmul_precision("highest"):
-            out_r, grads_r = compiled(("reference", "f32"), ref, arrays, seg,
-                                      cts)(arrays, seg, cts)
+            out_r, grads_r = compiled(("reference", "f32"), ref, arrays, seg, cts)(arrays, seg, cts)
         grads_r = dict(zip(names, grads_r))
         for o, o_r in zip(out, out_r):
             assert rel_err(o, o_r) < 1e-5
@@ -311,11 +361,14 @@ class TestSSDImpls:
         victim = np.asarray(seg) == 2  # id 2: 23 tokens in row 0, one token in row 1
         noise = normal(9, args["x"].shape)
         v2, v3, v4 = victim[..., None], victim[..., None, None], victim[..., None, None]
-        perturbed = dict(args, x=jnp.where(v4, args["x"] + noise, args["x"]),
-                         z=jnp.where(v4, args["z"] - noise, args["z"]),
-                         dt=jnp.where(v2, args["dt"] + noise[..., 0], args["dt"]),
-                         B=jnp.where(v3, args["B"] * 1.5 + 0.1, args["B"]),
-                         C=jnp.where(v3, args["C"] * 1.5 + 0.1, args["C"]))
+        perturbed = dict(
+            args,
+            x=jnp.where(v4, args["x"] + noise, args["x"]),
+            z=jnp.where(v4, args["z"] - noise, args["z"]),
+            dt=jnp.where(v2, args["dt"] + noise[..., 0], args["dt"]),
+            B=jnp.where(v3, args["B"] * 1.5 + 0.1, args["B"]),
+            C=jnp.where(v3, args["C"] * 1.5 + 0.1, args["C"]),
+        )
         perturbed["initial_states"] = args["initial_states"].at[:, 2].add(1.0)
         out1, g1 = outputs_and_grads(impl, "f32", perturbed, seg, cts)
         keep = ~victim
@@ -323,13 +376,16 @@ class TestSSDImpls:
         assert not np.array_equal(y0[victim], y1[victim])
         np.testing.assert_array_equal(y0[keep], y1[keep])
         for name in ("x", "dt", "z", "B", "C"):
-            np.testing.assert_array_equal(np.asarray(g0[name])[keep], np.asarray(g1[name])[keep],
-                                          err_msg=name)
+            np.testing.assert_array_equal(
+                np.asarray(g0[name])[keep], np.asarray(g1[name])[keep], err_msg=name
+            )
         others = [s for s in range(case.num_segments) if s != 2]
-        np.testing.assert_array_equal(np.asarray(out0[1])[:, others],
-                                      np.asarray(out1[1])[:, others])
-        np.testing.assert_array_equal(np.asarray(g0["initial_states"])[:, others],
-                                      np.asarray(g1["initial_states"])[:, others])
+        np.testing.assert_array_equal(
+            np.asarray(out0[1])[:, others], np.asarray(out1[1])[:, others]
+        )
+        np.testing.assert_array_equal(
+            np.asarray(g0["initial_states"])[:, others], np.asarray(g1["initial_states"])[:, others]
+        )
 
 
 def _gpu_param(*values, id):
@@ -339,15 +395,17 @@ def _gpu_param(*values, id):
 # The tiling pick_config chooses (no pinned config) at a ragged length, two groups, random runs
 # with ids reused along a row, initial and final states. On a GPU also at the sizes where the
 # heuristic's head splits and a 256-token chunk are in play (1000 tokens, 8 heads of 64).
-@pytest.mark.parametrize("impl,shape,dtype,chunk,num_segments", [
-    pytest.param("pallas_interpret", (2, 70, 4, 16, 2, 16), "float32", 32, 6, id="interpret"),
-    _gpu_param("pallas", (2, 1000, 8, 64, 2, 128), "float32", 256, 6, id="gpu-f32"),
-    _gpu_param("pallas", (2, 1000, 8, 64, 2, 128), "bfloat16", 256, 6, id="gpu-bf16"),
-    _gpu_param("pallas", (1, 777, 8, 64, 1, 128), "bfloat16", 256, 0, id="gpu-bf16-noseg"),
-])
+@pytest.mark.parametrize(
+    "impl,shape,dtype,chunk,num_segments",
+    [
+        pytest.param("pallas_interpret", (2, 70, 4, 16, 2, 16), "float32", 32, 6, id="interpret"),
+        _gpu_param("pallas", (2, 1000, 8, 64, 2, 128), "float32", 256, 6, id="gpu-f32"),
+        _gpu_param("pallas", (2, 1000, 8, 64, 2, 128), "bfloat16", 256, 6, id="gpu-bf16"),
+        _gpu_param("pallas", (1, 777, 8, 64, 1, 128), "bfloat16", 256, 0, id="gpu-bf16-noseg"),
+    ],
+)
 def test_default_config_matches_float64_reference(impl, shape, dtype, chunk, num_segments):
-    case = Case(*shape, dtype, config=None, num_segments=num_segments,
-                init=bool(num_segments))
+    case = Case(*shape, dtype, config=None, num_segments=num_segments, init=bool(num_segments))
     args, cts = make_args(case, 17), cotangents(case, 19)
     seg = random_segments(case, 5) if num_segments else None
     names = present(args)
@@ -357,8 +415,9 @@ def test_default_config_matches_float64_reference(impl, shape, dtype, chunk, num
         out, vjp = jax.vjp(lambda *xs: fn(**dict(zip(names, xs)), **kw), *arrays)
         return out, vjp(cts)
 
-    ours = functools.partial(run, functools.partial(ssd_scan_pallas,
-                                                    interpret=impl == "pallas_interpret"))
+    ours = functools.partial(
+        run, functools.partial(ssd_scan_pallas, interpret=impl == "pallas_interpret")
+    )
     arrays = [args[k] for k in names]
     out, grads = compiled(("default", impl, shape, dtype), ours, arrays, cts)(arrays, cts)
     with jax.enable_x64(True):
@@ -366,8 +425,10 @@ def test_default_config_matches_float64_reference(impl, shape, dtype, chunk, num
         c64 = jax.tree.map(lambda c: jnp.asarray(c, jnp.float64), cts)
         ref = functools.partial(run, ssd_scan_reference)
         out64, grads64 = compiled(("default64", shape), ref, a64, c64)(a64, c64)
-    errs = {f"out{i}": rel_err(o, o64)
-            for i, (o, o64) in enumerate(zip(jax.tree.leaves(out), jax.tree.leaves(out64)))}
+    errs = {
+        f"out{i}": rel_err(o, o64)
+        for i, (o, o64) in enumerate(zip(jax.tree.leaves(out), jax.tree.leaves(out64)))
+    }
     errs.update({"d" + k: rel_err(g, g64) for k, g, g64 in zip(names, grads, grads64)})
     print(impl, shape, dtype, {k: f"{v:.1e}" for k, v in errs.items()})
     # bf16 inputs are rounded before both runs; what is left is the rounding of the matmul
@@ -402,18 +463,21 @@ def test_no_scatter_add_in_forward_and_backward(case_name, impl):
     args = make_args(case, 0)
     names = present(args)
     if impl == "reference":
+
         def run(arrays, seg, cts):
             def f(*xs):
                 # The case's chunk, so that the final states are picked among several chunks.
-                return ssd_scan_reference(**dict(zip(names, xs)), **_kwargs(case, seg),
-                                          chunk_size=case.config.chunk)
+                return ssd_scan_reference(
+                    **dict(zip(names, xs)), **_kwargs(case, seg), chunk_size=case.config.chunk
+                )
 
             out, vjp = jax.vjp(f, *arrays)
             return out, vjp(cts)
     else:
         run = forward_and_backward(impl, case_name, names)
-    jaxpr = jax.make_jaxpr(run)([args[k] for k in names], random_segments(case, 0),
-                                cotangents(case, 1))
+    jaxpr = jax.make_jaxpr(run)(
+        [args[k] for k in names], random_segments(case, 0), cotangents(case, 1)
+    )
     assert scatter_adds_and_atomics(jaxpr.jaxpr) == []
 
 
@@ -439,19 +503,41 @@ def test_config_rejects_bad_values():
 
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
-FORWARD = ("ssd_chunk_cumsum", "ssd_chunk_cb", "ssd_chunk_states", "ssd_state_passing",
-           "ssd_chunk_scan")
+FORWARD = (
+    "ssd_chunk_cumsum",
+    "ssd_chunk_cb",
+    "ssd_chunk_states",
+    "ssd_state_passing",
+    "ssd_chunk_scan",
+)
 # The backward recomputes the cumulative decays and C B^T, then runs its own seven.
-BACKWARD = ("ssd_chunk_cumsum", "ssd_chunk_cb", "ssd_bwd_chunk_dstates", "ssd_bwd_state_passing",
-            "ssd_bwd_dx", "ssd_bwd_dcb", "ssd_bwd_dc", "ssd_bwd_db", "ssd_bwd_chunk_cumsum")
+BACKWARD = (
+    "ssd_chunk_cumsum",
+    "ssd_chunk_cb",
+    "ssd_bwd_chunk_dstates",
+    "ssd_bwd_state_passing",
+    "ssd_bwd_dx",
+    "ssd_bwd_dcb",
+    "ssd_bwd_dc",
+    "ssd_bwd_db",
+    "ssd_bwd_chunk_cumsum",
+)
 
 
 def lowering_args(b=2, length=300, h=8, p=64, g=2, n=128, dtype=jnp.bfloat16):
     """Abstract (x, dt, A, B, C, D, z, dt_bias, segment_ids), bf16 rows, f32 parameters."""
     f32, sds = jnp.float32, jax.ShapeDtypeStruct
-    return [sds((b, length, h, p), dtype), sds((b, length, h), dtype), sds((h,), f32),
-            sds((b, length, g, n), dtype), sds((b, length, g, n), dtype), sds((h,), f32),
-            sds((b, length, h, p), dtype), sds((h,), f32), sds((b, length), jnp.int32)]
+    return [
+        sds((b, length, h, p), dtype),
+        sds((b, length, h), dtype),
+        sds((h,), f32),
+        sds((b, length, g, n), dtype),
+        sds((b, length, g, n), dtype),
+        sds((h,), f32),
+        sds((b, length, h, p), dtype),
+        sds((h,), f32),
+        sds((b, length), jnp.int32),
+    ]
 
 
 @pytest.mark.parametrize("segments", [False, True])
@@ -485,8 +571,14 @@ def test_states_path_lowers_for_cuda():
 
     def loss(*xs):
         *xs, seg, h0 = xs
-        y, final = ssd_scan_pallas(*xs, dt_softplus=True, segment_ids=seg, initial_states=h0,
-                                   return_final_states=True, config=config)
+        y, final = ssd_scan_pallas(
+            *xs,
+            dt_softplus=True,
+            segment_ids=seg,
+            initial_states=h0,
+            return_final_states=True,
+            config=config,
+        )
         return y.sum() + final.sum()
 
     text = lower_for_cuda(jax.grad(loss, argnums=tuple(range(8)) + (9,)), *args, init)

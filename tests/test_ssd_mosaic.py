@@ -51,9 +51,15 @@ def impl(request):
 
 def forward(impl: str, config: SSDConfig, names):
     def run(arrays, seg):
-        return ssd_scan_pallas(**dict(zip(names, arrays)), dt_softplus=True, segment_ids=seg,
-                               return_final_states=True, num_segments=CASE.num_segments,
-                               interpret=impl == "interpret", config=config)
+        return ssd_scan_pallas(
+            **dict(zip(names, arrays)),
+            dt_softplus=True,
+            segment_ids=seg,
+            return_final_states=True,
+            num_segments=CASE.num_segments,
+            interpret=impl == "interpret",
+            config=config,
+        )
 
     return run
 
@@ -62,8 +68,9 @@ def outputs(impl: str, args: dict, seg, config: SSDConfig = MOSAIC):
     """(y, final states), compiled once per implementation and backend."""
     names = present(args)
     arrays = [args[k] for k in names]
-    fn = compiled(("mosaic_fwd", impl, config.chunk_scan_backend),
-                  forward(impl, config, names), arrays, seg)
+    fn = compiled(
+        ("mosaic_fwd", impl, config.chunk_scan_backend), forward(impl, config, names), arrays, seg
+    )
     return fn(arrays, seg)
 
 
@@ -117,12 +124,15 @@ class TestMosaicChunkScan:
         victim = np.asarray(seg) == 2  # 40 tokens across a block edge in row 0, one in row 1
         noise = normal(25, args["x"].shape, jnp.bfloat16)
         v2, v4 = victim[..., None], victim[..., None, None]
-        perturbed = dict(args, x=jnp.where(v4, args["x"] + noise, args["x"]),
-                         z=jnp.where(v4, args["z"] - noise, args["z"]),
-                         dt=jnp.where(v2, args["dt"] + noise[..., 0], args["dt"]),
-                         B=jnp.where(v4, args["B"] * 1.5 + 0.1, args["B"]),
-                         C=jnp.where(v4, args["C"] * 1.5 + 0.1, args["C"]),
-                         initial_states=args["initial_states"].at[:, 2].add(1.0))
+        perturbed = dict(
+            args,
+            x=jnp.where(v4, args["x"] + noise, args["x"]),
+            z=jnp.where(v4, args["z"] - noise, args["z"]),
+            dt=jnp.where(v2, args["dt"] + noise[..., 0], args["dt"]),
+            B=jnp.where(v4, args["B"] * 1.5 + 0.1, args["B"]),
+            C=jnp.where(v4, args["C"] * 1.5 + 0.1, args["C"]),
+            initial_states=args["initial_states"].at[:, 2].add(1.0),
+        )
         y1, f1 = outputs(impl, perturbed, seg)
         y0, y1 = np.asarray(y0), np.asarray(y1)
         assert not np.array_equal(y0[victim], y1[victim])
@@ -137,9 +147,15 @@ def test_one_token_rows():
     case = dataclasses.replace(CASE, length=1, num_segments=2)
     args = make_args(case, 31)
     seg = jnp.zeros((case.batch, 1), jnp.int32)
-    y, final = ssd_scan_pallas(**{k: v for k, v in args.items() if v is not None},
-                               dt_softplus=True, segment_ids=seg, return_final_states=True,
-                               num_segments=2, interpret=True, config=MOSAIC)
+    y, final = ssd_scan_pallas(
+        **{k: v for k, v in args.items() if v is not None},
+        dt_softplus=True,
+        segment_ids=seg,
+        return_final_states=True,
+        num_segments=2,
+        interpret=True,
+        config=MOSAIC,
+    )
     with jax.enable_x64(True):
         a = {k: jnp.asarray(v, jnp.float64) for k, v in args.items() if v is not None}
         init = a.pop("initial_states")
@@ -166,24 +182,41 @@ def kernel_inputs(seed, *, seg: bool, d_per_p: bool, batch=1, length=200, heads=
     ids = None
     if seg:
         cuts = np.sort(rng.choice(np.arange(1, length), size=length // 16, replace=False))
-        ids = jnp.asarray(np.searchsorted(cuts, np.arange(length), side="right")[None]
-                          .repeat(batch, 0), jnp.int32)
-    plan = ssd_vjp.make_plan(x, dt, B, D, z, bias, dt_softplus=True,
-                             chunk_size=chunk, has_init=False, return_states=False,
-                             interpret=True, config=SSDConfig(chunk=chunk))
+        ids = jnp.asarray(
+            np.searchsorted(cuts, np.arange(length), side="right")[None].repeat(batch, 0), jnp.int32
+        )
+    plan = ssd_vjp.make_plan(
+        x,
+        dt,
+        B,
+        D,
+        z,
+        bias,
+        dt_softplus=True,
+        chunk_size=chunk,
+        has_init=False,
+        return_states=False,
+        interpret=True,
+        config=SSDConfig(chunk=chunk),
+    )
     st = plan.st
     seg_lo = None if ids is None else ssd_vjp.segment_bounds(ids, st.chunk, st.padded)[0]
     cs, dtp = ssd_vjp._cumsum(plan, True, dt, A, bias, seg_lo)
     launch = ssd_vjp._launch(plan, True)
     cb = ssd_kernel.chunk_cb(dict(C=C, B=B), st=st, **launch)
-    S = ssd_kernel.chunk_states(dict(x=x, B=B, cs=cs, dtp=dtp, seg_lo=seg_lo),
-                                mode="fwd", st=st, **launch)
+    S = ssd_kernel.chunk_states(
+        dict(x=x, B=B, cs=cs, dtp=dtp, seg_lo=seg_lo), mode="fwd", st=st, **launch
+    )
     decay = ssd_vjp.chunk_decay(cs, seg_lo, st=st)
-    h_in = ssd_vjp._pass_states(plan, True, S.reshape(batch, st.n_chunks, heads, p * n), decay,
-                                None).reshape(batch, st.n_chunks, heads, p, n)
+    h_in = ssd_vjp._pass_states(
+        plan, True, S.reshape(batch, st.n_chunks, heads, p * n), decay, None
+    ).reshape(batch, st.n_chunks, heads, p, n)
     y_add = rnd((batch, length, heads, p), 0.5, jnp.float32)
-    return st, plan, dict(x=x, z=z, C=C, cb=cb, cs=cs, dtp=dtp, h_in=h_in, D=D,
-                                     y_add=y_add, seg_lo=seg_lo)
+    return (
+        st,
+        plan,
+        dict(x=x, z=z, C=C, cb=cb, cs=cs, dtp=dtp, h_in=h_in, D=D, y_add=y_add, seg_lo=seg_lo),
+    )
 
 
 def test_kernel_matches_triton_kernel():
@@ -192,8 +225,9 @@ def test_kernel_matches_triton_kernel():
     y_add input, and chunks of 256 where the last row block walks four s blocks (both copy
     slots twice). The benchmark compares the two at its shapes on the GPU."""
     st, plan, ins = kernel_inputs(30, seg=False, d_per_p=True, length=300, chunk=256)
-    y_t, yp_t = ssd_kernel.chunk_scan(ins, st=st, y_dtype=jnp.bfloat16,
-                                      **ssd_vjp._launch(plan, True))
+    y_t, yp_t = ssd_kernel.chunk_scan(
+        ins, st=st, y_dtype=jnp.bfloat16, **ssd_vjp._launch(plan, True)
+    )
     y_m, yp_m = chunk_scan_mgpu.chunk_scan(ins, st=st, y_dtype=jnp.bfloat16, interpret=True)
     assert y_m.shape == y_t.shape and yp_m.shape == yp_t.shape
     assert rel_err(y_m, y_t) < 5e-3 and rel_err(yp_m, yp_t) < 5e-3
@@ -201,11 +235,25 @@ def test_kernel_matches_triton_kernel():
 
 def abstract_inputs(st, seg):
     sds, bf, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32
-    b, t, h, p, n, nc, T = (st.batch, st.length, st.heads, st.headdim, st.d_state, st.n_chunks,
-                            st.padded)
-    ins = dict(x=sds((b, t, h, p), bf), z=sds((b, t, h, p), bf), C=sds((b, t, 1, n), bf),
-               cb=sds((b, nc, 1, st.chunk, st.chunk), bf), cs=sds((b, h, T), f32),
-               dtp=sds((b, h, T), f32), h_in=sds((b, nc, h, p, n), f32), D=sds((h,), f32))
+    b, t, h, p, n, nc, T = (
+        st.batch,
+        st.length,
+        st.heads,
+        st.headdim,
+        st.d_state,
+        st.n_chunks,
+        st.padded,
+    )
+    ins = dict(
+        x=sds((b, t, h, p), bf),
+        z=sds((b, t, h, p), bf),
+        C=sds((b, t, 1, n), bf),
+        cb=sds((b, nc, 1, st.chunk, st.chunk), bf),
+        cs=sds((b, h, T), f32),
+        dtp=sds((b, h, T), f32),
+        h_in=sds((b, nc, h, p, n), f32),
+        D=sds((h,), f32),
+    )
     if seg:
         ins["seg_lo"] = sds((b, T), jnp.int32)
     return ins
@@ -217,9 +265,24 @@ def test_lowers_for_cuda(seg):
     length) lowered for CUDA on this CPU machine: layouts, TMA and wgmma shapes Mosaic GPU
     takes, one Mosaic GPU custom call, the kernel's name."""
     st = ssd_kernel.Static(
-        batch=2, length=300, heads=4, headdim=64, d_state=128, groups=1, chunk=256, block_l=64,
-        block_s=64, block_k=64, block_state=1024, block_heads=16, dt_softplus=True,
-        d_per_p=False, mm_dtype="bfloat16", cb_dtype="input", fast=True)
+        batch=2,
+        length=300,
+        heads=4,
+        headdim=64,
+        d_state=128,
+        groups=1,
+        chunk=256,
+        block_l=64,
+        block_s=64,
+        block_k=64,
+        block_state=1024,
+        block_heads=16,
+        dt_softplus=True,
+        d_per_p=False,
+        mm_dtype="bfloat16",
+        cb_dtype="input",
+        fast=True,
+    )
 
     def f(ins):
         return chunk_scan_mgpu.chunk_scan(ins, st=st, y_dtype=jnp.bfloat16)
@@ -238,8 +301,9 @@ def test_training_path_lowers_with_mosaic_chunk_scan():
 
     def loss(*xs):
         *xs, seg = xs
-        y = ssd_scan_pallas(*xs, dt_softplus=True, segment_ids=seg,
-                            config=SSDConfig(chunk_scan_backend="mosaic"))
+        y = ssd_scan_pallas(
+            *xs, dt_softplus=True, segment_ids=seg, config=SSDConfig(chunk_scan_backend="mosaic")
+        )
         return y.astype(jnp.float32).sum()
 
     text = lower_for_cuda(jax.grad(loss, argnums=tuple(range(8))), *args)
@@ -252,11 +316,13 @@ def test_training_path_lowers_with_mosaic_chunk_scan():
 def test_refuses_what_it_cannot_run():
     args = make_args(dataclasses.replace(CASE, dtype="float32"), 0)
     with pytest.raises(ValueError, match="float32"):
-        ssd_scan_pallas(**{k: v for k, v in args.items() if v is not None}, interpret=True,
-                        config=MOSAIC)
+        ssd_scan_pallas(
+            **{k: v for k, v in args.items() if v is not None}, interpret=True, config=MOSAIC
+        )
     args = make_args(dataclasses.replace(CASE, headdim=32), 0)
     with pytest.raises(ValueError, match="headdim=32"):
-        ssd_scan_pallas(**{k: v for k, v in args.items() if v is not None}, interpret=True,
-                        config=MOSAIC)
+        ssd_scan_pallas(
+            **{k: v for k, v in args.items() if v is not None}, interpret=True, config=MOSAIC
+        )
     with pytest.raises(ValueError, match="chunk_scan_backend"):
         SSDConfig(chunk_scan_backend="cuda")

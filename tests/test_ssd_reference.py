@@ -15,11 +15,25 @@ _loop = jax.jit(ssd_scan_loop, static_argnames=("dt_softplus",))
 
 def normal(seed, shape, dtype=jnp.float32, scale=1.0):
     """Host-side random normals (no per-shape device compiles, which dominate small tests)."""
-    return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32).astype(dtype)
+    return jnp.asarray(
+        scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32
+    ).astype(dtype)
 
 
-def ssd_inputs(seed, batch, length, heads, headdim, groups, d_state, *, D_shape="heads", with_z=True,
-               with_bias=True, dtype=jnp.float32):
+def ssd_inputs(
+    seed,
+    batch,
+    length,
+    heads,
+    headdim,
+    groups,
+    d_state,
+    *,
+    D_shape="heads",
+    with_z=True,
+    with_bias=True,
+    dtype=jnp.float32,
+):
     D_dims = {"heads": (heads,), "heads_headdim": (heads, headdim), None: None}[D_shape]
     seeds = [seed * 8 + i for i in range(8)]
     return dict(
@@ -38,14 +52,18 @@ def random_segment_ids(rng, batch, length, max_segments):
     """Rows of consecutive runs 1, 2, ... with random lengths (some of length 1)."""
     rows = []
     for _ in range(batch):
-        cuts = np.sort(rng.choice(np.arange(1, length), size=min(max_segments - 1, length - 1), replace=False))
+        cuts = np.sort(
+            rng.choice(np.arange(1, length), size=min(max_segments - 1, length - 1), replace=False)
+        )
         rows.append(np.searchsorted(cuts, np.arange(length), side="right") + 1)
     return jnp.asarray(np.stack(rows), jnp.int32)
 
 
 def ids_from_lengths(lengths_per_row):
     """(b, t) ids 1, 2, ... numbering consecutive runs of the given lengths."""
-    return jnp.asarray(np.stack([np.repeat(np.arange(1, len(ls) + 1), ls) for ls in lengths_per_row]), jnp.int32)
+    return jnp.asarray(
+        np.stack([np.repeat(np.arange(1, len(ls) + 1), ls) for ls in lengths_per_row]), jnp.int32
+    )
 
 
 def last_states(states, segment_ids, num_segments):
@@ -53,7 +71,9 @@ def last_states(states, segment_ids, num_segments):
     seg = np.asarray(segment_ids)
     is_slot = seg[..., None] == np.arange(num_segments)  # (b, t, s)
     last = np.max(np.where(is_slot, np.arange(seg.shape[1])[:, None], -1), axis=1)  # (b, s)
-    picked = jnp.take_along_axis(states, jnp.asarray(np.maximum(last, 0))[..., None, None, None], axis=1)
+    picked = jnp.take_along_axis(
+        states, jnp.asarray(np.maximum(last, 0))[..., None, None, None], axis=1
+    )
     return jnp.where(jnp.asarray(last >= 0)[..., None, None, None], picked, 0.0)
 
 
@@ -76,22 +96,62 @@ def vjp_all(fn, arrays, cotangents):
         (1, 1, 4, 2, 2, 3, 64, "heads", True, True, True, None, True),
         (2, 17, 4, 3, 1, 4, 64, None, False, False, False, None, False),  # bare, one padded chunk
         (2, 17, 4, 3, 2, 4, 8, "heads_headdim", True, True, True, "random", True),  # 3 chunks
-        (1, 300, 4, 2, 2, 3, 128, "heads", False, True, True, "random", True),  # odd length, many length-1
+        (
+            1,
+            300,
+            4,
+            2,
+            2,
+            3,
+            128,
+            "heads",
+            False,
+            True,
+            True,
+            "random",
+            True,
+        ),  # odd length, many length-1
         (2, 300, 6, 2, 2, 3, 64, "heads_headdim", True, False, True, "chunk_edges", False),
     ],
 )
-def test_ssd_matches_float64_loop(batch, length, heads, headdim, groups, d_state, chunk, D_shape,
-                                  with_z, with_bias, softplus, segments, init):
+def test_ssd_matches_float64_loop(
+    batch,
+    length,
+    heads,
+    headdim,
+    groups,
+    d_state,
+    chunk,
+    D_shape,
+    with_z,
+    with_bias,
+    softplus,
+    segments,
+    init,
+):
     """Outputs, every slot's final state and the gradients of all inputs (initial states
     included, and through the final states) against autodiff of the float64 loop."""
-    args = ssd_inputs(length * 13 + heads + groups, batch, length, heads, headdim, groups, d_state,
-                      D_shape=D_shape, with_z=with_z, with_bias=with_bias)
+    args = ssd_inputs(
+        length * 13 + heads + groups,
+        batch,
+        length,
+        heads,
+        headdim,
+        groups,
+        d_state,
+        D_shape=D_shape,
+        with_z=with_z,
+        with_bias=with_bias,
+    )
     num_segments = 1
     seg = None
     if segments == "random":
         # Up to ~length / 2 runs (many of length 1) with ids 0..4 reused by several runs each
         # (every run of id s starts from slot s), and a slot that never occurs (zeros).
-        seg = random_segment_ids(np.random.default_rng(length), batch, length, max(1, length // 2)) % 5
+        seg = (
+            random_segment_ids(np.random.default_rng(length), batch, length, max(1, length // 2))
+            % 5
+        )
         num_segments = 6
     elif segments == "chunk_edges":  # every boundary on a chunk edge, and one inside a chunk
         seg = ids_from_lengths([[64, 64, 128, 44], [1, 63, 64, 30, 142]])
@@ -103,21 +163,32 @@ def test_ssd_matches_float64_loop(batch, length, heads, headdim, groups, d_state
 
     def ours(*arrays):
         a = dict(zip(names, arrays))
-        return jp.ssd_scan(**a, **kw, segment_ids=seg, chunk_size=chunk, return_final_states=True,
-                           num_segments=num_segments, impl="reference")
+        return jp.ssd_scan(
+            **a,
+            **kw,
+            segment_ids=seg,
+            chunk_size=chunk,
+            return_final_states=True,
+            num_segments=num_segments,
+            impl="reference",
+        )
 
     cot_y = normal(1, (batch, length, heads, headdim))
     cot_final = normal(2, (batch, num_segments, heads, headdim, d_state))
     (y, final), got = vjp_all(ours, [args[k] for k in names], (cot_y, cot_final))
     assert y.dtype == jnp.float32 and final.shape == cot_final.shape
     with jax.enable_x64(True):
+
         def loop(*arrays):
             a = dict(zip(names, arrays))
             init_states = a.pop("initial_states", None)
             return loop_outputs(a, kw, init_states, seg, num_segments)
 
-        (y_ref, final_ref), want = vjp_all(loop, [jnp.asarray(args[k], jnp.float64) for k in names],
-                                           (jnp.asarray(cot_y, jnp.float64), jnp.asarray(cot_final, jnp.float64)))
+        (y_ref, final_ref), want = vjp_all(
+            loop,
+            [jnp.asarray(args[k], jnp.float64) for k in names],
+            (jnp.asarray(cot_y, jnp.float64), jnp.asarray(cot_final, jnp.float64)),
+        )
         want = [np.asarray(w) for w in want]
     errors = {"y": rel_err(y, y_ref), "final_states": rel_err(final, final_ref)}
     errors.update({f"d{name}": rel_err(g, w) for name, g, w in zip(names, got, want)})
@@ -138,20 +209,32 @@ def test_bf16_inputs_accumulate_in_f32():
     names = [k for k, v in args.items() if v is not None]
 
     def ours(*arrays):
-        return jp.ssd_scan(**dict(zip(names, arrays)), dt_softplus=True, segment_ids=seg, chunk_size=64,
-                           return_final_states=True, num_segments=7)
+        return jp.ssd_scan(
+            **dict(zip(names, arrays)),
+            dt_softplus=True,
+            segment_ids=seg,
+            chunk_size=64,
+            return_final_states=True,
+            num_segments=7,
+        )
 
-    cot = (normal(4, (batch, length, heads, headdim), jnp.bfloat16),
-           normal(5, (batch, 7, heads, headdim, d_state)))
+    cot = (
+        normal(4, (batch, length, heads, headdim), jnp.bfloat16),
+        normal(5, (batch, 7, heads, headdim, d_state)),
+    )
     (y, final), got = vjp_all(ours, [args[k] for k in names], cot)
     assert y.dtype == jnp.bfloat16 and final.dtype == jnp.float32
     assert [g.dtype for g in got] == [args[k].dtype for k in names]
     with jax.enable_x64(True):
+
         def loop(*arrays):
             return loop_outputs(dict(zip(names, arrays)), dict(dt_softplus=True), None, seg, 7)
 
-        (y_ref, final_ref), want = vjp_all(loop, [jnp.asarray(args[k], jnp.float64) for k in names],
-                                           tuple(jnp.asarray(c, jnp.float64) for c in cot))
+        (y_ref, final_ref), want = vjp_all(
+            loop,
+            [jnp.asarray(args[k], jnp.float64) for k in names],
+            tuple(jnp.asarray(c, jnp.float64) for c in cot),
+        )
     errors = {"y": rel_err(y, y_ref), "final_states": rel_err(final, final_ref)}
     errors.update({f"d{name}": rel_err(g, w) for name, g, w in zip(names, got, want)})
     print(" ".join(f"{k} {v:.1e}" for k, v in errors.items()))
@@ -180,8 +263,14 @@ def packed_case():
 
 def out_and_grads(args, init, seg, cot):
     def f(a, h0):
-        return jp.ssd_scan(**a, dt_softplus=True, segment_ids=seg, chunk_size=CHUNK, initial_states=h0,
-                           return_final_states=True)
+        return jp.ssd_scan(
+            **a,
+            dt_softplus=True,
+            segment_ids=seg,
+            chunk_size=CHUNK,
+            initial_states=h0,
+            return_final_states=True,
+        )
 
     out, vjp = jax.vjp(f, args, init)
     return out, vjp(cot)
@@ -195,8 +284,10 @@ def test_packed_equals_alone():
         start, n = starts[i], LENGTHS[i]
         sl = slice(start, start + n)
         alone = {k: (v[:, sl] if k in PER_TOKEN else v) for k, v in args.items()}
-        slot = init[:, i + 1: i + 2]  # the slot of id i + 1, as the one slot of the sequence alone
-        (y1, final1), (g1, g_init1) = out_and_grads(alone, slot, None, (cot[0][:, sl], jnp.zeros_like(slot)))
+        slot = init[:, i + 1 : i + 2]  # the slot of id i + 1, as the one slot of the sequence alone
+        (y1, final1), (g1, g_init1) = out_and_grads(
+            alone, slot, None, (cot[0][:, sl], jnp.zeros_like(slot))
+        )
         # Float32 sums in another order (the chunks fall elsewhere).
         np.testing.assert_allclose(y[:, sl], y1, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(final[:, i + 1], final1[:, 0], rtol=1e-5, atol=1e-5)
@@ -209,11 +300,16 @@ def test_packed_equals_alone():
 def test_perturbing_one_segment_leaves_others_bit_identical(victim):
     args, seg, starts, init = packed_case()
     sl = slice(starts[victim], starts[victim] + LENGTHS[victim])
-    noisy = {k: (v.at[:, sl].add(normal(14, v[:, sl].shape)) if k in PER_TOKEN else v)
-             for k, v in args.items()}
+    noisy = {
+        k: (v.at[:, sl].add(normal(14, v[:, sl].shape)) if k in PER_TOKEN else v)
+        for k, v in args.items()
+    }
     noisy_init = init.at[:, victim + 1].add(1.0)
     # Zero the victim's cotangents, so that shared parameters' gradients come from the others.
-    cot = (normal(15, args["x"].shape).at[:, sl].set(0.0), normal(16, init.shape).at[:, victim + 1].set(0.0))
+    cot = (
+        normal(15, args["x"].shape).at[:, sl].set(0.0),
+        normal(16, init.shape).at[:, victim + 1].set(0.0),
+    )
     (y0, f0), (g0, gi0) = out_and_grads(args, init, seg, cot)
     (y1, f1), (g1, gi1) = out_and_grads(noisy, noisy_init, seg, cot)
     assert not np.array_equal(y0[:, sl], y1[:, sl])
@@ -235,10 +331,22 @@ def test_state_update_steps_equal_the_scan():
     batch, length, heads, headdim, groups, d_state = 2, 20, 4, 3, 2, 5
     args = ssd_inputs(16, batch, length, heads, headdim, groups, d_state, D_shape="heads_headdim")
     init = normal(17, (batch, 1, heads, headdim, d_state))
-    y, final = jp.ssd_scan(**args, dt_softplus=True, chunk_size=8, initial_states=init, return_final_states=True)
-    step = jax.jit(lambda state, t: jp.ssd_state_update(
-        state, args["x"][:, t], args["dt"][:, t], args["A"], args["B"][:, t], args["C"][:, t], args["D"],
-        args["z"][:, t], args["dt_bias"]))
+    y, final = jp.ssd_scan(
+        **args, dt_softplus=True, chunk_size=8, initial_states=init, return_final_states=True
+    )
+    step = jax.jit(
+        lambda state, t: jp.ssd_state_update(
+            state,
+            args["x"][:, t],
+            args["dt"][:, t],
+            args["A"],
+            args["B"][:, t],
+            args["C"][:, t],
+            args["D"],
+            args["z"][:, t],
+            args["dt_bias"],
+        )
+    )
     state = init[:, 0]
     for t in range(length):
         state, y_t = step(state, t)
@@ -255,13 +363,32 @@ def test_no_per_token_state_tensor_in_forward_or_backward():
     f32 = jnp.float32
 
     def loss(x, dt, A, B, C, init, seg):
-        y, final = jp.ssd_scan_reference(x, dt, A, B, C, dt_softplus=True, segment_ids=seg, chunk_size=chunk,
-                                         initial_states=init, return_final_states=True, num_segments=slots)
+        y, final = jp.ssd_scan_reference(
+            x,
+            dt,
+            A,
+            B,
+            C,
+            dt_softplus=True,
+            segment_ids=seg,
+            chunk_size=chunk,
+            initial_states=init,
+            return_final_states=True,
+            num_segments=slots,
+        )
         return jnp.sum(y) + jnp.sum(final)
 
-    shapes = [(batch, length, heads, headdim), (batch, length, heads), (heads,), (batch, length, groups, d_state),
-              (batch, length, groups, d_state), (batch, slots, heads, headdim, d_state)]
-    specs = [jax.ShapeDtypeStruct(shape, f32) for shape in shapes] + [jax.ShapeDtypeStruct((batch, length), jnp.int32)]
+    shapes = [
+        (batch, length, heads, headdim),
+        (batch, length, heads),
+        (heads,),
+        (batch, length, groups, d_state),
+        (batch, length, groups, d_state),
+        (batch, slots, heads, headdim, d_state),
+    ]
+    specs = [jax.ShapeDtypeStruct(shape, f32) for shape in shapes] + [
+        jax.ShapeDtypeStruct((batch, length), jnp.int32)
+    ]
     closed = jax.make_jaxpr(jax.grad(loss, argnums=tuple(range(6))))(*specs)
 
     def all_jaxprs(jaxpr):
@@ -274,8 +401,13 @@ def test_no_per_token_state_tensor_in_forward_or_backward():
                     elif isinstance(sub, jax.extend.core.Jaxpr):
                         yield from all_jaxprs(sub)
 
-    largest = max(int(np.prod(v.aval.shape)) for j in all_jaxprs(closed.jaxpr) for eqn in j.eqns
-                  for v in eqn.outvars if hasattr(v.aval, "shape"))
+    largest = max(
+        int(np.prod(v.aval.shape))
+        for j in all_jaxprs(closed.jaxpr)
+        for eqn in j.eqns
+        for v in eqn.outvars
+        if hasattr(v.aval, "shape")
+    )
     per_token_states = batch * length * heads * headdim * d_state
     assert largest == batch * (length // chunk) * heads * chunk * chunk < per_token_states // 4
 
@@ -288,46 +420,100 @@ def good_args():
     "change,kw,match",
     [
         (lambda a: {"x": a["x"][0]}, {}, "x must be"),
-        (lambda a: {"x": a["x"][:, :0], "dt": a["dt"][:, :0], "B": a["B"][:, :0], "C": a["C"][:, :0],
-                    "z": a["z"][:, :0]}, {}, "length must be at least 1"),
+        (
+            lambda a: {
+                "x": a["x"][:, :0],
+                "dt": a["dt"][:, :0],
+                "B": a["B"][:, :0],
+                "C": a["C"][:, :0],
+                "z": a["z"][:, :0],
+            },
+            {},
+            "length must be at least 1",
+        ),
         (lambda a: {"dt": a["dt"][..., :3]}, {}, "dt must have shape"),
         (lambda a: {"A": a["A"][:, None]}, {}, "A must be"),
         (lambda a: {"B": a["B"][..., :1, :]}, {}, "B must have shape|C must have shape"),
         (lambda a: {"B": a["B"][:, :, :, None]}, {}, "B must be"),
         (lambda a: {"C": a["C"][..., :2]}, {}, "C must have shape"),
-        (lambda a: {"B": jnp.tile(a["B"], (1, 1, 3, 1))[:, :, :3], "C": jnp.tile(a["C"], (1, 1, 3, 1))[:, :, :3]},
-         {}, "multiple of groups"),
+        (
+            lambda a: {
+                "B": jnp.tile(a["B"], (1, 1, 3, 1))[:, :, :3],
+                "C": jnp.tile(a["C"], (1, 1, 3, 1))[:, :, :3],
+            },
+            {},
+            "multiple of groups",
+        ),
         (lambda a: {"D": a["A"][:2]}, {}, "D must have shape"),
         (lambda a: {"z": a["z"][..., :2]}, {}, "z must have shape"),
         (lambda a: {"dt_bias": a["A"][:3]}, {}, "dt_bias must have shape"),
         (lambda a: {"x": a["x"].astype(jnp.int32)}, {}, "x must be a real floating"),
         (lambda a: {"dt": a["dt"].astype(jnp.int32)}, {}, "dt must be a real floating"),
-        (lambda a: {}, {"segment_ids": jnp.zeros((2, 5), jnp.int32)}, "segment_ids must have shape"),
-        (lambda a: {}, {"segment_ids": jnp.zeros((2, 9), jnp.float32)}, "segment_ids must be an integer"),
+        (
+            lambda a: {},
+            {"segment_ids": jnp.zeros((2, 5), jnp.int32)},
+            "segment_ids must have shape",
+        ),
+        (
+            lambda a: {},
+            {"segment_ids": jnp.zeros((2, 9), jnp.float32)},
+            "segment_ids must be an integer",
+        ),
         (lambda a: {}, {"impl": "cuda"}, "impl must be one of"),
         # The Pallas kernels take headdim and d_state powers of two >= 16 only.
         (lambda a: {}, {"impl": "pallas"}, "headdim=3 \\(x's axis 3\\)"),
         (lambda a: {}, {"impl": "pallas_interpret"}, "powers of two >= 16"),
         (lambda a: {}, {"chunk_size": 0}, "chunk_size must be a positive int"),
         (lambda a: {}, {"chunk_size": 8.0}, "chunk_size must be a positive int"),
-        (lambda a: {}, {"return_final_states": True, "segment_ids": jnp.zeros((2, 9), jnp.int32)},
-         "needs num_segments"),
+        (
+            lambda a: {},
+            {"return_final_states": True, "segment_ids": jnp.zeros((2, 9), jnp.int32)},
+            "needs num_segments",
+        ),
         (lambda a: {}, {"num_segments": 0}, "num_segments must be a positive int"),
-        (lambda a: {}, {"segment_ids": jnp.full((2, 9), 3, jnp.int32), "num_segments": 3,
-                        "return_final_states": True}, r"segment_ids must lie in \[0, num_segments=3\)"),
+        (
+            lambda a: {},
+            {
+                "segment_ids": jnp.full((2, 9), 3, jnp.int32),
+                "num_segments": 3,
+                "return_final_states": True,
+            },
+            r"segment_ids must lie in \[0, num_segments=3\)",
+        ),
         # Ids {0, 1} with one slot: segment 1's final state would be dropped.
-        (lambda a: {}, {"segment_ids": jnp.asarray([[0] * 4 + [1] * 5] * 2), "num_segments": 1,
-                        "return_final_states": True},
-         r"num_segments=1\) \(the slots of return_final_states\), got ids up to 1: pass num_segments=2 or more"),
-        (lambda a: {}, {"segment_ids": jnp.full((2, 9), -1, jnp.int32), "num_segments": 3},
-         "segment_ids must lie in"),
+        (
+            lambda a: {},
+            {
+                "segment_ids": jnp.asarray([[0] * 4 + [1] * 5] * 2),
+                "num_segments": 1,
+                "return_final_states": True,
+            },
+            r"num_segments=1\) \(the slots of return_final_states\), got ids up to 1: pass num_segments=2 or more",
+        ),
+        (
+            lambda a: {},
+            {"segment_ids": jnp.full((2, 9), -1, jnp.int32), "num_segments": 3},
+            "segment_ids must lie in",
+        ),
         (lambda a: {}, {"initial_states": jnp.zeros((2, 2, 4, 3, 4))}, "initial_states must be"),
-        (lambda a: {}, {"initial_states": jnp.zeros((2, 2, 4, 3, 5)), "num_segments": 3},
-         "must equal initial_states.shape"),
-        (lambda a: {}, {"initial_states": jnp.zeros((2, 2, 4, 3, 5), jnp.int32)},
-         "initial_states must be a real floating"),
-        (lambda a: {}, {"initial_states": jnp.zeros((2, 2, 4, 3, 5)), "segment_ids": jnp.full((2, 9), 2, jnp.int32)},
-         "segment_ids must lie in"),
+        (
+            lambda a: {},
+            {"initial_states": jnp.zeros((2, 2, 4, 3, 5)), "num_segments": 3},
+            "must equal initial_states.shape",
+        ),
+        (
+            lambda a: {},
+            {"initial_states": jnp.zeros((2, 2, 4, 3, 5), jnp.int32)},
+            "initial_states must be a real floating",
+        ),
+        (
+            lambda a: {},
+            {
+                "initial_states": jnp.zeros((2, 2, 4, 3, 5)),
+                "segment_ids": jnp.full((2, 9), 2, jnp.int32),
+            },
+            "segment_ids must lie in",
+        ),
     ],
 )
 def test_bad_input_raises_value_error_naming_argument(change, kw, match):
@@ -339,8 +525,11 @@ def test_bad_input_raises_value_error_naming_argument(change, kw, match):
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the message off a GPU")
 def test_pallas_impl_off_a_gpu_names_impl():
     args = ssd_inputs(0, 1, 9, 2, 16, 1, 16)  # shapes the kernels take
-    with pytest.raises(ValueError, match='impl="pallas" runs Triton kernels, which need a GPU, but this '
-                                         "runs on 'cpu'; use impl=\"pallas_interpret\" .*\"reference\""):
+    with pytest.raises(
+        ValueError,
+        match='impl="pallas" runs Triton kernels, which need a GPU, but this '
+        'runs on \'cpu\'; use impl="pallas_interpret" .*"reference"',
+    ):
         jp.ssd_scan(**args, impl="pallas")
 
 
@@ -357,7 +546,16 @@ def test_pallas_impl_off_a_gpu_names_impl():
 )
 def test_state_update_bad_input(change, match):
     a = good_args()
-    step = dict(state=jnp.zeros((2, 4, 3, 5)), x=a["x"][:, 0], dt=a["dt"][:, 0], A=a["A"], B=a["B"][:, 0],
-                C=a["C"][:, 0], D=a["D"], z=a["z"][:, 0], dt_bias=a["dt_bias"])
+    step = dict(
+        state=jnp.zeros((2, 4, 3, 5)),
+        x=a["x"][:, 0],
+        dt=a["dt"][:, 0],
+        A=a["A"],
+        B=a["B"][:, 0],
+        C=a["C"][:, 0],
+        D=a["D"],
+        z=a["z"][:, 0],
+        dt_bias=a["dt_bias"],
+    )
     with pytest.raises(ValueError, match=match):
         jp.ssd_state_update(**{**step, **change(step)})

@@ -12,7 +12,12 @@ import jax_packmamba as jp
 from jax_packmamba.generation import generate
 from jax_packmamba.pretrained import save_pretrained
 from jax_packmamba.tokenizer import (
-    BYTE_EOD, BYTE_VOCAB, ByteTokenizer, HFTokenizer, load_tokenizer, tokenizer_for_model_dir,
+    BYTE_EOD,
+    BYTE_VOCAB,
+    ByteTokenizer,
+    HFTokenizer,
+    load_tokenizer,
+    tokenizer_for_model_dir,
 )
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -70,7 +75,8 @@ def test_model_directory_records_its_tokenizer(tmp_path):
     assert isinstance(tok, ByteTokenizer) and tok.eod_id == 256
     np.testing.assert_array_equal(  # still loads as the same model
         nnx.state(jp.from_pretrained(tmp_path / "bytes"))["norm_f"]["weight"][...],
-        nnx.state(model)["norm_f"]["weight"][...])
+        nnx.state(model)["norm_f"]["weight"][...],
+    )
 
     words = word_tokenizer(tmp_path / "words.json", ["[UNK]", "a", "<|endoftext|>"])
     save_pretrained(model, tmp_path / "hf", tokenizer=load_tokenizer(words))
@@ -98,12 +104,25 @@ def test_generate_command_line_uses_the_recorded_tokenizer_and_eos(tmp_path, cap
     eos = int(free[2])
     first = 2
     words[eos] = "</s>"
-    save_pretrained(model, tmp_path, tokenizer=load_tokenizer(word_tokenizer(tmp_path / "t.json", words)))
-    args = ["--checkpoint", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "8",
-            "--temperature", "1", "--seed", "1", "--no-compilation-cache"]
+    save_pretrained(
+        model, tmp_path, tokenizer=load_tokenizer(word_tokenizer(tmp_path / "t.json", words))
+    )
+    args = [
+        "--checkpoint",
+        str(tmp_path),
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "1",
+        "--seed",
+        "1",
+        "--no-compilation-cache",
+    ]
     assert main(args) == 0
     out = capsys.readouterr()
-    expected = " ".join([prompt, *(words[i] for i in free[:first + 1])])
+    expected = " ".join([prompt, *(words[i] for i in free[: first + 1])])
     assert out.out.splitlines() == [f"--- {prompt!r}", expected]
     assert out.err.splitlines()[-1].startswith(f"{first + 1} tokens in")
     # --eos-id overrides the recorded one (an id never generated: all 8 tokens).

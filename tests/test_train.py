@@ -26,7 +26,7 @@ from jax_packmamba import MambaConfig, MambaLM
 from train import data as data_lib
 from train import step as step_lib
 from train.__main__ import main
-from train.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig, parse_args
+from train.config import ConfigError, DataConfig, ModelConfig, OptimConfig, parse_args
 from train.data import DataError
 from train.metrics import Progress, peak_flops, read_metrics
 
@@ -35,26 +35,49 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # A model and data small enough that a run compiles and trains in seconds on one CPU core.
 # Without the trainer's compilation cache: tests leave jax's cache settings alone (the subprocess
 # runs share one through JAX_COMPILATION_CACHE_DIR, see subprocess_env).
-TINY = ["--model.preset=tiny", "--model.n_layer=1", "--model.d_model=32", "--model.d_state=4",
-        "--data.max_documents=24", "--data.seq_len=64", "--data.batch_size=8",
-        "--data.eval_batches=1", "--optim.warmup_steps=2", "--run.progress=false",
-        "--run.plot=false", "--run.log_every=1", "--run.compilation_cache=false"]
+TINY = [
+    "--model.preset=tiny",
+    "--model.n_layer=1",
+    "--model.d_model=32",
+    "--model.d_state=4",
+    "--data.max_documents=24",
+    "--data.seq_len=64",
+    "--data.batch_size=8",
+    "--data.eval_batches=1",
+    "--optim.warmup_steps=2",
+    "--run.progress=false",
+    "--run.plot=false",
+    "--run.log_every=1",
+    "--run.compilation_cache=false",
+]
 
 
 def subprocess_env(devices=1, cache=None):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     if cache is not None:
-        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+        env.update(
+            JAX_COMPILATION_CACHE_DIR=str(cache),
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        )
     return env
 
 
 def run_cli(args, *, devices=1, cache=None):
-    return subprocess.Popen([sys.executable, "-m", "train", *args], cwd=REPO,
-                            env=subprocess_env(devices, cache), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "train", *args],
+        cwd=REPO,
+        env=subprocess_env(devices, cache),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(proc, timeout=300):
@@ -72,7 +95,7 @@ def tensorboard_events(directory):
         data, i = path.read_bytes(), 0
         while i < len(data):
             (length,) = struct.unpack_from("<Q", data, i)
-            yield Event.FromString(data[i + 12:i + 12 + length])
+            yield Event.FromString(data[i + 12 : i + 12 + length])
             i += 12 + length + 4
 
 
@@ -87,8 +110,11 @@ def tensorboard_scalars(directory) -> dict[str, dict[int, float]]:
 
 
 def losses(out_dir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(pathlib.Path(out_dir) / "metrics.jsonl")
-            if "loss" in r}
+    return {
+        r["step"]: r["loss"]
+        for r in read_metrics(pathlib.Path(out_dir) / "metrics.jsonl")
+        if "loss" in r
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -97,15 +123,32 @@ def losses(out_dir) -> dict[int, float]:
 
 def test_cli_nested_overrides_and_config_file(tmp_path):
     toml = tmp_path / "run.toml"
-    toml.write_text('[model]\npreset = "130m"\nn_layer = 4\n[optim]\nlr = 1e-4\n'
-                    '[data]\nmode = "padded"\n')
-    c = parse_args(["--config", str(toml), "--optim.lr=3e-4", "--data.seq_len", "128",
-                    "--model.d_state=8", "--run.resume=false", "--data.eod_id=none"])
+    toml.write_text(
+        '[model]\npreset = "130m"\nn_layer = 4\n[optim]\nlr = 1e-4\n[data]\nmode = "padded"\n'
+    )
+    c = parse_args(
+        [
+            "--config",
+            str(toml),
+            "--optim.lr=3e-4",
+            "--data.seq_len",
+            "128",
+            "--model.d_state=8",
+            "--run.resume=false",
+            "--data.eod_id=none",
+        ]
+    )
     assert c.model.preset == "130m" and c.model.overrides == {"n_layer": 4, "d_state": 8}
     assert c.optim.lr == 3e-4 and c.data.mode == "padded" and c.data.seq_len == 128
     assert c.run.resume is False and c.data.eod_id is None
     mc = c.model.mamba_config(vocab_size=257, backend="cpu")
-    assert (mc.n_layer, mc.d_model, mc.d_state, mc.vocab_size, mc.dtype) == (4, 768, 8, 257, "float32")
+    assert (mc.n_layer, mc.d_model, mc.d_state, mc.vocab_size, mc.dtype) == (
+        4,
+        768,
+        8,
+        257,
+        "float32",
+    )
     assert c.model.mamba_config(vocab_size=257, backend="gpu").dtype == "bfloat16"
     js = tmp_path / "run.json"
     js.write_text(json.dumps({"run": {"steps": 7}, "model": {"overrides": {"d_model": 96}}}))
@@ -113,22 +156,28 @@ def test_cli_nested_overrides_and_config_file(tmp_path):
     assert c.run.steps == 7 and c.model.overrides == {"d_model": 96}
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--optim.lr=-1"], "optim.lr"),
-    (["--optim.lr=fast"], "optim.lr: expected float"),
-    (["--run.steps=0"], "run.steps must be >= 1"),
-    (["--run.steps=2.5"], "run.steps: expected int"),
-    (["--data.mode=bucketed"], "data.mode='bucketed' is not one of"),
-    (["--model.preset=7b"], "model.preset='7b'"),
-    (["--model.d_modle=3"], "unknown option --model.d_modle (did you mean --model.d_model?)"),
-    (["--model.presett=tiny"], "did you mean --model.preset?"),
-    (["--model.d_model=0"], "d_model must be a positive int"),
-    (["--optimizer.lr=1"], "unknown config part 'optimizer' in --optimizer.lr (did you mean --optim.lr?)"),
-    (["--data.eval_fraction=1"], "eval_fraction"),
-    (["--mesh.data=0"], "mesh.data"),
-    (["positional"], "unexpected argument"),
-    (["--config", "/nonexistent.toml"], "no such file"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--optim.lr=-1"], "optim.lr"),
+        (["--optim.lr=fast"], "optim.lr: expected float"),
+        (["--run.steps=0"], "run.steps must be >= 1"),
+        (["--run.steps=2.5"], "run.steps: expected int"),
+        (["--data.mode=bucketed"], "data.mode='bucketed' is not one of"),
+        (["--model.preset=7b"], "model.preset='7b'"),
+        (["--model.d_modle=3"], "unknown option --model.d_modle (did you mean --model.d_model?)"),
+        (["--model.presett=tiny"], "did you mean --model.preset?"),
+        (["--model.d_model=0"], "d_model must be a positive int"),
+        (
+            ["--optimizer.lr=1"],
+            "unknown config part 'optimizer' in --optimizer.lr (did you mean --optim.lr?)",
+        ),
+        (["--data.eval_fraction=1"], "eval_fraction"),
+        (["--mesh.data=0"], "mesh.data"),
+        (["positional"], "unexpected argument"),
+        (["--config", "/nonexistent.toml"], "no such file"),
+    ],
+)
 def test_bad_config_values_fail_clearly(args, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_args(args)
@@ -152,12 +201,16 @@ def test_scan_layers_is_a_runtime_option_free_on_resume():
     assert "--model.scan_layers" in help_text()
     old = parse_args([])
     fixed, data = resume_conflicts(
-        old.to_dict(), c, old_model=model_record(old.model.mamba_config(vocab_size=257, backend="cpu")),
-        new_model=model_record(c.model.mamba_config(vocab_size=257, backend="cpu")))
+        old.to_dict(),
+        c,
+        old_model=model_record(old.model.mamba_config(vocab_size=257, backend="cpu")),
+        new_model=model_record(c.model.mamba_config(vocab_size=257, backend="cpu")),
+    )
     assert (fixed, data) == ([], [])
     with pytest.raises(ConfigError, match=r"set \['scan_layers'\] as --model.<name>"):
         ModelConfig(preset="tiny", overrides={"scan_layers": True}).mamba_config(
-            vocab_size=257, backend="cpu")
+            vocab_size=257, backend="cpu"
+        )
 
 
 def test_vocab_override_must_cover_tokenizer():
@@ -166,17 +219,29 @@ def test_vocab_override_must_cover_tokenizer():
         c.model.mamba_config(vocab_size=257, backend="cpu")
 
 
-@pytest.mark.parametrize("make_source, message", [
-    (lambda d: str(d / "missing.txt"), "does not exist"),
-    (lambda d: (d / "empty").mkdir() or str(d / "empty"), "has no files"),
-    (lambda d: (d / "e.txt").write_text("") and None or str(d / "e.txt"), "no non-empty documents"),
-    (lambda d: (d / "bad.jsonl").write_text('{"txt": 1}\n') and None or str(d / "bad.jsonl"),
-     'bad.jsonl:1: expected an object with a string "text"'),
-    (lambda d: write_parquet(d / "t.parquet", {"body": ["a"]}), "t.parquet: no column 'text' "
-     "(columns: ['body']); set --data.text_field"),
-    (lambda d: write_parquet(d / "t.parquet", {"text": ["a", "b", None]}),
-     "t.parquet: row 2: 'text' is null, expected a string"),
-])
+@pytest.mark.parametrize(
+    "make_source, message",
+    [
+        (lambda d: str(d / "missing.txt"), "does not exist"),
+        (lambda d: (d / "empty").mkdir() or str(d / "empty"), "has no files"),
+        (
+            lambda d: (d / "e.txt").write_text("") and None or str(d / "e.txt"),
+            "no non-empty documents",
+        ),
+        (
+            lambda d: (d / "bad.jsonl").write_text('{"txt": 1}\n') and None or str(d / "bad.jsonl"),
+            'bad.jsonl:1: expected an object with a string "text"',
+        ),
+        (
+            lambda d: write_parquet(d / "t.parquet", {"body": ["a"]}),
+            "t.parquet: no column 'text' (columns: ['body']); set --data.text_field",
+        ),
+        (
+            lambda d: write_parquet(d / "t.parquet", {"text": ["a", "b", None]}),
+            "t.parquet: row 2: 'text' is null, expected a string",
+        ),
+    ],
+)
 def test_bad_data_fails_before_compiling(tmp_path, monkeypatch, capsys, make_source, message):
     def no_compile(*a, **k):
         raise AssertionError("the model was built before the data was checked")
@@ -215,26 +280,32 @@ def test_table_sources(tmp_path, monkeypatch):
 
     texts = ["ab", "", "c", "dé", "e"]
     (tmp_path / "d").mkdir()
-    write_parquet(tmp_path / "d" / "a.parquet", {"body": texts, "n": [1, 2, 3, 4, 5]},
-                  row_group_size=2)
+    write_parquet(
+        tmp_path / "d" / "a.parquet", {"body": texts, "n": [1, 2, 3, 4, 5]}, row_group_size=2
+    )
     with pa.ipc.new_file(tmp_path / "d" / "b.arrow", pa.schema([("body", pa.string())])) as w:
         w.write_table(pa.table({"body": ["f", "g"]}))
     datasets.Dataset.from_dict({"body": ["h", "i"]}).save_to_disk(tmp_path / "d" / "saved")
     corpus = data_lib.load_corpus(DataConfig(source=str(tmp_path / "d"), text_field="body"))
     expected = [t.encode() for t in texts + ["f", "g", "h", "i"] if t]
     assert [d.tolist() for d in corpus.documents] == [list(t) + [256] for t in expected]
-    saved = data_lib.load_corpus(DataConfig(source=str(tmp_path / "d" / "saved"),
-                                            text_field="body", max_documents=1))
+    saved = data_lib.load_corpus(
+        DataConfig(source=str(tmp_path / "d" / "saved"), text_field="body", max_documents=1)
+    )
     assert [d.tolist() for d in saved.documents] == [[104, 256]]
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": ["j"]})}).save_to_disk(
-        tmp_path / "dict")
+        tmp_path / "dict"
+    )
     with pytest.raises(DataError, match=r"dict holds the splits \['train'\]: name one split's"):
         data_lib.load_corpus(DataConfig(source=str(tmp_path / "dict")))
     with pytest.raises(DataError, match=r"a.parquet: column 'n' holds int64, not text"):
         data_lib.load_corpus(DataConfig(source=str(tmp_path / "d" / "a.parquet"), text_field="n"))
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed: the extra is named
-    with pytest.raises(DataError, match=r"saved: reading save_to_disk datasets needs datasets: "
-                                        r"pip install -e '.\[data\]'"):
+    with pytest.raises(
+        DataError,
+        match=r"saved: reading save_to_disk datasets needs datasets: "
+        r"pip install -e '.\[data\]'",
+    ):
         data_lib.load_corpus(DataConfig(source=str(tmp_path / "d" / "saved")))
 
 
@@ -245,8 +316,16 @@ def test_sources_and_tokenizers(tmp_path):
     np.array([9, 256, 10], np.uint16).tofile(tmp_path / "u.bin")
     corpus = data_lib.load_corpus(DataConfig(source=str(tmp_path)))
     docs = [d.tolist() for d in corpus.documents]
-    assert docs == [list("héllo".encode()) + [256], [97, 98, 256], [99, 256],
-                    [5, 6, 256], [7, 256], [8], [9, 256], [10]]
+    assert docs == [
+        list("héllo".encode()) + [256],
+        [97, 98, 256],
+        [99, 256],
+        [5, 6, 256],
+        [7, 256],
+        [8],
+        [9, 256],
+        [10],
+    ]
     assert corpus.vocab_size == 257 and corpus.eod_id == 256
     one = data_lib.load_corpus(DataConfig(source=str(tmp_path / "b.jsonl"), max_documents=1))
     assert len(one.documents) == 1
@@ -256,10 +335,11 @@ def test_sources_and_tokenizers(tmp_path):
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "w" ).mkdir()
+    (tmp_path / "w").mkdir()
     (tmp_path / "w" / "x.txt").write_text("hello world zzz")
-    c = data_lib.load_corpus(DataConfig(source=str(tmp_path / "w"),
-                                        tokenizer=str(tmp_path / "tokenizer.json")))
+    c = data_lib.load_corpus(
+        DataConfig(source=str(tmp_path / "w"), tokenizer=str(tmp_path / "tokenizer.json"))
+    )
     assert [d.tolist() for d in c.documents] == [[2, 3, 0, 1]] and c.eod_id == 1
 
 
@@ -274,8 +354,10 @@ def test_modes_consume_the_same_pieces_deterministically_and_resume():
         seen = []
         for _ in range(steps):
             arr = next(b)["arrays"]
-            for toks, seg in zip(arr["tokens"].reshape(-1, arr["tokens"].shape[-1]),
-                                 arr["segment_ids"].reshape(-1, arr["tokens"].shape[-1])):
+            for toks, seg in zip(
+                arr["tokens"].reshape(-1, arr["tokens"].shape[-1]),
+                arr["segment_ids"].reshape(-1, arr["tokens"].shape[-1]),
+            ):
                 for s in range(1, seg.max() + 1):
                     seen.append(tuple(toks[seg == s]))
         return b, seen
@@ -294,9 +376,12 @@ def test_modes_consume_the_same_pieces_deterministically_and_resume():
     assert seen_padded[:n] == expected and seen_single == expected
     # ... and fills its rows better than padding does (the same pieces).
     greedy, _ = stream("packed", 10, pack_policy="greedy")
-    eff = {m: data_lib.estimate_efficiency(pieces, DataConfig(seq_len=64, batch_size=4, seed=3,
-                                                              pack_policy=m), steps=10)
-           for m in ("first_fit_decreasing", "greedy")}
+    eff = {
+        m: data_lib.estimate_efficiency(
+            pieces, DataConfig(seq_len=64, batch_size=4, seed=3, pack_policy=m), steps=10
+        )
+        for m in ("first_fit_decreasing", "greedy")
+    }
     print(eff)
     assert eff["first_fit_decreasing"]["packed"] > 0.97 > eff["first_fit_decreasing"]["padded"]
     assert eff["greedy"]["packed"] > eff["greedy"]["padded"]
@@ -313,14 +398,17 @@ def test_modes_consume_the_same_pieces_deterministically_and_resume():
     assert a.epoch > 1
 
 
-@pytest.mark.parametrize("mode, steps, options, digest", [
-    ("packed", 60, {}, "d02525d2b12f6632"),
-    ("packed", 60, {"pack_policy": "greedy"}, "1dd94ec56e5c5844"),
-    ("packed", 25, {"grad_accum": 3}, "0c76a616ddbd252b"),
-    ("padded", 20, {}, "4d2e85ef21cf3d6a"),
-    ("single", 40, {}, "4bc450977d14d796"),
-    ("packed", 30, {"shuffle": False, "wrap": False}, "e0efea3bf16f379a"),
-])
+@pytest.mark.parametrize(
+    "mode, steps, options, digest",
+    [
+        ("packed", 60, {}, "d02525d2b12f6632"),
+        ("packed", 60, {"pack_policy": "greedy"}, "1dd94ec56e5c5844"),
+        ("packed", 25, {"grad_accum": 3}, "0c76a616ddbd252b"),
+        ("padded", 20, {}, "4d2e85ef21cf3d6a"),
+        ("single", 40, {}, "4bc450977d14d796"),
+        ("packed", 30, {"shuffle": False, "wrap": False}, "e0efea3bf16f379a"),
+    ],
+)
 def test_batches_are_those_of_the_batcher_before_packing_moved(mode, steps, options, digest):
     """Digests of the batches (and the final stream position) that train/data.py's Batcher
     made at commit 86d9189, before its packing decisions moved to jax_packmamba.packing."""
@@ -338,8 +426,10 @@ def test_batches_are_those_of_the_batcher_before_packing_moved(mode, steps, opti
     assert h.hexdigest()[:16] == digest
 
 
-@pytest.mark.parametrize("policy, count, digest", [
-    ("first_fit_decreasing", 20, "c7b64be65f7bb0fd"), ("greedy", 23, "d46a6217eb6ab79d")])
+@pytest.mark.parametrize(
+    "policy, count, digest",
+    [("first_fit_decreasing", 20, "c7b64be65f7bb0fd"), ("greedy", 23, "d46a6217eb6ab79d")],
+)
 def test_eval_batches_are_those_before_packing_moved(policy, count, digest):
     rng = np.random.default_rng(7)
     docs = [np.append(rng.integers(0, 256, n), 256) for n in rng.integers(1, 300, 150)]
@@ -362,7 +452,9 @@ def test_loss_mask_no_target_across_boundaries_or_on_padding():
     assert not mask[seg == 0].any()  # padding
     rows, cols = np.nonzero(mask)
     # Every target is the next token of the same segment.
-    assert (seg[rows, cols + 1] == seg[rows, cols]).all() and (tgt[rows, cols] == tok[rows, cols + 1]).all()
+    assert (seg[rows, cols + 1] == seg[rows, cols]).all() and (
+        tgt[rows, cols] == tok[rows, cols + 1]
+    ).all()
     # Each piece's last token has no target: 11 targets for 11 tokens in 4 pieces.
     assert mask.sum() == (5 - 1) + (3 - 1) + (2 - 1) + 0
 
@@ -376,12 +468,13 @@ def test_packed_loss_equals_each_sequence_alone():
     arr = next(b)["arrays"]
     assert b.consumed == 5
     ce, n = jax.jit(step_lib.token_losses, static_argnums=0)(
-        graphdef, params, *(arr[k][0] for k in data_lib.BATCH_KEYS))
+        graphdef, params, *(arr[k][0] for k in data_lib.BATCH_KEYS)
+    )
     # Each piece alone in its own row, at column 0, without segment_ids (causal: the padding
     # after it cannot change its logits).
     alone = np.zeros((len(pieces), 16), np.int32)
     for i, p in enumerate(pieces):
-        alone[i, :len(p)] = p
+        alone[i, : len(p)] = p
     logits = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x))(params, alone)
     logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32)))
     expected = -sum(logp[i, np.arange(len(p) - 1), p[1:]].sum() for i, p in enumerate(pieces))
@@ -401,12 +494,23 @@ def test_weight_decay_mask():
     got = {"/".join(step_lib._names(p)): m for p, m in jax.tree_util.tree_leaves_with_path(mask)}
     decayed = sorted(k for k, m in got.items() if m)
     # "layers": the blocks stacked on a leading layer axis (each mixer matrix is 3-D there).
-    assert decayed == ["embedding/embedding", "layers/mixer/conv_weight",
-                       "layers/mixer/dt_proj/kernel", "layers/mixer/in_proj/kernel",
-                       "layers/mixer/out_proj/kernel", "layers/mixer/x_proj/kernel"]
-    for name in ("layers/mixer/A_log", "layers/mixer/D", "layers/norm/weight",
-                 "norm_f/weight", "layers/mixer/dt_proj/bias", "layers/mixer/in_proj/bias",
-                 "layers/mixer/conv_bias"):
+    assert decayed == [
+        "embedding/embedding",
+        "layers/mixer/conv_weight",
+        "layers/mixer/dt_proj/kernel",
+        "layers/mixer/in_proj/kernel",
+        "layers/mixer/out_proj/kernel",
+        "layers/mixer/x_proj/kernel",
+    ]
+    for name in (
+        "layers/mixer/A_log",
+        "layers/mixer/D",
+        "layers/norm/weight",
+        "norm_f/weight",
+        "layers/mixer/dt_proj/bias",
+        "layers/mixer/in_proj/bias",
+        "layers/mixer/conv_bias",
+    ):
         assert got[name] is False, name
 
 
@@ -454,17 +558,28 @@ def test_smoke_run_end_to_end(tmp_path):
     """TINY's documents from a Parquet file; the metrics also go to TensorBoard."""
     out = tmp_path / "run"
     source = write_parquet(tmp_path / "docs.parquet", {"text": stdlib_texts(24)}, row_group_size=5)
-    args = TINY + ["--run.steps=8", "--run.checkpoint_every=3", "--run.keep_checkpoints=2",
-                   "--run.eval_every=4", "--run.plot=true", "--optim.lr=1e-2",
-                   f"--run.out_dir={out}", f"--data.source={source}"]
+    args = TINY + [
+        "--run.steps=8",
+        "--run.checkpoint_every=3",
+        "--run.keep_checkpoints=2",
+        "--run.eval_every=4",
+        "--run.plot=true",
+        "--optim.lr=1e-2",
+        f"--run.out_dir={out}",
+        f"--data.source={source}",
+    ]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["loss_last"] < summary["loss_first"] - 0.2
     assert summary["eval_loss"] is not None and summary["tokens_per_s"] > 0
-    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [6, 8]
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [
+        6,
+        8,
+    ]
     assert sorted(losses(out)) == list(range(1, 9)) and (out / "loss.png").stat().st_size > 1000
-    evals = {r["step"]: r["eval_loss"] for r in read_metrics(out / "metrics.jsonl")
-             if "eval_loss" in r}
+    evals = {
+        r["step"]: r["eval_loss"] for r in read_metrics(out / "metrics.jsonl") if "eval_loss" in r
+    }
     events = tensorboard_scalars(out / "tensorboard")
     assert sorted(evals) == [4, 8] and events["eval/loss"] == pytest.approx(evals, rel=1e-6)
     # Running it again finds the finished checkpoint and does nothing.
@@ -476,14 +591,23 @@ def test_smoke_run_end_to_end(tmp_path):
 
 def test_nonfinite_loss_stops_with_last_good_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
-    run = ["--run.steps=30", "--run.checkpoint_every=1", "--optim.lr=1e12",
-           "--optim.warmup_steps=0", "--optim.clip_norm=0"]
+    run = [
+        "--run.steps=30",
+        "--run.checkpoint_every=1",
+        "--optim.lr=1e12",
+        "--optim.warmup_steps=0",
+        "--optim.clip_norm=0",
+    ]
     code = main(TINY + run + [f"--run.out_dir={out}", "--run.export_models=false"])
     err = capsys.readouterr().err
     assert code == 1 and "non-finite" in err, err
     steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     assert all(np.isfinite(v) for v in losses(out).values())  # reported, not logged
-    assert steps and steps[-1] < 30 and f"Last good checkpoint: {out / 'checkpoints'}/{steps[-1]}" in err
+    assert (
+        steps
+        and steps[-1] < 30
+        and f"Last good checkpoint: {out / 'checkpoints'}/{steps[-1]}" in err
+    )
     from train.checkpoint import Checkpointer
 
     ck = Checkpointer(out / "checkpoints", keep=3)
@@ -491,15 +615,23 @@ def test_nonfinite_loss_stops_with_last_good_checkpoint(tmp_path, capsys):
     mc = config.model.mamba_config(vocab_size=257, backend="cpu")
     tx = step_lib.make_optimizer(config.optim, 30)
     abstract = jax.eval_shape(lambda: step_lib.init_state(mc, tx, 0))
-    state, meta = ck.restore(steps[-1], abstract, jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract))
+    state, meta = ck.restore(
+        steps[-1],
+        abstract,
+        jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract),
+    )
     ck.close()
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
     assert meta["step"] == steps[-1] == int(state.step)
 
 
 # The same tiny run four ways: plain (the reference), on 8 host devices, killed and resumed.
-RESUMABLE = TINY + ["--run.steps=9", "--run.checkpoint_every=2", "--run.eval_every=0",
-                    "--optim.lr=1e-2"]
+RESUMABLE = TINY + [
+    "--run.steps=9",
+    "--run.checkpoint_every=2",
+    "--run.eval_every=0",
+    "--optim.lr=1e-2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -515,8 +647,13 @@ def reference_run(tmp_path_factory):
 
 def test_sharded_8_devices_matches_single_device(tmp_path, reference_run):
     ref, cache = reference_run
-    out = finish(run_cli(RESUMABLE + ["--mesh.data=4", "--mesh.fsdp=2", f"--run.out_dir={tmp_path}"],
-                         devices=8, cache=cache))
+    out = finish(
+        run_cli(
+            RESUMABLE + ["--mesh.data=4", "--mesh.fsdp=2", f"--run.out_dir={tmp_path}"],
+            devices=8,
+            cache=cache,
+        )
+    )
     assert "8 x cpu" in out and "mesh data=4 fsdp=2" in out
     a, b = losses(tmp_path), losses(ref)
     print("8 devices", a, "\n1 device ", b)

@@ -24,23 +24,34 @@ import jax_packmamba as jp
 from jax_packmamba.generation import generate
 from jax_packmamba.run_layout import resolve_model_dir
 from jax_packmamba.tokenizer import ByteTokenizer, tokenizer_for_model_dir
+from tests.test_train import TINY, losses, tensorboard_events, tensorboard_scalars
 from train import step as step_lib
 from train import trainer
 from train.__main__ import main
 from train.checkpoint import Checkpointer
-from train.config import (DataConfig, MeshConfig, ModelConfig, OptimConfig, RunConfig, help_text,
-                          parse_args)
+from train.config import (
+    DataConfig,
+    MeshConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    help_text,
+    parse_args,
+)
 from train.metrics import read_metrics
 from train.sharding import GRAD_REDUCE
-
-from tests.test_train import TINY, losses, tensorboard_events, tensorboard_scalars
 
 # Importing the command line's module makes jp.generate that module (a package attribute named
 # like its submodule), so the function is taken from jax_packmamba.generation.
 generate_cli = importlib.import_module("jax_packmamba.generate")
 
-BASE = TINY + ["--run.steps=6", "--run.checkpoint_every=2", "--run.keep_checkpoints=2",
-               "--run.eval_every=0", "--optim.lr=1e-2"]
+BASE = TINY + [
+    "--run.steps=6",
+    "--run.checkpoint_every=2",
+    "--run.keep_checkpoints=2",
+    "--run.eval_every=0",
+    "--optim.lr=1e-2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +70,10 @@ def run_copy(trained, tmp_path):
 
 def snapshot(directory: pathlib.Path) -> dict:
     """Every path under `directory` with its size and modification time."""
-    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(directory.rglob("*"))}
+    return {
+        str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(directory.rglob("*"))
+    }
 
 
 def checkpoint_steps(out: pathlib.Path) -> list[int]:
@@ -87,20 +100,32 @@ def restored_params(out: pathlib.Path, step: int):
 
 def test_checkpoints_record_their_config(trained):
     _, meta = restored_params(trained, 6)
-    assert meta["config"] == json.loads(json.dumps(parse_args(BASE + [
-        f"--run.out_dir={trained}"]).to_dict()))
+    assert meta["config"] == json.loads(
+        json.dumps(parse_args(BASE + [f"--run.out_dir={trained}"]).to_dict())
+    )
     assert meta["model_config"]["n_layer"] == 1 and meta["model_config"]["vocab_size"] == 257
     assert meta["model_config"]["class"] == "MambaConfig" and meta["step"] == 6
 
 
 def test_changed_model_or_optimizer_is_refused_before_writing(run_copy, capsys):
     before = snapshot(run_copy)
-    code = main(BASE + [f"--run.out_dir={run_copy}", "--model.n_layer=2", "--optim.lr=1e-3",
-                        "--optim.grad_accum=2"])
+    code = main(
+        BASE
+        + [
+            f"--run.out_dir={run_copy}",
+            "--model.n_layer=2",
+            "--optim.lr=1e-3",
+            "--optim.grad_accum=2",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    for change in ("model.n_layer 1 -> 2", "optim.lr 0.01 -> 0.001", "optim.grad_accum 1 -> 2",
-                   f"{run_copy}/checkpoints/6"):
+    for change in (
+        "model.n_layer 1 -> 2",
+        "optim.lr 0.01 -> 0.001",
+        "optim.grad_accum 1 -> 2",
+        f"{run_copy}/checkpoints/6",
+    ):
         assert change in err, err
     assert snapshot(run_copy) == before  # config.json is the trained one, nothing else touched
 
@@ -120,9 +145,16 @@ def test_changed_data_needs_allow_change(run_copy, capsys):
 
 
 def test_fields_free_on_resume_are_taken(run_copy, capsys):
-    free = ["--run.log_every=2", "--run.keep_checkpoints=5", "--model.remat=true",
-            "--model.scan_layers=true",
-            "--model.dtype=float32", "--data.eval_batches=2", "--run.seed=9", "--mesh.data=1"]
+    free = [
+        "--run.log_every=2",
+        "--run.keep_checkpoints=5",
+        "--model.remat=true",
+        "--model.scan_layers=true",
+        "--model.dtype=float32",
+        "--data.eval_batches=2",
+        "--run.seed=9",
+        "--mesh.data=1",
+    ]
     assert main(BASE + [f"--run.out_dir={run_copy}"] + free) == 0
     assert "resume  from" in capsys.readouterr().out
 
@@ -135,22 +167,34 @@ def test_checkpoint_without_recorded_config_is_compared_with_config_json(run_cop
         file.write_text(json.dumps({k: meta[k] for k in ("data", "step")}))
     assert main(BASE + [f"--run.out_dir={run_copy}", "--model.n_layer=2"]) == 2
     err = capsys.readouterr().err
-    assert "model.overrides {'n_layer': 1, 'd_model': 32, 'd_state': 4} -> {'n_layer': 2" in err, err
+    assert "model.overrides {'n_layer': 1, 'd_model': 32, 'd_state': 4} -> {'n_layer': 2" in err, (
+        err
+    )
 
 
 def test_tensorboard_events_hold_the_metrics_and_the_config(trained):
     scalars = tensorboard_scalars(trained / "tensorboard")
     records = [r for r in read_metrics(trained / "metrics.jsonl") if "loss" in r]
-    for tag, key in (("train/loss", "loss"), ("train/grad_norm", "grad_norm"),
-                     ("train/learning_rate", "lr"), ("perf/step_time_s", "step_time_s")):
+    for tag, key in (
+        ("train/loss", "loss"),
+        ("train/grad_norm", "grad_norm"),
+        ("train/learning_rate", "lr"),
+        ("perf/step_time_s", "step_time_s"),
+    ):
         assert scalars[tag] == pytest.approx({r["step"]: r[key] for r in records}, rel=1e-6), tag
     assert scalars["train/packing_efficiency"] == pytest.approx(
-        {r["step"]: r["real_tokens"] / r["slots"] for r in records}, rel=1e-6)
+        {r["step"]: r["real_tokens"] / r["slots"] for r in records}, rel=1e-6
+    )
     assert sorted(scalars["perf/tokens_per_s"]) == [2, 3, 4, 5, 6]  # not before a step's time
-    texts = [v.tensor.string_val[0].decode() for e in tensorboard_events(trained / "tensorboard")
-             for v in e.summary.value if v.tag.startswith("config")]
+    texts = [
+        v.tensor.string_val[0].decode()
+        for e in tensorboard_events(trained / "tensorboard")
+        for v in e.summary.value
+        if v.tag.startswith("config")
+    ]
     assert len(texts) == 1 and json.loads(texts[0]) == json.loads(
-        (trained / "config.json").read_text())
+        (trained / "config.json").read_text()
+    )
 
 
 def test_wandb_logs_through_the_same_writer(tmp_path, monkeypatch):
@@ -168,8 +212,15 @@ def test_wandb_logs_through_the_same_writer(tmp_path, monkeypatch):
     fake = type(sys)("wandb")
     fake.init = lambda **kwargs: calls.append(("init", kwargs)) or FakeRun()
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    config = parse_args(BASE + [f"--run.out_dir={tmp_path}", "--run.tensorboard=false",
-                                "--run.wandb_project=p", "--run.wandb_mode=offline"])
+    config = parse_args(
+        BASE
+        + [
+            f"--run.out_dir={tmp_path}",
+            "--run.tensorboard=false",
+            "--run.wandb_project=p",
+            "--run.wandb_mode=offline",
+        ]
+    )
     trainer.check_loggers(config.run)
     [writer] = trainer.open_loggers(config, tmp_path, None)
     writer.scalars(3, {"train/loss": 2.5, "perf/mfu": None})
@@ -187,7 +238,8 @@ def test_missing_logger_package_is_one_line_before_any_work(tmp_path, monkeypatc
     assert main(BASE + [f"--run.out_dir={tmp_path}", "--run.wandb_project=p"]) == 2
     assert capsys.readouterr().err == (
         "error: --run.wandb_project needs the wandb package, which is not installed: pip install "
-        "-c constraints.txt -e '.[wandb]'\n")
+        "-c constraints.txt -e '.[wandb]'\n"
+    )
 
 
 def test_exports_without_checkpoints_are_not_replaced(run_copy, capsys):
@@ -207,23 +259,29 @@ def damage(step_dir: pathlib.Path, how: str) -> None:
         data = step_dir / "state" / "ocdbt.process_0" / "d"
         target = max(data.iterdir(), key=lambda p: p.stat().st_size)
     else:
-        target = step_dir / {"meta/metadata": "meta/metadata",
-                             "state/_METADATA": "state/_METADATA"}[how]
+        target = (
+            step_dir / {"meta/metadata": "meta/metadata", "state/_METADATA": "state/_METADATA"}[how]
+        )
     data = target.read_bytes()
     # JSON is cut inside its first key, so that the error does not depend on where half of a
     # file of varying content falls (json's scanner can let a bare StopIteration escape).
     target.write_bytes(data[:2] if how == "meta/metadata" else data[: len(data) // 2])
 
 
-@pytest.mark.parametrize("how, reason", [
-    ("array data", "state: ValueError: OUT_OF_RANGE"),
-    ("meta/metadata", "meta: JSONDecodeError"),
-    ("state/_METADATA", "state/_METADATA is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "how, reason",
+    [
+        ("array data", "state: ValueError: OUT_OF_RANGE"),
+        ("meta/metadata", "meta: JSONDecodeError"),
+        ("state/_METADATA", "state/_METADATA is not valid JSON"),
+    ],
+)
 def test_damaged_latest_checkpoint_is_skipped(run_copy, capsys, how, reason):
     damage(run_copy / "checkpoints" / "6", how)
-    files = sorted(str(p.relative_to(run_copy / "checkpoints" / "6"))
-                   for p in (run_copy / "checkpoints" / "6").rglob("*"))
+    files = sorted(
+        str(p.relative_to(run_copy / "checkpoints" / "6"))
+        for p in (run_copy / "checkpoints" / "6").rglob("*")
+    )
     # --run.steps=4: step 4 is the end, so the resumed run has nothing left to do.
     assert main(BASE + [f"--run.out_dir={run_copy}", "--run.steps=4"]) == 0
     captured = capsys.readouterr()
@@ -246,8 +304,9 @@ def test_run_trains_on_past_a_damaged_checkpoint(run_copy, trained, capsys):
     a, b = losses(run_copy), losses(trained)
     np.testing.assert_allclose([a[5], a[6]], [b[5], b[6]], rtol=1e-6)
     # TensorBoard is told to drop what the first run logged from step 5 on.
-    purges = [e.step for e in tensorboard_events(run_copy / "tensorboard")
-              if e.HasField("session_log")]
+    purges = [
+        e.step for e in tensorboard_events(run_copy / "tensorboard") if e.HasField("session_log")
+    ]
     assert purges == [5]
 
 
@@ -293,7 +352,9 @@ def test_exports_beside_each_checkpoint_pruned_with_them(trained):
     assert checkpoint_steps(trained) == [4, 6]
     assert sorted(p.name for p in (trained / "models").iterdir()) == ["4", "6"]
     assert sorted(p.name for p in (trained / "models" / "6").iterdir()) == [
-        "config.json", "model.safetensors"]
+        "config.json",
+        "model.safetensors",
+    ]
     config = json.loads((trained / "models" / "6" / "config.json").read_text())
     assert config["eos_token_id"] == 256 and config["jax_packmamba"]["tokenizer"] == "bytes"
     assert resolve_model_dir(trained) == trained / "models" / "6"
@@ -324,8 +385,17 @@ def test_generate_command_line_on_a_run_stops_at_its_eos(trained, monkeypatch, c
         return real(**kwargs)
 
     monkeypatch.setattr(generate_cli, "sampling_config", spy)
-    code = generate_cli.main(["--checkpoint", str(trained), "--prompt", "def ",
-                              "--max-new-tokens", "4", "--no-compilation-cache"])
+    code = generate_cli.main(
+        [
+            "--checkpoint",
+            str(trained),
+            "--prompt",
+            "def ",
+            "--max-new-tokens",
+            "4",
+            "--no-compilation-cache",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert seen["eos_ids"] == (256,)
     out = capsys.readouterr()
@@ -341,8 +411,11 @@ def test_resolve_model_dir_names_what_it_looked_for(tmp_path):
     (tmp_path / "run" / "checkpoints" / "5").mkdir(parents=True)
     with pytest.raises(ValueError, match=r"run has checkpoints/ but no model exports"):
         resolve_model_dir(tmp_path / "run")
-    with pytest.raises(ValueError, match=r"5 is a training checkpoint, but its model export .*"
-                                         r"models/5 is missing \(exported steps: none\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"5 is a training checkpoint, but its model export .*"
+        r"models/5 is missing \(exported steps: none\)",
+    ):
         resolve_model_dir(tmp_path / "run" / "checkpoints" / "5")
     (tmp_path / "run" / "models" / ".tmp-5-1").mkdir(parents=True)
     with pytest.raises(ValueError, match=r"has no complete model export"):
@@ -353,8 +426,13 @@ def test_resolve_model_dir_names_what_it_looked_for(tmp_path):
 # --help and the compilation cache.
 
 
-CONFIG_CLASSES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
-                  "mesh": MeshConfig, "run": RunConfig}
+CONFIG_CLASSES = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "mesh": MeshConfig,
+    "run": RunConfig,
+}
 
 
 def test_help_describes_every_option(capsys):
@@ -371,18 +449,29 @@ def test_help_describes_every_option(capsys):
     assert grad_reduce.metadata["choices"] == tuple(GRAD_REDUCE)  # the help's copy of the list
     for f in dataclasses.fields(jp.MambaConfig) + dataclasses.fields(jp.Mamba2Config):
         assert f" {f.name} (" in flat or f"--model.{f.name}=" in flat, f.name
-    for phrase in ("comma-separated paths", "(its text_field)", "save_to_disk", "a text file is one document",
-                   "{packed | padded | single}", "'bytes' (UTF-8 bytes are ids 0..255",
-                   "tokenizer.json", "{1.4b | 130m | 2.8b | 370m | 790m | tiny | mamba2-130m | mamba2-370m | mamba2-780m | "
-                   "mamba2-1.3b | mamba2-2.7b | mamba2-tiny}",
-                   "[fixed on resume unless --data.allow_change=true]", "[fixed on resume]"):
+    for phrase in (
+        "comma-separated paths",
+        "(its text_field)",
+        "save_to_disk",
+        "a text file is one document",
+        "{packed | padded | single}",
+        "'bytes' (UTF-8 bytes are ids 0..255",
+        "tokenizer.json",
+        "{1.4b | 130m | 2.8b | 370m | 790m | tiny | mamba2-130m | mamba2-370m | mamba2-780m | "
+        "mamba2-1.3b | mamba2-2.7b | mamba2-tiny}",
+        "[fixed on resume unless --data.allow_change=true]",
+        "[fixed on resume]",
+    ):
         assert phrase in flat, phrase
 
 
 @pytest.fixture
 def jax_cache_settings():
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
     before = {n: getattr(jax.config, n) for n in names}
     yield
     for n, v in before.items():
@@ -399,14 +488,25 @@ def test_compilation_cache_flags(tmp_path, jax_cache_settings):
     assert jax.config.jax_compilation_cache_dir == str(folder)
 
 
-def test_run_reports_cache_folder_and_compile_time(trained, run_copy, tmp_path, capsys,
-                                                   jax_cache_settings):
+def test_run_reports_cache_folder_and_compile_time(
+    trained, run_copy, tmp_path, capsys, jax_cache_settings
+):
     summary = json.loads((trained / "summary.json").read_text())
     assert summary["compile_s"] > 0 and summary["compile_cache"] in ("hit", "miss", "not used")
     records = read_metrics(trained / "metrics.jsonl")
     assert records and summary["compile_s"] < summary["wall_s"]
     # The folder is printed at the start (the refused resume stops before anything compiles).
     folder = tmp_path / "cache"
-    assert main(BASE + [f"--run.out_dir={run_copy}", "--run.compilation_cache=true",
-                        f"--run.compilation_cache_dir={folder}", "--model.n_layer=3"]) == 2
+    assert (
+        main(
+            BASE
+            + [
+                f"--run.out_dir={run_copy}",
+                "--run.compilation_cache=true",
+                f"--run.compilation_cache_dir={folder}",
+                "--model.n_layer=3",
+            ]
+        )
+        == 2
+    )
     assert f"cache   XLA compilation cache {folder}" in capsys.readouterr().out

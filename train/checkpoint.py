@@ -46,8 +46,10 @@ class CheckpointError(RuntimeError):
 
 def leaf_names(tree) -> list[str]:
     """Each leaf's path as "a/b/c", in tree order (dict keys, sequence indices, attributes)."""
-    return ["/".join(_key_name(k) for k in path)
-            for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return [
+        "/".join(_key_name(k) for k in path)
+        for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
 
 
 def _key_name(key) -> str:
@@ -88,6 +90,7 @@ def legacy_tree(tree):
     """The tree the trainer wrote leaf by leaf at e5a3f65: every "layers" entry of the state,
     stacked on a leading layer axis now, as a dict of one subtree per layer {0: ..., 1: ...}
     (leaves without the layer axis; shardings of per-layer slices)."""
+
     def unstack(layers):
         if not _stacked(layers):
             return layers
@@ -99,6 +102,7 @@ def legacy_tree(tree):
 
 def migrate_legacy(per_layer):
     """legacy_tree's inverse: per-layer subtrees stacked on a leading layer axis."""
+
     def stack(layers):
         if _stacked(layers):
             return layers
@@ -116,8 +120,10 @@ def _map_layers(tree, fn):
     if isinstance(tree, (list, tuple)):
         return type(tree)(_map_layers(v, fn) for v in tree)
     if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
-        return dataclasses.replace(tree, **{f.name: _map_layers(getattr(tree, f.name), fn)
-                                            for f in dataclasses.fields(tree)})
+        return dataclasses.replace(
+            tree,
+            **{f.name: _map_layers(getattr(tree, f.name), fn) for f in dataclasses.fields(tree)},
+        )
     return tree
 
 
@@ -130,8 +136,9 @@ def _layer_slice(x, i):
     if isinstance(x, jax.ShapeDtypeStruct):
         sharding = x.sharding
         if isinstance(sharding, jax.sharding.NamedSharding):
-            sharding = jax.sharding.NamedSharding(sharding.mesh,
-                                                  jax.sharding.PartitionSpec(*sharding.spec[1:]))
+            sharding = jax.sharding.NamedSharding(
+                sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:])
+            )
         return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sharding)
     return x[i]
 
@@ -144,7 +151,7 @@ def error_reason(err: BaseException) -> str:
         root = root.__cause__ or root.__context__
     lines = str(root).strip().splitlines()
     text = f"{type(root).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-    return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS - 3] + "..."
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."
 
 
 def broken_json_files(step_dir: pathlib.Path) -> list[str]:
@@ -182,8 +189,10 @@ class Checkpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
             item_names=("state", "meta"),
-            item_handlers={"state": ocp.StandardCheckpointHandler(),
-                           "meta": ocp.JsonCheckpointHandler()},
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
         )
 
     def latest_step(self) -> int | None:
@@ -195,8 +204,13 @@ class Checkpointer:
     def save(self, step: int, state, meta: dict) -> None:
         """Starts an asynchronous save (device->host copy happens before this returns)."""
         named = _nested(leaf_names(state), jax.tree.leaves(state))
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(named), meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(named), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
 
     def read_meta(self, step: int) -> dict:
         """The metadata of `step` alone (no arrays are read)."""
@@ -209,8 +223,10 @@ class Checkpointer:
 
         Raises CheckpointError naming the first parameter whose name or shape differs."""
         leaves, treedef = jax.tree.flatten(abstract_state)
-        target = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-                  for x, s in zip(leaves, jax.tree.leaves(shardings))]
+        target = [
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+            for x, s in zip(leaves, jax.tree.leaves(shardings))
+        ]
         with _quiet_asyncio():
             saved = _flat_metadata(self.manager.item_metadata(step)["state"].tree)
         legacy = _is_legacy(saved)
@@ -222,24 +238,34 @@ class Checkpointer:
             if len(saved) != len(target):
                 raise CheckpointError(
                     f"checkpoint step {step} holds {len(saved)} arrays in leaf order, this model's "
-                    f"state has {len(target)}: it was written for another model")
+                    f"state has {len(target)}: it was written for another model"
+                )
         else:
             names = keys = leaf_names(abstract_state)
         for key, name, x in zip(keys, names, target):
             if key not in saved:
-                raise CheckpointError(f"checkpoint step {step} has no {name}: it was written for "
-                                      f"another model")
+                raise CheckpointError(
+                    f"checkpoint step {step} has no {name}: it was written for another model"
+                )
             if saved[key][0] != tuple(x.shape):
-                raise CheckpointError(f"checkpoint step {step}: {name} has shape {saved[key][0]}, "
-                                      f"this model's is {tuple(x.shape)}")
+                raise CheckpointError(
+                    f"checkpoint step {step}: {name} has shape {saved[key][0]}, "
+                    f"this model's is {tuple(x.shape)}"
+                )
         if not legacy and set(saved) != set(names):
             extra = sorted(set(saved) - set(names))
-            raise CheckpointError(f"checkpoint step {step} holds {extra[0]}, which this model "
-                                  f"lacks ({len(extra)} such): it was written for another model")
+            raise CheckpointError(
+                f"checkpoint step {step} holds {extra[0]}, which this model "
+                f"lacks ({len(extra)} such): it was written for another model"
+            )
         with _quiet_asyncio():
-            out = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_nested(keys, target)),
-                meta=ocp.args.JsonRestore()))
+            out = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(_nested(keys, target)),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
         restored = _flat_of(out["state"])
         arrays = [restored[k] for k in keys]
         if legacy:

@@ -40,8 +40,15 @@ import types
 import typing
 from typing import Any
 
-from jax_packmamba.config import (MODEL_PRESETS, REMAT, HybridConfig, Mamba2Config, MambaConfig,
-                                  config_class, preset_config)
+from jax_packmamba.config import (
+    MODEL_PRESETS,
+    REMAT,
+    HybridConfig,
+    Mamba2Config,
+    MambaConfig,
+    config_class,
+    preset_config,
+)
 from jax_packmamba.ops.causal_conv1d import CONV_IMPLS
 from jax_packmamba.ops.selective_scan import IMPLS as SCAN_IMPLS
 
@@ -70,12 +77,21 @@ RESUME_RULES = {
 }
 
 
-def option(default=dataclasses.MISSING, *, help: str, choices=None, resume: str = FREE,
-           default_factory=dataclasses.MISSING):
+def option(
+    default=dataclasses.MISSING,
+    *,
+    help: str,
+    choices=None,
+    resume: str = FREE,
+    default_factory=dataclasses.MISSING,
+):
     """A config field with its --help text (the one description of the option), its allowed
     values and what resuming with another value does (FIXED, DATA or FREE)."""
-    return dataclasses.field(default=default, default_factory=default_factory,
-                             metadata={"help": help, "choices": choices, "resume": resume})
+    return dataclasses.field(
+        default=default,
+        default_factory=default_factory,
+        metadata={"help": help, "choices": choices, "resume": resume},
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,40 +105,54 @@ class ModelConfig:
     """
 
     preset: str = option(
-        "tiny", choices=tuple(MODEL_PRESETS), resume=FIXED,
+        "tiny",
+        choices=tuple(MODEL_PRESETS),
+        resume=FIXED,
         help="the model's shape by name: 130m ... 2.8b are the released state-spaces/mamba "
-             "models (n_layer x d_model: 130m 24x768, 370m 48x1024, 790m 48x1536, 1.4b "
-             "48x2048, 2.8b 64x2560), tiny is 2x64 with d_state 8 for a CPU; mamba2-130m ... "
-             "mamba2-2.7b are state-spaces/mamba2's shapes (Mamba2: d_state 128, headdim 64) "
-             "and mamba2-tiny its CPU one; "
-             "--model.<MambaConfig field>=VALUE overrides any value of it")
+        "models (n_layer x d_model: 130m 24x768, 370m 48x1024, 790m 48x1536, 1.4b "
+        "48x2048, 2.8b 64x2560), tiny is 2x64 with d_state 8 for a CPU; mamba2-130m ... "
+        "mamba2-2.7b are state-spaces/mamba2's shapes (Mamba2: d_state 128, headdim 64) "
+        "and mamba2-tiny its CPU one; "
+        "--model.<MambaConfig field>=VALUE overrides any value of it",
+    )
     dtype: str = option(
-        "auto", choices=MODEL_DTYPES,
+        "auto",
+        choices=MODEL_DTYPES,
         help="compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU (parameters and "
-             "optimizer state stay float32)")
+        "optimizer state stay float32)",
+    )
     scan_impl: str = option(
-        "auto", choices=SCAN_IMPLS,
+        "auto",
+        choices=SCAN_IMPLS,
         help="selective scan: auto is the Pallas kernel on a GPU and the reference (lax "
-             "associative scan) elsewhere; pallas_interpret runs the kernel on CPU (slow, tests)")
+        "associative scan) elsewhere; pallas_interpret runs the kernel on CPU (slow, tests)",
+    )
     conv_impl: str = option(
-        "auto", choices=CONV_IMPLS,
+        "auto",
+        choices=CONV_IMPLS,
         help="causal conv1d: auto is the Pallas kernel on a GPU and XLA elsewhere; "
-             "pallas_interpret runs the kernel on CPU (slow, tests)")
+        "pallas_interpret runs the kernel on CPU (slow, tests)",
+    )
     remat: str = option(
-        "none", choices=REMAT + ("false", "true"),
+        "none",
+        choices=REMAT + ("false", "true"),
         help="what each layer recomputes in the backward pass: none; full (the whole block: "
-             "least memory, about a third more compute); save_matmul_outputs (all but the "
-             "matmuls); the old false / true are none / full")
+        "least memory, about a third more compute); save_matmul_outputs (all but the "
+        "matmuls); the old false / true are none / full",
+    )
     scan_layers: bool = option(
         False,
         help="run the layers under one lax.scan: compile time stops growing with depth, but "
-             "on a GPU the training step is slower (about a fifth at 1.4b, with remat) and "
-             "without remat needs far more memory; the parameters are stacked either way")
+        "on a GPU the training step is slower (about a fifth at 1.4b, with remat) and "
+        "without remat needs far more memory; the parameters are stacked either way",
+    )
     overrides: dict = option(
-        default_factory=dict, resume=FIXED,
+        default_factory=dict,
+        resume=FIXED,
         help="MambaConfig values that replace the preset's, given as --model.<field>=VALUE "
-             "(listed below) or a [model] table in --config; vocab_size defaults to the "
-             "tokenizer's vocabulary and may only be larger")
+        "(listed below) or a [model] table in --config; vocab_size defaults to the "
+        "tokenizer's vocabulary and may only be larger",
+    )
 
     def mamba_config(self, *, vocab_size: int, backend: str) -> MambaConfig | Mamba2Config:
         dtype = self.dtype
@@ -136,13 +166,19 @@ class ModelConfig:
         if vocab is not None and vocab < vocab_size:
             raise ConfigError(
                 f"--model.vocab_size={vocab} is smaller than the tokenizer's vocabulary "
-                f"({vocab_size} ids); leave it unset or make it >= {vocab_size}")
+                f"({vocab_size} ids); leave it unset or make it >= {vocab_size}"
+            )
         try:
             return preset_config(
-                self.preset, **overrides, vocab_size=vocab or vocab_size, dtype=dtype,
-                scan_impl=self.scan_impl, conv_impl=self.conv_impl,
+                self.preset,
+                **overrides,
+                vocab_size=vocab or vocab_size,
+                dtype=dtype,
+                scan_impl=self.scan_impl,
+                conv_impl=self.conv_impl,
                 remat={"false": "none", "true": "full"}.get(self.remat, self.remat),
-                scan_layers=self.scan_layers)
+                scan_layers=self.scan_layers,
+            )
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model: {e}") from None
 
@@ -160,78 +196,108 @@ class DataConfig:
     """
 
     source: str = option(
-        "stdlib", resume=DATA,
+        "stdlib",
+        resume=DATA,
         help="'stdlib' (the embedded corpus: the Python standard library's .py files, no "
-             "download) or comma-separated paths of files and directories (walked recursively, "
-             "hidden files skipped): a text file is one document; a .jsonl file has one "
-             "document per line (its text_field); a .parquet or .arrow file, or a directory "
-             "written by Hugging Face datasets' save_to_disk, one document per row (its "
-             "text_field column; read in record batches; needs the data extra); .npy/.bin "
-             "files are token ids, documents separated by eod_id")
+        "download) or comma-separated paths of files and directories (walked recursively, "
+        "hidden files skipped): a text file is one document; a .jsonl file has one "
+        "document per line (its text_field); a .parquet or .arrow file, or a directory "
+        "written by Hugging Face datasets' save_to_disk, one document per row (its "
+        "text_field column; read in record batches; needs the data extra); .npy/.bin "
+        "files are token ids, documents separated by eod_id",
+    )
     format: str = option(
-        "auto", choices=DATA_FORMATS, resume=DATA,
+        "auto",
+        choices=DATA_FORMATS,
+        resume=DATA,
         help="how to read every source file; auto: by suffix (.jsonl jsonl, .parquet parquet, "
-             ".arrow arrow, .npy/.bin tokens, anything else text); save_to_disk directories "
-             "are recognised whatever this is")
+        ".arrow arrow, .npy/.bin tokens, anything else text); save_to_disk directories "
+        "are recognised whatever this is",
+    )
     text_field: str = option(
-        "text", resume=DATA,
+        "text",
+        resume=DATA,
         help="the field of a .jsonl record, or the column of a Parquet / Arrow / datasets "
-             "table, that holds each document's text (a bad row is named by file and row, "
-             "rows counted from 0 as datasets and pandas index them)")
+        "table, that holds each document's text (a bad row is named by file and row, "
+        "rows counted from 0 as datasets and pandas index them)",
+    )
     tokenizer: str = option(
-        "bytes", resume=DATA,
+        "bytes",
+        resume=DATA,
         help="'bytes' (UTF-8 bytes are ids 0..255, end of document 256, vocabulary 257) or "
-             "the path of a local tokenizer.json (Hugging Face `tokenizers`, no download)")
+        "the path of a local tokenizer.json (Hugging Face `tokenizers`, no download)",
+    )
     eod_id: int | None = option(
-        None, resume=DATA,
+        None,
+        resume=DATA,
         help="end-of-document id, appended to every text document and splitting token files; "
-             "none: 256 for bytes, the tokenizer's end-of-text token (<|endoftext|>, </s>, "
-             "...) for a tokenizer.json")
+        "none: 256 for bytes, the tokenizer's end-of-text token (<|endoftext|>, </s>, "
+        "...) for a tokenizer.json",
+    )
     bin_dtype: str = option(
-        "uint16", choices=BIN_DTYPES, resume=DATA,
-        help="integer type of the token ids in .bin files (.npy files record their own)")
+        "uint16",
+        choices=BIN_DTYPES,
+        resume=DATA,
+        help="integer type of the token ids in .bin files (.npy files record their own)",
+    )
     max_documents: int | None = option(
-        None, resume=DATA,
-        help="read at most this many documents (in file order); none: all")
+        None, resume=DATA, help="read at most this many documents (in file order); none: all"
+    )
     mode: str = option(
-        "packed", choices=MODES, resume=DATA,
+        "packed",
+        choices=MODES,
+        resume=DATA,
         help="packed: many documents per row, the state reset at each boundary (PackMamba); "
-             "padded: one document piece per row, padded to seq_len; single: one piece per "
-             "step, padded to a multiple of single_bucket")
+        "padded: one document piece per row, padded to seq_len; single: one piece per "
+        "step, padded to a multiple of single_bucket",
+    )
     pack_policy: str = option(
-        "first_fit_decreasing", choices=PACK_POLICIES, resume=DATA,
+        "first_fit_decreasing",
+        choices=PACK_POLICIES,
+        resume=DATA,
         help="packed mode: first_fit_decreasing fills rows from a look-ahead window of "
-             "pieces (fuller rows); greedy takes the longest prefix of the stream that fits")
+        "pieces (fuller rows); greedy takes the longest prefix of the stream that fits",
+    )
     seq_len: int = option(
-        512, resume=DATA,
-        help="tokens per row (>= 2); longer documents are cut into pieces of seq_len tokens")
+        512,
+        resume=DATA,
+        help="tokens per row (>= 2); longer documents are cut into pieces of seq_len tokens",
+    )
     long_docs: str = option(
-        "cut", choices=LONG_DOCS, resume=DATA,
+        "cut",
+        choices=LONG_DOCS,
+        resume=DATA,
         help="documents longer than a row, packed mode: cut: into pieces of seq_len tokens, "
-             "each starting from a zero state; link: documents laid end to end, a row's first "
-             "piece linked to the previous row's last, every layer's state carried over the "
-             "link, so no document is cut inside a micro-batch (docs/long_documents.md)")
+        "each starting from a zero state; link: documents laid end to end, a row's first "
+        "piece linked to the previous row's last, every layer's state carried over the "
+        "link, so no document is cut inside a micro-batch (docs/long_documents.md)",
+    )
 
     batch_size: int = option(
-        8, resume=DATA, help="rows per micro-batch in packed and padded mode (single uses 1)")
+        8, resume=DATA, help="rows per micro-batch in packed and padded mode (single uses 1)"
+    )
     single_bucket: int = option(
-        64, resume=DATA,
-        help="single mode pads each piece to a multiple of this, bounding how many shapes "
-             "compile")
+        64,
+        resume=DATA,
+        help="single mode pads each piece to a multiple of this, bounding how many shapes compile",
+    )
     eval_fraction: float = option(
-        0.01, resume=DATA,
+        0.01,
+        resume=DATA,
         help="share of documents held out for the eval loss, in [0, 1) (at least one "
-             "document when > 0)")
-    eval_batches: int = option(
-        4, help="batches of held-out pieces in each eval")
+        "document when > 0)",
+    )
+    eval_batches: int = option(4, help="batches of held-out pieces in each eval")
     seed: int = option(
-        0, resume=DATA, help="seed of the held-out split and of each epoch's piece order")
+        0, resume=DATA, help="seed of the held-out split and of each epoch's piece order"
+    )
     allow_change: bool = option(
         False,
         help="resume although the data fields above differ from the checkpoint's (say so "
-             "when you mean to continue a run on other data or batching): the run goes on "
-             "from the checkpoint's data position, a count of pieces, in the new stream (the "
-             "pieces packed mode held back for its next batch are skipped if the mode changes)")
+        "when you mean to continue a run on other data or batching): the run goes on "
+        "from the checkpoint's data position, a count of pieces, in the new stream (the "
+        "pieces packed mode held back for its next batch are skipped if the mode changes)",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,21 +310,25 @@ class OptimConfig:
     """
 
     lr: float = option(3e-3, resume=FIXED, help="peak learning rate (> 0)")
-    warmup_steps: int = option(30, resume=FIXED,
-                               help="steps of linear warm-up from 0 to lr (>= 0)")
-    min_lr_ratio: float = option(0.1, resume=FIXED,
-                                 help="final learning rate as a fraction of lr, in [0, 1]")
-    weight_decay: float = option(0.1, resume=FIXED,
-                                 help="AdamW decoupled weight decay of the matrices (>= 0)")
+    warmup_steps: int = option(30, resume=FIXED, help="steps of linear warm-up from 0 to lr (>= 0)")
+    min_lr_ratio: float = option(
+        0.1, resume=FIXED, help="final learning rate as a fraction of lr, in [0, 1]"
+    )
+    weight_decay: float = option(
+        0.1, resume=FIXED, help="AdamW decoupled weight decay of the matrices (>= 0)"
+    )
     b1: float = option(0.9, resume=FIXED, help="AdamW first-moment decay, in [0, 1)")
     b2: float = option(0.95, resume=FIXED, help="AdamW second-moment decay, in [0, 1)")
     eps: float = option(1e-8, resume=FIXED, help="AdamW epsilon (> 0)")
-    clip_norm: float = option(1.0, resume=FIXED,
-                              help="clip the gradient to this global norm (0: no clipping)")
+    clip_norm: float = option(
+        1.0, resume=FIXED, help="clip the gradient to this global norm (0: no clipping)"
+    )
     grad_accum: int = option(
-        1, resume=FIXED,
+        1,
+        resume=FIXED,
         help="micro-batches per optimizer step; the loss is the mean over all their real "
-             "targets, so it equals one batch grad_accum times larger")
+        "targets, so it equals one batch grad_accum times larger",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,22 +340,29 @@ class MeshConfig:
     """
 
     data: int = option(-1, help="devices on the data axis; -1: the devices fsdp leaves")
-    fsdp: int = option(1, help="devices on the fsdp axis (parameters sharded); -1: the "
-                               "devices data leaves")
+    fsdp: int = option(
+        1, help="devices on the fsdp axis (parameters sharded); -1: the devices data leaves"
+    )
     distributed: bool = option(
-        False, help="call jax.distributed.initialize() first (multi-host); the three fields "
-                    "below are passed when set, else detected from the cluster environment")
+        False,
+        help="call jax.distributed.initialize() first (multi-host); the three fields "
+        "below are passed when set, else detected from the cluster environment",
+    )
     coordinator_address: str | None = option(None, help="host:port of process 0 (multi-host)")
     num_processes: int | None = option(None, help="number of processes (multi-host)")
     process_id: int | None = option(None, help="this process's index (multi-host)")
     grad_reduce: str = option(
-        "auto", choices=("auto", "float32", "bfloat16"),  # the keys of sharding.GRAD_REDUCE
+        "auto",
+        choices=("auto", "float32", "bfloat16"),  # the keys of sharding.GRAD_REDUCE
         help="gradient reduction across devices: auto leaves it to XLA's SPMD partitioner "
-             "(float32); float32 or bfloat16 reduce explicitly (psum_scatter over fsdp, psum "
-             "over data) in that dtype")
+        "(float32); float32 or bfloat16 reduce explicitly (psum_scatter over fsdp, psum "
+        "over data) in that dtype",
+    )
     overlap_collectives: bool = option(
-        False, help="set XLA's GPU latency-hiding scheduler flags (sharding.OVERLAP_XLA_FLAGS) "
-                    "so collectives overlap compute; unused on CPU")
+        False,
+        help="set XLA's GPU latency-hiding scheduler flags (sharding.OVERLAP_XLA_FLAGS) "
+        "so collectives overlap compute; unused on CPU",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,54 +374,78 @@ class RunConfig:
     """
 
     steps: int = option(
-        300, help="optimizer steps in total, counting those of earlier runs resumed; the "
-                  "learning-rate schedule ends at this step (raise it to train a finished run "
-                  "on)")
+        300,
+        help="optimizer steps in total, counting those of earlier runs resumed; the "
+        "learning-rate schedule ends at this step (raise it to train a finished run "
+        "on)",
+    )
     seed: int = option(0, help="seed of the initial parameters (a resumed run restores them)")
     out_dir: str = option("runs/train", help="the run directory")
     log_every: int = option(25, help="steps between progress lines (0: none)")
     eval_every: int = option(100, help="steps between held-out evaluations (0: at the end only)")
     checkpoint_every: int = option(
-        100, help="steps between checkpoints (0: only at the end and at the time limit)")
+        100, help="steps between checkpoints (0: only at the end and at the time limit)"
+    )
     keep_checkpoints: int = option(
-        3, help="newest checkpoints kept (older ones are deleted as new ones are written), and "
-                "as many model exports")
+        3,
+        help="newest checkpoints kept (older ones are deleted as new ones are written), and "
+        "as many model exports",
+    )
     resume: bool = option(
-        True, help="continue from the newest readable checkpoint in out_dir, if there is one "
-                   "(unreadable newer ones are reported and moved to out_dir/unreadable/)")
+        True,
+        help="continue from the newest readable checkpoint in out_dir, if there is one "
+        "(unreadable newer ones are reported and moved to out_dir/unreadable/)",
+    )
     overwrite: bool = option(
-        False, help="delete out_dir's checkpoints, model exports and metrics first (needs "
-                    "--run.resume=false)")
+        False,
+        help="delete out_dir's checkpoints, model exports and metrics first (needs "
+        "--run.resume=false)",
+    )
     time_limit_s: float = option(
-        0.0, help="stop with a checkpoint after the first step that ends this many seconds "
-                  "into the training loop (first compile included); 0: no limit")
+        0.0,
+        help="stop with a checkpoint after the first step that ends this many seconds "
+        "into the training loop (first compile included); 0: no limit",
+    )
     progress: bool = option(
-        True, help="show a tqdm progress bar when stderr is a terminal (else the log lines "
-                   "alone, every --run.log_every steps)")
+        True,
+        help="show a tqdm progress bar when stderr is a terminal (else the log lines "
+        "alone, every --run.log_every steps)",
+    )
     tensorboard: bool = option(
-        True, help="write TensorBoard event files to out_dir/tensorboard/ (`tensorboard "
-                   "--logdir OUT_DIR`): loss, eval loss, learning rate, grad norm, tokens/s, "
-                   "MFU, packing efficiency, step time, and the config as text")
+        True,
+        help="write TensorBoard event files to out_dir/tensorboard/ (`tensorboard "
+        "--logdir OUT_DIR`): loss, eval loss, learning rate, grad norm, tokens/s, "
+        "MFU, packing efficiency, step time, and the config as text",
+    )
     wandb_project: str = option(
-        "", help="also log the metrics and the config to this Weights & Biases project (needs "
-                 "the wandb extra: pip install -e '.[wandb]'); empty: no W&B")
+        "",
+        help="also log the metrics and the config to this Weights & Biases project (needs "
+        "the wandb extra: pip install -e '.[wandb]'); empty: no W&B",
+    )
     wandb_mode: str = option(
-        "online", choices=WANDB_MODES,
-        help="W&B mode: online, or offline (no network; `wandb sync` uploads the run later)")
+        "online",
+        choices=WANDB_MODES,
+        help="W&B mode: online, or offline (no network; `wandb sync` uploads the run later)",
+    )
     plot: bool = option(True, help="write loss.png at the end")
     export_models: bool = option(
-        True, help="with every checkpoint, also write out_dir/models/<step>/: a Hugging "
-                   "Face-layout model directory (config.json with the tokenizer's eos_token_id, "
-                   "model.safetensors, tokenizer.json unless bytes) that jax_packmamba."
-                   "from_pretrained and `python -m jax_packmamba.generate --checkpoint` read; "
-                   "they also accept out_dir itself (the newest export) or "
-                   "out_dir/checkpoints/<step>")
+        True,
+        help="with every checkpoint, also write out_dir/models/<step>/: a Hugging "
+        "Face-layout model directory (config.json with the tokenizer's eos_token_id, "
+        "model.safetensors, tokenizer.json unless bytes) that jax_packmamba."
+        "from_pretrained and `python -m jax_packmamba.generate --checkpoint` read; "
+        "they also accept out_dir itself (the newest export) or "
+        "out_dir/checkpoints/<step>",
+    )
     compilation_cache: bool = option(
-        True, help="keep compiled programs in a persistent XLA cache, so a rerun with the same "
-                   "shapes starts without compiling (false: leave jax's cache settings alone)")
+        True,
+        help="keep compiled programs in a persistent XLA cache, so a rerun with the same "
+        "shapes starts without compiling (false: leave jax's cache settings alone)",
+    )
     compilation_cache_dir: str = option(
-        "", help="the cache folder; empty: $JAX_PACKMAMBA_CACHE_DIR, else "
-                 "~/.cache/jax_packmamba/xla")
+        "",
+        help="the cache folder; empty: $JAX_PACKMAMBA_CACHE_DIR, else ~/.cache/jax_packmamba/xla",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,7 +456,7 @@ class TrainConfig:
     mesh: MeshConfig = MeshConfig()
     run: RunConfig = RunConfig()
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Raises ConfigError for the first bad value; returns self."""
         m, d, o, me, r = self.model, self.data, self.optim, self.mesh, self.run
         _choice("model.preset", m.preset, MODEL_PRESETS)
@@ -365,10 +466,12 @@ class TrainConfig:
         mamba_fields = {f.name for f in dataclasses.fields(config_class(m.preset))}
         for key in m.overrides:
             if key not in mamba_fields:
-                raise ConfigError(f"--model.{key}: not a field of the "
-                                  f"{config_class(m.preset).__name__} of preset {m.preset!r}; "
-                                  f"choose from "
-                                  f"{sorted(mamba_fields | {f.name for f in dataclasses.fields(ModelConfig)} - {'overrides'})}")
+                raise ConfigError(
+                    f"--model.{key}: not a field of the "
+                    f"{config_class(m.preset).__name__} of preset {m.preset!r}; "
+                    f"choose from "
+                    f"{sorted(mamba_fields | {f.name for f in dataclasses.fields(ModelConfig)} - {'overrides'})}"
+                )
         try:  # MambaConfig checks its own values (vocab is resolved from the data later).
             preset_config(m.preset, **{k: v for k, v in m.overrides.items() if k != "vocab_size"})
         except (TypeError, ValueError) as e:
@@ -383,8 +486,9 @@ class TrainConfig:
         _choice("data.pack_policy", d.pack_policy, PACK_POLICIES)
         _choice("data.long_docs", d.long_docs, LONG_DOCS)
         if d.long_docs != "cut" and d.mode != "packed":
-            raise ConfigError(f"--data.long_docs={d.long_docs} needs --data.mode=packed, got "
-                              f"{d.mode}")
+            raise ConfigError(
+                f"--data.long_docs={d.long_docs} needs --data.mode=packed, got {d.mode}"
+            )
         _choice("data.bin_dtype", d.bin_dtype, BIN_DTYPES)
         if not d.text_field:
             raise ConfigError("--data.text_field is empty")
@@ -434,8 +538,10 @@ class TrainConfig:
         if not r.out_dir.strip():
             raise ConfigError("--run.out_dir is empty")
         if r.resume and r.overwrite:
-            raise ConfigError("--run.resume and --run.overwrite contradict; set --run.resume=false "
-                              "to start over with --run.overwrite=true")
+            raise ConfigError(
+                "--run.resume and --run.overwrite contradict; set --run.resume=false "
+                "to start over with --run.overwrite=true"
+            )
         return self
 
     def to_dict(self) -> dict:
@@ -451,8 +557,9 @@ def _jsonable(value):
     return json.loads(json.dumps(value))
 
 
-def resume_conflicts(old: dict, new: "TrainConfig", *, old_model: dict | None,
-                     new_model: dict) -> tuple[list[str], list[str]]:
+def resume_conflicts(
+    old: dict, new: TrainConfig, *, old_model: dict | None, new_model: dict
+) -> tuple[list[str], list[str]]:
     """The differences that stop a resume: (fixed, data), each a list of "part.field old ->
     new".
 
@@ -485,8 +592,9 @@ def resume_conflicts(old: dict, new: "TrainConfig", *, old_model: dict | None,
     return fixed, data
 
 
-def check_resume(old: dict, new: "TrainConfig", *, old_model: dict | None, new_model: dict,
-                 checkpoint: str) -> None:
+def check_resume(
+    old: dict, new: TrainConfig, *, old_model: dict | None, new_model: dict, checkpoint: str
+) -> None:
     """ConfigError (one line naming every changed field, old -> new) when `new` cannot resume
     the checkpoint written with `old` (see resume_conflicts)."""
     fixed, data = resume_conflicts(old, new, old_model=old_model, new_model=new_model)
@@ -496,15 +604,20 @@ def check_resume(old: dict, new: "TrainConfig", *, old_model: dict | None, new_m
         return
     parts = []
     if fixed:
-        parts.append(f"{', '.join(fixed)} (fixed for a run: its checkpoints hold that model "
-                     f"and optimizer state)")
+        parts.append(
+            f"{', '.join(fixed)} (fixed for a run: its checkpoints hold that model "
+            f"and optimizer state)"
+        )
     if data:
-        parts.append(f"{', '.join(data)} (set --data.allow_change=true to continue this run "
-                     f"on the new data stream)")
+        parts.append(
+            f"{', '.join(data)} (set --data.allow_change=true to continue this run "
+            f"on the new data stream)"
+        )
     raise ConfigError(
         f"cannot resume {checkpoint} with this config: {'; '.join(parts)}. Use the old values, "
         f"another --run.out_dir, or --run.resume=false --run.overwrite=true to delete the "
-        f"checkpoints")
+        f"checkpoints"
+    )
 
 
 def _choice(name, value, choices):
@@ -527,10 +640,18 @@ def _positive(name, value, minimum=1):
 # Parsing: a file, then --part.field=value overrides.
 
 PARTS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-_PART_CLASSES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
-                 "mesh": MeshConfig, "run": RunConfig}
-_MAMBA_TYPES = {**typing.get_type_hints(HybridConfig), **typing.get_type_hints(Mamba2Config),
-                **typing.get_type_hints(MambaConfig)}
+_PART_CLASSES = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "mesh": MeshConfig,
+    "run": RunConfig,
+}
+_MAMBA_TYPES = {
+    **typing.get_type_hints(HybridConfig),
+    **typing.get_type_hints(Mamba2Config),
+    **typing.get_type_hints(MambaConfig),
+}
 
 
 def _field_type(part: str, name: str):
@@ -541,8 +662,9 @@ def _field_type(part: str, name: str):
     if part == "model" and name in _MAMBA_TYPES:
         return _MAMBA_TYPES[name]
     known = sorted(set(hints) - {"overrides"} | (set(_MAMBA_TYPES) if part == "model" else set()))
-    raise ConfigError(f"unknown option --{part}.{name}{_did_you_mean(f'{part}.{name}')}; {part} "
-                      f"options: {known}")
+    raise ConfigError(
+        f"unknown option --{part}.{name}{_did_you_mean(f'{part}.{name}')}; {part} options: {known}"
+    )
 
 
 def _all_flags() -> list[str]:
@@ -563,8 +685,9 @@ def _convert(flag: str, text_or_value: Any, tp):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if text_or_value is None or (isinstance(text_or_value, str)
-                                     and text_or_value.lower() in ("none", "null")):
+        if text_or_value is None or (
+            isinstance(text_or_value, str) and text_or_value.lower() in ("none", "null")
+        ):
             return None
         return _convert(flag, text_or_value, args[0])
     v = text_or_value
@@ -610,8 +733,10 @@ def _convert(flag: str, text_or_value: Any, tp):
 
 def _apply(values: dict[str, dict[str, Any]], part: str, name: str, raw: Any) -> None:
     if part not in _PART_CLASSES:
-        raise ConfigError(f"unknown config part {part!r} in --{part}.{name}"
-                          f"{_did_you_mean(f'{part}.{name}')}; parts: {list(_PART_CLASSES)}")
+        raise ConfigError(
+            f"unknown config part {part!r} in --{part}.{name}"
+            f"{_did_you_mean(f'{part}.{name}')}; parts: {list(_PART_CLASSES)}"
+        )
     tp = _field_type(part, name)
     values.setdefault(part, {})[name] = _convert(f"{part}.{name}", raw, tp)
 
@@ -670,8 +795,10 @@ def parse_args(argv: list[str] | None = None, base: TrainConfig | None = None) -
             continue
         part, dot, name = key.partition(".")
         if not dot or not name:
-            raise ConfigError(f"--{key}: flags look like --part.field=value{_did_you_mean(key)} "
-                              f"(parts: {list(_PART_CLASSES)})")
+            raise ConfigError(
+                f"--{key}: flags look like --part.field=value{_did_you_mean(key)} "
+                f"(parts: {list(_PART_CLASSES)})"
+            )
         _apply(values, part, name, val)
     return build(values, base).validate()
 
@@ -697,19 +824,29 @@ def help_text(width: int = 100) -> str:
     import textwrap
 
     def para(text, indent=""):
-        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent,
-                             subsequent_indent=indent, break_on_hyphens=False)
+        return textwrap.fill(
+            " ".join(text.split()),
+            width,
+            initial_indent=indent,
+            subsequent_indent=indent,
+            break_on_hyphens=False,
+        )
 
     lines = [
-        "usage: python -m train [--config FILE.json|.toml] [--part.field=value ...]", "",
-        para("Trains a Mamba language model on documents packed into rows. Flags are "
-             "--part.field=value or --part.field value, applied after the --config file (one "
-             "table per part, e.g. [model] preset = \"130m\"). Booleans are true/false; "
-             "optional values take none. Run again with the same --run.out_dir to resume."),
+        "usage: python -m train [--config FILE.json|.toml] [--part.field=value ...]",
         "",
-        para("On resume each field follows its rule, given in brackets: "
-             + "; ".join(f"[{v}]" for v in RESUME_RULES.values())
-             + ". A refused change names each field with its old and new value."),
+        para(
+            "Trains a Mamba language model on documents packed into rows. Flags are "
+            "--part.field=value or --part.field value, applied after the --config file (one "
+            'table per part, e.g. [model] preset = "130m"). Booleans are true/false; '
+            "optional values take none. Run again with the same --run.out_dir to resume."
+        ),
+        "",
+        para(
+            "On resume each field follows its rule, given in brackets: "
+            + "; ".join(f"[{v}]" for v in RESUME_RULES.values())
+            + ". A refused change names each field with its old and new value."
+        ),
     ]
     for part, cls in _PART_CLASSES.items():
         lines += ["", para(f"{part}: " + (cls.__doc__ or "").strip().split("\n\n")[0])]
@@ -718,22 +855,31 @@ def help_text(width: int = 100) -> str:
             meta = f.metadata
             rule = RESUME_RULES[meta.get("resume", FREE)]
             if f.name == "overrides":
-                lines.append(f"  --model.<MambaConfig field>=VALUE")
+                lines.append("  --model.<MambaConfig field>=VALUE")
                 lines.append(para(f"{meta['help']} [{rule}]", "      "))
-                presets = {MambaConfig: "Mamba1 presets", Mamba2Config: "mamba2-* presets",
-                           HybridConfig: "hybrid-* presets; layers: comma-separated strings "
-                                         "of M (Mamba2), * (attention), - (MLP)"}
+                presets = {
+                    MambaConfig: "Mamba1 presets",
+                    Mamba2Config: "mamba2-* presets",
+                    HybridConfig: "hybrid-* presets; layers: comma-separated strings "
+                    "of M (Mamba2), * (attention), - (MLP)",
+                }
                 for family, which in presets.items():
                     hints = typing.get_type_hints(family)
-                    fields = [f"{g.name} ({_type_name(hints[g.name])})"
-                              for g in dataclasses.fields(family)
-                              if g.name not in MODEL_RUNTIME_FIELDS]
-                    lines.append(para(f"{family.__name__} fields ({which}): "
-                                      + ", ".join(fields), "      "))
+                    fields = [
+                        f"{g.name} ({_type_name(hints[g.name])})"
+                        for g in dataclasses.fields(family)
+                        if g.name not in MODEL_RUNTIME_FIELDS
+                    ]
+                    lines.append(
+                        para(f"{family.__name__} fields ({which}): " + ", ".join(fields), "      ")
+                    )
                 continue
             value = getattr(default, f.name)
-            shown = "none" if value is None else (str(value).lower() if isinstance(value, bool)
-                                                 else value)
+            shown = (
+                "none"
+                if value is None
+                else (str(value).lower() if isinstance(value, bool) else value)
+            )
             head = f"  --{part}.{f.name}={shown}"
             if meta.get("choices"):
                 head += f"   {{{' | '.join(meta['choices'])}}}"
@@ -749,8 +895,11 @@ def _type_name(tp) -> str:
         return tp.replace("None", "none")
     if typing.get_origin(tp) is tuple:  # tuple[float, float]; HybridConfig.layers
         args = typing.get_args(tp)
-        return ("comma-separated " + args[0].__name__ if args[-1] is Ellipsis
-                else f"{len(args)} x {args[0].__name__}")
+        return (
+            "comma-separated " + args[0].__name__
+            if args[-1] is Ellipsis
+            else f"{len(args)} x {args[0].__name__}"
+        )
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if args:
         return " | ".join(a.__name__ for a in args) + " | none"

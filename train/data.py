@@ -23,14 +23,13 @@ import dataclasses
 import itertools
 import json
 import pathlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
 from jax_packmamba import packing
 from jax_packmamba.packing import pack_sequences, pack_stream, pad_sequences
 from jax_packmamba.tokenizer import EOD_NAMES, ByteTokenizer, load_tokenizer
-
 from train.config import DataConfig
 
 
@@ -41,14 +40,16 @@ class DataError(ValueError):
 def make_tokenizer(config: DataConfig):
     """The tokenizer of --data.tokenizer / --data.eod_id (DataError when it cannot be made)."""
     flags = f"--data.tokenizer={config.tokenizer}" + (
-        "" if config.eod_id is None else f" --data.eod_id={config.eod_id}")
+        "" if config.eod_id is None else f" --data.eod_id={config.eod_id}"
+    )
     try:
         tokenizer = load_tokenizer(config.tokenizer, config.eod_id)
     except (ImportError, ValueError) as e:
         raise DataError(f"{flags}: {e}") from None
     if tokenizer.eod_id is None:
-        raise DataError(f"{flags} has none of the end-of-document tokens {EOD_NAMES}; set "
-                        f"--data.eod_id")
+        raise DataError(
+            f"{flags} has none of the end-of-document tokens {EOD_NAMES}; set --data.eod_id"
+        )
     return tokenizer
 
 
@@ -73,7 +74,8 @@ class Corpus:
 def _is_saved_dataset(path: pathlib.Path) -> bool:
     """A directory written by Hugging Face datasets' save_to_disk (a Dataset or DatasetDict)."""
     return ((path / "state.json").is_file() and (path / "dataset_info.json").is_file()) or (
-        path / "dataset_dict.json").is_file()
+        path / "dataset_dict.json"
+    ).is_file()
 
 
 def _walk(root: pathlib.Path) -> list[pathlib.Path]:
@@ -103,16 +105,23 @@ def _source_files(source: str) -> list[pathlib.Path]:
                 raise DataError(f"--data.source: directory {path} has no files")
             files.extend(found)
         else:
-            raise DataError(f"--data.source: {path} does not exist (use 'stdlib' for the embedded "
-                            f"corpus, or paths of text/.jsonl/.parquet/.arrow/.npy/.bin files, "
-                            f"save_to_disk datasets or directories)")
+            raise DataError(
+                f"--data.source: {path} does not exist (use 'stdlib' for the embedded "
+                f"corpus, or paths of text/.jsonl/.parquet/.arrow/.npy/.bin files, "
+                f"save_to_disk datasets or directories)"
+            )
     if not files:
         raise DataError(f"--data.source={source!r} names no files")
     return files
 
 
-SUFFIX_FORMATS = {".npy": "tokens", ".bin": "tokens", ".jsonl": "jsonl", ".parquet": "parquet",
-                  ".arrow": "arrow"}
+SUFFIX_FORMATS = {
+    ".npy": "tokens",
+    ".bin": "tokens",
+    ".jsonl": "jsonl",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+}
 
 
 def _file_format(path: pathlib.Path, fmt: str) -> str:
@@ -133,8 +142,10 @@ def _read_jsonl(path: pathlib.Path, field: str) -> Iterator[bytes]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                raise DataError(f"{path}:{lineno}: expected an object with a string \"{field}\" "
-                                f"field (--data.text_field)")
+                raise DataError(
+                    f'{path}:{lineno}: expected an object with a string "{field}" '
+                    f"field (--data.text_field)"
+                )
             yield record[field].encode("utf-8")
 
 
@@ -145,8 +156,9 @@ def _need(module: str, path: pathlib.Path, what: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise DataError(f"{path}: reading {what} needs {module.split('.')[0]}: pip install -e "
-                        f"'.[data]'") from None
+        raise DataError(
+            f"{path}: reading {what} needs {module.split('.')[0]}: pip install -e '.[data]'"
+        ) from None
 
 
 # Rows read from a Parquet / Arrow / datasets table at a time (the file is never read whole).
@@ -173,8 +185,10 @@ def _table_batches(path: pathlib.Path, fmt: str):
         datasets = _need("datasets", path, "save_to_disk datasets")
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
-            raise DataError(f"{path} holds the splits {list(ds)}: name one split's directory "
-                            f"(e.g. {path / next(iter(ds))})")
+            raise DataError(
+                f"{path} holds the splits {list(ds)}: name one split's directory "
+                f"(e.g. {path / next(iter(ds))})"
+            )
         return ds.data.schema, ds.with_format("arrow").iter(batch_size=TABLE_BATCH_ROWS)
     except DataError:
         raise
@@ -189,19 +203,22 @@ def _read_table(path: pathlib.Path, fmt: str, field: str) -> Iterator[bytes]:
 
     schema, batches = _table_batches(path, fmt)
     if field not in schema.names:
-        raise DataError(f"{path}: no column {field!r} (columns: {schema.names}); set "
-                        f"--data.text_field")
+        raise DataError(
+            f"{path}: no column {field!r} (columns: {schema.names}); set --data.text_field"
+        )
     kind = schema.field(field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
-            or pa.types.is_string_view(kind)):
+    if not (
+        pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+    ):
         raise DataError(f"{path}: column {field!r} holds {kind}, not text (--data.text_field)")
     row = 0
     while True:
         try:
             batch = next(batches, None)
         except (OSError, pa.ArrowException) as e:  # a damaged part of the file
-            raise DataError(f"{path}: cannot read as {fmt} after row {row}: "
-                            f"{' '.join(str(e).split())}") from None
+            raise DataError(
+                f"{path}: cannot read as {fmt} after row {row}: {' '.join(str(e).split())}"
+            ) from None
         if batch is None:
             return
         column = batch.column(field)
@@ -237,9 +254,13 @@ def _read_tokens(path: pathlib.Path, bin_dtype: str, eod_id: int) -> list[np.nda
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot read tokens: {e}") from None
     if stream.ndim != 1 or not np.issubdtype(stream.dtype, np.integer):
-        raise DataError(f"{path}: expected a 1-D integer token array, got {stream.dtype} {stream.shape}")
+        raise DataError(
+            f"{path}: expected a 1-D integer token array, got {stream.dtype} {stream.shape}"
+        )
     if stream.size and (stream.min() < 0 or stream.max() > np.iinfo(np.int32).max):
-        raise DataError(f"{path}: token ids must lie in [0, 2**31), got [{stream.min()}, {stream.max()}]")
+        raise DataError(
+            f"{path}: token ids must lie in [0, 2**31), got [{stream.min()}, {stream.max()}]"
+        )
     stream = stream.astype(np.int32)
     ends = np.flatnonzero(stream == eod_id) + 1
     docs = [d for d in np.split(stream, ends) if d.size and not (d.size == 1 and d[0] == eod_id)]
@@ -296,8 +317,10 @@ def split_documents(docs: list[np.ndarray], eval_fraction: float, seed: int):
         return list(docs), []
     n_eval = int(np.ceil(eval_fraction * len(docs)))
     if n_eval >= len(docs):
-        raise DataError(f"only {len(docs)} document(s): too few to hold {n_eval} out for eval; add "
-                        f"documents or set --data.eval_fraction=0")
+        raise DataError(
+            f"only {len(docs)} document(s): too few to hold {n_eval} out for eval; add "
+            f"documents or set --data.eval_fraction=0"
+        )
     perm = np.random.default_rng([seed, 0xE7A1]).permutation(len(docs))
     held = np.zeros(len(docs), bool)
     held[perm[:n_eval]] = True
@@ -306,7 +329,7 @@ def split_documents(docs: list[np.ndarray], eval_fraction: float, seed: int):
 
 def cut_pieces(docs: list[np.ndarray], seq_len: int) -> list[np.ndarray]:
     """Every document cut into consecutive pieces of at most seq_len tokens (views, in order)."""
-    return [d[i:i + seq_len] for d in docs for i in range(0, len(d), seq_len)]
+    return [d[i : i + seq_len] for d in docs for i in range(0, len(d), seq_len)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -334,10 +357,22 @@ class Batcher:
     document already used) joins the resumable position.
     """
 
-    def __init__(self, pieces: list[np.ndarray], *, mode: str, seq_len: int, batch_size: int,
-                 grad_accum: int = 1, seed: int = 0, pack_policy: str = "first_fit_decreasing",
-                 single_bucket: int = 64, shuffle: bool = True, wrap: bool = True,
-                 consumed: int = 0, long_docs: str = "cut"):
+    def __init__(
+        self,
+        pieces: list[np.ndarray],
+        *,
+        mode: str,
+        seq_len: int,
+        batch_size: int,
+        grad_accum: int = 1,
+        seed: int = 0,
+        pack_policy: str = "first_fit_decreasing",
+        single_bucket: int = 64,
+        shuffle: bool = True,
+        wrap: bool = True,
+        consumed: int = 0,
+        long_docs: str = "cut",
+    ):
         if not pieces:
             raise DataError("no training pieces (every document went to the eval split?)")
         if long_docs not in LONG_DOCS:
@@ -375,8 +410,7 @@ class Batcher:
         return self.consumed / len(self.pieces)
 
     def state(self) -> dict:
-        state = {"consumed": int(self.consumed),
-                 "carry": [[int(g), int(w)] for g, w in self.carry]}
+        state = {"consumed": int(self.consumed), "carry": [[int(g), int(w)] for g, w in self.carry]}
         if self.long_docs != "cut":  # cut mode's position stays what it always was
             state["offset"] = int(self.offset)
         return state
@@ -421,8 +455,11 @@ class Batcher:
             total += int(self.lengths[self._index(self.consumed)])
             self.consumed += 1
         taken = packing.choose_first_fit_decreasing(
-            [self.lengths[self._index(g)] for g, _ in candidates], [w for _, w in candidates],
-            self.seq_len, self.batch_size)
+            [self.lengths[self._index(g)] for g, _ in candidates],
+            [w for _, w in candidates],
+            self.seq_len,
+            self.batch_size,
+        )
         # Candidates are in stream order (the carry is, and new pieces come after it).
         self.carry = [[g, w + 1] for (g, w), t in zip(candidates, taken) if not t]
         return [self.pieces[self._index(g)] for (g, _), t in zip(candidates, taken) if t]
@@ -434,7 +471,7 @@ class Batcher:
         rest = self.offset > 0
         taken = []
         while room and (self.wrap or self.consumed < len(self.pieces)):
-            doc = self.pieces[self._index(self.consumed)][self.offset:]
+            doc = self.pieces[self._index(self.consumed)][self.offset :]
             taken.append(doc[:room])
             if len(doc) > room:
                 self.offset += room
@@ -448,8 +485,9 @@ class Batcher:
             seqs, rest = self._take_stream()
             if not seqs:  # a stream without wrap-around is used up: an all-padding micro-batch
                 shape = (self.batch_size, self.seq_len)
-                arrays = {k: np.zeros(shape, bool if k == "loss_mask" else np.int32)
-                          for k in BATCH_KEYS}
+                arrays = {
+                    k: np.zeros(shape, bool if k == "loss_mask" else np.int32) for k in BATCH_KEYS
+                }
                 arrays["continues"] = np.zeros((self.batch_size, 1), bool)
                 return arrays, 0, dict(linked=0, longest_chain=0)
             b = pack_stream(seqs, self.seq_len, num_rows=self.batch_size)
@@ -462,8 +500,9 @@ class Batcher:
             return arrays, len(seqs), links
         if self.mode == "packed":
             seqs = self._take_packed()
-            b = pack_sequences(seqs, self.seq_len, policy=self.pack_policy,
-                               num_rows=self.batch_size)
+            b = pack_sequences(
+                seqs, self.seq_len, policy=self.pack_policy, num_rows=self.batch_size
+            )
         elif self.mode == "padded":
             seqs = [self.pieces[self._index(self.consumed + i)] for i in range(self.batch_size)]
             self.consumed += self.batch_size
@@ -492,12 +531,18 @@ class Batcher:
             parts = [np.pad(m[k], ((0, 0), (0, length - m[k].shape[1]))) for m in micros]
             batch[k] = np.stack(parts)
         real = int((batch["segment_ids"] > 0).sum())
-        batch_stats = dict(real_tokens=real, target_tokens=int(batch["loss_mask"].sum()),
-                           slots=int(batch["tokens"].size), sequences=num_seq)
+        batch_stats = dict(
+            real_tokens=real,
+            target_tokens=int(batch["loss_mask"].sum()),
+            slots=int(batch["tokens"].size),
+            sequences=num_seq,
+        )
         if self.long_docs != "cut":
             batch["continues"] = np.stack([m["continues"] for m in micros])
-            batch_stats.update(linked_documents=sum(x["linked"] for x in links),
-                               longest_chain=max(x["longest_chain"] for x in links))
+            batch_stats.update(
+                linked_documents=sum(x["linked"] for x in links),
+                longest_chain=max(x["longest_chain"] for x in links),
+            )
         return {"arrays": batch, "stats": batch_stats}
 
 
@@ -507,11 +552,16 @@ def estimate_efficiency(pieces: list[np.ndarray], config: DataConfig, steps: int
     out = {}
     link = config.long_docs != "cut"
     for mode in ("packed", "padded", "single"):
-        b = Batcher(pieces if mode == "packed" or not link else cut_pieces(pieces, config.seq_len),
-                    mode=mode, seq_len=config.seq_len, batch_size=config.batch_size,
-                    seed=config.seed, pack_policy=config.pack_policy,
-                    single_bucket=config.single_bucket,
-                    long_docs=config.long_docs if mode == "packed" else "cut")
+        b = Batcher(
+            pieces if mode == "packed" or not link else cut_pieces(pieces, config.seq_len),
+            mode=mode,
+            seq_len=config.seq_len,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            pack_policy=config.pack_policy,
+            single_bucket=config.single_bucket,
+            long_docs=config.long_docs if mode == "packed" else "cut",
+        )
         real = slots = 0
         n = steps if mode != "single" else steps * config.batch_size
         for _ in range(n):
@@ -532,9 +582,16 @@ def eval_batches(pieces: list[np.ndarray], config: DataConfig) -> list[dict]:
     the training batches are (config.long_docs)."""
     if not pieces:
         return []
-    b = Batcher(pieces, mode="packed", seq_len=config.seq_len, batch_size=config.batch_size,
-                pack_policy=config.pack_policy, shuffle=False, wrap=False,
-                long_docs=config.long_docs)
+    b = Batcher(
+        pieces,
+        mode="packed",
+        seq_len=config.seq_len,
+        batch_size=config.batch_size,
+        pack_policy=config.pack_policy,
+        shuffle=False,
+        wrap=False,
+        long_docs=config.long_docs,
+    )
     out = []
     while (b.consumed < len(pieces) or b.carry) and len(out) < config.eval_batches:
         batch = next(b)

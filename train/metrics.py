@@ -41,7 +41,9 @@ def peak_flops(device_kind: str) -> float | None:
     return None
 
 
-def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None, devices: int) -> float | None:
+def mfu(
+    flops_per_token: float, tokens_per_s: float, peak: float | None, devices: int
+) -> float | None:
     if peak is None or not tokens_per_s:
         return None
     return flops_per_token * tokens_per_s / (peak * devices)
@@ -121,8 +123,12 @@ class TensorBoardWriter:
         from tensorboardX import SummaryWriter
 
         # The file name holds the second it was opened: the pid keeps a quick resume's apart.
-        self.writer = SummaryWriter(str(directory), flush_secs=30, filename_suffix=f".{os.getpid()}",
-                                    purge_step=None if resume_step is None else resume_step + 1)
+        self.writer = SummaryWriter(
+            str(directory),
+            flush_secs=30,
+            filename_suffix=f".{os.getpid()}",
+            purge_step=None if resume_step is None else resume_step + 1,
+        )
 
     def config(self, config: dict, step: int) -> None:
         # Indented four spaces: TensorBoard renders text as Markdown, and this keeps it verbatim.
@@ -142,12 +148,12 @@ class WandbWriter:
     """The same scalars and the config in a Weights & Biases run (the optional wandb extra).
     run_id keeps one W&B run across resumes of one run directory."""
 
-    def __init__(self, project: str, mode: str, directory: pathlib.Path, config: dict,
-                 run_id: str):
+    def __init__(self, project: str, mode: str, directory: pathlib.Path, config: dict, run_id: str):
         import wandb
 
-        self.run = wandb.init(project=project, mode=mode, dir=str(directory), config=config,
-                              id=run_id, resume="allow")
+        self.run = wandb.init(
+            project=project, mode=mode, dir=str(directory), config=config, id=run_id, resume="allow"
+        )
 
     def config(self, config: dict, step: int) -> None:
         pass  # given to wandb.init
@@ -160,7 +166,9 @@ class WandbWriter:
 
 
 def read_metrics(path: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+    return [
+        json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()
+    ]
 
 
 def plot_loss(records: list[dict], path: pathlib.Path, title: str) -> str | None:
@@ -201,8 +209,15 @@ class Progress:
             try:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total, initial=initial, desc="train", unit="step",
-                                dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+                self.bar = tqdm(
+                    total=total,
+                    initial=initial,
+                    desc="train",
+                    unit="step",
+                    dynamic_ncols=True,
+                    file=sys.stderr,
+                    mininterval=0.5,
+                )
             except ImportError:
                 pass
 

@@ -25,7 +25,8 @@ import re
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from train.config import ConfigError, MeshConfig
 
@@ -35,8 +36,10 @@ GRAD_REDUCE = {"auto": None, "float32": "float32", "bfloat16": "bfloat16"}
 # MeshConfig.overlap_collectives: XLA's latency-hiding scheduler (schedules async collectives
 # to overlap compute; async collectives themselves are XLA's GPU default, turned off only by
 # --xla_gpu_disable_async_collectives) and a high-priority stream for them.
-OVERLAP_XLA_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true",
-                     "--xla_gpu_enable_highest_priority_async_stream=true")
+OVERLAP_XLA_FLAGS = (
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+    "--xla_gpu_enable_highest_priority_async_stream=true",
+)
 
 
 def grad_reduce_dtype(grad_reduce: str):
@@ -63,8 +66,10 @@ def add_xla_flags(flags, environ: dict | None = None) -> list[str]:
     present = {f.split("=", 1)[0] for f in current.split()}
     missing = [f for f in flags if f.split("=", 1)[0] not in present]
     if missing and this_process and _backends_started():
-        raise ConfigError(f"the XLA flags {missing} must be set before jax starts its backend; "
-                          f"set XLA_FLAGS=\"{' '.join(missing)}\" in the environment")
+        raise ConfigError(
+            f"the XLA flags {missing} must be set before jax starts its backend; "
+            f'set XLA_FLAGS="{" ".join(missing)}" in the environment'
+        )
     if missing:
         environ["XLA_FLAGS"] = " ".join([current, *missing]).strip()
     return missing
@@ -75,8 +80,9 @@ def apply_mesh_options(config: MeshConfig) -> list[str]:
     backend starts: call it before anything touches a device). Returns the flags added."""
     grad_reduce_dtype(config.grad_reduce)
     if not isinstance(config.overlap_collectives, bool):
-        raise ConfigError(f"--mesh.overlap_collectives must be true or false, got "
-                          f"{config.overlap_collectives!r}")
+        raise ConfigError(
+            f"--mesh.overlap_collectives must be true or false, got {config.overlap_collectives!r}"
+        )
     return add_xla_flags(OVERLAP_XLA_FLAGS) if config.overlap_collectives else []
 
 
@@ -84,9 +90,15 @@ def maybe_initialize_distributed(config: MeshConfig) -> None:
     """jax.distributed.initialize() for multi-host runs, when configured (before any jax use)."""
     if not config.distributed:
         return
-    kwargs = {k: v for k, v in dict(coordinator_address=config.coordinator_address,
-                                    num_processes=config.num_processes,
-                                    process_id=config.process_id).items() if v is not None}
+    kwargs = {
+        k: v
+        for k, v in dict(
+            coordinator_address=config.coordinator_address,
+            num_processes=config.num_processes,
+            process_id=config.process_id,
+        ).items()
+        if v is not None
+    }
     jax.distributed.initialize(**kwargs)
 
 
@@ -101,8 +113,10 @@ def mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, int]:
             raise ConfigError(f"--mesh.data={data} does not divide the {num_devices} devices")
         fsdp = num_devices // data
     if data * fsdp != num_devices:
-        raise ConfigError(f"--mesh.data={data} x --mesh.fsdp={fsdp} = {data * fsdp} devices, but "
-                          f"there are {num_devices}; use -1 on one axis to fill")
+        raise ConfigError(
+            f"--mesh.data={data} x --mesh.fsdp={fsdp} = {data * fsdp} devices, but "
+            f"there are {num_devices}; use -1 on one axis to fill"
+        )
     return data, fsdp
 
 
@@ -138,9 +152,11 @@ def param_specs(tree, fsdp: int):
 
 
 def state_shardings(mesh: Mesh, abstract_state):
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec),
-                        param_specs(abstract_state, mesh.shape["fsdp"]),
-                        is_leaf=lambda x: isinstance(x, P))
+    return jax.tree.map(
+        lambda spec: NamedSharding(mesh, spec),
+        param_specs(abstract_state, mesh.shape["fsdp"]),
+        is_leaf=lambda x: isinstance(x, P),
+    )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -155,22 +171,33 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch_rows(rows: int, mesh: Mesh, mode: str) -> None:
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if rows % shards:
-        hint = ("single mode runs one sequence per step, so it needs one device "
-                "(e.g. CUDA_VISIBLE_DEVICES=0)") if mode == "single" else \
-               f"make --data.batch_size a multiple of {shards}"
-        raise ConfigError(f"batch rows ({rows}) must divide evenly over the {shards} data-parallel "
-                          f"devices (mesh data x fsdp); {hint}")
+        hint = (
+            (
+                "single mode runs one sequence per step, so it needs one device "
+                "(e.g. CUDA_VISIBLE_DEVICES=0)"
+            )
+            if mode == "single"
+            else f"make --data.batch_size a multiple of {shards}"
+        )
+        raise ConfigError(
+            f"batch rows ({rows}) must divide evenly over the {shards} data-parallel "
+            f"devices (mesh data x fsdp); {hint}"
+        )
 
 
 def put_batch(arrays: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """Global host arrays -> sharded jax arrays (every process holds the same global batch)."""
-    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
-            for k, v in arrays.items()}
+    return {
+        k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+        for k, v in arrays.items()
+    }
 
 
 # Collectives in compiled HLO text: "%name = TYPE op(...)"; TYPE an array type or a tuple of them.
-_COLLECTIVE = re.compile(r"=\s*(\(.*?\)|\w+\[[\d,]*\]\S*)\s+(all-reduce|reduce-scatter|all-gather|"
-                         r"all-to-all|collective-permute)(-start)?\(")
+_COLLECTIVE = re.compile(
+    r"=\s*(\(.*?\)|\w+\[[\d,]*\]\S*)\s+(all-reduce|reduce-scatter|all-gather|"
+    r"all-to-all|collective-permute)(-start)?\("
+)
 _ARRAY = re.compile(r"\b(pred|[su]\d+|bf16|f\d+)\[([\d,]*)\]")
 _ITEM_BYTES = {"pred": 1, "bf16": 2}
 

@@ -24,7 +24,6 @@ from flax import nnx
 
 from jax_packmamba import LM, Mamba2Config, MambaConfig
 from jax_packmamba.loss import masked_cross_entropy
-
 from train.config import OptimConfig
 
 NO_DECAY_NAMES = ("bias", "conv_bias", "A_log", "D")
@@ -66,15 +65,27 @@ def decay_mask(params):
 def learning_rate_schedule(config: OptimConfig, total_steps: int):
     warmup = min(config.warmup_steps, max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.lr, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1), end_value=config.lr * config.min_lr_ratio)
+        init_value=0.0,
+        peak_value=config.lr,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=config.lr * config.min_lr_ratio,
+    )
 
 
 def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     schedule = learning_rate_schedule(config, total_steps)
     parts = [optax.clip_by_global_norm(config.clip_norm)] if config.clip_norm > 0 else []
-    parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                             weight_decay=config.weight_decay, mask=decay_mask))
+    parts.append(
+        optax.adamw(
+            schedule,
+            b1=config.b1,
+            b2=config.b2,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+            mask=decay_mask,
+        )
+    )
     return optax.chain(*parts)
 
 
@@ -85,16 +96,21 @@ def model_graphdef(model_config: MambaConfig | Mamba2Config):
     return graphdef, nnx.to_pure_dict(params)
 
 
-def init_state(model_config: MambaConfig | Mamba2Config, tx: optax.GradientTransformation,
-               seed: int) -> TrainState:
+def init_state(
+    model_config: MambaConfig | Mamba2Config, tx: optax.GradientTransformation, seed: int
+) -> TrainState:
     model = LM(model_config, rngs=nnx.Rngs(seed))
     # Plain arrays, not nnx Variables: every call of the jitted step flattens the state and
     # rebuilds the returned one, in Python for Variables. With the 1,450 leaves of a 48-layer
     # model (parameters and both Adam moments) a jitted call that only returns the state took
     # 8-9 ms longer with Variables (benchmarks/results/dispatch_nvidia-h200.json).
     params = nnx.to_pure_dict(nnx.split(model)[1])
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)),
+    )
 
 
 def token_losses(graphdef, params, tokens, segment_ids, targets, loss_mask, continues=None):
@@ -112,9 +128,17 @@ def sum_grads(graphdef, params, batch: dict):
     def micro(carry, mb):
         grad_sum, ce_sum, count = carry
         (ce, n), grads = jax.value_and_grad(
-            lambda p: token_losses(graphdef, p, mb["tokens"], mb["segment_ids"], mb["targets"],
-                                   mb["loss_mask"], mb.get("continues")),
-            has_aux=True)(params)
+            lambda p: token_losses(
+                graphdef,
+                p,
+                mb["tokens"],
+                mb["segment_ids"],
+                mb["targets"],
+                mb["loss_mask"],
+                mb.get("continues"),
+            ),
+            has_aux=True,
+        )(params)
         grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
         return (grad_sum, ce_sum + ce, count + n), None
 
@@ -160,27 +184,37 @@ def explicit_grad_sums(graphdef, mesh, abstract_params, reduce_dtype):
         if dim is None:
             g = jax.lax.psum(g, sharding.BATCH_AXES)
         else:
-            g = jax.lax.psum(jax.lax.psum_scatter(g, "fsdp", scatter_dimension=dim, tiled=True),
-                             "data")
+            g = jax.lax.psum(
+                jax.lax.psum_scatter(g, "fsdp", scatter_dimension=dim, tiled=True), "data"
+            )
         return g.astype(jnp.float32)
 
     def local(params, batch):
         full = jax.tree.map(gather, params, specs)
         grad_sum, ce_sum, count = sum_grads(graphdef, full, batch)
         grads = jax.tree.map(reduce, grad_sum, specs)
-        return (grads, jax.lax.psum(ce_sum, sharding.BATCH_AXES),
-                jax.lax.psum(count, sharding.BATCH_AXES))
+        return (
+            grads,
+            jax.lax.psum(ce_sum, sharding.BATCH_AXES),
+            jax.lax.psum(count, sharding.BATCH_AXES),
+        )
 
     def grad_sums(params, batch):
         batch_specs = {k: batch_spec for k in batch}
-        return jax.shard_map(local, mesh=mesh, in_specs=(specs, batch_specs),
-                             out_specs=(specs, P(), P()), check_vma=False)(params, batch)
+        return jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(specs, batch_specs),
+            out_specs=(specs, P(), P()),
+            check_vma=False,
+        )(params, batch)
 
     return grad_sums
 
 
-def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule=None, grad_sums=None
-               ) -> tuple[TrainState, dict]:
+def train_step(
+    state: TrainState, batch: dict, *, graphdef, tx, schedule=None, grad_sums=None
+) -> tuple[TrainState, dict]:
     """One optimizer step over the (a, b, t) batch; pure. schedule(step) is reported as lr.
 
     grad_sums(params, batch) -> (grad_sum, ce_sum, count) as sum_grads (the default, whose
@@ -196,8 +230,12 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule=None, g
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
-    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), targets=count,
-                   real_tokens=(batch["segment_ids"] > 0).sum(dtype=jnp.int32))
+    metrics = dict(
+        loss=loss,
+        grad_norm=optax.tree.norm(grads),
+        targets=count,
+        real_tokens=(batch["segment_ids"] > 0).sum(dtype=jnp.int32),
+    )
     if schedule is not None:
         metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
@@ -207,8 +245,15 @@ def eval_step(params, batch: dict, *, graphdef) -> dict:
     """Summed cross-entropy and target count over an (a, b, t) batch (no update)."""
 
     def micro(carry, mb):
-        ce, n = token_losses(graphdef, params, mb["tokens"], mb["segment_ids"], mb["targets"],
-                             mb["loss_mask"], mb.get("continues"))
+        ce, n = token_losses(
+            graphdef,
+            params,
+            mb["tokens"],
+            mb["segment_ids"],
+            mb["targets"],
+            mb["loss_mask"],
+            mb.get("continues"),
+        )
         return (carry[0] + ce, carry[1] + n), None
 
     (ce, n), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)), batch)
@@ -227,8 +272,13 @@ class Compiled:
     eval_step: Any
 
 
-def build(model_config: MambaConfig | Mamba2Config, optim: OptimConfig, total_steps: int,
-          mesh, grad_reduce: str = "auto") -> Compiled:
+def build(
+    model_config: MambaConfig | Mamba2Config,
+    optim: OptimConfig,
+    total_steps: int,
+    mesh,
+    grad_reduce: str = "auto",
+) -> Compiled:
     """grad_reduce: "auto" (XLA's SPMD partitioner reduces the gradients, in float32), or
     "float32" / "bfloat16": explicit_grad_sums in that dtype (see train.sharding.GRAD_REDUCE)."""
     from train import sharding
@@ -241,14 +291,25 @@ def build(model_config: MambaConfig | Mamba2Config, optim: OptimConfig, total_st
     shardings = sharding.state_shardings(mesh, abstract)
     batch_sh = sharding.batch_sharding(mesh)
     rep = sharding.replicated(mesh)
-    grad_sums = None if reduce_dtype is None else explicit_grad_sums(
-        graphdef, mesh, abstract.params, reduce_dtype)
-    init = jax.jit(functools.partial(init_state, model_config, tx), static_argnums=0,
-                   out_shardings=shardings)
-    step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
-                                     grad_sums=grad_sums),
-                   in_shardings=(shardings, batch_sh), out_shardings=(shardings, rep),
-                   donate_argnums=0)
-    evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef),
-                       in_shardings=(shardings.params, batch_sh), out_shardings=rep)
+    grad_sums = (
+        None
+        if reduce_dtype is None
+        else explicit_grad_sums(graphdef, mesh, abstract.params, reduce_dtype)
+    )
+    init = jax.jit(
+        functools.partial(init_state, model_config, tx), static_argnums=0, out_shardings=shardings
+    )
+    step = jax.jit(
+        functools.partial(
+            train_step, graphdef=graphdef, tx=tx, schedule=schedule, grad_sums=grad_sums
+        ),
+        in_shardings=(shardings, batch_sh),
+        out_shardings=(shardings, rep),
+        donate_argnums=0,
+    )
+    evaluate = jax.jit(
+        functools.partial(eval_step, graphdef=graphdef),
+        in_shardings=(shardings.params, batch_sh),
+        out_shardings=rep,
+    )
     return Compiled(graphdef, abstract, shardings, init, step, evaluate)

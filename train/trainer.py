@@ -28,12 +28,18 @@ from flax import nnx
 
 from jax_packmamba import compilation_cache
 from jax_packmamba.run_layout import CHECKPOINTS_DIR, MODELS_DIR, exported_steps
-
 from train import data as data_lib
 from train import metrics as metrics_lib
-from train import sharding, step as step_lib
-from train.checkpoint import (Checkpointer, CheckpointError, broken_json_files, error_reason,
-                              export_model, prune_exports)
+from train import sharding
+from train import step as step_lib
+from train.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    broken_json_files,
+    error_reason,
+    export_model,
+    prune_exports,
+)
 from train.config import ConfigError, TrainConfig, check_resume, model_record
 
 # Where unreadable checkpoints (and their model exports) are moved, inside the run directory.
@@ -83,15 +89,27 @@ def prepare(config: TrainConfig) -> Prepared:
     corpus = data_lib.load_corpus(d)
     train_docs, eval_docs = data_lib.split_documents(corpus.documents, d.eval_fraction, d.seed)
     # link: whole documents, laid end to end by the Batcher (packing.pack_stream).
-    pieces = (lambda docs: docs) if d.long_docs == "link" else (
-        lambda docs: data_lib.cut_pieces(docs, d.seq_len))
+    pieces = (
+        (lambda docs: docs)
+        if d.long_docs == "link"
+        else (lambda docs: data_lib.cut_pieces(docs, d.seq_len))
+    )
     train_pieces, eval_pieces = pieces(train_docs), pieces(eval_docs)
-    model_config = config.model.mamba_config(vocab_size=corpus.vocab_size,
-                                             backend=jax.default_backend())
+    model_config = config.model.mamba_config(
+        vocab_size=corpus.vocab_size, backend=jax.default_backend()
+    )
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_rows(1 if d.mode == "single" else d.batch_size, mesh, d.mode)
-    return Prepared(config, corpus, train_pieces, eval_pieces, len(eval_docs), model_config, mesh,
-                    data_lib.make_tokenizer(d))
+    return Prepared(
+        config,
+        corpus,
+        train_pieces,
+        eval_pieces,
+        len(eval_docs),
+        model_config,
+        mesh,
+        data_lib.make_tokenizer(d),
+    )
 
 
 def describe(p: Prepared, efficiency: dict) -> list[str]:
@@ -106,8 +124,11 @@ def describe(p: Prepared, efficiency: dict) -> list[str]:
         f"{mc.d_state}, vocab {mc.vocab_size}): {_human(mc.num_params())} params, "
         f"{_human(mc.flops_per_token())} FLOPs/token (training); compute {mc.dtype}, params "
         f"float32, scan {mc.scan_impl}"
-        + (f" ({'pallas' if jax.default_backend() == 'gpu' else 'reference'})"
-           if mc.scan_impl == "auto" else ""),
+        + (
+            f" ({'pallas' if jax.default_backend() == 'gpu' else 'reference'})"
+            if mc.scan_impl == "auto"
+            else ""
+        ),
         f"data    {p.corpus.description}: {len(lengths)} documents, {_human(lengths.sum())} tokens "
         f"(doc length median {int(np.median(lengths))}, max {lengths.max()}); tokenizer {tok} "
         f"(vocab {p.corpus.vocab_size}, end-of-document id {p.corpus.eod_id})",
@@ -131,11 +152,15 @@ def run(config: TrainConfig, *, log=print) -> dict:
     out = open_run_directory(config)
     for line in describe(p, data_lib.estimate_efficiency(p.train_pieces, config.data)):
         log(line)
-    log(f"cache   XLA compilation cache {cache_dir}" if cache_dir else
-        "cache   no persistent compilation cache (--run.compilation_cache=false)")
+    log(
+        f"cache   XLA compilation cache {cache_dir}"
+        if cache_dir
+        else "cache   no persistent compilation cache (--run.compilation_cache=false)"
+    )
 
-    compiled = step_lib.build(p.model_config, config.optim, r.steps, p.mesh,
-                              grad_reduce=config.mesh.grad_reduce)
+    compiled = step_lib.build(
+        p.model_config, config.optim, r.steps, p.mesh, grad_reduce=config.mesh.grad_reduce
+    )
     ckpt = Checkpointer(out / CHECKPOINTS_DIR, r.keep_checkpoints)
     try:
         found = find_resume_point(ckpt, compiled, p, log) if r.resume else None
@@ -150,8 +175,10 @@ def run(config: TrainConfig, *, log=print) -> dict:
     batcher = make_batcher(p)
     if found is not None:
         batcher.restore(found.meta["data"])
-        log(f"resume  from {ckpt.directory}/{found.step} (step {found.step}, data position "
-            f"{batcher.consumed} pieces = epoch {batcher.epoch:.3f})")
+        log(
+            f"resume  from {ckpt.directory}/{found.step} (step {found.step}, data position "
+            f"{batcher.consumed} pieces = epoch {batcher.epoch:.3f})"
+        )
     start = int(jax.device_get(state.step))
     if start >= r.steps:
         ckpt.close()
@@ -159,16 +186,22 @@ def run(config: TrainConfig, *, log=print) -> dict:
     cadence = f"every {r.checkpoint_every} steps + " if r.checkpoint_every else ""
     exports = f"; {MODELS_DIR}/<step> model exports" if r.export_models else ""
     loggers = (f"; {TENSORBOARD_DIR}/ (tensorboard --logdir {out})" if r.tensorboard else "") + (
-        f"; W&B project {r.wandb_project} ({r.wandb_mode})" if r.wandb_project else "")
-    log(f"out     {out}  (checkpoints {cadence}at the end, keep {r.keep_checkpoints}{exports}; "
-        f"metrics.jsonl{loggers}; loss.png)")
+        f"; W&B project {r.wandb_project} ({r.wandb_mode})" if r.wandb_project else ""
+    )
+    log(
+        f"out     {out}  (checkpoints {cadence}at the end, keep {r.keep_checkpoints}{exports}; "
+        f"metrics.jsonl{loggers}; loss.png)"
+    )
 
-    eval_set = [sharding.put_batch(b["arrays"], sharding.batch_sharding(p.mesh))
-                for b in data_lib.eval_batches(p.eval_pieces, config.data)]
+    eval_set = [
+        sharding.put_batch(b["arrays"], sharding.batch_sharding(p.mesh))
+        for b in data_lib.eval_batches(p.eval_pieces, config.data)
+    ]
     report = Report(p, out, start, resumed_from, cache_dir)
     try:
-        state, end_step, last_eval = train_loop(p, compiled, state, batcher, ckpt, exporter,
-                                                eval_set, report)
+        state, end_step, last_eval = train_loop(
+            p, compiled, state, batcher, ckpt, exporter, eval_set, report
+        )
     finally:
         report.close()
         ckpt.close()  # waits for in-flight saves: they hold finite states
@@ -198,17 +231,22 @@ def check_loggers(r) -> None:
     import importlib
 
     for wanted, module, remedy in (
-            (r.tensorboard, "tensorboardX", "pip install -c constraints.txt -e . (or "
-                                            "--run.tensorboard=false)"),
-            (bool(r.wandb_project), "wandb", "pip install -c constraints.txt -e '.[wandb]'")):
+        (
+            r.tensorboard,
+            "tensorboardX",
+            "pip install -c constraints.txt -e . (or --run.tensorboard=false)",
+        ),
+        (bool(r.wandb_project), "wandb", "pip install -c constraints.txt -e '.[wandb]'"),
+    ):
         if not wanted:
             continue
         try:
             importlib.import_module(module)
         except ImportError:
             flag = "--run.tensorboard" if module == "tensorboardX" else "--run.wandb_project"
-            raise ConfigError(f"{flag} needs the {module} package, which is not installed: "
-                              f"{remedy}") from None
+            raise ConfigError(
+                f"{flag} needs the {module} package, which is not installed: {remedy}"
+            ) from None
 
 
 def is_main_process() -> bool:
@@ -227,8 +265,16 @@ def open_run_directory(config: TrainConfig) -> pathlib.Path:
     out = pathlib.Path(r.out_dir)
     ckpt_dir = out / CHECKPOINTS_DIR
     if r.overwrite and is_main_process():
-        for name in (CHECKPOINTS_DIR, MODELS_DIR, "metrics.jsonl", "summary.json", "loss.png",
-                     "config.json", TENSORBOARD_DIR, WANDB_ID_FILE):
+        for name in (
+            CHECKPOINTS_DIR,
+            MODELS_DIR,
+            "metrics.jsonl",
+            "summary.json",
+            "loss.png",
+            "config.json",
+            TENSORBOARD_DIR,
+            WANDB_ID_FILE,
+        ):
             target = out / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -236,22 +282,33 @@ def open_run_directory(config: TrainConfig) -> pathlib.Path:
                 target.unlink()
     has_ckpt = ckpt_dir.is_dir() and any(x.name.isdigit() for x in ckpt_dir.iterdir())
     if has_ckpt and not r.resume:
-        raise ConfigError(f"{ckpt_dir} already holds checkpoints; resume with --run.resume=true, "
-                          f"start over with --run.resume=false --run.overwrite=true, or choose "
-                          f"another --run.out_dir")
+        raise ConfigError(
+            f"{ckpt_dir} already holds checkpoints; resume with --run.resume=true, "
+            f"start over with --run.resume=false --run.overwrite=true, or choose "
+            f"another --run.out_dir"
+        )
     if not has_ckpt and exported_steps(out):
-        raise ConfigError(f"{out / MODELS_DIR} holds model exports but {ckpt_dir} no checkpoint "
-                          f"to resume them from; start over with --run.resume=false "
-                          f"--run.overwrite=true (deletes them), or choose another --run.out_dir")
+        raise ConfigError(
+            f"{out / MODELS_DIR} holds model exports but {ckpt_dir} no checkpoint "
+            f"to resume them from; start over with --run.resume=false "
+            f"--run.overwrite=true (deletes them), or choose another --run.out_dir"
+        )
     return out
 
 
 def make_batcher(p: Prepared) -> data_lib.Batcher:
     d = p.config.data
     return data_lib.Batcher(
-        p.train_pieces, mode=d.mode, seq_len=d.seq_len, batch_size=d.batch_size,
-        grad_accum=p.config.optim.grad_accum, seed=d.seed, pack_policy=d.pack_policy,
-        single_bucket=d.single_bucket, long_docs=d.long_docs)
+        p.train_pieces,
+        mode=d.mode,
+        seq_len=d.seq_len,
+        batch_size=d.batch_size,
+        grad_accum=p.config.optim.grad_accum,
+        seed=d.seed,
+        pack_policy=d.pack_policy,
+        single_bucket=d.single_bucket,
+        long_docs=d.long_docs,
+    )
 
 
 @dataclasses.dataclass
@@ -284,8 +341,9 @@ def find_resume_point(ckpt: Checkpointer, compiled, p: Prepared, log) -> ResumeP
         else:
             old, old_model, hint = recorded_config(meta, ckpt.directory.parent, where, log)
             if old is not None:
-                check_resume(old, p.config, old_model=old_model, new_model=new_model,
-                             checkpoint=str(where))
+                check_resume(
+                    old, p.config, old_model=old_model, new_model=new_model, checkpoint=str(where)
+                )
             try:
                 state, meta = ckpt.restore(step, compiled.abstract_state, compiled.state_shardings)
                 return ResumePoint(step, state, meta, [s for s, _ in failed])
@@ -302,7 +360,8 @@ def find_resume_point(ckpt: Checkpointer, compiled, p: Prepared, log) -> ResumeP
         f"none of the {len(failed)} checkpoints in {ckpt.directory} can be read (steps "
         f"{', '.join(str(s) for s, _ in failed)}; newest: {failed[0][1]}); they are left as they "
         f"are. Train from scratch with another --run.out_dir, or with --run.resume=false "
-        f"--run.overwrite=true (deletes them)")
+        f"--run.overwrite=true (deletes them)"
+    )
 
 
 def recorded_config(meta, run_dir: pathlib.Path, where: pathlib.Path, log):
@@ -319,15 +378,24 @@ def recorded_config(meta, run_dir: pathlib.Path, where: pathlib.Path, log):
         old = None
     hint = " (this checkpoint records no config: was it written with another model?)"
     if isinstance(old, dict):
-        log(f"resume  {where} records no config (written before checkpoints held one); "
-            f"comparing with {file}")
+        log(
+            f"resume  {where} records no config (written before checkpoints held one); "
+            f"comparing with {file}"
+        )
         return old, None, hint
     log(f"resume  {where} records no config and {file} is missing: configs not compared")
     return None, None, hint
 
 
-def start_state(found: ResumePoint | None, ckpt: Checkpointer, compiled, exporter: "Exporter",
-                out: pathlib.Path, p: Prepared, log):
+def start_state(
+    found: ResumePoint | None,
+    ckpt: Checkpointer,
+    compiled,
+    exporter: Exporter,
+    out: pathlib.Path,
+    p: Prepared,
+    log,
+):
     """(state, step resumed from or None). Unreadable checkpoints newer than the one resumed
     are moved to out/unreadable/ (with their model exports), so that the run can write those
     steps again; the resumed step gets its model export if it has none."""
@@ -352,9 +420,11 @@ def start_state(found: ResumePoint | None, ckpt: Checkpointer, compiled, exporte
 
 
 def already_complete(out: pathlib.Path, start: int, r, log) -> dict:
-    log(f"already complete: {out / 'checkpoints'} is at step {start} >= --run.steps={r.steps}. "
+    log(
+        f"already complete: {out / 'checkpoints'} is at step {start} >= --run.steps={r.steps}. "
         f"Raise --run.steps to train on, or start over with --run.resume=false "
-        f"--run.overwrite=true.")
+        f"--run.overwrite=true."
+    )
     previous = out / "summary.json"
     return json.loads(previous.read_text()) if previous.exists() else {"steps": start}
 
@@ -386,8 +456,9 @@ class Exporter:
             prune_exports(self.models_dir, self.keep)
 
 
-def train_loop(p: Prepared, compiled, state, batcher, ckpt, exporter: Exporter, eval_set,
-               report: "Report"):
+def train_loop(
+    p: Prepared, compiled, state, batcher, ckpt, exporter: Exporter, eval_set, report: Report
+):
     """Steps from the state's step to --run.steps (or the time limit), with eval and checkpoints
     at their cadence; returns (state, last step, last eval loss or None).
 
@@ -414,8 +485,11 @@ def train_loop(p: Prepared, compiled, state, batcher, ckpt, exporter: Exporter, 
         pending = (s, metrics, batch["stats"])
         out_of_time = bool(r.time_limit_s) and report.elapsed() > r.time_limit_s
         do_eval = bool(r.eval_every) and s % r.eval_every == 0
-        do_ckpt = ((bool(r.checkpoint_every) and s % r.checkpoint_every == 0) or s == r.steps
-                   or out_of_time)
+        do_ckpt = (
+            (bool(r.checkpoint_every) and s % r.checkpoint_every == 0)
+            or s == r.steps
+            or out_of_time
+        )
         if do_eval or do_ckpt:
             report.step(*pending)
             pending = None
@@ -423,9 +497,16 @@ def train_loop(p: Prepared, compiled, state, batcher, ckpt, exporter: Exporter, 
             last_eval = evaluate(compiled, state.params, eval_set)
             report.eval(s, last_eval)
         if do_ckpt:
-            ckpt.save(s, state, {"data": batcher.state(), "step": s,
-                                 "config": p.config.to_dict(),
-                                 "model_config": model_record(p.model_config)})
+            ckpt.save(
+                s,
+                state,
+                {
+                    "data": batcher.state(),
+                    "step": s,
+                    "config": p.config.to_dict(),
+                    "model_config": model_record(p.model_config),
+                },
+            )
             exporter.export(s, state.params)
             report.checkpoint(s)
         if out_of_time and s < r.steps:
@@ -465,8 +546,9 @@ def open_loggers(config: TrainConfig, out: pathlib.Path, resumed_from: int | Non
         id_file = out / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(8)
         id_file.write_text(run_id + "\n")
-        loggers.append(metrics_lib.WandbWriter(r.wandb_project, r.wandb_mode, out,
-                                               config.to_dict(), run_id))
+        loggers.append(
+            metrics_lib.WandbWriter(r.wandb_project, r.wandb_mode, out, config.to_dict(), run_id)
+        )
     for logger in loggers:
         logger.config(config.to_dict(), 0 if resumed_from is None else resumed_from)
     return loggers
@@ -476,14 +558,21 @@ class Report:
     """What a run reports while it trains: metrics.jsonl records (and the same scalars to
     TensorBoard / W&B), the progress bar and its lines, and the totals its summary is made of."""
 
-    def __init__(self, p: Prepared, out: pathlib.Path, start: int, resumed_from: int | None,
-                 cache_dir: pathlib.Path | None):
+    def __init__(
+        self,
+        p: Prepared,
+        out: pathlib.Path,
+        start: int,
+        resumed_from: int | None,
+        cache_dir: pathlib.Path | None,
+    ):
         self.p, self.out, self.run_config, self.start = p, out, p.config.run, start
         self.cache_dir = cache_dir
         self.compile_s = None
         self.compile_cache = None
-        self.writer = metrics_lib.MetricsWriter(out / "metrics.jsonl", resumed_from,
-                                                enabled=is_main_process())
+        self.writer = metrics_lib.MetricsWriter(
+            out / "metrics.jsonl", resumed_from, enabled=is_main_process()
+        )
         self.loggers = open_loggers(p.config, out, resumed_from)
         self.devices = p.mesh.devices.size
         self.kind = p.mesh.devices.flatten()[0].device_kind
@@ -497,8 +586,9 @@ class Report:
         self.recent_losses: list[float] = []
         self.last_saved = resumed_from
         self.checkpoint_dir = out / "checkpoints"
-        self.progress = metrics_lib.Progress(self.run_config.steps, start,
-                                             self.run_config.progress and is_main_process())
+        self.progress = metrics_lib.Progress(
+            self.run_config.steps, start, self.run_config.progress and is_main_process()
+        )
         self.t_start = time.perf_counter()
 
     def elapsed(self) -> float:
@@ -511,13 +601,17 @@ class Report:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-            last_good = (f"{self.checkpoint_dir}/{self.last_saved}" if self.last_saved is not None
-                         else "none")
+            last_good = (
+                f"{self.checkpoint_dir}/{self.last_saved}"
+                if self.last_saved is not None
+                else "none"
+            )
             raise NonFiniteLoss(
                 f"non-finite {'loss' if not math.isfinite(m['loss']) else 'gradient'} at step {s} "
                 f"(loss {m['loss']}, grad norm {m['grad_norm']}); stopped without saving this state. "
                 f"Last good checkpoint: {last_good}. "
-                f"Try a lower --optim.lr (now {self.p.config.optim.lr}) or longer --optim.warmup_steps.")
+                f"Try a lower --optim.lr (now {self.p.config.optim.lr}) or longer --optim.warmup_steps."
+            )
         if self.first_step_s is None:
             self.first_step_s = now - self.t_start
         step_time = now - (self.t_start if self.last_step_t is None else self.last_step_t)
@@ -530,50 +624,87 @@ class Report:
         self.recent_losses = (self.recent_losses + [m["loss"]])[-20:]
         tps = self.meter.recent
         util = metrics_lib.mfu(self.flops, tps, self.peak, self.devices)
-        self.writer.write(dict(
-            step=s, loss=m["loss"], grad_norm=m["grad_norm"], lr=m.get("lr"),
-            targets=int(m["targets"]), real_tokens=stats["real_tokens"], slots=stats["slots"],
-            sequences=stats["sequences"], tokens_per_s=tps, mfu=util, time_s=now - self.t_start,
-            step_time_s=step_time,
-            # --data.long_docs=link: documents linked across rows, most rows one spans.
-            **{k: stats[k] for k in ("linked_documents", "longest_chain") if k in stats}))
+        self.writer.write(
+            dict(
+                step=s,
+                loss=m["loss"],
+                grad_norm=m["grad_norm"],
+                lr=m.get("lr"),
+                targets=int(m["targets"]),
+                real_tokens=stats["real_tokens"],
+                slots=stats["slots"],
+                sequences=stats["sequences"],
+                tokens_per_s=tps,
+                mfu=util,
+                time_s=now - self.t_start,
+                step_time_s=step_time,
+                # --data.long_docs=link: documents linked across rows, most rows one spans.
+                **{k: stats[k] for k in ("linked_documents", "longest_chain") if k in stats},
+            )
+        )
         eff = stats["real_tokens"] / stats["slots"]
         for logger in self.loggers:
-            logger.scalars(s, {"train/loss": m["loss"], "train/grad_norm": m["grad_norm"],
-                               "train/learning_rate": m.get("lr"),
-                               "train/packing_efficiency": eff, "perf/tokens_per_s": tps,
-                               "perf/mfu": util, "perf/step_time_s": step_time})
-        self.progress.update(1, f"loss {m['loss']:.3f} | {metrics_lib.fmt_rate(tps)} tok/s | "
-                                f"MFU {metrics_lib.fmt_pct(util)} | pack {100 * eff:.0f}%")
+            logger.scalars(
+                s,
+                {
+                    "train/loss": m["loss"],
+                    "train/grad_norm": m["grad_norm"],
+                    "train/learning_rate": m.get("lr"),
+                    "train/packing_efficiency": eff,
+                    "perf/tokens_per_s": tps,
+                    "perf/mfu": util,
+                    "perf/step_time_s": step_time,
+                },
+            )
+        self.progress.update(
+            1,
+            f"loss {m['loss']:.3f} | {metrics_lib.fmt_rate(tps)} tok/s | "
+            f"MFU {metrics_lib.fmt_pct(util)} | pack {100 * eff:.0f}%",
+        )
         if r.log_every and (s % r.log_every == 0 or s == self.start + 1):
-            self.progress.log(f"step {s:>6}/{r.steps}  loss {m['loss']:.4f}  grad_norm "
-                              f"{m['grad_norm']:.3f}  lr {m.get('lr', float('nan')):.2e}  "
-                              f"{metrics_lib.fmt_rate(tps)} tok/s  MFU {metrics_lib.fmt_pct(util)}  "
-                              f"packing {100 * eff:.1f}%")
+            self.progress.log(
+                f"step {s:>6}/{r.steps}  loss {m['loss']:.4f}  grad_norm "
+                f"{m['grad_norm']:.3f}  lr {m.get('lr', float('nan')):.2e}  "
+                f"{metrics_lib.fmt_rate(tps)} tok/s  MFU {metrics_lib.fmt_pct(util)}  "
+                f"packing {100 * eff:.1f}%"
+            )
 
     def compiled(self, seconds: float, stats: compilation_cache.CompileStats) -> None:
         """The first step's call took `seconds` (tracing, then compiling or loading from the
         cache; the step itself runs asynchronously after)."""
         self.compile_s = seconds
-        self.compile_cache = ("not used" if self.cache_dir is None else "miss" if stats.compiles
-                              else "hit" if stats.cache_hits else "not used")
-        self.progress.log(f"compile first step {seconds:.1f} s (persistent cache: "
-                          f"{self.compile_cache})")
+        self.compile_cache = (
+            "not used"
+            if self.cache_dir is None
+            else "miss"
+            if stats.compiles
+            else "hit"
+            if stats.cache_hits
+            else "not used"
+        )
+        self.progress.log(
+            f"compile first step {seconds:.1f} s (persistent cache: {self.compile_cache})"
+        )
 
     def eval(self, s: int, loss: float | None) -> None:
         self.writer.write(dict(step=s, eval_loss=loss))
         for logger in self.loggers:
             logger.scalars(s, {"eval/loss": loss})
-        self.progress.log(f"step {s:>6}/{self.run_config.steps}  eval loss {loss:.4f} (held out)"
-                          if loss is not None else f"step {s}: no held-out data")
+        self.progress.log(
+            f"step {s:>6}/{self.run_config.steps}  eval loss {loss:.4f} (held out)"
+            if loss is not None
+            else f"step {s}: no held-out data"
+        )
 
     def checkpoint(self, s: int) -> None:
         self.last_saved = s
         self.progress.log(f"checkpoint step {s} -> {self.checkpoint_dir}/{s}")
 
     def time_limit(self, s: int) -> None:
-        self.progress.log(f"time limit: stopping after step {s} (--run.time_limit_s="
-                          f"{self.run_config.time_limit_s:g}); run again to resume")
+        self.progress.log(
+            f"time limit: stopping after step {s} (--run.time_limit_s="
+            f"{self.run_config.time_limit_s:g}); run again to resume"
+        )
 
     def close(self) -> None:
         self.progress.close()
@@ -583,29 +714,44 @@ class Report:
 
     def summary(self, end_step: int, eval_loss: float | None, wall: float) -> dict:
         p, c, d = self.p, self.p.config, self.p.config.data
-        records = (metrics_lib.read_metrics(self.writer.path) if is_main_process() else [])
+        records = metrics_lib.read_metrics(self.writer.path) if is_main_process() else []
         train_records = [x for x in records if "loss" in x]
         tps = self.meter.overall
         return dict(
-            steps=end_step, planned_steps=c.run.steps, start_step=self.start,
+            steps=end_step,
+            planned_steps=c.run.steps,
+            start_step=self.start,
             loss_first=train_records[0]["loss"] if train_records else self.first_loss,
             loss_last=self.last_loss,
             loss_last20_mean=float(np.mean(self.recent_losses)) if self.recent_losses else None,
             eval_loss=eval_loss,
-            tokens_per_s=tps, tokens_per_s_per_device=tps / self.devices if tps else None,
+            tokens_per_s=tps,
+            tokens_per_s_per_device=tps / self.devices if tps else None,
             mfu=metrics_lib.mfu(self.flops, tps, self.peak, self.devices),
             packing_efficiency=self.real_tokens / self.slots if self.slots else None,
-            real_tokens=self.real_tokens, wall_s=wall, first_step_s=self.first_step_s,
-            compile_s=self.compile_s, compile_cache=self.compile_cache,
+            real_tokens=self.real_tokens,
+            wall_s=wall,
+            first_step_s=self.first_step_s,
+            compile_s=self.compile_s,
+            compile_cache=self.compile_cache,
             compilation_cache_dir=None if self.cache_dir is None else str(self.cache_dir),
-            mode=d.mode, seq_len=d.seq_len, batch_rows=1 if d.mode == "single" else d.batch_size,
-            grad_accum=c.optim.grad_accum, preset=c.model.preset,
-            num_params=p.model_config.num_params(), flops_per_token=self.flops,
-            compute_dtype=p.model_config.dtype, scan_impl=p.model_config.scan_impl,
-            device_kind=self.kind, num_devices=self.devices, backend=jax.default_backend(),
-            peak_flops_per_device=self.peak, jax_version=jax.__version__,
-            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            command=" ".join(sys.argv), out_dir=str(self.out),
+            mode=d.mode,
+            seq_len=d.seq_len,
+            batch_rows=1 if d.mode == "single" else d.batch_size,
+            grad_accum=c.optim.grad_accum,
+            preset=c.model.preset,
+            num_params=p.model_config.num_params(),
+            flops_per_token=self.flops,
+            compute_dtype=p.model_config.dtype,
+            scan_impl=p.model_config.scan_impl,
+            device_kind=self.kind,
+            num_devices=self.devices,
+            backend=jax.default_backend(),
+            peak_flops_per_device=self.peak,
+            jax_version=jax.__version__,
+            date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            command=" ".join(sys.argv),
+            out_dir=str(self.out),
         )
 
 
@@ -614,9 +760,13 @@ def write_summary(summary: dict, out: pathlib.Path, p: Prepared, log) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if p.config.run.plot:
         records = metrics_lib.read_metrics(out / "metrics.jsonl")
-        why = metrics_lib.plot_loss(records, out / "loss.png", f"{p.config.model.preset} "
-                                    f"{p.config.data.mode} seq {p.config.data.seq_len} — "
-                                    f"{p.corpus.description}")
+        why = metrics_lib.plot_loss(
+            records,
+            out / "loss.png",
+            f"{p.config.model.preset} "
+            f"{p.config.data.mode} seq {p.config.data.seq_len} — "
+            f"{p.corpus.description}",
+        )
         if why:
             log(f"no loss.png: {why}")
 
@@ -625,12 +775,17 @@ def summary_line(s: dict) -> str:
     def f(x, spec=".3f"):
         return "n/a" if x is None else format(x, spec)
 
-    per_dev = (f" ({metrics_lib.fmt_rate(s['tokens_per_s_per_device'])}/device)"
-               if s["num_devices"] > 1 else "")
-    return (f"done: {s['steps']} steps ({s['steps'] - s['start_step']} this run) in "
-            f"{_duration(s['wall_s'])} (compile {f(s.get('compile_s'), '.1f')} s) | loss "
-            f"{f(s['loss_first'])} -> {f(s['loss_last'])} "
-            f"(eval {f(s['eval_loss'])}) | {metrics_lib.fmt_rate(s['tokens_per_s'])} tok/s"
-            f"{per_dev} | MFU {metrics_lib.fmt_pct(s['mfu'])} | packing "
-            f"{metrics_lib.fmt_pct(s['packing_efficiency'])} | {s['num_devices']}x "
-            f"{s['device_kind']} | {s['out_dir']}")
+    per_dev = (
+        f" ({metrics_lib.fmt_rate(s['tokens_per_s_per_device'])}/device)"
+        if s["num_devices"] > 1
+        else ""
+    )
+    return (
+        f"done: {s['steps']} steps ({s['steps'] - s['start_step']} this run) in "
+        f"{_duration(s['wall_s'])} (compile {f(s.get('compile_s'), '.1f')} s) | loss "
+        f"{f(s['loss_first'])} -> {f(s['loss_last'])} "
+        f"(eval {f(s['eval_loss'])}) | {metrics_lib.fmt_rate(s['tokens_per_s'])} tok/s"
+        f"{per_dev} | MFU {metrics_lib.fmt_pct(s['mfu'])} | packing "
+        f"{metrics_lib.fmt_pct(s['packing_efficiency'])} | {s['num_devices']}x "
+        f"{s['device_kind']} | {s['out_dir']}"
+    )

@@ -16,25 +16,32 @@ depth; `--scan-layers` runs them under one lax.scan, where it is about flat (1.4
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import dataclasses
 import time
 
 from benchmarks import harness, workloads
 
 
-def child(preset: str, rows: int, seq_len: int, smoke: bool, n_layer: int | None,
-          scan_layers: bool = False) -> dict:
+def child(
+    preset: str,
+    rows: int,
+    seq_len: int,
+    smoke: bool,
+    n_layer: int | None,
+    scan_layers: bool = False,
+) -> dict:
     import jax
 
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    config = workloads.model_config("tiny" if smoke else preset, backend=jax.default_backend(),
-                                    scan_layers=scan_layers)
+    config = workloads.model_config(
+        "tiny" if smoke else preset, backend=jax.default_backend(), scan_layers=scan_layers
+    )
     if n_layer:
         config = dataclasses.replace(config, n_layer=n_layer)
     setup = workloads.train_setup(config, jax.devices()[0])
@@ -45,8 +52,9 @@ def child(preset: str, rows: int, seq_len: int, smoke: bool, n_layer: int | None
     t1 = time.perf_counter()
     lowered.compile()
     t2 = time.perf_counter()
-    return dict(n_layer=config.n_layer, scan_layers=config.scan_layers, lower_s=t1 - t0,
-                compile_s=t2 - t1)
+    return dict(
+        n_layer=config.n_layer, scan_layers=config.scan_layers, lower_s=t1 - t0, compile_s=t2 - t1
+    )
 
 
 def main(argv=None) -> int:
@@ -55,32 +63,59 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--cache-dir", default=None, help="compilation cache (default: a temp dir)")
-    ap.add_argument("--layers", default="",
-                    help="comma-separated layer counts to also compile once each (fresh cache)")
-    ap.add_argument("--scan-layers", action="store_true",
-                    help="run the layers under one lax.scan (MambaConfig.scan_layers); default: "
-                         "unrolled")
+    ap.add_argument(
+        "--layers",
+        default="",
+        help="comma-separated layer counts to also compile once each (fresh cache)",
+    )
+    ap.add_argument(
+        "--scan-layers",
+        action="store_true",
+        help="run the layers under one lax.scan (MambaConfig.scan_layers); default: unrolled",
+    )
     ap.add_argument("--n-layer", type=int, default=None, help="internal: the child's depth")
     ap.add_argument("--child", action="store_true", help="internal: one measurement")
     args = ap.parse_args(argv)
     if args.smoke:
         args.rows, args.seq_len = 2, 64
     if args.child:
-        print(json.dumps(child(args.preset, args.rows, args.seq_len, args.smoke, args.n_layer,
-                               args.scan_layers)))
+        print(
+            json.dumps(
+                child(
+                    args.preset, args.rows, args.seq_len, args.smoke, args.n_layer, args.scan_layers
+                )
+            )
+        )
         return 0
-    new = harness.new_result("compile_time", script=__file__, argv=sys.argv[1:],
-                             out_dir=args.out, smoke=args.smoke)
+    new = harness.new_result(
+        "compile_time", script=__file__, argv=sys.argv[1:], out_dir=args.out, smoke=args.smoke
+    )
     cache = args.cache_dir or tempfile.mkdtemp(prefix="xla_cache_")
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache)
-    cmd = [sys.executable, __file__, "--child", "--preset", args.preset, "--rows",
-           str(args.rows), "--seq-len", str(args.seq_len)] + (["--smoke"] if args.smoke else []) \
+    cmd = (
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            "--preset",
+            args.preset,
+            "--rows",
+            str(args.rows),
+            "--seq-len",
+            str(args.seq_len),
+        ]
+        + (["--smoke"] if args.smoke else [])
         + (["--scan-layers"] if args.scan_layers else [])
+    )
     depths = [int(n) for n in args.layers.split(",") if n]
     plan = [("first", cmd, env), ("cached", cmd, env)] + [
-        (f"first_{n}_layers", cmd + ["--n-layer", str(n)],
-         dict(os.environ, JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="xla_cache_")))
-        for n in depths]
+        (
+            f"first_{n}_layers",
+            cmd + ["--n-layer", str(n)],
+            dict(os.environ, JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="xla_cache_")),
+        )
+        for n in depths
+    ]
     runs = []
     for name, run_cmd, run_env in plan:
         proc = subprocess.run(run_cmd, env=run_env, capture_output=True, text=True)
@@ -89,9 +124,17 @@ def main(argv=None) -> int:
             break
         runs.append(dict(run=name, **json.loads(proc.stdout.strip().splitlines()[-1])))
         print(runs[-1], flush=True)
-    harness.write_json(new.path, dict(**new.header, preset=args.preset, scan_layers=args.scan_layers,
-                                      rows=args.rows,
-                                      seq_len=args.seq_len, runs=runs))
+    harness.write_json(
+        new.path,
+        dict(
+            **new.header,
+            preset=args.preset,
+            scan_layers=args.scan_layers,
+            rows=args.rows,
+            seq_len=args.seq_len,
+            runs=runs,
+        ),
+    )
     return 0
 
 

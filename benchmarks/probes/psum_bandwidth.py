@@ -82,15 +82,17 @@ def collective(op: str, mesh):
             return jax.lax.psum_scatter(x, "x", tiled=True)
         return jax.lax.all_gather(x, "x", tiled=True)
 
-    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("x"), out_specs=P("x"),
-                                 check_vma=False))
+    return jax.jit(
+        jax.shard_map(body, mesh=mesh, in_specs=P("x"), out_specs=P("x"), check_vma=False)
+    )
 
 
 def measure(devices, sizes_mb, dtypes, ops, *, warmup, groups, per_group, log=print) -> list:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     n = len(devices)
     mesh = Mesh(np.asarray(devices), ("x",))
@@ -103,23 +105,38 @@ def measure(devices, sizes_mb, dtypes, ops, *, warmup, groups, per_group, log=pr
                 # Elements of the full (unsharded) buffer, a multiple of n so that it scatters.
                 elements = max(n, int(size_mb * MB / item) // n * n)
                 per_device = elements // n if op == "all_gather" else elements
-                x = jax.jit(lambda: jnp.ones((n * per_device,), dtype),  # made in place
-                            out_shardings=NamedSharding(mesh, P("x")))()
+                x = jax.jit(
+                    lambda: jnp.ones((n * per_device,), dtype),  # made in place
+                    out_shardings=NamedSharding(mesh, P("x")),
+                )()
                 t0 = time.perf_counter()
                 fn.lower(x).compile()
                 compile_s = time.perf_counter() - t0
-                timing = harness.time_calls(fn, [(x,)], warmup=warmup, groups=groups,
-                                            per_group=per_group)
+                timing = harness.time_calls(
+                    fn, [(x,)], warmup=warmup, groups=groups, per_group=per_group
+                )
                 nbytes = elements * item
                 t = timing.median_s
                 algbw = nbytes / t / 1e9
-                rows.append(dict(op=op, dtype=dtype, devices=n, bytes=nbytes,
-                                 median_ms=1e3 * t, min_ms=1e3 * timing.min_s,
-                                 max_ms=1e3 * timing.max_s, group_ms=[1e3 * g for g in timing.group_s],
-                                 algbw_GBps=algbw, busbw_GBps=algbw * bus_factor(op, n),
-                                 compile_s=compile_s))
-                log(f"{op:15s} {dtype:9s} {nbytes / MB:9.3f} MB  {1e3 * t:9.3f} ms  algbw "
-                    f"{algbw:8.2f} GB/s  busbw {rows[-1]['busbw_GBps']:8.2f} GB/s")
+                rows.append(
+                    dict(
+                        op=op,
+                        dtype=dtype,
+                        devices=n,
+                        bytes=nbytes,
+                        median_ms=1e3 * t,
+                        min_ms=1e3 * timing.min_s,
+                        max_ms=1e3 * timing.max_s,
+                        group_ms=[1e3 * g for g in timing.group_s],
+                        algbw_GBps=algbw,
+                        busbw_GBps=algbw * bus_factor(op, n),
+                        compile_s=compile_s,
+                    )
+                )
+                log(
+                    f"{op:15s} {dtype:9s} {nbytes / MB:9.3f} MB  {1e3 * t:9.3f} ms  algbw "
+                    f"{algbw:8.2f} GB/s  busbw {rows[-1]['busbw_GBps']:8.2f} GB/s"
+                )
                 del x
     return rows
 
@@ -144,11 +161,16 @@ def gradient_estimates(rows: list[dict], presets=ESTIMATE_PRESETS) -> dict:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = harness.argument_parser(__doc__)
-    ap.add_argument("--devices", type=int, default=None,
-                    help="use the first N local devices (default all)")
-    ap.add_argument("--sizes-mb", default=None,
-                    help="comma list of buffer sizes in MB (default "
-                         + ",".join(map(str, DEFAULT_SIZES_MB)) + ")")
+    ap.add_argument(
+        "--devices", type=int, default=None, help="use the first N local devices (default all)"
+    )
+    ap.add_argument(
+        "--sizes-mb",
+        default=None,
+        help="comma list of buffer sizes in MB (default "
+        + ",".join(map(str, DEFAULT_SIZES_MB))
+        + ")",
+    )
     ap.add_argument("--dtypes", default=",".join(DTYPES))
     ap.add_argument("--ops", default=",".join(OPS))
     ap.add_argument("--warmup", type=int, default=None, help="default 2 (smoke 1)")
@@ -171,27 +193,50 @@ def main(argv=None) -> int:
         ap.error(f"--devices must be >= 1, got {args.devices}")
     if args.smoke and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         # Before jax starts its backend; it only adds CPU devices (a GPU run is unaffected).
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={SMOKE_DEVICES}").strip()
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "")
+            + f" --xla_force_host_platform_device_count={SMOKE_DEVICES}"
+        ).strip()
     import jax
 
     local = jax.local_devices()
     if args.devices is not None and args.devices > len(local):
         ap.error(f"--devices {args.devices}: this host has {len(local)}")
-    devices = local[:args.devices or len(local)]
+    devices = local[: args.devices or len(local)]
 
     def pick(value, full, smoke):
         return value if value is not None else (smoke if args.smoke else full)
 
-    new = harness.new_result("psum_bandwidth", script=__file__, argv=argv, out_dir=args.out,
-                             smoke=args.smoke, variant=f"{len(devices)}dev", device=devices[0])
+    new = harness.new_result(
+        "psum_bandwidth",
+        script=__file__,
+        argv=argv,
+        out_dir=args.out,
+        smoke=args.smoke,
+        variant=f"{len(devices)}dev",
+        device=devices[0],
+    )
     print(f"psum_bandwidth: {len(devices)} x {new.info.kind}; -> {new.path}", flush=True)
-    rows = measure(devices, sizes or pick(None, DEFAULT_SIZES_MB, SMOKE_SIZES_MB), dtypes, ops,
-                   warmup=pick(args.warmup, 2, 1), groups=pick(args.groups, 7, 2),
-                   per_group=pick(args.per_group, 5, 2))
+    rows = measure(
+        devices,
+        sizes or pick(None, DEFAULT_SIZES_MB, SMOKE_SIZES_MB),
+        dtypes,
+        ops,
+        warmup=pick(args.warmup, 2, 1),
+        groups=pick(args.groups, 7, 2),
+        per_group=pick(args.per_group, 5, 2),
+    )
     env = {k: v for k, v in os.environ.items() if k.startswith("NCCL_") or k == "XLA_FLAGS"}
-    harness.write_json(new.path, dict(**new.header, devices=len(devices), environment=env,
-                                      rows=rows, gradient_estimates=gradient_estimates(rows)))
+    harness.write_json(
+        new.path,
+        dict(
+            **new.header,
+            devices=len(devices),
+            environment=env,
+            rows=rows,
+            gradient_estimates=gradient_estimates(rows),
+        ),
+    )
     print(f"psum_bandwidth: wrote {new.path}", flush=True)
     return 0
 

@@ -37,8 +37,9 @@ CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 CUDNN_MAX_HEAD_DIM = 256
 
 
-def attention(q, k, v, *, segment_ids=None, causal=True, scale=None, max_segments=None,
-              impl="auto"):
+def attention(
+    q, k, v, *, segment_ids=None, causal=True, scale=None, max_segments=None, impl="auto"
+):
     """Segment-aware (GQA) attention; q (b, t, h, d), k and v (b, t, k, d), h % k == 0.
 
     segment_ids: (b, t) integers, or None (each row one segment). scale: the logits' factor,
@@ -59,8 +60,9 @@ def attention(q, k, v, *, segment_ids=None, causal=True, scale=None, max_segment
     check_attention_args(q, k, v, segment_ids, causal, scale)
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
-    if max_segments is not None and (not isinstance(max_segments, (int, np.integer))
-                                     or max_segments < 1):
+    if max_segments is not None and (
+        not isinstance(max_segments, (int, np.integer)) or max_segments < 1
+    ):
         raise ValueError(f"max_segments must be a positive int or None, got {max_segments!r}")
     if impl == "auto":
         impl = _auto_impl(q, max_segments)
@@ -75,8 +77,9 @@ def attention(q, k, v, *, segment_ids=None, causal=True, scale=None, max_segment
         return _reference_jit(q, k, v, runs, causal=causal, scale=scale)
     if impl == "cudnn":
         return _cudnn_masked_jit(q, k, v, runs, causal=causal, scale=scale)
-    return _cudnn_packed_jit(q, k, v, runs, causal=causal, scale=scale,
-                             max_segments=int(max_segments))
+    return _cudnn_packed_jit(
+        q, k, v, runs, causal=causal, scale=scale, max_segments=int(max_segments)
+    )
 
 
 def attention_reference(q, k, v, *, segment_ids=None, causal=True, scale=None):
@@ -84,19 +87,22 @@ def attention_reference(q, k, v, *, segment_ids=None, causal=True, scale=None):
     check_attention_args(q, k, v, segment_ids, causal, scale)
     batch, length = np.shape(q)[:2]
     scale = float(1.0 / np.sqrt(np.shape(q)[-1]) if scale is None else scale)
-    return _reference_jit(q, k, v, _run_index(segment_ids, batch, length), causal=causal,
-                          scale=scale)
+    return _reference_jit(
+        q, k, v, _run_index(segment_ids, batch, length), causal=causal, scale=scale
+    )
 
 
 def check_attention_args(q, k, v, segment_ids, causal, scale):
     """Raises ValueError naming the argument unless the shapes, dtypes and flags fit."""
     for name, a in dict(q=q, k=k, v=v).items():
         if len(np.shape(a)) != 4:
-            raise ValueError(f"{name} must be (batch, length, heads, head_dim), got shape "
-                             f"{np.shape(a)}")
+            raise ValueError(
+                f"{name} must be (batch, length, heads, head_dim), got shape {np.shape(a)}"
+            )
         if not jnp.issubdtype(jnp.result_type(a), jnp.floating):
-            raise ValueError(f"{name} must be a real floating array, got dtype "
-                             f"{jnp.result_type(a)}")
+            raise ValueError(
+                f"{name} must be a real floating array, got dtype {jnp.result_type(a)}"
+            )
     batch, length, heads, head_dim = np.shape(q)
     if length == 0:
         raise ValueError(f"length must be at least 1, got q with shape {np.shape(q)}")
@@ -106,18 +112,22 @@ def check_attention_args(q, k, v, segment_ids, causal, scale):
     if np.shape(k)[:2] != (batch, length) or np.shape(k)[3] != head_dim:
         raise ValueError(
             f"k must be (batch, length, kv_heads, head_dim) = ({batch}, {length}, kv_heads, "
-            f"{head_dim}) to match q {np.shape(q)}, got shape {np.shape(k)}")
+            f"{head_dim}) to match q {np.shape(q)}, got shape {np.shape(k)}"
+        )
     if kv_heads == 0 or heads % kv_heads:
         raise ValueError(f"q's heads ({heads}) must be a multiple of k's kv_heads ({kv_heads})")
     dtypes = {jnp.result_type(a) for a in (q, k, v)}
     if len(dtypes) != 1:
-        raise ValueError(f"q, k and v must share a dtype, got {jnp.result_type(q)}, "
-                         f"{jnp.result_type(k)} and {jnp.result_type(v)}")
+        raise ValueError(
+            f"q, k and v must share a dtype, got {jnp.result_type(q)}, "
+            f"{jnp.result_type(k)} and {jnp.result_type(v)}"
+        )
     check_segment_ids(segment_ids, batch, length)
     if not isinstance(causal, (bool, np.bool_)):
         raise ValueError(f"causal must be a bool, got {causal!r}")
-    if scale is not None and not (isinstance(scale, (int, float, np.floating))
-                                  and np.isfinite(scale)):
+    if scale is not None and not (
+        isinstance(scale, (int, float, np.floating)) and np.isfinite(scale)
+    ):
         raise ValueError(f"scale must be a finite Python number or None, got {scale!r}")
 
 
@@ -130,8 +140,9 @@ def _target_platform() -> str:
 
 def _cudnn_fits(q) -> bool:
     head_dim = np.shape(q)[-1]
-    return (jnp.result_type(q) in CUDNN_DTYPES and head_dim % 8 == 0
-            and head_dim <= CUDNN_MAX_HEAD_DIM)
+    return (
+        jnp.result_type(q) in CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM
+    )
 
 
 def _auto_impl(q, max_segments) -> str:
@@ -147,18 +158,26 @@ def _auto_impl(q, max_segments) -> str:
 def _check_cudnn(impl, q, max_segments):
     platform = _target_platform()
     if platform not in GPU_PLATFORMS:
-        raise ValueError(f'impl="{impl}" runs cuDNN kernels, which need a GPU, but this runs on '
-                         f'{platform!r}; use impl="reference" or "auto"')
+        raise ValueError(
+            f'impl="{impl}" runs cuDNN kernels, which need a GPU, but this runs on '
+            f'{platform!r}; use impl="reference" or "auto"'
+        )
     dtype, head_dim = jnp.result_type(q), np.shape(q)[-1]
     if dtype not in CUDNN_DTYPES:
-        raise ValueError(f'impl="{impl}" takes bfloat16 or float16 q, k, v (cuDNN flash '
-                         f'attention), got {dtype}; cast them or use impl="reference"')
+        raise ValueError(
+            f'impl="{impl}" takes bfloat16 or float16 q, k, v (cuDNN flash '
+            f'attention), got {dtype}; cast them or use impl="reference"'
+        )
     if head_dim % 8 or head_dim > CUDNN_MAX_HEAD_DIM:
-        raise ValueError(f'impl="{impl}" needs head_dim a multiple of 8 and at most '
-                         f'{CUDNN_MAX_HEAD_DIM}, got {head_dim}; use impl="reference"')
+        raise ValueError(
+            f'impl="{impl}" needs head_dim a multiple of 8 and at most '
+            f'{CUDNN_MAX_HEAD_DIM}, got {head_dim}; use impl="reference"'
+        )
     if impl == "cudnn_packed" and max_segments is None:
-        raise ValueError('impl="cudnn_packed" needs max_segments (a bound on the segments in '
-                         'any row); pass it, or use impl="cudnn"')
+        raise ValueError(
+            'impl="cudnn_packed" needs max_segments (a bound on the segments in '
+            'any row); pass it, or use impl="cudnn"'
+        )
 
 
 def _check_run_count(segment_ids, max_segments):
@@ -167,9 +186,11 @@ def _check_run_count(segment_ids, max_segments):
     ids = np.asarray(segment_ids)
     runs = 1 + np.count_nonzero(ids[:, 1:] != ids[:, :-1], axis=1)
     if runs.max() > max_segments:
-        raise ValueError(f"max_segments={max_segments} is less than the {int(runs.max())} "
-                         f"segments of row {int(runs.argmax())}; pass max_segments="
-                         f"{int(runs.max())} or more")
+        raise ValueError(
+            f"max_segments={max_segments} is less than the {int(runs.max())} "
+            f"segments of row {int(runs.argmax())}; pass max_segments="
+            f"{int(runs.max())} or more"
+        )
 
 
 def _run_index(segment_ids, batch, length):
@@ -217,8 +238,9 @@ def _cudnn_masked(q, k, v, runs, *, causal, scale, implementation="cudnn"):
         q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
         runs = jnp.pad(runs, [(0, 0), (0, 1)], constant_values=-1)
     mask = (runs[:, :, None] == runs[:, None, :])[:, None]  # causal comes from is_causal
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal,
-                                       implementation=implementation)
+    out = jax.nn.dot_product_attention(
+        q, k, v, mask=mask, scale=scale, is_causal=causal, implementation=implementation
+    )
     return out[:, :length]
 
 
@@ -248,9 +270,17 @@ def _cudnn_packed(q, k, v, runs, *, causal, scale, max_segments):
     # behind it (jax 0.11.2), which takes per-row segment offsets and lengths.
     seqlen, offsets = packed_layout(runs, max_segments)
     mask_type = cudnn_fa.MaskType.PADDING_CAUSAL if causal else cudnn_fa.MaskType.PADDING
-    out = cudnn_fa.dot_product_attention(q, k, v, q_seqlen=seqlen, kv_seqlen=seqlen,
-                                         q_offsets=offsets, kv_offsets=offsets, scale=scale,
-                                         mask_type=mask_type)
+    out = cudnn_fa.dot_product_attention(
+        q,
+        k,
+        v,
+        q_seqlen=seqlen,
+        kv_seqlen=seqlen,
+        q_offsets=offsets,
+        kv_offsets=offsets,
+        scale=scale,
+        mask_type=mask_type,
+    )
     dropped = (runs >= max_segments)[:, :, None, None]
     return jnp.where(dropped, jnp.asarray(jnp.nan, out.dtype), out)
 
@@ -273,16 +303,23 @@ def apply_rope(x, positions, *, theta, rotary_dim=None):
         raise ValueError(f"x must be a real floating array, got dtype {jnp.result_type(x)}")
     batch, length, _, head_dim = np.shape(x)
     if tuple(np.shape(positions)) != (batch, length):
-        raise ValueError(f"positions must have shape (batch, length) = {(batch, length)}, got "
-                         f"{tuple(np.shape(positions))}")
+        raise ValueError(
+            f"positions must have shape (batch, length) = {(batch, length)}, got "
+            f"{tuple(np.shape(positions))}"
+        )
     if not jnp.issubdtype(jnp.result_type(positions), jnp.integer):
-        raise ValueError(f"positions must be an integer array, got dtype "
-                         f"{jnp.result_type(positions)}")
+        raise ValueError(
+            f"positions must be an integer array, got dtype {jnp.result_type(positions)}"
+        )
     rotary_dim = head_dim if rotary_dim is None else rotary_dim
-    if not isinstance(rotary_dim, (int, np.integer)) or not 0 < rotary_dim <= head_dim \
-            or rotary_dim % 2:
-        raise ValueError(f"rotary_dim must be an even int in (0, head_dim={head_dim}], got "
-                         f"{rotary_dim!r}")
+    if (
+        not isinstance(rotary_dim, (int, np.integer))
+        or not 0 < rotary_dim <= head_dim
+        or rotary_dim % 2
+    ):
+        raise ValueError(
+            f"rotary_dim must be an even int in (0, head_dim={head_dim}], got {rotary_dim!r}"
+        )
     if not np.isfinite(theta) or theta <= 0:
         raise ValueError(f"theta must be a positive number, got {theta!r}")
     return _rope_jit(x, positions, theta=float(theta), rotary_dim=int(rotary_dim))

@@ -35,8 +35,9 @@ PALLAS_MIN_PROGRAMS_PER_SM = 4
 CONV_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
 
-def causal_conv1d(x, weight, bias=None, *, segment_ids=None, activation=None, impl="auto",
-                  continues=None):
+def causal_conv1d(
+    x, weight, bias=None, *, segment_ids=None, activation=None, impl="auto", continues=None
+):
     """Segment-aware depthwise causal conv; x (batch, length, channels), weight (channels, width).
 
     continues: optional (batch,) bool: row b's first run continues row b - 1's last run (see
@@ -63,9 +64,10 @@ def causal_conv1d(x, weight, bias=None, *, segment_ids=None, activation=None, im
         width = np.shape(weight)[1]
         ids = jnp.zeros(np.shape(x)[:2], jnp.int32) if segment_ids is None else segment_ids
         x_ext, ids_ext = previous_row_tail(x, ids, continues, width)
-        out = causal_conv1d(x_ext, weight, bias, segment_ids=ids_ext, activation=activation,
-                            impl=impl)
-        return out[:, width - 1:]
+        out = causal_conv1d(
+            x_ext, weight, bias, segment_ids=ids_ext, activation=activation, impl=impl
+        )
+        return out[:, width - 1 :]
     if impl == "auto":
         impl = _auto_impl(x)
     check_pallas_platform(impl, fallback="xla")
@@ -73,8 +75,9 @@ def causal_conv1d(x, weight, bias=None, *, segment_ids=None, activation=None, im
     if impl.startswith("pallas"):
         from pallas_kernels.causal_conv1d import causal_conv1d_pallas
 
-        return causal_conv1d_pallas(x, weight, bias, positions, activation=activation,
-                                    interpret=impl == "pallas_interpret")
+        return causal_conv1d_pallas(
+            x, weight, bias, positions, activation=activation, interpret=impl == "pallas_interpret"
+        )
     return _causal_conv1d_jit(x, weight, bias, positions, activation)
 
 
@@ -106,10 +109,14 @@ def check_causal_conv1d_args(x, weight, bias, segment_ids, activation):
             f"{np.shape(x)}, got shape {np.shape(weight)}"
         )
     if bias is not None and np.shape(bias) != (channels,):
-        raise ValueError(f"bias must have shape ({channels},) to match x {np.shape(x)}, got {np.shape(bias)}")
+        raise ValueError(
+            f"bias must have shape ({channels},) to match x {np.shape(x)}, got {np.shape(bias)}"
+        )
     for name, a in dict(x=x, weight=weight, bias=bias).items():
         if a is not None and not jnp.issubdtype(jnp.result_type(a), jnp.floating):
-            raise ValueError(f"{name} must be a real floating array, got dtype {jnp.result_type(a)}")
+            raise ValueError(
+                f"{name} must be a real floating array, got dtype {jnp.result_type(a)}"
+            )
     check_segment_ids(segment_ids, batch, length)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -137,8 +144,11 @@ def _taps(x, position, width):
 
 def _pre_activation(x, weight, bias, position):
     w = weight.astype(jnp.float32)
-    out = jnp.zeros(x.shape, jnp.float32) if bias is None else jnp.broadcast_to(
-        bias.astype(jnp.float32), x.shape)
+    out = (
+        jnp.zeros(x.shape, jnp.float32)
+        if bias is None
+        else jnp.broadcast_to(bias.astype(jnp.float32), x.shape)
+    )
     for k, tap in _taps(x, position, weight.shape[1]):
         out = out + tap * w[:, k]
     return out
@@ -180,7 +190,7 @@ def _causal_conv1d_bwd(activation, res, g):
         # Output t read x[t - lag] (when t is at least lag into its segment): send its gradient
         # back lag steps.
         sent = jnp.where((position >= lag)[..., None], g_pre, 0.0)
-        dx = dx + jnp.pad(sent, [(0, 0), (0, lag), (0, 0)])[:, lag:lag + length] * w[:, k]
+        dx = dx + jnp.pad(sent, [(0, 0), (0, lag), (0, 0)])[:, lag : lag + length] * w[:, k]
     dweight = jnp.stack(dw, axis=1).astype(weight.dtype)
     dbias = None if bias is None else jnp.sum(g_pre, axis=(0, 1)).astype(bias.dtype)
     return dx.astype(x.dtype), dweight, dbias, None
@@ -208,10 +218,14 @@ def segment_conv_windows(x, segment_ids, num_segments: int, width: int):
     t = jnp.arange(length)
     is_slot = segment_ids[..., None] == jnp.arange(num_segments)  # (b, t, s)
     last = jnp.max(jnp.where(is_slot, t[:, None], -1), axis=1)  # (b, s)
-    position = jnp.take_along_axis(positions_from_segment_ids(segment_ids), jnp.maximum(last, 0), axis=1)
+    position = jnp.take_along_axis(
+        positions_from_segment_ids(segment_ids), jnp.maximum(last, 0), axis=1
+    )
     lag = jnp.arange(width - 1, -1, -1)  # oldest first
     index = last[..., None] - lag  # (b, s, w)
     valid = (last >= 0)[..., None] & (lag <= position[..., None])
     flat = jnp.clip(index, 0, length - 1).reshape(batch, num_segments * width)
-    window = jnp.take_along_axis(x, flat[..., None], axis=1).reshape(batch, num_segments, width, channels)
+    window = jnp.take_along_axis(x, flat[..., None], axis=1).reshape(
+        batch, num_segments, width, channels
+    )
     return jnp.where(valid[..., None], window, jnp.zeros((), x.dtype))

@@ -38,8 +38,10 @@ def check_continues(continues, batch: int):
     if dtype != jnp.bool_:
         raise ValueError(f"continues must be a bool array, got dtype {dtype}")
     if not isinstance(continues, jax.core.Tracer) and bool(np.asarray(continues)[0]):
-        raise ValueError("continues[0] must be False: no row precedes row 0 (pass a carried "
-                         "state as row 0's initial state)")
+        raise ValueError(
+            "continues[0] must be False: no row precedes row 0 (pass a carried "
+            "state as row 0's initial state)"
+        )
 
 
 def single_run_rows(segment_ids):
@@ -74,8 +76,9 @@ def chain_row_states(end, decay, single_run, continues, given):
         moved = end_r + decay_r * (start - given_r)
         return jnp.where(single_r, moved, end_r), start
 
-    _, starts = jax.lax.scan(row, jnp.zeros_like(end[0]),
-                             (end, decay, single_run, continues, given))
+    _, starts = jax.lax.scan(
+        row, jnp.zeros_like(end[0]), (end, decay, single_run, continues, given)
+    )
     return starts
 
 
@@ -90,8 +93,8 @@ def previous_row_tail(x, segment_ids, continues, width: int):
     if length < k:
         raise ValueError(f"continues needs rows of at least width - 1 = {k} steps, got {length}")
     seg = segment_ids.astype(jnp.int32)
-    tail = jnp.roll(x[:, length - k:], 1, axis=0)  # row b - 1's tail in row b
-    tail_seg = jnp.roll(seg[:, length - k:], 1, axis=0)
+    tail = jnp.roll(x[:, length - k :], 1, axis=0)  # row b - 1's tail in row b
+    tail_seg = jnp.roll(seg[:, length - k :], 1, axis=0)
     prev_last = jnp.roll(seg[:, -1:], 1, axis=0)
     # A tail position belongs to row b - 1's last run iff it and every later one have its id.
     in_last = jnp.flip(jnp.cumprod(jnp.flip(tail_seg == prev_last, 1), axis=1), 1).astype(bool)

@@ -101,7 +101,8 @@ def check_pallas_platform(impl: str, *, fallback: str, name: str = "impl"):
         raise ValueError(
             f'{name}="pallas" runs Triton kernels, which need a GPU, but this runs on '
             f'{platform!r}; use {name}="pallas_interpret" (the same kernels through the Pallas '
-            f'interpreter, any backend), "{fallback}" or "auto"')
+            f'interpreter, any backend), "{fallback}" or "auto"'
+        )
 
 
 def _check_integer_rows(a, name: str):

@@ -103,7 +103,17 @@ def selective_scan(
       y with u's shape and dtype, or (y, final_states) when return_final_states.
     """
     num_segments = check_selective_scan_args(
-        u, delta, A, B, C, D, z, delta_bias, segment_ids, return_final_states, num_segments,
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        z,
+        delta_bias,
+        segment_ids,
+        return_final_states,
+        num_segments,
         initial_states,
     )
     check_continues(continues, np.shape(u)[0])
@@ -113,11 +123,26 @@ def selective_scan(
         impl = "pallas" if jax.default_backend() == "gpu" else "reference"
     check_pallas_platform(impl, fallback="reference")
     if initial_states is None and continues is None:  # the default path, untouched
-        return _run_impl(impl, u, delta, A, B, C, D, z, delta_bias, delta_softplus, segment_ids,
-                         None, return_final_states, num_segments)
+        return _run_impl(
+            impl,
+            u,
+            delta,
+            A,
+            B,
+            C,
+            D,
+            z,
+            delta_bias,
+            delta_softplus,
+            segment_ids,
+            None,
+            return_final_states,
+            num_segments,
+        )
     args = (u, delta, A, B, C, D, z, delta_bias)
-    run = functools.partial(_scan_from_starts, impl, args, delta_softplus, segment_ids,
-                            initial_states)
+    run = functools.partial(
+        _scan_from_starts, impl, args, delta_softplus, segment_ids, initial_states
+    )
     if continues is None:
         return run(None, return_final_states, num_segments)
     if impl != "reference" and (initial_states is None or segment_ids is None):
@@ -127,18 +152,51 @@ def selective_scan(
         from pallas_kernels.selective_scan import selective_scan_pallas
 
         return selective_scan_pallas(
-            *args, interpret=impl == "pallas_interpret", delta_softplus=delta_softplus,
-            segment_ids=segment_ids, first_run_states=first, continues=continues,
-            return_final_states=return_final_states, num_segments=num_segments)
-    return _continued(impl, run, args, delta_softplus, segment_ids, initial_states, continues,
-                      return_final_states, num_segments)
+            *args,
+            interpret=impl == "pallas_interpret",
+            delta_softplus=delta_softplus,
+            segment_ids=segment_ids,
+            first_run_states=first,
+            continues=continues,
+            return_final_states=return_final_states,
+            num_segments=num_segments,
+        )
+    return _continued(
+        impl,
+        run,
+        args,
+        delta_softplus,
+        segment_ids,
+        initial_states,
+        continues,
+        return_final_states,
+        num_segments,
+    )
 
 
-def _run_impl(impl, u, delta, A, B, C, D, z, delta_bias, delta_softplus, segment_ids,
-              first_run_states, return_final_states, num_segments):
-    kwargs = dict(delta_softplus=delta_softplus, segment_ids=segment_ids,
-                  first_run_states=first_run_states, return_final_states=return_final_states,
-                  num_segments=num_segments)
+def _run_impl(
+    impl,
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D,
+    z,
+    delta_bias,
+    delta_softplus,
+    segment_ids,
+    first_run_states,
+    return_final_states,
+    num_segments,
+):
+    kwargs = dict(
+        delta_softplus=delta_softplus,
+        segment_ids=segment_ids,
+        first_run_states=first_run_states,
+        return_final_states=return_final_states,
+        num_segments=num_segments,
+    )
     if impl == "reference":
         return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, **kwargs)
     from pallas_kernels.selective_scan import selective_scan_pallas
@@ -148,8 +206,16 @@ def _run_impl(impl, u, delta, A, B, C, D, z, delta_bias, delta_softplus, segment
     )
 
 
-def _scan_from_starts(impl, args, delta_softplus, segment_ids, initial_states, first,
-                      return_final_states, num_segments):
+def _scan_from_starts(
+    impl,
+    args,
+    delta_softplus,
+    segment_ids,
+    initial_states,
+    first,
+    return_final_states,
+    num_segments,
+):
     """The scan with per-slot initial states; `first` (b, d, n), when given, replaces the
     state the run at t = 0 starts from."""
     u, delta, A, B, C, D, z, delta_bias = args
@@ -157,13 +223,15 @@ def _scan_from_starts(impl, args, delta_softplus, segment_ids, initial_states, f
     seg = _ids(segment_ids, u)
     if first is None and initial_states is not None:
         first = initial_states[jnp.arange(batch), seg[:, 0]]
-    out = _run_impl(impl, *args, delta_softplus, segment_ids, first, return_final_states,
-                    num_segments)
+    out = _run_impl(
+        impl, *args, delta_softplus, segment_ids, first, return_final_states, num_segments
+    )
     if initial_states is None or segment_ids is None:  # no run begins after t = 0
         return out
     y, final = out if return_final_states else (out, None)
     y_mid, final_mid = _later_runs_from_initial_states(
-        discretize_delta(delta, delta_bias, delta_softplus), A, C, initial_states, seg)
+        discretize_delta(delta, delta_bias, delta_softplus), A, C, initial_states, seg
+    )
     acc = accumulation_dtype(u)
     if z is not None:
         y_mid = y_mid * jax.nn.silu(z.astype(acc))
@@ -184,7 +252,7 @@ def _later_runs_from_initial_states(delta, A, C, init, seg):
     (y term (b, t, d) before D and the gate, final-state term (b, s, d, n))."""
     acc = delta.dtype
     cum = run_cumsum(delta, segment_starts(seg))  # (b, t, d)
-    later = (jnp.cumsum(segment_starts(seg).astype(jnp.int32), axis=1) > 1)  # (b, t)
+    later = jnp.cumsum(segment_starts(seg).astype(jnp.int32), axis=1) > 1  # (b, t)
     A = A.astype(acc)
     init = init.astype(acc)
     per_token = jnp.take_along_axis(init, seg[:, :, None, None], axis=1)  # (b, t, d, n)
@@ -213,8 +281,17 @@ def run_cumsum(a, starts):
     return jax.lax.associative_scan(combine, (flags, a), axis=1)[1]
 
 
-def _continued(impl, run, args, delta_softplus, segment_ids, initial_states, continues,
-               return_final_states, num_segments):
+def _continued(
+    impl,
+    run,
+    args,
+    delta_softplus,
+    segment_ids,
+    initial_states,
+    continues,
+    return_final_states,
+    num_segments,
+):
     """Rows linked by `continues`: one scan from the given starts gives each row's last-run end
     state and (with its total decay) the affine map from the first run's start to it; a pass
     over the rows chains them; a second scan runs from the chained starts."""
@@ -240,7 +317,17 @@ def _continued(impl, run, args, delta_softplus, segment_ids, initial_states, con
 
 
 def check_selective_scan_args(
-    u, delta, A, B, C, D, z, delta_bias, segment_ids, return_final_states, num_segments,
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D,
+    z,
+    delta_bias,
+    segment_ids,
+    return_final_states,
+    num_segments,
     initial_states=None,
 ) -> int | None:
     """Validates shapes and dtypes before anything runs; returns the resolved num_segments."""
@@ -251,7 +338,9 @@ def check_selective_scan_args(
     if length == 0:
         raise ValueError(f"length must be at least 1, got u with shape {shapes['u']}")
     if len(shapes["A"]) != 2 or shapes["A"][0] != d_inner:
-        raise ValueError(f"A must be (d_inner, d_state) with d_inner={d_inner}, got shape {shapes['A']}")
+        raise ValueError(
+            f"A must be (d_inner, d_state) with d_inner={d_inner}, got shape {shapes['A']}"
+        )
     d_state = shapes["A"][1]
     expected = dict(
         delta=(batch, length, d_inner),
@@ -280,13 +369,17 @@ def check_selective_scan_args(
         if len(shape) != 4 or shape[0] != batch or shape[2:] != (d_inner, d_state):
             raise ValueError(
                 f"initial_states must be (batch, num_segments, d_inner, d_state) = "
-                f"{(batch, 'num_segments', d_inner, d_state)}, got shape {shape}")
+                f"{(batch, 'num_segments', d_inner, d_state)}, got shape {shape}"
+            )
         if not jnp.issubdtype(jnp.result_type(initial_states), jnp.floating):
-            raise ValueError(f"initial_states must be a real floating array, got dtype "
-                             f"{jnp.result_type(initial_states)}")
+            raise ValueError(
+                f"initial_states must be a real floating array, got dtype "
+                f"{jnp.result_type(initial_states)}"
+            )
         if num_segments is not None and num_segments != shape[1]:
-            raise ValueError(f"num_segments={num_segments!r} must equal "
-                             f"initial_states.shape[1]={shape[1]}")
+            raise ValueError(
+                f"num_segments={num_segments!r} must equal initial_states.shape[1]={shape[1]}"
+            )
         num_segments = shape[1]
         check_segment_slots(segment_ids, num_segments, used_by="initial_states")
     if return_final_states:
@@ -297,8 +390,11 @@ def check_selective_scan_args(
                     "[0, num_segments))"
                 )
             num_segments = 1
-        if (not isinstance(num_segments, (int, np.integer)) or isinstance(num_segments, bool)
-                or num_segments < 1):
+        if (
+            not isinstance(num_segments, (int, np.integer))
+            or isinstance(num_segments, bool)
+            or num_segments < 1
+        ):
             raise ValueError(f"num_segments must be a positive int, got {num_segments!r}")
         check_segment_slots(segment_ids, num_segments, used_by="return_final_states")
     return num_segments
@@ -393,6 +489,7 @@ def selective_scan_reference(
         final states are asked for.
         """
         if method == "sequential":
+
             def step(h, x_t):
                 delta_t, du_t, B_t, C_t, start_t = x_t
                 decay = jnp.where(start_t[:, None, None], 0.0, jnp.exp(delta_t[..., None] * A))
@@ -426,7 +523,9 @@ def selective_scan_reference(
     h0 = jnp.zeros((batch, d_inner, d_state), f32)
     if first_run_states is not None:
         h0 = first_run_states.astype(f32)
-    final0 = jnp.zeros((batch, num_segments, d_inner, d_state), f32) if return_final_states else None
+    final0 = (
+        jnp.zeros((batch, num_segments, d_inner, d_state), f32) if return_final_states else None
+    )
     (_, final), y = jax.lax.scan(chunk_step, (h0, final0), xs)
     y = jnp.moveaxis(y, 0, 1).reshape(batch, n_chunks * chunk, d_inner)[:, :length]
     y = finish_output(y, u, D, z)
@@ -451,6 +550,9 @@ def selective_state_update(h, u, delta, A, B, C, D, z, delta_bias):
     """
     delta = discretize_delta(delta, delta_bias, True)
     f32 = accumulation_dtype(u)
-    h = jnp.exp(delta[..., None] * A.astype(f32)) * h + (delta * u.astype(f32))[..., None] * B.astype(f32)[:, None, :]
+    h = (
+        jnp.exp(delta[..., None] * A.astype(f32)) * h
+        + (delta * u.astype(f32))[..., None] * B.astype(f32)[:, None, :]
+    )
     y = jnp.einsum("ben,bn->be", h, C.astype(f32))
     return h, finish_output(y, u, D, z)

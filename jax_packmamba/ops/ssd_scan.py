@@ -147,8 +147,19 @@ def ssd_scan(
       y with x's shape and dtype, or (y, final_states) when return_final_states.
     """
     num_segments = check_ssd_scan_args(
-        x, dt, A, B, C, D, z, dt_bias, segment_ids, chunk_size, initial_states,
-        return_final_states, num_segments,
+        x,
+        dt,
+        A,
+        B,
+        C,
+        D,
+        z,
+        dt_bias,
+        segment_ids,
+        chunk_size,
+        initial_states,
+        return_final_states,
+        num_segments,
     )
     check_continues(continues, np.shape(x)[0])
     if impl not in IMPLS:
@@ -161,15 +172,36 @@ def ssd_scan(
     run = functools.partial(_run_impl, impl, args, dt_softplus, chunk_size)
     if continues is None:
         return run(segment_ids, initial_states, return_final_states, num_segments)
-    return _continued(run, args, dt_softplus, segment_ids, initial_states, continues,
-                      return_final_states, num_segments)
+    return _continued(
+        run,
+        args,
+        dt_softplus,
+        segment_ids,
+        initial_states,
+        continues,
+        return_final_states,
+        num_segments,
+    )
 
 
-def _run_impl(impl, args, dt_softplus, chunk_size, segment_ids, initial_states,
-              return_final_states, num_segments):
-    kwargs = dict(dt_softplus=dt_softplus, segment_ids=segment_ids, chunk_size=chunk_size,
-                  initial_states=initial_states, return_final_states=return_final_states,
-                  num_segments=num_segments)
+def _run_impl(
+    impl,
+    args,
+    dt_softplus,
+    chunk_size,
+    segment_ids,
+    initial_states,
+    return_final_states,
+    num_segments,
+):
+    kwargs = dict(
+        dt_softplus=dt_softplus,
+        segment_ids=segment_ids,
+        chunk_size=chunk_size,
+        initial_states=initial_states,
+        return_final_states=return_final_states,
+        num_segments=num_segments,
+    )
     if impl != "reference":
         from pallas_kernels.ssd import ssd_scan_pallas
 
@@ -177,16 +209,27 @@ def _run_impl(impl, args, dt_softplus, chunk_size, segment_ids, initial_states,
     return ssd_scan_reference(*args, **kwargs)
 
 
-def _continued(run, args, dt_softplus, segment_ids, initial_states, continues,
-               return_final_states, num_segments):
+def _continued(
+    run,
+    args,
+    dt_softplus,
+    segment_ids,
+    initial_states,
+    continues,
+    return_final_states,
+    num_segments,
+):
     """Rows linked by `continues` (jax_packmamba/ops/links.py): a scan from the given starts
     reads each row's last-run end state, a pass over the rows chains them, and a second scan
     runs with each row's first run moved to an extra slot holding its chained start."""
     x, dt, A = args[:3]
     batch, length, heads, headdim = x.shape
     d_state = args[3].shape[3]
-    seg = (jnp.zeros((batch, length), jnp.int32) if segment_ids is None
-           else segment_ids.astype(jnp.int32))
+    seg = (
+        jnp.zeros((batch, length), jnp.int32)
+        if segment_ids is None
+        else segment_ids.astype(jnp.int32)
+    )
     rows = jnp.arange(batch)
     if initial_states is None:  # the last run's end state, whatever range the ids have
         _, final = run(compact_ids(seg, "last"), None, True, 3)
@@ -207,13 +250,17 @@ def _continued(run, args, dt_softplus, segment_ids, initial_states, continues,
     state_shape = (batch, slots, heads, headdim, d_state)
     init = jnp.zeros(state_shape, end.dtype) if initial_states is None else initial_states
     if initial_states is not None:
-        first = chain_row_states(end, decay, single_run_rows(seg), continues,
-                                 init[rows, seg[:, 0]].astype(end.dtype))
+        first = chain_row_states(
+            end, decay, single_run_rows(seg), continues, init[rows, seg[:, 0]].astype(end.dtype)
+        )
     # Slot `slots` is the first run's own; other runs keep their ids and slots.
     first_run = jnp.cumsum(starts.astype(jnp.int32), axis=1) == 1
-    out = run(jnp.where(first_run, slots, seg),
-              jnp.concatenate([init.astype(first.dtype), first[:, None]], axis=1),
-              return_final_states, slots + 1)
+    out = run(
+        jnp.where(first_run, slots, seg),
+        jnp.concatenate([init.astype(first.dtype), first[:, None]], axis=1),
+        return_final_states,
+        slots + 1,
+    )
     if not return_final_states:
         return out
     y, final = out
@@ -232,7 +279,18 @@ def _pallas_takes(x, B) -> bool:
 
 
 def check_ssd_scan_args(
-    x, dt, A, B, C, D, z, dt_bias, segment_ids, chunk_size, initial_states, return_final_states,
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D,
+    z,
+    dt_bias,
+    segment_ids,
+    chunk_size,
+    initial_states,
+    return_final_states,
     num_segments,
 ) -> int | None:
     """Validates shapes, dtypes and ids before anything runs; returns the resolved num_segments."""
@@ -243,50 +301,82 @@ def check_ssd_scan_args(
     if length == 0:
         raise ValueError(f"length must be at least 1, got x with shape {x_shape}")
     if tuple(np.shape(A)) != (heads,):
-        raise ValueError(f"A must be (heads,) = ({heads},) to match x {x_shape}, got shape {np.shape(A)}")
+        raise ValueError(
+            f"A must be (heads,) = ({heads},) to match x {x_shape}, got shape {np.shape(A)}"
+        )
     b_shape = tuple(np.shape(B))
     if len(b_shape) != 4 or b_shape[:2] != (batch, length):
-        raise ValueError(f"B must be (batch, length, groups, d_state) with (batch, length) = "
-                         f"{(batch, length)}, got shape {b_shape}")
+        raise ValueError(
+            f"B must be (batch, length, groups, d_state) with (batch, length) = "
+            f"{(batch, length)}, got shape {b_shape}"
+        )
     groups, d_state = b_shape[2:]
     if groups < 1 or heads % groups:
-        raise ValueError(f"heads={heads} (x's axis 2) must be a multiple of groups={groups} (B's axis 2)")
+        raise ValueError(
+            f"heads={heads} (x's axis 2) must be a multiple of groups={groups} (B's axis 2)"
+        )
     expected = dict(dt=(batch, length, heads), C=b_shape, z=x_shape, dt_bias=(heads,))
     given = dict(dt=dt, C=C, z=z, dt_bias=dt_bias)
     for name, a in given.items():
         if a is not None and tuple(np.shape(a)) != expected[name]:
-            raise ValueError(f"{name} must have shape {expected[name]} to match x {x_shape} and B "
-                             f"{b_shape}, got {tuple(np.shape(a))}")
+            raise ValueError(
+                f"{name} must have shape {expected[name]} to match x {x_shape} and B "
+                f"{b_shape}, got {tuple(np.shape(a))}"
+            )
     if D is not None and tuple(np.shape(D)) not in ((heads,), (heads, headdim)):
-        raise ValueError(f"D must have shape (heads,) = ({heads},) or (heads, headdim) = "
-                         f"{(heads, headdim)}, got {tuple(np.shape(D))}")
+        raise ValueError(
+            f"D must have shape (heads,) = ({heads},) or (heads, headdim) = "
+            f"{(heads, headdim)}, got {tuple(np.shape(D))}"
+        )
     if initial_states is not None:
         shape = tuple(np.shape(initial_states))
         if len(shape) != 5 or shape[0] != batch or shape[2:] != (heads, headdim, d_state):
             raise ValueError(
                 f"initial_states must be (batch, num_segments, heads, headdim, d_state) = "
-                f"{(batch, 'num_segments', heads, headdim, d_state)}, got shape {shape}")
+                f"{(batch, 'num_segments', heads, headdim, d_state)}, got shape {shape}"
+            )
         if num_segments is not None and num_segments != shape[1]:
-            raise ValueError(f"num_segments={num_segments!r} must equal initial_states.shape[1]={shape[1]}")
+            raise ValueError(
+                f"num_segments={num_segments!r} must equal initial_states.shape[1]={shape[1]}"
+            )
         num_segments = shape[1]
     for name, a in dict(x=x, A=A, B=B, D=D, initial_states=initial_states, **given).items():
         if a is not None and not jnp.issubdtype(jnp.result_type(a), jnp.floating):
-            raise ValueError(f"{name} must be a real floating array, got dtype {jnp.result_type(a)}")
+            raise ValueError(
+                f"{name} must be a real floating array, got dtype {jnp.result_type(a)}"
+            )
     check_segment_ids(segment_ids, batch, length)
-    if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
+    if (
+        not isinstance(chunk_size, (int, np.integer))
+        or isinstance(chunk_size, bool)
+        or chunk_size < 1
+    ):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if num_segments is None and (return_final_states or initial_states is not None):
         if segment_ids is not None:
-            raise ValueError("return_final_states with segment_ids needs num_segments (ids must "
-                             "lie in [0, num_segments))")
+            raise ValueError(
+                "return_final_states with segment_ids needs num_segments (ids must "
+                "lie in [0, num_segments))"
+            )
         num_segments = 1
     if num_segments is not None:
-        if (not isinstance(num_segments, (int, np.integer)) or isinstance(num_segments, bool)
-                or num_segments < 1):
+        if (
+            not isinstance(num_segments, (int, np.integer))
+            or isinstance(num_segments, bool)
+            or num_segments < 1
+        ):
             raise ValueError(f"num_segments must be a positive int, got {num_segments!r}")
-        check_segment_slots(segment_ids, num_segments, used_by=(
-            "return_final_states" if return_final_states
-            else "initial_states" if initial_states is not None else None))
+        check_segment_slots(
+            segment_ids,
+            num_segments,
+            used_by=(
+                "return_final_states"
+                if return_final_states
+                else "initial_states"
+                if initial_states is not None
+                else None
+            ),
+        )
     return num_segments
 
 
@@ -348,13 +438,22 @@ def ssd_scan_reference(
     )
     init = None
     if initial_states is not None:
-        init = initial_states.astype(acc).reshape(batch, num_segments, groups, per_group, headdim, d_state)
-        xs["slot_onehot"] = (slot[..., None] == jnp.arange(num_segments)).astype(acc)  # (b, c, L, s)
+        init = initial_states.astype(acc).reshape(
+            batch, num_segments, groups, per_group, headdim, d_state
+        )
+        xs["slot_onehot"] = (slot[..., None] == jnp.arange(num_segments)).astype(
+            acc
+        )  # (b, c, L, s)
 
     h_in = _states_entering_chunks(xs, init)  # (b, c, g, k, p, n): steps 2 and 3
     # Steps 1 and 4.
-    D_gk = None if D is None else jnp.broadcast_to(
-        D.reshape(heads, -1), (heads, headdim)).reshape(groups, per_group, headdim)
+    D_gk = (
+        None
+        if D is None
+        else jnp.broadcast_to(D.reshape(heads, -1), (heads, headdim)).reshape(
+            groups, per_group, headdim
+        )
+    )
     y = _chunk_outputs(xs, h_in, init, D_gk)  # (b, c, L, g, k, p)
     y = y.reshape(batch, n_chunks * L, heads, headdim)[:, :length]
     if z is not None:
@@ -443,7 +542,9 @@ def _chunk_outputs(xs, h_in, init, D):
         # C . init[slot] for tokens whose run began in the chunk: C masked by the one-hot slot,
         # contracted with every slot's initial state over (s, n).
         began = (run > 0).astype(C.dtype)[..., None]
-        c_slot = (xs["slot_onehot"] * began)[..., None, None] * C[:, :, :, None]  # (b, c, L, s, g, n)
+        c_slot = (xs["slot_onehot"] * began)[..., None, None] * C[
+            :, :, :, None
+        ]  # (b, c, L, s, g, n)
         off = off + jnp.einsum("bclsgn,bsgkpn->bclgkp", c_slot, init)
     base_decay = _split_heads(jnp.exp(cum), groups)[..., None]  # (b, c, L, g, k, 1)
     y = y + base_decay * off
@@ -460,8 +561,13 @@ def _select(a, onehot):
     if not jnp.issubdtype(a.dtype, jnp.floating):
         index = index.reshape(*index.shape, *([1] * (a.ndim - 2)))
         return jnp.take_along_axis(a, index, axis=1)
-    return jnp.einsum("bsc,bc...->bs...", onehot.astype(a.dtype), a,
-                      precision=jax.lax.Precision.HIGHEST, preferred_element_type=a.dtype)
+    return jnp.einsum(
+        "bsc,bc...->bs...",
+        onehot.astype(a.dtype),
+        a,
+        precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=a.dtype,
+    )
 
 
 @jax.checkpoint
@@ -481,7 +587,9 @@ def _final_states_from(xs_slot, h_in_slot, init, present):
     cum_last, run_last = at_last(cum), at_last(run)  # (b, s, h), (b, s)
     mask = (jnp.arange(L) <= pos[..., None]) & (run == run_last[..., None])  # (b, s, L)
     weight = _masked_exp(mask[..., None], cum_last[:, :, None] - cum) * xs_slot["dt"]
-    wx = _split_heads(weight, groups)[..., None] * xs_slot["x"].astype(cum.dtype)  # (b, s, L, g, k, p)
+    wx = _split_heads(weight, groups)[..., None] * xs_slot["x"].astype(
+        cum.dtype
+    )  # (b, s, L, g, k, p)
     state = jnp.einsum("bslgkp,bslgn->bsgkpn", wx, xs_slot["B"].astype(cum.dtype))
     # The base the last run decays from: the chunk's incoming state if the run entered the
     # chunk, else the slot's initial state.
@@ -519,7 +627,9 @@ def _finish_output(y, x, D, z):
     return y.astype(x.dtype)
 
 
-def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, *, dt_softplus: bool = True):
+def ssd_state_update(
+    state, x, dt, A, B, C, D=None, z=None, dt_bias=None, *, dt_softplus: bool = True
+):
     """One step of `ssd_scan`: the recurrent decoding form of the same op.
 
     state (b, h, p, n) float32; x, z (b, h, p); dt (b, h); A, dt_bias (h,); B, C (b, g, n);
@@ -532,7 +642,9 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, *, dt_
     B_h = jnp.repeat(B.astype(acc), heads // groups, axis=1)  # head h reads group h // k
     C_h = jnp.repeat(C.astype(acc), heads // groups, axis=1)
     decay = jnp.exp(dt * A.astype(acc))[..., None, None]
-    state = decay * state.astype(acc) + (dt[..., None] * x.astype(acc))[..., None] * B_h[:, :, None, :]
+    state = (
+        decay * state.astype(acc) + (dt[..., None] * x.astype(acc))[..., None] * B_h[:, :, None, :]
+    )
     y = jnp.einsum("bhpn,bhn->bhp", state, C_h)
     return state, _finish_output(y, x, D, z)
 
@@ -544,19 +656,35 @@ def check_ssd_state_update_args(state, x, dt, A, B, C, D, z, dt_bias):
     batch, heads, headdim = x_shape
     b_shape = tuple(np.shape(B))
     if len(b_shape) != 3 or b_shape[0] != batch:
-        raise ValueError(f"B must be (batch, groups, d_state) with batch={batch}, got shape {b_shape}")
+        raise ValueError(
+            f"B must be (batch, groups, d_state) with batch={batch}, got shape {b_shape}"
+        )
     groups, d_state = b_shape[1:]
     if groups < 1 or heads % groups:
-        raise ValueError(f"heads={heads} (x's axis 1) must be a multiple of groups={groups} (B's axis 1)")
-    expected = dict(state=(batch, heads, headdim, d_state), dt=(batch, heads), A=(heads,), C=b_shape,
-                    z=x_shape, dt_bias=(heads,))
+        raise ValueError(
+            f"heads={heads} (x's axis 1) must be a multiple of groups={groups} (B's axis 1)"
+        )
+    expected = dict(
+        state=(batch, heads, headdim, d_state),
+        dt=(batch, heads),
+        A=(heads,),
+        C=b_shape,
+        z=x_shape,
+        dt_bias=(heads,),
+    )
     given = dict(state=state, dt=dt, A=A, C=C, z=z, dt_bias=dt_bias)
     for name, a in given.items():
         if a is not None and tuple(np.shape(a)) != expected[name]:
-            raise ValueError(f"{name} must have shape {expected[name]} to match x {x_shape} and B "
-                             f"{b_shape}, got {tuple(np.shape(a))}")
+            raise ValueError(
+                f"{name} must have shape {expected[name]} to match x {x_shape} and B "
+                f"{b_shape}, got {tuple(np.shape(a))}"
+            )
     if D is not None and tuple(np.shape(D)) not in ((heads,), (heads, headdim)):
-        raise ValueError(f"D must have shape ({heads},) or {(heads, headdim)}, got {tuple(np.shape(D))}")
+        raise ValueError(
+            f"D must have shape ({heads},) or {(heads, headdim)}, got {tuple(np.shape(D))}"
+        )
     for name, a in dict(x=x, B=B, D=D, **given).items():
         if a is not None and not jnp.issubdtype(jnp.result_type(a), jnp.floating):
-            raise ValueError(f"{name} must be a real floating array, got dtype {jnp.result_type(a)}")
+            raise ValueError(
+                f"{name} must be a real floating array, got dtype {jnp.result_type(a)}"
+            )

@@ -60,10 +60,14 @@ def _position(pos_ref, b, t, st: Static):
 
 
 def _params(r, e0, cmask, st: Static):
-    taps = [load(r["w"], (k, pl.ds(e0, st.block_e)), mask=cmask).astype(F32)
-            for k in range(st.width)]
-    bias = (load(r["bias"], (pl.ds(e0, st.block_e),), mask=cmask).astype(F32)
-            if "bias" in r else jnp.zeros((st.block_e,), F32))
+    taps = [
+        load(r["w"], (k, pl.ds(e0, st.block_e)), mask=cmask).astype(F32) for k in range(st.width)
+    ]
+    bias = (
+        load(r["bias"], (pl.ds(e0, st.block_e),), mask=cmask).astype(F32)
+        if "bias" in r
+        else jnp.zeros((st.block_e,), F32)
+    )
     return taps, bias
 
 
@@ -78,8 +82,9 @@ def _pre(window, x_t, position, taps, bias, st: Static):
 
 
 def _initial_window(x_ref, b, t0, e0, cmask, st: Static):
-    return tuple(_row(x_ref, b, t0 - (st.width - 1) + i, e0, cmask, st)
-                 for i in range(st.width - 1))
+    return tuple(
+        _row(x_ref, b, t0 - (st.width - 1) + i, e0, cmask, st) for i in range(st.width - 1)
+    )
 
 
 def _fwd_kernel(r, *, st: Static):
@@ -93,8 +98,12 @@ def _fwd_kernel(r, *, st: Static):
         out = _pre(window, x_t, _position(r["positions"], b, t, st), taps, bias, st)
         if st.silu:
             out = out * sigmoid(out)
-        store(r["out"], (b, jnp.minimum(t, st.length - 1), pl.ds(e0, st.block_e)), out,
-              mask=cmask & (t < st.length))
+        store(
+            r["out"],
+            (b, jnp.minimum(t, st.length - 1), pl.ds(e0, st.block_e)),
+            out,
+            mask=cmask & (t < st.length),
+        )
         return (*window, x_t)[1:]
 
     jax.lax.fori_loop(0, st.chunk, step, _initial_window(r["x"], b, t0, e0, cmask, st))
@@ -121,24 +130,36 @@ def _bwd_kernel(r, *, st: Static):
         # the next program.
         own = (i < st.chunk).astype(F32)
         rows = (*window, x_t)
-        dw = tuple(dw[k] + own * jnp.where(position >= st.width - 1 - k, rows[k], 0.0) * g_pre
-                   for k in range(st.width))
+        dw = tuple(
+            dw[k] + own * jnp.where(position >= st.width - 1 - k, rows[k], 0.0) * g_pre
+            for k in range(st.width)
+        )
         dbias = dbias + own * g_pre
         # pending holds dx[t-w+1] .. dx[t-1] (oldest first); tap k of step t lands on dx[t-lag].
         rows_dx = (*pending, zero)
-        rows_dx = tuple(rows_dx[k] + jnp.where(position >= st.width - 1 - k, g_pre, 0.0) * taps[k]
-                        for k in range(st.width))
+        rows_dx = tuple(
+            rows_dx[k] + jnp.where(position >= st.width - 1 - k, g_pre, 0.0) * taps[k]
+            for k in range(st.width)
+        )
         done = rows_dx[0]
         t_done = t - (st.width - 1)
         # dx[t - w + 1] has all its terms now; rows before the chunk belong to the previous program.
         keep = (t_done >= t0) & (t_done < jnp.minimum(t0 + st.chunk, st.length))
-        store(r["dx"], (b, jnp.clip(t_done, 0, st.length - 1), pl.ds(e0, st.block_e)), done,
-              mask=cmask & keep)
+        store(
+            r["dx"],
+            (b, jnp.clip(t_done, 0, st.length - 1), pl.ds(e0, st.block_e)),
+            done,
+            mask=cmask & keep,
+        )
         return (*window, x_t)[1:], rows_dx[1:], dw, dbias
 
     pending = tuple(zero for _ in range(st.width - 1))
-    carry = (_initial_window(r["x"], b, t0, e0, cmask, st), pending,
-             tuple(zero for _ in range(st.width)), zero)
+    carry = (
+        _initial_window(r["x"], b, t0, e0, cmask, st),
+        pending,
+        tuple(zero for _ in range(st.width)),
+        zero,
+    )
     _, _, dw, dbias = jax.lax.fori_loop(0, st.chunk + st.width - 1, step, carry)
     for k in range(st.width):
         store(r["dw"], (b, c, k, pl.ds(e0, st.block_e)), dw[k], mask=cmask)
@@ -152,10 +173,16 @@ def _grid(batch, st: Static):
 def conv_fwd(x, w_t, bias, positions, *, st: Static, num_warps: int, interpret: bool):
     """out (b, t, e) in x's dtype; w_t (w, e) float32, bias (e,) float32 or None, positions
     (b, t) int32."""
-    return launch.call(_fwd_kernel, dict(x=x, w=w_t, bias=bias, positions=positions),
-                       dict(out=jax.ShapeDtypeStruct(x.shape, x.dtype)),
-                       grid=_grid(x.shape[0], st), name="causal_conv1d_fwd",
-                       num_warps=num_warps, interpret=interpret, st=st)[0]
+    return launch.call(
+        _fwd_kernel,
+        dict(x=x, w=w_t, bias=bias, positions=positions),
+        dict(out=jax.ShapeDtypeStruct(x.shape, x.dtype)),
+        grid=_grid(x.shape[0], st),
+        name="causal_conv1d_fwd",
+        num_warps=num_warps,
+        interpret=interpret,
+        st=st,
+    )[0]
 
 
 def conv_bwd(x, w_t, bias, positions, g, *, st: Static, num_warps: int, interpret: bool):
@@ -164,9 +191,16 @@ def conv_bwd(x, w_t, bias, positions, g, *, st: Static, num_warps: int, interpre
     batch = x.shape[0]
     nc = -(-st.length // st.chunk)
     return launch.call(
-        _bwd_kernel, dict(x=x, w=w_t, bias=bias, positions=positions, g=g),
-        dict(dx=jax.ShapeDtypeStruct(x.shape, x.dtype),
-             dw=jax.ShapeDtypeStruct((batch, nc, st.width, st.channels), F32),
-             dbias=jax.ShapeDtypeStruct((batch, nc, st.channels), F32)),
-        grid=_grid(batch, st), name="causal_conv1d_bwd", num_warps=num_warps,
-        interpret=interpret, st=st)
+        _bwd_kernel,
+        dict(x=x, w=w_t, bias=bias, positions=positions, g=g),
+        dict(
+            dx=jax.ShapeDtypeStruct(x.shape, x.dtype),
+            dw=jax.ShapeDtypeStruct((batch, nc, st.width, st.channels), F32),
+            dbias=jax.ShapeDtypeStruct((batch, nc, st.channels), F32),
+        ),
+        grid=_grid(batch, st),
+        name="causal_conv1d_bwd",
+        num_warps=num_warps,
+        interpret=interpret,
+        st=st,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+
 # jax registers a config that enters its trace context (pallas_fuser_disable_nested_fuse) when
 # the Pallas fuser is first imported, which the interpreter does lazily at its first call. Left
 # to happen mid-run, that changes the trace context, and every jitted function traced before it
@@ -15,8 +16,7 @@ import numpy as np
 from pallas_kernels.decode import kernel
 from pallas_kernels.decode.config import DecodeConfig, pick_config
 
-__all__ = ["DecodeConfig", "check_mixer_core_args", "mixer_core_pallas", "pick_config",
-           "supported"]
+__all__ = ["DecodeConfig", "check_mixer_core_args", "mixer_core_pallas", "pick_config", "supported"]
 
 F32 = jnp.float32
 
@@ -27,9 +27,21 @@ def supported(d_state: int) -> bool:
     return d_state >= 1 and d_state & (d_state - 1) == 0
 
 
-def mixer_core_pallas(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight,
-                      dt_proj_weight, dt_bias, A_log, D, *, config: DecodeConfig | None = None,
-                      interpret: bool = False):
+def mixer_core_pallas(
+    xz,
+    conv_state,
+    ssm_state,
+    conv_weight,
+    conv_bias,
+    x_proj_weight,
+    dt_proj_weight,
+    dt_bias,
+    A_log,
+    D,
+    *,
+    config: DecodeConfig | None = None,
+    interpret: bool = False,
+):
     """The per-token part of a Mamba1 mixer between in_proj and out_proj, in two kernels.
 
     Args (c is the compute dtype, that of xz):
@@ -48,29 +60,73 @@ def mixer_core_pallas(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_
       out_proj). Both states are written in place where the caller lets XLA donate them (a
       while loop's carry does).
     """
-    b, e, n, r, w = check_mixer_core_args(xz, conv_state, ssm_state, conv_weight, conv_bias,
-                                          x_proj_weight, dt_proj_weight, dt_bias, A_log, D)
+    b, e, n, r, w = check_mixer_core_args(
+        xz,
+        conv_state,
+        ssm_state,
+        conv_weight,
+        conv_bias,
+        x_proj_weight,
+        dt_proj_weight,
+        dt_bias,
+        A_log,
+        D,
+    )
     cfg = config or pick_config(b, e, n)
     st = kernel.Static(
-        batch=b, d_inner=e, d_state=n, dt_rank=r, width=w, block_rows=cfg.block_rows,
-        block_conv=cfg.block_conv, conv_blocks_per_program=cfg.conv_blocks_per_program,
-        block_state=cfg.block_state, dtype=jnp.dtype(xz.dtype).name, fast=not interpret)
+        batch=b,
+        d_inner=e,
+        d_state=n,
+        dt_rank=r,
+        width=w,
+        block_rows=cfg.block_rows,
+        block_conv=cfg.block_conv,
+        conv_blocks_per_program=cfg.conv_blocks_per_program,
+        block_state=cfg.block_state,
+        dtype=jnp.dtype(xz.dtype).name,
+        fast=not interpret,
+    )
     c = xz.dtype
     conv_state, xc, parts = kernel.conv_x_proj(
-        xz, conv_state.astype(c), conv_weight.astype(c),
-        None if conv_bias is None else conv_bias.astype(c), x_proj_weight.astype(c), st=st,
-        num_warps=cfg.num_warps_conv, interpret=interpret)
+        xz,
+        conv_state.astype(c),
+        conv_weight.astype(c),
+        None if conv_bias is None else conv_bias.astype(c),
+        x_proj_weight.astype(c),
+        st=st,
+        num_warps=cfg.num_warps_conv,
+        interpret=interpret,
+    )
     # One small XLA reduction over the channel groups' partials (p, b, R).
     dbc = parts[0] if parts.shape[0] == 1 else jnp.sum(parts, axis=0)
     ssm_state, y = kernel.ssm_update(
-        dbc, dt_proj_weight.astype(c), dt_bias.astype(F32), A_log.astype(F32),
-        None if D is None else D.astype(F32), xc, xz, ssm_state.astype(F32), st=st,
-        num_warps=cfg.num_warps_state, interpret=interpret)
+        dbc,
+        dt_proj_weight.astype(c),
+        dt_bias.astype(F32),
+        A_log.astype(F32),
+        None if D is None else D.astype(F32),
+        xc,
+        xz,
+        ssm_state.astype(F32),
+        st=st,
+        num_warps=cfg.num_warps_state,
+        interpret=interpret,
+    )
     return y, conv_state, ssm_state
 
 
-def check_mixer_core_args(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight,
-                          dt_proj_weight, dt_bias, A_log, D):
+def check_mixer_core_args(
+    xz,
+    conv_state,
+    ssm_state,
+    conv_weight,
+    conv_bias,
+    x_proj_weight,
+    dt_proj_weight,
+    dt_bias,
+    A_log,
+    D,
+):
     """Validates shapes; returns (b, e, n, r, w)."""
     shape = lambda a: tuple(np.shape(a))  # noqa: E731
     if len(shape(xz)) != 2 or shape(xz)[1] % 2:
@@ -85,14 +141,28 @@ def check_mixer_core_args(xz, conv_state, ssm_state, conv_weight, conv_bias, x_p
     if not supported(n):
         raise ValueError(f"d_state={n} must be a power of two for the decode kernels")
     if len(shape(dt_proj_weight)) != 2 or shape(dt_proj_weight)[1] != e:
-        raise ValueError(f"dt_proj_weight must be (dt_rank, d_inner={e}), got {shape(dt_proj_weight)}")
+        raise ValueError(
+            f"dt_proj_weight must be (dt_rank, d_inner={e}), got {shape(dt_proj_weight)}"
+        )
     r = shape(dt_proj_weight)[0]
     if w < 2:
         raise ValueError(f"d_conv={w} must be at least 2 (the state holds d_conv - 1 inputs)")
-    expected = dict(conv_state=(b, w - 1, e), ssm_state=(b, e, n), conv_bias=(e,),
-                    x_proj_weight=(e, r + 2 * n), dt_bias=(e,), D=(e,))
-    given = dict(conv_state=conv_state, ssm_state=ssm_state, conv_bias=conv_bias,
-                 x_proj_weight=x_proj_weight, dt_bias=dt_bias, D=D)
+    expected = dict(
+        conv_state=(b, w - 1, e),
+        ssm_state=(b, e, n),
+        conv_bias=(e,),
+        x_proj_weight=(e, r + 2 * n),
+        dt_bias=(e,),
+        D=(e,),
+    )
+    given = dict(
+        conv_state=conv_state,
+        ssm_state=ssm_state,
+        conv_bias=conv_bias,
+        x_proj_weight=x_proj_weight,
+        dt_bias=dt_bias,
+        D=D,
+    )
     for name, a in given.items():
         if a is not None and shape(a) != expected[name]:
             raise ValueError(f"{name} must have shape {expected[name]}, got {shape(a)}")

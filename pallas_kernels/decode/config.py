@@ -56,5 +56,6 @@ def pick_config(batch: int, d_inner: int, d_state: int) -> DecodeConfig:
     # About two programs an SM for the conv kernel, never fewer than one block each.
     per_program = max(1, min(conv_blocks, (conv_blocks * row_blocks) // (2 * core_count())))
     tile = base.block_rows * base.block_state * d_state
-    return dataclasses.replace(base, conv_blocks_per_program=per_program,
-                               num_warps_state=4 if tile <= 8192 else 8)
+    return dataclasses.replace(
+        base, conv_blocks_per_program=per_program, num_warps_state=4 if tile <= 8192 else 8
+    )

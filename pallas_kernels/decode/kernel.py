@@ -112,13 +112,19 @@ def _conv_x_proj_kernel(r, *, st: Static):
         m = rmask[:, None] & cmask[None, :]
         rows, cols = pl.ds(b0, st.block_rows), pl.ds(e0, st.block_conv)
         x = plgpu.load(xz_ref.at[rows, cols], mask=m, other=0)
-        window = [plgpu.load(conv_ref.at[rows, jnp.int32(k), cols], mask=m, other=0)
-                  for k in range(st.width - 1)]
-        taps = [plgpu.load(w_ref.at[cols, jnp.int32(k)], mask=cmask, other=0).astype(F32)
-                for k in range(st.width)]
+        window = [
+            plgpu.load(conv_ref.at[rows, jnp.int32(k), cols], mask=m, other=0)
+            for k in range(st.width - 1)
+        ]
+        taps = [
+            plgpu.load(w_ref.at[cols, jnp.int32(k)], mask=cmask, other=0).astype(F32)
+            for k in range(st.width)
+        ]
         pre = jnp.zeros((st.block_rows, st.block_conv), F32)
         if "conv_bias" in r:
-            pre = pre + plgpu.load(r["conv_bias"].at[cols], mask=cmask, other=0).astype(F32)[None, :]
+            pre = (
+                pre + plgpu.load(r["conv_bias"].at[cols], mask=cmask, other=0).astype(F32)[None, :]
+            )
         for k, inp in enumerate((*window, x)):
             pre = pre + inp.astype(F32) * taps[k][None, :]
         xc = _silu(pre, st).astype(c)
@@ -126,17 +132,21 @@ def _conv_x_proj_kernel(r, *, st: Static):
         # Each element is loaded and stored by the same thread (same tile, same layout), so
         # shifting the window in place never overwrites an input before it is read.
         for k, inp in enumerate((*window, x)[1:]):
-            plgpu.store(conv_out_ref.at[rows, jnp.int32(k), cols], inp.astype(conv_out_ref.dtype),
-                        mask=m)
-        xw = plgpu.load(xw_ref.at[cols, pl.ds(0, st.x_width_pad)],
-                        mask=cmask[:, None] & xmask[None, :], other=0)
-        return acc + jnp.dot(xc, xw.astype(c), preferred_element_type=F32,
-                             precision=st.precision)
+            plgpu.store(
+                conv_out_ref.at[rows, jnp.int32(k), cols], inp.astype(conv_out_ref.dtype), mask=m
+            )
+        xw = plgpu.load(
+            xw_ref.at[cols, pl.ds(0, st.x_width_pad)], mask=cmask[:, None] & xmask[None, :], other=0
+        )
+        return acc + jnp.dot(xc, xw.astype(c), preferred_element_type=F32, precision=st.precision)
 
     acc = jnp.zeros((st.block_rows, st.x_width_pad), F32)
     acc = jax.lax.fori_loop(0, st.conv_blocks_per_program, block, acc)
-    plgpu.store(parts_ref.at[group, pl.ds(b0, st.block_rows), pl.ds(0, st.x_width_pad)], acc,
-                mask=rmask[:, None] & xmask[None, :])
+    plgpu.store(
+        parts_ref.at[group, pl.ds(b0, st.block_rows), pl.ds(0, st.x_width_pad)],
+        acc,
+        mask=rmask[:, None] & xmask[None, :],
+    )
 
 
 def _ssm_update_kernel(refs, *, st: Static):
@@ -153,13 +163,15 @@ def _ssm_update_kernel(refs, *, st: Static):
 
     # x_proj's output, summed over channels, rounded to c as the unfused step stores it.
     rank_mask = _iota(st.rank_pad) < r
-    dt_low = plgpu.load(dbc_ref.at[rows, pl.ds(0, st.rank_pad)],
-                        mask=rmask[:, None] & rank_mask[None, :], other=0).astype(c)
+    dt_low = plgpu.load(
+        dbc_ref.at[rows, pl.ds(0, st.rank_pad)], mask=rmask[:, None] & rank_mask[None, :], other=0
+    ).astype(c)
     B = plgpu.load(dbc_ref.at[rows, pl.ds(r, n)], mask=rmask[:, None], other=0)
     C = plgpu.load(dbc_ref.at[rows, pl.ds(r + n, n)], mask=rmask[:, None], other=0)
     B, C = B.astype(c).astype(F32), C.astype(c).astype(F32)
-    dtw = plgpu.load(dtw_ref.at[pl.ds(0, st.rank_pad), cols],
-                     mask=rank_mask[:, None] & cmask[None, :], other=0).astype(c)
+    dtw = plgpu.load(
+        dtw_ref.at[pl.ds(0, st.rank_pad), cols], mask=rank_mask[:, None] & cmask[None, :], other=0
+    ).astype(c)
     dt = jnp.dot(dt_low, dtw, preferred_element_type=F32, precision=st.precision)
     dt = dt.astype(c).astype(F32)
     bias = plgpu.load(dtb_ref.at[cols], mask=cmask, other=0).astype(F32)
@@ -168,8 +180,9 @@ def _ssm_update_kernel(refs, *, st: Static):
     a_log = plgpu.load(alog_ref.at[cols, pl.ds(0, n)], mask=cmask[:, None], other=0).astype(F32)
     a2 = -exp2(a_log * LOG2E, fast=st.fast) * LOG2E  # A log2(e), A = -exp(A_log)
     u = plgpu.load(xc_ref.at[rows, cols], mask=m, other=0).astype(F32)
-    z = plgpu.load(xz_ref.at[rows, pl.ds(st.d_inner + e0, st.block_state)], mask=m,
-                   other=0).astype(F32)
+    z = plgpu.load(xz_ref.at[rows, pl.ds(st.d_inner + e0, st.block_state)], mask=m, other=0).astype(
+        F32
+    )
 
     m3 = jnp.broadcast_to(m[:, :, None], (st.block_rows, st.block_state, n))
     h_index = (rows, cols, pl.ds(0, n))
@@ -185,31 +198,80 @@ def _ssm_update_kernel(refs, *, st: Static):
     plgpu.store(y_ref.at[rows, cols], y.astype(y_ref.dtype), mask=m)
 
 
-def conv_x_proj(xz, conv_state, conv_weight, conv_bias, x_proj_weight, *, st: Static,
-                num_warps: int, interpret: bool):
+def conv_x_proj(
+    xz,
+    conv_state,
+    conv_weight,
+    conv_bias,
+    x_proj_weight,
+    *,
+    st: Static,
+    num_warps: int,
+    interpret: bool,
+):
     """(conv_state', xc (b, e) c, parts (p, b, R) float32); conv_state is updated in place."""
     b, e = st.batch, st.d_inner
-    outputs = dict(conv_out=jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype),
-                   xc=jax.ShapeDtypeStruct((b, e), jnp.dtype(st.dtype)),
-                   parts=jax.ShapeDtypeStruct((st.conv_programs, b, st.x_width), F32))
+    outputs = dict(
+        conv_out=jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype),
+        xc=jax.ShapeDtypeStruct((b, e), jnp.dtype(st.dtype)),
+        parts=jax.ShapeDtypeStruct((st.conv_programs, b, st.x_width), F32),
+    )
     return launch.call(
         _conv_x_proj_kernel,
-        dict(xz=xz, conv_state=conv_state, conv_weight=conv_weight, conv_bias=conv_bias,
-             x_proj=x_proj_weight),
-        outputs, grid=(st.conv_programs, st.row_blocks), name="decode_conv_x_proj",
-        num_warps=num_warps, interpret=interpret, aliases=dict(conv_out="conv_state"), st=st)
+        dict(
+            xz=xz,
+            conv_state=conv_state,
+            conv_weight=conv_weight,
+            conv_bias=conv_bias,
+            x_proj=x_proj_weight,
+        ),
+        outputs,
+        grid=(st.conv_programs, st.row_blocks),
+        name="decode_conv_x_proj",
+        num_warps=num_warps,
+        interpret=interpret,
+        aliases=dict(conv_out="conv_state"),
+        st=st,
+    )
 
 
-def ssm_update(dbc, dt_proj_weight, dt_bias, A_log, D, xc, xz, ssm_state, *, st: Static,
-               num_warps: int, interpret: bool):
+def ssm_update(
+    dbc,
+    dt_proj_weight,
+    dt_bias,
+    A_log,
+    D,
+    xc,
+    xz,
+    ssm_state,
+    *,
+    st: Static,
+    num_warps: int,
+    interpret: bool,
+):
     """(ssm_state', y (b, e) c); ssm_state is updated in place. dbc (b, R) float32 is x_proj's
     output summed over channels."""
     b, e = st.batch, st.d_inner
     return launch.call(
         _ssm_update_kernel,
-        dict(dbc=dbc, dt_proj=dt_proj_weight, dt_bias=dt_bias, A_log=A_log, D=D, xc=xc, xz=xz,
-             h=ssm_state),
-        dict(h_out=jax.ShapeDtypeStruct(ssm_state.shape, F32),
-             y=jax.ShapeDtypeStruct((b, e), jnp.dtype(st.dtype))),
-        grid=(-(-e // st.block_state), st.row_blocks), name="decode_ssm_update",
-        num_warps=num_warps, interpret=interpret, aliases=dict(h_out="h"), st=st)
+        dict(
+            dbc=dbc,
+            dt_proj=dt_proj_weight,
+            dt_bias=dt_bias,
+            A_log=A_log,
+            D=D,
+            xc=xc,
+            xz=xz,
+            h=ssm_state,
+        ),
+        dict(
+            h_out=jax.ShapeDtypeStruct(ssm_state.shape, F32),
+            y=jax.ShapeDtypeStruct((b, e), jnp.dtype(st.dtype)),
+        ),
+        grid=(-(-e // st.block_state), st.row_blocks),
+        name="decode_ssm_update",
+        num_warps=num_warps,
+        interpret=interpret,
+        aliases=dict(h_out="h"),
+        st=st,
+    )

@@ -79,7 +79,8 @@ class ScanConfig:
                 raise ValueError(f"{name}={v} must be a power of two")
         if self.chunk % self.ckpt or self.ckpt % self.window:
             raise ValueError(
-                f"need window | ckpt | chunk, got {self.window=} {self.ckpt=} {self.chunk=}")
+                f"need window | ckpt | chunk, got {self.window=} {self.ckpt=} {self.chunk=}"
+            )
         if self.ckpt % self.unroll or self.chunk % self.unroll:
             raise ValueError(f"{self.unroll=} must divide {self.ckpt=} and {self.chunk=}")
 

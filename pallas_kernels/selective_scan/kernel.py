@@ -165,9 +165,7 @@ def load_scalars(ref, cc: Coords, tc, st: Static):
 def advance(h, x: StepIn, bs, a2, st: Static):
     """h_t = exp(dt A) h_{t-1} + dt u B_t, with exp(dt A) = 0 at a segment start."""
     du = x.dt * x.u
-    return tuple(
-        fma(decay(x, a2[n], st), h[n], du * bs[n], fast=st.fast) for n in range(len(h))
-    )
+    return tuple(fma(decay(x, a2[n], st), h[n], du * bs[n], fast=st.fast) for n in range(len(h)))
 
 
 def decay(x: StepIn, a2_n, st: Static):
@@ -194,8 +192,9 @@ def _chunk_state_kernel(r, *, st: Static):
     t0 = cc.c * st.chunk
 
     def fetch(j):
-        return [fetch_rows(r, t0 + j * st.unroll + k, st, cc, ("delta", "u"))
-                for k in range(st.unroll)]
+        return [
+            fetch_rows(r, t0 + j * st.unroll + k, st, cc, ("delta", "u")) for k in range(st.unroll)
+        ]
 
     def body(j, rows, carry):
         h, lam, alive = carry
@@ -269,8 +268,9 @@ def chunk_states(inputs: dict, *, st: Static, batch: int, num_warps: int, interp
     )
 
 
-def chunk_outputs(inputs: dict, *, st: Static, batch: int, y_dtype, num_warps: int,
-                  interpret: bool):
+def chunk_outputs(
+    inputs: dict, *, st: Static, batch: int, y_dtype, num_warps: int, interpret: bool
+):
     """y (b, t, d), and with inputs["fin_slot"] the final states (b, s, n, d) written in place into
     inputs["final_init"] (zeros) at each slot's last end step."""
     nc = -(-st.length // st.chunk)

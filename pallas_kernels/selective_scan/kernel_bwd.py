@@ -44,11 +44,11 @@ from pallas_kernels.selective_scan.kernel import (
     coords,
     decay,
     dot_states,
+    fetch_rows,
     load_cols,
     load_params,
     load_scalars,
     load_step,
-    fetch_rows,
     pipelined_fori,
     store_cols,
     zeros_state,
@@ -105,8 +105,9 @@ def split_lanes(st: Static, parts: int, xor: bool = False) -> tuple[Coords, Lane
     if parts == 1 and xor:
         lane = jax.lax.broadcasted_iota(jnp.int32, (st.block_d,), 0)
         first = lane & (st.d_state - 1)
-        return coords(st), Lanes(1, st.block_d, 0,
-                                 tuple(first ^ k for k in range(st.d_state)), xor=True)
+        return coords(st), Lanes(
+            1, st.block_d, 0, tuple(first ^ k for k in range(st.d_state)), xor=True
+        )
     if parts == 1:
         return coords(st), Lanes(1, st.block_d, 0, tuple(range(st.d_state)))
     group = st.block_d // parts
@@ -115,8 +116,9 @@ def split_lanes(st: Static, parts: int, xor: bool = False) -> tuple[Coords, Lane
     lane = jax.lax.broadcasted_iota(jnp.int32, (st.block_d,), 0)
     part = jax.lax.shift_right_logical(lane, group.bit_length() - 1)
     cols = d_block * group + (lane & (group - 1))
-    cc = Coords(pl.program_id(0), d_block, pl.program_id(2), d_block * group,
-                cols < st.d_inner, cols)
+    cc = Coords(
+        pl.program_id(0), d_block, pl.program_id(2), d_block * group, cols < st.d_inner, cols
+    )
     return cc, Lanes(parts, group, part, tuple(part * ns + k for k in range(ns)))
 
 
@@ -156,8 +158,9 @@ def _chunk_dstate_kernel(r, *, st: Static):
     names = ("delta", "dy", "z") if "z" in r else ("delta", "dy")
 
     def fetch(j):
-        return [fetch_rows(r, t_last - (j * st.unroll + k), st, cc, names)
-                for k in range(st.unroll)]
+        return [
+            fetch_rows(r, t_last - (j * st.unroll + k), st, cc, names) for k in range(st.unroll)
+        ]
 
     def body(j, rows, dh):
         for k in range(st.unroll):
@@ -167,9 +170,7 @@ def _chunk_dstate_kernel(r, *, st: Static):
             dh = tuple(fma(cs[n], g, dh[n], fast=st.fast) for n in range(st.d_state))
             if "fin_slot" in r:
                 dh = _inject_final(dh, r, x, st, cc)
-            dh = tuple(
-                decay(x, a2[n], st) * dh[n] for n in range(st.d_state)
-            )
+            dh = tuple(decay(x, a2[n], st) * dh[n] for n in range(st.d_state))
         return dh
 
     dh = pipelined_fori(st.chunk // st.unroll, fetch, body, zeros_state(st), prefetch=st.prefetch)
@@ -184,8 +185,14 @@ def _transpose_sum_ptx(n: int) -> str:
     the other half to its partner and adds what it gets. n - 1 shuffles in all, against
     log2(n) per value for n separate shuffle trees."""
     assert n & (n - 1) == 0 and 2 <= n <= 32, n
-    lines = ["{", ".reg .pred p;", ".reg .b32 lane, bit;", ".reg .f32 s, k, r;",
-             f".reg .f32 a<{n}>;", "mov.u32 lane, %laneid;"]
+    lines = [
+        "{",
+        ".reg .pred p;",
+        ".reg .b32 lane, bit;",
+        ".reg .f32 s, k, r;",
+        f".reg .f32 a<{n}>;",
+        "mov.u32 lane, %laneid;",
+    ]
     lines += [f"mov.b32 a{i}, ${i + 1};" for i in range(n)]
     width = n
     while width > 1:
@@ -241,8 +248,9 @@ def transpose_sum(values, *, fast: bool):
     return sums.T.reshape(lanes)
 
 
-def _chunk_grad_kernel(r, *, st: Static, ckpt: int, window: int, reduce: str,
-                       parts: int, window_rows: bool):
+def _chunk_grad_kernel(
+    r, *, st: Static, ckpt: int, window: int, reduce: str, parts: int, window_rows: bool
+):
     cc, lanes = split_lanes(st, parts, xor=reduce == "xor")
     states = lanes.states
     a2, bias, dskip = load_params(r, st, cc, states)
@@ -256,8 +264,10 @@ def _chunk_grad_kernel(r, *, st: Static, ckpt: int, window: int, reduce: str,
 
     def fwd_steps(h, t_start, n_steps):
         def fetch(j):
-            return [fetch_rows(r, t_start + j * unroll + k, st, cc, ("delta", "u"))
-                    for k in range(unroll)]
+            return [
+                fetch_rows(r, t_start + j * unroll + k, st, cc, ("delta", "u"))
+                for k in range(unroll)
+            ]
 
         def body(j, rows, h):
             for k in range(unroll):
@@ -293,8 +303,11 @@ def _chunk_grad_kernel(r, *, st: Static, ckpt: int, window: int, reduce: str,
         ns = len(states)
         j = lane & (lanes.group - 1)
         first = lanes.part * ns
-        dbc_col = (pl.ds(0, st.block_d) if parts == 1
-                   else jnp.where(j < ns, first + j, st.d_state + first + j - ns))
+        dbc_col = (
+            pl.ds(0, st.block_d)
+            if parts == 1
+            else jnp.where(j < ns, first + j, st.d_state + first + j - ns)
+        )
         dbc_used = j < 2 * ns
 
     def reverse_step(x, h_prev, h_t, out_rows, carry):
@@ -322,17 +335,17 @@ def _chunk_grad_kernel(r, *, st: Static, ckpt: int, window: int, reduce: str,
         # Channel sums of this step: dC_t[n] at n, dB_t[n] at d_state + n of the dBC row.
         prods = [g * h_n for h_n in h_t] + [dh_n * du_ for dh_n in dh]
         if reduce == "xor":
-            sums = xor_transpose_sums(prods[:len(states)], prods[len(states):], fast=st.fast)
+            sums = xor_transpose_sums(prods[: len(states)], prods[len(states) :], fast=st.fast)
             plgpu.store(r["dBC"].at[cc.b, cc.d_block, x.tc, dbc_col], sums, mask=x.valid)
         elif reduce == "shfl":
             prods += [jnp.zeros_like(g)] * (lanes.group - len(prods))
             sums = transpose_sum(prods, fast=st.fast)
-            plgpu.store(r["dBC"].at[cc.b, cc.d_block, x.tc, dbc_col], sums,
-                        mask=dbc_used & x.valid)
+            plgpu.store(r["dBC"].at[cc.b, cc.d_block, x.tc, dbc_col], sums, mask=dbc_used & x.valid)
         else:
             for i, v in enumerate(prods):
-                plgpu.store(r["dBC"].at[cc.b, cc.d_block, x.tc, jnp.int32(i)], jnp.sum(v),
-                            mask=x.valid)
+                plgpu.store(
+                    r["dBC"].at[cc.b, cc.d_block, x.tc, jnp.int32(i)], jnp.sum(v), mask=x.valid
+                )
         ddt = fma(x.u, s_db, LN2 * s_aq, fast=st.fast)
         du = x.dt * s_db
         if "D" in r:
@@ -413,9 +426,21 @@ def chunk_dstates(inputs: dict, *, st: Static, batch: int, num_warps: int, inter
     )[0]
 
 
-def chunk_grads(inputs: dict, *, st: Static, batch: int, dtypes: dict, ckpt: int, window: int,
-                reduce: str, parts: int, maxnreg: int | None, window_rows: bool, num_warps: int,
-                interpret: bool):
+def chunk_grads(
+    inputs: dict,
+    *,
+    st: Static,
+    batch: int,
+    dtypes: dict,
+    ckpt: int,
+    window: int,
+    reduce: str,
+    parts: int,
+    maxnreg: int | None,
+    window_rows: bool,
+    num_warps: int,
+    interpret: bool,
+):
     """Gradients: du, ddelta (, dz) rows; dC, dB partials (b, d_blocks, t, 2n); dA partials
     (b, c, n, d); dD, dbias partials (b, c, d); and the transient checkpoint buffer.
     `parts` > 1 (see Lanes) needs block_d 32 on one warp and reduce "shfl"; reduce "xor" needs
@@ -437,8 +462,14 @@ def chunk_grads(inputs: dict, *, st: Static, batch: int, dtypes: dict, ckpt: int
     if inputs.get("bias") is not None:
         out["dbias"] = jax.ShapeDtypeStruct((batch, nc, st.d_inner), F32)
     results = launch.call(
-        functools.partial(_chunk_grad_kernel, ckpt=ckpt, window=window, reduce=reduce,
-                          parts=parts, window_rows=window_rows),
+        functools.partial(
+            _chunk_grad_kernel,
+            ckpt=ckpt,
+            window=window,
+            reduce=reduce,
+            parts=parts,
+            window_rows=window_rows,
+        ),
         inputs,
         out,
         st=st,

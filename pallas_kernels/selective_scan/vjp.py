@@ -27,7 +27,15 @@ class _Plan:
 
 
 def selective_scan_pallas(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    *,
     interpret: bool = False,
     delta_softplus: bool = False,
     segment_ids=None,
@@ -61,9 +69,18 @@ def selective_scan_pallas(
         assert segment_ids is not None or num_segments == 1, num_segments
 
     plan, rst, fin_slot = prepare(
-        u, A, z, D, delta_bias, interpret=interpret, delta_softplus=delta_softplus,
-        segment_ids=segment_ids, return_final_states=return_final_states,
-        num_segments=num_segments, config=config)
+        u,
+        A,
+        z,
+        D,
+        delta_bias,
+        interpret=interpret,
+        delta_softplus=delta_softplus,
+        segment_ids=segment_ids,
+        return_final_states=return_final_states,
+        num_segments=num_segments,
+        config=config,
+    )
     first = None
     if continues is not None and first_run_states is None:
         first_run_states = jnp.zeros((batch, d_inner, d_state), F32)
@@ -72,23 +89,56 @@ def selective_scan_pallas(
         first = jnp.swapaxes(first_run_states.astype(F32), 1, 2)  # (b, n, d)
         if rst is not None:
             rst = rst.at[:, 0].set(0.0)
-    out = _scan_jit(plan, interpret, num_segments or 1, u, delta, A, B, C, D, z, delta_bias, rst,
-                    fin_slot, first, continues)
+    out = _scan_jit(
+        plan,
+        interpret,
+        num_segments or 1,
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        z,
+        delta_bias,
+        rst,
+        fin_slot,
+        first,
+        continues,
+    )
     if not return_final_states:
         return out
     y, final = out
     return y, jnp.swapaxes(final, 2, 3)  # (b, s, n, d) -> (b, s, d, n)
 
 
-def prepare(u, A, z, D, delta_bias, *, interpret, delta_softplus, segment_ids,
-            return_final_states, num_segments, config):
+def prepare(
+    u,
+    A,
+    z,
+    D,
+    delta_bias,
+    *,
+    interpret,
+    delta_softplus,
+    segment_ids,
+    return_final_states,
+    num_segments,
+    config,
+):
     """Static plan, reset exponents (b, t) and final-state slots (b, t) for the kernels."""
     batch, length, d_inner = u.shape
     d_state = A.shape[1]
     cfg = config or pick_config(batch, length, d_inner, d_state)
     st = kernel.Static(
-        length=length, d_inner=d_inner, d_state=d_state, block_d=cfg.block_d, chunk=cfg.chunk,
-        unroll=cfg.unroll, delta_softplus=bool(delta_softplus), prefetch=cfg.prefetch,
+        length=length,
+        d_inner=d_inner,
+        d_state=d_state,
+        block_d=cfg.block_d,
+        chunk=cfg.chunk,
+        unroll=cfg.unroll,
+        delta_softplus=bool(delta_softplus),
+        prefetch=cfg.prefetch,
         fast=not interpret,
     )
     rst = fin_slot = None
@@ -169,8 +219,9 @@ def _chunk_final_dstates(dh_loc, decay):
     g[last] = 0, g[c] = dh_loc[c + 1] + decay[c + 1] g[c + 1]."""
     if dh_loc.shape[1] == 1:
         return jnp.zeros_like(dh_loc)
-    _, g = jax.lax.associative_scan(combine_affine, (decay[:, 1:], dh_loc[:, 1:]), axis=1,
-                                reverse=True)
+    _, g = jax.lax.associative_scan(
+        combine_affine, (decay[:, 1:], dh_loc[:, 1:]), axis=1, reverse=True
+    )
     return jnp.concatenate([g, jnp.zeros_like(g[:, :1])], axis=1)
 
 
@@ -182,8 +233,23 @@ def _bias(delta_bias):
     return None if delta_bias is None else delta_bias.astype(F32)
 
 
-def _fwd_impl(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias, rst, fin_slot,
-              first, continues):
+def _fwd_impl(
+    plan,
+    interpret,
+    num_segments,
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D,
+    z,
+    delta_bias,
+    rst,
+    fin_slot,
+    first,
+    continues,
+):
     st, cfg = plan.st, plan.cfg
     batch = u.shape[0]
     nc = -(-st.length // st.chunk)
@@ -192,11 +258,13 @@ def _fwd_impl(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias
     launch = dict(st=st, batch=batch, num_warps=cfg.num_warps, interpret=interpret)
     if continues is not None:
         h_loc, decay = kernel.chunk_states(
-            dict(u=u, delta=delta, a2=a2, bias=bias, B=B, rst=rst), **launch)
+            dict(u=u, delta=delta, a2=a2, bias=bias, B=B, rst=rst), **launch
+        )
         h_in = _linked_initial_states(h_loc, decay, first, continues)
     elif nc > 1:
         h_loc, decay = kernel.chunk_states(
-            dict(u=u, delta=delta, a2=a2, bias=bias, B=B, rst=rst), **launch)
+            dict(u=u, delta=delta, a2=a2, bias=bias, B=B, rst=rst), **launch
+        )
         h_in = _chunk_initial_states(h_loc, decay, first)
     else:
         decay = h_in = jnp.zeros((batch, 1, st.d_state, st.d_inner), F32)
@@ -206,26 +274,99 @@ def _fwd_impl(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias
     if fin_slot is not None:
         final_init = jnp.zeros((batch, num_segments, st.d_state, st.d_inner), F32)
     outs = kernel.chunk_outputs(
-        dict(u=u, delta=delta, a2=a2, bias=bias, D=dskip, B=B, C=C, z=z, rst=rst, h_in=h_in,
-                fin_slot=fin_slot, final_init=final_init),
-        y_dtype=u.dtype, **launch)
+        dict(
+            u=u,
+            delta=delta,
+            a2=a2,
+            bias=bias,
+            D=dskip,
+            B=B,
+            C=C,
+            z=z,
+            rst=rst,
+            h_in=h_in,
+            fin_slot=fin_slot,
+            final_init=final_init,
+        ),
+        y_dtype=u.dtype,
+        **launch,
+    )
     out = tuple(outs) if fin_slot is not None else outs[0]
     return out, (h_in, decay)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _scan(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias, rst, fin_slot,
-          first, continues):
-    return _fwd_impl(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias, rst,
-                     fin_slot, first, continues)[0]
+def _scan(
+    plan,
+    interpret,
+    num_segments,
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D,
+    z,
+    delta_bias,
+    rst,
+    fin_slot,
+    first,
+    continues,
+):
+    return _fwd_impl(
+        plan,
+        interpret,
+        num_segments,
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        z,
+        delta_bias,
+        rst,
+        fin_slot,
+        first,
+        continues,
+    )[0]
 
 
-def _scan_fwd(plan, interpret, num_segments, u, delta, A, B, C, D, z, delta_bias, rst, fin_slot,
-              first, continues):
-    out, (h_in, decay) = _fwd_impl(plan, interpret, num_segments, u, delta, A, B, C, D, z,
-                                   delta_bias, rst, fin_slot, first, continues)
-    return out, (u, delta, A, B, C, D, z, delta_bias, rst, fin_slot, h_in, decay, first,
-                 continues)
+def _scan_fwd(
+    plan,
+    interpret,
+    num_segments,
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D,
+    z,
+    delta_bias,
+    rst,
+    fin_slot,
+    first,
+    continues,
+):
+    out, (h_in, decay) = _fwd_impl(
+        plan,
+        interpret,
+        num_segments,
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        z,
+        delta_bias,
+        rst,
+        fin_slot,
+        first,
+        continues,
+    )
+    return out, (u, delta, A, B, C, D, z, delta_bias, rst, fin_slot, h_in, decay, first, continues)
 
 
 def _scan_bwd(plan, interpret, num_segments, res, cts):
@@ -239,8 +380,19 @@ def _scan_bwd(plan, interpret, num_segments, res, cts):
     dskip = None if D is None else D.astype(F32)
     launch = dict(st=st, batch=batch, num_warps=cfg.num_warps, interpret=interpret)
     dh_loc = kernel_bwd.chunk_dstates(
-        dict(delta=delta, a2=a2, bias=bias, C=C, z=z, dy=dy, rst=rst, fin_slot=fin_slot,
-                dfinal=dfinal), **launch)
+        dict(
+            delta=delta,
+            a2=a2,
+            bias=bias,
+            C=C,
+            z=z,
+            dy=dy,
+            rst=rst,
+            fin_slot=fin_slot,
+            dfinal=dfinal,
+        ),
+        **launch,
+    )
     if continues is None:
         dh_out = _chunk_final_dstates(dh_loc, decay)
     else:
@@ -254,11 +406,31 @@ def _scan_bwd(plan, interpret, num_segments, res, cts):
             dfirst = jnp.where(continues[:, None, None], 0.0, dfirst)
     reduce = _reduce_mode(cfg, st)
     g = kernel_bwd.chunk_grads(
-        dict(u=u, delta=delta, a2=a2, bias=bias, D=dskip, B=B, C=C, z=z, dy=dy, rst=rst,
-                h_in=h_in, dh_out=dh_out, fin_slot=fin_slot, dfinal=dfinal),
+        dict(
+            u=u,
+            delta=delta,
+            a2=a2,
+            bias=bias,
+            D=dskip,
+            B=B,
+            C=C,
+            z=z,
+            dy=dy,
+            rst=rst,
+            h_in=h_in,
+            dh_out=dh_out,
+            fin_slot=fin_slot,
+            dfinal=dfinal,
+        ),
         dtypes=dict(u=u.dtype, delta=delta.dtype, z=None if z is None else z.dtype),
-        ckpt=cfg.ckpt, window=cfg.window, reduce=reduce, parts=_state_split(cfg, st, reduce),
-        maxnreg=cfg.grads_maxnreg, window_rows=cfg.window_rows, **launch)
+        ckpt=cfg.ckpt,
+        window=cfg.window,
+        reduce=reduce,
+        parts=_state_split(cfg, st, reduce),
+        maxnreg=cfg.grads_maxnreg,
+        window_rows=cfg.window_rows,
+        **launch,
+    )
     dA = jnp.swapaxes(g["dA"].sum((0, 1)), 0, 1).astype(A.dtype)
     dD = None if D is None else g["dD"].sum((0, 1)).astype(D.dtype)
     dbias = None if delta_bias is None else g["dbias"].sum((0, 1)).astype(delta_bias.dtype)
@@ -267,9 +439,18 @@ def _scan_bwd(plan, interpret, num_segments, res, cts):
     # as a reduction of its own (docs/log.md, results/dbc_sum_nvidia-h200.json).
     dBC = jax.lax.optimization_barrier(g["dBC"].sum(1))
     return (
-        g["du"], g["ddelta"], dA,
-        dBC[..., st.d_state:].astype(B.dtype), dBC[..., :st.d_state].astype(C.dtype),
-        dD, g.get("dz"), dbias, None, None, dfirst, None,
+        g["du"],
+        g["ddelta"],
+        dA,
+        dBC[..., st.d_state :].astype(B.dtype),
+        dBC[..., : st.d_state].astype(C.dtype),
+        dD,
+        g.get("dz"),
+        dbias,
+        None,
+        None,
+        dfirst,
+        None,
     )
 
 

@@ -51,12 +51,15 @@ MM_DTYPES = ("bfloat16", "float16")
 def check_supported(st: Static) -> None:
     """ValueError naming the value when the Mosaic kernel cannot take these shapes/dtypes."""
     if st.mm_dtype not in MM_DTYPES:
-        raise ValueError(f"the Mosaic GPU chunk scan needs x in one of {MM_DTYPES} (wgmma runs "
-                         f"float32 as TF32), got {st.mm_dtype}")
+        raise ValueError(
+            f"the Mosaic GPU chunk scan needs x in one of {MM_DTYPES} (wgmma runs "
+            f"float32 as TF32), got {st.mm_dtype}"
+        )
     for name, v in (("headdim", st.headdim), ("d_state", st.d_state), ("chunk", st.chunk)):
         if v % BLOCK:
-            raise ValueError(f"the Mosaic GPU chunk scan needs {name}={v} to be a multiple of "
-                             f"{BLOCK}")
+            raise ValueError(
+                f"the Mosaic GPU chunk scan needs {name}={v} to be a multiple of {BLOCK}"
+            )
     if st.headdim > 256:
         raise ValueError(f"the Mosaic GPU chunk scan needs headdim={st.headdim} <= 256 (wgmma N)")
 
@@ -65,8 +68,9 @@ def _smem(shape, dtype):
     """SMEM buffer in the swizzled, tiled layout wgmma and TMA share."""
     dtype = jnp.dtype(dtype)
     tile = SWIZZLE // dtype.itemsize
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, tile)),
-                                                plgpu.SwizzleTransform(SWIZZLE)))
+    return plgpu.SMEM(
+        shape, dtype, transforms=(plgpu.TilingTransform((8, tile)), plgpu.SwizzleTransform(SWIZZLE))
+    )
 
 
 def _rows(v, shape):
@@ -81,8 +85,8 @@ def _kernel(*refs, names, st: Static):
     n_in = len(names["in"])
     r = dict(zip(names["in"], refs[:n_in]))
     has_seg, has_z, has_y_add, has_D = ("seg_lo" in r, "z" in r, "y_add" in r, "D" in r)
-    o = dict(zip(names["out"], refs[n_in:n_in + len(names["out"])]))
-    scratch = refs[n_in + len(names["out"]):]
+    o = dict(zip(names["out"], refs[n_in : n_in + len(names["out"])]))
+    scratch = refs[n_in + len(names["out"]) :]
     ((c_s, hin_s), w_s), cb_s, x_s, vec_s, lo_s, dp_s, bar_rows, bar_inter, bar_blk = scratch
     mm = jnp.dtype(st.mm_dtype)
     L, p = st.chunk, st.headdim
@@ -102,8 +106,11 @@ def _kernel(*refs, names, st: Static):
 
     def issue(j, slot):
         s = pl.ds(c0 + j * BLOCK, BLOCK)
-        plgpu.copy_gmem_to_smem(r["cb"].at[b, c, g, pl.ds(l0, BLOCK), pl.ds(j * BLOCK, BLOCK)],
-                                cb_s.at[slot], bar_blk.at[slot])
+        plgpu.copy_gmem_to_smem(
+            r["cb"].at[b, c, g, pl.ds(l0, BLOCK), pl.ds(j * BLOCK, BLOCK)],
+            cb_s.at[slot],
+            bar_blk.at[slot],
+        )
         plgpu.copy_gmem_to_smem(r["x"].at[b, s, h], x_s.at[slot], bar_blk.at[slot])
         plgpu.copy_gmem_to_smem(r["cs"].at[b, h, s], vec_s.at[1 + 2 * slot], bar_blk.at[slot])
         plgpu.copy_gmem_to_smem(r["dtp"].at[b, h, s], vec_s.at[2 + 2 * slot], bar_blk.at[slot])
@@ -149,8 +156,9 @@ def _kernel(*refs, names, st: Static):
     if has_seg:
         lo_l = plgpu.load(lo_s, layout=plgpu.Layout.WGMMA.reduce(1))
     else:
-        lo_l = plgpu.layout_cast(jnp.full((BLOCK,), lo_first, jnp.int32),
-                                 plgpu.Layout.WGMMA.reduce(1))
+        lo_l = plgpu.layout_cast(
+            jnp.full((BLOCK,), lo_first, jnp.int32), plgpu.Layout.WGMMA.reduce(1)
+        )
 
     def inter():
         plgpu.barrier_wait(bar_inter)
@@ -269,9 +277,12 @@ def chunk_scan(inputs: dict, *, st: Static, y_dtype, interpret: bool = False):
     names = {"in": tuple(ins), "out": out_names}
     call = plgpu.kernel(
         lambda *refs: _kernel(*refs, names=names, st=st),
-        out_type=out_type, scratch_types=scratch,
+        out_type=out_type,
+        scratch_types=scratch,
         grid=(st.chunk // BLOCK, st.heads, st.batch * st.n_chunks),
-        grid_names=("row", "head", "bc"), kernel_name="ssd_chunk_scan_mgpu")
+        grid_names=("row", "head", "bc"),
+        kernel_name="ssd_chunk_scan_mgpu",
+    )
     if interpret:
         # plgpu.kernel's own interpret= does not reach its lowering in jax 0.11.2; the context
         # does (jax's tests/pallas/gpu_pallas_interpret_test.py uses it the same way).
@@ -279,5 +290,5 @@ def chunk_scan(inputs: dict, *, st: Static, y_dtype, interpret: bool = False):
             outs = call(*ins.values())
     else:
         outs = call(*ins.values())
-    outs = tuple(o[:, :st.length] if T != st.length else o for o in outs)
+    outs = tuple(o[:, : st.length] if T != st.length else o for o in outs)
     return (outs[0], outs[1]) if "z" in ins else (outs[0], None)

@@ -77,11 +77,14 @@ class SSDConfig:
         if self.cb_dtype not in CB_DTYPES:
             raise ValueError(f"cb_dtype must be one of {CB_DTYPES}, got {self.cb_dtype!r}")
         if self.state_passing not in STATE_PASSINGS:
-            raise ValueError(f"state_passing must be one of {STATE_PASSINGS}, got "
-                             f"{self.state_passing!r}")
+            raise ValueError(
+                f"state_passing must be one of {STATE_PASSINGS}, got {self.state_passing!r}"
+            )
         if self.chunk_scan_backend not in CHUNK_SCAN_BACKENDS:
-            raise ValueError(f"chunk_scan_backend must be one of {CHUNK_SCAN_BACKENDS}, got "
-                             f"{self.chunk_scan_backend!r}")
+            raise ValueError(
+                f"chunk_scan_backend must be one of {CHUNK_SCAN_BACKENDS}, got "
+                f"{self.chunk_scan_backend!r}"
+            )
 
 
 def next_pow2(x: int) -> int:
@@ -98,8 +101,13 @@ def effective_chunk(cfg: SSDConfig, chunk_size: int, length: int) -> int:
 def fit_blocks(cfg: SSDConfig, chunk: int) -> SSDConfig:
     """cfg with its row blocks no larger than the chunk."""
     block_s = min(cfg.block_s, chunk)
-    return dataclasses.replace(cfg, chunk=chunk, block_l=max(block_s, min(cfg.block_l, chunk)),
-                               block_s=block_s, block_k=min(cfg.block_k, chunk))
+    return dataclasses.replace(
+        cfg,
+        chunk=chunk,
+        block_l=max(block_s, min(cfg.block_l, chunk)),
+        block_s=block_s,
+        block_k=min(cfg.block_k, chunk),
+    )
 
 
 def _splits(programs_per_split: int, heads_per_group: int) -> int:
@@ -114,8 +122,14 @@ def _splits(programs_per_split: int, heads_per_group: int) -> int:
     return max(1, split)
 
 
-def pick_config(batch: int, length: int, heads: int, groups: int, chunk_size: int = 256,
-                base: SSDConfig | None = None) -> SSDConfig:
+def pick_config(
+    batch: int,
+    length: int,
+    heads: int,
+    groups: int,
+    chunk_size: int = 256,
+    base: SSDConfig | None = None,
+) -> SSDConfig:
     """`base` (default SSDConfig()) with its chunk and blocks fitted to the sequence and the head
     splits of the group-summing kernels chosen for occupancy."""
     base = base or SSDConfig()

@@ -91,8 +91,9 @@ def dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
     default for them would be TF32)."""
     contract = ((0 if trans_a else 1,), (1 if trans_b else 0,))
     precision = jax.lax.Precision.HIGHEST if a.dtype == F32 else None
-    return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision,
-                               preferred_element_type=F32)
+    return jax.lax.dot_general(
+        a, b, (contract, ((), ())), precision=precision, preferred_element_type=F32
+    )
 
 
 def masked_exp2(mask, exponent, st: Static):
@@ -129,8 +130,7 @@ def load_rows(ref, ch: Chunk, pos0, n_rows: int, lead, st: Static, dtype=None):
 
 def store_rows(ref, ch: Chunk, pos0, value, lead, st: Static):
     valid = row_mask(ch, pos0 + iota(value.shape[0]), st)
-    store(ref, (ch.b, pl.ds(ch.c0 + pos0, value.shape[0]), *lead, ALL), value,
-          mask=valid[:, None])
+    store(ref, (ch.b, pl.ds(ch.c0 + pos0, value.shape[0]), *lead, ALL), value, mask=valid[:, None])
 
 
 def load_vec(ref, ch: Chunk, h, pos0, n: int):
@@ -185,8 +185,9 @@ def load_dt(r, ch: Chunk, h0, pos0, n: int, st: Static):
     float32, 0 past the sequence and past the last head; also the pre-softplus value."""
     heads = h0 + iota(st.block_heads)
     valid = row_mask(ch, pos0 + iota(n), st)[:, None] & (heads < st.heads)[None, :]
-    raw = load(r["dt"], (ch.b, pl.ds(ch.c0 + pos0, n), pl.ds(h0, st.block_heads)),
-               mask=valid).astype(F32)
+    raw = load(
+        r["dt"], (ch.b, pl.ds(ch.c0 + pos0, n), pl.ds(h0, st.block_heads)), mask=valid
+    ).astype(F32)
     if "bias" in r:
         raw = raw + load(r["bias"], (pl.ds(h0, st.block_heads),), mask=heads < st.heads)[None, :]
     dtp = softplus(raw, fast=st.fast) if st.dt_softplus else raw
@@ -229,10 +230,17 @@ def _cumsum_kernel(r, *, st: Static):
 def chunk_cumsum(inputs: dict, *, st: Static, num_warps: int, interpret: bool):
     """(cs, dtp), each (b, h, T_pad) float32."""
     shape = jax.ShapeDtypeStruct((st.batch, st.heads, st.padded), F32)
-    return launch.call(_cumsum_kernel, inputs, dict(cs=shape, dtp=shape),
-                 grid=(st.n_chunks, -(-st.heads // st.block_heads), st.batch),
-                 name="ssd_chunk_cumsum", num_warps=num_warps, num_stages=1,
-                 interpret=interpret, st=st)
+    return launch.call(
+        _cumsum_kernel,
+        inputs,
+        dict(cs=shape, dtp=shape),
+        grid=(st.n_chunks, -(-st.heads // st.block_heads), st.batch),
+        name="ssd_chunk_cumsum",
+        num_warps=num_warps,
+        num_stages=1,
+        interpret=interpret,
+        st=st,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,9 +268,17 @@ def chunk_cb(inputs: dict, *, st: Static, num_warps: int, num_stages: int, inter
     nb = st.chunk // st.block_s
     dtype = jnp.dtype(st.mm_dtype) if st.cb_dtype == "input" else F32
     out = jax.ShapeDtypeStruct((st.batch, st.n_chunks, st.groups, st.chunk, st.chunk), dtype)
-    return launch.call(_bmm_kernel, inputs, dict(cb=out),
-                 grid=(nb * nb, st.batch * st.n_chunks, st.groups), name="ssd_chunk_cb",
-                 num_warps=num_warps, num_stages=num_stages, interpret=interpret, st=st)[0]
+    return launch.call(
+        _bmm_kernel,
+        inputs,
+        dict(cb=out),
+        grid=(nb * nb, st.batch * st.n_chunks, st.groups),
+        name="ssd_chunk_cb",
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=interpret,
+        st=st,
+    )[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,8 +310,7 @@ def _chunk_state_kernel(r, *, st: Static, mode: str):
         pos = j * bk + iota(bk)
         cs_s = load_vec(r["cs"], ch, h, j * bk, bk)
         if mode == "fwd":
-            w = load_vec(r["dtp"], ch, h, j * bk, bk) * masked_exp2(pos >= first, cs_end - cs_s,
-                                                                    st)
+            w = load_vec(r["dtp"], ch, h, j * bk, bk) * masked_exp2(pos >= first, cs_end - cs_s, st)
         else:
             w = masked_exp2(pos < n_entered, cs_s, st)
         q = load_rows(q_ref, ch, j * bk, bk, (h,), st, F32) * w[:, None]
@@ -306,18 +321,27 @@ def _chunk_state_kernel(r, *, st: Static, mode: str):
     r["out"][...] = acc
 
 
-def chunk_states(inputs: dict, *, mode: str, st: Static, num_warps: int, num_stages: int,
-                 interpret: bool):
+def chunk_states(
+    inputs: dict, *, mode: str, st: Static, num_warps: int, num_stages: int, interpret: bool
+):
     """(b, c, h, p, n) float32 (see _chunk_state_kernel for the two modes)."""
     out = jax.ShapeDtypeStruct((st.batch, st.n_chunks, st.heads, st.headdim, st.d_state), F32)
     name = "ssd_chunk_states" if mode == "fwd" else "ssd_bwd_chunk_dstates"
     # Each program writes one whole (p, n) state: a fixed tile.
-    tile = pl.BlockSpec((None, None, None, st.headdim, st.d_state),
-                        lambda c, h, b: (b, c, h, 0, 0))
-    return launch.call(_chunk_state_kernel, inputs, dict(out=out),
-                       grid=(st.n_chunks, st.heads, st.batch), name=name, num_warps=num_warps,
-                       num_stages=num_stages, interpret=interpret, out_specs=dict(out=tile),
-                       st=st, mode=mode)[0]
+    tile = pl.BlockSpec((None, None, None, st.headdim, st.d_state), lambda c, h, b: (b, c, h, 0, 0))
+    return launch.call(
+        _chunk_state_kernel,
+        inputs,
+        dict(out=out),
+        grid=(st.n_chunks, st.heads, st.batch),
+        name=name,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=interpret,
+        out_specs=dict(out=tile),
+        st=st,
+        mode=mode,
+    )[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,13 +395,23 @@ def state_passing(inputs: dict, *, reverse: bool, st: Static, interpret: bool):
     nblk = size // st.block_state
     states = jax.ShapeDtypeStruct((st.batch, st.n_chunks, st.heads, size), F32)
     if reverse:
-        outs = dict(dS=states,
-                    ddecay=jax.ShapeDtypeStruct((st.batch, st.heads, st.n_chunks, nblk), F32))
+        outs = dict(
+            dS=states, ddecay=jax.ShapeDtypeStruct((st.batch, st.heads, st.n_chunks, nblk), F32)
+        )
     else:
         outs = dict(h_in=states)
-    res = launch.call(_state_passing_kernel, inputs, outs, grid=(nblk, st.heads, st.batch),
-                name="ssd_bwd_state_passing" if reverse else "ssd_state_passing",
-                num_warps=4, num_stages=1, interpret=interpret, st=st, reverse=reverse)
+    res = launch.call(
+        _state_passing_kernel,
+        inputs,
+        outs,
+        grid=(nblk, st.heads, st.batch),
+        name="ssd_bwd_state_passing" if reverse else "ssd_state_passing",
+        num_warps=4,
+        num_stages=1,
+        interpret=interpret,
+        st=st,
+        reverse=reverse,
+    )
     return tuple(res) if reverse else res[0]
 
 
@@ -437,14 +471,22 @@ def _chunk_scan_kernel(r, *, st: Static):
     store_rows(r["y"], ch, l0, y, (h,), st)
 
 
-def chunk_scan(inputs: dict, *, st: Static, y_dtype, num_warps: int, num_stages: int,
-               interpret: bool):
+def chunk_scan(
+    inputs: dict, *, st: Static, y_dtype, num_warps: int, num_stages: int, interpret: bool
+):
     """y (b, t, h, p) and, with z, the pre-gate y_pre (same layout and dtype)."""
     rows = jax.ShapeDtypeStruct((st.batch, st.length, st.heads, st.headdim), y_dtype)
     gated = inputs.get("z") is not None
     outs = dict(y=rows, y_pre=rows) if gated else dict(y=rows)
-    res = launch.call(_chunk_scan_kernel, inputs, outs,
-                grid=(st.chunk // st.block_l, st.heads, st.batch * st.n_chunks),
-                name="ssd_chunk_scan", num_warps=num_warps, num_stages=num_stages,
-                interpret=interpret, st=st)
+    res = launch.call(
+        _chunk_scan_kernel,
+        inputs,
+        outs,
+        grid=(st.chunk // st.block_l, st.heads, st.batch * st.n_chunks),
+        name="ssd_chunk_scan",
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=interpret,
+        st=st,
+    )
     return tuple(res) if gated else (res[0], None)

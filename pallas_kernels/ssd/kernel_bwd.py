@@ -80,8 +80,9 @@ def _dx_kernel(r, *, st: Static):
         w = jnp.where(mask, cb_t * masked_exp2(mask, cs_l[None, :] - cs_s[:, None], st), 0.0)
         return acc + dot(w.astype(mm), load_rows(r["dy"], ch, l0, bl, (h,), st, mm))
 
-    acc = jax.lax.fori_loop(div(s0, bl), div(hi_last, bl) + 1, intra,
-                            jnp.zeros((bs, st.headdim), F32))
+    acc = jax.lax.fori_loop(
+        div(s0, bl), div(hi_last, bl) + 1, intra, jnp.zeros((bs, st.headdim), F32)
+    )
     # The chunk-state path: S = sum_s w_s x_s^T B_s over the last run.
     cs_end = r["cs"][ch.b, h, ch.c0 + L - 1]
     w_end = masked_exp2(hi_s == L - 1, cs_end - cs_s, st)
@@ -98,23 +99,32 @@ def _dx_kernel(r, *, st: Static):
     store_rows(r["dx"], ch, s0, dx, (h,), st)
     # dL/d dt'_s through dt'_s x_s, and the state path's share of d cs (see vjp.py).
     store(r["ddt_x"], (ch.b, h, pl.ds(ch.c0 + s0, bs)), jnp.sum(total * x, axis=1))
-    store(r["dcs_state"], (ch.b, h, pl.ds(ch.c0 + s0, bs)),
-          dt_s * jnp.sum(acc_state * x, axis=1))
+    store(r["dcs_state"], (ch.b, h, pl.ds(ch.c0 + s0, bs)), dt_s * jnp.sum(acc_state * x, axis=1))
 
 
-def bwd_dx(inputs: dict, *, st: Static, x_dtype, num_warps: int, num_stages: int,
-           interpret: bool):
+def bwd_dx(inputs: dict, *, st: Static, x_dtype, num_warps: int, num_stages: int, interpret: bool):
     """dx (b, t, h, p); ddt_x, dcs_state (b, h, T_pad) float32; dD partials
     (b * c, L / block_s, h, p) float32 (or None)."""
     nb = st.chunk // st.block_s
     vec = jax.ShapeDtypeStruct((st.batch, st.heads, st.padded), F32)
-    outs = dict(dx=jax.ShapeDtypeStruct((st.batch, st.length, st.heads, st.headdim), x_dtype),
-                ddt_x=vec, dcs_state=vec)
+    outs = dict(
+        dx=jax.ShapeDtypeStruct((st.batch, st.length, st.heads, st.headdim), x_dtype),
+        ddt_x=vec,
+        dcs_state=vec,
+    )
     if inputs.get("D") is not None:
         outs["dD"] = jax.ShapeDtypeStruct((st.batch * st.n_chunks, nb, st.heads, st.headdim), F32)
-    res = launch.call(_dx_kernel, inputs, outs, grid=(nb, st.heads, st.batch * st.n_chunks),
-                name="ssd_bwd_dx", num_warps=num_warps, num_stages=num_stages,
-                interpret=interpret, st=st)
+    res = launch.call(
+        _dx_kernel,
+        inputs,
+        outs,
+        grid=(nb, st.heads, st.batch * st.n_chunks),
+        name="ssd_bwd_dx",
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=interpret,
+        st=st,
+    )
     res = dict(zip(outs, res))
     return res["dx"], res["ddt_x"], res["dcs_state"], res.get("dD")
 
@@ -154,8 +164,11 @@ def _dcb_kernel(r, *, st: Static, splits: int):
             dy = load_rows(r["dy"], ch, l0, bl, (h,), st, mm)
             x = load_rows(r["x"], ch, s0, bs, (h,), st, mm)
             gram = dot(dy, x, trans_b=True)  # dy'_l . x_s
-            e_ls = jnp.where(mask, gram * masked_exp2(mask, cs_l[:, None] - cs_s[None, :], st)
-                             * dt_s[None, :], 0.0)
+            e_ls = jnp.where(
+                mask,
+                gram * masked_exp2(mask, cs_l[:, None] - cs_s[None, :], st) * dt_s[None, :],
+                0.0,
+            )
             t_ls = jnp.where(mask, e_ls * cb, 0.0)
             store(r["rowsum"], (row_idx[0], h, *row_idx[1:]), jnp.sum(t_ls, axis=1))
             store(r["colsum"], (col_idx[0], h, *col_idx[1:]), jnp.sum(t_ls, axis=0))
@@ -176,22 +189,32 @@ def _dcb_kernel(r, *, st: Static, splits: int):
     store(r["dcb"], (ch.b, ch.c, gs, pl.ds(l0, bl), pl.ds(s0, bs)), acc)
 
 
-def bwd_dcb(inputs: dict, *, st: Static, splits: int, num_warps: int, num_stages: int,
-            interpret: bool):
+def bwd_dcb(
+    inputs: dict, *, st: Static, splits: int, num_warps: int, num_stages: int, interpret: bool
+):
     """dcb partials (b, c, g * splits, L, L) float32 (every tile written, zeros where dead);
     rowsum (b, h, L / block_s, T_pad) and colsum (b, h, L / block_l, T_pad) float32 partials
     of T (sum over their third axis)."""
     nbl, nbs = st.chunk // st.block_l, st.chunk // st.block_s
     outs = dict(
         dcb=jax.ShapeDtypeStruct(
-            (st.batch, st.n_chunks, st.groups * splits, st.chunk, st.chunk), F32),
+            (st.batch, st.n_chunks, st.groups * splits, st.chunk, st.chunk), F32
+        ),
         rowsum=jax.ShapeDtypeStruct((st.batch, st.heads, nbs, st.padded), F32),
         colsum=jax.ShapeDtypeStruct((st.batch, st.heads, nbl, st.padded), F32),
     )
-    return launch.call(_dcb_kernel, inputs, outs,
-                 grid=(nbl * nbs, st.batch * st.n_chunks, st.groups * splits),
-                 name="ssd_bwd_dcb", num_warps=num_warps, num_stages=num_stages,
-                 interpret=interpret, st=st, splits=splits)
+    return launch.call(
+        _dcb_kernel,
+        inputs,
+        outs,
+        grid=(nbl * nbs, st.batch * st.n_chunks, st.groups * splits),
+        name="ssd_bwd_dcb",
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=interpret,
+        st=st,
+        splits=splits,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,8 +264,9 @@ def _dbc_kernel(r, *, st: Static, splits: int, mode: str):
         last_any = hi_last == L - 1
 
     # One split adds the group's dCB product; every split adds its heads' state terms.
-    acc = jax.lax.cond(split == 0, lambda a: jax.lax.fori_loop(start, stop, intra, a),
-                       lambda a: a, acc)
+    acc = jax.lax.cond(
+        split == 0, lambda a: jax.lax.fori_loop(start, stop, intra, a), lambda a: a, acc
+    )
 
     if mode == "dC":
         c_rows = load_rows(r["C"], ch, r0, bl, (g,), st, F32)
@@ -260,11 +284,15 @@ def _dbc_kernel(r, *, st: Static, splits: int, mode: str):
             store(r["a_inter"], (ch.b, h0 + e, pl.ds(ch.c0 + r0, bl)), jnp.zeros((bl,), F32))
             return acc
 
-        acc = jax.lax.cond(entered_any,
-                           lambda a: jax.lax.fori_loop(0, heads_per_split, head, a),
-                           lambda a: jax.lax.fori_loop(0, heads_per_split, no_head, a), acc)
+        acc = jax.lax.cond(
+            entered_any,
+            lambda a: jax.lax.fori_loop(0, heads_per_split, head, a),
+            lambda a: jax.lax.fori_loop(0, heads_per_split, no_head, a),
+            acc,
+        )
         out_ref = r["dC"]
     else:
+
         def head(e, acc):
             h = h0 + e
             cs_end = r["cs"][ch.b, h, ch.c0 + L - 1]
@@ -274,8 +302,9 @@ def _dbc_kernel(r, *, st: Static, splits: int, mode: str):
             d_state = load(r["dS"], (ch.b, ch.c, h, ALL, ALL)).astype(mm)
             return acc + dot(xw, d_state)
 
-        acc = jax.lax.cond(last_any, lambda a: jax.lax.fori_loop(0, heads_per_split, head, a),
-                           lambda a: a, acc)
+        acc = jax.lax.cond(
+            last_any, lambda a: jax.lax.fori_loop(0, heads_per_split, head, a), lambda a: a, acc
+        )
         out_ref = r["dB"]
     if splits == 1:
         store_rows(out_ref, ch, r0, acc, (g,), st)
@@ -284,8 +313,17 @@ def _dbc_kernel(r, *, st: Static, splits: int, mode: str):
         store(out_ref, (ch.b, split, pl.ds(ch.c0 + r0, bl), g, ALL), acc, mask=valid[:, None])
 
 
-def bwd_dbc(inputs: dict, *, mode: str, st: Static, splits: int, out_dtype, num_warps: int,
-            num_stages: int, interpret: bool):
+def bwd_dbc(
+    inputs: dict,
+    *,
+    mode: str,
+    st: Static,
+    splits: int,
+    out_dtype,
+    num_warps: int,
+    num_stages: int,
+    interpret: bool,
+):
     """mode "dC": (dC, a_inter (b, h, T_pad) float32); mode "dB": dB. dB/dC are
     (b, t, g, n) in out_dtype with one split, else float32 partials (b, splits, t, g, n)."""
     rows = (st.batch, st.length, st.groups, st.d_state)
@@ -296,10 +334,19 @@ def bwd_dbc(inputs: dict, *, mode: str, st: Static, splits: int, out_dtype, num_
     outs = {mode: grad}
     if mode == "dC":
         outs["a_inter"] = jax.ShapeDtypeStruct((st.batch, st.heads, st.padded), F32)
-    res = launch.call(_dbc_kernel, inputs, outs,
-                grid=(st.chunk // st.block_l, st.batch * st.n_chunks, st.groups * splits),
-                name="ssd_bwd_dc" if mode == "dC" else "ssd_bwd_db", num_warps=num_warps,
-                num_stages=num_stages, interpret=interpret, st=st, splits=splits, mode=mode)
+    res = launch.call(
+        _dbc_kernel,
+        inputs,
+        outs,
+        grid=(st.chunk // st.block_l, st.batch * st.n_chunks, st.groups * splits),
+        name="ssd_bwd_dc" if mode == "dC" else "ssd_bwd_db",
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=interpret,
+        st=st,
+        splits=splits,
+        mode=mode,
+    )
     return tuple(res) if mode == "dC" else res[0]
 
 
@@ -338,8 +385,9 @@ def _cumsum_bwd_kernel(r, *, st: Static):
         d_dtp = by_rows("ddt_x", i * bq) + d_a * a[None, :]
         d_raw = d_dtp * sigmoid(raw, fast=st.fast) if st.dt_softplus else d_dtp
         d_raw = jnp.where(valid, d_raw, 0.0)
-        store(r["ddt"], (b, pl.ds(ch.c0 + i * bq, bq), pl.ds(h0, st.block_heads)), d_raw,
-              mask=valid)
+        store(
+            r["ddt"], (b, pl.ds(ch.c0 + i * bq, bq), pl.ds(h0, st.block_heads)), d_raw, mask=valid
+        )
         return d_a_sum + jnp.sum(d_a * dtp, axis=0), d_bias_sum + jnp.sum(d_raw, axis=0)
 
     zeros = jnp.zeros((st.block_heads,), F32)
@@ -355,9 +403,16 @@ def cumsum_bwd(inputs: dict, *, st: Static, dt_dtype, num_warps: int, interpret:
     outs = dict(ddt=jax.ShapeDtypeStruct((st.batch, st.length, st.heads), dt_dtype), dA=part)
     if inputs.get("bias") is not None:
         outs["dbias"] = part
-    res = launch.call(_cumsum_bwd_kernel, inputs, outs,
-                grid=(st.n_chunks, -(-st.heads // st.block_heads), st.batch),
-                name="ssd_bwd_chunk_cumsum", num_warps=num_warps, num_stages=1,
-                interpret=interpret, st=st)
+    res = launch.call(
+        _cumsum_bwd_kernel,
+        inputs,
+        outs,
+        grid=(st.n_chunks, -(-st.heads // st.block_heads), st.batch),
+        name="ssd_bwd_chunk_cumsum",
+        num_warps=num_warps,
+        num_stages=1,
+        interpret=interpret,
+        st=st,
+    )
     res = dict(zip(outs, res))
     return res["ddt"], res["dA"], res.get("dbias")

@@ -42,8 +42,7 @@ class Glue:
     num_segments: int
 
     @classmethod
-    def build(cls, dt, A, dt_bias, dt_softplus, segment_ids, seg_lo, num_segments, chunk,
-              padded):
+    def build(cls, dt, A, dt_bias, dt_softplus, segment_ids, seg_lo, num_segments, chunk, padded):
         batch, length, heads = dt.shape
         dtp = dt.astype(F32)
         if dt_bias is not None:
@@ -56,8 +55,9 @@ class Glue:
             ids = jnp.zeros((batch, padded), jnp.int32)
             lo = jnp.broadcast_to(jnp.where(t < chunk, 0, -1), (batch, padded))
         else:
-            ids = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, padded - length)),
-                          mode="edge")
+            ids = jnp.pad(
+                segment_ids.astype(jnp.int32), ((0, 0), (0, padded - length)), mode="edge"
+            )
             lo = seg_lo
         run = jnp.cumsum(segment_starts(ids).astype(jnp.int32), axis=1) - 1
         restart = (lo == t % chunk) | (t % chunk == 0)  # a chunk start or a run start
@@ -90,11 +90,11 @@ def initial_state_outputs(glue: Glue, C, init):
     init_g = init.astype(F32).reshape(batch, slots, groups, heads // groups, headdim, d_state)
     y = jnp.einsum("btsgn,bsgkpn->btgkp", c_slot, init_g, precision=HIGHEST)
     y = y.reshape(batch, padded, heads, headdim) * jnp.exp(glue.cs)[..., None]
-    return y[:, :glue.length]
+    return y[:, : glue.length]
 
 
 def _chunk_ends(a, chunk):
-    return a[:, chunk - 1::chunk]
+    return a[:, chunk - 1 :: chunk]
 
 
 def initial_state_chunk_ends(glue: Glue, init):
@@ -140,26 +140,35 @@ def final_states(glue: Glue, x, B, h_in, init):
 
     final_run = per_token(at_last(glue.run))
     final_chunk = per_token(last // glue.chunk)
-    counts = ((glue.run == final_run) & (t[None, :] // glue.chunk == final_chunk)
-              & (t < glue.length)[None, :] & per_token(present))
+    counts = (
+        (glue.run == final_run)
+        & (t[None, :] // glue.chunk == final_chunk)
+        & (t < glue.length)[None, :]
+        & per_token(present)
+    )
     counts_hot = glue.onehot(counts)  # (b, T_pad, s)
     # Each counting token's slot's cs_last, (b, T_pad, h): b T_pad s h multiply-adds.
     cs_last_tok = jnp.einsum("bts,bsh->bth", counts_hot, cs_last, precision=HIGHEST)
     decay = jnp.exp(jnp.where(counts[..., None], cs_last_tok - glue.cs, -jnp.inf))
     xw = _pad_rows(x, padded) * (decay * glue.dtp)[..., None]  # (b, T_pad, h, p)
     b_slot = counts_hot[..., None, None] * _pad_rows(B, padded)[:, :, None]
-    local = jnp.einsum("btgkp,btsgn->bsgkpn",
-                       xw.reshape(batch, padded, groups, heads // groups, headdim), b_slot,
-                       precision=HIGHEST).reshape(batch, glue.num_segments, heads, headdim,
-                                                  d_state)
+    local = jnp.einsum(
+        "btgkp,btsgn->bsgkpn",
+        xw.reshape(batch, padded, groups, heads // groups, headdim),
+        b_slot,
+        precision=HIGHEST,
+    ).reshape(batch, glue.num_segments, heads, headdim, d_state)
     entered = at_last(glue.lo) < 0  # (b, s): the last run entered the last token's chunk
     # h_in of the last token's chunk for slots whose last run entered it, (b, s, h, p, n):
     # b s c h p n multiply-adds, one nonzero term per output (one run covers a chunk's start).
     n_chunks = h_in.shape[1]
-    chunk_hot = ((jnp.arange(n_chunks)[None, None, :] == (last // glue.chunk)[..., None])
-                 & (entered & present)[..., None]).astype(F32)  # (b, s, c)
+    chunk_hot = (
+        (jnp.arange(n_chunks)[None, None, :] == (last // glue.chunk)[..., None])
+        & (entered & present)[..., None]
+    ).astype(F32)  # (b, s, c)
     h_last = jnp.einsum("bsc,bchpn->bshpn", chunk_hot, h_in, precision=HIGHEST)
-    base = jnp.where(entered[..., None, None, None], h_last,
-                     0.0 if init is None else init.astype(F32))
+    base = jnp.where(
+        entered[..., None, None, None], h_last, 0.0 if init is None else init.astype(F32)
+    )
     final = local + jnp.exp(cs_last)[..., None, None] * base
     return jnp.where(present[..., None, None, None], final, 0.0)

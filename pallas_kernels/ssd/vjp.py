@@ -36,7 +36,15 @@ def supported(headdim: int, d_state: int) -> bool:
 
 
 def ssd_scan_pallas(
-    x, dt, A, B, C, D=None, z=None, dt_bias=None, *,
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    dt_bias=None,
+    *,
     dt_softplus: bool = False,
     segment_ids=None,
     chunk_size: int = 256,
@@ -54,28 +62,55 @@ def ssd_scan_pallas(
     assert dt.shape == (batch, length, heads) and A.shape == (heads,), (dt.shape, A.shape)
     assert B.shape == C.shape == (batch, length, groups, d_state), (B.shape, C.shape)
     if not supported(headdim, d_state):
-        raise ValueError(f"the Pallas SSD kernels need headdim and d_state powers of two >= 16, "
-                         f"got headdim={headdim} (x's axis 3), d_state={d_state} (B's axis 3)")
+        raise ValueError(
+            f"the Pallas SSD kernels need headdim and d_state powers of two >= 16, "
+            f"got headdim={headdim} (x's axis 3), d_state={d_state} (B's axis 3)"
+        )
     if num_segments is None:
         num_segments = 1 if initial_states is None else initial_states.shape[1]
-    plan = make_plan(x, dt, B, D, z, dt_bias, dt_softplus=dt_softplus, chunk_size=chunk_size,
-                     has_init=initial_states is not None,
-                     return_states=bool(return_final_states), interpret=interpret,
-                     config=config)
-    return _entry_jit(plan, interpret, num_segments, x, dt, A, B, C, D, z, dt_bias, segment_ids,
-                      initial_states)
+    plan = make_plan(
+        x,
+        dt,
+        B,
+        D,
+        z,
+        dt_bias,
+        dt_softplus=dt_softplus,
+        chunk_size=chunk_size,
+        has_init=initial_states is not None,
+        return_states=bool(return_final_states),
+        interpret=interpret,
+        config=config,
+    )
+    return _entry_jit(
+        plan, interpret, num_segments, x, dt, A, B, C, D, z, dt_bias, segment_ids, initial_states
+    )
 
 
-def _entry(plan: Plan, interpret: bool, num_segments: int, x, dt, A, B, C, D, z, dt_bias,
-           segment_ids, initial_states):
+def _entry(
+    plan: Plan,
+    interpret: bool,
+    num_segments: int,
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D,
+    z,
+    dt_bias,
+    segment_ids,
+    initial_states,
+):
     st = plan.st
     seg_lo = seg_hi = None
     if segment_ids is not None:
         seg_lo, seg_hi = segment_bounds(segment_ids, st.chunk, st.padded)
     glue = y_add = s_add = None
     if initial_states is not None or plan.return_states:
-        glue = states.Glue.build(dt, A, dt_bias, st.dt_softplus, segment_ids, seg_lo,
-                                 num_segments, st.chunk, st.padded)
+        glue = states.Glue.build(
+            dt, A, dt_bias, st.dt_softplus, segment_ids, seg_lo, num_segments, st.chunk, st.padded
+        )
     if initial_states is not None:
         y_add = states.initial_state_outputs(glue, C, initial_states)
         s_add = states.initial_state_chunk_ends(glue, initial_states)
@@ -92,8 +127,9 @@ def _entry(plan: Plan, interpret: bool, num_segments: int, x, dt, A, B, C, D, z,
 _entry_jit = jax.jit(_entry, static_argnums=(0, 1, 2))
 
 
-def make_plan(x, dt, B, D, z, dt_bias, *, dt_softplus, chunk_size, has_init,
-              return_states, interpret, config) -> Plan:
+def make_plan(
+    x, dt, B, D, z, dt_bias, *, dt_softplus, chunk_size, has_init, return_states, interpret, config
+) -> Plan:
     batch, length, heads, headdim = x.shape
     groups, d_state = B.shape[2:]
     if config is None:
@@ -106,15 +142,30 @@ def make_plan(x, dt, B, D, z, dt_bias, *, dt_softplus, chunk_size, has_init,
     per_group = heads // groups
     # Head splits must divide the heads of a group.
     cfg = dataclasses.replace(
-        cfg, dcb_head_splits=_divisor(cfg.dcb_head_splits, per_group),
+        cfg,
+        dcb_head_splits=_divisor(cfg.dcb_head_splits, per_group),
         dbc_head_splits=_divisor(cfg.dbc_head_splits, per_group),
-        block_state=min(cfg.block_state, headdim * d_state))
+        block_state=min(cfg.block_state, headdim * d_state),
+    )
     st = kernel.Static(
-        batch=batch, length=length, heads=heads, headdim=headdim, d_state=d_state,
-        groups=groups, chunk=cfg.chunk, block_l=cfg.block_l, block_s=cfg.block_s,
-        block_k=cfg.block_k, block_state=cfg.block_state, block_heads=cfg.block_heads,
-        dt_softplus=bool(dt_softplus), d_per_p=D is not None and D.ndim == 2,
-        mm_dtype=jnp.dtype(x.dtype).name, cb_dtype=cfg.cb_dtype, fast=not interpret)
+        batch=batch,
+        length=length,
+        heads=heads,
+        headdim=headdim,
+        d_state=d_state,
+        groups=groups,
+        chunk=cfg.chunk,
+        block_l=cfg.block_l,
+        block_s=cfg.block_s,
+        block_k=cfg.block_k,
+        block_state=cfg.block_state,
+        block_heads=cfg.block_heads,
+        dt_softplus=bool(dt_softplus),
+        d_per_p=D is not None and D.ndim == 2,
+        mm_dtype=jnp.dtype(x.dtype).name,
+        cb_dtype=cfg.cb_dtype,
+        fast=not interpret,
+    )
     if cfg.chunk_scan_backend == "mosaic":
         chunk_scan_mgpu.check_supported(st)
     return Plan(st, cfg, return_states, has_init)
@@ -148,13 +199,16 @@ def _f32(a):
 
 
 def _launch(plan: Plan, interpret: bool):
-    return dict(num_warps=plan.cfg.num_warps, num_stages=plan.cfg.num_stages,
-                interpret=interpret)
+    return dict(num_warps=plan.cfg.num_warps, num_stages=plan.cfg.num_stages, interpret=interpret)
 
 
 def _cumsum(plan, interpret, dt, A, dt_bias, seg_lo):
-    return kernel.chunk_cumsum(dict(dt=dt, A=A.astype(F32), bias=_f32(dt_bias), seg_lo=seg_lo),
-                               st=plan.st, num_warps=4, interpret=interpret)
+    return kernel.chunk_cumsum(
+        dict(dt=dt, A=A.astype(F32), bias=_f32(dt_bias), seg_lo=seg_lo),
+        st=plan.st,
+        num_warps=4,
+        interpret=interpret,
+    )
 
 
 def chunk_decay(cs, seg_lo, *, st: kernel.Static):
@@ -173,8 +227,9 @@ def _pass_states(plan, interpret, S, decay, s_add):
     """h_in (b, c, h, p * n) from the chunk-end states S (b, c, h, p * n)."""
     st = plan.st
     if plan.cfg.state_passing == "pallas":
-        return kernel.state_passing(dict(S=S, decay=decay, s_add=s_add), reverse=False,
-                                    st=st, interpret=interpret)
+        return kernel.state_passing(
+            dict(S=S, decay=decay, s_add=s_add), reverse=False, st=st, interpret=interpret
+        )
     drive = S if s_add is None else S + s_add
     a = jnp.swapaxes(decay, 1, 2)[..., None]  # (b, c, h, 1)
     _, h_end = jax.lax.associative_scan(combine_affine, (a, drive), axis=1)
@@ -186,8 +241,9 @@ def _pass_states_bwd(plan, interpret, dh, h_in, decay):
     ddecay (b, h, c) = <G[c + 1], h_in[c]>."""
     st = plan.st
     if plan.cfg.state_passing == "pallas":
-        dS, ddecay = kernel.state_passing(dict(dh=dh, h_in=h_in, decay=decay), reverse=True,
-                                          st=st, interpret=interpret)
+        dS, ddecay = kernel.state_passing(
+            dict(dh=dh, h_in=h_in, decay=decay), reverse=True, st=st, interpret=interpret
+        )
         return dS, ddecay.sum(-1)
     a = jnp.swapaxes(decay, 1, 2)[..., None]
     _, G = jax.lax.associative_scan(combine_affine, (a, dh), axis=1, reverse=True)
@@ -195,24 +251,25 @@ def _pass_states_bwd(plan, interpret, dh, h_in, decay):
     return dS, jnp.swapaxes(jnp.sum(dS * h_in, axis=-1), 1, 2)
 
 
-def _fwd_impl(plan: Plan, interpret, x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_hi, y_add,
-              s_add):
+def _fwd_impl(plan: Plan, interpret, x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_hi, y_add, s_add):
     del seg_hi
     st = plan.st
     launch = _launch(plan, interpret)
     size = st.headdim * st.d_state
     cs, dtp = _cumsum(plan, interpret, dt, A, dt_bias, seg_lo)
     cb = kernel.chunk_cb(dict(C=C, B=B), st=st, **launch)
-    S = kernel.chunk_states(dict(x=x, B=B, cs=cs, dtp=dtp, seg_lo=seg_lo), mode="fwd", st=st,
-                            **launch)
+    S = kernel.chunk_states(
+        dict(x=x, B=B, cs=cs, dtp=dtp, seg_lo=seg_lo), mode="fwd", st=st, **launch
+    )
     S = S.reshape(st.batch, st.n_chunks, st.heads, size)
     if s_add is not None:
         s_add = s_add.astype(F32).reshape(S.shape)
     decay = chunk_decay(cs, seg_lo, st=st)
     h_in = _pass_states(plan, interpret, S, decay, s_add)
     h_in = h_in.reshape(st.batch, st.n_chunks, st.heads, st.headdim, st.d_state)
-    inputs = dict(x=x, z=z, C=C, cb=cb, cs=cs, dtp=dtp, h_in=h_in, D=_f32(D), y_add=_f32(y_add),
-                  seg_lo=seg_lo)
+    inputs = dict(
+        x=x, z=z, C=C, cb=cb, cs=cs, dtp=dtp, h_in=h_in, D=_f32(D), y_add=_f32(y_add), seg_lo=seg_lo
+    )
     if plan.cfg.chunk_scan_backend == "mosaic":
         y, y_pre = chunk_scan_mgpu.chunk_scan(inputs, st=st, y_dtype=x.dtype, interpret=interpret)
     else:
@@ -223,13 +280,15 @@ def _fwd_impl(plan: Plan, interpret, x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _ssd(plan, interpret, x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_hi, y_add, s_add):
-    return _fwd_impl(plan, interpret, x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_hi, y_add,
-                     s_add)[0]
+    return _fwd_impl(plan, interpret, x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_hi, y_add, s_add)[
+        0
+    ]
 
 
 def _ssd_fwd(plan, interpret, x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_hi, y_add, s_add):
-    out, (h_in, y_pre) = _fwd_impl(plan, interpret, x, dt, A, B, C, D, z, dt_bias, seg_lo,
-                                   seg_hi, y_add, s_add)
+    out, (h_in, y_pre) = _fwd_impl(
+        plan, interpret, x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_hi, y_add, s_add
+    )
     return out, (x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_hi, h_in, y_pre)
 
 
@@ -255,8 +314,9 @@ def _ssd_bwd(plan, interpret, res, cts):
     cs, dtp = _cumsum(plan, interpret, dt, A, dt_bias, seg_lo)
     cb = kernel.chunk_cb(dict(C=C, B=B), st=st, **launch)
     # The gradient reaching each chunk's incoming state, then across chunks.
-    dh = kernel.chunk_states(dict(dy=dyp, C=C, cs=cs, seg_lo=seg_lo, seg_hi=seg_hi), mode="bwd",
-                             st=st, **launch)
+    dh = kernel.chunk_states(
+        dict(dy=dyp, C=C, cs=cs, seg_lo=seg_lo, seg_hi=seg_hi), mode="bwd", st=st, **launch
+    )
     dh = dh.reshape(st.batch, st.n_chunks, st.heads, size)
     if dh_ct is not None:
         dh = dh + dh_ct.astype(F32)
@@ -265,28 +325,48 @@ def _ssd_bwd(plan, interpret, res, cts):
     dS = dS.reshape(h_in.shape)
     seg = dict(seg_lo=seg_lo, seg_hi=seg_hi)
     dx, ddt_x, dcs_state, dD_part = kernel_bwd.bwd_dx(
-        dict(x=x, dy=dyp, B=B, cb=cb, cs=cs, dtp=dtp, dS=dS, D=_f32(D), **seg), st=st,
-        x_dtype=x.dtype, **launch)
+        dict(x=x, dy=dyp, B=B, cb=cb, cs=cs, dtp=dtp, dS=dS, D=_f32(D), **seg),
+        st=st,
+        x_dtype=x.dtype,
+        **launch,
+    )
     splits = cfg.dcb_head_splits
-    dcb, rowsum, colsum = kernel_bwd.bwd_dcb(dict(x=x, dy=dyp, cb=cb, cs=cs, dtp=dtp, **seg),
-                                             st=st, splits=splits, **launch)
+    dcb, rowsum, colsum = kernel_bwd.bwd_dcb(
+        dict(x=x, dy=dyp, cb=cb, cs=cs, dtp=dtp, **seg), st=st, splits=splits, **launch
+    )
     if splits > 1:
         dcb = _sum_splits(dcb, st)
     dsplits = cfg.dbc_head_splits
     dC, a_inter = kernel_bwd.bwd_dbc(
-        dict(dy=dyp, B=B, C=C, dcb=dcb, cs=cs, h_in=h_in, **seg), mode="dC", st=st,
-        splits=dsplits, out_dtype=C.dtype, **launch)
-    dB = kernel_bwd.bwd_dbc(dict(x=x, C=C, dcb=dcb, cs=cs, dtp=dtp, dS=dS, **seg), mode="dB",
-                            st=st, splits=dsplits, out_dtype=B.dtype, **launch)
+        dict(dy=dyp, B=B, C=C, dcb=dcb, cs=cs, h_in=h_in, **seg),
+        mode="dC",
+        st=st,
+        splits=dsplits,
+        out_dtype=C.dtype,
+        **launch,
+    )
+    dB = kernel_bwd.bwd_dbc(
+        dict(x=x, C=C, dcb=dcb, cs=cs, dtp=dtp, dS=dS, **seg),
+        mode="dB",
+        st=st,
+        splits=dsplits,
+        out_dtype=B.dtype,
+        **launch,
+    )
     if dsplits > 1:
         # Left to itself XLA may fuse these sums into a consumer's concatenation (the Mamba1
         # scan measured that 5x slower than a reduction of its own).
-        dC, dB = jax.lax.optimization_barrier((dC.sum(1).astype(C.dtype),
-                                               dB.sum(1).astype(B.dtype)))
+        dC, dB = jax.lax.optimization_barrier(
+            (dC.sum(1).astype(C.dtype), dB.sum(1).astype(B.dtype))
+        )
     dcs = _assemble_dcs(st, rowsum, colsum, a_inter, dcs_state, decay, ddecay)
     ddt, dA_part, dbias_part = kernel_bwd.cumsum_bwd(
-        dict(dt=dt, A=A.astype(F32), bias=_f32(dt_bias), dcs=dcs, ddt_x=ddt_x, **seg), st=st,
-        dt_dtype=dt.dtype, num_warps=4, interpret=interpret)
+        dict(dt=dt, A=A.astype(F32), bias=_f32(dt_bias), dcs=dcs, ddt_x=ddt_x, **seg),
+        st=st,
+        dt_dtype=dt.dtype,
+        num_warps=4,
+        interpret=interpret,
+    )
     dA = dA_part.sum((0, 1)).astype(A.dtype)
     dbias = None if dt_bias is None else dbias_part.sum((0, 1)).astype(dt_bias.dtype)
     dD = None
