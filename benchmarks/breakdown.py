@@ -106,12 +106,13 @@ def fake_scan(
     *,
     delta_softplus=False,
     segment_ids=None,
+    continues=None,
     return_final_states=False,
     num_segments=None,
     impl="auto",
 ):
-    if return_final_states:
-        raise NotImplementedError("the stand-in scan has no final states")
+    if return_final_states or continues is not None:
+        raise NotImplementedError("the stand-in scan has no final states and no row links")
     f32 = jnp.float32
     d = delta.astype(f32)
     if delta_bias is not None:
@@ -125,8 +126,12 @@ def fake_scan(
     return y.astype(u.dtype)
 
 
-def fake_conv(x, weight, bias=None, *, segment_ids=None, activation=None, impl=None):
+def fake_conv(
+    x, weight, bias=None, *, segment_ids=None, activation=None, impl=None, continues=None
+):
     del impl
+    if continues is not None:
+        raise NotImplementedError("the stand-in conv has no row links")
     y = x * weight[:, -1]
     if bias is not None:
         y = y + bias

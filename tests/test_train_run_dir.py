@@ -458,7 +458,7 @@ def test_help_describes_every_option(capsys):
         "'bytes' (UTF-8 bytes are ids 0..255",
         "tokenizer.json",
         "{1.4b | 130m | 2.8b | 370m | 790m | tiny | mamba2-130m | mamba2-370m | mamba2-780m | "
-        "mamba2-1.3b | mamba2-2.7b | mamba2-tiny}",
+        "mamba2-1.3b | mamba2-2.7b | mamba2-tiny | hybrid-tiny | hybrid-1b}",
         "[fixed on resume unless --data.allow_change=true]",
         "[fixed on resume]",
     ):
