@@ -638,14 +638,7 @@ def parse_args(argv):
     )
     ap.add_argument("--dtype", default="auto", help="compute dtype (auto: bf16 on GPU)")
     ap.add_argument("--scan-impl", default="auto")
-    ap.add_argument(
-        "--remat",
-        nargs="?",
-        const="full",
-        default="none",
-        choices=("none", "full", "save_matmul_outputs"),
-        help="remat policy per layer (bare --remat: full)",
-    )
+    harness.add_layer_args(ap, scan_layers=False)
     ap.add_argument(
         "--model",
         default=None,

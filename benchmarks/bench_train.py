@@ -632,19 +632,7 @@ def parse_args(argv):
     )
     ap.add_argument("--dtype", default="auto", help="compute dtype (auto: bf16 on GPU)")
     ap.add_argument("--scan-impl", default="auto")
-    ap.add_argument(
-        "--remat",
-        nargs="?",
-        const="full",
-        default="none",
-        choices=("none", "full", "save_matmul_outputs"),
-        help="remat policy per layer (bare --remat: full)",
-    )
-    ap.add_argument(
-        "--scan-layers",
-        action="store_true",
-        help="run the layers under one lax.scan (MambaConfig.scan_layers; default: unrolled)",
-    )
+    harness.add_layer_args(ap)
     ap.add_argument(
         "--model",
         default=None,

@@ -558,6 +558,29 @@ def argument_parser(doc: str, **common) -> argparse.ArgumentParser:
     )
 
 
+def add_layer_args(
+    parser: argparse.ArgumentParser, *, remat: bool = True, scan_layers: bool = True
+) -> None:
+    """--remat [POLICY] (config.REMAT; bare --remat: full) and --scan-layers."""
+    from jax_packmamba.config import REMAT
+
+    if remat:
+        parser.add_argument(
+            "--remat",
+            nargs="?",
+            const="full",
+            default="none",
+            choices=REMAT,
+            help="remat policy per layer (bare --remat: full)",
+        )
+    if scan_layers:
+        parser.add_argument(
+            "--scan-layers",
+            action="store_true",
+            help="run the layers under one lax.scan (config.scan_layers; default: unrolled)",
+        )
+
+
 def add_anchor_args(parser: argparse.ArgumentParser) -> None:
     """--anchor DIR and --anchor-pythonpath PATH: see run_anchor."""
     parser.add_argument(

@@ -26,6 +26,15 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "save_matmul_outputs")
 
 
+def _check_positive_ints(config, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(
+                f"{type(config).__name__}.{name} must be a positive int, got {value!r}"
+            )
+
+
 def _check_remat(config) -> None:
     value = config.remat
     if isinstance(value, bool):
@@ -70,7 +79,8 @@ class MambaConfig:
     scan_layers: bool = False  # run the layers under one lax.scan (model.run_layers)
 
     def __post_init__(self):
-        for name in (
+        _check_positive_ints(
+            self,
             "d_model",
             "n_layer",
             "vocab_size",
@@ -78,10 +88,7 @@ class MambaConfig:
             "d_conv",
             "expand",
             "pad_vocab_size_multiple",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"MambaConfig.{name} must be a positive int, got {value!r}")
+        )
         if self.dt_rank is not None and (not isinstance(self.dt_rank, int) or self.dt_rank < 1):
             raise ValueError(
                 f"MambaConfig.dt_rank must be None or a positive int, got {self.dt_rank!r}"
@@ -201,7 +208,8 @@ class Mamba2Config:
     scan_layers: bool = False  # run the layers under one lax.scan (model.run_layers)
 
     def __post_init__(self):
-        for name in (
+        _check_positive_ints(
+            self,
             "d_model",
             "n_layer",
             "vocab_size",
@@ -212,10 +220,7 @@ class Mamba2Config:
             "ngroups",
             "chunk_size",
             "pad_vocab_size_multiple",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"Mamba2Config.{name} must be a positive int, got {value!r}")
+        )
         if self.d_inner % self.headdim:
             raise ValueError(
                 f"Mamba2Config: d_inner = expand * d_model = {self.d_inner} must be a "
@@ -448,7 +453,8 @@ class HybridConfig:
                 f"HybridConfig.layers must be a non-empty tuple of non-empty strings "
                 f"of {sorted(HYBRID_KINDS)} ({HYBRID_KINDS}), got {layers!r}"
             )
-        for name in (
+        _check_positive_ints(
+            self,
             "d_model",
             "vocab_size",
             "d_state",
@@ -461,10 +467,7 @@ class HybridConfig:
             "num_kv_heads",
             "d_ff",
             "pad_vocab_size_multiple",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"HybridConfig.{name} must be a positive int, got {value!r}")
+        )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"HybridConfig: num_heads={self.num_heads} must be a multiple of "

@@ -68,11 +68,7 @@ def main(argv=None) -> int:
         default="",
         help="comma-separated layer counts to also compile once each (fresh cache)",
     )
-    ap.add_argument(
-        "--scan-layers",
-        action="store_true",
-        help="run the layers under one lax.scan (MambaConfig.scan_layers); default: unrolled",
-    )
+    harness.add_layer_args(ap, remat=False)
     ap.add_argument("--n-layer", type=int, default=None, help="internal: the child's depth")
     ap.add_argument("--child", action="store_true", help="internal: one measurement")
     args = ap.parse_args(argv)

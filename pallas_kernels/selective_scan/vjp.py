@@ -256,16 +256,14 @@ def _fwd_impl(
     a2, bias = _a2(A), _bias(delta_bias)
     dskip = None if D is None else D.astype(F32)
     launch = dict(st=st, batch=batch, num_warps=cfg.num_warps, interpret=interpret)
-    if continues is not None:
+    if continues is not None or nc > 1:
         h_loc, decay = kernel.chunk_states(
             dict(u=u, delta=delta, a2=a2, bias=bias, B=B, rst=rst), **launch
         )
-        h_in = _linked_initial_states(h_loc, decay, first, continues)
-    elif nc > 1:
-        h_loc, decay = kernel.chunk_states(
-            dict(u=u, delta=delta, a2=a2, bias=bias, B=B, rst=rst), **launch
-        )
-        h_in = _chunk_initial_states(h_loc, decay, first)
+        if continues is not None:
+            h_in = _linked_initial_states(h_loc, decay, first, continues)
+        else:
+            h_in = _chunk_initial_states(h_loc, decay, first)
     else:
         decay = h_in = jnp.zeros((batch, 1, st.d_state, st.d_inner), F32)
         if first is not None:
