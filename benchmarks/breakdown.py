@@ -75,7 +75,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks import harness, workloads  # noqa: E402
+from benchmarks import harness, step_parts, workloads  # noqa: E402
 
 VARIANTS = (
     "step",
@@ -260,6 +260,7 @@ def trace_summary(
     device_pids = {pid for pid, n in names.items() if n.startswith("/device:")}
     kernels: dict[str, float] = {}
     by_source: dict[str, float] = {}
+    parts = dict.fromkeys(step_parts.PARTS, 0.0)
     arg_sample: dict[str, dict] = {}
     for e in events:
         if e.get("ph") == "X" and e.get("pid") in device_pids and "dur" in e:
@@ -269,6 +270,7 @@ def trace_summary(
             op = str(args.get("hlo_op") or e["name"]).replace(".", "_")
             src = (sources or {}).get(op) or (sources or {}).get(e["name"]) or f"? {e['name']}"
             by_source[src] = by_source.get(src, 0.0) + float(e["dur"])
+            parts[step_parts.part(e["name"], src)] += float(e["dur"]) / 1e3 / steps
     if not kernels:
         return dict(
             file=str(files[-1]),
@@ -290,6 +292,7 @@ def trace_summary(
         steps=steps,
         device_ms_per_step={k: v / 1e3 / steps for k, v in cats.items()},
         device_busy_ms_per_step=sum(kernels.values()) / 1e3 / steps,
+        parts_ms_per_step=parts,  # benchmarks/step_parts.py, as profile_torch_step.py's
         top_kernels_ms_per_step=[[n, us / 1e3 / steps] for n, us in top],
         top_kernel_args={n: arg_sample.get(n, {}) for n, _ in top[:8]},
         by_source_ms_per_step=[

@@ -1035,3 +1035,22 @@ def test_bench_generate_kernel_table_and_categories(tmp_path):
         == "sort/scan/top-k (sampling)"
     )
     assert bench_generate.category("loop_add_fusion") == "other fusions"
+
+
+def test_step_parts_classify_both_sides_kernels():
+    from benchmarks.step_parts import part, table
+
+    assert part("sm90_xmma_gemm_bf16bf16_bf16f32") == "gemm"
+    assert part("gemm_fusion_dot_129", "loss.py:20 masked_cross_entropy fwd") == "gemm"
+    assert part("_layer_norm_fwd_1pass_kernel") == "norms"
+    assert part("loop_add_fusion_3", "rms_norm.py:40 rms_norm_reference fwd") == "norms"
+    assert part("ssd_bwd_dx") == part("selective_scan_bwd") == "ssm kernels"
+    assert part("causal_conv1d_fwd_kernel") == "conv"
+    assert part("input_reduce_fusion", "loss.py:20 masked_cross_entropy bwd") == "loss"
+    assert part("multi_tensor_apply_kernel") == "optimizer"
+    assert part("void at::native::vectorized_elementwise_kernel<4>") == "elementwise"
+    assert part("some_custom_call") == "other"
+    parts = table({"ssd_bwd_dx": 3000.0, "loop_add_fusion": 1500.0}, steps=3)
+    assert (
+        parts["ssm kernels"] == 1.0 and parts["elementwise"] == 0.5 and sum(parts.values()) == 1.5
+    )
