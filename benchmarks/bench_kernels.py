@@ -10,7 +10,10 @@ forward+backward of the row norms (jax_packmamba.ops.rms_norm) with impl "refere
 and "pallas", at mamba2-1.3b's 8 x 2048 tokens: "add" (bf16 hidden + float32 residual, bf16
 normed; mamba_ssm's fused add + RMSNorm), "stream" (the Block's call: float32 stream, no
 residual, bf16 normed) at d_model 2048, and "gated" (bf16 x, z) at d_inner 4096, one group.
---sections picks among conv, decode, norms (default all). harness.time_calls
+--sections picks among conv, decode, norms (default all); --norm-sweep: instead, the norm
+kernels alone under each tiling of NORM_SWEEP (pallas_kernels/norm/vjp.py's constants), into
+--out/kernels_norm_sweep_<device>.json.
+harness.time_calls
 (median of 7 groups of 5 calls, inputs rotated past the L2); writes --out/kernels_<device>.json.
 Only public entry points are used, so the same script times an older tree. On CPU the kernels
 run through the Pallas interpreter; --smoke: tiny shapes, one call each.
@@ -58,6 +61,8 @@ def conv_set(i, shape):
 NORMS = [("add", 16384, 2048), ("stream", 16384, 2048), ("gated", 16384, 4096)]
 SMOKE_NORMS = [("add", 40, 96), ("stream", 40, 96), ("gated", 40, 96)]
 SECTIONS = ("conv", "decode", "norms")
+# (TILE_ELEMENTS, BWD_PROGRAMS_PER_SM) of pallas_kernels/norm/vjp.py; the first is the default.
+NORM_SWEEP = [(4096, 2), (2048, 2), (8192, 2), (16384, 2), (4096, 1), (4096, 8)]
 
 
 def norm_set(i, kind, rows, cols):
@@ -135,6 +140,42 @@ def timed(fn, make, backend, smoke):
     )
 
 
+def norm_sweep(new, smoke) -> int:
+    import pallas_kernels.norm.vjp as norm_vjp
+
+    backend = new.info.backend
+    impl = "pallas" if backend == "gpu" else "pallas_interpret"
+    data = dict(**new.header, norm_sweep=[])
+    for tile, programs_per_sm in NORM_SWEEP[:2] if smoke else NORM_SWEEP:
+        norm_vjp.TILE_ELEMENTS, norm_vjp.BWD_PROGRAMS_PER_SM = tile, programs_per_sm
+        jax.clear_caches()  # the backward's program count is read when it is traced
+        for kind, rows, cols in SMOKE_NORMS if smoke else NORMS:
+            fwd, fwdbwd = norm_fns(kind, impl)
+
+            def make(i, kind=kind, rows=rows, cols=cols):
+                return norm_set(i, kind, rows, cols)
+
+            rec = dict(
+                kind=kind,
+                rows=rows,
+                cols=cols,
+                tile_elements=tile,
+                bwd_programs_per_sm=programs_per_sm,
+                fwd_ms=timed(fwd, make, backend, smoke),
+                fwdbwd_ms=timed(fwdbwd, make, backend, smoke),
+            )
+            data["norm_sweep"].append(rec)
+            print(
+                f"norm {kind} {rows}x{cols} tile {tile}, {programs_per_sm} bwd programs/SM: "
+                f"fwd {rec['fwd_ms']['median_ms']:.3f} ms, fwd+bwd "
+                f"{rec['fwdbwd_ms']['median_ms']:.3f} ms",
+                flush=True,
+            )
+            harness.write_json(new.path, data)
+    print(f"wrote {new.path}")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = harness.argument_parser(__doc__)
@@ -143,14 +184,23 @@ def main(argv=None) -> int:
         default=",".join(SECTIONS),
         help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)",
     )
+    parser.add_argument(
+        "--norm-sweep", action="store_true", help="time the norm kernels under NORM_SWEEP's tilings"
+    )
     args = parser.parse_args(argv)
     sections = args.sections.split(",")
     if not sections or any(s not in SECTIONS for s in sections):
         parser.error(f"--sections: choose from {','.join(SECTIONS)}, got {args.sections!r}")
     new = harness.new_result(
-        "kernels", script=__file__, argv=argv, out_dir=args.out, smoke=args.smoke
+        "kernels_norm_sweep" if args.norm_sweep else "kernels",
+        script=__file__,
+        argv=argv,
+        out_dir=args.out,
+        smoke=args.smoke,
     )
     backend, interpret = new.info.backend, new.info.backend != "gpu"
+    if args.norm_sweep:
+        return norm_sweep(new, args.smoke)
     data = dict(**new.header, conv=[], decode=[], norms=[])
     conv_shapes = SMOKE_CONV if args.smoke else CONV_SHAPES
     for shape in conv_shapes if "conv" in sections else []:

@@ -40,6 +40,7 @@ class Static:
     block_rows: int
     block_c: int
     eps: float
+    num_warps: int
     tiles_per_program: int = 1  # backward: tiles a program walks
 
 
@@ -133,7 +134,7 @@ def num_tiles(st: Static) -> int:
     return -(-st.rows // st.block_rows)
 
 
-def norm_fwd(x, residual, z, w, *, out_dtype, residual_out: bool, st, num_warps, interpret):
+def norm_fwd(x, residual, z, w, *, out_dtype, residual_out: bool, st, interpret):
     """(out (r, c) out_dtype, rstd (r, g) float32[, residual_out (r, c) float32]).
 
     x (r, c); residual (r, c) or None, added to x first; z (r, c) or None, the gate; w (c,)
@@ -151,13 +152,13 @@ def norm_fwd(x, residual, z, w, *, out_dtype, residual_out: bool, st, num_warps,
         outputs,
         grid=(num_tiles(st), st.groups),
         name="rms_norm_fwd" if z is None else "gated_rms_norm_fwd",
-        num_warps=num_warps,
+        num_warps=st.num_warps,
         interpret=interpret,
         st=st,
     )
 
 
-def norm_bwd(x, z, w, rstd, g, g_res, *, dx_dtype, dres: bool, programs, st, num_warps, interpret):
+def norm_bwd(x, z, w, rstd, g, g_res, *, dx_dtype, dres: bool, programs, st, interpret):
     """(dx (r, c) dx_dtype[, dz (r, c) z's dtype][, dres (r, c) float32], dweight partials
     (programs, c) float32).
 
@@ -177,7 +178,7 @@ def norm_bwd(x, z, w, rstd, g, g_res, *, dx_dtype, dres: bool, programs, st, num
         outputs,
         grid=(programs, st.groups),
         name="rms_norm_bwd" if z is None else "gated_rms_norm_bwd",
-        num_warps=num_warps,
+        num_warps=st.num_warps,
         interpret=interpret,
         st=st,
     )

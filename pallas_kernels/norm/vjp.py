@@ -13,25 +13,29 @@ from pallas_kernels.launch import core_count
 from pallas_kernels.norm import kernel
 
 F32 = jnp.float32
-TILE_ELEMENTS = 8192  # rows x columns a forward program holds (a few registers a thread)
+# Tiling (benchmarks/bench_kernels.py --norm-sweep times alternatives). A program holds
+# TILE_ELEMENTS values of each array (a whole row at least), ELEMENTS_PER_WARP of them a warp
+# (16 a thread): at d = 4096 one row on 8 warps, as mamba_ssm's Triton norms.
+TILE_ELEMENTS = 4096
+ELEMENTS_PER_WARP = 512
+MAX_WARPS = 16
 MAX_BLOCK_ROWS = 16
 BWD_PROGRAMS_PER_SM = 2  # backward programs: each walks a contiguous run of tiles
 
 
 def _static(rows, group_size, groups, eps):
     block_c = 1 << max(0, (group_size - 1).bit_length())
+    block_rows = max(1, min(MAX_BLOCK_ROWS, TILE_ELEMENTS // block_c))
+    warps = max(1, min(MAX_WARPS, block_rows * block_c // ELEMENTS_PER_WARP))
     return kernel.Static(
         rows=rows,
         group_size=group_size,
         groups=groups,
-        block_rows=max(1, min(MAX_BLOCK_ROWS, TILE_ELEMENTS // block_c)),
+        block_rows=block_rows,
         block_c=block_c,
         eps=float(eps),
+        num_warps=1 << (warps.bit_length() - 1),
     )
-
-
-def _warps(st: kernel.Static) -> int:
-    return 8 if st.block_rows * st.block_c >= 4096 else 4
 
 
 def _bwd_programs(st: kernel.Static) -> tuple[int, kernel.Static]:
@@ -87,7 +91,6 @@ def _fwd(st, interpret, out_dtype, x, residual, z, weight, *, residual_out):
         out_dtype=out_dtype,
         residual_out=residual_out,
         st=st,
-        num_warps=_warps(st),
         interpret=interpret,
     )
 
@@ -105,7 +108,6 @@ def _bwd(st, interpret, x, z, weight, rstd, g, g_res, *, dx_dtype, dres):
         dres=dres,
         programs=programs,
         st=st_bwd,
-        num_warps=_warps(st),
         interpret=interpret,
     )
     return (*grads, dw.sum(0).astype(weight.dtype))
