@@ -62,7 +62,7 @@ NORMS = [("add", 16384, 2048), ("stream", 16384, 2048), ("gated", 16384, 4096)]
 SMOKE_NORMS = [("add", 40, 96), ("stream", 40, 96), ("gated", 40, 96)]
 SECTIONS = ("conv", "decode", "norms")
 # (TILE_ELEMENTS, BWD_PROGRAMS_PER_SM) of pallas_kernels/norm/vjp.py; the first is the default.
-NORM_SWEEP = [(4096, 2), (2048, 2), (8192, 2), (16384, 2), (4096, 1), (4096, 8)]
+NORM_SWEEP = [(4096, 2), (2048, 2), (8192, 2), (4096, 1), (4096, 8)]
 
 
 def norm_set(i, kind, rows, cols):
