@@ -13,9 +13,9 @@ from pallas_kernels.launch import core_count
 from pallas_kernels.norm import kernel
 
 F32 = jnp.float32
-# Tiling (benchmarks/bench_kernels.py --norm-sweep times alternatives). A program holds
-# TILE_ELEMENTS values of each array (a whole row at least), ELEMENTS_PER_WARP of them a warp
-# (16 a thread): at d = 4096 one row on 8 warps, as mamba_ssm's Triton norms.
+# Tiling, not yet measured (benchmarks/bench_kernels.py --norm-sweep times alternatives). A
+# program holds TILE_ELEMENTS values of each array (a whole row at least), ELEMENTS_PER_WARP of
+# them a warp (16 a thread): at d = 4096 one row on 8 warps, at 2048 two rows on 8.
 TILE_ELEMENTS = 4096
 ELEMENTS_PER_WARP = 512
 MAX_WARPS = 16
