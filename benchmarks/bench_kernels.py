@@ -1,10 +1,19 @@
-"""The causal conv and decode-step kernels on GPU (bench_scan.py and bench_ssd.py time the scans).
+"""The causal conv, decode-step and norm kernels on GPU (bench_scan.py and bench_ssd.py time
+the scans).
 
-    PYTHONPATH=. python3 benchmarks/bench_kernels.py [--out DIR] [--smoke]
+    PYTHONPATH=. python3 benchmarks/bench_kernels.py [--out DIR] [--smoke] [--sections S,...]
 
 conv: forward and forward+backward of the Pallas causal conv (silu, bias, width 4, bf16, 64
 random-length segments a row) at (8, 2048, 4096) and (8, 2048, 5120). decode: one Mamba1 mixer
-core (mixer_core_pallas) at mamba-2.8b's widths, batch 1, 32 and 128, bf16. harness.time_calls
+core (mixer_core_pallas) at mamba-2.8b's widths, batch 1, 32 and 128, bf16. norms: forward and
+forward+backward of the row norms (jax_packmamba.ops.rms_norm) with impl "reference" (XLA)
+and "pallas", at mamba2-1.3b's 8 x 2048 tokens: "add" (bf16 hidden + float32 residual, bf16
+normed; mamba_ssm's fused add + RMSNorm), "stream" (the Block's call: float32 stream, no
+residual, bf16 normed) at d_model 2048, and "gated" (bf16 x, z) at d_inner 4096, one group.
+--sections picks among conv, decode, norms (default all); --norm-sweep: instead, the norm
+kernels alone under each tiling of NORM_SWEEP (pallas_kernels/norm/vjp.py's constants), into
+--out/kernels_norm_sweep_<device>.json.
+harness.time_calls
 (median of 7 groups of 5 calls, inputs rotated past the L2); writes --out/kernels_<device>.json.
 Only public entry points are used, so the same script times an older tree. On CPU the kernels
 run through the Pallas interpreter; --smoke: tiny shapes, one call each.
@@ -19,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness
-from jax_packmamba.ops import positions_from_segment_ids
+from jax_packmamba.ops import add_rms_norm, gated_rms_norm, positions_from_segment_ids
 from pallas_kernels.causal_conv1d import causal_conv1d_pallas
 from pallas_kernels.decode import mixer_core_pallas
 
@@ -47,6 +56,57 @@ def conv_set(i, shape):
         positions_from_segment_ids(jnp.asarray(seg, jnp.int32)),
         jnp.asarray(rng.standard_normal(shape), bf),
     )
+
+
+NORMS = [("add", 16384, 2048), ("stream", 16384, 2048), ("gated", 16384, 4096)]
+SMOKE_NORMS = [("add", 40, 96), ("stream", 40, 96), ("gated", 40, 96)]
+SECTIONS = ("conv", "decode", "norms")
+# (TILE_ELEMENTS, BWD_PROGRAMS_PER_SM) of pallas_kernels/norm/vjp.py; the first is the default.
+NORM_SWEEP = [(4096, 2), (2048, 2), (8192, 2), (4096, 1), (4096, 8)]
+
+
+def norm_set(i, kind, rows, cols):
+    rng, bf, f32 = np.random.default_rng(i), jnp.bfloat16, jnp.float32
+    normal = lambda dtype, scale=1.0: jnp.asarray(  # noqa: E731
+        scale * rng.standard_normal((rows, cols)), dtype
+    )
+    weight = jnp.asarray(1.0 + 0.1 * rng.standard_normal(cols), f32)
+    if kind == "add":  # hidden, residual, weight, d_stream, d_normed
+        return normal(bf), normal(f32, 3.0), weight, normal(f32), normal(bf)
+    if kind == "stream":
+        return normal(f32, 3.0), weight, normal(f32), normal(bf)
+    return normal(bf), normal(bf), weight, normal(bf)  # x, z, weight, d_out
+
+
+def norm_fns(kind, impl):
+    """(forward, forward+backward) of one norm case; the arguments are norm_set's."""
+    eps, bf = 1e-5, jnp.bfloat16
+    if kind == "add":
+
+        def f(h, r, w):
+            return add_rms_norm(h, r, w, eps=eps, out_dtype=bf, impl=impl)
+
+        def fwdbwd(h, r, w, g_stream, g):
+            return jax.vjp(f, h, r, w)[1]((g_stream, g))
+
+        return lambda h, r, w, *_: f(h, r, w), fwdbwd
+    if kind == "stream":
+
+        def f(s, w):
+            return add_rms_norm(s, None, w, eps=eps, out_dtype=bf, impl=impl)
+
+        def fwdbwd(s, w, g_stream, g):
+            return jax.vjp(f, s, w)[1]((g_stream, g))
+
+        return lambda s, w, *_: f(s, w), fwdbwd
+
+    def f(x, z, w):
+        return gated_rms_norm(x, z, w, group_size=x.shape[-1], eps=eps, impl=impl)
+
+    def fwdbwd(x, z, w, g):
+        return jax.vjp(f, x, z, w)[1](g)
+
+    return lambda x, z, w, _: f(x, z, w), fwdbwd
 
 
 def decode_set(i, batch, d_inner, d_state, dt_rank, d_conv):
@@ -80,15 +140,70 @@ def timed(fn, make, backend, smoke):
     )
 
 
+def norm_sweep(new, smoke) -> int:
+    import pallas_kernels.norm.vjp as norm_vjp
+
+    backend = new.info.backend
+    impl = "pallas" if backend == "gpu" else "pallas_interpret"
+    data = dict(**new.header, norm_sweep=[])
+    for tile, programs_per_sm in NORM_SWEEP[:2] if smoke else NORM_SWEEP:
+        norm_vjp.TILE_ELEMENTS, norm_vjp.BWD_PROGRAMS_PER_SM = tile, programs_per_sm
+        jax.clear_caches()  # the backward's program count is read when it is traced
+        for kind, rows, cols in SMOKE_NORMS if smoke else NORMS:
+            fwd, fwdbwd = norm_fns(kind, impl)
+
+            def make(i, kind=kind, rows=rows, cols=cols):
+                return norm_set(i, kind, rows, cols)
+
+            rec = dict(
+                kind=kind,
+                rows=rows,
+                cols=cols,
+                tile_elements=tile,
+                bwd_programs_per_sm=programs_per_sm,
+                fwd_ms=timed(fwd, make, backend, smoke),
+                fwdbwd_ms=timed(fwdbwd, make, backend, smoke),
+            )
+            data["norm_sweep"].append(rec)
+            print(
+                f"norm {kind} {rows}x{cols} tile {tile}, {programs_per_sm} bwd programs/SM: "
+                f"fwd {rec['fwd_ms']['median_ms']:.3f} ms, fwd+bwd "
+                f"{rec['fwdbwd_ms']['median_ms']:.3f} ms",
+                flush=True,
+            )
+            harness.write_json(new.path, data)
+    print(f"wrote {new.path}")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = harness.argument_parser(__doc__).parse_args(argv)
+    parser = harness.argument_parser(__doc__)
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)",
+    )
+    parser.add_argument(
+        "--norm-sweep", action="store_true", help="time the norm kernels under NORM_SWEEP's tilings"
+    )
+    args = parser.parse_args(argv)
+    sections = args.sections.split(",")
+    if not sections or any(s not in SECTIONS for s in sections):
+        parser.error(f"--sections: choose from {','.join(SECTIONS)}, got {args.sections!r}")
     new = harness.new_result(
-        "kernels", script=__file__, argv=argv, out_dir=args.out, smoke=args.smoke
+        "kernels_norm_sweep" if args.norm_sweep else "kernels",
+        script=__file__,
+        argv=argv,
+        out_dir=args.out,
+        smoke=args.smoke,
     )
     backend, interpret = new.info.backend, new.info.backend != "gpu"
-    data = dict(**new.header, conv=[], decode=[])
-    for shape in SMOKE_CONV if args.smoke else CONV_SHAPES:
+    if args.norm_sweep:
+        return norm_sweep(new, args.smoke)
+    data = dict(**new.header, conv=[], decode=[], norms=[])
+    conv_shapes = SMOKE_CONV if args.smoke else CONV_SHAPES
+    for shape in conv_shapes if "conv" in sections else []:
 
         def conv(x, w, b, pos):
             return causal_conv1d_pallas(x, w, b, pos, activation="silu", interpret=interpret)
@@ -112,7 +227,7 @@ def main(argv=None) -> int:
         )
         harness.write_json(new.path, data)
     dims = dict(SMOKE_DECODE if args.smoke else DECODE)
-    for batch in dims.pop("batches"):
+    for batch in dims.pop("batches") if "decode" in sections else []:
 
         def make(i, batch=batch):
             return decode_set(i, batch, **dims)
@@ -126,6 +241,28 @@ def main(argv=None) -> int:
         )
         data["decode"].append(rec)
         print(f"decode mixer core, batch {batch}: {rec['step_ms']['median_ms']:.4f} ms", flush=True)
+        harness.write_json(new.path, data)
+    pallas_impl = "pallas" if backend == "gpu" else "pallas_interpret"
+    for kind, rows, cols in (SMOKE_NORMS if args.smoke else NORMS) if "norms" in sections else []:
+        rec = dict(kind=kind, rows=rows, cols=cols)
+        for impl in ("reference", pallas_impl):
+            fwd, fwdbwd = norm_fns(kind, impl)
+
+            def make(i, kind=kind, rows=rows, cols=cols):
+                return norm_set(i, kind, rows, cols)
+
+            rec[impl.removesuffix("_interpret")] = dict(
+                fwd_ms=timed(fwd, make, backend, args.smoke),
+                fwdbwd_ms=timed(fwdbwd, make, backend, args.smoke),
+            )
+        data["norms"].append(rec)
+        ref, pal = rec["reference"], rec["pallas"]
+        print(
+            f"norm {kind} {rows}x{cols}: fwd {ref['fwd_ms']['median_ms']:.3f} -> "
+            f"{pal['fwd_ms']['median_ms']:.3f} ms, fwd+bwd {ref['fwdbwd_ms']['median_ms']:.3f} "
+            f"-> {pal['fwdbwd_ms']['median_ms']:.3f} ms (reference -> pallas)",
+            flush=True,
+        )
         harness.write_json(new.path, data)
     print(f"wrote {new.path}")
     return 0

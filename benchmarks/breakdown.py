@@ -8,6 +8,7 @@
     # A/B of one choice on the full step (~1.5 min each; results keyed by the choice):
     PYTHONPATH=. python3 benchmarks/breakdown.py --variants step --scan-config window=2,unroll=2
     PYTHONPATH=. python3 benchmarks/breakdown.py --variants step --conv-impl pallas
+    PYTHONPATH=. python3 benchmarks/breakdown.py --variants step --norm-impl reference
 
 Method. The model is bench_train.py's (benchmarks/workloads.py: released vocabulary, bf16
 compute, float32 params, AdamW, train/step.py) on one packed batch of the "instruct" workload
@@ -22,7 +23,8 @@ compared with each other, not with the trainer's overlapped dispatch):
   grad_noscan  grad with the selective scan replaced by a stand-in of near-zero cost
   fwd_noscan   fwd with the same stand-in
   grad_noconv  grad with the causal conv replaced by a stand-in (one tap, elementwise)
-  grad_nonorm  grad with RMSNorm replaced by a stand-in (scale only, no reduction)
+  grad_nonorm  grad with RMSNorm (the blocks' and the final one, not Mamba2's gated norm)
+               replaced by a stand-in (scale only, no reduction)
   matmul       the projections alone at the step's shapes, forward + backward (dX and dW):
                in_proj, x_proj, dt_proj, out_proj of one layer x n_layer, plus the tied lm_head
 The stand-ins keep every input in the graph (so upstream gradients are still computed) but do
@@ -142,21 +144,41 @@ def fake_norm(self, x):
     return (x.astype(jnp.float32) * self.weight[...]).astype(self.dtype)
 
 
+def fake_norm_add(self, hidden, residual):
+    stream = hidden.astype(jnp.float32)
+    if residual is not None:
+        stream = stream + residual
+    return stream, fake_norm(self, stream)
+
+
 @contextlib.contextmanager
 def patched(*, scan=False, conv=False, norm=False):
     import jax_packmamba.model as M
 
-    saved = (M.selective_scan, M.causal_conv1d, M.RMSNorm.__call__)
+    saved = (M.selective_scan, M.causal_conv1d, M.RMSNorm.__call__, M.RMSNorm.add)
     try:
         if scan:
             M.selective_scan = fake_scan
         if conv:
             M.causal_conv1d = fake_conv
         if norm:
-            M.RMSNorm.__call__ = fake_norm
+            M.RMSNorm.__call__, M.RMSNorm.add = fake_norm, fake_norm_add
         yield
     finally:
-        M.selective_scan, M.causal_conv1d, M.RMSNorm.__call__ = saved
+        M.selective_scan, M.causal_conv1d, M.RMSNorm.__call__, M.RMSNorm.add = saved
+
+
+def override_norm_impl(impl: str) -> None:
+    """Every row norm of the models (RMSNorm, the blocks' add + norm, Mamba2's gated norm) with
+    `impl` (jax_packmamba.ops.rms_norm's), for the whole process: an A/B of the norm kernels."""
+    import jax_packmamba.layers as L
+    import jax_packmamba.mamba2 as M2
+
+    def forced(op):
+        return lambda *a, **kw: op(*a, **{**kw, "impl": impl})
+
+    L.rms_norm, L.add_rms_norm = forced(L.rms_norm), forced(L.add_rms_norm)
+    M2.gated_rms_norm = forced(M2.gated_rms_norm)
 
 
 def override_scan_config(overrides: dict) -> None:
@@ -317,6 +339,12 @@ def parse_args(argv):
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--scan-impl", default="auto")
     ap.add_argument("--conv-impl", default="auto")
+    ap.add_argument(
+        "--norm-impl",
+        default="auto",
+        choices=("auto", "reference", "pallas"),
+        help="the row norms' impl (jax_packmamba.ops.rms_norm), for an A/B",
+    )
     harness.add_layer_args(ap)
     ap.add_argument(
         "--model",
@@ -363,6 +391,8 @@ def main(argv=None) -> int:
 
     if scan_overrides:
         override_scan_config(scan_overrides)
+    if args.norm_impl != "auto":
+        override_norm_impl(args.norm_impl)
     from train import step as step_lib
     from train.metrics import peak_flops
 
@@ -425,6 +455,7 @@ def main(argv=None) -> int:
         compute_dtype=mc.dtype,
         scan_impl=mc.scan_impl,
         conv_impl=mc.conv_impl,
+        norm_impl=args.norm_impl,
         remat=mc.remat,
         scan_layers=mc.scan_layers,
         model_overrides=model_overrides,
@@ -439,6 +470,7 @@ def main(argv=None) -> int:
         + (f"/scan:{args.scan_config}" if scan_overrides else "")
         + (f"/model:{model_text}" if model_text else "")
         + (f"/conv:{args.conv_impl}" if args.conv_impl != "auto" else "")
+        + (f"/norm:{args.norm_impl}" if args.norm_impl != "auto" else "")
         + ("/scan_layers" if args.scan_layers else "")
     )
     existing = json.loads(out.read_text()) if out.exists() else {}

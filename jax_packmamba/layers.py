@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_packmamba.config import MambaConfig
-from jax_packmamba.ops import segment_conv_windows
+from jax_packmamba.ops import add_rms_norm, rms_norm, segment_conv_windows
 
 
 def torch_linear_init(scale: float = 1.0):
@@ -40,15 +40,25 @@ def dt_bias_init(config: MambaConfig):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, *, eps: float, dtype):
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis, in float32; returns `dtype`.
+    impl: jax_packmamba.ops.rms_norm's ("auto": the Triton kernels on a GPU, else jnp ops)."""
+
+    def __init__(self, dim: int, *, eps: float, dtype, impl: str = "auto"):
         self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
         self.eps = eps
         self.dtype = dtype
+        self.impl = impl
 
     def __call__(self, x):
-        x = x.astype(jnp.float32)
-        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-        return (x * self.weight[...]).astype(self.dtype)
+        return rms_norm(x, self.weight[...], eps=self.eps, out_dtype=self.dtype, impl=self.impl)
+
+    def add(self, hidden, residual):
+        """(stream, normed): stream = residual + hidden in float32 (hidden where residual is
+        None), normed its norm (jax_packmamba.ops.add_rms_norm): with the stream returned, the
+        backward adds the stream's gradient to the norm's in the same pass."""
+        return add_rms_norm(
+            hidden, residual, self.weight[...], eps=self.eps, out_dtype=self.dtype, impl=self.impl
+        )
 
 
 class MixerState(NamedTuple):

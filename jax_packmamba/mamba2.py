@@ -30,6 +30,7 @@ from jax_packmamba.layers import (
 from jax_packmamba.ops import (
     causal_conv1d,
     causal_conv1d_step,
+    gated_rms_norm,
     ssd_scan,
     ssd_state_update,
 )
@@ -39,9 +40,9 @@ from jax_packmamba.ops.ssd_scan import IMPLS as SSD_IMPLS
 class RMSNormGated(nnx.Module):
     """mamba_ssm's gated RMSNorm with norm_before_gate=False: (x * silu(z)) normalised over each
     group of `group_size` channels, times a per-channel weight. Computed in float32; returns
-    `dtype`."""
+    `dtype`. impl: jax_packmamba.ops.gated_rms_norm's ("auto": the Triton kernels on a GPU)."""
 
-    def __init__(self, dim: int, *, group_size: int, eps: float, dtype):
+    def __init__(self, dim: int, *, group_size: int, eps: float, dtype, impl: str = "auto"):
         if dim % group_size:
             raise ValueError(
                 f"RMSNormGated: dim={dim} must be a multiple of group_size={group_size}"
@@ -50,15 +51,19 @@ class RMSNormGated(nnx.Module):
         self.group_size = group_size
         self.eps = eps
         self.dtype = dtype
+        self.impl = impl
 
     def __call__(self, x, z):
         """x, z (..., e) -> (..., e) `dtype`."""
-        x = x.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
-        groups = x.reshape(*x.shape[:-1], -1, self.group_size)
-        groups = groups * jax.lax.rsqrt(
-            jnp.mean(jnp.square(groups), axis=-1, keepdims=True) + self.eps
+        return gated_rms_norm(
+            x,
+            z,
+            self.weight[...],
+            group_size=self.group_size,
+            eps=self.eps,
+            out_dtype=self.dtype,
+            impl=self.impl,
         )
-        return (groups.reshape(x.shape) * self.weight[...]).astype(self.dtype)
 
 
 def A_log_init(config: Mamba2Config):

@@ -303,7 +303,10 @@ class Block(nnx.Module):
         self.mixer = make_mixer(config, rngs)
 
     def __call__(self, residual, segment_ids=None, cache: MixerState | None = None, **options):
-        out, cache = self.mixer(self.norm(residual), segment_ids, cache, **options)
+        # The stream passes through the norm op so that its backward receives the stream's
+        # gradient and adds it to the norm's in one pass (the add itself joins out_proj's).
+        residual, normed = self.norm.add(residual, None)
+        out, cache = self.mixer(normed, segment_ids, cache, **options)
         return residual + out.astype(jnp.float32), cache
 
 

@@ -186,3 +186,14 @@ def rope_formula(x, positions, *, theta, rotary_dim):
         out[..., i] = x[..., i] * c - x[..., i + half] * s
         out[..., i + half] = x[..., i + half] * c + x[..., i] * s
     return out
+
+
+def rms_norm_groups_loop(v, weight, eps, group_size):
+    """RMSNorm of each row of v (..., c), one group of group_size columns at a time, times
+    weight (c,); the float64 definition the norm ops are checked against."""
+    out = []
+    for c0 in range(0, v.shape[-1], group_size):
+        g = v[..., c0 : c0 + group_size]
+        ms = jnp.sum(g * g, axis=-1, keepdims=True) / group_size
+        out.append(g / jnp.sqrt(ms + eps) * weight[c0 : c0 + group_size])
+    return jnp.concatenate(out, axis=-1)

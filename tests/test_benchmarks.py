@@ -447,6 +447,10 @@ def smoke_bench_kernels(out, data):
     assert [d["batch"] for d in data["decode"]] == [2] and data["decode"][0]["step_ms"][
         "median_ms"
     ] > 0
+    assert [n["kind"] for n in data["norms"]] == ["add", "stream", "gated"]
+    for n in data["norms"]:
+        for impl in ("reference", "pallas"):
+            assert n[impl]["fwd_ms"]["median_ms"] > 0 and n[impl]["fwdbwd_ms"]["median_ms"] > 0
 
 
 def smoke_train_gpu(out, data):

@@ -7,6 +7,13 @@ from jax_packmamba.ops.causal_conv1d import (
     causal_conv1d_step,
     segment_conv_windows,
 )
+from jax_packmamba.ops.rms_norm import (
+    add_rms_norm,
+    add_rms_norm_reference,
+    gated_rms_norm,
+    gated_rms_norm_reference,
+    rms_norm,
+)
 from jax_packmamba.ops.segments import (
     positions_from_segment_ids,
     segment_ends,
@@ -21,12 +28,17 @@ from jax_packmamba.ops.selective_scan import (
 from jax_packmamba.ops.ssd_scan import ssd_scan, ssd_scan_reference, ssd_state_update
 
 __all__ = [
+    "add_rms_norm",
+    "add_rms_norm_reference",
     "apply_rope",
     "attention",
     "attention_reference",
     "causal_conv1d",
     "causal_conv1d_reference",
     "causal_conv1d_step",
+    "gated_rms_norm",
+    "gated_rms_norm_reference",
+    "rms_norm",
     "segment_conv_windows",
     "segment_ends",
     "positions_from_segment_ids",

@@ -1,0 +1,236 @@
+"""The row norms (add_rms_norm, rms_norm, gated_rms_norm) of every implementation against a
+float64 definition (tests/loops.py), values and gradients under random cotangents.
+
+Parametrized over "reference" (jnp ops), "pallas_interpret" (the Triton kernels through the
+Pallas interpreter, on CPU) and "pallas" (the same kernels on a GPU; skipped without one).
+Column counts are not powers of two (masked blocks) and row counts not multiples of the row
+block. Plus: per-token isolation, the backward's multi-tile walk, CUDA lowering on this CPU
+machine, and the argument checks.
+"""
+
+import re
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels.norm.vjp as norm_vjp
+from jax_packmamba.ops import add_rms_norm, gated_rms_norm, rms_norm
+from tests.gpu import lower_for_cuda, on_gpu
+from tests.loops import rel_err, rms_norm_groups_loop
+
+IMPLS = ["reference", "pallas_interpret", on_gpu("pallas")]
+DTYPES = [(jnp.float32, 2e-6), (jnp.bfloat16, 1e-2)]
+EPS = 1e-5
+
+
+def _normal(key, shape, dtype, scale=1.0):
+    return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def _to64(a):
+    return None if a is None else np.asarray(a, np.float64)
+
+
+def _check(got, want, tol):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert g.shape == w.shape
+        assert rel_err(g.astype(jnp.float32), w) < tol
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("case", ["residual", "no_residual", "norm_only"])
+def test_add_rms_norm_matches_float64(impl, dtype, tol, case):
+    k = jax.random.split(jax.random.key(zlib.crc32(case.encode())), 6)
+    shape = (2, 13, 160)  # 26 rows: not a multiple of the 16-row block; 160 columns: masked
+    hidden = _normal(k[0], shape, dtype)
+    residual = None if case != "residual" else _normal(k[1], shape, jnp.float32, 3.0)
+    weight = _normal(k[2], (160,), jnp.float32, 0.2) + 1.0
+    out_dtype = jnp.bfloat16 if dtype == jnp.float32 and case == "residual" else dtype
+    if case == "norm_only":
+
+        def f(h, r, w):
+            return rms_norm(h, w, eps=EPS, out_dtype=out_dtype, impl=impl)
+
+        def f64(h, r, w):
+            return rms_norm_groups_loop(h, w, EPS, 160)
+
+        cots = _normal(k[4], shape, out_dtype)
+    else:
+
+        def f(h, r, w):
+            return add_rms_norm(h, r, w, eps=EPS, out_dtype=out_dtype, impl=impl)
+
+        def f64(h, r, w):
+            stream = h if r is None else r + h
+            return stream, rms_norm_groups_loop(stream, w, EPS, 160)
+
+        cots = (_normal(k[3], shape, jnp.float32), _normal(k[4], shape, out_dtype))
+
+    out, vjp = jax.vjp(f, hidden, residual, weight)
+    grads = vjp(cots)
+    with jax.enable_x64(True):
+        out64, vjp64 = jax.vjp(f64, _to64(hidden), _to64(residual), _to64(weight))
+        grads64 = vjp64(jax.tree.map(_to64, cots))
+    if case == "norm_only":
+        assert out.dtype == out_dtype
+    else:
+        assert out[0].dtype == jnp.float32 and out[1].dtype == out_dtype
+    # bfloat16 outputs round to 2^-8; the float32 stream is exact.
+    out_tol = tol if out_dtype == dtype else 1e-2
+    _check(out, out64, out_tol)
+    assert (grads[1] is None) == (residual is None)
+    assert grads[0].dtype == dtype and grads[2].dtype == jnp.float32
+    if residual is not None:
+        assert grads[1].dtype == jnp.float32
+    _check(grads, grads64, 4 * out_tol)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("cols,group_size", [(160, 160), (96, 24)])
+def test_gated_rms_norm_matches_float64(impl, dtype, tol, cols, group_size):
+    k = jax.random.split(jax.random.key(cols + group_size), 5)
+    shape = (3, 7, cols)  # 21 rows
+    x, z = _normal(k[0], shape, dtype), _normal(k[1], shape, dtype, 2.0)
+    weight = _normal(k[2], (cols,), jnp.float32, 0.2) + 1.0
+    cot = _normal(k[3], shape, dtype)
+
+    def f(x, z, w):
+        return gated_rms_norm(x, z, w, group_size=group_size, eps=EPS, impl=impl)
+
+    def f64(x, z, w):
+        return rms_norm_groups_loop(x * z / (1.0 + jnp.exp(-z)), w, EPS, group_size)
+
+    out, vjp = jax.vjp(f, x, z, weight)
+    grads = vjp(cot)
+    with jax.enable_x64(True):
+        out64, vjp64 = jax.vjp(f64, _to64(x), _to64(z), _to64(weight))
+        grads64 = vjp64(_to64(cot))
+    assert out.dtype == dtype
+    assert [g.dtype for g in grads] == [dtype, dtype, jnp.float32]
+    _check(out, out64, tol)
+    _check(grads, grads64, 4 * tol)
+
+
+@pytest.mark.parametrize("impl", ["pallas_interpret", on_gpu("pallas")])
+@pytest.mark.parametrize("op", ["add", "gated"])
+def test_one_token_perturbed_leaves_other_rows_bit_identical(impl, op):
+    """Norms are per token: changing one token (one packed segment's) changes no other row's
+    outputs or input gradients."""
+    k = jax.random.split(jax.random.key(7), 5)
+    shape, bf = (2, 19, 96), jnp.bfloat16
+    a, b = _normal(k[0], shape, bf), _normal(k[1], shape, bf)
+    weight = _normal(k[2], (96,), jnp.float32, 0.2) + 1.0
+    cot = _normal(k[3], shape, bf)
+    if op == "add":
+        b = b.astype(jnp.float32)
+
+        def f(a, b):
+            return add_rms_norm(a, b, weight, eps=EPS, impl=impl)[1]
+    else:
+
+        def f(a, b):
+            return gated_rms_norm(a, b, weight, group_size=48, eps=EPS, impl=impl)
+
+    def run(a, b):
+        out, vjp = jax.vjp(f, a, b)
+        return (out, *vjp(cot))
+
+    base = run(a, b)
+    hit = (1, 11)  # row 1, token 11
+    moved = run(a.at[hit].multiply(3.0), b.at[hit].add(1.0))
+    others = np.ones(shape[:2], bool)
+    others[hit] = False
+    for x, y in zip(base, moved):
+        np.testing.assert_array_equal(np.asarray(x[others]), np.asarray(y[others]))
+        assert not np.array_equal(np.asarray(x[hit]), np.asarray(y[hit]))
+
+
+@pytest.mark.parametrize("op", ["add", "gated"])
+def test_backward_programs_walking_several_tiles(monkeypatch, op):
+    """Few programs each walking several row tiles (the last one past the rows), as on a GPU
+    at training shapes, against the reference."""
+    monkeypatch.setattr(norm_vjp, "core_count", lambda: 1)  # 2 backward programs
+    k = jax.random.split(jax.random.key(3), 4)
+    shape = (5, 15, 40)  # 75 rows: 5 tiles of 16, 3 a program
+    x = _normal(k[0], shape, jnp.float32)
+    y = _normal(k[1], shape, jnp.float32)
+    weight = _normal(k[2], (40,), jnp.float32, 0.2) + 1.0
+    cot = _normal(k[3], shape, jnp.float32)
+    programs, st = norm_vjp._bwd_programs(norm_vjp._static(75, 40, 1, EPS))
+    assert (programs, st.tiles_per_program) == (2, 3)
+
+    def f(impl):
+        def g(x, y, w):
+            if op == "add":
+                return add_rms_norm(x, y, w, eps=EPS, impl=impl)[1]
+            return gated_rms_norm(x, y, w, group_size=40, eps=EPS, impl=impl)
+
+        out, vjp = jax.vjp(g, x, y, weight)
+        return out, vjp(cot)
+
+    _check(f("pallas_interpret"), f("reference"), 2e-6)
+
+
+@pytest.mark.parametrize("impl", ["pallas_interpret", on_gpu("pallas")])
+def test_modules_match_reference_modules(impl):
+    from jax_packmamba import RMSNorm, RMSNormGated
+
+    k = jax.random.split(jax.random.key(5), 3)
+    x = _normal(k[0], (2, 9, 64), jnp.float32)  # power-of-two blocks, unmasked
+    z = _normal(k[1], (2, 9, 64), jnp.float32)
+    outs = {}
+    for i in ("reference", impl):
+        norm = RMSNorm(64, eps=EPS, dtype=jnp.bfloat16, impl=i)
+        gated = RMSNormGated(64, group_size=32, eps=EPS, dtype=jnp.bfloat16, impl=i)
+        outs[i] = (norm(x), norm.add(x, None)[1], gated(x, z))
+    for a, b in zip(outs["reference"], outs[impl]):
+        assert a.dtype == b.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-2)
+
+
+def test_kernels_lower_for_cuda():
+    x = jnp.ones((4, 8, 2560), jnp.bfloat16)  # 2560 columns: a masked 4096 block
+    r = jnp.ones((4, 8, 2560), jnp.float32)
+    w = jnp.ones((2560,), jnp.float32)
+
+    def loss(x, r, w):
+        stream, normed = add_rms_norm(x, r, w, eps=EPS, impl="pallas")
+        gated = gated_rms_norm(x, normed, w, group_size=1280, eps=EPS, impl="pallas")
+        plain = rms_norm(stream, w, eps=EPS, impl="pallas")
+        return jnp.sum(stream) + jnp.sum(gated.astype(jnp.float32)) + jnp.sum(plain)
+
+    text = lower_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2)), x, r, w)
+    names = sorted(re.findall(r'name = "((?:gated_)?rms_norm_[a-z]+)"', text))
+    assert names == [
+        "gated_rms_norm_bwd",
+        "gated_rms_norm_fwd",
+        "rms_norm_bwd",
+        "rms_norm_bwd",
+        "rms_norm_fwd",
+        "rms_norm_fwd",
+    ], names
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda x, w: add_rms_norm(x, None, w[:3], eps=EPS), "weight must have shape"),
+        (lambda x, w: add_rms_norm(x, x[:1], w, eps=EPS), "residual must have"),
+        (lambda x, w: rms_norm(x.astype(jnp.int32), w, eps=EPS), "x must be a real floating"),
+        (lambda x, w: gated_rms_norm(x, x, w, group_size=5, eps=EPS), "group_size must"),
+        (lambda x, w: gated_rms_norm(x, x[:1], w, group_size=4, eps=EPS), "z must have"),
+        (lambda x, w: rms_norm(x, w, eps=EPS, impl="triton"), "impl must be one of"),
+        (lambda x, w: rms_norm(x, w, eps=EPS, impl="pallas"), 'impl="pallas" runs Triton'),
+    ],
+)
+def test_bad_arguments_raise_naming_them(call, match):
+    if match.startswith("impl=") and jax.default_backend() == "gpu":
+        pytest.skip("pallas runs here")
+    x, w = jnp.ones((2, 3, 8)), jnp.ones((8,))
+    with pytest.raises(ValueError, match=match):
+        call(x, w)
