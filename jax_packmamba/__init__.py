@@ -2,7 +2,7 @@
 
 from jax_packmamba.config import HybridConfig, Mamba2Config, MambaConfig
 from jax_packmamba.generation import generate
-from jax_packmamba.loss import masked_cross_entropy
+from jax_packmamba.loss import chunked_cross_entropy, masked_cross_entropy
 from jax_packmamba.mamba2 import Mamba2Mixer, RMSNormGated
 from jax_packmamba.model import (
     LM,
@@ -63,6 +63,7 @@ __all__ = [
     "attention",
     "attention_reference",
     "causal_conv1d",
+    "chunked_cross_entropy",
     "from_pretrained",
     "generate",
     "masked_cross_entropy",

@@ -37,6 +37,7 @@ from jax_packmamba.layers import (  # MixerState, RMSNorm: public here too
     segment_caches,
     torch_linear_init,
 )
+from jax_packmamba.loss import CHUNK_TOKENS, chunked_cross_entropy
 from jax_packmamba.mamba2 import Mamba2Mixer
 from jax_packmamba.ops import (
     causal_conv1d,
@@ -334,6 +335,8 @@ class LM(nnx.Module):
     input_ids (b, t) int; segment_ids (b, t) int or None: the state of every layer restarts
     where segment_ids change, so each packed sequence is computed as if it were alone.
     Logits are (b, t, config.padded_vocab_size) in the compute dtype.
+    `model.cross_entropy(input_ids, segment_ids, targets, loss_mask)` is the training loss
+    without them (the head fused with the loss over chunks of tokens).
 
     `model(input_ids, segment_ids, num_segments=S) -> (logits, cache)` is the packed prefill
     (cache: MixerState with leading axes (l, b, S)); `model(tokens (b,), cache=cache) ->
@@ -394,6 +397,53 @@ class LM(nnx.Module):
         decode_impl: str = "xla",
         continues=None,
     ):
+        residual, cache = self._residual(
+            input_ids,
+            segment_ids,
+            cache,
+            num_segments=num_segments,
+            decode_impl=decode_impl,
+            continues=continues,
+        )
+        logits = self.head(residual)
+        return logits if cache is None else (logits, cache)
+
+    def cross_entropy(
+        self,
+        input_ids,
+        segment_ids,
+        targets,
+        loss_mask,
+        *,
+        continues=None,
+        chunk_tokens: int = CHUNK_TOKENS,
+    ):
+        """(sum of next-token cross-entropy where loss_mask, number of targets), float32: what
+        masked_cross_entropy of `model(input_ids, segment_ids)` gives, with the head and the
+        loss fused over chunks of about chunk_tokens tokens (loss.chunked_cross_entropy), so
+        that neither the logits nor float32 copies of them are ever held for every token."""
+        residual, _ = self._residual(input_ids, segment_ids, continues=continues)
+        hidden = self.norm_f(residual)
+        if self.lm_head is None:
+            weight, transposed = self.embedding.embedding[...], False
+        else:
+            weight, transposed = self.lm_head.kernel[...], True
+        return chunked_cross_entropy(
+            hidden, weight, targets, loss_mask, transposed=transposed, chunk_tokens=chunk_tokens
+        )
+
+    def _residual(
+        self,
+        input_ids,
+        segment_ids=None,
+        cache: MixerState | None = None,
+        *,
+        num_segments: int | None = None,
+        decode_impl: str = "xla",
+        continues=None,
+    ):
+        """The residual stream after the last layer (before norm_f), and the cache as
+        __call__ returns it."""
         if cache is None:
             check_model_inputs(input_ids, segment_ids, self.config)
             check_continues(continues, np.shape(input_ids)[0])
@@ -423,11 +473,8 @@ class LM(nnx.Module):
                     run, residual, segment_ids, None if cache is None else cache[i], **options
                 )
                 caches.append(c)
-            cache = None if training else caches
-        else:
-            residual, cache = run_layers(self.layers, residual, segment_ids, cache, **options)
-        logits = self.head(residual)
-        return logits if cache is None else (logits, cache)
+            return residual, (None if training else caches)
+        return run_layers(self.layers, residual, segment_ids, cache, **options)
 
     def head(self, residual):
         """Final norm and vocabulary projection: residual (..., d) -> logits (..., v)."""

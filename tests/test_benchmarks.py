@@ -47,6 +47,7 @@ SCRIPTS = (
     "bench_ssd_chunk_scan",
     "bench_links",
     "bench_long_docs",
+    "bench_loss",
 )
 
 
@@ -522,6 +523,15 @@ def smoke_bench_links(out, data):
         assert r["longest_chain"] >= 2
 
 
+def smoke_bench_loss(out, data):
+    rows = data["results"]
+    assert [r["variant"] for r in rows] == ["full", "chunked_16", "chunked_64"]
+    for r in rows:
+        assert r["fwd_ms"] > 0 and r["grad_ms"] > 0 and r["grad_temp_bytes"] > 0
+    # 16-token chunks of 128 tokens hold less than the full logits.
+    assert rows[1]["grad_temp_bytes"] < rows[0]["grad_temp_bytes"]
+
+
 def smoke_bench_long_docs(out, data):
     assert data["eval_documents"] >= 1 and len(data["results"]) == 4
     for name, row in data["results"].items():
@@ -618,6 +628,13 @@ SMOKES = {
         lambda d: ["--smoke", "--out", d],
         "links_cpu_smoke.json",
         smoke_bench_links,
+        True,
+    ),
+    "bench_loss": (
+        "bench_loss",
+        lambda d: ["--smoke", "--out", d],
+        "loss_cpu_smoke.json",
+        smoke_bench_loss,
         True,
     ),
     "bench_long_docs": (

@@ -8,7 +8,8 @@ batch holds (a, b, t) arrays tokens, segment_ids, targets, loss_mask. The loss i
 cross-entropy over every real target of all a micro-batches (loss_mask: no target across a
 document boundary, none on padding), so accumulating a micro-batches gives exactly the gradient
 of one batch holding all of them. Parameters are float32; the model computes in its config's
-dtype (bfloat16 on GPU); logits are upcast to float32 for the loss.
+dtype (bfloat16 on GPU); the loss takes the logits in float32, a chunk of tokens at a time
+(jax_packmamba.loss.chunked_cross_entropy).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import optax
 from flax import nnx
 
 from jax_packmamba import LM, Mamba2Config, MambaConfig
-from jax_packmamba.loss import masked_cross_entropy
+from jax_packmamba.loss import CHUNK_TOKENS
 from train.config import OptimConfig
 
 NO_DECAY_NAMES = ("bias", "conv_bias", "A_log", "D")
@@ -113,17 +114,31 @@ def init_state(
     )
 
 
-def token_losses(graphdef, params, tokens, segment_ids, targets, loss_mask, continues=None):
+def token_losses(
+    graphdef,
+    params,
+    tokens,
+    segment_ids,
+    targets,
+    loss_mask,
+    continues=None,
+    *,
+    chunk_tokens: int = CHUNK_TOKENS,
+):
     """(sum of masked cross-entropy, number of targets) for one (b, t) micro-batch; continues
-    (b, 1) bool: the rows' links (--data.long_docs=link), row 0's ignored."""
+    (b, 1) bool: the rows' links (--data.long_docs=link), row 0's ignored. The head and the
+    loss run fused over chunks of about chunk_tokens of the (b, t) tokens (LM.cross_entropy):
+    no (b, t, v) logits are held."""
     links = {} if continues is None else dict(continues=continues[:, 0].at[0].set(False))
-    logits = nnx.merge(graphdef, params)(tokens, segment_ids, **links)  # (b, t, v)
-    return masked_cross_entropy(logits, targets, loss_mask)
+    model = nnx.merge(graphdef, params)
+    return model.cross_entropy(
+        tokens, segment_ids, targets, loss_mask, chunk_tokens=chunk_tokens, **links
+    )
 
 
-def sum_grads(graphdef, params, batch: dict):
+def sum_grads(graphdef, params, batch: dict, *, chunk_tokens: int = CHUNK_TOKENS):
     """(gradient of the summed cross-entropy, that sum, the number of targets) over the (a, b, t)
-    batch: its a micro-batches accumulated in float32."""
+    batch: its a micro-batches accumulated in float32 (chunk_tokens: token_losses')."""
 
     def micro(carry, mb):
         grad_sum, ce_sum, count = carry
@@ -136,6 +151,7 @@ def sum_grads(graphdef, params, batch: dict):
                 mb["targets"],
                 mb["loss_mask"],
                 mb.get("continues"),
+                chunk_tokens=chunk_tokens,
             ),
             has_aux=True,
         )(params)
@@ -241,8 +257,9 @@ def train_step(
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
 
-def eval_step(params, batch: dict, *, graphdef) -> dict:
-    """Summed cross-entropy and target count over an (a, b, t) batch (no update)."""
+def eval_step(params, batch: dict, *, graphdef, chunk_tokens: int = CHUNK_TOKENS) -> dict:
+    """Summed cross-entropy and target count over an (a, b, t) batch (no update;
+    chunk_tokens: token_losses')."""
 
     def micro(carry, mb):
         ce, n = token_losses(
@@ -253,6 +270,7 @@ def eval_step(params, batch: dict, *, graphdef) -> dict:
             mb["targets"],
             mb["loss_mask"],
             mb.get("continues"),
+            chunk_tokens=chunk_tokens,
         )
         return (carry[0] + ce, carry[1] + n), None
 
@@ -291,8 +309,12 @@ def build(
     shardings = sharding.state_shardings(mesh, abstract)
     batch_sh = sharding.batch_sharding(mesh)
     rep = sharding.replicated(mesh)
+    # Under the SPMD partitioner the loss is traced on the whole batch, whose rows the mesh's
+    # devices share: asking for mesh.size times the chunk gives each device CHUNK_TOKENS of its
+    # own rows a chunk (explicit_grad_sums traces each device's rows: the default fits).
+    spmd_chunk = CHUNK_TOKENS * mesh.size
     grad_sums = (
-        None
+        functools.partial(sum_grads, graphdef, chunk_tokens=spmd_chunk)
         if reduce_dtype is None
         else explicit_grad_sums(graphdef, mesh, abstract.params, reduce_dtype)
     )
@@ -308,7 +330,7 @@ def build(
         donate_argnums=0,
     )
     evaluate = jax.jit(
-        functools.partial(eval_step, graphdef=graphdef),
+        functools.partial(eval_step, graphdef=graphdef, chunk_tokens=spmd_chunk),
         in_shardings=(shardings.params, batch_sh),
         out_shardings=rep,
     )
