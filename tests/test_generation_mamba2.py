@@ -222,14 +222,15 @@ def test_bfloat16_prepared_model_matches_the_model_forward(model):
         np.testing.assert_allclose(step_logits[i], full[i, len(p)], rtol=0, atol=0.1)
 
 
-def test_a_pallas_decode_impl_is_refused_for_mamba2(prepared):
-    for impl in ("pallas", "pallas_interpret"):
-        with pytest.raises(
-            ValueError, match=f"decode_impl={impl!r}: there is no Pallas decode kernel for Mamba2"
-        ):
-            generate(prepared, [[1, 2]], 4, decode_impl=impl)
-    prompts = prompts_of((1, 8, 13, 30), seed=1)  # the greedy test's shapes: no new compile
-    xla = generate(prepared, prompts, 4, decode_impl="xla", temperature=0)
+def test_pallas_decode_step_generates_what_the_xla_step_does(prepared):
+    # The decode kernels (the state update, the residual add + norm) through the interpreter,
+    # inside the jitted loop, greedy and sampled; "auto" is "xla" off a GPU.
+    prompts = prompts_of((1, 8, 13, 30), seed=1)  # the greedy test's shapes
+    for sampling in (dict(temperature=0), dict(temperature=0.8, top_p=0.9, seed=3)):
+        xla = generate(prepared, prompts, 4, decode_impl="xla", **sampling)
+        kernels = generate(prepared, prompts, 4, decode_impl="pallas_interpret", **sampling)
+        for a, b in zip(xla, kernels):
+            np.testing.assert_array_equal(a, b)
     auto = generate(prepared, prompts, 4, temperature=0)
-    for a, b in zip(xla, auto):
+    for a, b in zip(generate(prepared, prompts, 4, decode_impl="xla", temperature=0), auto):
         np.testing.assert_array_equal(a, b)
