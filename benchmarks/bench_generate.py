@@ -40,11 +40,18 @@ not fit is skipped (recorded as skipped).
 pallas), times 32 decode steps, traces 5 with jax.profiler and prints the per-kernel table
 (top kernels, kernels per step, busy vs wall, time by category: GEMMs, the decode kernels,
 sampling's sort/scan, copies, other fusions), plus a check that the Pallas layer step matches
-the XLA one on the device.
+the XLA one on the device. It samples with the first of --settings (blog: the repetition
+penalty on; --settings fast for the other).
 
---preset mamba2-2.7b (mamba2-tiny for a smoke) runs Mamba2LM the same way (its decode step is
-XLA's; gen_torch.py drives mamba_ssm's Mamba2 for --anchor); --profile, which compares the
-Pallas decode kernels with XLA, is Mamba1's.
+--preset mamba2-2.7b (mamba2-tiny for a smoke) runs Mamba2LM the same way, --profile included
+(its Pallas decode step: the state-update kernel and the residual add + norm;
+gen_torch.py drives mamba_ssm's Mamba2 for --anchor).
+
+--prefilter K: our sampler's top-p prefilter (jax_packmamba.sampling: the cut from the K
+largest logits, the full sort only when a row's nucleus is larger; the same tokens). Off by
+default. Random weights give flat logits whose 0.9-nucleus is most of the vocabulary, so with
+them it falls back to the sort every step: it can only add time here, which is what it costs
+when it does not help.
 """
 
 from __future__ import annotations
@@ -97,6 +104,12 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=None, help="default 1024 (smoke 8)")
     p.add_argument("--batches", default=None, help=f"default {DEFAULT_BATCHES} (smoke 1,2)")
     p.add_argument("--settings", default="blog,fast", help="sampling settings, in this order")
+    p.add_argument(
+        "--prefilter",
+        type=int,
+        default=0,
+        help="our sampler's top-p prefilter K (0: off, the full sort every step)",
+    )
     p.add_argument("--repeats", type=int, default=1, help="timed runs per batch after the first")
     p.add_argument("--time-budget", type=float, default=540.0, help="seconds for the whole call")
     p.add_argument(
@@ -137,11 +150,8 @@ def parse_args(argv=None):
         p.error(f"--settings: unknown {unknown}; choose from {sorted(SETTINGS)}")
     if args.preset.startswith("mamba2-") and args.preset not in MAMBA2_PRESETS:
         p.error(f"--preset {args.preset}: the Mamba2 presets here are {list(MAMBA2_PRESETS)}")
-    if args.preset in MAMBA2_PRESETS and args.profile:
-        p.error(
-            f"--profile compares the Pallas decode kernels with XLA, which Mamba2 has not "
-            f"(--preset {args.preset})"
-        )
+    if args.prefilter < 0:
+        p.error(f"--prefilter must be at least 0, got {args.prefilter}")
     return args
 
 
@@ -366,7 +376,9 @@ def worker(args):
     impl = gen.resolve_decode_impl(args.decode_impl, config)
     # The compile phase compiles what the settings run: they share one sampling mode.
     sampling = SamplingConfig(
-        **SETTINGS[args.setting_list[0] if args.worker == "compile" else args.worker], seed=0
+        **SETTINGS[args.setting_list[0] if args.worker == "compile" else args.worker],
+        seed=0,
+        prefilter=args.prefilter,
     )
     prepared = build_model(config, device)
     jax.block_until_ready(prepared)
@@ -582,6 +594,8 @@ def run_ours(args, setting, budget, precompile_first):
                         str(args.repeats),
                         "--decode-impl",
                         args.decode_impl,
+                        "--prefilter",
+                        str(args.prefilter),
                         *worker_args,
                     ]
                 )
@@ -725,6 +739,7 @@ def orchestrate(args, argv):
         new_tokens=args.new_tokens,
         repeats=args.repeats,
         decode_impl=args.decode_impl,
+        prefilter=args.prefilter,
         batches=args.batch_list,
         compile=compiled,
         settings=settings,
@@ -845,7 +860,10 @@ def plot(report, path):
 
 
 CATEGORIES = (
-    ("decode kernels", ("decode_conv_x_proj", "decode_ssm_update")),
+    (
+        "decode kernels",
+        ("decode_conv_x_proj", "decode_ssm_update", "decode_ssd_update", "decode_add_rms_norm"),
+    ),
     (
         "gemm",
         (
@@ -960,15 +978,20 @@ def layer_check(prepared, batch, impl):
     import jax.numpy as jnp
     from flax import nnx
 
+    from jax_packmamba.config import Mamba2Config
     from jax_packmamba.model import MixerState
 
     config = prepared.config
     k = jax.random.split(jax.random.key(7), 3)
     residual = jax.random.normal(k[0], (batch, config.d_model))
-    conv = jax.random.normal(k[1], (batch, config.d_conv - 1, config.d_inner)).astype(
-        config.compute_dtype
-    )
-    ssm = jax.random.normal(k[2], (batch, config.d_inner, config.d_state))
+    if isinstance(config, Mamba2Config):
+        conv_shape = (batch, config.d_conv - 1, config.conv_dim)
+        ssm_shape = (batch, config.nheads, config.headdim, config.d_state)
+    else:
+        conv_shape = (batch, config.d_conv - 1, config.d_inner)
+        ssm_shape = (batch, config.d_inner, config.d_state)
+    conv = jax.random.normal(k[1], conv_shape).astype(config.compute_dtype)
+    ssm = jax.random.normal(k[2], ssm_shape)
     params = prepared.params["layers"][0]
 
     def block_step(p, r, c, s, impl):
@@ -1049,7 +1072,8 @@ def profile(args, argv):
     )
     config = model_config(args, device)
     prepared = build_model(config, device)
-    sampling = SamplingConfig(**SETTINGS["blog"], seed=0)
+    setting = args.setting_list[0]
+    sampling = SamplingConfig(**SETTINGS[setting], seed=0, prefilter=args.prefilter)
     batches = [int(b) for b in args.profile_batches.split(",")]
     impls = args.profile_impls.split(",")
     if device.platform != "gpu":  # the smoke path: the same kernels through the interpreter
@@ -1096,7 +1120,9 @@ def profile(args, argv):
                     benchmark="generate --profile: decode steps",
                     preset=args.preset,
                     dtype=args.dtype,
-                    sampling=SETTINGS["blog"],
+                    setting=setting,
+                    sampling=SETTINGS[setting],
+                    prefilter=args.prefilter,
                     precompile=precompiled,
                     results=results,
                     wall_s=time.perf_counter() - t0,

@@ -16,9 +16,11 @@ d d_model, e d_inner, n d_state, w d_conv - 1, v vocabulary, T new-token bucket.
              weight where it lies (a layer-stacked weight sliced in a loop is copied every
              step), updates every state in place, and runs the step as straight-line code
              (CUDA graphs on a GPU): `prepare` un-stacks the model's layer-stacked weights
-             once. Each layer is the model's Block called with a cache (model.py), whose
-             Mamba1 mixer runs the unfused XLA ops or the Pallas kernels of
-             pallas_kernels/decode (`decode_impl`).
+             once. Each layer is the model's Block (model.py) taken apart: the previous
+             block's residual add and this block's norm (one kernel, model.decode_add_norm),
+             then the mixer with a cache, which runs XLA ops or the Pallas kernels of
+             pallas_kernels/decode (`decode_impl`: Mamba1's mixer core, Mamba2's state
+             update); the last block's add goes with the final norm.
 
 Both families run the same engine; a Mamba2 layer's state: conv (p, d_conv - 1, conv_dim)
 (xBC, the conv's inputs) and ssm (p, heads, headdim, d_state). A hybrid (HybridConfig) runs it
@@ -59,7 +61,7 @@ from flax import nnx
 from jax_packmamba.compilation_cache import CompileStats, compile_stats  # noqa: F401 (re-exported)
 from jax_packmamba.config import HybridConfig, Mamba2Config, MambaConfig, hybrid_runs
 from jax_packmamba.hybrid import KVCache, pad_kv_cache
-from jax_packmamba.model import LM, MixerState, resolve_decode_impl
+from jax_packmamba.model import LM, MixerState, decode_add_norm, resolve_decode_impl
 from jax_packmamba.packing import COLUMN, PIECE_LENGTH, ROW, pack_sequences
 from jax_packmamba.sampling import SamplingConfig, SamplingParams, is_eos, sample
 
@@ -373,6 +375,11 @@ def _head_params(model: PreparedModel):
 def _head(head_params, graphs, config: MambaConfig, residual):
     """Final norm and vocabulary projection: residual (..., d) -> logits (..., v) float32."""
     hidden = nnx.merge(graphs[2], head_params["norm_f"])(residual)
+    return _project(head_params, graphs, config, hidden)
+
+
+def _project(head_params, graphs, config: MambaConfig, hidden):
+    """The vocabulary projection of the normed hidden (..., d) -> logits (..., v) float32."""
     if head_params["lm_head"] is not None:
         logits = nnx.merge(graphs[3], head_params["lm_head"])(hidden)
     else:
@@ -382,15 +389,17 @@ def _head(head_params, graphs, config: MambaConfig, residual):
 
 
 @functools.partial(jax.jit, static_argnames=("graph", "impl"))
-def _layer_step(graph, params, residual, conv, ssm, *, impl: str):
-    """One token through one block. Jitted, so that the decode step, which calls it once per
-    layer with arguments of the same shapes, traces and lowers the block once (a call to one
+def _layer_step(graph, params, residual, pending, conv, ssm, *, impl: str):
+    """One token through one block, whose residual add is left to the next: (residual + the
+    previous block's output `pending`, this block's output, conv, ssm). The add and this block's norm are one kernel with a Pallas impl
+    (model.decode_add_norm). Jitted, so that the decode step, which calls it once per layer
+    with arguments of the same shapes, traces and lowers the block once (a call to one
     function, which XLA inlines before optimising): a fresh process pays the tracing and
     lowering before it can look the program up in the persistent cache."""
-    residual, cache = nnx.merge(graph, params)(
-        residual, cache=MixerState(conv, ssm), decode_impl=impl
-    )
-    return residual, cache.conv, cache.ssm
+    block = nnx.merge(graph, params)
+    residual, hidden = decode_add_norm(residual, pending, block.norm, impl)
+    out, cache = block.mixer(hidden, None, MixerState(conv, ssm), decode_impl=impl)
+    return residual, out, cache.conv, cache.ssm
 
 
 @functools.partial(jax.jit, static_argnames=("graph", "impl"))
@@ -410,15 +419,18 @@ def _step(model: PreparedModel, tokens, state: DecodeState, impl: str):
             _head(_head_params(model), model.graphs, model.config, residual),
             HybridDecodeState(tuple(caches)),
         )
-    conv, ssm = [], []
+    # The first block adds zeros (exact), so that every layer calls one _layer_step.
+    conv, ssm, pending = [], [], jnp.zeros(residual.shape, model.config.compute_dtype)
     for params, c, s in zip(model.params["layers"], state.conv, state.ssm):
-        residual, c, s = _layer_step(model.graphs[0], params, residual, c, s, impl=impl)
+        residual, pending, c, s = _layer_step(
+            model.graphs[0], params, residual, pending, c, s, impl=impl
+        )
         conv.append(c)
         ssm.append(s)
-    return (
-        _head(_head_params(model), model.graphs, model.config, residual),
-        DecodeState(tuple(conv), tuple(ssm)),
-    )
+    head = _head_params(model)
+    norm_f = nnx.merge(model.graphs[2], head["norm_f"])
+    _, hidden = decode_add_norm(residual, pending, norm_f, impl)
+    return _project(head, model.graphs, model.config, hidden), DecodeState(tuple(conv), tuple(ssm))
 
 
 def step(model: PreparedModel, tokens, state: DecodeState, *, decode_impl: str = "auto"):
@@ -695,8 +707,7 @@ def generate(
       model: MambaLM or Mamba2LM (or PreparedModel).
       prompts: list of 1-D integer token sequences (any lengths, at least one token each).
       max_new_tokens: tokens to generate per prompt (>= 0).
-      decode_impl: "auto", "xla", "pallas" or "pallas_interpret" (model.resolve_decode_impl;
-        Mamba2 models: "auto" or "xla").
+      decode_impl: "auto", "xla", "pallas" or "pallas_interpret" (model.resolve_decode_impl).
       sampling: temperature (0: greedy), top_k, top_p, min_p, repetition_penalty, seed, and
         eos_id / eos_ids (a sequence stops after generating one, which its output includes);
         see jax_packmamba.sampling.

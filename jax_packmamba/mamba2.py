@@ -124,7 +124,6 @@ class Mamba2Mixer(nnx.Module):
         )
 
     scan_impls = SSD_IMPLS  # config.scan_impl's values
-    pallas_decode = False  # decode_impl is "xla" only
 
     def __call__(
         self,
@@ -147,18 +146,15 @@ class Mamba2Mixer(nnx.Module):
             z, xBC, dt = zxbcdt[:, :e], zxbcdt[:, e : e + x], zxbcdt[:, e + x :]
             window = conv_window(cache, xBC)  # (b, w, x)
             x, B, C = self._split_xBC(causal_conv1d_step(window, *self._conv_params()))
-            ssm, y = ssd_state_update(
-                cache.ssm,
-                x,
-                dt,
-                self._A(),
-                B,
-                C,
-                self._D(),
-                None,
-                self.dt_bias[...],
-                dt_softplus=True,
-            )
+            args = (cache.ssm, x, dt, self._A(), B, C, self._D(), None, self.dt_bias[...])
+            if decode_impl == "xla":
+                ssm, y = ssd_state_update(*args, dt_softplus=True)
+            else:  # the same step as one kernel, the state updated in place
+                from pallas_kernels.decode import ssd_update_pallas
+
+                ssm, y = ssd_update_pallas(
+                    *args, dt_softplus=True, interpret=decode_impl == "pallas_interpret"
+                )
             y = self.norm(y.reshape(-1, e), z)
             return self.out_proj(y), MixerState(conv=window[:, 1:], ssm=ssm)
         if num_segments is not None and segment_ids is None:

@@ -62,7 +62,6 @@ class MambaMixer(nnx.Module):
     """in_proj -> segment-aware causal conv -> x_proj/dt_proj -> selective scan -> out_proj."""
 
     scan_impls = SCAN_IMPLS  # config.scan_impl's values
-    pallas_decode = True  # decode_impl "pallas": pallas_kernels/decode
 
     def __init__(self, config: MambaConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -268,18 +267,12 @@ def make_mixer(config, rngs: nnx.Rngs):
 
 
 def resolve_decode_impl(impl: str, config: MambaConfig | Mamba2Config) -> str:
-    """ "auto" is "pallas" on a GPU where the kernels take the shape, else "xla"; a mixer without
-    Pallas decode kernels (Mamba2) has only "xla". Call it before tracing: it imports the
+    """ "auto" is "pallas" on a GPU where the kernels take the shape, else "xla". Both families
+    have Pallas decode kernels (pallas_kernels/decode: Mamba1's mixer core, Mamba2's state
+    update, and the residual add + norm of either). Call it before tracing: it imports the
     kernels' package."""
     if impl not in DECODE_IMPLS:
         raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {impl!r}")
-    if not mixer_class(config).pallas_decode:
-        if impl not in ("auto", "xla"):
-            raise ValueError(
-                f"decode_impl={impl!r}: there is no Pallas decode kernel for Mamba2 "
-                f"models; use 'auto' or 'xla'"
-            )
-        return "xla"
     if impl == "auto":
         impl = "xla"
         if jax.default_backend() == "gpu":
@@ -309,6 +302,27 @@ class Block(nnx.Module):
         residual, normed = self.norm.add(residual, None)
         out, cache = self.mixer(normed, segment_ids, cache, **options)
         return residual + out.astype(jnp.float32), cache
+
+
+def decode_add_norm(residual, out, norm: RMSNorm, impl: str):
+    """A decode step's residual add and the next norm: (residual + out in float32,
+    norm(residual + out)); out None adds nothing (the first block). impl: a decode_impl
+    ("xla", or the Pallas kernel, pallas_kernels.decode.add_rms_norm, through "pallas" or
+    "pallas_interpret"). Block(..., cache=...) computes the same values, the add at its end."""
+    if impl == "xla":
+        if out is not None:
+            residual = residual + out.astype(jnp.float32)
+        return residual, norm(residual)
+    from pallas_kernels.decode import add_rms_norm
+
+    return add_rms_norm(
+        residual,
+        out,
+        norm.weight[...],
+        eps=norm.eps,
+        dtype=norm.dtype,
+        interpret=impl == "pallas_interpret",
+    )
 
 
 class HybridLayer(nnx.Module):

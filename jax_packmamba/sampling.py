@@ -9,16 +9,28 @@ Order, as in Hugging Face's logits processors and warpers:
     greedy               temperature 0: argmax of the penalised logits (no warper applies)
     temperature          logits / temperature
     top-k                keep the k largest (ties with the k-th kept)
-    top-p                keep the smallest set of most likely tokens whose mass reaches top_p,
-                         computed as HF and mamba_ssm do: sort ascending, cumulative softmax,
-                         drop where it is <= 1 - top_p (the most likely token always stays)
+    top-p                keep the smallest set of most likely tokens whose mass reaches top_p:
+                         a token stays while the mass of the tokens above it is < top_p (HF
+                         and mamba_ssm drop where the ascending cumulative softmax is
+                         <= 1 - top_p: the same set; the most likely token always stays)
     min-p                keep tokens whose probability is at least min_p times the largest
     draw                 one categorical draw per row, from its own key (so a row's tokens do
                          not depend on how many rows the batch was padded to)
 
 Every value is a traced scalar (`SamplingParams`), so changing temperature, top_k, top_p,
-min_p, the penalty, the EOS ids or the seed never recompiles. Two things are static
-(`SamplingMode`): greedy or not, and whether the sort that top-k and top-p need runs at all.
+min_p, the penalty, the EOS ids or the seed never recompiles. Three things are static
+(`SamplingMode`): greedy or not, whether the sort that top-k and top-p need runs at all, and
+the top-p prefilter's K.
+
+The prefilter (SamplingConfig.prefilter = K > 0) finds the top-k / top-p cut from the K largest
+logits (`lax.top_k`, which XLA runs as one small kernel on a GPU for K <= 16) instead of a sort
+of the whole vocabulary, and falls back to the sort (one `lax.cond` for the batch) when a row's
+nucleus is not inside its K largest or top_k is between K and the vocabulary. Its tokens are
+the fallback's, bit for bit: both compute the mass above each token with the same additions
+over the K largest (`_nucleus`), so a row whose nucleus ends inside them gets the same cut
+either way. Without the prefilter (K = 0) the cut comes from the sort with a plain cumulative
+sum, whose float rounding differs only where a token's mass above lies within rounding of
+top_p.
 """
 
 from __future__ import annotations
@@ -45,6 +57,7 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
     eos_ids: tuple[int, ...] = ()
     seed: int = 0
+    prefilter: int = 0  # K of the top-p prefilter (module docstring); 0: sort every step
 
     def __post_init__(self):
         number = (int, float, np.integer, np.floating)
@@ -83,11 +96,19 @@ class SamplingConfig:
             or not 0 <= self.seed < 2**32
         ):
             raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+        if (
+            not isinstance(self.prefilter, (int, np.integer))
+            or isinstance(self.prefilter, bool)
+            or self.prefilter < 0
+        ):
+            raise ValueError(f"prefilter must be an int >= 0, got {self.prefilter!r}")
 
     @property
     def mode(self) -> SamplingMode:
         return SamplingMode(
-            greedy=self.temperature == 0, sort=self.top_k is not None or self.top_p is not None
+            greedy=self.temperature == 0,
+            sort=self.top_k is not None or self.top_p is not None,
+            prefilter=int(self.prefilter),
         )
 
     def params(self) -> SamplingParams:
@@ -104,10 +125,12 @@ class SamplingConfig:
 
 
 class SamplingMode(NamedTuple):
-    """The static part: greedy, and whether top-k / top-p (which need a sort) are on."""
+    """The static part: greedy, whether top-k / top-p (which need a sort) are on, and the
+    top-p prefilter's K (0: off)."""
 
     greedy: bool
     sort: bool
+    prefilter: int = 0
 
 
 class SamplingParams(NamedTuple):
@@ -128,24 +151,91 @@ def penalize(logits, seen, penalty):
     return jnp.where(seen, penalized, logits)
 
 
-def warp(logits, params: SamplingParams, *, sort: bool):
+def warp(logits, params: SamplingParams, *, sort: bool, prefilter: int = 0):
     """Temperature, then top-k, top-p (if `sort`) and min-p: the logits (b, v) float32 to draw
-    from, -inf where a filter removed the token."""
+    from, -inf where a filter removed the token. prefilter: K of the top-p prefilter (0: off)."""
     x = logits.astype(jnp.float32) / params.temperature
     if sort:
-        v = x.shape[-1]
-        ascending = _sort_floats(x)
-        k = jnp.clip(params.top_k, 1, v)
-        kth = jax.lax.dynamic_slice_in_dim(ascending, v - k, 1, axis=-1)  # (b, 1)
-        ascending = jnp.where(ascending >= kth, ascending, -jnp.inf)
-        cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
-        drop = (cumulative <= 1 - params.top_p) & (params.top_p < 1)
-        drop = drop.at[..., -1].set(False)  # the most likely token stays
-        threshold = jnp.min(jnp.where(drop, jnp.inf, ascending), axis=-1, keepdims=True)
-        x = jnp.where(x >= jnp.maximum(kth, threshold), x, -jnp.inf)
+        x = jnp.where(x >= _top_cut(x, params, prefilter), x, -jnp.inf)
     # p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p) (log 0 = -inf keeps all).
     floor = jnp.max(x, axis=-1, keepdims=True) + jnp.log(params.min_p)
     return jnp.where(x >= floor, x, -jnp.inf)
+
+
+def _top_cut(x, params: SamplingParams, prefilter: int, *, force_sort=False):
+    """(b, 1): the smallest logit that top-k and top-p keep (each row keeps x >= it).
+
+    force_sort: take the sort's branch whatever the prefilter finds (tests: the fallback)."""
+    v = x.shape[-1]
+    k = jnp.clip(params.top_k, 1, v)
+    top = jnp.max(x, axis=-1, keepdims=True)
+    block = min(prefilter, v)
+    if block == 0:
+        descending = _sort_floats(x)[:, ::-1]
+        kth = jax.lax.dynamic_slice_in_dim(descending, k - 1, 1, axis=-1)
+        cut, _ = _nucleus(descending, kth, top, _mass(x, kth, top), params, block=0)
+        return cut
+    largest = jax.lax.top_k(x, block)[0]  # (b, K) descending
+    # The k-th largest, exactly, whichever way it is found: from the K largest, the minimum
+    # (k = v), or the sort (K < k < v, in the fallback below).
+    kth = jnp.where(
+        k <= block,
+        jax.lax.dynamic_slice_in_dim(largest, jnp.minimum(k, block) - 1, 1, axis=-1),
+        jnp.min(x, axis=-1, keepdims=True),
+    )
+    kth_sorted = (k > block) & (k < v)
+    mass = _mass(x, kth, top)
+    cut, inside = _nucleus(largest, kth, top, mass, params, block=block)
+    use_sort = kth_sorted | ~inside  # (b, 1)
+
+    def sorted_cut():
+        descending = _sort_floats(x)[:, ::-1]
+        kth_s = jnp.where(
+            kth_sorted, jax.lax.dynamic_slice_in_dim(descending, k - 1, 1, axis=-1), kth
+        )
+        # The mass computed above, unless the k-th largest came from the sort only now.
+        mass_s = jnp.where(kth_sorted, _mass(x, kth_s, top), mass)
+        full, _ = _nucleus(descending, kth_s, top, mass_s, params, block=block)
+        return jnp.where(use_sort, full, cut)
+
+    if force_sort:
+        use_sort = jnp.ones_like(use_sort)
+        return sorted_cut()
+    return jax.lax.cond(jnp.any(use_sort), sorted_cut, lambda: cut)
+
+
+def _mass(x, kth, top):
+    """(b, 1): sum of exp(x - top) over the tokens top-k keeps (softmax's denominator)."""
+    return jnp.sum(jnp.where(x >= kth, jnp.exp(x - top), 0.0), axis=-1, keepdims=True)
+
+
+def _nucleus(descending, kth, top, mass, params: SamplingParams, *, block: int):
+    """(cut (b, 1), inside (b, 1) bool) of the top-p filter over logits sorted descending
+    (b, L), L the vocabulary or the prefilter's K: a token stays while the mass of the tokens
+    above it is < top_p * mass; cut is max(kth, the smallest that stays). inside: the tokens
+    past these L are all dropped (their mass above reaches top_p), so the cut is the whole
+    vocabulary's.
+
+    The mass above the first `block` tokens is one associative_scan over those tokens alone,
+    the same additions for L = block and L = v, so a prefilter of K = block and the sort
+    agree bit for bit wherever the nucleus ends inside the K largest; the rest (L = v) is
+    a cumulative sum started from their total, never below it.
+    """
+    p = jnp.where(descending >= kth, jnp.exp(descending - top), 0.0)
+    if block:
+        head = jax.lax.associative_scan(jnp.add, p[:, :block], axis=1)
+        tail = head[:, -1:] + jnp.cumsum(p[:, block:], axis=-1)
+        inclusive = jnp.concatenate([head, tail], axis=-1)
+    else:
+        inclusive = jnp.cumsum(p, axis=-1)
+    above = jnp.concatenate([jnp.zeros_like(inclusive[:, :1]), inclusive[:, :-1]], axis=-1)
+    bound = params.top_p * mass
+    filtering = params.top_p < 1
+    stays = (above < bound) | ~filtering  # the first token: above = 0 < bound
+    smallest = jnp.min(jnp.where(stays, descending, jnp.inf), axis=-1, keepdims=True)
+    cut = jnp.maximum(kth, jnp.where(filtering, smallest, -jnp.inf))
+    inside = ~filtering | (inclusive[:, -1:] >= bound)
+    return cut, inside
 
 
 def _sort_floats(x):
@@ -175,7 +265,7 @@ def sample(logits, seen, key, params: SamplingParams, mode: SamplingMode, *, voc
         logits = penalize(logits, seen, params.repetition_penalty)
     if mode.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    x = warp(logits, params, sort=mode.sort)
+    x = warp(logits, params, sort=mode.sort, prefilter=mode.prefilter)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(x.shape[0]))
     return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
 

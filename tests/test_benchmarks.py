@@ -426,6 +426,7 @@ def smoke_bench_generate(out, data):
 
 def smoke_bench_generate_mamba2(out, data):
     assert data["preset"] == "mamba2-tiny" and list(data["settings"]) == ["fast"]
+    assert data["prefilter"] == 8
     ours = data["settings"]["fast"]["ours"]
     assert ours["decode_impl"] == "xla" and ours["config"]["headdim"] == 16  # a Mamba2Config
     (row,) = ours["rows"]
@@ -440,6 +441,13 @@ def smoke_bench_generate_profile(out, data):
     assert max(results[(1, "pallas_interpret")]["layer_check_vs_xla"].values()) < 1e-3
     assert "error" in results[(1, "xla")]["kernels"]  # no GPU on CPU
     assert "batch 1, decode_impl xla" in out.with_suffix(".txt").read_text()
+
+
+def smoke_bench_generate_profile_mamba2(out, data):
+    results = {(r["batch"], r["impl"]): r for r in data["results"]}
+    assert set(results) == {(1, "xla"), (1, "pallas_interpret")}
+    assert data["preset"] == "mamba2-tiny" and data["setting"] == "fast"
+    assert max(results[(1, "pallas_interpret")]["layer_check_vs_xla"].values()) < 1e-3
 
 
 def smoke_bench_kernels(out, data):
@@ -583,6 +591,8 @@ SMOKES = {
             "fast",
             "--batches",
             "1",
+            "--prefilter",
+            "8",
             "--out",
             d,
         ],
@@ -606,6 +616,28 @@ SMOKES = {
         ],
         "generate_cpu_profile_smoke.json",
         smoke_bench_generate_profile,
+        True,
+    ),
+    "bench_generate_profile_mamba2": (
+        "bench_generate",
+        lambda d: [
+            "--smoke",
+            "--profile",
+            "--preset",
+            "mamba2-tiny",
+            "--settings",
+            "fast",
+            "--profile-batches",
+            "1",
+            "--profile-steps",
+            "2",
+            "--trace-steps",
+            "1",
+            "--out",
+            d,
+        ],
+        "generate_cpu_profile_smoke.json",
+        smoke_bench_generate_profile_mamba2,
         True,
     ),
     "train_gpu": (
@@ -681,7 +713,7 @@ SMOKES = {
 
 # bench_scaling: about 25 s (three processes start jax, two compile a step); bench_long_docs:
 # about 60 s (two short training runs).
-SLOW_SMOKES = ("bench_scaling", "bench_long_docs")
+SLOW_SMOKES = ("bench_scaling", "bench_long_docs", "bench_generate_profile_mamba2")
 
 
 @pytest.mark.parametrize(

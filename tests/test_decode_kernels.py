@@ -138,3 +138,167 @@ def test_bad_shapes_name_the_argument():
     args = list(core_args(2, 32, 12, 4, 4, jnp.float32))
     with pytest.raises(ValueError, match="power of two"):
         mixer_core_pallas(*args, interpret=True)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+@pytest.mark.parametrize("d_model,add", [(48, True), (200, True), (48, False)])
+def test_add_rms_norm_matches_the_add_and_the_norm(impl, dtype, tol, d_model, add):
+    from jax_packmamba.layers import RMSNorm
+    from jax_packmamba.model import decode_add_norm
+
+    k = jax.random.split(jax.random.key(d_model), 3)
+    residual = 3 * jax.random.normal(k[0], (3, d_model))
+    out = jax.random.normal(k[1], (3, d_model)).astype(dtype) if add else None
+    norm = RMSNorm(d_model, eps=1e-5, dtype=dtype)
+    norm.weight[...] = jax.random.normal(k[2], (d_model,))
+    step = jax.jit(lambda r, o, i: decode_add_norm(r, o, norm, i), static_argnums=2)
+    got, want = step(residual, out, impl), step(residual, out, "xla")
+    # float64: the add, then x / sqrt(mean(x^2) + eps) * weight.
+    r64 = np.asarray(residual, np.float64)
+    if add:
+        r64 = r64 + np.asarray(out.astype(jnp.float32), np.float64)
+    h64 = r64 / np.sqrt(np.mean(r64**2, -1, keepdims=True) + 1e-5) * np.asarray(norm.weight[...])
+    assert got[1].dtype == want[1].dtype == dtype
+    # The add is exact in float32 either way.
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    np.testing.assert_allclose(np.asarray(got[0]), r64, rtol=1e-6, atol=1e-6)
+    for h in (got[1], want[1]):
+        np.testing.assert_allclose(np.asarray(h, np.float64), h64, rtol=tol, atol=tol)
+
+
+def test_add_rms_norm_bad_shapes_name_the_argument():
+    from pallas_kernels.decode import add_rms_norm
+
+    r, w = jnp.zeros((2, 8)), jnp.ones((8,))
+    for kw, match in [
+        (dict(residual=r.astype(jnp.bfloat16), out=None, weight=w), "residual must be"),
+        (dict(residual=r, out=jnp.zeros((2, 4)), weight=w), "out must have"),
+        (dict(residual=r, out=None, weight=jnp.ones((4,))), "weight must have"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            add_rms_norm(**kw, eps=1e-5, dtype=jnp.float32, interpret=True)
+
+
+def ssd_step_args(batch, heads, headdim, groups, d_state, dtype, *, D_shape="heads", seed=0):
+    k = jax.random.split(jax.random.key(seed), 9)
+    return dict(
+        state=jax.random.normal(k[0], (batch, heads, headdim, d_state)),
+        x=jax.random.normal(k[1], (batch, heads, headdim)).astype(dtype),
+        dt=jax.random.normal(k[2], (batch, heads)).astype(dtype),
+        A=-jnp.exp(0.5 * jax.random.normal(k[3], (heads,))),
+        B=jax.random.normal(k[4], (batch, groups, d_state)).astype(dtype),
+        C=jax.random.normal(k[5], (batch, groups, d_state)).astype(dtype),
+        D=None
+        if D_shape is None
+        else jax.random.normal(k[6], (heads,) if D_shape == "heads" else (heads, headdim)),
+        z=jax.random.normal(k[7], (batch, heads, headdim)).astype(dtype),
+        dt_bias=jax.random.uniform(k[8], (heads,), minval=-3.0, maxval=0.0),
+    )
+
+
+SSD_CASES = {
+    # name: (batch, heads, headdim, groups, d_state, D_shape, gated, block_p)
+    "ragged": (3, 4, 24, 2, 20, "heads", True, None),  # headdim and d_state off the blocks
+    "d_per_channel": (2, 4, 64, 1, 32, "heads_headdim", False, 16),  # 4 headdim blocks
+    "no_D": (1, 2, 16, 2, 16, None, True, None),
+}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    "case,dtype,tol",
+    [
+        ("ragged", jnp.float32, 1e-5),
+        ("ragged", jnp.bfloat16, 1e-2),
+        ("d_per_channel", jnp.float32, 1e-5),
+        ("no_D", jnp.bfloat16, 1e-2),
+    ],
+)
+def test_ssd_update_kernel_matches_the_xla_step_and_a_float64_loop(impl, case, dtype, tol):
+    from jax_packmamba.ops import ssd_state_update
+    from pallas_kernels.decode import ssd_update_pallas
+    from tests.loops import ssd_scan_loop
+
+    batch, heads, headdim, groups, d_state, D_shape, gated, block_p = SSD_CASES[case]
+    steps = [
+        ssd_step_args(batch, heads, headdim, groups, d_state, dtype, D_shape=D_shape, seed=s)
+        for s in range(3)
+    ]
+    for s in steps:
+        s["z"] = s["z"] if gated else None
+    kernel = jax.jit(
+        lambda state, a: ssd_update_pallas(
+            state, **a, block_p=block_p, interpret=impl == "pallas_interpret"
+        )
+    )
+    xla = jax.jit(lambda state, a: ssd_state_update(state, **a))
+    state = got_state = steps[0].pop("state")
+    for s in steps[1:]:
+        s.pop("state")
+        s.update(A=steps[0]["A"], D=steps[0]["D"], dt_bias=steps[0]["dt_bias"])
+    ys = []
+    for a in steps:  # three steps, each from the kernel's own previous state
+        want_state, want_y = xla(got_state, a)
+        got_state, got_y = kernel(got_state, a)
+        assert got_y.dtype == dtype and got_state.dtype == jnp.float32
+        np.testing.assert_allclose(got_state, want_state, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(got_y, np.float32), np.asarray(want_y, np.float32), rtol=tol, atol=tol
+        )
+        ys.append(np.asarray(got_y, np.float64))
+    with jax.enable_x64(True):
+        f64 = lambda v: None if v is None else jnp.asarray(np.asarray(v, np.float32), jnp.float64)  # noqa: E731
+        seq = lambda k: jnp.stack([f64(a[k]) for a in steps], axis=1)  # noqa: E731
+        y64, states64 = ssd_scan_loop(
+            seq("x"),
+            seq("dt"),
+            f64(steps[0]["A"]),
+            seq("B"),
+            seq("C"),
+            f64(steps[0]["D"]),
+            seq("z") if gated else None,
+            f64(steps[0]["dt_bias"]),
+            dt_softplus=True,
+            initial_states=f64(state)[:, None],
+        )
+        y64, states64 = np.asarray(y64), np.asarray(states64)
+    np.testing.assert_allclose(np.asarray(got_state), states64[:, -1], rtol=1e-4, atol=1e-4)
+    for t, y in enumerate(ys):
+        np.testing.assert_allclose(y, y64[:, t], rtol=2 * tol, atol=2 * tol)
+
+
+def test_ssd_update_kernel_lowers_for_cuda_in_place():
+    from pallas_kernels.decode import ssd_update_pallas
+
+    sds = jax.ShapeDtypeStruct
+    bf, f32 = jnp.bfloat16, jnp.float32
+    b, h, p, g, n = 2, 80, 64, 1, 128  # mamba2-2.7b
+    args = (
+        sds((b, h, p, n), f32),
+        sds((b, h, p), bf),
+        sds((b, h), bf),
+        sds((h,), f32),
+        sds((b, g, n), bf),
+        sds((b, g, n), bf),
+        sds((h,), f32),
+        None,
+        sds((h,), f32),
+    )
+    text = lower_for_cuda(lambda *a: ssd_update_pallas(*a[:7], None, a[7]), *args[:7], args[8])
+    assert re.findall(r'name = "(decode_[a-z_]+)"', text) == ["decode_ssd_update"]
+    assert len(re.findall(r"stablehlo.output_operand_alias<[^>]*>", text)) == 1
+
+
+def test_ssd_update_kernel_bad_shapes_name_the_argument():
+    from pallas_kernels.decode import ssd_update_pallas
+
+    a = ssd_step_args(2, 4, 16, 2, 16, jnp.float32)
+    for change, match in [
+        (dict(state=a["state"][..., :8]), "B must be"),
+        (dict(dt=a["dt"][:, :2]), "dt must have shape"),
+        (dict(D=jnp.ones((3,))), "D must have shape"),
+        (dict(state=a["state"].astype(jnp.bfloat16)), "state must be"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            ssd_update_pallas(**{**a, **change}, interpret=True)

@@ -709,12 +709,14 @@ def test_decode_loop_lowers_for_cuda_with_two_kernels_a_layer():
         sampling.params(),
         auto_axes=True,
     )
-    # A layer's step is one function (generation._layer_step, lowered once) holding the two
-    # kernels; the loop calls it once per layer, each with that layer's own weights and states.
+    # A layer's step is one function (generation._layer_step, lowered once) holding the three
+    # kernels (the previous block's residual add with this block's norm, and the mixer's two);
+    # the loop calls it once per layer, each with that layer's own weights and states. The
+    # last residual add and the final norm are one more add-norm kernel.
     layer_step = text.split("func.func private @_layer_step(", 1)[1].split("func.func", 1)[0]
     names = re.findall(r'name = "(decode_[a-z_]+)"', layer_step)
-    assert sorted(names) == ["decode_conv_x_proj", "decode_ssm_update"], names
-    assert len(re.findall(r'name = "decode_', text)) == 2
+    assert sorted(names) == ["decode_add_rms_norm", "decode_conv_x_proj", "decode_ssm_update"]
+    assert len(re.findall(r'name = "decode_', text)) == 4
     calls = re.findall(r"call @_layer_step\(([^)]*)\)", text.split("stablehlo.while", 1)[1])
     assert len(calls) == 3 and len(set(calls)) == 3, calls
     # The loop's only dynamic slices are sampling's k-th largest logit per row (4 x 1).

@@ -222,14 +222,61 @@ def test_bfloat16_prepared_model_matches_the_model_forward(model):
         np.testing.assert_allclose(step_logits[i], full[i, len(p)], rtol=0, atol=0.1)
 
 
-def test_a_pallas_decode_impl_is_refused_for_mamba2(prepared):
-    for impl in ("pallas", "pallas_interpret"):
-        with pytest.raises(
-            ValueError, match=f"decode_impl={impl!r}: there is no Pallas decode kernel for Mamba2"
-        ):
-            generate(prepared, [[1, 2]], 4, decode_impl=impl)
-    prompts = prompts_of((1, 8, 13, 30), seed=1)  # the greedy test's shapes: no new compile
-    xla = generate(prepared, prompts, 4, decode_impl="xla", temperature=0)
+def test_pallas_decode_step_generates_what_the_xla_step_does(prepared):
+    # The decode kernels (the state update, the residual add + norm) through the interpreter,
+    # inside the jitted loop, greedy and sampled; "auto" is "xla" off a GPU.
+    prompts = prompts_of((1, 8, 13, 30), seed=1)  # the greedy test's shapes
+    for sampling in (dict(temperature=0), dict(temperature=0.8, top_p=0.9, seed=3)):
+        xla = generate(prepared, prompts, 4, decode_impl="xla", **sampling)
+        kernels = generate(prepared, prompts, 4, decode_impl="pallas_interpret", **sampling)
+        for a, b in zip(xla, kernels):
+            np.testing.assert_array_equal(a, b)
     auto = generate(prepared, prompts, 4, temperature=0)
-    for a, b in zip(xla, auto):
+    for a, b in zip(generate(prepared, prompts, 4, decode_impl="xla", temperature=0), auto):
         np.testing.assert_array_equal(a, b)
+
+
+def test_decode_loop_lowers_for_cuda_with_two_kernels_a_layer():
+    # The jitted loop as a GPU runs it: each layer's step (one function, lowered once) holds
+    # the add + norm kernel and the state-update kernel, the latter writing the state in place.
+    import re
+
+    from jax_packmamba import generation as gen
+    from tests.gpu import lower_for_cuda
+
+    config = jp.Mamba2Config.preset("tiny", n_layer=2, dtype="bfloat16")
+    prepared_model = prepare(jp.Mamba2LM(config, rngs=nnx.Rngs(0)))
+    sampling = SamplingConfig(temperature=0.7, top_p=0.9)
+    sds = jax.ShapeDtypeStruct
+    size, vocab = 4, config.padded_vocab_size
+    ssm_shape = (size, config.nheads, config.headdim, config.d_state)
+    state = DecodeState(
+        conv=(sds((size, config.d_conv - 1, config.conv_dim), jnp.bfloat16),) * 2,
+        ssm=(sds(ssm_shape, jnp.float32),) * 2,
+    )
+    run = jax.eval_shape(
+        lambda *a: gen._start(*a, mode=sampling.mode, vocab_size=config.vocab_size, columns=16),
+        sds((size, vocab), jnp.float32),
+        state,
+        sds((size, vocab), jnp.bool_),
+        jax.random.key(0),
+        sampling.params(),
+        jnp.int32(3),
+    )
+    import pallas_kernels.decode  # noqa: F401  (before tracing: its __init__ says why)
+
+    text = lower_for_cuda(
+        lambda m, r, p: gen._decode_loop(
+            m, r, jnp.int32(16), p, mode=sampling.mode, impl="pallas", vocab_size=config.vocab_size
+        ),
+        prepared_model,
+        run,
+        sampling.params(),
+        auto_axes=True,
+    )
+    layer_step = text.split("func.func private @_layer_step(", 1)[1].split("func.func", 1)[0]
+    names = re.findall(r'name = "(decode_[a-z_]+)"', layer_step)
+    assert sorted(names) == ["decode_add_rms_norm", "decode_ssd_update"], names
+    assert len(re.findall(r"stablehlo.output_operand_alias<[^>]*>", layer_step)) == 2
+    calls = re.findall(r"call @_layer_step\(([^)]*)\)", text.split("stablehlo.while", 1)[1])
+    assert len(calls) == 2 and len(set(calls)) == 2, calls

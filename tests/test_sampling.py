@@ -186,3 +186,84 @@ def test_the_integer_key_sort_sorts_floats():
         axis=1,
     )
     np.testing.assert_array_equal(np.asarray(_sort_floats(jnp.asarray(x))), np.sort(x, axis=-1))
+
+
+def prefilter_logits():
+    """Rows whose top-p 0.9 nucleus fits in 8 tokens (one dominant group) and rows whose
+    nucleus is most of the 300 (flat), both in one batch."""
+    rng = np.random.default_rng(7)
+    peaked = rng.normal(0, 1, (3, 300)).astype(np.float32)
+    peaked[np.arange(3), rng.integers(0, 300, 3)] += 12.0  # ~all the mass on one token
+    peaked[0, :5] += 9.0  # row 0: a nucleus of a few tokens
+    flat = rng.normal(0, 0.3, (3, 300)).astype(np.float32)
+    return np.concatenate([peaked, flat])
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(top_p=0.999, temperature=0.7),
+        dict(top_k=40, top_p=0.9),  # k beyond the prefilter: the k-th from the sort
+        dict(top_k=6),
+        dict(top_p=1.0, min_p=0.05),
+    ],
+)
+def test_prefilter_keeps_what_the_sort_and_hugging_face_keep(kw):
+    logits = prefilter_logits()
+    want = hf_keep(logits, **kw)
+    nucleus = hf_keep(logits, top_p=kw.get("top_p", 1.0), temperature=kw.get("temperature", 1.0))
+    if kw.get("top_p", 1.0) < 1:
+        # Both cases occur: nuclei inside the prefilter's 8 and far larger.
+        assert nucleus.sum(-1).min() <= 8 and nucleus.sum(-1).max() > 100
+    config = SamplingConfig(**kw)
+    params = config.params()
+    outs = {
+        k: np.asarray(
+            jax.jit(warp, static_argnames=("sort", "prefilter"))(
+                jnp.asarray(logits), params, sort=True, prefilter=k
+            )
+        )
+        for k in (0, 8)
+    }
+    for k, x in outs.items():
+        np.testing.assert_array_equal(np.isfinite(x), want, err_msg=f"prefilter {k}")
+    np.testing.assert_array_equal(outs[8], outs[0])
+
+
+def test_prefilter_equals_its_fallback_bit_for_bit_and_draws_the_same_tokens():
+    from jax_packmamba.sampling import _top_cut
+
+    logits = jnp.asarray(prefilter_logits())
+    for kw in (dict(top_p=0.9), dict(top_p=0.6, temperature=0.5), dict(top_k=3, top_p=0.95)):
+        params = SamplingConfig(**kw).params()
+        x = logits / params.temperature
+        cut = jax.jit(lambda x, p: _top_cut(x, p, 8))(x, params)
+        sorted_cut = jax.jit(lambda x, p: _top_cut(x, p, 8, force_sort=True))(x, params)
+        np.testing.assert_array_equal(np.asarray(cut), np.asarray(sorted_cut))
+    # The same tokens as the sort alone, key for key: rows of one batch taking the
+    # prefilter's cut and the sort's, and a batch whose nuclei all fit (no sort at all).
+    for batch in (logits, logits[:3]):
+        for seed in range(3):
+            key = jax.random.key(seed)
+            tokens = {
+                k: np.asarray(
+                    sample(
+                        batch,
+                        None,
+                        key,
+                        SamplingConfig(top_p=0.9, prefilter=k).params(),
+                        SamplingConfig(top_p=0.9, prefilter=k).mode,
+                    )
+                )
+                for k in (0, 8, 16)
+            }
+            np.testing.assert_array_equal(tokens[8], tokens[0])
+            np.testing.assert_array_equal(tokens[16], tokens[0])
+
+
+def test_prefilter_is_static_and_checked():
+    assert SamplingConfig(top_p=0.9, prefilter=16).mode == SamplingMode(False, True, 16)
+    assert SamplingConfig(top_p=0.9).mode.prefilter == 0
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="prefilter must be an int >= 0"):
+            SamplingConfig(prefilter=bad)

@@ -1,4 +1,7 @@
-"""Pallas (Triton) kernels of one Mamba1 decode step (kernel.py); `mixer_core_pallas` runs them."""
+"""Pallas (Triton) kernels of one decode step: the Mamba1 mixer's middle (kernel.py;
+`mixer_core_pallas` runs them), the Mamba2 mixer's state update (ssd_update.py;
+`ssd_update_pallas`) and the residual add + RMSNorm in front of every block of either family
+(add_norm.py; `add_rms_norm`)."""
 
 from __future__ import annotations
 
@@ -14,9 +17,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.decode import kernel
+from pallas_kernels.decode.add_norm import add_rms_norm
 from pallas_kernels.decode.config import DecodeConfig, pick_config
+from pallas_kernels.decode.ssd_update import ssd_update_pallas
 
-__all__ = ["DecodeConfig", "check_mixer_core_args", "mixer_core_pallas", "pick_config", "supported"]
+__all__ = [
+    "DecodeConfig",
+    "add_rms_norm",
+    "check_mixer_core_args",
+    "mixer_core_pallas",
+    "pick_config",
+    "ssd_update_pallas",
+    "supported",
+]
 
 F32 = jnp.float32
 
