@@ -889,15 +889,15 @@ def test_bench_train_smoke_counts_real_tokens_merges_and_plots(tmp_path):
     assert "| tiny | instruct |" in table and "| 130m | corpus | — | — | skipped |" in table
 
 
-def test_bench_train_smoke_trains_a_mamba2_preset(tmp_path):
-    from jax_packmamba import Mamba2Config
+def test_bench_train_smoke_trains_a_mamba2_and_a_hybrid_preset(tmp_path):
+    from jax_packmamba import HybridConfig, Mamba2Config
 
     rows, seq_len = 2, 128
     proc = run_script(
         "bench_train",
         "--smoke",
         "--presets",
-        "mamba2-tiny",
+        "mamba2-tiny,hybrid-tiny",
         "--modes",
         "packed",
         "--dists",
@@ -910,20 +910,27 @@ def test_bench_train_smoke_trains_a_mamba2_preset(tmp_path):
         1,
         "--out",
         tmp_path,
-        timeout=180,
+        timeout=240,
     )
     assert proc.returncode == 0
     runs = json.loads((tmp_path / "train_cpu_smoke.json").read_text())["runs"]
-    r = runs["mamba2-tiny/packed/instruct"]
-    assert r["status"] == "ok" and r["finite_loss"] and r["tokens_per_s"] > 0
-    assert r["step_shape"] == [1, rows, seq_len] and (r["n_layer"], r["d_model"]) == (1, 32)
+    for preset in ("mamba2-tiny", "hybrid-tiny"):
+        r = runs[f"{preset}/packed/instruct"]
+        assert r["status"] == "ok" and r["finite_loss"] and r["tokens_per_s"] > 0
+        assert r["step_shape"] == [1, rows, seq_len]
     # The smoke model (--model n_layer=1,d_model=32,d_state=4) is a Mamba2 one: its size says so.
+    r = runs["mamba2-tiny/packed/instruct"]
+    assert (r["n_layer"], r["d_model"]) == (1, 32)
     assert (
         r["num_params"]
         == Mamba2Config.preset(
             "tiny", n_layer=1, d_model=32, d_state=4, vocab_size=257
         ).num_params()
     )
+    # hybrid-tiny runs as it is (HybridConfig has no n_layer to shrink).
+    r = runs["hybrid-tiny/packed/instruct"]
+    assert r["num_params"] == HybridConfig.preset("tiny", vocab_size=257).num_params()
+    assert (r["n_layer"], r["d_model"]) == (3, 64)
 
 
 def test_bench_train_refuses_the_mamba1_anchor_for_mamba2_presets(tmp_path, capsys):
