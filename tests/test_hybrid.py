@@ -4,6 +4,7 @@ transformers, alone and packed; save and reload), bad configs."""
 
 import dataclasses
 import functools
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -216,8 +217,11 @@ def test_float64_model_is_the_exact_forward(name, monkeypatch):
     the float32 the model's parameters, residual stream and statistics are pinned to."""
     from jax_packmamba import config as config_lib
 
+    rms_norm_ops = importlib.import_module("jax_packmamba.ops.rms_norm")  # the module
+
     with jax.enable_x64(True):
         monkeypatch.setattr(jnp, "float32", jnp.float64)
+        monkeypatch.setattr(rms_norm_ops, "F32", jnp.float64)  # read once, at import
         monkeypatch.setattr(
             config_lib.HybridConfig, "compute_dtype", property(lambda self: jnp.dtype("float64"))
         )
