@@ -87,8 +87,9 @@ mamba2-2.7b: 4 (--rows 2.8b=8 to try more); released vocabulary 50277 (byte ids 
 257) so FLOPs match mamba_ssm's; bf16 compute, float32 params, AdamW (train/step.py), scan impl
 auto (Pallas on GPU); 1M-token workloads; 2 warm-up + 12 timed steps in groups of 2; single
 mode: buckets of 256, 4 of them measured, 1 warm-up + 8 timed steps each. --smoke: the "tiny"
-preset (or --presets mamba2-tiny) with one layer of width 32, rows of 128, 2 rows, 6k-token
-workloads, buckets of 64 (all measured), 2 timed steps one by one, 1 warm-up.
+preset (or --presets mamba2-tiny) with one layer of width 32 (--presets hybrid-tiny: as it is),
+rows of 128, 2 rows, 6k-token workloads, buckets of 64 (all measured), 2 timed steps one by one,
+1 warm-up.
 """
 
 from __future__ import annotations
@@ -128,6 +129,8 @@ DEFAULT_ROWS = {
     "hybrid-tiny": 2,
 }
 SMOKE_MODEL = "n_layer=1,d_model=32,d_state=4"
+# hybrid-tiny is already CPU-sized (and HybridConfig has no n_layer): --smoke runs it as it is.
+HYBRID_SMOKE_MODEL = ""
 SCHEMA = 1
 # The mamba_ssm side (the --anchor folder): its script and the rows of its full batch.
 ANCHOR_SCRIPT = "train_torch.py"
@@ -720,8 +723,13 @@ def main(argv=None) -> int:
         scan_impl=args.scan_impl,
         remat=args.remat,
         scan_layers=args.scan_layers,
-        model_overrides=workloads.parse_overrides(default(args.model, "", SMOKE_MODEL)),
     )
+    overrides_of = {
+        p: workloads.parse_overrides(
+            default(args.model, "", HYBRID_SMOKE_MODEL if p.startswith("hybrid-") else SMOKE_MODEL)
+        )
+        for p in presets
+    }
     commit = harness.git_commit()
 
     info = probe_device()
@@ -814,6 +822,7 @@ def main(argv=None) -> int:
             left = deadline - time.time()
             spec = dict(
                 settings,
+                model_overrides=overrides_of[preset],
                 preset=preset,
                 group=group,
                 rows=rows,
@@ -896,6 +905,7 @@ def main(argv=None) -> int:
                 git_commit=commit,
                 wall_s=time.time() - t_start,
                 settings=settings,
+                model_overrides=overrides_of,
                 presets=presets,
                 modes=modes,
                 dists=dists,

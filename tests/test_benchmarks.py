@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import importlib.util
 import json
 import os
 import pathlib
@@ -48,6 +49,7 @@ SCRIPTS = (
     "bench_links",
     "bench_long_docs",
     "bench_loss",
+    "bamba_torch",
 )
 
 
@@ -938,15 +940,15 @@ def test_bench_train_smoke_counts_real_tokens_merges_and_plots(tmp_path):
     assert "| tiny | instruct |" in table and "| 130m | corpus | — | — | skipped |" in table
 
 
-def test_bench_train_smoke_trains_a_mamba2_preset(tmp_path):
-    from jax_packmamba import Mamba2Config
+def test_bench_train_smoke_trains_a_mamba2_and_a_hybrid_preset(tmp_path):
+    from jax_packmamba import HybridConfig, Mamba2Config
 
     rows, seq_len = 2, 128
     proc = run_script(
         "bench_train",
         "--smoke",
         "--presets",
-        "mamba2-tiny",
+        "mamba2-tiny,hybrid-tiny",
         "--modes",
         "packed",
         "--dists",
@@ -959,20 +961,82 @@ def test_bench_train_smoke_trains_a_mamba2_preset(tmp_path):
         1,
         "--out",
         tmp_path,
-        timeout=180,
+        timeout=240,
     )
     assert proc.returncode == 0
     runs = json.loads((tmp_path / "train_cpu_smoke.json").read_text())["runs"]
-    r = runs["mamba2-tiny/packed/instruct"]
-    assert r["status"] == "ok" and r["finite_loss"] and r["tokens_per_s"] > 0
-    assert r["step_shape"] == [1, rows, seq_len] and (r["n_layer"], r["d_model"]) == (1, 32)
+    for preset in ("mamba2-tiny", "hybrid-tiny"):
+        r = runs[f"{preset}/packed/instruct"]
+        assert r["status"] == "ok" and r["finite_loss"] and r["tokens_per_s"] > 0
+        assert r["step_shape"] == [1, rows, seq_len]
     # The smoke model (--model n_layer=1,d_model=32,d_state=4) is a Mamba2 one: its size says so.
+    r = runs["mamba2-tiny/packed/instruct"]
+    assert (r["n_layer"], r["d_model"]) == (1, 32)
     assert (
         r["num_params"]
         == Mamba2Config.preset(
             "tiny", n_layer=1, d_model=32, d_state=4, vocab_size=257
         ).num_params()
     )
+    # hybrid-tiny runs as it is (HybridConfig has no n_layer to shrink).
+    r = runs["hybrid-tiny/packed/instruct"]
+    assert r["num_params"] == HybridConfig.preset("tiny", vocab_size=257).num_params()
+    assert (r["n_layer"], r["d_model"]) == (3, 64)
+
+
+def test_bamba_torch_builds_our_hybrid_1b_and_says_what_is_missing(tmp_path):
+    """The torch side of the hybrid comparison (no torch here): its BambaConfig is our
+    hybrid-1b (every field, and the parameter count of the model transformers would build), its
+    packed rows hold --segments documents filling each row, and without torch it is one line
+    and exit code 2."""
+    from benchmarks import bamba_torch
+    from jax_packmamba import HybridConfig
+
+    ours = HybridConfig.preset("1b", vocab_size=workloads.RELEASED_VOCAB)
+    assert bamba_torch.HYBRID_1B == {k: getattr(ours, k) for k in bamba_torch.HYBRID_1B}
+    fields = bamba_torch.bamba_fields(bamba_torch.HYBRID_1B)
+    assert bamba_torch.bamba_num_params(fields) == ours.num_params()
+    assert fields["attn_layer_indices"] == [5, 11, 17, 23] and fields["vocab_size"] == 50288
+    assert fields["mamba_n_heads"] * fields["mamba_d_head"] == 2 * ours.d_model
+    # Other shapes count the same way (biases, tying, groups).
+    small = dict(
+        bamba_torch.HYBRID_1B,
+        layers=("*-", "M-", "M-"),
+        d_model=96,
+        vocab_size=100,
+        d_state=16,
+        headdim=32,
+        ngroups=2,
+        num_heads=4,
+        num_kv_heads=2,
+        rotary_dim=12,
+        d_ff=64,
+        conv_bias=False,
+        proj_bias=True,
+        attention_bias=True,
+        mlp_bias=True,
+        tie_embeddings=True,
+    )
+    config = HybridConfig(**small)
+    assert bamba_torch.bamba_num_params(bamba_torch.bamba_fields(small)) == config.num_params()
+    with pytest.raises(ValueError, match="ropes half the head dims"):
+        bamba_torch.bamba_fields(dict(small, rotary_dim=8))
+
+    lengths = bamba_torch.document_lengths(8, 2048, 64)
+    assert [len(r) for r in lengths] == [64] * 8 and {sum(r) for r in lengths} == {2048}
+    assert min(min(r) for r in lengths) >= 1 and lengths[0] != lengths[1]
+
+    out = tmp_path / "bamba.json"
+    proc = run_script("bamba_torch", out, "--rows", 2, timeout=60)
+    if importlib.util.find_spec("torch") is None:
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines() == [
+            "bamba_torch: needs torch and transformers (No module named 'torch')"
+        ]
+        data = json.loads(out.read_text())
+        assert data["status"] == "missing" and data["rows"] == 2
+    proc = run_script("bamba_torch", out, "--segments", 4096, timeout=60)
+    assert proc.returncode == 2 and "--segments 4096 exceeds --seq-len 2048" in proc.stderr
 
 
 def test_bench_train_refuses_the_mamba1_anchor_for_mamba2_presets(tmp_path, capsys):
