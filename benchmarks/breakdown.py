@@ -545,6 +545,8 @@ def main(argv=None) -> int:
             trace_s=t1 - t0,
             compile_s=t2 - t1,
             scan_in_module=has_scan,
+            # The process's peak so far (JAX has no reset): the step's own when it runs first.
+            peak_gib_so_far=(harness.device_memory(jax.devices()[0])[0] or 0) / 2**30,
         )
         print(
             f"  {name:12s} {1e3 * timing.median_s:9.2f} ms   (compile {t2 - t1:.1f}s)", flush=True
