@@ -59,7 +59,7 @@ class ConfigError(ValueError):
 
 MODES = ("packed", "padded", "single")
 PACK_POLICIES = ("first_fit_decreasing", "greedy")
-LONG_DOCS = ("cut", "link")
+LONG_DOCS = ("cut", "link", "link_across_steps")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DATA_FORMATS = ("auto", "text", "jsonl", "tokens", "parquet", "arrow")
 WANDB_MODES = ("online", "offline")
@@ -270,7 +270,10 @@ class DataConfig:
         help="documents longer than a row, packed mode: cut: into pieces of seq_len tokens, "
         "each starting from a zero state; link: documents laid end to end, a row's first "
         "piece linked to the previous row's last, every layer's state carried over the "
-        "link, so no document is cut inside a micro-batch (docs/long_documents.md)",
+        "link, so no document is cut inside a micro-batch; link_across_steps: as link, and "
+        "the state a micro-batch's last document ends in is carried into the next "
+        "micro-batch and step (truncated backprop, saved in checkpoints), so no document is "
+        "cut at all (docs/long_documents.md)",
     )
 
     batch_size: int = option(
@@ -488,6 +491,17 @@ class TrainConfig:
         if d.long_docs != "cut" and d.mode != "packed":
             raise ConfigError(
                 f"--data.long_docs={d.long_docs} needs --data.mode=packed, got {d.mode}"
+            )
+        if d.long_docs != "cut" and config_class(m.preset) is HybridConfig:
+            raise ConfigError(
+                f"--data.long_docs={d.long_docs}: hybrid presets cannot link rows yet "
+                f"(attention would need the previous row's keys); use --data.long_docs=cut"
+            )
+        if d.long_docs == "link_across_steps" and self.mesh.grad_reduce != "auto":
+            raise ConfigError(
+                f"--data.long_docs=link_across_steps needs --mesh.grad_reduce=auto (got "
+                f"{self.mesh.grad_reduce}): an explicit reduction runs each device's rows "
+                f"alone, which would cut the documents carried between them"
             )
         _choice("data.bin_dtype", d.bin_dtype, BIN_DTYPES)
         if not d.text_field:
