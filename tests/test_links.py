@@ -517,8 +517,10 @@ def test_state_carried_into_the_next_batch_equals_one_batch(family, impl, stream
     """Two batches of 4 rows, batch 1's last row's end state given as batch 2's row 0 start
     (first_run_states / first_inputs), get what one linked batch of 8 rows gets: outputs, and
     the gradients of batch 2's inputs (truncated backprop: nothing flows back into batch 1)."""
-    if impl == "pallas_interpret" and stream != "long":
-        pytest.skip("one interpreter case per family is enough (each compiles its kernels)")
+    if impl == "pallas_interpret" and (stream != "long" or family != "mamba1"):
+        # Mamba1's kernel takes the carried state in its own chunk-state pass; the SSD and conv
+        # kernels see it through the same initial-state slot and inputs the links use.
+        pytest.skip("one interpreter case is enough (each compiles its kernels)")
     lengths = ACROSS[stream]
     seg, continues, _ = pack(lengths)
     if family == "conv":
