@@ -14,7 +14,7 @@ from flax import nnx
 
 from jax_packmamba.config import MambaConfig
 from jax_packmamba.ops import segment_conv_windows
-from jax_packmamba.ops.links import compact_ids, last_run_inputs
+from jax_packmamba.ops.links import compact_ids, last_run_inputs, previous_row_tail
 
 
 def torch_linear_init(scale: float = 1.0):
@@ -60,9 +60,15 @@ class MixerState(NamedTuple):
     ssm: jax.Array
 
 
-def segment_caches(conv_inputs, segment_ids, num_segments: int, final_ssm, width: int):
+def segment_caches(
+    conv_inputs, segment_ids, num_segments: int, final_ssm, width: int, continues=None
+):
     """A prefill's cache: for every slot s, the state after the last token of id s in each row
-    (zeros where the id does not occur), conv (b, s, w - 1, x) and ssm (b, s, ...)."""
+    (zeros where the id does not occur), conv (b, s, w - 1, x) and ssm (b, s, ...). With
+    `continues` (rows linked), a row's first run's window reaches into the previous row's last
+    inputs, so a prompt's last piece shorter than the window still gets its whole window."""
+    if continues is not None:
+        conv_inputs, segment_ids = previous_row_tail(conv_inputs, segment_ids, continues, width)
     conv = segment_conv_windows(conv_inputs, segment_ids, num_segments, width - 1)
     return MixerState(conv=conv, ssm=final_ssm)
 

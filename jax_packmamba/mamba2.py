@@ -200,7 +200,7 @@ class Mamba2Mixer(nnx.Module):
             return out, None
         if return_end_state:
             return out, row_end_state(xBC, segment_ids, ssm, config.d_conv)
-        return out, segment_caches(xBC, segment_ids, num_segments, ssm, config.d_conv)
+        return out, segment_caches(xBC, segment_ids, num_segments, ssm, config.d_conv, continues)
 
     def _in_proj(self, hidden):
         """(z, xBC, dt): in_proj(hidden) as three products with the kernel's column blocks.

@@ -172,7 +172,9 @@ class MambaMixer(nnx.Module):
         y, ssm = result
         if return_end_state:
             return self.out_proj(y), row_end_state(x, segment_ids, ssm, config.d_conv)
-        return self.out_proj(y), segment_caches(x, segment_ids, num_segments, ssm, config.d_conv)
+        return self.out_proj(y), segment_caches(
+            x, segment_ids, num_segments, ssm, config.d_conv, continues
+        )
 
     def _decode(self, hidden, cache: MixerState, impl: str):
         # in_proj as ONE product, split after: slicing a weight in front of a product (as

@@ -671,3 +671,30 @@ def tiny_model_config(family):
         scan_impl="reference",
         conv_impl="xla",
     )
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_prefill_of_long_prompts_over_linked_rows_equals_one_row(family):
+    """generation.prefill with max_row=16: prompts laid end to end over linked rows (one's last
+    piece a single token, so its conv window reaches back a row; one ending at a row's end)
+    give the logits and decode state of the one-row prefill."""
+    from flax import nnx
+
+    import jax_packmamba as jp
+    from jax_packmamba.generation import prefill, prefill_inputs
+
+    config = tiny_model_config(family)
+    model = jp.LM(config, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 61, size=n).astype(np.int32) for n in (33, 5, 26)]
+    linked = prefill_inputs(prompts, config, max_row=16)
+    assert linked.continues is not None and linked.continues[:4].tolist() == [0, 1, 1, 1]
+    assert prefill_inputs(prompts, config).continues is None
+    logits, state = prefill(model, prompts)
+    logits16, state16 = prefill(model, prompts, max_row=16)
+    errs = [rel_err(logits16, logits)]
+    errs += [rel_err(a, b) for a, b in zip(jax.tree.leaves(state16), jax.tree.leaves(state))]
+    print(family, [f"{e:.1e}" for e in errs])
+    assert max(errs) < 1e-5, errs
+    with pytest.raises(ValueError, match="max_row must be an int of at least"):
+        prefill_inputs(prompts, config, max_row=1)
