@@ -698,3 +698,23 @@ def test_prefill_of_long_prompts_over_linked_rows_equals_one_row(family):
     assert max(errs) < 1e-5, errs
     with pytest.raises(ValueError, match="max_row must be an int of at least"):
         prefill_inputs(prompts, config, max_row=1)
+
+
+def test_resume_refuses_to_switch_link_across_steps_on_or_off():
+    """The carried state is in link_across_steps' train state only: switching it on or off
+    on resume is one clear error, even with --data.allow_change=true."""
+    from train.config import ConfigError, check_resume, parse_args
+
+    def config(long_docs):
+        return parse_args([f"--data.long_docs={long_docs}", "--data.allow_change=true"])
+
+    for old, new in (("link", "link_across_steps"), ("link_across_steps", "cut")):
+        with pytest.raises(ConfigError, match="only link_across_steps' train state holds"):
+            check_resume(
+                config(old).to_dict(), config(new), old_model=None, new_model={}, checkpoint="c"
+            )
+    check_resume(
+        config("cut").to_dict(), config("link"), old_model=None, new_model={}, checkpoint="c"
+    )
+    with pytest.raises(ConfigError, match="link_across_steps needs --mesh.grad_reduce=auto"):
+        parse_args(["--data.long_docs=link_across_steps", "--mesh.grad_reduce=bfloat16"])

@@ -612,6 +612,13 @@ def check_resume(
     """ConfigError (one line naming every changed field, old -> new) when `new` cannot resume
     the checkpoint written with `old` (see resume_conflicts)."""
     fixed, data = resume_conflicts(old, new, old_model=old_model, new_model=new_model)
+    old_docs = (old.get("data") or {}).get("long_docs", "cut")
+    if (old_docs == "link_across_steps") != (new.data.long_docs == "link_across_steps"):
+        raise ConfigError(
+            f"cannot resume {checkpoint} with --data.long_docs={new.data.long_docs}: it was "
+            f"written with {old_docs}, and only link_across_steps' train state holds the "
+            f"carried state. Use the old value, or another --run.out_dir"
+        )
     if new.data.allow_change:
         data = []
     if not fixed and not data:
