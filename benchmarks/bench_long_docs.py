@@ -32,26 +32,38 @@ import numpy as np
 from benchmarks import harness
 
 
-def position_losses(model, docs, seq_len, link: bool):
-    """Per document, the loss of each token's next-token prediction (len - 1 values)."""
+def position_losses(model, docs, seq_len, link: bool, rows_per_call: int = 128):
+    """Per document, the loss of each token's next-token prediction (len - 1 values). The
+    documents go through in groups of at most rows_per_call rows (one compiled shape; a
+    document longer than that gets a call of its own), so memory stays bounded."""
     from jax_packmamba.packing import pack_stream, unpack
 
-    batch = pack_stream(docs, seq_len)
-    links = dict(continues=jnp.asarray(batch.continues)) if link else {}
-
     @jax.jit
-    def token_losses(tokens, seg, targets, **links):
+    def token_losses(tokens, seg, targets, continues):
+        links = dict(continues=continues) if link else {}
         logits = model(tokens, seg, **links).astype(jnp.float32)
         logp = jax.nn.log_softmax(logits)
         return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
-    ce = token_losses(
-        jnp.asarray(batch.tokens),
-        jnp.asarray(batch.segment_ids),
-        jnp.asarray(batch.targets),
-        **links,
-    )
-    return [x[:-1] for x in unpack(batch, np.asarray(ce))]  # a document's last token: no target
+    out, group, tokens = [], [], 0
+    budget = rows_per_call * seq_len
+    for i, doc in enumerate(docs):
+        group.append(doc)
+        tokens += len(doc)
+        following = len(docs[i + 1]) if i + 1 < len(docs) else None
+        if following is not None and tokens + following <= budget:
+            continue
+        rows = max(rows_per_call, -(-tokens // seq_len))
+        batch = pack_stream(group, seq_len, num_rows=rows)
+        ce = token_losses(
+            jnp.asarray(batch.tokens),
+            jnp.asarray(batch.segment_ids),
+            jnp.asarray(batch.targets),
+            jnp.asarray(batch.continues),
+        )
+        out += [x[:-1] for x in unpack(batch, np.asarray(ce))]  # the last token: no target
+        group, tokens = [], 0
+    return out
 
 
 def bucketed(losses, seq_len):
@@ -80,6 +92,9 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--max-eval-docs", type=int, default=64)
     p.add_argument(
+        "--eval-rows", type=int, default=None, help="rows per evaluation call (default 128)"
+    )
+    p.add_argument(
         "--modes", default="cut,link", help="--data.long_docs values to train, comma-separated"
     )
     args = p.parse_args(argv)
@@ -100,6 +115,7 @@ def main(argv=None) -> int:
     preset = args.preset or ("tiny" if args.smoke else "130m")
     steps = args.steps or (3 if args.smoke else 300)
     n_layer = (1 if args.smoke else 12) if args.n_layer is None else args.n_layer
+    eval_rows = args.eval_rows or (8 if args.smoke else 128)
     seq_len = args.seq_len or (64 if args.smoke else 2048)
     from jax_packmamba import from_pretrained
     from train import data as data_lib
@@ -148,7 +164,9 @@ def main(argv=None) -> int:
             trained_s = time.perf_counter() - start
             model = from_pretrained(out, dtype="float32")
             for read in ("whole", "cut"):
-                losses = position_losses(model, long_docs, seq_len, link=read == "whole")
+                losses = position_losses(
+                    model, long_docs, seq_len, link=read == "whole", rows_per_call=eval_rows
+                )
                 row = dict(
                     mean=float(np.concatenate(losses).mean()), by_position=bucketed(losses, seq_len)
                 )
