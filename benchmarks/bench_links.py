@@ -7,7 +7,10 @@ One layer's segmented ops at the 1.4b (Mamba1: d_inner 4096, d_state 16) and mam
 documents packed end to end by packing.pack_stream: the same segment ids timed with the links
 (`continues`) and without (continues=None: every row starts from zero, as `cut` rows do).
 The difference is the link's whole cost (a layer's other ops are untouched by it); times the
-layer count, it bounds the step-time cost. harness.time_calls: median of 7 groups of 5 calls. Writes
+layer count, it bounds the step-time cost. A third timing, link_across_steps, adds what
+carrying a document into the next step costs: row 0 starts from a given state (the conv's
+first_inputs, the scan's first_run_states) and the layer also returns the last row's end
+state (the scan's final states by compact ids, links.last_run_inputs). harness.time_calls: median of 7 groups of 5 calls. Writes
 --out/links_<slug>.json. --smoke: tiny shapes through the reference on CPU.
 """
 
@@ -20,6 +23,7 @@ import jax.numpy as jnp
 
 from benchmarks import harness, workloads
 from jax_packmamba.ops import causal_conv1d
+from jax_packmamba.ops.links import compact_ids, last_run_inputs
 from jax_packmamba.ops.selective_scan import selective_scan
 from jax_packmamba.ops.ssd_scan import ssd_scan
 from jax_packmamba.packing import pack_stream
@@ -81,7 +85,11 @@ def layer(shape, impl):
     data.update(x=normal((rows, length, conv_ch)), z=normal((rows, length, d_inner)))
     conv_impl = "xla" if impl == "reference" else "auto"
 
-    def loss(params, data, seg, continues):
+    def loss(params, data, seg, continues, start=None):
+        carry = {}
+        if start is not None:  # link_across_steps: a start state in, the end state out
+            scan_ids = compact_ids(seg, "last")
+            carry = dict(first_run_states=start["ssm"], return_final_states=True, num_segments=3)
         xc = causal_conv1d(
             data["x"],
             params["w"],
@@ -89,7 +97,9 @@ def layer(shape, impl):
             activation="silu",
             continues=continues,
             impl=conv_impl,
+            **({} if start is None else dict(first_inputs=start["conv"])),
         )[..., :d_inner]
+        ids = seg if start is None else scan_ids
         if heads is None:
             y = selective_scan(
                 xc,
@@ -101,9 +111,10 @@ def layer(shape, impl):
                 data["z"],
                 params["bias"],
                 delta_softplus=True,
-                segment_ids=seg,
+                segment_ids=ids,
                 continues=continues,
                 impl=impl,
+                **carry,
             )
         else:
             split = lambda a: a.reshape(rows, length, heads, -1)  # noqa: E731
@@ -117,13 +128,28 @@ def layer(shape, impl):
                 split(data["z"]),
                 params["bias"],
                 dt_softplus=True,
-                segment_ids=seg,
+                segment_ids=ids,
                 continues=continues,
                 impl=impl,
+                **carry,
             )
-        return jnp.sum(y.astype(jnp.float32) ** 2)
+        if start is None:
+            return jnp.sum(y.astype(jnp.float32) ** 2)
+        y, final = y
+        # The end state leaves the step with its gradient stopped, as the trainer's carry.
+        end = (final[-1, 0], last_run_inputs(data["x"], seg, 4)[-1])
+        return jnp.sum(y.astype(jnp.float32) ** 2) + sum(
+            jnp.sum(jax.lax.stop_gradient(e).astype(jnp.float32)) for e in end
+        )
 
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), params, data
+    def start_state():
+        ssm = (d_inner, d_state) if heads is None else (heads, d_inner // heads, d_state)
+        return dict(
+            conv=jnp.zeros((rows, 3, conv_ch), bf16).at[0].set(normal((3, conv_ch))),
+            ssm=jnp.zeros((rows, *ssm), jnp.float32).at[0].set(normal(ssm, 0.1, jnp.float32)),
+        )
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), params, data, start_state()
 
 
 def main(argv=None) -> int:
@@ -135,19 +161,21 @@ def main(argv=None) -> int:
     impl = "reference" if args.smoke else "auto"
     data = dict(**new.header, impl=impl, timings=[])
     for name, shape in (SMOKE if args.smoke else SHAPES).items():
-        fn, params, inputs = layer(shape, impl)
+        fn, params, inputs, start = layer(shape, impl)
         seg, continues, stats = batch_layout(*shape[:2])
         row = dict(shape=name, **stats)
-        for mode, links in (("cut", None), ("link", continues)):
+        modes = (("cut", None, None), ("link", continues, None))
+        for mode, links, carried in modes + (("link_across_steps", continues, start),):
             t = harness.time_calls(
                 fn,
-                [(params, inputs, seg, links)],
+                [(params, inputs, seg, links, carried)],
                 groups=1 if args.smoke else 7,
                 per_group=1 if args.smoke else 5,
             )
             row[f"{mode}_ms"] = 1e3 * t.median_s
         row["link_over_cut_ms"] = row["link_ms"] - row["cut_ms"]
         row["per_step_ms_all_layers"] = row["link_over_cut_ms"] * shape[5]
+        row["link_across_steps_over_cut_ms"] = row["link_across_steps_ms"] - row["cut_ms"]
         print(
             name, {k: f"{v:.3f}" if isinstance(v, float) else v for k, v in row.items()}, flush=True
         )

@@ -1,23 +1,29 @@
 """Held-out loss on long documents after training with --data.long_docs=cut and =link.
 
-    PYTHONPATH=. python3 benchmarks/bench_long_docs.py [--preset 130m] [--steps 400]
-        [--seq-len 2048] [--rows 8] [--out DIR] [--smoke]
+    PYTHONPATH=. python3 benchmarks/bench_long_docs.py [--preset 130m] [--n-layer 12]
+        [--steps 300] [--seq-len 2048] [--rows 8] [--modes cut,link] [--out DIR] [--smoke]
 
-Trains the same model twice through the trainer (train/__main__.py) on the stdlib corpus, the
-same seed, steps and so the same number of token slots (every row of both modes is full: cut
-packs pieces by first-fit-decreasing, link streams whole documents), and evaluates both on the
-held-out split's documents longer than a row (train.data.split_documents, as the trainer holds
-them out). Each model reads the held-out documents two ways: "whole" (pack_stream with the
-links: each document as one sequence) and "cut" (the same rows without the links: every row
-from a zero state). The per-token loss is averaged by position in the document (log2 buckets
-of seq_len), written to --out/long_docs_<slug>.json, and plotted to long_docs_<slug>.png.
---smoke: the tiny preset, 64-token rows, a few steps on CPU.
+Trains the same model once per mode (--modes: any of cut, link, link_across_steps) through
+the trainer (train/__main__.py) on the stdlib corpus, the same seed, steps and so the same
+number of token slots (every row of every mode is full: cut packs pieces by first-fit-
+decreasing, the link modes stream whole documents), and evaluates each on the held-out split's
+documents longer than a row (train.data.split_documents, as the trainer holds them out). Each
+model reads the held-out documents two ways: "whole" (pack_stream with the links: each
+document as one sequence) and "cut" (the same rows without the links: every row from a zero
+state). The per-token loss is averaged by position in the document (log2 buckets of seq_len),
+written to --out/long_docs_<slug>.json with each mode's training and evaluation seconds, and
+plotted to long_docs_<slug>.png.
+
+The default model is the 130m preset cut to 12 layers (about 57M parameters with byte tokens):
+300 steps of 8 x 2048 in both modes, compiles included, are sized to finish within 150 s on
+one H100. --smoke: the tiny preset, 64-token rows, a few steps on CPU.
 """
 
 from __future__ import annotations
 
 import sys
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -26,26 +32,38 @@ import numpy as np
 from benchmarks import harness
 
 
-def position_losses(model, docs, seq_len, link: bool):
-    """Per document, the loss of each token's next-token prediction (len - 1 values)."""
+def position_losses(model, docs, seq_len, link: bool, rows_per_call: int = 128):
+    """Per document, the loss of each token's next-token prediction (len - 1 values). The
+    documents go through in groups of at most rows_per_call rows (one compiled shape; a
+    document longer than that gets a call of its own), so memory stays bounded."""
     from jax_packmamba.packing import pack_stream, unpack
 
-    batch = pack_stream(docs, seq_len)
-    links = dict(continues=jnp.asarray(batch.continues)) if link else {}
-
     @jax.jit
-    def token_losses(tokens, seg, targets, **links):
+    def token_losses(tokens, seg, targets, continues):
+        links = dict(continues=continues) if link else {}
         logits = model(tokens, seg, **links).astype(jnp.float32)
         logp = jax.nn.log_softmax(logits)
         return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
-    ce = token_losses(
-        jnp.asarray(batch.tokens),
-        jnp.asarray(batch.segment_ids),
-        jnp.asarray(batch.targets),
-        **links,
-    )
-    return [x[:-1] for x in unpack(batch, np.asarray(ce))]  # a document's last token: no target
+    out, group, tokens = [], [], 0
+    budget = rows_per_call * seq_len
+    for i, doc in enumerate(docs):
+        group.append(doc)
+        tokens += len(doc)
+        following = len(docs[i + 1]) if i + 1 < len(docs) else None
+        if following is not None and tokens + following <= budget:
+            continue
+        rows = max(rows_per_call, -(-tokens // seq_len))
+        batch = pack_stream(group, seq_len, num_rows=rows)
+        ce = token_losses(
+            jnp.asarray(batch.tokens),
+            jnp.asarray(batch.segment_ids),
+            jnp.asarray(batch.targets),
+            jnp.asarray(batch.continues),
+        )
+        out += [x[:-1] for x in unpack(batch, np.asarray(ce))]  # the last token: no target
+        group, tokens = [], 0
+    return out
 
 
 def bucketed(losses, seq_len):
@@ -66,11 +84,26 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = harness.argument_parser(__doc__)
     p.add_argument("--preset", default=None, help="model preset (default 130m; smoke tiny)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 400)")
+    p.add_argument(
+        "--n-layer", type=int, default=None, help="layers (default 12; smoke 1; 0: the preset's)"
+    )
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
     p.add_argument("--seq-len", type=int, default=None, help="row length (default 2048)")
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--max-eval-docs", type=int, default=64)
+    p.add_argument(
+        "--eval-rows", type=int, default=None, help="rows per evaluation call (default 128)"
+    )
+    p.add_argument(
+        "--modes", default="cut,link", help="--data.long_docs values to train, comma-separated"
+    )
     args = p.parse_args(argv)
+    from train.config import LONG_DOCS
+
+    modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in modes if m not in LONG_DOCS]
+    if bad or not modes:
+        p.error(f"--modes: choose from {', '.join(LONG_DOCS)}, got {args.modes!r}")
     new = harness.new_result(
         "long_docs",
         script=__file__,
@@ -80,7 +113,9 @@ def main(argv=None) -> int:
         companions=[".png"],
     )
     preset = args.preset or ("tiny" if args.smoke else "130m")
-    steps = args.steps or (3 if args.smoke else 400)
+    steps = args.steps or (3 if args.smoke else 300)
+    n_layer = (1 if args.smoke else 12) if args.n_layer is None else args.n_layer
+    eval_rows = args.eval_rows or (8 if args.smoke else 128)
     seq_len = args.seq_len or (64 if args.smoke else 2048)
     from jax_packmamba import from_pretrained
     from train import data as data_lib
@@ -97,10 +132,20 @@ def main(argv=None) -> int:
         "--run.progress=false",
         "--run.plot=false",
     ]
+    if n_layer:
+        common.append(f"--model.n_layer={n_layer}")
     if args.smoke:
-        common += ["--model.n_layer=1", "--model.d_model=32", "--data.max_documents=40"]
+        common += ["--model.d_model=32", "--data.max_documents=40"]
     data = dict(
-        **new.header, preset=preset, steps=steps, seq_len=seq_len, rows=args.rows, results={}
+        **new.header,
+        preset=preset,
+        n_layer=n_layer or None,
+        steps=steps,
+        seq_len=seq_len,
+        rows=args.rows,
+        modes=modes,
+        seconds={},
+        results={},
     )
     with tempfile.TemporaryDirectory() as tmp:
         config = parse_args(common + [f"--run.out_dir={tmp}/x"])
@@ -111,19 +156,28 @@ def main(argv=None) -> int:
         long_docs = [d for d in held if len(d) > seq_len][: args.max_eval_docs]
         data.update(eval_documents=len(long_docs), eval_tokens=int(sum(map(len, long_docs))))
         print(f"held-out documents longer than {seq_len}: {len(long_docs)}", flush=True)
-        for trained in ("cut", "link"):
+        for trained in modes:
             out = f"{tmp}/{trained}"
+            start = time.perf_counter()
             if train_main(common + [f"--data.long_docs={trained}", f"--run.out_dir={out}"]):
                 raise RuntimeError(f"training with long_docs={trained} failed")
+            trained_s = time.perf_counter() - start
             model = from_pretrained(out, dtype="float32")
             for read in ("whole", "cut"):
-                losses = position_losses(model, long_docs, seq_len, link=read == "whole")
+                losses = position_losses(
+                    model, long_docs, seq_len, link=read == "whole", rows_per_call=eval_rows
+                )
                 row = dict(
                     mean=float(np.concatenate(losses).mean()), by_position=bucketed(losses, seq_len)
                 )
                 data["results"][f"trained {trained}, read {read}"] = row
                 print(trained, read, row, flush=True)
                 harness.write_json(new.path, data)
+            data["seconds"][trained] = dict(
+                train=trained_s, evaluate=time.perf_counter() - start - trained_s
+            )
+            print(trained, "seconds", data["seconds"][trained], flush=True)
+            harness.write_json(new.path, data)
     plot(data, new.companions[0])
     return 0
 
@@ -148,7 +202,9 @@ def plot(data, path):
     ax.set_xlabel("position in the document (tokens)")
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_title(
-        f"{data['preset']}, {data['steps']} steps of {data['rows']} x "
+        f"{data['preset']}"
+        + (f" ({data['n_layer']} layers)" if data.get("n_layer") else "")
+        + f", {data['steps']} steps of {data['rows']} x "
         f"{data['seq_len']}: documents longer than a row"
     )
     ax.legend()

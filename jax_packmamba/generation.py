@@ -62,7 +62,14 @@ from jax_packmamba.compilation_cache import CompileStats, compile_stats  # noqa:
 from jax_packmamba.config import HybridConfig, Mamba2Config, MambaConfig, hybrid_runs
 from jax_packmamba.hybrid import KVCache, pad_kv_cache
 from jax_packmamba.model import LM, MixerState, decode_add_norm, resolve_decode_impl
-from jax_packmamba.packing import COLUMN, PIECE_LENGTH, ROW, pack_sequences
+from jax_packmamba.packing import (
+    COLUMN,
+    PIECE_LENGTH,
+    ROW,
+    SEQUENCE_INDEX,
+    pack_sequences,
+    pack_stream,
+)
 from jax_packmamba.sampling import SamplingConfig, SamplingParams, is_eos, sample
 
 # Parameters that the model casts to the compute dtype before use (nnx.Linear and the conv);
@@ -221,47 +228,73 @@ class PrefillInputs(NamedTuple):
     prompt_of: np.ndarray  # (r, t) the prompt each token belongs to (P for padding)
     num_segments: int  # segment slots per row, a power of two
     num_prompts: int
+    continues: np.ndarray | None = None  # (r,) bool: linked rows (max_row), else None
 
 
-def prefill_inputs(prompts, config: MambaConfig) -> PrefillInputs:
-    """Packs prompts for `prefill_batch` (the part that runs on the host)."""
+def prefill_inputs(prompts, config: MambaConfig, max_row: int | None = None) -> PrefillInputs:
+    """Packs prompts for `prefill_batch` (the part that runs on the host).
+
+    Rows are as long as the longest prompt (rounded up to a power of two). With max_row, a
+    prompt longer than that is not given a row of its own length: all prompts are laid end to
+    end in rows of max_row tokens (packing.pack_stream), the rows linked (`continues`) so each
+    layer carries its state over them, as training's --data.long_docs=link does."""
     prompts = _check_prompts(prompts, config)
     num = len(prompts)
     size = batch_bucket(num)
     longest = max(len(p) for p in prompts)
     row_length = max(2, 1 << (longest - 1).bit_length())  # one compile per power of two
-    batch = pack_sequences(prompts, row_length)
-    placements = batch.placements  # one piece per prompt, in prompt order
+    continues = None
+    if max_row is not None and longest > max_row:
+        if isinstance(config, HybridConfig):
+            raise ValueError(
+                f"max_row={max_row}: a hybrid model's prefill cannot link rows (attention "
+                f"would need the previous row's keys); leave max_row None"
+            )
+        if not isinstance(max_row, int) or max_row < max(2, config.d_conv - 1):
+            raise ValueError(
+                f"max_row must be an int of at least max(2, d_conv - 1) = "
+                f"{max(2, config.d_conv - 1)}, got {max_row!r}"
+            )
+        batch = pack_stream(prompts, max_row)
+        continues = batch.continues
+    else:
+        batch = pack_sequences(prompts, row_length)
+    placements = batch.placements  # sorted by prompt, then piece; a prompt's last piece last
     rows, columns, lengths = (
         placements[:, ROW],
         placements[:, COLUMN],
         placements[:, PIECE_LENGTH],
     )
-    slots = batch.segment_ids[rows, columns]
-    last = columns + lengths - 1
+    prompt = placements[:, SEQUENCE_INDEX]
+    final = np.flatnonzero(np.r_[prompt[1:] != prompt[:-1], True])  # each prompt's last piece
+    slots = batch.segment_ids[rows[final], columns[final]]
+    last = (columns + lengths - 1)[final]
     # Packed rows and segment slots bucketed to powers of two; padding rows hold segment 0.
     num_rows = batch_bucket(batch.tokens.shape[0])
     tokens = _pad_to(batch.tokens, num_rows)
     prompt_of = np.full(tokens.shape, size, np.int32)  # `size`: no prompt (dropped)
-    for i, (r, c, n) in enumerate(zip(rows, columns, lengths)):
+    for i, r, c, n in zip(prompt, rows, columns, lengths):
         prompt_of[r, c : c + n] = i
     index = lambda a: _pad_to(a.astype(np.int32), size, repeat_last=True)  # noqa: E731
     return PrefillInputs(
         tokens=tokens,
         segment_ids=_pad_to(batch.segment_ids, num_rows),
-        rows=index(rows),
+        rows=index(rows[final]),
         slots=index(slots),
         last=index(last),
         prompt_of=prompt_of,
         num_segments=batch_bucket(int(batch.segment_ids.max()) + 1),
         num_prompts=num,
+        continues=None if continues is None else _pad_to(continues, num_rows),
     )
 
 
-def prefill_batch(model, prompts) -> Prefilled:
-    """Runs all prompts through the model in one packed pass (see the module docstring)."""
+def prefill_batch(model, prompts, max_row: int | None = None) -> Prefilled:
+    """Runs all prompts through the model in one packed pass (see the module docstring);
+    max_row: prefill_inputs'."""
     model = prepare(model)
-    inputs = prefill_inputs(prompts, model.config)
+    inputs = prefill_inputs(prompts, model.config, max_row)
+    links = {} if inputs.continues is None else dict(continues=jnp.asarray(inputs.continues))
     rows, slots, last = map(jnp.asarray, (inputs.rows, inputs.slots, inputs.last))
     segment_ids = jnp.asarray(inputs.segment_ids)
     residual = _embed(_table(model), jnp.asarray(inputs.tokens))
@@ -283,6 +316,7 @@ def prefill_batch(model, prompts) -> Prefilled:
             rows,
             slots,
             num_segments=inputs.num_segments,
+            **links,
         )
         conv.append(c)
         ssm.append(s)
@@ -297,17 +331,19 @@ def prefill_batch(model, prompts) -> Prefilled:
     return Prefilled(logits, state, seen, inputs.num_prompts)
 
 
-def prefill(model, prompts) -> tuple[jax.Array, DecodeState]:
+def prefill(model, prompts, max_row: int | None = None) -> tuple[jax.Array, DecodeState]:
     """Runs all prompts through the model in one packed pass.
 
     Args:
       model: MambaLM, Mamba2LM or PreparedModel.
       prompts: list of 1-D integer token sequences, each at least one token long.
+      max_row: optional longest row: when a prompt is longer, the prompts are laid end to end
+        in linked rows of max_row tokens (prefill_inputs), with the same results.
 
     Returns:
       (logits (p, v) float32 at each prompt's last token, DecodeState for p prompts).
     """
-    out = prefill_batch(model, prompts)
+    out = prefill_batch(model, prompts, max_row)
     num = out.num_prompts
     return out.logits[:num], jax.tree.map(lambda x: x[:num], out.state)
 
@@ -315,8 +351,13 @@ def prefill(model, prompts) -> tuple[jax.Array, DecodeState]:
 @functools.partial(
     jax.jit, static_argnames=("graph", "num_segments"), donate_argnames=("residual",)
 )
-def _prefill_layer(graph, params, residual, segment_ids, rows, slots, *, num_segments):
-    residual, cache = nnx.merge(graph, params)(residual, segment_ids, num_segments=num_segments)
+def _prefill_layer(
+    graph, params, residual, segment_ids, rows, slots, *, num_segments, continues=None
+):
+    links = {} if continues is None else dict(continues=continues)
+    residual, cache = nnx.merge(graph, params)(
+        residual, segment_ids, num_segments=num_segments, **links
+    )
     return residual, cache.conv[rows, slots], cache.ssm[rows, slots]
 
 

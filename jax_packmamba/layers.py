@@ -14,6 +14,7 @@ from flax import nnx
 
 from jax_packmamba.config import MambaConfig
 from jax_packmamba.ops import add_rms_norm, rms_norm, segment_conv_windows
+from jax_packmamba.ops.links import compact_ids, last_run_inputs, previous_row_tail
 
 
 def torch_linear_init(scale: float = 1.0):
@@ -69,9 +70,15 @@ class MixerState(NamedTuple):
     ssm: jax.Array
 
 
-def segment_caches(conv_inputs, segment_ids, num_segments: int, final_ssm, width: int):
+def segment_caches(
+    conv_inputs, segment_ids, num_segments: int, final_ssm, width: int, continues=None
+):
     """A prefill's cache: for every slot s, the state after the last token of id s in each row
-    (zeros where the id does not occur), conv (b, s, w - 1, x) and ssm (b, s, ...)."""
+    (zeros where the id does not occur), conv (b, s, w - 1, x) and ssm (b, s, ...). With
+    `continues` (rows linked), a row's first run's window reaches into the previous row's last
+    inputs, so a prompt's last piece shorter than the window still gets its whole window."""
+    if continues is not None:
+        conv_inputs, segment_ids = previous_row_tail(conv_inputs, segment_ids, continues, width)
     conv = segment_conv_windows(conv_inputs, segment_ids, num_segments, width - 1)
     return MixerState(conv=conv, ssm=final_ssm)
 
@@ -79,3 +86,21 @@ def segment_caches(conv_inputs, segment_ids, num_segments: int, final_ssm, width
 def conv_window(cache: MixerState, x):
     """The decode step's conv window (b, w, x): the cached inputs, then this token's x (b, x)."""
     return jnp.concatenate([cache.conv.astype(x.dtype), x[:, None]], axis=1)
+
+
+def row_end_ids(segment_ids, hidden, num_segments, return_end_state):
+    """(segment ids for the scan, its final-state slots or None). For return_end_state the ids
+    are compact_ids(..., "last"): the same runs, each row's last run in slot 0 of three."""
+    if not return_end_state:
+        return segment_ids, num_segments
+    if num_segments is not None:
+        raise ValueError("return_end_state is for a training call; a prefill takes num_segments")
+    ids = jnp.zeros(hidden.shape[:2], jnp.int32) if segment_ids is None else segment_ids
+    return compact_ids(ids, "last"), 3
+
+
+def row_end_state(conv_inputs, segment_ids, final_ssm, width: int) -> MixerState:
+    """Each row's last run's end state (b, ...): its last conv inputs and final_ssm's slot 0
+    (row_end_ids' slots)."""
+    ids = jnp.zeros(conv_inputs.shape[:2], jnp.int32) if segment_ids is None else segment_ids
+    return MixerState(conv=last_run_inputs(conv_inputs, ids, width), ssm=final_ssm[:, 0])

@@ -24,6 +24,8 @@ from jax_packmamba.layers import (
     MixerState,
     conv_window,
     dt_bias_init,
+    row_end_ids,
+    row_end_state,
     segment_caches,
     torch_linear_init,
 )
@@ -134,6 +136,8 @@ class Mamba2Mixer(nnx.Module):
         num_segments: int | None = None,
         decode_impl: str = "xla",
         continues=None,
+        start_state: MixerState | None = None,
+        return_end_state: bool = False,
     ):
         """MambaMixer.__call__'s contract: hidden (b, t, d) -> (out, None), or with
         num_segments each segment's cache (conv (b, s, w - 1, x) over xBC, the conv's inputs;
@@ -159,6 +163,7 @@ class Mamba2Mixer(nnx.Module):
             return self.out_proj(y), MixerState(conv=window[:, 1:], ssm=ssm)
         if num_segments is not None and segment_ids is None:
             segment_ids = jnp.zeros(hidden.shape[:2], jnp.int32)
+        scan_ids, slots = row_end_ids(segment_ids, hidden, num_segments, return_end_state)
         z, xBC, dt = self._in_proj(hidden)
         x, B, C = self._split_xBC(
             causal_conv1d(
@@ -168,6 +173,7 @@ class Mamba2Mixer(nnx.Module):
                 activation="silu",
                 impl=config.conv_impl,
                 continues=continues,
+                first_inputs=None if start_state is None else start_state.conv,
             )
         )
         # dt_bias goes into the scan in float32 (added before the softplus), as in mamba_ssm.
@@ -181,18 +187,21 @@ class Mamba2Mixer(nnx.Module):
             None,
             self.dt_bias[...],
             dt_softplus=True,
-            segment_ids=segment_ids,
+            segment_ids=scan_ids,
             chunk_size=config.chunk_size,
             continues=continues,
-            return_final_states=num_segments is not None,
-            num_segments=num_segments,
+            first_run_states=None if start_state is None else start_state.ssm,
+            return_final_states=slots is not None,
+            num_segments=slots,
             impl=config.scan_impl,
         )
-        y, ssm = result if num_segments is not None else (result, None)
+        y, ssm = result if slots is not None else (result, None)
         out = self.out_proj(self.norm(y.reshape(*y.shape[:2], config.d_inner), z))
-        if num_segments is None:
+        if slots is None:
             return out, None
-        return out, segment_caches(xBC, segment_ids, num_segments, ssm, config.d_conv)
+        if return_end_state:
+            return out, row_end_state(xBC, segment_ids, ssm, config.d_conv)
+        return out, segment_caches(xBC, segment_ids, num_segments, ssm, config.d_conv, continues)
 
     def _in_proj(self, hidden):
         """(z, xBC, dt): in_proj(hidden) as three products with the kernel's column blocks.

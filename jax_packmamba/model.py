@@ -34,6 +34,8 @@ from jax_packmamba.layers import (  # MixerState, RMSNorm: public here too
     RMSNorm,
     conv_window,
     dt_bias_init,
+    row_end_ids,
+    row_end_state,
     segment_caches,
     torch_linear_init,
 )
@@ -116,17 +118,24 @@ class MambaMixer(nnx.Module):
         num_segments: int | None = None,
         decode_impl: str = "xla",
         continues=None,
+        start_state: MixerState | None = None,
+        return_end_state: bool = False,
     ):
         """hidden (b, t, d) -> (out (b, t, d), None); with num_segments, the cache of each
         segment (b, s, ...) instead of None (segment_ids None: one segment, slot 0); with a
         cache (conv (b, w - 1, e), ssm (b, e, n)), one token: hidden (b, d) -> (out (b, d),
         next cache), what the sequence call gives the next token of each row's sequence.
-        decode_impl: "xla", "pallas" or "pallas_interpret" (resolve_decode_impl)."""
+        decode_impl: "xla", "pallas" or "pallas_interpret" (resolve_decode_impl).
+
+        start_state (a cache of (b, ...) arrays): the state each row's first run starts from
+        where it does not continue the row before; return_end_state: the cache is each row's
+        last run's end state (b, ...) instead of None (see LM)."""
         if cache is not None:
             return self._decode(hidden, cache, decode_impl)
         config = self.config
         if num_segments is not None and segment_ids is None:
             segment_ids = jnp.zeros(hidden.shape[:2], jnp.int32)
+        scan_ids, slots = row_end_ids(segment_ids, hidden, num_segments, return_end_state)
         x, z = self._in_proj(hidden)  # (b, t, e) each
         weight, bias = self._conv_params()
         x_conv = causal_conv1d(
@@ -137,6 +146,7 @@ class MambaMixer(nnx.Module):
             activation="silu",
             impl=config.conv_impl,
             continues=continues,
+            first_inputs=None if start_state is None else start_state.conv,
         )
         dt, B, C = self._dt_B_C(x_conv)
         # dt_proj's bias goes into the scan as delta_bias, in float32, as in mamba_ssm.
@@ -150,16 +160,21 @@ class MambaMixer(nnx.Module):
             z,
             self.dt_proj.bias[...],
             delta_softplus=True,
-            segment_ids=segment_ids,
+            segment_ids=scan_ids,
             continues=continues,
-            return_final_states=num_segments is not None,
-            num_segments=num_segments,
+            first_run_states=None if start_state is None else start_state.ssm,
+            return_final_states=slots is not None,
+            num_segments=slots,
             impl=config.scan_impl,
         )
-        if num_segments is None:
+        if slots is None:
             return self.out_proj(result), None
         y, ssm = result
-        return self.out_proj(y), segment_caches(x, segment_ids, num_segments, ssm, config.d_conv)
+        if return_end_state:
+            return self.out_proj(y), row_end_state(x, segment_ids, ssm, config.d_conv)
+        return self.out_proj(y), segment_caches(
+            x, segment_ids, num_segments, ssm, config.d_conv, continues
+        )
 
     def _decode(self, hidden, cache: MixerState, impl: str):
         # in_proj as ONE product, split after: slicing a weight in front of a product (as
@@ -359,6 +374,12 @@ class LM(nnx.Module):
     `continues` (b,) bool (packing.pack_stream's links): row r's first sequence continues row
     r - 1's last one, and every layer carries its conv and SSM state over the link, so a
     document split over rows gets the logits it gets unsplit (jax_packmamba/ops/links.py).
+    Across calls (a document longer than a batch): `return_end_state=True` also returns each
+    row's last run's end state, a MixerState of (l, b, ...) arrays (conv: the last d_conv - 1
+    conv inputs of that run; ssm: its state), and `start_state` (same layout) is the state each
+    row's first run starts from where it does not continue the row before: carry row b - 1's
+    end into the next call's row 0 and the document goes on as if unsplit (end_state_like
+    gives zeros of that layout).
 
     `layers` is one Block whose parameters are stacked on a leading layer axis (`layer(i)`
     gives block i alone). With a HybridConfig, `layers` is a list of such stacks of HybridLayer,
@@ -410,6 +431,8 @@ class LM(nnx.Module):
         num_segments: int | None = None,
         decode_impl: str = "xla",
         continues=None,
+        start_state: MixerState | None = None,
+        return_end_state: bool = False,
     ):
         residual, cache = self._residual(
             input_ids,
@@ -418,6 +441,8 @@ class LM(nnx.Module):
             num_segments=num_segments,
             decode_impl=decode_impl,
             continues=continues,
+            start_state=start_state,
+            return_end_state=return_end_state,
         )
         logits = self.head(residual)
         return logits if cache is None else (logits, cache)
@@ -430,21 +455,32 @@ class LM(nnx.Module):
         loss_mask,
         *,
         continues=None,
+        start_state: MixerState | None = None,
+        return_end_state: bool = False,
         chunk_tokens: int = CHUNK_TOKENS,
     ):
         """(sum of next-token cross-entropy where loss_mask, number of targets), float32: what
         masked_cross_entropy of `model(input_ids, segment_ids)` gives, with the head and the
         loss fused over chunks of about chunk_tokens tokens (loss.chunked_cross_entropy), so
-        that neither the logits nor float32 copies of them are ever held for every token."""
-        residual, _ = self._residual(input_ids, segment_ids, continues=continues)
+        that neither the logits nor float32 copies of them are ever held for every token.
+        start_state / return_end_state as for __call__; with return_end_state, the end state
+        is returned third."""
+        residual, end_state = self._residual(
+            input_ids,
+            segment_ids,
+            continues=continues,
+            start_state=start_state,
+            return_end_state=return_end_state,
+        )
         hidden = self.norm_f(residual)
         if self.lm_head is None:
             weight, transposed = self.embedding.embedding[...], False
         else:
             weight, transposed = self.lm_head.kernel[...], True
-        return chunked_cross_entropy(
+        ce, count = chunked_cross_entropy(
             hidden, weight, targets, loss_mask, transposed=transposed, chunk_tokens=chunk_tokens
         )
+        return (ce, count, end_state) if return_end_state else (ce, count)
 
     def _residual(
         self,
@@ -455,16 +491,27 @@ class LM(nnx.Module):
         num_segments: int | None = None,
         decode_impl: str = "xla",
         continues=None,
+        start_state: MixerState | None = None,
+        return_end_state: bool = False,
     ):
         """The residual stream after the last layer (before norm_f), and the cache as
         __call__ returns it."""
         if cache is None:
             check_model_inputs(input_ids, segment_ids, self.config)
             check_continues(continues, np.shape(input_ids)[0])
-        elif continues is not None:
-            raise ValueError("continues links rows of a sequence call; a decode step takes none")
+        elif continues is not None or start_state is not None or return_end_state:
+            raise ValueError(
+                "continues, start_state and return_end_state are for a sequence call; a "
+                "decode step takes none"
+            )
+        if (start_state is not None or return_end_state) and num_segments is not None:
+            raise ValueError(
+                "start_state and return_end_state are for a training call, not a prefill"
+            )
         residual = self.embedding(input_ids)
         links = {} if continues is None else dict(continues=continues)
+        if return_end_state:
+            links["return_end_state"] = True
         options = dict(
             scan=self.config.scan_layers,
             remat=self.config.remat if cache is None else "none",
@@ -473,11 +520,11 @@ class LM(nnx.Module):
             **links,
         )
         if isinstance(self.config, HybridConfig):
-            if continues is not None:
+            if continues is not None or start_state is not None or return_end_state:
                 raise ValueError(
-                    "continues (rows linked across) is not supported for hybrid "
-                    "models yet: attention would need each row's keys of the row "
-                    "before"
+                    "continues, start_state and return_end_state (rows linked across) are "
+                    "not supported for hybrid models yet: attention would need each row's "
+                    "keys of the row before"
                 )
             # cache: a list with one entry per run (leading layer axis within the run).
             training = cache is None and num_segments is None
@@ -488,6 +535,9 @@ class LM(nnx.Module):
                 )
                 caches.append(c)
             return residual, (None if training else caches)
+        if start_state is not None:
+            check_start_state(start_state, self.config, np.shape(input_ids)[0])
+            options["start_state"] = start_state
         return run_layers(self.layers, residual, segment_ids, cache, **options)
 
     def head(self, residual):
@@ -526,6 +576,7 @@ def run_layers(
     *,
     scan: bool,
     remat: str = "none",
+    start_state=None,
     **options,
 ):
     """Runs the stacked blocks `layers` over the residual stream (cache: leading layer axis, in
@@ -539,13 +590,16 @@ def run_layers(
     graph, params = nnx.split(layers)
 
     def layer(residual, xs):
-        layer_params, layer_cache = xs
-        return nnx.merge(graph, layer_params)(residual, segment_ids, layer_cache, **options)
+        layer_params, layer_cache, layer_start = xs
+        start = {} if layer_start is None else dict(start_state=layer_start)
+        return nnx.merge(graph, layer_params)(
+            residual, segment_ids, layer_cache, **options, **start
+        )
 
     if remat != "none":  # CSE could undo the remat only outside a scan (jax.checkpoint's note)
         layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
     if scan:
-        return jax.lax.scan(layer, residual, (params, cache))
+        return jax.lax.scan(layer, residual, (params, cache, start_state))
 
     n_layer = jax.tree.leaves(params)[0].shape[0]
 
@@ -556,8 +610,10 @@ def run_layers(
         return [jax.tree.map(lambda _, s: s[i], tree, splits) for i in range(n_layer)]
 
     caches = []
-    for layer_params, layer_cache in zip(unstack(params), unstack(cache)):
-        residual, layer_cache = layer(residual, (layer_params, layer_cache))
+    for layer_params, layer_cache, layer_start in zip(
+        unstack(params), unstack(cache), unstack(start_state)
+    ):
+        residual, layer_cache = layer(residual, (layer_params, layer_cache, layer_start))
         caches.append(layer_cache)
     if caches[0] is None:
         return residual, None
@@ -590,3 +646,33 @@ def check_model_inputs(input_ids, segment_ids, config: MambaConfig):
         raise ValueError(
             f"segment_ids must have the shape of input_ids {shape}, got {tuple(segment_ids.shape)}"
         )
+
+
+def check_start_state(start_state, config, batch: int) -> None:
+    """Raises ValueError unless start_state is a MixerState of the model's per-layer, per-row
+    state shapes: conv (l, b, w - 1, channels), ssm (l, b, ...)."""
+    if not isinstance(start_state, MixerState):
+        raise ValueError(f"start_state must be a MixerState, got {type(start_state).__name__}")
+    want = jax.eval_shape(lambda: end_state_like(config, batch))
+    for name in ("conv", "ssm"):
+        got = tuple(np.shape(getattr(start_state, name)))
+        if got != getattr(want, name).shape:
+            raise ValueError(
+                f"start_state.{name} must have shape {getattr(want, name).shape} (layers, "
+                f"batch, ...), got {got}"
+            )
+
+
+def end_state_like(config: MambaConfig | Mamba2Config, batch: int) -> MixerState:
+    """Zeros shaped as `model(..., return_end_state=True)`'s end state: (l, b, ...) per leaf."""
+    n = config.n_layer
+    if isinstance(config, Mamba2Config):
+        channels = config.conv_dim
+        ssm = (n, batch, config.nheads, config.headdim, config.d_state)
+    else:
+        channels = config.d_inner
+        ssm = (n, batch, config.d_inner, config.d_state)
+    return MixerState(
+        conv=jnp.zeros((n, batch, config.d_conv - 1, channels), config.compute_dtype),
+        ssm=jnp.zeros(ssm, jnp.float32),
+    )

@@ -530,6 +530,7 @@ def smoke_bench_links(out, data):
     assert [r["shape"] for r in data["timings"]] == ["mamba1", "mamba2"]
     for r in data["timings"]:
         assert r["cut_ms"] > 0 and r["link_ms"] > 0 and r["rows_continuing"] >= 1
+        assert r["link_across_steps_ms"] > 0
         assert r["longest_chain"] >= 2
 
 
@@ -544,6 +545,7 @@ def smoke_bench_loss(out, data):
 
 def smoke_bench_long_docs(out, data):
     assert data["eval_documents"] >= 1 and len(data["results"]) == 4
+    assert set(data["seconds"]) == {"cut", "link"}
     for name, row in data["results"].items():
         assert np.isfinite(row["mean"]) and row["by_position"], name
     first = [next(iter(r["by_position"].values())) for r in data["results"].values()]

@@ -59,7 +59,7 @@ class ConfigError(ValueError):
 
 MODES = ("packed", "padded", "single")
 PACK_POLICIES = ("first_fit_decreasing", "greedy")
-LONG_DOCS = ("cut", "link")
+LONG_DOCS = ("cut", "link", "link_across_steps")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DATA_FORMATS = ("auto", "text", "jsonl", "tokens", "parquet", "arrow")
 WANDB_MODES = ("online", "offline")
@@ -270,7 +270,10 @@ class DataConfig:
         help="documents longer than a row, packed mode: cut: into pieces of seq_len tokens, "
         "each starting from a zero state; link: documents laid end to end, a row's first "
         "piece linked to the previous row's last, every layer's state carried over the "
-        "link, so no document is cut inside a micro-batch (docs/long_documents.md)",
+        "link, so no document is cut inside a micro-batch; link_across_steps: as link, and "
+        "the state a micro-batch's last document ends in is carried into the next "
+        "micro-batch and step (truncated backprop, saved in checkpoints), so no document is "
+        "cut at all (docs/long_documents.md)",
     )
 
     batch_size: int = option(
@@ -489,6 +492,17 @@ class TrainConfig:
             raise ConfigError(
                 f"--data.long_docs={d.long_docs} needs --data.mode=packed, got {d.mode}"
             )
+        if d.long_docs != "cut" and config_class(m.preset) is HybridConfig:
+            raise ConfigError(
+                f"--data.long_docs={d.long_docs}: hybrid presets cannot link rows yet "
+                f"(attention would need the previous row's keys); use --data.long_docs=cut"
+            )
+        if d.long_docs == "link_across_steps" and self.mesh.grad_reduce != "auto":
+            raise ConfigError(
+                f"--data.long_docs=link_across_steps needs --mesh.grad_reduce=auto (got "
+                f"{self.mesh.grad_reduce}): an explicit reduction runs each device's rows "
+                f"alone, which would cut the documents carried between them"
+            )
         _choice("data.bin_dtype", d.bin_dtype, BIN_DTYPES)
         if not d.text_field:
             raise ConfigError("--data.text_field is empty")
@@ -598,6 +612,13 @@ def check_resume(
     """ConfigError (one line naming every changed field, old -> new) when `new` cannot resume
     the checkpoint written with `old` (see resume_conflicts)."""
     fixed, data = resume_conflicts(old, new, old_model=old_model, new_model=new_model)
+    old_docs = (old.get("data") or {}).get("long_docs", "cut")
+    if (old_docs == "link_across_steps") != (new.data.long_docs == "link_across_steps"):
+        raise ConfigError(
+            f"cannot resume {checkpoint} with --data.long_docs={new.data.long_docs}: it was "
+            f"written with {old_docs}, and only link_across_steps' train state holds the "
+            f"carried state. Use the old value, or another --run.out_dir"
+        )
     if new.data.allow_change:
         data = []
     if not fixed and not data:

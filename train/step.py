@@ -37,6 +37,9 @@ class TrainState:
     params: Any  # float32 parameters as a plain nested dict (nnx.to_pure_dict), see init_state
     opt_state: Any
     rng: jax.Array  # uint32 key data, split every step (the model itself is deterministic)
+    # --data.long_docs=link_across_steps: {"conv", "ssm"} (l, ...), the state the last row's
+    # last document ended in (init_carry); None otherwise (the state's tree is then unchanged).
+    carry: Any = None
 
 
 def _names(path) -> list[str]:
@@ -97,8 +100,19 @@ def model_graphdef(model_config: MambaConfig | Mamba2Config):
     return graphdef, nnx.to_pure_dict(params)
 
 
+def init_carry(model_config: MambaConfig | Mamba2Config) -> dict:
+    """Zeros of the state carried across steps: every layer's conv inputs and SSM state of
+    one row (the model's end_state_like without its row axis)."""
+    from jax_packmamba.model import end_state_like
+
+    return {k: v[:, 0] for k, v in end_state_like(model_config, 1)._asdict().items()}
+
+
 def init_state(
-    model_config: MambaConfig | Mamba2Config, tx: optax.GradientTransformation, seed: int
+    model_config: MambaConfig | Mamba2Config,
+    tx: optax.GradientTransformation,
+    seed: int,
+    carry: bool = False,
 ) -> TrainState:
     model = LM(model_config, rngs=nnx.Rngs(seed))
     # Plain arrays, not nnx Variables: every call of the jitted step flattens the state and
@@ -111,6 +125,7 @@ def init_state(
         params=params,
         opt_state=tx.init(params),
         rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)),
+        carry=init_carry(model_config) if carry else None,
     )
 
 
@@ -134,6 +149,55 @@ def token_losses(
     return model.cross_entropy(
         tokens, segment_ids, targets, loss_mask, chunk_tokens=chunk_tokens, **links
     )
+
+
+def carried_losses(graphdef, params, mb: dict, carry: dict, *, chunk_tokens: int = CHUNK_TOKENS):
+    """token_losses for --data.long_docs=link_across_steps: row 0's first document starts from
+    `carry` where the micro-batch's row 0 flag says it is the rest of one the previous
+    micro-batch did not finish. Returns (sum, (count, the carry for the next micro-batch: the
+    last row's end state, gradient stopped: truncated backprop through time))."""
+    from jax_packmamba.layers import MixerState
+
+    continues = mb["continues"][:, 0]
+    rest = continues[0]
+
+    def row0(c):
+        start = jnp.where(rest, c, jnp.zeros((), c.dtype))
+        zeros = jnp.zeros((c.shape[0], continues.shape[0], *c.shape[1:]), c.dtype)
+        return zeros.at[:, 0].set(start)
+
+    ce, n, end = nnx.merge(graphdef, params).cross_entropy(
+        mb["tokens"],
+        mb["segment_ids"],
+        mb["targets"],
+        mb["loss_mask"],
+        continues=continues.at[0].set(False),
+        start_state=MixerState(**{k: row0(v) for k, v in carry.items()}),
+        return_end_state=True,
+        chunk_tokens=chunk_tokens,
+    )
+    return ce, (n, {k: jax.lax.stop_gradient(v[:, -1]) for k, v in end._asdict().items()})
+
+
+def sum_grads_carried(
+    graphdef, params, batch: dict, carry: dict, *, chunk_tokens: int = CHUNK_TOKENS
+):
+    """sum_grads with the state carried from micro-batch to micro-batch (carried_losses); also
+    returns the carry after the last one."""
+
+    def micro(acc, mb):
+        grad_sum, ce_sum, count, carry = acc
+        (ce, (n, carry)), grads = jax.value_and_grad(
+            lambda p: carried_losses(graphdef, p, mb, carry, chunk_tokens=chunk_tokens),
+            has_aux=True,
+        )(params)
+        grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+        return (grad_sum, ce_sum + ce, count + n, carry), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), carry)
+    (grad_sum, ce_sum, count, carry), _ = jax.lax.scan(micro, init, batch)
+    return grad_sum, ce_sum, count, carry
 
 
 def sum_grads(graphdef, params, batch: dict, *, chunk_tokens: int = CHUNK_TOKENS):
@@ -229,17 +293,31 @@ def explicit_grad_sums(graphdef, mesh, abstract_params, reduce_dtype):
 
 
 def train_step(
-    state: TrainState, batch: dict, *, graphdef, tx, schedule=None, grad_sums=None
+    state: TrainState,
+    batch: dict,
+    *,
+    graphdef,
+    tx,
+    schedule=None,
+    grad_sums=None,
+    chunk_tokens: int = CHUNK_TOKENS,
 ) -> tuple[TrainState, dict]:
     """One optimizer step over the (a, b, t) batch; pure. schedule(step) is reported as lr.
 
     grad_sums(params, batch) -> (grad_sum, ce_sum, count) as sum_grads (the default, whose
     cross-device reduction XLA's SPMD partitioner places); explicit_grad_sums gives one that
-    reduces across devices itself, in a chosen dtype.
+    reduces across devices itself, in a chosen dtype. chunk_tokens: the loss's (token_losses')
+    where this step computes it (the default grad_sums and the carried states' path).
     """
-    if grad_sums is None:
-        grad_sums = functools.partial(sum_grads, graphdef)
-    grad_sum, ce_sum, count = grad_sums(state.params, batch)
+    carry = state.carry
+    if carry is not None:  # --data.long_docs=link_across_steps (auto reduction: build checks)
+        grad_sum, ce_sum, count, carry = sum_grads_carried(
+            graphdef, state.params, batch, carry, chunk_tokens=chunk_tokens
+        )
+    else:
+        if grad_sums is None:
+            grad_sums = functools.partial(sum_grads, graphdef, chunk_tokens=chunk_tokens)
+        grad_sum, ce_sum, count = grad_sums(state.params, batch)
     denom = jnp.maximum(count, 1).astype(jnp.float32)
     grads = jax.tree.map(lambda g: g / denom, grad_sum)
     loss = ce_sum / denom
@@ -254,7 +332,8 @@ def train_step(
     )
     if schedule is not None:
         metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng, carry=carry)
+    return new, metrics
 
 
 def eval_step(params, batch: dict, *, graphdef, chunk_tokens: int = CHUNK_TOKENS) -> dict:
@@ -296,16 +375,22 @@ def build(
     total_steps: int,
     mesh,
     grad_reduce: str = "auto",
+    carry: bool = False,
 ) -> Compiled:
     """grad_reduce: "auto" (XLA's SPMD partitioner reduces the gradients, in float32), or
-    "float32" / "bfloat16": explicit_grad_sums in that dtype (see train.sharding.GRAD_REDUCE)."""
+    "float32" / "bfloat16": explicit_grad_sums in that dtype (see train.sharding.GRAD_REDUCE).
+    carry: the state carries documents across steps (--data.long_docs=link_across_steps)."""
     from train import sharding
 
     reduce_dtype = sharding.grad_reduce_dtype(grad_reduce)
+    if carry and reduce_dtype is not None:
+        # explicit_grad_sums runs each device's rows alone: the chain of rows, and the state
+        # carried from the batch's last row into its first, would be cut at every device.
+        raise ValueError("a carried state needs grad_reduce='auto'")
     tx = make_optimizer(optim, total_steps)
     schedule = learning_rate_schedule(optim, total_steps)
     graphdef, _ = model_graphdef(model_config)
-    abstract = jax.eval_shape(lambda: init_state(model_config, tx, 0))
+    abstract = jax.eval_shape(lambda: init_state(model_config, tx, 0, carry))
     shardings = sharding.state_shardings(mesh, abstract)
     batch_sh = sharding.batch_sharding(mesh)
     rep = sharding.replicated(mesh)
@@ -319,11 +404,18 @@ def build(
         else explicit_grad_sums(graphdef, mesh, abstract.params, reduce_dtype)
     )
     init = jax.jit(
-        functools.partial(init_state, model_config, tx), static_argnums=0, out_shardings=shardings
+        functools.partial(init_state, model_config, tx, carry=carry),
+        static_argnums=0,
+        out_shardings=shardings,
     )
     step = jax.jit(
         functools.partial(
-            train_step, graphdef=graphdef, tx=tx, schedule=schedule, grad_sums=grad_sums
+            train_step,
+            graphdef=graphdef,
+            tx=tx,
+            schedule=schedule,
+            grad_sums=grad_sums,
+            chunk_tokens=spmd_chunk,
         ),
         in_shardings=(shardings, batch_sh),
         out_shardings=(shardings, rep),

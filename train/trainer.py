@@ -88,11 +88,11 @@ def prepare(config: TrainConfig) -> Prepared:
     d = config.data
     corpus = data_lib.load_corpus(d)
     train_docs, eval_docs = data_lib.split_documents(corpus.documents, d.eval_fraction, d.seed)
-    # link: whole documents, laid end to end by the Batcher (packing.pack_stream).
+    # link modes: whole documents, laid end to end by the Batcher (packing.pack_stream).
     pieces = (
-        (lambda docs: docs)
-        if d.long_docs == "link"
-        else (lambda docs: data_lib.cut_pieces(docs, d.seq_len))
+        (lambda docs: data_lib.cut_pieces(docs, d.seq_len))
+        if d.long_docs == "cut"
+        else (lambda docs: docs)
     )
     train_pieces, eval_pieces = pieces(train_docs), pieces(eval_docs)
     model_config = config.model.mamba_config(
@@ -159,7 +159,12 @@ def run(config: TrainConfig, *, log=print) -> dict:
     )
 
     compiled = step_lib.build(
-        p.model_config, config.optim, r.steps, p.mesh, grad_reduce=config.mesh.grad_reduce
+        p.model_config,
+        config.optim,
+        r.steps,
+        p.mesh,
+        grad_reduce=config.mesh.grad_reduce,
+        carry=config.data.long_docs == "link_across_steps",
     )
     ckpt = Checkpointer(out / CHECKPOINTS_DIR, r.keep_checkpoints)
     try:

@@ -36,13 +36,26 @@ CONV_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
 
 def causal_conv1d(
-    x, weight, bias=None, *, segment_ids=None, activation=None, impl="auto", continues=None
+    x,
+    weight,
+    bias=None,
+    *,
+    segment_ids=None,
+    activation=None,
+    impl="auto",
+    continues=None,
+    first_inputs=None,
 ):
     """Segment-aware depthwise causal conv; x (batch, length, channels), weight (channels, width).
 
     continues: optional (batch,) bool: row b's first run continues row b - 1's last run (see
     jax_packmamba/ops/links.py); its first width - 1 outputs read that run's last inputs, as
     the document run as one sequence would. Needs length >= width - 1.
+
+    first_inputs: optional (batch, width - 1, channels): the inputs each row's first run reads
+    before t = 0 where it does not continue the row before (zeros without it): a document's
+    conv state carried from an earlier batch (links.last_run_inputs gives it). Needs length
+    >= width - 1.
 
     Accumulates in float32 and returns x's dtype. activation: None or "silu". Same values as
     `causal_conv1d_reference`. impl:
@@ -56,14 +69,21 @@ def causal_conv1d(
     """
     check_causal_conv1d_args(x, weight, bias, segment_ids, activation)
     check_continues(continues, np.shape(x)[0])
+    width = np.shape(weight)[1]
+    if first_inputs is not None:
+        want = (np.shape(x)[0], width - 1, np.shape(x)[2])
+        if tuple(np.shape(first_inputs)) != want:
+            raise ValueError(
+                f"first_inputs must be (batch, width - 1, channels) = {want}, got shape "
+                f"{tuple(np.shape(first_inputs))}"
+            )
     if impl not in CONV_IMPLS:
         raise ValueError(f"impl must be one of {CONV_IMPLS}, got {impl!r}")
-    if continues is not None:
+    if continues is not None or first_inputs is not None:
         # Each row preceded by the previous row's last inputs, linked by their ids where the
         # row continues; the extra outputs are dropped.
-        width = np.shape(weight)[1]
         ids = jnp.zeros(np.shape(x)[:2], jnp.int32) if segment_ids is None else segment_ids
-        x_ext, ids_ext = previous_row_tail(x, ids, continues, width)
+        x_ext, ids_ext = previous_row_tail(x, ids, continues, width, first_inputs)
         out = causal_conv1d(
             x_ext, weight, bias, segment_ids=ids_ext, activation=activation, impl=impl
         )

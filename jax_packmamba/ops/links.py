@@ -82,24 +82,47 @@ def chain_row_states(end, decay, single_run, continues, given):
     return starts
 
 
-def previous_row_tail(x, segment_ids, continues, width: int):
+def previous_row_tail(x, segment_ids, continues, width: int, first_inputs=None):
     """For the causal conv: (x_ext (b, width - 1 + t, c), ids_ext (b, width - 1 + t)): each row
     preceded by the last width - 1 inputs of the row before it, with ids that make the taps of
     a continuing first run read them (exactly those in the previous row's last run) and every
-    other tap read zeros. Needs t >= width - 1: a continued run shorter than the conv window
-    would reach two rows back."""
+    other tap read zeros. first_inputs (b, width - 1, c), optional: what a row's first run reads
+    before t = 0 where the row does not continue (a state carried from an earlier batch; zeros
+    for a run that begins there). continues None: no row continues. Needs t >= width - 1: a
+    continued run shorter than the conv window would reach two rows back."""
     k = width - 1
     batch, length, _ = x.shape
     if length < k:
         raise ValueError(f"continues needs rows of at least width - 1 = {k} steps, got {length}")
     seg = segment_ids.astype(jnp.int32)
+    if continues is None:
+        continues = jnp.zeros((batch,), bool)
     tail = jnp.roll(x[:, length - k :], 1, axis=0)  # row b - 1's tail in row b
-    tail_seg = jnp.roll(seg[:, length - k :], 1, axis=0)
-    prev_last = jnp.roll(seg[:, -1:], 1, axis=0)
-    # A tail position belongs to row b - 1's last run iff it and every later one have its id.
-    in_last = jnp.flip(jnp.cumprod(jnp.flip(tail_seg == prev_last, 1), axis=1), 1).astype(bool)
+    in_last = jnp.roll(_in_last_run(seg[:, length - k :], seg[:, -1:]), 1, axis=0)
     link = continues[:, None] & in_last & (jnp.arange(batch) > 0)[:, None]  # row 0: no link
+    if first_inputs is not None:  # where a row does not continue, it reads first_inputs
+        tail = jnp.where(link[..., None], tail, first_inputs.astype(x.dtype))
+        link = link | ~(continues[:, None] & (jnp.arange(batch) > 0)[:, None])
     # Positions that are not linked get an id unlike the first run's, so it restarts after them.
     tail_ids = jnp.where(link, seg[:, :1], seg[:, :1] - 1)
     x_ext = jnp.concatenate([jnp.where(link[..., None], tail, jnp.zeros((), x.dtype)), x], axis=1)
     return x_ext, jnp.concatenate([tail_ids, seg], axis=1)
+
+
+def _in_last_run(tail_seg, last_id):
+    """(b, k) bool: the tail position belongs to the row's last run (it and every later one
+    have the last id)."""
+    return jnp.flip(jnp.cumprod(jnp.flip(tail_seg == last_id, 1), axis=1), 1).astype(bool)
+
+
+def last_run_inputs(x, segment_ids, width: int):
+    """(b, width - 1, c): each row's last width - 1 inputs that belong to its last run, zeros
+    before that run's start: the conv state that run's next token reads (the next row's
+    `first_inputs` when the run goes on there). Needs t >= width - 1 (as the links do)."""
+    k = width - 1
+    length = x.shape[1]
+    if length < k:
+        raise ValueError(f"rows need at least width - 1 = {k} steps, got {length}")
+    seg = segment_ids.astype(jnp.int32)
+    in_last = _in_last_run(seg[:, length - k :], seg[:, -1:])
+    return jnp.where(in_last[..., None], x[:, length - k :], jnp.zeros((), x.dtype))

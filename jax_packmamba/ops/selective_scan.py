@@ -62,6 +62,7 @@ def selective_scan(
     segment_ids=None,
     initial_states=None,
     continues=None,
+    first_run_states=None,
     return_final_states: bool = False,
     num_segments: int | None = None,
     impl: Impl = "auto",
@@ -87,6 +88,10 @@ def selective_scan(
         b - 1's last run ends in (its initial_states slot is not read), so outputs and
         gradients are those of the document run as one sequence. continues[0] must be False.
         Costs a second scan (jax_packmamba/ops/links.py).
+      first_run_states: optional (batch, d_inner, d_state): the state each row's first run
+        (the one at t = 0) starts from where it does not continue the row before (zeros
+        without it): a document's state carried from an earlier batch. Free on every impl, as
+        initial_states' run at t = 0; not with initial_states.
       return_final_states: also return, for every segment slot s in [0, num_segments), the
         float32 state after the last token of the last run of id s in each row (zeros where
         the id does not occur): shape (batch, num_segments, d_inner, d_state). This is what a
@@ -117,6 +122,7 @@ def selective_scan(
         initial_states,
     )
     check_continues(continues, np.shape(u)[0])
+    check_first_run_states(first_run_states, initial_states, (np.shape(u)[0], *np.shape(A)))
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
@@ -135,7 +141,7 @@ def selective_scan(
             delta_bias,
             delta_softplus,
             segment_ids,
-            None,
+            first_run_states,
             return_final_states,
             num_segments,
         )
@@ -148,7 +154,7 @@ def selective_scan(
     if impl != "reference" and (initial_states is None or segment_ids is None):
         # The kernel's chunk-state pass carries the state over linked rows itself: no second
         # scan (mid-row initial states would also change a last run's end: generic path then).
-        first = None if initial_states is None else initial_states[:, 0]
+        first = first_run_states if initial_states is None else initial_states[:, 0]
         from pallas_kernels.selective_scan import selective_scan_pallas
 
         return selective_scan_pallas(
@@ -171,7 +177,28 @@ def selective_scan(
         continues,
         return_final_states,
         num_segments,
+        first_run_states,
     )
+
+
+def check_first_run_states(first_run_states, initial_states, state_shape):
+    """Raises ValueError unless first_run_states is None or a real floating array of
+    (batch, *state) = state_shape, given without initial_states."""
+    if first_run_states is None:
+        return
+    if initial_states is not None:
+        raise ValueError(
+            "pass first_run_states or initial_states, not both (initial_states' slot of the "
+            "run at t = 0 is its first-run state)"
+        )
+    shape = tuple(np.shape(first_run_states))
+    if shape != tuple(state_shape):
+        raise ValueError(f"first_run_states must have shape {tuple(state_shape)}, got {shape}")
+    if not jnp.issubdtype(jnp.result_type(first_run_states), jnp.floating):
+        raise ValueError(
+            f"first_run_states must be a real floating array, got dtype "
+            f"{jnp.result_type(first_run_states)}"
+        )
 
 
 def _run_impl(
@@ -291,6 +318,7 @@ def _continued(
     continues,
     return_final_states,
     num_segments,
+    first_run_states=None,
 ):
     """Rows linked by `continues`: one scan from the given starts gives each row's last-run end
     state and (with its total decay) the affine map from the first run's start to it; a pass
@@ -300,7 +328,8 @@ def _continued(
     seg = _ids(segment_ids, u)
     rows = jnp.arange(batch)
     if initial_states is None:  # the last run's end state, whatever range the ids have
-        _, final = _run_impl(impl, *args, delta_softplus, compact_ids(seg, "last"), None, True, 3)
+        ids = compact_ids(seg, "last")
+        _, final = _run_impl(impl, *args, delta_softplus, ids, first_run_states, True, 3)
         end = final[:, 0]
     else:
         _, final = run(None, True, num_segments)
@@ -308,7 +337,9 @@ def _continued(
     starts = segment_starts(seg)
     last_sum = run_cumsum(discretize_delta(delta, delta_bias, delta_softplus), starts)[:, -1]
     decay = jnp.exp(last_sum[..., None] * A.astype(last_sum.dtype))  # (b, d, n)
-    if initial_states is None:
+    if first_run_states is not None:
+        given = first_run_states.astype(end.dtype)
+    elif initial_states is None:
         given = jnp.zeros((batch, u.shape[2], d_state), end.dtype)
     else:
         given = initial_states[rows, seg[:, 0]].astype(end.dtype)

@@ -79,6 +79,7 @@ from jax_packmamba.ops.segments import (
 )
 from jax_packmamba.ops.selective_scan import (
     accumulation_dtype,
+    check_first_run_states,
     combine_affine,
     discretize_delta,
     run_cumsum,
@@ -105,6 +106,7 @@ def ssd_scan(
     chunk_size: int = DEFAULT_CHUNK,
     initial_states=None,
     continues=None,
+    first_run_states=None,
     return_final_states: bool = False,
     num_segments: int | None = None,
     impl: Impl = "auto",
@@ -130,6 +132,10 @@ def ssd_scan(
         state row b - 1's last run ends in (its initial_states slot is not read), so outputs
         and gradients are those of the document as one sequence. continues[0] must be False.
         Costs a second scan (jax_packmamba/ops/links.py).
+      first_run_states: optional (batch, heads, headdim, d_state): the state each row's first
+        run (the one at t = 0) starts from where it does not continue the row before (zeros
+        without it): a document's state carried from an earlier batch. Not with
+        initial_states; runs the links' path (a second scan) even without continues.
       return_final_states: also return, for every slot s in [0, num_segments), the float32
         state after the last token of the last run of id s in each row (zeros where the id
         does not occur): (batch, num_segments, heads, headdim, d_state).
@@ -162,6 +168,10 @@ def ssd_scan(
         num_segments,
     )
     check_continues(continues, np.shape(x)[0])
+    batch, _, heads, headdim = np.shape(x)
+    check_first_run_states(
+        first_run_states, initial_states, (batch, heads, headdim, np.shape(B)[3])
+    )
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
@@ -170,8 +180,10 @@ def ssd_scan(
         check_pallas_platform(impl, fallback="reference")
     args = (x, dt, A, B, C, D, z, dt_bias)
     run = functools.partial(_run_impl, impl, args, dt_softplus, chunk_size)
-    if continues is None:
+    if continues is None and first_run_states is None:
         return run(segment_ids, initial_states, return_final_states, num_segments)
+    if continues is None:  # the same affine start, with no row linked
+        continues = jnp.zeros((batch,), bool)
     return _continued(
         run,
         args,
@@ -181,6 +193,7 @@ def ssd_scan(
         continues,
         return_final_states,
         num_segments,
+        first_run_states,
     )
 
 
@@ -218,6 +231,7 @@ def _continued(
     continues,
     return_final_states,
     num_segments,
+    first_run_states=None,
 ):
     """Rows linked by `continues` (jax_packmamba/ops/links.py): a scan from the given starts
     reads each row's last-run end state, a pass over the rows chains them, and a second scan
@@ -242,7 +256,12 @@ def _continued(
     last_sum = run_cumsum(dt, starts)[:, -1]  # (b, h)
     decay = jnp.exp(last_sum * A.astype(last_sum.dtype))[..., None, None]
     if initial_states is None:
-        first = chain_row_states(end, decay, single_run_rows(seg), continues, jnp.zeros_like(end))
+        given = jnp.zeros_like(end)
+        if first_run_states is not None:  # a single-run row's end moves with its start
+            given = first_run_states.astype(end.dtype)
+            single = single_run_rows(seg)[:, None, None, None]
+            end = jnp.where(single, end + decay * given, end)
+        first = chain_row_states(end, decay, single_run_rows(seg), continues, given)
         if not return_final_states:  # the first run in slot 0 of three, the others from zeros
             init = jnp.zeros((batch, 3, heads, headdim, d_state), first.dtype).at[:, 0].set(first)
             return run(compact_ids(seg, "first"), init, False, 3)
