@@ -7,6 +7,12 @@ from jax_packmamba.ops.causal_conv1d import (
     causal_conv1d_step,
     segment_conv_windows,
 )
+from jax_packmamba.ops.mamba3 import (
+    Mamba3State,
+    mamba3_scan,
+    mamba3_scan_reference,
+    mamba3_state_update,
+)
 from jax_packmamba.ops.segments import (
     positions_from_segment_ids,
     segment_ends,
@@ -27,6 +33,10 @@ __all__ = [
     "causal_conv1d",
     "causal_conv1d_reference",
     "causal_conv1d_step",
+    "Mamba3State",
+    "mamba3_scan",
+    "mamba3_scan_reference",
+    "mamba3_state_update",
     "segment_conv_windows",
     "segment_ends",
     "positions_from_segment_ids",
