@@ -1,0 +1,66 @@
+"""Writes tests/fixtures/parity/mamba3_siso/ from mamba_ssm 2.3.2's Mamba3 module (SISO), for
+tests/test_mamba3_pretrained.py's parity test (which skips while the directory is absent).
+
+mamba_ssm's Mamba3 runs only through its Triton kernels, so this needs a GPU, torch and
+mamba_ssm (its MambaLMHeadModel cannot build Mamba3 layers in 2.3.2, so the fixture is one mixer
+layer). Random weights (biases and norms moved off their initial values), float32, and:
+
+    config.json         the module's constructor arguments
+    weights.safetensors the module's state dict (mamba_ssm's names and shapes)
+    reference.npz       u (1, T, d); out (1, T, d) of the sequences alone, concatenated;
+                        out_packed (1, T, d) of the same rows packed with cu_seqlens; lengths
+
+Run on the GPU machine from the repository root:
+
+    PYTHONPATH=/tmp/site python3 scripts/make_mamba3_parity_fixtures.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "parity" / "mamba3_siso"
+KWARGS = dict(d_model=256, d_state=64, expand=2, headdim=64, ngroups=1, chunk_size=64)
+LENGTHS = (1, 64, 37, 130)  # a length of 1, one chunk, not a chunk multiple, several chunks
+
+
+def main():
+    import torch
+    from mamba_ssm.modules.mamba3 import Mamba3
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    module = Mamba3(**KWARGS, device="cuda", dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name in ("B_bias", "C_bias", "B_norm.weight", "C_norm.weight", "D"):
+                p.add_(0.3 * torch.randn_like(p))
+    module.eval()
+    u = torch.randn(1, sum(LENGTHS), KWARGS["d_model"], device="cuda")
+    with torch.no_grad():
+        alone, start = [], 0
+        for n in LENGTHS:
+            alone.append(module(u[:, start : start + n]))
+            start += n
+        out = torch.cat(alone, dim=1)
+        cu = torch.tensor(np.cumsum((0,) + LENGTHS), dtype=torch.int32, device="cuda")
+        out_packed = module(u, cu_seqlens=cu)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "config.json").write_text(json.dumps(KWARGS, indent=2) + "\n")
+    state = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
+    save_file(state, str(OUT / "weights.safetensors"))
+    np.savez(
+        OUT / "reference.npz",
+        u=u.cpu().numpy(),
+        out=out.cpu().numpy(),
+        out_packed=out_packed.cpu().numpy(),
+        lengths=np.asarray(LENGTHS),
+    )
+    print(f"wrote {OUT}: {sorted(state)}")
+
+
+if __name__ == "__main__":
+    main()
