@@ -802,7 +802,8 @@ def _config_from_state_spaces(f: _Fields) -> AnyConfig:
     layer = ssm.get("layer", _STRING, "Mamba1")
     if layer not in ("Mamba1", "Mamba2"):
         raise ValueError(
-            f"{f.where}: ssm_cfg.layer={layer!r} is not supported; only 'Mamba1' and 'Mamba2'"
+            f"{f.where}: ssm_cfg.layer={layer!r} is not supported; only 'Mamba1', 'Mamba2' "
+            f"and 'Mamba3'"
         )
     known = _MAMBA2_SSM_CFG | _MAMBA2_SSM_CFG_FIXED if layer == "Mamba2" else _MAMBA1_SSM_CFG
     unknown = sorted(ssm.keys() - set(known) - set(_SSM_CFG_IGNORED) - {"layer"})
