@@ -9,6 +9,8 @@ from jax_packmamba.ops.causal_conv1d import (
 )
 from jax_packmamba.ops.mamba3 import (
     Mamba3State,
+    mamba3_mimo_scan,
+    mamba3_mimo_scan_reference,
     mamba3_scan,
     mamba3_scan_reference,
     mamba3_state_update,
@@ -34,6 +36,8 @@ __all__ = [
     "causal_conv1d_reference",
     "causal_conv1d_step",
     "Mamba3State",
+    "mamba3_mimo_scan",
+    "mamba3_mimo_scan_reference",
     "mamba3_scan",
     "mamba3_scan_reference",
     "mamba3_state_update",

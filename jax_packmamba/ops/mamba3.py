@@ -322,6 +322,308 @@ def mamba3_state_update(
     return Mamba3State(ssm=ssm, k=k, x=xa, angle=theta), y.astype(x.dtype)
 
 
+def rotate_halves(v, theta):
+    """Rotates the pairs (i, i + n / 2), i < theta.shape[-1], of v's last axis (n) by
+    theta[..., i], as mamba_ssm's MIMO kernels do; v (..., n), theta (..., a), a <= n / 2."""
+    half, a = v.shape[-1] // 2, theta.shape[-1]
+    v0, v1 = v[..., :half], v[..., half:]
+    pad = [(0, 0)] * (theta.ndim - 1) + [(0, half - a)]
+    cos = jnp.pad(jnp.cos(theta), pad, constant_values=1.0)
+    sin = jnp.pad(jnp.sin(theta), pad)
+    return jnp.concatenate([v0 * cos - v1 * sin, v0 * sin + v1 * cos], axis=-1)
+
+
+def mamba3_mimo_scan(
+    x,
+    dt,
+    A,
+    trap,
+    B,
+    C,
+    angles,
+    x_proj,
+    D=None,
+    z=None,
+    z_proj=None,
+    out_proj=None,
+    B_bias=None,
+    C_bias=None,
+    *,
+    segment_ids=None,
+    chunk_size: int = DEFAULT_CHUNK // 4,
+    initial_states: Mamba3State | None = None,
+    return_final_states: bool = False,
+    num_segments: int | None = None,
+):
+    """Mamba-3 MIMO (rank R) scan with resets at segment boundaries: `mamba3_scan`'s rule and
+    arguments, with per-rank keys and queries and the inputs x_r = x_proj[:, r] * x:
+
+        h_t     = alpha_t h_{t-1} + beta_t sum_r x_{t-1,r} k_{t-1,r}^T + gamma_t sum_r x_{t,r} k_{t,r}^T
+        y_{t,r} = h_t q_{t,r} + D x_{t,r},  y_{t,r} *= silu(z_proj[:, r] * z_t) if z is given
+        out_t   = sum_r out_proj[:, r] * y_{t,r}          (without out_proj: y (b, t, R, h, p))
+
+    with the halves rotation (pairs (i, i + n / 2)) of mamba_ssm's MIMO kernels.
+
+    Args (beyond mamba3_scan's): B, C (batch, length, R, groups, d_state); x_proj, z_proj,
+      out_proj (heads, R, headdim); B_bias, C_bias (heads, R, d_state). initial_states and
+      the final states: Mamba3State with k (batch, num_segments, R, heads, d_state) and x the
+      input before x_proj (batch, num_segments, heads, headdim), as mamba_ssm's cache.
+    """
+    num_segments = _check_mimo_args(
+        x,
+        dt,
+        A,
+        trap,
+        B,
+        C,
+        angles,
+        dict(x_proj=x_proj, z_proj=z_proj, out_proj=out_proj),
+        dict(B_bias=B_bias, C_bias=C_bias),
+        D,
+        z,
+        segment_ids,
+        chunk_size,
+        initial_states,
+        return_final_states,
+        num_segments,
+    )
+    return mamba3_mimo_scan_reference(
+        x,
+        dt,
+        A,
+        trap,
+        B,
+        C,
+        angles,
+        x_proj,
+        D,
+        z,
+        z_proj,
+        out_proj,
+        B_bias,
+        C_bias,
+        segment_ids=segment_ids,
+        chunk_size=chunk_size,
+        initial_states=initial_states,
+        return_final_states=return_final_states,
+        num_segments=num_segments,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "return_final_states", "num_segments"))
+def mamba3_mimo_scan_reference(
+    x,
+    dt,
+    A,
+    trap,
+    B,
+    C,
+    angles,
+    x_proj,
+    D=None,
+    z=None,
+    z_proj=None,
+    out_proj=None,
+    B_bias=None,
+    C_bias=None,
+    *,
+    segment_ids=None,
+    chunk_size: int = DEFAULT_CHUNK // 4,
+    initial_states: Mamba3State | None = None,
+    return_final_states: bool = False,
+    num_segments: int | None = None,
+):
+    """The pure-JAX MIMO scan; `mamba3_mimo_scan`'s arguments (unchecked).
+
+    The state sums R rank-1 inputs per token, and each of the R queries reads it. As SSD
+    heads: head (h, r, r') carries input r' (x_{r'}, k_{r'}) and query r, all with head h's
+    decay and trapezoid weights; summing over r' gives y_{t,r}. R^2 SISO heads: simple and
+    exact, R times the work of a fused (L R)-long block-causal chunk (mamba_ssm's kernels).
+    """
+    batch, length, heads, headdim = x.shape
+    rank = B.shape[2]
+    acc = accumulation_dtype(x)
+    if segment_ids is None:
+        segment_ids = jnp.zeros((batch, length), jnp.int32)
+    segment_ids = segment_ids.astype(jnp.int32)
+    if num_segments is None:
+        num_segments = 1 if initial_states is None else initial_states.ssm.shape[1]
+    starts = segment_starts(segment_ids)
+    dt, A = dt.astype(acc), A.astype(acc)
+    lam = jax.nn.sigmoid(trap.astype(acc))
+    gamma = lam * dt
+    next_weight = jnp.where(starts[..., None], 0.0, (1.0 - lam) * dt)
+    next_weight = jnp.concatenate([next_weight[:, 1:], jnp.zeros_like(dt[:, :1])], axis=1)
+    sigma = gamma + next_weight
+    theta = run_cumsum(dt[..., None] * math.pi * jnp.tanh(angles.astype(acc)), starts)
+    if initial_states is not None:
+        theta = theta + _per_slot_at_tokens(
+            initial_states.angle.astype(acc), segment_ids, num_segments
+        )
+
+    def keys(a, bias):  # (b, t, R, g, n) -> rotated (b, t, R, h, n)
+        a = _heads(a.astype(acc), heads)
+        a = a if bias is None else a + jnp.swapaxes(bias.astype(acc), 0, 1)
+        return rotate_halves(a, theta[:, :, None])
+
+    k, q = keys(B, B_bias), keys(C, C_bias)
+    psi = jnp.swapaxes(x_proj.astype(acc), 0, 1)  # (R, h, p)
+    x_r = x.astype(acc)[:, :, None] * psi  # (b, t, R, h, p)
+    log_decay = dt * A
+    # SSD heads (h, r, r'): x_{r'}, k_{r'}, q_r; flattened h-major.
+    shape = (batch, length, heads, rank, rank)
+
+    def fused(a, axis_r, n_last):  # (b, t, R, h, n) -> (b, t, h R R, n) along r or r'
+        a = jnp.moveaxis(a, 2, 3)  # (b, t, h, R, n)
+        a = jnp.expand_dims(a, 4 if axis_r == "r" else 3)
+        return jnp.broadcast_to(a, (*shape, n_last)).reshape(batch, length, -1, n_last)
+
+    def per_head(a):  # (b, t, h) -> (b, t, h R R)
+        return jnp.broadcast_to(a[..., None, None], shape).reshape(batch, length, -1)
+
+    init = None
+    if initial_states is not None:  # the slot's state enters once: on the r' = 0 heads
+        only_first = (jnp.arange(rank) == 0).astype(acc)[:, None, None]  # (r', 1, 1)
+        ssm0 = initial_states.ssm.astype(acc)[:, :, :, None, None] * only_first
+        init = jnp.broadcast_to(
+            ssm0, (batch, num_segments, heads, rank, rank, headdim, ssm0.shape[-1])
+        ).reshape(batch, num_segments, heads * rank * rank, headdim, -1)
+    y, final_ssm = ssd_chunked(
+        fused(x_r, "r'", headdim),
+        per_head(sigma),
+        per_head(log_decay),
+        fused(k, "r'", k.shape[-1]),
+        fused(q, "r", q.shape[-1]),
+        segment_ids=segment_ids,
+        chunk_size=chunk_size,
+        initial_states=init,
+        return_final_states=return_final_states,
+        num_segments=num_segments,
+    )
+    y = y.reshape(*shape, headdim).sum(axis=4)  # (b, t, h, R, p)
+    y = jnp.moveaxis(y, 3, 2)  # (b, t, R, h, p)
+    qk = jnp.einsum("btrhn,btshn->btrhs", q, k)  # (b, t, R, h, R')
+    diag = jnp.einsum("btrhs,btshp->btrhp", qk, x_r)
+    y = y + ((gamma - sigma)[:, :, None, :, None]) * diag
+    if D is not None:
+        y = y + D.astype(acc)[:, None] * x_r
+    if initial_states is not None:
+        first_weight = run_cumsum(jnp.where(starts[..., None], (1.0 - lam) * dt, 0.0), starts)
+        carried = first_weight * jnp.exp(run_cumsum(log_decay, starts))  # (b, t, h)
+        k0 = jnp.moveaxis(initial_states.k.astype(acc), 2, 3)  # (b, s, h, R, n)
+        x0 = initial_states.x.astype(acc)  # (b, s, h, p)
+        k0 = _per_slot_at_tokens(k0, segment_ids, num_segments)  # (b, t, h, R, n)
+        x0 = _per_slot_at_tokens(x0, segment_ids, num_segments)[:, :, None] * psi
+        qk0 = jnp.einsum("btrhn,bthsn->btrhs", q, k0)
+        y = y + carried[:, :, None, :, None] * jnp.einsum("btrhs,btshp->btrhp", qk0, x0)
+    if z is not None:
+        y = y * jax.nn.silu(z.astype(acc)[:, :, None] * jnp.swapaxes(z_proj.astype(acc), 0, 1))
+    if out_proj is not None:
+        y = jnp.einsum("btrhp,hrp->bthp", y, out_proj.astype(acc))
+    y = y.astype(x.dtype)
+    if not return_final_states:
+        return y
+
+    final_ssm = final_ssm.reshape(
+        batch, num_segments, heads, rank, rank, headdim, final_ssm.shape[-1]
+    )[:, :, :, 0].sum(axis=3)  # any query r: the state sums the inputs r'
+    t = jnp.arange(length)
+    is_slot = segment_ids[..., None] == jnp.arange(num_segments)
+    last = jnp.max(jnp.where(is_slot, t[:, None], -1), axis=1)
+    last_onehot = last[..., None] == t
+    if initial_states is not None:
+        psi_x0 = initial_states.x.astype(acc)[:, :, None] * psi  # (b, s, R, h, p)
+        prev = jnp.einsum("bsrhp,bsrhn->bshpn", psi_x0, initial_states.k.astype(acc))
+        final_ssm = final_ssm + _at_slot_last_tokens(carried, last_onehot)[..., None, None] * prev
+    final = Mamba3State(
+        ssm=final_ssm,
+        k=_at_slot_last_tokens(k, last_onehot),
+        x=_at_slot_last_tokens(x.astype(acc), last_onehot),
+        angle=jnp.mod(_at_slot_last_tokens(theta, last_onehot), 2 * math.pi),
+    )
+    return y, final
+
+
+def _check_mimo_args(
+    x,
+    dt,
+    A,
+    trap,
+    B,
+    C,
+    angles,
+    projections,
+    biases,
+    D,
+    z,
+    segment_ids,
+    chunk_size,
+    initial_states,
+    return_final_states,
+    num_segments,
+) -> int | None:
+    """_check_args for the MIMO scan: its SISO checks on rank 0's B and C, then the ranks."""
+    b_shape = tuple(np.shape(B))
+    if len(b_shape) != 5:
+        raise ValueError(
+            f"B must be (batch, length, R, groups, d_state) for the MIMO scan, got {b_shape}"
+        )
+    rank, d_state = b_shape[2], b_shape[4]
+    if tuple(np.shape(C)) != b_shape:
+        raise ValueError(f"C must have B's shape {b_shape}, got {tuple(np.shape(C))}")
+    heads, headdim = np.shape(x)[2:] if np.ndim(x) == 4 else (None, None)
+    if projections["x_proj"] is None:
+        raise ValueError("x_proj (heads, R, headdim) is required by the MIMO scan")
+    for name, a in projections.items():
+        if a is not None and tuple(np.shape(a)) != (heads, rank, headdim):
+            raise ValueError(
+                f"{name} must have shape (heads, R, headdim) = {(heads, rank, headdim)}, "
+                f"got {tuple(np.shape(a))}"
+            )
+    if z is not None and projections["z_proj"] is None:
+        raise ValueError("z needs z_proj (heads, R, headdim) in the MIMO scan")
+    for name, a in biases.items():
+        if a is not None and tuple(np.shape(a)) != (heads, rank, d_state):
+            raise ValueError(
+                f"{name} must have shape (heads, R, d_state) = {(heads, rank, d_state)}, "
+                f"got {tuple(np.shape(a))}"
+            )
+    if initial_states is not None:
+        if not isinstance(initial_states, Mamba3State):
+            raise ValueError(
+                f"initial_states must be a Mamba3State, got {type(initial_states).__name__}"
+            )
+        k_shape = tuple(np.shape(initial_states.k))
+        if len(k_shape) != 5 or k_shape[2] != rank:
+            raise ValueError(
+                f"initial_states.k must be (batch, num_segments, R={rank}, heads, d_state), "
+                f"got {k_shape}"
+            )
+        # The SISO checks see rank 0's keys.
+        initial_states = initial_states._replace(
+            k=jax.ShapeDtypeStruct(k_shape[:2] + k_shape[3:], jnp.float32)
+        )
+    rank0 = jax.ShapeDtypeStruct(b_shape[:2] + b_shape[3:], jnp.result_type(B))
+    return _check_args(
+        x,
+        dt,
+        A,
+        trap,
+        rank0,
+        rank0,
+        angles,
+        D,
+        z,
+        None,
+        None,
+        segment_ids,
+        chunk_size,
+        initial_states,
+        return_final_states,
+        num_segments,
+    )
+
+
 def _check_args(
     x,
     dt,
