@@ -345,8 +345,9 @@ class Mamba3Config:
     MambaConfig: d_intermediate > 0 adds a gated MLP after each mixer, as mixer_seq_simple
     builds it, its hidden width rounded up to a multiple of 128).
 
-    SISO only: is_mimo=True is refused (MIMO is not implemented here). There is no conv; the
-    conv_impl field exists so that the training program can pass one, and is unused.
+    is_mimo: rank mimo_rank B and C per token (mamba_ssm recommends chunk_size 64 / rank).
+    There is no conv; the conv_impl field exists so that the training program can pass one,
+    and is unused.
     """
 
     d_model: int = 768
@@ -391,8 +392,6 @@ class Mamba3Config:
             "chunk_size",
             "pad_vocab_size_multiple",
         )
-        if self.is_mimo:
-            raise ValueError("Mamba3Config.is_mimo=True: MIMO Mamba-3 is not implemented yet")
         if self.d_inner % self.headdim:
             raise ValueError(
                 f"Mamba3Config: d_inner = expand * d_model = {self.d_inner} must be a "
@@ -456,13 +455,18 @@ class Mamba3Config:
 
     @property
     def d_in_proj(self) -> int:
-        """in_proj's outputs: z, x, B, C, dd_dt, dd_A, trap, angles."""
+        """in_proj's outputs: z, x, B, C (rank R each), dd_dt, dd_A, trap, angles."""
         return (
             2 * self.d_inner
-            + 2 * self.ngroups * self.d_state
+            + 2 * self.rank * self.ngroups * self.d_state
             + 3 * self.nheads
             + self.num_rope_angles
         )
+
+    @property
+    def rank(self) -> int:
+        """B and C per token: mimo_rank with is_mimo, else 1."""
+        return self.mimo_rank if self.is_mimo else 1
 
     @property
     def mlp_hidden(self) -> int:
@@ -484,9 +488,10 @@ class Mamba3Config:
         mixer = (
             d * self.d_in_proj
             + h  # dt_bias
-            + 2 * h * n  # B_bias, C_bias
+            + 2 * h * self.rank * n  # B_bias, C_bias
             + 2 * n  # B_norm, C_norm
             + h  # D
+            + (3 * h * self.rank * self.headdim if self.is_mimo else 0)  # mimo_x, _z, _o
             + (e if self.is_outproj_norm else 0)
             + e * d
         )
@@ -496,7 +501,8 @@ class Mamba3Config:
 
     def flops_per_token(self, *, training: bool = True) -> float:
         """Model FLOPs per token: matmuls and the chunked scan (forward x3 if training), the
-        scan counted as SSD's with one group per head (the biases make B and C per head)."""
+        scan counted as SSD's with one group per head (the biases make B and C per head) and,
+        for MIMO, a fused chunk of L R steps per head and rank."""
         d, e, h, n, p, L = (
             self.d_model,
             self.d_inner,
@@ -508,7 +514,8 @@ class Mamba3Config:
         matmul = 2 * (d * self.d_in_proj + e * d)
         if self.d_intermediate:
             matmul += 2 * 3 * d * self.mlp_hidden
-        scan = h * (2 * L * n + 2 * L * p + 4 * p * n)
+        R = self.rank
+        scan = h * R * (2 * L * R * n + 2 * L * R * p + 4 * p * n)
         forward = self.n_layer * (matmul + scan) + 2 * d * self.padded_vocab_size
         return 3.0 * forward if training else float(forward)
 

@@ -872,8 +872,8 @@ _MAMBA3_SSM_CFG = {
 
 
 def _config_from_state_spaces_mamba3(f: _Fields) -> Mamba3Config:
-    """mamba_ssm's MambaLMHeadModel with ssm_cfg layer "Mamba3" (SISO; d_intermediate > 0:
-    a gated MLP after each mixer)."""
+    """mamba_ssm's MambaLMHeadModel with ssm_cfg layer "Mamba3" (SISO or MIMO; d_intermediate
+    > 0: a gated MLP after each mixer)."""
     attn = f.get("attn_layer_idx", _LIST, [])
     if attn:
         raise ValueError(f"{f.where}: attn_layer_idx={attn} (attention layers) is not supported")
@@ -1023,6 +1023,9 @@ def _mamba3_name_map(config: Mamba3Config, layout: str) -> dict:
         mixer = dict(_MAMBA3_MIXER)
         if config.is_outproj_norm:
             mixer["norm.weight"] = (("norm", "weight"), _identity)
+        if config.is_mimo:
+            for name in ("mimo_x", "mimo_z", "mimo_o"):
+                mixer[name] = ((name,), _identity)
         for name, (attribute, to_flax) in mixer.items():
             layer["mixer." + name] = (("layers", "mixer") + attribute, to_flax)
         if config.d_intermediate:

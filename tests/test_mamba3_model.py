@@ -26,8 +26,8 @@ def small_model(seed=0, **overrides):
 def test_mamba3_config_checks():
     with pytest.raises(ValueError, match="multiple of headdim"):
         jp.Mamba3Config(d_model=20, headdim=16)
-    with pytest.raises(ValueError, match="MIMO"):
-        jp.Mamba3Config(is_mimo=True)
+    with pytest.raises(ValueError, match="mimo_rank"):
+        jp.Mamba3Config(is_mimo=True, mimo_rank=0)
     with pytest.raises(ValueError, match="rope_fraction"):
         jp.Mamba3Config(rope_fraction=0.25)
     with pytest.raises(ValueError, match="d_intermediate"):
@@ -42,8 +42,12 @@ def test_mamba3_config_checks():
     assert sum(x.size for x in jax.tree.leaves(params)) == model.config.num_params()
 
 
-def test_mamba3_packed_equals_alone_and_decode_continues_prefill():
-    model = small_model()
+@pytest.mark.parametrize("mimo", [False, True])
+def test_mamba3_packed_equals_alone_and_decode_continues_prefill(mimo):
+    # MIMO: rank 2, chunks of 4 (mamba_ssm's 64 / rank, scaled down), the gated out-norm.
+    model = small_model(
+        **(dict(is_mimo=True, mimo_rank=2, chunk_size=4, is_outproj_norm=True) if mimo else {})
+    )
     rng = np.random.default_rng(0)
     lengths = (1, 8, 11)  # a length of 1, one chunk, one not a chunk multiple
     docs = [rng.integers(0, 256, n) for n in lengths]

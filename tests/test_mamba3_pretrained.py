@@ -15,7 +15,7 @@ from jax_packmamba.pretrained import tensor_names, tensors_from_model
 
 
 def test_mamba3_round_trip(tmp_path):
-    """Untied, with the gated out-norm and the MLP: every optional tensor."""
+    """Untied, MIMO, with the gated out-norm and the MLP: every optional tensor."""
     config = jp.Mamba3Config.preset(
         "tiny",
         n_layer=2,
@@ -24,8 +24,13 @@ def test_mamba3_round_trip(tmp_path):
         d_intermediate=64,
         is_outproj_norm=True,
         tie_embeddings=False,
+        is_mimo=True,
+        mimo_rank=2,
+        chunk_size=4,
     )
     model = jp.LM(config, rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    assert sum(a.size for a in jax.tree.leaves(params)) == config.num_params()
     # Parameters away from their initial values, so that a swapped or dropped tensor shows.
     graph, state = nnx.split(model)
     leaves, tree = jax.tree.flatten(state)
@@ -44,8 +49,9 @@ def test_mamba3_round_trip(tmp_path):
     h, n, d = config.nheads, config.d_state, config.d_model
     # mamba_ssm's shapes: in_proj (d_in_proj, d) rows [z, x, B, C, dd_dt, dd_A, trap, angles].
     shapes = {
-        "backbone.layers.0.mixer.in_proj.weight": (2 * 64 + 2 * n + 3 * h + n // 4, d),
-        "backbone.layers.0.mixer.B_bias": (h, 1, n),
+        "backbone.layers.0.mixer.in_proj.weight": (2 * 64 + 2 * 2 * n + 3 * h + n // 4, d),
+        "backbone.layers.0.mixer.B_bias": (h, 2, n),
+        "backbone.layers.0.mixer.mimo_o": (h, 2, 16),
         "backbone.layers.0.mixer.C_norm.weight": (n,),
         "backbone.layers.0.mlp.fc1.weight": (2 * 128, d),  # 64 rounded up to 128
         "backbone.layers.1.norm2.weight": (d,),
@@ -58,10 +64,10 @@ def test_mamba3_round_trip(tmp_path):
 
 def test_mamba3_config_errors(tmp_path):
     config = dict(
-        d_model=32, n_layer=1, vocab_size=256, ssm_cfg={"layer": "Mamba3", "is_mimo": True}
+        d_model=32, n_layer=1, vocab_size=256, ssm_cfg={"layer": "Mamba3", "is_mimo": "yes"}
     )
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="MIMO"):
+    with pytest.raises(ValueError, match="is_mimo"):
         jp.from_pretrained(tmp_path)
     config["ssm_cfg"] = {"layer": "Mamba3", "d_conv": 4}
     (tmp_path / "config.json").write_text(json.dumps(config))
