@@ -1,5 +1,6 @@
-"""Writes tests/fixtures/parity/mamba3_siso/ from mamba_ssm 2.3.2's Mamba3 module (SISO), for
-tests/test_mamba3_pretrained.py's parity test (which skips while the directory is absent).
+"""Writes tests/fixtures/parity/mamba3_siso/ and mamba3_mimo/ from mamba_ssm 2.3.2's Mamba3
+module (SISO; MIMO rank 4, which needs tilelang: skipped with a message without it), for
+tests/test_mamba3_pretrained.py's parity test (which skips while a directory is absent).
 
 mamba_ssm's Mamba3 runs only through its Triton kernels, so this needs a GPU, torch and
 mamba_ssm (its MambaLMHeadModel cannot build Mamba3 layers in 2.3.2, so the fixture is one mixer
@@ -22,24 +23,54 @@ from pathlib import Path
 
 import numpy as np
 
-OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "parity" / "mamba3_siso"
-KWARGS = dict(d_model=256, d_state=64, expand=2, headdim=64, ngroups=1, chunk_size=64)
+FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "parity"
+KWARGS = {
+    "mamba3_siso": dict(d_model=256, d_state=64, expand=2, headdim=64, ngroups=1, chunk_size=64),
+    "mamba3_mimo": dict(
+        d_model=256,
+        d_state=64,
+        expand=2,
+        headdim=64,
+        ngroups=1,
+        chunk_size=16,
+        is_mimo=True,
+        mimo_rank=4,
+    ),
+}
 LENGTHS = (1, 64, 37, 130)  # a length of 1, one chunk, not a chunk multiple, several chunks
 
 
 def main():
+    for name, kwargs in KWARGS.items():
+        try:
+            write(FIXTURES / name, kwargs)
+        except (AssertionError, ImportError) as e:  # MIMO without tilelang
+            print(f"{name}: not written: {type(e).__name__}: {e}")
+
+
+def write(out_dir, kwargs):
     import torch
     from mamba_ssm.modules.mamba3 import Mamba3
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    module = Mamba3(**KWARGS, device="cuda", dtype=torch.float32)
+    module = Mamba3(**kwargs, device="cuda", dtype=torch.float32)
+    moved = (
+        "B_bias",
+        "C_bias",
+        "B_norm.weight",
+        "C_norm.weight",
+        "D",
+        "mimo_x",
+        "mimo_z",
+        "mimo_o",
+    )
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if name in ("B_bias", "C_bias", "B_norm.weight", "C_norm.weight", "D"):
+            if name in moved:
                 p.add_(0.3 * torch.randn_like(p))
     module.eval()
-    u = torch.randn(1, sum(LENGTHS), KWARGS["d_model"], device="cuda")
+    u = torch.randn(1, sum(LENGTHS), kwargs["d_model"], device="cuda")
     with torch.no_grad():
         alone, start = [], 0
         for n in LENGTHS:
@@ -48,18 +79,18 @@ def main():
         out = torch.cat(alone, dim=1)
         cu = torch.tensor(np.cumsum((0,) + LENGTHS), dtype=torch.int32, device="cuda")
         out_packed = module(u, cu_seqlens=cu)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "config.json").write_text(json.dumps(KWARGS, indent=2) + "\n")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(kwargs, indent=2) + "\n")
     state = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
-    save_file(state, str(OUT / "weights.safetensors"))
+    save_file(state, str(out_dir / "weights.safetensors"))
     np.savez(
-        OUT / "reference.npz",
+        out_dir / "reference.npz",
         u=u.cpu().numpy(),
         out=out.cpu().numpy(),
         out_packed=out_packed.cpu().numpy(),
         lengths=np.asarray(LENGTHS),
     )
-    print(f"wrote {OUT}: {sorted(state)}")
+    print(f"wrote {out_dir}: {sorted(state)}")
 
 
 if __name__ == "__main__":

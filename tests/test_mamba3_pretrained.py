@@ -75,20 +75,23 @@ def test_mamba3_config_errors(tmp_path):
         jp.from_pretrained(tmp_path)
 
 
-PARITY = Path(__file__).parent / "fixtures" / "parity" / "mamba3_siso"
+PARITY = Path(__file__).parent / "fixtures" / "parity"
 
 
-@pytest.mark.skipif(
-    not (PARITY / "reference.npz").exists(),
-    reason="no fixture: run scripts/make_mamba3_parity_fixtures.py on a GPU machine",
-)
-def test_mamba3_mixer_matches_mamba_ssm():
+@pytest.mark.parametrize("name", ["mamba3_siso", "mamba3_mimo"])
+def test_mamba3_mixer_matches_mamba_ssm(name):
     """One mixer with mamba_ssm's random weights: our packed output (segment ids) against its
-    Triton kernels run on each sequence alone and on the packed row with cu_seqlens."""
+    kernels (Triton; tilelang for MIMO) run on each sequence alone and on the packed row with
+    cu_seqlens."""
     from safetensors.numpy import load_file
 
-    kwargs = json.loads((PARITY / "config.json").read_text())
+    fixture = PARITY / name
+    if not (fixture / "reference.npz").exists():
+        pytest.skip("no fixture: run scripts/make_mamba3_parity_fixtures.py on a GPU machine")
+    kwargs = json.loads((fixture / "config.json").read_text())
     config = jp.Mamba3Config(
+        is_mimo=kwargs.get("is_mimo", False),
+        mimo_rank=kwargs.get("mimo_rank", 4),
         d_model=kwargs["d_model"],
         d_state=kwargs["d_state"],
         expand=kwargs["expand"],
@@ -99,7 +102,7 @@ def test_mamba3_mixer_matches_mamba_ssm():
         vocab_size=16,
     )
     mixer = jp.Mamba3Mixer(config, rngs=nnx.Rngs(0))
-    weights = load_file(str(PARITY / "weights.safetensors"))
+    weights = load_file(str(fixture / "weights.safetensors"))
     for name, array in weights.items():
         *path, leaf = name.split(".")
         owner = mixer
@@ -108,7 +111,7 @@ def test_mamba3_mixer_matches_mamba_ssm():
         value = array.T if leaf == "weight" and path[-1:] in (["in_proj"], ["out_proj"]) else array
         attribute = "kernel" if path[-1:] in (["in_proj"], ["out_proj"]) else leaf
         getattr(owner, attribute)[...] = jnp.asarray(value)
-    ref = np.load(PARITY / "reference.npz")
+    ref = np.load(fixture / "reference.npz")
     lengths = ref["lengths"]
     seg = jnp.asarray(np.repeat(np.arange(len(lengths)), lengths)[None], jnp.int32)
     out, _ = mixer(jnp.asarray(ref["u"]), seg)
