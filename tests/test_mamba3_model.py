@@ -1,5 +1,5 @@
-"""The Mamba-3 model: config checks, packed equals alone, decode after a packed prefill equals
-the full forward, and the tiny preset learning through the training step."""
+"""The Mamba-3 model: config checks, packed equals alone, generation's packed prefill and decode
+steps equal the full forward, and the tiny preset learning through the training step."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 import jax_packmamba as jp
+from jax_packmamba import generation
 from jax_packmamba.config import preset_config
 from train import data as data_lib
 from train import sharding
@@ -62,21 +63,17 @@ def test_mamba3_packed_equals_alone_and_decode_continues_prefill(mimo):
         )
         start += len(doc)
 
-    # Packed prefill of every document's first tokens, then decode the rest one at a time:
-    # the logits of the full forward.
+    # jp.generate's engine: every document's first tokens prefilled in one packed pass, then
+    # the rest decoded one token at a time: the logits of the full forward.
     split = 5
-    heads = [d[: min(split, len(d))] for d in docs]
-    prompt = jnp.asarray(np.concatenate(heads)[None], jnp.int32)
-    pseg = jnp.asarray(np.concatenate([np.full(len(h), i) for i, h in enumerate(heads)])[None])
-    _, cache = model(prompt, pseg, num_segments=len(docs))
+    prepared = generation.prepare(model)
+    logits, state = generation.prefill(prepared, [d[:split] for d in docs])
     full = [model(jnp.asarray(d[None], jnp.int32))[0] for d in docs]
-    # One row per document: its slot of the prefill's cache.
-    cache = jax.tree.map(lambda a: jnp.stack([a[:, 0, i] for i in range(len(docs))], 1), cache)
-    step = jax.jit(lambda m, t, c: m(t, cache=c))
-    longest = max(lengths)
-    for t in range(split, longest):
+    for i, d in enumerate(docs):
+        np.testing.assert_allclose(logits[i], full[i][min(split, len(d)) - 1], rtol=1e-4, atol=1e-4)
+    for t in range(split, max(lengths)):
         tokens = jnp.asarray([d[t] if t < len(d) else 0 for d in docs], jnp.int32)
-        logits, cache = step(model, tokens, cache)
+        logits, state = generation.step(prepared, tokens, state, decode_impl="xla")
         for i, d in enumerate(docs):
             if t < len(d):
                 np.testing.assert_allclose(logits[i], full[i][t], rtol=1e-4, atol=1e-4)
