@@ -11,13 +11,15 @@ layer). Random weights (biases and norms moved off their initial values), float3
     reference.npz       u (1, T, d); out (1, T, d) of the sequences alone, concatenated;
                         out_packed (1, T, d) of the same rows packed with cu_seqlens; lengths
 
-Run on the GPU machine from the repository root:
+Run on the GPU machine from the repository root (--out: where the two folders go, default
+tests/fixtures/parity; copy them there to commit):
 
-    PYTHONPATH=/tmp/site python3 scripts/make_mamba3_parity_fixtures.py
+    PYTHONPATH=/tmp/site python3 scripts/make_mamba3_parity_fixtures.py --out $OUT
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -41,9 +43,12 @@ LENGTHS = (1, 64, 37, 130)  # a length of 1, one chunk, not a chunk multiple, se
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=FIXTURES, help="folder of the fixture folders")
+    out = ap.parse_args().out
     for name, kwargs in KWARGS.items():
         try:
-            write(FIXTURES / name, kwargs)
+            write(out / name, kwargs)
         except (AssertionError, ImportError) as e:  # MIMO without tilelang
             print(f"{name}: not written: {type(e).__name__}: {e}")
 

@@ -99,6 +99,17 @@ def test_mamba3_tiny_step_learns_a_repeated_batch():
     assert batch["stats"]["sequences"] > 4  # packed: several documents share rows
     arrays = sharding.put_batch(batch["arrays"], sharding.batch_sharding(mesh))
     state = compiled.init(0)
+    mask = step_lib.decay_mask(state.params)
+    decayed = sorted(
+        "/".join(step_lib._names(p)) for p, m in jax.tree_util.tree_leaves_with_path(mask) if m
+    )
+    assert decayed == [
+        "embedding/embedding",
+        "layers/mixer/in_proj/kernel",
+        "layers/mixer/out_proj/kernel",
+        "layers/mlp/fc1/kernel",
+        "layers/mlp/fc2/kernel",
+    ]
     losses = []
     for _ in range(6):
         state, metrics = compiled.train_step(state, arrays)
