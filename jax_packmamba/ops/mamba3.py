@@ -1,5 +1,5 @@
-"""Mamba-3 (SISO) scan with state resets at segment boundaries: public op, chunked reference and
-the recurrent step.
+"""Mamba-3 scans with state resets at segment boundaries: SISO (public op, chunked reference,
+the recurrent step) and MIMO (mamba3_mimo_scan, rank R; its docstring has its math).
 
 Axis letters: b batch, t time, h heads, p headdim, g groups (of B and C), n state (d_state),
 a rotary angles (a <= n / 2), s segment slot.
