@@ -43,12 +43,8 @@ def test_mamba3_config_checks():
     assert sum(x.size for x in jax.tree.leaves(params)) == model.config.num_params()
 
 
-@pytest.mark.parametrize("mimo", [False, True])
-def test_mamba3_packed_equals_alone_and_decode_continues_prefill(mimo):
-    # MIMO: rank 2, chunks of 4 (mamba_ssm's 64 / rank, scaled down), the gated out-norm.
-    model = small_model(
-        **(dict(is_mimo=True, mimo_rank=2, chunk_size=4, is_outproj_norm=True) if mimo else {})
-    )
+def test_mamba3_packed_equals_alone_and_decode_continues_prefill():
+    model = small_model()
     rng = np.random.default_rng(0)
     lengths = (1, 8, 11)  # a length of 1, one chunk, one not a chunk multiple
     docs = [rng.integers(0, 256, n) for n in lengths]
@@ -77,6 +73,34 @@ def test_mamba3_packed_equals_alone_and_decode_continues_prefill(mimo):
         for i, d in enumerate(docs):
             if t < len(d):
                 np.testing.assert_allclose(logits[i], full[i][t], rtol=1e-4, atol=1e-4)
+
+
+def test_mamba3_mimo_mixer_decode_continues_packed_prefill():
+    """The MIMO mixer (rank 2, chunks of 4, the gated out-norm per rank): decode steps
+    (one-token scans from the cache) continue a packed prefill's per-slot caches as the packed
+    full sequences do (packed equals alone: tests/test_mamba3_mimo.py)."""
+    config = jp.Mamba3Config.preset(
+        "tiny", **SMALL, is_mimo=True, mimo_rank=2, chunk_size=4, is_outproj_norm=True
+    )
+    mixer = jp.Mamba3Mixer(config, rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(1)
+    lengths, split = (1, 4, 7), 3
+    hidden = jnp.asarray(rng.standard_normal((1, sum(lengths), config.d_model)), jnp.float32)
+    seg = jnp.asarray(np.repeat(np.arange(len(lengths)), lengths)[None], jnp.int32)
+    starts = np.cumsum((0,) + lengths)
+    packed, _ = mixer(hidden, seg)
+    # Prefill each sequence's first tokens in one packed row, then decode the rest.
+    heads = [hidden[:, a : a + min(split, b - a)] for a, b in zip(starts[:-1], starts[1:])]
+    pseg = np.repeat(np.arange(len(lengths)), [h.shape[1] for h in heads])[None]
+    _, cache = mixer(jnp.concatenate(heads, 1), jnp.asarray(pseg), num_segments=len(lengths))
+    cache = jax.tree.map(lambda a: a[0], cache)  # (slots, ...): one row per sequence
+    step = jax.jit(lambda m, h, c: m(h, cache=c))
+    for t in range(split, max(lengths)):
+        rows = jnp.stack([hidden[0, min(a + t, b - 1)] for a, b in zip(starts[:-1], starts[1:])])
+        out, cache = step(mixer, rows, cache)
+        for i, (a, b) in enumerate(zip(starts[:-1], starts[1:])):
+            if a + t < b:
+                np.testing.assert_allclose(out[i], packed[0, a + t], rtol=1e-4, atol=1e-5)
 
 
 def test_mamba3_tiny_step_learns_a_repeated_batch():
