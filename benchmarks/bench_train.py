@@ -113,7 +113,13 @@ PRESETS = ("130m", "370m", "790m", "1.4b", "2.8b")
 MAMBA2_PRESETS = ("mamba2-130m", "mamba2-370m", "mamba2-780m", "mamba2-1.3b", "mamba2-2.7b")
 # The packed hybrid (HybridConfig: Mamba2 + attention + MLP, Bamba-like) trains through the same
 # step: --presets hybrid-1b --modes packed --rows 8 times it at 8 x 2048.
-KNOWN_PRESETS = PRESETS + ("tiny",) + MAMBA2_PRESETS + ("mamba2-tiny", "hybrid-1b", "hybrid-tiny")
+# Mamba-3 (reference scan, no kernel yet): --presets mamba3-1.5b --modes packed --rows 8.
+KNOWN_PRESETS = (
+    PRESETS
+    + ("tiny",)
+    + MAMBA2_PRESETS
+    + ("mamba2-tiny", "hybrid-1b", "hybrid-tiny", "mamba3-1.5b", "mamba3-tiny")
+)
 GROUP_OF = {"packed": "rows", "padded": "rows", "single": "single", "link": "rows"}
 DEFAULT_ROWS = {
     "130m": 8,
@@ -127,6 +133,8 @@ DEFAULT_ROWS = {
     "mamba2-tiny": 2,
     "hybrid-1b": 8,
     "hybrid-tiny": 2,
+    "mamba3-1.5b": 8,
+    "mamba3-tiny": 2,
 }
 SMOKE_MODEL = "n_layer=1,d_model=32,d_state=4"
 # hybrid-tiny is already CPU-sized (and HybridConfig has no n_layer): --smoke runs it as it is.

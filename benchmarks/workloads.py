@@ -295,7 +295,9 @@ def model_config(
     from train.config import ModelConfig
 
     fields = (
-        {} if preset in ("tiny", "mamba2-tiny", "hybrid-tiny") else {"vocab_size": RELEASED_VOCAB}
+        {}
+        if preset in ("tiny", "mamba2-tiny", "mamba3-tiny", "hybrid-tiny")
+        else {"vocab_size": RELEASED_VOCAB}
     )
     fields.update(overrides or {})
     return ModelConfig(

@@ -1,9 +1,10 @@
 """jax-packmamba: Mamba on packed variable-length data in JAX."""
 
-from jax_packmamba.config import HybridConfig, Mamba2Config, MambaConfig
+from jax_packmamba.config import HybridConfig, Mamba2Config, Mamba3Config, MambaConfig
 from jax_packmamba.generation import generate
 from jax_packmamba.loss import chunked_cross_entropy, masked_cross_entropy
 from jax_packmamba.mamba2 import Mamba2Mixer, RMSNormGated
+from jax_packmamba.mamba3 import Mamba3Mixer
 from jax_packmamba.model import (
     LM,
     Block,
@@ -20,6 +21,11 @@ from jax_packmamba.ops import (
     attention,
     attention_reference,
     causal_conv1d,
+    mamba3_mimo_scan,
+    mamba3_mimo_scan_reference,
+    mamba3_scan,
+    mamba3_scan_reference,
+    mamba3_state_update,
     positions_from_segment_ids,
     segment_ids_from_positions,
     segment_starts,
@@ -51,6 +57,8 @@ __all__ = [
     "Mamba2Config",
     "Mamba2LM",
     "Mamba2Mixer",
+    "Mamba3Config",
+    "Mamba3Mixer",
     "MambaBlock",
     "MambaConfig",
     "MambaLM",
@@ -66,6 +74,11 @@ __all__ = [
     "chunked_cross_entropy",
     "from_pretrained",
     "generate",
+    "mamba3_mimo_scan",
+    "mamba3_mimo_scan_reference",
+    "mamba3_scan",
+    "mamba3_scan_reference",
+    "mamba3_state_update",
     "masked_cross_entropy",
     "pack_sequences",
     "pack_stream",

@@ -322,20 +322,221 @@ class Mamba2Config:
         return 3.0 * forward if training else float(forward)
 
 
+# Mamba-3 shapes. "1.5b" is ours (no released Mamba-3 config states its shape here): 24 layers
+# of 2048 with a gated MLP after each mixer, about 1.5B parameters untied at the 50277
+# vocabulary. "tiny" is for CPU tests, with chunks short enough that a row crosses their edges.
+MAMBA3_PRESETS = {
+    "1.5b": dict(n_layer=24, d_model=2048, d_intermediate=5504),
+    "tiny": dict(
+        n_layer=2,
+        d_model=64,
+        vocab_size=256,
+        d_state=16,
+        headdim=16,
+        chunk_size=8,
+        d_intermediate=128,
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Mamba3Config:
+    """Mamba-3 language model hyper-parameters (names follow mamba_ssm 2.3.2's Mamba3 and its
+    MambaConfig: d_intermediate > 0 adds a gated MLP after each mixer, as mixer_seq_simple
+    builds it, its hidden width rounded up to a multiple of 128).
+
+    is_mimo: rank mimo_rank B and C per token (mamba_ssm recommends chunk_size 64 / rank).
+    There is no conv; the conv_impl field exists so that the training program can pass one,
+    and is unused.
+    """
+
+    d_model: int = 768
+    n_layer: int = 24
+    vocab_size: int = 50277
+    d_state: int = 128
+    expand: int = 2
+    headdim: int = 64
+    ngroups: int = 1
+    rope_fraction: float = 0.5
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    A_floor: float = 1e-4
+    is_outproj_norm: bool = False  # a gated RMSNorm (norm before the gate) instead of silu(z)
+    is_mimo: bool = False
+    mimo_rank: int = 4
+    chunk_size: int = 64
+    d_intermediate: int = 0  # the MLP's hidden width before rounding; 0: no MLP
+    rms_norm_eps: float = 1e-5
+    pad_vocab_size_multiple: int = 16
+    tie_embeddings: bool = True
+    rescale_prenorm_residual: bool = True
+    initializer_range: float = 0.02
+    dtype: str = "float32"
+    scan_impl: str = "auto"  # "auto" or "reference" (no Mamba-3 kernel yet)
+    conv_impl: str = "auto"  # unused: Mamba-3 has no conv
+    remat: str = "none"
+    scan_layers: bool = False
+
+    def __post_init__(self):
+        _check_positive_ints(
+            self,
+            "d_model",
+            "n_layer",
+            "vocab_size",
+            "d_state",
+            "expand",
+            "headdim",
+            "ngroups",
+            "mimo_rank",
+            "chunk_size",
+            "pad_vocab_size_multiple",
+        )
+        if self.d_inner % self.headdim:
+            raise ValueError(
+                f"Mamba3Config: d_inner = expand * d_model = {self.d_inner} must be a "
+                f"multiple of headdim={self.headdim}"
+            )
+        if self.nheads % self.ngroups:
+            raise ValueError(
+                f"Mamba3Config: nheads = d_inner / headdim = {self.nheads} must be a "
+                f"multiple of ngroups={self.ngroups}"
+            )
+        if self.rope_fraction not in (0.5, 1.0):
+            raise ValueError(
+                f"Mamba3Config.rope_fraction must be 0.5 or 1.0, got {self.rope_fraction!r}"
+            )
+        if self.num_rope_angles < 1:
+            raise ValueError(
+                f"Mamba3Config: d_state={self.d_state} leaves no rotary angle at "
+                f"rope_fraction={self.rope_fraction}"
+            )
+        if not isinstance(self.d_intermediate, int) or self.d_intermediate < 0:
+            raise ValueError(
+                f"Mamba3Config.d_intermediate must be an int >= 0, got {self.d_intermediate!r}"
+            )
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ValueError(f"need 0 < dt_min <= dt_max, got {self.dt_min=} {self.dt_max=}")
+        if not self.A_floor > 0:
+            raise ValueError(f"Mamba3Config.A_floor must be > 0, got {self.A_floor!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"Mamba3Config.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.scan_impl not in ("auto", "reference"):
+            raise ValueError(
+                f"Mamba3Config.scan_impl must be 'auto' or 'reference' (there is no Mamba-3 "
+                f"kernel yet), got {self.scan_impl!r}"
+            )
+        _check_remat(self)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> Mamba3Config:
+        """ "1.5b" or "tiny" (also as "mamba3-1.5b", "mamba3-tiny"), with overrides."""
+        key = name.removeprefix("mamba3-")
+        if key not in MAMBA3_PRESETS:
+            raise ValueError(
+                f"unknown Mamba3 preset {name!r}; choose from {sorted(MAMBA3_PRESETS)}"
+            )
+        return cls(**{**MAMBA3_PRESETS[key], **overrides})
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def nheads(self) -> int:
+        return self.d_inner // self.headdim
+
+    @property
+    def num_rope_angles(self) -> int:
+        """Rotary angles per head: half the rotated state dims (rope_fraction of d_state,
+        made even)."""
+        rotated = int(self.d_state * self.rope_fraction)
+        return (rotated - rotated % 2) // 2
+
+    @property
+    def d_in_proj(self) -> int:
+        """in_proj's outputs: z, x, B, C (rank R each), dd_dt, dd_A, trap, angles."""
+        return (
+            2 * self.d_inner
+            + 2 * self.rank * self.ngroups * self.d_state
+            + 3 * self.nheads
+            + self.num_rope_angles
+        )
+
+    @property
+    def rank(self) -> int:
+        """B and C per token: mimo_rank with is_mimo, else 1."""
+        return self.mimo_rank if self.is_mimo else 1
+
+    @property
+    def mlp_hidden(self) -> int:
+        """The gated MLP's hidden width: d_intermediate rounded up to a multiple of 128."""
+        return -(-self.d_intermediate // 128) * 128
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_size_multiple
+        return -(-self.vocab_size // m) * m
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    def num_params(self) -> int:
+        """Parameter count (tied embeddings counted once)."""
+        d, e, h, n = self.d_model, self.d_inner, self.nheads, self.d_state
+        mixer = (
+            d * self.d_in_proj
+            + h  # dt_bias
+            + 2 * h * self.rank * n  # B_bias, C_bias
+            + 2 * n  # B_norm, C_norm
+            + h  # D
+            + (3 * h * self.rank * self.headdim if self.is_mimo else 0)  # mimo_x, _z, _o
+            + (e if self.is_outproj_norm else 0)
+            + e * d
+        )
+        mlp = 3 * d * self.mlp_hidden + d if self.d_intermediate else 0
+        embed = self.padded_vocab_size * d * (1 if self.tie_embeddings else 2)
+        return self.n_layer * (mixer + d + mlp) + d + embed
+
+    def flops_per_token(self, *, training: bool = True) -> float:
+        """Model FLOPs per token: matmuls and the chunked scan (forward x3 if training), the
+        scan counted as SSD's with one group per head (the biases make B and C per head) and,
+        for MIMO, a fused chunk of L R steps per head and rank."""
+        d, e, h, n, p, L = (
+            self.d_model,
+            self.d_inner,
+            self.nheads,
+            self.d_state,
+            self.headdim,
+            self.chunk_size,
+        )
+        matmul = 2 * (d * self.d_in_proj + e * d)
+        if self.d_intermediate:
+            matmul += 2 * 3 * d * self.mlp_hidden
+        R = self.rank
+        scan = h * R * (2 * L * R * n + 2 * L * R * p + 4 * p * n)
+        forward = self.n_layer * (matmul + scan) + 2 * d * self.padded_vocab_size
+        return 3.0 * forward if training else float(forward)
+
+
 # Both families' presets under one name space, as the training program and the benchmarks
 # take them: the Mamba1 names as they are, the Mamba2 ones prefixed ("mamba2-130m", ...).
 MODEL_PRESETS = (
     tuple(sorted(PRESETS))
     + tuple(f"mamba2-{name}" for name in MAMBA2_PRESETS)
+    + tuple(f"mamba3-{name}" for name in MAMBA3_PRESETS)
     + ("hybrid-tiny", "hybrid-1b")
 )
 
 
 def config_class(preset: str) -> type:
     """The config class of a preset name in MODEL_PRESETS: Mamba2Config for "mamba2-...",
-    HybridConfig for "hybrid-..."."""
+    Mamba3Config for "mamba3-...", HybridConfig for "hybrid-..."."""
     if preset.startswith("hybrid-"):
         return HybridConfig
+    if preset.startswith("mamba3-"):
+        return Mamba3Config
     return Mamba2Config if preset.startswith("mamba2-") else MambaConfig
 
 

@@ -25,7 +25,8 @@ d d_model, e d_inner, n d_state, w d_conv - 1, v vocabulary, T new-token bucket.
 Both families run the same engine; a Mamba2 layer's state: conv (p, d_conv - 1, conv_dim)
 (xBC, the conv's inputs) and ssm (p, heads, headdim, d_state). A hybrid (HybridConfig) runs it
 layer by layer too, its state a HybridDecodeState: per layer, each block's cache (Mamba2's as
-above, attention's KVCache (p, T, kv heads, head dim), none for an MLP). The prefill returns
+above, attention's KVCache (p, T, kv heads, head dim), none for an MLP); so does Mamba-3, its
+layer's cache the mixer's Mamba3State (ssm, k, x, angle). The prefill returns
 each prompt's keys and values at their positions (T = the packed row's length); the decode
 loop pads T by its new-token bucket, so a token costs a read of T keys.
 
@@ -59,7 +60,13 @@ import numpy as np
 from flax import nnx
 
 from jax_packmamba.compilation_cache import CompileStats, compile_stats  # noqa: F401 (re-exported)
-from jax_packmamba.config import HybridConfig, Mamba2Config, MambaConfig, hybrid_runs
+from jax_packmamba.config import (
+    HybridConfig,
+    Mamba2Config,
+    Mamba3Config,
+    MambaConfig,
+    hybrid_runs,
+)
 from jax_packmamba.hybrid import KVCache, pad_kv_cache
 from jax_packmamba.model import LM, MixerState, decode_add_norm, resolve_decode_impl
 from jax_packmamba.packing import (
@@ -306,8 +313,23 @@ def prefill_batch(model, prompts, max_row: int | None = None) -> Prefilled:
             )
             caches.append(cache)
         state = HybridDecodeState(tuple(caches))
+    if isinstance(model.config, Mamba3Config):  # caches of any structure, as a hybrid's
+        caches = []
+        for params in model.params["layers"]:
+            residual, cache = _prefill_hybrid_layer(
+                model.graphs[0],
+                params,
+                residual,
+                segment_ids,
+                rows,
+                slots,
+                num_segments=inputs.num_segments,
+            )
+            caches.append(cache)
+        state = HybridDecodeState(tuple(caches))
     conv, ssm = [], []
-    for params in () if isinstance(model.config, HybridConfig) else model.params["layers"]:
+    mixer_state = not isinstance(model.config, (HybridConfig, Mamba3Config))
+    for params in model.params["layers"] if mixer_state else ():
         residual, c, s = _prefill_layer(
             model.graphs[0],
             params,
@@ -455,6 +477,17 @@ def _step(model: PreparedModel, tokens, state: DecodeState, impl: str):
         caches = []
         for graph, params, cache in zip(model.graphs[0], model.params["layers"], state.layers):
             residual, cache = _hybrid_layer_step(graph, params, residual, cache, impl=impl)
+            caches.append(cache)
+        return (
+            _head(_head_params(model), model.graphs, model.config, residual),
+            HybridDecodeState(tuple(caches)),
+        )
+    if isinstance(model.config, Mamba3Config):
+        caches = []
+        for params, cache in zip(model.params["layers"], state.layers):
+            residual, cache = _hybrid_layer_step(
+                model.graphs[0], params, residual, cache, impl=impl
+            )
             caches.append(cache)
         return (
             _head(_head_params(model), model.graphs, model.config, residual),

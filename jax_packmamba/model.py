@@ -27,7 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_packmamba.config import HybridConfig, Mamba2Config, MambaConfig, hybrid_runs
+from jax_packmamba.config import (
+    HybridConfig,
+    Mamba2Config,
+    Mamba3Config,
+    MambaConfig,
+    hybrid_runs,
+)
 from jax_packmamba.hybrid import MLP, AttentionMixer, BlockConfig
 from jax_packmamba.layers import (  # MixerState, RMSNorm: public here too
     MixerState,
@@ -41,6 +47,7 @@ from jax_packmamba.layers import (  # MixerState, RMSNorm: public here too
 )
 from jax_packmamba.loss import CHUNK_TOKENS, chunked_cross_entropy
 from jax_packmamba.mamba2 import Mamba2Mixer
+from jax_packmamba.mamba3 import GatedMLP, Mamba3Mixer
 from jax_packmamba.ops import (
     causal_conv1d,
     causal_conv1d_step,
@@ -264,11 +271,13 @@ def mixer_core_xla(
 
 
 def mixer_class(config: MambaConfig | Mamba2Config | HybridConfig) -> type:
-    """The mixer a config builds: MambaMixer, or Mamba2Mixer for a Mamba2Config (and for a
-    HybridConfig, whose recurrent mixers are Mamba2's)."""
+    """The mixer a config builds: MambaMixer, Mamba2Mixer for a Mamba2Config (and for a
+    HybridConfig, whose recurrent mixers are Mamba2's), Mamba3Mixer for a Mamba3Config."""
     if isinstance(config, HybridConfig):
         return Mamba2Mixer
-    return {MambaConfig: MambaMixer, Mamba2Config: Mamba2Mixer}[type(config)]
+    return {MambaConfig: MambaMixer, Mamba2Config: Mamba2Mixer, Mamba3Config: Mamba3Mixer}[
+        type(config)
+    ]
 
 
 def make_mixer(config, rngs: nnx.Rngs):
@@ -302,7 +311,8 @@ def resolve_decode_impl(impl: str, config: MambaConfig | Mamba2Config) -> str:
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block of either family: r <- r + mixer(norm(r)), r in float32.
+    """Pre-norm residual block of any family: r <- r + mixer(norm(r)), r in float32; a
+    Mamba3Config with d_intermediate > 0 adds r <- r + mlp(norm2(r)), as mamba_ssm's Block.
 
     `block(residual, segment_ids=None, cache=None, **options) -> (residual, cache)`, the
     mixer's call (MambaMixer.__call__) around the residual stream."""
@@ -310,13 +320,22 @@ class Block(nnx.Module):
     def __init__(self, config: MambaConfig | Mamba2Config | BlockConfig, *, rngs: nnx.Rngs):
         self.norm = RMSNorm(config.d_model, eps=config.rms_norm_eps, dtype=config.compute_dtype)
         self.mixer = make_mixer(config, rngs)
+        self.norm2 = self.mlp = nnx.data(None)
+        if isinstance(config, Mamba3Config) and config.d_intermediate:
+            self.norm2 = RMSNorm(
+                config.d_model, eps=config.rms_norm_eps, dtype=config.compute_dtype
+            )
+            self.mlp = GatedMLP(config, rngs=rngs)
 
     def __call__(self, residual, segment_ids=None, cache: MixerState | None = None, **options):
         # The stream passes through the norm op so that its backward receives the stream's
         # gradient and adds it to the norm's in one pass (the add itself joins out_proj's).
         residual, normed = self.norm.add(residual, None)
         out, cache = self.mixer(normed, segment_ids, cache, **options)
-        return residual + out.astype(jnp.float32), cache
+        residual = residual + out.astype(jnp.float32)
+        if self.mlp is not None:
+            residual = residual + self.mlp(self.norm2(residual)).astype(jnp.float32)
+        return residual, cache
 
 
 def decode_add_norm(residual, out, norm: RMSNorm, impl: str):

@@ -57,7 +57,14 @@ from flax import nnx
 
 from jax_packmamba import run_layout
 from jax_packmamba import tokenizer as tokenizer_lib
-from jax_packmamba.config import REMAT, HybridConfig, Mamba2Config, MambaConfig, hybrid_runs
+from jax_packmamba.config import (
+    REMAT,
+    HybridConfig,
+    Mamba2Config,
+    Mamba3Config,
+    MambaConfig,
+    hybrid_runs,
+)
 from jax_packmamba.model import LM, mixer_class
 from jax_packmamba.ops.causal_conv1d import CONV_IMPLS
 
@@ -128,7 +135,8 @@ def _with_overrides(config: AnyConfig, overrides: dict, config_file) -> AnyConfi
 
 def save_pretrained(model, path, *, tokenizer=None) -> None:
     """Writes `model` (MambaLM or Mamba2LM) in the Hugging Face layout: path/config.json and
-    path/model.safetensors.
+    path/model.safetensors. A Mamba-3 model is written in mamba_ssm's state-spaces layout
+    (config.json with its MambaConfig's fields, tensors named as its MambaLMHeadModel's).
 
     tokenizer (a jax_packmamba.tokenizer ByteTokenizer or HFTokenizer): recorded beside the
     model, so that `tokenizer_for_model_dir(path)` and the generate command line find it:
@@ -141,11 +149,14 @@ def save_pretrained(model, path, *, tokenizer=None) -> None:
     if isinstance(model.config, HybridConfig):  # Bamba or Nemotron-H
         config = hybrid_hf_config(model.config)
         tensors = hf_tensors_from_model(model)
+    elif isinstance(model.config, Mamba3Config):  # no HF layout: mamba_ssm's own
+        config = mamba3_state_spaces_config(model.config)
+        tensors = tensors_from_model(model, "state-spaces")
     else:
         config = hf_config_from_config(model.config)
         tensors = tensors_from_model(model)
     if tokenizer is not None:
-        config.update(_tokenizer_entries(tokenizer, model.config, config[EXTRA_KEY]))
+        config.update(_tokenizer_entries(tokenizer, model.config, config.get(EXTRA_KEY, {})))
     path.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
         tokenizer_lib.save_tokenizer_files(tokenizer, path)
@@ -301,8 +312,9 @@ def model_from_tensors(
         raise ValueError(
             f"{source} does not match the {layout} layout of this {type(config).__name__} "
             f"({config.n_layer} layers, d_model={config.d_model}, "
-            f"tie_embeddings={config.tie_embeddings}, proj_bias={config.proj_bias}, "
-            f"conv_bias={config.conv_bias}): missing tensors {_short(missing)}; unexpected "
+            f"tie_embeddings={config.tie_embeddings}, "
+            f"proj_bias={getattr(config, 'proj_bias', False)}, "
+            f"conv_bias={getattr(config, 'conv_bias', None)}): missing tensors {_short(missing)}; unexpected "
             f"tensors {_short(unexpected)}{note}"
         )
 
@@ -774,6 +786,8 @@ def _config_from_state_spaces(f: _Fields) -> AnyConfig:
     f.require(("d_model", "n_layer", "vocab_size"), "the state-spaces layout has no default for it")
     if not f.get("rms_norm", _BOOL, True):
         raise ValueError(f"{f.where}: rms_norm=false (LayerNorm) is not supported; only RMSNorm")
+    if f.sub("ssm_cfg").get("layer", _STRING, "Mamba1") == "Mamba3":
+        return _config_from_state_spaces_mamba3(f)
     d_intermediate = f.get("d_intermediate", _NONNEGATIVE_INT, 0)
     if d_intermediate:
         raise ValueError(
@@ -788,7 +802,8 @@ def _config_from_state_spaces(f: _Fields) -> AnyConfig:
     layer = ssm.get("layer", _STRING, "Mamba1")
     if layer not in ("Mamba1", "Mamba2"):
         raise ValueError(
-            f"{f.where}: ssm_cfg.layer={layer!r} is not supported; only 'Mamba1' and 'Mamba2'"
+            f"{f.where}: ssm_cfg.layer={layer!r} is not supported; only 'Mamba1', 'Mamba2' "
+            f"and 'Mamba3'"
         )
     known = _MAMBA2_SSM_CFG | _MAMBA2_SSM_CFG_FIXED if layer == "Mamba2" else _MAMBA1_SSM_CFG
     unknown = sorted(ssm.keys() - set(known) - set(_SSM_CFG_IGNORED) - {"layer"})
@@ -837,7 +852,87 @@ def _make_config(cls, fields, where) -> AnyConfig:
         raise ValueError(f"{where}: {e}") from None
 
 
+# Mamba-3 ssm_cfg keys: json key -> (Mamba3Config field, kind, mamba_ssm's default, fixes
+# tensor shapes).
+_MAMBA3_SSM_CFG = {
+    "d_state": ("d_state", _POSITIVE_INT, 128, True),
+    "expand": ("expand", _POSITIVE_INT, 2, True),
+    "headdim": ("headdim", _POSITIVE_INT, 64, True),
+    "ngroups": ("ngroups", _POSITIVE_INT, 1, True),
+    "rope_fraction": ("rope_fraction", _POSITIVE_NUMBER, 0.5, True),
+    "dt_min": ("dt_min", _POSITIVE_NUMBER, 0.001, False),
+    "dt_max": ("dt_max", _POSITIVE_NUMBER, 0.1, False),
+    "dt_init_floor": ("dt_init_floor", _POSITIVE_NUMBER, 1e-4, False),
+    "A_floor": ("A_floor", _POSITIVE_NUMBER, 1e-4, False),
+    "is_outproj_norm": ("is_outproj_norm", _BOOL, False, True),
+    "is_mimo": ("is_mimo", _BOOL, False, True),
+    "mimo_rank": ("mimo_rank", _POSITIVE_INT, 4, True),
+    "chunk_size": ("chunk_size", _POSITIVE_INT, 64, False),
+}
+
+
+def _config_from_state_spaces_mamba3(f: _Fields) -> Mamba3Config:
+    """mamba_ssm's MambaLMHeadModel with ssm_cfg layer "Mamba3" (SISO or MIMO; d_intermediate
+    > 0: a gated MLP after each mixer)."""
+    attn = f.get("attn_layer_idx", _LIST, [])
+    if attn:
+        raise ValueError(f"{f.where}: attn_layer_idx={attn} (attention layers) is not supported")
+    for flag in ("residual_in_fp32", "fused_add_norm"):
+        f.get(flag, _BOOL, True)
+    ssm = f.sub("ssm_cfg")
+    unknown = sorted(
+        ssm.keys() - set(_MAMBA3_SSM_CFG) - set(_SSM_CFG_IGNORED) - {"layer", "dropout"}
+    )
+    if unknown:
+        raise ValueError(f"{f.where}: unsupported ssm_cfg keys {unknown} for layer 'Mamba3'")
+    fields = dict(
+        d_model=f.get("d_model", _POSITIVE_INT),
+        n_layer=f.get("n_layer", _POSITIVE_INT),
+        vocab_size=f.get("vocab_size", _POSITIVE_INT),
+        d_intermediate=f.get("d_intermediate", _NONNEGATIVE_INT, 0, shape=True),
+        pad_vocab_size_multiple=f.get("pad_vocab_size_multiple", _POSITIVE_INT, 8, shape=True),
+        tie_embeddings=f.get("tie_embeddings", _BOOL, True, shape=True),
+        rms_norm_eps=f.get("norm_epsilon", _POSITIVE_NUMBER, 1e-5),
+    )
+    for key, (field, kind, default, shape) in _MAMBA3_SSM_CFG.items():
+        fields[field] = ssm.get(key, kind, default, shape=shape)
+    return _make_config(Mamba3Config, fields, f.where)
+
+
+def mamba3_state_spaces_config(config: Mamba3Config) -> dict:
+    """mamba_ssm's config.json (its MambaConfig's fields only, as its loader requires) for a
+    Mamba3Config."""
+    if config.rms_norm_eps != 1e-5:
+        raise ValueError(
+            f"save_pretrained: rms_norm_eps={config.rms_norm_eps} has no place in mamba_ssm's "
+            f"config (its block norms use 1e-5)"
+        )
+    ssm_cfg = {"layer": "Mamba3"}
+    ssm_cfg.update({key: getattr(config, field) for key, (field, *_) in _MAMBA3_SSM_CFG.items()})
+    return {
+        "d_model": config.d_model,
+        "d_intermediate": config.d_intermediate,
+        "n_layer": config.n_layer,
+        "vocab_size": config.vocab_size,
+        "ssm_cfg": ssm_cfg,
+        "attn_layer_idx": [],
+        "attn_cfg": {},
+        "rms_norm": True,
+        "residual_in_fp32": True,
+        "fused_add_norm": True,
+        "pad_vocab_size_multiple": config.pad_vocab_size_multiple,
+        "tie_embeddings": config.tie_embeddings,
+    }
+
+
 def _config_summary(config: AnyConfig) -> str:
+    if isinstance(config, Mamba3Config):
+        return (
+            f"d_model={config.d_model}, n_layer={config.n_layer}, d_inner={config.d_inner}, "
+            f"heads={config.nheads}, headdim={config.headdim}, ngroups={config.ngroups}, "
+            f"d_state={config.d_state}, rotary angles={config.num_rope_angles}, "
+            f"d_intermediate={config.d_intermediate}, vocab rows={config.padded_vocab_size}"
+        )
     if isinstance(config, Mamba2Config):
         return (
             f"d_model={config.d_model}, n_layer={config.n_layer}, d_inner={config.d_inner}, "
@@ -902,9 +997,54 @@ _MAMBA2_MIXER_EXTRA = {
 }
 
 
+_MAMBA3_MIXER = {
+    "in_proj.weight": (("in_proj", "kernel"), _transpose),
+    "dt_bias": (("dt_bias",), _identity),
+    "B_bias": (("B_bias",), _identity),
+    "C_bias": (("C_bias",), _identity),
+    "B_norm.weight": (("B_norm", "weight"), _identity),
+    "C_norm.weight": (("C_norm", "weight"), _identity),
+    "D": (("D",), _identity),
+    "out_proj.weight": (("out_proj", "kernel"), _transpose),
+}
+
+
+def _mamba3_name_map(config: Mamba3Config, layout: str) -> dict:
+    """_name_map for mamba_ssm's Mamba-3 LM (state-spaces layout only: transformers has no
+    Mamba-3)."""
+    if layout != "state-spaces":
+        raise ValueError(
+            f"Mamba-3 checkpoints have only the state-spaces layout (transformers has no "
+            f"Mamba-3), got layout={layout!r}"
+        )
+    names = {_embedding_name(layout): (("embedding", "embedding"), None, _identity)}
+    for i in range(config.n_layer):
+        layer = {"norm.weight": (("layers", "norm", "weight"), _identity)}
+        mixer = dict(_MAMBA3_MIXER)
+        if config.is_outproj_norm:
+            mixer["norm.weight"] = (("norm", "weight"), _identity)
+        if config.is_mimo:
+            for name in ("mimo_x", "mimo_z", "mimo_o"):
+                mixer[name] = ((name,), _identity)
+        for name, (attribute, to_flax) in mixer.items():
+            layer["mixer." + name] = (("layers", "mixer") + attribute, to_flax)
+        if config.d_intermediate:
+            layer["norm2.weight"] = (("layers", "norm2", "weight"), _identity)
+            for fc in ("fc1", "fc2"):
+                layer[f"mlp.{fc}.weight"] = (("layers", "mlp", fc, "kernel"), _transpose)
+        prefix = f"backbone.layers.{i}."
+        names.update({prefix + name: (path, i, to_flax) for name, (path, to_flax) in layer.items()})
+    names["backbone.norm_f.weight"] = (("norm_f", "weight"), None, _identity)
+    if not config.tie_embeddings:
+        names["lm_head.weight"] = (("lm_head", "kernel"), None, _transpose)
+    return names
+
+
 def _name_map(config: AnyConfig, layout: str) -> dict:
     """torch name -> (path in the nnx state, layer index into the stacked layers or None,
     torch-array -> flax-array transform)."""
+    if isinstance(config, Mamba3Config):
+        return _mamba3_name_map(config, layout)
     mixer_extra = _MAMBA2_MIXER_EXTRA if isinstance(config, Mamba2Config) else _MAMBA1_MIXER_EXTRA
     names = {_embedding_name(layout): (("embedding", "embedding"), None, _identity)}
     mixer = ("layers", "mixer")

@@ -197,3 +197,190 @@ def rms_norm_groups_loop(v, weight, eps, group_size):
         ms = jnp.sum(g * g, axis=-1, keepdims=True) / group_size
         out.append(g / jnp.sqrt(ms + eps) * weight[c0 : c0 + group_size])
     return jnp.concatenate(out, axis=-1)
+
+
+def mamba3_loop(
+    x,
+    dt,
+    A,
+    trap,
+    B,
+    C,
+    angles,
+    D=None,
+    z=None,
+    B_bias=None,
+    C_bias=None,
+    *,
+    segment_ids=None,
+    initial_states=None,
+):
+    """Mamba-3 SISO one step at a time, from its recurrence (jax_packmamba/ops/mamba3.py):
+    h_t = alpha_t h_{t-1} + beta_t x_{t-1} k_{t-1}^T + gamma_t x_t k_t^T, y_t = h_t q_t + D x_t.
+    A run (new wherever the id changes, and at t = 0) starts from initial_states[b, s] = (h,
+    k, x, theta) (zeros without). Returns (y, (h, k, x, theta) after every step (b, t, ...))."""
+    batch, length, heads, headdim = x.shape
+    groups, d_state = B.shape[2:]
+    n_angles = angles.shape[-1]
+    if segment_ids is None:
+        segment_ids = jnp.zeros((batch, length), jnp.int32)
+    previous_ids = jnp.concatenate([segment_ids[:, :1] - 1, segment_ids[:, :-1]], axis=1)
+    new_segment = segment_ids != previous_ids
+    B = jnp.repeat(B, heads // groups, axis=2)
+    C = jnp.repeat(C, heads // groups, axis=2)
+    if B_bias is not None:
+        B = B + B_bias
+    if C_bias is not None:
+        C = C + C_bias
+    rows = jnp.arange(batch)
+
+    def rotate(v, theta):  # pairs (2i, 2i + 1), i < n_angles
+        out = v
+        for i in range(n_angles):
+            c, s = jnp.cos(theta[..., i]), jnp.sin(theta[..., i])
+            v0, v1 = v[..., 2 * i], v[..., 2 * i + 1]
+            out = out.at[..., 2 * i].set(v0 * c - v1 * s).at[..., 2 * i + 1].set(v0 * s + v1 * c)
+        return out
+
+    def step(carry, xs):
+        h, k_prev, x_prev, theta = carry
+        x_t, dt_t, A_t, trap_t, B_t, C_t, ang_t, new_t, id_t = xs
+        if initial_states is None:
+            starts = [jnp.zeros_like(a) for a in carry]
+        else:
+            starts = [jnp.asarray(a)[rows, id_t] for a in initial_states]
+        h, k_prev, x_prev, theta = (
+            jnp.where(new_t.reshape(-1, *[1] * (a.ndim - 1)), s, a)
+            for a, s in zip((h, k_prev, x_prev, theta), starts)
+        )
+        theta = theta + dt_t[..., None] * jnp.pi * jnp.tanh(ang_t)
+        k_t, q_t = rotate(B_t, theta), rotate(C_t, theta)
+        lam = 1.0 / (1.0 + jnp.exp(-trap_t))
+        alpha = jnp.exp(dt_t * A_t)
+        beta = (1.0 - lam) * dt_t * alpha
+        gamma = lam * dt_t
+        h = (
+            alpha[..., None, None] * h
+            + beta[..., None, None] * x_prev[..., :, None] * k_prev[..., None, :]
+            + gamma[..., None, None] * x_t[..., :, None] * k_t[..., None, :]
+        )
+        y = jnp.einsum("bhpn,bhn->bhp", h, q_t)
+        carry = (h, k_t, x_t, theta)
+        return carry, (y, carry)
+
+    zeros = jnp.zeros
+    carry0 = (
+        zeros((batch, heads, headdim, d_state), x.dtype),
+        zeros((batch, heads, d_state), x.dtype),
+        zeros((batch, heads, headdim), x.dtype),
+        zeros((batch, heads, n_angles), x.dtype),
+    )
+    time_major = [
+        jnp.swapaxes(a, 0, 1) for a in (x, dt, A, trap, B, C, angles, new_segment, segment_ids)
+    ]
+    _, (y, states) = jax.lax.scan(step, carry0, time_major)
+    y = jnp.swapaxes(y, 0, 1)
+    states = tuple(jnp.swapaxes(s, 0, 1) for s in states)
+    if D is not None:
+        y = y + x * D[:, None]
+    if z is not None:
+        y = y * z * jax.nn.sigmoid(z)
+    return y, states
+
+
+def mamba3_mimo_loop(
+    x,
+    dt,
+    A,
+    trap,
+    B,
+    C,
+    angles,
+    x_proj,
+    D=None,
+    z=None,
+    z_proj=None,
+    out_proj=None,
+    B_bias=None,
+    C_bias=None,
+    *,
+    segment_ids=None,
+    initial_states=None,
+):
+    """Mamba-3 MIMO (rank R) one step at a time, from its recurrence
+    (jax_packmamba/ops/mamba3.py's mamba3_mimo_scan), the halves rotation (i, i + n / 2).
+    Returns (out, (h, k (b, t, R, h, n), x, theta) after every step)."""
+    batch, length, heads, headdim = x.shape
+    rank, groups, d_state = B.shape[2:]
+    n_angles = angles.shape[-1]
+    half = d_state // 2
+    if segment_ids is None:
+        segment_ids = jnp.zeros((batch, length), jnp.int32)
+    previous_ids = jnp.concatenate([segment_ids[:, :1] - 1, segment_ids[:, :-1]], axis=1)
+    new_segment = segment_ids != previous_ids
+    B = jnp.repeat(B, heads // groups, axis=3)  # (b, t, R, h, n)
+    C = jnp.repeat(C, heads // groups, axis=3)
+    if B_bias is not None:
+        B = B + jnp.swapaxes(B_bias, 0, 1)
+    if C_bias is not None:
+        C = C + jnp.swapaxes(C_bias, 0, 1)
+    psi = jnp.swapaxes(x_proj, 0, 1)  # (R, h, p)
+    rows = jnp.arange(batch)
+
+    def rotate(v, theta):  # v (b, R, h, n), theta (b, h, a)
+        out = v
+        for i in range(n_angles):
+            c, s = jnp.cos(theta[:, None, :, i]), jnp.sin(theta[:, None, :, i])
+            v0, v1 = v[..., i], v[..., half + i]
+            out = out.at[..., i].set(v0 * c - v1 * s).at[..., half + i].set(v0 * s + v1 * c)
+        return out
+
+    def step(carry, xs):
+        h, k_prev, x_prev, theta = carry
+        x_t, dt_t, A_t, trap_t, B_t, C_t, ang_t, new_t, id_t = xs
+        if initial_states is None:
+            starts = [jnp.zeros_like(a) for a in carry]
+        else:
+            starts = [jnp.asarray(a)[rows, id_t] for a in initial_states]
+        h, k_prev, x_prev, theta = (
+            jnp.where(new_t.reshape(-1, *[1] * (a.ndim - 1)), s, a)
+            for a, s in zip((h, k_prev, x_prev, theta), starts)
+        )
+        theta = theta + dt_t[..., None] * jnp.pi * jnp.tanh(ang_t)
+        k_t, q_t = rotate(B_t, theta), rotate(C_t, theta)
+        lam = 1.0 / (1.0 + jnp.exp(-trap_t))
+        alpha = jnp.exp(dt_t * A_t)
+        beta = (1.0 - lam) * dt_t * alpha
+        gamma = lam * dt_t
+        xr_prev = x_prev[:, None] * psi  # (b, R, h, p)
+        xr_t = x_t[:, None] * psi
+        h = (
+            alpha[..., None, None] * h
+            + beta[..., None, None] * jnp.einsum("brhp,brhn->bhpn", xr_prev, k_prev)
+            + gamma[..., None, None] * jnp.einsum("brhp,brhn->bhpn", xr_t, k_t)
+        )
+        y = jnp.einsum("bhpn,brhn->brhp", h, q_t)
+        if D is not None:
+            y = y + D[:, None] * xr_t
+        carry = (h, k_t, x_t, theta)
+        return carry, (y, carry)
+
+    zeros = jnp.zeros
+    carry0 = (
+        zeros((batch, heads, headdim, d_state), x.dtype),
+        zeros((batch, rank, heads, d_state), x.dtype),
+        zeros((batch, heads, headdim), x.dtype),
+        zeros((batch, heads, n_angles), x.dtype),
+    )
+    time_major = [
+        jnp.swapaxes(a, 0, 1) for a in (x, dt, A, trap, B, C, angles, new_segment, segment_ids)
+    ]
+    _, (y, states) = jax.lax.scan(step, carry0, time_major)
+    y = jnp.swapaxes(y, 0, 1)  # (b, t, R, h, p)
+    states = tuple(jnp.swapaxes(s, 0, 1) for s in states)
+    if z is not None:
+        zr = z[:, :, None] * jnp.swapaxes(z_proj, 0, 1)
+        y = y * zr * jax.nn.sigmoid(zr)
+    if out_proj is not None:
+        y = jnp.einsum("btrhp,hrp->bthp", y, out_proj)
+    return y, states

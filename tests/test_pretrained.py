@@ -380,10 +380,14 @@ def test_bad_state_spaces_configs_and_tied_head(tmp_path):
     d = tmp_path / "ss"
     shutil.copytree(FIXTURES / "state_spaces", d)
     (d / "pytorch_model.bin").unlink()
-    edit_config(d, ssm_cfg={"layer": "Mamba3"})
+    edit_config(d, ssm_cfg={"layer": "Mamba4"})
     with pytest.raises(
-        ValueError, match="ssm_cfg.layer='Mamba3' is not supported; only 'Mamba1' and 'Mamba2'"
+        ValueError,
+        match="ssm_cfg.layer='Mamba4' is not supported; only 'Mamba1', 'Mamba2' and 'Mamba3'",
     ):
+        jp.from_pretrained(d)
+    edit_config(d, ssm_cfg={"layer": "Mamba3"})  # a Mamba1 checkpoint's tensors
+    with pytest.raises(ValueError, match="does not match the state-spaces layout of this Mamba3"):
         jp.from_pretrained(d)
     edit_config(d, ssm_cfg={"d_state": 8, "ngroups": 2})
     with pytest.raises(ValueError, match=r"unsupported ssm_cfg keys \['ngroups'\]"):

@@ -447,7 +447,8 @@ def test_help_describes_every_option(capsys):
     flat = " ".join(text.split())
     grad_reduce = {f.name: f for f in dataclasses.fields(MeshConfig)}["grad_reduce"]
     assert grad_reduce.metadata["choices"] == tuple(GRAD_REDUCE)  # the help's copy of the list
-    for f in dataclasses.fields(jp.MambaConfig) + dataclasses.fields(jp.Mamba2Config):
+    fields = (jp.MambaConfig, jp.Mamba2Config, jp.Mamba3Config)
+    for f in (f for cls in fields for f in dataclasses.fields(cls)):
         assert f" {f.name} (" in flat or f"--model.{f.name}=" in flat, f.name
     for phrase in (
         "comma-separated paths",
@@ -458,7 +459,8 @@ def test_help_describes_every_option(capsys):
         "'bytes' (UTF-8 bytes are ids 0..255",
         "tokenizer.json",
         "{1.4b | 130m | 2.8b | 370m | 790m | tiny | mamba2-130m | mamba2-370m | mamba2-780m | "
-        "mamba2-1.3b | mamba2-2.7b | mamba2-tiny | hybrid-tiny | hybrid-1b}",
+        "mamba2-1.3b | mamba2-2.7b | mamba2-tiny | mamba3-1.5b | mamba3-tiny | hybrid-tiny | "
+        "hybrid-1b}",
         "[fixed on resume unless --data.allow_change=true]",
         "[fixed on resume]",
     ):

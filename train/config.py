@@ -45,6 +45,7 @@ from jax_packmamba.config import (
     REMAT,
     HybridConfig,
     Mamba2Config,
+    Mamba3Config,
     MambaConfig,
     config_class,
     preset_config,
@@ -112,7 +113,8 @@ class ModelConfig:
         "models (n_layer x d_model: 130m 24x768, 370m 48x1024, 790m 48x1536, 1.4b "
         "48x2048, 2.8b 64x2560), tiny is 2x64 with d_state 8 for a CPU; mamba2-130m ... "
         "mamba2-2.7b are state-spaces/mamba2's shapes (Mamba2: d_state 128, headdim 64) "
-        "and mamba2-tiny its CPU one; "
+        "and mamba2-tiny its CPU one; mamba3-1.5b (24x2048 with MLPs) and mamba3-tiny are "
+        "Mamba-3 (SISO, reference scan); "
         "--model.<MambaConfig field>=VALUE overrides any value of it",
     )
     dtype: str = option(
@@ -669,6 +671,7 @@ _PART_CLASSES = {
     "run": RunConfig,
 }
 _MAMBA_TYPES = {
+    **typing.get_type_hints(Mamba3Config),
     **typing.get_type_hints(HybridConfig),
     **typing.get_type_hints(Mamba2Config),
     **typing.get_type_hints(MambaConfig),
@@ -881,6 +884,7 @@ def help_text(width: int = 100) -> str:
                 presets = {
                     MambaConfig: "Mamba1 presets",
                     Mamba2Config: "mamba2-* presets",
+                    Mamba3Config: "mamba3-* presets (SISO; scan_impl auto or reference)",
                     HybridConfig: "hybrid-* presets; layers: comma-separated strings "
                     "of M (Mamba2), * (attention), - (MLP)",
                 }

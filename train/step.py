@@ -27,7 +27,18 @@ from jax_packmamba import LM, Mamba2Config, MambaConfig
 from jax_packmamba.loss import CHUNK_TOKENS
 from train.config import OptimConfig
 
-NO_DECAY_NAMES = ("bias", "conv_bias", "A_log", "D")
+# Mamba-3's B_bias and C_bias are biases, its mimo_x/z/o per-channel scales (as norm weights).
+NO_DECAY_NAMES = (
+    "bias",
+    "conv_bias",
+    "A_log",
+    "D",
+    "B_bias",
+    "C_bias",
+    "mimo_x",
+    "mimo_z",
+    "mimo_o",
+)
 
 
 @jax.tree_util.register_dataclass

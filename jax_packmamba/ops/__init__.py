@@ -7,6 +7,14 @@ from jax_packmamba.ops.causal_conv1d import (
     causal_conv1d_step,
     segment_conv_windows,
 )
+from jax_packmamba.ops.mamba3 import (
+    Mamba3State,
+    mamba3_mimo_scan,
+    mamba3_mimo_scan_reference,
+    mamba3_scan,
+    mamba3_scan_reference,
+    mamba3_state_update,
+)
 from jax_packmamba.ops.rms_norm import (
     add_rms_norm,
     add_rms_norm_reference,
@@ -39,6 +47,12 @@ __all__ = [
     "gated_rms_norm",
     "gated_rms_norm_reference",
     "rms_norm",
+    "Mamba3State",
+    "mamba3_mimo_scan",
+    "mamba3_mimo_scan_reference",
+    "mamba3_scan",
+    "mamba3_scan_reference",
+    "mamba3_state_update",
     "segment_conv_windows",
     "segment_ends",
     "positions_from_segment_ids",

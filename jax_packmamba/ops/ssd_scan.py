@@ -423,10 +423,52 @@ def ssd_scan_reference(
     """The chunked pure-JAX SSD scan; same arguments as `ssd_scan` (see there and the module
     docstring for the algorithm). Ids outside [0, num_segments) are not checked here: such a
     run starts from zeros and its final state is dropped."""
+    acc = accumulation_dtype(x)  # float32 unless the caller runs a float64 oracle
+    dt = discretize_delta(dt, dt_bias, dt_softplus).astype(acc)
+    y, final = ssd_chunked(
+        x,
+        dt,
+        dt * A.astype(acc),
+        B,
+        C,
+        D,
+        segment_ids=segment_ids,
+        chunk_size=chunk_size,
+        initial_states=initial_states,
+        return_final_states=return_final_states,
+        num_segments=num_segments,
+    )
+    if z is not None:
+        y = y * jax.nn.silu(z.astype(acc))
+    y = y.astype(x.dtype)
+    return (y, final) if return_final_states else y
+
+
+def ssd_chunked(
+    x,
+    weight,
+    log_decay,
+    B,
+    C,
+    D=None,
+    *,
+    segment_ids=None,
+    chunk_size: int = DEFAULT_CHUNK,
+    initial_states=None,
+    return_final_states: bool = False,
+    num_segments: int | None = None,
+):
+    """The chunked algorithm with the decay and the input weight given apart, per token:
+    h_t = exp(log_decay_t) h_{t-1} + weight_t x_t B_t^T, y_t = h_t C_t + D x_t. SSD has
+    (weight, log_decay) = (dt', dt' A); Mamba-3 (ops/mamba3.py) its trapezoidal input scale
+    and a per-token dt A. weight and log_decay: (b, t, h) in the accumulation dtype.
+
+    Returns (y (b, t, h, p) in the accumulation dtype, no gate; final states (b, s, h, p, n)
+    or None)."""
     batch, length, heads, headdim = x.shape
     groups, d_state = B.shape[2:]
     per_group = heads // groups
-    acc = accumulation_dtype(x)  # float32 unless the caller runs a float64 oracle
+    acc = weight.dtype
     if segment_ids is None:
         segment_ids = jnp.zeros((batch, length), jnp.int32)
     if num_segments is None:
@@ -436,22 +478,22 @@ def ssd_scan_reference(
     pad = n_chunks * L - length
 
     def chunked(a, mode="constant"):
-        # (b, t, ...) -> (b, c, L, ...). Padded steps have dt' = 0 (decay 1, no input) and
-        # continue the row's last run, so the last chunk ends in the state of the last token.
+        # (b, t, ...) -> (b, c, L, ...). Padded steps have weight 0 and log-decay 0 (decay 1,
+        # no input) and continue the row's last run, so the last chunk ends in the state of
+        # the last token.
         a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), mode=mode)
         return a.reshape(batch, n_chunks, L, *a.shape[2:])
 
-    dt = chunked(discretize_delta(dt, dt_bias, dt_softplus).astype(acc))  # (b, c, L, h)
     # x, B and C stay in their dtype here and are cast inside each checkpointed step, so the
     # backward keeps them at their size.
     starts = chunked(segment_starts(segment_ids))  # padding: False
     slot = chunked(segment_ids.astype(jnp.int32), mode="edge")
     xs = dict(
-        dt=dt,
+        dt=chunked(weight),  # (b, c, L, h)
         x=chunked(x).reshape(batch, n_chunks, L, groups, per_group, headdim),
         B=chunked(B),
         C=chunked(C),
-        cum=_run_cumsum(dt * A.astype(acc), starts),  # (b, c, L, h)
+        cum=_run_cumsum(chunked(log_decay), starts),  # (b, c, L, h)
         # Run index within the chunk: 0 for the run that entered it, 1, 2, ... after each start.
         run=jnp.cumsum(starts.astype(jnp.int32), axis=2),
     )
@@ -475,11 +517,8 @@ def ssd_scan_reference(
     )
     y = _chunk_outputs(xs, h_in, init, D_gk)  # (b, c, L, g, k, p)
     y = y.reshape(batch, n_chunks * L, heads, headdim)[:, :length]
-    if z is not None:
-        y = y * jax.nn.silu(z.astype(acc))
-    y = y.astype(x.dtype)
     if not return_final_states:
-        return y
+        return y, None
     final = _final_states(xs, h_in, init, segment_ids, num_segments)
     return y, final.reshape(batch, num_segments, heads, headdim, d_state)
 
