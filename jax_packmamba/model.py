@@ -30,10 +30,17 @@ from flax import nnx
 from jax_packmamba.config import HybridConfig, Mamba2Config, MambaConfig, hybrid_runs
 from jax_packmamba.hybrid import MLP, AttentionMixer, BlockConfig
 from jax_packmamba.layers import (  # MixerState, RMSNorm: public here too
+    CONV,
+    MIXER_CORE,
+    MIXER_INPUT,
+    OUT_PROJ_INPUT,
+    PROJECTION,
+    SAVED_NAMES,
     MixerState,
     RMSNorm,
     conv_window,
     dt_bias_init,
+    saved,
     segment_caches,
     torch_linear_init,
 )
@@ -51,10 +58,27 @@ from jax_packmamba.ops.selective_scan import IMPLS as SCAN_IMPLS
 
 DECODE_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
+# Primitives whose outputs remat "save_kernel_outputs" keeps: the Pallas kernels' (the conv's,
+# and the scans' outputs and chunk states, which their backward kernels read), so no kernel
+# runs twice.
+KERNEL_PRIMITIVES = ("pallas_call",)
+
+
+def _kernel_outputs_saveable(prim, *_, **__) -> bool:
+    return prim.name in KERNEL_PRIMITIVES
+
+
 # config.remat -> the jax.checkpoint policy of each layer (absent: no remat).
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
     "save_matmul_outputs": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep what costs a GEMM or a kernel to make (layers.SAVED_NAMES, the Pallas kernels'
+    # outputs); recompute the elementwise rest (norms, gates, casts, splits). Under a scan
+    # the layer's saved values are stacked buffers, so an intermediate XLA would fuse away
+    # unrolled (the norms' float32 copies) costs memory there unless recomputed.
+    "save_kernel_outputs": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES), _kernel_outputs_saveable
+    ),
 }
 
 
@@ -127,7 +151,7 @@ class MambaMixer(nnx.Module):
         config = self.config
         if num_segments is not None and segment_ids is None:
             segment_ids = jnp.zeros(hidden.shape[:2], jnp.int32)
-        x, z = self._in_proj(hidden)  # (b, t, e) each
+        x, z = saved(PROJECTION, *self._in_proj(hidden))  # (b, t, e) each
         weight, bias = self._conv_params()
         x_conv = causal_conv1d(
             x,
@@ -138,6 +162,7 @@ class MambaMixer(nnx.Module):
             impl=config.conv_impl,
             continues=continues,
         )
+        x_conv = saved(CONV, x_conv)
         dt, B, C = self._dt_B_C(x_conv)
         # dt_proj's bias goes into the scan as delta_bias, in float32, as in mamba_ssm.
         result = selective_scan(
@@ -157,7 +182,7 @@ class MambaMixer(nnx.Module):
             impl=config.scan_impl,
         )
         if num_segments is None:
-            return self.out_proj(result), None
+            return self.out_proj(saved(OUT_PROJ_INPUT, saved(MIXER_CORE, result))), None
         y, ssm = result
         return self.out_proj(y), segment_caches(x, segment_ids, num_segments, ssm, config.d_conv)
 
@@ -212,8 +237,12 @@ class MambaMixer(nnx.Module):
     def _dt_B_C(self, x):
         """x_proj and dt_proj (without its bias, which the scan adds in float32)."""
         r, n = self.config.dt_rank_resolved, self.config.d_state
-        dt, B, C = jnp.split(self.x_proj(x), [r, r + n], axis=-1)
-        return dt @ self.dt_proj.kernel[...].astype(self.config.compute_dtype), B, C
+        dt, B, C = jnp.split(saved(PROJECTION, self.x_proj(x)), [r, r + n], axis=-1)
+        return (
+            saved(PROJECTION, dt @ self.dt_proj.kernel[...].astype(self.config.compute_dtype)),
+            B,
+            C,
+        )
 
     def _A(self):
         return -jnp.exp(self.A_log[...])
@@ -300,7 +329,7 @@ class Block(nnx.Module):
         # The stream passes through the norm op so that its backward receives the stream's
         # gradient and adds it to the norm's in one pass (the add itself joins out_proj's).
         residual, normed = self.norm.add(residual, None)
-        out, cache = self.mixer(normed, segment_ids, cache, **options)
+        out, cache = self.mixer(saved(MIXER_INPUT, normed), segment_ids, cache, **options)
         return residual + out.astype(jnp.float32), cache
 
 
