@@ -473,6 +473,7 @@ def main(argv=None) -> int:
         + (f"/conv:{args.conv_impl}" if args.conv_impl != "auto" else "")
         + (f"/norm:{args.norm_impl}" if args.norm_impl != "auto" else "")
         + ("/scan_layers" if args.scan_layers else "")
+        + (f"/remat:{mc.remat}" if mc.remat != "none" else "")
     )
     existing = json.loads(out.read_text()) if out.exists() else {}
     if key in existing:  # keep variants measured by an earlier call

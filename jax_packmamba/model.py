@@ -10,9 +10,10 @@ training (no cache; returns None), packed prefill (`num_segments=S`: returns eac
 final cache) and decode (`cache` given: one token per row, hidden (b, d), cache in and out).
 The LM holds its blocks stacked on a leading layer axis (the checkpoint layout either way) and
 runs them in an unrolled loop, or, with config.scan_layers, under one `lax.scan`, so a program
-holds one copy of the block whatever the depth (faster compiles, but a slower training step
-that needs more memory on a GPU: docs/performance.md); the remat policy (config.remat) applies
-per layer in both.
+holds one copy of the block whatever the depth (faster compiles; without remat it needs more
+memory on a GPU, since every saved intermediate is a stacked buffer: docs/performance.md); the
+remat policy (config.remat) applies per layer in both, and "save_kernel_outputs" keeps only
+what a GEMM or a kernel makes.
 
 Parameters are float32; activations run in `config.dtype` (bfloat16 on GPU) while the residual
 stream, norms and the scan state stay float32. Initialisation follows mamba_ssm.
