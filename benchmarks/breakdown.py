@@ -78,6 +78,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks import harness, step_parts, workloads  # noqa: E402
+from benchmarks.bench_train import _memory_analysis  # noqa: E402
 
 VARIANTS = (
     "step",
@@ -472,6 +473,7 @@ def main(argv=None) -> int:
         + (f"/conv:{args.conv_impl}" if args.conv_impl != "auto" else "")
         + (f"/norm:{args.norm_impl}" if args.norm_impl != "auto" else "")
         + ("/scan_layers" if args.scan_layers else "")
+        + (f"/remat:{mc.remat}" if mc.remat != "none" else "")
     )
     existing = json.loads(out.read_text()) if out.exists() else {}
     if key in existing:  # keep variants measured by an earlier call
@@ -547,9 +549,22 @@ def main(argv=None) -> int:
             scan_in_module=has_scan,
             # The process's peak so far (JAX has no reset): the step's own when it runs first.
             peak_gib_so_far=(harness.device_memory(jax.devices()[0])[0] or 0) / 2**30,
+            # XLA's scratch memory for this program (known before it runs).
+            memory_analysis=_memory_analysis(exe),
+        )
+        rec = result["variants"][name]
+        temp = (rec["memory_analysis"] or {}).get("temp_size_in_bytes")
+        memory = "".join(
+            f", {label} {v:.2f} GiB"
+            for label, v in (
+                ("temp", None if temp is None else temp / 2**30),
+                ("peak", rec["peak_gib_so_far"]),
+            )
+            if v
         )
         print(
-            f"  {name:12s} {1e3 * timing.median_s:9.2f} ms   (compile {t2 - t1:.1f}s)", flush=True
+            f"  {name:12s} {1e3 * timing.median_s:9.2f} ms   (compile {t2 - t1:.1f}s{memory})",
+            flush=True,
         )
         del exe, lowered
         save()

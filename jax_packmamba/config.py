@@ -21,9 +21,10 @@ PRESETS = {
 DTYPES = ("float32", "bfloat16", "float16")
 
 # What each layer saves for the backward pass (model.REMAT_POLICIES): everything ("none"),
-# nothing ("full": the block is recomputed), or only its matmuls' outputs. The remat flag's
-# old values still work: False is "none", True is "full".
-REMAT = ("none", "full", "save_matmul_outputs")
+# nothing ("full": the block is recomputed), only its matmuls' outputs, or its matmuls' and
+# kernels' outputs ("save_kernel_outputs": only elementwise work is recomputed). The remat
+# flag's old values still work: False is "none", True is "full".
+REMAT = ("none", "full", "save_matmul_outputs", "save_kernel_outputs")
 
 
 def _check_positive_ints(config, *names: str) -> None:

@@ -22,7 +22,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_packmamba.config import HybridConfig
-from jax_packmamba.layers import torch_linear_init
+from jax_packmamba.layers import (
+    MIXER_CORE,
+    OUT_PROJ_INPUT,
+    PROJECTION,
+    saved,
+    torch_linear_init,
+)
 from jax_packmamba.ops.attention import apply_rope, attention
 from jax_packmamba.ops.segments import positions_from_segment_ids, segment_starts
 
@@ -103,9 +109,10 @@ class AttentionMixer(nnx.Module):
         config = self.config
         lead = hidden.shape[:-1]
         c = config.attention_head_dim
-        q = self.q_proj(hidden).reshape(*lead, config.num_heads, c)
-        k = self.k_proj(hidden).reshape(*lead, config.num_kv_heads, c)
-        v = self.v_proj(hidden).reshape(*lead, config.num_kv_heads, c)
+        q, k, v = saved(PROJECTION, self.q_proj(hidden), self.k_proj(hidden), self.v_proj(hidden))
+        q = q.reshape(*lead, config.num_heads, c)
+        k = k.reshape(*lead, config.num_kv_heads, c)
+        v = v.reshape(*lead, config.num_kv_heads, c)
         if config.rotary_dim:
             rope = dict(theta=config.rope_theta, rotary_dim=config.rotary_dim)
             q, k = apply_rope(q, positions, **rope), apply_rope(k, positions, **rope)
@@ -140,7 +147,8 @@ class AttentionMixer(nnx.Module):
             max_segments=config.attention_max_segments,
             impl=config.attention_impl,
         )
-        out = self.o_proj(y.reshape(batch, length, -1))
+        y = saved(MIXER_CORE, y.reshape(batch, length, -1))
+        out = self.o_proj(saved(OUT_PROJ_INPUT, y))
         if num_segments is None:
             return out, None
         return out, _segment_kv(k, v, ids, positions, num_segments)
@@ -203,9 +211,9 @@ class MLP(nnx.Module):
     def __call__(
         self, hidden, segment_ids=None, cache=None, *, num_segments=None, decode_impl: str = "xla"
     ):
-        up = self.up_proj(hidden)
+        up = saved(PROJECTION, self.up_proj(hidden))
         if self.gate_proj is None:
             act = jnp.square(jax.nn.relu(up))
         else:
-            act = jax.nn.silu(self.gate_proj(hidden)) * up
-        return self.down_proj(act), None
+            act = jax.nn.silu(saved(PROJECTION, self.gate_proj(hidden))) * up
+        return self.down_proj(saved(OUT_PROJ_INPUT, act)), None

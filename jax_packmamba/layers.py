@@ -11,10 +11,29 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jax_packmamba.config import MambaConfig
 from jax_packmamba.ops import add_rms_norm, rms_norm, segment_conv_windows
 from jax_packmamba.ops.links import compact_ids, last_run_inputs, previous_row_tail
+
+# Names (jax.ad_checkpoint.checkpoint_name) of the values a layer keeps for its backward pass
+# under remat "save_kernel_outputs" (model.REMAT_POLICIES): the mixer's input (the block's norm
+# output), the projections' outputs, the conv's output, the scan's (or attention's) output, and
+# the out projection's input. Everything else in the layer is elementwise or a row reduction
+# (norms, gates, casts, splits) and is recomputed from them.
+MIXER_INPUT = "mixer_input"
+PROJECTION = "projection"
+CONV = "conv"
+MIXER_CORE = "mixer_core"
+OUT_PROJ_INPUT = "out_proj_input"
+SAVED_NAMES = (MIXER_INPUT, PROJECTION, CONV, MIXER_CORE, OUT_PROJ_INPUT)
+
+
+def saved(name: str, *xs):
+    """xs tagged as `name` for the remat policy (the identity otherwise): one array for one."""
+    out = tuple(checkpoint_name(x, name) for x in xs)
+    return out[0] if len(out) == 1 else out
 
 
 def torch_linear_init(scale: float = 1.0):

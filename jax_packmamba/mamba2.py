@@ -21,11 +21,16 @@ from flax import nnx
 
 from jax_packmamba.config import Mamba2Config
 from jax_packmamba.layers import (
+    CONV,
+    MIXER_CORE,
+    OUT_PROJ_INPUT,
+    PROJECTION,
     MixerState,
     conv_window,
     dt_bias_init,
     row_end_ids,
     row_end_state,
+    saved,
     segment_caches,
     torch_linear_init,
 )
@@ -164,18 +169,17 @@ class Mamba2Mixer(nnx.Module):
         if num_segments is not None and segment_ids is None:
             segment_ids = jnp.zeros(hidden.shape[:2], jnp.int32)
         scan_ids, slots = row_end_ids(segment_ids, hidden, num_segments, return_end_state)
-        z, xBC, dt = self._in_proj(hidden)
-        x, B, C = self._split_xBC(
-            causal_conv1d(
-                xBC,
-                *self._conv_params(),
-                segment_ids=segment_ids,
-                activation="silu",
-                impl=config.conv_impl,
-                continues=continues,
-                first_inputs=None if start_state is None else start_state.conv,
-            )
+        z, xBC, dt = saved(PROJECTION, *self._in_proj(hidden))
+        xBC_conv = causal_conv1d(
+            xBC,
+            *self._conv_params(),
+            segment_ids=segment_ids,
+            activation="silu",
+            impl=config.conv_impl,
+            continues=continues,
+            first_inputs=None if start_state is None else start_state.conv,
         )
+        x, B, C = self._split_xBC(saved(CONV, xBC_conv))
         # dt_bias goes into the scan in float32 (added before the softplus), as in mamba_ssm.
         result = ssd_scan(
             x,
@@ -196,7 +200,8 @@ class Mamba2Mixer(nnx.Module):
             impl=config.scan_impl,
         )
         y, ssm = result if slots is not None else (result, None)
-        out = self.out_proj(self.norm(y.reshape(*y.shape[:2], config.d_inner), z))
+        y = saved(MIXER_CORE, y.reshape(*y.shape[:2], config.d_inner))
+        out = self.out_proj(saved(OUT_PROJ_INPUT, self.norm(y, z)))
         if slots is None:
             return out, None
         if return_end_state:

@@ -10,9 +10,10 @@ training (no cache; returns None), packed prefill (`num_segments=S`: returns eac
 final cache) and decode (`cache` given: one token per row, hidden (b, d), cache in and out).
 The LM holds its blocks stacked on a leading layer axis (the checkpoint layout either way) and
 runs them in an unrolled loop, or, with config.scan_layers, under one `lax.scan`, so a program
-holds one copy of the block whatever the depth (faster compiles, but a slower training step
-that needs more memory on a GPU: docs/performance.md); the remat policy (config.remat) applies
-per layer in both.
+holds one copy of the block whatever the depth (faster compiles; without remat it needs more
+memory on a GPU, since every saved intermediate is a stacked buffer: docs/performance.md); the
+remat policy (config.remat) applies per layer in both, and "save_kernel_outputs" keeps only
+what a GEMM or a kernel makes.
 
 Parameters are float32; activations run in `config.dtype` (bfloat16 on GPU) while the residual
 stream, norms and the scan state stay float32. Initialisation follows mamba_ssm.
@@ -36,12 +37,19 @@ from jax_packmamba.config import (
 )
 from jax_packmamba.hybrid import MLP, AttentionMixer, BlockConfig
 from jax_packmamba.layers import (  # MixerState, RMSNorm: public here too
+    CONV,
+    MIXER_CORE,
+    MIXER_INPUT,
+    OUT_PROJ_INPUT,
+    PROJECTION,
+    SAVED_NAMES,
     MixerState,
     RMSNorm,
     conv_window,
     dt_bias_init,
     row_end_ids,
     row_end_state,
+    saved,
     segment_caches,
     torch_linear_init,
 )
@@ -60,10 +68,27 @@ from jax_packmamba.ops.selective_scan import IMPLS as SCAN_IMPLS
 
 DECODE_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
+# Primitives whose outputs remat "save_kernel_outputs" keeps: the Pallas kernels' (the conv's,
+# and the scans' outputs and chunk states, which their backward kernels read), so no kernel
+# runs twice.
+KERNEL_PRIMITIVES = ("pallas_call",)
+
+
+def _kernel_outputs_saveable(prim, *_, **__) -> bool:
+    return prim.name in KERNEL_PRIMITIVES
+
+
 # config.remat -> the jax.checkpoint policy of each layer (absent: no remat).
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
     "save_matmul_outputs": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep what costs a GEMM or a kernel to make (layers.SAVED_NAMES, the Pallas kernels'
+    # outputs); recompute the elementwise rest (norms, gates, casts, splits). Under a scan
+    # the layer's saved values are stacked buffers, so an intermediate XLA would fuse away
+    # unrolled (the norms' float32 copies) costs memory there unless recomputed.
+    "save_kernel_outputs": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES), _kernel_outputs_saveable
+    ),
 }
 
 
@@ -143,7 +168,7 @@ class MambaMixer(nnx.Module):
         if num_segments is not None and segment_ids is None:
             segment_ids = jnp.zeros(hidden.shape[:2], jnp.int32)
         scan_ids, slots = row_end_ids(segment_ids, hidden, num_segments, return_end_state)
-        x, z = self._in_proj(hidden)  # (b, t, e) each
+        x, z = saved(PROJECTION, *self._in_proj(hidden))  # (b, t, e) each
         weight, bias = self._conv_params()
         x_conv = causal_conv1d(
             x,
@@ -155,6 +180,7 @@ class MambaMixer(nnx.Module):
             continues=continues,
             first_inputs=None if start_state is None else start_state.conv,
         )
+        x_conv = saved(CONV, x_conv)
         dt, B, C = self._dt_B_C(x_conv)
         # dt_proj's bias goes into the scan as delta_bias, in float32, as in mamba_ssm.
         result = selective_scan(
@@ -175,7 +201,7 @@ class MambaMixer(nnx.Module):
             impl=config.scan_impl,
         )
         if slots is None:
-            return self.out_proj(result), None
+            return self.out_proj(saved(OUT_PROJ_INPUT, saved(MIXER_CORE, result))), None
         y, ssm = result
         if return_end_state:
             return self.out_proj(y), row_end_state(x, segment_ids, ssm, config.d_conv)
@@ -234,8 +260,12 @@ class MambaMixer(nnx.Module):
     def _dt_B_C(self, x):
         """x_proj and dt_proj (without its bias, which the scan adds in float32)."""
         r, n = self.config.dt_rank_resolved, self.config.d_state
-        dt, B, C = jnp.split(self.x_proj(x), [r, r + n], axis=-1)
-        return dt @ self.dt_proj.kernel[...].astype(self.config.compute_dtype), B, C
+        dt, B, C = jnp.split(saved(PROJECTION, self.x_proj(x)), [r, r + n], axis=-1)
+        return (
+            saved(PROJECTION, dt @ self.dt_proj.kernel[...].astype(self.config.compute_dtype)),
+            B,
+            C,
+        )
 
     def _A(self):
         return -jnp.exp(self.A_log[...])
@@ -331,7 +361,7 @@ class Block(nnx.Module):
         # The stream passes through the norm op so that its backward receives the stream's
         # gradient and adds it to the norm's in one pass (the add itself joins out_proj's).
         residual, normed = self.norm.add(residual, None)
-        out, cache = self.mixer(normed, segment_ids, cache, **options)
+        out, cache = self.mixer(saved(MIXER_INPUT, normed), segment_ids, cache, **options)
         residual = residual + out.astype(jnp.float32)
         if self.mlp is not None:
             residual = residual + self.mlp(self.norm2(residual)).astype(jnp.float32)

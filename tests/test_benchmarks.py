@@ -392,6 +392,14 @@ def smoke_bench_scan(out, data):
     assert impls["pallas"]["ratio_fwd_bwd_vs_mamba"] > 0 and data["anchors_ms"]
 
 
+def smoke_compile_time_kernels(out, data):
+    assert (data["part"], data["remat"], data["preset"]) == ("kernels", "none", "mamba2-1.3b")
+    assert [r["run"] for r in data["runs"]] == ["first", "cached"]
+    for r in data["runs"]:
+        assert r["part"] == "kernels" and r["compile_s"] > 0
+        assert r["memory_analysis"]["temp_size_in_bytes"] > 0
+
+
 def smoke_breakdown(out, data):
     ((key, record),) = data.items()
     assert key == "tiny/packed/2x64/model:n_layer=1,d_model=32,d_state=4"
@@ -685,6 +693,13 @@ SMOKES = {
         lambda d: ["--smoke", "--out", d],
         "ssd_chunk_scan_mosaic_cpu_smoke.json",
         smoke_ssd_chunk_scan,
+        True,
+    ),
+    "compile_time_kernels": (
+        "probes/compile_time",
+        lambda d: ["--smoke", "--preset", "mamba2-1.3b", "--part", "kernels", "--out", d],
+        "compile_time_cpu_smoke.json",
+        smoke_compile_time_kernels,
         True,
     ),
     "psum_bandwidth": (

@@ -1,9 +1,12 @@
 """MambaLM: initialisation as mamba_ssm, and packing isolation through the whole model."""
 
+import contextlib
 import dataclasses
+import io
 import time
 
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -234,7 +237,7 @@ def test_remat_policies_give_the_gradients_of_no_remat():
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 16, (1, 12)), jnp.int32)
     seg = jnp.asarray([[1] * 5 + [2] * 7], jnp.int32)
     grads = {}
-    for policy in ("none", "full", "save_matmul_outputs"):
+    for policy in jp.config.REMAT:
         config = jp.Mamba2Config.preset(
             "tiny",
             n_layer=3,
@@ -251,10 +254,109 @@ def test_remat_policies_give_the_gradients_of_no_remat():
                 lambda p: jp.masked_cross_entropy(nnx.merge(graphdef, p)(ids, seg), ids, seg > 0)[0]
             )
         )(params)
-    for policy in ("full", "save_matmul_outputs"):
+    for policy in jp.config.REMAT[1:]:
         for (path, a), b in zip(
             jax.tree.leaves_with_path(grads["none"]), jax.tree.leaves(grads[policy])
         ):
             np.testing.assert_allclose(
                 b, a, rtol=1e-5, atol=2e-5, err_msg=f"{policy} {jax.tree_util.keystr(path)}"
             )
+
+
+# Both families at 3 layers (so the layer axis differs from the batch of 2); Mamba2's widths are
+# the smallest its Pallas kernels take (headdim and d_state >= 16).
+SAVE_KERNEL_CONFIGS = {
+    "mamba": jp.MambaConfig.preset("tiny", n_layer=3, d_model=16, d_state=4, vocab_size=16),
+    "mamba2": jp.Mamba2Config.preset(
+        "tiny", n_layer=3, d_model=16, d_state=16, headdim=16, chunk_size=16, vocab_size=16
+    ),
+}
+
+
+def _lm_loss(config, ids, seg):
+    graphdef, params = nnx.split(jp.LM(config, rngs=nnx.Rngs(0)))
+
+    def loss(p):
+        return jp.masked_cross_entropy(nnx.merge(graphdef, p)(ids, seg), ids, seg > 0)[0]
+
+    return loss, params
+
+
+def _primitive_counts(jaxpr, names, counts=None) -> dict:
+    """How often each primitive in `names` occurs in jaxpr, sub-jaxprs (scan bodies, remat,
+    custom_vjp) included."""
+    counts = {} if counts is None else counts
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in names:
+            counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    _primitive_counts(sub.jaxpr, names, counts)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    _primitive_counts(sub, names, counts)
+    return counts
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_save_kernel_outputs_keeps_what_a_gemm_or_kernel_makes(family):
+    """remat "save_kernel_outputs" gives the loss and gradients of no remat, scanned and
+    unrolled (against unrolled without remat: scanned and unrolled alike are tested above).
+    Traced with the Pallas kernels (interpreter) and scanned layers, the gradient's program
+    holds as many matmuls and kernel calls as without remat (none is recomputed), and each layer
+    saves, stacked, only its input (the residual stream, float32), the kernels' chunk states,
+    and the projections', conv's, scan's and norms' bf16 outputs: no float32 copy, no weight
+    cast."""
+    base = SAVE_KERNEL_CONFIGS[family]
+    rng = np.random.default_rng(1)
+    ids = jnp.asarray(rng.integers(0, 16, (2, 24)), jnp.int32)
+    seg = jnp.asarray([[1] * 5 + [2] * 19, [1] * 24], jnp.int32)
+    out = {}
+    for scan, remat in (
+        (False, "none"),
+        (False, "save_kernel_outputs"),
+        (True, "save_kernel_outputs"),
+    ):
+        loss, params = _lm_loss(dataclasses.replace(base, scan_layers=scan, remat=remat), ids, seg)
+        out[scan, remat] = jax.jit(jax.value_and_grad(loss))(params)
+    for scan in (False, True):
+        for (path, a), b in zip(
+            jax.tree.leaves_with_path(out[False, "none"]),
+            jax.tree.leaves(out[scan, "save_kernel_outputs"]),
+        ):
+            # XLA fuses the two programs differently: float32 rounding of the largest entries.
+            np.testing.assert_allclose(
+                b,
+                a,
+                rtol=1e-5,
+                atol=1e-6 * float(np.abs(a).max()),
+                err_msg=f"scan={scan} {jax.tree_util.keystr(path)}",
+            )
+
+    kernels = dict(scan_impl="pallas_interpret", conv_impl="pallas_interpret", dtype="bfloat16")
+    counts, stacked = {}, {}
+    for remat in ("none", "save_kernel_outputs"):
+        config = dataclasses.replace(base, scan_layers=True, remat=remat, **kernels)
+        loss, params = _lm_loss(config, ids, seg)
+        jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
+        counts[remat] = _primitive_counts(jaxpr, ("dot_general", "pallas_call"))
+        text = io.StringIO()
+        with contextlib.redirect_stdout(text):
+            jax.ad_checkpoint.print_saved_residuals(loss, params)
+        stacked[remat] = [
+            line.split()[0]
+            for line in text.getvalue().splitlines()
+            if "output of scan" in line and line.split("[")[1].startswith("3,")
+        ]
+    assert counts["save_kernel_outputs"] == counts["none"] and counts["none"]["pallas_call"]
+    n, b, t, d = 3, 2, 24, base.d_model
+    saved = stacked["save_kernel_outputs"]
+    assert all(s.split("[")[1].startswith(f"{n},{b},") for s in saved), saved
+    wide = [s for s in saved if s.startswith("f32") and s.count(",") >= 4]  # chunk states
+    f32_tokens = [s for s in saved if s.startswith("f32") and s not in wide]
+    assert f32_tokens == [f"f32[{n},{b},{t},{d}]"], saved
+    per_token = [s for s in saved if s.startswith(f"bf16[{n},{b},{t},")]
+    # mixer input, then Mamba1: x, z, conv, x_proj, dt, scan output; Mamba2: z, xBC, dt,
+    # conv, SSD output, gated norm output.
+    assert len(per_token) == 7 and len(saved) == 8 + len(wide), saved
+    assert wide and len(stacked["none"]) > len(saved), stacked

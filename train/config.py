@@ -140,7 +140,8 @@ class ModelConfig:
         choices=REMAT + ("false", "true"),
         help="what each layer recomputes in the backward pass: none; full (the whole block: "
         "least memory, about a third more compute); save_matmul_outputs (all but the "
-        "matmuls); the old false / true are none / full",
+        "matmuls); save_kernel_outputs (only elementwise work: norms, gates, casts); the old "
+        "false / true are none / full",
     )
     scan_layers: bool = option(
         False,
