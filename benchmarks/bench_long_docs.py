@@ -131,6 +131,7 @@ def main(argv=None) -> int:
         "--run.checkpoint_every=0",
         "--run.progress=false",
         "--run.plot=false",
+        "--run.tensorboard=false",  # the GPU machine has no tensorboardX
     ]
     if n_layer:
         common.append(f"--model.n_layer={n_layer}")
