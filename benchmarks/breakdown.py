@@ -110,12 +110,13 @@ def fake_scan(
     delta_softplus=False,
     segment_ids=None,
     continues=None,
+    first_run_states=None,
     return_final_states=False,
     num_segments=None,
     impl="auto",
 ):
-    if return_final_states or continues is not None:
-        raise NotImplementedError("the stand-in scan has no final states and no row links")
+    if return_final_states or continues is not None or first_run_states is not None:
+        raise NotImplementedError("the stand-in scan has no states and no row links")
     f32 = jnp.float32
     d = delta.astype(f32)
     if delta_bias is not None:
@@ -130,10 +131,18 @@ def fake_scan(
 
 
 def fake_conv(
-    x, weight, bias=None, *, segment_ids=None, activation=None, impl=None, continues=None
+    x,
+    weight,
+    bias=None,
+    *,
+    segment_ids=None,
+    activation=None,
+    impl=None,
+    continues=None,
+    first_inputs=None,
 ):
     del impl
-    if continues is not None:
+    if continues is not None or first_inputs is not None:
         raise NotImplementedError("the stand-in conv has no row links")
     y = x * weight[:, -1]
     if bias is not None:

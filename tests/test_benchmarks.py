@@ -1095,7 +1095,14 @@ def test_breakdown_attributes_hlo_instructions_to_source_lines():
 
     here = pathlib.Path(__file__).name
     body = {f"{here}:{f.__code__.co_firstlineno + i} " for i in (1, 2)}
-    text = jax.jit(jax.grad(f)).lower(jnp.ones(64)).compile().as_text()
+    # Not from a persistent cache: its key ignores source lines, so an executable compiled
+    # from an older version of this file would name that version's lines.
+    cached = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        text = jax.jit(jax.grad(f)).lower(jnp.ones(64)).compile().as_text()
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cached)
     sources = breakdown.hlo_sources(text)
     entry = text[text.index("ENTRY") :]
     fused = [name for name in sources if name in entry.replace(".", "_") and "fusion" in name]
