@@ -473,21 +473,14 @@ def _hybrid_layer_step(graph, params, residual, cache, *, impl: str):
 
 def _step(model: PreparedModel, tokens, state: DecodeState, impl: str):
     residual = _table(model)[tokens].astype(jnp.float32)
-    if isinstance(model.config, HybridConfig):
+    if isinstance(model.config, HybridConfig | Mamba3Config):
+        # A hybrid has one graph per layer (its kinds differ); Mamba-3's layers share one.
+        graphs = model.graphs[0]
+        if isinstance(model.config, Mamba3Config):
+            graphs = [graphs] * len(state.layers)
         caches = []
-        for graph, params, cache in zip(model.graphs[0], model.params["layers"], state.layers):
+        for graph, params, cache in zip(graphs, model.params["layers"], state.layers):
             residual, cache = _hybrid_layer_step(graph, params, residual, cache, impl=impl)
-            caches.append(cache)
-        return (
-            _head(_head_params(model), model.graphs, model.config, residual),
-            HybridDecodeState(tuple(caches)),
-        )
-    if isinstance(model.config, Mamba3Config):
-        caches = []
-        for params, cache in zip(model.params["layers"], state.layers):
-            residual, cache = _hybrid_layer_step(
-                model.graphs[0], params, residual, cache, impl=impl
-            )
             caches.append(cache)
         return (
             _head(_head_params(model), model.graphs, model.config, residual),
