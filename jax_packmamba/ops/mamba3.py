@@ -45,7 +45,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_packmamba.ops.segments import check_segment_ids, check_segment_slots, segment_starts
+from jax_packmamba.ops.segments import (
+    check_chunk_and_slots,
+    check_segment_ids,
+    segment_starts,
+)
 from jax_packmamba.ops.selective_scan import accumulation_dtype, run_cumsum
 from jax_packmamba.ops.ssd_scan import ssd_chunked
 
@@ -724,29 +728,10 @@ def _check_args(
                 f"{name} must be a real floating array, got dtype {jnp.result_type(a)}"
             )
     check_segment_ids(segment_ids, batch, length)
-    if (
-        not isinstance(chunk_size, (int, np.integer))
-        or isinstance(chunk_size, bool)
-        or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if num_segments is None and return_final_states:
-        if segment_ids is not None:
-            raise ValueError(
-                "return_final_states with segment_ids needs num_segments (ids must "
-                "lie in [0, num_segments))"
-            )
-        num_segments = 1
-    if num_segments is not None:
-        if (
-            not isinstance(num_segments, (int, np.integer))
-            or isinstance(num_segments, bool)
-            or num_segments < 1
-        ):
-            raise ValueError(f"num_segments must be a positive int, got {num_segments!r}")
-        check_segment_slots(
-            segment_ids,
-            num_segments,
-            used_by="return_final_states" if return_final_states else "initial_states",
-        )
-    return num_segments
+    return check_chunk_and_slots(
+        segment_ids,
+        chunk_size,
+        num_segments,
+        return_final_states=return_final_states,
+        initial_states_given=initial_states is not None,
+    )

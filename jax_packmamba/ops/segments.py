@@ -19,6 +19,7 @@ from pallas_kernels.common import segment_ends, segment_starts
 __all__ = [
     "check_pallas_platform",
     "check_segment_ids",
+    "check_chunk_and_slots",
     "check_segment_slots",
     "positions_from_segment_ids",
     "segment_ends",
@@ -80,6 +81,48 @@ def check_segment_slots(segment_ids, num_segments: int, *, used_by: str | None =
         raise ValueError(f"{what}, got a negative id {low}")
     if high >= num_segments:
         raise ValueError(f"{what}, got ids up to {high}: pass num_segments={high + 1} or more")
+
+
+def check_chunk_and_slots(
+    segment_ids,
+    chunk_size,
+    num_segments,
+    *,
+    return_final_states: bool,
+    initial_states_given: bool,
+) -> int | None:
+    """The chunked scans' shared checks: chunk_size a positive int; num_segments (None: 1 slot
+    when states are asked for or given without segment_ids) a positive int whose slots hold
+    every id. Returns the resolved num_segments."""
+    if (
+        not isinstance(chunk_size, (int, np.integer))
+        or isinstance(chunk_size, bool)
+        or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if num_segments is None and (return_final_states or initial_states_given):
+        if segment_ids is not None:
+            raise ValueError(
+                "return_final_states with segment_ids needs num_segments (ids must "
+                "lie in [0, num_segments))"
+            )
+        num_segments = 1
+    if num_segments is not None:
+        if (
+            not isinstance(num_segments, (int, np.integer))
+            or isinstance(num_segments, bool)
+            or num_segments < 1
+        ):
+            raise ValueError(f"num_segments must be a positive int, got {num_segments!r}")
+        used_by = (
+            "return_final_states"
+            if return_final_states
+            else "initial_states"
+            if initial_states_given
+            else None
+        )
+        check_segment_slots(segment_ids, num_segments, used_by=used_by)
+    return num_segments
 
 
 GPU_PLATFORMS = ("gpu", "cuda", "rocm")

@@ -72,9 +72,9 @@ from jax_packmamba.ops.links import (
     single_run_rows,
 )
 from jax_packmamba.ops.segments import (
+    check_chunk_and_slots,
     check_pallas_platform,
     check_segment_ids,
-    check_segment_slots,
     segment_starts,
 )
 from jax_packmamba.ops.selective_scan import (
@@ -365,38 +365,13 @@ def check_ssd_scan_args(
                 f"{name} must be a real floating array, got dtype {jnp.result_type(a)}"
             )
     check_segment_ids(segment_ids, batch, length)
-    if (
-        not isinstance(chunk_size, (int, np.integer))
-        or isinstance(chunk_size, bool)
-        or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if num_segments is None and (return_final_states or initial_states is not None):
-        if segment_ids is not None:
-            raise ValueError(
-                "return_final_states with segment_ids needs num_segments (ids must "
-                "lie in [0, num_segments))"
-            )
-        num_segments = 1
-    if num_segments is not None:
-        if (
-            not isinstance(num_segments, (int, np.integer))
-            or isinstance(num_segments, bool)
-            or num_segments < 1
-        ):
-            raise ValueError(f"num_segments must be a positive int, got {num_segments!r}")
-        check_segment_slots(
-            segment_ids,
-            num_segments,
-            used_by=(
-                "return_final_states"
-                if return_final_states
-                else "initial_states"
-                if initial_states is not None
-                else None
-            ),
-        )
-    return num_segments
+    return check_chunk_and_slots(
+        segment_ids,
+        chunk_size,
+        num_segments,
+        return_final_states=return_final_states,
+        initial_states_given=initial_states is not None,
+    )
 
 
 @functools.partial(
