@@ -1,7 +1,7 @@
 """mamba_ssm's Mamba-3 SISO kernel (mamba3_siso_combined), the torch side of bench_mamba3.py.
 
     PYTHONPATH=/tmp/site:. python3 benchmarks/mamba3_torch.py OUT.json [--length 16384]
-        [--segments 64] [--chunk 64]
+        [--segments 64] [--chunk 64] [--batch8]
 
 Runs on the GPU machine (torch, triton >= 3.5 and mamba_ssm on PYTHONPATH: none of them are
 this project's dependencies, so nothing is imported before the arguments are parsed, and a
@@ -15,11 +15,14 @@ bf16 cotangent) for:
     documents (bench_mamba3's (1, 16384) shape);
   - packed512: the same total tokens with cu_seqlens of 8 rows' worth of --segments documents
     each (bench_mamba3's (8, 2048) rows laid end to end: varlen needs batch 1);
-  - batch8: 8 rows of length / 8 without cu_seqlens (unpacked), for reference.
+  - with --batch8: 8 rows of length / 8 without cu_seqlens (unpacked), for reference (its
+    kernels autotune again: another minute or two on a fresh machine).
 
-Per case: the first call (Triton autotuning happens there) apart; wall time (median of 5 groups
-of 5 calls, synchronised per group) and GPU kernel time (torch.profiler: the sum of CUDA kernel
-durations over 5 calls / 5, as .anchor/ssd_torch_gpu.py does). OUT.json after every case.
+Per case: the first call (Triton autotuning happens there: mamba_ssm's Mamba-3 kernels try
+up to 27 launch configurations each, a minute or two on a fresh machine) apart; wall time
+(median of 5 groups of 5 calls, synchronised per group) and GPU kernel time (torch.profiler:
+the sum of CUDA kernel durations over 5 calls / 5, as .anchor/ssd_torch_gpu.py does).
+OUT.json after every case.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def parse_args(argv):
     p.add_argument("--length", type=int, default=16384, help="total tokens (default 16384)")
     p.add_argument("--segments", type=int, default=64, help="documents a row (default 64)")
     p.add_argument("--chunk", type=int, default=64, help="the kernel's chunk_size (default 64)")
+    p.add_argument("--batch8", action="store_true", help="also 8 unpacked rows (no cu_seqlens)")
     args = p.parse_args(argv)
     if args.length % ROWS_8 or args.length < ROWS_8 * args.segments or args.segments < 1:
         p.error(
@@ -81,8 +85,9 @@ def run(args, res, save):
             total,
             cu_seqlens(torch, gen, ROWS_8, total // ROWS_8, args.segments),
         ),
-        ("batch8", ROWS_8, total // ROWS_8, None),
     ]
+    if args.batch8:
+        cases.append(("batch8", ROWS_8, total // ROWS_8, None))
     bf, f32 = torch.bfloat16, torch.float32
     for name, b, length, cu in cases:
 

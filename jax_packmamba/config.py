@@ -374,7 +374,7 @@ class Mamba3Config:
     rescale_prenorm_residual: bool = True
     initializer_range: float = 0.02
     dtype: str = "float32"
-    scan_impl: str = "auto"  # SISO: see jax_packmamba.mamba3_scan; MIMO: reference only
+    scan_impl: str = "auto"  # see jax_packmamba.mamba3_scan (SISO and MIMO)
     conv_impl: str = "auto"  # unused: Mamba-3 has no conv
     remat: str = "none"
     scan_layers: bool = False
@@ -426,11 +426,6 @@ class Mamba3Config:
         if self.scan_impl not in impls:
             raise ValueError(
                 f"Mamba3Config.scan_impl must be one of {impls}, got {self.scan_impl!r}"
-            )
-        if self.is_mimo and self.scan_impl not in ("auto", "reference"):
-            raise ValueError(
-                f"Mamba3Config.scan_impl={self.scan_impl!r}: the MIMO scan has no kernel path "
-                f"(it runs the reference); use 'auto' or 'reference'"
             )
         _check_remat(self)
 

@@ -19,19 +19,25 @@ from flax import nnx
 import jax_packmamba as jp
 from jax_packmamba.ops.mamba3 import (
     Mamba3State,
+    mamba3_mimo_scan_pallas,
+    mamba3_mimo_scan_reference,
     mamba3_scan,
     mamba3_scan_pallas,
     mamba3_scan_reference,
 )
 from pallas_kernels.ssd import SSDConfig
 from tests.gpu import HAS_GPU, lower_for_cuda, on_gpu
-from tests.loops import mamba3_loop, rel_err
+from tests.loops import mamba3_loop, mamba3_mimo_loop, rel_err
+from tests.test_mamba3_mimo import NAMES as MIMO_NAMES
+from tests.test_mamba3_mimo import mimo_inputs, mimo_states
 from tests.test_mamba3_reference import initial_states, inputs
-from tests.test_ssd_impls import BACKWARD, FORWARD, TRITON_CALL
+from tests.test_ssd_impls import BACKWARD, FORWARD, TRITON_CALL, compiled
 
 IMPLS = ["pallas_interpret", on_gpu("pallas")]
 NAMES = ("x", "dt", "A", "trap", "B", "C", "angles", "D", "z", "B_bias", "C_bias")
 SHAPE = dict(batch=2, length=40, heads=4, headdim=16, groups=2, d_state=16, n_angles=4)
+# MIMO (rank 2): 2 heads make 8 fused SSD heads.
+MIMO_SHAPE = dict(SHAPE, heads=2, groups=1)
 SLOTS = 6  # id 0 occurs in neither row: its final state is zeros
 # Chunks of 32 (the second ragged) in 16-row blocks, so runs cross block and chunk edges.
 CONFIG = SSDConfig(chunk=32, block_l=16, block_s=16, block_k=16)
@@ -52,12 +58,14 @@ def states_init(seed):
     )
 
 
-_COMPILED = {}
+def scan_fn(impl, mimo=False):
+    """grad of sum(y * cot_y) + sum(final * cot_f) for `impl`, compiled once per impl (with
+    XLA's backend optimisations off on CPU: test_ssd_impls.compiled)."""
+    key = ("mamba3", impl, mimo)
 
-
-def scan_fn(impl):
-    """jit(grad) of sum(y * cot_y) + sum(final * cot_f) for `impl`, compiled once per impl."""
-    if impl not in _COMPILED:
+    def run(*args):
+        reference = mamba3_mimo_scan_reference if mimo else mamba3_scan_reference
+        kernels = mamba3_mimo_scan_pallas if mimo else mamba3_scan_pallas
 
         def loss(args, init, seg, cot_y, cot_f):
             kwargs = dict(
@@ -68,16 +76,17 @@ def scan_fn(impl):
                 num_segments=SLOTS,
             )
             if impl == "reference":
-                y, final = mamba3_scan_reference(**args, **kwargs)
+                y, final = reference(**args, **kwargs)
             else:
-                y, final = mamba3_scan_pallas(
+                y, final = kernels(
                     **args, **kwargs, interpret=impl == "pallas_interpret", config=CONFIG
                 )
             total = jnp.sum(y * cot_y) + sum(jnp.sum(v * c) for v, c in zip(final, cot_f))
             return total, (y, final)
 
-        _COMPILED[impl] = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
-    return _COMPILED[impl]
+        return compiled(key, jax.grad(loss, argnums=(0, 1), has_aux=True), *args)(*args)
+
+    return run
 
 
 def cotangents(seed, args, init):
@@ -87,17 +96,16 @@ def cotangents(seed, args, init):
     return cot_y, cot_f
 
 
-def loop_grads(args, init, seg, cot_y, cot_f):
+def loop_grads(args, init, seg, cot_y, cot_f, loop=mamba3_loop):
     """The float64 loop's (grads, (y, final states)) for the same loss."""
-    ids = np.asarray(seg)
-    last = np.array(
-        [[np.nonzero(r == s)[0][-1] if (r == s).any() else -1 for s in range(SLOTS)] for r in ids]
-    )
-    present, where = last >= 0, np.maximum(last, 0)
-    rows = np.arange(ids.shape[0])[:, None]
 
-    def loss(a, init):
-        y, states = mamba3_loop(**a, segment_ids=seg, initial_states=init)
+    def loss(a, init, seg, cot_y, cot_f):
+        y, states = loop(**a, segment_ids=seg, initial_states=init)
+        t = jnp.arange(seg.shape[1])
+        is_slot = seg[..., None] == jnp.arange(SLOTS)  # (b, t, s)
+        last = jnp.max(jnp.where(is_slot, t[:, None], -1), axis=1)  # (b, s)
+        present, where = last >= 0, jnp.maximum(last, 0)
+        rows = jnp.arange(seg.shape[0])[:, None]
         total, finals = jnp.sum(y * cot_y), []
         for state, c in zip(states, cot_f):
             picked = state[rows, where]
@@ -107,11 +115,10 @@ def loop_grads(args, init, seg, cot_y, cot_f):
         return total, (y, finals)
 
     with jax.enable_x64(True):
-        a64 = {k: jnp.asarray(v, jnp.float64) for k, v in args.items()}
-        i64 = Mamba3State(*(jnp.asarray(v, jnp.float64) for v in init))
-        c64 = (jnp.asarray(cot_y, jnp.float64), [jnp.asarray(c, jnp.float64) for c in cot_f])
-        cot_y, cot_f = c64
-        out = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(a64, i64)
+        f64 = lambda tree: jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), tree)  # noqa: E731
+        xs = (f64(args), Mamba3State(*f64(list(init))), seg, f64(cot_y), f64(list(cot_f)))
+        grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
+        out = compiled(("mamba3_loop", loop.__name__), grad, *xs)(*xs)
         return jax.tree.map(np.asarray, out)
 
 
@@ -140,6 +147,39 @@ def test_matches_float64_loop_and_reference(impl):
         (*final, *g_init, *g_args.values()), (*final_x, *x_init, *x_args.values())
     ):
         assert rel_err(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_matches_float64_loop(impl):
+    """bf16 x, z, B and C (the model's compute dtype; dt, A, trap, angles float32), packed,
+    without states: outputs and every gradient against the float64 loop on the same rounded
+    inputs, within bf16's rounding of the matmul operands, the output and the gradients."""
+    args = inputs(11, **SHAPE)
+    for k in ("x", "z", "B", "C"):
+        args[k] = args[k].astype(jnp.bfloat16)
+    seg = segment_ids()
+    cot = jnp.asarray(np.random.default_rng(12).standard_normal(args["x"].shape), jnp.float32)
+
+    def loss(a, seg, cot):
+        y = mamba3_scan(**a, segment_ids=seg, chunk_size=CONFIG.chunk, impl=impl)
+        return jnp.sum(y.astype(jnp.float32) * cot), y
+
+    xs = (args, seg, cot)
+    grads, y = compiled(("mamba3_bf16", impl), jax.grad(loss, has_aux=True), *xs)(*xs)
+
+    def loop_loss(a, seg, cot):
+        y, _ = mamba3_loop(**a, segment_ids=seg)
+        return jnp.sum(y * cot), y
+
+    with jax.enable_x64(True):
+        a64 = {k: jnp.asarray(v, jnp.float64) for k, v in args.items()}
+        xs = (a64, seg, jnp.asarray(cot, jnp.float64))
+        grad64 = jax.grad(loop_loss, has_aux=True)
+        want, y_ref = compiled(("mamba3_loop_bf16",), grad64, *xs)(*xs)
+    assert rel_err(np.asarray(y, np.float32), np.asarray(y_ref)) < 1e-2
+    for k in NAMES:
+        got = np.asarray(grads[k], np.float32)
+        assert rel_err(got, np.asarray(want[k])) < 3e-2, k
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -172,25 +212,70 @@ def test_segments_are_bitwise_isolated(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_mimo_matches_float64_loop_and_is_isolated(impl):
+    """MIMO (rank 2, out_proj on): outputs, final states and every gradient against the
+    float64 MIMO loop; then one run's inputs and slot perturbed leave the other runs' outputs
+    and gradients and the other slots' final states bit-identical."""
+    s = MIMO_SHAPE
+    args = mimo_inputs(8, **s)
+    init = mimo_states(9, s["batch"], SLOTS, s["heads"], s["headdim"], s["d_state"], s["n_angles"])
+    seg = segment_ids()
+    cot_y, cot_f = cotangents(10, args, init)
+    run = scan_fn(impl, mimo=True)
+    (g_args, g_init), (y, final) = run(args, init, seg, cot_y, cot_f)
+    (r_args, r_init), (y_ref, final_ref) = loop_grads(
+        args, init, seg, cot_y, cot_f, loop=mamba3_mimo_loop
+    )
+    final_ref[3] = np.mod(final_ref[3], 2 * np.pi)
+    assert rel_err(y, y_ref) < 1e-5
+    for name, got, want in zip(Mamba3State._fields, final, final_ref):
+        assert rel_err(got, want) < 1e-5, name
+    for k in MIMO_NAMES:
+        assert rel_err(g_args[k], r_args[k]) < 1e-4, k
+    for name, got, want in zip(Mamba3State._fields, g_init, r_init):
+        assert rel_err(got, want) < 1e-4, name
+
+    target = 3
+    in_run = np.asarray(seg) == target
+    bumped = dict(args)
+    for k in ("x", "dt", "A", "trap", "B", "C", "angles", "z"):
+        mask = in_run.reshape(in_run.shape + (1,) * (args[k].ndim - 2))
+        bumped[k] = jnp.where(mask, args[k] + 0.5, args[k])
+    init_b = Mamba3State(*(a.at[:, target].add(0.5) for a in init))
+    (g_a2, g_i2), (y2, final2) = run(bumped, init_b, seg, cot_y, cot_f)
+    keep = ~in_run
+    assert not np.array_equal(y[in_run], y2[in_run])
+    np.testing.assert_array_equal(y[keep], y2[keep])
+    for k in ("x", "dt", "A", "trap", "B", "C", "angles", "z"):
+        np.testing.assert_array_equal(g_args[k][keep], g_a2[k][keep], err_msg=k)
+    others = np.arange(SLOTS) != target
+    for a, b in zip((*final, *g_init), (*final2, *g_i2)):
+        np.testing.assert_array_equal(a[:, others], b[:, others])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_packed_equals_alone(impl):
     """The training path (segment ids, no states) through the public op: each run of row 0
     (lengths 1, 15 and 16: one token, not a chunk multiple, a whole 16-token chunk alone)
     alone equals its slice of the packed rows."""
     args = inputs(6, **SHAPE)
     seg = segment_ids()
-    run = jax.jit(mamba3_scan, static_argnames=("chunk_size", "impl"))
-    y = run(**args, segment_ids=seg, chunk_size=CONFIG.chunk, impl=impl)
+
+    def run(a, seg=None):
+        def f(a, seg):
+            return mamba3_scan(**a, segment_ids=seg, chunk_size=CONFIG.chunk, impl=impl)
+
+        key = ("mamba3_alone", impl, a["x"].shape, seg is None)
+        return compiled(key, f, a, seg)(a, seg)
+
+    y = run(args, seg)
     ids = np.asarray(seg[0])
     for s in (1, 2, 3):
         where = np.nonzero(ids == s)[0]
         lo, hi = where[0], where[-1] + 1
         alone = {k: (v[:1, lo:hi] if v.ndim >= 3 else v) for k, v in args.items()}
         np.testing.assert_allclose(
-            y[:1, lo:hi],
-            run(**alone, chunk_size=CONFIG.chunk, impl=impl),
-            rtol=1e-5,
-            atol=1e-5,
-            err_msg=f"id {s}",
+            y[:1, lo:hi], run(alone), rtol=1e-5, atol=1e-5, err_msg=f"id {s}"
         )
 
 

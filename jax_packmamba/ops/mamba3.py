@@ -185,8 +185,8 @@ def _pallas_takes(x, B) -> bool:
 
 
 def resolve_impl(impl, x, B) -> str:
-    """impl ("auto" resolved) for the SISO scan; ValueError for a kernel path that cannot run:
-    an unknown name, shapes the kernels refuse, "pallas" off a GPU."""
+    """impl ("auto" resolved) for the SISO and MIMO scans; ValueError for a kernel path that
+    cannot run: an unknown name, shapes the kernels refuse, "pallas" off a GPU."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
@@ -309,17 +309,8 @@ def mamba3_scan_pallas(
     """`mamba3_scan` with its SSD core in the Pallas kernels (`interpret`: through the Pallas
     interpreter; `config`: a pallas_kernels.ssd.SSDConfig overriding the tiling heuristic);
     same arguments (unchecked)."""
-    from pallas_kernels.ssd import ssd_chunked_pallas
-
-    def ssd(x, weight, log_decay, k, q, **kwargs):
-        # The kernels' matmuls read k and q in x's dtype: cast once, not on every load.
-        k, q = k.astype(x.dtype), q.astype(x.dtype)
-        return ssd_chunked_pallas(
-            x, weight, log_decay, k, q, interpret=interpret, config=config, **kwargs
-        )
-
     return _siso(
-        ssd,
+        _pallas_ssd(interpret, config),
         x,
         dt,
         A,
@@ -337,6 +328,22 @@ def mamba3_scan_pallas(
         return_final_states=return_final_states,
         num_segments=num_segments,
     )
+
+
+def _pallas_ssd(interpret: bool, config, dtype=None):
+    """`ssd_chunked`'s twin on the Pallas SSD kernels, their matmul operands x, k and q in
+    `dtype` (default: x's)."""
+    from pallas_kernels.ssd import ssd_chunked_pallas
+
+    def ssd(x, weight, log_decay, k, q, **kwargs):
+        # The kernels' matmuls read x, k and q in one dtype: cast once, not on every load.
+        mm = x.dtype if dtype is None else dtype
+        x, k, q = x.astype(mm), k.astype(mm), q.astype(mm)
+        return ssd_chunked_pallas(
+            x, weight, log_decay, k, q, interpret=interpret, config=config, **kwargs
+        )
+
+    return ssd
 
 
 def _siso(
@@ -512,9 +519,11 @@ def mamba3_mimo_scan(
     initial_states: Mamba3State | None = None,
     return_final_states: bool = False,
     num_segments: int | None = None,
+    impl: Impl = "auto",
 ):
     """Mamba-3 MIMO (rank R) scan with resets at segment boundaries: `mamba3_scan`'s rule and
-    arguments, with per-rank keys and queries and the inputs x_r = x_proj[:, r] * x:
+    arguments (impl included: the kernels run its R^2 fused SSD heads), with per-rank keys and
+    queries and the inputs x_r = x_proj[:, r] * x:
 
         h_t     = alpha_t h_{t-1} + beta_t sum_r x_{t-1,r} k_{t-1,r}^T + gamma_t sum_r x_{t,r} k_{t,r}^T
         y_{t,r} = h_t q_{t,r} + D x_{t,r},  y_{t,r} *= silu(z_proj[:, r] * z_t) if z is given
@@ -545,27 +554,18 @@ def mamba3_mimo_scan(
         return_final_states,
         num_segments,
     )
-    return mamba3_mimo_scan_reference(
-        x,
-        dt,
-        A,
-        trap,
-        B,
-        C,
-        angles,
-        x_proj,
-        D,
-        z,
-        z_proj,
-        out_proj,
-        B_bias,
-        C_bias,
+    impl = resolve_impl(impl, x, B)
+    args = (x, dt, A, trap, B, C, angles, x_proj, D, z, z_proj, out_proj, B_bias, C_bias)
+    kwargs = dict(
         segment_ids=segment_ids,
         chunk_size=chunk_size,
         initial_states=initial_states,
         return_final_states=return_final_states,
         num_segments=num_segments,
     )
+    if impl != "reference":
+        return mamba3_mimo_scan_pallas(*args, interpret=impl == "pallas_interpret", **kwargs)
+    return mamba3_mimo_scan_reference(*args, **kwargs)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "return_final_states", "num_segments"))
@@ -598,7 +598,111 @@ def mamba3_mimo_scan_reference(
     decay and trapezoid weights; summing over r' gives y_{t,r}. R^2 SISO heads: simple and
     exact, R times the work of a fused (L R)-long block-causal chunk (mamba_ssm's kernels).
     """
+    return _mimo(
+        ssd_chunked,
+        x,
+        dt,
+        A,
+        trap,
+        B,
+        C,
+        angles,
+        x_proj,
+        D,
+        z,
+        z_proj,
+        out_proj,
+        B_bias,
+        C_bias,
+        segment_ids=segment_ids,
+        chunk_size=chunk_size,
+        initial_states=initial_states,
+        return_final_states=return_final_states,
+        num_segments=num_segments,
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("chunk_size", "return_final_states", "num_segments", "interpret", "config"),
+)
+def mamba3_mimo_scan_pallas(
+    x,
+    dt,
+    A,
+    trap,
+    B,
+    C,
+    angles,
+    x_proj,
+    D=None,
+    z=None,
+    z_proj=None,
+    out_proj=None,
+    B_bias=None,
+    C_bias=None,
+    *,
+    segment_ids=None,
+    chunk_size: int = DEFAULT_CHUNK // 4,
+    initial_states: Mamba3State | None = None,
+    return_final_states: bool = False,
+    num_segments: int | None = None,
+    interpret: bool = False,
+    config=None,
+):
+    """`mamba3_mimo_scan` with its R^2 fused SSD heads in the Pallas kernels (as
+    `mamba3_scan_pallas`; the per-rank inputs x_proj * x enter the matmuls in x's dtype);
+    same arguments (unchecked)."""
+    return _mimo(
+        _pallas_ssd(interpret, config, x.dtype),
+        x,
+        dt,
+        A,
+        trap,
+        B,
+        C,
+        angles,
+        x_proj,
+        D,
+        z,
+        z_proj,
+        out_proj,
+        B_bias,
+        C_bias,
+        segment_ids=segment_ids,
+        chunk_size=chunk_size,
+        initial_states=initial_states,
+        return_final_states=return_final_states,
+        num_segments=num_segments,
+    )
+
+
+def _mimo(
+    ssd,
+    x,
+    dt,
+    A,
+    trap,
+    B,
+    C,
+    angles,
+    x_proj,
+    D,
+    z,
+    z_proj,
+    out_proj,
+    B_bias,
+    C_bias,
+    *,
+    segment_ids,
+    chunk_size,
+    initial_states,
+    return_final_states,
+    num_segments,
+):
+    """The MIMO scan around `ssd` (`ssd_chunked` or its kernels' twin)."""
     batch, length, heads, headdim = x.shape
+    given_ids = segment_ids
     rank = B.shape[2]
     acc = accumulation_dtype(x)
     if segment_ids is None:
@@ -646,13 +750,13 @@ def mamba3_mimo_scan_reference(
         init = jnp.broadcast_to(
             ssm0, (batch, num_segments, heads, rank, rank, headdim, ssm0.shape[-1])
         ).reshape(batch, num_segments, heads * rank * rank, headdim, -1)
-    y, final_ssm = ssd_chunked(
+    y, final_ssm = ssd(
         fused(x_r, "r'", headdim),
         per_head(sigma),
         per_head(log_decay),
         fused(k, "r'", k.shape[-1]),
         fused(q, "r", q.shape[-1]),
-        segment_ids=segment_ids,
+        segment_ids=given_ids,
         chunk_size=chunk_size,
         initial_states=init,
         return_final_states=return_final_states,
