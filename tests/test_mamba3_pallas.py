@@ -19,6 +19,7 @@ from flax import nnx
 import jax_packmamba as jp
 from jax_packmamba.ops.mamba3 import (
     Mamba3State,
+    mamba3_mimo_scan,
     mamba3_mimo_scan_pallas,
     mamba3_mimo_scan_reference,
     mamba3_scan,
@@ -279,35 +280,80 @@ def test_packed_equals_alone(impl):
         )
 
 
-def test_training_path_lowers_for_cuda_on_kernels():
-    """jax.grad of mamba3_scan(impl="pallas") with bf16 rows and segment ids, lowered for CUDA:
-    the SSD kernels (forward and backward, the per-token cumsum among them) and no scatter (the
-    glue moves values between tokens and slots by one-hot contractions only)."""
-    b, t, h, p, g, n, a = 2, 300, 8, 64, 1, 128, 32
+def lowering_rows(b=2, t=300, h=8, p=64, g=1, n=128, a=32, rank=None):
+    """Abstract mamba3_scan (rank None) or mamba3_mimo_scan arguments: bf16 rows, float32
+    per-token rates and parameters."""
     bf16, f32, sds = jnp.bfloat16, jnp.float32, jax.ShapeDtypeStruct
+    bc = (b, t, g, n) if rank is None else (b, t, rank, g, n)
     rows = dict(
         x=sds((b, t, h, p), bf16),
         dt=sds((b, t, h), f32),
         A=sds((b, t, h), f32),
         trap=sds((b, t, h), f32),
-        B=sds((b, t, g, n), bf16),
-        C=sds((b, t, g, n), bf16),
+        B=sds(bc, bf16),
+        C=sds(bc, bf16),
         angles=sds((b, t, h, a), f32),
         D=sds((h,), f32),
         z=sds((b, t, h, p), bf16),
-        B_bias=sds((h, n), f32),
-        C_bias=sds((h, n), f32),
     )
+    if rank is not None:
+        rows.update({k: sds((h, rank, p), f32) for k in ("x_proj", "z_proj", "out_proj")})
+    return rows
+
+
+def kernel_names(text):
+    names = re.findall(r'name = "(ssd_[a-z_]+)"', text)
+    assert text.count(TRITON_CALL) == len(names)
+    # The glue moves values between tokens and slots by one-hot contractions only: a scatter
+    # (a gather's gradient) would be atomic adds on a GPU, in no fixed order.
+    assert "stablehlo.scatter" not in text
+    return sorted(names)
+
+
+def test_training_path_lowers_for_cuda_on_kernels():
+    """jax.grad of mamba3_scan(impl="pallas") with bf16 rows and segment ids, lowered for CUDA:
+    the SSD kernels (forward and backward, the per-token cumsum among them) and no scatter."""
+    rows = lowering_rows()
 
     def loss(args, seg):
         y = mamba3_scan(**args, segment_ids=seg, impl="pallas")
+        return y.astype(jnp.float32).sum()
+
+    text = lower_for_cuda(jax.grad(loss), rows, jax.ShapeDtypeStruct((2, 300), jnp.int32))
+    assert kernel_names(text) == sorted(FORWARD + BACKWARD)
+
+
+def test_states_and_mimo_paths_lower_for_cuda():
+    """Initial and final states (SISO), and MIMO (rank 2) with segment ids: the same kernels
+    and no scatter, forward and backward."""
+    f32, sds = jnp.float32, jax.ShapeDtypeStruct
+    b, t, h, p, n, a, slots = 1, 100, 4, 16, 32, 8, 3
+    rows = lowering_rows(b, t, h, p, 1, n, a)
+    init = Mamba3State(
+        sds((b, slots, h, p, n), f32),
+        sds((b, slots, h, n), f32),
+        sds((b, slots, h, p), f32),
+        sds((b, slots, h, a), f32),
+    )
+    seg = sds((b, t), jnp.int32)
+
+    def states_loss(args, init, seg):
+        y, final = mamba3_scan(
+            **args, segment_ids=seg, initial_states=init, return_final_states=True, impl="pallas"
+        )
+        return y.astype(f32).sum() + sum(v.sum() for v in final)
+
+    text = lower_for_cuda(jax.grad(states_loss, argnums=(0, 1)), rows, init, seg)
+    assert kernel_names(text) == sorted(FORWARD + BACKWARD)
+
+    mimo_rows = lowering_rows(b, t, h, p, 1, n, a, rank=2)
+
+    def mimo_loss(args, seg):
+        y = mamba3_mimo_scan(**args, segment_ids=seg, impl="pallas")
         return y.astype(f32).sum()
 
-    text = lower_for_cuda(jax.grad(loss), rows, sds((b, t), jnp.int32))
-    names = re.findall(r'name = "(ssd_[a-z_]+)"', text)
-    assert sorted(names) == sorted(FORWARD + BACKWARD), names
-    assert text.count(TRITON_CALL) == len(FORWARD) + len(BACKWARD)
-    assert "stablehlo.scatter" not in text
+    text = lower_for_cuda(jax.grad(mimo_loss), mimo_rows, seg)
+    assert kernel_names(text) == sorted(FORWARD + BACKWARD)
 
 
 def test_model_scan_impl_reaches_the_kernels():
