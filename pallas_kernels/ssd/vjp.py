@@ -267,8 +267,8 @@ def _cumsum(plan, interpret, decay, seg_lo):
     if "log_decay" in decay:
         inputs = dict(log_decay=decay["log_decay"], scale=decay["scale"], seg_lo=seg_lo)
     else:
-        inputs = dict(dt=decay["dt"], A=decay["A"].astype(F32), bias=_f32(decay["bias"]))
-        inputs["seg_lo"] = seg_lo
+        dt, A, bias = decay["dt"], decay["A"].astype(F32), _f32(decay["bias"])
+        inputs = dict(dt=dt, A=A, bias=bias, seg_lo=seg_lo)
     return kernel.chunk_cumsum(
         inputs,
         st=plan.st,
