@@ -47,11 +47,8 @@ def scan_inputs(seed, shape, chunk, interpret):
     x, dt, A, B, C, D, z, bias, seg, _ = input_set(seed, shape, "seg64")
     plan = ssd_vjp.make_plan(
         x,
-        dt,
         B,
         D,
-        z,
-        bias,
         dt_softplus=True,
         chunk_size=chunk,
         has_init=False,
@@ -64,7 +61,7 @@ def scan_inputs(seed, shape, chunk, interpret):
     @jax.jit
     def prepare(x, dt, A, B, C, seg):
         seg_lo, _ = ssd_vjp.segment_bounds(seg, st.chunk, st.padded)
-        cs, dtp = ssd_vjp._cumsum(plan, interpret, dt, A, bias, seg_lo)
+        cs, dtp = ssd_vjp._cumsum(plan, interpret, dict(dt=dt, A=A, bias=bias), seg_lo)
         launch = ssd_vjp._launch(plan, interpret)
         cb = kernel.chunk_cb(dict(C=C, B=B), st=st, **launch)
         S = kernel.chunk_states(

@@ -374,7 +374,7 @@ class Mamba3Config:
     rescale_prenorm_residual: bool = True
     initializer_range: float = 0.02
     dtype: str = "float32"
-    scan_impl: str = "auto"  # "auto" or "reference" (no Mamba-3 kernel yet)
+    scan_impl: str = "auto"  # see jax_packmamba.mamba3_scan (SISO and MIMO)
     conv_impl: str = "auto"  # unused: Mamba-3 has no conv
     remat: str = "none"
     scan_layers: bool = False
@@ -422,10 +422,10 @@ class Mamba3Config:
             raise ValueError(f"Mamba3Config.A_floor must be > 0, got {self.A_floor!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"Mamba3Config.dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.scan_impl not in ("auto", "reference"):
+        impls = ("auto", "reference", "pallas", "pallas_interpret")  # ops.ssd_scan.IMPLS
+        if self.scan_impl not in impls:
             raise ValueError(
-                f"Mamba3Config.scan_impl must be 'auto' or 'reference' (there is no Mamba-3 "
-                f"kernel yet), got {self.scan_impl!r}"
+                f"Mamba3Config.scan_impl must be one of {impls}, got {self.scan_impl!r}"
             )
         _check_remat(self)
 

@@ -9,12 +9,12 @@ The mixer is mamba_ssm 2.3.2's Mamba3 (modules/mamba3.py): one in_proj to
 R = mimo_rank with is_mimo, else 1);
 dt = softplus(dd_dt + dt_bias), A = -max(softplus(dd_A), A_floor), per token; B and C through
 an RMSNorm over n (B_norm, C_norm), the per-head B_bias and C_bias added in the scan; the
-angles shared by the heads; jp's mamba3_scan with D; then y * silu(z), or with
-is_outproj_norm a gated RMSNorm per head (norm before the gate); out_proj. MIMO: jp's
-mamba3_mimo_scan with mimo_x, mimo_z, mimo_o (h, R, p) (with is_outproj_norm the norm runs per
-rank, before mimo_o sums the ranks, as mamba_ssm's module does); its decode step is that scan
-over one token from the cache. Parameters are float32 and named as mamba_ssm's (B_bias and
-C_bias keep its (h, R, n) shape).
+angles shared by the heads; jp's mamba3_scan with D (impl = config.scan_impl); then
+y * silu(z), or with is_outproj_norm a gated RMSNorm per head (norm before the gate);
+out_proj. MIMO: jp's mamba3_mimo_scan (the same impl) with mimo_x, mimo_z, mimo_o (h, R, p)
+(with is_outproj_norm the norm runs per rank, before mimo_o sums the ranks, as mamba_ssm's
+module does); its decode step is that scan over one token from the cache. Parameters are
+float32 and named as mamba_ssm's (B_bias and C_bias keep its (h, R, n) shape).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from jax_packmamba.ops.mamba3 import (
     mamba3_scan,
     mamba3_state_update,
 )
+from jax_packmamba.ops.ssd_scan import IMPLS as SSD_IMPLS
 
 
 class RMSNormGatedBefore(nnx.Module):
@@ -75,7 +76,7 @@ class GatedMLP(nnx.Module):
 class Mamba3Mixer(nnx.Module):
     """in_proj -> B/C norms -> Mamba-3 scan (rotary, trapezoid) -> gate -> out_proj."""
 
-    scan_impls = ("auto", "reference")  # config.scan_impl's values
+    scan_impls = SSD_IMPLS  # config.scan_impl's values
     pallas_decode = False  # decode_impl is "xla" only
 
     def __init__(self, config: Mamba3Config, *, rngs: nnx.Rngs):
@@ -147,6 +148,7 @@ class Mamba3Mixer(nnx.Module):
                 chunk_size=config.chunk_size,
                 return_final_states=num_segments is not None,
                 num_segments=num_segments,
+                impl=config.scan_impl,
             )
             y, cache = result if num_segments is not None else (result, None)
         y = y.reshape(*y.shape[:-2], config.d_inner)
@@ -186,6 +188,7 @@ class Mamba3Mixer(nnx.Module):
             initial_states=cache,
             return_final_states=num_segments is not None,
             num_segments=num_segments,
+            impl=config.scan_impl,
         )
         y, cache = result if num_segments is not None else (result, None)
         if norm:  # per rank: norm(y_r, mimo_z_r z), then mimo_o sums the ranks

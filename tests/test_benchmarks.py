@@ -50,6 +50,8 @@ SCRIPTS = (
     "bench_long_docs",
     "bench_loss",
     "bamba_torch",
+    "bench_mamba3",
+    "mamba3_torch",
 )
 
 
@@ -501,6 +503,30 @@ def smoke_ssd_chunk_scan(out, data):
     assert mosaic["max_abs_diff_over_max_abs"] < 1e-2
 
 
+def smoke_mamba3(out, data):
+    rows = {(r["impl"], r["chunk"]): r for r in data["timings"]}
+    assert set(rows) == {("pallas", 32), ("reference", 32)}
+    for r in rows.values():
+        assert r["shape"] == [1, 80] and r["fwd_ms"]["median_ms"] > 0
+        assert r["fwdbwd_ms"]["median_ms"] > 0 and r["compile_s_fwdbwd"] > 0
+    # bf16 outputs: the kernels' against the reference's, within a few roundings.
+    assert rows["pallas", 32]["max_diff_over_max_ref"] < 2e-2
+
+
+def test_mamba3_torch_times_the_same_heads_as_bench_mamba3():
+    from benchmarks import bench_mamba3, mamba3_torch
+
+    torch_side = (mamba3_torch.HEADS, mamba3_torch.HEADDIM, mamba3_torch.D_STATE)
+    ours = bench_mamba3.HEADS
+    assert torch_side + (mamba3_torch.N_ANGLES,) == (
+        ours["heads"],
+        ours["headdim"],
+        ours["d_state"],
+        ours["n_angles"],
+    )
+    assert bench_mamba3.SHAPES == [(1, 16384), (8, 2048)] and bench_mamba3.NUM_SEGMENTS == 64
+
+
 def smoke_psum_bandwidth(out, data):
     assert data["devices"] == 4  # the smoke's host devices
     rows = {(r["op"], r["dtype"], r["bytes"]) for r in data["rows"]}
@@ -688,6 +714,13 @@ SMOKES = {
         smoke_bench_long_docs,
         True,
     ),
+    "bench_mamba3": (
+        "bench_mamba3",
+        lambda d: ["--smoke", "--out", d],
+        "mamba3_cpu_smoke.json",
+        smoke_mamba3,
+        True,
+    ),
     "bench_ssd_chunk_scan": (
         "bench_ssd_chunk_scan",
         lambda d: ["--smoke", "--out", d],
@@ -732,7 +765,8 @@ SMOKES = {
 
 # bench_scaling: about 25 s (three processes start jax, two compile a step); bench_long_docs:
 # about 60 s (two short training runs).
-SLOW_SMOKES = ("bench_scaling", "bench_long_docs", "bench_generate_profile_mamba2")
+# bench_mamba3: about 50 s (interpreted kernels' fwd+bwd compile).
+SLOW_SMOKES = ("bench_scaling", "bench_long_docs", "bench_generate_profile_mamba2", "bench_mamba3")
 
 
 @pytest.mark.parametrize(

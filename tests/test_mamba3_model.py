@@ -34,7 +34,7 @@ def test_mamba3_config_checks():
     with pytest.raises(ValueError, match="d_intermediate"):
         jp.Mamba3Config(d_intermediate=-1)
     with pytest.raises(ValueError, match="scan_impl"):
-        jp.Mamba3Config(scan_impl="pallas")
+        jp.Mamba3Config(scan_impl="triton")
     config = preset_config("mamba3-1.5b")
     assert isinstance(config, jp.Mamba3Config) and config.mlp_hidden == 5504
     assert 1.4e9 < config.num_params() < 1.6e9

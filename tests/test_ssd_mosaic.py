@@ -187,11 +187,8 @@ def kernel_inputs(seed, *, seg: bool, d_per_p: bool, batch=1, length=200, heads=
         )
     plan = ssd_vjp.make_plan(
         x,
-        dt,
         B,
         D,
-        z,
-        bias,
         dt_softplus=True,
         chunk_size=chunk,
         has_init=False,
@@ -201,7 +198,7 @@ def kernel_inputs(seed, *, seg: bool, d_per_p: bool, batch=1, length=200, heads=
     )
     st = plan.st
     seg_lo = None if ids is None else ssd_vjp.segment_bounds(ids, st.chunk, st.padded)[0]
-    cs, dtp = ssd_vjp._cumsum(plan, True, dt, A, bias, seg_lo)
+    cs, dtp = ssd_vjp._cumsum(plan, True, dict(dt=dt, A=A, bias=bias), seg_lo)
     launch = ssd_vjp._launch(plan, True)
     cb = ssd_kernel.chunk_cb(dict(C=C, B=B), st=st, **launch)
     S = ssd_kernel.chunk_states(

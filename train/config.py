@@ -885,7 +885,7 @@ def help_text(width: int = 100) -> str:
                 presets = {
                     MambaConfig: "Mamba1 presets",
                     Mamba2Config: "mamba2-* presets",
-                    Mamba3Config: "mamba3-* presets (SISO; scan_impl auto or reference)",
+                    Mamba3Config: "mamba3-* presets (SISO)",
                     HybridConfig: "hybrid-* presets; layers: comma-separated strings "
                     "of M (Mamba2), * (attention), - (MLP)",
                 }

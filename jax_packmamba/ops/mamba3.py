@@ -33,6 +33,10 @@ The initial k, x term of a run is the rank-1 state (1 - lambda_f) dt_f x0 k0^T a
 its first token f; it reaches the run's tokens through the run's decay alone, computed per
 token outside the chunked scan (a segmented cumsum of dt A), so each run of a slot gets its
 own first token's weight.
+
+`mamba3_scan(impl="pallas")` runs that SSD core through the Pallas SSD kernels with the
+per-token decay and input scale (pallas_kernels.ssd.ssd_chunked_pallas); the rotary, sigma, the
+diagonal correction, the first-token carry and the states stay the same JAX around it.
 """
 
 from __future__ import annotations
@@ -47,11 +51,12 @@ import numpy as np
 
 from jax_packmamba.ops.segments import (
     check_chunk_and_slots,
+    check_pallas_platform,
     check_segment_ids,
     segment_starts,
 )
 from jax_packmamba.ops.selective_scan import accumulation_dtype, run_cumsum
-from jax_packmamba.ops.ssd_scan import ssd_chunked
+from jax_packmamba.ops.ssd_scan import IMPLS, Impl, ssd_chunked
 
 DEFAULT_CHUNK = 64  # mamba_ssm's Mamba-3 SISO chunk_size
 
@@ -85,6 +90,7 @@ def mamba3_scan(
     initial_states: Mamba3State | None = None,
     return_final_states: bool = False,
     num_segments: int | None = None,
+    impl: Impl = "auto",
 ):
     """Mamba-3 SISO scan with resets at segment boundaries (module docstring: the math).
 
@@ -106,6 +112,10 @@ def mamba3_scan(
         slot's last token (zeros where the id does not occur).
       num_segments: number of slots; ids must lie in [0, num_segments) (checked when
         concrete). Defaults to the initial states' slots, else 1 without segment_ids.
+      impl: "reference" (pure JAX), "pallas" (the SSD core through the Triton kernels of
+        pallas_kernels/ssd; GPU only; headdim and d_state powers of two >= 16),
+        "pallas_interpret" (the same kernels through the Pallas interpreter, any backend) or
+        "auto" (pallas on a GPU when the shapes allow, else the reference).
 
     Returns:
       y with x's shape and dtype, or (y, final Mamba3State).
@@ -128,6 +138,30 @@ def mamba3_scan(
         return_final_states,
         num_segments,
     )
+    impl = resolve_impl(impl, x, B)
+    kwargs = dict(
+        segment_ids=segment_ids,
+        chunk_size=chunk_size,
+        initial_states=initial_states,
+        return_final_states=return_final_states,
+        num_segments=num_segments,
+    )
+    if impl != "reference":
+        return mamba3_scan_pallas(
+            x,
+            dt,
+            A,
+            trap,
+            B,
+            C,
+            angles,
+            D,
+            z,
+            B_bias,
+            C_bias,
+            interpret=impl == "pallas_interpret",
+            **kwargs,
+        )
     return mamba3_scan_reference(
         x,
         dt,
@@ -140,12 +174,31 @@ def mamba3_scan(
         z,
         B_bias,
         C_bias,
-        segment_ids=segment_ids,
-        chunk_size=chunk_size,
-        initial_states=initial_states,
-        return_final_states=return_final_states,
-        num_segments=num_segments,
+        **kwargs,
     )
+
+
+def _pallas_takes(x, B) -> bool:
+    from pallas_kernels.ssd import supported
+
+    return supported(np.shape(x)[3], np.shape(B)[-1])
+
+
+def resolve_impl(impl, x, B) -> str:
+    """impl ("auto" resolved) for the SISO and MIMO scans; ValueError for a kernel path that
+    cannot run: an unknown name, shapes the kernels refuse, "pallas" off a GPU."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "pallas" if jax.default_backend() == "gpu" and _pallas_takes(x, B) else "reference"
+    if impl != "reference" and not _pallas_takes(x, B):
+        raise ValueError(
+            f"impl={impl!r}: the Pallas SSD kernels need headdim and d_state powers of two "
+            f">= 16, got headdim={np.shape(x)[3]} (x's axis 3), d_state={np.shape(B)[-1]} "
+            f'(B\'s last axis); use impl="reference" or "auto"'
+        )
+    check_pallas_platform(impl, fallback="reference")
+    return impl
 
 
 def rotate_pairs(v, theta):
@@ -207,7 +260,115 @@ def mamba3_scan_reference(
     num_segments: int | None = None,
 ):
     """The chunked pure-JAX Mamba-3 scan; same arguments as `mamba3_scan` (unchecked)."""
+    return _siso(
+        ssd_chunked,
+        x,
+        dt,
+        A,
+        trap,
+        B,
+        C,
+        angles,
+        D,
+        z,
+        B_bias,
+        C_bias,
+        segment_ids=segment_ids,
+        chunk_size=chunk_size,
+        initial_states=initial_states,
+        return_final_states=return_final_states,
+        num_segments=num_segments,
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("chunk_size", "return_final_states", "num_segments", "interpret", "config"),
+)
+def mamba3_scan_pallas(
+    x,
+    dt,
+    A,
+    trap,
+    B,
+    C,
+    angles,
+    D=None,
+    z=None,
+    B_bias=None,
+    C_bias=None,
+    *,
+    segment_ids=None,
+    chunk_size: int = DEFAULT_CHUNK,
+    initial_states: Mamba3State | None = None,
+    return_final_states: bool = False,
+    num_segments: int | None = None,
+    interpret: bool = False,
+    config=None,
+):
+    """`mamba3_scan` with its SSD core in the Pallas kernels (`interpret`: through the Pallas
+    interpreter; `config`: a pallas_kernels.ssd.SSDConfig overriding the tiling heuristic);
+    same arguments (unchecked)."""
+    return _siso(
+        _pallas_ssd(interpret, config),
+        x,
+        dt,
+        A,
+        trap,
+        B,
+        C,
+        angles,
+        D,
+        z,
+        B_bias,
+        C_bias,
+        segment_ids=segment_ids,
+        chunk_size=chunk_size,
+        initial_states=initial_states,
+        return_final_states=return_final_states,
+        num_segments=num_segments,
+    )
+
+
+def _pallas_ssd(interpret: bool, config, dtype=None):
+    """`ssd_chunked`'s twin on the Pallas SSD kernels, their matmul operands x, k and q in
+    `dtype` (default: x's)."""
+    from pallas_kernels.ssd import ssd_chunked_pallas
+
+    def ssd(x, weight, log_decay, k, q, **kwargs):
+        # The kernels' matmuls read x, k and q in one dtype: cast once, not on every load.
+        mm = x.dtype if dtype is None else dtype
+        x, k, q = x.astype(mm), k.astype(mm), q.astype(mm)
+        return ssd_chunked_pallas(
+            x, weight, log_decay, k, q, interpret=interpret, config=config, **kwargs
+        )
+
+    return ssd
+
+
+def _siso(
+    ssd,
+    x,
+    dt,
+    A,
+    trap,
+    B,
+    C,
+    angles,
+    D,
+    z,
+    B_bias,
+    C_bias,
+    *,
+    segment_ids,
+    chunk_size,
+    initial_states,
+    return_final_states,
+    num_segments,
+):
+    """The SISO scan around `ssd`, ops/ssd_scan.py's `ssd_chunked` or its kernels' twin."""
     batch, length, heads, headdim = x.shape
+    given_ids = segment_ids
     acc = accumulation_dtype(x)
     if segment_ids is None:
         segment_ids = jnp.zeros((batch, length), jnp.int32)
@@ -231,13 +392,13 @@ def mamba3_scan_reference(
     k = rotate_pairs(_biased(B, B_bias, heads, acc), theta)  # (b, t, h, n)
     q = rotate_pairs(_biased(C, C_bias, heads, acc), theta)
     log_decay = dt * A
-    y, final_ssm = ssd_chunked(
+    y, final_ssm = ssd(
         x,
         sigma,
         log_decay,
         k,
         q,
-        segment_ids=segment_ids,
+        segment_ids=given_ids,
         chunk_size=chunk_size,
         initial_states=None if initial_states is None else initial_states.ssm,
         return_final_states=return_final_states,
@@ -358,9 +519,11 @@ def mamba3_mimo_scan(
     initial_states: Mamba3State | None = None,
     return_final_states: bool = False,
     num_segments: int | None = None,
+    impl: Impl = "auto",
 ):
     """Mamba-3 MIMO (rank R) scan with resets at segment boundaries: `mamba3_scan`'s rule and
-    arguments, with per-rank keys and queries and the inputs x_r = x_proj[:, r] * x:
+    arguments (impl included: the kernels run its R^2 fused SSD heads), with per-rank keys and
+    queries and the inputs x_r = x_proj[:, r] * x:
 
         h_t     = alpha_t h_{t-1} + beta_t sum_r x_{t-1,r} k_{t-1,r}^T + gamma_t sum_r x_{t,r} k_{t,r}^T
         y_{t,r} = h_t q_{t,r} + D x_{t,r},  y_{t,r} *= silu(z_proj[:, r] * z_t) if z is given
@@ -391,27 +554,18 @@ def mamba3_mimo_scan(
         return_final_states,
         num_segments,
     )
-    return mamba3_mimo_scan_reference(
-        x,
-        dt,
-        A,
-        trap,
-        B,
-        C,
-        angles,
-        x_proj,
-        D,
-        z,
-        z_proj,
-        out_proj,
-        B_bias,
-        C_bias,
+    impl = resolve_impl(impl, x, B)
+    args = (x, dt, A, trap, B, C, angles, x_proj, D, z, z_proj, out_proj, B_bias, C_bias)
+    kwargs = dict(
         segment_ids=segment_ids,
         chunk_size=chunk_size,
         initial_states=initial_states,
         return_final_states=return_final_states,
         num_segments=num_segments,
     )
+    if impl != "reference":
+        return mamba3_mimo_scan_pallas(*args, interpret=impl == "pallas_interpret", **kwargs)
+    return mamba3_mimo_scan_reference(*args, **kwargs)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "return_final_states", "num_segments"))
@@ -444,7 +598,111 @@ def mamba3_mimo_scan_reference(
     decay and trapezoid weights; summing over r' gives y_{t,r}. R^2 SISO heads: simple and
     exact, R times the work of a fused (L R)-long block-causal chunk (mamba_ssm's kernels).
     """
+    return _mimo(
+        ssd_chunked,
+        x,
+        dt,
+        A,
+        trap,
+        B,
+        C,
+        angles,
+        x_proj,
+        D,
+        z,
+        z_proj,
+        out_proj,
+        B_bias,
+        C_bias,
+        segment_ids=segment_ids,
+        chunk_size=chunk_size,
+        initial_states=initial_states,
+        return_final_states=return_final_states,
+        num_segments=num_segments,
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("chunk_size", "return_final_states", "num_segments", "interpret", "config"),
+)
+def mamba3_mimo_scan_pallas(
+    x,
+    dt,
+    A,
+    trap,
+    B,
+    C,
+    angles,
+    x_proj,
+    D=None,
+    z=None,
+    z_proj=None,
+    out_proj=None,
+    B_bias=None,
+    C_bias=None,
+    *,
+    segment_ids=None,
+    chunk_size: int = DEFAULT_CHUNK // 4,
+    initial_states: Mamba3State | None = None,
+    return_final_states: bool = False,
+    num_segments: int | None = None,
+    interpret: bool = False,
+    config=None,
+):
+    """`mamba3_mimo_scan` with its R^2 fused SSD heads in the Pallas kernels (as
+    `mamba3_scan_pallas`; the per-rank inputs x_proj * x enter the matmuls in x's dtype);
+    same arguments (unchecked)."""
+    return _mimo(
+        _pallas_ssd(interpret, config, x.dtype),
+        x,
+        dt,
+        A,
+        trap,
+        B,
+        C,
+        angles,
+        x_proj,
+        D,
+        z,
+        z_proj,
+        out_proj,
+        B_bias,
+        C_bias,
+        segment_ids=segment_ids,
+        chunk_size=chunk_size,
+        initial_states=initial_states,
+        return_final_states=return_final_states,
+        num_segments=num_segments,
+    )
+
+
+def _mimo(
+    ssd,
+    x,
+    dt,
+    A,
+    trap,
+    B,
+    C,
+    angles,
+    x_proj,
+    D,
+    z,
+    z_proj,
+    out_proj,
+    B_bias,
+    C_bias,
+    *,
+    segment_ids,
+    chunk_size,
+    initial_states,
+    return_final_states,
+    num_segments,
+):
+    """The MIMO scan around `ssd` (`ssd_chunked` or its kernels' twin)."""
     batch, length, heads, headdim = x.shape
+    given_ids = segment_ids
     rank = B.shape[2]
     acc = accumulation_dtype(x)
     if segment_ids is None:
@@ -492,13 +750,13 @@ def mamba3_mimo_scan_reference(
         init = jnp.broadcast_to(
             ssm0, (batch, num_segments, heads, rank, rank, headdim, ssm0.shape[-1])
         ).reshape(batch, num_segments, heads * rank * rank, headdim, -1)
-    y, final_ssm = ssd_chunked(
+    y, final_ssm = ssd(
         fused(x_r, "r'", headdim),
         per_head(sigma),
         per_head(log_decay),
         fused(k, "r'", k.shape[-1]),
         fused(q, "r", q.shape[-1]),
-        segment_ids=segment_ids,
+        segment_ids=given_ids,
         chunk_size=chunk_size,
         initial_states=init,
         return_final_states=return_final_states,

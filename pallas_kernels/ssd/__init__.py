@@ -2,6 +2,6 @@
 DESIGN.md for how it works."""
 
 from pallas_kernels.ssd.config import SSDConfig, pick_config
-from pallas_kernels.ssd.vjp import ssd_scan_pallas, supported
+from pallas_kernels.ssd.vjp import ssd_chunked_pallas, ssd_scan_pallas, supported
 
-__all__ = ["SSDConfig", "pick_config", "ssd_scan_pallas", "supported"]
+__all__ = ["SSDConfig", "pick_config", "ssd_chunked_pallas", "ssd_scan_pallas", "supported"]

@@ -194,16 +194,30 @@ def load_dt(r, ch: Chunk, h0, pos0, n: int, st: Static):
     return jnp.where(valid, dtp, 0.0), raw, valid
 
 
+def load_per_token(r, name: str, ch: Chunk, h0, pos0, n: int, st: Static):
+    """(n, block_heads) float32 of a (b, t, h) input at chunk positions pos0... and heads
+    h0...; 0 past the sequence and past the last head; also the validity mask."""
+    heads = h0 + iota(st.block_heads)
+    valid = row_mask(ch, pos0 + iota(n), st)[:, None] & (heads < st.heads)[None, :]
+    idx = (ch.b, pl.ds(ch.c0 + pos0, n), pl.ds(h0, st.block_heads))
+    return load(r[name], idx, mask=valid).astype(F32), valid
+
+
 def _cumsum_kernel(r, *, st: Static):
     """cs = M a per (b, chunk, head block), a = dt' A log2(e), M[l, s] = [s in l's run, s <= l]:
     a segmented cumulative sum written as a dot, since Triton has no segmented scan; each output
-    is a fixed-order sum of its own run's terms only."""
+    is a fixed-order sum of its own run's terms only.
+
+    With per-token inputs ("log_decay" and "scale", (b, t, h): Mamba-3's decay and input
+    scale) a = log_decay log2(e) and dt' = scale, as given."""
     c, hb, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     ch = Chunk(b, c, c * st.chunk)
     h0 = hb * st.block_heads
     heads = h0 + iota(st.block_heads)
     head_ok = heads < st.heads
-    a2 = load(r["A"], (pl.ds(h0, st.block_heads),), mask=head_ok) * LOG2E
+    per_token = "log_decay" in r
+    if not per_token:
+        a2 = load(r["A"], (pl.ds(h0, st.block_heads),), mask=head_ok) * LOG2E
     bq = st.block_s
 
     def block(i, carry):
@@ -211,6 +225,10 @@ def _cumsum_kernel(r, *, st: Static):
         lo_l = seg_lo_rows(r, ch, i * bq, bq, st)
 
         def add(j, acc):
+            if per_token:
+                a = load_per_token(r, "log_decay", ch, h0, j * bq, bq, st)[0]
+                m = causal_run_mask(pos_l, j * bq + iota(bq), lo_l).astype(F32)
+                return acc + dot(m, a * LOG2E)
             dtp, _, _ = load_dt(r, ch, h0, j * bq, bq, st)
             m = causal_run_mask(pos_l, j * bq + iota(bq), lo_l).astype(F32)
             return acc + dot(m, dtp * a2[None, :])
@@ -221,7 +239,11 @@ def _cumsum_kernel(r, *, st: Static):
         # (b, h, T_pad) rows are contiguous per head: store transposed.
         idx = (b, pl.ds(h0, st.block_heads), pl.ds(ch.c0 + i * bq, bq))
         store(r["cs"], idx, acc.T, mask=head_ok[:, None])
-        store(r["dtp"], idx, load_dt(r, ch, h0, i * bq, bq, st)[0].T, mask=head_ok[:, None])
+        if per_token:
+            dtp = load_per_token(r, "scale", ch, h0, i * bq, bq, st)[0]
+        else:
+            dtp = load_dt(r, ch, h0, i * bq, bq, st)[0]
+        store(r["dtp"], idx, dtp.T, mask=head_ok[:, None])
         return carry
 
     jax.lax.fori_loop(0, st.chunk // bq, block, 0)

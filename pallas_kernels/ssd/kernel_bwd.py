@@ -41,6 +41,7 @@ from pallas_kernels.ssd.kernel import (
     load_vec,
     masked_exp2,
     rem,
+    row_mask,
     seg_hi_at,
     seg_hi_rows,
     seg_lo_at,
@@ -356,14 +357,18 @@ def bwd_dbc(
 
 def _cumsum_bwd_kernel(r, *, st: Static):
     """d a_s = sum_{l >= s in s's run} d cs_l (M^T d cs, the transpose of the forward's dot);
-    d dt'_s = ddt_x_s + d a_s A; dt = softplus'(dt + bias) d dt'; dA, d bias per chunk."""
+    d dt'_s = ddt_x_s + d a_s A; dt = softplus'(dt + bias) d dt'; dA, d bias per chunk.
+    With per-token inputs (kernel.py's `_cumsum_kernel`): d log_decay = d a, d scale = ddt_x."""
     c, hb, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     ch = Chunk(b, c, c * st.chunk)
     h0 = hb * st.block_heads
     heads = h0 + iota(st.block_heads)
     head_ok = heads < st.heads
-    a = load(r["A"], (pl.ds(h0, st.block_heads),), mask=head_ok)
     bq = st.block_s
+    if "d_log_decay" in r:
+        _per_token_cumsum_bwd(r, ch, h0, head_ok, st)
+        return
+    a = load(r["A"], (pl.ds(h0, st.block_heads),), mask=head_ok)
 
     def by_rows(name, pos0):  # (b, h, T_pad) -> (bq, block_heads)
         idx = (b, pl.ds(h0, st.block_heads), pl.ds(ch.c0 + pos0, bq))
@@ -371,16 +376,7 @@ def _cumsum_bwd_kernel(r, *, st: Static):
 
     def block(i, sums):
         d_a_sum, d_bias_sum = sums
-        pos_s = i * bq + iota(bq)
-        hi_s = seg_hi_rows(r, ch, i * bq, bq, st)
-
-        def add(j, d_a):
-            m = anticausal_run_mask(pos_s, j * bq + iota(bq), hi_s).astype(F32)
-            return d_a + dot(m, by_rows("dcs", j * bq))
-
-        # Blocks past the run of the block's last row add nothing.
-        j1 = div(seg_hi_at(r, ch, i * bq + bq - 1, st), bq) + 1
-        d_a = jax.lax.fori_loop(i, j1, add, jnp.zeros((bq, st.block_heads), F32))
+        d_a = _reverse_run_cumsum(r, ch, h0, head_ok, i, st)
         dtp, raw, valid = load_dt(r, ch, h0, i * bq, bq, st)
         d_dtp = by_rows("ddt_x", i * bq) + d_a * a[None, :]
         d_raw = d_dtp * sigmoid(raw, fast=st.fast) if st.dt_softplus else d_dtp
@@ -395,6 +391,58 @@ def _cumsum_bwd_kernel(r, *, st: Static):
     store(r["dA"], (b, c, pl.ds(h0, st.block_heads)), d_a_sum, mask=head_ok)
     if "bias" in r:
         store(r["dbias"], (b, c, pl.ds(h0, st.block_heads)), d_bias_sum, mask=head_ok)
+
+
+def _reverse_run_cumsum(r, ch: Chunk, h0, head_ok, i, st: Static):
+    """(block_s, block_heads): sum over l >= s in s's run inside the chunk of d cs_l, for the
+    rows s of block i (M^T d cs as mask dots)."""
+    b, bq = ch.b, st.block_s
+    pos_s = i * bq + iota(bq)
+    hi_s = seg_hi_rows(r, ch, i * bq, bq, st)
+
+    def add(j, d_a):
+        m = anticausal_run_mask(pos_s, j * bq + iota(bq), hi_s).astype(F32)
+        idx = (b, pl.ds(h0, st.block_heads), pl.ds(ch.c0 + j * bq, bq))
+        return d_a + dot(m, load(r["dcs"], idx, mask=head_ok[:, None]).T)
+
+    # Blocks past the run of the block's last row add nothing.
+    j1 = div(seg_hi_at(r, ch, i * bq + bq - 1, st), bq) + 1
+    return jax.lax.fori_loop(i, j1, add, jnp.zeros((bq, st.block_heads), F32))
+
+
+def _per_token_cumsum_bwd(r, ch: Chunk, h0, head_ok, st: Static):
+    bq = st.block_s
+
+    def block(i, carry):
+        d_a = _reverse_run_cumsum(r, ch, h0, head_ok, i, st)
+        heads = h0 + iota(st.block_heads)
+        valid = row_mask(ch, i * bq + iota(bq), st)[:, None] & (heads < st.heads)[None, :]
+        idx = (ch.b, pl.ds(ch.c0 + i * bq, bq), pl.ds(h0, st.block_heads))
+        store(r["d_log_decay"], idx, jnp.where(valid, d_a, 0.0), mask=valid)
+        rows = (ch.b, pl.ds(h0, st.block_heads), pl.ds(ch.c0 + i * bq, bq))
+        d_scale = load(r["ddt_x"], rows, mask=head_ok[:, None]).T
+        store(r["d_scale"], idx, jnp.where(valid, d_scale, 0.0), mask=valid)
+        return carry
+
+    jax.lax.fori_loop(0, st.chunk // bq, block, 0)
+
+
+def cumsum_bwd_per_token(inputs: dict, *, st: Static, out_dtype, num_warps: int, interpret: bool):
+    """(d log_decay, d scale), each (b, t, h) in out_dtype, of the per-token cumulative sum
+    (inputs dcs, ddt_x and the segment bounds)."""
+    rows = jax.ShapeDtypeStruct((st.batch, st.length, st.heads), out_dtype)
+    res = launch.call(
+        _cumsum_bwd_kernel,
+        inputs,
+        dict(d_log_decay=rows, d_scale=rows),
+        grid=(st.n_chunks, -(-st.heads // st.block_heads), st.batch),
+        name="ssd_bwd_chunk_cumsum",
+        num_warps=num_warps,
+        num_stages=1,
+        interpret=interpret,
+        st=st,
+    )
+    return tuple(res)
 
 
 def cumsum_bwd(inputs: dict, *, st: Static, dt_dtype, num_warps: int, interpret: bool):

@@ -42,13 +42,18 @@ class Glue:
     num_segments: int
 
     @classmethod
-    def build(cls, dt, A, dt_bias, dt_softplus, segment_ids, seg_lo, num_segments, chunk, padded):
-        batch, length, heads = dt.shape
-        dtp = dt.astype(F32)
-        if dt_bias is not None:
-            dtp = dtp + dt_bias.astype(F32)
-        if dt_softplus:
-            dtp = jax.nn.softplus(dtp)
+    def build(cls, decay, dt_softplus, segment_ids, seg_lo, num_segments, chunk, padded):
+        """decay: dict(dt, A, bias) or dict(log_decay, scale) (vjp._entry)."""
+        per_token = "log_decay" in decay
+        if per_token:
+            dtp = decay["scale"].astype(F32)
+        else:
+            dtp = decay["dt"].astype(F32)
+            if decay["bias"] is not None:
+                dtp = dtp + decay["bias"].astype(F32)
+            if dt_softplus:
+                dtp = jax.nn.softplus(dtp)
+        batch, length, heads = dtp.shape
         dtp = jnp.pad(dtp, ((0, 0), (0, padded - length), (0, 0)))
         t = jnp.arange(padded, dtype=jnp.int32)
         if segment_ids is None:
@@ -61,7 +66,10 @@ class Glue:
             lo = seg_lo
         run = jnp.cumsum(segment_starts(ids).astype(jnp.int32), axis=1) - 1
         restart = (lo == t % chunk) | (t % chunk == 0)  # a chunk start or a run start
-        a = dtp * A.astype(F32)
+        if per_token:  # the padding continues the last run with no decay, as dt' = 0 does
+            a = jnp.pad(decay["log_decay"].astype(F32), ((0, 0), (0, padded - length), (0, 0)))
+        else:
+            a = dtp * decay["A"].astype(F32)
         flags = jnp.broadcast_to(restart[..., None], a.shape)
 
         def combine(left, right):

@@ -28,6 +28,7 @@ class Plan:
     cfg: SSDConfig
     return_states: bool  # the core also returns h_in (for final states)
     has_init: bool  # initial states: the kernels add y_add and s_add
+    y_dtype: str | None = None  # the output's dtype; None: x's
 
 
 def supported(headdim: int, d_state: int) -> bool:
@@ -70,11 +71,8 @@ def ssd_scan_pallas(
         num_segments = 1 if initial_states is None else initial_states.shape[1]
     plan = make_plan(
         x,
-        dt,
         B,
         D,
-        z,
-        dt_bias,
         dt_softplus=dt_softplus,
         chunk_size=chunk_size,
         has_init=initial_states is not None,
@@ -82,9 +80,62 @@ def ssd_scan_pallas(
         interpret=interpret,
         config=config,
     )
+    decay = dict(dt=dt, A=A, bias=dt_bias)
     return _entry_jit(
-        plan, interpret, num_segments, x, dt, A, B, C, D, z, dt_bias, segment_ids, initial_states
+        plan, interpret, num_segments, x, decay, B, C, D, z, segment_ids, initial_states
     )
+
+
+def ssd_chunked_pallas(
+    x,
+    weight,
+    log_decay,
+    B,
+    C,
+    D=None,
+    *,
+    segment_ids=None,
+    chunk_size: int = 256,
+    initial_states=None,
+    return_final_states: bool = False,
+    num_segments: int | None = None,
+    interpret: bool = False,
+    config: SSDConfig | None = None,
+):
+    """The kernels with the decay and the input weight given apart, per token: the contract of
+    jax_packmamba.ops.ssd_scan.ssd_chunked (h_t = exp(log_decay_t) h_{t-1} + weight_t x_t B_t^T,
+    y_t = h_t C_t + D x_t; weight and log_decay (b, t, h)), for Mamba-3. Returns (y (b, t, h, p)
+    float32, final states (b, s, h, p, n) float32 or None); gradients reach weight and
+    log_decay. Arguments unchecked beyond the kernels' shapes (the caller validates)."""
+    batch, length, heads, headdim = x.shape
+    groups, d_state = B.shape[2:]
+    per_token = (batch, length, heads)
+    assert weight.shape == log_decay.shape == per_token, (weight.shape, log_decay.shape)
+    assert B.shape == C.shape == (batch, length, groups, d_state), (B.shape, C.shape)
+    if not supported(headdim, d_state):
+        raise ValueError(
+            f"the Pallas SSD kernels need headdim and d_state powers of two >= 16, "
+            f"got headdim={headdim} (x's axis 3), d_state={d_state} (B's axis 3)"
+        )
+    if num_segments is None:
+        num_segments = 1 if initial_states is None else initial_states.shape[1]
+    plan = make_plan(
+        x,
+        B,
+        D,
+        dt_softplus=False,
+        chunk_size=chunk_size,
+        has_init=initial_states is not None,
+        return_states=bool(return_final_states),
+        interpret=interpret,
+        config=config,
+        y_dtype="float32",
+    )
+    decay = dict(log_decay=log_decay, scale=weight)
+    out = _entry_jit(
+        plan, interpret, num_segments, x, decay, B, C, D, None, segment_ids, initial_states
+    )
+    return out if return_final_states else (out, None)
 
 
 def _entry(
@@ -92,16 +143,16 @@ def _entry(
     interpret: bool,
     num_segments: int,
     x,
-    dt,
-    A,
+    decay: dict,
     B,
     C,
     D,
     z,
-    dt_bias,
     segment_ids,
     initial_states,
 ):
+    """decay: dict(dt, A, bias) (Mamba2: dt' = softplus(dt + bias) if st.dt_softplus, log-decay
+    dt' A) or dict(log_decay, scale) (per token, as given)."""
     st = plan.st
     seg_lo = seg_hi = None
     if segment_ids is not None:
@@ -109,12 +160,12 @@ def _entry(
     glue = y_add = s_add = None
     if initial_states is not None or plan.return_states:
         glue = states.Glue.build(
-            dt, A, dt_bias, st.dt_softplus, segment_ids, seg_lo, num_segments, st.chunk, st.padded
+            decay, st.dt_softplus, segment_ids, seg_lo, num_segments, st.chunk, st.padded
         )
     if initial_states is not None:
         y_add = states.initial_state_outputs(glue, C, initial_states)
         s_add = states.initial_state_chunk_ends(glue, initial_states)
-    out = _ssd(plan, interpret, x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_hi, y_add, s_add)
+    out = _ssd(plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add)
     if not plan.return_states:
         return out
     y, h_in = out
@@ -128,7 +179,17 @@ _entry_jit = jax.jit(_entry, static_argnums=(0, 1, 2))
 
 
 def make_plan(
-    x, dt, B, D, z, dt_bias, *, dt_softplus, chunk_size, has_init, return_states, interpret, config
+    x,
+    B,
+    D,
+    *,
+    dt_softplus,
+    chunk_size,
+    has_init,
+    return_states,
+    interpret,
+    config,
+    y_dtype: str | None = None,
 ) -> Plan:
     batch, length, heads, headdim = x.shape
     groups, d_state = B.shape[2:]
@@ -168,7 +229,7 @@ def make_plan(
     )
     if cfg.chunk_scan_backend == "mosaic":
         chunk_scan_mgpu.check_supported(st)
-    return Plan(st, cfg, return_states, has_init)
+    return Plan(st, cfg, return_states, has_init, y_dtype)
 
 
 def _divisor(split: int, n: int) -> int:
@@ -202,9 +263,14 @@ def _launch(plan: Plan, interpret: bool):
     return dict(num_warps=plan.cfg.num_warps, num_stages=plan.cfg.num_stages, interpret=interpret)
 
 
-def _cumsum(plan, interpret, dt, A, dt_bias, seg_lo):
+def _cumsum(plan, interpret, decay, seg_lo):
+    if "log_decay" in decay:
+        inputs = dict(log_decay=decay["log_decay"], scale=decay["scale"], seg_lo=seg_lo)
+    else:
+        dt, A, bias = decay["dt"], decay["A"].astype(F32), _f32(decay["bias"])
+        inputs = dict(dt=dt, A=A, bias=bias, seg_lo=seg_lo)
     return kernel.chunk_cumsum(
-        dict(dt=dt, A=A.astype(F32), bias=_f32(dt_bias), seg_lo=seg_lo),
+        inputs,
         st=plan.st,
         num_warps=4,
         interpret=interpret,
@@ -251,12 +317,13 @@ def _pass_states_bwd(plan, interpret, dh, h_in, decay):
     return dS, jnp.swapaxes(jnp.sum(dS * h_in, axis=-1), 1, 2)
 
 
-def _fwd_impl(plan: Plan, interpret, x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_hi, y_add, s_add):
+def _fwd_impl(plan: Plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add):
     del seg_hi
     st = plan.st
     launch = _launch(plan, interpret)
     size = st.headdim * st.d_state
-    cs, dtp = _cumsum(plan, interpret, dt, A, dt_bias, seg_lo)
+    y_dtype = x.dtype if plan.y_dtype is None else jnp.dtype(plan.y_dtype)
+    cs, dtp = _cumsum(plan, interpret, decay, seg_lo)
     cb = kernel.chunk_cb(dict(C=C, B=B), st=st, **launch)
     S = kernel.chunk_states(
         dict(x=x, B=B, cs=cs, dtp=dtp, seg_lo=seg_lo), mode="fwd", st=st, **launch
@@ -264,32 +331,30 @@ def _fwd_impl(plan: Plan, interpret, x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_
     S = S.reshape(st.batch, st.n_chunks, st.heads, size)
     if s_add is not None:
         s_add = s_add.astype(F32).reshape(S.shape)
-    decay = chunk_decay(cs, seg_lo, st=st)
-    h_in = _pass_states(plan, interpret, S, decay, s_add)
+    chunk_decays = chunk_decay(cs, seg_lo, st=st)
+    h_in = _pass_states(plan, interpret, S, chunk_decays, s_add)
     h_in = h_in.reshape(st.batch, st.n_chunks, st.heads, st.headdim, st.d_state)
     inputs = dict(
         x=x, z=z, C=C, cb=cb, cs=cs, dtp=dtp, h_in=h_in, D=_f32(D), y_add=_f32(y_add), seg_lo=seg_lo
     )
     if plan.cfg.chunk_scan_backend == "mosaic":
-        y, y_pre = chunk_scan_mgpu.chunk_scan(inputs, st=st, y_dtype=x.dtype, interpret=interpret)
+        y, y_pre = chunk_scan_mgpu.chunk_scan(inputs, st=st, y_dtype=y_dtype, interpret=interpret)
     else:
-        y, y_pre = kernel.chunk_scan(inputs, st=st, y_dtype=x.dtype, **launch)
+        y, y_pre = kernel.chunk_scan(inputs, st=st, y_dtype=y_dtype, **launch)
     out = (y, h_in.reshape(st.batch, st.n_chunks, st.heads, size)) if plan.return_states else y
     return out, (h_in, y_pre)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _ssd(plan, interpret, x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_hi, y_add, s_add):
-    return _fwd_impl(plan, interpret, x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_hi, y_add, s_add)[
-        0
-    ]
+def _ssd(plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add):
+    return _fwd_impl(plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add)[0]
 
 
-def _ssd_fwd(plan, interpret, x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_hi, y_add, s_add):
+def _ssd_fwd(plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add):
     out, (h_in, y_pre) = _fwd_impl(
-        plan, interpret, x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_hi, y_add, s_add
+        plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add
     )
-    return out, (x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_hi, h_in, y_pre)
+    return out, (x, decay, B, C, D, z, seg_lo, seg_hi, h_in, y_pre)
 
 
 def _gate_bwd(dy, z, y_pre, *, dtype):
@@ -302,7 +367,7 @@ def _gate_bwd(dy, z, y_pre, *, dtype):
 
 
 def _ssd_bwd(plan, interpret, res, cts):
-    x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_hi, h_in, y_pre = res
+    x, decay, B, C, D, z, seg_lo, seg_hi, h_in, y_pre = res
     st, cfg = plan.st, plan.cfg
     launch = _launch(plan, interpret)
     dy, dh_ct = cts if plan.return_states else (cts, None)
@@ -311,7 +376,7 @@ def _ssd_bwd(plan, interpret, res, cts):
         dyp, dz = _gate_bwd(dy, z, y_pre, dtype=x.dtype)
     else:
         dyp, dz = dy.astype(x.dtype), None
-    cs, dtp = _cumsum(plan, interpret, dt, A, dt_bias, seg_lo)
+    cs, dtp = _cumsum(plan, interpret, decay, seg_lo)
     cb = kernel.chunk_cb(dict(C=C, B=B), st=st, **launch)
     # The gradient reaching each chunk's incoming state, then across chunks.
     dh = kernel.chunk_states(
@@ -320,8 +385,8 @@ def _ssd_bwd(plan, interpret, res, cts):
     dh = dh.reshape(st.batch, st.n_chunks, st.heads, size)
     if dh_ct is not None:
         dh = dh + dh_ct.astype(F32)
-    decay = chunk_decay(cs, seg_lo, st=st)
-    dS, ddecay = _pass_states_bwd(plan, interpret, dh, h_in.reshape(dh.shape), decay)
+    chunk_decays = chunk_decay(cs, seg_lo, st=st)
+    dS, ddecay = _pass_states_bwd(plan, interpret, dh, h_in.reshape(dh.shape), chunk_decays)
     dS = dS.reshape(h_in.shape)
     seg = dict(seg_lo=seg_lo, seg_hi=seg_hi)
     dx, ddt_x, dcs_state, dD_part = kernel_bwd.bwd_dx(
@@ -359,16 +424,8 @@ def _ssd_bwd(plan, interpret, res, cts):
         dC, dB = jax.lax.optimization_barrier(
             (dC.sum(1).astype(C.dtype), dB.sum(1).astype(B.dtype))
         )
-    dcs = _assemble_dcs(st, rowsum, colsum, a_inter, dcs_state, decay, ddecay)
-    ddt, dA_part, dbias_part = kernel_bwd.cumsum_bwd(
-        dict(dt=dt, A=A.astype(F32), bias=_f32(dt_bias), dcs=dcs, ddt_x=ddt_x, **seg),
-        st=st,
-        dt_dtype=dt.dtype,
-        num_warps=4,
-        interpret=interpret,
-    )
-    dA = dA_part.sum((0, 1)).astype(A.dtype)
-    dbias = None if dt_bias is None else dbias_part.sum((0, 1)).astype(dt_bias.dtype)
+    dcs = _assemble_dcs(st, rowsum, colsum, a_inter, dcs_state, chunk_decays, ddecay)
+    d_decay = _cumsum_bwd(plan, interpret, decay, dcs, ddt_x, seg)
     dD = None
     if D is not None:
         dD = dD_part.sum((0, 1))
@@ -376,7 +433,35 @@ def _ssd_bwd(plan, interpret, res, cts):
     # The gradients of the kernels' additive inputs (states.py makes them from initial states).
     d_y_add = dyp.astype(F32) if plan.has_init else None
     d_s_add = dS if plan.has_init else None
-    return dx, ddt, dA, dB, dC, dD, dz, dbias, None, None, d_y_add, d_s_add
+    return dx, d_decay, dB, dC, dD, dz, None, None, d_y_add, d_s_add
+
+
+def _cumsum_bwd(plan, interpret, decay, dcs, ddt_x, seg):
+    """The gradients of `decay`'s entries from d cs (natural-log units) and ddt_x (through the
+    input scale dt' x)."""
+    if "log_decay" in decay:
+        d_log, d_scale = kernel_bwd.cumsum_bwd_per_token(
+            dict(dcs=dcs, ddt_x=ddt_x, **seg),
+            st=plan.st,
+            out_dtype=F32,
+            num_warps=4,
+            interpret=interpret,
+        )
+        return dict(
+            log_decay=d_log.astype(decay["log_decay"].dtype),
+            scale=d_scale.astype(decay["scale"].dtype),
+        )
+    dt, A, dt_bias = decay["dt"], decay["A"], decay["bias"]
+    ddt, dA_part, dbias_part = kernel_bwd.cumsum_bwd(
+        dict(dt=dt, A=A.astype(F32), bias=_f32(dt_bias), dcs=dcs, ddt_x=ddt_x, **seg),
+        st=plan.st,
+        dt_dtype=dt.dtype,
+        num_warps=4,
+        interpret=interpret,
+    )
+    dA = dA_part.sum((0, 1)).astype(A.dtype)
+    dbias = None if dt_bias is None else dbias_part.sum((0, 1)).astype(dt_bias.dtype)
+    return dict(dt=ddt, A=dA, bias=dbias)
 
 
 def _sum_splits(dcb, st):
