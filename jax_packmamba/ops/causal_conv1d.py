@@ -32,7 +32,9 @@ ACTIVATIONS = (None, "silu")
 # (pallas_kernels/causal_conv1d/DESIGN.md). The threshold: this many programs per SM (528 on an
 # H200's 132).
 PALLAS_MIN_PROGRAMS_PER_SM = 4
-CONV_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
+# "pallas" runs pallas_kernels.causal_conv1d.KERNEL; "pallas_walk" and "pallas_tile" name one.
+PALLAS_KERNEL_IMPLS = {"pallas_walk": "walk", "pallas_tile": "tile"}
+CONV_IMPLS = ("auto", "xla", "pallas", *PALLAS_KERNEL_IMPLS, "pallas_interpret")
 
 
 def causal_conv1d(
@@ -65,6 +67,8 @@ def causal_conv1d(
           elsewhere), forward and backward
           ("auto" on a GPU when the launch has PALLAS_MIN_PROGRAMS_PER_SM programs an SM or
           more);
+      "pallas_walk", "pallas_tile": "pallas" with the kernels that walk time inside a program,
+          or with the tile-parallel ones ("pallas" runs one of them: the package's KERNEL);
       "pallas_interpret": the same kernels through the Pallas interpreter (any backend; tests).
     """
     check_causal_conv1d_args(x, weight, bias, segment_ids, activation)
@@ -90,13 +94,19 @@ def causal_conv1d(
         return out[:, width - 1 :]
     if impl == "auto":
         impl = _auto_impl(x)
-    check_pallas_platform(impl, fallback="xla")
+    check_pallas_platform(impl, fallback="xla", gpu_impls=("pallas", *PALLAS_KERNEL_IMPLS))
     positions = _positions(x, segment_ids)
     if impl.startswith("pallas"):
         from pallas_kernels.causal_conv1d import causal_conv1d_pallas
 
         return causal_conv1d_pallas(
-            x, weight, bias, positions, activation=activation, interpret=impl == "pallas_interpret"
+            x,
+            weight,
+            bias,
+            positions,
+            activation=activation,
+            interpret=impl == "pallas_interpret",
+            kernel_name=PALLAS_KERNEL_IMPLS.get(impl),
         )
     return _causal_conv1d_jit(x, weight, bias, positions, activation)
 
