@@ -170,6 +170,55 @@ def test_packed_conv_equals_alone_and_perturbation_is_isolated(impl):
     np.testing.assert_array_equal(base[3], moved[3])
 
 
+@pytest.mark.parametrize(
+    "impl, tile, in_kernel",
+    [
+        ("xla", None, False),
+        ("pallas_interpret", None, False),
+        ("pallas_tile_interpret", TileConfig(fwd_block_c=64, bwd_block_c=64), True),
+        ("pallas_tile_interpret", EDGE_TILE, False),  # boundary 192: not a multiple of 128
+    ],
+)
+def test_channel_groups_are_the_split_output_and_its_gradient(impl, tile, in_kernel):
+    groups = (128, 64, 8)
+    k = jax.random.split(jax.random.key(5), 4)
+    x = jax.random.normal(k[0], (2, 40, 200))
+    w, b = jax.random.normal(k[1], (200, 4)), jax.random.normal(k[2], (200,))
+    cot = jax.random.normal(k[3], x.shape)
+    seg = segments([[1, 15, 24], [16, 16, 8]])
+    kw = dict(segment_ids=seg, activation="silu")
+    if tile is None:
+        f = functools.partial(causal_conv1d, **kw, impl=impl)
+    else:
+        pos = positions_from_segment_ids(seg)
+
+        def f(x_, w_, b_, groups=None):
+            return causal_conv1d_pallas(
+                x_,
+                w_,
+                b_,
+                pos,
+                activation="silu",
+                interpret=True,
+                kernel_name="tile",
+                tile=tile,
+                groups=groups,
+            )
+
+    y, vjp = jax.vjp(f, x, w, b)
+    parts, vjp_parts = jax.vjp(lambda *a: f(*a, groups=groups), x, w, b)
+    assert [p.shape for p in parts] == [(2, 40, g) for g in groups]
+    np.testing.assert_allclose(jnp.concatenate(parts, -1), y, rtol=1e-6, atol=1e-6)
+    cots = tuple(jnp.split(cot, [128, 192], axis=-1))
+    for g, g_parts in zip(vjp(cot), vjp_parts(cots)):
+        np.testing.assert_allclose(g_parts, g, rtol=1e-5, atol=1e-5)
+    # Written by the kernel as three arrays, or split after it.
+    jaxpr = str(jax.make_jaxpr(lambda *a: f(*a, groups=groups))(x, w, b))
+    assert ("split" not in jaxpr) == in_kernel
+    with pytest.raises(ValueError, match="groups must be positive ints summing to channels=200"):
+        causal_conv1d(x, w, b, groups=(100, 50))
+
+
 def test_conv_rejects_unknown_impl():
     x = jnp.zeros((1, 4, 2))
     with pytest.raises(ValueError, match="impl must be one of"):
@@ -203,6 +252,22 @@ def test_pallas_conv_lowers_for_cuda_with_named_kernels(impl, prefix, width, bia
     names = re.findall(r'name = "(causal_conv1d_[a-z_]+)"', text)
     assert sorted(names) == [f"{prefix}_bwd", f"{prefix}_fwd"], names
     assert text.count("__gpu$xla.gpu.triton") == 2
+
+
+def test_tile_conv_with_channel_groups_lowers_for_cuda():
+    sds = jax.ShapeDtypeStruct
+    bf = jnp.bfloat16
+
+    def loss(x, w, b, seg):
+        parts = causal_conv1d(
+            x, w, b, segment_ids=seg, activation="silu", impl="pallas_tile", groups=(256, 128, 8)
+        )
+        return sum(p.astype(jnp.float32).sum() * (i + 1) for i, p in enumerate(parts))
+
+    args = (sds((2, 300, 392), bf), sds((392, 4), bf), sds((392,), bf), sds((2, 300), jnp.int32))
+    text = lower_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2)), *args)
+    names = re.findall(r'name = "(causal_conv1d_[a-z_]+)"', text)
+    assert sorted(names) == ["causal_conv1d_tile_bwd", "causal_conv1d_tile_fwd"], names
 
 
 @pytest.mark.parametrize("impl", ["pallas", "pallas_walk", "pallas_tile"])

@@ -14,6 +14,12 @@ g_pre[s] = g[s] * silu'(pre[s]) recomputed at each of the w shifted rows s = t +
 are sums over (b, t) of the unshifted rows' terms: a program walks `chunk` steps, block_t at a
 time, accumulates them in registers and writes one partial row, added up by XLA.
 
+Channel groups (`Static.groups`): the output can be written as several arrays, channels
+[0, g0), [g0, g0 + g1), ... (Mamba2's x, B and C out of its xBC conv), so that XLA does not copy
+them out of one array; the backward then reads one cotangent a group. Every group boundary is a
+multiple of block_e (the caller checks), so each program's channels lie in one group; it stores
+into (and loads from) every group's array with a mask that is all False except for its own.
+
 Shifted rows run before t = 0 or past the row's end; a load takes its rows as an index array
 clamped into the row, with a mask, because a slice starting before 0 would be shifted into range
 by the interpreter (a GPU load through a masked pointer reads nothing there either way).
@@ -45,6 +51,13 @@ class Static:
     chunk: int  # backward: time steps a program (a multiple of block_t); forward: block_t
     num_warps: int
     fast: bool  # PTX sigmoid and fma (GPU); the interpreter runs the plain jnp forms
+    groups: tuple[int, ...]  # channels of each output array (one group: (channels,))
+
+
+def group_offsets(groups):
+    """[(first channel, channels)] of each group."""
+    starts = [sum(groups[:i]) for i in range(len(groups))]
+    return list(zip(starts, groups))
 
 
 def _cols(st: Static):
@@ -61,6 +74,22 @@ def _tile(ref, b, rows, e0, row_mask, cmask, st: Static):
     (block_t,) or cmask (block_e,) is False (nothing read there)."""
     idx = (b, jnp.clip(rows, 0, st.length - 1)[:, None], (e0 + iota(st.block_e))[None, :])
     return load(ref, idx, mask=row_mask[:, None] & cmask[None, :]).astype(F32)
+
+
+def _in_group(e0, first, size, cmask, st: Static):
+    """(where group (first, size) has this program's columns, e0's column in its array)."""
+    cols = e0 + iota(st.block_e)
+    # Not this program's group: nothing is read or written, but keep the start in the array.
+    return cmask & (cols >= first) & (cols < first + size), jnp.maximum(e0 - first, 0)
+
+
+def _grouped_tile(r, name, b, rows, e0, row_mask, cmask, st: Static):
+    """_tile over the group arrays name0, name1, ...: each column comes from its group's."""
+    tiles = []
+    for i, (first, size) in enumerate(group_offsets(st.groups)):
+        mine, start = _in_group(e0, first, size, cmask, st)
+        tiles.append(_tile(r[f"{name}{i}"], b, rows, start, row_mask, mine, st))
+    return sum(tiles[1:], tiles[0])
 
 
 def _positions(pos_ref, b, rows, st: Static):
@@ -104,6 +133,12 @@ def _store_rows(ref, b, t0, e0, value, cmask, st: Static):
     store(ref, (b, pl.ds(t0, st.block_t), pl.ds(e0, st.block_e)), value, mask=mask)
 
 
+def _store_grouped(r, name, b, t0, e0, value, cmask, st: Static):
+    for i, (first, size) in enumerate(group_offsets(st.groups)):
+        mine, start = _in_group(e0, first, size, cmask, st)
+        _store_rows(r[f"{name}{i}"], b, t0, start, value, mine, st)
+
+
 def _fwd_kernel(r, *, st: Static):
     b, t0 = pl.program_id(0), pl.program_id(1) * st.block_t
     e0, cmask = _cols(st)
@@ -118,7 +153,7 @@ def _fwd_kernel(r, *, st: Static):
     out = _pre(shifted, position, taps, bias, st)
     if st.silu:
         out = out * sigmoid(out, fast=st.fast)
-    _store_rows(r["out"], b, t0, e0, out, cmask, st)
+    _store_grouped(r, "out", b, t0, e0, out, cmask, st)
 
 
 def _bwd_kernel(r, *, st: Static):
@@ -143,7 +178,7 @@ def _bwd_kernel(r, *, st: Static):
             s = t + lag  # output rows that read x[t] through tap k ...
             position = _positions(r["positions"], b, s, st)
             reads = position >= lag  # ... where t is in s's segment
-            g_pre = _tile(r["g"], b, s, e0, reads, cmask, st)
+            g_pre = _grouped_tile(r, "g", b, s, e0, reads, cmask, st)
             if st.silu:
                 pre = _pre(lambda lag2: x_at[lag - lag2], position, taps, bias, st)
                 sig = sigmoid(pre, fast=st.fast)
@@ -171,29 +206,33 @@ def _bwd_kernel(r, *, st: Static):
 
 
 def conv_fwd(x, w_t, bias, positions, *, st: Static, interpret: bool):
-    """out (b, t, e) in x's dtype; w_t (w, e) float32, bias (e,) float32 or None, positions
-    (b, t) int32."""
-    batch = x.shape[0]
+    """Tuple of the outputs (b, t, group) in x's dtype, one per group; w_t (w, e) float32, bias
+    (e,) float32 or None, positions (b, t) int32."""
+    batch, length, _ = x.shape
     return launch.call(
         _fwd_kernel,
         dict(x=x, w=w_t, bias=bias, positions=positions),
-        dict(out=jax.ShapeDtypeStruct(x.shape, x.dtype)),
+        {
+            f"out{i}": jax.ShapeDtypeStruct((batch, length, size), x.dtype)
+            for i, size in enumerate(st.groups)
+        },
         grid=(batch, -(-st.length // st.block_t), -(-st.channels // st.block_e)),
         name="causal_conv1d_tile_fwd",
         num_warps=st.num_warps,
         interpret=interpret,
         st=st,
-    )[0]
+    )
 
 
-def conv_bwd(x, w_t, bias, positions, g, *, st: Static, interpret: bool):
+def conv_bwd(x, w_t, bias, positions, gs, *, st: Static, interpret: bool):
     """(dx (b, t, e) in x's dtype, dweight partials (b, chunks, w, e) and dbias partials
-    (b, chunks, e), float32): kernel.conv_bwd's contract."""
+    (b, chunks, e), float32): kernel.conv_bwd's contract, with gs the outputs' cotangents, one
+    per group."""
     batch = x.shape[0]
     nc = -(-st.length // st.chunk)
     return launch.call(
         _bwd_kernel,
-        dict(x=x, w=w_t, bias=bias, positions=positions, g=g),
+        dict(x=x, w=w_t, bias=bias, positions=positions, **{f"g{i}": g for i, g in enumerate(gs)}),
         dict(
             dx=jax.ShapeDtypeStruct(x.shape, x.dtype),
             dw=jax.ShapeDtypeStruct((batch, nc, st.width, st.channels), F32),
