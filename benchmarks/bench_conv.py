@@ -8,10 +8,12 @@ At (8, 2048, 4352) (mamba2-1.3b's xBC: d_inner 4096 + 2 x 128 of B and C) and (8
 variant's forward and forward+backward (jax.vjp, random bf16 cotangent): harness.time_calls
 (median of 7 groups of 5 calls, inputs rotated past the L2), plus the per-kernel device time of
 the forward+backward from a profiler trace (the forward, the backward and XLA's reduction of the
-weight-gradient partials apart). Writes --out/conv_<device>.json. `bound_ms` is the DRAM time
+weight-gradient partials apart). At the mamba2-1.3b shape also the output as Mamba2's x, B and C
+(GROUPS): "walk_groups" splits after the walking kernel (copies), "tile_groups" has the tile
+kernels write the three arrays. Writes --out/conv_<device>.json. `bound_ms` is the DRAM time
 of the unique bytes (forward: read x, write out; backward: read x and g, write dx) at 3.35 TB/s
 (an H100 SXM's peak). On CPU the kernels run through the Pallas interpreter; --smoke: tiny
-shapes, one call each. About 60 s on one H100, most of it compiling.
+shapes, one call each. About 70 s on one H100, most of it compiling.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ from pallas_kernels.causal_conv1d import TileConfig, causal_conv1d_pallas
 
 SHAPES = [(8, 2048, 4352), (8, 2048, 4096)]  # (batch, length, channels), width 4
 SMOKE_SHAPES = [(1, 40, 96)]
+# Channel groups timed at a shape besides the plain output: Mamba2's x, B and C out of xBC
+# (mamba2-1.3b: d_inner 4096, one group of d_state 128). "walk" splits after its kernel, as the
+# model does with it; "tile" writes the three arrays.
+GROUPS = {(8, 2048, 4352): (4096, 128, 128), (1, 40, 96): (64, 16, 16)}
+GROUP_VARIANTS = ("walk", "tile")
 SEGMENTS = 64  # a row
 WIDTH = 4
 HBM_BYTES_PER_S = 3.35e12
@@ -50,8 +57,9 @@ VARIANTS = [
 ]
 
 
-def conv_set(i, shape):
-    """(x, weight, bias, positions, cotangent) of input set i."""
+def conv_set(i, shape, groups=None):
+    """(x, weight, bias, positions, cotangent) of input set i; with groups the cotangent is
+    a tuple, one per channel group."""
     batch, length, channels = shape
     rng = np.random.default_rng(i)
     cuts = [
@@ -61,18 +69,21 @@ def conv_set(i, shape):
     seg = np.stack([np.searchsorted(c, np.arange(length), side="right") for c in cuts])
     k = jax.random.split(jax.random.key(i), 4)
     bf = jnp.bfloat16
+    ct = jax.random.normal(k[3], shape, bf)
+    if groups is not None:
+        ct = tuple(jnp.split(ct, np.cumsum(groups)[:-1].tolist(), axis=-1))
     return (
         jax.random.normal(k[0], shape, bf),
         (0.5 * jax.random.normal(k[1], (channels, WIDTH))).astype(bf),
         jax.random.normal(k[2], (channels,), bf),
         positions_from_segment_ids(jnp.asarray(seg, jnp.int32)),
-        jax.random.normal(k[3], shape, bf),
+        ct,
     )
 
 
-def fns(kernel_name, tile, interpret):
+def fns(kernel_name, tile, interpret, groups=None):
     """(forward, forward+backward) of one variant; both take conv_set's tuple."""
-    kw = dict(activation="silu", interpret=interpret, kernel_name=kernel_name)
+    kw = dict(activation="silu", interpret=interpret, kernel_name=kernel_name, groups=groups)
     if tile is not None:
         kw["tile"] = tile
 
@@ -138,6 +149,22 @@ def main(argv=None) -> int:
                     "    " + ", ".join(f"{k} {v['us_per_call']:.1f} us" for k, v in per.items()),
                     flush=True,
                 )
+        groups = GROUPS.get(shape)
+        group_sets = [conv_set(i, shape, groups) for i in range(n)] if groups else []
+        for name in GROUP_VARIANTS if groups else ():
+            fwd, fwdbwd = fns(name, None, interpret, groups)
+            r = dict(
+                groups=groups,
+                fwd_ms=ms(harness.time_calls(fwd, group_sets, **timing)),
+                fwdbwd_ms=ms(harness.time_calls(fwdbwd, group_sets, **timing)),
+            )
+            rec[f"{name}_groups"] = r
+            print(
+                f"conv {shape} {name}, groups {groups}: fwd {r['fwd_ms']['median_ms']:.3f} ms, "
+                f"fwd+bwd {r['fwdbwd_ms']['median_ms']:.3f} ms",
+                flush=True,
+            )
+        del group_sets
         print(
             f"conv {shape}: DRAM bound fwd {rec['bound_ms']['fwd']:.3f} ms, bwd "
             f"{rec['bound_ms']['bwd']:.3f} ms",
