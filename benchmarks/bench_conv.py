@@ -100,6 +100,52 @@ def ms(t: harness.Timing) -> dict:
     return dict(median_ms=1e3 * t.median_s, min_ms=1e3 * t.min_s, max_ms=1e3 * t.max_s)
 
 
+def max_rel_diff(a, b) -> float:
+    """max |a - b| / max |b| over the leaves (tuples of channel groups joined first)."""
+    join = lambda v: jnp.concatenate(v, -1) if isinstance(v, tuple) else v  # noqa: E731
+    a, b = join(a).astype(jnp.float32), join(b).astype(jnp.float32)
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+def measure(label, fwd, fwdbwd, sets, timing, reference) -> dict:
+    """Timings of one variant, its per-kernel trace on a GPU, and its output and gradients on
+    set 0 against the first variant's (`reference`, filled by the first call). A variant that
+    fails records its error and the run goes on."""
+    try:
+        out, grads = fwd(*sets[0]), fwdbwd(*sets[0])
+        if not reference:
+            reference.update(out=out, grads=grads)
+        r = dict(
+            max_rel_diff=dict(
+                out=max_rel_diff(out, reference["out"]),
+                **{
+                    name: max_rel_diff(g, g_ref)
+                    for name, g, g_ref in zip(("dx", "dweight", "dbias"), grads, reference["grads"])
+                },
+            ),
+            fwd_ms=ms(harness.time_calls(fwd, sets, **timing)),
+            fwdbwd_ms=ms(harness.time_calls(fwdbwd, sets, **timing)),
+        )
+        if jax.default_backend() == "gpu":
+            with tempfile.TemporaryDirectory() as d:
+                harness.trace(fwdbwd, sets, 10, d)
+                events, _ = harness.device_events(d)
+            r["fwdbwd_kernels"] = harness.kernel_times(events, 10, ("causal_conv1d",))
+    except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others
+        print(f"conv {label}: FAILED {type(e).__name__}: {e}", flush=True)
+        return dict(error=f"{type(e).__name__}: {e}")
+    print(
+        f"conv {label}: fwd {r['fwd_ms']['median_ms']:.3f} ms, fwd+bwd "
+        f"{r['fwdbwd_ms']['median_ms']:.3f} ms; max rel diff to the first variant "
+        + ", ".join(f"{k} {v:.1e}" for k, v in r["max_rel_diff"].items()),
+        flush=True,
+    )
+    if "fwdbwd_kernels" in r:
+        per = r["fwdbwd_kernels"]["kernels"]
+        print("    " + ", ".join(f"{k} {v['us_per_call']:.1f} us" for k, v in per.items()))
+    return r
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = harness.argument_parser(__doc__).parse_args(argv)
@@ -126,44 +172,26 @@ def main(argv=None) -> int:
                 bwd=1e3 * 3 * elem_bytes / HBM_BYTES_PER_S,
             ),
         )
+        reference = {}
         for name, kernel_name, tile in VARIANTS:
-            fwd, fwdbwd = fns(kernel_name, tile, interpret)
-            r = dict(
-                fwd_ms=ms(harness.time_calls(fwd, sets, **timing)),
-                fwdbwd_ms=ms(harness.time_calls(fwdbwd, sets, **timing)),
+            rec[name] = measure(
+                f"{shape} {name}", *fns(kernel_name, tile, interpret), sets, timing, reference
             )
-            if backend == "gpu":
-                with tempfile.TemporaryDirectory() as d:
-                    harness.trace(fwdbwd, sets, 10, d)
-                    events, _ = harness.device_events(d)
-                r["fwdbwd_kernels"] = harness.kernel_times(events, 10, ("causal_conv1d",))
-            rec[name] = r
-            print(
-                f"conv {shape} {name}: fwd {r['fwd_ms']['median_ms']:.3f} ms, fwd+bwd "
-                f"{r['fwdbwd_ms']['median_ms']:.3f} ms",
-                flush=True,
-            )
-            if "fwdbwd_kernels" in r:
-                per = r["fwdbwd_kernels"]["kernels"]
-                print(
-                    "    " + ", ".join(f"{k} {v['us_per_call']:.1f} us" for k, v in per.items()),
-                    flush=True,
-                )
+            harness.write_json(new.path, {**data, "conv": [*data["conv"], rec]})
         groups = GROUPS.get(shape)
         group_sets = [conv_set(i, shape, groups) for i in range(n)] if groups else []
         for name in GROUP_VARIANTS if groups else ():
-            fwd, fwdbwd = fns(name, None, interpret, groups)
-            r = dict(
+            rec[f"{name}_groups"] = dict(
                 groups=groups,
-                fwd_ms=ms(harness.time_calls(fwd, group_sets, **timing)),
-                fwdbwd_ms=ms(harness.time_calls(fwdbwd, group_sets, **timing)),
+                **measure(
+                    f"{shape} {name}, groups {groups}",
+                    *fns(name, None, interpret, groups),
+                    group_sets,
+                    timing,
+                    reference,
+                ),
             )
-            rec[f"{name}_groups"] = r
-            print(
-                f"conv {shape} {name}, groups {groups}: fwd {r['fwd_ms']['median_ms']:.3f} ms, "
-                f"fwd+bwd {r['fwdbwd_ms']['median_ms']:.3f} ms",
-                flush=True,
-            )
+            harness.write_json(new.path, {**data, "conv": [*data["conv"], rec]})
         del group_sets
         print(
             f"conv {shape}: DRAM bound fwd {rec['bound_ms']['fwd']:.3f} ms, bwd "
