@@ -170,16 +170,25 @@ class Mamba2Mixer(nnx.Module):
             segment_ids = jnp.zeros(hidden.shape[:2], jnp.int32)
         scan_ids, slots = row_end_ids(segment_ids, hidden, num_segments, return_end_state)
         z, xBC, dt = saved(PROJECTION, *self._in_proj(hidden))
-        xBC_conv = causal_conv1d(
-            xBC,
-            *self._conv_params(),
-            segment_ids=segment_ids,
-            activation="silu",
-            impl=config.conv_impl,
-            continues=continues,
-            first_inputs=None if start_state is None else start_state.conv,
+        # The conv hands back x, B and C as separate arrays: the tile kernels write them so,
+        # where splitting a kernel's one output would copy them (and concatenate their
+        # gradients) in XLA.
+        gn = config.ngroups * config.d_state
+        x, B, C = self._shape_xBC(
+            *saved(
+                CONV,
+                *causal_conv1d(
+                    xBC,
+                    *self._conv_params(),
+                    segment_ids=segment_ids,
+                    activation="silu",
+                    impl=config.conv_impl,
+                    continues=continues,
+                    first_inputs=None if start_state is None else start_state.conv,
+                    groups=(config.d_inner, gn, gn),
+                ),
+            )
         )
-        x, B, C = self._split_xBC(saved(CONV, xBC_conv))
         # dt_bias goes into the scan in float32 (added before the softplus), as in mamba_ssm.
         result = ssd_scan(
             x,
@@ -230,9 +239,13 @@ class Mamba2Mixer(nnx.Module):
     def _split_xBC(self, xBC):
         """(..., x) -> x (..., h, p), B and C (..., g, n)."""
         config = self.config
-        lead = xBC.shape[:-1]
         gn = config.ngroups * config.d_state
-        x, B, C = jnp.split(xBC, [config.d_inner, config.d_inner + gn], axis=-1)
+        return self._shape_xBC(*jnp.split(xBC, [config.d_inner, config.d_inner + gn], axis=-1))
+
+    def _shape_xBC(self, x, B, C):
+        """x (..., d_inner), B and C (..., g * n) -> x (..., h, p), B and C (..., g, n)."""
+        config = self.config
+        lead = x.shape[:-1]
         return (
             x.reshape(*lead, config.nheads, config.headdim),
             B.reshape(*lead, config.ngroups, config.d_state),

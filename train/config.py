@@ -133,7 +133,8 @@ class ModelConfig:
         "auto",
         choices=CONV_IMPLS,
         help="causal conv1d: auto is the Pallas kernel on a GPU and XLA elsewhere; "
-        "pallas_interpret runs the kernel on CPU (slow, tests)",
+        "pallas_walk / pallas_tile pick one of the two Pallas kernel designs (pallas: the "
+        "default one); pallas_interpret runs the kernel on CPU (slow, tests)",
     )
     remat: str = option(
         "none",

@@ -12,6 +12,7 @@ sequence run alone would see.
 from __future__ import annotations
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,9 @@ ACTIVATIONS = (None, "silu")
 # (pallas_kernels/causal_conv1d/DESIGN.md). The threshold: this many programs per SM (528 on an
 # H200's 132).
 PALLAS_MIN_PROGRAMS_PER_SM = 4
-CONV_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
+# "pallas" runs pallas_kernels.causal_conv1d.KERNEL; "pallas_walk" and "pallas_tile" name one.
+PALLAS_KERNEL_IMPLS = {"pallas_walk": "walk", "pallas_tile": "tile"}
+CONV_IMPLS = ("auto", "xla", "pallas", *PALLAS_KERNEL_IMPLS, "pallas_interpret")
 
 
 def causal_conv1d(
@@ -45,8 +48,14 @@ def causal_conv1d(
     impl="auto",
     continues=None,
     first_inputs=None,
+    groups=None,
 ):
     """Segment-aware depthwise causal conv; x (batch, length, channels), weight (channels, width).
+
+    groups: optional channel counts summing to channels: the output comes back as a tuple of its
+    channel groups (jnp.split at their boundaries), such as Mamba2's x, B and C out of xBC. The
+    tile kernels write the groups as separate arrays, sparing the copies a split makes after a
+    kernel (where each boundary is a multiple of their channel blocks).
 
     continues: optional (batch,) bool: row b's first run continues row b - 1's last run (see
     jax_packmamba/ops/links.py); its first width - 1 outputs read that run's last inputs, as
@@ -65,6 +74,8 @@ def causal_conv1d(
           elsewhere), forward and backward
           ("auto" on a GPU when the launch has PALLAS_MIN_PROGRAMS_PER_SM programs an SM or
           more);
+      "pallas_walk", "pallas_tile": "pallas" with the kernels that walk time inside a program,
+          or with the tile-parallel ones ("pallas" runs one of them: the package's KERNEL);
       "pallas_interpret": the same kernels through the Pallas interpreter (any backend; tests).
     """
     check_causal_conv1d_args(x, weight, bias, segment_ids, activation)
@@ -79,6 +90,16 @@ def causal_conv1d(
             )
     if impl not in CONV_IMPLS:
         raise ValueError(f"impl must be one of {CONV_IMPLS}, got {impl!r}")
+    if groups is not None:
+        groups = tuple(groups)
+        if (
+            not groups
+            or any(not isinstance(g, (int, np.integer)) or g < 1 for g in groups)
+            or sum(groups) != np.shape(x)[2]
+        ):
+            raise ValueError(
+                f"groups must be positive ints summing to channels={np.shape(x)[2]}, got {groups}"
+            )
     if continues is not None or first_inputs is not None:
         # Each row preceded by the previous row's last inputs, linked by their ids where the
         # row continues; the extra outputs are dropped.
@@ -87,18 +108,31 @@ def causal_conv1d(
         out = causal_conv1d(
             x_ext, weight, bias, segment_ids=ids_ext, activation=activation, impl=impl
         )
-        return out[:, width - 1 :]
+        return _split(out[:, width - 1 :], groups)
     if impl == "auto":
         impl = _auto_impl(x)
-    check_pallas_platform(impl, fallback="xla")
+    check_pallas_platform(impl, fallback="xla", gpu_impls=("pallas", *PALLAS_KERNEL_IMPLS))
     positions = _positions(x, segment_ids)
     if impl.startswith("pallas"):
         from pallas_kernels.causal_conv1d import causal_conv1d_pallas
 
         return causal_conv1d_pallas(
-            x, weight, bias, positions, activation=activation, interpret=impl == "pallas_interpret"
+            x,
+            weight,
+            bias,
+            positions,
+            activation=activation,
+            interpret=impl == "pallas_interpret",
+            kernel_name=PALLAS_KERNEL_IMPLS.get(impl),
+            groups=groups,
         )
-    return _causal_conv1d_jit(x, weight, bias, positions, activation)
+    return _split(_causal_conv1d_jit(x, weight, bias, positions, activation), groups)
+
+
+def _split(out, groups):
+    if groups is None:
+        return out
+    return tuple(jnp.split(out, list(itertools.accumulate(groups[:-1])), axis=-1))
 
 
 def _auto_impl(x) -> str:

@@ -128,21 +128,24 @@ def check_chunk_and_slots(
 GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 
 
-def check_pallas_platform(impl: str, *, fallback: str, name: str = "impl"):
-    """Raises ValueError for impl="pallas" when the code is not being built for a GPU.
+def check_pallas_platform(
+    impl: str, *, fallback: str, name: str = "impl", gpu_impls: tuple[str, ...] = ("pallas",)
+):
+    """Raises ValueError for impl="pallas" (or another of `gpu_impls`) when the code is not
+    being built for a GPU.
 
     The target is the current abstract mesh's device when one is set (how a CPU machine lowers
     for CUDA: tests/gpu.py), else the default backend, as Pallas itself decides. Without this,
     Pallas fails deep in lowering with a message that does not name `impl`. `fallback` names
     the op's non-kernel implementation ("reference" or "xla"); `name` the argument.
     """
-    if impl != "pallas":
+    if impl not in gpu_impls:
         return
     device = jax.sharding.get_abstract_mesh().abstract_device
     platform = device.platform if device is not None else jax.default_backend()
     if platform not in GPU_PLATFORMS:
         raise ValueError(
-            f'{name}="pallas" runs Triton kernels, which need a GPU, but this runs on '
+            f'{name}="{impl}" runs Triton kernels, which need a GPU, but this runs on '
             f'{platform!r}; use {name}="pallas_interpret" (the same kernels through the Pallas '
             f'interpreter, any backend), "{fallback}" or "auto"'
         )
