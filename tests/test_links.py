@@ -897,3 +897,24 @@ def test_resume_refuses_to_switch_link_across_steps_on_or_off():
     )
     with pytest.raises(ConfigError, match="link_across_steps needs --mesh.grad_reduce=auto"):
         parse_args(["--data.long_docs=link_across_steps", "--mesh.grad_reduce=bfloat16"])
+
+
+def test_carried_state_is_sharded_as_the_batch_rows():
+    """The carry's rows axis (layers, rows, ...) is laid over data x fsdp, as the batch's rows
+    (each device holds its own rows' states), whatever fsdp does to the parameters."""
+    from jax.sharding import PartitionSpec as P
+
+    from train import sharding
+    from train import step as step_lib
+    from train.config import OptimConfig
+
+    config = tiny_model_config("mamba1")
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=-1, fsdp=1))
+    compiled = step_lib.build(config, OptimConfig(), 4, mesh, carry_rows=4)
+    carry = compiled.abstract_state.carry
+    assert carry["ssm"].shape[:2] == (config.n_layer, 4) and carry["conv"].shape[1] == 4
+    for leaf in jax.tree.leaves(compiled.state_shardings.carry):
+        assert leaf.spec == P(None, sharding.BATCH_AXES)
+    assert sharding.batch_sharding(mesh).spec == P(None, sharding.BATCH_AXES, None)
+    with pytest.raises(ValueError, match="a carried state needs grad_reduce='auto'"):
+        step_lib.build(config, OptimConfig(), 4, mesh, grad_reduce="bfloat16", carry_rows=4)
