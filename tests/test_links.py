@@ -439,10 +439,11 @@ def test_row_stream_batcher_streams_every_document_whole_in_its_row_and_resumes(
             np.testing.assert_array_equal(targets[:-1], docs[i][1:])
             assert mask[:-1].all() and not mask[-1]
         seen += index
-    assert sorted(seen) == list(range(len(docs)))  # every document once, each whole
+    # Every document once, each whole (row_streams joins a flagged piece to its own row's
+    # previous one: a wrong flag, or a link between rows, would make a non-document).
+    assert sorted(seen) == list(range(len(docs)))
     flags = np.stack([b["continues"][..., 0] for b in batches])
     assert flags[0, 0].sum() == 0 and flags.sum() >= 6  # the first rows start fresh
-    # No row links inside a micro-batch: a continued row's first piece is its own row's.
     # Resume: after two batches several rows are mid-document; a restored Batcher goes on.
     first = Batcher(docs, **kw)
     for _ in range(2):
@@ -918,3 +919,36 @@ def test_carried_state_is_sharded_as_the_batch_rows():
     assert sharding.batch_sharding(mesh).spec == P(None, sharding.BATCH_AXES, None)
     with pytest.raises(ValueError, match="a carried state needs grad_reduce='auto'"):
         step_lib.build(config, OptimConfig(), 4, mesh, grad_reduce="bfloat16", carry_rows=4)
+
+
+def test_carried_rows_over_two_devices_match_one_device(tmp_path):
+    """link_across_steps under the SPMD partitioner with the rows over two devices (each holds
+    its rows' carried states): 3 steps of 2 micro-batches give the one-device losses."""
+    from tests.test_train import finish, losses, run_cli
+    from train.__main__ import main
+
+    args = [
+        "--model.preset=tiny",
+        "--model.n_layer=1",
+        "--model.d_model=32",
+        "--model.d_state=4",
+        "--data.max_documents=6",
+        "--data.seq_len=32",
+        "--data.batch_size=4",
+        "--data.eval_fraction=0",
+        "--data.long_docs=link_across_steps",
+        "--optim.grad_accum=2",
+        "--optim.warmup_steps=1",
+        "--optim.lr=1e-2",
+        "--run.progress=false",
+        "--run.plot=false",
+        "--run.tensorboard=false",
+        "--run.compilation_cache=false",
+        "--run.steps=3",
+    ]
+    two = finish(run_cli(args + ["--mesh.data=2", f"--run.out_dir={tmp_path / 'two'}"], devices=2))
+    assert "2 x cpu" in two and "mesh data=2 fsdp=1" in two
+    assert main(args + [f"--run.out_dir={tmp_path / 'one'}"]) == 0
+    a, b = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    np.testing.assert_allclose([a[k] for k in b], [b[k] for k in b], rtol=2e-5)
