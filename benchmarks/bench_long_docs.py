@@ -1,12 +1,14 @@
-"""Held-out loss on long documents after training with --data.long_docs=cut and =link.
+"""Held-out loss on long documents after training with each --data.long_docs option.
 
     PYTHONPATH=. python3 benchmarks/bench_long_docs.py [--preset 130m] [--n-layer 12]
-        [--steps 300] [--seq-len 2048] [--rows 8] [--modes cut,link] [--out DIR] [--smoke]
+        [--steps 300] [--seq-len 2048] [--rows 8] [--modes cut,link,link_across_steps]
+        [--out DIR] [--smoke]
 
 Trains the same model once per mode (--modes: any of cut, link, link_across_steps) through
 the trainer (train/__main__.py) on the stdlib corpus, the same seed, steps and so the same
 number of token slots (every row of every mode is full: cut packs pieces by first-fit-
-decreasing, the link modes stream whole documents), and evaluates each on the held-out split's
+decreasing, link lays whole documents end to end over the rows, link_across_steps gives every
+row a stream of whole documents of its own), and evaluates each on the held-out split's
 documents longer than a row (train.data.split_documents, as the trainer holds them out). Each
 model reads the held-out documents two ways: "whole" (pack_stream with the links: each
 document as one sequence) and "cut" (the same rows without the links: every row from a zero
@@ -15,8 +17,8 @@ written to --out/long_docs_<slug>.json with each mode's training and evaluation 
 plotted to long_docs_<slug>.png.
 
 The default model is the 130m preset cut to 12 layers (about 57M parameters with byte tokens):
-300 steps of 8 x 2048 in both modes, compiles included, are sized to finish within 150 s on
-one H100. --smoke: the tiny preset, 64-token rows, a few steps on CPU.
+300 steps of 8 x 2048, compiles included, take about 90 s a mode on one H100 (training and
+evaluation). --smoke: the tiny preset, 64-token rows, a few steps on CPU.
 """
 
 from __future__ import annotations
@@ -95,7 +97,9 @@ def main(argv=None) -> int:
         "--eval-rows", type=int, default=None, help="rows per evaluation call (default 128)"
     )
     p.add_argument(
-        "--modes", default="cut,link", help="--data.long_docs values to train, comma-separated"
+        "--modes",
+        default="cut,link,link_across_steps",
+        help="--data.long_docs values to train, comma-separated",
     )
     args = p.parse_args(argv)
     from train.config import LONG_DOCS

@@ -578,13 +578,13 @@ def smoke_bench_loss(out, data):
 
 
 def smoke_bench_long_docs(out, data):
-    assert data["eval_documents"] >= 1 and len(data["results"]) == 4
-    assert set(data["seconds"]) == {"cut", "link"}
+    assert data["eval_documents"] >= 1 and len(data["results"]) == 6
+    assert set(data["seconds"]) == {"cut", "link", "link_across_steps"}
     for name, row in data["results"].items():
         assert np.isfinite(row["mean"]) and row["by_position"], name
     first = [next(iter(r["by_position"].values())) for r in data["results"].values()]
     # Within the first row both readings are the same computation.
-    assert first[0] == first[1] and first[2] == first[3]
+    assert first[0] == first[1] and first[2] == first[3] and first[4] == first[5]
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -352,9 +352,10 @@ def test_bad_continues_are_refused_before_any_work():
 # ---------------------------------------------------------------- the trainer's batches
 
 
-@pytest.mark.parametrize("long_docs", ["link", "link_across_steps"])
-def test_link_batcher_streams_every_token_once_and_resumes_exactly(long_docs):
+def test_link_batcher_streams_every_token_once_and_resumes_exactly():
     from train.data import Batcher
+
+    long_docs = "link"
 
     rng = np.random.default_rng(3)
     docs = [rng.integers(0, 255, size=n).astype(np.int32) for n in [5, 70, 1, 33, 200, 9, 16]]
@@ -390,6 +391,167 @@ def test_link_batcher_streams_every_token_once_and_resumes_exactly(long_docs):
         got = next(resumed)["arrays"]
         for k in w:
             np.testing.assert_array_equal(got[k], w[k])
+
+
+def row_streams(batches, rows):
+    """Each row's documents, rebuilt from per-row-stream micro-batches: (tokens, targets,
+    loss_mask) per document, a piece at a row's start joined to the row's previous piece
+    where the row's flag says it continues."""
+    docs = [[] for _ in range(rows)]
+    for arrays in batches:
+        for a in range(arrays["tokens"].shape[0]):
+            for r in range(rows):
+                seg = arrays["segment_ids"][a, r]
+                for i, s in enumerate(np.unique(seg[seg > 0])):
+                    at = seg == s
+                    piece = [arrays[k][a, r][at] for k in ("tokens", "targets", "loss_mask")]
+                    if i == 0 and arrays["continues"][a, r, 0]:
+                        docs[r][-1] = [np.concatenate(x) for x in zip(docs[r][-1], piece)]
+                    else:
+                        docs[r].append(piece)
+    return docs
+
+
+def test_row_stream_batcher_streams_every_document_whole_in_its_row_and_resumes():
+    """link_across_steps: every row is a stream of whole documents taken from the shared
+    stream in its order; over an epoch every token of every document appears once, in order,
+    in one row; the flags join exactly the pieces of one document; every token but a
+    document's last has its true target (also across micro-batch edges); a fresh Batcher
+    restored mid-document gives the same batches."""
+    from train.data import Batcher
+
+    rng = np.random.default_rng(5)
+    lengths = [5, 70, 1, 33, 200, 9, 16, 48, 1, 2, 64, 17, 130, 3]
+    docs = [rng.integers(0, 255, size=n).astype(np.int32) for n in lengths]
+    kw = dict(mode="packed", seq_len=16, batch_size=3, grad_accum=2, seed=1)
+    kw.update(long_docs="link_across_steps")
+    batcher = Batcher(docs, wrap=False, **kw)
+    order = [batcher._index(g) for g in range(len(docs))]  # the shared stream's documents
+    batches = []
+    while batcher.consumed < len(docs) or any(g >= 0 for g, _, _ in batcher.rows):
+        batches.append(next(batcher)["arrays"])
+    rebuilt = row_streams(batches, 3)
+    seen = []
+    for row in rebuilt:
+        index = [next(i for i, d in enumerate(docs) if np.array_equal(d, t)) for t, _, _ in row]
+        assert [order.index(i) for i in index] == sorted(order.index(i) for i in index)
+        for i, (_, targets, mask) in zip(index, row):
+            np.testing.assert_array_equal(targets[:-1], docs[i][1:])
+            assert mask[:-1].all() and not mask[-1]
+        seen += index
+    # Every document once, each whole (row_streams joins a flagged piece to its own row's
+    # previous one: a wrong flag, or a link between rows, would make a non-document).
+    assert sorted(seen) == list(range(len(docs)))
+    flags = np.stack([b["continues"][..., 0] for b in batches])
+    assert flags[0, 0].sum() == 0 and flags.sum() >= 6  # the first rows start fresh
+    # Resume: after two batches several rows are mid-document; a restored Batcher goes on.
+    first = Batcher(docs, **kw)
+    for _ in range(2):
+        next(first)
+    state = first.state()
+    assert sum(offset > 0 for _, offset, _ in state["rows"]) >= 2, state
+    want = [next(first) for _ in range(4)]
+    resumed = Batcher(docs, **kw)
+    resumed.restore(state)
+    for w in want:
+        got = next(resumed)
+        assert got["stats"] == w["stats"]
+        for k in w["arrays"]:
+            np.testing.assert_array_equal(got["arrays"][k], w["arrays"][k])
+    with pytest.raises(ValueError, match="one stream per row"):
+        Batcher(docs, **kw).restore({"consumed": 3, "offset": 4})
+
+
+# Per-row streams of 3 rows of 8 tokens, 3 micro-batches (shuffle off: documents in this
+# order): row 0 holds a 19-token document over all three (ending at the last one's end), row 1
+# a length-1 document and two over one edge each, row 2 a 1-token piece after an edge and a
+# document going on past the last micro-batch.
+ROWS_DOCS = [5, 19, 1, 4, 10, 9, 6, 7, 3, 12]
+ROWS_CONTINUES = [[0, 1, 1], [0, 1, 1], [0, 1, 0]]  # row by row
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_carried_step_gets_each_document_whole_and_rows_are_isolated(family):
+    """train.step's carried run over per-row streams: each row's loss is the sum of its
+    documents' losses alone (float32), the carry after the last micro-batch is the end state
+    of each row's last document alone (a whole one, and the prefix of one going on), and
+    perturbing row 1's document leaves the other rows' losses and carried states bit for bit;
+    sum_grads_carried gives the loop's loss and carry."""
+    from flax import nnx
+
+    import jax_packmamba as jp
+    from train import step as step_lib
+    from train.data import Batcher
+
+    config = tiny_model_config(family)
+    graph, params = nnx.split(jp.LM(config, rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(params)
+    rng = np.random.default_rng(2)
+    docs = [rng.integers(0, 61, size=n).astype(np.int32) for n in ROWS_DOCS]
+    kw = dict(mode="packed", seq_len=8, batch_size=3, grad_accum=3, shuffle=False)
+    batcher = Batcher(docs, long_docs="link_across_steps", **kw)
+    arrays = next(batcher)["arrays"]
+    assert arrays["continues"][..., 0].T.astype(int).tolist() == ROWS_CONTINUES
+    rebuilt = row_streams([arrays], 3)
+    carried = jax.jit(lambda p, mb, c: step_lib.carried_losses(graph, p, mb, c, chunk_tokens=16))
+
+    def per_row(arrays):
+        """Each row's summed loss over the micro-batches (others masked out), and the carry."""
+        out = []
+        for r in range(3):
+            carry = step_lib.init_carry(config, 3)
+            total = 0.0
+            for a in range(3):
+                mb = {k: jnp.asarray(v[a]) for k, v in arrays.items()}
+                mb["loss_mask"] = mb["loss_mask"].at[jnp.arange(3) != r].set(False)
+                ce, (_, carry) = carried(params, mb, carry)
+                total += float(ce)
+            out.append(total)
+        return np.array(out), carry
+
+    losses, carry = per_row(arrays)
+    # A document alone: one row of 24, padding first (its own run), so every document is one
+    # compiled shape and is the row's last run (whose end state the call returns).
+    alone_call = jax.jit(
+        lambda *a: nnx.merge(graph, params).cross_entropy(*a, return_end_state=True)
+    )
+
+    def alone_run(tokens, targets, mask):
+        pad = 24 - len(tokens)
+        seg = np.r_[np.zeros(pad, np.int32), np.ones(len(tokens), np.int32)]
+        rows = [np.r_[np.zeros(pad, x.dtype), x][None] for x in (tokens, targets, mask)]
+        return alone_call(rows[0], seg[None], rows[1], rows[2])
+
+    for r, row in enumerate(rebuilt):
+        alone = 0.0
+        for piece in row:
+            ce, _, end = alone_run(*piece)
+            alone += float(ce)
+        assert abs(losses[r] - alone) <= 1e-5 * abs(alone), (r, losses[r], alone)
+        # Each row's last document ends with the row (rows 0, 1 whole, row 2 a prefix).
+        for k, v in end._asdict().items():
+            assert rel_err(carry[k][:, r], v[:, 0]) < 1e-5, (r, k)
+    assert not np.array_equal(losses, np.zeros(3))
+    if family == "mamba2":
+        return  # what follows is the step's own code, the same for both families
+    # sum_grads_carried: the same loss and carry in one scan over the micro-batches.
+    batch = {k: jnp.asarray(v) for k, v in arrays.items()}
+    _, ce_sum, count, end_carry = jax.jit(
+        lambda p, b, c: step_lib.sum_grads_carried(graph, p, b, c, chunk_tokens=16)
+    )(params, batch, step_lib.init_carry(config, 3))
+    assert abs(float(ce_sum) - losses.sum()) <= 1e-5 * losses.sum()
+    assert int(count) == int(arrays["loss_mask"].sum())
+    for k in carry:
+        assert rel_err(end_carry[k], carry[k]) < 1e-5
+    # Isolation: a token of row 1's first micro-batch changed.
+    perturbed = {k: v.copy() for k, v in arrays.items()}
+    perturbed["tokens"][0, 1, 5] = (perturbed["tokens"][0, 1, 5] + 1) % 61
+    losses2, carry2 = per_row(perturbed)
+    assert losses2[1] != losses[1]
+    for r in (0, 2):
+        assert losses2[r] == losses[r]
+        for k in carry:
+            np.testing.assert_array_equal(carry2[k][:, r], carry[k][:, r])
 
 
 # ---------------------------------------------------------------- the models
@@ -577,6 +739,7 @@ def test_trainer_carries_documents_across_steps_and_resumes_exactly(tmp_path, ca
     with documents going on over every micro-batch and step edge (stdlib files are longer than
     a 4 x 32-token micro-batch); the carried state matters (link's losses differ)."""
     from train.__main__ import main
+    from train.checkpoint import Checkpointer
     from train.metrics import read_metrics
 
     tiny = [
@@ -618,6 +781,13 @@ def test_trainer_carries_documents_across_steps_and_resumes_exactly(tmp_path, ca
     resumed = {r["step"]: r["loss"] for r in read_metrics(halves / "metrics.jsonl") if "loss" in r}
     assert [resumed[s] for s in (3, 4)] == losses(straight)[2:]
     assert exported(halves) == exported(straight)
+    # The save it resumed from had several rows in the middle of a document (per-row streams).
+    ckpt = Checkpointer(halves / "checkpoints", 3)
+    rows = ckpt.read_meta(2)["data"]["rows"]
+    ckpt.close()
+    assert len(rows) == 4 and sum(offset > 0 for _, offset, _ in rows) >= 2, rows
+    records = [r for r in read_metrics(straight / "metrics.jsonl") if "loss" in r]
+    assert all(r["continuing_rows"] >= 1 and r["longest_document_rows"] >= 2 for r in records)
 
 
 @pytest.mark.parametrize("family", ["mamba1", "mamba2"])
@@ -728,3 +898,57 @@ def test_resume_refuses_to_switch_link_across_steps_on_or_off():
     )
     with pytest.raises(ConfigError, match="link_across_steps needs --mesh.grad_reduce=auto"):
         parse_args(["--data.long_docs=link_across_steps", "--mesh.grad_reduce=bfloat16"])
+
+
+def test_carried_state_is_sharded_as_the_batch_rows():
+    """The carry's rows axis (layers, rows, ...) is laid over data x fsdp, as the batch's rows
+    (each device holds its own rows' states), whatever fsdp does to the parameters."""
+    from jax.sharding import PartitionSpec as P
+
+    from train import sharding
+    from train import step as step_lib
+    from train.config import OptimConfig
+
+    config = tiny_model_config("mamba1")
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=-1, fsdp=1))
+    compiled = step_lib.build(config, OptimConfig(), 4, mesh, carry_rows=4)
+    carry = compiled.abstract_state.carry
+    assert carry["ssm"].shape[:2] == (config.n_layer, 4) and carry["conv"].shape[1] == 4
+    for leaf in jax.tree.leaves(compiled.state_shardings.carry):
+        assert leaf.spec == P(None, sharding.BATCH_AXES)
+    assert sharding.batch_sharding(mesh).spec == P(None, sharding.BATCH_AXES, None)
+    with pytest.raises(ValueError, match="a carried state needs grad_reduce='auto'"):
+        step_lib.build(config, OptimConfig(), 4, mesh, grad_reduce="bfloat16", carry_rows=4)
+
+
+def test_carried_rows_over_two_devices_match_one_device(tmp_path):
+    """link_across_steps under the SPMD partitioner with the rows over two devices (each holds
+    its rows' carried states): 3 steps of 2 micro-batches give the one-device losses."""
+    from tests.test_train import finish, losses, run_cli
+    from train.__main__ import main
+
+    args = [
+        "--model.preset=tiny",
+        "--model.n_layer=1",
+        "--model.d_model=32",
+        "--model.d_state=4",
+        "--data.max_documents=6",
+        "--data.seq_len=32",
+        "--data.batch_size=4",
+        "--data.eval_fraction=0",
+        "--data.long_docs=link_across_steps",
+        "--optim.grad_accum=2",
+        "--optim.warmup_steps=1",
+        "--optim.lr=1e-2",
+        "--run.progress=false",
+        "--run.plot=false",
+        "--run.tensorboard=false",
+        "--run.compilation_cache=false",
+        "--run.steps=3",
+    ]
+    two = finish(run_cli(args + ["--mesh.data=2", f"--run.out_dir={tmp_path / 'two'}"], devices=2))
+    assert "2 x cpu" in two and "mesh data=2 fsdp=1" in two
+    assert main(args + [f"--run.out_dir={tmp_path / 'one'}"]) == 0
+    a, b = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    np.testing.assert_allclose([a[k] for k in b], [b[k] for k in b], rtol=2e-5)

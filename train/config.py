@@ -274,10 +274,11 @@ class DataConfig:
         help="documents longer than a row, packed mode: cut: into pieces of seq_len tokens, "
         "each starting from a zero state; link: documents laid end to end, a row's first "
         "piece linked to the previous row's last, every layer's state carried over the "
-        "link, so no document is cut inside a micro-batch; link_across_steps: as link, and "
-        "the state a micro-batch's last document ends in is carried into the next "
-        "micro-batch and step (truncated backprop, saved in checkpoints), so no document is "
-        "cut at all (docs/long_documents.md)",
+        "link, so no document is cut inside a micro-batch (few documents a step when they "
+        "are long); link_across_steps: every row a stream of whole documents of its own, "
+        "its last one going on in the same row of the next micro-batch and step from the "
+        "state the row ended in (truncated backprop, saved in checkpoints), so no document "
+        "is cut and a step holds at least batch_size documents (docs/long_documents.md)",
     )
 
     batch_size: int = option(
@@ -504,8 +505,8 @@ class TrainConfig:
         if d.long_docs == "link_across_steps" and self.mesh.grad_reduce != "auto":
             raise ConfigError(
                 f"--data.long_docs=link_across_steps needs --mesh.grad_reduce=auto (got "
-                f"{self.mesh.grad_reduce}): an explicit reduction runs each device's rows "
-                f"alone, which would cut the documents carried between them"
+                f"{self.mesh.grad_reduce}): the explicit reduction does not pass the rows' "
+                f"carried states through its per-device step yet"
             )
         _choice("data.bin_dtype", d.bin_dtype, BIN_DTYPES)
         if not d.text_field:

@@ -348,13 +348,23 @@ class Batcher:
     next() returns a dict of numpy arrays of shape (grad_accum, rows, length) for BATCH_KEYS
     plus host statistics. Which pieces packed mode takes is jax_packmamba.packing's decision.
 
-    long_docs="link" or "link_across_steps" (packed mode only): `pieces` are whole documents,
-    laid end to end in stream order by packing.pack_stream, and the batch also has "continues"
-    (grad_accum, rows) bool: row r continues row r - 1's last document. Row 0's flag says the
-    micro-batch starts with the rest of a document the previous micro-batch (or step) did not
-    finish: in "link" that rest starts from a zero state (the only cut left, at batch edges);
-    in "link_across_steps" from the state carried over. `offset` (tokens of the current
-    document already used) joins the resumable position.
+    long_docs="link" (packed mode only): `pieces` are whole documents, laid end to end in
+    stream order by packing.pack_stream, and the batch also has "continues" (grad_accum, rows,
+    1) bool: row r continues row r - 1's last document. Row 0's flag says the micro-batch
+    starts with the rest of a document the previous micro-batch (or step) did not finish,
+    which starts from a zero state (the only cut left, at batch edges). `offset` (tokens of
+    the current document already used) joins the resumable position.
+
+    long_docs="link_across_steps" (packed mode only): every row is a stream of its own (the
+    classic layout of truncated backprop through time). Row r packs whole documents end to
+    end, pulling the next one from the shared stream when its current one ends, and its last
+    document goes on in row r of the next micro-batch (and step). "continues" row r: the row
+    starts with the rest of the document row r ended with in the previous micro-batch (whose
+    state the step carries over); there are no links between the rows of a micro-batch. A
+    token whose document goes on in the next micro-batch has its true target (the
+    document's next token). `rows` (each row's [stream position of its current document or
+    -1, tokens of it already used, micro-batches it has spanned]) and `longest` (the most
+    micro-batch rows one document has spanned so far) join the resumable position.
     """
 
     def __init__(
@@ -384,7 +394,11 @@ class Batcher:
         if long_docs == "cut" and self.lengths.max() > seq_len:
             raise ValueError(f"a piece has {self.lengths.max()} tokens > {seq_len=}")
         self.long_docs = long_docs
-        self.offset = 0  # link modes: tokens of the stream's current document already used
+        self.offset = 0  # link: tokens of the stream's current document already used
+        # link_across_steps: per row [stream position of its document (-1: none), tokens of it
+        # used, micro-batch rows it has spanned]; the most rows one document has spanned.
+        self.rows = [[-1, 0, 0] for _ in range(batch_size)]
+        self.longest = 0
         self.mode, self.seq_len, self.batch_size = mode, seq_len, batch_size
         self.grad_accum, self.seed, self.pack_policy = grad_accum, seed, pack_policy
         self.single_bucket, self.shuffle, self.wrap = single_bucket, shuffle, wrap
@@ -411,11 +425,23 @@ class Batcher:
 
     def state(self) -> dict:
         state = {"consumed": int(self.consumed), "carry": [[int(g), int(w)] for g, w in self.carry]}
-        if self.long_docs != "cut":  # cut mode's position stays what it always was
+        if self.long_docs == "link":  # cut mode's position stays what it always was
             state["offset"] = int(self.offset)
+        elif self.long_docs == "link_across_steps":
+            state["rows"] = [[int(x) for x in row] for row in self.rows]
+            state["longest"] = int(self.longest)
         return state
 
     def restore(self, state: dict) -> None:
+        if self.long_docs == "link_across_steps":
+            rows = state.get("rows")
+            if rows is None or len(rows) != self.batch_size:
+                raise ValueError(
+                    f"long_docs='link_across_steps' resumes from a state with one stream per "
+                    f"row ({self.batch_size} rows), got {None if rows is None else len(rows)}"
+                )
+            self.rows = [[int(x) for x in row] for row in rows]
+            self.longest = int(state.get("longest", 0))
         self.consumed = int(state["consumed"])
         self.carry = [[int(g), int(w)] for g, w in state.get("carry", [])]
         self.offset = int(state.get("offset", 0))
@@ -480,8 +506,47 @@ class Batcher:
             self.consumed, self.offset = self.consumed + 1, 0
         return taken, rest
 
+    def _take_rows(self) -> tuple[dict, int, dict]:
+        """link_across_steps: one micro-batch of per-row streams (see the class docstring):
+        (arrays with "continues" (rows, 1), documents begun in it, the report's numbers)."""
+        shape = (self.batch_size, self.seq_len)
+        arrays = {k: np.zeros(shape, bool if k == "loss_mask" else np.int32) for k in BATCH_KEYS}
+        continues = np.zeros((self.batch_size, 1), bool)
+        begun = 0
+        for r, row in enumerate(self.rows):
+            continues[r] = row[0] >= 0
+            col = segment = 0
+            while col < self.seq_len:
+                if row[0] < 0:  # the row's document ended: pull the stream's next one
+                    if not self.wrap and self.consumed >= len(self.pieces):
+                        break  # a stream without wrap-around is used up: padding
+                    row[:] = [self.consumed, 0, 0]
+                    self.consumed += 1
+                    begun += 1
+                doc = self.pieces[self._index(row[0])]
+                take = min(self.seq_len - col, len(doc) - row[1])
+                segment += 1
+                span = slice(col, col + take)
+                arrays["tokens"][r, span] = doc[row[1] : row[1] + take]
+                arrays["segment_ids"][r, span] = segment
+                # Every token but the document's last predicts the next, wherever that sits.
+                following = doc[row[1] + 1 : row[1] + take + 1]
+                arrays["targets"][r, col : col + len(following)] = following
+                arrays["loss_mask"][r, col : col + len(following)] = True
+                row[1] += take
+                row[2] += 1
+                self.longest = max(self.longest, row[2])
+                col += take
+                if row[1] == len(doc):
+                    row[:] = [-1, 0, 0]
+        arrays["continues"] = continues
+        stats = dict(continuing=int(continues.sum()), longest_document=self.longest)
+        return arrays, begun, stats
+
     def _micro(self):
-        if self.long_docs != "cut":
+        if self.long_docs == "link_across_steps":
+            return self._take_rows()
+        if self.long_docs == "link":
             seqs, rest = self._take_stream()
             if not seqs:  # a stream without wrap-around is used up: an all-padding micro-batch
                 shape = (self.batch_size, self.seq_len)
@@ -539,6 +604,12 @@ class Batcher:
         )
         if self.long_docs != "cut":
             batch["continues"] = np.stack([m["continues"] for m in micros])
+        if self.long_docs == "link_across_steps":
+            batch_stats.update(
+                continuing_rows=sum(x["continuing"] for x in links),
+                longest_document_rows=links[-1]["longest_document"],
+            )
+        elif self.long_docs == "link":
             batch_stats.update(
                 linked_documents=sum(x["linked"] for x in links),
                 longest_chain=max(x["longest_chain"] for x in links),
@@ -579,9 +650,11 @@ def estimate_efficiency(pieces: list[np.ndarray], config: DataConfig, steps: int
 
 def eval_batches(pieces: list[np.ndarray], config: DataConfig) -> list[dict]:
     """Fixed packed eval batches over the held-out pieces (in order, no wrap-around), linked as
-    the training batches are (config.long_docs)."""
+    the training batches are (config.long_docs; link_across_steps' are read as link's: each
+    eval batch on its own, from a zero state)."""
     if not pieces:
         return []
+    long_docs = "link" if config.long_docs == "link_across_steps" else config.long_docs
     b = Batcher(
         pieces,
         mode="packed",
@@ -590,7 +663,7 @@ def eval_batches(pieces: list[np.ndarray], config: DataConfig) -> list[dict]:
         pack_policy=config.pack_policy,
         shuffle=False,
         wrap=False,
-        long_docs=config.long_docs,
+        long_docs=long_docs,
     )
     out = []
     while (b.consumed < len(pieces) or b.carry) and len(out) < config.eval_batches:

@@ -20,6 +20,7 @@ its backend (apply_mesh_options); they are GPU flags, parsed and unused on CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
@@ -152,10 +153,14 @@ def param_specs(tree, fsdp: int):
 
 
 def state_shardings(mesh: Mesh, abstract_state):
+    """param_specs' shardings; a carried state (TrainState.carry, (layers, rows, ...)) has its
+    rows over data x fsdp, as the batch's rows, so each device holds the states of its rows."""
+    specs = param_specs(abstract_state, mesh.shape["fsdp"])
+    if getattr(abstract_state, "carry", None) is not None:
+        carry = jax.tree.map(lambda _: P(None, BATCH_AXES), abstract_state.carry)
+        specs = dataclasses.replace(specs, carry=carry)
     return jax.tree.map(
-        lambda spec: NamedSharding(mesh, spec),
-        param_specs(abstract_state, mesh.shape["fsdp"]),
-        is_leaf=lambda x: isinstance(x, P),
+        lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P)
     )
 
 

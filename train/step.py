@@ -48,7 +48,7 @@ class TrainState:
     params: Any  # float32 parameters as a plain nested dict (nnx.to_pure_dict), see init_state
     opt_state: Any
     rng: jax.Array  # uint32 key data, split every step (the model itself is deterministic)
-    # --data.long_docs=link_across_steps: {"conv", "ssm"} (l, ...), the state the last row's
+    # --data.long_docs=link_across_steps: {"conv", "ssm"} (l, b, ...), the state every row's
     # last document ended in (init_carry); None otherwise (the state's tree is then unchanged).
     carry: Any = None
 
@@ -111,19 +111,19 @@ def model_graphdef(model_config: MambaConfig | Mamba2Config):
     return graphdef, nnx.to_pure_dict(params)
 
 
-def init_carry(model_config: MambaConfig | Mamba2Config) -> dict:
+def init_carry(model_config: MambaConfig | Mamba2Config, rows: int) -> dict:
     """Zeros of the state carried across steps: every layer's conv inputs and SSM state of
-    one row (the model's end_state_like without its row axis)."""
+    every row, (l, rows, ...) (the model's end_state_like as a dict)."""
     from jax_packmamba.model import end_state_like
 
-    return {k: v[:, 0] for k, v in end_state_like(model_config, 1)._asdict().items()}
+    return end_state_like(model_config, rows)._asdict()
 
 
 def init_state(
     model_config: MambaConfig | Mamba2Config,
     tx: optax.GradientTransformation,
     seed: int,
-    carry: bool = False,
+    carry_rows: int | None = None,
 ) -> TrainState:
     model = LM(model_config, rngs=nnx.Rngs(seed))
     # Plain arrays, not nnx Variables: every call of the jitted step flattens the state and
@@ -136,7 +136,7 @@ def init_state(
         params=params,
         opt_state=tx.init(params),
         rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)),
-        carry=init_carry(model_config) if carry else None,
+        carry=None if carry_rows is None else init_carry(model_config, carry_rows),
     )
 
 
@@ -163,31 +163,30 @@ def token_losses(
 
 
 def carried_losses(graphdef, params, mb: dict, carry: dict, *, chunk_tokens: int = CHUNK_TOKENS):
-    """token_losses for --data.long_docs=link_across_steps: row 0's first document starts from
-    `carry` where the micro-batch's row 0 flag says it is the rest of one the previous
-    micro-batch did not finish. Returns (sum, (count, the carry for the next micro-batch: the
-    last row's end state, gradient stopped: truncated backprop through time))."""
+    """token_losses for --data.long_docs=link_across_steps, where every row is a stream of its
+    own (train.data.Batcher): row r's first document starts from carry's row r where the
+    micro-batch's flag for row r says it is the rest of the document row r ended with in the
+    previous micro-batch, from zeros elsewhere; no links between rows. Returns (sum, (count,
+    the carry for the next micro-batch: every row's end state, gradient stopped: truncated
+    backprop through time))."""
     from jax_packmamba.layers import MixerState
 
-    continues = mb["continues"][:, 0]
-    rest = continues[0]
+    rest = mb["continues"][:, 0]  # (b,)
 
-    def row0(c):
-        start = jnp.where(rest, c, jnp.zeros((), c.dtype))
-        zeros = jnp.zeros((c.shape[0], continues.shape[0], *c.shape[1:]), c.dtype)
-        return zeros.at[:, 0].set(start)
+    def start(c):  # (l, b, ...)
+        flags = rest.reshape(1, -1, *(1,) * (c.ndim - 2))
+        return jnp.where(flags, c, jnp.zeros((), c.dtype))
 
     ce, n, end = nnx.merge(graphdef, params).cross_entropy(
         mb["tokens"],
         mb["segment_ids"],
         mb["targets"],
         mb["loss_mask"],
-        continues=continues.at[0].set(False),
-        start_state=MixerState(**{k: row0(v) for k, v in carry.items()}),
+        start_state=MixerState(**{k: start(v) for k, v in carry.items()}),
         return_end_state=True,
         chunk_tokens=chunk_tokens,
     )
-    return ce, (n, {k: jax.lax.stop_gradient(v[:, -1]) for k, v in end._asdict().items()})
+    return ce, (n, {k: jax.lax.stop_gradient(v) for k, v in end._asdict().items()})
 
 
 def sum_grads_carried(
@@ -386,22 +385,23 @@ def build(
     total_steps: int,
     mesh,
     grad_reduce: str = "auto",
-    carry: bool = False,
+    carry_rows: int | None = None,
 ) -> Compiled:
     """grad_reduce: "auto" (XLA's SPMD partitioner reduces the gradients, in float32), or
     "float32" / "bfloat16": explicit_grad_sums in that dtype (see train.sharding.GRAD_REDUCE).
-    carry: the state carries documents across steps (--data.long_docs=link_across_steps)."""
+    carry_rows: the state carries each of that many rows' documents across steps
+    (--data.long_docs=link_across_steps; its rows axis sharded as the batch's rows)."""
     from train import sharding
 
     reduce_dtype = sharding.grad_reduce_dtype(grad_reduce)
-    if carry and reduce_dtype is not None:
-        # explicit_grad_sums runs each device's rows alone: the chain of rows, and the state
-        # carried from the batch's last row into its first, would be cut at every device.
+    if carry_rows is not None and reduce_dtype is not None:
+        # The carried step is written for the SPMD partitioner (sum_grads_carried); the
+        # explicit reduction's shard_map would need the carry passed through it.
         raise ValueError("a carried state needs grad_reduce='auto'")
     tx = make_optimizer(optim, total_steps)
     schedule = learning_rate_schedule(optim, total_steps)
     graphdef, _ = model_graphdef(model_config)
-    abstract = jax.eval_shape(lambda: init_state(model_config, tx, 0, carry))
+    abstract = jax.eval_shape(lambda: init_state(model_config, tx, 0, carry_rows))
     shardings = sharding.state_shardings(mesh, abstract)
     batch_sh = sharding.batch_sharding(mesh)
     rep = sharding.replicated(mesh)
@@ -415,7 +415,7 @@ def build(
         else explicit_grad_sums(graphdef, mesh, abstract.params, reduce_dtype)
     )
     init = jax.jit(
-        functools.partial(init_state, model_config, tx, carry=carry),
+        functools.partial(init_state, model_config, tx, carry_rows=carry_rows),
         static_argnums=0,
         out_shardings=shardings,
     )

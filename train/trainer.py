@@ -44,6 +44,8 @@ from train.config import ConfigError, TrainConfig, check_resume, model_record
 
 # Where unreadable checkpoints (and their model exports) are moved, inside the run directory.
 UNREADABLE_DIR = "unreadable"
+# Batch statistics of the link modes that go into metrics.jsonl (train.data.Batcher).
+LINK_STATS = ("linked_documents", "longest_chain", "continuing_rows", "longest_document_rows")
 # TensorBoard event files, and the W&B run id that a resumed run logs to, in the run directory.
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_run_id"
@@ -164,7 +166,7 @@ def run(config: TrainConfig, *, log=print) -> dict:
         r.steps,
         p.mesh,
         grad_reduce=config.mesh.grad_reduce,
-        carry=config.data.long_docs == "link_across_steps",
+        carry_rows=config.data.batch_size if config.data.long_docs == "link_across_steps" else None,
     )
     ckpt = Checkpointer(out / CHECKPOINTS_DIR, r.keep_checkpoints)
     try:
@@ -643,8 +645,10 @@ class Report:
                 mfu=util,
                 time_s=now - self.t_start,
                 step_time_s=step_time,
-                # --data.long_docs=link: documents linked across rows, most rows one spans.
-                **{k: stats[k] for k in ("linked_documents", "longest_chain") if k in stats},
+                # --data.long_docs=link: documents linked across rows, most rows one spans;
+                # link_across_steps: rows going on with a document, most micro-batch rows one
+                # document has spanned so far.
+                **{k: stats[k] for k in LINK_STATS if k in stats},
             )
         )
         eff = stats["real_tokens"] / stats["slots"]
