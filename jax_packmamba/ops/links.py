@@ -11,10 +11,13 @@ as row 0's initial state instead): refused when concrete, read as False under ji
 
 The state at the end of a row's last run is affine in the state its first run starts from:
 when the row is a single run, end = decay * start + end0 (decay: the run's total decay, end0:
-its end from the given start); otherwise the last run began inside the row and end = end0. So
-each scan runs once from the given starts to read end0, `chain_row_states` walks the rows
-(b steps on (b, ...) states: nothing next to the scans), and the scan runs again from the
-chained starts. Everything is differentiable, so gradients flow back along the chain.
+its end from the given start); otherwise the last run began inside the row and end = end0.
+`chain_row_states` walks the rows (b steps on (b, ...) states: nothing next to the scans), and
+the scan runs from the chained starts. end0 costs no scan of its own where the op can read it
+directly: the SSD (scalar decay per head) sums the last run's tokens in one contraction over
+time (ssd_scan._last_run_end_states); the Mamba1 kernel carries the link in its own chunk-state
+pass; only the Mamba1 reference runs its scan twice. Everything is differentiable, so gradients
+flow back along the chain.
 """
 
 from __future__ import annotations
