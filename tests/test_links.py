@@ -728,3 +728,80 @@ def test_resume_refuses_to_switch_link_across_steps_on_or_off():
     )
     with pytest.raises(ConfigError, match="link_across_steps needs --mesh.grad_reduce=auto"):
         parse_args(["--data.long_docs=link_across_steps", "--mesh.grad_reduce=bfloat16"])
+
+
+# ---------------------------------------------------------------- what the links cost
+
+
+def test_ssd_kernel_first_run_states_match_the_reference():
+    """The SSD kernels' own first-run start (pallas_kernels/ssd/states.first_run_inputs: chunk
+    0 only) against the reference's slot of three: outputs and every gradient, with a first run
+    covering several chunks, one ending inside chunk 0, one ending on its edge."""
+    seg = ids_from_lengths([[40], [5, 35], [16, 1, 23]])
+    args, _ = family_args("mamba2", 3, 40, seed=30)
+    start = normal(40, (3, 2, 16, 16), 0.5)
+    names = list(args) + ["start"]
+
+    def f(impl):
+        def g(*xs):
+            kw = dict(zip(names, xs))
+            return scan_fn("mamba2", impl)(kw, seg, None, first_run_states=kw["start"])
+
+        return g
+
+    primals = [*args.values(), start]
+    out, grads, cts = vjp_with_random_cotangents(f("pallas_interpret"), primals)
+    out_ref, vjp_ref = jax.vjp(f("reference"), *primals)
+    grads_ref = vjp_ref(cts[0])
+    errs = {"y": rel_err(out, out_ref)}
+    errs.update({"d" + n: rel_err(g, r) for n, g, r in zip(names, grads, grads_ref)})
+    print({k: f"{v:.1e}" for k, v in errs.items()})
+    assert all(v < 1e-5 for v in errs.values()), errs
+    assert np.abs(np.asarray(grads[-1])).max() > 0
+
+
+def gradient_calls(f, *primals):
+    """{primitive name: count} of f's gradient program, nested jaxprs included."""
+    counts = {}
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (tuple, list)) else (param,):
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        walk(sub.jaxpr)
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        walk(sub)
+
+    loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32) ** 2)  # noqa: E731
+    walk(jax.make_jaxpr(jax.grad(loss, argnums=tuple(range(len(primals)))))(*primals).jaxpr)
+    return counts
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2", "conv"])
+def test_links_add_no_kernel_calls_to_the_gradient(family):
+    """Linked rows (and a start state without links) run the kernels exactly as often as
+    unlinked rows, gradient included: no second scan for an end state (the SSD reads it in a
+    contraction, the Mamba1 kernel in its chunk-state pass). The conv runs its kernels twice:
+    the rows, and a window of 2 (width - 1) steps at each row's start. Traced, not run."""
+    seg, continues, _ = pack(DOCS["chain"])
+    if family == "conv":
+        f, (args, _) = conv_fn("pallas_interpret"), conv_args(4, ROW)
+        start = dict(first_inputs=normal(50, (4, 3, 8)))
+    else:
+        f, (args, _) = scan_fn(family, "pallas_interpret"), family_args(family, 4, ROW)
+        state = (32, 4) if family == "mamba1" else (2, 16, 16)
+        start = dict(first_run_states=normal(50, (4, *state)))
+    names = list(args)
+
+    def calls(links, **extra):
+        g = lambda *xs: f(dict(zip(names, xs)), seg, links, **extra)  # noqa: E731
+        return gradient_calls(g, *args.values()).get("pallas_call", 0)
+
+    plain = calls(None)
+    assert plain > 0
+    per_window = plain if family == "conv" else 0
+    assert calls(continues) == plain + per_window
+    assert calls(None, **start) == plain + per_window
+    assert calls(continues, **start) == plain + per_window

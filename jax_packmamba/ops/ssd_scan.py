@@ -205,7 +205,23 @@ def _run_impl(
     initial_states,
     return_final_states,
     num_segments,
+    first_run_states=None,
 ):
+    """The scan; first_run_states (b, h, p, n), only without initial_states and final states:
+    each row's run at t = 0 starts from it, every other run from zeros."""
+    if first_run_states is not None and impl == "reference":
+        # The first run in slot 0 of three, the others from zeros.
+        shape = (first_run_states.shape[0], 3, *first_run_states.shape[1:])
+        init = jnp.zeros(shape, first_run_states.dtype).at[:, 0].set(first_run_states)
+        ids = compact_ids(_ids(segment_ids, args[0]), "first")
+        return ssd_scan_reference(
+            *args,
+            dt_softplus=dt_softplus,
+            segment_ids=ids,
+            chunk_size=chunk_size,
+            initial_states=init,
+            num_segments=3,
+        )
     kwargs = dict(
         dt_softplus=dt_softplus,
         segment_ids=segment_ids,
@@ -217,8 +233,16 @@ def _run_impl(
     if impl != "reference":
         from pallas_kernels.ssd import ssd_scan_pallas
 
+        if first_run_states is not None:
+            kwargs["first_run_states"] = first_run_states
         return ssd_scan_pallas(*args, interpret=impl == "pallas_interpret", **kwargs)
     return ssd_scan_reference(*args, **kwargs)
+
+
+def _ids(segment_ids, x):
+    if segment_ids is None:
+        return jnp.zeros(x.shape[:2], jnp.int32)
+    return segment_ids.astype(jnp.int32)
 
 
 def _continued(
@@ -240,11 +264,7 @@ def _continued(
     x, dt, A, B = args[:4]
     batch, length, heads, headdim = x.shape
     d_state = B.shape[3]
-    seg = (
-        jnp.zeros((batch, length), jnp.int32)
-        if segment_ids is None
-        else segment_ids.astype(jnp.int32)
-    )
+    seg = _ids(segment_ids, x)
     rows = jnp.arange(batch)
     acc = accumulation_dtype(x)
     state_shape = (batch, heads, headdim, d_state)
@@ -270,9 +290,7 @@ def _continued(
         end = _last_run_end_states(x, dtp, A, B, seg) + decay * base
         first = chain_row_states(end, decay, single, continues, given)
     if initial_states is None and not return_final_states:
-        # The first run in slot 0 of three, the others from zeros.
-        init = jnp.zeros((batch, 3, *state_shape[1:]), first.dtype).at[:, 0].set(first)
-        return run(compact_ids(seg, "first"), init, False, 3)
+        return run(segment_ids, None, False, None, first)
     slots = num_segments or 1
     init = (
         jnp.zeros((batch, slots, *state_shape[1:]), acc)

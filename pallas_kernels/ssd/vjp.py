@@ -49,14 +49,17 @@ def ssd_scan_pallas(
     segment_ids=None,
     chunk_size: int = 256,
     initial_states=None,
+    first_run_states=None,
     return_final_states: bool = False,
     num_segments: int | None = None,
     interpret: bool = False,
     config: SSDConfig | None = None,
 ):
-    """Same contract as jax_packmamba.ops.ssd_scan.ssd_scan (arguments validated there);
-    `config` overrides the tiling heuristic (its chunk and blocks are still fitted to the
-    sequence)."""
+    """Same contract as jax_packmamba.ops.ssd_scan.ssd_scan (arguments validated there),
+    except that first_run_states (b, h, p, n), the state each row's run at t = 0 starts from,
+    is taken here only without initial_states and final states (states.first_run_inputs: it
+    touches chunk 0 only). `config` overrides the tiling heuristic (its chunk and blocks are
+    still fitted to the sequence)."""
     batch, length, heads, headdim = x.shape
     groups, d_state = B.shape[2:]
     assert dt.shape == (batch, length, heads) and A.shape == (heads,), (dt.shape, A.shape)
@@ -77,13 +80,29 @@ def ssd_scan_pallas(
         dt_bias,
         dt_softplus=dt_softplus,
         chunk_size=chunk_size,
-        has_init=initial_states is not None,
+        has_init=initial_states is not None or first_run_states is not None,
         return_states=bool(return_final_states),
         interpret=interpret,
         config=config,
     )
+    if first_run_states is not None:
+        assert initial_states is None and not return_final_states
+        initial_states = first_run_states[:, None]  # (b, 1, h, p, n): _entry reads it so
     return _entry_jit(
-        plan, interpret, num_segments, x, dt, A, B, C, D, z, dt_bias, segment_ids, initial_states
+        plan,
+        interpret,
+        num_segments,
+        first_run_states is not None,
+        x,
+        dt,
+        A,
+        B,
+        C,
+        D,
+        z,
+        dt_bias,
+        segment_ids,
+        initial_states,
     )
 
 
@@ -91,6 +110,7 @@ def _entry(
     plan: Plan,
     interpret: bool,
     num_segments: int,
+    first_run_only: bool,
     x,
     dt,
     A,
@@ -111,7 +131,9 @@ def _entry(
         glue = states.Glue.build(
             dt, A, dt_bias, st.dt_softplus, segment_ids, seg_lo, num_segments, st.chunk, st.padded
         )
-    if initial_states is not None:
+    if first_run_only:  # initial_states[:, 0] is each row's first-run start
+        y_add, s_add = states.first_run_inputs(glue, C, initial_states[:, 0])
+    elif initial_states is not None:
         y_add = states.initial_state_outputs(glue, C, initial_states)
         s_add = states.initial_state_chunk_ends(glue, initial_states)
     out = _ssd(plan, interpret, x, dt, A, B, C, D, z, dt_bias, seg_lo, seg_hi, y_add, s_add)
@@ -124,7 +146,7 @@ def _entry(
 
 # Eager callers (tests, the interpreter) would otherwise re-trace every kernel on every call;
 # under an outer jit this is inlined.
-_entry_jit = jax.jit(_entry, static_argnums=(0, 1, 2))
+_entry_jit = jax.jit(_entry, static_argnums=(0, 1, 2, 3))
 
 
 def make_plan(
