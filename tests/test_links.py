@@ -797,7 +797,10 @@ def test_links_add_no_kernel_calls_to_the_gradient(family):
 
     def calls(links, **extra):
         g = lambda *xs: f(dict(zip(names, xs)), seg, links, **extra)  # noqa: E731
-        return gradient_calls(g, *args.values()).get("pallas_call", 0)
+        counts = gradient_calls(g, *args.values())
+        if family != "mamba1":  # a scatter-add is atomic adds on a GPU: no bitwise isolation
+            assert not [k for k in counts if k.startswith(("scatter-add", "scatter_add"))]
+        return counts.get("pallas_call", 0)
 
     plain = calls(None)
     assert plain > 0

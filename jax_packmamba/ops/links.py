@@ -69,7 +69,7 @@ def chain_row_states(end, decay, single_run, continues, given):
     single_run (b,), continues (b,) bool; given (b, ...): the start of rows that do not continue.
     """
     decay = jnp.broadcast_to(decay, end.shape)
-    continues = continues.at[0].set(False)  # nothing precedes row 0
+    continues = continues & (jnp.arange(continues.shape[0]) > 0)  # nothing precedes row 0
 
     def row(prev_end, xs):
         end_r, decay_r, single_r, cont_r, given_r = xs
