@@ -735,9 +735,13 @@ def test_resume_refuses_to_switch_link_across_steps_on_or_off():
 
 def test_ssd_kernel_first_run_states_match_the_reference():
     """The SSD kernels' own first-run start (pallas_kernels/ssd/states.first_run_inputs: chunk
-    0 only) against the reference's slot of three: outputs and every gradient, with a first run
-    covering several chunks, one ending inside chunk 0, one ending on its edge."""
-    seg = ids_from_lengths([[40], [5, 35], [16, 1, 23]])
+    0 only) against the reference's slot of its own: outputs, final states and every gradient,
+    with a first run covering several chunks, one ending inside chunk 0 (its slot's final state
+    is the start decayed), one ending on its edge whose id comes back later in the row."""
+    seg = jnp.asarray(
+        np.stack([np.zeros(40), np.repeat([0, 1], [5, 35]), np.repeat([0, 1, 0], [16, 1, 23])]),
+        jnp.int32,
+    )
     args, _ = family_args("mamba2", 3, 40, seed=30)
     start = normal(40, (3, 2, 16, 16), 0.5)
     names = list(args) + ["start"]
@@ -745,15 +749,22 @@ def test_ssd_kernel_first_run_states_match_the_reference():
     def f(impl):
         def g(*xs):
             kw = dict(zip(names, xs))
-            return scan_fn("mamba2", impl)(kw, seg, None, first_run_states=kw["start"])
+            return scan_fn("mamba2", impl)(
+                kw,
+                seg,
+                None,
+                first_run_states=kw["start"],
+                return_final_states=True,
+                num_segments=3,
+            )
 
         return g
 
     primals = [*args.values(), start]
     out, grads, cts = vjp_with_random_cotangents(f("pallas_interpret"), primals)
     out_ref, vjp_ref = jax.vjp(f("reference"), *primals)
-    grads_ref = vjp_ref(cts[0])
-    errs = {"y": rel_err(out, out_ref)}
+    grads_ref = vjp_ref(tuple(cts))
+    errs = {"y": rel_err(out[0], out_ref[0]), "final": rel_err(out[1], out_ref[1])}
     errs.update({"d" + n: rel_err(g, r) for n, g, r in zip(names, grads, grads_ref)})
     print({k: f"{v:.1e}" for k, v in errs.items()})
     assert all(v < 1e-5 for v in errs.values()), errs

@@ -184,6 +184,7 @@ def ssd_scan(
     if continues is None and first_run_states is None:
         return run(segment_ids, initial_states, return_final_states, num_segments)
     return _continued(
+        impl,
         run,
         args,
         dt_softplus,
@@ -207,9 +208,11 @@ def _run_impl(
     num_segments,
     first_run_states=None,
 ):
-    """The scan; first_run_states (b, h, p, n), only without initial_states and final states:
-    each row's run at t = 0 starts from it, every other run from zeros."""
+    """The scan; first_run_states (b, h, p, n), only without initial_states, and on the
+    reference only without final states: each row's run at t = 0 starts from it, every other
+    run from zeros."""
     if first_run_states is not None and impl == "reference":
+        assert not return_final_states
         # The first run in slot 0 of three, the others from zeros.
         shape = (first_run_states.shape[0], 3, *first_run_states.shape[1:])
         init = jnp.zeros(shape, first_run_states.dtype).at[:, 0].set(first_run_states)
@@ -246,6 +249,7 @@ def _ids(segment_ids, x):
 
 
 def _continued(
+    impl,
     run,
     args,
     dt_softplus,
@@ -289,8 +293,8 @@ def _continued(
             )
         end = _last_run_end_states(x, dtp, A, B, seg) + decay * base
         first = chain_row_states(end, decay, single, continues, given)
-    if initial_states is None and not return_final_states:
-        return run(segment_ids, None, False, None, first)
+    if initial_states is None and (impl != "reference" or not return_final_states):
+        return run(segment_ids, None, return_final_states, num_segments, first)
     slots = num_segments or 1
     init = (
         jnp.zeros((batch, slots, *state_shape[1:]), acc)

@@ -117,6 +117,16 @@ def first_run_inputs(glue: Glue, C, first):
     return y_add, s_add
 
 
+def first_run_final_base(glue: Glue, first):
+    """(b, s, h, p, n) float32: `first` (b, h, p, n) in the slot whose last run is the row's
+    first run, zeros elsewhere: the base `final_states` decays where that run's last token is
+    in chunk 0 (in a later chunk the run entered it, and h_in carries the start)."""
+    first_id = glue.slot[:, :1]
+    later_same = jnp.any((glue.run > 0) & (glue.slot == first_id), axis=1)  # (b,)
+    own = (jnp.arange(glue.num_segments) == first_id) & ~later_same[:, None]  # (b, s)
+    return jnp.where(own[..., None, None, None], first[:, None].astype(F32), 0.0)
+
+
 def _chunk_ends(a, chunk):
     return a[:, chunk - 1 :: chunk]
 

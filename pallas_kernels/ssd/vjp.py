@@ -57,8 +57,8 @@ def ssd_scan_pallas(
 ):
     """Same contract as jax_packmamba.ops.ssd_scan.ssd_scan (arguments validated there),
     except that first_run_states (b, h, p, n), the state each row's run at t = 0 starts from,
-    is taken here only without initial_states and final states (states.first_run_inputs: it
-    touches chunk 0 only). `config` overrides the tiling heuristic (its chunk and blocks are
+    is taken here only without initial_states (states.first_run_inputs: it touches chunk 0
+    only). `config` overrides the tiling heuristic (its chunk and blocks are
     still fitted to the sequence)."""
     batch, length, heads, headdim = x.shape
     groups, d_state = B.shape[2:]
@@ -86,7 +86,7 @@ def ssd_scan_pallas(
         config=config,
     )
     if first_run_states is not None:
-        assert initial_states is None and not return_final_states
+        assert initial_states is None
         initial_states = first_run_states[:, None]  # (b, 1, h, p, n): _entry reads it so
     return _entry_jit(
         plan,
@@ -141,6 +141,8 @@ def _entry(
         return out
     y, h_in = out
     h_in = h_in.reshape(st.batch, st.n_chunks, st.heads, st.headdim, st.d_state)
+    if first_run_only:  # the start is the base of the slot whose last run is the first run
+        initial_states = states.first_run_final_base(glue, initial_states[:, 0])
     return y, states.final_states(glue, x, B, h_in, initial_states)
 
 
