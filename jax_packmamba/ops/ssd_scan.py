@@ -82,7 +82,6 @@ from jax_packmamba.ops.selective_scan import (
     check_first_run_states,
     combine_affine,
     discretize_delta,
-    run_cumsum,
 )
 
 Impl = Literal["auto", "reference", "pallas", "pallas_interpret"]
@@ -280,10 +279,13 @@ def _continued(
         given = initial_states[rows, seg[:, 0]].astype(acc)
     first = given
     if continues is not None:
-        starts = segment_starts(seg)
         dtp = discretize_delta(dt, args[7], dt_softplus)  # (b, t, h), dt_bias is args[7]
         single = single_run_rows(seg)
-        decay = jnp.exp(run_cumsum(dtp, starts)[:, -1] * A.astype(dtp.dtype))[..., None, None]
+        # The last run's total decay: a masked sum (other runs add exact zeros), no scan.
+        run_index = jnp.cumsum(segment_starts(seg).astype(jnp.int32), axis=1)
+        in_last = (run_index == run_index[:, -1:])[..., None]
+        log_decay = jnp.sum(jnp.where(in_last, dtp * A.astype(dtp.dtype), 0.0), axis=1)
+        decay = jnp.exp(log_decay)[..., None, None]  # (b, h, 1, 1)
         # The last run's end from its own start: a single-run row's start is `given`, a later
         # run's its slot's initial state (zeros without initial states).
         base = jnp.where(single[:, None, None, None], given, 0.0)

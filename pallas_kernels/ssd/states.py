@@ -93,26 +93,39 @@ def initial_state_outputs(glue: Glue, C, init):
     return y[:, : glue.length]
 
 
-def first_run_inputs(glue: Glue, C, first):
+def first_run_inputs(dt, A, dt_bias, dt_softplus, segment_ids, C, first, chunk, padded):
     """(y_add (b, t, h, p), s_add (b, c, h, p, n)) float32 for a start state of each row's run
     at t = 0, first (b, h, p, n): that run began in chunk 0, so only chunk 0 reads it directly,
     its tokens there 2^(cs_l) C_l . first, and, where the run covers chunk 0, its end hands on
     2^(cs_end) first (later chunks get it through h_in). One slot and one chunk of work, where
-    initial_state_outputs would contract every token with every slot."""
-    batch, padded = glue.lo.shape
+    initial_state_outputs would contract every token with every slot; no Glue (its segmented
+    scan over the whole row): the first run is the row's prefix, so its cumulative decay is a
+    plain cumsum over chunk 0 (each token's reads only its own run's earlier tokens)."""
+    batch, length, heads = dt.shape
     groups, d_state = C.shape[2:]
-    heads, headdim = first.shape[1:3]
-    L = glue.chunk
-    in_first = (glue.run[:, :L] == 0).astype(F32)  # (b, L): the first run's tokens in chunk 0
-    c0 = _pad_rows(C, padded)[:, :L] * in_first[..., None, None]  # (b, L, g, n)
+    headdim = first.shape[2]
+    n = min(chunk, length)  # chunk 0's tokens; past the row's end it is padding (dt' = 0)
+    dtp = dt[:, :n].astype(F32)
+    if dt_bias is not None:
+        dtp = dtp + dt_bias.astype(F32)
+    if dt_softplus:
+        dtp = jax.nn.softplus(dtp)
+    cs = jnp.cumsum(dtp * A.astype(F32), axis=1)  # (b, n, h)
+    if segment_ids is None:
+        in_first = jnp.ones((batch, n), F32)
+    else:
+        starts = segment_starts(segment_ids[:, :n].astype(jnp.int32))
+        in_first = (jnp.cumsum(starts.astype(jnp.int32), axis=1) == 1).astype(F32)
+    c0 = C[:, :n].astype(F32) * in_first[..., None, None]  # (b, n, g, n_state)
     first_g = first.astype(F32).reshape(batch, groups, heads // groups, headdim, d_state)
     y0 = jnp.einsum("blgn,bgkpn->blgkp", c0, first_g, precision=HIGHEST)
-    y0 = y0.reshape(batch, L, heads, headdim) * jnp.exp(glue.cs[:, :L])[..., None]
-    y_add = jnp.pad(y0, ((0, 0), (0, padded - L), (0, 0), (0, 0)))[:, : glue.length]
-    # Chunk 0's end state gets the start where the first run reaches it; 0 elsewhere.
-    end = in_first[:, -1:] * jnp.exp(glue.cs[:, L - 1])  # (b, h)
+    y0 = y0.reshape(batch, n, heads, headdim) * jnp.exp(cs)[..., None]
+    y_add = jnp.pad(y0, ((0, 0), (0, length - n), (0, 0), (0, 0)))
+    # Chunk 0's end state gets the start where the first run reaches it (padding continues
+    # the last token's run with decay 1); 0 elsewhere.
+    end = in_first[:, -1:] * jnp.exp(cs[:, -1])  # (b, h)
     s0 = end[..., None, None] * first.astype(F32)
-    n_chunks = padded // L
+    n_chunks = padded // chunk
     s_add = jnp.pad(s0[:, None], ((0, 0), (0, n_chunks - 1), (0, 0), (0, 0), (0, 0)))
     return y_add, s_add
 

@@ -127,12 +127,22 @@ def _entry(
     if segment_ids is not None:
         seg_lo, seg_hi = segment_bounds(segment_ids, st.chunk, st.padded)
     glue = y_add = s_add = None
-    if initial_states is not None or plan.return_states:
+    if (initial_states is not None and not first_run_only) or plan.return_states:
         glue = states.Glue.build(
             dt, A, dt_bias, st.dt_softplus, segment_ids, seg_lo, num_segments, st.chunk, st.padded
         )
     if first_run_only:  # initial_states[:, 0] is each row's first-run start
-        y_add, s_add = states.first_run_inputs(glue, C, initial_states[:, 0])
+        y_add, s_add = states.first_run_inputs(
+            dt,
+            A,
+            dt_bias,
+            st.dt_softplus,
+            segment_ids,
+            C,
+            initial_states[:, 0],
+            st.chunk,
+            st.padded,
+        )
     elif initial_states is not None:
         y_add = states.initial_state_outputs(glue, C, initial_states)
         s_add = states.initial_state_chunk_ends(glue, initial_states)
