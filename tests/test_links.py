@@ -302,6 +302,7 @@ def test_document_over_rows_equals_document_alone(family, impl, docs):
         ("mamba2", "reference"),
         ("conv", "xla"),
         ("mamba1", "pallas_interpret"),
+        ("mamba2", "pallas_interpret"),
     ],
 )
 def test_linked_documents_are_isolated_bit_for_bit(family, impl):
@@ -952,3 +953,94 @@ def test_carried_rows_over_two_devices_match_one_device(tmp_path):
     a, b = losses(tmp_path / "two"), losses(tmp_path / "one")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     np.testing.assert_allclose([a[k] for k in b], [b[k] for k in b], rtol=2e-5)
+
+
+# ---------------------------------------------------------------- what the links cost
+
+
+def test_ssd_kernel_first_run_states_match_the_reference():
+    """The SSD kernels' own first-run start (pallas_kernels/ssd/states.first_run_inputs: chunk
+    0 only) against the reference's slot of its own: outputs, final states and every gradient,
+    with a first run covering several chunks, one ending inside chunk 0 (its slot's final state
+    is the start decayed), one ending on its edge whose id comes back later in the row."""
+    seg = jnp.asarray(
+        np.stack([np.zeros(40), np.repeat([0, 1], [5, 35]), np.repeat([0, 1, 0], [16, 1, 23])]),
+        jnp.int32,
+    )
+    args, _ = family_args("mamba2", 3, 40, seed=30)
+    start = normal(40, (3, 2, 16, 16), 0.5)
+    names = list(args) + ["start"]
+
+    def f(impl):
+        def g(*xs):
+            kw = dict(zip(names, xs))
+            return scan_fn("mamba2", impl)(
+                kw,
+                seg,
+                None,
+                first_run_states=kw["start"],
+                return_final_states=True,
+                num_segments=3,
+            )
+
+        return g
+
+    primals = [*args.values(), start]
+    out, grads, cts = vjp_with_random_cotangents(f("pallas_interpret"), primals)
+    out_ref, vjp_ref = jax.vjp(f("reference"), *primals)
+    grads_ref = vjp_ref(tuple(cts))
+    errs = {"y": rel_err(out[0], out_ref[0]), "final": rel_err(out[1], out_ref[1])}
+    errs.update({"d" + n: rel_err(g, r) for n, g, r in zip(names, grads, grads_ref)})
+    print({k: f"{v:.1e}" for k, v in errs.items()})
+    assert all(v < 1e-5 for v in errs.values()), errs
+    assert np.abs(np.asarray(grads[-1])).max() > 0
+
+
+def gradient_calls(f, *primals):
+    """{primitive name: count} of f's gradient program, nested jaxprs included."""
+    counts = {}
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (tuple, list)) else (param,):
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        walk(sub.jaxpr)
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        walk(sub)
+
+    loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32) ** 2)  # noqa: E731
+    walk(jax.make_jaxpr(jax.grad(loss, argnums=tuple(range(len(primals)))))(*primals).jaxpr)
+    return counts
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2", "conv"])
+def test_links_add_no_kernel_calls_to_the_gradient(family):
+    """Linked rows (and a start state without links) run the kernels exactly as often as
+    unlinked rows, gradient included: no second scan for an end state (the SSD reads it in a
+    contraction, the Mamba1 kernel in its chunk-state pass). The conv runs its kernels twice:
+    the rows, and a window of 2 (width - 1) steps at each row's start. Traced, not run."""
+    seg, continues, _ = pack(DOCS["chain"])
+    if family == "conv":
+        f, (args, _) = conv_fn("pallas_interpret"), conv_args(4, ROW)
+        start = dict(first_inputs=normal(50, (4, 3, 8)))
+    else:
+        f, (args, _) = scan_fn(family, "pallas_interpret"), family_args(family, 4, ROW)
+        state = (32, 4) if family == "mamba1" else (2, 16, 16)
+        start = dict(first_run_states=normal(50, (4, *state)))
+    names = list(args)
+
+    def calls(links, **extra):
+        g = lambda *xs: f(dict(zip(names, xs)), seg, links, **extra)  # noqa: E731
+        counts = gradient_calls(g, *args.values())
+        if family != "mamba1":  # a scatter-add is atomic adds on a GPU: no bitwise isolation
+            assert not [k for k in counts if k.startswith(("scatter-add", "scatter_add"))]
+        return counts.get("pallas_call", 0)
+
+    plain = calls(None)
+    assert plain > 0
+    per_window = plain if family == "conv" else 0
+    assert calls(continues) == plain + per_window
+    assert calls(None, **start) == plain + per_window
+    assert calls(continues, **start) == plain + per_window

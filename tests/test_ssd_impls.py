@@ -587,3 +587,30 @@ def test_states_path_lowers_for_cuda():
     assert sorted(names) == sorted(expected), names
     # The states glue's gathers and .at[].add would be scatters: atomic adds on a GPU.
     assert "stablehlo.scatter" not in text
+
+
+def test_linked_rows_lower_for_cuda_on_the_training_kernels():
+    """Rows linked by `continues` with a carried first-run start (ops/links.py), forward and
+    backward: the training path's kernels once each (the end states are a contraction, the
+    start enters chunk 0 as additive inputs), no scatter (atomic adds on a GPU)."""
+    args = lowering_args()
+    b, _, h, p = args[0].shape
+    start = jax.ShapeDtypeStruct((b, h, p, args[3].shape[3]), jnp.float32)
+    links = jax.ShapeDtypeStruct((b,), jnp.bool_)
+
+    def loss(*xs):
+        *xs, seg, continues, first = xs
+        y = ssd_scan(
+            *xs,
+            dt_softplus=True,
+            segment_ids=seg,
+            continues=continues,
+            first_run_states=first,
+            impl="pallas",
+        )
+        return y.astype(jnp.float32).sum()
+
+    text = lower_for_cuda(jax.grad(loss, argnums=tuple(range(8)) + (10,)), *args, links, start)
+    names = re.findall(r'name = "(ssd_[a-z_]+)"', text)
+    assert sorted(names) == sorted(FORWARD + BACKWARD), names
+    assert "stablehlo.scatter" not in text

@@ -101,14 +101,23 @@ def causal_conv1d(
                 f"groups must be positive ints summing to channels={np.shape(x)[2]}, got {groups}"
             )
     if continues is not None or first_inputs is not None:
-        # Each row preceded by the previous row's last inputs, linked by their ids where the
-        # row continues; the extra outputs are dropped.
+        # Only a row's first width - 1 outputs can read before t = 0: the row runs as it is,
+        # and those outputs come from a conv over a window of 2 (width - 1) steps, the row's
+        # first width - 1 inputs preceded by the previous row's last ones (linked by their ids
+        # where the row continues, first_inputs elsewhere), written over the row's first ones.
+        # No (batch, width - 1 + length) copy of the inputs nor of the outputs.
+        k = width - 1
         ids = jnp.zeros(np.shape(x)[:2], jnp.int32) if segment_ids is None else segment_ids
-        x_ext, ids_ext = previous_row_tail(x, ids, continues, width, first_inputs)
-        out = causal_conv1d(
-            x_ext, weight, bias, segment_ids=ids_ext, activation=activation, impl=impl
+        x_head, ids_head = previous_row_tail(x, ids, continues, width, first_inputs, keep=k)
+        kw = dict(activation=activation, impl=impl)
+        head = causal_conv1d(x_head, weight, bias, segment_ids=ids_head, **kw)[:, k:]
+        body = causal_conv1d(x, weight, bias, segment_ids=segment_ids, groups=groups, **kw)
+        if groups is None:
+            return jax.lax.dynamic_update_slice_in_dim(body, head, 0, axis=1)
+        return tuple(
+            jax.lax.dynamic_update_slice_in_dim(part, part_head, 0, axis=1)
+            for part, part_head in zip(body, _split(head, groups))
         )
-        return _split(out[:, width - 1 :], groups)
     if impl == "auto":
         impl = _auto_impl(x)
     check_pallas_platform(impl, fallback="xla", gpu_impls=("pallas", *PALLAS_KERNEL_IMPLS))

@@ -11,10 +11,13 @@ as row 0's initial state instead): refused when concrete, read as False under ji
 
 The state at the end of a row's last run is affine in the state its first run starts from:
 when the row is a single run, end = decay * start + end0 (decay: the run's total decay, end0:
-its end from the given start); otherwise the last run began inside the row and end = end0. So
-each scan runs once from the given starts to read end0, `chain_row_states` walks the rows
-(b steps on (b, ...) states: nothing next to the scans), and the scan runs again from the
-chained starts. Everything is differentiable, so gradients flow back along the chain.
+its end from the given start); otherwise the last run began inside the row and end = end0.
+`chain_row_states` walks the rows (b steps on (b, ...) states: nothing next to the scans), and
+the scan runs from the chained starts. end0 costs no scan of its own where the op can read it
+directly: the SSD (scalar decay per head) sums the last run's tokens in one contraction over
+time (ssd_scan._last_run_end_states); the Mamba1 kernel carries the link in its own chunk-state
+pass; only the Mamba1 reference runs its scan twice. Everything is differentiable, so gradients
+flow back along the chain.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ def chain_row_states(end, decay, single_run, continues, given):
     single_run (b,), continues (b,) bool; given (b, ...): the start of rows that do not continue.
     """
     decay = jnp.broadcast_to(decay, end.shape)
-    continues = continues.at[0].set(False)  # nothing precedes row 0
+    continues = continues & (jnp.arange(continues.shape[0]) > 0)  # nothing precedes row 0
 
     def row(prev_end, xs):
         end_r, decay_r, single_r, cont_r, given_r = xs
@@ -82,14 +85,15 @@ def chain_row_states(end, decay, single_run, continues, given):
     return starts
 
 
-def previous_row_tail(x, segment_ids, continues, width: int, first_inputs=None):
+def previous_row_tail(x, segment_ids, continues, width: int, first_inputs=None, keep=None):
     """For the causal conv: (x_ext (b, width - 1 + t, c), ids_ext (b, width - 1 + t)): each row
     preceded by the last width - 1 inputs of the row before it, with ids that make the taps of
     a continuing first run read them (exactly those in the previous row's last run) and every
     other tap read zeros. first_inputs (b, width - 1, c), optional: what a row's first run reads
     before t = 0 where the row does not continue (a state carried from an earlier batch; zeros
     for a run that begins there). continues None: no row continues. Needs t >= width - 1: a
-    continued run shorter than the conv window would reach two rows back."""
+    continued run shorter than the conv window would reach two rows back. keep: only the row's
+    first `keep` steps after the tail (x_ext (b, width - 1 + keep, c))."""
     k = width - 1
     batch, length, _ = x.shape
     if length < k:
@@ -105,6 +109,8 @@ def previous_row_tail(x, segment_ids, continues, width: int, first_inputs=None):
         link = link | ~(continues[:, None] & (jnp.arange(batch) > 0)[:, None])
     # Positions that are not linked get an id unlike the first run's, so it restarts after them.
     tail_ids = jnp.where(link, seg[:, :1], seg[:, :1] - 1)
+    if keep is not None:
+        x, seg = x[:, :keep], seg[:, :keep]
     x_ext = jnp.concatenate([jnp.where(link[..., None], tail, jnp.zeros((), x.dtype)), x], axis=1)
     return x_ext, jnp.concatenate([tail_ids, seg], axis=1)
 

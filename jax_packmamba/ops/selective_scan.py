@@ -87,7 +87,8 @@ def selective_scan(
         chains over several rows are consecutive rows). That run starts from the state row
         b - 1's last run ends in (its initial_states slot is not read), so outputs and
         gradients are those of the document run as one sequence. continues[0] must be False.
-        Costs a second scan (jax_packmamba/ops/links.py).
+        The kernels carry it in their chunk-state pass (no extra scan); the reference, and
+        mid-row initial_states, run a second scan (jax_packmamba/ops/links.py).
       first_run_states: optional (batch, d_inner, d_state): the state each row's first run
         (the one at t = 0) starts from where it does not continue the row before (zeros
         without it): a document's state carried from an earlier batch. Free on every impl, as

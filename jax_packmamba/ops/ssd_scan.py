@@ -82,7 +82,6 @@ from jax_packmamba.ops.selective_scan import (
     check_first_run_states,
     combine_affine,
     discretize_delta,
-    run_cumsum,
 )
 
 Impl = Literal["auto", "reference", "pallas", "pallas_interpret"]
@@ -131,11 +130,12 @@ def ssd_scan(
         document longer than a row; chains are consecutive rows). That run starts from the
         state row b - 1's last run ends in (its initial_states slot is not read), so outputs
         and gradients are those of the document as one sequence. continues[0] must be False.
-        Costs a second scan (jax_packmamba/ops/links.py).
+        Costs one contraction over time for the rows' end states, no second scan
+        (jax_packmamba/ops/links.py).
       first_run_states: optional (batch, heads, headdim, d_state): the state each row's first
         run (the one at t = 0) starts from where it does not continue the row before (zeros
         without it): a document's state carried from an earlier batch. Not with
-        initial_states; runs the links' path (a second scan) even without continues.
+        initial_states. Without continues it enters the one scan as the first run's state.
       return_final_states: also return, for every slot s in [0, num_segments), the float32
         state after the last token of the last run of id s in each row (zeros where the id
         does not occur): (batch, num_segments, heads, headdim, d_state).
@@ -182,9 +182,8 @@ def ssd_scan(
     run = functools.partial(_run_impl, impl, args, dt_softplus, chunk_size)
     if continues is None and first_run_states is None:
         return run(segment_ids, initial_states, return_final_states, num_segments)
-    if continues is None:  # the same affine start, with no row linked
-        continues = jnp.zeros((batch,), bool)
     return _continued(
+        impl,
         run,
         args,
         dt_softplus,
@@ -206,7 +205,25 @@ def _run_impl(
     initial_states,
     return_final_states,
     num_segments,
+    first_run_states=None,
 ):
+    """The scan; first_run_states (b, h, p, n), only without initial_states, and on the
+    reference only without final states: each row's run at t = 0 starts from it, every other
+    run from zeros."""
+    if first_run_states is not None and impl == "reference":
+        assert not return_final_states
+        # The first run in slot 0 of three, the others from zeros.
+        shape = (first_run_states.shape[0], 3, *first_run_states.shape[1:])
+        init = jnp.zeros(shape, first_run_states.dtype).at[:, 0].set(first_run_states)
+        ids = compact_ids(_ids(segment_ids, args[0]), "first")
+        return ssd_scan_reference(
+            *args,
+            dt_softplus=dt_softplus,
+            segment_ids=ids,
+            chunk_size=chunk_size,
+            initial_states=init,
+            num_segments=3,
+        )
     kwargs = dict(
         dt_softplus=dt_softplus,
         segment_ids=segment_ids,
@@ -218,11 +235,20 @@ def _run_impl(
     if impl != "reference":
         from pallas_kernels.ssd import ssd_scan_pallas
 
+        if first_run_states is not None:
+            kwargs["first_run_states"] = first_run_states
         return ssd_scan_pallas(*args, interpret=impl == "pallas_interpret", **kwargs)
     return ssd_scan_reference(*args, **kwargs)
 
 
+def _ids(segment_ids, x):
+    if segment_ids is None:
+        return jnp.zeros(x.shape[:2], jnp.int32)
+    return segment_ids.astype(jnp.int32)
+
+
 def _continued(
+    impl,
     run,
     args,
     dt_softplus,
@@ -233,47 +259,52 @@ def _continued(
     num_segments,
     first_run_states=None,
 ):
-    """Rows linked by `continues` (jax_packmamba/ops/links.py): a scan from the given starts
-    reads each row's last-run end state, a pass over the rows chains them, and a second scan
-    runs with each row's first run moved to an extra slot holding its chained start."""
-    x, dt, A = args[:3]
+    """Each row's first run from its own start (jax_packmamba/ops/links.py): with `continues`,
+    every row's last-run end state is read directly (`_last_run_end_states`, one contraction
+    over time, no scan), a pass over the rows chains them; then one scan runs with each row's
+    first run moved to a slot holding its start. Without `continues` (first_run_states only)
+    the given starts go straight into that one scan."""
+    x, dt, A, B = args[:4]
     batch, length, heads, headdim = x.shape
-    d_state = args[3].shape[3]
-    seg = (
-        jnp.zeros((batch, length), jnp.int32)
-        if segment_ids is None
-        else segment_ids.astype(jnp.int32)
-    )
+    d_state = B.shape[3]
+    seg = _ids(segment_ids, x)
     rows = jnp.arange(batch)
-    if initial_states is None:  # the last run's end state, whatever range the ids have
-        _, final = run(compact_ids(seg, "last"), None, True, 3)
-        end = final[:, 0]
+    acc = accumulation_dtype(x)
+    state_shape = (batch, heads, headdim, d_state)
+    if first_run_states is not None:
+        given = first_run_states.astype(acc)
+    elif initial_states is None:
+        given = jnp.zeros(state_shape, acc)
     else:
-        _, final = run(seg, initial_states, True, num_segments)
-        end = final[rows, seg[:, -1]]  # (b, h, p, n)
-    starts = segment_starts(seg)
-    dt = discretize_delta(dt, args[7], dt_softplus)  # (b, t, h), dt_bias is args[7]
-    last_sum = run_cumsum(dt, starts)[:, -1]  # (b, h)
-    decay = jnp.exp(last_sum * A.astype(last_sum.dtype))[..., None, None]
-    if initial_states is None:
-        given = jnp.zeros_like(end)
-        if first_run_states is not None:  # a single-run row's end moves with its start
-            given = first_run_states.astype(end.dtype)
-            single = single_run_rows(seg)[:, None, None, None]
-            end = jnp.where(single, end + decay * given, end)
-        first = chain_row_states(end, decay, single_run_rows(seg), continues, given)
-        if not return_final_states:  # the first run in slot 0 of three, the others from zeros
-            init = jnp.zeros((batch, 3, heads, headdim, d_state), first.dtype).at[:, 0].set(first)
-            return run(compact_ids(seg, "first"), init, False, 3)
+        given = initial_states[rows, seg[:, 0]].astype(acc)
+    first = given
+    if continues is not None:
+        dtp = discretize_delta(dt, args[7], dt_softplus)  # (b, t, h), dt_bias is args[7]
+        single = single_run_rows(seg)
+        # The last run's total decay: a masked sum (other runs add exact zeros), no scan.
+        run_index = jnp.cumsum(segment_starts(seg).astype(jnp.int32), axis=1)
+        in_last = (run_index == run_index[:, -1:])[..., None]
+        log_decay = jnp.sum(jnp.where(in_last, dtp * A.astype(dtp.dtype), 0.0), axis=1)
+        decay = jnp.exp(log_decay)[..., None, None]  # (b, h, 1, 1)
+        # The last run's end from its own start: a single-run row's start is `given`, a later
+        # run's its slot's initial state (zeros without initial states).
+        base = jnp.where(single[:, None, None, None], given, 0.0)
+        if initial_states is not None:
+            base = jnp.where(
+                single[:, None, None, None], base, initial_states[rows, seg[:, -1]].astype(acc)
+            )
+        end = _last_run_end_states(x, dtp, A, B, seg) + decay * base
+        first = chain_row_states(end, decay, single, continues, given)
+    if initial_states is None and (impl != "reference" or not return_final_states):
+        return run(segment_ids, None, return_final_states, num_segments, first)
     slots = num_segments or 1
-    state_shape = (batch, slots, heads, headdim, d_state)
-    init = jnp.zeros(state_shape, end.dtype) if initial_states is None else initial_states
-    if initial_states is not None:
-        first = chain_row_states(
-            end, decay, single_run_rows(seg), continues, init[rows, seg[:, 0]].astype(end.dtype)
-        )
+    init = (
+        jnp.zeros((batch, slots, *state_shape[1:]), acc)
+        if initial_states is None
+        else initial_states
+    )
     # Slot `slots` is the first run's own; other runs keep their ids and slots.
-    first_run = jnp.cumsum(starts.astype(jnp.int32), axis=1) == 1
+    first_run = jnp.cumsum(segment_starts(seg).astype(jnp.int32), axis=1) == 1
     out = run(
         jnp.where(first_run, slots, seg),
         jnp.concatenate([init.astype(first.dtype), first[:, None]], axis=1),
@@ -287,6 +318,37 @@ def _continued(
     later_same = jnp.any(~first_run & (seg == seg[:, :1]), axis=1)
     own = (jnp.arange(slots) == seg[:, :1]) & ~later_same[:, None]  # (b, s)
     return y, jnp.where(own[..., None, None, None], final[:, slots:], final[:, :slots])
+
+
+@jax.checkpoint
+def _last_run_end_states(x, dtp, A, B, seg):
+    """(b, h, p, n): each row's state after its last token when its last run starts from zero,
+    sum over the last run's tokens s of exp(sum_{s < u} dt'_u A) dt'_s x_s B_s^T. The last run
+    is the row's suffix, so the exponent is a suffix sum over that run's tokens only (<= 0, and
+    no other run's values enter it: isolation to the bit). One contraction over time, in x's
+    dtype with float32 accumulation (what the kernels' chunk states use); its backward is two
+    more, and under the checkpoint it keeps only its inputs. dt' (b, t, h) in the accumulation
+    dtype."""
+    batch, length, heads, headdim = x.shape
+    groups, d_state = B.shape[2:]
+    acc = dtp.dtype
+    run = jnp.cumsum(segment_starts(seg).astype(jnp.int32), axis=1)
+    in_last = (run == run[:, -1:])[..., None]  # (b, t, 1)
+    a = dtp * A.astype(acc)  # (b, t, h)
+    later = jnp.concatenate([a[:, 1:], jnp.zeros_like(a[:, :1])], axis=1)
+    after = jax.lax.cumsum(later, axis=1, reverse=True)  # sum over u > s
+    weight = _masked_exp(in_last, after) * dtp  # (b, t, h)
+    mm = x.dtype if jnp.finfo(x.dtype).bits < 32 else acc
+    wx = (weight[..., None] * x.astype(acc)).astype(mm)
+    wx = wx.reshape(batch, length, groups, heads // groups * headdim)
+    end = jnp.einsum(
+        "btgq,btgn->bgqn",
+        wx,
+        B.astype(mm),
+        precision=jax.lax.Precision.HIGHEST if mm == acc else None,
+        preferred_element_type=acc,
+    )
+    return end.reshape(batch, heads, headdim, d_state)
 
 
 def _pallas_takes(x, B) -> bool:

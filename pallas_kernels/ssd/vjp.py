@@ -50,14 +50,17 @@ def ssd_scan_pallas(
     segment_ids=None,
     chunk_size: int = 256,
     initial_states=None,
+    first_run_states=None,
     return_final_states: bool = False,
     num_segments: int | None = None,
     interpret: bool = False,
     config: SSDConfig | None = None,
 ):
-    """Same contract as jax_packmamba.ops.ssd_scan.ssd_scan (arguments validated there);
-    `config` overrides the tiling heuristic (its chunk and blocks are still fitted to the
-    sequence)."""
+    """Same contract as jax_packmamba.ops.ssd_scan.ssd_scan (arguments validated there),
+    except that first_run_states (b, h, p, n), the state each row's run at t = 0 starts from,
+    is taken here only without initial_states (states.first_run_inputs: it touches chunk 0
+    only). `config` overrides the tiling heuristic (its chunk and blocks are
+    still fitted to the sequence)."""
     batch, length, heads, headdim = x.shape
     groups, d_state = B.shape[2:]
     assert dt.shape == (batch, length, heads) and A.shape == (heads,), (dt.shape, A.shape)
@@ -75,14 +78,28 @@ def ssd_scan_pallas(
         D,
         dt_softplus=dt_softplus,
         chunk_size=chunk_size,
-        has_init=initial_states is not None,
+        has_init=initial_states is not None or first_run_states is not None,
         return_states=bool(return_final_states),
         interpret=interpret,
         config=config,
     )
+    if first_run_states is not None:
+        assert initial_states is None
+        initial_states = first_run_states[:, None]  # (b, 1, h, p, n): _entry reads it so
     decay = dict(dt=dt, A=A, bias=dt_bias)
     return _entry_jit(
-        plan, interpret, num_segments, x, decay, B, C, D, z, segment_ids, initial_states
+        plan,
+        interpret,
+        num_segments,
+        first_run_states is not None,
+        x,
+        decay,
+        B,
+        C,
+        D,
+        z,
+        segment_ids,
+        initial_states,
     )
 
 
@@ -133,7 +150,7 @@ def ssd_chunked_pallas(
     )
     decay = dict(log_decay=log_decay, scale=weight)
     out = _entry_jit(
-        plan, interpret, num_segments, x, decay, B, C, D, None, segment_ids, initial_states
+        plan, interpret, num_segments, False, x, decay, B, C, D, None, segment_ids, initial_states
     )
     return out if return_final_states else (out, None)
 
@@ -142,6 +159,7 @@ def _entry(
     plan: Plan,
     interpret: bool,
     num_segments: int,
+    first_run_only: bool,
     x,
     decay: dict,
     B,
@@ -158,11 +176,15 @@ def _entry(
     if segment_ids is not None:
         seg_lo, seg_hi = segment_bounds(segment_ids, st.chunk, st.padded)
     glue = y_add = s_add = None
-    if initial_states is not None or plan.return_states:
+    if (initial_states is not None and not first_run_only) or plan.return_states:
         glue = states.Glue.build(
             decay, st.dt_softplus, segment_ids, seg_lo, num_segments, st.chunk, st.padded
         )
-    if initial_states is not None:
+    if first_run_only:  # initial_states[:, 0] is each row's first-run start
+        y_add, s_add = states.first_run_inputs(
+            decay, st.dt_softplus, segment_ids, C, initial_states[:, 0], st.chunk, st.padded
+        )
+    elif initial_states is not None:
         y_add = states.initial_state_outputs(glue, C, initial_states)
         s_add = states.initial_state_chunk_ends(glue, initial_states)
     out = _ssd(plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add)
@@ -170,12 +192,14 @@ def _entry(
         return out
     y, h_in = out
     h_in = h_in.reshape(st.batch, st.n_chunks, st.heads, st.headdim, st.d_state)
+    if first_run_only:  # the start is the base of the slot whose last run is the first run
+        initial_states = states.first_run_final_base(glue, initial_states[:, 0])
     return y, states.final_states(glue, x, B, h_in, initial_states)
 
 
 # Eager callers (tests, the interpreter) would otherwise re-trace every kernel on every call;
 # under an outer jit this is inlined.
-_entry_jit = jax.jit(_entry, static_argnums=(0, 1, 2))
+_entry_jit = jax.jit(_entry, static_argnums=(0, 1, 2, 3))
 
 
 def make_plan(
