@@ -20,6 +20,7 @@ import pytest
 
 from jax_packmamba.ops.selective_scan import selective_scan, selective_scan_reference
 from pallas_kernels.selective_scan import ScanConfig, selective_scan_pallas
+from tests.compiled import compiled
 from tests.gpu import lower_for_cuda, on_gpu
 from tests.loops import rel_err
 
@@ -74,6 +75,56 @@ def tolerance(dtype, length):
     return base * max(1.0, np.sqrt(length / 1000))
 
 
+def outputs_and_grads(impl, args, cts, *, config=None, segment_ids=None, **kw):
+    """(outputs, gradients of the present (not None) inputs under the cotangents cts) of impl,
+    compiled once per impl, config, static flags and shapes: tests that vary only data
+    (segment layouts, perturbations, cotangents) share one program."""
+    present = [k for k in NAMES if args[k] is not None]
+
+    def fn(xs, seg, cts):
+        def f(*xs):
+            full = {**dict.fromkeys(NAMES), **dict(zip(present, xs))}
+            return run(impl, full, config=config, segment_ids=seg, **kw)
+
+        out, vjp = jax.vjp(f, *xs)
+        return out, vjp(cts)
+
+    key = ("scan", impl, config, tuple(present), tuple(sorted(kw.items())))
+    xs = [args[k] for k in present]
+    return compiled(key, fn, xs, segment_ids, cts)(xs, segment_ids, cts)
+
+
+def float64_outputs_and_grads(args, cts, *, segment_ids=None, **kw):
+    """The reference's outputs and gradients in float64 on the same (already rounded) inputs."""
+    present = [k for k in NAMES if args[k] is not None]
+
+    def fn(xs, seg, cts):
+        def f(*xs):
+            full = {**dict.fromkeys(NAMES), **dict(zip(present, xs))}
+            return selective_scan_reference(*[full[n] for n in NAMES], segment_ids=seg, **kw)
+
+        out, vjp = jax.vjp(f, *xs)
+        return out, vjp(cts)
+
+    with jax.enable_x64(True):
+        xs = [np.asarray(args[k], np.float64) for k in present]
+        cts = jax.tree.map(lambda c: np.asarray(c, np.float64), cts)
+        key = ("float64", tuple(present), tuple(sorted(kw.items())))
+        out, grads = compiled(key, fn, xs, segment_ids, cts)(xs, segment_ids, cts)
+        return jax.tree.map(np.asarray, (out, grads))
+
+
+def random_cotangents(args, key, *, return_final_states=False, num_segments=None, **_):
+    """One normal draw (the same key) for y and, with final states, for them."""
+    u = args["u"]
+    y = jax.random.normal(key, u.shape, jnp.float32).astype(u.dtype)
+    if not return_final_states:
+        return y
+    batch, _, d_inner = u.shape
+    final = (batch, num_segments or 1, d_inner, args["A"].shape[1])
+    return y, jax.random.normal(key, final, jnp.float32)
+
+
 _FLOAT64_CACHE = {}
 
 
@@ -81,28 +132,12 @@ def check_against_float64(impl, args, *, case, config=None, cotangent_key=1, **k
     """Outputs and every input's gradient (random cotangent through jax.vjp) against the
     reference run in float64 on the same (already rounded) inputs. `case` names the inputs,
     so the float64 run is shared by all implementations."""
-    present = {k: v for k, v in args.items() if v is not None}
-    absent = {k: None for k, v in args.items() if v is None}
-
-    def f(*xs):
-        return run(impl, {**dict(zip(present, xs)), **absent}, config=config, **kw)
-
-    out, vjp = jax.vjp(f, *present.values())
-    key = jax.random.PRNGKey(cotangent_key)
-    cts = jax.tree.map(lambda o: jax.random.normal(key, o.shape, jnp.float32).astype(o.dtype), out)
-    grads = vjp(cts)
+    cts = random_cotangents(args, jax.random.PRNGKey(cotangent_key), **kw)
+    out, grads = outputs_and_grads(impl, args, cts, config=config, **kw)
     if case not in _FLOAT64_CACHE:
-        with jax.enable_x64(True):
-            xs64 = [np.asarray(x, np.float64) for x in present.values()]
-
-            def f64(*xs):
-                full = {**dict(zip(present, xs)), **absent}
-                return selective_scan_reference(*[full[n] for n in NAMES], **kw)
-
-            out64, vjp64 = jax.vjp(f64, *xs64)
-            grads64 = vjp64(jax.tree.map(lambda c, o: np.asarray(c, o.dtype), cts, out64))
-            _FLOAT64_CACHE[case] = jax.tree.map(np.asarray, (out64, grads64))
+        _FLOAT64_CACHE[case] = float64_outputs_and_grads(args, cts, **kw)
     out64, grads64 = _FLOAT64_CACHE[case]
+    present = {k: v for k, v in args.items() if v is not None}
     length = args["u"].shape[1]
     errs = {}
     for i, (o, o64) in enumerate(zip(jax.tree.leaves(out), jax.tree.leaves(out64))):
@@ -194,14 +229,11 @@ class TestSelectiveScanImpls:
         ct_y = jax.random.normal(jax.random.PRNGKey(12), args["u"].shape)
         ct_f = jax.random.normal(jax.random.PRNGKey(13), (2, EDGE_SEGMENTS, 40, 4))
 
-        def outputs_and_grads(a):
-            out, vjp = jax.vjp(
-                lambda *xs: run(impl, dict(zip(NAMES, xs)), config=config, **edge_kw(seg)),
-                *a.values(),
-            )
-            return out, dict(zip(NAMES, vjp((ct_y, ct_f))))
+        def outputs_and_grads_of(a):
+            out, grads = outputs_and_grads(impl, a, (ct_y, ct_f), config=config, **edge_kw(seg))
+            return out, dict(zip(NAMES, grads))
 
-        out0, g0 = outputs_and_grads(args)
+        out0, g0 = outputs_and_grads_of(args)
         victim = np.asarray(seg) == 2  # id 2: 23 tokens in row 0, one token in row 1
         noise = jax.random.normal(jax.random.PRNGKey(14), args["u"].shape)
         perturbed = dict(args)
@@ -209,7 +241,7 @@ class TestSelectiveScanImpls:
             perturbed[name] = jnp.where(victim[..., None], args[name] + noise, args[name])
         for name in ("B", "C"):
             perturbed[name] = jnp.where(victim[..., None], args[name] * 1.5 + 0.1, args[name])
-        out1, g1 = outputs_and_grads(perturbed)
+        out1, g1 = outputs_and_grads_of(perturbed)
         keep = ~victim
         assert not np.array_equal(np.asarray(out0[0])[victim], np.asarray(out1[0])[victim])
         np.testing.assert_array_equal(np.asarray(out0[0])[keep], np.asarray(out1[0])[keep])
