@@ -660,9 +660,12 @@ def test_trainer_links_long_documents_end_to_end(tmp_path, capsys):
 
 # ---------------------------------------------------------------- across batches
 
-# Streams of 8 rows of 24, run as two batches of 4 rows: a document over the batch edge (rows 0
-# to 6), a piece of length 1 at batch 1's end, a document ending exactly at the edge.
+# Streams of 8 rows of 24, run as two batches of 4 rows (the models), and of 4 rows, run as two
+# batches of 2 (the ops: the one-batch side is then the layouts' program): a document over the
+# batch edge (from the first row into the last), a piece of length 1 at batch 1's end, a document
+# ending exactly at the edge.
 ACROSS = {"long": [7, 150, 20, 15], "one": [95, 97], "edge": [96, 96]}
+ACROSS_OPS = {"long": [7, 75, 14], "one": [47, 49], "edge": [48, 48]}
 
 
 def batch_fn(family, f):
@@ -691,47 +694,47 @@ def start_shape(family, args, batch):
     return (batch, *args["x"].shape[2:], args["B"].shape[3])
 
 
-@pytest.mark.parametrize("stream", list(ACROSS))
+@pytest.mark.parametrize("stream", list(ACROSS_OPS))
 @pytest.mark.parametrize("family,impl", CASES)
 def test_state_carried_into_the_next_batch_equals_one_batch(family, impl, stream):
-    """Two batches of 4 rows, batch 1's last row's end state given as batch 2's row 0 start
-    (first_run_states / first_inputs), get what one linked batch of 8 rows gets: outputs, and
+    """Two batches of 2 rows, batch 1's last row's end state given as batch 2's row 0 start
+    (first_run_states / first_inputs), get what one linked batch of 4 rows gets: outputs, and
     the gradients of batch 2's inputs (truncated backprop: nothing flows back into batch 1)."""
     if impl == "pallas_interpret" and family != "mamba1":
         # Mamba1's kernel takes the carried state in its own chunk-state pass; the SSD and conv
         # kernels see it through the same initial-state slot and inputs the links use.
         pytest.skip("one interpreter family is enough (each compiles its kernels)")
-    lengths = ACROSS[stream]
+    lengths, h = ACROSS_OPS[stream], 2
     seg, continues, _ = pack(lengths)
-    f, _, args, shared = family_fns(family, impl, 8)
+    f, _, args, shared = family_fns(family, impl, 2 * h)
     batch = batch_fn(family, f)
     ct = normal(99, args[next(iter(args))].shape)
-    half = {k: v if k in shared else v[:4] for k, v in args.items()}
-    rest = {k: v if k in shared else v[4:] for k, v in args.items()}
-    zero_start = jnp.zeros(start_shape(family, args, 4), jnp.float32)
-    no_ct = (jnp.zeros_like(ct[4:]), zero_start)  # batch 1: its outputs only
+    half = {k: v if k in shared else v[:h] for k, v in args.items()}
+    rest = {k: v if k in shared else v[h:] for k, v in args.items()}
+    zero_start = jnp.zeros(start_shape(family, args, h), jnp.float32)
+    no_ct = (jnp.zeros_like(ct[h:]), zero_start)  # batch 1: its outputs only
     key = ("batch", family, impl)
-    (_, end), _ = outputs_and_grads(key, batch, half, no_ct, seg[:4], continues[:4], zero_start)
-    rest_flag = bool(continues[4])
+    (_, end), _ = outputs_and_grads(key, batch, half, no_ct, seg[:h], continues[:h], zero_start)
+    rest_flag = bool(continues[h])
     assert rest_flag == (stream != "edge")
-    start = zero_start.at[0].set(jnp.where(rest_flag, end[3], 0.0))
-    links2 = continues[4:].at[0].set(False)
-    # One batch of 8 rows; only batch 2's outputs have a cotangent.
+    start = zero_start.at[0].set(jnp.where(rest_flag, end[h - 1], 0.0))
+    links2 = continues[h:].at[0].set(False)
+    # One batch of 4 rows (the layouts' program); only batch 2's outputs have a cotangent.
     y_one, g_one = outputs_and_grads(
-        ("packed", family, impl), f, args, ct.at[:4].set(0.0), seg, continues
+        ("packed", family, impl), f, args, ct.at[:h].set(0.0), seg, continues
     )
     (y_two, _), g_two = outputs_and_grads(
-        key, batch, rest, (ct[4:], zero_start), seg[4:], links2, start
+        key, batch, rest, (ct[h:], zero_start), seg[h:], links2, start
     )
-    errs = {"y": rel_err(y_two, y_one[4:])}
-    errs.update({"d" + k: rel_err(g_two[k], g_one[k][4:]) for k in args if k not in shared})
+    errs = {"y": rel_err(y_two, y_one[h:])}
+    errs.update({"d" + k: rel_err(g_two[k], g_one[k][h:]) for k in args if k not in shared})
     print(family, impl, stream, {k: f"{v:.1e}" for k, v in errs.items()})
     assert all(v < 1e-5 for v in errs.values()), errs
     if stream != "edge":  # the carried state matters: a zero start differs
         (y_zero, _), _ = outputs_and_grads(
-            key, batch, rest, (ct[4:], zero_start), seg[4:], links2, zero_start
+            key, batch, rest, (ct[h:], zero_start), seg[h:], links2, zero_start
         )
-        assert not np.array_equal(y_zero[0], y_one[4])
+        assert not np.array_equal(y_zero[0], y_one[h])
 
 
 def test_trainer_carries_documents_across_steps_and_resumes_exactly(tmp_path, capsys):
@@ -804,9 +807,21 @@ def test_model_end_state_carried_into_the_next_call_equals_one_call(family):
 
     config = tiny_model_config(family)
     graph, params = nnx.split(jp.LM(config, rngs=nnx.Rngs(0)))
-    call = jax.jit(
-        lambda *a, **k: nnx.merge(graph, params)(*a, **k), static_argnames="return_end_state"
-    )
+
+    def call(tokens, seg, continues, start_state=None, return_end_state=False):
+        def fn(params, tokens, seg, continues, start_state):
+            model = nnx.merge(graph, params)
+            return model(
+                tokens,
+                seg,
+                continues=continues,
+                start_state=start_state,
+                return_end_state=return_end_state,
+            )
+
+        args = (params, tokens, seg, continues, start_state)
+        return compiled(("model_call", family, return_end_state), fn, *args)(*args)
+
     rng = np.random.default_rng(0)
     errs = []
     for lengths in (ACROSS["long"], ACROSS["one"]):
@@ -814,15 +829,15 @@ def test_model_end_state_carried_into_the_next_call_equals_one_call(family):
         batch = pack_stream(docs, ROW)
         tokens, seg = jnp.asarray(batch.tokens), jnp.asarray(batch.segment_ids)
         continues = jnp.asarray(batch.continues)
-        whole = call(tokens, seg, continues=continues)
-        first, end = call(tokens[:4], seg[:4], continues=continues[:4], return_end_state=True)
+        whole = call(tokens, seg, continues)
+        first, end = call(tokens[:4], seg[:4], continues[:4], return_end_state=True)
         assert jax.tree.map(jnp.shape, end) == jax.tree.map(jnp.shape, end_state_like(config, 4))
         assert rel_err(first, whole[:4]) < 1e-6  # the first call's logits are unchanged
         start = jax.tree.map(lambda e: jnp.zeros_like(e).at[:, 0].set(e[:, -1]), end)
 
         def second(start):
             links = continues[4:].at[0].set(False)
-            return call(tokens[4:], seg[4:], continues=links, start_state=MixerState(*start))
+            return call(tokens[4:], seg[4:], links, start_state=MixerState(*start))
 
         errs.append(rel_err(second(start), whole[4:]))
         # The carried state matters: a zero start (the same program) gives other logits.
