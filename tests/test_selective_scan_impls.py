@@ -34,22 +34,24 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 EDGE_CONFIG = ScanConfig(block_d=32, bwd_block_d=32, chunk=16, ckpt=8, window=4, unroll=4)
 
 
-def make_args(key, batch, length, d_inner, d_state, dtype, *, optional=True):
-    k = jax.random.split(key, 8)
-    f32 = jnp.float32
+def host_normal(seed, shape, scale=1.0, dtype=jnp.float32):
+    """Normals drawn on the host (no device compile per shape, as eager jax.random has)."""
+    x = scale * np.random.default_rng(seed).standard_normal(shape)
+    return jnp.asarray(np.asarray(x, np.float32).astype(dtype))
+
+
+def make_args(seed, batch, length, d_inner, d_state, dtype, *, optional=True):
+    s = [1000 * seed + i for i in range(8)]
+    rows, channels = (batch, length, d_inner), (d_inner,)
     args = dict(
-        u=jax.random.normal(k[0], (batch, length, d_inner), f32).astype(dtype),
-        delta=(0.5 * jax.random.normal(k[1], (batch, length, d_inner), f32)).astype(dtype),
-        A=-jnp.exp(0.5 * jax.random.normal(k[2], (d_inner, d_state), f32)),
-        B=jax.random.normal(k[3], (batch, length, d_state), f32).astype(dtype),
-        C=jax.random.normal(k[4], (batch, length, d_state), f32).astype(dtype),
-        D=jax.random.normal(k[5], (d_inner,), f32) if optional else None,
-        z=(
-            jax.random.normal(k[6], (batch, length, d_inner), f32).astype(dtype)
-            if optional
-            else None
-        ),
-        delta_bias=0.3 * jax.random.normal(k[7], (d_inner,), f32) if optional else None,
+        u=host_normal(s[0], rows, dtype=dtype),
+        delta=host_normal(s[1], rows, 0.5, dtype),
+        A=-jnp.asarray(np.exp(np.asarray(host_normal(s[2], (d_inner, d_state), 0.5)))),
+        B=host_normal(s[3], (batch, length, d_state), dtype=dtype),
+        C=host_normal(s[4], (batch, length, d_state), dtype=dtype),
+        D=host_normal(s[5], channels) if optional else None,
+        z=host_normal(s[6], rows, dtype=dtype) if optional else None,
+        delta_bias=host_normal(s[7], channels, 0.3) if optional else None,
     )
     return args
 
@@ -114,15 +116,15 @@ def float64_outputs_and_grads(args, cts, *, segment_ids=None, **kw):
         return jax.tree.map(np.asarray, (out, grads))
 
 
-def random_cotangents(args, key, *, return_final_states=False, num_segments=None, **_):
-    """One normal draw (the same key) for y and, with final states, for them."""
+def random_cotangents(args, seed, *, return_final_states=False, num_segments=None, **_):
+    """Random normal cotangents of y and, with final states, of them."""
     u = args["u"]
-    y = jax.random.normal(key, u.shape, jnp.float32).astype(u.dtype)
+    y = host_normal(seed, u.shape, dtype=u.dtype)
     if not return_final_states:
         return y
     batch, _, d_inner = u.shape
     final = (batch, num_segments or 1, d_inner, args["A"].shape[1])
-    return y, jax.random.normal(key, final, jnp.float32)
+    return y, host_normal(seed + 1, final)
 
 
 _FLOAT64_CACHE = {}
@@ -132,7 +134,7 @@ def check_against_float64(impl, args, *, case, config=None, cotangent_key=1, **k
     """Outputs and every input's gradient (random cotangent through jax.vjp) against the
     reference run in float64 on the same (already rounded) inputs. `case` names the inputs,
     so the float64 run is shared by all implementations."""
-    cts = random_cotangents(args, jax.random.PRNGKey(cotangent_key), **kw)
+    cts = random_cotangents(args, cotangent_key, **kw)
     out, grads = outputs_and_grads(impl, args, cts, config=config, **kw)
     if case not in _FLOAT64_CACHE:
         _FLOAT64_CACHE[case] = float64_outputs_and_grads(args, cts, **kw)
@@ -179,7 +181,7 @@ class TestSelectiveScanImpls:
         ],
     )
     def test_matches_float64(self, impl, length, dtype, seg_lengths):
-        args = make_args(jax.random.PRNGKey(length), 2, length, 40, 4, dtype)
+        args = make_args(length, 2, length, 40, 4, dtype)
         kw = dict(delta_softplus=True)
         if seg_lengths is not None:
             kw.update(
@@ -191,7 +193,7 @@ class TestSelectiveScanImpls:
 
     def test_optional_inputs_absent(self, impl):
         # No D, z or delta_bias, no softplus, d_inner spanning three channel blocks.
-        args = make_args(jax.random.PRNGKey(5), 1, 45, 80, 4, jnp.float32, optional=False)
+        args = make_args(5, 1, 45, 80, 4, jnp.float32, optional=False)
         args["delta"] = jnp.abs(args["delta"])
         check_against_float64(impl, args, case="optional", config=EDGE_CONFIG)
 
@@ -199,7 +201,7 @@ class TestSelectiveScanImpls:
         # EDGE_CONFIG has 16-step chunks and 8-step checkpoints: boundaries at 16 and 32 land
         # on chunk starts, 24 and 40 on checkpoints, and [32, 33) is one token long.
         seg = segments_from_lengths([[16, 8, 8, 1, 7, 10], [16, 16, 16, 2]])
-        args = make_args(jax.random.PRNGKey(7), *EDGE_SHAPE, jnp.float32)
+        args = make_args(7, *EDGE_SHAPE, jnp.float32)
         check_against_float64(impl, args, case="edges", config=EDGE_CONFIG, **edge_kw(seg))
 
     def test_final_states_last_run_of_each_id(self, impl):
@@ -207,7 +209,7 @@ class TestSelectiveScanImpls:
         # token. Row 1: a single id (5) for the whole row.
         row0 = [2] * 3 + [1] * 2 + [0] + [2] * 2 + [4] * 41 + [1]
         seg = jnp.asarray([row0, [5] * 50], jnp.int32)
-        args = make_args(jax.random.PRNGKey(9), *EDGE_SHAPE, jnp.float32)
+        args = make_args(9, *EDGE_SHAPE, jnp.float32)
         out, _ = check_against_float64(impl, args, case="final", config=EDGE_CONFIG, **edge_kw(seg))
         final = np.asarray(out[1])
         assert final.shape == (2, EDGE_SEGMENTS, 40, 4) and final.dtype == np.float32
@@ -220,14 +222,14 @@ class TestSelectiveScanImpls:
         if impl == "reference" and state_split > 1:
             pytest.skip("state_split is a Pallas kernel layout")
         seg = segments_from_lengths([[16, 1, 23, 10], [5, 35, 1, 9]])
-        args = make_args(jax.random.PRNGKey(11), *EDGE_SHAPE, jnp.float32)
+        args = make_args(11, *EDGE_SHAPE, jnp.float32)
         config = (
             dataclasses.replace(EDGE_CONFIG, state_split=state_split)
             if impl != "reference"
             else None
         )
-        ct_y = jax.random.normal(jax.random.PRNGKey(12), args["u"].shape)
-        ct_f = jax.random.normal(jax.random.PRNGKey(13), (2, EDGE_SEGMENTS, 40, 4))
+        ct_y = host_normal(12, args["u"].shape)
+        ct_f = host_normal(13, (2, EDGE_SEGMENTS, 40, 4))
 
         def outputs_and_grads_of(a):
             out, grads = outputs_and_grads(impl, a, (ct_y, ct_f), config=config, **edge_kw(seg))
@@ -235,7 +237,7 @@ class TestSelectiveScanImpls:
 
         out0, g0 = outputs_and_grads_of(args)
         victim = np.asarray(seg) == 2  # id 2: 23 tokens in row 0, one token in row 1
-        noise = jax.random.normal(jax.random.PRNGKey(14), args["u"].shape)
+        noise = host_normal(14, args["u"].shape)
         perturbed = dict(args)
         for name in ("u", "delta", "z"):
             perturbed[name] = jnp.where(victim[..., None], args[name] + noise, args[name])
@@ -262,7 +264,7 @@ def test_state_split_matches_float64(impl, state_split):
     (ScanConfig.state_split): chunk and checkpoint edges, one-token segments, final states, and
     40 channels, which leave the last 16-channel block partly empty."""
     seg = segments_from_lengths([[16, 8, 8, 1, 7, 10], [16, 16, 16, 2]])
-    args = make_args(jax.random.PRNGKey(7), *EDGE_SHAPE, jnp.float32)
+    args = make_args(7, *EDGE_SHAPE, jnp.float32)
     config = dataclasses.replace(EDGE_CONFIG, state_split=state_split)
     check_against_float64(impl, args, case="edges", config=config, **edge_kw(seg))
 
@@ -275,7 +277,7 @@ def test_reduce_modes_match_float64(impl, reduce):
     with chunk and checkpoint edges, one-token segments and a partly empty channel block (24
     channels: 16 + 8)."""
     seg = segments_from_lengths([[16, 8, 8, 1, 7, 10], [16, 16, 16, 2]])
-    args = make_args(jax.random.PRNGKey(8), 2, 50, 24, 16, jnp.float32)
+    args = make_args(8, 2, 50, 24, 16, jnp.float32)
     config = dataclasses.replace(EDGE_CONFIG, reduce=reduce)
     check_against_float64(impl, args, case="edges16", config=config, **edge_kw(seg))
 
@@ -286,7 +288,7 @@ def test_window_rows_matches_float64(impl):
     and reused by its reverse steps) on the inputs above. Not bitwise equal to the default in
     the interpreter: XLA fuses the reused values differently (dA differs by ~6e-5 relative)."""
     seg = segments_from_lengths([[16, 8, 8, 1, 7, 10], [16, 16, 16, 2]])
-    args = make_args(jax.random.PRNGKey(8), 2, 50, 24, 16, jnp.float32)
+    args = make_args(8, 2, 50, 24, 16, jnp.float32)
     config = dataclasses.replace(EDGE_CONFIG, window_rows=True)
     check_against_float64(impl, args, case="edges16", config=config, **edge_kw(seg))
 
