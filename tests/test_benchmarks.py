@@ -20,6 +20,7 @@ import pytest
 
 from benchmarks import harness, plot_train, workloads
 from jax_packmamba.corpus import stdlib_documents
+from tests.compiled import cpu_xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HEADER = (
@@ -59,6 +60,7 @@ def run_script(script: str, *args, timeout=300) -> subprocess.CompletedProcess:
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
+        XLA_FLAGS=cpu_xla_flags(os.environ.get("XLA_FLAGS", "")),
         PYTHONUNBUFFERED="1",
         PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
     )

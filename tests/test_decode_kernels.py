@@ -18,36 +18,53 @@ from flax import nnx
 import jax_packmamba as jp
 from jax_packmamba.model import MixerState, mixer_core_xla
 from pallas_kernels.decode import DecodeConfig, mixer_core_pallas
+from tests.compiled import compiled
 from tests.gpu import lower_for_cuda, on_gpu
 
 IMPLS = ["pallas_interpret", on_gpu("pallas")]
 
 
+def host_random(seed):
+    """normal(shape, scale, dtype) and uniform(shape, low, high) as host arrays: no device
+    compile per shape and dtype (eager jax.random costs seconds a test here)."""
+    rng = np.random.default_rng(seed)
+
+    def normal(shape, scale=1.0, dtype=np.float32):
+        return np.asarray(scale * rng.standard_normal(shape), np.float32).astype(dtype)
+
+    def uniform(shape, low, high):
+        return rng.uniform(low, high, shape).astype(np.float32)
+
+    return normal, uniform
+
+
+def on_device(tree):
+    return jax.tree.map(jnp.asarray, tree)
+
+
 def core_args(batch, d_inner, d_state, dt_rank, d_conv, dtype, *, conv_bias=True, D=True, seed=0):
-    k = jax.random.split(jax.random.key(seed), 10)
+    normal, uniform = host_random(seed)
     c = dtype
-    normal = lambda key, shape, scale=1.0: (scale * jax.random.normal(key, shape)).astype(c)  # noqa: E731
-    xz = normal(k[0], (batch, 2 * d_inner))
-    conv_state = normal(k[1], (batch, d_conv - 1, d_inner))
-    ssm_state = jax.random.normal(k[2], (batch, d_inner, d_state), jnp.float32)
-    conv_weight = normal(k[3], (d_inner, d_conv), 0.5)
-    bias = normal(k[4], (d_inner,), 0.5) if conv_bias else None
-    x_proj = normal(k[5], (d_inner, dt_rank + 2 * d_state), d_inner**-0.5)
-    dt_proj = normal(k[6], (dt_rank, d_inner), dt_rank**-0.5)
-    dt_bias = jax.random.uniform(k[7], (d_inner,), jnp.float32, -4.0, -1.0)
-    A_log = jnp.log(
-        jnp.broadcast_to(jnp.arange(1, d_state + 1, dtype=jnp.float32), (d_inner, d_state))
-    )
-    A_log = A_log + 0.1 * jax.random.normal(k[8], A_log.shape)
-    d = jax.random.normal(k[9], (d_inner,), jnp.float32) if D else None
-    return xz, conv_state, ssm_state, conv_weight, bias, x_proj, dt_proj, dt_bias, A_log, d
+    xz = normal((batch, 2 * d_inner), dtype=c)
+    conv_state = normal((batch, d_conv - 1, d_inner), dtype=c)
+    ssm_state = normal((batch, d_inner, d_state))
+    conv_weight = normal((d_inner, d_conv), 0.5, c)
+    bias = normal((d_inner,), 0.5, c) if conv_bias else None
+    x_proj = normal((d_inner, dt_rank + 2 * d_state), d_inner**-0.5, c)
+    dt_proj = normal((dt_rank, d_inner), dt_rank**-0.5, c)
+    dt_bias = uniform((d_inner,), -4.0, -1.0)
+    A_log = np.log(np.broadcast_to(np.arange(1, d_state + 1, dtype=np.float32), (d_inner, d_state)))
+    A_log = A_log + normal(A_log.shape, 0.1)
+    d = normal((d_inner,)) if D else None
+    args = xz, conv_state, ssm_state, conv_weight, bias, x_proj, dt_proj, dt_bias, A_log, d
+    return tuple(None if a is None else jnp.asarray(a) for a in args)
 
 
 def run(impl, args, config=None):
-    fn = jax.jit(
-        lambda *a: mixer_core_pallas(*a, config=config, interpret=impl == "pallas_interpret")
-    )
-    return fn(*args)
+    def fn(*a):
+        return mixer_core_pallas(*a, config=config, interpret=impl == "pallas_interpret")
+
+    return compiled(("mixer_core", impl, config), fn, *args)(*args)
 
 
 CASES = {
@@ -70,7 +87,7 @@ def test_kernels_match_the_unfused_step(impl, dtype, tol, case):
     # The unfused step at IEEE float32, as the kernels' float32 dots are: XLA's GPU default is
     # TF32 (~3e-4 off here), which would measure the comparison side rather than the kernels.
     with jax.default_matmul_precision("highest"):
-        want = jax.jit(mixer_core_xla)(*args)
+        want = compiled("mixer_core_xla_highest", mixer_core_xla, *args)(*args)
     got = run(impl, args, config)
     for name, a, b in zip(("y", "conv_state", "ssm_state"), got, want):
         assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, b.shape, a.dtype, b.dtype)
@@ -147,13 +164,19 @@ def test_add_rms_norm_matches_the_add_and_the_norm(impl, dtype, tol, d_model, ad
     from jax_packmamba.layers import RMSNorm
     from jax_packmamba.model import decode_add_norm
 
-    k = jax.random.split(jax.random.key(d_model), 3)
-    residual = 3 * jax.random.normal(k[0], (3, d_model))
-    out = jax.random.normal(k[1], (3, d_model)).astype(dtype) if add else None
+    normal, _ = host_random(d_model)
+    residual = jnp.asarray(normal((3, d_model), 3.0))
+    out = jnp.asarray(normal((3, d_model), dtype=dtype)) if add else None
     norm = RMSNorm(d_model, eps=1e-5, dtype=dtype)
-    norm.weight[...] = jax.random.normal(k[2], (d_model,))
-    step = jax.jit(lambda r, o, i: decode_add_norm(r, o, norm, i), static_argnums=2)
-    got, want = step(residual, out, impl), step(residual, out, "xla")
+    norm.weight[...] = jnp.asarray(normal((d_model,)))
+
+    def step(impl):
+        # The norm (weights from d_model's key, dtype) is part of the program.
+        fn = lambda r, o: decode_add_norm(r, o, norm, impl)  # noqa: E731
+        key = ("add_norm", impl, d_model, jnp.dtype(dtype).name)
+        return compiled(key, fn, residual, out)(residual, out)
+
+    got, want = step(impl), step("xla")
     # float64: the add, then x / sqrt(mean(x^2) + eps) * weight.
     r64 = np.asarray(residual, np.float64)
     if add:
@@ -181,20 +204,19 @@ def test_add_rms_norm_bad_shapes_name_the_argument():
 
 
 def ssd_step_args(batch, heads, headdim, groups, d_state, dtype, *, D_shape="heads", seed=0):
-    k = jax.random.split(jax.random.key(seed), 9)
-    return dict(
-        state=jax.random.normal(k[0], (batch, heads, headdim, d_state)),
-        x=jax.random.normal(k[1], (batch, heads, headdim)).astype(dtype),
-        dt=jax.random.normal(k[2], (batch, heads)).astype(dtype),
-        A=-jnp.exp(0.5 * jax.random.normal(k[3], (heads,))),
-        B=jax.random.normal(k[4], (batch, groups, d_state)).astype(dtype),
-        C=jax.random.normal(k[5], (batch, groups, d_state)).astype(dtype),
-        D=None
-        if D_shape is None
-        else jax.random.normal(k[6], (heads,) if D_shape == "heads" else (heads, headdim)),
-        z=jax.random.normal(k[7], (batch, heads, headdim)).astype(dtype),
-        dt_bias=jax.random.uniform(k[8], (heads,), minval=-3.0, maxval=0.0),
+    normal, uniform = host_random(seed)
+    args = dict(
+        state=normal((batch, heads, headdim, d_state)),
+        x=normal((batch, heads, headdim), dtype=dtype),
+        dt=normal((batch, heads), dtype=dtype),
+        A=-np.exp(normal((heads,), 0.5)),
+        B=normal((batch, groups, d_state), dtype=dtype),
+        C=normal((batch, groups, d_state), dtype=dtype),
+        D=None if D_shape is None else normal((heads,) if D_shape == "heads" else (heads, headdim)),
+        z=normal((batch, heads, headdim), dtype=dtype),
+        dt_bias=uniform((heads,), -3.0, 0.0),
     )
+    return on_device(args)
 
 
 SSD_CASES = {
@@ -227,12 +249,17 @@ def test_ssd_update_kernel_matches_the_xla_step_and_a_float64_loop(impl, case, d
     ]
     for s in steps:
         s["z"] = s["z"] if gated else None
-    kernel = jax.jit(
-        lambda state, a: ssd_update_pallas(
+
+    def kernel(state, a):
+        fn = lambda state, a: ssd_update_pallas(  # noqa: E731
             state, **a, block_p=block_p, interpret=impl == "pallas_interpret"
         )
-    )
-    xla = jax.jit(lambda state, a: ssd_state_update(state, **a))
+        return compiled(("ssd_update", impl, block_p), fn, state, a)(state, a)
+
+    def xla(state, a):
+        fn = lambda state, a: ssd_state_update(state, **a)  # noqa: E731
+        return compiled("ssd_state_update", fn, state, a)(state, a)
+
     state = got_state = steps[0].pop("state")
     for s in steps[1:]:
         s.pop("state")

@@ -3,9 +3,10 @@
 
 Oracles: the float64 per-step loop (tests/loops.py) for initial states, and, for links, the
 same op run on each document alone as one sequence: a document split over rows must get the
-outputs and gradients it gets unsplit. Isolation is bit for bit. Pallas interpreter cases are
-few (each compiles its kernels once); the Mamba1 ones pin small chunks through pick_config so
-a row crosses chunk edges.
+outputs and gradients it gets unsplit. Isolation is bit for bit. Every forward and backward
+pass is compiled once (tests/compiled.py) and shared by the tests that vary only data
+(document layouts, perturbations, cotangents); the Mamba1 kernel cases pin small chunks
+through pick_config so a row crosses chunk edges.
 """
 
 import shutil
@@ -20,6 +21,7 @@ from jax_packmamba.ops.selective_scan import selective_scan
 from jax_packmamba.ops.ssd_scan import ssd_scan
 from jax_packmamba.packing import pack_stream
 from pallas_kernels.selective_scan import ScanConfig
+from tests.compiled import compiled, compiled_vjp
 from tests.gpu import on_gpu
 from tests.loops import rel_err, selective_scan_loop
 
@@ -34,7 +36,16 @@ def small_chunks(monkeypatch):
 
 
 def normal(seed, shape, scale=1.0):
-    return scale * jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
+    """Normals drawn on the host (no device compile per shape, as eager jax.random has)."""
+    x = scale * np.random.default_rng(seed).standard_normal(shape)
+    return jnp.asarray(np.asarray(x, np.float32))
+
+
+def vjp_with_random_cotangents(f, primals, seed=11):
+    out, vjp = jax.vjp(f, *primals)
+    leaves, tree = jax.tree.flatten(out)
+    cts = [normal(seed + i, o.shape).astype(o.dtype) for i, o in enumerate(leaves)]
+    return out, vjp(jax.tree.unflatten(tree, cts)), cts
 
 
 def mamba1_args(batch, length, d_inner=32, d_state=4, seed=0):
@@ -54,13 +65,6 @@ def ids_from_lengths(lengths_per_row):
     return jnp.asarray(
         np.stack([np.repeat(np.arange(len(ls)), ls) for ls in lengths_per_row]), jnp.int32
     )
-
-
-def vjp_with_random_cotangents(f, primals, seed=11):
-    out, vjp = jax.vjp(f, *primals)
-    leaves, tree = jax.tree.flatten(out)
-    cts = [normal(seed + i, o.shape).astype(o.dtype) for i, o in enumerate(leaves)]
-    return out, vjp(jax.tree.unflatten(tree, cts)), cts
 
 
 _FLOAT64 = {}
@@ -118,11 +122,14 @@ def test_selective_scan_initial_states_against_float64_loop(impl):
         )
         return y, final
 
-    out, grads, cts = vjp_with_random_cotangents(f, primals)
+    # Random cotangents of y (2, 40, 32) and the final states (2, 4, 32, 4).
+    cts = (normal(11, (2, length, 32)), normal(12, (2, 4, 32, 4)))
+    out, grads = compiled_vjp(("initial_states", impl), f, primals, cts)
     if "loop" not in _FLOAT64:  # the same inputs and cotangents for every impl: run it once
         with jax.enable_x64(True):
-            out64, vjp64 = jax.vjp(f64, *[np.asarray(p, np.float64) for p in primals])
-            grads64 = vjp64(tuple(np.asarray(c, np.float64) for c in cts))
+            primals64 = [np.asarray(p, np.float64) for p in primals]
+            cts64 = tuple(np.asarray(c, np.float64) for c in cts)
+            out64, grads64 = compiled_vjp("initial_states_loop", f64, primals64, cts64)
             _FLOAT64["loop"] = jax.tree.map(np.asarray, (out64, grads64))
     out64, grads64 = _FLOAT64["loop"]
     errs = {f"out{i}": rel_err(a, b) for i, (a, b) in enumerate(zip(out, out64))}
@@ -232,28 +239,41 @@ def conv_args(batch, length, seed=0):
     ), ("weight", "bias")
 
 
-def linked_and_alone(f, args, shared, lengths, f_alone=None):
-    """Packed run with links, and every document alone (through f_alone, default f); both with
-    the same random cotangent."""
-    f_alone = f_alone or f
+def outputs_and_grads(key, f, args, ct, *rest):
+    """(f(args, *rest), gradients of args under the cotangent ct), compiled once per key and
+    shapes: the document layouts and perturbations of a family share one program."""
+
+    def run(args, ct, *rest):
+        y, vjp = jax.vjp(lambda a: f(a, *rest), args)
+        return y, vjp(ct)[0]
+
+    return compiled(key, run, args, ct, *rest)(args, ct, *rest)
+
+
+# The documents alone: each at the start of its own row of a whole stream's width, zeros after
+# it under a zero cotangent (nothing after a document reaches it, and a zero cotangent adds
+# nothing to any gradient), so one program runs every stream's documents.
+ALONE_ROWS, ALONE_WIDTH = 4, 4 * ROW
+
+
+def linked_and_alone(key, f, args, shared, lengths, f_alone):
+    """Packed run with links, and every document alone (through f_alone, in one call); both
+    with the same random cotangent. Returns (y, grads, y_alone, grads_alone, pieces): document
+    i alone is row i of y_alone and of grads_alone's per-token arrays."""
     seg, continues, pieces = pack(lengths)
-    ct = normal(99, f(args, seg, continues).shape)
+    assert len(pieces) <= ALONE_ROWS and max(lengths) <= ALONE_WIDTH
+    ct = normal(99, args[next(iter(args))].shape)  # y has the shape of u / x
+    y, grads = outputs_and_grads(("packed", *key), f, args, ct, seg, continues)
 
-    def packed(a):
-        return jnp.vdot(f(a, seg, continues), ct)
+    def alone_rows(a):
+        rows = np.zeros((ALONE_ROWS, ALONE_WIDTH, *a.shape[2:]), np.float32)
+        for i, doc in enumerate(pieces):
+            rows[i, : lengths[i]] = np.asarray(gather_doc(a, doc))[0]
+        return jnp.asarray(rows)
 
-    y = f(args, seg, continues)
-    grads = jax.grad(packed)(args)
-    alone = []
-    for doc in pieces:
-        doc_args = {k: v if k in shared else gather_doc(v, doc) for k, v in args.items()}
-        doc_ct = gather_doc(ct, doc)
-
-        def single(a, doc_ct=doc_ct):
-            return jnp.vdot(f_alone(a, None, None), doc_ct)
-
-        alone.append((f_alone(doc_args, None, None), jax.grad(single)(doc_args)))
-    return y, grads, alone, pieces
+    alone_args = {k: v if k in shared else alone_rows(v) for k, v in args.items()}
+    y1, g1 = outputs_and_grads(("alone", key[0]), f_alone, alone_args, alone_rows(ct), None, None)
+    return y, grads, y1, g1, pieces
 
 
 CASES = [
@@ -266,57 +286,49 @@ CASES = [
 ]
 
 
+def family_fns(family, impl, batch):
+    """(f, f_alone, args, shared) of a family: f runs impl, f_alone the reference (the kernels
+    are tested equal to it in test_*_impls.py)."""
+    if family == "conv":
+        return conv_fn(impl), conv_fn("xla"), *conv_args(batch, ROW)
+    return scan_fn(family, impl), scan_fn(family, "reference"), *family_args(family, batch, ROW)
+
+
 @pytest.mark.parametrize("docs", list(DOCS))
 @pytest.mark.parametrize("family,impl", CASES)
 def test_document_over_rows_equals_document_alone(family, impl, docs):
-    if impl == "pallas_interpret" and docs != "chain" and family != "mamba1":
-        # Mamba1's kernel path carries links in its own chunk-state pass: every layout there.
-        pytest.skip("one interpreter case per family is enough (each compiles its kernels)")
-    # Kernel paths: the documents alone run through the reference (tested equal to the kernels
-    # in test_*_impls.py), so the interpreter compiles one packed shape, not one per document.
-    alone_impl = {"conv": "xla"}.get(family, "reference")
+    # Mamba1's kernel path carries links in its own chunk-state pass; the SSD and conv kernels
+    # see them through their initial-state slot and inputs. Every layout on every path: the
+    # layouts share one compiled program.
     lengths = DOCS[docs]
-    if family == "conv":
-        f, f_alone, (args, shared) = conv_fn(impl), conv_fn(alone_impl), conv_args(4, ROW)
-    else:
-        f, f_alone = scan_fn(family, impl), scan_fn(family, alone_impl)
-        args, shared = family_args(family, 4, ROW)
-    y, grads, alone, pieces = linked_and_alone(f, args, shared, lengths, f_alone)
+    f, f_alone, args, shared = family_fns(family, impl, 4)
+    y, grads, y1, g1, pieces = linked_and_alone((family, impl), f, args, shared, lengths, f_alone)
     errs = {}
-    for doc, (y1, g1) in zip(pieces, alone):
-        errs.setdefault("y", []).append(rel_err(gather_doc(y, doc), y1))
+    for i, (doc, n) in enumerate(zip(pieces, lengths)):
+        errs.setdefault("y", []).append(rel_err(gather_doc(y, doc), y1[i : i + 1, :n]))
         for k in args:
             if k not in shared:
-                errs.setdefault("d" + k, []).append(rel_err(gather_doc(grads[k], doc), g1[k]))
+                errs.setdefault("d" + k, []).append(
+                    rel_err(gather_doc(grads[k], doc), g1[k][i : i + 1, :n])
+                )
     for k in shared:  # shared parameters: the packed gradient is the sum over documents
-        errs["d" + k] = [rel_err(grads[k], sum(g[k] for _, g in alone))]
+        errs["d" + k] = [rel_err(grads[k], g1[k])]
     worst = {k: max(v) for k, v in errs.items()}
     print(family, impl, docs, {k: f"{v:.1e}" for k, v in worst.items()})
     assert all(v < 1e-5 for v in worst.values()), worst
 
 
-@pytest.mark.parametrize(
-    "family,impl",
-    [
-        ("mamba1", "reference"),
-        ("mamba2", "reference"),
-        ("conv", "xla"),
-        ("mamba1", "pallas_interpret"),
-        ("mamba2", "pallas_interpret"),
-    ],
-)
+@pytest.mark.parametrize("family,impl", CASES)
 def test_linked_documents_are_isolated_bit_for_bit(family, impl):
     """Perturbing the document that spans three rows leaves every other document's outputs and
     gradients bit-identical; cutting the link changes the continued rows (so links do work)."""
     seg, continues, pieces = pack(DOCS["chain"])
-    if family == "conv":
-        f, (args, shared) = conv_fn(impl), conv_args(4, ROW)
-    else:
-        f, (args, shared) = scan_fn(family, impl), family_args(family, 4, ROW)
-    ct = normal(99, f(args, seg, continues).shape)
+    f, _, args, shared = family_fns(family, impl, 4)
+    ct = normal(99, args[next(iter(args))].shape)
 
     def run(a, links=continues):
-        return jax.value_and_grad(lambda a: jnp.vdot(f(a, seg, links), ct))(a)[1], f(a, seg, links)
+        y, grads = outputs_and_grads(("packed", family, impl), f, a, ct, seg, links)
+        return grads, y
 
     g0, y0 = run(args)
     # Only the spanning document's first piece (end of row 0) changes ...
@@ -567,36 +579,27 @@ def test_model_document_over_rows_gets_its_logits_and_gradients_alone(family):
 
     import jax_packmamba as jp
 
-    if family == "mamba1":
-        config = jp.MambaConfig.preset(
-            "tiny", n_layer=2, d_model=16, vocab_size=61, scan_impl="reference", conv_impl="xla"
-        )
-    else:
-        config = jp.Mamba2Config.preset(
-            "tiny",
-            n_layer=2,
-            d_model=16,
-            d_state=16,
-            headdim=8,
-            vocab_size=61,
-            chunk_size=8,
-            scan_impl="reference",
-            conv_impl="xla",
-        )
-    model = jp.LM(config, rngs=nnx.Rngs(0))
+    config = tiny_model_config(family)
+    graph, params = nnx.split(jp.LM(config, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(0)
     docs = [rng.integers(0, 61, size=n).astype(np.int32) for n in DOCS["chain"]]
     batch = pack_stream(docs, ROW)
     tokens, seg = jnp.asarray(batch.tokens), jnp.asarray(batch.segment_ids)
     continues = jnp.asarray(batch.continues)
     ct = normal(5, (*tokens.shape, config.padded_vocab_size))
-    graph, params = nnx.split(model)
 
-    def packed_loss(p):
-        return jnp.vdot(nnx.merge(graph, p)(tokens, seg, continues=continues), ct)
+    def logits_and_grads(tokens, seg, continues, ct):
+        def run(params, tokens, seg, continues, ct):
+            call = lambda p: nnx.merge(graph, p)(tokens, seg, continues=continues)  # noqa: E731
+            logits, vjp = jax.vjp(call, params)
+            return logits, vjp(ct)[0]
 
-    logits = model(tokens, seg, continues=continues)
-    grads = jax.grad(packed_loss)(params)
+        key = ("model", family)
+        return compiled(key, run, params, tokens, seg, continues, ct)(
+            params, tokens, seg, continues, ct
+        )
+
+    logits, grads = logits_and_grads(tokens, seg, continues, ct)
     _, _, pieces = pack(DOCS["chain"])
     # Every document alone: each at the start of its own row, padding after it (one call for
     # all, not a compile per length; that padding never reaches a document is the isolation
@@ -610,18 +613,16 @@ def test_model_document_over_rows_gets_its_logits_and_gradients_alone(family):
         alone_ids[i, : len(doc)], alone_seg[i, : len(doc)] = doc, 0
         alone_ct[i, : len(doc)] = np.asarray(gather_doc(ct, where))[0]
     alone_ids, alone_seg, alone_ct = map(jnp.asarray, (alone_ids, alone_seg, alone_ct))
-    alone = model(alone_ids, alone_seg)
+    alone, total = logits_and_grads(alone_ids, alone_seg, None, alone_ct)
     errs = [
         rel_err(gather_doc(logits, where), alone[i : i + 1, : len(doc)])
         for i, (doc, where) in enumerate(zip(docs, pieces))
     ]
-    total = jax.grad(lambda p: jnp.vdot(nnx.merge(graph, p)(alone_ids, alone_seg), alone_ct))(
-        params
-    )
     grad_errs = [rel_err(a, b) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(total))]
     print(family, f"logits {max(errs):.1e} grads {max(grad_errs):.1e}")
     assert max(errs) < 1e-5 and max(grad_errs) < 1e-5, (errs, grad_errs)
-    cut = model(tokens, seg)  # without the links the continued rows differ
+    # Without the links (every row cut: the same program) the continued rows differ.
+    cut, _ = logits_and_grads(tokens, seg, jnp.zeros_like(continues), ct)
     assert not np.array_equal(cut[1], logits[1])
 
 
@@ -668,70 +669,81 @@ def test_trainer_links_long_documents_end_to_end(tmp_path, capsys):
 
 # ---------------------------------------------------------------- across batches
 
-# Streams of 8 rows of 24, run as two batches of 4 rows: a document over the batch edge (rows 0
-# to 6), a piece of length 1 at batch 1's end, a document ending exactly at the edge.
+# Streams of 8 rows of 24, run as two batches of 4 rows (the models), and of 4 rows, run as two
+# batches of 2 (the ops: the one-batch side is then the layouts' program): a document over the
+# batch edge (from the first row into the last), a piece of length 1 at batch 1's end, a document
+# ending exactly at the edge.
 ACROSS = {"long": [7, 150, 20, 15], "one": [95, 97], "edge": [96, 96]}
+ACROSS_OPS = {"long": [7, 75, 14], "one": [47, 49], "edge": [48, 48]}
 
 
-def end_of_rows(family, f, kw, seg, continues, impl):
-    """(outputs, each row's last-run end state) of one batch."""
+def batch_fn(family, f):
+    """f on a batch whose row 0 starts from `start` (first_run_states / first_inputs), returning
+    (outputs, each row's last-run end state)."""
     from jax_packmamba.ops.links import compact_ids, last_run_inputs
 
+    name = "first_inputs" if family == "conv" else "first_run_states"
+
+    def g(kw, seg, continues, start):
+        if family == "conv":
+            y = f(kw, seg, continues, **{name: start})
+            return y, last_run_inputs(kw["x"], seg, kw["weight"].shape[1])
+        ids = compact_ids(seg, "last")
+        y, final = f(kw, ids, continues, return_final_states=True, num_segments=3, **{name: start})
+        return y, final[:, 0]
+
+    return g
+
+
+def start_shape(family, args, batch):
     if family == "conv":
-        return f(kw, seg, continues), last_run_inputs(kw["x"], seg, kw["weight"].shape[1])
-    ids = compact_ids(seg, "last")
-    y, final = f(kw, ids, continues, return_final_states=True, num_segments=3)
-    return y, final[:, 0]
+        return (batch, args["weight"].shape[1] - 1, args["x"].shape[2])
+    if family == "mamba1":
+        return (batch, *args["A"].shape)
+    return (batch, *args["x"].shape[2:], args["B"].shape[3])
 
 
-@pytest.mark.parametrize("stream", list(ACROSS))
+@pytest.mark.parametrize("stream", list(ACROSS_OPS))
 @pytest.mark.parametrize("family,impl", CASES)
 def test_state_carried_into_the_next_batch_equals_one_batch(family, impl, stream):
-    """Two batches of 4 rows, batch 1's last row's end state given as batch 2's row 0 start
-    (first_run_states / first_inputs), get what one linked batch of 8 rows gets: outputs, and
+    """Two batches of 2 rows, batch 1's last row's end state given as batch 2's row 0 start
+    (first_run_states / first_inputs), get what one linked batch of 4 rows gets: outputs, and
     the gradients of batch 2's inputs (truncated backprop: nothing flows back into batch 1)."""
-    if impl == "pallas_interpret" and (stream != "long" or family != "mamba1"):
+    if impl == "pallas_interpret" and family != "mamba1":
         # Mamba1's kernel takes the carried state in its own chunk-state pass; the SSD and conv
         # kernels see it through the same initial-state slot and inputs the links use.
-        pytest.skip("one interpreter case is enough (each compiles its kernels)")
-    lengths = ACROSS[stream]
+        pytest.skip("one interpreter family is enough (each compiles its kernels)")
+    lengths, h = ACROSS_OPS[stream], 2
     seg, continues, _ = pack(lengths)
-    if family == "conv":
-        f, (args, shared) = carry_fn(conv_fn(impl), "first_inputs"), conv_args(8, ROW)
-    else:
-        f, (args, shared) = carry_fn(scan_fn(family, impl)), family_args(family, 8, ROW)
-    ct = normal(99, f(args, seg, continues).shape)
-    half = {k: v if k in shared else v[:4] for k, v in args.items()}
-    rest = {k: v if k in shared else v[4:] for k, v in args.items()}
-    _, end = end_of_rows(family, f, half, seg[:4], continues[:4], impl)
-    rest_flag = bool(continues[4])
+    f, _, args, shared = family_fns(family, impl, 2 * h)
+    batch = batch_fn(family, f)
+    ct = normal(99, args[next(iter(args))].shape)
+    half = {k: v if k in shared else v[:h] for k, v in args.items()}
+    rest = {k: v if k in shared else v[h:] for k, v in args.items()}
+    zero_start = jnp.zeros(start_shape(family, args, h), jnp.float32)
+    no_ct = (jnp.zeros_like(ct[h:]), zero_start)  # batch 1: its outputs only
+    key = ("batch", family, impl)
+    (_, end), _ = outputs_and_grads(key, batch, half, no_ct, seg[:h], continues[:h], zero_start)
+    rest_flag = bool(continues[h])
     assert rest_flag == (stream != "edge")
-    start = jnp.zeros_like(end[:4]).at[0].set(jnp.where(rest_flag, end[3], 0.0))
-    links2 = continues[4:].at[0].set(False)
-
-    def one(a):
-        return jnp.vdot(f(a, seg, continues)[4:], ct[4:])
-
-    def second(a):
-        return jnp.vdot(f(a, seg[4:], links2, start=start), ct[4:])
-
-    y_one, y_two = f(args, seg, continues)[4:], f(rest, seg[4:], links2, start=start)
-    g_one, g_two = jax.grad(one)(args), jax.grad(second)(rest)
-    errs = {"y": rel_err(y_two, y_one)}
-    errs.update({"d" + k: rel_err(g_two[k], g_one[k][4:]) for k in args if k not in shared})
+    start = zero_start.at[0].set(jnp.where(rest_flag, end[h - 1], 0.0))
+    links2 = continues[h:].at[0].set(False)
+    # One batch of 4 rows (the layouts' program); only batch 2's outputs have a cotangent.
+    y_one, g_one = outputs_and_grads(
+        ("packed", family, impl), f, args, ct.at[:h].set(0.0), seg, continues
+    )
+    (y_two, _), g_two = outputs_and_grads(
+        key, batch, rest, (ct[h:], zero_start), seg[h:], links2, start
+    )
+    errs = {"y": rel_err(y_two, y_one[h:])}
+    errs.update({"d" + k: rel_err(g_two[k], g_one[k][h:]) for k in args if k not in shared})
     print(family, impl, stream, {k: f"{v:.1e}" for k, v in errs.items()})
     assert all(v < 1e-5 for v in errs.values()), errs
     if stream != "edge":  # the carried state matters: a zero start differs
-        assert not np.array_equal(f(rest, seg[4:], links2)[0], y_one[0])
-
-
-def carry_fn(f, name="first_run_states"):
-    """f with an optional start state passed as `name` and extra keyword arguments."""
-
-    def g(kw, seg, continues, start=None, **extra):
-        return f(kw, seg, continues, **({} if start is None else {name: start}), **extra)
-
-    return g
+        (y_zero, _), _ = outputs_and_grads(
+            key, batch, rest, (ct[h:], zero_start), seg[h:], links2, zero_start
+        )
+        assert not np.array_equal(y_zero[0], y_one[h])
 
 
 def test_trainer_carries_documents_across_steps_and_resumes_exactly(tmp_path, capsys):
@@ -804,9 +816,21 @@ def test_model_end_state_carried_into_the_next_call_equals_one_call(family):
 
     config = tiny_model_config(family)
     graph, params = nnx.split(jp.LM(config, rngs=nnx.Rngs(0)))
-    call = jax.jit(
-        lambda *a, **k: nnx.merge(graph, params)(*a, **k), static_argnames="return_end_state"
-    )
+
+    def call(tokens, seg, continues, start_state=None, return_end_state=False):
+        def fn(params, tokens, seg, continues, start_state):
+            model = nnx.merge(graph, params)
+            return model(
+                tokens,
+                seg,
+                continues=continues,
+                start_state=start_state,
+                return_end_state=return_end_state,
+            )
+
+        args = (params, tokens, seg, continues, start_state)
+        return compiled(("model_call", family, return_end_state), fn, *args)(*args)
+
     rng = np.random.default_rng(0)
     errs = []
     for lengths in (ACROSS["long"], ACROSS["one"]):
@@ -814,15 +838,15 @@ def test_model_end_state_carried_into_the_next_call_equals_one_call(family):
         batch = pack_stream(docs, ROW)
         tokens, seg = jnp.asarray(batch.tokens), jnp.asarray(batch.segment_ids)
         continues = jnp.asarray(batch.continues)
-        whole = call(tokens, seg, continues=continues)
-        first, end = call(tokens[:4], seg[:4], continues=continues[:4], return_end_state=True)
+        whole = call(tokens, seg, continues)
+        first, end = call(tokens[:4], seg[:4], continues[:4], return_end_state=True)
         assert jax.tree.map(jnp.shape, end) == jax.tree.map(jnp.shape, end_state_like(config, 4))
         assert rel_err(first, whole[:4]) < 1e-6  # the first call's logits are unchanged
         start = jax.tree.map(lambda e: jnp.zeros_like(e).at[:, 0].set(e[:, -1]), end)
 
         def second(start):
             links = continues[4:].at[0].set(False)
-            return call(tokens[4:], seg[4:], continues=links, start_state=MixerState(*start))
+            return call(tokens[4:], seg[4:], links, start_state=MixerState(*start))
 
         errs.append(rel_err(second(start), whole[4:]))
         # The carried state matters: a zero start (the same program) gives other logits.

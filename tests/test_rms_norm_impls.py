@@ -18,6 +18,7 @@ import pytest
 
 import pallas_kernels.norm.vjp as norm_vjp
 from jax_packmamba.ops import add_rms_norm, gated_rms_norm, rms_norm
+from tests.compiled import compiled_vjp
 from tests.gpu import lower_for_cuda, on_gpu
 from tests.loops import rel_err, rms_norm_groups_loop
 
@@ -32,6 +33,10 @@ def _normal(key, shape, dtype, scale=1.0):
 
 def _to64(a):
     return None if a is None else np.asarray(a, np.float64)
+
+
+def _tree64(tree):
+    return jax.tree.map(_to64, tree)
 
 
 def _check(got, want, tol):
@@ -70,11 +75,11 @@ def test_add_rms_norm_matches_float64(impl, dtype, tol, case):
 
         cots = (_normal(k[3], shape, jnp.float32), _normal(k[4], shape, out_dtype))
 
-    out, vjp = jax.vjp(f, hidden, residual, weight)
-    grads = vjp(cots)
+    key = ("add_rms_norm", impl, case, jnp.dtype(out_dtype).name)
+    out, grads = compiled_vjp(key, f, (hidden, residual, weight), cots)
     with jax.enable_x64(True):
-        out64, vjp64 = jax.vjp(f64, _to64(hidden), _to64(residual), _to64(weight))
-        grads64 = vjp64(jax.tree.map(_to64, cots))
+        primals64 = (_to64(hidden), _to64(residual), _to64(weight))
+        out64, grads64 = compiled_vjp(("add_rms_norm64", case), f64, primals64, _tree64(cots))
     if case == "norm_only":
         assert out.dtype == out_dtype
     else:
@@ -105,11 +110,10 @@ def test_gated_rms_norm_matches_float64(impl, dtype, tol, cols, group_size):
     def f64(x, z, w):
         return rms_norm_groups_loop(x * z / (1.0 + jnp.exp(-z)), w, EPS, group_size)
 
-    out, vjp = jax.vjp(f, x, z, weight)
-    grads = vjp(cot)
+    out, grads = compiled_vjp(("gated_rms_norm", impl, group_size), f, (x, z, weight), cot)
     with jax.enable_x64(True):
-        out64, vjp64 = jax.vjp(f64, _to64(x), _to64(z), _to64(weight))
-        grads64 = vjp64(_to64(cot))
+        primals64 = (_to64(x), _to64(z), _to64(weight))
+        out64, grads64 = compiled_vjp(("gated_rms_norm64", group_size), f64, primals64, _to64(cot))
     assert out.dtype == dtype
     assert [g.dtype for g in grads] == [dtype, dtype, jnp.float32]
     _check(out, out64, tol)
@@ -137,8 +141,8 @@ def test_one_token_perturbed_leaves_other_rows_bit_identical(impl, op):
             return gated_rms_norm(a, b, weight, group_size=48, eps=EPS, impl=impl)
 
     def run(a, b):
-        out, vjp = jax.vjp(f, a, b)
-        return (out, *vjp(cot))
+        out, grads = compiled_vjp(("one_token", impl, op), f, (a, b), cot)
+        return (out, *grads)
 
     base = run(a, b)
     hit = (1, 11)  # row 1, token 11
@@ -170,8 +174,7 @@ def test_backward_programs_walking_several_tiles(monkeypatch, op):
                 return add_rms_norm(x, y, w, eps=EPS, impl=impl)[1]
             return gated_rms_norm(x, y, w, group_size=40, eps=EPS, impl=impl)
 
-        out, vjp = jax.vjp(g, x, y, weight)
-        return out, vjp(cot)
+        return compiled_vjp(("tiles", impl, op), g, (x, y, weight), cot)
 
     _check(f("pallas_interpret"), f("reference"), 2e-6)
 

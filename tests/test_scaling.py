@@ -19,6 +19,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests.compiled import cpu_xla_flags
 from train import sharding
 from train.config import ConfigError, MeshConfig, parse_args
 
@@ -136,7 +137,7 @@ def runs(tmp_path_factory):
         os.environ,
         JAX_PLATFORMS="cpu",
         PYTHONUNBUFFERED="1",
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        XLA_FLAGS=cpu_xla_flags("--xla_force_host_platform_device_count=8"),
         PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
     )
     proc = subprocess.run(

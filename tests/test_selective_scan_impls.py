@@ -20,6 +20,7 @@ import pytest
 
 from jax_packmamba.ops.selective_scan import selective_scan, selective_scan_reference
 from pallas_kernels.selective_scan import ScanConfig, selective_scan_pallas
+from tests.compiled import compiled
 from tests.gpu import lower_for_cuda, on_gpu
 from tests.loops import rel_err
 
@@ -33,22 +34,24 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 EDGE_CONFIG = ScanConfig(block_d=32, bwd_block_d=32, chunk=16, ckpt=8, window=4, unroll=4)
 
 
-def make_args(key, batch, length, d_inner, d_state, dtype, *, optional=True):
-    k = jax.random.split(key, 8)
-    f32 = jnp.float32
+def host_normal(seed, shape, scale=1.0, dtype=jnp.float32):
+    """Normals drawn on the host (no device compile per shape, as eager jax.random has)."""
+    x = scale * np.random.default_rng(seed).standard_normal(shape)
+    return jnp.asarray(np.asarray(x, np.float32).astype(dtype))
+
+
+def make_args(seed, batch, length, d_inner, d_state, dtype, *, optional=True):
+    s = [1000 * seed + i for i in range(8)]
+    rows, channels = (batch, length, d_inner), (d_inner,)
     args = dict(
-        u=jax.random.normal(k[0], (batch, length, d_inner), f32).astype(dtype),
-        delta=(0.5 * jax.random.normal(k[1], (batch, length, d_inner), f32)).astype(dtype),
-        A=-jnp.exp(0.5 * jax.random.normal(k[2], (d_inner, d_state), f32)),
-        B=jax.random.normal(k[3], (batch, length, d_state), f32).astype(dtype),
-        C=jax.random.normal(k[4], (batch, length, d_state), f32).astype(dtype),
-        D=jax.random.normal(k[5], (d_inner,), f32) if optional else None,
-        z=(
-            jax.random.normal(k[6], (batch, length, d_inner), f32).astype(dtype)
-            if optional
-            else None
-        ),
-        delta_bias=0.3 * jax.random.normal(k[7], (d_inner,), f32) if optional else None,
+        u=host_normal(s[0], rows, dtype=dtype),
+        delta=host_normal(s[1], rows, 0.5, dtype),
+        A=-jnp.asarray(np.exp(np.asarray(host_normal(s[2], (d_inner, d_state), 0.5)))),
+        B=host_normal(s[3], (batch, length, d_state), dtype=dtype),
+        C=host_normal(s[4], (batch, length, d_state), dtype=dtype),
+        D=host_normal(s[5], channels) if optional else None,
+        z=host_normal(s[6], rows, dtype=dtype) if optional else None,
+        delta_bias=host_normal(s[7], channels, 0.3) if optional else None,
     )
     return args
 
@@ -74,6 +77,56 @@ def tolerance(dtype, length):
     return base * max(1.0, np.sqrt(length / 1000))
 
 
+def outputs_and_grads(impl, args, cts, *, config=None, segment_ids=None, **kw):
+    """(outputs, gradients of the present (not None) inputs under the cotangents cts) of impl,
+    compiled once per impl, config, static flags and shapes: tests that vary only data
+    (segment layouts, perturbations, cotangents) share one program."""
+    present = [k for k in NAMES if args[k] is not None]
+
+    def fn(xs, seg, cts):
+        def f(*xs):
+            full = {**dict.fromkeys(NAMES), **dict(zip(present, xs))}
+            return run(impl, full, config=config, segment_ids=seg, **kw)
+
+        out, vjp = jax.vjp(f, *xs)
+        return out, vjp(cts)
+
+    key = ("scan", impl, config, tuple(present), tuple(sorted(kw.items())))
+    xs = [args[k] for k in present]
+    return compiled(key, fn, xs, segment_ids, cts)(xs, segment_ids, cts)
+
+
+def float64_outputs_and_grads(args, cts, *, segment_ids=None, **kw):
+    """The reference's outputs and gradients in float64 on the same (already rounded) inputs."""
+    present = [k for k in NAMES if args[k] is not None]
+
+    def fn(xs, seg, cts):
+        def f(*xs):
+            full = {**dict.fromkeys(NAMES), **dict(zip(present, xs))}
+            return selective_scan_reference(*[full[n] for n in NAMES], segment_ids=seg, **kw)
+
+        out, vjp = jax.vjp(f, *xs)
+        return out, vjp(cts)
+
+    with jax.enable_x64(True):
+        xs = [np.asarray(args[k], np.float64) for k in present]
+        cts = jax.tree.map(lambda c: np.asarray(c, np.float64), cts)
+        key = ("float64", tuple(present), tuple(sorted(kw.items())))
+        out, grads = compiled(key, fn, xs, segment_ids, cts)(xs, segment_ids, cts)
+        return jax.tree.map(np.asarray, (out, grads))
+
+
+def random_cotangents(args, seed, *, return_final_states=False, num_segments=None, **_):
+    """Random normal cotangents of y and, with final states, of them."""
+    u = args["u"]
+    y = host_normal(seed, u.shape, dtype=u.dtype)
+    if not return_final_states:
+        return y
+    batch, _, d_inner = u.shape
+    final = (batch, num_segments or 1, d_inner, args["A"].shape[1])
+    return y, host_normal(seed + 1, final)
+
+
 _FLOAT64_CACHE = {}
 
 
@@ -81,28 +134,12 @@ def check_against_float64(impl, args, *, case, config=None, cotangent_key=1, **k
     """Outputs and every input's gradient (random cotangent through jax.vjp) against the
     reference run in float64 on the same (already rounded) inputs. `case` names the inputs,
     so the float64 run is shared by all implementations."""
-    present = {k: v for k, v in args.items() if v is not None}
-    absent = {k: None for k, v in args.items() if v is None}
-
-    def f(*xs):
-        return run(impl, {**dict(zip(present, xs)), **absent}, config=config, **kw)
-
-    out, vjp = jax.vjp(f, *present.values())
-    key = jax.random.PRNGKey(cotangent_key)
-    cts = jax.tree.map(lambda o: jax.random.normal(key, o.shape, jnp.float32).astype(o.dtype), out)
-    grads = vjp(cts)
+    cts = random_cotangents(args, cotangent_key, **kw)
+    out, grads = outputs_and_grads(impl, args, cts, config=config, **kw)
     if case not in _FLOAT64_CACHE:
-        with jax.enable_x64(True):
-            xs64 = [np.asarray(x, np.float64) for x in present.values()]
-
-            def f64(*xs):
-                full = {**dict(zip(present, xs)), **absent}
-                return selective_scan_reference(*[full[n] for n in NAMES], **kw)
-
-            out64, vjp64 = jax.vjp(f64, *xs64)
-            grads64 = vjp64(jax.tree.map(lambda c, o: np.asarray(c, o.dtype), cts, out64))
-            _FLOAT64_CACHE[case] = jax.tree.map(np.asarray, (out64, grads64))
+        _FLOAT64_CACHE[case] = float64_outputs_and_grads(args, cts, **kw)
     out64, grads64 = _FLOAT64_CACHE[case]
+    present = {k: v for k, v in args.items() if v is not None}
     length = args["u"].shape[1]
     errs = {}
     for i, (o, o64) in enumerate(zip(jax.tree.leaves(out), jax.tree.leaves(out64))):
@@ -144,7 +181,7 @@ class TestSelectiveScanImpls:
         ],
     )
     def test_matches_float64(self, impl, length, dtype, seg_lengths):
-        args = make_args(jax.random.PRNGKey(length), 2, length, 40, 4, dtype)
+        args = make_args(length, 2, length, 40, 4, dtype)
         kw = dict(delta_softplus=True)
         if seg_lengths is not None:
             kw.update(
@@ -156,7 +193,7 @@ class TestSelectiveScanImpls:
 
     def test_optional_inputs_absent(self, impl):
         # No D, z or delta_bias, no softplus, d_inner spanning three channel blocks.
-        args = make_args(jax.random.PRNGKey(5), 1, 45, 80, 4, jnp.float32, optional=False)
+        args = make_args(5, 1, 45, 80, 4, jnp.float32, optional=False)
         args["delta"] = jnp.abs(args["delta"])
         check_against_float64(impl, args, case="optional", config=EDGE_CONFIG)
 
@@ -164,7 +201,7 @@ class TestSelectiveScanImpls:
         # EDGE_CONFIG has 16-step chunks and 8-step checkpoints: boundaries at 16 and 32 land
         # on chunk starts, 24 and 40 on checkpoints, and [32, 33) is one token long.
         seg = segments_from_lengths([[16, 8, 8, 1, 7, 10], [16, 16, 16, 2]])
-        args = make_args(jax.random.PRNGKey(7), *EDGE_SHAPE, jnp.float32)
+        args = make_args(7, *EDGE_SHAPE, jnp.float32)
         check_against_float64(impl, args, case="edges", config=EDGE_CONFIG, **edge_kw(seg))
 
     def test_final_states_last_run_of_each_id(self, impl):
@@ -172,7 +209,7 @@ class TestSelectiveScanImpls:
         # token. Row 1: a single id (5) for the whole row.
         row0 = [2] * 3 + [1] * 2 + [0] + [2] * 2 + [4] * 41 + [1]
         seg = jnp.asarray([row0, [5] * 50], jnp.int32)
-        args = make_args(jax.random.PRNGKey(9), *EDGE_SHAPE, jnp.float32)
+        args = make_args(9, *EDGE_SHAPE, jnp.float32)
         out, _ = check_against_float64(impl, args, case="final", config=EDGE_CONFIG, **edge_kw(seg))
         final = np.asarray(out[1])
         assert final.shape == (2, EDGE_SEGMENTS, 40, 4) and final.dtype == np.float32
@@ -185,31 +222,28 @@ class TestSelectiveScanImpls:
         if impl == "reference" and state_split > 1:
             pytest.skip("state_split is a Pallas kernel layout")
         seg = segments_from_lengths([[16, 1, 23, 10], [5, 35, 1, 9]])
-        args = make_args(jax.random.PRNGKey(11), *EDGE_SHAPE, jnp.float32)
+        args = make_args(11, *EDGE_SHAPE, jnp.float32)
         config = (
             dataclasses.replace(EDGE_CONFIG, state_split=state_split)
             if impl != "reference"
             else None
         )
-        ct_y = jax.random.normal(jax.random.PRNGKey(12), args["u"].shape)
-        ct_f = jax.random.normal(jax.random.PRNGKey(13), (2, EDGE_SEGMENTS, 40, 4))
+        ct_y = host_normal(12, args["u"].shape)
+        ct_f = host_normal(13, (2, EDGE_SEGMENTS, 40, 4))
 
-        def outputs_and_grads(a):
-            out, vjp = jax.vjp(
-                lambda *xs: run(impl, dict(zip(NAMES, xs)), config=config, **edge_kw(seg)),
-                *a.values(),
-            )
-            return out, dict(zip(NAMES, vjp((ct_y, ct_f))))
+        def outputs_and_grads_of(a):
+            out, grads = outputs_and_grads(impl, a, (ct_y, ct_f), config=config, **edge_kw(seg))
+            return out, dict(zip(NAMES, grads))
 
-        out0, g0 = outputs_and_grads(args)
+        out0, g0 = outputs_and_grads_of(args)
         victim = np.asarray(seg) == 2  # id 2: 23 tokens in row 0, one token in row 1
-        noise = jax.random.normal(jax.random.PRNGKey(14), args["u"].shape)
+        noise = host_normal(14, args["u"].shape)
         perturbed = dict(args)
         for name in ("u", "delta", "z"):
             perturbed[name] = jnp.where(victim[..., None], args[name] + noise, args[name])
         for name in ("B", "C"):
             perturbed[name] = jnp.where(victim[..., None], args[name] * 1.5 + 0.1, args[name])
-        out1, g1 = outputs_and_grads(perturbed)
+        out1, g1 = outputs_and_grads_of(perturbed)
         keep = ~victim
         assert not np.array_equal(np.asarray(out0[0])[victim], np.asarray(out1[0])[victim])
         np.testing.assert_array_equal(np.asarray(out0[0])[keep], np.asarray(out1[0])[keep])
@@ -230,7 +264,7 @@ def test_state_split_matches_float64(impl, state_split):
     (ScanConfig.state_split): chunk and checkpoint edges, one-token segments, final states, and
     40 channels, which leave the last 16-channel block partly empty."""
     seg = segments_from_lengths([[16, 8, 8, 1, 7, 10], [16, 16, 16, 2]])
-    args = make_args(jax.random.PRNGKey(7), *EDGE_SHAPE, jnp.float32)
+    args = make_args(7, *EDGE_SHAPE, jnp.float32)
     config = dataclasses.replace(EDGE_CONFIG, state_split=state_split)
     check_against_float64(impl, args, case="edges", config=config, **edge_kw(seg))
 
@@ -243,7 +277,7 @@ def test_reduce_modes_match_float64(impl, reduce):
     with chunk and checkpoint edges, one-token segments and a partly empty channel block (24
     channels: 16 + 8)."""
     seg = segments_from_lengths([[16, 8, 8, 1, 7, 10], [16, 16, 16, 2]])
-    args = make_args(jax.random.PRNGKey(8), 2, 50, 24, 16, jnp.float32)
+    args = make_args(8, 2, 50, 24, 16, jnp.float32)
     config = dataclasses.replace(EDGE_CONFIG, reduce=reduce)
     check_against_float64(impl, args, case="edges16", config=config, **edge_kw(seg))
 
@@ -254,7 +288,7 @@ def test_window_rows_matches_float64(impl):
     and reused by its reverse steps) on the inputs above. Not bitwise equal to the default in
     the interpreter: XLA fuses the reused values differently (dA differs by ~6e-5 relative)."""
     seg = segments_from_lengths([[16, 8, 8, 1, 7, 10], [16, 16, 16, 2]])
-    args = make_args(jax.random.PRNGKey(8), 2, 50, 24, 16, jnp.float32)
+    args = make_args(8, 2, 50, 24, 16, jnp.float32)
     config = dataclasses.replace(EDGE_CONFIG, window_rows=True)
     check_against_float64(impl, args, case="edges16", config=config, **edge_kw(seg))
 

@@ -23,6 +23,7 @@ import pytest
 from flax import nnx
 
 from jax_packmamba import MambaConfig, MambaLM
+from tests.compiled import cpu_xla_flags
 from train import data as data_lib
 from train import step as step_lib
 from train.__main__ import main
@@ -57,7 +58,7 @@ def subprocess_env(devices=1, cache=None):
         os.environ,
         PYTHONUNBUFFERED="1",
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=cpu_xla_flags(f"--xla_force_host_platform_device_count={devices}"),
         PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
     )
     if cache is not None:
