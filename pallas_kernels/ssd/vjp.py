@@ -36,6 +36,14 @@ def supported(headdim: int, d_state: int) -> bool:
     return all(v >= 16 and not v & (v - 1) for v in (headdim, d_state))
 
 
+def _check_supported(headdim: int, d_state: int):
+    if not supported(headdim, d_state):
+        raise ValueError(
+            f"the Pallas SSD kernels need headdim and d_state powers of two >= 16, "
+            f"got headdim={headdim} (x's axis 3), d_state={d_state} (B's axis 3)"
+        )
+
+
 def ssd_scan_pallas(
     x,
     dt,
@@ -65,11 +73,7 @@ def ssd_scan_pallas(
     groups, d_state = B.shape[2:]
     assert dt.shape == (batch, length, heads) and A.shape == (heads,), (dt.shape, A.shape)
     assert B.shape == C.shape == (batch, length, groups, d_state), (B.shape, C.shape)
-    if not supported(headdim, d_state):
-        raise ValueError(
-            f"the Pallas SSD kernels need headdim and d_state powers of two >= 16, "
-            f"got headdim={headdim} (x's axis 3), d_state={d_state} (B's axis 3)"
-        )
+    _check_supported(headdim, d_state)
     if num_segments is None:
         num_segments = 1 if initial_states is None else initial_states.shape[1]
     plan = make_plan(
@@ -129,11 +133,7 @@ def ssd_chunked_pallas(
     per_token = (batch, length, heads)
     assert weight.shape == log_decay.shape == per_token, (weight.shape, log_decay.shape)
     assert B.shape == C.shape == (batch, length, groups, d_state), (B.shape, C.shape)
-    if not supported(headdim, d_state):
-        raise ValueError(
-            f"the Pallas SSD kernels need headdim and d_state powers of two >= 16, "
-            f"got headdim={headdim} (x's axis 3), d_state={d_state} (B's axis 3)"
-        )
+    _check_supported(headdim, d_state)
     if num_segments is None:
         num_segments = 1 if initial_states is None else initial_states.shape[1]
     plan = make_plan(
