@@ -41,6 +41,23 @@ def normal(seed, shape, scale=1.0):
     return jnp.asarray(np.asarray(x, np.float32))
 
 
+# The trainer at its smallest, two micro-batches a step, for the trainer-level links tests.
+TINY_TRAIN = [
+    "--model.preset=tiny",
+    "--model.n_layer=1",
+    "--model.d_model=32",
+    "--model.d_state=4",
+    "--data.max_documents=6",
+    "--data.seq_len=32",
+    "--data.batch_size=4",
+    "--data.eval_fraction=0",
+    "--optim.grad_accum=2",
+    "--optim.warmup_steps=1",
+    "--optim.lr=1e-2",
+    "--run.progress=false",
+]
+
+
 def vjp_with_random_cotangents(f, primals, seed=11):
     out, vjp = jax.vjp(f, *primals)
     leaves, tree = jax.tree.flatten(out)
@@ -755,22 +772,7 @@ def test_trainer_carries_documents_across_steps_and_resumes_exactly(tmp_path, ca
     from train.checkpoint import Checkpointer
     from train.metrics import read_metrics
 
-    tiny = [
-        "--model.preset=tiny",
-        "--model.n_layer=1",
-        "--model.d_model=32",
-        "--model.d_state=4",
-        "--data.max_documents=6",
-        "--data.seq_len=32",
-        "--data.batch_size=4",
-        "--data.eval_fraction=0",
-        "--optim.grad_accum=2",
-        "--optim.warmup_steps=1",
-        "--optim.lr=1e-2",
-        "--run.progress=false",
-        "--run.checkpoint_every=2",
-        "--run.steps=4",
-    ]
+    tiny = TINY_TRAIN + ["--run.checkpoint_every=2", "--run.steps=4"]
 
     def losses(out):
         return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
@@ -952,20 +954,8 @@ def test_carried_rows_over_two_devices_match_one_device(tmp_path):
     from tests.test_train import finish, losses, run_cli
     from train.__main__ import main
 
-    args = [
-        "--model.preset=tiny",
-        "--model.n_layer=1",
-        "--model.d_model=32",
-        "--model.d_state=4",
-        "--data.max_documents=6",
-        "--data.seq_len=32",
-        "--data.batch_size=4",
-        "--data.eval_fraction=0",
+    args = TINY_TRAIN + [
         "--data.long_docs=link_across_steps",
-        "--optim.grad_accum=2",
-        "--optim.warmup_steps=1",
-        "--optim.lr=1e-2",
-        "--run.progress=false",
         "--run.plot=false",
         "--run.tensorboard=false",
         "--run.compilation_cache=false",
