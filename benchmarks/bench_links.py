@@ -10,8 +10,13 @@ The difference is the link's whole cost (a layer's other ops are untouched by it
 layer count, it bounds the step-time cost. A third timing, link_across_steps, adds what
 carrying a document into the next step costs: row 0 starts from a given state (the conv's
 first_inputs, the scan's first_run_states) and the layer also returns the last row's end
-state (the scan's final states by compact ids, links.last_run_inputs). harness.time_calls: median of 7 groups of 5 calls. Writes
---out/links_<slug>.json. --smoke: tiny shapes through the reference on CPU.
+state (the scan's final states by compact ids, links.last_run_inputs). harness.time_calls:
+median of 7 groups of 5 calls. Writes --out/links_<slug>.json. --smoke: tiny shapes through
+the reference on CPU.
+
+--trace: also a jax.profiler trace of 5 calls of each mode, and per mode the GPU kernels'
+time by name (Pallas kernels by their name=, XLA's by their HLO name) and the time the GPU
+was busy, so the link's extra time has names: `kernels` in each timing row, largest first.
 """
 
 from __future__ import annotations
@@ -128,7 +133,7 @@ def layer(shape, impl):
                 data["B"],
                 data["C"],
                 params["D"],
-                split(data["z"]),
+                None,  # the Mamba2 model gates in its norm, after the scan
                 params["bias"],
                 dt_softplus=True,
                 segment_ids=ids,
@@ -155,9 +160,34 @@ def layer(shape, impl):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), params, data, start_state()
 
 
+def kernel_table(fn, inputs, calls: int = 5, top: int = 25) -> dict:
+    """{busy_us, kernel_us, kernels: {name: us a call}} of fn's GPU kernels over `calls` traced
+    calls: every kernel its own name (numeric suffixes kept: each XLA fusion is one), the `top`
+    largest and the rest summed."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as trace_dir:
+        harness.trace(fn, [inputs], calls, trace_dir)
+        events, _ = harness.device_events(trace_dir)
+    per: dict[str, float] = {}
+    for name, _, dur in events:
+        per[name] = per.get(name, 0.0) + dur / 1e3 / calls
+    ranked = sorted(per.items(), key=lambda kv: -kv[1])
+    kernels = {k: round(v, 1) for k, v in ranked[:top]}
+    kernels["(the rest)"] = round(sum(v for _, v in ranked[top:]), 1)
+    return dict(
+        busy_us=round(harness.busy_ns(events) / 1e3 / calls, 1),
+        kernel_us=round(sum(per.values()), 1),
+        launches=len(events) / calls,
+        kernels=kernels,
+    )
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = harness.argument_parser(__doc__).parse_args(argv)
+    parser = harness.argument_parser(__doc__)
+    parser.add_argument("--trace", action="store_true", help="per-kernel times of each mode")
+    args = parser.parse_args(argv)
     new = harness.new_result(
         "links", script=__file__, argv=argv, out_dir=args.out, smoke=args.smoke
     )
@@ -176,6 +206,8 @@ def main(argv=None) -> int:
                 per_group=1 if args.smoke else 5,
             )
             row[f"{mode}_ms"] = 1e3 * t.median_s
+            if args.trace:
+                row[f"{mode}_kernels"] = kernel_table(fn, (params, inputs, seg, links, carried))
         row["link_over_cut_ms"] = row["link_ms"] - row["cut_ms"]
         row["per_step_ms_all_layers"] = row["link_over_cut_ms"] * shape[5]
         row["link_across_steps_over_cut_ms"] = row["link_across_steps_ms"] - row["cut_ms"]

@@ -203,7 +203,7 @@ def scan_fn(family, impl):
             kw["B"],
             kw["C"],
             kw["D"],
-            kw["z"],
+            kw.get("z"),
             kw["dt_bias"],
             dt_softplus=True,
             segment_ids=seg,
@@ -220,7 +220,7 @@ def family_args(family, batch, length, seed=0):
     if family == "mamba1":
         return mamba1_args(batch, length, seed=seed), ("A", "D", "delta_bias")
     h, p, g, n = 2, 16, 1, 16
-    return dict(
+    args = dict(
         x=normal(seed, (batch, length, h, p)),
         dt=normal(seed + 1, (batch, length, h), 0.5),
         A=-jnp.exp(normal(seed + 2, (h,), 0.5)),
@@ -229,7 +229,10 @@ def family_args(family, batch, length, seed=0):
         D=normal(seed + 5, (h,)),
         z=normal(seed + 6, (batch, length, h, p)),
         dt_bias=normal(seed + 7, (h,), 0.3),
-    ), ("A", "D", "dt_bias")
+    )
+    if family == "mamba2_ungated":  # as the Mamba2 model calls it (the gate is in its norm)
+        del args["z"]
+    return args, ("A", "D", "dt_bias")
 
 
 def conv_fn(impl):
@@ -297,7 +300,8 @@ CASES = [
     ("mamba1", "reference"),
     ("mamba1", "pallas_interpret"),
     ("mamba2", "reference"),
-    ("mamba2", "pallas_interpret"),
+    # Ungated, as the model runs it: the kernels add a first-run start to chunk 0 after them.
+    ("mamba2_ungated", "pallas_interpret"),
     ("conv", "xla"),
     ("conv", "pallas_interpret"),
 ]
@@ -972,23 +976,26 @@ def test_carried_rows_over_two_devices_match_one_device(tmp_path):
 # ---------------------------------------------------------------- what the links cost
 
 
-def test_ssd_kernel_first_run_states_match_the_reference():
+@pytest.mark.parametrize("family", ["mamba2", "mamba2_ungated"])
+def test_ssd_kernel_first_run_states_match_the_reference(family):
     """The SSD kernels' own first-run start (pallas_kernels/ssd/states.first_run_inputs: chunk
-    0 only) against the reference's slot of its own: outputs, final states and every gradient,
-    with a first run covering several chunks, one ending inside chunk 0 (its slot's final state
-    is the start decayed), one ending on its edge whose id comes back later in the row."""
+    0 only; gated, the kernels read it padded to full size, ungated it is added to their chunk-0
+    values after them) against the reference's slot of its own: outputs, final states and every
+    gradient, with a first run covering several chunks, one ending inside chunk 0 (its slot's
+    final state is the start decayed), one ending on its edge whose id comes back later in the
+    row."""
     seg = jnp.asarray(
         np.stack([np.zeros(40), np.repeat([0, 1], [5, 35]), np.repeat([0, 1, 0], [16, 1, 23])]),
         jnp.int32,
     )
-    args, _ = family_args("mamba2", 3, 40, seed=30)
+    args, _ = family_args(family, 3, 40, seed=30)
     start = normal(40, (3, 2, 16, 16), 0.5)
     names = list(args) + ["start"]
 
     def f(impl):
         def g(*xs):
             kw = dict(zip(names, xs))
-            return scan_fn("mamba2", impl)(
+            return scan_fn(family, impl)(
                 kw,
                 seg,
                 None,
