@@ -115,7 +115,8 @@ def mamba3_scan(
       impl: "reference" (pure JAX), "pallas" (the SSD core through the Triton kernels of
         pallas_kernels/ssd; GPU only; headdim and d_state powers of two >= 16),
         "pallas_interpret" (the same kernels through the Pallas interpreter, any backend) or
-        "auto" (the reference until the kernels are measured on a GPU: docs/mamba3.md).
+        "auto" (the kernels on a GPU where they take the shapes, else the reference:
+        docs/mamba3.md).
 
     Returns:
       y with x's shape and dtype, or (y, final Mamba3State).
@@ -184,15 +185,17 @@ def _pallas_takes(x, B) -> bool:
     return supported(np.shape(x)[3], np.shape(B)[-1])
 
 
-def resolve_impl(impl, x, B) -> str:
+def resolve_impl(impl, x, B, mimo: bool = False) -> str:
     """impl ("auto" resolved) for the SISO and MIMO scans; ValueError for a kernel path that
     cannot run: an unknown name, shapes the kernels refuse, "pallas" off a GPU."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        # The kernel path has passed the interpreter and the CUDA lowering, not yet a GPU run
-        # (docs/mamba3.md): it stays opt-in until one measures it faster.
-        return "reference"
+        # SISO: the kernels took 9.9 ms forward + backward against the reference's 23.6 at
+        # mamba3-1.5b's heads, 1 x 16384 tokens (one H100, docs/mamba3.md). MIMO's R^2 fused
+        # heads are not measured yet: the reference until they are.
+        gpu = jax.default_backend() == "gpu" and _pallas_takes(x, B)
+        return "pallas" if gpu and not mimo else "reference"
     if impl != "reference" and not _pallas_takes(x, B):
         raise ValueError(
             f"impl={impl!r}: the Pallas SSD kernels need headdim and d_state powers of two "
@@ -556,7 +559,7 @@ def mamba3_mimo_scan(
         return_final_states,
         num_segments,
     )
-    impl = resolve_impl(impl, x, B)
+    impl = resolve_impl(impl, x, B, mimo=True)
     args = (x, dt, A, trap, B, C, angles, x_proj, D, z, z_proj, out_proj, B_bias, C_bias)
     kwargs = dict(
         segment_ids=segment_ids,
