@@ -300,7 +300,7 @@ CASES = [
     ("mamba1", "reference"),
     ("mamba1", "pallas_interpret"),
     ("mamba2", "reference"),
-    # Ungated, as the model runs it: the kernels add a first-run start to chunk 0 after them.
+    # Ungated, as the Mamba2 model runs it (its gate is in the norm after the scan).
     ("mamba2_ungated", "pallas_interpret"),
     ("conv", "xla"),
     ("conv", "pallas_interpret"),
@@ -979,11 +979,10 @@ def test_carried_rows_over_two_devices_match_one_device(tmp_path):
 @pytest.mark.parametrize("family", ["mamba2", "mamba2_ungated"])
 def test_ssd_kernel_first_run_states_match_the_reference(family):
     """The SSD kernels' own first-run start (pallas_kernels/ssd/states.first_run_inputs: chunk
-    0 only; gated, the kernels read it padded to full size, ungated it is added to their chunk-0
-    values after them) against the reference's slot of its own: outputs, final states and every
-    gradient, with a first run covering several chunks, one ending inside chunk 0 (its slot's
-    final state is the start decayed), one ending on its edge whose id comes back later in the
-    row."""
+    0 only), gated and as the Mamba2 model runs it (ungated), against the reference's slot of
+    its own: outputs, final states and every gradient, with a first run covering several chunks,
+    one ending inside chunk 0 (its slot's final state is the start decayed), one ending on its
+    edge whose id comes back later in the row."""
     seg = jnp.asarray(
         np.stack([np.zeros(40), np.repeat([0, 1], [5, 35]), np.repeat([0, 1, 0], [16, 1, 23])]),
         jnp.int32,

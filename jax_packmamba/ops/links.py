@@ -79,10 +79,8 @@ def chain_row_states(end, decay, single_run, continues, given):
         moved = end_r + decay_r * (start - given_r)
         return jnp.where(single_r, moved, end_r), start
 
-    # Unrolled (the rows are few and static): a GPU while loop runs each row's few small ops
-    # as kernels of their own, forward and backward, in every layer; unrolled, XLA fuses them.
     _, starts = jax.lax.scan(
-        row, jnp.zeros_like(end[0]), (end, decay, single_run, continues, given), unroll=True
+        row, jnp.zeros_like(end[0]), (end, decay, single_run, continues, given)
     )
     return starts
 

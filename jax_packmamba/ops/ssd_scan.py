@@ -282,7 +282,8 @@ def _continued(
         dtp = discretize_delta(dt, args[7], dt_softplus)  # (b, t, h), dt_bias is args[7]
         single = single_run_rows(seg)
         # The last run's total decay: a masked sum (other runs add exact zeros), no scan.
-        in_last = _in_last_run(seg)[..., None]
+        run_index = jnp.cumsum(segment_starts(seg).astype(jnp.int32), axis=1)
+        in_last = (run_index == run_index[:, -1:])[..., None]
         log_decay = jnp.sum(jnp.where(in_last, dtp * A.astype(dtp.dtype), 0.0), axis=1)
         decay = jnp.exp(log_decay)[..., None, None]  # (b, h, 1, 1)
         # The last run's end from its own start: a single-run row's start is `given`, a later
@@ -319,90 +320,35 @@ def _continued(
     return y, jnp.where(own[..., None, None, None], final[:, slots:], final[:, :slots])
 
 
+@jax.checkpoint
 def _last_run_end_states(x, dtp, A, B, seg):
     """(b, h, p, n): each row's state after its last token when its last run starts from zero,
     sum over the last run's tokens s of exp(sum_{s < u} dt'_u A) dt'_s x_s B_s^T. The last run
     is the row's suffix, so the exponent is a suffix sum over that run's tokens only (<= 0, and
-    no other run's values enter it: isolation to the bit). One contraction over time
-    (`_weighted_outer`); the per-token weights are (b, t, h) work. dt' (b, t, h) in the
-    accumulation dtype."""
+    no other run's values enter it: isolation to the bit). One contraction over time, in x's
+    dtype with float32 accumulation (what the kernels' chunk states use); its backward is two
+    more, and under the checkpoint it keeps only its inputs. dt' (b, t, h) in the accumulation
+    dtype."""
+    batch, length, heads, headdim = x.shape
+    groups, d_state = B.shape[2:]
     acc = dtp.dtype
-    in_last = _in_last_run(seg)[..., None]  # (b, t, 1)
+    run = jnp.cumsum(segment_starts(seg).astype(jnp.int32), axis=1)
+    in_last = (run == run[:, -1:])[..., None]  # (b, t, 1)
     a = dtp * A.astype(acc)  # (b, t, h)
     later = jnp.concatenate([a[:, 1:], jnp.zeros_like(a[:, :1])], axis=1)
     after = jax.lax.cumsum(later, axis=1, reverse=True)  # sum over u > s
     weight = _masked_exp(in_last, after) * dtp  # (b, t, h)
-    return _weighted_outer(x, weight, B)
-
-
-def _in_last_run(seg):
-    """(b, t) bool: the token is in its row's last run (a max over the run starts, no scan)."""
-    t = jnp.arange(seg.shape[1])
-    last_start = jnp.max(jnp.where(segment_starts(seg), t, 0), axis=1)
-    return t >= last_start[:, None]
-
-
-@jax.custom_vjp
-def _weighted_outer(x, weight, B):
-    """(b, h, p, n) float32: sum_t weight[b, t, h] x[b, t, h, p] B[b, t, g(h), n], one
-    contraction over time in x's dtype with float32 accumulation (what the kernels' chunk states
-    use). Written out so that its backward keeps full-size (b, t, h, p) values in x's dtype:
-    autodiff would produce them in float32 and transpose them."""
-    batch, length, heads, headdim = x.shape
-    groups, d_state = B.shape[2:]
-    acc = weight.dtype
-    mm = _mm_dtype(x, acc)
+    mm = x.dtype if jnp.finfo(x.dtype).bits < 32 else acc
     wx = (weight[..., None] * x.astype(acc)).astype(mm)
+    wx = wx.reshape(batch, length, groups, heads // groups * headdim)
     end = jnp.einsum(
         "btgq,btgn->bgqn",
-        wx.reshape(batch, length, groups, heads // groups * headdim),
+        wx,
         B.astype(mm),
-        precision=_mm_precision(mm, acc),
+        precision=jax.lax.Precision.HIGHEST if mm == acc else None,
         preferred_element_type=acc,
     )
     return end.reshape(batch, heads, headdim, d_state)
-
-
-def _weighted_outer_fwd(x, weight, B):
-    return _weighted_outer(x, weight, B), (x, weight, B)
-
-
-def _weighted_outer_bwd(res, d_end):
-    x, weight, B = res
-    batch, length, heads, headdim = x.shape
-    groups, d_state = B.shape[2:]
-    acc = weight.dtype
-    mm = _mm_dtype(x, acc)
-    precision = _mm_precision(mm, acc)
-    d_end = d_end.astype(mm).reshape(batch, groups, heads // groups * headdim, d_state)
-    # d(weight x) (b, t, h, p), rounded to x's dtype by the product itself.
-    d_wx = jnp.einsum(
-        "btgn,bgqn->btgq", B.astype(mm), d_end, precision=precision, preferred_element_type=mm
-    ).reshape(x.shape)
-    d_wx = d_wx.astype(acc)
-    dx = (d_wx * weight[..., None]).astype(x.dtype)
-    d_weight = jnp.sum(d_wx * x.astype(acc), axis=-1)
-    wx = (weight[..., None] * x.astype(acc)).astype(mm)
-    dB = jnp.einsum(
-        "btgq,bgqn->btgn",
-        wx.reshape(batch, length, groups, heads // groups * headdim),
-        d_end,
-        precision=precision,
-        preferred_element_type=acc,
-    )
-    return dx, d_weight, dB.astype(B.dtype)
-
-
-_weighted_outer.defvjp(_weighted_outer_fwd, _weighted_outer_bwd)
-
-
-def _mm_dtype(x, acc):
-    """Contractions run in x's dtype below 32 bits, else in the accumulation dtype."""
-    return x.dtype if jnp.finfo(x.dtype).bits < 32 else acc
-
-
-def _mm_precision(mm, acc):
-    return jax.lax.Precision.HIGHEST if mm == acc else None
 
 
 def _pallas_takes(x, B) -> bool:

@@ -101,16 +101,14 @@ def initial_state_outputs(glue: Glue, C, init):
     return y[:, : glue.length]
 
 
-def first_run_inputs(decay, dt_softplus, segment_ids, C, first, chunk, padded, full=True):
+def first_run_inputs(decay, dt_softplus, segment_ids, C, first, chunk, padded):
     """(y_add (b, t, h, p), s_add (b, c, h, p, n)) float32 for a start state of each row's run
     at t = 0, first (b, h, p, n); decay as Glue.build takes it: that run began in chunk 0, so only chunk 0 reads it directly,
     its tokens there 2^(cs_l) C_l . first, and, where the run covers chunk 0, its end hands on
     2^(cs_end) first (later chunks get it through h_in). One slot and one chunk of work, where
     initial_state_outputs would contract every token with every slot; no Glue (its segmented
     scan over the whole row): the first run is the row's prefix, so its cumulative decay is a
-    plain cumsum over chunk 0 (each token's reads only its own run's earlier tokens).
-    full=False: chunk 0's parts only, y_add (b, min(chunk, t), h, p) and s_add (b, 1, h, p, n),
-    for a caller that adds them there itself (no full-size padding)."""
+    plain cumsum over chunk 0 (each token's reads only its own run's earlier tokens)."""
     batch, length, groups, d_state = C.shape
     heads, headdim = first.shape[1:3]
     n = min(chunk, length)  # chunk 0's tokens; past the row's end it is padding (dt' = 0)
@@ -133,14 +131,13 @@ def first_run_inputs(decay, dt_softplus, segment_ids, C, first, chunk, padded, f
     first_g = first.astype(F32).reshape(batch, groups, heads // groups, headdim, d_state)
     y0 = jnp.einsum("blgn,bgkpn->blgkp", c0, first_g, precision=HIGHEST)
     y0 = y0.reshape(batch, n, heads, headdim) * jnp.exp(cs)[..., None]
+    y_add = jnp.pad(y0, ((0, 0), (0, length - n), (0, 0), (0, 0)))
     # Chunk 0's end state gets the start where the first run reaches it (padding continues
     # the last token's run with decay 1); 0 elsewhere.
     end = in_first[:, -1:] * jnp.exp(cs[:, -1])  # (b, h)
-    s0 = (end[..., None, None] * first.astype(F32))[:, None]
-    if not full:
-        return y0, s0
-    y_add = jnp.pad(y0, ((0, 0), (0, length - n), (0, 0), (0, 0)))
-    s_add = jnp.pad(s0, ((0, 0), (0, padded // chunk - 1), (0, 0), (0, 0), (0, 0)))
+    s0 = end[..., None, None] * first.astype(F32)
+    n_chunks = padded // chunk
+    s_add = jnp.pad(s0[:, None], ((0, 0), (0, n_chunks - 1), (0, 0), (0, 0), (0, 0)))
     return y_add, s_add
 
 

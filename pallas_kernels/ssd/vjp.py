@@ -29,9 +29,6 @@ class Plan:
     return_states: bool  # the core also returns h_in (for final states)
     has_init: bool  # initial states: the kernels add y_add and s_add
     y_dtype: str | None = None  # the output's dtype; None: x's
-    # y_add and s_add cover chunk 0 only (a row's first-run start without a gate: added to the
-    # kernels' chunk-0 values in place rather than padded to full size and read by them)
-    init_chunk0: bool = False
 
 
 def supported(headdim: int, d_state: int) -> bool:
@@ -89,7 +86,6 @@ def ssd_scan_pallas(
         return_states=bool(return_final_states),
         interpret=interpret,
         config=config,
-        init_chunk0=first_run_states is not None and z is None,
     )
     if first_run_states is not None:
         assert initial_states is None
@@ -186,14 +182,7 @@ def _entry(
         )
     if first_run_only:  # initial_states[:, 0] is each row's first-run start
         y_add, s_add = states.first_run_inputs(
-            decay,
-            st.dt_softplus,
-            segment_ids,
-            C,
-            initial_states[:, 0],
-            st.chunk,
-            st.padded,
-            full=not plan.init_chunk0,
+            decay, st.dt_softplus, segment_ids, C, initial_states[:, 0], st.chunk, st.padded
         )
     elif initial_states is not None:
         y_add = states.initial_state_outputs(glue, C, initial_states)
@@ -225,7 +214,6 @@ def make_plan(
     interpret,
     config,
     y_dtype: str | None = None,
-    init_chunk0: bool = False,
 ) -> Plan:
     batch, length, heads, headdim = x.shape
     groups, d_state = B.shape[2:]
@@ -265,7 +253,7 @@ def make_plan(
     )
     if cfg.chunk_scan_backend == "mosaic":
         chunk_scan_mgpu.check_supported(st)
-    return Plan(st, cfg, return_states, has_init, y_dtype, init_chunk0)
+    return Plan(st, cfg, return_states, has_init, y_dtype)
 
 
 def _divisor(split: int, n: int) -> int:
@@ -365,12 +353,7 @@ def _fwd_impl(plan: Plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add
         dict(x=x, B=B, cs=cs, dtp=dtp, seg_lo=seg_lo), mode="fwd", st=st, **launch
     )
     S = S.reshape(st.batch, st.n_chunks, st.heads, size)
-    head = min(st.chunk, st.length)  # chunk 0's tokens
-    if plan.init_chunk0:  # into chunk 0's values in place (a slice update of a kernel output)
-        S = S.at[:, :1].add(s_add.astype(F32).reshape(st.batch, 1, st.heads, size))
-        s_add = None
-        y_head, y_add = (y_add, None) if head < st.length else (None, y_add)
-    elif s_add is not None:
+    if s_add is not None:
         s_add = s_add.astype(F32).reshape(S.shape)
     chunk_decays = chunk_decay(cs, seg_lo, st=st)
     h_in = _pass_states(plan, interpret, S, chunk_decays, s_add)
@@ -382,8 +365,6 @@ def _fwd_impl(plan: Plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add
         y, y_pre = chunk_scan_mgpu.chunk_scan(inputs, st=st, y_dtype=y_dtype, interpret=interpret)
     else:
         y, y_pre = kernel.chunk_scan(inputs, st=st, y_dtype=y_dtype, **launch)
-    if plan.init_chunk0 and y_head is not None:  # no gate (z is None): added after the kernel
-        y = y.at[:, :head].set((y[:, :head].astype(F32) + y_head).astype(y.dtype))
     out = (y, h_in.reshape(st.batch, st.n_chunks, st.heads, size)) if plan.return_states else y
     return out, (h_in, y_pre)
 
@@ -476,8 +457,6 @@ def _ssd_bwd(plan, interpret, res, cts):
     # The gradients of the kernels' additive inputs (states.py makes them from initial states).
     d_y_add = dyp.astype(F32) if plan.has_init else None
     d_s_add = dS if plan.has_init else None
-    if plan.init_chunk0:
-        d_y_add, d_s_add = d_y_add[:, : min(st.chunk, st.length)], d_s_add[:, :1]
     return dx, d_decay, dB, dC, dD, dz, None, None, d_y_add, d_s_add
 
 
