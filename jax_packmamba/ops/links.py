@@ -115,6 +115,33 @@ def previous_row_tail(x, segment_ids, continues, width: int, first_inputs=None, 
     return x_ext, jnp.concatenate([tail_ids, seg], axis=1)
 
 
+def conv_prefix_links(x, segment_ids, continues, width: int, first_inputs=None):
+    """For the causal conv with a prefix (the inputs each row reads before t = 0):
+    (prefix (b, width - 1, c) in x's dtype, linked (b, width - 1) bool, reads (b,) bool).
+    linked: the position is row b - 1's input x[b - 1, t - width + 1 + p] (row b continues and
+    it lies in row b - 1's last run), which the conv reads in place of prefix there (see
+    pallas_kernels.common.conv_prefix); prefix: first_inputs where the row does not continue,
+    zeros elsewhere. reads: the row's first run reads the prefix (it continues, or first_inputs
+    is given), so its positions start at width - 1. Needs t >= width - 1 (as
+    previous_row_tail)."""
+    k = width - 1
+    batch, length, channels = x.shape
+    if length < k:
+        raise ValueError(f"continues needs rows of at least width - 1 = {k} steps, got {length}")
+    seg = segment_ids.astype(jnp.int32)
+    if continues is None:
+        continues = jnp.zeros((batch,), bool)
+    continues = continues & (jnp.arange(batch) > 0)  # row 0: no link
+    in_last = jnp.roll(_in_last_run(seg[:, length - k :], seg[:, -1:]), 1, axis=0)
+    linked = continues[:, None] & in_last
+    if first_inputs is None:
+        return jnp.zeros((batch, k, channels), x.dtype), linked, continues
+    prefix = jnp.where(
+        continues[:, None, None], jnp.zeros((), x.dtype), first_inputs.astype(x.dtype)
+    )
+    return prefix, linked, jnp.ones((batch,), bool)
+
+
 def _in_last_run(tail_seg, last_id):
     """(b, k) bool: the tail position belongs to the row's last run (it and every later one
     have the last id)."""
