@@ -6,14 +6,17 @@ One program = `block_e` channels x `chunk` time steps of one row, walking time o
 time with coalesced (block_e,) row loads; the last w-1 inputs stay in registers as a sliding
 window, so every input row is read once (plus w-1 rows of halo per chunk). A tap reaches
 x[t - lag] only if t is at least lag steps into its segment (positions[t] >= lag), which is
-what a sequence run alone sees.
+what a sequence run alone sees. With a `prefix` (x at t = -(w-1) .. -1; DESIGN.md, "Inputs
+before t = 0") a run whose positions start at w - 1 reads it before t = 0.
 
 Backward, walking forwards: at step t the kernel recomputes the pre-activation from the window,
 g_pre[t] = g[t] * silu'(pre[t]), and sends w_k * g_pre[t] to dx[t - lag] (if positions[t] >=
 lag) into a window of w-1 pending dx rows; the oldest is complete once t moves on and is
 stored. A chunk's last w-1 dx rows also receive the next chunk's first w-1 steps, so each
 program walks w-1 extra steps that only feed those rows. dweight and dbias are sums over
-(b, t): one partial row per program, added up by XLA.
+(b, t): one partial row per program, added up by XLA. The prefix's own gradient is computed by
+XLA before (vjp.prefix_grad); where it is the previous row's tail, it comes in as `dx_tail` and
+is added to the row's last w-1 dx rows when they are stored.
 """
 
 from __future__ import annotations

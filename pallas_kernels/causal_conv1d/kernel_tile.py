@@ -14,6 +14,9 @@ g_pre[s] = g[s] * silu'(pre[s]) recomputed at each of the w shifted rows s = t +
 are sums over (b, t) of the unshifted rows' terms: a program walks `chunk` steps, block_t at a
 time, accumulates them in registers and writes one partial row, added up by XLA.
 
+A `prefix` (x at t = -(w-1) .. -1) is read by rows before t = 0, and `dx_tail` added to the
+row's last w-1 dx rows, as in kernel.py (DESIGN.md, "Inputs before t = 0").
+
 Channel groups (`Static.groups`): the output can be written as several arrays, channels
 [0, g0), [g0, g0 + g1), ... (Mamba2's x, B and C out of its xBC conv), so that XLA does not copy
 them out of one array; the backward then reads one cotangent a group. Every group boundary is a

@@ -110,6 +110,13 @@ def causal_conv1d_pallas(
                 **common,
             ),
         )
+    want = (x.shape[0], width - 1, channels)
+    if prefix is not None and tuple(prefix.shape) != want:
+        raise ValueError(
+            f"prefix must be (batch, width - 1, channels) = {want}, got {prefix.shape}"
+        )
+    if linked is not None and tuple(linked.shape) != want[:2]:
+        raise ValueError(f"linked must be (batch, width - 1) = {want[:2]}, got {linked.shape}")
     if prefix is not None and width == 1:  # no tap reaches back
         prefix = linked = None
     if linked is not None and (prefix is None or length < width - 1):
