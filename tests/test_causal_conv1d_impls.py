@@ -321,14 +321,14 @@ def test_auto_picks_pallas_only_for_launches_that_fill_the_gpu(monkeypatch, shap
 
 # Inputs before t = 0 (`prefix`): x at t = -(w-1) .. -1, read by a run whose positions start at
 # w - 1 (it "began" before t = 0). Row 0's first run reads it (a run of 1, then runs ending on
-# and crossing the 16-step chunk edge), row 1's does not (positions from 0: the prefix is
-# ignored, its gradient zero).
-PREFIX_SEGMENTS = [[1, 15, 21], [37]]
+# the 16-step chunk edge and crossing the tile kernels' 8-row backward tiles), row 1's does not
+# (positions from 0: the prefix is ignored, its gradient zero).
+PREFIX_SEGMENTS = [[1, 15, 5], [21]]
 PREFIX_CASES = [  # (width, length, dtype, tolerance); rows shorter than the prefix last
-    (2, 37, jnp.float32, 2e-6),
-    (3, 37, jnp.float32, 2e-6),
-    (4, 37, jnp.float32, 2e-6),
-    (4, 37, jnp.bfloat16, 2e-2),
+    (2, 21, jnp.float32, 2e-6),
+    (3, 21, jnp.float32, 2e-6),
+    (4, 21, jnp.float32, 2e-6),
+    (4, 21, jnp.bfloat16, 2e-2),
     (4, 2, jnp.float32, 2e-6),
     (3, 1, jnp.float32, 2e-6),
 ]
@@ -354,6 +354,12 @@ def conv_with_prefix(impl, x, w, b, positions, prefix):
     )
 
 
+def loop_vjp(f, cot, *args):
+    """(f(*args), its gradients under cot): jit it, a float64 loop runs faster compiled."""
+    y, vjp = jax.vjp(f, *args)
+    return y, vjp(cot)
+
+
 @functools.cache
 def prefix_case(width, length, dtype):
     """Inputs (x, w, b, prefix, cotangent, positions) and the float64 loop's output and
@@ -367,7 +373,7 @@ def prefix_case(width, length, dtype):
     b = jax.random.normal(keys[2], (channels,)).astype(dtype)
     prefix = jax.random.normal(keys[3], (2, k, channels)).astype(dtype)
     cot = jax.random.normal(keys[4], x.shape).astype(dtype)
-    seg = segments(PREFIX_SEGMENTS) if length == 37 else jnp.ones((2, length), jnp.int32)
+    seg = segments(PREFIX_SEGMENTS) if length == 21 else jnp.ones((2, length), jnp.int32)
     reads = jnp.asarray([True, False])
     positions = positions_from_segment_ids(seg)
     first_run = positions == jnp.arange(length)
@@ -380,8 +386,9 @@ def prefix_case(width, length, dtype):
             ext = jnp.concatenate([p_, x_], axis=1)
             return causal_conv1d_loop(ext, w_, b_, segment_ids=ids, activation="silu")[:, k:]
 
-        y64, vjp64 = jax.vjp(whole, to64(x), to64(w), to64(b), to64(prefix))
-        want = vjp64(to64(cot))
+        y64, want = jax.jit(loop_vjp, static_argnums=0)(
+            whole, to64(cot), *map(to64, (x, w, b, prefix))
+        )
     return (x, w, b, prefix, cot, positions), y64, want
 
 
@@ -443,6 +450,25 @@ def linked_alone(x, first, w, b):
     return jnp.stack([y[s : s + seg.shape[1]] for s in where])
 
 
+@functools.cache
+def linked_case():
+    """Inputs (x, first_inputs, w, b, cotangent) of the linked rows, float32, and linked_alone's
+    output and gradients, computed once for every impl."""
+    batch, length, channels, width = len(LINKED_ROWS), len(LINKED_ROWS[0]), 10, 4
+    keys = jax.random.split(jax.random.key(11), 5)
+    x = jax.random.normal(keys[0], (batch, length, channels))
+    first = jax.random.normal(keys[1], (batch, width - 1, channels))
+    w = 0.5 * jax.random.normal(keys[2], (channels, width))
+    b = jax.random.normal(keys[3], (channels,))
+    cot = jax.random.normal(keys[4], x.shape)
+    with jax.enable_x64(True):
+        to64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+        y64, want = jax.jit(loop_vjp, static_argnums=0)(
+            linked_alone, to64(cot), *map(to64, (x, first, w, b))
+        )
+    return (x, first, w, b, cot), y64, want
+
+
 @pytest.mark.parametrize(
     "impl",
     [
@@ -464,13 +490,7 @@ def test_linked_rows_read_the_previous_row_through_the_prefix(impl, monkeypatch)
         impl = "pallas_interpret"
     seg = jnp.asarray(LINKED_ROWS, jnp.int32)
     continues = jnp.asarray(LINKED_CONTINUES)
-    batch, length, channels, width = *seg.shape, 10, 4
-    keys = jax.random.split(jax.random.key(11), 5)
-    x = jax.random.normal(keys[0], (batch, length, channels))
-    first = jax.random.normal(keys[1], (batch, width - 1, channels))
-    w = 0.5 * jax.random.normal(keys[2], (channels, width))
-    b = jax.random.normal(keys[3], (channels,))
-    cot = jax.random.normal(keys[4], x.shape)
+    (x, first, w, b, cot), y64, want = linked_case()
 
     @jax.jit
     def run(x_, first_, w_, b_):
@@ -494,14 +514,10 @@ def test_linked_rows_read_the_previous_row_through_the_prefix(impl, monkeypatch)
         called = re.findall(r"name=(causal_conv1d\w*)", str(jax.make_jaxpr(run)(x, first, w, b)))
         tile = kernel_name == "tile"
         assert called and all(n.startswith("causal_conv1d_tile") == tile for n in called), called
-    with jax.enable_x64(True):
-        to64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
-        y64, vjp64 = jax.vjp(linked_alone, to64(x), to64(first), to64(w), to64(b))
-        want = vjp64(to64(cot))
     assert rel_err(y, y64) < 1e-5
     for g, g64 in zip(grads, want):
         assert rel_err(g, g64) < 1e-5
-    unread = [r for r in range(batch) if r not in LINKED_READS_FIRST]
+    unread = [r for r in range(len(LINKED_ROWS)) if r not in LINKED_READS_FIRST]
     assert not np.asarray(grads[1][np.asarray(unread)]).any()
 
     y1, grads1 = run(x.at[0, 5:].add(0.5), first, w, b)
