@@ -10,10 +10,14 @@ variant's forward and forward+backward (jax.vjp, random bf16 cotangent): harness
 the forward+backward from a profiler trace (the forward, the backward and XLA's reduction of the
 weight-gradient partials apart). At the mamba2-1.3b shape also the output as Mamba2's x, B and C
 (GROUPS): "walk_groups" splits after the walking kernel (copies), "tile_groups" has the tile
-kernels write the three arrays. Writes --out/conv_<device>.json. `bound_ms` is the DRAM time
+kernels write the three arrays; and "walk_groups_linked", "tile_groups_linked": the same with
+rows 1.. linked to the row before (their first run continues it: the conv reads the previous
+row's last w - 1 inputs as its prefix, DESIGN.md "Inputs before t = 0"), which should cost the
+unlinked time plus O(b w e) (their max_rel_diff differs from the first variant's only at the
+linked rows' first w - 1 outputs). Writes --out/conv_<device>.json. `bound_ms` is the DRAM time
 of the unique bytes (forward: read x, write out; backward: read x and g, write dx) at 3.35 TB/s
 (an H100 SXM's peak). On CPU the kernels run through the Pallas interpreter; --smoke: tiny
-shapes, one call each. About 70 s on one H100, most of it compiling.
+shapes, one call each. About 85 s on one H100, most of it compiling.
 """
 
 from __future__ import annotations
@@ -81,17 +85,29 @@ def conv_set(i, shape, groups=None):
     )
 
 
-def fns(kernel_name, tile, interpret, groups=None):
-    """(forward, forward+backward) of one variant; both take conv_set's tuple."""
+def fns(kernel_name, tile, interpret, groups=None, linked=False):
+    """(forward, forward+backward) of one variant; both take conv_set's tuple. linked: rows
+    1.. continue the row before, as causal_conv1d(continues=) runs them."""
     kw = dict(activation="silu", interpret=interpret, kernel_name=kernel_name, groups=groups)
     if tile is not None:
         kw["tile"] = tile
 
+    def conv(x, w, b, pos):
+        if not linked:
+            return causal_conv1d_pallas(x, w, b, pos, **kw)
+        batch, length, channels = x.shape
+        k = w.shape[1] - 1
+        link = jnp.broadcast_to((jnp.arange(batch) > 0)[:, None], (batch, k))
+        first_run = link[:, :1] & (pos == jnp.arange(length))
+        pos = pos + jnp.where(first_run, k, 0)
+        prefix = jnp.zeros((batch, k, channels), x.dtype)
+        return causal_conv1d_pallas(x, w, b, pos, prefix=prefix, linked=link, **kw)
+
     def fwd(x, w, b, pos, ct):
-        return causal_conv1d_pallas(x, w, b, pos, **kw)
+        return conv(x, w, b, pos)
 
     def fwdbwd(x, w, b, pos, ct):
-        return jax.vjp(lambda *a: causal_conv1d_pallas(*a, pos, **kw), x, w, b)[1](ct)
+        return jax.vjp(lambda *a: conv(*a, pos), x, w, b)[1](ct)
 
     return jax.jit(fwd), jax.jit(fwdbwd)
 
@@ -180,12 +196,13 @@ def main(argv=None) -> int:
             harness.write_json(new.path, {**data, "conv": [*data["conv"], rec]})
         groups = GROUPS.get(shape)
         group_sets = [conv_set(i, shape, groups) for i in range(n)] if groups else []
-        for name in GROUP_VARIANTS if groups else ():
-            rec[f"{name}_groups"] = dict(
+        linked_or_not = [(n, lk) for lk in (False, True) for n in GROUP_VARIANTS] if groups else []
+        for name, linked in linked_or_not:
+            rec[f"{name}_groups" + ("_linked" if linked else "")] = dict(
                 groups=groups,
                 **measure(
-                    f"{shape} {name}, groups {groups}",
-                    *fns(name, None, interpret, groups),
+                    f"{shape} {name}, groups {groups}" + (", linked" if linked else ""),
+                    *fns(name, None, interpret, groups, linked),
                     group_sets,
                     timing,
                     reference,

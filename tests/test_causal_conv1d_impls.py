@@ -317,3 +317,260 @@ def test_auto_picks_pallas_only_for_launches_that_fill_the_gpu(monkeypatch, shap
     assert conv_module._auto_impl(x) == ("xla" if jax.default_backend() != "gpu" else on_gpu_impl)
     monkeypatch.setattr(conv_module.jax, "default_backend", lambda: "gpu")
     assert conv_module._auto_impl(x) == on_gpu_impl
+
+
+# Inputs before t = 0 (`prefix`): x at t = -(w-1) .. -1, read by a run whose positions start at
+# w - 1 (it "began" before t = 0). Row 0's first run reads it (a run of 1, then runs ending on
+# the 16-step chunk edge and crossing the tile kernels' 8-row backward tiles), row 1's does not
+# (positions from 0: the prefix is ignored, its gradient zero).
+PREFIX_SEGMENTS = [[1, 15, 5], [21]]
+PREFIX_CASES = [  # (width, length, dtype, tolerance); rows shorter than the prefix last
+    (2, 21, jnp.float32, 2e-6),
+    (3, 21, jnp.float32, 2e-6),
+    (4, 21, jnp.float32, 2e-6),
+    (4, 21, jnp.bfloat16, 2e-2),
+    (4, 2, jnp.float32, 2e-6),
+    (3, 1, jnp.float32, 2e-6),
+]
+
+
+def conv_with_prefix(impl, x, w, b, positions, prefix):
+    if impl == "xla":
+        import importlib
+
+        conv_module = importlib.import_module("jax_packmamba.ops.causal_conv1d")
+        return conv_module._causal_conv1d_jit(x, w, b, positions, prefix, None, "silu")
+    return causal_conv1d_pallas(
+        x,
+        w,
+        b,
+        positions,
+        activation="silu",
+        prefix=prefix,
+        interpret=impl.endswith("_interpret"),
+        kernel_name="tile" if impl.startswith("pallas_tile") else "walk",
+        chunk=EDGE_CHUNK,
+        tile=EDGE_TILE,
+    )
+
+
+def loop_vjp(f, cot, *args):
+    """(f(*args), its gradients under cot): jit it, a float64 loop runs faster compiled."""
+    y, vjp = jax.vjp(f, *args)
+    return y, vjp(cot)
+
+
+@functools.cache
+def prefix_case(width, length, dtype):
+    """Inputs (x, w, b, prefix, cotangent, positions) and the float64 loop's output and
+    gradients over the prefix and the row concatenated (the prefix in the first run's segment
+    where the row reads it, in a segment of its own where not), computed once for every impl."""
+    k = width - 1
+    keys = jax.random.split(jax.random.key(width * 100 + length), 5)
+    channels = 10
+    x = jax.random.normal(keys[0], (2, length, channels)).astype(dtype)
+    w = (0.5 * jax.random.normal(keys[1], (channels, width))).astype(dtype)
+    b = jax.random.normal(keys[2], (channels,)).astype(dtype)
+    prefix = jax.random.normal(keys[3], (2, k, channels)).astype(dtype)
+    cot = jax.random.normal(keys[4], x.shape).astype(dtype)
+    seg = segments(PREFIX_SEGMENTS) if length == 21 else jnp.ones((2, length), jnp.int32)
+    reads = jnp.asarray([True, False])
+    positions = positions_from_segment_ids(seg)
+    first_run = positions == jnp.arange(length)
+    positions = positions + jnp.where(reads[:, None] & first_run, k, 0)
+    ids = jnp.concatenate([jnp.where(reads[:, None], seg[:, :1], -1).repeat(k, 1), seg], 1)
+    to64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    with jax.enable_x64(True):
+
+        def whole(x_, w_, b_, p_):
+            ext = jnp.concatenate([p_, x_], axis=1)
+            return causal_conv1d_loop(ext, w_, b_, segment_ids=ids, activation="silu")[:, k:]
+
+        y64, want = jax.jit(loop_vjp, static_argnums=0)(
+            whole, to64(cot), *map(to64, (x, w, b, prefix))
+        )
+    return (x, w, b, prefix, cot, positions), y64, want
+
+
+@pytest.mark.parametrize("width, length, dtype, tol", PREFIX_CASES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_prefix_is_read_as_the_inputs_before_the_row(impl, width, length, dtype, tol):
+    """Against the float64 loop over the prefix and the row concatenated: outputs and the
+    gradients of x, the weights, the bias and the prefix, under a random cotangent."""
+    if impl == "pallas_tile_interpret" and dtype == jnp.bfloat16:
+        pytest.skip("the tile kernels' dtype handling is covered by the float64-loop cases")
+    (x, w, b, prefix, cot, positions), y64, want = prefix_case(width, length, dtype)
+    y, vjp = jax.vjp(lambda *a: conv_with_prefix(impl, *a[:3], positions, a[3]), x, w, b, prefix)
+    grads = vjp(cot)
+    assert y.dtype == dtype
+    assert rel_err(y.astype(jnp.float32), y64) < tol
+    for g, g64 in zip(grads, want):
+        assert g.dtype == dtype
+        assert rel_err(g.astype(jnp.float32), g64) < 4 * tol
+    assert np.abs(np.asarray(grads[3][0], np.float32)).max() > 0
+    assert not np.asarray(grads[3][1]).any()  # row 1 does not read its prefix
+
+
+def test_bad_prefix_is_refused():
+    x, w = jnp.zeros((2, 5, 3)), jnp.zeros((3, 4))
+    pos = jnp.zeros((2, 5), jnp.int32)
+    with pytest.raises(ValueError, match=r"prefix must be \(batch, width - 1, channels\)"):
+        causal_conv1d_pallas(x, w, None, pos, activation=None, prefix=jnp.zeros((2, 4, 3)))
+    with pytest.raises(ValueError, match=r"linked must be \(batch, width - 1\)"):
+        causal_conv1d_pallas(
+            x, w, None, pos, activation=None, prefix=jnp.zeros((2, 3, 3)), linked=jnp.ones(2, bool)
+        )
+
+
+# Linked rows (continues): rows of 12, the prefix of width 4 is 3 steps. Row 0 reads
+# first_inputs; row 1 continues document 2 with a piece of 2; row 2 continues document 4, whose
+# piece at row 1's end (2 steps) is shorter than the prefix; row 3 does not continue and reads
+# its first_inputs.
+LINKED_ROWS = [[1] * 5 + [2] * 7, [2] * 2 + [3] * 8 + [4] * 2, [4] * 12, [5] * 12]
+LINKED_CONTINUES = [False, True, True, False]
+LINKED_READS_FIRST = [0, 3]  # the rows whose first_inputs are read
+
+
+def linked_alone(x, first, w, b):
+    """The float64 loop over the rows laid end to end, each row that does not continue
+    preceded by its first_inputs (in its first segment): every document whole."""
+    seg = np.asarray(LINKED_ROWS)
+    k = w.shape[1] - 1
+    parts, ids, where = [], [], []
+    for r in range(len(LINKED_ROWS)):
+        if not LINKED_CONTINUES[r]:
+            parts.append(first[r])
+            ids.append(np.full(k, seg[r, 0]))
+        where.append(sum(p.shape[0] for p in parts))
+        parts.append(x[r])
+        ids.append(seg[r])
+    flat = jnp.concatenate(parts)[None]
+    ids = jnp.asarray(np.concatenate(ids))[None]
+    y = causal_conv1d_loop(flat, w, b, segment_ids=ids, activation="silu")[0]
+    return jnp.stack([y[s : s + seg.shape[1]] for s in where])
+
+
+@functools.cache
+def linked_case():
+    """Inputs (x, first_inputs, w, b, cotangent) of the linked rows, float32, and linked_alone's
+    output and gradients, computed once for every impl."""
+    batch, length, channels, width = len(LINKED_ROWS), len(LINKED_ROWS[0]), 10, 4
+    keys = jax.random.split(jax.random.key(11), 5)
+    x = jax.random.normal(keys[0], (batch, length, channels))
+    first = jax.random.normal(keys[1], (batch, width - 1, channels))
+    w = 0.5 * jax.random.normal(keys[2], (channels, width))
+    b = jax.random.normal(keys[3], (channels,))
+    cot = jax.random.normal(keys[4], x.shape)
+    with jax.enable_x64(True):
+        to64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+        y64, want = jax.jit(loop_vjp, static_argnums=0)(
+            linked_alone, to64(cot), *map(to64, (x, first, w, b))
+        )
+    return (x, first, w, b, cot), y64, want
+
+
+@pytest.mark.parametrize(
+    "impl",
+    [
+        "xla",
+        "pallas_interpret",
+        "pallas_tile_interpret",
+        on_gpu("pallas_walk"),
+        on_gpu("pallas_tile"),
+    ],
+)
+def test_linked_rows_read_the_previous_row_through_the_prefix(impl, monkeypatch):
+    """causal_conv1d(continues=, first_inputs=) against every document run whole (float64
+    loop): outputs and gradients of x, first_inputs, the weights and the bias; perturbing the
+    document that crosses from row 0 into row 1 leaves every other document's outputs and
+    gradients, and first_inputs' gradient, bit-identical."""
+    kernel_name = "tile" if "tile" in impl else "walk"
+    if impl == "pallas_tile_interpret":  # the op's interpreter impl runs vjp.KERNEL
+        monkeypatch.setattr("pallas_kernels.causal_conv1d.vjp.KERNEL", "tile")
+        impl = "pallas_interpret"
+    seg = jnp.asarray(LINKED_ROWS, jnp.int32)
+    continues = jnp.asarray(LINKED_CONTINUES)
+    (x, first, w, b, cot), y64, want = linked_case()
+
+    @jax.jit
+    def run(x_, first_, w_, b_):
+        def f(*a):
+            return causal_conv1d(
+                a[0],
+                a[2],
+                a[3],
+                segment_ids=seg,
+                activation="silu",
+                impl=impl,
+                continues=continues,
+                first_inputs=a[1],
+            )
+
+        y, vjp = jax.vjp(f, x_, first_, w_, b_)
+        return y, vjp(cot)
+
+    y, grads = run(x, first, w, b)
+    if impl != "xla":
+        called = re.findall(r"name=(causal_conv1d\w*)", str(jax.make_jaxpr(run)(x, first, w, b)))
+        tile = kernel_name == "tile"
+        assert called and all(n.startswith("causal_conv1d_tile") == tile for n in called), called
+    assert rel_err(y, y64) < 1e-5
+    for g, g64 in zip(grads, want):
+        assert rel_err(g, g64) < 1e-5
+    unread = [r for r in range(len(LINKED_ROWS)) if r not in LINKED_READS_FIRST]
+    assert not np.asarray(grads[1][np.asarray(unread)]).any()
+
+    y1, grads1 = run(x.at[0, 5:].add(0.5), first, w, b)
+    others = np.ones(seg.shape, bool)
+    others[0, 5:] = others[1, :2] = False  # document 2: row 0's end, row 1's start
+    assert not np.array_equal(y[1, :2], y1[1, :2])
+    np.testing.assert_array_equal(np.asarray(y)[others], np.asarray(y1)[others])
+    np.testing.assert_array_equal(np.asarray(grads[0])[others], np.asarray(grads1[0])[others])
+    np.testing.assert_array_equal(grads[1], grads1[1])
+
+
+@pytest.mark.parametrize("impl", ["pallas_walk", "pallas_tile"])
+def test_links_add_no_full_size_ops_to_the_lowered_conv(impl):
+    """Mamba2-1.3b's conv (8 x 2048 x 4352 bf16, groups x, B, C), lowered for CUDA with and
+    without links and first_inputs: the linked one has exactly the unlinked one's operations
+    on arrays of a whole (b, t, channels) shape, none added (the linked conv once wrote a window
+    conv's outputs over the row's head: full-size dynamic_update_slice, pad and add ops)."""
+    sds = jax.ShapeDtypeStruct
+    batch, length, channels, width = 8, 2048, 4352, 4
+    groups = (4096, 128, 128)
+
+    def full_size_ops(linked):
+        def loss(x, w, b, seg, continues, first):
+            parts = causal_conv1d(
+                x,
+                w,
+                b,
+                segment_ids=seg,
+                activation="silu",
+                impl=impl,
+                groups=groups,
+                continues=continues if linked else None,
+                first_inputs=first if linked else None,
+            )
+            return sum(p.astype(jnp.float32).sum() * (i + 1) for i, p in enumerate(parts))
+
+        args = (
+            sds((batch, length, channels), jnp.bfloat16),
+            sds((channels, width), jnp.bfloat16),
+            sds((channels,), jnp.bfloat16),
+            sds((batch, length), jnp.int32),
+            sds((batch,), jnp.bool_),
+            sds((batch, width - 1, channels), jnp.bfloat16),
+        )
+        text = lower_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2, 5)), *args)
+        ops = []
+        for line in text.splitlines():
+            op = re.search(r"= (stablehlo\.\w+|\"?[a-z_]+\.[\w.]+)", line)
+            result = line.rsplit("->", 1)[-1] if "->" in line else line.rsplit(":", 1)[-1]
+            if op and re.search(rf"tensor<{batch}x{length}x\d+x", result):
+                ops.append(op.group(1))
+        return sorted(ops)
+
+    plain, linked = full_size_ops(False), full_size_ops(True)
+    assert "stablehlo.custom_call" in plain  # the kernels: the count does see full-size ops
+    assert linked == plain

@@ -18,12 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_packmamba.ops.links import check_continues, previous_row_tail
+from jax_packmamba.ops.links import check_continues, conv_prefix_links
 from jax_packmamba.ops.segments import (
     check_pallas_platform,
     check_segment_ids,
     positions_from_segment_ids,
 )
+from pallas_kernels.common import conv_prefix, split_prefix_grad
 
 ACTIVATIONS = (None, "silu")
 # "auto" is "pallas" on a GPU when a launch has at least this many programs, else "xla". The
@@ -100,28 +101,21 @@ def causal_conv1d(
             raise ValueError(
                 f"groups must be positive ints summing to channels={np.shape(x)[2]}, got {groups}"
             )
-    if continues is not None or first_inputs is not None:
-        # Only a row's first width - 1 outputs can read before t = 0: the row runs as it is,
-        # and those outputs come from a conv over a window of 2 (width - 1) steps, the row's
-        # first width - 1 inputs preceded by the previous row's last ones (linked by their ids
-        # where the row continues, first_inputs elsewhere), written over the row's first ones.
-        # No (batch, width - 1 + length) copy of the inputs nor of the outputs.
-        k = width - 1
-        ids = jnp.zeros(np.shape(x)[:2], jnp.int32) if segment_ids is None else segment_ids
-        x_head, ids_head = previous_row_tail(x, ids, continues, width, first_inputs, keep=k)
-        kw = dict(activation=activation, impl=impl)
-        head = causal_conv1d(x_head, weight, bias, segment_ids=ids_head, **kw)[:, k:]
-        body = causal_conv1d(x, weight, bias, segment_ids=segment_ids, groups=groups, **kw)
-        if groups is None:
-            return jax.lax.dynamic_update_slice_in_dim(body, head, 0, axis=1)
-        return tuple(
-            jax.lax.dynamic_update_slice_in_dim(part, part_head, 0, axis=1)
-            for part, part_head in zip(body, _split(head, groups))
-        )
     if impl == "auto":
         impl = _auto_impl(x)
     check_pallas_platform(impl, fallback="xla", gpu_impls=("pallas", *PALLAS_KERNEL_IMPLS))
     positions = _positions(x, segment_ids)
+    prefix = linked = None
+    if (continues is not None or first_inputs is not None) and width > 1:
+        # Only a row's first width - 1 outputs can read before t = 0. A row that does reads a
+        # prefix: the previous row's last inputs where linked (the conv slices them out of x and
+        # its backward kernel adds their gradient into dx), first_inputs or zeros elsewhere; its
+        # first run "began" width - 1 steps before t = 0, so its taps reach into the prefix.
+        # One conv call; nothing of the size of x besides it.
+        ids = jnp.zeros(np.shape(x)[:2], jnp.int32) if segment_ids is None else segment_ids
+        prefix, linked, reads = conv_prefix_links(x, ids, continues, width, first_inputs)
+        first_run = positions == jnp.arange(np.shape(x)[1], dtype=jnp.int32)
+        positions = positions + jnp.where(reads[:, None] & first_run, width - 1, 0)
     if impl.startswith("pallas"):
         from pallas_kernels.causal_conv1d import causal_conv1d_pallas
 
@@ -131,11 +125,14 @@ def causal_conv1d(
             bias,
             positions,
             activation=activation,
+            prefix=prefix,
+            linked=linked,
             interpret=impl == "pallas_interpret",
             kernel_name=PALLAS_KERNEL_IMPLS.get(impl),
             groups=groups,
         )
-    return _split(_causal_conv1d_jit(x, weight, bias, positions, activation), groups)
+    out = _causal_conv1d_jit(x, weight, bias, positions, prefix, linked, activation)
+    return _split(out, groups)
 
 
 def _split(out, groups):
@@ -192,33 +189,39 @@ def _positions(x, segment_ids):
     return positions_from_segment_ids(segment_ids)
 
 
-def _taps(x, position, width):
-    """[(k, x shifted by lag = width - 1 - k, float32, zero before each segment's start)]."""
+def _taps(x, position, width, prefix=None):
+    """[(k, x shifted by lag = width - 1 - k, float32, zero before each segment's start)];
+    prefix (b, width - 1, c) float32 or None: x before t = 0 (zeros without it)."""
     length = x.shape[1]
     xf = x.astype(jnp.float32)
+    if prefix is not None:
+        xf = jnp.concatenate([prefix, xf], axis=1)
     taps = []
     for k in range(width):
         lag = width - 1 - k
-        shifted = jnp.pad(xf, [(0, 0), (lag, 0), (0, 0)])[:, :length]
+        if prefix is None:
+            shifted = jnp.pad(xf, [(0, 0), (lag, 0), (0, 0)])[:, :length]
+        else:
+            shifted = xf[:, k : k + length]
         # x[t - lag] belongs to t's segment iff t is at least `lag` steps into it.
         taps.append((k, jnp.where((position >= lag)[..., None], shifted, 0.0)))
     return taps
 
 
-def _pre_activation(x, weight, bias, position):
+def _pre_activation(x, weight, bias, position, prefix=None):
     w = weight.astype(jnp.float32)
     out = (
         jnp.zeros(x.shape, jnp.float32)
         if bias is None
         else jnp.broadcast_to(bias.astype(jnp.float32), x.shape)
     )
-    for k, tap in _taps(x, position, weight.shape[1]):
+    for k, tap in _taps(x, position, weight.shape[1], prefix):
         out = out + tap * w[:, k]
     return out
 
 
-def _reference(x, weight, bias, position, activation):
-    out = _pre_activation(x, weight, bias, position)
+def _reference(x, weight, bias, position, activation, prefix=None):
+    out = _pre_activation(x, weight, bias, position, prefix)
     if activation == "silu":
         out = jax.nn.silu(out)
     return out.astype(x.dtype)
@@ -227,40 +230,56 @@ def _reference(x, weight, bias, position, activation):
 _reference_jit = jax.jit(_reference, static_argnames=("activation",))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _causal_conv1d(x, weight, bias, position, activation):
-    return _reference(x, weight, bias, position, activation)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _causal_conv1d(x, weight, bias, position, prefix, linked, activation):
+    """prefix, linked: as causal_conv1d_pallas's (x before t = 0; row b - 1's tail where
+    linked), or None."""
+    prefix = None if prefix is None else conv_prefix(x, prefix, linked)
+    return _reference(x, weight, bias, position, activation, prefix)
 
 
-def _causal_conv1d_fwd(x, weight, bias, position, activation):
-    return _reference(x, weight, bias, position, activation), (x, weight, bias, position)
+def _causal_conv1d_fwd(x, weight, bias, position, prefix, linked, activation):
+    out = _causal_conv1d(x, weight, bias, position, prefix, linked, activation)
+    return out, (x, weight, bias, position, prefix, linked)
 
 
 def _causal_conv1d_bwd(activation, res, g):
-    x, weight, bias, position = res
+    x, weight, bias, position, given, linked = res
     width, length = weight.shape[1], x.shape[1]
+    prefix = None if given is None else conv_prefix(x, given, linked)
     g_pre = g.astype(jnp.float32)
     if activation == "silu":
-        pre = _pre_activation(x, weight, bias, position)
+        pre = _pre_activation(x, weight, bias, position, prefix)
         sig = jax.nn.sigmoid(pre)
         g_pre = g_pre * sig * (1.0 + pre * (1.0 - sig))
     w = weight.astype(jnp.float32)
     dx = jnp.zeros(x.shape, jnp.float32)
+    d_prefix = None if prefix is None else jnp.zeros_like(prefix)
     dw = []
-    for k, tap in _taps(x, position, width):
+    for k, tap in _taps(x, position, width, prefix):
         lag = width - 1 - k
         dw.append(jnp.sum(tap * g_pre, axis=(0, 1)))
         # Output t read x[t - lag] (when t is at least lag into its segment): send its gradient
         # back lag steps.
         sent = jnp.where((position >= lag)[..., None], g_pre, 0.0)
         dx = dx + jnp.pad(sent, [(0, 0), (0, lag), (0, 0)])[:, lag : lag + length] * w[:, k]
+        if prefix is not None:  # outputs t < lag read the prefix's row t + k
+            head = sent[:, :lag] * w[:, k]
+            d_prefix = d_prefix + jnp.pad(head, [(0, 0), (k, lag - head.shape[1]), (0, 0)])
     dweight = jnp.stack(dw, axis=1).astype(weight.dtype)
     dbias = None if bias is None else jnp.sum(g_pre, axis=(0, 1)).astype(bias.dtype)
-    return dx.astype(x.dtype), dweight, dbias, None
+    d_given = None
+    if prefix is not None:
+        d_given, d_tail = split_prefix_grad(d_prefix, linked)
+        d_given = d_given.astype(given.dtype)
+        if d_tail is not None:  # linked: row b's prefix was row b - 1's last inputs
+            cut = length - (width - 1)
+            dx = jnp.concatenate([dx[:, :cut], dx[:, cut:] + d_tail], axis=1)
+    return dx.astype(x.dtype), dweight, dbias, None, d_given, None
 
 
 _causal_conv1d.defvjp(_causal_conv1d_fwd, _causal_conv1d_bwd)
-_causal_conv1d_jit = jax.jit(_causal_conv1d, static_argnums=(4,))
+_causal_conv1d_jit = jax.jit(_causal_conv1d, static_argnums=(6,))
 
 
 def causal_conv1d_step(window, weight, bias=None):

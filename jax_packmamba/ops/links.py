@@ -85,15 +85,15 @@ def chain_row_states(end, decay, single_run, continues, given):
     return starts
 
 
-def previous_row_tail(x, segment_ids, continues, width: int, first_inputs=None, keep=None):
-    """For the causal conv: (x_ext (b, width - 1 + t, c), ids_ext (b, width - 1 + t)): each row
+def previous_row_tail(x, segment_ids, continues, width: int, first_inputs=None):
+    """For a prefill's conv cache (layers.segment_caches; the conv itself reads a prefix,
+    conv_prefix_links): (x_ext (b, width - 1 + t, c), ids_ext (b, width - 1 + t)): each row
     preceded by the last width - 1 inputs of the row before it, with ids that make the taps of
     a continuing first run read them (exactly those in the previous row's last run) and every
     other tap read zeros. first_inputs (b, width - 1, c), optional: what a row's first run reads
     before t = 0 where the row does not continue (a state carried from an earlier batch; zeros
     for a run that begins there). continues None: no row continues. Needs t >= width - 1: a
-    continued run shorter than the conv window would reach two rows back. keep: only the row's
-    first `keep` steps after the tail (x_ext (b, width - 1 + keep, c))."""
+    continued run shorter than the conv window would reach two rows back."""
     k = width - 1
     batch, length, _ = x.shape
     if length < k:
@@ -109,10 +109,35 @@ def previous_row_tail(x, segment_ids, continues, width: int, first_inputs=None, 
         link = link | ~(continues[:, None] & (jnp.arange(batch) > 0)[:, None])
     # Positions that are not linked get an id unlike the first run's, so it restarts after them.
     tail_ids = jnp.where(link, seg[:, :1], seg[:, :1] - 1)
-    if keep is not None:
-        x, seg = x[:, :keep], seg[:, :keep]
     x_ext = jnp.concatenate([jnp.where(link[..., None], tail, jnp.zeros((), x.dtype)), x], axis=1)
     return x_ext, jnp.concatenate([tail_ids, seg], axis=1)
+
+
+def conv_prefix_links(x, segment_ids, continues, width: int, first_inputs=None):
+    """For the causal conv with a prefix (the inputs each row reads before t = 0):
+    (prefix (b, width - 1, c) in x's dtype, linked (b, width - 1) bool, reads (b,) bool).
+    linked: the position is row b - 1's input x[b - 1, t - width + 1 + p] (row b continues and
+    it lies in row b - 1's last run), which the conv reads in place of prefix there (see
+    pallas_kernels.common.conv_prefix); prefix: first_inputs where the row does not continue,
+    zeros elsewhere. reads: the row's first run reads the prefix (it continues, or first_inputs
+    is given), so its positions start at width - 1. Needs t >= width - 1 (as
+    previous_row_tail)."""
+    k = width - 1
+    batch, length, channels = x.shape
+    if length < k:
+        raise ValueError(f"continues needs rows of at least width - 1 = {k} steps, got {length}")
+    seg = segment_ids.astype(jnp.int32)
+    if continues is None:
+        continues = jnp.zeros((batch,), bool)
+    continues = continues & (jnp.arange(batch) > 0)  # row 0: no link
+    in_last = jnp.roll(_in_last_run(seg[:, length - k :], seg[:, -1:]), 1, axis=0)
+    linked = continues[:, None] & in_last
+    if first_inputs is None:
+        return jnp.zeros((batch, k, channels), x.dtype), linked, continues
+    prefix = jnp.where(
+        continues[:, None, None], jnp.zeros((), x.dtype), first_inputs.astype(x.dtype)
+    )
+    return prefix, linked, jnp.ones((batch,), bool)
 
 
 def _in_last_run(tail_seg, last_id):

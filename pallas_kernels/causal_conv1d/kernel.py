@@ -6,14 +6,17 @@ One program = `block_e` channels x `chunk` time steps of one row, walking time o
 time with coalesced (block_e,) row loads; the last w-1 inputs stay in registers as a sliding
 window, so every input row is read once (plus w-1 rows of halo per chunk). A tap reaches
 x[t - lag] only if t is at least lag steps into its segment (positions[t] >= lag), which is
-what a sequence run alone sees.
+what a sequence run alone sees. With a `prefix` (x at t = -(w-1) .. -1; DESIGN.md, "Inputs
+before t = 0") a run whose positions start at w - 1 reads it before t = 0.
 
 Backward, walking forwards: at step t the kernel recomputes the pre-activation from the window,
 g_pre[t] = g[t] * silu'(pre[t]), and sends w_k * g_pre[t] to dx[t - lag] (if positions[t] >=
 lag) into a window of w-1 pending dx rows; the oldest is complete once t moves on and is
 stored. A chunk's last w-1 dx rows also receive the next chunk's first w-1 steps, so each
 program walks w-1 extra steps that only feed those rows. dweight and dbias are sums over
-(b, t): one partial row per program, added up by XLA.
+(b, t): one partial row per program, added up by XLA. The prefix's own gradient is computed by
+XLA before (vjp.prefix_grad); where it is the previous row's tail, it comes in as `dx_tail` and
+is added to the row's last w-1 dx rows when they are stored.
 """
 
 from __future__ import annotations
@@ -53,6 +56,18 @@ def _row(ref, b, t, e0, cmask, st: Static):
     return load(ref, (b, tc, pl.ds(e0, st.block_e)), mask=cmask & valid).astype(F32)
 
 
+def _x_row(r, b, t, e0, cmask, st: Static):
+    """x[b, t] as _row, except that with a prefix (the inputs at t = -(w-1) .. -1) a step
+    before t = 0 reads it."""
+    row = _row(r["x"], b, t, e0, cmask, st)
+    if "prefix" not in r:
+        return row
+    p = t + st.width - 1
+    before = (t < 0) & (p >= 0)
+    idx = (b, jnp.clip(p, 0, st.width - 2), pl.ds(e0, st.block_e))
+    return jnp.where(before, load(r["prefix"], idx, mask=cmask & before).astype(F32), row)
+
+
 def _position(pos_ref, b, t, st: Static):
     """positions[b, t] (0 outside [0, length): such steps see only their own tap, of a zero row)."""
     valid = (t >= 0) & (t < st.length)
@@ -81,10 +96,8 @@ def _pre(window, x_t, position, taps, bias, st: Static):
     return acc
 
 
-def _initial_window(x_ref, b, t0, e0, cmask, st: Static):
-    return tuple(
-        _row(x_ref, b, t0 - (st.width - 1) + i, e0, cmask, st) for i in range(st.width - 1)
-    )
+def _initial_window(r, b, t0, e0, cmask, st: Static):
+    return tuple(_x_row(r, b, t0 - (st.width - 1) + i, e0, cmask, st) for i in range(st.width - 1))
 
 
 def _fwd_kernel(r, *, st: Static):
@@ -106,7 +119,7 @@ def _fwd_kernel(r, *, st: Static):
         )
         return (*window, x_t)[1:]
 
-    jax.lax.fori_loop(0, st.chunk, step, _initial_window(r["x"], b, t0, e0, cmask, st))
+    jax.lax.fori_loop(0, st.chunk, step, _initial_window(r, b, t0, e0, cmask, st))
 
 
 def _bwd_kernel(r, *, st: Static):
@@ -145,6 +158,10 @@ def _bwd_kernel(r, *, st: Static):
         t_done = t - (st.width - 1)
         # dx[t - w + 1] has all its terms now; rows before the chunk belong to the previous program.
         keep = (t_done >= t0) & (t_done < jnp.minimum(t0 + st.chunk, st.length))
+        if "dx_tail" in r:  # the next row's prefix gradient, for its last w - 1 rows
+            q = t_done - (st.length - (st.width - 1))
+            idx = (b, jnp.clip(q, 0, st.width - 2), pl.ds(e0, st.block_e))
+            done = done + load(r["dx_tail"], idx, mask=cmask & keep & (q >= 0)).astype(F32)
         store(
             r["dx"],
             (b, jnp.clip(t_done, 0, st.length - 1), pl.ds(e0, st.block_e)),
@@ -155,7 +172,7 @@ def _bwd_kernel(r, *, st: Static):
 
     pending = tuple(zero for _ in range(st.width - 1))
     carry = (
-        _initial_window(r["x"], b, t0, e0, cmask, st),
+        _initial_window(r, b, t0, e0, cmask, st),
         pending,
         tuple(zero for _ in range(st.width)),
         zero,
@@ -170,12 +187,13 @@ def _grid(batch, st: Static):
     return (batch, -(-st.length // st.chunk), -(-st.channels // st.block_e))
 
 
-def conv_fwd(x, w_t, bias, positions, *, st: Static, num_warps: int, interpret: bool):
+def conv_fwd(x, w_t, bias, positions, prefix=None, *, st: Static, num_warps: int, interpret: bool):
     """out (b, t, e) in x's dtype; w_t (w, e) float32, bias (e,) float32 or None, positions
-    (b, t) int32."""
+    (b, t) int32, prefix (b, w - 1, e) or None: x at t = -(w-1) .. -1 (read where positions
+    reach before t = 0)."""
     return launch.call(
         _fwd_kernel,
-        dict(x=x, w=w_t, bias=bias, positions=positions),
+        dict(x=x, w=w_t, bias=bias, positions=positions, prefix=prefix),
         dict(out=jax.ShapeDtypeStruct(x.shape, x.dtype)),
         grid=_grid(x.shape[0], st),
         name="causal_conv1d_fwd",
@@ -185,14 +203,27 @@ def conv_fwd(x, w_t, bias, positions, *, st: Static, num_warps: int, interpret: 
     )[0]
 
 
-def conv_bwd(x, w_t, bias, positions, g, *, st: Static, num_warps: int, interpret: bool):
+def conv_bwd(
+    x,
+    w_t,
+    bias,
+    positions,
+    g,
+    prefix=None,
+    dx_tail=None,
+    *,
+    st: Static,
+    num_warps: int,
+    interpret: bool,
+):
     """(dx (b, t, e) in x's dtype, dweight partials (b, chunks, w, e) and dbias partials
-    (b, chunks, e), float32)."""
+    (b, chunks, e), float32). prefix: conv_fwd's; dx_tail (b, w - 1, e) float32 or None: added
+    to dx's last w - 1 rows (the gradient of a next row's prefix that is this row's tail)."""
     batch = x.shape[0]
     nc = -(-st.length // st.chunk)
     return launch.call(
         _bwd_kernel,
-        dict(x=x, w=w_t, bias=bias, positions=positions, g=g),
+        dict(x=x, w=w_t, bias=bias, positions=positions, g=g, prefix=prefix, dx_tail=dx_tail),
         dict(
             dx=jax.ShapeDtypeStruct(x.shape, x.dtype),
             dw=jax.ShapeDtypeStruct((batch, nc, st.width, st.channels), F32),

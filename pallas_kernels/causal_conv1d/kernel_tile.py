@@ -14,6 +14,9 @@ g_pre[s] = g[s] * silu'(pre[s]) recomputed at each of the w shifted rows s = t +
 are sums over (b, t) of the unshifted rows' terms: a program walks `chunk` steps, block_t at a
 time, accumulates them in registers and writes one partial row, added up by XLA.
 
+A `prefix` (x at t = -(w-1) .. -1) is read by rows before t = 0, and `dx_tail` added to the
+row's last w-1 dx rows, as in kernel.py (DESIGN.md, "Inputs before t = 0").
+
 Channel groups (`Static.groups`): the output can be written as several arrays, channels
 [0, g0), [g0, g0 + g1), ... (Mamba2's x, B and C out of its xBC conv), so that XLA does not copy
 them out of one array; the backward then reads one cotangent a group. Every group boundary is a
@@ -74,6 +77,26 @@ def _tile(ref, b, rows, e0, row_mask, cmask, st: Static):
     (block_t,) or cmask (block_e,) is False (nothing read there)."""
     idx = (b, jnp.clip(rows, 0, st.length - 1)[:, None], (e0 + iota(st.block_e))[None, :])
     return load(ref, idx, mask=row_mask[:, None] & cmask[None, :]).astype(F32)
+
+
+def _x_tile(r, b, rows, e0, row_mask, cmask, st: Static):
+    """_tile of x, except that with a prefix (the inputs at t = -(w-1) .. -1) rows before
+    t = 0 read it."""
+    if "prefix" not in r:
+        return _tile(r["x"], b, rows, e0, row_mask, cmask, st)
+    k = st.width - 1
+    before = rows < 0
+    from_x = _tile(r["x"], b, rows, e0, row_mask & ~before, cmask, st)
+    idx = (b, jnp.clip(rows + k, 0, k - 1)[:, None], (e0 + iota(st.block_e))[None, :])
+    mask = (row_mask & before & (rows >= -k))[:, None] & cmask[None, :]
+    return jnp.where(before[:, None], load(r["prefix"], idx, mask=mask).astype(F32), from_x)
+
+
+def _readable(rows, r, st: Static):
+    """Rows of x that exist: [0, length), and the prefix's w - 1 rows before 0 if given."""
+    if "prefix" not in r:
+        return _inside(rows, st)
+    return (rows >= -(st.width - 1)) & (rows < st.length)
 
 
 def _in_group(e0, first, size, cmask, st: Static):
@@ -147,8 +170,9 @@ def _fwd_kernel(r, *, st: Static):
     position = _positions(r["positions"], b, t, st)
 
     def shifted(lag):
-        # positions[t] >= lag implies t - lag >= 0; rows past the end have position -1.
-        return _tile(r["x"], b, t - lag, e0, position >= lag, cmask, st)
+        # Without a prefix positions[t] >= lag implies t - lag >= 0; with one, t - lag >= -(w-1).
+        # Rows past the end have position -1.
+        return _x_tile(r, b, t - lag, e0, position >= lag, cmask, st)
 
     out = _pre(shifted, position, taps, bias, st)
     if st.silu:
@@ -171,7 +195,7 @@ def _bwd_kernel(r, *, st: Static):
         t = t0 + iota(st.block_t)
         # x[t + d]: d <= 0 for the weight gradient; d > 0 only to recompute pre at later rows.
         reach = range(-(w - 1), w if st.silu else 1)
-        x_at = {d: _tile(r["x"], b, t + d, e0, _inside(t + d, st), cmask, st) for d in reach}
+        x_at = {d: _x_tile(r, b, t + d, e0, _readable(t + d, r, st), cmask, st) for d in reach}
         dx = jnp.zeros((st.block_t, st.block_e), F32)
         for k in range(w):
             lag = _lag(k, st)
@@ -195,6 +219,11 @@ def _bwd_kernel(r, *, st: Static):
                     for k2 in range(w)
                 )
                 dbias = dbias + jnp.sum(g_pre, axis=0)
+        if "dx_tail" in r:  # the next row's prefix gradient, for its last w - 1 rows
+            q = t - (st.length - (w - 1))
+            at_tail = (q >= 0) & (t < st.length)
+            idx = (b, jnp.clip(q, 0, w - 2)[:, None], (e0 + iota(st.block_e))[None, :])
+            dx = dx + load(r["dx_tail"], idx, mask=at_tail[:, None] & cmask[None, :])
         _store_rows(r["dx"], b, t0, e0, dx, cmask, st)
         return dw, dbias
 
@@ -205,13 +234,14 @@ def _bwd_kernel(r, *, st: Static):
     store(r["dbias"], (b, c, pl.ds(e0, st.block_e)), dbias, mask=cmask)
 
 
-def conv_fwd(x, w_t, bias, positions, *, st: Static, interpret: bool):
+def conv_fwd(x, w_t, bias, positions, prefix=None, *, st: Static, interpret: bool):
     """Tuple of the outputs (b, t, group) in x's dtype, one per group; w_t (w, e) float32, bias
-    (e,) float32 or None, positions (b, t) int32."""
+    (e,) float32 or None, positions (b, t) int32, prefix (b, w - 1, e) or None: x at
+    t = -(w-1) .. -1 (read where positions reach before t = 0)."""
     batch, length, _ = x.shape
     return launch.call(
         _fwd_kernel,
-        dict(x=x, w=w_t, bias=bias, positions=positions),
+        dict(x=x, w=w_t, bias=bias, positions=positions, prefix=prefix),
         {
             f"out{i}": jax.ShapeDtypeStruct((batch, length, size), x.dtype)
             for i, size in enumerate(st.groups)
@@ -224,15 +254,25 @@ def conv_fwd(x, w_t, bias, positions, *, st: Static, interpret: bool):
     )
 
 
-def conv_bwd(x, w_t, bias, positions, gs, *, st: Static, interpret: bool):
+def conv_bwd(
+    x, w_t, bias, positions, gs, prefix=None, dx_tail=None, *, st: Static, interpret: bool
+):
     """(dx (b, t, e) in x's dtype, dweight partials (b, chunks, w, e) and dbias partials
-    (b, chunks, e), float32): kernel.conv_bwd's contract, with gs the outputs' cotangents, one
-    per group."""
+    (b, chunks, e), float32): kernel.conv_bwd's contract (prefix, dx_tail included), with gs
+    the outputs' cotangents, one per group."""
     batch = x.shape[0]
     nc = -(-st.length // st.chunk)
     return launch.call(
         _bwd_kernel,
-        dict(x=x, w=w_t, bias=bias, positions=positions, **{f"g{i}": g for i, g in enumerate(gs)}),
+        dict(
+            x=x,
+            w=w_t,
+            bias=bias,
+            positions=positions,
+            prefix=prefix,
+            dx_tail=dx_tail,
+            **{f"g{i}": g for i, g in enumerate(gs)},
+        ),
         dict(
             dx=jax.ShapeDtypeStruct(x.shape, x.dtype),
             dw=jax.ShapeDtypeStruct((batch, nc, st.width, st.channels), F32),

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.causal_conv1d import kernel, kernel_tile
 from pallas_kernels.causal_conv1d.config import TILE, TileConfig
+from pallas_kernels.common import conv_prefix, split_prefix_grad
 
 F32 = jnp.float32
 BLOCK_E = 128  # channels a program of the walking kernels: one per thread on 4 warps
@@ -28,6 +29,8 @@ def causal_conv1d_pallas(
     positions,
     *,
     activation,
+    prefix=None,
+    linked=None,
     interpret: bool = False,
     kernel_name: str | None = None,
     chunk: int = CHUNK,
@@ -36,6 +39,13 @@ def causal_conv1d_pallas(
 ):
     """Same contract as jax_packmamba.ops.causal_conv1d (arguments already validated there),
     with positions (b, t) int32 = positions_from_segment_ids(segment_ids).
+
+    prefix: optional (b, w - 1, e), any float dtype (read as float32): x at t = -(w-1) .. -1,
+    read by tap k at t where t - lag < 0 and positions[t] >= lag (a run that began before t = 0
+    has positions offset accordingly); its gradient comes back in prefix's dtype. linked:
+    optional (b, w - 1) bool, with prefix: where True, row b's prefix is row b - 1's last w - 1
+    inputs instead (conv_prefix; False in row 0; needs t >= w - 1), their gradient going into
+    dx (the backward kernel adds it to those rows), none to `prefix` there.
 
     kernel_name: "walk" or "tile" (None: KERNEL). `chunk` (time steps a walking program, a power
     of two) is for tests that need chunk edges in short rows; `tile` the tile kernels' blocks.
@@ -100,7 +110,18 @@ def causal_conv1d_pallas(
                 **common,
             ),
         )
-    outs = _conv_jit(plan, interpret, x, weight, bias, positions.astype(jnp.int32))
+    want = (x.shape[0], width - 1, channels)
+    if prefix is not None and tuple(prefix.shape) != want:
+        raise ValueError(
+            f"prefix must be (batch, width - 1, channels) = {want}, got {prefix.shape}"
+        )
+    if linked is not None and tuple(linked.shape) != want[:2]:
+        raise ValueError(f"linked must be (batch, width - 1) = {want[:2]}, got {linked.shape}")
+    if prefix is not None and width == 1:  # no tap reaches back
+        prefix = linked = None
+    if linked is not None and (prefix is None or length < width - 1):
+        raise ValueError(f"linked needs a prefix and rows of at least {width - 1} steps")
+    outs = _conv_jit(plan, interpret, x, weight, bias, positions.astype(jnp.int32), prefix, linked)
     if groups is None:
         return outs[0]
     if split_after:
@@ -125,30 +146,71 @@ def _forward(st, interpret, *args):
     return (kernel.conv_fwd(*args, st=st, num_warps=NUM_WARPS, interpret=interpret),)
 
 
-def _backward(st, interpret, x, w_t, bias, positions, gs):
+def _backward(st, interpret, x, w_t, bias, positions, gs, prefix, dx_tail):
     if isinstance(st, kernel_tile.Static):
-        return kernel_tile.conv_bwd(x, w_t, bias, positions, gs, st=st, interpret=interpret)
+        return kernel_tile.conv_bwd(
+            x, w_t, bias, positions, gs, prefix, dx_tail, st=st, interpret=interpret
+        )
     (g,) = gs
     return kernel.conv_bwd(
-        x, w_t, bias, positions, g, st=st, num_warps=NUM_WARPS, interpret=interpret
+        x, w_t, bias, positions, g, prefix, dx_tail, st=st, num_warps=NUM_WARPS, interpret=interpret
     )
 
 
+def prefix_grad(x, w_t, bias, positions, prefix, gs, silu: bool):
+    """(b, w - 1, e) float32: the gradient of the prefix (float32, conv_prefix's) from the
+    cotangents gs of the outputs' channel groups. Only outputs t < w - 1 read the prefix, so
+    this is XLA work on the rows' first w - 1 steps, computed before the backward kernel, which
+    adds a linked prefix's share into the previous row's dx."""
+    width, length = w_t.shape[0], x.shape[1]
+    k, n = width - 1, min(width - 1, length)
+
+    def head(a, fill=0):  # a's first k steps, padded past the row's end
+        return jnp.pad(
+            a[:, :n], [(0, 0), (0, k - n)] + [(0, 0)] * (a.ndim - 2), constant_values=fill
+        )
+
+    g = head(jnp.concatenate([g[:, :n] for g in gs], axis=-1) if len(gs) > 1 else gs[0])
+    g, position = g.astype(F32), head(positions, fill=-1)
+    ext = jnp.concatenate([prefix, head(x).astype(F32)], axis=1)  # ext[:, i] = x[i - k]
+    reads = [(position >= k - j)[..., None] for j in range(width)]  # tap j at t reads ext[t + j]
+    if silu:
+        pre = 0.0 if bias is None else bias
+        for j in range(width):
+            pre = pre + jnp.where(reads[j], ext[:, j : j + k], 0.0) * w_t[j]
+        sig = jax.nn.sigmoid(pre)
+        g = g * sig * (1.0 + pre * (1.0 - sig))
+    d_prefix = jnp.zeros_like(prefix)
+    for j in range(width):  # ext[t + j] is the prefix's row t + j where t < k - j
+        sent = jnp.where(reads[j], g, 0.0)[:, : k - j] * w_t[j]
+        d_prefix = d_prefix + jnp.pad(sent, [(0, 0), (j, 0), (0, 0)])
+    return d_prefix
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _conv(plan, interpret, x, weight, bias, positions):
-    return _forward(plan[0], interpret, x, *_kernel_params(weight, bias), positions)
+def _conv(plan, interpret, x, weight, bias, positions, prefix, linked):
+    prefix = None if prefix is None else conv_prefix(x, prefix, linked)
+    return _forward(plan[0], interpret, x, *_kernel_params(weight, bias), positions, prefix)
 
 
-def _conv_fwd(plan, interpret, x, weight, bias, positions):
-    return _conv(plan, interpret, x, weight, bias, positions), (x, weight, bias, positions)
+def _conv_fwd(plan, interpret, x, weight, bias, positions, prefix, linked):
+    out = _conv(plan, interpret, x, weight, bias, positions, prefix, linked)
+    return out, (x, weight, bias, positions, prefix, linked)
 
 
 def _conv_bwd(plan, interpret, res, gs):
-    x, weight, bias, positions = res
-    dx, dw, dbias = _backward(plan[1], interpret, x, *_kernel_params(weight, bias), positions, gs)
+    x, weight, bias, positions, given, linked = res
+    w_t, bias_f = _kernel_params(weight, bias)
+    prefix = d_given = dx_tail = None
+    if given is not None:
+        prefix = conv_prefix(x, given, linked)
+        d_prefix = prefix_grad(x, w_t, bias_f, positions, prefix, gs, plan[1].silu)
+        d_given, dx_tail = split_prefix_grad(d_prefix, linked)
+        d_given = d_given.astype(given.dtype)
+    dx, dw, dbias = _backward(plan[1], interpret, x, w_t, bias_f, positions, gs, prefix, dx_tail)
     dweight = dw.sum((0, 1)).T.astype(weight.dtype)
     dbias = None if bias is None else dbias.sum((0, 1)).astype(bias.dtype)
-    return dx, dweight, dbias, None
+    return dx, dweight, dbias, None, d_given, None
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
