@@ -10,7 +10,8 @@ variant's forward and forward+backward (jax.vjp, random bf16 cotangent): harness
 the forward+backward from a profiler trace (the forward, the backward and XLA's reduction of the
 weight-gradient partials apart). At the mamba2-1.3b shape also the output as Mamba2's x, B and C
 (GROUPS): "walk_groups" splits after the walking kernel (copies), "tile_groups" has the tile
-kernels write the three arrays; and "walk_groups_linked", "tile_groups_linked": the same with
+kernels write the three arrays, "tile_walk_groups" the tile forward and the walking backward
+(the groups' cotangents joined for it); and "..._groups_linked": the same with
 rows 1.. linked to the row before (their first run continues it: the conv reads the previous
 row's last w - 1 inputs as its prefix, DESIGN.md "Inputs before t = 0"), which should cost the
 unlinked time plus O(b w e) (their max_rel_diff differs from the first variant's only at the
@@ -40,7 +41,7 @@ SMOKE_SHAPES = [(1, 40, 96)]
 # (mamba2-1.3b: d_inner 4096, one group of d_state 128). "walk" splits after its kernel, as the
 # model does with it; "tile" writes the three arrays.
 GROUPS = {(8, 2048, 4352): (4096, 128, 128), (1, 40, 96): (64, 16, 16)}
-GROUP_VARIANTS = ("walk", "tile")
+GROUP_VARIANTS = ("walk", "tile", "tile_walk")
 SEGMENTS = 64  # a row
 WIDTH = 4
 HBM_BYTES_PER_S = 3.35e12
@@ -48,6 +49,7 @@ HBM_BYTES_PER_S = 3.35e12
 VARIANTS = [
     ("walk", "walk", None),
     ("tile", "tile", TileConfig()),
+    ("tile_walk", "tile_walk", TileConfig()),
     (
         "tile_small",
         "tile",
@@ -107,7 +109,10 @@ def fns(kernel_name, tile, interpret, groups=None, linked=False):
         return conv(x, w, b, pos)
 
     def fwdbwd(x, w, b, pos, ct):
-        return jax.vjp(lambda *a: conv(*a, pos), x, w, b)[1](ct)
+        # The output is returned too: without a use XLA drops the forward kernel (the backward
+        # recomputes from x), and "fwd+bwd" would time the backward alone.
+        out, vjp = jax.vjp(lambda *a: conv(*a, pos), x, w, b)
+        return out, vjp(ct)
 
     return jax.jit(fwd), jax.jit(fwdbwd)
 
@@ -128,7 +133,7 @@ def measure(label, fwd, fwdbwd, sets, timing, reference) -> dict:
     set 0 against the first variant's (`reference`, filled by the first call). A variant that
     fails records its error and the run goes on."""
     try:
-        out, grads = fwd(*sets[0]), fwdbwd(*sets[0])
+        out, grads = fwd(*sets[0]), fwdbwd(*sets[0])[1]
         if not reference:
             reference.update(out=out, grads=grads)
         r = dict(

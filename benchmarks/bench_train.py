@@ -250,6 +250,7 @@ def child(spec: dict) -> None:
             backend=backend,
             dtype=spec["dtype"],
             scan_impl=spec["scan_impl"],
+            conv_impl=spec["conv_impl"],
             remat=spec["remat"],
             scan_layers=spec["scan_layers"],
             overrides=spec["model_overrides"],
@@ -260,6 +261,7 @@ def child(spec: dict) -> None:
             flops_per_token=flops,
             compute_dtype=model_config.dtype,
             scan_impl=model_config.scan_impl,
+            conv_impl=model_config.conv_impl,
             remat=model_config.remat,
             scan_layers=model_config.scan_layers,
             model_overrides=spec["model_overrides"],
@@ -643,6 +645,9 @@ def parse_args(argv):
     )
     ap.add_argument("--dtype", default="auto", help="compute dtype (auto: bf16 on GPU)")
     ap.add_argument("--scan-impl", default="auto")
+    ap.add_argument(
+        "--conv-impl", default="auto", help="MambaConfig.conv_impl (e.g. pallas_tile_walk)"
+    )
     harness.add_layer_args(ap)
     ap.add_argument(
         "--model",
@@ -729,6 +734,7 @@ def main(argv=None) -> int:
         steps_per_group=default(args.group, 2, 1),
         dtype=args.dtype,
         scan_impl=args.scan_impl,
+        conv_impl=args.conv_impl,
         remat=args.remat,
         scan_layers=args.scan_layers,
     )

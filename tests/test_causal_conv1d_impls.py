@@ -183,14 +183,16 @@ def test_packed_conv_equals_alone_and_perturbation_is_isolated(impl):
 
 
 @pytest.mark.parametrize(
-    "impl, tile, in_kernel",
+    "impl, tile, in_kernel, kernel_name",
     [
-        ("xla", None, False),
-        ("pallas_tile_interpret", TileConfig(fwd_block_c=64, bwd_block_c=64), True),
-        ("pallas_tile_interpret", EDGE_TILE, False),  # boundary 192: not a multiple of 128
+        ("xla", None, False, None),
+        ("pallas_tile_interpret", TileConfig(fwd_block_c=64, bwd_block_c=64), True, "tile"),
+        ("pallas_tile_interpret", EDGE_TILE, False, "tile"),  # boundary 192: not a multiple of 128
+        # The tile forward's groups joined for the walking backward.
+        ("pallas_tile_interpret", TileConfig(fwd_block_c=64, bwd_block_c=64), True, "tile_walk"),
     ],
 )
-def test_channel_groups_are_the_split_output_and_its_gradient(impl, tile, in_kernel):
+def test_channel_groups_are_the_split_output_and_its_gradient(impl, tile, in_kernel, kernel_name):
     groups = (128, 64, 8)
     k = jax.random.split(jax.random.key(5), 4)
     x = jax.random.normal(k[0], (2, 40, 200))
@@ -211,12 +213,17 @@ def test_channel_groups_are_the_split_output_and_its_gradient(impl, tile, in_ker
                 pos,
                 activation="silu",
                 interpret=True,
-                kernel_name="tile",
+                kernel_name=kernel_name,
                 tile=tile,
                 groups=groups,
             )
 
     y, vjp = jax.vjp(f, x, w, b)
+    if kernel_name == "tile_walk":  # two kernels' halves: against the XLA impl
+        y_xla, vjp_xla = jax.vjp(functools.partial(causal_conv1d, **kw, impl="xla"), x, w, b)
+        np.testing.assert_allclose(y, y_xla, rtol=1e-5, atol=1e-5)
+        for g, g_xla in zip(vjp(cot), vjp_xla(cot)):
+            np.testing.assert_allclose(g, g_xla, rtol=1e-4, atol=1e-4)
     parts, vjp_parts = jax.vjp(lambda *a: f(*a, groups=groups), x, w, b)
     assert [p.shape for p in parts] == [(2, 40, g) for g in groups]
     np.testing.assert_allclose(jnp.concatenate(parts, -1), y, rtol=1e-6, atol=1e-6)

@@ -35,7 +35,11 @@ ACTIVATIONS = (None, "silu")
 # H200's 132).
 PALLAS_MIN_PROGRAMS_PER_SM = 4
 # "pallas" runs pallas_kernels.causal_conv1d.KERNEL; "pallas_walk" and "pallas_tile" name one.
-PALLAS_KERNEL_IMPLS = {"pallas_walk": "walk", "pallas_tile": "tile"}
+PALLAS_KERNEL_IMPLS = {
+    "pallas_walk": "walk",
+    "pallas_tile": "tile",
+    "pallas_tile_walk": "tile_walk",
+}
 CONV_IMPLS = ("auto", "xla", "pallas", *PALLAS_KERNEL_IMPLS, "pallas_interpret")
 
 
@@ -75,8 +79,9 @@ def causal_conv1d(
           elsewhere), forward and backward
           ("auto" on a GPU when the launch has PALLAS_MIN_PROGRAMS_PER_SM programs an SM or
           more);
-      "pallas_walk", "pallas_tile": "pallas" with the kernels that walk time inside a program,
-          or with the tile-parallel ones ("pallas" runs one of them: the package's KERNEL);
+      "pallas_walk", "pallas_tile", "pallas_tile_walk": "pallas" with the kernels that walk
+          time inside a program, with the tile-parallel ones, or with the tile forward and the
+          walking backward ("pallas" runs one of them: the package's KERNEL);
       "pallas_interpret": the same kernels through the Pallas interpreter (any backend; tests).
     """
     check_causal_conv1d_args(x, weight, bias, segment_ids, activation)

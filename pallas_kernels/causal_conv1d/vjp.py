@@ -17,7 +17,9 @@ F32 = jnp.float32
 BLOCK_E = 128  # channels a program of the walking kernels: one per thread on 4 warps
 NUM_WARPS = 4
 CHUNK = 256  # time steps a walking program (each also re-reads w - 1 rows of halo)
-KERNELS = ("walk", "tile")
+# "tile_walk": the tile forward (twice the walking one's speed at mamba2-1.3b's shape, and no
+# split copies) with the walking backward (the faster backward): DESIGN.md, "Selecting".
+KERNELS = ("walk", "tile", "tile_walk")
 # The kernels impl="pallas" runs; the other stays selectable by name (DESIGN.md compares them).
 KERNEL = "walk"
 
@@ -47,7 +49,7 @@ def causal_conv1d_pallas(
     inputs instead (conv_prefix; False in row 0; needs t >= w - 1), their gradient going into
     dx (the backward kernel adds it to those rows), none to `prefix` there.
 
-    kernel_name: "walk" or "tile" (None: KERNEL). `chunk` (time steps a walking program, a power
+    kernel_name: "walk", "tile" or "tile_walk" (tile forward, walking backward; None: KERNEL). `chunk` (time steps a walking program, a power
     of two) is for tests that need chunk edges in short rows; `tile` the tile kernels' blocks.
     groups: channel counts summing to x's channels: returns a tuple of the output's channel
     groups, as jnp.split would. The tile kernels write them as separate arrays (no copy) when
@@ -110,6 +112,16 @@ def causal_conv1d_pallas(
                 **common,
             ),
         )
+        if kernel_name == "tile_walk":
+            walk = kernel.Static(
+                length=length,
+                channels=channels,
+                width=width,
+                block_e=BLOCK_E,
+                chunk=min(chunk, cap),
+                silu=silu,
+            )
+            plan = (plan[0], walk)
     want = (x.shape[0], width - 1, channels)
     if prefix is not None and tuple(prefix.shape) != want:
         raise ValueError(
@@ -151,7 +163,8 @@ def _backward(st, interpret, x, w_t, bias, positions, gs, prefix, dx_tail):
         return kernel_tile.conv_bwd(
             x, w_t, bias, positions, gs, prefix, dx_tail, st=st, interpret=interpret
         )
-    (g,) = gs
+    # The walking backward reads one cotangent: the groups' (tile_walk) are joined first.
+    g = gs[0] if len(gs) == 1 else jnp.concatenate(gs, axis=-1)
     return kernel.conv_bwd(
         x, w_t, bias, positions, g, prefix, dx_tail, st=st, num_warps=NUM_WARPS, interpret=interpret
     )
