@@ -167,6 +167,7 @@ def run(config: TrainConfig, *, log=print) -> dict:
         p.mesh,
         grad_reduce=config.mesh.grad_reduce,
         carry_rows=config.data.batch_size if config.data.long_docs == "link_across_steps" else None,
+        stream_groups=config.data.stream_groups,
     )
     ckpt = Checkpointer(out / CHECKPOINTS_DIR, r.keep_checkpoints)
     try:
@@ -315,6 +316,7 @@ def make_batcher(p: Prepared) -> data_lib.Batcher:
         pack_policy=d.pack_policy,
         single_bucket=d.single_bucket,
         long_docs=d.long_docs,
+        stream_groups=d.stream_groups,
     )
 
 
