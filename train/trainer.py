@@ -138,7 +138,13 @@ def describe(p: Prepared, efficiency: dict) -> list[str]:
         f"{p.num_eval_docs} documents ({len(p.eval_pieces)} pieces) for eval loss",
         f"batch   mode {d.mode}: {c.optim.grad_accum} x {rows} rows x {d.seq_len} tokens a step; "
         f"real tokens per slot: packed {metrics_lib.fmt_pct(efficiency['packed'])}, padded "
-        f"{metrics_lib.fmt_pct(efficiency['padded'])}, single {metrics_lib.fmt_pct(efficiency['single'])}",
+        f"{metrics_lib.fmt_pct(efficiency['padded'])}, single {metrics_lib.fmt_pct(efficiency['single'])}"
+        + (
+            f"; {d.stream_groups} groups of {rows} row streams, micro-batch m serves group "
+            f"m mod {d.stream_groups}"
+            if d.stream_groups > 1
+            else ""
+        ),
         f"devices {len(devices)} x {kind} ({jax.default_backend()}), mesh data={p.mesh.shape['data']} "
         f"fsdp={p.mesh.shape['fsdp']}; jax {jax.__version__}",
     ]
