@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python3 benchmarks/bench_long_docs.py [--preset 130m] [--n-layer 12]
         [--steps 300] [--seq-len 2048] [--rows 8] [--modes cut,link,link_across_steps]
-        [--out DIR] [--smoke]
+        [--stream-groups 1,4] [--out DIR] [--smoke]
 
 Trains the same model once per mode (--modes: any of cut, link, link_across_steps) through
 the trainer (train/__main__.py) on the stdlib corpus, the same seed, steps and so the same
@@ -14,7 +14,9 @@ model reads the held-out documents two ways: "whole" (pack_stream with the links
 document as one sequence) and "cut" (the same rows without the links: every row from a zero
 state). The per-token loss is averaged by position in the document (log2 buckets of seq_len),
 written to --out/long_docs_<slug>.json with each mode's training and evaluation seconds, and
-plotted to long_docs_<slug>.png.
+plotted to long_docs_<slug>.png, beside each mode's training loss (the mean of its last 20
+steps). --stream-groups G1,G2,...: link_across_steps is trained once per value with
+--data.stream_groups=G, labelled link_across_steps (G = 1) or link_across_steps_g<G>.
 
 The default model is the 130m preset cut to 12 layers (about 57M parameters with byte tokens):
 300 steps of 8 x 2048, compiles included, take about 90 s a mode on one H100 (training and
@@ -23,6 +25,7 @@ evaluation). --smoke: the tiny preset, 64-token rows, a few steps on CPU.
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 import time
@@ -101,6 +104,12 @@ def main(argv=None) -> int:
         default="cut,link,link_across_steps",
         help="--data.long_docs values to train, comma-separated",
     )
+    p.add_argument(
+        "--stream-groups",
+        default="1",
+        help="--data.stream_groups values link_across_steps is trained with, comma-separated "
+        "ints >= 1 (default 1)",
+    )
     args = p.parse_args(argv)
     from train.config import LONG_DOCS
 
@@ -108,6 +117,19 @@ def main(argv=None) -> int:
     bad = [m for m in modes if m not in LONG_DOCS]
     if bad or not modes:
         p.error(f"--modes: choose from {', '.join(LONG_DOCS)}, got {args.modes!r}")
+    groups = [g.strip() for g in args.stream_groups.split(",") if g.strip()]
+    if not groups or not all(g.isdigit() and int(g) >= 1 for g in groups):
+        p.error(f"--stream-groups: comma-separated ints >= 1, got {args.stream_groups!r}")
+    groups = list(dict.fromkeys(int(g) for g in groups))
+    if groups != [1] and "link_across_steps" not in modes:
+        p.error("--stream-groups: only link_across_steps has stream groups; add it to --modes")
+    # (label, trainer flags) of every run: link_across_steps once per stream group count.
+    runs = []
+    for mode in modes:
+        for g in groups if mode == "link_across_steps" else [1]:
+            label = mode if g == 1 else f"{mode}_g{g}"
+            flags = [f"--data.long_docs={mode}"] + ([f"--data.stream_groups={g}"] if g > 1 else [])
+            runs.append((label, flags))
     new = harness.new_result(
         "long_docs",
         script=__file__,
@@ -148,8 +170,10 @@ def main(argv=None) -> int:
         steps=steps,
         seq_len=seq_len,
         rows=args.rows,
-        modes=modes,
+        modes=[label for label, _ in runs],
+        stream_groups=groups,
         seconds={},
+        train_loss={},
         results={},
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -161,12 +185,14 @@ def main(argv=None) -> int:
         long_docs = [d for d in held if len(d) > seq_len][: args.max_eval_docs]
         data.update(eval_documents=len(long_docs), eval_tokens=int(sum(map(len, long_docs))))
         print(f"held-out documents longer than {seq_len}: {len(long_docs)}", flush=True)
-        for trained in modes:
+        for trained, flags in runs:
             out = f"{tmp}/{trained}"
             start = time.perf_counter()
-            if train_main(common + [f"--data.long_docs={trained}", f"--run.out_dir={out}"]):
-                raise RuntimeError(f"training with long_docs={trained} failed")
+            if train_main(common + flags + [f"--run.out_dir={out}"]):
+                raise RuntimeError(f"training with {' '.join(flags)} failed")
             trained_s = time.perf_counter() - start
+            with open(f"{out}/summary.json") as f:
+                data["train_loss"][trained] = json.load(f)["loss_last20_mean"]
             model = from_pretrained(out, dtype="float32")
             for read in ("whole", "cut"):
                 losses = position_losses(

@@ -581,7 +581,10 @@ def smoke_bench_loss(out, data):
 
 def smoke_bench_long_docs(out, data):
     assert data["eval_documents"] >= 1 and len(data["results"]) == 6
-    assert set(data["seconds"]) == {"cut", "link", "link_across_steps"}
+    # --stream-groups 2: link_across_steps trained with two groups of row streams only.
+    labels = ["cut", "link", "link_across_steps_g2"]
+    assert data["modes"] == list(data["seconds"]) == list(data["train_loss"]) == labels
+    assert all(np.isfinite(x) for x in data["train_loss"].values())
     for name, row in data["results"].items():
         assert np.isfinite(row["mean"]) and row["by_position"], name
     first = [next(iter(r["by_position"].values())) for r in data["results"].values()]
@@ -711,7 +714,7 @@ SMOKES = {
     ),
     "bench_long_docs": (
         "bench_long_docs",
-        lambda d: ["--smoke", "--out", d],
+        lambda d: ["--smoke", "--stream-groups", "2", "--out", d],
         "long_docs_cpu_smoke.json",
         smoke_bench_long_docs,
         True,

@@ -427,23 +427,44 @@ def test_link_batcher_streams_every_token_once_and_resumes_exactly():
             np.testing.assert_array_equal(got[k], w[k])
 
 
-def row_streams(batches, rows):
-    """Each row's documents, rebuilt from per-row-stream micro-batches: (tokens, targets,
-    loss_mask) per document, a piece at a row's start joined to the row's previous piece
-    where the row's flag says it continues."""
-    docs = [[] for _ in range(rows)]
+def row_streams(batches, rows, groups=1):
+    """Each row stream's documents, rebuilt from per-row-stream micro-batches: (tokens,
+    targets, loss_mask) per document, a piece at a row's start joined to its stream's previous
+    piece where the row's flag says it continues. With stream groups, micro-batch m (counted
+    over the batches) row r is stream (m mod groups) * rows + r."""
+    docs = [[] for _ in range(groups * rows)]
+    m = 0
     for arrays in batches:
         for a in range(arrays["tokens"].shape[0]):
             for r in range(rows):
+                stream = docs[(m % groups) * rows + r]
                 seg = arrays["segment_ids"][a, r]
                 for i, s in enumerate(np.unique(seg[seg > 0])):
                     at = seg == s
                     piece = [arrays[k][a, r][at] for k in ("tokens", "targets", "loss_mask")]
                     if i == 0 and arrays["continues"][a, r, 0]:
-                        docs[r][-1] = [np.concatenate(x) for x in zip(docs[r][-1], piece)]
+                        stream[-1] = [np.concatenate(x) for x in zip(stream[-1], piece)]
                     else:
-                        docs[r].append(piece)
+                        stream.append(piece)
+            m += 1
     return docs
+
+
+def check_row_streams(rebuilt, docs, order):
+    """Every document once, whole, its true targets, in stream order within its row stream
+    (a wrong flag, or a link between two streams, would make a non-document); returns each
+    stream's document indices."""
+    seen, streams = [], []
+    for row in rebuilt:
+        index = [next(i for i, d in enumerate(docs) if np.array_equal(d, t)) for t, _, _ in row]
+        assert [order.index(i) for i in index] == sorted(order.index(i) for i in index)
+        for i, (_, targets, mask) in zip(index, row):
+            np.testing.assert_array_equal(targets[:-1], docs[i][1:])
+            assert mask[:-1].all() and not mask[-1]
+        seen += index
+        streams.append(index)
+    assert sorted(seen) == list(range(len(docs)))
+    return streams
 
 
 def test_row_stream_batcher_streams_every_document_whole_in_its_row_and_resumes():
@@ -464,18 +485,9 @@ def test_row_stream_batcher_streams_every_document_whole_in_its_row_and_resumes(
     batches = []
     while batcher.consumed < len(docs) or any(g >= 0 for g, _, _ in batcher.rows):
         batches.append(next(batcher)["arrays"])
-    rebuilt = row_streams(batches, 3)
-    seen = []
-    for row in rebuilt:
-        index = [next(i for i, d in enumerate(docs) if np.array_equal(d, t)) for t, _, _ in row]
-        assert [order.index(i) for i in index] == sorted(order.index(i) for i in index)
-        for i, (_, targets, mask) in zip(index, row):
-            np.testing.assert_array_equal(targets[:-1], docs[i][1:])
-            assert mask[:-1].all() and not mask[-1]
-        seen += index
     # Every document once, each whole (row_streams joins a flagged piece to its own row's
     # previous one: a wrong flag, or a link between rows, would make a non-document).
-    assert sorted(seen) == list(range(len(docs)))
+    check_row_streams(row_streams(batches, 3), docs, order)
     flags = np.stack([b["continues"][..., 0] for b in batches])
     assert flags[0, 0].sum() == 0 and flags.sum() >= 6  # the first rows start fresh
     # Resume: after two batches several rows are mid-document; a restored Batcher goes on.
@@ -494,6 +506,52 @@ def test_row_stream_batcher_streams_every_document_whole_in_its_row_and_resumes(
             np.testing.assert_array_equal(got["arrays"][k], w["arrays"][k])
     with pytest.raises(ValueError, match="one stream per row"):
         Batcher(docs, **kw).restore({"consumed": 3, "offset": 4})
+
+
+def test_stream_groups_batcher_serves_group_m_mod_g_and_resumes():
+    """link_across_steps with stream_groups=2 (3 rows, 3 micro-batches a step, so groups
+    alternate over step edges too): micro-batch m serves group m mod 2's row streams; over
+    an epoch every document appears once, whole and in stream order within one stream of
+    one group (rebuilt by m mod 2: any other assignment would join pieces of different
+    documents); the first two micro-batches start fresh; a Batcher restored after an odd
+    number of micro-batches (group 1 next, rows mid-document) repeats the batches."""
+    from train.data import Batcher
+
+    rng = np.random.default_rng(6)
+    lengths = [5, 70, 1, 33, 200, 9, 16, 48, 1, 2, 64, 17, 130, 3, 40, 25]
+    docs = [rng.integers(0, 255, size=n).astype(np.int32) for n in lengths]
+    kw = dict(mode="packed", seq_len=16, batch_size=3, grad_accum=3, seed=1)
+    kw.update(long_docs="link_across_steps", stream_groups=2)
+    batcher = Batcher(docs, wrap=False, **kw)
+    order = [batcher._index(g) for g in range(len(docs))]
+    batches = []
+    while batcher.consumed < len(docs) or any(g >= 0 for g, _, _ in batcher.rows):
+        batches.append(next(batcher)["arrays"])
+    streams = check_row_streams(row_streams(batches, 3, groups=2), docs, order)
+    assert all(streams)  # all six streams got documents
+    flags = np.concatenate([b["continues"][..., 0] for b in batches])  # (micro-batches, rows)
+    assert flags[:2].sum() == 0 and flags[2:].sum() >= 6
+    # Read as one group, the same batches join pieces of different documents.
+    with pytest.raises((StopIteration, AssertionError)):
+        check_row_streams(row_streams(batches, 3), docs, order)
+    first = Batcher(docs, **kw)
+    next(first)
+    state = first.state()
+    assert state["micro"] == 3 and len(state["rows"]) == 6
+    assert sum(offset > 0 for _, offset, _ in state["rows"]) >= 3, state
+    want = [next(first) for _ in range(3)]
+    resumed = Batcher(docs, **kw)
+    resumed.restore(state)
+    for w in want:
+        got = next(resumed)
+        assert got["stats"] == w["stats"]
+        for k in w["arrays"]:
+            np.testing.assert_array_equal(got["arrays"][k], w["arrays"][k])
+    kw.pop("stream_groups")
+    with pytest.raises(ValueError, match=r"one stream per row \(3 rows: 1 group"):
+        Batcher(docs, **kw).restore(state)
+    with pytest.raises(ValueError, match="stream_groups=2 needs long_docs='link_across_steps'"):
+        Batcher(docs, **kw | dict(long_docs="link", stream_groups=2))
 
 
 # Per-row streams of 3 rows of 8 tokens, 3 micro-batches (shuffle off: documents in this
@@ -586,6 +644,81 @@ def test_carried_step_gets_each_document_whole_and_rows_are_isolated(family):
         assert losses2[r] == losses[r]
         for k in carry:
             np.testing.assert_array_equal(carry2[k][:, r], carry[k][:, r])
+
+
+# Two groups of 2 row streams of 8 tokens, 4 micro-batches (shuffle off): group 0 serves
+# micro-batches 0 and 2, group 1 micro-batches 1 and 3. Among the streams: a document over both
+# of its group's micro-batches, a 1-token piece after the edge, a length-1 document, a
+# document ending exactly at the last micro-batch's end, documents going on past it.
+GROUPS_DOCS = [11, 3, 1, 6, 9, 16, 4, 2, 5, 7, 13, 8, 10, 6]
+
+
+def test_carried_step_with_stream_groups_serves_one_group_at_a_time():
+    """--data.stream_groups=2 (mamba1, float32): micro-batch m runs from group m mod 2's
+    carried states (train.step.grouped_carried_losses) and writes back only those: the other
+    group's states are unchanged bit for bit after every micro-batch. Each row stream's
+    summed loss is the sum of its documents' losses alone, its carried state the end state of
+    its last document alone, and sum_grads_carried's scan gives the same loss and carry."""
+    from flax import nnx
+
+    import jax_packmamba as jp
+    from train import step as step_lib
+    from train.data import Batcher
+
+    config = tiny_model_config("mamba1")
+    graph, params = nnx.split(jp.LM(config, rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(params)
+    rng = np.random.default_rng(3)
+    docs = [rng.integers(0, 61, size=n).astype(np.int32) for n in GROUPS_DOCS]
+    kw = dict(mode="packed", seq_len=8, batch_size=2, grad_accum=4, shuffle=False)
+    batcher = Batcher(docs, long_docs="link_across_steps", stream_groups=2, **kw)
+    arrays = next(batcher)["arrays"]
+    flags = arrays["continues"][..., 0].astype(int).tolist()
+    assert flags == [[0, 0], [0, 0], [1, 1], [1, 1]]
+    rebuilt = row_streams([arrays], 2, groups=2)  # streams g * 2 + r
+    step = jax.jit(
+        lambda p, mb, c: step_lib.grouped_carried_losses(graph, p, mb, c, chunk_tokens=16)
+    )
+    zero = jax.device_get(step_lib.init_carry(config, 2, groups=2))
+    assert zero["ssm"].shape[:3] == (2, config.n_layer, 2) and int(zero["next_group"]) == 0
+    states = ("conv", "ssm")
+    losses, carry = [], zero
+    for stream in range(4):  # each stream's loss alone: the other rows' targets masked out
+        g, r = divmod(stream, 2)
+        carry, total = zero, 0.0
+        for a in range(4):
+            mb = {k: v[a] for k, v in arrays.items()}
+            mine = (np.arange(2) == r) & (a % 2 == g)
+            mb["loss_mask"] = mb["loss_mask"] & mine[:, None]
+            ce, (_, new) = jax.device_get(step(params, mb, carry))
+            assert int(new["next_group"]) == (a + 1) % 2
+            for k in states:  # the group not served: bit for bit; the served one: moved on
+                np.testing.assert_array_equal(new[k][1 - a % 2], carry[k][1 - a % 2])
+                assert not np.array_equal(new[k][a % 2], carry[k][a % 2])
+            carry, total = new, total + float(ce)
+        losses.append(total)
+    alone_call = jax.jit(
+        lambda *a: nnx.merge(graph, params).cross_entropy(*a, return_end_state=True)
+    )
+    for stream, row in enumerate(rebuilt):
+        g, r = divmod(stream, 2)
+        alone = 0.0
+        for tokens, targets, mask in row:  # padding first: the document is the row's last run
+            pad = 16 - len(tokens)
+            seg = np.r_[np.zeros(pad, np.int32), np.ones(len(tokens), np.int32)]
+            x = [np.r_[np.zeros(pad, v.dtype), v][None] for v in (tokens, targets, mask)]
+            ce, _, end = alone_call(x[0], seg[None], x[1], x[2])
+            alone += float(ce)
+        assert abs(losses[stream] - alone) <= 1e-5 * abs(alone), (stream, losses, alone)
+        for k, v in end._asdict().items():  # the carry was the same for every stream's pass
+            assert rel_err(carry[k][g, :, r], v[:, 0]) < 1e-5, (stream, k)
+    _, ce_sum, count, end_carry = jax.jit(
+        lambda p, b, c: step_lib.sum_grads_carried(graph, p, b, c, chunk_tokens=16)
+    )(params, arrays, zero)
+    assert abs(float(ce_sum) - sum(losses)) <= 1e-5 * sum(losses)
+    assert int(count) == int(arrays["loss_mask"].sum()) and int(end_carry["next_group"]) == 0
+    for k in states:
+        assert rel_err(end_carry[k], carry[k]) < 1e-5
 
 
 # ---------------------------------------------------------------- the models
@@ -809,6 +942,48 @@ def test_trainer_carries_documents_across_steps_and_resumes_exactly(tmp_path, ca
     assert all(r["continuing_rows"] >= 1 and r["longest_document_rows"] >= 2 for r in records)
 
 
+def test_trainer_with_stream_groups_resumes_exactly(tmp_path, capsys):
+    """--data.stream_groups=2 with 3 micro-batches a step: 4 steps straight, and 3 steps, a
+    checkpoint, a resume and 1 more, give the same losses and exported parameters bit for bit.
+    At step 3 the next micro-batch serves group 1 (9 served; after an even count of steps
+    it would be group 0 for any grad_accum), with streams of both groups mid-document."""
+    from train.__main__ import main
+    from train.checkpoint import Checkpointer
+    from train.metrics import read_metrics
+
+    tiny = TINY_TRAIN + [
+        "--optim.grad_accum=3",
+        "--data.long_docs=link_across_steps",
+        "--data.stream_groups=2",
+        "--run.checkpoint_every=3",
+        "--run.steps=4",
+    ]
+
+    def losses(out):
+        return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
+
+    def exported(out):
+        folder = out / "models" / "4"
+        return {f.name: f.read_bytes() for f in sorted(folder.iterdir()) if f.is_file()}
+
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    assert main(tiny + [f"--run.out_dir={straight}"]) == 0
+    shutil.copytree(straight, halves)
+    for newer in (halves / "checkpoints" / "4", halves / "models" / "4"):
+        shutil.rmtree(newer)
+    capsys.readouterr()
+    assert main(tiny + [f"--run.out_dir={halves}"]) == 0
+    assert "checkpoints/3 (step 3" in capsys.readouterr().out
+    assert losses(halves)[4] == losses(straight)[4]
+    assert exported(halves) == exported(straight)
+    ckpt = Checkpointer(halves / "checkpoints", 3)
+    data = ckpt.read_meta(3)["data"]
+    ckpt.close()
+    assert data["micro"] == 9 and len(data["rows"]) == 8
+    for group in (data["rows"][:4], data["rows"][4:]):
+        assert any(offset > 0 for _, offset, _ in group), data["rows"]
+
+
 @pytest.mark.parametrize("family", ["mamba1", "mamba2"])
 def test_model_end_state_carried_into_the_next_call_equals_one_call(family):
     """model(..., return_end_state=True)'s last row, given as the next call's row 0
@@ -931,6 +1106,37 @@ def test_resume_refuses_to_switch_link_across_steps_on_or_off():
         parse_args(["--data.long_docs=link_across_steps", "--mesh.grad_reduce=bfloat16"])
 
 
+def test_stream_groups_need_link_across_steps_and_stay_fixed_on_resume():
+    """--data.stream_groups: > 1 only with link_across_steps, >= 1, and changing it on resume
+    is one clear error (the carry holds that many groups), even with allow_change."""
+    from train.config import ConfigError, check_resume, parse_args
+
+    with pytest.raises(ConfigError, match="--data.stream_groups=2 needs --data.long_docs="):
+        parse_args(["--data.long_docs=link", "--data.stream_groups=2"])
+    with pytest.raises(ConfigError, match="--data.stream_groups must be >= 1"):
+        parse_args(["--data.long_docs=link_across_steps", "--data.stream_groups=0"])
+
+    def config(groups):
+        return parse_args(
+            [
+                "--data.long_docs=link_across_steps",
+                f"--data.stream_groups={groups}",
+                "--data.allow_change=true",
+            ]
+        )
+
+    for old, new in ((2, 1), (1, 4)):
+        with pytest.raises(ConfigError, match=f"--data.stream_groups={new}: it was written "):
+            check_resume(
+                config(old).to_dict(), config(new), old_model=None, new_model={}, checkpoint="c"
+            )
+    old = config(1).to_dict()
+    old["data"].pop("stream_groups")  # a checkpoint from before the option: one group
+    check_resume(old, config(1), old_model=None, new_model={}, checkpoint="c")
+    with pytest.raises(ConfigError, match="was written with 1"):
+        check_resume(old, config(2), old_model=None, new_model={}, checkpoint="c")
+
+
 def test_carried_state_is_sharded_as_the_batch_rows():
     """The carry's rows axis (layers, rows, ...) is laid over data x fsdp, as the batch's rows
     (each device holds its own rows' states), whatever fsdp does to the parameters."""
@@ -950,6 +1156,12 @@ def test_carried_state_is_sharded_as_the_batch_rows():
     assert sharding.batch_sharding(mesh).spec == P(None, sharding.BATCH_AXES, None)
     with pytest.raises(ValueError, match="a carried state needs grad_reduce='auto'"):
         step_lib.build(config, OptimConfig(), 4, mesh, grad_reduce="bfloat16", carry_rows=4)
+    # Stream groups: (groups, layers, rows, ...), the group axis whole on every device.
+    grouped = step_lib.build(config, OptimConfig(), 4, mesh, carry_rows=4, stream_groups=3)
+    carry, specs = grouped.abstract_state.carry, grouped.state_shardings.carry
+    assert carry["ssm"].shape[:3] == (3, config.n_layer, 4) and carry["conv"].shape[2] == 4
+    assert specs["ssm"].spec == specs["conv"].spec == P(None, None, sharding.BATCH_AXES)
+    assert carry["next_group"].shape == () and specs["next_group"].spec == P()
 
 
 def test_carried_rows_over_two_devices_match_one_device(tmp_path):

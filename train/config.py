@@ -280,6 +280,14 @@ class DataConfig:
         "state the row ended in (truncated backprop, saved in checkpoints), so no document "
         "is cut and a step holds at least batch_size documents (docs/long_documents.md)",
     )
+    stream_groups: int = option(
+        1,
+        resume=FIXED,
+        help="link_across_steps only: G groups of batch_size row streams each; micro-batch m "
+        "(counted over steps and grad_accum) serves group m mod G, so a document goes on G "
+        "micro-batches later and the G - 1 between hold other documents (consecutive "
+        "gradients less alike); the carried state is G times larger",
+    )
 
     batch_size: int = option(
         8, resume=DATA, help="rows per micro-batch in packed and padded mode (single uses 1)"
@@ -508,6 +516,12 @@ class TrainConfig:
                 f"{self.mesh.grad_reduce}): the explicit reduction does not pass the rows' "
                 f"carried states through its per-device step yet"
             )
+        _positive("data.stream_groups", d.stream_groups)
+        if d.stream_groups > 1 and d.long_docs != "link_across_steps":
+            raise ConfigError(
+                f"--data.stream_groups={d.stream_groups} needs --data.long_docs="
+                f"link_across_steps (got {d.long_docs}): only its row streams come in groups"
+            )
         _choice("data.bin_dtype", d.bin_dtype, BIN_DTYPES)
         if not d.text_field:
             raise ConfigError("--data.text_field is empty")
@@ -623,6 +637,13 @@ def check_resume(
             f"cannot resume {checkpoint} with --data.long_docs={new.data.long_docs}: it was "
             f"written with {old_docs}, and only link_across_steps' train state holds the "
             f"carried state. Use the old value, or another --run.out_dir"
+        )
+    old_groups = (old.get("data") or {}).get("stream_groups", 1)
+    if new.data.long_docs == "link_across_steps" and old_groups != new.data.stream_groups:
+        raise ConfigError(
+            f"cannot resume {checkpoint} with --data.stream_groups={new.data.stream_groups}: it "
+            f"was written with {old_groups}, and its train state carries that many groups of "
+            f"row streams. Use the old value, or another --run.out_dir"
         )
     if new.data.allow_change:
         data = []

@@ -365,6 +365,14 @@ class Batcher:
     document's next token). `rows` (each row's [stream position of its current document or
     -1, tokens of it already used, micro-batches it has spanned]) and `longest` (the most
     micro-batch rows one document has spanned so far) join the resumable position.
+
+    stream_groups=G (link_across_steps only): G * batch_size row streams in G groups of
+    batch_size; micro-batch m (counted over steps and grad_accum micro-batches) serves group
+    m mod G's rows, so a row's document goes on G micro-batches later, and the G - 1
+    micro-batches between hold other documents (the step carries every group's states and
+    runs group m mod G's, train.step). `rows` then holds G * batch_size streams, group g's at
+    [g * batch_size, (g + 1) * batch_size), and `micro` (micro-batches served) joins the
+    position. G = 1 is the layout above, its saved position unchanged.
     """
 
     def __init__(
@@ -382,6 +390,7 @@ class Batcher:
         wrap: bool = True,
         consumed: int = 0,
         long_docs: str = "cut",
+        stream_groups: int = 1,
     ):
         if not pieces:
             raise DataError("no training pieces (every document went to the eval split?)")
@@ -389,6 +398,13 @@ class Batcher:
             raise ValueError(f"long_docs must be one of {LONG_DOCS}, got {long_docs!r}")
         if long_docs != "cut" and mode != "packed":
             raise ValueError(f"long_docs={long_docs!r} needs mode='packed', got {mode!r}")
+        if not isinstance(stream_groups, int) or stream_groups < 1:
+            raise ValueError(f"stream_groups must be an int >= 1, got {stream_groups!r}")
+        if stream_groups > 1 and long_docs != "link_across_steps":
+            raise ValueError(
+                f"stream_groups={stream_groups} needs long_docs='link_across_steps', "
+                f"got {long_docs!r}"
+            )
         self.pieces = pieces
         self.lengths = np.array([len(p) for p in pieces], np.int64)
         if long_docs == "cut" and self.lengths.max() > seq_len:
@@ -396,9 +412,11 @@ class Batcher:
         self.long_docs = long_docs
         self.offset = 0  # link: tokens of the stream's current document already used
         # link_across_steps: per row [stream position of its document (-1: none), tokens of it
-        # used, micro-batch rows it has spanned]; the most rows one document has spanned.
-        self.rows = [[-1, 0, 0] for _ in range(batch_size)]
+        # used, micro-batch rows it has spanned], stream_groups groups of batch_size rows; the
+        # most rows one document has spanned; micro-batches served (group micro % groups next).
+        self.rows = [[-1, 0, 0] for _ in range(stream_groups * batch_size)]
         self.longest = 0
+        self.stream_groups, self.micro = stream_groups, 0
         self.mode, self.seq_len, self.batch_size = mode, seq_len, batch_size
         self.grad_accum, self.seed, self.pack_policy = grad_accum, seed, pack_policy
         self.single_bucket, self.shuffle, self.wrap = single_bucket, shuffle, wrap
@@ -430,18 +448,27 @@ class Batcher:
         elif self.long_docs == "link_across_steps":
             state["rows"] = [[int(x) for x in row] for row in self.rows]
             state["longest"] = int(self.longest)
+            if self.stream_groups > 1:
+                state["micro"] = int(self.micro)
         return state
 
     def restore(self, state: dict) -> None:
         if self.long_docs == "link_across_steps":
-            rows = state.get("rows")
-            if rows is None or len(rows) != self.batch_size:
+            rows, streams = state.get("rows"), self.stream_groups * self.batch_size
+            if rows is None or len(rows) != streams:
                 raise ValueError(
                     f"long_docs='link_across_steps' resumes from a state with one stream per "
-                    f"row ({self.batch_size} rows), got {None if rows is None else len(rows)}"
+                    f"row ({streams} rows: {self.stream_groups} group(s) of {self.batch_size}), "
+                    f"got {None if rows is None else len(rows)}"
+                )
+            if self.stream_groups > 1 and "micro" not in state:
+                raise ValueError(
+                    f"stream_groups={self.stream_groups} resumes from a state with its "
+                    f"micro-batch count ('micro'), got keys {sorted(state)}"
                 )
             self.rows = [[int(x) for x in row] for row in rows]
             self.longest = int(state.get("longest", 0))
+            self.micro = int(state.get("micro", 0))
         self.consumed = int(state["consumed"])
         self.carry = [[int(g), int(w)] for g, w in state.get("carry", [])]
         self.offset = int(state.get("offset", 0))
@@ -507,13 +534,16 @@ class Batcher:
         return taken, rest
 
     def _take_rows(self) -> tuple[dict, int, dict]:
-        """link_across_steps: one micro-batch of per-row streams (see the class docstring):
-        (arrays with "continues" (rows, 1), documents begun in it, the report's numbers)."""
+        """link_across_steps: one micro-batch of per-row streams (see the class docstring),
+        group micro % stream_groups' rows: (arrays with "continues" (rows, 1), documents begun
+        in it, the report's numbers)."""
         shape = (self.batch_size, self.seq_len)
         arrays = {k: np.zeros(shape, bool if k == "loss_mask" else np.int32) for k in BATCH_KEYS}
         continues = np.zeros((self.batch_size, 1), bool)
         begun = 0
-        for r, row in enumerate(self.rows):
+        first = (self.micro % self.stream_groups) * self.batch_size
+        self.micro += 1
+        for r, row in enumerate(self.rows[first : first + self.batch_size]):
             continues[r] = row[0] >= 0
             col = segment = 0
             while col < self.seq_len:
@@ -632,6 +662,7 @@ def estimate_efficiency(pieces: list[np.ndarray], config: DataConfig, steps: int
             pack_policy=config.pack_policy,
             single_bucket=config.single_bucket,
             long_docs=config.long_docs if mode == "packed" else "cut",
+            stream_groups=config.stream_groups if mode == "packed" else 1,
         )
         real = slots = 0
         n = steps if mode != "single" else steps * config.batch_size

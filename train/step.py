@@ -49,7 +49,9 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # uint32 key data, split every step (the model itself is deterministic)
     # --data.long_docs=link_across_steps: {"conv", "ssm"} (l, b, ...), the state every row's
-    # last document ended in (init_carry); None otherwise (the state's tree is then unchanged).
+    # last document ended in (init_carry); with --data.stream_groups=G > 1 the same with a
+    # leading group axis, (G, l, b, ...), and "next_group" (int32 scalar: the group the next
+    # micro-batch serves); None otherwise (the state's tree is then unchanged).
     carry: Any = None
 
 
@@ -111,12 +113,21 @@ def model_graphdef(model_config: MambaConfig | Mamba2Config):
     return graphdef, nnx.to_pure_dict(params)
 
 
-def init_carry(model_config: MambaConfig | Mamba2Config, rows: int) -> dict:
+# The carry's key of the group the next micro-batch serves (--data.stream_groups > 1 only).
+NEXT_GROUP = "next_group"
+
+
+def init_carry(model_config: MambaConfig | Mamba2Config, rows: int, groups: int = 1) -> dict:
     """Zeros of the state carried across steps: every layer's conv inputs and SSM state of
-    every row, (l, rows, ...) (the model's end_state_like as a dict)."""
+    every row, (l, rows, ...) (the model's end_state_like as a dict); with groups > 1
+    (--data.stream_groups) every group's, (groups, l, rows, ...), and "next_group" 0."""
     from jax_packmamba.model import end_state_like
 
-    return end_state_like(model_config, rows)._asdict()
+    states = end_state_like(model_config, rows)._asdict()
+    if groups == 1:
+        return states
+    carry = {k: jnp.zeros((groups, *v.shape), v.dtype) for k, v in states.items()}
+    return carry | {NEXT_GROUP: jnp.zeros((), jnp.int32)}
 
 
 def init_state(
@@ -124,6 +135,7 @@ def init_state(
     tx: optax.GradientTransformation,
     seed: int,
     carry_rows: int | None = None,
+    carry_groups: int = 1,
 ) -> TrainState:
     model = LM(model_config, rngs=nnx.Rngs(seed))
     # Plain arrays, not nnx Variables: every call of the jitted step flattens the state and
@@ -136,7 +148,7 @@ def init_state(
         params=params,
         opt_state=tx.init(params),
         rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)),
-        carry=None if carry_rows is None else init_carry(model_config, carry_rows),
+        carry=None if carry_rows is None else init_carry(model_config, carry_rows, carry_groups),
     )
 
 
@@ -189,16 +201,34 @@ def carried_losses(graphdef, params, mb: dict, carry: dict, *, chunk_tokens: int
     return ce, (n, {k: jax.lax.stop_gradient(v) for k, v in end._asdict().items()})
 
 
+def grouped_carried_losses(
+    graphdef, params, mb: dict, carry: dict, *, chunk_tokens: int = CHUNK_TOKENS
+):
+    """carried_losses over a carry of G groups of rows (init_carry's, groups > 1): runs the
+    micro-batch from group carry["next_group"]'s states (a dynamic index of the unsharded
+    group axis), writes back that group's end states only and moves next_group on (mod G).
+    A carry without groups goes to carried_losses as it is."""
+    if NEXT_GROUP not in carry:
+        return carried_losses(graphdef, params, mb, carry, chunk_tokens=chunk_tokens)
+    g = carry[NEXT_GROUP]
+    states = {k: v for k, v in carry.items() if k != NEXT_GROUP}
+    groups = next(iter(states.values())).shape[0]
+    rows = {k: jax.lax.dynamic_index_in_dim(v, g, keepdims=False) for k, v in states.items()}
+    ce, (n, end) = carried_losses(graphdef, params, mb, rows, chunk_tokens=chunk_tokens)
+    new = {k: jax.lax.dynamic_update_index_in_dim(states[k], end[k], g, 0) for k in states}
+    return ce, (n, new | {NEXT_GROUP: (g + 1) % groups})
+
+
 def sum_grads_carried(
     graphdef, params, batch: dict, carry: dict, *, chunk_tokens: int = CHUNK_TOKENS
 ):
-    """sum_grads with the state carried from micro-batch to micro-batch (carried_losses); also
-    returns the carry after the last one."""
+    """sum_grads with the state carried from micro-batch to micro-batch (carried_losses; with
+    stream groups, grouped_carried_losses); also returns the carry after the last one."""
 
     def micro(acc, mb):
         grad_sum, ce_sum, count, carry = acc
         (ce, (n, carry)), grads = jax.value_and_grad(
-            lambda p: carried_losses(graphdef, p, mb, carry, chunk_tokens=chunk_tokens),
+            lambda p: grouped_carried_losses(graphdef, p, mb, carry, chunk_tokens=chunk_tokens),
             has_aux=True,
         )(params)
         grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
@@ -386,11 +416,13 @@ def build(
     mesh,
     grad_reduce: str = "auto",
     carry_rows: int | None = None,
+    stream_groups: int = 1,
 ) -> Compiled:
     """grad_reduce: "auto" (XLA's SPMD partitioner reduces the gradients, in float32), or
     "float32" / "bfloat16": explicit_grad_sums in that dtype (see train.sharding.GRAD_REDUCE).
     carry_rows: the state carries each of that many rows' documents across steps
-    (--data.long_docs=link_across_steps; its rows axis sharded as the batch's rows)."""
+    (--data.long_docs=link_across_steps; its rows axis sharded as the batch's rows), in
+    stream_groups groups (--data.stream_groups)."""
     from train import sharding
 
     reduce_dtype = sharding.grad_reduce_dtype(grad_reduce)
@@ -401,7 +433,9 @@ def build(
     tx = make_optimizer(optim, total_steps)
     schedule = learning_rate_schedule(optim, total_steps)
     graphdef, _ = model_graphdef(model_config)
-    abstract = jax.eval_shape(lambda: init_state(model_config, tx, 0, carry_rows))
+    if stream_groups > 1 and carry_rows is None:
+        raise ValueError(f"stream_groups={stream_groups} needs carry_rows (link_across_steps)")
+    abstract = jax.eval_shape(lambda: init_state(model_config, tx, 0, carry_rows, stream_groups))
     shardings = sharding.state_shardings(mesh, abstract)
     batch_sh = sharding.batch_sharding(mesh)
     rep = sharding.replicated(mesh)
@@ -415,7 +449,9 @@ def build(
         else explicit_grad_sums(graphdef, mesh, abstract.params, reduce_dtype)
     )
     init = jax.jit(
-        functools.partial(init_state, model_config, tx, carry_rows=carry_rows),
+        functools.partial(
+            init_state, model_config, tx, carry_rows=carry_rows, carry_groups=stream_groups
+        ),
         static_argnums=0,
         out_shardings=shardings,
     )

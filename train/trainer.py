@@ -138,7 +138,13 @@ def describe(p: Prepared, efficiency: dict) -> list[str]:
         f"{p.num_eval_docs} documents ({len(p.eval_pieces)} pieces) for eval loss",
         f"batch   mode {d.mode}: {c.optim.grad_accum} x {rows} rows x {d.seq_len} tokens a step; "
         f"real tokens per slot: packed {metrics_lib.fmt_pct(efficiency['packed'])}, padded "
-        f"{metrics_lib.fmt_pct(efficiency['padded'])}, single {metrics_lib.fmt_pct(efficiency['single'])}",
+        f"{metrics_lib.fmt_pct(efficiency['padded'])}, single {metrics_lib.fmt_pct(efficiency['single'])}"
+        + (
+            f"; {d.stream_groups} groups of {rows} row streams, micro-batch m serves group "
+            f"m mod {d.stream_groups}"
+            if d.stream_groups > 1
+            else ""
+        ),
         f"devices {len(devices)} x {kind} ({jax.default_backend()}), mesh data={p.mesh.shape['data']} "
         f"fsdp={p.mesh.shape['fsdp']}; jax {jax.__version__}",
     ]
@@ -167,6 +173,7 @@ def run(config: TrainConfig, *, log=print) -> dict:
         p.mesh,
         grad_reduce=config.mesh.grad_reduce,
         carry_rows=config.data.batch_size if config.data.long_docs == "link_across_steps" else None,
+        stream_groups=config.data.stream_groups,
     )
     ckpt = Checkpointer(out / CHECKPOINTS_DIR, r.keep_checkpoints)
     try:
@@ -315,6 +322,7 @@ def make_batcher(p: Prepared) -> data_lib.Batcher:
         pack_policy=d.pack_policy,
         single_bucket=d.single_bucket,
         long_docs=d.long_docs,
+        stream_groups=d.stream_groups,
     )
 
 
