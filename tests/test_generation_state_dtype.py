@@ -168,3 +168,26 @@ def test_hybrid_mamba2_layers_store_the_bfloat16_state():
     for p, out in zip(prompts, packed):
         alone = generate(prepared, [p], 5, temperature=0, state_dtype="bfloat16")[0]
         np.testing.assert_array_equal(out, alone)
+
+
+def test_command_line_passes_state_dtype_to_the_prefill(tmp_path, capsys, monkeypatch):
+    from flax import nnx
+
+    import jax_packmamba.generate as cli
+    from jax_packmamba.tokenizer import ByteTokenizer
+
+    config = jp.MambaConfig.preset("tiny", d_model=32)  # vocab 256: bytes
+    model = jp.MambaLM(config, rngs=nnx.Rngs(0))
+    jp.save_pretrained(model, tmp_path)
+    asked = []
+    real = cli.prefill_batch
+    monkeypatch.setattr(
+        cli, "prefill_batch", lambda *a, **k: asked.append(k["state_dtype"]) or real(*a, **k)
+    )
+    flags = ["--checkpoint", str(tmp_path), "--prompt", "Hello", "--max-new-tokens", "5"]
+    flags += ["--temperature", "0", "--no-compilation-cache", "--state-dtype", "bfloat16"]
+    assert cli.main(flags) == 0
+    assert asked == ["bfloat16"]
+    want = generate(prepare(model), [list(b"Hello")], 5, temperature=0, state_dtype="bfloat16")
+    text = ByteTokenizer().decode([*b"Hello", *want[0].tolist()])
+    assert capsys.readouterr().out == f"--- 'Hello'\n{text}\n"
