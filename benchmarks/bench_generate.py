@@ -47,6 +47,11 @@ penalty on; --settings fast for the other).
 (its Pallas decode step: the state-update kernel and the residual add + norm;
 gen_torch.py drives mamba_ssm's Mamba2 for --anchor).
 
+--state-dtype bfloat16: our decode SSM state stored in bfloat16 between steps (generation's
+state_dtype; the update stays float32): half the bytes of the state update, which dominates a
+step at large batch. The result files get the variant bf16state (generate_<slug>_bf16state.json,
+..._profile_bf16state), so they sit beside the float32 ones; the JSON records state_dtype.
+
 --prefilter K: our sampler's top-p prefilter (jax_packmamba.sampling: the cut from the K
 largest logits, the full sort only when a row's nucleus is larger; the same tokens). Off by
 default. Random weights give flat logits whose 0.9-nucleus is most of the vocabulary, so with
@@ -99,6 +104,12 @@ def parse_args(argv=None):
         "--decode-impl",
         default="auto",
         help="decode step: auto (the Pallas kernels on a GPU), pallas or xla",
+    )
+    p.add_argument(
+        "--state-dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="storage dtype of our decode SSM state (generation's state_dtype)",
     )
     p.add_argument("--prompt-len", type=int, default=None, help="default 1024 (smoke 16)")
     p.add_argument("--new-tokens", type=int, default=None, help="default 1024 (smoke 8)")
@@ -153,6 +164,11 @@ def parse_args(argv=None):
     if args.prefilter < 0:
         p.error(f"--prefilter must be at least 0, got {args.prefilter}")
     return args
+
+
+def state_variant(args) -> str | None:
+    """The result files' variant for a non-default state dtype (None for float32)."""
+    return None if args.state_dtype == "float32" else "bf16state"
 
 
 def argparse_hidden():
@@ -283,6 +299,7 @@ def precompile(prepared, batches, args, sampling, impls) -> dict:
         _, conv, ssm = jax.eval_shape(
             lambda *a: gen._prefill_layer(*a, num_segments=inputs.num_segments), *layer
         )
+        ssm = sds(ssm.shape, gen.resolve_state_dtype(args.state_dtype))
         state = gen.DecodeState(conv=(conv,) * config.n_layer, ssm=(ssm,) * config.n_layer)
         start_args = (
             sds((size, vocab), jnp.float32),
@@ -335,11 +352,11 @@ def precompile(prepared, batches, args, sampling, impls) -> dict:
     return dict(wall_s=time.perf_counter() - start, threads=workers, jobs=done)
 
 
-def run_once(prepared, prompts, sampling, impl, new_tokens):
+def run_once(prepared, prompts, sampling, impl, new_tokens, state_dtype):
     """(prefill seconds, decode seconds): prompts on the host to tokens on the host."""
     jax, gen = jax_modules()
     start = time.perf_counter()
-    prefilled = gen.prefill_batch(prepared, prompts)
+    prefilled = gen.prefill_batch(prepared, prompts, state_dtype=state_dtype)
     jax.block_until_ready((prefilled.logits, prefilled.state, prefilled.seen))
     mid = time.perf_counter()
     tokens, count = gen.decode_batch(prepared, prefilled, new_tokens, sampling, decode_impl=impl)
@@ -386,7 +403,8 @@ def worker(args):
     init_peak, weights_bytes = harness.device_memory(device)
     print(
         f"[ours {args.worker}] {args.preset} on {device.device_kind}: init {init_s:.1f} s, "
-        f"weights {(weights_bytes or 0) / 2**30:.2f} GiB, decode_impl {impl}",
+        f"weights {(weights_bytes or 0) / 2**30:.2f} GiB, decode_impl {impl}, state "
+        f"{args.state_dtype}",
         file=sys.stderr,
     )
     precompiled = None
@@ -402,6 +420,7 @@ def worker(args):
         setting=args.worker,
         sampling=SETTINGS[args.worker],
         decode_impl=impl,
+        state_dtype=args.state_dtype,
         device=dataclasses.asdict(info),
         config=dataclasses.asdict(config),
         num_params=config.num_params(),
@@ -424,10 +443,10 @@ def worker(args):
         _, in_use_before = harness.device_memory(device)
         with gen.compile_stats() as compiled:
             start = time.perf_counter()
-            run_once(prepared, prompts, sampling, impl, args.new_tokens)
+            run_once(prepared, prompts, sampling, impl, args.new_tokens, args.state_dtype)
             first = time.perf_counter() - start
         runs = [
-            run_once(prepared, prompts, sampling, impl, args.new_tokens)
+            run_once(prepared, prompts, sampling, impl, args.new_tokens, args.state_dtype)
             for _ in range(args.repeats)
         ] or [(float("nan"), float("nan"))]
         peak, _ = harness.device_memory(device)
@@ -594,6 +613,8 @@ def run_ours(args, setting, budget, precompile_first):
                         str(args.repeats),
                         "--decode-impl",
                         args.decode_impl,
+                        "--state-dtype",
+                        args.state_dtype,
                         "--prefilter",
                         str(args.prefilter),
                         *worker_args,
@@ -725,8 +746,8 @@ def orchestrate(args, argv):
     else:
         info = harness.DeviceInfo(kind="unknown", name="unknown", backend="unknown", slug="unknown")
     head = harness.header(info, script=__file__, argv=argv)
-    variant = "smoke" if args.smoke else None
-    path = harness.result_path("generate", info.slug, variant, out_dir=args.out)
+    variant = "_".join(v for v in (state_variant(args), "smoke" if args.smoke else None) if v)
+    path = harness.result_path("generate", info.slug, variant or None, out_dir=args.out)
     png = path.with_suffix(".png")
     for moved in harness.retire(path, commit=head["git_commit"], companions=[png]):
         print(f"generate: moved the previous result to {moved}", file=sys.stderr)
@@ -739,6 +760,7 @@ def orchestrate(args, argv):
         new_tokens=args.new_tokens,
         repeats=args.repeats,
         decode_impl=args.decode_impl,
+        state_dtype=args.state_dtype,
         prefilter=args.prefilter,
         batches=args.batch_list,
         compile=compiled,
@@ -971,9 +993,9 @@ def argparse_namespace(args, **changes):
     return argparse.Namespace(**{**vars(args), **changes})
 
 
-def layer_check(prepared, batch, impl):
+def layer_check(prepared, batch, impl, state_dtype="float32"):
     """Max relative difference of one layer's decode step between `impl` and XLA, on random
-    states (the kernels' correctness on this device)."""
+    states stored in state_dtype (the kernels' correctness on this device)."""
     jax, gen = jax_modules()
     import jax.numpy as jnp
     from flax import nnx
@@ -991,7 +1013,7 @@ def layer_check(prepared, batch, impl):
         conv_shape = (batch, config.d_conv - 1, config.d_inner)
         ssm_shape = (batch, config.d_inner, config.d_state)
     conv = jax.random.normal(k[1], conv_shape).astype(config.compute_dtype)
-    ssm = jax.random.normal(k[2], ssm_shape)
+    ssm = jax.random.normal(k[2], ssm_shape).astype(gen.resolve_state_dtype(state_dtype))
     params = prepared.params["layers"][0]
 
     def block_step(p, r, c, s, impl):
@@ -1031,7 +1053,8 @@ def profile_one(prepared, batch, impl, sampling, args, tmp):
     )
     with gen.compile_stats() as compiled:
         start = time.perf_counter()
-        run = gen._begin(prepared, gen.prefill_batch(prepared, prompts), total, sampling)
+        prefilled = gen.prefill_batch(prepared, prompts, state_dtype=args.state_dtype)
+        run = gen._begin(prepared, prefilled, total, sampling)
         run = jax.block_until_ready(loop(run, 1 + warm))
         first = time.perf_counter() - start
     with gen.compile_stats() as again:
@@ -1066,7 +1089,7 @@ def profile(args, argv):
         argv=argv,
         out_dir=args.out,
         smoke=args.smoke,
-        variant="profile",
+        variant="_".join(v for v in ("profile", state_variant(args)) if v),
         companions=[".txt"],
         device=device,
     )
@@ -1093,7 +1116,9 @@ def profile(args, argv):
                 try:
                     r = profile_one(prepared, batch, impl, sampling, args, tmp)
                     if impl != "xla":
-                        r["layer_check_vs_xla"] = layer_check(prepared, batch, impl)
+                        r["layer_check_vs_xla"] = layer_check(
+                            prepared, batch, impl, args.state_dtype
+                        )
                 except Exception as e:  # noqa: BLE001 - report and go on to the next
                     r = dict(batch=batch, impl=impl, error=f"{type(e).__name__}: {e}"[:3000])
                 results.append(r)
@@ -1120,6 +1145,7 @@ def profile(args, argv):
                     benchmark="generate --profile: decode steps",
                     preset=args.preset,
                     dtype=args.dtype,
+                    state_dtype=args.state_dtype,
                     setting=setting,
                     sampling=SETTINGS[setting],
                     prefilter=args.prefilter,

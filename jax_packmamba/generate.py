@@ -38,7 +38,14 @@ import numpy as np
 
 from jax_packmamba import compilation_cache
 from jax_packmamba.config import DTYPES
-from jax_packmamba.generation import generate, prefill_batch, prepare, sampling_config, stream
+from jax_packmamba.generation import (
+    STATE_DTYPES,
+    generate,
+    prefill_batch,
+    prepare,
+    sampling_config,
+    stream,
+)
 from jax_packmamba.model import DECODE_IMPLS
 from jax_packmamba.ops.selective_scan import IMPLS as SCAN_IMPLS
 from jax_packmamba.pretrained import from_pretrained
@@ -220,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute dtype of the model (parameters stay float32) (default: float32)",
     )
     parser.add_argument(
+        "--state-dtype",
+        default="float32",
+        choices=tuple(STATE_DTYPES),
+        help="storage dtype of the SSM state between decode steps: 'bfloat16' halves the "
+        "state's memory traffic (the update itself stays float32), as mamba_ssm stores its "
+        "Mamba2 decode state (default: float32)",
+    )
+    parser.add_argument(
         "--scan-impl",
         default="auto",
         choices=SCAN_IMPLS,
@@ -367,9 +382,16 @@ def _generate(args) -> int:
     prepared = prepare(model)
     del model
     if args.warmup:
-        generate(prepared, prompts, args.max_new_tokens, decode_impl=args.decode_impl, **sampling)
+        generate(
+            prepared,
+            prompts,
+            args.max_new_tokens,
+            decode_impl=args.decode_impl,
+            state_dtype=args.state_dtype,
+            **sampling,
+        )
     start = time.perf_counter()
-    prefilled = prefill_batch(prepared, prompts)
+    prefilled = prefill_batch(prepared, prompts, state_dtype=args.state_dtype)
     jax.block_until_ready(prefilled.logits)
     prefill_end = time.perf_counter()
     live = len(prompts) == 1 and args.stream_block > 0

@@ -43,6 +43,13 @@ saves the float32 table's memory; `prepare(model, embedding_in_compute_dtype=Fal
 the float32 table for the lookup (and a compute-dtype copy for a tied head). In float32 the
 two are the same.
 
+The SSM state's storage dtype (`state_dtype`, prefill_batch and generate): float32 by
+default; bfloat16 halves the bytes each decode step reads and writes (the state update is
+memory-bound at batch > 1), as mamba_ssm keeps its Mamba2 decode state in the weights' dtype.
+The prefill hands the state over rounded to it; each step reads it, updates it in float32 (y
+from the float32 update) and stores it back rounded (the mixers store the state in the dtype
+they were given it in, in both decode impls). The conv state keeps the compute dtype.
+
 The command line is jax_packmamba/generate.py.
 """
 
@@ -101,11 +108,47 @@ _CAST_PARAMS = {
 
 MIN_NEW_TOKEN_BUCKET = 16
 
+# Storage dtypes of the decode SSM state (`state_dtype`); None is float32.
+STATE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def resolve_state_dtype(state_dtype, config=None):
+    """The SSM state's storage dtype: None (float32), "float32", "bfloat16" or those jnp/numpy
+    dtypes -> a jnp dtype; ValueError naming `state_dtype` otherwise. Mamba-3 keeps float32."""
+    if state_dtype is None:
+        return jnp.float32
+    try:
+        name = jnp.dtype(state_dtype).name if not isinstance(state_dtype, str) else state_dtype
+    except TypeError:
+        name = None
+    if name not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be None, 'float32' or 'bfloat16', got {state_dtype!r}")
+    if isinstance(config, Mamba3Config) and name != "float32":
+        raise ValueError(
+            f"state_dtype={name!r}: a Mamba-3 model's decode state stays float32 (None)"
+        )
+    return STATE_DTYPES[name]
+
+
+def _store_state(state, dtype):
+    """The state with every SSM state (DecodeState.ssm, a hybrid's MixerState.ssm) cast to
+    the storage dtype; conv states and KV caches as they are. float32: the state itself."""
+    if dtype == jnp.float32:
+        return state
+    if isinstance(state, DecodeState):
+        return state._replace(ssm=tuple(s.astype(dtype) for s in state.ssm))
+    return jax.tree.map(
+        lambda c: c._replace(ssm=c.ssm.astype(dtype)) if isinstance(c, MixerState) else c,
+        state,
+        is_leaf=lambda c: isinstance(c, MixerState),
+    )
+
 
 class DecodeState(NamedTuple):
     """Recurrent cache, one buffer per layer: conv[l] (p, d_conv - 1, e) in the compute dtype
-    (the last conv inputs, oldest first), ssm[l] (p, e, n) float32. Mamba2: conv[l]
-    (p, d_conv - 1, conv_dim) (xBC) and ssm[l] (p, heads, headdim, d_state)."""
+    (the last conv inputs, oldest first), ssm[l] (p, e, n) in the storage dtype (state_dtype:
+    float32 unless asked). Mamba2: conv[l] (p, d_conv - 1, conv_dim) (xBC) and ssm[l]
+    (p, heads, headdim, d_state)."""
 
     conv: tuple
     ssm: tuple
@@ -296,10 +339,12 @@ def prefill_inputs(prompts, config: MambaConfig, max_row: int | None = None) -> 
     )
 
 
-def prefill_batch(model, prompts, max_row: int | None = None) -> Prefilled:
+def prefill_batch(model, prompts, max_row: int | None = None, *, state_dtype=None) -> Prefilled:
     """Runs all prompts through the model in one packed pass (see the module docstring);
-    max_row: prefill_inputs'."""
+    max_row: prefill_inputs'; state_dtype: the SSM state's storage dtype (None: float32;
+    "bfloat16": rounded to it here, and kept so by every decode step)."""
     model = prepare(model)
+    store = resolve_state_dtype(state_dtype, model.config)
     inputs = prefill_inputs(prompts, model.config, max_row)
     links = {} if inputs.continues is None else dict(continues=jnp.asarray(inputs.continues))
     rows, slots, last = map(jnp.asarray, (inputs.rows, inputs.slots, inputs.last))
@@ -350,10 +395,12 @@ def prefill_batch(model, prompts, max_row: int | None = None) -> Prefilled:
         size=len(inputs.rows),
         vocab=model.config.padded_vocab_size,
     )
-    return Prefilled(logits, state, seen, inputs.num_prompts)
+    return Prefilled(logits, _store_state(state, store), seen, inputs.num_prompts)
 
 
-def prefill(model, prompts, max_row: int | None = None) -> tuple[jax.Array, DecodeState]:
+def prefill(
+    model, prompts, max_row: int | None = None, *, state_dtype=None
+) -> tuple[jax.Array, DecodeState]:
     """Runs all prompts through the model in one packed pass.
 
     Args:
@@ -361,11 +408,12 @@ def prefill(model, prompts, max_row: int | None = None) -> tuple[jax.Array, Deco
       prompts: list of 1-D integer token sequences, each at least one token long.
       max_row: optional longest row: when a prompt is longer, the prompts are laid end to end
         in linked rows of max_row tokens (prefill_inputs), with the same results.
+      state_dtype: the SSM state's storage dtype (None: float32, or "bfloat16").
 
     Returns:
       (logits (p, v) float32 at each prompt's last token, DecodeState for p prompts).
     """
-    out = prefill_batch(model, prompts, max_row)
+    out = prefill_batch(model, prompts, max_row, state_dtype=state_dtype)
     num = out.num_prompts
     return out.logits[:num], jax.tree.map(lambda x: x[:num], out.state)
 
@@ -766,7 +814,13 @@ def decode(
 
 
 def generate(
-    model, prompts, max_new_tokens: int, *, decode_impl: str = "auto", **sampling
+    model,
+    prompts,
+    max_new_tokens: int,
+    *,
+    decode_impl: str = "auto",
+    state_dtype=None,
+    **sampling,
 ) -> list[np.ndarray]:
     """Continues each prompt by up to max_new_tokens tokens.
 
@@ -775,6 +829,8 @@ def generate(
       prompts: list of 1-D integer token sequences (any lengths, at least one token each).
       max_new_tokens: tokens to generate per prompt (>= 0).
       decode_impl: "auto", "xla", "pallas" or "pallas_interpret" (model.resolve_decode_impl).
+      state_dtype: the SSM state's storage dtype between decode steps: None (float32) or
+        "bfloat16" (half the state's memory traffic; the update itself stays float32).
       sampling: temperature (0: greedy), top_k, top_p, min_p, repetition_penalty, seed, and
         eos_id / eos_ids (a sequence stops after generating one, which its output includes);
         see jax_packmamba.sampling.
@@ -790,11 +846,11 @@ def generate(
     _check_max_new_tokens(max_new_tokens)
     prompts = _check_prompts(prompts, model.config)
     resolve_decode_impl(decode_impl, model.config)  # a bad decode_impl fails before the prefill
+    resolve_state_dtype(state_dtype, model.config)
     if max_new_tokens == 0:
         return [np.zeros((0,), np.int32) for _ in prompts]
-    tokens, count = decode_batch(
-        model, prefill_batch(model, prompts), max_new_tokens, config, decode_impl=decode_impl
-    )
+    prefilled = prefill_batch(model, prompts, state_dtype=state_dtype)
+    tokens, count = decode_batch(model, prefilled, max_new_tokens, config, decode_impl=decode_impl)
     return [tokens[i, : count[i]] for i in range(len(prompts))]
 
 

@@ -165,6 +165,8 @@ class Mamba2Mixer(nnx.Module):
                     *args, dt_softplus=True, interpret=decode_impl == "pallas_interpret"
                 )
             y = self.norm(y.reshape(-1, e), z)
+            # Stored back in the cache's dtype (generation's state_dtype), y from float32.
+            ssm = ssm.astype(cache.ssm.dtype)
             return self.out_proj(y), MixerState(conv=window[:, 1:], ssm=ssm)
         if num_segments is not None and segment_ids is None:
             segment_ids = jnp.zeros(hidden.shape[:2], jnp.int32)

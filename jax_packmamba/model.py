@@ -297,7 +297,9 @@ def mixer_core_xla(
     dt, B, C = jnp.split(x_conv @ x_proj_weight.astype(c), [r, r + n], axis=-1)
     dt = dt @ dt_proj_weight.astype(c)
     ssm, y = selective_state_update(ssm_state, x_conv, dt, -jnp.exp(A_log), B, C, D, z, dt_bias)
-    return y, window[:, 1:], ssm
+    # The update and y are float32; the state is stored back in its own dtype (the decode
+    # state's storage dtype, generation's state_dtype: float32 or bfloat16).
+    return y, window[:, 1:], ssm.astype(ssm_state.dtype)
 
 
 def mixer_class(config: MambaConfig | Mamba2Config | HybridConfig) -> type:

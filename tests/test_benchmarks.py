@@ -447,6 +447,16 @@ def smoke_bench_generate_mamba2(out, data):
     assert row["batch"] == 1 and row["decode_ms_per_step"] > 0
 
 
+def smoke_bench_generate_bf16state(out, data):
+    # --state-dtype bfloat16: recorded, and the files named apart from the float32 ones.
+    assert out.name == "generate_cpu_bf16state_smoke.json" and data["state_dtype"] == "bfloat16"
+    ours = data["settings"]["fast"]["ours"]
+    assert ours["state_dtype"] == "bfloat16" and ours["decode_impl"] == "pallas_interpret"
+    (row,) = ours["rows"]
+    assert row["batch"] == 1 and row["decode_ms_per_step"] > 0
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
 def smoke_bench_generate_profile(out, data):
     results = {(r["batch"], r["impl"]): r for r in data["results"]}
     assert set(results) == {(1, "xla"), (1, "pallas_interpret")}
@@ -641,6 +651,27 @@ SMOKES = {
         ],
         "generate_cpu_smoke.json",
         smoke_bench_generate_mamba2,
+        True,
+    ),
+    "bench_generate_bf16state": (
+        "bench_generate",
+        lambda d: [
+            "--smoke",
+            "--preset",
+            "mamba2-tiny",
+            "--settings",
+            "fast",
+            "--batches",
+            "1",
+            "--state-dtype",
+            "bfloat16",
+            "--decode-impl",
+            "pallas_interpret",
+            "--out",
+            d,
+        ],
+        "generate_cpu_bf16state_smoke.json",
+        smoke_bench_generate_bf16state,
         True,
     ),
     "bench_generate_profile": (

@@ -325,7 +325,67 @@ def test_ssd_update_kernel_bad_shapes_name_the_argument():
         (dict(state=a["state"][..., :8]), "B must be"),
         (dict(dt=a["dt"][:, :2]), "dt must have shape"),
         (dict(D=jnp.ones((3,))), "D must have shape"),
-        (dict(state=a["state"].astype(jnp.bfloat16)), "state must be"),
+        (dict(state=a["state"].astype(jnp.float16)), "state must be"),
     ]:
         with pytest.raises(ValueError, match=match):
             ssd_update_pallas(**{**a, **change}, interpret=True)
+
+
+def assert_rounded_from(got_state, want_f32):
+    """got_state (bfloat16) is want_f32 rounded to bfloat16, to within one rounding."""
+    assert got_state.dtype == jnp.bfloat16
+    got, want = np.asarray(got_state, np.float32), np.asarray(want_f32, np.float32)
+    np.testing.assert_allclose(got, want, rtol=2**-8, atol=1e-6)
+    assert np.mean(got == np.asarray(want_f32.astype(jnp.bfloat16), np.float32)) > 0.99
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kernels_store_a_bfloat16_state_in_bfloat16(impl):
+    # generation's state_dtype="bfloat16": the kernels read the bfloat16 state, update it in
+    # float32 (y from the float32 update) and store it rounded, in place and in its dtype.
+    from jax_packmamba.ops import ssd_state_update
+    from pallas_kernels.decode import ssd_update_pallas
+
+    args = list(core_args(3, 200, 16, 12, 4, jnp.bfloat16))
+    args[2] = args[2].astype(jnp.bfloat16)
+    widened = list(args)
+    widened[2] = args[2].astype(jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        want = compiled("mixer_core_xla_highest", mixer_core_xla, *widened)(*widened)
+    got = run(impl, tuple(args))
+    np.testing.assert_allclose(
+        np.asarray(got[0], np.float32), np.asarray(want[0], np.float32), rtol=2e-2, atol=2e-2
+    )
+    assert_rounded_from(got[2], want[2])
+
+    a = ssd_step_args(3, 4, 24, 2, 20, jnp.bfloat16)
+    state = a.pop("state").astype(jnp.bfloat16)
+    want_state, want_y = ssd_state_update(state.astype(jnp.float32), **a)
+    got_state, got_y = ssd_update_pallas(state, **a, interpret=impl == "pallas_interpret")
+    np.testing.assert_allclose(
+        np.asarray(got_y, np.float32), np.asarray(want_y, np.float32), rtol=1e-2, atol=1e-2
+    )
+    assert_rounded_from(got_state, want_state)
+    # The XLA step stores a bfloat16 cache back in bfloat16 too (the mixers cast to its dtype).
+    assert mixer_core_xla(*args)[2].dtype == jnp.bfloat16
+
+
+def test_kernels_lower_for_cuda_with_a_bfloat16_state_in_place():
+    from pallas_kernels.decode import ssd_update_pallas
+
+    sds = jax.ShapeDtypeStruct
+    bf, f32 = jnp.bfloat16, jnp.float32
+    b, h, p, g, n = 2, 80, 64, 1, 128  # mamba2-2.7b
+    args = (sds((b, h, p, n), bf), sds((b, h, p), bf), sds((b, h), bf), sds((h,), f32))
+    args += (sds((b, g, n), bf), sds((b, g, n), bf), sds((h,), f32), sds((h,), f32))
+    fn = lambda *a: ssd_update_pallas(*a[:7], None, a[7])  # noqa: E731
+    assert jax.eval_shape(fn, *args)[0].dtype == bf
+    text = lower_for_cuda(fn, *args)
+    assert len(re.findall(r"stablehlo.output_operand_alias<[^>]*>", text)) == 1
+    b, e, n, r, w = 2, 5120, 16, 160, 4  # mamba-2.8b
+    core = (sds((b, 2 * e), bf), sds((b, w - 1, e), bf), sds((b, e, n), bf), sds((e, w), bf))
+    core += (sds((e,), bf), sds((e, r + 2 * n), bf), sds((r, e), bf), sds((e,), f32))
+    core += (sds((e, n), f32), sds((e,), f32))
+    assert jax.eval_shape(mixer_core_pallas, *core)[2].dtype == bf
+    text = lower_for_cuda(lambda *a: mixer_core_pallas(*a), *core)
+    assert len(re.findall(r"stablehlo.output_operand_alias<[^>]*>", text)) == 2

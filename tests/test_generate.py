@@ -282,6 +282,11 @@ def _bad_inputs(model_dir, tmp):
             "argument --dtype: invalid choice: 'float8' \\(choose from 'float32', "
             "'bfloat16', 'float16'\\)",
         ),
+        (
+            m + ["--state-dtype", "float16"],
+            "argument --state-dtype: invalid choice: 'float16' \\(choose from 'float32', "
+            "'bfloat16'\\)",
+        ),
         (m + ["--top-p", "2"], "argument --top-p: must be in \\(0, 1\\], got '2'"),
         (m + ["--top-p", "0"], "argument --top-p: must be in \\(0, 1\\], got '0'"),
         (m + ["--top-p", "nan"], "argument --top-p: must be in"),

@@ -19,9 +19,10 @@ import numpy as np
 from pallas_kernels.decode import kernel
 from pallas_kernels.decode.add_norm import add_rms_norm
 from pallas_kernels.decode.config import DecodeConfig, pick_config
-from pallas_kernels.decode.ssd_update import ssd_update_pallas
+from pallas_kernels.decode.ssd_update import STATE_DTYPES, ssd_update_pallas
 
 __all__ = [
+    "STATE_DTYPES",
     "DecodeConfig",
     "add_rms_norm",
     "check_mixer_core_args",
@@ -60,7 +61,8 @@ def mixer_core_pallas(
     Args (c is the compute dtype, that of xz):
       xz: (b, 2e) in_proj output, x then z.
       conv_state: (b, w - 1, e) c, the last conv inputs, oldest first.
-      ssm_state: (b, e, n) float32.
+      ssm_state: (b, e, n) float32 or bfloat16 (its storage dtype: read, updated in float32,
+        stored back in that dtype; any other dtype is cast to float32).
       conv_weight: (e, w); conv_bias: (e,) or None (used in c, as the unfused step does).
       x_proj_weight: (e, r + 2n); dt_proj_weight: (r, e), both c.
       dt_bias: (e,) float32; A_log: (e, n) float32 (A = -exp(A_log)); D: (e,) float32 or None.
@@ -120,7 +122,7 @@ def mixer_core_pallas(
         None if D is None else D.astype(F32),
         xc,
         xz,
-        ssm_state.astype(F32),
+        ssm_state if ssm_state.dtype in STATE_DTYPES else ssm_state.astype(F32),
         st=st,
         num_warps=cfg.num_warps_state,
         interpret=interpret,

@@ -186,10 +186,11 @@ def _ssm_update_kernel(refs, *, st: Static):
 
     m3 = jnp.broadcast_to(m[:, :, None], (st.block_rows, st.block_state, n))
     h_index = (rows, cols, pl.ds(0, n))
-    h = plgpu.load(h_ref.at[h_index], mask=m3, other=0)
+    h = plgpu.load(h_ref.at[h_index], mask=m3, other=0).astype(F32)
     decay = exp2(delta[:, :, None] * a2[None, :, :], fast=st.fast)
     h = decay * h + (delta * u)[:, :, None] * B[:, None, :]
-    plgpu.store(h_out_ref.at[h_index], h, mask=m3)
+    # Stored in the state's dtype (float32, or bfloat16: half the bytes); y reads the float32 h.
+    plgpu.store(h_out_ref.at[h_index], h.astype(h_out_ref.dtype), mask=m3)
 
     y = jnp.sum(h * C[:, None, :], axis=2)
     if "D" in refs:
@@ -249,8 +250,8 @@ def ssm_update(
     num_warps: int,
     interpret: bool,
 ):
-    """(ssm_state', y (b, e) c); ssm_state is updated in place. dbc (b, R) float32 is x_proj's
-    output summed over channels."""
+    """(ssm_state', y (b, e) c); ssm_state (float32 or bfloat16) is updated in place, in its
+    dtype. dbc (b, R) float32 is x_proj's output summed over channels."""
     b, e = st.batch, st.d_inner
     return launch.call(
         _ssm_update_kernel,
@@ -265,7 +266,7 @@ def ssm_update(
             h=ssm_state,
         ),
         dict(
-            h_out=jax.ShapeDtypeStruct(ssm_state.shape, F32),
+            h_out=jax.ShapeDtypeStruct(ssm_state.shape, ssm_state.dtype),
             y=jax.ShapeDtypeStruct((b, e), jnp.dtype(st.dtype)),
         ),
         grid=(-(-e // st.block_state), st.row_blocks),

@@ -28,6 +28,8 @@ from pallas_kernels import launch
 from pallas_kernels.triton_math import LOG2E, exp2, sigmoid, softplus
 
 F32 = jnp.float32
+# Storage dtypes of the state (generation's state_dtype); the arithmetic is float32 either way.
+STATE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -69,9 +71,10 @@ def _ssd_update_kernel(refs, *, st: Static):
 
     tile = (pl.ds(row * st.headdim + p0, st.block_p), pl.ds(0, st.block_n))
     m2 = pmask[:, None] & nmask[None, :]
-    h = plgpu.load(refs["state"].at[tile], mask=m2, other=0)
+    h = plgpu.load(refs["state"].at[tile], mask=m2, other=0).astype(F32)
     h = decay[:, None] * h + (dt * x)[:, None] * B[None, :]
-    plgpu.store(refs["state_out"].at[tile], h, mask=m2)
+    # Stored in the state's dtype (float32, or bfloat16: half the bytes); y reads the float32 h.
+    plgpu.store(refs["state_out"].at[tile], h.astype(refs["state_out"].dtype), mask=m2)
 
     y = jnp.sum(h * C[None, :], axis=1)
     if "D" in refs:
@@ -101,19 +104,21 @@ def ssd_update_pallas(
     """jax_packmamba.ops.ssd_state_update's step as one kernel: (state', y).
 
     Args:
-      state: (b, h, p, n) float32, updated in place where the caller lets XLA donate it.
+      state: (b, h, p, n) float32 or bfloat16 (its storage dtype: read, updated in float32,
+        stored back in that dtype), updated in place where the caller lets XLA donate it.
       x: (b, h, p), the dtype of y; z: (b, h, p) or None; dt: (b, h); A, dt_bias: (h,)
         (A = -exp(A_log)); B, C: (b, g, n); D: (h,), (h, p) or None.
       block_p: headdim channels per program (default min(headdim, 32), as a power of two).
       interpret: run through the Pallas interpreter (any backend; no PTX math).
 
     Returns:
-      (state' (b, h, p, n) float32, y (b, h, p) in x's dtype).
+      (state' (b, h, p, n) in state's dtype, y (b, h, p) in x's dtype; y from the float32
+      state before rounding).
     """
     shape = lambda a: tuple(np.shape(a))  # noqa: E731
-    if len(shape(state)) != 4 or jnp.result_type(state) != F32:
+    if len(shape(state)) != 4 or jnp.result_type(state) not in STATE_DTYPES:
         raise ValueError(
-            f"state must be (batch, heads, headdim, d_state) float32, got shape "
+            f"state must be (batch, heads, headdim, d_state) float32 or bfloat16, got shape "
             f"{shape(state)} dtype {jnp.result_type(state)}"
         )
     b, h, p, n = shape(state)
@@ -160,7 +165,7 @@ def ssd_update_pallas(
             D=flat(D),
         ),
         dict(
-            state_out=jax.ShapeDtypeStruct((b * h * p, n), F32),
+            state_out=jax.ShapeDtypeStruct((b * h * p, n), jnp.result_type(state)),
             y=jax.ShapeDtypeStruct((b * h * p,), jnp.result_type(x)),
         ),
         grid=(b * h, -(-p // block_p)),
