@@ -467,6 +467,16 @@ def check_row_streams(rebuilt, docs, order):
     return streams
 
 
+def assert_restored_batches(batcher, state, want):
+    """`batcher`, restored to `state`, gives the batches `want` again, array for array."""
+    batcher.restore(state)
+    for w in want:
+        got = next(batcher)
+        assert got["stats"] == w["stats"]
+        for k in w["arrays"]:
+            np.testing.assert_array_equal(got["arrays"][k], w["arrays"][k])
+
+
 def test_row_stream_batcher_streams_every_document_whole_in_its_row_and_resumes():
     """link_across_steps: every row is a stream of whole documents taken from the shared
     stream in its order; over an epoch every token of every document appears once, in order,
@@ -497,13 +507,7 @@ def test_row_stream_batcher_streams_every_document_whole_in_its_row_and_resumes(
     state = first.state()
     assert sum(offset > 0 for _, offset, _ in state["rows"]) >= 2, state
     want = [next(first) for _ in range(4)]
-    resumed = Batcher(docs, **kw)
-    resumed.restore(state)
-    for w in want:
-        got = next(resumed)
-        assert got["stats"] == w["stats"]
-        for k in w["arrays"]:
-            np.testing.assert_array_equal(got["arrays"][k], w["arrays"][k])
+    assert_restored_batches(Batcher(docs, **kw), state, want)
     with pytest.raises(ValueError, match="one stream per row"):
         Batcher(docs, **kw).restore({"consumed": 3, "offset": 4})
 
@@ -540,13 +544,7 @@ def test_stream_groups_batcher_serves_group_m_mod_g_and_resumes():
     assert state["micro"] == 3 and len(state["rows"]) == 6
     assert sum(offset > 0 for _, offset, _ in state["rows"]) >= 3, state
     want = [next(first) for _ in range(3)]
-    resumed = Batcher(docs, **kw)
-    resumed.restore(state)
-    for w in want:
-        got = next(resumed)
-        assert got["stats"] == w["stats"]
-        for k in w["arrays"]:
-            np.testing.assert_array_equal(got["arrays"][k], w["arrays"][k])
+    assert_restored_batches(Batcher(docs, **kw), state, want)
     kw.pop("stream_groups")
     with pytest.raises(ValueError, match=r"one stream per row \(3 rows: 1 group"):
         Batcher(docs, **kw).restore(state)

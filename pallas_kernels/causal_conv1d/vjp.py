@@ -75,16 +75,16 @@ def causal_conv1d_pallas(
     )
     kernel_groups = (channels,) if groups is None or split_after else groups
     cap = 1 << max(0, (length - 1).bit_length())  # the row length rounded up to a power of two
+    walk = kernel.Static(
+        length=length,
+        channels=channels,
+        width=width,
+        block_e=BLOCK_E,
+        chunk=min(chunk, cap),
+        silu=silu,
+    )
     if kernel_name == "walk":
-        st = kernel.Static(
-            length=length,
-            channels=channels,
-            width=width,
-            block_e=BLOCK_E,
-            chunk=min(chunk, cap),
-            silu=silu,
-        )
-        plan = (st, st)
+        plan = (walk, walk)
     else:
         common = dict(
             length=length,
@@ -96,32 +96,21 @@ def causal_conv1d_pallas(
         )
         fwd_t = min(tile.fwd_block_t, cap)
         bwd_chunk = min(tile.bwd_chunk, cap)
-        plan = (
-            kernel_tile.Static(
-                block_t=fwd_t,
-                block_e=tile.fwd_block_c,
-                chunk=fwd_t,
-                num_warps=tile.fwd_warps,
-                **common,
-            ),
-            kernel_tile.Static(
-                block_t=min(tile.bwd_block_t, bwd_chunk),
-                block_e=tile.bwd_block_c,
-                chunk=bwd_chunk,
-                num_warps=tile.bwd_warps,
-                **common,
-            ),
+        tile_fwd = kernel_tile.Static(
+            block_t=fwd_t,
+            block_e=tile.fwd_block_c,
+            chunk=fwd_t,
+            num_warps=tile.fwd_warps,
+            **common,
         )
-        if kernel_name == "tile_walk":
-            walk = kernel.Static(
-                length=length,
-                channels=channels,
-                width=width,
-                block_e=BLOCK_E,
-                chunk=min(chunk, cap),
-                silu=silu,
-            )
-            plan = (plan[0], walk)
+        tile_bwd = kernel_tile.Static(
+            block_t=min(tile.bwd_block_t, bwd_chunk),
+            block_e=tile.bwd_block_c,
+            chunk=bwd_chunk,
+            num_warps=tile.bwd_warps,
+            **common,
+        )
+        plan = (tile_fwd, walk if kernel_name == "tile_walk" else tile_bwd)
     want = (x.shape[0], width - 1, channels)
     if prefix is not None and tuple(prefix.shape) != want:
         raise ValueError(
