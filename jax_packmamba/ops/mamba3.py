@@ -140,6 +140,7 @@ def mamba3_scan(
         num_segments,
     )
     impl = resolve_impl(impl, x, B)
+    args = (x, dt, A, trap, B, C, angles, D, z, B_bias, C_bias)
     kwargs = dict(
         segment_ids=segment_ids,
         chunk_size=chunk_size,
@@ -148,35 +149,8 @@ def mamba3_scan(
         num_segments=num_segments,
     )
     if impl != "reference":
-        return mamba3_scan_pallas(
-            x,
-            dt,
-            A,
-            trap,
-            B,
-            C,
-            angles,
-            D,
-            z,
-            B_bias,
-            C_bias,
-            interpret=impl == "pallas_interpret",
-            **kwargs,
-        )
-    return mamba3_scan_reference(
-        x,
-        dt,
-        A,
-        trap,
-        B,
-        C,
-        angles,
-        D,
-        z,
-        B_bias,
-        C_bias,
-        **kwargs,
-    )
+        return mamba3_scan_pallas(*args, interpret=impl == "pallas_interpret", **kwargs)
+    return mamba3_scan_reference(*args, **kwargs)
 
 
 def _pallas_takes(x, B) -> bool:
