@@ -9,7 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_packmamba.ops.mamba3 import Mamba3State, mamba3_mimo_scan, mamba3_mimo_scan_reference
+from jax_packmamba.ops.mamba3 import (
+    Mamba3State,
+    _mimo,
+    mamba3_mimo_scan,
+    mamba3_mimo_scan_reference,
+)
+from jax_packmamba.ops.ssd_scan import ssd_chunked
 from tests.loops import mamba3_mimo_loop, rel_err
 from tests.test_mamba3_reference import CHUNK, segment_rows
 
@@ -163,3 +169,34 @@ def test_mamba3_mimo_argument_checks():
         mamba3_mimo_scan(**{**args, "B": args["B"][:, :, 0]})
     with pytest.raises(ValueError, match="z needs z_proj"):
         mamba3_mimo_scan(**{**args, "z_proj": None})
+
+
+def test_mamba3_mimo_fused_form_on_chunks_that_cut_steps():
+    """The fused form's algebra does not need chunk edges on step edges (the kernels round a
+    flattened chunk of chunk_size R tokens up to a power of two, which cuts steps for R = 3):
+    its SSD core on 7-token chunks at rank 2 and 3 gives the R^2 heads' outputs and final
+    states, with initial states and packed rows."""
+    slots = 6
+    seg = segment_rows(2)
+
+    def on_7_token_chunks(*args, chunk_size, **kwargs):
+        return ssd_chunked(*args, chunk_size=7, **kwargs)
+
+    for rank in (2, 3):
+        args = mimo_inputs(5, rank=rank)
+        init = mimo_states(6, 2, slots, rank=rank)
+        kw = dict(
+            segment_ids=seg,
+            chunk_size=CHUNK,
+            initial_states=init,
+            return_final_states=True,
+            num_segments=slots,
+        )
+        want = mamba3_mimo_scan_reference(**args, **kw)
+        names = ("x", "dt", "A", "trap", "B", "C", "angles", "x_proj", "D", "z", "z_proj")
+        names += ("out_proj", "B_bias", "C_bias")
+        got = jax.jit(
+            functools.partial(_mimo, on_7_token_chunks, fused=True, **kw),
+        )(*(args[k] for k in names))
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert rel_err(a, b) < 1e-5, rank

@@ -166,8 +166,9 @@ def resolve_impl(impl, x, B, mimo: bool = False) -> str:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
         # SISO: the kernels took 9.9 ms forward + backward against the reference's 23.6 at
-        # mamba3-1.5b's heads, 1 x 16384 tokens (one H100, docs/mamba3.md). MIMO's R^2 fused
-        # heads are not measured yet: the reference until they are.
+        # mamba3-1.5b's heads, 1 x 16384 tokens (one H100, docs/mamba3.md). MIMO's kernels
+        # (the fused (L R)-long axis, R times less SSD work than the reference's R^2 heads)
+        # are not measured yet (bench_mamba3 --mimo-rank): the reference until they are.
         gpu = jax.default_backend() == "gpu" and _pallas_takes(x, B)
         return "pallas" if gpu and not mimo else "reference"
     if impl != "reference" and not _pallas_takes(x, B):
@@ -501,8 +502,9 @@ def mamba3_mimo_scan(
     impl: Impl = "auto",
 ):
     """Mamba-3 MIMO (rank R) scan with resets at segment boundaries: `mamba3_scan`'s rule and
-    arguments (impl included: the kernels run its R^2 fused SSD heads), with per-rank keys and
-    queries and the inputs x_r = x_proj[:, r] * x:
+    arguments (impl included: "reference" runs R^2 SSD heads, the kernels one (L R)-long axis a
+    head, `_mimo_fused`; chunk_size counts time steps, R tokens each on that axis), with
+    per-rank keys and queries and the inputs x_r = x_proj[:, r] * x:
 
         h_t     = alpha_t h_{t-1} + beta_t sum_r x_{t-1,r} k_{t-1,r}^T + gamma_t sum_r x_{t,r} k_{t,r}^T
         y_{t,r} = h_t q_{t,r} + D x_{t,r},  y_{t,r} *= silu(z_proj[:, r] * z_t) if z is given
