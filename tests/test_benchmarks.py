@@ -525,6 +525,17 @@ def smoke_mamba3(out, data):
     assert rows["pallas", 32]["max_diff_over_max_ref"] < 2e-2
 
 
+def smoke_mamba3_mimo(out, data):
+    rows = {r["impl"]: r for r in data["timings"]}
+    assert set(rows) == {"pallas", "reference_fused", "reference"} and data["mimo_rank"] == 4
+    for r in rows.values():
+        assert r["shape"] == [1, 80] and r["chunk"] == 8 and "error" not in r
+        assert r["fwd_ms"]["median_ms"] > 0 and r["fwdbwd_ms"]["median_ms"] > 0
+    # The fused forms against the R^2 heads, bf16 outputs: within a few roundings.
+    assert rows["pallas"]["max_diff_over_max_ref"] < 2e-2
+    assert rows["reference_fused"]["max_diff_over_max_ref"] < 2e-2
+
+
 def test_mamba3_torch_times_the_same_heads_as_bench_mamba3():
     from benchmarks import bench_mamba3, mamba3_torch
 
@@ -757,6 +768,13 @@ SMOKES = {
         smoke_mamba3,
         True,
     ),
+    "bench_mamba3_mimo": (
+        "bench_mamba3",
+        lambda d: ["--smoke", "--mimo-rank", "4", "--out", d],
+        "mamba3_cpu_mimo4_smoke.json",
+        smoke_mamba3_mimo,
+        True,
+    ),
     "bench_ssd_chunk_scan": (
         "bench_ssd_chunk_scan",
         lambda d: ["--smoke", "--out", d],
@@ -801,8 +819,14 @@ SMOKES = {
 
 # bench_scaling: about 25 s (three processes start jax, two compile a step); bench_long_docs:
 # about 60 s (two short training runs).
-# bench_mamba3: about 50 s (interpreted kernels' fwd+bwd compile).
-SLOW_SMOKES = ("bench_scaling", "bench_long_docs", "bench_generate_profile_mamba2", "bench_mamba3")
+# bench_mamba3: about 50 s (interpreted kernels' fwd+bwd compile); its MIMO smoke about 15 s.
+SLOW_SMOKES = (
+    "bench_scaling",
+    "bench_long_docs",
+    "bench_generate_profile_mamba2",
+    "bench_mamba3",
+    "bench_mamba3_mimo",
+)
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,21 @@
 """The Mamba-3 MIMO reference (rank R) against a per-step float64 loop of its recurrence: outputs,
-per-slot initial and final states and gradients, packed; isolation; argument checks."""
+per-slot initial and final states and gradients, packed, in both forms (R^2 SSD heads and the
+fused (L R)-long axis); isolation; argument checks."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_packmamba.ops.mamba3 import Mamba3State, mamba3_mimo_scan
+from jax_packmamba.ops.mamba3 import (
+    Mamba3State,
+    _mimo,
+    mamba3_mimo_scan,
+    mamba3_mimo_scan_reference,
+)
+from jax_packmamba.ops.ssd_scan import ssd_chunked
 from tests.loops import mamba3_mimo_loop, rel_err
 from tests.test_mamba3_reference import CHUNK, segment_rows
 
@@ -17,7 +26,9 @@ NAMES = (
 )  # fmt: skip
 
 
-def mimo_inputs(seed, batch=2, length=21, heads=4, headdim=4, groups=2, d_state=8, n_angles=2):
+def mimo_inputs(
+    seed, batch=2, length=21, heads=4, headdim=4, groups=2, d_state=8, n_angles=2, rank=RANK
+):
     rng = np.random.default_rng(seed)
 
     def normal(*shape, scale=1.0):
@@ -29,24 +40,24 @@ def mimo_inputs(seed, batch=2, length=21, heads=4, headdim=4, groups=2, d_state=
         dt=jax.nn.softplus(normal(*per_token, scale=0.5) - 1.0),
         A=-jax.nn.softplus(normal(*per_token)),
         trap=normal(*per_token),
-        B=normal(batch, length, RANK, groups, d_state),
-        C=normal(batch, length, RANK, groups, d_state),
+        B=normal(batch, length, rank, groups, d_state),
+        C=normal(batch, length, rank, groups, d_state),
         angles=normal(batch, length, heads, n_angles),
-        x_proj=normal(heads, RANK, headdim),
+        x_proj=normal(heads, rank, headdim),
         D=normal(heads),
         z=normal(batch, length, heads, headdim),
-        z_proj=normal(heads, RANK, headdim),
-        out_proj=normal(heads, RANK, headdim),
-        B_bias=normal(heads, RANK, d_state, scale=0.5),
-        C_bias=normal(heads, RANK, d_state, scale=0.5),
+        z_proj=normal(heads, rank, headdim),
+        out_proj=normal(heads, rank, headdim),
+        B_bias=normal(heads, rank, d_state, scale=0.5),
+        C_bias=normal(heads, rank, d_state, scale=0.5),
     )
 
 
-def mimo_states(seed, batch, slots, heads=4, headdim=4, d_state=8, n_angles=2):
+def mimo_states(seed, batch, slots, heads=4, headdim=4, d_state=8, n_angles=2, rank=RANK):
     rng = np.random.default_rng(seed)
     shapes = dict(
         ssm=(batch, slots, heads, headdim, d_state),
-        k=(batch, slots, RANK, heads, d_state),
+        k=(batch, slots, rank, heads, d_state),
         x=(batch, slots, heads, headdim),
         angle=(batch, slots, heads, n_angles),
     )
@@ -55,9 +66,13 @@ def mimo_states(seed, batch, slots, heads=4, headdim=4, d_state=8, n_angles=2):
     )
 
 
-def test_mamba3_mimo_matches_float64_loop():
+@pytest.mark.parametrize("fused", [False, True])
+def test_mamba3_mimo_matches_float64_loop(fused):
     """Packed rows with per-slot initial states: outputs, final states and the gradients of
-    everything (random cotangents) against the float64 loop and jax.grad of it."""
+    everything (random cotangents) against the float64 loop and jax.grad of it, for the R^2
+    heads (the public op's reference) and the fused form (mamba3_mimo_scan_reference's
+    fused=True, the kernels' layout; its flattened chunks of 2 CHUNK tokens end where the
+    packed rows' runs do)."""
     args = mimo_inputs(0)
     seg = segment_rows(2)
     slots = 6
@@ -75,7 +90,10 @@ def test_mamba3_mimo_matches_float64_loop():
     present, rows, where = last >= 0, np.arange(2)[:, None], np.maximum(last, 0)
 
     def ours(a, init):
-        y, final = mamba3_mimo_scan(
+        scan = (
+            functools.partial(mamba3_mimo_scan_reference, fused=True) if fused else mamba3_mimo_scan
+        )
+        y, final = scan(
             **a,
             segment_ids=seg,
             chunk_size=CHUNK,
@@ -113,13 +131,15 @@ def test_mamba3_mimo_matches_float64_loop():
         assert rel_err(got, want) < 1e-4, name
 
 
-def test_mamba3_mimo_alone_and_isolation():
-    """No initial states, per-rank outputs (no out_proj): a run alone equals its slice of the
-    packed row, and perturbing one run leaves the others' outputs bit-identical."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_mamba3_mimo_alone_and_isolation(fused):
+    """No initial states, per-rank outputs (no out_proj), either form: a run alone equals its
+    slice of the packed row, and perturbing one run leaves the others' outputs bit-identical."""
     args = mimo_inputs(3, batch=1)
     args["out_proj"] = None
     seg = segment_rows(1)
-    scan = jax.jit(mamba3_mimo_scan, static_argnames=("chunk_size",))
+    op = functools.partial(mamba3_mimo_scan_reference, fused=True) if fused else mamba3_mimo_scan
+    scan = jax.jit(op, static_argnames=("chunk_size",))
     y = scan(**args, segment_ids=seg, chunk_size=CHUNK)  # (1, t, R, h, p)
     ids = np.asarray(seg[0])
     where = np.nonzero(ids == 3)[0]  # 8 tokens from chunk edge to edge
@@ -149,3 +169,34 @@ def test_mamba3_mimo_argument_checks():
         mamba3_mimo_scan(**{**args, "B": args["B"][:, :, 0]})
     with pytest.raises(ValueError, match="z needs z_proj"):
         mamba3_mimo_scan(**{**args, "z_proj": None})
+
+
+def test_mamba3_mimo_fused_form_on_chunks_that_cut_steps():
+    """The fused form's algebra does not need chunk edges on step edges (the kernels round a
+    flattened chunk of chunk_size R tokens up to a power of two, which cuts steps for R = 3):
+    its SSD core on 7-token chunks at rank 2 and 3 gives the R^2 heads' outputs and final
+    states, with initial states and packed rows."""
+    slots = 6
+    seg = segment_rows(2)
+
+    def on_7_token_chunks(*args, chunk_size, **kwargs):
+        return ssd_chunked(*args, chunk_size=7, **kwargs)
+
+    for rank in (2, 3):
+        args = mimo_inputs(5, rank=rank)
+        init = mimo_states(6, 2, slots, rank=rank)
+        kw = dict(
+            segment_ids=seg,
+            chunk_size=CHUNK,
+            initial_states=init,
+            return_final_states=True,
+            num_segments=slots,
+        )
+        want = mamba3_mimo_scan_reference(**args, **kw)
+        names = ("x", "dt", "A", "trap", "B", "C", "angles", "x_proj", "D", "z", "z_proj")
+        names += ("out_proj", "B_bias", "C_bias")
+        got = jax.jit(
+            functools.partial(_mimo, on_7_token_chunks, fused=True, **kw),
+        )(*(args[k] for k in names))
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert rel_err(a, b) < 1e-5, rank

@@ -1,7 +1,8 @@
-"""The Mamba-3 (SISO) scan with its SSD core in the Pallas kernels (mamba3_scan(impl="pallas"),
-pallas_kernels.ssd.ssd_chunked_pallas) against the float64 per-step loop and the reference:
-outputs, per-slot final states and every gradient (random cotangents); bit-exact isolation of
-segments; packed equals alone; the CUDA lowering on this CPU machine; the model's scan_impl.
+"""The Mamba-3 scans with their SSD core in the Pallas kernels (mamba3_scan(impl="pallas"),
+pallas_kernels.ssd.ssd_chunked_pallas; MIMO's fused (L R)-long axis) against the float64
+per-step loops and the references: outputs, per-slot final states and every gradient (random
+cotangents); bit-exact isolation of segments; packed equals alone; the CUDA lowering on this
+CPU machine; the model's scan_impl.
 
 "pallas_interpret" runs the Triton kernels through the Pallas interpreter (CPU); "pallas" the
 same on a GPU (skipped without one). An interpreted forward + backward costs ~20 s of tracing
@@ -27,17 +28,18 @@ from jax_packmamba.ops.mamba3 import (
     mamba3_scan_reference,
 )
 from pallas_kernels.ssd import SSDConfig
+from tests.compiled import compiled
 from tests.gpu import HAS_GPU, lower_for_cuda, on_gpu
 from tests.loops import mamba3_loop, mamba3_mimo_loop, rel_err
 from tests.test_mamba3_mimo import NAMES as MIMO_NAMES
 from tests.test_mamba3_mimo import mimo_inputs, mimo_states
 from tests.test_mamba3_reference import initial_states, inputs
-from tests.test_ssd_impls import BACKWARD, FORWARD, TRITON_CALL, compiled
+from tests.test_ssd_impls import BACKWARD, FORWARD, TRITON_CALL
 
 IMPLS = ["pallas_interpret", on_gpu("pallas")]
 NAMES = ("x", "dt", "A", "trap", "B", "C", "angles", "D", "z", "B_bias", "C_bias")
 SHAPE = dict(batch=2, length=40, heads=4, headdim=16, groups=2, d_state=16, n_angles=4)
-# MIMO (rank 2): 2 heads make 8 fused SSD heads.
+# MIMO: 2 heads, each one SSD head on the flattened (L R)-long axis (token (t, r) at t R + r).
 MIMO_SHAPE = dict(SHAPE, heads=2, groups=1)
 SLOTS = 6  # id 0 occurs in neither row: its final state is zeros
 # Chunks of 32 (the second ragged) in 16-row blocks, so runs cross block and chunk edges.
@@ -45,6 +47,11 @@ CONFIG = SSDConfig(chunk=32, block_l=16, block_s=16, block_k=16)
 # Row 0: runs of 1, 15, 16 (from a block edge to a chunk edge), 3, 5 tokens; row 1: 4, 12, 16
 # (from a block edge to a chunk edge), 7, 1 (the row's last token alone).
 RUNS = ([1, 15, 16, 3, 5], [4, 12, 16, 7, 1])
+PER_TOKEN = ("x", "dt", "A", "trap", "B", "C", "angles", "z")  # (batch, length, ...)
+# MIMO's chunks, on the flattened axis: 16 steps at rank 2 (CONFIG) and at rank 4, so the runs
+# of 15 and 16 steps end on flattened chunk edges (R 16 and R 32 tokens), the 16-step run spans
+# a whole chunk, and the rows (40 R tokens) end mid-chunk; runs of 1 step are R tokens.
+MIMO_CONFIGS = {2: CONFIG, 4: SSDConfig(chunk=64, block_l=16, block_s=16, block_k=16)}
 
 
 def segment_ids():
@@ -59,28 +66,33 @@ def states_init(seed):
     )
 
 
-def scan_fn(impl, mimo=False):
-    """grad of sum(y * cot_y) + sum(final * cot_f) for `impl`, compiled once per impl (with
-    XLA's backend optimisations off on CPU: test_ssd_impls.compiled)."""
-    key = ("mamba3", impl, mimo)
+def scan_fn(impl, mimo=False, config=CONFIG):
+    """grad of sum(y * cot_y) + sum(final * cot_f) for `impl` ("reference_fused": the MIMO
+    reference in the kernels' fused form), compiled once per impl and shapes (with XLA's
+    backend optimisations off on CPU: tests/compiled.py)."""
+    key = ("mamba3", impl, mimo, config)
 
     def run(*args):
         reference = mamba3_mimo_scan_reference if mimo else mamba3_scan_reference
         kernels = mamba3_mimo_scan_pallas if mimo else mamba3_scan_pallas
 
         def loss(args, init, seg, cot_y, cot_f):
+            # MIMO's chunk_size counts steps: R of them make the flattened chunk.
+            rank = args["B"].shape[2] if mimo else 1
             kwargs = dict(
                 segment_ids=seg,
-                chunk_size=CONFIG.chunk,
+                chunk_size=config.chunk // rank,
                 initial_states=init,
                 return_final_states=True,
                 num_segments=SLOTS,
             )
             if impl == "reference":
                 y, final = reference(**args, **kwargs)
+            elif impl == "reference_fused":
+                y, final = reference(**args, **kwargs, fused=True)
             else:
                 y, final = kernels(
-                    **args, **kwargs, interpret=impl == "pallas_interpret", config=CONFIG
+                    **args, **kwargs, interpret=impl == "pallas_interpret", config=config
                 )
             total = jnp.sum(y * cot_y) + sum(jnp.sum(v * c) for v, c in zip(final, cot_f))
             return total, (y, final)
@@ -212,17 +224,22 @@ def test_segments_are_bitwise_isolated(impl):
         np.testing.assert_array_equal(a[:, others], b[:, others])
 
 
+@pytest.mark.parametrize("rank", sorted(MIMO_CONFIGS))
 @pytest.mark.parametrize("impl", IMPLS)
-def test_mimo_matches_float64_loop_and_is_isolated(impl):
-    """MIMO (rank 2, out_proj on): outputs, final states and every gradient against the
-    float64 MIMO loop; then one run's inputs and slot perturbed leave the other runs' outputs
-    and gradients and the other slots' final states bit-identical."""
-    s = MIMO_SHAPE
-    args = mimo_inputs(8, **s)
-    init = mimo_states(9, s["batch"], SLOTS, s["heads"], s["headdim"], s["d_state"], s["n_angles"])
+def test_mimo_matches_float64_loop_references_and_is_isolated(impl, rank):
+    """MIMO (out_proj on, initial states): outputs, final states and every gradient against
+    the float64 MIMO loop and both references (R^2 SSD heads: an independent form; the fused
+    form in pure JAX on the same flattened chunks); then one run's inputs and slot perturbed
+    leave the other runs' outputs and gradients and the other slots' final states
+    bit-identical."""
+    s, config = MIMO_SHAPE, MIMO_CONFIGS[rank]
+    args = mimo_inputs(8, rank=rank, **s)
+    init = mimo_states(
+        9, s["batch"], SLOTS, s["heads"], s["headdim"], s["d_state"], s["n_angles"], rank=rank
+    )
     seg = segment_ids()
     cot_y, cot_f = cotangents(10, args, init)
-    run = scan_fn(impl, mimo=True)
+    run = scan_fn(impl, mimo=True, config=config)
     (g_args, g_init), (y, final) = run(args, init, seg, cot_y, cot_f)
     (r_args, r_init), (y_ref, final_ref) = loop_grads(
         args, init, seg, cot_y, cot_f, loop=mamba3_mimo_loop
@@ -235,8 +252,17 @@ def test_mimo_matches_float64_loop_and_is_isolated(impl):
         assert rel_err(g_args[k], r_args[k]) < 1e-4, k
     for name, got, want in zip(Mamba3State._fields, g_init, r_init):
         assert rel_err(got, want) < 1e-4, name
+    for form in ("reference", "reference_fused"):
+        (x_args, x_init), (y_x, final_x) = scan_fn(form, mimo=True, config=config)(
+            args, init, seg, cot_y, cot_f
+        )
+        assert rel_err(y, y_x) < 1e-5, form
+        for got, want in zip(
+            (*final, *g_init, *g_args.values()), (*final_x, *x_init, *x_args.values())
+        ):
+            assert rel_err(got, want) < 1e-4, form
 
-    target = 3
+    target = 3  # the 16-step run: a whole flattened chunk, from chunk edge to chunk edge
     in_run = np.asarray(seg) == target
     bumped = dict(args)
     for k in ("x", "dt", "A", "trap", "B", "C", "angles", "z"):
@@ -252,6 +278,33 @@ def test_mimo_matches_float64_loop_and_is_isolated(impl):
     others = np.arange(SLOTS) != target
     for a, b in zip((*final, *g_init), (*final2, *g_i2)):
         np.testing.assert_array_equal(a[:, others], b[:, others])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mimo_packed_equals_alone(impl):
+    """MIMO (rank 2) through the public op, segment ids, no states, per-rank outputs: each run
+    of row 0 (1, 15 and 16 steps: 2 tokens, 30, and one whole 32-token flattened chunk) alone
+    equals its slice of the packed rows."""
+    args = mimo_inputs(13, **MIMO_SHAPE)
+    args["out_proj"] = None
+    seg = segment_ids()
+    chunk = CONFIG.chunk // 2  # steps: 32 flattened tokens at rank 2
+
+    def run(a, seg=None):
+        def f(a, seg):
+            return mamba3_mimo_scan(**a, segment_ids=seg, chunk_size=chunk, impl=impl)
+
+        return compiled(("mamba3_mimo_alone", impl, seg is None), f, a, seg)(a, seg)
+
+    y = run(args, seg)  # (b, t, R, h, p)
+    ids = np.asarray(seg[0])
+    for i in (1, 2, 3):
+        where = np.nonzero(ids == i)[0]
+        lo, hi = where[0], where[-1] + 1
+        alone = {k: (v[:1, lo:hi] if k in PER_TOKEN else v) for k, v in args.items()}
+        np.testing.assert_allclose(
+            y[:1, lo:hi], run(alone), rtol=1e-5, atol=1e-5, err_msg=f"id {i}"
+        )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -324,8 +377,9 @@ def test_training_path_lowers_for_cuda_on_kernels():
 
 
 def test_states_and_mimo_paths_lower_for_cuda():
-    """Initial and final states (SISO), and MIMO (rank 2) with segment ids: the same kernels
-    and no scatter, forward and backward."""
+    """Initial and final states (SISO), MIMO (rank 2) with segment ids, and MIMO (rank 4)
+    with initial and final states: the same kernels (one SSD call: the fused axis) and no
+    scatter, forward and backward."""
     f32, sds = jnp.float32, jax.ShapeDtypeStruct
     b, t, h, p, n, a, slots = 1, 100, 4, 16, 32, 8, 3
     rows = lowering_rows(b, t, h, p, 1, n, a)
@@ -353,6 +407,20 @@ def test_states_and_mimo_paths_lower_for_cuda():
         return y.astype(f32).sum()
 
     text = lower_for_cuda(jax.grad(mimo_loss), mimo_rows, seg)
+    assert kernel_names(text) == sorted(FORWARD + BACKWARD)
+
+    rank = 4
+    mimo_rows = lowering_rows(b, t, h, p, 1, n, a, rank=rank)
+    mimo_init = init._replace(k=sds((b, slots, rank, h, n), f32))
+
+    def mimo_states_loss(args, init, seg):
+        y, final = mamba3_mimo_scan(
+            **args, segment_ids=seg, initial_states=init, return_final_states=True, impl="pallas"
+        )
+        return y.astype(f32).sum() + sum(v.sum() for v in final)
+
+    grad = jax.grad(mimo_states_loss, argnums=(0, 1))
+    text = lower_for_cuda(grad, mimo_rows, mimo_init, seg)
     assert kernel_names(text) == sorted(FORWARD + BACKWARD)
 
 

@@ -166,8 +166,9 @@ def resolve_impl(impl, x, B, mimo: bool = False) -> str:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
         # SISO: the kernels took 9.9 ms forward + backward against the reference's 23.6 at
-        # mamba3-1.5b's heads, 1 x 16384 tokens (one H100, docs/mamba3.md). MIMO's R^2 fused
-        # heads are not measured yet: the reference until they are.
+        # mamba3-1.5b's heads, 1 x 16384 tokens (one H100, docs/mamba3.md). MIMO's kernels
+        # (the fused (L R)-long axis, R times less SSD work than the reference's R^2 heads)
+        # are not measured yet (bench_mamba3 --mimo-rank): the reference until they are.
         gpu = jax.default_backend() == "gpu" and _pallas_takes(x, B)
         return "pallas" if gpu and not mimo else "reference"
     if impl != "reference" and not _pallas_takes(x, B):
@@ -501,8 +502,9 @@ def mamba3_mimo_scan(
     impl: Impl = "auto",
 ):
     """Mamba-3 MIMO (rank R) scan with resets at segment boundaries: `mamba3_scan`'s rule and
-    arguments (impl included: the kernels run its R^2 fused SSD heads), with per-rank keys and
-    queries and the inputs x_r = x_proj[:, r] * x:
+    arguments (impl included: "reference" runs R^2 SSD heads, the kernels one (L R)-long axis a
+    head, `_mimo_fused`; chunk_size counts time steps, R tokens each on that axis), with
+    per-rank keys and queries and the inputs x_r = x_proj[:, r] * x:
 
         h_t     = alpha_t h_{t-1} + beta_t sum_r x_{t-1,r} k_{t-1,r}^T + gamma_t sum_r x_{t,r} k_{t,r}^T
         y_{t,r} = h_t q_{t,r} + D x_{t,r},  y_{t,r} *= silu(z_proj[:, r] * z_t) if z is given
@@ -547,7 +549,9 @@ def mamba3_mimo_scan(
     return mamba3_mimo_scan_reference(*args, **kwargs)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size", "return_final_states", "num_segments"))
+@functools.partial(
+    jax.jit, static_argnames=("chunk_size", "return_final_states", "num_segments", "fused")
+)
 def mamba3_mimo_scan_reference(
     x,
     dt,
@@ -569,13 +573,16 @@ def mamba3_mimo_scan_reference(
     initial_states: Mamba3State | None = None,
     return_final_states: bool = False,
     num_segments: int | None = None,
+    fused: bool = False,
 ):
     """The pure-JAX MIMO scan; `mamba3_mimo_scan`'s arguments (unchecked).
 
     The state sums R rank-1 inputs per token, and each of the R queries reads it. As SSD
-    heads: head (h, r, r') carries input r' (x_{r'}, k_{r'}) and query r, all with head h's
-    decay and trapezoid weights; summing over r' gives y_{t,r}. R^2 SISO heads: simple and
-    exact, R times the work of a fused (L R)-long block-causal chunk (mamba_ssm's kernels).
+    heads (the default): head (h, r, r') carries input r' (x_{r'}, k_{r'}) and query r, all
+    with head h's decay and trapezoid weights; summing over r' gives y_{t,r}. R^2 SISO heads:
+    simple and exact, R times the work of the fused form, and an independent check of it.
+    fused=True runs the kernels' form (`_mimo_fused`: one (L R)-long axis per head) through
+    the same pure-JAX chunked SSD.
     """
     return _mimo(
         ssd_chunked,
@@ -598,6 +605,7 @@ def mamba3_mimo_scan_reference(
         initial_states=initial_states,
         return_final_states=return_final_states,
         num_segments=num_segments,
+        fused=fused,
     )
 
 
@@ -629,9 +637,9 @@ def mamba3_mimo_scan_pallas(
     interpret: bool = False,
     config=None,
 ):
-    """`mamba3_mimo_scan` with its R^2 fused SSD heads in the Pallas kernels (as
-    `mamba3_scan_pallas`; the per-rank inputs x_proj * x enter the matmuls in x's dtype);
-    same arguments (unchecked)."""
+    """`mamba3_mimo_scan` in its fused form (`_mimo_fused`: h SSD heads on one (L R)-long
+    axis) on the Pallas kernels (as `mamba3_scan_pallas`; the per-rank inputs x_proj * x
+    enter the matmuls in x's dtype); same arguments (unchecked)."""
     return _mimo(
         _pallas_ssd(interpret, config, x.dtype),
         x,
@@ -653,6 +661,7 @@ def mamba3_mimo_scan_pallas(
         initial_states=initial_states,
         return_final_states=return_final_states,
         num_segments=num_segments,
+        fused=True,
     )
 
 
@@ -678,11 +687,12 @@ def _mimo(
     initial_states,
     return_final_states,
     num_segments,
+    fused,
 ):
-    """The MIMO scan around `ssd` (`ssd_chunked` or its kernels' twin)."""
+    """The MIMO scan around `ssd` (`ssd_chunked` or its kernels' twin), its core in the fused
+    form (`_mimo_fused`) or as R^2 heads (`_mimo_heads`)."""
     batch, length, heads, headdim = x.shape
     given_ids = segment_ids
-    rank = B.shape[2]
     acc = accumulation_dtype(x)
     if segment_ids is None:
         segment_ids = jnp.zeros((batch, length), jnp.int32)
@@ -711,41 +721,21 @@ def _mimo(
     psi = jnp.swapaxes(x_proj.astype(acc), 0, 1)  # (R, h, p)
     x_r = x.astype(acc)[:, :, None] * psi  # (b, t, R, h, p)
     log_decay = dt * A
-    # SSD heads (h, r, r'): x_{r'}, k_{r'}, q_r; flattened h-major.
-    shape = (batch, length, heads, rank, rank)
-
-    def fused(a, axis_r, n_last):  # (b, t, R, h, n) -> (b, t, h R R, n) along r or r'
-        a = jnp.moveaxis(a, 2, 3)  # (b, t, h, R, n)
-        a = jnp.expand_dims(a, 4 if axis_r == "r" else 3)
-        return jnp.broadcast_to(a, (*shape, n_last)).reshape(batch, length, -1, n_last)
-
-    def per_head(a):  # (b, t, h) -> (b, t, h R R)
-        return jnp.broadcast_to(a[..., None, None], shape).reshape(batch, length, -1)
-
-    init = None
-    if initial_states is not None:  # the slot's state enters once: on the r' = 0 heads
-        only_first = (jnp.arange(rank) == 0).astype(acc)[:, None, None]  # (r', 1, 1)
-        ssm0 = initial_states.ssm.astype(acc)[:, :, :, None, None] * only_first
-        init = jnp.broadcast_to(
-            ssm0, (batch, num_segments, heads, rank, rank, headdim, ssm0.shape[-1])
-        ).reshape(batch, num_segments, heads * rank * rank, headdim, -1)
-    y, final_ssm = ssd(
-        fused(x_r, "r'", headdim),
-        per_head(sigma),
-        per_head(log_decay),
-        fused(k, "r'", k.shape[-1]),
-        fused(q, "r", q.shape[-1]),
+    core = _mimo_fused if fused else _mimo_heads
+    y, final_ssm = core(
+        ssd,
+        x_r,
+        k,
+        q,
+        sigma,
+        gamma,
+        log_decay,
         segment_ids=given_ids,
         chunk_size=chunk_size,
-        initial_states=init,
+        initial_ssm=None if initial_states is None else initial_states.ssm.astype(acc),
         return_final_states=return_final_states,
         num_segments=num_segments,
-    )
-    y = y.reshape(*shape, headdim).sum(axis=4)  # (b, t, h, R, p)
-    y = jnp.moveaxis(y, 3, 2)  # (b, t, R, h, p)
-    qk = jnp.einsum("btrhn,btshn->btrhs", q, k)  # (b, t, R, h, R')
-    diag = jnp.einsum("btrhs,btshp->btrhp", qk, x_r)
-    y = y + ((gamma - sigma)[:, :, None, :, None]) * diag
+    )  # y (b, t, R, h, p)
     if D is not None:
         y = y + D.astype(acc)[:, None] * x_r
     if initial_states is not None:
@@ -765,9 +755,6 @@ def _mimo(
     if not return_final_states:
         return y
 
-    final_ssm = final_ssm.reshape(
-        batch, num_segments, heads, rank, rank, headdim, final_ssm.shape[-1]
-    )[:, :, :, 0].sum(axis=3)  # any query r: the state sums the inputs r'
     t = jnp.arange(length)
     is_slot = segment_ids[..., None] == jnp.arange(num_segments)
     last = jnp.max(jnp.where(is_slot, t[:, None], -1), axis=1)
@@ -783,6 +770,132 @@ def _mimo(
         angle=jnp.mod(_at_slot_last_tokens(theta, last_onehot), 2 * math.pi),
     )
     return y, final
+
+
+def _mimo_heads(
+    ssd,
+    x_r,
+    k,
+    q,
+    sigma,
+    gamma,
+    log_decay,
+    *,
+    segment_ids,
+    chunk_size,
+    initial_ssm,
+    return_final_states,
+    num_segments,
+):
+    """The MIMO core as R^2 SSD heads: head (h, r, r') has input r' and query r; x_r, k, q
+    (b, t, R, h, .), sigma, gamma, log_decay (b, t, h). Returns (y (b, t, R, h, p) before D,
+    final ssm (b, s, h, p, n) or None)."""
+    batch, length, rank, heads, headdim = x_r.shape
+    shape = (batch, length, heads, rank, rank)
+
+    def fused(a, axis_r, n_last):  # (b, t, R, h, n) -> (b, t, h R R, n) along r or r'
+        a = jnp.moveaxis(a, 2, 3)  # (b, t, h, R, n)
+        a = jnp.expand_dims(a, 4 if axis_r == "r" else 3)
+        return jnp.broadcast_to(a, (*shape, n_last)).reshape(batch, length, -1, n_last)
+
+    def per_head(a):  # (b, t, h) -> (b, t, h R R)
+        return jnp.broadcast_to(a[..., None, None], shape).reshape(batch, length, -1)
+
+    init = None
+    if initial_ssm is not None:  # the slot's state enters once: on the r' = 0 heads
+        only_first = (jnp.arange(rank) == 0).astype(initial_ssm.dtype)[:, None, None]
+        ssm0 = initial_ssm[:, :, :, None, None] * only_first  # (b, s, h, 1, r', p, n)
+        init = jnp.broadcast_to(
+            ssm0, (batch, num_segments, heads, rank, rank, headdim, ssm0.shape[-1])
+        ).reshape(batch, num_segments, heads * rank * rank, headdim, -1)
+    y, final_ssm = ssd(
+        fused(x_r, "r'", headdim),
+        per_head(sigma),
+        per_head(log_decay),
+        fused(k, "r'", k.shape[-1]),
+        fused(q, "r", q.shape[-1]),
+        segment_ids=segment_ids,
+        chunk_size=chunk_size,
+        initial_states=init,
+        return_final_states=return_final_states,
+        num_segments=num_segments,
+    )
+    y = y.reshape(*shape, headdim).sum(axis=4)  # (b, t, h, R, p)
+    y = jnp.moveaxis(y, 3, 2)  # (b, t, R, h, p)
+    qk = jnp.einsum("btrhn,btshn->btrhs", q, k)  # (b, t, R, h, R')
+    diag = jnp.einsum("btrhs,btshp->btrhp", qk, x_r)
+    y = y + ((gamma - sigma)[:, :, None, :, None]) * diag
+    if final_ssm is not None:  # any query r: the state sums the inputs r'
+        final_ssm = final_ssm.reshape(
+            batch, num_segments, heads, rank, rank, headdim, final_ssm.shape[-1]
+        )[:, :, :, 0].sum(axis=3)
+    return y, final_ssm
+
+
+def _mimo_fused(
+    ssd,
+    x_r,
+    k,
+    q,
+    sigma,
+    gamma,
+    log_decay,
+    *,
+    segment_ids,
+    chunk_size,
+    initial_ssm,
+    return_final_states,
+    num_segments,
+):
+    """The MIMO core as h SSD heads on one flattened axis (mamba_ssm's MIMO layout): token
+    (t, r) at position t R + r, inputs (x_{t,r}, k_{t,r}) and query q_{t,r}; same arguments and
+    returns as `_mimo_heads`, R times less SSD work.
+
+    The log-decay dt_t A_t sits on (t, 0) and 0 on (t, r > 0), so input (s, r') reaches query
+    (t, r), t > s, through exp(sum_{u in (s, t]} dt_u A_u) with weight sigma_s: every rank of
+    step s, as the recurrence's state sum. At t = s the causal scan takes the inputs r' <= r
+    with sigma_t, where the recurrence takes all r' with gamma_t, hence the correction
+    y_{t,r} += sum_{r'} (gamma_t - sigma_t [r' <= r]) (q_{t,r} . k_{t,r'}) x_{t,r'}.
+    Segment ids repeat R times (a run starts at (t, 0) and decays first there, as the SISO
+    scan's initial state does); a slot's final state is the SSD's after its last flattened
+    token (t, R - 1), whose sigma is gamma (the run ends there). chunk_size counts time steps
+    (mamba_ssm's MIMO chunk_size): the flattened chunk is chunk_size R tokens (the kernels
+    round it up to a power of two; the algebra holds on any chunk edges)."""
+    batch, length, rank, heads, headdim = x_r.shape
+
+    def flat(a):  # (b, t, R, ...) -> (b, t R, ...), t-major
+        return a.reshape(batch, length * rank, *a.shape[3:])
+
+    sigma_r = jnp.broadcast_to(sigma[:, :, None], (batch, length, rank, heads))
+    decay_r = jnp.concatenate(
+        [log_decay[:, :, None], jnp.zeros((batch, length, rank - 1, heads), log_decay.dtype)],
+        axis=2,
+    )
+    ids = None
+    if segment_ids is not None:
+        ids = jnp.broadcast_to(segment_ids[:, :, None], (batch, length, rank))
+        ids = ids.reshape(batch, length * rank)
+    y, final_ssm = ssd(
+        flat(x_r),
+        flat(sigma_r),
+        flat(decay_r),
+        flat(k),
+        flat(q),
+        segment_ids=ids,
+        chunk_size=chunk_size * rank,
+        initial_states=initial_ssm,
+        return_final_states=return_final_states,
+        num_segments=num_segments,
+    )
+    y = y.reshape(batch, length, rank, heads, headdim)
+    # [r, r']: the flattened scan already gave query r the inputs r' <= r of its own step.
+    causal = jnp.arange(rank)[None, :] <= jnp.arange(rank)[:, None]
+    own_step = gamma[:, :, None, :, None] - jnp.where(
+        causal[:, None, :], sigma[:, :, None, :, None], 0.0
+    )  # (b, t, R, h, R')
+    qk = jnp.einsum("btrhn,btshn->btrhs", q, k)
+    y = y + jnp.einsum("btrhs,btshp->btrhp", own_step * qk, x_r)
+    return y, final_ssm
 
 
 def _check_mimo_args(
