@@ -243,16 +243,25 @@ def test_conv_rejects_unknown_impl():
         causal_conv1d(x, jnp.zeros((2, 4)), impl="cuda")
 
 
+# The (backward, forward) kernel names each kernel choice lowers to.
+KERNEL_NAMES = {
+    "walk": ["causal_conv1d_bwd", "causal_conv1d_fwd"],
+    "tile": ["causal_conv1d_tile_bwd", "causal_conv1d_tile_fwd"],
+    "tile_walk": ["causal_conv1d_bwd", "causal_conv1d_tile_fwd"],
+}
+
+
 @pytest.mark.parametrize(
-    "impl, prefix",
+    "impl, kernel",
     [
-        ("pallas_walk", "causal_conv1d"),
-        ("pallas_tile", "causal_conv1d_tile"),
-        ("pallas", {"walk": "causal_conv1d", "tile": "causal_conv1d_tile"}[KERNEL]),
+        ("pallas_walk", "walk"),
+        ("pallas_tile", "tile"),
+        ("pallas_tile_walk", "tile_walk"),
+        ("pallas", KERNEL),
     ],
 )
 @pytest.mark.parametrize("width, bias", [(4, True), (1, False)])
-def test_pallas_conv_lowers_for_cuda_with_named_kernels(impl, prefix, width, bias):
+def test_pallas_conv_lowers_for_cuda_with_named_kernels(impl, kernel, width, bias):
     sds = jax.ShapeDtypeStruct
     bf = jnp.bfloat16
 
@@ -268,7 +277,7 @@ def test_pallas_conv_lowers_for_cuda_with_named_kernels(impl, prefix, width, bia
     )
     text = lower_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2)), *args)
     names = re.findall(r'name = "(causal_conv1d_[a-z_]+)"', text)
-    assert sorted(names) == [f"{prefix}_bwd", f"{prefix}_fwd"], names
+    assert sorted(names) == KERNEL_NAMES[kernel], names
     assert text.count("__gpu$xla.gpu.triton") == 2
 
 
@@ -480,10 +489,12 @@ def linked_case():
     "impl",
     [
         "xla",
-        "pallas_interpret",
+        "pallas_walk_interpret",
         "pallas_tile_interpret",
+        "pallas_tile_walk_interpret",
         on_gpu("pallas_walk"),
         on_gpu("pallas_tile"),
+        on_gpu("pallas_tile_walk"),
     ],
 )
 def test_linked_rows_read_the_previous_row_through_the_prefix(impl, monkeypatch):
@@ -491,9 +502,9 @@ def test_linked_rows_read_the_previous_row_through_the_prefix(impl, monkeypatch)
     loop): outputs and gradients of x, first_inputs, the weights and the bias; perturbing the
     document that crosses from row 0 into row 1 leaves every other document's outputs and
     gradients, and first_inputs' gradient, bit-identical."""
-    kernel_name = "tile" if "tile" in impl else "walk"
-    if impl == "pallas_tile_interpret":  # the op's interpreter impl runs vjp.KERNEL
-        monkeypatch.setattr("pallas_kernels.causal_conv1d.vjp.KERNEL", "tile")
+    kernel = impl.removeprefix("pallas_").removesuffix("_interpret")
+    if impl.endswith("_interpret"):  # the op's interpreter impl runs vjp.KERNEL
+        monkeypatch.setattr("pallas_kernels.causal_conv1d.vjp.KERNEL", kernel)
         impl = "pallas_interpret"
     seg = jnp.asarray(LINKED_ROWS, jnp.int32)
     continues = jnp.asarray(LINKED_CONTINUES)
@@ -519,8 +530,7 @@ def test_linked_rows_read_the_previous_row_through_the_prefix(impl, monkeypatch)
     y, grads = run(x, first, w, b)
     if impl != "xla":
         called = re.findall(r"name=(causal_conv1d\w*)", str(jax.make_jaxpr(run)(x, first, w, b)))
-        tile = kernel_name == "tile"
-        assert called and all(n.startswith("causal_conv1d_tile") == tile for n in called), called
+        assert sorted(set(called)) == KERNEL_NAMES[kernel], called
     assert rel_err(y, y64) < 1e-5
     for g, g64 in zip(grads, want):
         assert rel_err(g, g64) < 1e-5

@@ -192,6 +192,20 @@ def test_model_fields_cannot_hide_in_overrides():
         config.mamba_config(vocab_size=257, backend="cpu")
 
 
+@pytest.mark.parametrize(
+    "args, remat",
+    [
+        (["--model.preset=mamba3-1.5b"], "save_kernel_outputs"),  # auto: the preset's
+        (["--model.preset=mamba2-1.3b"], "none"),
+        (["--model.preset=mamba3-1.5b", "--model.remat=none"], "none"),
+        (["--model.preset=mamba2-1.3b", "--model.remat=true"], "full"),
+    ],
+)
+def test_remat_auto_is_the_presets_choice(args, remat):
+    c = parse_args(args)
+    assert c.model.mamba_config(vocab_size=257, backend="gpu").remat == remat
+
+
 def test_scan_layers_is_a_runtime_option_free_on_resume():
     from train.config import help_text, model_record, resume_conflicts
 

@@ -114,7 +114,7 @@ class ModelConfig:
         "48x2048, 2.8b 64x2560), tiny is 2x64 with d_state 8 for a CPU; mamba2-130m ... "
         "mamba2-2.7b are state-spaces/mamba2's shapes (Mamba2: d_state 128, headdim 64) "
         "and mamba2-tiny its CPU one; mamba3-1.5b (24x2048 with MLPs) and mamba3-tiny are "
-        "Mamba-3 (SISO, reference scan); "
+        "Mamba-3 (SISO); "
         "--model.<MambaConfig field>=VALUE overrides any value of it",
     )
     dtype: str = option(
@@ -137,9 +137,10 @@ class ModelConfig:
         "default one); pallas_interpret runs the kernel on CPU (slow, tests)",
     )
     remat: str = option(
-        "none",
-        choices=REMAT + ("false", "true"),
-        help="what each layer recomputes in the backward pass: none; full (the whole block: "
+        "auto",
+        choices=("auto",) + REMAT + ("false", "true"),
+        help="what each layer recomputes in the backward pass: auto (the preset's: none, "
+        "but save_kernel_outputs for mamba3-1.5b); none; full (the whole block: "
         "least memory, about a third more compute); save_matmul_outputs (all but the "
         "matmuls); save_kernel_outputs (only elementwise work: norms, gates, casts); the old "
         "false / true are none / full",
@@ -180,11 +181,16 @@ class ModelConfig:
                 dtype=dtype,
                 scan_impl=self.scan_impl,
                 conv_impl=self.conv_impl,
-                remat={"false": "none", "true": "full"}.get(self.remat, self.remat),
+                **self._remat(),
                 scan_layers=self.scan_layers,
             )
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model: {e}") from None
+
+    def _remat(self) -> dict:
+        if self.remat == "auto":  # the preset's own
+            return {}
+        return dict(remat={"false": "none", "true": "full"}.get(self.remat, self.remat))
 
 
 # MambaConfig fields that change how the model computes, not its parameters or its function.

@@ -20,8 +20,9 @@ CHUNK = 256  # time steps a walking program (each also re-reads w - 1 rows of ha
 # "tile_walk": the tile forward (twice the walking one's speed at mamba2-1.3b's shape, and no
 # split copies) with the walking backward (the faster backward): DESIGN.md, "Selecting".
 KERNELS = ("walk", "tile", "tile_walk")
-# The kernels impl="pallas" runs; the other stays selectable by name (DESIGN.md compares them).
-KERNEL = "walk"
+# The kernels impl="pallas" runs (fastest forward + backward on one H100, bench_conv); the
+# others stay selectable by name (DESIGN.md compares them).
+KERNEL = "tile_walk"
 
 
 def causal_conv1d_pallas(
