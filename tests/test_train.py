@@ -6,6 +6,7 @@ subprocesses with a tiny model, so they exercise the real command line.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -695,3 +696,62 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path, reference_run):
     a, b = losses(tmp_path), losses(ref)
     assert sorted(a) == sorted(b) == list(range(1, 10))
     np.testing.assert_allclose([a[k] for k in b], [b[k] for k in b], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainer's step as the benchmarks measure it.
+
+
+def test_trainer_builds_the_step_program_bench_train_measures():
+    # bench_train's peaks stand for `python -m train` only if both compile the same program:
+    # same model config (preset -> MambaConfig), same build arguments, the state donated.
+    from benchmarks import workloads
+    from train import sharding, trainer
+
+    optim = workloads.optim_config()
+    args = [
+        "--model.preset=mamba2-tiny",
+        "--data.max_documents=24",
+        "--data.seq_len=64",
+        "--data.batch_size=8",
+        f"--run.steps={workloads.SCHEDULE_STEPS}",
+        *(f"--optim.{f.name}={getattr(optim, f.name)}" for f in dataclasses.fields(optim)),
+    ]
+    p = trainer.prepare(parse_args(args))
+    ours = trainer.build_step(p)
+    bench_config = workloads.model_config("mamba2-tiny", backend=jax.default_backend())
+    assert p.model_config == bench_config
+    bench = workloads.train_setup(bench_config, jax.devices()[0]).compiled
+    batch = sharding.put_batch(
+        next(trainer.make_batcher(p))["arrays"], sharding.batch_sharding(p.mesh)
+    )
+    texts = [c.train_step.lower(c.abstract_state, batch).as_text() for c in (ours, bench)]
+    assert texts[0] == texts[1]
+    donated = texts[0].count("tf.aliasing_output")
+    assert donated == len(jax.tree.leaves(ours.abstract_state)) > 0
+
+
+def test_trainer_sets_the_gpu_memory_fraction_before_jax_starts(monkeypatch):
+    # Under jax's default (0.75 of the device) mamba2-1.3b at 8 x 2048 ran out of memory on an
+    # 80 GB H100 that bench_train's children (0.95) trained it on.
+    from train import sharding
+
+    var = sharding.MEM_FRACTION_VAR
+    code = (
+        "import os, sys; from train import config, trainer; "
+        "trainer.prepare(config.parse_args(sys.argv[1:])); import jax; "
+        f"assert jax.devices(); print(os.environ.get({var!r}))"
+    )
+    env = {k: v for k, v in subprocess_env().items() if k != var}
+    out = subprocess.run(
+        [sys.executable, "-c", code, *TINY], env=env, capture_output=True, text=True, cwd=REPO
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == sharding.MEM_FRACTION
+    # A value already set wins; once the backend has started nothing is set.
+    assert sharding.default_memory_fraction({var: "0.5"}) == "0.5"
+    child = {}
+    assert sharding.default_memory_fraction(child) == sharding.MEM_FRACTION == child[var]
+    monkeypatch.delenv(var, raising=False)
+    jax.devices()
+    assert sharding.default_memory_fraction() is None and var not in os.environ

@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import pathlib
 import secrets
 import shutil
@@ -85,7 +86,9 @@ class Prepared:
 def prepare(config: TrainConfig) -> Prepared:
     """Validates the config, loads the data and lays out the mesh; raises ConfigError/DataError."""
     config.validate()
-    sharding.apply_mesh_options(config.mesh)  # before anything starts jax's backend
+    # Both before anything starts jax's backend.
+    sharding.default_memory_fraction()
+    sharding.apply_mesh_options(config.mesh)
     sharding.maybe_initialize_distributed(config.mesh)
     d = config.data
     corpus = data_lib.load_corpus(d)
@@ -146,8 +149,33 @@ def describe(p: Prepared, efficiency: dict) -> list[str]:
             else ""
         ),
         f"devices {len(devices)} x {kind} ({jax.default_backend()}), mesh data={p.mesh.shape['data']} "
-        f"fsdp={p.mesh.shape['fsdp']}; jax {jax.__version__}",
+        f"fsdp={p.mesh.shape['fsdp']}; jax {jax.__version__}"
+        + (
+            f"; XLA allocator takes {memory_fraction()} of each device's memory "
+            f"({sharding.MEM_FRACTION_VAR})"
+            if jax.default_backend() == "gpu"
+            else ""
+        ),
     ]
+
+
+def memory_fraction() -> str:
+    """The share of each GPU's memory XLA's allocator takes (sharding.default_memory_fraction)."""
+    return os.environ.get(sharding.MEM_FRACTION_VAR, "0.75 (jax's default)")
+
+
+def build_step(p: Prepared) -> step_lib.Compiled:
+    """The run's jitted init, train and eval steps (train.step.build)."""
+    c = p.config
+    return step_lib.build(
+        p.model_config,
+        c.optim,
+        c.run.steps,
+        p.mesh,
+        grad_reduce=c.mesh.grad_reduce,
+        carry_rows=c.data.batch_size if c.data.long_docs == "link_across_steps" else None,
+        stream_groups=c.data.stream_groups,
+    )
 
 
 def run(config: TrainConfig, *, log=print) -> dict:
@@ -166,15 +194,7 @@ def run(config: TrainConfig, *, log=print) -> dict:
         else "cache   no persistent compilation cache (--run.compilation_cache=false)"
     )
 
-    compiled = step_lib.build(
-        p.model_config,
-        config.optim,
-        r.steps,
-        p.mesh,
-        grad_reduce=config.mesh.grad_reduce,
-        carry_rows=config.data.batch_size if config.data.long_docs == "link_across_steps" else None,
-        stream_groups=config.data.stream_groups,
-    )
+    compiled = build_step(p)
     ckpt = Checkpointer(out / CHECKPOINTS_DIR, r.keep_checkpoints)
     try:
         found = find_resume_point(ckpt, compiled, p, log) if r.resume else None
