@@ -399,6 +399,10 @@ def _gpu_param(*values, id):
     "impl,shape,dtype,chunk,num_segments",
     [
         pytest.param("pallas_interpret", (2, 70, 4, 16, 2, 16), "float32", 32, 6, id="interpret"),
+        # bf16: the states' per-token contractions run in bf16 with float32 sums, as the kernels.
+        pytest.param(
+            "pallas_interpret", (2, 70, 4, 16, 2, 16), "bfloat16", 32, 6, id="interpret-bf16"
+        ),
         _gpu_param("pallas", (2, 1000, 8, 64, 2, 128), "float32", 256, 6, id="gpu-f32"),
         _gpu_param("pallas", (2, 1000, 8, 64, 2, 128), "bfloat16", 256, 6, id="gpu-bf16"),
         _gpu_param("pallas", (1, 777, 8, 64, 1, 128), "bfloat16", 256, 0, id="gpu-bf16-noseg"),

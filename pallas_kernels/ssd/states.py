@@ -85,6 +85,17 @@ class Glue:
         return (hit & where[..., None]).astype(F32)
 
 
+def _matmul(spec, a, b, like):
+    """einsum of a per-token operand with a state, as the kernels' dots take them: in `like`'s
+    dtype with float32 accumulation where that is narrower (bf16 x, B, C: the kernels cast the
+    states to it too), else float32 at HIGHEST. A float32 HIGHEST contraction of every token
+    ran as a SIMT GEMM, 1 ms a layer at mamba2-1.3b's 8 x 2048 (bench_links --trace)."""
+    mm = jnp.dtype(like.dtype)
+    if jnp.finfo(mm).bits >= 32:
+        return jnp.einsum(spec, a.astype(F32), b.astype(F32), precision=HIGHEST)
+    return jnp.einsum(spec, a.astype(mm), b.astype(mm), preferred_element_type=F32)
+
+
 def _pad_rows(a, padded):
     return jnp.pad(a.astype(F32), ((0, 0), (0, padded - a.shape[1])) + ((0, 0),) * (a.ndim - 2))
 
@@ -96,7 +107,7 @@ def initial_state_outputs(glue: Glue, C, init):
     _, slots, heads, headdim, _ = init.shape
     c_slot = glue.onehot(glue.lo >= 0)[..., None, None] * _pad_rows(C, padded)[:, :, None]
     init_g = init.astype(F32).reshape(batch, slots, groups, heads // groups, headdim, d_state)
-    y = jnp.einsum("btsgn,bsgkpn->btgkp", c_slot, init_g, precision=HIGHEST)
+    y = _matmul("btsgn,bsgkpn->btgkp", c_slot, init_g, C)
     y = y.reshape(batch, padded, heads, headdim) * jnp.exp(glue.cs)[..., None]
     return y[:, : glue.length]
 
@@ -129,7 +140,7 @@ def first_run_inputs(decay, dt_softplus, segment_ids, C, first, chunk, padded):
         in_first = (jnp.cumsum(starts.astype(jnp.int32), axis=1) == 1).astype(F32)
     c0 = C[:, :n].astype(F32) * in_first[..., None, None]  # (b, n, g, n_state)
     first_g = first.astype(F32).reshape(batch, groups, heads // groups, headdim, d_state)
-    y0 = jnp.einsum("blgn,bgkpn->blgkp", c0, first_g, precision=HIGHEST)
+    y0 = _matmul("blgn,bgkpn->blgkp", c0, first_g, C)
     y0 = y0.reshape(batch, n, heads, headdim) * jnp.exp(cs)[..., None]
     y_add = jnp.pad(y0, ((0, 0), (0, length - n), (0, 0), (0, 0)))
     # Chunk 0's end state gets the start where the first run reaches it (padding continues
@@ -210,11 +221,11 @@ def final_states(glue: Glue, x, B, h_in, init):
     decay = jnp.exp(jnp.where(counts[..., None], cs_last_tok - glue.cs, -jnp.inf))
     xw = _pad_rows(x, padded) * (decay * glue.dtp)[..., None]  # (b, T_pad, h, p)
     b_slot = counts_hot[..., None, None] * _pad_rows(B, padded)[:, :, None]
-    local = jnp.einsum(
+    local = _matmul(
         "btgkp,btsgn->bsgkpn",
         xw.reshape(batch, padded, groups, heads // groups, headdim),
         b_slot,
-        precision=HIGHEST,
+        x,
     ).reshape(batch, glue.num_segments, heads, headdim, d_state)
     entered = at_last(glue.lo) < 0  # (b, s): the last run entered the last token's chunk
     # h_in of the last token's chunk for slots whose last run entered it, (b, s, h, p, n):
