@@ -132,7 +132,9 @@ def first_run_inputs(decay, dt_softplus, segment_ids, C, first, chunk, padded):
         if dt_softplus:
             dtp = jax.nn.softplus(dtp)
         log_decay = dtp * decay["A"].astype(F32)
-    cs = jnp.cumsum(log_decay, axis=1)  # (b, n, h)
+    # (b, n, h); an associative scan, as a cumsum along this non-minor axis would lower to an
+    # n^2 reduce-window on a GPU (jax_packmamba/ops/ssd_scan.py: _last_run_end_states).
+    cs = jax.lax.associative_scan(jnp.add, log_decay, axis=1)
     if segment_ids is None:
         in_first = jnp.ones((batch, n), F32)
     else:
