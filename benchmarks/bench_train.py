@@ -1,4 +1,5 @@
-"""Training throughput, packed vs padded vs one sequence per step, on the same documents.
+"""Training throughput, packed vs padded vs one sequence per step (and the long-document modes),
+on the same documents.
 
     PYTHONPATH=. python3 benchmarks/bench_train.py                      # everything (9 min budget)
     PYTHONPATH=. python3 benchmarks/bench_train.py --presets 1.4b --modes packed,padded
@@ -6,6 +7,8 @@
     PYTHONPATH=. python3 benchmarks/bench_train.py --smoke --out DIR     # CPU check, seconds
     PYTHONPATH=. python3 benchmarks/bench_train.py --presets mamba2-1.3b --modes packed
     PYTHONPATH=. python3 benchmarks/bench_train.py --presets hybrid-1b --modes packed --rows 8
+    PYTHONPATH=. python3 benchmarks/bench_train.py --presets mamba2-1.3b,1.4b \
+        --modes packed,link,link_across_steps --dists corpus    # --data.long_docs' step costs
 
 Results merge into --out/train_<slug>.json (default benchmarks/results/train_nvidia-h200.json on
 an H200; --smoke: train_<slug>_smoke.json). On a machine whose output folder is what comes back
@@ -35,12 +38,32 @@ deterministic from --seed):
   tokens (train.data.cut_pieces), as the trainer does. Histograms of the document lengths (bin
   counts and tokens per bin, log2 bins) go into the JSON; plot_train.py draws them.
 
-Modes (train.data.Batcher, the trainer's own batching; all three consume the same pieces):
+Modes (train.data.Batcher, the trainer's own batching; the first three consume the same pieces,
+the link modes the same documents whole, as the trainer's --data.long_docs does):
   packed  pieces packed into --rows rows of --seq-len tokens (first-fit-decreasing, segment resets)
   padded  one piece per row, each padded to --seq-len (the row length, not the longest in the
           batch: one compiled shape, as the trainer does; the JSON also gives the real-token
           fraction padding to the longest piece of each batch would have had, for reference)
   single  one piece per step, padded to a multiple of --single-bucket (bounds recompiles)
+  link    --data.long_docs=link: the documents laid end to end over the rows, a document that
+          crosses a row edge going on from the previous row's end state ("continues"); the
+          step is packed's program with the links (JSON: linked_documents, longest_chain)
+  link_across_steps
+          --data.long_docs=link_across_steps (truncated backprop through time): every row a
+          stream of its own, its last document going on in the same row of the next step from
+          the state the step carries (TrainState.carry: every layer's conv and SSM end state of
+          every row; train.step.carried_losses), as the trainer builds it (train.step.build with
+          carry_rows = --rows, stream_groups = --stream-groups: G groups of row streams, step m
+          serving group m mod G, the carry holding all G). The streams wrap round the
+          documents as the trainer's do (workloads.carried_batches), so no row is ever padded
+          (checked: real tokens = slots); its steps are as many as the workload's tokens fill
+          (a finite stream's tail, rows emptying one by one, is no training run's). The timed
+          steps are its first --warmup + --steps in order, each distribution's from a zero
+          carry, the state passed from step to step as in training. JSON: carry_bytes and
+          carry_shapes; continuing_rows (rows that start from the carry, over its steps) and
+          continuing_rows_timed of rows_timed (over the timed steps); documents_begun,
+          longest_document_rows (most micro-batch rows one document has spanned);
+          carry_nonzero (the carry after the timing holds end states).
 
 How time is measured (benchmarks/harness.py time_calls, rotating over the workload's batches):
 the workload is batched on the host once; every step shape is compiled ahead of time (compile
@@ -49,13 +72,14 @@ time recorded separately). After --warmup untimed steps, --steps steps are timed
 batches are already on the device; the state is donated, so the steps run in order on the device
 while the host dispatches the next, as in the trainer. A step's time is the median over groups
 of the group's time / --group. A mode's time for the WHOLE workload is its number of steps x the
-median step time of their shape, and tokens/s = the workload's real tokens / that time; packed
+median step time of their shape, and tokens/s = the workload's real tokens / that time
+(link_across_steps: its steps' real tokens / their time); packed
 and padded steps all have one shape. In single mode each length bucket is its own shape (its own
 compile): --single-measure of the buckets present in either distribution are measured (the
 shortest, the longest, then those with the most steps; 0 = all) and the others interpolated
 linearly in length; the JSON says which, and what share of the steps they carry. Real tokens are
-counted from the batches' segment_ids and, in packed mode, checked against the workload's token
-count.
+counted from the batches' segment_ids and, in packed and link mode, checked against the workload's
+token count (link_across_steps: against its slots, at least the workload's tokens).
 
 Processes and memory (why this script times in child processes): each (preset, group) runs in
 its own subprocess, so its peak memory is its own (device.memory_stats()["peak_bytes_in_use"];
@@ -64,9 +88,10 @@ it, and a child past the time budget can be killed. The parent never touches the
 (it asks a short child for the device). Group "rows" = packed and padded (both distributions):
 they run the identical compiled program (same shapes), so they share one compile and their peak
 is that program's (run --modes packed and --modes padded in separate invocations to see each
-alone). Group "single" = the single mode (both distributions); its peak is that of its largest
+alone; link too). Group "carried" = link_across_steps: another program and another state.
+Group "single" = the single mode (both distributions); its peak is that of its largest
 bucket. A configuration that runs out of memory is recorded as "oom"; rows mode is then retried
-with half the rows (down to 1; --no-oom-retry disables). The children set
+with half the rows (down to 1; --no-oom-retry disables), carried too. The children set
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 unless set.
 
 Time budget: --time-budget seconds for the whole invocation (default 540: fits a 10-minute
@@ -86,7 +111,8 @@ Defaults: rows of 2048 tokens; rows per step 8 (the mamba_ssm anchors' 8 x 2048)
 mamba2-2.7b: 4 (--rows 2.8b=8 to try more); released vocabulary 50277 (byte ids use the first
 257) so FLOPs match mamba_ssm's; bf16 compute, float32 params, AdamW (train/step.py), scan impl
 auto (Pallas on GPU); 1M-token workloads; 2 warm-up + 12 timed steps in groups of 2; single
-mode: buckets of 256, 4 of them measured, 1 warm-up + 8 timed steps each. --smoke: the "tiny"
+mode: buckets of 256, 4 of them measured, 1 warm-up + 8 timed steps each; one group of row
+streams (--stream-groups 1). --smoke: the "tiny"
 preset (or --presets mamba2-tiny) with one layer of width 32 (--presets hybrid-tiny: as it is),
 rows of 128, 2 rows, 6k-token workloads, buckets of 64 (all measured), 2 timed steps one by one,
 1 warm-up.
@@ -94,6 +120,7 @@ rows of 128, 2 rows, 6k-token workloads, buckets of 64 (all measured), 2 timed s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -120,7 +147,17 @@ KNOWN_PRESETS = (
     + MAMBA2_PRESETS
     + ("mamba2-tiny", "hybrid-1b", "hybrid-tiny", "mamba3-1.5b", "mamba3-tiny")
 )
-GROUP_OF = {"packed": "rows", "padded": "rows", "single": "single", "link": "rows"}
+GROUP_OF = {
+    "packed": "rows",
+    "padded": "rows",
+    "single": "single",
+    "link": "rows",
+    # Its own child: the carried step is another program with another state (the carry), and
+    # its peak memory is then its own.
+    "link_across_steps": "carried",
+}
+GROUPS = ("rows", "carried", "single")  # the order the children run in
+DEFAULT_MODES = ("packed", "padded", "single", "link")  # link_across_steps when asked for
 DEFAULT_ROWS = {
     "130m": 8,
     "370m": 8,
@@ -199,6 +236,7 @@ def child(spec: dict) -> None:
 
     from train.data import cut_pieces
     from train.metrics import mfu, peak_flops
+    from train.step import NEXT_GROUP
 
     t_proc = time.perf_counter()
     deadline = spec["deadline"]
@@ -222,11 +260,13 @@ def child(spec: dict) -> None:
     )
     preset, group, rows, seq_len = spec["preset"], spec["group"], spec["rows"], spec["seq_len"]
     modes = [m for m in spec["modes"] if GROUP_OF[m] == group]
+    groups = spec["stream_groups"] if group == "carried" else None
     base = dict(
         preset=preset,
         seq_len=seq_len,
         rows=1 if group == "single" else rows,
         single_bucket=spec["single_bucket"] if group == "single" else None,
+        **({"stream_groups": groups} if group == "carried" else {}),
         attempt_rows=rows,
         date=harness.now(),
         command=spec["command"],
@@ -289,19 +329,48 @@ def child(spec: dict) -> None:
                         seed=spec["seed"],
                     )
                     for m in modes
+                    if m != "link_across_steps"
                 },
             )
+            if "link_across_steps" in modes:
+                # Whole documents, one stream per row, wrapping round as in training: the steps
+                # that serve the workload's tokens (it times the first `calls` of them, in
+                # order: more if the workload is shorter than that).
+                per = spec["steps_per_group"]
+                calls = spec["warmup"] + max(1, -(-spec["steps"] // per)) * per
+                steps = -(-w["info"]["num_tokens"] // (rows * seq_len))
+                carried = workloads.carried_batches(
+                    w["docs"],
+                    seq_len=seq_len,
+                    rows=rows,
+                    seed=spec["seed"],
+                    groups=groups,
+                    steps=max(steps, calls),
+                )
+                work[dist]["batches"]["link_across_steps"] = carried[:steps]
+                work[dist]["timed_batches"] = carried[:calls]
         print(
             f"[{preset} {group}] workloads batched in {time.perf_counter() - t_proc:.1f}s",
             flush=True,
         )
 
-        setup = workloads.train_setup(model_config, dev)
+        setup = workloads.train_setup(
+            model_config,
+            dev,
+            carry_rows=rows if group == "carried" else None,
+            stream_groups=groups or 1,
+        )
         compiled = setup.compiled
         t0 = time.perf_counter()
         state = compiled.init(spec["seed"])
         jax.block_until_ready(state)
         init_s = time.perf_counter() - t0
+        if group == "carried":
+            carry = compiled.abstract_state.carry
+            base.update(
+                carry_bytes=sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(carry)),
+                carry_shapes={k: [list(v.shape), str(v.dtype)] for k, v in carry.items()},
+            )
         execs: dict[tuple, dict] = {}
         last_compile = [spec["compile_guess_s"]]
 
@@ -338,6 +407,12 @@ def child(spec: dict) -> None:
                 (setup.put_batch(b["arrays"]),)
                 for b in batches[: max(1, min(len(batches), n_warm + n_groups * group))]
             ]
+            if state.carry is not None:
+                # Row streams start empty, as a training run's: a zero carry, group 0 next
+                # (another distribution's steps may have run before).
+                state = dataclasses.replace(
+                    state, carry=jax.tree.map(jax.numpy.zeros_like, state.carry)
+                )
             timing = harness.time_calls(
                 exe,
                 dev_batches,
@@ -375,6 +450,22 @@ def child(spec: dict) -> None:
                         linked_documents=sum(b["linked"] for b in batches),
                         longest_chain=max(b["longest_chain"] for b in batches),
                     )
+                if mode == "link_across_steps":
+                    # The rows, over the steps and over the timed ones, whose state the step
+                    # carries in from the previous micro-batch (of the row's group).
+                    timed = work[dist]["timed_batches"][spec["warmup"] :]
+                    stats.update(
+                        documents_begun=sum(b["sequences"] for b in batches),
+                        continuing_rows=sum(b["continuing"] for b in batches),
+                        continuing_rows_timed=sum(b["continuing"] for b in timed),
+                        rows_timed=rows * len(timed),
+                        longest_document_rows=batches[-1]["longest_document_rows"],
+                    )
+                    if real != slots or real < work[dist]["tokens"]:
+                        raise AssertionError(
+                            f"row streams hold {real} real tokens in {slots} slots, the "
+                            f"workload {work[dist]['tokens']}: a wrapping stream never pads"
+                        )
                 if mode in ("packed", "link") and real != work[dist]["tokens"]:
                     raise AssertionError(
                         f"packed batches hold {real} real tokens, the workload "
@@ -389,7 +480,11 @@ def child(spec: dict) -> None:
                         continue
                     e = executable(batches[0]["arrays"])
                     timing, losses = time_steps(
-                        e["exe"], batches, spec["warmup"], spec["steps"], spec["steps_per_group"]
+                        e["exe"],
+                        work[dist]["timed_batches"] if mode == "link_across_steps" else batches,
+                        spec["warmup"],
+                        spec["steps"],
+                        spec["steps_per_group"],
                     )
                     med, times = timing.median_s, timing.group_s
                     total = len(batches) * med
@@ -407,6 +502,12 @@ def child(spec: dict) -> None:
                         lower_s=e["lower_s"],
                         memory_analysis=e["memory_analysis"],
                     )
+                    if mode == "link_across_steps":  # the end states did come back
+                        rec["carry_nonzero"] = all(
+                            bool(jax.numpy.any(v != 0))
+                            for k, v in state.carry.items()
+                            if k != NEXT_GROUP
+                        )
                 else:
                     by_bucket: dict[int, list] = {}
                     for b in batches:
@@ -590,7 +691,11 @@ def parse_args(argv):
     ap.add_argument(
         "--presets", default=None, help=f"comma list (default {','.join(PRESETS)}; --smoke: tiny)"
     )
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument(
+        "--modes",
+        default=",".join(DEFAULT_MODES),
+        help=f"comma list of {','.join(MODES)} (default {','.join(DEFAULT_MODES)})",
+    )
     ap.add_argument("--dists", default=",".join(DISTS))
     ap.add_argument(
         "--seq-len", type=int, default=None, help="row length (default 2048; smoke 128)"
@@ -619,6 +724,12 @@ def parse_args(argv):
         type=int,
         default=None,
         help="tokens per distribution's workload (default 1048576; smoke 6000)",
+    )
+    ap.add_argument(
+        "--stream-groups",
+        type=int,
+        default=1,
+        help="link_across_steps: groups of row streams (--data.stream_groups; default 1)",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
@@ -693,6 +804,18 @@ def parse_args(argv):
     bad = [p for p in presets if p not in KNOWN_PRESETS]
     if bad:
         ap.error(f"unknown --presets {bad}; choose from {list(KNOWN_PRESETS)}")
+    modes = args.modes.split(",")
+    if args.stream_groups < 1:
+        ap.error(f"--stream-groups must be >= 1, got {args.stream_groups}")
+    if args.stream_groups > 1 and "link_across_steps" not in modes:
+        ap.error(f"--stream-groups {args.stream_groups} needs --modes link_across_steps")
+    linked = [m for m in modes if m in ("link", "link_across_steps")]
+    hybrid = [p for p in presets if p.startswith("hybrid-")]
+    if linked and hybrid:
+        ap.error(
+            f"--modes {linked}: hybrid presets {hybrid} cannot link rows yet (attention would "
+            f"need the previous row's keys)"
+        )
     if args.anchor is not None and not (args.anchor / ANCHOR_SCRIPT).is_file():
         ap.error(f"--anchor {args.anchor}: no {ANCHOR_SCRIPT} there")
     mamba2 = [p for p in presets if p.startswith("mamba2-")]
@@ -732,6 +855,7 @@ def main(argv=None) -> int:
         single_warmup=1,
         single_steps=default(args.single_steps, 8, 2),
         steps_per_group=default(args.group, 2, 1),
+        stream_groups=args.stream_groups,
         dtype=args.dtype,
         scan_impl=args.scan_impl,
         conv_impl=args.conv_impl,
@@ -804,9 +928,7 @@ def main(argv=None) -> int:
             results["runs"][key] = rec
         harness.write_json(out, results)
 
-    plan = [
-        (p, g) for p in presets for g in ("rows", "single") if any(GROUP_OF[m] == g for m in modes)
-    ]
+    plan = [(p, g) for p in presets for g in GROUPS if any(GROUP_OF[m] == g for m in modes)]
     tmpdir = pathlib.Path(tempfile.mkdtemp(prefix="bench_train_"))
 
     def done(preset, group, rows):
@@ -820,14 +942,15 @@ def main(argv=None) -> int:
                     or r.get("status") != "ok"
                     or r.get("seq_len") != seq_len
                     or r.get("workload", {}).get("num_tokens") != described[d]["num_tokens"]
-                    or (group == "rows" and rows not in tried)
+                    or (group != "single" and rows not in tried)
                     or (group == "single" and r.get("single_bucket") != settings["single_bucket"])
+                    or (group == "carried" and r.get("stream_groups") != settings["stream_groups"])
                 ):
                     return False
         return True
 
     for preset, group in plan:
-        rows = rows_of.get(preset, 8) if group == "rows" else 1
+        rows = rows_of.get(preset, 8) if group != "single" else 1
         if args.resume and done(preset, group, rows):
             print(f"[{preset} {group}] already in {out} (--resume): not run again", flush=True)
             continue
@@ -894,7 +1017,7 @@ def main(argv=None) -> int:
             for r in recs.values():
                 r["attempts"] = list(attempts)
             merge(recs)
-            if oom and group == "rows" and rows > 1 and not args.no_oom_retry:
+            if oom and group != "single" and rows > 1 and not args.no_oom_retry:
                 rows //= 2
                 print(f"[{preset} {group}] out of memory; retrying with {rows} rows", flush=True)
                 continue

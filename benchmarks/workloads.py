@@ -12,7 +12,8 @@ Workloads (host only, deterministic from the seed; `make_workload`):
             from a lognormal with median 300 tokens and sigma 1.0 (p90 ~1,080, p99 ~3,070),
             rounded and clipped to [16, 8192], until `tokens` are reached; the content is
             consecutive cuts of the stdlib byte stream (each cut ends with EOD 256).
-Batching modes (`batches_for`, the trainer's own train.data.Batcher): packed, padded, single.
+Batching modes (`batches_for`, the trainer's own train.data.Batcher): packed, padded, single,
+link and link_across_steps (--data.long_docs's: whole documents).
 
 The model (`model_config`): a train.config preset with the released vocabulary (50277, so the
 FLOPs match mamba_ssm's; byte ids use the first 257) except for "tiny" and "mamba2-tiny"; the
@@ -28,7 +29,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-MODES = ("packed", "padded", "single", "link")
+MODES = ("packed", "padded", "single", "link", "link_across_steps")
 DISTS = ("corpus", "instruct")
 RELEASED_VOCAB = 50277
 BYTE_VOCAB = 257
@@ -157,13 +158,23 @@ def histogram(lengths: np.ndarray) -> dict:
 
 
 def batches_for(
-    mode: str, pieces: list, *, seq_len: int, rows: int, single_bucket: int, seed: int
+    mode: str,
+    pieces: list,
+    *,
+    seq_len: int,
+    rows: int,
+    single_bucket: int,
+    seed: int,
+    stream_groups: int = 1,
 ) -> list[dict]:
     """The whole workload as the trainer's Batcher makes it: [{"arrays", "real", "slots",
-    "sequences"}] (padded batches also give "longest", the longest piece's length)."""
+    "sequences"}] (padded batches also give "longest", the longest piece's length; link and
+    link_across_steps take whole documents as `pieces`: see carried_batches for the latter)."""
     from train.data import Batcher
 
     n = len(pieces)
+    if mode == "link_across_steps":
+        return carried_batches(pieces, seq_len=seq_len, rows=rows, seed=seed, groups=stream_groups)
     if mode == "link":  # pieces are whole documents: streamed end to end, rows linked
         b = Batcher(
             pieces,
@@ -242,6 +253,46 @@ def batches_for(
             )
         return out
     raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+
+
+def carried_batches(
+    docs: list, *, seq_len: int, rows: int, seed: int, groups: int = 1, steps: int | None = None
+) -> list[dict]:
+    """--data.long_docs=link_across_steps' batches of whole documents `docs`, as the trainer's
+    Batcher makes them (stream_groups=groups; wrapping round, as in training: one stream per row,
+    a row's last document going on in the same row of its group's next micro-batch, "continues"
+    saying so; no padding ever). `steps` batches (default: as many as the documents' tokens
+    fill; a finite stream's tail, rows emptying one by one as their last documents end, is
+    no training stream's), each {"arrays", "real", "slots", "sequences" (documents begun),
+    "continuing" (rows whose state comes from the previous micro-batch),
+    "longest_document_rows"}."""
+    from train.data import Batcher
+
+    if steps is None:
+        steps = -(-sum(len(d) for d in docs) // (rows * seq_len))
+    b = Batcher(
+        docs,
+        mode="packed",
+        seq_len=seq_len,
+        batch_size=rows,
+        seed=seed,
+        long_docs="link_across_steps",
+        stream_groups=groups,
+    )
+    out = []
+    for _ in range(steps):
+        x = next(b)
+        out.append(
+            dict(
+                arrays=x["arrays"],
+                real=x["stats"]["real_tokens"],
+                slots=x["stats"]["slots"],
+                sequences=x["stats"]["sequences"],
+                continuing=x["stats"]["continuing_rows"],
+                longest_document_rows=x["stats"]["longest_document_rows"],
+            )
+        )
+    return out
 
 
 def packed_batch(*, rows: int, seq_len: int, seed: int = 0) -> dict:
@@ -334,25 +385,49 @@ class TrainSetup:
         return sharding.put_batch(arrays, sharding.batch_sharding(self.mesh))
 
 
-def train_setup(config, device) -> TrainSetup:
-    """The train step for MambaConfig `config` on `device` alone."""
+def train_setup(
+    config, device, *, carry_rows: int | None = None, stream_groups: int = 1
+) -> TrainSetup:
+    """The train step for MambaConfig `config` on `device` alone (carry_rows, stream_groups:
+    the carried step of --data.long_docs=link_across_steps, as mesh_train_setup)."""
     from train import sharding
     from train.config import MeshConfig
 
     return mesh_train_setup(
-        config, sharding.make_mesh(MeshConfig(data=1, fsdp=1), devices=[device])
+        config,
+        sharding.make_mesh(MeshConfig(data=1, fsdp=1), devices=[device]),
+        carry_rows=carry_rows,
+        stream_groups=stream_groups,
     )
 
 
-def mesh_train_setup(config, mesh, *, grad_reduce: str = "auto") -> TrainSetup:
+def mesh_train_setup(
+    config,
+    mesh,
+    *,
+    grad_reduce: str = "auto",
+    carry_rows: int | None = None,
+    stream_groups: int = 1,
+) -> TrainSetup:
     """The train step for MambaConfig `config` on a train.sharding mesh (batch rows over data x
-    fsdp, parameters and optimizer state on fsdp); grad_reduce as train.step.build takes it."""
+    fsdp, parameters and optimizer state on fsdp); grad_reduce as train.step.build takes it;
+    carry_rows (rows a step) and stream_groups: the state carries every row stream's end state
+    from step to step, as the trainer builds it for --data.long_docs=link_across_steps
+    (train.trainer.build_step)."""
     from train import step as step_lib
 
     optim = optim_config()
     return TrainSetup(
         mesh=mesh,
-        compiled=step_lib.build(config, optim, SCHEDULE_STEPS, mesh, grad_reduce=grad_reduce),
+        compiled=step_lib.build(
+            config,
+            optim,
+            SCHEDULE_STEPS,
+            mesh,
+            grad_reduce=grad_reduce,
+            carry_rows=carry_rows,
+            stream_groups=stream_groups,
+        ),
         optim=optim,
         schedule_steps=SCHEDULE_STEPS,
     )

@@ -985,7 +985,7 @@ def test_bench_train_smoke_counts_real_tokens_merges_and_plots(tmp_path):
         "bench_train",
         "--smoke",
         "--modes",
-        "packed",
+        "packed,link_across_steps",
         "--dists",
         "corpus,instruct",
         "--model",
@@ -1041,6 +1041,28 @@ def test_bench_train_smoke_counts_real_tokens_merges_and_plots(tmp_path):
         assert abs(r["tokens_per_s"] - expected / r["est_total_s"]) < 1e-6 * r["tokens_per_s"]
         assert r["mfu"] is None  # no peak FLOP/s for CPU
         assert r["step_shape"] == [1, rows, seq_len] and r["n_layer"] == 1 and r["d_model"] == 32
+
+        # link_across_steps: the trainer's carried step over per-row streams of the same
+        # documents, wrapping round (never padded), as many steps as the tokens fill.
+        c = data["runs"][f"tiny/link_across_steps/{dist}"]
+        assert c["status"] == "ok" and c["finite_loss"] and c["stream_groups"] == 1
+        assert c["steps"] == -(-expected // (rows * seq_len))
+        assert c["real_tokens"] == c["slots"] == c["steps"] * rows * seq_len
+        assert c["timed_steps"] == steps and c["step_time_s_median"] > 0
+        assert (
+            abs(c["tokens_per_s"] - rows * seq_len / c["step_time_s_median"])
+            < 1e-6 * c["tokens_per_s"]
+        )
+        # Rows of the timed steps start from the state carried out of the step before.
+        assert c["rows_timed"] == steps * rows and 0 < c["continuing_rows_timed"] <= steps * rows
+        assert c["continuing_rows"] >= c["continuing_rows_timed"] and c["carry_nonzero"]
+        # The carry: every layer's conv window (d_conv - 1 inputs) and SSM state of every row.
+        d_inner, layers = 2 * 32, 1
+        assert c["carry_shapes"] == {
+            "conv": [[layers, rows, 3, d_inner], "float32"],
+            "ssm": [[layers, rows, d_inner, 4], "float32"],
+        }
+        assert c["carry_bytes"] == 4 * layers * rows * d_inner * (3 + 4)
 
     png_dir = tmp_path / "png"
     assert plot_train.main([str(out), "--out", str(png_dir)]) == 0
@@ -1160,6 +1182,24 @@ def test_bench_train_refuses_the_mamba1_anchor_for_mamba2_presets(tmp_path, caps
     assert "--presets ['mamba2-1.3b'] are Mamba2" in capsys.readouterr().err
     _, presets = bench_train.parse_args(["--presets", ",".join(bench_train.MAMBA2_PRESETS)])
     assert presets == ["mamba2-130m", "mamba2-370m", "mamba2-780m", "mamba2-1.3b", "mamba2-2.7b"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--modes", "link_across_steps", "--stream-groups", "0"], "--stream-groups must be >= 1"),
+        (["--modes", "packed,link", "--stream-groups", "2"], "needs --modes link_across_steps"),
+        (["--presets", "hybrid-1b", "--modes", "link_across_steps"], "cannot link rows yet"),
+    ],
+)
+def test_bench_train_refuses_link_modes_it_cannot_run(args, message, capsys):
+    from benchmarks import bench_train
+
+    with pytest.raises(SystemExit) as e:
+        bench_train.parse_args(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    _, presets = bench_train.parse_args(["--modes", "link_across_steps", "--stream-groups", "4"])
+    assert presets == list(bench_train.PRESETS)
 
 
 def test_plot_labels_presets_measured_at_another_commit():

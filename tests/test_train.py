@@ -702,18 +702,24 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path, reference_run):
 # The trainer's step as the benchmarks measure it.
 
 
-def test_trainer_builds_the_step_program_bench_train_measures():
+@pytest.mark.parametrize("long_docs, groups", [("cut", 1), ("link_across_steps", 2)])
+def test_trainer_builds_the_step_program_bench_train_measures(long_docs, groups):
     # bench_train's peaks stand for `python -m train` only if both compile the same program:
-    # same model config (preset -> MambaConfig), same build arguments, the state donated.
+    # same model config (preset -> MambaConfig), same build arguments, the state donated. Its
+    # link_across_steps mode: the carried step (the carry donated with the rest), and the
+    # trainer's batches (workloads.carried_batches: the same row streams of the same documents).
     from benchmarks import workloads
     from train import sharding, trainer
 
     optim = workloads.optim_config()
+    rows = 8
     args = [
         "--model.preset=mamba2-tiny",
         "--data.max_documents=24",
         "--data.seq_len=64",
-        "--data.batch_size=8",
+        f"--data.batch_size={rows}",
+        f"--data.long_docs={long_docs}",
+        f"--data.stream_groups={groups}",
         f"--run.steps={workloads.SCHEDULE_STEPS}",
         *(f"--optim.{f.name}={getattr(optim, f.name)}" for f in dataclasses.fields(optim)),
     ]
@@ -721,10 +727,26 @@ def test_trainer_builds_the_step_program_bench_train_measures():
     ours = trainer.build_step(p)
     bench_config = workloads.model_config("mamba2-tiny", backend=jax.default_backend())
     assert p.model_config == bench_config
-    bench = workloads.train_setup(bench_config, jax.devices()[0]).compiled
-    batch = sharding.put_batch(
-        next(trainer.make_batcher(p))["arrays"], sharding.batch_sharding(p.mesh)
-    )
+    carried = long_docs == "link_across_steps"
+    bench = workloads.train_setup(
+        bench_config,
+        jax.devices()[0],
+        carry_rows=rows if carried else None,
+        stream_groups=groups,
+    ).compiled
+    assert (bench.abstract_state.carry is not None) == carried
+    batcher = trainer.make_batcher(p)
+    host = [next(batcher)["arrays"] for _ in range(3 if carried else 1)]
+    if carried:
+        mine = workloads.carried_batches(
+            p.train_pieces, seq_len=64, rows=rows, seed=p.config.data.seed, groups=groups, steps=3
+        )
+        for theirs, b in zip(host, mine, strict=True):
+            assert sorted(b["arrays"]) == sorted(theirs)
+            for k in theirs:
+                np.testing.assert_array_equal(b["arrays"][k], theirs[k])
+        assert sum(b["continuing"] for b in mine) == sum(h["continues"].sum() for h in host) > 0
+    batch = sharding.put_batch(host[0], sharding.batch_sharding(p.mesh))
     texts = [c.train_step.lower(c.abstract_state, batch).as_text() for c in (ours, bench)]
     assert texts[0] == texts[1]
     donated = texts[0].count("tf.aliasing_output")
