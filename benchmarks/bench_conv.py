@@ -11,7 +11,8 @@ the forward+backward from a profiler trace (the forward, the backward and XLA's 
 weight-gradient partials apart). At the mamba2-1.3b shape also the output as Mamba2's x, B and C
 (GROUPS): "walk_groups" splits after the walking kernel (copies), "tile_groups" has the tile
 kernels write the three arrays, "tile_walk_groups" the tile forward and the walking backward
-(the groups' cotangents joined for it); and "..._groups_linked": the same with
+(which reads the groups' cotangents as they are: every boundary is a multiple of its 128
+channels a program); and "..._groups_linked": the same with
 rows 1.. linked to the row before (their first run continues it: the conv reads the previous
 row's last w - 1 inputs as its prefix, DESIGN.md "Inputs before t = 0"), which should cost the
 unlinked time plus O(b w e) (their max_rel_diff differs from the first variant's only at the
@@ -36,11 +37,12 @@ from jax_packmamba.ops import positions_from_segment_ids
 from pallas_kernels.causal_conv1d import TileConfig, causal_conv1d_pallas
 
 SHAPES = [(8, 2048, 4352), (8, 2048, 4096)]  # (batch, length, channels), width 4
-SMOKE_SHAPES = [(1, 40, 96)]
+# Three 128-channel blocks, so that the smoke runs the tile kernels' groups in-kernel too.
+SMOKE_SHAPES = [(1, 40, 264)]
 # Channel groups timed at a shape besides the plain output: Mamba2's x, B and C out of xBC
 # (mamba2-1.3b: d_inner 4096, one group of d_state 128). "walk" splits after its kernel, as the
 # model does with it; "tile" writes the three arrays.
-GROUPS = {(8, 2048, 4352): (4096, 128, 128), (1, 40, 96): (64, 16, 16)}
+GROUPS = {(8, 2048, 4352): (4096, 128, 128), (1, 40, 264): (128, 128, 8)}
 GROUP_VARIANTS = ("walk", "tile", "tile_walk")
 SEGMENTS = 64  # a row
 WIDTH = 4

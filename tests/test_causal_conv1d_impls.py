@@ -20,6 +20,7 @@ import pytest
 
 from jax_packmamba.ops import causal_conv1d, positions_from_segment_ids
 from pallas_kernels.causal_conv1d import KERNEL, TileConfig, causal_conv1d_pallas
+from pallas_kernels.causal_conv1d import kernel as walk_kernel
 from tests.gpu import lower_for_cuda, on_gpu
 from tests.loops import causal_conv1d_loop, rel_err
 
@@ -182,21 +183,32 @@ def test_packed_conv_equals_alone_and_perturbation_is_isolated(impl):
     np.testing.assert_array_equal(base[3], moved[3])
 
 
+BLOCKS_64 = TileConfig(fwd_block_c=64, bwd_block_c=64)
+
+
 @pytest.mark.parametrize(
-    "impl, tile, in_kernel, kernel_name",
+    "impl, tile, kernel_name, groups, in_kernel, joined",
     [
-        ("xla", None, False, None),
-        ("pallas_tile_interpret", TileConfig(fwd_block_c=64, bwd_block_c=64), True, "tile"),
-        ("pallas_tile_interpret", EDGE_TILE, False, "tile"),  # boundary 192: not a multiple of 128
-        # The tile forward's groups joined for the walking backward.
-        ("pallas_tile_interpret", TileConfig(fwd_block_c=64, bwd_block_c=64), True, "tile_walk"),
+        ("xla", None, None, (128, 64, 8), False, True),
+        ("pallas_tile_interpret", BLOCKS_64, "tile", (128, 64, 8), True, False),
+        # Boundary 192: not a multiple of the 128-channel blocks, so split after.
+        ("pallas_tile_interpret", EDGE_TILE, "tile", (128, 64, 8), False, True),
+        # The tile forward writes the groups; boundary 192 is no multiple of the walking
+        # backward's 128 channels a program, so their cotangents are joined for it.
+        ("pallas_tile_interpret", BLOCKS_64, "tile_walk", (128, 64, 8), True, True),
+        # Boundaries of 128 multiples (as Mamba2's): the walking backward reads each group's
+        # cotangent (the last group narrower than a block).
+        ("pallas_tile_interpret", BLOCKS_64, "tile_walk", (128, 128, 40), True, False),
     ],
 )
-def test_channel_groups_are_the_split_output_and_its_gradient(impl, tile, in_kernel, kernel_name):
-    groups = (128, 64, 8)
+def test_channel_groups_are_the_split_output_and_its_gradient(
+    impl, tile, kernel_name, groups, in_kernel, joined
+):
+    channels = sum(groups)
+    bounds = list(np.cumsum(groups)[:-1])
     k = jax.random.split(jax.random.key(5), 4)
-    x = jax.random.normal(k[0], (2, 40, 200))
-    w, b = jax.random.normal(k[1], (200, 4)), jax.random.normal(k[2], (200,))
+    x = jax.random.normal(k[0], (2, 40, channels))
+    w, b = jax.random.normal(k[1], (channels, 4)), jax.random.normal(k[2], (channels,))
     cot = jax.random.normal(k[3], x.shape)
     seg = segments([[1, 15, 24], [16, 16, 8]])
     kw = dict(segment_ids=seg, activation="silu")
@@ -226,14 +238,23 @@ def test_channel_groups_are_the_split_output_and_its_gradient(impl, tile, in_ker
             np.testing.assert_allclose(g, g_xla, rtol=1e-4, atol=1e-4)
     parts, vjp_parts = jax.vjp(lambda *a: f(*a, groups=groups), x, w, b)
     assert [p.shape for p in parts] == [(2, 40, g) for g in groups]
+    cots = tuple(jnp.split(cot, bounds, axis=-1))
+    if kernel_name == "tile_walk":
+        # The same kernels on the same values, one array or several: bit-identical.
+        np.testing.assert_array_equal(jnp.concatenate(parts, -1), y)
+        for g, g_parts in zip(vjp(cot), vjp_parts(cots)):
+            np.testing.assert_array_equal(g_parts, g)
     np.testing.assert_allclose(jnp.concatenate(parts, -1), y, rtol=1e-6, atol=1e-6)
-    cots = tuple(jnp.split(cot, [128, 192], axis=-1))
     for g, g_parts in zip(vjp(cot), vjp_parts(cots)):
         np.testing.assert_allclose(g_parts, g, rtol=1e-5, atol=1e-5)
-    # Written by the kernel as three arrays, or split after it.
+    # Written by the kernel as three arrays, or split after it; the cotangents read by the
+    # backward kernel as they are, or joined first.
     jaxpr = str(jax.make_jaxpr(lambda *a: f(*a, groups=groups))(x, w, b))
     assert ("split" not in jaxpr) == in_kernel
-    with pytest.raises(ValueError, match="groups must be positive ints summing to channels=200"):
+    assert ("concatenate" in str(jax.make_jaxpr(vjp_parts)(cots))) == joined
+    with pytest.raises(
+        ValueError, match=f"groups must be positive ints summing to channels={channels}"
+    ):
         causal_conv1d(x, w, b, groups=(100, 50))
 
 
@@ -315,6 +336,12 @@ def test_tile_config_and_kernel_name_are_checked():
     pos = jnp.zeros((1, 4), jnp.int32)
     with pytest.raises(ValueError, match="kernel_name must be one of"):
         causal_conv1d_pallas(x, jnp.zeros((2, 4)), None, pos, activation=None, kernel_name="x")
+    # The walking backward reads cotangent groups only where no program straddles two.
+    st = walk_kernel.Static(length=4, channels=200, width=4, block_e=128, chunk=4, silu=True)
+    x, w_t = jnp.zeros((1, 4, 200)), jnp.zeros((4, 200))
+    gs = (jnp.zeros((1, 4, 64)), jnp.zeros((1, 4, 136)))
+    with pytest.raises(ValueError, match=r"gs must split 200 channels at multiples of 128"):
+        walk_kernel.conv_bwd(x, w_t, None, pos, gs, st=st, num_warps=4, interpret=True)
 
 
 @pytest.mark.parametrize(
@@ -467,10 +494,10 @@ def linked_alone(x, first, w, b):
 
 
 @functools.cache
-def linked_case():
+def linked_case(channels=10):
     """Inputs (x, first_inputs, w, b, cotangent) of the linked rows, float32, and linked_alone's
     output and gradients, computed once for every impl."""
-    batch, length, channels, width = len(LINKED_ROWS), len(LINKED_ROWS[0]), 10, 4
+    batch, length, width = len(LINKED_ROWS), len(LINKED_ROWS[0]), 4
     keys = jax.random.split(jax.random.key(11), 5)
     x = jax.random.normal(keys[0], (batch, length, channels))
     first = jax.random.normal(keys[1], (batch, width - 1, channels))
@@ -485,30 +512,40 @@ def linked_case():
     return (x, first, w, b, cot), y64, want
 
 
+# tile_walk with the output as channel groups at a 128 boundary: the tile forward writes them
+# and the walking backward reads their cotangents (the prefix gradient joins their heads).
+LINKED_GROUPS = (128, 8)
+GPU_ONLY = on_gpu(None).marks
+
+
 @pytest.mark.parametrize(
-    "impl",
+    "impl, groups",
     [
-        "xla",
-        "pallas_walk_interpret",
-        "pallas_tile_interpret",
-        "pallas_tile_walk_interpret",
-        on_gpu("pallas_walk"),
-        on_gpu("pallas_tile"),
-        on_gpu("pallas_tile_walk"),
+        ("xla", None),
+        ("pallas_walk_interpret", None),
+        ("pallas_tile_interpret", None),
+        ("pallas_tile_walk_interpret", None),
+        ("pallas_tile_walk_interpret", LINKED_GROUPS),
+        pytest.param("pallas_walk", None, marks=GPU_ONLY),
+        pytest.param("pallas_tile", None, marks=GPU_ONLY),
+        pytest.param("pallas_tile_walk", None, marks=GPU_ONLY),
+        pytest.param("pallas_tile_walk", LINKED_GROUPS, marks=GPU_ONLY),
     ],
 )
-def test_linked_rows_read_the_previous_row_through_the_prefix(impl, monkeypatch):
+def test_linked_rows_read_the_previous_row_through_the_prefix(impl, groups, monkeypatch):
     """causal_conv1d(continues=, first_inputs=) against every document run whole (float64
     loop): outputs and gradients of x, first_inputs, the weights and the bias; perturbing the
     document that crosses from row 0 into row 1 leaves every other document's outputs and
-    gradients, and first_inputs' gradient, bit-identical."""
+    gradients, and first_inputs' gradient, bit-identical. With groups, the output comes as
+    channel groups and their cotangents go back as such."""
     kernel = impl.removeprefix("pallas_").removesuffix("_interpret")
     if impl.endswith("_interpret"):  # the op's interpreter impl runs vjp.KERNEL
         monkeypatch.setattr("pallas_kernels.causal_conv1d.vjp.KERNEL", kernel)
         impl = "pallas_interpret"
     seg = jnp.asarray(LINKED_ROWS, jnp.int32)
     continues = jnp.asarray(LINKED_CONTINUES)
-    (x, first, w, b, cot), y64, want = linked_case()
+    (x, first, w, b, cot), y64, want = linked_case(10 if groups is None else sum(groups))
+    cots = cot if groups is None else tuple(jnp.split(cot, np.cumsum(groups)[:-1], axis=-1))
 
     @jax.jit
     def run(x_, first_, w_, b_):
@@ -522,15 +559,24 @@ def test_linked_rows_read_the_previous_row_through_the_prefix(impl, monkeypatch)
                 impl=impl,
                 continues=continues,
                 first_inputs=a[1],
+                groups=groups,
             )
 
         y, vjp = jax.vjp(f, x_, first_, w_, b_)
-        return y, vjp(cot)
+        return y, vjp(cots)
+
+    def joined(y):
+        return y if groups is None else jnp.concatenate(y, -1)
 
     y, grads = run(x, first, w, b)
+    y = joined(y)
     if impl != "xla":
-        called = re.findall(r"name=(causal_conv1d\w*)", str(jax.make_jaxpr(run)(x, first, w, b)))
+        jaxpr = str(jax.make_jaxpr(run)(x, first, w, b))
+        called = re.findall(r"name=(causal_conv1d\w*)", jaxpr)
         assert sorted(set(called)) == KERNEL_NAMES[kernel], called
+        # The groups' cotangents go to the backward kernel unjoined (only their heads are, for
+        # the prefix's gradient).
+        assert not re.findall(rf"\[{seg.shape[0]},{seg.shape[1]},\d+\] = concatenate", jaxpr)
     assert rel_err(y, y64) < 1e-5
     for g, g64 in zip(grads, want):
         assert rel_err(g, g64) < 1e-5
@@ -538,6 +584,7 @@ def test_linked_rows_read_the_previous_row_through_the_prefix(impl, monkeypatch)
     assert not np.asarray(grads[1][np.asarray(unread)]).any()
 
     y1, grads1 = run(x.at[0, 5:].add(0.5), first, w, b)
+    y1 = joined(y1)
     others = np.ones(seg.shape, bool)
     others[0, 5:] = others[1, :2] = False  # document 2: row 0's end, row 1's start
     assert not np.array_equal(y[1, :2], y1[1, :2])
@@ -546,7 +593,19 @@ def test_linked_rows_read_the_previous_row_through_the_prefix(impl, monkeypatch)
     np.testing.assert_array_equal(grads[1], grads1[1])
 
 
-@pytest.mark.parametrize("impl", ["pallas_walk", "pallas_tile"])
+def full_size_ops(text, batch, length):
+    """The sorted names of the ops in lowered `text` whose result is a whole (batch, length, any)
+    array."""
+    ops = []
+    for line in text.splitlines():
+        op = re.search(r"= (stablehlo\.\w+|\"?[a-z_]+\.[\w.]+)", line)
+        result = line.rsplit("->", 1)[-1] if "->" in line else line.rsplit(":", 1)[-1]
+        if op and re.search(rf"tensor<{batch}x{length}x\d+x", result):
+            ops.append(op.group(1))
+    return sorted(ops)
+
+
+@pytest.mark.parametrize("impl", ["pallas_walk", "pallas_tile", "pallas_tile_walk"])
 def test_links_add_no_full_size_ops_to_the_lowered_conv(impl):
     """Mamba2-1.3b's conv (8 x 2048 x 4352 bf16, groups x, B, C), lowered for CUDA with and
     without links and first_inputs: the linked one has exactly the unlinked one's operations
@@ -556,7 +615,7 @@ def test_links_add_no_full_size_ops_to_the_lowered_conv(impl):
     batch, length, channels, width = 8, 2048, 4352, 4
     groups = (4096, 128, 128)
 
-    def full_size_ops(linked):
+    def lowered_ops(linked):
         def loss(x, w, b, seg, continues, first):
             parts = causal_conv1d(
                 x,
@@ -580,14 +639,50 @@ def test_links_add_no_full_size_ops_to_the_lowered_conv(impl):
             sds((batch, width - 1, channels), jnp.bfloat16),
         )
         text = lower_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2, 5)), *args)
-        ops = []
-        for line in text.splitlines():
-            op = re.search(r"= (stablehlo\.\w+|\"?[a-z_]+\.[\w.]+)", line)
-            result = line.rsplit("->", 1)[-1] if "->" in line else line.rsplit(":", 1)[-1]
-            if op and re.search(rf"tensor<{batch}x{length}x\d+x", result):
-                ops.append(op.group(1))
-        return sorted(ops)
+        return full_size_ops(text, batch, length)
 
-    plain, linked = full_size_ops(False), full_size_ops(True)
+    plain, linked = lowered_ops(False), lowered_ops(True)
     assert "stablehlo.custom_call" in plain  # the kernels: the count does see full-size ops
     assert linked == plain
+
+
+@pytest.mark.parametrize(
+    "groups, joined",
+    [
+        ((4096, 128, 128), False),  # every boundary a multiple of 128: read as they are
+        ((4096, 64, 192), True),  # 4160 splits a walking program's 128 channels: joined
+    ],
+)
+def test_tile_walk_backward_reads_the_groups_cotangents_unjoined(groups, joined):
+    """tile_walk at mamba2-1.3b's conv shape (8 x 2048 x 4352 bf16, as x, B and C), lowered for
+    CUDA: the tile forward writes the groups (64-channel blocks, so that the unaligned groups are
+    written by it too) and the walking backward reads their cotangents with no full-size
+    concatenate; where a boundary is no multiple of its 128 channels a program, one joins them."""
+    sds = jax.ShapeDtypeStruct
+    batch, length, channels, width = 8, 2048, sum(groups), 4
+
+    def loss(x, w, b, positions):
+        parts = causal_conv1d_pallas(
+            x,
+            w,
+            b,
+            positions,
+            activation="silu",
+            kernel_name="tile_walk",
+            tile=BLOCKS_64,
+            groups=groups,
+        )
+        assert len(parts) == len(groups)  # the forward wrote them, no split after
+        return sum(p.astype(jnp.float32).sum() * (i + 1) for i, p in enumerate(parts))
+
+    args = (
+        sds((batch, length, channels), jnp.bfloat16),
+        sds((channels, width), jnp.bfloat16),
+        sds((channels,), jnp.bfloat16),
+        sds((batch, length), jnp.int32),
+    )
+    text = lower_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2)), *args)
+    ops = full_size_ops(text, batch, length)
+    assert "stablehlo.custom_call" in ops
+    assert "stablehlo.slice" not in ops  # nor a split after the forward
+    assert ops.count("stablehlo.concatenate") == joined

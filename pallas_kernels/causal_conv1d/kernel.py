@@ -17,11 +17,18 @@ program walks w-1 extra steps that only feed those rows. dweight and dbias are s
 (b, t): one partial row per program, added up by XLA. The prefix's own gradient is computed by
 XLA before (vjp.prefix_grad); where it is the previous row's tail, it comes in as `dx_tail` and
 is added to the row's last w-1 dx rows when they are stored.
+
+Channel groups: the backward can read the cotangent as several arrays, channels [0, g0),
+[g0, g0 + g1), ... (the tile forward's separate outputs, Mamba2's x, B and C), so that XLA need
+not join them first. Every group boundary is then a multiple of block_e, so a program's channels
+lie in one group; each step loads a row from every group's array under a mask that is all False
+but for the owning group's (a predicated load moves no memory) and keeps the owner's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +73,26 @@ def _x_row(r, b, t, e0, cmask, st: Static):
     before = (t < 0) & (p >= 0)
     idx = (b, jnp.clip(p, 0, st.width - 2), pl.ds(e0, st.block_e))
     return jnp.where(before, load(r["prefix"], idx, mask=cmask & before).astype(F32), row)
+
+
+def group_offsets(groups):
+    """[(first channel, channels)] of each group."""
+    starts = [sum(groups[:i]) for i in range(len(groups))]
+    return list(zip(starts, groups))
+
+
+def _g_row(r, b, t, e0, cmask, groups, st: Static):
+    """The cotangent's row g[b, t, e0:e0 + block_e] as _row, read from the group arrays g0,
+    g1, ...: only the group that holds this program's channels is read."""
+    if len(groups) == 1:
+        return _row(r["g0"], b, t, e0, cmask, st)
+    row = None
+    for i, (first, size) in enumerate(group_offsets(groups)):
+        owns = (e0 >= first) & (e0 < first + size)
+        # Not the owner: the load points at the array's start and reads nothing.
+        part = _row(r[f"g{i}"], b, t, jnp.where(owns, e0 - first, 0), cmask & owns, st)
+        row = part if row is None else jnp.where(owns, part, row)
+    return row
 
 
 def _position(pos_ref, b, t, st: Static):
@@ -122,7 +149,7 @@ def _fwd_kernel(r, *, st: Static):
     jax.lax.fori_loop(0, st.chunk, step, _initial_window(r, b, t0, e0, cmask, st))
 
 
-def _bwd_kernel(r, *, st: Static):
+def _bwd_kernel(r, *, st: Static, groups: tuple[int, ...]):
     b, c = pl.program_id(0), pl.program_id(1)
     t0 = c * st.chunk
     e0, cmask = _cols(st)
@@ -134,7 +161,7 @@ def _bwd_kernel(r, *, st: Static):
         t = t0 + i
         x_t = _row(r["x"], b, t, e0, cmask, st)
         position = _position(r["positions"], b, t, st)
-        g_pre = _row(r["g"], b, t, e0, cmask, st)
+        g_pre = _g_row(r, b, t, e0, cmask, groups, st)
         if st.silu:
             pre = _pre(window, x_t, position, taps, bias, st)
             sig = sigmoid(pre)
@@ -208,7 +235,7 @@ def conv_bwd(
     w_t,
     bias,
     positions,
-    g,
+    gs,
     prefix=None,
     dx_tail=None,
     *,
@@ -217,13 +244,28 @@ def conv_bwd(
     interpret: bool,
 ):
     """(dx (b, t, e) in x's dtype, dweight partials (b, chunks, w, e) and dbias partials
-    (b, chunks, e), float32). prefix: conv_fwd's; dx_tail (b, w - 1, e) float32 or None: added
-    to dx's last w - 1 rows (the gradient of a next row's prefix that is this row's tail)."""
+    (b, chunks, e), float32). gs: the output's cotangent as a tuple of its channel groups (one
+    array: (g,)), every boundary between them a multiple of st.block_e. prefix: conv_fwd's;
+    dx_tail (b, w - 1, e) float32 or None: added to dx's last w - 1 rows (the gradient of a next
+    row's prefix that is this row's tail)."""
+    groups = tuple(g.shape[-1] for g in gs)
+    if sum(groups) != st.channels or any(s % st.block_e for s in itertools.accumulate(groups[:-1])):
+        raise ValueError(
+            f"gs must split {st.channels} channels at multiples of {st.block_e}, got {groups}"
+        )
     batch = x.shape[0]
     nc = -(-st.length // st.chunk)
     return launch.call(
         _bwd_kernel,
-        dict(x=x, w=w_t, bias=bias, positions=positions, g=g, prefix=prefix, dx_tail=dx_tail),
+        dict(
+            x=x,
+            w=w_t,
+            bias=bias,
+            positions=positions,
+            prefix=prefix,
+            dx_tail=dx_tail,
+            **{f"g{i}": g for i, g in enumerate(gs)},
+        ),
         dict(
             dx=jax.ShapeDtypeStruct(x.shape, x.dtype),
             dw=jax.ShapeDtypeStruct((batch, nc, st.width, st.channels), F32),
@@ -234,4 +276,5 @@ def conv_bwd(
         num_warps=num_warps,
         interpret=interpret,
         st=st,
+        groups=groups,
     )

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import launch
+from pallas_kernels.causal_conv1d.kernel import group_offsets
 from pallas_kernels.launch import iota, load, store
 from pallas_kernels.triton_math import fma, sigmoid
 
@@ -55,12 +56,6 @@ class Static:
     num_warps: int
     fast: bool  # PTX sigmoid and fma (GPU); the interpreter runs the plain jnp forms
     groups: tuple[int, ...]  # channels of each output array (one group: (channels,))
-
-
-def group_offsets(groups):
-    """[(first channel, channels)] of each group."""
-    starts = [sum(groups[:i]) for i in range(len(groups))]
-    return list(zip(starts, groups))
 
 
 def _cols(st: Static):

@@ -54,7 +54,9 @@ def causal_conv1d_pallas(
     of two) is for tests that need chunk edges in short rows; `tile` the tile kernels' blocks.
     groups: channel counts summing to x's channels: returns a tuple of the output's channel
     groups, as jnp.split would. The tile kernels write them as separate arrays (no copy) when
-    every boundary is a multiple of both channel blocks; otherwise they are split after."""
+    every boundary is a multiple of both channel blocks; otherwise they are split after. The
+    walking backward (tile_walk) reads the groups' cotangents as they come where every boundary
+    is also a multiple of BLOCK_E, and joins them first otherwise."""
     kernel_name = KERNEL if kernel_name is None else kernel_name
     if kernel_name not in KERNELS:
         raise ValueError(f"kernel_name must be one of {KERNELS}, got {kernel_name!r}")
@@ -153,10 +155,23 @@ def _backward(st, interpret, x, w_t, bias, positions, gs, prefix, dx_tail):
         return kernel_tile.conv_bwd(
             x, w_t, bias, positions, gs, prefix, dx_tail, st=st, interpret=interpret
         )
-    # The walking backward reads one cotangent: the groups' (tile_walk) are joined first.
-    g = gs[0] if len(gs) == 1 else jnp.concatenate(gs, axis=-1)
+    # The walking backward reads the groups' cotangents (tile_walk) where a program's BLOCK_E
+    # channels lie in one group: every boundary a multiple of BLOCK_E (Mamba2's x, B and C at
+    # d_inner and d_state multiples of 128). Otherwise (the tile forward's blocks can be
+    # smaller) they are joined first: one full-size XLA copy.
+    if any(first % st.block_e for first in itertools.accumulate(g.shape[-1] for g in gs[:-1])):
+        gs = (jnp.concatenate(gs, axis=-1),)
     return kernel.conv_bwd(
-        x, w_t, bias, positions, g, prefix, dx_tail, st=st, num_warps=NUM_WARPS, interpret=interpret
+        x,
+        w_t,
+        bias,
+        positions,
+        gs,
+        prefix,
+        dx_tail,
+        st=st,
+        num_warps=NUM_WARPS,
+        interpret=interpret,
     )
 
 
