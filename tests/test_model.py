@@ -434,7 +434,9 @@ def test_save_projections_and_scan_keeps_neither_conv_outputs_nor_chunk_states(
     """Traced (bf16, kernels through the interpreter, one layer): the lean policy saves no conv
     output, no gated-norm output or statistic, no out_proj input, and for Mamba2 no SSD chunk
     state (float32, rank >= 4: save_kernel_outputs keeps h_in); Mamba1 keeps its scan's chunk
-    states (kernel outputs its backward reads). Fewer bytes than none and save_kernel_outputs."""
+    states (kernel outputs its backward reads). Fewer bytes than none and save_kernel_outputs;
+    the price: the gradient's program runs the conv's forward kernel once more and, for Mamba2,
+    the gated norm's, the SSD's chunk-state and state-passing kernels."""
     ids = jnp.zeros((2, 24), jnp.int32)
     seg = jnp.asarray([[1] * 5 + [2] * 19, [1] * 24], jnp.int32)
     saved, total = {}, {}
@@ -454,3 +456,26 @@ def test_save_projections_and_scan_keeps_neither_conv_outputs_nor_chunk_states(
     expected = {"mamba": chunk_states("save_kernel_outputs"), "mamba2": []}[family]
     assert chunk_states(LEAN) == expected, lines
     assert total[LEAN] < min(total["save_kernel_outputs"], total["none"]), total
+
+    # What it costs: each recomputed kernel's forward runs once more, nothing else does.
+    kernels = {}
+    for remat in ("none", LEAN):
+        loss, params = _lm_loss(_interpreted(family, remat, "bfloat16", n_layer=1), ids, seg)
+        kernels[remat] = _kernel_counts(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    extra = {k: kernels[LEAN][k] - kernels["none"].get(k, 0) for k in kernels[LEAN]}
+    again = {"mamba": [], "mamba2": ["gated_rms_norm_fwd", "ssd_chunk_states", "ssd_state_passing"]}
+    conv = [k for k in extra if k.startswith("causal_conv1d") and k.endswith("_fwd")]
+    assert len(conv) == 1, extra
+    assert {k: n for k, n in extra.items() if n} == dict.fromkeys(again[family] + conv, 1)
+
+
+def _kernel_counts(jaxpr, counts=None) -> dict:
+    """How often each Pallas kernel (pallas_call's name) occurs in jaxpr and its sub-jaxprs."""
+    counts = {} if counts is None else counts
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            counts[eqn.params["name"]] = counts.get(eqn.params["name"], 0) + 1
+            continue
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            _kernel_counts(sub, counts)
+    return counts
