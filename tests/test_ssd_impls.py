@@ -565,22 +565,32 @@ def lowering_args(b=2, length=300, h=8, p=64, g=2, n=128, dtype=jnp.bfloat16):
     ]
 
 
-@pytest.mark.parametrize("segments", [False, True])
-def test_training_path_lowers_for_cuda_on_kernels_only(segments):
+@pytest.mark.parametrize(
+    "segments, save_chunk_states", [(False, True), (True, True), (True, False)]
+)
+def test_training_path_lowers_for_cuda_on_kernels_only(segments, save_chunk_states):
     """The training path (no initial or final states), forward and backward, through the public
     op: the named kernels and nothing of the reference (its einsums would be dot_generals, its
-    scans while loops)."""
+    scans while loops). Without saved chunk states the backward runs the forward's chunk-state
+    kernel and state passing again."""
     args = lowering_args()
 
     def loss(*xs):
         *xs, seg = xs
-        y = ssd_scan(*xs, dt_softplus=True, segment_ids=seg if segments else None, impl="pallas")
+        y = ssd_scan(
+            *xs,
+            dt_softplus=True,
+            segment_ids=seg if segments else None,
+            impl="pallas",
+            save_chunk_states=save_chunk_states,
+        )
         return y.astype(jnp.float32).sum()
 
     text = lower_for_cuda(jax.grad(loss, argnums=tuple(range(8))), *args)
     names = re.findall(r'name = "(ssd_[a-z_]+)"', text)
-    assert sorted(names) == sorted(FORWARD + BACKWARD), names
-    assert text.count(TRITON_CALL) == len(FORWARD) + len(BACKWARD)
+    again = () if save_chunk_states else ("ssd_chunk_states", "ssd_state_passing")
+    assert sorted(names) == sorted(FORWARD + BACKWARD + again), names
+    assert text.count(TRITON_CALL) == len(FORWARD) + len(BACKWARD) + len(again)
     assert "stablehlo.while" not in text and "stablehlo.dot_general" not in text
     assert "stablehlo.scatter" not in text
 
