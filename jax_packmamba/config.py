@@ -22,9 +22,14 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 # What each layer saves for the backward pass (model.REMAT_POLICIES): everything ("none"),
 # nothing ("full": the block is recomputed), only its matmuls' outputs, or its matmuls' and
-# kernels' outputs ("save_kernel_outputs": only elementwise work is recomputed). The remat
+# kernels' outputs ("save_kernel_outputs": only elementwise work is recomputed), or only the
+# projections' and the scan's outputs ("save_projections_and_scan", mamba_ssm's memory-efficient
+# trade: the conv, the gated norm and the SSD's chunk states are recomputed). The remat
 # flag's old values still work: False is "none", True is "full".
-REMAT = ("none", "full", "save_matmul_outputs", "save_kernel_outputs")
+REMAT = ("none", "full", "save_matmul_outputs", "save_kernel_outputs", "save_projections_and_scan")
+# The policies under which the SSD's backward recomputes the states entering each chunk
+# (ssd_scan's save_chunk_states=False) rather than keeping them from the forward.
+REMAT_RECOMPUTING_SSD_STATES = ("save_projections_and_scan",)
 
 
 def _check_positive_ints(config, *names: str) -> None:
@@ -759,6 +764,7 @@ class HybridConfig:
             "dtype",
             "scan_impl",
             "conv_impl",
+            "remat",  # its mixers read it (REMAT_RECOMPUTING_SSD_STATES)
         )
         try:
             return Mamba2Config(n_layer=len(self.blocks), **{n: getattr(self, n) for n in names})

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_packmamba.config import Mamba2Config
+from jax_packmamba.config import REMAT_RECOMPUTING_SSD_STATES, Mamba2Config
 from jax_packmamba.layers import (
     CONV,
     MIXER_CORE,
@@ -209,6 +209,7 @@ class Mamba2Mixer(nnx.Module):
             return_final_states=slots is not None,
             num_segments=slots,
             impl=config.scan_impl,
+            save_chunk_states=config.remat not in REMAT_RECOMPUTING_SSD_STATES,
         )
         y, ssm = result if slots is not None else (result, None)
         y = saved(MIXER_CORE, y.reshape(*y.shape[:2], config.d_inner))

@@ -78,6 +78,17 @@ def _kernel_outputs_saveable(prim, *_, **__) -> bool:
     return prim.name in KERNEL_PRIMITIVES
 
 
+# Kernels (pallas_call's `name`, by prefix) whose outputs "save_projections_and_scan" recomputes:
+# the conv's and the gated norm's, each one cheap pass over inputs the policy keeps (in_proj's
+# outputs; the scan's output and z). Not the block's norm: its backward would rerun it for its
+# row statistics anyway.
+RECOMPUTED_KERNELS = ("causal_conv1d", "gated_rms_norm")
+
+
+def _scan_kernel_outputs_saveable(prim, *_, **params) -> bool:
+    return prim.name in KERNEL_PRIMITIVES and not params["name"].startswith(RECOMPUTED_KERNELS)
+
+
 # config.remat -> the jax.checkpoint policy of each layer (absent: no remat).
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -88,6 +99,14 @@ REMAT_POLICIES = {
     # unrolled (the norms' float32 copies) costs memory there unless recomputed.
     "save_kernel_outputs": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES), _kernel_outputs_saveable
+    ),
+    # mamba_ssm's memory-efficient trade: keep the mixer's input, the projections' outputs and
+    # the scan's (with the scan kernels' outputs its backward reads: Mamba1's chunk states;
+    # Mamba2's SSD recomputes its own, mamba2.py); recompute the conv, the gated norm and
+    # out_proj's input. Mamba1: save_kernel_outputs less the conv's output.
+    "save_projections_and_scan": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.save_only_these_names(MIXER_INPUT, PROJECTION, MIXER_CORE),
+        _scan_kernel_outputs_saveable,
     ),
 }
 

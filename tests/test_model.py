@@ -2,7 +2,9 @@
 
 import contextlib
 import dataclasses
+import importlib
 import io
+import re
 import time
 
 import jax
@@ -361,3 +363,119 @@ def test_save_kernel_outputs_keeps_what_a_gemm_or_kernel_makes(family):
     tensors = {"mamba": 7, "mamba2": 9}[family]
     assert len(per_token) == tensors and len(saved) == tensors + 1 + len(wide), saved
     assert wide and len(stacked["none"]) > len(saved), stacked
+
+
+LEAN = "save_projections_and_scan"
+
+
+@pytest.fixture
+def pallas_norms(monkeypatch):
+    """The norms on their Pallas kernels (interpreter) too, as on a GPU: the lean policy tells
+    the gated norm's kernel apart from the block norm's."""
+    rms_norm = importlib.import_module("jax_packmamba.ops.rms_norm")
+    resolve = rms_norm._resolve
+    monkeypatch.setattr(
+        rms_norm,
+        "_resolve",
+        lambda impl, x: resolve("pallas_interpret" if impl == "auto" else impl, x),
+    )
+
+
+def _interpreted(family, remat, dtype, **overrides):
+    kernels = dict(scan_impl="pallas_interpret", conv_impl="pallas_interpret")
+    return dataclasses.replace(
+        SAVE_KERNEL_CONFIGS[family], remat=remat, dtype=dtype, **kernels, **overrides
+    )
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_save_projections_and_scan_gives_the_gradients_of_no_remat(family, pallas_norms):
+    """Every op on its Pallas kernel (interpreter), float32: the lean policy (the conv, the
+    gated norm and out_proj's input recomputed per layer; Mamba2's SSD recomputing its chunk
+    states in its backward) gives the loss and gradients of no remat, to float32 rounding."""
+    rng = np.random.default_rng(2)
+    ids = jnp.asarray(rng.integers(0, 16, (2, 24)), jnp.int32)
+    seg = jnp.asarray([[1] * 7 + [2] * 17, [1] * 24], jnp.int32)
+    out = {}
+    for remat in ("none", LEAN):
+        loss, params = _lm_loss(_interpreted(family, remat, "float32", n_layer=1), ids, seg)
+        step = jax.jit(jax.value_and_grad(loss)).lower(params)
+        out[remat] = step.compile(compiler_options=dict(xla_backend_optimization_level=0))(params)
+    for (path, a), b in zip(
+        jax.tree.leaves_with_path(out["none"]), jax.tree.leaves(out[LEAN]), strict=True
+    ):
+        np.testing.assert_allclose(
+            b, a, rtol=1e-5, atol=1e-6 * float(np.abs(a).max()), err_msg=jax.tree_util.keystr(path)
+        )
+
+
+def _saved_activations(loss, params, batch, length) -> list[tuple[str, int]]:
+    """(line, bytes) of each value print_saved_residuals lists whose leading axis is the batch
+    (rank >= 2) or its tokens: the activations, not the (at these widths comparable) weights."""
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        jax.ad_checkpoint.print_saved_residuals(loss, params)
+    rows = []
+    for line in text.getvalue().splitlines():
+        dtype, dims = line.split("]")[0].split("[")
+        shape = [int(d) for d in dims.split(",") if d]
+        if not (shape and (shape[0] == batch * length or shape[0] == batch and len(shape) > 1)):
+            continue
+        size = int(np.prod(shape))
+        bits = 8 if dtype == "bool" else int(re.sub(r"\D", "", dtype))  # f32, bf16, i32, ...
+        rows.append((line, size * bits // 8))
+    return rows
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_save_projections_and_scan_keeps_neither_conv_outputs_nor_chunk_states(
+    family, pallas_norms
+):
+    """Traced (bf16, kernels through the interpreter, one layer): the lean policy saves no conv
+    output, no gated-norm output or statistic, no out_proj input, and for Mamba2 no SSD chunk
+    state (float32, rank >= 4: save_kernel_outputs keeps h_in); Mamba1 keeps its scan's chunk
+    states (kernel outputs its backward reads). Fewer bytes than none and save_kernel_outputs;
+    the price: the gradient's program runs the conv's forward kernel once more and, for Mamba2,
+    the gated norm's, the SSD's chunk-state and state-passing kernels."""
+    ids = jnp.zeros((2, 24), jnp.int32)
+    seg = jnp.asarray([[1] * 5 + [2] * 19, [1] * 24], jnp.int32)
+    saved, total = {}, {}
+    for remat in ("none", "save_kernel_outputs", LEAN):
+        config = _interpreted(family, remat, "bfloat16", n_layer=1)
+        saved[remat] = _saved_activations(*_lm_loss(config, ids, seg), *ids.shape)
+        total[remat] = sum(size for _, size in saved[remat])
+    lines = [line for line, _ in saved[LEAN]]
+    for absent in ("named 'conv'", "causal_conv1d", "gated_rms_norm", "named 'out_proj_input'"):
+        assert not [line for line in lines if absent in line], absent
+    assert [line for line, _ in saved["save_kernel_outputs"] if "named 'conv'" in line]
+
+    def chunk_states(remat):
+        return [line for line, _ in saved[remat] if re.match(r"f32\[\d+(,\d+){3,}\]", line)]
+
+    assert chunk_states("save_kernel_outputs")
+    expected = {"mamba": chunk_states("save_kernel_outputs"), "mamba2": []}[family]
+    assert chunk_states(LEAN) == expected, lines
+    assert total[LEAN] < min(total["save_kernel_outputs"], total["none"]), total
+
+    # What it costs: each recomputed kernel's forward runs once more, nothing else does.
+    kernels = {}
+    for remat in ("none", LEAN):
+        loss, params = _lm_loss(_interpreted(family, remat, "bfloat16", n_layer=1), ids, seg)
+        kernels[remat] = _kernel_counts(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    extra = {k: kernels[LEAN][k] - kernels["none"].get(k, 0) for k in kernels[LEAN]}
+    again = {"mamba": [], "mamba2": ["gated_rms_norm_fwd", "ssd_chunk_states", "ssd_state_passing"]}
+    conv = [k for k in extra if k.startswith("causal_conv1d") and k.endswith("_fwd")]
+    assert len(conv) == 1, extra
+    assert {k: n for k, n in extra.items() if n} == dict.fromkeys(again[family] + conv, 1)
+
+
+def _kernel_counts(jaxpr, counts=None) -> dict:
+    """How often each Pallas kernel (pallas_call's name) occurs in jaxpr and its sub-jaxprs."""
+    counts = {} if counts is None else counts
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            counts[eqn.params["name"]] = counts.get(eqn.params["name"], 0) + 1
+            continue
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            _kernel_counts(sub, counts)
+    return counts

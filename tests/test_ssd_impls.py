@@ -182,7 +182,7 @@ def compiled(key, fn, *args):
     return _COMPILED[key]
 
 
-def forward_and_backward(impl: str, case_name: str, names):
+def forward_and_backward(impl: str, case_name: str, names, save_chunk_states: bool = True):
     """(arrays, seg, cts) -> (outputs, gradients of arrays) of the kernels for one of CASES."""
     case = CASES[case_name]
 
@@ -193,6 +193,7 @@ def forward_and_backward(impl: str, case_name: str, names):
                 **_kwargs(case, seg),
                 interpret=impl == "pallas_interpret",
                 config=case.config,
+                save_chunk_states=save_chunk_states,
             )
 
         out, vjp = jax.vjp(f, *arrays)
@@ -201,12 +202,15 @@ def forward_and_backward(impl: str, case_name: str, names):
     return run
 
 
-def outputs_and_grads(impl: str, case_name: str, args: dict, seg, cts):
+def outputs_and_grads(
+    impl: str, case_name: str, args: dict, seg, cts, save_chunk_states: bool = True
+):
     """(outputs, {name: gradient}) of the kernels for one of CASES, compiled once per case."""
     names = present(args)
-    run = forward_and_backward(impl, case_name, names)
+    run = forward_and_backward(impl, case_name, names, save_chunk_states)
     arrays = [args[k] for k in names]
-    out, grads = compiled((impl, case_name), run, arrays, seg, cts)(arrays, seg, cts)
+    key = (impl, case_name) if save_chunk_states else (impl, case_name, "recompute states")
+    out, grads = compiled(key, run, arrays, seg, cts)(arrays, seg, cts)
     return out, dict(zip(names, grads))
 
 
@@ -298,6 +302,23 @@ class TestSSDImpls:
 
     def test_bf16_matches_float64_loop(self, impl):
         check_against_loop(impl, "bf16", random_segments(CASES["bf16"], 2), seed=2)
+
+    @pytest.mark.parametrize("case_name", ["f32", "bare"])
+    def test_recomputed_chunk_states_give_the_saved_gradients(self, impl, case_name):
+        """save_chunk_states=False: the backward reruns the chunk-state kernel and the state
+        passing for h_in (and, with initial states, keeps their chunk-end terms s_add) instead
+        of keeping h_in: the same kernels on the same inputs, so outputs and gradients are
+        bit-identical. "f32": initial and final states, segments; "bare": neither."""
+        case = CASES[case_name]
+        args, cts = make_args(case, 23), cotangents(case, 29)
+        seg = random_segments(case, 3) if case.num_segments else None
+        saved = outputs_and_grads(impl, case_name, args, seg, cts)
+        recomputed = outputs_and_grads(impl, case_name, args, seg, cts, save_chunk_states=False)
+        assert case.init == (case_name == "f32")
+        for (path, a), b in zip(
+            jax.tree.leaves_with_path(saved), jax.tree.leaves(recomputed), strict=True
+        ):
+            np.testing.assert_array_equal(b, a, err_msg=jax.tree_util.keystr(path))
 
     def test_bare_matches_float64_loop(self, impl):
         check_against_loop(impl, "bare", None, seed=3)
@@ -544,22 +565,32 @@ def lowering_args(b=2, length=300, h=8, p=64, g=2, n=128, dtype=jnp.bfloat16):
     ]
 
 
-@pytest.mark.parametrize("segments", [False, True])
-def test_training_path_lowers_for_cuda_on_kernels_only(segments):
+@pytest.mark.parametrize(
+    "segments, save_chunk_states", [(False, True), (True, True), (True, False)]
+)
+def test_training_path_lowers_for_cuda_on_kernels_only(segments, save_chunk_states):
     """The training path (no initial or final states), forward and backward, through the public
     op: the named kernels and nothing of the reference (its einsums would be dot_generals, its
-    scans while loops)."""
+    scans while loops). Without saved chunk states the backward runs the forward's chunk-state
+    kernel and state passing again."""
     args = lowering_args()
 
     def loss(*xs):
         *xs, seg = xs
-        y = ssd_scan(*xs, dt_softplus=True, segment_ids=seg if segments else None, impl="pallas")
+        y = ssd_scan(
+            *xs,
+            dt_softplus=True,
+            segment_ids=seg if segments else None,
+            impl="pallas",
+            save_chunk_states=save_chunk_states,
+        )
         return y.astype(jnp.float32).sum()
 
     text = lower_for_cuda(jax.grad(loss, argnums=tuple(range(8))), *args)
     names = re.findall(r'name = "(ssd_[a-z_]+)"', text)
-    assert sorted(names) == sorted(FORWARD + BACKWARD), names
-    assert text.count(TRITON_CALL) == len(FORWARD) + len(BACKWARD)
+    again = () if save_chunk_states else ("ssd_chunk_states", "ssd_state_passing")
+    assert sorted(names) == sorted(FORWARD + BACKWARD + again), names
+    assert text.count(TRITON_CALL) == len(FORWARD) + len(BACKWARD) + len(again)
     assert "stablehlo.while" not in text and "stablehlo.dot_general" not in text
     assert "stablehlo.scatter" not in text
 

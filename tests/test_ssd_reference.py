@@ -460,6 +460,7 @@ def good_args():
             "segment_ids must be an integer",
         ),
         (lambda a: {}, {"impl": "cuda"}, "impl must be one of"),
+        (lambda a: {}, {"save_chunk_states": "no"}, "save_chunk_states must be a bool"),
         # The Pallas kernels take headdim and d_state powers of two >= 16 only.
         (lambda a: {}, {"impl": "pallas"}, "headdim=3 \\(x's axis 3\\)"),
         (lambda a: {}, {"impl": "pallas_interpret"}, "powers of two >= 16"),

@@ -109,6 +109,7 @@ def ssd_scan(
     return_final_states: bool = False,
     num_segments: int | None = None,
     impl: Impl = "auto",
+    save_chunk_states: bool = True,
 ):
     """SSD (Mamba2) scan with resets at segment boundaries.
 
@@ -148,6 +149,9 @@ def ssd_scan(
         pallas_kernels/ssd; GPU only, ValueError elsewhere; headdim and d_state powers of two
         >= 16), "pallas_interpret" (the same kernels through the Pallas interpreter, any
         backend) or "auto" (pallas on a GPU when the shapes allow, else the reference).
+      save_chunk_states: the Pallas path keeps the state entering each chunk (b, c, h, p, n)
+        float32 for its backward; False recomputes it there (the chunk-state kernel and the
+        state passing again: less memory, a little more time). The reference ignores it.
 
     Returns:
       y with x's shape and dtype, or (y, final_states) when return_final_states.
@@ -174,12 +178,16 @@ def ssd_scan(
     )
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if not isinstance(save_chunk_states, bool):
+        raise ValueError(f"save_chunk_states must be a bool, got {save_chunk_states!r}")
     if impl == "auto":
         impl = "pallas" if jax.default_backend() == "gpu" and _pallas_takes(x, B) else "reference"
     if impl == "pallas" and _pallas_takes(x, B):  # shapes the kernels refuse get that message
         check_pallas_platform(impl, fallback="reference")
     args = (x, dt, A, B, C, D, z, dt_bias)
-    run = functools.partial(_run_impl, impl, args, dt_softplus, chunk_size)
+    run = functools.partial(
+        _run_impl, impl, args, dt_softplus, chunk_size, save_chunk_states=save_chunk_states
+    )
     if continues is None and first_run_states is None:
         return run(segment_ids, initial_states, return_final_states, num_segments)
     return _continued(
@@ -206,6 +214,8 @@ def _run_impl(
     return_final_states,
     num_segments,
     first_run_states=None,
+    *,
+    save_chunk_states=True,
 ):
     """The scan; first_run_states (b, h, p, n), only without initial_states, and on the
     reference only without final states: each row's run at t = 0 starts from it, every other
@@ -237,7 +247,12 @@ def _run_impl(
 
         if first_run_states is not None:
             kwargs["first_run_states"] = first_run_states
-        return ssd_scan_pallas(*args, interpret=impl == "pallas_interpret", **kwargs)
+        return ssd_scan_pallas(
+            *args,
+            interpret=impl == "pallas_interpret",
+            save_chunk_states=save_chunk_states,
+            **kwargs,
+        )
     return ssd_scan_reference(*args, **kwargs)
 
 

@@ -4,7 +4,10 @@ entry point with initial and final states (states.py).
 
 Saved between forward and backward: the inputs, the state entering each chunk h_in
 (b, c, h, p, n) float32 and, with z, the pre-gate output (b, t, h, p) in x's dtype. Everything
-else (dt', the cumulative decays, C B^T, the chunk states) is recomputed by the backward.
+else (dt', the cumulative decays, C B^T, the chunk states) is recomputed by the backward; with
+save_chunk_states=False h_in is too (the chunk-state kernel and the state passing once more:
+Plan.save_states), and the kernels' additive state input s_add is kept instead where there is
+one (initial or first-run states).
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ class Plan:
     return_states: bool  # the core also returns h_in (for final states)
     has_init: bool  # initial states: the kernels add y_add and s_add
     y_dtype: str | None = None  # the output's dtype; None: x's
+    # False: the backward recomputes h_in (chunk states and state passing, as the forward)
+    # rather than keeping it: (b, c, h, p, n) float32 less between forward and backward.
+    save_states: bool = True
 
 
 def supported(headdim: int, d_state: int) -> bool:
@@ -63,12 +69,14 @@ def ssd_scan_pallas(
     num_segments: int | None = None,
     interpret: bool = False,
     config: SSDConfig | None = None,
+    save_chunk_states: bool = True,
 ):
     """Same contract as jax_packmamba.ops.ssd_scan.ssd_scan (arguments validated there),
     except that first_run_states (b, h, p, n), the state each row's run at t = 0 starts from,
     is taken here only without initial_states (states.first_run_inputs: it touches chunk 0
     only). `config` overrides the tiling heuristic (its chunk and blocks are
-    still fitted to the sequence)."""
+    still fitted to the sequence). save_chunk_states=False: the backward recomputes the states
+    entering each chunk instead of keeping them from the forward (Plan.save_states)."""
     batch, length, heads, headdim = x.shape
     groups, d_state = B.shape[2:]
     assert dt.shape == (batch, length, heads) and A.shape == (heads,), (dt.shape, A.shape)
@@ -86,6 +94,7 @@ def ssd_scan_pallas(
         return_states=bool(return_final_states),
         interpret=interpret,
         config=config,
+        save_states=save_chunk_states,
     )
     if first_run_states is not None:
         assert initial_states is None
@@ -214,6 +223,7 @@ def make_plan(
     interpret,
     config,
     y_dtype: str | None = None,
+    save_states: bool = True,
 ) -> Plan:
     batch, length, heads, headdim = x.shape
     groups, d_state = B.shape[2:]
@@ -253,7 +263,7 @@ def make_plan(
     )
     if cfg.chunk_scan_backend == "mosaic":
         chunk_scan_mgpu.check_supported(st)
-    return Plan(st, cfg, return_states, has_init, y_dtype)
+    return Plan(st, cfg, return_states, has_init, y_dtype, bool(save_states))
 
 
 def _divisor(split: int, n: int) -> int:
@@ -341,6 +351,23 @@ def _pass_states_bwd(plan, interpret, dh, h_in, decay):
     return dS, jnp.swapaxes(jnp.sum(dS * h_in, axis=-1), 1, 2)
 
 
+def _chunk_entry_states(plan: Plan, interpret, x, B, cs, dtp, seg_lo, chunk_decays, s_add):
+    """h_in (b, c, h, p, n) float32: each chunk's own end state (the chunk-state kernel), passed
+    across chunks. The forward's, and the backward's where the plan does not save it."""
+    st = plan.st
+    S = kernel.chunk_states(
+        dict(x=x, B=B, cs=cs, dtp=dtp, seg_lo=seg_lo),
+        mode="fwd",
+        st=st,
+        **_launch(plan, interpret),
+    )
+    S = S.reshape(st.batch, st.n_chunks, st.heads, st.headdim * st.d_state)
+    if s_add is not None:
+        s_add = s_add.astype(F32).reshape(S.shape)
+    h_in = _pass_states(plan, interpret, S, chunk_decays, s_add)
+    return h_in.reshape(st.batch, st.n_chunks, st.heads, st.headdim, st.d_state)
+
+
 def _fwd_impl(plan: Plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add):
     del seg_hi
     st = plan.st
@@ -349,15 +376,8 @@ def _fwd_impl(plan: Plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add
     y_dtype = x.dtype if plan.y_dtype is None else jnp.dtype(plan.y_dtype)
     cs, dtp = _cumsum(plan, interpret, decay, seg_lo)
     cb = kernel.chunk_cb(dict(C=C, B=B), st=st, **launch)
-    S = kernel.chunk_states(
-        dict(x=x, B=B, cs=cs, dtp=dtp, seg_lo=seg_lo), mode="fwd", st=st, **launch
-    )
-    S = S.reshape(st.batch, st.n_chunks, st.heads, size)
-    if s_add is not None:
-        s_add = s_add.astype(F32).reshape(S.shape)
     chunk_decays = chunk_decay(cs, seg_lo, st=st)
-    h_in = _pass_states(plan, interpret, S, chunk_decays, s_add)
-    h_in = h_in.reshape(st.batch, st.n_chunks, st.heads, st.headdim, st.d_state)
+    h_in = _chunk_entry_states(plan, interpret, x, B, cs, dtp, seg_lo, chunk_decays, s_add)
     inputs = dict(
         x=x, z=z, C=C, cb=cb, cs=cs, dtp=dtp, h_in=h_in, D=_f32(D), y_add=_f32(y_add), seg_lo=seg_lo
     )
@@ -378,7 +398,11 @@ def _ssd_fwd(plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add
     out, (h_in, y_pre) = _fwd_impl(
         plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add
     )
-    return out, (x, decay, B, C, D, z, seg_lo, seg_hi, h_in, y_pre)
+    # Without saved states the backward reruns their passing, which adds s_add: kept (an input,
+    # made in XLA from the (b, s, h, p, n) initial states; under a remat policy that does not
+    # save it, jax.checkpoint makes it again from those rather than keeping it).
+    kept = (h_in, None) if plan.save_states else (None, s_add)
+    return out, (x, decay, B, C, D, z, seg_lo, seg_hi, *kept, y_pre)
 
 
 def _gate_bwd(dy, z, y_pre, *, dtype):
@@ -391,7 +415,7 @@ def _gate_bwd(dy, z, y_pre, *, dtype):
 
 
 def _ssd_bwd(plan, interpret, res, cts):
-    x, decay, B, C, D, z, seg_lo, seg_hi, h_in, y_pre = res
+    x, decay, B, C, D, z, seg_lo, seg_hi, h_in, s_add, y_pre = res
     st, cfg = plan.st, plan.cfg
     launch = _launch(plan, interpret)
     dy, dh_ct = cts if plan.return_states else (cts, None)
@@ -410,6 +434,8 @@ def _ssd_bwd(plan, interpret, res, cts):
     if dh_ct is not None:
         dh = dh + dh_ct.astype(F32)
     chunk_decays = chunk_decay(cs, seg_lo, st=st)
+    if h_in is None:
+        h_in = _chunk_entry_states(plan, interpret, x, B, cs, dtp, seg_lo, chunk_decays, s_add)
     dS, ddecay = _pass_states_bwd(plan, interpret, dh, h_in.reshape(dh.shape), chunk_decays)
     dS = dS.reshape(h_in.shape)
     seg = dict(seg_lo=seg_lo, seg_hi=seg_hi)
