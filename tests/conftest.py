@@ -1,0 +1,35 @@
+"""Keeps the tests out of the user's persistent compilation cache.
+
+The trainer and the generate CLI turn on jax_packmamba's persistent XLA cache by default
+(jax_packmamba/compilation_cache.py), and a test that runs them in-process would turn it on for
+every later test in its worker, in ~/.cache/jax_packmamba/xla, shared with the other worker and
+any other process: a worker once crashed reading an entry there while others wrote. Each worker
+gets its own cache folder, and every test leaves jax's cache settings as it found them.
+"""
+
+import jax
+import pytest
+
+from jax_packmamba import compilation_cache
+
+CACHE_SETTINGS = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def worker_cache_folder(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(compilation_cache.ENV_VAR, str(tmp_path_factory.mktemp("xla_cache")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def restore_cache_settings():
+    before = {name: getattr(jax.config, name) for name in CACHE_SETTINGS}
+    yield
+    for name, value in before.items():
+        if getattr(jax.config, name) != value:
+            jax.config.update(name, value)
