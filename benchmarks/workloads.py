@@ -187,31 +187,13 @@ def batches_for(
         )
         out = []
         while b.consumed < n:
-            x = next(b)
-            out.append(
-                dict(
-                    arrays=x["arrays"],
-                    real=x["stats"]["real_tokens"],
-                    slots=x["stats"]["slots"],
-                    sequences=x["stats"]["sequences"],
-                    linked=x["stats"]["linked_documents"],
-                    longest_chain=x["stats"]["longest_chain"],
-                )
-            )
+            out.append(_record(next(b), linked="linked_documents", longest_chain="longest_chain"))
         return out
     if mode == "packed":
         b = Batcher(pieces, mode="packed", seq_len=seq_len, batch_size=rows, seed=seed, wrap=False)
         out = []
         while b.consumed < n or b.carry:
-            x = next(b)
-            out.append(
-                dict(
-                    arrays=x["arrays"],
-                    real=x["stats"]["real_tokens"],
-                    slots=x["stats"]["slots"],
-                    sequences=x["stats"]["sequences"],
-                )
-            )
+            out.append(_record(next(b)))
         return out
     if mode == "padded":
         b = Batcher(pieces, mode="padded", seq_len=seq_len, batch_size=rows, seed=seed)
@@ -279,20 +261,25 @@ def carried_batches(
         long_docs="link_across_steps",
         stream_groups=groups,
     )
-    out = []
-    for _ in range(steps):
-        x = next(b)
-        out.append(
-            dict(
-                arrays=x["arrays"],
-                real=x["stats"]["real_tokens"],
-                slots=x["stats"]["slots"],
-                sequences=x["stats"]["sequences"],
-                continuing=x["stats"]["continuing_rows"],
-                longest_document_rows=x["stats"]["longest_document_rows"],
-            )
+    return [
+        _record(
+            next(b), continuing="continuing_rows", longest_document_rows="longest_document_rows"
         )
-    return out
+        for _ in range(steps)
+    ]
+
+
+def _record(batch: dict, **stats) -> dict:
+    """A Batcher batch as the benchmarks keep it: {"arrays", "real", "slots", "sequences"} plus,
+    for each keyword, that name holding the batch's stats entry it names."""
+    s = batch["stats"]
+    return dict(
+        arrays=batch["arrays"],
+        real=s["real_tokens"],
+        slots=s["slots"],
+        sequences=s["sequences"],
+        **{name: s[key] for name, key in stats.items()},
+    )
 
 
 def packed_batch(*, rows: int, seq_len: int, seed: int = 0) -> dict:
