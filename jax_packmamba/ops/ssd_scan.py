@@ -131,8 +131,9 @@ def ssd_scan(
         document longer than a row; chains are consecutive rows). That run starts from the
         state row b - 1's last run ends in (its initial_states slot is not read), so outputs
         and gradients are those of the document as one sequence. continues[0] must be False.
-        Costs one contraction over time for the rows' end states, no second scan
-        (jax_packmamba/ops/links.py).
+        The kernels pass the state from row to row as from chunk to chunk (no second scan,
+        no extra kernel); the reference, and the kernels with initial_states, read the rows'
+        end states in one contraction over time (jax_packmamba/ops/links.py).
       first_run_states: optional (batch, heads, headdim, d_state): the state each row's first
         run (the one at t = 0) starts from where it does not continue the row before (zeros
         without it): a document's state carried from an earlier batch. Not with
@@ -214,12 +215,14 @@ def _run_impl(
     return_final_states,
     num_segments,
     first_run_states=None,
+    continues=None,
     *,
     save_chunk_states=True,
 ):
     """The scan; first_run_states (b, h, p, n), only without initial_states, and on the
     reference only without final states: each row's run at t = 0 starts from it, every other
-    run from zeros."""
+    run from zeros. continues (b,), False at row 0: the kernels only, without
+    initial_states."""
     if first_run_states is not None and impl == "reference":
         assert not return_final_states
         # The first run in slot 0 of three, the others from zeros.
@@ -247,6 +250,8 @@ def _run_impl(
 
         if first_run_states is not None:
             kwargs["first_run_states"] = first_run_states
+        if continues is not None:
+            kwargs["continues"] = continues
         return ssd_scan_pallas(
             *args,
             interpret=impl == "pallas_interpret",
@@ -274,16 +279,26 @@ def _continued(
     num_segments,
     first_run_states=None,
 ):
-    """Each row's first run from its own start (jax_packmamba/ops/links.py): with `continues`,
-    every row's last-run end state is read directly (`_last_run_end_states`, one contraction
-    over time, no scan), a pass over the rows chains them; then one scan runs with each row's
-    first run moved to a slot holding its start. Without `continues` (first_run_states only)
-    the given starts go straight into that one scan."""
+    """Each row's first run from its own start (jax_packmamba/ops/links.py). The kernels take
+    `continues` themselves (without initial_states): their state passing runs on from each row
+    into the next where it continues, as from chunk to chunk, and a continuing row's given start
+    is not read. Otherwise every row's last-run end state is read directly
+    (`_last_run_end_states`, one contraction over time, no scan), a pass over the rows chains
+    them, then one scan runs with each row's first run moved to a slot holding its start.
+    Without `continues` (first_run_states only) the given starts go straight into that one
+    scan."""
     x, dt, A, B = args[:4]
     batch, length, heads, headdim = x.shape
     d_state = B.shape[3]
-    seg = _ids(segment_ids, x)
     rows = jnp.arange(batch)
+    if continues is not None and impl != "reference" and initial_states is None:
+        continues = continues & (rows > 0)
+        if first_run_states is not None:
+            first_run_states = jnp.where(continues[:, None, None, None], 0.0, first_run_states)
+        return run(
+            segment_ids, None, return_final_states, num_segments, first_run_states, continues
+        )
+    seg = _ids(segment_ids, x)
     acc = accumulation_dtype(x)
     state_shape = (batch, heads, headdim, d_state)
     if first_run_states is not None:

@@ -65,6 +65,7 @@ def ssd_scan_pallas(
     chunk_size: int = 256,
     initial_states=None,
     first_run_states=None,
+    continues=None,
     return_final_states: bool = False,
     num_segments: int | None = None,
     interpret: bool = False,
@@ -74,9 +75,12 @@ def ssd_scan_pallas(
     """Same contract as jax_packmamba.ops.ssd_scan.ssd_scan (arguments validated there),
     except that first_run_states (b, h, p, n), the state each row's run at t = 0 starts from,
     is taken here only without initial_states (states.first_run_inputs: it touches chunk 0
-    only). `config` overrides the tiling heuristic (its chunk and blocks are
-    still fitted to the sequence). save_chunk_states=False: the backward recomputes the states
-    entering each chunk instead of keeping them from the forward (Plan.save_states)."""
+    only), and continues (b,) bool only without initial_states: row b's first run starts from
+    row b - 1's end state (continues[0] is not read), which the state passing hands across the
+    rows as across chunks (`_linked_rows`); first_run_states must be zero on continuing rows.
+    `config` overrides the tiling heuristic (its chunk and blocks are still fitted to the
+    sequence). save_chunk_states=False: the backward recomputes the states entering each chunk
+    instead of keeping them from the forward (Plan.save_states)."""
     batch, length, heads, headdim = x.shape
     groups, d_state = B.shape[2:]
     assert dt.shape == (batch, length, heads) and A.shape == (heads,), (dt.shape, A.shape)
@@ -99,6 +103,11 @@ def ssd_scan_pallas(
     if first_run_states is not None:
         assert initial_states is None
         initial_states = first_run_states[:, None]  # (b, 1, h, p, n): _entry reads it so
+    if continues is not None:
+        assert initial_states is None or first_run_states is not None
+        continues = continues & (jnp.arange(batch) > 0)  # nothing precedes row 0
+        if segment_ids is None:  # the links are read through the runs' bounds
+            segment_ids = jnp.zeros((batch, length), jnp.int32)
     decay = dict(dt=dt, A=A, bias=dt_bias)
     return _entry_jit(
         plan,
@@ -113,6 +122,7 @@ def ssd_scan_pallas(
         z,
         segment_ids,
         initial_states,
+        continues,
     )
 
 
@@ -177,13 +187,23 @@ def _entry(
     z,
     segment_ids,
     initial_states,
+    continues=None,
 ):
     """decay: dict(dt, A, bias) (Mamba2: dt' = softplus(dt + bias) if st.dt_softplus, log-decay
-    dt' A) or dict(log_decay, scale) (per token, as given)."""
+    dt' A) or dict(log_decay, scale) (per token, as given). continues (b,) bool, False at row 0,
+    with segment_ids."""
     st = plan.st
-    seg_lo = seg_hi = None
+    seg_lo = seg_hi = into_next = None
     if segment_ids is not None:
         seg_lo, seg_hi = segment_bounds(segment_ids, st.chunk, st.padded)
+    if continues is not None:
+        # A continuing row's first run enters chunk 0 from the row before, as a run enters a
+        # chunk from the one before: the kernels then read its start from h_in[:, 0].
+        t = jnp.arange(st.padded)
+        first_in_chunk0 = (t < st.chunk) & (seg_lo == 0)
+        seg_lo = jnp.where(continues[:, None] & first_in_chunk0, -1, seg_lo)
+        # Row b's end state passes into row b + 1 where that row continues.
+        into_next = jnp.concatenate([continues[1:], jnp.zeros((1,), bool)]).astype(F32)
     glue = y_add = s_add = None
     if (initial_states is not None and not first_run_only) or plan.return_states:
         glue = states.Glue.build(
@@ -196,7 +216,7 @@ def _entry(
     elif initial_states is not None:
         y_add = states.initial_state_outputs(glue, C, initial_states)
         s_add = states.initial_state_chunk_ends(glue, initial_states)
-    out = _ssd(plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add)
+    out = _ssd(plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add, into_next)
     if not plan.return_states:
         return out
     y, h_in = out
@@ -323,8 +343,39 @@ def chunk_decay(cs, seg_lo, *, st: kernel.Static):
     return jnp.where(entered[:, None, :], jnp.exp2(cs_end), 0.0)
 
 
-def _pass_states(plan, interpret, S, decay, s_add):
-    """h_in (b, c, h, p * n) from the chunk-end states S (b, c, h, p * n)."""
+def _scale_last_chunk(a, into_next):
+    """a (b, c, ...) with each row's last chunk times into_next (b,)."""
+    scale = into_next.reshape(-1, *([1] * (a.ndim - 2)))
+    return jnp.concatenate([a[:, :-1], a[:, -1:] * scale[:, None]], axis=1)
+
+
+def _linked_rows(plan: Plan, into_next, decay):
+    """The rows as one sequence of b * c chunks, for the state passing: (the plan of one row
+    of them, decay (1, h, b * c)), with row b's last chunk handing its end on to row b + 1's
+    first by into_next[b] (1 where row b + 1 continues, else 0). The chunk-end states handed
+    on are scaled the same (_scale_last_chunk), so that nothing else passes."""
+    st = plan.st
+    flat = dataclasses.replace(
+        plan, st=dataclasses.replace(st, batch=1, length=st.batch * st.padded)
+    )
+    decay = jnp.swapaxes(_scale_last_chunk(jnp.swapaxes(decay, 1, 2), into_next), 1, 2)
+    return flat, jnp.swapaxes(decay, 0, 1).reshape(1, st.heads, st.batch * st.n_chunks)
+
+
+def _as_one_row(a):
+    return a.reshape(1, a.shape[0] * a.shape[1], *a.shape[2:])
+
+
+def _pass_states(plan, interpret, S, decay, s_add, into_next=None):
+    """h_in (b, c, h, p * n) from the chunk-end states S (b, c, h, p * n); with into_next (b,),
+    across the rows too (_linked_rows)."""
+    if into_next is not None:
+        flat, flat_decay = _linked_rows(plan, into_next, decay)
+        S = _as_one_row(_scale_last_chunk(S, into_next))
+        if s_add is not None:
+            s_add = _as_one_row(_scale_last_chunk(s_add, into_next))
+        h_in = _pass_states(flat, interpret, S, flat_decay, s_add)
+        return h_in.reshape(plan.st.batch, plan.st.n_chunks, *h_in.shape[2:])
     st = plan.st
     if plan.cfg.state_passing == "pallas":
         return kernel.state_passing(
@@ -336,9 +387,20 @@ def _pass_states(plan, interpret, S, decay, s_add):
     return jnp.concatenate([jnp.zeros_like(h_end[:, :1]), h_end[:, :-1]], axis=1)
 
 
-def _pass_states_bwd(plan, interpret, dh, h_in, decay):
+def _pass_states_bwd(plan, interpret, dh, h_in, decay, into_next=None):
     """(dS, ddecay): dS[c] = G[c + 1] with G[c] = dh[c] + decay[c] G[c + 1] (G[n_chunks] = 0),
-    ddecay (b, h, c) = <G[c + 1], h_in[c]>."""
+    ddecay (b, h, c) = <G[c + 1], h_in[c]>; with into_next, across the rows too."""
+    if into_next is not None:
+        st = plan.st
+        flat, flat_decay = _linked_rows(plan, into_next, decay)
+        dS, ddecay = _pass_states_bwd(
+            flat, interpret, _as_one_row(dh), _as_one_row(h_in), flat_decay
+        )
+        # The gradients of the scaled last chunks' S and decay, back to the rows'.
+        dS = _scale_last_chunk(dS.reshape(dh.shape), into_next)
+        ddecay = jnp.swapaxes(ddecay.reshape(st.heads, st.batch, st.n_chunks), 0, 1)
+        ddecay = jnp.swapaxes(_scale_last_chunk(jnp.swapaxes(ddecay, 1, 2), into_next), 1, 2)
+        return dS, ddecay
     st = plan.st
     if plan.cfg.state_passing == "pallas":
         dS, ddecay = kernel.state_passing(
@@ -351,7 +413,9 @@ def _pass_states_bwd(plan, interpret, dh, h_in, decay):
     return dS, jnp.swapaxes(jnp.sum(dS * h_in, axis=-1), 1, 2)
 
 
-def _chunk_entry_states(plan: Plan, interpret, x, B, cs, dtp, seg_lo, chunk_decays, s_add):
+def _chunk_entry_states(
+    plan: Plan, interpret, x, B, cs, dtp, seg_lo, chunk_decays, s_add, into_next
+):
     """h_in (b, c, h, p, n) float32: each chunk's own end state (the chunk-state kernel), passed
     across chunks. The forward's, and the backward's where the plan does not save it."""
     st = plan.st
@@ -364,11 +428,11 @@ def _chunk_entry_states(plan: Plan, interpret, x, B, cs, dtp, seg_lo, chunk_deca
     S = S.reshape(st.batch, st.n_chunks, st.heads, st.headdim * st.d_state)
     if s_add is not None:
         s_add = s_add.astype(F32).reshape(S.shape)
-    h_in = _pass_states(plan, interpret, S, chunk_decays, s_add)
+    h_in = _pass_states(plan, interpret, S, chunk_decays, s_add, into_next)
     return h_in.reshape(st.batch, st.n_chunks, st.heads, st.headdim, st.d_state)
 
 
-def _fwd_impl(plan: Plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add):
+def _fwd_impl(plan: Plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add, into_next):
     del seg_hi
     st = plan.st
     launch = _launch(plan, interpret)
@@ -377,7 +441,9 @@ def _fwd_impl(plan: Plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add
     cs, dtp = _cumsum(plan, interpret, decay, seg_lo)
     cb = kernel.chunk_cb(dict(C=C, B=B), st=st, **launch)
     chunk_decays = chunk_decay(cs, seg_lo, st=st)
-    h_in = _chunk_entry_states(plan, interpret, x, B, cs, dtp, seg_lo, chunk_decays, s_add)
+    h_in = _chunk_entry_states(
+        plan, interpret, x, B, cs, dtp, seg_lo, chunk_decays, s_add, into_next
+    )
     inputs = dict(
         x=x, z=z, C=C, cb=cb, cs=cs, dtp=dtp, h_in=h_in, D=_f32(D), y_add=_f32(y_add), seg_lo=seg_lo
     )
@@ -390,19 +456,23 @@ def _fwd_impl(plan: Plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _ssd(plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add):
-    return _fwd_impl(plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add)[0]
+def _ssd(plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add, into_next):
+    """into_next (b,) float32 or None: row b's end state passes into row b + 1 by that factor
+    (_entry; no gradient)."""
+    return _fwd_impl(
+        plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add, into_next
+    )[0]
 
 
-def _ssd_fwd(plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add):
+def _ssd_fwd(plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add, into_next):
     out, (h_in, y_pre) = _fwd_impl(
-        plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add
+        plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add, into_next
     )
     # Without saved states the backward reruns their passing, which adds s_add: kept (an input,
     # made in XLA from the (b, s, h, p, n) initial states; under a remat policy that does not
     # save it, jax.checkpoint makes it again from those rather than keeping it).
     kept = (h_in, None) if plan.save_states else (None, s_add)
-    return out, (x, decay, B, C, D, z, seg_lo, seg_hi, *kept, y_pre)
+    return out, (x, decay, B, C, D, z, seg_lo, seg_hi, *kept, y_pre, into_next)
 
 
 def _gate_bwd(dy, z, y_pre, *, dtype):
@@ -415,7 +485,7 @@ def _gate_bwd(dy, z, y_pre, *, dtype):
 
 
 def _ssd_bwd(plan, interpret, res, cts):
-    x, decay, B, C, D, z, seg_lo, seg_hi, h_in, s_add, y_pre = res
+    x, decay, B, C, D, z, seg_lo, seg_hi, h_in, s_add, y_pre, into_next = res
     st, cfg = plan.st, plan.cfg
     launch = _launch(plan, interpret)
     dy, dh_ct = cts if plan.return_states else (cts, None)
@@ -435,8 +505,12 @@ def _ssd_bwd(plan, interpret, res, cts):
         dh = dh + dh_ct.astype(F32)
     chunk_decays = chunk_decay(cs, seg_lo, st=st)
     if h_in is None:
-        h_in = _chunk_entry_states(plan, interpret, x, B, cs, dtp, seg_lo, chunk_decays, s_add)
-    dS, ddecay = _pass_states_bwd(plan, interpret, dh, h_in.reshape(dh.shape), chunk_decays)
+        h_in = _chunk_entry_states(
+            plan, interpret, x, B, cs, dtp, seg_lo, chunk_decays, s_add, into_next
+        )
+    dS, ddecay = _pass_states_bwd(
+        plan, interpret, dh, h_in.reshape(dh.shape), chunk_decays, into_next
+    )
     dS = dS.reshape(h_in.shape)
     seg = dict(seg_lo=seg_lo, seg_hi=seg_hi)
     dx, ddt_x, dcs_state, dD_part = kernel_bwd.bwd_dx(
@@ -483,7 +557,7 @@ def _ssd_bwd(plan, interpret, res, cts):
     # The gradients of the kernels' additive inputs (states.py makes them from initial states).
     d_y_add = dyp.astype(F32) if plan.has_init else None
     d_s_add = dS if plan.has_init else None
-    return dx, d_decay, dB, dC, dD, dz, None, None, d_y_add, d_s_add
+    return dx, d_decay, dB, dC, dD, dz, None, None, d_y_add, d_s_add, None
 
 
 def _cumsum_bwd(plan, interpret, decay, dcs, ddt_x, seg):
