@@ -58,13 +58,6 @@ TINY_TRAIN = [
 ]
 
 
-def vjp_with_random_cotangents(f, primals, seed=11):
-    out, vjp = jax.vjp(f, *primals)
-    leaves, tree = jax.tree.flatten(out)
-    cts = [normal(seed + i, o.shape).astype(o.dtype) for i, o in enumerate(leaves)]
-    return out, vjp(jax.tree.unflatten(tree, cts)), cts
-
-
 def mamba1_args(batch, length, d_inner=32, d_state=4, seed=0):
     return dict(
         u=normal(seed, (batch, length, d_inner)),
@@ -898,7 +891,27 @@ def test_state_carried_into_the_next_batch_equals_one_batch(family, impl, stream
         assert not np.array_equal(y_zero[0], y_one[h])
 
 
-def test_trainer_carries_documents_across_steps_and_resumes_exactly(tmp_path, capsys):
+# The link_across_steps trainer run that both the resume test and the two-device test compare
+# against: 4 steps of 2 micro-batches, a checkpoint every 2. Tests copy it, never write into it.
+ACROSS_STEPS_TRAIN = TINY_TRAIN + [
+    "--run.checkpoint_every=2",
+    "--run.steps=4",
+    "--data.long_docs=link_across_steps",
+]
+
+
+@pytest.fixture(scope="module")
+def across_steps_run(tmp_path_factory):
+    from train.__main__ import main
+
+    out = tmp_path_factory.mktemp("across_steps") / "straight"
+    assert main(ACROSS_STEPS_TRAIN + [f"--run.out_dir={out}"]) == 0
+    return out
+
+
+def test_trainer_carries_documents_across_steps_and_resumes_exactly(
+    tmp_path, capsys, across_steps_run
+):
     """--data.long_docs=link_across_steps (2 micro-batches a step): 4 steps straight, and 2
     steps, a checkpoint, a resume and 2 more, give the same losses and parameters bit for bit,
     with documents going on over every micro-batch and step edge (stdlib files are longer than
@@ -916,8 +929,7 @@ def test_trainer_carries_documents_across_steps_and_resumes_exactly(tmp_path, ca
         folder = out / "models" / "4"
         return {f.name: f.read_bytes() for f in sorted(folder.iterdir()) if f.is_file()}
 
-    straight, link = tmp_path / "straight", tmp_path / "link"
-    assert main(tiny + ["--data.long_docs=link_across_steps", f"--run.out_dir={straight}"]) == 0
+    straight, link = across_steps_run, tmp_path / "link"
     assert main(tiny + ["--data.long_docs=link", "--run.steps=2", f"--run.out_dir={link}"]) == 0
     # link cuts at every micro-batch edge (its rest starts from zeros): already in step 1.
     assert all(a != b for a, b in zip(losses(straight), losses(link)))
@@ -1162,24 +1174,20 @@ def test_carried_state_is_sharded_as_the_batch_rows():
     assert carry["next_group"].shape == () and specs["next_group"].spec == P()
 
 
-def test_carried_rows_over_two_devices_match_one_device(tmp_path):
+def test_carried_rows_over_two_devices_match_one_device(tmp_path, across_steps_run):
     """link_across_steps under the SPMD partitioner with the rows over two devices (each holds
-    its rows' carried states): 3 steps of 2 micro-batches give the one-device losses."""
+    its rows' carried states): 4 steps of 2 micro-batches give the one-device run's losses."""
     from tests.test_train import finish, losses, run_cli
-    from train.__main__ import main
 
-    args = TINY_TRAIN + [
-        "--data.long_docs=link_across_steps",
+    args = ACROSS_STEPS_TRAIN + [
         "--run.plot=false",
         "--run.tensorboard=false",
         "--run.compilation_cache=false",
-        "--run.steps=3",
     ]
     two = finish(run_cli(args + ["--mesh.data=2", f"--run.out_dir={tmp_path / 'two'}"], devices=2))
     assert "2 x cpu" in two and "mesh data=2 fsdp=1" in two
-    assert main(args + [f"--run.out_dir={tmp_path / 'one'}"]) == 0
-    a, b = losses(tmp_path / "two"), losses(tmp_path / "one")
-    assert sorted(a) == sorted(b) == [1, 2, 3]
+    a, b = losses(tmp_path / "two"), losses(across_steps_run)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     np.testing.assert_allclose([a[k] for k in b], [b[k] for k in b], rtol=2e-5)
 
 
@@ -1216,9 +1224,10 @@ def test_ssd_kernel_first_run_states_match_the_reference(family):
         return g
 
     primals = [*args.values(), start]
-    out, grads, cts = vjp_with_random_cotangents(f("pallas_interpret"), primals)
-    out_ref, vjp_ref = jax.vjp(f("reference"), *primals)
-    grads_ref = vjp_ref(tuple(cts))
+    shapes = jax.eval_shape(f("reference"), *primals)
+    cts = tuple(normal(11 + i, o.shape).astype(o.dtype) for i, o in enumerate(shapes))
+    out, grads = compiled_vjp(("first_run", family), f("pallas_interpret"), primals, cts)
+    out_ref, grads_ref = compiled_vjp(("first_run_ref", family), f("reference"), primals, cts)
     errs = {"y": rel_err(out[0], out_ref[0]), "final": rel_err(out[1], out_ref[1])}
     errs.update({"d" + n: rel_err(g, r) for n, g, r in zip(names, grads, grads_ref)})
     print({k: f"{v:.1e}" for k, v in errs.items()})
