@@ -35,6 +35,12 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr("pallas_kernels.selective_scan.vjp.pick_config", lambda *a: EDGE_CONFIG)
 
 
+def jit_once(key, fn):
+    """jax.jit(fn) for tests that call it on the same shapes: compiled once per key and shapes
+    at CPU's fast compile (tests/compiled.py). key names what fn closes over."""
+    return lambda *args: compiled(key, fn, *args)(*args)
+
+
 def normal(seed, shape, scale=1.0):
     """Normals drawn on the host (no device compile per shape, as eager jax.random has)."""
     x = scale * np.random.default_rng(seed).standard_normal(shape)
@@ -576,7 +582,10 @@ def test_carried_step_gets_each_document_whole_and_rows_are_isolated(family):
     arrays = next(batcher)["arrays"]
     assert arrays["continues"][..., 0].T.astype(int).tolist() == ROWS_CONTINUES
     rebuilt = row_streams([arrays], 3)
-    carried = jax.jit(lambda p, mb, c: step_lib.carried_losses(graph, p, mb, c, chunk_tokens=16))
+    carried = jit_once(
+        ("carried_losses", family),
+        lambda p, mb, c: step_lib.carried_losses(graph, p, mb, c, chunk_tokens=16),
+    )
 
     def per_row(arrays):
         """Each row's summed loss over the micro-batches (others masked out), and the carry."""
@@ -595,8 +604,9 @@ def test_carried_step_gets_each_document_whole_and_rows_are_isolated(family):
     losses, carry = per_row(arrays)
     # A document alone: one row of 24, padding first (its own run), so every document is one
     # compiled shape and is the row's last run (whose end state the call returns).
-    alone_call = jax.jit(
-        lambda *a: nnx.merge(graph, params).cross_entropy(*a, return_end_state=True)
+    alone_call = jit_once(
+        ("rows_alone", family),
+        lambda *a: nnx.merge(graph, params).cross_entropy(*a, return_end_state=True),
     )
 
     def alone_run(tokens, targets, mask):
@@ -619,8 +629,9 @@ def test_carried_step_gets_each_document_whole_and_rows_are_isolated(family):
         return  # what follows is the step's own code, the same for both families
     # sum_grads_carried: the same loss and carry in one scan over the micro-batches.
     batch = {k: jnp.asarray(v) for k, v in arrays.items()}
-    _, ce_sum, count, end_carry = jax.jit(
-        lambda p, b, c: step_lib.sum_grads_carried(graph, p, b, c, chunk_tokens=16)
+    _, ce_sum, count, end_carry = jit_once(
+        ("rows_sum", family),
+        lambda p, b, c: step_lib.sum_grads_carried(graph, p, b, c, chunk_tokens=16),
     )(params, batch, step_lib.init_carry(config, 3))
     assert abs(float(ce_sum) - losses.sum()) <= 1e-5 * losses.sum()
     assert int(count) == int(arrays["loss_mask"].sum())
@@ -667,8 +678,9 @@ def test_carried_step_with_stream_groups_serves_one_group_at_a_time():
     flags = arrays["continues"][..., 0].astype(int).tolist()
     assert flags == [[0, 0], [0, 0], [1, 1], [1, 1]]
     rebuilt = row_streams([arrays], 2, groups=2)  # streams g * 2 + r
-    step = jax.jit(
-        lambda p, mb, c: step_lib.grouped_carried_losses(graph, p, mb, c, chunk_tokens=16)
+    step = jit_once(
+        "groups_step",
+        lambda p, mb, c: step_lib.grouped_carried_losses(graph, p, mb, c, chunk_tokens=16),
     )
     zero = jax.device_get(step_lib.init_carry(config, 2, groups=2))
     assert zero["ssm"].shape[:3] == (2, config.n_layer, 2) and int(zero["next_group"]) == 0
@@ -688,8 +700,8 @@ def test_carried_step_with_stream_groups_serves_one_group_at_a_time():
                 assert not np.array_equal(new[k][a % 2], carry[k][a % 2])
             carry, total = new, total + float(ce)
         losses.append(total)
-    alone_call = jax.jit(
-        lambda *a: nnx.merge(graph, params).cross_entropy(*a, return_end_state=True)
+    alone_call = jit_once(
+        "groups_alone", lambda *a: nnx.merge(graph, params).cross_entropy(*a, return_end_state=True)
     )
     for stream, row in enumerate(rebuilt):
         g, r = divmod(stream, 2)
@@ -703,8 +715,8 @@ def test_carried_step_with_stream_groups_serves_one_group_at_a_time():
         assert abs(losses[stream] - alone) <= 1e-5 * abs(alone), (stream, losses, alone)
         for k, v in end._asdict().items():  # the carry was the same for every stream's pass
             assert rel_err(carry[k][g, :, r], v[:, 0]) < 1e-5, (stream, k)
-    _, ce_sum, count, end_carry = jax.jit(
-        lambda p, b, c: step_lib.sum_grads_carried(graph, p, b, c, chunk_tokens=16)
+    _, ce_sum, count, end_carry = jit_once(
+        "groups_sum", lambda p, b, c: step_lib.sum_grads_carried(graph, p, b, c, chunk_tokens=16)
     )(params, arrays, zero)
     assert abs(float(ce_sum) - sum(losses)) <= 1e-5 * sum(losses)
     assert int(count) == int(arrays["loss_mask"].sum()) and int(end_carry["next_group"]) == 0
