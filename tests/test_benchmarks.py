@@ -438,19 +438,14 @@ def smoke_bench_generate(out, data):
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
-def smoke_bench_generate_mamba2(out, data):
+def smoke_bench_generate_mamba2_bf16state(out, data):
+    # A Mamba2 preset with the top-p prefilter K and --state-dtype bfloat16 in one run: both
+    # recorded, and the files named apart from the float32 ones.
     assert data["preset"] == "mamba2-tiny" and list(data["settings"]) == ["fast"]
     assert data["prefilter"] == 8
-    ours = data["settings"]["fast"]["ours"]
-    assert ours["decode_impl"] == "xla" and ours["config"]["headdim"] == 16  # a Mamba2Config
-    (row,) = ours["rows"]
-    assert row["batch"] == 1 and row["decode_ms_per_step"] > 0
-
-
-def smoke_bench_generate_bf16state(out, data):
-    # --state-dtype bfloat16: recorded, and the files named apart from the float32 ones.
     assert out.name == "generate_cpu_bf16state_smoke.json" and data["state_dtype"] == "bfloat16"
     ours = data["settings"]["fast"]["ours"]
+    assert ours["config"]["headdim"] == 16  # a Mamba2Config
     assert ours["state_dtype"] == "bfloat16" and ours["decode_impl"] == "pallas_interpret"
     (row,) = ours["rows"]
     assert row["batch"] == 1 and row["decode_ms_per_step"] > 0
@@ -645,7 +640,7 @@ SMOKES = {
         smoke_bench_generate,
         True,
     ),
-    "bench_generate_mamba2": (
+    "bench_generate_mamba2_bf16state": (
         "bench_generate",
         lambda d: [
             "--smoke",
@@ -657,23 +652,6 @@ SMOKES = {
             "1",
             "--prefilter",
             "8",
-            "--out",
-            d,
-        ],
-        "generate_cpu_smoke.json",
-        smoke_bench_generate_mamba2,
-        True,
-    ),
-    "bench_generate_bf16state": (
-        "bench_generate",
-        lambda d: [
-            "--smoke",
-            "--preset",
-            "mamba2-tiny",
-            "--settings",
-            "fast",
-            "--batches",
-            "1",
             "--state-dtype",
             "bfloat16",
             "--decode-impl",
@@ -682,7 +660,7 @@ SMOKES = {
             d,
         ],
         "generate_cpu_bf16state_smoke.json",
-        smoke_bench_generate_bf16state,
+        smoke_bench_generate_mamba2_bf16state,
         True,
     ),
     "bench_generate_profile": (

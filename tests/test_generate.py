@@ -29,6 +29,7 @@ from jax_packmamba.generation import (
     stream,
 )
 from jax_packmamba.sampling import SamplingConfig
+from tests.compiled import compiled
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parity"
 # Lengths around d_conv - 1 = 3 (a shorter prompt's conv window holds zeros) and past a scan
@@ -57,7 +58,12 @@ def last_logits(model, seq, length=128):
     model is causal, so what follows seq does not matter) to compile once."""
     ids = np.zeros((1, length), np.int32)
     ids[0, : len(seq)] = seq
-    return model(jnp.asarray(ids))[0, len(seq) - 1]
+    graphdef, params = nnx.split(model)
+
+    def forward(params, ids):
+        return nnx.merge(graphdef, params)(ids)
+
+    return compiled(("last_logits", graphdef), forward, params, ids)(params, ids)[0, len(seq) - 1]
 
 
 def stacked(prefilled):
@@ -118,12 +124,12 @@ def test_bfloat16_prepared_model_matches_the_model_forward():
     prompts = prompts_of((5, 12), model.config.vocab_size, seed=6)
     logits, state = prefill(prepared, prompts)
     for i, p in enumerate(prompts):
-        expected = model(jnp.asarray(p[None]))[0, -1].astype(jnp.float32)
+        expected = last_logits(model, p).astype(jnp.float32)
         np.testing.assert_allclose(logits[i], expected, rtol=0, atol=0.04)  # reached: 0.016
     # One step in bfloat16 against the forward over the prompt plus that token.
     step_logits, _ = step(prepared, jnp.asarray([3, 4]), state)
     for i, p in enumerate(prompts):
-        expected = model(jnp.asarray(np.append(p, 3 + i)[None]))[0, -1].astype(jnp.float32)
+        expected = last_logits(model, np.append(p, 3 + i)).astype(jnp.float32)
         np.testing.assert_allclose(step_logits[i], expected, rtol=0, atol=0.04)  # reached: 0.013
     # The default stores the table once, in bfloat16 (as mamba_ssm does): the residual stream
     # starts from rounded embeddings, which moves these logits (|logit| <= 5.3) by up to 0.09.

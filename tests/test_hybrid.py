@@ -21,6 +21,7 @@ from jax_packmamba.hybrid import KVCache, pad_kv_cache
 from jax_packmamba.model import LM
 from jax_packmamba.pretrained import pair_layers
 from tests import hf_hybrid_loop
+from tests.compiled import compiled
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parity"
 HYBRID_FIXTURES = ["bamba", "bamba_tied", "nemotron_h", "nemotron_h_small"]
@@ -58,15 +59,24 @@ def reference(name):
     return [(ref[f"ids_{i}"], ref[f"logits_{i}"]) for i in range(n)]
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def forward(graphdef, params, ids, seg):
-    return nnx.merge(graphdef, params)(ids, seg)
+    """The model's logits, compiled once per graphdef and shapes (tests/compiled.py)."""
+
+    def run(params, ids, seg):
+        return nnx.merge(graphdef, params)(ids, seg)
+
+    return compiled(("hybrid_forward", graphdef), run, params, ids, seg)(params, ids, seg)
 
 
 def logits_and_grads(model, ids, seg, cotangent):
     graphdef, params = nnx.split(model)
-    logits, vjp = jax.vjp(lambda p: forward(graphdef, p, ids, seg), params)
-    return logits, vjp(cotangent)[0]
+
+    def run(params, ids, seg, cotangent):
+        logits, vjp = jax.vjp(lambda p: nnx.merge(graphdef, p)(ids, seg), params)
+        return logits, vjp(cotangent)[0]
+
+    args = (params, ids, seg, cotangent)
+    return compiled(("hybrid_vjp", graphdef), run, *args)(*args)
 
 
 def packed_row(rng):

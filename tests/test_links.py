@@ -35,6 +35,12 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr("pallas_kernels.selective_scan.vjp.pick_config", lambda *a: EDGE_CONFIG)
 
 
+def jit_once(key, fn):
+    """jax.jit(fn) for tests that call it on the same shapes: compiled once per key and shapes
+    at CPU's fast compile (tests/compiled.py). key names what fn closes over."""
+    return lambda *args: compiled(key, fn, *args)(*args)
+
+
 def normal(seed, shape, scale=1.0):
     """Normals drawn on the host (no device compile per shape, as eager jax.random has)."""
     x = scale * np.random.default_rng(seed).standard_normal(shape)
@@ -56,13 +62,6 @@ TINY_TRAIN = [
     "--optim.lr=1e-2",
     "--run.progress=false",
 ]
-
-
-def vjp_with_random_cotangents(f, primals, seed=11):
-    out, vjp = jax.vjp(f, *primals)
-    leaves, tree = jax.tree.flatten(out)
-    cts = [normal(seed + i, o.shape).astype(o.dtype) for i, o in enumerate(leaves)]
-    return out, vjp(jax.tree.unflatten(tree, cts)), cts
 
 
 def mamba1_args(batch, length, d_inner=32, d_state=4, seed=0):
@@ -583,7 +582,10 @@ def test_carried_step_gets_each_document_whole_and_rows_are_isolated(family):
     arrays = next(batcher)["arrays"]
     assert arrays["continues"][..., 0].T.astype(int).tolist() == ROWS_CONTINUES
     rebuilt = row_streams([arrays], 3)
-    carried = jax.jit(lambda p, mb, c: step_lib.carried_losses(graph, p, mb, c, chunk_tokens=16))
+    carried = jit_once(
+        ("carried_losses", family),
+        lambda p, mb, c: step_lib.carried_losses(graph, p, mb, c, chunk_tokens=16),
+    )
 
     def per_row(arrays):
         """Each row's summed loss over the micro-batches (others masked out), and the carry."""
@@ -602,8 +604,9 @@ def test_carried_step_gets_each_document_whole_and_rows_are_isolated(family):
     losses, carry = per_row(arrays)
     # A document alone: one row of 24, padding first (its own run), so every document is one
     # compiled shape and is the row's last run (whose end state the call returns).
-    alone_call = jax.jit(
-        lambda *a: nnx.merge(graph, params).cross_entropy(*a, return_end_state=True)
+    alone_call = jit_once(
+        ("rows_alone", family),
+        lambda *a: nnx.merge(graph, params).cross_entropy(*a, return_end_state=True),
     )
 
     def alone_run(tokens, targets, mask):
@@ -626,8 +629,9 @@ def test_carried_step_gets_each_document_whole_and_rows_are_isolated(family):
         return  # what follows is the step's own code, the same for both families
     # sum_grads_carried: the same loss and carry in one scan over the micro-batches.
     batch = {k: jnp.asarray(v) for k, v in arrays.items()}
-    _, ce_sum, count, end_carry = jax.jit(
-        lambda p, b, c: step_lib.sum_grads_carried(graph, p, b, c, chunk_tokens=16)
+    _, ce_sum, count, end_carry = jit_once(
+        ("rows_sum", family),
+        lambda p, b, c: step_lib.sum_grads_carried(graph, p, b, c, chunk_tokens=16),
     )(params, batch, step_lib.init_carry(config, 3))
     assert abs(float(ce_sum) - losses.sum()) <= 1e-5 * losses.sum()
     assert int(count) == int(arrays["loss_mask"].sum())
@@ -674,8 +678,9 @@ def test_carried_step_with_stream_groups_serves_one_group_at_a_time():
     flags = arrays["continues"][..., 0].astype(int).tolist()
     assert flags == [[0, 0], [0, 0], [1, 1], [1, 1]]
     rebuilt = row_streams([arrays], 2, groups=2)  # streams g * 2 + r
-    step = jax.jit(
-        lambda p, mb, c: step_lib.grouped_carried_losses(graph, p, mb, c, chunk_tokens=16)
+    step = jit_once(
+        "groups_step",
+        lambda p, mb, c: step_lib.grouped_carried_losses(graph, p, mb, c, chunk_tokens=16),
     )
     zero = jax.device_get(step_lib.init_carry(config, 2, groups=2))
     assert zero["ssm"].shape[:3] == (2, config.n_layer, 2) and int(zero["next_group"]) == 0
@@ -695,8 +700,8 @@ def test_carried_step_with_stream_groups_serves_one_group_at_a_time():
                 assert not np.array_equal(new[k][a % 2], carry[k][a % 2])
             carry, total = new, total + float(ce)
         losses.append(total)
-    alone_call = jax.jit(
-        lambda *a: nnx.merge(graph, params).cross_entropy(*a, return_end_state=True)
+    alone_call = jit_once(
+        "groups_alone", lambda *a: nnx.merge(graph, params).cross_entropy(*a, return_end_state=True)
     )
     for stream, row in enumerate(rebuilt):
         g, r = divmod(stream, 2)
@@ -710,8 +715,8 @@ def test_carried_step_with_stream_groups_serves_one_group_at_a_time():
         assert abs(losses[stream] - alone) <= 1e-5 * abs(alone), (stream, losses, alone)
         for k, v in end._asdict().items():  # the carry was the same for every stream's pass
             assert rel_err(carry[k][g, :, r], v[:, 0]) < 1e-5, (stream, k)
-    _, ce_sum, count, end_carry = jax.jit(
-        lambda p, b, c: step_lib.sum_grads_carried(graph, p, b, c, chunk_tokens=16)
+    _, ce_sum, count, end_carry = jit_once(
+        "groups_sum", lambda p, b, c: step_lib.sum_grads_carried(graph, p, b, c, chunk_tokens=16)
     )(params, arrays, zero)
     assert abs(float(ce_sum) - sum(losses)) <= 1e-5 * sum(losses)
     assert int(count) == int(arrays["loss_mask"].sum()) and int(end_carry["next_group"]) == 0
@@ -899,7 +904,27 @@ def test_state_carried_into_the_next_batch_equals_one_batch(family, impl, stream
         assert not np.array_equal(y_zero[0], y_one[h])
 
 
-def test_trainer_carries_documents_across_steps_and_resumes_exactly(tmp_path, capsys):
+# The link_across_steps trainer run that both the resume test and the two-device test compare
+# against: 4 steps of 2 micro-batches, a checkpoint every 2. Tests copy it, never write into it.
+ACROSS_STEPS_TRAIN = TINY_TRAIN + [
+    "--run.checkpoint_every=2",
+    "--run.steps=4",
+    "--data.long_docs=link_across_steps",
+]
+
+
+@pytest.fixture(scope="module")
+def across_steps_run(tmp_path_factory):
+    from train.__main__ import main
+
+    out = tmp_path_factory.mktemp("across_steps") / "straight"
+    assert main(ACROSS_STEPS_TRAIN + [f"--run.out_dir={out}"]) == 0
+    return out
+
+
+def test_trainer_carries_documents_across_steps_and_resumes_exactly(
+    tmp_path, capsys, across_steps_run
+):
     """--data.long_docs=link_across_steps (2 micro-batches a step): 4 steps straight, and 2
     steps, a checkpoint, a resume and 2 more, give the same losses and parameters bit for bit,
     with documents going on over every micro-batch and step edge (stdlib files are longer than
@@ -917,8 +942,7 @@ def test_trainer_carries_documents_across_steps_and_resumes_exactly(tmp_path, ca
         folder = out / "models" / "4"
         return {f.name: f.read_bytes() for f in sorted(folder.iterdir()) if f.is_file()}
 
-    straight, link = tmp_path / "straight", tmp_path / "link"
-    assert main(tiny + ["--data.long_docs=link_across_steps", f"--run.out_dir={straight}"]) == 0
+    straight, link = across_steps_run, tmp_path / "link"
     assert main(tiny + ["--data.long_docs=link", "--run.steps=2", f"--run.out_dir={link}"]) == 0
     # link cuts at every micro-batch edge (its rest starts from zeros): already in step 1.
     assert all(a != b for a, b in zip(losses(straight), losses(link)))
@@ -1163,24 +1187,20 @@ def test_carried_state_is_sharded_as_the_batch_rows():
     assert carry["next_group"].shape == () and specs["next_group"].spec == P()
 
 
-def test_carried_rows_over_two_devices_match_one_device(tmp_path):
+def test_carried_rows_over_two_devices_match_one_device(tmp_path, across_steps_run):
     """link_across_steps under the SPMD partitioner with the rows over two devices (each holds
-    its rows' carried states): 3 steps of 2 micro-batches give the one-device losses."""
+    its rows' carried states): 4 steps of 2 micro-batches give the one-device run's losses."""
     from tests.test_train import finish, losses, run_cli
-    from train.__main__ import main
 
-    args = TINY_TRAIN + [
-        "--data.long_docs=link_across_steps",
+    args = ACROSS_STEPS_TRAIN + [
         "--run.plot=false",
         "--run.tensorboard=false",
         "--run.compilation_cache=false",
-        "--run.steps=3",
     ]
     two = finish(run_cli(args + ["--mesh.data=2", f"--run.out_dir={tmp_path / 'two'}"], devices=2))
     assert "2 x cpu" in two and "mesh data=2 fsdp=1" in two
-    assert main(args + [f"--run.out_dir={tmp_path / 'one'}"]) == 0
-    a, b = losses(tmp_path / "two"), losses(tmp_path / "one")
-    assert sorted(a) == sorted(b) == [1, 2, 3]
+    a, b = losses(tmp_path / "two"), losses(across_steps_run)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     np.testing.assert_allclose([a[k] for k in b], [b[k] for k in b], rtol=2e-5)
 
 
@@ -1217,9 +1237,10 @@ def test_ssd_kernel_first_run_states_match_the_reference(family):
         return g
 
     primals = [*args.values(), start]
-    out, grads, cts = vjp_with_random_cotangents(f("pallas_interpret"), primals)
-    out_ref, vjp_ref = jax.vjp(f("reference"), *primals)
-    grads_ref = vjp_ref(tuple(cts))
+    shapes = jax.eval_shape(f("reference"), *primals)
+    cts = tuple(normal(11 + i, o.shape).astype(o.dtype) for i, o in enumerate(shapes))
+    out, grads = compiled_vjp(("first_run", family), f("pallas_interpret"), primals, cts)
+    out_ref, grads_ref = compiled_vjp(("first_run_ref", family), f("reference"), primals, cts)
     errs = {"y": rel_err(out[0], out_ref[0]), "final": rel_err(out[1], out_ref[1])}
     errs.update({"d" + n: rel_err(g, r) for n, g, r in zip(names, grads, grads_ref)})
     print({k: f"{v:.1e}" for k, v in errs.items()})

@@ -13,6 +13,7 @@ from flax import nnx
 import jax_packmamba as jp
 from jax_packmamba.config import HybridConfig
 from jax_packmamba.loss import chunked_cross_entropy, masked_cross_entropy
+from tests.compiled import compiled
 from train import data as data_lib
 from train import step as step_lib
 
@@ -50,7 +51,10 @@ def value_and_grads(loss, hidden, weight, targets, mask, ct):
     return (value, *vjp(ct.astype(value.dtype)))
 
 
-value_and_grads_jit = jax.jit(value_and_grads, static_argnums=0)
+def value_and_grads_jit(loss, *args):
+    """value_and_grads for `loss` (a new closure each test), compiled at CPU's fast compile."""
+    run = functools.partial(value_and_grads, loss)
+    return compiled(("value_and_grads", loss), run, *args)(*args)
 
 
 def float64_loop(hidden, weight, targets, mask, ct):
@@ -254,8 +258,10 @@ def test_model_cross_entropy_matches_full_logits(name):
     def full(p):
         return masked_cross_entropy(nnx.merge(graphdef, p)(tokens, seg), targets, mask)
 
-    (ce, n), g = jax.jit(jax.value_and_grad(fused, has_aux=True))(params)
-    (ce_ref, n_ref), g_ref = jax.jit(jax.value_and_grad(full, has_aux=True))(params)
+    (ce, n), g = compiled(("fused", name), jax.value_and_grad(fused, has_aux=True), params)(params)
+    (ce_ref, n_ref), g_ref = compiled(
+        ("full", name), jax.value_and_grad(full, has_aux=True), params
+    )(params)
     assert int(n) == int(n_ref) == int(mask.sum())
     # bfloat16: the full path rounds the logits to bfloat16, the chunked one keeps float32.
     tol = 3e-2 if config.dtype == "bfloat16" else 2e-5
@@ -279,7 +285,7 @@ def test_training_step_loss_and_grads_as_with_full_logits(monkeypatch):
     micro = {k: jnp.stack([p[i] for p in parts]) for i, k in enumerate(data_lib.BATCH_KEYS)}
     # 66 tokens a micro-batch in chunks of 16: 5 chunks of 4 positions a row (33 -> 36).
     sums = functools.partial(step_lib.sum_grads, graphdef, chunk_tokens=16)
-    grads, ce, count = jax.jit(sums)(params, micro)
+    grads, ce, count = compiled("sum_grads_chunked", sums, params, micro)(params, micro)
     assert int(count) == int(micro["loss_mask"].sum())
 
     def full_logits_losses(graphdef, params, tokens, segment_ids, targets, loss_mask, **_):
@@ -288,7 +294,7 @@ def test_training_step_loss_and_grads_as_with_full_logits(monkeypatch):
 
     # The step as it was: the same accumulation over micro-batches, the loss on full logits.
     monkeypatch.setattr(step_lib, "token_losses", full_logits_losses)
-    grads_ref, ce_ref, _ = jax.jit(sums)(params, micro)
+    grads_ref, ce_ref, _ = compiled("sum_grads_full", sums, params, micro)(params, micro)
     np.testing.assert_allclose(ce, ce_ref, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
         np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * (np.abs(b).max() + 1e-12))

@@ -10,6 +10,7 @@ from flax import nnx
 import jax_packmamba as jp
 from jax_packmamba import generation
 from jax_packmamba.config import preset_config
+from tests.compiled import compiled
 from train import data as data_lib
 from train import sharding
 from train import step as step_lib
@@ -22,6 +23,16 @@ SMALL = dict(n_layer=1, d_model=32, d_state=8, d_intermediate=64)
 def small_model(seed=0, **overrides):
     config = jp.Mamba3Config.preset("tiny", **{**SMALL, **overrides})
     return jp.LM(config, rngs=nnx.Rngs(seed))
+
+
+def logits_of(model, ids, seg=None):
+    """model(ids, seg), compiled once per model structure and shapes at CPU's fast compile."""
+    graphdef, params = nnx.split(model)
+
+    def forward(params, ids, seg):
+        return nnx.merge(graphdef, params)(ids, seg)
+
+    return compiled(("mamba3_logits", graphdef), forward, params, ids, seg)(params, ids, seg)
 
 
 def test_mamba3_config_checks():
@@ -50,13 +61,12 @@ def test_mamba3_packed_equals_alone_and_decode_continues_prefill():
     docs = [rng.integers(0, 256, n) for n in lengths]
     ids = jnp.asarray(np.concatenate(docs)[None], jnp.int32)
     seg = jnp.asarray(np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)])[None])
-    packed = jax.jit(lambda m, i, s: m(i, s))(model, ids, seg)
+    packed = logits_of(model, ids, seg)
+    # Each document alone: its full forward, which the decode steps below also match.
+    full = [logits_of(model, jnp.asarray(d[None], jnp.int32))[0] for d in docs]
     start = 0
-    for doc in docs:
-        alone = model(jnp.asarray(doc[None], jnp.int32))
-        np.testing.assert_allclose(
-            packed[0, start : start + len(doc)], alone[0], rtol=1e-5, atol=1e-5
-        )
+    for doc, alone in zip(docs, full):
+        np.testing.assert_allclose(packed[0, start : start + len(doc)], alone, rtol=1e-5, atol=1e-5)
         start += len(doc)
 
     # jp.generate's engine: every document's first tokens prefilled in one packed pass, then
@@ -64,7 +74,6 @@ def test_mamba3_packed_equals_alone_and_decode_continues_prefill():
     split = 5
     prepared = generation.prepare(model)
     logits, state = generation.prefill(prepared, [d[:split] for d in docs])
-    full = [model(jnp.asarray(d[None], jnp.int32))[0] for d in docs]
     for i, d in enumerate(docs):
         np.testing.assert_allclose(logits[i], full[i][min(split, len(d)) - 1], rtol=1e-4, atol=1e-4)
     for t in range(split, max(lengths)):
@@ -116,13 +125,13 @@ def test_mamba3_tiny_step_learns_a_repeated_batch():
     mc = config.model.mamba_config(vocab_size=257, backend="cpu")
     assert isinstance(mc, jp.Mamba3Config)
     mesh = sharding.make_mesh(MeshConfig())
-    compiled = step_lib.build(mc, OptimConfig(lr=1e-2, warmup_steps=0), 10, mesh)
+    built = step_lib.build(mc, OptimConfig(lr=1e-2, warmup_steps=0), 10, mesh)
     rng = np.random.default_rng(0)
     pieces = [rng.integers(0, 257, n) for n in (50, 9, 33, 64, 20, 17, 40)]
     batch = next(data_lib.Batcher(pieces, mode="packed", seq_len=64, batch_size=4, seed=0))
     assert batch["stats"]["sequences"] > 4  # packed: several documents share rows
     arrays = sharding.put_batch(batch["arrays"], sharding.batch_sharding(mesh))
-    state = compiled.init(0)
+    state = built.init(0)
     mask = step_lib.decay_mask(state.params)
     decayed = sorted(
         "/".join(step_lib._names(p)) for p, m in jax.tree_util.tree_leaves_with_path(mask) if m
@@ -136,7 +145,7 @@ def test_mamba3_tiny_step_learns_a_repeated_batch():
     ]
     losses = []
     for _ in range(6):
-        state, metrics = compiled.train_step(state, arrays)
+        state, metrics = built.train_step(state, arrays)
         losses.append(float(metrics["loss"]))
     assert all(np.isfinite(losses))
     assert losses[-1] < losses[0] - 0.5

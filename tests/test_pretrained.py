@@ -19,6 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 import jax_packmamba as jp
 from jax_packmamba import pretrained
+from tests.compiled import compiled
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parity"
 # float32 against float32: the Mamba1 reference scans sequentially, we scan in chunks; both
@@ -44,6 +45,18 @@ def assert_close_to_reference(logits, expected, what):
     np.testing.assert_allclose(logits, expected, atol=ATOL, rtol=RTOL, err_msg=what)
 
 
+def logits_of(model, ids, segment_ids=None):
+    """model(ids, segment_ids), compiled once per model structure and shape at CPU's fast
+    compile (tests/compiled.py) rather than run op by op."""
+    graphdef, params = nnx.split(model)
+    args = (params, jnp.asarray(ids, jnp.int32), segment_ids)
+
+    def forward(params, ids, segment_ids):
+        return nnx.merge(graphdef, params)(ids, segment_ids)
+
+    return compiled(("logits_of", graphdef), forward, *args)(*args)
+
+
 @pytest.mark.parametrize("name", HF_FIXTURES)
 def test_hf_checkpoint_matches_transformers_logits(name):
     model = jp.from_pretrained(FIXTURES / name)
@@ -52,7 +65,7 @@ def test_hf_checkpoint_matches_transformers_logits(name):
     if name.startswith("mamba2"):  # several heads in two groups
         assert model.config.ngroups == 2 and model.config.nheads in (4, 6)
     for i, (ids, expected) in enumerate(reference(name)):
-        logits = model(jnp.asarray(ids[None], jnp.int32))[0]
+        logits = logits_of(model, ids[None])[0]
         assert_close_to_reference(logits, expected, f"{name} sequence {i} (length {len(ids)})")
 
 
@@ -62,7 +75,7 @@ def test_packed_batch_matches_each_sequence_alone_in_transformers(name):
     pairs = reference(name)
     batch = jp.pack_sequences([ids for ids, _ in pairs], length=128)
     assert batch.num_rows == 1 and batch.efficiency < 1  # all in one row, padding at the end
-    logits = model(jnp.asarray(batch.tokens), jnp.asarray(batch.segment_ids))
+    logits = logits_of(model, batch.tokens, jnp.asarray(batch.segment_ids))
     for i, (got, (_, expected)) in enumerate(zip(jp.unpack(batch, logits), pairs)):
         assert_close_to_reference(got, expected, f"{name} packed sequence {i}")
 
@@ -77,7 +90,7 @@ def test_state_spaces_layout_matches_transformers_logits(tmp_path):
     model = jp.from_pretrained(directory)
     assert model.config.d_state == 8 and model.config.pad_vocab_size_multiple == 8
     for i, (ids, expected) in enumerate(reference("tied")):
-        logits = model(jnp.asarray(ids[None], jnp.int32))[0]
+        logits = logits_of(model, ids[None])[0]
         assert_close_to_reference(logits, expected, f"state-spaces sequence {i}")
 
 
@@ -101,7 +114,7 @@ def test_state_spaces_mamba2_layout_matches_transformers_logits(tmp_path):
         16,
     )
     for i, (ids, expected) in enumerate(reference("mamba2_tied")):
-        logits = model(jnp.asarray(ids[None], jnp.int32))[0]
+        logits = logits_of(model, ids[None])[0]
         assert_close_to_reference(logits, expected, f"mamba2 state-spaces sequence {i}")
 
 
@@ -119,9 +132,7 @@ def test_state_spaces_mamba2_D_per_channel(tmp_path):
     model = jp.from_pretrained(d)
     assert model.config.D_has_hdim and model.layer(0).mixer.D[...].shape == (64,)
     ids, expected = reference("mamba2_tied")[3]
-    assert_close_to_reference(
-        model(jnp.asarray(ids[None], jnp.int32))[0], expected, "D per channel"
-    )
+    assert_close_to_reference(logits_of(model, ids[None])[0], expected, "D per channel")
 
 
 def bin_only_copy(tmp_path):
@@ -136,7 +147,7 @@ def test_state_spaces_pytorch_bin_with_torch(tmp_path):
     pytest.importorskip("torch")
     model = jp.from_pretrained(bin_only_copy(tmp_path))
     ids, expected = reference("tied")[2]
-    assert_close_to_reference(model(jnp.asarray(ids[None], jnp.int32))[0], expected, "from .bin")
+    assert_close_to_reference(logits_of(model, ids[None])[0], expected, "from .bin")
 
 
 def test_pytorch_bin_without_torch_says_so(tmp_path, monkeypatch):
@@ -173,9 +184,9 @@ def test_save_pretrained_round_trip(tmp_path):
     ):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
     ids = jnp.asarray([[1, 5, 60, 7, 2]], jnp.int32)
-    np.testing.assert_array_equal(model(ids), loaded(ids))
+    np.testing.assert_array_equal(logits_of(model, ids), logits_of(loaded, ids))
     bf16 = jp.from_pretrained(tmp_path / "out", dtype="bfloat16")
-    assert bf16.config.dtype == "bfloat16" and bf16(ids).dtype == jnp.bfloat16
+    assert bf16.config.dtype == "bfloat16" and logits_of(bf16, ids).dtype == jnp.bfloat16
 
 
 def test_save_pretrained_round_trip_mamba2(tmp_path):
@@ -217,7 +228,7 @@ def test_save_pretrained_round_trip_mamba2(tmp_path):
     ):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
     ids = jnp.asarray([[1, 5, 60, 7, 2, 9, 9, 3, 4, 8, 1]], jnp.int32)
-    np.testing.assert_array_equal(model(ids), loaded(ids))
+    np.testing.assert_array_equal(logits_of(model, ids), logits_of(loaded, ids))
     runtime = jp.from_pretrained(
         tmp_path / "out",
         dtype="bfloat16",
@@ -235,7 +246,7 @@ def test_save_pretrained_round_trip_mamba2(tmp_path):
     ) == ("bfloat16", "reference", "xla", "full", True)  # True: "full"
     with pytest.raises(ValueError, match=r"scan_layers must be one of \(False, True\), got 1"):
         jp.from_pretrained(tmp_path / "out", scan_layers=1)
-    assert runtime(ids).dtype == jnp.bfloat16
+    assert logits_of(runtime, ids).dtype == jnp.bfloat16
     with pytest.raises(ValueError, match=r"scan_impl must be one of .*'reference'.*, got 'ssd'"):
         jp.from_pretrained(tmp_path / "out", scan_impl="ssd")
     with pytest.raises(
@@ -311,9 +322,7 @@ def test_sharded_and_bfloat16_safetensors(tmp_path):
     expected = tensors["backbone.embeddings.weight"].astype(jnp.bfloat16).astype(np.float32)
     np.testing.assert_array_equal(emb, expected)
     ids, ref_logits = reference("tied")[3]
-    np.testing.assert_allclose(
-        model(jnp.asarray(ids[None]))[0], ref_logits, atol=0.3
-    )  # bf16 weights
+    np.testing.assert_allclose(logits_of(model, ids[None])[0], ref_logits, atol=0.3)  # bf16 weights
 
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(ValueError, match="model-00002-of-00002.safetensors, which is missing"):
