@@ -12,8 +12,11 @@ PRESETS = {
     "130m": dict(n_layer=24, d_model=768),
     "370m": dict(n_layer=48, d_model=1024),
     "790m": dict(n_layer=48, d_model=1536),
-    "1.4b": dict(n_layer=48, d_model=2048),
-    "2.8b": dict(n_layer=64, d_model=2560),
+    # The billion-parameter presets keep only the projections' and the scan's outputs for the
+    # backward (REMAT): under mamba_ssm's peak memory at 8 x 2048 rows, a few percent slower
+    # than keeping everything (docs/performance.md, "The memory policy").
+    "1.4b": dict(n_layer=48, d_model=2048, remat="save_projections_and_scan"),
+    "2.8b": dict(n_layer=64, d_model=2560, remat="save_projections_and_scan"),
     # Small enough to train on a laptop CPU in minutes; bytes as tokens.
     "tiny": dict(n_layer=2, d_model=64, vocab_size=256, d_state=8),
 }
@@ -170,8 +173,8 @@ MAMBA2_PRESETS = {
     "130m": dict(n_layer=24, d_model=768),
     "370m": dict(n_layer=48, d_model=1024),
     "780m": dict(n_layer=48, d_model=1536),
-    "1.3b": dict(n_layer=48, d_model=2048),
-    "2.7b": dict(n_layer=64, d_model=2560),
+    "1.3b": dict(n_layer=48, d_model=2048, remat="save_projections_and_scan"),  # as PRESETS'
+    "2.7b": dict(n_layer=64, d_model=2560, remat="save_projections_and_scan"),
     # Small enough for CPU tests; bytes as tokens, and chunks short enough that a test row
     # crosses several chunk edges.
     "tiny": dict(n_layer=2, d_model=64, vocab_size=256, d_state=16, headdim=16, chunk_size=32),

@@ -43,5 +43,7 @@ FAST_CPU_COMPILE = "--xla_backend_optimization_level=0"
 
 
 def cpu_xla_flags(flags: str = "") -> str:
-    """XLA_FLAGS for a CPU-only subprocess: `flags`, then FAST_CPU_COMPILE."""
+    """XLA_FLAGS for a CPU-only subprocess: `flags`, then FAST_CPU_COMPILE (once)."""
+    if FAST_CPU_COMPILE in flags.split():
+        return flags
     return f"{flags} {FAST_CPU_COMPILE}".strip()

@@ -9,15 +9,28 @@ subprocesses use the same folder, and the tests never touch the user's own cache
 entry that another process was writing; the cache's size limit also makes jax take a file lock
 around every read and write. Every test leaves jax's cache settings as it found them.
 `JAX_PACKMAMBA_TEST_CACHE_DIR=off` runs the suite without the cache (from a cold start).
+
+XLA's CPU backend optimisations are off for the whole run, as tests/compiled.py has them for
+its programs: the tests' programs run for milliseconds either way, and their compiles take
+about a third less (their float32 results can differ in the last bits from an optimised build,
+which no test compares across).
 """
 
 import os
 import pathlib
+import shutil
 
-import jax
-import pytest
+from tests.compiled import cpu_xla_flags
 
-from jax_packmamba import compilation_cache
+# Before jax creates its client, which reads XLA_FLAGS once; not where a GPU would compile the
+# kernels with them too.
+if shutil.which("nvidia-smi") is None or os.environ.get("JAX_PLATFORMS") == "cpu":
+    os.environ["XLA_FLAGS"] = cpu_xla_flags(os.environ.get("XLA_FLAGS", ""))
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from jax_packmamba import compilation_cache  # noqa: E402
 
 CACHE_SETTINGS = (
     "jax_compilation_cache_dir",
