@@ -159,18 +159,18 @@ def _pallas_takes(x, B) -> bool:
     return supported(np.shape(x)[3], np.shape(B)[-1])
 
 
-def resolve_impl(impl, x, B, mimo: bool = False) -> str:
+def resolve_impl(impl, x, B) -> str:
     """impl ("auto" resolved) for the SISO and MIMO scans; ValueError for a kernel path that
     cannot run: an unknown name, shapes the kernels refuse, "pallas" off a GPU."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        # SISO: the kernels took 9.9 ms forward + backward against the reference's 23.6 at
-        # mamba3-1.5b's heads, 1 x 16384 tokens (one H100, docs/mamba3.md). MIMO's kernels
-        # (the fused (L R)-long axis, R times less SSD work than the reference's R^2 heads)
-        # are not measured yet (bench_mamba3 --mimo-rank): the reference until they are.
+        # The kernels, forward + backward at mamba3-1.5b's heads (docs/mamba3.md): SISO 8.2
+        # ms against the reference's 18.1 (1 x 16384 tokens), MIMO rank 4 on the fused
+        # (L R)-long axis 12.6 ms against the fused reference's 20.7 and the R^2-heads one's
+        # 94.7 (1 x 4096); one H200, 2026-12-06.
         gpu = jax.default_backend() == "gpu" and _pallas_takes(x, B)
-        return "pallas" if gpu and not mimo else "reference"
+        return "pallas" if gpu else "reference"
     if impl != "reference" and not _pallas_takes(x, B):
         raise ValueError(
             f"impl={impl!r}: the Pallas SSD kernels need headdim and d_state powers of two "
@@ -535,7 +535,7 @@ def mamba3_mimo_scan(
         return_final_states,
         num_segments,
     )
-    impl = resolve_impl(impl, x, B, mimo=True)
+    impl = resolve_impl(impl, x, B)
     args = (x, dt, A, trap, B, C, angles, x_proj, D, z, z_proj, out_proj, B_bias, C_bias)
     kwargs = dict(
         segment_ids=segment_ids,
