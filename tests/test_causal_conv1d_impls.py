@@ -21,6 +21,7 @@ import pytest
 from jax_packmamba.ops import causal_conv1d, positions_from_segment_ids
 from pallas_kernels.causal_conv1d import KERNEL, TileConfig, causal_conv1d_pallas
 from pallas_kernels.causal_conv1d import kernel as walk_kernel
+from tests.compiled import compiled, compiled_vjp
 from tests.gpu import lower_for_cuda, on_gpu
 from tests.loops import causal_conv1d_loop, rel_err
 
@@ -100,13 +101,14 @@ def loop_case(case, dtype):
     cot = jax.random.normal(k[3], x.shape, jnp.float32).astype(dtype)
     to64 = lambda a: None if a is None else np.asarray(a, np.float64)  # noqa: E731
     with jax.enable_x64(True):
-        y64, vjp64 = jax.vjp(
+        # Compiled: eagerly, the loop (unrolled over time) compiles every step's ops on their own.
+        # Its float64 program does not depend on dtype: both dtypes' cases share it.
+        y64, want = compiled_vjp(
+            ("conv_loop", case),
             lambda *a: causal_conv1d_loop(*a, segment_ids=seg, activation=activation),
-            to64(x),
-            to64(w),
-            to64(b),
+            (to64(x), to64(w), to64(b)),
+            to64(cot),
         )
-        want = vjp64(to64(cot))
     return (x, w, b, seg, activation, cot), y64, want
 
 
@@ -127,8 +129,12 @@ LOOP_CASES = [
 @pytest.mark.parametrize("impl, dtype, tol, case", LOOP_CASES)
 def test_conv_matches_float64_loop(impl, dtype, tol, case):
     (x, w, b, seg, activation, cot), y64, want = loop_case(case, dtype)
-    y, vjp = jax.vjp(lambda *a: conv(impl, *a, seg, activation), x, w, b)
-    grads = vjp(cot)
+    y, grads = compiled_vjp(
+        ("conv", impl, case, jnp.dtype(dtype).name),
+        lambda *a: conv(impl, *a, seg, activation),
+        (x, w, b),
+        cot,
+    )
     assert y.dtype == dtype
     # Scaled by the dtype; the gradients of w and b sum over batch x length terms.
     assert rel_err(y.astype(jnp.float32), y64) < tol
@@ -153,8 +159,11 @@ def test_packed_conv_equals_alone_and_perturbation_is_isolated(impl):
     cot = jax.random.normal(k[3], x.shape)
 
     def out_and_dx(x_, s, c):
-        y, vjp = jax.vjp(lambda a: conv(impl, a, w, b, s, "silu"), x_)
-        return y, vjp(c)[0]
+        def f(x_, s, c):
+            y, vjp = jax.vjp(lambda a: conv(impl, a, w, b, s, "silu"), x_)
+            return y, vjp(c)[0]
+
+        return compiled(("packed_conv", impl, s is None), f, x_, s, c)(x_, s, c)
 
     y, dx = out_and_dx(x, seg, cot)
     for start, n in zip(starts, lengths):
@@ -170,8 +179,11 @@ def test_packed_conv_equals_alone_and_perturbation_is_isolated(impl):
     masked = cot.at[:, victim].set(0.0)
 
     def everything(x_):
-        y_, vjp = jax.vjp(lambda a, w_, b_: conv(impl, a, w_, b_, seg, "silu"), x_, w, b)
-        return (y_, *vjp(masked))
+        def f(x_, w_, b_, c):
+            y_, vjp = jax.vjp(lambda a, w_, b_: conv(impl, a, w_, b_, seg, "silu"), x_, w_, b_)
+            return (y_, *vjp(c))
+
+        return compiled(("perturbed_conv", impl), f, x_, w, b, masked)(x_, w, b, masked)
 
     base, moved = everything(x), everything(noisy)
     keep = np.ones(total, bool)
@@ -397,12 +409,6 @@ def conv_with_prefix(impl, x, w, b, positions, prefix):
     )
 
 
-def loop_vjp(f, cot, *args):
-    """(f(*args), its gradients under cot): jit it, a float64 loop runs faster compiled."""
-    y, vjp = jax.vjp(f, *args)
-    return y, vjp(cot)
-
-
 @functools.cache
 def prefix_case(width, length, dtype):
     """Inputs (x, w, b, prefix, cotangent, positions) and the float64 loop's output and
@@ -429,8 +435,11 @@ def prefix_case(width, length, dtype):
             ext = jnp.concatenate([p_, x_], axis=1)
             return causal_conv1d_loop(ext, w_, b_, segment_ids=ids, activation="silu")[:, k:]
 
-        y64, want = jax.jit(loop_vjp, static_argnums=0)(
-            whole, to64(cot), *map(to64, (x, w, b, prefix))
+        y64, want = compiled_vjp(
+            ("prefix_loop", width, length),  # float64 whatever dtype: one program for both
+            whole,
+            tuple(map(to64, (x, w, b, prefix))),
+            to64(cot),
         )
     return (x, w, b, prefix, cot, positions), y64, want
 
@@ -443,8 +452,12 @@ def test_prefix_is_read_as_the_inputs_before_the_row(impl, width, length, dtype,
     if impl == "pallas_tile_interpret" and dtype == jnp.bfloat16:
         pytest.skip("the tile kernels' dtype handling is covered by the float64-loop cases")
     (x, w, b, prefix, cot, positions), y64, want = prefix_case(width, length, dtype)
-    y, vjp = jax.vjp(lambda *a: conv_with_prefix(impl, *a[:3], positions, a[3]), x, w, b, prefix)
-    grads = vjp(cot)
+    y, grads = compiled_vjp(
+        ("prefix", impl, width, length, jnp.dtype(dtype).name),
+        lambda *a: conv_with_prefix(impl, *a[:3], positions, a[3]),
+        (x, w, b, prefix),
+        cot,
+    )
     assert y.dtype == dtype
     assert rel_err(y.astype(jnp.float32), y64) < tol
     for g, g64 in zip(grads, want):
@@ -506,8 +519,8 @@ def linked_case(channels=10):
     cot = jax.random.normal(keys[4], x.shape)
     with jax.enable_x64(True):
         to64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
-        y64, want = jax.jit(loop_vjp, static_argnums=0)(
-            linked_alone, to64(cot), *map(to64, (x, first, w, b))
+        y64, want = compiled_vjp(
+            ("linked_loop",), linked_alone, tuple(map(to64, (x, first, w, b))), to64(cot)
         )
     return (x, first, w, b, cot), y64, want
 
@@ -547,8 +560,7 @@ def test_linked_rows_read_the_previous_row_through_the_prefix(impl, groups, monk
     (x, first, w, b, cot), y64, want = linked_case(10 if groups is None else sum(groups))
     cots = cot if groups is None else tuple(jnp.split(cot, np.cumsum(groups)[:-1], axis=-1))
 
-    @jax.jit
-    def run(x_, first_, w_, b_):
+    def traced(x_, first_, w_, b_):
         def f(*a):
             return causal_conv1d(
                 a[0],
@@ -565,13 +577,16 @@ def test_linked_rows_read_the_previous_row_through_the_prefix(impl, groups, monk
         y, vjp = jax.vjp(f, x_, first_, w_, b_)
         return y, vjp(cots)
 
+    def run(*a):  # `kernel` in the key: the monkeypatched vjp.KERNEL decides what is traced
+        return compiled(("linked", impl, kernel, groups), traced, *a)(*a)
+
     def joined(y):
         return y if groups is None else jnp.concatenate(y, -1)
 
     y, grads = run(x, first, w, b)
     y = joined(y)
     if impl != "xla":
-        jaxpr = str(jax.make_jaxpr(run)(x, first, w, b))
+        jaxpr = str(jax.make_jaxpr(traced)(x, first, w, b))
         called = re.findall(r"name=(causal_conv1d\w*)", jaxpr)
         assert sorted(set(called)) == KERNEL_NAMES[kernel], called
         # The groups' cotangents go to the backward kernel unjoined (only their heads are, for

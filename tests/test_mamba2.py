@@ -12,6 +12,7 @@ from flax import nnx
 
 import jax_packmamba as jp
 from jax_packmamba.model import MixerState
+from tests.compiled import compiled
 
 # Two groups and D per channel, so that the group plumbing and both D shapes are exercised;
 # chunk 16, so that the rows below cross several chunk edges.
@@ -138,9 +139,16 @@ def forward(graphdef, params, ids, seg):
 
 
 def logits_and_grads(model, ids, seg, cotangent):
+    """Logits and parameter gradients, one program per shape (forward and backward together),
+    compiled with XLA's backend optimisations off on CPU (tests/compiled.py)."""
     graphdef, params = nnx.split(model)
-    logits, vjp = jax.vjp(lambda p: forward(graphdef, p, ids, seg), params)
-    return logits, vjp(cotangent)[0]
+
+    def run(params, ids, seg, cotangent):
+        logits, vjp = jax.vjp(lambda p: nnx.merge(graphdef, p)(ids, seg), params)
+        return logits, vjp(cotangent)[0]
+
+    xs = (params, ids, seg, cotangent)
+    return compiled(("mamba2_logits_and_grads", graphdef), run, *xs)(*xs)
 
 
 def test_packed_batch_gives_each_sequence_its_alone_logits_and_grads():

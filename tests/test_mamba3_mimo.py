@@ -16,6 +16,7 @@ from jax_packmamba.ops.mamba3 import (
     mamba3_mimo_scan_reference,
 )
 from jax_packmamba.ops.ssd_scan import ssd_chunked
+from tests.compiled import compiled
 from tests.loops import mamba3_mimo_loop, rel_err
 from tests.test_mamba3_reference import CHUNK, segment_rows
 
@@ -115,11 +116,14 @@ def test_mamba3_mimo_matches_float64_loop(fused):
             loss = loss + jnp.sum(finals[-1] * c)
         return loss, (y, finals)
 
-    g_ours, (y, final) = jax.jit(jax.grad(ours, argnums=(0, 1), has_aux=True))(args, init)
+    # Compiled with XLA's backend optimisations off on CPU (tests/compiled.py).
+    grad = jax.grad(ours, argnums=(0, 1), has_aux=True)
+    g_ours, (y, final) = compiled(("mimo_grads", fused), grad, args, init)(args, init)
     with jax.enable_x64(True):
         a64 = {k: jnp.asarray(v, jnp.float64) for k, v in args.items()}
         i64 = Mamba3State(*(jnp.asarray(v, jnp.float64) for v in init))
-        g_ref, (y_ref, final_ref) = jax.jit(jax.grad(loop, argnums=(0, 1), has_aux=True))(a64, i64)
+        grad = jax.grad(loop, argnums=(0, 1), has_aux=True)
+        g_ref, (y_ref, final_ref) = compiled(("mimo_loop_grads",), grad, a64, i64)(a64, i64)
         g_ref, y_ref, final_ref = jax.tree.map(np.asarray, (g_ref, y_ref, final_ref))
     assert rel_err(y, y_ref) < 1e-5
     final_ref[3] = np.mod(final_ref[3], 2 * np.pi)
@@ -139,8 +143,12 @@ def test_mamba3_mimo_alone_and_isolation(fused):
     args["out_proj"] = None
     seg = segment_rows(1)
     op = functools.partial(mamba3_mimo_scan_reference, fused=True) if fused else mamba3_mimo_scan
-    scan = jax.jit(op, static_argnames=("chunk_size",))
-    y = scan(**args, segment_ids=seg, chunk_size=CHUNK)  # (1, t, R, h, p)
+
+    def scan(segment_ids=None, **a):
+        fn = lambda a, seg: op(**a, segment_ids=seg, chunk_size=CHUNK)  # noqa: E731
+        return compiled(("mimo_alone", fused), fn, a, segment_ids)(a, segment_ids)
+
+    y = scan(**args, segment_ids=seg)  # (1, t, R, h, p)
     ids = np.asarray(seg[0])
     where = np.nonzero(ids == 3)[0]  # 8 tokens from chunk edge to edge
     span = slice(where[0], where[-1] + 1)
@@ -148,15 +156,13 @@ def test_mamba3_mimo_alone_and_isolation(fused):
         k: (v[:, span] if v is not None and v.ndim >= 3 and v.shape[0] == 1 else v)
         for k, v in args.items()
     }
-    np.testing.assert_allclose(
-        y[:, where[0] : where[-1] + 1], scan(**alone, chunk_size=CHUNK), rtol=1e-5, atol=1e-6
-    )
+    np.testing.assert_allclose(y[:, where[0] : where[-1] + 1], scan(**alone), rtol=1e-5, atol=1e-6)
     in_run = (ids == 3)[None]
     bumped = dict(args)
     for k in ("x", "dt", "A", "trap", "B", "C", "angles", "z"):
         mask = in_run.reshape(in_run.shape + (1,) * (args[k].ndim - 2))
         bumped[k] = jnp.where(mask, args[k] + 0.5, args[k])
-    y2 = scan(**bumped, segment_ids=seg, chunk_size=CHUNK)
+    y2 = scan(**bumped, segment_ids=seg)
     assert not np.array_equal(y[0, in_run[0]], y2[0, in_run[0]])
     np.testing.assert_array_equal(y[0, ~in_run[0]], y2[0, ~in_run[0]])
 
@@ -185,18 +191,17 @@ def test_mamba3_mimo_fused_form_on_chunks_that_cut_steps():
     for rank in (2, 3):
         args = mimo_inputs(5, rank=rank)
         init = mimo_states(6, 2, slots, rank=rank)
-        kw = dict(
-            segment_ids=seg,
-            chunk_size=CHUNK,
-            initial_states=init,
-            return_final_states=True,
-            num_segments=slots,
-        )
-        want = mamba3_mimo_scan_reference(**args, **kw)
+        flags = dict(chunk_size=CHUNK, return_final_states=True, num_segments=slots)
+        arrays = dict(segment_ids=seg, initial_states=init)  # arguments: compiled, not static
+
+        def reference(a, arrays):
+            return mamba3_mimo_scan_reference(**a, **arrays, **flags)
+
+        want = compiled(("mimo_reference",), reference, args, arrays)(args, arrays)
         names = ("x", "dt", "A", "trap", "B", "C", "angles", "x_proj", "D", "z", "z_proj")
         names += ("out_proj", "B_bias", "C_bias")
-        got = jax.jit(
-            functools.partial(_mimo, on_7_token_chunks, fused=True, **kw),
-        )(*(args[k] for k in names))
+        xs = [args[k] for k in names]
+        fn = functools.partial(_mimo, on_7_token_chunks, fused=True, **flags)
+        got = compiled(("mimo_7_token_chunks",), lambda xs, a: fn(*xs, **a), xs, arrays)(xs, arrays)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             assert rel_err(a, b) < 1e-5, rank

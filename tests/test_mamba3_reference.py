@@ -8,10 +8,24 @@ import numpy as np
 import pytest
 
 from jax_packmamba.ops.mamba3 import Mamba3State, mamba3_scan, mamba3_state_update
+from tests.compiled import compiled
 from tests.loops import mamba3_loop, rel_err
 
-_loop = jax.jit(mamba3_loop)
-_scan = jax.jit(mamba3_scan, static_argnames=("chunk_size", "return_final_states", "num_segments"))
+
+# Compiled once per static flags and shapes, with XLA's backend optimisations off on CPU
+# (tests/compiled.py: these run for milliseconds, their compiles take seconds).
+def _loop(**arrays):
+    return compiled(("mamba3_loop",), lambda a: mamba3_loop(**a), arrays)(arrays)
+
+
+def _scan(*, chunk_size, return_final_states=False, num_segments=None, **arrays):
+    flags = dict(
+        chunk_size=chunk_size, return_final_states=return_final_states, num_segments=num_segments
+    )
+    key = ("mamba3_scan", *flags.values())
+    return compiled(key, lambda a: mamba3_scan(**a, **flags), arrays)(arrays)
+
+
 NAMES = ("x", "dt", "A", "trap", "B", "C", "angles", "D", "z", "B_bias", "C_bias")
 CHUNK = 8
 # Runs of 1, 7, 8 (its start and end on chunk edges), 1, 4 tokens: lengths of 1, not chunk
@@ -113,7 +127,10 @@ def test_mamba3_isolation_bit_exact():
         )
         return jnp.sum(y * cot) + sum(jnp.sum(v) for v in final), (y, final)
 
-    grad = jax.jit(jax.grad(f, argnums=(0, 1), has_aux=True))
+    def grad(args, init):
+        fn = jax.grad(f, argnums=(0, 1), has_aux=True)
+        return compiled(("mamba3_isolation",), fn, args, init)(args, init)
+
     (g_a, g_i), (y, final) = grad(args, init)
     bumped = dict(args)
     for k in ("x", "dt", "A", "trap", "B", "C", "angles", "z"):
@@ -178,11 +195,13 @@ def test_mamba3_outputs_final_states_and_gradients_match_float64_loop():
             loss = loss + jnp.sum(finals[-1] * c)
         return loss, (y, finals)
 
-    g_ours, (y, final) = jax.jit(jax.grad(ours, argnums=(0, 1), has_aux=True))(args, init)
+    grad = jax.grad(ours, argnums=(0, 1), has_aux=True)
+    g_ours, (y, final) = compiled(("mamba3_grads",), grad, args, init)(args, init)
     with jax.enable_x64(True):
         a64 = {k: jnp.asarray(v, jnp.float64) for k, v in args.items()}
         i64 = Mamba3State(*(jnp.asarray(v, jnp.float64) for v in init))
-        g_ref, (y_ref, final_ref) = jax.jit(jax.grad(loop, argnums=(0, 1), has_aux=True))(a64, i64)
+        grad = jax.grad(loop, argnums=(0, 1), has_aux=True)
+        g_ref, (y_ref, final_ref) = compiled(("mamba3_loop_grads",), grad, a64, i64)(a64, i64)
         g_ref, y_ref, final_ref = jax.tree.map(np.asarray, (g_ref, y_ref, final_ref))
     assert rel_err(y, y_ref) < 1e-5
     final_ref[3] = np.mod(final_ref[3], 2 * np.pi)
@@ -203,7 +222,11 @@ def test_mamba3_step_continues_the_scan():
     y_full = _scan(**args, chunk_size=CHUNK)
     _, state = _scan(**head, chunk_size=CHUNK, return_final_states=True)
     state = Mamba3State(*(a[:, 0] for a in state))
-    step = jax.jit(mamba3_state_update)
+
+    def step(state, **tok):
+        fn = lambda s, t: mamba3_state_update(s, **t)  # noqa: E731
+        return compiled(("mamba3_step",), fn, state, tok)(state, tok)
+
     for t in range(split, 12):
         tok = {k: (v[:, t] if v.ndim >= 3 else v) for k, v in args.items()}
         state, y_t = step(state, **tok)

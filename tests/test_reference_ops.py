@@ -7,6 +7,7 @@ import pytest
 
 import jax_packmamba as jp
 import jax_packmamba.ops as jp_ops
+from tests.compiled import compiled, compiled_vjp
 from tests.loops import causal_conv1d_loop, rel_err, selective_scan_loop
 
 
@@ -51,10 +52,20 @@ def to64(tree):
     return jax.tree.map(lambda x: None if x is None else np.asarray(x, np.float64), tree)
 
 
-def loop_y(args, **kw):
+def loop_outputs(key, args, seg=None, **kw):
+    """The float64 loop's (y, states) on args, compiled once per key (which must name args'
+    layout and kw) and shapes; seg (segment ids or None) is an argument."""
     with jax.enable_x64(True):
-        a = {k: None if v is None else jnp.asarray(v, jnp.float64) for k, v in args.items()}
-        return np.asarray(selective_scan_loop(**a, **kw)[0])
+        a = {k: v for k, v in to64(args).items() if v is not None}
+
+        def loop(a, seg):
+            return selective_scan_loop(**a, segment_ids=seg, **kw)
+
+        return jax.tree.map(np.asarray, compiled(("loop", key), loop, a, seg)(a, seg))
+
+
+def loop_y(key, args, seg=None, **kw):
+    return loop_outputs(key, args, seg, **kw)[0]
 
 
 @pytest.mark.parametrize(
@@ -87,36 +98,33 @@ def test_scan_matches_float64_loop(
         key, batch, length, d_inner, d_state, with_D=with_D, with_z=with_z, with_bias=with_bias
     )
     seg = random_segment_ids(np.random.default_rng(length), batch, length, 6) if segmented else None
-    y = jp.selective_scan_reference(**args, delta_softplus=softplus, segment_ids=seg, method=method)
-    ref = loop_y(args, delta_softplus=softplus, segment_ids=seg)
+    # Outputs and gradients (a random cotangent) of the reference and of the float64 loop, each
+    # one compiled program (eager autodiff compiles every primitive of both passes on its own).
+    names = [k for k, v in args.items() if v is not None]
+    cot = jax.random.normal(jax.random.key(1), args["u"].shape)
+    key = (batch, length, d_inner, d_state, with_D, with_z, with_bias, softplus, segmented)
+
+    def scan(*xs):
+        a = {**args, **dict(zip(names, xs))}
+        return jp.selective_scan_reference(
+            **a, delta_softplus=softplus, segment_ids=seg, method=method
+        )
+
+    y, got = compiled_vjp(("reference", method, key), scan, [args[k] for k in names], cot)
+    with jax.enable_x64(True):
+
+        def loop(*xs):
+            a = {**to64(args), **dict(zip(names, xs))}
+            return selective_scan_loop(**a, delta_softplus=softplus, segment_ids=seg)[0]
+
+        primals = [jnp.asarray(args[k], jnp.float64) for k in names]
+        ref, want = compiled_vjp(("loop", key), loop, primals, jnp.asarray(cot, jnp.float64))
+        ref, want = np.asarray(ref), [np.asarray(w) for w in want]
     err = rel_err(y, ref)
     print(f"scan rel err {err:.2e}")
     assert err < 2e-6 * np.sqrt(length)
 
-    # Gradients with a random cotangent, against autodiff of the float64 loop.
-    names = [k for k, v in args.items() if v is not None]
-    cot = jax.random.normal(jax.random.key(1), y.shape)
-
-    def grads(fn, arrays, cotangent):
-        _, vjp = jax.vjp(lambda *xs: fn(dict(zip(names, xs))), *arrays)
-        return vjp(cotangent)
-
-    got = grads(
-        lambda a: jp.selective_scan_reference(
-            **{**args, **a}, delta_softplus=softplus, segment_ids=seg, method=method
-        ),
-        [args[k] for k in names],
-        cot,
-    )
-    with jax.enable_x64(True):
-        want = grads(
-            lambda a: selective_scan_loop(
-                **{**to64(args), **a}, delta_softplus=softplus, segment_ids=seg
-            )[0],
-            [jnp.asarray(args[k], jnp.float64) for k in names],
-            jnp.asarray(cot, jnp.float64),
-        )
-        want = [np.asarray(w) for w in want]
+    # Gradients against autodiff of the float64 loop.
     for name, g, w in zip(names, got, want):
         err = rel_err(g, w)
         print(f"d{name} rel err {err:.2e}")
@@ -126,9 +134,11 @@ def test_scan_matches_float64_loop(
 
 def test_scan_bf16_inputs_accumulate_in_f32():
     args = scan_inputs(jax.random.key(3), 2, 200, 8, 4, dtype=jnp.bfloat16)
-    y = jp.selective_scan(**args, delta_softplus=True, impl="reference")
+    y = compiled(
+        ("bf16",), lambda a: jp.selective_scan(**a, delta_softplus=True, impl="reference"), args
+    )(args)
     assert y.dtype == jnp.bfloat16
-    ref = loop_y(args, delta_softplus=True)
+    ref = loop_y("bf16", args, delta_softplus=True)
     assert rel_err(y, ref) < 1e-2
 
 
@@ -137,17 +147,15 @@ def test_final_states_are_each_segments_last_state():
     args = scan_inputs(jax.random.key(5), batch, length, d_inner, d_state)
     seg = random_segment_ids(np.random.default_rng(0), batch, length, 5)
     seg = seg.at[1, 60:].set(0)  # trailing padding run uses slot 0
-    _, final = jp.selective_scan(
-        **args,
-        delta_softplus=True,
-        segment_ids=seg,
-        return_final_states=True,
-        num_segments=7,
-        impl="reference",
-    )
-    with jax.enable_x64(True):
-        _, states = selective_scan_loop(**to64(args), delta_softplus=True, segment_ids=seg)
-        states = np.asarray(states)
+
+    def scan(a, seg, **kw):
+        return jp.selective_scan(**a, segment_ids=seg, return_final_states=True, **kw)
+
+    def scan_softplus(a, seg):
+        return scan(a, seg, delta_softplus=True, num_segments=7, impl="reference")
+
+    _, final = compiled(("final", True), scan_softplus, args, seg)(args, seg)
+    _, states = loop_outputs("final", args, seg, delta_softplus=True)
     seg = np.asarray(seg)
     for b in range(batch):
         for s in range(7):
@@ -155,10 +163,9 @@ def test_final_states_are_each_segments_last_state():
             want = states[b, where[-1]] if where.size else np.zeros((d_inner, d_state))
             np.testing.assert_allclose(final[b, s], want, rtol=1e-5, atol=1e-5)
     # Without segments: slot 0 is the whole row's last state.
-    _, final = jp.selective_scan(**args, return_final_states=True, impl="reference")
-    with jax.enable_x64(True):
-        _, states = selective_scan_loop(**to64(args))
-    np.testing.assert_allclose(final[:, 0], np.asarray(states)[:, -1], rtol=1e-5, atol=1e-5)
+    _, final = compiled(("final", False), lambda a: scan(a, None, impl="reference"), args)(args)
+    _, states = loop_outputs("final_unsegmented", args)
+    np.testing.assert_allclose(final[:, 0], states[:, -1], rtol=1e-5, atol=1e-5)
 
 
 CONVS = {"custom_vjp": jp_ops.causal_conv1d, "reference": jp_ops.causal_conv1d_reference}
@@ -181,29 +188,26 @@ def test_conv_matches_float64_loop(length, width, segmented, bias, activation, c
     w = jax.random.normal(k[1], (6, width))
     b = jax.random.normal(k[2], (6,)) if bias else None
     seg = random_segment_ids(np.random.default_rng(1), 2, length, 5) if segmented else None
-    out = conv(x, w, b, segment_ids=seg, activation=activation)
-    with jax.enable_x64(True):
-        ref = causal_conv1d_loop(
-            *to64((x, w)),
-            None if b is None else np.asarray(b, np.float64),
-            segment_ids=seg,
-            activation=activation,
-        )
-        cot = np.asarray(jax.random.normal(jax.random.key(length + 1), out.shape), np.float64)
-    assert rel_err(out, ref) < 1e-6
-    _, vjp = jax.vjp(
-        lambda x_, w_, b_: conv(x_, w_, b_, segment_ids=seg, activation=activation), x, w, b
+    cot = jax.random.normal(jax.random.key(length + 1), x.shape)
+    # Each side's outputs and gradients in one compiled program (the loop is unrolled over
+    # time: eagerly it compiles every step's ops on their own).
+    key = (length, width, segmented, bias, activation)
+    out, got = compiled_vjp(
+        ("conv", conv.__name__, key),
+        lambda x_, w_, b_: conv(x_, w_, b_, segment_ids=seg, activation=activation),
+        (x, w, b),
+        cot,
     )
-    got = vjp(jnp.asarray(cot, jnp.float32))
     with jax.enable_x64(True):
-        _, vjp64 = jax.vjp(
+        ref, want = compiled_vjp(
+            ("conv_loop", key),
             lambda x_, w_, b_: causal_conv1d_loop(
                 x_, w_, b_, segment_ids=seg, activation=activation
             ),
-            *to64((x, w)),
-            None if b is None else np.asarray(b, np.float64),
+            (*to64((x, w)), None if b is None else np.asarray(b, np.float64)),
+            np.asarray(cot, np.float64),
         )
-        want = vjp64(cot)
+    assert rel_err(out, ref) < 1e-6
     for g, want_g in zip(got, want):
         if want_g is None:
             assert g is None
@@ -223,10 +227,13 @@ def test_conv_bf16_custom_vjp_matches_reference(activation):
     cot = jax.random.normal(k[3], x.shape, jnp.bfloat16)
     outs = []
     for conv in CONVS.values():
-        y, vjp = jax.vjp(
-            lambda x_, w_, b_: conv(x_, w_, b_, segment_ids=seg, activation=activation), x, w, b
+        y, grads = compiled_vjp(
+            ("conv_bf16", conv.__name__, activation),
+            lambda x_, w_, b_: conv(x_, w_, b_, segment_ids=seg, activation=activation),
+            (x, w, b),
+            cot,
         )
-        outs.append((y, *vjp(cot)))
+        outs.append((y, *grads))
     for got, want in zip(*outs):
         assert got.dtype == want.dtype == jnp.bfloat16
         assert rel_err(got.astype(jnp.float32), want.astype(jnp.float32)) < 1e-2
@@ -282,8 +289,12 @@ def test_packed_equals_alone_and_perturbation_is_isolated(op):
     cot = jax.random.normal(jax.random.key(13), (1, total, 4))
 
     def out_and_grads(a, s, c):
-        y, vjp = jax.vjp(lambda a_: run(a_, s), a)
-        return y, vjp(c)[0]
+        def f(a, s, c):
+            y, vjp = jax.vjp(lambda a_: run(a_, s), a)
+            return y, vjp(c)[0]
+
+        # One compiled program per shape (eagerly, every primitive of both passes compiles).
+        return compiled(("packed", op, s is None), f, a, s, c)(a, s, c)
 
     y, g = out_and_grads(full, seg, cot)
     for _i, (start, n) in enumerate(zip(starts, LENGTHS)):

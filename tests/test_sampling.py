@@ -234,20 +234,25 @@ def test_prefilter_equals_its_fallback_bit_for_bit_and_draws_the_same_tokens():
     from jax_packmamba.sampling import _top_cut
 
     logits = jnp.asarray(prefilter_logits())
+    # Jitted once, outside the loop: the settings are traced arguments (a lambda jitted anew
+    # each iteration compiled again).
+    top_cut = jax.jit(_top_cut, static_argnums=2, static_argnames="force_sort")
     for kw in (dict(top_p=0.9), dict(top_p=0.6, temperature=0.5), dict(top_k=3, top_p=0.95)):
         params = SamplingConfig(**kw).params()
         x = logits / params.temperature
-        cut = jax.jit(lambda x, p: _top_cut(x, p, 8))(x, params)
-        sorted_cut = jax.jit(lambda x, p: _top_cut(x, p, 8, force_sort=True))(x, params)
+        cut = top_cut(x, params, 8)
+        sorted_cut = top_cut(x, params, 8, force_sort=True)
         np.testing.assert_array_equal(np.asarray(cut), np.asarray(sorted_cut))
     # The same tokens as the sort alone, key for key: rows of one batch taking the
     # prefilter's cut and the sort's, and a batch whose nuclei all fit (no sort at all).
+    # Jitted (as the decode loop runs it): eagerly every op compiles on its own.
+    sample_jit = jax.jit(sample, static_argnums=4)
     for batch in (logits, logits[:3]):
         for seed in range(3):
             key = jax.random.key(seed)
             tokens = {
                 k: np.asarray(
-                    sample(
+                    sample_jit(
                         batch,
                         None,
                         key,

@@ -177,7 +177,9 @@ class TestSelectiveScanImpls:
         [
             (1, jnp.float32, None),
             (17, jnp.bfloat16, [[1, 1, 5, 1, 9], [3, 14]]),  # segments of length 1
-            (1000, jnp.float32, [[1, 400, 1, 98, 500], [999, 1]]),  # ragged last chunk
+            # The default 128-step chunks: a run of 1 ending on the chunk edge 128, a ragged
+            # last chunk (300 = 2 * 128 + 44), the row's last token alone.
+            (300, jnp.float32, [[1, 126, 1, 100, 72], [299, 1]]),
         ],
     )
     def test_matches_float64(self, impl, length, dtype, seg_lengths):
@@ -275,22 +277,27 @@ def test_reduce_modes_match_float64(impl, reduce):
     """Both butterflies for the dB/dC channel sums at d_state 16, the models' size, where every
     lane of the warp ends with a sum of its own (at d_state 4 above several lanes share one),
     with chunk and checkpoint edges, one-token segments and a partly empty channel block (24
-    channels: 16 + 8)."""
+    channels: 16 + 8). Windows of 2 steps and no unrolling: the kernel's body repeats its
+    per-state code for every step of a window and of an unrolled iteration, and at d_state 16
+    that took the interpreter ~30 s to compile per mode; 4-step windows and unrolling are
+    covered at d_state 4 above (the butterfly is the same in every step)."""
     seg = segments_from_lengths([[16, 8, 8, 1, 7, 10], [16, 16, 16, 2]])
     args = make_args(8, 2, 50, 24, 16, jnp.float32)
-    config = dataclasses.replace(EDGE_CONFIG, reduce=reduce)
+    config = dataclasses.replace(EDGE_CONFIG, reduce=reduce, window=2, unroll=1)
     check_against_float64(impl, args, case="edges16", config=config, **edge_kw(seg))
 
 
 @pytest.mark.parametrize("impl", ["pallas_interpret", on_gpu("pallas")])
 def test_window_rows_matches_float64(impl):
     """ScanConfig.window_rows (a window's delta and u rows loaded once, before the re-advance,
-    and reused by its reverse steps) on the inputs above. Not bitwise equal to the default in
-    the interpreter: XLA fuses the reused values differently (dA differs by ~6e-5 relative)."""
+    and reused by its reverse steps) on test_boundaries_on_chunk_edges' inputs (d_state 4: the
+    rows' reuse does not depend on it, and d_state 16 took the interpreter ~4x as long to
+    compile). Not bitwise equal to the default in the interpreter: XLA fuses the reused values
+    differently (dA differs by ~6e-5 relative)."""
     seg = segments_from_lengths([[16, 8, 8, 1, 7, 10], [16, 16, 16, 2]])
-    args = make_args(8, 2, 50, 24, 16, jnp.float32)
+    args = make_args(7, *EDGE_SHAPE, jnp.float32)
     config = dataclasses.replace(EDGE_CONFIG, window_rows=True)
-    check_against_float64(impl, args, case="edges16", config=config, **edge_kw(seg))
+    check_against_float64(impl, args, case="edges", config=config, **edge_kw(seg))
 
 
 @pytest.mark.parametrize("ns", [1, 4, 16])

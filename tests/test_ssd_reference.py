@@ -1,12 +1,15 @@
 """The chunked SSD (Mamba2) reference against a per-step float64 loop, its packing isolation,
 per-slot initial and final states, the recurrent step, and argument checks."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jax_packmamba as jp
+from tests.compiled import compiled, compiled_vjp
 from tests.loops import rel_err, ssd_scan_loop
 
 # Jitted: one compile per shape rather than one per op.
@@ -84,9 +87,14 @@ def loop_outputs(args, kw, initial_states, segment_ids, num_segments):
     return y, last_states(states, seg, num_segments)
 
 
+_CALLS = itertools.count()
+
+
 def vjp_all(fn, arrays, cotangents):
-    out, vjp = jax.vjp(jax.jit(fn), *arrays)  # jitted: one compile instead of one per op
-    return out, vjp(cotangents)
+    """(fn(*arrays), its gradients under cotangents) in one compiled program (eagerly, every
+    op compiles on its own), with XLA's backend optimisations off on CPU (tests/compiled.py).
+    Every caller passes a fresh closure: a key of its own per call."""
+    return compiled_vjp(("ssd_reference", next(_CALLS)), fn, arrays, cotangents)
 
 
 @pytest.mark.parametrize(
@@ -262,18 +270,24 @@ def packed_case():
 
 
 def out_and_grads(args, init, seg, cot):
-    def f(a, h0):
-        return jp.ssd_scan(
-            **a,
-            dt_softplus=True,
-            segment_ids=seg,
-            chunk_size=CHUNK,
-            initial_states=h0,
-            return_final_states=True,
-        )
+    """Outputs and gradients, one compiled program per shape (seg is an argument)."""
 
-    out, vjp = jax.vjp(f, args, init)
-    return out, vjp(cot)
+    def run(args, init, seg, cot):
+        def f(a, h0):
+            return jp.ssd_scan(
+                **a,
+                dt_softplus=True,
+                segment_ids=seg,
+                chunk_size=CHUNK,
+                initial_states=h0,
+                return_final_states=True,
+            )
+
+        out, vjp = jax.vjp(f, args, init)
+        return out, vjp(cot)
+
+    xs = (args, init, seg, cot)
+    return compiled(("ssd_packed", seg is None), run, *xs)(*xs)
 
 
 def test_packed_equals_alone():
