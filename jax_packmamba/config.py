@@ -14,7 +14,7 @@ PRESETS = {
     "790m": dict(n_layer=48, d_model=1536),
     # The billion-parameter presets keep only the projections' and the scan's outputs for the
     # backward (REMAT): under mamba_ssm's peak memory at 8 x 2048 rows, a few percent slower
-    # than keeping everything (docs/performance.md, "The memory policy").
+    # than keeping everything (docs/performance.md, "Training against mamba_ssm and the memory policy").
     "1.4b": dict(n_layer=48, d_model=2048, remat="save_projections_and_scan"),
     "2.8b": dict(n_layer=64, d_model=2560, remat="save_projections_and_scan"),
     # Small enough to train on a laptop CPU in minutes; bytes as tokens.

@@ -1,19 +1,19 @@
-"""Gives each test worker its own persistent compilation cache, kept between runs.
+"""Gives the command-line programs the tests start a persistent compilation cache per worker,
+kept between runs, and keeps every test's hands off the user's own cache.
 
-Almost all of the suite's time is XLA compiling small programs on CPU, the same ones run after
-run. Each pytest-xdist worker (and each single-process run) compiles into its own folder,
-`$JAX_PACKMAMBA_TEST_CACHE_DIR/<worker>` (default `~/.cache/jax_packmamba/tests/<worker>`), so
-a rerun loads what did not change; the trainer and generate CLIs the tests start in
-subprocesses use the same folder, and the tests never touch the user's own cache
-(`~/.cache/jax_packmamba/xla`). One folder a worker, because a worker once crashed reading an
-entry that another process was writing; the cache's size limit also makes jax take a file lock
-around every read and write. Every test leaves jax's cache settings as it found them.
-`JAX_PACKMAMBA_TEST_CACHE_DIR=off` runs the suite without the cache (from a cold start).
+The trainer and the generate CLI turn on jax_packmamba's persistent XLA cache by default
+(jax_packmamba/compilation_cache.py, `~/.cache/jax_packmamba/xla` unless
+`$JAX_PACKMAMBA_CACHE_DIR` says otherwise). Here each pytest-xdist worker points them at its own
+folder, `$JAX_PACKMAMBA_TEST_CACHE_DIR/<worker>` (default `~/.cache/jax_packmamba/tests/<worker>`),
+so a rerun of the suite loads the trainer's and generate's programs instead of compiling them
+again, and no test writes into the user's folder. One folder a worker: a worker once crashed
+reading an entry another process was writing; the size limit also makes jax lock every read
+and write. `JAX_PACKMAMBA_TEST_CACHE_DIR=off`: a fresh temporary folder instead.
 
-XLA's CPU backend optimisations stay on outside tests/compiled.py's programs: off for the whole
-run (`--xla_backend_optimization_level=0` in XLA_FLAGS) they took a third off the compiles, but
-broke bitwise comparisons between two programs (the conv's channel groups) and crashed a worker
-in XLA's compiler on the SSD kernels' interpreter program (2026-12-06).
+The tests' own programs are not cached: jax 0.11.2 segfaulted serialising the executables of
+interpreted Pallas kernels for the cache (tests/test_rms_norm_impls.py, test_ssd_mosaic.py;
+2026-12-06). A test that runs the trainer or generate in-process turns the cache on for its
+duration; every test leaves jax's cache settings as it found them.
 """
 
 import os
@@ -30,8 +30,6 @@ CACHE_SETTINGS = (
     "jax_persistent_cache_min_entry_size_bytes",
 )
 TEST_CACHE_VAR = "JAX_PACKMAMBA_TEST_CACHE_DIR"
-# Programs that compile faster than this are not worth a file (and a lock) each.
-MIN_COMPILE_SECONDS = 0.2
 MAX_BYTES_A_WORKER = 3 << 30
 
 
@@ -46,18 +44,12 @@ def _worker_folder() -> pathlib.Path | None:
 
 @pytest.fixture(scope="session", autouse=True)
 def worker_cache_folder(tmp_path_factory):
-    folder = _worker_folder()
+    folder = _worker_folder() or tmp_path_factory.mktemp("xla_cache")
     with pytest.MonkeyPatch.context() as patch:
-        if folder is None:  # no cache: the CLIs' own default would be the user's folder
-            patch.setenv(compilation_cache.ENV_VAR, str(tmp_path_factory.mktemp("xla_cache")))
-            yield
-            return
         patch.setenv(compilation_cache.ENV_VAR, str(folder))
-        # Read at import by the CLIs' subprocesses, so that they lock as this process does.
+        # Read at import by the programs' subprocesses; set here for the in-process runs.
         patch.setenv("JAX_COMPILATION_CACHE_MAX_SIZE", str(MAX_BYTES_A_WORKER))
         jax.config.update("jax_compilation_cache_max_size", MAX_BYTES_A_WORKER)
-        compilation_cache.enable(folder)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
         yield
 
 
