@@ -634,8 +634,8 @@ def test_repeat_calls_in_the_same_buckets_compile_nothing(prepared, model):
         out = generate(prepared, prompts_of((17, 2, 30, 8), vocab, seed=10), 13, **second)
     assert stats.compiles == 0, stats
     assert [len(o) <= 13 for o in out] == [True] * 4
-    # A new new-token bucket (64) compiles the loop again (or loads it from the tests'
-    # persistent cache, tests/conftest.py).
+    # A new new-token bucket (64) compiles the loop again (or loads it from a persistent
+    # compilation cache).
     with compile_stats() as stats:
         generate(prepared, prompts_of((5, 20, 9), vocab, seed=9), 40, **first)
     assert stats.compiles + stats.cache_hits >= 1 and stats.seconds > 0, stats
