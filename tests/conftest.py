@@ -33,3 +33,7 @@ def restore_cache_settings():
     for name, value in before.items():
         if getattr(jax.config, name) != value:
             jax.config.update(name, value)
+    # A module fixture that ran the trainer in-process turned the cache on before `before` was
+    # read: off after every test, since jax 0.11.2 segfaulted writing interpreted Pallas
+    # programs into it (test_reference_ops.py, 2026-12-06).
+    jax.config.update("jax_compilation_cache_dir", None)
