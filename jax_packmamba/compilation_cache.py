@@ -14,6 +14,7 @@ import os
 import pathlib
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 ENV_VAR = "JAX_PACKMAMBA_CACHE_DIR"
 
@@ -38,6 +39,10 @@ def enable(directory: str | os.PathLike | None = None) -> pathlib.Path:
         raise ValueError(
             f"compilation cache folder {str(path)!r} cannot be created: {err.strerror}"
         ) from None
+    if jax.config.jax_compilation_cache_dir != str(path):
+        # jax opens the folder at the first compile and keeps it for the process: a second
+        # enable() with another folder would otherwise go on writing to the first.
+        jax_cache.reset_cache()
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

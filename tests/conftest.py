@@ -9,6 +9,7 @@ gets its own cache folder, and every test leaves jax's cache settings as it foun
 
 import jax
 import pytest
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 from jax_packmamba import compilation_cache
 
@@ -35,5 +36,8 @@ def restore_cache_settings():
             jax.config.update(name, value)
     # A module fixture that ran the trainer in-process turned the cache on before `before` was
     # read: off after every test, since jax 0.11.2 segfaulted writing interpreted Pallas
-    # programs into it (test_reference_ops.py, 2026-12-06).
+    # programs into it (test_reference_ops.py, 2026-12-06). Clearing the folder is not enough:
+    # jax decides once per process that the cache is in use and keeps writing to the folder it
+    # opened until reset_cache().
     jax.config.update("jax_compilation_cache_dir", None)
+    jax_cache.reset_cache()

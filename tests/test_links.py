@@ -1209,8 +1209,8 @@ def test_carried_rows_over_two_devices_match_one_device(tmp_path, across_steps_r
 
 @pytest.mark.parametrize("family", ["mamba2", "mamba2_ungated"])
 def test_ssd_kernel_first_run_states_match_the_reference(family):
-    """The SSD kernels' own first-run start (pallas_kernels/ssd/states.first_run_inputs: chunk
-    0 only), gated and as the Mamba2 model runs it (ungated), against the reference's slot of
+    """The SSD kernels' own first-run start (the state before chunk 0, added in the state
+    passing: pallas_kernels/ssd/vjp._entry), gated and as the Mamba2 model runs it (ungated), against the reference's slot of
     its own: outputs, final states and every gradient, with a first run covering several chunks,
     one ending inside chunk 0 (its slot's final state is the start decayed), one ending on its
     edge whose id comes back later in the row."""

@@ -173,12 +173,10 @@ _COMPILED = {}
 
 
 def compiled(key, fn, *args):
-    """jit(fn) compiled for args once per key. On CPU XLA's backend optimisations are off: the
-    programs here (the interpreter's, the float64 loop's) run for milliseconds either way, and
-    that halves their compile time."""
+    """jit(fn) compiled for args once per key (the backend optimisations stay on: see
+    tests/compiled.py)."""
     if key not in _COMPILED:
-        opts = dict(xla_backend_optimization_level=0) if jax.default_backend() == "cpu" else None
-        _COMPILED[key] = jax.jit(fn).lower(*args).compile(compiler_options=opts)
+        _COMPILED[key] = jax.jit(fn).lower(*args).compile()
     return _COMPILED[key]
 
 
@@ -649,3 +647,64 @@ def test_linked_rows_lower_for_cuda_on_the_training_kernels():
     names = re.findall(r'name = "(ssd_[a-z_]+)"', text)
     assert sorted(names) == sorted(FORWARD + BACKWARD), names
     assert "stablehlo.scatter" not in text
+
+
+@pytest.mark.parametrize("state_passing", ["pallas", "xla"])
+@pytest.mark.parametrize("linked", [True, False])
+def test_state_passing_with_starts_against_a_float64_loop(state_passing, linked):
+    """The chunk-state passing (vjp._pass_states and its backward) with a start state added
+    before each row's first chunk, against a float64 loop over rows x chunks: linked, a row's
+    end passes into the next row only where that one continues; forward and reverse, with the
+    kernel (interpreted) and with XLA's scan."""
+    from pallas_kernels.ssd import vjp
+
+    b, c, h, p, n = 3, 4, 2, 4, 8
+    plan = vjp.make_plan(
+        jnp.zeros((b, c * 16, h, p), jnp.float32),
+        jnp.zeros((b, c * 16, 1, n), jnp.float32),
+        None,
+        dt_softplus=False,
+        chunk_size=16,
+        has_init=False,
+        return_states=False,
+        interpret=True,
+        config=SSDConfig(
+            chunk=16, block_l=16, block_s=16, block_state=16, state_passing=state_passing
+        ),
+    )
+    rng = np.random.default_rng(7)
+    S, dh = rng.standard_normal((2, b, c, h, p * n)).astype(np.float32)
+    start = rng.standard_normal((b, h, p * n)).astype(np.float32)
+    decay = rng.uniform(0.5, 1.0, (b, h, c)).astype(np.float32)
+    # Linked: row 1 continues row 0, row 2 starts anew.
+    into_next = jnp.asarray([1.0, 0.0, 0.0]) if linked else None
+    h_in = vjp._pass_states(plan, True, *map(jnp.asarray, (S, decay)), None, into_next, start)
+    dS, ddecay, dstart = vjp._pass_states_bwd(
+        plan, True, jnp.asarray(dh), h_in, jnp.asarray(decay), into_next, True
+    )
+
+    # The loop: one sequence of b * c chunks; the step out of a row's last chunk is cut unless
+    # the next row continues, and each row's first chunk adds its start.
+    f64 = lambda a: a.astype(np.float64).reshape(b * c, *a.shape[2:])  # noqa: E731
+    a = np.swapaxes(decay, 1, 2).astype(np.float64).reshape(b * c, h)
+    keep = np.ones(b * c)
+    keep[c - 1 :: c] = [1.0, 0.0, 0.0] if linked else 0.0
+    want_h = np.zeros((b * c, h, p * n))
+    for k in range(b * c):
+        if k:
+            want_h[k] = keep[k - 1] * (a[k - 1, :, None] * want_h[k - 1] + f64(S)[k - 1])
+        if k % c == 0:
+            want_h[k] += start[k // c]
+    G = np.zeros((h, p * n))  # the gradient reaching h_in[k + 1]
+    want_dS, want_dd = np.zeros((b * c, h, p * n)), np.zeros((b * c, h))
+    want_dstart = np.zeros((b, h, p * n))
+    for k in reversed(range(b * c)):
+        want_dS[k] = keep[k] * G
+        want_dd[k] = keep[k] * np.sum(G * want_h[k], axis=-1)
+        G = f64(dh)[k] + keep[k] * a[k, :, None] * G
+        if k % c == 0:
+            want_dstart[k // c] = G
+    assert rel_err(h_in, want_h.reshape(S.shape)) < 1e-6
+    assert rel_err(dS, want_dS.reshape(S.shape)) < 1e-6
+    assert rel_err(ddecay, np.swapaxes(want_dd.reshape(b, c, h), 1, 2)) < 1e-6
+    assert rel_err(dstart, want_dstart) < 1e-6

@@ -16,11 +16,13 @@ import shutil
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 import jax_packmamba as jp
+from jax_packmamba import compilation_cache
 from jax_packmamba.generation import generate
 from jax_packmamba.run_layout import resolve_model_dir
 from jax_packmamba.tokenizer import ByteTokenizer, tokenizer_for_model_dir
@@ -488,6 +490,16 @@ def test_compilation_cache_flags(tmp_path, jax_cache_settings):
     got = trainer.enable_compilation_cache(RunConfig(compilation_cache_dir=str(folder)))
     assert got == folder and folder.is_dir()
     assert jax.config.jax_compilation_cache_dir == str(folder)
+
+
+def test_a_second_cache_folder_receives_the_programs(tmp_path, jax_cache_settings):
+    # jax opens the cache folder once per process; enable() must make a new folder take effect.
+    first, second = tmp_path / "first", tmp_path / "second"
+    compilation_cache.enable(first)
+    jax.jit(lambda x: x * 3.0 + 1.0)(jnp.ones(7)).block_until_ready()
+    compilation_cache.enable(second)
+    jax.jit(lambda x: x * 5.0 - 2.0)(jnp.ones(9)).block_until_ready()
+    assert any(first.iterdir()) and any(second.iterdir())
 
 
 def test_run_reports_cache_folder_and_compile_time(

@@ -370,10 +370,16 @@ def chunk_states(
 # State passing across chunks (sequential over chunks, parallel over b x h x state elements).
 
 
-def _state_passing_kernel(r, *, st: Static, reverse: bool):
-    """Forward: h_in[0] = 0, h_in[c + 1] = decay[c] h_in[c] + S[c] (+ S_add[c]).
-    Reverse: G = 0; for c from the last: dS[c] = G, ddecay[c] = <G, h_in[c]> (this block's
-    share), G = dH[c] + decay[c] G, the gradient reaching h_in[c]."""
+def _state_passing_kernel(r, *, st: Static, reverse: bool, row_chunks: int, with_start: bool):
+    """Forward: h_in[0] = 0, h_in[c + 1] = decay[c] h_in[c] + scale[c] (S[c] (+ S_add[c])).
+    Reverse: G = 0; for c from the last: dS[c] = scale[c] G, ddecay[c] = <G, h_in[c]> (this
+    block's share), G = dH[c] + decay[c] G, the gradient reaching h_in[c]. scale (b, c), 1
+    where absent, is how linked rows stop a row's end where the next row does not continue:
+    applied here, it costs no pass over S.
+
+    With a start (rows, h, p*n), a row's first chunk (every row_chunks chunks: the rows of a
+    linked batch run as one sequence) enters with it added: h_in there += start[row]; the
+    reverse then also gives dstart[row], the gradient reaching that h_in."""
     blk, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     cols = pl.ds(blk * st.block_state, st.block_state)
     nc = st.n_chunks
@@ -381,6 +387,12 @@ def _state_passing_kernel(r, *, st: Static, reverse: bool):
 
     def chunk_of(k):
         return nc - 1 - k if reverse else k
+
+    def row_of(c):
+        return b * (nc // row_chunks) + div(c, row_chunks)
+
+    def row_start(c):
+        return rem(c, row_chunks) == 0
 
     def fetch(k):
         c = chunk_of(jnp.minimum(k, nc - 1))
@@ -398,28 +410,56 @@ def _state_passing_kernel(r, *, st: Static, reverse: bool):
         nxt = fetch(k + 1)
         c = chunk_of(k)
         decay = r["decay"][b, h, c]
+        scale = r["scale"][b, c] if "scale" in r else None
         if reverse:
-            store(r["dS"], (b, c, h, cols), state)
+            store(r["dS"], (b, c, h, cols), state if scale is None else scale * state)
             r["ddecay"][b, h, c, blk] = jnp.sum(state * rows[1])
-        else:
-            store(r["h_in"], (b, c, h, cols), state)
-        new = decay * state + rows[0]
-        if not reverse and "s_add" in r:
-            new = new + rows[1]
-        return new, nxt
+            new = decay * state + rows[0]
+            if with_start:
+
+                @pl.when(row_start(c))
+                def _():
+                    store(r["dstart"], (row_of(c), h, cols), new)
+
+            return new, nxt
+        if with_start:
+            state = jax.lax.cond(
+                row_start(c),
+                lambda s: s + load(r["start"], (row_of(c), h, cols)),
+                lambda s: s,
+                state,
+            )
+        store(r["h_in"], (b, c, h, cols), state)
+        drive = rows[0] + rows[1] if "s_add" in r else rows[0]
+        return decay * state + (drive if scale is None else scale * drive), nxt
 
     jax.lax.fori_loop(0, nc, body, (jnp.zeros((st.block_state,), F32), fetch(0)))
 
 
-def state_passing(inputs: dict, *, reverse: bool, st: Static, interpret: bool):
-    """Forward: h_in (b, c, h, p*n). Reverse: (dS (b, c, h, p*n), ddecay (b, h, c, blocks))."""
+def state_passing(
+    inputs: dict,
+    *,
+    reverse: bool,
+    st: Static,
+    interpret: bool,
+    row_chunks: int | None = None,
+    with_start: bool = False,
+):
+    """Forward: h_in (b, c, h, p*n), with inputs["start"] (rows, h, p*n) where not None.
+    Reverse: (dS (b, c, h, p*n), ddecay (b, h, c, blocks)), and dstart (rows, h, p*n) with
+    with_start. row_chunks: the chunks of a row (the rows of a linked batch run as one)."""
     size = st.headdim * st.d_state
     nblk = size // st.block_state
+    row_chunks = row_chunks or st.n_chunks
+    n_rows = st.batch * st.n_chunks // row_chunks
+    with_start = with_start or inputs.get("start") is not None
     states = jax.ShapeDtypeStruct((st.batch, st.n_chunks, st.heads, size), F32)
     if reverse:
         outs = dict(
             dS=states, ddecay=jax.ShapeDtypeStruct((st.batch, st.heads, st.n_chunks, nblk), F32)
         )
+        if with_start:
+            outs["dstart"] = jax.ShapeDtypeStruct((n_rows, st.heads, size), F32)
     else:
         outs = dict(h_in=states)
     res = launch.call(
@@ -433,6 +473,8 @@ def state_passing(inputs: dict, *, reverse: bool, st: Static, interpret: bool):
         interpret=interpret,
         st=st,
         reverse=reverse,
+        row_chunks=row_chunks,
+        with_start=with_start,
     )
     return tuple(res) if reverse else res[0]
 

@@ -112,58 +112,6 @@ def initial_state_outputs(glue: Glue, C, init):
     return y[:, : glue.length]
 
 
-def first_run_inputs(decay, dt_softplus, segment_ids, C, first, chunk, padded):
-    """(y_add (b, t, h, p), s_add (b, c, h, p, n)) float32 for a start state of each row's run
-    at t = 0, first (b, h, p, n); decay as Glue.build takes it: that run began in chunk 0, so only chunk 0 reads it directly,
-    its tokens there 2^(cs_l) C_l . first, and, where the run covers chunk 0, its end hands on
-    2^(cs_end) first (later chunks get it through h_in). One slot and one chunk of work, where
-    initial_state_outputs would contract every token with every slot; no Glue (its segmented
-    scan over the whole row): the first run is the row's prefix, so its cumulative decay is a
-    plain cumsum over chunk 0 (each token's reads only its own run's earlier tokens)."""
-    batch, length, groups, d_state = C.shape
-    heads, headdim = first.shape[1:3]
-    n = min(chunk, length)  # chunk 0's tokens; past the row's end it is padding (dt' = 0)
-    if "log_decay" in decay:  # per token (Mamba-3)
-        log_decay = decay["log_decay"][:, :n].astype(F32)
-    else:
-        dtp = decay["dt"][:, :n].astype(F32)
-        if decay["bias"] is not None:
-            dtp = dtp + decay["bias"].astype(F32)
-        if dt_softplus:
-            dtp = jax.nn.softplus(dtp)
-        log_decay = dtp * decay["A"].astype(F32)
-    # (b, n, h); an associative scan, as a cumsum along this non-minor axis would lower to an
-    # n^2 reduce-window on a GPU (jax_packmamba/ops/ssd_scan.py: _last_run_end_states).
-    cs = jax.lax.associative_scan(jnp.add, log_decay, axis=1)
-    if segment_ids is None:
-        in_first = jnp.ones((batch, n), F32)
-    else:
-        starts = segment_starts(segment_ids[:, :n].astype(jnp.int32))
-        in_first = (jnp.cumsum(starts.astype(jnp.int32), axis=1) == 1).astype(F32)
-    c0 = C[:, :n].astype(F32) * in_first[..., None, None]  # (b, n, g, n_state)
-    first_g = first.astype(F32).reshape(batch, groups, heads // groups, headdim, d_state)
-    y0 = _matmul("blgn,bgkpn->blgkp", c0, first_g, C)
-    y0 = y0.reshape(batch, n, heads, headdim) * jnp.exp(cs)[..., None]
-    y_add = jnp.pad(y0, ((0, 0), (0, length - n), (0, 0), (0, 0)))
-    # Chunk 0's end state gets the start where the first run reaches it (padding continues
-    # the last token's run with decay 1); 0 elsewhere.
-    end = in_first[:, -1:] * jnp.exp(cs[:, -1])  # (b, h)
-    s0 = end[..., None, None] * first.astype(F32)
-    n_chunks = padded // chunk
-    s_add = jnp.pad(s0[:, None], ((0, 0), (0, n_chunks - 1), (0, 0), (0, 0), (0, 0)))
-    return y_add, s_add
-
-
-def first_run_final_base(glue: Glue, first):
-    """(b, s, h, p, n) float32: `first` (b, h, p, n) in the slot whose last run is the row's
-    first run, zeros elsewhere: the base `final_states` decays where that run's last token is
-    in chunk 0 (in a later chunk the run entered it, and h_in carries the start)."""
-    first_id = glue.slot[:, :1]
-    later_same = jnp.any((glue.run > 0) & (glue.slot == first_id), axis=1)  # (b,)
-    own = (jnp.arange(glue.num_segments) == first_id) & ~later_same[:, None]  # (b, s)
-    return jnp.where(own[..., None, None, None], first[:, None].astype(F32), 0.0)
-
-
 def _chunk_ends(a, chunk):
     return a[:, chunk - 1 :: chunk]
 

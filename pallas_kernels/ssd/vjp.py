@@ -31,6 +31,7 @@ class Plan:
     cfg: SSDConfig
     return_states: bool  # the core also returns h_in (for final states)
     has_init: bool  # initial states: the kernels add y_add and s_add
+    has_start: bool = False  # first-run states: each row's h_in[:, 0] adds them (_entry)
     y_dtype: str | None = None  # the output's dtype; None: x's
     # False: the backward recomputes h_in (chunk states and state passing, as the forward)
     # rather than keeping it: (b, c, h, p, n) float32 less between forward and backward.
@@ -74,8 +75,8 @@ def ssd_scan_pallas(
 ):
     """Same contract as jax_packmamba.ops.ssd_scan.ssd_scan (arguments validated there),
     except that first_run_states (b, h, p, n), the state each row's run at t = 0 starts from,
-    is taken here only without initial_states (states.first_run_inputs: it touches chunk 0
-    only), and continues (b,) bool only without initial_states: row b's first run starts from
+    is taken here only without initial_states (it enters as the state before chunk 0, which
+    the state passing adds: no pass over the tokens), and continues (b,) bool only without initial_states: row b's first run starts from
     row b - 1's end state (continues[0] is not read), which the state passing hands across the
     rows as across chunks (`_linked_rows`); first_run_states must be zero on continuing rows.
     `config` overrides the tiling heuristic (its chunk and blocks are still fitted to the
@@ -94,7 +95,8 @@ def ssd_scan_pallas(
         D,
         dt_softplus=dt_softplus,
         chunk_size=chunk_size,
-        has_init=initial_states is not None or first_run_states is not None,
+        has_init=initial_states is not None,
+        has_start=first_run_states is not None,
         return_states=bool(return_final_states),
         interpret=interpret,
         config=config,
@@ -193,36 +195,41 @@ def _entry(
     dt' A) or dict(log_decay, scale) (per token, as given). continues (b,) bool, False at row 0,
     with segment_ids."""
     st = plan.st
-    seg_lo = seg_hi = into_next = None
+    seg_lo = seg_hi = into_next = start = None
+    if first_run_only and segment_ids is None:  # the first run is found through the runs' bounds
+        segment_ids = jnp.zeros((st.batch, st.length), jnp.int32)
     if segment_ids is not None:
         seg_lo, seg_hi = segment_bounds(segment_ids, st.chunk, st.padded)
-    if continues is not None:
-        # A continuing row's first run enters chunk 0 from the row before, as a run enters a
-        # chunk from the one before: the kernels then read its start from h_in[:, 0].
+    if continues is not None or first_run_only:
+        # A continuing row's first run enters chunk 0 from the row before, and a given start as
+        # the state before chunk 0, as a run enters a chunk from the one before: the kernels then
+        # read its start from h_in[:, 0], and the final states' glue too.
         t = jnp.arange(st.padded)
         first_in_chunk0 = (t < st.chunk) & (seg_lo == 0)
-        seg_lo = jnp.where(continues[:, None] & first_in_chunk0, -1, seg_lo)
+        if not first_run_only:
+            first_in_chunk0 = continues[:, None] & first_in_chunk0
+        seg_lo = jnp.where(first_in_chunk0, -1, seg_lo)
+    if continues is not None:
         # Row b's end state passes into row b + 1 where that row continues.
         into_next = jnp.concatenate([continues[1:], jnp.zeros((1,), bool)]).astype(F32)
+    if first_run_only:  # initial_states[:, 0] is each row's first-run start: h_in[:, 0] adds it
+        start = initial_states[:, 0].astype(F32).reshape(st.batch, st.heads, -1)
+        initial_states = None
     glue = y_add = s_add = None
-    if (initial_states is not None and not first_run_only) or plan.return_states:
+    if initial_states is not None or plan.return_states:
         glue = states.Glue.build(
             decay, st.dt_softplus, segment_ids, seg_lo, num_segments, st.chunk, st.padded
         )
-    if first_run_only:  # initial_states[:, 0] is each row's first-run start
-        y_add, s_add = states.first_run_inputs(
-            decay, st.dt_softplus, segment_ids, C, initial_states[:, 0], st.chunk, st.padded
-        )
-    elif initial_states is not None:
+    if initial_states is not None:
         y_add = states.initial_state_outputs(glue, C, initial_states)
         s_add = states.initial_state_chunk_ends(glue, initial_states)
-    out = _ssd(plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add, into_next)
+    out = _ssd(
+        plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add, into_next, start
+    )
     if not plan.return_states:
         return out
     y, h_in = out
     h_in = h_in.reshape(st.batch, st.n_chunks, st.heads, st.headdim, st.d_state)
-    if first_run_only:  # the start is the base of the slot whose last run is the first run
-        initial_states = states.first_run_final_base(glue, initial_states[:, 0])
     return y, states.final_states(glue, x, B, h_in, initial_states)
 
 
@@ -244,6 +251,7 @@ def make_plan(
     config,
     y_dtype: str | None = None,
     save_states: bool = True,
+    has_start: bool = False,
 ) -> Plan:
     batch, length, heads, headdim = x.shape
     groups, d_state = B.shape[2:]
@@ -283,7 +291,7 @@ def make_plan(
     )
     if cfg.chunk_scan_backend == "mosaic":
         chunk_scan_mgpu.check_supported(st)
-    return Plan(st, cfg, return_states, has_init, y_dtype, bool(save_states))
+    return Plan(st, cfg, return_states, has_init, has_start, y_dtype, bool(save_states))
 
 
 def _divisor(split: int, n: int) -> int:
@@ -351,70 +359,127 @@ def _scale_last_chunk(a, into_next):
 
 def _linked_rows(plan: Plan, into_next, decay):
     """The rows as one sequence of b * c chunks, for the state passing: (the plan of one row
-    of them, decay (1, h, b * c)), with row b's last chunk handing its end on to row b + 1's
-    first by into_next[b] (1 where row b + 1 continues, else 0). The chunk-end states handed
-    on are scaled the same (_scale_last_chunk), so that nothing else passes."""
+    of them, decay (1, h, b * c), scale (1, b * c)), with row b's last chunk handing its end on
+    to row b + 1's first by into_next[b] (1 where row b + 1 continues, else 0): its decay and
+    its chunk-end state are scaled by it, so that nothing else passes."""
     st = plan.st
     flat = dataclasses.replace(
         plan, st=dataclasses.replace(st, batch=1, length=st.batch * st.padded)
     )
     decay = jnp.swapaxes(_scale_last_chunk(jnp.swapaxes(decay, 1, 2), into_next), 1, 2)
-    return flat, jnp.swapaxes(decay, 0, 1).reshape(1, st.heads, st.batch * st.n_chunks)
+    scale = _scale_last_chunk(jnp.ones((st.batch, st.n_chunks), F32), into_next.astype(F32))
+    flat_decay = jnp.swapaxes(decay, 0, 1).reshape(1, st.heads, st.batch * st.n_chunks)
+    return flat, flat_decay, scale.reshape(1, -1)
 
 
 def _as_one_row(a):
     return a.reshape(1, a.shape[0] * a.shape[1], *a.shape[2:])
 
 
-def _pass_states(plan, interpret, S, decay, s_add, into_next=None):
+def _pass_states(
+    plan, interpret, S, decay, s_add, into_next=None, start=None, *, scale=None, row_chunks=None
+):
     """h_in (b, c, h, p * n) from the chunk-end states S (b, c, h, p * n); with into_next (b,),
-    across the rows too (_linked_rows)."""
+    across the rows too (_linked_rows); start (b, h, p * n) or None is added to each row's
+    h_in[:, 0] (each row's first run enters chunk 0 with it: _entry)."""
     if into_next is not None:
-        flat, flat_decay = _linked_rows(plan, into_next, decay)
-        S = _as_one_row(_scale_last_chunk(S, into_next))
-        if s_add is not None:
-            s_add = _as_one_row(_scale_last_chunk(s_add, into_next))
-        h_in = _pass_states(flat, interpret, S, flat_decay, s_add)
+        flat, flat_decay, scale = _linked_rows(plan, into_next, decay)
+        s_add = None if s_add is None else _as_one_row(s_add)
+        h_in = _pass_states(
+            flat,
+            interpret,
+            _as_one_row(S),
+            flat_decay,
+            s_add,
+            start=start,
+            scale=scale,
+            row_chunks=plan.st.n_chunks,
+        )
         return h_in.reshape(plan.st.batch, plan.st.n_chunks, *h_in.shape[2:])
     st = plan.st
     if plan.cfg.state_passing == "pallas":
+        inputs = dict(S=S, decay=decay, s_add=s_add, scale=scale, start=start)
         return kernel.state_passing(
-            dict(S=S, decay=decay, s_add=s_add), reverse=False, st=st, interpret=interpret
+            inputs, reverse=False, st=st, interpret=interpret, row_chunks=row_chunks
         )
     drive = S if s_add is None else S + s_add
+    if scale is not None:
+        drive = drive * scale[..., None, None]
+    batch, n_chunks = S.shape[:2]
+    row_chunks = row_chunks or n_chunks
+    if start is None:
+        start = jnp.zeros((batch * (n_chunks // row_chunks), *S.shape[2:]), F32)
+    start = start.reshape(batch, n_chunks // row_chunks, *S.shape[2:])
+    # A later row of a linked sequence enters through the drive of the chunk before it; the
+    # first through an element (decay 0, drive start) before chunk 0.
+    later = jnp.pad(start[:, 1:, None], ((0, 0), (0, 1), (row_chunks - 1, 0), (0, 0), (0, 0)))
+    drive = drive + later.reshape(drive.shape)
     a = jnp.swapaxes(decay, 1, 2)[..., None]  # (b, c, h, 1)
-    _, h_end = jax.lax.associative_scan(combine_affine, (a, drive), axis=1)
-    return jnp.concatenate([jnp.zeros_like(h_end[:, :1]), h_end[:, :-1]], axis=1)
+    a = jnp.concatenate([jnp.zeros_like(a[:, :1]), a], axis=1)
+    drive = jnp.concatenate([start[:, :1], drive], axis=1)
+    _, h = jax.lax.associative_scan(combine_affine, (a, drive), axis=1)
+    return h[:, :-1]
 
 
-def _pass_states_bwd(plan, interpret, dh, h_in, decay, into_next=None):
-    """(dS, ddecay): dS[c] = G[c + 1] with G[c] = dh[c] + decay[c] G[c + 1] (G[n_chunks] = 0),
-    ddecay (b, h, c) = <G[c + 1], h_in[c]>; with into_next, across the rows too."""
+def _pass_states_bwd(
+    plan,
+    interpret,
+    dh,
+    h_in,
+    decay,
+    into_next=None,
+    with_start=False,
+    *,
+    scale=None,
+    row_chunks=None,
+):
+    """(dS, ddecay, dstart): dS[c] = scale[c] G[c + 1] with G[c] = dh[c] + decay[c] G[c + 1]
+    (G[n_chunks] = 0, G[c] the gradient reaching h_in[c]), ddecay (b, h, c) = <G[c + 1],
+    h_in[c]>, dstart (b, h, p * n) = G at each row's chunk 0 with with_start, else None; with
+    into_next, across the rows too."""
     if into_next is not None:
         st = plan.st
-        flat, flat_decay = _linked_rows(plan, into_next, decay)
-        dS, ddecay = _pass_states_bwd(
-            flat, interpret, _as_one_row(dh), _as_one_row(h_in), flat_decay
+        flat, flat_decay, scale = _linked_rows(plan, into_next, decay)
+        dS, ddecay, dstart = _pass_states_bwd(
+            flat,
+            interpret,
+            _as_one_row(dh),
+            _as_one_row(h_in),
+            flat_decay,
+            with_start=with_start,
+            scale=scale,
+            row_chunks=st.n_chunks,
         )
-        # The gradients of the scaled last chunks' S and decay, back to the rows'.
-        dS = _scale_last_chunk(dS.reshape(dh.shape), into_next)
+        # The gradient of the scaled last chunks' decay, back to the rows'.
         ddecay = jnp.swapaxes(ddecay.reshape(st.heads, st.batch, st.n_chunks), 0, 1)
         ddecay = jnp.swapaxes(_scale_last_chunk(jnp.swapaxes(ddecay, 1, 2), into_next), 1, 2)
-        return dS, ddecay
+        return dS.reshape(dh.shape), ddecay, dstart
     st = plan.st
     if plan.cfg.state_passing == "pallas":
-        dS, ddecay = kernel.state_passing(
-            dict(dh=dh, h_in=h_in, decay=decay), reverse=True, st=st, interpret=interpret
+        inputs = dict(dh=dh, h_in=h_in, decay=decay, scale=scale)
+        dS, ddecay, *dstart = kernel.state_passing(
+            inputs,
+            reverse=True,
+            st=st,
+            interpret=interpret,
+            row_chunks=row_chunks,
+            with_start=with_start,
         )
-        return dS, ddecay.sum(-1)
+        return dS, ddecay.sum(-1), (dstart[0] if with_start else None)
     a = jnp.swapaxes(decay, 1, 2)[..., None]
     _, G = jax.lax.associative_scan(combine_affine, (a, dh), axis=1, reverse=True)
-    dS = jnp.concatenate([G[:, 1:], jnp.zeros_like(G[:, :1])], axis=1)
-    return dS, jnp.swapaxes(jnp.sum(dS * h_in, axis=-1), 1, 2)
+    dstart = None
+    if with_start:
+        batch, n_chunks = dh.shape[:2]
+        row_chunks = row_chunks or n_chunks
+        dstart = G.reshape(-1, row_chunks, *dh.shape[2:])[:, 0]
+    G = jnp.concatenate([G[:, 1:], jnp.zeros_like(G[:, :1])], axis=1)
+    dS = G if scale is None else G * scale[..., None, None]
+    return dS, jnp.swapaxes(jnp.sum(G * h_in, axis=-1), 1, 2), dstart
 
 
 def _chunk_entry_states(
-    plan: Plan, interpret, x, B, cs, dtp, seg_lo, chunk_decays, s_add, into_next
+    plan: Plan, interpret, x, B, cs, dtp, seg_lo, chunk_decays, s_add, into_next, start
 ):
     """h_in (b, c, h, p, n) float32: each chunk's own end state (the chunk-state kernel), passed
     across chunks. The forward's, and the backward's where the plan does not save it."""
@@ -428,11 +493,13 @@ def _chunk_entry_states(
     S = S.reshape(st.batch, st.n_chunks, st.heads, st.headdim * st.d_state)
     if s_add is not None:
         s_add = s_add.astype(F32).reshape(S.shape)
-    h_in = _pass_states(plan, interpret, S, chunk_decays, s_add, into_next)
+    h_in = _pass_states(plan, interpret, S, chunk_decays, s_add, into_next, start)
     return h_in.reshape(st.batch, st.n_chunks, st.heads, st.headdim, st.d_state)
 
 
-def _fwd_impl(plan: Plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add, into_next):
+def _fwd_impl(
+    plan: Plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add, into_next, start
+):
     del seg_hi
     st = plan.st
     launch = _launch(plan, interpret)
@@ -442,7 +509,7 @@ def _fwd_impl(plan: Plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add
     cb = kernel.chunk_cb(dict(C=C, B=B), st=st, **launch)
     chunk_decays = chunk_decay(cs, seg_lo, st=st)
     h_in = _chunk_entry_states(
-        plan, interpret, x, B, cs, dtp, seg_lo, chunk_decays, s_add, into_next
+        plan, interpret, x, B, cs, dtp, seg_lo, chunk_decays, s_add, into_next, start
     )
     inputs = dict(
         x=x, z=z, C=C, cb=cb, cs=cs, dtp=dtp, h_in=h_in, D=_f32(D), y_add=_f32(y_add), seg_lo=seg_lo
@@ -456,22 +523,23 @@ def _fwd_impl(plan: Plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _ssd(plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add, into_next):
+def _ssd(plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add, into_next, start):
     """into_next (b,) float32 or None: row b's end state passes into row b + 1 by that factor
-    (_entry; no gradient)."""
+    (_entry; no gradient). start (b, h, p * n) float32 or None: each row's first run enters
+    chunk 0 with it (_entry)."""
     return _fwd_impl(
-        plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add, into_next
+        plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add, into_next, start
     )[0]
 
 
-def _ssd_fwd(plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add, into_next):
+def _ssd_fwd(plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add, into_next, start):
     out, (h_in, y_pre) = _fwd_impl(
-        plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add, into_next
+        plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add, into_next, start
     )
-    # Without saved states the backward reruns their passing, which adds s_add: kept (an input,
-    # made in XLA from the (b, s, h, p, n) initial states; under a remat policy that does not
-    # save it, jax.checkpoint makes it again from those rather than keeping it).
-    kept = (h_in, None) if plan.save_states else (None, s_add)
+    # Without saved states the backward reruns their passing, which adds s_add and start: kept
+    # (inputs, made in XLA from the initial states; under a remat policy that does not save
+    # them, jax.checkpoint makes them again from those rather than keeping them).
+    kept = (h_in, None, None) if plan.save_states else (None, s_add, start)
     return out, (x, decay, B, C, D, z, seg_lo, seg_hi, *kept, y_pre, into_next)
 
 
@@ -485,7 +553,7 @@ def _gate_bwd(dy, z, y_pre, *, dtype):
 
 
 def _ssd_bwd(plan, interpret, res, cts):
-    x, decay, B, C, D, z, seg_lo, seg_hi, h_in, s_add, y_pre, into_next = res
+    x, decay, B, C, D, z, seg_lo, seg_hi, h_in, s_add, start, y_pre, into_next = res
     st, cfg = plan.st, plan.cfg
     launch = _launch(plan, interpret)
     dy, dh_ct = cts if plan.return_states else (cts, None)
@@ -506,10 +574,10 @@ def _ssd_bwd(plan, interpret, res, cts):
     chunk_decays = chunk_decay(cs, seg_lo, st=st)
     if h_in is None:
         h_in = _chunk_entry_states(
-            plan, interpret, x, B, cs, dtp, seg_lo, chunk_decays, s_add, into_next
+            plan, interpret, x, B, cs, dtp, seg_lo, chunk_decays, s_add, into_next, start
         )
-    dS, ddecay = _pass_states_bwd(
-        plan, interpret, dh, h_in.reshape(dh.shape), chunk_decays, into_next
+    dS, ddecay, dstart = _pass_states_bwd(
+        plan, interpret, dh, h_in.reshape(dh.shape), chunk_decays, into_next, plan.has_start
     )
     dS = dS.reshape(h_in.shape)
     seg = dict(seg_lo=seg_lo, seg_hi=seg_hi)
@@ -557,7 +625,7 @@ def _ssd_bwd(plan, interpret, res, cts):
     # The gradients of the kernels' additive inputs (states.py makes them from initial states).
     d_y_add = dyp.astype(F32) if plan.has_init else None
     d_s_add = dS if plan.has_init else None
-    return dx, d_decay, dB, dC, dD, dz, None, None, d_y_add, d_s_add, None
+    return dx, d_decay, dB, dC, dD, dz, None, None, d_y_add, d_s_add, None, dstart
 
 
 def _cumsum_bwd(plan, interpret, decay, dcs, ddt_x, seg):
