@@ -7,6 +7,8 @@ any other process: a worker once crashed reading an entry there while others wro
 gets its own cache folder, and every test leaves jax's cache settings as it found them.
 """
 
+import gc
+
 import jax
 import pytest
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
@@ -41,3 +43,18 @@ def restore_cache_settings():
     # opened until reset_cache().
     jax.config.update("jax_compilation_cache_dir", None)
     jax_cache.reset_cache()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_compiled_programs(request):
+    """Frees each test module's compiled programs when it ends. XLA:CPU maps memory for every
+    executable it keeps; a worker holding all of a run's programs (tests/compiled.py keeps them
+    for reuse) reached 55,000 of the kernel's 65,530 maps (vm.max_map_count) and segfaulted
+    inside XLA when the next compile could not map more (CI at stops 35 and 36)."""
+    yield
+    from tests import compiled
+
+    compiled._COMPILED.clear()
+    getattr(request.module, "_COMPILED", {}).clear()
+    jax.clear_caches()
+    gc.collect()

@@ -173,10 +173,12 @@ _COMPILED = {}
 
 
 def compiled(key, fn, *args):
-    """jit(fn) compiled for args once per key (the backend optimisations stay on: see
-    tests/compiled.py)."""
+    """jit(fn) compiled for args once per key. On CPU XLA's backend optimisations are off: the
+    programs here (the interpreter's, the float64 loop's) run for milliseconds either way, and
+    that halves their compile time."""
     if key not in _COMPILED:
-        _COMPILED[key] = jax.jit(fn).lower(*args).compile()
+        opts = dict(xla_backend_optimization_level=0) if jax.default_backend() == "cpu" else None
+        _COMPILED[key] = jax.jit(fn).lower(*args).compile(compiler_options=opts)
     return _COMPILED[key]
 
 
@@ -622,31 +624,53 @@ def test_states_path_lowers_for_cuda():
     assert "stablehlo.scatter" not in text
 
 
+def big_xla_ops(text, min_size):
+    """{(op, shape)} of the lowered program's ops outside the kernels (reshapes aside, which
+    move nothing) whose result has more than min_size elements."""
+    found = set()
+    for line in text.splitlines():
+        op = re.search(r'= "?stablehlo\.([a-z_]+)', line)
+        if not op or op.group(1) in ("custom_call", "reshape"):
+            continue
+        result = re.findall(r"tensor<([0-9x]+)x(?:f32|bf16)>", line.split("->")[-1])
+        if result and np.prod([int(d) for d in result[-1].split("x")]) > min_size:
+            found.add((op.group(1), result[-1]))
+    return found
+
+
 def test_linked_rows_lower_for_cuda_on_the_training_kernels():
     """Rows linked by `continues` with a carried first-run start (ops/links.py), forward and
-    backward: the training path's kernels once each (the end states are a contraction, the
-    start enters chunk 0 as additive inputs), no scatter (atomic adds on a GPU)."""
+    backward: the training path's kernels once each, no scatter (atomic adds on a GPU), and no
+    XLA pass over a state- or token-sized array that unlinked rows do not make (the row scale
+    and the start are applied inside the state passing: pallas_kernels/ssd/DESIGN.md)."""
     args = lowering_args()
     b, _, h, p = args[0].shape
-    start = jax.ShapeDtypeStruct((b, h, p, args[3].shape[3]), jnp.float32)
+    n = args[3].shape[3]
+    start = jax.ShapeDtypeStruct((b, h, p, n), jnp.float32)
     links = jax.ShapeDtypeStruct((b,), jnp.bool_)
 
-    def loss(*xs):
+    def loss(*xs, linked=True):
         *xs, seg, continues, first = xs
         y = ssd_scan(
             *xs,
             dt_softplus=True,
             segment_ids=seg,
-            continues=continues,
-            first_run_states=first,
+            continues=continues if linked else None,
+            first_run_states=first if linked else None,
             impl="pallas",
         )
         return y.astype(jnp.float32).sum()
 
-    text = lower_for_cuda(jax.grad(loss, argnums=tuple(range(8)) + (10,)), *args, links, start)
+    argnums = tuple(range(8)) + (10,)
+    text = lower_for_cuda(jax.grad(loss, argnums=argnums), *args, links, start)
     names = re.findall(r'name = "(ssd_[a-z_]+)"', text)
     assert sorted(names) == sorted(FORWARD + BACKWARD), names
     assert "stablehlo.scatter" not in text
+    unlinked = functools.partial(loss, linked=False)
+    plain = lower_for_cuda(jax.grad(unlinked, argnums=argnums), *args, links, start)
+    # Larger than the start itself (one state per row): per chunk or per token.
+    added = big_xla_ops(text, b * h * p * n) - big_xla_ops(plain, b * h * p * n)
+    assert not added, added
 
 
 @pytest.mark.parametrize("state_passing", ["pallas", "xla"])

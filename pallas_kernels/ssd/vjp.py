@@ -76,9 +76,10 @@ def ssd_scan_pallas(
     """Same contract as jax_packmamba.ops.ssd_scan.ssd_scan (arguments validated there),
     except that first_run_states (b, h, p, n), the state each row's run at t = 0 starts from,
     is taken here only without initial_states (it enters as the state before chunk 0, which
-    the state passing adds: no pass over the tokens), and continues (b,) bool only without initial_states: row b's first run starts from
-    row b - 1's end state (continues[0] is not read), which the state passing hands across the
-    rows as across chunks (`_linked_rows`); first_run_states must be zero on continuing rows.
+    the state passing adds: no pass over the tokens), and continues (b,) bool only without
+    initial_states: row b's first run starts from row b - 1's end state (continues[0] is not
+    read), which the state passing hands across the rows as across chunks (`_linked_rows`);
+    first_run_states must be zero on continuing rows.
     `config` overrides the tiling heuristic (its chunk and blocks are still fitted to the
     sequence). save_chunk_states=False: the backward recomputes the states entering each chunk
     instead of keeping them from the forward (Plan.save_states)."""
