@@ -118,8 +118,9 @@ def row_end_ids(segment_ids, hidden, num_segments, return_end_state):
     return compact_ids(ids, "last"), 3
 
 
-def row_end_state(conv_inputs, segment_ids, final_ssm, width: int) -> MixerState:
-    """Each row's last run's end state (b, ...): its last conv inputs and final_ssm's slot 0
-    (row_end_ids' slots)."""
+def row_end_state(conv_inputs, segment_ids, end_ssm, width: int) -> MixerState:
+    """Each row's last run's end state (b, ...): its last conv inputs and the scan's state
+    after the row (end_ssm: the final states' slot 0 under row_end_ids' slots, or the scan's
+    row end states)."""
     ids = jnp.zeros(conv_inputs.shape[:2], jnp.int32) if segment_ids is None else segment_ids
-    return MixerState(conv=last_run_inputs(conv_inputs, ids, width), ssm=final_ssm[:, 0])
+    return MixerState(conv=last_run_inputs(conv_inputs, ids, width), ssm=end_ssm)

@@ -28,7 +28,6 @@ from jax_packmamba.layers import (
     MixerState,
     conv_window,
     dt_bias_init,
-    row_end_ids,
     row_end_state,
     saved,
     segment_caches,
@@ -170,7 +169,10 @@ class Mamba2Mixer(nnx.Module):
             return self.out_proj(y), MixerState(conv=window[:, 1:], ssm=ssm)
         if num_segments is not None and segment_ids is None:
             segment_ids = jnp.zeros(hidden.shape[:2], jnp.int32)
-        scan_ids, slots = row_end_ids(segment_ids, hidden, num_segments, return_end_state)
+        if return_end_state and num_segments is not None:
+            raise ValueError(
+                "return_end_state is for a training call; a prefill takes num_segments"
+            )
         z, xBC, dt = saved(PROJECTION, *self._in_proj(hidden))
         # The conv hands back x, B and C as separate arrays: the tile kernels write them so,
         # where splitting a kernel's one output would copy them (and concatenate their
@@ -202,19 +204,22 @@ class Mamba2Mixer(nnx.Module):
             None,
             self.dt_bias[...],
             dt_softplus=True,
-            segment_ids=scan_ids,
+            segment_ids=segment_ids,
             chunk_size=config.chunk_size,
             continues=continues,
             first_run_states=None if start_state is None else start_state.ssm,
-            return_final_states=slots is not None,
-            num_segments=slots,
+            return_final_states=num_segments is not None,
+            num_segments=num_segments,
             impl=config.scan_impl,
             save_chunk_states=config.remat not in REMAT_RECOMPUTING_SSD_STATES,
+            # A training call's carry: each row's end, from the kernels' state passing.
+            return_row_end_states=return_end_state,
         )
-        y, ssm = result if slots is not None else (result, None)
+        multiple = num_segments is not None or return_end_state
+        y, ssm = result if multiple else (result, None)
         y = saved(MIXER_CORE, y.reshape(*y.shape[:2], config.d_inner))
         out = self.out_proj(saved(OUT_PROJ_INPUT, self.norm(y, z)))
-        if slots is None:
+        if not multiple:
             return out, None
         if return_end_state:
             return out, row_end_state(xBC, segment_ids, ssm, config.d_conv)

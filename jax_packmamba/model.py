@@ -223,7 +223,7 @@ class MambaMixer(nnx.Module):
             return self.out_proj(saved(OUT_PROJ_INPUT, saved(MIXER_CORE, result))), None
         y, ssm = result
         if return_end_state:
-            return self.out_proj(y), row_end_state(x, segment_ids, ssm, config.d_conv)
+            return self.out_proj(y), row_end_state(x, segment_ids, ssm[:, 0], config.d_conv)
         return self.out_proj(y), segment_caches(
             x, segment_ids, num_segments, ssm, config.d_conv, continues
         )

@@ -845,6 +845,8 @@ def batch_fn(family, f):
         if family == "conv":
             y = f(kw, seg, continues, **{name: start})
             return y, last_run_inputs(kw["x"], seg, kw["weight"].shape[1])
+        if family != "mamba1":  # the SSD reads each row's end from its state passing
+            return f(kw, seg, continues, return_row_end_states=True, **{name: start})
         ids = compact_ids(seg, "last")
         y, final = f(kw, ids, continues, return_final_states=True, num_segments=3, **{name: start})
         return y, final[:, 0]
@@ -1207,13 +1209,17 @@ def test_carried_rows_over_two_devices_match_one_device(tmp_path, across_steps_r
 # ---------------------------------------------------------------- what the links cost
 
 
-@pytest.mark.parametrize("family", ["mamba2", "mamba2_ungated"])
-def test_ssd_kernel_first_run_states_match_the_reference(family):
+@pytest.mark.parametrize(
+    "family,row_ends", [("mamba2", False), ("mamba2_ungated", False), ("mamba2_ungated", True)]
+)
+def test_ssd_kernel_first_run_states_match_the_reference(family, row_ends):
     """The SSD kernels' own first-run start (the state before chunk 0, added in the state
-    passing: pallas_kernels/ssd/vjp._entry), gated and as the Mamba2 model runs it (ungated), against the reference's slot of
-    its own: outputs, final states and every gradient, with a first run covering several chunks,
-    one ending inside chunk 0 (its slot's final state is the start decayed), one ending on its
-    edge whose id comes back later in the row."""
+    passing: pallas_kernels/ssd/vjp._entry), gated and as the Mamba2 model runs it (ungated),
+    against the reference's slot of its own: outputs, final states and every gradient, with a
+    first run covering several chunks, one ending inside chunk 0 (its slot's final state is the
+    start decayed), one ending on its edge whose id comes back later in the row. row_ends: as
+    link_across_steps' training step runs it, row 1 continuing row 0 and each row's end state
+    read from the state passing (return_row_end_states), with a cotangent of its own."""
     seg = jnp.asarray(
         np.stack([np.zeros(40), np.repeat([0, 1], [5, 35]), np.repeat([0, 1, 0], [16, 1, 23])]),
         jnp.int32,
@@ -1222,25 +1228,24 @@ def test_ssd_kernel_first_run_states_match_the_reference(family):
     start = normal(40, (3, 2, 16, 16), 0.5)
     names = list(args) + ["start"]
 
+    continues = jnp.asarray([False, True, False]) if row_ends else None
+    ends = dict(return_row_end_states=True)
+    if not row_ends:
+        ends = dict(return_final_states=True, num_segments=3)
+
     def f(impl):
         def g(*xs):
             kw = dict(zip(names, xs))
-            return scan_fn(family, impl)(
-                kw,
-                seg,
-                None,
-                first_run_states=kw["start"],
-                return_final_states=True,
-                num_segments=3,
-            )
+            return scan_fn(family, impl)(kw, seg, continues, first_run_states=kw["start"], **ends)
 
         return g
 
     primals = [*args.values(), start]
     shapes = jax.eval_shape(f("reference"), *primals)
     cts = tuple(normal(11 + i, o.shape).astype(o.dtype) for i, o in enumerate(shapes))
-    out, grads = compiled_vjp(("first_run", family), f("pallas_interpret"), primals, cts)
-    out_ref, grads_ref = compiled_vjp(("first_run_ref", family), f("reference"), primals, cts)
+    key = (family, row_ends)
+    out, grads = compiled_vjp(("first_run", *key), f("pallas_interpret"), primals, cts)
+    out_ref, grads_ref = compiled_vjp(("first_run_ref", *key), f("reference"), primals, cts)
     errs = {"y": rel_err(out[0], out_ref[0]), "final": rel_err(out[1], out_ref[1])}
     errs.update({"d" + n: rel_err(g, r) for n, g, r in zip(names, grads, grads_ref)})
     print({k: f"{v:.1e}" for k, v in errs.items()})

@@ -639,10 +639,11 @@ def big_xla_ops(text, min_size):
 
 
 def test_linked_rows_lower_for_cuda_on_the_training_kernels():
-    """Rows linked by `continues` with a carried first-run start (ops/links.py), forward and
-    backward: the training path's kernels once each, no scatter (atomic adds on a GPU), and no
-    XLA pass over a state- or token-sized array that unlinked rows do not make (the row scale
-    and the start are applied inside the state passing: pallas_kernels/ssd/DESIGN.md)."""
+    """Rows linked by `continues` with a carried first-run start and each row's end state out
+    (link_across_steps' step), forward and backward: the training path's kernels once each, no
+    scatter (atomic adds on a GPU), and no XLA pass over a state- or token-sized array that
+    unlinked rows do not make (the row scale, the start and the ends are applied inside the
+    state passing: pallas_kernels/ssd/DESIGN.md)."""
     args = lowering_args()
     b, _, h, p = args[0].shape
     n = args[3].shape[3]
@@ -651,15 +652,19 @@ def test_linked_rows_lower_for_cuda_on_the_training_kernels():
 
     def loss(*xs, linked=True):
         *xs, seg, continues, first = xs
-        y = ssd_scan(
+        if not linked:
+            y = ssd_scan(*xs, dt_softplus=True, segment_ids=seg, impl="pallas")
+            return y.astype(jnp.float32).sum()
+        y, ends = ssd_scan(
             *xs,
             dt_softplus=True,
             segment_ids=seg,
-            continues=continues if linked else None,
-            first_run_states=first if linked else None,
+            continues=continues,
+            first_run_states=first,
+            return_row_end_states=True,
             impl="pallas",
         )
-        return y.astype(jnp.float32).sum()
+        return y.astype(jnp.float32).sum() + ends.sum()
 
     argnums = tuple(range(8)) + (10,)
     text = lower_for_cuda(jax.grad(loss, argnums=argnums), *args, links, start)
@@ -675,11 +680,12 @@ def test_linked_rows_lower_for_cuda_on_the_training_kernels():
 
 @pytest.mark.parametrize("state_passing", ["pallas", "xla"])
 @pytest.mark.parametrize("linked", [True, False])
-def test_state_passing_with_starts_against_a_float64_loop(state_passing, linked):
+def test_state_passing_with_starts_and_ends_against_a_float64_loop(state_passing, linked):
     """The chunk-state passing (vjp._pass_states and its backward) with a start state added
-    before each row's first chunk, against a float64 loop over rows x chunks: linked, a row's
-    end passes into the next row only where that one continues; forward and reverse, with the
-    kernel (interpreted) and with XLA's scan."""
+    before each row's first chunk and each row's end state read out, against a float64 loop
+    over rows x chunks: linked, a row's end passes into the next row only where that one
+    continues; forward and reverse (a cotangent on the ends too), with the kernel
+    (interpreted) and with XLA's scan."""
     from pallas_kernels.ssd import vjp
 
     b, c, h, p, n = 3, 4, 2, 4, 8
@@ -698,13 +704,14 @@ def test_state_passing_with_starts_against_a_float64_loop(state_passing, linked)
     )
     rng = np.random.default_rng(7)
     S, dh = rng.standard_normal((2, b, c, h, p * n)).astype(np.float32)
-    start = rng.standard_normal((b, h, p * n)).astype(np.float32)
+    start, d_end = rng.standard_normal((2, b, h, p * n)).astype(np.float32)
     decay = rng.uniform(0.5, 1.0, (b, h, c)).astype(np.float32)
     # Linked: row 1 continues row 0, row 2 starts anew.
     into_next = jnp.asarray([1.0, 0.0, 0.0]) if linked else None
-    h_in = vjp._pass_states(plan, True, *map(jnp.asarray, (S, decay)), None, into_next, start)
+    S_, decay_ = jnp.asarray(S), jnp.asarray(decay)
+    h_in, end = vjp._pass_states(plan, True, S_, decay_, None, into_next, start, True)
     dS, ddecay, dstart = vjp._pass_states_bwd(
-        plan, True, jnp.asarray(dh), h_in, jnp.asarray(decay), into_next, True
+        plan, True, jnp.asarray(dh), h_in, decay_, into_next, True, jnp.asarray(d_end)
     )
 
     # The loop: one sequence of b * c chunks; the step out of a row's last chunk is cut unless
@@ -713,22 +720,27 @@ def test_state_passing_with_starts_against_a_float64_loop(state_passing, linked)
     a = np.swapaxes(decay, 1, 2).astype(np.float64).reshape(b * c, h)
     keep = np.ones(b * c)
     keep[c - 1 :: c] = [1.0, 0.0, 0.0] if linked else 0.0
-    want_h = np.zeros((b * c, h, p * n))
+    want_h, want_end = np.zeros((b * c, h, p * n)), np.zeros((b, h, p * n))
     for k in range(b * c):
-        if k:
-            want_h[k] = keep[k - 1] * (a[k - 1, :, None] * want_h[k - 1] + f64(S)[k - 1])
         if k % c == 0:
             want_h[k] += start[k // c]
+        new = a[k, :, None] * want_h[k] + f64(S)[k]
+        if k % c == c - 1:
+            want_end[k // c] = new
+        if k + 1 < b * c:
+            want_h[k + 1] = keep[k] * new
     G = np.zeros((h, p * n))  # the gradient reaching h_in[k + 1]
     want_dS, want_dd = np.zeros((b * c, h, p * n)), np.zeros((b * c, h))
     want_dstart = np.zeros((b, h, p * n))
     for k in reversed(range(b * c)):
-        want_dS[k] = keep[k] * G
-        want_dd[k] = keep[k] * np.sum(G * want_h[k], axis=-1)
-        G = f64(dh)[k] + keep[k] * a[k, :, None] * G
+        G = keep[k] * G + (d_end[k // c] if k % c == c - 1 else 0.0)
+        want_dS[k] = G
+        want_dd[k] = np.sum(G * want_h[k], axis=-1)
+        G = f64(dh)[k] + a[k, :, None] * G
         if k % c == 0:
             want_dstart[k // c] = G
     assert rel_err(h_in, want_h.reshape(S.shape)) < 1e-6
+    assert rel_err(end, want_end) < 1e-6
     assert rel_err(dS, want_dS.reshape(S.shape)) < 1e-6
     assert rel_err(ddecay, np.swapaxes(want_dd.reshape(b, c, h), 1, 2)) < 1e-6
     assert rel_err(dstart, want_dstart) < 1e-6

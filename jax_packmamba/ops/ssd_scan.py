@@ -110,6 +110,7 @@ def ssd_scan(
     num_segments: int | None = None,
     impl: Impl = "auto",
     save_chunk_states: bool = True,
+    return_row_end_states: bool = False,
 ):
     """SSD (Mamba2) scan with resets at segment boundaries.
 
@@ -153,9 +154,16 @@ def ssd_scan(
       save_chunk_states: the Pallas path keeps the state entering each chunk (b, c, h, p, n)
         float32 for its backward; False recomputes it there (the chunk-state kernel and the
         state passing again: less memory, a little more time). The reference ignores it.
+      return_row_end_states: also return each row's float32 state after its last token (its
+        last run's end state), (batch, heads, headdim, d_state): what a document that goes on
+        past the batch carries into the next one. The kernels read it from their state
+        passing, where a row's end passes on (no final-state glue); the reference from the
+        final states with the row's last run in a slot of its own. Not with
+        return_final_states or initial_states.
 
     Returns:
-      y with x's shape and dtype, or (y, final_states) when return_final_states.
+      y with x's shape and dtype, or (y, final_states) when return_final_states, or (y,
+      row_end_states) when return_row_end_states.
     """
     num_segments = check_ssd_scan_args(
         x,
@@ -181,13 +189,37 @@ def ssd_scan(
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if not isinstance(save_chunk_states, bool):
         raise ValueError(f"save_chunk_states must be a bool, got {save_chunk_states!r}")
+    if return_row_end_states and (return_final_states or initial_states is not None):
+        raise ValueError(
+            "return_row_end_states is not taken with return_final_states or initial_states"
+        )
     if impl == "auto":
         impl = "pallas" if jax.default_backend() == "gpu" and _pallas_takes(x, B) else "reference"
     if impl == "pallas" and _pallas_takes(x, B):  # shapes the kernels refuse get that message
         check_pallas_platform(impl, fallback="reference")
     args = (x, dt, A, B, C, D, z, dt_bias)
+    if return_row_end_states and impl == "reference":
+        # The row's last run in slot 0 of three (compact_ids), its final state the row's end.
+        y, final = ssd_scan(
+            *args,
+            dt_softplus=dt_softplus,
+            segment_ids=compact_ids(_ids(segment_ids, x), "last"),
+            chunk_size=chunk_size,
+            continues=continues,
+            first_run_states=first_run_states,
+            return_final_states=True,
+            num_segments=3,
+            impl=impl,
+        )
+        return y, final[:, 0]
     run = functools.partial(
-        _run_impl, impl, args, dt_softplus, chunk_size, save_chunk_states=save_chunk_states
+        _run_impl,
+        impl,
+        args,
+        dt_softplus,
+        chunk_size,
+        save_chunk_states=save_chunk_states,
+        row_ends=return_row_end_states,
     )
     if continues is None and first_run_states is None:
         return run(segment_ids, initial_states, return_final_states, num_segments)
@@ -218,11 +250,12 @@ def _run_impl(
     continues=None,
     *,
     save_chunk_states=True,
+    row_ends=False,
 ):
     """The scan; first_run_states (b, h, p, n), only without initial_states, and on the
     reference only without final states: each row's run at t = 0 starts from it, every other
     run from zeros. continues (b,), False at row 0: the kernels only, without
-    initial_states."""
+    initial_states. row_ends: the kernels only, (y, each row's end state)."""
     if first_run_states is not None and impl == "reference":
         assert not return_final_states
         # The first run in slot 0 of three, the others from zeros.
@@ -256,6 +289,7 @@ def _run_impl(
             *args,
             interpret=impl == "pallas_interpret",
             save_chunk_states=save_chunk_states,
+            return_row_end_states=row_ends,
             **kwargs,
         )
     return ssd_scan_reference(*args, **kwargs)

@@ -370,16 +370,20 @@ def chunk_states(
 # State passing across chunks (sequential over chunks, parallel over b x h x state elements).
 
 
-def _state_passing_kernel(r, *, st: Static, reverse: bool, row_chunks: int, with_start: bool):
-    """Forward: h_in[0] = 0, h_in[c + 1] = decay[c] h_in[c] + scale[c] (S[c] (+ S_add[c])).
-    Reverse: G = 0; for c from the last: dS[c] = scale[c] G, ddecay[c] = <G, h_in[c]> (this
-    block's share), G = dH[c] + decay[c] G, the gradient reaching h_in[c]. scale (b, c), 1
-    where absent, is how linked rows stop a row's end where the next row does not continue:
-    applied here, it costs no pass over S.
+def _state_passing_kernel(
+    r, *, st: Static, reverse: bool, row_chunks: int, with_start: bool, with_end: bool
+):
+    """Forward: h_in[0] = 0, h_in[c + 1] = scale[c] (decay[c] h_in[c] + S[c] (+ S_add[c])).
+    Reverse: G = 0; for c from the last: G = scale[c] G, dS[c] = G, ddecay[c] = <G, h_in[c]>
+    (this block's share), G = dH[c] + decay[c] G, the gradient reaching h_in[c].
 
-    With a start (rows, h, p*n), a row's first chunk (every row_chunks chunks: the rows of a
-    linked batch run as one sequence) enters with it added: h_in there += start[row]; the
-    reverse then also gives dstart[row], the gradient reaching that h_in."""
+    The batch's rows may run as one sequence of chunks (linked rows: a row every row_chunks
+    chunks). scale (b, c), 1 where absent, cuts a row's end from the next row where that one
+    does not continue. With a start (rows, h, p*n), a row's first chunk enters with it added
+    (h_in there += start[row]) and the reverse gives dstart[row], the gradient reaching that
+    h_in. With an end, the forward stores each row's end state, end[row] = decay h_in + S of
+    its last chunk (before the scale), and the reverse adds d_end[row] to the gradient
+    arriving there. All applied here, in the one sequential pass: no pass over S in XLA."""
     blk, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     cols = pl.ds(blk * st.block_state, st.block_state)
     nc = st.n_chunks
@@ -393,6 +397,14 @@ def _state_passing_kernel(r, *, st: Static, reverse: bool, row_chunks: int, with
 
     def row_start(c):
         return rem(c, row_chunks) == 0
+
+    def row_end(c):
+        return rem(c, row_chunks) == row_chunks - 1
+
+    def plus_row(flag, name, c, state):
+        return jax.lax.cond(
+            flag, lambda s: s + load(r[name], (row_of(c), h, cols)), lambda s: s, state
+        )
 
     def fetch(k):
         c = chunk_of(jnp.minimum(k, nc - 1))
@@ -410,9 +422,12 @@ def _state_passing_kernel(r, *, st: Static, reverse: bool, row_chunks: int, with
         nxt = fetch(k + 1)
         c = chunk_of(k)
         decay = r["decay"][b, h, c]
-        scale = r["scale"][b, c] if "scale" in r else None
         if reverse:
-            store(r["dS"], (b, c, h, cols), state if scale is None else scale * state)
+            if "scale" in r:
+                state = r["scale"][b, c] * state
+            if with_end:
+                state = plus_row(row_end(c), "d_end", c, state)
+            store(r["dS"], (b, c, h, cols), state)
             r["ddecay"][b, h, c, blk] = jnp.sum(state * rows[1])
             new = decay * state + rows[0]
             if with_start:
@@ -423,15 +438,18 @@ def _state_passing_kernel(r, *, st: Static, reverse: bool, row_chunks: int, with
 
             return new, nxt
         if with_start:
-            state = jax.lax.cond(
-                row_start(c),
-                lambda s: s + load(r["start"], (row_of(c), h, cols)),
-                lambda s: s,
-                state,
-            )
+            state = plus_row(row_start(c), "start", c, state)
         store(r["h_in"], (b, c, h, cols), state)
-        drive = rows[0] + rows[1] if "s_add" in r else rows[0]
-        return decay * state + (drive if scale is None else scale * drive), nxt
+        new = decay * state + (rows[0] + rows[1] if "s_add" in r else rows[0])
+        if with_end:
+
+            @pl.when(row_end(c))
+            def _():
+                store(r["end"], (row_of(c), h, cols), new)
+
+        if "scale" in r:
+            new = r["scale"][b, c] * new
+        return new, nxt
 
     jax.lax.fori_loop(0, nc, body, (jnp.zeros((st.block_state,), F32), fetch(0)))
 
@@ -444,24 +462,29 @@ def state_passing(
     interpret: bool,
     row_chunks: int | None = None,
     with_start: bool = False,
+    with_end: bool = False,
 ):
-    """Forward: h_in (b, c, h, p*n), with inputs["start"] (rows, h, p*n) where not None.
-    Reverse: (dS (b, c, h, p*n), ddecay (b, h, c, blocks)), and dstart (rows, h, p*n) with
-    with_start. row_chunks: the chunks of a row (the rows of a linked batch run as one)."""
+    """Forward: h_in (b, c, h, p*n), and end (rows, h, p*n) with with_end; inputs["start"]
+    (rows, h, p*n) where not None. Reverse: (dS (b, c, h, p*n), ddecay (b, h, c, blocks)), and
+    dstart (rows, h, p*n) with with_start; inputs["d_end"] where not None. row_chunks: the
+    chunks of a row (the rows of a linked batch run as one sequence)."""
     size = st.headdim * st.d_state
     nblk = size // st.block_state
     row_chunks = row_chunks or st.n_chunks
-    n_rows = st.batch * st.n_chunks // row_chunks
-    with_start = with_start or inputs.get("start") is not None
+    per_row = jax.ShapeDtypeStruct((st.batch * st.n_chunks // row_chunks, st.heads, size), F32)
     states = jax.ShapeDtypeStruct((st.batch, st.n_chunks, st.heads, size), F32)
     if reverse:
+        with_end = inputs.get("d_end") is not None
         outs = dict(
             dS=states, ddecay=jax.ShapeDtypeStruct((st.batch, st.heads, st.n_chunks, nblk), F32)
         )
         if with_start:
-            outs["dstart"] = jax.ShapeDtypeStruct((n_rows, st.heads, size), F32)
+            outs["dstart"] = per_row
     else:
+        with_start = inputs.get("start") is not None
         outs = dict(h_in=states)
+        if with_end:
+            outs["end"] = per_row
     res = launch.call(
         _state_passing_kernel,
         inputs,
@@ -475,8 +498,9 @@ def state_passing(
         reverse=reverse,
         row_chunks=row_chunks,
         with_start=with_start,
+        with_end=with_end,
     )
-    return tuple(res) if reverse else res[0]
+    return tuple(res)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import combine_affine, segment_ends, segment_starts
+from pallas_kernels.common import segment_ends, segment_starts
 from pallas_kernels.ssd import chunk_scan_mgpu, kernel, kernel_bwd, states
 from pallas_kernels.ssd.config import SSDConfig, effective_chunk, fit_blocks, pick_config
 
@@ -32,6 +32,9 @@ class Plan:
     return_states: bool  # the core also returns h_in (for final states)
     has_init: bool  # initial states: the kernels add y_add and s_add
     has_start: bool = False  # first-run states: each row's h_in[:, 0] adds them (_entry)
+    # The core also returns each row's end state (b, h, p * n), from the state passing (not
+    # with return_states).
+    return_ends: bool = False
     y_dtype: str | None = None  # the output's dtype; None: x's
     # False: the backward recomputes h_in (chunk states and state passing, as the forward)
     # rather than keeping it: (b, c, h, p, n) float32 less between forward and backward.
@@ -68,6 +71,7 @@ def ssd_scan_pallas(
     first_run_states=None,
     continues=None,
     return_final_states: bool = False,
+    return_row_end_states: bool = False,
     num_segments: int | None = None,
     interpret: bool = False,
     config: SSDConfig | None = None,
@@ -79,7 +83,9 @@ def ssd_scan_pallas(
     the state passing adds: no pass over the tokens), and continues (b,) bool only without
     initial_states: row b's first run starts from row b - 1's end state (continues[0] is not
     read), which the state passing hands across the rows as across chunks (`_linked_rows`);
-    first_run_states must be zero on continuing rows.
+    first_run_states must be zero on continuing rows. return_row_end_states (not with
+    return_final_states): (y, each row's end state (b, h, p, n) float32, the state after its
+    last token: its last run's), read from the state passing where a row's end passes on.
     `config` overrides the tiling heuristic (its chunk and blocks are still fitted to the
     sequence). save_chunk_states=False: the backward recomputes the states entering each chunk
     instead of keeping them from the forward (Plan.save_states)."""
@@ -87,6 +93,7 @@ def ssd_scan_pallas(
     groups, d_state = B.shape[2:]
     assert dt.shape == (batch, length, heads) and A.shape == (heads,), (dt.shape, A.shape)
     assert B.shape == C.shape == (batch, length, groups, d_state), (B.shape, C.shape)
+    assert not (return_final_states and return_row_end_states)
     _check_supported(headdim, d_state)
     if num_segments is None:
         num_segments = 1 if initial_states is None else initial_states.shape[1]
@@ -98,6 +105,7 @@ def ssd_scan_pallas(
         chunk_size=chunk_size,
         has_init=initial_states is not None,
         has_start=first_run_states is not None,
+        return_ends=bool(return_row_end_states),
         return_states=bool(return_final_states),
         interpret=interpret,
         config=config,
@@ -227,6 +235,9 @@ def _entry(
     out = _ssd(
         plan, interpret, x, decay, B, C, D, z, seg_lo, seg_hi, y_add, s_add, into_next, start
     )
+    if plan.return_ends:
+        y, end = out
+        return y, end.reshape(st.batch, st.heads, st.headdim, st.d_state)
     if not plan.return_states:
         return out
     y, h_in = out
@@ -253,6 +264,7 @@ def make_plan(
     y_dtype: str | None = None,
     save_states: bool = True,
     has_start: bool = False,
+    return_ends: bool = False,
 ) -> Plan:
     batch, length, heads, headdim = x.shape
     groups, d_state = B.shape[2:]
@@ -292,7 +304,9 @@ def make_plan(
     )
     if cfg.chunk_scan_backend == "mosaic":
         chunk_scan_mgpu.check_supported(st)
-    return Plan(st, cfg, return_states, has_init, has_start, y_dtype, bool(save_states))
+    return Plan(
+        st, cfg, return_states, has_init, has_start, return_ends, y_dtype, bool(save_states)
+    )
 
 
 def _divisor(split: int, n: int) -> int:
@@ -352,23 +366,17 @@ def chunk_decay(cs, seg_lo, *, st: kernel.Static):
     return jnp.where(entered[:, None, :], jnp.exp2(cs_end), 0.0)
 
 
-def _scale_last_chunk(a, into_next):
-    """a (b, c, ...) with each row's last chunk times into_next (b,)."""
-    scale = into_next.reshape(-1, *([1] * (a.ndim - 2)))
-    return jnp.concatenate([a[:, :-1], a[:, -1:] * scale[:, None]], axis=1)
-
-
 def _linked_rows(plan: Plan, into_next, decay):
     """The rows as one sequence of b * c chunks, for the state passing: (the plan of one row
-    of them, decay (1, h, b * c), scale (1, b * c)), with row b's last chunk handing its end on
-    to row b + 1's first by into_next[b] (1 where row b + 1 continues, else 0): its decay and
-    its chunk-end state are scaled by it, so that nothing else passes."""
+    of them, decay (1, h, b * c), scale (1, b * c)): row b's last chunk hands its end on to row
+    b + 1's first times into_next[b] (1 where row b + 1 continues, else 0), so that nothing
+    else passes."""
     st = plan.st
     flat = dataclasses.replace(
         plan, st=dataclasses.replace(st, batch=1, length=st.batch * st.padded)
     )
-    decay = jnp.swapaxes(_scale_last_chunk(jnp.swapaxes(decay, 1, 2), into_next), 1, 2)
-    scale = _scale_last_chunk(jnp.ones((st.batch, st.n_chunks), F32), into_next.astype(F32))
+    ones = jnp.ones((st.batch, st.n_chunks - 1), F32)
+    scale = jnp.concatenate([ones, into_next.astype(F32)[:, None]], axis=1)
     flat_decay = jnp.swapaxes(decay, 0, 1).reshape(1, st.heads, st.batch * st.n_chunks)
     return flat, flat_decay, scale.reshape(1, -1)
 
@@ -378,48 +386,67 @@ def _as_one_row(a):
 
 
 def _pass_states(
-    plan, interpret, S, decay, s_add, into_next=None, start=None, *, scale=None, row_chunks=None
+    plan,
+    interpret,
+    S,
+    decay,
+    s_add,
+    into_next=None,
+    start=None,
+    with_end=False,
+    *,
+    scale=None,
+    row_chunks=None,
 ):
-    """h_in (b, c, h, p * n) from the chunk-end states S (b, c, h, p * n); with into_next (b,),
-    across the rows too (_linked_rows); start (b, h, p * n) or None is added to each row's
-    h_in[:, 0] (each row's first run enters chunk 0 with it: _entry)."""
+    """(h_in (b, c, h, p * n), end (b, h, p * n) or None) from the chunk-end states S (b, c, h,
+    p * n): with into_next (b,), across the rows too (_linked_rows); start (b, h, p * n) or
+    None is added to each row's h_in[:, 0] (each row's first run enters chunk 0 with it:
+    _entry); with_end, each row's end state (its last run's: the state after its last chunk)."""
+    st = plan.st
     if into_next is not None:
         flat, flat_decay, scale = _linked_rows(plan, into_next, decay)
         s_add = None if s_add is None else _as_one_row(s_add)
-        h_in = _pass_states(
+        h_in, end = _pass_states(
             flat,
             interpret,
             _as_one_row(S),
             flat_decay,
             s_add,
             start=start,
+            with_end=with_end,
             scale=scale,
-            row_chunks=plan.st.n_chunks,
+            row_chunks=st.n_chunks,
         )
-        return h_in.reshape(plan.st.batch, plan.st.n_chunks, *h_in.shape[2:])
-    st = plan.st
+        return h_in.reshape(st.batch, st.n_chunks, *h_in.shape[2:]), end
     if plan.cfg.state_passing == "pallas":
         inputs = dict(S=S, decay=decay, s_add=s_add, scale=scale, start=start)
-        return kernel.state_passing(
-            inputs, reverse=False, st=st, interpret=interpret, row_chunks=row_chunks
+        h_in, *end = kernel.state_passing(
+            inputs,
+            reverse=False,
+            st=st,
+            interpret=interpret,
+            row_chunks=row_chunks,
+            with_end=with_end,
         )
-    drive = S if s_add is None else S + s_add
-    if scale is not None:
-        drive = drive * scale[..., None, None]
+        return h_in, (end[0] if with_end else None)
+    # XLA: the kernel's loop as a scan over the chunks, every row (program) at once.
     batch, n_chunks = S.shape[:2]
     row_chunks = row_chunks or n_chunks
-    if start is None:
-        start = jnp.zeros((batch * (n_chunks // row_chunks), *S.shape[2:]), F32)
-    start = start.reshape(batch, n_chunks // row_chunks, *S.shape[2:])
-    # A later row of a linked sequence enters through the drive of the chunk before it; the
-    # first through an element (decay 0, drive start) before chunk 0.
-    later = jnp.pad(start[:, 1:, None], ((0, 0), (0, 1), (row_chunks - 1, 0), (0, 0), (0, 0)))
-    drive = drive + later.reshape(drive.shape)
-    a = jnp.swapaxes(decay, 1, 2)[..., None]  # (b, c, h, 1)
-    a = jnp.concatenate([jnp.zeros_like(a[:, :1]), a], axis=1)
-    drive = jnp.concatenate([start[:, :1], drive], axis=1)
-    _, h = jax.lax.associative_scan(combine_affine, (a, drive), axis=1)
-    return h[:, :-1]
+    drive = S if s_add is None else S + s_add
+    starts = None if start is None else jnp.asarray(start).reshape(batch, -1, *S.shape[2:])
+
+    def step(h, c):
+        if starts is not None:
+            h = h + jnp.where(c % row_chunks == 0, starts[:, c // row_chunks], 0.0)
+        new = decay[:, :, c, None] * h + drive[:, c]
+        out = scale[:, c, None, None] * new if scale is not None else new
+        return out, (h, new)
+
+    _, (h_in, new) = jax.lax.scan(step, jnp.zeros_like(S[:, 0]), jnp.arange(n_chunks))
+    end = None
+    if with_end:  # (c, b, ...) at each row's last chunk -> (b * rows, ...)
+        end = jnp.swapaxes(new[row_chunks - 1 :: row_chunks], 0, 1).reshape(-1, *S.shape[2:])
+    return jnp.swapaxes(h_in, 0, 1), end
 
 
 def _pass_states_bwd(
@@ -430,16 +457,17 @@ def _pass_states_bwd(
     decay,
     into_next=None,
     with_start=False,
+    d_end=None,
     *,
     scale=None,
     row_chunks=None,
 ):
-    """(dS, ddecay, dstart): dS[c] = scale[c] G[c + 1] with G[c] = dh[c] + decay[c] G[c + 1]
-    (G[n_chunks] = 0, G[c] the gradient reaching h_in[c]), ddecay (b, h, c) = <G[c + 1],
-    h_in[c]>, dstart (b, h, p * n) = G at each row's chunk 0 with with_start, else None; with
-    into_next, across the rows too."""
+    """(dS, ddecay (b, h, c), dstart): going back from the last chunk with G = 0, G = scale[c]
+    G (+ d_end[row] at a row's last chunk), dS[c] = G, ddecay[c] = <G, h_in[c]>, G = dh[c] +
+    decay[c] G (the gradient reaching h_in[c]); dstart (b, h, p * n), that G at each row's
+    chunk 0, with with_start, else None. With into_next, across the rows too."""
+    st = plan.st
     if into_next is not None:
-        st = plan.st
         flat, flat_decay, scale = _linked_rows(plan, into_next, decay)
         dS, ddecay, dstart = _pass_states_bwd(
             flat,
@@ -448,16 +476,14 @@ def _pass_states_bwd(
             _as_one_row(h_in),
             flat_decay,
             with_start=with_start,
+            d_end=d_end,
             scale=scale,
             row_chunks=st.n_chunks,
         )
-        # The gradient of the scaled last chunks' decay, back to the rows'.
         ddecay = jnp.swapaxes(ddecay.reshape(st.heads, st.batch, st.n_chunks), 0, 1)
-        ddecay = jnp.swapaxes(_scale_last_chunk(jnp.swapaxes(ddecay, 1, 2), into_next), 1, 2)
         return dS.reshape(dh.shape), ddecay, dstart
-    st = plan.st
     if plan.cfg.state_passing == "pallas":
-        inputs = dict(dh=dh, h_in=h_in, decay=decay, scale=scale)
+        inputs = dict(dh=dh, h_in=h_in, decay=decay, scale=scale, d_end=d_end)
         dS, ddecay, *dstart = kernel.state_passing(
             inputs,
             reverse=True,
@@ -467,23 +493,44 @@ def _pass_states_bwd(
             with_start=with_start,
         )
         return dS, ddecay.sum(-1), (dstart[0] if with_start else None)
-    a = jnp.swapaxes(decay, 1, 2)[..., None]
-    _, G = jax.lax.associative_scan(combine_affine, (a, dh), axis=1, reverse=True)
+    batch, n_chunks = dh.shape[:2]
+    row_chunks = row_chunks or n_chunks
+    d_ends = None if d_end is None else jnp.asarray(d_end).reshape(batch, -1, *dh.shape[2:])
+
+    def step(G, c):
+        if scale is not None:
+            G = scale[:, c, None, None] * G
+        if d_ends is not None:
+            G = G + jnp.where(c % row_chunks == row_chunks - 1, d_ends[:, c // row_chunks], 0.0)
+        ddecay = jnp.sum(G * h_in[:, c], axis=-1)
+        new = dh[:, c] + decay[:, :, c, None] * G
+        return new, (G, ddecay, new)
+
+    chunks = jnp.arange(n_chunks)
+    _, (dS, ddecay, G) = jax.lax.scan(step, jnp.zeros_like(dh[:, 0]), chunks, reverse=True)
     dstart = None
     if with_start:
-        batch, n_chunks = dh.shape[:2]
-        row_chunks = row_chunks or n_chunks
-        dstart = G.reshape(-1, row_chunks, *dh.shape[2:])[:, 0]
-    G = jnp.concatenate([G[:, 1:], jnp.zeros_like(G[:, :1])], axis=1)
-    dS = G if scale is None else G * scale[..., None, None]
-    return dS, jnp.swapaxes(jnp.sum(G * h_in, axis=-1), 1, 2), dstart
+        dstart = jnp.swapaxes(G[::row_chunks], 0, 1).reshape(-1, *dh.shape[2:])
+    return jnp.swapaxes(dS, 0, 1), jnp.moveaxis(ddecay, 0, 2), dstart
 
 
 def _chunk_entry_states(
-    plan: Plan, interpret, x, B, cs, dtp, seg_lo, chunk_decays, s_add, into_next, start
+    plan: Plan,
+    interpret,
+    x,
+    B,
+    cs,
+    dtp,
+    seg_lo,
+    chunk_decays,
+    s_add,
+    into_next,
+    start,
+    with_end=False,
 ):
-    """h_in (b, c, h, p, n) float32: each chunk's own end state (the chunk-state kernel), passed
-    across chunks. The forward's, and the backward's where the plan does not save it."""
+    """(h_in (b, c, h, p, n) float32, each row's end (b, h, p * n) with with_end, else None):
+    each chunk's own end state (the chunk-state kernel), passed across chunks. The forward's,
+    and the backward's where the plan does not save it."""
     st = plan.st
     S = kernel.chunk_states(
         dict(x=x, B=B, cs=cs, dtp=dtp, seg_lo=seg_lo),
@@ -494,8 +541,8 @@ def _chunk_entry_states(
     S = S.reshape(st.batch, st.n_chunks, st.heads, st.headdim * st.d_state)
     if s_add is not None:
         s_add = s_add.astype(F32).reshape(S.shape)
-    h_in = _pass_states(plan, interpret, S, chunk_decays, s_add, into_next, start)
-    return h_in.reshape(st.batch, st.n_chunks, st.heads, st.headdim, st.d_state)
+    h_in, end = _pass_states(plan, interpret, S, chunk_decays, s_add, into_next, start, with_end)
+    return h_in.reshape(st.batch, st.n_chunks, st.heads, st.headdim, st.d_state), end
 
 
 def _fwd_impl(
@@ -509,8 +556,19 @@ def _fwd_impl(
     cs, dtp = _cumsum(plan, interpret, decay, seg_lo)
     cb = kernel.chunk_cb(dict(C=C, B=B), st=st, **launch)
     chunk_decays = chunk_decay(cs, seg_lo, st=st)
-    h_in = _chunk_entry_states(
-        plan, interpret, x, B, cs, dtp, seg_lo, chunk_decays, s_add, into_next, start
+    h_in, end = _chunk_entry_states(
+        plan,
+        interpret,
+        x,
+        B,
+        cs,
+        dtp,
+        seg_lo,
+        chunk_decays,
+        s_add,
+        into_next,
+        start,
+        plan.return_ends,
     )
     inputs = dict(
         x=x, z=z, C=C, cb=cb, cs=cs, dtp=dtp, h_in=h_in, D=_f32(D), y_add=_f32(y_add), seg_lo=seg_lo
@@ -519,7 +577,12 @@ def _fwd_impl(
         y, y_pre = chunk_scan_mgpu.chunk_scan(inputs, st=st, y_dtype=y_dtype, interpret=interpret)
     else:
         y, y_pre = kernel.chunk_scan(inputs, st=st, y_dtype=y_dtype, **launch)
-    out = (y, h_in.reshape(st.batch, st.n_chunks, st.heads, size)) if plan.return_states else y
+    if plan.return_states:
+        out = (y, h_in.reshape(st.batch, st.n_chunks, st.heads, size))
+    elif plan.return_ends:
+        out = (y, end)
+    else:
+        out = y
     return out, (h_in, y_pre)
 
 
@@ -558,6 +621,7 @@ def _ssd_bwd(plan, interpret, res, cts):
     st, cfg = plan.st, plan.cfg
     launch = _launch(plan, interpret)
     dy, dh_ct = cts if plan.return_states else (cts, None)
+    dy, d_end = cts if plan.return_ends else (dy, None)
     size = st.headdim * st.d_state
     if z is not None:
         dyp, dz = _gate_bwd(dy, z, y_pre, dtype=x.dtype)
@@ -574,11 +638,19 @@ def _ssd_bwd(plan, interpret, res, cts):
         dh = dh + dh_ct.astype(F32)
     chunk_decays = chunk_decay(cs, seg_lo, st=st)
     if h_in is None:
-        h_in = _chunk_entry_states(
+        h_in, _ = _chunk_entry_states(
             plan, interpret, x, B, cs, dtp, seg_lo, chunk_decays, s_add, into_next, start
         )
+    d_end = None if d_end is None else d_end.astype(F32)
     dS, ddecay, dstart = _pass_states_bwd(
-        plan, interpret, dh, h_in.reshape(dh.shape), chunk_decays, into_next, plan.has_start
+        plan,
+        interpret,
+        dh,
+        h_in.reshape(dh.shape),
+        chunk_decays,
+        into_next,
+        plan.has_start,
+        d_end,
     )
     dS = dS.reshape(h_in.shape)
     seg = dict(seg_lo=seg_lo, seg_hi=seg_hi)
