@@ -68,7 +68,7 @@ def scan_inputs(seed, shape, chunk, interpret):
             dict(x=x, B=B, cs=cs, dtp=dtp, seg_lo=seg_lo), mode="fwd", st=st, **launch
         )
         S = S.reshape(b, st.n_chunks, h, p * n)
-        h_in = ssd_vjp._pass_states(
+        h_in, _ = ssd_vjp._pass_states(
             plan, interpret, S, ssd_vjp.chunk_decay(cs, seg_lo, st=st), None
         )
         return dict(

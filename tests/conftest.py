@@ -37,10 +37,9 @@ def restore_cache_settings():
         if getattr(jax.config, name) != value:
             jax.config.update(name, value)
     # A module fixture that ran the trainer in-process turned the cache on before `before` was
-    # read: off after every test, since jax 0.11.2 segfaulted writing interpreted Pallas
-    # programs into it (test_reference_ops.py, 2026-12-06). Clearing the folder is not enough:
-    # jax decides once per process that the cache is in use and keeps writing to the folder it
-    # opened until reset_cache().
+    # read: off after every test, so that later tests do not write into its folder. Clearing
+    # the folder setting is not enough: jax decides once per process that the cache is in use
+    # and keeps writing to the folder it opened until reset_cache().
     jax.config.update("jax_compilation_cache_dir", None)
     jax_cache.reset_cache()
 

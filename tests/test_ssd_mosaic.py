@@ -205,9 +205,10 @@ def kernel_inputs(seed, *, seg: bool, d_per_p: bool, batch=1, length=200, heads=
         dict(x=x, B=B, cs=cs, dtp=dtp, seg_lo=seg_lo), mode="fwd", st=st, **launch
     )
     decay = ssd_vjp.chunk_decay(cs, seg_lo, st=st)
-    h_in = ssd_vjp._pass_states(
+    h_in, _ = ssd_vjp._pass_states(
         plan, True, S.reshape(batch, st.n_chunks, heads, p * n), decay, None
-    ).reshape(batch, st.n_chunks, heads, p, n)
+    )
+    h_in = h_in.reshape(batch, st.n_chunks, heads, p, n)
     y_add = rnd((batch, length, heads, p), 0.5, jnp.float32)
     return (
         st,

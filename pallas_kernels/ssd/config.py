@@ -42,7 +42,7 @@ class SSDConfig:
     cb_dtype: "input" stores C B^T in x's dtype (the dot that reads it rounds to that dtype
         anyway), "float32" keeps it exact.
     state_passing: "pallas" (one sequential kernel over chunks, forward and reverse) or "xla"
-        (lax.associative_scan over chunks).
+        (the same loop as a lax.scan over chunks, every row at once).
     chunk_scan_backend: the forward chunk-scan kernel: "triton" (kernel.py) or "mosaic"
         (chunk_scan_mgpu.py: Pallas on Mosaic GPU, wgmma and TMA; bfloat16/float16 inputs,
         headdim, d_state and chunk multiples of 64; its row blocks are 64, whatever block_l).
