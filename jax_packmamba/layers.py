@@ -107,13 +107,17 @@ def conv_window(cache: MixerState, x):
     return jnp.concatenate([cache.conv.astype(x.dtype), x[:, None]], axis=1)
 
 
+def check_end_state_call(num_segments, return_end_state):
+    if return_end_state and num_segments is not None:
+        raise ValueError("return_end_state is for a training call; a prefill takes num_segments")
+
+
 def row_end_ids(segment_ids, hidden, num_segments, return_end_state):
     """(segment ids for the scan, its final-state slots or None). For return_end_state the ids
     are compact_ids(..., "last"): the same runs, each row's last run in slot 0 of three."""
+    check_end_state_call(num_segments, return_end_state)
     if not return_end_state:
         return segment_ids, num_segments
-    if num_segments is not None:
-        raise ValueError("return_end_state is for a training call; a prefill takes num_segments")
     ids = jnp.zeros(hidden.shape[:2], jnp.int32) if segment_ids is None else segment_ids
     return compact_ids(ids, "last"), 3
 

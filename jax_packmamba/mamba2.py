@@ -26,6 +26,7 @@ from jax_packmamba.layers import (
     OUT_PROJ_INPUT,
     PROJECTION,
     MixerState,
+    check_end_state_call,
     conv_window,
     dt_bias_init,
     row_end_state,
@@ -169,10 +170,7 @@ class Mamba2Mixer(nnx.Module):
             return self.out_proj(y), MixerState(conv=window[:, 1:], ssm=ssm)
         if num_segments is not None and segment_ids is None:
             segment_ids = jnp.zeros(hidden.shape[:2], jnp.int32)
-        if return_end_state and num_segments is not None:
-            raise ValueError(
-                "return_end_state is for a training call; a prefill takes num_segments"
-            )
+        check_end_state_call(num_segments, return_end_state)
         z, xBC, dt = saved(PROJECTION, *self._in_proj(hidden))
         # The conv hands back x, B and C as separate arrays: the tile kernels write them so,
         # where splitting a kernel's one output would copy them (and concatenate their

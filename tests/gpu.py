@@ -1,6 +1,8 @@
 """GPU test helpers: parameters marked `gpu` that skip cleanly without one, and lowering for
 CUDA on a machine without a GPU."""
 
+import re
+
 import jax
 import pytest
 
@@ -25,3 +27,16 @@ def lower_for_cuda(fn, *args, auto_axes: bool = False) -> str:
     mesh = mesh_lib.AbstractMesh((1,), ("x",), abstract_device=device, **kw)
     with jax.sharding.use_abstract_mesh(mesh):
         return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def lowered_ops(text: str) -> list[tuple[str, list[tuple[int, ...]]]]:
+    """(op name, the shapes of its tensor results) for each op of lowered StableHLO `text`."""
+    ops = []
+    for line in text.splitlines():
+        op = re.search(r"= (stablehlo\.\w+|\"?[a-z_]+\.[\w.]+)", line)
+        result = line.rsplit("->", 1)[-1] if "->" in line else line.rsplit(":", 1)[-1]
+        shapes = re.findall(r"tensor<((?:\d+x)+)\w+>", result)
+        if op and shapes:
+            dims = [tuple(int(d) for d in shape.rstrip("x").split("x")) for shape in shapes]
+            ops.append((op.group(1).strip('"'), dims))
+    return ops

@@ -22,7 +22,7 @@ from jax_packmamba.ops import causal_conv1d, positions_from_segment_ids
 from pallas_kernels.causal_conv1d import KERNEL, TileConfig, causal_conv1d_pallas
 from pallas_kernels.causal_conv1d import kernel as walk_kernel
 from tests.compiled import compiled, compiled_vjp
-from tests.gpu import lower_for_cuda, on_gpu
+from tests.gpu import lower_for_cuda, lowered_ops, on_gpu
 from tests.loops import causal_conv1d_loop, rel_err
 
 IMPLS = [
@@ -609,15 +609,10 @@ def test_linked_rows_read_the_previous_row_through_the_prefix(impl, groups, monk
 
 
 def full_size_ops(text, batch, length):
-    """The sorted names of the ops in lowered `text` whose result is a whole (batch, length, any)
-    array."""
-    ops = []
-    for line in text.splitlines():
-        op = re.search(r"= (stablehlo\.\w+|\"?[a-z_]+\.[\w.]+)", line)
-        result = line.rsplit("->", 1)[-1] if "->" in line else line.rsplit(":", 1)[-1]
-        if op and re.search(rf"tensor<{batch}x{length}x\d+x", result):
-            ops.append(op.group(1))
-    return sorted(ops)
+    """The sorted names of the ops in lowered `text` with a result of a whole (batch, length,
+    any) shape."""
+    whole = lambda shape: len(shape) >= 3 and shape[:2] == (batch, length)  # noqa: E731
+    return sorted(op for op, shapes in lowered_ops(text) if any(map(whole, shapes)))
 
 
 @pytest.mark.parametrize("impl", ["pallas_walk", "pallas_tile", "pallas_tile_walk"])

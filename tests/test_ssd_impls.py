@@ -27,7 +27,7 @@ from jax.extend.core import jaxprs_in_params
 from jax_packmamba.ops.ssd_scan import ssd_scan, ssd_scan_reference
 from pallas_kernels.ssd import SSDConfig, ssd_scan_pallas
 from pallas_kernels.ssd.vjp import segment_bounds
-from tests.gpu import lower_for_cuda, on_gpu
+from tests.gpu import lower_for_cuda, lowered_ops, on_gpu
 from tests.loops import rel_err, ssd_scan_loop
 
 IMPLS = ["pallas_interpret", on_gpu("pallas")]
@@ -625,17 +625,16 @@ def test_states_path_lowers_for_cuda():
 
 
 def big_xla_ops(text, min_size):
-    """{(op, shape)} of the lowered program's ops outside the kernels (reshapes aside, which
-    move nothing) whose result has more than min_size elements."""
-    found = set()
-    for line in text.splitlines():
-        op = re.search(r'= "?stablehlo\.([a-z_]+)', line)
-        if not op or op.group(1) in ("custom_call", "reshape"):
-            continue
-        result = re.findall(r"tensor<([0-9x]+)x(?:f32|bf16)>", line.split("->")[-1])
-        if result and np.prod([int(d) for d in result[-1].split("x")]) > min_size:
-            found.add((op.group(1), result[-1]))
-    return found
+    """{(op, shape)} of the lowered program's XLA ops outside the kernels (reshapes and
+    sharding annotations aside, which move nothing) with a result of more than min_size
+    elements."""
+    return {
+        (op, shape)
+        for op, shapes in lowered_ops(text)
+        if op.startswith("stablehlo.") and op not in ("stablehlo.custom_call", "stablehlo.reshape")
+        for shape in shapes
+        if np.prod(shape) > min_size
+    }
 
 
 def test_linked_rows_lower_for_cuda_on_the_training_kernels():

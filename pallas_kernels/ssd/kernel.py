@@ -465,23 +465,21 @@ def state_passing(
     with_end: bool = False,
 ):
     """Forward: h_in (b, c, h, p*n), and end (rows, h, p*n) with with_end; inputs["start"]
-    (rows, h, p*n) where not None. Reverse: (dS (b, c, h, p*n), ddecay (b, h, c, blocks)), and
-    dstart (rows, h, p*n) with with_start; inputs["d_end"] where not None. row_chunks: the
-    chunks of a row (the rows of a linked batch run as one sequence)."""
+    (rows, h, p*n) with with_start. Reverse: (dS (b, c, h, p*n), ddecay (b, h, c, blocks)),
+    and dstart (rows, h, p*n) with with_start; inputs["d_end"] (rows, h, p*n) with with_end.
+    row_chunks: the chunks of a row (the rows of a linked batch run as one sequence)."""
     size = st.headdim * st.d_state
     nblk = size // st.block_state
     row_chunks = row_chunks or st.n_chunks
     per_row = jax.ShapeDtypeStruct((st.batch * st.n_chunks // row_chunks, st.heads, size), F32)
     states = jax.ShapeDtypeStruct((st.batch, st.n_chunks, st.heads, size), F32)
     if reverse:
-        with_end = inputs.get("d_end") is not None
         outs = dict(
             dS=states, ddecay=jax.ShapeDtypeStruct((st.batch, st.heads, st.n_chunks, nblk), F32)
         )
         if with_start:
             outs["dstart"] = per_row
     else:
-        with_start = inputs.get("start") is not None
         outs = dict(h_in=states)
         if with_end:
             outs["end"] = per_row

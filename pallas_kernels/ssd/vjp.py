@@ -426,6 +426,7 @@ def _pass_states(
             st=st,
             interpret=interpret,
             row_chunks=row_chunks,
+            with_start=start is not None,
             with_end=with_end,
         )
         return h_in, (end[0] if with_end else None)
@@ -491,6 +492,7 @@ def _pass_states_bwd(
             interpret=interpret,
             row_chunks=row_chunks,
             with_start=with_start,
+            with_end=d_end is not None,
         )
         return dS, ddecay.sum(-1), (dstart[0] if with_start else None)
     batch, n_chunks = dh.shape[:2]
