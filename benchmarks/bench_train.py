@@ -103,7 +103,10 @@ what is already ok with the same settings). Each invocation merges its records (
 preset/mode/dist) into the result file, whose top level has the harness header of the latest
 invocation (device, jax version, date, git commit, command; every record and invocation keeps
 its own); --fresh starts a new file instead, the old one (and its plots) moving to history/.
-plot_train.py makes the plots and the README table from it. --anchor DIR also runs DIR/train_torch.py
+plot_train.py makes the plots and the README table from it. --trace DIR: after each (non-single)
+mode's timing, 3 more steps run under jax.profiler (DIR/<preset>_<mode>_<dist>) and the record
+gains "trace": the step's GPU kernel ms by part (benchmarks/step_parts.py, as
+profile_torch_step.py classifies mamba_ssm's), its top kernels and source lines. --anchor DIR also runs DIR/train_torch.py
 (the mamba_ssm side, its full 8-row batches; harness.run_anchor: DIR/train_torch.py FILE
 P:8:L,..., with --anchor-pythonpath as its PYTHONPATH) in the same call, its JSON under "anchor".
 
@@ -425,6 +428,28 @@ def child(spec: dict) -> None:
             state = timing.state
             return timing, [float(m["loss"]) for m in timing.outputs]
 
+        def trace_steps(exe, batches, trace_dir, n=3):
+            """The step's GPU kernel time by part (benchmarks/step_parts.py) and its top
+            kernels and source lines, from a jax.profiler trace of n steps after the timing."""
+            nonlocal state
+            from benchmarks.breakdown import hlo_sources, trace_summary
+
+            dev_batches = [setup.put_batch(b["arrays"]) for b in batches[:n]]
+            dev_batches += dev_batches[:1] * (n - len(dev_batches))
+            with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+                for b in dev_batches:
+                    state, _ = exe(state, b)
+                jax.block_until_ready(state)
+            summary = trace_summary(trace_dir, n, hlo_sources(exe.as_text()))
+            summary.pop("top_kernel_args", None)
+            summary["by_source_ms_per_step"] = summary.get("by_source_ms_per_step", [])[:30]
+            print(
+                f"[{preset}] trace {trace_dir.name}: "
+                + json.dumps(summary.get("parts_ms_per_step", summary.get("error")))[:600],
+                flush=True,
+            )
+            return summary
+
         want_all = None
 
         def fits(extra_s):
@@ -502,6 +527,12 @@ def child(spec: dict) -> None:
                         lower_s=e["lower_s"],
                         memory_analysis=e["memory_analysis"],
                     )
+                    if spec["trace"] and fits(60.0):
+                        rec["trace"] = trace_steps(
+                            e["exe"],
+                            work[dist]["timed_batches"] if mode == "link_across_steps" else batches,
+                            pathlib.Path(spec["trace"]) / f"{preset}_{mode}_{dist}",
+                        )
                     if mode == "link_across_steps":  # the end states did come back
                         rec["carry_nonzero"] = all(
                             bool(jax.numpy.any(v != 0))
@@ -781,6 +812,13 @@ def parse_args(argv):
     )
     ap.add_argument("--no-oom-retry", action="store_true")
     ap.add_argument(
+        "--trace",
+        type=pathlib.Path,
+        default=None,
+        help="after timing each packed/padded/link mode, trace 3 steps with jax.profiler into "
+        "DIR/<preset>_<mode>_<dist> and record the step's GPU time by part in the JSON",
+    )
+    ap.add_argument(
         "--resume",
         action="store_true",
         help="skip (preset, group)s whose records in the result file are already ok "
@@ -861,6 +899,7 @@ def main(argv=None) -> int:
         conv_impl=args.conv_impl,
         remat=args.remat,
         scan_layers=args.scan_layers,
+        trace=str(args.trace) if args.trace else None,
     )
     overrides_of = {
         p: workloads.parse_overrides(

@@ -1070,6 +1070,8 @@ def test_bench_train_smoke_trains_a_mamba2_and_a_hybrid_preset(tmp_path):
         2,
         "--group",
         1,
+        "--trace",
+        tmp_path / "traces",
         "--out",
         tmp_path,
         timeout=240,
@@ -1080,6 +1082,9 @@ def test_bench_train_smoke_trains_a_mamba2_and_a_hybrid_preset(tmp_path):
         r = runs[f"{preset}/packed/instruct"]
         assert r["status"] == "ok" and r["finite_loss"] and r["tokens_per_s"] > 0
         assert r["step_shape"] == [1, rows, seq_len]
+        # --trace: the steps were traced (on CPU the trace has no device kernels to sum).
+        assert (tmp_path / "traces" / f"{preset}_packed_instruct").is_dir()
+        assert r["trace"]["error"].startswith("no device kernel events")
     # The smoke model (--model n_layer=1,d_model=32,d_state=4) is a Mamba2 one: its size says so.
     r = runs["mamba2-tiny/packed/instruct"]
     assert (r["n_layer"], r["d_model"]) == (1, 32)
