@@ -15,7 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jax_packmamba.config import MambaConfig
 from jax_packmamba.ops import add_rms_norm, rms_norm, segment_conv_windows
-from jax_packmamba.ops.links import compact_ids, last_run_inputs, previous_row_tail
+from jax_packmamba.ops.links import last_run_inputs, previous_row_tail
 
 # Names (jax.ad_checkpoint.checkpoint_name) of the values a layer keeps for its backward pass
 # under remat "save_kernel_outputs" (model.REMAT_POLICIES): the mixer's input (the block's norm
@@ -112,19 +112,8 @@ def check_end_state_call(num_segments, return_end_state):
         raise ValueError("return_end_state is for a training call; a prefill takes num_segments")
 
 
-def row_end_ids(segment_ids, hidden, num_segments, return_end_state):
-    """(segment ids for the scan, its final-state slots or None). For return_end_state the ids
-    are compact_ids(..., "last"): the same runs, each row's last run in slot 0 of three."""
-    check_end_state_call(num_segments, return_end_state)
-    if not return_end_state:
-        return segment_ids, num_segments
-    ids = jnp.zeros(hidden.shape[:2], jnp.int32) if segment_ids is None else segment_ids
-    return compact_ids(ids, "last"), 3
-
-
 def row_end_state(conv_inputs, segment_ids, end_ssm, width: int) -> MixerState:
     """Each row's last run's end state (b, ...): its last conv inputs and the scan's state
-    after the row (end_ssm: the final states' slot 0 under row_end_ids' slots, or the scan's
-    row end states)."""
+    after the row (end_ssm: the scan's row end states)."""
     ids = jnp.zeros(conv_inputs.shape[:2], jnp.int32) if segment_ids is None else segment_ids
     return MixerState(conv=last_run_inputs(conv_inputs, ids, width), ssm=end_ssm)

@@ -45,9 +45,9 @@ from jax_packmamba.layers import (  # MixerState, RMSNorm: public here too
     SAVED_NAMES,
     MixerState,
     RMSNorm,
+    check_end_state_call,
     conv_window,
     dt_bias_init,
-    row_end_ids,
     row_end_state,
     saved,
     segment_caches,
@@ -186,7 +186,7 @@ class MambaMixer(nnx.Module):
         config = self.config
         if num_segments is not None and segment_ids is None:
             segment_ids = jnp.zeros(hidden.shape[:2], jnp.int32)
-        scan_ids, slots = row_end_ids(segment_ids, hidden, num_segments, return_end_state)
+        check_end_state_call(num_segments, return_end_state)
         x, z = saved(PROJECTION, *self._in_proj(hidden))  # (b, t, e) each
         weight, bias = self._conv_params()
         x_conv = causal_conv1d(
@@ -212,21 +212,23 @@ class MambaMixer(nnx.Module):
             z,
             self.dt_proj.bias[...],
             delta_softplus=True,
-            segment_ids=scan_ids,
+            segment_ids=segment_ids,
             continues=continues,
             first_run_states=None if start_state is None else start_state.ssm,
-            return_final_states=slots is not None,
-            num_segments=slots,
+            return_final_states=num_segments is not None,
+            num_segments=num_segments,
             impl=config.scan_impl,
+            # A training call's carry: each row's end, from the kernel's chunk-state pass.
+            return_row_end_states=return_end_state,
         )
-        if slots is None:
-            return self.out_proj(saved(OUT_PROJ_INPUT, saved(MIXER_CORE, result))), None
-        y, ssm = result
+        multiple = num_segments is not None or return_end_state
+        y, ssm = result if multiple else (result, None)
+        out = self.out_proj(saved(OUT_PROJ_INPUT, saved(MIXER_CORE, y)))
+        if not multiple:
+            return out, None
         if return_end_state:
-            return self.out_proj(y), row_end_state(x, segment_ids, ssm[:, 0], config.d_conv)
-        return self.out_proj(y), segment_caches(
-            x, segment_ids, num_segments, ssm, config.d_conv, continues
-        )
+            return out, row_end_state(x, segment_ids, ssm, config.d_conv)
+        return out, segment_caches(x, segment_ids, num_segments, ssm, config.d_conv, continues)
 
     def _decode(self, hidden, cache: MixerState, impl: str):
         # in_proj as ONE product, split after: slicing a weight in front of a product (as

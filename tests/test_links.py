@@ -837,19 +837,14 @@ ACROSS_OPS = {"long": [7, 75, 14], "one": [47, 49], "edge": [48, 48]}
 def batch_fn(family, f):
     """f on a batch whose row 0 starts from `start` (first_run_states / first_inputs), returning
     (outputs, each row's last-run end state)."""
-    from jax_packmamba.ops.links import compact_ids, last_run_inputs
-
-    name = "first_inputs" if family == "conv" else "first_run_states"
+    from jax_packmamba.ops.links import last_run_inputs
 
     def g(kw, seg, continues, start):
         if family == "conv":
-            y = f(kw, seg, continues, **{name: start})
+            y = f(kw, seg, continues, first_inputs=start)
             return y, last_run_inputs(kw["x"], seg, kw["weight"].shape[1])
-        if family != "mamba1":  # the SSD reads each row's end from its state passing
-            return f(kw, seg, continues, return_row_end_states=True, **{name: start})
-        ids = compact_ids(seg, "last")
-        y, final = f(kw, ids, continues, return_final_states=True, num_segments=3, **{name: start})
-        return y, final[:, 0]
+        # The kernels read each row's end from their passes between chunks.
+        return f(kw, seg, continues, return_row_end_states=True, first_run_states=start)
 
     return g
 
@@ -1210,25 +1205,35 @@ def test_carried_rows_over_two_devices_match_one_device(tmp_path, across_steps_r
 
 
 @pytest.mark.parametrize(
-    "family,row_ends", [("mamba2", False), ("mamba2_ungated", False), ("mamba2_ungated", True)]
+    "family,row_ends",
+    [
+        ("mamba2", None),
+        ("mamba2_ungated", None),
+        ("mamba2_ungated", "linked"),
+        ("mamba1", "linked"),
+        ("mamba1", "unlinked"),
+    ],
 )
-def test_ssd_kernel_first_run_states_match_the_reference(family, row_ends):
-    """The SSD kernels' own first-run start (the state before chunk 0, added in the state
-    passing: pallas_kernels/ssd/vjp._entry), gated and as the Mamba2 model runs it (ungated),
-    against the reference's slot of its own: outputs, final states and every gradient, with a
-    first run covering several chunks, one ending inside chunk 0 (its slot's final state is the
-    start decayed), one ending on its edge whose id comes back later in the row. row_ends: as
-    link_across_steps' training step runs it, row 1 continuing row 0 and each row's end state
-    read from the state passing (return_row_end_states), with a cotangent of its own."""
+def test_kernel_first_run_states_and_row_ends_match_the_reference(family, row_ends):
+    """The kernels' own first-run start (the SSD's: the state before chunk 0, added in the
+    state passing, pallas_kernels/ssd/vjp._entry; gated, and ungated as the Mamba2 model runs
+    it) against the reference's slot of its own: outputs, final states and every gradient,
+    with a first run covering several chunks, one ending inside chunk 0 (its slot's final
+    state is the start decayed), one ending on its edge whose id comes back later in the row.
+    row_ends: each row's end state read from the passes between chunks
+    (return_row_end_states: the SSD's state passing, the Mamba1 kernel's chunk-state pass;
+    the row length 40 is not a multiple of its chunk of 16), with a cotangent of its own;
+    "unlinked" as link_across_steps' training step runs it, "linked" with row 1 continuing
+    row 0 as well."""
     seg = jnp.asarray(
         np.stack([np.zeros(40), np.repeat([0, 1], [5, 35]), np.repeat([0, 1, 0], [16, 1, 23])]),
         jnp.int32,
     )
     args, _ = family_args(family, 3, 40, seed=30)
-    start = normal(40, (3, 2, 16, 16), 0.5)
+    start = normal(40, start_shape(family, args, 3), 0.5)
     names = list(args) + ["start"]
 
-    continues = jnp.asarray([False, True, False]) if row_ends else None
+    continues = jnp.asarray([False, True, False]) if row_ends == "linked" else None
     ends = dict(return_row_end_states=True)
     if not row_ends:
         ends = dict(return_final_states=True, num_segments=3)

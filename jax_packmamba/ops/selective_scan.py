@@ -66,6 +66,7 @@ def selective_scan(
     return_final_states: bool = False,
     num_segments: int | None = None,
     impl: Impl = "auto",
+    return_row_end_states: bool = False,
 ):
     """Selective scan with resets at segment boundaries.
 
@@ -104,9 +105,16 @@ def selective_scan(
       impl: "reference" (pure JAX), "pallas" (Triton kernel; GPU only, ValueError elsewhere),
         "pallas_interpret" (the same kernel through the Pallas interpreter, any backend) or
         "auto" (pallas on GPU, else reference).
+      return_row_end_states: also return each row's float32 state after its last token (its
+        last run's end state), (batch, d_inner, d_state): what a document that goes on past
+        the batch carries into the next one. The kernel reads it from its chunk-state pass
+        (the last chunk's incoming state carried through it: no per-token work); the
+        reference from the final states with the row's last run in a slot of its own. Not
+        with return_final_states or initial_states.
 
     Returns:
-      y with u's shape and dtype, or (y, final_states) when return_final_states.
+      y with u's shape and dtype, or (y, final_states) when return_final_states, or (y,
+      row_end_states) when return_row_end_states.
     """
     num_segments = check_selective_scan_args(
         u,
@@ -126,9 +134,39 @@ def selective_scan(
     check_first_run_states(first_run_states, initial_states, (np.shape(u)[0], *np.shape(A)))
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if return_row_end_states and (return_final_states or initial_states is not None):
+        raise ValueError(
+            "return_row_end_states is not taken with return_final_states or initial_states"
+        )
     if impl == "auto":
         impl = "pallas" if jax.default_backend() == "gpu" else "reference"
     check_pallas_platform(impl, fallback="reference")
+    args = (u, delta, A, B, C, D, z, delta_bias)
+    if return_row_end_states and impl == "reference":
+        # The row's last run in slot 0 of three (compact_ids), its final state the row's end.
+        y, final = selective_scan(
+            *args,
+            delta_softplus=delta_softplus,
+            segment_ids=compact_ids(_ids(segment_ids, u), "last"),
+            continues=continues,
+            first_run_states=first_run_states,
+            return_final_states=True,
+            num_segments=3,
+            impl=impl,
+        )
+        return y, final[:, 0]
+    if return_row_end_states:
+        from pallas_kernels.selective_scan import selective_scan_pallas
+
+        return selective_scan_pallas(
+            *args,
+            interpret=impl == "pallas_interpret",
+            delta_softplus=delta_softplus,
+            segment_ids=segment_ids,
+            first_run_states=first_run_states,
+            continues=continues,
+            return_row_end_states=True,
+        )
     if initial_states is None and continues is None:  # the default path, untouched
         return _run_impl(
             impl,
@@ -146,7 +184,6 @@ def selective_scan(
             return_final_states,
             num_segments,
         )
-    args = (u, delta, A, B, C, D, z, delta_bias)
     run = functools.partial(
         _scan_from_starts, impl, args, delta_softplus, segment_ids, initial_states
     )

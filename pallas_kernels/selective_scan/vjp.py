@@ -24,6 +24,7 @@ F32 = jnp.float32
 class _Plan:
     cfg: ScanConfig
     st: kernel.Static
+    row_ends: bool = False  # also return each row's end state, from the chunk-state pass
 
 
 def selective_scan_pallas(
@@ -44,6 +45,7 @@ def selective_scan_pallas(
     return_final_states: bool = False,
     num_segments: int | None = None,
     config: ScanConfig | None = None,
+    return_row_end_states: bool = False,
 ):
     """Same contract as jax_packmamba.ops.selective_scan.selective_scan_reference (arguments
     already validated there); `config` overrides the block-size heuristic.
@@ -55,7 +57,12 @@ def selective_scan_pallas(
     continues (b,) bool: row b's first run continues row b - 1's last run (ops/links.py). The
     chunk-state pass then runs over the rows' chunks as one sequence, with the link from row
     b - 1's last chunk to row b's first cut where continues[b] is False: the carry costs no
-    extra scan. first_run_states is read for rows that do not continue."""
+    extra scan. first_run_states is read for rows that do not continue.
+
+    return_row_end_states: also return each row's state after its last token (b, d, n): the
+    last chunk's incoming state carried through it, decay * h_in + h_loc, from the chunk-state
+    pass (which then always runs); its gradient joins the one reaching that chunk's end. Not
+    with return_final_states."""
     batch, length, d_inner = u.shape
     d_state = A.shape[1]
     assert delta.shape == u.shape and A.shape == (d_inner, d_state), (u.shape, delta.shape, A.shape)
@@ -67,6 +74,7 @@ def selective_scan_pallas(
     if return_final_states:
         num_segments = 1 if num_segments is None else num_segments
         assert segment_ids is not None or num_segments == 1, num_segments
+    assert not (return_row_end_states and return_final_states)
 
     plan, rst, fin_slot = prepare(
         u,
@@ -81,6 +89,7 @@ def selective_scan_pallas(
         num_segments=num_segments,
         config=config,
     )
+    plan = dataclasses.replace(plan, row_ends=return_row_end_states)
     first = None
     if continues is not None and first_run_states is None:
         first_run_states = jnp.zeros((batch, d_inner, d_state), F32)
@@ -106,10 +115,11 @@ def selective_scan_pallas(
         first,
         continues,
     )
-    if not return_final_states:
+    if not (return_final_states or return_row_end_states):
         return out
     y, final = out
-    return y, jnp.swapaxes(final, 2, 3)  # (b, s, n, d) -> (b, s, d, n)
+    # (b, s, n, d) -> (b, s, d, n); row ends (b, n, d) -> (b, d, n)
+    return y, jnp.swapaxes(final, -2, -1)
 
 
 def prepare(
@@ -199,30 +209,46 @@ def _linked_initial_states(h_loc, decay, first, continues):
     return h_in.reshape(h_loc.shape)
 
 
-def _linked_final_dstates(dh_loc, decay, continues):
+def _row_end_cotangent(dh_loc, dend):
+    """(b, c, n, d): dend (b, n, d) at each row's last chunk, zeros elsewhere (or None)."""
+    if dend is None:
+        return None
+    return jnp.zeros_like(dh_loc).at[:, -1].set(dend)
+
+
+def _linked_final_dstates(dh_loc, decay, continues, dend=None):
     """_chunk_final_dstates over the flattened rows: g[i] = dh_loc[i + 1] + decay[i + 1]
-    g[i + 1] across linked edges, 0 across cut ones and at the end."""
+    g[i + 1] across linked edges, 0 across cut ones and at the end; plus a row end's
+    cotangent dend at that row's last chunk."""
     batch, nc = dh_loc.shape[:2]
     n = batch * nc
+    ends = _row_end_cotangent(dh_loc, dend)
+    eflat = None if ends is None else ends.reshape(n, *ends.shape[2:])
+    if n == 1:
+        return jnp.zeros_like(dh_loc) if ends is None else ends
     link = _linked(continues, nc)[:-1, None, None]
     dflat, lflat = decay.reshape(n, *decay.shape[2:]), dh_loc.reshape(n, *dh_loc.shape[2:])
-    if n == 1:
-        return jnp.zeros_like(dh_loc)
     a = jnp.where(link, dflat[1:], 0.0)[None]
     b = jnp.where(link, lflat[1:], 0.0)[None]
+    if eflat is not None:  # each row end's cotangent, and g[last] folded into the last map
+        b = (b + eflat[None, :-1]).at[:, -1].add(a[:, -1] * eflat[-1])
     _, g = jax.lax.associative_scan(combine_affine, (a, b), axis=1, reverse=True)
-    return jnp.concatenate([g[0], jnp.zeros_like(g[0, :1])]).reshape(dh_loc.shape)
+    last = jnp.zeros_like(g[0, :1]) if eflat is None else eflat[-1:]
+    return jnp.concatenate([g[0], last]).reshape(dh_loc.shape)
 
 
-def _chunk_final_dstates(dh_loc, decay):
-    """Gradient reaching each chunk's last state from later chunks:
-    g[last] = 0, g[c] = dh_loc[c + 1] + decay[c + 1] g[c + 1]."""
+def _chunk_final_dstates(dh_loc, decay, dend=None):
+    """Gradient reaching each chunk's last state from later chunks (and from the row's end
+    state, cotangent dend (b, n, d), at the last chunk):
+    g[last] = dend or 0, g[c] = dh_loc[c + 1] + decay[c + 1] g[c + 1]."""
+    last = jnp.zeros_like(dh_loc[:, :1]) if dend is None else dend[:, None]
     if dh_loc.shape[1] == 1:
-        return jnp.zeros_like(dh_loc)
-    _, g = jax.lax.associative_scan(
-        combine_affine, (decay[:, 1:], dh_loc[:, 1:]), axis=1, reverse=True
-    )
-    return jnp.concatenate([g, jnp.zeros_like(g[:, :1])], axis=1)
+        return last
+    b = dh_loc[:, 1:]
+    if dend is not None:  # fold g[last] into the last map
+        b = b.at[:, -1].add(decay[:, -1] * dend)
+    _, g = jax.lax.associative_scan(combine_affine, (decay[:, 1:], b), axis=1, reverse=True)
+    return jnp.concatenate([g, last], axis=1)
 
 
 def _a2(A):
@@ -256,7 +282,7 @@ def _fwd_impl(
     a2, bias = _a2(A), _bias(delta_bias)
     dskip = None if D is None else D.astype(F32)
     launch = dict(st=st, batch=batch, num_warps=cfg.num_warps, interpret=interpret)
-    if continues is not None or nc > 1:
+    if continues is not None or nc > 1 or plan.row_ends:
         h_loc, decay = kernel.chunk_states(
             dict(u=u, delta=delta, a2=a2, bias=bias, B=B, rst=rst), **launch
         )
@@ -290,6 +316,8 @@ def _fwd_impl(
         **launch,
     )
     out = tuple(outs) if fin_slot is not None else outs[0]
+    if plan.row_ends:  # the last chunk's incoming state carried through it
+        out = (out, decay[:, -1] * h_in[:, -1] + h_loc[:, -1])
     return out, (h_in, decay)
 
 
@@ -372,7 +400,11 @@ def _scan_bwd(plan, interpret, num_segments, res, cts):
     cfg = plan.cfg
     st = dataclasses.replace(plan.st, block_d=cfg.bwd_block_d)
     u, delta, A, B, C, D, z, delta_bias, rst, fin_slot, h_in, decay, first, continues = res
-    dy, dfinal = cts if fin_slot is not None else (cts, None)
+    dy, dfinal, dend = cts, None, None
+    if fin_slot is not None:
+        dy, dfinal = cts
+    elif plan.row_ends:
+        dy, dend = cts
     batch = u.shape[0]
     a2, bias = _a2(A), _bias(delta_bias)
     dskip = None if D is None else D.astype(F32)
@@ -392,9 +424,9 @@ def _scan_bwd(plan, interpret, num_segments, res, cts):
         **launch,
     )
     if continues is None:
-        dh_out = _chunk_final_dstates(dh_loc, decay)
+        dh_out = _chunk_final_dstates(dh_loc, decay, dend)
     else:
-        dh_out = _linked_final_dstates(dh_loc, decay, continues)
+        dh_out = _linked_final_dstates(dh_loc, decay, continues, dend)
     # The gradient reaching chunk 0's incoming state: its own outputs', plus what arrives at
     # its end from later chunks carried back through its decay.
     dfirst = None
