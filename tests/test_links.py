@@ -783,6 +783,42 @@ def test_model_document_over_rows_gets_its_logits_and_gradients_alone(family):
     assert not np.array_equal(cut[1], logits[1])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_model_64k_document_over_32_rows_equals_one_64k_sequence(family):
+    """The issue's own case at its own size: one 65,536-token document laid over 32 linked rows
+    of 2048 gets the logits and parameter gradients (random cotangent) it gets as one 65,536-
+    token sequence; reference ops, float32, one layer."""
+    import dataclasses
+
+    from flax import nnx
+
+    import jax_packmamba as jp
+
+    config = dataclasses.replace(tiny_model_config(family), n_layer=1)
+    if family == "mamba2":
+        config = dataclasses.replace(config, chunk_size=64)
+    graph, params = nnx.split(jp.LM(config, rngs=nnx.Rngs(0)))
+    rows, width = 32, 2048
+    doc = np.random.default_rng(1).integers(0, 61, size=rows * width).astype(np.int32)
+    ct = normal(5, (rows, width, config.padded_vocab_size))
+
+    def run(params, tokens, continues, ct):
+        call = lambda p: nnx.merge(graph, p)(tokens, None, continues=continues)  # noqa: E731
+        logits, vjp = jax.vjp(call, params)
+        return logits, vjp(ct)[0]
+
+    linked = (params, jnp.asarray(doc.reshape(rows, width)), jnp.arange(rows) > 0, ct)
+    logits, grads = compiled(("64k linked", family), run, *linked)(*linked)
+    one = (params, jnp.asarray(doc[None]), ct.reshape(1, rows * width, -1))
+    whole = lambda p, t, c: run(p, t, None, c)  # noqa: E731
+    logits1, grads1 = compiled(("64k one", family), whole, *one)(*one)
+    err = rel_err(logits.reshape(logits1.shape), logits1)
+    grad_err = max(rel_err(a, b) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads1)))
+    print(family, f"logits {err:.1e} grads {grad_err:.1e}")
+    assert err < 1e-5 and grad_err < 1e-5, (err, grad_err)
+
+
 def test_trainer_links_long_documents_end_to_end(tmp_path, capsys):
     """--data.long_docs=link trains (stdlib files are mostly longer than a 64-token row), reports
     the linked documents and the longest chain, and resumes to the same losses."""
