@@ -108,12 +108,15 @@ def compile_fn(fn, interpret, *args):
     return jax.jit(fn).lower(*args).compile(compiler_options=opts)
 
 
-def time_case(fns, sets, *, interpret, smoke):
+def time_case(fns, sets, *, interpret, smoke, keep=None):
+    """Each of fns compiled and timed; `keep` (a dict) receives the compiled programs by label."""
     rec = {}
     for label, fn in zip(("fwd", "fwdbwd"), fns):
         t0 = time.perf_counter()
         compiled = compile_fn(fn, interpret, *sets[0])
         rec[f"compile_s_{label}"] = time.perf_counter() - t0
+        if keep is not None:
+            keep[label] = compiled
         t = harness.time_calls(
             compiled, sets, groups=1 if smoke else 7, per_group=1 if smoke else 5
         )
@@ -123,10 +126,9 @@ def time_case(fns, sets, *, interpret, smoke):
     return rec
 
 
-def profile_case(fwdbwd, sets, *, interpret):
-    """GPU microseconds per fwd+bwd call, by kernel (harness.kernel_times), over a trace of
-    PROFILE_CALLS calls."""
-    compiled = compile_fn(fwdbwd, interpret, *sets[0])
+def profile_case(compiled, sets):
+    """GPU microseconds per fwd+bwd call of the compiled program, by kernel
+    (harness.kernel_times), over a trace of PROFILE_CALLS calls."""
     with tempfile.TemporaryDirectory(prefix="ssd_trace_") as tmp:
         harness.trace(compiled, sets, PROFILE_CALLS, tmp)
         events, lines = harness.device_events(tmp)
@@ -236,12 +238,14 @@ def main(argv=None) -> int:
             cases = [("pallas", "default", base)]
             cases += [("pallas", name, dataclasses.replace(base, **ov)) for name, ov in variants]
             cases += [("reference", "xla", None)] if args.ref else []
+            default = {}  # the default config's compiled programs: the profile's too
             for impl, name, cfg in cases:
                 fns = op_fns(impl, cfg, chunk=chunk, interpret=interpret)
+                keep = default if (impl, name) == ("pallas", "default") else None
                 r = guarded(
                     f"time {shape} {seg_mode} {impl}/{name}",
-                    lambda fns=fns, sets=sets: time_case(
-                        fns, sets, interpret=interpret, smoke=args.smoke
+                    lambda fns=fns, sets=sets, keep=keep: time_case(
+                        fns, sets, interpret=interpret, smoke=args.smoke, keep=keep
                     ),
                 )
                 if r is not None:
@@ -262,11 +266,15 @@ def main(argv=None) -> int:
                     )
                 harness.write_json(new.path, data)
             if args.profile:
-                fwdbwd = op_fns("pallas", base, chunk=chunk, interpret=interpret)[1]
-                r = guarded(
-                    f"profile {shape} {seg_mode}",
-                    lambda f=fwdbwd, sets=sets: profile_case(f, sets, interpret=interpret),
-                )
+
+                def profiled(sets=sets, default=default):
+                    compiled = default.get("fwdbwd")
+                    if compiled is None:  # its timing failed before compiling it
+                        fwdbwd = op_fns("pallas", base, chunk=chunk, interpret=interpret)[1]
+                        compiled = compile_fn(fwdbwd, interpret, *sets[0])
+                    return profile_case(compiled, sets)
+
+                r = guarded(f"profile {shape} {seg_mode}", profiled)
                 if r is not None:
                     data["profiles"].append(
                         dict(shape=shape, segments=seg_mode, config=dataclasses.asdict(base), **r)
