@@ -24,7 +24,7 @@ import pytest
 from flax import nnx
 
 from jax_packmamba import MambaConfig, MambaLM
-from tests.compiled import cpu_xla_flags
+from tests.compiled import compiled, cpu_xla_flags
 from train import data as data_lib
 from train import step as step_lib
 from train.__main__ import main
@@ -541,8 +541,12 @@ def test_grad_accumulation_equals_one_big_batch_and_schedule():
     b = data_lib.Batcher(pieces, mode="packed", seq_len=32, batch_size=2, grad_accum=2, seed=0)
     batch = next(b)["arrays"]
     big = {k: v.reshape(1, 4, 32) for k, v in batch.items()}  # the two micro-batches as one
-    step = jax.jit(lambda s, x: step_lib.train_step(s, x, graphdef=graphdef, tx=tx))
     state = jax.jit(lambda: step_lib.init_state(config, tx, 0))()
+
+    def step(state, x):  # one program per batch shape, XLA's backend optimisations off on CPU
+        fn = lambda s, x: step_lib.train_step(s, x, graphdef=graphdef, tx=tx)  # noqa: E731
+        return compiled(("grad_accum_step",), fn, state, x)(state, x)
+
     s1, m1 = step(state, batch)
     s2, m2 = step(state, big)
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
