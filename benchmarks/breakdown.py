@@ -114,8 +114,14 @@ def fake_scan(
     return_final_states=False,
     num_segments=None,
     impl="auto",
+    return_row_end_states=False,
 ):
-    if return_final_states or continues is not None or first_run_states is not None:
+    if (
+        return_final_states
+        or return_row_end_states
+        or continues is not None
+        or first_run_states is not None
+    ):
         raise NotImplementedError("the stand-in scan has no states and no row links")
     f32 = jnp.float32
     d = delta.astype(f32)
