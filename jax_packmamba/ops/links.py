@@ -61,6 +61,22 @@ def compact_ids(segment_ids, special: str):
     return jnp.where(run == target, 0, 1 + run % 2)
 
 
+def row_ends_by_slot(scan, *args, segment_ids, length_like, **kwargs):
+    """(y, each row's end state (b, ...)) from a reference scan's final states, the row's last
+    run in slot 0 of three (compact_ids): how the references answer return_row_end_states,
+    which the kernels read from their passes between chunks. length_like: any (b, t, ...)
+    input, for the ids when segment_ids is None."""
+    ids = jnp.zeros(length_like.shape[:2], jnp.int32) if segment_ids is None else segment_ids
+    y, final = scan(
+        *args,
+        segment_ids=compact_ids(ids.astype(jnp.int32), "last"),
+        return_final_states=True,
+        num_segments=3,
+        **kwargs,
+    )
+    return y, final[:, 0]
+
+
 def chain_row_states(end, decay, single_run, continues, given):
     """(b, ...) state each row's first run starts from, following the links.
 

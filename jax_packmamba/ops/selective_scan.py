@@ -31,6 +31,7 @@ from jax_packmamba.ops.links import (
     chain_row_states,
     check_continues,
     compact_ids,
+    row_ends_by_slot,
     single_run_rows,
 )
 from jax_packmamba.ops.segments import (
@@ -143,31 +144,17 @@ def selective_scan(
     check_pallas_platform(impl, fallback="reference")
     args = (u, delta, A, B, C, D, z, delta_bias)
     if return_row_end_states and impl == "reference":
-        # The row's last run in slot 0 of three (compact_ids), its final state the row's end.
-        y, final = selective_scan(
+        return row_ends_by_slot(
+            selective_scan,
             *args,
+            segment_ids=segment_ids,
+            length_like=u,
             delta_softplus=delta_softplus,
-            segment_ids=compact_ids(_ids(segment_ids, u), "last"),
             continues=continues,
             first_run_states=first_run_states,
-            return_final_states=True,
-            num_segments=3,
             impl=impl,
         )
-        return y, final[:, 0]
-    if return_row_end_states:
-        from pallas_kernels.selective_scan import selective_scan_pallas
-
-        return selective_scan_pallas(
-            *args,
-            interpret=impl == "pallas_interpret",
-            delta_softplus=delta_softplus,
-            segment_ids=segment_ids,
-            first_run_states=first_run_states,
-            continues=continues,
-            return_row_end_states=True,
-        )
-    if initial_states is None and continues is None:  # the default path, untouched
+    if initial_states is None and continues is None and not return_row_end_states:
         return _run_impl(
             impl,
             u,
@@ -187,11 +174,12 @@ def selective_scan(
     run = functools.partial(
         _scan_from_starts, impl, args, delta_softplus, segment_ids, initial_states
     )
-    if continues is None:
+    if continues is None and not return_row_end_states:
         return run(None, return_final_states, num_segments)
     if impl != "reference" and (initial_states is None or segment_ids is None):
-        # The kernel's chunk-state pass carries the state over linked rows itself: no second
-        # scan (mid-row initial states would also change a last run's end: generic path then).
+        # The kernel's chunk-state pass carries the state over linked rows itself (no second
+        # scan; mid-row initial states would also change a last run's end: generic path then)
+        # and hands on each row's end.
         first = first_run_states if initial_states is None else initial_states[:, 0]
         from pallas_kernels.selective_scan import selective_scan_pallas
 
@@ -204,6 +192,7 @@ def selective_scan(
             continues=continues,
             return_final_states=return_final_states,
             num_segments=num_segments,
+            return_row_end_states=return_row_end_states,
         )
     return _continued(
         impl,

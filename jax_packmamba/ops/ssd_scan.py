@@ -69,6 +69,7 @@ from jax_packmamba.ops.links import (
     chain_row_states,
     check_continues,
     compact_ids,
+    row_ends_by_slot,
     single_run_rows,
 )
 from jax_packmamba.ops.segments import (
@@ -199,19 +200,17 @@ def ssd_scan(
         check_pallas_platform(impl, fallback="reference")
     args = (x, dt, A, B, C, D, z, dt_bias)
     if return_row_end_states and impl == "reference":
-        # The row's last run in slot 0 of three (compact_ids), its final state the row's end.
-        y, final = ssd_scan(
+        return row_ends_by_slot(
+            ssd_scan,
             *args,
+            segment_ids=segment_ids,
+            length_like=x,
             dt_softplus=dt_softplus,
-            segment_ids=compact_ids(_ids(segment_ids, x), "last"),
             chunk_size=chunk_size,
             continues=continues,
             first_run_states=first_run_states,
-            return_final_states=True,
-            num_segments=3,
             impl=impl,
         )
-        return y, final[:, 0]
     run = functools.partial(
         _run_impl,
         impl,
