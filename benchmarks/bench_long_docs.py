@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     for mode in modes:
         for g in groups if mode == "link_across_steps" else [1]:
             label = mode if g == 1 else f"{mode}_g{g}"
-            flags = [f"--data.long_docs={mode}"] + ([f"--data.stream_groups={g}"] if g > 1 else [])
+            flags = [f"--data.long_docs={mode}", f"--data.stream_groups={g}"]
             runs.append((label, flags))
     new = harness.new_result(
         "long_docs",

@@ -848,12 +848,12 @@ def parse_args(argv):
     if args.stream_groups > 1 and "link_across_steps" not in modes:
         ap.error(f"--stream-groups {args.stream_groups} needs --modes link_across_steps")
     linked = [m for m in modes if m in ("link", "link_across_steps")]
-    hybrid = [p for p in presets if p.startswith("hybrid-")]
-    if linked and hybrid:
-        ap.error(
-            f"--modes {linked}: hybrid presets {hybrid} cannot link rows yet (attention would "
-            f"need the previous row's keys)"
-        )
+    from jax_packmamba.config import config_class
+    from train.config import CANNOT_LINK
+
+    unlinkable = [p for p in presets if config_class(p) in CANNOT_LINK]
+    if linked and unlinkable:
+        ap.error(f"--modes {linked} with {unlinkable}: {CANNOT_LINK[config_class(unlinkable[0])]}")
     if args.anchor is not None and not (args.anchor / ANCHOR_SCRIPT).is_file():
         ap.error(f"--anchor {args.anchor}: no {ANCHOR_SCRIPT} there")
     mamba2 = [p for p in presets if p.startswith("mamba2-")]

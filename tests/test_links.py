@@ -943,6 +943,7 @@ ACROSS_STEPS_TRAIN = TINY_TRAIN + [
     "--run.checkpoint_every=2",
     "--run.steps=4",
     "--data.long_docs=link_across_steps",
+    "--data.stream_groups=1",
 ]
 
 
@@ -984,8 +985,12 @@ def test_trainer_carries_documents_across_steps_and_resumes_exactly(
     for newer in (halves / "checkpoints" / "4", halves / "models" / "4"):
         shutil.rmtree(newer)
     capsys.readouterr()
-    assert main(tiny + ["--data.long_docs=link_across_steps", f"--run.out_dir={halves}"]) == 0
-    assert "checkpoints/2 (step 2" in capsys.readouterr().out  # it resumed at step 2
+    # Resumed with --data.long_docs and --data.stream_groups at their auto defaults: the run
+    # keeps its own choice (link_across_steps, one group).
+    assert main(tiny + [f"--run.out_dir={halves}"]) == 0
+    printed = capsys.readouterr().out
+    assert "checkpoints/2 (step 2" in printed  # it resumed at step 2
+    assert "auto: the resumed run's choice" in printed
     resumed = {r["step"]: r["loss"] for r in read_metrics(halves / "metrics.jsonl") if "loss" in r}
     assert [resumed[s] for s in (3, 4)] == losses(straight)[2:]
     assert exported(halves) == exported(straight)
@@ -1163,14 +1168,14 @@ def test_resume_refuses_to_switch_link_across_steps_on_or_off():
 
 
 def test_stream_groups_need_link_across_steps_and_stay_fixed_on_resume():
-    """--data.stream_groups: > 1 only with link_across_steps, >= 1, and changing it on resume
+    """--data.stream_groups: > 1 only with link_across_steps, >= 0 (0: auto), and changing it on resume
     is one clear error (the carry holds that many groups), even with allow_change."""
     from train.config import ConfigError, check_resume, parse_args
 
     with pytest.raises(ConfigError, match="--data.stream_groups=2 needs --data.long_docs="):
         parse_args(["--data.long_docs=link", "--data.stream_groups=2"])
-    with pytest.raises(ConfigError, match="--data.stream_groups must be >= 1"):
-        parse_args(["--data.long_docs=link_across_steps", "--data.stream_groups=0"])
+    with pytest.raises(ConfigError, match="--data.stream_groups must be >= 0"):
+        parse_args(["--data.long_docs=link_across_steps", "--data.stream_groups=-1"])
 
     def config(groups):
         return parse_args(
@@ -1191,6 +1196,52 @@ def test_stream_groups_need_link_across_steps_and_stay_fixed_on_resume():
     check_resume(old, config(1), old_model=None, new_model={}, checkpoint="c")
     with pytest.raises(ConfigError, match="was written with 1"):
         check_resume(old, config(2), old_model=None, new_model={}, checkpoint="c")
+
+
+def test_long_docs_auto_carries_where_it_can_and_a_resumed_run_keeps_its_choice(tmp_path):
+    """--data.long_docs=auto (the default): link_across_steps with 8 stream groups where the
+    state can be carried, cut (one line saying why) where it cannot; a resumed run keeps the
+    choice its out_dir's config.json records (cut for a run from before the option)."""
+    from train.config import ConfigError, RunConfig, parse_args, resolve_long_docs
+    from train.trainer import recorded_data_config
+
+    def chosen(*flags, recorded=None):
+        config, note = resolve_long_docs(parse_args(list(flags)), recorded)
+        return config.data.long_docs, config.data.stream_groups, note
+
+    assert chosen() == ("link_across_steps", 8, "auto: no document is cut")
+    assert chosen("--data.stream_groups=2")[:2] == ("link_across_steps", 2)
+    for flag, why in (
+        ("--data.mode=padded", "--data.mode=padded has no rows to link"),
+        ("--model.preset=hybrid-tiny", "hybrid presets cannot link rows yet"),
+        ("--model.preset=mamba3-tiny", "Mamba-3 presets cannot link rows yet"),
+        ("--mesh.grad_reduce=bfloat16", "--mesh.grad_reduce=bfloat16 cannot carry state yet"),
+    ):
+        long_docs, groups, note = chosen(flag)
+        assert (long_docs, groups) == ("cut", 1) and note.startswith(f"auto: {why}"), note
+    with pytest.raises(ConfigError, match="Mamba-3 presets cannot link rows yet"):
+        parse_args(["--model.preset=mamba3-tiny", "--data.long_docs=link"])
+    with pytest.raises(ConfigError, match=r"stream_groups=2 needs .*auto chose cut: hybrid"):
+        chosen("--model.preset=hybrid-tiny", "--data.stream_groups=2")
+    # Explicit choices stay; stream_groups=0 is 8 with link_across_steps only.
+    assert chosen("--data.long_docs=link_across_steps") == ("link_across_steps", 8, "")
+    assert chosen("--data.long_docs=link") == ("link", 1, "")
+    assert chosen("--data.long_docs=cut", "--data.stream_groups=1") == ("cut", 1, "")
+    resumed = "auto: the resumed run's choice"
+    assert chosen(recorded={}) == ("cut", 1, resumed)
+    las = {"long_docs": "link_across_steps"}
+    assert chosen(recorded=las) == ("link_across_steps", 1, resumed)
+    assert chosen(recorded=las | {"stream_groups": 4})[:2] == ("link_across_steps", 4)
+
+    run = RunConfig(out_dir=str(tmp_path))
+    assert recorded_data_config(run) is None  # no checkpoints: a new run
+    (tmp_path / "checkpoints" / "2").mkdir(parents=True)
+    assert recorded_data_config(run) == {}  # checkpoints, no config.json: from before it
+    (tmp_path / "config.json").write_text('{"data": {"long_docs": "link", "seq_len": 32}}')
+    assert recorded_data_config(run) == {"long_docs": "link", "seq_len": 32}
+    assert recorded_data_config(RunConfig(out_dir=str(tmp_path), resume=False)) is None
+    fresh = RunConfig(out_dir=str(tmp_path), resume=True, overwrite=True)
+    assert recorded_data_config(fresh) is None
 
 
 def test_carried_state_is_sharded_as_the_batch_rows():

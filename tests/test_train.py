@@ -395,7 +395,11 @@ def test_modes_consume_the_same_pieces_deterministically_and_resume():
     greedy, _ = stream("packed", 10, pack_policy="greedy")
     eff = {
         m: data_lib.estimate_efficiency(
-            pieces, DataConfig(seq_len=64, batch_size=4, seed=3, pack_policy=m), steps=10
+            pieces,
+            DataConfig(
+                seq_len=64, batch_size=4, seed=3, pack_policy=m, long_docs="cut", stream_groups=1
+            ),
+            steps=10,
         )
         for m in ("first_fit_decreasing", "greedy")
     }
@@ -451,7 +455,15 @@ def test_eval_batches_are_those_before_packing_moved(policy, count, digest):
     rng = np.random.default_rng(7)
     docs = [np.append(rng.integers(0, 256, n), 256) for n in rng.integers(1, 300, 150)]
     pieces = data_lib.cut_pieces(docs, 96)[:120]
-    config = DataConfig(seq_len=96, batch_size=5, seed=11, pack_policy=policy, eval_batches=50)
+    config = DataConfig(
+        seq_len=96,
+        batch_size=5,
+        seed=11,
+        pack_policy=policy,
+        eval_batches=50,
+        long_docs="cut",
+        stream_groups=1,
+    )
     batches = data_lib.eval_batches(pieces, config)
     h = hashlib.sha256()
     for batch in batches:
@@ -618,6 +630,7 @@ def test_nonfinite_loss_stops_with_last_good_checkpoint(tmp_path, capsys):
         "--optim.lr=1e12",
         "--optim.warmup_steps=0",
         "--optim.clip_norm=0",
+        "--data.long_docs=cut",  # the train state restored below holds no carry
     ]
     code = main(TINY + run + [f"--run.out_dir={out}", "--run.export_models=false"])
     err = capsys.readouterr().err

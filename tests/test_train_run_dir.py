@@ -39,6 +39,7 @@ from train.config import (
     RunConfig,
     help_text,
     parse_args,
+    resolve_long_docs,
 )
 from train.metrics import read_metrics
 from train.sharding import GRAD_REDUCE
@@ -83,10 +84,15 @@ def checkpoint_steps(out: pathlib.Path) -> list[int]:
 
 
 def restored_params(out: pathlib.Path, step: int):
-    config = parse_args(BASE)
+    # The run's train state: by default (--data.long_docs=auto) with the carried state.
+    config, _ = resolve_long_docs(parse_args(BASE))
+    d = config.data
+    carry_rows = d.batch_size if d.long_docs == "link_across_steps" else None
     mc = config.model.mamba_config(vocab_size=257, backend="cpu")
     tx = step_lib.make_optimizer(config.optim, config.run.steps)
-    abstract = jax.eval_shape(lambda: step_lib.init_state(mc, tx, 0))
+    abstract = jax.eval_shape(
+        lambda: step_lib.init_state(mc, tx, 0, carry_rows, carry_groups=d.stream_groups)
+    )
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     ckpt = Checkpointer(out / "checkpoints", keep=3)
     try:
@@ -102,9 +108,10 @@ def restored_params(out: pathlib.Path, step: int):
 
 def test_checkpoints_record_their_config(trained):
     _, meta = restored_params(trained, 6)
-    assert meta["config"] == json.loads(
-        json.dumps(parse_args(BASE + [f"--run.out_dir={trained}"]).to_dict())
-    )
+    # The concrete config: --data.long_docs=auto recorded as what it chose.
+    config, _ = resolve_long_docs(parse_args(BASE + [f"--run.out_dir={trained}"]))
+    assert config.data.long_docs == "link_across_steps" and config.data.stream_groups == 8
+    assert meta["config"] == json.loads(json.dumps(config.to_dict()))
     assert meta["model_config"]["n_layer"] == 1 and meta["model_config"]["vocab_size"] == 257
     assert meta["model_config"]["class"] == "MambaConfig" and meta["step"] == 6
 

@@ -61,6 +61,17 @@ class ConfigError(ValueError):
 MODES = ("packed", "padded", "single")
 PACK_POLICIES = ("first_fit_decreasing", "greedy")
 LONG_DOCS = ("cut", "link", "link_across_steps")
+# --data.long_docs=auto's choice where the model and batching can carry state (and its stream
+# groups): no document cut, at 0-1% of cut's step time and no worse held-out loss on long
+# documents (docs/long_documents.md, "The default").
+AUTO_LONG_DOCS = "link_across_steps"
+AUTO_STREAM_GROUPS = 8
+# Model families whose layers cannot carry state over rows yet, and why.
+CANNOT_LINK = {
+    HybridConfig: "hybrid presets cannot link rows yet: attention would need the previous "
+    "row's keys",
+    Mamba3Config: "Mamba-3 presets cannot link rows yet: its scan takes no start state",
+}
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DATA_FORMATS = ("auto", "text", "jsonl", "tokens", "parquet", "arrow")
 WANDB_MODES = ("online", "offline")
@@ -277,8 +288,8 @@ class DataConfig:
         help="tokens per row (>= 2); longer documents are cut into pieces of seq_len tokens",
     )
     long_docs: str = option(
-        "cut",
-        choices=LONG_DOCS,
+        "auto",
+        choices=("auto", *LONG_DOCS),
         resume=DATA,
         help="documents longer than a row, packed mode: cut: into pieces of seq_len tokens, "
         "each starting from a zero state; link: documents laid end to end, a row's first "
@@ -287,15 +298,19 @@ class DataConfig:
         "are long); link_across_steps: every row a stream of whole documents of its own, "
         "its last one going on in the same row of the next micro-batch and step from the "
         "state the row ended in (truncated backprop, saved in checkpoints), so no document "
-        "is cut and a step holds at least batch_size documents (docs/long_documents.md)",
+        "is cut and a step holds at least batch_size documents; auto: link_across_steps "
+        f"with {AUTO_STREAM_GROUPS} stream groups where it can run (packed mode, a Mamba or "
+        "Mamba2 preset, --mesh.grad_reduce=auto), cut elsewhere, and a resumed run's own "
+        "choice (docs/long_documents.md)",
     )
     stream_groups: int = option(
-        1,
+        0,
         resume=FIXED,
         help="link_across_steps only: G groups of batch_size row streams each; micro-batch m "
         "(counted over steps and grad_accum) serves group m mod G, so a document goes on G "
         "micro-batches later and the G - 1 between hold other documents (consecutive "
-        "gradients less alike); the carried state is G times larger",
+        f"gradients less alike); the carried state is G times larger; 0: {AUTO_STREAM_GROUPS} "
+        "with link_across_steps (a resumed run's own number), else 1",
     )
 
     batch_size: int = option(
@@ -509,15 +524,16 @@ class TrainConfig:
         _choice("data.format", d.format, DATA_FORMATS)
         _choice("data.mode", d.mode, MODES)
         _choice("data.pack_policy", d.pack_policy, PACK_POLICIES)
-        _choice("data.long_docs", d.long_docs, LONG_DOCS)
-        if d.long_docs != "cut" and d.mode != "packed":
+        _choice("data.long_docs", d.long_docs, ("auto", *LONG_DOCS))
+        linking = d.long_docs not in ("cut", "auto")  # auto chooses where it can link
+        if linking and d.mode != "packed":
             raise ConfigError(
                 f"--data.long_docs={d.long_docs} needs --data.mode=packed, got {d.mode}"
             )
-        if d.long_docs != "cut" and config_class(m.preset) is HybridConfig:
+        if linking and config_class(m.preset) in CANNOT_LINK:
             raise ConfigError(
-                f"--data.long_docs={d.long_docs}: hybrid presets cannot link rows yet "
-                f"(attention would need the previous row's keys); use --data.long_docs=cut"
+                f"--data.long_docs={d.long_docs}: {CANNOT_LINK[config_class(m.preset)]}; use "
+                f"--data.long_docs=cut"
             )
         if d.long_docs == "link_across_steps" and self.mesh.grad_reduce != "auto":
             raise ConfigError(
@@ -525,8 +541,8 @@ class TrainConfig:
                 f"{self.mesh.grad_reduce}): the explicit reduction does not pass the rows' "
                 f"carried states through its per-device step yet"
             )
-        _positive("data.stream_groups", d.stream_groups)
-        if d.stream_groups > 1 and d.long_docs != "link_across_steps":
+        _positive("data.stream_groups", d.stream_groups, minimum=0)
+        if d.stream_groups > 1 and d.long_docs not in ("link_across_steps", "auto"):
             raise ConfigError(
                 f"--data.stream_groups={d.stream_groups} needs --data.long_docs="
                 f"link_across_steps (got {d.long_docs}): only its row streams come in groups"
@@ -597,6 +613,48 @@ def model_record(model_config) -> dict:
 
 def _jsonable(value):
     return json.loads(json.dumps(value))
+
+
+def resolve_long_docs(config: TrainConfig, recorded: dict | None = None) -> tuple[TrainConfig, str]:
+    """`config` with --data.long_docs=auto and --data.stream_groups=0 made concrete, and a
+    note saying why auto chose what it did ("auto: ...", "" when long_docs was not auto);
+    ConfigError when the choice does not fit the other flags.
+
+    recorded: the data part of the recorded config of the run this one resumes ({} for a run
+    from before these options, which cut), None for a new run: a resumed run keeps its own
+    choice, so that its carried state and data stream go on as they were."""
+    d = config.data
+    if d.long_docs != "auto" and d.stream_groups != 0:
+        return config, ""
+    long_docs, why = d.long_docs, ""
+    if long_docs == "auto":
+        if recorded is not None:
+            long_docs, why = recorded.get("long_docs", "cut"), "the resumed run's choice"
+        elif d.mode != "packed":
+            long_docs, why = "cut", f"--data.mode={d.mode} has no rows to link"
+        elif config_class(config.model.preset) in CANNOT_LINK:
+            long_docs, why = "cut", CANNOT_LINK[config_class(config.model.preset)]
+        elif config.mesh.grad_reduce != "auto":
+            long_docs = "cut"
+            why = f"--mesh.grad_reduce={config.mesh.grad_reduce} cannot carry state yet"
+        else:
+            long_docs, why = AUTO_LONG_DOCS, "no document is cut"
+    groups = d.stream_groups
+    if groups == 0:
+        if long_docs != "link_across_steps":
+            groups = 1
+        elif recorded is not None:
+            groups = recorded.get("stream_groups", 1)
+        else:
+            groups = AUTO_STREAM_GROUPS
+    resolved = dataclasses.replace(
+        config, data=dataclasses.replace(d, long_docs=long_docs, stream_groups=groups)
+    )
+    try:
+        resolved.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{e} (--data.long_docs=auto chose {long_docs}: {why})") from None
+    return resolved, f"auto: {why}" if d.long_docs == "auto" else ""
 
 
 def resume_conflicts(

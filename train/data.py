@@ -394,6 +394,11 @@ class Batcher:
     ):
         if not pieces:
             raise DataError("no training pieces (every document went to the eval split?)")
+        if long_docs == "auto":
+            raise ValueError(
+                "long_docs='auto' is the trainer's choice: resolve it first "
+                "(train.config.resolve_long_docs) or pass one of " + ", ".join(LONG_DOCS)
+            )
         if long_docs not in LONG_DOCS:
             raise ValueError(f"long_docs must be one of {LONG_DOCS}, got {long_docs!r}")
         if long_docs != "cut" and mode != "packed":

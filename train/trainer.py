@@ -41,7 +41,13 @@ from train.checkpoint import (
     export_model,
     prune_exports,
 )
-from train.config import ConfigError, TrainConfig, check_resume, model_record
+from train.config import (
+    ConfigError,
+    TrainConfig,
+    check_resume,
+    model_record,
+    resolve_long_docs,
+)
 
 # Where unreadable checkpoints (and their model exports) are moved, inside the run directory.
 UNREADABLE_DIR = "unreadable"
@@ -81,11 +87,15 @@ class Prepared:
     model_config: object
     mesh: object
     tokenizer: object  # recorded in every model export
+    long_docs_note: str = ""  # what --data.long_docs=auto chose, and why
 
 
 def prepare(config: TrainConfig) -> Prepared:
-    """Validates the config, loads the data and lays out the mesh; raises ConfigError/DataError."""
+    """Validates the config, makes its auto choices concrete (train.config.resolve_long_docs;
+    Prepared.config is the concrete one), loads the data and lays out the mesh; raises
+    ConfigError/DataError."""
     config.validate()
+    config, long_docs_note = resolve_long_docs(config, recorded_data_config(config.run))
     # Both before anything starts jax's backend.
     sharding.default_memory_fraction()
     sharding.apply_mesh_options(config.mesh)
@@ -114,7 +124,25 @@ def prepare(config: TrainConfig) -> Prepared:
         model_config,
         mesh,
         data_lib.make_tokenizer(d),
+        long_docs_note,
     )
+
+
+def recorded_data_config(r) -> dict | None:
+    """The data part of the config that the run in r.out_dir last started with, when this run
+    resumes one there (it has checkpoints): {} where it records none (a run from before
+    config.json, or an unreadable one); None for a new run."""
+    out = pathlib.Path(r.out_dir)
+    ckpt_dir = out / CHECKPOINTS_DIR
+    if not r.resume or r.overwrite or not ckpt_dir.is_dir():
+        return None
+    if not any(x.name.isdigit() for x in ckpt_dir.iterdir()):
+        return None
+    try:
+        data = json.loads((out / "config.json").read_text()).get("data")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def describe(p: Prepared, efficiency: dict) -> list[str]:
@@ -137,8 +165,20 @@ def describe(p: Prepared, efficiency: dict) -> list[str]:
         f"data    {p.corpus.description}: {len(lengths)} documents, {_human(lengths.sum())} tokens "
         f"(doc length median {int(np.median(lengths))}, max {lengths.max()}); tokenizer {tok} "
         f"(vocab {p.corpus.vocab_size}, end-of-document id {p.corpus.eod_id})",
-        f"split   train {len(p.train_pieces)} pieces of <= {d.seq_len} tokens, held out "
-        f"{p.num_eval_docs} documents ({len(p.eval_pieces)} pieces) for eval loss",
+        (
+            f"split   train {len(p.train_pieces)} pieces of <= {d.seq_len} tokens, held out "
+            f"{p.num_eval_docs} documents ({len(p.eval_pieces)} pieces) for eval loss; long "
+            f"documents cut"
+            if d.long_docs == "cut"
+            else f"split   train {len(p.train_pieces)} documents, held out {p.num_eval_docs} "
+            f"for eval loss; long documents {d.long_docs}: "
+            + (
+                "state carried over rows and steps, never cut"
+                if d.long_docs == "link_across_steps"
+                else "linked over a micro-batch's rows"
+            )
+        )
+        + (f" ({p.long_docs_note})" if p.long_docs_note else ""),
         f"batch   mode {d.mode}: {c.optim.grad_accum} x {rows} rows x {d.seq_len} tokens a step; "
         f"real tokens per slot: packed {metrics_lib.fmt_pct(efficiency['packed'])}, padded "
         f"{metrics_lib.fmt_pct(efficiency['padded'])}, single {metrics_lib.fmt_pct(efficiency['single'])}"
@@ -184,6 +224,7 @@ def run(config: TrainConfig, *, log=print) -> dict:
     check_loggers(config.run)
     cache_dir = enable_compilation_cache(config.run)  # before anything compiles
     p = prepare(config)
+    config = p.config  # its auto choices made concrete
     r = config.run
     out = open_run_directory(config)
     for line in describe(p, data_lib.estimate_efficiency(p.train_pieces, config.data)):
