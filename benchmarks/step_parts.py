@@ -20,7 +20,13 @@ _SSM = re.compile(
 _CONV = re.compile(r"causal_conv|conv1d", re.I)
 _NORM = re.compile(r"layer_norm|rms_?norm|_layer_norm|norm_fwd|norm_bwd|RMSNorm", re.I)
 _LOSS = re.compile(r"cross_entropy|log_softmax|nll_loss|softmax|logsumexp|loss\.py", re.I)
-_OPT = re.compile(r"adam|multi_tensor|optax|clip|global_norm|optim", re.I)
+# optax's own sources (XLA fusions of ours carry them, by file basename and function):
+# apply_updates, add_decayed_weights, tree_update_moment in _tree_math.py, scale_by_adam...
+_OPT = re.compile(
+    r"adam|multi_tensor|optax|clip|global_norm|optim|apply_updates|decayed_weights|"
+    r"update_moment|_tree_math|bias_correction|scale_by_",
+    re.I,
+)
 _ELEM = re.compile(r"elementwise|vectorized|unrolled_elementwise|loop_|fusion|copy|reduce", re.I)
 
 

@@ -1314,6 +1314,13 @@ def test_step_parts_classify_both_sides_kernels():
     assert part("causal_conv1d_fwd_kernel") == "conv"
     assert part("input_reduce_fusion", "loss.py:20 masked_cross_entropy bwd") == "loss"
     assert part("multi_tensor_apply_kernel") == "optimizer"
+    # AdamW's XLA fusions, as hlo_sources names their optax source lines.
+    for source in (
+        "update.py:42 apply_updates.<locals>.<lambda> fwd | _adding.py:73 "
+        "add_decayed_weights.<locals>.update_fn.<locals>.<lambda> fwd",
+        "_tree_math.py:398 tree_update_moment.<locals>.<lambda> fwd",
+    ):
+        assert part("loop_add_fusion_1", source) == "optimizer"
     assert part("void at::native::vectorized_elementwise_kernel<4>") == "elementwise"
     assert part("some_custom_call") == "other"
     parts = table({"ssd_bwd_dx": 3000.0, "loop_add_fusion": 1500.0}, steps=3)
