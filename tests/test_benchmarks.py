@@ -47,7 +47,6 @@ SCRIPTS = (
     "probes/psum_bandwidth",
     "probes/compile_time",
     "bench_ssd_chunk_scan",
-    "bench_links",
     "bench_long_docs",
     "bench_loss",
     "bamba_torch",
@@ -578,14 +577,6 @@ def smoke_bench_scaling(out, data):
     assert out.with_name(out.stem + "_scaling.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def smoke_bench_links(out, data):
-    assert [r["shape"] for r in data["timings"]] == ["mamba1", "mamba2"]
-    for r in data["timings"]:
-        assert r["cut_ms"] > 0 and r["link_ms"] > 0 and r["rows_continuing"] >= 1
-        assert r["link_across_steps_ms"] > 0
-        assert r["longest_chain"] >= 2
-
-
 def smoke_bench_loss(out, data):
     rows = data["results"]
     assert [r["variant"] for r in rows] == ["full", "chunked_16", "chunked_64"]
@@ -711,13 +702,6 @@ SMOKES = {
         ],
         "train_gpu_cpu_1dev_smoke.json",
         smoke_train_gpu,
-        True,
-    ),
-    "bench_links": (
-        "bench_links",
-        lambda d: ["--smoke", "--out", d],
-        "links_cpu_smoke.json",
-        smoke_bench_links,
         True,
     ),
     "bench_loss": (

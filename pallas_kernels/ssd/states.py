@@ -89,7 +89,8 @@ def _matmul(spec, a, b, like):
     """einsum of a per-token operand with a state, as the kernels' dots take them: in `like`'s
     dtype with float32 accumulation where that is narrower (bf16 x, B, C: the kernels cast the
     states to it too), else float32 at HIGHEST. A float32 HIGHEST contraction of every token
-    ran as a SIMT GEMM, 1 ms a layer at mamba2-1.3b's 8 x 2048 (bench_links --trace)."""
+    ran as a SIMT GEMM, 1 ms a layer at mamba2-1.3b's 8 x 2048 (a one-layer trace:
+    benchmarks/results/links_nvidia-h100.json)."""
     mm = jnp.dtype(like.dtype)
     if jnp.finfo(mm).bits >= 32:
         return jnp.einsum(spec, a.astype(F32), b.astype(F32), precision=HIGHEST)
