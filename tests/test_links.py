@@ -1168,8 +1168,8 @@ def test_resume_refuses_to_switch_link_across_steps_on_or_off():
 
 
 def test_stream_groups_need_link_across_steps_and_stay_fixed_on_resume():
-    """--data.stream_groups: > 1 only with link_across_steps, >= 0 (0: auto), and changing it on resume
-    is one clear error (the carry holds that many groups), even with allow_change."""
+    """--data.stream_groups: > 1 only with link_across_steps, >= 0 (0: auto), and changing it
+    on resume is one clear error (the carry holds that many groups), even with allow_change."""
     from train.config import ConfigError, check_resume, parse_args
 
     with pytest.raises(ConfigError, match="--data.stream_groups=2 needs --data.long_docs="):
