@@ -49,6 +49,12 @@ from train.config import (
     resolve_long_docs,
 )
 
+# What each linking --data.long_docs does to a long document (the trainer's split line).
+LINKED = {
+    "link": "linked over a micro-batch's rows",
+    "link_across_steps": "state carried over rows and steps, never cut",
+}
+
 # Where unreadable checkpoints (and their model exports) are moved, inside the run directory.
 UNREADABLE_DIR = "unreadable"
 # Batch statistics of the link modes that go into metrics.jsonl (train.data.Batcher).
@@ -128,23 +134,6 @@ def prepare(config: TrainConfig) -> Prepared:
     )
 
 
-def recorded_data_config(r) -> dict | None:
-    """The data part of the config that the run in r.out_dir last started with, when this run
-    resumes one there (it has checkpoints): {} where it records none (a run from before
-    config.json, or an unreadable one); None for a new run."""
-    out = pathlib.Path(r.out_dir)
-    ckpt_dir = out / CHECKPOINTS_DIR
-    if not r.resume or r.overwrite or not ckpt_dir.is_dir():
-        return None
-    if not any(x.name.isdigit() for x in ckpt_dir.iterdir()):
-        return None
-    try:
-        data = json.loads((out / "config.json").read_text()).get("data")
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def describe(p: Prepared, efficiency: dict) -> list[str]:
     c, d, mc = p.config, p.config.data, p.model_config
     devices = p.mesh.devices.flatten()
@@ -171,12 +160,7 @@ def describe(p: Prepared, efficiency: dict) -> list[str]:
             f"documents cut"
             if d.long_docs == "cut"
             else f"split   train {len(p.train_pieces)} documents, held out {p.num_eval_docs} "
-            f"for eval loss; long documents {d.long_docs}: "
-            + (
-                "state carried over rows and steps, never cut"
-                if d.long_docs == "link_across_steps"
-                else "linked over a micro-batch's rows"
-            )
+            f"for eval loss; long documents {d.long_docs}: {LINKED[d.long_docs]}"
         )
         + (f" ({p.long_docs_note})" if p.long_docs_note else ""),
         f"batch   mode {d.mode}: {c.optim.grad_accum} x {rows} rows x {d.seq_len} tokens a step; "
@@ -332,6 +316,26 @@ def is_main_process() -> bool:
 # The run directory and resume.
 
 
+def recorded_data_config(r) -> dict | None:
+    """The data part of the config that the run in r.out_dir last started with, when this run
+    resumes one there (it has checkpoints): {} where it records none (a run from before
+    config.json, or an unreadable one); None for a new run."""
+    out = pathlib.Path(r.out_dir)
+    if not r.resume or r.overwrite or not has_checkpoints(out):
+        return None
+    try:
+        data = json.loads((out / "config.json").read_text()).get("data")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def has_checkpoints(out: pathlib.Path) -> bool:
+    """Whether the run directory `out` holds a checkpoint (a step folder under checkpoints/)."""
+    ckpt_dir = out / CHECKPOINTS_DIR
+    return ckpt_dir.is_dir() and any(x.name.isdigit() for x in ckpt_dir.iterdir())
+
+
 def open_run_directory(config: TrainConfig) -> pathlib.Path:
     """The run's out_dir, cleared first with --run.overwrite; ConfigError when it holds
     checkpoints that this run would neither resume nor clear, or model exports without the
@@ -355,7 +359,7 @@ def open_run_directory(config: TrainConfig) -> pathlib.Path:
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
-    has_ckpt = ckpt_dir.is_dir() and any(x.name.isdigit() for x in ckpt_dir.iterdir())
+    has_ckpt = has_checkpoints(out)
     if has_ckpt and not r.resume:
         raise ConfigError(
             f"{ckpt_dir} already holds checkpoints; resume with --run.resume=true, "
