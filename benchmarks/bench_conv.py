@@ -1,5 +1,6 @@
 """The Pallas causal conv's two kernel designs, A/B: the time walk against the tile-parallel
-kernels under a few tilings (pallas_kernels/causal_conv1d/DESIGN.md, "Tile kernels").
+kernels (pallas_kernels/causal_conv1d/DESIGN.md, "Tile kernels"), and the walking backward's
+blocks of steps (bwd_unroll; DESIGN.md, "Loads ahead").
 
     PYTHONPATH=. python3 benchmarks/bench_conv.py [--out DIR] [--smoke]
 
@@ -8,18 +9,24 @@ At (8, 2048, 4352) (mamba2-1.3b's xBC: d_inner 4096 + 2 x 128 of B and C) and (8
 variant's forward and forward+backward (jax.vjp, random bf16 cotangent): harness.time_calls
 (median of 7 groups of 5 calls, inputs rotated past the L2), plus the per-kernel device time of
 the forward+backward from a profiler trace (the forward, the backward and XLA's reduction of the
-weight-gradient partials apart). At the mamba2-1.3b shape also the output as Mamba2's x, B and C
-(GROUPS): "walk_groups" splits after the walking kernel (copies), "tile_groups" has the tile
-kernels write the three arrays, "tile_walk_groups" the tile forward and the walking backward
-(which reads the groups' cotangents as they are: every boundary is a multiple of its 128
-channels a program); and "..._groups_linked": the same with
-rows 1.. linked to the row before (their first run continues it: the conv reads the previous
-row's last w - 1 inputs as its prefix, DESIGN.md "Inputs before t = 0"), which should cost the
-unlinked time plus O(b w e) (their max_rel_diff differs from the first variant's only at the
-linked rows' first w - 1 outputs). Writes --out/conv_<device>.json. `bound_ms` is the DRAM time
+weight-gradient partials apart). "walk" and "tile_walk" run the walking backward one step a loop
+iteration (bwd_unroll=1), "tile_walk_u2", "_u4" and "_u8" in blocks of 2, 4 and 8 steps, whose
+gradients on input set 0 must be bit-identical to tile_walk's (`bit_identical_to_u1`, on a GPU;
+through the interpreter on CPU, XLA fuses a * b + c into FMAs differently for different loop
+bodies, an ulp apart in places). At the mamba2-1.3b shape also the output as Mamba2's x, B and
+C (GROUPS), as the model calls it: "walk_groups" splits after the walking kernel (copies),
+"tile_groups" has the tile kernels write the three arrays, "tile_walk_groups" (and
+"tile_walk_u2_groups" ...) the tile forward and the walking backward (which reads the groups'
+cotangents as they are: every boundary is a multiple of its 128 channels a program); and
+"..._groups_linked" (walk, tile, tile_walk): the same with rows 1.. linked to the row before
+(their first run continues it: the conv reads the previous row's last w - 1 inputs as its
+prefix, DESIGN.md "Inputs before t = 0"), which should cost the unlinked time plus O(b w e)
+(their max_rel_diff differs from the first variant's only at the linked rows' first w - 1
+outputs). Writes --out/conv_<device>.json. `bound_ms` is the DRAM time
 of the unique bytes (forward: read x, write out; backward: read x and g, write dx) at 3.35 TB/s
 (an H100 SXM's peak). On CPU the kernels run through the Pallas interpreter; --smoke: tiny
-shapes, one call each. About 85 s on one H100, most of it compiling.
+shapes, one call each. About 85 s on one H100 before the bwd_unroll variants (21 variants
+now, 16 then), most of it compiling.
 """
 
 from __future__ import annotations
@@ -43,26 +50,20 @@ SMOKE_SHAPES = [(1, 40, 264)]
 # (mamba2-1.3b: d_inner 4096, one group of d_state 128). "walk" splits after its kernel, as the
 # model does with it; "tile" writes the three arrays.
 GROUPS = {(8, 2048, 4352): (4096, 128, 128), (1, 40, 264): (128, 128, 8)}
-GROUP_VARIANTS = ("walk", "tile", "tile_walk")
 SEGMENTS = 64  # a row
 WIDTH = 4
 HBM_BYTES_PER_S = 3.35e12
-# (name, kernel, tile config); TileConfig() is the default the "tile" impl runs.
-VARIANTS = [
-    ("walk", "walk", None),
-    ("tile", "tile", TileConfig()),
-    ("tile_walk", "tile_walk", TileConfig()),
-    (
-        "tile_small",
-        "tile",
-        TileConfig(fwd_block_t=32, fwd_warps=4, bwd_block_t=16, bwd_warps=4),
-    ),
-    (
-        "tile_large",
-        "tile",
-        TileConfig(fwd_block_t=128, fwd_warps=8, bwd_block_t=64, bwd_block_c=64, bwd_chunk=512),
-    ),
+# (name, kernel, tile config, the walking backward's bwd_unroll); TileConfig() is the default
+# the "tile" impl runs. The tile tilings timed before (DESIGN.md, "Measured") lost and are gone.
+BASE_VARIANTS = [
+    ("walk", "walk", None, 1),
+    ("tile", "tile", TileConfig(), None),
+    ("tile_walk", "tile_walk", TileConfig(), 1),
 ]
+UNROLLED_VARIANTS = [(f"tile_walk_u{u}", "tile_walk", TileConfig(), u) for u in (2, 4, 8)]
+VARIANTS = BASE_VARIANTS + UNROLLED_VARIANTS
+# (variant, linked) at a GROUPS shape: every variant unlinked, the base ones linked too.
+GROUP_VARIANTS = [(v, False) for v in VARIANTS] + [(v, True) for v in BASE_VARIANTS]
 
 
 def conv_set(i, shape, groups=None):
@@ -89,10 +90,16 @@ def conv_set(i, shape, groups=None):
     )
 
 
-def fns(kernel_name, tile, interpret, groups=None, linked=False):
+def fns(kernel_name, tile, bwd_unroll, interpret, groups=None, linked=False):
     """(forward, forward+backward) of one variant; both take conv_set's tuple. linked: rows
     1.. continue the row before, as causal_conv1d(continues=) runs them."""
-    kw = dict(activation="silu", interpret=interpret, kernel_name=kernel_name, groups=groups)
+    kw = dict(
+        activation="silu",
+        interpret=interpret,
+        kernel_name=kernel_name,
+        groups=groups,
+        bwd_unroll=bwd_unroll,
+    )
     if tile is not None:
         kw["tile"] = tile
 
@@ -130,15 +137,24 @@ def max_rel_diff(a, b) -> float:
     return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
-def measure(label, fwd, fwdbwd, sets, timing, reference) -> dict:
+def measure(label, fwd, fwdbwd, sets, timing, reference, u1=None) -> dict:
     """Timings of one variant, its per-kernel trace on a GPU, and its output and gradients on
-    set 0 against the first variant's (`reference`, filled by the first call). A variant that
-    fails records its error and the run goes on."""
+    set 0 against the first variant's (`reference`, filled by the first call). u1: for the
+    tile_walk variants, the gradients of the one at bwd_unroll=1 (filled by it), which every
+    other's must equal bit for bit. A variant that fails records its error and the run goes on."""
     try:
         out, grads = fwd(*sets[0]), fwdbwd(*sets[0])[1]
         if not reference:
             reference.update(out=out, grads=grads)
-        r = dict(
+        r = {}
+        if u1 is not None:
+            if not u1:
+                u1.update(grads=grads)
+            r["bit_identical_to_u1"] = all(
+                np.array_equal(np.asarray(g), np.asarray(g1))
+                for g, g1 in zip(jax.tree.leaves(grads), jax.tree.leaves(u1["grads"]), strict=True)
+            )
+        r.update(
             max_rel_diff=dict(
                 out=max_rel_diff(out, reference["out"]),
                 **{
@@ -160,7 +176,8 @@ def measure(label, fwd, fwdbwd, sets, timing, reference) -> dict:
     print(
         f"conv {label}: fwd {r['fwd_ms']['median_ms']:.3f} ms, fwd+bwd "
         f"{r['fwdbwd_ms']['median_ms']:.3f} ms; max rel diff to the first variant "
-        + ", ".join(f"{k} {v:.1e}" for k, v in r["max_rel_diff"].items()),
+        + ", ".join(f"{k} {v:.1e}" for k, v in r["max_rel_diff"].items())
+        + (f"; bit-identical to U=1: {r['bit_identical_to_u1']}" if u1 is not None else ""),
         flush=True,
     )
     if "fwdbwd_kernels" in r:
@@ -171,13 +188,29 @@ def measure(label, fwd, fwdbwd, sets, timing, reference) -> dict:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = harness.argument_parser(__doc__).parse_args(argv)
+    parser = harness.argument_parser(__doc__)
+    names = [v[0] for v in VARIANTS]
+    parser.add_argument(
+        "--variants",
+        default=",".join(names),
+        help=f"comma-separated subset of {','.join(names)} (default: all; a base variant "
+        "brings its linked groups run)",
+    )
+    args = parser.parse_args(argv)
+    chosen = args.variants.split(",")
+    if any(v not in names for v in chosen):
+        parser.error(f"--variants: choose from {','.join(names)}, got {args.variants!r}")
+    variants = [v for v in VARIANTS if v[0] in chosen]
+    group_variants = [(v, linked) for v, linked in GROUP_VARIANTS if v[0] in chosen]
     new = harness.new_result("conv", script=__file__, argv=argv, out_dir=args.out, smoke=args.smoke)
     backend = new.info.backend
     interpret = backend != "gpu"
     data = dict(
         **new.header,
-        variants={n: dict(kernel=k, tile=t and dataclasses.asdict(t)) for n, k, t in VARIANTS},
+        variants={
+            n: dict(kernel=k, tile=t and dataclasses.asdict(t), bwd_unroll=u)
+            for n, k, t, u in VARIANTS
+        },
         conv=[],
     )
     timing = dict(groups=1, per_group=1) if args.smoke else dict(groups=7, per_group=5)
@@ -195,24 +228,30 @@ def main(argv=None) -> int:
                 bwd=1e3 * 3 * elem_bytes / HBM_BYTES_PER_S,
             ),
         )
-        reference = {}
-        for name, kernel_name, tile in VARIANTS:
+        reference, u1 = {}, {}
+        for name, kernel_name, tile, bwd_unroll in variants:
             rec[name] = measure(
-                f"{shape} {name}", *fns(kernel_name, tile, interpret), sets, timing, reference
+                f"{shape} {name}",
+                *fns(kernel_name, tile, bwd_unroll, interpret),
+                sets,
+                timing,
+                reference,
+                u1 if kernel_name == "tile_walk" else None,
             )
             harness.write_json(new.path, {**data, "conv": [*data["conv"], rec]})
         groups = GROUPS.get(shape)
         group_sets = [conv_set(i, shape, groups) for i in range(n)] if groups else []
-        linked_or_not = [(n, lk) for lk in (False, True) for n in GROUP_VARIANTS] if groups else []
-        for name, linked in linked_or_not:
+        u1_groups = {}
+        for (name, kernel_name, tile, bwd_unroll), linked in group_variants if groups else []:
             rec[f"{name}_groups" + ("_linked" if linked else "")] = dict(
                 groups=groups,
                 **measure(
                     f"{shape} {name}, groups {groups}" + (", linked" if linked else ""),
-                    *fns(name, None, interpret, groups, linked),
+                    *fns(kernel_name, tile, bwd_unroll, interpret, groups, linked),
                     group_sets,
                     timing,
                     reference,
+                    u1_groups if kernel_name == "tile_walk" and not linked else None,
                 ),
             )
             harness.write_json(new.path, {**data, "conv": [*data["conv"], rec]})

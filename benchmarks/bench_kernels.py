@@ -11,16 +11,17 @@ and "pallas", at mamba2-1.3b's 8 x 2048 tokens: "add" (bf16 hidden + float32 res
 normed; mamba_ssm's fused add + RMSNorm), "stream" (the Block's call: float32 stream, no
 residual, bf16 normed) at d_model 2048, and "gated" (bf16 x, z) at d_inner 4096, one group.
 --sections picks among conv, decode, norms (default all); --norm-sweep: instead, the norm
-kernels alone under each tiling of NORM_SWEEP (pallas_kernels/norm/vjp.py's constants), into
---out/kernels_norm_sweep_<device>.json.
-harness.time_calls
-(median of 7 groups of 5 calls, inputs rotated past the L2); writes --out/kernels_<device>.json.
+kernels alone under each tiling and backward prefetch setting of NORM_SWEEP
+(pallas_kernels/norm/vjp.py's constants), into --out/kernels_norm_sweep_<device>.json.
+harness.time_calls (median of 7 groups of 5 calls, inputs rotated past the L2); writes
+--out/kernels_<device>.json.
 Only public entry points are used, so the same script times an older tree. On CPU the kernels
 run through the Pallas interpreter; --smoke: tiny shapes, one call each.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import jax
@@ -61,8 +62,19 @@ def conv_set(i, shape):
 NORMS = [("add", 16384, 2048), ("stream", 16384, 2048), ("gated", 16384, 4096)]
 SMOKE_NORMS = [("add", 40, 96), ("stream", 40, 96), ("gated", 40, 96)]
 SECTIONS = ("conv", "decode", "norms")
-# (TILE_ELEMENTS, BWD_PROGRAMS_PER_SM) of pallas_kernels/norm/vjp.py; the first is the default.
-NORM_SWEEP = [(4096, 2), (2048, 2), (8192, 2), (4096, 1), (4096, 8)]
+# (TILE_ELEMENTS, BWD_PROGRAMS_PER_SM, BWD_PREFETCH) of pallas_kernels/norm/vjp.py; the first
+# is the default. Prefetch against not at the default tiling; then prefetch with more or fewer
+# programs an SM (it frees the walk from waiting on its loads, so it may want fewer) and a
+# smaller tile; the larger tile and more programs without it.
+NORM_SWEEP = [
+    (4096, 2, False),
+    (4096, 2, True),
+    (4096, 4, True),
+    (4096, 1, True),
+    (2048, 2, True),
+    (8192, 2, False),
+    (4096, 8, False),
+]
 
 
 def norm_set(i, kind, rows, cols):
@@ -146,29 +158,34 @@ def norm_sweep(new, smoke) -> int:
     backend = new.info.backend
     impl = "pallas" if backend == "gpu" else "pallas_interpret"
     data = dict(**new.header, norm_sweep=[])
-    for tile, programs_per_sm in NORM_SWEEP[:2] if smoke else NORM_SWEEP:
+    norms = SMOKE_NORMS if smoke else NORMS
+    # The input sets do not depend on the tiling: made once (at these sizes making them takes
+    # longer than compiling and timing a tiling).
+    makers = {
+        kind: functools.cache(functools.partial(norm_set, kind=kind, rows=rows, cols=cols))
+        for kind, rows, cols in norms
+    }
+    for tile, programs_per_sm, prefetch in NORM_SWEEP[:2] if smoke else NORM_SWEEP:
         norm_vjp.TILE_ELEMENTS, norm_vjp.BWD_PROGRAMS_PER_SM = tile, programs_per_sm
+        norm_vjp.BWD_PREFETCH = prefetch
         jax.clear_caches()  # the backward's program count is read when it is traced
-        for kind, rows, cols in SMOKE_NORMS if smoke else NORMS:
+        for kind, rows, cols in norms:
             fwd, fwdbwd = norm_fns(kind, impl)
-
-            def make(i, kind=kind, rows=rows, cols=cols):
-                return norm_set(i, kind, rows, cols)
-
             rec = dict(
                 kind=kind,
                 rows=rows,
                 cols=cols,
                 tile_elements=tile,
                 bwd_programs_per_sm=programs_per_sm,
-                fwd_ms=timed(fwd, make, backend, smoke),
-                fwdbwd_ms=timed(fwdbwd, make, backend, smoke),
+                bwd_prefetch=prefetch,
+                fwd_ms=timed(fwd, makers[kind], backend, smoke),
+                fwdbwd_ms=timed(fwdbwd, makers[kind], backend, smoke),
             )
             data["norm_sweep"].append(rec)
             print(
-                f"norm {kind} {rows}x{cols} tile {tile}, {programs_per_sm} bwd programs/SM: "
-                f"fwd {rec['fwd_ms']['median_ms']:.3f} ms, fwd+bwd "
-                f"{rec['fwdbwd_ms']['median_ms']:.3f} ms",
+                f"norm {kind} {rows}x{cols} tile {tile}, {programs_per_sm} bwd programs/SM, "
+                f"prefetch {'on' if prefetch else 'off'}: fwd {rec['fwd_ms']['median_ms']:.3f} "
+                f"ms, fwd+bwd {rec['fwdbwd_ms']['median_ms']:.3f} ms",
                 flush=True,
             )
             harness.write_json(new.path, data)

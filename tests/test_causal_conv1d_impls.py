@@ -6,11 +6,15 @@ tile-parallel ones, likewise) and "pallas" / "pallas_tile" (the same kernels on 
 without one). The walking runs pin a 16-step chunk and the tile runs 16-row forward tiles and
 8-row backward tiles in 16-step chunks, so short rows cross tile and chunk edges; channel counts
 are not multiples of the 128-channel block. Plus tests that lower the kernels for CUDA on this
-CPU machine.
+CPU machine, and that the walking backward's blocks of steps (bwd_unroll) change no bit.
 """
 
 import functools
+import os
+import pathlib
 import re
+import subprocess
+import sys
 import zlib
 
 import jax
@@ -21,8 +25,9 @@ import pytest
 from jax_packmamba.ops import causal_conv1d, positions_from_segment_ids
 from pallas_kernels.causal_conv1d import KERNEL, TileConfig, causal_conv1d_pallas
 from pallas_kernels.causal_conv1d import kernel as walk_kernel
-from tests.compiled import compiled, compiled_vjp
-from tests.gpu import lower_for_cuda, lowered_ops, on_gpu
+from pallas_kernels.causal_conv1d import vjp as conv_vjp
+from tests.compiled import compiled, compiled_vjp, cpu_xla_flags
+from tests.gpu import HAS_GPU, lower_for_cuda, lowered_ops, on_gpu
 from tests.loops import causal_conv1d_loop, rel_err
 
 IMPLS = [
@@ -34,6 +39,7 @@ IMPLS = [
 ]
 EDGE_CHUNK = 16
 EDGE_TILE = TileConfig(fwd_block_t=16, bwd_block_t=8, bwd_chunk=16)
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def conv(impl, x, w, b, seg, activation):
@@ -354,6 +360,11 @@ def test_tile_config_and_kernel_name_are_checked():
     gs = (jnp.zeros((1, 4, 64)), jnp.zeros((1, 4, 136)))
     with pytest.raises(ValueError, match=r"gs must split 200 channels at multiples of 128"):
         walk_kernel.conv_bwd(x, w_t, None, pos, gs, st=st, num_warps=4, interpret=True)
+    for bad in (0, 3, 2.0):
+        with pytest.raises(
+            ValueError, match=f"bwd_unroll must be a positive power of two, got {bad}"
+        ):
+            causal_conv1d_pallas(x, jnp.zeros((200, 4)), None, pos, activation=None, bwd_unroll=bad)
 
 
 @pytest.mark.parametrize(
@@ -696,3 +707,139 @@ def test_tile_walk_backward_reads_the_groups_cotangents_unjoined(groups, joined)
     assert "stablehlo.custom_call" in ops
     assert "stablehlo.slice" not in ops  # nor a split after the forward
     assert ops.count("stablehlo.concatenate") == joined
+
+
+# The walking backward in blocks of bwd_unroll steps (all of a block's loads first) against one
+# step at a time, called directly (kernel.conv_bwd). Rows of 50 steps in EDGE_SEGMENTS: segments
+# end on the 16-step chunk edges. (width, chunk, bwd_unroll, channel groups, linked: a prefix
+# read by row 0's first run and a dx_tail, silu and bias):
+UNROLL_CASES = [
+    (4, 16, 4, (128, 128, 40), True, True),  # 4 blocks of 4, then the w - 1 steps past the chunk
+    (1, 16, 2, (200,), False, False),  # 8 blocks of 2, no step past the chunk
+    (2, 2, 4, (200,), True, True),  # chunk < bwd_unroll: one block of 2 + 1 steps
+]
+
+
+def _unroll_mismatches(interpret: bool) -> list[str]:
+    """The UNROLL_CASES whose dx, dweight or dbias partials differ in any bit from
+    bwd_unroll=1's."""
+    seg = np.asarray(segments(EDGE_SEGMENTS))
+    batch, length = seg.shape
+    starts = np.concatenate([np.ones((batch, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    run_start = np.maximum.accumulate(np.where(starts, np.arange(length), 0), axis=1)
+    rng = np.random.default_rng(7)
+
+    def normal(*shape):  # numpy's: no eager XLA op to compile
+        return jnp.asarray(rng.standard_normal(shape, np.float32))
+
+    mismatches = []
+    for width, chunk, bwd_unroll, groups, linked, silu in UNROLL_CASES:
+        channels = sum(groups)
+        x, w_t, bias = normal(batch, length, channels), normal(width, channels), None
+        if silu:
+            bias = normal(channels)
+        gs = tuple(normal(batch, length, g) for g in groups)
+        positions = np.arange(length) - run_start
+        prefix = dx_tail = None
+        if linked:  # row 0's first run began w - 1 steps before the row
+            positions[0, : EDGE_SEGMENTS[0][0]] += width - 1
+            prefix, dx_tail = normal(batch, width - 1, channels), normal(batch, width - 1, channels)
+        args = (x, w_t, bias, jnp.asarray(positions, jnp.int32), gs, prefix, dx_tail)
+        runs = []
+        for unroll in (1, bwd_unroll):
+            st = walk_kernel.Static(
+                length=length,
+                channels=channels,
+                width=width,
+                block_e=conv_vjp.BLOCK_E,
+                chunk=chunk,
+                silu=silu,
+                bwd_unroll=unroll,
+            )
+
+            def bwd(*a, st=st):
+                return walk_kernel.conv_bwd(
+                    *a, st=st, num_warps=conv_vjp.NUM_WARPS, interpret=interpret
+                )
+
+            runs.append(compiled(("conv_bwd", st, groups), bwd, *args)(*args))
+        for name, a, b in zip(("dx", "dweight", "dbias"), *runs):
+            if not np.array_equal(np.asarray(a), np.asarray(b)):
+                mismatches.append(f"{name} of width {width}, chunk {chunk}, unroll {bwd_unroll}")
+    return mismatches
+
+
+def test_walking_backward_in_blocks_is_bit_identical_interpreted():
+    """_unroll_mismatches through the interpreter, in a CPU process whose XLA has no FMA
+    instructions: XLA on CPU contracts a * b + c into one FMA wherever both land in one fusion,
+    and a loop body of one step and of several fuse differently (an ulp apart in places);
+    without FMA every op rounds alone."""
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=cpu_xla_flags("--xla_cpu_max_isa=AVX"),
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    proc = subprocess.run(
+        [sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+def test_walking_backward_in_blocks_is_bit_identical_on_gpu():
+    assert _unroll_mismatches(interpret=False) == []
+
+
+@pytest.mark.parametrize("bwd_unroll, width", [(None, 4), (8, 4), (2, 1)])
+def test_walking_backward_in_blocks_lowers_for_cuda(monkeypatch, bwd_unroll, width):
+    """tile_walk at mamba2-1.3b's conv shape (8 x 2048 x 4352 bf16, as x, B and C, linked rows:
+    the groups' cotangents, the prefix and dx_tail all read in a block's loads; width 1 reads
+    no prefix), lowered for CUDA with bwd_unroll given or, None, vjp.BWD_UNROLL's (4 here),
+    which reaches the kernel."""
+    monkeypatch.setattr(conv_vjp, "BWD_UNROLL", 4)
+    unrolls = []
+    conv_bwd = walk_kernel.conv_bwd
+
+    def spy(*args, st, **kw):
+        unrolls.append(st.bwd_unroll)
+        return conv_bwd(*args, st=st, **kw)
+
+    monkeypatch.setattr(walk_kernel, "conv_bwd", spy)
+    sds = jax.ShapeDtypeStruct
+    batch, length, groups = 8, 2048, (4096, 128, 128)
+    channels = sum(groups)
+
+    def loss(x, w, b, positions, prefix, linked):
+        parts = causal_conv1d_pallas(
+            x,
+            w,
+            b,
+            positions,
+            activation="silu",
+            prefix=prefix,
+            linked=linked,
+            kernel_name="tile_walk",
+            groups=groups,
+            bwd_unroll=bwd_unroll,
+        )
+        return sum(p.astype(jnp.float32).sum() * (i + 1) for i, p in enumerate(parts))
+
+    args = (
+        sds((batch, length, channels), jnp.bfloat16),
+        sds((channels, width), jnp.bfloat16),
+        sds((channels,), jnp.bfloat16),
+        sds((batch, length), jnp.int32),
+        sds((batch, width - 1, channels), jnp.bfloat16),
+        sds((batch, width - 1), jnp.bool_),
+    )
+    text = lower_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2, 4)), *args)
+    names = re.findall(r'name = "(causal_conv1d_[a-z_]+)"', text)
+    assert sorted(names) == KERNEL_NAMES["tile_walk"], names
+    assert unrolls == [4 if bwd_unroll is None else bwd_unroll]
+
+
+if __name__ == "__main__":  # test_walking_backward_in_blocks_is_bit_identical_interpreted's process
+    mismatches = _unroll_mismatches(interpret=True)
+    sys.exit(f"bwd_unroll > 1 differs from 1 in {mismatches}" if mismatches else 0)

@@ -4,11 +4,15 @@ float64 definition (tests/loops.py), values and gradients under random cotangent
 Parametrized over "reference" (jnp ops), "pallas_interpret" (the Triton kernels through the
 Pallas interpreter, on CPU) and "pallas" (the same kernels on a GPU; skipped without one).
 Column counts are not powers of two (masked blocks) and row counts not multiples of the row
-block. Plus: per-token isolation, the backward's multi-tile walk, CUDA lowering on this CPU
-machine, and the argument checks.
+block. Plus: per-token isolation, the backward's multi-tile walk, its prefetched walk
+bit-identical to the plain one, CUDA lowering on this CPU machine, and the argument checks.
 """
 
+import os
+import pathlib
 import re
+import subprocess
+import sys
 import zlib
 
 import jax
@@ -18,13 +22,14 @@ import pytest
 
 import pallas_kernels.norm.vjp as norm_vjp
 from jax_packmamba.ops import add_rms_norm, gated_rms_norm, rms_norm
-from tests.compiled import compiled_vjp
-from tests.gpu import lower_for_cuda, on_gpu
+from tests.compiled import compiled_vjp, cpu_xla_flags
+from tests.gpu import HAS_GPU, lower_for_cuda, on_gpu
 from tests.loops import rel_err, rms_norm_groups_loop
 
 IMPLS = ["reference", "pallas_interpret", on_gpu("pallas")]
 DTYPES = [(jnp.float32, 2e-6), (jnp.bfloat16, 1e-2)]
 EPS = 1e-5
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _normal(key, shape, dtype, scale=1.0):
@@ -179,6 +184,77 @@ def test_backward_programs_walking_several_tiles(monkeypatch, op):
     _check(f("pallas_interpret"), f("reference"), 2e-6)
 
 
+def _prefetch_mismatches(impl) -> list[str]:
+    """The outputs and gradients (tree paths) that differ between the backward's plain walk
+    and its software-pipelined one (BWD_PREFETCH: each tile loaded during the one before it),
+    for each set of inputs the backward loads: two tiles a program, the last program's second
+    tile past the rows (its prefetch reads nothing), and one program walking all three tiles
+    of each of two groups."""
+    rows, bf, f32 = 40, jnp.bfloat16, jnp.float32  # 3 tiles of 16 rows, the last of 8
+    k = jax.random.split(jax.random.key(11), 11)
+    shape, gated_shape = (2, 20, 40), (2, 20, 80)
+    primals = (
+        _normal(k[0], shape, bf),  # hidden, added to
+        _normal(k[1], shape, f32, 3.0),  # a residual: d_hidden and d_residual both stored
+        _normal(k[2], shape, f32),  # rms_norm's x
+        _normal(k[3], (40,), f32, 0.2) + 1.0,
+        _normal(k[4], gated_shape, bf),  # gated x and z: two groups of 40
+        _normal(k[5], gated_shape, bf, 2.0),
+        _normal(k[6], (80,), f32, 0.2) + 1.0,
+    )
+    cots = (
+        (_normal(k[7], shape, f32), _normal(k[8], shape, bf)),
+        _normal(k[9], shape, f32),
+        _normal(k[10], gated_shape, bf),
+    )
+
+    def f(hidden, residual, x, w, gx, gz, gw):
+        return (
+            add_rms_norm(hidden, residual, w, eps=EPS, out_dtype=bf, impl=impl),
+            rms_norm(x, w, eps=EPS, impl=impl),
+            gated_rms_norm(gx, gz, gw, group_size=40, eps=EPS, impl=impl),
+        )
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(norm_vjp, "core_count", lambda: 1)
+        for groups, programs, tiles_per_program in ((1, 2, 2), (2, 1, 3)):
+            got, st = norm_vjp._bwd_programs(norm_vjp._static(rows, 40, groups, EPS))
+            assert (got, st.tiles_per_program) == (programs, tiles_per_program)
+        runs = []
+        for prefetch in (False, True):
+            patch.setattr(norm_vjp, "BWD_PREFETCH", prefetch)
+            runs.append(compiled_vjp(("prefetch", impl, prefetch), f, primals, cots))
+    plain, prefetched = (jax.tree_util.tree_flatten_with_path(run)[0] for run in runs)
+    return [
+        jax.tree_util.keystr(path)
+        for (path, a), (_, b) in zip(plain, prefetched, strict=True)
+        if a.dtype != b.dtype or not np.array_equal(np.asarray(a), np.asarray(b))
+    ]
+
+
+def test_backward_prefetch_is_bit_identical_interpreted():
+    """_prefetch_mismatches through the interpreter, in a CPU process whose XLA has no FMA
+    instructions: XLA on CPU contracts a * b + c into one FMA wherever both land in one
+    fusion, and the two walks' programs fuse differently (an ulp apart in places); without
+    FMA every op rounds alone, as in the Triton kernels."""
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=cpu_xla_flags("--xla_cpu_max_isa=AVX"),
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    proc = subprocess.run(
+        [sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+def test_backward_prefetch_is_bit_identical_on_gpu():
+    assert _prefetch_mismatches("pallas") == []
+
+
 @pytest.mark.parametrize("impl", ["pallas_interpret", on_gpu("pallas")])
 def test_modules_match_reference_modules(impl):
     from jax_packmamba import RMSNorm, RMSNormGated
@@ -196,7 +272,9 @@ def test_modules_match_reference_modules(impl):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-2)
 
 
-def test_kernels_lower_for_cuda():
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_kernels_lower_for_cuda(monkeypatch, prefetch):
+    monkeypatch.setattr(norm_vjp, "BWD_PREFETCH", prefetch)
     x = jnp.ones((4, 8, 2560), jnp.bfloat16)  # 2560 columns: a masked 4096 block
     r = jnp.ones((4, 8, 2560), jnp.float32)
     w = jnp.ones((2560,), jnp.float32)
@@ -237,3 +315,8 @@ def test_bad_arguments_raise_naming_them(call, match):
     x, w = jnp.ones((2, 3, 8)), jnp.ones((8,))
     with pytest.raises(ValueError, match=match):
         call(x, w)
+
+
+if __name__ == "__main__":  # test_backward_prefetch_is_bit_identical_interpreted's process
+    mismatches = _prefetch_mismatches("pallas_interpret")
+    sys.exit(f"prefetch=True differs from prefetch=False in {mismatches}" if mismatches else 0)

@@ -16,7 +16,9 @@ stored. A chunk's last w-1 dx rows also receive the next chunk's first w-1 steps
 program walks w-1 extra steps that only feed those rows. dweight and dbias are sums over
 (b, t): one partial row per program, added up by XLA. The prefix's own gradient is computed by
 XLA before (vjp.prefix_grad); where it is the previous row's tail, it comes in as `dx_tail` and
-is added to the row's last w-1 dx rows when they are stored.
+is added to the row's last w-1 dx rows when they are stored. The backward walks in blocks of
+bwd_unroll steps and issues a block's loads before its arithmetic, so that they are in flight
+together (one step's loads alone leave the walk waiting on memory latency).
 
 Channel groups: the backward can read the cotangent as several arrays, channels [0, g0),
 [g0, g0 + g1), ... (the tile forward's separate outputs, Mamba2's x, B and C), so that XLA need
@@ -49,6 +51,9 @@ class Static:
     block_e: int
     chunk: int
     silu: bool
+    # Time steps the backward loads at once (a power of two; DESIGN.md, "Loads ahead"): 1 walks
+    # one step a loop iteration. The forward ignores it.
+    bwd_unroll: int = 1
 
 
 def _cols(st: Static):
@@ -156,12 +161,31 @@ def _bwd_kernel(r, *, st: Static, groups: tuple[int, ...]):
     taps, bias = _params(r, e0, cmask, st)
     zero = jnp.zeros((st.block_e,), F32)
 
-    def step(i, carry):
-        window, pending, dw, dbias = carry
+    def completed_row(t):
+        """(t_done, keep): dx[t - w + 1] has all its terms at step t; rows before the chunk
+        belong to the previous program."""
+        t_done = t - (st.width - 1)
+        return t_done, (t_done >= t0) & (t_done < jnp.minimum(t0 + st.chunk, st.length))
+
+    def load_step(i):
+        """Everything step i reads from memory: x[t], positions[t], g[t] and, on linked rows,
+        the dx_tail row that step's completed dx row receives (else None)."""
         t = t0 + i
         x_t = _row(r["x"], b, t, e0, cmask, st)
         position = _position(r["positions"], b, t, st)
-        g_pre = _g_row(r, b, t, e0, cmask, groups, st)
+        g_t = _g_row(r, b, t, e0, cmask, groups, st)
+        tail = None
+        if "dx_tail" in r:  # the next row's prefix gradient, for its last w - 1 rows
+            t_done, keep = completed_row(t)
+            q = t_done - (st.length - (st.width - 1))
+            idx = (b, jnp.clip(q, 0, st.width - 2), pl.ds(e0, st.block_e))
+            tail = load(r["dx_tail"], idx, mask=cmask & keep & (q >= 0)).astype(F32)
+        return x_t, position, g_t, tail
+
+    def step(i, loaded, carry):
+        window, pending, dw, dbias = carry
+        x_t, position, g_pre, tail = loaded
+        t = t0 + i
         if st.silu:
             pre = _pre(window, x_t, position, taps, bias, st)
             sig = sigmoid(pre)
@@ -181,14 +205,8 @@ def _bwd_kernel(r, *, st: Static, groups: tuple[int, ...]):
             rows_dx[k] + jnp.where(position >= st.width - 1 - k, g_pre, 0.0) * taps[k]
             for k in range(st.width)
         )
-        done = rows_dx[0]
-        t_done = t - (st.width - 1)
-        # dx[t - w + 1] has all its terms now; rows before the chunk belong to the previous program.
-        keep = (t_done >= t0) & (t_done < jnp.minimum(t0 + st.chunk, st.length))
-        if "dx_tail" in r:  # the next row's prefix gradient, for its last w - 1 rows
-            q = t_done - (st.length - (st.width - 1))
-            idx = (b, jnp.clip(q, 0, st.width - 2), pl.ds(e0, st.block_e))
-            done = done + load(r["dx_tail"], idx, mask=cmask & keep & (q >= 0)).astype(F32)
+        done = rows_dx[0] if tail is None else rows_dx[0] + tail
+        t_done, keep = completed_row(t)
         store(
             r["dx"],
             (b, jnp.clip(t_done, 0, st.length - 1), pl.ds(e0, st.block_e)),
@@ -197,6 +215,14 @@ def _bwd_kernel(r, *, st: Static, groups: tuple[int, ...]):
         )
         return (*window, x_t)[1:], rows_dx[1:], dw, dbias
 
+    def block(i0, steps, carry):
+        # Every step's loads first, so that they are in flight together (DESIGN.md, "Loads
+        # ahead"); then the steps' arithmetic in order, as one step at a time would do it.
+        loaded = [load_step(i0 + u) for u in range(steps)]
+        for u, step_inputs in enumerate(loaded):
+            carry = step(i0 + u, step_inputs, carry)
+        return carry
+
     pending = tuple(zero for _ in range(st.width - 1))
     carry = (
         _initial_window(r, b, t0, e0, cmask, st),
@@ -204,7 +230,17 @@ def _bwd_kernel(r, *, st: Static, groups: tuple[int, ...]):
         tuple(zero for _ in range(st.width)),
         zero,
     )
-    _, _, dw, dbias = jax.lax.fori_loop(0, st.chunk + st.width - 1, step, carry)
+    # The chunk's steps and the w - 1 past it, in blocks of bwd_unroll; what is left over (fewer
+    # than bwd_unroll steps: the whole walk where the chunk is short) is one last block.
+    walk = st.chunk + st.width - 1
+    full, left = divmod(walk, st.bwd_unroll)
+    if full:
+        carry = jax.lax.fori_loop(
+            0, full, lambda j, c: block(j * st.bwd_unroll, st.bwd_unroll, c), carry
+        )
+    if left:
+        carry = block(jnp.int32(walk - left), left, carry)
+    _, _, dw, dbias = carry
     for k in range(st.width):
         store(r["dw"], (b, c, k, pl.ds(e0, st.block_e)), dw[k], mask=cmask)
     store(r["dbias"], (b, c, pl.ds(e0, st.block_e)), dbias, mask=cmask)

@@ -17,6 +17,10 @@ F32 = jnp.float32
 BLOCK_E = 128  # channels a program of the walking kernels: one per thread on 4 warps
 NUM_WARPS = 4
 CHUNK = 256  # time steps a walking program (each also re-reads w - 1 rows of halo)
+# Time steps the walking backward loads at once (kernel.Static.bwd_unroll; DESIGN.md, "Loads
+# ahead"; 1: one step a loop iteration). The walk is latency-bound (DESIGN.md), so 4 rows'
+# loads are put in flight together; the gradients are bit-identical for every value.
+BWD_UNROLL = 4
 # "tile_walk": the tile forward (twice the walking one's speed at mamba2-1.3b's shape, and no
 # split copies) with the walking backward (the faster backward): DESIGN.md, "Selecting".
 KERNELS = ("walk", "tile", "tile_walk")
@@ -39,6 +43,7 @@ def causal_conv1d_pallas(
     chunk: int = CHUNK,
     tile: TileConfig = TILE,
     groups: tuple[int, ...] | None = None,
+    bwd_unroll: int | None = None,
 ):
     """Same contract as jax_packmamba.ops.causal_conv1d (arguments already validated there),
     with positions (b, t) int32 = positions_from_segment_ids(segment_ids).
@@ -56,12 +61,17 @@ def causal_conv1d_pallas(
     groups, as jnp.split would. The tile kernels write them as separate arrays (no copy) when
     every boundary is a multiple of both channel blocks; otherwise they are split after. The
     walking backward (tile_walk) reads the groups' cotangents as they come where every boundary
-    is also a multiple of BLOCK_E, and joins them first otherwise."""
+    is also a multiple of BLOCK_E, and joins them first otherwise.
+    bwd_unroll: time steps the walking backward loads at once, a power of two (None:
+    BWD_UNROLL); the results are bit-identical for every value."""
     kernel_name = KERNEL if kernel_name is None else kernel_name
     if kernel_name not in KERNELS:
         raise ValueError(f"kernel_name must be one of {KERNELS}, got {kernel_name!r}")
     if chunk < 1 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two, got {chunk}")
+    bwd_unroll = BWD_UNROLL if bwd_unroll is None else bwd_unroll
+    if not isinstance(bwd_unroll, int) or bwd_unroll < 1 or bwd_unroll & (bwd_unroll - 1):
+        raise ValueError(f"bwd_unroll must be a positive power of two, got {bwd_unroll!r}")
     _, length, channels = x.shape
     width, silu = weight.shape[1], activation == "silu"
     if groups is not None:
@@ -85,6 +95,7 @@ def causal_conv1d_pallas(
         block_e=BLOCK_E,
         chunk=min(chunk, cap),
         silu=silu,
+        bwd_unroll=bwd_unroll,
     )
     if kernel_name == "walk":
         plan = (walk, walk)

@@ -14,7 +14,8 @@ Backward, per tile, from v (re-read, or recomputed from the saved x and z) and r
 n = v * rstd, dn = g * weight, dv = rstd * (dn - n * mean(dn * n)) (+ the residual stream's own
 gradient `g_res`); dweight = sum over rows of g * n, one partial row a program (each program
 walks a contiguous run of tiles), added up by XLA. With a gate, dx = dv * silu(z) and
-dz = dv * x * silu'(z).
+dz = dv * x * silu'(z). Static.prefetch software-pipelines the walk: each tile's inputs are
+loaded during the previous tile's compute.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Static:
     eps: float
     num_warps: int
     tiles_per_program: int = 1  # backward: tiles a program walks
+    prefetch: bool = False  # backward: load the next tile of the walk before computing this one
 
 
 def _tile(r0, group, st: Static):
@@ -88,39 +90,80 @@ def _fwd_kernel(r, *, st: Static):
     _store_rstd(r, r0, group, rstd, st)
 
 
+def _bwd_fetch(r, tile, group, st: Static, live=None):
+    """fetch(name): that backward input's values in the tile, in its stored dtype (cast where
+    used: a prefetched bfloat16 tile waits in half the registers of a float32 one). live False:
+    nothing read (the prefetch past the end of a program's run)."""
+    r0 = tile * st.block_rows
+    idx, mask = _tile(r0, group, st)
+    rows_idx, rows_mask = (pl.ds(r0, st.block_rows), group), r0 + iota(st.block_rows) < st.rows
+    if live is not None:
+        mask, rows_mask = mask & live, rows_mask & live
+
+    def fetch(name):
+        if name == "rstd":
+            return load(r[name], rows_idx, mask=rows_mask)
+        return load(r[name], idx, mask=mask)
+
+    return fetch
+
+
+def _bwd_tile(r, tile, group, w, fetch, st: Static):
+    """Stores one tile's input gradients; returns its rows' sum of g * n (dweight's part).
+    fetch: _bwd_fetch's, called in the order the values are needed."""
+    idx, mask = _tile(tile * st.block_rows, group, st)
+    x = fetch("x").astype(F32)
+    v = x
+    if "z" in r:
+        z = fetch("z").astype(F32)
+        gate, sig = _gate(z)
+        v = x * gate
+    rstd = fetch("rstd")
+    n = v * rstd[:, None]
+    g = fetch("g").astype(F32)
+    dn = g * w[None, :]
+    mean_dn_n = jnp.sum(dn * n, axis=1) / st.group_size
+    dv = rstd[:, None] * (dn - n * mean_dn_n[:, None])
+    if "g_res" in r:
+        dv = dv + fetch("g_res").astype(F32)
+    if "z" in r:
+        store(r["dx"], idx, dv * gate, mask=mask)
+        store(r["dz"], idx, dv * x * sig * (1.0 + z * (1.0 - sig)), mask=mask)
+    else:
+        store(r["dx"], idx, dv, mask=mask)
+        if "dres" in r:
+            store(r["dres"], idx, dv, mask=mask)
+    return jnp.sum(g * n, axis=0)
+
+
 def _bwd_kernel(r, *, st: Static):
     group = pl.program_id(1)
     w = _weight(r, group, st)
     first = pl.program_id(0) * st.tiles_per_program
+    dw = jnp.zeros((st.block_c,), F32)
+    if st.prefetch:
+        # The loop carries the next tile's inputs: its loads are issued before this tile's
+        # reduction and stores, which they could not pass (nothing tells the compiler the
+        # stores miss the loads' addresses), so their latency overlaps the compute.
+        inputs = [k for k in ("x", "z", "rstd", "g", "g_res") if k in r]
 
-    def step(i, dw):
-        r0 = (first + i) * st.block_rows
-        idx, mask = _tile(r0, group, st)
-        x = load(r["x"], idx, mask=mask).astype(F32)
-        v = x
-        if "z" in r:
-            z = load(r["z"], idx, mask=mask).astype(F32)
-            gate, sig = _gate(z)
-            v = x * gate
-        rows = r0 + iota(st.block_rows)
-        rstd = load(r["rstd"], (pl.ds(r0, st.block_rows), group), mask=rows < st.rows)
-        n = v * rstd[:, None]
-        g = load(r["g"], idx, mask=mask).astype(F32)
-        dn = g * w[None, :]
-        mean_dn_n = jnp.sum(dn * n, axis=1) / st.group_size
-        dv = rstd[:, None] * (dn - n * mean_dn_n[:, None])
-        if "g_res" in r:
-            dv = dv + load(r["g_res"], idx, mask=mask).astype(F32)
-        if "z" in r:
-            store(r["dx"], idx, dv * gate, mask=mask)
-            store(r["dz"], idx, dv * x * sig * (1.0 + z * (1.0 - sig)), mask=mask)
-        else:
-            store(r["dx"], idx, dv, mask=mask)
-            if "dres" in r:
-                store(r["dres"], idx, dv, mask=mask)
-        return dw + jnp.sum(g * n, axis=0)
+        def load_tile(i, live=None):
+            fetch = _bwd_fetch(r, first + i, group, st, live)
+            return {k: fetch(k) for k in inputs}
 
-    dw = jax.lax.fori_loop(0, st.tiles_per_program, step, jnp.zeros((st.block_c,), F32))
+        def step(i, carry):
+            dw, loaded = carry
+            following = load_tile(i + 1, live=i + 1 < st.tiles_per_program)
+            return dw + _bwd_tile(r, first + i, group, w, loaded.__getitem__, st), following
+
+        dw, _ = jax.lax.fori_loop(0, st.tiles_per_program, step, (dw, load_tile(0)))
+    else:
+
+        def step(i, dw):
+            fetch = _bwd_fetch(r, first + i, group, st)
+            return dw + _bwd_tile(r, first + i, group, w, fetch, st)
+
+        dw = jax.lax.fori_loop(0, st.tiles_per_program, step, dw)
     c0 = group * st.group_size
     store(
         r["dw"],
