@@ -27,9 +27,19 @@ DTYPES = ("float32", "bfloat16", "float16")
 # nothing ("full": the block is recomputed), only its matmuls' outputs, or its matmuls' and
 # kernels' outputs ("save_kernel_outputs": only elementwise work is recomputed), or only the
 # projections' and the scan's outputs ("save_projections_and_scan", mamba_ssm's memory-efficient
-# trade: the conv, the gated norm and the SSD's chunk states are recomputed). The remat
-# flag's old values still work: False is "none", True is "full".
-REMAT = ("none", "full", "save_matmul_outputs", "save_kernel_outputs", "save_projections_and_scan")
+# trade: the conv, the gated norm and the SSD's chunk states are recomputed), or those and the
+# SSD's chunk states ("save_projections_scan_and_states": 128 MiB a mamba2-1.3b layer kept to
+# spare the backward a chunk-state kernel and a state passing; the same as the last for Mamba1,
+# whose scan chunk states both keep). The remat flag's old values still work: False is
+# "none", True is "full".
+REMAT = (
+    "none",
+    "full",
+    "save_matmul_outputs",
+    "save_kernel_outputs",
+    "save_projections_and_scan",
+    "save_projections_scan_and_states",
+)
 # The policies under which the SSD's backward recomputes the states entering each chunk
 # (ssd_scan's save_chunk_states=False) rather than keeping them from the forward.
 REMAT_RECOMPUTING_SSD_STATES = ("save_projections_and_scan",)

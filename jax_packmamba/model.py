@@ -89,6 +89,11 @@ def _scan_kernel_outputs_saveable(prim, *_, **params) -> bool:
     return prim.name in KERNEL_PRIMITIVES and not params["name"].startswith(RECOMPUTED_KERNELS)
 
 
+_SAVE_PROJECTIONS_AND_SCAN = jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.save_only_these_names(MIXER_INPUT, PROJECTION, MIXER_CORE),
+    _scan_kernel_outputs_saveable,
+)
+
 # config.remat -> the jax.checkpoint policy of each layer (absent: no remat).
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -104,10 +109,11 @@ REMAT_POLICIES = {
     # the scan's (with the scan kernels' outputs its backward reads: Mamba1's chunk states;
     # Mamba2's SSD recomputes its own, mamba2.py); recompute the conv, the gated norm and
     # out_proj's input. Mamba1: save_kernel_outputs less the conv's output.
-    "save_projections_and_scan": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.save_only_these_names(MIXER_INPUT, PROJECTION, MIXER_CORE),
-        _scan_kernel_outputs_saveable,
-    ),
+    "save_projections_and_scan": _SAVE_PROJECTIONS_AND_SCAN,
+    # The same policy; Mamba2's SSD keeps its chunk-entry states from the forward (a kernel
+    # output the policy saves), since the mixer does not ask it to recompute them
+    # (config.REMAT_RECOMPUTING_SSD_STATES).
+    "save_projections_scan_and_states": _SAVE_PROJECTIONS_AND_SCAN,
 }
 
 

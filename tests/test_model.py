@@ -464,6 +464,28 @@ def test_save_projections_and_scan_keeps_neither_conv_outputs_nor_chunk_states(
     assert {k: n for k, n in extra.items() if n} == dict.fromkeys(again[family] + conv, 1)
 
 
+def test_save_projections_scan_and_states_keeps_the_ssd_chunk_states(pallas_norms):
+    """Mamba2 under "save_projections_scan_and_states" (bf16, kernels through the
+    interpreter, one layer): the SSD's chunk-entry states are saved, as save_kernel_outputs
+    saves them, so the gradient reruns only the conv's and the gated norm's forward kernels
+    (the lean policy also reruns the chunk-state kernel and the state passing)."""
+    policy = "save_projections_scan_and_states"
+    ids = jnp.zeros((2, 24), jnp.int32)
+    seg = jnp.asarray([[1] * 5 + [2] * 19, [1] * 24], jnp.int32)
+    states, kernels = {}, {}
+    for remat in ("none", "save_kernel_outputs", policy):
+        loss, params = _lm_loss(_interpreted("mamba2", remat, "bfloat16", n_layer=1), ids, seg)
+        lines = [line for line, _ in _saved_activations(loss, params, *ids.shape)]
+        states[remat] = [line for line in lines if re.match(r"f32\[\d+(,\d+){3,}\]", line)]
+        if remat != "save_kernel_outputs":
+            kernels[remat] = _kernel_counts(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    assert states[policy] and states[policy] == states["save_kernel_outputs"], states
+    extra = {k: n - kernels["none"].get(k, 0) for k, n in kernels[policy].items()}
+    extra = {k: n for k, n in extra.items() if n}
+    conv = [k for k in extra if k.startswith("causal_conv1d") and k.endswith("_fwd")]
+    assert extra == dict.fromkeys(["gated_rms_norm_fwd", *conv], 1) and len(conv) == 1, extra
+
+
 def _kernel_counts(jaxpr, counts=None) -> dict:
     """How often each Pallas kernel (pallas_call's name) occurs in jaxpr and its sub-jaxprs."""
     counts = {} if counts is None else counts

@@ -251,7 +251,7 @@ def test_save_pretrained_round_trip_mamba2(tmp_path):
         jp.from_pretrained(tmp_path / "out", scan_impl="ssd")
     with pytest.raises(
         ValueError,
-        match=r"remat must be one of \('none', 'full', 'save_matmul_outputs', 'save_kernel_outputs', 'save_projections_and_scan', False, True\), got 'yes'",
+        match=r"remat must be one of \('none', 'full', 'save_matmul_outputs', 'save_kernel_outputs', 'save_projections_and_scan', 'save_projections_scan_and_states', False, True\), got 'yes'",
     ):
         jp.from_pretrained(tmp_path / "out", remat="yes")
     with pytest.raises(ValueError, match=r"only override .*\['headdim'\]"):

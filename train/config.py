@@ -150,14 +150,16 @@ class ModelConfig:
     remat: str = option(
         "auto",
         choices=("auto",) + REMAT + ("false", "true"),
-        help="what each layer recomputes in the backward pass: auto (the preset's: none, "
-        "but save_kernel_outputs for mamba3-1.5b); none; full (the whole block: "
+        help="what each layer recomputes in the backward pass: auto (the preset's: "
+        "save_projections_and_scan for the billion-parameter Mamba and Mamba2 presets, "
+        "save_kernel_outputs for mamba3-1.5b, none for the others); none; full (the whole block: "
         "least memory, about a third more compute); save_matmul_outputs (all but the "
         "matmuls); save_kernel_outputs (only elementwise work: norms, gates, casts); "
         "save_projections_and_scan (keeps the projections' and the scan's outputs, and Mamba1's "
         "scan chunk states; recomputes the conv, the gated norm and out_proj's input, and "
-        "Mamba2's SSD its chunk states: mamba_ssm's memory-efficient trade); the old "
-        "false / true are none / full",
+        "Mamba2's SSD its chunk states: mamba_ssm's memory-efficient trade); "
+        "save_projections_scan_and_states (the same, but Mamba2's SSD keeps its chunk states: "
+        "more memory, less recompute); the old false / true are none / full",
     )
     scan_layers: bool = option(
         False,
