@@ -62,18 +62,16 @@ def conv_set(i, shape):
 NORMS = [("add", 16384, 2048), ("stream", 16384, 2048), ("gated", 16384, 4096)]
 SMOKE_NORMS = [("add", 40, 96), ("stream", 40, 96), ("gated", 40, 96)]
 SECTIONS = ("conv", "decode", "norms")
-# (TILE_ELEMENTS, BWD_PROGRAMS_PER_SM, BWD_PREFETCH) of pallas_kernels/norm/vjp.py; the first
-# is the default. Prefetch against not at the default tiling; then prefetch with more or fewer
-# programs an SM (it frees the walk from waiting on its loads, so it may want fewer) and a
-# smaller tile; the larger tile and more programs without it.
+# (TILE_ELEMENTS, BWD_PROGRAMS_PER_SM, BWD_PREFETCH, ELEMENTS_PER_WARP) of
+# pallas_kernels/norm/vjp.py; the first is the default. The tile, the program count and the
+# prefetch were swept on one H100 (2026-12-07, results/kernels_norm_sweep_nvidia-h100.json and
+# norm/DESIGN.md): what is left is the default against no prefetch, and twice the warps (half
+# the registers a thread: the gated backward holds one 8-warp program an SM at 227 registers).
 NORM_SWEEP = [
-    (4096, 2, False),
-    (4096, 2, True),
-    (4096, 4, True),
-    (4096, 1, True),
-    (2048, 2, True),
-    (8192, 2, False),
-    (4096, 8, False),
+    (4096, 2, True, 512),
+    (4096, 2, False, 512),
+    (4096, 2, True, 256),
+    (4096, 1, True, 256),
 ]
 
 
@@ -165,9 +163,9 @@ def norm_sweep(new, smoke) -> int:
         kind: functools.cache(functools.partial(norm_set, kind=kind, rows=rows, cols=cols))
         for kind, rows, cols in norms
     }
-    for tile, programs_per_sm, prefetch in NORM_SWEEP[:2] if smoke else NORM_SWEEP:
+    for tile, programs_per_sm, prefetch, per_warp in NORM_SWEEP[:2] if smoke else NORM_SWEEP:
         norm_vjp.TILE_ELEMENTS, norm_vjp.BWD_PROGRAMS_PER_SM = tile, programs_per_sm
-        norm_vjp.BWD_PREFETCH = prefetch
+        norm_vjp.BWD_PREFETCH, norm_vjp.ELEMENTS_PER_WARP = prefetch, per_warp
         jax.clear_caches()  # the backward's program count is read when it is traced
         for kind, rows, cols in norms:
             fwd, fwdbwd = norm_fns(kind, impl)
@@ -178,13 +176,14 @@ def norm_sweep(new, smoke) -> int:
                 tile_elements=tile,
                 bwd_programs_per_sm=programs_per_sm,
                 bwd_prefetch=prefetch,
+                elements_per_warp=per_warp,
                 fwd_ms=timed(fwd, makers[kind], backend, smoke),
                 fwdbwd_ms=timed(fwdbwd, makers[kind], backend, smoke),
             )
             data["norm_sweep"].append(rec)
             print(
                 f"norm {kind} {rows}x{cols} tile {tile}, {programs_per_sm} bwd programs/SM, "
-                f"prefetch {'on' if prefetch else 'off'}: fwd {rec['fwd_ms']['median_ms']:.3f} "
+                f"prefetch {'on' if prefetch else 'off'}, {per_warp} a warp: fwd {rec['fwd_ms']['median_ms']:.3f} "
                 f"ms, fwd+bwd {rec['fwdbwd_ms']['median_ms']:.3f} ms",
                 flush=True,
             )

@@ -197,7 +197,8 @@ def test_model_fields_cannot_hide_in_overrides():
     "args, remat",
     [
         (["--model.preset=mamba3-1.5b"], "save_kernel_outputs"),  # auto: the preset's
-        (["--model.preset=mamba2-1.3b"], "save_projections_and_scan"),
+        (["--model.preset=mamba2-1.3b"], "save_projections_scan_and_states"),
+        (["--model.preset=mamba2-2.7b"], "save_projections_and_scan"),
         (["--model.preset=mamba2-130m"], "none"),
         (["--model.preset=mamba3-1.5b", "--model.remat=none"], "none"),
         (["--model.preset=mamba2-1.3b", "--model.remat=true"], "full"),

@@ -151,7 +151,8 @@ class ModelConfig:
         "auto",
         choices=("auto",) + REMAT + ("false", "true"),
         help="what each layer recomputes in the backward pass: auto (the preset's: "
-        "save_projections_and_scan for the billion-parameter Mamba and Mamba2 presets, "
+        "save_projections_and_scan for the billion-parameter presets but mamba2-1.3b's "
+        "save_projections_scan_and_states, "
         "save_kernel_outputs for mamba3-1.5b, none for the others); none; full (the whole block: "
         "least memory, about a third more compute); save_matmul_outputs (all but the "
         "matmuls); save_kernel_outputs (only elementwise work: norms, gates, casts); "
@@ -302,7 +303,7 @@ class DataConfig:
         "state the row ended in (truncated backprop, saved in checkpoints), so no document "
         "is cut and a step holds at least batch_size documents; auto: link_across_steps "
         f"with {AUTO_STREAM_GROUPS} stream groups where it can run (packed mode, a Mamba or "
-        "Mamba2 preset, --mesh.grad_reduce=auto), cut elsewhere, and a resumed run's own "
+        "Mamba2 preset), cut elsewhere, and a resumed run's own "
         "choice (docs/long_documents.md)",
     )
     stream_groups: int = option(
@@ -537,12 +538,6 @@ class TrainConfig:
                 f"--data.long_docs={d.long_docs}: {CANNOT_LINK[config_class(m.preset)]}; use "
                 f"--data.long_docs=cut"
             )
-        if d.long_docs == "link_across_steps" and self.mesh.grad_reduce != "auto":
-            raise ConfigError(
-                f"--data.long_docs=link_across_steps needs --mesh.grad_reduce=auto (got "
-                f"{self.mesh.grad_reduce}): the explicit reduction does not pass the rows' "
-                f"carried states through its per-device step yet"
-            )
         _positive("data.stream_groups", d.stream_groups, minimum=0)
         if d.stream_groups > 1 and d.long_docs not in ("link_across_steps", "auto"):
             raise ConfigError(
@@ -636,9 +631,6 @@ def resolve_long_docs(config: TrainConfig, recorded: dict | None = None) -> tupl
             long_docs, why = "cut", f"--data.mode={d.mode} has no rows to link"
         elif config_class(config.model.preset) in CANNOT_LINK:
             long_docs, why = "cut", CANNOT_LINK[config_class(config.model.preset)]
-        elif config.mesh.grad_reduce != "auto":
-            long_docs = "cut"
-            why = f"--mesh.grad_reduce={config.mesh.grad_reduce} cannot carry state yet"
         else:
             long_docs, why = AUTO_LONG_DOCS, "no document is cut"
     groups = d.stream_groups

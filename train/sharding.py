@@ -174,17 +174,21 @@ def param_specs(tree, fsdp: int):
     return jax.tree_util.tree_map_with_path(spec, tree)
 
 
+def carry_specs(carry):
+    """PartitionSpecs of a carried state (TrainState.carry, (layers, rows, ...)): its rows over
+    data x fsdp, as the batch's rows, so each device holds the states of its rows; with stream
+    groups ((groups, layers, rows, ...) and the scalar next group) the group axis is not
+    sharded (the step indexes it), the scalar replicated."""
+    lead = (None, None) if "next_group" in carry else (None,)
+    return jax.tree.map(lambda x: P(*lead, BATCH_AXES) if x.ndim else P(), carry)
+
+
 def state_shardings(mesh: Mesh, abstract_state):
-    """param_specs' shardings; a carried state (TrainState.carry, (layers, rows, ...)) has its
-    rows over data x fsdp, as the batch's rows, so each device holds the states of its rows;
-    with stream groups ((groups, layers, rows, ...) and the scalar next group) the group axis
-    is not sharded (the step indexes it), the scalar replicated."""
+    """param_specs' shardings, a carried state's by carry_specs."""
     specs = param_specs(abstract_state, mesh.shape["fsdp"])
     carry = getattr(abstract_state, "carry", None)
     if carry is not None:
-        lead = (None, None) if "next_group" in carry else (None,)
-        carry = jax.tree.map(lambda x: P(*lead, BATCH_AXES) if x.ndim else P(), carry)
-        specs = dataclasses.replace(specs, carry=carry)
+        specs = dataclasses.replace(specs, carry=carry_specs(carry))
     return jax.tree.map(
         lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P)
     )

@@ -313,25 +313,32 @@ def explicit_grad_sums(graphdef, mesh, abstract_params, reduce_dtype):
             )
         return g.astype(jnp.float32)
 
-    def local(params, batch):
+    def local(params, batch, *carry):
         full = jax.tree.map(gather, params, specs)
-        grad_sum, ce_sum, count = sum_grads(graphdef, full, batch)
+        if carry:  # each device carries its own rows' streams: no row reads another's state
+            grad_sum, ce_sum, count, *carry = sum_grads_carried(graphdef, full, batch, *carry)
+        else:
+            grad_sum, ce_sum, count = sum_grads(graphdef, full, batch)
         grads = jax.tree.map(reduce, grad_sum, specs)
         return (
             grads,
             jax.lax.psum(ce_sum, sharding.BATCH_AXES),
             jax.lax.psum(count, sharding.BATCH_AXES),
+            *carry,
         )
 
-    def grad_sums(params, batch):
+    def grad_sums(params, batch, *carry):
+        """(gradient sums, loss sum, target count[, the carry after the batch]): with a
+        carried state (TrainState.carry) given, sum_grads_carried on each device's rows."""
         batch_specs = {k: batch_spec for k in batch}
+        carried = tuple(sharding.carry_specs(c) for c in carry)
         return jax.shard_map(
             local,
             mesh=mesh,
-            in_specs=(specs, batch_specs),
-            out_specs=(specs, P(), P()),
+            in_specs=(specs, batch_specs, *carried),
+            out_specs=(specs, P(), P(), *carried),
             check_vma=False,
-        )(params, batch)
+        )(params, batch, *carry)
 
     return grad_sums
 
@@ -350,14 +357,16 @@ def train_step(
 
     grad_sums(params, batch) -> (grad_sum, ce_sum, count) as sum_grads (the default, whose
     cross-device reduction XLA's SPMD partitioner places); explicit_grad_sums gives one that
-    reduces across devices itself, in a chosen dtype. chunk_tokens: the loss's (token_losses')
-    where this step computes it (the default grad_sums and the carried states' path).
+    reduces across devices itself, in a chosen dtype. With a carried state
+    (--data.long_docs=link_across_steps) it is called as grad_sums(params, batch, carry) and
+    also returns the carry after the batch, as sum_grads_carried (the default then).
+    chunk_tokens: the loss's (token_losses') where this step makes the default grad_sums.
     """
     carry = state.carry
-    if carry is not None:  # --data.long_docs=link_across_steps (auto reduction: build checks)
-        grad_sum, ce_sum, count, carry = sum_grads_carried(
-            graphdef, state.params, batch, carry, chunk_tokens=chunk_tokens
-        )
+    if carry is not None:
+        if grad_sums is None:
+            grad_sums = functools.partial(sum_grads_carried, graphdef, chunk_tokens=chunk_tokens)
+        grad_sum, ce_sum, count, carry = grad_sums(state.params, batch, carry)
     else:
         if grad_sums is None:
             grad_sums = functools.partial(sum_grads, graphdef, chunk_tokens=chunk_tokens)
@@ -430,10 +439,6 @@ def build(
     from train import sharding
 
     reduce_dtype = sharding.grad_reduce_dtype(grad_reduce)
-    if carry_rows is not None and reduce_dtype is not None:
-        # The carried step is written for the SPMD partitioner (sum_grads_carried); the
-        # explicit reduction's shard_map would need the carry passed through it.
-        raise ValueError("a carried state needs grad_reduce='auto'")
     tx = make_optimizer(optim, total_steps)
     schedule = learning_rate_schedule(optim, total_steps)
     graphdef, _ = model_graphdef(model_config)
@@ -448,7 +453,11 @@ def build(
     # own rows a chunk (explicit_grad_sums traces each device's rows: the default fits).
     spmd_chunk = CHUNK_TOKENS * mesh.size
     grad_sums = (
-        functools.partial(sum_grads, graphdef, chunk_tokens=spmd_chunk)
+        functools.partial(
+            sum_grads if carry_rows is None else sum_grads_carried,
+            graphdef,
+            chunk_tokens=spmd_chunk,
+        )
         if reduce_dtype is None
         else explicit_grad_sums(graphdef, mesh, abstract.params, reduce_dtype)
     )
