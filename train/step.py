@@ -214,10 +214,6 @@ def grouped_carried_losses(
     states = {k: v for k, v in carry.items() if k != NEXT_GROUP}
     groups = next(iter(states.values())).shape[0]
     rows = {k: jax.lax.dynamic_index_in_dim(v, g, keepdims=False) for k, v in states.items()}
-    # The group's states are read again in the backward (the scans' start). Unless they are
-    # materialised here, XLA fuses the slice into those late readers, which then follow the
-    # write-back below, and keeps a copy of the whole carry (all G groups) for them.
-    rows, states = jax.lax.optimization_barrier((rows, states))
     ce, (n, end) = carried_losses(graphdef, params, mb, rows, chunk_tokens=chunk_tokens)
     new = {k: jax.lax.dynamic_update_index_in_dim(states[k], end[k], g, 0) for k in states}
     return ce, (n, new | {NEXT_GROUP: (g + 1) % groups})
