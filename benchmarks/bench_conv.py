@@ -10,7 +10,9 @@ variant's forward and forward+backward (jax.vjp, random bf16 cotangent): harness
 (median of 7 groups of 5 calls, inputs rotated past the L2), plus the per-kernel device time of
 the forward+backward from a profiler trace (the forward, the backward and XLA's reduction of the
 weight-gradient partials apart). "walk" and "tile_walk" run the walking backward one step a loop
-iteration (bwd_unroll=1), "tile_walk_u2", "_u4" and "_u8" in blocks of 2, 4 and 8 steps, whose
+iteration (bwd_unroll=1), "tile_walk_u2", "_u4" and "_u8" in blocks of 2, 4 and 8 steps,
+"tile_walk_u2_pipe" and "_u4_pipe" in blocks of 2 and 4 software-pipelined (bwd_pipeline: the
+loop carries the next block's loads, issued before this block's arithmetic), all of whose
 gradients on input set 0 must be bit-identical to tile_walk's (`bit_identical_to_u1`, on a GPU;
 through the interpreter on CPU, XLA fuses a * b + c into FMAs differently for different loop
 bodies, an ulp apart in places). At the mamba2-1.3b shape also the output as Mamba2's x, B and
@@ -25,7 +27,7 @@ prefix, DESIGN.md "Inputs before t = 0"), which should cost the unlinked time pl
 outputs). Writes --out/conv_<device>.json. `bound_ms` is the DRAM time
 of the unique bytes (forward: read x, write out; backward: read x and g, write dx) at 3.35 TB/s
 (an H100 SXM's peak). On CPU the kernels run through the Pallas interpreter; --smoke: tiny
-shapes, one call each. About 85 s on one H100 before the bwd_unroll variants (21 variants
+shapes, one call each. About 85 s on one H100 before the bwd_unroll variants (27 variants
 now, 16 then), most of it compiling.
 """
 
@@ -53,14 +55,16 @@ GROUPS = {(8, 2048, 4352): (4096, 128, 128), (1, 40, 264): (128, 128, 8)}
 SEGMENTS = 64  # a row
 WIDTH = 4
 HBM_BYTES_PER_S = 3.35e12
-# (name, kernel, tile config, the walking backward's bwd_unroll); TileConfig() is the default
-# the "tile" impl runs. The tile tilings timed before (DESIGN.md, "Measured") lost and are gone.
+# (name, kernel, tile config, the walking backward's bwd_unroll and bwd_pipeline); TileConfig()
+# is the default the "tile" impl runs. The tile tilings timed before (DESIGN.md, "Measured") lost
+# and are gone.
 BASE_VARIANTS = [
-    ("walk", "walk", None, 1),
-    ("tile", "tile", TileConfig(), None),
-    ("tile_walk", "tile_walk", TileConfig(), 1),
+    ("walk", "walk", None, 1, False),
+    ("tile", "tile", TileConfig(), None, None),
+    ("tile_walk", "tile_walk", TileConfig(), 1, False),
 ]
-UNROLLED_VARIANTS = [(f"tile_walk_u{u}", "tile_walk", TileConfig(), u) for u in (2, 4, 8)]
+UNROLLED_VARIANTS = [(f"tile_walk_u{u}", "tile_walk", TileConfig(), u, False) for u in (2, 4, 8)]
+UNROLLED_VARIANTS += [(f"tile_walk_u{u}_pipe", "tile_walk", TileConfig(), u, True) for u in (2, 4)]
 VARIANTS = BASE_VARIANTS + UNROLLED_VARIANTS
 # (variant, linked) at a GROUPS shape: every variant unlinked, the base ones linked too.
 GROUP_VARIANTS = [(v, False) for v in VARIANTS] + [(v, True) for v in BASE_VARIANTS]
@@ -90,7 +94,7 @@ def conv_set(i, shape, groups=None):
     )
 
 
-def fns(kernel_name, tile, bwd_unroll, interpret, groups=None, linked=False):
+def fns(kernel_name, tile, bwd_unroll, bwd_pipeline, interpret, groups=None, linked=False):
     """(forward, forward+backward) of one variant; both take conv_set's tuple. linked: rows
     1.. continue the row before, as causal_conv1d(continues=) runs them."""
     kw = dict(
@@ -99,6 +103,7 @@ def fns(kernel_name, tile, bwd_unroll, interpret, groups=None, linked=False):
         kernel_name=kernel_name,
         groups=groups,
         bwd_unroll=bwd_unroll,
+        bwd_pipeline=bwd_pipeline,
     )
     if tile is not None:
         kw["tile"] = tile
@@ -208,8 +213,8 @@ def main(argv=None) -> int:
     data = dict(
         **new.header,
         variants={
-            n: dict(kernel=k, tile=t and dataclasses.asdict(t), bwd_unroll=u)
-            for n, k, t, u in VARIANTS
+            n: dict(kernel=k, tile=t and dataclasses.asdict(t), bwd_unroll=u, bwd_pipeline=p)
+            for n, k, t, u, p in VARIANTS
         },
         conv=[],
     )
@@ -229,10 +234,10 @@ def main(argv=None) -> int:
             ),
         )
         reference, u1 = {}, {}
-        for name, kernel_name, tile, bwd_unroll in variants:
+        for name, kernel_name, tile, bwd_unroll, bwd_pipeline in variants:
             rec[name] = measure(
                 f"{shape} {name}",
-                *fns(kernel_name, tile, bwd_unroll, interpret),
+                *fns(kernel_name, tile, bwd_unroll, bwd_pipeline, interpret),
                 sets,
                 timing,
                 reference,
@@ -242,12 +247,14 @@ def main(argv=None) -> int:
         groups = GROUPS.get(shape)
         group_sets = [conv_set(i, shape, groups) for i in range(n)] if groups else []
         u1_groups = {}
-        for (name, kernel_name, tile, bwd_unroll), linked in group_variants if groups else []:
+        for (name, kernel_name, tile, bwd_unroll, bwd_pipeline), linked in (
+            group_variants if groups else []
+        ):
             rec[f"{name}_groups" + ("_linked" if linked else "")] = dict(
                 groups=groups,
                 **measure(
                     f"{shape} {name}, groups {groups}" + (", linked" if linked else ""),
-                    *fns(kernel_name, tile, bwd_unroll, interpret, groups, linked),
+                    *fns(kernel_name, tile, bwd_unroll, bwd_pipeline, interpret, groups, linked),
                     group_sets,
                     timing,
                     reference,

@@ -365,6 +365,11 @@ def test_tile_config_and_kernel_name_are_checked():
             ValueError, match=f"bwd_unroll must be a positive power of two, got {bad}"
         ):
             causal_conv1d_pallas(x, jnp.zeros((200, 4)), None, pos, activation=None, bwd_unroll=bad)
+    for bad in (1, "yes"):
+        with pytest.raises(ValueError, match=f"bwd_pipeline must be a bool, got {bad!r}"):
+            causal_conv1d_pallas(
+                x, jnp.zeros((200, 4)), None, pos, activation=None, bwd_pipeline=bad
+            )
 
 
 @pytest.mark.parametrize(
@@ -709,20 +714,23 @@ def test_tile_walk_backward_reads_the_groups_cotangents_unjoined(groups, joined)
     assert ops.count("stablehlo.concatenate") == joined
 
 
-# The walking backward in blocks of bwd_unroll steps (all of a block's loads first) against one
+# The walking backward in blocks of bwd_unroll steps (all of a block's loads first), without and
+# with the pipeline (bwd_pipeline: the next block's loads carried through the loop), against one
 # step at a time, called directly (kernel.conv_bwd). Rows of 50 steps in EDGE_SEGMENTS: segments
 # end on the 16-step chunk edges. (width, chunk, bwd_unroll, channel groups, linked: a prefix
 # read by row 0's first run and a dx_tail, silu and bias):
 UNROLL_CASES = [
-    (4, 16, 4, (128, 128, 40), True, True),  # 4 blocks of 4, then the w - 1 steps past the chunk
-    (1, 16, 2, (200,), False, False),  # 8 blocks of 2, no step past the chunk
-    (2, 2, 4, (200,), True, True),  # chunk < bwd_unroll: one block of 2 + 1 steps
+    # 4 blocks of 4, then the w - 1 steps past the chunk (pipelined: the loop's last prefetch)
+    (4, 16, 4, (128, 128, 40), True, True),
+    # 8 blocks of 2, no step past the chunk (pipelined: the last prefetch reads nothing)
+    (1, 16, 2, (200,), False, False),
+    (2, 2, 4, (200,), True, True),  # chunk < bwd_unroll: one block of 2 + 1 steps (no loop)
 ]
 
 
 def _unroll_mismatches(interpret: bool) -> list[str]:
-    """The UNROLL_CASES whose dx, dweight or dbias partials differ in any bit from
-    bwd_unroll=1's."""
+    """The UNROLL_CASES whose dx, dweight or dbias partials, with or without the pipeline,
+    differ in any bit from bwd_unroll=1's without it."""
     seg = np.asarray(segments(EDGE_SEGMENTS))
     batch, length = seg.shape
     starts = np.concatenate([np.ones((batch, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
@@ -746,7 +754,7 @@ def _unroll_mismatches(interpret: bool) -> list[str]:
             prefix, dx_tail = normal(batch, width - 1, channels), normal(batch, width - 1, channels)
         args = (x, w_t, bias, jnp.asarray(positions, jnp.int32), gs, prefix, dx_tail)
         runs = []
-        for unroll in (1, bwd_unroll):
+        for unroll, pipeline in ((1, False), (bwd_unroll, False), (bwd_unroll, True)):
             st = walk_kernel.Static(
                 length=length,
                 channels=channels,
@@ -755,6 +763,7 @@ def _unroll_mismatches(interpret: bool) -> list[str]:
                 chunk=chunk,
                 silu=silu,
                 bwd_unroll=unroll,
+                bwd_pipeline=pipeline,
             )
 
             def bwd(*a, st=st):
@@ -763,9 +772,13 @@ def _unroll_mismatches(interpret: bool) -> list[str]:
                 )
 
             runs.append(compiled(("conv_bwd", st, groups), bwd, *args)(*args))
-        for name, a, b in zip(("dx", "dweight", "dbias"), *runs):
-            if not np.array_equal(np.asarray(a), np.asarray(b)):
-                mismatches.append(f"{name} of width {width}, chunk {chunk}, unroll {bwd_unroll}")
+        for pipeline, run in zip((False, True), runs[1:]):
+            for name, a, b in zip(("dx", "dweight", "dbias"), runs[0], run):
+                if not np.array_equal(np.asarray(a), np.asarray(b)):
+                    mismatches.append(
+                        f"{name} of width {width}, chunk {chunk}, unroll {bwd_unroll}, "
+                        f"pipeline {pipeline}"
+                    )
     return mismatches
 
 
@@ -792,18 +805,21 @@ def test_walking_backward_in_blocks_is_bit_identical_on_gpu():
     assert _unroll_mismatches(interpret=False) == []
 
 
-@pytest.mark.parametrize("bwd_unroll, width", [(None, 4), (8, 4), (2, 1)])
-def test_walking_backward_in_blocks_lowers_for_cuda(monkeypatch, bwd_unroll, width):
+@pytest.mark.parametrize(
+    "bwd_unroll, bwd_pipeline, width", [(None, None, 4), (8, False, 4), (2, False, 1), (4, True, 4)]
+)
+def test_walking_backward_in_blocks_lowers_for_cuda(monkeypatch, bwd_unroll, bwd_pipeline, width):
     """tile_walk at mamba2-1.3b's conv shape (8 x 2048 x 4352 bf16, as x, B and C, linked rows:
     the groups' cotangents, the prefix and dx_tail all read in a block's loads; width 1 reads
-    no prefix), lowered for CUDA with bwd_unroll given or, None, vjp.BWD_UNROLL's (4 here),
-    which reaches the kernel."""
+    no prefix), lowered for CUDA with bwd_unroll and bwd_pipeline given or, None,
+    vjp.BWD_UNROLL's (4 here) and vjp.BWD_PIPELINE's (False here), which reach the kernel."""
     monkeypatch.setattr(conv_vjp, "BWD_UNROLL", 4)
-    unrolls = []
+    monkeypatch.setattr(conv_vjp, "BWD_PIPELINE", False)
+    blocks = []  # (bwd_unroll, bwd_pipeline) of each backward kernel
     conv_bwd = walk_kernel.conv_bwd
 
     def spy(*args, st, **kw):
-        unrolls.append(st.bwd_unroll)
+        blocks.append((st.bwd_unroll, st.bwd_pipeline))
         return conv_bwd(*args, st=st, **kw)
 
     monkeypatch.setattr(walk_kernel, "conv_bwd", spy)
@@ -823,6 +839,7 @@ def test_walking_backward_in_blocks_lowers_for_cuda(monkeypatch, bwd_unroll, wid
             kernel_name="tile_walk",
             groups=groups,
             bwd_unroll=bwd_unroll,
+            bwd_pipeline=bwd_pipeline,
         )
         return sum(p.astype(jnp.float32).sum() * (i + 1) for i, p in enumerate(parts))
 
@@ -837,9 +854,9 @@ def test_walking_backward_in_blocks_lowers_for_cuda(monkeypatch, bwd_unroll, wid
     text = lower_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2, 4)), *args)
     names = re.findall(r'name = "(causal_conv1d_[a-z_]+)"', text)
     assert sorted(names) == KERNEL_NAMES["tile_walk"], names
-    assert unrolls == [4 if bwd_unroll is None else bwd_unroll]
+    assert blocks == [(bwd_unroll or 4, bool(bwd_pipeline))]
 
 
 if __name__ == "__main__":  # test_walking_backward_in_blocks_is_bit_identical_interpreted's process
     mismatches = _unroll_mismatches(interpret=True)
-    sys.exit(f"bwd_unroll > 1 differs from 1 in {mismatches}" if mismatches else 0)
+    sys.exit(f"bwd_unroll > 1 or the pipeline differs from 1 in {mismatches}" if mismatches else 0)

@@ -18,7 +18,8 @@ program walks w-1 extra steps that only feed those rows. dweight and dbias are s
 XLA before (vjp.prefix_grad); where it is the previous row's tail, it comes in as `dx_tail` and
 is added to the row's last w-1 dx rows when they are stored. The backward walks in blocks of
 bwd_unroll steps and issues a block's loads before its arithmetic, so that they are in flight
-together (one step's loads alone leave the walk waiting on memory latency).
+together (one step's loads alone leave the walk waiting on memory latency); with bwd_pipeline
+the loop carries the next block's loaded rows and issues them before this block's arithmetic.
 
 Channel groups: the backward can read the cotangent as several arrays, channels [0, g0),
 [g0, g0 + g1), ... (the tile forward's separate outputs, Mamba2's x, B and C), so that XLA need
@@ -54,6 +55,9 @@ class Static:
     # Time steps the backward loads at once (a power of two; DESIGN.md, "Loads ahead"): 1 walks
     # one step a loop iteration. The forward ignores it.
     bwd_unroll: int = 1
+    # Backward: load the next block of bwd_unroll steps while computing this one (a software
+    # pipeline; DESIGN.md, "Loads ahead"). The forward ignores it.
+    bwd_pipeline: bool = False
 
 
 def _cols(st: Static):
@@ -167,19 +171,25 @@ def _bwd_kernel(r, *, st: Static, groups: tuple[int, ...]):
         t_done = t - (st.width - 1)
         return t_done, (t_done >= t0) & (t_done < jnp.minimum(t0 + st.chunk, st.length))
 
-    def load_step(i):
+    # The chunk's steps and the w - 1 past it.
+    walk = st.chunk + st.width - 1
+
+    def load_step(i, prefetch=False):
         """Everything step i reads from memory: x[t], positions[t], g[t] and, on linked rows,
-        the dx_tail row that step's completed dx row receives (else None)."""
+        the dx_tail row that step's completed dx row receives (else None). prefetch: a step
+        past the walk (in the pipeline's last prefetch) reads no row; its values go unused and
+        positions[t]'s index is clamped."""
         t = t0 + i
-        x_t = _row(r["x"], b, t, e0, cmask, st)
+        rows_mask = cmask & (i < walk) if prefetch else cmask
+        x_t = _row(r["x"], b, t, e0, rows_mask, st)
         position = _position(r["positions"], b, t, st)
-        g_t = _g_row(r, b, t, e0, cmask, groups, st)
+        g_t = _g_row(r, b, t, e0, rows_mask, groups, st)
         tail = None
         if "dx_tail" in r:  # the next row's prefix gradient, for its last w - 1 rows
             t_done, keep = completed_row(t)
             q = t_done - (st.length - (st.width - 1))
             idx = (b, jnp.clip(q, 0, st.width - 2), pl.ds(e0, st.block_e))
-            tail = load(r["dx_tail"], idx, mask=cmask & keep & (q >= 0)).astype(F32)
+            tail = load(r["dx_tail"], idx, mask=rows_mask & keep & (q >= 0)).astype(F32)
         return x_t, position, g_t, tail
 
     def step(i, loaded, carry):
@@ -215,13 +225,27 @@ def _bwd_kernel(r, *, st: Static, groups: tuple[int, ...]):
         )
         return (*window, x_t)[1:], rows_dx[1:], dw, dbias
 
-    def block(i0, steps, carry):
-        # Every step's loads first, so that they are in flight together (DESIGN.md, "Loads
-        # ahead"); then the steps' arithmetic in order, as one step at a time would do it.
-        loaded = [load_step(i0 + u) for u in range(steps)]
+    def load_block(i0, steps, prefetch=False):
+        return tuple(load_step(i0 + u, prefetch) for u in range(steps))
+
+    def run_block(i0, loaded, carry):
+        # The steps' arithmetic in order, as one step at a time would do it.
         for u, step_inputs in enumerate(loaded):
             carry = step(i0 + u, step_inputs, carry)
         return carry
+
+    def block(i0, steps, carry):
+        # Every step's loads first, so that they are in flight together (DESIGN.md, "Loads
+        # ahead").
+        return run_block(i0, load_block(i0, steps), carry)
+
+    def pipelined_block(j, carry_and_loaded):
+        # Block j + 1's loads go out before block j's arithmetic and stores, which they could
+        # not pass otherwise (nothing tells the compiler that the dx stores miss them), so
+        # their latency overlaps it. The loop's last prefetch is the remainder block's loads.
+        carry, loaded = carry_and_loaded
+        following = load_block((j + 1) * st.bwd_unroll, st.bwd_unroll, prefetch=True)
+        return run_block(j * st.bwd_unroll, loaded, carry), following
 
     pending = tuple(zero for _ in range(st.width - 1))
     carry = (
@@ -230,16 +254,22 @@ def _bwd_kernel(r, *, st: Static, groups: tuple[int, ...]):
         tuple(zero for _ in range(st.width)),
         zero,
     )
-    # The chunk's steps and the w - 1 past it, in blocks of bwd_unroll; what is left over (fewer
-    # than bwd_unroll steps: the whole walk where the chunk is short) is one last block.
-    walk = st.chunk + st.width - 1
+    # The walk in blocks of bwd_unroll; what is left over (fewer than bwd_unroll steps: the
+    # whole walk where the chunk is short) is one last block.
     full, left = divmod(walk, st.bwd_unroll)
-    if full:
+    last_loaded = None  # the last block's loads, where the pipeline's last prefetch issued them
+    if full and st.bwd_pipeline:
+        carry, following = jax.lax.fori_loop(
+            0, full, pipelined_block, (carry, load_block(0, st.bwd_unroll))
+        )
+        last_loaded = following[:left]
+    elif full:
         carry = jax.lax.fori_loop(
             0, full, lambda j, c: block(j * st.bwd_unroll, st.bwd_unroll, c), carry
         )
     if left:
-        carry = block(jnp.int32(walk - left), left, carry)
+        i0 = jnp.int32(walk - left)
+        carry = run_block(i0, load_block(i0, left) if last_loaded is None else last_loaded, carry)
     _, _, dw, dbias = carry
     for k in range(st.width):
         store(r["dw"], (b, c, k, pl.ds(e0, st.block_e)), dw[k], mask=cmask)

@@ -21,6 +21,10 @@ CHUNK = 256  # time steps a walking program (each also re-reads w - 1 rows of ha
 # ahead"; 1: one step a loop iteration). The walk is latency-bound (DESIGN.md), so 4 rows'
 # loads are put in flight together; the gradients are bit-identical for every value.
 BWD_UNROLL = 4
+# Whether the walking backward software-pipelines its blocks (kernel.Static.bwd_pipeline: the
+# loop carries the next block's loads, issued before this block's arithmetic; DESIGN.md, "Loads
+# ahead"). Off until bench_conv times it on a GPU; the gradients are bit-identical either way.
+BWD_PIPELINE = False
 # "tile_walk": the tile forward (twice the walking one's speed at mamba2-1.3b's shape, and no
 # split copies) with the walking backward (the faster backward): DESIGN.md, "Selecting".
 KERNELS = ("walk", "tile", "tile_walk")
@@ -44,6 +48,7 @@ def causal_conv1d_pallas(
     tile: TileConfig = TILE,
     groups: tuple[int, ...] | None = None,
     bwd_unroll: int | None = None,
+    bwd_pipeline: bool | None = None,
 ):
     """Same contract as jax_packmamba.ops.causal_conv1d (arguments already validated there),
     with positions (b, t) int32 = positions_from_segment_ids(segment_ids).
@@ -63,7 +68,9 @@ def causal_conv1d_pallas(
     walking backward (tile_walk) reads the groups' cotangents as they come where every boundary
     is also a multiple of BLOCK_E, and joins them first otherwise.
     bwd_unroll: time steps the walking backward loads at once, a power of two (None:
-    BWD_UNROLL); the results are bit-identical for every value."""
+    BWD_UNROLL); the results are bit-identical for every value. bwd_pipeline: whether the
+    walking backward loads the next block of steps while computing this one (None:
+    BWD_PIPELINE); bit-identical either way."""
     kernel_name = KERNEL if kernel_name is None else kernel_name
     if kernel_name not in KERNELS:
         raise ValueError(f"kernel_name must be one of {KERNELS}, got {kernel_name!r}")
@@ -72,6 +79,9 @@ def causal_conv1d_pallas(
     bwd_unroll = BWD_UNROLL if bwd_unroll is None else bwd_unroll
     if not isinstance(bwd_unroll, int) or bwd_unroll < 1 or bwd_unroll & (bwd_unroll - 1):
         raise ValueError(f"bwd_unroll must be a positive power of two, got {bwd_unroll!r}")
+    bwd_pipeline = BWD_PIPELINE if bwd_pipeline is None else bwd_pipeline
+    if not isinstance(bwd_pipeline, bool):
+        raise ValueError(f"bwd_pipeline must be a bool, got {bwd_pipeline!r}")
     _, length, channels = x.shape
     width, silu = weight.shape[1], activation == "silu"
     if groups is not None:
@@ -96,6 +106,7 @@ def causal_conv1d_pallas(
         chunk=min(chunk, cap),
         silu=silu,
         bwd_unroll=bwd_unroll,
+        bwd_pipeline=bwd_pipeline,
     )
     if kernel_name == "walk":
         plan = (walk, walk)
