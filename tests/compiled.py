@@ -7,6 +7,11 @@ function once per key and argument shapes instead; segment layouts, perturbation
 cotangents are its arguments, so tests that vary only data share one program.
 """
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 
 _COMPILED = {}
@@ -47,3 +52,33 @@ def cpu_xla_flags(flags: str = "") -> str:
     if FAST_CPU_COMPILE in flags.split():
         return flags
     return f"{flags} {FAST_CPU_COMPILE}".strip()
+
+
+def run_on_cpu(script, *args: str, xla_flags: str = "", timeout: float = 300) -> None:
+    """Runs `python script *args` in a CPU-only process with `xla_flags` (cpu_xla_flags'), the
+    repository on its path, and fails with its output unless it exits 0."""
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONUNBUFFERED="1",
+        XLA_FLAGS=cpu_xla_flags(xla_flags),
+        PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script), *args],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def run_without_fma(script) -> None:
+    """run_on_cpu(script) where XLA emits no FMA instructions. XLA on CPU contracts a * b + c
+    into one FMA wherever both land in one fusion, so two interpreted kernel variants that do
+    the same float ops (a loop body of one step against several) can come out an ulp apart;
+    without FMA every op rounds alone, as in the Triton kernels."""
+    run_on_cpu(script, xla_flags="--xla_cpu_max_isa=AVX")

@@ -10,10 +10,7 @@ CPU machine, and that the walking backward's blocks of steps (bwd_unroll) change
 """
 
 import functools
-import os
-import pathlib
 import re
-import subprocess
 import sys
 import zlib
 
@@ -26,7 +23,7 @@ from jax_packmamba.ops import causal_conv1d, positions_from_segment_ids
 from pallas_kernels.causal_conv1d import KERNEL, TileConfig, causal_conv1d_pallas
 from pallas_kernels.causal_conv1d import kernel as walk_kernel
 from pallas_kernels.causal_conv1d import vjp as conv_vjp
-from tests.compiled import compiled, compiled_vjp, cpu_xla_flags
+from tests.compiled import compiled, compiled_vjp, run_without_fma
 from tests.gpu import HAS_GPU, lower_for_cuda, lowered_ops, on_gpu
 from tests.loops import causal_conv1d_loop, rel_err
 
@@ -39,7 +36,6 @@ IMPLS = [
 ]
 EDGE_CHUNK = 16
 EDGE_TILE = TileConfig(fwd_block_t=16, bwd_block_t=8, bwd_chunk=16)
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def conv(impl, x, w, b, seg, activation):
@@ -787,16 +783,7 @@ def test_walking_backward_in_blocks_is_bit_identical_interpreted():
     instructions: XLA on CPU contracts a * b + c into one FMA wherever both land in one fusion,
     and a loop body of one step and of several fuse differently (an ulp apart in places);
     without FMA every op rounds alone."""
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=cpu_xla_flags("--xla_cpu_max_isa=AVX"),
-        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    )
-    proc = subprocess.run(
-        [sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_without_fma(__file__)
 
 
 @pytest.mark.gpu

@@ -8,10 +8,7 @@ block. Plus: per-token isolation, the backward's multi-tile walk, its prefetched
 bit-identical to the plain one, CUDA lowering on this CPU machine, and the argument checks.
 """
 
-import os
-import pathlib
 import re
-import subprocess
 import sys
 import zlib
 
@@ -22,14 +19,13 @@ import pytest
 
 import pallas_kernels.norm.vjp as norm_vjp
 from jax_packmamba.ops import add_rms_norm, gated_rms_norm, rms_norm
-from tests.compiled import compiled_vjp, cpu_xla_flags
+from tests.compiled import compiled_vjp, run_without_fma
 from tests.gpu import HAS_GPU, lower_for_cuda, on_gpu
 from tests.loops import rel_err, rms_norm_groups_loop
 
 IMPLS = ["reference", "pallas_interpret", on_gpu("pallas")]
 DTYPES = [(jnp.float32, 2e-6), (jnp.bfloat16, 1e-2)]
 EPS = 1e-5
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _normal(key, shape, dtype, scale=1.0):
@@ -237,16 +233,7 @@ def test_backward_prefetch_is_bit_identical_interpreted():
     instructions: XLA on CPU contracts a * b + c into one FMA wherever both land in one
     fusion, and the two walks' programs fuse differently (an ulp apart in places); without
     FMA every op rounds alone, as in the Triton kernels."""
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=cpu_xla_flags("--xla_cpu_max_isa=AVX"),
-        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    )
-    proc = subprocess.run(
-        [sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_without_fma(__file__)
 
 
 @pytest.mark.gpu

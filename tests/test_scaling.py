@@ -13,17 +13,15 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from tests.compiled import cpu_xla_flags
+from tests.compiled import run_on_cpu
 from train import sharding
 from train.config import ConfigError, MeshConfig, parse_args
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 MODES = ("auto", "float32", "bfloat16")
 STEPS = 8
 # bf16-reduced training against float32-reduced: the loss after STEPS steps at lr 1e-2 may
@@ -157,22 +155,9 @@ def worker(out: pathlib.Path) -> None:
 def runs(tmp_path_factory):
     """The worker's JSON (one subprocess, about 25 s: the tests that read it are marked slow)."""
     out = tmp_path_factory.mktemp("scaling") / "runs.json"
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        PYTHONUNBUFFERED="1",
-        XLA_FLAGS=cpu_xla_flags("--xla_force_host_platform_device_count=8"),
-        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    run_on_cpu(
+        __file__, str(out), xla_flags="--xla_force_host_platform_device_count=8", timeout=600
     )
-    proc = subprocess.run(
-        [sys.executable, __file__, str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 
 
