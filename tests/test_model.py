@@ -361,6 +361,7 @@ def test_save_kernel_outputs_keeps_what_a_gemm_or_kernel_makes(family):
 
 
 LEAN = "save_projections_and_scan"
+STATES = "save_projections_scan_and_states"
 
 
 @pytest.fixture
@@ -431,11 +432,14 @@ def test_save_projections_and_scan_keeps_neither_conv_outputs_nor_chunk_states(
     state (float32, rank >= 4: save_kernel_outputs keeps h_in); Mamba1 keeps its scan's chunk
     states (kernel outputs its backward reads). Fewer bytes than none and save_kernel_outputs;
     the price: the gradient's program runs the conv's forward kernel once more and, for Mamba2,
-    the gated norm's, the SSD's chunk-state and state-passing kernels."""
+    the gated norm's, the SSD's chunk-state and state-passing kernels. "STATES"
+    (save_projections_scan_and_states) is the lean policy with the SSD's chunk states saved as
+    save_kernel_outputs saves them: its gradient reruns only the conv's and the gated norm's
+    forward kernels (for Mamba1 it is the lean policy)."""
     ids = jnp.zeros((2, 24), jnp.int32)
     seg = jnp.asarray([[1] * 5 + [2] * 19, [1] * 24], jnp.int32)
     saved, total = {}, {}
-    for remat in ("none", "save_kernel_outputs", LEAN):
+    for remat in ("none", "save_kernel_outputs", LEAN, STATES):
         config = _interpreted(family, remat, "bfloat16", n_layer=1)
         saved[remat] = _saved_activations(*_lm_loss(config, ids, seg), *ids.shape)
         total[remat] = sum(size for _, size in saved[remat])
@@ -450,40 +454,27 @@ def test_save_projections_and_scan_keeps_neither_conv_outputs_nor_chunk_states(
     assert chunk_states("save_kernel_outputs")
     expected = {"mamba": chunk_states("save_kernel_outputs"), "mamba2": []}[family]
     assert chunk_states(LEAN) == expected, lines
+    assert chunk_states(STATES) == chunk_states("save_kernel_outputs")
     assert total[LEAN] < min(total["save_kernel_outputs"], total["none"]), total
 
     # What it costs: each recomputed kernel's forward runs once more, nothing else does.
     kernels = {}
-    for remat in ("none", LEAN):
+    for remat in ("none", LEAN, STATES):
         loss, params = _lm_loss(_interpreted(family, remat, "bfloat16", n_layer=1), ids, seg)
         kernels[remat] = _kernel_counts(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
-    extra = {k: kernels[LEAN][k] - kernels["none"].get(k, 0) for k in kernels[LEAN]}
-    again = {"mamba": [], "mamba2": ["gated_rms_norm_fwd", "ssd_chunk_states", "ssd_state_passing"]}
-    conv = [k for k in extra if k.startswith("causal_conv1d") and k.endswith("_fwd")]
-    assert len(conv) == 1, extra
-    assert {k: n for k, n in extra.items() if n} == dict.fromkeys(again[family] + conv, 1)
-
-
-def test_save_projections_scan_and_states_keeps_the_ssd_chunk_states(pallas_norms):
-    """Mamba2 under "save_projections_scan_and_states" (bf16, kernels through the
-    interpreter, one layer): the SSD's chunk-entry states are saved, as save_kernel_outputs
-    saves them, so the gradient reruns only the conv's and the gated norm's forward kernels
-    (the lean policy also reruns the chunk-state kernel and the state passing)."""
-    policy = "save_projections_scan_and_states"
-    ids = jnp.zeros((2, 24), jnp.int32)
-    seg = jnp.asarray([[1] * 5 + [2] * 19, [1] * 24], jnp.int32)
-    states, kernels = {}, {}
-    for remat in ("none", "save_kernel_outputs", policy):
-        loss, params = _lm_loss(_interpreted("mamba2", remat, "bfloat16", n_layer=1), ids, seg)
-        lines = [line for line, _ in _saved_activations(loss, params, *ids.shape)]
-        states[remat] = [line for line in lines if re.match(r"f32\[\d+(,\d+){3,}\]", line)]
-        if remat != "save_kernel_outputs":
-            kernels[remat] = _kernel_counts(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
-    assert states[policy] and states[policy] == states["save_kernel_outputs"], states
-    extra = {k: n - kernels["none"].get(k, 0) for k, n in kernels[policy].items()}
-    extra = {k: n for k, n in extra.items() if n}
-    conv = [k for k in extra if k.startswith("causal_conv1d") and k.endswith("_fwd")]
-    assert extra == dict.fromkeys(["gated_rms_norm_fwd", *conv], 1) and len(conv) == 1, extra
+    again = {
+        LEAN: {
+            "mamba": [],
+            "mamba2": ["gated_rms_norm_fwd", "ssd_chunk_states", "ssd_state_passing"],
+        },
+        STATES: {"mamba": [], "mamba2": ["gated_rms_norm_fwd"]},
+    }
+    for remat in (LEAN, STATES):
+        extra = {k: kernels[remat][k] - kernels["none"].get(k, 0) for k in kernels[remat]}
+        conv = [k for k in extra if k.startswith("causal_conv1d") and k.endswith("_fwd")]
+        assert len(conv) == 1, extra
+        expected = dict.fromkeys(again[remat][family] + conv, 1)
+        assert {k: n for k, n in extra.items() if n} == expected, (remat, extra)
 
 
 def _kernel_counts(jaxpr, counts=None) -> dict:
