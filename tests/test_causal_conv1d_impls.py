@@ -38,6 +38,25 @@ EDGE_CHUNK = 16
 EDGE_TILE = TileConfig(fwd_block_t=16, bwd_block_t=8, bwd_chunk=16)
 
 
+def lowering_args(batch, length, channels, width, *extra):
+    """Abstract (x, weight, bias, segment ids or positions, *extra) for lowering a conv for CUDA:
+    bf16 activations and weights, int32 ids."""
+    sds, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+    return (
+        sds((batch, length, channels), bf),
+        sds((channels, width), bf),
+        sds((channels,), bf),
+        sds((batch, length), jnp.int32),
+        *extra,
+    )
+
+
+def groups_sum(parts):
+    """A loss over the output's channel groups that weighs each group differently, so that
+    every group's cotangent is its own."""
+    return sum(p.astype(jnp.float32).sum() * (i + 1) for i, p in enumerate(parts))
+
+
 def conv(impl, x, w, b, seg, activation):
     if impl == "xla":
         return causal_conv1d(x, w, b, segment_ids=seg, activation=activation, impl="xla")
@@ -317,16 +336,13 @@ def test_pallas_conv_lowers_for_cuda_with_named_kernels(impl, kernel, width, bia
 
 
 def test_tile_conv_with_channel_groups_lowers_for_cuda():
-    sds = jax.ShapeDtypeStruct
-    bf = jnp.bfloat16
-
     def loss(x, w, b, seg):
         parts = causal_conv1d(
             x, w, b, segment_ids=seg, activation="silu", impl="pallas_tile", groups=(256, 128, 8)
         )
-        return sum(p.astype(jnp.float32).sum() * (i + 1) for i, p in enumerate(parts))
+        return groups_sum(parts)
 
-    args = (sds((2, 300, 392), bf), sds((392, 4), bf), sds((392,), bf), sds((2, 300), jnp.int32))
+    args = lowering_args(2, 300, 392, 4)
     text = lower_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2)), *args)
     names = re.findall(r'name = "(causal_conv1d_[a-z_]+)"', text)
     assert sorted(names) == ["causal_conv1d_tile_bwd", "causal_conv1d_tile_fwd"], names
@@ -650,13 +666,13 @@ def test_links_add_no_full_size_ops_to_the_lowered_conv(impl):
                 continues=continues if linked else None,
                 first_inputs=first if linked else None,
             )
-            return sum(p.astype(jnp.float32).sum() * (i + 1) for i, p in enumerate(parts))
+            return groups_sum(parts)
 
-        args = (
-            sds((batch, length, channels), jnp.bfloat16),
-            sds((channels, width), jnp.bfloat16),
-            sds((channels,), jnp.bfloat16),
-            sds((batch, length), jnp.int32),
+        args = lowering_args(
+            batch,
+            length,
+            channels,
+            width,
             sds((batch,), jnp.bool_),
             sds((batch, width - 1, channels), jnp.bfloat16),
         )
@@ -680,7 +696,6 @@ def test_tile_walk_backward_reads_the_groups_cotangents_unjoined(groups, joined)
     CUDA: the tile forward writes the groups (64-channel blocks, so that the unaligned groups are
     written by it too) and the walking backward reads their cotangents with no full-size
     concatenate; where a boundary is no multiple of its 128 channels a program, one joins them."""
-    sds = jax.ShapeDtypeStruct
     batch, length, channels, width = 8, 2048, sum(groups), 4
 
     def loss(x, w, b, positions):
@@ -695,14 +710,9 @@ def test_tile_walk_backward_reads_the_groups_cotangents_unjoined(groups, joined)
             groups=groups,
         )
         assert len(parts) == len(groups)  # the forward wrote them, no split after
-        return sum(p.astype(jnp.float32).sum() * (i + 1) for i, p in enumerate(parts))
+        return groups_sum(parts)
 
-    args = (
-        sds((batch, length, channels), jnp.bfloat16),
-        sds((channels, width), jnp.bfloat16),
-        sds((channels,), jnp.bfloat16),
-        sds((batch, length), jnp.int32),
-    )
+    args = lowering_args(batch, length, channels, width)
     text = lower_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2)), *args)
     ops = full_size_ops(text, batch, length)
     assert "stablehlo.custom_call" in ops
@@ -828,13 +838,13 @@ def test_walking_backward_in_blocks_lowers_for_cuda(monkeypatch, bwd_unroll, bwd
             bwd_unroll=bwd_unroll,
             bwd_pipeline=bwd_pipeline,
         )
-        return sum(p.astype(jnp.float32).sum() * (i + 1) for i, p in enumerate(parts))
+        return groups_sum(parts)
 
-    args = (
-        sds((batch, length, channels), jnp.bfloat16),
-        sds((channels, width), jnp.bfloat16),
-        sds((channels,), jnp.bfloat16),
-        sds((batch, length), jnp.int32),
+    args = lowering_args(
+        batch,
+        length,
+        channels,
+        width,
         sds((batch, width - 1, channels), jnp.bfloat16),
         sds((batch, width - 1), jnp.bool_),
     )
