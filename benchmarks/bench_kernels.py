@@ -12,7 +12,12 @@ normed; mamba_ssm's fused add + RMSNorm), "stream" (the Block's call: float32 st
 residual, bf16 normed) at d_model 2048, and "gated" (bf16 x, z) at d_inner 4096, one group.
 --sections picks among conv, decode, norms (default all); --norm-sweep: instead, the norm
 kernels alone under each tiling and backward prefetch setting of NORM_SWEEP
-(pallas_kernels/norm/vjp.py's constants), into --out/kernels_norm_sweep_<device>.json.
+(pallas_kernels/norm/vjp.py's constants), into --out/kernels_norm_sweep_<device>.json;
+--decode-sweep: instead, a decode step's pieces as the step runs them, LAYERS copies (each with
+its own weights and states) unrolled in one jitted call, so that the weights come from DRAM and
+no host dispatch is timed: mamba-2.8b's in_proj and out_proj products, XLA's against
+decode_gemv under each GEMV_SWEEP tiling, and the mixer core under each DECODE_SWEEP tiling,
+into --out/kernels_decode_sweep_<device>.json (microseconds a layer).
 harness.time_calls (median of 7 groups of 5 calls, inputs rotated past the L2); writes
 --out/kernels_<device>.json.
 Only public entry points are used, so the same script times an older tree. On CPU the kernels
@@ -21,6 +26,7 @@ run through the Pallas interpreter; --smoke: tiny shapes, one call each.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 
@@ -31,7 +37,8 @@ import numpy as np
 from benchmarks import harness
 from jax_packmamba.ops import add_rms_norm, gated_rms_norm, positions_from_segment_ids
 from pallas_kernels.causal_conv1d import causal_conv1d_pallas
-from pallas_kernels.decode import mixer_core_pallas
+from pallas_kernels.decode import mixer_core_pallas, pick_config
+from pallas_kernels.decode.gemv import GemvConfig, gemv
 
 CONV_SHAPES = [(8, 2048, 4096), (8, 2048, 5120)]  # (batch, length, channels), width 4
 DECODE = dict(d_inner=5120, d_state=16, dt_rank=160, d_conv=4, batches=(1, 32, 128))
@@ -73,6 +80,123 @@ NORM_SWEEP = [
     (4096, 2, True, 256),
     (4096, 1, True, 256),
 ]
+
+
+# The decode sweep: LAYERS unrolled copies a call; mamba-2.8b's products (k, n) and batches.
+LAYERS = 16
+GEMV_SHAPES = {"in_proj": (2560, 10240), "out_proj": (5120, 2560)}
+GEMV_BATCHES = (1, 4, 16, 32, 128)
+# (block_n, block_k, split_k, num_warps, num_stages); timed at every batch up to 16, the
+# first three also at 32-128.
+GEMV_SWEEP = [
+    (64, 128, 1, 4, 3),
+    (32, 256, 1, 4, 3),
+    (64, 128, 2, 4, 3),
+    (64, 128, 1, 4, 4),
+    (32, 128, 1, 4, 3),
+    (128, 128, 1, 4, 3),
+    (128, 64, 1, 4, 4),
+    (64, 256, 1, 4, 3),
+    (64, 256, 1, 8, 3),
+    (32, 256, 1, 4, 4),
+    (32, 128, 2, 4, 3),
+    (32, 256, 2, 4, 3),
+    (64, 128, 4, 4, 3),
+    (32, 128, 4, 4, 4),
+]
+DECODE_SWEEP_BATCHES = (1, 8, 32, 128)
+# DecodeConfig fields over pick_config's choice (the first: pick_config itself).
+DECODE_SWEEP = [
+    {},
+    dict(block_conv=32),
+    dict(block_conv=16),
+    dict(block_state=16),
+    dict(block_conv=32, block_state=16),
+    dict(num_warps_conv=2, num_warps_state=2),
+    dict(block_conv=32, block_state=16, num_warps_conv=2, num_warps_state=2),
+    dict(block_conv=128, num_warps_conv=8),
+    dict(block_state=64, num_warps_state=8),
+]
+
+
+def unrolled_us(fn, sets, backend, smoke) -> dict:
+    """Microseconds of fn a copy: fn on every set of `sets` in one jitted call (whose inputs
+    together are past the L2, so nothing is read from a previous copy's cache)."""
+    call = jax.jit(lambda sets: [fn(*s) for s in sets])
+    t = harness.time_calls(call, [(sets,)], groups=1 if smoke else 7, per_group=1 if smoke else 5)
+    per = 1e6 / len(sets)
+    return dict(median_us=t.median_s * per, min_us=t.min_s * per, max_us=t.max_s * per)
+
+
+def decode_sweep(new, smoke) -> int:
+    backend = new.info.backend
+    interpret = backend != "gpu"
+    data = dict(**new.header, layers=LAYERS, gemv=[], mixer_core=[])
+    key = jax.random.key(0)
+    layers = 2 if smoke else LAYERS
+    shapes = {"in_proj": (256, 512), "out_proj": (512, 256)} if smoke else GEMV_SHAPES
+    for name, (k, n) in shapes.items():
+        ws = [
+            jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.bfloat16) * k**-0.5
+            for i in range(layers)
+        ]
+        for batch in (1, 2) if smoke else GEMV_BATCHES:
+            x = jax.random.normal(jax.random.fold_in(key, 99), (batch, k), jnp.bfloat16)
+            sets = [(x, w) for w in ws]
+            variants = [("xla", None)] + [
+                (f"gemv{v}", GemvConfig(*v)) for v in GEMV_SWEEP[: 2 if smoke else None]
+            ]
+            if batch > 16:
+                variants = variants[:4]
+            want = np.asarray(jnp.dot(x, ws[0], preferred_element_type=jnp.float32))
+            for label, cfg in variants:
+                if cfg is None:
+                    fn = jnp.dot
+                else:
+                    fn = functools.partial(gemv, config=cfg, interpret=interpret)
+                got = np.asarray(jax.jit(fn)(x, ws[0]), np.float32)
+                err = float(np.abs((got.sum(0) if got.ndim == 3 else got) - want).max())
+                t = unrolled_us(fn, sets, backend, smoke)
+                tb_s = 2 * k * n / (t["median_us"] * 1e6)
+                data["gemv"].append(
+                    dict(
+                        product=name,
+                        k=k,
+                        n=n,
+                        batch=batch,
+                        impl=label,
+                        **t,
+                        weight_tb_s=tb_s,
+                        max_abs_err=err,
+                    )
+                )
+                print(
+                    f"{name} ({k}, {n}) batch {batch} {label}: {t['median_us']:.2f} us, {tb_s:.2f} TB/s, err {err:.2g}",
+                    flush=True,
+                )
+                harness.write_json(new.path, data)
+        del ws
+    dims = dict(SMOKE_DECODE if smoke else DECODE)
+    dims.pop("batches")
+    for batch in (2,) if smoke else DECODE_SWEEP_BATCHES:
+        sets = [decode_set(i, batch, **dims) for i in range(layers)]
+        base = pick_config(batch, dims["d_inner"], dims["d_state"])
+        for fields in DECODE_SWEEP[: 2 if smoke else None]:
+            cfg = dataclasses.replace(base, **fields)
+            t = unrolled_us(
+                functools.partial(mixer_core_pallas, config=cfg, interpret=interpret),
+                sets,
+                backend,
+                smoke,
+            )
+            data["mixer_core"].append(dict(batch=batch, config=dataclasses.asdict(cfg), **t))
+            print(
+                f"mixer core batch {batch} {fields or 'pick_config'}: {t['median_us']:.2f} us",
+                flush=True,
+            )
+            harness.write_json(new.path, data)
+    print(f"wrote {new.path}")
+    return 0
 
 
 def norm_set(i, kind, rows, cols):
@@ -203,12 +327,21 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--norm-sweep", action="store_true", help="time the norm kernels under NORM_SWEEP's tilings"
     )
+    parser.add_argument(
+        "--decode-sweep",
+        action="store_true",
+        help="time a decode step's products and mixer core under GEMV_SWEEP's and DECODE_SWEEP's tilings",
+    )
     args = parser.parse_args(argv)
     sections = args.sections.split(",")
     if not sections or any(s not in SECTIONS for s in sections):
         parser.error(f"--sections: choose from {','.join(SECTIONS)}, got {args.sections!r}")
     new = harness.new_result(
-        "kernels_norm_sweep" if args.norm_sweep else "kernels",
+        "kernels_norm_sweep"
+        if args.norm_sweep
+        else "kernels_decode_sweep"
+        if args.decode_sweep
+        else "kernels",
         script=__file__,
         argv=argv,
         out_dir=args.out,
@@ -217,6 +350,8 @@ def main(argv=None) -> int:
     backend, interpret = new.info.backend, new.info.backend != "gpu"
     if args.norm_sweep:
         return norm_sweep(new, args.smoke)
+    if args.decode_sweep:
+        return decode_sweep(new, args.smoke)
     data = dict(**new.header, conv=[], decode=[], norms=[])
     conv_shapes = SMOKE_CONV if args.smoke else CONV_SHAPES
     for shape in conv_shapes if "conv" in sections else []:
