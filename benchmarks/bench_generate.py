@@ -47,10 +47,13 @@ penalty on; --settings fast for the other).
 (its Pallas decode step: the state-update kernel and the residual add + norm;
 gen_torch.py drives mamba_ssm's Mamba2 for --anchor).
 
---state-dtype bfloat16: our decode SSM state stored in bfloat16 between steps (generation's
-state_dtype; the update stays float32): half the bytes of the state update, which dominates a
-step at large batch. The result files get the variant bf16state (generate_<slug>_bf16state.json,
-..._profile_bf16state), so they sit beside the float32 ones; the JSON records state_dtype.
+--state-dtype: the storage dtype of our decode SSM state between steps (generation's
+state_dtype; the update stays float32). auto (the default) is generation's default, the
+model's compute dtype as mamba_ssm keeps its state: bfloat16 for the default --dtype, half the
+bytes of a float32 state's update, which dominates a step at large batch. A dtype other than
+auto's gets a variant in the result files' names, f32state or bf16state
+(generate_<slug>_f32state.json, ..._profile_f32state), so they sit beside the default ones;
+the JSON records the dtype that ran (state_dtype) and the flag (state_dtype_arg).
 
 --prefilter K: our sampler's top-p prefilter (jax_packmamba.sampling: the cut from the K
 largest logits, the full sort only when a row's nucleus is larger; the same tokens). Off by
@@ -107,9 +110,10 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--state-dtype",
-        default="float32",
-        choices=("float32", "bfloat16"),
-        help="storage dtype of our decode SSM state (generation's state_dtype)",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="storage dtype of our decode SSM state (generation's state_dtype; auto: the "
+        "compute dtype, as mamba_ssm)",
     )
     p.add_argument("--prompt-len", type=int, default=None, help="default 1024 (smoke 16)")
     p.add_argument("--new-tokens", type=int, default=None, help="default 1024 (smoke 8)")
@@ -163,12 +167,36 @@ def parse_args(argv=None):
         p.error(f"--preset {args.preset}: the Mamba2 presets here are {list(MAMBA2_PRESETS)}")
     if args.prefilter < 0:
         p.error(f"--prefilter must be at least 0, got {args.prefilter}")
+    try:
+        args.state_dtype_ran = resolved_state_dtype(args)
+    except ValueError as e:  # an unknown preset, or a state dtype the model refuses
+        p.error(str(e))
     return args
 
 
+def state_dtype_arg(args):
+    """--state-dtype as generation's state_dtype: None for auto (the compute dtype)."""
+    return None if args.state_dtype == "auto" else args.state_dtype
+
+
+def resolved_state_dtype(args) -> str:
+    """The name of the dtype our decode SSM state is stored in: generation.resolve_state_dtype
+    for the preset and --dtype (imports jax, but starts no device backend)."""
+    import jax.numpy as jnp
+
+    from jax_packmamba.config import preset_config
+    from jax_packmamba.generation import resolve_state_dtype
+
+    config = preset_config(args.preset, dtype=args.dtype)
+    return jnp.dtype(resolve_state_dtype(state_dtype_arg(args), config)).name
+
+
 def state_variant(args) -> str | None:
-    """The result files' variant for a non-default state dtype (None for float32)."""
-    return None if args.state_dtype == "float32" else "bf16state"
+    """The result files' variant: None when the state is stored in auto's dtype (the compute
+    dtype), else f32state or bf16state, the dtype that ran."""
+    if args.state_dtype_ran == resolved_state_dtype(argparse_namespace(args, state_dtype="auto")):
+        return None
+    return {"float32": "f32state", "bfloat16": "bf16state"}[args.state_dtype_ran]
 
 
 def argparse_hidden():
@@ -299,7 +327,7 @@ def precompile(prepared, batches, args, sampling, impls) -> dict:
         _, conv, ssm = jax.eval_shape(
             lambda *a: gen._prefill_layer(*a, num_segments=inputs.num_segments), *layer
         )
-        ssm = sds(ssm.shape, gen.resolve_state_dtype(args.state_dtype))
+        ssm = sds(ssm.shape, gen.resolve_state_dtype(state_dtype_arg(args), config))
         state = gen.DecodeState(conv=(conv,) * config.n_layer, ssm=(ssm,) * config.n_layer)
         start_args = (
             sds((size, vocab), jnp.float32),
@@ -404,7 +432,7 @@ def worker(args):
     print(
         f"[ours {args.worker}] {args.preset} on {device.device_kind}: init {init_s:.1f} s, "
         f"weights {(weights_bytes or 0) / 2**30:.2f} GiB, decode_impl {impl}, state "
-        f"{args.state_dtype}",
+        f"{args.state_dtype_ran}",
         file=sys.stderr,
     )
     precompiled = None
@@ -420,7 +448,8 @@ def worker(args):
         setting=args.worker,
         sampling=SETTINGS[args.worker],
         decode_impl=impl,
-        state_dtype=args.state_dtype,
+        state_dtype=args.state_dtype_ran,
+        state_dtype_arg=args.state_dtype,
         device=dataclasses.asdict(info),
         config=dataclasses.asdict(config),
         num_params=config.num_params(),
@@ -443,10 +472,10 @@ def worker(args):
         _, in_use_before = harness.device_memory(device)
         with gen.compile_stats() as compiled:
             start = time.perf_counter()
-            run_once(prepared, prompts, sampling, impl, args.new_tokens, args.state_dtype)
+            run_once(prepared, prompts, sampling, impl, args.new_tokens, state_dtype_arg(args))
             first = time.perf_counter() - start
         runs = [
-            run_once(prepared, prompts, sampling, impl, args.new_tokens, args.state_dtype)
+            run_once(prepared, prompts, sampling, impl, args.new_tokens, state_dtype_arg(args))
             for _ in range(args.repeats)
         ] or [(float("nan"), float("nan"))]
         peak, _ = harness.device_memory(device)
@@ -760,7 +789,8 @@ def orchestrate(args, argv):
         new_tokens=args.new_tokens,
         repeats=args.repeats,
         decode_impl=args.decode_impl,
-        state_dtype=args.state_dtype,
+        state_dtype=args.state_dtype_ran,
+        state_dtype_arg=args.state_dtype,
         prefilter=args.prefilter,
         batches=args.batch_list,
         compile=compiled,
@@ -993,9 +1023,10 @@ def argparse_namespace(args, **changes):
     return argparse.Namespace(**{**vars(args), **changes})
 
 
-def layer_check(prepared, batch, impl, state_dtype="float32"):
+def layer_check(prepared, batch, impl, state_dtype=None):
     """Max relative difference of one layer's decode step between `impl` and XLA, on random
-    states stored in state_dtype (the kernels' correctness on this device)."""
+    states stored in state_dtype (generation's; None: the compute dtype) (the kernels'
+    correctness on this device)."""
     jax, gen = jax_modules()
     import jax.numpy as jnp
     from flax import nnx
@@ -1013,7 +1044,7 @@ def layer_check(prepared, batch, impl, state_dtype="float32"):
         conv_shape = (batch, config.d_conv - 1, config.d_inner)
         ssm_shape = (batch, config.d_inner, config.d_state)
     conv = jax.random.normal(k[1], conv_shape).astype(config.compute_dtype)
-    ssm = jax.random.normal(k[2], ssm_shape).astype(gen.resolve_state_dtype(state_dtype))
+    ssm = jax.random.normal(k[2], ssm_shape).astype(gen.resolve_state_dtype(state_dtype, config))
     params = prepared.params["layers"][0]
 
     def block_step(p, r, c, s, impl):
@@ -1053,7 +1084,7 @@ def profile_one(prepared, batch, impl, sampling, args, tmp):
     )
     with gen.compile_stats() as compiled:
         start = time.perf_counter()
-        prefilled = gen.prefill_batch(prepared, prompts, state_dtype=args.state_dtype)
+        prefilled = gen.prefill_batch(prepared, prompts, state_dtype=state_dtype_arg(args))
         run = gen._begin(prepared, prefilled, total, sampling)
         run = jax.block_until_ready(loop(run, 1 + warm))
         first = time.perf_counter() - start
@@ -1117,7 +1148,7 @@ def profile(args, argv):
                     r = profile_one(prepared, batch, impl, sampling, args, tmp)
                     if impl != "xla":
                         r["layer_check_vs_xla"] = layer_check(
-                            prepared, batch, impl, args.state_dtype
+                            prepared, batch, impl, state_dtype_arg(args)
                         )
                 except Exception as e:  # noqa: BLE001 - report and go on to the next
                     r = dict(batch=batch, impl=impl, error=f"{type(e).__name__}: {e}"[:3000])
@@ -1145,7 +1176,8 @@ def profile(args, argv):
                     benchmark="generate --profile: decode steps",
                     preset=args.preset,
                     dtype=args.dtype,
-                    state_dtype=args.state_dtype,
+                    state_dtype=args.state_dtype_ran,
+                    state_dtype_arg=args.state_dtype,
                     setting=setting,
                     sampling=SETTINGS[setting],
                     prefilter=args.prefilter,

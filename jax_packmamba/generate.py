@@ -228,11 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--state-dtype",
-        default="float32",
-        choices=tuple(STATE_DTYPES),
-        help="storage dtype of the SSM state between decode steps: 'bfloat16' halves the "
-        "state's memory traffic (the update itself stays float32), as mamba_ssm stores its "
-        "Mamba2 decode state (default: float32)",
+        default="auto",
+        choices=("auto", *STATE_DTYPES),
+        help="storage dtype of the SSM state between decode steps: 'auto' is the model's "
+        "compute dtype (--dtype; float32 for Mamba-3 and float16), as mamba_ssm stores its "
+        "decode state in the weights' dtype; 'float32' keeps a bfloat16 model's state in "
+        "float32 for the extra accuracy, 'bfloat16' halves a float32 state's memory traffic "
+        "(the update itself stays float32) (default: auto)",
     )
     parser.add_argument(
         "--scan-impl",
@@ -323,6 +325,11 @@ def _check_args(args) -> None:
             )
 
 
+def _state_dtype(args):
+    """--state-dtype as generation's state_dtype: None for auto (the compute dtype)."""
+    return None if args.state_dtype == "auto" else args.state_dtype
+
+
 def _generate(args) -> int:
     recorded = tokenizer_for_model_dir(args.checkpoint)
     if args.tokenizer:
@@ -387,11 +394,11 @@ def _generate(args) -> int:
             prompts,
             args.max_new_tokens,
             decode_impl=args.decode_impl,
-            state_dtype=args.state_dtype,
+            state_dtype=_state_dtype(args),
             **sampling,
         )
     start = time.perf_counter()
-    prefilled = prefill_batch(prepared, prompts, state_dtype=args.state_dtype)
+    prefilled = prefill_batch(prepared, prompts, state_dtype=_state_dtype(args))
     jax.block_until_ready(prefilled.logits)
     prefill_end = time.perf_counter()
     live = len(prompts) == 1 and args.stream_block > 0

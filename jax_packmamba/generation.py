@@ -43,12 +43,16 @@ saves the float32 table's memory; `prepare(model, embedding_in_compute_dtype=Fal
 the float32 table for the lookup (and a compute-dtype copy for a tied head). In float32 the
 two are the same.
 
-The SSM state's storage dtype (`state_dtype`, prefill_batch and generate): float32 by
-default; bfloat16 halves the bytes each decode step reads and writes (the state update is
-memory-bound at batch > 1), as mamba_ssm keeps its Mamba2 decode state in the weights' dtype.
-The prefill hands the state over rounded to it; each step reads it, updates it in float32 (y
-from the float32 update) and stores it back rounded (the mixers store the state in the dtype
-they were given it in, in both decode impls). The conv state keeps the compute dtype.
+The SSM state's storage dtype (`state_dtype`, prefill_batch and generate): by default (None)
+the model's compute dtype, as mamba_ssm keeps its Mamba1 and Mamba2 decode states in the
+weights' dtype (and transformers' MambaCache in the model's): a bfloat16 model stores a
+bfloat16 state, which halves the bytes each decode step reads and writes (the state update is
+memory-bound at batch > 1), a float32 model a float32 one; "float32" keeps a bfloat16 model's
+state in float32 for the extra accuracy. Mamba-3 keeps float32 (bfloat16 is refused for it),
+and so does a float16 model. The prefill hands the state over rounded to it; each step reads
+it, updates it in float32 (y from the float32 update) and stores it back rounded (the mixers
+store the state in the dtype they were given it in, in both decode impls). The conv state
+keeps the compute dtype.
 
 The command line is jax_packmamba/generate.py.
 """
@@ -108,15 +112,23 @@ _CAST_PARAMS = {
 
 MIN_NEW_TOKEN_BUCKET = 16
 
-# Storage dtypes of the decode SSM state (`state_dtype`); None is float32.
+# Storage dtypes of the decode SSM state (`state_dtype`); None is the model's compute dtype
+# (resolve_state_dtype).
 STATE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def resolve_state_dtype(state_dtype, config=None):
-    """The SSM state's storage dtype: None (float32), "float32", "bfloat16" or those jnp/numpy
-    dtypes -> a jnp dtype; ValueError naming `state_dtype` otherwise. Mamba-3 keeps float32."""
+def resolve_state_dtype(state_dtype, config):
+    """The SSM state's storage dtype for a model of `config`: "float32", "bfloat16" or those
+    jnp/numpy dtypes -> a jnp dtype; ValueError naming `state_dtype` otherwise.
+
+    None (the default) is the compute dtype (config.compute_dtype), as mamba_ssm stores its
+    Mamba1 and Mamba2 decode states in the weights' dtype: bfloat16 for a bfloat16 model,
+    float32 for a float32 one; float32 for a float16 model (no float16 state here), for
+    Mamba-3 (whose state stays float32: bfloat16 is refused) and for config None (no model)."""
     if state_dtype is None:
-        return jnp.float32
+        if config is None or isinstance(config, Mamba3Config):
+            return jnp.float32
+        return STATE_DTYPES.get(jnp.dtype(config.compute_dtype).name, jnp.float32)
     try:
         name = jnp.dtype(state_dtype).name if not isinstance(state_dtype, str) else state_dtype
     except TypeError:
@@ -147,7 +159,7 @@ def _store_state(state, dtype):
 class DecodeState(NamedTuple):
     """Recurrent cache, one buffer per layer: conv[l] (p, d_conv - 1, e) in the compute dtype
     (the last conv inputs, oldest first), ssm[l] (p, e, n) in the storage dtype (state_dtype:
-    float32 unless asked). Mamba2: conv[l] (p, d_conv - 1, conv_dim) (xBC) and ssm[l]
+    the compute dtype unless asked). Mamba2: conv[l] (p, d_conv - 1, conv_dim) (xBC) and ssm[l]
     (p, heads, headdim, d_state)."""
 
     conv: tuple
@@ -341,8 +353,9 @@ def prefill_inputs(prompts, config: MambaConfig, max_row: int | None = None) -> 
 
 def prefill_batch(model, prompts, max_row: int | None = None, *, state_dtype=None) -> Prefilled:
     """Runs all prompts through the model in one packed pass (see the module docstring);
-    max_row: prefill_inputs'; state_dtype: the SSM state's storage dtype (None: float32;
-    "bfloat16": rounded to it here, and kept so by every decode step)."""
+    max_row: prefill_inputs'; state_dtype: the SSM state's storage dtype (None: the model's
+    compute dtype, resolve_state_dtype; "float32" or "bfloat16": the state is rounded to it
+    here, and kept so by every decode step)."""
     model = prepare(model)
     store = resolve_state_dtype(state_dtype, model.config)
     inputs = prefill_inputs(prompts, model.config, max_row)
@@ -408,7 +421,8 @@ def prefill(
       prompts: list of 1-D integer token sequences, each at least one token long.
       max_row: optional longest row: when a prompt is longer, the prompts are laid end to end
         in linked rows of max_row tokens (prefill_inputs), with the same results.
-      state_dtype: the SSM state's storage dtype (None: float32, or "bfloat16").
+      state_dtype: the SSM state's storage dtype: None (the model's compute dtype, as
+        mamba_ssm; float32 for Mamba-3), "float32" or "bfloat16".
 
     Returns:
       (logits (p, v) float32 at each prompt's last token, DecodeState for p prompts).
@@ -829,8 +843,10 @@ def generate(
       prompts: list of 1-D integer token sequences (any lengths, at least one token each).
       max_new_tokens: tokens to generate per prompt (>= 0).
       decode_impl: "auto", "xla", "pallas" or "pallas_interpret" (model.resolve_decode_impl).
-      state_dtype: the SSM state's storage dtype between decode steps: None (float32) or
-        "bfloat16" (half the state's memory traffic; the update itself stays float32).
+      state_dtype: the SSM state's storage dtype between decode steps: None (the model's
+        compute dtype, as mamba_ssm: bfloat16 for a bfloat16 model, half a float32 state's
+        memory traffic; float32 for a float32 model and for Mamba-3), "float32" (the extra
+        accuracy for a bfloat16 model) or "bfloat16". The update itself is always float32.
       sampling: temperature (0: greedy), top_k, top_p, min_p, repetition_penalty, seed, and
         eos_id / eos_ids (a sequence stops after generating one, which its output includes);
         see jax_packmamba.sampling.

@@ -432,23 +432,37 @@ def smoke_bench_generate(out, data):
             assert r["decode_ms_per_step"] > 0 and r["first_call_s"] > 0 and r["compile_s"] >= 0
         assert [c["batch"] for c in setting["comparison"]] == [1, 2]
     assert data["preset"] == "tiny" and data["new_tokens"] == 8 and data["device"]
+    # --state-dtype auto (the default): the bfloat16 model's bfloat16 state, no file variant.
+    assert out.name == "generate_cpu_smoke.json" and data["dtype"] == "bfloat16"
+    assert data["state_dtype"] == "bfloat16" and data["state_dtype_arg"] == "auto"
+    assert all(s["ours"]["state_dtype"] == "bfloat16" for s in data["settings"].values())
     assert set(data["targets"]) == {"blog", "fast"}
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
-def smoke_bench_generate_mamba2_bf16state(out, data):
-    # A Mamba2 preset with the top-p prefilter K and --state-dtype bfloat16 in one run: both
-    # recorded, and the files named apart from the float32 ones.
+def smoke_bench_generate_mamba2_f32state(out, data):
+    # A Mamba2 preset with the top-p prefilter K and --state-dtype float32 (not the bfloat16
+    # model's default) in one run: both recorded, and the files named apart from the default's.
     assert data["preset"] == "mamba2-tiny" and list(data["settings"]) == ["fast"]
-    assert data["prefilter"] == 8
-    assert out.name == "generate_cpu_bf16state_smoke.json" and data["state_dtype"] == "bfloat16"
+    assert data["prefilter"] == 8 and data["dtype"] == "bfloat16"
+    assert out.name == "generate_cpu_f32state_smoke.json" and data["state_dtype"] == "float32"
+    assert data["state_dtype_arg"] == "float32"
     ours = data["settings"]["fast"]["ours"]
     assert ours["config"]["headdim"] == 16  # a Mamba2Config
-    assert ours["state_dtype"] == "bfloat16" and ours["decode_impl"] == "pallas_interpret"
+    assert ours["state_dtype"] == "float32" and ours["decode_impl"] == "pallas_interpret"
     assert "mamba_ssm" not in data["settings"]["fast"]  # no --anchor given
     (row,) = ours["rows"]
     assert row["batch"] == 1 and row["decode_ms_per_step"] > 0
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def assert_layer_check(data, check):
+    """The Pallas layer step against XLA's (max relative differences): within 1e-3, the state
+    within a rounding of its dtype (the default bfloat16 state: the two steps may round an
+    element differently, 2^-8 relative at most)."""
+    assert data["state_dtype"] == "bfloat16"  # the smokes' default: the bfloat16 model's
+    assert check["residual"] < 1e-3 and check["conv"] < 1e-3, check
+    assert check["ssm"] < 2**-8, check
 
 
 def smoke_bench_generate_profile(out, data):
@@ -456,7 +470,7 @@ def smoke_bench_generate_profile(out, data):
     assert set(results) == {(1, "xla"), (1, "pallas_interpret")}
     assert all(r["decode_ms_per_step"] > 0 for r in results.values())
     # The kernels through the interpreter match the XLA step on this device.
-    assert max(results[(1, "pallas_interpret")]["layer_check_vs_xla"].values()) < 1e-3
+    assert_layer_check(data, results[(1, "pallas_interpret")]["layer_check_vs_xla"])
     assert "error" in results[(1, "xla")]["kernels"]  # no GPU on CPU
     assert "batch 1, decode_impl xla" in out.with_suffix(".txt").read_text()
 
@@ -465,7 +479,8 @@ def smoke_bench_generate_profile_mamba2(out, data):
     results = {(r["batch"], r["impl"]): r for r in data["results"]}
     assert set(results) == {(1, "xla"), (1, "pallas_interpret")}
     assert data["preset"] == "mamba2-tiny" and data["setting"] == "fast"
-    assert max(results[(1, "pallas_interpret")]["layer_check_vs_xla"].values()) < 1e-3
+    assert out.name == "generate_cpu_profile_smoke.json" and data["state_dtype"] == "bfloat16"
+    assert_layer_check(data, results[(1, "pallas_interpret")]["layer_check_vs_xla"])
 
 
 def smoke_bench_kernels(out, data):
@@ -626,7 +641,7 @@ SMOKES = {
         smoke_breakdown,
         None,
     ),
-    "bench_generate_mamba2_bf16state": (
+    "bench_generate_mamba2_f32state": (
         "bench_generate",
         lambda d: [
             "--smoke",
@@ -639,14 +654,14 @@ SMOKES = {
             "--prefilter",
             "8",
             "--state-dtype",
-            "bfloat16",
+            "float32",
             "--decode-impl",
             "pallas_interpret",
             "--out",
             d,
         ],
-        "generate_cpu_bf16state_smoke.json",
-        smoke_bench_generate_mamba2_bf16state,
+        "generate_cpu_f32state_smoke.json",
+        smoke_bench_generate_mamba2_f32state,
         True,
     ),
     "bench_generate_profile": (
@@ -1255,6 +1270,26 @@ def test_bench_generate_smoke_runs_the_anchor_with_the_same_sampling(tmp_path):
         for row in data["settings"][name]["comparison"]:
             assert row["total_ratio"] == pytest.approx(row["ours_total_s"] / (0.001 * row["batch"]))
     assert data["targets"]["blog"]["total_ratio_met"] is False  # the fake is far faster
+
+
+def test_bench_generate_state_dtype_names_the_dtype_that_runs():
+    """--state-dtype auto (the default) is generation's default, the compute dtype; the result
+    files get a variant only when the state's dtype is not auto's, named after the dtype."""
+    from benchmarks import bench_generate
+
+    def ran(*flags):
+        args = bench_generate.parse_args(["--smoke", *flags])
+        return args.state_dtype, args.state_dtype_ran, bench_generate.state_variant(args)
+
+    assert ran() == ("auto", "bfloat16", None)  # --dtype bfloat16 by default
+    assert ran("--state-dtype", "bfloat16") == ("bfloat16", "bfloat16", None)
+    assert ran("--state-dtype", "float32") == ("float32", "float32", "f32state")
+    assert ran("--dtype", "float32") == ("auto", "float32", None)
+    assert ran("--dtype", "float32", "--state-dtype", "bfloat16")[1:] == ("bfloat16", "bf16state")
+    assert ran("--preset", "mamba2-tiny")[1:] == ("bfloat16", None)
+    args = bench_generate.parse_args(["--smoke", "--state-dtype", "float32"])
+    assert bench_generate.state_dtype_arg(args) == "float32"
+    assert bench_generate.state_dtype_arg(bench_generate.parse_args(["--smoke"])) is None
 
 
 def test_bench_generate_kernel_table_and_categories(tmp_path):

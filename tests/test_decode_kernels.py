@@ -341,8 +341,9 @@ def assert_rounded_from(got_state, want_f32):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_kernels_store_a_bfloat16_state_in_bfloat16(impl):
-    # generation's state_dtype="bfloat16": the kernels read the bfloat16 state, update it in
-    # float32 (y from the float32 update) and store it rounded, in place and in its dtype.
+    # generation's state_dtype="bfloat16" (a bfloat16 model's default): the kernels read the
+    # bfloat16 state, update it in float32 (y from the float32 update) and store it rounded,
+    # in place and in its dtype.
     from jax_packmamba.ops import ssd_state_update
     from pallas_kernels.decode import ssd_update_pallas
 

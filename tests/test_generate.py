@@ -122,7 +122,8 @@ def test_bfloat16_prepared_model_matches_the_model_forward():
     assert prepared.params["embedding"]["embedding"][...].dtype == jnp.float32
     assert prepared.params["head_embedding"]["embedding"][...].dtype == jnp.bfloat16
     prompts = prompts_of((5, 12), model.config.vocab_size, seed=6)
-    logits, state = prefill(prepared, prompts)
+    # A float32 state (a bfloat16 model's default is bfloat16): the step against the forward.
+    logits, state = prefill(prepared, prompts, state_dtype="float32")
     for i, p in enumerate(prompts):
         expected = last_logits(model, p).astype(jnp.float32)
         np.testing.assert_allclose(logits[i], expected, rtol=0, atol=0.04)  # reached: 0.016
@@ -290,8 +291,8 @@ def _bad_inputs(model_dir, tmp):
         ),
         (
             m + ["--state-dtype", "float16"],
-            "argument --state-dtype: invalid choice: 'float16' \\(choose from 'float32', "
-            "'bfloat16'\\)",
+            "argument --state-dtype: invalid choice: 'float16' \\(choose from 'auto', "
+            "'float32', 'bfloat16'\\)",
         ),
         (m + ["--top-p", "2"], "argument --top-p: must be in \\(0, 1\\], got '2'"),
         (m + ["--top-p", "0"], "argument --top-p: must be in \\(0, 1\\], got '0'"),
@@ -698,9 +699,10 @@ def test_decode_loop_lowers_for_cuda_with_two_kernels_a_layer():
     sampling = SamplingConfig(temperature=0.7, top_p=0.9, repetition_penalty=1.2)
     sds = jax.ShapeDtypeStruct
     size, vocab = 4, config.padded_vocab_size
+    store = gen.resolve_state_dtype(None, config)  # the default: the model's bfloat16
     state = DecodeState(
         conv=(sds((size, config.d_conv - 1, config.d_inner), jnp.bfloat16),) * 3,
-        ssm=(sds((size, config.d_inner, config.d_state), jnp.float32),) * 3,
+        ssm=(sds((size, config.d_inner, config.d_state), store),) * 3,
     )
     run = jax.eval_shape(
         lambda *a: gen._start(*a, mode=sampling.mode, vocab_size=config.vocab_size, columns=16),

@@ -209,7 +209,8 @@ def test_bfloat16_prepared_model_matches_the_model_forward(model):
         assert mixer[name][...].dtype == jnp.float32, name
     assert mixer["norm"]["weight"][...].dtype == jnp.float32
     prompts = prompts_of((5, 12), seed=6)
-    logits, state = prefill(prepared, prompts)
+    # A float32 state (a bfloat16 model's default is bfloat16): the step against the forward.
+    logits, state = prefill(prepared, prompts, state_dtype="float32")
     step_logits, _ = step(prepared, jnp.asarray([3, 4]), state)
     # The full forward over each prompt plus that token, both in one padded batch (causal: the
     # padding after a sequence does not change its logits).
@@ -252,7 +253,7 @@ def test_decode_loop_lowers_for_cuda_with_two_kernels_a_layer():
     ssm_shape = (size, config.nheads, config.headdim, config.d_state)
     state = DecodeState(
         conv=(sds((size, config.d_conv - 1, config.conv_dim), jnp.bfloat16),) * 2,
-        ssm=(sds(ssm_shape, jnp.float32),) * 2,
+        ssm=(sds(ssm_shape, gen.resolve_state_dtype(None, config)),) * 2,  # bfloat16
     )
     run = jax.eval_shape(
         lambda *a: gen._start(*a, mode=sampling.mode, vocab_size=config.vocab_size, columns=16),

@@ -1,7 +1,11 @@
-"""The decode SSM state's storage dtype (generation's state_dtype): bfloat16 state across
-prefill and decode steps for both families, both decode impls, packing, bad values. The
-float32 default is what every other generation test runs."""
+"""The decode SSM state's storage dtype (generation's state_dtype): the default (the model's
+compute dtype, as mamba_ssm: bfloat16 for a bfloat16 model, float32 for a float32 one and for
+Mamba-3), bfloat16 state across prefill and decode steps for both families, both decode impls,
+packing, bad values, the command line's --state-dtype. The other generation tests' models are
+float32 (a float32 state by default); those comparing a bfloat16 model's decode with its full
+forward ask for a float32 state."""
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -20,7 +24,7 @@ from jax_packmamba.generation import (
     step,
 )
 from tests.test_generation_mamba2 import CONFIG as MAMBA2_CONFIG
-from tests.test_generation_mamba2 import random_model
+from tests.test_generation_mamba2 import random_model, with_dtype
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parity"
 BF16 = jnp.bfloat16
@@ -55,7 +59,7 @@ def test_bfloat16_state_stays_bfloat16_and_tracks_the_float32_state(prepared):
     config = prepared.config
     prompts = prompts_of(config, (1, 5, 13))
     forced = np.random.default_rng(1).integers(0, config.vocab_size, (4, len(prompts)))
-    want, want_states = teacher_forced(prepared, prompts, forced, None)
+    want, want_states = teacher_forced(prepared, prompts, forced, "float32")
     got, got_states = teacher_forced(prepared, prompts, forced, "bfloat16")
     for state, f32 in zip(got_states, want_states):
         assert all(s.dtype == BF16 for s in state.ssm)
@@ -120,7 +124,8 @@ def test_packed_prompts_generate_what_each_generates_alone(prepared):
         np.testing.assert_array_equal(a, b)
 
 
-def test_float32_state_dtype_is_the_default(prepared):
+def test_a_float32_model_stores_a_float32_state_by_default(prepared):
+    assert prepared.config.dtype == "float32"
     prompts = prompts_of(prepared.config, (4, 9))
     default = prefill_batch(prepared, prompts)
     named = prefill_batch(prepared, prompts, state_dtype="float32")
@@ -144,6 +149,62 @@ def test_mamba3_refuses_a_bfloat16_state():
     with pytest.raises(ValueError, match="state_dtype"):
         resolve_state_dtype("bfloat16", config)
     assert resolve_state_dtype(None, config) == jnp.float32
+    assert resolve_state_dtype("float32", config) == jnp.float32
+
+
+def test_the_default_state_dtype_is_the_compute_dtype():
+    # As mamba_ssm's allocate_inference_cache (the weights' dtype) for Mamba1, Mamba2 and a
+    # hybrid's Mamba2 layers; Mamba-3's state stays float32, as does a float16 model's (no
+    # float16 state here) and one resolved without a model.
+    from tests.test_hybrid import CONFIG as HYBRID_CONFIG
+
+    bf16_mamba1 = jp.MambaConfig.preset("tiny", dtype="bfloat16")
+    f32_mamba2 = jp.Mamba2Config.preset("tiny")
+    for config, want in (
+        (bf16_mamba1, BF16),
+        (jp.Mamba2Config.preset("tiny", dtype="bfloat16"), BF16),
+        (dataclasses.replace(HYBRID_CONFIG, dtype="bfloat16"), BF16),
+        (jp.MambaConfig.preset("tiny"), jnp.float32),
+        (f32_mamba2, jnp.float32),
+        (HYBRID_CONFIG, jnp.float32),
+        (jp.MambaConfig.preset("tiny", dtype="float16"), jnp.float32),
+        (jp.Mamba3Config.preset("tiny"), jnp.float32),
+        (jp.Mamba3Config.preset("tiny", dtype="bfloat16"), jnp.float32),
+        (None, jnp.float32),
+    ):
+        assert resolve_state_dtype(None, config) == want, config
+    # Either dtype can still be asked for.
+    assert resolve_state_dtype("float32", bf16_mamba1) == jnp.float32
+    assert resolve_state_dtype(jnp.float32, bf16_mamba1) == jnp.float32
+    assert resolve_state_dtype("bfloat16", f32_mamba2) == BF16
+
+
+@pytest.fixture(scope="module", params=["mamba1", "mamba2"])
+def bf16_prepared(request):
+    if request.param == "mamba1":
+        return prepare(jp.from_pretrained(FIXTURES / "tied", dtype="bfloat16"))
+    return prepare(with_dtype(random_model(MAMBA2_CONFIG, 0), "bfloat16"))
+
+
+def test_a_bfloat16_model_stores_a_bfloat16_state_by_default(bf16_prepared):
+    prepared = bf16_prepared
+    assert prepared.config.dtype == "bfloat16"
+    prompts = prompts_of(prepared.config, (4, 9), seed=5)
+    default = prefill_batch(prepared, prompts)
+    named = prefill_batch(prepared, prompts, state_dtype="bfloat16")
+    f32 = prefill_batch(prepared, prompts, state_dtype="float32")
+    assert all(s.dtype == BF16 for s in default.state.ssm)
+    assert all(s.dtype == jnp.float32 for s in f32.state.ssm)
+    for a, b in zip(jax.tree.leaves(default.state), jax.tree.leaves(named.state)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for s, s32 in zip(default.state.ssm, f32.state.ssm):  # the same prefill, rounded
+        np.testing.assert_array_equal(np.asarray(s), np.asarray(s32.astype(BF16)))
+    # The default's decode is the explicit bfloat16 state's, token for token (greedy).
+    tokens = generate(prepared, prompts, 6, temperature=0)
+    for a, b in zip(tokens, generate(prepared, prompts, 6, temperature=0, state_dtype="bfloat16")):
+        assert a.shape == (6,)
+        np.testing.assert_array_equal(a, b)
 
 
 def test_hybrid_mamba2_layers_store_the_bfloat16_state():
@@ -156,7 +217,9 @@ def test_hybrid_mamba2_layers_store_the_bfloat16_state():
 
     prepared = prepare(LM(HYBRID_CONFIG, rngs=nnx.Rngs(8)))
     prompts = prompts_of(HYBRID_CONFIG, (1, 9, 2), seed=4)  # 1 and 2 share a row length alone
-    f32, bf16 = (prefill_batch(prepared, prompts, state_dtype=d).state for d in (None, "bfloat16"))
+    f32, bf16 = (
+        prefill_batch(prepared, prompts, state_dtype=d).state for d in ("float32", "bfloat16")
+    )
     is_mixer = lambda c: isinstance(c, MixerState)  # noqa: E731
     mixers = [c for c in jax.tree.leaves(bf16, is_leaf=is_mixer) if is_mixer(c)]
     assert mixers and all(c.ssm.dtype == BF16 for c in mixers)
@@ -172,7 +235,19 @@ def test_hybrid_mamba2_layers_store_the_bfloat16_state():
         np.testing.assert_array_equal(out, alone)
 
 
-def test_command_line_passes_state_dtype_to_the_prefill(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "dtype,flag,asked,stored",
+    [
+        # auto (the default): generation's None, the compute dtype.
+        ("bfloat16", "auto", None, BF16),
+        ("float32", None, None, jnp.float32),
+        ("bfloat16", "float32", "float32", jnp.float32),
+        ("float32", "bfloat16", "bfloat16", BF16),
+    ],
+)
+def test_command_line_passes_state_dtype_to_the_prefill(
+    tmp_path, capsys, monkeypatch, dtype, flag, asked, stored
+):
     from flax import nnx
 
     import jax_packmamba.generate as cli
@@ -181,15 +256,21 @@ def test_command_line_passes_state_dtype_to_the_prefill(tmp_path, capsys, monkey
     config = jp.MambaConfig.preset("tiny", d_model=32)  # vocab 256: bytes
     model = jp.MambaLM(config, rngs=nnx.Rngs(0))
     jp.save_pretrained(model, tmp_path)
-    asked = []
+    seen = []
     real = cli.prefill_batch
-    monkeypatch.setattr(
-        cli, "prefill_batch", lambda *a, **k: asked.append(k["state_dtype"]) or real(*a, **k)
-    )
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        seen.append((k["state_dtype"], out.state.ssm[0].dtype))
+        return out
+
+    monkeypatch.setattr(cli, "prefill_batch", spy)
     flags = ["--checkpoint", str(tmp_path), "--prompt", "Hello", "--max-new-tokens", "5"]
-    flags += ["--temperature", "0", "--no-compilation-cache", "--state-dtype", "bfloat16"]
+    flags += ["--temperature", "0", "--no-compilation-cache", "--dtype", dtype]
+    flags += [] if flag is None else ["--state-dtype", flag]
     assert cli.main(flags) == 0
-    assert asked == ["bfloat16"]
-    want = generate(prepare(model), [list(b"Hello")], 5, temperature=0, state_dtype="bfloat16")
+    assert seen == [(asked, stored)]
+    want_model = jp.from_pretrained(tmp_path, dtype=dtype)
+    want = generate(prepare(want_model), [list(b"Hello")], 5, temperature=0, state_dtype=stored)
     text = ByteTokenizer().decode([*b"Hello", *want[0].tolist()])
     assert capsys.readouterr().out == f"--- 'Hello'\n{text}\n"
