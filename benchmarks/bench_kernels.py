@@ -116,14 +116,24 @@ DECODE_SWEEP = [
     {},
     dict(block_rows=32, num_warps_conv=4, num_warps_state=8),
     dict(block_rows=64, num_warps_conv=8, num_warps_state=8, block_state=16),
+    dict(block_rows=32, conv_blocks_per_program=1, num_warps_state=8),
+    dict(
+        block_rows=64,
+        conv_blocks_per_program=1,
+        block_conv=32,
+        num_warps_conv=8,
+        block_state=16,
+        num_warps_state=8,
+    ),
+    dict(conv_blocks_per_program=1),
+    dict(conv_blocks_per_program=4),
     dict(block_conv=32),
     dict(block_conv=16),
+    dict(block_conv=128, num_warps_conv=8),
     dict(block_state=16),
-    dict(block_conv=32, block_state=16),
+    dict(block_state=64, num_warps_state=8),
     dict(num_warps_conv=2, num_warps_state=2),
     dict(block_conv=32, block_state=16, num_warps_conv=2, num_warps_state=2),
-    dict(block_conv=128, num_warps_conv=8),
-    dict(block_state=64, num_warps_state=8),
 ]
 
 
@@ -131,38 +141,37 @@ def unrolled_us(fn, sets, backend, smoke, carry=None) -> dict:
     """Microseconds of fn a copy: fn on every set of `sets` in one jitted call (whose inputs
     together are past the L2, so nothing is read from a previous copy's cache). carry(set,
     fn's output) -> the next set: the copies then run CARRIED_STEPS times in a loop that
-    carries the sets, as the decode loop carries its states (so the kernels' in-place outputs
-    are written in place, not into copies)."""
+    carries the sets, donated from call to call, as the decode loop carries its states (so the
+    kernels' in-place outputs are written in place, not into copies)."""
+    groups, per_group = (1, 1) if smoke else (7, 5)
     if carry is None:
-        call, steps = jax.jit(lambda sets: [fn(*s) for s in sets]), 1
+        call = jax.jit(lambda sets: [fn(*s) for s in sets])
+        t = harness.time_calls(call, [(sets,)], groups=groups, per_group=per_group)
+        steps = 1
     else:
         steps = CARRIED_STEPS
 
-        def body(_, sets):
-            return [carry(s, fn(*s)) for s in sets]
+        def loop(sets):
+            sets = jax.lax.fori_loop(
+                0, steps, lambda _, sets: [carry(s, fn(*s)) for s in sets], sets
+            )
+            return sets, jax.tree.leaves(sets)[1].ravel()[0]
 
-        call = jax.jit(lambda sets: jax.lax.fori_loop(0, steps, body, sets), donate_argnums=0)
-        sets = [tuple(jnp.copy(a) for a in s) for s in sets]
-        jitted = call
-        holder = [sets]
-
-        def call(_):  # noqa: F811 (each call donates the sets and gets the next ones back)
-            holder[0] = jitted(holder[0])
-            return holder[0]
-
-    t = harness.time_calls(call, [(sets,)], groups=1 if smoke else 7, per_group=1 if smoke else 5)
+        state = [tuple(jnp.copy(a) for a in s) for s in sets]
+        call = jax.jit(loop, donate_argnums=0)
+        t = harness.time_calls(call, [()], groups=groups, per_group=per_group, state=state)
     per = 1e6 / (len(sets) * steps)
     return dict(median_us=t.median_s * per, min_us=t.min_s * per, max_us=t.max_s * per)
 
 
-def decode_sweep(new, smoke) -> int:
+def decode_sweep(new, smoke, parts) -> int:
     backend = new.info.backend
     interpret = backend != "gpu"
     data = dict(**new.header, layers=LAYERS, gemv=[], mixer_core=[])
     key = jax.random.key(0)
     layers = 2 if smoke else LAYERS
     shapes = {"in_proj": (256, 512), "out_proj": (512, 256)} if smoke else GEMV_SHAPES
-    for name, (k, n) in shapes.items():
+    for name, (k, n) in shapes.items() if "gemv" in parts else ():
         ws = [
             jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.bfloat16) * k**-0.5
             for i in range(layers)
@@ -208,7 +217,7 @@ def decode_sweep(new, smoke) -> int:
         del ws
     dims = dict(SMOKE_DECODE if smoke else DECODE)
     dims.pop("batches")
-    for batch in (2,) if smoke else DECODE_SWEEP_BATCHES:
+    for batch in ((2,) if smoke else DECODE_SWEEP_BATCHES) if "mixer_core" in parts else ():
         sets = [decode_set(i, batch, **dims) for i in range(layers)]
         base = pick_config(batch, dims["d_inner"], dims["d_state"])
         for fields in DECODE_SWEEP[: 2 if smoke else None]:
@@ -367,6 +376,11 @@ def main(argv=None) -> int:
         action="store_true",
         help="time a decode step's products and mixer core under GEMV_SWEEP's and DECODE_SWEEP's tilings",
     )
+    parser.add_argument(
+        "--decode-parts",
+        default="gemv,mixer_core",
+        help="what --decode-sweep times: gemv, mixer_core or both (default)",
+    )
     args = parser.parse_args(argv)
     sections = args.sections.split(",")
     if not sections or any(s not in SECTIONS for s in sections):
@@ -386,7 +400,7 @@ def main(argv=None) -> int:
     if args.norm_sweep:
         return norm_sweep(new, args.smoke)
     if args.decode_sweep:
-        return decode_sweep(new, args.smoke)
+        return decode_sweep(new, args.smoke, args.decode_parts.split(","))
     data = dict(**new.header, conv=[], decode=[], norms=[])
     conv_shapes = SMOKE_CONV if args.smoke else CONV_SHAPES
     for shape in conv_shapes if "conv" in sections else []:
