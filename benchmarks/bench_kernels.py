@@ -16,7 +16,9 @@ kernels alone under each tiling and backward prefetch setting of NORM_SWEEP
 --decode-sweep: instead, a decode step's pieces as the step runs them, LAYERS copies (each with
 its own weights and states) unrolled in one jitted call, so that the weights come from DRAM and
 no host dispatch is timed: mamba-2.8b's in_proj and out_proj products, XLA's against
-decode_gemv under each GEMV_SWEEP tiling, and the mixer core under each DECODE_SWEEP tiling,
+decode_gemv under each GEMV_SWEEP tiling, mixer_pallas (in_proj to out_proj's input) with
+in_proj unfused and fused under MIXER_SWEEP's tilings, and the mixer core under each
+DECODE_SWEEP tiling,
 into --out/kernels_decode_sweep_<device>.json (microseconds a layer).
 harness.time_calls (median of 7 groups of 5 calls, inputs rotated past the L2); writes
 --out/kernels_<device>.json.
@@ -37,7 +39,7 @@ import numpy as np
 from benchmarks import harness
 from jax_packmamba.ops import add_rms_norm, gated_rms_norm, positions_from_segment_ids
 from pallas_kernels.causal_conv1d import causal_conv1d_pallas
-from pallas_kernels.decode import mixer_core_pallas, pick_config
+from pallas_kernels.decode import mixer_core_pallas, mixer_pallas, pick_config
 from pallas_kernels.decode.gemv import GemvConfig, gemv
 
 CONV_SHAPES = [(8, 2048, 4096), (8, 2048, 5120)]  # (batch, length, channels), width 4
@@ -137,6 +139,20 @@ DECODE_SWEEP = [
 ]
 
 
+MIXER_BATCHES = (1, 4, 16)
+# mixer_pallas: in_proj through the mixer core, XLA's in_proj first (fuse_in_proj False), then
+# DecodeConfig fields of the fused kernel over pick_config's.
+MIXER_SWEEP = [
+    dict(fuse_in_proj=False),
+    {},
+    dict(block_conv=32),
+    dict(num_stages_in_proj=4),
+    dict(block_k=256),
+    dict(block_conv=32, num_stages_in_proj=4),
+    dict(num_warps_in_proj=8),
+]
+
+
 def unrolled_us(fn, sets, backend, smoke, carry=None) -> dict:
     """Microseconds of fn a copy: fn on every set of `sets` in one jitted call (whose inputs
     together are past the L2, so nothing is read from a previous copy's cache). carry(set,
@@ -167,7 +183,7 @@ def unrolled_us(fn, sets, backend, smoke, carry=None) -> dict:
 def decode_sweep(new, smoke, parts) -> int:
     backend = new.info.backend
     interpret = backend != "gpu"
-    data = dict(**new.header, layers=LAYERS, gemv=[], mixer_core=[])
+    data = dict(**new.header, layers=LAYERS, gemv=[], mixer=[], mixer_core=[])
     key = jax.random.key(0)
     layers = 2 if smoke else LAYERS
     shapes = {"in_proj": (256, 512), "out_proj": (512, 256)} if smoke else GEMV_SHAPES
@@ -217,6 +233,37 @@ def decode_sweep(new, smoke, parts) -> int:
         del ws
     dims = dict(SMOKE_DECODE if smoke else DECODE)
     dims.pop("batches")
+    d_model = 64 if smoke else GEMV_SHAPES["in_proj"][0]
+    for batch in ((2,) if smoke else MIXER_BATCHES) if "mixer" in parts else ():
+        sets = []
+        for i in range(layers):
+            core = decode_set(i, batch, **dims)
+            key_i = jax.random.fold_in(key, 1000 + i)
+            hidden = jax.random.normal(key_i, (batch, d_model), jnp.bfloat16)
+            w = jax.random.normal(key_i, (d_model, 2 * dims["d_inner"]), jnp.bfloat16)
+            sets.append((hidden, w * d_model**-0.5, *core[1:]))
+        base = pick_config(batch, dims["d_inner"], dims["d_state"], d_model)
+        for fields in MIXER_SWEEP[: 2 if smoke else None]:
+            cfg = dataclasses.replace(base, **fields)
+            if cfg.fuse_in_proj and (d_model % cfg.block_k or dims["d_inner"] % cfg.block_conv):
+                continue
+            try:
+                t = unrolled_us(
+                    functools.partial(mixer_pallas, config=cfg, interpret=interpret),
+                    sets,
+                    backend,
+                    smoke,
+                    carry=lambda s, out: (*s[:2], out[1], out[2], *s[4:]),
+                )
+            except jax.errors.JaxRuntimeError as e:
+                print(f"mixer batch {batch} {fields}: failed: {str(e)[:120]}", flush=True)
+                continue
+            data["mixer"].append(dict(batch=batch, config=dataclasses.asdict(cfg), **t))
+            print(
+                f"mixer batch {batch} {fields or 'pick_config'}: {t['median_us']:.2f} us",
+                flush=True,
+            )
+            harness.write_json(new.path, data)
     for batch in ((2,) if smoke else DECODE_SWEEP_BATCHES) if "mixer_core" in parts else ():
         sets = [decode_set(i, batch, **dims) for i in range(layers)]
         base = pick_config(batch, dims["d_inner"], dims["d_state"])
@@ -378,8 +425,8 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--decode-parts",
-        default="gemv,mixer_core",
-        help="what --decode-sweep times: gemv, mixer_core or both (default)",
+        default="gemv,mixer,mixer_core",
+        help="what --decode-sweep times, of gemv, mixer, mixer_core (default: all three)",
     )
     args = parser.parse_args(argv)
     sections = args.sections.split(",")

@@ -237,11 +237,7 @@ class MambaMixer(nnx.Module):
         return out, segment_caches(x, segment_ids, num_segments, ssm, config.d_conv, continues)
 
     def _decode(self, hidden, cache: MixerState, impl: str):
-        # in_proj as ONE product, split after: slicing a weight in front of a product (as
-        # _in_proj does for training, where activations are large) copies it every step.
-        xz = self.in_proj(hidden)  # (b, 2e)
-        args = (
-            xz,
+        core = (
             cache.conv,
             cache.ssm,
             self.conv_weight[...],
@@ -252,12 +248,22 @@ class MambaMixer(nnx.Module):
             self.A_log[...],
             self.D[...],
         )
+        if impl != "xla" and self.in_proj.bias is None:
+            # in_proj inside the kernels (fused with the conv at small batch).
+            from pallas_kernels.decode import mixer_pallas
+
+            weight = self.in_proj.kernel[...].astype(hidden.dtype)
+            y, conv, ssm = mixer_pallas(hidden, weight, *core, interpret=impl == "pallas_interpret")
+            return self.out_proj(y), MixerState(conv=conv, ssm=ssm)
+        # in_proj as ONE product, split after: slicing a weight in front of a product (as
+        # _in_proj does for training, where activations are large) copies it every step.
+        xz = self.in_proj(hidden)  # (b, 2e)
         if impl == "xla":
-            y, conv, ssm = mixer_core_xla(*args)
+            y, conv, ssm = mixer_core_xla(xz, *core)
         else:
             from pallas_kernels.decode import mixer_core_pallas
 
-            y, conv, ssm = mixer_core_pallas(*args, interpret=impl == "pallas_interpret")
+            y, conv, ssm = mixer_core_pallas(xz, *core, interpret=impl == "pallas_interpret")
         return self.out_proj(y), MixerState(conv=conv, ssm=ssm)
 
     def _in_proj(self, hidden):

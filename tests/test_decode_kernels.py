@@ -17,7 +17,7 @@ from flax import nnx
 
 import jax_packmamba as jp
 from jax_packmamba.model import MixerState, mixer_core_xla
-from pallas_kernels.decode import DecodeConfig, mixer_core_pallas
+from pallas_kernels.decode import DecodeConfig, mixer_core_pallas, mixer_pallas, pick_config
 from tests.compiled import compiled
 from tests.gpu import lower_for_cuda, on_gpu
 
@@ -122,6 +122,74 @@ def test_block_decode_step_matches_its_xla_decode_step(impl):
     np.testing.assert_allclose(got[1].ssm, want[1].ssm, rtol=2e-5, atol=2e-5)
 
 
+FUSED_CASES = {
+    # name: (batch, d_model, d_inner, d_state, dt_rank, config fields, core_args extras)
+    "ragged": (3, 96, 192, 16, 12, dict(block_conv=32, block_k=32), {}),
+    "one_row_one_block": (1, 64, 64, 8, 4, dict(block_conv=64, block_k=64), {}),
+    "full_row_block": (16, 128, 96, 16, 8, dict(block_conv=32, block_k=128), {}),
+    "no_biases": (
+        2,
+        32,
+        64,
+        16,
+        8,
+        dict(block_conv=16, block_k=16),
+        dict(conv_bias=False, D=False),
+    ),
+}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("case", sorted(FUSED_CASES))
+def test_in_proj_fused_kernel_matches_in_proj_then_the_unfused_step(impl, dtype, tol, case):
+    batch, d, e, n, r, fields, extra = FUSED_CASES[case]
+    args = core_args(batch, e, n, r, 4, dtype, **extra)
+    normal, _ = host_random(d)
+    hidden = jnp.asarray(normal((batch, d), dtype=dtype))
+    in_proj = jnp.asarray(normal((d, 2 * e), d**-0.5, dtype))
+    config = DecodeConfig(fuse_in_proj=True, **fields)
+
+    def unfused(hidden, in_proj, *core):
+        return mixer_core_xla(jnp.dot(hidden, in_proj), *core)
+
+    with jax.default_matmul_precision("highest"):
+        want = compiled("in_proj_unfused_highest", unfused, hidden, in_proj, *args[1:])(
+            hidden, in_proj, *args[1:]
+        )
+
+    def fused(*a):
+        return mixer_pallas(*a, config=config, interpret=impl == "pallas_interpret")
+
+    fused_args = (hidden, in_proj, *args[1:])
+    got = compiled(("mixer_fused", impl, case), fused, *fused_args)(*fused_args)
+    for name, a, b in zip(("y", "conv_state", "ssm_state"), got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, b.shape, a.dtype, b.dtype)
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        err = np.max(np.abs(a - b)) / max(1e-6, np.max(np.abs(b)))
+        print(f"{case} {dtype.__name__} {name}: max rel err {err:.2e}")
+        assert err < tol, (name, err)
+    # The conv state is shifted by one; its new last input is in_proj's x for this token.
+    np.testing.assert_array_equal(np.asarray(got[1][:, :-1]), np.asarray(args[1][:, 1:]))
+    x64 = np.asarray(hidden, np.float64) @ np.asarray(in_proj, np.float64)[:, :e]
+    np.testing.assert_allclose(np.asarray(got[1][:, -1], np.float64), x64, rtol=tol, atol=tol)
+
+
+def test_pick_config_fuses_in_proj_at_small_batches_that_tile_evenly():
+    assert pick_config(1, 5120, 16, 2560).fuse_in_proj
+    assert pick_config(16, 5120, 16, 2560).fuse_in_proj
+    assert not pick_config(17, 5120, 16, 2560).fuse_in_proj
+    assert not pick_config(1, 5120, 16).fuse_in_proj  # mixer_core_pallas: no in_proj
+    assert not pick_config(1, 5120, 16, 2560 + 64).fuse_in_proj  # d_model off block_k
+    assert not pick_config(1, 5120 + 32, 16, 2560).fuse_in_proj  # d_inner off block_conv
+    args = core_args(2, 64, 16, 4, 4, jnp.float32)
+    hidden, in_proj = jnp.zeros((2, 48)), jnp.zeros((48, 128))
+    with pytest.raises(ValueError, match="fuse_in_proj needs"):
+        mixer_pallas(hidden, in_proj, *args[1:], config=DecodeConfig(fuse_in_proj=True))
+    with pytest.raises(ValueError, match="in_proj_weight must be"):
+        mixer_pallas(hidden, jnp.zeros((32, 128)), *args[1:], interpret=True)
+
+
 def test_kernels_lower_for_cuda_with_named_kernels_and_in_place_states():
     sds = jax.ShapeDtypeStruct
     bf, f32 = jnp.bfloat16, jnp.float32
@@ -145,6 +213,12 @@ def test_kernels_lower_for_cuda_with_named_kernels_and_in_place_states():
     # Both states are outputs aliased to their inputs (in place).
     aliases = re.findall(r"stablehlo.output_operand_alias<[^>]*>", text)
     assert len(aliases) == 2, aliases
+    # mixer_pallas at batch 2 (mamba-2.8b's d_model): in_proj in the conv kernel.
+    fused_args = (sds((b, 2560), bf), sds((2560, 2 * e), bf), *args[1:])
+    text = lower_for_cuda(lambda *a: mixer_pallas(*a), *fused_args)
+    names = re.findall(r'name = "(decode_[a-z_]+)"', text)
+    assert sorted(names) == ["decode_in_proj_conv", "decode_ssm_update"], names
+    assert len(re.findall(r"stablehlo.output_operand_alias<[^>]*>", text)) == 2
 
 
 def test_bad_shapes_name_the_argument():

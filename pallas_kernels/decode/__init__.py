@@ -27,6 +27,7 @@ __all__ = [
     "add_rms_norm",
     "check_mixer_core_args",
     "mixer_core_pallas",
+    "mixer_pallas",
     "pick_config",
     "ssd_update_pallas",
     "supported",
@@ -88,19 +89,7 @@ def mixer_core_pallas(
         D,
     )
     cfg = config or pick_config(b, e, n)
-    st = kernel.Static(
-        batch=b,
-        d_inner=e,
-        d_state=n,
-        dt_rank=r,
-        width=w,
-        block_rows=cfg.block_rows,
-        block_conv=cfg.block_conv,
-        conv_blocks_per_program=cfg.conv_blocks_per_program,
-        block_state=cfg.block_state,
-        dtype=jnp.dtype(xz.dtype).name,
-        fast=not interpret,
-    )
+    st = _static(b, e, n, r, w, cfg, xz.dtype, interpret)
     c = xz.dtype
     conv_state, xc, parts = kernel.conv_x_proj(
         xz,
@@ -112,7 +101,114 @@ def mixer_core_pallas(
         num_warps=cfg.num_warps_conv,
         interpret=interpret,
     )
-    # One small XLA reduction over the channel groups' partials (p, b, R).
+    y, ssm_state = _ssm_update(
+        parts, xc, xz, ssm_state, dt_proj_weight, dt_bias, A_log, D, st, cfg, interpret
+    )
+    return y, conv_state, ssm_state
+
+
+def mixer_pallas(
+    hidden,
+    in_proj_weight,
+    conv_state,
+    ssm_state,
+    conv_weight,
+    conv_bias,
+    x_proj_weight,
+    dt_proj_weight,
+    dt_bias,
+    A_log,
+    D,
+    *,
+    config: DecodeConfig | None = None,
+    interpret: bool = False,
+):
+    """A Mamba1 mixer's decode step from its normed input to out_proj's input: in_proj (no
+    bias), then mixer_core_pallas's work. Where the config fuses in_proj (pick_config: a batch
+    of at most 16 rows), in_proj and the conv/x_proj kernel are one kernel
+    (decode_in_proj_conv); otherwise in_proj is XLA's product and mixer_core_pallas follows.
+
+    Args: hidden (b, d) in the compute dtype c; in_proj_weight (d, 2e) c; the rest as
+    mixer_core_pallas's.
+
+    Returns:
+      (y (b, e) c, conv_state', ssm_state'), mixer_core_pallas(hidden @ in_proj_weight, ...)'s
+      values; in_proj's float32 sums may round to a different c value where they are summed in
+      another order.
+    """
+    if jnp.ndim(hidden) != 2 or jnp.ndim(in_proj_weight) != 2:
+        raise ValueError(
+            f"hidden (batch, d_model) and in_proj_weight (d_model, 2 * d_inner) must be 2-D, got "
+            f"{jnp.shape(hidden)} and {jnp.shape(in_proj_weight)}"
+        )
+    if hidden.shape[1] != in_proj_weight.shape[0]:
+        raise ValueError(
+            f"in_proj_weight must be (d_model={hidden.shape[1]}, 2 * d_inner), got "
+            f"{in_proj_weight.shape}"
+        )
+    c = hidden.dtype
+    b, d = hidden.shape
+    xz_shape = jax.ShapeDtypeStruct((b, in_proj_weight.shape[1]), c)
+    core_args = (
+        conv_state,
+        ssm_state,
+        conv_weight,
+        conv_bias,
+        x_proj_weight,
+        dt_proj_weight,
+        dt_bias,
+        A_log,
+        D,
+    )
+    b, e, n, r, w = check_mixer_core_args(xz_shape, *core_args)
+    cfg = config or pick_config(b, e, n, d)
+    if not cfg.fuse_in_proj:
+        xz = jnp.dot(hidden, in_proj_weight.astype(c))
+        return mixer_core_pallas(xz, *core_args, config=cfg, interpret=interpret)
+    if b > cfg.block_rows or d % cfg.block_k or e % cfg.block_conv:
+        raise ValueError(
+            f"fuse_in_proj needs batch <= block_rows={cfg.block_rows}, d_model={d} a multiple of "
+            f"block_k={cfg.block_k} and d_inner={e} of block_conv={cfg.block_conv}"
+        )
+    st = _static(b, e, n, r, w, cfg, c, interpret, d_model=d)
+    xz, conv_state, xc, parts = kernel.in_proj_conv(
+        hidden,
+        in_proj_weight.astype(c),
+        conv_state.astype(c),
+        conv_weight.astype(c),
+        None if conv_bias is None else conv_bias.astype(c),
+        x_proj_weight.astype(c),
+        st=st,
+        num_warps=cfg.num_warps_in_proj,
+        num_stages=cfg.num_stages_in_proj,
+        interpret=interpret,
+    )
+    y, ssm_state = _ssm_update(parts, xc, xz, ssm_state, *core_args[5:], st, cfg, interpret)
+    return y, conv_state, ssm_state
+
+
+def _static(b, e, n, r, w, cfg: DecodeConfig, dtype, interpret: bool, d_model: int = 0):
+    return kernel.Static(
+        batch=b,
+        d_inner=e,
+        d_state=n,
+        dt_rank=r,
+        width=w,
+        block_rows=cfg.block_rows,
+        block_conv=cfg.block_conv,
+        conv_blocks_per_program=cfg.conv_blocks_per_program,
+        block_state=cfg.block_state,
+        dtype=jnp.dtype(dtype).name,
+        fast=not interpret,
+        d_model=d_model,
+        block_k=cfg.block_k,
+    )
+
+
+def _ssm_update(parts, xc, xz, ssm_state, dt_proj_weight, dt_bias, A_log, D, st, cfg, interpret):
+    """The x_proj partials summed (one small XLA reduction over the channel groups' (p, b, R)),
+    then the state-update kernel: (y, ssm_state')."""
+    c = xz.dtype
     dbc = parts[0] if parts.shape[0] == 1 else jnp.sum(parts, axis=0)
     ssm_state, y = kernel.ssm_update(
         dbc,
@@ -127,7 +223,7 @@ def mixer_core_pallas(
         num_warps=cfg.num_warps_state,
         interpret=interpret,
     )
-    return y, conv_state, ssm_state
+    return y, ssm_state
 
 
 def check_mixer_core_args(

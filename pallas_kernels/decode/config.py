@@ -27,6 +27,12 @@ class DecodeConfig:
     block_state: channels per program of the state-update kernel (power of two, >= 16; its
         (block_rows, block_state, d_state) float32 state tile lives in registers).
     num_warps_conv, num_warps_state: warps per program of each kernel.
+    fuse_in_proj: mixer_pallas runs in_proj and the conv/x_proj kernel as one kernel
+        (decode_in_proj_conv: one row block, its programs are in_proj's column blocks of
+        block_conv); mixer_core_pallas ignores it.
+    block_k: in_proj's contraction tile in that kernel (a divisor of d_model).
+    num_warps_in_proj, num_stages_in_proj: its warps, and how deep Triton pipelines the
+        weight tiles' loads (the kernel is a read of in_proj's weight).
     """
 
     block_rows: int = 16
@@ -35,27 +41,52 @@ class DecodeConfig:
     block_state: int = 32
     num_warps_conv: int = 4
     num_warps_state: int = 4
+    fuse_in_proj: bool = False
+    block_k: int = 128
+    num_warps_in_proj: int = 4
+    num_stages_in_proj: int = 3
 
     def __post_init__(self):
-        for name in ("block_rows", "block_conv", "block_state"):
+        for name in ("block_rows", "block_conv", "block_state", "block_k"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name}={v} must be a power of two >= 16")
-        for name in ("conv_blocks_per_program", "num_warps_conv", "num_warps_state"):
+        for name in (
+            "conv_blocks_per_program",
+            "num_warps_conv",
+            "num_warps_state",
+            "num_warps_in_proj",
+            "num_stages_in_proj",
+        ):
             v = getattr(self, name)
             if v < 1:
                 raise ValueError(f"{name}={v} must be >= 1")
 
 
-def pick_config(batch: int, d_inner: int, d_state: int) -> DecodeConfig:
+# Rows up to which mixer_pallas fuses in_proj into the conv kernel: one row block of 16, where
+# the product is a read of the weight (at more rows XLA's GEMM re-reads x less).
+FUSE_IN_PROJ_ROWS = 16
+
+
+def pick_config(batch: int, d_inner: int, d_state: int, d_model: int | None = None) -> DecodeConfig:
     """Most programs at small batch; at large batch fewer x_proj partials, and 8 warps where
-    the state tile would crowd 4 warps' registers."""
+    the state tile would crowd 4 warps' registers. With d_model (mixer_pallas): in_proj fused
+    into the conv kernel at up to FUSE_IN_PROJ_ROWS rows, where the shapes tile evenly."""
     base = DecodeConfig()
+    fuse = (
+        d_model is not None
+        and batch <= FUSE_IN_PROJ_ROWS
+        and d_model % base.block_k == 0
+        and d_inner % base.block_conv == 0
+    )
     row_blocks = -(-batch // base.block_rows)
     conv_blocks = -(-d_inner // base.block_conv)
     # About two programs an SM for the conv kernel, never fewer than one block each.
     per_program = max(1, min(conv_blocks, (conv_blocks * row_blocks) // (2 * core_count())))
     tile = base.block_rows * base.block_state * d_state
     return dataclasses.replace(
-        base, conv_blocks_per_program=per_program, num_warps_state=4 if tile <= 8192 else 8
+        base,
+        conv_blocks_per_program=per_program,
+        num_warps_state=4 if tile <= 8192 else 8,
+        fuse_in_proj=fuse,
     )

@@ -49,6 +49,8 @@ class Static:
     block_state: int
     dtype: str  # compute dtype c
     fast: bool  # GPU: PTX approximations (triton_math); the interpreter cannot run PTX.
+    d_model: int = 0  # in_proj's input width (in_proj_conv only)
+    block_k: int = 128  # in_proj's contraction tile (in_proj_conv only)
 
     @property
     def x_width(self) -> int:
@@ -97,56 +99,97 @@ def _silu(x, st: Static):
     return x * sigmoid(x, fast=st.fast)
 
 
-def _conv_x_proj_kernel(r, *, st: Static):
-    xz_ref, conv_ref, w_ref, xw_ref = r["xz"], r["conv_state"], r["conv_weight"], r["x_proj"]
-    conv_out_ref, xc_ref, parts_ref = r["conv_out"], r["xc"], r["parts"]
-    b0, rmask = _rows(st)
-    group = pl.program_id(0)
+def _conv_block(r, st: Static, b0, rmask, e0, x, acc):
+    """One block of channels [e0, e0 + block_conv) of the conv step for the rows from b0, given
+    this token's x (rows, block_conv) in the compute dtype: stores xc = silu(conv) and the conv
+    state shifted by one (in place); returns acc + xc @ x_proj[block]."""
+    conv_ref, w_ref, xw_ref = r["conv_state"], r["conv_weight"], r["x_proj"]
+    conv_out_ref, xc_ref = r["conv_out"], r["xc"]
     c = jnp.dtype(st.dtype)
-    xcols = _iota(st.x_width_pad)
-    xmask = xcols < st.x_width
-
-    def block(j, acc):
-        e0 = (group * st.conv_blocks_per_program + j) * st.block_conv
-        cmask = (e0 + _iota(st.block_conv)) < st.d_inner  # all False past the last block
-        m = rmask[:, None] & cmask[None, :]
-        rows, cols = pl.ds(b0, st.block_rows), pl.ds(e0, st.block_conv)
-        x = plgpu.load(xz_ref.at[rows, cols], mask=m, other=0)
-        window = [
-            plgpu.load(conv_ref.at[rows, jnp.int32(k), cols], mask=m, other=0)
-            for k in range(st.width - 1)
-        ]
-        taps = [
-            plgpu.load(w_ref.at[cols, jnp.int32(k)], mask=cmask, other=0).astype(F32)
-            for k in range(st.width)
-        ]
-        pre = jnp.zeros((st.block_rows, st.block_conv), F32)
-        if "conv_bias" in r:
-            pre = (
-                pre + plgpu.load(r["conv_bias"].at[cols], mask=cmask, other=0).astype(F32)[None, :]
-            )
-        for k, inp in enumerate((*window, x)):
-            pre = pre + inp.astype(F32) * taps[k][None, :]
-        xc = _silu(pre, st).astype(c)
-        plgpu.store(xc_ref.at[rows, cols], xc, mask=m)
-        # Each element is loaded and stored by the same thread (same tile, same layout), so
-        # shifting the window in place never overwrites an input before it is read.
-        for k, inp in enumerate((*window, x)[1:]):
-            plgpu.store(
-                conv_out_ref.at[rows, jnp.int32(k), cols], inp.astype(conv_out_ref.dtype), mask=m
-            )
-        xw = plgpu.load(
-            xw_ref.at[cols, pl.ds(0, st.x_width_pad)], mask=cmask[:, None] & xmask[None, :], other=0
+    xmask = _iota(st.x_width_pad) < st.x_width
+    cmask = (e0 + _iota(st.block_conv)) < st.d_inner  # all False past the last block
+    m = rmask[:, None] & cmask[None, :]
+    rows, cols = pl.ds(b0, st.block_rows), pl.ds(e0, st.block_conv)
+    window = [
+        plgpu.load(conv_ref.at[rows, jnp.int32(k), cols], mask=m, other=0)
+        for k in range(st.width - 1)
+    ]
+    taps = [
+        plgpu.load(w_ref.at[cols, jnp.int32(k)], mask=cmask, other=0).astype(F32)
+        for k in range(st.width)
+    ]
+    pre = jnp.zeros((st.block_rows, st.block_conv), F32)
+    if "conv_bias" in r:
+        pre = pre + plgpu.load(r["conv_bias"].at[cols], mask=cmask, other=0).astype(F32)[None, :]
+    for k, inp in enumerate((*window, x)):
+        pre = pre + inp.astype(F32) * taps[k][None, :]
+    xc = _silu(pre, st).astype(c)
+    plgpu.store(xc_ref.at[rows, cols], xc, mask=m)
+    # Each element is loaded and stored by the same thread (same tile, same layout), so
+    # shifting the window in place never overwrites an input before it is read.
+    for k, inp in enumerate((*window, x)[1:]):
+        plgpu.store(
+            conv_out_ref.at[rows, jnp.int32(k), cols], inp.astype(conv_out_ref.dtype), mask=m
         )
-        return acc + jnp.dot(xc, xw.astype(c), preferred_element_type=F32, precision=st.precision)
+    xw = plgpu.load(
+        xw_ref.at[cols, pl.ds(0, st.x_width_pad)], mask=cmask[:, None] & xmask[None, :], other=0
+    )
+    return acc + jnp.dot(xc, xw.astype(c), preferred_element_type=F32, precision=st.precision)
 
-    acc = jnp.zeros((st.block_rows, st.x_width_pad), F32)
-    acc = jax.lax.fori_loop(0, st.conv_blocks_per_program, block, acc)
+
+def _store_part(r, st: Static, group, b0, rmask, acc):
+    xmask = _iota(st.x_width_pad) < st.x_width
     plgpu.store(
-        parts_ref.at[group, pl.ds(b0, st.block_rows), pl.ds(0, st.x_width_pad)],
+        r["parts"].at[group, pl.ds(b0, st.block_rows), pl.ds(0, st.x_width_pad)],
         acc,
         mask=rmask[:, None] & xmask[None, :],
     )
+
+
+def _conv_x_proj_kernel(r, *, st: Static):
+    b0, rmask = _rows(st)
+    group = pl.program_id(0)
+
+    def block(j, acc):
+        e0 = (group * st.conv_blocks_per_program + j) * st.block_conv
+        cmask = (e0 + _iota(st.block_conv)) < st.d_inner
+        x = plgpu.load(
+            r["xz"].at[pl.ds(b0, st.block_rows), pl.ds(e0, st.block_conv)],
+            mask=rmask[:, None] & cmask[None, :],
+            other=0,
+        )
+        return _conv_block(r, st, b0, rmask, e0, x, acc)
+
+    acc = jnp.zeros((st.block_rows, st.x_width_pad), F32)
+    acc = jax.lax.fori_loop(0, st.conv_blocks_per_program, block, acc)
+    _store_part(r, st, group, b0, rmask, acc)
+
+
+def _in_proj_conv_kernel(r, *, st: Static):
+    """in_proj for block_conv of xz's 2e columns (the rows' hidden times the weight's column
+    block, walked down d_model), then, where the block is one of x's, the conv step and x_proj's
+    partial on it (_conv_block) straight from the registers: one launch where in_proj and
+    decode_conv_x_proj were two, and no pass of x through memory between them."""
+    b0, rmask = _rows(st)
+    j = pl.program_id(0)
+    n0 = j * st.block_conv
+    c = jnp.dtype(st.dtype)
+    rows = pl.ds(b0, st.block_rows)
+
+    def step(i, acc):
+        k0 = i * st.block_k
+        h = plgpu.load(r["hidden"].at[rows, pl.ds(k0, st.block_k)], mask=rmask[:, None], other=0)
+        w = plgpu.load(r["in_proj"].at[pl.ds(k0, st.block_k), pl.ds(n0, st.block_conv)])
+        return acc + jnp.dot(h, w, preferred_element_type=F32, precision=st.precision)
+
+    acc = jnp.zeros((st.block_rows, st.block_conv), F32)
+    xz = jax.lax.fori_loop(0, st.d_model // st.block_k, step, acc).astype(c)
+    plgpu.store(r["xz"].at[rows, pl.ds(n0, st.block_conv)], xz, mask=rmask[:, None])
+
+    @pl.when(n0 < st.d_inner)
+    def _():
+        acc = jnp.zeros((st.block_rows, st.x_width_pad), F32)
+        _store_part(r, st, j, b0, rmask, _conv_block(r, st, b0, rmask, n0, xz, acc))
 
 
 def _ssm_update_kernel(refs, *, st: Static):
@@ -230,6 +273,50 @@ def conv_x_proj(
         grid=(st.conv_programs, st.row_blocks),
         name="decode_conv_x_proj",
         num_warps=num_warps,
+        interpret=interpret,
+        aliases=dict(conv_out="conv_state"),
+        st=st,
+    )
+
+
+def in_proj_conv(
+    hidden,
+    in_proj_weight,
+    conv_state,
+    conv_weight,
+    conv_bias,
+    x_proj_weight,
+    *,
+    st: Static,
+    num_warps: int,
+    num_stages: int,
+    interpret: bool,
+):
+    """(xz (b, 2e) c, conv_state', xc (b, e) c, parts (e / block_conv, b, R) float32) from
+    hidden (b, d): in_proj and conv_x_proj in one kernel, one row block (b <= block_rows, d a
+    multiple of block_k, e of block_conv); conv_state is updated in place."""
+    b, e = st.batch, st.d_inner
+    outputs = dict(
+        xz=jax.ShapeDtypeStruct((b, 2 * e), jnp.dtype(st.dtype)),
+        conv_out=jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype),
+        xc=jax.ShapeDtypeStruct((b, e), jnp.dtype(st.dtype)),
+        parts=jax.ShapeDtypeStruct((e // st.block_conv, b, st.x_width), F32),
+    )
+    return launch.call(
+        _in_proj_conv_kernel,
+        dict(
+            hidden=hidden,
+            in_proj=in_proj_weight,
+            conv_state=conv_state,
+            conv_weight=conv_weight,
+            conv_bias=conv_bias,
+            x_proj=x_proj_weight,
+        ),
+        outputs,
+        grid=(2 * e // st.block_conv, 1),
+        name="decode_in_proj_conv",
+        num_warps=num_warps,
+        num_stages=num_stages,
         interpret=interpret,
         aliases=dict(conv_out="conv_state"),
         st=st,
