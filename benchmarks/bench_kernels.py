@@ -72,10 +72,9 @@ NORMS = [("add", 16384, 2048), ("stream", 16384, 2048), ("gated", 16384, 4096)]
 SMOKE_NORMS = [("add", 40, 96), ("stream", 40, 96), ("gated", 40, 96)]
 SECTIONS = ("conv", "decode", "norms")
 # (TILE_ELEMENTS, BWD_PROGRAMS_PER_SM, BWD_PREFETCH, ELEMENTS_PER_WARP) of
-# pallas_kernels/norm/vjp.py; the first is the default. The tile, the program count and the
-# prefetch were swept on one H100 (2026-12-07, results/kernels_norm_sweep_nvidia-h100.json and
-# norm/DESIGN.md): what is left is the default against no prefetch, and twice the warps (half
-# the registers a thread: the gated backward holds one 8-warp program an SM at 227 registers).
+# pallas_kernels/norm/vjp.py (the last sets GATED_ELEMENTS_PER_WARP too). Swept on one H100
+# (2026-12-07, results/kernels_norm_sweep_nvidia-h100.json and norm/DESIGN.md): the prefetch
+# is on, and the gated norm runs at 256 a warp, the others at 512.
 NORM_SWEEP = [
     (4096, 2, True, 512),
     (4096, 2, False, 512),
@@ -381,6 +380,7 @@ def norm_sweep(new, smoke) -> int:
     for tile, programs_per_sm, prefetch, per_warp in NORM_SWEEP[:2] if smoke else NORM_SWEEP:
         norm_vjp.TILE_ELEMENTS, norm_vjp.BWD_PROGRAMS_PER_SM = tile, programs_per_sm
         norm_vjp.BWD_PREFETCH, norm_vjp.ELEMENTS_PER_WARP = prefetch, per_warp
+        norm_vjp.GATED_ELEMENTS_PER_WARP = per_warp
         jax.clear_caches()  # the backward's program count is read when it is traced
         for kind, rows, cols in norms:
             fwd, fwdbwd = norm_fns(kind, impl)

@@ -23,8 +23,10 @@ CHUNK = 256  # time steps a walking program (each also re-reads w - 1 rows of ha
 BWD_UNROLL = 4
 # Whether the walking backward software-pipelines its blocks (kernel.Static.bwd_pipeline: the
 # loop carries the next block's loads, issued before this block's arithmetic; DESIGN.md, "Loads
-# ahead"). Off until bench_conv times it on a GPU; the gradients are bit-identical either way.
-BWD_PIPELINE = False
+# ahead"): one H100, 2026-12-07, U = 4's backward kernel 276.3 -> 256.9 us at 8 x 2048 x 4096
+# (Mamba1-1.4b's conv), 334.9 -> 333.8 us at mamba2-1.3b's three groups. The gradients are
+# bit-identical either way.
+BWD_PIPELINE = True
 # "tile_walk": the tile forward (twice the walking one's speed at mamba2-1.3b's shape, and no
 # split copies) with the walking backward (the faster backward): DESIGN.md, "Selecting".
 KERNELS = ("walk", "tile", "tile_walk")

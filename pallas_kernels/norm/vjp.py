@@ -18,6 +18,10 @@ F32 = jnp.float32
 # them a warp (16 a thread): at d = 4096 one row on 8 warps, at 2048 two rows on 8.
 TILE_ELEMENTS = 4096
 ELEMENTS_PER_WARP = 512
+# The gated norm on twice the warps (one H100, 2026-12-07, bench_kernels --norm-sweep,
+# results/kernels_norm_sweep_nvidia-h100.json: fwd+bwd at 16384 x 4096 0.448 -> 0.420 ms; the
+# add and stream norms were 1-2% slower at 256, so they keep 512).
+GATED_ELEMENTS_PER_WARP = 256
 MAX_WARPS = 16
 MAX_BLOCK_ROWS = 16
 BWD_PROGRAMS_PER_SM = 2  # backward programs: each walks a contiguous run of tiles
@@ -27,10 +31,10 @@ BWD_PROGRAMS_PER_SM = 2  # backward programs: each walks a contiguous run of til
 BWD_PREFETCH = True
 
 
-def _static(rows, group_size, groups, eps):
+def _static(rows, group_size, groups, eps, per_warp=None):
     block_c = 1 << max(0, (group_size - 1).bit_length())
     block_rows = max(1, min(MAX_BLOCK_ROWS, TILE_ELEMENTS // block_c))
-    warps = max(1, min(MAX_WARPS, block_rows * block_c // ELEMENTS_PER_WARP))
+    warps = max(1, min(MAX_WARPS, block_rows * block_c // (per_warp or ELEMENTS_PER_WARP)))
     return kernel.Static(
         rows=rows,
         group_size=group_size,
@@ -80,7 +84,7 @@ def gated_rms_norm_pallas(x, z, weight, *, group_size, eps, out_dtype, interpret
     group_size columns, times weight, in out_dtype."""
     shape = x.shape
     rows, cols = int(jnp.size(x)) // shape[-1], shape[-1]
-    st = _static(rows, group_size, cols // group_size, eps)
+    st = _static(rows, group_size, cols // group_size, eps, GATED_ELEMENTS_PER_WARP)
     out = _gated_jit(
         st, interpret, jnp.dtype(out_dtype), x.reshape(rows, cols), z.reshape(rows, cols), weight
     )
