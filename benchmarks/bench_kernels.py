@@ -13,13 +13,11 @@ residual, bf16 normed) at d_model 2048, and "gated" (bf16 x, z) at d_inner 4096,
 --sections picks among conv, decode, norms (default all); --norm-sweep: instead, the norm
 kernels alone under each tiling and backward prefetch setting of NORM_SWEEP
 (pallas_kernels/norm/vjp.py's constants), into --out/kernels_norm_sweep_<device>.json;
---decode-sweep: instead, a decode step's pieces as the step runs them, LAYERS copies (each with
-its own weights and states) unrolled in one jitted call, so that the weights come from DRAM and
-no host dispatch is timed: mamba-2.8b's in_proj and out_proj products, XLA's against
-decode_gemv under each GEMV_SWEEP tiling, mixer_pallas (in_proj to out_proj's input) with
+--decode-sweep: instead, a decode step's pieces at mamba-2.8b's widths as the step runs them,
+LAYERS copies (each with its own weights and states) in one jitted call, so that the weights
+come from DRAM and no host dispatch is timed: mixer_pallas (in_proj to out_proj's input) with
 in_proj unfused and fused under MIXER_SWEEP's tilings, and the mixer core under each
-DECODE_SWEEP tiling,
-into --out/kernels_decode_sweep_<device>.json (microseconds a layer).
+DECODE_SWEEP tiling, into --out/kernels_decode_sweep_<device>.json (microseconds a layer).
 harness.time_calls (median of 7 groups of 5 calls, inputs rotated past the L2); writes
 --out/kernels_<device>.json.
 Only public entry points are used, so the same script times an older tree. On CPU the kernels
@@ -40,7 +38,6 @@ from benchmarks import harness
 from jax_packmamba.ops import add_rms_norm, gated_rms_norm, positions_from_segment_ids
 from pallas_kernels.causal_conv1d import causal_conv1d_pallas
 from pallas_kernels.decode import mixer_core_pallas, mixer_pallas, pick_config
-from pallas_kernels.decode.gemv import GemvConfig, gemv
 
 CONV_SHAPES = [(8, 2048, 4096), (8, 2048, 5120)]  # (batch, length, channels), width 4
 DECODE = dict(d_inner=5120, d_state=16, dt_rank=160, d_conv=4, batches=(1, 32, 128))
@@ -83,34 +80,10 @@ NORM_SWEEP = [
 ]
 
 
-# The decode sweep: LAYERS unrolled copies a call; mamba-2.8b's products (k, n) and batches.
+# The decode sweep: LAYERS copies a call, CARRIED_STEPS steps of them where states are carried.
 LAYERS = 16
 CARRIED_STEPS = 4
-GEMV_SHAPES = {"in_proj": (2560, 10240), "out_proj": (5120, 2560)}
-GEMV_BATCHES = (1, 4, 16, 32, 128)
-# (block_n, block_k, split_k, num_warps, num_stages): GEMV_SWEEP at batches up to 16,
-# GEMV_SWEEP_LARGE above (x's rows are re-read by every program there, and its tile takes
-# shared memory: block_k is smaller).
-GEMV_SWEEP = [
-    (32, 128, 1, 4, 3),
-    (64, 128, 1, 4, 4),
-    (128, 128, 1, 4, 3),
-    (64, 128, 2, 4, 3),
-    (32, 128, 2, 4, 3),
-    (32, 128, 4, 4, 3),
-    (16, 256, 1, 4, 3),
-    (16, 128, 2, 4, 4),
-    (32, 64, 1, 4, 6),
-    (64, 64, 1, 4, 6),
-]
-GEMV_SWEEP_LARGE = [
-    (64, 64, 1, 4, 3),
-    (64, 64, 2, 4, 3),
-    (64, 64, 4, 4, 3),
-    (128, 64, 4, 8, 3),
-    (32, 64, 4, 4, 3),
-    (128, 64, 2, 8, 3),
-]
+D_MODEL = 2560  # mamba-2.8b, in_proj's input width for the mixer sweep
 DECODE_SWEEP_BATCHES = (1, 8, 32, 128)
 # DecodeConfig fields over pick_config's choice (the first: pick_config itself).
 DECODE_SWEEP = [
@@ -182,57 +155,12 @@ def unrolled_us(fn, sets, backend, smoke, carry=None) -> dict:
 def decode_sweep(new, smoke, parts) -> int:
     backend = new.info.backend
     interpret = backend != "gpu"
-    data = dict(**new.header, layers=LAYERS, gemv=[], mixer=[], mixer_core=[])
+    data = dict(**new.header, layers=LAYERS, mixer=[], mixer_core=[])
     key = jax.random.key(0)
     layers = 2 if smoke else LAYERS
-    shapes = {"in_proj": (256, 512), "out_proj": (512, 256)} if smoke else GEMV_SHAPES
-    for name, (k, n) in shapes.items() if "gemv" in parts else ():
-        ws = [
-            jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.bfloat16) * k**-0.5
-            for i in range(layers)
-        ]
-        for batch in (1, 2) if smoke else GEMV_BATCHES:
-            x = jax.random.normal(jax.random.fold_in(key, 99), (batch, k), jnp.bfloat16)
-            sets = [(x, w) for w in ws]
-            sweep = GEMV_SWEEP if batch <= 16 else GEMV_SWEEP_LARGE
-            variants = [("xla", None)] + [
-                (f"gemv{v}", GemvConfig(*v)) for v in sweep[: 2 if smoke else None]
-            ]
-            want = np.asarray(jnp.dot(x, ws[0], preferred_element_type=jnp.float32))
-            for label, cfg in variants:
-                if cfg is None:
-                    fn = jnp.dot
-                else:
-                    fn = functools.partial(gemv, config=cfg, interpret=interpret)
-                try:
-                    got = np.asarray(jax.jit(fn)(x, ws[0]), np.float32)
-                    err = float(np.abs((got.sum(0) if got.ndim == 3 else got) - want).max())
-                    t = unrolled_us(fn, sets, backend, smoke)
-                except jax.errors.JaxRuntimeError as e:  # e.g. past the shared memory
-                    print(f"{name} batch {batch} {label}: failed: {str(e)[:120]}", flush=True)
-                    continue
-                tb_s = 2 * k * n / (t["median_us"] * 1e6)
-                data["gemv"].append(
-                    dict(
-                        product=name,
-                        k=k,
-                        n=n,
-                        batch=batch,
-                        impl=label,
-                        **t,
-                        weight_tb_s=tb_s,
-                        max_abs_err=err,
-                    )
-                )
-                print(
-                    f"{name} ({k}, {n}) batch {batch} {label}: {t['median_us']:.2f} us, {tb_s:.2f} TB/s, err {err:.2g}",
-                    flush=True,
-                )
-                harness.write_json(new.path, data)
-        del ws
     dims = dict(SMOKE_DECODE if smoke else DECODE)
     dims.pop("batches")
-    d_model = 64 if smoke else GEMV_SHAPES["in_proj"][0]
+    d_model = 128 if smoke else D_MODEL
     for batch in ((2,) if smoke else MIXER_BATCHES) if "mixer" in parts else ():
         sets = []
         for i in range(layers):
@@ -421,12 +349,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--decode-sweep",
         action="store_true",
-        help="time a decode step's products and mixer core under GEMV_SWEEP's and DECODE_SWEEP's tilings",
+        help="time a decode step's mixer under MIXER_SWEEP's and DECODE_SWEEP's tilings",
     )
     parser.add_argument(
         "--decode-parts",
-        default="gemv,mixer,mixer_core",
-        help="what --decode-sweep times, of gemv, mixer, mixer_core (default: all three)",
+        default="mixer,mixer_core",
+        help="what --decode-sweep times: mixer, mixer_core or both (default)",
     )
     args = parser.parse_args(argv)
     sections = args.sections.split(",")

@@ -495,6 +495,14 @@ def smoke_bench_kernels(out, data):
             assert n[impl]["fwd_ms"]["median_ms"] > 0 and n[impl]["fwdbwd_ms"]["median_ms"] > 0
 
 
+def smoke_bench_kernels_decode_sweep(out, data):
+    # mixer_pallas with in_proj unfused, then fused (pick_config at the smoke's widths).
+    assert [m["config"]["fuse_in_proj"] for m in data["mixer"]] == [False, True]
+    assert [m["batch"] for m in data["mixer_core"]] == [2, 2]
+    for m in data["mixer"] + data["mixer_core"]:
+        assert m["median_us"] > 0
+
+
 def smoke_train_gpu(out, data):
     # (was tests/test_train.py's test_gpu_benchmark_script_on_cpu)
     for key in (
@@ -632,6 +640,13 @@ SMOKES = {
         lambda d: ["--smoke", "--out", d],
         "kernels_cpu_smoke.json",
         smoke_bench_kernels,
+        True,
+    ),
+    "bench_kernels_decode_sweep": (
+        "bench_kernels",
+        lambda d: ["--smoke", "--decode-sweep", "--out", d],
+        "kernels_decode_sweep_cpu_smoke.json",
+        smoke_bench_kernels_decode_sweep,
         True,
     ),
     "breakdown": (

@@ -9,6 +9,11 @@ Two kernels, because x_proj sums over all channels and dt_proj needs that sum in
                         state's w - 1 inputs and this token's x), its silu output xc, the
                         conv state shifted by one (in place), and xc @ x_proj over the group's
                         channels: one float32 partial (rows, R) per channel group.
+    decode_in_proj_conv the same with in_proj in front, for one row block: per block of xz's
+                        columns, hidden @ in_proj (the weight's column block walked down
+                        d_model), then on x's blocks the conv step and x_proj's partial from
+                        the registers. At decode's batch sizes in_proj is a read of its weight,
+                        and the conv step's latency hides behind the other programs' reads.
     decode_ssm_update   per (row block, channel block), after the partials are summed: dt_proj
                         of the summed dt part, softplus(dt + bias), the state update
                         h = exp(dt A) h + dt x B (in place: the float32 state is read once and
