@@ -55,6 +55,10 @@ auto's gets a variant in the result files' names, f32state or bf16state
 (generate_<slug>_f32state.json, ..._profile_f32state), so they sit beside the default ones;
 the JSON records the dtype that ran (state_dtype) and the flag (state_dtype_arg).
 
+--fuse-in-proj-rows N: pallas_kernels.decode.config.FUSE_IN_PROJ_ROWS for the run (Mamba1's
+Pallas decode step fuses in_proj into the conv kernel up to that batch; the library's default
+is 0, off, until timed); the result files get the variant fuseN.
+
 --prefilter K: our sampler's top-p prefilter (jax_packmamba.sampling: the cut from the K
 largest logits, the full sort only when a row's nucleus is larger; the same tokens). Off by
 default. Random weights give flat logits whose 0.9-nucleus is most of the vocabulary, so with
@@ -137,6 +141,14 @@ def parse_args(argv=None):
         default=None,
         help="persistent compilation cache folder (default: a fresh temporary one)",
     )
+    p.add_argument(
+        "--fuse-in-proj-rows",
+        type=int,
+        default=None,
+        help="pallas_kernels.decode.config.FUSE_IN_PROJ_ROWS for this run (Mamba1's Pallas "
+        "decode step: in_proj fused into the conv kernel up to this batch; default: the "
+        "library's); a value gets the variant fuseN in the result files' names",
+    )
     p.add_argument("--profile", action="store_true", help="profile decode steps instead")
     p.add_argument("--profile-batches", default="1,128")
     p.add_argument("--profile-impls", default="xla,pallas")
@@ -197,6 +209,19 @@ def state_variant(args) -> str | None:
     if args.state_dtype_ran == resolved_state_dtype(argparse_namespace(args, state_dtype="auto")):
         return None
     return {"float32": "f32state", "bfloat16": "bf16state"}[args.state_dtype_ran]
+
+
+def set_fuse_in_proj_rows(args) -> None:
+    """--fuse-in-proj-rows, where given, into the decode kernels' tiling rule (read per call)."""
+    if args.fuse_in_proj_rows is not None:
+        import pallas_kernels.decode.config as decode_config
+
+        decode_config.FUSE_IN_PROJ_ROWS = args.fuse_in_proj_rows
+
+
+def fuse_variant(args) -> str | None:
+    """The result files' variant for --fuse-in-proj-rows: None when not given."""
+    return None if args.fuse_in_proj_rows is None else f"fuse{args.fuse_in_proj_rows}"
 
 
 def argparse_hidden():
@@ -775,7 +800,9 @@ def orchestrate(args, argv):
     else:
         info = harness.DeviceInfo(kind="unknown", name="unknown", backend="unknown", slug="unknown")
     head = harness.header(info, script=__file__, argv=argv)
-    variant = "_".join(v for v in (state_variant(args), "smoke" if args.smoke else None) if v)
+    variant = "_".join(
+        v for v in (state_variant(args), fuse_variant(args), "smoke" if args.smoke else None) if v
+    )
     path = harness.result_path("generate", info.slug, variant or None, out_dir=args.out)
     png = path.with_suffix(".png")
     for moved in harness.retire(path, commit=head["git_commit"], companions=[png]):
@@ -1120,7 +1147,7 @@ def profile(args, argv):
         argv=argv,
         out_dir=args.out,
         smoke=args.smoke,
-        variant="_".join(v for v in ("profile", state_variant(args)) if v),
+        variant="_".join(v for v in ("profile", state_variant(args), fuse_variant(args)) if v),
         companions=[".txt"],
         device=device,
     )
@@ -1197,6 +1224,7 @@ def profile(args, argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    set_fuse_in_proj_rows(args)  # before anything is traced (the workers get the flag too)
     if args.worker:
         return worker(args)
     if args.profile:

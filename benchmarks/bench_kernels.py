@@ -113,15 +113,15 @@ DECODE_SWEEP = [
 
 MIXER_BATCHES = (1, 4, 16)
 # mixer_pallas: in_proj through the mixer core, XLA's in_proj first (fuse_in_proj False), then
-# DecodeConfig fields of the fused kernel over pick_config's.
+# the fused kernel under DecodeConfig fields over pick_config's.
 MIXER_SWEEP = [
     dict(fuse_in_proj=False),
-    {},
-    dict(block_conv=32),
-    dict(num_stages_in_proj=4),
-    dict(block_k=256),
-    dict(block_conv=32, num_stages_in_proj=4),
-    dict(num_warps_in_proj=8),
+    dict(fuse_in_proj=True),
+    dict(fuse_in_proj=True, block_conv=32),
+    dict(fuse_in_proj=True, num_stages_in_proj=4),
+    dict(fuse_in_proj=True, block_k=256),
+    dict(fuse_in_proj=True, block_conv=32, num_stages_in_proj=4),
+    dict(fuse_in_proj=True, num_warps_in_proj=8),
 ]
 
 

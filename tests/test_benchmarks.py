@@ -496,7 +496,7 @@ def smoke_bench_kernels(out, data):
 
 
 def smoke_bench_kernels_decode_sweep(out, data):
-    # mixer_pallas with in_proj unfused, then fused (pick_config at the smoke's widths).
+    # mixer_pallas with in_proj unfused, then fused.
     assert [m["config"]["fuse_in_proj"] for m in data["mixer"]] == [False, True]
     assert [m["batch"] for m in data["mixer_core"]] == [2, 2]
     for m in data["mixer"] + data["mixer_core"]:
@@ -1305,6 +1305,20 @@ def test_bench_generate_state_dtype_names_the_dtype_that_runs():
     args = bench_generate.parse_args(["--smoke", "--state-dtype", "float32"])
     assert bench_generate.state_dtype_arg(args) == "float32"
     assert bench_generate.state_dtype_arg(bench_generate.parse_args(["--smoke"])) is None
+
+
+def test_bench_generate_fuse_in_proj_rows_sets_the_rule_and_names_the_files(monkeypatch):
+    import pallas_kernels.decode.config as decode_config
+    from benchmarks import bench_generate
+
+    monkeypatch.setattr(decode_config, "FUSE_IN_PROJ_ROWS", decode_config.FUSE_IN_PROJ_ROWS)
+    default = bench_generate.parse_args(["--smoke"])
+    bench_generate.set_fuse_in_proj_rows(default)
+    assert decode_config.FUSE_IN_PROJ_ROWS == 0 and bench_generate.fuse_variant(default) is None
+    args = bench_generate.parse_args(["--smoke", "--fuse-in-proj-rows", "16"])
+    bench_generate.set_fuse_in_proj_rows(args)
+    assert decode_config.FUSE_IN_PROJ_ROWS == 16 and bench_generate.fuse_variant(args) == "fuse16"
+    assert decode_config.pick_config(16, 5120, 16, 2560).fuse_in_proj
 
 
 def test_bench_generate_kernel_table_and_categories(tmp_path):

@@ -63,15 +63,19 @@ class DecodeConfig:
                 raise ValueError(f"{name}={v} must be >= 1")
 
 
-# Rows up to which mixer_pallas fuses in_proj into the conv kernel: one row block of 16, where
-# the product is a read of the weight (at more rows XLA's GEMM re-reads x less).
-FUSE_IN_PROJ_ROWS = 16
+# Rows up to which mixer_pallas fuses in_proj into the conv kernel (decode_in_proj_conv). 0:
+# never, until it is timed on a GPU (DESIGN.md, round 3, item 9; its tests pass through the
+# interpreter and it lowers for CUDA, but it has not run on a GPU yet). The candidate is 16,
+# one row block, where the product is a read of the weight (at more rows XLA's GEMM re-reads x
+# less): `bench_generate.py --fuse-in-proj-rows 16` against the default times it.
+FUSE_IN_PROJ_ROWS = 0
 
 
 def pick_config(batch: int, d_inner: int, d_state: int, d_model: int | None = None) -> DecodeConfig:
     """Most programs at small batch; at large batch fewer x_proj partials, and 8 warps where
     the state tile would crowd 4 warps' registers. With d_model (mixer_pallas): in_proj fused
-    into the conv kernel at up to FUSE_IN_PROJ_ROWS rows, where the shapes tile evenly."""
+    into the conv kernel at up to FUSE_IN_PROJ_ROWS rows, where the shapes tile evenly (the
+    module's value, read at each call)."""
     base = DecodeConfig()
     fuse = (
         d_model is not None
