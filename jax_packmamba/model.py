@@ -249,7 +249,8 @@ class MambaMixer(nnx.Module):
             self.D[...],
         )
         if impl != "xla" and self.in_proj.bias is None:
-            # in_proj inside the kernels (fused with the conv at small batch).
+            # in_proj through mixer_pallas, which fuses it with the conv kernel at the batches
+            # pallas_kernels.decode.config.FUSE_IN_PROJ_ROWS allows (none until timed).
             from pallas_kernels.decode import mixer_pallas
 
             weight = self.in_proj.kernel[...].astype(hidden.dtype)
