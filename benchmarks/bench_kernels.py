@@ -152,6 +152,30 @@ def unrolled_us(fn, sets, backend, smoke, carry=None) -> dict:
     return dict(median_us=t.median_s * per, min_us=t.min_s * per, max_us=t.max_s * per)
 
 
+def time_tilings(data, part, fn, sets, base, sweep, state_at, run):
+    """fn(*set, config=base with each sweep entry's fields) on the sets, the conv and SSM
+    states (the set's arrays state_at and state_at + 1) carried in place; one record a tiling
+    in data[part], written as it comes (a tiling that fails to compile or run is printed and
+    skipped)."""
+
+    def carry(s, out):
+        return (*s[:state_at], out[1], out[2], *s[state_at + 2 :])
+
+    batch = sets[0][0].shape[0]
+    for fields in sweep:
+        cfg = dataclasses.replace(base, **fields)
+        call = functools.partial(fn, config=cfg, interpret=run["interpret"])
+        label = f"{part.replace('_', ' ')} batch {batch} {fields or 'pick_config'}"
+        try:
+            t = unrolled_us(call, sets, run["backend"], run["smoke"], carry=carry)
+        except jax.errors.JaxRuntimeError as e:  # e.g. past the registers or shared memory
+            print(f"{label}: failed: {str(e)[:120]}", flush=True)
+            continue
+        data[part].append(dict(batch=batch, config=dataclasses.asdict(cfg), **t))
+        print(f"{label}: {t['median_us']:.2f} us", flush=True)
+        harness.write_json(run["new"].path, data)
+
+
 def decode_sweep(new, smoke, parts) -> int:
     backend = new.info.backend
     interpret = backend != "gpu"
@@ -161,6 +185,7 @@ def decode_sweep(new, smoke, parts) -> int:
     dims = dict(SMOKE_DECODE if smoke else DECODE)
     dims.pop("batches")
     d_model = 128 if smoke else D_MODEL
+    run = dict(new=new, backend=backend, smoke=smoke, interpret=interpret)
     for batch in ((2,) if smoke else MIXER_BATCHES) if "mixer" in parts else ():
         sets = []
         for i in range(layers):
@@ -170,49 +195,27 @@ def decode_sweep(new, smoke, parts) -> int:
             w = jax.random.normal(key_i, (d_model, 2 * dims["d_inner"]), jnp.bfloat16)
             sets.append((hidden, w * d_model**-0.5, *core[1:]))
         base = pick_config(batch, dims["d_inner"], dims["d_state"], d_model)
-        for fields in MIXER_SWEEP[: 2 if smoke else None]:
+
+        def tiles(fields, e=dims["d_inner"]):  # the fused kernel needs whole blocks
             cfg = dataclasses.replace(base, **fields)
-            if cfg.fuse_in_proj and (d_model % cfg.block_k or dims["d_inner"] % cfg.block_conv):
-                continue
-            try:
-                t = unrolled_us(
-                    functools.partial(mixer_pallas, config=cfg, interpret=interpret),
-                    sets,
-                    backend,
-                    smoke,
-                    carry=lambda s, out: (*s[:2], out[1], out[2], *s[4:]),
-                )
-            except jax.errors.JaxRuntimeError as e:
-                print(f"mixer batch {batch} {fields}: failed: {str(e)[:120]}", flush=True)
-                continue
-            data["mixer"].append(dict(batch=batch, config=dataclasses.asdict(cfg), **t))
-            print(
-                f"mixer batch {batch} {fields or 'pick_config'}: {t['median_us']:.2f} us",
-                flush=True,
-            )
-            harness.write_json(new.path, data)
+            return not cfg.fuse_in_proj or not (d_model % cfg.block_k or e % cfg.block_conv)
+
+        tiling = [f for f in MIXER_SWEEP[: 2 if smoke else None] if tiles(f)]
+        # The states are the sets' third and fourth arrays (after hidden and in_proj).
+        time_tilings(data, "mixer", mixer_pallas, sets, base, tiling, 2, run)
     for batch in ((2,) if smoke else DECODE_SWEEP_BATCHES) if "mixer_core" in parts else ():
         sets = [decode_set(i, batch, **dims) for i in range(layers)]
         base = pick_config(batch, dims["d_inner"], dims["d_state"])
-        for fields in DECODE_SWEEP[: 2 if smoke else None]:
-            cfg = dataclasses.replace(base, **fields)
-            try:
-                t = unrolled_us(
-                    functools.partial(mixer_core_pallas, config=cfg, interpret=interpret),
-                    sets,
-                    backend,
-                    smoke,
-                    carry=lambda s, out: (s[0], out[1], out[2], *s[3:]),
-                )
-            except jax.errors.JaxRuntimeError as e:
-                print(f"mixer core batch {batch} {fields}: failed: {str(e)[:120]}", flush=True)
-                continue
-            data["mixer_core"].append(dict(batch=batch, config=dataclasses.asdict(cfg), **t))
-            print(
-                f"mixer core batch {batch} {fields or 'pick_config'}: {t['median_us']:.2f} us",
-                flush=True,
-            )
-            harness.write_json(new.path, data)
+        time_tilings(
+            data,
+            "mixer_core",
+            mixer_core_pallas,
+            sets,
+            base,
+            DECODE_SWEEP[: 2 if smoke else None],
+            1,
+            run,
+        )
     print(f"wrote {new.path}")
     return 0
 

@@ -60,6 +60,17 @@ def core_args(batch, d_inner, d_state, dt_rank, d_conv, dtype, *, conv_bias=True
     return tuple(None if a is None else jnp.asarray(a) for a in args)
 
 
+def assert_step_close(got, want, tol, label):
+    """(y, conv_state, ssm_state) against the same from another path: shapes and dtypes equal,
+    each within tol of the other's max |value|."""
+    for name, a, b in zip(("y", "conv_state", "ssm_state"), got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, b.shape, a.dtype, b.dtype)
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        err = np.max(np.abs(a - b)) / max(1e-6, np.max(np.abs(b)))
+        print(f"{label} {name}: max rel err {err:.2e}")
+        assert err < tol, (name, err)
+
+
 def run(impl, args, config=None):
     def fn(*a):
         return mixer_core_pallas(*a, config=config, interpret=impl == "pallas_interpret")
@@ -89,12 +100,7 @@ def test_kernels_match_the_unfused_step(impl, dtype, tol, case):
     with jax.default_matmul_precision("highest"):
         want = compiled("mixer_core_xla_highest", mixer_core_xla, *args)(*args)
     got = run(impl, args, config)
-    for name, a, b in zip(("y", "conv_state", "ssm_state"), got, want):
-        assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, b.shape, a.dtype, b.dtype)
-        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        err = np.max(np.abs(a - b)) / max(1e-6, np.max(np.abs(b)))
-        print(f"{case} {dtype.__name__} {name}: max rel err {err:.2e}")
-        assert err < tol, (name, err)
+    assert_step_close(got, want, tol, f"{case} {dtype.__name__}")
     # The conv state is a shift: exact in any dtype.
     np.testing.assert_array_equal(np.asarray(got[1][:, :-1]), np.asarray(args[1][:, 1:]))
     np.testing.assert_array_equal(np.asarray(got[1][:, -1]), np.asarray(args[0][:, :e]))
@@ -163,12 +169,7 @@ def test_in_proj_fused_kernel_matches_in_proj_then_the_unfused_step(impl, dtype,
 
     fused_args = (hidden, in_proj, *args[1:])
     got = compiled(("mixer_fused", impl, case), fused, *fused_args)(*fused_args)
-    for name, a, b in zip(("y", "conv_state", "ssm_state"), got, want):
-        assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, b.shape, a.dtype, b.dtype)
-        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        err = np.max(np.abs(a - b)) / max(1e-6, np.max(np.abs(b)))
-        print(f"{case} {dtype.__name__} {name}: max rel err {err:.2e}")
-        assert err < tol, (name, err)
+    assert_step_close(got, want, tol, f"{case} {dtype.__name__}")
     # The conv state is shifted by one; its new last input is in_proj's x for this token.
     np.testing.assert_array_equal(np.asarray(got[1][:, :-1]), np.asarray(args[1][:, 1:]))
     x64 = np.asarray(hidden, np.float64) @ np.asarray(in_proj, np.float64)[:, :e]
