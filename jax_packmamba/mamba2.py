@@ -41,6 +41,7 @@ from jax_packmamba.ops import (
     ssd_scan,
     ssd_state_update,
 )
+from jax_packmamba.ops.rms_norm import group_rms_norm
 from jax_packmamba.ops.ssd_scan import IMPLS as SSD_IMPLS
 
 
@@ -70,6 +71,12 @@ class RMSNormGated(nnx.Module):
             eps=self.eps,
             out_dtype=self.dtype,
             impl=self.impl,
+        )
+
+    def gated(self, v):
+        """The same norm of v = x * silu(z) (..., e) float32, already gated."""
+        return group_rms_norm(
+            v, self.weight[...], group_size=self.group_size, eps=self.eps, out_dtype=self.dtype
         )
 
 
@@ -153,17 +160,29 @@ class Mamba2Mixer(nnx.Module):
             e, x = config.d_inner, config.conv_dim
             zxbcdt = self.in_proj(hidden)
             z, xBC, dt = zxbcdt[:, :e], zxbcdt[:, e : e + x], zxbcdt[:, e + x :]
+            if decode_impl != "xla":
+                # The conv step and the state update as two kernels reading zxbcdt in place,
+                # both states updated in place, y gated in the kernel.
+                from pallas_kernels.decode import mamba2_core_pallas
+
+                v, conv, ssm = mamba2_core_pallas(
+                    zxbcdt,
+                    cache.conv,
+                    cache.ssm,
+                    *self._conv_params(),
+                    self.dt_bias[...],
+                    self.A_log[...],
+                    self._D(),
+                    interpret=decode_impl == "pallas_interpret",
+                )
+                cache = MixerState(
+                    conv=conv.astype(cache.conv.dtype), ssm=ssm.astype(cache.ssm.dtype)
+                )
+                return self.out_proj(self.norm.gated(v)), cache
             window = conv_window(cache, xBC)  # (b, w, x)
             x, B, C = self._split_xBC(causal_conv1d_step(window, *self._conv_params()))
             args = (cache.ssm, x, dt, self._A(), B, C, self._D(), None, self.dt_bias[...])
-            if decode_impl == "xla":
-                ssm, y = ssd_state_update(*args, dt_softplus=True)
-            else:  # the same step as one kernel, the state updated in place
-                from pallas_kernels.decode import ssd_update_pallas
-
-                ssm, y = ssd_update_pallas(
-                    *args, dt_softplus=True, interpret=decode_impl == "pallas_interpret"
-                )
+            ssm, y = ssd_state_update(*args, dt_softplus=True)
             y = self.norm(y.reshape(-1, e), z)
             # Stored back in the cache's dtype (generation's state_dtype), y from float32.
             ssm = ssm.astype(cache.ssm.dtype)

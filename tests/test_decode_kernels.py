@@ -409,6 +409,152 @@ def test_ssd_update_kernel_bad_shapes_name_the_argument():
             ssd_update_pallas(**{**a, **change}, interpret=True)
 
 
+MAMBA2_CASES = {
+    # name: (batch, heads, headdim, groups, d_state, d_conv, conv_bias, D_shape)
+    # 176 conv channels (64-channel blocks ragged), headdim 24 and d_state 20 off the blocks:
+    "ragged": (3, 4, 24, 2, 20, 4, True, "heads"),
+    "two_row_blocks": (20, 2, 32, 1, 16, 4, False, "heads_headdim"),
+    "width2_no_D": (1, 2, 16, 2, 16, 2, True, None),
+}
+
+
+def mamba2_core_args(batch, heads, headdim, groups, d_state, d_conv, dtype, *, conv_bias, D_shape):
+    """mamba2_core_pallas's arguments, with three steps' zxbcdt (3, b, e + x + h)."""
+    normal, uniform = host_random(0)
+    e = heads * headdim
+    x = e + 2 * groups * d_state
+    args = dict(
+        zxbcdt=normal((3, batch, e + x + heads), dtype=dtype),
+        conv_state=normal((batch, d_conv - 1, x), dtype=dtype),
+        ssm_state=normal((batch, heads, headdim, d_state)),
+        conv_weight=normal((x, d_conv), 0.5, dtype),
+        conv_bias=normal((x,), 0.5, dtype) if conv_bias else None,
+        dt_bias=uniform((heads,), -3.0, 0.0),
+        A_log=normal((heads,), 0.5),
+        D=None if D_shape is None else normal((heads,) if D_shape == "heads" else (heads, headdim)),
+    )
+    return on_device(args)
+
+
+def mamba2_step_xla(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D):
+    """The unfused step (Mamba2Mixer's XLA decode path) with mamba2_core_pallas's contract."""
+    from jax_packmamba.ops import causal_conv1d_step, ssd_state_update
+
+    b, h, p, n = ssm_state.shape
+    e, x = h * p, conv_state.shape[2]
+    g = (x - e) // (2 * n)
+    z, xBC, dt = zxbcdt[:, :e], zxbcdt[:, e : e + x], zxbcdt[:, e + x :]
+    window = jnp.concatenate([conv_state, xBC[:, None]], axis=1)
+    xbc = causal_conv1d_step(window, conv_weight, conv_bias)
+    xs, B, C = jnp.split(xbc, [e, e + g * n], axis=-1)
+    state, y = ssd_state_update(
+        ssm_state, xs.reshape(b, h, p), dt, -jnp.exp(A_log), B.reshape(b, g, n),
+        C.reshape(b, g, n), D, None, dt_bias, dt_softplus=True,
+    )  # fmt: skip
+    v = y.reshape(b, e).astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
+    return v, window[:, 1:], state
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("case", sorted(MAMBA2_CASES))
+def test_mamba2_core_matches_the_unfused_step_and_a_float64_loop(impl, case, dtype, tol):
+    from pallas_kernels.decode import mamba2_core_pallas
+    from tests.loops import causal_conv1d_loop, ssd_scan_loop
+
+    batch, heads, headdim, groups, d_state, d_conv, conv_bias, D_shape = MAMBA2_CASES[case]
+    a = mamba2_core_args(
+        batch, heads, headdim, groups, d_state, d_conv, dtype, conv_bias=conv_bias, D_shape=D_shape
+    )
+    params = (a["conv_weight"], a["conv_bias"], a["dt_bias"], a["A_log"], a["D"])
+
+    def kernel(zxbcdt, conv, ssm):
+        fn = lambda *s: mamba2_core_pallas(*s, interpret=impl == "pallas_interpret")  # noqa: E731
+        return compiled(("mamba2_core", impl), fn, zxbcdt, conv, ssm, *params)(
+            zxbcdt, conv, ssm, *params
+        )
+
+    conv, ssm, vs = a["conv_state"], a["ssm_state"], []
+    for zxbcdt in a["zxbcdt"]:  # three steps, each from the kernels' own previous states
+        want = compiled("mamba2_step_xla", mamba2_step_xla, zxbcdt, conv, ssm, *params)(
+            zxbcdt, conv, ssm, *params
+        )
+        got = kernel(zxbcdt, conv, ssm)
+        assert_step_close(got, want, tol, f"{case} {dtype.__name__}")
+        # The conv state is a shift: exact in any dtype.
+        np.testing.assert_array_equal(np.asarray(got[1][:, :-1]), np.asarray(conv[:, 1:]))
+        e = heads * headdim
+        np.testing.assert_array_equal(
+            np.asarray(got[1][:, -1]), np.asarray(zxbcdt[:, e : e + conv.shape[2]])
+        )
+        # Rows are separate sequences: changing one row's inputs changes no other row's bits.
+        moved = kernel(zxbcdt.at[0].add(1.0), conv.at[0].add(1.0), ssm.at[0].add(1.0))
+        for m, g in zip(moved, got):
+            np.testing.assert_array_equal(np.asarray(m[1:]), np.asarray(g[1:]))
+        _, conv, ssm = got
+        vs.append(np.asarray(got[0], np.float64))
+
+    with jax.enable_x64(True):
+        f64 = lambda v: None if v is None else jnp.asarray(np.asarray(v, np.float32), jnp.float64)  # noqa: E731
+        e, x = heads * headdim, a["conv_state"].shape[2]
+        zxbcdt = jnp.swapaxes(f64(a["zxbcdt"]), 0, 1)  # (b, 3, ...)
+        inputs = jnp.concatenate([f64(a["conv_state"]), zxbcdt[:, :, e : e + x]], axis=1)
+        weight, bias = f64(a["conv_weight"]), f64(a["conv_bias"])
+        xbc = causal_conv1d_loop(inputs, weight, bias, activation="silu")[:, d_conv - 1 :]
+        gn = groups * d_state
+        y64, states64 = ssd_scan_loop(
+            xbc[..., :e].reshape(batch, 3, heads, headdim),
+            zxbcdt[..., e + x :],
+            -jnp.exp(f64(a["A_log"])),
+            xbc[..., e : e + gn].reshape(batch, 3, groups, d_state),
+            xbc[..., e + gn :].reshape(batch, 3, groups, d_state),
+            f64(a["D"]),
+            zxbcdt[..., :e].reshape(batch, 3, heads, headdim),
+            f64(a["dt_bias"]),
+            dt_softplus=True,
+            initial_states=f64(a["ssm_state"])[:, None],
+        )
+        y64, states64 = np.asarray(y64), np.asarray(states64)
+    # Against the float64 loop, which rounds nothing (the kernels round x, B and C to c), as
+    # a share of each output's largest value.
+    rel = lambda got, want: np.max(np.abs(got - want)) / np.max(np.abs(want))  # noqa: E731
+    assert rel(np.asarray(ssm, np.float64), states64[:, -1]) < 2 * tol
+    for t, v in enumerate(vs):
+        assert rel(v, y64[:, t].reshape(batch, e)) < 2 * tol, t
+
+
+def test_mamba2_core_lowers_for_cuda_in_place_and_checks_its_arguments():
+    from pallas_kernels.decode import mamba2_core_pallas
+
+    sds = jax.ShapeDtypeStruct
+    bf, f32 = jnp.bfloat16, jnp.float32
+    b, h, p, g, n, w = 2, 80, 64, 1, 128, 4  # mamba2-2.7b
+    e, x = h * p, h * p + 2 * g * n
+    args = (sds((b, e + x + h), bf), sds((b, w - 1, x), bf), sds((b, h, p, n), bf))
+    args += (sds((x, w), bf), sds((x,), bf), sds((h,), f32), sds((h,), f32), sds((h,), f32))
+    out = jax.eval_shape(mamba2_core_pallas, *args)
+    assert [(o.shape, o.dtype) for o in out] == [
+        ((b, e), f32),
+        ((b, w - 1, x), bf),
+        ((b, h, p, n), bf),
+    ]
+    text = lower_for_cuda(lambda *a: mamba2_core_pallas(*a), *args)
+    assert re.findall(r'name = "(decode_[a-z_]+)"', text) == ["decode_conv", "decode_ssd_update"]
+    assert len(re.findall(r"stablehlo.output_operand_alias<[^>]*>", text)) == 2
+
+    a = mamba2_core_args(2, 4, 16, 2, 16, 4, jnp.float32, conv_bias=True, D_shape="heads")
+    a["zxbcdt"] = a["zxbcdt"][0]
+    for change, match in [
+        (dict(ssm_state=a["ssm_state"][0]), "ssm_state must be"),
+        (dict(conv_state=a["conv_state"][..., :70]), "conv_state's conv_dim=70"),
+        (dict(zxbcdt=a["zxbcdt"][:, :-1]), "zxbcdt must have shape"),
+        (dict(conv_weight=a["conv_weight"][:, :3]), "conv_weight must have shape"),
+        (dict(D=jnp.ones((3,))), "D must have shape"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            mamba2_core_pallas(**{**a, **change}, interpret=True)
+
+
 def assert_rounded_from(got_state, want_f32):
     """got_state (bfloat16) is want_f32 rounded to bfloat16, to within one rounding."""
     assert got_state.dtype == jnp.bfloat16

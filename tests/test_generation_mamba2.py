@@ -237,9 +237,10 @@ def test_pallas_decode_step_generates_what_the_xla_step_does(prepared):
         np.testing.assert_array_equal(a, b)
 
 
-def test_decode_loop_lowers_for_cuda_with_two_kernels_a_layer():
+def test_decode_loop_lowers_for_cuda_with_three_kernels_a_layer():
     # The jitted loop as a GPU runs it: each layer's step (one function, lowered once) holds
-    # the add + norm kernel and the state-update kernel, the latter writing the state in place.
+    # the add + norm kernel, the conv kernel and the state-update kernel, the last two writing
+    # the conv state and the SSM state in place.
     import re
 
     from jax_packmamba import generation as gen
@@ -277,7 +278,7 @@ def test_decode_loop_lowers_for_cuda_with_two_kernels_a_layer():
     )
     layer_step = text.split("func.func private @_layer_step(", 1)[1].split("func.func", 1)[0]
     names = re.findall(r'name = "(decode_[a-z_]+)"', layer_step)
-    assert sorted(names) == ["decode_add_rms_norm", "decode_ssd_update"], names
-    assert len(re.findall(r"stablehlo.output_operand_alias<[^>]*>", layer_step)) == 2
+    assert sorted(names) == ["decode_add_rms_norm", "decode_conv", "decode_ssd_update"], names
+    assert len(re.findall(r"stablehlo.output_operand_alias<[^>]*>", layer_step)) == 3
     calls = re.findall(r"call @_layer_step\(([^)]*)\)", text.split("stablehlo.while", 1)[1])
     assert len(calls) == 2 and len(set(calls)) == 2, calls

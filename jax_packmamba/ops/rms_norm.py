@@ -111,6 +111,13 @@ def gated_rms_norm_reference(x, z, weight, *, group_size: int, eps: float, out_d
     """The pure-JAX spec of `gated_rms_norm` (same contract), differentiated by autodiff."""
     out_dtype = _out_dtype(out_dtype, x)
     v = x.astype(F32) * jax.nn.silu(z.astype(F32))
+    return group_rms_norm(v, weight, group_size=group_size, eps=eps, out_dtype=out_dtype)
+
+
+def group_rms_norm(v, weight, *, group_size: int, eps: float, out_dtype):
+    """`gated_rms_norm`'s normalisation of its already gated float32 input v = x * silu(z) (a
+    decode step's kernel gates it): RMSNorm over each group of group_size columns, times
+    weight, in out_dtype. XLA ops."""
     groups = v.reshape(*v.shape[:-1], -1, group_size)
     groups = groups * jax.lax.rsqrt(jnp.mean(jnp.square(groups), axis=-1, keepdims=True) + eps)
     return (groups.reshape(v.shape) * weight).astype(out_dtype)

@@ -1,7 +1,8 @@
 """Pallas (Triton) kernels of one decode step: the Mamba1 mixer's middle (kernel.py;
-`mixer_core_pallas` runs them), the Mamba2 mixer's state update (ssd_update.py;
-`ssd_update_pallas`) and the residual add + RMSNorm in front of every block of either family
-(add_norm.py; `add_rms_norm`)."""
+`mixer_core_pallas` runs them), the Mamba2 mixer's conv step and state update (kernel.py's
+conv, ssd_update.py; `mamba2_core_pallas`, or the state update alone, `ssd_update_pallas`)
+and the residual add + RMSNorm in front of every block of either family (add_norm.py;
+`add_rms_norm`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import jax.experimental.pallas.fuser  # noqa: F401
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.decode import kernel
+from pallas_kernels.decode import kernel, ssd_update
 from pallas_kernels.decode.add_norm import add_rms_norm
 from pallas_kernels.decode.config import DecodeConfig, pick_config
 from pallas_kernels.decode.ssd_update import STATE_DTYPES, ssd_update_pallas
@@ -26,6 +27,7 @@ __all__ = [
     "DecodeConfig",
     "add_rms_norm",
     "check_mixer_core_args",
+    "mamba2_core_pallas",
     "mixer_core_pallas",
     "mixer_pallas",
     "pick_config",
@@ -186,6 +188,95 @@ def mixer_pallas(
     )
     y, ssm_state = _ssm_update(parts, xc, xz, ssm_state, *core_args[5:], st, cfg, interpret)
     return y, conv_state, ssm_state
+
+
+# The Mamba2 conv step's tiling: rows as the Mamba1 kernels', channel blocks of 64.
+MAMBA2_CONV = DecodeConfig()
+
+
+def mamba2_core_pallas(
+    zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D, *, interpret=False
+):
+    """A Mamba2 mixer's decode step between in_proj and its norm, in two kernels that read
+    in_proj's output where it lies (no slices of it copied out): the conv step over xBC
+    (decode_conv, the conv state shifted in place), then the state update (decode_ssd_update,
+    in place) with x, B and C read from the conv's output, z and dt from in_proj's, and its
+    output gated, y * silu(z), in float32: the gated RMSNorm's input before normalising.
+
+    Args (c is the compute dtype, that of zxbcdt; e = h * p, x = e + 2 g n):
+      zxbcdt: (b, e + x + h) in_proj's output: z, xBC, dt.
+      conv_state: (b, w - 1, x) the last conv inputs, oldest first (stored in c).
+      ssm_state: (b, h, p, n) float32 or bfloat16 (its storage dtype; others run as float32).
+      conv_weight: (x, w); conv_bias: (x,) or None (used in c, as the unfused step does).
+      dt_bias, A_log: (h,) float32 (A = -exp(A_log)); D: (h,), (h, p) or None.
+      interpret: run through the Pallas interpreter (any backend; no PTX math).
+
+    Returns:
+      (v (b, e) float32, conv_state', ssm_state'): v = y * silu(z) with y = C.h + D x from the
+      float32 state, as Mamba2Mixer's XLA step computes them (which rounds y to c first).
+    """
+    shape = lambda a: tuple(np.shape(a))  # noqa: E731
+    if len(shape(ssm_state)) != 4:
+        raise ValueError(
+            f"ssm_state must be (batch, heads, headdim, d_state), got {shape(ssm_state)}"
+        )
+    b, h, p, n = shape(ssm_state)
+    e = h * p
+    if len(shape(conv_state)) != 3 or shape(conv_state)[0] != b:
+        raise ValueError(
+            f"conv_state must be (batch={b}, d_conv - 1, conv_dim), got {shape(conv_state)}"
+        )
+    x = shape(conv_state)[2]
+    if x <= e or (x - e) % (2 * n) or h % ((x - e) // (2 * n)):
+        raise ValueError(
+            f"conv_state's conv_dim={x} must be d_inner={e} + 2 * groups * d_state={n}, with "
+            f"groups dividing heads={h}"
+        )
+    g = (x - e) // (2 * n)
+    w = shape(conv_state)[1] + 1
+    expected = dict(
+        zxbcdt=(b, e + x + h), conv_weight=(x, w), conv_bias=(x,), dt_bias=(h,), A_log=(h,)
+    )
+    given = dict(
+        zxbcdt=zxbcdt, conv_weight=conv_weight, conv_bias=conv_bias, dt_bias=dt_bias, A_log=A_log
+    )
+    for name, a in given.items():
+        if a is not None and shape(a) != expected[name]:
+            raise ValueError(f"{name} must have shape {expected[name]}, got {shape(a)}")
+    if D is not None and shape(D) not in ((h,), (h, p)):
+        raise ValueError(f"D must have shape ({h},) or {(h, p)}, got {shape(D)}")
+    c = zxbcdt.dtype
+    cfg = MAMBA2_CONV
+    conv_st = kernel.Static(
+        batch=b,
+        d_inner=x,  # the conv's channels: all of xBC
+        d_state=n,
+        dt_rank=0,
+        width=w,
+        block_rows=cfg.block_rows,
+        block_conv=cfg.block_conv,
+        conv_blocks_per_program=1,
+        block_state=cfg.block_state,
+        dtype=jnp.dtype(c).name,
+        fast=not interpret,
+        x_col=e,
+    )
+    conv_state, xbc = kernel.conv_step(
+        zxbcdt,
+        conv_state.astype(c),
+        conv_weight.astype(c),
+        None if conv_bias is None else conv_bias.astype(c),
+        st=conv_st,
+        num_warps=cfg.num_warps_conv,
+        interpret=interpret,
+    )
+    st = ssd_update.packed_static(h, g, p, n, x, fast=not interpret)
+    inputs = dict(xbc=xbc.reshape(-1), zxbcdt=zxbcdt.reshape(-1), A_log=A_log.astype(F32))
+    state = ssm_state if ssm_state.dtype in STATE_DTYPES else ssm_state.astype(F32)
+    dt_bias = None if dt_bias is None else dt_bias.astype(F32)
+    D = None if D is None else D.astype(F32)
+    ssm_state, v = ssd_update.update(state, inputs, D, dt_bias, st, F32, interpret)
+    return v, conv_state, ssm_state
 
 
 def _static(b, e, n, r, w, cfg: DecodeConfig, dtype, interpret: bool, d_model: int = 0):

@@ -56,6 +56,7 @@ class Static:
     fast: bool  # GPU: PTX approximations (triton_math); the interpreter cannot run PTX.
     d_model: int = 0  # in_proj's input width (in_proj_conv only)
     block_k: int = 128  # in_proj's contraction tile (in_proj_conv only)
+    x_col: int = 0  # the column of the conv's first input channel in xz (Mamba2: after z)
 
     @property
     def x_width(self) -> int:
@@ -104,14 +105,13 @@ def _silu(x, st: Static):
     return x * sigmoid(x, fast=st.fast)
 
 
-def _conv_block(r, st: Static, b0, rmask, e0, x, acc):
+def _conv_block(r, st: Static, b0, rmask, e0, x, acc=None):
     """One block of channels [e0, e0 + block_conv) of the conv step for the rows from b0, given
     this token's x (rows, block_conv) in the compute dtype: stores xc = silu(conv) and the conv
-    state shifted by one (in place); returns acc + xc @ x_proj[block]."""
-    conv_ref, w_ref, xw_ref = r["conv_state"], r["conv_weight"], r["x_proj"]
+    state shifted by one (in place); returns acc + xc @ x_proj[block] (None without acc)."""
+    conv_ref, w_ref = r["conv_state"], r["conv_weight"]
     conv_out_ref, xc_ref = r["conv_out"], r["xc"]
     c = jnp.dtype(st.dtype)
-    xmask = _iota(st.x_width_pad) < st.x_width
     cmask = (e0 + _iota(st.block_conv)) < st.d_inner  # all False past the last block
     m = rmask[:, None] & cmask[None, :]
     rows, cols = pl.ds(b0, st.block_rows), pl.ds(e0, st.block_conv)
@@ -136,8 +136,13 @@ def _conv_block(r, st: Static, b0, rmask, e0, x, acc):
         plgpu.store(
             conv_out_ref.at[rows, jnp.int32(k), cols], inp.astype(conv_out_ref.dtype), mask=m
         )
+    if acc is None:
+        return None
+    xmask = _iota(st.x_width_pad) < st.x_width
     xw = plgpu.load(
-        xw_ref.at[cols, pl.ds(0, st.x_width_pad)], mask=cmask[:, None] & xmask[None, :], other=0
+        r["x_proj"].at[cols, pl.ds(0, st.x_width_pad)],
+        mask=cmask[:, None] & xmask[None, :],
+        other=0,
     )
     return acc + jnp.dot(xc, xw.astype(c), preferred_element_type=F32, precision=st.precision)
 
@@ -151,23 +156,34 @@ def _store_part(r, st: Static, group, b0, rmask, acc):
     )
 
 
+def _conv_input(r, st: Static, b0, rmask, e0):
+    """This token's conv inputs (rows, block_conv) of channels [e0, e0 + block_conv)."""
+    cmask = (e0 + _iota(st.block_conv)) < st.d_inner
+    return plgpu.load(
+        r["xz"].at[pl.ds(b0, st.block_rows), pl.ds(st.x_col + e0, st.block_conv)],
+        mask=rmask[:, None] & cmask[None, :],
+        other=0,
+    )
+
+
 def _conv_x_proj_kernel(r, *, st: Static):
     b0, rmask = _rows(st)
     group = pl.program_id(0)
 
     def block(j, acc):
         e0 = (group * st.conv_blocks_per_program + j) * st.block_conv
-        cmask = (e0 + _iota(st.block_conv)) < st.d_inner
-        x = plgpu.load(
-            r["xz"].at[pl.ds(b0, st.block_rows), pl.ds(e0, st.block_conv)],
-            mask=rmask[:, None] & cmask[None, :],
-            other=0,
-        )
-        return _conv_block(r, st, b0, rmask, e0, x, acc)
+        return _conv_block(r, st, b0, rmask, e0, _conv_input(r, st, b0, rmask, e0), acc)
 
     acc = jnp.zeros((st.block_rows, st.x_width_pad), F32)
     acc = jax.lax.fori_loop(0, st.conv_blocks_per_program, block, acc)
     _store_part(r, st, group, b0, rmask, acc)
+
+
+def _conv_kernel(r, *, st: Static):
+    """The conv step alone (Mamba2's, over xBC): one block of channels a program."""
+    b0, rmask = _rows(st)
+    e0 = pl.program_id(0) * st.block_conv
+    _conv_block(r, st, b0, rmask, e0, _conv_input(r, st, b0, rmask, e0))
 
 
 def _in_proj_conv_kernel(r, *, st: Static):
@@ -277,6 +293,26 @@ def conv_x_proj(
         outputs,
         grid=(st.conv_programs, st.row_blocks),
         name="decode_conv_x_proj",
+        num_warps=num_warps,
+        interpret=interpret,
+        aliases=dict(conv_out="conv_state"),
+        st=st,
+    )
+
+
+def conv_step(xz, conv_state, conv_weight, conv_bias, *, st: Static, num_warps: int, interpret):
+    """(conv_state', xc (b, d_inner) c): the conv step over xz's columns [x_col, x_col +
+    d_inner) (d_inner here is the conv's channel count); conv_state is updated in place."""
+    outputs = dict(
+        conv_out=jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype),
+        xc=jax.ShapeDtypeStruct((st.batch, st.d_inner), jnp.dtype(st.dtype)),
+    )
+    return launch.call(
+        _conv_kernel,
+        dict(xz=xz, conv_state=conv_state, conv_weight=conv_weight, conv_bias=conv_bias),
+        outputs,
+        grid=(-(-st.d_inner // st.block_conv), st.row_blocks),
+        name="decode_conv",
         num_warps=num_warps,
         interpret=interpret,
         aliases=dict(conv_out="conv_state"),

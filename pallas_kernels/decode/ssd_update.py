@@ -33,6 +33,16 @@ STATE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Operand:
+    """Where a per-row operand lies in a flat array: row b's values start at
+    `ref[b * row_stride + col]` (ref: the name of the kernel's input)."""
+
+    ref: str
+    row_stride: int
+    col: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Static:
     heads: int
     groups: int
@@ -42,6 +52,13 @@ class Static:
     block_n: int  # d_state padded to a power of two >= 16
     dt_softplus: bool
     fast: bool  # GPU: PTX approximations (triton_math); the interpreter cannot run PTX.
+    # Where x (h * p), B and C (g * n each), z (h * p) and dt (h) are: separate arrays
+    # (ssd_update_pallas), or the conv's and in_proj's packed outputs (mamba2_core_pallas).
+    x: Operand
+    B: Operand
+    C: Operand
+    z: Operand | None
+    dt: Operand
 
 
 def _pow2(x: int) -> int:
@@ -51,23 +68,30 @@ def _pow2(x: int) -> int:
 def _ssd_update_kernel(refs, *, st: Static):
     row = pl.program_id(0)  # batch row * heads + head
     p0 = pl.program_id(1) * st.block_p
-    head = row % st.heads
-    group_row = (row // st.heads) * st.groups + head // (st.heads // st.groups)
+    b, head = row // st.heads, row % st.heads
+    group = head // (st.heads // st.groups)
     pmask = (p0 + jax.lax.broadcasted_iota(jnp.int32, (st.block_p,), 0)) < st.headdim
     nmask = jax.lax.broadcasted_iota(jnp.int32, (st.block_n,), 0) < st.d_state
-    channels = pl.ds(row * st.headdim + p0, st.block_p)
 
-    dt = plgpu.load(refs["dt"].at[pl.ds(row, 1)]).astype(F32)  # (1,)
+    def at(o: Operand, offset, size):
+        return refs[o.ref].at[pl.ds(b * o.row_stride + o.col + offset, size)]
+
+    channel = head * st.headdim + p0
+    dt = plgpu.load(at(st.dt, head, 1)).astype(F32)  # (1,)
     if "dt_bias" in refs:
         dt = dt + plgpu.load(refs["dt_bias"].at[pl.ds(head, 1)]).astype(F32)
     if st.dt_softplus:
         dt = softplus(dt, fast=st.fast)
-    a = plgpu.load(refs["A"].at[pl.ds(head, 1)]).astype(F32)
-    decay = exp2(dt * a * LOG2E, fast=st.fast)  # (1,)
-    x = plgpu.load(refs["x"].at[channels], mask=pmask, other=0).astype(F32)
-    group = pl.ds(group_row * st.d_state, st.block_n)
-    B = plgpu.load(refs["B"].at[group], mask=nmask, other=0).astype(F32)
-    C = plgpu.load(refs["C"].at[group], mask=nmask, other=0).astype(F32)
+    if "A_log" in refs:  # A = -exp(A_log), here rather than in an XLA kernel of its own
+        a2 = -exp2(plgpu.load(refs["A_log"].at[pl.ds(head, 1)]).astype(F32) * LOG2E, fast=st.fast)
+        decay = exp2(dt * a2 * LOG2E, fast=st.fast)  # (1,)
+    else:
+        decay = exp2(
+            dt * plgpu.load(refs["A"].at[pl.ds(head, 1)]).astype(F32) * LOG2E, fast=st.fast
+        )
+    x = plgpu.load(at(st.x, channel, st.block_p), mask=pmask, other=0).astype(F32)
+    B = plgpu.load(at(st.B, group * st.d_state, st.block_n), mask=nmask, other=0).astype(F32)
+    C = plgpu.load(at(st.C, group * st.d_state, st.block_n), mask=nmask, other=0).astype(F32)
 
     tile = (pl.ds(row * st.headdim + p0, st.block_p), pl.ds(0, st.block_n))
     m2 = pmask[:, None] & nmask[None, :]
@@ -80,10 +104,11 @@ def _ssd_update_kernel(refs, *, st: Static):
     if "D" in refs:
         D = plgpu.load(refs["D"].at[pl.ds(head * st.headdim + p0, st.block_p)], mask=pmask, other=0)
         y = y + x * D.astype(F32)
-    if "z" in refs:
-        z = plgpu.load(refs["z"].at[channels], mask=pmask, other=0).astype(F32)
+    if st.z is not None:
+        z = plgpu.load(at(st.z, channel, st.block_p), mask=pmask, other=0).astype(F32)
         y = y * (z * sigmoid(z, fast=st.fast))
-    plgpu.store(refs["y"].at[channels], y.astype(refs["y"].dtype), mask=pmask)
+    out = pl.ds(row * st.headdim + p0, st.block_p)
+    plgpu.store(refs["y"].at[out], y.astype(refs["y"].dtype), mask=pmask)
 
 
 def ssd_update_pallas(
@@ -147,32 +172,63 @@ def ssd_update_pallas(
         block_n=_pow2(n),
         dt_softplus=bool(dt_softplus),
         fast=not interpret,
+        x=Operand("x", h * p),
+        B=Operand("B", g * n),
+        C=Operand("C", g * n),
+        z=None if z is None else Operand("z", h * p),
+        dt=Operand("dt", h),
     )
     flat = lambda a: None if a is None else a.reshape(-1)  # noqa: E731
+    inputs = dict(x=flat(x), z=flat(z), dt=flat(dt), A=A, B=flat(B), C=flat(C))
+    state_out, y = update(state, inputs, D, dt_bias, st, jnp.result_type(x), interpret)
+    return state_out, y.reshape(b, h, p)
+
+
+def packed_static(heads, groups, headdim, d_state, conv_dim, *, fast: bool) -> Static:
+    """mamba2_core_pallas's layout: x, B and C in the conv's output "xbc" (b, conv_dim), z and
+    dt in in_proj's "zxbcdt" (b, e + conv_dim + h), the gate applied."""
+    e = heads * headdim
+    row = e + conv_dim + heads
+    return Static(
+        heads=heads,
+        groups=groups,
+        headdim=headdim,
+        d_state=d_state,
+        block_p=min(_pow2(headdim), 32),
+        block_n=_pow2(d_state),
+        dt_softplus=True,
+        fast=fast,
+        x=Operand("xbc", conv_dim),
+        B=Operand("xbc", conv_dim, e),
+        C=Operand("xbc", conv_dim, e + groups * d_state),
+        z=Operand("zxbcdt", row),
+        dt=Operand("zxbcdt", row, e + conv_dim),
+    )
+
+
+def update(state, inputs, D, dt_bias, st: Static, y_dtype, interpret: bool):
+    """The kernel's call: (state' (b, h, p, n), y (b, h * p) y_dtype). inputs: the arrays that
+    st's operands name (flat), and A (h,) or A_log (h,)."""
+    b, h, p, n = state.shape
     if D is not None and D.ndim == 1:
         D = jnp.broadcast_to(D[:, None], (h, p))
     state_out, y = launch.call(
         _ssd_update_kernel,
         dict(
             state=state.reshape(b * h * p, n),
-            x=flat(x),
-            z=flat(z),
-            dt=flat(dt),
-            A=A,
+            **inputs,
             dt_bias=dt_bias,
-            B=flat(B),
-            C=flat(C),
-            D=flat(D),
+            D=None if D is None else D.reshape(-1),
         ),
         dict(
             state_out=jax.ShapeDtypeStruct((b * h * p, n), jnp.result_type(state)),
-            y=jax.ShapeDtypeStruct((b * h * p,), jnp.result_type(x)),
+            y=jax.ShapeDtypeStruct((b * h * p,), y_dtype),
         ),
-        grid=(b * h, -(-p // block_p)),
+        grid=(b * h, -(-p // st.block_p)),
         name="decode_ssd_update",
         num_warps=4,
         interpret=interpret,
         aliases=dict(state_out="state"),
         st=st,
     )
-    return state_out.reshape(b, h, p, n), y.reshape(b, h, p)
+    return state_out.reshape(b, h, p, n), y.reshape(b, h * p)
