@@ -62,29 +62,41 @@ def selective_scan_loop(
 
 
 def causal_conv1d_loop(x, weight, bias=None, *, segment_ids=None, activation=None):
-    """out[t] = bias + sum_k w[:, k] x[t - (width - 1) + k], taps before t's segment read 0."""
+    """out[t] = bias + sum_k w[:, k] x[t - (width - 1) + k], taps before t's segment read 0.
+
+    One step at a time (a scan over t, not unrolled: unrolled, its gradient took seconds to
+    compile per shape); step t walks back from t while still inside t's segment."""
     batch, length, channels = x.shape
     width = weight.shape[1]
     if segment_ids is None:
         segment_ids = jnp.zeros((batch, length), jnp.int32)
-    outputs = []
-    for t in range(length):
+
+    def back(a, lag):
+        """a[:, t - lag] at every t (zeros before the row), time-major."""
+        pad = jnp.zeros((batch, min(lag, length), *a.shape[2:]), a.dtype)
+        return jnp.swapaxes(jnp.concatenate([pad, a[:, : max(length - lag, 0)]], axis=1), 0, 1)
+
+    taps = [back(x, lag) for lag in range(width)]  # step t's x[t - lag], lag = 0, 1, ...
+    ids = [back(segment_ids, lag) for lag in range(width)]
+    in_row = [jnp.arange(length) >= lag for lag in range(width)]  # t - lag >= 0
+
+    def step(_, xs):
+        taps_t, ids_t, in_row_t = xs
         acc = (
             jnp.zeros((batch, channels), x.dtype)
             if bias is None
             else jnp.broadcast_to(bias, (batch, channels))
         )
-        # Walk back from t while still inside t's segment.
+        # Walk back from t while still inside t's segment (and the row).
         inside = jnp.ones((batch,), bool)
         for lag in range(width):
-            s = t - lag
-            if s < 0:
-                break
             if lag > 0:
-                inside = inside & (segment_ids[:, s] == segment_ids[:, s + 1])
-            acc = acc + jnp.where(inside[:, None], x[:, s] * weight[:, width - 1 - lag], 0.0)
-        outputs.append(acc)
-    out = jnp.stack(outputs, axis=1)
+                inside = inside & in_row_t[lag] & (ids_t[lag] == ids_t[lag - 1])
+            acc = acc + jnp.where(inside[:, None], taps_t[lag] * weight[:, width - 1 - lag], 0.0)
+        return None, acc
+
+    _, out = jax.lax.scan(step, None, (taps, ids, in_row))
+    out = jnp.swapaxes(out, 0, 1)
     if activation == "silu":
         out = out * jax.nn.sigmoid(out)
     return out

@@ -122,7 +122,7 @@ def loop_case(case, dtype):
     cot = jax.random.normal(k[3], x.shape, jnp.float32).astype(dtype)
     to64 = lambda a: None if a is None else np.asarray(a, np.float64)  # noqa: E731
     with jax.enable_x64(True):
-        # Compiled: eagerly, the loop (unrolled over time) compiles every step's ops on their own.
+        # Compiled: eagerly, every op of the loop and its gradient compiles on its own.
         # Its float64 program does not depend on dtype: both dtypes' cases share it.
         y64, want = compiled_vjp(
             ("conv_loop", case),

@@ -189,8 +189,8 @@ def test_conv_matches_float64_loop(length, width, segmented, bias, activation, c
     b = jax.random.normal(k[2], (6,)) if bias else None
     seg = random_segment_ids(np.random.default_rng(1), 2, length, 5) if segmented else None
     cot = jax.random.normal(jax.random.key(length + 1), x.shape)
-    # Each side's outputs and gradients in one compiled program (the loop is unrolled over
-    # time: eagerly it compiles every step's ops on their own).
+    # Each side's outputs and gradients in one compiled program (eagerly, every op of the
+    # loop and its gradient compiles on its own).
     key = (length, width, segmented, bias, activation)
     out, got = compiled_vjp(
         ("conv", conv.__name__, key),
