@@ -57,7 +57,7 @@ the JSON records the dtype that ran (state_dtype) and the flag (state_dtype_arg)
 
 --fuse-in-proj-rows N: pallas_kernels.decode.config.FUSE_IN_PROJ_ROWS for the run (Mamba1's
 Pallas decode step fuses in_proj into the conv kernel up to that batch; the library's default
-is 0, off, until timed); the result files get the variant fuseN.
+is 16; 0 turns it off); the result files get the variant fuseN.
 
 --prefilter K: our sampler's top-p prefilter (jax_packmamba.sampling: the cut from the K
 largest logits, the full sort only when a row's nucleus is larger; the same tokens). Off by
@@ -332,7 +332,11 @@ def precompile(prepared, batches, args, sampling, impls) -> dict:
             i32((size,)),
             i32((size,)),
         )
-        yield "prefill_layer", gen._prefill_layer.lower(*layer, num_segments=inputs.num_segments)
+        store = jnp.dtype(gen.resolve_state_dtype(state_dtype_arg(args), config)).name
+        yield (
+            "prefill_layer",
+            gen._prefill_layer.lower(*layer, num_segments=inputs.num_segments, store=store),
+        )
         yield "embed", gen._embed.lower(gen._table(prepared), i32((rows, length)))
         yield (
             "prefill_head",
@@ -350,9 +354,9 @@ def precompile(prepared, batches, args, sampling, impls) -> dict:
             gen._seen.lower(i32((rows, length)), i32((rows, length)), size=size, vocab=vocab),
         )
         _, conv, ssm = jax.eval_shape(
-            lambda *a: gen._prefill_layer(*a, num_segments=inputs.num_segments), *layer
+            lambda *a: gen._prefill_layer(*a, num_segments=inputs.num_segments, store=store),
+            *layer,
         )
-        ssm = sds(ssm.shape, gen.resolve_state_dtype(state_dtype_arg(args), config))
         state = gen.DecodeState(conv=(conv,) * config.n_layer, ssm=(ssm,) * config.n_layer)
         start_args = (
             sds((size, vocab), jnp.float32),
@@ -941,7 +945,8 @@ def plot(report, path):
 CATEGORIES = (
     (
         "decode kernels",
-        ("decode_conv_x_proj", "decode_ssm_update", "decode_ssd_update", "decode_add_rms_norm"),
+        ("decode_in_proj_conv", "decode_conv", "decode_ssm_update", "decode_ssd_update")
+        + ("decode_add_rms_norm",),
     ),
     (
         "gemm",

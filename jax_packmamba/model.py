@@ -250,7 +250,7 @@ class MambaMixer(nnx.Module):
         )
         if impl != "xla" and self.in_proj.bias is None:
             # in_proj through mixer_pallas, which fuses it with the conv kernel at the batches
-            # pallas_kernels.decode.config.FUSE_IN_PROJ_ROWS allows (none until timed).
+            # pallas_kernels.decode.config.FUSE_IN_PROJ_ROWS allows (up to 16 rows).
             from pallas_kernels.decode import mixer_pallas
 
             weight = self.in_proj.kernel[...].astype(hidden.dtype)
@@ -356,21 +356,24 @@ def make_mixer(config, rngs: nnx.Rngs):
     return {"*": AttentionMixer, "-": MLP}[config.kind](config.hybrid, rngs=rngs)
 
 
-def resolve_decode_impl(impl: str, config: MambaConfig | Mamba2Config) -> str:
-    """ "auto" is "pallas" on a GPU where the kernels take the shape, else "xla". Both families
-    have Pallas decode kernels (pallas_kernels/decode: Mamba1's mixer core, Mamba2's state
-    update, and the residual add + norm of either), but "auto" picks them for Mamba1 only:
-    Mamba2's state-update kernel measured slower than XLA's step in one call (3.71 against
-    3.41 ms at batch 1, 20.99 against 20.50 at 128: pallas_kernels/decode/DESIGN.md, round
-    2), so it is opt-in. Call it before tracing: it imports the kernels' package."""
+def resolve_decode_impl(impl: str, config) -> str:
+    """ "auto" is "pallas" on a GPU where the kernels take the shape, else "xla": the Pallas
+    decode kernels (pallas_kernels/decode) for Mamba1 (its mixer core, with in_proj fused at
+    small batch), for Mamba2 and a hybrid's Mamba2 layers (the conv step and the state update,
+    one H100: mamba2-2.7b 3.28 -> 3.11 ms a step at batch 1, 14.09 -> 12.36 ms at 128,
+    pallas_kernels/decode/DESIGN.md, round 4) and the residual add + norm of every block.
+    Mamba-3's decode step is XLA's. Call it before tracing: it imports the kernels' package."""
     if impl not in DECODE_IMPLS:
         raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {impl!r}")
     if impl == "auto":
         impl = "xla"
-        if jax.default_backend() == "gpu" and isinstance(config, MambaConfig):
+        if jax.default_backend() == "gpu" and isinstance(
+            config, (MambaConfig, Mamba2Config, HybridConfig)
+        ):
             from pallas_kernels.decode import supported
 
-            impl = "pallas" if supported(config.d_state) else "xla"
+            mamba1 = isinstance(config, MambaConfig)
+            impl = "pallas" if not mamba1 or supported(config.d_state) else "xla"
     check_pallas_platform(impl, fallback="xla", name="decode_impl")
     if impl != "xla":
         # Before anything is traced (pallas_kernels/decode/__init__.py says why).

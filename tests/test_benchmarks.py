@@ -1314,11 +1314,11 @@ def test_bench_generate_fuse_in_proj_rows_sets_the_rule_and_names_the_files(monk
     monkeypatch.setattr(decode_config, "FUSE_IN_PROJ_ROWS", decode_config.FUSE_IN_PROJ_ROWS)
     default = bench_generate.parse_args(["--smoke"])
     bench_generate.set_fuse_in_proj_rows(default)
-    assert decode_config.FUSE_IN_PROJ_ROWS == 0 and bench_generate.fuse_variant(default) is None
-    args = bench_generate.parse_args(["--smoke", "--fuse-in-proj-rows", "16"])
+    assert decode_config.FUSE_IN_PROJ_ROWS == 16 and bench_generate.fuse_variant(default) is None
+    args = bench_generate.parse_args(["--smoke", "--fuse-in-proj-rows", "0"])
     bench_generate.set_fuse_in_proj_rows(args)
-    assert decode_config.FUSE_IN_PROJ_ROWS == 16 and bench_generate.fuse_variant(args) == "fuse16"
-    assert decode_config.pick_config(16, 5120, 16, 2560).fuse_in_proj
+    assert decode_config.FUSE_IN_PROJ_ROWS == 0 and bench_generate.fuse_variant(args) == "fuse0"
+    assert not decode_config.pick_config(1, 5120, 16, 2560).fuse_in_proj
 
 
 def test_bench_generate_kernel_table_and_categories(tmp_path):
@@ -1341,7 +1341,8 @@ def test_bench_generate_kernel_table_and_categories(tmp_path):
         t["kernels_per_step"]
     )
     assert "error" in bench_generate.kernel_table(tmp_path, 3)  # no GPU planes here
-    assert bench_generate.category("decode_ssm_update") == "decode kernels"
+    for kernel in ("decode_ssm_update", "decode_in_proj_conv", "decode_conv_x_proj", "decode_conv"):
+        assert bench_generate.category(kernel) == "decode kernels"
     assert bench_generate.category("loop_dynamic_slice_fusion_3") == "copy"
     assert bench_generate.category("nvjet_tst_64x8_64x16_2x1_v_bz_TNT") == "gemm"
     assert (

@@ -186,11 +186,24 @@ def bf16_prepared(request):
     return prepare(with_dtype(random_model(MAMBA2_CONFIG, 0), "bfloat16"))
 
 
-def test_a_bfloat16_model_stores_a_bfloat16_state_by_default(bf16_prepared):
+def test_a_bfloat16_model_stores_a_bfloat16_state_by_default(bf16_prepared, monkeypatch):
+    from jax_packmamba import generation
+
     prepared = bf16_prepared
     assert prepared.config.dtype == "bfloat16"
     prompts = prompts_of(prepared.config, (4, 9), seed=5)
+    # Each layer hands back its state already rounded: no layer's float32 state outlives its
+    # layer (all layers' together were the peak of a large batch's prefill).
+    layer_dtypes, prefill_layer = [], generation._prefill_layer
+
+    def spy(*args, **kwargs):
+        out = prefill_layer(*args, **kwargs)
+        layer_dtypes.append(out[2].dtype)
+        return out
+
+    monkeypatch.setattr(generation, "_prefill_layer", spy)
     default = prefill_batch(prepared, prompts)
+    assert layer_dtypes == [BF16] * prepared.config.n_layer
     named = prefill_batch(prepared, prompts, state_dtype="bfloat16")
     f32 = prefill_batch(prepared, prompts, state_dtype="float32")
     assert all(s.dtype == BF16 for s in default.state.ssm)

@@ -127,7 +127,7 @@ def mixer_pallas(
 ):
     """A Mamba1 mixer's decode step from its normed input to out_proj's input: in_proj (no
     bias), then mixer_core_pallas's work. Where the config fuses in_proj (pick_config: a batch
-    of at most config.FUSE_IN_PROJ_ROWS rows, 0 until the kernel is timed on a GPU), in_proj
+    of at most config.FUSE_IN_PROJ_ROWS rows, 16: one row block), in_proj
     and the conv/x_proj kernel are one kernel (decode_in_proj_conv); otherwise in_proj is
     XLA's product and mixer_core_pallas follows.
 

@@ -63,12 +63,10 @@ class DecodeConfig:
                 raise ValueError(f"{name}={v} must be >= 1")
 
 
-# Rows up to which mixer_pallas fuses in_proj into the conv kernel (decode_in_proj_conv). 0:
-# never, until it is timed on a GPU (DESIGN.md, round 3, item 9; its tests pass through the
-# interpreter and it lowers for CUDA, but it has not run on a GPU yet). The candidate is 16,
-# one row block, where the product is a read of the weight (at more rows XLA's GEMM re-reads x
-# less): `bench_generate.py --fuse-in-proj-rows 16` against the default times it.
-FUSE_IN_PROJ_ROWS = 0
+# Rows up to which mixer_pallas fuses in_proj into the conv kernel (decode_in_proj_conv): one
+# row block. One H100 (DESIGN.md, round 4): the 2.8b decode step 3.27 -> 3.06 ms at batch 1 and
+# 3.68 -> 3.49 ms at 16; past one row block XLA's GEMM re-reads the weight less.
+FUSE_IN_PROJ_ROWS = 16
 
 
 def pick_config(batch: int, d_inner: int, d_state: int, d_model: int | None = None) -> DecodeConfig:

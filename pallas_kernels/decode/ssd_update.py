@@ -59,6 +59,7 @@ class Static:
     C: Operand
     z: Operand | None
     dt: Operand
+    d_per_head: bool = False  # D (h,) rather than (h * p,)
 
 
 def _pow2(x: int) -> int:
@@ -101,7 +102,9 @@ def _ssd_update_kernel(refs, *, st: Static):
     plgpu.store(refs["state_out"].at[tile], h.astype(refs["state_out"].dtype), mask=m2)
 
     y = jnp.sum(h * C[None, :], axis=1)
-    if "D" in refs:
+    if "D" in refs and st.d_per_head:
+        y = y + x * plgpu.load(refs["D"].at[pl.ds(head, 1)]).astype(F32)
+    elif "D" in refs:
         D = plgpu.load(refs["D"].at[pl.ds(head * st.headdim + p0, st.block_p)], mask=pmask, other=0)
         y = y + x * D.astype(F32)
     if st.z is not None:
@@ -210,8 +213,8 @@ def update(state, inputs, D, dt_bias, st: Static, y_dtype, interpret: bool):
     """The kernel's call: (state' (b, h, p, n), y (b, h * p) y_dtype). inputs: the arrays that
     st's operands name (flat), and A (h,) or A_log (h,)."""
     b, h, p, n = state.shape
-    if D is not None and D.ndim == 1:
-        D = jnp.broadcast_to(D[:, None], (h, p))
+    # A per-head D is read as it is: broadcasting it to (h, p) was an XLA kernel every step.
+    st = dataclasses.replace(st, d_per_head=D is not None and D.ndim == 1)
     state_out, y = launch.call(
         _ssd_update_kernel,
         dict(
