@@ -1321,6 +1321,29 @@ def test_bench_generate_fuse_in_proj_rows_sets_the_rule_and_names_the_files(monk
     assert not decode_config.pick_config(1, 5120, 16, 2560).fuse_in_proj
 
 
+def test_bench_generate_targets_are_issue_26s():
+    # Total at most 0.7x mamba_ssm's at every batch, peak no higher, and the batch-1 step at
+    # most 1.3x the weight-read bound (mamba-2.8b's bf16 weights at an H100's 3.35 TB/s).
+    from benchmarks import bench_generate
+    from jax_packmamba.config import preset_config
+
+    step_ms = bench_generate.step_target_ms(preset_config("2.8b"), "bfloat16", "NVIDIA H100")
+    assert step_ms == pytest.approx(1.3 * 2768345600 * 2 / 3.35e12 * 1e3)
+    assert bench_generate.step_target_ms(preset_config("2.8b"), "bfloat16", "cpu") is None
+
+    def row(batch, ratio, peak, step):
+        return dict(batch=batch, total_ratio=ratio, peak_ratio=peak, ours_decode_ms_per_step=step)
+
+    met = dict(fast=dict(comparison=[row(1, 0.69, 0.9, step_ms - 0.01), row(8, 0.7, 1.0, 3.0)]))
+    got = bench_generate.targets(met, step_ms)["fast"]
+    assert got["total_ratio_met"] and got["peak_met"] and got["batch1_step_met"]
+    missed = dict(fast=dict(comparison=[row(1, 0.69, 1.01, step_ms + 0.01), row(8, 0.71, 1, 3)]))
+    got = bench_generate.targets(missed, step_ms)["fast"]
+    assert not (got["total_ratio_met"] or got["peak_met"] or got["batch1_step_met"])
+    assert got["total_ratio_max"] == 0.71
+    assert bench_generate.targets(met, None)["fast"]["batch1_step_met"] is False
+
+
 def test_bench_generate_kernel_table_and_categories(tmp_path):
     import jax
     import jax.numpy as jnp
