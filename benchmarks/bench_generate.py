@@ -57,7 +57,8 @@ the JSON records the dtype that ran (state_dtype) and the flag (state_dtype_arg)
 
 --fuse-in-proj-rows N: pallas_kernels.decode.config.FUSE_IN_PROJ_ROWS for the run (Mamba1's
 Pallas decode step fuses in_proj into the conv kernel up to that batch; the library's default
-is 16; 0 turns it off); the result files get the variant fuseN.
+is 16; 0 turns it off), MAMBA2_FUSE_IN_PROJ_ROWS for a Mamba2 preset (its default 0, until
+timed); the result files get the variant fuseN.
 
 --prefilter K: our sampler's top-p prefilter (jax_packmamba.sampling: the cut from the K
 largest logits, the full sort only when a row's nucleus is larger; the same tokens). Off by
@@ -226,11 +227,13 @@ def state_variant(args) -> str | None:
 
 
 def set_fuse_in_proj_rows(args) -> None:
-    """--fuse-in-proj-rows, where given, into the decode kernels' tiling rule (read per call)."""
+    """--fuse-in-proj-rows, where given, into the decode kernels' tiling rule (read per call):
+    FUSE_IN_PROJ_ROWS for a Mamba1 preset, MAMBA2_FUSE_IN_PROJ_ROWS for a Mamba2 one."""
     if args.fuse_in_proj_rows is not None:
         import pallas_kernels.decode.config as decode_config
 
-        decode_config.FUSE_IN_PROJ_ROWS = args.fuse_in_proj_rows
+        name = "MAMBA2_FUSE_IN_PROJ_ROWS" if args.preset in MAMBA2_PRESETS else "FUSE_IN_PROJ_ROWS"
+        setattr(decode_config, name, args.fuse_in_proj_rows)
 
 
 def fuse_variant(args) -> str | None:

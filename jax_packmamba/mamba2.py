@@ -158,27 +158,33 @@ class Mamba2Mixer(nnx.Module):
         if cache is not None:
             # in_proj as ONE product, split after (MambaMixer._decode says why).
             e, x = config.d_inner, config.conv_dim
-            zxbcdt = self.in_proj(hidden)
-            z, xBC, dt = zxbcdt[:, :e], zxbcdt[:, e : e + x], zxbcdt[:, e + x :]
             if decode_impl != "xla":
-                # The conv step and the state update as two kernels reading zxbcdt in place,
+                # The conv step and the state update as two kernels reading in_proj's output
+                # in place (in_proj itself fused into the first where mamba2_pallas fuses it),
                 # both states updated in place, y gated in the kernel.
-                from pallas_kernels.decode import mamba2_core_pallas
+                from pallas_kernels.decode import mamba2_core_pallas, mamba2_pallas
 
-                v, conv, ssm = mamba2_core_pallas(
-                    zxbcdt,
+                core = (
                     cache.conv,
                     cache.ssm,
                     *self._conv_params(),
                     self.dt_bias[...],
                     self.A_log[...],
                     self._D(),
-                    interpret=decode_impl == "pallas_interpret",
                 )
+                interpret = decode_impl == "pallas_interpret"
+                if self.in_proj.bias is None:
+                    weight = self.in_proj.kernel[...].astype(hidden.dtype)
+                    v, conv, ssm = mamba2_pallas(hidden, weight, *core, interpret=interpret)
+                else:
+                    zxbcdt = self.in_proj(hidden)
+                    v, conv, ssm = mamba2_core_pallas(zxbcdt, *core, interpret=interpret)
                 cache = MixerState(
                     conv=conv.astype(cache.conv.dtype), ssm=ssm.astype(cache.ssm.dtype)
                 )
                 return self.out_proj(self.norm.gated(v)), cache
+            zxbcdt = self.in_proj(hidden)
+            z, xBC, dt = zxbcdt[:, :e], zxbcdt[:, e : e + x], zxbcdt[:, e + x :]
             window = conv_window(cache, xBC)  # (b, w, x)
             x, B, C = self._split_xBC(causal_conv1d_step(window, *self._conv_params()))
             args = (cache.ssm, x, dt, self._A(), B, C, self._D(), None, self.dt_bias[...])

@@ -1319,6 +1319,14 @@ def test_bench_generate_fuse_in_proj_rows_sets_the_rule_and_names_the_files(monk
     bench_generate.set_fuse_in_proj_rows(args)
     assert decode_config.FUSE_IN_PROJ_ROWS == 0 and bench_generate.fuse_variant(args) == "fuse0"
     assert not decode_config.pick_config(1, 5120, 16, 2560).fuse_in_proj
+    monkeypatch.setattr(
+        decode_config, "MAMBA2_FUSE_IN_PROJ_ROWS", decode_config.MAMBA2_FUSE_IN_PROJ_ROWS
+    )
+    args = bench_generate.parse_args(
+        ["--smoke", "--preset", "mamba2-tiny", "--fuse-in-proj-rows", "8"]
+    )
+    bench_generate.set_fuse_in_proj_rows(args)
+    assert decode_config.MAMBA2_FUSE_IN_PROJ_ROWS == 8 and decode_config.FUSE_IN_PROJ_ROWS == 0
 
 
 def test_bench_generate_targets_are_issue_26s():

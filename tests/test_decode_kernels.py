@@ -555,6 +555,84 @@ def test_mamba2_core_lowers_for_cuda_in_place_and_checks_its_arguments():
             mamba2_core_pallas(**{**a, **change}, interpret=True)
 
 
+MAMBA2_FUSED_CASES = {
+    # name: (batch, heads, headdim, groups, d_state, conv_bias, D_shape); d_model 128, the
+    # default tiles (block_k 128, block_conv 64): in_proj's 196 or 194 columns end in a ragged
+    # block (dt's), xBC's 128 columns start after z's 64.
+    "one_row_ragged": (1, 2, 32, 1, 32, True, "heads"),
+    "full_row_block": (16, 4, 16, 2, 16, False, None),
+}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("case", sorted(MAMBA2_FUSED_CASES))
+def test_mamba2_fused_in_proj_matches_in_proj_then_the_core(impl, case, dtype, tol):
+    from pallas_kernels.decode import mamba2_core_pallas, mamba2_pallas
+
+    batch, heads, headdim, groups, d_state, conv_bias, D_shape = MAMBA2_FUSED_CASES[case]
+    a = mamba2_core_args(
+        batch, heads, headdim, groups, d_state, 4, dtype, conv_bias=conv_bias, D_shape=D_shape
+    )
+    normal, _ = host_random(1)
+    d, width = 128, a["zxbcdt"].shape[-1]
+    hidden = jnp.asarray(normal((batch, d), dtype=dtype))
+    in_proj = jnp.asarray(normal((d, width), d**-0.5, dtype))
+    state = (a["conv_state"], a["ssm_state"], a["conv_weight"], a["conv_bias"])
+    state += (a["dt_bias"], a["A_log"], a["D"])
+    interpret = impl == "pallas_interpret"
+
+    def unfused(h, w, *s):
+        with jax.default_matmul_precision("highest"):
+            zxbcdt = jnp.dot(h, w, preferred_element_type=jnp.float32).astype(h.dtype)
+        return mamba2_core_pallas(zxbcdt, *s, interpret=interpret)
+
+    def fused(*args):
+        return mamba2_pallas(*args, fuse=True, interpret=interpret)
+
+    args = (hidden, in_proj, *state)
+    want = compiled(("mamba2_unfused", impl), unfused, *args)(*args)
+    got = compiled(("mamba2_fused", impl, case), fused, *args)(*args)
+    assert_step_close(got, want, tol, f"{case} {dtype.__name__}")
+    # The conv state is shifted by one; its new last input is in_proj's xBC for this token.
+    np.testing.assert_array_equal(np.asarray(got[1][:, :-1]), np.asarray(state[0][:, 1:]))
+    e = heads * headdim
+    x64 = np.asarray(hidden, np.float64) @ np.asarray(in_proj, np.float64)
+    np.testing.assert_allclose(
+        np.asarray(got[1][:, -1], np.float64), x64[:, e : e + state[0].shape[2]], rtol=tol, atol=tol
+    )
+
+
+def test_mamba2_fuses_in_proj_where_the_rule_and_the_tiles_allow(monkeypatch):
+    from pallas_kernels.decode import mamba2_pallas
+
+    sds = jax.ShapeDtypeStruct
+    bf, f32 = jnp.bfloat16, jnp.float32
+    b, h, p, g, n, w, d = 2, 80, 64, 1, 128, 4, 2560  # mamba2-2.7b
+    e, x = h * p, h * p + 2 * g * n
+    args = (sds((b, d), bf), sds((d, e + x + h), bf), sds((b, w - 1, x), bf))
+    args += (sds((b, h, p, n), bf), sds((x, w), bf), sds((x,), bf), sds((h,), f32))
+    args += (sds((h,), f32), sds((h,), f32))
+
+    def kernels(**kw):
+        text = lower_for_cuda(lambda *a: mamba2_pallas(*a, **kw), *args)
+        assert len(re.findall(r"stablehlo.output_operand_alias<[^>]*>", text)) == 2
+        return re.findall(r'name = "(decode_[a-z_]+)"', text)
+
+    assert kernels() == ["decode_conv", "decode_ssd_update"]  # off by default until timed
+    monkeypatch.setattr("pallas_kernels.decode.config.MAMBA2_FUSE_IN_PROJ_ROWS", 16)
+    assert kernels() == ["decode_in_proj_conv", "decode_ssd_update"]
+    assert kernels(fuse=False) == ["decode_conv", "decode_ssd_update"]
+    a = mamba2_core_args(2, 2, 24, 1, 16, 4, jnp.float32, conv_bias=True, D_shape="heads")
+    core = (a["conv_state"], a["ssm_state"], a["conv_weight"], a["conv_bias"])
+    core += (a["dt_bias"], a["A_log"], a["D"])
+    hidden, in_proj = jnp.zeros((2, 128)), jnp.zeros((128, a["zxbcdt"].shape[-1]))
+    with pytest.raises(ValueError, match="fuse needs"):  # d_inner 48: off the 64-blocks
+        mamba2_pallas(hidden, in_proj, *core, fuse=True, interpret=True)
+    with pytest.raises(ValueError, match="in_proj_weight must be"):
+        mamba2_pallas(hidden, in_proj[:64], *core, interpret=True)
+
+
 def assert_rounded_from(got_state, want_f32):
     """got_state (bfloat16) is want_f32 rounded to bfloat16, to within one rounding."""
     assert got_state.dtype == jnp.bfloat16

@@ -6,6 +6,8 @@ and the residual add + RMSNorm in front of every block of either family (add_nor
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 
 # jax registers a config that enters its trace context (pallas_fuser_disable_nested_fuse) when
@@ -17,6 +19,7 @@ import jax.experimental.pallas.fuser  # noqa: F401
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.decode import config as decode_config
 from pallas_kernels.decode import kernel, ssd_update
 from pallas_kernels.decode.add_norm import add_rms_norm
 from pallas_kernels.decode.config import DecodeConfig, pick_config
@@ -27,7 +30,9 @@ __all__ = [
     "DecodeConfig",
     "add_rms_norm",
     "check_mixer_core_args",
+    "check_mamba2_args",
     "mamba2_core_pallas",
+    "mamba2_pallas",
     "mixer_core_pallas",
     "mixer_pallas",
     "pick_config",
@@ -215,6 +220,100 @@ def mamba2_core_pallas(
       (v (b, e) float32, conv_state', ssm_state'): v = y * silu(z) with y = C.h + D x from the
       float32 state, as Mamba2Mixer's XLA step computes them (which rounds y to c first).
     """
+    dims = check_mamba2_args(
+        zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D
+    )
+    c = zxbcdt.dtype
+    st = _mamba2_conv_static(dims, MAMBA2_CONV, c, interpret)
+    conv_state, xbc = kernel.conv_step(
+        zxbcdt,
+        conv_state.astype(c),
+        conv_weight.astype(c),
+        None if conv_bias is None else conv_bias.astype(c),
+        st=st,
+        num_warps=MAMBA2_CONV.num_warps_conv,
+        interpret=interpret,
+    )
+    v, ssm_state = _mamba2_update(zxbcdt, xbc, ssm_state, dt_bias, A_log, D, dims, interpret)
+    return v, conv_state, ssm_state
+
+
+def mamba2_pallas(
+    hidden,
+    in_proj_weight,
+    conv_state,
+    ssm_state,
+    conv_weight,
+    conv_bias,
+    dt_bias,
+    A_log,
+    D,
+    *,
+    fuse: bool | None = None,
+    interpret: bool = False,
+):
+    """A Mamba2 mixer's decode step from its normed input to its norm's input: in_proj (no
+    bias), then mamba2_core_pallas's work. Fused (fuse None: at most
+    config.MAMBA2_FUSE_IN_PROJ_ROWS rows, where the shapes tile evenly), in_proj and the conv
+    step are one kernel (decode_in_proj_conv, as Mamba1's mixer_pallas runs it); otherwise
+    in_proj is XLA's product and mamba2_core_pallas follows.
+
+    Args: hidden (b, d) in the compute dtype c; in_proj_weight (d, e + x + h) c; the rest as
+    mamba2_core_pallas's. Returns mamba2_core_pallas(hidden @ in_proj_weight, ...)'s values
+    (in_proj's float32 sums may round to another c value where summed in another order).
+    """
+    if jnp.ndim(hidden) != 2 or jnp.ndim(in_proj_weight) != 2:
+        raise ValueError(
+            f"hidden (batch, d_model) and in_proj_weight (d_model, d_in_proj) must be 2-D, got "
+            f"{jnp.shape(hidden)} and {jnp.shape(in_proj_weight)}"
+        )
+    if hidden.shape[1] != in_proj_weight.shape[0]:
+        raise ValueError(
+            f"in_proj_weight must be (d_model={hidden.shape[1]}, d_in_proj), got "
+            f"{in_proj_weight.shape}"
+        )
+    c = hidden.dtype
+    b, d = hidden.shape
+    zxbcdt_shape = jax.ShapeDtypeStruct((b, in_proj_weight.shape[1]), c)
+    args = (conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D)
+    dims = check_mamba2_args(zxbcdt_shape, *args)
+    cfg = DecodeConfig()
+    e, x = dims[1] * dims[2], dims[5]
+    tiles = not (d % cfg.block_k or e % cfg.block_conv or x % cfg.block_conv)
+    if fuse is None:
+        fuse = tiles and b <= min(decode_config.MAMBA2_FUSE_IN_PROJ_ROWS, cfg.block_rows)
+    if not fuse:
+        zxbcdt = jnp.dot(hidden, in_proj_weight.astype(c))
+        return mamba2_core_pallas(zxbcdt, *args, interpret=interpret)
+    if b > cfg.block_rows or not tiles:
+        raise ValueError(
+            f"fuse needs batch <= {cfg.block_rows}, d_model={d} a multiple of {cfg.block_k}, "
+            f"d_inner={e} and conv_dim={x} of {cfg.block_conv}"
+        )
+    st = dataclasses.replace(
+        _mamba2_conv_static(dims, cfg, c, interpret),
+        d_model=d,
+        block_k=cfg.block_k,
+        xz_width=in_proj_weight.shape[1],
+    )
+    zxbcdt, conv_state, xbc = kernel.in_proj_conv(
+        hidden,
+        in_proj_weight.astype(c),
+        conv_state.astype(c),
+        conv_weight.astype(c),
+        None if conv_bias is None else conv_bias.astype(c),
+        None,
+        st=st,
+        num_warps=cfg.num_warps_in_proj,
+        num_stages=cfg.num_stages_in_proj,
+        interpret=interpret,
+    )
+    v, ssm_state = _mamba2_update(zxbcdt, xbc, ssm_state, dt_bias, A_log, D, dims, interpret)
+    return v, conv_state, ssm_state
+
+
+def check_mamba2_args(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D):
+    """Validates mamba2_core_pallas's shapes; returns (b, h, p, g, n, x, w)."""
     shape = lambda a: tuple(np.shape(a))  # noqa: E731
     if len(shape(ssm_state)) != 4:
         raise ValueError(
@@ -245,9 +344,13 @@ def mamba2_core_pallas(
             raise ValueError(f"{name} must have shape {expected[name]}, got {shape(a)}")
     if D is not None and shape(D) not in ((h,), (h, p)):
         raise ValueError(f"D must have shape ({h},) or {(h, p)}, got {shape(D)}")
-    c = zxbcdt.dtype
-    cfg = MAMBA2_CONV
-    conv_st = kernel.Static(
+    return b, h, p, g, n, x, w
+
+
+def _mamba2_conv_static(dims, cfg: DecodeConfig, dtype, interpret: bool) -> kernel.Static:
+    """The conv step over xBC, which starts after z in in_proj's output."""
+    b, h, p, _, n, x, w = dims
+    return kernel.Static(
         batch=b,
         d_inner=x,  # the conv's channels: all of xBC
         d_state=n,
@@ -257,26 +360,23 @@ def mamba2_core_pallas(
         block_conv=cfg.block_conv,
         conv_blocks_per_program=1,
         block_state=cfg.block_state,
-        dtype=jnp.dtype(c).name,
+        dtype=jnp.dtype(dtype).name,
         fast=not interpret,
-        x_col=e,
+        x_col=h * p,
     )
-    conv_state, xbc = kernel.conv_step(
-        zxbcdt,
-        conv_state.astype(c),
-        conv_weight.astype(c),
-        None if conv_bias is None else conv_bias.astype(c),
-        st=conv_st,
-        num_warps=cfg.num_warps_conv,
-        interpret=interpret,
-    )
+
+
+def _mamba2_update(zxbcdt, xbc, ssm_state, dt_bias, A_log, D, dims, interpret):
+    """decode_ssd_update reading x, B, C from the conv's output xbc and z, dt from zxbcdt:
+    (v (b, e) float32, ssm_state')."""
+    _, h, p, g, n, x, _ = dims
     st = ssd_update.packed_static(h, g, p, n, x, fast=not interpret)
     inputs = dict(xbc=xbc.reshape(-1), zxbcdt=zxbcdt.reshape(-1), A_log=A_log.astype(F32))
     state = ssm_state if ssm_state.dtype in STATE_DTYPES else ssm_state.astype(F32)
     dt_bias = None if dt_bias is None else dt_bias.astype(F32)
     D = None if D is None else D.astype(F32)
     ssm_state, v = ssd_update.update(state, inputs, D, dt_bias, st, F32, interpret)
-    return v, conv_state, ssm_state
+    return v, ssm_state
 
 
 def _static(b, e, n, r, w, cfg: DecodeConfig, dtype, interpret: bool, d_model: int = 0):
@@ -294,6 +394,7 @@ def _static(b, e, n, r, w, cfg: DecodeConfig, dtype, interpret: bool, d_model: i
         fast=not interpret,
         d_model=d_model,
         block_k=cfg.block_k,
+        xz_width=2 * e,
     )
 
 

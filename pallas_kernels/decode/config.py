@@ -67,6 +67,10 @@ class DecodeConfig:
 # row block. One H100 (DESIGN.md, round 4): the 2.8b decode step 3.27 -> 3.06 ms at batch 1 and
 # 3.68 -> 3.49 ms at 16; past one row block XLA's GEMM re-reads the weight less.
 FUSE_IN_PROJ_ROWS = 16
+# The same for Mamba2's decode step (mamba2_pallas): in_proj fused into its conv step. 0: off
+# until timed on a GPU (the Mamba1 fusion saved 0.2 ms a step; Mamba2's conv kernel is 3.5 us
+# a layer at batch 1).
+MAMBA2_FUSE_IN_PROJ_ROWS = 0
 
 
 def pick_config(batch: int, d_inner: int, d_state: int, d_model: int | None = None) -> DecodeConfig:

@@ -57,6 +57,7 @@ class Static:
     d_model: int = 0  # in_proj's input width (in_proj_conv only)
     block_k: int = 128  # in_proj's contraction tile (in_proj_conv only)
     x_col: int = 0  # the column of the conv's first input channel in xz (Mamba2: after z)
+    xz_width: int = 0  # in_proj's output columns (in_proj_conv only; Mamba1 2 d_inner)
 
     @property
     def x_width(self) -> int:
@@ -187,30 +188,40 @@ def _conv_kernel(r, *, st: Static):
 
 
 def _in_proj_conv_kernel(r, *, st: Static):
-    """in_proj for block_conv of xz's 2e columns (the rows' hidden times the weight's column
-    block, walked down d_model), then, where the block is one of x's, the conv step and x_proj's
-    partial on it (_conv_block) straight from the registers: one launch where in_proj and
-    decode_conv_x_proj were two, and no pass of x through memory between them."""
+    """in_proj for block_conv of xz's columns (the rows' hidden times the weight's column
+    block, walked down d_model), then, where the block is one of the conv's inputs, the conv
+    step (and x_proj's partial, given x_proj) on it (_conv_block) straight from the registers:
+    one launch where in_proj and the conv kernel were two, and no pass of x through memory
+    between them."""
     b0, rmask = _rows(st)
     j = pl.program_id(0)
     n0 = j * st.block_conv
     c = jnp.dtype(st.dtype)
     rows = pl.ds(b0, st.block_rows)
+    # Columns past xz's last (Mamba2's dt block) are masked; Mamba1's xz tiles evenly.
+    ragged = st.xz_width % st.block_conv != 0
+    cols_ok = (n0 + _iota(st.block_conv)) < st.xz_width
 
     def step(i, acc):
         k0 = i * st.block_k
         h = plgpu.load(r["hidden"].at[rows, pl.ds(k0, st.block_k)], mask=rmask[:, None], other=0)
-        w = plgpu.load(r["in_proj"].at[pl.ds(k0, st.block_k), pl.ds(n0, st.block_conv)])
+        tile = r["in_proj"].at[pl.ds(k0, st.block_k), pl.ds(n0, st.block_conv)]
+        w = plgpu.load(tile, mask=cols_ok[None, :], other=0) if ragged else plgpu.load(tile)
         return acc + jnp.dot(h, w, preferred_element_type=F32, precision=st.precision)
 
     acc = jnp.zeros((st.block_rows, st.block_conv), F32)
     xz = jax.lax.fori_loop(0, st.d_model // st.block_k, step, acc).astype(c)
-    plgpu.store(r["xz"].at[rows, pl.ds(n0, st.block_conv)], xz, mask=rmask[:, None])
+    store_mask = rmask[:, None] & cols_ok[None, :] if ragged else rmask[:, None]
+    plgpu.store(r["xz"].at[rows, pl.ds(n0, st.block_conv)], xz, mask=store_mask)
 
-    @pl.when(n0 < st.d_inner)
+    @pl.when((n0 >= st.x_col) & (n0 < st.x_col + st.d_inner))
     def _():
+        e0 = n0 - st.x_col
+        if "x_proj" not in r:
+            _conv_block(r, st, b0, rmask, e0, xz)
+            return
         acc = jnp.zeros((st.block_rows, st.x_width_pad), F32)
-        _store_part(r, st, j, b0, rmask, _conv_block(r, st, b0, rmask, n0, xz, acc))
+        _store_part(r, st, j, b0, rmask, _conv_block(r, st, b0, rmask, e0, xz, acc))
 
 
 def _ssm_update_kernel(refs, *, st: Static):
@@ -333,16 +344,18 @@ def in_proj_conv(
     num_stages: int,
     interpret: bool,
 ):
-    """(xz (b, 2e) c, conv_state', xc (b, e) c, parts (e / block_conv, b, R) float32) from
-    hidden (b, d): in_proj and conv_x_proj in one kernel, one row block (b <= block_rows, d a
-    multiple of block_k, e of block_conv); conv_state is updated in place."""
-    b, e = st.batch, st.d_inner
+    """(xz (b, xz_width) c, conv_state', xc (b, d_inner) c[, parts (d_inner / block_conv, b, R)
+    float32 given x_proj_weight]) from hidden (b, d): in_proj and the conv kernel in one
+    kernel, one row block (b <= block_rows, d a multiple of block_k, x_col and d_inner of
+    block_conv); conv_state is updated in place."""
+    b = st.batch
     outputs = dict(
-        xz=jax.ShapeDtypeStruct((b, 2 * e), jnp.dtype(st.dtype)),
+        xz=jax.ShapeDtypeStruct((b, st.xz_width), jnp.dtype(st.dtype)),
         conv_out=jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype),
-        xc=jax.ShapeDtypeStruct((b, e), jnp.dtype(st.dtype)),
-        parts=jax.ShapeDtypeStruct((e // st.block_conv, b, st.x_width), F32),
+        xc=jax.ShapeDtypeStruct((b, st.d_inner), jnp.dtype(st.dtype)),
     )
+    if x_proj_weight is not None:
+        outputs["parts"] = jax.ShapeDtypeStruct((st.d_inner // st.block_conv, b, st.x_width), F32)
     return launch.call(
         _in_proj_conv_kernel,
         dict(
@@ -354,7 +367,7 @@ def in_proj_conv(
             x_proj=x_proj_weight,
         ),
         outputs,
-        grid=(2 * e // st.block_conv, 1),
+        grid=(-(-st.xz_width // st.block_conv), 1),
         name="decode_in_proj_conv",
         num_warps=num_warps,
         num_stages=num_stages,
