@@ -84,6 +84,8 @@ CASES = {
     "two_row_blocks": (20, 200, 8, 12, 4, {}),
     "no_biases": (3, 96, 16, 8, 4, dict(conv_bias=False, D=False)),
     "width2_walk": (5, 200, 16, 12, 2, dict(config=DecodeConfig(conv_blocks_per_program=2))),
+    # The conv step alone (decode_conv) and x_proj as XLA's product.
+    "xla_x_proj": (20, 200, 8, 12, 4, dict(config=DecodeConfig(x_proj_in_conv=False))),
 }
 
 
@@ -222,6 +224,12 @@ def test_kernels_lower_for_cuda_with_named_kernels_and_in_place_states():
     text = lower_for_cuda(lambda *a: mixer_pallas(*a, config=fuse), *fused_args)
     names = re.findall(r'name = "(decode_[a-z_]+)"', text)
     assert sorted(names) == ["decode_in_proj_conv", "decode_ssm_update"], names
+    assert len(re.findall(r"stablehlo.output_operand_alias<[^>]*>", text)) == 2
+    # x_proj out of the conv kernel: the conv step alone, then XLA's product.
+    split = DecodeConfig(x_proj_in_conv=False)
+    text = lower_for_cuda(lambda *a: mixer_core_pallas(*a, config=split), *args)
+    names = re.findall(r'name = "(decode_[a-z_]+)"', text)
+    assert sorted(names) == ["decode_conv", "decode_ssm_update"], names
     assert len(re.findall(r"stablehlo.output_operand_alias<[^>]*>", text)) == 2
 
 

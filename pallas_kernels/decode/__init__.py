@@ -98,16 +98,28 @@ def mixer_core_pallas(
     cfg = config or pick_config(b, e, n)
     st = _static(b, e, n, r, w, cfg, xz.dtype, interpret)
     c = xz.dtype
-    conv_state, xc, parts = kernel.conv_x_proj(
+    conv_args = (
         xz,
         conv_state.astype(c),
         conv_weight.astype(c),
         None if conv_bias is None else conv_bias.astype(c),
-        x_proj_weight.astype(c),
-        st=st,
-        num_warps=cfg.num_warps_conv,
-        interpret=interpret,
     )
+    if cfg.x_proj_in_conv:
+        conv_state, xc, parts = kernel.conv_x_proj(
+            *conv_args,
+            x_proj_weight.astype(c),
+            st=st,
+            num_warps=cfg.num_warps_conv,
+            interpret=interpret,
+        )
+    else:
+        conv_st = dataclasses.replace(st, conv_blocks_per_program=1)
+        conv_state, xc = kernel.conv_step(
+            *conv_args, st=conv_st, num_warps=cfg.num_warps_conv, interpret=interpret
+        )
+        precision = jax.lax.Precision.HIGHEST if c == F32 else None  # as the kernels' dots
+        dbc = jnp.dot(xc, x_proj_weight.astype(c), preferred_element_type=F32, precision=precision)
+        parts = dbc[None]
     y, ssm_state = _ssm_update(
         parts, xc, xz, ssm_state, dt_proj_weight, dt_bias, A_log, D, st, cfg, interpret
     )

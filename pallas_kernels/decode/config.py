@@ -30,6 +30,10 @@ class DecodeConfig:
     fuse_in_proj: mixer_pallas runs in_proj and the conv/x_proj kernel as one kernel
         (decode_in_proj_conv: one row block, its programs are in_proj's column blocks of
         block_conv); mixer_core_pallas ignores it.
+    x_proj_in_conv: x_proj's partials in the conv kernel (decode_conv_x_proj), or (False) the
+        conv step alone (decode_conv) and x_proj as XLA's product, which at large batch
+        reads x_proj's weight once rather than once a row block (not yet timed: the decode
+        sweep's last tiling).
     block_k: in_proj's contraction tile in that kernel (a divisor of d_model).
     num_warps_in_proj, num_stages_in_proj: its warps, and how deep Triton pipelines the
         weight tiles' loads (the kernel is a read of in_proj's weight).
@@ -42,6 +46,7 @@ class DecodeConfig:
     num_warps_conv: int = 4
     num_warps_state: int = 4
     fuse_in_proj: bool = False
+    x_proj_in_conv: bool = True
     block_k: int = 128
     num_warps_in_proj: int = 4
     num_stages_in_proj: int = 3
