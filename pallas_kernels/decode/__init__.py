@@ -207,7 +207,8 @@ def mixer_pallas(
     return y, conv_state, ssm_state
 
 
-# The Mamba2 conv step's tiling: rows as the Mamba1 kernels', channel blocks of 64.
+# The Mamba2 conv step's tiling (fused with in_proj or not): rows as the Mamba1 kernels',
+# channel blocks of 64, in_proj's contraction tiles of 128.
 MAMBA2_CONV = DecodeConfig()
 
 
@@ -289,7 +290,7 @@ def mamba2_pallas(
     zxbcdt_shape = jax.ShapeDtypeStruct((b, in_proj_weight.shape[1]), c)
     args = (conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D)
     dims = check_mamba2_args(zxbcdt_shape, *args)
-    cfg = DecodeConfig()
+    cfg = MAMBA2_CONV
     e, x = dims[1] * dims[2], dims[5]
     tiles = not (d % cfg.block_k or e % cfg.block_conv or x % cfg.block_conv)
     if fuse is None:

@@ -1,4 +1,5 @@
-"""Pallas (Triton) kernels of one Mamba1 decode step: everything between in_proj and out_proj.
+"""Pallas (Triton) kernels of one Mamba1 decode step, everything between in_proj and out_proj,
+and the conv step of Mamba2's.
 
 Axis letters: b batch, e channels (d_inner), n state (d_state), w conv taps (d_conv), r dt_rank,
 R = r + 2n (x_proj's width), p x_proj partials.
@@ -14,6 +15,9 @@ Two kernels, because x_proj sums over all channels and dt_proj needs that sum in
                         d_model), then on x's blocks the conv step and x_proj's partial from
                         the registers. At decode's batch sizes in_proj is a read of its weight,
                         and the conv step's latency hides behind the other programs' reads.
+                        Mamba2's too (no x_proj; the conv's columns are xBC's, after z).
+    decode_conv         the conv step alone: Mamba2's over xBC (its state update is
+                        ssd_update.py's), or Mamba1's with x_proj left to XLA's product.
     decode_ssm_update   per (row block, channel block), after the partials are summed: dt_proj
                         of the summed dt part, softplus(dt + bias), the state update
                         h = exp(dt A) h + dt x B (in place: the float32 state is read once and
