@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import time
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -365,26 +366,14 @@ def prefill_batch(model, prompts, max_row: int | None = None, *, state_dtype=Non
     rows, slots, last = map(jnp.asarray, (inputs.rows, inputs.slots, inputs.last))
     segment_ids = jnp.asarray(inputs.segment_ids)
     residual = _embed(_table(model), jnp.asarray(inputs.tokens))
-    if isinstance(model.config, HybridConfig):
+    if isinstance(model.config, (HybridConfig, Mamba3Config)):  # caches of any structure
+        # A hybrid has a graph a layer; Mamba-3's layers share one.
+        hybrid = isinstance(model.config, HybridConfig)
+        graphs = model.graphs[0] if hybrid else itertools.repeat(model.graphs[0])
         caches = []
-        for graph, params in zip(model.graphs[0], model.params["layers"]):
+        for graph, params in zip(graphs, model.params["layers"]):
             residual, cache = _prefill_hybrid_layer(
                 graph,
-                params,
-                residual,
-                segment_ids,
-                rows,
-                slots,
-                num_segments=inputs.num_segments,
-                store=store,
-            )
-            caches.append(cache)
-        state = HybridDecodeState(tuple(caches))
-    if isinstance(model.config, Mamba3Config):  # caches of any structure, as a hybrid's
-        caches = []
-        for params in model.params["layers"]:
-            residual, cache = _prefill_hybrid_layer(
-                model.graphs[0],
                 params,
                 residual,
                 segment_ids,

@@ -156,16 +156,7 @@ def mixer_pallas(
       values; in_proj's float32 sums may round to a different c value where they are summed in
       another order.
     """
-    if jnp.ndim(hidden) != 2 or jnp.ndim(in_proj_weight) != 2:
-        raise ValueError(
-            f"hidden (batch, d_model) and in_proj_weight (d_model, 2 * d_inner) must be 2-D, got "
-            f"{jnp.shape(hidden)} and {jnp.shape(in_proj_weight)}"
-        )
-    if hidden.shape[1] != in_proj_weight.shape[0]:
-        raise ValueError(
-            f"in_proj_weight must be (d_model={hidden.shape[1]}, 2 * d_inner), got "
-            f"{in_proj_weight.shape}"
-        )
+    check_in_proj_args(hidden, in_proj_weight, "2 * d_inner")
     c = hidden.dtype
     b, d = hidden.shape
     xz_shape = jax.ShapeDtypeStruct((b, in_proj_weight.shape[1]), c)
@@ -275,16 +266,7 @@ def mamba2_pallas(
     mamba2_core_pallas's. Returns mamba2_core_pallas(hidden @ in_proj_weight, ...)'s values
     (in_proj's float32 sums may round to another c value where summed in another order).
     """
-    if jnp.ndim(hidden) != 2 or jnp.ndim(in_proj_weight) != 2:
-        raise ValueError(
-            f"hidden (batch, d_model) and in_proj_weight (d_model, d_in_proj) must be 2-D, got "
-            f"{jnp.shape(hidden)} and {jnp.shape(in_proj_weight)}"
-        )
-    if hidden.shape[1] != in_proj_weight.shape[0]:
-        raise ValueError(
-            f"in_proj_weight must be (d_model={hidden.shape[1]}, d_in_proj), got "
-            f"{in_proj_weight.shape}"
-        )
+    check_in_proj_args(hidden, in_proj_weight, "d_in_proj")
     c = hidden.dtype
     b, d = hidden.shape
     zxbcdt_shape = jax.ShapeDtypeStruct((b, in_proj_weight.shape[1]), c)
@@ -323,6 +305,20 @@ def mamba2_pallas(
     )
     v, ssm_state = _mamba2_update(zxbcdt, xbc, ssm_state, dt_bias, A_log, D, dims, interpret)
     return v, conv_state, ssm_state
+
+
+def check_in_proj_args(hidden, in_proj_weight, width: str):
+    """hidden (b, d) and in_proj_weight (d, width): ValueError naming the argument otherwise."""
+    if jnp.ndim(hidden) != 2 or jnp.ndim(in_proj_weight) != 2:
+        raise ValueError(
+            f"hidden (batch, d_model) and in_proj_weight (d_model, {width}) must be 2-D, got "
+            f"{jnp.shape(hidden)} and {jnp.shape(in_proj_weight)}"
+        )
+    if jnp.shape(hidden)[1] != jnp.shape(in_proj_weight)[0]:
+        raise ValueError(
+            f"in_proj_weight must be (d_model={jnp.shape(hidden)[1]}, {width}), got "
+            f"{jnp.shape(in_proj_weight)}"
+        )
 
 
 def check_mamba2_args(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D):
