@@ -967,8 +967,14 @@ def plot(report, path):
 CATEGORIES = (
     (
         "decode kernels",
-        ("decode_in_proj_conv", "decode_conv", "decode_ssm_update", "decode_ssd_update")
-        + ("decode_add_rms_norm",),
+        # decode_conv also names decode_conv_x_proj (a substring match)
+        (
+            "decode_in_proj_conv",
+            "decode_conv",
+            "decode_ssm_update",
+            "decode_ssd_update",
+            "decode_add",
+        ),
     ),
     (
         "gemm",
