@@ -22,6 +22,33 @@ CACHE_SETTINGS = (
 )
 
 
+class _TrainerJax:
+    """jax for train/step.py, whose jax.jit compiles at XLA:CPU's backend optimisation level 0
+    (on CPU): the trainer's init, step and eval programs, as its subprocess runs compile them
+    (tests/compiled.py's FAST_CPU_COMPILE). An in-process run's train_step took 5.9 s to
+    compile at the default level and 3.7 s at 0, init_state 2.4 s and under 1."""
+
+    def __getattr__(self, name):
+        return getattr(jax, name)
+
+    @staticmethod
+    def jit(*args, **kwargs):
+        if jax.default_backend() == "cpu":
+            kwargs.setdefault("compiler_options", dict(xla_backend_optimization_level=0))
+        return jax.jit(*args, **kwargs)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def trainer_compiles_fast():
+    """For the whole session, so that every in-process run (module fixtures included) compiles
+    the same programs: runs that a test compares bit for bit."""
+    from train import step
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(step, "jax", _TrainerJax())
+        yield
+
+
 @pytest.fixture(scope="session", autouse=True)
 def worker_cache_folder(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
