@@ -57,8 +57,11 @@ the JSON records the dtype that ran (state_dtype) and the flag (state_dtype_arg)
 
 --fuse-in-proj-rows N: pallas_kernels.decode.config.FUSE_IN_PROJ_ROWS for the run (Mamba1's
 Pallas decode step fuses in_proj into the conv kernel up to that batch; the library's default
-is 16; 0 turns it off), MAMBA2_FUSE_IN_PROJ_ROWS for a Mamba2 preset (its default 0, until
-timed); the result files get the variant fuseN.
+is 16; 0 turns it off), MAMBA2_FUSE_IN_PROJ_ROWS for a Mamba2 preset (also 16); the result
+files get the variant fuseN.
+
+--defer-norm: MAMBA2_DEFER_NORM on for the run (Mamba2's gated norm scale applied in the next
+residual add, off by default until timed); the result files get the variant defernorm.
 
 --prefilter K: our sampler's top-p prefilter (jax_packmamba.sampling: the cut from the K
 largest logits, the full sort only when a row's nucleus is larger; the same tokens). Off by
@@ -164,6 +167,13 @@ def parse_args(argv=None):
         "decode step: in_proj fused into the conv kernel up to this batch; default: the "
         "library's); a value gets the variant fuseN in the result files' names",
     )
+    p.add_argument(
+        "--defer-norm",
+        action="store_true",
+        help="pallas_kernels.decode.config.MAMBA2_DEFER_NORM on for this run (Mamba2's gated "
+        "norm scale applied in the next residual add); the result files get the variant "
+        "defernorm",
+    )
     p.add_argument("--profile", action="store_true", help="profile decode steps instead")
     p.add_argument("--profile-batches", default="1,128")
     p.add_argument("--profile-impls", default="xla,pallas")
@@ -237,8 +247,18 @@ def set_fuse_in_proj_rows(args) -> None:
 
 
 def fuse_variant(args) -> str | None:
-    """The result files' variant for --fuse-in-proj-rows: None when not given."""
-    return None if args.fuse_in_proj_rows is None else f"fuse{args.fuse_in_proj_rows}"
+    """The result files' variant for --fuse-in-proj-rows and --defer-norm: None without
+    either."""
+    fuse = None if args.fuse_in_proj_rows is None else f"fuse{args.fuse_in_proj_rows}"
+    return "_".join(v for v in (fuse, "defernorm" if args.defer_norm else None) if v) or None
+
+
+def set_defer_norm(args) -> None:
+    """--defer-norm into the decode rules (read per call)."""
+    if args.defer_norm:
+        import pallas_kernels.decode.config as decode_config
+
+        decode_config.MAMBA2_DEFER_NORM = True
 
 
 def argparse_hidden():
@@ -392,7 +412,7 @@ def precompile(prepared, batches, args, sampling, impls) -> dict:
         run = jax.eval_shape(lambda *a: gen._start(*a, **start_kw), *start_args)
         yield (
             f"decode_loop[{impl}]",
-            gen._decode_loop.lower(
+            gen.decode_loop_for(run.token.shape[0]).lower(
                 prepared,
                 run,
                 jnp.int32(args.new_tokens),
@@ -1133,7 +1153,7 @@ def profile_one(prepared, batch, impl, sampling, args, tmp):
     total = 1 + warm + timed + traced
     prompts = prompts_for(batch, min(args.prompt_len, PROFILE_PROMPT), config.vocab_size)
     params = sampling.params()
-    loop = lambda run, limit: gen._decode_loop(  # noqa: E731
+    loop = lambda run, limit: gen.decode_loop_for(run.token.shape[0])(  # noqa: E731
         prepared,
         run,
         jnp.int32(limit),
@@ -1257,7 +1277,8 @@ def profile(args, argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    set_fuse_in_proj_rows(args)  # before anything is traced (the workers get the flag too)
+    set_fuse_in_proj_rows(args)  # before anything is traced (the workers get the flags too)
+    set_defer_norm(args)
     if args.worker:
         return worker(args)
     if args.profile:

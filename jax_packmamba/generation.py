@@ -80,6 +80,7 @@ from jax_packmamba.config import (
     hybrid_runs,
 )
 from jax_packmamba.hybrid import KVCache, pad_kv_cache
+from jax_packmamba.mamba2 import Mamba2Mixer, defers_norm, no_output
 from jax_packmamba.model import LM, MixerState, decode_add_norm, resolve_decode_impl
 from jax_packmamba.packing import (
     COLUMN,
@@ -536,7 +537,9 @@ def _layer_step(graph, params, residual, pending, conv, ssm, *, impl: str):
     lowering before it can look the program up in the persistent cache."""
     block = nnx.merge(graph, params)
     residual, hidden = decode_add_norm(residual, pending, block.norm, impl)
-    out, cache = block.mixer(hidden, None, MixerState(conv, ssm), decode_impl=impl)
+    defer = dict(defer_norm=defers_norm(block.mixer.config, impl))
+    defer = defer if isinstance(block.mixer, Mamba2Mixer) else {}
+    out, cache = block.mixer(hidden, None, MixerState(conv, ssm), decode_impl=impl, **defer)
     return residual, out, cache.conv, cache.ssm
 
 
@@ -561,8 +564,13 @@ def _step(model: PreparedModel, tokens, state: DecodeState, impl: str):
             _head(_head_params(model), model.graphs, model.config, residual),
             HybridDecodeState(tuple(caches)),
         )
-    # The first block adds zeros (exact), so that every layer calls one _layer_step.
-    conv, ssm, pending = [], [], jnp.zeros(residual.shape, model.config.compute_dtype)
+    # The first block adds zeros (exact), so that every layer calls one _layer_step; a Mamba2
+    # block's output through the Pallas step leaves its norm's scale to the next add.
+    if defers_norm(model.config, impl):
+        pending = no_output(model.config, residual.shape[0])
+    else:
+        pending = jnp.zeros(residual.shape, model.config.compute_dtype)
+    conv, ssm = [], []
     for params, c, s in zip(model.params["layers"], state.conv, state.ssm):
         residual, pending, c, s = _layer_step(
             model.graphs[0], params, residual, pending, c, s, impl=impl
@@ -628,10 +636,7 @@ def _start(logits, state, seen, key, params, num_prompts, *, mode, vocab_size, c
     )
 
 
-@functools.partial(
-    jax.jit, static_argnames=("mode", "impl", "vocab_size"), donate_argnames=("run",)
-)
-def _decode_loop(model, run: _Run, limit, params, *, mode, impl, vocab_size):
+def _decode_loop_body(model, run: _Run, limit, params, *, mode, impl, vocab_size):
     """Steps until `limit` tokens are generated or every row has stopped."""
     fill = _filler(params)
     rows = jnp.arange(run.token.shape[0])
@@ -662,6 +667,26 @@ def _decode_loop(model, run: _Run, limit, params, *, mode, impl, vocab_size):
         )
 
     return jax.lax.while_loop(cond, body, run)
+
+
+# From this many rows the decode loop compiles with XLA's Triton GEMM fusions off, so that every
+# product is cuBLAS's: at batch 128 XLA's Triton GEMMs split K and sum the splits in separate
+# reduction fusions (11.6 us a 2.8b layer) where cuBLAS's split-K reduces in 4.9. One H100
+# (docs/log.md, thirteenth session): 2.8b 6.52 -> 5.89 ms a step at batch 128, mamba2-2.7b
+# 12.53 -> 11.79; at batch 1 to 32 cuBLAS was slower (2.8b 3.14 -> 3.23 at 1, 4.18 -> 4.23 at
+# 32; mamba2-2.7b 3.60 -> 3.79 at 8).
+CUBLAS_GEMM_ROWS = 64
+_LOOP_JIT = dict(static_argnames=("mode", "impl", "vocab_size"), donate_argnames=("run",))
+_decode_loop = jax.jit(_decode_loop_body, **_LOOP_JIT)
+_decode_loop_cublas = jax.jit(
+    _decode_loop_body, compiler_options={"xla_gpu_enable_triton_gemm": False}, **_LOOP_JIT
+)
+
+
+def decode_loop_for(rows: int):
+    """The jitted decode loop for a batch of `rows` rows (the run's padded rows): cuBLAS's GEMMs
+    from CUBLAS_GEMM_ROWS rows (the module's value, read at each call), XLA's below."""
+    return _decode_loop_cublas if rows >= CUBLAS_GEMM_ROWS else _decode_loop
 
 
 def _begin(
@@ -713,7 +738,7 @@ def decode_batch(
         return np.zeros((num, 0), np.int32), np.zeros((num,), np.int32)
     impl = resolve_decode_impl(decode_impl, model.config)
     run = _begin(model, prefilled, max_new_tokens, sampling)
-    run = _decode_loop(
+    run = decode_loop_for(run.token.shape[0])(
         model,
         run,
         jnp.int32(max_new_tokens),
@@ -754,7 +779,7 @@ def stream(
         yield np.asarray(run.out)[:num, :i], np.asarray(run.count)[:num]
         if i >= max_new_tokens or done:
             return
-        run = _decode_loop(
+        run = decode_loop_for(run.token.shape[0])(
             model,
             run,
             jnp.int32(min(i + block, max_new_tokens)),

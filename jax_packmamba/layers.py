@@ -5,6 +5,8 @@ Axis letters: b batch, t time, s segment slot, w d_conv, x conv channels.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -87,6 +89,28 @@ class MixerState(NamedTuple):
 
     conv: jax.Array
     ssm: jax.Array
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["out", "sumsq"], meta_fields=["count", "eps"]
+)
+@dataclasses.dataclass(frozen=True)
+class ScaledOut:
+    """A decode step's block output whose norm scale is still to apply (Mamba2Mixer's
+    `defer_norm`): the block's output is `out * rsqrt(sum(sumsq) / count + eps)`, one scale a
+    row, applied by the next residual add (model.decode_add_norm). out (b, d) in the compute
+    dtype; sumsq (b, P) float32 partial sums of squares; count (the norm's channels) and eps
+    (its epsilon) are static."""
+
+    out: jax.Array
+    sumsq: jax.Array
+    count: int
+    eps: float
+
+    def value(self):
+        """The block's output, float32 (b, d)."""
+        total = jnp.sum(self.sumsq, axis=-1, keepdims=True)
+        return self.out.astype(jnp.float32) * jax.lax.rsqrt(total / self.count + self.eps)
 
 
 def segment_caches(

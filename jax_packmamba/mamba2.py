@@ -26,6 +26,7 @@ from jax_packmamba.layers import (
     OUT_PROJ_INPUT,
     PROJECTION,
     MixerState,
+    ScaledOut,
     check_end_state_call,
     conv_window,
     dt_bias_init,
@@ -43,6 +44,31 @@ from jax_packmamba.ops import (
 )
 from jax_packmamba.ops.rms_norm import group_rms_norm
 from jax_packmamba.ops.ssd_scan import IMPLS as SSD_IMPLS
+
+
+def defers_norm(config, impl: str) -> bool:
+    """Whether a decode step through `impl` leaves a Mamba2 block's gated norm scale to the
+    next residual add (Mamba2Mixer's defer_norm: the Pallas step, a norm over all channels,
+    where pallas_kernels.decode.config.MAMBA2_DEFER_NORM, read at each call, allows)."""
+    if impl == "xla" or not isinstance(config, Mamba2Config) or config.ngroups != 1:
+        return False
+    from pallas_kernels.decode import config as decode_config
+
+    return decode_config.MAMBA2_DEFER_NORM
+
+
+def no_output(config: Mamba2Config, batch: int) -> ScaledOut:
+    """A ScaledOut whose value is zeros (b, d): the first block's `pending` where the others
+    are ScaledOuts, so that one traced layer step serves every layer."""
+    from pallas_kernels.decode import norm_parts
+
+    parts = norm_parts(config.nheads, config.headdim)
+    return ScaledOut(
+        jnp.zeros((batch, config.d_model), config.compute_dtype),
+        jnp.ones((batch, parts), jnp.float32),  # any finite scale: 0 times it is 0
+        config.d_inner,
+        config.rms_norm_eps,
+    )
 
 
 class RMSNormGated(nnx.Module):
@@ -147,13 +173,16 @@ class Mamba2Mixer(nnx.Module):
         *,
         num_segments: int | None = None,
         decode_impl: str = "xla",
+        defer_norm: bool = False,
         continues=None,
         start_state: MixerState | None = None,
         return_end_state: bool = False,
     ):
         """MambaMixer.__call__'s contract: hidden (b, t, d) -> (out, None), or with
         num_segments each segment's cache (conv (b, s, w - 1, x) over xBC, the conv's inputs;
-        ssm (b, s, h, p, n) float32), or with a cache one token (b, d) -> (out, next cache)."""
+        ssm (b, s, h, p, n) float32), or with a cache one token (b, d) -> (out, next cache).
+        defer_norm (a decode step through the Pallas kernels, where `defers_norm`): out is a
+        ScaledOut, the gated norm's scale left to the next residual add."""
         config = self.config
         if cache is not None:
             # in_proj as ONE product, split after (MambaMixer._decode says why).
@@ -173,15 +202,26 @@ class Mamba2Mixer(nnx.Module):
                     self._D(),
                 )
                 interpret = decode_impl == "pallas_interpret"
+                # A norm over all e channels scales each row by one number, which commutes with
+                # out_proj: the kernel hands back v * weight and v's sums of squares, and the
+                # next residual add applies the scale (three XLA kernels a step fewer).
+                defer = defer_norm and self.norm.group_size == e
+                kw = dict(norm_weight=self.norm.weight[...] if defer else None)
                 if self.in_proj.bias is None:
                     weight = self.in_proj.kernel[...].astype(hidden.dtype)
-                    v, conv, ssm = mamba2_pallas(hidden, weight, *core, interpret=interpret)
+                    v, conv, ssm, *sumsq = mamba2_pallas(
+                        hidden, weight, *core, **kw, interpret=interpret
+                    )
                 else:
                     zxbcdt = self.in_proj(hidden)
-                    v, conv, ssm = mamba2_core_pallas(zxbcdt, *core, interpret=interpret)
+                    v, conv, ssm, *sumsq = mamba2_core_pallas(
+                        zxbcdt, *core, **kw, interpret=interpret
+                    )
                 cache = MixerState(
                     conv=conv.astype(cache.conv.dtype), ssm=ssm.astype(cache.ssm.dtype)
                 )
+                if defer:
+                    return ScaledOut(self.out_proj(v), sumsq[0], e, self.norm.eps), cache
                 return self.out_proj(self.norm.gated(v)), cache
             zxbcdt = self.in_proj(hidden)
             z, xBC, dt = zxbcdt[:, :e], zxbcdt[:, e : e + x], zxbcdt[:, e + x :]

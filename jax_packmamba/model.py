@@ -45,6 +45,7 @@ from jax_packmamba.layers import (  # MixerState, RMSNorm: public here too
     SAVED_NAMES,
     MixerState,
     RMSNorm,
+    ScaledOut,
     check_end_state_call,
     conv_window,
     dt_bias_init,
@@ -411,21 +412,29 @@ class Block(nnx.Module):
 
 def decode_add_norm(residual, out, norm: RMSNorm, impl: str):
     """A decode step's residual add and the next norm: (residual + out in float32,
-    norm(residual + out)); out None adds nothing (the first block). impl: a decode_impl
-    ("xla", or the Pallas kernel, pallas_kernels.decode.add_rms_norm, through "pallas" or
-    "pallas_interpret"). Block(..., cache=...) computes the same values, the add at its end."""
+    norm(residual + out)); out None adds nothing (the first block), a ScaledOut adds its value
+    (its scale applied in the add). impl: a decode_impl ("xla", or the Pallas kernel,
+    pallas_kernels.decode.add_rms_norm, through "pallas" or "pallas_interpret").
+    Block(..., cache=...) computes the same values, the add at its end."""
     if impl == "xla":
-        if out is not None:
+        if isinstance(out, ScaledOut):
+            residual = residual + out.value()
+        elif out is not None:
             residual = residual + out.astype(jnp.float32)
         return residual, norm(residual)
     from pallas_kernels.decode import add_rms_norm
 
+    scaled = {}
+    if isinstance(out, ScaledOut):
+        scaled = dict(out_sumsq=out.sumsq, out_count=out.count, out_eps=out.eps)
+        out = out.out
     return add_rms_norm(
         residual,
         out,
         norm.weight[...],
         eps=norm.eps,
         dtype=norm.dtype,
+        **scaled,
         interpret=impl == "pallas_interpret",
     )
 

@@ -1327,6 +1327,12 @@ def test_bench_generate_fuse_in_proj_rows_sets_the_rule_and_names_the_files(monk
     )
     bench_generate.set_fuse_in_proj_rows(args)
     assert decode_config.MAMBA2_FUSE_IN_PROJ_ROWS == 8 and decode_config.FUSE_IN_PROJ_ROWS == 0
+    monkeypatch.setattr(decode_config, "MAMBA2_DEFER_NORM", decode_config.MAMBA2_DEFER_NORM)
+    bench_generate.set_defer_norm(args)
+    assert not decode_config.MAMBA2_DEFER_NORM
+    args = bench_generate.parse_args(["--smoke", "--preset", "mamba2-tiny", "--defer-norm"])
+    bench_generate.set_defer_norm(args)
+    assert decode_config.MAMBA2_DEFER_NORM and bench_generate.fuse_variant(args) == "defernorm"
 
 
 def test_bench_generate_targets_are_issue_26s():

@@ -185,6 +185,10 @@ def test_pick_config_fuses_in_proj_at_small_batches_that_tile_evenly(monkeypatch
     assert not pick_config(1, 5120, 16).fuse_in_proj  # mixer_core_pallas: no in_proj
     assert not pick_config(1, 5120, 16, 2560 + 64).fuse_in_proj  # d_model off block_k
     assert not pick_config(1, 5120 + 32, 16, 2560).fuse_in_proj  # d_inner off block_conv
+    # x_proj's partials in the conv kernel up to 16 rows, XLA's product past them.
+    assert pick_config(16, 5120, 16).x_proj_in_conv
+    assert not pick_config(17, 5120, 16).x_proj_in_conv
+    assert not pick_config(128, 5120, 16, 2560).x_proj_in_conv
     monkeypatch.setattr("pallas_kernels.decode.config.FUSE_IN_PROJ_ROWS", 0)
     assert not pick_config(1, 5120, 16, 2560).fuse_in_proj
     args = core_args(2, 64, 16, 4, 4, jnp.float32)
@@ -531,6 +535,92 @@ def test_mamba2_core_matches_the_unfused_step_and_a_float64_loop(impl, case, dty
         assert rel(v, y64[:, t].reshape(batch, e)) < 2 * tol, t
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("case", ["ragged", "two_row_blocks"])
+def test_mamba2_core_hands_back_v_times_the_norm_weight_and_its_sums_of_squares(impl, dtype, case):
+    # norm_weight (Mamba2Mixer's defer_norm): the gated norm over all e channels is left to
+    # the caller, who needs v * weight (in the compute dtype) and sum(v^2) a row; the states
+    # are what the step without it writes.
+    from pallas_kernels.decode import mamba2_core_pallas, norm_parts
+
+    batch, heads, headdim, groups, d_state, d_conv, conv_bias, D_shape = MAMBA2_CASES[case]
+    a = mamba2_core_args(
+        batch, heads, headdim, groups, d_state, d_conv, dtype, conv_bias=conv_bias, D_shape=D_shape
+    )
+    normal, _ = host_random(11)
+    weight = jnp.asarray(1.0 + 0.2 * normal((heads * headdim,)))
+    args = (a["zxbcdt"][1], a["conv_state"], a["ssm_state"], a["conv_weight"], a["conv_bias"])
+    args += (a["dt_bias"], a["A_log"], a["D"])
+    interpret = impl == "pallas_interpret"
+
+    def run(*args, norm_weight=None):
+        return mamba2_core_pallas(*args, norm_weight=norm_weight, interpret=interpret)
+
+    v, conv, ssm = compiled(("mamba2_core", impl), run, *args)(*args)
+    fn = lambda w, *args: run(*args, norm_weight=w)  # noqa: E731
+    vw, conv_n, ssm_n, sumsq = compiled(("mamba2_core_norm", impl), fn, weight, *args)(
+        weight, *args
+    )
+    assert vw.dtype == dtype and sumsq.shape == (batch, norm_parts(heads, headdim))
+    np.testing.assert_array_equal(np.asarray(conv_n), np.asarray(conv))
+    np.testing.assert_array_equal(np.asarray(ssm_n), np.asarray(ssm))
+    v64 = np.asarray(v, np.float64)
+    want = (v * weight).astype(dtype)  # one rounding of the same float32 product
+    np.testing.assert_allclose(
+        np.asarray(vw, np.float64), np.asarray(want, np.float64), rtol=2**-7, atol=1e-6
+    )
+    assert np.mean(np.asarray(vw) == np.asarray(want)) > 0.95
+    np.testing.assert_allclose(
+        np.asarray(sumsq, np.float64).sum(1), (v64**2).sum(1), rtol=1e-5, atol=1e-6
+    )
+    # Rows stay apart: another row's inputs change none of row 0's sums.
+    moved = (args[0].at[1:].add(1.0), args[1].at[1:].add(1.0), args[2].at[1:].add(1.0))
+    if batch > 1:
+        other = compiled(("mamba2_core_norm", impl), fn, weight, *args)(weight, *moved, *args[3:])
+        np.testing.assert_array_equal(np.asarray(other[3][0]), np.asarray(sumsq[0]))
+        np.testing.assert_array_equal(np.asarray(other[0][0]), np.asarray(vw[0]))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_add_rms_norm_applies_a_deferred_norm_scale(impl):
+    # A ScaledOut (a Mamba2 block's decode output, its gated norm's scale not yet applied):
+    # residual + out * rsqrt(sum(sumsq) / count + eps), then the block norm, against float64.
+    from jax_packmamba.layers import RMSNorm, ScaledOut
+    from jax_packmamba.model import decode_add_norm
+
+    normal, _ = host_random(5)
+    d, parts, count, eps = 200, 40, 640, 1e-5
+    residual = jnp.asarray(normal((3, d), 3.0))
+    out = jnp.asarray(normal((3, d), dtype=jnp.bfloat16))
+    sumsq = jnp.asarray(np.abs(normal((3, parts), 2.0)))
+    norm = RMSNorm(d, eps=1e-5, dtype=jnp.bfloat16)
+    norm.weight[...] = jnp.asarray(normal((d,)))
+
+    def step(residual, out, sumsq):
+        return decode_add_norm(residual, ScaledOut(out, sumsq, count, eps), norm, impl)
+
+    got = compiled(("add_norm_scaled", impl), step, residual, out, sumsq)(residual, out, sumsq)
+    scale = 1 / np.sqrt(np.asarray(sumsq, np.float64).sum(1, keepdims=True) / count + eps)
+    r64 = np.asarray(residual, np.float64) + np.asarray(out, np.float64) * scale
+    h64 = r64 / np.sqrt(np.mean(r64**2, -1, keepdims=True) + 1e-5) * np.asarray(norm.weight[...])
+    np.testing.assert_allclose(np.asarray(got[0], np.float64), r64, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got[1], np.float64), h64, rtol=1e-2, atol=1e-2)
+    # The XLA step (ScaledOut.value) within float32 rounding of the kernel's add.
+    xla = compiled(("add_norm_scaled", "xla"), lambda *a: decode_add_norm(
+        a[0], ScaledOut(a[1], a[2], count, eps), norm, "xla"), residual, out, sumsq
+    )(residual, out, sumsq)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(xla[0]), np.asarray(got[0]), rtol=1e-6, atol=1e-6)
+    from pallas_kernels.decode import add_rms_norm
+
+    with pytest.raises(ValueError, match="out_sumsq must be"):
+        add_rms_norm(residual, out, norm.weight[...], eps=eps, dtype=jnp.bfloat16,
+                     out_sumsq=sumsq[:2], out_count=count, interpret=True)  # fmt: skip
+    with pytest.raises(ValueError, match="out_count must be"):
+        add_rms_norm(residual, out, norm.weight[...], eps=eps, dtype=jnp.bfloat16,
+                     out_sumsq=sumsq, interpret=True)  # fmt: skip
+
+
 def test_mamba2_core_lowers_for_cuda_in_place_and_checks_its_arguments():
     from pallas_kernels.decode import mamba2_core_pallas
 
@@ -549,6 +639,12 @@ def test_mamba2_core_lowers_for_cuda_in_place_and_checks_its_arguments():
     text = lower_for_cuda(lambda *a: mamba2_core_pallas(*a), *args)
     assert re.findall(r'name = "(decode_[a-z_]+)"', text) == ["decode_conv", "decode_ssd_update"]
     assert len(re.findall(r"stablehlo.output_operand_alias<[^>]*>", text)) == 2
+    # With the norm's weight: the same two kernels, v * weight in bf16 and 160 sums a row.
+    norm = lambda w, *a: mamba2_core_pallas(*a, norm_weight=w)  # noqa: E731
+    out = jax.eval_shape(norm, sds((e,), f32), *args)
+    assert (out[0].shape, out[0].dtype, out[3].shape) == ((b, e), bf, (b, 160))
+    text = lower_for_cuda(norm, sds((e,), f32), *args)
+    assert re.findall(r'name = "(decode_[a-z_]+)"', text) == ["decode_conv", "decode_ssd_update"]
 
     a = mamba2_core_args(2, 4, 16, 2, 16, 4, jnp.float32, conv_bias=True, D_shape="heads")
     a["zxbcdt"] = a["zxbcdt"][0]
@@ -627,10 +723,10 @@ def test_mamba2_fuses_in_proj_where_the_rule_and_the_tiles_allow(monkeypatch):
         assert len(re.findall(r"stablehlo.output_operand_alias<[^>]*>", text)) == 2
         return re.findall(r'name = "(decode_[a-z_]+)"', text)
 
-    assert kernels() == ["decode_conv", "decode_ssd_update"]  # off by default until timed
-    monkeypatch.setattr("pallas_kernels.decode.config.MAMBA2_FUSE_IN_PROJ_ROWS", 16)
-    assert kernels() == ["decode_in_proj_conv", "decode_ssd_update"]
+    assert kernels() == ["decode_in_proj_conv", "decode_ssd_update"]  # up to 16 rows
     assert kernels(fuse=False) == ["decode_conv", "decode_ssd_update"]
+    monkeypatch.setattr("pallas_kernels.decode.config.MAMBA2_FUSE_IN_PROJ_ROWS", 0)
+    assert kernels() == ["decode_conv", "decode_ssd_update"]
     a = mamba2_core_args(2, 2, 24, 1, 16, 4, jnp.float32, conv_bias=True, D_shape="heads")
     core = (a["conv_state"], a["ssm_state"], a["conv_weight"], a["conv_bias"])
     core += (a["dt_bias"], a["A_log"], a["D"])

@@ -30,6 +30,7 @@ from jax_packmamba.generation import (
 )
 from jax_packmamba.sampling import SamplingConfig
 from tests.compiled import compiled
+from tests.gpu import on_gpu
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parity"
 # Lengths around d_conv - 1 = 3 (a shorter prompt's conv window holds zeros) and past a scan
@@ -640,6 +641,41 @@ def test_repeat_calls_in_the_same_buckets_compile_nothing(prepared, model):
     with compile_stats() as stats:
         generate(prepared, prompts_of((5, 20, 9), vocab, seed=9), 40, **first)
     assert stats.compiles + stats.cache_hits >= 1 and stats.seconds > 0, stats
+
+
+@pytest.mark.parametrize("backend", ["cpu", on_gpu("gpu")])
+def test_large_batches_decode_with_cublas_gemms_and_the_same_tokens(
+    backend, prepared, model, monkeypatch
+):
+    # From CUBLAS_GEMM_ROWS rows the loop is jitted with XLA's Triton GEMM fusions off (an XLA
+    # GPU option: on a CPU it changes nothing, so the tokens must be bit-identical; on a GPU
+    # its compiled loop holds fewer Triton GEMMs).
+    from jax_packmamba import generation as gen
+
+    assert gen.decode_loop_for(gen.CUBLAS_GEMM_ROWS) is gen._decode_loop_cublas
+    assert gen.decode_loop_for(gen.CUBLAS_GEMM_ROWS - 1) is gen._decode_loop
+    prompts = prompts_of((4, 11, 6), model.config.vocab_size, seed=21)
+    sampling = SamplingConfig(temperature=0.8, top_p=0.9, seed=5)
+    want = decode_batch(prepared, prefill_batch(prepared, prompts), 7, sampling)
+    monkeypatch.setattr(gen, "CUBLAS_GEMM_ROWS", 1)
+    gen._decode_loop_cublas.clear_cache()
+    got = decode_batch(prepared, prefill_batch(prepared, prompts), 7, sampling)
+    assert gen._decode_loop_cublas._cache_size() == 1  # decode_batch ran this loop
+    if backend == "cpu":
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        return
+    run = gen._begin(prepared, prefill_batch(prepared, prompts), 7, sampling)
+    args = (prepared, run, jnp.int32(7), sampling.params())
+    kw = dict(mode=sampling.mode, impl="pallas", vocab_size=model.config.vocab_size)
+    texts = [
+        loop.lower(*args, **kw).compile().as_text()
+        for loop in (gen._decode_loop_cublas, gen._decode_loop)
+    ]
+    # The option reaches XLA: the programs differ (some of the tiny model's products stay
+    # Triton GEMMs even so: the first run of this test on an H100 found one).
+    assert texts[0] != texts[1]
+    assert texts[0].count("__triton_gemm") < texts[1].count("__triton_gemm")
 
 
 def test_streaming_yields_growing_prefixes_of_the_unstreamed_result(prepared, model):

@@ -22,6 +22,7 @@ from jax_packmamba.generation import (
     stream,
 )
 from jax_packmamba.sampling import SamplingConfig
+from tests.gpu import on_gpu
 
 # Two groups of 4 heads (headdim 16), chunks of 8 so that prompts cross chunk edges, D per
 # channel. Prompt lengths: 1 and 2 (shorter than the conv window), multiples of the chunk (24,
@@ -237,10 +238,36 @@ def test_pallas_decode_step_generates_what_the_xla_step_does(prepared):
         np.testing.assert_array_equal(a, b)
 
 
-def test_decode_loop_lowers_for_cuda_with_three_kernels_a_layer():
+@pytest.mark.parametrize("impl", ["pallas_interpret", on_gpu("pallas")])
+def test_pallas_step_leaves_the_gated_norm_scale_to_the_next_add(impl, monkeypatch):
+    # One norm group over all channels (ngroups 1, as the released models): the Pallas step
+    # hands each block's output on unscaled with its sums of squares (a ScaledOut) and the
+    # next add + norm kernel scales it. One step's logits and states against the XLA step.
+    from jax_packmamba.mamba2 import defers_norm
+
+    config = dataclasses.replace(CONFIG, ngroups=1)
+    assert not defers_norm(config, impl)  # off until timed on a GPU
+    monkeypatch.setattr("pallas_kernels.decode.config.MAMBA2_DEFER_NORM", True)
+    assert defers_norm(config, impl) and not defers_norm(CONFIG, impl)
+    assert not defers_norm(config, "xla")
+    prepared = prepare(random_model(config, 1))
+    _, state = prefill(prepared, prompts_of((3, 9), seed=4))
+    tokens = jnp.asarray([5, 7])
+    want = step(prepared, tokens, state, decode_impl="xla")
+    got = step(prepared, tokens, state, decode_impl=impl)
+    tol = 1e-5 if impl == "pallas_interpret" else 5e-3  # a GPU's XLA step: TF32 products
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=tol, atol=tol)
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("defer_norm", [False, True])
+def test_decode_loop_lowers_for_cuda_with_three_kernels_a_layer(defer_norm, monkeypatch):
     # The jitted loop as a GPU runs it: each layer's step (one function, lowered once) holds
     # the add + norm kernel, the conv kernel and the state-update kernel, the last two writing
-    # the conv state and the SSM state in place.
+    # the conv state and the SSM state in place. With the norm's scale deferred, the first
+    # layer's zero `pending` is a ScaledOut too: still one layer step for all.
+    monkeypatch.setattr("pallas_kernels.decode.config.MAMBA2_DEFER_NORM", defer_norm)
     import re
 
     from jax_packmamba import generation as gen

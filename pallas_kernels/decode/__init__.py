@@ -23,7 +23,7 @@ from pallas_kernels.decode import config as decode_config
 from pallas_kernels.decode import kernel, ssd_update
 from pallas_kernels.decode.add_norm import add_rms_norm
 from pallas_kernels.decode.config import DecodeConfig, pick_config
-from pallas_kernels.decode.ssd_update import STATE_DTYPES, ssd_update_pallas
+from pallas_kernels.decode.ssd_update import STATE_DTYPES, norm_parts, ssd_update_pallas
 
 __all__ = [
     "STATE_DTYPES",
@@ -35,6 +35,7 @@ __all__ = [
     "mamba2_pallas",
     "mixer_core_pallas",
     "mixer_pallas",
+    "norm_parts",
     "pick_config",
     "ssd_update_pallas",
     "supported",
@@ -204,7 +205,17 @@ MAMBA2_CONV = DecodeConfig()
 
 
 def mamba2_core_pallas(
-    zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D, *, interpret=False
+    zxbcdt,
+    conv_state,
+    ssm_state,
+    conv_weight,
+    conv_bias,
+    dt_bias,
+    A_log,
+    D,
+    *,
+    norm_weight=None,
+    interpret=False,
 ):
     """A Mamba2 mixer's decode step between in_proj and its norm, in two kernels that read
     in_proj's output where it lies (no slices of it copied out): the conv step over xBC
@@ -218,11 +229,17 @@ def mamba2_core_pallas(
       ssm_state: (b, h, p, n) float32 or bfloat16 (its storage dtype; others run as float32).
       conv_weight: (x, w); conv_bias: (x,) or None (used in c, as the unfused step does).
       dt_bias, A_log: (h,) float32 (A = -exp(A_log)); D: (h,), (h, p) or None.
+      norm_weight: (e,) or None: the weight of a gated RMSNorm over all e channels (one
+        group). Its scale rsqrt(mean(v^2) + eps) is one number a row, which commutes with
+        out_proj: the caller applies it after out_proj (Mamba2Mixer's `defer_norm`), and the
+        kernel hands back what it needs, v * weight in c and v's sums of squares.
       interpret: run through the Pallas interpreter (any backend; no PTX math).
 
     Returns:
       (v (b, e) float32, conv_state', ssm_state'): v = y * silu(z) with y = C.h + D x from the
       float32 state, as Mamba2Mixer's XLA step computes them (which rounds y to c first).
+      With norm_weight: (v * norm_weight in c, conv_state', ssm_state', sumsq (b, P) float32),
+      where sumsq summed over P is the sum of v^2 over the row's e channels.
     """
     dims = check_mamba2_args(
         zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D
@@ -238,8 +255,9 @@ def mamba2_core_pallas(
         num_warps=MAMBA2_CONV.num_warps_conv,
         interpret=interpret,
     )
-    v, ssm_state = _mamba2_update(zxbcdt, xbc, ssm_state, dt_bias, A_log, D, dims, interpret)
-    return v, conv_state, ssm_state
+    return _mamba2_update(
+        zxbcdt, xbc, conv_state, ssm_state, dt_bias, A_log, D, dims, norm_weight, interpret
+    )
 
 
 def mamba2_pallas(
@@ -254,6 +272,7 @@ def mamba2_pallas(
     D,
     *,
     fuse: bool | None = None,
+    norm_weight=None,
     interpret: bool = False,
 ):
     """A Mamba2 mixer's decode step from its normed input to its norm's input: in_proj (no
@@ -279,7 +298,7 @@ def mamba2_pallas(
         fuse = tiles and b <= min(decode_config.MAMBA2_FUSE_IN_PROJ_ROWS, cfg.block_rows)
     if not fuse:
         zxbcdt = jnp.dot(hidden, in_proj_weight.astype(c))
-        return mamba2_core_pallas(zxbcdt, *args, interpret=interpret)
+        return mamba2_core_pallas(zxbcdt, *args, norm_weight=norm_weight, interpret=interpret)
     if b > cfg.block_rows or not tiles:
         raise ValueError(
             f"fuse needs batch <= {cfg.block_rows}, d_model={d} a multiple of {cfg.block_k}, "
@@ -303,8 +322,9 @@ def mamba2_pallas(
         num_stages=cfg.num_stages_in_proj,
         interpret=interpret,
     )
-    v, ssm_state = _mamba2_update(zxbcdt, xbc, ssm_state, dt_bias, A_log, D, dims, interpret)
-    return v, conv_state, ssm_state
+    return _mamba2_update(
+        zxbcdt, xbc, conv_state, ssm_state, dt_bias, A_log, D, dims, norm_weight, interpret
+    )
 
 
 def check_in_proj_args(hidden, in_proj_weight, width: str):
@@ -375,17 +395,26 @@ def _mamba2_conv_static(dims, cfg: DecodeConfig, dtype, interpret: bool) -> kern
     )
 
 
-def _mamba2_update(zxbcdt, xbc, ssm_state, dt_bias, A_log, D, dims, interpret):
+def _mamba2_update(
+    zxbcdt, xbc, conv_state, ssm_state, dt_bias, A_log, D, dims, norm_weight, interpret
+):
     """decode_ssd_update reading x, B, C from the conv's output xbc and z, dt from zxbcdt:
-    (v (b, e) float32, ssm_state')."""
+    mamba2_core_pallas's return values."""
     _, h, p, g, n, x, _ = dims
+    if norm_weight is not None and tuple(np.shape(norm_weight)) != (h * p,):
+        raise ValueError(f"norm_weight must have shape {(h * p,)}, got {np.shape(norm_weight)}")
     st = ssd_update.packed_static(h, g, p, n, x, fast=not interpret)
     inputs = dict(xbc=xbc.reshape(-1), zxbcdt=zxbcdt.reshape(-1), A_log=A_log.astype(F32))
     state = ssm_state if ssm_state.dtype in STATE_DTYPES else ssm_state.astype(F32)
     dt_bias = None if dt_bias is None else dt_bias.astype(F32)
     D = None if D is None else D.astype(F32)
-    ssm_state, v = ssd_update.update(state, inputs, D, dt_bias, st, F32, interpret)
-    return v, ssm_state
+    if norm_weight is None:
+        ssm_state, v = ssd_update.update(state, inputs, D, dt_bias, st, F32, interpret)
+        return v, conv_state, ssm_state
+    ssm_state, vw, sumsq = ssd_update.update(
+        state, inputs, D, dt_bias, st, zxbcdt.dtype, interpret, norm_weight.astype(F32)
+    )
+    return vw, conv_state, ssm_state, sumsq
 
 
 def _static(b, e, n, r, w, cfg: DecodeConfig, dtype, interpret: bool, d_model: int = 0):

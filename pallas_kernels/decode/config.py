@@ -32,8 +32,8 @@ class DecodeConfig:
         block_conv); mixer_core_pallas ignores it.
     x_proj_in_conv: x_proj's partials in the conv kernel (decode_conv_x_proj), or (False) the
         conv step alone (decode_conv) and x_proj as XLA's product, which at large batch
-        reads x_proj's weight once rather than once a row block (not yet timed: the decode
-        sweep's last tiling).
+        reads x_proj's weight once rather than once a row block (pick_config: past
+        X_PROJ_IN_CONV_ROWS rows).
     block_k: in_proj's contraction tile in that kernel (a divisor of d_model).
     num_warps_in_proj, num_stages_in_proj: its warps, and how deep Triton pipelines the
         weight tiles' loads (the kernel is a read of in_proj's weight).
@@ -72,17 +72,28 @@ class DecodeConfig:
 # row block. One H100 (DESIGN.md, round 4): the 2.8b decode step 3.27 -> 3.06 ms at batch 1 and
 # 3.68 -> 3.49 ms at 16; past one row block XLA's GEMM re-reads the weight less.
 FUSE_IN_PROJ_ROWS = 16
-# The same for Mamba2's decode step (mamba2_pallas): in_proj fused into its conv step. 0: off
-# until timed on a GPU (the Mamba1 fusion saved 0.2 ms a step; Mamba2's conv kernel is 3.5 us
-# a layer at batch 1).
-MAMBA2_FUSE_IN_PROJ_ROWS = 0
+# The same for Mamba2's decode step (mamba2_pallas): in_proj fused into its conv step. One H100
+# (DESIGN.md, round 5): the mamba2-2.7b step 3.031 -> 2.979 ms at batch 1.
+MAMBA2_FUSE_IN_PROJ_ROWS = 16
+# Whether Mamba2's decode step leaves its gated norm's scale to the next residual add
+# (jax_packmamba.mamba2.defers_norm: the state-update kernel writes v * weight and v's sums of
+# squares, the add + norm kernel scales; three XLA kernels a layer fewer). Built and tested
+# through the interpreter and the CUDA lowering, not yet run on a GPU: off until timed.
+MAMBA2_DEFER_NORM = False
+# Rows up to which Mamba1's conv kernel also computes x_proj's partials (decode_conv_x_proj);
+# past them the conv step runs alone (decode_conv) and x_proj is XLA's product, which reads
+# x_proj's weight once rather than once a row block. One H100 (DESIGN.md, round 5), the 2.8b
+# mixer core: 28.35 -> 27.03 us a layer at batch 32, 75.69 -> 61.22 at 128; at 8 it was
+# 18.57 -> 20.92 (and up to 16 rows in_proj's fused kernel takes x_proj's partials anyway).
+X_PROJ_IN_CONV_ROWS = 16
 
 
 def pick_config(batch: int, d_inner: int, d_state: int, d_model: int | None = None) -> DecodeConfig:
-    """Most programs at small batch; at large batch fewer x_proj partials, and 8 warps where
-    the state tile would crowd 4 warps' registers. With d_model (mixer_pallas): in_proj fused
-    into the conv kernel at up to FUSE_IN_PROJ_ROWS rows, where the shapes tile evenly (the
-    module's value, read at each call)."""
+    """Most programs at small batch; past X_PROJ_IN_CONV_ROWS rows x_proj as XLA's product
+    after the conv step alone, and 8 warps where the state tile would crowd 4 warps'
+    registers. With d_model (mixer_pallas): in_proj fused into the conv kernel at up to
+    FUSE_IN_PROJ_ROWS rows, where the shapes tile evenly (the modules' values, read at each
+    call)."""
     base = DecodeConfig()
     fuse = (
         d_model is not None
@@ -100,4 +111,5 @@ def pick_config(batch: int, d_inner: int, d_state: int, d_model: int | None = No
         conv_blocks_per_program=per_program,
         num_warps_state=4 if tile <= 8192 else 8,
         fuse_in_proj=fuse,
+        x_proj_in_conv=batch <= X_PROJ_IN_CONV_ROWS,
     )

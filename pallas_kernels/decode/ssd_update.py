@@ -110,6 +110,13 @@ def _ssd_update_kernel(refs, *, st: Static):
     if st.z is not None:
         z = plgpu.load(at(st.z, channel, st.block_p), mask=pmask, other=0).astype(F32)
         y = y * (z * sigmoid(z, fast=st.fast))
+    if "norm_weight" in refs:
+        # The gated norm over all of a row's channels, left to the caller: this block's sum of
+        # y^2 (y is 0 on masked channels), and y times the norm's weight.
+        part = pl.ds(row * pl.num_programs(1) + pl.program_id(1), 1)
+        plgpu.store(refs["sumsq"].at[part], jnp.sum(y * y, axis=0, keepdims=True))
+        weight = plgpu.load(refs["norm_weight"].at[pl.ds(channel, st.block_p)], mask=pmask, other=0)
+        y = y * weight.astype(F32)
     out = pl.ds(row * st.headdim + p0, st.block_p)
     plgpu.store(refs["y"].at[out], y.astype(refs["y"].dtype), mask=pmask)
 
@@ -187,6 +194,11 @@ def ssd_update_pallas(
     return state_out, y.reshape(b, h, p)
 
 
+def norm_parts(heads: int, headdim: int) -> int:
+    """Columns of the kernel's sums of squares (update's norm_weight): one a program of a row."""
+    return heads * -(-headdim // min(_pow2(headdim), 32))
+
+
 def packed_static(heads, groups, headdim, d_state, conv_dim, *, fast: bool) -> Static:
     """mamba2_core_pallas's layout: x, B and C in the conv's output "xbc" (b, conv_dim), z and
     dt in in_proj's "zxbcdt" (b, e + conv_dim + h), the gate applied."""
@@ -209,29 +221,39 @@ def packed_static(heads, groups, headdim, d_state, conv_dim, *, fast: bool) -> S
     )
 
 
-def update(state, inputs, D, dt_bias, st: Static, y_dtype, interpret: bool):
+def update(state, inputs, D, dt_bias, st: Static, y_dtype, interpret: bool, norm_weight=None):
     """The kernel's call: (state' (b, h, p, n), y (b, h * p) y_dtype). inputs: the arrays that
-    st's operands name (flat), and A (h,) or A_log (h,)."""
+    st's operands name (flat), and A (h,) or A_log (h,). With norm_weight (h * p,): y times it,
+    and a third output, (b, h * p blocks) float32 sums of y^2 over each block of channels (y
+    before the weight)."""
     b, h, p, n = state.shape
     # A per-head D is read as it is: broadcasting it to (h, p) was an XLA kernel every step.
     st = dataclasses.replace(st, d_per_head=D is not None and D.ndim == 1)
-    state_out, y = launch.call(
+    p_blocks = -(-p // st.block_p)
+    outputs = dict(
+        state_out=jax.ShapeDtypeStruct((b * h * p, n), jnp.result_type(state)),
+        y=jax.ShapeDtypeStruct((b * h * p,), y_dtype),
+    )
+    if norm_weight is not None:
+        outputs["sumsq"] = jax.ShapeDtypeStruct((b * h * p_blocks,), F32)
+    results = launch.call(
         _ssd_update_kernel,
         dict(
             state=state.reshape(b * h * p, n),
             **inputs,
             dt_bias=dt_bias,
             D=None if D is None else D.reshape(-1),
+            norm_weight=norm_weight,
         ),
-        dict(
-            state_out=jax.ShapeDtypeStruct((b * h * p, n), jnp.result_type(state)),
-            y=jax.ShapeDtypeStruct((b * h * p,), y_dtype),
-        ),
-        grid=(b * h, -(-p // st.block_p)),
+        outputs,
+        grid=(b * h, p_blocks),
         name="decode_ssd_update",
         num_warps=4,
         interpret=interpret,
         aliases=dict(state_out="state"),
         st=st,
     )
-    return state_out.reshape(b, h, p, n), y.reshape(b, h * p)
+    state_out, y = results[0].reshape(b, h, p, n), results[1].reshape(b, h * p)
+    if norm_weight is None:
+        return state_out, y
+    return state_out, y, results[2].reshape(b, h * p_blocks)
