@@ -497,15 +497,17 @@ def test_packed_loss_equals_each_sequence_alone():
     b = data_lib.Batcher(pieces, mode="packed", seq_len=16, batch_size=3, shuffle=False, wrap=False)
     arr = next(b)["arrays"]
     assert b.consumed == 5
-    ce, n = jax.jit(step_lib.token_losses, static_argnums=0)(
-        graphdef, params, *(arr[k][0] for k in data_lib.BATCH_KEYS)
-    )
+    # One program each, XLA's backend optimisations off on CPU (tests/compiled.py).
+    xs = (params, *(arr[k][0] for k in data_lib.BATCH_KEYS))
+    token_losses = lambda p, *a: step_lib.token_losses(graphdef, p, *a)  # noqa: E731
+    ce, n = compiled(("packed_token_losses",), token_losses, *xs)(*xs)
     # Each piece alone in its own row, at column 0, without segment_ids (causal: the padding
     # after it cannot change its logits).
     alone = np.zeros((len(pieces), 16), np.int32)
     for i, p in enumerate(pieces):
         alone[i, : len(p)] = p
-    logits = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x))(params, alone)
+    forward = lambda params, x: nnx.merge(graphdef, params)(x)  # noqa: E731
+    logits = compiled(("alone_logits",), forward, params, alone)(params, alone)
     logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32)))
     expected = -sum(logp[i, np.arange(len(p) - 1), p[1:]].sum() for i, p in enumerate(pieces))
     print("packed", float(ce), "alone", expected)
@@ -554,7 +556,7 @@ def test_grad_accumulation_equals_one_big_batch_and_schedule():
     b = data_lib.Batcher(pieces, mode="packed", seq_len=32, batch_size=2, grad_accum=2, seed=0)
     batch = next(b)["arrays"]
     big = {k: v.reshape(1, 4, 32) for k, v in batch.items()}  # the two micro-batches as one
-    state = jax.jit(lambda: step_lib.init_state(config, tx, 0))()
+    state = compiled(("grad_accum_init",), lambda: step_lib.init_state(config, tx, 0))()
 
     def step(state, x):  # one program per batch shape, XLA's backend optimisations off on CPU
         fn = lambda s, x: step_lib.train_step(s, x, graphdef=graphdef, tx=tx)  # noqa: E731
