@@ -537,9 +537,10 @@ def _layer_step(graph, params, residual, pending, conv, ssm, *, impl: str):
     lowering before it can look the program up in the persistent cache."""
     block = nnx.merge(graph, params)
     residual, hidden = decode_add_norm(residual, pending, block.norm, impl)
-    defer = dict(defer_norm=defers_norm(block.mixer.config, impl))
-    defer = defer if isinstance(block.mixer, Mamba2Mixer) else {}
-    out, cache = block.mixer(hidden, None, MixerState(conv, ssm), decode_impl=impl, **defer)
+    options = {}
+    if isinstance(block.mixer, Mamba2Mixer):
+        options = dict(defer_norm=defers_norm(block.mixer.config, impl))
+    out, cache = block.mixer(hidden, None, MixerState(conv, ssm), decode_impl=impl, **options)
     return residual, out, cache.conv, cache.ssm
 
 

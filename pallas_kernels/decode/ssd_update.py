@@ -66,6 +66,11 @@ def _pow2(x: int) -> int:
     return max(16, 1 << (x - 1).bit_length())
 
 
+def _block_p(headdim: int) -> int:
+    """The default headdim channels a program: all of them, up to 32."""
+    return min(_pow2(headdim), 32)
+
+
 def _ssd_update_kernel(refs, *, st: Static):
     row = pl.program_id(0)  # batch row * heads + head
     p0 = pl.program_id(1) * st.block_p
@@ -170,7 +175,7 @@ def ssd_update_pallas(
     if D is not None and shape(D) not in ((h,), (h, p)):
         raise ValueError(f"D must have shape ({h},) or {(h, p)}, got {shape(D)}")
     if block_p is None:
-        block_p = min(_pow2(p), 32)
+        block_p = _block_p(p)
     if block_p < 16 or block_p & (block_p - 1):
         raise ValueError(f"block_p={block_p} must be a power of two >= 16")
     st = Static(
@@ -196,7 +201,7 @@ def ssd_update_pallas(
 
 def norm_parts(heads: int, headdim: int) -> int:
     """Columns of the kernel's sums of squares (update's norm_weight): one a program of a row."""
-    return heads * -(-headdim // min(_pow2(headdim), 32))
+    return heads * -(-headdim // _block_p(headdim))
 
 
 def packed_static(heads, groups, headdim, d_state, conv_dim, *, fast: bool) -> Static:
@@ -209,7 +214,7 @@ def packed_static(heads, groups, headdim, d_state, conv_dim, *, fast: bool) -> S
         groups=groups,
         headdim=headdim,
         d_state=d_state,
-        block_p=min(_pow2(headdim), 32),
+        block_p=_block_p(headdim),
         block_n=_pow2(d_state),
         dt_softplus=True,
         fast=fast,
