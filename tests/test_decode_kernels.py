@@ -135,6 +135,7 @@ FUSED_CASES = {
     "ragged": (3, 96, 192, 16, 12, dict(block_conv=32, block_k=32), {}),
     "one_row_one_block": (1, 64, 64, 8, 4, dict(block_conv=64, block_k=64), {}),
     "full_row_block": (16, 128, 96, 16, 8, dict(block_conv=32, block_k=128), {}),
+    "one_block_of_32_rows": (20, 64, 64, 16, 8, dict(block_rows=32, block_conv=32, block_k=64), {}),
     "no_biases": (
         2,
         32,
@@ -185,6 +186,17 @@ def test_pick_config_fuses_in_proj_at_small_batches_that_tile_evenly(monkeypatch
     assert not pick_config(1, 5120, 16).fuse_in_proj  # mixer_core_pallas: no in_proj
     assert not pick_config(1, 5120, 16, 2560 + 64).fuse_in_proj  # d_model off block_k
     assert not pick_config(1, 5120 + 32, 16, 2560).fuse_in_proj  # d_inner off block_conv
+    # One block of 32 rows for 17-32 rows where the rule allows that many (8 state warps).
+    monkeypatch.setattr("pallas_kernels.decode.config.FUSE_IN_PROJ_ROWS", 32)
+    cfg = pick_config(20, 5120, 16, 2560)
+    assert cfg.fuse_in_proj and cfg.block_rows == 32 and cfg.num_warps_state == 8
+    assert pick_config(16, 5120, 16, 2560).block_rows == 16
+    assert not pick_config(33, 5120, 16, 2560).fuse_in_proj
+    assert pick_config(33, 5120, 16, 2560).block_rows == 16
+    monkeypatch.setattr("pallas_kernels.decode.config.FUSE_IN_PROJ_ROWS", 64)
+    assert not pick_config(33, 5120, 16, 2560).fuse_in_proj  # one row block at most
+    monkeypatch.setattr("pallas_kernels.decode.config.FUSE_IN_PROJ_ROWS", 16)
+    assert not pick_config(20, 5120, 16, 2560).fuse_in_proj
     # x_proj's partials in the conv kernel up to 16 rows, XLA's product past them.
     assert pick_config(16, 5120, 16).x_proj_in_conv
     assert not pick_config(17, 5120, 16).x_proj_in_conv
@@ -665,6 +677,7 @@ MAMBA2_FUSED_CASES = {
     # block (dt's), xBC's 128 columns start after z's 64.
     "one_row_ragged": (1, 2, 32, 1, 32, True, "heads"),
     "full_row_block": (16, 4, 16, 2, 16, False, None),
+    "one_block_of_32_rows": (20, 4, 16, 1, 32, True, "heads"),  # 17-32 rows: block_rows 32
 }
 
 

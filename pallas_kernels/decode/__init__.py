@@ -294,16 +294,18 @@ def mamba2_pallas(
     cfg = MAMBA2_CONV
     e, x = dims[1] * dims[2], dims[5]
     tiles = not (d % cfg.block_k or e % cfg.block_conv or x % cfg.block_conv)
+    most = decode_config.FUSED_ROWS_MAX
     if fuse is None:
-        fuse = tiles and b <= min(decode_config.MAMBA2_FUSE_IN_PROJ_ROWS, cfg.block_rows)
+        fuse = tiles and b <= min(decode_config.MAMBA2_FUSE_IN_PROJ_ROWS, most)
     if not fuse:
         zxbcdt = jnp.dot(hidden, in_proj_weight.astype(c))
         return mamba2_core_pallas(zxbcdt, *args, norm_weight=norm_weight, interpret=interpret)
-    if b > cfg.block_rows or not tiles:
+    if b > most or not tiles:
         raise ValueError(
-            f"fuse needs batch <= {cfg.block_rows}, d_model={d} a multiple of {cfg.block_k}, "
+            f"fuse needs batch <= {most}, d_model={d} a multiple of {cfg.block_k}, "
             f"d_inner={e} and conv_dim={x} of {cfg.block_conv}"
         )
+    cfg = dataclasses.replace(cfg, block_rows=decode_config.fused_block_rows(b))  # one block
     st = dataclasses.replace(
         _mamba2_conv_static(dims, cfg, c, interpret),
         d_model=d,

@@ -70,8 +70,17 @@ class DecodeConfig:
 
 # Rows up to which mixer_pallas fuses in_proj into the conv kernel (decode_in_proj_conv): one
 # row block. One H100 (DESIGN.md, round 4): the 2.8b decode step 3.27 -> 3.06 ms at batch 1 and
-# 3.68 -> 3.49 ms at 16; past one row block XLA's GEMM re-reads the weight less.
+# 3.68 -> 3.49 ms at 16. The kernel also runs one block of 32 rows (17 to 32 rows, with
+# every decode kernel's block_rows 32): not yet timed, so the rules stop at 16.
 FUSE_IN_PROJ_ROWS = 16
+FUSED_ROWS_MAX = 32
+
+
+def fused_block_rows(batch: int) -> int:
+    """The fused kernel's one row block for `batch` rows (at most FUSED_ROWS_MAX): 16 or 32."""
+    return DecodeConfig().block_rows if batch <= DecodeConfig().block_rows else FUSED_ROWS_MAX
+
+
 # The same for Mamba2's decode step (mamba2_pallas): in_proj fused into its conv step. One H100
 # (DESIGN.md, round 5): the mamba2-2.7b step 3.031 -> 2.979 ms at batch 1.
 MAMBA2_FUSE_IN_PROJ_ROWS = 16
@@ -97,17 +106,20 @@ def pick_config(batch: int, d_inner: int, d_state: int, d_model: int | None = No
     base = DecodeConfig()
     fuse = (
         d_model is not None
-        and batch <= FUSE_IN_PROJ_ROWS
+        and batch <= min(FUSE_IN_PROJ_ROWS, FUSED_ROWS_MAX)
         and d_model % base.block_k == 0
         and d_inner % base.block_conv == 0
     )
-    row_blocks = -(-batch // base.block_rows)
+    # The fused kernel takes one row block: 32 rows past 16.
+    block_rows = fused_block_rows(batch) if fuse else base.block_rows
+    row_blocks = -(-batch // block_rows)
     conv_blocks = -(-d_inner // base.block_conv)
     # About two programs an SM for the conv kernel, never fewer than one block each.
     per_program = max(1, min(conv_blocks, (conv_blocks * row_blocks) // (2 * core_count())))
-    tile = base.block_rows * base.block_state * d_state
+    tile = block_rows * base.block_state * d_state
     return dataclasses.replace(
         base,
+        block_rows=block_rows,
         conv_blocks_per_program=per_program,
         num_warps_state=4 if tile <= 8192 else 8,
         fuse_in_proj=fuse,
