@@ -109,6 +109,7 @@ DECODE_SWEEP = [
     dict(num_warps_conv=2, num_warps_state=2),
     dict(block_conv=32, block_state=16, num_warps_conv=2, num_warps_state=2),
     dict(x_proj_in_conv=False),  # the conv step alone, x_proj as XLA's (the default past 16 rows)
+    dict(state_one_row=True),  # the state kernel one row a program, no dot
 ]
 
 

@@ -86,6 +86,8 @@ CASES = {
     "width2_walk": (5, 200, 16, 12, 2, dict(config=DecodeConfig(conv_blocks_per_program=2))),
     # The conv step alone (decode_conv) and x_proj as XLA's product.
     "xla_x_proj": (20, 200, 8, 12, 4, dict(config=DecodeConfig(x_proj_in_conv=False))),
+    # The state kernel one row a program, dt_proj summed without a dot (ragged channels).
+    "state_one_row": (3, 200, 16, 12, 4, dict(config=DecodeConfig(state_one_row=True))),
 }
 
 
@@ -246,6 +248,10 @@ def test_kernels_lower_for_cuda_with_named_kernels_and_in_place_states():
     text = lower_for_cuda(lambda *a: mixer_core_pallas(*a, config=split), *args)
     names = re.findall(r'name = "(decode_[a-z_]+)"', text)
     assert sorted(names) == ["decode_conv", "decode_ssm_update"], names
+    assert len(re.findall(r"stablehlo.output_operand_alias<[^>]*>", text)) == 2
+    # The state kernel one row a program (its dt_proj without a dot) lowers too.
+    one_row = DecodeConfig(state_one_row=True)
+    text = lower_for_cuda(lambda *a: mixer_core_pallas(*a, config=one_row), *args)
     assert len(re.findall(r"stablehlo.output_operand_alias<[^>]*>", text)) == 2
 
 

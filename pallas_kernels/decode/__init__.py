@@ -443,6 +443,8 @@ def _ssm_update(parts, xc, xz, ssm_state, dt_proj_weight, dt_bias, A_log, D, st,
     then the state-update kernel: (y, ssm_state')."""
     c = xz.dtype
     dbc = parts[0] if parts.shape[0] == 1 else jnp.sum(parts, axis=0)
+    if cfg.state_one_row:
+        st = dataclasses.replace(st, block_rows=1)
     ssm_state, y = kernel.ssm_update(
         dbc,
         dt_proj_weight.astype(c),

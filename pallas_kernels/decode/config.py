@@ -34,6 +34,9 @@ class DecodeConfig:
         conv step alone (decode_conv) and x_proj as XLA's product, which at large batch
         reads x_proj's weight once rather than once a row block (pick_config: past
         X_PROJ_IN_CONV_ROWS rows).
+    state_one_row: the state-update kernel one batch row a program, dt_proj as a product
+        summed over the rank instead of a dot over a 16-row block (a batch of 1 pads its row
+        to 16 for the dot and carries 16 rows of state tile). Not yet timed: off.
     block_k: in_proj's contraction tile in that kernel (a divisor of d_model).
     num_warps_in_proj, num_stages_in_proj: its warps, and how deep Triton pipelines the
         weight tiles' loads (the kernel is a read of in_proj's weight).
@@ -47,6 +50,7 @@ class DecodeConfig:
     num_warps_state: int = 4
     fuse_in_proj: bool = False
     x_proj_in_conv: bool = True
+    state_one_row: bool = False
     block_k: int = 128
     num_warps_in_proj: int = 4
     num_stages_in_proj: int = 3

@@ -18,7 +18,8 @@ Two kernels, because x_proj sums over all channels and dt_proj needs that sum in
                         Mamba2's too (no x_proj; the conv's columns are xBC's, after z).
     decode_conv         the conv step alone: Mamba2's over xBC (its state update is
                         ssd_update.py's), or Mamba1's with x_proj left to XLA's product.
-    decode_ssm_update   per (row block, channel block), after the partials are summed: dt_proj
+    decode_ssm_update   per (row block, channel block; or one row, state_one_row), after the
+                        partials are summed: dt_proj
                         of the summed dt part, softplus(dt + bias), the state update
                         h = exp(dt A) h + dt x B (in place: the float32 state is read once and
                         written once), y = C.h + D x, y * silu(z).
@@ -251,7 +252,12 @@ def _ssm_update_kernel(refs, *, st: Static):
     dtw = plgpu.load(
         dtw_ref.at[pl.ds(0, st.rank_pad), cols], mask=rank_mask[:, None] & cmask[None, :], other=0
     ).astype(c)
-    dt = jnp.dot(dt_low, dtw, preferred_element_type=F32, precision=st.precision)
+    if st.block_rows == 1:
+        # One row a program (DecodeConfig.state_one_row): dt_proj as a product summed over the
+        # rank, where a dot would pad the row to 16 (Triton's smallest).
+        dt = jnp.sum(dt_low.astype(F32)[:, :, None] * dtw.astype(F32)[None, :, :], axis=1)
+    else:
+        dt = jnp.dot(dt_low, dtw, preferred_element_type=F32, precision=st.precision)
     dt = dt.astype(c).astype(F32)
     bias = plgpu.load(dtb_ref.at[cols], mask=cmask, other=0).astype(F32)
     delta = softplus(dt + bias[None, :], fast=st.fast)  # (rows, e)
