@@ -476,10 +476,14 @@ def smoke_bench_generate_profile(out, data):
 
 
 def smoke_bench_generate_profile_mamba2(out, data):
+    # With --defer-norm: the decode loop's Mamba2 blocks hand their norm's scale to the next
+    # add (MAMBA2_DEFER_NORM), through the interpreter; the files are named apart.
     results = {(r["batch"], r["impl"]): r for r in data["results"]}
     assert set(results) == {(1, "xla"), (1, "pallas_interpret")}
+    assert all(r["decode_ms_per_step"] > 0 for r in results.values())
     assert data["preset"] == "mamba2-tiny" and data["setting"] == "fast"
-    assert out.name == "generate_cpu_profile_smoke.json" and data["state_dtype"] == "bfloat16"
+    assert out.name == "generate_cpu_profile_defernorm_smoke.json"
+    assert data["state_dtype"] == "bfloat16" and "--defer-norm" in data["command"]
     assert_layer_check(data, results[(1, "pallas_interpret")]["layer_check_vs_xla"])
 
 
@@ -712,10 +716,11 @@ SMOKES = {
             "2",
             "--trace-steps",
             "1",
+            "--defer-norm",
             "--out",
             d,
         ],
-        "generate_cpu_profile_smoke.json",
+        "generate_cpu_profile_defernorm_smoke.json",
         smoke_bench_generate_profile_mamba2,
         True,
     ),
