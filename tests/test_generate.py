@@ -673,7 +673,7 @@ def test_large_batches_decode_with_cublas_gemms_and_the_same_tokens(
         for loop in (gen._decode_loop_cublas, gen._decode_loop)
     ]
     # The option reaches XLA: the programs differ (some of the tiny model's products stay
-    # Triton GEMMs even so: the first run of this test on an H100 found one).
+    # Triton GEMMs even so: the first run of this test on an H100 found some).
     assert texts[0] != texts[1]
     assert texts[0].count("__triton_gemm") < texts[1].count("__triton_gemm")
 
