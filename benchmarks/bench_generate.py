@@ -236,29 +236,24 @@ def state_variant(args) -> str | None:
     return {"float32": "f32state", "bfloat16": "bf16state"}[args.state_dtype_ran]
 
 
-def set_fuse_in_proj_rows(args) -> None:
-    """--fuse-in-proj-rows, where given, into the decode kernels' tiling rule (read per call):
-    FUSE_IN_PROJ_ROWS for a Mamba1 preset, MAMBA2_FUSE_IN_PROJ_ROWS for a Mamba2 one."""
-    if args.fuse_in_proj_rows is not None:
-        import pallas_kernels.decode.config as decode_config
+def set_decode_rules(args) -> None:
+    """--fuse-in-proj-rows and --defer-norm, where given, into the decode kernels' rules (read
+    per call): FUSE_IN_PROJ_ROWS for a Mamba1 preset, MAMBA2_FUSE_IN_PROJ_ROWS for a Mamba2
+    one; MAMBA2_DEFER_NORM."""
+    import pallas_kernels.decode.config as decode_config
 
+    if args.fuse_in_proj_rows is not None:
         name = "MAMBA2_FUSE_IN_PROJ_ROWS" if args.preset in MAMBA2_PRESETS else "FUSE_IN_PROJ_ROWS"
         setattr(decode_config, name, args.fuse_in_proj_rows)
+    if args.defer_norm:
+        decode_config.MAMBA2_DEFER_NORM = True
 
 
-def fuse_variant(args) -> str | None:
+def decode_variant(args) -> str | None:
     """The result files' variant for --fuse-in-proj-rows and --defer-norm: None without
     either."""
     fuse = None if args.fuse_in_proj_rows is None else f"fuse{args.fuse_in_proj_rows}"
     return "_".join(v for v in (fuse, "defernorm" if args.defer_norm else None) if v) or None
-
-
-def set_defer_norm(args) -> None:
-    """--defer-norm into the decode rules (read per call)."""
-    if args.defer_norm:
-        import pallas_kernels.decode.config as decode_config
-
-        decode_config.MAMBA2_DEFER_NORM = True
 
 
 def argparse_hidden():
@@ -845,7 +840,7 @@ def orchestrate(args, argv):
 
     step_ms = step_target_ms(preset_config(args.preset), args.dtype, info.kind)
     variant = "_".join(
-        v for v in (state_variant(args), fuse_variant(args), "smoke" if args.smoke else None) if v
+        v for v in (state_variant(args), decode_variant(args), "smoke" if args.smoke else None) if v
     )
     path = harness.result_path("generate", info.slug, variant or None, out_dir=args.out)
     png = path.with_suffix(".png")
@@ -1200,7 +1195,7 @@ def profile(args, argv):
         argv=argv,
         out_dir=args.out,
         smoke=args.smoke,
-        variant="_".join(v for v in ("profile", state_variant(args), fuse_variant(args)) if v),
+        variant="_".join(v for v in ("profile", state_variant(args), decode_variant(args)) if v),
         companions=[".txt"],
         device=device,
     )
@@ -1277,8 +1272,7 @@ def profile(args, argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    set_fuse_in_proj_rows(args)  # before anything is traced (the workers get the flags too)
-    set_defer_norm(args)
+    set_decode_rules(args)  # before anything is traced (the workers get the flags too)
     if args.worker:
         return worker(args)
     if args.profile:

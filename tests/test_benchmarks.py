@@ -1318,11 +1318,11 @@ def test_bench_generate_fuse_in_proj_rows_sets_the_rule_and_names_the_files(monk
 
     monkeypatch.setattr(decode_config, "FUSE_IN_PROJ_ROWS", decode_config.FUSE_IN_PROJ_ROWS)
     default = bench_generate.parse_args(["--smoke"])
-    bench_generate.set_fuse_in_proj_rows(default)
-    assert decode_config.FUSE_IN_PROJ_ROWS == 16 and bench_generate.fuse_variant(default) is None
+    bench_generate.set_decode_rules(default)
+    assert decode_config.FUSE_IN_PROJ_ROWS == 16 and bench_generate.decode_variant(default) is None
     args = bench_generate.parse_args(["--smoke", "--fuse-in-proj-rows", "0"])
-    bench_generate.set_fuse_in_proj_rows(args)
-    assert decode_config.FUSE_IN_PROJ_ROWS == 0 and bench_generate.fuse_variant(args) == "fuse0"
+    bench_generate.set_decode_rules(args)
+    assert decode_config.FUSE_IN_PROJ_ROWS == 0 and bench_generate.decode_variant(args) == "fuse0"
     assert not decode_config.pick_config(1, 5120, 16, 2560).fuse_in_proj
     monkeypatch.setattr(
         decode_config, "MAMBA2_FUSE_IN_PROJ_ROWS", decode_config.MAMBA2_FUSE_IN_PROJ_ROWS
@@ -1330,14 +1330,14 @@ def test_bench_generate_fuse_in_proj_rows_sets_the_rule_and_names_the_files(monk
     args = bench_generate.parse_args(
         ["--smoke", "--preset", "mamba2-tiny", "--fuse-in-proj-rows", "8"]
     )
-    bench_generate.set_fuse_in_proj_rows(args)
+    bench_generate.set_decode_rules(args)
     assert decode_config.MAMBA2_FUSE_IN_PROJ_ROWS == 8 and decode_config.FUSE_IN_PROJ_ROWS == 0
     monkeypatch.setattr(decode_config, "MAMBA2_DEFER_NORM", decode_config.MAMBA2_DEFER_NORM)
-    bench_generate.set_defer_norm(args)
+    bench_generate.set_decode_rules(args)
     assert not decode_config.MAMBA2_DEFER_NORM
     args = bench_generate.parse_args(["--smoke", "--preset", "mamba2-tiny", "--defer-norm"])
-    bench_generate.set_defer_norm(args)
-    assert decode_config.MAMBA2_DEFER_NORM and bench_generate.fuse_variant(args) == "defernorm"
+    bench_generate.set_decode_rules(args)
+    assert decode_config.MAMBA2_DEFER_NORM and bench_generate.decode_variant(args) == "defernorm"
 
 
 def test_bench_generate_targets_are_issue_26s():

@@ -82,7 +82,8 @@ FUSED_ROWS_MAX = 32
 
 def fused_block_rows(batch: int) -> int:
     """The fused kernel's one row block for `batch` rows (at most FUSED_ROWS_MAX): 16 or 32."""
-    return DecodeConfig().block_rows if batch <= DecodeConfig().block_rows else FUSED_ROWS_MAX
+    rows = DecodeConfig().block_rows
+    return rows if batch <= rows else FUSED_ROWS_MAX
 
 
 # The same for Mamba2's decode step (mamba2_pallas): in_proj fused into its conv step. One H100
