@@ -57,7 +57,7 @@ the JSON records the dtype that ran (state_dtype) and the flag (state_dtype_arg)
 
 --fuse-in-proj-rows N: pallas_kernels.decode.config.FUSE_IN_PROJ_ROWS for the run (Mamba1's
 Pallas decode step fuses in_proj into the conv kernel up to that batch; the library's default
-is 16; 0 turns it off), MAMBA2_FUSE_IN_PROJ_ROWS for a Mamba2 preset (also 16); the result
+is 16; 0 turns it off), MAMBA2_FUSE_IN_PROJ_ROWS for a Mamba2 preset (32); the result
 files get the variant fuseN.
 
 --defer-norm: MAMBA2_DEFER_NORM on for the run (Mamba2's gated norm scale applied in the next

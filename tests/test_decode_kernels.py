@@ -203,6 +203,9 @@ def test_pick_config_fuses_in_proj_at_small_batches_that_tile_evenly(monkeypatch
     assert pick_config(16, 5120, 16).x_proj_in_conv
     assert not pick_config(17, 5120, 16).x_proj_in_conv
     assert not pick_config(128, 5120, 16, 2560).x_proj_in_conv
+    # The state kernel one row a program at batch 1 only.
+    assert pick_config(1, 5120, 16, 2560).state_one_row and pick_config(1, 5120, 16).state_one_row
+    assert not pick_config(2, 5120, 16, 2560).state_one_row
     monkeypatch.setattr("pallas_kernels.decode.config.FUSE_IN_PROJ_ROWS", 0)
     assert not pick_config(1, 5120, 16, 2560).fuse_in_proj
     args = core_args(2, 64, 16, 4, 4, jnp.float32)
@@ -742,7 +745,7 @@ def test_mamba2_fuses_in_proj_where_the_rule_and_the_tiles_allow(monkeypatch):
         assert len(re.findall(r"stablehlo.output_operand_alias<[^>]*>", text)) == 2
         return re.findall(r'name = "(decode_[a-z_]+)"', text)
 
-    assert kernels() == ["decode_in_proj_conv", "decode_ssd_update"]  # up to 16 rows
+    assert kernels() == ["decode_in_proj_conv", "decode_ssd_update"]  # up to 32 rows
     assert kernels(fuse=False) == ["decode_conv", "decode_ssd_update"]
     monkeypatch.setattr("pallas_kernels.decode.config.MAMBA2_FUSE_IN_PROJ_ROWS", 0)
     assert kernels() == ["decode_conv", "decode_ssd_update"]

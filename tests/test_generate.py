@@ -672,10 +672,12 @@ def test_large_batches_decode_with_cublas_gemms_and_the_same_tokens(
         loop.lower(*args, **kw).compile().as_text()
         for loop in (gen._decode_loop_cublas, gen._decode_loop)
     ]
-    # The option reaches XLA: the programs differ (some of the tiny model's products stay
-    # Triton GEMMs even so: the first run of this test on an H100 found some).
+    # The option reaches XLA: the programs differ, and the cuBLAS one holds no more Triton GEMM
+    # fusions (either name) than the other. Which of the tiny model's products XLA gives Triton
+    # varies: one H100 run found some left in the cuBLAS loop, a later one none in either.
     assert texts[0] != texts[1]
-    assert texts[0].count("__triton_gemm") < texts[1].count("__triton_gemm")
+    triton_gemms = [len(re.findall(r"__triton\w*gemm", t)) for t in texts]
+    assert triton_gemms[0] <= triton_gemms[1], triton_gemms
 
 
 def test_streaming_yields_growing_prefixes_of_the_unstreamed_result(prepared, model):

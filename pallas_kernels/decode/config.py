@@ -36,7 +36,8 @@ class DecodeConfig:
         X_PROJ_IN_CONV_ROWS rows).
     state_one_row: the state-update kernel one batch row a program, dt_proj as a product
         summed over the rank instead of a dot over a 16-row block (a batch of 1 pads its row
-        to 16 for the dot and carries 16 rows of state tile). Not yet timed: off.
+        to 16 for the dot and carries 16 rows of state tile). pick_config: up to
+        STATE_ONE_ROW_ROWS rows.
     block_k: in_proj's contraction tile in that kernel (a divisor of d_model).
     num_warps_in_proj, num_stages_in_proj: its warps, and how deep Triton pipelines the
         weight tiles' loads (the kernel is a read of in_proj's weight).
@@ -75,7 +76,8 @@ class DecodeConfig:
 # Rows up to which mixer_pallas fuses in_proj into the conv kernel (decode_in_proj_conv): one
 # row block. One H100 (DESIGN.md, round 4): the 2.8b decode step 3.27 -> 3.06 ms at batch 1 and
 # 3.68 -> 3.49 ms at 16. The kernel also runs one block of 32 rows (17 to 32 rows, with
-# every decode kernel's block_rows 32): not yet timed, so the rules stop at 16.
+# every decode kernel's block_rows 32): Mamba2's rule takes it, Mamba1's stops at 16 (the 2.8b
+# step at batch 32 4.098 -> 4.252 ms with it, one H100, DESIGN.md round 6).
 FUSE_IN_PROJ_ROWS = 16
 FUSED_ROWS_MAX = 32
 
@@ -87,12 +89,15 @@ def fused_block_rows(batch: int) -> int:
 
 
 # The same for Mamba2's decode step (mamba2_pallas): in_proj fused into its conv step. One H100
-# (DESIGN.md, round 5): the mamba2-2.7b step 3.031 -> 2.979 ms at batch 1.
-MAMBA2_FUSE_IN_PROJ_ROWS = 16
+# (DESIGN.md, rounds 5 and 6): the mamba2-2.7b step 3.031 -> 2.979 ms at batch 1, and with one
+# block of 32 rows 5.790 -> 5.499 ms at batch 32 (Mamba1's 2.8b went 4.098 -> 4.252 there: 16).
+MAMBA2_FUSE_IN_PROJ_ROWS = 32
 # Whether Mamba2's decode step leaves its gated norm's scale to the next residual add
 # (jax_packmamba.mamba2.defers_norm: the state-update kernel writes v * weight and v's sums of
-# squares, the add + norm kernel scales; three XLA kernels a layer fewer). Built and tested
-# through the interpreter and the CUDA lowering, not yet run on a GPU: off until timed.
+# squares, the add + norm kernel scales; three XLA kernels a layer fewer). Off: one H100
+# (DESIGN.md, round 6) ran the mamba2-2.7b step 2.917 -> 2.870 ms at batch 1, 11.741 -> 11.808
+# at 128 and 5.740 -> 6.492 at 32; the two kernels that took the work over grew by about what
+# the three XLA kernels took.
 MAMBA2_DEFER_NORM = False
 # Rows up to which Mamba1's conv kernel also computes x_proj's partials (decode_conv_x_proj);
 # past them the conv step runs alone (decode_conv) and x_proj is XLA's product, which reads
@@ -100,14 +105,18 @@ MAMBA2_DEFER_NORM = False
 # mixer core: 28.35 -> 27.03 us a layer at batch 32, 75.69 -> 61.22 at 128; at 8 it was
 # 18.57 -> 20.92 (and up to 16 rows in_proj's fused kernel takes x_proj's partials anyway).
 X_PROJ_IN_CONV_ROWS = 16
+# Rows up to which Mamba1's state kernel runs one row a program (state_one_row). One H100
+# (DESIGN.md, round 6): the 2.8b step 3.064 / 3.132 -> 2.970 / 2.970 ms at batch 1 (the kernel
+# 5.61 -> 4.27 us a layer); the mixer core 18.50 -> 21.81 us at 8, 27.93 -> 41.24 at 32.
+STATE_ONE_ROW_ROWS = 1
 
 
 def pick_config(batch: int, d_inner: int, d_state: int, d_model: int | None = None) -> DecodeConfig:
     """Most programs at small batch; past X_PROJ_IN_CONV_ROWS rows x_proj as XLA's product
     after the conv step alone, and 8 warps where the state tile would crowd 4 warps'
-    registers. With d_model (mixer_pallas): in_proj fused into the conv kernel at up to
-    FUSE_IN_PROJ_ROWS rows, where the shapes tile evenly (the modules' values, read at each
-    call)."""
+    registers; the state kernel one row a program up to STATE_ONE_ROW_ROWS rows. With d_model
+    (mixer_pallas): in_proj fused into the conv kernel at up to FUSE_IN_PROJ_ROWS rows, where
+    the shapes tile evenly (the modules' values, read at each call)."""
     base = DecodeConfig()
     fuse = (
         d_model is not None
@@ -129,4 +138,5 @@ def pick_config(batch: int, d_inner: int, d_state: int, d_model: int | None = No
         num_warps_state=4 if tile <= 8192 else 8,
         fuse_in_proj=fuse,
         x_proj_in_conv=batch <= X_PROJ_IN_CONV_ROWS,
+        state_one_row=batch <= STATE_ONE_ROW_ROWS,
     )
