@@ -137,7 +137,8 @@ FUSED_CASES = {
     "ragged": (3, 96, 192, 16, 12, dict(block_conv=32, block_k=32), {}),
     "one_row_one_block": (1, 64, 64, 8, 4, dict(block_conv=64, block_k=64), {}),
     "full_row_block": (16, 128, 96, 16, 8, dict(block_conv=32, block_k=128), {}),
-    "one_block_of_32_rows": (20, 64, 64, 16, 8, dict(block_rows=32, block_conv=32, block_k=64), {}),
+    # The fused kernel's one block of 32 rows, the state kernel's two of 16.
+    "one_block_of_32_rows": (20, 64, 64, 16, 8, dict(block_conv=32, block_k=64), {}),
     "no_biases": (
         2,
         32,
@@ -188,13 +189,12 @@ def test_pick_config_fuses_in_proj_at_small_batches_that_tile_evenly(monkeypatch
     assert not pick_config(1, 5120, 16).fuse_in_proj  # mixer_core_pallas: no in_proj
     assert not pick_config(1, 5120, 16, 2560 + 64).fuse_in_proj  # d_model off block_k
     assert not pick_config(1, 5120 + 32, 16, 2560).fuse_in_proj  # d_inner off block_conv
-    # One block of 32 rows for 17-32 rows where the rule allows that many (8 state warps).
+    # Fused at 17-32 rows where the rule allows that many (the fused kernel then takes one
+    # block of 32 rows, mixer_pallas); the state kernel keeps 16-row blocks on 4 warps.
     monkeypatch.setattr("pallas_kernels.decode.config.FUSE_IN_PROJ_ROWS", 32)
     cfg = pick_config(20, 5120, 16, 2560)
-    assert cfg.fuse_in_proj and cfg.block_rows == 32 and cfg.num_warps_state == 8
-    assert pick_config(16, 5120, 16, 2560).block_rows == 16
+    assert cfg.fuse_in_proj and cfg.block_rows == 16 and cfg.num_warps_state == 4
     assert not pick_config(33, 5120, 16, 2560).fuse_in_proj
-    assert pick_config(33, 5120, 16, 2560).block_rows == 16
     monkeypatch.setattr("pallas_kernels.decode.config.FUSE_IN_PROJ_ROWS", 64)
     assert not pick_config(33, 5120, 16, 2560).fuse_in_proj  # one row block at most
     monkeypatch.setattr("pallas_kernels.decode.config.FUSE_IN_PROJ_ROWS", 16)

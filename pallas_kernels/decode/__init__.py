@@ -145,8 +145,8 @@ def mixer_pallas(
 ):
     """A Mamba1 mixer's decode step from its normed input to out_proj's input: in_proj (no
     bias), then mixer_core_pallas's work. Where the config fuses in_proj (pick_config: a batch
-    of at most config.FUSE_IN_PROJ_ROWS rows, 16: one row block), in_proj
-    and the conv/x_proj kernel are one kernel (decode_in_proj_conv); otherwise in_proj is
+    of at most config.FUSE_IN_PROJ_ROWS rows), in_proj and the conv/x_proj kernel are one
+    kernel (decode_in_proj_conv, all rows in one block of 16 or 32); otherwise in_proj is
     XLA's product and mixer_core_pallas follows.
 
     Args: hidden (b, d) in the compute dtype c; in_proj_weight (d, 2e) c; the rest as
@@ -177,12 +177,17 @@ def mixer_pallas(
     if not cfg.fuse_in_proj:
         xz = jnp.dot(hidden, in_proj_weight.astype(c))
         return mixer_core_pallas(xz, *core_args, config=cfg, interpret=interpret)
-    if b > cfg.block_rows or d % cfg.block_k or e % cfg.block_conv:
+    most = max(cfg.block_rows, decode_config.FUSED_ROWS_MAX)
+    if b > most or d % cfg.block_k or e % cfg.block_conv:
         raise ValueError(
-            f"fuse_in_proj needs batch <= block_rows={cfg.block_rows}, d_model={d} a multiple of "
+            f"fuse_in_proj needs batch <= {most}, d_model={d} a multiple of "
             f"block_k={cfg.block_k} and d_inner={e} of block_conv={cfg.block_conv}"
         )
     st = _static(b, e, n, r, w, cfg, c, interpret, d_model=d)
+    # The fused kernel takes all rows in one block (32 past 16); the state kernel keeps the
+    # config's row blocks (one H100, DESIGN.md round 6: at 32 rows a 32-row state block took
+    # 10.8 us a 2.8b layer where two 16-row blocks took 7.4).
+    fused_rows = max(cfg.block_rows, decode_config.fused_block_rows(b))
     xz, conv_state, xc, parts = kernel.in_proj_conv(
         hidden,
         in_proj_weight.astype(c),
@@ -190,7 +195,7 @@ def mixer_pallas(
         conv_weight.astype(c),
         None if conv_bias is None else conv_bias.astype(c),
         x_proj_weight.astype(c),
-        st=st,
+        st=dataclasses.replace(st, block_rows=fused_rows),
         num_warps=cfg.num_warps_in_proj,
         num_stages=cfg.num_stages_in_proj,
         interpret=interpret,

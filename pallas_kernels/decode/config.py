@@ -75,9 +75,10 @@ class DecodeConfig:
 
 # Rows up to which mixer_pallas fuses in_proj into the conv kernel (decode_in_proj_conv): one
 # row block. One H100 (DESIGN.md, round 4): the 2.8b decode step 3.27 -> 3.06 ms at batch 1 and
-# 3.68 -> 3.49 ms at 16. The kernel also runs one block of 32 rows (17 to 32 rows, with
-# every decode kernel's block_rows 32): Mamba2's rule takes it, Mamba1's stops at 16 (the 2.8b
-# step at batch 32 4.098 -> 4.252 ms with it, one H100, DESIGN.md round 6).
+# 3.68 -> 3.49 ms at 16. The kernel also runs one block of 32 rows (17 to 32 rows): Mamba2's
+# rule takes it; Mamba1's stops at 16 until timed again (one H100, DESIGN.md round 6: the 2.8b
+# step at batch 32 4.098 -> 4.252 ms, but the state kernel then ran 32-row blocks, 10.8 us a
+# layer against 7.4; it keeps 16-row blocks since, predicted ~3.9 ms).
 FUSE_IN_PROJ_ROWS = 16
 FUSED_ROWS_MAX = 32
 
@@ -124,16 +125,14 @@ def pick_config(batch: int, d_inner: int, d_state: int, d_model: int | None = No
         and d_model % base.block_k == 0
         and d_inner % base.block_conv == 0
     )
-    # The fused kernel takes one row block: 32 rows past 16.
-    block_rows = fused_block_rows(batch) if fuse else base.block_rows
-    row_blocks = -(-batch // block_rows)
+    # base.block_rows is the other kernels'; the fused one takes all rows in one block.
+    row_blocks = -(-batch // base.block_rows)
     conv_blocks = -(-d_inner // base.block_conv)
     # About two programs an SM for the conv kernel, never fewer than one block each.
     per_program = max(1, min(conv_blocks, (conv_blocks * row_blocks) // (2 * core_count())))
-    tile = block_rows * base.block_state * d_state
+    tile = base.block_rows * base.block_state * d_state
     return dataclasses.replace(
         base,
-        block_rows=block_rows,
         conv_blocks_per_program=per_program,
         num_warps_state=4 if tile <= 8192 else 8,
         fuse_in_proj=fuse,
