@@ -61,7 +61,12 @@ is 16; 0 turns it off), MAMBA2_FUSE_IN_PROJ_ROWS for a Mamba2 preset (32); the r
 files get the variant fuseN.
 
 --defer-norm: MAMBA2_DEFER_NORM on for the run (Mamba2's gated norm scale applied in the next
-residual add, off by default until timed); the result files get the variant defernorm.
+residual add; off by default: it did not pay on one H100); the result files get the variant
+defernorm.
+
+--add-norm-in-proj-rows N: ADD_NORM_IN_PROJ_ROWS for the run (Mamba1's fused in_proj kernel
+also does the block's residual add and RMSNorm up to that batch; 0, off, by default until
+timed); the result files get the variant addnormN.
 
 --prefilter K: our sampler's top-p prefilter (jax_packmamba.sampling: the cut from the K
 largest logits, the full sort only when a row's nucleus is larger; the same tokens). Off by
@@ -174,6 +179,14 @@ def parse_args(argv=None):
         "norm scale applied in the next residual add); the result files get the variant "
         "defernorm",
     )
+    p.add_argument(
+        "--add-norm-in-proj-rows",
+        type=int,
+        default=None,
+        help="pallas_kernels.decode.config.ADD_NORM_IN_PROJ_ROWS for this run (Mamba1's fused "
+        "in_proj kernel also does the block's residual add and norm up to this batch); a "
+        "value gets the variant addnormN",
+    )
     p.add_argument("--profile", action="store_true", help="profile decode steps instead")
     p.add_argument("--profile-batches", default="1,128")
     p.add_argument("--profile-impls", default="xla,pallas")
@@ -237,9 +250,9 @@ def state_variant(args) -> str | None:
 
 
 def set_decode_rules(args) -> None:
-    """--fuse-in-proj-rows and --defer-norm, where given, into the decode kernels' rules (read
-    per call): FUSE_IN_PROJ_ROWS for a Mamba1 preset, MAMBA2_FUSE_IN_PROJ_ROWS for a Mamba2
-    one; MAMBA2_DEFER_NORM."""
+    """--fuse-in-proj-rows, --defer-norm and --add-norm-in-proj-rows, where given, into the
+    decode kernels' rules (read per call): FUSE_IN_PROJ_ROWS for a Mamba1 preset,
+    MAMBA2_FUSE_IN_PROJ_ROWS for a Mamba2 one; MAMBA2_DEFER_NORM; ADD_NORM_IN_PROJ_ROWS."""
     import pallas_kernels.decode.config as decode_config
 
     if args.fuse_in_proj_rows is not None:
@@ -247,13 +260,18 @@ def set_decode_rules(args) -> None:
         setattr(decode_config, name, args.fuse_in_proj_rows)
     if args.defer_norm:
         decode_config.MAMBA2_DEFER_NORM = True
+    if args.add_norm_in_proj_rows is not None:
+        decode_config.ADD_NORM_IN_PROJ_ROWS = args.add_norm_in_proj_rows
 
 
 def decode_variant(args) -> str | None:
-    """The result files' variant for --fuse-in-proj-rows and --defer-norm: None without
-    either."""
+    """The result files' variant for --fuse-in-proj-rows, --defer-norm and
+    --add-norm-in-proj-rows: None without any."""
     fuse = None if args.fuse_in_proj_rows is None else f"fuse{args.fuse_in_proj_rows}"
-    return "_".join(v for v in (fuse, "defernorm" if args.defer_norm else None) if v) or None
+    rows = args.add_norm_in_proj_rows
+    add_norm = None if rows is None else f"addnorm{rows}"
+    parts = (fuse, "defernorm" if args.defer_norm else None, add_norm)
+    return "_".join(v for v in parts if v) or None
 
 
 def argparse_hidden():

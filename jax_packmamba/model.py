@@ -237,8 +237,32 @@ class MambaMixer(nnx.Module):
             return out, row_end_state(x, segment_ids, ssm, config.d_conv)
         return out, segment_caches(x, segment_ids, num_segments, ssm, config.d_conv, continues)
 
-    def _decode(self, hidden, cache: MixerState, impl: str):
-        core = (
+    def decode_after_add(self, residual, pending, norm: RMSNorm, cache: MixerState, impl: str):
+        """The block's decode step from its residual stream: (residual + pending, out, next
+        cache), where pending is the previous block's output and `norm` the block's norm
+        (model.decode_add_norm's add and norm, then the mixer's step). With a Pallas impl the
+        add and norm go to mixer_pallas, whose fused in_proj kernel does them itself where
+        pallas_kernels.decode.config.ADD_NORM_IN_PROJ_ROWS allows (the add + norm kernel runs
+        in front otherwise)."""
+        if impl == "xla" or self.in_proj.bias is not None:
+            residual, hidden = decode_add_norm(residual, pending, norm, impl)
+            return (residual, *self._decode(hidden, cache, impl))
+        from pallas_kernels.decode import ResidualNorm, mixer_pallas
+
+        c = norm.dtype
+        add_norm = ResidualNorm(residual, norm.weight[...], norm.eps)
+        y, conv, ssm, residual = mixer_pallas(
+            pending.astype(c),
+            self.in_proj.kernel[...].astype(c),
+            *self._decode_core(cache),
+            add_norm=add_norm,
+            interpret=impl == "pallas_interpret",
+        )
+        return residual, self.out_proj(y), MixerState(conv=conv, ssm=ssm)
+
+    def _decode_core(self, cache: MixerState):
+        """The decode kernels' arguments after in_proj's (mixer_core_pallas's, past xz)."""
+        return (
             cache.conv,
             cache.ssm,
             self.conv_weight[...],
@@ -249,6 +273,9 @@ class MambaMixer(nnx.Module):
             self.A_log[...],
             self.D[...],
         )
+
+    def _decode(self, hidden, cache: MixerState, impl: str):
+        core = self._decode_core(cache)
         if impl != "xla" and self.in_proj.bias is None:
             # in_proj through mixer_pallas, which fuses it with the conv kernel at the batches
             # pallas_kernels.decode.config.FUSE_IN_PROJ_ROWS allows (up to 16 rows).

@@ -1338,6 +1338,11 @@ def test_bench_generate_fuse_in_proj_rows_sets_the_rule_and_names_the_files(monk
     args = bench_generate.parse_args(["--smoke", "--preset", "mamba2-tiny", "--defer-norm"])
     bench_generate.set_decode_rules(args)
     assert decode_config.MAMBA2_DEFER_NORM and bench_generate.decode_variant(args) == "defernorm"
+    monkeypatch.setattr(decode_config, "ADD_NORM_IN_PROJ_ROWS", decode_config.ADD_NORM_IN_PROJ_ROWS)
+    args = bench_generate.parse_args(["--smoke", "--add-norm-in-proj-rows", "16"])
+    bench_generate.set_decode_rules(args)
+    assert decode_config.ADD_NORM_IN_PROJ_ROWS == 16
+    assert bench_generate.decode_variant(args) == "addnorm16"
 
 
 def test_bench_generate_targets_are_issue_26s():

@@ -182,6 +182,66 @@ def test_in_proj_fused_kernel_matches_in_proj_then_the_unfused_step(impl, dtype,
     np.testing.assert_allclose(np.asarray(got[1][:, -1], np.float64), x64, rtol=tol, atol=tol)
 
 
+ADD_NORM_CASES = {
+    # name: (batch, d_model, d_inner, config fields)
+    "one_row": (1, 96, 64, dict(block_conv=32, block_k=32)),
+    "ragged_rows": (3, 128, 96, dict(block_conv=32, block_k=64)),
+    "one_block_of_32_rows": (20, 64, 64, dict(block_conv=32, block_k=32)),
+}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("case", sorted(ADD_NORM_CASES))
+def test_add_norm_in_the_fused_kernel_matches_the_add_the_norm_and_the_unfused_step(
+    impl, dtype, tol, case
+):
+    # mixer_pallas(add_norm=...): the block's residual add and RMSNorm inside the fused in_proj
+    # kernel (its scale applied after the product), and the same through the add + norm kernel
+    # in front; both against float64's add and norm, then in_proj and the unfused step.
+    from pallas_kernels.decode import ResidualNorm
+
+    batch, d, e, fields = ADD_NORM_CASES[case]
+    n, r, eps = 8, 4, 1e-5
+    args = core_args(batch, e, n, r, 4, dtype, seed=3)
+    normal, _ = host_random(4)
+    out = jnp.asarray(normal((batch, d), dtype=dtype))
+    residual = jnp.asarray(normal((batch, d), 2.0))
+    norm_weight = jnp.asarray(1.0 + normal((d,), 0.1))
+    in_proj = jnp.asarray(normal((d, 2 * e), d**-0.5, dtype))
+    x64 = np.asarray(residual, np.float64) + np.asarray(out, np.float64)
+    hidden64 = x64 / np.sqrt(np.mean(x64**2, axis=1, keepdims=True) + eps) * np.asarray(norm_weight)
+
+    def unfused(hidden, in_proj, *core):
+        return mixer_core_xla(jnp.dot(hidden, in_proj), *core)
+
+    with jax.default_matmul_precision("highest"):
+        hidden = jnp.asarray(hidden64, jnp.float32).astype(dtype)
+        want = compiled("in_proj_unfused_highest", unfused, hidden, in_proj, *args[1:])(
+            hidden, in_proj, *args[1:]
+        )
+    want_residual = np.asarray(residual) + np.asarray(out, np.float32)  # the float32 add
+    for fused_norm in (True, False):
+        config = DecodeConfig(fuse_in_proj=True, add_norm_in_proj=fused_norm, **fields)
+
+        def step(out, residual, norm_weight, in_proj, *core, config=config):
+            add_norm = ResidualNorm(residual, norm_weight, eps)
+            return mixer_pallas(
+                out,
+                in_proj,
+                *core,
+                add_norm=add_norm,
+                config=config,
+                interpret=impl == "pallas_interpret",
+            )
+
+        step_args = (out, residual, norm_weight, in_proj, *args[1:])
+        got = compiled(("mixer_add_norm", impl, case, fused_norm), step, *step_args)(*step_args)
+        label = f"{case} {dtype.__name__} fused_norm={fused_norm}"
+        assert_step_close(got[:3], want, tol, label)
+        np.testing.assert_array_equal(np.asarray(got[3]), want_residual)
+
+
 def test_pick_config_fuses_in_proj_at_small_batches_that_tile_evenly(monkeypatch):
     assert pick_config(1, 5120, 16, 2560).fuse_in_proj  # mamba-2.8b's widths
     assert pick_config(16, 5120, 16, 2560).fuse_in_proj
@@ -203,6 +263,11 @@ def test_pick_config_fuses_in_proj_at_small_batches_that_tile_evenly(monkeypatch
     assert pick_config(16, 5120, 16).x_proj_in_conv
     assert not pick_config(17, 5120, 16).x_proj_in_conv
     assert not pick_config(128, 5120, 16, 2560).x_proj_in_conv
+    # The add + norm in the fused kernel: off until timed (ADD_NORM_IN_PROJ_ROWS 0).
+    assert not pick_config(1, 5120, 16, 2560).add_norm_in_proj
+    monkeypatch.setattr("pallas_kernels.decode.config.ADD_NORM_IN_PROJ_ROWS", 16)
+    assert pick_config(16, 5120, 16, 2560).add_norm_in_proj
+    assert not pick_config(1, 5120, 16).add_norm_in_proj  # nothing fused
     # The state kernel one row a program at batch 1 only.
     assert pick_config(1, 5120, 16, 2560).state_one_row and pick_config(1, 5120, 16).state_one_row
     assert not pick_config(2, 5120, 16, 2560).state_one_row
@@ -246,6 +311,21 @@ def test_kernels_lower_for_cuda_with_named_kernels_and_in_place_states():
     names = re.findall(r'name = "(decode_[a-z_]+)"', text)
     assert sorted(names) == ["decode_in_proj_conv", "decode_ssm_update"], names
     assert len(re.findall(r"stablehlo.output_operand_alias<[^>]*>", text)) == 2
+    # With the block's add + norm: inside the fused kernel, or its own kernel in front.
+    from pallas_kernels.decode import ResidualNorm
+
+    for in_kernel, want in (
+        (True, ["decode_add_norm_in_proj_conv", "decode_ssm_update"]),
+        (False, ["decode_add_rms_norm", "decode_in_proj_conv", "decode_ssm_update"]),
+    ):
+        config = DecodeConfig(fuse_in_proj=True, add_norm_in_proj=in_kernel)
+
+        def step(residual, norm_weight, *a, config=config):
+            add_norm = ResidualNorm(residual, norm_weight, 1e-5)
+            return mixer_pallas(*a, add_norm=add_norm, config=config)
+
+        text = lower_for_cuda(step, sds((b, 2560), f32), sds((2560,), f32), *fused_args)
+        assert sorted(re.findall(r'name = "(decode_[a-z_]+)"', text)) == want
     # x_proj out of the conv kernel: the conv step alone, then XLA's product.
     split = DecodeConfig(x_proj_in_conv=False)
     text = lower_for_cuda(lambda *a: mixer_core_pallas(*a, config=split), *args)

@@ -586,6 +586,20 @@ def test_pallas_decode_step_generates_what_the_xla_step_does(prepared, model):
             np.testing.assert_array_equal(a, b)
 
 
+def test_add_norm_in_the_fused_kernel_generates_what_the_xla_step_does(monkeypatch):
+    # A Mamba1 block's residual add and norm inside its fused in_proj kernel
+    # (MambaMixer.decode_after_add, pick_config's add_norm_in_proj), greedy: the tokens of the
+    # XLA step. d_model 128 and d_inner 256 tile the fused kernel's blocks.
+    monkeypatch.setattr("pallas_kernels.decode.config.ADD_NORM_IN_PROJ_ROWS", 16)
+    config = jp.MambaConfig.preset("tiny", d_model=128, n_layer=2)
+    prepared = prepare(jp.MambaLM(config, rngs=nnx.Rngs(1)))
+    prompts = prompts_of((3, 9, 1), config.vocab_size, seed=5)
+    xla = generate(prepared, prompts, 5, decode_impl="xla", temperature=0)
+    kernels = generate(prepared, prompts, 5, decode_impl="pallas_interpret", temperature=0)
+    for a, b in zip(xla, kernels):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_repetition_penalty_follows_hugging_face_in_the_loop(model, prepared):
     # Greedy with a penalty: each token is the argmax of the full forward's logits with every
     # token seen so far (prompt and generated) divided (positive) or multiplied (negative).
@@ -725,7 +739,7 @@ def test_command_line_streams_one_prompt_with_the_sampling_flags(tmp_path, capsy
     assert "7 tokens in" in streamed.err and "time to first token" in streamed.err
 
 
-def test_decode_loop_lowers_for_cuda_with_two_kernels_a_layer():
+def test_decode_loop_lowers_for_cuda_with_two_kernels_a_layer(monkeypatch):
     # The whole jitted loop, as a GPU runs it: every layer's step calls the two decode kernels
     # (pallas_kernels/decode), and no layer-stacked weight is sliced inside the loop.
     from jax_packmamba import generation as gen
@@ -776,6 +790,28 @@ def test_decode_loop_lowers_for_cuda_with_two_kernels_a_layer():
     loop = text.split("stablehlo.while", 1)[1]
     slices = re.findall(r"stablehlo.dynamic_slice[^\n]*-> tensor<([^>]*)>", loop)
     assert slices and set(slices) == {"4x1xf32"}, slices
+    # A model whose widths tile the fused in_proj kernel, with the add + norm in it: one
+    # kernel fewer a layer (the final norm keeps its own).
+    monkeypatch.setattr("pallas_kernels.decode.config.ADD_NORM_IN_PROJ_ROWS", 16)
+    wide = jp.MambaConfig.preset("tiny", n_layer=3, dtype="bfloat16", d_state=16, d_model=128)
+    state = DecodeState(
+        conv=(sds((size, wide.d_conv - 1, wide.d_inner), jnp.bfloat16),) * 3,
+        ssm=(sds((size, wide.d_inner, wide.d_state), store),) * 3,
+    )
+    run = run._replace(state=state)
+    text = lower_for_cuda(
+        lambda m, r, p: gen._decode_loop(
+            m, r, jnp.int32(16), p, mode=sampling.mode, impl="pallas", vocab_size=wide.vocab_size
+        ),
+        prepare(jp.MambaLM(wide, rngs=nnx.Rngs(0))),
+        run,
+        sampling.params(),
+        auto_axes=True,
+    )
+    layer_step = text.split("func.func private @_layer_step(", 1)[1].split("func.func", 1)[0]
+    names = re.findall(r'name = "(decode_[a-z_]+)"', layer_step)
+    assert sorted(names) == ["decode_add_norm_in_proj_conv", "decode_ssm_update"], names
+    assert len(re.findall(r'name = "decode_', text)) == 3
 
 
 def test_importing_the_cli_keeps_jp_generate_callable():

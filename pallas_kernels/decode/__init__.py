@@ -2,11 +2,12 @@
 `mixer_core_pallas` runs them), the Mamba2 mixer's conv step and state update (kernel.py's
 conv, ssd_update.py; `mamba2_core_pallas`, or the state update alone, `ssd_update_pallas`)
 and the residual add + RMSNorm in front of every block of either family (add_norm.py;
-`add_rms_norm`)."""
+`add_rms_norm`; or, for Mamba1, in its fused in_proj kernel: `mixer_pallas(add_norm=...)`)."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 
@@ -28,6 +29,7 @@ from pallas_kernels.decode.ssd_update import STATE_DTYPES, norm_parts, ssd_updat
 __all__ = [
     "STATE_DTYPES",
     "DecodeConfig",
+    "ResidualNorm",
     "add_rms_norm",
     "check_mixer_core_args",
     "check_mamba2_args",
@@ -42,6 +44,15 @@ __all__ = [
 ]
 
 F32 = jnp.float32
+
+
+class ResidualNorm(NamedTuple):
+    """A block's residual add and RMSNorm for mixer_pallas to do first: the residual stream
+    (b, d) float32, the norm's weight (d,) and epsilon."""
+
+    residual: jax.Array
+    weight: jax.Array
+    eps: float
 
 
 def supported(d_state: int) -> bool:
@@ -140,6 +151,7 @@ def mixer_pallas(
     A_log,
     D,
     *,
+    add_norm: ResidualNorm | None = None,
     config: DecodeConfig | None = None,
     interpret: bool = False,
 ):
@@ -150,16 +162,23 @@ def mixer_pallas(
     XLA's product and mixer_core_pallas follows.
 
     Args: hidden (b, d) in the compute dtype c; in_proj_weight (d, 2e) c; the rest as
-    mixer_core_pallas's.
+    mixer_core_pallas's. add_norm: the block's residual add and norm in front: hidden is then
+    the previous block's output, and the step's input add_rms_norm(add_norm.residual, hidden,
+    add_norm.weight, eps=add_norm.eps)'s normed half; the fused kernel does that work itself
+    where the config says (add_norm_in_proj: decode_add_norm_in_proj_conv), otherwise the
+    add + norm kernel runs first.
 
     Returns:
       (y (b, e) c, conv_state', ssm_state'), mixer_core_pallas(hidden @ in_proj_weight, ...)'s
       values; in_proj's float32 sums may round to a different c value where they are summed in
-      another order.
+      another order. With add_norm, residual' = residual + hidden (b, d) float32 follows (not
+      in place: the fused kernel's programs all read the residual).
     """
     check_in_proj_args(hidden, in_proj_weight, "2 * d_inner")
     c = hidden.dtype
     b, d = hidden.shape
+    if add_norm is not None:
+        _check_residual_norm(add_norm, b, d)
     xz_shape = jax.ShapeDtypeStruct((b, in_proj_weight.shape[1]), c)
     core_args = (
         conv_state,
@@ -174,9 +193,21 @@ def mixer_pallas(
     )
     b, e, n, r, w = check_mixer_core_args(xz_shape, *core_args)
     cfg = config or pick_config(b, e, n, d)
+    fused_norm = add_norm is not None and cfg.fuse_in_proj and cfg.add_norm_in_proj
+    residual = None
+    if add_norm is not None and not fused_norm:
+        residual, hidden = add_rms_norm(
+            add_norm.residual,
+            hidden,
+            add_norm.weight,
+            eps=add_norm.eps,
+            dtype=c,
+            interpret=interpret,
+        )
     if not cfg.fuse_in_proj:
         xz = jnp.dot(hidden, in_proj_weight.astype(c))
-        return mixer_core_pallas(xz, *core_args, config=cfg, interpret=interpret)
+        y = mixer_core_pallas(xz, *core_args, config=cfg, interpret=interpret)
+        return y if residual is None else (*y, residual)
     most = max(cfg.block_rows, decode_config.FUSED_ROWS_MAX)
     if b > most or d % cfg.block_k or e % cfg.block_conv:
         raise ValueError(
@@ -188,20 +219,42 @@ def mixer_pallas(
     # config's row blocks (one H100, DESIGN.md round 6: at 32 rows a 32-row state block took
     # 10.8 us a 2.8b layer where two 16-row blocks took 7.4).
     fused_rows = max(cfg.block_rows, decode_config.fused_block_rows(b))
-    xz, conv_state, xc, parts = kernel.in_proj_conv(
+    fused_st = dataclasses.replace(st, block_rows=fused_rows)
+    norm_args = {}
+    if fused_norm:
+        fused_st = dataclasses.replace(fused_st, norm_eps=float(add_norm.eps))
+        norm_args = dict(residual=add_norm.residual, norm_weight=add_norm.weight.astype(F32))
+    results = kernel.in_proj_conv(
         hidden,
         in_proj_weight.astype(c),
         conv_state.astype(c),
         conv_weight.astype(c),
         None if conv_bias is None else conv_bias.astype(c),
         x_proj_weight.astype(c),
-        st=dataclasses.replace(st, block_rows=fused_rows),
+        st=fused_st,
         num_warps=cfg.num_warps_in_proj,
         num_stages=cfg.num_stages_in_proj,
         interpret=interpret,
+        **norm_args,
     )
+    if fused_norm:
+        residual, results = results[0], results[1:]
+    xz, conv_state, xc, parts = results
     y, ssm_state = _ssm_update(parts, xc, xz, ssm_state, *core_args[5:], st, cfg, interpret)
-    return y, conv_state, ssm_state
+    if residual is None:
+        return y, conv_state, ssm_state
+    return y, conv_state, ssm_state, residual
+
+
+def _check_residual_norm(add_norm: ResidualNorm, b: int, d: int):
+    residual, weight = add_norm.residual, add_norm.weight
+    if tuple(np.shape(residual)) != (b, d) or jnp.result_type(residual) != F32:
+        raise ValueError(
+            f"add_norm.residual must be (batch={b}, d_model={d}) float32, got shape "
+            f"{tuple(np.shape(residual))} dtype {jnp.result_type(residual)}"
+        )
+    if tuple(np.shape(weight)) != (d,):
+        raise ValueError(f"add_norm.weight must have shape ({d},), got {tuple(np.shape(weight))}")
 
 
 # The Mamba2 conv step's tiling (fused with in_proj or not): rows as the Mamba1 kernels',

@@ -38,6 +38,9 @@ class DecodeConfig:
         summed over the rank instead of a dot over a 16-row block (a batch of 1 pads its row
         to 16 for the dot and carries 16 rows of state tile). pick_config: up to
         STATE_ONE_ROW_ROWS rows.
+    add_norm_in_proj: with fuse_in_proj, mixer_pallas(add_norm=...) runs the block's residual
+        add and RMSNorm inside the fused kernel (decode_add_norm_in_proj_conv) instead of
+        the add + norm kernel in front of it (pick_config: up to ADD_NORM_IN_PROJ_ROWS rows).
     block_k: in_proj's contraction tile in that kernel (a divisor of d_model).
     num_warps_in_proj, num_stages_in_proj: its warps, and how deep Triton pipelines the
         weight tiles' loads (the kernel is a read of in_proj's weight).
@@ -52,6 +55,7 @@ class DecodeConfig:
     fuse_in_proj: bool = False
     x_proj_in_conv: bool = True
     state_one_row: bool = False
+    add_norm_in_proj: bool = False
     block_k: int = 128
     num_warps_in_proj: int = 4
     num_stages_in_proj: int = 3
@@ -110,6 +114,11 @@ X_PROJ_IN_CONV_ROWS = 16
 # (DESIGN.md, round 6): the 2.8b step 3.064 / 3.132 -> 2.970 / 2.970 ms at batch 1 (the kernel
 # 5.61 -> 4.27 us a layer); the mixer core 18.50 -> 21.81 us at 8, 27.93 -> 41.24 at 32.
 STATE_ONE_ROW_ROWS = 1
+# Rows up to which Mamba1's fused in_proj kernel also does the block's residual add and RMSNorm
+# (add_norm_in_proj). Built after round 6's calls, tested through the interpreter and the CUDA
+# lowering only: off (0) until timed. Predicted: the add + norm kernel's 2.4 us a 2.8b layer at
+# batch 1, less the fused kernel's extra loads of the residual (L2), ~-0.1 ms a step.
+ADD_NORM_IN_PROJ_ROWS = 0
 
 
 def pick_config(batch: int, d_inner: int, d_state: int, d_model: int | None = None) -> DecodeConfig:
@@ -138,4 +147,5 @@ def pick_config(batch: int, d_inner: int, d_state: int, d_model: int | None = No
         fuse_in_proj=fuse,
         x_proj_in_conv=batch <= X_PROJ_IN_CONV_ROWS,
         state_one_row=batch <= STATE_ONE_ROW_ROWS,
+        add_norm_in_proj=fuse and batch <= ADD_NORM_IN_PROJ_ROWS,
     )

@@ -16,6 +16,9 @@ Two kernels, because x_proj sums over all channels and dt_proj needs that sum in
                         the registers. At decode's batch sizes in_proj is a read of its weight,
                         and the conv step's latency hides behind the other programs' reads.
                         Mamba2's too (no x_proj; the conv's columns are xBC's, after z).
+                        Optionally with the block's residual add and RMSNorm in front
+                        (decode_add_norm_in_proj_conv: the norm's one scale a row applied
+                        after the product).
     decode_conv         the conv step alone: Mamba2's over xBC (its state update is
                         ssd_update.py's), or Mamba1's with x_proj left to XLA's product.
     decode_ssm_update   per (row block, channel block; or one row, state_one_row), after the
@@ -63,6 +66,7 @@ class Static:
     block_k: int = 128  # in_proj's contraction tile (in_proj_conv only)
     x_col: int = 0  # the column of the conv's first input channel in xz (Mamba2: after z)
     xz_width: int = 0  # in_proj's output columns (in_proj_conv only; Mamba1 2 d_inner)
+    norm_eps: float | None = None  # in_proj_conv with the residual add + RMSNorm in front
 
     @property
     def x_width(self) -> int:
@@ -197,7 +201,13 @@ def _in_proj_conv_kernel(r, *, st: Static):
     block, walked down d_model), then, where the block is one of the conv's inputs, the conv
     step (and x_proj's partial, given x_proj) on it (_conv_block) straight from the registers:
     one launch where in_proj and the conv kernel were two, and no pass of x through memory
-    between them."""
+    between them.
+
+    With norm_eps (launched as decode_add_norm_in_proj_conv), "hidden" is the previous block's
+    output and the kernel starts with the residual add and RMSNorm: x = residual + hidden in float32, walked
+    down d_model beside the weight. The norm's scale rsqrt(mean(x^2) + eps) is one number a
+    row, so it multiplies the product after the walk: (x * weight) @ in_proj * scale. Program
+    0 stores x (residual')."""
     b0, rmask = _rows(st)
     j = pl.program_id(0)
     n0 = j * st.block_conv
@@ -206,16 +216,31 @@ def _in_proj_conv_kernel(r, *, st: Static):
     # Columns past xz's last (Mamba2's dt block) are masked; Mamba1's xz tiles evenly.
     ragged = st.xz_width % st.block_conv != 0
     cols_ok = (n0 + _iota(st.block_conv)) < st.xz_width
+    add_norm = st.norm_eps is not None
 
-    def step(i, acc):
+    def step(i, carry):
+        acc, sumsq = carry
         k0 = i * st.block_k
-        h = plgpu.load(r["hidden"].at[rows, pl.ds(k0, st.block_k)], mask=rmask[:, None], other=0)
-        tile = r["in_proj"].at[pl.ds(k0, st.block_k), pl.ds(n0, st.block_conv)]
-        w = plgpu.load(tile, mask=cols_ok[None, :], other=0) if ragged else plgpu.load(tile)
-        return acc + jnp.dot(h, w, preferred_element_type=F32, precision=st.precision)
+        ks = pl.ds(k0, st.block_k)
+        h = plgpu.load(r["hidden"].at[rows, ks], mask=rmask[:, None], other=0)
+        if add_norm:
+            x = plgpu.load(r["residual"].at[rows, ks], mask=rmask[:, None], other=0) + h.astype(F32)
+            sumsq = sumsq + jnp.sum(x * x, axis=1)
 
-    acc = jnp.zeros((st.block_rows, st.block_conv), F32)
-    xz = jax.lax.fori_loop(0, st.d_model // st.block_k, step, acc).astype(c)
+            @pl.when(j == 0)
+            def _():
+                plgpu.store(r["residual_out"].at[rows, ks], x, mask=rmask[:, None])
+
+            h = (x * plgpu.load(r["norm_weight"].at[ks]).astype(F32)[None, :]).astype(c)
+        tile = r["in_proj"].at[ks, pl.ds(n0, st.block_conv)]
+        w = plgpu.load(tile, mask=cols_ok[None, :], other=0) if ragged else plgpu.load(tile)
+        return acc + jnp.dot(h, w, preferred_element_type=F32, precision=st.precision), sumsq
+
+    carry = (jnp.zeros((st.block_rows, st.block_conv), F32), jnp.zeros((st.block_rows,), F32))
+    acc, sumsq = jax.lax.fori_loop(0, st.d_model // st.block_k, step, carry)
+    if add_norm:
+        acc = acc * jax.lax.rsqrt(sumsq / st.d_model + st.norm_eps)[:, None]
+    xz = acc.astype(c)
     store_mask = rmask[:, None] & cols_ok[None, :] if ragged else rmask[:, None]
     plgpu.store(r["xz"].at[rows, pl.ds(n0, st.block_conv)], xz, mask=store_mask)
 
@@ -353,23 +378,33 @@ def in_proj_conv(
     num_warps: int,
     num_stages: int,
     interpret: bool,
+    residual=None,
+    norm_weight=None,
 ):
     """(xz (b, xz_width) c, conv_state', xc (b, d_inner) c[, parts (d_inner / block_conv, b, R)
     float32 given x_proj_weight]) from hidden (b, d): in_proj and the conv kernel in one
     kernel, one row block (b <= block_rows, d a multiple of block_k, x_col and d_inner of
-    block_conv); conv_state is updated in place."""
+    block_conv); conv_state is updated in place.
+
+    With st.norm_eps, residual (b, d) float32 and norm_weight (d,): hidden is the previous
+    block's output, in_proj's input RMSNorm(residual + hidden) (the kernel's docstring says
+    how), and residual + hidden (b, d) float32 comes first in the results."""
     b = st.batch
     outputs = dict(
         xz=jax.ShapeDtypeStruct((b, st.xz_width), jnp.dtype(st.dtype)),
         conv_out=jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype),
         xc=jax.ShapeDtypeStruct((b, st.d_inner), jnp.dtype(st.dtype)),
     )
+    if st.norm_eps is not None:
+        outputs = dict(residual_out=jax.ShapeDtypeStruct((b, st.d_model), F32), **outputs)
     if x_proj_weight is not None:
         outputs["parts"] = jax.ShapeDtypeStruct((st.d_inner // st.block_conv, b, st.x_width), F32)
     return launch.call(
         _in_proj_conv_kernel,
         dict(
             hidden=hidden,
+            residual=residual,
+            norm_weight=norm_weight,
             in_proj=in_proj_weight,
             conv_state=conv_state,
             conv_weight=conv_weight,
@@ -378,7 +413,7 @@ def in_proj_conv(
         ),
         outputs,
         grid=(-(-st.xz_width // st.block_conv), 1),
-        name="decode_in_proj_conv",
+        name="decode_add_norm_in_proj_conv" if st.norm_eps is not None else "decode_in_proj_conv",
         num_warps=num_warps,
         num_stages=num_stages,
         interpret=interpret,
