@@ -64,9 +64,9 @@ files get the variant fuseN.
 residual add; off by default: it did not pay on one H100); the result files get the variant
 defernorm.
 
---add-norm-in-proj-rows N: ADD_NORM_IN_PROJ_ROWS for the run (Mamba1's fused in_proj kernel
-also does the block's residual add and RMSNorm up to that batch; 0, off, by default until
-timed); the result files get the variant addnormN.
+--add-norm-in-proj-rows N: ADD_NORM_IN_PROJ_ROWS for the run (the fused in_proj kernel, either
+family's, also does the block's residual add and RMSNorm up to that batch; 0, off, by default
+until timed); the result files get the variant addnormN.
 
 --prefilter K: our sampler's top-p prefilter (jax_packmamba.sampling: the cut from the K
 largest logits, the full sort only when a row's nucleus is larger; the same tokens). Off by
@@ -183,9 +183,9 @@ def parse_args(argv=None):
         "--add-norm-in-proj-rows",
         type=int,
         default=None,
-        help="pallas_kernels.decode.config.ADD_NORM_IN_PROJ_ROWS for this run (Mamba1's fused "
-        "in_proj kernel also does the block's residual add and norm up to this batch); a "
-        "value gets the variant addnormN",
+        help="pallas_kernels.decode.config.ADD_NORM_IN_PROJ_ROWS for this run (the fused in_proj "
+        "kernel also does the block's residual add and norm up to this batch); a value gets "
+        "the variant addnormN",
     )
     p.add_argument("--profile", action="store_true", help="profile decode steps instead")
     p.add_argument("--profile-batches", default="1,128")

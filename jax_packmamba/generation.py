@@ -81,13 +81,7 @@ from jax_packmamba.config import (
 )
 from jax_packmamba.hybrid import KVCache, pad_kv_cache
 from jax_packmamba.mamba2 import Mamba2Mixer, defers_norm, no_output
-from jax_packmamba.model import (
-    LM,
-    MambaMixer,
-    MixerState,
-    decode_add_norm,
-    resolve_decode_impl,
-)
+from jax_packmamba.model import LM, MixerState, decode_add_norm, resolve_decode_impl
 from jax_packmamba.packing import (
     COLUMN,
     PIECE_LENGTH,
@@ -537,23 +531,19 @@ def _project(head_params, graphs, config: MambaConfig, hidden):
 def _layer_step(graph, params, residual, pending, conv, ssm, *, impl: str):
     """One token through one block, whose residual add is left to the next: (residual + the
     previous block's output `pending`, this block's output, conv, ssm). The add and this
-    block's norm are one kernel with a Pallas impl (model.decode_add_norm), or, for a Mamba1
-    block, part of its fused in_proj kernel (MambaMixer.decode_after_add). Jitted, so that
+    block's norm are one kernel with a Pallas impl (model.decode_add_norm), or part of the
+    mixer's fused in_proj kernel (the mixers' decode_after_add). Jitted, so that
     the decode step, which calls it once per layer with arguments of the same shapes, traces
     and lowers the block once (a call to one function, which XLA inlines before optimising): a
     fresh process pays the tracing and lowering before it can look the program up in the
     persistent cache."""
     block = nnx.merge(graph, params)
-    if isinstance(block.mixer, MambaMixer):
-        residual, out, cache = block.mixer.decode_after_add(
-            residual, pending, block.norm, MixerState(conv, ssm), impl
-        )
-        return residual, out, cache.conv, cache.ssm
-    residual, hidden = decode_add_norm(residual, pending, block.norm, impl)
     options = {}
     if isinstance(block.mixer, Mamba2Mixer):
         options = dict(defer_norm=defers_norm(block.mixer.config, impl))
-    out, cache = block.mixer(hidden, None, MixerState(conv, ssm), decode_impl=impl, **options)
+    residual, out, cache = block.mixer.decode_after_add(
+        residual, pending, block.norm, MixerState(conv, ssm), impl, **options
+    )
     return residual, out, cache.conv, cache.ssm
 
 

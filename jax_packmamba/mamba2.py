@@ -165,6 +165,66 @@ class Mamba2Mixer(nnx.Module):
 
     scan_impls = SSD_IMPLS  # config.scan_impl's values
 
+    def decode_after_add(
+        self, residual, pending, norm, cache: MixerState, impl: str, defer_norm: bool = False
+    ):
+        """MambaMixer.decode_after_add's contract: (residual + pending, out, next cache). The
+        Pallas step takes the add and norm into mamba2_pallas (inside its fused kernel where
+        pallas_kernels.decode.config.ADD_NORM_IN_PROJ_ROWS allows); a deferred norm's
+        ScaledOut pending, an in_proj bias or XLA run the add + norm in front."""
+        if impl == "xla" or self.in_proj.bias is not None or isinstance(pending, ScaledOut):
+            from jax_packmamba.model import decode_add_norm  # model imports this module
+
+            residual, hidden = decode_add_norm(residual, pending, norm, impl)
+            return (residual, *self(hidden, None, cache, decode_impl=impl, defer_norm=defer_norm))
+        from pallas_kernels.decode import ResidualNorm
+
+        add_norm = ResidualNorm(residual, norm.weight[...], norm.eps)
+        out, cache, residual = self._decode_pallas(
+            pending.astype(norm.dtype), cache, impl, defer_norm, add_norm
+        )
+        return residual, out, cache
+
+    def _decode_pallas(self, hidden, cache: MixerState, impl: str, defer_norm: bool, add_norm=None):
+        """The decode step through the Pallas kernels: (out, next cache[, residual' with
+        add_norm, mamba2_pallas's])."""
+        # The conv step and the state update as two kernels reading in_proj's output in place
+        # (in_proj itself fused into the first where mamba2_pallas fuses it), both states
+        # updated in place, y gated in the kernel.
+        from pallas_kernels.decode import mamba2_core_pallas, mamba2_pallas
+
+        e = self.config.d_inner
+        core = (
+            cache.conv,
+            cache.ssm,
+            *self._conv_params(),
+            self.dt_bias[...],
+            self.A_log[...],
+            self._D(),
+        )
+        interpret = impl == "pallas_interpret"
+        # A norm over all e channels scales each row by one number, which commutes with
+        # out_proj: the kernel hands back v * weight and v's sums of squares, and the next
+        # residual add applies the scale (three XLA kernels a step fewer).
+        defer = defer_norm and self.norm.group_size == e
+        kw = dict(norm_weight=self.norm.weight[...] if defer else None)
+        residual = ()
+        if self.in_proj.bias is None:
+            weight = self.in_proj.kernel[...].astype(hidden.dtype)
+            v, conv, ssm, *rest = mamba2_pallas(
+                hidden, weight, *core, **kw, add_norm=add_norm, interpret=interpret
+            )
+            if add_norm is not None:
+                rest, residual = rest[:-1], (rest[-1],)
+        else:
+            v, conv, ssm, *rest = mamba2_core_pallas(
+                self.in_proj(hidden), *core, **kw, interpret=interpret
+            )
+        cache = MixerState(conv=conv.astype(cache.conv.dtype), ssm=ssm.astype(cache.ssm.dtype))
+        if defer:
+            return ScaledOut(self.out_proj(v), rest[0], e, self.norm.eps), cache, *residual
+        return self.out_proj(self.norm.gated(v)), cache, *residual
+
     def __call__(
         self,
         hidden,
@@ -188,41 +248,7 @@ class Mamba2Mixer(nnx.Module):
             # in_proj as ONE product, split after (MambaMixer._decode says why).
             e, x = config.d_inner, config.conv_dim
             if decode_impl != "xla":
-                # The conv step and the state update as two kernels reading in_proj's output
-                # in place (in_proj itself fused into the first where mamba2_pallas fuses it),
-                # both states updated in place, y gated in the kernel.
-                from pallas_kernels.decode import mamba2_core_pallas, mamba2_pallas
-
-                core = (
-                    cache.conv,
-                    cache.ssm,
-                    *self._conv_params(),
-                    self.dt_bias[...],
-                    self.A_log[...],
-                    self._D(),
-                )
-                interpret = decode_impl == "pallas_interpret"
-                # A norm over all e channels scales each row by one number, which commutes with
-                # out_proj: the kernel hands back v * weight and v's sums of squares, and the
-                # next residual add applies the scale (three XLA kernels a step fewer).
-                defer = defer_norm and self.norm.group_size == e
-                kw = dict(norm_weight=self.norm.weight[...] if defer else None)
-                if self.in_proj.bias is None:
-                    weight = self.in_proj.kernel[...].astype(hidden.dtype)
-                    v, conv, ssm, *sumsq = mamba2_pallas(
-                        hidden, weight, *core, **kw, interpret=interpret
-                    )
-                else:
-                    zxbcdt = self.in_proj(hidden)
-                    v, conv, ssm, *sumsq = mamba2_core_pallas(
-                        zxbcdt, *core, **kw, interpret=interpret
-                    )
-                cache = MixerState(
-                    conv=conv.astype(cache.conv.dtype), ssm=ssm.astype(cache.ssm.dtype)
-                )
-                if defer:
-                    return ScaledOut(self.out_proj(v), sumsq[0], e, self.norm.eps), cache
-                return self.out_proj(self.norm.gated(v)), cache
+                return self._decode_pallas(hidden, cache, decode_impl, defer_norm)
             zxbcdt = self.in_proj(hidden)
             z, xBC, dt = zxbcdt[:, :e], zxbcdt[:, e : e + x], zxbcdt[:, e + x :]
             window = conv_window(cache, xBC)  # (b, w, x)

@@ -809,6 +809,56 @@ def test_mamba2_fused_in_proj_matches_in_proj_then_the_core(impl, case, dtype, t
     )
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("case", ["one_row_ragged", "one_block_of_32_rows"])
+def test_mamba2_add_norm_in_the_fused_kernel_matches_the_add_the_norm_and_the_core(
+    impl, case, dtype, tol, monkeypatch
+):
+    # mamba2_pallas(add_norm=...): the block's residual add and RMSNorm inside the fused in_proj
+    # kernel (rule on) or the add + norm kernel in front (rule off), against float64's add and
+    # norm, then in_proj and the unfused core.
+    from pallas_kernels.decode import ResidualNorm, mamba2_core_pallas, mamba2_pallas
+
+    batch, heads, headdim, groups, d_state, conv_bias, D_shape = MAMBA2_FUSED_CASES[case]
+    a = mamba2_core_args(
+        batch, heads, headdim, groups, d_state, 4, dtype, conv_bias=conv_bias, D_shape=D_shape
+    )
+    normal, _ = host_random(2)
+    d, width, eps = 128, a["zxbcdt"].shape[-1], 1e-5
+    out = jnp.asarray(normal((batch, d), dtype=dtype))
+    residual = jnp.asarray(normal((batch, d), 2.0))
+    norm_weight = jnp.asarray(1.0 + normal((d,), 0.1))
+    in_proj = jnp.asarray(normal((d, width), d**-0.5, dtype))
+    state = (a["conv_state"], a["ssm_state"], a["conv_weight"], a["conv_bias"])
+    state += (a["dt_bias"], a["A_log"], a["D"])
+    interpret = impl == "pallas_interpret"
+    x64 = np.asarray(residual, np.float64) + np.asarray(out, np.float64)
+    hidden64 = x64 / np.sqrt(np.mean(x64**2, axis=1, keepdims=True) + eps) * np.asarray(norm_weight)
+    hidden = jnp.asarray(hidden64, jnp.float32).astype(dtype)
+
+    def unfused(h, w, *s):
+        with jax.default_matmul_precision("highest"):
+            zxbcdt = jnp.dot(h, w, preferred_element_type=jnp.float32).astype(h.dtype)
+        return mamba2_core_pallas(zxbcdt, *s, interpret=interpret)
+
+    want = compiled(("mamba2_unfused", impl), unfused, hidden, in_proj, *state)(
+        hidden, in_proj, *state
+    )
+    want_residual = np.asarray(residual) + np.asarray(out, np.float32)
+    for rows in (32, 0):  # the add + norm in the fused kernel, then in front of it
+        monkeypatch.setattr("pallas_kernels.decode.config.ADD_NORM_IN_PROJ_ROWS", rows)
+
+        def fused(out, residual, norm_weight, *args):
+            add_norm = ResidualNorm(residual, norm_weight, eps)
+            return mamba2_pallas(out, *args, fuse=True, add_norm=add_norm, interpret=interpret)
+
+        args = (out, residual, norm_weight, in_proj, *state)
+        got = compiled(("mamba2_add_norm", impl, case, rows), fused, *args)(*args)
+        assert_step_close(got[:3], want, tol, f"{case} {dtype.__name__} rows={rows}")
+        np.testing.assert_array_equal(np.asarray(got[3]), want_residual)
+
+
 def test_mamba2_fuses_in_proj_where_the_rule_and_the_tiles_allow(monkeypatch):
     from pallas_kernels.decode import mamba2_pallas
 

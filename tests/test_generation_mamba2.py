@@ -261,6 +261,24 @@ def test_pallas_step_leaves_the_gated_norm_scale_to_the_next_add(impl, monkeypat
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("impl", ["pallas_interpret", on_gpu("pallas")])
+def test_pallas_step_with_the_add_and_norm_in_the_fused_kernel(impl, monkeypatch):
+    # Each block's residual add and norm inside its fused in_proj kernel
+    # (Mamba2Mixer.decode_after_add, ADD_NORM_IN_PROJ_ROWS): one step's logits and states
+    # against the XLA step. d_model 128, d_inner 256 and xBC's 320 channels tile the kernel.
+    monkeypatch.setattr("pallas_kernels.decode.config.ADD_NORM_IN_PROJ_ROWS", 16)
+    config = dataclasses.replace(CONFIG, d_model=128, d_state=32)
+    prepared = prepare(random_model(config, 2))
+    _, state = prefill(prepared, prompts_of((3, 9), seed=5))
+    tokens = jnp.asarray([5, 7])
+    want = step(prepared, tokens, state, decode_impl="xla")
+    got = step(prepared, tokens, state, decode_impl=impl)
+    tol = 1e-5 if impl == "pallas_interpret" else 5e-3  # a GPU's XLA step: TF32 products
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=tol, atol=tol)
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("defer_norm", [False, True])
 def test_decode_loop_lowers_for_cuda_with_three_kernels_a_layer(defer_norm, monkeypatch):
     # The jitted loop as a GPU runs it: each layer's step (one function, lowered once) holds

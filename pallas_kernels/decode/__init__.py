@@ -331,13 +331,16 @@ def mamba2_pallas(
     *,
     fuse: bool | None = None,
     norm_weight=None,
+    add_norm: ResidualNorm | None = None,
     interpret: bool = False,
 ):
     """A Mamba2 mixer's decode step from its normed input to its norm's input: in_proj (no
     bias), then mamba2_core_pallas's work. Fused (fuse None: at most
     config.MAMBA2_FUSE_IN_PROJ_ROWS rows, where the shapes tile evenly), in_proj and the conv
     step are one kernel (decode_in_proj_conv, as Mamba1's mixer_pallas runs it); otherwise
-    in_proj is XLA's product and mamba2_core_pallas follows.
+    in_proj is XLA's product and mamba2_core_pallas follows. add_norm: as mixer_pallas's (the
+    block's residual add and norm first, inside the fused kernel up to
+    config.ADD_NORM_IN_PROJ_ROWS rows; residual' last in the results).
 
     Args: hidden (b, d) in the compute dtype c; in_proj_weight (d, e + x + h) c; the rest as
     mamba2_core_pallas's. Returns mamba2_core_pallas(hidden @ in_proj_weight, ...)'s values
@@ -346,6 +349,8 @@ def mamba2_pallas(
     check_in_proj_args(hidden, in_proj_weight, "d_in_proj")
     c = hidden.dtype
     b, d = hidden.shape
+    if add_norm is not None:
+        _check_residual_norm(add_norm, b, d)
     zxbcdt_shape = jax.ShapeDtypeStruct((b, in_proj_weight.shape[1]), c)
     args = (conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D)
     dims = check_mamba2_args(zxbcdt_shape, *args)
@@ -355,9 +360,22 @@ def mamba2_pallas(
     most = decode_config.FUSED_ROWS_MAX
     if fuse is None:
         fuse = tiles and b <= min(decode_config.MAMBA2_FUSE_IN_PROJ_ROWS, most)
+    fused_norm = add_norm is not None and fuse and b <= decode_config.ADD_NORM_IN_PROJ_ROWS
+    residual = ()
+    if add_norm is not None and not fused_norm:
+        residual, hidden = add_rms_norm(
+            add_norm.residual,
+            hidden,
+            add_norm.weight,
+            eps=add_norm.eps,
+            dtype=c,
+            interpret=interpret,
+        )
+        residual = (residual,)
     if not fuse:
         zxbcdt = jnp.dot(hidden, in_proj_weight.astype(c))
-        return mamba2_core_pallas(zxbcdt, *args, norm_weight=norm_weight, interpret=interpret)
+        results = mamba2_core_pallas(zxbcdt, *args, norm_weight=norm_weight, interpret=interpret)
+        return (*results, *residual)
     if b > most or not tiles:
         raise ValueError(
             f"fuse needs batch <= {most}, d_model={d} a multiple of {cfg.block_k}, "
@@ -370,7 +388,11 @@ def mamba2_pallas(
         block_k=cfg.block_k,
         xz_width=in_proj_weight.shape[1],
     )
-    zxbcdt, conv_state, xbc = kernel.in_proj_conv(
+    norm_args = {}
+    if fused_norm:
+        st = dataclasses.replace(st, norm_eps=float(add_norm.eps))
+        norm_args = dict(residual=add_norm.residual, norm_weight=add_norm.weight.astype(F32))
+    results = kernel.in_proj_conv(
         hidden,
         in_proj_weight.astype(c),
         conv_state.astype(c),
@@ -381,10 +403,15 @@ def mamba2_pallas(
         num_warps=cfg.num_warps_in_proj,
         num_stages=cfg.num_stages_in_proj,
         interpret=interpret,
+        **norm_args,
     )
-    return _mamba2_update(
+    if fused_norm:
+        residual, results = results[:1], results[1:]
+    zxbcdt, conv_state, xbc = results
+    results = _mamba2_update(
         zxbcdt, xbc, conv_state, ssm_state, dt_bias, A_log, D, dims, norm_weight, interpret
     )
+    return (*results, *residual)
 
 
 def check_in_proj_args(hidden, in_proj_weight, width: str):
