@@ -29,6 +29,7 @@ from jax_packmamba.layers import (
     ScaledOut,
     check_end_state_call,
     conv_window,
+    decode_out_proj,
     dt_bias_init,
     row_end_state,
     saved,
@@ -222,8 +223,9 @@ class Mamba2Mixer(nnx.Module):
             )
         cache = MixerState(conv=conv.astype(cache.conv.dtype), ssm=ssm.astype(cache.ssm.dtype))
         if defer:
-            return ScaledOut(self.out_proj(v), rest[0], e, self.norm.eps), cache, *residual
-        return self.out_proj(self.norm.gated(v)), cache, *residual
+            out = decode_out_proj(self.out_proj, v, impl)
+            return ScaledOut(out, rest[0], e, self.norm.eps), cache, *residual
+        return decode_out_proj(self.out_proj, self.norm.gated(v), impl), cache, *residual
 
     def __call__(
         self,

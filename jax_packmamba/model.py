@@ -48,6 +48,7 @@ from jax_packmamba.layers import (  # MixerState, RMSNorm: public here too
     ScaledOut,
     check_end_state_call,
     conv_window,
+    decode_out_proj,
     dt_bias_init,
     row_end_state,
     saved,
@@ -258,7 +259,7 @@ class MambaMixer(nnx.Module):
             add_norm=add_norm,
             interpret=impl == "pallas_interpret",
         )
-        return residual, self.out_proj(y), MixerState(conv=conv, ssm=ssm)
+        return residual, decode_out_proj(self.out_proj, y, impl), MixerState(conv=conv, ssm=ssm)
 
     def _decode_core(self, cache: MixerState):
         """The decode kernels' arguments after in_proj's (mixer_core_pallas's, past xz)."""
@@ -283,7 +284,7 @@ class MambaMixer(nnx.Module):
 
             weight = self.in_proj.kernel[...].astype(hidden.dtype)
             y, conv, ssm = mixer_pallas(hidden, weight, *core, interpret=impl == "pallas_interpret")
-            return self.out_proj(y), MixerState(conv=conv, ssm=ssm)
+            return decode_out_proj(self.out_proj, y, impl), MixerState(conv=conv, ssm=ssm)
         # in_proj as ONE product, split after: slicing a weight in front of a product (as
         # _in_proj does for training, where activations are large) copies it every step.
         xz = self.in_proj(hidden)  # (b, 2e)
@@ -293,7 +294,7 @@ class MambaMixer(nnx.Module):
             from pallas_kernels.decode import mixer_core_pallas
 
             y, conv, ssm = mixer_core_pallas(xz, *core, interpret=impl == "pallas_interpret")
-        return self.out_proj(y), MixerState(conv=conv, ssm=ssm)
+        return decode_out_proj(self.out_proj, y, impl), MixerState(conv=conv, ssm=ssm)
 
     def _in_proj(self, hidden):
         """(x, z): in_proj(hidden) split in two, computed as two products with the kernel's

@@ -84,3 +84,18 @@ def release_compiled_programs(request):
     getattr(request.module, "_COMPILED", {}).clear()
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture
+def decode_rule(monkeypatch):
+    """set_rule(name, value): a pallas_kernels.decode.config rule for one test. The rules are
+    read when a decode step is traced, and the jitted layer step keeps its traces across tests
+    (same model shapes, same trace): the caches are cleared when a rule is set and after the
+    test, so that no test reuses a trace made under another rule."""
+
+    def set_rule(name, value):
+        monkeypatch.setattr(f"pallas_kernels.decode.config.{name}", value)
+        jax.clear_caches()
+
+    yield set_rule
+    jax.clear_caches()

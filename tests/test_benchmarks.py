@@ -1343,6 +1343,11 @@ def test_bench_generate_fuse_in_proj_rows_sets_the_rule_and_names_the_files(monk
     bench_generate.set_decode_rules(args)
     assert decode_config.ADD_NORM_IN_PROJ_ROWS == 16
     assert bench_generate.decode_variant(args) == "addnorm16"
+    monkeypatch.setattr(decode_config, "OUT_PROJ_PARTS_ROWS", decode_config.OUT_PROJ_PARTS_ROWS)
+    args = bench_generate.parse_args(["--smoke", "--out-proj-parts-rows", "64"])
+    bench_generate.set_decode_rules(args)
+    assert decode_config.OUT_PROJ_PARTS_ROWS == 64
+    assert bench_generate.decode_variant(args) == "outproj64"
 
 
 def test_bench_generate_targets_are_issue_26s():

@@ -586,14 +586,22 @@ def test_pallas_decode_step_generates_what_the_xla_step_does(prepared, model):
             np.testing.assert_array_equal(a, b)
 
 
-def test_add_norm_in_the_fused_kernel_generates_what_the_xla_step_does(monkeypatch):
-    # A Mamba1 block's residual add and norm inside its fused in_proj kernel
-    # (MambaMixer.decode_after_add, pick_config's add_norm_in_proj), greedy: the tokens of the
-    # XLA step. d_model 128 and d_inner 256 tile the fused kernel's blocks.
-    monkeypatch.setattr("pallas_kernels.decode.config.ADD_NORM_IN_PROJ_ROWS", 16)
+@pytest.mark.parametrize("rule", ["ADD_NORM_IN_PROJ_ROWS", "OUT_PROJ_PARTS_ROWS"])
+def test_decode_rules_off_by_default_step_as_the_xla_step_does(rule, decode_rule):
+    # One step's logits and states, then greedy tokens, against the XLA step's, with on: a
+    # Mamba1 block's residual add and norm inside its fused in_proj kernel
+    # (MambaMixer.decode_after_add, pick_config's add_norm_in_proj); or out_proj as K-split
+    # partials (layers.decode_out_proj). d_model 128 and d_inner 256 tile the fused kernel.
+    decode_rule(rule, 16 if "ADD" in rule else 1)
     config = jp.MambaConfig.preset("tiny", d_model=128, n_layer=2)
     prepared = prepare(jp.MambaLM(config, rngs=nnx.Rngs(1)))
     prompts = prompts_of((3, 9, 1), config.vocab_size, seed=5)
+    _, state = prefill(prepared, prompts)
+    tokens = jnp.asarray([5, 7, 2])
+    want = step(prepared, tokens, state, decode_impl="xla")
+    got = step(prepared, tokens, state, decode_impl="pallas_interpret")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
     xla = generate(prepared, prompts, 5, decode_impl="xla", temperature=0)
     kernels = generate(prepared, prompts, 5, decode_impl="pallas_interpret", temperature=0)
     for a, b in zip(xla, kernels):
@@ -739,7 +747,7 @@ def test_command_line_streams_one_prompt_with_the_sampling_flags(tmp_path, capsy
     assert "7 tokens in" in streamed.err and "time to first token" in streamed.err
 
 
-def test_decode_loop_lowers_for_cuda_with_two_kernels_a_layer(monkeypatch):
+def test_decode_loop_lowers_for_cuda_with_two_kernels_a_layer(decode_rule):
     # The whole jitted loop, as a GPU runs it: every layer's step calls the two decode kernels
     # (pallas_kernels/decode), and no layer-stacked weight is sliced inside the loop.
     from jax_packmamba import generation as gen
@@ -792,7 +800,7 @@ def test_decode_loop_lowers_for_cuda_with_two_kernels_a_layer(monkeypatch):
     assert slices and set(slices) == {"4x1xf32"}, slices
     # A model whose widths tile the fused in_proj kernel, with the add + norm in it: one
     # kernel fewer a layer (the final norm keeps its own).
-    monkeypatch.setattr("pallas_kernels.decode.config.ADD_NORM_IN_PROJ_ROWS", 16)
+    decode_rule("ADD_NORM_IN_PROJ_ROWS", 16)
     wide = jp.MambaConfig.preset("tiny", n_layer=3, dtype="bfloat16", d_state=16, d_model=128)
     state = DecodeState(
         conv=(sds((size, wide.d_conv - 1, wide.d_inner), jnp.bfloat16),) * 3,

@@ -261,12 +261,14 @@ def test_pallas_step_leaves_the_gated_norm_scale_to_the_next_add(impl, monkeypat
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("rule", ["ADD_NORM_IN_PROJ_ROWS", "OUT_PROJ_PARTS_ROWS"])
 @pytest.mark.parametrize("impl", ["pallas_interpret", on_gpu("pallas")])
-def test_pallas_step_with_the_add_and_norm_in_the_fused_kernel(impl, monkeypatch):
-    # Each block's residual add and norm inside its fused in_proj kernel
-    # (Mamba2Mixer.decode_after_add, ADD_NORM_IN_PROJ_ROWS): one step's logits and states
-    # against the XLA step. d_model 128, d_inner 256 and xBC's 320 channels tile the kernel.
-    monkeypatch.setattr("pallas_kernels.decode.config.ADD_NORM_IN_PROJ_ROWS", 16)
+def test_pallas_step_with_rules_off_by_default(impl, rule, decode_rule):
+    # One step's logits and states against the XLA step with, on: each block's residual add
+    # and norm inside its fused in_proj kernel (Mamba2Mixer.decode_after_add); or out_proj as
+    # K-split partials (layers.decode_out_proj). d_model 128, d_inner 256 and xBC's 320
+    # channels tile the fused kernel.
+    decode_rule(rule, 16 if "ADD" in rule else 1)
     config = dataclasses.replace(CONFIG, d_model=128, d_state=32)
     prepared = prepare(random_model(config, 2))
     _, state = prefill(prepared, prompts_of((3, 9), seed=5))

@@ -119,6 +119,12 @@ STATE_ONE_ROW_ROWS = 1
 # lowering only: off (0) until timed. Predicted: the add + norm kernel's 2.4 us a 2.8b layer at
 # batch 1, less the fused kernel's extra loads of the residual (L2), ~-0.1 ms a step.
 ADD_NORM_IN_PROJ_ROWS = 0
+# Rows from which a decode step's out_proj (both families) runs as K-split partial products
+# (out_proj.py, jax_packmamba.layers.decode_out_proj); 0: never. Built after round 6's calls,
+# tested through the interpreter and the CUDA lowering only: off until timed. Predicted at
+# batch 128 (mamba-2.8b, mamba2-2.7b): out_proj 17.2-20.4 -> ~11 + ~2 us a layer of sum,
+# ~-0.4 ms a step.
+OUT_PROJ_PARTS_ROWS = 0
 
 
 def pick_config(batch: int, d_inner: int, d_state: int, d_model: int | None = None) -> DecodeConfig:
