@@ -50,8 +50,8 @@ F32 = jnp.float32
 
 
 class ResidualNorm(NamedTuple):
-    """A block's residual add and RMSNorm for mixer_pallas to do first: the residual stream
-    (b, d) float32, the norm's weight (d,) and epsilon."""
+    """A block's residual add and RMSNorm for mixer_pallas or mamba2_pallas to do first: the
+    residual stream (b, d) float32, the norm's weight (d,) and epsilon."""
 
     residual: jax.Array
     weight: jax.Array
