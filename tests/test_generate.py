@@ -588,10 +588,10 @@ def test_pallas_decode_step_generates_what_the_xla_step_does(prepared, model):
 
 @pytest.mark.parametrize("rule", ["ADD_NORM_IN_PROJ_ROWS", "OUT_PROJ_PARTS_ROWS"])
 def test_decode_rules_off_by_default_step_as_the_xla_step_does(rule, decode_rule):
-    # One step's logits and states, then greedy tokens, against the XLA step's, with on: a
-    # Mamba1 block's residual add and norm inside its fused in_proj kernel
-    # (MambaMixer.decode_after_add, pick_config's add_norm_in_proj); or out_proj as K-split
-    # partials (layers.decode_out_proj). d_model 128 and d_inner 256 tile the fused kernel.
+    # One step's logits and states against the XLA step's, with on: a Mamba1 block's residual
+    # add and norm inside its fused in_proj kernel (MambaMixer.decode_after_add, pick_config's
+    # add_norm_in_proj); or out_proj as K-split partials (layers.decode_out_proj). d_model 128
+    # and d_inner 256 tile the fused kernel.
     decode_rule(rule, 16 if "ADD" in rule else 1)
     config = jp.MambaConfig.preset("tiny", d_model=128, n_layer=2)
     prepared = prepare(jp.MambaLM(config, rngs=nnx.Rngs(1)))
@@ -602,10 +602,6 @@ def test_decode_rules_off_by_default_step_as_the_xla_step_does(rule, decode_rule
     got = step(prepared, tokens, state, decode_impl="pallas_interpret")
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
-    xla = generate(prepared, prompts, 5, decode_impl="xla", temperature=0)
-    kernels = generate(prepared, prompts, 5, decode_impl="pallas_interpret", temperature=0)
-    for a, b in zip(xla, kernels):
-        np.testing.assert_array_equal(a, b)
 
 
 def test_repetition_penalty_follows_hugging_face_in_the_loop(model, prepared):
