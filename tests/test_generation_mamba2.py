@@ -250,8 +250,12 @@ def test_pallas_step_leaves_the_gated_norm_scale_to_the_next_add(impl, monkeypat
     monkeypatch.setattr("pallas_kernels.decode.config.MAMBA2_DEFER_NORM", True)
     assert defers_norm(config, impl) and not defers_norm(CONFIG, impl)
     assert not defers_norm(config, "xla")
-    prepared = prepare(random_model(config, 1))
-    _, state = prefill(prepared, prompts_of((3, 9), seed=4))
+    assert_step_matches_the_xla_step(prepare(random_model(config, 1)), impl, seed=4)
+
+
+def assert_step_matches_the_xla_step(prepared, impl, seed):
+    """One decode step after a packed prefill: logits and states against the XLA step's."""
+    _, state = prefill(prepared, prompts_of((3, 9), seed=seed))
     tokens = jnp.asarray([5, 7])
     want = step(prepared, tokens, state, decode_impl="xla")
     got = step(prepared, tokens, state, decode_impl=impl)
@@ -270,15 +274,7 @@ def test_pallas_step_with_rules_off_by_default(impl, rule, decode_rule):
     # channels tile the fused kernel.
     decode_rule(rule, 16 if "ADD" in rule else 1)
     config = dataclasses.replace(CONFIG, d_model=128, d_state=32)
-    prepared = prepare(random_model(config, 2))
-    _, state = prefill(prepared, prompts_of((3, 9), seed=5))
-    tokens = jnp.asarray([5, 7])
-    want = step(prepared, tokens, state, decode_impl="xla")
-    got = step(prepared, tokens, state, decode_impl=impl)
-    tol = 1e-5 if impl == "pallas_interpret" else 5e-3  # a GPU's XLA step: TF32 products
-    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=tol, atol=tol)
-    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
+    assert_step_matches_the_xla_step(prepare(random_model(config, 2)), impl, seed=5)
 
 
 @pytest.mark.parametrize("defer_norm", [False, True])

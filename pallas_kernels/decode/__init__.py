@@ -197,20 +197,11 @@ def mixer_pallas(
     b, e, n, r, w = check_mixer_core_args(xz_shape, *core_args)
     cfg = config or pick_config(b, e, n, d)
     fused_norm = add_norm is not None and cfg.fuse_in_proj and cfg.add_norm_in_proj
-    residual = None
-    if add_norm is not None and not fused_norm:
-        residual, hidden = add_rms_norm(
-            add_norm.residual,
-            hidden,
-            add_norm.weight,
-            eps=add_norm.eps,
-            dtype=c,
-            interpret=interpret,
-        )
+    residual, hidden = _add_norm_in_front(add_norm, fused_norm, hidden, interpret)
     if not cfg.fuse_in_proj:
         xz = jnp.dot(hidden, in_proj_weight.astype(c))
         y = mixer_core_pallas(xz, *core_args, config=cfg, interpret=interpret)
-        return y if residual is None else (*y, residual)
+        return (*y, *residual)
     most = max(cfg.block_rows, decode_config.FUSED_ROWS_MAX)
     if b > most or d % cfg.block_k or e % cfg.block_conv:
         raise ValueError(
@@ -222,11 +213,9 @@ def mixer_pallas(
     # config's row blocks (one H100, DESIGN.md round 6: at 32 rows a 32-row state block took
     # 10.8 us a 2.8b layer where two 16-row blocks took 7.4).
     fused_rows = max(cfg.block_rows, decode_config.fused_block_rows(b))
-    fused_st = dataclasses.replace(st, block_rows=fused_rows)
-    norm_args = {}
-    if fused_norm:
-        fused_st = dataclasses.replace(fused_st, norm_eps=float(add_norm.eps))
-        norm_args = dict(residual=add_norm.residual, norm_weight=add_norm.weight.astype(F32))
+    fused_st, norm_args = _add_norm_inside(
+        add_norm, fused_norm, dataclasses.replace(st, block_rows=fused_rows)
+    )
     results = kernel.in_proj_conv(
         hidden,
         in_proj_weight.astype(c),
@@ -241,12 +230,34 @@ def mixer_pallas(
         **norm_args,
     )
     if fused_norm:
-        residual, results = results[0], results[1:]
+        residual, results = results[:1], results[1:]
     xz, conv_state, xc, parts = results
     y, ssm_state = _ssm_update(parts, xc, xz, ssm_state, *core_args[5:], st, cfg, interpret)
-    if residual is None:
-        return y, conv_state, ssm_state
-    return y, conv_state, ssm_state, residual
+    return (y, conv_state, ssm_state, *residual)
+
+
+def _add_norm_in_front(add_norm: ResidualNorm | None, fused: bool, hidden, interpret: bool):
+    """((residual',) or (), the step's input): the add + norm kernel in front where add_norm
+    is given and the fused kernel does not take it; hidden as it is otherwise."""
+    if add_norm is None or fused:
+        return (), hidden
+    residual, hidden = add_rms_norm(
+        add_norm.residual,
+        hidden,
+        add_norm.weight,
+        eps=add_norm.eps,
+        dtype=hidden.dtype,
+        interpret=interpret,
+    )
+    return (residual,), hidden
+
+
+def _add_norm_inside(add_norm: ResidualNorm | None, fused: bool, st: kernel.Static):
+    """The fused kernel's Static and extra inputs for the add + norm inside it (fused)."""
+    if not fused:
+        return st, {}
+    inputs = dict(residual=add_norm.residual, norm_weight=add_norm.weight.astype(F32))
+    return dataclasses.replace(st, norm_eps=float(add_norm.eps)), inputs
 
 
 def _check_residual_norm(add_norm: ResidualNorm, b: int, d: int):
@@ -364,17 +375,7 @@ def mamba2_pallas(
     if fuse is None:
         fuse = tiles and b <= min(decode_config.MAMBA2_FUSE_IN_PROJ_ROWS, most)
     fused_norm = add_norm is not None and fuse and b <= decode_config.ADD_NORM_IN_PROJ_ROWS
-    residual = ()
-    if add_norm is not None and not fused_norm:
-        residual, hidden = add_rms_norm(
-            add_norm.residual,
-            hidden,
-            add_norm.weight,
-            eps=add_norm.eps,
-            dtype=c,
-            interpret=interpret,
-        )
-        residual = (residual,)
+    residual, hidden = _add_norm_in_front(add_norm, fused_norm, hidden, interpret)
     if not fuse:
         zxbcdt = jnp.dot(hidden, in_proj_weight.astype(c))
         results = mamba2_core_pallas(zxbcdt, *args, norm_weight=norm_weight, interpret=interpret)
@@ -391,10 +392,7 @@ def mamba2_pallas(
         block_k=cfg.block_k,
         xz_width=in_proj_weight.shape[1],
     )
-    norm_args = {}
-    if fused_norm:
-        st = dataclasses.replace(st, norm_eps=float(add_norm.eps))
-        norm_args = dict(residual=add_norm.residual, norm_weight=add_norm.weight.astype(F32))
+    st, norm_args = _add_norm_inside(add_norm, fused_norm, st)
     results = kernel.in_proj_conv(
         hidden,
         in_proj_weight.astype(c),
