@@ -17,7 +17,7 @@ d d_model, e d_inner, n d_state, w d_conv - 1, v vocabulary, T new-token bucket.
              step), updates every state in place, and runs the step as straight-line code
              (CUDA graphs on a GPU): `prepare` un-stacks the model's layer-stacked weights
              once. Each layer is the model's Block (model.py) taken apart: the previous
-             block's residual add and this block's norm (one kernel, model.decode_add_norm),
+             block's residual add and this block's norm (one kernel, layers.decode_add_norm),
              then the mixer with a cache, which runs XLA ops or the Pallas kernels of
              pallas_kernels/decode (`decode_impl`: Mamba1's mixer core, Mamba2's state
              update); the last block's add goes with the final norm.
@@ -80,8 +80,9 @@ from jax_packmamba.config import (
     hybrid_runs,
 )
 from jax_packmamba.hybrid import KVCache, pad_kv_cache
+from jax_packmamba.layers import decode_add_norm
 from jax_packmamba.mamba2 import Mamba2Mixer, defers_norm, no_output
-from jax_packmamba.model import LM, MixerState, decode_add_norm, resolve_decode_impl
+from jax_packmamba.model import LM, MixerState, resolve_decode_impl
 from jax_packmamba.packing import (
     COLUMN,
     PIECE_LENGTH,
@@ -531,7 +532,7 @@ def _project(head_params, graphs, config: MambaConfig, hidden):
 def _layer_step(graph, params, residual, pending, conv, ssm, *, impl: str):
     """One token through one block, whose residual add is left to the next: (residual + the
     previous block's output `pending`, this block's output, conv, ssm). The add and this
-    block's norm are one kernel with a Pallas impl (model.decode_add_norm), or part of the
+    block's norm are one kernel with a Pallas impl (layers.decode_add_norm), or part of the
     mixer's fused in_proj kernel (the mixers' decode_after_add). Jitted, so that
     the decode step, which calls it once per layer with arguments of the same shapes, traces
     and lowers the block once (a call to one function, which XLA inlines before optimising): a

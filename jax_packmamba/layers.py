@@ -98,7 +98,7 @@ class MixerState(NamedTuple):
 class ScaledOut:
     """A decode step's block output whose norm scale is still to apply (Mamba2Mixer's
     `defer_norm`): the block's output is `out * rsqrt(sum(sumsq) / count + eps)`, one scale a
-    row, applied by the next residual add (model.decode_add_norm). out (b, d) in the compute
+    row, applied by the next residual add (decode_add_norm). out (b, d) in the compute
     dtype; sumsq (b, P) float32 partial sums of squares; count (the norm's channels) and eps
     (its epsilon) are static."""
 
@@ -111,6 +111,35 @@ class ScaledOut:
         """The block's output, float32 (b, d)."""
         total = jnp.sum(self.sumsq, axis=-1, keepdims=True)
         return self.out.astype(jnp.float32) * jax.lax.rsqrt(total / self.count + self.eps)
+
+
+def decode_add_norm(residual, out, norm: RMSNorm, impl: str):
+    """A decode step's residual add and the next norm: (residual + out in float32,
+    norm(residual + out)); out None adds nothing (the first block), a ScaledOut adds its value
+    (its scale applied in the add). impl: a decode_impl ("xla", or the Pallas kernel,
+    pallas_kernels.decode.add_rms_norm, through "pallas" or "pallas_interpret").
+    Block(..., cache=...) computes the same values, the add at its end."""
+    if impl == "xla":
+        if isinstance(out, ScaledOut):
+            residual = residual + out.value()
+        elif out is not None:
+            residual = residual + out.astype(jnp.float32)
+        return residual, norm(residual)
+    from pallas_kernels.decode import add_rms_norm
+
+    scaled = {}
+    if isinstance(out, ScaledOut):
+        scaled = dict(out_sumsq=out.sumsq, out_count=out.count, out_eps=out.eps)
+        out = out.out
+    return add_rms_norm(
+        residual,
+        out,
+        norm.weight[...],
+        eps=norm.eps,
+        dtype=norm.dtype,
+        **scaled,
+        interpret=impl == "pallas_interpret",
+    )
 
 
 def decode_out_proj(linear: nnx.Linear, y, impl: str):

@@ -29,6 +29,7 @@ from jax_packmamba.layers import (
     ScaledOut,
     check_end_state_call,
     conv_window,
+    decode_add_norm,
     decode_out_proj,
     dt_bias_init,
     row_end_state,
@@ -174,8 +175,6 @@ class Mamba2Mixer(nnx.Module):
         pallas_kernels.decode.config.ADD_NORM_IN_PROJ_ROWS allows); a deferred norm's
         ScaledOut pending, an in_proj bias or XLA run the add + norm in front."""
         if impl == "xla" or self.in_proj.bias is not None or isinstance(pending, ScaledOut):
-            from jax_packmamba.model import decode_add_norm  # model imports this module
-
             residual, hidden = decode_add_norm(residual, pending, norm, impl)
             return (residual, *self(hidden, None, cache, decode_impl=impl, defer_norm=defer_norm))
         from pallas_kernels.decode import ResidualNorm

@@ -45,9 +45,9 @@ from jax_packmamba.layers import (  # MixerState, RMSNorm: public here too
     SAVED_NAMES,
     MixerState,
     RMSNorm,
-    ScaledOut,
     check_end_state_call,
     conv_window,
+    decode_add_norm,
     decode_out_proj,
     dt_bias_init,
     row_end_state,
@@ -241,7 +241,7 @@ class MambaMixer(nnx.Module):
     def decode_after_add(self, residual, pending, norm: RMSNorm, cache: MixerState, impl: str):
         """The block's decode step from its residual stream: (residual + pending, out, next
         cache), where pending is the previous block's output and `norm` the block's norm
-        (model.decode_add_norm's add and norm, then the mixer's step). With a Pallas impl the
+        (layers.decode_add_norm's add and norm, then the mixer's step). With a Pallas impl the
         add and norm go to mixer_pallas, whose fused in_proj kernel does them itself where
         pallas_kernels.decode.config.ADD_NORM_IN_PROJ_ROWS allows (the add + norm kernel runs
         in front otherwise)."""
@@ -436,35 +436,6 @@ class Block(nnx.Module):
         if self.mlp is not None:
             residual = residual + self.mlp(self.norm2(residual)).astype(jnp.float32)
         return residual, cache
-
-
-def decode_add_norm(residual, out, norm: RMSNorm, impl: str):
-    """A decode step's residual add and the next norm: (residual + out in float32,
-    norm(residual + out)); out None adds nothing (the first block), a ScaledOut adds its value
-    (its scale applied in the add). impl: a decode_impl ("xla", or the Pallas kernel,
-    pallas_kernels.decode.add_rms_norm, through "pallas" or "pallas_interpret").
-    Block(..., cache=...) computes the same values, the add at its end."""
-    if impl == "xla":
-        if isinstance(out, ScaledOut):
-            residual = residual + out.value()
-        elif out is not None:
-            residual = residual + out.astype(jnp.float32)
-        return residual, norm(residual)
-    from pallas_kernels.decode import add_rms_norm
-
-    scaled = {}
-    if isinstance(out, ScaledOut):
-        scaled = dict(out_sumsq=out.sumsq, out_count=out.count, out_eps=out.eps)
-        out = out.out
-    return add_rms_norm(
-        residual,
-        out,
-        norm.weight[...],
-        eps=norm.eps,
-        dtype=norm.dtype,
-        **scaled,
-        interpret=impl == "pallas_interpret",
-    )
 
 
 class HybridLayer(nnx.Module):

@@ -401,8 +401,7 @@ def test_bad_shapes_name_the_argument():
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
 @pytest.mark.parametrize("d_model,add", [(48, True), (200, True), (48, False)])
 def test_add_rms_norm_matches_the_add_and_the_norm(impl, dtype, tol, d_model, add):
-    from jax_packmamba.layers import RMSNorm
-    from jax_packmamba.model import decode_add_norm
+    from jax_packmamba.layers import RMSNorm, decode_add_norm
 
     normal, _ = host_random(d_model)
     residual = jnp.asarray(normal((3, d_model), 3.0))
@@ -736,8 +735,7 @@ def test_mamba2_core_hands_back_v_times_the_norm_weight_and_its_sums_of_squares(
 def test_add_rms_norm_applies_a_deferred_norm_scale(impl):
     # A ScaledOut (a Mamba2 block's decode output, its gated norm's scale not yet applied):
     # residual + out * rsqrt(sum(sumsq) / count + eps), then the block norm, against float64.
-    from jax_packmamba.layers import RMSNorm, ScaledOut
-    from jax_packmamba.model import decode_add_norm
+    from jax_packmamba.layers import RMSNorm, ScaledOut, decode_add_norm
 
     normal, _ = host_random(5)
     d, parts, count, eps = 200, 40, 640, 1e-5
