@@ -115,9 +115,10 @@ X_PROJ_IN_CONV_ROWS = 16
 # 5.61 -> 4.27 us a layer); the mixer core 18.50 -> 21.81 us at 8, 27.93 -> 41.24 at 32.
 STATE_ONE_ROW_ROWS = 1
 # Rows up to which the fused in_proj kernel (Mamba1's through add_norm_in_proj, Mamba2's in
-# mamba2_pallas) also does the block's residual add and RMSNorm. Built after round 6's calls, tested through the interpreter and the CUDA
-# lowering only: off (0) until timed. Predicted: the add + norm kernel's 2.4 us a 2.8b layer at
-# batch 1, less the fused kernel's extra loads of the residual (L2), ~-0.1 ms a step.
+# mamba2_pallas) also does the block's residual add and RMSNorm. Built after round 6's calls,
+# tested through the interpreter and the CUDA lowering only: off (0) until timed. Predicted:
+# the add + norm kernel's 2.4 us a 2.8b layer at batch 1, less the fused kernel's extra loads
+# of the residual (L2), ~-0.1 ms a step.
 ADD_NORM_IN_PROJ_ROWS = 0
 # Rows from which a decode step's out_proj (both families) runs as K-split partial products
 # (out_proj.py, jax_packmamba.layers.decode_out_proj); 0: never. Built after round 6's calls,
