@@ -57,8 +57,8 @@ the JSON records the dtype that ran (state_dtype) and the flag (state_dtype_arg)
 
 --fuse-in-proj-rows N: pallas_kernels.decode.config.FUSE_IN_PROJ_ROWS for the run (Mamba1's
 Pallas decode step fuses in_proj into the conv kernel up to that batch; the library's default
-is 16; 0 turns it off), MAMBA2_FUSE_IN_PROJ_ROWS for a Mamba2 preset (32); the result
-files get the variant fuseN.
+is 32; 0 turns it off), MAMBA2_FUSE_IN_PROJ_ROWS for a Mamba2 preset (32); the result files
+get the variant fuseN.
 
 --defer-norm: MAMBA2_DEFER_NORM on for the run (Mamba2's gated norm scale applied in the next
 residual add; off by default: it did not pay on one H100); the result files get the variant
@@ -67,10 +67,6 @@ defernorm.
 --add-norm-in-proj-rows N: ADD_NORM_IN_PROJ_ROWS for the run (the fused in_proj kernel, either
 family's, also does the block's residual add and RMSNorm up to that batch; 0, off, by default
 until timed); the result files get the variant addnormN.
-
---out-proj-parts-rows N: OUT_PROJ_PARTS_ROWS for the run (a decode step's out_proj as K-split
-partial products from that batch, pallas_kernels/decode/out_proj.py; 0, never, by default
-until timed); the result files get the variant outprojN.
 
 --prefilter K: our sampler's top-p prefilter (jax_packmamba.sampling: the cut from the K
 largest logits, the full sort only when a row's nucleus is larger; the same tokens). Off by
@@ -191,13 +187,6 @@ def parse_args(argv=None):
         "kernel also does the block's residual add and norm up to this batch); a value gets "
         "the variant addnormN",
     )
-    p.add_argument(
-        "--out-proj-parts-rows",
-        type=int,
-        default=None,
-        help="pallas_kernels.decode.config.OUT_PROJ_PARTS_ROWS for this run (out_proj as K-split "
-        "partial products from this batch); a value gets the variant outprojN",
-    )
     p.add_argument("--profile", action="store_true", help="profile decode steps instead")
     p.add_argument("--profile-batches", default="1,128")
     p.add_argument("--profile-impls", default="xla,pallas")
@@ -261,10 +250,9 @@ def state_variant(args) -> str | None:
 
 
 def set_decode_rules(args) -> None:
-    """--fuse-in-proj-rows, --defer-norm, --add-norm-in-proj-rows and --out-proj-parts-rows,
-    where given, into the decode kernels' rules (read when a step is traced):
-    FUSE_IN_PROJ_ROWS for a Mamba1 preset, MAMBA2_FUSE_IN_PROJ_ROWS for a Mamba2 one;
-    MAMBA2_DEFER_NORM; ADD_NORM_IN_PROJ_ROWS; OUT_PROJ_PARTS_ROWS."""
+    """--fuse-in-proj-rows, --defer-norm and --add-norm-in-proj-rows, where given, into the
+    decode kernels' rules (read when a step is traced): FUSE_IN_PROJ_ROWS for a Mamba1 preset,
+    MAMBA2_FUSE_IN_PROJ_ROWS for a Mamba2 one; MAMBA2_DEFER_NORM; ADD_NORM_IN_PROJ_ROWS."""
     import pallas_kernels.decode.config as decode_config
 
     if args.fuse_in_proj_rows is not None:
@@ -274,19 +262,15 @@ def set_decode_rules(args) -> None:
         decode_config.MAMBA2_DEFER_NORM = True
     if args.add_norm_in_proj_rows is not None:
         decode_config.ADD_NORM_IN_PROJ_ROWS = args.add_norm_in_proj_rows
-    if args.out_proj_parts_rows is not None:
-        decode_config.OUT_PROJ_PARTS_ROWS = args.out_proj_parts_rows
 
 
 def decode_variant(args) -> str | None:
-    """The result files' variant for --fuse-in-proj-rows, --defer-norm,
-    --add-norm-in-proj-rows and --out-proj-parts-rows: None without any."""
+    """The result files' variant for --fuse-in-proj-rows, --defer-norm and
+    --add-norm-in-proj-rows: None without any."""
     fuse = None if args.fuse_in_proj_rows is None else f"fuse{args.fuse_in_proj_rows}"
     rows = args.add_norm_in_proj_rows
     add_norm = None if rows is None else f"addnorm{rows}"
-    rows = args.out_proj_parts_rows
-    out_proj = None if rows is None else f"outproj{rows}"
-    parts = (fuse, "defernorm" if args.defer_norm else None, add_norm, out_proj)
+    parts = (fuse, "defernorm" if args.defer_norm else None, add_norm)
     return "_".join(v for v in parts if v) or None
 
 
@@ -1023,7 +1007,6 @@ CATEGORIES = (
             "decode_ssm_update",
             "decode_ssd_update",
             "decode_add",
-            "decode_out_proj",
         ),
     ),
     (

@@ -142,31 +142,6 @@ def decode_add_norm(residual, out, norm: RMSNorm, impl: str):
     )
 
 
-def decode_out_proj(linear: nnx.Linear, y, impl: str):
-    """A decode step's out_proj: linear(y), or, with a Pallas decode_impl from
-    pallas_kernels.decode.config.OUT_PROJ_PARTS_ROWS rows (no bias, widths of 64), the K-split
-    kernel (out_proj_pallas: a weight-bound product at large batch, which the GEMM libraries
-    tile for arithmetic)."""
-    from pallas_kernels.decode import config as decode_config
-
-    rows = decode_config.OUT_PROJ_PARTS_ROWS
-    k, n = linear.kernel.shape
-    if (
-        impl == "xla"
-        or linear.bias is not None
-        or not rows
-        or y.shape[0] < rows
-        or k % 64
-        or n % 64
-    ):
-        return linear(y)
-    from pallas_kernels.decode import out_proj_pallas
-
-    c = linear.dtype or y.dtype
-    weight = linear.kernel[...].astype(c)
-    return out_proj_pallas(y.astype(c), weight, interpret=impl == "pallas_interpret")
-
-
 def segment_caches(
     conv_inputs, segment_ids, num_segments: int, final_ssm, width: int, continues=None
 ):

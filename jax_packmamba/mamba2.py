@@ -30,7 +30,6 @@ from jax_packmamba.layers import (
     check_end_state_call,
     conv_window,
     decode_add_norm,
-    decode_out_proj,
     dt_bias_init,
     row_end_state,
     saved,
@@ -222,9 +221,8 @@ class Mamba2Mixer(nnx.Module):
             )
         cache = MixerState(conv=conv.astype(cache.conv.dtype), ssm=ssm.astype(cache.ssm.dtype))
         if defer:
-            out = decode_out_proj(self.out_proj, v, impl)
-            return ScaledOut(out, rest[0], e, self.norm.eps), cache, *residual
-        return decode_out_proj(self.out_proj, self.norm.gated(v), impl), cache, *residual
+            return ScaledOut(self.out_proj(v), rest[0], e, self.norm.eps), cache, *residual
+        return self.out_proj(self.norm.gated(v)), cache, *residual
 
     def __call__(
         self,

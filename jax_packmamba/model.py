@@ -48,7 +48,6 @@ from jax_packmamba.layers import (  # MixerState, RMSNorm: public here too
     check_end_state_call,
     conv_window,
     decode_add_norm,
-    decode_out_proj,
     dt_bias_init,
     row_end_state,
     saved,
@@ -259,7 +258,7 @@ class MambaMixer(nnx.Module):
             add_norm=add_norm,
             interpret=impl == "pallas_interpret",
         )
-        return residual, decode_out_proj(self.out_proj, y, impl), MixerState(conv=conv, ssm=ssm)
+        return residual, self.out_proj(y), MixerState(conv=conv, ssm=ssm)
 
     def _decode_core(self, cache: MixerState):
         """The decode kernels' arguments after in_proj's (mixer_core_pallas's, past xz)."""
@@ -279,12 +278,12 @@ class MambaMixer(nnx.Module):
         core = self._decode_core(cache)
         if impl != "xla" and self.in_proj.bias is None:
             # in_proj through mixer_pallas, which fuses it with the conv kernel at the batches
-            # pallas_kernels.decode.config.FUSE_IN_PROJ_ROWS allows (up to 16 rows).
+            # pallas_kernels.decode.config.FUSE_IN_PROJ_ROWS allows (up to 32 rows).
             from pallas_kernels.decode import mixer_pallas
 
             weight = self.in_proj.kernel[...].astype(hidden.dtype)
             y, conv, ssm = mixer_pallas(hidden, weight, *core, interpret=impl == "pallas_interpret")
-            return decode_out_proj(self.out_proj, y, impl), MixerState(conv=conv, ssm=ssm)
+            return self.out_proj(y), MixerState(conv=conv, ssm=ssm)
         # in_proj as ONE product, split after: slicing a weight in front of a product (as
         # _in_proj does for training, where activations are large) copies it every step.
         xz = self.in_proj(hidden)  # (b, 2e)
@@ -294,7 +293,7 @@ class MambaMixer(nnx.Module):
             from pallas_kernels.decode import mixer_core_pallas
 
             y, conv, ssm = mixer_core_pallas(xz, *core, interpret=impl == "pallas_interpret")
-        return decode_out_proj(self.out_proj, y, impl), MixerState(conv=conv, ssm=ssm)
+        return self.out_proj(y), MixerState(conv=conv, ssm=ssm)
 
     def _in_proj(self, hidden):
         """(x, z): in_proj(hidden) split in two, computed as two products with the kernel's

@@ -1319,7 +1319,7 @@ def test_bench_generate_fuse_in_proj_rows_sets_the_rule_and_names_the_files(monk
     monkeypatch.setattr(decode_config, "FUSE_IN_PROJ_ROWS", decode_config.FUSE_IN_PROJ_ROWS)
     default = bench_generate.parse_args(["--smoke"])
     bench_generate.set_decode_rules(default)
-    assert decode_config.FUSE_IN_PROJ_ROWS == 16 and bench_generate.decode_variant(default) is None
+    assert decode_config.FUSE_IN_PROJ_ROWS == 32 and bench_generate.decode_variant(default) is None
     args = bench_generate.parse_args(["--smoke", "--fuse-in-proj-rows", "0"])
     bench_generate.set_decode_rules(args)
     assert decode_config.FUSE_IN_PROJ_ROWS == 0 and bench_generate.decode_variant(args) == "fuse0"
@@ -1343,11 +1343,6 @@ def test_bench_generate_fuse_in_proj_rows_sets_the_rule_and_names_the_files(monk
     bench_generate.set_decode_rules(args)
     assert decode_config.ADD_NORM_IN_PROJ_ROWS == 16
     assert bench_generate.decode_variant(args) == "addnorm16"
-    monkeypatch.setattr(decode_config, "OUT_PROJ_PARTS_ROWS", decode_config.OUT_PROJ_PARTS_ROWS)
-    args = bench_generate.parse_args(["--smoke", "--out-proj-parts-rows", "64"])
-    bench_generate.set_decode_rules(args)
-    assert decode_config.OUT_PROJ_PARTS_ROWS == 64
-    assert bench_generate.decode_variant(args) == "outproj64"
 
 
 def test_bench_generate_targets_are_issue_26s():

@@ -241,66 +241,14 @@ def test_add_norm_in_the_fused_kernel_matches_the_add_the_norm_and_the_unfused_s
         np.testing.assert_array_equal(np.asarray(got[3]), want_residual)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize(
-    "batch,k,n,splits", [(3, 256, 128, None), (20, 192, 64, 3), (40, 512, 128, 4)]
-)
-def test_out_proj_parts_match_the_product_and_keep_rows_apart(impl, dtype, batch, k, n, splits):
-    # out_proj_pallas: K-split float32 partials summed and rounded to the compute dtype, against
-    # float64's product rounded once; rows past a 16- or 64-row block masked; a changed row
-    # leaves the others' outputs bit-identical.
-    from pallas_kernels.decode import out_proj_pallas
-
-    normal, _ = host_random(6)
-    y = normal((batch, k), dtype=dtype)
-    weight = normal((k, n), k**-0.5, dtype)
-    interpret = impl == "pallas_interpret"
-
-    def fn(y, w):
-        return out_proj_pallas(y, w, splits=splits, interpret=interpret)
-
-    got = compiled(("out_proj_parts", impl, batch, k, n, splits), fn, y, weight)(y, weight)
-    assert got.shape == (batch, n) and got.dtype == dtype
-    want = np.asarray(y, np.float64) @ np.asarray(weight, np.float64)
-    tol = 2e-6 if dtype == jnp.float32 else 2**-8  # float32 sums; one bf16 rounding
-    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol)
-    changed = np.array(y)
-    changed[1] = normal((k,), dtype=dtype)
-    again = compiled(("out_proj_parts", impl, batch, k, n, splits), fn, y, weight)(changed, weight)
-    keep = np.arange(batch) != 1
-    np.testing.assert_array_equal(np.asarray(again)[keep], np.asarray(got)[keep])
-    assert not np.array_equal(np.asarray(again)[1], np.asarray(got)[1])
-
-
-def test_out_proj_parts_lower_for_cuda_and_check_their_shapes():
-    from pallas_kernels.decode import out_proj_pallas
-
-    sds = jax.ShapeDtypeStruct
-    text = lower_for_cuda(
-        lambda y, w: out_proj_pallas(y, w),
-        sds((128, 5120), jnp.bfloat16),
-        sds((5120, 2560), jnp.bfloat16),
-    )
-    assert re.findall(r'name = "(decode_[a-z_]+)"', text) == ["decode_out_proj_parts"]
-    # 40 column blocks of 64 and four K splits: 160 programs for 132 SMs.
-    assert re.search(r"tensor<4x128x2560xf32>", text)
-    with pytest.raises(ValueError, match="must agree"):
-        out_proj_pallas(jnp.zeros((2, 64)), jnp.zeros((128, 64)))
-    with pytest.raises(ValueError, match="a multiple of 64"):
-        out_proj_pallas(jnp.zeros((2, 128)), jnp.zeros((128, 96)))
-
-
 def test_pick_config_fuses_in_proj_at_small_batches_that_tile_evenly(monkeypatch):
     assert pick_config(1, 5120, 16, 2560).fuse_in_proj  # mamba-2.8b's widths
     assert pick_config(16, 5120, 16, 2560).fuse_in_proj
-    assert not pick_config(17, 5120, 16, 2560).fuse_in_proj
     assert not pick_config(1, 5120, 16).fuse_in_proj  # mixer_core_pallas: no in_proj
     assert not pick_config(1, 5120, 16, 2560 + 64).fuse_in_proj  # d_model off block_k
     assert not pick_config(1, 5120 + 32, 16, 2560).fuse_in_proj  # d_inner off block_conv
-    # Fused at 17-32 rows where the rule allows that many (the fused kernel then takes one
-    # block of 32 rows, mixer_pallas); the state kernel keeps 16-row blocks on 4 warps.
-    monkeypatch.setattr("pallas_kernels.decode.config.FUSE_IN_PROJ_ROWS", 32)
+    # Fused at 17-32 rows by default (the fused kernel then takes one block of 32 rows,
+    # mixer_pallas); the state kernel keeps 16-row blocks on 4 warps.
     cfg = pick_config(20, 5120, 16, 2560)
     assert cfg.fuse_in_proj and cfg.block_rows == 16 and cfg.num_warps_state == 4
     assert not pick_config(33, 5120, 16, 2560).fuse_in_proj

@@ -2,8 +2,7 @@
 `mixer_core_pallas` runs them), the Mamba2 mixer's conv step and state update (kernel.py's
 conv, ssd_update.py; `mamba2_core_pallas`, or the state update alone, `ssd_update_pallas`)
 and the residual add + RMSNorm in front of every block of either family (add_norm.py;
-`add_rms_norm`; or in the fused in_proj kernel: `mixer_pallas` / `mamba2_pallas(add_norm=...)`),
-and out_proj as K-split partial products at large batch (out_proj.py; `out_proj_pallas`)."""
+`add_rms_norm`; or in the fused in_proj kernel: `mixer_pallas` / `mamba2_pallas(add_norm=...)`)."""
 
 from __future__ import annotations
 
@@ -21,9 +20,8 @@ import jax.experimental.pallas.fuser  # noqa: F401
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import launch
 from pallas_kernels.decode import config as decode_config
-from pallas_kernels.decode import kernel, out_proj, ssd_update
+from pallas_kernels.decode import kernel, ssd_update
 from pallas_kernels.decode.add_norm import add_rms_norm
 from pallas_kernels.decode.config import DecodeConfig, pick_config
 from pallas_kernels.decode.ssd_update import STATE_DTYPES, norm_parts, ssd_update_pallas
@@ -40,7 +38,6 @@ __all__ = [
     "mixer_core_pallas",
     "mixer_pallas",
     "norm_parts",
-    "out_proj_pallas",
     "pick_config",
     "ssd_update_pallas",
     "supported",
@@ -599,50 +596,3 @@ def check_mixer_core_args(
         if a is not None and shape(a) != expected[name]:
             raise ValueError(f"{name} must have shape {expected[name]}, got {shape(a)}")
     return b, e, n, r, w
-
-
-def out_proj_pallas(y, weight, *, splits: int | None = None, interpret: bool = False):
-    """y (b, k) @ weight (k, n) in y's dtype c, as K-split float32 partial products
-    (out_proj.py's kernel) summed by XLA and rounded to c: a bf16 product's values up to the
-    order of the float32 sums. For decode's large batches (config.OUT_PROJ_PARTS_ROWS).
-
-    splits: K splits (default: the fewest, a power of two, that give every SM a program); k
-    must be a multiple of splits * 64 and n of 64."""
-    shape_y, shape_w = tuple(np.shape(y)), tuple(np.shape(weight))
-    if len(shape_y) != 2 or len(shape_w) != 2 or shape_y[1] != shape_w[0]:
-        raise ValueError(f"y (batch, k) and weight (k, n) must agree, got {shape_y} and {shape_w}")
-    (b, k), n = shape_y, shape_w[1]
-    block_n = block_k = 64
-    block_rows = max(16, min(128, 1 << (b - 1).bit_length()))
-    row_blocks = -(-b // block_rows)
-    if splits is None:
-        splits = 1
-        while (n // block_n) * splits * row_blocks < launch.core_count() and k % (
-            2 * splits * block_k
-        ) == 0:
-            splits *= 2
-    if n % block_n or k % (splits * block_k):
-        raise ValueError(
-            f"out_proj_pallas needs n={n} a multiple of {block_n} and k={k} of "
-            f"splits * {block_k} = {splits * block_k}"
-        )
-    c = jnp.dtype(y.dtype)
-    st = out_proj.Static(
-        batch=b,
-        k=k,
-        n=n,
-        splits=splits,
-        block_rows=block_rows,
-        block_n=block_n,
-        block_k=block_k,
-        dtype=c.name,
-    )
-    parts = out_proj.out_proj_parts(
-        y,
-        weight.astype(c),
-        st=st,
-        num_warps=8 if block_rows >= 128 else 4,
-        num_stages=3,
-        interpret=interpret,
-    )
-    return jnp.sum(parts, axis=0).astype(c)

@@ -78,12 +78,10 @@ class DecodeConfig:
 
 
 # Rows up to which mixer_pallas fuses in_proj into the conv kernel (decode_in_proj_conv): one
-# row block. One H100 (DESIGN.md, round 4): the 2.8b decode step 3.27 -> 3.06 ms at batch 1 and
-# 3.68 -> 3.49 ms at 16. The kernel also runs one block of 32 rows (17 to 32 rows): Mamba2's
-# rule takes it; Mamba1's stops at 16 until timed again (one H100, DESIGN.md round 6: the 2.8b
-# step at batch 32 4.098 -> 4.252 ms, but the state kernel then ran 32-row blocks, 10.8 us a
-# layer against 7.4; it keeps 16-row blocks since, predicted ~3.9 ms).
-FUSE_IN_PROJ_ROWS = 16
+# row block, of 16 rows or (17 to 32 rows) of 32. One H100 (DESIGN.md, round 4): the 2.8b
+# decode step 3.27 -> 3.06 ms at batch 1 and 3.68 -> 3.49 ms at 16; round 7, with the state
+# kernel on 16-row blocks beside the fused kernel's 32: 4.055 -> 3.927 ms at batch 32.
+FUSE_IN_PROJ_ROWS = 32
 FUSED_ROWS_MAX = 32
 
 
@@ -120,12 +118,6 @@ STATE_ONE_ROW_ROWS = 1
 # the add + norm kernel's 2.4 us a 2.8b layer at batch 1, less the fused kernel's extra loads
 # of the residual (L2), ~-0.1 ms a step.
 ADD_NORM_IN_PROJ_ROWS = 0
-# Rows from which a decode step's out_proj (both families) runs as K-split partial products
-# (out_proj.py, jax_packmamba.layers.decode_out_proj); 0: never. Built after round 6's calls,
-# tested through the interpreter and the CUDA lowering only: off until timed. Predicted at
-# batch 128 (mamba-2.8b, mamba2-2.7b): out_proj 17.2-20.4 -> ~11 + ~2 us a layer of sum,
-# ~-0.4 ms a step.
-OUT_PROJ_PARTS_ROWS = 0
 
 
 def pick_config(batch: int, d_inner: int, d_state: int, d_model: int | None = None) -> DecodeConfig:
