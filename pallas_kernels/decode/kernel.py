@@ -204,10 +204,12 @@ def _in_proj_conv_kernel(r, *, st: Static):
     between them.
 
     With norm_eps (launched as decode_add_norm_in_proj_conv), "hidden" is the previous block's
-    output and the kernel starts with the residual add and RMSNorm: x = residual + hidden in float32, walked
-    down d_model beside the weight. The norm's scale rsqrt(mean(x^2) + eps) is one number a
-    row, so it multiplies the product after the walk: (x * weight) @ in_proj * scale. Program
-    0 stores x (residual')."""
+    output and the kernel starts with the residual add and RMSNorm: x = residual + hidden in
+    float32, walked down d_model beside the weight. The norm's scale rsqrt(mean(x^2) + eps) is
+    one number a row, so it multiplies the product after the walk: (x * weight) @ in_proj *
+    scale. After the walk program j stores x's j-th block_k chunk (residual'): a store inside
+    the walk (program 0's, under a condition) made the kernel 2.8x slower on one H100 (round 7
+    of DESIGN.md: the walk's loads no longer overlapped, by the hypothesis)."""
     b0, rmask = _rows(st)
     j = pl.program_id(0)
     n0 = j * st.block_conv
@@ -224,13 +226,8 @@ def _in_proj_conv_kernel(r, *, st: Static):
         ks = pl.ds(k0, st.block_k)
         h = plgpu.load(r["hidden"].at[rows, ks], mask=rmask[:, None], other=0)
         if add_norm:
-            x = plgpu.load(r["residual"].at[rows, ks], mask=rmask[:, None], other=0) + h.astype(F32)
+            x = _residual_add(r, rows, rmask, ks, h)
             sumsq = sumsq + jnp.sum(x * x, axis=1)
-
-            @pl.when(j == 0)
-            def _():
-                plgpu.store(r["residual_out"].at[rows, ks], x, mask=rmask[:, None])
-
             h = (x * plgpu.load(r["norm_weight"].at[ks]).astype(F32)[None, :]).astype(c)
         tile = r["in_proj"].at[ks, pl.ds(n0, st.block_conv)]
         w = plgpu.load(tile, mask=cols_ok[None, :], other=0) if ragged else plgpu.load(tile)
@@ -240,6 +237,17 @@ def _in_proj_conv_kernel(r, *, st: Static):
     acc, sumsq = jax.lax.fori_loop(0, st.d_model // st.block_k, step, carry)
     if add_norm:
         acc = acc * jax.lax.rsqrt(sumsq / st.d_model + st.norm_eps)[:, None]
+
+        @pl.when(j < st.d_model // st.block_k)
+        def _():
+            ks = pl.ds(j * st.block_k, st.block_k)
+            h = plgpu.load(r["hidden"].at[rows, ks], mask=rmask[:, None], other=0)
+            plgpu.store(
+                r["residual_out"].at[rows, ks],
+                _residual_add(r, rows, rmask, ks, h),
+                mask=rmask[:, None],
+            )
+
     xz = acc.astype(c)
     store_mask = rmask[:, None] & cols_ok[None, :] if ragged else rmask[:, None]
     plgpu.store(r["xz"].at[rows, pl.ds(n0, st.block_conv)], xz, mask=store_mask)
@@ -252,6 +260,12 @@ def _in_proj_conv_kernel(r, *, st: Static):
             return
         acc = jnp.zeros((st.block_rows, st.x_width_pad), F32)
         _store_part(r, st, j, b0, rmask, _conv_block(r, st, b0, rmask, e0, xz, acc))
+
+
+def _residual_add(r, rows, rmask, ks, hidden_chunk):
+    """residual + hidden for the rows' block_k chunk ks, in float32 (residual' and the norm's x)."""
+    residual = plgpu.load(r["residual"].at[rows, ks], mask=rmask[:, None], other=0)
+    return residual + hidden_chunk.astype(F32)
 
 
 def _ssm_update_kernel(refs, *, st: Static):
@@ -396,6 +410,12 @@ def in_proj_conv(
         xc=jax.ShapeDtypeStruct((b, st.d_inner), jnp.dtype(st.dtype)),
     )
     if st.norm_eps is not None:
+        # One program a block_k chunk of residual' (the kernel's tail).
+        if -(-st.xz_width // st.block_conv) < st.d_model // st.block_k:
+            raise ValueError(
+                f"the add + norm needs xz_width / block_conv programs ({st.xz_width} / "
+                f"{st.block_conv}) >= d_model / block_k ({st.d_model} / {st.block_k})"
+            )
         outputs = dict(residual_out=jax.ShapeDtypeStruct((b, st.d_model), F32), **outputs)
     if x_proj_weight is not None:
         outputs["parts"] = jax.ShapeDtypeStruct((st.d_inner // st.block_conv, b, st.x_width), F32)
