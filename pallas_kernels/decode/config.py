@@ -106,17 +106,18 @@ MAMBA2_DEFER_NORM = False
 # past them the conv step runs alone (decode_conv) and x_proj is XLA's product, which reads
 # x_proj's weight once rather than once a row block. One H100 (DESIGN.md, round 5), the 2.8b
 # mixer core: 28.35 -> 27.03 us a layer at batch 32, 75.69 -> 61.22 at 128; at 8 it was
-# 18.57 -> 20.92 (and up to 16 rows in_proj's fused kernel takes x_proj's partials anyway).
+# 18.57 -> 20.92 (and up to FUSE_IN_PROJ_ROWS rows in_proj's fused kernel takes x_proj's
+# partials anyway).
 X_PROJ_IN_CONV_ROWS = 16
 # Rows up to which Mamba1's state kernel runs one row a program (state_one_row). One H100
 # (DESIGN.md, round 6): the 2.8b step 3.064 / 3.132 -> 2.970 / 2.970 ms at batch 1 (the kernel
 # 5.61 -> 4.27 us a layer); the mixer core 18.50 -> 21.81 us at 8, 27.93 -> 41.24 at 32.
 STATE_ONE_ROW_ROWS = 1
 # Rows up to which the fused in_proj kernel (Mamba1's through add_norm_in_proj, Mamba2's in
-# mamba2_pallas) also does the block's residual add and RMSNorm. Built after round 6's calls,
-# tested through the interpreter and the CUDA lowering only: off (0) until timed. Predicted:
-# the add + norm kernel's 2.4 us a 2.8b layer at batch 1, less the fused kernel's extra loads
-# of the residual (L2), ~-0.1 ms a step.
+# mamba2_pallas) also does the block's residual add and RMSNorm. Off: one H100 (DESIGN.md,
+# round 7) ran the fused kernel at 67.6 us a 2.8b layer against 23.8 without it (batch 1), with
+# residual' stored inside its walk; the store moved after the walk since (f69b425), untimed.
+# Predicted: the add + norm kernel's 2.4 us a layer less the extra L2 loads, ~-0.1 ms a step.
 ADD_NORM_IN_PROJ_ROWS = 0
 
 
