@@ -68,6 +68,10 @@ defernorm.
 family's, also does the block's residual add and RMSNorm up to that batch; 0, off, by default
 until timed); the result files get the variant addnormN.
 
+--bisect-rows N: jax_packmamba.sampling.BISECT_ROWS for the run (top-k / top-p find their cut
+by bisection instead of a sort of the vocabulary from that batch; 0, never, by default until
+timed); the result files get the variant bisectN.
+
 --prefilter K: our sampler's top-p prefilter (jax_packmamba.sampling: the cut from the K
 largest logits, the full sort only when a row's nucleus is larger; the same tokens). Off by
 default. Random weights give flat logits whose 0.9-nucleus is most of the vocabulary, so with
@@ -187,6 +191,13 @@ def parse_args(argv=None):
         "kernel also does the block's residual add and norm up to this batch); a value gets "
         "the variant addnormN",
     )
+    p.add_argument(
+        "--bisect-rows",
+        type=int,
+        default=None,
+        help="jax_packmamba.sampling.BISECT_ROWS for this run (the sampler's top-k / top-p cut "
+        "by bisection, no sort, from this batch); a value gets the variant bisectN",
+    )
     p.add_argument("--profile", action="store_true", help="profile decode steps instead")
     p.add_argument("--profile-batches", default="1,128")
     p.add_argument("--profile-impls", default="xla,pallas")
@@ -250,9 +261,11 @@ def state_variant(args) -> str | None:
 
 
 def set_decode_rules(args) -> None:
-    """--fuse-in-proj-rows, --defer-norm and --add-norm-in-proj-rows, where given, into the
-    decode kernels' rules (read when a step is traced): FUSE_IN_PROJ_ROWS for a Mamba1 preset,
-    MAMBA2_FUSE_IN_PROJ_ROWS for a Mamba2 one; MAMBA2_DEFER_NORM; ADD_NORM_IN_PROJ_ROWS."""
+    """--fuse-in-proj-rows, --defer-norm, --add-norm-in-proj-rows and --bisect-rows, where
+    given, into the decode step's rules (read when a step is traced): FUSE_IN_PROJ_ROWS for a
+    Mamba1 preset, MAMBA2_FUSE_IN_PROJ_ROWS for a Mamba2 one; MAMBA2_DEFER_NORM;
+    ADD_NORM_IN_PROJ_ROWS; the sampler's BISECT_ROWS."""
+    import jax_packmamba.sampling as sampling
     import pallas_kernels.decode.config as decode_config
 
     if args.fuse_in_proj_rows is not None:
@@ -262,15 +275,18 @@ def set_decode_rules(args) -> None:
         decode_config.MAMBA2_DEFER_NORM = True
     if args.add_norm_in_proj_rows is not None:
         decode_config.ADD_NORM_IN_PROJ_ROWS = args.add_norm_in_proj_rows
+    if args.bisect_rows is not None:
+        sampling.BISECT_ROWS = args.bisect_rows
 
 
 def decode_variant(args) -> str | None:
-    """The result files' variant for --fuse-in-proj-rows, --defer-norm and
-    --add-norm-in-proj-rows: None without any."""
+    """The result files' variant for --fuse-in-proj-rows, --defer-norm,
+    --add-norm-in-proj-rows and --bisect-rows: None without any."""
     fuse = None if args.fuse_in_proj_rows is None else f"fuse{args.fuse_in_proj_rows}"
     rows = args.add_norm_in_proj_rows
     add_norm = None if rows is None else f"addnorm{rows}"
-    parts = (fuse, "defernorm" if args.defer_norm else None, add_norm)
+    bisect = None if args.bisect_rows is None else f"bisect{args.bisect_rows}"
+    parts = (fuse, "defernorm" if args.defer_norm else None, add_norm, bisect)
     return "_".join(v for v in parts if v) or None
 
 

@@ -30,7 +30,9 @@ the fallback's, bit for bit: both compute the mass above each token with the sam
 over the K largest (`_nucleus`), so a row whose nucleus ends inside them gets the same cut
 either way. Without the prefilter (K = 0) the cut comes from the sort with a plain cumulative
 sum, whose float rounding differs only where a token's mass above lies within rounding of
-top_p.
+top_p. From BISECT_ROWS rows it comes from no sort at all (`_bisect_cut`): the k-th largest by
+counting and the top-p cut by masses, each a bisection on the logits' int32 keys; the same
+cut, up to that rounding (its masses are sums in another order).
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ import numpy as np
 
 # EOS ids a call may give (padded with -1 to this many: a fixed shape, one compile).
 MAX_EOS_IDS = 8
+# Rows from which top-k / top-p find their cut by bisection instead of a sort of the
+# vocabulary (no prefilter; `_bisect_cut`), read when a step is traced; 0: never. Off until
+# timed: one H100 spent 313 us a decode step at batch 32 in the sort (272 at 128, 32 at 1;
+# pallas_kernels/decode/DESIGN.md, round 7); the bisection is 64 masked reductions of the
+# (b, v) logits at most, predicted ~0.1 ms at batch 32.
+BISECT_ROWS = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +117,7 @@ class SamplingConfig:
             greedy=self.temperature == 0,
             sort=self.top_k is not None or self.top_p is not None,
             prefilter=int(self.prefilter),
+            top_k=self.top_k is not None,
         )
 
     def params(self) -> SamplingParams:
@@ -125,12 +134,14 @@ class SamplingConfig:
 
 
 class SamplingMode(NamedTuple):
-    """The static part: greedy, whether top-k / top-p (which need a sort) are on, and the
-    top-p prefilter's K (0: off)."""
+    """The static part: greedy, whether top-k / top-p (which need a sort) are on, the top-p
+    prefilter's K (0: off), and whether top-k may cut (False: the cut without a sort,
+    `_bisect_cut`, skips the search for the k-th largest)."""
 
     greedy: bool
     sort: bool
     prefilter: int = 0
+    top_k: bool = True
 
 
 class SamplingParams(NamedTuple):
@@ -151,25 +162,29 @@ def penalize(logits, seen, penalty):
     return jnp.where(seen, penalized, logits)
 
 
-def warp(logits, params: SamplingParams, *, sort: bool, prefilter: int = 0):
+def warp(logits, params: SamplingParams, *, sort: bool, prefilter: int = 0, top_k: bool = True):
     """Temperature, then top-k, top-p (if `sort`) and min-p: the logits (b, v) float32 to draw
-    from, -inf where a filter removed the token. prefilter: K of the top-p prefilter (0: off)."""
+    from, -inf where a filter removed the token. prefilter: K of the top-p prefilter (0: off).
+    top_k: False when params.top_k cuts nothing (SamplingMode.top_k)."""
     x = logits.astype(jnp.float32) / params.temperature
     if sort:
-        x = jnp.where(x >= _top_cut(x, params, prefilter), x, -jnp.inf)
+        x = jnp.where(x >= _top_cut(x, params, prefilter, top_k=top_k), x, -jnp.inf)
     # p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p) (log 0 = -inf keeps all).
     floor = jnp.max(x, axis=-1, keepdims=True) + jnp.log(params.min_p)
     return jnp.where(x >= floor, x, -jnp.inf)
 
 
-def _top_cut(x, params: SamplingParams, prefilter: int, *, force_sort=False):
+def _top_cut(x, params: SamplingParams, prefilter: int, *, force_sort=False, top_k=True):
     """(b, 1): the smallest logit that top-k and top-p keep (each row keeps x >= it).
 
-    force_sort: take the sort's branch whatever the prefilter finds (tests: the fallback)."""
+    force_sort: take the sort's branch whatever the prefilter finds (tests: the fallback).
+    top_k: as warp's."""
     v = x.shape[-1]
     k = jnp.clip(params.top_k, 1, v)
     top = jnp.max(x, axis=-1, keepdims=True)
     block = min(prefilter, v)
+    if block == 0 and BISECT_ROWS and x.shape[0] >= BISECT_ROWS:
+        return _bisect_cut(x, params, top_k=top_k)
     if block == 0:
         descending = _sort_floats(x)[:, ::-1]
         kth = jax.lax.dynamic_slice_in_dim(descending, k - 1, 1, axis=-1)
@@ -202,6 +217,45 @@ def _top_cut(x, params: SamplingParams, prefilter: int, *, force_sort=False):
         use_sort = jnp.ones_like(use_sort)
         return sorted_cut()
     return jax.lax.cond(jnp.any(use_sort), sorted_cut, lambda: cut)
+
+
+def _bisect_cut(x, params: SamplingParams, *, top_k: bool):
+    """(b, 1): _top_cut's cut without a sort. Both bounds are token values found by bisection
+    on the int32 keys (`_float_keys`: the sort's order), 32 halvings of a row's key range each:
+    the k-th largest is the largest key with at least k keys at or above it (searched only
+    where top_k may cut: a lax.cond here would stop the decode loop for the host); top-p's cut
+    is the smallest key whose mass strictly above (over the tokens top-k keeps) is < top_p
+    times their mass, the first token in the sort's order that stays (`_nucleus`), as a
+    threshold (used where top_p < 1; top_p = 1 keeps from the k-th largest down).
+    """
+    v = x.shape[-1]
+    keys = _float_keys(x)
+    lowest = jnp.min(keys, axis=-1, keepdims=True)
+    highest = jnp.max(keys, axis=-1, keepdims=True)
+    k = jnp.clip(params.top_k, 1, v)
+
+    def kth_step(_, bounds):  # invariant: at least k keys >= lo
+        lo, hi = bounds
+        mid = (lo >> 1) + (hi >> 1) + ((lo | hi) & 1)  # ceil((lo + hi) / 2) without overflow
+        ok = jnp.sum(keys >= mid, axis=-1, keepdims=True, dtype=jnp.int32) >= k
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    kth_key = lowest
+    if top_k:
+        kth_key = jax.lax.fori_loop(0, 32, kth_step, (lowest, highest), unroll=True)[0]
+    kth = _key_floats(kth_key)
+    top = jnp.max(x, axis=-1, keepdims=True)
+    p = jnp.where(x >= kth, jnp.exp(x - top), 0.0)
+    bound = params.top_p * _mass(x, kth, top)
+
+    def nucleus_step(_, bounds):  # invariant: the mass strictly above hi is < bound
+        lo, hi = bounds
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2)
+        ok = jnp.sum(jnp.where(keys > mid, p, 0.0), axis=-1, keepdims=True) < bound
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    smallest = jax.lax.fori_loop(0, 32, nucleus_step, (lowest, highest), unroll=True)[1]
+    return jnp.maximum(kth, jnp.where(params.top_p < 1, _key_floats(smallest), -jnp.inf))
 
 
 def _mass(x, kth, top):
@@ -246,9 +300,21 @@ def _sort_floats(x):
     bits, read as int32, order the non-negative floats; flipping all but the sign bit of the
     negative ones reverses their order, as it must (the map is its own inverse).
     """
-    flip = lambda k: jnp.where(k < 0, k ^ jnp.int32(0x7FFFFFFF), k)  # noqa: E731
-    keys = flip(jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32))
-    return jax.lax.bitcast_convert_type(flip(jax.lax.sort(keys, dimension=x.ndim - 1)), jnp.float32)
+    return _key_floats(jax.lax.sort(_float_keys(x), dimension=x.ndim - 1))
+
+
+def _flip(keys):
+    return jnp.where(keys < 0, keys ^ jnp.int32(0x7FFFFFFF), keys)
+
+
+def _float_keys(x):
+    """Order-preserving int32 keys of float32 values (_sort_floats says how)."""
+    return _flip(jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32))
+
+
+def _key_floats(keys):
+    """The float32 values of _float_keys' keys (the map is its own inverse)."""
+    return jax.lax.bitcast_convert_type(_flip(keys), jnp.float32)
 
 
 def sample(logits, seen, key, params: SamplingParams, mode: SamplingMode, *, vocab_size=None):
@@ -265,7 +331,7 @@ def sample(logits, seen, key, params: SamplingParams, mode: SamplingMode, *, voc
         logits = penalize(logits, seen, params.repetition_penalty)
     if mode.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    x = warp(logits, params, sort=mode.sort, prefilter=mode.prefilter)
+    x = warp(logits, params, sort=mode.sort, prefilter=mode.prefilter, top_k=mode.top_k)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(x.shape[0]))
     return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
 

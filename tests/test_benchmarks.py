@@ -1343,6 +1343,12 @@ def test_bench_generate_fuse_in_proj_rows_sets_the_rule_and_names_the_files(monk
     bench_generate.set_decode_rules(args)
     assert decode_config.ADD_NORM_IN_PROJ_ROWS == 16
     assert bench_generate.decode_variant(args) == "addnorm16"
+    import jax_packmamba.sampling as sampling
+
+    monkeypatch.setattr(sampling, "BISECT_ROWS", sampling.BISECT_ROWS)
+    args = bench_generate.parse_args(["--smoke", "--bisect-rows", "8"])
+    bench_generate.set_decode_rules(args)
+    assert sampling.BISECT_ROWS == 8 and bench_generate.decode_variant(args) == "bisect8"
 
 
 def test_bench_generate_targets_are_issue_26s():

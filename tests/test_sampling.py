@@ -78,11 +78,15 @@ def test_repetition_penalty_matches_hugging_face():
         dict(top_k=1),
     ],
 )
-def test_filters_keep_what_hugging_face_keeps(kw):
+@pytest.mark.parametrize("cut", ["sort", "bisect"])
+def test_filters_keep_what_hugging_face_keeps(kw, cut, monkeypatch):
+    monkeypatch.setattr("jax_packmamba.sampling.BISECT_ROWS", 1 if cut == "bisect" else 0)
     logits = logits_of(6, 300, seed=1)
     config = SamplingConfig(**kw)
-    x = jax.jit(warp, static_argnames="sort")(
-        jnp.asarray(logits), config.params(), sort=config.mode.sort
+    mode = config.mode
+    # A fresh jit a case: the rule is read when warp is traced.
+    x = jax.jit(lambda x, p: warp(x, p, sort=mode.sort, top_k=mode.top_k))(
+        jnp.asarray(logits), config.params()
     )
     got = np.isfinite(np.asarray(x))
     want = hf_keep(logits, **kw)
@@ -188,6 +192,61 @@ def test_the_integer_key_sort_sorts_floats():
     np.testing.assert_array_equal(np.asarray(_sort_floats(jnp.asarray(x))), np.sort(x, axis=-1))
 
 
+@pytest.mark.parametrize("top_k", [None, 1, 37, 4999])
+@pytest.mark.parametrize("top_p", [0.9, 0.3, 1.0])
+def test_the_cut_without_a_sort_is_the_sorts_cut_up_to_the_order_of_its_sums(top_k, top_p):
+    # Flat rows (the mass above a token moves by less than float32's rounding of the sums
+    # there), a peaked one, ties and the vocabulary's -inf padding: the k-th largest exact, and
+    # the top-p cut where float64 puts it, within the float32 sums' rounding.
+    from jax_packmamba.sampling import _bisect_cut, _top_cut
+
+    rng = np.random.default_rng(11)
+    x = rng.normal(0, 0.2, (5, 5000)).astype(np.float32)
+    x[1] = np.round(x[1] * 20) / 20  # ties everywhere
+    x[2, rng.integers(0, 5000, 3)] += 15.0  # peaked
+    x[3, 4990:] = -np.inf  # padding
+    x[4, :] = 0.5  # one value
+    config = SamplingConfig(top_k=top_k, top_p=top_p)
+    params = config.params()
+    cut = jax.jit(lambda x: _bisect_cut(x, params, top_k=config.mode.top_k))(jnp.asarray(x))
+    cut = np.asarray(cut)[:, 0].astype(np.float64)
+    sorted_cut = np.asarray(jax.jit(lambda x: _top_cut(x, params, 0))(jnp.asarray(x)))[:, 0]
+    for row, logits in enumerate(x.astype(np.float64)):
+        values = np.sort(logits)[::-1]
+        kth = values[min(top_k or 5000, 5000) - 1]
+        assert cut[row] >= kth and cut[row] in logits
+        if top_p == 1.0:
+            assert cut[row] == kth
+            continue
+        p = np.where(logits >= kth, np.exp(logits - logits.max()), 0.0)
+        bound = top_p * p.sum()
+        above = lambda t: p[logits > t].sum()  # noqa: E731
+        rounding = 1e-4 * p.sum()
+        # The cut stays (mass above it below the bound), the next value down would not.
+        assert cut[row] == kth or above(cut[row]) < bound + rounding
+        lower = logits[logits < cut[row]]
+        if cut[row] > kth and lower.size:
+            assert above(lower.max()) >= bound - rounding
+        # Where the bound is far from every partial mass, both cuts are the same token.
+        partial = np.array([above(t) for t in np.unique(logits[logits >= kth])])
+        if np.min(np.abs(partial - bound)) > rounding:
+            assert cut[row] == sorted_cut[row]
+
+
+def test_the_cut_without_a_sort_has_no_sort_and_is_static(monkeypatch):
+    monkeypatch.setattr("jax_packmamba.sampling.BISECT_ROWS", 4)
+    config = SamplingConfig(top_p=0.9)
+    assert config.mode.top_k is False and SamplingConfig(top_k=3).mode.top_k is True
+
+    def primitives(rows):
+        jaxpr = jax.make_jaxpr(lambda x: warp(x, config.params(), sort=True, top_k=False))(
+            jnp.zeros((rows, 64))
+        )
+        return str(jaxpr)
+
+    assert "sort" not in primitives(4) and "sort" in primitives(3)  # from BISECT_ROWS rows
+
+
 def prefilter_logits():
     """Rows whose top-p 0.9 nucleus fits in 8 tokens (one dominant group) and rows whose
     nucleus is most of the 300 (flat), both in one batch."""
@@ -267,7 +326,7 @@ def test_prefilter_equals_its_fallback_bit_for_bit_and_draws_the_same_tokens():
 
 
 def test_prefilter_is_static_and_checked():
-    assert SamplingConfig(top_p=0.9, prefilter=16).mode == SamplingMode(False, True, 16)
+    assert SamplingConfig(top_p=0.9, prefilter=16).mode == SamplingMode(False, True, 16, False)
     assert SamplingConfig(top_p=0.9).mode.prefilter == 0
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="prefilter must be an int >= 0"):
