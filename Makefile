@@ -26,10 +26,12 @@ train: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m jax_packmamba.demo
 
-# Lint and format check (rules in pyproject.toml's [tool.ruff]) before the tests.
+# Lint and format check (rules in pyproject.toml's [tool.ruff]) before the tests. Each test
+# module runs whole on one worker (its compiled programs and module fixtures made once), the
+# longest modules first (tests/conftest.py's SLOW_MODULES).
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -n 2 -q tests
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder -q tests
 
 clean:
 	rm -rf $(VENV)

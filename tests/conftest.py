@@ -56,6 +56,48 @@ XLA_OPTIMIZED = (
 )
 
 
+# The test modules that take longest (seconds of one worker's time at -n 2, measured with
+# --durations=0 at 055a5fd), longest first. `make test` hands each module whole to one worker
+# (--dist loadfile: the module's compiled programs and module fixtures made once, not once a
+# worker) in this order (--no-loadscope-reorder), so that the last modules a worker takes,
+# while the other finishes, are short ones. Unlisted modules follow, in their usual order.
+SLOW_MODULES = (
+    "test_links.py",  # 217
+    "test_benchmarks.py",  # 211
+    "test_mamba3_pallas.py",  # 160
+    "test_causal_conv1d_impls.py",  # 138
+    "test_selective_scan_impls.py",  # 120
+    "test_generation_state_dtype.py",  # 104
+    "test_model.py",  # 102
+    "test_decode_kernels.py",  # 97
+    "test_generate.py",  # 88
+    "test_hybrid.py",  # 84
+    "test_ssd_impls.py",  # 57
+    "test_train.py",  # 51
+    "test_mamba3_mimo.py",  # 44
+    "test_mamba3_reference.py",  # 43
+    "test_reference_ops.py",  # 42
+    "test_generation_mamba2.py",  # 42
+    "test_loss.py",  # 41
+    "test_train_run_dir.py",  # 41
+    "test_pretrained.py",  # 37
+    "test_scaling.py",  # 28
+    "test_train_mamba2.py",  # 26
+    "test_mamba3_model.py",  # 25
+    "test_ssd_mosaic.py",  # 24
+    "test_ssd_reference.py",  # 21
+)
+
+
+def pytest_collection_modifyitems(items):
+    """Runs the modules of SLOW_MODULES first, longest first: xdist hands out modules in
+    collection order under --no-loadscope-reorder. Each module's tests keep their order, but
+    for its tests of XLA_OPTIMIZED, which go last: the module switches XLA's optimisations on
+    once (xla_optimized_test), rather than on and off around each."""
+    rank = {name: i for i, name in enumerate(SLOW_MODULES)}
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), _optimized(item.nodeid)))
+
+
 def _optimized(nodeid: str) -> bool:
     """Whether nodeid is, or is a test (any parametrization) of, an entry of XLA_OPTIMIZED."""
     return any(nodeid == p or nodeid.startswith((p + "::", p + "[")) for p in XLA_OPTIMIZED)
@@ -70,6 +112,20 @@ def _release_compiled_programs(module=None):
     gc.collect()
 
 
+# jax_disable_most_optimizations as the fixtures below last set it.
+_optimizations_off = [False]
+
+
+def _set_optimizations_off(off: bool, module=None, release=True):
+    """Sets jax_disable_most_optimizations; where that changes it, first frees the programs
+    compiled under the other setting (unless release=False: none are held): the jit caches hold
+    no executable of the setting (not part of their key)."""
+    if release and off != _optimizations_off[0]:
+        _release_compiled_programs(module)
+    jax.config.update("jax_disable_most_optimizations", off)
+    _optimizations_off[0] = off
+
+
 @pytest.fixture(scope="module", autouse=True)
 def xla_optimizations_mostly_off(request):
     """On CPU, XLA compiles the suite's programs (tiny models, interpreted kernels, random
@@ -77,24 +133,19 @@ def xla_optimizations_mostly_off(request):
     less CPU time, the generation tests 44% less. Set per module, before its module fixtures
     compile anything; release_compiled_programs frees what a module compiled when it ends, so
     the next module's setting compiles its programs anew."""
-    jax.config.update("jax_disable_most_optimizations", not _optimized(request.node.nodeid))
+    _set_optimizations_off(not _optimized(request.node.nodeid), release=False)
     yield
-    jax.config.update("jax_disable_most_optimizations", False)
+    _set_optimizations_off(False, release=False)
 
 
 @pytest.fixture(autouse=True)
 def xla_optimized_test(request):
-    """A test of XLA_OPTIMIZED in a module compiled without the optimisations: the jit caches
-    hold no executable of jax_disable_most_optimizations' setting (not part of their key), so
-    the test compiles its programs anew, with them, and leaves none behind."""
-    if not _optimized(request.node.nodeid) or _optimized(request.node.nodeid.split("::")[0]):
-        yield
-        return
-    _release_compiled_programs(request.module)
-    jax.config.update("jax_disable_most_optimizations", False)
+    """A test of XLA_OPTIMIZED in a module compiled without the optimisations compiles its
+    programs anew, with them (and the module's next test without them, anew again). Its
+    module runs such tests last (pytest_collection_modifyitems), so the programs compiled
+    for one of them serve the next, and the module's others are compiled once."""
+    _set_optimizations_off(not _optimized(request.node.nodeid), request.module)
     yield
-    _release_compiled_programs(request.module)
-    jax.config.update("jax_disable_most_optimizations", True)
 
 
 @pytest.fixture(scope="session", autouse=True)
