@@ -49,8 +49,8 @@ MAX_EOS_IDS = 8
 # Rows from which top-k / top-p find their cut by bisection instead of a sort of the
 # vocabulary (no prefilter; `_bisect_cut`), read when a step is traced; 0: never. Off until
 # timed: one H100 spent 313 us a decode step at batch 32 in the sort (272 at 128, 32 at 1;
-# pallas_kernels/decode/DESIGN.md, round 7); the bisection is 64 masked reductions of the
-# (b, v) logits at most, predicted ~0.1 ms at batch 32.
+# pallas_kernels/decode/DESIGN.md, round 7); the bisection is 64 reductions of the (b, v)
+# logits, predicted ~0.24 ms there.
 BISECT_ROWS = 0
 
 
@@ -117,7 +117,6 @@ class SamplingConfig:
             greedy=self.temperature == 0,
             sort=self.top_k is not None or self.top_p is not None,
             prefilter=int(self.prefilter),
-            top_k=self.top_k is not None,
         )
 
     def params(self) -> SamplingParams:
@@ -134,14 +133,12 @@ class SamplingConfig:
 
 
 class SamplingMode(NamedTuple):
-    """The static part: greedy, whether top-k / top-p (which need a sort) are on, the top-p
-    prefilter's K (0: off), and whether top-k may cut (False: the cut without a sort,
-    `_bisect_cut`, skips the search for the k-th largest)."""
+    """The static part: greedy, whether top-k / top-p (which need a sort) are on, and the
+    top-p prefilter's K (0: off)."""
 
     greedy: bool
     sort: bool
     prefilter: int = 0
-    top_k: bool = True
 
 
 class SamplingParams(NamedTuple):
@@ -162,29 +159,27 @@ def penalize(logits, seen, penalty):
     return jnp.where(seen, penalized, logits)
 
 
-def warp(logits, params: SamplingParams, *, sort: bool, prefilter: int = 0, top_k: bool = True):
+def warp(logits, params: SamplingParams, *, sort: bool, prefilter: int = 0):
     """Temperature, then top-k, top-p (if `sort`) and min-p: the logits (b, v) float32 to draw
-    from, -inf where a filter removed the token. prefilter: K of the top-p prefilter (0: off).
-    top_k: False when params.top_k cuts nothing (SamplingMode.top_k)."""
+    from, -inf where a filter removed the token. prefilter: K of the top-p prefilter (0: off)."""
     x = logits.astype(jnp.float32) / params.temperature
     if sort:
-        x = jnp.where(x >= _top_cut(x, params, prefilter, top_k=top_k), x, -jnp.inf)
+        x = jnp.where(x >= _top_cut(x, params, prefilter), x, -jnp.inf)
     # p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p) (log 0 = -inf keeps all).
     floor = jnp.max(x, axis=-1, keepdims=True) + jnp.log(params.min_p)
     return jnp.where(x >= floor, x, -jnp.inf)
 
 
-def _top_cut(x, params: SamplingParams, prefilter: int, *, force_sort=False, top_k=True):
+def _top_cut(x, params: SamplingParams, prefilter: int, *, force_sort=False):
     """(b, 1): the smallest logit that top-k and top-p keep (each row keeps x >= it).
 
-    force_sort: take the sort's branch whatever the prefilter finds (tests: the fallback).
-    top_k: as warp's."""
+    force_sort: take the sort's branch whatever the prefilter finds (tests: the fallback)."""
     v = x.shape[-1]
     k = jnp.clip(params.top_k, 1, v)
     top = jnp.max(x, axis=-1, keepdims=True)
     block = min(prefilter, v)
     if block == 0 and BISECT_ROWS and x.shape[0] >= BISECT_ROWS:
-        return _bisect_cut(x, params, top_k=top_k)
+        return _bisect_cut(x, params)
     if block == 0:
         descending = _sort_floats(x)[:, ::-1]
         kth = jax.lax.dynamic_slice_in_dim(descending, k - 1, 1, axis=-1)
@@ -219,14 +214,15 @@ def _top_cut(x, params: SamplingParams, prefilter: int, *, force_sort=False, top
     return jax.lax.cond(jnp.any(use_sort), sorted_cut, lambda: cut)
 
 
-def _bisect_cut(x, params: SamplingParams, *, top_k: bool):
+def _bisect_cut(x, params: SamplingParams):
     """(b, 1): _top_cut's cut without a sort. Both bounds are token values found by bisection
     on the int32 keys (`_float_keys`: the sort's order), 32 halvings of a row's key range each:
-    the k-th largest is the largest key with at least k keys at or above it (searched only
-    where top_k may cut: a lax.cond here would stop the decode loop for the host); top-p's cut
-    is the smallest key whose mass strictly above (over the tokens top-k keeps) is < top_p
-    times their mass, the first token in the sort's order that stays (`_nucleus`), as a
-    threshold (used where top_p < 1; top_p = 1 keeps from the k-th largest down).
+    the k-th largest is the largest key with at least k keys at or above it; top-p's cut is the
+    smallest key whose mass strictly above (over the tokens top-k keeps) is < top_p times
+    their mass, the first token in the sort's order that stays (`_nucleus`), as a threshold
+    (used where top_p < 1; top_p = 1 keeps from the k-th largest down). Both searches always
+    run (top_k and top_p are traced: skipping one would take a lax.cond, whose predicate the
+    host reads back, breaking the decode step's command buffer).
     """
     v = x.shape[-1]
     keys = _float_keys(x)
@@ -240,10 +236,7 @@ def _bisect_cut(x, params: SamplingParams, *, top_k: bool):
         ok = jnp.sum(keys >= mid, axis=-1, keepdims=True, dtype=jnp.int32) >= k
         return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
 
-    kth_key = lowest
-    if top_k:
-        kth_key = jax.lax.fori_loop(0, 32, kth_step, (lowest, highest), unroll=True)[0]
-    kth = _key_floats(kth_key)
+    kth = _key_floats(jax.lax.fori_loop(0, 32, kth_step, (lowest, highest), unroll=True)[0])
     top = jnp.max(x, axis=-1, keepdims=True)
     p = jnp.where(x >= kth, jnp.exp(x - top), 0.0)
     bound = params.top_p * _mass(x, kth, top)
@@ -331,7 +324,7 @@ def sample(logits, seen, key, params: SamplingParams, mode: SamplingMode, *, voc
         logits = penalize(logits, seen, params.repetition_penalty)
     if mode.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    x = warp(logits, params, sort=mode.sort, prefilter=mode.prefilter, top_k=mode.top_k)
+    x = warp(logits, params, sort=mode.sort, prefilter=mode.prefilter)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(x.shape[0]))
     return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
 

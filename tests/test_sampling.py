@@ -83,11 +83,9 @@ def test_filters_keep_what_hugging_face_keeps(kw, cut, monkeypatch):
     monkeypatch.setattr("jax_packmamba.sampling.BISECT_ROWS", 1 if cut == "bisect" else 0)
     logits = logits_of(6, 300, seed=1)
     config = SamplingConfig(**kw)
-    mode = config.mode
+    sort = config.mode.sort
     # A fresh jit a case: the rule is read when warp is traced.
-    x = jax.jit(lambda x, p: warp(x, p, sort=mode.sort, top_k=mode.top_k))(
-        jnp.asarray(logits), config.params()
-    )
+    x = jax.jit(lambda x, p: warp(x, p, sort=sort))(jnp.asarray(logits), config.params())
     got = np.isfinite(np.asarray(x))
     want = hf_keep(logits, **kw)
     assert want.sum(-1).min() >= 1 and (want.sum(-1) < 300).any() or kw == dict(top_p=1.0)
@@ -208,7 +206,7 @@ def test_the_cut_without_a_sort_is_the_sorts_cut_up_to_the_order_of_its_sums(top
     x[4, :] = 0.5  # one value
     config = SamplingConfig(top_k=top_k, top_p=top_p)
     params = config.params()
-    cut = jax.jit(lambda x: _bisect_cut(x, params, top_k=config.mode.top_k))(jnp.asarray(x))
+    cut = jax.jit(lambda x: _bisect_cut(x, params))(jnp.asarray(x))
     cut = np.asarray(cut)[:, 0].astype(np.float64)
     sorted_cut = np.asarray(jax.jit(lambda x: _top_cut(x, params, 0))(jnp.asarray(x)))[:, 0]
     for row, logits in enumerate(x.astype(np.float64)):
@@ -233,15 +231,12 @@ def test_the_cut_without_a_sort_is_the_sorts_cut_up_to_the_order_of_its_sums(top
             assert cut[row] == sorted_cut[row]
 
 
-def test_the_cut_without_a_sort_has_no_sort_and_is_static(monkeypatch):
+def test_the_cut_without_a_sort_has_no_sort_from_its_rows(monkeypatch):
     monkeypatch.setattr("jax_packmamba.sampling.BISECT_ROWS", 4)
     config = SamplingConfig(top_p=0.9)
-    assert config.mode.top_k is False and SamplingConfig(top_k=3).mode.top_k is True
 
     def primitives(rows):
-        jaxpr = jax.make_jaxpr(lambda x: warp(x, config.params(), sort=True, top_k=False))(
-            jnp.zeros((rows, 64))
-        )
+        jaxpr = jax.make_jaxpr(lambda x: warp(x, config.params(), sort=True))(jnp.zeros((rows, 64)))
         return str(jaxpr)
 
     assert "sort" not in primitives(4) and "sort" in primitives(3)  # from BISECT_ROWS rows
@@ -326,7 +321,7 @@ def test_prefilter_equals_its_fallback_bit_for_bit_and_draws_the_same_tokens():
 
 
 def test_prefilter_is_static_and_checked():
-    assert SamplingConfig(top_p=0.9, prefilter=16).mode == SamplingMode(False, True, 16, False)
+    assert SamplingConfig(top_p=0.9, prefilter=16).mode == SamplingMode(False, True, 16)
     assert SamplingConfig(top_p=0.9).mode.prefilter == 0
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="prefilter must be an int >= 0"):
