@@ -69,8 +69,8 @@ family's, also does the block's residual add and RMSNorm up to that batch; 0, of
 until timed); the result files get the variant addnormN.
 
 --bisect-rows N: jax_packmamba.sampling.BISECT_ROWS for the run (top-k / top-p find their cut
-by bisection instead of a sort of the vocabulary from that batch; 0, never, by default until
-timed); the result files get the variant bisectN.
+by a search of the keys instead of a sort of the vocabulary from that batch; 0, never, by
+default until timed); the result files get the variant bisectN.
 
 --prefilter K: our sampler's top-p prefilter (jax_packmamba.sampling: the cut from the K
 largest logits, the full sort only when a row's nucleus is larger; the same tokens). Off by
@@ -196,7 +196,7 @@ def parse_args(argv=None):
         type=int,
         default=None,
         help="jax_packmamba.sampling.BISECT_ROWS for this run (the sampler's top-k / top-p cut "
-        "by bisection, no sort, from this batch); a value gets the variant bisectN",
+        "by a search, no sort, from this batch); a value gets the variant bisectN",
     )
     p.add_argument("--profile", action="store_true", help="profile decode steps instead")
     p.add_argument("--profile-batches", default="1,128")

@@ -31,8 +31,8 @@ over the K largest (`_nucleus`), so a row whose nucleus ends inside them gets th
 either way. Without the prefilter (K = 0) the cut comes from the sort with a plain cumulative
 sum, whose float rounding differs only where a token's mass above lies within rounding of
 top_p. From BISECT_ROWS rows it comes from no sort at all (`_bisect_cut`): the k-th largest by
-counting and the top-p cut by masses, each a bisection on the logits' int32 keys; the same
-cut, up to that rounding (its masses are sums in another order).
+counting and the top-p cut by masses, each a search of the logits' int32 keys; the same cut,
+up to that rounding (its masses are sums in another order).
 """
 
 from __future__ import annotations
@@ -46,11 +46,11 @@ import numpy as np
 
 # EOS ids a call may give (padded with -1 to this many: a fixed shape, one compile).
 MAX_EOS_IDS = 8
-# Rows from which top-k / top-p find their cut by bisection instead of a sort of the
-# vocabulary (no prefilter; `_bisect_cut`), read when a step is traced; 0: never. Off until
-# timed: one H100 spent 313 us a decode step at batch 32 in the sort (272 at 128, 32 at 1;
-# pallas_kernels/decode/DESIGN.md, round 7); the bisection is 64 reductions of the (b, v)
-# logits, predicted ~0.24 ms there.
+# Rows from which top-k / top-p find their cut by a search of the logits' keys instead of a
+# sort of the vocabulary (no prefilter; `_bisect_cut`), read when a step is traced; 0: never.
+# Off until timed: one H100 spent 313 us a decode step at batch 32 in the sort (272 at 128, 32
+# at 1; pallas_kernels/decode/DESIGN.md, round 7); the search reads the (b, v) keys 22 times,
+# predicted ~0.1 ms there.
 BISECT_ROWS = 0
 
 
@@ -215,40 +215,56 @@ def _top_cut(x, params: SamplingParams, prefilter: int, *, force_sort=False):
 
 
 def _bisect_cut(x, params: SamplingParams):
-    """(b, 1): _top_cut's cut without a sort. Both bounds are token values found by bisection
-    on the int32 keys (`_float_keys`: the sort's order), 32 halvings of a row's key range each:
-    the k-th largest is the largest key with at least k keys at or above it; top-p's cut is the
-    smallest key whose mass strictly above (over the tokens top-k keeps) is < top_p times
-    their mass, the first token in the sort's order that stays (`_nucleus`), as a threshold
-    (used where top_p < 1; top_p = 1 keeps from the k-th largest down). Both searches always
-    run (top_k and top_p are traced: skipping one would take a lax.cond, whose predicate the
-    host reads back, breaking the decode step's command buffer).
+    """(b, 1): _top_cut's cut without a sort. Both bounds are token values found by searching
+    the int32 keys (`_float_keys`: the sort's order), each the smallest key m whose weight
+    strictly above it is under a bound (`_smallest_key_under`): the k-th largest, where fewer
+    than k keys are above (a count); top-p's cut, where the mass above (over the tokens top-k
+    keeps) is < top_p times their mass, the first token in the sort's order that stays
+    (`_nucleus`), as a threshold (used where top_p < 1; top_p = 1 keeps from the k-th largest
+    down). Both searches always run (top_k and top_p are traced: skipping one would take a
+    lax.cond, whose predicate the host reads back, breaking the decode step's command buffer).
     """
     v = x.shape[-1]
     keys = _float_keys(x)
     lowest = jnp.min(keys, axis=-1, keepdims=True)
     highest = jnp.max(keys, axis=-1, keepdims=True)
     k = jnp.clip(params.top_k, 1, v)
-
-    def kth_step(_, bounds):  # invariant: at least k keys >= lo
-        lo, hi = bounds
-        mid = (lo >> 1) + (hi >> 1) + ((lo | hi) & 1)  # ceil((lo + hi) / 2) without overflow
-        ok = jnp.sum(keys >= mid, axis=-1, keepdims=True, dtype=jnp.int32) >= k
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
-
-    kth = _key_floats(jax.lax.fori_loop(0, 32, kth_step, (lowest, highest), unroll=True)[0])
+    kth = _key_floats(_smallest_key_under(keys, jnp.ones_like(keys), k, lowest, highest))
     top = jnp.max(x, axis=-1, keepdims=True)
     p = jnp.where(x >= kth, jnp.exp(x - top), 0.0)
     bound = params.top_p * _mass(x, kth, top)
+    smallest = _key_floats(_smallest_key_under(keys, p, bound, lowest, highest))
+    return jnp.maximum(kth, jnp.where(params.top_p < 1, smallest, -jnp.inf))
 
-    def nucleus_step(_, bounds):  # invariant: the mass strictly above hi is < bound
-        lo, hi = bounds
-        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2)
-        ok = jnp.sum(jnp.where(keys > mid, p, 0.0), axis=-1, keepdims=True) < bound
-        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
 
-    smallest = jax.lax.fori_loop(0, 32, nucleus_step, (lowest, highest), unroll=True)[1]
-    return jnp.maximum(kth, jnp.where(params.top_p < 1, _key_floats(smallest), -jnp.inf))
+# Thresholds a pass of _smallest_key_under tries (7: a row's key range in 8 parts); passes
+# that narrow any int32 range to one key (8^11 >= 2^32).
+_WAYS, _PASSES = 8, 11
+
+
+def _smallest_key_under(keys, weights, bound, lo, hi):
+    """(b, 1) int32: per row, the smallest m in [lo, hi] with sum(weights[keys > m]) < bound,
+    given that hi has it (the sum never grows with m). Each pass sums the weights above 7
+    thresholds splitting [lo, hi] in 8 (one read of keys and weights) and keeps the part where
+    the sum first falls under the bound: _PASSES passes, where halving would take 32."""
+    j = jnp.arange(1, _WAYS, dtype=jnp.uint32)
+    for _ in range(_PASSES):
+        # hi - lo wraps past 2^31, its bits read as uint32 do not; floor(j * width / 8) is
+        # computed in parts so that no product passes 2^32.
+        width = jax.lax.bitcast_convert_type(hi - lo, jnp.uint32)
+        q, r = width // _WAYS, width % _WAYS
+        offsets = q * j + (r * j) // _WAYS  # (b, 7), non-decreasing
+        t = lo + jax.lax.bitcast_convert_type(offsets, jnp.int32)
+        above = jnp.sum(jnp.where(keys[:, :, None] > t[:, None, :], weights[:, :, None], 0), axis=1)
+        under = jnp.sum(above < bound, axis=-1, keepdims=True)  # the last `under` thresholds
+        first = (_WAYS - 1) - under  # the first threshold under the bound (7: none)
+        t_first = jnp.take_along_axis(t, jnp.minimum(first, _WAYS - 2), axis=-1)
+        t_before = jnp.take_along_axis(t, jnp.maximum(first - 1, 0), axis=-1)
+        lo, hi = (
+            jnp.where(first > 0, t_before + 1, lo),
+            jnp.where(under > 0, t_first, hi),
+        )
+    return hi
 
 
 def _mass(x, kth, top):
