@@ -179,7 +179,7 @@ def _top_cut(x, params: SamplingParams, prefilter: int, *, force_sort=False):
     top = jnp.max(x, axis=-1, keepdims=True)
     block = min(prefilter, v)
     if block == 0 and BISECT_ROWS and x.shape[0] >= BISECT_ROWS:
-        return _bisect_cut(x, params)
+        return _bisect_cut(x, k, top, params)
     if block == 0:
         descending = _sort_floats(x)[:, ::-1]
         kth = jax.lax.dynamic_slice_in_dim(descending, k - 1, 1, axis=-1)
@@ -214,23 +214,21 @@ def _top_cut(x, params: SamplingParams, prefilter: int, *, force_sort=False):
     return jax.lax.cond(jnp.any(use_sort), sorted_cut, lambda: cut)
 
 
-def _bisect_cut(x, params: SamplingParams):
-    """(b, 1): _top_cut's cut without a sort. Both bounds are token values found by searching
-    the int32 keys (`_float_keys`: the sort's order), each the smallest key m whose weight
-    strictly above it is under a bound (`_smallest_key_under`): the k-th largest, where fewer
-    than k keys are above (a count); top-p's cut, where the mass above (over the tokens top-k
-    keeps) is < top_p times their mass, the first token in the sort's order that stays
-    (`_nucleus`), as a threshold (used where top_p < 1; top_p = 1 keeps from the k-th largest
-    down). Both searches always run (top_k and top_p are traced: skipping one would take a
-    lax.cond, whose predicate the host reads back, breaking the decode step's command buffer).
+def _bisect_cut(x, k, top, params: SamplingParams):
+    """(b, 1): _top_cut's cut without a sort (k: top_k clipped to the vocabulary; top: each
+    row's largest logit). Both bounds are token values found by searching the int32 keys
+    (`_float_keys`: the sort's order), each the smallest key m whose weight strictly above it
+    is under a bound (`_smallest_key_under`): the k-th largest, where fewer than k keys are
+    above (a count); top-p's cut, where the mass above (over the tokens top-k keeps) is <
+    top_p times their mass, the first token in the sort's order that stays (`_nucleus`), as a
+    threshold (used where top_p < 1; top_p = 1 keeps from the k-th largest down). Both
+    searches always run (top_k and top_p are traced: skipping one would take a lax.cond, whose
+    predicate the host reads back, breaking the decode step's command buffer).
     """
-    v = x.shape[-1]
     keys = _float_keys(x)
     lowest = jnp.min(keys, axis=-1, keepdims=True)
     highest = jnp.max(keys, axis=-1, keepdims=True)
-    k = jnp.clip(params.top_k, 1, v)
     kth = _key_floats(_smallest_key_under(keys, jnp.ones_like(keys), k, lowest, highest))
-    top = jnp.max(x, axis=-1, keepdims=True)
     p = jnp.where(x >= kth, jnp.exp(x - top), 0.0)
     bound = params.top_p * _mass(x, kth, top)
     smallest = _key_floats(_smallest_key_under(keys, p, bound, lowest, highest))

@@ -194,11 +194,13 @@ def test_the_integer_key_sort_sorts_floats():
 
 @pytest.mark.parametrize("top_k", [None, 1, 37, 4999])
 @pytest.mark.parametrize("top_p", [0.9, 0.3, 1.0])
-def test_the_cut_without_a_sort_is_the_sorts_cut_up_to_the_order_of_its_sums(top_k, top_p):
+def test_the_cut_without_a_sort_is_the_sorts_cut_up_to_the_order_of_its_sums(
+    top_k, top_p, monkeypatch
+):
     # Flat rows (the mass above a token moves by less than float32's rounding of the sums
     # there), a peaked one, ties and the vocabulary's -inf padding: the k-th largest exact, and
     # the top-p cut where float64 puts it, within the float32 sums' rounding.
-    from jax_packmamba.sampling import _bisect_cut, _top_cut
+    from jax_packmamba.sampling import _top_cut
 
     rng = np.random.default_rng(11)
     x = rng.normal(0, 0.2, (5, 5000)).astype(np.float32)
@@ -208,9 +210,10 @@ def test_the_cut_without_a_sort_is_the_sorts_cut_up_to_the_order_of_its_sums(top
     x[4, :] = 0.5  # one value
     config = SamplingConfig(top_k=top_k, top_p=top_p)
     params = config.params()
-    cut = jax.jit(lambda x: _bisect_cut(x, params))(jnp.asarray(x))
-    cut = np.asarray(cut)[:, 0].astype(np.float64)
     sorted_cut = np.asarray(jax.jit(lambda x: _top_cut(x, params, 0))(jnp.asarray(x)))[:, 0]
+    monkeypatch.setattr("jax_packmamba.sampling.BISECT_ROWS", 1)  # read when traced
+    cut = jax.jit(lambda x: _top_cut(x, params, 0))(jnp.asarray(x))
+    cut = np.asarray(cut)[:, 0].astype(np.float64)
     for row, logits in enumerate(x.astype(np.float64)):
         values = np.sort(logits)[::-1]
         kth = values[min(top_k or 5000, 5000) - 1]
