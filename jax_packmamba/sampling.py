@@ -229,8 +229,8 @@ def _bisect_cut(x, k, top, params: SamplingParams):
     lowest = jnp.min(keys, axis=-1, keepdims=True)
     highest = jnp.max(keys, axis=-1, keepdims=True)
     kth = _key_floats(_smallest_key_under(keys, jnp.ones_like(keys), k, lowest, highest))
-    p = jnp.where(x >= kth, jnp.exp(x - top), 0.0)
-    bound = params.top_p * _mass(x, kth, top)
+    p = jnp.where(x >= kth, jnp.exp(x - top), 0.0)  # the terms of _mass(x, kth, top)
+    bound = params.top_p * jnp.sum(p, axis=-1, keepdims=True)
     smallest = _key_floats(_smallest_key_under(keys, p, bound, lowest, highest))
     return jnp.maximum(kth, jnp.where(params.top_p < 1, smallest, -jnp.inf))
 

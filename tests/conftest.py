@@ -112,18 +112,13 @@ def _release_compiled_programs(module=None):
     gc.collect()
 
 
-# jax_disable_most_optimizations as the fixtures below last set it.
-_optimizations_off = [False]
-
-
 def _set_optimizations_off(off: bool, module=None, release=True):
     """Sets jax_disable_most_optimizations; where that changes it, first frees the programs
     compiled under the other setting (unless release=False: none are held): the jit caches hold
     no executable of the setting (not part of their key)."""
-    if release and off != _optimizations_off[0]:
+    if release and off != jax.config.read("jax_disable_most_optimizations"):
         _release_compiled_programs(module)
     jax.config.update("jax_disable_most_optimizations", off)
-    _optimizations_off[0] = off
 
 
 @pytest.fixture(scope="module", autouse=True)
