@@ -1,12 +1,20 @@
 """GPU test helpers: parameters marked `gpu` that skip cleanly without one, and lowering for
 CUDA on a machine without a GPU."""
 
+import contextlib
 import re
 
 import jax
 import pytest
 
 HAS_GPU = jax.default_backend() == "gpu"
+
+
+def ieee_float32_on_gpu():
+    """XLA's float32 products at IEEE precision on a GPU, whose default is TF32 (~1e-3
+    relative), for a test comparing two XLA programs at float32 tolerances; nothing on a CPU
+    (already IEEE there: a precision context would only compile every program again)."""
+    return jax.default_matmul_precision("highest") if HAS_GPU else contextlib.nullcontext()
 
 
 def on_gpu(value):
