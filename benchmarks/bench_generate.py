@@ -70,7 +70,9 @@ until timed); the result files get the variant addnormN.
 
 --bisect-rows N: jax_packmamba.sampling.BISECT_ROWS for the run (top-k / top-p find their cut
 by a search of the keys instead of a sort of the vocabulary from that batch; 0, never, by
-default until timed); the result files get the variant bisectN.
+default until timed); the result files get the variant bisectN. --bisect-impl xla|pallas:
+sampling.BISECT_IMPL for the run (the search as XLA's reductions or one Pallas kernel a search;
+pallas gets the variant bisectkernel).
 
 --prefilter K: our sampler's top-p prefilter (jax_packmamba.sampling: the cut from the K
 largest logits, the full sort only when a row's nucleus is larger; the same tokens). Off by
@@ -198,6 +200,13 @@ def parse_args(argv=None):
         help="jax_packmamba.sampling.BISECT_ROWS for this run (the sampler's top-k / top-p cut "
         "by a search, no sort, from this batch); a value gets the variant bisectN",
     )
+    p.add_argument(
+        "--bisect-impl",
+        choices=("xla", "pallas"),
+        default=None,
+        help="jax_packmamba.sampling.BISECT_IMPL for this run (the search as XLA's reductions "
+        "or one Pallas kernel a search); pallas gets the variant bisectkernel",
+    )
     p.add_argument("--profile", action="store_true", help="profile decode steps instead")
     p.add_argument("--profile-batches", default="1,128")
     p.add_argument("--profile-impls", default="xla,pallas")
@@ -261,10 +270,10 @@ def state_variant(args) -> str | None:
 
 
 def set_decode_rules(args) -> None:
-    """--fuse-in-proj-rows, --defer-norm, --add-norm-in-proj-rows and --bisect-rows, where
-    given, into the decode step's rules (read when a step is traced): FUSE_IN_PROJ_ROWS for a
-    Mamba1 preset, MAMBA2_FUSE_IN_PROJ_ROWS for a Mamba2 one; MAMBA2_DEFER_NORM;
-    ADD_NORM_IN_PROJ_ROWS; the sampler's BISECT_ROWS."""
+    """--fuse-in-proj-rows, --defer-norm, --add-norm-in-proj-rows, --bisect-rows and
+    --bisect-impl, where given, into the decode step's rules (read when a step is traced):
+    FUSE_IN_PROJ_ROWS for a Mamba1 preset, MAMBA2_FUSE_IN_PROJ_ROWS for a Mamba2 one;
+    MAMBA2_DEFER_NORM; ADD_NORM_IN_PROJ_ROWS; the sampler's BISECT_ROWS and BISECT_IMPL."""
     import jax_packmamba.sampling as sampling
     import pallas_kernels.decode.config as decode_config
 
@@ -277,16 +286,19 @@ def set_decode_rules(args) -> None:
         decode_config.ADD_NORM_IN_PROJ_ROWS = args.add_norm_in_proj_rows
     if args.bisect_rows is not None:
         sampling.BISECT_ROWS = args.bisect_rows
+    if args.bisect_impl is not None:
+        sampling.BISECT_IMPL = args.bisect_impl
 
 
 def decode_variant(args) -> str | None:
     """The result files' variant for --fuse-in-proj-rows, --defer-norm,
-    --add-norm-in-proj-rows and --bisect-rows: None without any."""
+    --add-norm-in-proj-rows, --bisect-rows and --bisect-impl pallas: None without any."""
     fuse = None if args.fuse_in_proj_rows is None else f"fuse{args.fuse_in_proj_rows}"
     rows = args.add_norm_in_proj_rows
     add_norm = None if rows is None else f"addnorm{rows}"
     bisect = None if args.bisect_rows is None else f"bisect{args.bisect_rows}"
-    parts = (fuse, "defernorm" if args.defer_norm else None, add_norm, bisect)
+    kernel = "bisectkernel" if args.bisect_impl == "pallas" else None
+    parts = (fuse, "defernorm" if args.defer_norm else None, add_norm, bisect, kernel)
     return "_".join(v for v in parts if v) or None
 
 
@@ -1040,7 +1052,10 @@ CATEGORIES = (
             "dot_",
         ),
     ),
-    ("sort/scan/top-k (sampling)", ("sort", "cub", "radix", "scan", "topk", "top_k")),
+    (
+        "sort/scan/top-k (sampling)",
+        ("sort", "cub", "radix", "scan", "topk", "top_k", "sampling_key"),
+    ),
     ("rng", ("threefry", "rng", "philox")),
     (
         "copy",

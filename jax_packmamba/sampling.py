@@ -52,6 +52,11 @@ MAX_EOS_IDS = 8
 # at 1; pallas_kernels/decode/DESIGN.md, round 7); the search reads the (b, v) keys 22 times,
 # predicted ~0.1 ms there.
 BISECT_ROWS = 0
+# How `_bisect_cut` searches: "xla" (each pass its own reductions, 22 passes a step) or
+# "pallas" (pallas_kernels.sampling: each search one kernel launch, a program a row, every
+# pass re-reading the row from L2; through the Pallas interpreter off a GPU). Read when a step
+# is traced. "xla" until the two are timed against each other and the sort.
+BISECT_IMPL = "xla"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,11 +233,24 @@ def _bisect_cut(x, k, top, params: SamplingParams):
     keys = _float_keys(x)
     lowest = jnp.min(keys, axis=-1, keepdims=True)
     highest = jnp.max(keys, axis=-1, keepdims=True)
-    kth = _key_floats(_smallest_key_under(keys, jnp.ones_like(keys), k, lowest, highest))
+    kth = _key_floats(_key_search(keys, None, k, lowest, highest))
     p = jnp.where(x >= kth, jnp.exp(x - top), 0.0)  # the terms of _mass(x, kth, top)
     bound = params.top_p * jnp.sum(p, axis=-1, keepdims=True)
-    smallest = _key_floats(_smallest_key_under(keys, p, bound, lowest, highest))
+    smallest = _key_floats(_key_search(keys, p, bound, lowest, highest))
     return jnp.maximum(kth, jnp.where(params.top_p < 1, smallest, -jnp.inf))
+
+
+def _key_search(keys, weights, bound, lo, hi):
+    """_smallest_key_under by BISECT_IMPL (weights None: a count of the keys above)."""
+    if BISECT_IMPL == "pallas":
+        from pallas_kernels.sampling import smallest_key_under
+
+        interpret = jax.default_backend() != "gpu"
+        return smallest_key_under(keys, weights, bound, lo, hi, interpret=interpret)
+    if BISECT_IMPL != "xla":
+        raise ValueError(f'BISECT_IMPL must be "xla" or "pallas", got {BISECT_IMPL!r}')
+    weights = jnp.ones_like(keys) if weights is None else weights
+    return _smallest_key_under(keys, weights, bound, lo, hi)
 
 
 # Thresholds a pass of _smallest_key_under tries (7: a row's key range in 8 parts); passes

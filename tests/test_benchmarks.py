@@ -1349,6 +1349,11 @@ def test_bench_generate_fuse_in_proj_rows_sets_the_rule_and_names_the_files(monk
     args = bench_generate.parse_args(["--smoke", "--bisect-rows", "8"])
     bench_generate.set_decode_rules(args)
     assert sampling.BISECT_ROWS == 8 and bench_generate.decode_variant(args) == "bisect8"
+    monkeypatch.setattr(sampling, "BISECT_IMPL", sampling.BISECT_IMPL)
+    args = bench_generate.parse_args(["--smoke", "--bisect-rows", "8", "--bisect-impl", "pallas"])
+    bench_generate.set_decode_rules(args)
+    assert sampling.BISECT_IMPL == "pallas"
+    assert bench_generate.decode_variant(args) == "bisect8_bisectkernel"
 
 
 def test_bench_generate_targets_are_issue_26s():
@@ -1400,6 +1405,7 @@ def test_bench_generate_kernel_table_and_categories(tmp_path):
     assert bench_generate.category("nvjet_tst_64x8_64x16_2x1_v_bz_TNT") == "gemm"
     assert (
         bench_generate.category("void cub::DeviceRadixSortOnesweepKernel<>")
+        == bench_generate.category("sampling_key_search")
         == "sort/scan/top-k (sampling)"
     )
     assert bench_generate.category("loop_add_fusion") == "other fusions"

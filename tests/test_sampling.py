@@ -247,6 +247,78 @@ def test_the_cut_without_a_sort_has_no_sort_from_its_rows(monkeypatch):
     assert sorts(4) == 0 and sorts(3) == 1  # from BISECT_ROWS rows
 
 
+def test_the_search_kernel_finds_what_the_xla_search_finds(monkeypatch):
+    # pallas_kernels.sampling's one-launch search against _smallest_key_under (through the
+    # interpreter on a CPU, compiled on a GPU): a vocabulary of 300 in tiles of 128 (a ragged
+    # last tile), ties, -inf padding, one value. Counts (top-k's k-th largest) are exact, so
+    # the key is the same; masses are summed in another order, so the top-p cut is checked
+    # against float64's masses within their rounding.
+    from jax_packmamba import sampling
+    from pallas_kernels.sampling import smallest_key_under
+
+    rng = np.random.default_rng(13)
+    x = rng.normal(0, 1.0, (5, 300)).astype(np.float32)
+    x[1] = np.round(x[1] * 5) / 5  # ties
+    x[3, 290:] = -np.inf
+    x[4] = 0.5
+    interpret = jax.default_backend() != "gpu"
+
+    @jax.jit
+    def both(x, k, top_p):
+        keys = sampling._float_keys(x)
+        lo = jnp.min(keys, axis=-1, keepdims=True)
+        hi = jnp.max(keys, axis=-1, keepdims=True)
+        search = lambda w, bound: smallest_key_under(  # noqa: E731
+            keys, w, bound, lo, hi, block_v=128, interpret=interpret
+        )
+        kth = search(None, k)
+        ones = jnp.ones(keys.shape, jnp.float32)
+        want_kth = sampling._smallest_key_under(keys, ones, k, lo, hi)
+        p = jnp.where(
+            x >= sampling._key_floats(kth), jnp.exp(x - jnp.max(x, -1, keepdims=True)), 0.0
+        )
+        return kth, want_kth, search(p, top_p * jnp.sum(p, axis=-1, keepdims=True))
+
+    for k, top_p in ((1, 0.9), (37, 0.3), (300, 0.9), (150, 0.999)):
+        kth, want_kth, cut = both(jnp.asarray(x), jnp.full((5, 1), k, jnp.float32), top_p)
+        np.testing.assert_array_equal(np.asarray(kth), np.asarray(want_kth))
+        kth = np.asarray(sampling._key_floats(kth))[:, 0].astype(np.float64)
+        cut = np.asarray(sampling._key_floats(cut))[:, 0].astype(np.float64)
+        for row, logits in enumerate(x.astype(np.float64)):
+            assert kth[row] == np.sort(logits)[::-1][k - 1]
+            p = np.where(logits >= kth[row], np.exp(logits - logits.max()), 0.0)
+            bound, rounding = top_p * p.sum(), 1e-5 * p.sum()
+            assert cut[row] in logits and p[logits > cut[row]].sum() < bound + rounding
+            lower = logits[logits < cut[row]]
+            if lower.size and lower.max() >= kth[row]:
+                assert p[logits > lower.max()].sum() >= bound - rounding
+    monkeypatch.setattr(sampling, "BISECT_IMPL", "pallas")  # read when traced
+    monkeypatch.setattr(sampling, "BISECT_ROWS", 1)
+    params = SamplingConfig(top_k=37, top_p=1.0).params()
+    cut = jax.jit(lambda x: sampling._top_cut(x, params, 0))(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(cut)[:, 0], np.sort(x, axis=-1)[:, -37])
+
+
+def test_the_search_kernel_lowers_for_cuda():
+    from pallas_kernels.sampling import smallest_key_under
+    from tests.gpu import lower_for_cuda
+
+    rows, vocab = 32, 50280
+    spec = jax.ShapeDtypeStruct
+    for weights in (None, spec((rows, vocab), jnp.float32)):
+        text = lower_for_cuda(
+            lambda keys, w, bound, lo, hi: smallest_key_under(
+                keys, w, bound, lo, hi, interpret=False
+            ),
+            spec((rows, vocab), jnp.int32),
+            weights,
+            spec((rows, 1), jnp.float32),
+            spec((rows, 1), jnp.int32),
+            spec((rows, 1), jnp.int32),
+        )
+        assert "sampling_key_search" in text
+
+
 def prefilter_logits():
     """Rows whose top-p 0.9 nucleus fits in 8 tokens (one dominant group) and rows whose
     nucleus is most of the 300 (flat), both in one batch."""
