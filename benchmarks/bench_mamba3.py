@@ -22,7 +22,8 @@ heads, the independent form: R times the work; it runs out of memory at 16384 to
 H100, hence MIMO_SHAPES' first, shorter shape). A case that fails (out of memory) is recorded
 with its error and the run goes on. Results: mamba3_<device>_mimo<R>.json.
 --profile: the GPU time of pallas fwd+bwd at the first chunk split by kernel ("ssd_*" kernels;
-"xla" is the Mamba-3 glue and everything else).
+"xla" is the Mamba-3 glue and everything else), and the "xla" group by the source line of
+each kernel's HLO instruction (xla_by_source).
 Writes --out/mamba3_<device>.json after every measurement. mamba_ssm's own kernel
 (mamba3_siso_combined, torch) is timed by benchmarks/mamba3_torch.py. Correctness lives in
 tests/test_mamba3_pallas.py. --smoke: one tiny shape through the Pallas interpreter on CPU.
@@ -158,13 +159,35 @@ def time_case(fns, sets, *, interpret, smoke):
 
 
 def profile_case(fwdbwd, sets, *, interpret):
+    from benchmarks.breakdown import hlo_sources
+
     compiled = compile_fn(fwdbwd, interpret, *sets[0])
     with tempfile.TemporaryDirectory(prefix="mamba3_trace_") as tmp:
         harness.trace(compiled, sets, PROFILE_CALLS, tmp)
         events, lines = harness.device_events(tmp)
     if not events:
         return dict(error="no GPU kernels in the trace", lines=lines)
-    return harness.kernel_times(events, PROFILE_CALLS, prefixes=("ssd_",))
+    times = harness.kernel_times(events, PROFILE_CALLS, prefixes=("ssd_",))
+    sources = hlo_sources(compiled.as_text())
+    return dict(times, xla_by_source=xla_by_source(events, sources, PROFILE_CALLS))
+
+
+def xla_by_source(events, sources: dict[str, str], calls: int, top: int = 30) -> dict:
+    """{source line: {us_per_call, kernels}} of the kernels that are not the SSD kernels (the
+    Mamba-3 glue: XLA's fusions, named by their HLO instruction), largest first, the `top`
+    largest: where profile_case's "xla" group goes."""
+    groups: dict[str, list] = {}
+    for name, _, dur in events:
+        if name.startswith("ssd_"):
+            continue
+        src = sources.get(name.replace(".", "_")) or f"? {name}"
+        g = groups.setdefault(src, [0.0, set()])
+        g[0] += dur
+        g[1].add(name)
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        src: dict(us_per_call=t / 1e3 / calls, kernels=sorted(names)) for src, (t, names) in ranked
+    }
 
 
 def mimo_impls(spec, no_ref):

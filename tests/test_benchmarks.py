@@ -557,6 +557,32 @@ def smoke_mamba3_mimo(out, data):
     assert rows["reference_fused"]["max_diff_over_max_ref"] < 2e-2
 
 
+def test_bench_mamba3_splits_the_glue_by_source_line():
+    from benchmarks import bench_mamba3
+
+    events = [
+        ("ssd_chunk_scan", 0, 4000.0),
+        ("loop_multiply_fusion.3", 10, 3000.0),
+        ("loop_multiply_fusion_3", 20, 1000.0),
+        ("input_reduce_fusion", 30, 500.0),
+        ("nameless_kernel", 40, 250.0),
+    ]
+    sources = {
+        "loop_multiply_fusion_3": "mamba3.py:190 rotate_pairs fwd",
+        "input_reduce_fusion": "mamba3.py:379 _siso bwd",
+    }
+    got = bench_mamba3.xla_by_source(events, sources, calls=2)
+    assert list(got) == [
+        "mamba3.py:190 rotate_pairs fwd",
+        "mamba3.py:379 _siso bwd",
+        "? nameless_kernel",
+    ]
+    assert got["mamba3.py:190 rotate_pairs fwd"] == dict(
+        us_per_call=2.0, kernels=["loop_multiply_fusion.3", "loop_multiply_fusion_3"]
+    )
+    assert got["? nameless_kernel"]["us_per_call"] == 0.125
+
+
 def test_mamba3_torch_times_the_same_heads_as_bench_mamba3():
     from benchmarks import bench_mamba3, mamba3_torch
 
