@@ -317,6 +317,14 @@ def test_the_search_kernel_lowers_for_cuda():
             spec((rows, 1), jnp.int32),
         )
         assert "sampling_key_search" in text
+    keys, bounds = jnp.zeros((2, 8), jnp.int32), jnp.zeros((2, 1), jnp.int32)
+    for args, name in (
+        ((keys.astype(jnp.float32), None, 1.0, bounds, bounds), "keys"),
+        ((keys, jnp.zeros((2, 9)), 1.0, bounds, bounds), "weights"),
+        ((keys, None, 1.0, bounds[:1], bounds), "lo"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            smallest_key_under(*args, interpret=True)
 
 
 def prefilter_logits():

@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels import launch
 
 WAYS, PASSES = 8, 11  # sampling._WAYS, _PASSES
+LOG2_WAYS = WAYS.bit_length() - 1
 U32 = jnp.uint32
 
 
@@ -36,8 +37,8 @@ def _thresholds(lo, hi):
     uint32 do not, and no product passes 2^32)."""
     j = (launch.iota(WAYS) + 1).astype(U32)
     width = jax.lax.bitcast_convert_type(hi - lo, U32)
-    q, r = jax.lax.shift_right_logical(width, U32(3)), width & U32(WAYS - 1)
-    offsets = q * j + jax.lax.shift_right_logical(r * j, U32(3))
+    q, r = jax.lax.shift_right_logical(width, U32(LOG2_WAYS)), width & U32(WAYS - 1)
+    offsets = q * j + jax.lax.shift_right_logical(r * j, U32(LOG2_WAYS))
     return lo + jax.lax.bitcast_convert_type(offsets, jnp.int32)
 
 
@@ -99,7 +100,14 @@ def smallest_key_under(
     """(b, 1) int32: sampling._smallest_key_under's search, one program a row. keys (b, v)
     int32; weights (b, v) float32, or None to count keys; bound (b, 1) or one value for all
     rows, float32; lo, hi (b, 1) int32."""
+    if keys.ndim != 2 or keys.dtype != jnp.int32:
+        raise ValueError(f"keys must be (rows, vocabulary) int32, got {keys.shape} {keys.dtype}")
     b, v = keys.shape
+    if weights is not None and weights.shape != keys.shape:
+        raise ValueError(f"weights must have keys' shape {keys.shape}, got {weights.shape}")
+    for name, a in (("lo", lo), ("hi", hi)):
+        if a.shape != (b, 1):
+            raise ValueError(f"{name} must be ({b}, 1), got {a.shape}")
     bound = jnp.broadcast_to(jnp.asarray(bound, jnp.float32), (b, 1))
     (out,) = launch.call(
         _search_kernel,
