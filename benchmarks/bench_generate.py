@@ -68,6 +68,10 @@ defernorm.
 family's, also does the block's residual add and RMSNorm up to that batch; 0, off, by default
 until timed); the result files get the variant addnormN.
 
+--state-sums-parts-rows N: STATE_SUMS_PARTS_ROWS for the run (Mamba1's state kernel, one row a
+program, sums x_proj's partials itself instead of an XLA reduction; 0, off, by default until
+timed); the result files get the variant sumpartsN.
+
 --bisect-rows N: jax_packmamba.sampling.BISECT_ROWS for the run (top-k / top-p find their cut
 by a search of the keys instead of a sort of the vocabulary from that batch; 0, never, by
 default until timed); the result files get the variant bisectN. --bisect-impl xla|pallas:
@@ -194,6 +198,14 @@ def parse_args(argv=None):
         "the variant addnormN",
     )
     p.add_argument(
+        "--state-sums-parts-rows",
+        type=int,
+        default=None,
+        help="pallas_kernels.decode.config.STATE_SUMS_PARTS_ROWS for this run (Mamba1's state "
+        "kernel sums x_proj's partials itself up to this batch); a value gets the variant "
+        "sumpartsN",
+    )
+    p.add_argument(
         "--bisect-rows",
         type=int,
         default=None,
@@ -270,10 +282,11 @@ def state_variant(args) -> str | None:
 
 
 def set_decode_rules(args) -> None:
-    """--fuse-in-proj-rows, --defer-norm, --add-norm-in-proj-rows, --bisect-rows and
-    --bisect-impl, where given, into the decode step's rules (read when a step is traced):
-    FUSE_IN_PROJ_ROWS for a Mamba1 preset, MAMBA2_FUSE_IN_PROJ_ROWS for a Mamba2 one;
-    MAMBA2_DEFER_NORM; ADD_NORM_IN_PROJ_ROWS; the sampler's BISECT_ROWS and BISECT_IMPL."""
+    """--fuse-in-proj-rows, --defer-norm, --add-norm-in-proj-rows, --state-sums-parts-rows,
+    --bisect-rows and --bisect-impl, where given, into the decode step's rules (read when a
+    step is traced): FUSE_IN_PROJ_ROWS for a Mamba1 preset, MAMBA2_FUSE_IN_PROJ_ROWS for a
+    Mamba2 one; MAMBA2_DEFER_NORM; ADD_NORM_IN_PROJ_ROWS; STATE_SUMS_PARTS_ROWS; the sampler's
+    BISECT_ROWS and BISECT_IMPL."""
     import jax_packmamba.sampling as sampling
     import pallas_kernels.decode.config as decode_config
 
@@ -284,6 +297,8 @@ def set_decode_rules(args) -> None:
         decode_config.MAMBA2_DEFER_NORM = True
     if args.add_norm_in_proj_rows is not None:
         decode_config.ADD_NORM_IN_PROJ_ROWS = args.add_norm_in_proj_rows
+    if args.state_sums_parts_rows is not None:
+        decode_config.STATE_SUMS_PARTS_ROWS = args.state_sums_parts_rows
     if args.bisect_rows is not None:
         sampling.BISECT_ROWS = args.bisect_rows
     if args.bisect_impl is not None:
@@ -292,13 +307,16 @@ def set_decode_rules(args) -> None:
 
 def decode_variant(args) -> str | None:
     """The result files' variant for --fuse-in-proj-rows, --defer-norm,
-    --add-norm-in-proj-rows, --bisect-rows and --bisect-impl pallas: None without any."""
+    --add-norm-in-proj-rows, --state-sums-parts-rows, --bisect-rows and --bisect-impl pallas:
+    None without any."""
     fuse = None if args.fuse_in_proj_rows is None else f"fuse{args.fuse_in_proj_rows}"
     rows = args.add_norm_in_proj_rows
     add_norm = None if rows is None else f"addnorm{rows}"
+    sums = args.state_sums_parts_rows
+    sums = None if sums is None else f"sumparts{sums}"
     bisect = None if args.bisect_rows is None else f"bisect{args.bisect_rows}"
     kernel = "bisectkernel" if args.bisect_impl == "pallas" else None
-    parts = (fuse, "defernorm" if args.defer_norm else None, add_norm, bisect, kernel)
+    parts = (fuse, "defernorm" if args.defer_norm else None, add_norm, sums, bisect, kernel)
     return "_".join(v for v in parts if v) or None
 
 

@@ -1369,6 +1369,11 @@ def test_bench_generate_fuse_in_proj_rows_sets_the_rule_and_names_the_files(monk
     bench_generate.set_decode_rules(args)
     assert decode_config.ADD_NORM_IN_PROJ_ROWS == 16
     assert bench_generate.decode_variant(args) == "addnorm16"
+    monkeypatch.setattr(decode_config, "STATE_SUMS_PARTS_ROWS", decode_config.STATE_SUMS_PARTS_ROWS)
+    args = bench_generate.parse_args(["--smoke", "--state-sums-parts-rows", "1"])
+    bench_generate.set_decode_rules(args)
+    assert decode_config.STATE_SUMS_PARTS_ROWS == 1
+    assert bench_generate.decode_variant(args) == "sumparts1"
     import jax_packmamba.sampling as sampling
 
     monkeypatch.setattr(sampling, "BISECT_ROWS", sampling.BISECT_ROWS)

@@ -88,6 +88,16 @@ CASES = {
     "xla_x_proj": (20, 200, 8, 12, 4, dict(config=DecodeConfig(x_proj_in_conv=False))),
     # The state kernel one row a program, dt_proj summed without a dot (ragged channels).
     "state_one_row": (3, 200, 16, 12, 4, dict(config=DecodeConfig(state_one_row=True))),
+    # ... summing x_proj's 19 partials itself (16-channel conv blocks): two chunks of 16, the
+    # second ragged.
+    "state_sums_parts": (
+        2,
+        296,
+        16,
+        12,
+        4,
+        dict(config=DecodeConfig(block_conv=16, state_one_row=True, state_sums_parts=True)),
+    ),
 }
 
 
@@ -268,6 +278,11 @@ def test_pick_config_fuses_in_proj_at_small_batches_that_tile_evenly(monkeypatch
     # The state kernel one row a program at batch 1 only.
     assert pick_config(1, 5120, 16, 2560).state_one_row and pick_config(1, 5120, 16).state_one_row
     assert not pick_config(2, 5120, 16, 2560).state_one_row
+    # The partials summed in the state kernel: off until timed, and only one row a program.
+    assert not pick_config(1, 5120, 16, 2560).state_sums_parts
+    monkeypatch.setattr("pallas_kernels.decode.config.STATE_SUMS_PARTS_ROWS", 8)
+    assert pick_config(1, 5120, 16, 2560).state_sums_parts
+    assert not pick_config(2, 5120, 16, 2560).state_sums_parts
     monkeypatch.setattr("pallas_kernels.decode.config.FUSE_IN_PROJ_ROWS", 0)
     assert not pick_config(1, 5120, 16, 2560).fuse_in_proj
     args = core_args(2, 64, 16, 4, 4, jnp.float32)
@@ -329,10 +344,16 @@ def test_kernels_lower_for_cuda_with_named_kernels_and_in_place_states():
     names = re.findall(r'name = "(decode_[a-z_]+)"', text)
     assert sorted(names) == ["decode_conv", "decode_ssm_update"], names
     assert len(re.findall(r"stablehlo.output_operand_alias<[^>]*>", text)) == 2
-    # The state kernel one row a program (its dt_proj without a dot) lowers too.
+    # The state kernel one row a program (its dt_proj without a dot) lowers too, and summing
+    # x_proj's partials itself it leaves no reduction to XLA.
     one_row = DecodeConfig(state_one_row=True)
     text = lower_for_cuda(lambda *a: mixer_core_pallas(*a, config=one_row), *args)
     assert len(re.findall(r"stablehlo.output_operand_alias<[^>]*>", text)) == 2
+    assert "stablehlo.reduce" in text
+    sums = DecodeConfig(state_one_row=True, state_sums_parts=True)
+    text = lower_for_cuda(lambda *a: mixer_core_pallas(*a, config=sums), *args)
+    assert len(re.findall(r"stablehlo.output_operand_alias<[^>]*>", text)) == 2
+    assert "stablehlo.reduce" not in text
 
 
 def test_bad_shapes_name_the_argument():

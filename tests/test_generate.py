@@ -604,6 +604,23 @@ def test_add_norm_in_proj_step_as_the_xla_step_does(impl, decode_rule):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("impl", ["pallas_interpret", on_gpu("pallas")])
+def test_state_kernel_summing_the_partials_steps_as_the_xla_step_does(impl, decode_rule):
+    # Batch 1 (one row a program) with Mamba1's state kernel summing x_proj's partials itself
+    # (STATE_SUMS_PARTS_ROWS; off by default), behind the fused in_proj kernel (d_model 128
+    # and d_inner 256 tile it: 4 partials).
+    decode_rule("STATE_SUMS_PARTS_ROWS", 1)
+    config = jp.MambaConfig.preset("tiny", d_model=128, n_layer=2)
+    prepared = prepare(jp.MambaLM(config, rngs=nnx.Rngs(2)))
+    _, state = prefill(prepared, prompts_of((5,), config.vocab_size, seed=6))
+    tokens = jnp.asarray([3])
+    want = step(prepared, tokens, state, decode_impl="xla")
+    got = step(prepared, tokens, state, decode_impl=impl)
+    tol = 1e-5 if jax.default_backend() == "cpu" else 5e-3  # a GPU's XLA step: TF32 products
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
+
+
 def test_repetition_penalty_follows_hugging_face_in_the_loop(model, prepared):
     # Greedy with a penalty: each token is the argmax of the full forward's logits with every
     # token seen so far (prompt and generated) divided (positive) or multiplied (negative).

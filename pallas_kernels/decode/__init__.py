@@ -522,14 +522,18 @@ def _static(b, e, n, r, w, cfg: DecodeConfig, dtype, interpret: bool, d_model: i
 
 
 def _ssm_update(parts, xc, xz, ssm_state, dt_proj_weight, dt_bias, A_log, D, st, cfg, interpret):
-    """The x_proj partials summed (one small XLA reduction over the channel groups' (p, b, R)),
-    then the state-update kernel: (y, ssm_state')."""
+    """The x_proj partials summed (one small XLA reduction over the channel groups' (p, b, R),
+    or inside the state kernel with cfg.state_sums_parts at one row a program), then the
+    state-update kernel: (y, ssm_state')."""
     c = xz.dtype
-    dbc = parts[0] if parts.shape[0] == 1 else jnp.sum(parts, axis=0)
+    if cfg.state_sums_parts and cfg.state_one_row and parts.shape[0] > 1:
+        x_proj_out = parts
+    else:
+        x_proj_out = parts[0] if parts.shape[0] == 1 else jnp.sum(parts, axis=0)
     if cfg.state_one_row:
         st = dataclasses.replace(st, block_rows=1)
     ssm_state, y = kernel.ssm_update(
-        dbc,
+        x_proj_out,
         dt_proj_weight.astype(c),
         dt_bias.astype(F32),
         A_log.astype(F32),

@@ -38,6 +38,9 @@ class DecodeConfig:
         summed over the rank instead of a dot over a 16-row block (a batch of 1 pads its row
         to 16 for the dot and carries 16 rows of state tile). pick_config: up to
         STATE_ONE_ROW_ROWS rows.
+    state_sums_parts: with state_one_row, the state-update kernel sums x_proj's partials
+        itself (each program loads every partial of its row) instead of an XLA reduction
+        before it (pick_config: up to STATE_SUMS_PARTS_ROWS rows).
     add_norm_in_proj: with fuse_in_proj, mixer_pallas(add_norm=...) runs the block's residual
         add and RMSNorm inside the fused kernel (decode_add_norm_in_proj_conv) instead of
         the add + norm kernel in front of it (pick_config: up to ADD_NORM_IN_PROJ_ROWS rows).
@@ -55,6 +58,7 @@ class DecodeConfig:
     fuse_in_proj: bool = False
     x_proj_in_conv: bool = True
     state_one_row: bool = False
+    state_sums_parts: bool = False
     add_norm_in_proj: bool = False
     block_k: int = 128
     num_warps_in_proj: int = 4
@@ -113,6 +117,12 @@ X_PROJ_IN_CONV_ROWS = 16
 # (DESIGN.md, round 6): the 2.8b step 3.064 / 3.132 -> 2.970 / 2.970 ms at batch 1 (the kernel
 # 5.61 -> 4.27 us a layer); the mixer core 18.50 -> 21.81 us at 8, 27.93 -> 41.24 at 32.
 STATE_ONE_ROW_ROWS = 1
+# Rows up to which Mamba1's state kernel, one row a program, sums x_proj's partials itself
+# (state_sums_parts; each program loads its row's p x R float32 partials, 61 KB at 2.8b, from
+# L2) instead of the XLA reduction in front of it. Off until timed: one H100 (DESIGN.md, round
+# 7) spent 1.70 us a 2.8b layer at batch 1 in that reduction (input_reduce_fusion), a launch
+# of its own; predicted ~-1 us a layer, ~-0.06 ms a step.
+STATE_SUMS_PARTS_ROWS = 0
 # Rows up to which the fused in_proj kernel (Mamba1's through add_norm_in_proj, Mamba2's in
 # mamba2_pallas) also does the block's residual add and RMSNorm. Off: one H100 (DESIGN.md,
 # round 7) ran the fused kernel at 67.6 us a 2.8b layer against 23.8 without it (batch 1), with
@@ -147,5 +157,6 @@ def pick_config(batch: int, d_inner: int, d_state: int, d_model: int | None = No
         fuse_in_proj=fuse,
         x_proj_in_conv=batch <= X_PROJ_IN_CONV_ROWS,
         state_one_row=batch <= STATE_ONE_ROW_ROWS,
+        state_sums_parts=batch <= min(STATE_ONE_ROW_ROWS, STATE_SUMS_PARTS_ROWS),
         add_norm_in_proj=fuse and batch <= ADD_NORM_IN_PROJ_ROWS,
     )

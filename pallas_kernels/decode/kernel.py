@@ -268,8 +268,32 @@ def _residual_add(r, rows, rmask, ks, hidden_chunk):
     return residual + hidden_chunk.astype(F32)
 
 
-def _ssm_update_kernel(refs, *, st: Static):
-    dbc_ref, dtw_ref, dtb_ref = refs["dbc"], refs["dt_proj"], refs["dt_bias"]
+# Partials a step of the state kernel's sum over x_proj's partials adds (sum_parts).
+PARTS_CHUNK = 16
+
+
+def _dbc_cols(refs, rows, rmask, col0, width, cmask, num_parts):
+    """(rows, width) float32 of x_proj's output at columns col0 + [0, width) (cmask: the
+    columns that exist): from the summed "dbc" (b, R), or with num_parts > 0 summed here over
+    the "parts" (num_parts, b, R) in chunks of PARTS_CHUNK partials."""
+    cols = pl.ds(col0, width)
+    if not num_parts:
+        m = rmask[:, None] & cmask[None, :]
+        return plgpu.load(refs["dbc"].at[rows, cols], mask=m, other=0)
+    m = rmask[None, :, None] & cmask[None, None, :]
+
+    def chunk(i, acc):
+        p0 = i * PARTS_CHUNK
+        pmask = (p0 + _iota(PARTS_CHUNK)) < num_parts
+        tile = refs["parts"].at[pl.ds(p0, PARTS_CHUNK), rows, cols]
+        return acc + jnp.sum(plgpu.load(tile, mask=pmask[:, None, None] & m, other=0), axis=0)
+
+    acc = jnp.zeros((rmask.shape[0], width), F32)
+    return jax.lax.fori_loop(0, -(-num_parts // PARTS_CHUNK), chunk, acc)
+
+
+def _ssm_update_kernel(refs, *, st: Static, num_parts: int = 0):
+    dtw_ref, dtb_ref = refs["dt_proj"], refs["dt_bias"]
     alog_ref, xc_ref, xz_ref = refs["A_log"], refs["xc"], refs["xz"]
     h_ref, h_out_ref, y_ref = refs["h"], refs["h_out"], refs["y"]
     b0, rmask = _rows(st)
@@ -282,11 +306,10 @@ def _ssm_update_kernel(refs, *, st: Static):
 
     # x_proj's output, summed over channels, rounded to c as the unfused step stores it.
     rank_mask = _iota(st.rank_pad) < r
-    dt_low = plgpu.load(
-        dbc_ref.at[rows, pl.ds(0, st.rank_pad)], mask=rmask[:, None] & rank_mask[None, :], other=0
-    ).astype(c)
-    B = plgpu.load(dbc_ref.at[rows, pl.ds(r, n)], mask=rmask[:, None], other=0)
-    C = plgpu.load(dbc_ref.at[rows, pl.ds(r + n, n)], mask=rmask[:, None], other=0)
+    all_n = _iota(n) < n
+    dt_low = _dbc_cols(refs, rows, rmask, 0, st.rank_pad, rank_mask, num_parts).astype(c)
+    B = _dbc_cols(refs, rows, rmask, r, n, all_n, num_parts)
+    C = _dbc_cols(refs, rows, rmask, r + n, n, all_n, num_parts)
     B, C = B.astype(c).astype(F32), C.astype(c).astype(F32)
     dtw = plgpu.load(
         dtw_ref.at[pl.ds(0, st.rank_pad), cols], mask=rank_mask[:, None] & cmask[None, :], other=0
@@ -443,7 +466,7 @@ def in_proj_conv(
 
 
 def ssm_update(
-    dbc,
+    x_proj_out,
     dt_proj_weight,
     dt_bias,
     A_log,
@@ -457,12 +480,15 @@ def ssm_update(
     interpret: bool,
 ):
     """(ssm_state', y (b, e) c); ssm_state (float32 or bfloat16) is updated in place, in its
-    dtype. dbc (b, R) float32 is x_proj's output summed over channels."""
+    dtype. x_proj_out: x_proj's output summed over channels (b, R) float32, or its partials
+    (p, b, R) float32, which each program then sums itself (meant for one row a program:
+    a program loads p x rows x R of them)."""
     b, e = st.batch, st.d_inner
+    partials = x_proj_out.ndim == 3
     return launch.call(
         _ssm_update_kernel,
         dict(
-            dbc=dbc,
+            **{"parts" if partials else "dbc": x_proj_out},
             dt_proj=dt_proj_weight,
             dt_bias=dt_bias,
             A_log=A_log,
@@ -481,4 +507,5 @@ def ssm_update(
         interpret=interpret,
         aliases=dict(h_out="h"),
         st=st,
+        num_parts=x_proj_out.shape[0] if partials else 0,
     )
