@@ -268,7 +268,7 @@ def _residual_add(r, rows, rmask, ks, hidden_chunk):
     return residual + hidden_chunk.astype(F32)
 
 
-# Partials a step of the state kernel's sum over x_proj's partials adds (sum_parts).
+# Partials each step of the state kernel's sum over x_proj's partials adds (state_sums_parts).
 PARTS_CHUNK = 16
 
 
